@@ -1,0 +1,110 @@
+"""Checkpoint files: model weights plus everything needed to trust and reproduce them.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts so that it loads with
+`torch.load(..., weights_only=True)`: no pickled code runs when a file is opened.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from cellseg import __version__
+from cellseg.config import ModelConfig, TrainConfig
+from cellseg.io import StorageOptions, filesystem
+from cellseg.model import UNet
+
+FORMAT = "cellseg-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file."""
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds. `resume_state` is only present in `last.pt` files."""
+
+    model_config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    train_config: TrainConfig
+    metrics: dict[str, float]
+    epoch: int
+    dataset_manifest_hash: str | None = None
+    cellseg_version: str = __version__
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    resume_state: dict[str, Any] | None = None
+
+    def build_model(self) -> UNet:
+        """A UNet with these weights, in eval mode, on the CPU."""
+        model = UNet(self.model_config)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+    def to_dict(self) -> dict[str, Any]:
+        payload = {
+            "format": FORMAT,
+            "model_config": self.model_config.model_dump(mode="json"),
+            "state_dict": self.state_dict,
+            "train_config": self.train_config.model_dump(mode="json"),
+            "metrics": dict(self.metrics),
+            "epoch": self.epoch,
+            "dataset_manifest_hash": self.dataset_manifest_hash,
+            "cellseg_version": self.cellseg_version,
+            "created": self.created,
+        }
+        if self.resume_state is not None:
+            payload["resume_state"] = self.resume_state
+        return payload
+
+
+def save_checkpoint(checkpoint: Checkpoint, url: str, storage_options: StorageOptions = None) -> None:
+    """Write `checkpoint` to `url` atomically (a reader never sees a half-written file)."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint.to_dict(), buffer)
+    fs, path = filesystem(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+        with os.fdopen(handle, "wb") as file:
+            file.write(buffer.getbuffer())
+        os.replace(temporary, path)
+    else:
+        fs.pipe_file(path, buffer.getvalue())
+
+
+def load_checkpoint(url: str, storage_options: StorageOptions = None) -> Checkpoint:
+    """Read a checkpoint written by `save_checkpoint` with `weights_only=True`."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError as error:
+        raise CheckpointError(f"checkpoint '{url}' does not exist") from error
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt or unsafe files
+        raise CheckpointError(f"checkpoint '{url}' is corrupt or not a cellseg checkpoint ({error})") from error
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint '{url}' is not a {FORMAT} file")
+    try:
+        return Checkpoint(
+            model_config=ModelConfig.model_validate(payload["model_config"]),
+            state_dict=payload["state_dict"],
+            train_config=TrainConfig.model_validate(payload["train_config"]),
+            metrics=payload["metrics"],
+            epoch=payload["epoch"],
+            dataset_manifest_hash=payload.get("dataset_manifest_hash"),
+            cellseg_version=payload["cellseg_version"],
+            created=payload["created"],
+            resume_state=payload.get("resume_state"),
+        )
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"checkpoint '{url}' is missing or has invalid fields ({error})") from error

@@ -1,0 +1,248 @@
+"""The `cellseg` command: synth, train, predict, evaluate and results, without Prefect.
+
+Object-storage endpoints and credentials come from the environment (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, FSSPEC_S3_ENDPOINT_URL, ...) or fsspec's config files, never from flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from cellseg import __version__
+
+
+def _add_synth(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("synth", help="write a synthetic dataset (images/, masks/, labels/)")
+    parser.add_argument("--out", required=True, help="directory URL to write into")
+    parser.add_argument("--count", type=int, default=24, help="number of images (default 24)")
+    parser.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bit-depth", type=int, choices=(8, 16), default=8)
+    parser.add_argument("--polarity", choices=("bright", "dark", "mixed"), default="bright",
+                        help="bright cells on dark (fluorescence), dark on bright, or alternating")
+    parser.add_argument("--vary-size", action="store_true", help="draw each side from [3/4 size, size]")
+    parser.set_defaults(run=_run_synth)
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from cellseg.synth import write_dataset
+
+    ids = write_dataset(args.out, args.count, args.size, args.seed, args.bit_depth, args.polarity, args.vary_size)
+    print(f"wrote {len(ids)} images with masks and labels under {args.out}")
+    return 0
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    from cellseg.config import ModelConfig, TrainConfig
+
+    model, train = ModelConfig(), TrainConfig()
+    parser = commands.add_parser("train", help="train a U-Net on image/mask pairs")
+    parser.add_argument("--images", required=True, help="directory URL of images")
+    parser.add_argument("--masks", required=True, help="directory URL of masks (same file stems)")
+    parser.add_argument("--out", required=True, help="local directory for best.pt, last.pt, history.json")
+    parser.add_argument("--epochs", type=int, default=train.epochs)
+    parser.add_argument("--patience", type=int, default=train.patience)
+    parser.add_argument("--min-delta", type=float, default=train.min_delta)
+    parser.add_argument("--monitor", choices=("val_dice", "val_iou", "val_loss"), default=train.monitor)
+    parser.add_argument("--val-fraction", type=float, default=train.val_fraction)
+    parser.add_argument("--seed", type=int, default=train.seed)
+    parser.add_argument("--batch-size", type=int, default=train.batch_size)
+    parser.add_argument("--lr", type=float, default=train.learning_rate, help="Adam learning rate")
+    parser.add_argument("--patch-size", type=int, default=train.patch_size)
+    parser.add_argument("--patches-per-image", type=int, default=train.patches_per_image)
+    parser.add_argument("--no-augment", action="store_true", help="no random flips/rotations")
+    parser.add_argument("--max-minutes", type=float, default=train.max_minutes,
+                        help=f"wall-clock budget (default {train.max_minutes:g}); 0 for none")
+    parser.add_argument("--device", default=train.device, help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--depth", type=int, default=model.depth)
+    parser.add_argument("--base-width", type=int, default=model.base_width)
+    parser.add_argument("--dropout", type=float, default=model.dropout)
+    parser.add_argument("--norm", choices=("group", "batch", "instance", "none"), default=model.norm)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from cellseg.config import ModelConfig, TrainConfig
+    from cellseg.data import load_pairs, manifest_hash, pair_images_and_masks, split_train_val
+    from cellseg.train import train
+
+    model_config = ModelConfig(depth=args.depth, base_width=args.base_width, dropout=args.dropout, norm=args.norm)
+    config = TrainConfig(
+        epochs=args.epochs, patience=args.patience, min_delta=args.min_delta, monitor=args.monitor,
+        val_fraction=args.val_fraction, seed=args.seed, batch_size=args.batch_size,
+        learning_rate=args.lr, patch_size=args.patch_size, patches_per_image=args.patches_per_image,
+        augment=not args.no_augment, max_minutes=args.max_minutes or None, device=args.device,
+    )
+    pairs = pair_images_and_masks(args.images, args.masks)
+    train_pairs, val_pairs = split_train_val(pairs, config.val_fraction, config.seed)
+    logging.getLogger("cellseg").info("loading %d image/mask pairs", len(pairs))
+    loaded_train = load_pairs(train_pairs, model_config.normalization)
+    loaded_val = load_pairs(val_pairs, model_config.normalization)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = [pair.manifest_entry() for pair in loaded_train + loaded_val]
+    dataset_hash = manifest_hash(loaded_train + loaded_val)
+    (out / "manifest.json").write_text(json.dumps({"hash": dataset_hash, "entries": manifest}, indent=1))
+    (out / "split.json").write_text(json.dumps({"train": [p.id for p in train_pairs], "val": [p.id for p in val_pairs]}, indent=1))
+    result = train(loaded_train, loaded_val, out, model_config, config, dataset_hash, resume=args.resume)
+    print(f"{result.stop_reason}; best epoch {result.best_epoch} of {len(result.history)}")
+    _print_metrics({k: v for k, v in result.best_metrics.items() if k.startswith("val_")} or result.best_metrics)
+    print(f"checkpoint: {result.best_checkpoint}\nhistory:    {result.history_path}")
+    return 0
+
+
+def _add_predict(commands: argparse._SubParsersAction) -> None:
+    from cellseg.config import PredictConfig
+
+    defaults = PredictConfig()
+    parser = commands.add_parser("predict", help="segment images into a zarr results store")
+    parser.add_argument("--model", required=True, help="checkpoint URL (e.g. runs/x/best.pt)")
+    parser.add_argument("--images", required=True, help="directory URL of images to segment")
+    parser.add_argument("--out", required=True, help="zarr store URL; created if missing, done images skipped")
+    parser.add_argument("--threshold", type=float, default=defaults.threshold)
+    parser.add_argument("--min-cell-area", type=int, default=defaults.min_cell_area)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--save-probabilities", action="store_true")
+    parser.set_defaults(run=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from cellseg.config import PredictConfig
+    from cellseg.io import list_images
+    from cellseg.predict import Predictor
+    from cellseg.segment import model_record, pending_images, segment_images
+    from cellseg.store import ResultStore
+
+    config = PredictConfig(
+        threshold=args.threshold, min_cell_area=args.min_cell_area, batch_size=args.batch_size,
+        device=args.device, save_probabilities=args.save_probabilities,
+    )
+    predictor = Predictor.from_checkpoint(args.model, config)
+    store = ResultStore.open(args.out)
+    todo, skipped = pending_images(list_images(args.images), store)
+    if not todo and not skipped:
+        print(f"no images found under {args.images}; nothing to do")
+        return 0
+    with tqdm(total=len(todo), desc="segmenting", unit="image", disable=None, file=sys.stderr) as bar:
+        report = segment_images(todo, store, predictor, model_record(predictor, args.model), on_image=lambda _: bar.update())
+    report.skipped = skipped
+    summary = report.summary()
+    print(f"segmented {summary['done']}, skipped {summary['skipped']} already done, failed {summary['failed']} "
+          f"in {summary['seconds']}s -> {args.out}")
+    for failure in report.failed:
+        print(f"  failed: {failure['source_url']}: {failure['error']}")
+    _print_table(store.statistics()[:5])
+    return 1 if report.failed and not report.done else 0
+
+
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("evaluate", help="score a results store against ground-truth masks")
+    parser.add_argument("--pred", required=True, help="zarr results store URL")
+    parser.add_argument("--masks", required=True, help="directory URL of ground-truth masks")
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+    parser.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from cellseg.evaluate import evaluate_store
+    from cellseg.store import ResultStore
+
+    result = evaluate_store(ResultStore.open(args.pred, mode="r"), args.masks)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"{result['images']} images scored")
+    print(f"{'':8}" + "".join(f"{name:>11}" for name in result["mean"]))
+    for kind in ("mean", "pooled"):
+        print(f"{kind:8}" + "".join(f"{value:11.4f}" for value in result[kind].values()))
+    if result["missing_predictions"]:
+        print(f"{len(result['missing_predictions'])} ground-truth masks have no finished prediction")
+    return 0
+
+
+def _add_results(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("results", help="summarise a results store")
+    parser.add_argument("store", help="zarr results store URL")
+    parser.add_argument("--json", action="store_true", help="print all statistics rows as JSON")
+    parser.add_argument("--limit", type=int, default=10, help="rows to show (default 10)")
+    parser.set_defaults(run=_run_results)
+
+
+def _run_results(args: argparse.Namespace) -> int:
+    from cellseg.store import ResultStore
+
+    store = ResultStore.open(args.store, mode="r")
+    rows, failures = store.statistics(), store.failures()
+    if args.json:
+        print(json.dumps({"statistics": rows, "failures": failures}, indent=1))
+        return 0
+    print(f"{args.store}: {len(rows)} images done, {len(failures)} failed")
+    _print_table(rows[: args.limit])
+    for failure in failures[: args.limit]:
+        print(f"  failed: {failure['source_url']}: {failure['error']}")
+    return 0
+
+
+def _print_metrics(metrics: dict[str, float]) -> None:
+    for key, value in metrics.items():
+        print(f"  {key:18} {value:.4f}")
+
+
+def _print_table(rows: Sequence[dict[str, Any]]) -> None:
+    columns = ("image_id", "cell_count", "mean_cell_area", "foreground_fraction", "mean_intensity_inside", "mean_intensity_outside")
+    if not rows:
+        return
+    print("  ".join(f"{c:>22}" if i else f"{c:<24}" for i, c in enumerate(columns)))
+    for row in rows:
+        cells = [f"{row['image_id']:<24}"] + [f"{_fmt(row.get(c)):>22}" for c in columns[1:]]
+        print("  ".join(cells))
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cellseg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cellseg {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_synth, _add_train, _add_predict, _add_evaluate, _add_results):
+        add(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    from cellseg.checkpoint import CheckpointError
+    from cellseg.data import DatasetError
+    from cellseg.io import ImageReadError
+    from cellseg.store import StoreError
+
+    try:
+        return args.run(args)
+    except ValidationError as error:
+        print(f"cellseg {args.command}: invalid settings:\n{error}", file=sys.stderr)
+    except (DatasetError, ImageReadError, CheckpointError, StoreError, FileNotFoundError, ValueError) as error:
+        print(f"cellseg {args.command}: error: {error}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Pydantic configuration: one validated object per concern, defaults that work."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NormalizationConfig(_Config):
+    """Per-image percentile intensity normalisation to [0, 1]."""
+
+    low_percentile: float = Field(1.0, ge=0.0, lt=100.0)
+    high_percentile: float = Field(99.8, gt=0.0, le=100.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> NormalizationConfig:
+        if self.low_percentile >= self.high_percentile:
+            raise ValueError(
+                f"low_percentile ({self.low_percentile}) must be below "
+                f"high_percentile ({self.high_percentile})"
+            )
+        return self
+
+
+class ModelConfig(_Config):
+    """U-Net shape. GroupNorm keeps batch-size-1 training stable (BatchNorm does not)."""
+
+    in_channels: int = Field(1, ge=1)
+    out_channels: int = Field(1, ge=1)
+    depth: int = Field(4, ge=1, le=7, description="number of 2x down-sampling steps")
+    base_width: int = Field(16, ge=1, description="channels of the first encoder block")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    norm: Literal["group", "batch", "instance", "none"] = "group"
+    normalization: NormalizationConfig = Field(
+        NormalizationConfig(), description="input normalisation the weights expect"
+    )
+
+
+class TrainConfig(_Config):
+    """Optimisation, early stopping and data sampling for training."""
+
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    patch_size: int = Field(256, ge=16, description="square training crop; smaller images are padded")
+    patches_per_image: int = Field(4, ge=1, description="random crops drawn from each image per epoch")
+    augment: bool = Field(True, description="random flips and 90-degree rotations of training crops")
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    seed: int = 0
+    patience: int = Field(10, ge=1, description="epochs without improvement before stopping")
+    min_delta: float = Field(1e-3, ge=0.0, description="smallest change counted as an improvement")
+    monitor: Literal["val_dice", "val_iou", "val_loss"] = "val_dice"
+    max_minutes: float | None = Field(25.0, gt=0.0, description="wall-clock budget; None for no limit")
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
+    amp: bool = Field(True, description="mixed precision on CUDA; ignored on CPU")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="probability threshold for metrics")
+
+
+class PredictConfig(_Config):
+    """Inference: thresholding, batching and the per-image statistics it feeds."""
+
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    batch_size: int = Field(4, ge=1)
+    device: str = "auto"
+    min_cell_area: int = Field(10, ge=0, description="connected components smaller than this are dropped")
+    save_probabilities: bool = False

@@ -1,0 +1,217 @@
+"""Image/mask pairing, intensity normalisation, train/val split and the training dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cellseg.config import NormalizationConfig
+from cellseg.io import StorageOptions, binarize_mask, decode_image, image_stem, list_images, read_bytes
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as given; the message names the files at fault."""
+
+
+@dataclass(frozen=True)
+class ImagePair:
+    """An image and its mask, matched by file stem (`id`)."""
+
+    id: str
+    image_url: str
+    mask_url: str
+
+
+def index_by_stem(urls: Sequence[str], role: str) -> dict[str, str]:
+    """Map each file stem to its URL; two files with one stem (a.png, a.tif) are an error."""
+    by_stem: dict[str, list[str]] = defaultdict(list)
+    for url in urls:
+        by_stem[image_stem(url)].append(url)
+    clashes = {stem: found for stem, found in by_stem.items() if len(found) > 1}
+    if clashes:
+        described = "; ".join(
+            f"{stem!r}: " + ", ".join(posixpath.basename(u) for u in found) for stem, found in sorted(clashes.items())
+        )
+        raise DatasetError(f"{role} files share a stem, so the pairing is ambiguous: {described}")
+    return {stem: found[0] for stem, found in by_stem.items()}
+
+
+def pair_images_and_masks(
+    images_url: str, masks_url: str, storage_options: StorageOptions = None
+) -> list[ImagePair]:
+    """Pair every image under `images_url` with the mask of the same stem under `masks_url`.
+
+    Raises DatasetError naming each image without a mask and each mask without an image.
+    """
+    images = index_by_stem(list_images(images_url, storage_options), "image")
+    masks = index_by_stem(list_images(masks_url, storage_options), "mask")
+    if not images:
+        raise DatasetError(f"no images (.png, .tif, .tiff, .jpg) found under '{images_url}'")
+    problems = [f"image '{images[s]}' has no mask in '{masks_url}'" for s in sorted(images.keys() - masks.keys())]
+    problems += [f"mask '{masks[s]}' has no image in '{images_url}'" for s in sorted(masks.keys() - images.keys())]
+    if problems:
+        raise DatasetError("; ".join(problems))
+    return [ImagePair(stem, images[stem], masks[stem]) for stem in sorted(images)]
+
+
+def split_train_val(pairs: Sequence[ImagePair], val_fraction: float, seed: int) -> tuple[list[ImagePair], list[ImagePair]]:
+    """Deterministic split by seed over the id-sorted pairs; at least one of each when possible."""
+    ordered = sorted(pairs, key=lambda pair: pair.id)
+    if val_fraction <= 0 or len(ordered) < 2:
+        return ordered, []
+    n_val = min(len(ordered) - 1, max(1, round(len(ordered) * val_fraction)))
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    val_index = set(order[:n_val].tolist())
+    train = [pair for i, pair in enumerate(ordered) if i not in val_index]
+    val = [pair for i, pair in enumerate(ordered) if i in val_index]
+    return train, val
+
+
+def normalize_image(image: np.ndarray, config: NormalizationConfig = NormalizationConfig()) -> np.ndarray:
+    """Map (H, W) intensities to float32 in [0, 1] between the configured percentiles."""
+    pixels = image.astype(np.float32, copy=False)
+    low, high = np.percentile(pixels, [config.low_percentile, config.high_percentile])
+    if high <= low:  # flat image: nothing to stretch
+        return np.zeros(pixels.shape, dtype=np.float32)
+    return np.clip((pixels - low) / (high - low), 0.0, 1.0).astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class LoadedPair:
+    """A decoded, validated pair: normalised float32 image and boolean mask, both (H, W)."""
+
+    source: ImagePair
+    image: np.ndarray
+    mask: np.ndarray
+    image_sha256: str
+    mask_sha256: str
+    dtype: str
+
+    @property
+    def id(self) -> str:
+        return self.source.id
+
+    def manifest_entry(self) -> dict[str, object]:
+        """What the dataset manifest records about this pair."""
+        return {
+            "id": self.id,
+            "image_url": self.source.image_url,
+            "mask_url": self.source.mask_url,
+            "image_sha256": self.image_sha256,
+            "mask_sha256": self.mask_sha256,
+            "shape": list(self.image.shape),
+            "dtype": self.dtype,
+        }
+
+
+def load_pair(pair: ImagePair, normalization: NormalizationConfig, storage_options: StorageOptions = None) -> LoadedPair:
+    """Read, validate and normalise one pair; a size mismatch names both files."""
+    image_bytes = read_bytes(pair.image_url, storage_options)
+    mask_bytes = read_bytes(pair.mask_url, storage_options)
+    image = decode_image(image_bytes, pair.image_url)
+    mask = binarize_mask(decode_image(mask_bytes, pair.mask_url))
+    if mask.shape != image.shape:
+        raise DatasetError(
+            f"mask '{pair.mask_url}' is {mask.shape[1]}x{mask.shape[0]} (WxH), "
+            f"image '{pair.image_url}' is {image.shape[1]}x{image.shape[0]}"
+        )
+    return LoadedPair(
+        source=pair,
+        image=normalize_image(image, normalization),
+        mask=mask,
+        image_sha256=hashlib.sha256(image_bytes).hexdigest(),
+        mask_sha256=hashlib.sha256(mask_bytes).hexdigest(),
+        dtype=str(image.dtype),
+    )
+
+
+def manifest_hash(pairs: Sequence[LoadedPair]) -> str:
+    """Content hash of a dataset: ids and file checksums, independent of where the files live."""
+    digest = hashlib.sha256()
+    for pair in sorted(pairs, key=lambda p: p.id):
+        digest.update(f"{pair.id}\0{pair.image_sha256}\0{pair.mask_sha256}\n".encode())
+    return digest.hexdigest()
+
+
+def load_pairs(
+    pairs: Sequence[ImagePair], normalization: NormalizationConfig, storage_options: StorageOptions = None
+) -> list[LoadedPair]:
+    """Load pairs concurrently (object storage is latency bound), keeping their order."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(lambda pair: load_pair(pair, normalization, storage_options), pairs))
+
+
+def crop_or_pad(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random `size` x `size` window; sides shorter than `size` are mirror-padded first."""
+    pad_h, pad_w = max(0, size - image.shape[0]), max(0, size - image.shape[1])
+    if pad_h or pad_w:
+        padding = ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2))
+        image = np.pad(image, padding, mode="symmetric")
+        mask = np.pad(mask, padding, mode="symmetric")
+    top = int(rng.integers(0, image.shape[0] - size + 1))
+    left = int(rng.integers(0, image.shape[1] - size + 1))
+    window = (slice(top, top + size), slice(left, left + size))
+    return image[window], mask[window]
+
+
+def flip_and_rotate(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One of the 8 symmetries of the square, the same for image and mask."""
+    turns = int(rng.integers(0, 4))
+    image, mask = np.rot90(image, turns), np.rot90(mask, turns)
+    if rng.integers(0, 2):
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    return image, mask
+
+
+class ImgDataset(Dataset):
+    """Training or validation samples from loaded pairs.
+
+    Training (`patch_size` set): `patches_per_image` random crops per image per epoch, with
+    optional flips/rotations; randomness is a function of (seed, epoch, index) only, so runs and
+    resumed runs see the same samples. Validation (`patch_size` None): whole images.
+    Items are (image, mask) float32 tensors of shape (1, H, W).
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[LoadedPair],
+        patch_size: int | None = None,
+        patches_per_image: int = 1,
+        augment: bool = False,
+        seed: int = 0,
+    ):
+        if not pairs:
+            raise DatasetError("the dataset is empty")
+        self.pairs = list(pairs)
+        self.patch_size = patch_size
+        self.patches_per_image = patches_per_image if patch_size else 1
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.pairs) * self.patches_per_image
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pair = self.pairs[index // self.patches_per_image]
+        image, mask = pair.image, pair.mask
+        if self.patch_size:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            image, mask = crop_or_pad(image, mask, self.patch_size, rng)
+            if self.augment:
+                image, mask = flip_and_rotate(image, mask, rng)
+        return (
+            torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+            torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None],
+        )

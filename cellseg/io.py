@@ -1,0 +1,145 @@
+"""Listing and decoding images and masks from any fsspec URL (local paths, file://, s3://)."""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+import numpy as np
+import tifffile
+from fsspec.core import url_to_fs
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+DEFAULT_MAX_PIXELS = 16_384 * 16_384
+
+# The pixel limit is enforced by `max_pixels` below, before decoding; Pillow's own global guard
+# would otherwise refuse large microscopy tiles at a fixed size the caller cannot change.
+Image.MAX_IMAGE_PIXELS = None
+
+StorageOptions = Mapping[str, Any] | None
+
+
+class ImageReadError(ValueError):
+    """An image or mask file that cannot be used; the message names the file and the problem."""
+
+
+def filesystem(url: str, storage_options: StorageOptions = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return the fsspec filesystem for `url` and the path inside it."""
+    return url_to_fs(url, **dict(storage_options or {}))
+
+
+def join_url(base: str, name: str) -> str:
+    """Join a file name onto a directory URL, keeping the protocol."""
+    return base.rstrip("/") + "/" + name
+
+
+def image_stem(url: str) -> str:
+    """File name without its last suffix: the image id."""
+    name = posixpath.basename(url.rstrip("/"))
+    stem, _ = posixpath.splitext(name)
+    return stem
+
+
+def list_images(url: str, storage_options: StorageOptions = None) -> list[str]:
+    """Sorted URLs of the image files directly under the directory `url`."""
+    fs, root = filesystem(url, storage_options)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"image directory '{url}' does not exist or is not a directory")
+    names = [
+        posixpath.basename(entry["name"].rstrip("/"))
+        for entry in fs.ls(root, detail=True)
+        if entry.get("type") == "file"
+    ]
+    return [join_url(url, name) for name in sorted(names) if name.lower().endswith(IMAGE_SUFFIXES)]
+
+
+def read_bytes(url: str, storage_options: StorageOptions = None) -> bytes:
+    """Whole file contents of `url`."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError as error:
+        raise ImageReadError(f"'{url}': file not found") from error
+
+
+def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode PNG/TIFF/JPEG bytes to a 2-D (H, W) array, colour converted to grayscale.
+
+    8- and 16-bit integer and float images keep their dtype; RGB(A) and palette images become
+    uint8 luma (ITU-R 601). Raises ImageReadError naming `name` for anything unusable.
+    """
+    if not data:
+        raise ImageReadError(f"'{name}': file is empty (0 bytes)")
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        array = _decode_tiff(data, name, max_pixels)
+    else:
+        array = _decode_with_pillow(data, name, max_pixels)
+    if array.ndim != 2 or min(array.shape) < 1:
+        raise ImageReadError(f"'{name}': expected a 2-D grayscale image, got shape {array.shape}")
+    return array
+
+
+def _decode_tiff(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            page = tif.pages[0]
+            _check_pixel_limit(name, page.shape[0] * page.shape[1], max_pixels)
+            array = page.asarray()
+    except ImageReadError:
+        raise
+    except Exception as error:  # tifffile raises many types on malformed input
+        raise ImageReadError(f"'{name}': not a readable TIFF ({error})") from error
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        array = _luma(array[..., :3])
+    elif array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    return array
+
+
+def _decode_with_pillow(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            _check_pixel_limit(name, image.width * image.height, max_pixels)
+            image.load()
+            if image.mode in ("RGB", "RGBA", "P", "PA", "LA", "CMYK", "YCbCr", "1"):
+                image = image.convert("L")
+            array = np.asarray(image)
+    except ImageReadError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ImageReadError(f"'{name}': not a readable image ({error})") from error
+    if array.dtype == np.int32 and array.size and array.min() >= 0 and array.max() <= 65535:
+        array = array.astype(np.uint16)  # Pillow's 'I' mode for 16-bit PNGs
+    return array
+
+
+def _check_pixel_limit(name: str, pixels: int, max_pixels: int) -> None:
+    if pixels > max_pixels:
+        raise ImageReadError(
+            f"'{name}': {pixels} pixels exceeds the limit of {max_pixels} (raise max_pixels to allow it)"
+        )
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    gray = rgb.astype(np.float32) @ weights
+    return np.clip(np.rint(gray), 0, np.iinfo(rgb.dtype).max if rgb.dtype.kind in "ui" else None).astype(rgb.dtype)
+
+
+def read_image(url: str, storage_options: StorageOptions = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read and decode one image file into a 2-D (H, W) array."""
+    return decode_image(read_bytes(url, storage_options), url, max_pixels)
+
+
+def binarize_mask(mask: np.ndarray) -> np.ndarray:
+    """Boolean (H, W) mask: any value above zero is cell (masks valued 0/1 and 0/255 both work)."""
+    return mask > 0
+
+
+def read_mask(url: str, storage_options: StorageOptions = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read a mask file into a boolean (H, W) array."""
+    return binarize_mask(read_image(url, storage_options, max_pixels))

@@ -1,0 +1,93 @@
+"""Pixel-level segmentation metrics: IoU, Dice, precision and recall.
+
+Edge cases (no cell pixels in the prediction and/or the ground truth) are defined so that a
+correct "nothing here" answer scores perfectly and a wrong one scores zero:
+
+| truth empty | prediction empty | IoU | Dice | precision | recall |
+|-------------|------------------|-----|------|-----------|--------|
+| yes         | yes              | 1   | 1    | 1         | 1      |
+| yes         | no               | 0   | 0    | 0         | 1      |
+| no          | yes              | 0   | 0    | 1         | 0      |
+
+Precision with no predicted cells is 1 (no false positives were made) and recall with no true
+cells is 1 (nothing was missed). Aggregates come two ways: `mean` averages per-image scores (each
+image counts once), `pooled` sums pixel counts over all images first (each pixel counts once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+METRIC_NAMES = ("iou", "dice", "precision", "recall")
+
+
+@dataclass(frozen=True)
+class ConfusionCounts:
+    """Pixel counts of one or more binary predictions against ground truth."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tn: int = 0
+
+    def __add__(self, other: ConfusionCounts) -> ConfusionCounts:
+        return ConfusionCounts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.tn + other.tn)
+
+    def scores(self) -> dict[str, float]:
+        """IoU, Dice, precision and recall with the edge cases in the module docstring."""
+        return {
+            "iou": _ratio(self.tp, self.tp + self.fp + self.fn),
+            "dice": _ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn),
+            "precision": _ratio(self.tp, self.tp + self.fp),
+            "recall": _ratio(self.tp, self.tp + self.fn),
+        }
+
+
+def _ratio(numerator: int, denominator: int) -> float:
+    return 1.0 if denominator == 0 else numerator / denominator
+
+
+def confusion_counts(prediction: Any, truth: Any) -> ConfusionCounts:
+    """Counts for boolean arrays/tensors of equal shape (numpy or torch)."""
+    if tuple(prediction.shape) != tuple(truth.shape):
+        raise ValueError(f"prediction is {tuple(prediction.shape)}, ground truth is {tuple(truth.shape)}")
+    tp = int((prediction & truth).sum())
+    predicted, actual = int(prediction.sum()), int(truth.sum())
+    total = 1
+    for side in prediction.shape:
+        total *= int(side)
+    return ConfusionCounts(tp=tp, fp=predicted - tp, fn=actual - tp, tn=total - predicted - actual + tp)
+
+
+def segmentation_scores(prediction: Any, truth: Any) -> dict[str, float]:
+    """IoU, Dice, precision and recall of one boolean prediction against its truth."""
+    return confusion_counts(prediction, truth).scores()
+
+
+@dataclass
+class MetricAccumulator:
+    """Collects per-image counts and reports mean-over-images and pooled scores."""
+
+    per_image: list[ConfusionCounts]
+
+    def __init__(self, counts: Iterable[ConfusionCounts] = ()):
+        self.per_image = list(counts)
+
+    def add(self, counts: ConfusionCounts) -> None:
+        self.per_image.append(counts)
+
+    def mean(self) -> dict[str, float]:
+        """Per-image scores averaged over images; empty accumulator gives NaN."""
+        if not self.per_image:
+            return {name: float("nan") for name in METRIC_NAMES}
+        per_image = [counts.scores() for counts in self.per_image]
+        return {name: sum(s[name] for s in per_image) / len(per_image) for name in METRIC_NAMES}
+
+    def pooled(self) -> dict[str, float]:
+        """Scores of the summed counts over all images."""
+        total = ConfusionCounts()
+        for counts in self.per_image:
+            total = total + counts
+        return total.scores()

@@ -1,0 +1,102 @@
+"""U-Net for binary segmentation, built from three named blocks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cellseg.config import ModelConfig
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    return nn.Identity()
+
+
+class DoubleConv(nn.Sequential):
+    """(conv 3x3 -> norm -> ReLU) x 2; keeps H and W."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str, dropout: float = 0.0):
+        bias = norm == "none"
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias),
+            _norm(norm, out_channels),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(dropout) if dropout > 0 else nn.Identity(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias),
+            _norm(norm, out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Down(nn.Sequential):
+    """2x2 max-pool then DoubleConv: (B, C, H, W) -> (B, C', H/2, W/2)."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str, dropout: float = 0.0):
+        super().__init__(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels, norm, dropout))
+
+
+class Up(nn.Module):
+    """2x transposed-conv up-sampling, concatenation with the skip, DoubleConv."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, norm: str, dropout: float):
+        super().__init__()
+        self.upsample = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
+        self.conv = DoubleConv(out_channels + skip_channels, out_channels, norm, dropout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([self.upsample(x), skip], dim=1))
+
+
+class UNet(nn.Module):
+    """U-Net mapping (B, in_channels, H, W) images to (B, out_channels, H, W) raw logits.
+
+    Any H and W are accepted: the input is reflect-padded to a multiple of 2**depth and the
+    output cropped back. Dropout sits in the bottleneck and the decoder blocks.
+    """
+
+    def __init__(self, config: ModelConfig = ModelConfig()):
+        super().__init__()
+        self.config = config
+        widths = [config.base_width * 2**level for level in range(config.depth + 1)]
+        self.stem = DoubleConv(config.in_channels, widths[0], config.norm)
+        self.encoder = nn.ModuleList(
+            Down(widths[level], widths[level + 1], config.norm) for level in range(config.depth - 1)
+        )
+        self.bottleneck = Down(widths[-2], widths[-1], config.norm, config.dropout)
+        self.decoder = nn.ModuleList(
+            Up(widths[level + 1], widths[level], widths[level], config.norm, config.dropout)
+            for level in reversed(range(config.depth))
+        )
+        self.head = nn.Conv2d(widths[0], config.out_channels, kernel_size=1)
+
+    @property
+    def size_multiple(self) -> int:
+        return 2**self.config.depth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        x = _pad_to_multiple(x, self.size_multiple)
+        skips = [self.stem(x)]
+        for down in self.encoder:
+            skips.append(down(skips[-1]))
+        x = self.bottleneck(skips[-1])
+        for up, skip in zip(self.decoder, reversed(skips)):
+            x = up(x, skip)
+        return self.head(x)[..., :height, :width]
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    height, width = x.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if not (pad_h or pad_w):
+        return x
+    # Reflect padding needs the pad to be smaller than the side; fall back to replicate.
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)

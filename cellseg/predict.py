@@ -1,0 +1,89 @@
+"""Prediction: normalise, batch same-sized images, forward under inference mode, sigmoid, threshold."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from cellseg.checkpoint import Checkpoint, load_checkpoint
+from cellseg.config import NormalizationConfig, PredictConfig
+from cellseg.data import normalize_image
+from cellseg.io import StorageOptions, filesystem
+from cellseg.model import UNet
+from cellseg.train import autocast_context, resolve_device
+
+
+def predict_probabilities(
+    model: UNet,
+    images: Sequence[np.ndarray],
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    amp: bool = True,
+) -> list[np.ndarray]:
+    """Cell probabilities for normalised (H, W) float32 images, as (H, W) float32 in [0, 1].
+
+    Images of equal shape are stacked into batches of up to `batch_size`; order is preserved.
+    """
+    device = torch.device(device)
+    results: list[np.ndarray | None] = [None] * len(images)
+    by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for index, image in enumerate(images):
+        by_shape[image.shape].append(index)
+    model.eval()
+    with torch.inference_mode():
+        for indices in by_shape.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                batch = torch.from_numpy(np.stack([images[i] for i in chunk]))[:, None].to(device)
+                with autocast_context(device, amp):
+                    logits = model(batch)
+                probabilities = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+                for i, probability in zip(chunk, probabilities):
+                    results[i] = probability
+    return results  # type: ignore[return-value]
+
+
+def threshold_probabilities(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Boolean cell mask: probability strictly above `threshold`."""
+    return probabilities > threshold
+
+
+class Predictor:
+    """A loaded model ready to segment raw images; load once, call many times."""
+
+    def __init__(self, checkpoint: Checkpoint, config: PredictConfig = PredictConfig(), model_version: str = ""):
+        self.checkpoint = checkpoint
+        self.config = config
+        self.model_version = model_version
+        self.device = resolve_device(config.device)
+        self.model = checkpoint.build_model().to(self.device)
+
+    @classmethod
+    def from_checkpoint(
+        cls, url: str, config: PredictConfig = PredictConfig(), storage_options: StorageOptions = None
+    ) -> Predictor:
+        """Load `url` (weights_only); the model version defaults to the file's content hash."""
+        return cls(load_checkpoint(url, storage_options), config, checkpoint_digest(url, storage_options)[:12])
+
+    @property
+    def normalization(self) -> NormalizationConfig:
+        return self.checkpoint.model_config.normalization
+
+    def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """(H, W) float32 probabilities for raw (H, W) images of any dtype and size."""
+        normalised = [normalize_image(image, self.normalization) for image in images]
+        return predict_probabilities(self.model, normalised, self.config.batch_size, self.device)
+
+    def masks(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """(H, W) boolean cell masks for raw images."""
+        return [threshold_probabilities(p, self.config.threshold) for p in self.probabilities(images)]
+
+
+def checkpoint_digest(url: str, storage_options: StorageOptions = None) -> str:
+    """SHA-256 of a checkpoint file's bytes."""
+    fs, path = filesystem(url, storage_options)
+    return hashlib.sha256(fs.cat_file(path)).hexdigest()

@@ -1,0 +1,160 @@
+"""The zarr (v3) results store: one OME-Zarr-shaped group per image, append-only and shard-safe.
+
+Layout (see docs/store.md)::
+
+    <store>/zarr.json                         root attrs: {"cellseg": {"layout": 1, ...}}
+    <store>/<image id>/zarr.json              attrs["cellseg"]: status, source, model, statistics
+    <store>/<image id>/labels/mask/0          uint8 (H, W), 1 = cell, 0 = background
+    <store>/<image id>/probabilities/0        float16 (H, W), optional
+
+Every image owns its own arrays, so two writers never touch the same chunk. An image is done
+only when its group attribute `status` is "done", which is written last, after the arrays;
+an interrupted write leaves a group without that mark, which is redone on the next run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import zarr
+
+from cellseg import __version__
+from cellseg.io import StorageOptions
+
+LAYOUT_VERSION = 1
+MASK_NAME = "mask"
+CHUNK_SIDE = 1024
+DONE = "done"
+
+
+class StoreError(ValueError):
+    """A store or image id that cannot be used; the message names it."""
+
+
+def validate_image_id(image_id: str, source: str = "") -> str:
+    """Image ids become zarr node names: non-empty, no '/', not '.', '..' or '__'-prefixed."""
+    where = f" (from '{source}')" if source else ""
+    if not image_id or image_id in (".", "..") or "/" in image_id or "\\" in image_id or image_id.startswith("__"):
+        raise StoreError(f"image id {image_id!r}{where} cannot name a store entry")
+    return image_id
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class ResultStore:
+    """Read and write segmentation results in a zarr store at an fsspec URL (local path by default)."""
+
+    def __init__(self, root: zarr.Group, url: str):
+        self.root = root
+        self.url = url
+
+    @classmethod
+    def open(cls, url: str, mode: str = "a", storage_options: StorageOptions = None) -> ResultStore:
+        """Open `url`, creating the store when `mode` allows it; refuses groups that are not cellseg stores."""
+        options = {"storage_options": dict(storage_options)} if storage_options else {}
+        try:
+            root = zarr.open_group(url, mode=mode, zarr_format=3, **options)
+        except FileNotFoundError as error:
+            raise StoreError(f"no results store at '{url}'") from error
+        meta = root.attrs.get("cellseg")
+        if meta is None:
+            if mode == "r" or any(True for _ in root.group_keys()):
+                raise StoreError(f"'{url}' is a zarr group but not a cellseg results store")
+            root.attrs["cellseg"] = {"layout": LAYOUT_VERSION, "created": _now(), "cellseg_version": __version__}
+        elif meta.get("layout") != LAYOUT_VERSION:
+            raise StoreError(f"store '{url}' has layout {meta.get('layout')}, this cellseg reads {LAYOUT_VERSION}")
+        return cls(root, url)
+
+    def write_result(
+        self,
+        image_id: str,
+        mask: np.ndarray,
+        statistics: Mapping[str, Any],
+        source_url: str,
+        model: Mapping[str, Any],
+        probabilities: np.ndarray | None = None,
+    ) -> None:
+        """Write one image's mask (and optional probabilities), then mark it done with its statistics."""
+        validate_image_id(image_id, source_url)
+        group = self.root.require_group(image_id)
+        group.attrs["cellseg"] = {"status": "writing", "source_url": source_url}
+        _write_array(group.require_group("labels").require_group(MASK_NAME), mask.astype(np.uint8))
+        if probabilities is not None:
+            _write_array(group.require_group("probabilities"), probabilities.astype(np.float16))
+        group.attrs["cellseg"] = {
+            "status": DONE,
+            "source_url": source_url,
+            "shape": list(mask.shape),
+            "model": dict(model),
+            "statistics": dict(statistics),
+            "written": _now(),
+        }
+
+    def record_failure(self, image_id: str, source_url: str, error: str, model: Mapping[str, Any]) -> None:
+        """Note that an image could not be segmented; a later run tries it again."""
+        group = self.root.require_group(validate_image_id(image_id, source_url))
+        group.attrs["cellseg"] = {
+            "status": "failed",
+            "source_url": source_url,
+            "error": error,
+            "model": dict(model),
+            "written": _now(),
+        }
+
+    def records(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(image id, cellseg attrs) for every image entry, in id order."""
+        for image_id, group in sorted(self.root.groups(), key=lambda item: item[0]):
+            yield image_id, dict(group.attrs.get("cellseg", {}))
+
+    def done_ids(self) -> set[str]:
+        """Ids of images whose mask and statistics are completely written."""
+        return {image_id for image_id, record in self.records() if record.get("status") == DONE}
+
+    def record(self, image_id: str) -> dict[str, Any]:
+        """The cellseg attrs of one image."""
+        try:
+            return dict(self.root[image_id].attrs.get("cellseg", {}))
+        except KeyError as error:
+            raise StoreError(f"store '{self.url}' has no image '{image_id}'") from error
+
+    def read_mask(self, image_id: str) -> np.ndarray:
+        """Boolean (H, W) mask of a done image."""
+        if self.record(image_id).get("status") != DONE:
+            raise StoreError(f"image '{image_id}' in '{self.url}' is not completely written")
+        return self.root[f"{image_id}/labels/{MASK_NAME}/0"][...] > 0
+
+    def statistics(self) -> list[dict[str, Any]]:
+        """The per-image statistics table: one row per done image."""
+        rows = []
+        for image_id, record in self.records():
+            if record.get("status") != DONE:
+                continue
+            model = record.get("model", {})
+            rows.append(
+                {
+                    "image_id": image_id,
+                    "source_url": record.get("source_url"),
+                    "model_version": model.get("version"),
+                    **record.get("statistics", {}),
+                    "status": DONE,
+                }
+            )
+        return rows
+
+    def failures(self) -> list[dict[str, Any]]:
+        """Images whose last attempt failed, with the error."""
+        return [
+            {"image_id": image_id, "source_url": record.get("source_url"), "error": record.get("error")}
+            for image_id, record in self.records()
+            if record.get("status") == "failed"
+        ]
+
+
+def _write_array(group: zarr.Group, data: np.ndarray) -> None:
+    chunks = tuple(min(side, CHUNK_SIDE) for side in data.shape)
+    group.create_array("0", data=data, chunks=chunks, overwrite=True)

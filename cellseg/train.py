@@ -1,0 +1,250 @@
+"""Training loop: Adam + BCEWithLogitsLoss, per-epoch validation, early stopping, checkpoints.
+
+Reads top to bottom: build data, build model and optimizer, loop over epochs (train, validate,
+record, checkpoint, maybe stop). Randomness is derived from (seed, epoch) so that a run resumed
+from `last.pt` continues exactly as the uninterrupted run would have on the same device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from cellseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cellseg.config import ModelConfig, TrainConfig
+from cellseg.data import ImgDataset, LoadedPair
+from cellseg.metrics import MetricAccumulator, confusion_counts
+from cellseg.model import UNet
+
+logger = logging.getLogger(__name__)
+
+BEST_CHECKPOINT = "best.pt"
+LAST_CHECKPOINT = "last.pt"
+HISTORY_FILE = "history.json"
+
+
+@dataclass
+class TrainResult:
+    """Where training wrote its outputs and how it ended."""
+
+    out_dir: Path
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_metrics: dict[str, float]
+    stop_reason: str
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.out_dir / BEST_CHECKPOINT
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.out_dir / LAST_CHECKPOINT
+
+    @property
+    def history_path(self) -> Path:
+        return self.out_dir / HISTORY_FILE
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present, else CPU; an explicit CUDA request without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' was requested but CUDA is not available on this machine")
+    return device
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when enabled (fp16 where bf16 is unsupported); nothing on CPU."""
+    if device.type != "cuda" or not enabled:
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def logit_threshold(probability: float) -> float:
+    """The logit above which sigmoid(logit) exceeds `probability`."""
+    return math.log(probability / (1.0 - probability))
+
+
+def _score_name(monitor: str) -> tuple[str, bool]:
+    """History key to watch and whether higher is better."""
+    return monitor, monitor != "val_loss"
+
+
+def evaluate_model(
+    model: UNet, pairs: Sequence[LoadedPair], device: torch.device, threshold: float = 0.5, amp: bool = True
+) -> dict[str, float]:
+    """Mean BCE loss and metrics (mean over images, and pooled Dice) on whole images."""
+    model.eval()
+    accumulator, losses = MetricAccumulator(), []
+    cut = logit_threshold(threshold)
+    with torch.inference_mode():
+        for image, mask in ImgDataset(pairs):
+            x, y = image[None].to(device), mask[None].to(device)
+            with autocast_context(device, amp):
+                logits = model(x)
+            logits = logits.float()
+            losses.append(F.binary_cross_entropy_with_logits(logits, y).item())
+            accumulator.add(confusion_counts(logits > cut, y > 0.5))
+    result = {"loss": sum(losses) / len(losses), **accumulator.mean()}
+    result["dice_pooled"] = accumulator.pooled()["dice"]
+    return result
+
+
+def train(
+    train_pairs: Sequence[LoadedPair],
+    val_pairs: Sequence[LoadedPair],
+    out_dir: str | os.PathLike,
+    model_config: ModelConfig = ModelConfig(),
+    config: TrainConfig = TrainConfig(),
+    dataset_manifest_hash: str | None = None,
+    resume: bool = False,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train a U-Net; writes best.pt, last.pt and history.json under `out_dir`.
+
+    With `resume`, continues from `out_dir/last.pt` (same configs expected). Validation metrics
+    are averaged over whole validation images; without validation images the training metrics
+    of the epoch are monitored instead.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+
+    train_set = ImgDataset(train_pairs, config.patch_size, config.patches_per_image, config.augment, config.seed)
+    model = UNet(model_config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    use_scaler = device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    monitor_key, higher_is_better = _score_name(config.monitor if val_pairs else config.monitor.replace("val_", "train_"))
+    history: list[dict[str, float]] = []
+    best_score, best_epoch, best_metrics, stale_epochs, spent_seconds = None, 0, {}, 0, 0.0
+
+    if resume:
+        state = load_checkpoint(str(out / LAST_CHECKPOINT))
+        if state.resume_state is None:
+            raise ValueError(f"'{out / LAST_CHECKPOINT}' has no resume state")
+        model.load_state_dict(state.state_dict)
+        optimizer.load_state_dict(state.resume_state["optimizer"])
+        history = list(state.resume_state["history"])
+        best_score = state.resume_state["best_score"]
+        best_epoch = state.resume_state["best_epoch"]
+        best_metrics = dict(state.resume_state["best_metrics"])
+        stale_epochs = state.resume_state["stale_epochs"]
+        spent_seconds = state.resume_state["spent_seconds"]
+        logger.info("resuming from %s after epoch %d", out / LAST_CHECKPOINT, state.epoch)
+
+    cut = logit_threshold(config.threshold)
+    started = time.monotonic() - spent_seconds
+    stop_reason = "max epochs reached"
+    logger.info(
+        "training on %s: %d training and %d validation images, up to %d epochs",
+        device, len(train_pairs), len(val_pairs), config.epochs,
+    )
+    for epoch in range(len(history) + 1, config.epochs + 1):
+        epoch_started = time.monotonic()
+        torch.manual_seed(config.seed * 1_000_003 + epoch)  # dropout masks and batch order
+        train_set.set_epoch(epoch)
+        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True)
+        model.train()
+        train_counts, loss_sum, samples = MetricAccumulator(), 0.0, 0
+        for images, masks in loader:
+            images, masks = images.to(device), masks.to(device)
+            with autocast_context(device, config.amp):
+                logits = model(images)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), masks)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.item() * len(images)
+            samples += len(images)
+            train_counts.add(confusion_counts(logits.detach() > cut, masks > 0.5))
+
+        train_scores = train_counts.pooled()
+        record: dict[str, float] = {"epoch": epoch, "train_loss": loss_sum / samples}
+        record.update({f"train_{name}": value for name, value in train_scores.items()})
+        if val_pairs:
+            val = evaluate_model(model, val_pairs, device, config.threshold, config.amp)
+            record.update({f"val_{name}": value for name, value in val.items()})
+        record["seconds"] = time.monotonic() - epoch_started
+        history.append(record)
+        logger.info(_format_record(record, config.epochs))
+        if on_epoch is not None:
+            on_epoch(record)
+
+        score = record[monitor_key]
+        improved = best_score is None or (
+            score > best_score + config.min_delta if higher_is_better else score < best_score - config.min_delta
+        )
+        if improved:
+            best_score, best_epoch, best_metrics, stale_epochs = score, epoch, _metrics_of(record), 0
+        else:
+            stale_epochs += 1
+
+        checkpoint = Checkpoint(
+            model_config=model_config,
+            state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+            train_config=config,
+            metrics=_metrics_of(record),
+            epoch=epoch,
+            dataset_manifest_hash=dataset_manifest_hash,
+        )
+        if improved:
+            save_checkpoint(checkpoint, str(out / BEST_CHECKPOINT))
+        checkpoint.resume_state = {
+            "optimizer": optimizer.state_dict(),
+            "history": history,
+            "best_score": best_score,
+            "best_epoch": best_epoch,
+            "best_metrics": best_metrics,
+            "stale_epochs": stale_epochs,
+            "spent_seconds": time.monotonic() - started,
+        }
+        save_checkpoint(checkpoint, str(out / LAST_CHECKPOINT))
+        _write_json(out / HISTORY_FILE, history)
+
+        if stale_epochs >= config.patience:
+            stop_reason = f"early stop: no {monitor_key} improvement for {config.patience} epochs"
+            break
+        elapsed = time.monotonic() - started
+        if config.max_minutes is not None and elapsed + record["seconds"] > config.max_minutes * 60:
+            stop_reason = f"time budget of {config.max_minutes:g} minutes reached"
+            break
+
+    logger.info("%s; best %s %.4f at epoch %d", stop_reason, monitor_key, best_score, best_epoch)
+    return TrainResult(out, history, best_epoch, best_metrics, stop_reason)
+
+
+def _metrics_of(record: dict[str, float]) -> dict[str, float]:
+    return {key: value for key, value in record.items() if key.startswith(("val_", "train_"))}
+
+
+def _format_record(record: dict[str, float], epochs: int) -> str:
+    shown = " ".join(
+        f"{key} {record[key]:.4f}"
+        for key in ("train_loss", "train_dice", "val_loss", "val_iou", "val_dice", "val_precision", "val_recall")
+        if key in record
+    )
+    return f"epoch {int(record['epoch'])}/{epochs} {shown} ({record['seconds']:.1f}s)"
+
+
+def _write_json(path: Path, payload: object) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(payload, indent=1))
+    os.replace(temporary, path)
