@@ -16,6 +16,13 @@ class NormalizationConfig(_Config):
 
     low_percentile: float = Field(1.0, ge=0.0, lt=100.0)
     high_percentile: float = Field(99.8, gt=0.0, le=100.0)
+    polarity: Literal["auto", "keep"] = Field(
+        "auto",
+        description=(
+            "'auto' inverts images whose intensity histogram is skewed towards bright (a long dark "
+            "tail, as with dark nuclei on brightfield) so that objects are bright; 'keep' never inverts"
+        ),
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> NormalizationConfig:

@@ -75,13 +75,28 @@ def split_train_val(pairs: Sequence[ImagePair], val_fraction: float, seed: int) 
     return train, val
 
 
+def intensity_skewness(image: np.ndarray) -> float:
+    """Sample skewness of the pixel intensities (0 for a flat image)."""
+    pixels = image.astype(np.float64, copy=False).ravel()
+    centred = pixels - pixels.mean()
+    spread = np.sqrt(np.mean(centred**2))
+    return 0.0 if spread == 0 else float(np.mean(centred**3) / spread**3)
+
+
 def normalize_image(image: np.ndarray, config: NormalizationConfig = NormalizationConfig()) -> np.ndarray:
-    """Map (H, W) intensities to float32 in [0, 1] between the configured percentiles."""
+    """Map (H, W) intensities to float32 in [0, 1] between the configured percentiles.
+
+    With polarity 'auto', a negatively skewed image (mostly bright, with a dark minority such as
+    dark nuclei on brightfield) is inverted, so one model sees objects bright in both modalities.
+    """
     pixels = image.astype(np.float32, copy=False)
     low, high = np.percentile(pixels, [config.low_percentile, config.high_percentile])
     if high <= low:  # flat image: nothing to stretch
         return np.zeros(pixels.shape, dtype=np.float32)
-    return np.clip((pixels - low) / (high - low), 0.0, 1.0).astype(np.float32, copy=False)
+    scaled = np.clip((pixels - low) / (high - low), 0.0, 1.0).astype(np.float32, copy=False)
+    if config.polarity == "auto" and intensity_skewness(pixels) < 0:
+        scaled = 1.0 - scaled
+    return scaled
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,8 @@ def _decode_tiff(data: bytes, name: str, max_pixels: int) -> np.ndarray:
         raise
     except Exception as error:  # tifffile raises many types on malformed input
         raise ImageReadError(f"'{name}': not a readable TIFF ({error})") from error
+    if array.ndim == 3 and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and array.shape[0] in (3, 4):
+        array = np.moveaxis(array, 0, -1)  # planar RGB(A) is stored samples-first: (S, H, W)
     if array.ndim == 3 and array.shape[-1] in (3, 4):
         array = _luma(array[..., :3])
     elif array.ndim == 3 and array.shape[0] == 1:

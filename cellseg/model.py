@@ -95,6 +95,9 @@ class UNet(nn.Module):
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     height, width = x.shape[-2:]
     pad_h, pad_w = -height % multiple, -width % multiple
+    if height + pad_h == multiple and width + pad_w == multiple:
+        # A 1x1 bottleneck leaves instance and group norm one value per channel, which they refuse.
+        pad_h += multiple
     if not (pad_h or pad_w):
         return x
     # Reflect padding needs the pad to be smaller than the side; fall back to replicate.

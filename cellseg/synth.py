@@ -98,9 +98,9 @@ def generate_sample(
 
 
 def _relabel_sequential(labels: np.ndarray) -> np.ndarray:
-    present = np.unique(labels)
+    present = np.unique(labels[labels > 0])  # 0 stays background even when no pixel is background
     lookup = np.zeros(int(labels.max()) + 1, dtype=np.uint16)
-    lookup[present] = np.arange(len(present), dtype=np.uint16)
+    lookup[present] = np.arange(1, len(present) + 1, dtype=np.uint16)
     return lookup[labels]
 
 

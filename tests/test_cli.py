@@ -1,0 +1,110 @@
+"""The `cellseg` command as a user runs it: subprocesses, real files, a real S3 endpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+COMMANDS = {
+    "synth": ["--out", "--count", "--seed"],
+    "train": ["--images", "--masks", "--out", "--epochs", "--patience", "--val-fraction", "--seed", "--resume"],
+    "predict": ["--model", "--images", "--out", "--threshold"],
+    "evaluate": ["--pred", "--masks", "--json"],
+    "results": ["--json"],
+}
+FAST_TRAIN = ["--epochs", "4", "--depth", "3", "--base-width", "8", "--patch-size", "96", "--patches-per-image", "2"]
+
+
+def cellseg(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "cellseg"), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_documents_its_options(command):
+    result = cellseg(command, "--help")
+    for option in COMMANDS[command]:
+        assert option in result.stdout
+
+
+def test_synth_train_predict_evaluate_round_trip(tmp_path):
+    cellseg("synth", "--out", str(tmp_path / "data"), "--count", "16", "--size", "96", "--seed", "0")
+    cellseg("synth", "--out", str(tmp_path / "new"), "--count", "5", "--size", "112", "--seed", "7", "--vary-size")
+    trained = cellseg("train", "--images", str(tmp_path / "data/images"), "--masks", str(tmp_path / "data/masks"),
+                      "--out", str(tmp_path / "model"), *FAST_TRAIN)
+    assert "val_dice" in trained.stdout
+    assert "epoch 4/4" in trained.stderr
+    for name in ("best.pt", "last.pt", "history.json", "manifest.json", "split.json"):
+        assert (tmp_path / "model" / name).is_file()
+    split = json.loads((tmp_path / "model/split.json").read_text())
+    assert len(split["train"]) + len(split["val"]) == 16 and not set(split["train"]) & set(split["val"])
+
+    store = str(tmp_path / "results.zarr")
+    predicted = cellseg("predict", "--model", str(tmp_path / "model/best.pt"), "--images", str(tmp_path / "new/images"),
+                        "--out", store)
+    assert "segmented 5, skipped 0" in predicted.stdout
+    assert "synth_0000" in predicted.stdout  # a statistics row
+
+    scores = json.loads(cellseg("evaluate", "--pred", store, "--masks", str(tmp_path / "new/masks"), "--json").stdout)
+    assert scores["images"] == 5
+    assert scores["pooled"]["dice"] > 0.8
+    assert set(scores["mean"]) == {"iou", "dice", "precision", "recall"}
+    table = cellseg("evaluate", "--pred", store, "--masks", str(tmp_path / "new/masks")).stdout
+    assert "pooled" in table and f"{scores['pooled']['dice']:.4f}" in table
+
+    again = cellseg("predict", "--model", str(tmp_path / "model/best.pt"), "--images", str(tmp_path / "new/images"),
+                    "--out", store)
+    assert "segmented 0, skipped 5" in again.stdout
+
+    results = json.loads(cellseg("results", store, "--json").stdout)
+    assert sorted(row["image_id"] for row in results["statistics"]) == [f"synth_{i:04d}" for i in range(5)]
+    assert all(row["cell_count"] > 0 for row in results["statistics"])
+
+
+def test_round_trip_through_s3(tmp_path, s3_bucket):
+    bucket, options = s3_bucket
+    env = {"FSSPEC_S3_ENDPOINT_URL": options["endpoint_url"]}
+    cellseg("synth", "--out", f"{bucket}/train", "--count", "12", "--size", "96", env=env)
+    cellseg("train", "--images", f"{bucket}/train/images", "--masks", f"{bucket}/train/masks",
+            "--out", str(tmp_path / "model"), *FAST_TRAIN, env=env)
+    store = f"{bucket}/results.zarr"
+    cellseg("predict", "--model", str(tmp_path / "model/best.pt"), "--images", f"{bucket}/train/images",
+            "--out", store, env=env)
+    scores = json.loads(cellseg("evaluate", "--pred", store, "--masks", f"{bucket}/train/masks", "--json", env=env).stdout)
+    assert scores["images"] == 12
+    assert scores["pooled"]["dice"] > 0.8
+
+
+def test_missing_mask_is_reported_with_the_file_name(tmp_path):
+    cellseg("synth", "--out", str(tmp_path / "data"), "--count", "3", "--size", "64")
+    (tmp_path / "data/masks/synth_0001.png").unlink()
+    result = cellseg("train", "--images", str(tmp_path / "data/images"), "--masks", str(tmp_path / "data/masks"),
+                     "--out", str(tmp_path / "model"), check=False)
+    assert result.returncode == 2
+    assert "synth_0001.png' has no mask" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_setting_is_rejected_naming_the_field(tmp_path, tiny_checkpoint):
+    result = cellseg("predict", "--model", str(tiny_checkpoint), "--images", str(tmp_path), "--out",
+                     str(tmp_path / "s.zarr"), "--threshold", "1.5", check=False)
+    assert result.returncode == 2
+    assert "threshold" in result.stderr
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_empty_image_directory_is_nothing_to_do(tmp_path, tiny_checkpoint):
+    (tmp_path / "empty").mkdir()
+    result = cellseg("predict", "--model", str(tiny_checkpoint), "--images", str(tmp_path / "empty"),
+                     "--out", str(tmp_path / "s.zarr"))
+    assert "nothing to do" in result.stdout

@@ -1,0 +1,384 @@
+"""Tests for cellseg/data.py: pairing, loading, normalisation, splitting, cropping, the dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cellseg.config import NormalizationConfig
+from cellseg.data import (
+    DatasetError,
+    ImagePair,
+    ImgDataset,
+    LoadedPair,
+    crop_or_pad,
+    intensity_skewness,
+    load_pair,
+    load_pairs,
+    manifest_hash,
+    normalize_image,
+    pair_images_and_masks,
+    split_train_val,
+)
+
+KEEP = NormalizationConfig(polarity="keep")
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_png(path, array: np.ndarray):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png(array))
+    return path
+
+
+def make_dataset(root, ids=("a", "b", "c"), shape=(12, 10)):
+    """images/ and masks/ with one 8-bit PNG pair per id; pixel values differ per id."""
+    for number, image_id in enumerate(ids):
+        image = ((np.arange(shape[0] * shape[1]).reshape(shape) + 17 * number) % 256).astype(np.uint8)
+        write_png(root / "images" / f"{image_id}.png", image)
+        write_png(root / "masks" / f"{image_id}.png", np.where(image > 100, 255, 0).astype(np.uint8))
+    return root
+
+
+def position_image(height: int, width: int) -> np.ndarray:
+    """float32 (H, W) whose value is row * 1000 + column, so any crop reveals where it came from."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    return (rows * 1000 + cols).astype(np.float32)
+
+
+def loaded(image: np.ndarray, mask: np.ndarray, image_id: str = "x") -> LoadedPair:
+    return LoadedPair(ImagePair(image_id, f"{image_id}.png", f"{image_id}_mask.png"), image, mask, "0", "0", "float32")
+
+
+# --- pairing ------------------------------------------------------------------------------
+
+
+def test_pairs_by_stem_across_directories_and_suffixes(tmp_path):
+    write_png(tmp_path / "images" / "b.tif", np.zeros((2, 2), np.uint8))
+    write_png(tmp_path / "images" / "a.png", np.zeros((2, 2), np.uint8))
+    write_png(tmp_path / "masks" / "a.png", np.zeros((2, 2), np.uint8))
+    write_png(tmp_path / "masks" / "b.png", np.zeros((2, 2), np.uint8))
+    (tmp_path / "masks" / "notes.txt").write_text("ignored: not an image suffix")
+
+    pairs = pair_images_and_masks(str(tmp_path / "images"), str(tmp_path / "masks"))
+
+    assert pairs == [
+        ImagePair("a", f"{tmp_path}/images/a.png", f"{tmp_path}/masks/a.png"),
+        ImagePair("b", f"{tmp_path}/images/b.tif", f"{tmp_path}/masks/b.png"),
+    ]
+
+
+def test_image_without_mask_and_mask_without_image_are_both_named(tmp_path):
+    make_dataset(tmp_path, ids=("a", "b"))
+    (tmp_path / "masks" / "a.png").unlink()
+    write_png(tmp_path / "masks" / "orphan.png", np.zeros((2, 2), np.uint8))
+
+    with pytest.raises(DatasetError) as caught:
+        pair_images_and_masks(str(tmp_path / "images"), str(tmp_path / "masks"))
+
+    message = str(caught.value)
+    assert f"image '{tmp_path}/images/a.png' has no mask" in message
+    assert f"mask '{tmp_path}/masks/orphan.png' has no image" in message
+    assert "b.png" not in message
+
+
+@pytest.mark.parametrize("role", ["images", "masks"])
+def test_two_files_with_one_stem_are_ambiguous(tmp_path, role):
+    make_dataset(tmp_path, ids=("a", "cell7"))
+    write_png(tmp_path / role / "cell7.tif", np.zeros((2, 2), np.uint8))
+
+    with pytest.raises(DatasetError, match=r"share a stem.*'cell7': cell7\.png, cell7\.tif"):
+        pair_images_and_masks(str(tmp_path / "images"), str(tmp_path / "masks"))
+
+
+def test_empty_image_directory_is_refused(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(DatasetError, match=r"no images .* under '.*images'"):
+        pair_images_and_masks(str(tmp_path / "images"), str(tmp_path / "masks"))
+
+
+@pytest.mark.integration
+def test_pairing_and_loading_on_s3(s3_bucket, tmp_path):
+    import s3fs
+
+    bucket, options = s3_bucket
+    local = make_dataset(tmp_path / "local", ids=("a", "b"))
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    for path in sorted(local.rglob("*.png")):
+        fs.pipe_file(f"{bucket}/ds/{path.parent.name}/{path.name}", path.read_bytes())
+
+    pairs = pair_images_and_masks(f"{bucket}/ds/images", f"{bucket}/ds/masks", options)
+
+    assert pairs == [
+        ImagePair(i, f"{bucket}/ds/images/{i}.png", f"{bucket}/ds/masks/{i}.png") for i in ("a", "b")
+    ]
+    remote = load_pairs(pairs, KEEP, options)
+    here = load_pairs(pair_images_and_masks(str(local / "images"), str(local / "masks")), KEEP)
+    assert manifest_hash(remote) == manifest_hash(here)
+    np.testing.assert_array_equal(remote[1].image, here[1].image)
+    np.testing.assert_array_equal(remote[1].mask, here[1].mask)
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def test_load_pair_decodes_normalises_and_checksums(tmp_path):
+    image = np.array([[0, 50], [100, 200]], dtype=np.uint8)
+    mask = np.array([[0, 255], [0, 255]], dtype=np.uint8)
+    pair = ImagePair("p", str(write_png(tmp_path / "p.png", image)), str(write_png(tmp_path / "pm.png", mask)))
+
+    result = load_pair(pair, NormalizationConfig(low_percentile=0, high_percentile=100, polarity="keep"))
+
+    np.testing.assert_allclose(result.image, [[0.0, 0.25], [0.5, 1.0]])
+    assert result.image.dtype == np.float32
+    np.testing.assert_array_equal(result.mask, [[False, True], [False, True]])
+    assert result.dtype == "uint8"
+    assert result.image_sha256 == hashlib.sha256((tmp_path / "p.png").read_bytes()).hexdigest()
+    assert result.manifest_entry()["shape"] == [2, 2]
+
+
+def test_load_pair_size_mismatch_names_both_files_and_sizes(tmp_path):
+    image_path = write_png(tmp_path / "images" / "cell.png", np.zeros((30, 32), np.uint8))
+    mask_path = write_png(tmp_path / "masks" / "cell.png", np.zeros((30, 40), np.uint8))
+
+    with pytest.raises(DatasetError) as caught:
+        load_pair(ImagePair("cell", str(image_path), str(mask_path)), KEEP)
+
+    message = str(caught.value)
+    assert f"mask '{mask_path}' is 40x30" in message
+    assert f"image '{image_path}' is 32x30" in message
+
+
+# --- normalisation ------------------------------------------------------------------------
+
+
+def test_normalize_between_percentiles_by_hand():
+    # Five values; numpy's linear percentile puts p25 at 10 and p75 at 30.
+    image = np.array([[0, 10, 20, 30, 40]], dtype=np.uint8)
+    config = NormalizationConfig(low_percentile=25, high_percentile=75, polarity="keep")
+    result = normalize_image(image, config)
+    assert result.dtype == np.float32
+    np.testing.assert_allclose(result, [[0.0, 0.0, 0.5, 1.0, 1.0]])
+
+
+def test_normalize_default_percentiles_by_hand():
+    # Values 0..100: p1 = 1.0 and p99.8 = 99.8, so v maps to (v - 1) / 98.8, clipped.
+    image = np.arange(101, dtype=np.uint8).reshape(1, 101)
+    result = normalize_image(image, KEEP)
+    assert result[0, 0] == 0.0 and result[0, 1] == 0.0
+    assert result[0, 100] == 1.0
+    np.testing.assert_allclose(result[0, [50, 75]], [49 / 98.8, 74 / 98.8], rtol=1e-6)
+
+
+def test_normalize_flat_image_is_zeros():
+    result = normalize_image(np.full((3, 4), 7, dtype=np.uint16))
+    assert result.dtype == np.float32
+    np.testing.assert_array_equal(result, np.zeros((3, 4)))
+
+
+def test_normalize_16bit_values_above_255():
+    # Values 0, 600, ..., 60000: p10 = 6000 and p90 = 54000.
+    image = (np.arange(101, dtype=np.uint16) * 600).reshape(1, 101)
+    config = NormalizationConfig(low_percentile=10, high_percentile=90, polarity="keep")
+    result = normalize_image(image, config)
+    assert result.dtype == np.float32
+    np.testing.assert_allclose(result[0, [0, 10, 30, 50, 70, 90, 100]], [0, 0, 0.25, 0.5, 0.75, 1, 1], atol=1e-6)
+
+
+def bimodal(majority: int, minority: int, dtype=np.uint8) -> np.ndarray:
+    """10x10 image: 90 pixels at `majority`, a 10-pixel row at `minority`."""
+    image = np.full((10, 10), majority, dtype=dtype)
+    image[4] = minority
+    return image
+
+
+def test_auto_polarity_inverts_bright_image_with_dark_minority():
+    image = bimodal(majority=200, minority=20)  # brightfield-like: dark objects
+    assert intensity_skewness(image) < 0
+    expected = np.zeros((10, 10))
+    expected[4] = 1.0  # the dark row becomes bright after inversion
+    np.testing.assert_array_equal(normalize_image(image), expected)
+
+
+def test_auto_polarity_keeps_dark_image_with_bright_minority():
+    image = bimodal(majority=20, minority=200)  # fluorescence-like: bright objects
+    assert intensity_skewness(image) > 0
+    expected = np.zeros((10, 10))
+    expected[4] = 1.0
+    np.testing.assert_array_equal(normalize_image(image), expected)
+
+
+def test_auto_polarity_on_16bit_brightfield():
+    image = bimodal(majority=60000, minority=3000, dtype=np.uint16)
+    expected = np.zeros((10, 10))
+    expected[4] = 1.0
+    np.testing.assert_array_equal(normalize_image(image), expected)
+
+
+def test_keep_polarity_never_inverts():
+    image = bimodal(majority=200, minority=20)
+    expected = np.ones((10, 10))
+    expected[4] = 0.0  # dark row stays dark
+    np.testing.assert_array_equal(normalize_image(image, KEEP), expected)
+
+
+def test_skewness_by_hand():
+    # [0, 0, 0, 4]: mean 1, deviations -1,-1,-1,3; m2 = 12/4 = 3, m3 = 24/4 = 6; 6 / 3**1.5.
+    assert intensity_skewness(np.array([[0, 0, 0, 4]])) == pytest.approx(6 / 3**1.5)
+    assert intensity_skewness(np.full((2, 2), 5)) == 0.0
+
+
+# --- train/val split ----------------------------------------------------------------------
+
+
+def pairs_of(n: int) -> list[ImagePair]:
+    return [ImagePair(f"img{i:02d}", f"images/img{i:02d}.png", f"masks/img{i:02d}.png") for i in range(n)]
+
+
+def test_split_is_deterministic_disjoint_and_complete():
+    pairs = pairs_of(20)
+    train, val = split_train_val(pairs, 0.2, seed=3)
+    assert len(val) == 4 and len(train) == 16
+    assert not {p.id for p in train} & {p.id for p in val}
+    assert sorted(train + val, key=lambda p: p.id) == pairs
+    # Same seed, input in another order: the same split.
+    assert split_train_val(list(reversed(pairs)), 0.2, seed=3) == (train, val)
+    assert split_train_val(pairs, 0.2, seed=4)[1] != val
+
+
+def test_split_keeps_at_least_one_of_each():
+    assert len(split_train_val(pairs_of(5), 0.01, seed=0)[1]) == 1
+    train, val = split_train_val(pairs_of(2), 0.9, seed=0)
+    assert len(train) == 1 and len(val) == 1
+    assert split_train_val(pairs_of(1), 0.5, seed=0) == (pairs_of(1), [])
+    assert split_train_val(pairs_of(4), 0.0, seed=0) == (pairs_of(4), [])
+
+
+# --- cropping and padding -----------------------------------------------------------------
+
+
+def test_pad_small_image_by_mirroring():
+    image = np.array([[0, 1, 2], [3, 4, 5]])
+    mask = image % 2 == 0
+    padded, padded_mask = crop_or_pad(image, mask, 4, np.random.default_rng(0))
+    # Rows: 2 short -> one mirrored row above and below; columns: 1 short -> one on the right.
+    expected = np.array([[0, 1, 2, 2], [0, 1, 2, 2], [3, 4, 5, 5], [3, 4, 5, 5]])
+    np.testing.assert_array_equal(padded, expected)
+    np.testing.assert_array_equal(padded_mask, expected % 2 == 0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_crop_large_image_is_an_aligned_window(seed):
+    image = position_image(20, 30)
+    mask = (image.astype(int) % 3) == 0
+    crop, crop_mask = crop_or_pad(image, mask, 8, np.random.default_rng(seed))
+    assert crop.shape == (8, 8) and crop_mask.shape == (8, 8)
+    top, left = divmod(int(crop[0, 0]), 1000)
+    np.testing.assert_array_equal(crop, image[top : top + 8, left : left + 8])
+    np.testing.assert_array_equal(crop_mask, (crop.astype(int) % 3) == 0)
+
+
+def test_crops_move_with_the_rng():
+    image = position_image(40, 40)
+    corners = {float(crop_or_pad(image, image, 8, np.random.default_rng(s))[0][0, 0]) for s in range(10)}
+    assert len(corners) > 1
+
+
+def test_pad_one_side_and_crop_the_other():
+    image = position_image(4, 30)
+    crop, crop_mask = crop_or_pad(image, image.copy(), 8, np.random.default_rng(1))
+    assert crop.shape == (8, 8)
+    rows = np.unique(crop // 1000)
+    np.testing.assert_array_equal(rows, [0, 1, 2, 3])  # padded rows are mirrors of the 4 real ones
+    np.testing.assert_array_equal(crop, crop_mask)
+
+
+# --- ImgDataset ---------------------------------------------------------------------------
+
+
+def position_pairs():
+    return [loaded(position_image(64, 64) + 100_000 * k, (position_image(64, 64).astype(int) % 2) == 0, f"id{k}") for k in range(2)]
+
+
+def test_dataset_items_have_patch_shape_and_aligned_masks():
+    dataset = ImgDataset(position_pairs(), patch_size=16, patches_per_image=3, augment=True, seed=0)
+    assert len(dataset) == 6
+    for index in range(len(dataset)):
+        image, mask = dataset[index]
+        assert image.shape == (1, 16, 16) and mask.shape == (1, 16, 16)
+        assert image.dtype == torch.float32 and mask.dtype == torch.float32
+        # Item index // patches_per_image picks the pair: ids 0,1,2 from pair 0, ids 3,4,5 from pair 1.
+        assert int(image.min()) // 100_000 == index // 3
+        column = image.numpy().astype(int) % 1000
+        np.testing.assert_array_equal(mask.numpy(), (column % 2 == 0).astype(np.float32))
+
+
+def test_dataset_samples_are_a_function_of_seed_epoch_index():
+    first = ImgDataset(position_pairs(), patch_size=16, patches_per_image=2, augment=True, seed=7)
+    second = ImgDataset(position_pairs(), patch_size=16, patches_per_image=2, augment=True, seed=7)
+    first.set_epoch(3)
+    second.set_epoch(3)
+    for index in (3, 0, 2):  # order of access must not matter
+        assert torch.equal(first[index][0], second[index][0])
+        assert torch.equal(first[index][1], second[index][1])
+    before = first[1][0].clone()
+    first.set_epoch(4)
+    assert not torch.equal(first[1][0], before)
+    first.set_epoch(3)
+    assert torch.equal(first[1][0], before)
+
+
+def test_validation_dataset_returns_whole_images():
+    pairs = position_pairs()
+    dataset = ImgDataset(pairs, patch_size=None, patches_per_image=5)
+    assert len(dataset) == 2
+    image, mask = dataset[1]
+    np.testing.assert_array_equal(image[0].numpy(), pairs[1].image)
+    np.testing.assert_array_equal(mask[0].numpy(), pairs[1].mask.astype(np.float32))
+
+
+def test_empty_dataset_is_refused():
+    with pytest.raises(DatasetError, match="empty"):
+        ImgDataset([])
+
+
+# --- manifest hash ------------------------------------------------------------------------
+
+
+def load_dir(root):
+    return load_pairs(pair_images_and_masks(str(root / "images"), str(root / "masks")), KEEP)
+
+
+def test_manifest_hash_depends_on_content_not_location(tmp_path):
+    original = make_dataset(tmp_path / "one")
+    shutil.copytree(original, tmp_path / "elsewhere" / "two")
+    reference = manifest_hash(load_dir(original))
+
+    assert manifest_hash(load_dir(original)) == reference
+    assert manifest_hash(load_dir(tmp_path / "elsewhere" / "two")) == reference
+    assert manifest_hash(list(reversed(load_dir(original)))) == reference
+
+    changed = tmp_path / "changed"
+    shutil.copytree(original, changed)
+    image = np.asarray(Image.open(changed / "images" / "b.png")).copy()
+    image[0, 0] ^= 1  # one pixel, one bit
+    write_png(changed / "images" / "b.png", image)
+    assert manifest_hash(load_dir(changed)) != reference
+
+    renamed = tmp_path / "renamed"
+    shutil.copytree(original, renamed)
+    for folder in ("images", "masks"):
+        (renamed / folder / "c.png").rename(renamed / folder / "d.png")
+    assert manifest_hash(load_dir(renamed)) != reference

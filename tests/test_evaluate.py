@@ -1,0 +1,97 @@
+"""Scoring a results store against ground-truth mask files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cellseg.evaluate import evaluate_store
+from cellseg.metrics import segmentation_scores
+from cellseg.store import ResultStore, StoreError
+from cellseg.synth import encode_png
+
+
+def mask(rows: list[str]) -> np.ndarray:
+    """Boolean mask from strings: '#' is cell, '.' is background."""
+    return np.array([[char == "#" for char in row] for row in rows], dtype=bool)
+
+
+# a: tp 2, fp 1, fn 1.  b: empty truth, empty prediction (a perfect "nothing here").
+PREDICTIONS = {"a": mask(["###", "..."]), "b": mask(["...", "..."])}
+TRUTHS = {"a": mask(["##.", "#.."]), "b": mask(["...", "..."]), "c": mask(["#..", "..."])}
+
+
+def write_truths(folder, truths: dict[str, np.ndarray]) -> str:
+    folder.mkdir()
+    for image_id, truth in truths.items():
+        (folder / f"{image_id}.png").write_bytes(encode_png(truth))  # 0/255
+    return str(folder)
+
+
+@pytest.fixture()
+def store(tmp_path) -> ResultStore:
+    store = ResultStore.open(str(tmp_path / "results.zarr"))
+    for image_id, prediction in PREDICTIONS.items():
+        store.write_result(image_id, prediction, {}, f"{image_id}.png", {"version": "v1"})
+    store.write_result("z", mask(["#"]), {}, "z.png", {"version": "v1"})  # no ground truth: ignored
+    store.record_failure("c", "c.png", "ImageReadError: broken", {"version": "v1"})
+    return store
+
+
+def test_scores_match_hand_computed_values(store, tmp_path):
+    result = evaluate_store(store, write_truths(tmp_path / "truth", TRUTHS))
+    assert result["images"] == 2
+    per_image = {row["image_id"]: row for row in result["per_image"]}
+    assert per_image["a"] == pytest.approx({"image_id": "a", "iou": 2 / 4, "dice": 4 / 6, "precision": 2 / 3, "recall": 2 / 3})
+    assert per_image["b"] == {"image_id": "b", "iou": 1.0, "dice": 1.0, "precision": 1.0, "recall": 1.0}
+    assert result["mean"] == pytest.approx({"iou": 3 / 4, "dice": 5 / 6, "precision": 5 / 6, "recall": 5 / 6})
+    # pooled: b adds no pixels, so the totals are a's
+    assert result["pooled"] == pytest.approx({"iou": 2 / 4, "dice": 4 / 6, "precision": 2 / 3, "recall": 2 / 3})
+
+
+def test_per_image_scores_equal_the_metrics_module(store, tmp_path):
+    result = evaluate_store(store, write_truths(tmp_path / "truth", TRUTHS))
+    assert [row["image_id"] for row in result["per_image"]] == ["a", "b"]
+    for row in result["per_image"]:
+        expected = segmentation_scores(PREDICTIONS[row["image_id"]], TRUTHS[row["image_id"]])
+        assert {key: value for key, value in row.items() if key != "image_id"} == expected
+
+
+def test_truths_without_a_finished_prediction_are_listed(store, tmp_path):
+    truths = {**TRUTHS, "d": mask(["..#", "..."])}
+    result = evaluate_store(store, write_truths(tmp_path / "truth", truths))
+    assert result["missing_predictions"] == ["c", "d"]  # c failed, d was never segmented
+    assert result["images"] == 2
+
+
+def test_unfinished_prediction_is_not_scored(store, tmp_path):
+    group = store.root.require_group("d")
+    group.attrs["cellseg"] = {"status": "writing"}  # interrupted write
+    result = evaluate_store(store, write_truths(tmp_path / "truth", {**TRUTHS, "d": mask(["...", "..."])}))
+    assert "d" in result["missing_predictions"]
+    assert [row["image_id"] for row in result["per_image"]] == ["a", "b"]
+
+
+def test_masks_valued_one_count_as_cells(store, tmp_path):
+    folder = tmp_path / "truth"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(encode_png(TRUTHS["a"].astype(np.uint8)))  # 0/1, not 0/255
+    result = evaluate_store(store, str(folder))
+    assert result["per_image"][0]["iou"] == pytest.approx(2 / 4)
+
+
+def test_no_overlap_raises_naming_both(store, tmp_path):
+    truth_url = write_truths(tmp_path / "truth", {"other": mask(["#"])})
+    with pytest.raises(StoreError, match=rf"{store.url}.*{truth_url}"):
+        evaluate_store(store, truth_url)
+
+
+def test_size_mismatch_raises_naming_both_sizes(store, tmp_path):
+    truth_url = write_truths(tmp_path / "truth", {"a": np.zeros((4, 5), bool)})
+    with pytest.raises(StoreError, match=r"a\.png' is 5x4, prediction for 'a' is 3x2"):
+        evaluate_store(store, truth_url)
+
+
+def test_missing_truth_directory_raises(store, tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent"):
+        evaluate_store(store, str(tmp_path / "absent"))

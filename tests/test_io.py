@@ -1,0 +1,280 @@
+"""Tests for cellseg/io.py: decoding, colour conversion, malformed files, listing, S3."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from cellseg.io import (
+    ImageReadError,
+    binarize_mask,
+    decode_image,
+    image_stem,
+    join_url,
+    list_images,
+    read_image,
+    read_mask,
+)
+
+# ITU-R 601 luma of pure red and pure green at 8 bits, computed by hand: 0.299 * 255, 0.587 * 255.
+RED_LUMA = round(0.299 * 255)  # 76
+GREEN_LUMA = round(0.587 * 255)  # 150
+
+VALUES_8 = np.array([[0, 1, 2, 3], [127, 128, 254, 255]], dtype=np.uint8)
+# Values that a lossy or 8-bit round trip would change: above 255, odd, and both extremes.
+VALUES_16 = np.array([[0, 1, 255, 256], [1000, 30001, 65534, 65535]], dtype=np.uint16)
+
+
+def save_png(path, image: Image.Image):
+    image.save(path, format="PNG")
+    return path
+
+
+def red_image_with_green_pixel(mode: str) -> Image.Image:
+    """3x2 image, red everywhere except a green pixel at (row 1, column 2)."""
+    red = {"RGB": (255, 0, 0), "RGBA": (255, 0, 0, 40)}[mode]
+    green = {"RGB": (0, 255, 0), "RGBA": (0, 255, 0, 200)}[mode]
+    image = Image.new(mode, (3, 2), red)
+    image.putpixel((2, 1), green)
+    return image
+
+
+EXPECTED_RED_GREEN = np.array([[RED_LUMA] * 3, [RED_LUMA, RED_LUMA, GREEN_LUMA]], dtype=np.uint8)
+
+
+# --- grayscale decoding -------------------------------------------------------------------
+
+
+def test_8bit_png_round_trips_exactly(tmp_path):
+    path = save_png(tmp_path / "a.png", Image.fromarray(VALUES_8))
+    result = read_image(str(path))
+    assert result.dtype == np.uint8
+    np.testing.assert_array_equal(result, VALUES_8)
+
+
+def test_16bit_png_keeps_every_value(tmp_path):
+    path = save_png(tmp_path / "a16.png", Image.fromarray(VALUES_16))
+    result = read_image(str(path))
+    assert result.dtype == np.uint16
+    np.testing.assert_array_equal(result, VALUES_16)
+
+
+@pytest.mark.parametrize("values", [VALUES_8, VALUES_16], ids=["8bit", "16bit"])
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_grayscale_tiff_round_trips_exactly(tmp_path, values, compression):
+    path = tmp_path / "a.tif"
+    tifffile.imwrite(path, values, compression=compression)
+    result = read_image(str(path))
+    assert result.dtype == values.dtype
+    np.testing.assert_array_equal(result, values)
+
+
+def test_single_sample_tiff_with_leading_axis_becomes_2d(tmp_path):
+    path = tmp_path / "one.tif"
+    tifffile.imwrite(path, VALUES_16[None], photometric="minisblack")
+    np.testing.assert_array_equal(read_image(str(path)), VALUES_16)
+
+
+# --- colour to grayscale ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_colour_png_becomes_luma(tmp_path, mode):
+    path = save_png(tmp_path / f"{mode}.png", red_image_with_green_pixel(mode))
+    result = read_image(str(path))
+    assert result.dtype == np.uint8
+    np.testing.assert_array_equal(result, EXPECTED_RED_GREEN)
+
+
+def test_palette_png_uses_the_palette_colours(tmp_path):
+    image = Image.new("P", (3, 2), 0)
+    image.putpalette([255, 0, 0, 0, 255, 0] + [0] * (256 * 3 - 6))  # index 0 red, index 1 green
+    image.putpixel((2, 1), 1)
+    path = save_png(tmp_path / "palette.png", image)
+    np.testing.assert_array_equal(read_image(str(path)), EXPECTED_RED_GREEN)
+
+
+def test_gray_alpha_png_drops_the_alpha(tmp_path):
+    image = Image.new("LA", (3, 2), (77, 3))
+    image.putpixel((0, 0), (200, 255))
+    path = save_png(tmp_path / "la.png", image)
+    np.testing.assert_array_equal(read_image(str(path)), [[200, 77, 77], [77, 77, 77]])
+
+
+def test_rgb_tiff_becomes_luma(tmp_path):
+    rgb = np.zeros((2, 3, 3), dtype=np.uint8)
+    rgb[..., 0] = 255
+    rgb[1, 2] = (0, 255, 0)
+    path = tmp_path / "rgb.tif"
+    tifffile.imwrite(path, rgb, photometric="rgb")
+    np.testing.assert_array_equal(read_image(str(path)), EXPECTED_RED_GREEN)
+
+
+def test_planar_rgb_tiff_becomes_luma(tmp_path):
+    rgb = np.zeros((3, 2, 3), dtype=np.uint8)  # samples first, as planarconfig=separate stores it
+    rgb[0] = 255
+    rgb[:, 1, 2] = (0, 255, 0)
+    path = tmp_path / "planar.tif"
+    tifffile.imwrite(path, rgb, photometric="rgb", planarconfig="separate")
+    np.testing.assert_array_equal(read_image(str(path)), EXPECTED_RED_GREEN)
+
+
+def test_16bit_rgb_tiff_luma_stays_16bit(tmp_path):
+    rgb = np.zeros((2, 2, 3), dtype=np.uint16)
+    rgb[..., 0] = 65535
+    path = tmp_path / "rgb16.tif"
+    tifffile.imwrite(path, rgb, photometric="rgb")
+    result = read_image(str(path))
+    assert result.dtype == np.uint16
+    np.testing.assert_array_equal(result, np.full((2, 2), round(0.299 * 65535)))  # 19595
+
+
+# --- unusable files -----------------------------------------------------------------------
+
+
+def png_bytes(shape=(64, 64)) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray((np.arange(shape[0] * shape[1]).reshape(shape) % 251).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_zero_byte_file_names_the_file(tmp_path):
+    path = tmp_path / "empty_cell.png"
+    path.write_bytes(b"")
+    with pytest.raises(ImageReadError, match=r"empty_cell\.png.*empty \(0 bytes\)"):
+        read_image(str(path))
+
+
+@pytest.mark.parametrize("keep", [16, 60, 0.5])
+def test_truncated_png_names_the_file(tmp_path, keep):
+    data = png_bytes()
+    cut = int(len(data) * keep) if isinstance(keep, float) else keep
+    path = tmp_path / "cut_short.png"
+    path.write_bytes(data[:cut])
+    with pytest.raises(ImageReadError, match=r"cut_short\.png.*not a readable image"):
+        read_image(str(path))
+
+
+def test_text_file_with_png_suffix_names_the_file(tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_text("this is not an image\n")
+    with pytest.raises(ImageReadError, match=r"notes\.png.*not a readable image"):
+        read_image(str(path))
+
+
+def test_truncated_tiff_names_the_file(tmp_path):
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.zeros((100, 100), dtype=np.uint8))
+    path = tmp_path / "half.tif"
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(ImageReadError, match=r"half\.tif.*not a readable TIFF"):
+        read_image(str(path))
+
+
+def test_missing_file_names_the_file(tmp_path):
+    with pytest.raises(ImageReadError, match=r"nowhere\.png.*not found"):
+        read_image(str(tmp_path / "nowhere.png"))
+
+
+def test_multichannel_image_is_refused_with_its_shape(tmp_path):
+    path = tmp_path / "two_channels.tif"
+    tifffile.imwrite(path, np.zeros((4, 5, 2), dtype=np.uint8), photometric="minisblack", planarconfig="contig")
+    with pytest.raises(ImageReadError, match=r"two_channels\.tif.*2-D.*\(4, 5, 2\)"):
+        read_image(str(path))
+
+
+@pytest.mark.parametrize("suffix", ["png", "tif"])
+def test_max_pixels_guard(tmp_path, suffix):
+    path = tmp_path / f"big.{suffix}"
+    image = np.zeros((100, 120), dtype=np.uint8)  # 12000 pixels
+    if suffix == "png":
+        Image.fromarray(image).save(path)
+    else:
+        tifffile.imwrite(path, image)
+    with pytest.raises(ImageReadError, match=rf"big\.{suffix}.*12000 pixels exceeds the limit of 11999"):
+        read_image(str(path), max_pixels=11_999)
+    assert read_image(str(path), max_pixels=12_000).shape == (100, 120)
+
+
+def test_decode_image_uses_the_given_name():
+    with pytest.raises(ImageReadError, match=r"s3://bucket/x/y\.png"):
+        decode_image(b"garbage", "s3://bucket/x/y.png")
+
+
+# --- masks --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("on_value", [1, 255])
+def test_binarize_mask(on_value):
+    mask = np.array([[0, on_value], [on_value, 0]], dtype=np.uint8)
+    result = binarize_mask(mask)
+    assert result.dtype == bool
+    np.testing.assert_array_equal(result, [[False, True], [True, False]])
+
+
+def test_read_mask_of_0_255_png(tmp_path):
+    path = save_png(tmp_path / "m.png", Image.fromarray(np.array([[0, 255, 0], [255, 255, 0]], dtype=np.uint8)))
+    np.testing.assert_array_equal(read_mask(str(path)), [[False, True, False], [True, True, False]])
+
+
+# --- listing and names --------------------------------------------------------------------
+
+
+def test_list_images_keeps_image_suffixes_sorted(tmp_path):
+    for name in ["c.tif", "a.png", "b.tiff", "d.jpg", "e.jpeg", "F.PNG", "notes.txt", "a.png.bak", "data.npy"]:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub.png").mkdir()  # a directory with an image suffix is not an image
+    expected = ["F.PNG", "a.png", "b.tiff", "c.tif", "d.jpg", "e.jpeg"]
+    assert list_images(str(tmp_path)) == [str(tmp_path) + "/" + name for name in expected]
+
+
+def test_list_images_of_a_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no_such_dir.*does not exist"):
+        list_images(str(tmp_path / "no_such_dir"))
+
+
+def test_list_images_of_a_file_is_refused(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=r"a\.png.*not a directory"):
+        list_images(str(tmp_path / "a.png"))
+
+
+def test_image_stem_and_join_url():
+    assert image_stem("s3://bucket/images/cell_01.tif") == "cell_01"
+    assert image_stem("/data/a.b.png") == "a.b"
+    assert join_url("s3://bucket/images/", "a.png") == "s3://bucket/images/a.png"
+
+
+# --- object storage -----------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_list_and_read_images_on_s3(s3_bucket):
+    import s3fs
+
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    buffer16 = io.BytesIO()
+    Image.fromarray(VALUES_16).save(buffer16, format="PNG")
+    buffer_tif = io.BytesIO()
+    tifffile.imwrite(buffer_tif, VALUES_8)
+    fs.pipe_file(f"{bucket}/images/b.png", buffer16.getvalue())
+    fs.pipe_file(f"{bucket}/images/a.tif", buffer_tif.getvalue())
+    fs.pipe_file(f"{bucket}/images/readme.txt", b"not an image")
+    fs.pipe_file(f"{bucket}/images/nested/c.png", buffer16.getvalue())
+
+    urls = list_images(f"{bucket}/images", options)
+    assert urls == [f"{bucket}/images/a.tif", f"{bucket}/images/b.png"]
+    np.testing.assert_array_equal(read_image(urls[0], options), VALUES_8)
+    result = read_image(urls[1], options)
+    assert result.dtype == np.uint16
+    np.testing.assert_array_equal(result, VALUES_16)
+
+    with pytest.raises(FileNotFoundError, match=r"missing"):
+        list_images(f"{bucket}/missing", options)
+    with pytest.raises(ImageReadError, match=r"images/gone\.png.*not found"):
+        read_image(f"{bucket}/images/gone.png", options)

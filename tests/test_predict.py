@@ -1,0 +1,148 @@
+"""Batched prediction, thresholding, and the Predictor on a small trained checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cellseg.checkpoint import Checkpoint, load_checkpoint
+from cellseg.config import ModelConfig, PredictConfig, TrainConfig
+from cellseg.io import list_images, read_image, read_mask
+from cellseg.model import UNet
+from cellseg.predict import Predictor, checkpoint_digest, predict_probabilities, threshold_probabilities
+
+
+def small_unet(dropout: float = 0.0) -> UNet:
+    torch.manual_seed(0)
+    return UNet(ModelConfig(depth=2, base_width=4, dropout=dropout)).eval()
+
+
+def random_images(shapes, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.random(shape, dtype=np.float32) for shape in shapes]
+
+
+def constant_output_unet(logit: float) -> UNet:
+    model = small_unet()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(logit)
+    return model
+
+
+@pytest.mark.parametrize(("logit", "probability"), [(0.0, 0.5), (math.log(3), 0.75), (-math.log(4), 0.2)])
+def test_probabilities_are_the_sigmoid_of_the_logits(logit, probability):
+    (result,) = predict_probabilities(constant_output_unet(logit), random_images([(9, 13)]))
+    assert result.dtype == np.float32
+    assert result.shape == (9, 13)
+    np.testing.assert_allclose(result, probability, rtol=1e-6)
+
+
+def test_batched_prediction_equals_one_at_a_time():
+    model = small_unet()
+    images = random_images([(24, 24)] * 5)
+    batched = predict_probabilities(model, images, batch_size=3)
+    single = [predict_probabilities(model, [image], batch_size=1)[0] for image in images]
+    for got, expected in zip(batched, single):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(batched[0], batched[1])  # the images really differ
+
+
+def test_mixed_sizes_keep_order_and_shapes():
+    model = small_unet()
+    shapes = [(24, 24), (17, 31), (24, 24), (40, 8), (17, 31), (24, 24)]
+    images = random_images(shapes, seed=3)
+    results = predict_probabilities(model, images, batch_size=2)
+    assert [r.shape for r in results] == shapes
+    for image, got in zip(images, results):
+        np.testing.assert_allclose(got, predict_probabilities(model, [image], batch_size=1)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_probabilities_lie_in_zero_one():
+    images = [image * 50 - 25 for image in random_images([(32, 32)] * 3, seed=5)]  # extreme inputs
+    for result in predict_probabilities(small_unet(), images):
+        assert result.min() >= 0.0 and result.max() <= 1.0
+
+
+def test_empty_input_gives_empty_output():
+    assert predict_probabilities(small_unet(), []) == []
+
+
+def test_model_in_train_mode_is_put_in_eval_mode():
+    model = small_unet(dropout=0.5).train()
+    images = random_images([(32, 32)])
+    first = predict_probabilities(model, images)[0]
+    assert not model.training
+    np.testing.assert_array_equal(first, predict_probabilities(model, images)[0])
+
+
+def test_threshold_is_strictly_above():
+    half = np.float32(0.5)
+    probabilities = np.array(
+        [[half, np.nextafter(half, np.float32(1)), np.nextafter(half, np.float32(0))], [1.0, 0.0, 0.75]],
+        dtype=np.float32,
+    )
+    assert threshold_probabilities(probabilities).tolist() == [[False, True, False], [True, False, True]]
+    assert threshold_probabilities(probabilities, 0.75).tolist() == [[False, False, False], [True, False, False]]
+    assert threshold_probabilities(probabilities).dtype == bool
+
+
+def test_predictor_thresholds_with_its_config():
+    torch.manual_seed(0)
+    config = ModelConfig(depth=2, base_width=4)
+    checkpoint = Checkpoint(config, UNet(config).state_dict(), TrainConfig(), {}, 1)
+    predictor = Predictor(checkpoint, PredictConfig(threshold=0.3, device="cpu"), model_version="v7")
+    images = [np.random.default_rng(1).integers(0, 255, (20, 28), dtype=np.uint8)]
+    assert predictor.model_version == "v7"
+    np.testing.assert_array_equal(predictor.masks(images)[0], predictor.probabilities(images)[0] > 0.3)
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor(tiny_checkpoint) -> Predictor:
+    return Predictor.from_checkpoint(str(tiny_checkpoint), PredictConfig(device="cpu", batch_size=4))
+
+
+def test_from_checkpoint_versions_the_model_by_its_file_hash(tiny_checkpoint, tiny_predictor):
+    expected = hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
+    assert tiny_predictor.model_version == expected[:12]
+    assert checkpoint_digest(str(tiny_checkpoint)) == expected
+    assert tiny_predictor.normalization == load_checkpoint(str(tiny_checkpoint)).model_config.normalization
+
+
+def test_tiny_model_segments_synthetic_images(synthetic_dataset, tiny_predictor):
+    image_urls = list_images(str(synthetic_dataset / "images"))
+    images = [read_image(url) for url in image_urls]
+    truths = [read_mask(url.replace("/images/", "/masks/")) for url in image_urls]
+    masks = tiny_predictor.masks(images)
+    dices = []
+    for predicted, truth in zip(masks, truths):
+        assert predicted.shape == truth.shape and predicted.dtype == bool
+        overlap = np.logical_and(predicted, truth).sum()
+        dices.append(2 * overlap / (predicted.sum() + truth.sum()))
+    assert len(dices) == 24
+    assert np.mean(dices) > 0.7, dices
+
+
+def test_predictor_ignores_a_linear_rescale_of_intensities(synthetic_dataset, tiny_predictor):
+    # Percentile normalisation makes 8-bit and the same image stretched to 16 bits look alike.
+    image = read_image(str(synthetic_dataset / "images" / "synth_0003.png"))
+    assert image.dtype == np.uint8
+    wide = image.astype(np.uint16) * 257
+    narrow_result, wide_result = tiny_predictor.probabilities([image, wide])
+    np.testing.assert_allclose(narrow_result, wide_result, atol=1e-5)
+
+
+@pytest.mark.integration
+def test_from_checkpoint_on_s3_gives_the_same_version(tiny_checkpoint, tiny_predictor, s3_bucket):
+    import s3fs
+
+    bucket, options = s3_bucket
+    s3fs.S3FileSystem(**options, skip_instance_cache=True).pipe(f"{bucket}/best.pt", tiny_checkpoint.read_bytes())
+    remote = Predictor.from_checkpoint(f"{bucket}/best.pt", PredictConfig(device="cpu"), options)
+    assert remote.model_version == tiny_predictor.model_version
+    image = random_images([(30, 30)])[0]
+    np.testing.assert_array_equal(remote.probabilities([image])[0], tiny_predictor.probabilities([image])[0])

@@ -1,0 +1,209 @@
+"""Segmenting a directory into a store with the tiny model: skipping, failures, stored masks and statistics."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from cellseg import __version__
+from cellseg.config import PredictConfig
+from cellseg.data import DatasetError
+from cellseg.io import list_images, read_image
+from cellseg.predict import Predictor
+from cellseg.segment import SegmentReport, model_record, pending_images, segment_images
+from cellseg.stats import STATISTIC_FIELDS
+from cellseg.store import ResultStore, StoreError
+
+GOOD = ["small", "synth_0000", "synth_0001", "synth_0002"]
+CORRUPT = ["empty", "notes"]
+MIN_CELL_AREA = 80  # large enough that the tiny model's smallest blobs on these images are dropped
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_checkpoint) -> Predictor:
+    config = PredictConfig(device="cpu", batch_size=2, min_cell_area=MIN_CELL_AREA)
+    return Predictor.from_checkpoint(str(tiny_checkpoint), config)
+
+
+@pytest.fixture()
+def image_dir(tmp_path, synthetic_dataset):
+    """Three 96x96 synthetic images, one 64x80 crop, a zero-byte .png and a text file named .png."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for image_id in GOOD[1:]:
+        shutil.copy(synthetic_dataset / "images" / f"{image_id}.png", folder)
+    crop = np.asarray(Image.open(synthetic_dataset / "images" / "synth_0003.png"))[:64, :80]
+    Image.fromarray(crop).save(folder / "small.png")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_text("not an image\n")
+    return folder
+
+
+@pytest.fixture()
+def store(tmp_path) -> ResultStore:
+    return ResultStore.open(str(tmp_path / "results.zarr"))
+
+
+def url_of(image_dir, image_id: str) -> str:
+    return f"{image_dir}/{image_id}.png"
+
+
+def expected_mask(predictor: Predictor, image: np.ndarray) -> tuple[np.ndarray, int]:
+    """Thresholded probabilities without 8-connected components below MIN_CELL_AREA; and how many were dropped."""
+    raw = predictor.probabilities([image])[0] > predictor.config.threshold
+    labels, count = ndimage.label(raw, structure=np.ones((3, 3)))
+    areas = np.bincount(labels.ravel(), minlength=count + 1)
+    small = np.flatnonzero(areas < MIN_CELL_AREA)
+    small = small[small > 0]
+    return raw & ~np.isin(labels, small), len(small)
+
+
+def run(image_dir, store, predictor, **kwargs) -> SegmentReport:
+    todo, _ = pending_images(list_images(str(image_dir)), store)
+    return segment_images(todo, store, predictor, model_record(predictor, "tiny/best.pt"), **kwargs)
+
+
+def test_pending_images_lists_everything_in_a_new_store(image_dir, store):
+    todo, done = pending_images(list_images(str(image_dir)), store)
+    assert todo == [(image_id, url_of(image_dir, image_id)) for image_id in sorted(GOOD + CORRUPT)]
+    assert done == []
+
+
+def test_pending_images_skips_done_ids_only(image_dir, store):
+    store.write_result("synth_0001", np.zeros((2, 2), bool), {}, "x", {})
+    store.record_failure("notes", url_of(image_dir, "notes"), "earlier failure", {})
+    store.write_result("elsewhere", np.zeros((2, 2), bool), {}, "y", {})  # done, but not in this listing
+    todo, done = pending_images(list_images(str(image_dir)), store)
+    assert [image_id for image_id, _ in todo] == ["empty", "notes", "small", "synth_0000", "synth_0002"]
+    assert done == ["synth_0001"]
+
+
+def test_pending_images_refuses_ids_that_cannot_name_an_entry(store):
+    with pytest.raises(StoreError, match="__meta"):
+        pending_images(["/data/a.png", "/data/__meta.png"], store)
+
+
+def test_pending_images_refuses_two_files_with_one_stem(store):
+    with pytest.raises(DatasetError, match="a.png, a.tif"):
+        pending_images(["/data/a.png", "/data/a.tif"], store)
+
+
+def test_segment_images_records_corrupt_files_and_finishes_the_rest(image_dir, store, predictor):
+    seen = []
+    report = run(image_dir, store, predictor, on_image=seen.append)
+
+    assert sorted(report.done) == GOOD
+    assert sorted(seen) == sorted(GOOD + CORRUPT)
+    assert report.pixels == 3 * 96 * 96 + 64 * 80
+    failed = sorted(report.failed, key=lambda item: item["image_id"])
+    assert [(item["image_id"], item["source_url"]) for item in failed] == [
+        (image_id, url_of(image_dir, image_id)) for image_id in CORRUPT
+    ]
+    assert "ImageReadError" in failed[0]["error"] and "empty (0 bytes)" in failed[0]["error"]
+    assert "ImageReadError" in failed[1]["error"] and "not a readable image" in failed[1]["error"]
+
+    assert store.done_ids() == set(GOOD)
+    assert store.failures() == [
+        {"image_id": item["image_id"], "source_url": item["source_url"], "error": item["error"]} for item in failed
+    ]
+    assert store.read_mask("small").shape == (64, 80)
+
+
+def test_second_run_skips_done_images_and_retries_failures(image_dir, store, predictor):
+    run(image_dir, store, predictor)
+    written = {image_id: store.record(image_id)["written"] for image_id in GOOD}
+
+    todo, done = pending_images(list_images(str(image_dir)), store)
+    assert done == GOOD
+    assert [image_id for image_id, _ in todo] == CORRUPT
+    report = segment_images(todo, store, predictor, model_record(predictor, "tiny/best.pt"))
+    assert report.done == []
+    assert sorted(item["image_id"] for item in report.failed) == CORRUPT
+    assert {image_id: store.record(image_id)["written"] for image_id in GOOD} == written
+
+
+def test_stored_mask_is_the_thresholded_prediction_without_small_cells(image_dir, store, predictor):
+    run(image_dir, store, predictor)
+    dropped = 0
+    for image_id in GOOD:
+        image = read_image(url_of(image_dir, image_id))
+        expected, removed = expected_mask(predictor, image)
+        dropped += removed
+        np.testing.assert_array_equal(store.read_mask(image_id), expected)
+    assert dropped > 0  # the removal of small components was exercised
+
+
+def test_statistics_rows_describe_the_stored_masks(image_dir, store, predictor):
+    run(image_dir, store, predictor)
+    rows = {row["image_id"]: row for row in store.statistics()}
+    assert sorted(rows) == GOOD
+    for image_id, row in rows.items():
+        assert set(row) == {"image_id", "source_url", "model_version", "status", *STATISTIC_FIELDS}
+        assert row["model_version"] == predictor.model_version
+        assert row["source_url"] == url_of(image_dir, image_id)
+        image = read_image(url_of(image_dir, image_id))
+        mask = store.read_mask(image_id)
+        _, cells = ndimage.label(mask, structure=np.ones((3, 3)))
+        assert cells > 0 and row["cell_count"] == cells
+        assert row["total_cell_area"] == mask.sum()
+        assert row["foreground_fraction"] == pytest.approx(mask.mean())
+        assert row["mean_cell_area"] == pytest.approx(mask.sum() / cells)
+        assert row["mean_intensity_inside"] == pytest.approx(image[mask].mean())
+        assert row["mean_intensity_outside"] == pytest.approx(image[~mask].mean())
+
+
+def test_model_record_is_stored_with_each_result(image_dir, store, predictor):
+    run(image_dir, store, predictor)
+    expected = {
+        "version": predictor.model_version,
+        "checkpoint": "tiny/best.pt",
+        "threshold": 0.5,
+        "min_cell_area": MIN_CELL_AREA,
+        "model_config": predictor.checkpoint.model_config.model_dump(mode="json"),
+        "cellseg_version": __version__,
+    }
+    assert model_record(predictor, "tiny/best.pt") == expected
+    assert store.record("synth_0000")["model"] == expected
+    assert store.record("empty")["model"] == expected
+
+
+def test_probabilities_are_saved_when_asked(image_dir, store, predictor):
+    config = predictor.config.model_copy(update={"save_probabilities": True})
+    saving = Predictor(predictor.checkpoint, config, predictor.model_version)
+    segment_images([("synth_0002", url_of(image_dir, "synth_0002"))], store, saving, {})
+    expected = predictor.probabilities([read_image(url_of(image_dir, "synth_0002"))])[0]
+    np.testing.assert_allclose(store.root["synth_0002/probabilities/0"][...], expected, atol=2e-3)
+
+
+def test_report_summary_and_merge():
+    first = SegmentReport(done=["a", "b", "c"], seconds=2.0, pixels=3_000_000)
+    second = SegmentReport(done=["d"], skipped=["e"], failed=[{"image_id": "f"}], seconds=4.0, pixels=1_000_000)
+    assert first.summary() == {
+        "done": 3, "skipped": 0, "failed": 0, "seconds": 2.0, "images_per_second": 1.5, "megapixels_per_second": 1.5,
+    }
+    merged = first.merge(second)
+    assert merged.done == ["a", "b", "c", "d"] and merged.skipped == ["e"] and merged.failed == [{"image_id": "f"}]
+    assert merged.seconds == 4.0  # shards run side by side: the slowest sets the time
+    assert merged.summary()["megapixels_per_second"] == 1.0
+    assert SegmentReport().summary()["images_per_second"] is None
+
+
+@pytest.mark.integration
+def test_images_and_store_on_s3(s3_bucket, image_dir, predictor):
+    import s3fs
+
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    for name in ("synth_0000.png", "empty.png"):
+        fs.pipe(f"{bucket}/images/{name}", (image_dir / name).read_bytes())
+    store = ResultStore.open(f"{bucket}/results.zarr", storage_options=options)
+    todo, _ = pending_images(list_images(f"{bucket}/images", options), store)
+    report = segment_images(todo, store, predictor, model_record(predictor, "tiny/best.pt"), options)
+    assert report.done == ["synth_0000"]
+    assert store.failures()[0]["source_url"] == f"{bucket}/images/empty.png"
+    expected, _ = expected_mask(predictor, read_image(str(image_dir / "synth_0000.png")))
+    np.testing.assert_array_equal(store.read_mask("synth_0000"), expected)

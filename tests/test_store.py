@@ -1,0 +1,263 @@
+"""The zarr results store: creation, round trips, completion marks, failures, ids, S3, two writers."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import zarr
+
+from cellseg import __version__
+from cellseg.store import LAYOUT_VERSION, ResultStore, StoreError, validate_image_id
+
+MODEL = {"version": "0123456789ab", "checkpoint": "runs/x/best.pt", "threshold": 0.5}
+STATS = {
+    "cell_count": 2,
+    "total_cell_area": 5,
+    "mean_cell_area": 2.5,
+    "median_cell_area": 2.5,
+    "foreground_fraction": 5 / 12,
+    "mean_intensity_inside": 10.0,
+    "mean_intensity_outside": None,
+}
+MASK = np.array([[1, 1, 0, 0], [0, 0, 0, 1], [0, 0, 1, 1]], dtype=bool)
+
+
+@pytest.fixture()
+def store(tmp_path) -> ResultStore:
+    return ResultStore.open(str(tmp_path / "results.zarr"))
+
+
+def test_open_creates_a_cellseg_store(tmp_path):
+    url = str(tmp_path / "results.zarr")
+    store = ResultStore.open(url)
+    assert store.url == url
+    meta = zarr.open_group(url, mode="r").attrs["cellseg"]
+    assert meta["layout"] == LAYOUT_VERSION
+    assert meta["cellseg_version"] == __version__
+    assert store.done_ids() == set() and store.statistics() == [] and store.failures() == []
+
+
+def test_reopening_keeps_results_and_creation_time(store):
+    store.write_result("a", MASK, STATS, "/images/a.png", MODEL)
+    created = store.root.attrs["cellseg"]["created"]
+    again = ResultStore.open(store.url)
+    reader = ResultStore.open(store.url, mode="r")
+    assert again.done_ids() == reader.done_ids() == {"a"}
+    assert again.root.attrs["cellseg"]["created"] == created
+
+
+def test_write_result_round_trip(store):
+    store.write_result("img_01", MASK, STATS, "s3://bucket/images/img_01.png", MODEL)
+    assert store.done_ids() == {"img_01"}
+    mask = store.read_mask("img_01")
+    assert mask.dtype == bool
+    np.testing.assert_array_equal(mask, MASK)
+    record = store.record("img_01")
+    assert record["status"] == "done"
+    assert record["source_url"] == "s3://bucket/images/img_01.png"
+    assert record["shape"] == [3, 4]
+    assert record["model"] == MODEL
+    assert record["statistics"] == STATS  # None survives as JSON null
+    assert store.statistics() == [
+        {"image_id": "img_01", "source_url": "s3://bucket/images/img_01.png", "model_version": "0123456789ab",
+         **STATS, "status": "done"}
+    ]
+    assert store.root["img_01/labels/mask/0"].dtype == np.uint8
+    assert "img_01/probabilities" not in store.root
+
+
+def test_probabilities_are_stored_as_float16(store):
+    probabilities = np.array([[0.1, 0.9], [0.5, 0.25]], dtype=np.float32)
+    store.write_result("p", probabilities > 0.5, STATS, "p.png", MODEL, probabilities)
+    stored = store.root["p/probabilities/0"][...]
+    assert stored.dtype == np.float16
+    np.testing.assert_allclose(stored, probabilities, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (30, 50), (1100, 20)])  # 1100 rows: two chunks
+def test_masks_of_different_sizes(store, shape):
+    mask = np.random.default_rng(sum(shape)).random(shape) > 0.5
+    store.write_result("m", mask, STATS, "m.png", MODEL)
+    np.testing.assert_array_equal(store.read_mask("m"), mask)
+    assert store.record("m")["shape"] == list(shape)
+
+
+def test_images_of_different_sizes_side_by_side(store):
+    small, large = MASK, np.eye(40, 60, dtype=bool)
+    store.write_result("small", small, STATS, "small.png", MODEL)
+    store.write_result("large", large, STATS, "large.png", MODEL)
+    np.testing.assert_array_equal(store.read_mask("small"), small)
+    np.testing.assert_array_equal(store.read_mask("large"), large)
+    assert [row["image_id"] for row in store.statistics()] == ["large", "small"]  # id order
+
+
+def test_rewriting_replaces_the_mask(store):
+    store.write_result("r", np.ones((10, 10), bool), STATS, "r.png", MODEL)
+    store.write_result("r", MASK, {**STATS, "cell_count": 9}, "r.png", MODEL)
+    np.testing.assert_array_equal(store.read_mask("r"), MASK)
+    assert store.record("r")["statistics"]["cell_count"] == 9
+
+
+def interrupted_write(url: str, image_id: str, mask: np.ndarray) -> None:
+    """What a writer leaves behind when it dies after the arrays but before the done mark."""
+    group = zarr.open_group(url, mode="a").require_group(image_id)
+    group.attrs["cellseg"] = {"status": "writing", "source_url": f"{image_id}.png"}
+    group.require_group("labels").require_group("mask").create_array("0", data=mask.astype(np.uint8))
+
+
+def test_interrupted_write_is_not_done_and_cannot_be_read(store):
+    store.write_result("finished", MASK, STATS, "finished.png", MODEL)
+    interrupted_write(store.url, "half", MASK)
+    reopened = ResultStore.open(store.url)
+    assert reopened.done_ids() == {"finished"}
+    assert [row["image_id"] for row in reopened.statistics()] == ["finished"]
+    assert reopened.failures() == []
+    assert reopened.record("half")["status"] == "writing"
+    with pytest.raises(StoreError, match="'half'.*not completely written"):
+        reopened.read_mask("half")
+
+
+def test_rewriting_an_interrupted_image_completes_it(store):
+    interrupted_write(store.url, "half", np.zeros((5, 5), bool))
+    store.write_result("half", MASK, STATS, "half.png", MODEL)
+    assert store.done_ids() == {"half"}
+    np.testing.assert_array_equal(store.read_mask("half"), MASK)
+
+
+def test_failure_is_listed_and_not_done(store):
+    store.write_result("good", MASK, STATS, "good.png", MODEL)
+    store.record_failure("bad", "/images/bad.png", "ImageReadError: file is empty", MODEL)
+    assert store.done_ids() == {"good"}
+    assert store.failures() == [
+        {"image_id": "bad", "source_url": "/images/bad.png", "error": "ImageReadError: file is empty"}
+    ]
+    assert store.record("bad")["model"] == MODEL
+    with pytest.raises(StoreError, match="'bad'"):
+        store.read_mask("bad")
+    assert [row["image_id"] for row in store.statistics()] == ["good"]
+
+
+def test_success_after_failure_clears_it(store):
+    store.record_failure("retry", "retry.png", "OSError: flaky", MODEL)
+    store.write_result("retry", MASK, STATS, "retry.png", MODEL)
+    assert store.failures() == []
+    assert store.done_ids() == {"retry"}
+
+
+def test_record_of_unknown_image_raises(store):
+    with pytest.raises(StoreError, match="no image 'ghost'"):
+        store.record("ghost")
+    with pytest.raises(StoreError, match="ghost"):
+        store.read_mask("ghost")
+
+
+@pytest.mark.parametrize("image_id", ["", ".", "..", "a/b", "a\\b", "__x", "__"])
+def test_validate_image_id_rejects(image_id):
+    with pytest.raises(StoreError, match="cannot name a store entry"):
+        validate_image_id(image_id)
+
+
+@pytest.mark.parametrize("image_id", ["synth_0001", "a.b", "_x", "x__", "..a", "image 1"])
+def test_validate_image_id_accepts(image_id):
+    assert validate_image_id(image_id) == image_id
+
+
+def test_validate_image_id_names_the_source():
+    with pytest.raises(StoreError, match=r"'__meta'.*from 's3://b/__meta\.png'"):
+        validate_image_id("__meta", "s3://b/__meta.png")
+
+
+@pytest.mark.parametrize("image_id", ["..", "a/b", "__x"])
+def test_bad_ids_are_refused_before_anything_is_written(store, image_id):
+    with pytest.raises(StoreError):
+        store.write_result(image_id, MASK, STATS, "x.png", MODEL)
+    with pytest.raises(StoreError):
+        store.record_failure(image_id, "x.png", "error", MODEL)
+    assert list(store.root.group_keys()) == []
+
+
+def test_non_cellseg_group_is_refused(tmp_path):
+    url = str(tmp_path / "other.zarr")
+    zarr.open_group(url, mode="w").require_group("something")
+    with pytest.raises(StoreError, match="not a cellseg results store"):
+        ResultStore.open(url)
+    with pytest.raises(StoreError, match="not a cellseg results store"):
+        ResultStore.open(url, mode="r")
+    assert "cellseg" not in zarr.open_group(url, mode="r").attrs  # left untouched
+
+
+def test_empty_non_cellseg_group_is_refused_read_only(tmp_path):
+    url = str(tmp_path / "empty.zarr")
+    zarr.open_group(url, mode="w")
+    with pytest.raises(StoreError, match="not a cellseg results store"):
+        ResultStore.open(url, mode="r")
+
+
+def test_missing_store_read_only_is_refused(tmp_path):
+    with pytest.raises(StoreError, match="no results store at .*absent.zarr"):
+        ResultStore.open(str(tmp_path / "absent.zarr"), mode="r")
+
+
+def test_other_layout_version_is_refused(tmp_path):
+    url = str(tmp_path / "future.zarr")
+    zarr.open_group(url, mode="w").attrs["cellseg"] = {"layout": LAYOUT_VERSION + 1}
+    with pytest.raises(StoreError, match=f"layout {LAYOUT_VERSION + 1}"):
+        ResultStore.open(url)
+
+
+def test_two_writers_in_threads_both_finish(tmp_path):
+    url = str(tmp_path / "shared.zarr")
+    ResultStore.open(url)
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def writer(prefix: str) -> None:
+        try:
+            store = ResultStore.open(url)
+            barrier.wait()
+            for index in range(6):
+                mask = np.full((12, 8 + index), index % 2 == 0)
+                store.write_result(f"{prefix}{index}", mask, {"cell_count": index}, f"{prefix}{index}.png", MODEL)
+        except Exception as error:  # surfaced below; a thread's exception is otherwise lost
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer, args=(prefix,)) for prefix in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    store = ResultStore.open(url, mode="r")
+    assert store.done_ids() == {f"{p}{i}" for p in "ab" for i in range(6)}
+    for prefix in "ab":
+        for index in range(6):
+            np.testing.assert_array_equal(store.read_mask(f"{prefix}{index}"), np.full((12, 8 + index), index % 2 == 0))
+            assert store.record(f"{prefix}{index}")["statistics"] == {"cell_count": index}
+
+
+@pytest.mark.integration
+def test_store_on_s3(s3_bucket):
+    bucket, options = s3_bucket
+    url = f"{bucket}/results.zarr"
+    store = ResultStore.open(url, storage_options=options)
+    store.write_result("s3img", MASK, STATS, f"{bucket}/images/s3img.png", MODEL)
+    store.record_failure("broken", f"{bucket}/images/broken.png", "ImageReadError: empty", MODEL)
+    interrupted = store.root.require_group("half")
+    interrupted.attrs["cellseg"] = {"status": "writing"}
+
+    reader = ResultStore.open(url, mode="r", storage_options=options)
+    assert reader.done_ids() == {"s3img"}
+    np.testing.assert_array_equal(reader.read_mask("s3img"), MASK)
+    assert reader.statistics()[0]["model_version"] == "0123456789ab"
+    assert [row["image_id"] for row in reader.failures()] == ["broken"]
+    with pytest.raises(StoreError):
+        reader.read_mask("half")
+
+
+@pytest.mark.integration
+def test_missing_store_on_s3_read_only_is_refused(s3_bucket):
+    bucket, options = s3_bucket
+    with pytest.raises(StoreError):
+        ResultStore.open(f"{bucket}/absent.zarr", mode="r", storage_options=options)

@@ -1,0 +1,128 @@
+"""Training loop: learning, early stopping, history, checkpoints, determinism and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cellseg.checkpoint import load_checkpoint
+from cellseg.config import ModelConfig, TrainConfig
+from cellseg.data import load_pairs, manifest_hash, pair_images_and_masks, split_train_val
+from cellseg.train import resolve_device, train
+
+SMALL_MODEL = ModelConfig(depth=3, base_width=8)
+HISTORY_KEYS = {
+    "epoch", "train_loss", "train_iou", "train_dice", "train_precision", "train_recall",
+    "val_loss", "val_iou", "val_dice", "val_precision", "val_recall", "val_dice_pooled", "seconds",
+}
+
+
+@pytest.fixture(scope="module")
+def split(synthetic_dataset):
+    pairs = pair_images_and_masks(str(synthetic_dataset / "images"), str(synthetic_dataset / "masks"))
+    train_pairs, val_pairs = split_train_val(pairs, 0.25, seed=0)
+    return (
+        load_pairs(train_pairs, SMALL_MODEL.normalization),
+        load_pairs(val_pairs, SMALL_MODEL.normalization),
+    )
+
+
+def small_config(**overrides) -> TrainConfig:
+    settings = dict(epochs=3, patch_size=64, patches_per_image=1, device="cpu", seed=0, max_minutes=None)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_short_training_reaches_high_validation_dice(split, tmp_path):
+    train_pairs, val_pairs = split
+    config = small_config(epochs=10, patch_size=96, patches_per_image=2, patience=10)
+    result = train(train_pairs, val_pairs, tmp_path, SMALL_MODEL, config)
+    best = max(record["val_dice"] for record in result.history)
+    assert best > 0.85
+    assert result.history[0]["val_dice"] < best
+    assert result.best_metrics["val_dice"] == best
+
+
+def test_history_file_records_every_epoch(split, tmp_path):
+    result = train(*split, tmp_path, SMALL_MODEL, small_config(epochs=2))
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [record["epoch"] for record in history] == [1, 2]
+    assert HISTORY_KEYS <= history[0].keys()
+    assert history == json.loads(json.dumps(result.history))
+    for record in history:
+        for key in HISTORY_KEYS - {"epoch", "seconds", "train_loss", "val_loss"}:
+            assert 0.0 <= record[key] <= 1.0
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement(split, tmp_path):
+    # No epoch can beat the first by a Dice of 1.0, so training stops after 1 + patience epochs.
+    config = small_config(epochs=10, patience=2, min_delta=1.0)
+    result = train(*split, tmp_path, SMALL_MODEL, config)
+    assert len(result.history) == 3
+    assert result.best_epoch == 1
+    assert "early stop" in result.stop_reason
+
+
+def test_best_checkpoint_holds_the_best_epoch(split, tmp_path):
+    train_pairs, val_pairs = split
+    digest = manifest_hash(train_pairs + val_pairs)
+    result = train(train_pairs, val_pairs, tmp_path, SMALL_MODEL, small_config(epochs=3), dataset_manifest_hash=digest)
+    best = load_checkpoint(str(result.best_checkpoint))
+    record = result.history[result.best_epoch - 1]
+    assert best.epoch == result.best_epoch
+    assert best.metrics["val_dice"] == record["val_dice"]
+    assert best.dataset_manifest_hash == digest
+    assert best.model_config == SMALL_MODEL
+    assert best.train_config.epochs == 3
+    assert best.resume_state is None
+    assert load_checkpoint(str(result.last_checkpoint)).epoch == len(result.history)
+
+
+def test_same_seed_gives_identical_runs(split, tmp_path):
+    first = train(*split, tmp_path / "a", SMALL_MODEL, small_config())
+    second = train(*split, tmp_path / "b", SMALL_MODEL, small_config())
+    strip = lambda history: [{k: v for k, v in r.items() if k != "seconds"} for r in history]  # noqa: E731
+    assert strip(first.history) == strip(second.history)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(split, tmp_path):
+    uninterrupted = train(*split, tmp_path / "full", SMALL_MODEL, small_config(epochs=4))
+    train(*split, tmp_path / "cut", SMALL_MODEL, small_config(epochs=2))
+    resumed = train(*split, tmp_path / "cut", SMALL_MODEL, small_config(epochs=4), resume=True)
+
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in uninterrupted.history]
+    full_weights = load_checkpoint(str(uninterrupted.last_checkpoint)).state_dict
+    resumed_weights = load_checkpoint(str(resumed.last_checkpoint)).state_dict
+    for name, tensor in full_weights.items():
+        assert torch.equal(tensor, resumed_weights[name]), name
+
+
+def test_validation_loss_can_be_monitored(split, tmp_path):
+    result = train(*split, tmp_path, SMALL_MODEL, small_config(monitor="val_loss"))
+    losses = [record["val_loss"] for record in result.history]
+    assert result.best_epoch == losses.index(min(losses)) + 1
+
+
+def test_without_validation_images_the_training_metric_is_monitored(split, tmp_path):
+    train_pairs, _ = split
+    result = train(train_pairs, [], tmp_path, SMALL_MODEL, small_config(epochs=2))
+    assert "val_dice" not in result.history[0]
+    assert result.best_metrics["train_dice"] == max(r["train_dice"] for r in result.history)
+
+
+def test_resolve_device_refuses_cuda_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_cuda_with_mixed_precision(split, tmp_path):
+    result = train(*split, tmp_path, SMALL_MODEL, small_config(device="cuda", amp=True, epochs=2))
+    assert load_checkpoint(str(result.best_checkpoint)).state_dict["head.weight"].device.type == "cpu"
+    assert result.history[-1]["val_dice"] > 0
