@@ -9,6 +9,7 @@ DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
 export DO_NOT_TRACK := 1
+export PREFECT_LOGGING_EXTRA_LOGGERS := cellseg
 
 .PHONY: setup demo test clean
 
@@ -20,19 +21,22 @@ $(VENV)/.setup-done: pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@
 
+# The demo runs the pipeline through the Prefect flows on Prefect's ephemeral local API.
 demo: setup
 	rm -rf $(DEMO_DIR)
 	$(BIN)/cellseg synth --out $(DEMO_DIR)/data --count 40 --size 128 --seed 0
 	$(BIN)/cellseg synth --out $(DEMO_DIR)/new --count 8 --size 160 --seed 1 --vary-size
-	$(BIN)/cellseg train --images $(DEMO_DIR)/data/images --masks $(DEMO_DIR)/data/masks \
-		--out $(DEMO_DIR)/model --epochs 12 --patch-size 128 --patches-per-image 2 --max-minutes 3
-	$(BIN)/cellseg predict --model $(DEMO_DIR)/model/best.pt --images $(DEMO_DIR)/new/images \
-		--out $(DEMO_DIR)/results.zarr
+	$(BIN)/cellseg flow train-unet --images $(DEMO_DIR)/data/images --masks $(DEMO_DIR)/data/masks \
+		--registry $(DEMO_DIR)/registry --cache-dir $(DEMO_DIR)/cache --work-dir $(DEMO_DIR)/training \
+		--training-json '{"epochs": 12, "patch_size": 128, "patches_per_image": 2, "max_minutes": 3}'
+	$(BIN)/cellseg flow segment-images --source $(DEMO_DIR)/new/images --store $(DEMO_DIR)/results.zarr \
+		--registry $(DEMO_DIR)/registry --shard-size 3
+	$(BIN)/cellseg results $(DEMO_DIR)/results.zarr --limit 5
 	$(BIN)/cellseg evaluate --pred $(DEMO_DIR)/results.zarr --masks $(DEMO_DIR)/new/masks
 	@echo
 	@echo "outputs:"
 	@echo "  training data     $(DEMO_DIR)/data"
-	@echo "  checkpoint        $(DEMO_DIR)/model/best.pt (history: $(DEMO_DIR)/model/history.json)"
+	@echo "  model registry    $(DEMO_DIR)/registry   (cellseg models list --registry $(DEMO_DIR)/registry)"
 	@echo "  masks + stats     $(DEMO_DIR)/results.zarr   (cellseg results $(DEMO_DIR)/results.zarr)"
 
 test: setup

@@ -88,12 +88,17 @@ def load_checkpoint(url: str, storage_options: StorageOptions = None) -> Checkpo
         data = fs.cat_file(path)
     except FileNotFoundError as error:
         raise CheckpointError(f"checkpoint '{url}' does not exist") from error
+    return load_checkpoint_bytes(data, url)
+
+
+def load_checkpoint_bytes(data: bytes, name: str) -> Checkpoint:
+    """Parse checkpoint bytes (`name` is used in errors) with `weights_only=True`."""
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointError(f"checkpoint '{url}' is corrupt or not a cellseg checkpoint ({error})") from error
+        raise CheckpointError(f"checkpoint '{name}' is corrupt or not a cellseg checkpoint ({error})") from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint '{url}' is not a {FORMAT} file")
+        raise CheckpointError(f"checkpoint '{name}' is not a {FORMAT} file")
     try:
         return Checkpoint(
             model_config=ModelConfig.model_validate(payload["model_config"]),
@@ -107,4 +112,4 @@ def load_checkpoint(url: str, storage_options: StorageOptions = None) -> Checkpo
             resume_state=payload.get("resume_state"),
         )
     except (KeyError, ValueError) as error:
-        raise CheckpointError(f"checkpoint '{url}' is missing or has invalid fields ({error})") from error
+        raise CheckpointError(f"checkpoint '{name}' is missing or has invalid fields ({error})") from error

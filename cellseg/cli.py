@@ -1,4 +1,5 @@
-"""The `cellseg` command: synth, train, predict, evaluate and results, without Prefect.
+"""The `cellseg` command: synth, train, predict, evaluate, results and models run without Prefect;
+`flow` and `serve` run the Prefect flows and deployments.
 
 Object-storage endpoints and credentials come from the environment (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, FSSPEC_S3_ENDPOINT_URL, ...) or fsspec's config files, never from flags.
@@ -196,6 +197,118 @@ def _run_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_flow(commands: argparse._SubParsersAction) -> None:
+    from cellseg.config import PredictConfig, SegmentSettings
+
+    parser = commands.add_parser("flow", help="run a Prefect flow (train-unet, segment-images) from here")
+    flows = parser.add_subparsers(dest="flow", required=True, metavar="FLOW")
+
+    train = flows.add_parser("train-unet", help="ingest, train, evaluate and register a model")
+    train.add_argument("--images", required=True, help="directory URL of images")
+    train.add_argument("--masks", required=True, help="directory URL of masks")
+    train.add_argument("--registry", default="runs/registry", help="model registry URL (default runs/registry)")
+    train.add_argument("--cache-dir", default="runs/cache", help="local dataset cache (default runs/cache)")
+    train.add_argument("--work-dir", default="runs/training", help="local training directory (default runs/training)")
+    train.add_argument("--no-promote", action="store_true", help="register without marking the model current")
+    train.add_argument("--model-json", default="{}", help='ModelConfig fields as JSON, e.g. \'{"base_width": 8}\'')
+    train.add_argument("--training-json", default="{}", help='TrainConfig fields as JSON, e.g. \'{"epochs": 5}\'')
+    train.set_defaults(run=_run_flow_train)
+
+    defaults, predict = SegmentSettings(source_url="x", store_url="x"), PredictConfig()
+    segment = flows.add_parser("segment-images", help="segment new images in parallel shards into a store")
+    segment.add_argument("--source", required=True, help="directory URL of images")
+    segment.add_argument("--store", required=True, help="zarr results store URL")
+    segment.add_argument("--registry", default=defaults.registry_url)
+    segment.add_argument("--model-version", default=defaults.model_version, help="registered version or 'current'")
+    segment.add_argument("--shard-size", type=int, default=defaults.shard_size)
+    segment.add_argument("--max-parallel-shards", type=int, default=defaults.max_parallel_shards)
+    segment.add_argument("--dask-address", default=None, help="run shards on this Dask scheduler (tcp://host:port)")
+    segment.add_argument("--threshold", type=float, default=predict.threshold)
+    segment.add_argument("--min-cell-area", type=int, default=predict.min_cell_area)
+    segment.add_argument("--batch-size", type=int, default=predict.batch_size)
+    segment.add_argument("--device", default=predict.device)
+    segment.set_defaults(run=_run_flow_segment)
+
+
+def _run_flow_train(args: argparse.Namespace) -> int:
+    from cellseg.config import ModelConfig, TrainConfig, TrainUnetSettings
+    from flows.train import train_unet
+
+    settings = TrainUnetSettings(
+        images_url=args.images, masks_url=args.masks, registry_url=args.registry, cache_dir=args.cache_dir,
+        work_dir=args.work_dir, promote=not args.no_promote,
+        model=ModelConfig.model_validate_json(args.model_json),
+        training=TrainConfig.model_validate_json(args.training_json),
+    )
+    result = train_unet(**{key: getattr(settings, key) for key in TrainUnetSettings.model_fields})
+    print(f"registered model {result['version']} ({result['stop_reason']}; best epoch {result['best_epoch']})")
+    _print_metrics({f"val_{k}": v for k, v in result["metrics"].items()})
+    print(f"checkpoint: {result['checkpoint']}")
+    return 0
+
+
+def _run_flow_segment(args: argparse.Namespace) -> int:
+    from flows.segment import segment_images_flow
+
+    summary = segment_images_flow(
+        source_url=args.source, store_url=args.store, registry_url=args.registry, model_version=args.model_version,
+        shard_size=args.shard_size, max_parallel_shards=args.max_parallel_shards, dask_address=args.dask_address,
+        threshold=args.threshold, min_cell_area=args.min_cell_area, batch_size=args.batch_size, device=args.device,
+    )
+    print(f"segmented {summary['done']}, skipped {summary['skipped']} already done, failed {len(summary['failed'])} "
+          f"with model {summary['model_version']} in {summary['seconds']}s -> {args.store}")
+    for failure in summary["failed"]:
+        print(f"  failed: {failure['source_url']}: {failure['error']}")
+    return 0
+
+
+def _add_models(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("models", help="list, show and promote registered model versions")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, help_text in (("list", "list versions"), ("show", "show one version as JSON"), ("promote", "mark a version current")):
+        action = actions.add_parser(name, help=help_text)
+        action.add_argument("--registry", default="runs/registry", help="model registry URL (default runs/registry)")
+        if name != "list":
+            action.add_argument("version", nargs="?" if name == "show" else None, default="current")
+        action.set_defaults(run=_run_models)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from cellseg.registry import Registry
+
+    registry = Registry(args.registry)
+    if args.action == "list":
+        current = registry.current()
+        versions = registry.versions()
+        if not versions:
+            print(f"no models registered in {args.registry}")
+        for meta in versions:
+            marker = "*" if meta.version == current else " "
+            dice = meta.metrics.get("val_dice")
+            print(f"{marker} {meta.version}  val_dice {_fmt(dice)}  epoch {meta.epoch}  dataset {str(meta.dataset_manifest_hash)[:12]}")
+    elif args.action == "show":
+        print(registry.get(args.version).model_dump_json(indent=1))
+    else:
+        registry.promote(args.version)
+        print(f"{registry.resolve(args.version)} is now current in {args.registry}")
+    return 0
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("serve", help="serve the train-unet, nightly-segmentation and backfill deployments")
+    parser.add_argument("--nightly-source", default=None, help="image directory URL for nightly-segmentation")
+    parser.add_argument("--nightly-store", default=None, help="store URL for nightly-segmentation")
+    parser.add_argument("--cron", default="0 2 * * *", help="nightly schedule (default 02:00 every day)")
+    parser.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from deployments.serve import serve_all
+
+    serve_all(nightly_source=args.nightly_source, nightly_store=args.nightly_store, cron=args.cron)
+    return 0
+
+
 def _print_metrics(metrics: dict[str, float]) -> None:
     for key, value in metrics.items():
         print(f"  {key:18} {value:.4f}")
@@ -218,11 +331,13 @@ def _fmt(value: Any) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cellseg", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="cellseg", description="Segment grayscale microscopy images into cells and background with a U-Net."
+    )
     parser.add_argument("--version", action="version", version=f"cellseg {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_train, _add_predict, _add_evaluate, _add_results):
+    for add in (_add_synth, _add_train, _add_predict, _add_evaluate, _add_results, _add_models, _add_flow, _add_serve):
         add(commands)
     return parser
 
@@ -233,13 +348,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cellseg.checkpoint import CheckpointError
     from cellseg.data import DatasetError
     from cellseg.io import ImageReadError
+    from cellseg.registry import RegistryError
     from cellseg.store import StoreError
 
     try:
         return args.run(args)
     except ValidationError as error:
         print(f"cellseg {args.command}: invalid settings:\n{error}", file=sys.stderr)
-    except (DatasetError, ImageReadError, CheckpointError, StoreError, FileNotFoundError, ValueError) as error:
+    except (DatasetError, ImageReadError, CheckpointError, StoreError, RegistryError, FileNotFoundError, ValueError) as error:
         print(f"cellseg {args.command}: error: {error}", file=sys.stderr)
     return 2
 

@@ -2,9 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fsspec.core import split_protocol
+from fsspec.registry import known_implementations
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+
+def _check_url(url: str) -> str:
+    """A local path or an fsspec URL with a known protocol (s3://, gs://, file://, memory://...)."""
+    if not url or not url.strip():
+        raise ValueError("must not be empty")
+    protocol, _ = split_protocol(url)
+    if protocol is not None and protocol not in known_implementations:
+        raise ValueError(f"unknown storage protocol '{protocol}://' in '{url}'")
+    if protocol is not None and not url.split("://", 1)[1].strip("/"):
+        raise ValueError(f"'{url}' names no bucket or path")
+    return url
+
+
+def _check_dask_address(address: str | None) -> str | None:
+    if address is not None and not re.fullmatch(r"(tcp|tls|ucx|inproc)://[^\s/]+(:\d+)?", address):
+        raise ValueError(f"'{address}' is not a Dask scheduler address like tcp://host:8786")
+    return address
+
+
+Url = Annotated[str, AfterValidator(_check_url)]
+DaskAddress = Annotated[str | None, AfterValidator(_check_dask_address)]
 
 
 class _Config(BaseModel):
@@ -55,6 +80,9 @@ class TrainConfig(_Config):
     batch_size: int = Field(1, ge=1)
     learning_rate: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    lr_patience: int | None = Field(
+        4, ge=1, description="halve the learning rate after this many epochs without improvement; None to keep it fixed"
+    )
     patch_size: int = Field(256, ge=16, description="square training crop; smaller images are padded")
     patches_per_image: int = Field(4, ge=1, description="random crops drawn from each image per epoch")
     augment: bool = Field(True, description="random flips and 90-degree rotations of training crops")
@@ -77,3 +105,29 @@ class PredictConfig(_Config):
     device: str = "auto"
     min_cell_area: int = Field(10, ge=0, description="connected components smaller than this are dropped")
     save_probabilities: bool = False
+
+
+class SegmentSettings(_Config):
+    """Parameters of the segment-images flow, validated before any work starts."""
+
+    source_url: Url = Field(description="directory URL of the images to segment")
+    store_url: Url = Field(description="zarr results store URL")
+    registry_url: Url = "runs/registry"
+    model_version: str = Field("current", min_length=1, description="a registered version, or 'current'")
+    shard_size: int = Field(32, ge=1, description="images per parallel task")
+    max_parallel_shards: int = Field(2, ge=1, description="shards run at once on the local thread pool")
+    dask_address: DaskAddress = Field(None, description="run shards on this Dask scheduler instead")
+    predict: PredictConfig = PredictConfig()
+
+
+class TrainUnetSettings(_Config):
+    """Parameters of the train-unet flow, validated before any work starts."""
+
+    images_url: Url
+    masks_url: Url
+    registry_url: Url = "runs/registry"
+    cache_dir: str = Field("runs/cache", min_length=1, description="local content-addressed dataset cache")
+    work_dir: str = Field("runs/training", min_length=1, description="local directory for training runs")
+    promote: bool = Field(True, description="mark the new version current")
+    model: ModelConfig = ModelConfig()
+    training: TrainConfig = TrainConfig()

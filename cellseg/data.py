@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -44,15 +44,10 @@ def index_by_stem(urls: Sequence[str], role: str) -> dict[str, str]:
     return {stem: found[0] for stem, found in by_stem.items()}
 
 
-def pair_images_and_masks(
-    images_url: str, masks_url: str, storage_options: StorageOptions = None
-) -> list[ImagePair]:
-    """Pair every image under `images_url` with the mask of the same stem under `masks_url`.
-
-    Raises DatasetError naming each image without a mask and each mask without an image.
-    """
-    images = index_by_stem(list_images(images_url, storage_options), "image")
-    masks = index_by_stem(list_images(masks_url, storage_options), "mask")
+def pair_by_stem(image_urls: Sequence[str], mask_urls: Sequence[str], images_url: str, masks_url: str) -> list[ImagePair]:
+    """Pair listed image and mask URLs by stem; raises DatasetError naming every file left unpaired."""
+    images = index_by_stem(image_urls, "image")
+    masks = index_by_stem(mask_urls, "mask")
     if not images:
         raise DatasetError(f"no images (.png, .tif, .tiff, .jpg) found under '{images_url}'")
     problems = [f"image '{images[s]}' has no mask in '{masks_url}'" for s in sorted(images.keys() - masks.keys())]
@@ -60,6 +55,27 @@ def pair_images_and_masks(
     if problems:
         raise DatasetError("; ".join(problems))
     return [ImagePair(stem, images[stem], masks[stem]) for stem in sorted(images)]
+
+
+def pair_images_and_masks(
+    images_url: str, masks_url: str, storage_options: StorageOptions = None
+) -> list[ImagePair]:
+    """Pair every image under `images_url` with the mask of the same stem under `masks_url`.
+
+    Raises DatasetError naming each image without a mask and each mask without an image.
+    """
+    return pair_by_stem(
+        list_images(images_url, storage_options), list_images(masks_url, storage_options), images_url, masks_url
+    )
+
+
+def check_same_size(image_url: str, image_shape: tuple[int, ...], mask_url: str, mask_shape: tuple[int, ...]) -> None:
+    """Raise DatasetError naming both files when a mask's size differs from its image's."""
+    if tuple(image_shape) != tuple(mask_shape):
+        raise DatasetError(
+            f"mask '{mask_url}' is {mask_shape[1]}x{mask_shape[0]} (WxH), "
+            f"image '{image_url}' is {image_shape[1]}x{image_shape[0]}"
+        )
 
 
 def split_train_val(pairs: Sequence[ImagePair], val_fraction: float, seed: int) -> tuple[list[ImagePair], list[ImagePair]]:
@@ -133,11 +149,7 @@ def load_pair(pair: ImagePair, normalization: NormalizationConfig, storage_optio
     mask_bytes = read_bytes(pair.mask_url, storage_options)
     image = decode_image(image_bytes, pair.image_url)
     mask = binarize_mask(decode_image(mask_bytes, pair.mask_url))
-    if mask.shape != image.shape:
-        raise DatasetError(
-            f"mask '{pair.mask_url}' is {mask.shape[1]}x{mask.shape[0]} (WxH), "
-            f"image '{pair.image_url}' is {image.shape[1]}x{image.shape[0]}"
-        )
+    check_same_size(pair.image_url, image.shape, pair.mask_url, mask.shape)
     return LoadedPair(
         source=pair,
         image=normalize_image(image, normalization),
@@ -148,12 +160,17 @@ def load_pair(pair: ImagePair, normalization: NormalizationConfig, storage_optio
     )
 
 
-def manifest_hash(pairs: Sequence[LoadedPair]) -> str:
-    """Content hash of a dataset: ids and file checksums, independent of where the files live."""
+def dataset_hash(checksums: Iterable[tuple[str, str, str]]) -> str:
+    """Content hash of a dataset from (id, image sha256, mask sha256) triples, in any order."""
     digest = hashlib.sha256()
-    for pair in sorted(pairs, key=lambda p: p.id):
-        digest.update(f"{pair.id}\0{pair.image_sha256}\0{pair.mask_sha256}\n".encode())
+    for image_id, image_sha, mask_sha in sorted(checksums):
+        digest.update(f"{image_id}\0{image_sha}\0{mask_sha}\n".encode())
     return digest.hexdigest()
+
+
+def manifest_hash(pairs: Sequence[LoadedPair]) -> str:
+    """Content hash of loaded pairs: ids and file checksums, independent of where the files live."""
+    return dataset_hash((pair.id, pair.image_sha256, pair.mask_sha256) for pair in pairs)
 
 
 def load_pairs(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import posixpath
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -44,17 +45,39 @@ def image_stem(url: str) -> str:
     return stem
 
 
-def list_images(url: str, storage_options: StorageOptions = None) -> list[str]:
-    """Sorted URLs of the image files directly under the directory `url`."""
+@dataclass(frozen=True)
+class FileEntry:
+    """A listed file: its URL, size in bytes and a fingerprint that changes when its content does."""
+
+    url: str
+    size: int
+    fingerprint: str
+
+
+def list_image_entries(url: str, storage_options: StorageOptions = None) -> list[FileEntry]:
+    """Image files directly under the directory `url`, sorted by name.
+
+    The fingerprint is the object's ETag on object storage, its modification time elsewhere.
+    """
     fs, root = filesystem(url, storage_options)
+    # fsspec reuses filesystem instances per process, and s3fs caches listings: without this, a
+    # second listing in the same process misses new and changed objects.
+    fs.invalidate_cache(root)
     if not fs.isdir(root):
         raise FileNotFoundError(f"image directory '{url}' does not exist or is not a directory")
-    names = [
-        posixpath.basename(entry["name"].rstrip("/"))
-        for entry in fs.ls(root, detail=True)
-        if entry.get("type") == "file"
-    ]
-    return [join_url(url, name) for name in sorted(names) if name.lower().endswith(IMAGE_SUFFIXES)]
+    entries = []
+    for entry in fs.ls(root, detail=True):
+        name = posixpath.basename(entry["name"].rstrip("/"))
+        if entry.get("type") != "file" or not name.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        version = entry.get("ETag") or entry.get("etag") or entry.get("mtime") or entry.get("LastModified") or ""
+        entries.append(FileEntry(join_url(url, name), int(entry.get("size") or 0), f"{entry.get('size')}:{version}"))
+    return sorted(entries, key=lambda entry: entry.url)
+
+
+def list_images(url: str, storage_options: StorageOptions = None) -> list[str]:
+    """Sorted URLs of the image files directly under the directory `url`."""
+    return [entry.url for entry in list_image_entries(url, storage_options)]
 
 
 def read_bytes(url: str, storage_options: StorageOptions = None) -> bytes:

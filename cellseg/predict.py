@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import threading
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -14,6 +16,7 @@ from cellseg.config import NormalizationConfig, PredictConfig
 from cellseg.data import normalize_image
 from cellseg.io import StorageOptions, filesystem
 from cellseg.model import UNet
+from cellseg.registry import Registry
 from cellseg.train import autocast_context, resolve_device
 
 
@@ -69,6 +72,15 @@ class Predictor:
         """Load `url` (weights_only); the model version defaults to the file's content hash."""
         return cls(load_checkpoint(url, storage_options), config, checkpoint_digest(url, storage_options)[:12])
 
+    @classmethod
+    def from_registry(
+        cls, registry_url: str, version: str = "current", config: PredictConfig = PredictConfig(),
+        storage_options: StorageOptions = None,
+    ) -> Predictor:
+        """Load a registered version (checksum verified); the model version is its registry name."""
+        checkpoint, meta = Registry(registry_url, storage_options).load(version)
+        return cls(checkpoint, config, meta.version)
+
     @property
     def normalization(self) -> NormalizationConfig:
         return self.checkpoint.model_config.normalization
@@ -81,6 +93,20 @@ class Predictor:
     def masks(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """(H, W) boolean cell masks for raw images."""
         return [threshold_probabilities(p, self.config.threshold) for p in self.probabilities(images)]
+
+
+_predictor_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_registry_predictor(registry_url: str, version: str, config_json: str) -> Predictor:
+    return Predictor.from_registry(registry_url, version, PredictConfig.model_validate_json(config_json))
+
+
+def shared_predictor(registry_url: str, version: str, config: PredictConfig) -> Predictor:
+    """One Predictor per (registry, version, settings) per process, so each worker loads a model once."""
+    with _predictor_lock:
+        return _cached_registry_predictor(registry_url, version, config.model_dump_json())
 
 
 def checkpoint_digest(url: str, storage_options: StorageOptions = None) -> str:

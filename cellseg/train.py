@@ -1,4 +1,5 @@
-"""Training loop: Adam + BCEWithLogitsLoss, per-epoch validation, early stopping, checkpoints.
+"""Training loop: Adam + BCEWithLogitsLoss, per-epoch validation, learning-rate
+decay on plateau, early stopping, checkpoints.
 
 Reads top to bottom: build data, build model and optimizer, loop over epochs (train, validate,
 record, checkpoint, maybe stop). Randomness is derived from (seed, epoch) so that a run resumed
@@ -129,9 +130,13 @@ def train(
     train_set = ImgDataset(train_pairs, config.patch_size, config.patches_per_image, config.augment, config.seed)
     model = UNet(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    monitor_key, higher_is_better = _score_name(config.monitor if val_pairs else config.monitor.replace("val_", "train_"))
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max" if higher_is_better else "min", factor=0.5,
+        patience=config.lr_patience or 0, threshold=config.min_delta, threshold_mode="abs",
+    )
     use_scaler = device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    monitor_key, higher_is_better = _score_name(config.monitor if val_pairs else config.monitor.replace("val_", "train_"))
     history: list[dict[str, float]] = []
     best_score, best_epoch, best_metrics, stale_epochs, spent_seconds = None, 0, {}, 0, 0.0
 
@@ -141,6 +146,7 @@ def train(
             raise ValueError(f"'{out / LAST_CHECKPOINT}' has no resume state")
         model.load_state_dict(state.state_dict)
         optimizer.load_state_dict(state.resume_state["optimizer"])
+        scheduler.load_state_dict(state.resume_state["scheduler"])
         history = list(state.resume_state["history"])
         best_score = state.resume_state["best_score"]
         best_epoch = state.resume_state["best_epoch"]
@@ -182,6 +188,7 @@ def train(
         if val_pairs:
             val = evaluate_model(model, val_pairs, device, config.threshold, config.amp)
             record.update({f"val_{name}": value for name, value in val.items()})
+        record["learning_rate"] = optimizer.param_groups[0]["lr"]
         record["seconds"] = time.monotonic() - epoch_started
         history.append(record)
         logger.info(_format_record(record, config.epochs))
@@ -196,6 +203,8 @@ def train(
             best_score, best_epoch, best_metrics, stale_epochs = score, epoch, _metrics_of(record), 0
         else:
             stale_epochs += 1
+        if config.lr_patience is not None:
+            scheduler.step(score)
 
         checkpoint = Checkpoint(
             model_config=model_config,
@@ -209,6 +218,7 @@ def train(
             save_checkpoint(checkpoint, str(out / BEST_CHECKPOINT))
         checkpoint.resume_state = {
             "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
             "history": history,
             "best_score": best_score,
             "best_epoch": best_epoch,

@@ -119,3 +119,68 @@ def shared_dataset(name: str) -> Path:
     if not (path / "images").is_dir():
         pytest.skip(f"{path} is absent")
     return path
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness: flows in this process run against a temporary SQLite API."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server` (SQLite) on a free loopback port: its environment for subprocesses."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    env.pop("PREFECT_PROFILE", None)
+    log = open(home / "server.log", "wb")
+    executable = str(Path(sys.executable).parent / "prefect")
+    process = subprocess.Popen(
+        [executable, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=log, start_new_session=True,
+    )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/api/health", process, timeout=120)
+        yield {"PREFECT_HOME": env["PREFECT_HOME"], "PREFECT_API_URL": env["PREFECT_API_URL"],
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    finally:
+        stop_process_group(process)
+        log.close()
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout: float) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """Stop a server we started in its own session, with the children it spawned."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -1,0 +1,1 @@
+"""Prefect flows for cellseg: orchestration only; every task calls one cellseg library function."""

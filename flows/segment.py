@@ -1,0 +1,166 @@
+"""segment-images: list new images, split them into shards, segment the shards in parallel into
+one zarr store, and report a summary. Used by the nightly-segmentation and backfill deployments."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_markdown_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from cellseg.config import PredictConfig, SegmentSettings
+from cellseg.io import list_images
+from cellseg.predict import shared_predictor
+from cellseg.registry import Registry
+from cellseg.segment import model_record, pending_images, segment_images
+from cellseg.store import ResultStore
+from cellseg.train import resolve_device
+from flows._common import markdown_table, retry_unless_bad_input, storage_options
+
+Shard = list[tuple[str, str]]
+
+
+@task(name="resolve-model", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_unless_bad_input)
+def resolve_model(registry_url: str, model_version: str) -> str:
+    """The concrete version all shards use, fixed at the start so a promotion mid-run changes nothing."""
+    return Registry(registry_url).resolve(model_version)
+
+
+@task(name="plan-shards", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_unless_bad_input)
+def plan_shards(source_url: str, store_url: str, shard_size: int, storage_secret: str | None) -> dict[str, Any]:
+    """Images not yet done in the store, in shards of `shard_size` (id, url) pairs."""
+    options = storage_options(storage_secret)
+    store = ResultStore.open(store_url, storage_options=options)
+    todo, skipped = pending_images(list_images(source_url, options), store)
+    shards = [todo[start : start + shard_size] for start in range(0, len(todo), shard_size)]
+    return {"shards": shards, "skipped": len(skipped), "pending": len(todo)}
+
+
+@task(name="segment-shard", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_bad_input)
+def segment_shard(
+    shard: Shard, store_url: str, registry_url: str, model_version: str, predict: PredictConfig,
+    storage_secret: str | None,
+) -> dict[str, Any]:
+    """Segment one shard; the model is loaded once per worker process and reused across shards.
+
+    Images already done (say, by an earlier attempt of this task) are skipped; bad images are
+    recorded in the store and in the result, and the shard carries on.
+    """
+    options = storage_options(storage_secret)
+    predictor = shared_predictor(registry_url, model_version, predict)
+    store = ResultStore.open(store_url, storage_options=options)
+    done = store.done_ids()
+    remaining = [(image_id, url) for image_id, url in shard if image_id not in done]
+    report = segment_images(
+        remaining, store, predictor, model_record(predictor, Registry(registry_url).checkpoint_url(model_version)),
+        storage_options=options,
+    )
+    return {"done": len(report.done), "failed": report.failed, "seconds": report.seconds, "pixels": report.pixels}
+
+
+@flow(name="segment-shards")
+def segment_shards(
+    shards: list[Shard], store_url: str, registry_url: str, model_version: str, predict: PredictConfig,
+    storage_secret: str | None, gpu: bool = False,
+) -> list[dict[str, Any]]:
+    """Run one segment-shard task per shard on this flow's task runner (threads, or Dask).
+
+    On a GPU the tasks carry the `gpu` tag, so a Prefect concurrency limit on it caps them.
+    """
+    shard_task = segment_shard.with_options(tags=["gpu"]) if gpu else segment_shard
+    futures = shard_task.map(
+        shards, unmapped(store_url), unmapped(registry_url), unmapped(model_version), unmapped(predict),
+        unmapped(storage_secret),
+    )
+    return [future.result() for future in futures]
+
+
+def _task_runner(settings: SegmentSettings):
+    if settings.dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=settings.dask_address)
+    return ThreadPoolTaskRunner(max_workers=settings.max_parallel_shards)
+
+
+@flow(name="segment-images")
+def segment_images_flow(
+    source_url: str,
+    store_url: str,
+    registry_url: str = "runs/registry",
+    model_version: str = "current",
+    shard_size: int = 32,
+    threshold: float = 0.5,
+    min_cell_area: int = 10,
+    batch_size: int = 4,
+    device: str = "auto",
+    max_parallel_shards: int = 2,
+    dask_address: str | None = None,
+    storage_secret: str | None = None,
+) -> dict[str, Any]:
+    """Segment the images under `source_url` that `store_url` does not hold yet.
+
+    Shards run in parallel on a thread pool (`max_parallel_shards`), or on the Dask cluster at
+    `dask_address`. `storage_secret` optionally names a Prefect Secret block with JSON fsspec
+    storage options; otherwise credentials come from the environment and fsspec config.
+    """
+    settings = SegmentSettings(
+        source_url=source_url, store_url=store_url, registry_url=registry_url, model_version=model_version,
+        shard_size=shard_size, max_parallel_shards=max_parallel_shards, dask_address=dask_address,
+        predict=PredictConfig(threshold=threshold, min_cell_area=min_cell_area, batch_size=batch_size, device=device),
+    )
+    logger = get_run_logger()
+    started = time.monotonic()
+    version = resolve_model(settings.registry_url, settings.model_version)
+    plan = plan_shards(settings.source_url, settings.store_url, settings.shard_size, storage_secret)
+    logger.info(
+        "%d images to segment in %d shards with model %s; %d already done",
+        plan["pending"], len(plan["shards"]), version, plan["skipped"],
+    )
+    results: list[dict[str, Any]] = []
+    if plan["shards"]:
+        results = segment_shards.with_options(task_runner=_task_runner(settings))(
+            plan["shards"], settings.store_url, settings.registry_url, version, settings.predict, storage_secret,
+            gpu=resolve_device(settings.predict.device).type == "cuda",
+        )
+    else:
+        logger.info("nothing to do: no new images under %s", settings.source_url)
+
+    summary = _summarise(results, plan, time.monotonic() - started, version)
+    _publish_summary(summary, settings)
+    return summary
+
+
+def _summarise(results: list[dict[str, Any]], plan: dict[str, Any], seconds: float, version: str) -> dict[str, Any]:
+    done = sum(result["done"] for result in results)
+    pixels = sum(result["pixels"] for result in results)
+    return {
+        "model_version": version,
+        "done": done,
+        "skipped": plan["skipped"],
+        "failed": [failure for result in results for failure in result["failed"]],
+        "shards": len(plan["shards"]),
+        "seconds": round(seconds, 2),
+        "images_per_second": round(done / seconds, 3) if seconds else None,
+        "megapixels_per_second": round(pixels / 1e6 / seconds, 3) if seconds else None,
+    }
+
+
+def _publish_summary(summary: dict[str, Any], settings: SegmentSettings) -> None:
+    counts = [{"images": key, "count": summary[key] if key != "failed" else len(summary["failed"])}
+              for key in ("done", "skipped", "failed")]
+    markdown = (
+        f"## segment-images into `{settings.store_url}`\n\n"
+        f"Model `{summary['model_version']}`, {summary['shards']} shards, {summary['seconds']} s, "
+        f"{summary['images_per_second']} images/s, {summary['megapixels_per_second']} megapixels/s.\n\n"
+        + markdown_table(counts, ("images", "count"))
+    )
+    if summary["failed"]:
+        markdown += "\n\n### Failed images\n\n" + markdown_table(summary["failed"], ("source_url", "error"))
+    create_markdown_artifact(key="segment-images-summary", markdown=markdown, description="segment-images run summary")
+    get_run_logger().info(
+        "segmented %d, skipped %d, failed %d in %.1fs",
+        summary["done"], summary["skipped"], len(summary["failed"]), summary["seconds"],
+    )

@@ -1,0 +1,118 @@
+"""train-unet: ingest -> train (tagged `gpu`) -> evaluate -> register, with metric artifacts."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.runtime import flow_run
+
+from cellseg.checkpoint import load_checkpoint
+from cellseg.config import ModelConfig, TrainConfig, TrainUnetSettings
+from cellseg.data import load_pairs, split_train_val
+from cellseg.ingest import Manifest
+from cellseg.registry import Registry
+from cellseg.train import evaluate_model, resolve_device, train
+from flows._common import markdown_table, retry_unless_bad_input
+from flows.ingest import ingest_dataset_flow
+
+METRICS = ("loss", "iou", "dice", "precision", "recall", "dice_pooled")
+
+
+def _split(manifest_path: str, training: TrainConfig):
+    return split_train_val(Manifest.load(manifest_path).pairs(), training.val_fraction, training.seed)
+
+
+@task(name="train-model", tags=["gpu"])
+def train_model(manifest_path: str, model: ModelConfig, training: TrainConfig, run_dir: str) -> dict[str, Any]:
+    """Train on the cached dataset; the `gpu` tag lets a Prefect concurrency limit cap GPU jobs."""
+    logger = get_run_logger()
+    manifest = Manifest.load(manifest_path)
+    train_pairs, val_pairs = _split(manifest_path, training)
+    logger.info("training on %d images, validating on %d (dataset %s)", len(train_pairs), len(val_pairs), manifest.hash[:12])
+    result = train(
+        load_pairs(train_pairs, model.normalization),
+        load_pairs(val_pairs, model.normalization),
+        run_dir,
+        model,
+        training,
+        dataset_manifest_hash=manifest.hash,
+        on_epoch=lambda record: logger.info(
+            "epoch %d: %s", record["epoch"],
+            ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "seconds")),
+        ),
+    )
+    logger.info("%s; best epoch %d", result.stop_reason, result.best_epoch)
+    return {
+        "best_checkpoint": str(result.best_checkpoint),
+        "history_path": str(result.history_path),
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "stop_reason": result.stop_reason,
+    }
+
+
+@task(name="evaluate-model", tags=["gpu"])
+def evaluate_checkpoint(checkpoint_path: str, manifest_path: str, training: TrainConfig) -> dict[str, float]:
+    """Validation metrics of the best checkpoint on whole validation images."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    _, val_pairs = _split(manifest_path, training)
+    if not val_pairs:
+        return {}
+    device = resolve_device(training.device)
+    model = checkpoint.build_model().to(device)
+    loaded = load_pairs(val_pairs, checkpoint.model_config.normalization)
+    return evaluate_model(model, loaded, device, training.threshold, training.amp)
+
+
+@task(name="register-model", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_unless_bad_input)
+def register_model(checkpoint_path: str, registry_url: str, promote: bool) -> dict[str, Any]:
+    return Registry(registry_url).register(checkpoint_path, promote=promote).model_dump(mode="json")
+
+
+@flow(name="train-unet")
+def train_unet(
+    images_url: str,
+    masks_url: str,
+    registry_url: str = "runs/registry",
+    cache_dir: str = "runs/cache",
+    work_dir: str = "runs/training",
+    promote: bool = True,
+    model: ModelConfig = ModelConfig(),
+    training: TrainConfig = TrainConfig(),
+) -> dict[str, Any]:
+    """Train a U-Net on image/mask pairs and register the best checkpoint (current when `promote`)."""
+    settings = TrainUnetSettings(
+        images_url=images_url, masks_url=masks_url, registry_url=registry_url, cache_dir=cache_dir,
+        work_dir=work_dir, promote=promote, model=model, training=training,
+    )
+    logger = get_run_logger()
+    dataset = ingest_dataset_flow(settings.images_url, settings.masks_url, settings.cache_dir)
+    run_name = flow_run.get_name() or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_dir = str(Path(settings.work_dir) / run_name)
+    trained = train_model(dataset["manifest_path"], settings.model, settings.training, run_dir)
+    metrics = evaluate_checkpoint(trained["best_checkpoint"], dataset["manifest_path"], settings.training)
+    version = register_model(trained["best_checkpoint"], settings.registry_url, settings.promote)
+    logger.info("registered %s in %s%s", version["version"], settings.registry_url, " as current" if settings.promote else "")
+
+    rows = [{"metric": name, "validation": metrics[name]} for name in METRICS if name in metrics]
+    create_markdown_artifact(
+        key="train-unet-metrics",
+        markdown=(
+            f"## train-unet: model {version['version']}\n\n"
+            f"Dataset `{dataset['manifest_hash'][:12]}` ({dataset['pairs']} pairs); best epoch "
+            f"{trained['best_epoch']} of {trained['epochs_run']} ({trained['stop_reason']}).\n\n"
+            + markdown_table(rows, ("metric", "validation"))
+        ),
+        description="Validation metrics of the registered checkpoint",
+    )
+    checkpoint_url = Registry(settings.registry_url).checkpoint_url(version["version"])
+    create_link_artifact(
+        key="train-unet-checkpoint",
+        link=checkpoint_url if "://" in checkpoint_url else Path(checkpoint_url).resolve().as_uri(),
+        link_text=f"checkpoint {version['version']}",
+    )
+    return {"version": version["version"], "checkpoint": checkpoint_url, "metrics": metrics, **trained}

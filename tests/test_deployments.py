@@ -1,0 +1,152 @@
+"""The deployment path end to end: a real `prefect server`, `prefect deploy` from prefect.yaml,
+a real process worker, and `prefect deployment run` for train-unet and backfill."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import sys
+from pathlib import Path
+
+import pytest
+
+from cellseg.registry import Registry
+from cellseg.store import ResultStore
+from cellseg.synth import write_dataset
+from tests.conftest import REPO_ROOT, stop_process_group
+
+pytestmark = pytest.mark.integration
+
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def prefect(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([PREFECT, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"prefect {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def flow_run_state(name_fragment: str, env: dict[str, str]) -> str:
+    """State of the most recent flow run of a deployment, read back through the API."""
+    code = (
+        "import asyncio, json\n"
+        "from prefect.client.orchestration import get_client\n"
+        "async def main():\n"
+        "    async with get_client() as client:\n"
+        f"        deployment = await client.read_deployment_by_name({name_fragment!r})\n"
+        "        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId\n"
+        "        runs = await client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))\n"
+        "        print(json.dumps([r.state.type.value for r in runs]))\n"
+        "asyncio.run(main())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server, tmp_path_factory):
+    """Work pool, nightly variables, deployments from prefect.yaml and a running worker."""
+    root = tmp_path_factory.mktemp("deployed")
+    env = {**os.environ, **prefect_server, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
+    prefect("work-pool", "create", "cellseg-process", "--type", "process", env=env)
+    prefect("variable", "set", "cellseg_nightly_source", str(root / "nightly-in"), env=env)
+    prefect("variable", "set", "cellseg_nightly_store", str(root / "nightly.zarr"), env=env)
+    prefect("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml", env=env)
+    log = open(root / "worker.log", "wb")
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "cellseg-process"], cwd=REPO_ROOT, env=env,
+                              stdout=log, stderr=log, start_new_session=True)
+    try:
+        yield root, env
+    finally:
+        stop_process_group(worker)
+        log.close()
+
+
+def test_prefect_yaml_declares_the_three_deployments(deployed):
+    _, env = deployed
+    listing = prefect("deployment", "ls", env=env).stdout
+    for name in ("train-unet/train-unet", "segment-images/nightly-segmentation", "segment-images/backfill"):
+        assert name in listing
+    nightly = prefect("deployment", "inspect", "segment-images/nightly-segmentation", env=env).stdout
+    assert "0 2 * * *" in nightly
+    assert "nightly-in" in nightly and "nightly.zarr" in nightly
+
+
+def test_train_unet_then_backfill_through_the_worker(deployed):
+    root, env = deployed
+    write_dataset(str(root / "train"), count=12, size=80, seed=0)
+    write_dataset(str(root / "backfill"), count=5, size=96, seed=9)
+    registry = str(root / "registry")
+    prefect(
+        "deployment", "run", "train-unet/train-unet",
+        "--param", f"images_url={root / 'train/images'}",
+        "--param", f"masks_url={root / 'train/masks'}",
+        "--param", f"registry_url={registry}",
+        "--param", f"cache_dir={root / 'cache'}",
+        "--param", f"work_dir={root / 'training'}",
+        "--param", 'model={"depth": 3, "base_width": 8}',
+        "--param", 'training={"epochs": 2, "patch_size": 64, "patches_per_image": 1, "device": "cpu"}',
+        "--watch", "--watch-timeout", "400",
+        env=env, timeout=500,
+    )
+    assert flow_run_state("train-unet/train-unet", env) == ["COMPLETED"]
+    versions = Registry(registry).versions()
+    assert len(versions) == 1 and Registry(registry).current() == versions[0].version
+    assert versions[0].train_config["epochs"] == 2
+
+    prefect(
+        "deployment", "run", "segment-images/backfill",
+        "--param", f"source_url={root / 'backfill/images'}",
+        "--param", f"store_url={root / 'backfill.zarr'}",
+        "--param", f"registry_url={registry}",
+        "--param", "shard_size=2",
+        "--watch", "--watch-timeout", "300",
+        env=env, timeout=400,
+    )
+    assert flow_run_state("segment-images/backfill", env) == ["COMPLETED"]
+    store = ResultStore.open(str(root / "backfill.zarr"), mode="r")
+    assert sorted(store.done_ids()) == [f"synth_{i:04d}" for i in range(5)]
+    assert {row["model_version"] for row in store.statistics()} == {versions[0].version}
+
+
+def served_by_a_process(name: str, env: dict[str, str]) -> bool:
+    result = subprocess.run([PREFECT, "deployment", "inspect", name], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    return result.returncode == 0 and "'work_pool_name': None" in result.stdout
+
+
+def test_serve_runs_a_backfill_on_this_machine(prefect_server, tiny_checkpoint, tmp_path):
+    env = {**os.environ, **prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    registry = str(tmp_path / "registry")
+    Registry(registry).register(str(tiny_checkpoint), promote=True)
+    write_dataset(str(tmp_path / "new"), count=3, size=96, seed=2)
+    log = open(tmp_path / "serve.log", "wb")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "cellseg"), "serve", "--nightly-source", str(tmp_path / "new/images"),
+         "--nightly-store", str(tmp_path / "nightly.zarr")],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=log, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        # Served deployments have no work pool: the serving process runs them itself.
+        while not served_by_a_process("segment-images/backfill", env):
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, "serve did not register its deployments"
+            time.sleep(2)
+        prefect(
+            "deployment", "run", "segment-images/backfill",
+            "--param", f"source_url={tmp_path / 'new/images'}",
+            "--param", f"store_url={tmp_path / 'served.zarr'}",
+            "--param", f"registry_url={registry}",
+            "--watch", "--watch-timeout", "300",
+            env=env, timeout=400,
+        )
+    finally:
+        stop_process_group(server)
+        log.close()
+    store = ResultStore.open(str(tmp_path / "served.zarr"), mode="r")
+    assert sorted(store.done_ids()) == ["synth_0000", "synth_0001", "synth_0002"]

@@ -1,0 +1,200 @@
+"""The Prefect flows under Prefect's test harness: train-unet, segment-images, failures, Dask."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from cellseg.config import ModelConfig, PredictConfig, TrainConfig
+from cellseg.ingest import Manifest
+from cellseg.predict import Predictor
+from cellseg.registry import Registry
+from cellseg.segment import model_record, pending_images, segment_images
+from cellseg.io import list_images
+from cellseg.store import ResultStore
+from cellseg.synth import write_dataset
+
+pytestmark = pytest.mark.integration
+
+TINY_MODEL = ModelConfig(depth=3, base_width=8)
+TINY_TRAINING = TrainConfig(epochs=3, patch_size=64, patches_per_image=1, device="cpu", max_minutes=None)
+
+
+@pytest.fixture(scope="module")
+def trained_registry(prefect_harness, synthetic_dataset, tmp_path_factory):
+    """train-unet run once for this module: (flow result, registry URL, cache dir)."""
+    from flows.train import train_unet
+
+    root = tmp_path_factory.mktemp("train-flow")
+    result = train_unet(
+        images_url=str(synthetic_dataset / "images"), masks_url=str(synthetic_dataset / "masks"),
+        registry_url=str(root / "registry"), cache_dir=str(root / "cache"), work_dir=str(root / "training"),
+        model=TINY_MODEL, training=TINY_TRAINING,
+    )
+    return result, str(root / "registry"), root / "cache"
+
+
+@pytest.fixture(scope="module")
+def new_images(tmp_path_factory):
+    """Eight images of varying size to segment."""
+    root = tmp_path_factory.mktemp("new-images")
+    write_dataset(str(root), count=8, size=112, seed=3, vary_size=True)
+    return root
+
+
+def test_train_unet_registers_a_current_checkpoint(trained_registry, synthetic_dataset):
+    result, registry_url, cache = trained_registry
+    registry = Registry(registry_url)
+    versions = registry.versions()
+    assert [meta.version for meta in versions] == [result["version"]]
+    assert registry.current() == result["version"]
+    meta = versions[0]
+    manifest = Manifest.load(next((cache / "manifests").glob("*.json")))
+    assert meta.dataset_manifest_hash == manifest.hash
+    assert len(manifest.entries) == 24
+    assert meta.architecture["base_width"] == 8
+    assert meta.train_config["epochs"] == 3
+    assert result["metrics"]["dice"] == pytest.approx(meta.metrics["val_dice"], abs=1e-6)
+    assert result["metrics"]["dice"] > 0.5
+
+
+def test_train_unet_publishes_metrics_and_checkpoint_artifacts(trained_registry):
+    from prefect.artifacts import Artifact
+
+    result, _, _ = trained_registry
+    metrics = Artifact.get("train-unet-metrics")
+    assert result["version"] in metrics.data
+    assert "| dice |" in metrics.data
+    link = Artifact.get("train-unet-checkpoint")
+    assert result["version"] in link.data
+
+
+def _reference_store(registry_url: str, images, path) -> ResultStore:
+    """What `cellseg predict` writes for the same images and the current model."""
+    predictor = Predictor.from_registry(registry_url, "current", PredictConfig())
+    store = ResultStore.open(str(path))
+    todo, _ = pending_images(list_images(str(images)), store)
+    segment_images(todo, store, predictor, model_record(predictor, registry_url))
+    return store
+
+
+def test_segment_images_writes_every_image_once_matching_predict(trained_registry, new_images, tmp_path):
+    from flows.segment import segment_images_flow
+
+    _, registry_url, _ = trained_registry
+    store_url = str(tmp_path / "flow.zarr")
+    summary = segment_images_flow(source_url=str(new_images / "images"), store_url=store_url,
+                                  registry_url=registry_url, shard_size=3)
+    assert summary["done"] == 8 and summary["shards"] == 3 and summary["failed"] == []
+
+    store = ResultStore.open(store_url, mode="r")
+    reference = _reference_store(registry_url, new_images / "images", tmp_path / "reference.zarr")
+    ids = sorted(store.done_ids())
+    assert ids == [f"synth_{i:04d}" for i in range(8)]
+    for image_id in ids:
+        np.testing.assert_array_equal(store.read_mask(image_id), reference.read_mask(image_id))
+        assert store.record(image_id)["statistics"] == reference.record(image_id)["statistics"]
+        assert store.record(image_id)["model"]["version"] == Registry(registry_url).current()
+
+    written = {image_id: store.record(image_id)["written"] for image_id in ids}
+    again = segment_images_flow(source_url=str(new_images / "images"), store_url=store_url, registry_url=registry_url)
+    assert again["done"] == 0 and again["skipped"] == 8 and again["shards"] == 0
+    assert {image_id: store.record(image_id)["written"] for image_id in ids} == written
+
+
+def test_bad_image_is_recorded_and_the_others_finish(trained_registry, new_images, tmp_path):
+    from flows.segment import segment_images_flow
+
+    _, registry_url, _ = trained_registry
+    source = tmp_path / "images"
+    shutil.copytree(new_images / "images", source)
+    (source / "broken.png").write_bytes(b"not a png at all")
+    (source / "empty.tif").write_bytes(b"")
+    summary = segment_images_flow(source_url=str(source), store_url=str(tmp_path / "s.zarr"),
+                                  registry_url=registry_url, shard_size=4)
+    assert summary["done"] == 8
+    failed = {failure["image_id"]: failure for failure in summary["failed"]}
+    assert set(failed) == {"broken", "empty"}
+    assert "broken.png" in failed["broken"]["source_url"] and "not a readable image" in failed["broken"]["error"]
+    assert "0 bytes" in failed["empty"]["error"]
+    store = ResultStore.open(str(tmp_path / "s.zarr"), mode="r")
+    assert {row["image_id"] for row in store.failures()} == {"broken", "empty"}
+    assert len(store.done_ids()) == 8
+
+
+def test_invalid_parameters_are_rejected_before_any_work(trained_registry, new_images, tmp_path):
+    from pydantic import ValidationError
+
+    from flows.segment import segment_images_flow
+
+    _, registry_url, _ = trained_registry
+    for bad, field in (({"shard_size": 0}, "shard_size"), ({"threshold": 1.5}, "threshold"),
+                       ({"source_url": "nope://x"}, "source_url")):
+        parameters = dict(source_url=str(new_images / "images"), store_url=str(tmp_path / "x.zarr"),
+                          registry_url=registry_url, **bad)
+        with pytest.raises(ValidationError, match=field):
+            segment_images_flow(**parameters)
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_unknown_model_version_fails_fast(trained_registry, new_images, tmp_path):
+    from cellseg.registry import RegistryError
+    from flows.segment import segment_images_flow
+
+    _, registry_url, _ = trained_registry
+    with pytest.raises(RegistryError, match="no version 'v-missing'"):
+        segment_images_flow(source_url=str(new_images / "images"), store_url=str(tmp_path / "x.zarr"),
+                            registry_url=registry_url, model_version="v-missing")
+
+
+def test_empty_source_is_nothing_to_do(trained_registry, tmp_path):
+    from flows.segment import segment_images_flow
+
+    _, registry_url, _ = trained_registry
+    (tmp_path / "empty").mkdir()
+    summary = segment_images_flow(source_url=str(tmp_path / "empty"), store_url=str(tmp_path / "e.zarr"),
+                                  registry_url=registry_url)
+    assert summary["done"] == 0 and summary["shards"] == 0 and summary["failed"] == []
+
+
+def test_segment_images_on_a_dask_cluster_matches_the_thread_pool(trained_registry, new_images, tmp_path):
+    from distributed import LocalCluster
+
+    from flows.segment import segment_images_flow
+
+    _, registry_url, _ = trained_registry
+    common = dict(source_url=str(new_images / "images"), registry_url=registry_url, shard_size=2)
+    segment_images_flow(store_url=str(tmp_path / "threads.zarr"), **common)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        summary = segment_images_flow(store_url=str(tmp_path / "dask.zarr"), dask_address=cluster.scheduler_address,
+                                      **common)
+    assert summary["done"] == 8 and summary["shards"] == 4
+    threads = ResultStore.open(str(tmp_path / "threads.zarr"), mode="r")
+    dask = ResultStore.open(str(tmp_path / "dask.zarr"), mode="r")
+    assert dask.done_ids() == threads.done_ids()
+    for image_id in threads.done_ids():
+        np.testing.assert_array_equal(dask.read_mask(image_id), threads.read_mask(image_id))
+        assert dask.record(image_id)["statistics"] == threads.record(image_id)["statistics"]
+
+
+def test_segment_images_reads_and_writes_s3(trained_registry, new_images, s3_bucket, monkeypatch, tmp_path):
+    import fsspec
+    import s3fs
+
+    from flows.segment import segment_images_flow
+
+    _, registry_url, _ = trained_registry
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options)
+    fs.put(str(new_images / "images") + "/", f"{bucket[5:]}/incoming/", recursive=True)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": options["endpoint_url"]})
+    summary = segment_images_flow(source_url=f"{bucket}/incoming", store_url=f"{bucket}/results.zarr",
+                                  registry_url=registry_url, shard_size=4)
+    assert summary["done"] == 8
+    store = ResultStore.open(f"{bucket}/results.zarr", mode="r", storage_options=options)
+    assert len(store.statistics()) == 8
+    local = _reference_store(registry_url, new_images / "images", tmp_path / "ref.zarr")
+    for image_id in local.done_ids():
+        np.testing.assert_array_equal(store.read_mask(image_id), local.read_mask(image_id))

@@ -1,0 +1,252 @@
+"""Tests for cellseg/registry.py: register, list, promote, resolve and checksum-verified loading."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import torch
+
+from cellseg.checkpoint import load_checkpoint, save_checkpoint
+from cellseg.config import PredictConfig
+from cellseg.predict import Predictor, shared_predictor
+from cellseg.registry import Registry, RegistryError
+
+VERSION_NAME = re.compile(r"(\d{8}-\d{6})-([0-9a-f]{8})")
+MANIFEST_HASH = "ab" * 32
+CPU = PredictConfig(device="cpu")
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture()
+def checkpoint_file(tiny_checkpoint, tmp_path) -> Path:
+    """A private copy of the tiny checkpoint (the session one is shared by other tests)."""
+    return Path(shutil.copy(tiny_checkpoint, tmp_path / "best.pt"))
+
+
+def variant(source: Path, out: Path, epoch: int) -> Path:
+    """The same weights saved with another epoch and a dataset hash: a file with different bytes."""
+    checkpoint = dataclasses.replace(load_checkpoint(str(source)), epoch=epoch, dataset_manifest_hash=MANIFEST_HASH)
+    save_checkpoint(checkpoint, str(out))
+    return out
+
+
+def model_output(checkpoint) -> torch.Tensor:
+    torch.manual_seed(0)
+    batch = torch.rand(2, 1, 32, 32)
+    with torch.inference_mode():
+        return checkpoint.build_model()(batch)
+
+
+# --- register and list --------------------------------------------------------------------
+
+
+def test_register_records_checksum_metrics_and_provenance(checkpoint_file, tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    original = load_checkpoint(str(checkpoint_file))
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+
+    meta = registry.register(str(checkpoint_file))
+
+    after = datetime.now(timezone.utc)
+    assert registry.versions() == [meta]
+    assert meta.checkpoint_sha256 == sha256_of(checkpoint_file)
+    assert meta.checkpoint_bytes == checkpoint_file.stat().st_size
+    assert meta.epoch == original.epoch
+    assert meta.metrics == original.metrics and "val_dice" in meta.metrics
+    assert meta.dataset_manifest_hash is None  # the tiny checkpoint was trained without a manifest
+    assert meta.architecture == original.model_config.model_dump(mode="json")
+    assert meta.architecture["depth"] == 3 and meta.architecture["base_width"] == 8
+    assert meta.train_config["epochs"] == 6
+
+    stamp, short_sha = VERSION_NAME.fullmatch(meta.version).groups()
+    assert short_sha == meta.checkpoint_sha256[:8]
+    registered_at = datetime.strptime(stamp, "%Y%m%d-%H%M%S").replace(tzinfo=timezone.utc)
+    assert before <= registered_at <= after
+    assert registered_at == datetime.fromisoformat(meta.registered).replace(microsecond=0)
+    stored = tmp_path / "registry" / meta.version / "checkpoint.pt"
+    assert stored.read_bytes() == checkpoint_file.read_bytes()
+
+
+def test_register_records_the_dataset_hash(checkpoint_file, tmp_path):
+    source = variant(checkpoint_file, tmp_path / "with-manifest.pt", epoch=7)
+
+    meta = Registry(str(tmp_path / "registry")).register(str(source))
+
+    assert meta.dataset_manifest_hash == MANIFEST_HASH
+    assert meta.epoch == 7
+    assert meta.checkpoint_sha256 == sha256_of(source)
+
+
+def test_versions_are_listed_oldest_first(checkpoint_file, tmp_path):
+    # Register the checkpoint whose checksum sorts last first: within one second the version
+    # names alone would put it second.
+    one, two = checkpoint_file, variant(checkpoint_file, tmp_path / "variant.pt", epoch=99)
+    first, second = sorted((one, two), key=sha256_of, reverse=True)
+    registry = Registry(str(tmp_path / "registry"))
+
+    older = registry.register(str(first))
+    newer = registry.register(str(second))
+
+    assert [meta.version for meta in registry.versions()] == [older.version, newer.version]
+    assert [meta.checkpoint_sha256 for meta in registry.versions()] == [sha256_of(first), sha256_of(second)]
+
+
+def test_empty_registry_lists_nothing(tmp_path):
+    assert Registry(str(tmp_path / "nowhere")).versions() == []
+
+
+# --- promote, current, resolve ------------------------------------------------------------
+
+
+def test_promote_sets_current(checkpoint_file, tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    meta = registry.register(str(checkpoint_file))
+    assert registry.current() is None
+
+    registry.promote(meta.version)
+
+    assert registry.current() == meta.version
+    assert registry.resolve("current") == meta.version
+    assert registry.get() == meta
+
+
+def test_register_with_promote_makes_the_new_version_current(checkpoint_file, tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    old = registry.register(str(checkpoint_file), promote=True)
+    assert registry.current() == old.version
+
+    new = registry.register(str(variant(checkpoint_file, tmp_path / "v.pt", epoch=50)), promote=True)
+
+    assert new.version != old.version
+    assert registry.current() == new.version
+    assert registry.resolve(old.version) == old.version
+
+
+def test_resolving_an_unknown_version_lists_the_known_ones(checkpoint_file, tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    one = registry.register(str(checkpoint_file))
+    two = registry.register(str(variant(checkpoint_file, tmp_path / "v.pt", epoch=50)))
+    known = [one.version, two.version]  # oldest first
+
+    with pytest.raises(RegistryError, match=r"no version '20000101-000000-deadbeef'") as raised:
+        registry.resolve("20000101-000000-deadbeef")
+
+    assert f"(known: {known[0]}, {known[1]})" in str(raised.value)
+    with pytest.raises(RegistryError, match="deadbeef"):
+        registry.promote("20000101-000000-deadbeef")
+
+
+def test_unknown_version_in_an_empty_registry_says_none(tmp_path):
+    with pytest.raises(RegistryError, match=r"\(known: none\)"):
+        Registry(str(tmp_path / "registry")).resolve("v1")
+
+
+def test_current_with_nothing_promoted_is_refused(checkpoint_file, tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    registry.register(str(checkpoint_file))
+
+    assert registry.current() is None
+    with pytest.raises(RegistryError, match="has no current model"):
+        registry.resolve("current")
+    with pytest.raises(RegistryError, match="has no current model"):
+        registry.load()
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def test_load_gives_the_same_model_as_the_original_file(checkpoint_file, tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    meta = registry.register(str(checkpoint_file), promote=True)
+
+    checkpoint, loaded_meta = registry.load()
+
+    assert loaded_meta == meta
+    original = load_checkpoint(str(checkpoint_file))
+    assert checkpoint.model_config == original.model_config
+    assert torch.equal(model_output(checkpoint), model_output(original))
+    assert registry.checkpoint_url("current") == f"{tmp_path / 'registry'}/{meta.version}/checkpoint.pt"
+
+
+def test_tampered_checkpoint_is_refused(checkpoint_file, tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    meta = registry.register(str(checkpoint_file))
+    stored = tmp_path / "registry" / meta.version / "checkpoint.pt"
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    stored.write_bytes(bytes(data))
+
+    with pytest.raises(RegistryError, match=rf"'{meta.version}'.*sha256 {meta.checkpoint_sha256[:12]}"):
+        registry.load(meta.version)
+
+
+# --- object storage -----------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_registry_on_s3(checkpoint_file, s3_bucket):
+    bucket, options = s3_bucket
+    registry = Registry(f"{bucket}/models", options)
+
+    meta = registry.register(str(checkpoint_file))
+    registry.promote(meta.version)
+
+    assert [found.version for found in registry.versions()] == [meta.version]
+    assert registry.current() == meta.version
+    checkpoint, loaded_meta = registry.load("current")
+    assert loaded_meta.checkpoint_sha256 == sha256_of(checkpoint_file)
+    assert torch.equal(model_output(checkpoint), model_output(load_checkpoint(str(checkpoint_file))))
+    assert registry.checkpoint_url(meta.version) == f"{bucket}/models/{meta.version}/checkpoint.pt"
+
+
+@pytest.mark.integration
+def test_s3_registry_sees_versions_registered_elsewhere(checkpoint_file, s3_bucket, tmp_path):
+    # Another process registering a model shows up here: a second writer is simulated by a
+    # registry whose filesystem is not this process's shared (listing-caching) instance.
+    bucket, options = s3_bucket
+    here = Registry(f"{bucket}/models", options)
+    first = here.register(str(checkpoint_file))
+    assert [meta.version for meta in here.versions()] == [first.version]
+
+    elsewhere = Registry(f"{bucket}/models", {**options, "skip_instance_cache": True})
+    second = elsewhere.register(str(variant(checkpoint_file, tmp_path / "v.pt", epoch=42)), promote=True)
+
+    assert here.current() == second.version
+    assert {meta.version for meta in here.versions()} == {first.version, second.version}
+    assert here.load()[1] == second
+
+
+# --- predictors built from the registry ---------------------------------------------------
+
+
+def test_predictor_from_registry_carries_the_version_name(checkpoint_file, tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    meta = registry.register(str(checkpoint_file), promote=True)
+
+    predictor = Predictor.from_registry(str(tmp_path / "registry"), "current", CPU)
+
+    assert predictor.model_version == meta.version
+    assert Predictor.from_registry(str(tmp_path / "registry"), meta.version, CPU).model_version == meta.version
+
+
+def test_shared_predictor_is_one_per_registry_version_and_settings(checkpoint_file, tmp_path):
+    url = str(tmp_path / "registry")
+    meta = Registry(url).register(str(checkpoint_file), promote=True)
+
+    first = shared_predictor(url, meta.version, CPU)
+    again = shared_predictor(url, meta.version, PredictConfig(device="cpu"))
+    other = shared_predictor(url, meta.version, PredictConfig(device="cpu", threshold=0.7))
+
+    assert again is first
+    assert other is not first
+    assert (first.config.threshold, other.config.threshold) == (0.5, 0.7)
+    assert other.model_version == first.model_version == meta.version
