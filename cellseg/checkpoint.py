@@ -7,8 +7,6 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts so th
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -18,7 +16,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from cellseg import __version__
 from cellseg.config import ModelConfig, TrainConfig
-from cellseg.io import StorageOptions, filesystem
+from cellseg.io import StorageOptions, filesystem, write_file_atomic
 from cellseg.model import UNet
 
 FORMAT = "cellseg-checkpoint/1"
@@ -71,12 +69,7 @@ def save_checkpoint(checkpoint: Checkpoint, url: str, storage_options: StorageOp
     torch.save(checkpoint.to_dict(), buffer)
     fs, path = filesystem(url, storage_options)
     if isinstance(fs, LocalFileSystem):
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-        with os.fdopen(handle, "wb") as file:
-            file.write(buffer.getbuffer())
-        os.replace(temporary, path)
+        write_file_atomic(path, buffer.getvalue())
     else:
         fs.pipe_file(path, buffer.getvalue())
 

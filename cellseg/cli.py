@@ -344,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("cellseg").setLevel(logging.WARNING if args.quiet else logging.INFO)
     from cellseg.checkpoint import CheckpointError
     from cellseg.data import DatasetError
     from cellseg.io import ImageReadError

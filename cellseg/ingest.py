@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cellseg.data import ImagePair, check_same_size, dataset_hash, pair_by_stem
-from cellseg.io import FileEntry, StorageOptions, decode_image, list_image_entries, read_bytes
+from cellseg.io import FileEntry, StorageOptions, decode_image, list_image_entries, read_bytes, write_file_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +128,7 @@ class ContentCache:
         path = self.object_path(sha256)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path, data)
+            write_file_atomic(path, data)
         with self._lock:
             self.index[entry.url] = {
                 "fingerprint": entry.fingerprint,
@@ -143,7 +142,7 @@ class ContentCache:
         self.root.mkdir(parents=True, exist_ok=True)
         with self._lock:
             payload = json.dumps(self.index, indent=1, sort_keys=True)
-        _atomic_write(self.index_path, payload.encode())
+        write_file_atomic(self.index_path, payload.encode())
 
 
 def ingest_dataset(
@@ -188,14 +187,7 @@ def ingest_dataset(
     manifest = Manifest(digest, images_url, masks_url, manifest_entries)
     manifest_path = Path(cache_dir) / "manifests" / f"{digest}.json"
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(manifest_path, json.dumps(manifest.to_json(), indent=1).encode())
+    write_file_atomic(manifest_path, json.dumps(manifest.to_json(), indent=1).encode())
     reused = 2 * len(pairs) - copied
     logger.info("ingested %d pairs from %s: %d files copied, %d unchanged", len(pairs), images_url, copied, reused)
     return IngestResult(manifest, manifest_path, copied, reused)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(handle, "wb") as file:
-        file.write(data)
-    os.replace(temporary, path)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import posixpath
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,9 @@ DEFAULT_MAX_PIXELS = 16_384 * 16_384
 Image.MAX_IMAGE_PIXELS = None
 
 StorageOptions = Mapping[str, Any] | None
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class ImageReadError(ValueError):
@@ -87,6 +92,21 @@ def read_bytes(url: str, storage_options: StorageOptions = None) -> bytes:
         return fs.cat_file(path)
     except FileNotFoundError as error:
         raise ImageReadError(f"'{url}': file not found") from error
+
+
+def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write a local file so that readers see the old or the new contents, never a partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.chmod(temporary, 0o666 & ~_UMASK)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
 
 
 def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

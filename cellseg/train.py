@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from cellseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cellseg.config import ModelConfig, TrainConfig
 from cellseg.data import ImgDataset, LoadedPair
+from cellseg.io import write_file_atomic
 from cellseg.metrics import MetricAccumulator, confusion_counts
 from cellseg.model import UNet
 
@@ -227,7 +228,7 @@ def train(
             "spent_seconds": time.monotonic() - started,
         }
         save_checkpoint(checkpoint, str(out / LAST_CHECKPOINT))
-        _write_json(out / HISTORY_FILE, history)
+        write_file_atomic(out / HISTORY_FILE, json.dumps(history, indent=1).encode())
 
         if stale_epochs >= config.patience:
             stop_reason = f"early stop: no {monitor_key} improvement for {config.patience} epochs"
@@ -252,9 +253,3 @@ def _format_record(record: dict[str, float], epochs: int) -> str:
         if key in record
     )
     return f"epoch {int(record['epoch'])}/{epochs} {shown} ({record['seconds']:.1f}s)"
-
-
-def _write_json(path: Path, payload: object) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(payload, indent=1))
-    os.replace(temporary, path)

@@ -68,9 +68,8 @@ def deployed(prefect_server, tmp_path_factory):
 
 def test_prefect_yaml_declares_the_three_deployments(deployed):
     _, env = deployed
-    listing = prefect("deployment", "ls", env=env).stdout
     for name in ("train-unet/train-unet", "segment-images/nightly-segmentation", "segment-images/backfill"):
-        assert name in listing
+        assert "'work_pool_name': 'cellseg-process'" in prefect("deployment", "inspect", name, env=env).stdout
     nightly = prefect("deployment", "inspect", "segment-images/nightly-segmentation", env=env).stdout
     assert "0 2 * * *" in nightly
     assert "nightly-in" in nightly and "nightly.zarr" in nightly
@@ -113,12 +112,6 @@ def test_train_unet_then_backfill_through_the_worker(deployed):
     assert {row["model_version"] for row in store.statistics()} == {versions[0].version}
 
 
-def served_by_a_process(name: str, env: dict[str, str]) -> bool:
-    result = subprocess.run([PREFECT, "deployment", "inspect", name], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=120)
-    return result.returncode == 0 and "'work_pool_name': None" in result.stdout
-
-
 def test_serve_runs_a_backfill_on_this_machine(prefect_server, tiny_checkpoint, tmp_path):
     env = {**os.environ, **prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     registry = str(tmp_path / "registry")
@@ -132,8 +125,7 @@ def test_serve_runs_a_backfill_on_this_machine(prefect_server, tiny_checkpoint, 
     )
     try:
         deadline = time.monotonic() + 180
-        # Served deployments have no work pool: the serving process runs them itself.
-        while not served_by_a_process("segment-images/backfill", env):
+        while b"being served" not in (tmp_path / "serve.log").read_bytes():
             assert server.poll() is None, (tmp_path / "serve.log").read_text()
             assert time.monotonic() < deadline, "serve did not register its deployments"
             time.sleep(2)

@@ -132,8 +132,8 @@ def test_invalid_parameters_are_rejected_before_any_work(trained_registry, new_i
     _, registry_url, _ = trained_registry
     for bad, field in (({"shard_size": 0}, "shard_size"), ({"threshold": 1.5}, "threshold"),
                        ({"source_url": "nope://x"}, "source_url")):
-        parameters = dict(source_url=str(new_images / "images"), store_url=str(tmp_path / "x.zarr"),
-                          registry_url=registry_url, **bad)
+        parameters = {"source_url": str(new_images / "images"), "store_url": str(tmp_path / "x.zarr"),
+                      "registry_url": registry_url, **bad}
         with pytest.raises(ValidationError, match=field):
             segment_images_flow(**parameters)
     assert not (tmp_path / "x.zarr").exists()
