@@ -64,6 +64,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-minutes", type=float, default=train.max_minutes,
                         help=f"wall-clock budget (default {train.max_minutes:g}); 0 for none")
     parser.add_argument("--device", default=train.device, help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--no-amp", action="store_true", help="plain fp32, no bf16/fp16 mixed precision")
     parser.add_argument("--depth", type=int, default=model.depth)
     parser.add_argument("--base-width", type=int, default=model.base_width)
     parser.add_argument("--dropout", type=float, default=model.dropout)
@@ -83,6 +84,7 @@ def _run_train(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction, seed=args.seed, batch_size=args.batch_size,
         learning_rate=args.lr, patch_size=args.patch_size, patches_per_image=args.patches_per_image,
         augment=not args.no_augment, max_minutes=args.max_minutes or None, device=args.device,
+        amp=not args.no_amp,
     )
     pairs = pair_images_and_masks(args.images, args.masks)
     train_pairs, val_pairs = split_train_val(pairs, config.val_fraction, config.seed)
@@ -114,6 +116,7 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--min-cell-area", type=int, default=defaults.min_cell_area)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--no-amp", action="store_true", help="plain fp32 inference, no mixed precision")
     parser.add_argument("--save-probabilities", action="store_true")
     parser.set_defaults(run=_run_predict)
 
@@ -129,7 +132,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     config = PredictConfig(
         threshold=args.threshold, min_cell_area=args.min_cell_area, batch_size=args.batch_size,
-        device=args.device, save_probabilities=args.save_probabilities,
+        device=args.device, save_probabilities=args.save_probabilities, amp=not args.no_amp,
     )
     predictor = Predictor.from_checkpoint(args.model, config)
     store = ResultStore.open(args.out)

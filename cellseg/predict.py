@@ -88,7 +88,7 @@ class Predictor:
     def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """(H, W) float32 probabilities for raw (H, W) images of any dtype and size."""
         normalised = [normalize_image(image, self.normalization) for image in images]
-        return predict_probabilities(self.model, normalised, self.config.batch_size, self.device)
+        return predict_probabilities(self.model, normalised, self.config.batch_size, self.device, self.config.amp)
 
     def masks(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """(H, W) boolean cell masks for raw images."""

@@ -37,15 +37,6 @@ class SegmentReport:
     seconds: float = 0.0
     pixels: int = 0
 
-    def merge(self, other: SegmentReport) -> SegmentReport:
-        return SegmentReport(
-            self.done + other.done,
-            self.skipped + other.skipped,
-            self.failed + other.failed,
-            max(self.seconds, other.seconds),
-            self.pixels + other.pixels,
-        )
-
     def summary(self) -> dict[str, Any]:
         return {
             "done": len(self.done),
@@ -120,7 +111,14 @@ def segment_images(
     return report
 
 
-def _segment_batch(batch, store, predictor, model, report, on_image) -> None:
+def _segment_batch(
+    batch: list[tuple[str, str, np.ndarray]],
+    store: ResultStore,
+    predictor: Predictor,
+    model: dict[str, Any],
+    report: SegmentReport,
+    on_image: Callable[[str], None] | None,
+) -> None:
     try:
         probabilities = predictor.probabilities([image for _, _, image in batch])
     except Exception as error:
@@ -148,7 +146,9 @@ def _segment_batch(batch, store, predictor, model, report, on_image) -> None:
             on_image(image_id)
 
 
-def _record_failure(store, report, image_id, url, error, model) -> None:
+def _record_failure(
+    store: ResultStore, report: SegmentReport, image_id: str, url: str, error: Exception, model: dict[str, Any]
+) -> None:
     message = f"{type(error).__name__}: {error}"
     logger.warning("failed to segment '%s': %s", url, message)
     report.failed.append({"image_id": image_id, "source_url": url, "error": message})

@@ -122,6 +122,13 @@ class ResultStore:
         except KeyError as error:
             raise StoreError(f"store '{self.url}' has no image '{image_id}'") from error
 
+    def is_done(self, image_id: str) -> bool:
+        """Whether one image is completely written; reads only that image's metadata."""
+        try:
+            return self.record(image_id).get("status") == DONE
+        except StoreError:
+            return False
+
     def read_mask(self, image_id: str) -> np.ndarray:
         """Boolean (H, W) mask of a done image."""
         if self.record(image_id).get("status") != DONE:

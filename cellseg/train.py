@@ -69,12 +69,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def autocast_context(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when enabled (fp16 where bf16 is unsupported); nothing on CPU."""
-    if device.type != "cuda" or not enabled:
+    """Mixed precision when enabled: bf16 on CUDA (fp16 where bf16 is unsupported) and on CPUs with
+    native bf16; nothing elsewhere. Weights, losses and optimiser state stay fp32."""
+    if not enabled:
         return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def logit_threshold(probability: float) -> float:

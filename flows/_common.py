@@ -1,8 +1,12 @@
-"""What the flows share: retry policy, object-storage options and small report formatting."""
+"""What the flows share: the retry policy and small report formatting.
+
+Object-storage endpoints and credentials are never flow parameters: s3fs reads them from the
+environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and fsspec configuration
+(FSSPEC_S3_ENDPOINT_URL, ~/.config/fsspec/), so they stay out of run parameters, logs and artifacts.
+"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,21 +23,6 @@ def retry_unless_bad_input(task: Task, task_run: TaskRun, state: State) -> bool:
     """
     error = state.result(raise_on_failure=False)
     return not isinstance(error, ValueError)
-
-
-def storage_options(secret_block: str | None) -> dict[str, Any] | None:
-    """fsspec storage options from a Prefect Secret block holding a JSON object, if one is named.
-
-    Without a block, s3fs reads credentials from the environment (AWS_*) and fsspec config
-    (FSSPEC_S3_ENDPOINT_URL, ...). The value is loaded inside the task, so it never becomes a
-    flow or task parameter and never reaches logs or artifacts.
-    """
-    if not secret_block:
-        return None
-    from prefect.blocks.system import Secret
-
-    value = Secret.load(secret_block).get()
-    return json.loads(value) if isinstance(value, str) else dict(value)
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

@@ -8,12 +8,12 @@ from prefect import flow, get_run_logger, task
 
 from cellseg.config import Url
 from cellseg.ingest import ingest_dataset
-from flows._common import retry_unless_bad_input, storage_options
+from flows._common import retry_unless_bad_input
 
 
 @task(name="ingest-files", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_unless_bad_input)
-def ingest_files(images_url: str, masks_url: str, cache_dir: str, storage_secret: str | None) -> dict[str, Any]:
-    result = ingest_dataset(images_url, masks_url, cache_dir, storage_options(storage_secret))
+def ingest_files(images_url: str, masks_url: str, cache_dir: str) -> dict[str, Any]:
+    result = ingest_dataset(images_url, masks_url, cache_dir)
     return {
         "manifest_path": str(result.manifest_path),
         "manifest_hash": result.manifest.hash,
@@ -28,14 +28,9 @@ def ingest_dataset_flow(
     images_url: Url,
     masks_url: Url,
     cache_dir: str = "runs/cache",
-    storage_secret: str | None = None,
 ) -> dict[str, Any]:
-    """Ingest image/mask pairs from `images_url`/`masks_url` (s3://, file://, paths) into `cache_dir`.
-
-    `storage_secret` optionally names a Prefect Secret block with JSON fsspec storage options;
-    otherwise credentials come from the environment and fsspec config.
-    """
-    summary = ingest_files(images_url, masks_url, cache_dir, storage_secret)
+    """Ingest image/mask pairs from `images_url`/`masks_url` (s3://, file://, paths) into `cache_dir`."""
+    summary = ingest_files(images_url, masks_url, cache_dir)
     get_run_logger().info(
         "dataset %s: %d pairs, %d files copied, %d unchanged; manifest %s",
         summary["manifest_hash"][:12], summary["pairs"], summary["copied"], summary["reused"], summary["manifest_path"],

@@ -17,7 +17,7 @@ from cellseg.registry import Registry
 from cellseg.segment import model_record, pending_images, segment_images
 from cellseg.store import ResultStore
 from cellseg.train import resolve_device
-from flows._common import markdown_table, retry_unless_bad_input, storage_options
+from flows._common import markdown_table, retry_unless_bad_input
 
 Shard = list[tuple[str, str]]
 
@@ -29,33 +29,28 @@ def resolve_model(registry_url: str, model_version: str) -> str:
 
 
 @task(name="plan-shards", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_unless_bad_input)
-def plan_shards(source_url: str, store_url: str, shard_size: int, storage_secret: str | None) -> dict[str, Any]:
+def plan_shards(source_url: str, store_url: str, shard_size: int) -> dict[str, Any]:
     """Images not yet done in the store, in shards of `shard_size` (id, url) pairs."""
-    options = storage_options(storage_secret)
-    store = ResultStore.open(store_url, storage_options=options)
-    todo, skipped = pending_images(list_images(source_url, options), store)
+    store = ResultStore.open(store_url)
+    todo, skipped = pending_images(list_images(source_url), store)
     shards = [todo[start : start + shard_size] for start in range(0, len(todo), shard_size)]
     return {"shards": shards, "skipped": len(skipped), "pending": len(todo)}
 
 
 @task(name="segment-shard", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_bad_input)
 def segment_shard(
-    shard: Shard, store_url: str, registry_url: str, model_version: str, predict: PredictConfig,
-    storage_secret: str | None,
+    shard: Shard, store_url: str, registry_url: str, model_version: str, predict: PredictConfig
 ) -> dict[str, Any]:
     """Segment one shard; the model is loaded once per worker process and reused across shards.
 
     Images already done (say, by an earlier attempt of this task) are skipped; bad images are
     recorded in the store and in the result, and the shard carries on.
     """
-    options = storage_options(storage_secret)
     predictor = shared_predictor(registry_url, model_version, predict)
-    store = ResultStore.open(store_url, storage_options=options)
-    done = store.done_ids()
-    remaining = [(image_id, url) for image_id, url in shard if image_id not in done]
+    store = ResultStore.open(store_url)
+    remaining = [(image_id, url) for image_id, url in shard if not store.is_done(image_id)]
     report = segment_images(
-        remaining, store, predictor, model_record(predictor, Registry(registry_url).checkpoint_url(model_version)),
-        storage_options=options,
+        remaining, store, predictor, model_record(predictor, Registry(registry_url).checkpoint_url(model_version))
     )
     return {"done": len(report.done), "failed": report.failed, "seconds": report.seconds, "pixels": report.pixels}
 
@@ -63,7 +58,7 @@ def segment_shard(
 @flow(name="segment-shards")
 def segment_shards(
     shards: list[Shard], store_url: str, registry_url: str, model_version: str, predict: PredictConfig,
-    storage_secret: str | None, gpu: bool = False,
+    gpu: bool = False,
 ) -> list[dict[str, Any]]:
     """Run one segment-shard task per shard on this flow's task runner (threads, or Dask).
 
@@ -71,8 +66,7 @@ def segment_shards(
     """
     shard_task = segment_shard.with_options(tags=["gpu"]) if gpu else segment_shard
     futures = shard_task.map(
-        shards, unmapped(store_url), unmapped(registry_url), unmapped(model_version), unmapped(predict),
-        unmapped(storage_secret),
+        shards, unmapped(store_url), unmapped(registry_url), unmapped(model_version), unmapped(predict)
     )
     return [future.result() for future in futures]
 
@@ -98,13 +92,11 @@ def segment_images_flow(
     device: str = "auto",
     max_parallel_shards: int = 2,
     dask_address: str | None = None,
-    storage_secret: str | None = None,
 ) -> dict[str, Any]:
     """Segment the images under `source_url` that `store_url` does not hold yet.
 
     Shards run in parallel on a thread pool (`max_parallel_shards`), or on the Dask cluster at
-    `dask_address`. `storage_secret` optionally names a Prefect Secret block with JSON fsspec
-    storage options; otherwise credentials come from the environment and fsspec config.
+    `dask_address`. Storage credentials come from the environment and fsspec config.
     """
     settings = SegmentSettings(
         source_url=source_url, store_url=store_url, registry_url=registry_url, model_version=model_version,
@@ -114,7 +106,7 @@ def segment_images_flow(
     logger = get_run_logger()
     started = time.monotonic()
     version = resolve_model(settings.registry_url, settings.model_version)
-    plan = plan_shards(settings.source_url, settings.store_url, settings.shard_size, storage_secret)
+    plan = plan_shards(settings.source_url, settings.store_url, settings.shard_size)
     logger.info(
         "%d images to segment in %d shards with model %s; %d already done",
         plan["pending"], len(plan["shards"]), version, plan["skipped"],
@@ -122,7 +114,7 @@ def segment_images_flow(
     results: list[dict[str, Any]] = []
     if plan["shards"]:
         results = segment_shards.with_options(task_runner=_task_runner(settings))(
-            plan["shards"], settings.store_url, settings.registry_url, version, settings.predict, storage_secret,
+            plan["shards"], settings.store_url, settings.registry_url, version, settings.predict,
             gpu=resolve_device(settings.predict.device).type == "cuda",
         )
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -9,6 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,27 +28,42 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30.0) -> None:
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def wait_until_ready(is_ready: Callable[[], bool], process: subprocess.Popen, what: str, timeout: float = 60.0) -> None:
+    """Poll `is_ready` until it holds; fail early if the server process exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with status {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+            raise RuntimeError(f"{what} exited with status {process.returncode}")
+        if is_ready():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} was not ready after {timeout}s")
 
 
-def stop_process(process: subprocess.Popen) -> None:
-    """Stop a server we started, by its own process id."""
+def stop_process_group(process: subprocess.Popen) -> None:
+    """Stop a server we started in its own session (by its own process id), with its children."""
     if process.poll() is None:
-        os.kill(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=10)
+            process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
 
@@ -67,15 +85,16 @@ def moto_endpoint(tmp_path_factory):
         pytest.skip("moto_server is not installed (pip install 'moto[server]')")
     port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    process = subprocess.Popen([executable, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+    process = subprocess.Popen([executable, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log,
+                               start_new_session=True)
     previous = {key: os.environ.get(key) for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     # moto accepts any credentials; these name no real account.
     os.environ.update(AWS_ACCESS_KEY_ID="moto-test-key", AWS_SECRET_ACCESS_KEY="moto-test-secret", AWS_DEFAULT_REGION="us-east-1")
     try:
-        wait_for_port(port, process)
+        wait_until_ready(lambda: port_open(port), process, "moto_server")
         yield f"http://127.0.0.1:{port}"
     finally:
-        stop_process(process)
+        stop_process_group(process)
         log.close()
         for key, value in previous.items():
             if value is None:
@@ -130,10 +149,9 @@ def prefect_harness():
         yield
 
 
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    """A real `prefect server` (SQLite) on a free loopback port: its environment for subprocesses."""
-    home = tmp_path_factory.mktemp("prefect-home")
+@contextlib.contextmanager
+def running_prefect_server(home: Path):
+    """Start a real `prefect server` (SQLite under `home`) on a free port; yields its client environment."""
     port = free_port()
     env = {
         **os.environ,
@@ -151,36 +169,15 @@ def prefect_server(tmp_path_factory):
         env=env, stdout=log, stderr=log, start_new_session=True,
     )
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/api/health", process, timeout=120)
-        yield {"PREFECT_HOME": env["PREFECT_HOME"], "PREFECT_API_URL": env["PREFECT_API_URL"],
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+        wait_until_ready(lambda: http_ok(f"http://127.0.0.1:{port}/api/health"), process, "prefect server", 120)
+        yield {key: env[key] for key in ("PREFECT_HOME", "PREFECT_API_URL", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK")}
     finally:
         stop_process_group(process)
         log.close()
 
 
-def wait_for_http(url: str, process: subprocess.Popen, timeout: float) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with status {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
-
-
-def stop_process_group(process: subprocess.Popen) -> None:
-    """Stop a server we started in its own session, with the children it spawned."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server` shared by the session: its environment for subprocesses."""
+    with running_prefect_server(tmp_path_factory.mktemp("prefect-home")) as env:
+        yield env

@@ -47,7 +47,7 @@ def test_train_settings_defaults():
     )
     assert settings.promote is True
     assert settings.model == ModelConfig()
-    assert (settings.model.depth, settings.model.base_width, settings.model.norm) == (4, 16, "group")
+    assert (settings.model.depth, settings.model.base_width, settings.model.norm) == (4, 16, "instance")
     assert settings.training == TrainConfig()
     assert (settings.training.epochs, settings.training.patch_size, settings.training.monitor) == (60, 256, "val_dice")
 

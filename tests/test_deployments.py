@@ -15,7 +15,7 @@ import pytest
 from cellseg.registry import Registry
 from cellseg.store import ResultStore
 from cellseg.synth import write_dataset
-from tests.conftest import REPO_ROOT, stop_process_group
+from tests.conftest import REPO_ROOT, running_prefect_server, stop_process_group
 
 pytestmark = pytest.mark.integration
 
@@ -112,8 +112,15 @@ def test_train_unet_then_backfill_through_the_worker(deployed):
     assert {row["model_version"] for row in store.statistics()} == {versions[0].version}
 
 
-def test_serve_runs_a_backfill_on_this_machine(prefect_server, tiny_checkpoint, tmp_path):
-    env = {**os.environ, **prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+def test_serve_runs_a_backfill_on_this_machine(tiny_checkpoint, tmp_path):
+    # A server of its own: serving re-registers the deployments that prefect.yaml created above.
+    (tmp_path / "home").mkdir()
+    with running_prefect_server(tmp_path / "home") as server_env:
+        serve_and_run_a_backfill({**os.environ, **server_env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
+                                 tiny_checkpoint, tmp_path)
+
+
+def serve_and_run_a_backfill(env: dict[str, str], tiny_checkpoint: Path, tmp_path: Path) -> None:
     registry = str(tmp_path / "registry")
     Registry(registry).register(str(tiny_checkpoint), promote=True)
     write_dataset(str(tmp_path / "new"), count=3, size=96, seed=2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 
 import numpy as np
@@ -179,7 +181,7 @@ def test_segment_images_on_a_dask_cluster_matches_the_thread_pool(trained_regist
         assert dask.record(image_id)["statistics"] == threads.record(image_id)["statistics"]
 
 
-def test_segment_images_reads_and_writes_s3(trained_registry, new_images, s3_bucket, monkeypatch, tmp_path):
+def test_segment_images_reads_and_writes_s3(trained_registry, new_images, s3_bucket, monkeypatch, tmp_path, caplog):
     import fsspec
     import s3fs
 
@@ -190,9 +192,17 @@ def test_segment_images_reads_and_writes_s3(trained_registry, new_images, s3_buc
     fs = s3fs.S3FileSystem(**options)
     fs.put(str(new_images / "images") + "/", f"{bucket[5:]}/incoming/", recursive=True)
     monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": options["endpoint_url"]})
+    caplog.set_level("DEBUG")
     summary = segment_images_flow(source_url=f"{bucket}/incoming", store_url=f"{bucket}/results.zarr",
                                   registry_url=registry_url, shard_size=4)
     assert summary["done"] == 8
+    from prefect.artifacts import Artifact
+
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    assert "segmented 8, skipped 0, failed 0" in caplog.text  # the run's logs were captured
+    assert secret not in caplog.text
+    assert secret not in Artifact.get("segment-images-summary").data
+    assert secret not in json.dumps(summary)
     store = ResultStore.open(f"{bucket}/results.zarr", mode="r", storage_options=options)
     assert len(store.statistics()) == 8
     local = _reference_store(registry_url, new_images / "images", tmp_path / "ref.zarr")
