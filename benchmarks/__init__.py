@@ -1,0 +1,1 @@
+"""Side-by-side measurements; run on demand, never part of the test suite."""

@@ -1,0 +1,108 @@
+"""Reference baselines on the validation split that `cellseg train` uses: Otsu thresholding and a
+notebook-style U-Net, so that the default configuration is compared on the same images.
+
+    python -m benchmarks.baselines --dataset ../shared/data/isbi2012 [--minutes 25] [--skip-unet]
+
+Otsu: per-image Otsu threshold; the polarity (cells above or below the threshold) is chosen per
+image with the ground truth, so this is Otsu's best case. Notebook-style U-Net: the classic loop
+(base width 32, BatchNorm, no augmentation, whole images at batch size 1, intensities / 255,
+Adam 1e-3, BCEWithLogitsLoss, early stopping on validation loss with patience 5), under the same
+wall-clock budget as the default `cellseg train`. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage.filters import threshold_otsu
+
+from cellseg.config import ModelConfig, TrainConfig
+from cellseg.data import pair_images_and_masks, split_train_val
+from cellseg.io import read_image, read_mask
+from cellseg.metrics import MetricAccumulator, confusion_counts
+from cellseg.model import UNet
+
+
+def otsu_scores(pairs) -> dict[str, float]:
+    accumulator = MetricAccumulator()
+    for pair in pairs:
+        image, truth = read_image(pair.image_url), read_mask(pair.mask_url)
+        above = image > threshold_otsu(image)
+        candidates = [confusion_counts(above, truth), confusion_counts(~above, truth)]
+        accumulator.add(max(candidates, key=lambda counts: counts.scores()["dice"]))
+    return {"dice": accumulator.mean()["dice"], "dice_pooled": accumulator.pooled()["dice"]}
+
+
+def _tensor(image: np.ndarray) -> torch.Tensor:
+    scale = 255.0 if image.dtype == np.uint8 else float(np.iinfo(image.dtype).max)
+    return torch.from_numpy(image.astype(np.float32) / scale)[None, None]
+
+
+def notebook_unet_scores(train_pairs, val_pairs, minutes: float, seed: int = 0) -> dict[str, float]:
+    torch.manual_seed(seed)
+    load = lambda pairs: [(_tensor(read_image(p.image_url)), torch.from_numpy(read_mask(p.mask_url)).float()[None, None]) for p in pairs]  # noqa: E731
+    train_data, val_data = load(train_pairs), load(val_pairs)
+    model = UNet(ModelConfig(base_width=32, norm="batch", dropout=0.0))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    best_loss, best_state, stale, epochs = float("inf"), None, 0, 0
+    started = time.monotonic()
+    while time.monotonic() - started < minutes * 60 and stale < 5:
+        model.train()
+        for index in torch.randperm(len(train_data)).tolist():
+            x, y = train_data[index]
+            loss = F.binary_cross_entropy_with_logits(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if time.monotonic() - started > minutes * 60:
+                break
+        epochs += 1
+        model.eval()
+        with torch.no_grad():
+            val_loss = sum(F.binary_cross_entropy_with_logits(model(x), y).item() for x, y in val_data) / len(val_data)
+        if val_loss < best_loss:
+            best_loss, best_state, stale = val_loss, {k: v.clone() for k, v in model.state_dict().items()}, 0
+        else:
+            stale += 1
+        print(f"  notebook U-Net epoch {epochs}: val loss {val_loss:.4f}", flush=True)
+    model.load_state_dict(best_state)
+    model.eval()
+    accumulator = MetricAccumulator()
+    with torch.no_grad():
+        for x, y in val_data:
+            accumulator.add(confusion_counts(model(x) > 0, y > 0.5))
+    return {"dice": accumulator.mean()["dice"], "dice_pooled": accumulator.pooled()["dice"], "epochs": epochs,
+            "minutes": round((time.monotonic() - started) / 60, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True, help="folder with images/ and masks/")
+    parser.add_argument("--minutes", type=float, default=TrainConfig().max_minutes)
+    parser.add_argument("--skip-unet", action="store_true")
+    parser.add_argument("--out", default="runs/benchmarks")
+    args = parser.parse_args()
+    dataset = Path(args.dataset)
+    defaults = TrainConfig()
+    pairs = pair_images_and_masks(str(dataset / "images"), str(dataset / "masks"))
+    train_pairs, val_pairs = split_train_val(pairs, defaults.val_fraction, defaults.seed)
+    results = {"dataset": dataset.name, "val_ids": [p.id for p in val_pairs], "otsu": otsu_scores(val_pairs)}
+    if not args.skip_unet:
+        results["notebook_unet"] = notebook_unet_scores(train_pairs, val_pairs, args.minutes)
+    print(f"{dataset.name}: validation images {len(val_pairs)}")
+    for name in ("otsu", "notebook_unet"):
+        if name in results:
+            print(f"  {name:14} Dice (mean over images) {results[name]['dice']:.4f}   pooled {results[name]['dice_pooled']:.4f}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"baselines-{dataset.name}.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
