@@ -10,6 +10,7 @@ PYTEST_ARGS ?=
 
 export DO_NOT_TRACK := 1
 export PREFECT_LOGGING_EXTRA_LOGGERS := cellseg
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: setup demo test clean
 
