@@ -11,6 +11,7 @@ PYTEST_ARGS ?=
 export DO_NOT_TRACK := 1
 export PREFECT_LOGGING_EXTRA_LOGGERS := cellseg
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
 
 .PHONY: setup demo test clean
 
