@@ -117,6 +117,8 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--no-amp", action="store_true", help="plain fp32 inference, no mixed precision")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long runs)")
+    parser.add_argument("--tile-size", type=int, default=defaults.tile_size, help="tile larger images (default %(default)s)")
     parser.add_argument("--save-probabilities", action="store_true")
     parser.set_defaults(run=_run_predict)
 
@@ -133,6 +135,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     config = PredictConfig(
         threshold=args.threshold, min_cell_area=args.min_cell_area, batch_size=args.batch_size,
         device=args.device, save_probabilities=args.save_probabilities, amp=not args.no_amp,
+        compile=args.compile, tile_size=args.tile_size,
     )
     predictor = Predictor.from_checkpoint(args.model, config)
     store = ResultStore.open(args.out)
@@ -230,6 +233,8 @@ def _add_flow(commands: argparse._SubParsersAction) -> None:
     segment.add_argument("--min-cell-area", type=int, default=predict.min_cell_area)
     segment.add_argument("--batch-size", type=int, default=predict.batch_size)
     segment.add_argument("--device", default=predict.device)
+    segment.add_argument("--no-amp", action="store_true", help="plain fp32 inference, no mixed precision")
+    segment.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long runs)")
     segment.set_defaults(run=_run_flow_segment)
 
 
@@ -257,6 +262,7 @@ def _run_flow_segment(args: argparse.Namespace) -> int:
         source_url=args.source, store_url=args.store, registry_url=args.registry, model_version=args.model_version,
         shard_size=args.shard_size, max_parallel_shards=args.max_parallel_shards, dask_address=args.dask_address,
         threshold=args.threshold, min_cell_area=args.min_cell_area, batch_size=args.batch_size, device=args.device,
+        amp=not args.no_amp, compile=args.compile,
     )
     print(f"segmented {summary['done']}, skipped {summary['skipped']} already done, failed {len(summary['failed'])} "
           f"with model {summary['model_version']} in {summary['seconds']}s -> {args.store}")

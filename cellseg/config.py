@@ -103,14 +103,26 @@ class TrainConfig(_Config):
 
 
 class PredictConfig(_Config):
-    """Inference: thresholding, batching and the per-image statistics it feeds."""
+    """Inference: thresholding, batching, precision, tiling and the statistics it feeds."""
 
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
-    batch_size: int = Field(4, ge=1)
+    batch_size: int | None = Field(
+        None, ge=1, description="images per forward pass; None: 1 on CPU (fastest there), 8 on CUDA"
+    )
     device: str = "auto"
     amp: bool = Field(True, description="bf16 mixed precision on CUDA and on CPUs with native bf16; False for plain fp32")
+    compile: bool = Field(False, description="torch.compile the model: faster per image after a one-off compile per image size")
+    tile_size: int = Field(1024, ge=64, description="images larger than this on a side are predicted in overlapping tiles")
+    tile_overlap: int = Field(128, ge=0, description="pixels shared by neighbouring tiles, blended linearly")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads for this process; None keeps torch's choice")
     min_cell_area: int = Field(10, ge=0, description="connected components smaller than this are dropped")
     save_probabilities: bool = False
+
+    @model_validator(mode="after")
+    def _overlap_below_tile(self) -> PredictConfig:
+        if self.tile_overlap >= self.tile_size:
+            raise ValueError(f"tile_overlap ({self.tile_overlap}) must be smaller than tile_size ({self.tile_size})")
+        return self
 
 
 class SegmentSettings(_Config):

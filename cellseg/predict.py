@@ -1,4 +1,5 @@
-"""Prediction: normalise, batch same-sized images, forward under inference mode, sigmoid, threshold."""
+"""Prediction: normalise, batch same-sized images (tile large ones), forward under inference mode
+with mixed precision where it helps, sigmoid, threshold."""
 
 from __future__ import annotations
 
@@ -17,36 +18,50 @@ from cellseg.data import normalize_image
 from cellseg.io import StorageOptions, filesystem
 from cellseg.model import UNet
 from cellseg.registry import Registry
+from cellseg.tiling import predict_tiled
 from cellseg.train import autocast_context, resolve_device
+
+
+def forward_probabilities(model: UNet, batch: np.ndarray, device: torch.device, amp: bool = True) -> np.ndarray:
+    """Sigmoid of the model's logits for a (B, H, W) float32 batch, as (B, H, W) float32."""
+    with torch.inference_mode():
+        inputs = torch.from_numpy(np.ascontiguousarray(batch))[:, None].to(device)
+        with autocast_context(device, amp):
+            logits = model(inputs)
+        return torch.sigmoid(logits.float())[:, 0].cpu().numpy()
 
 
 def predict_probabilities(
     model: UNet,
     images: Sequence[np.ndarray],
-    batch_size: int = 4,
+    batch_size: int = 1,
     device: torch.device | str = "cpu",
     amp: bool = True,
+    tile_size: int | None = None,
+    tile_overlap: int = 128,
 ) -> list[np.ndarray]:
     """Cell probabilities for normalised (H, W) float32 images, as (H, W) float32 in [0, 1].
 
-    Images of equal shape are stacked into batches of up to `batch_size`; order is preserved.
+    Images of equal shape are stacked into batches of up to `batch_size`; images larger than
+    `tile_size` on a side are predicted tile by tile (see `cellseg.tiling`). Order is preserved.
     """
     device = torch.device(device)
+    model.eval()
     results: list[np.ndarray | None] = [None] * len(images)
     by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for index, image in enumerate(images):
-        by_shape[image.shape].append(index)
-    model.eval()
-    with torch.inference_mode():
-        for indices in by_shape.values():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
-                batch = torch.from_numpy(np.stack([images[i] for i in chunk]))[:, None].to(device)
-                with autocast_context(device, amp):
-                    logits = model(batch)
-                probabilities = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
-                for i, probability in zip(chunk, probabilities):
-                    results[i] = probability
+        if tile_size is not None and max(image.shape) > tile_size:
+            results[index] = predict_tiled(
+                lambda tile: forward_probabilities(model, tile[None], device, amp)[0], image, tile_size, tile_overlap
+            )
+        else:
+            by_shape[image.shape].append(index)
+    for indices in by_shape.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            probabilities = forward_probabilities(model, np.stack([images[i] for i in chunk]), device, amp)
+            for i, probability in zip(chunk, probabilities):
+                results[i] = probability
     return results  # type: ignore[return-value]
 
 
@@ -63,7 +78,11 @@ class Predictor:
         self.config = config
         self.model_version = model_version
         self.device = resolve_device(config.device)
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)  # process-wide: one predictor per worker process
+        self.batch_size = config.batch_size or (8 if self.device.type == "cuda" else 1)
         self.model = checkpoint.build_model().to(self.device)
+        self.forward_model = torch.compile(self.model) if config.compile else self.model
 
     @classmethod
     def from_checkpoint(
@@ -88,7 +107,10 @@ class Predictor:
     def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """(H, W) float32 probabilities for raw (H, W) images of any dtype and size."""
         normalised = [normalize_image(image, self.normalization) for image in images]
-        return predict_probabilities(self.model, normalised, self.config.batch_size, self.device, self.config.amp)
+        return predict_probabilities(
+            self.forward_model, normalised, self.batch_size, self.device, self.config.amp,
+            self.config.tile_size, self.config.tile_overlap,
+        )
 
     def masks(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """(H, W) boolean cell masks for raw images."""

@@ -79,77 +79,87 @@ def segment_images(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     on_image: Callable[[str], None] | None = None,
 ) -> SegmentReport:
-    """Segment (id, url) pairs into `store`; an unreadable image is recorded as failed and skipped."""
+    """Segment (id, url) pairs into `store`; an unreadable image is recorded as failed and skipped.
+
+    Three stages overlap: reader threads decode the next images, the calling thread runs the
+    model, and a writer thread labels cells, measures and writes the previous batch. Each stage
+    holds at most two batches, so memory is bounded by the batch size, not the number of images.
+    """
     report = SegmentReport()
     started = time.monotonic()
-    batch_size = predictor.config.batch_size
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        reads: deque[tuple[str, str, Future[np.ndarray]]] = deque()
-        pending = iter(images)
+    ahead = 2 * predictor.batch_size
+    pending = iter(images)
+    reads: deque[tuple[str, str, Future[np.ndarray]]] = deque()
+    writes: deque[Future[tuple[str, str, str | None, int]]] = deque()
+
+    def settle(outcome: tuple[str, str, str | None, int]) -> None:
+        image_id, url, error, pixels = outcome
+        if error is None:
+            report.done.append(image_id)
+            report.pixels += pixels
+        else:
+            report.failed.append({"image_id": image_id, "source_url": url, "error": error})
+        if on_image:
+            on_image(image_id)
+
+    def finish(image_id: str, url: str, image: np.ndarray | None, probability: np.ndarray | None, error: str | None):
+        if error is None:
+            error = _write_result(store, predictor, model, image_id, url, image, probability)
+        if error is not None:
+            logger.warning("failed to segment '%s': %s", url, error)
+            store.record_failure(image_id, url, error, model)
+        return image_id, url, error, 0 if image is None else image.size
+
+    with ThreadPoolExecutor(max_workers=4) as readers, ThreadPoolExecutor(max_workers=1) as writer:
 
         def refill() -> None:
             for image_id, url in pending:
-                reads.append((image_id, url, pool.submit(read_image, url, storage_options, max_pixels)))
-                if len(reads) >= 2 * batch_size:
+                reads.append((image_id, url, readers.submit(read_image, url, storage_options, max_pixels)))
+                if len(reads) >= ahead:
                     return
 
         refill()
         while reads:
             batch = []
-            while reads and len(batch) < batch_size:
+            while reads and len(batch) < predictor.batch_size:
                 image_id, url, future = reads.popleft()
                 try:
                     batch.append((image_id, url, future.result()))
                 except Exception as error:
-                    _record_failure(store, report, image_id, url, error, model)
-                    if on_image:
-                        on_image(image_id)
+                    writes.append(writer.submit(finish, image_id, url, None, None, _describe(error)))
             refill()
             if batch:
-                _segment_batch(batch, store, predictor, model, report, on_image)
+                try:
+                    probabilities = predictor.probabilities([image for _, _, image in batch])
+                    outcomes = [(image, probability, None) for (_, _, image), probability in zip(batch, probabilities)]
+                except Exception as error:
+                    outcomes = [(image, None, _describe(error)) for _, _, image in batch]
+                for (image_id, url, _), (image, probability, error) in zip(batch, outcomes):
+                    writes.append(writer.submit(finish, image_id, url, image, probability, error))
+            while len(writes) > ahead:
+                settle(writes.popleft().result())
+        while writes:
+            settle(writes.popleft().result())
     report.seconds = time.monotonic() - started
     return report
 
 
-def _segment_batch(
-    batch: list[tuple[str, str, np.ndarray]],
-    store: ResultStore,
-    predictor: Predictor,
-    model: dict[str, Any],
-    report: SegmentReport,
-    on_image: Callable[[str], None] | None,
-) -> None:
+def _write_result(
+    store: ResultStore, predictor: Predictor, model: dict[str, Any], image_id: str, url: str,
+    image: np.ndarray, probability: np.ndarray,
+) -> str | None:
+    """Label, measure and store one image; returns an error description instead of raising."""
     try:
-        probabilities = predictor.probabilities([image for _, _, image in batch])
+        labels, _ = label_cells(threshold_probabilities(probability, predictor.config.threshold),
+                                predictor.config.min_cell_area)
+        store.write_result(
+            image_id, labels > 0, image_statistics(image, labels), url, model,
+            probability if predictor.config.save_probabilities else None,
+        )
+        return None
     except Exception as error:
-        for image_id, url, _ in batch:
-            _record_failure(store, report, image_id, url, error, model)
-        return
-    for (image_id, url, image), probability in zip(batch, probabilities):
-        try:
-            labels, _ = label_cells(threshold_probabilities(probability, predictor.config.threshold),
-                                    predictor.config.min_cell_area)
-            statistics = image_statistics(image, labels)
-            store.write_result(
-                image_id,
-                labels > 0,
-                statistics,
-                url,
-                model,
-                probability if predictor.config.save_probabilities else None,
-            )
-            report.done.append(image_id)
-            report.pixels += image.size
-        except Exception as error:
-            _record_failure(store, report, image_id, url, error, model)
-        if on_image:
-            on_image(image_id)
+        return _describe(error)
 
 
-def _record_failure(
-    store: ResultStore, report: SegmentReport, image_id: str, url: str, error: Exception, model: dict[str, Any]
-) -> None:
-    message = f"{type(error).__name__}: {error}"
-    logger.warning("failed to segment '%s': %s", url, message)
-    report.failed.append({"image_id": image_id, "source_url": url, "error": message})
-    store.record_failure(image_id, url, message, model)
+def _describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"

@@ -3,6 +3,7 @@ one zarr store, and report a summary. Used by the nightly-segmentation and backf
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -88,20 +89,26 @@ def segment_images_flow(
     shard_size: int = 32,
     threshold: float = 0.5,
     min_cell_area: int = 10,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     device: str = "auto",
+    amp: bool = True,
+    compile: bool = False,
     max_parallel_shards: int = 2,
     dask_address: str | None = None,
 ) -> dict[str, Any]:
     """Segment the images under `source_url` that `store_url` does not hold yet.
 
-    Shards run in parallel on a thread pool (`max_parallel_shards`), or on the Dask cluster at
-    `dask_address`. Storage credentials come from the environment and fsspec config.
+    Shards run in parallel on a thread pool (`max_parallel_shards`, the CPU cores split between
+    them), or on the Dask cluster at `dask_address`. `amp` (bf16 where the hardware has it) and
+    `compile` (torch.compile) trade exactness against the fp32 path for speed; see the README. Storage credentials come from the environment and fsspec config.
     """
     settings = SegmentSettings(
         source_url=source_url, store_url=store_url, registry_url=registry_url, model_version=model_version,
         shard_size=shard_size, max_parallel_shards=max_parallel_shards, dask_address=dask_address,
-        predict=PredictConfig(threshold=threshold, min_cell_area=min_cell_area, batch_size=batch_size, device=device),
+        predict=PredictConfig(
+            threshold=threshold, min_cell_area=min_cell_area, batch_size=batch_size, device=device, amp=amp,
+            compile=compile, threads=None if dask_address else _threads_per_shard(max_parallel_shards),
+        ),
     )
     logger = get_run_logger()
     started = time.monotonic()
@@ -123,6 +130,12 @@ def segment_images_flow(
     summary = _summarise(results, plan, time.monotonic() - started, version)
     _publish_summary(summary, settings)
     return summary
+
+
+def _threads_per_shard(parallel_shards: int) -> int:
+    """Torch threads per shard when shards share this machine: the cores split between them, so
+    parallel shards never oversubscribe the CPU (Dask workers keep their own setting)."""
+    return max(1, (os.cpu_count() or 1) // parallel_shards)
 
 
 def _summarise(results: list[dict[str, Any]], plan: dict[str, Any], seconds: float, version: str) -> dict[str, Any]:

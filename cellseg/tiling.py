@@ -1,0 +1,74 @@
+"""Sliding-window prediction for images larger than a tile: overlapping tiles, blended.
+
+Pure functions: the predictor is passed in, as in MONAI's `sliding_window_inference`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of windows of `tile` covering [0, length), neighbours overlapping by >= `overlap`."""
+    if length <= tile:
+        return [0]
+    step = tile - overlap
+    starts = list(range(0, length - tile, step))
+    return starts + [length - tile]
+
+
+def edge_ramp(size: int, overlap: int, ramp_start: bool, ramp_end: bool) -> np.ndarray:
+    """1-D blending weights of a tile that overlaps its neighbours by `overlap` at ramped ends.
+
+    Over each overlap the weight is 0 for the outer quarter (where the tile's own edge, not the
+    image, shaped the prediction), rises linearly over the middle half, and is 1 beyond, so the
+    weights of two neighbours sum to exactly 1 across their shared strip.
+    """
+    weights = np.ones(size, dtype=np.float32)
+    overlap = min(overlap, size)
+    if overlap > 0:
+        positions = np.arange(overlap, dtype=np.float32) + 0.5
+        rising = np.clip((positions - overlap / 4) / (overlap / 2), 0.0, 1.0)
+        if ramp_start:
+            weights[:overlap] = np.minimum(weights[:overlap], rising)
+        if ramp_end:
+            weights[-overlap:] = np.minimum(weights[-overlap:], rising[::-1])
+    return weights
+
+
+def predict_tiled(
+    predict: Callable[[np.ndarray], np.ndarray],
+    image: np.ndarray,
+    tile: int = 1024,
+    overlap: int = 128,
+) -> np.ndarray:
+    """Blend `predict` over overlapping tiles of a normalised (H, W) float32 image.
+
+    `predict` maps a (h, w) tile to (h, w) float32 probabilities. Neighbouring tiles overlap by
+    at least `overlap` pixels and are blended there (see `edge_ramp`); image borders keep full
+    weight. A pixel more than overlap/4 from every tile edge it is blended from gets the same
+    value as untiled prediction wherever the model's receptive field is narrower than that margin
+    and its normalisation does not depend on the input's extent. Memory: two (H, W) float32
+    accumulators plus one tile's activations.
+    """
+    if overlap >= tile:
+        raise ValueError(f"tile overlap ({overlap}) must be smaller than the tile ({tile})")
+    height, width = image.shape
+    if height <= tile and width <= tile:
+        return predict(image)
+    total = np.zeros((height, width), dtype=np.float32)
+    weight = np.zeros((height, width), dtype=np.float32)
+    rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    for top in rows:
+        bottom = min(top + tile, height)
+        row_weights = edge_ramp(bottom - top, overlap, top > 0, bottom < height)
+        for left in cols:
+            right = min(left + tile, width)
+            col_weights = edge_ramp(right - left, overlap, left > 0, right < width)
+            window = np.outer(row_weights, col_weights)
+            total[top:bottom, left:right] += predict(image[top:bottom, left:right]) * window
+            weight[top:bottom, left:right] += window
+    total /= weight
+    return total
