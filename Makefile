@@ -13,7 +13,7 @@ export PREFECT_LOGGING_EXTRA_LOGGERS := cellseg
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 setup: $(VENV)/.setup-done
 
@@ -43,6 +43,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Performance figures, side by side in one run (about 10 minutes on 2 cores); not part of `make test`.
+bench: setup
+	$(BIN)/python -m benchmarks.run
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -81,11 +81,15 @@ class ResultStore:
     ) -> None:
         """Write one image's mask (and optional probabilities), then mark it done with its statistics."""
         validate_image_id(image_id, source_url)
-        group = self.root.require_group(image_id)
-        group.attrs["cellseg"] = {"status": "writing", "source_url": source_url}
-        _write_array(group.require_group("labels").require_group(MASK_NAME), mask.astype(np.uint8))
+        existing = self.root.get(image_id)
+        if isinstance(existing, zarr.Group) and existing.attrs.get("cellseg", {}).get("status") == DONE:
+            # Replacing a finished result: withdraw the mark first so no reader mixes old and new.
+            existing.attrs["cellseg"] = {"status": "writing", "source_url": source_url}
+        # Creating the arrays by path writes their parent groups' metadata on the way (one call).
+        self._write_array(f"{image_id}/labels/{MASK_NAME}/0", mask.astype(np.uint8))
         if probabilities is not None:
-            _write_array(group.require_group("probabilities"), probabilities.astype(np.float16))
+            self._write_array(f"{image_id}/probabilities/0", probabilities.astype(np.float16))
+        group = self.root[image_id]
         group.attrs["cellseg"] = {
             "status": DONE,
             "source_url": source_url,
@@ -94,6 +98,10 @@ class ResultStore:
             "statistics": dict(statistics),
             "written": _now(),
         }
+
+    def _write_array(self, path: str, data: np.ndarray) -> None:
+        chunks = tuple(min(side, CHUNK_SIDE) for side in data.shape)
+        self.root.create_array(path, data=data, chunks=chunks, overwrite=True)
 
     def record_failure(self, image_id: str, source_url: str, error: str, model: Mapping[str, Any]) -> None:
         """Note that an image could not be segmented; a later run tries it again."""
@@ -161,7 +169,3 @@ class ResultStore:
             if record.get("status") == "failed"
         ]
 
-
-def _write_array(group: zarr.Group, data: np.ndarray) -> None:
-    chunks = tuple(min(side, CHUNK_SIDE) for side in data.shape)
-    group.create_array("0", data=data, chunks=chunks, overwrite=True)

@@ -1,0 +1,62 @@
+"""Peak memory while segmenting, measured in a process of its own (run by benchmarks.run).
+
+    python -m benchmarks.memory many  --images DIR --store PATH --checkpoint best.pt
+    python -m benchmarks.memory large --image PATH --store PATH --checkpoint best.pt
+
+`many` prints the resident set size sampled every 50 images; `large` prints the peak (VmHWM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cellseg.config import PredictConfig
+from cellseg.io import list_images
+from cellseg.predict import Predictor
+from cellseg.segment import model_record, pending_images, segment_images
+from cellseg.store import ResultStore
+
+
+def memory_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak), in MB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=("many", "large"))
+    parser.add_argument("--images")
+    parser.add_argument("--image")
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--checkpoint", required=True)
+    args = parser.parse_args()
+    predictor = Predictor.from_checkpoint(args.checkpoint, PredictConfig())
+    store = ResultStore.open(args.store)
+    record = model_record(predictor, args.checkpoint)
+    if args.mode == "many":
+        todo, _ = pending_images(list_images(args.images), store)
+        samples: list[float] = []
+        seen = 0
+
+        def sample(_: str) -> None:
+            nonlocal seen
+            seen += 1
+            if seen % 50 == 0:
+                samples.append(memory_mb("VmRSS"))
+
+        report = segment_images(todo, store, predictor, record, on_image=sample)
+        print(json.dumps({"images": len(report.done), "rss_mb_every_50": samples, "peak_mb": memory_mb("VmHWM"),
+                          "seconds": report.seconds}))
+    else:
+        report = segment_images([("large", args.image)], store, predictor, record)
+        print(json.dumps({"images": len(report.done), "failed": report.failed, "peak_mb": memory_mb("VmHWM"),
+                          "seconds": report.seconds}))
+
+
+if __name__ == "__main__":
+    main()

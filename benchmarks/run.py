@@ -1,0 +1,303 @@
+"""`make bench`: every performance figure measured side by side in one run on this machine.
+
+    python -m benchmarks.run [--images 120] [--out runs/benchmarks]
+
+Writes <out>/results.json and prints a table. Sections: hardware limit (dense matmul rates and
+the model's FLOPs), training (product loop vs the naive batch-1 fp32 loop at equal epochs), naive
+inference loop, model-only forward, product (`segment-images` from a local folder and from s3://
+on a loopback moto server, one shard at a time and two in parallel), memory (2,000 images; one
+8192x8192 image, tiled) and agreement of the fast path with plain fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from benchmarks.servers import MOTO_CREDENTIALS, running_moto_server, running_prefect_server
+from cellseg.checkpoint import load_checkpoint
+from cellseg.config import ModelConfig, PredictConfig, TrainConfig
+from cellseg.data import load_pairs, normalize_image, pair_images_and_masks, split_train_val
+from cellseg.io import list_images, read_image
+from cellseg.metrics import MetricAccumulator, confusion_counts, segmentation_scores
+from cellseg.model import UNet
+from cellseg.predict import Predictor, forward_probabilities
+from cellseg.stats import image_statistics, label_cells
+from cellseg.synth import encode_png, generate_sample, write_dataset
+from cellseg.train import train
+
+SIDE = 512  # inference images are SIDE x SIDE
+
+
+def timed(function, *args, **kwargs):
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - started
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _, seconds = timed(lambda: [a @ b for _ in range(repeats)])
+    return 2 * n**3 * repeats / seconds / 1e9
+
+
+def model_gflop_per_megapixel(model: torch.nn.Module) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(torch.zeros(1, 1, SIDE, SIDE))
+    return counter.get_total_flops() / 1e9 / (SIDE * SIDE / 1e6)
+
+
+def bench_hardware(model: torch.nn.Module) -> dict:
+    result = {"threads": torch.get_num_threads(), "matmul_fp32_gflops": matmul_gflops(torch.float32),
+              "model_gflop_per_megapixel": model_gflop_per_megapixel(model)}
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        result["matmul_bf16_gflops"] = matmul_gflops(torch.bfloat16)
+    return result
+
+
+def naive_training(train_pairs, val_pairs, epochs: int) -> dict:
+    """The notebook loop: whole images, batch 1, fp32, no augmentation, validation every epoch."""
+    torch.manual_seed(0)
+    model = UNet(ModelConfig())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    data = [(torch.from_numpy(p.image)[None, None], torch.from_numpy(p.mask.astype(np.float32))[None, None]) for p in train_pairs]
+    val = [(torch.from_numpy(p.image)[None, None], torch.from_numpy(p.mask)[None, None]) for p in val_pairs]
+    started = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        for index in torch.randperm(len(data)).tolist():
+            x, y = data[index]
+            loss = F.binary_cross_entropy_with_logits(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        accumulator = MetricAccumulator()
+        with torch.no_grad():
+            for x, y in val:
+                accumulator.add(confusion_counts(model(x) > 0, y))
+    seconds = time.perf_counter() - started
+    return {"images_per_second": epochs * len(data) / seconds, "seconds": seconds, "val_dice": accumulator.mean()["dice"]}
+
+
+def bench_training(work: Path, epochs: int) -> tuple[dict, Path]:
+    write_dataset(str(work / "train-data"), count=40, size=256, seed=21)
+    pairs = pair_images_and_masks(str(work / "train-data/images"), str(work / "train-data/masks"))
+    train_pairs, val_pairs = split_train_val(pairs, 0.2, 0)
+    model_config = ModelConfig()
+    loaded_train = load_pairs(train_pairs, model_config.normalization)
+    loaded_val = load_pairs(val_pairs, model_config.normalization)
+    config = TrainConfig(epochs=epochs, patch_size=256, patches_per_image=1, patience=epochs, max_minutes=None, device="cpu")
+    result, seconds = timed(train, loaded_train, loaded_val, work / "model", model_config, config)
+    product = {"images_per_second": epochs * len(loaded_train) / seconds, "seconds": seconds,
+               "val_dice": result.history[-1]["val_dice"]}
+    naive = naive_training(loaded_train, loaded_val, epochs)
+    return {"epochs": epochs, "images": len(loaded_train), "side": 256, "product": product, "naive": naive,
+            "speedup": product["images_per_second"] / naive["images_per_second"]}, result.best_checkpoint
+
+
+def bench_naive_inference(image_urls: list[str], checkpoint: Path, out: Path) -> dict:
+    """PIL load, to tensor, batch of 1, fp32 model under no_grad, sigmoid, threshold, PNG, statistics."""
+    loaded = load_checkpoint(str(checkpoint))
+    model = loaded.build_model()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    for url in image_urls:
+        image = np.asarray(Image.open(url))
+        x = torch.from_numpy(normalize_image(image, loaded.model_config.normalization))[None, None]
+        with torch.no_grad():
+            mask = (torch.sigmoid(model(x)) > 0.5)[0, 0].numpy()
+        Image.fromarray(mask.astype(np.uint8) * 255).save(out / Path(url).name)
+        image_statistics(image, label_cells(mask, 10)[0])
+    seconds = time.perf_counter() - started
+    return _rates(len(image_urls), seconds)
+
+
+def bench_model_only(image_urls: list[str], predictor: Predictor) -> dict:
+    images = [normalize_image(read_image(url), predictor.normalization) for url in image_urls]
+    forward_probabilities(predictor.model, images[0][None], predictor.device, predictor.config.amp)
+    started = time.perf_counter()
+    for start in range(0, len(images), predictor.batch_size):
+        forward_probabilities(predictor.model, np.stack(images[start : start + predictor.batch_size]),
+                              predictor.device, predictor.config.amp)
+    return _rates(len(images), time.perf_counter() - started)
+
+
+def _rates(count: int, seconds: float, side: int = SIDE) -> dict:
+    return {"images": count, "seconds": seconds, "images_per_second": count / seconds,
+            "megapixels_per_second": count * side * side / 1e6 / seconds}
+
+
+def bench_product(source: str, store: str, registry: str, shard_size: int, parallel: int) -> dict:
+    from flows.segment import segment_images_flow
+
+    summary, seconds = timed(segment_images_flow, source_url=source, store_url=store, registry_url=registry,
+                             shard_size=shard_size, max_parallel_shards=parallel)
+    assert not summary["failed"], summary["failed"]
+    return {**_rates(summary["done"], seconds), "shards": summary["shards"], "parallel_shards": parallel}
+
+
+def bench_memory(work: Path, checkpoint: Path, count: int) -> dict:
+    originals = work / "memory-src"
+    write_dataset(str(originals), count=50, size=256, seed=31)
+    many = work / "memory-many"
+    many.mkdir()
+    sources = sorted((originals / "images").iterdir())
+    for index in range(count):
+        shutil.copyfile(sources[index % len(sources)], many / f"img_{index:05d}.png")
+    run = lambda *args: json.loads(subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "benchmarks.memory", *args, "--checkpoint", str(checkpoint)],
+        capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    many_result = run("many", "--images", str(many), "--store", str(work / "memory-many.zarr"))
+    samples = many_result["rss_mb_every_50"]
+    first, last = max(samples[: len(samples) // 4]), max(samples[-len(samples) // 4 :])
+
+    tile = generate_sample(np.random.default_rng(41), (2048, 2048)).image
+    large = np.tile(tile, (4, 4))
+    (work / "large.png").write_bytes(encode_png(large))
+    large_result = run("large", "--image", str(work / "large.png"), "--store", str(work / "memory-large.zarr"))
+    return {"images": many_result["images"], "rss_first_quarter_mb": first, "rss_last_quarter_mb": last,
+            "rss_growth": last / first - 1, "many_peak_mb": many_result["peak_mb"],
+            "large_side": large.shape[0], "large_peak_mb": large_result["peak_mb"],
+            "large_seconds": large_result["seconds"], "tile_agreement": tile_agreement(tile, checkpoint)}
+
+
+def tile_agreement(image: np.ndarray, checkpoint: Path) -> dict:
+    """Masks of a 2048x2048 image predicted whole and in 1024-pixel tiles (default settings)."""
+    loaded = load_checkpoint(str(checkpoint))
+    whole = Predictor(loaded, PredictConfig(tile_size=4096)).masks([image])[0]
+    tiled = Predictor(loaded, PredictConfig()).masks([image])[0]
+    inner = (slice(64, -64), slice(64, -64))
+    return {"pixel_agreement": float((whole == tiled).mean()),
+            "interior_pixel_agreement": float((whole[inner] == tiled[inner]).mean()),
+            "dice": segmentation_scores(tiled, whole)["dice"]}
+
+
+def fast_path_agreement(checkpoints: dict[str, tuple[Path, Path]]) -> dict:
+    """Dice and pixel agreement between default (bf16) and plain fp32 masks, per dataset."""
+    results = {}
+    for name, (checkpoint, images) in checkpoints.items():
+        loaded = load_checkpoint(str(checkpoint))
+        raw = [read_image(url) for url in list_images(str(images))]
+        fast = Predictor(loaded, PredictConfig()).masks(raw)
+        plain = Predictor(loaded, PredictConfig(amp=False)).masks(raw)
+        agree = sum(int((a == b).sum()) for a, b in zip(fast, plain)) / sum(a.size for a in fast)
+        counts = MetricAccumulator([confusion_counts(a, b) for a, b in zip(fast, plain)])
+        results[name] = {"images": len(raw), "pixel_agreement": agree, "dice_pooled": counts.pooled()["dice"]}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=120, help=f"{SIDE}x{SIDE} images for the inference runs")
+    parser.add_argument("--training-epochs", type=int, default=6)
+    parser.add_argument("--memory-images", type=int, default=2000)
+    parser.add_argument("--out", default="runs/benchmarks")
+    args = parser.parse_args()
+    out = Path(args.out)
+    work = out / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    os.environ.update(MOTO_CREDENTIALS)
+    results: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
+                                 "cpu_capability": torch.backends.cpu.get_cpu_capability()}}
+
+    with running_prefect_server(work) as prefect_env, running_moto_server(work) as endpoint:
+        os.environ.update(prefect_env)
+        import fsspec
+        import s3fs
+
+        fsspec.config.conf["s3"] = {"endpoint_url": endpoint}
+        print("hardware ...", flush=True)
+        results["hardware"] = bench_hardware(UNet(ModelConfig()).eval())
+        print("training ...", flush=True)
+        results["training"], checkpoint = bench_training(work, args.training_epochs)
+
+        write_dataset(str(work / "infer"), count=args.images, size=SIDE, seed=11)
+        urls = list_images(str(work / "infer/images"))
+        from cellseg.registry import Registry
+
+        registry = str(work / "registry")
+        Registry(registry).register(str(checkpoint), promote=True)
+        predictor = Predictor.from_checkpoint(str(checkpoint), PredictConfig())
+        print("naive inference ...", flush=True)
+        results["naive"] = bench_naive_inference(urls, checkpoint, work / "naive-masks")
+        print("model only ...", flush=True)
+        results["model_only"] = bench_model_only(urls, predictor)
+        flops = results["hardware"]["model_gflop_per_megapixel"] * results["model_only"]["megapixels_per_second"]
+        results["model_only"]["gflops"] = flops
+        peak = max(results["hardware"].get("matmul_bf16_gflops", 0), results["hardware"]["matmul_fp32_gflops"])
+        results["model_only"]["fraction_of_fastest_matmul"] = flops / peak
+
+        print("product ...", flush=True)
+        shard = max(1, args.images // 4)
+        results["product_one_shard_at_a_time"] = bench_product(str(work / "infer/images"), str(work / "p1.zarr"), registry, shard, 1)
+        results["product_local"] = bench_product(str(work / "infer/images"), str(work / "p2.zarr"), registry, shard, 2)
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+        fs.mkdir("bench")
+        fs.put(str(work / "infer/images") + "/", "bench/images/", recursive=True)
+        results["product_s3"] = bench_product("s3://bench/images", "s3://bench/results.zarr", registry, shard, 2)
+
+    print("memory ...", flush=True)
+    results["memory"] = bench_memory(work, checkpoint, args.memory_images)
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    reference = {name: (Path(f"runs/ref-{name}/best.pt"), data / name / "images") for name in ("isbi2012", "dsb2018")}
+    available = {k: v for k, v in reference.items() if v[0].exists() and v[1].exists()}
+    results["fast_path_agreement"] = fast_path_agreement(available or {"synthetic": (checkpoint, work / "infer/images")})
+    results["ratios"] = {
+        "product_vs_model_only": results["product_local"]["images_per_second"] / results["model_only"]["images_per_second"],
+        "product_vs_naive": results["product_local"]["images_per_second"] / results["naive"]["images_per_second"],
+        "two_shards_vs_one": results["product_local"]["images_per_second"] / results["product_one_shard_at_a_time"]["images_per_second"],
+        "training_vs_naive": results["training"]["speedup"],
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print_table(results)
+    print(f"\nresults: {out / 'results.json'}")
+
+
+def print_table(r: dict) -> None:
+    hw, tr, mem = r["hardware"], r["training"], r["memory"]
+    rows = [
+        ("matmul fp32 / bf16 (2048^2)", f"{hw['matmul_fp32_gflops']:.0f} / {hw.get('matmul_bf16_gflops', float('nan')):.0f} GFLOP/s", ""),
+        ("model FLOPs", f"{hw['model_gflop_per_megapixel']:.1f} GFLOP per megapixel", ""),
+        ("naive loop", f"{r['naive']['images_per_second']:.2f} img/s  {r['naive']['megapixels_per_second']:.2f} MP/s", ""),
+        ("model only", f"{r['model_only']['images_per_second']:.2f} img/s  {r['model_only']['gflops']:.0f} GFLOP/s",
+         f"{r['model_only']['fraction_of_fastest_matmul']:.0%} of fastest matmul (target >= 50%)"),
+        ("product, local", f"{r['product_local']['images_per_second']:.2f} img/s  {r['product_local']['megapixels_per_second']:.2f} MP/s",
+         f"{r['ratios']['product_vs_model_only']:.2f}x model only (>= 0.85), {r['ratios']['product_vs_naive']:.2f}x naive (>= 3)"),
+        ("product, s3 (moto)", f"{r['product_s3']['images_per_second']:.2f} img/s", ""),
+        ("1 shard at a time vs 2", f"{r['product_one_shard_at_a_time']['images_per_second']:.2f} vs {r['product_local']['images_per_second']:.2f} img/s",
+         f"{r['ratios']['two_shards_vs_one']:.2f}x (>= 1)"),
+        ("training", f"{tr['product']['images_per_second']:.2f} vs naive {tr['naive']['images_per_second']:.2f} img/s",
+         f"{tr['speedup']:.2f}x (>= 1.5); val Dice {tr['product']['val_dice']:.3f} vs {tr['naive']['val_dice']:.3f}"),
+        (f"RSS, {mem['images']} images", f"first quarter {mem['rss_first_quarter_mb']:.0f} MB, last {mem['rss_last_quarter_mb']:.0f} MB",
+         f"{mem['rss_growth']:+.1%} (within 10%)"),
+        (f"{mem['large_side']}^2 image", f"peak {mem['large_peak_mb']:.0f} MB in {mem['large_seconds']:.0f} s", "(< 3000 MB)"),
+        ("tiled vs whole 2048^2", f"interior pixels agree {mem['tile_agreement']['interior_pixel_agreement']:.4%}",
+         f"Dice {mem['tile_agreement']['dice']:.4f}"),
+    ]
+    for name, agreement in r["fast_path_agreement"].items():
+        rows.append((f"bf16 vs fp32 masks, {name}", f"pixels agree {agreement['pixel_agreement']:.4%}",
+                     f"Dice {agreement['dice_pooled']:.4f} (>= 0.999)"))
+    width = max(len(row[0]) for row in rows)
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {value:<44} {note}")
+
+
+if __name__ == "__main__":
+    main()
