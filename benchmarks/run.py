@@ -30,7 +30,7 @@ from cellseg.checkpoint import load_checkpoint
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
 from cellseg.data import load_pairs, normalize_image, pair_images_and_masks, split_train_val
 from cellseg.io import list_images, read_image
-from cellseg.metrics import MetricAccumulator, confusion_counts, segmentation_scores
+from cellseg.metrics import MetricAccumulator, confusion_counts, mask_agreement, segmentation_scores
 from cellseg.model import UNet
 from cellseg.predict import Predictor, forward_probabilities
 from cellseg.stats import image_statistics, label_cells
@@ -38,6 +38,7 @@ from cellseg.synth import encode_png, generate_sample, write_dataset
 from cellseg.train import train
 
 SIDE = 512  # inference images are SIDE x SIDE
+PARALLEL_SHARDS = 2  # segment-images' default max_parallel_shards
 
 
 def timed(function, *args, **kwargs):
@@ -95,7 +96,10 @@ def naive_training(train_pairs, val_pairs, epochs: int) -> dict:
     return {"images_per_second": epochs * len(data) / seconds, "seconds": seconds, "val_dice": accumulator.mean()["dice"]}
 
 
-def bench_training(work: Path, epochs: int) -> tuple[dict, Path]:
+def bench_training(work: Path, epochs: int, rounds: int = 2) -> tuple[dict, Path]:
+    """The product's training loop against the naive loop at equal epochs on the same data.
+    The two alternate `rounds` times and each keeps its fastest round, so a noisy neighbour
+    slowing one stretch of the run does not decide the ratio."""
     write_dataset(str(work / "train-data"), count=40, size=256, seed=21)
     pairs = pair_images_and_masks(str(work / "train-data/images"), str(work / "train-data/masks"))
     train_pairs, val_pairs = split_train_val(pairs, 0.2, 0)
@@ -103,11 +107,16 @@ def bench_training(work: Path, epochs: int) -> tuple[dict, Path]:
     loaded_train = load_pairs(train_pairs, model_config.normalization)
     loaded_val = load_pairs(val_pairs, model_config.normalization)
     config = TrainConfig(epochs=epochs, patch_size=256, patches_per_image=1, patience=epochs, max_minutes=None, device="cpu")
-    result, seconds = timed(train, loaded_train, loaded_val, work / "model", model_config, config)
-    product = {"images_per_second": epochs * len(loaded_train) / seconds, "seconds": seconds,
-               "val_dice": result.history[-1]["val_dice"]}
-    naive = naive_training(loaded_train, loaded_val, epochs)
-    return {"epochs": epochs, "images": len(loaded_train), "side": 256, "product": product, "naive": naive,
+    products, naives = [], []
+    for round_index in range(rounds):
+        result, seconds = timed(train, loaded_train, loaded_val, work / f"model-{round_index}", model_config, config)
+        products.append({"images_per_second": epochs * len(loaded_train) / seconds, "seconds": seconds,
+                         "val_dice": result.history[-1]["val_dice"]})
+        naives.append(naive_training(loaded_train, loaded_val, epochs))
+    product = max(products, key=lambda run: run["images_per_second"])
+    naive = max(naives, key=lambda run: run["images_per_second"])
+    return {"epochs": epochs, "images": len(loaded_train), "side": 256, "rounds": rounds, "product": product,
+            "naive": naive, "product_rounds": products, "naive_rounds": naives,
             "speedup": product["images_per_second"] / naive["images_per_second"]}, result.best_checkpoint
 
 
@@ -128,14 +137,27 @@ def bench_naive_inference(image_urls: list[str], checkpoint: Path, out: Path) ->
     return _rates(len(image_urls), seconds)
 
 
-def bench_model_only(image_urls: list[str], predictor: Predictor) -> dict:
+def bench_model_only(image_urls: list[str], predictor: Predictor, streams: int) -> dict:
+    """The forward pass alone on pre-loaded, normalised images, run the way the product runs it:
+    `streams` parallel shards, each with its share of the cores as torch threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
     images = [normalize_image(read_image(url), predictor.normalization) for url in image_urls]
-    forward_probabilities(predictor.model, images[0][None], predictor.device, predictor.config.amp)
-    started = time.perf_counter()
-    for start in range(0, len(images), predictor.batch_size):
-        forward_probabilities(predictor.model, np.stack(images[start : start + predictor.batch_size]),
-                              predictor.device, predictor.config.amp)
-    return _rates(len(images), time.perf_counter() - started)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // streams))
+
+    def forward_all(share: list[np.ndarray]) -> None:
+        for start in range(0, len(share), predictor.batch_size):
+            forward_probabilities(predictor.forward_model, np.stack(share[start : start + predictor.batch_size]),
+                                  predictor.device, predictor.config.amp)
+
+    try:
+        _, warmup = timed(forward_all, images[:1])
+        with ThreadPoolExecutor(streams) as pool:
+            _, seconds = timed(lambda: list(pool.map(forward_all, [images[i::streams] for i in range(streams)])))
+    finally:
+        torch.set_num_threads(threads_before)
+    return {**_rates(len(images), seconds), "streams": streams, "first_call_seconds": warmup}
 
 
 def _rates(count: int, seconds: float, side: int = SIDE) -> dict:
@@ -143,13 +165,14 @@ def _rates(count: int, seconds: float, side: int = SIDE) -> dict:
             "megapixels_per_second": count * side * side / 1e6 / seconds}
 
 
-def bench_product(source: str, store: str, registry: str, shard_size: int, parallel: int) -> dict:
+def bench_product(source: str, store: str, registry: str, shard_size: int, parallel: int, compile: bool = False) -> dict:
     from flows.segment import segment_images_flow
 
     summary, seconds = timed(segment_images_flow, source_url=source, store_url=store, registry_url=registry,
-                             shard_size=shard_size, max_parallel_shards=parallel)
+                             shard_size=shard_size, max_parallel_shards=parallel, compile=compile)
     assert not summary["failed"], summary["failed"]
-    return {**_rates(summary["done"], seconds), "shards": summary["shards"], "parallel_shards": parallel}
+    return {**_rates(summary["done"], seconds), "shards": summary["shards"], "parallel_shards": parallel,
+            "compile": compile}
 
 
 def bench_memory(work: Path, checkpoint: Path, count: int) -> dict:
@@ -165,7 +188,8 @@ def bench_memory(work: Path, checkpoint: Path, count: int) -> dict:
         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
     many_result = run("many", "--images", str(many), "--store", str(work / "memory-many.zarr"))
     samples = many_result["rss_mb_every_50"]
-    first, last = max(samples[: len(samples) // 4]), max(samples[-len(samples) // 4 :])
+    quarter = max(1, len(samples) // 4)
+    first, last = max(samples[:quarter]), max(samples[-quarter:])
 
     tile = generate_sample(np.random.default_rng(41), (2048, 2048)).image
     large = np.tile(tile, (4, 4))
@@ -196,9 +220,7 @@ def fast_path_agreement(checkpoints: dict[str, tuple[Path, Path]]) -> dict:
         raw = [read_image(url) for url in list_images(str(images))]
         fast = Predictor(loaded, PredictConfig()).masks(raw)
         plain = Predictor(loaded, PredictConfig(amp=False)).masks(raw)
-        agree = sum(int((a == b).sum()) for a, b in zip(fast, plain)) / sum(a.size for a in fast)
-        counts = MetricAccumulator([confusion_counts(a, b) for a, b in zip(fast, plain)])
-        results[name] = {"images": len(raw), "pixel_agreement": agree, "dice_pooled": counts.pooled()["dice"]}
+        results[name] = {"images": len(raw), **mask_agreement(fast, plain)}
     return results
 
 
@@ -238,7 +260,10 @@ def main() -> None:
         print("naive inference ...", flush=True)
         results["naive"] = bench_naive_inference(urls, checkpoint, work / "naive-masks")
         print("model only ...", flush=True)
-        results["model_only"] = bench_model_only(urls, predictor)
+        results["model_only"] = bench_model_only(urls, predictor, streams=PARALLEL_SHARDS)
+        results["model_only_one_stream"] = bench_model_only(urls, predictor, streams=1)
+        compiled = Predictor.from_checkpoint(str(checkpoint), PredictConfig(compile=True))
+        results["model_only_compiled"] = bench_model_only(urls, compiled, streams=1)
         flops = results["hardware"]["model_gflop_per_megapixel"] * results["model_only"]["megapixels_per_second"]
         results["model_only"]["gflops"] = flops
         peak = max(results["hardware"].get("matmul_bf16_gflops", 0), results["hardware"]["matmul_fp32_gflops"])
@@ -247,21 +272,26 @@ def main() -> None:
         print("product ...", flush=True)
         shard = max(1, args.images // 4)
         results["product_one_shard_at_a_time"] = bench_product(str(work / "infer/images"), str(work / "p1.zarr"), registry, shard, 1)
-        results["product_local"] = bench_product(str(work / "infer/images"), str(work / "p2.zarr"), registry, shard, 2)
+        results["product_local"] = bench_product(str(work / "infer/images"), str(work / "p2.zarr"), registry, shard, PARALLEL_SHARDS)
+        results["product_compiled"] = bench_product(str(work / "infer/images"), str(work / "p3.zarr"), registry, shard,
+                                                    PARALLEL_SHARDS, compile=True)
         fs = s3fs.S3FileSystem(endpoint_url=endpoint)
         fs.mkdir("bench")
         fs.put(str(work / "infer/images") + "/", "bench/images/", recursive=True)
-        results["product_s3"] = bench_product("s3://bench/images", "s3://bench/results.zarr", registry, shard, 2)
+        results["product_s3"] = bench_product("s3://bench/images", "s3://bench/results.zarr", registry, shard, PARALLEL_SHARDS)
 
-    print("memory ...", flush=True)
-    results["memory"] = bench_memory(work, checkpoint, args.memory_images)
-    data = Path(__file__).resolve().parents[2] / "shared" / "data"
-    reference = {name: (Path(f"runs/ref-{name}/best.pt"), data / name / "images") for name in ("isbi2012", "dsb2018")}
-    available = {k: v for k, v in reference.items() if v[0].exists() and v[1].exists()}
-    results["fast_path_agreement"] = fast_path_agreement(available or {"synthetic": (checkpoint, work / "infer/images")})
+        # Still inside the servers' context: the subprocesses inherit PREFECT_API_URL.
+        print("memory ...", flush=True)
+        results["memory"] = bench_memory(work, checkpoint, args.memory_images)
+        print("agreement ...", flush=True)
+        data = Path(__file__).resolve().parents[2] / "shared" / "data"
+        reference = {name: (Path(f"runs/ref-{name}/best.pt"), data / name / "images") for name in ("isbi2012", "dsb2018")}
+        available = {k: v for k, v in reference.items() if v[0].exists() and v[1].exists()}
+        results["fast_path_agreement"] = fast_path_agreement(available or {"synthetic": (checkpoint, work / "infer/images")})
     results["ratios"] = {
         "product_vs_model_only": results["product_local"]["images_per_second"] / results["model_only"]["images_per_second"],
         "product_vs_naive": results["product_local"]["images_per_second"] / results["naive"]["images_per_second"],
+        "product_compiled_vs_naive": results["product_compiled"]["images_per_second"] / results["naive"]["images_per_second"],
         "two_shards_vs_one": results["product_local"]["images_per_second"] / results["product_one_shard_at_a_time"]["images_per_second"],
         "training_vs_naive": results["training"]["speedup"],
     }
@@ -276,10 +306,15 @@ def print_table(r: dict) -> None:
         ("matmul fp32 / bf16 (2048^2)", f"{hw['matmul_fp32_gflops']:.0f} / {hw.get('matmul_bf16_gflops', float('nan')):.0f} GFLOP/s", ""),
         ("model FLOPs", f"{hw['model_gflop_per_megapixel']:.1f} GFLOP per megapixel", ""),
         ("naive loop", f"{r['naive']['images_per_second']:.2f} img/s  {r['naive']['megapixels_per_second']:.2f} MP/s", ""),
-        ("model only", f"{r['model_only']['images_per_second']:.2f} img/s  {r['model_only']['gflops']:.0f} GFLOP/s",
+        (f"model only, {r['model_only']['streams']} streams", f"{r['model_only']['images_per_second']:.2f} img/s  {r['model_only']['gflops']:.0f} GFLOP/s",
          f"{r['model_only']['fraction_of_fastest_matmul']:.0%} of fastest matmul (target >= 50%)"),
+        ("model only, 1 stream", f"{r['model_only_one_stream']['images_per_second']:.2f} img/s", "all cores as torch threads in one stream"),
+        ("model only, torch.compile", f"{r['model_only_compiled']['images_per_second']:.2f} img/s",
+         f"1 stream, after a {r['model_only_compiled']['first_call_seconds']:.0f} s first call (compilation)"),
         ("product, local", f"{r['product_local']['images_per_second']:.2f} img/s  {r['product_local']['megapixels_per_second']:.2f} MP/s",
          f"{r['ratios']['product_vs_model_only']:.2f}x model only (>= 0.85), {r['ratios']['product_vs_naive']:.2f}x naive (>= 3)"),
+        ("product, torch.compile", f"{r['product_compiled']['images_per_second']:.2f} img/s",
+         f"{r['ratios']['product_compiled_vs_naive']:.2f}x naive (compile=true, opt-in)"),
         ("product, s3 (moto)", f"{r['product_s3']['images_per_second']:.2f} img/s", ""),
         ("1 shard at a time vs 2", f"{r['product_one_shard_at_a_time']['images_per_second']:.2f} vs {r['product_local']['images_per_second']:.2f} img/s",
          f"{r['ratios']['two_shards_vs_one']:.2f}x (>= 1)"),
@@ -293,7 +328,7 @@ def print_table(r: dict) -> None:
     ]
     for name, agreement in r["fast_path_agreement"].items():
         rows.append((f"bf16 vs fp32 masks, {name}", f"pixels agree {agreement['pixel_agreement']:.4%}",
-                     f"Dice {agreement['dice_pooled']:.4f} (>= 0.999)"))
+                     f"Dice {agreement['dice']:.4f} (>= 0.999)"))
     width = max(len(row[0]) for row in rows)
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:<44} {note}")

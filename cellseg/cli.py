@@ -119,6 +119,8 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-amp", action="store_true", help="plain fp32 inference, no mixed precision")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long runs)")
     parser.add_argument("--tile-size", type=int, default=defaults.tile_size, help="tile larger images (default %(default)s)")
+    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
+                        help="refuse images with more pixels, before decoding (default %(default)s)")
     parser.add_argument("--save-probabilities", action="store_true")
     parser.set_defaults(run=_run_predict)
 
@@ -135,17 +137,19 @@ def _run_predict(args: argparse.Namespace) -> int:
     config = PredictConfig(
         threshold=args.threshold, min_cell_area=args.min_cell_area, batch_size=args.batch_size,
         device=args.device, save_probabilities=args.save_probabilities, amp=not args.no_amp,
-        compile=args.compile, tile_size=args.tile_size,
+        compile=args.compile, tile_size=args.tile_size, max_pixels=args.max_pixels,
     )
     predictor = Predictor.from_checkpoint(args.model, config)
     store = ResultStore.open(args.out)
-    todo, skipped = pending_images(list_images(args.images), store)
-    if not todo and not skipped:
+    rejected: list[dict[str, str]] = []
+    todo, skipped = pending_images(list_images(args.images), store, rejected)
+    if not todo and not skipped and not rejected:
         print(f"no images found under {args.images}; nothing to do")
         return 0
     with tqdm(total=len(todo), desc="segmenting", unit="image", disable=None, file=sys.stderr) as bar:
         report = segment_images(todo, store, predictor, model_record(predictor, args.model), on_image=lambda _: bar.update())
     report.skipped = skipped
+    report.failed[:0] = rejected
     summary = report.summary()
     print(f"segmented {summary['done']}, skipped {summary['skipped']} already done, failed {summary['failed']} "
           f"in {summary['seconds']}s -> {args.out}")

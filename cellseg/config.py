@@ -9,6 +9,8 @@ from fsspec.core import split_protocol
 from fsspec.registry import known_implementations
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from cellseg.io import DEFAULT_MAX_PIXELS
+
 
 def _check_url(url: str) -> str:
     """A local path or an fsspec URL with a known protocol (s3://, gs://, file://, memory://...)."""
@@ -117,6 +119,9 @@ class PredictConfig(_Config):
     threads: int | None = Field(None, ge=1, description="torch CPU threads for this process; None keeps torch's choice")
     min_cell_area: int = Field(10, ge=0, description="connected components smaller than this are dropped")
     save_probabilities: bool = False
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, ge=1, description="images with more pixels are refused before decoding (decompression-bomb guard)"
+    )
 
     @model_validator(mode="after")
     def _overlap_below_tile(self) -> PredictConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import posixpath
 import tempfile
@@ -15,6 +16,8 @@ import numpy as np
 import tifffile
 from fsspec.core import url_to_fs
 from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 DEFAULT_MAX_PIXELS = 16_384 * 16_384
@@ -68,15 +71,26 @@ def list_image_entries(url: str, storage_options: StorageOptions = None) -> list
     # fsspec reuses filesystem instances per process, and s3fs caches listings: without this, a
     # second listing in the same process misses new and changed objects.
     fs.invalidate_cache(root)
-    if not fs.isdir(root):
-        raise FileNotFoundError(f"image directory '{url}' does not exist or is not a directory")
-    entries = []
-    for entry in fs.ls(root, detail=True):
+    try:
+        if not fs.isdir(root):
+            raise FileNotFoundError(f"image directory '{url}' does not exist or is not a directory")
+        listing = fs.ls(root, detail=True)
+    except PermissionError as error:
+        raise PermissionError(f"access denied listing '{url}': {error}") from error
+    entries, ignored = [], []
+    for entry in listing:
         name = posixpath.basename(entry["name"].rstrip("/"))
-        if entry.get("type") != "file" or not name.lower().endswith(IMAGE_SUFFIXES):
+        if entry.get("type") != "file":
+            continue
+        if not name.lower().endswith(IMAGE_SUFFIXES):
+            ignored.append(name)
             continue
         version = entry.get("ETag") or entry.get("etag") or entry.get("mtime") or entry.get("LastModified") or ""
         entries.append(FileEntry(join_url(url, name), int(entry.get("size") or 0), f"{entry.get('size')}:{version}"))
+    if ignored:
+        shown = ", ".join(sorted(ignored)[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
+        logger.warning("ignoring %d file(s) under '%s' without an image suffix (%s): %s",
+                       len(ignored), url, " ".join(IMAGE_SUFFIXES), shown)
     return sorted(entries, key=lambda entry: entry.url)
 
 

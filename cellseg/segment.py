@@ -8,8 +8,9 @@ bounded number of images is held in memory at once.
 from __future__ import annotations
 
 import logging
+import posixpath
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,11 +19,10 @@ from typing import Any
 import numpy as np
 
 from cellseg import __version__
-from cellseg.data import index_by_stem
-from cellseg.io import DEFAULT_MAX_PIXELS, StorageOptions, read_image
+from cellseg.io import StorageOptions, image_stem, read_image
 from cellseg.predict import Predictor, threshold_probabilities
 from cellseg.stats import image_statistics, label_cells
-from cellseg.store import ResultStore, validate_image_id
+from cellseg.store import ResultStore, StoreError, validate_image_id
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +48,34 @@ class SegmentReport:
         }
 
 
-def pending_images(image_urls: Sequence[str], store: ResultStore) -> tuple[list[tuple[str, str]], list[str]]:
-    """Split image URLs into (id, url) still to segment and ids already done in `store`."""
-    by_id = index_by_stem(image_urls, "image")
-    for image_id, url in by_id.items():
-        validate_image_id(image_id, url)
+def pending_images(
+    image_urls: Sequence[str], store: ResultStore, rejected: list[dict[str, str]] | None = None
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Split image URLs into (id, url) still to segment and ids already done in `store`.
+
+    A file whose name cannot be an image id (say '..png'), or that shares its stem with another
+    file (a.png and a.tif), has no place in the store: with a `rejected` list it is appended
+    there as a failure naming the file and the run goes on; without one, StoreError is raised.
+    """
+    by_stem: dict[str, list[str]] = defaultdict(list)
+    for url in image_urls:
+        by_stem[image_stem(url)].append(url)
+    problems: list[dict[str, str]] = []
+    by_id: dict[str, str] = {}
+    for image_id, urls in by_stem.items():
+        if len(urls) > 1:
+            names = ", ".join(posixpath.basename(url) for url in urls)
+            problems += [{"image_id": image_id, "source_url": url,
+                          "error": f"files {names} share the image id {image_id!r}; rename all but one"} for url in urls]
+            continue
+        try:
+            by_id[validate_image_id(image_id, urls[0])] = urls[0]
+        except StoreError as error:
+            problems.append({"image_id": image_id, "source_url": urls[0], "error": str(error)})
+    if problems and rejected is None:
+        raise StoreError("; ".join(f"'{problem['source_url']}': {problem['error']}" for problem in problems))
+    if rejected is not None:
+        rejected.extend(problems)
     done = store.done_ids()
     todo = [(image_id, url) for image_id, url in sorted(by_id.items()) if image_id not in done]
     return todo, sorted(done & by_id.keys())
@@ -76,7 +99,7 @@ def segment_images(
     predictor: Predictor,
     model: dict[str, Any],
     storage_options: StorageOptions = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     on_image: Callable[[str], None] | None = None,
 ) -> SegmentReport:
     """Segment (id, url) pairs into `store`; an unreadable image is recorded as failed and skipped.
@@ -87,6 +110,7 @@ def segment_images(
     """
     report = SegmentReport()
     started = time.monotonic()
+    max_pixels = max_pixels or predictor.config.max_pixels
     ahead = 2 * predictor.batch_size
     pending = iter(images)
     reads: deque[tuple[str, str, Future[np.ndarray]]] = deque()
@@ -94,7 +118,9 @@ def segment_images(
 
     def settle(outcome: tuple[str, str, str | None, int]) -> None:
         image_id, url, error, pixels = outcome
-        if error is None:
+        if error == DONE_ELSEWHERE:
+            report.skipped.append(image_id)
+        elif error is None:
             report.done.append(image_id)
             report.pixels += pixels
         else:
@@ -105,7 +131,9 @@ def segment_images(
     def finish(image_id: str, url: str, image: np.ndarray | None, probability: np.ndarray | None, error: str | None):
         if error is None:
             error = _write_result(store, predictor, model, image_id, url, image, probability)
-        if error is not None:
+        if error == DONE_ELSEWHERE:
+            logger.info("'%s' was finished by another run meanwhile; its result is kept", url)
+        elif error is not None:
             logger.warning("failed to segment '%s': %s", url, error)
             store.record_failure(image_id, url, error, model)
         return image_id, url, error, 0 if image is None else image.size
@@ -152,13 +180,16 @@ def _write_result(
     try:
         labels, _ = label_cells(threshold_probabilities(probability, predictor.config.threshold),
                                 predictor.config.min_cell_area)
-        store.write_result(
+        written = store.write_result(
             image_id, labels > 0, image_statistics(image, labels), url, model,
-            probability if predictor.config.save_probabilities else None,
+            probability if predictor.config.save_probabilities else None, replace=False,
         )
-        return None
+        return None if written else DONE_ELSEWHERE
     except Exception as error:
         return _describe(error)
+
+
+DONE_ELSEWHERE = "done by another run"  # an outcome of _write_result that is not a failure
 
 
 def _describe(error: Exception) -> str:

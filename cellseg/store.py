@@ -61,6 +61,8 @@ class ResultStore:
             root = zarr.open_group(url, mode=mode, zarr_format=3, **options)
         except FileNotFoundError as error:
             raise StoreError(f"no results store at '{url}'") from error
+        except PermissionError as error:
+            raise PermissionError(f"access denied opening the results store '{url}': {error}") from error
         meta = root.attrs.get("cellseg")
         if meta is None:
             if mode == "r" or any(True for _ in root.group_keys()):
@@ -78,17 +80,23 @@ class ResultStore:
         source_url: str,
         model: Mapping[str, Any],
         probabilities: np.ndarray | None = None,
-    ) -> None:
-        """Write one image's mask (and optional probabilities), then mark it done with its statistics."""
+        replace: bool = True,
+    ) -> bool:
+        """Write one image's mask (and optional probabilities), then mark it done with its statistics.
+
+        With `replace=False` an image that is already done (e.g. by a run working on the same
+        store at the same time) is left as it is and False is returned; otherwise True.
+        """
         validate_image_id(image_id, source_url)
         existing = self.root.get(image_id)
         if isinstance(existing, zarr.Group) and existing.attrs.get("cellseg", {}).get("status") == DONE:
+            if not replace:
+                return False
             # Replacing a finished result: withdraw the mark first so no reader mixes old and new.
             existing.attrs["cellseg"] = {"status": "writing", "source_url": source_url}
-        # Creating the arrays by path writes their parent groups' metadata on the way (one call).
-        self._write_array(f"{image_id}/labels/{MASK_NAME}/0", mask.astype(np.uint8))
+        self._write_array(f"{image_id}/labels/{MASK_NAME}/0", mask.astype(np.uint8), existing is not None)
         if probabilities is not None:
-            self._write_array(f"{image_id}/probabilities/0", probabilities.astype(np.float16))
+            self._write_array(f"{image_id}/probabilities/0", probabilities.astype(np.float16), existing is not None)
         group = self.root[image_id]
         group.attrs["cellseg"] = {
             "status": DONE,
@@ -98,14 +106,29 @@ class ResultStore:
             "statistics": dict(statistics),
             "written": _now(),
         }
+        return True
 
-    def _write_array(self, path: str, data: np.ndarray) -> None:
+    def _write_array(self, path: str, data: np.ndarray, may_exist: bool) -> None:
         chunks = tuple(min(side, CHUNK_SIDE) for side in data.shape)
+        if may_exist:
+            array = self.root.get(path)
+            if isinstance(array, zarr.Array) and (array.shape, array.dtype, array.chunks) == (data.shape, data.dtype, chunks):
+                # Overwrite chunk by chunk (each chunk write is atomic) instead of deleting the
+                # array first: a concurrent writer's finished mask never loses its chunks.
+                array[...] = data
+                return
+        # Creating the array by path writes its parent groups' metadata on the way (one call).
         self.root.create_array(path, data=data, chunks=chunks, overwrite=True)
 
     def record_failure(self, image_id: str, source_url: str, error: str, model: Mapping[str, Any]) -> None:
-        """Note that an image could not be segmented; a later run tries it again."""
+        """Note that an image could not be segmented; a later run tries it again.
+
+        A result that is already done (written by another run meanwhile) is kept, never replaced
+        by a failure.
+        """
         group = self.root.require_group(validate_image_id(image_id, source_url))
+        if group.attrs.get("cellseg", {}).get("status") == DONE:
+            return
         group.attrs["cellseg"] = {
             "status": "failed",
             "source_url": source_url,

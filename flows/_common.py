@@ -15,14 +15,19 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 
-def retry_unless_bad_input(task: Task, task_run: TaskRun, state: State) -> bool:
-    """Retry transient failures (network, storage, killed workers), never bad input.
+# Failures that a retry cannot fix: cellseg reports bad files, settings and checkpoints as
+# ValueError subclasses; a missing bucket/directory and denied access are permanent too.
+PERMANENT_ERRORS = (ValueError, FileNotFoundError, PermissionError)
 
-    cellseg reports bad files, settings and checkpoints as ValueError subclasses; retrying those
-    cannot succeed, so they fail at once with their message.
+
+def retry_unless_bad_input(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Retry transient failures (network, storage, killed workers), never permanent ones.
+
+    Storage calls already retry timeouts, throttling and 5xx answers with backoff inside s3fs
+    and botocore; these task retries cover what outlasts that (a worker lost, a long outage).
     """
     error = state.result(raise_on_failure=False)
-    return not isinstance(error, ValueError)
+    return not isinstance(error, PERMANENT_ERRORS)
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

@@ -33,9 +33,10 @@ def resolve_model(registry_url: str, model_version: str) -> str:
 def plan_shards(source_url: str, store_url: str, shard_size: int) -> dict[str, Any]:
     """Images not yet done in the store, in shards of `shard_size` (id, url) pairs."""
     store = ResultStore.open(store_url)
-    todo, skipped = pending_images(list_images(source_url), store)
+    rejected: list[dict[str, str]] = []
+    todo, skipped = pending_images(list_images(source_url), store, rejected)
     shards = [todo[start : start + shard_size] for start in range(0, len(todo), shard_size)]
-    return {"shards": shards, "skipped": len(skipped), "pending": len(todo)}
+    return {"shards": shards, "skipped": len(skipped), "pending": len(todo), "rejected": rejected}
 
 
 @task(name="segment-shard", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_bad_input)
@@ -53,7 +54,10 @@ def segment_shard(
     report = segment_images(
         remaining, store, predictor, model_record(predictor, Registry(registry_url).checkpoint_url(model_version))
     )
-    return {"done": len(report.done), "failed": report.failed, "seconds": report.seconds, "pixels": report.pixels}
+    # Skipped: finished by an earlier attempt of this task, or by another run on the same store.
+    skipped = len(shard) - len(remaining) + len(report.skipped)
+    return {"done": len(report.done), "skipped": skipped, "failed": report.failed, "seconds": report.seconds,
+            "pixels": report.pixels}
 
 
 @flow(name="segment-shards")
@@ -93,6 +97,7 @@ def segment_images_flow(
     device: str = "auto",
     amp: bool = True,
     compile: bool = False,
+    max_pixels: int = PredictConfig().max_pixels,
     max_parallel_shards: int = 2,
     dask_address: str | None = None,
 ) -> dict[str, Any]:
@@ -100,14 +105,16 @@ def segment_images_flow(
 
     Shards run in parallel on a thread pool (`max_parallel_shards`, the CPU cores split between
     them), or on the Dask cluster at `dask_address`. `amp` (bf16 where the hardware has it) and
-    `compile` (torch.compile) trade exactness against the fp32 path for speed; see the README. Storage credentials come from the environment and fsspec config.
+    `compile` (torch.compile) trade exactness against the fp32 path for speed; see the README.
+    Storage credentials come from the environment and fsspec config.
     """
     settings = SegmentSettings(
         source_url=source_url, store_url=store_url, registry_url=registry_url, model_version=model_version,
         shard_size=shard_size, max_parallel_shards=max_parallel_shards, dask_address=dask_address,
         predict=PredictConfig(
             threshold=threshold, min_cell_area=min_cell_area, batch_size=batch_size, device=device, amp=amp,
-            compile=compile, threads=None if dask_address else _threads_per_shard(max_parallel_shards),
+            compile=compile, max_pixels=max_pixels,
+            threads=None if dask_address else _threads_per_shard(max_parallel_shards),
         ),
     )
     logger = get_run_logger()
@@ -118,6 +125,8 @@ def segment_images_flow(
         "%d images to segment in %d shards with model %s; %d already done",
         plan["pending"], len(plan["shards"]), version, plan["skipped"],
     )
+    for rejected in plan["rejected"]:
+        logger.warning("cannot segment '%s': %s", rejected["source_url"], rejected["error"])
     results: list[dict[str, Any]] = []
     if plan["shards"]:
         results = segment_shards.with_options(task_runner=_task_runner(settings))(
@@ -144,8 +153,8 @@ def _summarise(results: list[dict[str, Any]], plan: dict[str, Any], seconds: flo
     return {
         "model_version": version,
         "done": done,
-        "skipped": plan["skipped"],
-        "failed": [failure for result in results for failure in result["failed"]],
+        "skipped": plan["skipped"] + sum(result["skipped"] for result in results),
+        "failed": plan["rejected"] + [failure for result in results for failure in result["failed"]],
         "shards": len(plan["shards"]),
         "seconds": round(seconds, 2),
         "images_per_second": round(done / seconds, 3) if seconds else None,

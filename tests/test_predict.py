@@ -12,6 +12,7 @@ import torch
 from cellseg.checkpoint import Checkpoint, load_checkpoint
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
 from cellseg.io import list_images, read_image, read_mask
+from cellseg.metrics import mask_agreement
 from cellseg.model import UNet
 from cellseg.predict import Predictor, checkpoint_digest, predict_probabilities, threshold_probabilities
 
@@ -146,3 +147,23 @@ def test_from_checkpoint_on_s3_gives_the_same_version(tiny_checkpoint, tiny_pred
     assert remote.model_version == tiny_predictor.model_version
     image = random_images([(30, 30)])[0]
     np.testing.assert_array_equal(remote.probabilities([image])[0], tiny_predictor.probabilities([image])[0])
+
+
+def test_fast_path_masks_agree_with_plain_fp32(synthetic_dataset, tiny_checkpoint):
+    # The default path (bf16 autocast where the CPU has it, strided max-pool) against amp=False.
+    checkpoint = load_checkpoint(str(tiny_checkpoint))
+    images = [read_image(url) for url in list_images(str(synthetic_dataset / "images"))]
+    fast = Predictor(checkpoint, PredictConfig(device="cpu")).masks(images)
+    plain = Predictor(checkpoint, PredictConfig(device="cpu", amp=False)).masks(images)
+    agreement = mask_agreement(fast, plain)
+    assert agreement["pixel_agreement"] >= 0.999 and agreement["dice"] >= 0.999, agreement
+
+
+def test_mask_agreement_counts_pixels_and_dice():
+    a = np.zeros((4, 5), bool)
+    b = a.copy()
+    a[0, :4] = b[0, 1:] = True  # 3 shared cell pixels, 1 extra on each side
+    assert mask_agreement([a], [b]) == {"pixel_agreement": 18 / 20, "dice": 6 / 8}
+    assert mask_agreement([], []) == {"pixel_agreement": 1.0, "dice": 1.0}
+    with pytest.raises(ValueError):
+        mask_agreement([a], [a, b])

@@ -11,7 +11,6 @@ from scipy import ndimage
 
 from cellseg import __version__
 from cellseg.config import PredictConfig
-from cellseg.data import DatasetError
 from cellseg.io import list_images, read_image
 from cellseg.predict import Predictor
 from cellseg.segment import SegmentReport, model_record, pending_images, segment_images
@@ -88,8 +87,17 @@ def test_pending_images_refuses_ids_that_cannot_name_an_entry(store):
 
 
 def test_pending_images_refuses_two_files_with_one_stem(store):
-    with pytest.raises(DatasetError, match="a.png, a.tif"):
+    with pytest.raises(StoreError, match="a.png, a.tif"):
         pending_images(["/data/a.png", "/data/a.tif"], store)
+
+
+def test_pending_images_can_reject_bad_names_and_keep_the_rest(store):
+    rejected: list[dict[str, str]] = []
+    todo, done = pending_images(["/data/a.png", "/data/a.tif", "/data/__meta.png", "/data/b.png"], store, rejected)
+    assert todo == [("b", "/data/b.png")] and done == []
+    assert [(r["image_id"], r["source_url"]) for r in rejected] == [
+        ("a", "/data/a.png"), ("a", "/data/a.tif"), ("__meta", "/data/__meta.png")]
+    assert all("a.png, a.tif" in r["error"] for r in rejected[:2]) and "__meta" in rejected[2]["error"]
 
 
 def test_segment_images_records_corrupt_files_and_finishes_the_rest(image_dir, store, predictor):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,3 +262,28 @@ def test_missing_store_on_s3_read_only_is_refused(s3_bucket):
     bucket, options = s3_bucket
     with pytest.raises(StoreError):
         ResultStore.open(f"{bucket}/absent.zarr", mode="r", storage_options=options)
+
+
+def test_without_replace_a_done_result_is_kept(store):
+    assert store.write_result("once", MASK, STATS, "once.png", MODEL) is True
+    assert store.write_result("once", ~MASK, {**STATS, "cell_count": 7}, "once.png", MODEL, replace=False) is False
+    np.testing.assert_array_equal(store.read_mask("once"), MASK)
+    assert store.record("once")["statistics"] == STATS
+
+
+def test_a_failure_never_replaces_a_done_result(store):
+    store.write_result("kept", MASK, STATS, "kept.png", MODEL)
+    store.record_failure("kept", "kept.png", "OSError: another run's transient error", MODEL)
+    assert store.done_ids() == {"kept"} and store.failures() == []
+    np.testing.assert_array_equal(store.read_mask("kept"), MASK)
+
+
+def test_rewriting_a_half_written_image_keeps_its_array_and_overwrites_in_place(store):
+    interrupted_write(store.url, "half", np.zeros(MASK.shape, bool))
+    # A file inside the array's directory survives only if the array is not deleted and recreated
+    # (deleting first would open a moment in which a concurrent writer's done mask has no chunks).
+    sentinel = Path(store.url) / "half/labels/mask/0/sentinel"
+    sentinel.write_text("still here")
+    store.write_result("half", MASK, STATS, "half.png", MODEL, replace=False)
+    assert sentinel.exists()
+    np.testing.assert_array_equal(store.read_mask("half"), MASK)
