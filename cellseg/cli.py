@@ -60,7 +60,11 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=train.learning_rate, help="Adam learning rate")
     parser.add_argument("--patch-size", type=int, default=train.patch_size)
     parser.add_argument("--patches-per-image", type=int, default=train.patches_per_image)
-    parser.add_argument("--no-augment", action="store_true", help="no random flips/rotations")
+    parser.add_argument("--no-augment", action="store_true", help="no augmentation at all")
+    parser.add_argument("--flips-only", action="store_true",
+                        help="augment with flips/rotations only (no warps, elastic deformation or intensity changes)")
+    parser.add_argument("--loss", choices=("bce", "bce_dice"), default=train.loss,
+                        help="BCEWithLogits, or BCEWithLogits + soft Dice (default %(default)s)")
     parser.add_argument("--max-minutes", type=float, default=train.max_minutes,
                         help=f"wall-clock budget (default {train.max_minutes:g}); 0 for none")
     parser.add_argument("--device", default=train.device, help="auto, cpu, cuda or cuda:N")
@@ -74,7 +78,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from cellseg.config import ModelConfig, TrainConfig
+    from cellseg.config import AugmentationConfig, ModelConfig, TrainConfig
     from cellseg.data import load_pairs, manifest_hash, pair_images_and_masks, split_train_val
     from cellseg.train import train
 
@@ -83,8 +87,9 @@ def _run_train(args: argparse.Namespace) -> int:
         epochs=args.epochs, patience=args.patience, min_delta=args.min_delta, monitor=args.monitor,
         val_fraction=args.val_fraction, seed=args.seed, batch_size=args.batch_size,
         learning_rate=args.lr, patch_size=args.patch_size, patches_per_image=args.patches_per_image,
-        augment=not args.no_augment, max_minutes=args.max_minutes or None, device=args.device,
-        amp=not args.no_amp,
+        augment=not args.no_augment, loss=args.loss,
+        augmentation=AugmentationConfig.flips_only() if args.flips_only else AugmentationConfig(),
+        max_minutes=args.max_minutes or None, device=args.device, amp=not args.no_amp,
     )
     pairs = pair_images_and_masks(args.images, args.masks)
     train_pairs, val_pairs = split_train_val(pairs, config.val_fraction, config.seed)
@@ -114,6 +119,8 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="zarr store URL; created if missing, done images skipped")
     parser.add_argument("--threshold", type=float, default=defaults.threshold)
     parser.add_argument("--min-cell-area", type=int, default=defaults.min_cell_area)
+    parser.add_argument("--no-split", action="store_true", help="keep touching cells as one object (no watershed)")
+    parser.add_argument("--tta", action="store_true", help="average over 8 flips/rotations (slower, smoother masks)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--no-amp", action="store_true", help="plain fp32 inference, no mixed precision")
@@ -136,8 +143,8 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     config = PredictConfig(
         threshold=args.threshold, min_cell_area=args.min_cell_area, batch_size=args.batch_size,
-        device=args.device, save_probabilities=args.save_probabilities, amp=not args.no_amp,
-        compile=args.compile, tile_size=args.tile_size, max_pixels=args.max_pixels,
+        split_touching=not args.no_split, device=args.device, save_probabilities=args.save_probabilities, amp=not args.no_amp,
+        compile=args.compile, tile_size=args.tile_size, max_pixels=args.max_pixels, tta=args.tta,
     )
     predictor = Predictor.from_checkpoint(args.model, config)
     store = ResultStore.open(args.out)
@@ -163,6 +170,8 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("evaluate", help="score a results store against ground-truth masks")
     parser.add_argument("--pred", required=True, help="zarr results store URL")
     parser.add_argument("--masks", required=True, help="directory URL of ground-truth masks")
+    parser.add_argument("--labels", help="directory URL of ground-truth instance label images (one value per cell): "
+                                         "adds F1 at IoU 0.5, the DSB2018 score and the cell count error")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     parser.set_defaults(run=_run_evaluate)
 
@@ -171,7 +180,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from cellseg.evaluate import evaluate_store
     from cellseg.store import ResultStore
 
-    result = evaluate_store(ResultStore.open(args.pred, mode="r"), args.masks)
+    result = evaluate_store(ResultStore.open(args.pred, mode="r"), args.masks, labels_url=args.labels)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
@@ -179,6 +188,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     print(f"{'':8}" + "".join(f"{name:>11}" for name in result["mean"]))
     for kind in ("mean", "pooled"):
         print(f"{kind:8}" + "".join(f"{value:11.4f}" for value in result[kind].values()))
+    if "instances" in result:
+        cells = result["instances"]
+        error = cells["count_error_median"]
+        print(f"cells: F1@0.5 {cells['f1_mean']:.4f} (pooled {cells['f1_pooled']:.4f}), DSB score "
+              f"{cells['dsb_score_mean']:.4f}, median count error {'n/a' if error is None else f'{error:.1%}'}")
     if result["missing_predictions"]:
         print(f"{len(result['missing_predictions'])} ground-truth masks have no finished prediction")
     return 0
@@ -235,6 +249,8 @@ def _add_flow(commands: argparse._SubParsersAction) -> None:
     segment.add_argument("--dask-address", default=None, help="run shards on this Dask scheduler (tcp://host:port)")
     segment.add_argument("--threshold", type=float, default=predict.threshold)
     segment.add_argument("--min-cell-area", type=int, default=predict.min_cell_area)
+    segment.add_argument("--no-split", action="store_true", help="keep touching cells as one object (no watershed)")
+    segment.add_argument("--tta", action="store_true", help="average over 8 flips/rotations (slower, smoother masks)")
     segment.add_argument("--batch-size", type=int, default=predict.batch_size)
     segment.add_argument("--device", default=predict.device)
     segment.add_argument("--no-amp", action="store_true", help="plain fp32 inference, no mixed precision")
@@ -266,6 +282,7 @@ def _run_flow_segment(args: argparse.Namespace) -> int:
         source_url=args.source, store_url=args.store, registry_url=args.registry, model_version=args.model_version,
         shard_size=args.shard_size, max_parallel_shards=args.max_parallel_shards, dask_address=args.dask_address,
         threshold=args.threshold, min_cell_area=args.min_cell_area, batch_size=args.batch_size, device=args.device,
+        split_touching=not args.no_split, tta=args.tta,
         amp=not args.no_amp, compile=args.compile,
     )
     print(f"segmented {summary['done']}, skipped {summary['skipped']} already done, failed {len(summary['failed'])} "

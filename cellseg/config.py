@@ -80,6 +80,28 @@ class ModelConfig(_Config):
     )
 
 
+class AugmentationConfig(_Config):
+    """Random changes to training crops (`TrainConfig.augment` switches them all off)."""
+
+    flips: bool = Field(True, description="random flips and 90-degree rotations")
+    affine_probability: float = Field(0.5, ge=0.0, le=1.0, description="chance of a small rotation + scaling")
+    rotation_degrees: float = Field(30.0, ge=0.0, le=180.0)
+    max_scale: float = Field(1.15, ge=1.0, le=2.0, description="scale drawn log-uniformly in [1/max, max]")
+    elastic_probability: float = Field(0.5, ge=0.0, le=1.0, description="chance of an elastic deformation")
+    elastic_grid: int = Field(64, ge=8, description="spacing (pixels) of the random displacement grid")
+    elastic_std: float = Field(4.0, ge=0.0, description="standard deviation (pixels) of the grid displacements")
+    intensity_probability: float = Field(0.5, ge=0.0, le=1.0, description="chance of contrast/brightness/gamma/noise")
+    contrast: float = Field(0.2, ge=0.0, lt=1.0, description="intensity scale drawn from [1-c, 1+c]")
+    brightness: float = Field(0.1, ge=0.0, le=1.0, description="offset drawn from [-b, b]")
+    max_gamma: float = Field(1.4, ge=1.0, le=3.0, description="gamma drawn log-uniformly in [1/max, max]")
+    noise_std: float = Field(0.03, ge=0.0, le=0.5, description="Gaussian noise std drawn from [0, this]")
+
+    @classmethod
+    def flips_only(cls) -> AugmentationConfig:
+        """The original recipe: symmetries of the square and nothing else."""
+        return cls(affine_probability=0.0, elastic_probability=0.0, intensity_probability=0.0)
+
+
 class TrainConfig(_Config):
     """Optimisation, early stopping and data sampling for training."""
 
@@ -92,7 +114,9 @@ class TrainConfig(_Config):
     )
     patch_size: int = Field(256, ge=16, description="square training crop; smaller images are padded")
     patches_per_image: int = Field(4, ge=1, description="random crops drawn from each image per epoch")
-    augment: bool = Field(True, description="random flips and 90-degree rotations of training crops")
+    loss: Literal["bce", "bce_dice"] = Field("bce", description="BCEWithLogits, or BCEWithLogits + soft Dice")
+    augment: bool = Field(True, description="augment training crops as `augmentation` says; False: none at all")
+    augmentation: AugmentationConfig = AugmentationConfig()
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     seed: int = 0
     patience: int = Field(15, ge=1, description="epochs without improvement before stopping")
@@ -114,10 +138,15 @@ class PredictConfig(_Config):
     device: str = "auto"
     amp: bool = Field(True, description="bf16 mixed precision on CUDA and on CPUs with native bf16; False for plain fp32")
     compile: bool = Field(False, description="torch.compile the model: faster per image after a one-off compile per image size")
+    tta: bool = Field(False, description="test-time augmentation: average over 8 flips/rotations (8x the compute)")
     tile_size: int = Field(1024, ge=64, description="images larger than this on a side are predicted in overlapping tiles")
     tile_overlap: int = Field(128, ge=0, description="pixels shared by neighbouring tiles, blended linearly")
     threads: int | None = Field(None, ge=1, description="torch CPU threads for this process; None keeps torch's choice")
-    min_cell_area: int = Field(10, ge=0, description="connected components smaller than this are dropped")
+    min_cell_area: int = Field(10, ge=0, description="cells smaller than this (pixels) are dropped")
+    split_touching: bool = Field(True, description="separate touching cells (distance transform + watershed)")
+    split_depth: float = Field(
+        2.0, gt=0.0, description="how much narrower (pixels of distance) a neck must be than both cells to split them"
+    )
     save_probabilities: bool = False
     max_pixels: int = Field(
         DEFAULT_MAX_PIXELS, ge=1, description="images with more pixels are refused before decoding (decompression-bomb guard)"

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cellseg.config import NormalizationConfig
+from cellseg.augment import augment_pair
+from cellseg.config import AugmentationConfig, NormalizationConfig
 from cellseg.io import StorageOptions, binarize_mask, decode_image, image_stem, list_images, read_bytes
 
 
@@ -225,20 +226,11 @@ def crop_or_pad(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.G
     return image[window], mask[window]
 
 
-def flip_and_rotate(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One of the 8 symmetries of the square, the same for image and mask."""
-    turns = int(rng.integers(0, 4))
-    image, mask = np.rot90(image, turns), np.rot90(mask, turns)
-    if rng.integers(0, 2):
-        image, mask = image[:, ::-1], mask[:, ::-1]
-    return image, mask
-
-
 class ImgDataset(Dataset):
     """Training or validation samples from loaded pairs.
 
     Training (`patch_size` set): `patches_per_image` random crops per image per epoch, with
-    optional flips/rotations; randomness is a function of (seed, epoch, index) only, so runs and
+    optional augmentation (`cellseg.augment`); randomness is a function of (seed, epoch, index) only, so runs and
     resumed runs see the same samples. Validation (`patch_size` None): whole images.
     Items are (image, mask) float32 tensors of shape (1, H, W).
     """
@@ -250,6 +242,7 @@ class ImgDataset(Dataset):
         patches_per_image: int = 1,
         augment: bool = False,
         seed: int = 0,
+        augmentation: AugmentationConfig = AugmentationConfig(),
     ):
         if not pairs:
             raise DatasetError("the dataset is empty")
@@ -257,6 +250,7 @@ class ImgDataset(Dataset):
         self.patch_size = patch_size
         self.patches_per_image = patches_per_image if patch_size else 1
         self.augment = augment
+        self.augmentation = augmentation
         self.seed = seed
         self.epoch = 0
 
@@ -273,7 +267,7 @@ class ImgDataset(Dataset):
             rng = np.random.default_rng([self.seed, self.epoch, index])
             image, mask = crop_or_pad(image, mask, self.patch_size, rng)
             if self.augment:
-                image, mask = flip_and_rotate(image, mask, rng)
+                image, mask = augment_pair(image, mask, self.augmentation, rng)
         return (
             torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
             torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None],

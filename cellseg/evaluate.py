@@ -5,18 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 from cellseg.data import index_by_stem
-from cellseg.io import StorageOptions, list_images, read_mask
+from cellseg.instances import instance_scores, summarise_instance_scores
+from cellseg.io import StorageOptions, list_images, read_image, read_mask
 from cellseg.metrics import MetricAccumulator, confusion_counts
 from cellseg.store import ResultStore, StoreError
 
 
-def evaluate_store(store: ResultStore, masks_url: str, storage_options: StorageOptions = None) -> dict[str, Any]:
-    """Pixel metrics of every done image that has a ground-truth mask of the same stem.
+def evaluate_store(
+    store: ResultStore, masks_url: str, storage_options: StorageOptions = None, labels_url: str | None = None
+) -> dict[str, Any]:
+    """Pixel metrics of every done image that has a ground-truth mask of the same stem, and with
+    `labels_url` (ground-truth instance label images) cell-level metrics too.
 
-    Returns {"images", "mean", "pooled", "per_image", "missing_predictions"}; ground-truth masks
-    with no finished prediction are listed in "missing_predictions" and not scored.
+    Returns {"images", "mean", "pooled", "per_image", "missing_predictions"} and, with labels,
+    "instances" (F1 at IoU 0.5, DSB2018 score, pooled precision/recall, median cell count error)
+    with per-image instance scores merged into "per_image". Ground-truth masks with no finished
+    prediction are listed in "missing_predictions" and not scored.
     """
     truths = index_by_stem(list_images(masks_url, storage_options), "mask")
+    true_labels = index_by_stem(list_images(labels_url, storage_options), "label") if labels_url else {}
     done = store.done_ids()
     scored = sorted(done & truths.keys())
     if not scored:
@@ -32,11 +39,25 @@ def evaluate_store(store: ResultStore, masks_url: str, storage_options: StorageO
             )
         counts = confusion_counts(prediction, truth)
         accumulator.add(counts)
-        per_image.append({"image_id": image_id, **counts.scores()})
-    return {
+        row = {"image_id": image_id, **counts.scores()}
+        if labels_url:
+            if image_id not in true_labels:
+                raise StoreError(f"no ground-truth label image for '{image_id}' under '{labels_url}'")
+            labels = read_image(true_labels[image_id], storage_options)
+            if labels.shape != truth.shape:
+                raise StoreError(f"label image '{true_labels[image_id]}' is {labels.shape}, its mask {truth.shape}")
+            row.update({f"instance_{key}": value for key, value in
+                        instance_scores(store.read_cells(image_id), labels).items()})
+        per_image.append(row)
+    result = {
         "images": len(scored),
         "mean": accumulator.mean(),
         "pooled": accumulator.pooled(),
         "per_image": per_image,
         "missing_predictions": sorted(truths.keys() - done),
     }
+    if labels_url:
+        instance_rows = [{key[len("instance_"):]: value for key, value in row.items() if key.startswith("instance_")}
+                         for row in per_image]
+        result["instances"] = summarise_instance_scores(instance_rows)
+    return result

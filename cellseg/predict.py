@@ -22,13 +22,33 @@ from cellseg.tiling import predict_tiled
 from cellseg.train import autocast_context, resolve_device
 
 
-def forward_probabilities(model: UNet, batch: np.ndarray, device: torch.device, amp: bool = True) -> np.ndarray:
-    """Sigmoid of the model's logits for a (B, H, W) float32 batch, as (B, H, W) float32."""
+def forward_probabilities(
+    model: UNet, batch: np.ndarray, device: torch.device, amp: bool = True, tta: bool = False
+) -> np.ndarray:
+    """Sigmoid of the model's logits for a (B, H, W) float32 batch, as (B, H, W) float32.
+
+    With `tta`, the probabilities are averaged over the eight flips and 90-degree rotations of
+    the input (each mapped back), which makes the result exactly equivariant to them.
+    """
     with torch.inference_mode():
         inputs = torch.from_numpy(np.ascontiguousarray(batch))[:, None].to(device)
-        with autocast_context(device, amp):
-            logits = model(inputs)
-        return torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+
+        def probabilities(x: torch.Tensor) -> torch.Tensor:
+            with autocast_context(device, amp):
+                logits = model(x)
+            return torch.sigmoid(logits.float())
+
+        if not tta:
+            return probabilities(inputs)[:, 0].cpu().numpy()
+        total = torch.zeros_like(inputs, dtype=torch.float32)
+        for quarter_turns in range(4):
+            for mirrored in (False, True):
+                x = torch.rot90(inputs, quarter_turns, dims=(2, 3))
+                x = x.flip(3) if mirrored else x
+                p = probabilities(x)
+                p = p.flip(3) if mirrored else p
+                total += torch.rot90(p, -quarter_turns, dims=(2, 3))
+        return (total / 8)[:, 0].cpu().numpy()
 
 
 def predict_probabilities(
@@ -39,6 +59,7 @@ def predict_probabilities(
     amp: bool = True,
     tile_size: int | None = None,
     tile_overlap: int = 128,
+    tta: bool = False,
 ) -> list[np.ndarray]:
     """Cell probabilities for normalised (H, W) float32 images, as (H, W) float32 in [0, 1].
 
@@ -52,14 +73,14 @@ def predict_probabilities(
     for index, image in enumerate(images):
         if tile_size is not None and max(image.shape) > tile_size:
             results[index] = predict_tiled(
-                lambda tile: forward_probabilities(model, tile[None], device, amp)[0], image, tile_size, tile_overlap
+                lambda tile: forward_probabilities(model, tile[None], device, amp, tta)[0], image, tile_size, tile_overlap
             )
         else:
             by_shape[image.shape].append(index)
     for indices in by_shape.values():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
-            probabilities = forward_probabilities(model, np.stack([images[i] for i in chunk]), device, amp)
+            probabilities = forward_probabilities(model, np.stack([images[i] for i in chunk]), device, amp, tta)
             for i, probability in zip(chunk, probabilities):
                 results[i] = probability
     return results  # type: ignore[return-value]
@@ -109,7 +130,7 @@ class Predictor:
         normalised = [normalize_image(image, self.normalization) for image in images]
         return predict_probabilities(
             self.forward_model, normalised, self.batch_size, self.device, self.config.amp,
-            self.config.tile_size, self.config.tile_overlap,
+            self.config.tile_size, self.config.tile_overlap, self.config.tta,
         )
 
     def masks(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:

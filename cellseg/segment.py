@@ -20,6 +20,8 @@ import numpy as np
 
 from cellseg import __version__
 from cellseg.io import StorageOptions, image_stem, read_image
+from cellseg.config import PredictConfig
+from cellseg.instances import split_touching_cells
 from cellseg.predict import Predictor, threshold_probabilities
 from cellseg.stats import image_statistics, label_cells
 from cellseg.store import ResultStore, StoreError, validate_image_id
@@ -88,6 +90,8 @@ def model_record(predictor: Predictor, checkpoint_url: str) -> dict[str, Any]:
         "checkpoint": checkpoint_url,
         "threshold": predictor.config.threshold,
         "min_cell_area": predictor.config.min_cell_area,
+        "split_touching": predictor.config.split_touching,
+        "split_depth": predictor.config.split_depth,
         "model_config": predictor.checkpoint.model_config.model_dump(mode="json"),
         "cellseg_version": __version__,
     }
@@ -178,15 +182,21 @@ def _write_result(
 ) -> str | None:
     """Label, measure and store one image; returns an error description instead of raising."""
     try:
-        labels, _ = label_cells(threshold_probabilities(probability, predictor.config.threshold),
-                                predictor.config.min_cell_area)
+        labels = cell_labels(threshold_probabilities(probability, predictor.config.threshold), predictor.config)
         written = store.write_result(
             image_id, labels > 0, image_statistics(image, labels), url, model,
-            probability if predictor.config.save_probabilities else None, replace=False,
+            probability if predictor.config.save_probabilities else None, replace=False, cells=labels,
         )
         return None if written else DONE_ELSEWHERE
     except Exception as error:
         return _describe(error)
+
+
+def cell_labels(mask: np.ndarray, config: PredictConfig) -> np.ndarray:
+    """One label per cell: touching cells split apart unless `config.split_touching` is off."""
+    if config.split_touching:
+        return split_touching_cells(mask, config.min_cell_area, config.split_depth)
+    return label_cells(mask, config.min_cell_area)[0]
 
 
 DONE_ELSEWHERE = "done by another run"  # an outcome of _write_result that is not a failure

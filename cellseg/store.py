@@ -5,6 +5,7 @@ Layout (see docs/store.md)::
     <store>/zarr.json                         root attrs: {"cellseg": {"layout": 1, ...}}
     <store>/<image id>/zarr.json              attrs["cellseg"]: status, source, model, statistics
     <store>/<image id>/labels/mask/0          uint8 (H, W), 1 = cell, 0 = background
+    <store>/<image id>/labels/cells/0         int32 (H, W), one label per cell, 0 = background
     <store>/<image id>/probabilities/0        float16 (H, W), optional
 
 Every image owns its own arrays, so two writers never touch the same chunk. An image is done
@@ -23,9 +24,11 @@ import zarr
 
 from cellseg import __version__
 from cellseg.io import StorageOptions
+from cellseg.stats import label_cells
 
 LAYOUT_VERSION = 1
 MASK_NAME = "mask"
+CELLS_NAME = "cells"
 CHUNK_SIDE = 1024
 DONE = "done"
 
@@ -81,6 +84,7 @@ class ResultStore:
         model: Mapping[str, Any],
         probabilities: np.ndarray | None = None,
         replace: bool = True,
+        cells: np.ndarray | None = None,
     ) -> bool:
         """Write one image's mask (and optional probabilities), then mark it done with its statistics.
 
@@ -95,6 +99,8 @@ class ResultStore:
             # Replacing a finished result: withdraw the mark first so no reader mixes old and new.
             existing.attrs["cellseg"] = {"status": "writing", "source_url": source_url}
         self._write_array(f"{image_id}/labels/{MASK_NAME}/0", mask.astype(np.uint8), existing is not None)
+        if cells is not None:
+            self._write_array(f"{image_id}/labels/{CELLS_NAME}/0", cells.astype(np.int32), existing is not None)
         if probabilities is not None:
             self._write_array(f"{image_id}/probabilities/0", probabilities.astype(np.float16), existing is not None)
         group = self.root[image_id]
@@ -159,6 +165,15 @@ class ResultStore:
             return self.record(image_id).get("status") == DONE
         except StoreError:
             return False
+
+    def read_cells(self, image_id: str) -> np.ndarray:
+        """Instance labels (int32, 0 = background, 1..N one per cell) of a done image; images
+        written without them get the connected components of their mask."""
+        mask = self.read_mask(image_id)
+        array = self.root.get(f"{image_id}/labels/{CELLS_NAME}/0")
+        if isinstance(array, zarr.Array):
+            return array[...]
+        return label_cells(mask)[0]
 
     def read_mask(self, image_id: str) -> np.ndarray:
         """Boolean (H, W) mask of a done image."""

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from cellseg.losses import segmentation_loss
 from cellseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cellseg.config import ModelConfig, TrainConfig
 from cellseg.data import ImgDataset, LoadedPair
@@ -138,7 +139,8 @@ def train(
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
 
-    train_set = ImgDataset(train_pairs, config.patch_size, config.patches_per_image, config.augment, config.seed)
+    train_set = ImgDataset(train_pairs, config.patch_size, config.patches_per_image, config.augment, config.seed,
+                           config.augmentation)
     model = UNet(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     monitor_key, higher_is_better = _score_name(config.monitor if val_pairs else config.monitor.replace("val_", "train_"))
@@ -184,7 +186,7 @@ def train(
             images, masks = images.to(device), masks.to(device)
             with autocast_context(device, config.amp):
                 logits = model(images)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), masks)
+            loss = segmentation_loss(logits.float(), masks, config.loss)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

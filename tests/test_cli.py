@@ -16,7 +16,7 @@ COMMANDS = {
     "synth": ["--out", "--count", "--seed"],
     "train": ["--images", "--masks", "--out", "--epochs", "--patience", "--val-fraction", "--seed", "--resume"],
     "predict": ["--model", "--images", "--out", "--threshold"],
-    "evaluate": ["--pred", "--masks", "--json"],
+    "evaluate": ["--pred", "--masks", "--labels", "--json"],
     "results": ["--json"],
 }
 FAST_TRAIN = ["--epochs", "4", "--depth", "3", "--base-width", "8", "--patch-size", "96", "--patches-per-image", "2"]
@@ -61,6 +61,15 @@ def test_synth_train_predict_evaluate_round_trip(tmp_path):
     assert set(scores["mean"]) == {"iou", "dice", "precision", "recall"}
     table = cellseg("evaluate", "--pred", store, "--masks", str(tmp_path / "new/masks")).stdout
     assert "pooled" in table and f"{scores['pooled']['dice']:.4f}" in table
+
+    with_cells = json.loads(cellseg("evaluate", "--pred", store, "--masks", str(tmp_path / "new/masks"),
+                                    "--labels", str(tmp_path / "new/labels"), "--json").stdout)
+    cells = with_cells["instances"]
+    assert cells["images"] == 5 and 0.5 < cells["f1_mean"] <= 1.0 and 0.0 < cells["dsb_score_mean"] <= cells["f1_mean"]
+    assert all(row["instance_true_cells"] > 0 for row in with_cells["per_image"])
+    table = cellseg("evaluate", "--pred", store, "--masks", str(tmp_path / "new/masks"),
+                    "--labels", str(tmp_path / "new/labels")).stdout
+    assert f"DSB score {cells['dsb_score_mean']:.4f}" in table
 
     again = cellseg("predict", "--model", str(tmp_path / "model/best.pt"), "--images", str(tmp_path / "new/images"),
                     "--out", store)

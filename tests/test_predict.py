@@ -167,3 +167,24 @@ def test_mask_agreement_counts_pixels_and_dice():
     assert mask_agreement([], []) == {"pixel_agreement": 1.0, "dice": 1.0}
     with pytest.raises(ValueError):
         mask_agreement([a], [a, b])
+
+
+def test_tta_keeps_the_shape_and_is_equivariant_to_rotations_and_flips():
+    model = small_unet()
+    image = random_images([(64, 48)], seed=3)[0]
+    (plain,) = predict_probabilities(model, [image], amp=False)
+    (averaged,) = predict_probabilities(model, [image], amp=False, tta=True)
+    assert averaged.shape == plain.shape == image.shape
+    assert not np.allclose(averaged, plain)  # the eight views really differ for this model
+    (rotated,) = predict_probabilities(model, [np.rot90(image).copy()], amp=False, tta=True)
+    (mirrored,) = predict_probabilities(model, [image[:, ::-1].copy()], amp=False, tta=True)
+    np.testing.assert_allclose(rotated, np.rot90(averaged), atol=1e-5)
+    np.testing.assert_allclose(mirrored, averaged[:, ::-1], atol=1e-5)
+
+
+def test_tta_output_is_symmetric_for_a_symmetric_input():
+    rows, cols = np.ogrid[:64, :64]
+    image = (((rows - 31.5) ** 2 + (cols - 31.5) ** 2) < 15**2).astype(np.float32)
+    (averaged,) = predict_probabilities(small_unet(), [image], amp=False, tta=True)
+    for view in (np.rot90(averaged), averaged[::-1], averaged[:, ::-1], averaged.T):
+        np.testing.assert_allclose(view, averaged, atol=1e-5)

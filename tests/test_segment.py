@@ -155,8 +155,13 @@ def test_statistics_rows_describe_the_stored_masks(image_dir, store, predictor):
         assert row["source_url"] == url_of(image_dir, image_id)
         image = read_image(url_of(image_dir, image_id))
         mask = store.read_mask(image_id)
-        _, cells = ndimage.label(mask, structure=np.ones((3, 3)))
-        assert cells > 0 and row["cell_count"] == cells
+        labels = store.read_cells(image_id)
+        np.testing.assert_array_equal(labels > 0, mask)
+        _, components = ndimage.label(mask, structure=np.ones((3, 3)))
+        cells = int(labels.max())
+        assert set(np.unique(labels)) == set(range(cells + 1))  # numbered 1..N without gaps
+        # Touching cells are split: at least one cell per connected component, often more.
+        assert cells >= components > 0 and row["cell_count"] == cells
         assert row["total_cell_area"] == mask.sum()
         assert row["foreground_fraction"] == pytest.approx(mask.mean())
         assert row["mean_cell_area"] == pytest.approx(mask.sum() / cells)
@@ -171,6 +176,8 @@ def test_model_record_is_stored_with_each_result(image_dir, store, predictor):
         "checkpoint": "tiny/best.pt",
         "threshold": 0.5,
         "min_cell_area": MIN_CELL_AREA,
+        "split_touching": True,
+        "split_depth": 2.0,
         "model_config": predictor.checkpoint.model_config.model_dump(mode="json"),
         "cellseg_version": __version__,
     }

@@ -287,3 +287,16 @@ def test_rewriting_a_half_written_image_keeps_its_array_and_overwrites_in_place(
     store.write_result("half", MASK, STATS, "half.png", MODEL, replace=False)
     assert sentinel.exists()
     np.testing.assert_array_equal(store.read_mask("half"), MASK)
+
+
+def test_cell_labels_are_stored_beside_the_mask(store):
+    cells = np.array([[1, 1, 0, 0], [0, 0, 0, 2], [0, 0, 2, 2]], dtype=np.int32)
+    store.write_result("cells", cells > 0, STATS, "cells.png", MODEL, cells=cells)
+    np.testing.assert_array_equal(store.read_cells("cells"), cells)
+    assert store.root["cells/labels/cells/0"].dtype == np.int32
+
+
+def test_results_without_cell_labels_read_as_connected_components(store):
+    store.write_result("plain", MASK, STATS, "plain.png", MODEL)
+    labels = store.read_cells("plain")
+    assert labels.max() == 2 and np.array_equal(labels > 0, MASK)

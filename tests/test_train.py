@@ -126,3 +126,25 @@ def test_training_on_cuda_with_mixed_precision(split, tmp_path):
     result = train(*split, tmp_path, SMALL_MODEL, small_config(device="cuda", amp=True, epochs=2))
     assert load_checkpoint(str(result.best_checkpoint)).state_dict["head.weight"].device.type == "cpu"
     assert result.history[-1]["val_dice"] > 0
+
+
+def test_soft_dice_loss_by_hand():
+    from cellseg.losses import segmentation_loss, soft_dice_loss
+
+    logits = torch.tensor([[[[10.0, -10.0], [10.0, -10.0]]]])  # probabilities ~1, 0, 1, 0
+    targets = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]])
+    # overlap 2, totals 2 + 3: 1 - (4 + 1) / (5 + 1)
+    assert soft_dice_loss(logits, targets).item() == pytest.approx(1 - 5 / 6, abs=1e-4)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    assert segmentation_loss(logits, targets, "bce").item() == pytest.approx(bce.item())
+    assert segmentation_loss(logits, targets, "bce_dice").item() == pytest.approx(bce.item() + 1 - 5 / 6, abs=1e-4)
+    with pytest.raises(ValueError, match="unknown loss"):
+        segmentation_loss(logits, targets, "focal")
+
+
+def test_training_with_bce_dice_and_full_augmentation_learns(split, tmp_path):
+    from cellseg.config import AugmentationConfig
+
+    config = small_config(epochs=3).model_copy(update={"loss": "bce_dice", "augmentation": AugmentationConfig()})
+    result = train(*split, tmp_path, SMALL_MODEL, config)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]

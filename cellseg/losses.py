@@ -1,0 +1,28 @@
+"""Training losses on logits: BCEWithLogits (the original design) and BCE + soft Dice."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice of sigmoid(logits) against {0, 1} targets, per sample, averaged over the batch.
+
+    `smooth` keeps a crop without cells (and none predicted) at a loss near 0 instead of 0/0.
+    """
+    probabilities = torch.sigmoid(logits).flatten(1)
+    targets = targets.flatten(1)
+    overlap = (probabilities * targets).sum(dim=1)
+    total = probabilities.sum(dim=1) + targets.sum(dim=1)
+    return (1 - (2 * overlap + smooth) / (total + smooth)).mean()
+
+
+def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str = "bce") -> torch.Tensor:
+    """`kind` "bce": BCEWithLogits; "bce_dice": BCEWithLogits + soft Dice (equal weights)."""
+    loss = F.binary_cross_entropy_with_logits(logits, targets)
+    if kind == "bce_dice":
+        loss = loss + soft_dice_loss(logits, targets)
+    elif kind != "bce":
+        raise ValueError(f"unknown loss {kind!r}: use 'bce' or 'bce_dice'")
+    return loss

@@ -1,0 +1,124 @@
+"""Touching cells split by watershed, and instance metrics on hand-made labels."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cellseg.instances import instance_scores, iou_matrix, split_touching_cells, summarise_instance_scores
+from cellseg.stats import label_cells
+
+
+def disc(shape, center, radius) -> np.ndarray:
+    rows, cols = np.ogrid[: shape[0], : shape[1]]
+    return (rows - center[0]) ** 2 + (cols - center[1]) ** 2 <= radius**2
+
+
+def test_two_touching_discs_become_two_cells():
+    mask = disc((60, 90), (30, 30), 15) | disc((60, 90), (30, 56), 15)
+    assert label_cells(mask)[0].max() == 1  # one connected blob
+    labels = split_touching_cells(mask)
+    assert labels.max() == 2
+    np.testing.assert_array_equal(labels > 0, mask)  # every mask pixel is in a cell, nothing else
+    left, right = labels[30, 20], labels[30, 66]
+    assert left != right and left > 0 and right > 0
+    # The split runs through the neck between the centres.
+    assert set(np.unique(labels[:, 43][mask[:, 43]])) <= {left, right}
+    sizes = np.bincount(labels.ravel())[1:]
+    assert abs(int(sizes[0]) - int(sizes[1])) <= 0.05 * sizes.sum()
+
+
+def test_one_round_cell_is_not_split_and_small_specks_are_dropped():
+    mask = disc((50, 50), (25, 25), 12)
+    mask[2, 2] = mask[2, 3] = True
+    labels = split_touching_cells(mask, min_cell_area=10)
+    assert labels.max() == 1
+    assert not labels[2, 2]
+
+
+def test_tiny_cells_without_a_distance_peak_are_kept_whole():
+    mask = np.zeros((20, 20), bool)
+    mask[5:7, 5:7] = True  # too small to hold an h-maximum of depth 2
+    labels = split_touching_cells(mask)
+    assert labels.max() == 1 and (labels > 0).sum() == 4
+
+
+def test_split_depth_zero_is_connected_components():
+    mask = disc((60, 90), (30, 30), 15) | disc((60, 90), (30, 56), 15)
+    np.testing.assert_array_equal(split_touching_cells(mask, split_depth=0), label_cells(mask)[0])
+
+
+def test_empty_mask_has_no_cells():
+    assert split_touching_cells(np.zeros((8, 8), bool)).max() == 0
+
+
+def hand_labels() -> np.ndarray:
+    truth = np.zeros((10, 20), np.int32)
+    truth[1:5, 1:5] = 1   # 16 px
+    truth[1:5, 8:12] = 2  # 16 px
+    truth[6:9, 14:19] = 3  # 15 px
+    return truth
+
+
+def test_perfect_prediction_scores_one_whatever_the_label_numbers():
+    truth = hand_labels()
+    predicted = np.where(truth > 0, 10 - truth, 0)  # same cells, other numbers
+    scores = instance_scores(predicted, truth)
+    assert (scores["tp"], scores["fp"], scores["fn"]) == (3, 0, 0)
+    assert scores["f1"] == scores["dsb_score"] == scores["precision"] == scores["recall"] == 1.0
+
+
+def test_a_missed_cell_and_a_split_cell_by_hand():
+    truth = hand_labels()
+    predicted = np.zeros_like(truth)
+    predicted[1:5, 1:5] = 1          # cell 1 exact
+    predicted[1:5, 8:10] = 2         # cell 2 split in two halves: IoU 0.5 each, not > 0.5
+    predicted[1:5, 10:12] = 3
+    # cell 3 missed
+    scores = instance_scores(predicted, truth)
+    assert (scores["predicted_cells"], scores["true_cells"]) == (3, 3)
+    assert (scores["tp"], scores["fp"], scores["fn"]) == (1, 2, 2)
+    assert scores["precision"] == pytest.approx(1 / 3) and scores["recall"] == pytest.approx(1 / 3)
+    assert scores["f1"] == pytest.approx(2 * 1 / (3 + 3))
+    # Only the exact cell matches at every threshold: TP/(TP+FP+FN) = 1/5 at each.
+    assert scores["dsb_score"] == pytest.approx(1 / 5)
+
+
+def test_dsb_score_counts_a_match_only_up_to_its_iou():
+    truth = np.zeros((10, 10), np.int32)
+    truth[0:10, 0:5] = 1                  # 50 px
+    predicted = np.zeros_like(truth)
+    predicted[0:10, 0:4] = 1              # 40 px inside: IoU 0.8
+    scores = instance_scores(predicted, truth)
+    # Matched at thresholds 0.5 .. 0.75 (6 of 10), missed (1 FP + 1 FN) at 0.8 .. 0.95.
+    assert scores["dsb_score"] == pytest.approx((6 * 1 + 4 * 0) / 10)
+    assert scores["f1"] == 1.0
+
+
+def test_empty_truth_and_prediction():
+    empty = np.zeros((5, 5), np.int32)
+    assert instance_scores(empty, empty)["dsb_score"] == 1.0
+    one = empty.copy()
+    one[1:3, 1:3] = 1
+    assert instance_scores(one, empty)["f1"] == 0.0 and instance_scores(empty, one)["dsb_score"] == 0.0
+
+
+def test_iou_matrix_skips_absent_label_numbers():
+    truth = np.zeros((4, 4), np.int32)
+    truth[:2] = 5
+    predicted = (truth > 0).astype(np.int32)
+    np.testing.assert_allclose(iou_matrix(predicted, truth), [[1.0]])
+    with pytest.raises(ValueError):
+        iou_matrix(predicted, truth[:3])
+
+
+def test_summary_pools_counts_and_takes_the_median_count_error():
+    rows = [{"tp": 1, "fp": 1, "fn": 0, "f1": 2 / 3, "dsb_score": 0.5, "predicted_cells": 2, "true_cells": 1},
+            {"tp": 2, "fp": 0, "fn": 2, "f1": 0.5, "dsb_score": 0.3, "predicted_cells": 2, "true_cells": 4},
+            {"tp": 3, "fp": 0, "fn": 0, "f1": 1.0, "dsb_score": 1.0, "predicted_cells": 3, "true_cells": 3}]
+    summary = summarise_instance_scores(rows)
+    assert summary["f1_pooled"] == pytest.approx(2 * 6 / (12 + 1 + 2))
+    assert summary["count_error_median"] == pytest.approx(0.5)  # errors 1.0, 0.5, 0.0
+    assert summary["dsb_score_mean"] == pytest.approx(0.6)
