@@ -165,14 +165,16 @@ def _rates(count: int, seconds: float, side: int = SIDE) -> dict:
             "megapixels_per_second": count * side * side / 1e6 / seconds}
 
 
-def bench_product(source: str, store: str, registry: str, shard_size: int, parallel: int, compile: bool = False) -> dict:
+def bench_product(source: str, store: str, registry: str, shard_size: int, parallel: int, compile: bool = False,
+                  split_touching: bool = True) -> dict:
     from flows.segment import segment_images_flow
 
     summary, seconds = timed(segment_images_flow, source_url=source, store_url=store, registry_url=registry,
-                             shard_size=shard_size, max_parallel_shards=parallel, compile=compile)
+                             shard_size=shard_size, max_parallel_shards=parallel, compile=compile,
+                             split_touching=split_touching)
     assert not summary["failed"], summary["failed"]
     return {**_rates(summary["done"], seconds), "shards": summary["shards"], "parallel_shards": parallel,
-            "compile": compile}
+            "compile": compile, "split_touching": split_touching}
 
 
 def bench_memory(work: Path, checkpoint: Path, count: int) -> dict:
@@ -273,6 +275,8 @@ def main() -> None:
         shard = max(1, args.images // 4)
         results["product_one_shard_at_a_time"] = bench_product(str(work / "infer/images"), str(work / "p1.zarr"), registry, shard, 1)
         results["product_local"] = bench_product(str(work / "infer/images"), str(work / "p2.zarr"), registry, shard, PARALLEL_SHARDS)
+        results["product_no_split"] = bench_product(str(work / "infer/images"), str(work / "p4.zarr"), registry, shard,
+                                                    PARALLEL_SHARDS, split_touching=False)
         results["product_compiled"] = bench_product(str(work / "infer/images"), str(work / "p3.zarr"), registry, shard,
                                                     PARALLEL_SHARDS, compile=True)
         fs = s3fs.S3FileSystem(endpoint_url=endpoint)
@@ -291,6 +295,7 @@ def main() -> None:
     results["ratios"] = {
         "product_vs_model_only": results["product_local"]["images_per_second"] / results["model_only"]["images_per_second"],
         "product_vs_naive": results["product_local"]["images_per_second"] / results["naive"]["images_per_second"],
+        "product_no_split_vs_model_only": results["product_no_split"]["images_per_second"] / results["model_only"]["images_per_second"],
         "product_compiled_vs_naive": results["product_compiled"]["images_per_second"] / results["naive"]["images_per_second"],
         "two_shards_vs_one": results["product_local"]["images_per_second"] / results["product_one_shard_at_a_time"]["images_per_second"],
         "training_vs_naive": results["training"]["speedup"],
@@ -313,6 +318,9 @@ def print_table(r: dict) -> None:
          f"1 stream, after a {r['model_only_compiled']['first_call_seconds']:.0f} s first call (compilation)"),
         ("product, local", f"{r['product_local']['images_per_second']:.2f} img/s  {r['product_local']['megapixels_per_second']:.2f} MP/s",
          f"{r['ratios']['product_vs_model_only']:.2f}x model only (>= 0.85), {r['ratios']['product_vs_naive']:.2f}x naive (>= 3)"),
+        ("product, no cell splitting", f"{r['product_no_split']['images_per_second']:.2f} img/s",
+         f"{r['ratios']['product_no_split_vs_model_only']:.2f}x model only, "
+         f"{r['product_no_split']['images_per_second'] / r['naive']['images_per_second']:.2f}x naive (split_touching=false)"),
         ("product, torch.compile", f"{r['product_compiled']['images_per_second']:.2f} img/s",
          f"{r['ratios']['product_compiled_vs_naive']:.2f}x naive (compile=true, opt-in)"),
         ("product, s3 (moto)", f"{r['product_s3']['images_per_second']:.2f} img/s", ""),

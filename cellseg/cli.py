@@ -74,6 +74,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--dropout", type=float, default=model.dropout)
     parser.add_argument("--norm", choices=("group", "batch", "instance", "none"), default=model.norm)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.add_argument("--init-from", help="fine-tune from this checkpoint (its model config replaces --depth etc.)")
+    parser.add_argument("--freeze-encoder-epochs", type=int, default=0,
+                        help="with --init-from: keep the encoder fixed for this many epochs")
     parser.set_defaults(run=_run_train)
 
 
@@ -83,7 +86,12 @@ def _run_train(args: argparse.Namespace) -> int:
     from cellseg.train import train
 
     model_config = ModelConfig(depth=args.depth, base_width=args.base_width, dropout=args.dropout, norm=args.norm)
+    if args.init_from:
+        from cellseg.checkpoint import load_checkpoint
+
+        model_config = load_checkpoint(args.init_from).model_config
     config = TrainConfig(
+        init_from=args.init_from, freeze_encoder_epochs=args.freeze_encoder_epochs,
         epochs=args.epochs, patience=args.patience, min_delta=args.min_delta, monitor=args.monitor,
         val_fraction=args.val_fraction, seed=args.seed, batch_size=args.batch_size,
         learning_rate=args.lr, patch_size=args.patch_size, patches_per_image=args.patches_per_image,

@@ -115,6 +115,10 @@ class TrainConfig(_Config):
     patch_size: int = Field(256, ge=16, description="square training crop; smaller images are padded")
     patches_per_image: int = Field(4, ge=1, description="random crops drawn from each image per epoch")
     loss: Literal["bce", "bce_dice"] = Field("bce", description="BCEWithLogits, or BCEWithLogits + soft Dice")
+    init_from: str | None = Field(
+        None, description="checkpoint URL to fine-tune from (its model config is used); None: random initialisation"
+    )
+    freeze_encoder_epochs: int = Field(0, ge=0, description="with init_from: keep the encoder fixed for this many epochs")
     augment: bool = Field(True, description="augment training crops as `augmentation` says; False: none at all")
     augmentation: AugmentationConfig = AugmentationConfig()
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)

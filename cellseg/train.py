@@ -153,6 +153,16 @@ def train(
     history: list[dict[str, float]] = []
     best_score, best_epoch, best_metrics, stale_epochs, spent_seconds = None, 0, {}, 0, 0.0
 
+    if config.init_from and not resume:
+        initial = load_checkpoint(config.init_from)
+        if initial.model_config != model_config:
+            raise ValueError(
+                f"'{config.init_from}' holds a model built as {initial.model_config.model_dump()}, "
+                f"not {model_config.model_dump()}; fine-tune with the checkpoint's model config"
+            )
+        model.load_state_dict(initial.state_dict)
+        logger.info("fine-tuning from %s", config.init_from)
+
     if resume:
         state = load_checkpoint(str(out / LAST_CHECKPOINT))
         if state.resume_state is None:
@@ -180,6 +190,9 @@ def train(
         torch.manual_seed(config.seed * 1_000_003 + epoch)  # dropout masks and batch order
         train_set.set_epoch(epoch)
         loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True)
+        if config.init_from and config.freeze_encoder_epochs:
+            for parameter in (*model.stem.parameters(), *model.encoder.parameters()):
+                parameter.requires_grad_(epoch > config.freeze_encoder_epochs)
         model.train()
         train_counts, loss_sum, samples = MetricAccumulator(), 0.0, 0
         for images, masks in loader:

@@ -148,3 +148,24 @@ def test_training_with_bce_dice_and_full_augmentation_learns(split, tmp_path):
     config = small_config(epochs=3).model_copy(update={"loss": "bce_dice", "augmentation": AugmentationConfig()})
     result = train(*split, tmp_path, SMALL_MODEL, config)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_fine_tuning_starts_from_the_checkpoint_and_can_freeze_the_encoder(split, tmp_path):
+    first = train(*split, tmp_path / "first", SMALL_MODEL, small_config(epochs=3))
+    start = load_checkpoint(str(first.best_checkpoint)).state_dict
+    config = small_config(epochs=1, init_from=str(first.best_checkpoint), freeze_encoder_epochs=1)
+    tuned = train(*split, tmp_path / "tuned", SMALL_MODEL, config)
+    weights = load_checkpoint(str(tuned.last_checkpoint)).state_dict
+    frozen = [name for name in start if name.startswith(("stem.", "encoder."))]
+    assert frozen and all(torch.equal(weights[name], start[name]) for name in frozen)
+    assert any(not torch.equal(weights[name], start[name]) for name in start if name.startswith("decoder."))
+    # Starting from trained weights, the first epoch is already as good as the run it came from.
+    scratch = train(*split, tmp_path / "scratch", SMALL_MODEL, small_config(epochs=1))
+    assert tuned.history[0]["val_dice"] > scratch.history[0]["val_dice"]
+
+
+def test_fine_tuning_refuses_a_checkpoint_of_another_architecture(split, tmp_path):
+    first = train(*split, tmp_path / "first", SMALL_MODEL, small_config(epochs=1))
+    other = SMALL_MODEL.model_copy(update={"base_width": SMALL_MODEL.base_width * 2})
+    with pytest.raises(ValueError, match="fine-tune with the checkpoint's model config"):
+        train(*split, tmp_path / "other", other, small_config(epochs=1, init_from=str(first.best_checkpoint)))
