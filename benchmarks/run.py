@@ -1,6 +1,6 @@
 """`make bench`: every performance figure measured side by side in one run on this machine.
 
-    python -m benchmarks.run [--images 120] [--out runs/benchmarks]
+    python -m benchmarks.run [--images 240] [--out runs/benchmarks]
 
 Writes <out>/results.json and prints a table. Sections: hardware limit (dense matmul rates and
 the model's FLOPs), training (product loop vs the naive batch-1 fp32 loop at equal epochs), naive
@@ -228,7 +228,7 @@ def fast_path_agreement(checkpoints: dict[str, tuple[Path, Path]]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=120, help=f"{SIDE}x{SIDE} images for the inference runs")
+    parser.add_argument("--images", type=int, default=240, help=f"{SIDE}x{SIDE} images for the inference runs")
     parser.add_argument("--training-epochs", type=int, default=6)
     parser.add_argument("--memory-images", type=int, default=2000)
     parser.add_argument("--out", default="runs/benchmarks")

@@ -278,3 +278,23 @@ def test_s3_ingest_caches_locally_and_reuses_unchanged_objects(s3_bucket, tmp_pa
     entry_c = {entry.id: entry for entry in third.manifest.entries}["c"]
     assert entry_c.image.sha256 == hashlib.sha256(new_image).hexdigest()
     assert json.loads(third.manifest_path.read_text())["hash"] == third.manifest.hash
+
+
+def test_keys_with_dot_dot_never_leave_the_cache(s3_bucket, tmp_path):
+    """Object keys may contain '..' (S3 does not normalise them); the cache is content-addressed,
+    so whatever a listing returns, every file written lands under cache/objects/."""
+    import s3fs
+
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    image, mask = png_bytes(IMAGES["a"]), png_bytes(mask_for(IMAGES["a"]))
+    for name in ("..png", "..a..png", "x..png"):
+        fs.pipe_file(f"{bucket}/ds/images/{name}", image)
+        fs.pipe_file(f"{bucket}/ds/masks/{name}", mask)
+    cache = tmp_path / "sandbox" / "cache"
+    result = ingest_dataset(f"{bucket}/ds/images", f"{bucket}/ds/masks", cache, options)
+    assert len(result.manifest.entries) == 3
+    written = [path for path in (tmp_path / "sandbox").rglob("*") if path.is_file()]
+    assert written and all(path.resolve().is_relative_to(cache.resolve()) for path in written)
+    assert {path.name for path in object_files(cache)} == {hashlib.sha256(image).hexdigest(),
+                                                           hashlib.sha256(mask).hexdigest()}
