@@ -149,7 +149,7 @@ class PredictConfig(_Config):
     min_cell_area: int = Field(10, ge=0, description="cells smaller than this (pixels) are dropped")
     split_touching: bool = Field(True, description="separate touching cells (distance transform + watershed)")
     split_depth: float = Field(
-        2.0, gt=0.0, description="how much narrower (pixels of distance) a neck must be than both cells to split them"
+        0.5, gt=0.0, description="how much narrower (pixels of distance) a neck must be than both cells to split them"
     )
     save_probabilities: bool = False
     max_pixels: int = Field(

@@ -20,7 +20,7 @@ from cellseg.stats import label_cells
 IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * step, 2) for step in range(10))  # 0.5, 0.55, ..., 0.95
 
 
-def split_touching_cells(mask: np.ndarray, min_cell_area: int = 0, split_depth: float = 2.0) -> np.ndarray:
+def split_touching_cells(mask: np.ndarray, min_cell_area: int = 0, split_depth: float = 0.5) -> np.ndarray:
     """Instance labels (int32, 0 = background, 1..N) for a boolean cell mask.
 
     Objects (connected components) smaller than `min_cell_area` pixels are dropped; touching

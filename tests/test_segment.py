@@ -177,7 +177,7 @@ def test_model_record_is_stored_with_each_result(image_dir, store, predictor):
         "threshold": 0.5,
         "min_cell_area": MIN_CELL_AREA,
         "split_touching": True,
-        "split_depth": 2.0,
+        "split_depth": 0.5,
         "model_config": predictor.checkpoint.model_config.model_dump(mode="json"),
         "cellseg_version": __version__,
     }
