@@ -61,8 +61,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--patch-size", type=int, default=train.patch_size)
     parser.add_argument("--patches-per-image", type=int, default=train.patches_per_image)
     parser.add_argument("--no-augment", action="store_true", help="no augmentation at all")
-    parser.add_argument("--flips-only", action="store_true",
-                        help="augment with flips/rotations only (no warps, elastic deformation or intensity changes)")
+    parser.add_argument("--strong-augmentation", action="store_true",
+                        help="add affine warps, elastic deformation and intensity changes to the flips/rotations")
     parser.add_argument("--loss", choices=("bce", "bce_dice"), default=train.loss,
                         help="BCEWithLogits, or BCEWithLogits + soft Dice (default %(default)s)")
     parser.add_argument("--max-minutes", type=float, default=train.max_minutes,
@@ -96,7 +96,7 @@ def _run_train(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction, seed=args.seed, batch_size=args.batch_size,
         learning_rate=args.lr, patch_size=args.patch_size, patches_per_image=args.patches_per_image,
         augment=not args.no_augment, loss=args.loss,
-        augmentation=AugmentationConfig.flips_only() if args.flips_only else AugmentationConfig(),
+        augmentation=AugmentationConfig.strong() if args.strong_augmentation else AugmentationConfig(),
         max_minutes=args.max_minutes or None, device=args.device, amp=not args.no_amp,
     )
     pairs = pair_images_and_masks(args.images, args.masks)

@@ -63,9 +63,10 @@ def test_intensity_changes_leave_the_mask_alone():
 def test_augmentation_is_a_function_of_the_generator_state():
     mask = blobs(3)
     image = mask.astype(np.float32)
-    first = augment_pair(image, mask, AugmentationConfig(), np.random.default_rng([7, 1, 2]))
-    again = augment_pair(image, mask, AugmentationConfig(), np.random.default_rng([7, 1, 2]))
-    other = augment_pair(image, mask, AugmentationConfig(), np.random.default_rng([7, 1, 3]))
+    strong = AugmentationConfig.strong()
+    first = augment_pair(image, mask, strong, np.random.default_rng([7, 1, 2]))
+    again = augment_pair(image, mask, strong, np.random.default_rng([7, 1, 2]))
+    other = augment_pair(image, mask, strong, np.random.default_rng([7, 1, 3]))
     np.testing.assert_array_equal(first[0], again[0])
     np.testing.assert_array_equal(first[1], again[1])
     assert not np.array_equal(first[0], other[0])
@@ -83,3 +84,9 @@ def test_identity_grid_warp_returns_the_input():
     out_image, out_mask = warp(image, mask, grid)
     np.testing.assert_allclose(out_image, image, atol=1e-6)
     np.testing.assert_array_equal(out_mask, mask)
+
+
+def test_default_is_flips_only_and_strong_adds_the_rest():
+    assert AugmentationConfig() == AugmentationConfig.flips_only()
+    strong = AugmentationConfig.strong()
+    assert strong.flips and min(strong.affine_probability, strong.elastic_probability, strong.intensity_probability) > 0

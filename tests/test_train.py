@@ -145,7 +145,7 @@ def test_soft_dice_loss_by_hand():
 def test_training_with_bce_dice_and_full_augmentation_learns(split, tmp_path):
     from cellseg.config import AugmentationConfig
 
-    config = small_config(epochs=3).model_copy(update={"loss": "bce_dice", "augmentation": AugmentationConfig()})
+    config = small_config(epochs=3).model_copy(update={"loss": "bce_dice", "augmentation": AugmentationConfig.strong()})
     result = train(*split, tmp_path, SMALL_MODEL, config)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
 
