@@ -44,6 +44,20 @@ def _tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image.astype(np.float32) / scale)[None, None]
 
 
+def notebook_epoch(model: UNet, optimizer: torch.optim.Optimizer, data, deadline: float | None = None) -> None:
+    """One epoch of the classic notebook loop: (x, y) pairs in random order, batch 1,
+    BCEWithLogitsLoss; stops early once `time.monotonic()` passes `deadline`."""
+    model.train()
+    for index in torch.randperm(len(data)).tolist():
+        x, y = data[index]
+        loss = F.binary_cross_entropy_with_logits(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if deadline is not None and time.monotonic() > deadline:
+            return
+
+
 def notebook_unet_scores(train_pairs, val_pairs, minutes: float, seed: int = 0) -> dict[str, float]:
     torch.manual_seed(seed)
     load = lambda pairs: [(_tensor(read_image(p.image_url)), torch.from_numpy(read_mask(p.mask_url)).float()[None, None]) for p in pairs]  # noqa: E731
@@ -53,15 +67,7 @@ def notebook_unet_scores(train_pairs, val_pairs, minutes: float, seed: int = 0) 
     best_loss, best_state, stale, epochs = float("inf"), None, 0, 0
     started = time.monotonic()
     while time.monotonic() - started < minutes * 60 and stale < 5:
-        model.train()
-        for index in torch.randperm(len(train_data)).tolist():
-            x, y = train_data[index]
-            loss = F.binary_cross_entropy_with_logits(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if time.monotonic() - started > minutes * 60:
-                break
+        notebook_epoch(model, optimizer, train_data, deadline=started + minutes * 60)
         epochs += 1
         model.eval()
         with torch.no_grad():

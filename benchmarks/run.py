@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from benchmarks.baselines import notebook_epoch
 from benchmarks.servers import MOTO_CREDENTIALS, running_moto_server, running_prefect_server
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
@@ -80,13 +80,7 @@ def naive_training(train_pairs, val_pairs, epochs: int) -> dict:
     val = [(torch.from_numpy(p.image)[None, None], torch.from_numpy(p.mask)[None, None]) for p in val_pairs]
     started = time.perf_counter()
     for _ in range(epochs):
-        model.train()
-        for index in torch.randperm(len(data)).tolist():
-            x, y = data[index]
-            loss = F.binary_cross_entropy_with_logits(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        notebook_epoch(model, optimizer, data)
         model.eval()
         accumulator = MetricAccumulator()
         with torch.no_grad():

@@ -31,11 +31,17 @@ class ImagePair:
     mask_url: str
 
 
-def index_by_stem(urls: Sequence[str], role: str) -> dict[str, str]:
-    """Map each file stem to its URL; two files with one stem (a.png, a.tif) are an error."""
+def group_by_stem(urls: Sequence[str]) -> dict[str, list[str]]:
+    """Each file stem with the URLs that have it (more than one: a.png and a.tif)."""
     by_stem: dict[str, list[str]] = defaultdict(list)
     for url in urls:
         by_stem[image_stem(url)].append(url)
+    return by_stem
+
+
+def index_by_stem(urls: Sequence[str], role: str) -> dict[str, str]:
+    """Map each file stem to its URL; two files with one stem (a.png, a.tif) are an error."""
+    by_stem = group_by_stem(urls)
     clashes = {stem: found for stem, found in by_stem.items() if len(found) > 1}
     if clashes:
         described = "; ".join(

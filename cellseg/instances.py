@@ -73,16 +73,6 @@ def _split_object(cell: np.ndarray, split_depth: float) -> np.ndarray | None:
 _EIGHT = np.ones((3, 3), dtype=bool)
 
 
-def relabel_without_small(labels: np.ndarray, min_cell_area: int = 0) -> np.ndarray:
-    """Labels renumbered 1..N in order, without those covering fewer than `min_cell_area` pixels."""
-    areas = np.bincount(labels.ravel())
-    keep = areas >= max(min_cell_area, 1)
-    keep[0] = False
-    lookup = np.zeros(areas.size, dtype=np.int32)
-    lookup[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return lookup[labels]
-
-
 def iou_matrix(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """IoU of every predicted instance (rows, labels 1..P) with every true instance (columns, 1..T)."""
     if predicted.shape != truth.shape:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from cellseg import __version__
-from cellseg.io import StorageOptions, image_stem, read_image
+from cellseg.data import group_by_stem
+from cellseg.io import StorageOptions, read_image
 from cellseg.config import PredictConfig
 from cellseg.instances import split_touching_cells
 from cellseg.predict import Predictor, threshold_probabilities
@@ -59,12 +60,9 @@ def pending_images(
     file (a.png and a.tif), has no place in the store: with a `rejected` list it is appended
     there as a failure naming the file and the run goes on; without one, StoreError is raised.
     """
-    by_stem: dict[str, list[str]] = defaultdict(list)
-    for url in image_urls:
-        by_stem[image_stem(url)].append(url)
     problems: list[dict[str, str]] = []
     by_id: dict[str, str] = {}
-    for image_id, urls in by_stem.items():
+    for image_id, urls in group_by_stem(image_urls).items():
         if len(urls) > 1:
             names = ", ".join(posixpath.basename(url) for url in urls)
             problems += [{"image_id": image_id, "source_url": url,

@@ -169,17 +169,20 @@ class ResultStore:
     def read_cells(self, image_id: str) -> np.ndarray:
         """Instance labels (int32, 0 = background, 1..N one per cell) of a done image; images
         written without them get the connected components of their mask."""
-        mask = self.read_mask(image_id)
+        self._require_done(image_id)
         array = self.root.get(f"{image_id}/labels/{CELLS_NAME}/0")
         if isinstance(array, zarr.Array):
             return array[...]
-        return label_cells(mask)[0]
+        return label_cells(self.root[f"{image_id}/labels/{MASK_NAME}/0"][...] > 0)[0]
 
     def read_mask(self, image_id: str) -> np.ndarray:
         """Boolean (H, W) mask of a done image."""
+        self._require_done(image_id)
+        return self.root[f"{image_id}/labels/{MASK_NAME}/0"][...] > 0
+
+    def _require_done(self, image_id: str) -> None:
         if self.record(image_id).get("status") != DONE:
             raise StoreError(f"image '{image_id}' in '{self.url}' is not completely written")
-        return self.root[f"{image_id}/labels/{MASK_NAME}/0"][...] > 0
 
     def statistics(self) -> list[dict[str, Any]]:
         """The per-image statistics table: one row per done image."""

@@ -15,7 +15,6 @@ from PIL import Image
 from cellseg.config import PredictConfig
 from cellseg.io import read_image
 from cellseg.predict import Predictor
-from cellseg.registry import Registry
 from cellseg.store import ResultStore
 from cellseg.synth import encode_png, generate_sample
 
@@ -68,13 +67,6 @@ def zoo(tmp_path_factory):
         (root / name).write_bytes(data)
     (root / "README.txt").write_text("not an image, ignored with a warning")
     return root, {name: expected for name, (_, expected) in files.items()}
-
-
-@pytest.fixture(scope="module")
-def registry(tiny_checkpoint, tmp_path_factory) -> str:
-    url = str(tmp_path_factory.mktemp("registry"))
-    Registry(url).register(str(tiny_checkpoint), promote=True)
-    return url
 
 
 @pytest.fixture(scope="module")

@@ -17,20 +17,12 @@ import s3fs
 from cellseg.config import PredictConfig
 from cellseg.io import list_images, read_image
 from cellseg.predict import Predictor
-from cellseg.registry import Registry
 from cellseg.segment import model_record, pending_images, segment_images
 from cellseg.store import ResultStore
 from cellseg.synth import write_dataset
 from tests.reliability.faulty_proxy import Fault, FaultyProxy
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def registry(tiny_checkpoint, tmp_path_factory) -> str:
-    url = str(tmp_path_factory.mktemp("registry"))
-    Registry(url).register(str(tiny_checkpoint), promote=True)
-    return url
 
 
 @pytest.fixture(scope="module")
