@@ -15,11 +15,11 @@ from cellseg.config import AugmentationConfig
 
 
 def flip_and_rotate(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One of the 8 symmetries of the square, the same for image and mask."""
+    """One of the 8 symmetries of the square, the same for image and mask (H, W) or (C, H, W)."""
     turns = int(rng.integers(0, 4))
-    image, mask = np.rot90(image, turns), np.rot90(mask, turns)
+    image, mask = np.rot90(image, turns, axes=(-2, -1)), np.rot90(mask, turns, axes=(-2, -1))
     if rng.integers(0, 2):
-        image, mask = image[:, ::-1], mask[:, ::-1]
+        image, mask = image[..., ::-1], mask[..., ::-1]
     return image, mask
 
 
@@ -50,8 +50,14 @@ def sampling_grid(shape: tuple[int, int], config: AugmentationConfig, rng: np.ra
 
 
 def warp(image: np.ndarray, mask: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Resample image (bilinear) and mask (nearest) at `grid`, mirroring beyond the edges."""
+    """Resample image (bilinear) and mask (nearest) at `grid`, mirroring beyond the edges.
+
+    A boolean (H, W) mask stays boolean; a float (C, H, W) target stack (target and loss
+    weights) is resampled channel by channel, nearest too, so its values stay as they were.
+    """
     warped_image = ndimage.map_coordinates(image, grid, order=1, mode="mirror").astype(np.float32, copy=False)
+    if mask.ndim == 3:
+        return warped_image, np.stack([ndimage.map_coordinates(c, grid, order=0, mode="mirror") for c in mask])
     warped_mask = ndimage.map_coordinates(mask.astype(np.uint8), grid, order=0, mode="mirror") > 0
     return warped_image, warped_mask
 
@@ -71,10 +77,11 @@ def adjust_intensity(image: np.ndarray, config: AugmentationConfig, rng: np.rand
 def augment_pair(
     image: np.ndarray, mask: np.ndarray, config: AugmentationConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """All enabled augmentations of one training crop."""
+    """All enabled augmentations of one training crop; `mask` is a boolean (H, W) mask or a
+    (C, H, W) target stack, moved exactly as the image is."""
     if config.flips:
         image, mask = flip_and_rotate(image, mask, rng)
-    grid = sampling_grid(image.shape, config, rng)
+    grid = sampling_grid(image.shape[-2:], config, rng)
     if grid is not None:
         image, mask = warp(np.ascontiguousarray(image), np.ascontiguousarray(mask), grid)
     return adjust_intensity(image, config, rng), mask

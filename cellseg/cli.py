@@ -48,7 +48,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     model, train = ModelConfig(), TrainConfig()
     parser = commands.add_parser("train", help="train a U-Net on image/mask pairs")
     parser.add_argument("--images", required=True, help="directory URL of images")
-    parser.add_argument("--masks", required=True, help="directory URL of masks (same file stems)")
+    parser.add_argument("--masks", required=True,
+                        help="directory URL of masks (same file stems): binary masks, or 16-bit instance label "
+                             "images, which teach the model to keep touching cells apart")
     parser.add_argument("--out", required=True, help="local directory for best.pt, last.pt, history.json")
     parser.add_argument("--epochs", type=int, default=train.epochs)
     parser.add_argument("--patience", type=int, default=train.patience)
@@ -65,6 +67,11 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
                         help="add affine warps, elastic deformation and intensity changes to the flips/rotations")
     parser.add_argument("--loss", choices=("bce", "bce_dice"), default=train.loss,
                         help="BCEWithLogits, or BCEWithLogits + soft Dice (default %(default)s)")
+    parser.add_argument("--border-weight", type=float, default=train.border_weight,
+                        help="U-Net paper border weight w0 on background between nearby cells (paper: 10; "
+                             "default %(default)s = off)")
+    parser.add_argument("--border-sigma", type=float, default=train.border_sigma,
+                        help="pixels over which the border weight decays (default %(default)s)")
     parser.add_argument("--max-minutes", type=float, default=train.max_minutes,
                         help=f"wall-clock budget (default {train.max_minutes:g}); 0 for none")
     parser.add_argument("--device", default=train.device, help="auto, cpu, cuda or cuda:N")
@@ -96,6 +103,7 @@ def _run_train(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction, seed=args.seed, batch_size=args.batch_size,
         learning_rate=args.lr, patch_size=args.patch_size, patches_per_image=args.patches_per_image,
         augment=not args.no_augment, loss=args.loss,
+        border_weight=args.border_weight, border_sigma=args.border_sigma,
         augmentation=AugmentationConfig.strong() if args.strong_augmentation else AugmentationConfig(),
         max_minutes=args.max_minutes or None, device=args.device, amp=not args.no_amp,
     )

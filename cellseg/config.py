@@ -123,6 +123,11 @@ class TrainConfig(_Config):
     patch_size: int = Field(256, ge=16, description="square training crop; smaller images are padded")
     patches_per_image: int = Field(4, ge=1, description="random crops drawn from each image per epoch")
     loss: Literal["bce", "bce_dice"] = Field("bce", description="BCEWithLogits, or BCEWithLogits + soft Dice")
+    border_weight: float = Field(
+        0.0, ge=0.0, le=100.0,
+        description="U-Net paper border weight w0: background between nearby cells weighs up to 1 + w0 in the loss (paper: 10); 0 off",
+    )
+    border_sigma: float = Field(5.0, gt=0.0, le=50.0, description="pixels over which the border weight decays (paper: 5)")
     init_from: str | None = Field(
         None, description="checkpoint URL to fine-tune from (its model config is used); None: random initialisation"
     )

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from cellseg.augment import augment_pair
 from cellseg.config import AugmentationConfig, NormalizationConfig
 from cellseg.io import StorageOptions, binarize_mask, decode_image, image_stem, list_images, read_bytes
+from cellseg.weights import border_weight_map, separated_target
 
 
 class DatasetError(ValueError):
@@ -155,7 +156,11 @@ def normalize_image(image: np.ndarray, config: NormalizationConfig = Normalizati
 
 @dataclass(frozen=True)
 class LoadedPair:
-    """A decoded, validated pair: normalised float32 image and boolean mask, both (H, W)."""
+    """A decoded, validated pair: normalised float32 image and boolean mask, both (H, W).
+
+    `instances` holds the cell labels (int32, 0 = background) when the mask file was an
+    instance label image (16 bits or more per pixel); `mask` is then their union.
+    """
 
     source: ImagePair
     image: np.ndarray
@@ -163,6 +168,7 @@ class LoadedPair:
     image_sha256: str
     mask_sha256: str
     dtype: str
+    instances: np.ndarray | None = None
 
     @property
     def id(self) -> str:
@@ -186,16 +192,29 @@ def load_pair(pair: ImagePair, normalization: NormalizationConfig, storage_optio
     image_bytes = read_bytes(pair.image_url, storage_options)
     mask_bytes = read_bytes(pair.mask_url, storage_options)
     image = decode_image(image_bytes, pair.image_url)
-    mask = binarize_mask(decode_image(mask_bytes, pair.mask_url))
-    check_same_size(pair.image_url, image.shape, pair.mask_url, mask.shape)
+    decoded_mask = decode_image(mask_bytes, pair.mask_url)
+    check_same_size(pair.image_url, image.shape, pair.mask_url, decoded_mask.shape)
     return LoadedPair(
         source=pair,
         image=normalize_image(image, normalization),
-        mask=mask,
+        mask=binarize_mask(decoded_mask),
         image_sha256=hashlib.sha256(image_bytes).hexdigest(),
         mask_sha256=hashlib.sha256(mask_bytes).hexdigest(),
         dtype=str(image.dtype),
+        instances=instance_labels(decoded_mask),
     )
+
+
+def instance_labels(decoded_mask: np.ndarray) -> np.ndarray | None:
+    """Cell labels of a mask file that is an instance label image, else None.
+
+    Integer images of 16 bits or more are label images (as cellpose, StarDist and the DSB2018
+    annotations store them); 8-bit masks are read as binary, since a compressed or resampled
+    0/255 mask has stray grey values that are not cells.
+    """
+    if decoded_mask.dtype.kind in "iu" and decoded_mask.dtype.itemsize >= 2:
+        return decoded_mask.astype(np.int32, copy=False)
+    return None
 
 
 def dataset_hash(checksums: Iterable[tuple[str, str, str]]) -> str:
@@ -220,16 +239,17 @@ def load_pairs(
 
 
 def crop_or_pad(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Random `size` x `size` window; sides shorter than `size` are mirror-padded first."""
+    """Random `size` x `size` window of an (H, W) image and its (H, W) mask or (C, H, W) target
+    stack; sides shorter than `size` are mirror-padded first."""
     pad_h, pad_w = max(0, size - image.shape[0]), max(0, size - image.shape[1])
     if pad_h or pad_w:
         padding = ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2))
         image = np.pad(image, padding, mode="symmetric")
-        mask = np.pad(mask, padding, mode="symmetric")
+        mask = np.pad(mask, ((0, 0),) * (mask.ndim - 2) + padding, mode="symmetric")
     top = int(rng.integers(0, image.shape[0] - size + 1))
     left = int(rng.integers(0, image.shape[1] - size + 1))
     window = (slice(top, top + size), slice(left, left + size))
-    return image[window], mask[window]
+    return image[window], mask[(..., *window)]
 
 
 class ImgDataset(Dataset):
@@ -238,7 +258,12 @@ class ImgDataset(Dataset):
     Training (`patch_size` set): `patches_per_image` random crops per image per epoch, with
     optional augmentation (`cellseg.augment`); randomness is a function of (seed, epoch, index) only, so runs and
     resumed runs see the same samples. Validation (`patch_size` None): whole images.
-    Items are (image, mask) float32 tensors of shape (1, H, W).
+    Items are (image, target) float32 tensors of shape (1, H, W).
+
+    Training targets keep touching cells apart where the pair has instance labels
+    (`cellseg.weights.separated_target`); with `border_weight` > 0 the target gets a second
+    channel of per-pixel loss weights (`cellseg.weights.border_weight_map`), shape (2, H, W).
+    Validation targets are always the plain cell mask.
     """
 
     def __init__(
@@ -249,10 +274,15 @@ class ImgDataset(Dataset):
         augment: bool = False,
         seed: int = 0,
         augmentation: AugmentationConfig = AugmentationConfig(),
+        border_weight: float = 0.0,
+        border_sigma: float = 5.0,
     ):
         if not pairs:
             raise DatasetError("the dataset is empty")
         self.pairs = list(pairs)
+        self.border_weight = border_weight
+        self.border_sigma = border_sigma
+        self._targets: dict[int, np.ndarray] = {}
         self.patch_size = patch_size
         self.patches_per_image = patches_per_image if patch_size else 1
         self.augment = augment
@@ -267,14 +297,26 @@ class ImgDataset(Dataset):
         return len(self.pairs) * self.patches_per_image
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pair = self.pairs[index // self.patches_per_image]
+        pair_index = index // self.patches_per_image
+        pair = self.pairs[pair_index]
         image, mask = pair.image, pair.mask
         if self.patch_size:
+            mask = self._training_target(pair_index)
             rng = np.random.default_rng([self.seed, self.epoch, index])
             image, mask = crop_or_pad(image, mask, self.patch_size, rng)
             if self.augment:
                 image, mask = augment_pair(image, mask, self.augmentation, rng)
-        return (
-            torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
-            torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None],
-        )
+        target = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))
+        return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None], target.reshape(-1, *image.shape)
+
+    def _training_target(self, pair_index: int) -> np.ndarray:
+        """The pair's boolean training mask, or a (2, H, W) float stack of target and loss weights
+        when border weighting is on; computed once per pair."""
+        if pair_index not in self._targets:
+            pair = self.pairs[pair_index]
+            target = pair.mask if pair.instances is None else separated_target(pair.instances)
+            if self.border_weight > 0:
+                weights = border_weight_map(target, self.border_weight, self.border_sigma)
+                target = np.stack([target.astype(np.float32), weights])
+            self._targets[pair_index] = target
+        return self._targets[pair_index]

@@ -1,4 +1,5 @@
-"""Training losses on logits: BCEWithLogits (the original design) and BCE + soft Dice."""
+"""Training losses on logits: BCEWithLogits (the original design) and BCE + soft Dice, optionally
+weighted per pixel (the U-Net paper's border weight map, `cellseg.weights`)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,15 @@ def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 
 
 
 def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str = "bce") -> torch.Tensor:
-    """`kind` "bce": BCEWithLogits; "bce_dice": BCEWithLogits + soft Dice (equal weights)."""
-    loss = F.binary_cross_entropy_with_logits(logits, targets)
+    """`kind` "bce": BCEWithLogits; "bce_dice": BCEWithLogits + soft Dice (equal weights).
+
+    `targets` is (N, 1, H, W), or (N, 2, H, W) with per-pixel weights of the BCE term in the
+    second channel (mean of weighted terms, so a weight of 1 everywhere is the plain loss).
+    """
+    weights = None
+    if targets.shape[1] == 2:
+        targets, weights = targets[:, :1], targets[:, 1:]
+    loss = F.binary_cross_entropy_with_logits(logits, targets, weight=weights)
     if kind == "bce_dice":
         loss = loss + soft_dice_loss(logits, targets)
     elif kind != "bce":

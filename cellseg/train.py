@@ -140,7 +140,7 @@ def train(
     torch.manual_seed(config.seed)
 
     train_set = ImgDataset(train_pairs, config.patch_size, config.patches_per_image, config.augment, config.seed,
-                           config.augmentation)
+                           config.augmentation, config.border_weight, config.border_sigma)
     model = UNet(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     monitor_key, higher_is_better = _score_name(config.monitor if val_pairs else config.monitor.replace("val_", "train_"))
@@ -206,7 +206,7 @@ def train(
             scaler.update()
             loss_sum += loss.item() * len(images)
             samples += len(images)
-            train_counts.add(confusion_counts(logits.detach() > cut, masks > 0.5))
+            train_counts.add(confusion_counts(logits.detach() > cut, masks[:, :1] > 0.5))
 
         train_scores = train_counts.pooled()
         record: dict[str, float] = {"epoch": epoch, "train_loss": loss_sum / samples}
