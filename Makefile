@@ -13,7 +13,7 @@ export PREFECT_LOGGING_EXTRA_LOGGERS := cellseg
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bundled-model clean
 
 setup: $(VENV)/.setup-done
 
@@ -47,6 +47,10 @@ test: setup
 # Performance figures, side by side in one run (about 10 minutes on 2 cores); not part of `make test`.
 bench: setup
 	$(BIN)/python -m benchmarks.run
+
+# Retrain the model shipped in cellseg/models/ (synthetic data only; about 12 minutes on 2 cores).
+bundled-model: setup
+	$(BIN)/python -m cellseg.bundled --out runs/bundled --install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -130,7 +130,8 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
 
     defaults = PredictConfig()
     parser = commands.add_parser("predict", help="segment images into a zarr results store")
-    parser.add_argument("--model", required=True, help="checkpoint URL (e.g. runs/x/best.pt)")
+    parser.add_argument("--model", help="checkpoint URL (e.g. runs/x/best.pt); default: the bundled general-purpose "
+                                        "model, trained on synthetic images (train on your own data for best results)")
     parser.add_argument("--images", required=True, help="directory URL of images to segment")
     parser.add_argument("--out", required=True, help="zarr store URL; created if missing, done images skipped")
     parser.add_argument("--threshold", type=float, default=defaults.threshold)
@@ -162,6 +163,14 @@ def _run_predict(args: argparse.Namespace) -> int:
         split_touching=not args.no_split, device=args.device, save_probabilities=args.save_probabilities, amp=not args.no_amp,
         compile=args.compile, tile_size=args.tile_size, max_pixels=args.max_pixels, tta=args.tta,
     )
+    if args.model is None:
+        from cellseg.bundled import bundled_checkpoint
+
+        args.model = bundled_checkpoint()
+        logging.getLogger("cellseg").info(
+            "no --model given: using the bundled general-purpose model (synthetic training data); "
+            "train on your own images for best results"
+        )
     predictor = Predictor.from_checkpoint(args.model, config)
     store = ResultStore.open(args.out)
     rejected: list[dict[str, str]] = []
@@ -308,6 +317,70 @@ def _run_flow_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tune(commands: argparse._SubParsersAction) -> None:
+    from cellseg.config import SearchSpace, TuneUnetSettings
+
+    space, settings = SearchSpace(), TuneUnetSettings(images_url="x", masks_url="x")
+    parser = commands.add_parser(
+        "tune", help="search hyper-parameters: train trials in parallel (tune-unet flow), register the best",
+        description="Runs the tune-unet Prefect flow here: trains TRIALS points of the grid the value lists span "
+                    "(each with early stopping), registers the best by validation Dice and prints every trial.",
+    )
+    parser.add_argument("--images", required=True, help="directory URL of images")
+    parser.add_argument("--masks", required=True, help="directory URL of masks or 16-bit instance label images")
+    parser.add_argument("--registry", default=settings.registry_url, help="model registry URL (default %(default)s)")
+    parser.add_argument("--cache-dir", default=settings.cache_dir, help="local dataset cache (default %(default)s)")
+    parser.add_argument("--work-dir", default=settings.work_dir, help="local directory for the trials (default %(default)s)")
+    parser.add_argument("--promote", action="store_true", help="make the best trial's model current")
+    parser.add_argument("--trials", type=int, default=settings.trials, help="grid points to train (default %(default)s)")
+    parser.add_argument("--parallel", type=int, default=settings.max_parallel_trials,
+                        help="trials at once, each in its own process (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=settings.seed, help="which grid points are drawn")
+    parser.add_argument("--dask-address", default=None, help="train trials on this Dask scheduler (tcp://host:port)")
+    parser.add_argument("--lr", type=float, nargs="+", default=space.learning_rate, metavar="LR",
+                        help="learning rates to try (default %(default)s)")
+    parser.add_argument("--base-width", type=int, nargs="+", default=space.base_width, metavar="W")
+    parser.add_argument("--depth", type=int, nargs="+", default=space.depth, metavar="D")
+    parser.add_argument("--dropout", type=float, nargs="+", default=space.dropout, metavar="P")
+    parser.add_argument("--loss", nargs="+", choices=("bce", "bce_dice"), default=space.loss)
+    parser.add_argument("--augmentation", nargs="+", choices=("flips", "strong"), default=space.augmentation)
+    parser.add_argument("--border-weight", type=float, nargs="+", default=space.border_weight, metavar="W0")
+    parser.add_argument("--max-minutes", type=float, default=settings.training.max_minutes,
+                        help="wall-clock budget of each trial (default %(default)s)")
+    parser.add_argument("--patience", type=int, default=settings.training.patience,
+                        help="early stopping patience of each trial (default %(default)s)")
+    parser.add_argument("--training-json", default="{}",
+                        help='other TrainConfig fields for every trial as JSON, e.g. \'{"epochs": 20}\'')
+    parser.set_defaults(run=_run_tune)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from cellseg.config import SearchSpace, TrainConfig, TuneUnetSettings
+    from cellseg.tune import TABLE_COLUMNS
+    from flows.tune import tune_unet
+
+    training = TrainConfig.model_validate(
+        {"max_minutes": args.max_minutes or None, "patience": args.patience, **json.loads(args.training_json)}
+    )
+    settings = TuneUnetSettings(
+        images_url=args.images, masks_url=args.masks, registry_url=args.registry, cache_dir=args.cache_dir,
+        work_dir=args.work_dir, promote=args.promote, trials=args.trials, max_parallel_trials=args.parallel,
+        seed=args.seed, dask_address=args.dask_address, training=training,
+        space=SearchSpace(learning_rate=args.lr, base_width=args.base_width, depth=args.depth, dropout=args.dropout,
+                          loss=args.loss, augmentation=args.augmentation, border_weight=args.border_weight),
+    )
+    result = tune_unet(**{key: getattr(settings, key) for key in TuneUnetSettings.model_fields})
+    columns = [c for c in TABLE_COLUMNS if c != "status"]
+    print("  ".join(f"{c:>13}" for c in columns) + "  status")
+    for row in result["trials"]:
+        cells = [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns]
+        print("  ".join(f"{cell:>13}" for cell in cells) + f"  {row['status']}")
+    best = result["best"]
+    print(f"best: trial {best['number']} (val Dice {best['val_dice']:.4f}), registered as {result['version']}"
+          f"{' and made current' if settings.promote else ''} in {settings.registry_url}")
+    return 0
+
+
 def _add_models(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("models", help="list, show and promote registered model versions")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -383,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cellseg {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_train, _add_predict, _add_evaluate, _add_results, _add_models, _add_flow, _add_serve):
+    for add in (_add_synth, _add_train, _add_predict, _add_evaluate, _add_results, _add_tune, _add_models, _add_flow, _add_serve):
         add(commands)
     return parser
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Literal
 
@@ -200,3 +201,48 @@ class TrainUnetSettings(_Config):
     promote: bool = Field(True, description="mark the new version current")
     model: ModelConfig = ModelConfig()
     training: TrainConfig = TrainConfig()
+
+
+class SearchSpace(_Config):
+    """Values a hyper-parameter search tries; trials are points of the grid they span."""
+
+    learning_rate: list[Annotated[float, Field(gt=0.0)]] = Field([3e-4, 1e-3, 3e-3], min_length=1)
+    base_width: list[Annotated[int, Field(ge=1)]] = Field([16, 32], min_length=1)
+    depth: list[Annotated[int, Field(ge=1, le=7)]] = Field([3, 4, 5], min_length=1)
+    dropout: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field([0.0, 0.1, 0.3], min_length=1)
+    loss: list[Literal["bce", "bce_dice"]] = Field(["bce", "bce_dice"], min_length=1)
+    augmentation: list[Literal["flips", "strong"]] = Field(
+        ["flips", "strong"], min_length=1, description="'flips': flips and rotations; 'strong': plus warps and intensity"
+    )
+    border_weight: list[Annotated[float, Field(ge=0.0, le=100.0)]] = Field([0.0], min_length=1)
+
+    def size(self) -> int:
+        """Number of points in the grid."""
+        return math.prod(len(getattr(self, name)) for name in type(self).model_fields)
+
+
+class TuneUnetSettings(_Config):
+    """Parameters of the tune-unet flow, validated before any work starts."""
+
+    images_url: Url
+    masks_url: Url
+    registry_url: Url = "runs/registry"
+    cache_dir: str = Field("runs/cache", min_length=1)
+    work_dir: str = Field("runs/tuning", min_length=1, description="local directory, one sub-directory per trial")
+    promote: bool = Field(False, description="mark the best trial's model current (off: register only)")
+    trials: int = Field(8, ge=1, description="points of the search grid to train (the whole grid when it is smaller)")
+    max_parallel_trials: int = Field(2, ge=1, description="trials trained at once, each in its own process")
+    seed: int = Field(0, description="which grid points are drawn")
+    dask_address: DaskAddress = Field(None, description="train trials on this Dask scheduler instead")
+    space: SearchSpace = SearchSpace()
+    model: ModelConfig = ModelConfig()
+    training: TrainConfig = Field(
+        TrainConfig(max_minutes=10.0, patience=8),
+        description="settings of every trial that the search space does not set (default: 10 minutes, patience 8)",
+    )
+
+    @model_validator(mode="after")
+    def _needs_validation(self) -> TuneUnetSettings:
+        if self.training.val_fraction <= 0:
+            raise ValueError("tuning picks the best trial by validation Dice: training.val_fraction must be above 0")
+        return self

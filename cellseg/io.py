@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import posixpath
+import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -80,6 +81,8 @@ def list_image_entries(url: str, storage_options: StorageOptions = None) -> list
     entries, ignored = [], []
     for entry in listing:
         name = posixpath.basename(entry["name"].rstrip("/"))
+        if entry.get("islink"):
+            entry = _followed_link(entry)
         if entry.get("type") != "file":
             continue
         if not name.lower().endswith(IMAGE_SUFFIXES):
@@ -92,6 +95,17 @@ def list_image_entries(url: str, storage_options: StorageOptions = None) -> list
         logger.warning("ignoring %d file(s) under '%s' without an image suffix (%s): %s",
                        len(ignored), url, " ".join(IMAGE_SUFFIXES), shown)
     return sorted(entries, key=lambda entry: entry.url)
+
+
+def _followed_link(entry: dict) -> dict:
+    """A local symbolic link's listing entry with its target's type, size and modification time
+    (fsspec lists links as type 'other'); a dangling link stays 'other' and is skipped."""
+    try:
+        target = os.stat(entry["name"])
+    except OSError:
+        return entry
+    kind = "file" if stat.S_ISREG(target.st_mode) else "directory" if stat.S_ISDIR(target.st_mode) else "other"
+    return {**entry, "type": kind, "size": target.st_size, "mtime": target.st_mtime}
 
 
 def list_images(url: str, storage_options: StorageOptions = None) -> list[str]:

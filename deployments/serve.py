@@ -1,4 +1,4 @@
-"""Serve the three cellseg deployments from one process, for a laptop or a single machine.
+"""Serve the cellseg deployments from one process, for a laptop or a single machine.
 
     cellseg serve --nightly-source data/incoming --nightly-store runs/nightly.zarr
     python -m deployments.serve ...   (same thing)
@@ -18,6 +18,7 @@ from prefect.variables import Variable
 
 from flows.segment import segment_images_flow
 from flows.train import train_unet
+from flows.tune import tune_unet
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 def build_deployments(
     nightly_source: str | None = None, nightly_store: str | None = None, cron: str = "0 2 * * *"
 ) -> list[RunnerDeployment]:
-    """train-unet, nightly-segmentation and backfill, named as in prefect.yaml."""
+    """train-unet, tune-unet, nightly-segmentation and backfill, named as in prefect.yaml."""
     source = nightly_source or Variable.get("cellseg_nightly_source", default=None)
     store = nightly_store or Variable.get("cellseg_nightly_store", default=None)
     configured = bool(source and store)
@@ -34,6 +35,7 @@ def build_deployments(
                        "or set the Prefect variables cellseg_nightly_source and cellseg_nightly_store")
     return [
         train_unet.to_deployment(name="train-unet", tags=["cellseg", "training"]),
+        tune_unet.to_deployment(name="tune-unet", tags=["cellseg", "training", "tuning"]),
         segment_images_flow.to_deployment(
             name="nightly-segmentation",
             cron=cron,

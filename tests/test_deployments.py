@@ -1,5 +1,5 @@
 """The deployment path end to end: a real `prefect server`, `prefect deploy` from prefect.yaml,
-a real process worker, and `prefect deployment run` for train-unet and backfill."""
+a real process worker, and `prefect deployment run` for train-unet, tune-unet and backfill."""
 
 from __future__ import annotations
 
@@ -66,9 +66,10 @@ def deployed(prefect_server, tmp_path_factory):
         log.close()
 
 
-def test_prefect_yaml_declares_the_three_deployments(deployed):
+def test_prefect_yaml_declares_the_deployments(deployed):
     _, env = deployed
-    for name in ("train-unet/train-unet", "segment-images/nightly-segmentation", "segment-images/backfill"):
+    for name in ("train-unet/train-unet", "tune-unet/tune-unet", "segment-images/nightly-segmentation",
+                 "segment-images/backfill"):
         assert "'work_pool_name': 'cellseg-process'" in prefect("deployment", "inspect", name, env=env).stdout
     nightly = prefect("deployment", "inspect", "segment-images/nightly-segmentation", env=env).stdout
     assert "0 2 * * *" in nightly
@@ -110,6 +111,33 @@ def test_train_unet_then_backfill_through_the_worker(deployed):
     store = ResultStore.open(str(root / "backfill.zarr"), mode="r")
     assert sorted(store.done_ids()) == [f"synth_{i:04d}" for i in range(5)]
     assert {row["model_version"] for row in store.statistics()} == {versions[0].version}
+
+
+def test_tune_unet_through_the_worker(deployed):
+    root, env = deployed
+    write_dataset(str(root / "tune"), count=10, size=80, seed=1)
+    registry = str(root / "tune-registry")
+    space = {"learning_rate": [1e-3, 3e-3], "base_width": [8], "depth": [2], "dropout": [0.0], "loss": ["bce"],
+             "augmentation": ["flips"], "border_weight": [0.0]}
+    prefect(
+        "deployment", "run", "tune-unet/tune-unet",
+        "--param", f"images_url={root / 'tune/images'}",
+        "--param", f"masks_url={root / 'tune/labels'}",
+        "--param", f"registry_url={registry}",
+        "--param", f"cache_dir={root / 'cache'}",
+        "--param", f"work_dir={root / 'tuning'}",
+        "--param", "trials=2",
+        "--param", f"space={json.dumps(space)}",
+        "--param", 'model={"depth": 2, "base_width": 8}',
+        "--param", 'training={"epochs": 1, "patch_size": 64, "patches_per_image": 1, "device": "cpu"}',
+        "--watch", "--watch-timeout", "400",
+        env=env, timeout=500,
+    )
+    assert flow_run_state("tune-unet/tune-unet", env) == ["COMPLETED"]
+    versions = Registry(registry).versions()
+    assert len(versions) == 1 and Registry(registry).current() is None
+    assert versions[0].train_config["learning_rate"] in (1e-3, 3e-3)
+    assert len(list((root / "tuning").glob("*/trial-*/best.pt"))) == 2
 
 
 def test_serve_runs_a_backfill_on_this_machine(tiny_checkpoint, tmp_path):

@@ -15,6 +15,7 @@ from cellseg.io import (
     decode_image,
     image_stem,
     join_url,
+    list_image_entries,
     list_images,
     read_image,
     read_mask,
@@ -230,6 +231,20 @@ def test_list_images_keeps_image_suffixes_sorted(tmp_path):
     (tmp_path / "sub.png").mkdir()  # a directory with an image suffix is not an image
     expected = ["F.PNG", "a.png", "b.tiff", "c.tif", "d.jpg", "e.jpeg"]
     assert list_images(str(tmp_path)) == [str(tmp_path) + "/" + name for name in expected]
+
+
+def test_symbolic_links_to_images_are_listed_and_dangling_ones_skipped(tmp_path):
+    originals, linked = tmp_path / "originals", tmp_path / "linked"
+    originals.mkdir()
+    linked.mkdir()
+    (originals / "a.png").write_bytes(b"x" * 10)
+    (originals / "folder.png").mkdir()
+    (linked / "a.png").symlink_to(originals / "a.png")
+    (linked / "folder.png").symlink_to(originals / "folder.png")
+    (linked / "gone.png").symlink_to(originals / "gone.png")
+    entries = list_image_entries(str(linked))
+    assert [entry.url for entry in entries] == [str(linked / "a.png")]
+    assert entries[0].size == 10
 
 
 def test_list_images_of_a_missing_directory(tmp_path):

@@ -1,0 +1,150 @@
+"""Hyper-parameter search: plan trials over a search space, train each with early stopping, and
+pick the best by validation Dice. The tune-unet flow runs the trials in parallel; this module
+knows nothing of Prefect.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from cellseg.config import AugmentationConfig, ModelConfig, SearchSpace, TrainConfig
+from cellseg.data import LoadedPair
+from cellseg.train import train
+
+logger = logging.getLogger(__name__)
+
+SCORE = "val_dice"
+
+
+class Trial(BaseModel):
+    """One point of the search space: its number, the values tried and the configs they make."""
+
+    number: int
+    params: dict[str, Any]
+    model: ModelConfig
+    training: TrainConfig
+
+
+class TrialResult(BaseModel):
+    """How a trial ended: its best validation metrics and checkpoint, or the error that stopped it."""
+
+    number: int
+    params: dict[str, Any]
+    status: Literal["done", "failed"]
+    val_dice: float | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    best_epoch: int | None = None
+    epochs_run: int | None = None
+    stop_reason: str | None = None
+    seconds: float | None = None
+    checkpoint: str | None = None
+    error: str | None = None
+
+
+def plan_trials(
+    space: SearchSpace, count: int, seed: int = 0, model: ModelConfig = ModelConfig(), training: TrainConfig = TrainConfig()
+) -> list[Trial]:
+    """`count` distinct points of the grid `space` spans, drawn at random (seeded); the whole grid,
+    in order, when it has no more than `count` points. Unsearched settings come from `model`
+    and `training`."""
+    names = list(SearchSpace.model_fields)
+    grid = list(itertools.product(*(getattr(space, name) for name in names)))
+    if count < len(grid):
+        chosen = np.random.default_rng(seed).choice(len(grid), size=count, replace=False)
+        grid = [grid[index] for index in sorted(chosen)]
+    trials = []
+    for number, values in enumerate(grid, start=1):
+        params = dict(zip(names, values))
+        trials.append(
+            Trial(
+                number=number,
+                params=params,
+                model=model.model_copy(
+                    update={"base_width": params["base_width"], "depth": params["depth"], "dropout": params["dropout"]}
+                ),
+                training=training.model_copy(
+                    update={
+                        "learning_rate": params["learning_rate"],
+                        "loss": params["loss"],
+                        "augmentation": augmentation_preset(params["augmentation"]),
+                        "border_weight": params["border_weight"],
+                    }
+                ),
+            )
+        )
+    return trials
+
+
+def augmentation_preset(name: str) -> AugmentationConfig:
+    """The augmentation strength a search space names: 'flips' (the default) or 'strong'."""
+    return AugmentationConfig.strong() if name == "strong" else AugmentationConfig.flips_only()
+
+
+def run_trial(
+    trial: Trial,
+    train_pairs: Sequence[LoadedPair],
+    val_pairs: Sequence[LoadedPair],
+    out_dir: str | os.PathLike,
+    dataset_manifest_hash: str | None = None,
+    threads: int | None = None,
+) -> TrialResult:
+    """Train one trial (early stopping as its TrainConfig says) into `out_dir`. A trial that raises
+    is reported as failed with its error, so one bad point does not end the search."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    started = time.monotonic()
+    try:
+        result = train(train_pairs, val_pairs, out_dir, trial.model, trial.training, dataset_manifest_hash)
+    except Exception as error:  # reported in the trial table; the search goes on
+        logger.warning("trial %d %s failed: %s", trial.number, trial.params, error)
+        return TrialResult(number=trial.number, params=trial.params, status="failed", error=f"{type(error).__name__}: {error}")
+    return TrialResult(
+        number=trial.number,
+        params=trial.params,
+        status="done",
+        val_dice=result.best_metrics.get(SCORE),
+        metrics={k: v for k, v in result.best_metrics.items() if k.startswith("val_")},
+        best_epoch=result.best_epoch,
+        epochs_run=len(result.history),
+        stop_reason=result.stop_reason,
+        seconds=round(time.monotonic() - started, 1),
+        checkpoint=str(result.best_checkpoint),
+    )
+
+
+def best_trial(results: Sequence[TrialResult]) -> TrialResult:
+    """The finished trial with the highest validation Dice (the lower number on a tie)."""
+    finished = [result for result in results if result.status == "done" and result.val_dice is not None]
+    if not finished:
+        errors = "; ".join(f"trial {r.number}: {r.error}" for r in results)
+        raise ValueError(f"no trial finished, so there is no model to register ({errors or 'no trials ran'})")
+    return max(finished, key=lambda result: (result.val_dice, -result.number))
+
+
+def trial_rows(results: Sequence[TrialResult]) -> list[dict[str, Any]]:
+    """One flat row per trial, best validation Dice first, for tables and artifacts."""
+    rows = []
+    for result in sorted(results, key=lambda r: (r.val_dice is None, -(r.val_dice or 0.0), r.number)):
+        rows.append({
+            "trial": result.number,
+            **result.params,
+            "val_dice": result.val_dice,
+            "val_iou": result.metrics.get("val_iou"),
+            "best_epoch": result.best_epoch,
+            "epochs": result.epochs_run,
+            "seconds": result.seconds,
+            "status": result.status if result.status == "done" else f"failed: {result.error}",
+        })
+    return rows
+
+
+TABLE_COLUMNS = ("trial", *SearchSpace.model_fields, "val_dice", "val_iou", "best_epoch", "epochs", "seconds", "status")

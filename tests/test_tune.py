@@ -1,0 +1,128 @@
+"""Hyper-parameter search: trial planning, picking the best, and the tune-unet flow end to end."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from cellseg.config import ModelConfig, SearchSpace, TrainConfig, TuneUnetSettings
+from cellseg.data import load_pairs, pair_images_and_masks, split_train_val
+from cellseg.registry import Registry
+from cellseg.tune import TrialResult, best_trial, plan_trials, run_trial, trial_rows
+
+TINY_SPACE = SearchSpace(
+    learning_rate=[1e-3, 3e-3], base_width=[8], depth=[2], dropout=[0.0], loss=["bce"], augmentation=["flips"],
+    border_weight=[0.0],
+)
+TINY_TRAINING = TrainConfig(epochs=2, patch_size=64, patches_per_image=1, device="cpu", max_minutes=None)
+
+
+def test_a_small_grid_is_tried_whole_in_order():
+    trials = plan_trials(TINY_SPACE, count=10)
+    assert [trial.params["learning_rate"] for trial in trials] == [1e-3, 3e-3]
+    assert [trial.training.learning_rate for trial in trials] == [1e-3, 3e-3]
+    assert all(trial.model.base_width == 8 and trial.model.depth == 2 for trial in trials)
+
+
+def test_trials_are_distinct_seeded_draws_that_set_every_searched_value():
+    space = SearchSpace()
+    first, again, other = plan_trials(space, 6, seed=1), plan_trials(space, 6, seed=1), plan_trials(space, 6, seed=2)
+    assert [t.params for t in first] == [t.params for t in again]
+    assert [t.params for t in first] != [t.params for t in other]
+    assert len({tuple(sorted(t.params.items())) for t in first}) == 6
+    for trial in first:
+        assert trial.model.base_width == trial.params["base_width"]
+        assert trial.model.depth == trial.params["depth"]
+        assert trial.model.dropout == trial.params["dropout"]
+        assert trial.training.loss == trial.params["loss"]
+        assert trial.training.border_weight == trial.params["border_weight"]
+        strong = trial.training.augmentation.elastic_probability > 0
+        assert strong == (trial.params["augmentation"] == "strong")
+
+
+def test_search_space_and_settings_are_validated():
+    with pytest.raises(ValidationError):
+        SearchSpace(learning_rate=[])
+    with pytest.raises(ValidationError):
+        SearchSpace(depth=[9])
+    with pytest.raises(ValidationError, match="val_fraction"):
+        TuneUnetSettings(images_url="a", masks_url="b", training=TrainConfig(val_fraction=0.0))
+    assert SearchSpace().size() == 3 * 2 * 3 * 3 * 2 * 2 * 1
+
+
+def test_best_trial_is_the_highest_validation_dice_and_failures_are_listed():
+    done = [
+        TrialResult(number=1, params={}, status="done", val_dice=0.8),
+        TrialResult(number=2, params={}, status="failed", error="RuntimeError: out of memory"),
+        TrialResult(number=3, params={}, status="done", val_dice=0.9),
+    ]
+    assert best_trial(done).number == 3
+    assert [row["trial"] for row in trial_rows(done)] == [3, 1, 2]
+    assert trial_rows(done)[-1]["status"] == "failed: RuntimeError: out of memory"
+    with pytest.raises(ValueError, match="out of memory"):
+        best_trial([done[1]])
+
+
+def test_a_failing_trial_is_reported_not_raised(synthetic_dataset, tmp_path):
+    pairs = pair_images_and_masks(str(synthetic_dataset / "images"), str(synthetic_dataset / "masks"))
+    train_pairs, val_pairs = split_train_val(pairs, 0.2, 0)
+    normalization = ModelConfig().normalization
+    trial = plan_trials(TINY_SPACE, 1, training=TINY_TRAINING.model_copy(update={"init_from": str(tmp_path / "no.pt")}))[0]
+    result = run_trial(trial, load_pairs(train_pairs, normalization), load_pairs(val_pairs, normalization), tmp_path / "t")
+    assert result.status == "failed"
+    assert "no.pt" in result.error
+
+
+@pytest.mark.integration
+def test_tune_unet_trains_trials_in_parallel_and_registers_the_best(prefect_harness, synthetic_dataset, tmp_path):
+    from prefect.artifacts import Artifact
+
+    from flows.tune import tune_unet
+
+    result = tune_unet(
+        images_url=str(synthetic_dataset / "images"), masks_url=str(synthetic_dataset / "labels"),
+        registry_url=str(tmp_path / "registry"), cache_dir=str(tmp_path / "cache"), work_dir=str(tmp_path / "tuning"),
+        trials=2, max_parallel_trials=2, space=TINY_SPACE, model=ModelConfig(depth=2, base_width=8),
+        training=TINY_TRAINING,
+    )
+    trials = result["trials"]
+    assert sorted(row["trial"] for row in trials) == [1, 2]
+    assert all(row["status"] == "done" and row["epochs"] == 2 for row in trials)
+    best_dice = max(row["val_dice"] for row in trials)
+    assert result["best"]["val_dice"] == best_dice
+    assert trials[0]["val_dice"] == best_dice  # best first
+
+    registry = Registry(str(tmp_path / "registry"))
+    versions = registry.versions()
+    assert [meta.version for meta in versions] == [result["version"]]
+    assert versions[0].metrics["val_dice"] == pytest.approx(best_dice)
+    assert versions[0].train_config["learning_rate"] == result["best"]["params"]["learning_rate"]
+    assert registry.current() is None  # registered, not promoted, by default
+
+    table = Artifact.get("tune-unet-trials")
+    assert table is not None and "learning_rate" in table.data
+    summary = Artifact.get("tune-unet-summary")
+    assert result["version"] in summary.data
+
+
+@pytest.mark.integration
+def test_cellseg_tune_runs_the_flow_and_prints_every_trial(prefect_harness, synthetic_dataset, tmp_path, capsys):
+    from cellseg.cli import main
+
+    code = main([
+        "tune", "--images", str(synthetic_dataset / "images"), "--masks", str(synthetic_dataset / "masks"),
+        "--registry", str(tmp_path / "registry"), "--cache-dir", str(tmp_path / "cache"),
+        "--work-dir", str(tmp_path / "tuning"), "--promote", "--trials", "1", "--parallel", "1",
+        "--lr", "1e-3", "--base-width", "8", "--depth", "2", "--dropout", "0.2", "--loss", "bce_dice",
+        "--augmentation", "strong", "--border-weight", "5",
+        "--training-json", '{"epochs": 1, "patch_size": 64, "patches_per_image": 1, "device": "cpu"}',
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "best: trial 1" in printed and "made current" in printed
+    registry = Registry(str(tmp_path / "registry"))
+    meta = registry.versions()[0]
+    assert registry.current() == meta.version
+    assert meta.architecture["dropout"] == 0.2
+    assert meta.train_config["loss"] == "bce_dice" and meta.train_config["border_weight"] == 5.0
+    assert meta.train_config["augmentation"]["elastic_probability"] > 0
