@@ -5,12 +5,14 @@ Two ingredients, both computed once per training image:
 - `separated_target`: from instance labels, the cell mask with a one-pixel gap wherever two
   cells touch, so that the network learns to draw the line between them and its thresholded
   mask falls apart into one component per cell.
-- `border_weight_map`: per-pixel loss weights 1 + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)), d1 and
-  d2 being the distances to the nearest and second-nearest cell (0 inside a cell), so that the
-  narrow background between neighbouring cells and the cell pixels facing it count up to 1 + w0
-  times as much. Weighting both sides of the gap, not only its background as many
-  re-implementations do, keeps the loss from favouring background: with background-only
-  weights (w0 = 10) cells came out visibly shrunk (dsb2018 validation recall 0.875 vs 0.914).
+- `border_weight_map`: per-pixel loss weights 1 + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) on
+  background pixels, d1 and d2 being the distances to the nearest and second-nearest cell, so
+  that the narrow background between neighbouring cells counts up to 1 + w0 times as much.
+
+Measured on dsb2018 (README, quality table): w0 = 10 separates touching nuclei better (median
+cell-count error 21% -> 7%, F1 0.73 -> 0.75) at a cost in pixel Dice (0.889 -> 0.870), since
+weighted background pulls cell outlines inwards. Weighting the cell pixels facing a gap as well
+removed that pull (recall back up) but lost the cell-level gain (F1 0.72), so background only it is.
 """
 
 from __future__ import annotations
@@ -44,9 +46,8 @@ def separated_target(labels: np.ndarray) -> np.ndarray:
 def border_weight_map(mask: np.ndarray, border_weight: float, sigma: float = 5.0) -> np.ndarray:
     """float32 loss weights for a boolean cell `mask` whose cells are separate components.
 
-    1 everywhere, plus `border_weight` * exp(-(d1 + d2)^2 / (2 sigma^2)) wherever there is a
-    second cell, where d1 and d2 are the Euclidean distances to the nearest and the
-    second-nearest cell (inside a cell, d1 = 0 and d2 is the distance to the nearest other one).
+    1 everywhere, plus `border_weight` * exp(-(d1 + d2)^2 / (2 sigma^2)) on background pixels,
+    where d1 and d2 are the Euclidean distances to the nearest and the second-nearest cell.
     Contributions are computed in a window of 4 sigma around each cell (beyond it the term is
     below 3e-4 of `border_weight`), so the cost grows with the cells, not with their number
     squared.
@@ -67,7 +68,7 @@ def border_weight_map(mask: np.ndarray, border_weight: float, sigma: float = 5.0
         closer = distance < near
         far[:] = np.where(closer, near, np.minimum(far, distance))
         near[:] = np.where(closer, distance, near)
-    near_two_cells = np.isfinite(second)
-    gap = nearest[near_two_cells] + second[near_two_cells]
-    weights[near_two_cells] += border_weight * np.exp(-(gap**2) / (2 * sigma**2))
+    background = ~mask & np.isfinite(second)
+    gap = nearest[background] + second[background]
+    weights[background] += border_weight * np.exp(-(gap**2) / (2 * sigma**2))
     return weights
