@@ -240,8 +240,8 @@ def test_worker_pool_matches_the_deployments(dockerfile, deployments, services):
 # --- deployments/prefect.yaml -------------------------------------------------------------
 
 
-def test_the_three_deployments_exist(deployments):
-    assert set(deployments) == {"train-unet", "nightly-segmentation", "backfill"}
+def test_the_deployments_exist(deployments):
+    assert set(deployments) == {"train-unet", "tune-unet", "nightly-segmentation", "backfill"}
 
 
 def test_nightly_runs_on_a_cron_schedule_with_source_and_store(deployments):
