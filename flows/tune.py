@@ -71,7 +71,11 @@ def tune_unet(
     training: TrainConfig = TuneUnetSettings.model_fields["training"].default,
 ) -> dict[str, Any]:
     """Train `trials` points of the search `space` in parallel, register the best by validation
-    Dice (current when `promote`) and publish a table of all trials."""
+    Dice (current when `promote`) and publish a table of all trials.
+
+    Trials run in local processes, or on the Dask cluster at `dask_address`; there, every worker
+    reads the dataset cache and writes its trial under `work_dir`, so both must be on a
+    filesystem the workers share."""
     settings = TuneUnetSettings(
         images_url=images_url, masks_url=masks_url, registry_url=registry_url, cache_dir=cache_dir,
         work_dir=work_dir, promote=promote, trials=trials, max_parallel_trials=max_parallel_trials, seed=seed,
