@@ -90,7 +90,6 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from cellseg.config import AugmentationConfig, ModelConfig, TrainConfig
     from cellseg.data import load_pairs, manifest_hash, pair_images_and_masks, split_train_val
-    from cellseg.train import train
 
     model_config = ModelConfig(depth=args.depth, base_width=args.base_width, dropout=args.dropout, norm=args.norm)
     if args.init_from:
@@ -118,11 +117,28 @@ def _run_train(args: argparse.Namespace) -> int:
     dataset_hash = manifest_hash(loaded_train + loaded_val)
     (out / "manifest.json").write_text(json.dumps({"hash": dataset_hash, "entries": manifest}, indent=1))
     (out / "split.json").write_text(json.dumps({"train": [p.id for p in train_pairs], "val": [p.id for p in val_pairs]}, indent=1))
-    result = train(loaded_train, loaded_val, out, model_config, config, dataset_hash, resume=args.resume)
+    result = _train_with_progress_bar(loaded_train, loaded_val, out, model_config, config, dataset_hash, args.resume)
     print(f"{result.stop_reason}; best epoch {result.best_epoch} of {len(result.history)}")
     _print_metrics({k: v for k, v in result.best_metrics.items() if k.startswith("val_")} or result.best_metrics)
     print(f"checkpoint: {result.best_checkpoint}\nhistory:    {result.history_path}")
     return 0
+
+
+def _train_with_progress_bar(train_pairs, val_pairs, out, model_config, config, dataset_hash, resume):
+    """`train` with an epoch progress bar on a terminal (none when stderr is not a terminal);
+    the per-epoch log lines print above the bar."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from cellseg.train import train
+
+    with tqdm(total=config.epochs, desc="training", unit="epoch", disable=None, file=sys.stderr) as bar, \
+            logging_redirect_tqdm(loggers=[logging.getLogger()]):
+        def advance(record: dict[str, float]) -> None:
+            bar.update(int(record["epoch"]) - bar.n)
+            bar.set_postfix({k: f"{record[k]:.4f}" for k in ("train_loss", "val_dice") if k in record})
+
+        return train(train_pairs, val_pairs, out, model_config, config, dataset_hash, resume=resume, on_epoch=advance)
 
 
 def _add_predict(commands: argparse._SubParsersAction) -> None:
@@ -382,14 +398,21 @@ def _run_tune(args: argparse.Namespace) -> int:
 
 
 def _add_models(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("models", help="list, show and promote registered model versions")
+    parser = commands.add_parser("models", help="list, show, promote and export registered model versions")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for name, help_text in (("list", "list versions"), ("show", "show one version as JSON"), ("promote", "mark a version current")):
+    for name, help_text in (("list", "list versions"), ("show", "show one version as JSON"), ("promote", "mark a version current"),
+                            ("export", "export a version (or --checkpoint) to TorchScript or ONNX for other software")):
         action = actions.add_parser(name, help=help_text)
         action.add_argument("--registry", default="runs/registry", help="model registry URL (default runs/registry)")
         if name != "list":
-            action.add_argument("version", nargs="?" if name == "show" else None, default="current")
+            action.add_argument("version", nargs="?" if name in ("show", "export") else None, default="current")
         action.set_defaults(run=_run_models)
+        if name == "export":
+            action.add_argument("--checkpoint", help="export this checkpoint file instead of a registered version "
+                                                     "(e.g. cellseg/models/general.pt)")
+            action.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript",
+                                help="TorchScript takes any image size; ONNX needs the onnx extra (default %(default)s)")
+            action.add_argument("--out", required=True, help="file to write; its description goes to OUT.json")
 
 
 def _run_models(args: argparse.Namespace) -> int:
@@ -404,9 +427,22 @@ def _run_models(args: argparse.Namespace) -> int:
         for meta in versions:
             marker = "*" if meta.version == current else " "
             dice = meta.metrics.get("val_dice")
-            print(f"{marker} {meta.version}  val_dice {_fmt(dice)}  epoch {meta.epoch}  dataset {str(meta.dataset_manifest_hash)[:12]}")
+            print(f"{marker} {meta.version}  val_dice {_fmt(dice)}  epoch {meta.epoch}  "
+                  f"dataset {str(meta.dataset_manifest_hash)[:12]}  registered {meta.registered[:19]}")
     elif args.action == "show":
         print(registry.get(args.version).model_dump_json(indent=1))
+    elif args.action == "export":
+        from cellseg.checkpoint import load_checkpoint
+        from cellseg.export import export_model
+        from cellseg.predict import checkpoint_digest
+
+        if args.checkpoint:
+            checkpoint, version = load_checkpoint(args.checkpoint), checkpoint_digest(args.checkpoint)[:12]
+        else:
+            checkpoint, meta = registry.load(args.version)
+            version = meta.version
+        export_model(checkpoint, args.out, args.format, model_version=version)
+        print(f"exported model {version} as {args.format} to {args.out} (input/normalisation/threshold in {args.out}.json)")
     else:
         registry.promote(args.version)
         print(f"{registry.resolve(args.version)} is now current in {args.registry}")

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from prefect import Task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
@@ -41,3 +42,15 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(column)) for column in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+class ProgressArtifact:
+    """A Prefect progress artifact (0-100%) for a long run, shown live in the UI."""
+
+    def __init__(self, key: str, total: int, description: str):
+        self.total = max(total, 1)
+        self.artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
+
+    def update(self, done: int, description: str | None = None) -> None:
+        update_progress_artifact(self.artifact_id, progress=round(100.0 * min(done, self.total) / self.total, 1),
+                                 description=description)

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
+from prefect.futures import as_completed
 from prefect.artifacts import create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -18,7 +19,7 @@ from cellseg.registry import Registry
 from cellseg.segment import model_record, pending_images, segment_images
 from cellseg.store import ResultStore
 from cellseg.train import resolve_device
-from flows._common import markdown_table, retry_unless_bad_input
+from flows._common import ProgressArtifact, markdown_table, retry_unless_bad_input
 
 Shard = list[tuple[str, str]]
 
@@ -73,6 +74,13 @@ def segment_shards(
     futures = shard_task.map(
         shards, unmapped(store_url), unmapped(registry_url), unmapped(model_version), unmapped(predict)
     )
+    images = sum(len(shard) for shard in shards)
+    progress = ProgressArtifact("segment-images-progress", images, f"segmenting {images} images in {len(shards)} shards")
+    shard_sizes = {future.task_run_id: len(shard) for future, shard in zip(futures, shards)}
+    finished = 0
+    for shard_done, future in enumerate(as_completed(futures), start=1):
+        finished += shard_sizes[future.task_run_id]
+        progress.update(finished, f"{shard_done} of {len(shards)} shards finished ({finished} of {images} images)")
     return [future.result() for future in futures]
 
 

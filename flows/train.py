@@ -16,7 +16,7 @@ from cellseg.data import load_pairs, split_train_val
 from cellseg.ingest import Manifest
 from cellseg.registry import Registry
 from cellseg.train import evaluate_model, resolve_device, train
-from flows._common import markdown_table, retry_unless_bad_input
+from flows._common import ProgressArtifact, markdown_table, retry_unless_bad_input
 from flows.ingest import ingest_dataset_flow
 
 METRICS = ("loss", "iou", "dice", "precision", "recall", "dice_pooled")
@@ -33,6 +33,14 @@ def train_model(manifest_path: str, model: ModelConfig, training: TrainConfig, r
     manifest = Manifest.load(manifest_path)
     train_pairs, val_pairs = _split(manifest_path, training)
     logger.info("training on %d images, validating on %d (dataset %s)", len(train_pairs), len(val_pairs), manifest.hash[:12])
+    progress = ProgressArtifact("train-unet-progress", training.epochs, f"training: up to {training.epochs} epochs")
+
+    def report(record: dict[str, float]) -> None:
+        logger.info("epoch %d: %s", record["epoch"],
+                    ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "seconds")))
+        progress.update(int(record["epoch"]), f"epoch {int(record['epoch'])} of up to {training.epochs}: "
+                                              f"val Dice {record.get('val_dice', float('nan')):.4f}")
+
     result = train(
         load_pairs(train_pairs, model.normalization),
         load_pairs(val_pairs, model.normalization),
@@ -40,11 +48,9 @@ def train_model(manifest_path: str, model: ModelConfig, training: TrainConfig, r
         model,
         training,
         dataset_manifest_hash=manifest.hash,
-        on_epoch=lambda record: logger.info(
-            "epoch %d: %s", record["epoch"],
-            ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "seconds")),
-        ),
+        on_epoch=report,
     )
+    progress.update(training.epochs, f"{result.stop_reason}; best epoch {result.best_epoch}")
     logger.info("%s; best epoch %d", result.stop_reason, result.best_epoch)
     return {
         "best_checkpoint": str(result.best_checkpoint),

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
+from prefect.futures import as_completed
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ProcessPoolTaskRunner
@@ -17,7 +18,7 @@ from cellseg.config import ModelConfig, SearchSpace, TrainConfig, TuneUnetSettin
 from cellseg.data import load_pairs, split_train_val
 from cellseg.ingest import Manifest
 from cellseg.tune import TABLE_COLUMNS, Trial, TrialResult, best_trial, plan_trials, run_trial, trial_rows
-from flows._common import markdown_table
+from flows._common import ProgressArtifact, markdown_table
 from flows.ingest import ingest_dataset_flow
 from flows.train import register_model
 
@@ -41,6 +42,9 @@ def train_trial(trial: Trial, manifest_path: str, run_dir: str, threads: int | N
 def train_trials(trials: list[Trial], manifest_path: str, run_dir: str, threads: int | None) -> list[dict[str, Any]]:
     """One train-trial task per trial on this flow's task runner (processes, or Dask)."""
     futures = train_trial.map(trials, unmapped(manifest_path), unmapped(run_dir), unmapped(threads))
+    progress = ProgressArtifact("tune-unet-progress", len(trials), f"{len(trials)} trials")
+    for finished, _ in enumerate(as_completed(futures), start=1):
+        progress.update(finished, f"{finished} of {len(trials)} trials finished")
     return [future.result() for future in futures]
 
 

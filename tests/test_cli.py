@@ -117,3 +117,35 @@ def test_empty_image_directory_is_nothing_to_do(tmp_path, tiny_checkpoint):
     result = cellseg("predict", "--model", str(tiny_checkpoint), "--images", str(tmp_path / "empty"),
                      "--out", str(tmp_path / "s.zarr"))
     assert "nothing to do" in result.stdout
+
+
+def test_training_shows_an_epoch_progress_bar_on_a_terminal_only(tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    cellseg("synth", "--out", str(tmp_path / "data"), "--count", "6", "--size", "64", "--seed", "0")
+    arguments = ["train", "--images", str(tmp_path / "data/images"), "--masks", str(tmp_path / "data/masks"),
+                 *FAST_TRAIN[2:], "--epochs", "2"]
+    piped = cellseg(*arguments, "--out", str(tmp_path / "piped"))
+    assert "epoch 2/2" in piped.stderr and "training:" not in piped.stderr  # log lines, no bar
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a 160-column terminal
+    process = subprocess.Popen([str(Path(sys.executable).parent / "cellseg"), *arguments, "--out", str(tmp_path / "tty")],
+                               stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    captured = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closes when the process exits
+            break
+        if not chunk:
+            break
+        captured += chunk
+    assert process.wait(timeout=300) == 0
+    shown = captured.decode(errors="replace")
+    assert "training:" in shown and "2/2" in shown and "val_dice" in shown
+    assert "epoch 2/2" in shown  # the log lines still print, above the bar

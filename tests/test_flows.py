@@ -71,6 +71,9 @@ def test_train_unet_publishes_metrics_and_checkpoint_artifacts(trained_registry)
     assert "| dice |" in metrics.data
     link = Artifact.get("train-unet-checkpoint")
     assert result["version"] in link.data
+    progress = Artifact.get("train-unet-progress")
+    assert progress.type == "progress" and float(progress.data) == 100.0
+    assert "best epoch" in progress.description
 
 
 def _reference_store(registry_url: str, images, path) -> ResultStore:
@@ -90,6 +93,10 @@ def test_segment_images_writes_every_image_once_matching_predict(trained_registr
     summary = segment_images_flow(source_url=str(new_images / "images"), store_url=store_url,
                                   registry_url=registry_url, shard_size=3)
     assert summary["done"] == 8 and summary["shards"] == 3 and summary["failed"] == []
+    from prefect.artifacts import Artifact
+
+    progress = Artifact.get("segment-images-progress")
+    assert float(progress.data) == 100.0 and "3 of 3 shards finished (8 of 8 images)" in progress.description
 
     store = ResultStore.open(store_url, mode="r")
     reference = _reference_store(registry_url, new_images / "images", tmp_path / "reference.zarr")

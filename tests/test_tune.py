@@ -101,6 +101,7 @@ def test_tune_unet_trains_trials_in_parallel_and_registers_the_best(prefect_harn
 
     table = Artifact.get("tune-unet-trials")
     assert table is not None and "learning_rate" in table.data
+    assert float(Artifact.get("tune-unet-progress").data) == 100.0
     summary = Artifact.get("tune-unet-summary")
     assert result["version"] in summary.data
 

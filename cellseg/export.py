@@ -1,0 +1,123 @@
+"""Export a checkpoint for other imaging software: TorchScript (any image size) or ONNX.
+
+The exported network maps normalised images, float32 (N, 1, H, W), to cell probabilities of the
+same shape (sigmoid included). A JSON file beside it (`<out>.json`) says how to normalise the
+input (per-image percentiles, polarity), which threshold gives the mask, and where the model
+came from, so that a mask computed elsewhere is the mask `cellseg predict` computes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cellseg import __version__
+from cellseg.checkpoint import Checkpoint
+from cellseg.model import UNet
+
+ExportFormat = Literal["torchscript", "onnx"]
+
+
+class ExportableUNet(nn.Module):
+    """The U-Net's layers with a forward pass that TorchScript compiles and ONNX exports.
+
+    It pads and crops like `UNet.forward`, so the TorchScript model takes any image size. For
+    ONNX (`branch_free`), the padding is a fixed formula the exporter can keep symbolic: reflect
+    padding to the next multiple of 2**depth, which equals `UNet.forward` for images whose sides
+    exceed 2**depth (the minimum the ONNX model accepts).
+    """
+
+    def __init__(self, unet: UNet, branch_free: bool = False):
+        super().__init__()
+        self.stem, self.encoder, self.bottleneck = unet.stem, unet.encoder, unet.bottleneck
+        self.decoder, self.head = unet.decoder, unet.head
+        self.multiple = int(unet.size_multiple)
+        self.branch_free = branch_free
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2], x.shape[-1]
+        pad_h = (self.multiple - height % self.multiple) % self.multiple
+        pad_w = (self.multiple - width % self.multiple) % self.multiple
+        if self.branch_free:
+            x = F.pad(x, [0, pad_w, 0, pad_h], mode="reflect")
+        else:
+            if height + pad_h == self.multiple and width + pad_w == self.multiple:
+                pad_h += self.multiple  # as UNet.forward: no 1x1 bottleneck for instance norm
+            if pad_h > 0 or pad_w > 0:
+                if pad_h < height and pad_w < width:
+                    x = F.pad(x, [0, pad_w, 0, pad_h], mode="reflect")
+                else:
+                    x = F.pad(x, [0, pad_w, 0, pad_h], mode="replicate")
+        skips = [self.stem(x)]
+        for down in self.encoder:
+            skips.append(down(skips[-1]))
+        x = self.bottleneck(skips[-1])
+        level = len(skips) - 1
+        for up in self.decoder:
+            x = up(x, skips[level])
+            level -= 1
+        return torch.sigmoid(self.head(x)[:, :, :height, :width])
+
+
+def export_model(
+    checkpoint: Checkpoint, out: str | Path, export_format: ExportFormat = "torchscript",
+    model_version: str = "", threshold: float = 0.5,
+) -> dict[str, Any]:
+    """Write the model to `out` in `export_format` and its description to `<out>.json`; returns it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    unet = checkpoint.build_model().eval()
+    multiple = int(unet.size_multiple)
+    if export_format == "torchscript":
+        torch.jit.script(ExportableUNet(unet)).save(str(out))
+        min_side = 1
+    elif export_format == "onnx":
+        _export_onnx(ExportableUNet(unet, branch_free=True).eval(), out, multiple)
+        min_side = multiple + 1
+    else:
+        raise ValueError(f"unknown export format {export_format!r}: use 'torchscript' or 'onnx'")
+    normalization = checkpoint.model_config.normalization
+    description = {
+        "format": export_format,
+        "file": out.name,
+        "model_version": model_version,
+        "input": {
+            "name": "image", "dtype": "float32", "shape": ["N", 1, "H", "W"], "min_side": min_side,
+            "normalization": {
+                **normalization.model_dump(mode="json"),
+                "how": "per image: clip to [low, high] percentiles, scale to [0, 1]; with polarity 'auto', "
+                       "invert (1 - x) when the image's intensity skewness is negative",
+            },
+        },
+        "output": {"name": "probability", "dtype": "float32", "shape": ["N", 1, "H", "W"], "meaning": "cell probability"},
+        "threshold": threshold,
+        "architecture": checkpoint.model_config.model_dump(mode="json"),
+        "metrics": checkpoint.metrics,
+        "cellseg_version": __version__,
+    }
+    Path(f"{out}.json").write_text(json.dumps(description, indent=1) + "\n")
+    return description
+
+
+def _export_onnx(model: ExportableUNet, out: Path, multiple: int) -> None:
+    try:
+        import onnx  # noqa: F401  (the exporter needs both)
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise ValueError(
+            f"ONNX export needs the onnx and onnxscript packages ({error.name} is missing): "
+            "pip install 'cellseg[export]'"
+        ) from error
+    side = torch.export.Dim("height", min=multiple + 1), torch.export.Dim("width", min=multiple + 1)
+    example = torch.rand(1, 1, 4 * multiple, 3 * multiple)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, input_names=["image"], output_names=["probability"],
+            dynamic_shapes=({0: torch.export.Dim("batch"), 2: side[0], 3: side[1]},),
+        )
+    program.save(str(out))

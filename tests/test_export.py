@@ -1,0 +1,87 @@
+"""Exported models (TorchScript, ONNX) give the mask `cellseg predict` gives."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cellseg.checkpoint import load_checkpoint
+from cellseg.config import PredictConfig
+from cellseg.data import normalize_image
+from cellseg.export import export_model
+from cellseg.io import read_image
+from cellseg.predict import Predictor
+from cellseg.registry import Registry
+from cellseg.synth import write_dataset
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Synthetic images of awkward sizes: odd, tiny and not multiples of 2**depth."""
+    root = tmp_path_factory.mktemp("export-images")
+    write_dataset(str(root), count=3, size=90, seed=4, vary_size=True)
+    return [read_image(str(path)) for path in sorted((root / "images").iterdir())]
+
+
+def _reference(checkpoint_path: Path, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    predictor = Predictor.from_checkpoint(str(checkpoint_path), PredictConfig(amp=False, device="cpu"))
+    probability = predictor.probabilities([image])[0]
+    return probability, probability > 0.5
+
+
+def _input(checkpoint_path: Path, image: np.ndarray) -> np.ndarray:
+    normalization = load_checkpoint(str(checkpoint_path)).model_config.normalization
+    return normalize_image(image, normalization)[None, None].astype(np.float32)
+
+
+def test_torchscript_export_gives_the_same_masks_for_any_size(tiny_checkpoint, images, tmp_path):
+    out = tmp_path / "model.pt"
+    description = export_model(load_checkpoint(str(tiny_checkpoint)), out, "torchscript", model_version="v1")
+    scripted = torch.jit.load(str(out))
+    for image in [*images, images[0][:9, :13]]:
+        probability, mask = _reference(tiny_checkpoint, image)
+        with torch.no_grad():
+            exported = scripted(torch.from_numpy(_input(tiny_checkpoint, image)))[0, 0].numpy()
+        assert exported.shape == image.shape
+        np.testing.assert_allclose(exported, probability, atol=1e-5)
+        np.testing.assert_array_equal(exported > description["threshold"], mask)
+    sidecar = json.loads(Path(f"{out}.json").read_text())
+    assert sidecar["model_version"] == "v1" and sidecar["input"]["normalization"]["polarity"] == "auto"
+
+
+def test_onnx_export_gives_the_same_masks(tiny_checkpoint, images, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    out = tmp_path / "model.onnx"
+    description = export_model(load_checkpoint(str(tiny_checkpoint)), out, "onnx")
+    session = onnxruntime.InferenceSession(str(out))
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    for image in images:
+        assert min(image.shape) >= description["input"]["min_side"]
+        probability, mask = _reference(tiny_checkpoint, image)
+        exported = session.run(None, {"image": _input(tiny_checkpoint, image)})[0][0, 0]
+        assert exported.shape == image.shape
+        np.testing.assert_allclose(exported, probability, atol=1e-4)
+        assert np.mean((exported > 0.5) == mask) > 0.9999
+
+
+@pytest.mark.integration
+def test_cellseg_models_export_a_registered_version(tiny_checkpoint, images, tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    version = registry.register(str(tiny_checkpoint), promote=True).version
+    out = tmp_path / "exported" / "model.pt"
+    command = [str(Path(sys.executable).parent / "cellseg"), "models", "export", "--registry", str(tmp_path / "registry"),
+               "--format", "torchscript", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert version in result.stdout
+    assert json.loads(Path(f"{out}.json").read_text())["model_version"] == version
+    _, mask = _reference(tiny_checkpoint, images[0])
+    with torch.no_grad():
+        exported = torch.jit.load(str(out))(torch.from_numpy(_input(tiny_checkpoint, images[0])))[0, 0].numpy()
+    np.testing.assert_array_equal(exported > 0.5, mask)
