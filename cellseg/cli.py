@@ -121,6 +121,10 @@ def _run_train(args: argparse.Namespace) -> int:
     print(f"{result.stop_reason}; best epoch {result.best_epoch} of {len(result.history)}")
     _print_metrics({k: v for k, v in result.best_metrics.items() if k.startswith("val_")} or result.best_metrics)
     print(f"checkpoint: {result.best_checkpoint}\nhistory:    {result.history_path}")
+    from cellseg.report import training_pictures
+
+    for picture in training_pictures(out, result.history, loaded_val, config.device, config.threshold):
+        print(f"picture:    {picture}")
     return 0
 
 

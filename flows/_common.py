@@ -7,11 +7,13 @@ environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and fsspec c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from prefect import Task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.concurrency.sync import concurrency
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
@@ -29,6 +31,24 @@ def retry_unless_bad_input(task: Task, task_run: TaskRun, state: State) -> bool:
     """
     error = state.result(raise_on_failure=False)
     return not isinstance(error, PERMANENT_ERRORS)
+
+
+GPU_LIMIT = "gpu"
+
+
+@contextmanager
+def gpu_slot(on_gpu: bool) -> Iterator[None]:
+    """Hold one slot of the Prefect global concurrency limit `gpu` while work runs on a GPU.
+
+    Create the limit once per site (`prefect gcl create gpu --limit 2` for two GPUs) and every
+    training, evaluation, tuning trial and GPU segmentation shard waits for a free slot; without
+    the limit, or on the CPU, nothing waits.
+    """
+    if not on_gpu:
+        yield
+        return
+    with concurrency(GPU_LIMIT, occupy=1, strict=False, raise_on_lease_renewal_failure=False):
+        yield
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

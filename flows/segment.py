@@ -5,21 +5,24 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.futures import as_completed
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from cellseg.config import PredictConfig, SegmentSettings
 from cellseg.io import list_images
 from cellseg.predict import shared_predictor
 from cellseg.registry import Registry
+from cellseg.report import montage_url, store_montage
 from cellseg.segment import model_record, pending_images, segment_images
 from cellseg.store import ResultStore
 from cellseg.train import resolve_device
-from flows._common import ProgressArtifact, markdown_table, retry_unless_bad_input
+from flows._common import ProgressArtifact, gpu_slot, markdown_table, retry_unless_bad_input
 
 Shard = list[tuple[str, str]]
 
@@ -52,13 +55,20 @@ def segment_shard(
     predictor = shared_predictor(registry_url, model_version, predict)
     store = ResultStore.open(store_url)
     remaining = [(image_id, url) for image_id, url in shard if not store.is_done(image_id)]
-    report = segment_images(
-        remaining, store, predictor, model_record(predictor, Registry(registry_url).checkpoint_url(model_version))
-    )
+    with gpu_slot(predictor.device.type == "cuda"):
+        report = segment_images(
+            remaining, store, predictor, model_record(predictor, Registry(registry_url).checkpoint_url(model_version))
+        )
     # Skipped: finished by an earlier attempt of this task, or by another run on the same store.
     skipped = len(shard) - len(remaining) + len(report.skipped)
     return {"done": len(report.done), "skipped": skipped, "failed": report.failed, "seconds": report.seconds,
             "pixels": report.pixels}
+
+
+@task(name="draw-montage")
+def draw_montage(store_url: str, images: Shard, run_name: str) -> str | None:
+    """A few of this run's segmented images with their cell outlines, saved beside the store."""
+    return store_montage(ResultStore.open(store_url, mode="r"), images, montage_url(store_url, run_name))
 
 
 @flow(name="segment-shards")
@@ -68,7 +78,8 @@ def segment_shards(
 ) -> list[dict[str, Any]]:
     """Run one segment-shard task per shard on this flow's task runner (threads, or Dask).
 
-    On a GPU the tasks carry the `gpu` tag, so a Prefect concurrency limit on it caps them.
+    On a GPU each shard holds a slot of the `gpu` global concurrency limit when one exists (and
+    the tasks carry the `gpu` tag, for tag-based task concurrency limits).
     """
     shard_task = segment_shard.with_options(tags=["gpu"]) if gpu else segment_shard
     futures = shard_task.map(
@@ -149,6 +160,9 @@ def segment_images_flow(
         logger.info("nothing to do: no new images under %s", settings.source_url)
 
     summary = _summarise(results, plan, time.monotonic() - started, version)
+    if summary["done"]:
+        run_name = flow_run.get_name() or time.strftime("%Y%m%d-%H%M%S")
+        summary["montage"] = draw_montage(settings.store_url, [pair for shard in plan["shards"] for pair in shard], run_name)
     _publish_summary(summary, settings)
     return summary
 
@@ -186,6 +200,10 @@ def _publish_summary(summary: dict[str, Any], settings: SegmentSettings) -> None
     if summary["failed"]:
         markdown += "\n\n### Failed images\n\n" + markdown_table(summary["failed"], ("source_url", "error"))
     create_markdown_artifact(key="segment-images-summary", markdown=markdown, description="segment-images run summary")
+    if summary.get("montage"):
+        montage = summary["montage"]
+        create_link_artifact(key="segment-images-montage", link=montage if "://" in montage else Path(montage).resolve().as_uri(),
+                             link_text=f"montage of segmented images in {settings.store_url}")
     get_run_logger().info(
         "segmented %d, skipped %d, failed %d in %.1fs",
         summary["done"], summary["skipped"], len(summary["failed"]), summary["seconds"],

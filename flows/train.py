@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,9 @@ from cellseg.config import ModelConfig, TrainConfig, TrainUnetSettings
 from cellseg.data import load_pairs, split_train_val
 from cellseg.ingest import Manifest
 from cellseg.registry import Registry
+from cellseg.report import training_pictures
 from cellseg.train import evaluate_model, resolve_device, train
-from flows._common import ProgressArtifact, markdown_table, retry_unless_bad_input
+from flows._common import ProgressArtifact, gpu_slot, markdown_table, retry_unless_bad_input
 from flows.ingest import ingest_dataset_flow
 
 METRICS = ("loss", "iou", "dice", "precision", "recall", "dice_pooled")
@@ -28,7 +30,7 @@ def _split(manifest_path: str, training: TrainConfig):
 
 @task(name="train-model", tags=["gpu"])
 def train_model(manifest_path: str, model: ModelConfig, training: TrainConfig, run_dir: str) -> dict[str, Any]:
-    """Train on the cached dataset; the `gpu` tag lets a Prefect concurrency limit cap GPU jobs."""
+    """Train on the cached dataset; on a GPU it holds a slot of the `gpu` global concurrency limit."""
     logger = get_run_logger()
     manifest = Manifest.load(manifest_path)
     train_pairs, val_pairs = _split(manifest_path, training)
@@ -41,15 +43,9 @@ def train_model(manifest_path: str, model: ModelConfig, training: TrainConfig, r
         progress.update(int(record["epoch"]), f"epoch {int(record['epoch'])} of up to {training.epochs}: "
                                               f"val Dice {record.get('val_dice', float('nan')):.4f}")
 
-    result = train(
-        load_pairs(train_pairs, model.normalization),
-        load_pairs(val_pairs, model.normalization),
-        run_dir,
-        model,
-        training,
-        dataset_manifest_hash=manifest.hash,
-        on_epoch=report,
-    )
+    loaded_train, loaded_val = load_pairs(train_pairs, model.normalization), load_pairs(val_pairs, model.normalization)
+    with gpu_slot(resolve_device(training.device).type == "cuda"):
+        result = train(loaded_train, loaded_val, run_dir, model, training, manifest.hash, on_epoch=report)
     progress.update(training.epochs, f"{result.stop_reason}; best epoch {result.best_epoch}")
     logger.info("%s; best epoch %d", result.stop_reason, result.best_epoch)
     return {
@@ -69,9 +65,20 @@ def evaluate_checkpoint(checkpoint_path: str, manifest_path: str, training: Trai
     if not val_pairs:
         return {}
     device = resolve_device(training.device)
-    model = checkpoint.build_model().to(device)
     loaded = load_pairs(val_pairs, checkpoint.model_config.normalization)
-    return evaluate_model(model, loaded, device, training.threshold, training.amp)
+    with gpu_slot(device.type == "cuda"):
+        model = checkpoint.build_model().to(device)
+        return evaluate_model(model, loaded, device, training.threshold, training.amp)
+
+
+@task(name="draw-training-pictures")
+def draw_training_pictures(run_dir: str, history_path: str, manifest_path: str, training: TrainConfig,
+                           model: ModelConfig) -> list[str]:
+    """Training curves and the validation overlay gallery, written next to the checkpoint."""
+    _, val_pairs = _split(manifest_path, training)
+    history = json.loads(Path(history_path).read_text())
+    return training_pictures(run_dir, history, load_pairs(val_pairs, model.normalization), training.device,
+                             training.threshold)
 
 
 @task(name="register-model", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_unless_bad_input)
@@ -101,6 +108,8 @@ def train_unet(
     run_dir = str(Path(settings.work_dir) / run_name)
     trained = train_model(dataset["manifest_path"], settings.model, settings.training, run_dir)
     metrics = evaluate_checkpoint(trained["best_checkpoint"], dataset["manifest_path"], settings.training)
+    pictures = draw_training_pictures(run_dir, trained["history_path"], dataset["manifest_path"], settings.training,
+                                      settings.model)
     version = register_model(trained["best_checkpoint"], settings.registry_url, settings.promote)
     logger.info("registered %s in %s%s", version["version"], settings.registry_url, " as current" if settings.promote else "")
 
@@ -115,10 +124,14 @@ def train_unet(
         ),
         description="Validation metrics of the registered checkpoint",
     )
+    for picture in pictures:
+        create_link_artifact(key=Path(picture).stem.replace("_", "-"), link=Path(picture).resolve().as_uri(),
+                             link_text=f"{Path(picture).name} of {version['version']}")
     checkpoint_url = Registry(settings.registry_url).checkpoint_url(version["version"])
     create_link_artifact(
         key="train-unet-checkpoint",
         link=checkpoint_url if "://" in checkpoint_url else Path(checkpoint_url).resolve().as_uri(),
         link_text=f"checkpoint {version['version']}",
     )
-    return {"version": version["version"], "checkpoint": checkpoint_url, "metrics": metrics, **trained}
+    return {"version": version["version"], "checkpoint": checkpoint_url, "metrics": metrics, "pictures": pictures,
+            **trained}

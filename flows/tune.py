@@ -17,8 +17,9 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from cellseg.config import ModelConfig, SearchSpace, TrainConfig, TuneUnetSettings
 from cellseg.data import load_pairs, split_train_val
 from cellseg.ingest import Manifest
+from cellseg.train import resolve_device
 from cellseg.tune import TABLE_COLUMNS, Trial, TrialResult, best_trial, plan_trials, run_trial, trial_rows
-from flows._common import ProgressArtifact, markdown_table
+from flows._common import ProgressArtifact, gpu_slot, markdown_table
 from flows.ingest import ingest_dataset_flow
 from flows.train import register_model
 
@@ -30,10 +31,9 @@ def train_trial(trial: Trial, manifest_path: str, run_dir: str, threads: int | N
     train_pairs, val_pairs = split_train_val(manifest.pairs(), trial.training.val_fraction, trial.training.seed)
     normalization = trial.model.normalization
     get_run_logger().info("trial %d: %s", trial.number, trial.params)
-    result = run_trial(
-        trial, load_pairs(train_pairs, normalization), load_pairs(val_pairs, normalization),
-        Path(run_dir) / f"trial-{trial.number:03d}", manifest.hash, threads,
-    )
+    loaded_train, loaded_val = load_pairs(train_pairs, normalization), load_pairs(val_pairs, normalization)
+    with gpu_slot(resolve_device(trial.training.device).type == "cuda"):
+        result = run_trial(trial, loaded_train, loaded_val, Path(run_dir) / f"trial-{trial.number:03d}", manifest.hash, threads)
     get_run_logger().info("trial %d: %s, val Dice %s", trial.number, result.status, result.val_dice)
     return result.model_dump(mode="json")
 

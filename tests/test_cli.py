@@ -44,7 +44,9 @@ def test_synth_train_predict_evaluate_round_trip(tmp_path):
                       "--out", str(tmp_path / "model"), *FAST_TRAIN)
     assert "val_dice" in trained.stdout
     assert "epoch 4/4" in trained.stderr
-    for name in ("best.pt", "last.pt", "history.json", "manifest.json", "split.json"):
+    assert "training_curves.png" in trained.stdout and "validation_gallery.png" in trained.stdout
+    for name in ("best.pt", "last.pt", "history.json", "manifest.json", "split.json", "training_curves.png",
+                 "validation_gallery.png"):
         assert (tmp_path / "model" / name).is_file()
     split = json.loads((tmp_path / "model/split.json").read_text())
     assert len(split["train"]) + len(split["val"]) == 16 and not set(split["train"]) & set(split["val"])

@@ -22,8 +22,9 @@ pytestmark = pytest.mark.integration
 PREFECT = str(Path(sys.executable).parent / "prefect")
 
 
-def prefect(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run([PREFECT, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+def prefect(*args: str, env: dict[str, str], timeout: float = 300, input_text: str | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([PREFECT, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                            input=input_text)
     if result.returncode != 0:
         raise AssertionError(f"prefect {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
@@ -74,6 +75,15 @@ def test_prefect_yaml_declares_the_deployments(deployed):
     nightly = prefect("deployment", "inspect", "segment-images/nightly-segmentation", env=env).stdout
     assert "0 2 * * *" in nightly
     assert "nightly-in" in nightly and "nightly.zarr" in nightly
+
+
+def test_the_gpu_limit_of_the_how_to_can_be_created(deployed):
+    _, env = deployed
+    prefect("gcl", "create", "gpu", "--limit", "1", env=env)
+    try:
+        assert "gpu" in prefect("gcl", "ls", env=env).stdout
+    finally:
+        prefect("gcl", "delete", "gpu", env=env, input_text="y\n")
 
 
 def test_train_unet_then_backfill_through_the_worker(deployed):

@@ -71,6 +71,10 @@ def test_train_unet_publishes_metrics_and_checkpoint_artifacts(trained_registry)
     assert "| dice |" in metrics.data
     link = Artifact.get("train-unet-checkpoint")
     assert result["version"] in link.data
+    assert [os.path.basename(p) for p in result["pictures"]] == ["training_curves.png", "validation_gallery.png"]
+    assert all(os.path.getsize(p) > 1000 for p in result["pictures"])
+    assert "training_curves.png" in Artifact.get("training-curves").data
+    assert "validation_gallery.png" in Artifact.get("validation-gallery").data
     progress = Artifact.get("train-unet-progress")
     assert progress.type == "progress" and float(progress.data) == 100.0
     assert "best epoch" in progress.description
@@ -97,6 +101,8 @@ def test_segment_images_writes_every_image_once_matching_predict(trained_registr
 
     progress = Artifact.get("segment-images-progress")
     assert float(progress.data) == 100.0 and "3 of 3 shards finished (8 of 8 images)" in progress.description
+    assert summary["montage"].startswith(store_url + "-montages/") and os.path.getsize(summary["montage"]) > 1000
+    assert os.path.basename(summary["montage"]) in Artifact.get("segment-images-montage").data
 
     store = ResultStore.open(store_url, mode="r")
     reference = _reference_store(registry_url, new_images / "images", tmp_path / "reference.zarr")

@@ -1,0 +1,109 @@
+"""Pictures for people: training curves, validation overlays and segmentation montages (PNG).
+
+Drawn with matplotlib's headless Agg backend, so they work on servers and workers without a
+display. Each function writes one PNG to a local path or any fsspec URL and returns its URL.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: must precede pyplot
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from skimage.segmentation import find_boundaries  # noqa: E402
+
+from cellseg.io import StorageOptions, filesystem  # noqa: E402
+
+TRUTH_COLOUR = (0.1, 0.9, 0.2)  # green
+PREDICTION_COLOUR = (1.0, 0.1, 0.8)  # magenta
+DPI = 100
+
+
+def _save(figure, url: str, storage_options: StorageOptions = None) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI)
+    plt.close(figure)
+    fs, path = filesystem(url, storage_options)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    fs.pipe_file(path, buffer.getvalue())
+    return url
+
+
+def _display(image: np.ndarray) -> np.ndarray:
+    """A raw image scaled to [0, 1] between its 1st and 99.8th percentiles, as RGB."""
+    values = image.astype(np.float32)
+    low, high = np.percentile(values, (1.0, 99.8))
+    scaled = np.clip((values - low) / max(high - low, 1e-6), 0.0, 1.0)
+    return np.repeat(scaled[..., None], 3, axis=2)
+
+
+def outlined(image: np.ndarray, outlines: Sequence[tuple[np.ndarray, tuple[float, float, float]]]) -> np.ndarray:
+    """RGB picture of `image` with the boundaries of each (labels or mask, colour) pair drawn on it."""
+    picture = _display(image)
+    for labels, colour in outlines:
+        picture[find_boundaries(labels, mode="inner")] = colour
+    return picture
+
+
+def training_curves(history: Sequence[dict[str, float]], url: str, storage_options: StorageOptions = None) -> str:
+    """Loss and Dice per epoch, training and validation, with the best validation epoch marked."""
+    epochs = [int(record["epoch"]) for record in history]
+    figure, (loss_axis, dice_axis) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for axis, metric in ((loss_axis, "loss"), (dice_axis, "dice")):
+        for split, style in (("train", "-"), ("val", "-o")):
+            key = f"{split}_{metric}"
+            if any(key in record for record in history):
+                axis.plot(epochs, [record.get(key, np.nan) for record in history], style, markersize=3, label=split)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(metric)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    if any("val_dice" in record for record in history):
+        best = max(history, key=lambda record: record.get("val_dice", -1.0))
+        dice_axis.axvline(best["epoch"], color="grey", linestyle="--")
+        dice_axis.set_title(f"best val Dice {best['val_dice']:.4f} at epoch {int(best['epoch'])}")
+    return _save(figure, url, storage_options)
+
+
+def overlay_gallery(
+    images: Sequence[np.ndarray], truths: Sequence[np.ndarray], predictions: Sequence[np.ndarray],
+    names: Sequence[str], url: str, storage_options: StorageOptions = None, columns: int = 4,
+) -> str:
+    """One panel per image: the image with the true outlines (green) and the predicted ones (magenta)."""
+    panels = [outlined(image, [(truth, TRUTH_COLOUR), (prediction, PREDICTION_COLOUR)])
+              for image, truth, prediction in zip(images, truths, predictions)]
+    return _grid(panels, names, url, storage_options, columns, "green: truth, magenta: prediction")
+
+
+def segmentation_montage(
+    images: Sequence[np.ndarray], cells: Sequence[np.ndarray], names: Sequence[str], url: str,
+    storage_options: StorageOptions = None, columns: int = 3,
+) -> str:
+    """One panel per image with the outlines of its segmented cells and their count."""
+    panels = [outlined(image, [(labels, PREDICTION_COLOUR)]) for image, labels in zip(images, cells)]
+    titles = [f"{name} ({int(labels.max())} cells)" for name, labels in zip(names, cells)]
+    return _grid(panels, titles, url, storage_options, columns, None)
+
+
+def _grid(panels, titles, url, storage_options, columns, caption) -> str:
+    if not panels:
+        raise ValueError("no images to draw")
+    columns = min(columns, len(panels))
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False,
+                                constrained_layout=True)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, panel, title in zip(axes.flat, panels, titles):
+        axis.imshow(panel, interpolation="nearest")
+        axis.set_title(title, fontsize=8)
+    if caption:
+        figure.suptitle(caption, fontsize=9)
+    return _save(figure, url, storage_options)

@@ -1,0 +1,68 @@
+"""The pictures a run leaves behind: training curves and a validation overlay gallery next to the
+checkpoint, a montage of segmented images next to a results store."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from cellseg.checkpoint import load_checkpoint
+from cellseg.data import ImgDataset, LoadedPair
+from cellseg.io import read_image
+from cellseg.pictures import overlay_gallery, segmentation_montage, training_curves
+from cellseg.store import ResultStore
+from cellseg.train import autocast_context, logit_threshold, resolve_device
+
+CURVES_FILE = "training_curves.png"
+GALLERY_FILE = "validation_gallery.png"
+
+
+def training_pictures(
+    run_dir: str | Path, history: Sequence[dict[str, float]], val_pairs: Sequence[LoadedPair],
+    device: str = "auto", threshold: float = 0.5, max_images: int = 8,
+) -> list[str]:
+    """Write `training_curves.png` and, with validation images, `validation_gallery.png` (the best
+    checkpoint's outlines over the first `max_images`) into `run_dir`; returns their paths."""
+    run = Path(run_dir)
+    written = [training_curves(history, str(run / CURVES_FILE))]
+    if val_pairs:
+        shown = list(val_pairs)[:max_images]
+        predictions = predict_pairs(str(run / "best.pt"), shown, device, threshold)
+        written.append(overlay_gallery([p.image for p in shown], [p.mask for p in shown], predictions,
+                                       [p.id for p in shown], str(run / GALLERY_FILE)))
+    return written
+
+
+def predict_pairs(checkpoint_url: str, pairs: Sequence[LoadedPair], device: str = "auto", threshold: float = 0.5):
+    """Boolean masks of the checkpoint for already-normalised pairs (whole images)."""
+    target = resolve_device(device)
+    model = load_checkpoint(checkpoint_url).build_model().to(target).eval()
+    cut = logit_threshold(threshold)
+    masks = []
+    with torch.inference_mode():
+        for image, _ in ImgDataset(pairs):
+            with autocast_context(target, True):
+                logits = model(image[None].to(target))
+            masks.append((logits.float() > cut)[0, 0].cpu().numpy())
+    return masks
+
+
+def montage_url(store_url: str, run_name: str) -> str:
+    """Where a run's montage goes: beside the store (`<store>-montages/<run>.png`), not inside it."""
+    return f"{store_url.rstrip('/')}-montages/{run_name}.png"
+
+
+def store_montage(
+    store: ResultStore, images: Sequence[tuple[str, str]], url: str, max_images: int = 6
+) -> str | None:
+    """Montage of the first `max_images` of `images` ((id, source URL) pairs) that the store holds
+    as done; None when none is."""
+    shown = [(image_id, source) for image_id, source in images if store.is_done(image_id)][:max_images]
+    if not shown:
+        return None
+    return segmentation_montage(
+        [read_image(source) for _, source in shown], [store.read_cells(image_id) for image_id, _ in shown],
+        [image_id for image_id, _ in shown], url,
+    )

@@ -1,0 +1,75 @@
+"""Pictures: training curves, validation overlays and montages are real, non-blank PNGs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from cellseg.config import ModelConfig
+from cellseg.data import load_pairs, pair_images_and_masks, split_train_val
+from cellseg.pictures import (
+    PREDICTION_COLOUR,
+    TRUTH_COLOUR,
+    overlay_gallery,
+    segmentation_montage,
+    training_curves,
+)
+from cellseg.report import CURVES_FILE, GALLERY_FILE, training_pictures
+
+
+def _png(path) -> np.ndarray:
+    with Image.open(path) as picture:
+        assert picture.format == "PNG"
+        return np.asarray(picture.convert("RGB"))
+
+
+def _has_colour(pixels: np.ndarray, colour: tuple[float, float, float]) -> bool:
+    target = np.round(np.array(colour) * 255)
+    return bool(np.any(np.all(np.abs(pixels.astype(int) - target) <= 30, axis=-1)))
+
+
+def _cells() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    image = np.zeros((64, 64), dtype=np.uint8)
+    truth = np.zeros((64, 64), dtype=np.int32)
+    truth[10:30, 10:30], truth[35:55, 30:50] = 1, 2
+    image[truth > 0] = 200
+    prediction = np.zeros_like(truth)
+    prediction[12:30, 10:28] = 1
+    return image, truth, prediction
+
+
+def test_training_curves_show_loss_and_dice(tmp_path):
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "train_dice": 1 - 0.5 / e, "val_dice": 1 - 0.6 / e}
+               for e in range(1, 6)]
+    url = training_curves(history, str(tmp_path / "sub" / "curves.png"))
+    pixels = _png(url)
+    assert pixels.shape == (400, 1000, 3)
+    assert pixels.std() > 10  # lines, labels and axes, not a blank canvas
+
+
+def test_overlay_gallery_draws_truth_and_prediction_outlines(tmp_path):
+    image, truth, prediction = _cells()
+    pixels = _png(overlay_gallery([image, image], [truth, truth], [prediction, prediction], ["a", "b"],
+                                  str(tmp_path / "gallery.png")))
+    assert pixels.shape[0] > 100 and pixels.shape[1] > 200
+    assert _has_colour(pixels, TRUTH_COLOUR) and _has_colour(pixels, PREDICTION_COLOUR)
+
+
+def test_montage_draws_cell_outlines(tmp_path):
+    image, truth, _ = _cells()
+    pixels = _png(segmentation_montage([image], [truth], ["a"], str(tmp_path / "montage.png")))
+    assert _has_colour(pixels, PREDICTION_COLOUR) and not _has_colour(pixels, TRUTH_COLOUR)
+
+
+def test_training_pictures_next_to_the_checkpoint(tiny_checkpoint, synthetic_dataset):
+    run = tiny_checkpoint.parent
+    model = ModelConfig(depth=3, base_width=8)
+    pairs = pair_images_and_masks(str(synthetic_dataset / "images"), str(synthetic_dataset / "masks"))
+    _, val_pairs = split_train_val(pairs, 0.2, 0)
+    history = json.loads((run / "history.json").read_text())
+    written = training_pictures(run, history, load_pairs(val_pairs, model.normalization), device="cpu")
+    assert written == [str(run / CURVES_FILE), str(run / GALLERY_FILE)]
+    gallery = _png(run / GALLERY_FILE)
+    assert _has_colour(gallery, TRUTH_COLOUR) and _has_colour(gallery, PREDICTION_COLOUR)
