@@ -332,6 +332,8 @@ def _run_flow_segment(args: argparse.Namespace) -> int:
     )
     print(f"segmented {summary['done']}, skipped {summary['skipped']} already done, failed {len(summary['failed'])} "
           f"with model {summary['model_version']} in {summary['seconds']}s -> {args.store}")
+    if summary.get("montage"):
+        print(f"montage: {summary['montage']}")
     for failure in summary["failed"]:
         print(f"  failed: {failure['source_url']}: {failure['error']}")
     return 0
