@@ -81,7 +81,8 @@ def test_the_gpu_limit_of_the_how_to_can_be_created(deployed):
     _, env = deployed
     prefect("gcl", "create", "gpu", "--limit", "1", env=env)
     try:
-        assert "gpu" in prefect("gcl", "ls", env=env).stdout
+        limit = json.loads(prefect("gcl", "inspect", "gpu", "--output", "json", env=env).stdout)
+        assert limit["name"] == "gpu" and limit["limit"] == 1 and limit["active"]
     finally:
         prefect("gcl", "delete", "gpu", env=env, input_text="y\n")
 
