@@ -33,6 +33,7 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"
 BUNDLED_CHECKPOINT = MODELS_DIR / "general.pt"
 BUNDLED_PROVENANCE = MODELS_DIR / "general.json"
 BUILD_COMMAND = "make bundled-model"
+BUNDLED_VERSION = "bundled"  # the model version name flows accept for it
 
 logger = logging.getLogger(__name__)
 

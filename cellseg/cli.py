@@ -183,8 +183,9 @@ def _run_predict(args: argparse.Namespace) -> int:
         split_touching=not args.no_split, device=args.device, save_probabilities=args.save_probabilities, amp=not args.no_amp,
         compile=args.compile, tile_size=args.tile_size, max_pixels=args.max_pixels, tta=args.tta,
     )
-    if args.model is None:
-        from cellseg.bundled import bundled_checkpoint
+    bundled = args.model is None
+    if bundled:
+        from cellseg.bundled import BUNDLED_VERSION, bundled_checkpoint
 
         args.model = bundled_checkpoint()
         logging.getLogger("cellseg").info(
@@ -192,6 +193,8 @@ def _run_predict(args: argparse.Namespace) -> int:
             "train on your own images for best results"
         )
     predictor = Predictor.from_checkpoint(args.model, config)
+    if bundled:
+        predictor.model_version = f"{BUNDLED_VERSION}-{predictor.model_version}"  # as the flows record it
     store = ResultStore.open(args.out)
     rejected: list[dict[str, str]] = []
     todo, skipped = pending_images(list_images(args.images), store, rejected)
@@ -288,7 +291,7 @@ def _add_flow(commands: argparse._SubParsersAction) -> None:
     segment.add_argument("--source", required=True, help="directory URL of images")
     segment.add_argument("--store", required=True, help="zarr results store URL")
     segment.add_argument("--registry", default=defaults.registry_url)
-    segment.add_argument("--model-version", default=defaults.model_version, help="registered version or 'current'")
+    segment.add_argument("--model-version", default=defaults.model_version, help="registered version, 'current', or 'bundled' (the model shipped in the package)")
     segment.add_argument("--shard-size", type=int, default=defaults.shard_size)
     segment.add_argument("--max-parallel-shards", type=int, default=defaults.max_parallel_shards)
     segment.add_argument("--dask-address", default=None, help="run shards on this Dask scheduler (tcp://host:port)")

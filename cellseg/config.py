@@ -183,7 +183,10 @@ class SegmentSettings(_Config):
     source_url: Url = Field(description="directory URL of the images to segment")
     store_url: Url = Field(description="zarr results store URL")
     registry_url: Url = "runs/registry"
-    model_version: str = Field("current", min_length=1, description="a registered version, or 'current'")
+    model_version: str = Field(
+        "current", min_length=1,
+        description="a registered version, 'current', or 'bundled' (the general-purpose model shipped in the package)",
+    )
     shard_size: int = Field(32, ge=1, description="images per parallel task")
     max_parallel_shards: int = Field(2, ge=1, description="shards run at once on the local thread pool")
     dask_address: DaskAddress = Field(None, description="run shards on this Dask scheduler instead")

@@ -143,11 +143,19 @@ _predictor_lock = threading.Lock()
 
 @functools.lru_cache(maxsize=4)
 def _cached_registry_predictor(registry_url: str, version: str, config_json: str) -> Predictor:
-    return Predictor.from_registry(registry_url, version, PredictConfig.model_validate_json(config_json))
+    config = PredictConfig.model_validate_json(config_json)
+    from cellseg.bundled import BUNDLED_VERSION, bundled_checkpoint
+
+    if version == BUNDLED_VERSION:
+        predictor = Predictor.from_checkpoint(bundled_checkpoint(), config)
+        predictor.model_version = f"{BUNDLED_VERSION}-{predictor.model_version}"
+        return predictor
+    return Predictor.from_registry(registry_url, version, config)
 
 
 def shared_predictor(registry_url: str, version: str, config: PredictConfig) -> Predictor:
-    """One Predictor per (registry, version, settings) per process, so each worker loads a model once."""
+    """One Predictor per (registry, version, settings) per process, so each worker loads a model once.
+    The version 'bundled' is the model shipped in the package, whatever the registry holds."""
     with _predictor_lock:
         return _cached_registry_predictor(registry_url, version, config.model_dump_json())
 

@@ -14,6 +14,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from cellseg.bundled import BUNDLED_VERSION, bundled_checkpoint
 from cellseg.config import PredictConfig, SegmentSettings
 from cellseg.io import list_images
 from cellseg.predict import shared_predictor
@@ -29,8 +30,16 @@ Shard = list[tuple[str, str]]
 
 @task(name="resolve-model", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_unless_bad_input)
 def resolve_model(registry_url: str, model_version: str) -> str:
-    """The concrete version all shards use, fixed at the start so a promotion mid-run changes nothing."""
+    """The concrete version all shards use, fixed at the start so a promotion mid-run changes nothing.
+    'bundled' names the model shipped in the package and needs no registry."""
+    if model_version == BUNDLED_VERSION:
+        bundled_checkpoint()  # a clear error now if this installation lacks it
+        return BUNDLED_VERSION
     return Registry(registry_url).resolve(model_version)
+
+
+def _checkpoint_url(registry_url: str, model_version: str) -> str:
+    return bundled_checkpoint() if model_version == BUNDLED_VERSION else Registry(registry_url).checkpoint_url(model_version)
 
 
 @task(name="plan-shards", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_unless_bad_input)
@@ -57,7 +66,7 @@ def segment_shard(
     remaining = [(image_id, url) for image_id, url in shard if not store.is_done(image_id)]
     with gpu_slot(predictor.device.type == "cuda"):
         report = segment_images(
-            remaining, store, predictor, model_record(predictor, Registry(registry_url).checkpoint_url(model_version))
+            remaining, store, predictor, model_record(predictor, _checkpoint_url(registry_url, model_version))
         )
     # Skipped: finished by an earlier attempt of this task, or by another run on the same store.
     skipped = len(shard) - len(remaining) + len(report.skipped)

@@ -221,3 +221,16 @@ def test_segment_images_reads_and_writes_s3(trained_registry, new_images, s3_buc
     local = _reference_store(registry_url, new_images / "images", tmp_path / "ref.zarr")
     for image_id in local.done_ids():
         np.testing.assert_array_equal(store.read_mask(image_id), local.read_mask(image_id))
+
+
+def test_segment_images_with_the_bundled_model_needs_no_registry(new_images, tmp_path, prefect_harness):
+    from flows.segment import segment_images_flow
+
+    store_url = str(tmp_path / "bundled.zarr")
+    summary = segment_images_flow(source_url=str(new_images / "images"), store_url=store_url,
+                                  registry_url=str(tmp_path / "no-registry"), model_version="bundled", shard_size=4)
+    assert summary["done"] == 8 and summary["failed"] == [] and summary["model_version"] == "bundled"
+    rows = ResultStore.open(store_url, mode="r").statistics()
+    assert len(rows) == 8 and all(row["model_version"].startswith("bundled-") for row in rows)
+    assert all(row["cell_count"] > 0 for row in rows)
+    assert not (tmp_path / "no-registry").exists()
