@@ -157,6 +157,7 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--threshold", type=float, default=defaults.threshold)
     parser.add_argument("--min-cell-area", type=int, default=defaults.min_cell_area)
     parser.add_argument("--no-split", action="store_true", help="keep touching cells as one object (no watershed)")
+    parser.add_argument("--no-measure", action="store_true", help="skip the per-cell measurement table")
     parser.add_argument("--tta", action="store_true", help="average over 8 flips/rotations (slower, smoother masks)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--device", default=defaults.device)
@@ -180,7 +181,8 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     config = PredictConfig(
         threshold=args.threshold, min_cell_area=args.min_cell_area, batch_size=args.batch_size,
-        split_touching=not args.no_split, device=args.device, save_probabilities=args.save_probabilities, amp=not args.no_amp,
+        split_touching=not args.no_split, measure_cells=not args.no_measure, device=args.device,
+        save_probabilities=args.save_probabilities, amp=not args.no_amp,
         compile=args.compile, tile_size=args.tile_size, max_pixels=args.max_pixels, tta=args.tta,
     )
     bundled = args.model is None
@@ -298,6 +300,7 @@ def _add_flow(commands: argparse._SubParsersAction) -> None:
     segment.add_argument("--threshold", type=float, default=predict.threshold)
     segment.add_argument("--min-cell-area", type=int, default=predict.min_cell_area)
     segment.add_argument("--no-split", action="store_true", help="keep touching cells as one object (no watershed)")
+    segment.add_argument("--no-measure", action="store_true", help="skip the per-cell measurement table")
     segment.add_argument("--tta", action="store_true", help="average over 8 flips/rotations (slower, smoother masks)")
     segment.add_argument("--batch-size", type=int, default=predict.batch_size)
     segment.add_argument("--device", default=predict.device)
@@ -330,7 +333,7 @@ def _run_flow_segment(args: argparse.Namespace) -> int:
         source_url=args.source, store_url=args.store, registry_url=args.registry, model_version=args.model_version,
         shard_size=args.shard_size, max_parallel_shards=args.max_parallel_shards, dask_address=args.dask_address,
         threshold=args.threshold, min_cell_area=args.min_cell_area, batch_size=args.batch_size, device=args.device,
-        split_touching=not args.no_split, tta=args.tta,
+        split_touching=not args.no_split, measure_cells=not args.no_measure, tta=args.tta,
         amp=not args.no_amp, compile=args.compile,
     )
     print(f"segmented {summary['done']}, skipped {summary['skipped']} already done, failed {len(summary['failed'])} "
@@ -339,6 +342,27 @@ def _run_flow_segment(args: argparse.Namespace) -> int:
         print(f"montage: {summary['montage']}")
     for failure in summary["failed"]:
         print(f"  failed: {failure['source_url']}: {failure['error']}")
+    return 0
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("export", help="write a store's per-cell (or per-image) table as CSV or Parquet")
+    parser.add_argument("store", help="zarr results store URL")
+    parser.add_argument("--format", choices=("csv", "parquet"), default="csv", help="default %(default)s")
+    parser.add_argument("--table", choices=("cells", "images"), default="cells",
+                        help="one row per cell (default) or the per-image statistics")
+    parser.add_argument("--out", required=True, help="file to write (local path or URL)")
+    parser.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from cellseg.store import ResultStore
+    from cellseg.tables import write_table
+
+    store = ResultStore.open(args.store, mode="r")
+    rows = store.cell_rows() if args.table == "cells" else iter(store.statistics())
+    count = write_table(rows, args.out, args.format)
+    print(f"wrote {count} {'cells' if args.table == 'cells' else 'images'} to {args.out}")
     return 0
 
 
@@ -501,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cellseg {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_train, _add_predict, _add_evaluate, _add_results, _add_tune, _add_models, _add_flow, _add_serve):
+    for add in (_add_synth, _add_train, _add_predict, _add_evaluate, _add_results, _add_export, _add_tune, _add_models, _add_flow, _add_serve):
         add(commands)
     return parser
 

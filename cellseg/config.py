@@ -165,6 +165,9 @@ class PredictConfig(_Config):
     split_depth: float = Field(
         0.5, gt=0.0, description="how much narrower (pixels of distance) a neck must be than both cells to split them"
     )
+    measure_cells: bool = Field(
+        True, description="store the per-cell measurement table (shape, position, intensity of every cell)"
+    )
     save_probabilities: bool = False
     max_pixels: int = Field(
         DEFAULT_MAX_PIXELS, ge=1, description="images with more pixels are refused before decoding (decompression-bomb guard)"

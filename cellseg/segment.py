@@ -24,6 +24,7 @@ from cellseg.io import StorageOptions, read_image
 from cellseg.config import PredictConfig
 from cellseg.instances import split_touching_cells
 from cellseg.predict import Predictor, threshold_probabilities
+from cellseg.measure import CELL_COLUMNS, cell_measurements
 from cellseg.stats import image_statistics, label_cells
 from cellseg.store import ResultStore, StoreError, validate_image_id
 
@@ -184,6 +185,7 @@ def _write_result(
         written = store.write_result(
             image_id, labels > 0, image_statistics(image, labels), url, model,
             probability if predictor.config.save_probabilities else None, replace=False, cells=labels,
+            cell_table=(CELL_COLUMNS, cell_measurements(labels, image)) if predictor.config.measure_cells else None,
         )
         return None if written else DONE_ELSEWHERE
     except Exception as error:

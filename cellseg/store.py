@@ -7,6 +7,7 @@ Layout (see docs/store.md)::
     <store>/<image id>/labels/mask/0          uint8 (H, W), 1 = cell, 0 = background
     <store>/<image id>/labels/cells/0         int32 (H, W), one label per cell, 0 = background
     <store>/<image id>/probabilities/0        float16 (H, W), optional
+    <store>/<image id>/tables/cells           float64 (N cells, columns), attrs["columns"]: per-cell measurements
 
 Every image owns its own arrays, so two writers never touch the same chunk. An image is done
 only when its group attribute `status` is "done", which is written last, after the arrays;
@@ -30,6 +31,8 @@ LAYOUT_VERSION = 1
 MASK_NAME = "mask"
 CELLS_NAME = "cells"
 CHUNK_SIDE = 1024
+CELL_TABLE = "tables/cells"
+TABLE_CHUNK_ROWS = 65536
 DONE = "done"
 
 
@@ -85,6 +88,7 @@ class ResultStore:
         probabilities: np.ndarray | None = None,
         replace: bool = True,
         cells: np.ndarray | None = None,
+        cell_table: tuple[tuple[str, ...], np.ndarray] | None = None,
     ) -> bool:
         """Write one image's mask (and optional probabilities), then mark it done with its statistics.
 
@@ -103,6 +107,12 @@ class ResultStore:
             self._write_array(f"{image_id}/labels/{CELLS_NAME}/0", cells.astype(np.int32), existing is not None)
         if probabilities is not None:
             self._write_array(f"{image_id}/probabilities/0", probabilities.astype(np.float16), existing is not None)
+        if cell_table is not None:
+            columns, rows = cell_table
+            self.root.create_array(
+                f"{image_id}/{CELL_TABLE}", data=rows.astype(np.float64), overwrite=True,
+                chunks=(max(1, min(len(rows), TABLE_CHUNK_ROWS)), len(columns)), attributes={"columns": list(columns)},
+            )
         group = self.root[image_id]
         group.attrs["cellseg"] = {
             "status": DONE,
@@ -174,6 +184,25 @@ class ResultStore:
         if isinstance(array, zarr.Array):
             return array[...]
         return label_cells(self.root[f"{image_id}/labels/{MASK_NAME}/0"][...] > 0)[0]
+
+    def read_cell_table(self, image_id: str) -> tuple[list[str], np.ndarray]:
+        """(column names, float64 rows) of a done image's per-cell measurements."""
+        self._require_done(image_id)
+        array = self.root.get(f"{image_id}/{CELL_TABLE}")
+        if not isinstance(array, zarr.Array):
+            raise StoreError(f"image '{image_id}' in '{self.url}' was written without per-cell measurements")
+        return list(array.attrs["columns"]), array[...]
+
+    def cell_rows(self) -> Iterator[dict[str, Any]]:
+        """Every cell of every done image that has measurements, as {"image_id", column: value} rows."""
+        for image_id, record in self.records():
+            if record.get("status") != DONE or not isinstance(self.root.get(f"{image_id}/{CELL_TABLE}"), zarr.Array):
+                continue
+            columns, rows = self.read_cell_table(image_id)
+            integer = {"label", "area", "bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"}
+            for row in rows:
+                yield {"image_id": image_id,
+                       **{name: int(value) if name in integer else float(value) for name, value in zip(columns, row)}}
 
     def read_mask(self, image_id: str) -> np.ndarray:
         """Boolean (H, W) mask of a done image."""

@@ -122,6 +122,7 @@ def segment_images_flow(
     threshold: float = 0.5,
     min_cell_area: int = 10,
     split_touching: bool = True,
+    measure_cells: bool = True,
     tta: bool = False,
     batch_size: int | None = None,
     device: str = "auto",
@@ -142,7 +143,8 @@ def segment_images_flow(
         source_url=source_url, store_url=store_url, registry_url=registry_url, model_version=model_version,
         shard_size=shard_size, max_parallel_shards=max_parallel_shards, dask_address=dask_address,
         predict=PredictConfig(
-            threshold=threshold, min_cell_area=min_cell_area, split_touching=split_touching, tta=tta,
+            threshold=threshold, min_cell_area=min_cell_area, split_touching=split_touching,
+            measure_cells=measure_cells, tta=tta,
             batch_size=batch_size,
             device=device, amp=amp,
             compile=compile, max_pixels=max_pixels,
