@@ -483,7 +483,7 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 def _add_serve(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("serve", help="serve the train-unet, nightly-segmentation and backfill deployments")
+    parser = commands.add_parser("serve", help="serve the train-unet, tune-unet, nightly-segmentation and backfill deployments")
     parser.add_argument("--nightly-source", default=None, help="image directory URL for nightly-segmentation")
     parser.add_argument("--nightly-store", default=None, help="store URL for nightly-segmentation")
     parser.add_argument("--cron", default="0 2 * * *", help="nightly schedule (default 02:00 every day)")

@@ -14,10 +14,14 @@ pytestmark = pytest.mark.integration
 
 COMMANDS = {
     "synth": ["--out", "--count", "--seed"],
-    "train": ["--images", "--masks", "--out", "--epochs", "--patience", "--val-fraction", "--seed", "--resume"],
+    "train": ["--images", "--masks", "--out", "--epochs", "--patience", "--val-fraction", "--seed", "--resume",
+              "--border-weight", "--init-from"],
     "predict": ["--model", "--images", "--out", "--threshold"],
     "evaluate": ["--pred", "--masks", "--labels", "--json"],
     "results": ["--json"],
+    "export": ["--format", "--table", "--out"],
+    "tune": ["--trials", "--parallel", "--lr", "--base-width", "--depth", "--dropout", "--loss", "--augmentation",
+             "--border-weight", "--promote"],
 }
 FAST_TRAIN = ["--epochs", "4", "--depth", "3", "--base-width", "8", "--patch-size", "96", "--patches-per-image", "2"]
 
