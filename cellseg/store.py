@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.errors import ContainsGroupError
 
 from cellseg import __version__
 from cellseg.io import StorageOptions
@@ -64,7 +65,11 @@ class ResultStore:
         """Open `url`, creating the store when `mode` allows it; refuses groups that are not cellseg stores."""
         options = {"storage_options": dict(storage_options)} if storage_options else {}
         try:
-            root = zarr.open_group(url, mode=mode, zarr_format=3, **options)
+            try:
+                root = zarr.open_group(url, mode=mode, zarr_format=3, **options)
+            except ContainsGroupError:
+                # Another run created the store between zarr's check and its create: open that one.
+                root = zarr.open_group(url, mode=mode, zarr_format=3, **options)
         except FileNotFoundError as error:
             raise StoreError(f"no results store at '{url}'") from error
         except PermissionError as error:

@@ -51,3 +51,26 @@ def test_two_runs_at_once_write_each_image_once_and_completely(synthetic_dataset
     for image_id in reference.done_ids():
         np.testing.assert_array_equal(store.read_mask(image_id), reference.read_mask(image_id))
         assert store.record(image_id)["statistics"] == reference.record(image_id)["statistics"]
+
+
+def _open_after(barrier, url: str) -> str | None:
+    barrier.wait()
+    try:
+        ResultStore.open(url)
+    except Exception as error:  # reported, so the test shows what went wrong
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def test_runs_creating_the_same_new_store_at_once_both_open_it(tmp_path):
+    """zarr checks for the group and then creates it; a second run in between used to fail with
+    ContainsGroupError (about 1 start in 13 here). Each pair of processes starts together."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, context.Pool(2) as pool:
+        for attempt in range(15):
+            barrier = manager.Barrier(2)
+            url = str(tmp_path / f"new-{attempt}.zarr")
+            assert pool.starmap(_open_after, [(barrier, url), (barrier, url)]) == [None, None]
+            assert ResultStore.open(url, mode="r").done_ids() == set()
