@@ -122,6 +122,16 @@ def read_bytes(url: str, storage_options: StorageOptions = None) -> bytes:
         raise ImageReadError(f"'{url}': file not found") from error
 
 
+def write_bytes(url: str, data: bytes, storage_options: StorageOptions = None) -> str:
+    """Write `data` to a file at `url` (local path or any fsspec URL), creating its directory; returns `url`."""
+    fs, path = filesystem(url, storage_options)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    fs.pipe_file(path, data)
+    return url
+
+
 def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write a local file so that readers see the old or the new contents, never a partial file."""
     directory = os.path.dirname(os.path.abspath(path))

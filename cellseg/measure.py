@@ -25,6 +25,7 @@ CELL_COLUMNS = (
     "eccentricity", "solidity", "major_axis_length", "minor_axis_length", "equivalent_diameter",
     "intensity_mean", "intensity_min", "intensity_max", "intensity_integrated",
 )
+INTEGER_COLUMNS = frozenset({"label", "area", "bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"})
 
 
 def cell_measurements(cells: np.ndarray, image: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from skimage.segmentation import find_boundaries  # noqa: E402
 
-from cellseg.io import StorageOptions, filesystem  # noqa: E402
+from cellseg.io import StorageOptions, write_bytes  # noqa: E402
 
 TRUTH_COLOUR = (0.1, 0.9, 0.2)  # green
 PREDICTION_COLOUR = (1.0, 0.1, 0.8)  # magenta
@@ -28,12 +28,7 @@ def _save(figure, url: str, storage_options: StorageOptions = None) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)
     plt.close(figure)
-    fs, path = filesystem(url, storage_options)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    fs.pipe_file(path, buffer.getvalue())
-    return url
+    return write_bytes(url, buffer.getvalue(), storage_options)
 
 
 def _display(image: np.ndarray) -> np.ndarray:

@@ -6,14 +6,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from cellseg.checkpoint import load_checkpoint
-from cellseg.data import ImgDataset, LoadedPair
+from cellseg.data import LoadedPair
 from cellseg.io import read_image
 from cellseg.pictures import overlay_gallery, segmentation_montage, training_curves
 from cellseg.store import ResultStore
-from cellseg.train import autocast_context, logit_threshold, resolve_device
+from cellseg.train import logit_threshold, resolve_device, whole_image_logits
 
 CURVES_FILE = "training_curves.png"
 GALLERY_FILE = "validation_gallery.png"
@@ -38,15 +36,9 @@ def training_pictures(
 def predict_pairs(checkpoint_url: str, pairs: Sequence[LoadedPair], device: str = "auto", threshold: float = 0.5):
     """Boolean masks of the checkpoint for already-normalised pairs (whole images)."""
     target = resolve_device(device)
-    model = load_checkpoint(checkpoint_url).build_model().to(target).eval()
+    model = load_checkpoint(checkpoint_url).build_model().to(target)
     cut = logit_threshold(threshold)
-    masks = []
-    with torch.inference_mode():
-        for image, _ in ImgDataset(pairs):
-            with autocast_context(target, True):
-                logits = model(image[None].to(target))
-            masks.append((logits.float() > cut)[0, 0].cpu().numpy())
-    return masks
+    return [(logits > cut)[0, 0].cpu().numpy() for logits, _ in whole_image_logits(model, pairs, target)]
 
 
 def montage_url(store_url: str, run_name: str) -> str:

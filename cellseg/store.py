@@ -26,6 +26,7 @@ from zarr.errors import ContainsGroupError
 
 from cellseg import __version__
 from cellseg.io import StorageOptions
+from cellseg.measure import INTEGER_COLUMNS
 from cellseg.stats import label_cells
 
 LAYOUT_VERSION = 1
@@ -201,13 +202,13 @@ class ResultStore:
     def cell_rows(self) -> Iterator[dict[str, Any]]:
         """Every cell of every done image that has measurements, as {"image_id", column: value} rows."""
         for image_id, record in self.records():
-            if record.get("status") != DONE or not isinstance(self.root.get(f"{image_id}/{CELL_TABLE}"), zarr.Array):
+            table = self.root.get(f"{image_id}/{CELL_TABLE}") if record.get("status") == DONE else None
+            if not isinstance(table, zarr.Array):
                 continue
-            columns, rows = self.read_cell_table(image_id)
-            integer = {"label", "area", "bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"}
-            for row in rows:
-                yield {"image_id": image_id,
-                       **{name: int(value) if name in integer else float(value) for name, value in zip(columns, row)}}
+            columns = table.attrs["columns"]
+            for row in table[...]:
+                yield {"image_id": image_id, **{name: int(value) if name in INTEGER_COLUMNS else float(value)
+                                                for name, value in zip(columns, row)}}
 
     def read_mask(self, image_id: str) -> np.ndarray:
         """Boolean (H, W) mask of a done image."""

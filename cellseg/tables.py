@@ -7,7 +7,7 @@ import io
 from collections.abc import Iterable
 from typing import Any
 
-from cellseg.io import StorageOptions, filesystem
+from cellseg.io import StorageOptions, write_bytes
 
 
 def write_table(rows: Iterable[dict[str, Any]], url: str, table_format: str = "csv",
@@ -35,9 +35,5 @@ def write_table(rows: Iterable[dict[str, Any]], url: str, table_format: str = "c
         data = buffer.getvalue()
     else:
         raise ValueError(f"unknown table format {table_format!r}: use 'csv' or 'parquet'")
-    fs, path = filesystem(url, storage_options)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    fs.pipe_file(path, data)
+    write_bytes(url, data, storage_options)
     return len(rows)

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,21 +98,27 @@ def _score_name(monitor: str) -> tuple[str, bool]:
     return monitor, monitor != "val_loss"
 
 
+def whole_image_logits(
+    model: UNet, pairs: Sequence[LoadedPair], device: torch.device, amp: bool = True
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(fp32 logits, mask), each (1, 1, H, W) on `device`, for every pair's whole image, in eval mode."""
+    model.eval()
+    with torch.inference_mode():
+        for image, mask in ImgDataset(pairs):
+            with autocast_context(device, amp):
+                logits = model(image[None].to(device))
+            yield logits.float(), mask[None].to(device)
+
+
 def evaluate_model(
     model: UNet, pairs: Sequence[LoadedPair], device: torch.device, threshold: float = 0.5, amp: bool = True
 ) -> dict[str, float]:
     """Mean BCE loss and metrics (mean over images, and pooled Dice) on whole images."""
-    model.eval()
     accumulator, losses = MetricAccumulator(), []
     cut = logit_threshold(threshold)
-    with torch.inference_mode():
-        for image, mask in ImgDataset(pairs):
-            x, y = image[None].to(device), mask[None].to(device)
-            with autocast_context(device, amp):
-                logits = model(x)
-            logits = logits.float()
-            losses.append(F.binary_cross_entropy_with_logits(logits, y).item())
-            accumulator.add(confusion_counts(logits > cut, y > 0.5))
+    for logits, y in whole_image_logits(model, pairs, device, amp):
+        losses.append(F.binary_cross_entropy_with_logits(logits, y).item())
+        accumulator.add(confusion_counts(logits > cut, y > 0.5))
     result = {"loss": sum(losses) / len(losses), **accumulator.mean()}
     result["dice_pooled"] = accumulator.pooled()["dice"]
     return result

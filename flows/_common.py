@@ -16,6 +16,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
+from prefect.task_runners import TaskRunner
 
 
 # Failures that a retry cannot fix: cellseg reports bad files, settings and checkpoints as
@@ -31,6 +32,15 @@ def retry_unless_bad_input(task: Task, task_run: TaskRun, state: State) -> bool:
     """
     error = state.result(raise_on_failure=False)
     return not isinstance(error, PERMANENT_ERRORS)
+
+
+def task_runner(dask_address: str | None, local: TaskRunner) -> TaskRunner:
+    """A DaskTaskRunner on the scheduler at `dask_address` when one is given, else `local`."""
+    if dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=dask_address)
+    return local
 
 
 GPU_LIMIT = "gpu"

@@ -23,7 +23,7 @@ from cellseg.report import montage_url, store_montage
 from cellseg.segment import model_record, pending_images, segment_images
 from cellseg.store import ResultStore
 from cellseg.train import resolve_device
-from flows._common import ProgressArtifact, gpu_slot, markdown_table, retry_unless_bad_input
+from flows._common import ProgressArtifact, gpu_slot, markdown_table, retry_unless_bad_input, task_runner
 
 Shard = list[tuple[str, str]]
 
@@ -104,14 +104,6 @@ def segment_shards(
     return [future.result() for future in futures]
 
 
-def _task_runner(settings: SegmentSettings):
-    if settings.dask_address:
-        from prefect_dask import DaskTaskRunner
-
-        return DaskTaskRunner(address=settings.dask_address)
-    return ThreadPoolTaskRunner(max_workers=settings.max_parallel_shards)
-
-
 @flow(name="segment-images")
 def segment_images_flow(
     source_url: str,
@@ -163,7 +155,9 @@ def segment_images_flow(
         logger.warning("cannot segment '%s': %s", rejected["source_url"], rejected["error"])
     results: list[dict[str, Any]] = []
     if plan["shards"]:
-        results = segment_shards.with_options(task_runner=_task_runner(settings))(
+        results = segment_shards.with_options(
+            task_runner=task_runner(settings.dask_address, ThreadPoolTaskRunner(max_workers=settings.max_parallel_shards))
+        )(
             plan["shards"], settings.store_url, settings.registry_url, version, settings.predict,
             gpu=resolve_device(settings.predict.device).type == "cuda",
         )

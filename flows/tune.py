@@ -19,7 +19,7 @@ from cellseg.data import load_pairs, split_train_val
 from cellseg.ingest import Manifest
 from cellseg.train import resolve_device
 from cellseg.tune import TABLE_COLUMNS, Trial, TrialResult, best_trial, plan_trials, run_trial, trial_rows
-from flows._common import ProgressArtifact, gpu_slot, markdown_table
+from flows._common import ProgressArtifact, gpu_slot, markdown_table, task_runner
 from flows.ingest import ingest_dataset_flow
 from flows.train import register_model
 
@@ -46,16 +46,6 @@ def train_trials(trials: list[Trial], manifest_path: str, run_dir: str, threads:
     for finished, _ in enumerate(as_completed(futures), start=1):
         progress.update(finished, f"{finished} of {len(trials)} trials finished")
     return [future.result() for future in futures]
-
-
-def _task_runner(settings: TuneUnetSettings):
-    if settings.dask_address:
-        from prefect_dask import DaskTaskRunner
-
-        return DaskTaskRunner(address=settings.dask_address)
-    # Processes, not threads: torch's random state and thread count are per process, so each
-    # trial is reproducible on its own and the cores are shared out between trials.
-    return ProcessPoolTaskRunner(max_workers=settings.max_parallel_trials)
 
 
 @flow(name="tune-unet")
@@ -95,7 +85,11 @@ def tune_unet(
     threads = None if settings.dask_address else max(1, (os.cpu_count() or 1) // settings.max_parallel_trials)
     results = [
         TrialResult.model_validate(result)
-        for result in train_trials.with_options(task_runner=_task_runner(settings))(
+        # Processes, not threads: torch's random state and thread count are per process, so each
+        # trial is reproducible on its own and the cores are shared out between trials.
+        for result in train_trials.with_options(
+            task_runner=task_runner(settings.dask_address, ProcessPoolTaskRunner(max_workers=settings.max_parallel_trials))
+        )(
             planned, dataset["manifest_path"], run_dir, threads
         )
     ]
