@@ -21,8 +21,64 @@ from pydantic import ValidationError
 from cellseg import __version__
 
 
+CONFIG_HELP = "TOML or YAML settings file (default: $CELLSEG_CONFIG); flags > CELLSEG_* environment > file"
+
+
+def _command(group: argparse._SubParsersAction, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A (sub)command that also takes --config after its name."""
+    parser = group.add_parser(name, **kwargs)
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE", help=CONFIG_HELP)
+    return parser
+
+
+def _setting(parser: argparse.ArgumentParser, *flags: str, key: str, **kwargs: Any) -> None:
+    """A flag for the settings field `key` (e.g. "training.epochs"), applied only when given, so
+    that CELLSEG_* environment variables and the settings file fill in the rest."""
+    if kwargs.get("action") != "store_const":
+        if "choices" not in kwargs:
+            kwargs.setdefault("metavar", flags[0].lstrip("-").upper().replace("-", "_"))
+        default = _setting_default(key)
+        kwargs["help"] = f"{kwargs.get('help', '')} (default {'none' if default is None else default})".strip()
+    parser.add_argument(*flags, dest=f"setting:{key}", default=argparse.SUPPRESS, **kwargs)
+
+
+def _setting_default(key: str) -> Any:
+    from cellseg.settings import CellsegSettings
+
+    section, *path = key.split(".")
+    value = CellsegSettings.model_fields[section].get_default(call_default_factory=True)
+    for name in path:
+        value = getattr(value, name)
+    return value
+
+
+def _settings(args: argparse.Namespace, overrides: dict[str, Any] | None = None):
+    """The command's settings: its flags (and `overrides`) over the environment over --config;
+    storage options are handed to fsspec before anything is read."""
+    from cellseg.settings import load_settings
+
+    nested: dict[str, Any] = {}
+    for name, value in vars(args).items():
+        if name.startswith("setting:"):
+            *parents, leaf = name.removeprefix("setting:").split(".")
+            node = nested
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[leaf] = value
+    for section, values in (overrides or {}).items():
+        nested[section] = {**nested.get(section, {}), **values} if isinstance(values, dict) else values
+    settings = load_settings(getattr(args, "config", None), nested)
+    settings.apply_storage()
+    return settings
+
+
+def _minutes(text: str) -> float | None:
+    """--max-minutes: 0 means no limit."""
+    return float(text) or None
+
+
 def _add_synth(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("synth", help="write a synthetic dataset (images/, masks/, labels/)")
+    parser = _command(commands, "synth", help="write a synthetic dataset (images/, masks/, labels/)")
     parser.add_argument("--out", required=True, help="directory URL to write into")
     parser.add_argument("--count", type=int, default=24, help="number of images (default 24)")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
@@ -43,69 +99,59 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
-    from cellseg.config import ModelConfig, TrainConfig
+    from cellseg.config import AugmentationConfig
 
-    model, train = ModelConfig(), TrainConfig()
-    parser = commands.add_parser("train", help="train a U-Net on image/mask pairs")
+    parser = _command(commands, "train", help="train a U-Net on image/mask pairs")
     parser.add_argument("--images", required=True, help="directory URL of images")
     parser.add_argument("--masks", required=True,
                         help="directory URL of masks (same file stems): binary masks, or 16-bit instance label "
                              "images, which teach the model to keep touching cells apart")
     parser.add_argument("--out", required=True, help="local directory for best.pt, last.pt, history.json")
-    parser.add_argument("--epochs", type=int, default=train.epochs)
-    parser.add_argument("--patience", type=int, default=train.patience)
-    parser.add_argument("--min-delta", type=float, default=train.min_delta)
-    parser.add_argument("--monitor", choices=("val_dice", "val_iou", "val_loss"), default=train.monitor)
-    parser.add_argument("--val-fraction", type=float, default=train.val_fraction)
-    parser.add_argument("--seed", type=int, default=train.seed)
-    parser.add_argument("--batch-size", type=int, default=train.batch_size)
-    parser.add_argument("--lr", type=float, default=train.learning_rate, help="Adam learning rate")
-    parser.add_argument("--patch-size", type=int, default=train.patch_size)
-    parser.add_argument("--patches-per-image", type=int, default=train.patches_per_image)
-    parser.add_argument("--no-augment", action="store_true", help="no augmentation at all")
-    parser.add_argument("--strong-augmentation", action="store_true",
-                        help="add affine warps, elastic deformation and intensity changes to the flips/rotations")
-    parser.add_argument("--loss", choices=("bce", "bce_dice"), default=train.loss,
-                        help="BCEWithLogits, or BCEWithLogits + soft Dice (default %(default)s)")
-    parser.add_argument("--border-weight", type=float, default=train.border_weight,
-                        help="U-Net paper border weight w0 on background between nearby cells (paper: 10; "
-                             "default %(default)s = off)")
-    parser.add_argument("--border-sigma", type=float, default=train.border_sigma,
-                        help="pixels over which the border weight decays (default %(default)s)")
-    parser.add_argument("--max-minutes", type=float, default=train.max_minutes,
-                        help=f"wall-clock budget (default {train.max_minutes:g}); 0 for none")
-    parser.add_argument("--device", default=train.device, help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--no-amp", action="store_true", help="plain fp32, no bf16/fp16 mixed precision")
-    parser.add_argument("--depth", type=int, default=model.depth)
-    parser.add_argument("--base-width", type=int, default=model.base_width)
-    parser.add_argument("--dropout", type=float, default=model.dropout)
-    parser.add_argument("--norm", choices=("group", "batch", "instance", "none"), default=model.norm)
+    _setting(parser, "--epochs", key="training.epochs", type=int)
+    _setting(parser, "--patience", key="training.patience", type=int, help="epochs without improvement before stopping")
+    _setting(parser, "--min-delta", key="training.min_delta", type=float)
+    _setting(parser, "--monitor", key="training.monitor", choices=("val_dice", "val_iou", "val_loss"))
+    _setting(parser, "--val-fraction", key="training.val_fraction", type=float)
+    _setting(parser, "--seed", key="training.seed", type=int)
+    _setting(parser, "--batch-size", key="training.batch_size", type=int)
+    _setting(parser, "--lr", key="training.learning_rate", type=float, help="Adam learning rate")
+    _setting(parser, "--patch-size", key="training.patch_size", type=int)
+    _setting(parser, "--patches-per-image", key="training.patches_per_image", type=int)
+    _setting(parser, "--no-augment", key="training.augment", action="store_const", const=False,
+             help="no augmentation at all")
+    _setting(parser, "--strong-augmentation", key="training.augmentation", action="store_const",
+             const=AugmentationConfig.strong().model_dump(),
+             help="add affine warps, elastic deformation and intensity changes to the flips/rotations")
+    _setting(parser, "--loss", key="training.loss", choices=("bce", "bce_dice"), help="BCEWithLogits, or BCEWithLogits + soft Dice")
+    _setting(parser, "--border-weight", key="training.border_weight", type=float,
+             help="U-Net paper border weight w0 on background between nearby cells (paper: 10; 0 = off)")
+    _setting(parser, "--border-sigma", key="training.border_sigma", type=float,
+             help="pixels over which the border weight decays")
+    _setting(parser, "--max-minutes", key="training.max_minutes", type=_minutes, help="wall-clock budget; 0 for none")
+    _setting(parser, "--device", key="training.device", help="auto, cpu, cuda or cuda:N")
+    _setting(parser, "--no-amp", key="training.amp", action="store_const", const=False,
+             help="plain fp32, no bf16/fp16 mixed precision")
+    _setting(parser, "--depth", key="model.depth", type=int)
+    _setting(parser, "--base-width", key="model.base_width", type=int)
+    _setting(parser, "--dropout", key="model.dropout", type=float)
+    _setting(parser, "--norm", key="model.norm", choices=("group", "batch", "instance", "none"))
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    parser.add_argument("--init-from", help="fine-tune from this checkpoint (its model config replaces --depth etc.)")
-    parser.add_argument("--freeze-encoder-epochs", type=int, default=0,
-                        help="with --init-from: keep the encoder fixed for this many epochs")
+    _setting(parser, "--init-from", key="training.init_from",
+             help="fine-tune from this checkpoint (its model config replaces --depth etc.)")
+    _setting(parser, "--freeze-encoder-epochs", key="training.freeze_encoder_epochs", type=int,
+             help="with --init-from: keep the encoder fixed for this many epochs")
     parser.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from cellseg.config import AugmentationConfig, ModelConfig, TrainConfig
     from cellseg.data import load_pairs, manifest_hash, pair_images_and_masks, split_train_val
 
-    model_config = ModelConfig(depth=args.depth, base_width=args.base_width, dropout=args.dropout, norm=args.norm)
-    if args.init_from:
+    settings = _settings(args)
+    model_config, config = settings.model, settings.training
+    if config.init_from:
         from cellseg.checkpoint import load_checkpoint
 
-        model_config = load_checkpoint(args.init_from).model_config
-    config = TrainConfig(
-        init_from=args.init_from, freeze_encoder_epochs=args.freeze_encoder_epochs,
-        epochs=args.epochs, patience=args.patience, min_delta=args.min_delta, monitor=args.monitor,
-        val_fraction=args.val_fraction, seed=args.seed, batch_size=args.batch_size,
-        learning_rate=args.lr, patch_size=args.patch_size, patches_per_image=args.patches_per_image,
-        augment=not args.no_augment, loss=args.loss,
-        border_weight=args.border_weight, border_sigma=args.border_sigma,
-        augmentation=AugmentationConfig.strong() if args.strong_augmentation else AugmentationConfig(),
-        max_minutes=args.max_minutes or None, device=args.device, amp=not args.no_amp,
-    )
+        model_config = load_checkpoint(config.init_from).model_config
     pairs = pair_images_and_masks(args.images, args.masks)
     train_pairs, val_pairs = split_train_val(pairs, config.val_fraction, config.seed)
     logging.getLogger("cellseg").info("loading %d image/mask pairs", len(pairs))
@@ -145,46 +191,50 @@ def _train_with_progress_bar(train_pairs, val_pairs, out, model_config, config, 
         return train(train_pairs, val_pairs, out, model_config, config, dataset_hash, resume=resume, on_epoch=advance)
 
 
-def _add_predict(commands: argparse._SubParsersAction) -> None:
-    from cellseg.config import PredictConfig
+def _add_predict_settings(parser: argparse.ArgumentParser) -> None:
+    """The PredictConfig flags shared by `predict` and `flow segment-images`."""
+    _setting(parser, "--threshold", key="predict.threshold", type=float)
+    _setting(parser, "--min-cell-area", key="predict.min_cell_area", type=int)
+    _setting(parser, "--no-split", key="predict.split_touching", action="store_const", const=False,
+             help="keep touching cells as one object (no watershed)")
+    _setting(parser, "--no-measure", key="predict.measure_cells", action="store_const", const=False,
+             help="skip the per-cell measurement table")
+    _setting(parser, "--no-image", key="predict.store_image", action="store_const", const=False,
+             help="do not copy the source images into the store (labels only; napari then shows no image)")
+    _setting(parser, "--tta", key="predict.tta", action="store_const", const=True,
+             help="average over 8 flips/rotations (slower, smoother masks)")
+    _setting(parser, "--batch-size", key="predict.batch_size", type=int, help="images per forward pass (none: 1 on CPU, 8 on CUDA)")
+    _setting(parser, "--device", key="predict.device", help="auto, cpu, cuda or cuda:N")
+    _setting(parser, "--no-amp", key="predict.amp", action="store_const", const=False,
+             help="plain fp32 inference, no mixed precision")
+    _setting(parser, "--compile", key="predict.compile", action="store_const", const=True,
+             help="torch.compile the model (pays off on long runs)")
+    _setting(parser, "--tile-size", key="predict.tile_size", type=int, help="tile larger images")
+    _setting(parser, "--max-pixels", key="predict.max_pixels", type=int,
+             help="refuse images with more pixels, before decoding")
 
-    defaults = PredictConfig()
-    parser = commands.add_parser("predict", help="segment images into a zarr results store")
+
+def _add_predict(commands: argparse._SubParsersAction) -> None:
+    parser = _command(commands, "predict", help="segment images into a zarr results store")
     parser.add_argument("--model", help="checkpoint URL (e.g. runs/x/best.pt); default: the bundled general-purpose "
                                         "model, trained on synthetic images (train on your own data for best results)")
     parser.add_argument("--images", required=True, help="directory URL of images to segment")
     parser.add_argument("--out", required=True, help="zarr store URL; created if missing, done images skipped")
-    parser.add_argument("--threshold", type=float, default=defaults.threshold)
-    parser.add_argument("--min-cell-area", type=int, default=defaults.min_cell_area)
-    parser.add_argument("--no-split", action="store_true", help="keep touching cells as one object (no watershed)")
-    parser.add_argument("--no-measure", action="store_true", help="skip the per-cell measurement table")
-    parser.add_argument("--tta", action="store_true", help="average over 8 flips/rotations (slower, smoother masks)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--device", default=defaults.device)
-    parser.add_argument("--no-amp", action="store_true", help="plain fp32 inference, no mixed precision")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long runs)")
-    parser.add_argument("--tile-size", type=int, default=defaults.tile_size, help="tile larger images (default %(default)s)")
-    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
-                        help="refuse images with more pixels, before decoding (default %(default)s)")
-    parser.add_argument("--save-probabilities", action="store_true")
+    _add_predict_settings(parser)
+    _setting(parser, "--save-probabilities", key="predict.save_probabilities", action="store_const", const=True,
+             help="also store the probability map (float16)")
     parser.set_defaults(run=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from cellseg.config import PredictConfig
     from cellseg.io import list_images
     from cellseg.predict import Predictor
     from cellseg.segment import model_record, pending_images, segment_images
     from cellseg.store import ResultStore
 
-    config = PredictConfig(
-        threshold=args.threshold, min_cell_area=args.min_cell_area, batch_size=args.batch_size,
-        split_touching=not args.no_split, measure_cells=not args.no_measure, device=args.device,
-        save_probabilities=args.save_probabilities, amp=not args.no_amp,
-        compile=args.compile, tile_size=args.tile_size, max_pixels=args.max_pixels, tta=args.tta,
-    )
+    config = _settings(args).predict
     bundled = args.model is None
     if bundled:
         from cellseg.bundled import BUNDLED_VERSION, bundled_checkpoint
@@ -217,7 +267,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("evaluate", help="score a results store against ground-truth masks")
+    parser = _command(commands, "evaluate", help="score a results store against ground-truth masks")
     parser.add_argument("--pred", required=True, help="zarr results store URL")
     parser.add_argument("--masks", required=True, help="directory URL of ground-truth masks")
     parser.add_argument("--labels", help="directory URL of ground-truth instance label images (one value per cell): "
@@ -230,6 +280,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from cellseg.evaluate import evaluate_store
     from cellseg.store import ResultStore
 
+    _settings(args)
     result = evaluate_store(ResultStore.open(args.pred, mode="r"), args.masks, labels_url=args.labels)
     if args.json:
         print(json.dumps(result, indent=1))
@@ -249,7 +300,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_results(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("results", help="summarise a results store")
+    parser = _command(commands, "results", help="summarise a results store")
     parser.add_argument("store", help="zarr results store URL")
     parser.add_argument("--json", action="store_true", help="print all statistics rows as JSON")
     parser.add_argument("--limit", type=int, default=10, help="rows to show (default 10)")
@@ -259,6 +310,7 @@ def _add_results(commands: argparse._SubParsersAction) -> None:
 def _run_results(args: argparse.Namespace) -> int:
     from cellseg.store import ResultStore
 
+    _settings(args)
     store = ResultStore.open(args.store, mode="r")
     rows, failures = store.statistics(), store.failures()
     if args.json:
@@ -272,52 +324,47 @@ def _run_results(args: argparse.Namespace) -> int:
 
 
 def _add_flow(commands: argparse._SubParsersAction) -> None:
-    from cellseg.config import PredictConfig, SegmentSettings
+    from cellseg.config import SegmentSettings
 
-    parser = commands.add_parser("flow", help="run a Prefect flow (train-unet, segment-images) from here")
+    parser = _command(commands, "flow", help="run a Prefect flow (train-unet, segment-images) from here")
     flows = parser.add_subparsers(dest="flow", required=True, metavar="FLOW")
 
-    train = flows.add_parser("train-unet", help="ingest, train, evaluate and register a model")
+    train = _command(flows, "train-unet", help="ingest, train, evaluate and register a model")
     train.add_argument("--images", required=True, help="directory URL of images")
     train.add_argument("--masks", required=True, help="directory URL of masks")
-    train.add_argument("--registry", default="runs/registry", help="model registry URL (default runs/registry)")
+    _setting(train, "--registry", key="registry_url", help="model registry URL")
     train.add_argument("--cache-dir", default="runs/cache", help="local dataset cache (default runs/cache)")
     train.add_argument("--work-dir", default="runs/training", help="local training directory (default runs/training)")
     train.add_argument("--no-promote", action="store_true", help="register without marking the model current")
-    train.add_argument("--model-json", default="{}", help='ModelConfig fields as JSON, e.g. \'{"base_width": 8}\'')
-    train.add_argument("--training-json", default="{}", help='TrainConfig fields as JSON, e.g. \'{"epochs": 5}\'')
+    train.add_argument("--model-json", default="{}",
+                       help='ModelConfig fields as JSON, e.g. \'{"base_width": 8}\', over the settings\' model section')
+    train.add_argument("--training-json", default="{}",
+                       help='TrainConfig fields as JSON, e.g. \'{"epochs": 5}\', over the settings\' training section')
     train.set_defaults(run=_run_flow_train)
 
-    defaults, predict = SegmentSettings(source_url="x", store_url="x"), PredictConfig()
-    segment = flows.add_parser("segment-images", help="segment new images in parallel shards into a store")
+    defaults = SegmentSettings(source_url="x", store_url="x")
+    segment = _command(flows, "segment-images", help="segment new images in parallel shards into a store")
     segment.add_argument("--source", required=True, help="directory URL of images")
     segment.add_argument("--store", required=True, help="zarr results store URL")
-    segment.add_argument("--registry", default=defaults.registry_url)
+    _setting(segment, "--registry", key="registry_url", help="model registry URL")
     segment.add_argument("--model-version", default=defaults.model_version, help="registered version, 'current', or 'bundled' (the model shipped in the package)")
     segment.add_argument("--shard-size", type=int, default=defaults.shard_size)
     segment.add_argument("--max-parallel-shards", type=int, default=defaults.max_parallel_shards)
     segment.add_argument("--dask-address", default=None, help="run shards on this Dask scheduler (tcp://host:port)")
-    segment.add_argument("--threshold", type=float, default=predict.threshold)
-    segment.add_argument("--min-cell-area", type=int, default=predict.min_cell_area)
-    segment.add_argument("--no-split", action="store_true", help="keep touching cells as one object (no watershed)")
-    segment.add_argument("--no-measure", action="store_true", help="skip the per-cell measurement table")
-    segment.add_argument("--tta", action="store_true", help="average over 8 flips/rotations (slower, smoother masks)")
-    segment.add_argument("--batch-size", type=int, default=predict.batch_size)
-    segment.add_argument("--device", default=predict.device)
-    segment.add_argument("--no-amp", action="store_true", help="plain fp32 inference, no mixed precision")
-    segment.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long runs)")
+    _add_predict_settings(segment)
     segment.set_defaults(run=_run_flow_segment)
 
 
 def _run_flow_train(args: argparse.Namespace) -> int:
-    from cellseg.config import ModelConfig, TrainConfig, TrainUnetSettings
+    from cellseg.config import TrainUnetSettings
     from flows.train import train_unet
 
+    overrides = {"model": json.loads(args.model_json), "training": json.loads(args.training_json)}
+    cellseg_settings = _settings(args, overrides)
     settings = TrainUnetSettings(
-        images_url=args.images, masks_url=args.masks, registry_url=args.registry, cache_dir=args.cache_dir,
-        work_dir=args.work_dir, promote=not args.no_promote,
-        model=ModelConfig.model_validate_json(args.model_json),
-        training=TrainConfig.model_validate_json(args.training_json),
+        images_url=args.images, masks_url=args.masks, registry_url=cellseg_settings.registry_url,
+        cache_dir=args.cache_dir, work_dir=args.work_dir, promote=not args.no_promote,
+        model=cellseg_settings.model, training=cellseg_settings.training,
     )
     result = train_unet(**{key: getattr(settings, key) for key in TrainUnetSettings.model_fields})
     print(f"registered model {result['version']} ({result['stop_reason']}; best epoch {result['best_epoch']})")
@@ -326,15 +373,18 @@ def _run_flow_train(args: argparse.Namespace) -> int:
     return 0
 
 
+FLOW_PREDICT_FIELDS = ("threshold", "min_cell_area", "split_touching", "measure_cells", "store_image", "tta",
+                       "batch_size", "device", "amp", "compile", "tile_size", "max_pixels")
+
+
 def _run_flow_segment(args: argparse.Namespace) -> int:
     from flows.segment import segment_images_flow
 
+    settings = _settings(args)
     summary = segment_images_flow(
-        source_url=args.source, store_url=args.store, registry_url=args.registry, model_version=args.model_version,
+        source_url=args.source, store_url=args.store, registry_url=settings.registry_url, model_version=args.model_version,
         shard_size=args.shard_size, max_parallel_shards=args.max_parallel_shards, dask_address=args.dask_address,
-        threshold=args.threshold, min_cell_area=args.min_cell_area, batch_size=args.batch_size, device=args.device,
-        split_touching=not args.no_split, measure_cells=not args.no_measure, tta=args.tta,
-        amp=not args.no_amp, compile=args.compile,
+        **{name: getattr(settings.predict, name) for name in FLOW_PREDICT_FIELDS},
     )
     print(f"segmented {summary['done']}, skipped {summary['skipped']} already done, failed {len(summary['failed'])} "
           f"with model {summary['model_version']} in {summary['seconds']}s -> {args.store}")
@@ -346,7 +396,7 @@ def _run_flow_segment(args: argparse.Namespace) -> int:
 
 
 def _add_export(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("export", help="write a store's per-cell (or per-image) table as CSV or Parquet")
+    parser = _command(commands, "export", help="write a store's per-cell (or per-image) table as CSV or Parquet")
     parser.add_argument("store", help="zarr results store URL")
     parser.add_argument("--format", choices=("csv", "parquet"), default="csv", help="default %(default)s")
     parser.add_argument("--table", choices=("cells", "images"), default="cells",
@@ -359,6 +409,7 @@ def _run_export(args: argparse.Namespace) -> int:
     from cellseg.store import ResultStore
     from cellseg.tables import write_table
 
+    _settings(args)
     store = ResultStore.open(args.store, mode="r")
     rows = store.cell_rows() if args.table == "cells" else iter(store.statistics())
     count = write_table(rows, args.out, args.format)
@@ -370,14 +421,14 @@ def _add_tune(commands: argparse._SubParsersAction) -> None:
     from cellseg.config import SearchSpace, TuneUnetSettings
 
     space, settings = SearchSpace(), TuneUnetSettings(images_url="x", masks_url="x")
-    parser = commands.add_parser(
+    parser = _command(commands, 
         "tune", help="search hyper-parameters: train trials in parallel (tune-unet flow), register the best",
         description="Runs the tune-unet Prefect flow here: trains TRIALS points of the grid the value lists span "
                     "(each with early stopping), registers the best by validation Dice and prints every trial.",
     )
     parser.add_argument("--images", required=True, help="directory URL of images")
     parser.add_argument("--masks", required=True, help="directory URL of masks or 16-bit instance label images")
-    parser.add_argument("--registry", default=settings.registry_url, help="model registry URL (default %(default)s)")
+    _setting(parser, "--registry", key="registry_url", help="model registry URL")
     parser.add_argument("--cache-dir", default=settings.cache_dir, help="local dataset cache (default %(default)s)")
     parser.add_argument("--work-dir", default=settings.work_dir, help="local directory for the trials (default %(default)s)")
     parser.add_argument("--promote", action="store_true", help="make the best trial's model current")
@@ -412,7 +463,7 @@ def _run_tune(args: argparse.Namespace) -> int:
         {"max_minutes": args.max_minutes or None, "patience": args.patience, **json.loads(args.training_json)}
     )
     settings = TuneUnetSettings(
-        images_url=args.images, masks_url=args.masks, registry_url=args.registry, cache_dir=args.cache_dir,
+        images_url=args.images, masks_url=args.masks, registry_url=_settings(args).registry_url, cache_dir=args.cache_dir,
         work_dir=args.work_dir, promote=args.promote, trials=args.trials, max_parallel_trials=args.parallel,
         seed=args.seed, dask_address=args.dask_address, training=training,
         space=SearchSpace(learning_rate=args.lr, base_width=args.base_width, depth=args.depth, dropout=args.dropout,
@@ -431,12 +482,12 @@ def _run_tune(args: argparse.Namespace) -> int:
 
 
 def _add_models(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("models", help="list, show, promote and export registered model versions")
+    parser = _command(commands, "models", help="list, show, promote and export registered model versions")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, help_text in (("list", "list versions"), ("show", "show one version as JSON"), ("promote", "mark a version current"),
                             ("export", "export a version (or --checkpoint) to TorchScript or ONNX for other software")):
-        action = actions.add_parser(name, help=help_text)
-        action.add_argument("--registry", default="runs/registry", help="model registry URL (default runs/registry)")
+        action = _command(actions, name, help=help_text)
+        _setting(action, "--registry", key="registry_url", help="model registry URL")
         if name != "list":
             action.add_argument("version", nargs="?" if name in ("show", "export") else None, default="current")
         action.set_defaults(run=_run_models)
@@ -451,12 +502,13 @@ def _add_models(commands: argparse._SubParsersAction) -> None:
 def _run_models(args: argparse.Namespace) -> int:
     from cellseg.registry import Registry
 
-    registry = Registry(args.registry)
+    registry_url = _settings(args).registry_url
+    registry = Registry(registry_url)
     if args.action == "list":
         current = registry.current()
         versions = registry.versions()
         if not versions:
-            print(f"no models registered in {args.registry}")
+            print(f"no models registered in {registry_url}")
         for meta in versions:
             marker = "*" if meta.version == current else " "
             dice = meta.metrics.get("val_dice")
@@ -478,12 +530,12 @@ def _run_models(args: argparse.Namespace) -> int:
         print(f"exported model {version} as {args.format} to {args.out} (input/normalisation/threshold in {args.out}.json)")
     else:
         registry.promote(args.version)
-        print(f"{registry.resolve(args.version)} is now current in {args.registry}")
+        print(f"{registry.resolve(args.version)} is now current in {registry_url}")
     return 0
 
 
 def _add_serve(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("serve", help="serve the train-unet, tune-unet, nightly-segmentation and backfill deployments")
+    parser = _command(commands, "serve", help="serve the train-unet, tune-unet, nightly-segmentation and backfill deployments")
     parser.add_argument("--nightly-source", default=None, help="image directory URL for nightly-segmentation")
     parser.add_argument("--nightly-store", default=None, help="store URL for nightly-segmentation")
     parser.add_argument("--cron", default="0 2 * * *", help="nightly schedule (default 02:00 every day)")
@@ -494,6 +546,31 @@ def _run_serve(args: argparse.Namespace) -> int:
     from deployments.serve import serve_all
 
     serve_all(nightly_source=args.nightly_source, nightly_store=args.nightly_store, cron=args.cron)
+    return 0
+
+
+def _add_config(commands: argparse._SubParsersAction) -> None:
+    parser = _command(commands, "config", help="show the effective settings (flags > CELLSEG_* environment > --config file)")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = _command(actions, "show", help="print the settings every command starts from, secrets masked")
+    show.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    show.set_defaults(run=_run_config)
+
+
+def _run_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from cellseg.settings import config_file_path
+
+    settings = _settings(args)
+    data = settings.masked()
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return 0
+    path = config_file_path(getattr(args, "config", None))
+    print(f"# cellseg {__version__} settings: flags > CELLSEG_* environment > "
+          f"{f'file {path}' if path else 'no settings file'} > defaults; secrets masked")
+    print(yaml.safe_dump(data, sort_keys=False), end="")
     return 0
 
 
@@ -524,8 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cellseg {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_train, _add_predict, _add_evaluate, _add_results, _add_export, _add_tune, _add_models, _add_flow, _add_serve):
+    for add in (_add_synth, _add_train, _add_predict, _add_evaluate, _add_results, _add_export, _add_tune, _add_models, _add_flow, _add_config, _add_serve):
         add(commands)
     return parser
 
@@ -538,13 +616,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cellseg.data import DatasetError
     from cellseg.io import ImageReadError
     from cellseg.registry import RegistryError
+    from cellseg.settings import SettingsError
     from cellseg.store import StoreError
 
     try:
         return args.run(args)
     except ValidationError as error:
         print(f"cellseg {args.command}: invalid settings:\n{error}", file=sys.stderr)
-    except (DatasetError, ImageReadError, CheckpointError, StoreError, RegistryError, FileNotFoundError, ValueError) as error:
+    except (DatasetError, ImageReadError, CheckpointError, StoreError, RegistryError, SettingsError, FileNotFoundError, ValueError) as error:
         print(f"cellseg {args.command}: error: {error}", file=sys.stderr)
     return 2
 

@@ -168,6 +168,10 @@ class PredictConfig(_Config):
     measure_cells: bool = Field(
         True, description="store the per-cell measurement table (shape, position, intensity of every cell)"
     )
+    store_image: bool = Field(
+        True, description="keep a copy of each source image in the store, so that `<store>/<id>` opens as an "
+                          "OME-Zarr image with its label layers (napari); off: labels only, smaller stores"
+    )
     save_probabilities: bool = False
     max_pixels: int = Field(
         DEFAULT_MAX_PIXELS, ge=1, description="images with more pixels are refused before decoding (decompression-bomb guard)"

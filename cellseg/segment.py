@@ -186,6 +186,7 @@ def _write_result(
             image_id, labels > 0, image_statistics(image, labels), url, model,
             probability if predictor.config.save_probabilities else None, replace=False, cells=labels,
             cell_table=(CELL_COLUMNS, cell_measurements(labels, image)) if predictor.config.measure_cells else None,
+            image=image if predictor.config.store_image else None,
         )
         return None if written else DONE_ELSEWHERE
     except Exception as error:

@@ -1,15 +1,19 @@
-"""The zarr (v3) results store: one OME-Zarr-shaped group per image, append-only and shard-safe.
+"""The zarr (v3) results store: one OME-Zarr (NGFF 0.5) image per image id, append-only and shard-safe.
 
 Layout (see docs/store.md)::
 
     <store>/zarr.json                         root attrs: {"cellseg": {"layout": 1, ...}}
-    <store>/<image id>/zarr.json              attrs["cellseg"]: status, source, model, statistics
+    <store>/<image id>/zarr.json              attrs["cellseg"]: status, source, model, statistics;
+                                              attrs["ome"]: NGFF multiscales of the image (when stored)
+    <store>/<image id>/0                      the source image (H, W), as read; optional
+    <store>/<image id>/labels/zarr.json       attrs["ome"]["labels"]: ["cells", "mask"]
     <store>/<image id>/labels/mask/0          uint8 (H, W), 1 = cell, 0 = background
     <store>/<image id>/labels/cells/0         int32 (H, W), one label per cell, 0 = background
     <store>/<image id>/probabilities/0        float16 (H, W), optional
     <store>/<image id>/tables/cells           float64 (N cells, columns), attrs["columns"]: per-cell measurements
 
-Every image owns its own arrays, so two writers never touch the same chunk. An image is done
+Each label group carries NGFF `multiscales` + `image-label` metadata, so ome-zarr-py and napari
+open `<store>/<image id>` as an image with its label layers. Every image owns its own arrays, so two writers never touch the same chunk. An image is done
 only when its group attribute `status` is "done", which is written last, after the arrays;
 an interrupted write leaves a group without that mark, which is redone on the next run.
 """
@@ -36,6 +40,8 @@ CHUNK_SIDE = 1024
 CELL_TABLE = "tables/cells"
 TABLE_CHUNK_ROWS = 65536
 DONE = "done"
+NGFF_VERSION = "0.5"
+IMAGE_PATH = "0"
 
 
 class StoreError(ValueError):
@@ -48,6 +54,26 @@ def validate_image_id(image_id: str, source: str = "") -> str:
     if not image_id or image_id in (".", "..") or "/" in image_id or "\\" in image_id or image_id.startswith("__"):
         raise StoreError(f"image id {image_id!r}{where} cannot name a store entry")
     return image_id
+
+
+def _ngff_multiscales(name: str) -> dict[str, Any]:
+    """NGFF 0.5 metadata of a single-resolution 2-D (y, x) image whose pixels are at "0"."""
+    return {
+        "version": NGFF_VERSION,
+        "multiscales": [{
+            "name": name,
+            "axes": [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
+            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0]}]}],
+        }],
+    }
+
+
+def _ngff_label(name: str, source_image: bool) -> dict[str, Any]:
+    """NGFF 0.5 metadata of a label image under `<image>/labels/<name>`; its source is the image
+    two levels up when the store keeps a copy of it."""
+    meta = _ngff_multiscales(name)
+    meta["image-label"] = {"version": NGFF_VERSION, **({"source": {"image": "../../"}} if source_image else {})}
+    return meta
 
 
 def _now() -> str:
@@ -95,8 +121,10 @@ class ResultStore:
         replace: bool = True,
         cells: np.ndarray | None = None,
         cell_table: tuple[tuple[str, ...], np.ndarray] | None = None,
+        image: np.ndarray | None = None,
     ) -> bool:
-        """Write one image's mask (and optional probabilities), then mark it done with its statistics.
+        """Write one image's mask (and optional probabilities, cell labels, cell table and a copy of
+        the source image), its NGFF metadata, then mark it done with its statistics.
 
         With `replace=False` an image that is already done (e.g. by a run working on the same
         store at the same time) is left as it is and False is returned; otherwise True.
@@ -108,6 +136,10 @@ class ResultStore:
                 return False
             # Replacing a finished result: withdraw the mark first so no reader mixes old and new.
             existing.attrs["cellseg"] = {"status": "writing", "source_url": source_url}
+        if image is not None:
+            if image.shape != mask.shape:
+                raise StoreError(f"image '{image_id}' has shape {image.shape} but its mask {mask.shape}")
+            self._write_array(f"{image_id}/{IMAGE_PATH}", image, existing is not None)
         self._write_array(f"{image_id}/labels/{MASK_NAME}/0", mask.astype(np.uint8), existing is not None)
         if cells is not None:
             self._write_array(f"{image_id}/labels/{CELLS_NAME}/0", cells.astype(np.int32), existing is not None)
@@ -119,8 +151,13 @@ class ResultStore:
                 f"{image_id}/{CELL_TABLE}", data=rows.astype(np.float64), overwrite=True,
                 chunks=(max(1, min(len(rows), TABLE_CHUNK_ROWS)), len(columns)), attributes={"columns": list(columns)},
             )
+        label_names = [CELLS_NAME, MASK_NAME] if cells is not None else [MASK_NAME]
+        for name in label_names:
+            self.root[f"{image_id}/labels/{name}"].attrs["ome"] = _ngff_label(name, source_image=image is not None)
+        self.root[f"{image_id}/labels"].attrs["ome"] = {"version": NGFF_VERSION, "labels": label_names}
         group = self.root[image_id]
-        group.attrs["cellseg"] = {
+        attributes: dict[str, Any] = {"ome": _ngff_multiscales(image_id)} if image is not None else {}
+        attributes["cellseg"] = {
             "status": DONE,
             "source_url": source_url,
             "shape": list(mask.shape),
@@ -128,6 +165,7 @@ class ResultStore:
             "statistics": dict(statistics),
             "written": _now(),
         }
+        group.attrs.put(attributes)  # one metadata write: the NGFF image (or none) and the done mark together
         return True
 
     def _write_array(self, path: str, data: np.ndarray, may_exist: bool) -> None:
@@ -140,7 +178,8 @@ class ResultStore:
                 array[...] = data
                 return
         # Creating the array by path writes its parent groups' metadata on the way (one call).
-        self.root.create_array(path, data=data, chunks=chunks, overwrite=True)
+        # NGFF 0.5 asks arrays to name their dimensions as the axes of the multiscales do.
+        self.root.create_array(path, data=data, chunks=chunks, overwrite=True, dimension_names=("y", "x"))
 
     def record_failure(self, image_id: str, source_url: str, error: str, model: Mapping[str, Any]) -> None:
         """Note that an image could not be segmented; a later run tries it again.
@@ -209,6 +248,14 @@ class ResultStore:
             for row in table[...]:
                 yield {"image_id": image_id, **{name: int(value) if name in INTEGER_COLUMNS else float(value)
                                                 for name, value in zip(columns, row)}}
+
+    def read_image(self, image_id: str) -> np.ndarray:
+        """The copy of the source image stored with a done result (`PredictConfig.store_image`)."""
+        self._require_done(image_id)
+        array = self.root.get(f"{image_id}/{IMAGE_PATH}")
+        if not isinstance(array, zarr.Array):
+            raise StoreError(f"image '{image_id}' in '{self.url}' was written without a copy of its source image")
+        return array[...]
 
     def read_mask(self, image_id: str) -> np.ndarray:
         """Boolean (H, W) mask of a done image."""

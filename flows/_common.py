@@ -2,7 +2,9 @@
 
 Object-storage endpoints and credentials are never flow parameters: s3fs reads them from the
 environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and fsspec configuration
-(FSSPEC_S3_ENDPOINT_URL, ~/.config/fsspec/), so they stay out of run parameters, logs and artifacts.
+(FSSPEC_S3_ENDPOINT_URL, ~/.config/fsspec/), and `configure_storage` adds the `storage` section of
+cellseg's settings (CELLSEG_STORAGE__S3__ENDPOINT_URL=..., or the file named by CELLSEG_CONFIG) as
+the worker sees them, so they stay out of run parameters, logs and artifacts.
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ from prefect.task_runners import TaskRunner
 # Failures that a retry cannot fix: cellseg reports bad files, settings and checkpoints as
 # ValueError subclasses; a missing bucket/directory and denied access are permanent too.
 PERMANENT_ERRORS = (ValueError, FileNotFoundError, PermissionError)
+
+
+def configure_storage() -> None:
+    """Hand the worker's cellseg storage settings (environment, CELLSEG_CONFIG file) to fsspec.
+    Only `storage` is taken from the settings in flows; everything else is a flow parameter."""
+    from cellseg.settings import load_settings
+
+    load_settings().apply_storage()
 
 
 def retry_unless_bad_input(task: Task, task_run: TaskRun, state: State) -> bool:

@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger, task
 
 from cellseg.config import Url
 from cellseg.ingest import ingest_dataset
-from flows._common import retry_unless_bad_input
+from flows._common import configure_storage, retry_unless_bad_input
 
 
 @task(name="ingest-files", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_unless_bad_input)
@@ -30,6 +30,7 @@ def ingest_dataset_flow(
     cache_dir: str = "runs/cache",
 ) -> dict[str, Any]:
     """Ingest image/mask pairs from `images_url`/`masks_url` (s3://, file://, paths) into `cache_dir`."""
+    configure_storage()
     summary = ingest_files(images_url, masks_url, cache_dir)
     get_run_logger().info(
         "dataset %s: %d pairs, %d files copied, %d unchanged; manifest %s",

@@ -23,7 +23,7 @@ from cellseg.report import montage_url, store_montage
 from cellseg.segment import model_record, pending_images, segment_images
 from cellseg.store import ResultStore
 from cellseg.train import resolve_device
-from flows._common import ProgressArtifact, gpu_slot, markdown_table, retry_unless_bad_input, task_runner
+from flows._common import configure_storage, ProgressArtifact, gpu_slot, markdown_table, retry_unless_bad_input, task_runner
 
 Shard = list[tuple[str, str]]
 
@@ -61,6 +61,7 @@ def segment_shard(
     Images already done (say, by an earlier attempt of this task) are skipped; bad images are
     recorded in the store and in the result, and the shard carries on.
     """
+    configure_storage()
     predictor = shared_predictor(registry_url, model_version, predict)
     store = ResultStore.open(store_url)
     remaining = [(image_id, url) for image_id, url in shard if not store.is_done(image_id)]
@@ -115,11 +116,13 @@ def segment_images_flow(
     min_cell_area: int = 10,
     split_touching: bool = True,
     measure_cells: bool = True,
+    store_image: bool = True,
     tta: bool = False,
     batch_size: int | None = None,
     device: str = "auto",
     amp: bool = True,
     compile: bool = False,
+    tile_size: int = PredictConfig().tile_size,
     max_pixels: int = PredictConfig().max_pixels,
     max_parallel_shards: int = 2,
     dask_address: str | None = None,
@@ -131,15 +134,16 @@ def segment_images_flow(
     `compile` (torch.compile) trade exactness against the fp32 path for speed; see the README.
     Storage credentials come from the environment and fsspec config.
     """
+    configure_storage()
     settings = SegmentSettings(
         source_url=source_url, store_url=store_url, registry_url=registry_url, model_version=model_version,
         shard_size=shard_size, max_parallel_shards=max_parallel_shards, dask_address=dask_address,
         predict=PredictConfig(
             threshold=threshold, min_cell_area=min_cell_area, split_touching=split_touching,
-            measure_cells=measure_cells, tta=tta,
+            measure_cells=measure_cells, store_image=store_image, tta=tta,
             batch_size=batch_size,
             device=device, amp=amp,
-            compile=compile, max_pixels=max_pixels,
+            compile=compile, tile_size=tile_size, max_pixels=max_pixels,
             threads=None if dask_address else _threads_per_shard(max_parallel_shards),
         ),
     )

@@ -18,7 +18,7 @@ from cellseg.ingest import Manifest
 from cellseg.registry import Registry
 from cellseg.report import training_pictures
 from cellseg.train import evaluate_model, resolve_device, train
-from flows._common import ProgressArtifact, gpu_slot, markdown_table, retry_unless_bad_input
+from flows._common import configure_storage, ProgressArtifact, gpu_slot, markdown_table, retry_unless_bad_input
 from flows.ingest import ingest_dataset_flow
 
 METRICS = ("loss", "iou", "dice", "precision", "recall", "dice_pooled")
@@ -98,6 +98,7 @@ def train_unet(
     training: TrainConfig = TrainConfig(),
 ) -> dict[str, Any]:
     """Train a U-Net on image/mask pairs and register the best checkpoint (current when `promote`)."""
+    configure_storage()
     settings = TrainUnetSettings(
         images_url=images_url, masks_url=masks_url, registry_url=registry_url, cache_dir=cache_dir,
         work_dir=work_dir, promote=promote, model=model, training=training,

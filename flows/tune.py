@@ -19,7 +19,7 @@ from cellseg.data import load_pairs, split_train_val
 from cellseg.ingest import Manifest
 from cellseg.train import resolve_device
 from cellseg.tune import TABLE_COLUMNS, Trial, TrialResult, best_trial, plan_trials, run_trial, trial_rows
-from flows._common import ProgressArtifact, gpu_slot, markdown_table, task_runner
+from flows._common import configure_storage, ProgressArtifact, gpu_slot, markdown_table, task_runner
 from flows.ingest import ingest_dataset_flow
 from flows.train import register_model
 
@@ -70,6 +70,7 @@ def tune_unet(
     Trials run in local processes, or on the Dask cluster at `dask_address`; there, every worker
     reads the dataset cache and writes its trial under `work_dir`, so both must be on a
     filesystem the workers share."""
+    configure_storage()
     settings = TuneUnetSettings(
         images_url=images_url, masks_url=masks_url, registry_url=registry_url, cache_dir=cache_dir,
         work_dir=work_dir, promote=promote, trials=trials, max_parallel_trials=max_parallel_trials, seed=seed,

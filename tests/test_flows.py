@@ -7,6 +7,7 @@ import os
 import shutil
 
 import numpy as np
+import zarr
 import pytest
 
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
@@ -221,6 +222,8 @@ def test_segment_images_reads_and_writes_s3(trained_registry, new_images, s3_buc
     local = _reference_store(registry_url, new_images / "images", tmp_path / "ref.zarr")
     for image_id in local.done_ids():
         np.testing.assert_array_equal(store.read_mask(image_id), local.read_mask(image_id))
+    ngff = pytest.importorskip("ome_zarr_models.v05")  # the NGFF metadata written through S3 is valid too
+    ngff.Image.from_zarr(zarr.open_group(f"{bucket}/results.zarr/synth_0000", mode="r", storage_options=options))
 
 
 def test_segment_images_with_the_bundled_model_needs_no_registry(new_images, tmp_path, prefect_harness):

@@ -18,10 +18,3 @@ def test_python_example_runs(tmp_path, monkeypatch):
     assert namespace["mask"].dtype == np.bool_ and namespace["mask"].shape == (128, 128)
     assert 0.0 < namespace["result"].best_metrics["val_dice"] <= 1.0
     assert (tmp_path / "runs/m1/best.pt").is_file()
-
-
-def test_make_targets_in_the_readme_exist():
-    makefile = (REPO_ROOT / "Makefile").read_text()
-    readme = (REPO_ROOT / "README.md").read_text()
-    for target in set(re.findall(r"^make (\w+)", readme, flags=re.M)):
-        assert re.search(rf"^{target}:", makefile, flags=re.M), target

@@ -1,0 +1,182 @@
+"""Settings: flags > CELLSEG_* environment > TOML/YAML file > defaults, `cellseg config show` with
+secrets masked, and the settings reaching what the commands and flows actually do."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cellseg.settings import MASK, SettingsError, load_settings
+from cellseg.store import ResultStore
+
+pytestmark = pytest.mark.integration
+
+
+def cellseg(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("CELLSEG_")}
+    result = subprocess.run([str(Path(sys.executable).parent / "cellseg"), *args], capture_output=True, text=True,
+                            env={**clean, **(env or {})}, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+TOML = """
+registry_url = "file-registry"
+[training]
+epochs = 7
+patience = 3
+learning_rate = 0.002
+[predict]
+threshold = 0.35
+[storage.s3]
+endpoint_url = "http://admin:hunter2@127.0.0.1:9"
+key = "AKIAFILEKEY"
+secret = "file-secret-value"
+"""
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml"])
+def test_flags_over_environment_over_file_over_defaults(tmp_path, suffix):
+    import yaml
+
+    import tomllib
+
+    path = tmp_path / f"cellseg{suffix}"
+    path.write_text(TOML if suffix == ".toml" else yaml.safe_dump(tomllib.loads(TOML)))
+    env = {"CELLSEG_TRAINING__PATIENCE": "5", "CELLSEG_PREDICT__THRESHOLD": "0.4"}
+    shown = json.loads(cellseg("config", "show", "--json", "--config", str(path), env=env).stdout)
+    assert shown["registry_url"] == "file-registry"           # file over default
+    assert shown["training"]["epochs"] == 7                    # file
+    assert shown["training"]["patience"] == 5                  # environment over file
+    assert shown["predict"]["threshold"] == 0.4
+    assert shown["training"]["batch_size"] == 1                # default where nobody says otherwise
+
+    via_env = json.loads(cellseg("config", "show", "--json", env={**env, "CELLSEG_CONFIG": str(path)}).stdout)
+    assert via_env == shown
+
+    settings = load_settings(str(path), {"training": {"patience": 9}})  # flags (as the CLI passes them) win
+    assert (settings.training.patience, settings.training.epochs, settings.training.learning_rate) == (9, 7, 0.002)
+
+
+def test_config_show_masks_secrets(tmp_path):
+    path = tmp_path / "cellseg.toml"
+    path.write_text(TOML)
+    env = {"CELLSEG_STORAGE__GCS__TOKEN": "env-token-value"}
+    for output in (cellseg("config", "show", "--config", str(path), env=env).stdout,
+                   cellseg("--config", str(path), "config", "show", "--json", env=env).stdout):
+        for secret in ("AKIAFILEKEY", "file-secret-value", "hunter2", "env-token-value"):
+            assert secret not in output
+        assert "127.0.0.1:9" in output and MASK in output
+    shown = json.loads(cellseg("config", "show", "--json", "--config", str(path), env=env).stdout)
+    assert shown["storage"]["s3"] == {"endpoint_url": f"http://admin:{MASK}@127.0.0.1:9", "key": MASK, "secret": MASK}
+    assert shown["storage"]["gcs"] == {"token": MASK}
+    yaml_text = cellseg("config", "show", "--config", str(path)).stdout
+    assert yaml_text.startswith("# cellseg") and f"file {path}" in yaml_text and "epochs: 7" in yaml_text
+
+
+def test_bad_settings_are_refused_naming_the_file_and_field(tmp_path):
+    missing = cellseg("config", "show", "--config", str(tmp_path / "nope.toml"), check=False)
+    assert missing.returncode == 2 and "nope.toml' does not exist" in missing.stderr
+    (tmp_path / "x.ini").write_text("[a]")
+    assert "must end in .toml, .yaml or .yml" in cellseg("config", "show", "--config", str(tmp_path / "x.ini"), check=False).stderr
+    (tmp_path / "broken.toml").write_text("training = [")
+    broken = cellseg("config", "show", "--config", str(tmp_path / "broken.toml"), check=False)
+    assert broken.returncode == 2 and "broken.toml' is not valid TOML" in broken.stderr
+    (tmp_path / "typo.yaml").write_text("training:\n  epochz: 3\n")
+    typo = cellseg("config", "show", "--config", str(tmp_path / "typo.yaml"), check=False)
+    assert typo.returncode == 2 and "typo.yaml" in typo.stderr and "training.epochz" in typo.stderr
+    bad_env = cellseg("config", "show", env={"CELLSEG_TRAINING__EPOCHS": "many"}, check=False)
+    assert bad_env.returncode == 2 and "training.epochs" in bad_env.stderr
+    assert "Traceback" not in typo.stderr + bad_env.stderr + broken.stderr
+    with pytest.raises(SettingsError, match="mapping"):
+        (tmp_path / "list.yaml").write_text("- 1\n")
+        load_settings(str(tmp_path / "list.yaml"))
+
+
+def test_boolean_storage_options_from_the_environment_are_booleans(monkeypatch):
+    monkeypatch.setenv("CELLSEG_STORAGE__S3__ANON", "false")
+    monkeypatch.setenv("CELLSEG_STORAGE__S3__USE_SSL", "True")
+    assert load_settings().storage == {"s3": {"anon": False, "use_ssl": True}}
+
+
+def test_train_takes_its_settings_from_file_environment_and_flags(tmp_path):
+    cellseg("synth", "--out", str(tmp_path / "data"), "--count", "6", "--size", "64")
+    (tmp_path / "cellseg.yaml").write_text(
+        "model: {depth: 2, base_width: 4}\n"
+        "training: {epochs: 3, patch_size: 64, patches_per_image: 1, val_fraction: 0.34, max_minutes: 2}\n"
+    )
+    common = ["train", "--images", str(tmp_path / "data/images"), "--masks", str(tmp_path / "data/masks"),
+              "--config", str(tmp_path / "cellseg.yaml")]
+    cellseg(*common, "--out", str(tmp_path / "env"), env={"CELLSEG_TRAINING__EPOCHS": "1"})
+    cellseg(*common, "--out", str(tmp_path / "flag"), "--epochs", "2", env={"CELLSEG_TRAINING__EPOCHS": "1"})
+    assert len(json.loads((tmp_path / "env/history.json").read_text())) == 1
+    assert len(json.loads((tmp_path / "flag/history.json").read_text())) == 2
+    import torch
+
+    checkpoint = torch.load(tmp_path / "flag/best.pt", weights_only=True)
+    assert checkpoint["model_config"]["base_width"] == 4 and checkpoint["model_config"]["depth"] == 2
+    assert checkpoint["train_config"]["patch_size"] == 64
+
+
+def test_predict_reads_s3_with_the_endpoint_and_credentials_from_a_settings_file(tmp_path, s3_bucket, tiny_checkpoint):
+    import s3fs
+
+    from benchmarks.servers import MOTO_CREDENTIALS
+    from cellseg.synth import write_dataset
+
+    bucket, options = s3_bucket
+    write_dataset(str(tmp_path / "data"), count=3, size=96, seed=5)
+    s3fs.S3FileSystem(**options).put(str(tmp_path / "data/images") + "/", f"{bucket[5:]}/incoming/", recursive=True)
+    (tmp_path / "cellseg.toml").write_text(
+        f'[storage.s3]\nendpoint_url = "{options["endpoint_url"]}"\n'
+        f'key = "{MOTO_CREDENTIALS["AWS_ACCESS_KEY_ID"]}"\nsecret = "{MOTO_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}"\n'
+        "[predict]\nmin_cell_area = 25\nstore_image = false\n"
+    )
+    # No AWS_* or FSSPEC_* variables: endpoint and credentials come from the settings file alone.
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "FSSPEC_"))}
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "cellseg"), "predict", "--model", str(tiny_checkpoint),
+         "--images", f"{bucket}/incoming", "--out", f"{bucket}/out.zarr", "--threshold", "0.6"],
+        capture_output=True, text=True, timeout=300,
+        env={**env, "CELLSEG_CONFIG": str(tmp_path / "cellseg.toml"), "CELLSEG_PREDICT__THRESHOLD": "0.3"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "segmented 3" in result.stdout
+    assert MOTO_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in result.stdout + result.stderr
+    store = ResultStore.open(f"{bucket}/out.zarr", mode="r", storage_options=options)
+    for image_id in store.done_ids():
+        model = store.record(image_id)["model"]
+        assert model["threshold"] == 0.6 and model["min_cell_area"] == 25  # flag over env; file
+        assert f"{image_id}/0" not in store.root
+        sizes = np.bincount(store.read_cells(image_id).ravel())[1:]
+        assert sizes.size == 0 or sizes.min() >= 25
+
+
+def test_flows_take_storage_settings_from_the_worker_environment(tiny_checkpoint, s3_bucket, tmp_path, monkeypatch,
+                                                                 prefect_harness):
+    import fsspec.config
+    import s3fs
+
+    from cellseg.registry import Registry
+    from cellseg.synth import write_dataset
+    from flows.segment import segment_images_flow
+
+    bucket, options = s3_bucket
+    write_dataset(str(tmp_path / "data"), count=2, size=96, seed=6)
+    s3fs.S3FileSystem(**options).put(str(tmp_path / "data/images") + "/", f"{bucket[5:]}/in/", recursive=True)
+    registry = Registry(str(tmp_path / "registry"))
+    registry.register(str(tiny_checkpoint), promote=True)
+    monkeypatch.setattr(fsspec.config, "conf", {})  # nothing from fsspec's own configuration
+    monkeypatch.delenv("FSSPEC_S3_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("CELLSEG_STORAGE__S3__ENDPOINT_URL", options["endpoint_url"])
+    summary = segment_images_flow(source_url=f"{bucket}/in", store_url=f"{bucket}/flow.zarr",
+                                  registry_url=str(tmp_path / "registry"))
+    assert summary["done"] == 2 and summary["failed"] == []
+    assert fsspec.config.conf["s3"] == {"endpoint_url": options["endpoint_url"]}
