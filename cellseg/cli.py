@@ -177,12 +177,11 @@ def _run_train(args: argparse.Namespace) -> int:
 def _train_with_progress_bar(train_pairs, val_pairs, out, model_config, config, dataset_hash, resume):
     """`train` with an epoch progress bar on a terminal (none when stderr is not a terminal);
     the per-epoch log lines print above the bar."""
-    from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from cellseg.train import train
 
-    with tqdm(total=config.epochs, desc="training", unit="epoch", disable=None, file=sys.stderr) as bar, \
+    with _progress("training", "epoch", total=config.epochs, leave=True) as bar, \
             logging_redirect_tqdm(loggers=[logging.getLogger()]):
         def advance(record: dict[str, float]) -> None:
             bar.update(int(record["epoch"]) - bar.n)
@@ -227,8 +226,6 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from cellseg.io import list_images
     from cellseg.predict import Predictor
     from cellseg.segment import model_record, pending_images, segment_images
@@ -249,11 +246,13 @@ def _run_predict(args: argparse.Namespace) -> int:
         predictor.model_version = f"{BUNDLED_VERSION}-{predictor.model_version}"  # as the flows record it
     store = ResultStore.open(args.out)
     rejected: list[dict[str, str]] = []
-    todo, skipped = pending_images(list_images(args.images), store, rejected)
+    images = list_images(args.images)
+    with _progress("reading store", "image") as bar:
+        todo, skipped = pending_images(images, store, rejected, on_record=lambda _: bar.update())
     if not todo and not skipped and not rejected:
         print(f"no images found under {args.images}; nothing to do")
         return 0
-    with tqdm(total=len(todo), desc="segmenting", unit="image", disable=None, file=sys.stderr) as bar:
+    with _progress("segmenting", "image", total=len(todo), leave=True) as bar:
         report = segment_images(todo, store, predictor, model_record(predictor, args.model), on_image=lambda _: bar.update())
     report.skipped = skipped
     report.failed[:0] = rejected
@@ -312,7 +311,9 @@ def _run_results(args: argparse.Namespace) -> int:
 
     _settings(args)
     store = ResultStore.open(args.store, mode="r")
-    rows, failures = store.statistics(), store.failures()
+    with _progress("reading store", "image") as bar:
+        rows = store.statistics(on_record=lambda _: bar.update())
+    failures = store.failures()
     if args.json:
         print(json.dumps({"statistics": rows, "failures": failures}, indent=1))
         return 0
@@ -411,8 +412,10 @@ def _run_export(args: argparse.Namespace) -> int:
 
     _settings(args)
     store = ResultStore.open(args.store, mode="r")
-    rows = store.cell_rows() if args.table == "cells" else iter(store.statistics())
-    count = write_table(rows, args.out, args.format)
+    unit = "cell" if args.table == "cells" else "image"
+    with _progress("exporting", unit) as bar:
+        rows = store.cell_rows() if args.table == "cells" else iter(store.statistics())
+        count = write_table((bar.update() or row for row in rows), args.out, args.format)
     print(f"wrote {count} {'cells' if args.table == 'cells' else 'images'} to {args.out}")
     return 0
 
@@ -572,6 +575,13 @@ def _run_config(args: argparse.Namespace) -> int:
           f"{f'file {path}' if path else 'no settings file'} > defaults; secrets masked")
     print(yaml.safe_dump(data, sort_keys=False), end="")
     return 0
+
+
+def _progress(description: str, unit: str, total: int | None = None, leave: bool = False):
+    """A tqdm bar on stderr when it is a terminal; nothing at all when piped or redirected."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit=unit, disable=None, file=sys.stderr, leave=leave)
 
 
 def _print_metrics(metrics: dict[str, float]) -> None:

@@ -53,7 +53,8 @@ class SegmentReport:
 
 
 def pending_images(
-    image_urls: Sequence[str], store: ResultStore, rejected: list[dict[str, str]] | None = None
+    image_urls: Sequence[str], store: ResultStore, rejected: list[dict[str, str]] | None = None,
+    on_record: Callable[[str], None] | None = None,
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """Split image URLs into (id, url) still to segment and ids already done in `store`.
 
@@ -77,7 +78,7 @@ def pending_images(
         raise StoreError("; ".join(f"'{problem['source_url']}': {problem['error']}" for problem in problems))
     if rejected is not None:
         rejected.extend(problems)
-    done = store.done_ids()
+    done = store.done_ids(on_record)
     todo = [(image_id, url) for image_id, url in sorted(by_id.items()) if image_id not in done]
     return todo, sorted(done & by_id.keys())
 

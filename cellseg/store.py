@@ -20,7 +20,7 @@ an interrupted write leaves a group without that mark, which is redone on the ne
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -198,14 +198,20 @@ class ResultStore:
             "written": _now(),
         }
 
-    def records(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """(image id, cellseg attrs) for every image entry, in id order."""
-        for image_id, group in sorted(self.root.groups(), key=lambda item: item[0]):
+    def records(self, on_record: Callable[[str], None] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(image id, cellseg attrs) for every image entry, in id order; `on_record(image id)` is
+        called as each image's metadata is read (a progress bar for large stores)."""
+        groups = []
+        for image_id, group in self.root.groups():
+            groups.append((image_id, group))
+            if on_record:
+                on_record(image_id)
+        for image_id, group in sorted(groups, key=lambda item: item[0]):
             yield image_id, dict(group.attrs.get("cellseg", {}))
 
-    def done_ids(self) -> set[str]:
+    def done_ids(self, on_record: Callable[[str], None] | None = None) -> set[str]:
         """Ids of images whose mask and statistics are completely written."""
-        return {image_id for image_id, record in self.records() if record.get("status") == DONE}
+        return {image_id for image_id, record in self.records(on_record) if record.get("status") == DONE}
 
     def record(self, image_id: str) -> dict[str, Any]:
         """The cellseg attrs of one image."""
@@ -266,10 +272,10 @@ class ResultStore:
         if self.record(image_id).get("status") != DONE:
             raise StoreError(f"image '{image_id}' in '{self.url}' is not completely written")
 
-    def statistics(self) -> list[dict[str, Any]]:
+    def statistics(self, on_record: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
         """The per-image statistics table: one row per done image."""
         rows = []
-        for image_id, record in self.records():
+        for image_id, record in self.records(on_record):
             if record.get("status") != DONE:
                 continue
             model = record.get("model", {})

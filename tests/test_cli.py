@@ -125,21 +125,16 @@ def test_empty_image_directory_is_nothing_to_do(tmp_path, tiny_checkpoint):
     assert "nothing to do" in result.stdout
 
 
-def test_training_shows_an_epoch_progress_bar_on_a_terminal_only(tmp_path):
+def _on_a_terminal(*args: str) -> str:
+    """What `cellseg ARGS` writes to stderr when stderr is a 160-column terminal."""
     import fcntl
     import pty
     import struct
     import termios
 
-    cellseg("synth", "--out", str(tmp_path / "data"), "--count", "6", "--size", "64", "--seed", "0")
-    arguments = ["train", "--images", str(tmp_path / "data/images"), "--masks", str(tmp_path / "data/masks"),
-                 *FAST_TRAIN[2:], "--epochs", "2"]
-    piped = cellseg(*arguments, "--out", str(tmp_path / "piped"))
-    assert "epoch 2/2" in piped.stderr and "training:" not in piped.stderr  # log lines, no bar
-
     leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a 160-column terminal
-    process = subprocess.Popen([str(Path(sys.executable).parent / "cellseg"), *arguments, "--out", str(tmp_path / "tty")],
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    process = subprocess.Popen([str(Path(sys.executable).parent / "cellseg"), *args],
                                stdout=subprocess.DEVNULL, stderr=follower)
     os.close(follower)
     captured = b""
@@ -152,6 +147,32 @@ def test_training_shows_an_epoch_progress_bar_on_a_terminal_only(tmp_path):
             break
         captured += chunk
     assert process.wait(timeout=300) == 0
-    shown = captured.decode(errors="replace")
+    return captured.decode(errors="replace")
+
+
+def test_store_scans_segmenting_and_exports_show_progress_on_a_terminal_only(tmp_path, tiny_checkpoint):
+    cellseg("synth", "--out", str(tmp_path / "data"), "--count", "3", "--size", "64", "--seed", "1")
+    store = str(tmp_path / "s.zarr")
+    predict = ["predict", "--model", str(tiny_checkpoint), "--images", str(tmp_path / "data/images"), "--out", store]
+    piped = cellseg(*predict)
+    assert "reading store" not in piped.stderr and "segmenting:" not in piped.stderr
+    (tmp_path / "data/images/synth_0000.png").rename(tmp_path / "data/images/new_0000.png")
+    shown = _on_a_terminal(*predict)
+    assert "reading store:" in shown  # the scan of the store's done images (cleared when it ends)
+    assert "segmenting: 100%" in shown and "1/1" in shown
+    exported = _on_a_terminal("export", store, "--out", str(tmp_path / "cells.csv"))
+    assert "exporting:" in exported and "cell" in exported
+    assert "exporting" not in cellseg("export", store, "--out", str(tmp_path / "c2.csv")).stderr
+    assert "reading store:" in _on_a_terminal("results", store)
+
+
+def test_training_shows_an_epoch_progress_bar_on_a_terminal_only(tmp_path):
+    cellseg("synth", "--out", str(tmp_path / "data"), "--count", "6", "--size", "64", "--seed", "0")
+    arguments = ["train", "--images", str(tmp_path / "data/images"), "--masks", str(tmp_path / "data/masks"),
+                 *FAST_TRAIN[2:], "--epochs", "2"]
+    piped = cellseg(*arguments, "--out", str(tmp_path / "piped"))
+    assert "epoch 2/2" in piped.stderr and "training:" not in piped.stderr  # log lines, no bar
+
+    shown = _on_a_terminal(*arguments, "--out", str(tmp_path / "tty"))
     assert "training:" in shown and "2/2" in shown and "val_dice" in shown
     assert "epoch 2/2" in shown  # the log lines still print, above the bar
