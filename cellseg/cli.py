@@ -93,6 +93,7 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
 def _run_synth(args: argparse.Namespace) -> int:
     from cellseg.synth import write_dataset
 
+    _settings(args)
     ids = write_dataset(args.out, args.count, args.size, args.seed, args.bit_depth, args.polarity, args.vary_size)
     print(f"wrote {len(ids)} images with masks and labels under {args.out}")
     return 0
