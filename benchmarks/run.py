@@ -160,15 +160,36 @@ def _rates(count: int, seconds: float, side: int = SIDE) -> dict:
 
 
 def bench_product(source: str, store: str, registry: str, shard_size: int, parallel: int, compile: bool = False,
-                  split_touching: bool = True) -> dict:
+                  split_touching: bool = True, measure_cells: bool = True, store_image: bool = True) -> dict:
     from flows.segment import segment_images_flow
 
     summary, seconds = timed(segment_images_flow, source_url=source, store_url=store, registry_url=registry,
                              shard_size=shard_size, max_parallel_shards=parallel, compile=compile,
-                             split_touching=split_touching)
+                             split_touching=split_touching, measure_cells=measure_cells, store_image=store_image)
     assert not summary["failed"], summary["failed"]
     return {**_rates(summary["done"], seconds), "shards": summary["shards"], "parallel_shards": parallel,
-            "compile": compile, "split_touching": split_touching}
+            "compile": compile, "split_touching": split_touching, "measure_cells": measure_cells,
+            "store_image": store_image}
+
+
+def bench_measurements(image_urls: list[str], store: str, repeats: int = 3) -> dict:
+    """Per-cell measurement table vs skimage's regionprops_table on the same cells and images."""
+    from skimage.measure import regionprops_table
+
+    from cellseg.io import read_image
+    from cellseg.measure import cell_measurements
+    from cellseg.store import ResultStore
+
+    results = ResultStore.open(store, mode="r")
+    pairs = [(results.read_cells(Path(url).stem), read_image(url)) for url in image_urls[:20]]
+    properties = ("label", "area", "perimeter", "centroid", "bbox", "eccentricity", "solidity", "axis_major_length",
+                  "axis_minor_length", "equivalent_diameter_area", "intensity_mean", "intensity_min", "intensity_max")
+    _, ours = timed(lambda: [cell_measurements(cells, image) for _ in range(repeats) for cells, image in pairs])
+    _, reference = timed(lambda: [regionprops_table(cells, intensity_image=image.astype(np.float64), properties=properties)
+                                  for _ in range(repeats) for cells, image in pairs])
+    runs = repeats * len(pairs)
+    return {"images": len(pairs), "cells_per_image": float(np.mean([cells.max() for cells, _ in pairs])),
+            "ms_per_image": ours / runs * 1000, "regionprops_ms_per_image": reference / runs * 1000}
 
 
 def bench_memory(work: Path, checkpoint: Path, count: int) -> dict:
@@ -271,6 +292,9 @@ def main() -> None:
         results["product_local"] = bench_product(str(work / "infer/images"), str(work / "p2.zarr"), registry, shard, PARALLEL_SHARDS)
         results["product_no_split"] = bench_product(str(work / "infer/images"), str(work / "p4.zarr"), registry, shard,
                                                     PARALLEL_SHARDS, split_touching=False)
+        results["product_labels_only"] = bench_product(str(work / "infer/images"), str(work / "p5.zarr"), registry, shard,
+                                                       PARALLEL_SHARDS, measure_cells=False, store_image=False)
+        results["measurements"] = bench_measurements(urls, str(work / "p2.zarr"))
         results["product_compiled"] = bench_product(str(work / "infer/images"), str(work / "p3.zarr"), registry, shard,
                                                     PARALLEL_SHARDS, compile=True)
         fs = s3fs.S3FileSystem(endpoint_url=endpoint)
@@ -315,6 +339,12 @@ def print_table(r: dict) -> None:
         ("product, no cell splitting", f"{r['product_no_split']['images_per_second']:.2f} img/s",
          f"{r['ratios']['product_no_split_vs_model_only']:.2f}x model only, "
          f"{r['product_no_split']['images_per_second'] / r['naive']['images_per_second']:.2f}x naive (split_touching=false)"),
+        ("product, no measurements/image copy", f"{r['product_labels_only']['images_per_second']:.2f} img/s",
+         f"{r['product_labels_only']['images_per_second'] / r['model_only']['images_per_second']:.2f}x model only "
+         "(measure_cells=false, store_image=false)"),
+        (f"per-cell table, {r['measurements']['cells_per_image']:.0f} cells/image",
+         f"{r['measurements']['ms_per_image']:.1f} vs regionprops_table {r['measurements']['regionprops_ms_per_image']:.1f} ms",
+         f"{r['measurements']['regionprops_ms_per_image'] / r['measurements']['ms_per_image']:.2f}x (one core per image)"),
         ("product, torch.compile", f"{r['product_compiled']['images_per_second']:.2f} img/s",
          f"{r['ratios']['product_compiled_vs_naive']:.2f}x naive (compile=true, opt-in)"),
         ("product, s3 (moto)", f"{r['product_s3']['images_per_second']:.2f} img/s", ""),

@@ -45,6 +45,56 @@ def test_measurements_of_hand_made_cells():
     assert table["perimeter"][0] > table["perimeter"][1] > 0
 
 
+def _regionprops_reference(cells: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """The same table straight from skimage.measure.regionprops_table."""
+    from skimage.measure import regionprops_table
+
+    names = {"label": "label", "area": "area", "perimeter": "perimeter", "centroid-0": "centroid_y",
+             "centroid-1": "centroid_x", "bbox-0": "bbox_min_y", "bbox-1": "bbox_min_x", "bbox-2": "bbox_max_y",
+             "bbox-3": "bbox_max_x", "eccentricity": "eccentricity", "solidity": "solidity",
+             "axis_major_length": "major_axis_length", "axis_minor_length": "minor_axis_length",
+             "equivalent_diameter_area": "equivalent_diameter", "intensity_mean": "intensity_mean",
+             "intensity_min": "intensity_min", "intensity_max": "intensity_max"}
+    properties = ("label", "area", "perimeter", "centroid", "bbox", "eccentricity", "solidity", "axis_major_length",
+                  "axis_minor_length", "equivalent_diameter_area", "intensity_mean", "intensity_min", "intensity_max")
+    measured = regionprops_table(cells, intensity_image=image.astype(np.float64), properties=properties)
+    columns = {names[key]: np.asarray(value, dtype=np.float64) for key, value in measured.items()}
+    columns["intensity_integrated"] = columns["intensity_mean"] * columns["area"]
+    return np.stack([columns[name] for name in CELL_COLUMNS], axis=1)
+
+
+def _awkward_cells() -> tuple[np.ndarray, np.ndarray]:
+    """Labels with gaps, single pixels, one-pixel lines, diagonal chains, cells on every image edge,
+    touching cells and a cell with a hole; a float image with negative values."""
+    rng = np.random.default_rng(1)
+    cells = np.zeros((40, 50), dtype=np.int32)
+    cells[0:6, 0:9] = 3            # top-left corner
+    cells[5, 20] = 4               # a single pixel
+    cells[10, 5:30] = 7            # a horizontal line
+    cells[12:30, 40] = 8           # a vertical line on ...
+    cells[34:40, 44:50] = 9        # ... and a bottom-right corner cell
+    for i in range(8):
+        cells[15 + i, 10 + i] = 11  # a diagonal chain (8-connected)
+    cells[20:32, 20:32] = 12
+    cells[24:28, 24:28] = 0        # a hole
+    cells[20:32, 32:36] = 13       # touching 12
+    cells[30:40, 0:3] = 20         # left edge
+    image = rng.normal(size=cells.shape) * 100
+    return cells, image
+
+
+def test_every_column_equals_regionprops(tmp_path):
+    from cellseg.synth import generate_sample
+
+    sample = generate_sample(np.random.default_rng(3), (256, 200), bit_depth=16)
+    cases = [_awkward_cells(), (sample.labels.astype(np.int32), sample.image)]
+    for cells, image in cases:
+        ours, reference = cell_measurements(cells, image), _regionprops_reference(cells, image)
+        assert ours.shape == reference.shape and len(ours) == len(np.unique(cells)) - 1
+        for column, name in enumerate(CELL_COLUMNS):
+            np.testing.assert_allclose(ours[:, column], reference[:, column], rtol=1e-9, atol=1e-9, err_msg=name)
+
+
 def test_no_cells_no_rows_and_shapes_must_match():
     assert cell_measurements(np.zeros((5, 5), dtype=np.int32), np.ones((5, 5))).shape == (0, len(CELL_COLUMNS))
     with pytest.raises(ValueError, match="shape|image"):
