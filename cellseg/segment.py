@@ -180,18 +180,33 @@ def _write_result(
     store: ResultStore, predictor: Predictor, model: dict[str, Any], image_id: str, url: str,
     image: np.ndarray, probability: np.ndarray,
 ) -> str | None:
-    """Label, measure and store one image; returns an error description instead of raising."""
+    """Label, measure and store one image; returns an error description instead of raising.
+
+    Two runs writing the same new image at once can still trip over each other's files (a
+    chunk or metadata file replaced mid-write); such a write is tried once more, now over arrays
+    that exist and are overwritten in place, unless the other run has finished the image.
+    """
     try:
         labels = cell_labels(threshold_probabilities(probability, predictor.config.threshold), predictor.config)
-        written = store.write_result(
-            image_id, labels > 0, image_statistics(image, labels), url, model,
-            probability if predictor.config.save_probabilities else None, replace=False, cells=labels,
-            cell_table=(CELL_COLUMNS, cell_measurements(labels, image)) if predictor.config.measure_cells else None,
-            image=image if predictor.config.store_image else None,
-        )
-        return None if written else DONE_ELSEWHERE
+        result = {
+            "mask": labels > 0, "statistics": image_statistics(image, labels), "source_url": url, "model": model,
+            "probabilities": probability if predictor.config.save_probabilities else None, "replace": False,
+            "cells": labels, "image": image if predictor.config.store_image else None,
+            "cell_table": (CELL_COLUMNS, cell_measurements(labels, image)) if predictor.config.measure_cells else None,
+        }
     except Exception as error:
         return _describe(error)
+    for attempt in (1, 2):
+        try:
+            return None if store.write_result(image_id, **result) else DONE_ELSEWHERE
+        except (OSError, KeyError) as error:
+            if store.is_done(image_id):
+                return DONE_ELSEWHERE
+            if attempt == 2:
+                return _describe(error)
+        except Exception as error:
+            return _describe(error)
+    return None
 
 
 def cell_labels(mask: np.ndarray, config: PredictConfig) -> np.ndarray:

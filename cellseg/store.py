@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.errors import ContainsGroupError
+from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from cellseg import __version__
 from cellseg.io import StorageOptions
@@ -147,15 +147,18 @@ class ResultStore:
             self._write_array(f"{image_id}/probabilities/0", probabilities.astype(np.float16), existing is not None)
         if cell_table is not None:
             columns, rows = cell_table
-            self.root.create_array(
-                f"{image_id}/{CELL_TABLE}", data=rows.astype(np.float64), overwrite=True,
-                chunks=(max(1, min(len(rows), TABLE_CHUNK_ROWS)), len(columns)), attributes={"columns": list(columns)},
+            self._write_array(
+                f"{image_id}/{CELL_TABLE}", rows.astype(np.float64), existing is not None,
+                chunks=(max(1, min(len(rows), TABLE_CHUNK_ROWS)), len(columns)),
+                attributes={"columns": list(columns)}, dimension_names=("cell", "column"),
             )
         label_names = [CELLS_NAME, MASK_NAME] if cells is not None else [MASK_NAME]
+        # require_group, not root[...]: a concurrent writer's array can appear before its parent
+        # groups' metadata does (zarr writes them side by side).
         for name in label_names:
-            self.root[f"{image_id}/labels/{name}"].attrs["ome"] = _ngff_label(name, source_image=image is not None)
-        self.root[f"{image_id}/labels"].attrs["ome"] = {"version": NGFF_VERSION, "labels": label_names}
-        group = self.root[image_id]
+            self.root.require_group(f"{image_id}/labels/{name}").attrs["ome"] = _ngff_label(name, source_image=image is not None)
+        self.root.require_group(f"{image_id}/labels").attrs["ome"] = {"version": NGFF_VERSION, "labels": label_names}
+        group = self.root.require_group(image_id)
         attributes: dict[str, Any] = {"ome": _ngff_multiscales(image_id)} if image is not None else {}
         attributes["cellseg"] = {
             "status": DONE,
@@ -168,18 +171,30 @@ class ResultStore:
         group.attrs.put(attributes)  # one metadata write: the NGFF image (or none) and the done mark together
         return True
 
-    def _write_array(self, path: str, data: np.ndarray, may_exist: bool) -> None:
-        chunks = tuple(min(side, CHUNK_SIDE) for side in data.shape)
-        if may_exist:
-            array = self.root.get(path)
-            if isinstance(array, zarr.Array) and (array.shape, array.dtype, array.chunks) == (data.shape, data.dtype, chunks):
-                # Overwrite chunk by chunk (each chunk write is atomic) instead of deleting the
-                # array first: a concurrent writer's finished mask never loses its chunks.
-                array[...] = data
-                return
+    def _write_array(
+        self, path: str, data: np.ndarray, may_exist: bool, chunks: tuple[int, ...] | None = None,
+        attributes: dict[str, Any] | None = None, dimension_names: tuple[str, ...] = ("y", "x"),
+    ) -> None:
+        """Write one array without ever deleting a concurrent writer's files: create it when it is
+        new, else overwrite it chunk by chunk (each chunk write is atomic); only an array of a
+        different shape, type or chunking is replaced as a whole."""
+        chunks = chunks or tuple(min(side, CHUNK_SIDE) for side in data.shape)
         # Creating the array by path writes its parent groups' metadata on the way (one call).
         # NGFF 0.5 asks arrays to name their dimensions as the axes of the multiscales do.
-        self.root.create_array(path, data=data, chunks=chunks, overwrite=True, dimension_names=("y", "x"))
+        layout = {"chunks": chunks, "dimension_names": dimension_names, "attributes": attributes}
+        if not may_exist:
+            try:
+                self.root.create_array(path, data=data, overwrite=False, **layout)
+                return
+            except (ContainsArrayError, ContainsGroupError):  # another run created it just now
+                pass
+        array = self.root.get(path)
+        if isinstance(array, zarr.Array) and (array.shape, array.dtype, array.chunks) == (data.shape, data.dtype, chunks):
+            array[...] = data
+            if attributes and dict(array.attrs) != attributes:
+                array.attrs.put(attributes)
+            return
+        self.root.create_array(path, data=data, overwrite=True, **layout)
 
     def record_failure(self, image_id: str, source_url: str, error: str, model: Mapping[str, Any]) -> None:
         """Note that an image could not be segmented; a later run tries it again.
