@@ -375,18 +375,20 @@ def _run_flow_train(args: argparse.Namespace) -> int:
     return 0
 
 
-FLOW_PREDICT_FIELDS = ("threshold", "min_cell_area", "split_touching", "measure_cells", "store_image", "tta",
-                       "batch_size", "device", "amp", "compile", "tile_size", "max_pixels")
-
-
 def _run_flow_segment(args: argparse.Namespace) -> int:
+    import inspect
+
+    from cellseg.config import PredictConfig
     from flows.segment import segment_images_flow
 
     settings = _settings(args)
+    # Every PredictConfig field the flow takes as a parameter, read off its signature.
+    predict = {name: getattr(settings.predict, name) for name in inspect.signature(segment_images_flow.fn).parameters
+               if name in PredictConfig.model_fields}
     summary = segment_images_flow(
         source_url=args.source, store_url=args.store, registry_url=settings.registry_url, model_version=args.model_version,
         shard_size=args.shard_size, max_parallel_shards=args.max_parallel_shards, dask_address=args.dask_address,
-        **{name: getattr(settings.predict, name) for name in FLOW_PREDICT_FIELDS},
+        **predict,
     )
     print(f"segmented {summary['done']}, skipped {summary['skipped']} already done, failed {len(summary['failed'])} "
           f"with model {summary['model_version']} in {summary['seconds']}s -> {args.store}")

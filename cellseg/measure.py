@@ -57,6 +57,8 @@ def cell_measurements(cells: np.ndarray, image: np.ndarray, band_rows: int | Non
     lowest, highest = np.full(size, np.inf), np.full(size, -np.inf)
     for top, bottom in bands:
         rows, cols, owner = _foreground(cells, top, bottom)
+        if not len(owner):  # no cell pixel in the band: nothing to add, its perimeter included
+            continue
         count += np.bincount(owner, minlength=size)
         sum_y += np.bincount(owner, rows, size)
         sum_x += np.bincount(owner, cols, size)
@@ -64,10 +66,10 @@ def cell_measurements(cells: np.ndarray, image: np.ndarray, band_rows: int | Non
         integrated += np.bincount(owner, values, size)
         order = np.argsort(owner, kind="stable")
         grouped = owner[order]
-        starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if len(grouped) else np.zeros(0, int)
+        starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
         present = grouped[starts]
-        lowest[present] = np.minimum(lowest[present], np.minimum.reduceat(values[order], starts)) if len(starts) else lowest[present]
-        highest[present] = np.maximum(highest[present], np.maximum.reduceat(values[order], starts)) if len(starts) else highest[present]
+        lowest[present] = np.minimum(lowest[present], np.minimum.reduceat(values[order], starts))
+        highest[present] = np.maximum(highest[present], np.maximum.reduceat(values[order], starts))
         perimeter += _band_perimeter(cells, top, bottom, size)
 
     # Central second moments (a second pass, about the finished centroids) -> inertia tensor

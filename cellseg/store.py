@@ -253,10 +253,7 @@ class ResultStore:
 
     def read_cell_table(self, image_id: str) -> tuple[list[str], np.ndarray]:
         """(column names, float64 rows) of a done image's per-cell measurements."""
-        self._require_done(image_id)
-        array = self.root.get(f"{image_id}/{CELL_TABLE}")
-        if not isinstance(array, zarr.Array):
-            raise StoreError(f"image '{image_id}' in '{self.url}' was written without per-cell measurements")
+        array = self._optional_array(image_id, CELL_TABLE, "per-cell measurements")
         return list(array.attrs["columns"]), array[...]
 
     def cell_rows(self) -> Iterator[dict[str, Any]]:
@@ -272,11 +269,15 @@ class ResultStore:
 
     def read_image(self, image_id: str) -> np.ndarray:
         """The copy of the source image stored with a done result (`PredictConfig.store_image`)."""
+        return self._optional_array(image_id, IMAGE_PATH, "a copy of its source image")[...]
+
+    def _optional_array(self, image_id: str, path: str, what: str) -> zarr.Array:
+        """An array that a done image may have been written without; StoreError naming `what` if so."""
         self._require_done(image_id)
-        array = self.root.get(f"{image_id}/{IMAGE_PATH}")
+        array = self.root.get(f"{image_id}/{path}")
         if not isinstance(array, zarr.Array):
-            raise StoreError(f"image '{image_id}' in '{self.url}' was written without a copy of its source image")
-        return array[...]
+            raise StoreError(f"image '{image_id}' in '{self.url}' was written without {what}")
+        return array
 
     def read_mask(self, image_id: str) -> np.ndarray:
         """Boolean (H, W) mask of a done image."""
