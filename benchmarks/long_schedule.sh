@@ -6,7 +6,8 @@
 #   benchmarks/long_schedule.sh DATA_ROOT OUT_DIR [MINUTES] [DEVICE]
 #
 # DATA_ROOT holds isbi2012/ and dsb2018/ (../shared/data); MINUTES is each run's training budget
-# (default 6); DEVICE defaults to cuda. RUNS="name ..." picks a subset of the runs below.
+# (default 6); DEVICE defaults to cuda. RUNS="name ..." picks a subset of the runs below;
+# PATIENCE (default 40) sets early stopping (the CPU default schedule uses 15).
 # Writes OUT_DIR/<run>/ (checkpoints, history.json), OUT_DIR/<run>.log and OUT_DIR/summary.jsonl.
 set -u
 data=${1:?DATA_ROOT}
@@ -15,6 +16,7 @@ minutes=${3:-6}
 device=${4:-cuda}
 python=${PYTHON:-python3}
 threads=${THREADS_PER_RUN:-2}
+patience=${PATIENCE:-40}
 
 # name | dataset | ground truth folder | extra flags
 all_runs="
@@ -29,6 +31,19 @@ dsb-masks-w32|dsb2018|masks|--base-width 32 --patches-per-image 8
 isbi-w32-b8|isbi2012|masks|--base-width 32 --batch-size 8 --patches-per-image 16
 dsb-bw10-b8|dsb2018|labels|--border-weight 10 --batch-size 8 --patches-per-image 16
 dsb-masks-w32-b8|dsb2018|masks|--base-width 32 --batch-size 8 --patches-per-image 16
+dsb-labels|dsb2018|labels|
+isbi-d5|isbi2012|masks|--depth 5
+isbi-d6|isbi2012|masks|--depth 6
+isbi-bw5|isbi2012|masks|--border-weight 5
+isbi-dice|isbi2012|masks|--loss bce_dice
+dsb-labels-d5|dsb2018|labels|--depth 5
+dsb-bw10-d5|dsb2018|labels|--border-weight 10 --depth 5
+dsb-masks-d5|dsb2018|masks|--depth 5
+isbi-nonorm|isbi2012|masks|--norm none
+isbi-nonorm-lr1e-4|isbi2012|masks|--norm none --lr 1e-4
+isbi-batchnorm|isbi2012|masks|--norm batch
+isbi-groupnorm|isbi2012|masks|--norm group
+dsb-labels-nonorm|dsb2018|labels|--norm none
 "
 selected=${RUNS:-$(echo "$all_runs" | cut -d'|' -f1 | xargs)}
 
@@ -42,7 +57,7 @@ for name in $selected; do
     # shellcheck disable=SC2086
     OMP_NUM_THREADS=$threads $python -m cellseg.cli train \
         --images "$data/$dataset/images" --masks "$data/$dataset/$truth" --out "$out/$name" \
-        --epochs 1000 --patience 40 --max-minutes "$minutes" --device "$device" $extra \
+        --epochs 1000 --patience "$patience" --max-minutes "$minutes" --device "$device" $extra \
         > "$out/$name.log" 2>&1 &
 done
 wait

@@ -59,7 +59,9 @@ def measure(dataset: Path, run: Path, out: Path, config: PredictConfig) -> dict:
     }
     if has_labels:
         cells = result["instances"]
-        summary.update({key: cells[key] for key in ("f1_mean", "f1_pooled", "dsb_score_mean", "count_error_median")})
+        summary.update({key: cells[key] for key in ("f1_mean", "f1_pooled", "dsb_score_mean", "count_error_median",
+                                                    "true_cells_total", "merged_total", "split_total", "missed_total",
+                                                    "extra_total")})
     (out / "quality.json").write_text(json.dumps({"summary": summary, "evaluation": result}, indent=1))
     return summary
 

@@ -294,6 +294,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         error = cells["count_error_median"]
         print(f"cells: F1@0.5 {cells['f1_mean']:.4f} (pooled {cells['f1_pooled']:.4f}), DSB score "
               f"{cells['dsb_score_mean']:.4f}, median count error {'n/a' if error is None else f'{error:.1%}'}")
+        print(f"cell errors: of {cells['true_cells_total']} true cells {cells['merged_total']} merged with a "
+              f"neighbour, {cells['split_total']} split, {cells['missed_total']} missed; "
+              f"{cells['extra_total']} of {cells['predicted_cells_total']} predicted cells extra")
     if result["missing_predictions"]:
         print(f"{len(result['missing_predictions'])} ground-truth masks have no finished prediction")
     return 0

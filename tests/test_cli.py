@@ -76,6 +76,10 @@ def test_synth_train_predict_evaluate_round_trip(tmp_path):
     table = cellseg("evaluate", "--pred", store, "--masks", str(tmp_path / "new/masks"),
                     "--labels", str(tmp_path / "new/labels")).stdout
     assert f"DSB score {cells['dsb_score_mean']:.4f}" in table
+    assert cells["true_cells_total"] == sum(row["instance_true_cells"] for row in with_cells["per_image"])
+    assert (f"cell errors: of {cells['true_cells_total']} true cells {cells['merged_total']} merged with a neighbour, "
+            f"{cells['split_total']} split, {cells['missed_total']} missed; {cells['extra_total']} of "
+            f"{cells['predicted_cells_total']} predicted cells extra") in table
 
     again = cellseg("predict", "--model", str(tmp_path / "model/best.pt"), "--images", str(tmp_path / "new/images"),
                     "--out", store)

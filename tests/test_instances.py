@@ -86,6 +86,41 @@ def test_a_missed_cell_and_a_split_cell_by_hand():
     assert scores["dsb_score"] == pytest.approx(1 / 5)
 
 
+def test_error_breakdown_names_merged_split_missed_and_extra_cells_by_hand():
+    truth = np.zeros((20, 30), np.int32)
+    truth[1:5, 1:5] = 1          # merged with 2 into one predicted cell
+    truth[1:5, 5:9] = 2
+    truth[8:16, 1:9] = 3         # split into two predicted halves
+    truth[8:12, 20:24] = 4       # missed
+    truth[1:5, 20:24] = 5        # found, but with a poor outline (IoU 0.48): in no class
+    predicted = np.zeros_like(truth)
+    predicted[1:5, 1:9] = 7
+    predicted[8:16, 1:5] = 8
+    predicted[8:16, 5:9] = 9
+    predicted[16:20, 25:30] = 3  # extra: on background
+    predicted[0:7, 20:23] = 4
+    scores = instance_scores(predicted, truth)
+    assert {key: scores[key] for key in ("merged", "split", "missed", "extra")} == \
+        {"merged": 2, "split": 1, "missed": 1, "extra": 1}
+    assert scores["tp"] == 0 and scores["fn"] == 5
+    assert instance_scores(truth, truth) | dict.fromkeys(("tp", "f1")) == instance_scores(truth, truth) | {
+        "merged": 0, "split": 0, "missed": 0, "extra": 0, "tp": None, "f1": None}
+
+
+def test_error_classes_need_more_than_half_a_cell():
+    truth = np.zeros((4, 8), np.int32)
+    truth[:, :4], truth[:, 4:] = 1, 2
+    predicted = np.zeros_like(truth)
+    predicted[:, 2:6] = 1        # half of each true cell: neither merged nor found
+    scores = instance_scores(predicted, truth)
+    assert (scores["merged"], scores["missed"], scores["extra"]) == (0, 0, 0)
+    predicted[:, 1:7] = 1        # three quarters of each: merged
+    assert instance_scores(predicted, truth)["merged"] == 2
+    predicted[:] = 0
+    predicted[:, 0:1] = 1        # a quarter of cell 1 predicted: missed; the predicted cell lies in it
+    assert (instance_scores(predicted, truth)["missed"], instance_scores(predicted, truth)["extra"]) == (2, 0)
+
+
 def test_dsb_score_counts_a_match_only_up_to_its_iou():
     truth = np.zeros((10, 10), np.int32)
     truth[0:10, 0:5] = 1                  # 50 px
@@ -115,10 +150,15 @@ def test_iou_matrix_skips_absent_label_numbers():
 
 
 def test_summary_pools_counts_and_takes_the_median_count_error():
-    rows = [{"tp": 1, "fp": 1, "fn": 0, "f1": 2 / 3, "dsb_score": 0.5, "predicted_cells": 2, "true_cells": 1},
-            {"tp": 2, "fp": 0, "fn": 2, "f1": 0.5, "dsb_score": 0.3, "predicted_cells": 2, "true_cells": 4},
-            {"tp": 3, "fp": 0, "fn": 0, "f1": 1.0, "dsb_score": 1.0, "predicted_cells": 3, "true_cells": 3}]
+    no_errors = dict.fromkeys(("merged", "split", "missed", "extra"), 0)
+    rows = [{"tp": 1, "fp": 1, "fn": 0, "f1": 2 / 3, "dsb_score": 0.5, "predicted_cells": 2, "true_cells": 1,
+             **no_errors, "extra": 1},
+            {"tp": 2, "fp": 0, "fn": 2, "f1": 0.5, "dsb_score": 0.3, "predicted_cells": 2, "true_cells": 4,
+             **no_errors, "merged": 2, "missed": 1},
+            {"tp": 3, "fp": 0, "fn": 0, "f1": 1.0, "dsb_score": 1.0, "predicted_cells": 3, "true_cells": 3, **no_errors}]
     summary = summarise_instance_scores(rows)
+    assert (summary["true_cells_total"], summary["predicted_cells_total"]) == (8, 7)
+    assert [summary[f"{key}_total"] for key in ("merged", "split", "missed", "extra")] == [2, 0, 1, 1]
     assert summary["f1_pooled"] == pytest.approx(2 * 6 / (12 + 1 + 2))
     assert summary["count_error_median"] == pytest.approx(0.5)  # errors 1.0, 0.5, 0.0
     assert summary["dsb_score_mean"] == pytest.approx(0.6)
