@@ -167,12 +167,28 @@ def _run_train(args: argparse.Namespace) -> int:
     result = _train_with_progress_bar(loaded_train, loaded_val, out, model_config, config, dataset_hash, args.resume)
     print(f"{result.stop_reason}; best epoch {result.best_epoch} of {len(result.history)}")
     _print_metrics({k: v for k, v in result.best_metrics.items() if k.startswith("val_")} or result.best_metrics)
+    if any(pair.instances is not None for pair in loaded_val):
+        from cellseg.checkpoint import load_checkpoint
+        from cellseg.validation import validation_cell_scores
+
+        cells = validation_cell_scores(load_checkpoint(str(result.best_checkpoint)), loaded_val, settings.predict)
+        _print_cell_scores(cells, label=f"validation cells ({cells['images']} images, as `predict` segments them)")
     print(f"checkpoint: {result.best_checkpoint}\nhistory:    {result.history_path}")
     from cellseg.report import training_pictures
 
     for picture in training_pictures(out, result.history, loaded_val, config.device, config.threshold):
         print(f"picture:    {picture}")
     return 0
+
+
+def _print_cell_scores(cells: dict, label: str = "cells") -> None:
+    """The cell-level summary of `summarise_instance_scores`: scores, then why cells did not match."""
+    error = cells["count_error_median"]
+    print(f"{label}: F1@0.5 {cells['f1_mean']:.4f} (pooled {cells['f1_pooled']:.4f}), DSB score "
+          f"{cells['dsb_score_mean']:.4f}, median count error {'n/a' if error is None else f'{error:.1%}'}")
+    print(f"cell errors: of {cells['true_cells_total']} true cells {cells['merged_total']} merged with a "
+          f"neighbour, {cells['split_total']} split, {cells['missed_total']} missed; "
+          f"{cells['extra_total']} of {cells['predicted_cells_total']} predicted cells extra")
 
 
 def _train_with_progress_bar(train_pairs, val_pairs, out, model_config, config, dataset_hash, resume):
@@ -290,13 +306,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     for kind in ("mean", "pooled"):
         print(f"{kind:8}" + "".join(f"{value:11.4f}" for value in result[kind].values()))
     if "instances" in result:
-        cells = result["instances"]
-        error = cells["count_error_median"]
-        print(f"cells: F1@0.5 {cells['f1_mean']:.4f} (pooled {cells['f1_pooled']:.4f}), DSB score "
-              f"{cells['dsb_score_mean']:.4f}, median count error {'n/a' if error is None else f'{error:.1%}'}")
-        print(f"cell errors: of {cells['true_cells_total']} true cells {cells['merged_total']} merged with a "
-              f"neighbour, {cells['split_total']} split, {cells['missed_total']} missed; "
-              f"{cells['extra_total']} of {cells['predicted_cells_total']} predicted cells extra")
+        _print_cell_scores(result["instances"])
     if result["missing_predictions"]:
         print(f"{len(result['missing_predictions'])} ground-truth masks have no finished prediction")
     return 0

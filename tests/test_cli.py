@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,7 @@ def test_synth_train_predict_evaluate_round_trip(tmp_path):
     trained = cellseg("train", "--images", str(tmp_path / "data/images"), "--masks", str(tmp_path / "data/masks"),
                       "--out", str(tmp_path / "model"), *FAST_TRAIN)
     assert "val_dice" in trained.stdout
+    assert "validation cells" not in trained.stdout  # binary masks: no cells to match
     assert "epoch 4/4" in trained.stderr
     assert "training_curves.png" in trained.stdout and "validation_gallery.png" in trained.stdout
     for name in ("best.pt", "last.pt", "history.json", "manifest.json", "split.json", "training_curves.png",
@@ -88,6 +90,26 @@ def test_synth_train_predict_evaluate_round_trip(tmp_path):
     results = json.loads(cellseg("results", store, "--json").stdout)
     assert sorted(row["image_id"] for row in results["statistics"]) == [f"synth_{i:04d}" for i in range(5)]
     assert all(row["cell_count"] > 0 for row in results["statistics"])
+
+
+def test_training_on_label_images_reports_the_cells_predict_and_evaluate_find(tmp_path):
+    cellseg("synth", "--out", str(tmp_path / "data"), "--count", "16", "--size", "96", "--seed", "0")
+    trained = cellseg("train", "--images", str(tmp_path / "data/images"), "--masks", str(tmp_path / "data/labels"),
+                      "--out", str(tmp_path / "model"), *FAST_TRAIN).stdout
+    validation = json.loads((tmp_path / "model/split.json").read_text())["val"]
+    for kind in ("images", "labels"):
+        (tmp_path / "val" / kind).mkdir(parents=True)
+        for image_id in validation:
+            shutil.copy(tmp_path / "data" / kind / f"{image_id}.png", tmp_path / "val" / kind)
+    store = str(tmp_path / "val.zarr")
+    cellseg("predict", "--model", str(tmp_path / "model/best.pt"), "--images", str(tmp_path / "val/images"),
+            "--out", store)
+    cells = json.loads(cellseg("evaluate", "--pred", store, "--masks", str(tmp_path / "val/labels"),
+                               "--labels", str(tmp_path / "val/labels"), "--json").stdout)["instances"]
+    assert cells["images"] == len(validation) == 3 and cells["true_cells_total"] > 10
+    assert (f"validation cells (3 images, as `predict` segments them): F1@0.5 {cells['f1_mean']:.4f} "
+            f"(pooled {cells['f1_pooled']:.4f}), DSB score {cells['dsb_score_mean']:.4f}") in trained
+    assert f"cell errors: of {cells['true_cells_total']} true cells {cells['merged_total']} merged" in trained
 
 
 def test_round_trip_through_s3(tmp_path, s3_bucket):

@@ -95,3 +95,33 @@ def test_size_mismatch_raises_naming_both_sizes(store, tmp_path):
 def test_missing_truth_directory_raises(store, tmp_path):
     with pytest.raises(FileNotFoundError, match="absent"):
         evaluate_store(store, str(tmp_path / "absent"))
+
+
+def test_validation_cell_scores_match_what_predict_stores(tiny_checkpoint, synthetic_dataset, tmp_path):
+    from cellseg.checkpoint import load_checkpoint
+    from cellseg.config import PredictConfig
+    from cellseg.data import load_pairs, pair_images_and_masks
+    from cellseg.instances import instance_scores, summarise_instance_scores
+    from cellseg.predict import Predictor
+    from cellseg.segment import model_record, segment_images
+    from cellseg.validation import validation_cell_scores
+
+    checkpoint = load_checkpoint(str(tiny_checkpoint))
+    normalization = checkpoint.model_config.normalization
+    with_masks = load_pairs(pair_images_and_masks(str(synthetic_dataset / "images"), str(synthetic_dataset / "masks"))[:3],
+                            normalization)
+    assert validation_cell_scores(checkpoint, with_masks) == {}  # binary masks: no cells to match
+
+    with_labels = load_pairs(pair_images_and_masks(str(synthetic_dataset / "images"),
+                                                   str(synthetic_dataset / "labels"))[:3], normalization)
+    config = PredictConfig(device="cpu", min_cell_area=5)
+    cells = validation_cell_scores(checkpoint, with_labels, config)
+    store = ResultStore.open(str(tmp_path / "store.zarr"))
+    predictor = Predictor(checkpoint, config)
+    segment_images([(pair.id, pair.source.image_url) for pair in with_labels], store, predictor,
+                   model_record(predictor, str(tiny_checkpoint)))
+    expected = summarise_instance_scores([instance_scores(store.read_cells(pair.id), pair.instances)
+                                          for pair in with_labels])
+    assert cells == expected
+    assert cells["images"] == 3
+    assert cells["true_cells_total"] == sum(len(np.unique(pair.instances)) - 1 for pair in with_labels)

@@ -27,12 +27,13 @@ TINY_TRAINING = TrainConfig(epochs=3, patch_size=64, patches_per_image=1, device
 
 @pytest.fixture(scope="module")
 def trained_registry(prefect_harness, synthetic_dataset, tmp_path_factory):
-    """train-unet run once for this module: (flow result, registry URL, cache dir)."""
+    """train-unet run once for this module, on instance label images as masks: (flow result,
+    registry URL, cache dir)."""
     from flows.train import train_unet
 
     root = tmp_path_factory.mktemp("train-flow")
     result = train_unet(
-        images_url=str(synthetic_dataset / "images"), masks_url=str(synthetic_dataset / "masks"),
+        images_url=str(synthetic_dataset / "images"), masks_url=str(synthetic_dataset / "labels"),
         registry_url=str(root / "registry"), cache_dir=str(root / "cache"), work_dir=str(root / "training"),
         model=TINY_MODEL, training=TINY_TRAINING,
     )
@@ -70,6 +71,10 @@ def test_train_unet_publishes_metrics_and_checkpoint_artifacts(trained_registry)
     metrics = Artifact.get("train-unet-metrics")
     assert result["version"] in metrics.data
     assert "| dice |" in metrics.data
+    cells = {name: result["metrics"][f"cells_{name}"] for name in ("f1_mean", "true_cells_total", "merged_total")}
+    assert 0.0 <= cells["f1_mean"] <= 1.0 and cells["true_cells_total"] > 10 and cells["merged_total"] >= 0
+    assert f"| cells: f1_mean | {cells['f1_mean']:.4f} |" in metrics.data
+    assert f"| cells: true_cells_total | {cells['true_cells_total']} |" in metrics.data
     link = Artifact.get("train-unet-checkpoint")
     assert result["version"] in link.data
     assert [os.path.basename(p) for p in result["pictures"]] == ["training_curves.png", "validation_gallery.png"]

@@ -1,0 +1,39 @@
+"""Cell-level scores of a model on its validation images, for training runs whose masks are
+instance label images: the images are segmented exactly as `cellseg predict` segments them
+(threshold, touching cells split, small cells dropped) and matched against the true cells."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from cellseg.checkpoint import Checkpoint
+from cellseg.config import PredictConfig
+from cellseg.data import LoadedPair
+from cellseg.instances import instance_scores, summarise_instance_scores
+from cellseg.predict import Predictor, predict_probabilities, threshold_probabilities
+from cellseg.segment import cell_labels
+
+
+def validation_cell_scores(
+    checkpoint: Checkpoint, pairs: Sequence[LoadedPair], config: PredictConfig = PredictConfig()
+) -> dict[str, Any]:
+    """`summarise_instance_scores` over the pairs that have instance labels (F1 at IoU 0.5, DSB
+    score, median count error, error classes); {} when none has them.
+
+    The pairs' images are already normalised the way the checkpoint expects (`load_pairs` with
+    its model's normalisation), so they go to the network as they are.
+    """
+    labelled = [pair for pair in pairs if pair.instances is not None]
+    if not labelled:
+        return {}
+    predictor = Predictor(checkpoint, config)
+    rows = []
+    for pair in labelled:
+        (probability,) = predict_probabilities(
+            predictor.forward_model, [pair.image], 1, predictor.device, config.amp,
+            config.tile_size, config.tile_overlap, config.tta,
+        )
+        labels = cell_labels(threshold_probabilities(probability, config.threshold), config)
+        rows.append(instance_scores(labels, pair.instances))
+    return summarise_instance_scores(rows)
