@@ -177,15 +177,14 @@ def bench_measurements(image_urls: list[str], store: str, repeats: int = 3) -> d
     from skimage.measure import regionprops_table
 
     from cellseg.io import read_image
-    from cellseg.measure import cell_measurements
+    from cellseg.measure import REGIONPROPS_PROPERTIES, cell_measurements
     from cellseg.store import ResultStore
 
     results = ResultStore.open(store, mode="r")
     pairs = [(results.read_cells(Path(url).stem), read_image(url)) for url in image_urls[:20]]
-    properties = ("label", "area", "perimeter", "centroid", "bbox", "eccentricity", "solidity", "axis_major_length",
-                  "axis_minor_length", "equivalent_diameter_area", "intensity_mean", "intensity_min", "intensity_max")
     _, ours = timed(lambda: [cell_measurements(cells, image) for _ in range(repeats) for cells, image in pairs])
-    _, reference = timed(lambda: [regionprops_table(cells, intensity_image=image.astype(np.float64), properties=properties)
+    _, reference = timed(lambda: [regionprops_table(cells, intensity_image=image.astype(np.float64),
+                                                    properties=REGIONPROPS_PROPERTIES)
                                   for _ in range(repeats) for cells, image in pairs])
     runs = repeats * len(pairs)
     return {"images": len(pairs), "cells_per_image": float(np.mean([cells.max() for cells, _ in pairs])),

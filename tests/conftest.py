@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,17 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def cellseg(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the installed `cellseg` command as a user would, with `env` added to this environment
+    minus any CELLSEG_* settings (so that a developer's own settings never leak into a test)."""
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("CELLSEG_")}
+    command = [str(Path(sys.executable).parent / "cellseg"), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env={**clean, **(env or {})}, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
 
 
 @pytest.fixture(scope="session")

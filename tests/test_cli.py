@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import cellseg
+
 pytestmark = pytest.mark.integration
 
 COMMANDS = {
@@ -25,14 +27,6 @@ COMMANDS = {
              "--border-weight", "--promote"],
 }
 FAST_TRAIN = ["--epochs", "4", "--depth", "3", "--base-width", "8", "--patch-size", "96", "--patches-per-image", "2"]
-
-
-def cellseg(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    command = [str(Path(sys.executable).parent / "cellseg"), *args]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{command} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellseg.measure import CELL_COLUMNS, cell_measurements
+from cellseg.measure import CELL_COLUMNS, REGIONPROPS_COLUMNS, REGIONPROPS_PROPERTIES, cell_measurements
 from cellseg.store import ResultStore, StoreError
 
 
@@ -49,16 +49,8 @@ def _regionprops_reference(cells: np.ndarray, image: np.ndarray) -> np.ndarray:
     """The same table straight from skimage.measure.regionprops_table."""
     from skimage.measure import regionprops_table
 
-    names = {"label": "label", "area": "area", "perimeter": "perimeter", "centroid-0": "centroid_y",
-             "centroid-1": "centroid_x", "bbox-0": "bbox_min_y", "bbox-1": "bbox_min_x", "bbox-2": "bbox_max_y",
-             "bbox-3": "bbox_max_x", "eccentricity": "eccentricity", "solidity": "solidity",
-             "axis_major_length": "major_axis_length", "axis_minor_length": "minor_axis_length",
-             "equivalent_diameter_area": "equivalent_diameter", "intensity_mean": "intensity_mean",
-             "intensity_min": "intensity_min", "intensity_max": "intensity_max"}
-    properties = ("label", "area", "perimeter", "centroid", "bbox", "eccentricity", "solidity", "axis_major_length",
-                  "axis_minor_length", "equivalent_diameter_area", "intensity_mean", "intensity_min", "intensity_max")
-    measured = regionprops_table(cells, intensity_image=image.astype(np.float64), properties=properties)
-    columns = {names[key]: np.asarray(value, dtype=np.float64) for key, value in measured.items()}
+    measured = regionprops_table(cells, intensity_image=image.astype(np.float64), properties=REGIONPROPS_PROPERTIES)
+    columns = {REGIONPROPS_COLUMNS[key]: np.asarray(value, dtype=np.float64) for key, value in measured.items()}
     columns["intensity_integrated"] = columns["intensity_mean"] * columns["area"]
     return np.stack([columns[name] for name in CELL_COLUMNS], axis=1)
 

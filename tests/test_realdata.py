@@ -11,8 +11,7 @@ from cellseg.config import PredictConfig
 from cellseg.io import list_images, read_image
 from cellseg.metrics import mask_agreement
 from cellseg.predict import Predictor
-from tests.conftest import shared_dataset
-from tests.test_cli import cellseg
+from tests.conftest import cellseg, shared_dataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.realdata]
 

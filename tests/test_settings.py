@@ -14,17 +14,9 @@ import pytest
 
 from cellseg.settings import MASK, SettingsError, load_settings
 from cellseg.store import ResultStore
+from tests.conftest import cellseg
 
 pytestmark = pytest.mark.integration
-
-
-def cellseg(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    clean = {key: value for key, value in os.environ.items() if not key.startswith("CELLSEG_")}
-    result = subprocess.run([str(Path(sys.executable).parent / "cellseg"), *args], capture_output=True, text=True,
-                            env={**clean, **(env or {})}, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 TOML = """
