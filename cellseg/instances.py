@@ -82,11 +82,10 @@ def overlap_matrix(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     predicted, truth = predicted.astype(np.int64).ravel(), truth.astype(np.int64).ravel()
     n_pred, n_true = int(predicted.max(initial=0)) + 1, int(truth.max(initial=0)) + 1
     overlap = np.bincount(predicted * n_true + truth, minlength=n_pred * n_true).reshape(n_pred, n_true)
-    present_pred = np.bincount(predicted, minlength=n_pred)[1:] > 0
-    present_true = np.bincount(truth, minlength=n_true)[1:] > 0
-    # Row and column 0 (background) are kept: they hold each cell's pixels outside all others.
-    rows = np.concatenate([[True], present_pred])
-    columns = np.concatenate([[True], present_true])
+    # A label is present when its row (column) holds any pixel. Row and column 0 (background) are
+    # kept: they hold each cell's pixels outside all others.
+    rows, columns = overlap.sum(axis=1) > 0, overlap.sum(axis=0) > 0
+    rows[0] = columns[0] = True
     return overlap[rows][:, columns]
 
 
