@@ -20,6 +20,7 @@ import numpy as np
 
 from cellseg.config import PredictConfig
 from cellseg.evaluate import evaluate_store
+from cellseg.instances import HEADLINE_CELL_SCORES
 from cellseg.io import image_stem, list_images, read_mask
 from cellseg.predict import Predictor
 from cellseg.segment import model_record, pending_images, segment_images
@@ -59,9 +60,7 @@ def measure(dataset: Path, run: Path, out: Path, config: PredictConfig) -> dict:
     }
     if has_labels:
         cells = result["instances"]
-        summary.update({key: cells[key] for key in ("f1_mean", "f1_pooled", "dsb_score_mean", "count_error_median",
-                                                    "true_cells_total", "merged_total", "split_total", "missed_total",
-                                                    "extra_total")})
+        summary.update({key: cells[key] for key in HEADLINE_CELL_SCORES})
     (out / "quality.json").write_text(json.dumps({"summary": summary, "evaluation": result}, indent=1))
     return summary
 

@@ -18,6 +18,10 @@ from skimage.segmentation import watershed
 from cellseg.stats import label_cells
 
 ERROR_CLASSES = ("merged", "split", "missed", "extra")  # see error_breakdown
+# The figures of summarise_instance_scores that reports show (the training flow's metrics, the
+# quality benchmark's summary).
+HEADLINE_CELL_SCORES = ("f1_mean", "f1_pooled", "dsb_score_mean", "count_error_median", "true_cells_total",
+                        *(f"{name}_total" for name in ERROR_CLASSES))
 IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * step, 2) for step in range(10))  # 0.5, 0.55, ..., 0.95
 
 

@@ -15,6 +15,7 @@ from cellseg.checkpoint import load_checkpoint
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig, TrainUnetSettings
 from cellseg.data import load_pairs, split_train_val
 from cellseg.ingest import Manifest
+from cellseg.instances import HEADLINE_CELL_SCORES
 from cellseg.registry import Registry
 from cellseg.report import training_pictures
 from cellseg.train import evaluate_model, resolve_device, train
@@ -23,9 +24,6 @@ from flows._common import configure_storage, ProgressArtifact, gpu_slot, markdow
 from flows.ingest import ingest_dataset_flow
 
 METRICS = ("loss", "iou", "dice", "precision", "recall", "dice_pooled")
-# Cell-level metrics, when the masks are instance label images: validation_cell_scores' keys.
-CELL_METRICS = ("f1_mean", "f1_pooled", "dsb_score_mean", "count_error_median", "true_cells_total",
-                "merged_total", "split_total", "missed_total", "extra_total")
 
 
 def _split(manifest_path: str, training: TrainConfig):
@@ -64,7 +62,7 @@ def train_model(manifest_path: str, model: ModelConfig, training: TrainConfig, r
 @task(name="evaluate-model", tags=["gpu"])
 def evaluate_checkpoint(checkpoint_path: str, manifest_path: str, training: TrainConfig) -> dict[str, Any]:
     """Validation metrics of the best checkpoint on whole validation images; with instance label
-    masks also the cell-level ones (`cells_` + CELL_METRICS), segmenting as `cellseg predict` does."""
+    masks also the cell-level ones (`cells_` + HEADLINE_CELL_SCORES), segmenting as `cellseg predict` does."""
     checkpoint = load_checkpoint(checkpoint_path)
     _, val_pairs = _split(manifest_path, training)
     if not val_pairs:
@@ -76,7 +74,7 @@ def evaluate_checkpoint(checkpoint_path: str, manifest_path: str, training: Trai
         metrics = evaluate_model(model, loaded, device, training.threshold, training.amp)
         predict = PredictConfig(device=training.device, amp=training.amp, threshold=training.threshold)
         cells = validation_cell_scores(checkpoint, loaded, predict)
-    return metrics | {f"cells_{name}": cells[name] for name in CELL_METRICS if name in cells}
+    return metrics | {f"cells_{name}": cells[name] for name in HEADLINE_CELL_SCORES if name in cells}
 
 
 @task(name="draw-training-pictures")
@@ -123,7 +121,7 @@ def train_unet(
     logger.info("registered %s in %s%s", version["version"], settings.registry_url, " as current" if settings.promote else "")
 
     rows = [{"metric": name, "validation": metrics[name]} for name in METRICS if name in metrics]
-    rows += [{"metric": f"cells: {name}", "validation": metrics[f"cells_{name}"]} for name in CELL_METRICS
+    rows += [{"metric": f"cells: {name}", "validation": metrics[f"cells_{name}"]} for name in HEADLINE_CELL_SCORES
              if f"cells_{name}" in metrics]
     create_markdown_artifact(
         key="train-unet-metrics",
