@@ -169,9 +169,10 @@ def _run_train(args: argparse.Namespace) -> int:
     _print_metrics({k: v for k, v in result.best_metrics.items() if k.startswith("val_")} or result.best_metrics)
     if any(pair.instances is not None for pair in loaded_val):
         from cellseg.checkpoint import load_checkpoint
+        from cellseg.predict import Predictor
         from cellseg.validation import validation_cell_scores
 
-        cells = validation_cell_scores(load_checkpoint(str(result.best_checkpoint)), loaded_val, settings.predict)
+        cells = validation_cell_scores(Predictor(load_checkpoint(str(result.best_checkpoint)), settings.predict), loaded_val)
         _print_cell_scores(cells, label=f"validation cells ({cells['images']} images, as `predict` segments them)")
     print(f"checkpoint: {result.best_checkpoint}\nhistory:    {result.history_path}")
     from cellseg.report import training_pictures

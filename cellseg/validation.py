@@ -7,27 +7,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from cellseg.checkpoint import Checkpoint
-from cellseg.config import PredictConfig
 from cellseg.data import LoadedPair
 from cellseg.instances import instance_scores, summarise_instance_scores
 from cellseg.predict import Predictor, predict_probabilities, threshold_probabilities
 from cellseg.segment import cell_labels
 
 
-def validation_cell_scores(
-    checkpoint: Checkpoint, pairs: Sequence[LoadedPair], config: PredictConfig = PredictConfig()
-) -> dict[str, Any]:
+def validation_cell_scores(predictor: Predictor, pairs: Sequence[LoadedPair]) -> dict[str, Any]:
     """`summarise_instance_scores` over the pairs that have instance labels (F1 at IoU 0.5, DSB
-    score, median count error, error classes); {} when none has them.
+    score, median count error, error classes), segmented with `predictor`'s model and settings;
+    {} when none has labels.
 
-    The pairs' images are already normalised the way the checkpoint expects (`load_pairs` with
-    its model's normalisation), so they go to the network as they are.
+    The pairs' images are already normalised the way the model expects (`load_pairs` with its
+    normalisation), so they go to the network as they are.
     """
     labelled = [pair for pair in pairs if pair.instances is not None]
     if not labelled:
         return {}
-    predictor = Predictor(checkpoint, config)
+    config = predictor.config
     rows = []
     for pair in labelled:
         (probability,) = predict_probabilities(

@@ -15,6 +15,7 @@ from cellseg.checkpoint import load_checkpoint
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig, TrainUnetSettings
 from cellseg.data import load_pairs, split_train_val
 from cellseg.ingest import Manifest
+from cellseg.predict import Predictor
 from cellseg.instances import HEADLINE_CELL_SCORES
 from cellseg.registry import Registry
 from cellseg.report import training_pictures
@@ -62,7 +63,8 @@ def train_model(manifest_path: str, model: ModelConfig, training: TrainConfig, r
 @task(name="evaluate-model", tags=["gpu"])
 def evaluate_checkpoint(checkpoint_path: str, manifest_path: str, training: TrainConfig) -> dict[str, Any]:
     """Validation metrics of the best checkpoint on whole validation images; with instance label
-    masks also the cell-level ones (`cells_` + HEADLINE_CELL_SCORES), segmenting as `cellseg predict` does."""
+    masks also the cell-level ones (`cells_` + HEADLINE_CELL_SCORES), segmenting as `cellseg
+    predict` does."""
     checkpoint = load_checkpoint(checkpoint_path)
     _, val_pairs = _split(manifest_path, training)
     if not val_pairs:
@@ -70,10 +72,10 @@ def evaluate_checkpoint(checkpoint_path: str, manifest_path: str, training: Trai
     device = resolve_device(training.device)
     loaded = load_pairs(val_pairs, checkpoint.model_config.normalization)
     with gpu_slot(device.type == "cuda"):
-        model = checkpoint.build_model().to(device)
-        metrics = evaluate_model(model, loaded, device, training.threshold, training.amp)
         predict = PredictConfig(device=training.device, amp=training.amp, threshold=training.threshold)
-        cells = validation_cell_scores(checkpoint, loaded, predict)
+        predictor = Predictor(checkpoint, predict)  # one model for the pixel and the cell scores
+        metrics = evaluate_model(predictor.model, loaded, predictor.device, training.threshold, training.amp)
+        cells = validation_cell_scores(predictor, loaded)
     return metrics | {f"cells_{name}": cells[name] for name in HEADLINE_CELL_SCORES if name in cells}
 
 

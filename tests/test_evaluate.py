@@ -110,14 +110,14 @@ def test_validation_cell_scores_match_what_predict_stores(tiny_checkpoint, synth
     normalization = checkpoint.model_config.normalization
     with_masks = load_pairs(pair_images_and_masks(str(synthetic_dataset / "images"), str(synthetic_dataset / "masks"))[:3],
                             normalization)
-    assert validation_cell_scores(checkpoint, with_masks) == {}  # binary masks: no cells to match
+    config = PredictConfig(device="cpu", min_cell_area=5)
+    predictor = Predictor(checkpoint, config)
+    assert validation_cell_scores(predictor, with_masks) == {}  # binary masks: no cells to match
 
     with_labels = load_pairs(pair_images_and_masks(str(synthetic_dataset / "images"),
                                                    str(synthetic_dataset / "labels"))[:3], normalization)
-    config = PredictConfig(device="cpu", min_cell_area=5)
-    cells = validation_cell_scores(checkpoint, with_labels, config)
+    cells = validation_cell_scores(predictor, with_labels)
     store = ResultStore.open(str(tmp_path / "store.zarr"))
-    predictor = Predictor(checkpoint, config)
     segment_images([(pair.id, pair.source.image_url) for pair in with_labels], store, predictor,
                    model_record(predictor, str(tiny_checkpoint)))
     expected = summarise_instance_scores([instance_scores(store.read_cells(pair.id), pair.instances)
