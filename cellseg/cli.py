@@ -136,6 +136,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     _setting(parser, "--base-width", key="model.base_width", type=int)
     _setting(parser, "--dropout", key="model.dropout", type=float)
     _setting(parser, "--norm", key="model.norm", choices=("group", "batch", "instance", "none"))
+    _setting(parser, "--cell-diameter", key="model.cell_diameter", type=float,
+             help="work at one cell size: resample every image so that its median cell is this many pixels "
+                  "across, in training and in prediction (nuclei: 18); default: images at their own scale")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     _setting(parser, "--init-from", key="training.init_from",
              help="fine-tune from this checkpoint (its model config replaces --depth etc.)")
@@ -212,6 +215,9 @@ def _add_predict_settings(parser: argparse.ArgumentParser) -> None:
     """The PredictConfig flags shared by `predict` and `flow segment-images`."""
     _setting(parser, "--threshold", key="predict.threshold", type=float)
     _setting(parser, "--min-cell-area", key="predict.min_cell_area", type=int)
+    _setting(parser, "--cell-diameter", key="predict.cell_diameter", type=float,
+             help="median diameter (pixels) of the cells in these images, for a model trained with --cell-diameter; "
+                  "default: measured on each image")
     _setting(parser, "--no-split", key="predict.split_touching", action="store_const", const=False,
              help="keep touching cells as one object (no watershed)")
     _setting(parser, "--no-measure", key="predict.measure_cells", action="store_const", const=False,

@@ -76,6 +76,13 @@ class ModelConfig(_Config):
     base_width: int = Field(16, ge=1, description="channels of the first encoder block")
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     norm: Literal["group", "batch", "instance", "none"] = "instance"
+    cell_diameter: float | None = Field(
+        None, gt=0.0,
+        description=(
+            "median cell diameter (pixels) the model works at: training images are resampled so that their "
+            "cells have it, and so is every image to segment (see cellseg.scale); None: images at their own scale"
+        ),
+    )
     normalization: NormalizationConfig = Field(
         NormalizationConfig(), description="input normalisation the weights expect"
     )
@@ -161,6 +168,13 @@ class PredictConfig(_Config):
     tile_overlap: int = Field(128, ge=0, description="pixels shared by neighbouring tiles, blended linearly")
     threads: int | None = Field(None, ge=1, description="torch CPU threads for this process; None keeps torch's choice")
     min_cell_area: int = Field(10, ge=0, description="cells smaller than this (pixels) are dropped")
+    cell_diameter: float | None = Field(
+        None, gt=0.0,
+        description=(
+            "median diameter (pixels) of the cells in the images to segment, for models trained at a cell size "
+            "(model cell_diameter); None: measured on each image by a first pass of the model"
+        ),
+    )
     split_touching: bool = Field(True, description="separate touching cells (distance transform + watershed)")
     split_depth: float = Field(
         0.5, gt=0.0, description="how much narrower (pixels of distance) a neck must be than both cells to split them"

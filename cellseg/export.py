@@ -2,8 +2,8 @@
 
 The exported network maps normalised images, float32 (N, 1, H, W), to cell probabilities of the
 same shape (sigmoid included). A JSON file beside it (`<out>.json`) says how to normalise the
-input (per-image percentiles, polarity), which threshold gives the mask, and where the model
-came from, so that a mask computed elsewhere is the mask `cellseg predict` computes.
+input (per-image percentiles, polarity), at which cell size the model works (if it was trained
+at one: `cellseg.scale`), which threshold gives the mask, and where the model came from, so that a mask computed elsewhere is the mask `cellseg predict` computes.
 """
 
 from __future__ import annotations
@@ -94,6 +94,11 @@ def export_model(
                        "invert (1 - x) when the image's intensity skewness is negative",
             },
         },
+        "cell_diameter": checkpoint.model_config.cell_diameter,
+        **({"cell_diameter_how": (
+            "the model works at this median cell diameter (pixels): resample each normalised image by "
+            "cell_diameter / (its median cell diameter), bilinear, predict, resample the probabilities back"
+        )} if checkpoint.model_config.cell_diameter else {}),
         "output": {"name": "probability", "dtype": "float32", "shape": ["N", 1, "H", "W"], "meaning": "cell probability"},
         "threshold": threshold,
         "architecture": checkpoint.model_config.model_dump(mode="json"),

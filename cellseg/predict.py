@@ -15,9 +15,11 @@ import torch
 from cellseg.checkpoint import Checkpoint, load_checkpoint
 from cellseg.config import NormalizationConfig, PredictConfig
 from cellseg.data import normalize_image
+from cellseg.instances import split_touching_cells
 from cellseg.io import StorageOptions, filesystem
 from cellseg.model import UNet
 from cellseg.registry import Registry
+from cellseg.scale import median_cell_diameter, resize, scale_factor, scaled_shape
 from cellseg.tiling import predict_tiled
 from cellseg.train import autocast_context, resolve_device
 
@@ -86,6 +88,9 @@ def predict_probabilities(
     return results  # type: ignore[return-value]
 
 
+SCALE_TOLERANCE = 0.05  # cells within 5% of the model's size are predicted at the image's own scale
+
+
 def threshold_probabilities(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """Boolean cell mask: probability strictly above `threshold`."""
     return probabilities > threshold
@@ -127,11 +132,47 @@ class Predictor:
 
     def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """(H, W) float32 probabilities for raw (H, W) images of any dtype and size."""
-        normalised = [normalize_image(image, self.normalization) for image in images]
+        return self.normalised_probabilities([normalize_image(image, self.normalization) for image in images])
+
+    def normalised_probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """(H, W) float32 probabilities for images already normalised as the model expects.
+
+        A model trained at a cell size (`ModelConfig.cell_diameter`) sees each image resampled
+        to that size (`cellseg.scale`), one image at a time, and the probabilities come back on
+        the image's own grid. The size of the image's cells is `PredictConfig.cell_diameter`
+        when given, else the median cell of a first pass at the image's own scale; that pass is
+        the answer when it finds no cells or the cells already have the model's size.
+        """
+        model_diameter = self.checkpoint.model_config.cell_diameter
+        if model_diameter is None:
+            return self._forward(images)
+        results = []
+        for image in images:
+            first_pass = None
+            cell_diameter = self.config.cell_diameter
+            if cell_diameter is None:
+                (first_pass,) = self._forward([image])
+                cell_diameter = median_cell_diameter(self.cell_labels(first_pass))
+            factor = scale_factor(cell_diameter, model_diameter, image.shape)
+            if abs(factor - 1.0) < SCALE_TOLERANCE:
+                results.append(first_pass if first_pass is not None else self._forward([image])[0])
+                continue
+            (scaled,) = self._forward([resize(image, scaled_shape(image.shape, factor), order=1)])
+            results.append(np.clip(resize(scaled, image.shape, order=1), 0.0, 1.0))
+        return results
+
+    def _forward(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         return predict_probabilities(
-            self.forward_model, normalised, self.batch_size, self.device, self.config.amp,
+            self.forward_model, images, self.batch_size, self.device, self.config.amp,
             self.config.tile_size, self.config.tile_overlap, self.config.tta,
         )
+
+    def cell_labels(self, probability: np.ndarray) -> np.ndarray:
+        """One label per cell of a probability map, as `cellseg predict` stores them: thresholded,
+        touching cells split apart unless `split_touching` is off, cells below `min_cell_area` dropped."""
+        mask = threshold_probabilities(probability, self.config.threshold)
+        split_depth = self.config.split_depth if self.config.split_touching else 0.0
+        return split_touching_cells(mask, self.config.min_cell_area, split_depth)
 
     def masks(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """(H, W) boolean cell masks for raw images."""

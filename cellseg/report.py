@@ -7,11 +7,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cellseg.checkpoint import load_checkpoint
+from cellseg.config import PredictConfig
 from cellseg.data import LoadedPair
 from cellseg.io import read_image
 from cellseg.pictures import overlay_gallery, segmentation_montage, training_curves
 from cellseg.store import ResultStore
-from cellseg.train import logit_threshold, resolve_device, whole_image_logits
+from cellseg.predict import Predictor, threshold_probabilities
 
 CURVES_FILE = "training_curves.png"
 GALLERY_FILE = "validation_gallery.png"
@@ -34,11 +35,10 @@ def training_pictures(
 
 
 def predict_pairs(checkpoint_url: str, pairs: Sequence[LoadedPair], device: str = "auto", threshold: float = 0.5):
-    """Boolean masks of the checkpoint for already-normalised pairs (whole images)."""
-    target = resolve_device(device)
-    model = load_checkpoint(checkpoint_url).build_model().to(target)
-    cut = logit_threshold(threshold)
-    return [(logits > cut)[0, 0].cpu().numpy() for logits, _ in whole_image_logits(model, pairs, target)]
+    """Boolean masks of the checkpoint for already-normalised pairs, as `cellseg predict` thresholds
+    them (at the model's cell size, for a model that has one)."""
+    predictor = Predictor(load_checkpoint(checkpoint_url), PredictConfig(device=device, threshold=threshold))
+    return [threshold_probabilities(p, threshold) for p in predictor.normalised_probabilities([pair.image for pair in pairs])]
 
 
 def montage_url(store_url: str, run_name: str) -> str:

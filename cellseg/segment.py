@@ -21,11 +21,9 @@ import numpy as np
 from cellseg import __version__
 from cellseg.data import group_by_stem
 from cellseg.io import StorageOptions, read_image
-from cellseg.config import PredictConfig
-from cellseg.instances import split_touching_cells
-from cellseg.predict import Predictor, threshold_probabilities
+from cellseg.predict import Predictor
 from cellseg.measure import CELL_COLUMNS, cell_measurements
-from cellseg.stats import image_statistics, label_cells
+from cellseg.stats import image_statistics
 from cellseg.store import ResultStore, StoreError, validate_image_id
 
 logger = logging.getLogger(__name__)
@@ -187,7 +185,7 @@ def _write_result(
     that exist and are overwritten in place, unless the other run has finished the image.
     """
     try:
-        labels = cell_labels(threshold_probabilities(probability, predictor.config.threshold), predictor.config)
+        labels = predictor.cell_labels(probability)
         result = {
             "mask": labels > 0, "statistics": image_statistics(image, labels), "source_url": url, "model": model,
             "probabilities": probability if predictor.config.save_probabilities else None, "replace": False,
@@ -207,13 +205,6 @@ def _write_result(
         except Exception as error:
             return _describe(error)
     return None
-
-
-def cell_labels(mask: np.ndarray, config: PredictConfig) -> np.ndarray:
-    """One label per cell: touching cells split apart unless `config.split_touching` is off."""
-    if config.split_touching:
-        return split_touching_cells(mask, config.min_cell_area, config.split_depth)
-    return label_cells(mask, config.min_cell_area)[0]
 
 
 DONE_ELSEWHERE = "done by another run"  # an outcome of _write_result that is not a failure

@@ -29,6 +29,7 @@ from cellseg.data import ImgDataset, LoadedPair
 from cellseg.io import write_file_atomic
 from cellseg.metrics import MetricAccumulator, confusion_counts
 from cellseg.model import UNet
+from cellseg.scale import rescale_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -138,13 +139,17 @@ def train(
 
     With `resume`, continues from `out_dir/last.pt` (same configs expected). Validation metrics
     are averaged over whole validation images; without validation images the training metrics
-    of the epoch are monitored instead.
+    of the epoch are monitored instead. A model with a `cell_diameter` trains and validates on
+    the pairs resampled to that cell size (`cellseg.scale.rescale_pairs`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
 
+    if model_config.cell_diameter is not None:
+        train_pairs, val_pairs = rescale_pairs(train_pairs, model_config), rescale_pairs(val_pairs, model_config)
+        logger.info("images resampled so that their median cell is %g pixels across", model_config.cell_diameter)
     train_set = ImgDataset(train_pairs, config.patch_size, config.patches_per_image, config.augment, config.seed,
                            config.augmentation, config.border_weight, config.border_sigma)
     model = UNet(model_config).to(device)

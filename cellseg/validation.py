@@ -9,8 +9,7 @@ from typing import Any
 
 from cellseg.data import LoadedPair
 from cellseg.instances import instance_scores, summarise_instance_scores
-from cellseg.predict import Predictor, predict_probabilities, threshold_probabilities
-from cellseg.segment import cell_labels
+from cellseg.predict import Predictor
 
 
 def validation_cell_scores(predictor: Predictor, pairs: Sequence[LoadedPair]) -> dict[str, Any]:
@@ -24,13 +23,8 @@ def validation_cell_scores(predictor: Predictor, pairs: Sequence[LoadedPair]) ->
     labelled = [pair for pair in pairs if pair.instances is not None]
     if not labelled:
         return {}
-    config = predictor.config
     rows = []
     for pair in labelled:
-        (probability,) = predict_probabilities(
-            predictor.forward_model, [pair.image], 1, predictor.device, config.amp,
-            config.tile_size, config.tile_overlap, config.tta,
-        )
-        labels = cell_labels(threshold_probabilities(probability, config.threshold), config)
-        rows.append(instance_scores(labels, pair.instances))
+        (probability,) = predictor.normalised_probabilities([pair.image])
+        rows.append(instance_scores(predictor.cell_labels(probability), pair.instances))
     return summarise_instance_scores(rows)

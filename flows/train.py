@@ -16,6 +16,7 @@ from cellseg.config import ModelConfig, PredictConfig, TrainConfig, TrainUnetSet
 from cellseg.data import load_pairs, split_train_val
 from cellseg.ingest import Manifest
 from cellseg.predict import Predictor
+from cellseg.scale import rescale_pairs
 from cellseg.instances import HEADLINE_CELL_SCORES
 from cellseg.registry import Registry
 from cellseg.report import training_pictures
@@ -74,7 +75,9 @@ def evaluate_checkpoint(checkpoint_path: str, manifest_path: str, training: Trai
     with gpu_slot(device.type == "cuda"):
         predict = PredictConfig(device=training.device, amp=training.amp, threshold=training.threshold)
         predictor = Predictor(checkpoint, predict)  # one model for the pixel and the cell scores
-        metrics = evaluate_model(predictor.model, loaded, predictor.device, training.threshold, training.amp)
+        # Pixel scores as training measured them (at the model's cell size); cells as predict segments them.
+        metrics = evaluate_model(predictor.model, rescale_pairs(loaded, checkpoint.model_config), predictor.device,
+                                 training.threshold, training.amp)
         cells = validation_cell_scores(predictor, loaded)
     return metrics | {f"cells_{name}": cells[name] for name in HEADLINE_CELL_SCORES if name in cells}
 

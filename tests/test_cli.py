@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cellseg.store import ResultStore
 from tests.conftest import cellseg
 
 pytestmark = pytest.mark.integration
@@ -18,8 +19,8 @@ pytestmark = pytest.mark.integration
 COMMANDS = {
     "synth": ["--out", "--count", "--seed"],
     "train": ["--images", "--masks", "--out", "--epochs", "--patience", "--val-fraction", "--seed", "--resume",
-              "--border-weight", "--init-from"],
-    "predict": ["--model", "--images", "--out", "--threshold"],
+              "--border-weight", "--init-from", "--cell-diameter"],
+    "predict": ["--model", "--images", "--out", "--threshold", "--cell-diameter"],
     "evaluate": ["--pred", "--masks", "--labels", "--json"],
     "results": ["--json"],
     "export": ["--format", "--table", "--out"],
@@ -86,10 +87,11 @@ def test_synth_train_predict_evaluate_round_trip(tmp_path):
     assert all(row["cell_count"] > 0 for row in results["statistics"])
 
 
-def test_training_on_label_images_reports_the_cells_predict_and_evaluate_find(tmp_path):
+@pytest.mark.parametrize("cell_size", [[], ["--cell-diameter", "28"]], ids=["own-scale", "cell-diameter"])
+def test_training_on_label_images_reports_the_cells_predict_and_evaluate_find(tmp_path, cell_size):
     cellseg("synth", "--out", str(tmp_path / "data"), "--count", "16", "--size", "96", "--seed", "0")
     trained = cellseg("train", "--images", str(tmp_path / "data/images"), "--masks", str(tmp_path / "data/labels"),
-                      "--out", str(tmp_path / "model"), *FAST_TRAIN).stdout
+                      "--out", str(tmp_path / "model"), *FAST_TRAIN, *cell_size).stdout
     validation = json.loads((tmp_path / "model/split.json").read_text())["val"]
     for kind in ("images", "labels"):
         (tmp_path / "val" / kind).mkdir(parents=True)
@@ -104,6 +106,15 @@ def test_training_on_label_images_reports_the_cells_predict_and_evaluate_find(tm
     assert (f"validation cells (3 images, as `predict` segments them): F1@0.5 {cells['f1_mean']:.4f} "
             f"(pooled {cells['f1_pooled']:.4f}), DSB score {cells['dsb_score_mean']:.4f}") in trained
     assert f"cell errors: of {cells['true_cells_total']} true cells {cells['merged_total']} merged" in trained
+    model = ResultStore.open(store).record(validation[0])["model"]
+    assert model["model_config"]["cell_diameter"] == (28.0 if cell_size else None)
+    if cell_size:  # cells stated instead of measured: the synthetic ones are about 14 px across
+        stated = str(tmp_path / "stated.zarr")
+        cellseg("predict", "--model", str(tmp_path / "model/best.pt"), "--images", str(tmp_path / "val/images"),
+                "--out", stated, "--cell-diameter", "14")
+        told = json.loads(cellseg("evaluate", "--pred", stated, "--masks", str(tmp_path / "val/labels"),
+                                  "--labels", str(tmp_path / "val/labels"), "--json").stdout)["instances"]
+        assert told["images"] == 3 and told["f1_mean"] > 0.5, told
 
 
 def test_round_trip_through_s3(tmp_path, s3_bucket):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -53,6 +54,15 @@ def test_torchscript_export_gives_the_same_masks_for_any_size(tiny_checkpoint, i
         np.testing.assert_array_equal(exported > description["threshold"], mask)
     sidecar = json.loads(Path(f"{out}.json").read_text())
     assert sidecar["model_version"] == "v1" and sidecar["input"]["normalization"]["polarity"] == "auto"
+    assert sidecar["cell_diameter"] is None and "cell_diameter_how" not in sidecar
+
+
+def test_export_says_at_which_cell_size_the_model_works(tiny_checkpoint, tmp_path):
+    checkpoint = load_checkpoint(str(tiny_checkpoint))
+    at_size = dataclasses.replace(checkpoint, model_config=checkpoint.model_config.model_copy(update={"cell_diameter": 18.0}))
+    description = export_model(at_size, tmp_path / "model.pt", "torchscript")
+    assert description["cell_diameter"] == 18.0 and "resample" in description["cell_diameter_how"]
+    assert json.loads((tmp_path / "model.pt.json").read_text())["cell_diameter"] == 18.0
 
 
 def test_onnx_export_gives_the_same_masks(tiny_checkpoint, images, tmp_path):

@@ -21,7 +21,9 @@ from cellseg.synth import write_dataset
 
 pytestmark = pytest.mark.integration
 
-TINY_MODEL = ModelConfig(depth=3, base_width=8)
+# The model works at a cell size, so the flows train, evaluate and segment through the resampling
+# of cellseg.scale (the synthetic cells are about 14 px across; new_images vary in size).
+TINY_MODEL = ModelConfig(depth=3, base_width=8, cell_diameter=20.0)
 TINY_TRAINING = TrainConfig(epochs=3, patch_size=64, patches_per_image=1, device="cpu", max_minutes=None)
 
 
@@ -58,7 +60,7 @@ def test_train_unet_registers_a_current_checkpoint(trained_registry, synthetic_d
     manifest = Manifest.load(next((cache / "manifests").glob("*.json")))
     assert meta.dataset_manifest_hash == manifest.hash
     assert len(manifest.entries) == 24
-    assert meta.architecture["base_width"] == 8
+    assert meta.architecture["base_width"] == 8 and meta.architecture["cell_diameter"] == 20.0
     assert meta.train_config["epochs"] == 3
     assert result["metrics"]["dice"] == pytest.approx(meta.metrics["val_dice"], abs=1e-6)
     assert result["metrics"]["dice"] > 0.5

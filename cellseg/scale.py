@@ -1,0 +1,97 @@
+"""Cell size: rescale images so that their cells have the diameter a model was trained at.
+
+Nuclei in one collection can differ tenfold in size from one microscope to the next (dsb2018:
+median nucleus areas from 57 to 7,900 pixels). A U-Net sees a fixed window, so a model trained on
+such a mix must both resolve the one-pixel gaps between small touching nuclei and cover big
+nuclei that fill its view. Training and predicting at one cell size, as Cellpose does, takes
+that burden off the network: every training image is resampled so that its median cell has the
+model's `cell_diameter`, and every image to segment is resampled likewise (after a first pass
+that measures its cells, unless the user states their size), predicted, and the probabilities
+resampled back to the image's own grid. Masks, cells and statistics stay in image pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from cellseg.config import ModelConfig
+from cellseg.data import LoadedPair
+from cellseg.instances import split_touching_cells
+
+MAX_SCALE = 4.0  # cells are never enlarged or shrunk more than this
+MAX_UPSCALED_PIXELS = 2**26  # an enlarged image stays below this many pixels (64 M, 256 MB as float32)
+
+
+def median_cell_diameter(labels: np.ndarray) -> float | None:
+    """Diameter (pixels) of the disc whose area is the median cell area of `labels`; None
+    without cells."""
+    areas = np.bincount(labels.ravel())[1:]
+    areas = areas[areas > 0]
+    if not areas.size:
+        return None
+    return float(np.sqrt(4.0 * np.median(areas) / np.pi))
+
+
+def scale_factor(cell_diameter: float | None, model_cell_diameter: float, shape: tuple[int, ...]) -> float:
+    """Factor that brings cells `cell_diameter` pixels across to `model_cell_diameter`, within
+    [1/MAX_SCALE, MAX_SCALE] and without enlarging the image past MAX_UPSCALED_PIXELS;
+    1.0 when the cell size is unknown."""
+    if not cell_diameter:
+        return 1.0
+    factor = float(np.clip(model_cell_diameter / cell_diameter, 1.0 / MAX_SCALE, MAX_SCALE))
+    if factor > 1.0:
+        factor = max(1.0, min(factor, float(np.sqrt(MAX_UPSCALED_PIXELS / np.prod(shape)))))
+    return factor
+
+
+def scaled_shape(shape: tuple[int, ...], factor: float) -> tuple[int, int]:
+    """(H, W) of an image of `shape` resampled by `factor`, at least one pixel a side."""
+    return max(1, round(shape[0] * factor)), max(1, round(shape[1] * factor))
+
+
+def resize(array: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray:
+    """Resample an (H, W) array to `shape`: order 1 (bilinear, smoothed first when shrinking, so
+    that fine texture does not alias) for images and probabilities, order 0 (nearest) for masks
+    and labels, whose values must not mix. The dtype is kept."""
+    if array.shape == tuple(shape):
+        return array
+    factors = (shape[0] / array.shape[0], shape[1] / array.shape[1])
+    source = array.view(np.uint8) if array.dtype == bool else array
+    if order > 0 and min(factors) < 1.0:
+        source = ndimage.gaussian_filter(source, [max(0.0, (1.0 / f - 1.0) / 2.0) for f in factors], mode="nearest")
+    resized = ndimage.zoom(source, factors, order=order, mode="nearest", grid_mode=True).astype(array.dtype, copy=False)
+    if resized.shape != tuple(shape):  # zoom rounds the output shape; never off by more than a pixel
+        resized = np.pad(resized, [(0, max(0, n - m)) for n, m in zip(shape, resized.shape)], mode="edge")
+        resized = resized[: shape[0], : shape[1]]
+    return resized
+
+
+def rescale_pair(pair: LoadedPair, model_cell_diameter: float) -> LoadedPair:
+    """The pair resampled so that its median cell is `model_cell_diameter` pixels across.
+
+    Cells are the instance labels where the pair has them, else the mask's touching cells split
+    apart as `cellseg predict` splits them. A pair without cells is returned unchanged.
+    """
+    cells = pair.instances if pair.instances is not None else split_touching_cells(pair.mask)
+    factor = scale_factor(median_cell_diameter(cells), model_cell_diameter, pair.image.shape)
+    if factor == 1.0:
+        return pair
+    shape = scaled_shape(pair.image.shape, factor)
+    return dataclasses.replace(
+        pair,
+        image=resize(pair.image, shape, order=1),
+        mask=resize(pair.mask, shape, order=0),
+        instances=None if pair.instances is None else resize(pair.instances, shape, order=0),
+    )
+
+
+def rescale_pairs(pairs: Sequence[LoadedPair], model_config: ModelConfig) -> list[LoadedPair]:
+    """The pairs as a model of `model_config` trains and validates on: each resampled to the
+    model's cell size, or unchanged when the model has none."""
+    if model_config.cell_diameter is None:
+        return list(pairs)
+    return [rescale_pair(pair, model_config.cell_diameter) for pair in pairs]

@@ -1,0 +1,179 @@
+"""Working at one cell size: measuring cells, resampling images and pairs, and a model trained at
+a cell size segmenting images whose cells are three times larger."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pytest
+
+from cellseg.bundled import BUNDLED_CHECKPOINT
+from cellseg.checkpoint import load_checkpoint
+from cellseg.config import ModelConfig, PredictConfig, TrainConfig
+from cellseg.data import ImagePair, LoadedPair, load_pairs, pair_images_and_masks, split_train_val
+from cellseg.instances import instance_scores
+from cellseg.predict import Predictor, predict_probabilities
+from cellseg.scale import (
+    MAX_SCALE,
+    MAX_UPSCALED_PIXELS,
+    median_cell_diameter,
+    rescale_pair,
+    rescale_pairs,
+    resize,
+    scale_factor,
+    scaled_shape,
+)
+from cellseg.synth import generate_sample
+from cellseg.train import train
+
+
+def squares(sizes: list[int], shape=(80, 80)) -> np.ndarray:
+    labels = np.zeros(shape, dtype=np.int32)
+    for label, side in enumerate(sizes, start=1):
+        top = 2 + 25 * (label - 1)
+        labels[top : top + side, 2 : 2 + side] = label
+    return labels
+
+
+def pair_of(image: np.ndarray, labels: np.ndarray, with_instances: bool = True) -> LoadedPair:
+    return LoadedPair(
+        source=ImagePair("cells", "images/cells.png", "masks/cells.png"), image=image.astype(np.float32),
+        mask=labels > 0, image_sha256="0", mask_sha256="0", dtype="uint8",
+        instances=labels.astype(np.int32) if with_instances else None,
+    )
+
+
+def test_median_cell_diameter_is_that_of_the_disc_with_the_median_area():
+    labels = squares([10, 20, 30])  # areas 100, 400, 900
+    assert median_cell_diameter(labels) == pytest.approx(np.sqrt(4 * 400 / np.pi))
+    assert median_cell_diameter(np.zeros((5, 5), dtype=np.int32)) is None
+
+
+def test_scale_factor_brings_cells_to_the_model_size_within_bounds():
+    assert scale_factor(36.0, 18.0, (100, 100)) == pytest.approx(0.5)
+    assert scale_factor(9.0, 18.0, (100, 100)) == pytest.approx(2.0)
+    assert scale_factor(2.0, 18.0, (100, 100)) == MAX_SCALE
+    assert scale_factor(500.0, 18.0, (100, 100)) == 1 / MAX_SCALE
+    assert scale_factor(None, 18.0, (100, 100)) == 1.0  # no cells measured: leave the image alone
+    # A large image is not enlarged past MAX_UPSCALED_PIXELS.
+    big = (8000, 8000)
+    factor = scale_factor(9.0, 18.0, big)
+    assert 1.0 <= factor < 2.0
+    assert np.prod(scaled_shape(big, factor)) <= MAX_UPSCALED_PIXELS * 1.001
+
+
+@pytest.mark.parametrize("shape", [(519, 253), (256, 256), (390, 239), (7, 9)])
+@pytest.mark.parametrize("factor", [0.25, 0.71, 1.58, 2.09, 3.7])
+def test_resize_gives_exactly_the_shape_asked_for(shape, factor):
+    target = scaled_shape(shape, factor)
+    assert resize(np.zeros(shape, np.float32), target, order=1).shape == target
+    assert resize(np.zeros(shape, bool), target, order=0).shape == target
+
+
+def test_resize_keeps_label_values_and_dtypes():
+    labels = squares([10, 20, 30])
+    up = resize(labels, (200, 200), order=0)
+    assert up.dtype == labels.dtype
+    assert set(np.unique(up)) == set(np.unique(labels))  # nearest neighbour: no mixed labels
+    np.testing.assert_array_equal(resize(up, labels.shape, order=0), labels)  # x2.5 and back
+    mask = resize(labels > 0, (200, 200), order=0)
+    assert mask.dtype == bool
+    np.testing.assert_array_equal(mask, up > 0)
+
+
+def test_shrinking_an_image_smooths_it_first():
+    checkerboard = (np.indices((64, 64)).sum(axis=0) % 2).astype(np.float32)
+    shrunk = resize(checkerboard, (16, 16), order=1)
+    # Sampling every fourth pixel of a checkerboard without smoothing gives all 0 or all 1.
+    assert np.abs(shrunk - 0.5).max() < 0.1
+
+
+@pytest.mark.parametrize("with_instances", [True, False])
+def test_rescale_pair_gives_the_pair_cells_of_the_model_size(with_instances):
+    sample = generate_sample(np.random.default_rng(1), (128, 128))
+    big = (384, 384)  # cells three times larger than the synthetic ones
+    labels = resize(sample.labels.astype(np.int32), big, order=0)
+    pair = pair_of(resize(sample.image, big, order=1), labels, with_instances)
+    measured = median_cell_diameter(labels)
+    rescaled = rescale_pair(pair, 18.0)
+    assert rescaled.image.shape == rescaled.mask.shape == scaled_shape(big, 18.0 / measured)
+    if with_instances:
+        assert rescaled.instances.shape == rescaled.image.shape
+        np.testing.assert_array_equal(rescaled.mask, rescaled.instances > 0)
+        assert median_cell_diameter(rescaled.instances) == pytest.approx(18.0, rel=0.05)
+    else:
+        assert rescaled.instances is None
+        # Without labels the touching cells are split as predict splits them before measuring.
+        assert rescaled.image.shape[0] == pytest.approx(big[0] * 18.0 / measured, rel=0.15)
+    assert rescaled.id == pair.id and rescaled.image_sha256 == pair.image_sha256
+
+
+def test_pairs_without_cells_or_a_model_cell_size_are_left_alone():
+    empty = pair_of(np.zeros((40, 40)), np.zeros((40, 40), dtype=np.int32))
+    assert rescale_pair(empty, 18.0) is empty
+    pair = pair_of(np.ones((80, 80)), squares([10, 20, 30]))
+    assert rescale_pairs([pair], ModelConfig())[0] is pair
+    assert rescale_pairs([pair], ModelConfig(cell_diameter=18.0))[0].image.shape != pair.image.shape
+
+
+@pytest.fixture(scope="module")
+def enlarged_sample():
+    """A synthetic image and its labels enlarged three times: cells ~70 px across instead of ~23."""
+    sample = generate_sample(np.random.default_rng(3), (256, 256))
+    big = (768, 768)
+    return sample, resize(sample.image, big, order=1), resize(sample.labels.astype(np.int32), big, order=0)
+
+
+def bundled_at_cell_size(diameter: float | None):
+    checkpoint = load_checkpoint(str(BUNDLED_CHECKPOINT))
+    return dataclasses.replace(checkpoint, model_config=checkpoint.model_config.model_copy(update={"cell_diameter": diameter}))
+
+
+def f1_of(predictor: Predictor, image: np.ndarray, labels: np.ndarray) -> float:
+    (probability,) = predictor.probabilities([image])
+    assert probability.shape == image.shape and probability.dtype == np.float32
+    assert 0.0 <= probability.min() and probability.max() <= 1.0
+    return instance_scores(predictor.cell_labels(probability), labels)["f1"]
+
+
+def test_a_model_at_a_cell_size_finds_cells_three_times_larger(enlarged_sample):
+    sample, image, labels = enlarged_sample
+    synthetic_diameter = median_cell_diameter(sample.labels)
+    plain = Predictor(bundled_at_cell_size(None), PredictConfig(device="cpu"))
+    at_size = Predictor(bundled_at_cell_size(synthetic_diameter), PredictConfig(device="cpu"))
+    f1_original = f1_of(plain, sample.image, sample.labels)
+    f1_plain = f1_of(plain, image, labels)
+    f1_measured = f1_of(at_size, image, labels)  # cell size measured by a first pass
+    told = Predictor(bundled_at_cell_size(synthetic_diameter),
+                     PredictConfig(device="cpu", cell_diameter=median_cell_diameter(labels)))
+    f1_told = f1_of(told, image, labels)
+    assert f1_plain < f1_original - 0.2  # the model alone fails on cells three times its size
+    assert f1_measured > f1_plain + 0.2 and f1_measured > f1_original - 0.05
+    assert f1_told > f1_plain + 0.2 and f1_told > f1_original - 0.05
+
+
+def test_stated_cell_size_is_the_resampling_of_the_image(enlarged_sample):
+    _, image, labels = enlarged_sample
+    predictor = Predictor(bundled_at_cell_size(20.0), PredictConfig(device="cpu", cell_diameter=40.0))
+    normalised = predictor.checkpoint.model_config.normalization
+    from cellseg.data import normalize_image
+
+    x = normalize_image(image, normalised)
+    (expected,) = predict_probabilities(predictor.model, [resize(x, scaled_shape(x.shape, 0.5), order=1)])
+    (probability,) = predictor.normalised_probabilities([x])
+    np.testing.assert_allclose(probability, np.clip(resize(expected, x.shape, order=1), 0, 1), atol=1e-6)
+
+
+def test_training_at_a_cell_size_records_it_and_validates_on_resampled_images(synthetic_dataset, tmp_path, caplog):
+    model_config = ModelConfig(depth=2, base_width=4, cell_diameter=30.0)
+    config = TrainConfig(epochs=1, patch_size=64, patches_per_image=1, device="cpu")
+    pairs = pair_images_and_masks(str(synthetic_dataset / "images"), str(synthetic_dataset / "labels"))
+    train_pairs, val_pairs = split_train_val(pairs, 0.2, 0)
+    with caplog.at_level(logging.INFO, logger="cellseg"):
+        result = train(load_pairs(train_pairs, model_config.normalization), load_pairs(val_pairs, model_config.normalization),
+                       tmp_path, model_config, config)
+    assert load_checkpoint(str(result.best_checkpoint)).model_config.cell_diameter == 30.0
+    assert "median cell is 30 pixels across" in caplog.text
+    assert 0.0 <= result.history[0]["val_dice"] <= 1.0
