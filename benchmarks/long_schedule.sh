@@ -44,6 +44,10 @@ isbi-nonorm-lr1e-4|isbi2012|masks|--norm none --lr 1e-4
 isbi-batchnorm|isbi2012|masks|--norm batch
 isbi-groupnorm|isbi2012|masks|--norm group
 dsb-labels-nonorm|dsb2018|labels|--norm none
+dsb-labels-cd18|dsb2018|labels|--cell-diameter 18
+dsb-labels-cd18-w32|dsb2018|labels|--cell-diameter 18 --base-width 32 --patches-per-image 8
+dsb-labels-cd25|dsb2018|labels|--cell-diameter 25
+dsb-masks-cd18|dsb2018|masks|--cell-diameter 18
 "
 selected=${RUNS:-$(echo "$all_runs" | cut -d'|' -f1 | xargs)}
 
