@@ -31,7 +31,7 @@ from cellseg.config import ModelConfig, PredictConfig, TrainConfig
 from cellseg.data import load_pairs, pair_images_and_masks, split_train_val
 from cellseg.instances import instance_scores, summarise_instance_scores
 from cellseg.model import UNet
-from cellseg.predict import Predictor
+from cellseg.predict import SCALE_TOLERANCE, Predictor
 from cellseg.scale import median_cell_diameter, resize, scale_factor, scaled_shape
 from cellseg.stats import label_cells
 from cellseg.weights import separated_target
@@ -100,7 +100,7 @@ def score(dataset: Path, checkpoint_path: Path, val_ids: list[str]) -> dict[str,
         first = both_channels(pair.image)
         factor = scale_factor(median_cell_diameter(predictor.cell_labels(first[0])),
                               checkpoint.model_config.cell_diameter, pair.image.shape)
-        if abs(factor - 1.0) >= 0.05:
+        if abs(factor - 1.0) >= SCALE_TOLERANCE:  # as Predictor.normalised_probabilities
             scaled = both_channels(resize(pair.image, scaled_shape(pair.image.shape, factor), order=1))
             first = np.stack([resize(channel, pair.image.shape, order=1) for channel in scaled])
         probability, distance = first

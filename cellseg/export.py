@@ -3,7 +3,8 @@
 The exported network maps normalised images, float32 (N, 1, H, W), to cell probabilities of the
 same shape (sigmoid included). A JSON file beside it (`<out>.json`) says how to normalise the
 input (per-image percentiles, polarity), at which cell size the model works (if it was trained
-at one: `cellseg.scale`), which threshold gives the mask, and where the model came from, so that a mask computed elsewhere is the mask `cellseg predict` computes.
+at one: `cellseg.scale`), which threshold gives the mask, and where the model came from, so that
+a mask computed elsewhere is the mask `cellseg predict` computes.
 """
 
 from __future__ import annotations

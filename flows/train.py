@@ -15,9 +15,9 @@ from cellseg.checkpoint import load_checkpoint
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig, TrainUnetSettings
 from cellseg.data import load_pairs, split_train_val
 from cellseg.ingest import Manifest
+from cellseg.instances import HEADLINE_CELL_SCORES
 from cellseg.predict import Predictor
 from cellseg.scale import rescale_pairs
-from cellseg.instances import HEADLINE_CELL_SCORES
 from cellseg.registry import Registry
 from cellseg.report import training_pictures
 from cellseg.train import evaluate_model, resolve_device, train

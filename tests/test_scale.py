@@ -12,7 +12,7 @@ import pytest
 from cellseg.bundled import BUNDLED_CHECKPOINT
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
-from cellseg.data import ImagePair, LoadedPair, load_pairs, pair_images_and_masks, split_train_val
+from cellseg.data import ImagePair, LoadedPair, load_pairs, normalize_image, pair_images_and_masks, split_train_val
 from cellseg.instances import instance_scores
 from cellseg.predict import Predictor, predict_probabilities
 from cellseg.scale import (
@@ -157,10 +157,7 @@ def test_a_model_at_a_cell_size_finds_cells_three_times_larger(enlarged_sample):
 def test_stated_cell_size_is_the_resampling_of_the_image(enlarged_sample):
     _, image, labels = enlarged_sample
     predictor = Predictor(bundled_at_cell_size(20.0), PredictConfig(device="cpu", cell_diameter=40.0))
-    normalised = predictor.checkpoint.model_config.normalization
-    from cellseg.data import normalize_image
-
-    x = normalize_image(image, normalised)
+    x = normalize_image(image, predictor.normalization)
     (expected,) = predict_probabilities(predictor.model, [resize(x, scaled_shape(x.shape, 0.5), order=1)])
     (probability,) = predictor.normalised_probabilities([x])
     np.testing.assert_allclose(probability, np.clip(resize(expected, x.shape, order=1), 0, 1), atol=1e-6)
