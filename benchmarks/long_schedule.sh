@@ -48,6 +48,12 @@ dsb-labels-cd18|dsb2018|labels|--cell-diameter 18
 dsb-labels-cd18-w32|dsb2018|labels|--cell-diameter 18 --base-width 32 --patches-per-image 8
 dsb-labels-cd25|dsb2018|labels|--cell-diameter 25
 dsb-masks-cd18|dsb2018|masks|--cell-diameter 18
+dsb-dist-cd18|dsb2018|labels|--distance-map --cell-diameter 18
+dsb-dist-cd18-w32|dsb2018|labels|--distance-map --cell-diameter 18 --base-width 32 --patches-per-image 8
+dsb-dist-cd18-d5|dsb2018|labels|--distance-map --cell-diameter 18 --depth 5
+dsb-dist-cd18-bw5|dsb2018|labels|--distance-map --cell-diameter 18 --border-weight 5
+dsb-dist-cd18-strong|dsb2018|labels|--distance-map --cell-diameter 18 --strong-augmentation
+dsb-dist-cd22|dsb2018|labels|--distance-map --cell-diameter 22
 "
 selected=${RUNS:-$(echo "$all_runs" | cut -d'|' -f1 | xargs)}
 

@@ -139,6 +139,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     _setting(parser, "--cell-diameter", key="model.cell_diameter", type=float,
              help="work at one cell size: resample every image so that its median cell is this many pixels "
                   "across, in training and in prediction (nuclei: 18); default: images at their own scale")
+    _setting(parser, "--distance-map", key="model.distance_map", action="store_const", const=True,
+             help="also learn each cell's distance to its outline (needs instance label masks) and split touching "
+                  "cells at its peaks")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     _setting(parser, "--init-from", key="training.init_from",
              help="fine-tune from this checkpoint (its model config replaces --depth etc.)")
@@ -220,6 +223,9 @@ def _add_predict_settings(parser: argparse.ArgumentParser) -> None:
                   "default: measured on each image")
     _setting(parser, "--no-split", key="predict.split_touching", action="store_const", const=False,
              help="keep touching cells as one object (no watershed)")
+    _setting(parser, "--centre-prominence", key="predict.centre_prominence", type=float,
+             help="for a model trained with --distance-map: how far (0-1) a cell's centre must rise above the "
+                  "saddle to its neighbour on the distance map to make a cell of its own (default 0.1)")
     _setting(parser, "--no-measure", key="predict.measure_cells", action="store_const", const=False,
              help="skip the per-cell measurement table")
     _setting(parser, "--no-image", key="predict.store_image", action="store_const", const=False,

@@ -83,6 +83,13 @@ class ModelConfig(_Config):
             "cells have it, and so is every image to segment (see cellseg.scale); None: images at their own scale"
         ),
     )
+    distance_map: bool = Field(
+        False,
+        description=(
+            "a second output trained on each cell's normalised distance to its outline (1 at its centre; needs "
+            "instance label masks): touching cells are split at its peaks instead of at necks of the mask"
+        ),
+    )
     normalization: NormalizationConfig = Field(
         NormalizationConfig(), description="input normalisation the weights expect"
     )
@@ -176,6 +183,13 @@ class PredictConfig(_Config):
         ),
     )
     split_touching: bool = Field(True, description="separate touching cells (distance transform + watershed)")
+    centre_prominence: float = Field(
+        0.1, gt=0.0, lt=1.0,
+        description=(
+            "models with a distance map: how far a cell's centre must rise above the saddle to its neighbour "
+            "(on the 0-1 distance map) to seed a cell of its own"
+        ),
+    )
     split_depth: float = Field(
         0.5, gt=0.0, description="how much narrower (pixels of distance) a neck must be than both cells to split them"
     )

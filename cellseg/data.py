@@ -15,8 +15,16 @@ from torch.utils.data import Dataset
 
 from cellseg.augment import augment_pair
 from cellseg.config import AugmentationConfig, NormalizationConfig
-from cellseg.io import StorageOptions, binarize_mask, decode_image, image_stem, list_images, read_bytes
-from cellseg.weights import border_weight_map, separated_target
+from cellseg.io import (
+    StorageOptions,
+    binarize_mask,
+    decode_image,
+    image_stem,
+    list_images,
+    read_bytes,
+)
+from cellseg.stats import label_cells
+from cellseg.weights import border_weight_map, normalised_distance, separated_target
 
 
 class DatasetError(ValueError):
@@ -261,9 +269,11 @@ class ImgDataset(Dataset):
     Items are (image, target) float32 tensors of shape (1, H, W).
 
     Training targets keep touching cells apart where the pair has instance labels
-    (`cellseg.weights.separated_target`); with `border_weight` > 0 the target gets a second
-    channel of per-pixel loss weights (`cellseg.weights.border_weight_map`), shape (2, H, W).
-    Validation targets are always the plain cell mask.
+    (`cellseg.weights.separated_target`). Extra target channels follow the mask, in this order:
+    per-pixel loss weights with `border_weight` > 0 (`cellseg.weights.border_weight_map`), and
+    each cell's normalised distance map with `distance_map` (`cellseg.weights.normalised_distance`;
+    from the mask's connected components when the pair has no instance labels);
+    `TrainingTarget.unpack` takes them apart again. Validation targets are always the plain cell mask.
     """
 
     def __init__(
@@ -276,12 +286,14 @@ class ImgDataset(Dataset):
         augmentation: AugmentationConfig = AugmentationConfig(),
         border_weight: float = 0.0,
         border_sigma: float = 5.0,
+        distance_map: bool = False,
     ):
         if not pairs:
             raise DatasetError("the dataset is empty")
         self.pairs = list(pairs)
         self.border_weight = border_weight
         self.border_sigma = border_sigma
+        self.layout = TrainingTarget(weighted=border_weight > 0, distance_map=distance_map)
         self._targets: dict[int, np.ndarray] = {}
         self.patch_size = patch_size
         self.patches_per_image = patches_per_image if patch_size else 1
@@ -310,13 +322,30 @@ class ImgDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None], target.reshape(-1, *image.shape)
 
     def _training_target(self, pair_index: int) -> np.ndarray:
-        """The pair's boolean training mask, or a (2, H, W) float stack of target and loss weights
-        when border weighting is on; computed once per pair."""
+        """The pair's boolean training mask, or a (C, H, W) float stack of it and the extra target
+        channels (see `TrainingTarget`); computed once per pair."""
         if pair_index not in self._targets:
             pair = self.pairs[pair_index]
             target = pair.mask if pair.instances is None else separated_target(pair.instances)
-            if self.border_weight > 0:
-                weights = border_weight_map(target, self.border_weight, self.border_sigma)
-                target = np.stack([target.astype(np.float32), weights])
-            self._targets[pair_index] = target
+            channels = [target.astype(np.float32)]
+            if self.layout.weighted:
+                channels.append(border_weight_map(target, self.border_weight, self.border_sigma))
+            if self.layout.distance_map:
+                cells = pair.instances if pair.instances is not None else label_cells(pair.mask)[0]
+                channels.append(normalised_distance(cells))
+            self._targets[pair_index] = target if len(channels) == 1 else np.stack(channels)
         return self._targets[pair_index]
+
+
+@dataclass(frozen=True)
+class TrainingTarget:
+    """Which channels a batch of training targets (N, C, H, W) has after the cell mask."""
+
+    weighted: bool = False
+    distance_map: bool = False
+
+    def unpack(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(cell mask, loss weights or None, distance map or None), each (N, 1, H, W)."""
+        weights = targets[:, 1:2] if self.weighted else None
+        distance = targets[:, -1:] if self.distance_map else None
+        return targets[:, :1], weights, distance

@@ -1,5 +1,6 @@
 """Training losses on logits: BCEWithLogits (the original design) and BCE + soft Dice, optionally
-weighted per pixel (the U-Net paper's border weight map, `cellseg.weights`)."""
+weighted per pixel (the U-Net paper's border weight map, `cellseg.weights`), and the loss of the
+optional distance-map output."""
 
 from __future__ import annotations
 
@@ -19,18 +20,23 @@ def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 
     return (1 - (2 * overlap + smooth) / (total + smooth)).mean()
 
 
-def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str = "bce") -> torch.Tensor:
+def segmentation_loss(
+    logits: torch.Tensor, targets: torch.Tensor, kind: str = "bce", weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """`kind` "bce": BCEWithLogits; "bce_dice": BCEWithLogits + soft Dice (equal weights).
 
-    `targets` is (N, 1, H, W), or (N, 2, H, W) with per-pixel weights of the BCE term in the
-    second channel (mean of weighted terms, so a weight of 1 everywhere is the plain loss).
+    `logits` and `targets` are (N, 1, H, W); `weights`, of the same shape, weighs the BCE term
+    per pixel (mean of weighted terms, so a weight of 1 everywhere is the plain loss).
     """
-    weights = None
-    if targets.shape[1] == 2:
-        targets, weights = targets[:, :1], targets[:, 1:]
     loss = F.binary_cross_entropy_with_logits(logits, targets, weight=weights)
     if kind == "bce_dice":
         loss = loss + soft_dice_loss(logits, targets)
     elif kind != "bce":
         raise ValueError(f"unknown loss {kind!r}: use 'bce' or 'bce_dice'")
     return loss
+
+
+def distance_map_loss(logits: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    """BCEWithLogits of the distance-map output against the normalised distance (soft targets in
+    [0, 1], 0 on background), over every pixel: its minimum is at sigmoid(logits) = distance."""
+    return F.binary_cross_entropy_with_logits(logits, distance)

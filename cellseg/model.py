@@ -70,7 +70,7 @@ class Up(nn.Module):
 
 
 class UNet(nn.Module):
-    """U-Net mapping (B, in_channels, H, W) images to (B, out_channels, H, W) raw logits.
+    """U-Net mapping (B, in_channels, H, W) images to (B, output_channels, H, W) raw logits.
 
     Any H and W are accepted: the input is reflect-padded to a multiple of 2**depth and the
     output cropped back. Dropout sits in the bottleneck, at the end of the contracting path, as
@@ -89,7 +89,12 @@ class UNet(nn.Module):
         self.decoder = nn.ModuleList(
             Up(widths[level + 1], widths[level], widths[level], config.norm) for level in reversed(range(config.depth))
         )
-        self.head = nn.Conv2d(widths[0], config.out_channels, kernel_size=1)
+        self.head = nn.Conv2d(widths[0], self.output_channels, kernel_size=1)
+
+    @property
+    def output_channels(self) -> int:
+        """`out_channels` of cell logits, then one of distance-map logits when the config has it."""
+        return self.config.out_channels + int(self.config.distance_map)
 
     @property
     def size_multiple(self) -> int:

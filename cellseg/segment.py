@@ -21,8 +21,8 @@ import numpy as np
 from cellseg import __version__
 from cellseg.data import group_by_stem
 from cellseg.io import StorageOptions, read_image
-from cellseg.predict import Predictor
 from cellseg.measure import CELL_COLUMNS, cell_measurements
+from cellseg.predict import CellMaps, Predictor
 from cellseg.stats import image_statistics
 from cellseg.store import ResultStore, StoreError, validate_image_id
 
@@ -90,6 +90,8 @@ def model_record(predictor: Predictor, checkpoint_url: str) -> dict[str, Any]:
         "min_cell_area": predictor.config.min_cell_area,
         "split_touching": predictor.config.split_touching,
         "split_depth": predictor.config.split_depth,
+        "centre_prominence": predictor.config.centre_prominence,
+        "cell_diameter": predictor.config.cell_diameter,
         "model_config": predictor.checkpoint.model_config.model_dump(mode="json"),
         "cellseg_version": __version__,
     }
@@ -130,9 +132,9 @@ def segment_images(
         if on_image:
             on_image(image_id)
 
-    def finish(image_id: str, url: str, image: np.ndarray | None, probability: np.ndarray | None, error: str | None):
+    def finish(image_id: str, url: str, image: np.ndarray | None, maps: CellMaps | None, error: str | None):
         if error is None:
-            error = _write_result(store, predictor, model, image_id, url, image, probability)
+            error = _write_result(store, predictor, model, image_id, url, image, maps)
         if error == DONE_ELSEWHERE:
             logger.info("'%s' was finished by another run meanwhile; its result is kept", url)
         elif error is not None:
@@ -160,12 +162,12 @@ def segment_images(
             refill()
             if batch:
                 try:
-                    probabilities = predictor.probabilities([image for _, _, image in batch])
-                    outcomes = [(image, probability, None) for (_, _, image), probability in zip(batch, probabilities)]
+                    maps = predictor.cell_maps([image for _, _, image in batch])
+                    outcomes = [(image, image_maps, None) for (_, _, image), image_maps in zip(batch, maps)]
                 except Exception as error:
                     outcomes = [(image, None, _describe(error)) for _, _, image in batch]
-                for (image_id, url, _), (image, probability, error) in zip(batch, outcomes):
-                    writes.append(writer.submit(finish, image_id, url, image, probability, error))
+                for (image_id, url, _), (image, image_maps, error) in zip(batch, outcomes):
+                    writes.append(writer.submit(finish, image_id, url, image, image_maps, error))
             while len(writes) > ahead:
                 settle(writes.popleft().result())
         while writes:
@@ -176,7 +178,7 @@ def segment_images(
 
 def _write_result(
     store: ResultStore, predictor: Predictor, model: dict[str, Any], image_id: str, url: str,
-    image: np.ndarray, probability: np.ndarray,
+    image: np.ndarray, maps: CellMaps,
 ) -> str | None:
     """Label, measure and store one image; returns an error description instead of raising.
 
@@ -185,10 +187,10 @@ def _write_result(
     that exist and are overwritten in place, unless the other run has finished the image.
     """
     try:
-        labels = predictor.cell_labels(probability)
+        labels = predictor.cell_labels(maps)
         result = {
             "mask": labels > 0, "statistics": image_statistics(image, labels), "source_url": url, "model": model,
-            "probabilities": probability if predictor.config.save_probabilities else None, "replace": False,
+            "probabilities": maps.probability if predictor.config.save_probabilities else None, "replace": False,
             "cells": labels, "image": image if predictor.config.store_image else None,
             "cell_table": (CELL_COLUMNS, cell_measurements(labels, image)) if predictor.config.measure_cells else None,
         }

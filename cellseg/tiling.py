@@ -46,19 +46,19 @@ def predict_tiled(
 ) -> np.ndarray:
     """Blend `predict` over overlapping tiles of a normalised (H, W) float32 image.
 
-    `predict` maps a (h, w) tile to (h, w) float32 probabilities. Neighbouring tiles overlap by
-    at least `overlap` pixels and are blended there (see `edge_ramp`); image borders keep full
-    weight. A pixel more than overlap/4 from every tile edge it is blended from gets the same
-    value as untiled prediction wherever the model's receptive field is narrower than that margin
-    and its normalisation does not depend on the input's extent. Memory: two (H, W) float32
-    accumulators plus one tile's activations.
+    `predict` maps a (h, w) tile to (h, w) float32 probabilities, or to (C, h, w) channels, which
+    are blended alike. Neighbouring tiles overlap by at least `overlap` pixels and are blended
+    there (see `edge_ramp`); image borders keep full weight. A pixel more than overlap/4 from
+    every tile edge it is blended from gets the same value as untiled prediction wherever the
+    model's receptive field is narrower than that margin and its normalisation does not depend
+    on the input's extent. Memory: (C + 1) (H, W) float32 accumulators plus one tile's activations.
     """
     if overlap >= tile:
         raise ValueError(f"tile overlap ({overlap}) must be smaller than the tile ({tile})")
     height, width = image.shape
     if height <= tile and width <= tile:
         return predict(image)
-    total = np.zeros((height, width), dtype=np.float32)
+    total: np.ndarray | None = None
     weight = np.zeros((height, width), dtype=np.float32)
     rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
     for top in rows:
@@ -68,7 +68,10 @@ def predict_tiled(
             right = min(left + tile, width)
             col_weights = edge_ramp(right - left, overlap, left > 0, right < width)
             window = np.outer(row_weights, col_weights)
-            total[top:bottom, left:right] += predict(image[top:bottom, left:right]) * window
+            prediction = predict(image[top:bottom, left:right])
+            if total is None:
+                total = np.zeros((*prediction.shape[:-2], height, width), dtype=np.float32)
+            total[..., top:bottom, left:right] += prediction * window
             weight[top:bottom, left:right] += window
     total /= weight
     return total

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from cellseg.losses import segmentation_loss
 from cellseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cellseg.config import ModelConfig, TrainConfig
 from cellseg.data import ImgDataset, LoadedPair
 from cellseg.io import write_file_atomic
+from cellseg.losses import distance_map_loss, segmentation_loss
 from cellseg.metrics import MetricAccumulator, confusion_counts
 from cellseg.model import UNet
 from cellseg.scale import rescale_pairs
@@ -102,13 +102,14 @@ def _score_name(monitor: str) -> tuple[str, bool]:
 def whole_image_logits(
     model: UNet, pairs: Sequence[LoadedPair], device: torch.device, amp: bool = True
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(fp32 logits, mask), each (1, 1, H, W) on `device`, for every pair's whole image, in eval mode."""
+    """(fp32 cell logits, mask), each (1, 1, H, W) on `device`, for every pair's whole image, in
+    eval mode; a distance-map output is left out."""
     model.eval()
     with torch.inference_mode():
         for image, mask in ImgDataset(pairs):
             with autocast_context(device, amp):
                 logits = model(image[None].to(device))
-            yield logits.float(), mask[None].to(device)
+            yield logits[:, :1].float(), mask[None].to(device)
 
 
 def evaluate_model(
@@ -150,8 +151,11 @@ def train(
     if model_config.cell_diameter is not None:
         train_pairs, val_pairs = rescale_pairs(train_pairs, model_config), rescale_pairs(val_pairs, model_config)
         logger.info("images resampled so that their median cell is %g pixels across", model_config.cell_diameter)
+    if model_config.distance_map and not any(pair.instances is not None for pair in train_pairs):
+        logger.warning("the distance map is learnt from binary masks: touching cells count as one; "
+                       "give instance label masks to teach the model where they part")
     train_set = ImgDataset(train_pairs, config.patch_size, config.patches_per_image, config.augment, config.seed,
-                           config.augmentation, config.border_weight, config.border_sigma)
+                           config.augmentation, config.border_weight, config.border_sigma, model_config.distance_map)
     model = UNet(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     monitor_key, higher_is_better = _score_name(config.monitor if val_pairs else config.monitor.replace("val_", "train_"))
@@ -206,18 +210,21 @@ def train(
                 parameter.requires_grad_(epoch > config.freeze_encoder_epochs)
         model.train()
         train_counts, loss_sum, samples = MetricAccumulator(), 0.0, 0
-        for images, masks in loader:
-            images, masks = images.to(device), masks.to(device)
+        for images, targets in loader:
+            images, targets = images.to(device), targets.to(device)
+            masks, weights, distance = train_set.layout.unpack(targets)
             with autocast_context(device, config.amp):
-                logits = model(images)
-            loss = segmentation_loss(logits.float(), masks, config.loss)
+                logits = model(images).float()
+            loss = segmentation_loss(logits[:, :1], masks, config.loss, weights)
+            if distance is not None:
+                loss = loss + distance_map_loss(logits[:, -1:], distance)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             loss_sum += loss.item() * len(images)
             samples += len(images)
-            train_counts.add(confusion_counts(logits.detach() > cut, masks[:, :1] > 0.5))
+            train_counts.add(confusion_counts(logits[:, :1].detach() > cut, masks > 0.5))
 
         train_scores = train_counts.pooled()
         record: dict[str, float] = {"epoch": epoch, "train_loss": loss_sum / samples}

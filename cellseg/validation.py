@@ -25,6 +25,6 @@ def validation_cell_scores(predictor: Predictor, pairs: Sequence[LoadedPair]) ->
         return {}
     rows = []
     for pair in labelled:
-        (probability,) = predictor.normalised_probabilities([pair.image])
-        rows.append(instance_scores(predictor.cell_labels(probability), pair.instances))
+        (maps,) = predictor.normalised_cell_maps([pair.image])
+        rows.append(instance_scores(predictor.cell_labels(maps), pair.instances))
     return summarise_instance_scores(rows)

@@ -1,6 +1,6 @@
 """Training targets that keep touching cells apart (U-Net paper, Ronneberger et al. 2015).
 
-Two ingredients, both computed once per training image:
+Three ingredients, each computed once per training image:
 
 - `separated_target`: from instance labels, the cell mask with a one-pixel gap wherever two
   cells touch, so that the network learns to draw the line between them and its thresholded
@@ -8,6 +8,10 @@ Two ingredients, both computed once per training image:
 - `border_weight_map`: per-pixel loss weights 1 + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)) on
   background pixels, d1 and d2 being the distances to the nearest and second-nearest cell, so
   that the narrow background between neighbouring cells counts up to 1 + w0 times as much.
+- `normalised_distance`: each cell's distance to its own outline divided by its largest, 1 at
+  the cell's centre and falling towards its edge, for models with a distance-map output
+  (`ModelConfig.distance_map`): where two cells touch, the map dips between their centres even
+  when no background separates them, so its peaks seed one cell each.
 
 Measured on dsb2018 (README, quality table): w0 = 10 separates touching nuclei better (median
 cell-count error 21% -> 7%, F1 0.73 -> 0.75) at a cost in pixel Dice (0.889 -> 0.870), since
@@ -72,3 +76,19 @@ def border_weight_map(mask: np.ndarray, border_weight: float, sigma: float = 5.0
     gap = nearest[background] + second[background]
     weights[background] += border_weight * np.exp(-(gap**2) / (2 * sigma**2))
     return weights
+
+
+def normalised_distance(labels: np.ndarray) -> np.ndarray:
+    """float32 map of instance `labels`: in each cell, the Euclidean distance to the nearest pixel
+    outside that cell (another cell or background) divided by the cell's largest such distance,
+    so 1 at the centre; 0 on background. Computed per cell in its bounding box."""
+    labels = np.asarray(labels)
+    distance = np.zeros(labels.shape, dtype=np.float32)
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        cell = labels[box] == index
+        inside = ndimage.distance_transform_edt(np.pad(cell, 1))[1:-1, 1:-1]
+        view = distance[box]
+        view[cell] = (inside / inside.max())[cell]
+    return distance

@@ -115,6 +115,8 @@ def segment_images_flow(
     threshold: float = 0.5,
     min_cell_area: int = 10,
     split_touching: bool = True,
+    centre_prominence: float = PredictConfig().centre_prominence,
+    cell_diameter: float | None = None,
     measure_cells: bool = True,
     store_image: bool = True,
     tta: bool = False,
@@ -140,6 +142,7 @@ def segment_images_flow(
         shard_size=shard_size, max_parallel_shards=max_parallel_shards, dask_address=dask_address,
         predict=PredictConfig(
             threshold=threshold, min_cell_area=min_cell_area, split_touching=split_touching,
+            centre_prominence=centre_prominence, cell_diameter=cell_diameter,
             measure_cells=measure_cells, store_image=store_image, tta=tta,
             batch_size=batch_size,
             device=device, amp=amp,

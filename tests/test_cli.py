@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -19,8 +20,8 @@ pytestmark = pytest.mark.integration
 COMMANDS = {
     "synth": ["--out", "--count", "--seed"],
     "train": ["--images", "--masks", "--out", "--epochs", "--patience", "--val-fraction", "--seed", "--resume",
-              "--border-weight", "--init-from", "--cell-diameter"],
-    "predict": ["--model", "--images", "--out", "--threshold", "--cell-diameter"],
+              "--border-weight", "--init-from", "--cell-diameter", "--distance-map"],
+    "predict": ["--model", "--images", "--out", "--threshold", "--cell-diameter", "--centre-prominence"],
     "evaluate": ["--pred", "--masks", "--labels", "--json"],
     "results": ["--json"],
     "export": ["--format", "--table", "--out"],
@@ -35,6 +36,21 @@ def test_every_command_documents_its_options(command):
     result = cellseg(command, "--help")
     for option in COMMANDS[command]:
         assert option in result.stdout
+
+
+def test_every_prediction_flag_of_flow_segment_images_reaches_the_flow():
+    import inspect
+
+    from cellseg.cli import build_parser
+    from flows.segment import segment_images_flow
+
+    flows = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["flow"]
+    segment = next(a for a in flows._actions if isinstance(a, argparse._SubParsersAction)).choices["segment-images"]
+    settings = [action.dest.removeprefix("setting:predict.") for action in segment._actions
+                if action.dest.startswith("setting:predict.")]
+    assert "cell_diameter" in settings and "threshold" in settings
+    parameters = inspect.signature(segment_images_flow.fn).parameters
+    assert [name for name in settings if name not in parameters] == []
 
 
 def test_synth_train_predict_evaluate_round_trip(tmp_path):
@@ -87,7 +103,8 @@ def test_synth_train_predict_evaluate_round_trip(tmp_path):
     assert all(row["cell_count"] > 0 for row in results["statistics"])
 
 
-@pytest.mark.parametrize("cell_size", [[], ["--cell-diameter", "28"]], ids=["own-scale", "cell-diameter"])
+@pytest.mark.parametrize("cell_size", [[], ["--cell-diameter", "28"], ["--distance-map"]],
+                         ids=["own-scale", "cell-diameter", "distance-map"])
 def test_training_on_label_images_reports_the_cells_predict_and_evaluate_find(tmp_path, cell_size):
     cellseg("synth", "--out", str(tmp_path / "data"), "--count", "16", "--size", "96", "--seed", "0")
     trained = cellseg("train", "--images", str(tmp_path / "data/images"), "--masks", str(tmp_path / "data/labels"),
@@ -107,8 +124,17 @@ def test_training_on_label_images_reports_the_cells_predict_and_evaluate_find(tm
             f"(pooled {cells['f1_pooled']:.4f}), DSB score {cells['dsb_score_mean']:.4f}") in trained
     assert f"cell errors: of {cells['true_cells_total']} true cells {cells['merged_total']} merged" in trained
     model = ResultStore.open(store).record(validation[0])["model"]
-    assert model["model_config"]["cell_diameter"] == (28.0 if cell_size else None)
-    if cell_size:  # cells stated instead of measured: the synthetic ones are about 14 px across
+    assert model["model_config"]["cell_diameter"] == (28.0 if "--cell-diameter" in cell_size else None)
+    assert model["model_config"]["distance_map"] == ("--distance-map" in cell_size)
+    if "--distance-map" in cell_size:  # no centre is 0.99 above its saddle: every object stays whole
+        whole = str(tmp_path / "whole.zarr")
+        cellseg("predict", "--model", str(tmp_path / "model/best.pt"), "--images", str(tmp_path / "val/images"),
+                "--out", whole, "--centre-prominence", "0.99")
+        unsplit = json.loads(cellseg("evaluate", "--pred", whole, "--masks", str(tmp_path / "val/labels"),
+                                     "--labels", str(tmp_path / "val/labels"), "--json").stdout)["instances"]
+        assert unsplit["predicted_cells_total"] < cells["predicted_cells_total"]
+        assert ResultStore.open(whole).record(validation[0])["model"]["centre_prominence"] == 0.99
+    if "--cell-diameter" in cell_size:  # cells stated instead of measured: the synthetic ones are about 14 px across
         stated = str(tmp_path / "stated.zarr")
         cellseg("predict", "--model", str(tmp_path / "model/best.pt"), "--images", str(tmp_path / "val/images"),
                 "--out", stated, "--cell-diameter", "14")

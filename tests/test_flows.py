@@ -7,23 +7,24 @@ import os
 import shutil
 
 import numpy as np
-import zarr
 import pytest
+import zarr
 
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
 from cellseg.ingest import Manifest
+from cellseg.io import list_images
 from cellseg.predict import Predictor
 from cellseg.registry import Registry
 from cellseg.segment import model_record, pending_images, segment_images
-from cellseg.io import list_images
 from cellseg.store import ResultStore
 from cellseg.synth import write_dataset
 
 pytestmark = pytest.mark.integration
 
-# The model works at a cell size, so the flows train, evaluate and segment through the resampling
-# of cellseg.scale (the synthetic cells are about 14 px across; new_images vary in size).
-TINY_MODEL = ModelConfig(depth=3, base_width=8, cell_diameter=20.0)
+# The model works at a cell size and has a distance-map output, so the flows train, evaluate and
+# segment through the resampling of cellseg.scale (the synthetic cells are about 14 px across;
+# new_images vary in size) and split cells at the map's peaks.
+TINY_MODEL = ModelConfig(depth=3, base_width=8, cell_diameter=20.0, distance_map=True)
 TINY_TRAINING = TrainConfig(epochs=3, patch_size=64, patches_per_image=1, device="cpu", max_minutes=None)
 
 
@@ -61,6 +62,7 @@ def test_train_unet_registers_a_current_checkpoint(trained_registry, synthetic_d
     assert meta.dataset_manifest_hash == manifest.hash
     assert len(manifest.entries) == 24
     assert meta.architecture["base_width"] == 8 and meta.architecture["cell_diameter"] == 20.0
+    assert meta.architecture["distance_map"] is True
     assert meta.train_config["epochs"] == 3
     assert result["metrics"]["dice"] == pytest.approx(meta.metrics["val_dice"], abs=1e-6)
     assert result["metrics"]["dice"] > 0.5
@@ -88,9 +90,9 @@ def test_train_unet_publishes_metrics_and_checkpoint_artifacts(trained_registry)
     assert "best epoch" in progress.description
 
 
-def _reference_store(registry_url: str, images, path) -> ResultStore:
+def _reference_store(registry_url: str, images, path, config: PredictConfig = PredictConfig()) -> ResultStore:
     """What `cellseg predict` writes for the same images and the current model."""
-    predictor = Predictor.from_registry(registry_url, "current", PredictConfig())
+    predictor = Predictor.from_registry(registry_url, "current", config)
     store = ResultStore.open(str(path))
     todo, _ = pending_images(list_images(str(images)), store)
     segment_images(todo, store, predictor, model_record(predictor, registry_url))
@@ -125,6 +127,27 @@ def test_segment_images_writes_every_image_once_matching_predict(trained_registr
     again = segment_images_flow(source_url=str(new_images / "images"), store_url=store_url, registry_url=registry_url)
     assert again["done"] == 0 and again["skipped"] == 8 and again["shards"] == 0
     assert {image_id: store.record(image_id)["written"] for image_id in ids} == written
+
+
+def test_segment_images_takes_a_stated_cell_size(trained_registry, new_images, tmp_path):
+    from flows.segment import segment_images_flow
+
+    _, registry_url, _ = trained_registry
+    store_url = str(tmp_path / "stated.zarr")
+    summary = segment_images_flow(source_url=str(new_images / "images"), store_url=store_url,
+                                  registry_url=registry_url, cell_diameter=10.0, centre_prominence=0.2)
+    assert summary["done"] == 8
+    stated = PredictConfig(cell_diameter=10.0, centre_prominence=0.2)
+    reference = _reference_store(registry_url, new_images / "images", tmp_path / "reference.zarr", stated)
+    measured = _reference_store(registry_url, new_images / "images", tmp_path / "measured.zarr")
+    store = ResultStore.open(store_url, mode="r")
+    differs = 0
+    for image_id in sorted(store.done_ids()):
+        np.testing.assert_array_equal(store.read_mask(image_id), reference.read_mask(image_id))
+        assert store.record(image_id)["model"]["cell_diameter"] == 10.0
+        assert store.record(image_id)["model"]["centre_prominence"] == 0.2
+        differs += not np.array_equal(store.read_mask(image_id), measured.read_mask(image_id))
+    assert differs  # half the size the cells have: the model sees them at another scale
 
 
 def test_bad_image_is_recorded_and_the_others_finish(trained_registry, new_images, tmp_path):

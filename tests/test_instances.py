@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
-from cellseg.instances import instance_scores, iou_matrix, split_touching_cells, summarise_instance_scores
+from cellseg.instances import (
+    instance_scores,
+    iou_matrix,
+    split_at_distance_peaks,
+    split_touching_cells,
+    summarise_instance_scores,
+)
 from cellseg.stats import label_cells
 
 
@@ -28,6 +32,14 @@ def test_two_touching_discs_become_two_cells():
     assert set(np.unique(labels[:, 43][mask[:, 43]])) <= {left, right}
     sizes = np.bincount(labels.ravel())[1:]
     assert abs(int(sizes[0]) - int(sizes[1])) <= 0.05 * sizes.sum()
+
+
+def test_two_halves_of_one_symmetric_cell_are_not_split():
+    # A peanut: two equally high peaks of the (smoothed) distance, 9.07 px, with a waist 0.73 px
+    # lower between them. It is one cell at split depth 1 and two at 0.5.
+    mask = disc((40, 60), (20, 25), 10) | disc((40, 60), (20, 35), 10)
+    assert split_touching_cells(mask, split_depth=1.0).max() == 1
+    assert split_touching_cells(mask, split_depth=0.5).max() == 2
 
 
 def test_one_round_cell_is_not_split_and_small_specks_are_dropped():
@@ -162,3 +174,40 @@ def test_summary_pools_counts_and_takes_the_median_count_error():
     assert summary["f1_pooled"] == pytest.approx(2 * 6 / (12 + 1 + 2))
     assert summary["count_error_median"] == pytest.approx(0.5)  # errors 1.0, 0.5, 0.0
     assert summary["dsb_score_mean"] == pytest.approx(0.6)
+
+
+def squares_side_by_side() -> tuple[np.ndarray, np.ndarray]:
+    """Two touching 20x20 cells that together fill a 20x40 rectangle, and their true labels: a
+    mask without any neck."""
+    labels = np.zeros((40, 60), dtype=np.int32)
+    labels[10:30, 10:30], labels[10:30, 30:50] = 1, 2
+    return labels > 0, labels
+
+
+def test_a_distance_map_parts_cells_that_the_mask_shape_cannot():
+    from cellseg.weights import normalised_distance
+
+    mask, labels = squares_side_by_side()
+    assert split_touching_cells(mask).max() == 1  # the rectangle has no neck to cut at
+    cells = split_at_distance_peaks(mask, normalised_distance(labels), min_cell_area=10)
+    np.testing.assert_array_equal(cells > 0, mask)  # the mask is kept, only divided
+    assert cells.max() == 2
+    assert instance_scores(cells, labels)["f1"] == 1.0
+    assert iou_matrix(cells, labels).max(axis=1).min() > 0.9
+
+
+def test_distance_peaks_below_the_prominence_do_not_split():
+    mask, _ = squares_side_by_side()
+    # Two equally high centres whose saddle lies only 0.05 below them: one cell at prominence
+    # 0.1, two at 0.02.
+    rows, cols = np.indices(mask.shape)
+    ridge = 1.0 - 0.05 * np.exp(-((cols - 30) ** 2) / 8.0) - 0.002 * (rows - 20) ** 2
+    distance = np.where(mask, np.clip(ridge, 0, 1), 0).astype(np.float32)
+    assert split_at_distance_peaks(mask, distance, prominence=0.1).max() == 1
+    assert split_at_distance_peaks(mask, distance, prominence=0.02).max() == 2
+    # Separate objects stay separate whatever the map; small ones are dropped first.
+    apart = disc((40, 80), (20, 15), 8) | disc((40, 80), (20, 60), 8)
+    apart[0, 0] = True
+    assert split_at_distance_peaks(apart, np.zeros(apart.shape, np.float32), min_cell_area=5).max() == 2
+    with pytest.raises(ValueError, match="distance map is"):
+        split_at_distance_peaks(mask, distance[:10])

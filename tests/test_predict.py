@@ -14,7 +14,13 @@ from cellseg.config import ModelConfig, PredictConfig, TrainConfig
 from cellseg.io import list_images, read_image, read_mask
 from cellseg.metrics import mask_agreement
 from cellseg.model import UNet
-from cellseg.predict import Predictor, checkpoint_digest, predict_probabilities, threshold_probabilities
+from cellseg.predict import (
+    Predictor,
+    checkpoint_digest,
+    predict_outputs,
+    predict_probabilities,
+    threshold_probabilities,
+)
 
 
 def small_unet(dropout: float = 0.0) -> UNet:
@@ -180,6 +186,20 @@ def test_tta_keeps_the_shape_and_is_equivariant_to_rotations_and_flips():
     (mirrored,) = predict_probabilities(model, [image[:, ::-1].copy()], amp=False, tta=True)
     np.testing.assert_allclose(rotated, np.rot90(averaged), atol=1e-5)
     np.testing.assert_allclose(mirrored, averaged[:, ::-1], atol=1e-5)
+
+
+def test_tta_and_tiles_treat_a_distance_map_output_like_the_cell_output():
+    torch.manual_seed(0)
+    model = UNet(ModelConfig(depth=2, base_width=4, dropout=0.0, distance_map=True)).eval()
+    image = random_images([(64, 48)], seed=3)[0]
+    (outputs,) = predict_outputs(model, [image], amp=False, tta=True)
+    assert outputs.shape == (2, 64, 48)
+    (rotated,) = predict_outputs(model, [np.rot90(image).copy()], amp=False, tta=True)
+    np.testing.assert_allclose(rotated, np.rot90(outputs, axes=(1, 2)), atol=1e-5)
+    np.testing.assert_array_equal(outputs[0], predict_probabilities(model, [image], amp=False, tta=True)[0])
+    large = random_images([(150, 90)], seed=4)[0]
+    (tiled,) = predict_outputs(model, [large], amp=False, tile_size=64, tile_overlap=16)
+    assert tiled.shape == (2, 150, 90) and 0.0 <= tiled.min() and tiled.max() <= 1.0
 
 
 def test_tta_output_is_symmetric_for_a_symmetric_input():

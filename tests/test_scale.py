@@ -8,13 +8,22 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
 from cellseg.bundled import BUNDLED_CHECKPOINT
-from cellseg.checkpoint import load_checkpoint
+from cellseg.checkpoint import Checkpoint, load_checkpoint
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
-from cellseg.data import ImagePair, LoadedPair, load_pairs, normalize_image, pair_images_and_masks, split_train_val
+from cellseg.data import (
+    ImagePair,
+    LoadedPair,
+    load_pairs,
+    normalize_image,
+    pair_images_and_masks,
+    split_train_val,
+)
 from cellseg.instances import instance_scores
-from cellseg.predict import Predictor, predict_probabilities
+from cellseg.model import UNet
+from cellseg.predict import Predictor, predict_outputs, predict_probabilities
 from cellseg.scale import (
     MAX_SCALE,
     MAX_UPSCALED_PIXELS,
@@ -132,10 +141,11 @@ def bundled_at_cell_size(diameter: float | None):
 
 
 def f1_of(predictor: Predictor, image: np.ndarray, labels: np.ndarray) -> float:
-    (probability,) = predictor.probabilities([image])
+    (maps,) = predictor.cell_maps([image])
+    probability = maps.probability
     assert probability.shape == image.shape and probability.dtype == np.float32
     assert 0.0 <= probability.min() and probability.max() <= 1.0
-    return instance_scores(predictor.cell_labels(probability), labels)["f1"]
+    return instance_scores(predictor.cell_labels(maps), labels)["f1"]
 
 
 def test_a_model_at_a_cell_size_finds_cells_three_times_larger(enlarged_sample):
@@ -161,6 +171,19 @@ def test_stated_cell_size_is_the_resampling_of_the_image(enlarged_sample):
     (expected,) = predict_probabilities(predictor.model, [resize(x, scaled_shape(x.shape, 0.5), order=1)])
     (probability,) = predictor.normalised_probabilities([x])
     np.testing.assert_allclose(probability, np.clip(resize(expected, x.shape, order=1), 0, 1), atol=1e-6)
+
+
+def test_a_distance_map_comes_back_on_the_image_grid_like_the_probability(enlarged_sample):
+    _, image, _ = enlarged_sample
+    model_config = ModelConfig(depth=2, base_width=4, cell_diameter=20.0, distance_map=True)
+    torch.manual_seed(0)
+    checkpoint = Checkpoint(model_config, UNet(model_config).state_dict(), TrainConfig(), {}, 0)
+    predictor = Predictor(checkpoint, PredictConfig(device="cpu", cell_diameter=40.0))
+    x = normalize_image(image, predictor.normalization)
+    (expected,) = predict_outputs(predictor.model, [resize(x, scaled_shape(x.shape, 0.5), order=1)])
+    (maps,) = predictor.normalised_cell_maps([x])
+    for got, channel in ((maps.probability, expected[0]), (maps.distance, expected[1])):
+        np.testing.assert_allclose(got, np.clip(resize(channel, x.shape, order=1), 0, 1), atol=1e-6)
 
 
 def test_training_at_a_cell_size_records_it_and_validates_on_resampled_images(synthetic_dataset, tmp_path, caplog):

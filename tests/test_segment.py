@@ -178,6 +178,8 @@ def test_model_record_is_stored_with_each_result(image_dir, store, predictor):
         "min_cell_area": MIN_CELL_AREA,
         "split_touching": True,
         "split_depth": 0.5,
+        "centre_prominence": 0.1,
+        "cell_diameter": None,
         "model_config": predictor.checkpoint.model_config.model_dump(mode="json"),
         "cellseg_version": __version__,
     }

@@ -38,6 +38,14 @@ def test_blending_identical_tiles_reproduces_the_input():
     np.testing.assert_allclose(tiled, image, rtol=1e-6)
 
 
+def test_channels_are_blended_alike():
+    image = np.random.default_rng(2).random((300, 410), dtype=np.float32)
+    tiled = predict_tiled(lambda tile: np.stack([tile, 1 - tile]), image, tile=128, overlap=32)
+    assert tiled.shape == (2, 300, 410)
+    np.testing.assert_allclose(tiled[0], image, rtol=1e-6)
+    np.testing.assert_allclose(tiled[1], 1 - image, atol=1e-6)
+
+
 def test_tiled_equals_untiled_for_a_model_whose_receptive_field_fits_the_margin():
     # Depth 2 and no per-image normalisation: a receptive-field half-width of about 20 pixels,
     # within the 24-pixel clean margin of a 96-pixel overlap.

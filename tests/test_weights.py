@@ -10,9 +10,10 @@ from PIL import Image
 from scipy import ndimage
 
 from cellseg.config import AugmentationConfig, NormalizationConfig
-from cellseg.data import ImagePair, ImgDataset, LoadedPair, load_pair
+from cellseg.data import ImagePair, ImgDataset, LoadedPair, TrainingTarget, load_pair
 from cellseg.losses import segmentation_loss
-from cellseg.weights import border_weight_map, separated_target
+from cellseg.stats import label_cells
+from cellseg.weights import border_weight_map, normalised_distance, separated_target
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -83,10 +84,10 @@ def test_weighted_loss_is_the_mean_of_weighted_terms():
     targets = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
     weights = torch.tensor([[[[1.0, 3.0], [1.0, 1.0]]]])
     plain = segmentation_loss(logits, targets)
-    assert segmentation_loss(logits, torch.cat([targets, torch.ones_like(targets)], dim=1)) == pytest.approx(plain.item())
+    assert segmentation_loss(logits, targets, weights=torch.ones_like(targets)) == pytest.approx(plain.item())
     terms = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     expected = (terms * weights).mean()
-    assert segmentation_loss(logits, torch.cat([targets, weights], dim=1)).item() == pytest.approx(expected.item())
+    assert segmentation_loss(logits, targets, weights=weights).item() == pytest.approx(expected.item())
 
 
 def _save(path, array):
@@ -128,3 +129,51 @@ def test_training_targets_carry_gaps_and_weights_through_crops_and_augmentation(
     # Validation items stay the plain union mask.
     _, val_target = ImgDataset([pair])[0]
     np.testing.assert_array_equal(val_target[0].numpy() > 0, labels > 0)
+
+
+def test_normalised_distance_peaks_at_one_in_every_cell_and_dips_where_cells_touch():
+    labels = touching_pair()
+    distance = normalised_distance(labels)
+    assert distance.dtype == np.float32
+    assert np.all(distance[labels == 0] == 0) and np.all(distance[labels > 0] > 0)
+    for index in (1, 2, 3):
+        assert distance[labels == index].max() == pytest.approx(1.0)
+    # Pixels on either side of the line where cells 1 and 2 meet are as low as an outline.
+    assert distance[4, 7] == distance[4, 8] == distance[4, 2]
+    assert distance[4, 7] < 0.5 * distance[4, 5]
+
+
+def test_distance_targets_follow_the_crop_and_augmentation_and_unpack_by_layout():
+    labels = np.zeros((48, 48), dtype=np.int32)
+    labels[4:20, 4:20], labels[4:20, 20:36], labels[26:44, 10:30] = 1, 2, 3
+    image = (labels > 0).astype(np.float32)
+    pair = LoadedPair(ImagePair("a", "a.png", "a_mask.png"), image, labels > 0, "0", "0", "uint8", labels)
+    dataset = ImgDataset([pair], patch_size=32, patches_per_image=8, augment=True, seed=3,
+                         augmentation=AugmentationConfig.flips_only(), border_weight=10, distance_map=True)
+    assert dataset.layout == TrainingTarget(weighted=True, distance_map=True)
+    maxima = 0
+    for index in range(len(dataset)):
+        crop, target = dataset[index]
+        assert target.shape == (3, 32, 32)
+        cells, weights, distance = (channel[0, 0].numpy() for channel in dataset.layout.unpack(target[None]))
+        assert np.all(weights >= 1) and np.all(weights[cells == 1] == 1)
+        assert np.all((distance >= 0) & (distance <= 1))
+        # The image is the cells' union: the map is flipped and rotated with it, pixel for pixel.
+        np.testing.assert_array_equal(distance > 0, crop[0].numpy() > 0)
+        assert np.all(distance[cells == 1] > 0)
+        maxima += int((distance == 1).any())
+    assert maxima > 0
+    strong = ImgDataset([pair], patch_size=32, patches_per_image=4, augment=True, seed=3,
+                        augmentation=AugmentationConfig.strong(), distance_map=True)
+    for index in range(len(strong)):
+        _, target = strong[index]
+        assert target.shape == (2, 32, 32) and strong.layout.unpack(target[None])[1] is None
+        assert torch.all((target[1] >= 0) & (target[1] <= 1))
+    # Without instance labels the distance comes from the mask's connected components.
+    binary = LoadedPair(ImagePair("b", "b.png", "b_mask.png"), image, labels > 0, "0", "0", "uint8", None)
+    _, target = ImgDataset([binary], patch_size=48, distance_map=True)[0]
+    assert target.shape == (2, 48, 48)
+    merged = target[1].numpy()
+    np.testing.assert_allclose(merged, normalised_distance(label_cells(labels > 0)[0]))
+    assert merged[11, 19] == merged[11, 20] == pytest.approx(1.0)  # cells 1 and 2 as one: no dip where they meet
+    assert normalised_distance(labels)[11, 19] < 0.2
