@@ -60,7 +60,7 @@ def notebook_epoch(model: UNet, optimizer: torch.optim.Optimizer, data, deadline
 
 def notebook_unet_scores(train_pairs, val_pairs, minutes: float, seed: int = 0) -> dict[str, float]:
     torch.manual_seed(seed)
-    load = lambda pairs: [(_tensor(read_image(p.image_url)), torch.from_numpy(read_mask(p.mask_url)).float()[None, None]) for p in pairs]  # noqa: E731
+    load = lambda pairs: [(_tensor(read_image(p.image_url)), torch.from_numpy(read_mask(p.mask_url)).float()[None, None]) for p in pairs]
     train_data, val_data = load(train_pairs), load(val_pairs)
     model = UNet(ModelConfig(base_width=32, norm="batch", dropout=0.0))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)

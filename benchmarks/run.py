@@ -25,12 +25,26 @@ import torch
 from PIL import Image
 
 from benchmarks.baselines import notebook_epoch
-from benchmarks.servers import MOTO_CREDENTIALS, running_moto_server, running_prefect_server
+from benchmarks.servers import (
+    MOTO_CREDENTIALS,
+    running_moto_server,
+    running_prefect_server,
+)
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
-from cellseg.data import load_pairs, normalize_image, pair_images_and_masks, split_train_val
+from cellseg.data import (
+    load_pairs,
+    normalize_image,
+    pair_images_and_masks,
+    split_train_val,
+)
 from cellseg.io import list_images, read_image
-from cellseg.metrics import MetricAccumulator, confusion_counts, mask_agreement, segmentation_scores
+from cellseg.metrics import (
+    MetricAccumulator,
+    confusion_counts,
+    mask_agreement,
+    segmentation_scores,
+)
 from cellseg.model import UNet
 from cellseg.predict import Predictor, forward_probabilities
 from cellseg.stats import image_statistics, label_cells
@@ -199,7 +213,7 @@ def bench_memory(work: Path, checkpoint: Path, count: int) -> dict:
     sources = sorted((originals / "images").iterdir())
     for index in range(count):
         shutil.copyfile(sources[index % len(sources)], many / f"img_{index:05d}.png")
-    run = lambda *args: json.loads(subprocess.run(  # noqa: E731
+    run = lambda *args: json.loads(subprocess.run(
         [sys.executable, "-m", "benchmarks.memory", *args, "--checkpoint", str(checkpoint)],
         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
     many_result = run("many", "--images", str(many), "--store", str(work / "memory-many.zarr"))

@@ -25,7 +25,12 @@ from pydantic import BaseModel
 from cellseg import __version__
 from cellseg.checkpoint import CheckpointError
 from cellseg.config import AugmentationConfig, ModelConfig, TrainConfig
-from cellseg.data import load_pairs, manifest_hash, pair_images_and_masks, split_train_val
+from cellseg.data import (
+    load_pairs,
+    manifest_hash,
+    pair_images_and_masks,
+    split_train_val,
+)
 from cellseg.synth import write_dataset
 from cellseg.train import TrainResult, train
 

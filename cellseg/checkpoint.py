@@ -40,6 +40,10 @@ class Checkpoint:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     resume_state: dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        # A checkpoint's model is a built network: nothing in it is left to decide.
+        self.model_config = self.model_config.without_auto()
+
     def build_model(self) -> UNet:
         """A UNet with these weights, in eval mode, on the CPU."""
         model = UNet(self.model_config)
@@ -94,7 +98,7 @@ def load_checkpoint_bytes(data: bytes, name: str) -> Checkpoint:
         raise CheckpointError(f"checkpoint '{name}' is not a {FORMAT} file")
     try:
         return Checkpoint(
-            model_config=ModelConfig.model_validate(payload["model_config"]),
+            model_config=ModelConfig.model_validate(payload["model_config"]).without_auto(),
             state_dict=payload["state_dict"],
             train_config=TrainConfig.model_validate(payload["train_config"]),
             metrics=payload["metrics"],

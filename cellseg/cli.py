@@ -20,7 +20,6 @@ from pydantic import ValidationError
 
 from cellseg import __version__
 
-
 CONFIG_HELP = "TOML or YAML settings file (default: $CELLSEG_CONFIG); flags > CELLSEG_* environment > file"
 
 
@@ -70,6 +69,13 @@ def _settings(args: argparse.Namespace, overrides: dict[str, Any] | None = None)
     settings = load_settings(getattr(args, "config", None), nested)
     settings.apply_storage()
     return settings
+
+
+def _cell_diameter(text: str) -> float | str | None:
+    """--cell-diameter: pixels, 'auto' or 'none'."""
+    if text.lower() in ("auto", "none"):
+        return None if text.lower() == "none" else "auto"
+    return float(text)
 
 
 def _minutes(text: str) -> float | None:
@@ -136,12 +142,13 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     _setting(parser, "--base-width", key="model.base_width", type=int)
     _setting(parser, "--dropout", key="model.dropout", type=float)
     _setting(parser, "--norm", key="model.norm", choices=("group", "batch", "instance", "none"))
-    _setting(parser, "--cell-diameter", key="model.cell_diameter", type=float,
-             help="work at one cell size: resample every image so that its median cell is this many pixels "
-                  "across, in training and in prediction (nuclei: 18); default: images at their own scale")
+    _setting(parser, "--cell-diameter", key="model.cell_diameter", type=_cell_diameter, metavar="D|auto|none",
+             help="work at one cell size: resample every image so that its median cell is D pixels across, in "
+                  "training and in prediction (nuclei: 18); 'none': images at their own scale; 'auto': the "
+                  "training images' median cell when their cell sizes differ more than 1.5x, else none")
     _setting(parser, "--distance-map", key="model.distance_map", action="store_const", const=True,
              help="also learn each cell's distance to its outline (needs instance label masks) and split touching "
-                  "cells at its peaks")
+                  "cells at its peaks: fewer merged cells, a little less pixel Dice")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     _setting(parser, "--init-from", key="training.init_from",
              help="fine-tune from this checkpoint (its model config replaces --depth etc.)")
@@ -151,7 +158,12 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from cellseg.data import load_pairs, manifest_hash, pair_images_and_masks, split_train_val
+    from cellseg.data import (
+        load_pairs,
+        manifest_hash,
+        pair_images_and_masks,
+        split_train_val,
+    )
 
     settings = _settings(args)
     model_config, config = settings.model, settings.training

@@ -76,11 +76,13 @@ class ModelConfig(_Config):
     base_width: int = Field(16, ge=1, description="channels of the first encoder block")
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     norm: Literal["group", "batch", "instance", "none"] = "instance"
-    cell_diameter: float | None = Field(
-        None, gt=0.0,
+    cell_diameter: Annotated[float, Field(gt=0.0)] | Literal["auto"] | None = Field(
+        None,
         description=(
             "median cell diameter (pixels) the model works at: training images are resampled so that their "
-            "cells have it, and so is every image to segment (see cellseg.scale); None: images at their own scale"
+            "cells have it, and so is every image to segment (see cellseg.scale); None: images at their own "
+            "scale; 'auto': decided by training, the training images' median cell when their cell sizes "
+            "differ (cellseg.scale.collection_cell_diameter), else None"
         ),
     )
     distance_map: bool = Field(
@@ -93,6 +95,19 @@ class ModelConfig(_Config):
     normalization: NormalizationConfig = Field(
         NormalizationConfig(), description="input normalisation the weights expect"
     )
+
+    def automatic_fields(self) -> list[str]:
+        """The fields left to 'auto', which training decides from its data."""
+        return [name for name in AUTOMATIC_MODEL_FIELDS if getattr(self, name) == "auto"]
+
+    def without_auto(self) -> ModelConfig:
+        """This config with each 'auto' field off (no cell size): what 'auto' means where no
+        training data decides it, as when building a network from the config alone or loading a
+        checkpoint saved before the field existed."""
+        return self.model_copy(update={name: AUTOMATIC_MODEL_FIELDS[name] for name in self.automatic_fields()})
+
+
+AUTOMATIC_MODEL_FIELDS = {"cell_diameter": None}  # and their values when off
 
 
 class AugmentationConfig(_Config):

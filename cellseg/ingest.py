@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from cellseg.data import ImagePair, check_same_size, dataset_hash, pair_by_stem
-from cellseg.io import FileEntry, StorageOptions, decode_image, list_image_entries, read_bytes, write_file_atomic
+from cellseg.io import (
+    FileEntry,
+    StorageOptions,
+    decode_image,
+    list_image_entries,
+    read_bytes,
+    write_file_atomic,
+)
 
 logger = logging.getLogger(__name__)
 

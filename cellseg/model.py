@@ -79,7 +79,7 @@ class UNet(nn.Module):
 
     def __init__(self, config: ModelConfig = ModelConfig()):
         super().__init__()
-        self.config = config
+        self.config = config.without_auto()
         widths = [config.base_width * 2**level for level in range(config.depth + 1)]
         self.stem = DoubleConv(config.in_channels, widths[0], config.norm)
         self.encoder = nn.ModuleList(

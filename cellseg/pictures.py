@@ -13,11 +13,11 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: must precede pyplot
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from skimage.segmentation import find_boundaries  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from skimage.segmentation import find_boundaries
 
-from cellseg.io import StorageOptions, write_bytes  # noqa: E402
+from cellseg.io import StorageOptions, write_bytes
 
 TRUTH_COLOUR = (0.1, 0.9, 0.2)  # green
 PREDICTION_COLOUR = (1.0, 0.1, 0.8)  # magenta

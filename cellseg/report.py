@@ -11,8 +11,8 @@ from cellseg.config import PredictConfig
 from cellseg.data import LoadedPair
 from cellseg.io import read_image
 from cellseg.pictures import overlay_gallery, segmentation_montage, training_curves
-from cellseg.store import ResultStore
 from cellseg.predict import Predictor, threshold_probabilities
+from cellseg.store import ResultStore
 
 CURVES_FILE = "training_curves.png"
 GALLERY_FILE = "validation_gallery.png"

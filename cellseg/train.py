@@ -29,7 +29,7 @@ from cellseg.io import write_file_atomic
 from cellseg.losses import distance_map_loss, segmentation_loss
 from cellseg.metrics import MetricAccumulator, confusion_counts
 from cellseg.model import UNet
-from cellseg.scale import rescale_pairs
+from cellseg.scale import collection_cell_diameter, rescale_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,26 @@ def evaluate_model(
     return result
 
 
+def decide_automatic_fields(
+    model_config: ModelConfig, train_pairs: Sequence[LoadedPair], initial: ModelConfig | None = None
+) -> ModelConfig:
+    """`model_config` with its 'auto' fields decided: taken from the `initial` checkpoint's config
+    when fine-tuning, else from the training pairs (the cell size of `collection_cell_diameter`).
+    Each decision is logged."""
+    automatic = model_config.automatic_fields()
+    if not automatic:
+        return model_config
+    if initial is not None:
+        return model_config.model_copy(update={name: getattr(initial, name) for name in automatic})
+    decided: dict[str, object] = {}
+    if "cell_diameter" in automatic:
+        decided["cell_diameter"] = collection_cell_diameter(train_pairs)
+        logger.info("cell size: %s", "images at their own scale (their cell sizes agree)"
+                    if decided["cell_diameter"] is None else
+                    f"{decided['cell_diameter']:g} px, the median cell of the training images, whose sizes differ")
+    return model_config.model_copy(update=decided)
+
+
 def train(
     train_pairs: Sequence[LoadedPair],
     val_pairs: Sequence[LoadedPair],
@@ -140,14 +160,17 @@ def train(
 
     With `resume`, continues from `out_dir/last.pt` (same configs expected). Validation metrics
     are averaged over whole validation images; without validation images the training metrics
-    of the epoch are monitored instead. A model with a `cell_diameter` trains and validates on
-    the pairs resampled to that cell size (`cellseg.scale.rescale_pairs`).
+    of the epoch are monitored instead. The 'auto' fields of `model_config` are decided first
+    (`decide_automatic_fields`); a model with a `cell_diameter` then trains and validates on the
+    pairs resampled to that cell size (`cellseg.scale.rescale_pairs`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
 
+    initial = load_checkpoint(config.init_from) if config.init_from and not resume else None
+    model_config = decide_automatic_fields(model_config, train_pairs, initial.model_config if initial else None)
     if model_config.cell_diameter is not None:
         train_pairs, val_pairs = rescale_pairs(train_pairs, model_config), rescale_pairs(val_pairs, model_config)
         logger.info("images resampled so that their median cell is %g pixels across", model_config.cell_diameter)
@@ -168,8 +191,7 @@ def train(
     history: list[dict[str, float]] = []
     best_score, best_epoch, best_metrics, stale_epochs, spent_seconds = None, 0, {}, 0, 0.0
 
-    if config.init_from and not resume:
-        initial = load_checkpoint(config.init_from)
+    if initial is not None:
         if initial.model_config != model_config:
             raise ValueError(
                 f"'{config.init_from}' holds a model built as {initial.model_config.model_dump()}, "

@@ -15,11 +15,10 @@ from typing import Any
 
 from prefect import Task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.concurrency.sync import concurrency
 from prefect.client.schemas.objects import TaskRun
+from prefect.concurrency.sync import concurrency
 from prefect.states import State
 from prefect.task_runners import TaskRunner
-
 
 # Failures that a retry cannot fix: cellseg reports bad files, settings and checkpoints as
 # ValueError subclasses; a missing bucket/directory and denied access are permanent too.

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.futures import as_completed
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -23,7 +23,14 @@ from cellseg.report import montage_url, store_montage
 from cellseg.segment import model_record, pending_images, segment_images
 from cellseg.store import ResultStore
 from cellseg.train import resolve_device
-from flows._common import configure_storage, ProgressArtifact, gpu_slot, markdown_table, retry_unless_bad_input, task_runner
+from flows._common import (
+    ProgressArtifact,
+    configure_storage,
+    gpu_slot,
+    markdown_table,
+    retry_unless_bad_input,
+    task_runner,
+)
 
 Shard = list[tuple[str, str]]
 

@@ -17,12 +17,18 @@ from cellseg.data import load_pairs, split_train_val
 from cellseg.ingest import Manifest
 from cellseg.instances import HEADLINE_CELL_SCORES
 from cellseg.predict import Predictor
-from cellseg.scale import rescale_pairs
 from cellseg.registry import Registry
 from cellseg.report import training_pictures
+from cellseg.scale import rescale_pairs
 from cellseg.train import evaluate_model, resolve_device, train
 from cellseg.validation import validation_cell_scores
-from flows._common import configure_storage, ProgressArtifact, gpu_slot, markdown_table, retry_unless_bad_input
+from flows._common import (
+    ProgressArtifact,
+    configure_storage,
+    gpu_slot,
+    markdown_table,
+    retry_unless_bad_input,
+)
 from flows.ingest import ingest_dataset_flow
 
 METRICS = ("loss", "iou", "dice", "precision", "recall", "dice_pooled")

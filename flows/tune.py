@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.futures import as_completed
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ProcessPoolTaskRunner
 
@@ -18,8 +18,22 @@ from cellseg.config import ModelConfig, SearchSpace, TrainConfig, TuneUnetSettin
 from cellseg.data import load_pairs, split_train_val
 from cellseg.ingest import Manifest
 from cellseg.train import resolve_device
-from cellseg.tune import TABLE_COLUMNS, Trial, TrialResult, best_trial, plan_trials, run_trial, trial_rows
-from flows._common import configure_storage, ProgressArtifact, gpu_slot, markdown_table, task_runner
+from cellseg.tune import (
+    TABLE_COLUMNS,
+    Trial,
+    TrialResult,
+    best_trial,
+    plan_trials,
+    run_trial,
+    trial_rows,
+)
+from flows._common import (
+    ProgressArtifact,
+    configure_storage,
+    gpu_slot,
+    markdown_table,
+    task_runner,
+)
 from flows.ingest import ingest_dataset_flow
 from flows.train import register_model
 

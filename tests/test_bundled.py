@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellseg.bundled import BUNDLED_CHECKPOINT, BUNDLED_PROVENANCE, BundledRecipe, build, bundled_checkpoint
+from cellseg.bundled import (
+    BUNDLED_CHECKPOINT,
+    BUNDLED_PROVENANCE,
+    BundledRecipe,
+    build,
+    bundled_checkpoint,
+)
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
 from cellseg.io import read_image, read_mask
@@ -31,7 +37,7 @@ def test_the_bundled_checkpoint_loads_safely_and_matches_its_provenance():
     assert BUNDLED_CHECKPOINT.stat().st_size < 4_000_000
     checkpoint = load_checkpoint(bundled_checkpoint())  # weights_only=True inside
     # Fields added since the model was built take their defaults, as when any older checkpoint loads.
-    assert checkpoint.model_config == ModelConfig.model_validate(provenance["recipe"]["model"])
+    assert checkpoint.model_config == ModelConfig.model_validate(provenance["recipe"]["model"]).without_auto()
     assert checkpoint.dataset_manifest_hash is not None  # trained on a generated, hashed dataset
 
 

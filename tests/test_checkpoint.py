@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from cellseg import __version__
-from cellseg.checkpoint import FORMAT, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from cellseg.checkpoint import (
+    FORMAT,
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from cellseg.config import ModelConfig, NormalizationConfig, TrainConfig
 from cellseg.model import UNet
 

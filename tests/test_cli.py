@@ -103,12 +103,13 @@ def test_synth_train_predict_evaluate_round_trip(tmp_path):
     assert all(row["cell_count"] > 0 for row in results["statistics"])
 
 
-@pytest.mark.parametrize("cell_size", [[], ["--cell-diameter", "28"], ["--distance-map"]],
-                         ids=["own-scale", "cell-diameter", "distance-map"])
+@pytest.mark.parametrize("cell_size", [[], ["--cell-diameter", "28"], ["--distance-map", "--cell-diameter", "auto"]],
+                         ids=["defaults", "cell-diameter", "distance-map-auto-size"])
 def test_training_on_label_images_reports_the_cells_predict_and_evaluate_find(tmp_path, cell_size):
     cellseg("synth", "--out", str(tmp_path / "data"), "--count", "16", "--size", "96", "--seed", "0")
-    trained = cellseg("train", "--images", str(tmp_path / "data/images"), "--masks", str(tmp_path / "data/labels"),
-                      "--out", str(tmp_path / "model"), *FAST_TRAIN, *cell_size).stdout
+    training = cellseg("train", "--images", str(tmp_path / "data/images"), "--masks", str(tmp_path / "data/labels"),
+                       "--out", str(tmp_path / "model"), *FAST_TRAIN, *cell_size)
+    trained = training.stdout
     validation = json.loads((tmp_path / "model/split.json").read_text())["val"]
     for kind in ("images", "labels"):
         (tmp_path / "val" / kind).mkdir(parents=True)
@@ -124,8 +125,10 @@ def test_training_on_label_images_reports_the_cells_predict_and_evaluate_find(tm
             f"(pooled {cells['f1_pooled']:.4f}), DSB score {cells['dsb_score_mean']:.4f}") in trained
     assert f"cell errors: of {cells['true_cells_total']} true cells {cells['merged_total']} merged" in trained
     model = ResultStore.open(store).record(validation[0])["model"]
-    assert model["model_config"]["cell_diameter"] == (28.0 if "--cell-diameter" in cell_size else None)
+    # 'auto' keeps the synthetic cells, all of one size, at their own scale, and says so.
+    assert model["model_config"]["cell_diameter"] == (28.0 if "28" in cell_size else None)
     assert model["model_config"]["distance_map"] == ("--distance-map" in cell_size)
+    assert ("cell size: images at their own scale (their cell sizes agree)" in training.stderr) == ("auto" in cell_size)
     if "--distance-map" in cell_size:  # no centre is 0.99 above its saddle: every object stays whole
         whole = str(tmp_path / "whole.zarr")
         cellseg("predict", "--model", str(tmp_path / "model/best.pt"), "--images", str(tmp_path / "val/images"),
@@ -134,7 +137,7 @@ def test_training_on_label_images_reports_the_cells_predict_and_evaluate_find(tm
                                      "--labels", str(tmp_path / "val/labels"), "--json").stdout)["instances"]
         assert unsplit["predicted_cells_total"] < cells["predicted_cells_total"]
         assert ResultStore.open(whole).record(validation[0])["model"]["centre_prominence"] == 0.99
-    if "--cell-diameter" in cell_size:  # cells stated instead of measured: the synthetic ones are about 14 px across
+    if "28" in cell_size:  # cells stated instead of measured: the synthetic ones are about 14 px across
         stated = str(tmp_path / "stated.zarr")
         cellseg("predict", "--model", str(tmp_path / "model/best.pt"), "--images", str(tmp_path / "val/images"),
                 "--out", stated, "--cell-diameter", "14")

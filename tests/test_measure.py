@@ -10,7 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellseg.measure import CELL_COLUMNS, REGIONPROPS_COLUMNS, REGIONPROPS_PROPERTIES, cell_measurements
+from cellseg.measure import (
+    CELL_COLUMNS,
+    REGIONPROPS_COLUMNS,
+    REGIONPROPS_PROPERTIES,
+    cell_measurements,
+)
 from cellseg.store import ResultStore, StoreError
 
 

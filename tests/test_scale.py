@@ -27,6 +27,7 @@ from cellseg.predict import Predictor, predict_outputs, predict_probabilities
 from cellseg.scale import (
     MAX_SCALE,
     MAX_UPSCALED_PIXELS,
+    collection_cell_diameter,
     median_cell_diameter,
     rescale_pair,
     rescale_pairs,
@@ -197,3 +198,21 @@ def test_training_at_a_cell_size_records_it_and_validates_on_resampled_images(sy
     assert load_checkpoint(str(result.best_checkpoint)).model_config.cell_diameter == 30.0
     assert "median cell is 30 pixels across" in caplog.text
     assert 0.0 <= result.history[0]["val_dice"] <= 1.0
+
+
+def test_a_collection_works_at_one_size_only_when_its_cell_sizes_differ():
+    small = squares([8, 8, 10, 12], shape=(120, 80))
+    large = np.zeros((150, 60), dtype=np.int32)
+    for label, side in enumerate([32, 36, 40], start=1):
+        large[2 + 50 * (label - 1) : 2 + 50 * (label - 1) + side, 2 : 2 + side] = label
+    same = [pair_of(np.ones(small.shape), small) for _ in range(4)]
+    assert collection_cell_diameter(same) is None  # one size: images stay at their own scale
+    mixed = same + [pair_of(np.ones(large.shape), large) for _ in range(4)]
+    # Sizes spread 4x: the median cell of all 28 cells, as the disc of its area, to half a pixel.
+    areas = np.concatenate([np.bincount(pair.instances.ravel())[1:] for pair in mixed])
+    expected = round(2 * np.sqrt(np.median(areas[areas > 0]) / np.pi) * 2) / 2
+    assert collection_cell_diameter(mixed) == expected
+    assert collection_cell_diameter(mixed[:1]) is None  # one image says nothing about spread
+    # Binary masks count the cells as predict splits them.
+    binary = [dataclasses.replace(pair, instances=None) for pair in mixed]
+    assert collection_cell_diameter(binary) == pytest.approx(expected, abs=1.0)

@@ -36,9 +36,8 @@ secret = "file-secret-value"
 
 @pytest.mark.parametrize("suffix", [".toml", ".yaml"])
 def test_flags_over_environment_over_file_over_defaults(tmp_path, suffix):
-    import yaml
-
     import tomllib
+    import yaml
 
     path = tmp_path / f"cellseg{suffix}"
     path.write_text(TOML if suffix == ".toml" else yaml.safe_dump(tomllib.loads(TOML)))

@@ -52,7 +52,7 @@ def test_tiled_equals_untiled_for_a_model_whose_receptive_field_fits_the_margin(
     torch.manual_seed(0)
     model = UNet(ModelConfig(depth=2, base_width=4, norm="none", dropout=0.0)).eval()
     image = np.random.default_rng(1).random((400, 360), dtype=np.float32)
-    predict = lambda x: forward_probabilities(model, x[None], torch.device("cpu"), amp=False)[0]  # noqa: E731
+    predict = lambda x: forward_probabilities(model, x[None], torch.device("cpu"), amp=False)[0]
     untiled = predict(image)
     tiled = predict_tiled(predict, image, tile=160, overlap=96)
     np.testing.assert_allclose(tiled, untiled, atol=1e-5)

@@ -215,3 +215,36 @@ def test_a_distance_map_output_learns_each_cells_distance_to_its_outline(synthet
 def _without_distance(state_dict):
     """The weights of a distance-map model with its second output channel cut off."""
     return {name: value[:1] if name.startswith("head.") else value for name, value in state_dict.items()}
+
+
+def test_automatic_fields_are_decided_from_the_training_masks(synthetic_dataset, split, caplog):
+    import logging
+
+    from cellseg.train import decide_automatic_fields
+
+    binary_pairs, _ = split
+    label_pairs = load_pairs(pair_images_and_masks(str(synthetic_dataset / "images"), str(synthetic_dataset / "labels")),
+                             SMALL_MODEL.normalization)
+    automatic = SMALL_MODEL.model_copy(update={"cell_diameter": "auto"})
+    assert decide_automatic_fields(SMALL_MODEL, label_pairs) == SMALL_MODEL  # nothing to decide by default
+    with caplog.at_level(logging.INFO, logger="cellseg"):
+        decided = decide_automatic_fields(automatic, label_pairs)
+    assert decided.cell_diameter is None
+    assert "cell size: images at their own scale (their cell sizes agree)" in caplog.text
+    # Half the images enlarged 3x: their sizes now differ, so the model works at one size.
+    from cellseg.scale import resize, scaled_shape
+
+    mixed = [pair if index % 2 else dataclasses.replace(
+        pair, image=resize(pair.image, scaled_shape(pair.image.shape, 3.0), order=1),
+        mask=resize(pair.mask, scaled_shape(pair.image.shape, 3.0), order=0),
+        instances=resize(pair.instances, scaled_shape(pair.image.shape, 3.0), order=0))
+        for index, pair in enumerate(label_pairs)]
+    with caplog.at_level(logging.INFO, logger="cellseg"):
+        sized = decide_automatic_fields(automatic, mixed).cell_diameter
+    assert sized is not None and sized * 2 % 1 == 0
+    assert f"cell size: {sized:g} px, the median cell of the training images, whose sizes differ" in caplog.text
+    # Fine-tuning takes it from the checkpoint it starts from.
+    initial = SMALL_MODEL.model_copy(update={"cell_diameter": 30.0})
+    assert decide_automatic_fields(automatic, binary_pairs, initial) == initial
+    # A config never built by training (a checkpoint, a bare network) has 'auto' off.
+    assert automatic.without_auto() == SMALL_MODEL
