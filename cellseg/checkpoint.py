@@ -98,7 +98,7 @@ def load_checkpoint_bytes(data: bytes, name: str) -> Checkpoint:
         raise CheckpointError(f"checkpoint '{name}' is not a {FORMAT} file")
     try:
         return Checkpoint(
-            model_config=ModelConfig.model_validate(payload["model_config"]).without_auto(),
+            model_config=ModelConfig.model_validate(payload["model_config"]),
             state_dict=payload["state_dict"],
             train_config=TrainConfig.model_validate(payload["train_config"]),
             metrics=payload["metrics"],

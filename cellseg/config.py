@@ -102,8 +102,7 @@ class ModelConfig(_Config):
 
     def without_auto(self) -> ModelConfig:
         """This config with each 'auto' field off (no cell size): what 'auto' means where no
-        training data decides it, as when building a network from the config alone or loading a
-        checkpoint saved before the field existed."""
+        training data decides it, as when a network or a checkpoint is built from the config alone."""
         return self.model_copy(update={name: AUTOMATIC_MODEL_FIELDS[name] for name in self.automatic_fields()})
 
 
