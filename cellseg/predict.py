@@ -8,7 +8,9 @@ import hashlib
 import threading
 from collections import defaultdict
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -116,10 +118,14 @@ def predict_probabilities(
 @dataclass(frozen=True)
 class CellMaps:
     """What a model says about one image, on the image's own grid: the cell probability (H, W)
-    and, from a model with a distance-map output, each cell's normalised distance (H, W)."""
+    and, from a model with a distance-map output, each cell's normalised distance (H, W). From a
+    model at a cell size, `scale` says how the image was seen: its cells' median diameter in
+    pixels (`cell_diameter`, None when none were found), whether that was `measured` by a first
+    pass or stated, and the `factor` the image was resampled by."""
 
     probability: np.ndarray
     distance: np.ndarray | None = None
+    scale: dict[str, Any] | None = None
 
 
 SCALE_TOLERANCE = 0.05  # cells within 5% of the model's size are predicted at the image's own scale
@@ -199,11 +205,14 @@ class Predictor:
                 cell_diameter = median_cell_diameter(self.cell_labels(CellMaps(first_pass.probability)))
             factor = scale_factor(cell_diameter, model_diameter, image.shape)
             if abs(factor - 1.0) < SCALE_TOLERANCE:
-                results.append(first_pass if first_pass is not None else self._cell_maps(self._forward([image])[0]))
-                continue
-            (scaled,) = self._forward([resize(image, scaled_shape(image.shape, factor), order=1)])
-            results.append(self._cell_maps(np.stack([np.clip(resize(channel, image.shape, order=1), 0.0, 1.0)
-                                                for channel in scaled])))
+                maps = first_pass if first_pass is not None else self._cell_maps(self._forward([image])[0])
+                factor = 1.0
+            else:
+                (scaled,) = self._forward([resize(image, scaled_shape(image.shape, factor), order=1)])
+                maps = self._cell_maps(np.stack([np.clip(resize(channel, image.shape, order=1), 0.0, 1.0)
+                                                 for channel in scaled]))
+            scale = {"cell_diameter": cell_diameter, "measured": first_pass is not None, "factor": factor}
+            results.append(dataclasses.replace(maps, scale=scale))
         return results
 
     def _forward(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -193,6 +193,7 @@ def _write_result(
             "probabilities": maps.probability if predictor.config.save_probabilities else None, "replace": False,
             "cells": labels, "image": image if predictor.config.store_image else None,
             "cell_table": (CELL_COLUMNS, cell_measurements(labels, image)) if predictor.config.measure_cells else None,
+            "scale": maps.scale,
         }
     except Exception as error:
         return _describe(error)

@@ -122,9 +122,11 @@ class ResultStore:
         cells: np.ndarray | None = None,
         cell_table: tuple[tuple[str, ...], np.ndarray] | None = None,
         image: np.ndarray | None = None,
+        scale: Mapping[str, Any] | None = None,
     ) -> bool:
         """Write one image's mask (and optional probabilities, cell labels, cell table and a copy of
-        the source image), its NGFF metadata, then mark it done with its statistics.
+        the source image), its NGFF metadata, then mark it done with its statistics (and, for a
+        model at a cell size, the `scale` the image was seen at: `CellMaps.scale`).
 
         With `replace=False` an image that is already done (e.g. by a run working on the same
         store at the same time) is left as it is and False is returned; otherwise True.
@@ -168,6 +170,8 @@ class ResultStore:
             "statistics": dict(statistics),
             "written": _now(),
         }
+        if scale is not None:
+            attributes["cellseg"]["scale"] = dict(scale)
         group.attrs.put(attributes)  # one metadata write: the NGFF image (or none) and the done mark together
         return True
 

@@ -124,7 +124,11 @@ def test_training_on_label_images_reports_the_cells_predict_and_evaluate_find(tm
     assert (f"validation cells (3 images, as `predict` segments them): F1@0.5 {cells['f1_mean']:.4f} "
             f"(pooled {cells['f1_pooled']:.4f}), DSB score {cells['dsb_score_mean']:.4f}") in trained
     assert f"cell errors: of {cells['true_cells_total']} true cells {cells['merged_total']} merged" in trained
-    model = ResultStore.open(store).record(validation[0])["model"]
+    record = ResultStore.open(store).record(validation[0])
+    model = record["model"]
+    assert ("scale" in record) == ("28" in cell_size)  # only a model at a cell size is resampled
+    if "28" in cell_size:
+        assert record["scale"]["measured"] is True and record["scale"]["cell_diameter"] > 0
     # 'auto' keeps the synthetic cells, all of one size, at their own scale, and says so.
     assert model["model_config"]["cell_diameter"] == (28.0 if "28" in cell_size else None)
     assert model["model_config"]["distance_map"] == ("--distance-map" in cell_size)
@@ -144,6 +148,8 @@ def test_training_on_label_images_reports_the_cells_predict_and_evaluate_find(tm
         told = json.loads(cellseg("evaluate", "--pred", stated, "--masks", str(tmp_path / "val/labels"),
                                   "--labels", str(tmp_path / "val/labels"), "--json").stdout)["instances"]
         assert told["images"] == 3 and told["f1_mean"] > 0.5, told
+        scale = ResultStore.open(stated).record(validation[0])["scale"]
+        assert scale == {"cell_diameter": 14.0, "measured": False, "factor": 2.0}
 
 
 def test_round_trip_through_s3(tmp_path, s3_bucket):

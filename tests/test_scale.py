@@ -165,6 +165,26 @@ def test_a_model_at_a_cell_size_finds_cells_three_times_larger(enlarged_sample):
     assert f1_told > f1_plain + 0.2 and f1_told > f1_original - 0.05
 
 
+def test_each_image_says_the_cell_size_and_scale_it_was_predicted_at(enlarged_sample):
+    sample, image, labels = enlarged_sample
+    model_diameter = median_cell_diameter(sample.labels)
+    (maps,) = Predictor(bundled_at_cell_size(model_diameter), PredictConfig(device="cpu")).cell_maps([image])
+    # The cells are 3x the model's size; its first pass, at the wrong scale, sees them 2x (the
+    # size it records is what it worked from, for whoever wonders why an image came out so).
+    assert maps.scale["measured"] is True
+    assert 1.5 * model_diameter < maps.scale["cell_diameter"] <= 1.1 * median_cell_diameter(labels)
+    assert maps.scale["factor"] == pytest.approx(model_diameter / maps.scale["cell_diameter"])
+    told = Predictor(bundled_at_cell_size(model_diameter), PredictConfig(device="cpu", cell_diameter=2 * model_diameter))
+    (stated,) = told.cell_maps([image])
+    assert stated.scale == {"cell_diameter": 2 * model_diameter, "measured": False, "factor": 0.5}
+    close = Predictor(bundled_at_cell_size(model_diameter), PredictConfig(device="cpu", cell_diameter=1.02 * model_diameter))
+    assert close.cell_maps([image])[0].scale["factor"] == 1.0  # within 5%: predicted at its own scale
+    (own,) = Predictor(bundled_at_cell_size(model_diameter), PredictConfig(device="cpu")).cell_maps([sample.image])
+    assert 0.8 < own.scale["factor"] < 1.25  # cells at about the model's size stay about as they are
+    (plain,) = Predictor(bundled_at_cell_size(None), PredictConfig(device="cpu")).cell_maps([image])
+    assert plain.scale is None
+
+
 def test_stated_cell_size_is_the_resampling_of_the_image(enlarged_sample):
     _, image, labels = enlarged_sample
     predictor = Predictor(bundled_at_cell_size(20.0), PredictConfig(device="cpu", cell_diameter=40.0))
