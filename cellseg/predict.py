@@ -3,12 +3,12 @@ with mixed precision where it helps, sigmoid, threshold."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import threading
 from collections import defaultdict
 from collections.abc import Sequence
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
