@@ -1,6 +1,9 @@
 """Quality of a trained model on its validation images, measured the way the README's quality
 table is: pixel scores (Dice, IoU, pixel error) and, where the dataset has instance labels, cell
-scores (F1 at IoU 0.5, DSB2018 score, median cell-count error).
+scores (F1 at IoU 0.5, DSB2018 score, median cell-count error). Pixel error comes both ways (see
+`cellseg.metrics`): `pixel_error` is the mean fraction of misclassified pixels per image,
+`pixel_error_isbi2012` the ISBI 2012 challenge's (and U-Net paper's) 1 - maximal F-score of the
+cell pixels over probability thresholds 0.0-1.0, pooled over the validation images.
 
     python -m benchmarks.quality --dataset ../shared/data/dsb2018 --run runs/ref-dsb2018 [--tta] [--no-split]
 
@@ -45,7 +48,8 @@ def measure(dataset: Path, run: Path, out: Path, config: PredictConfig) -> dict:
         shutil.rmtree(out)
     ids = link_validation_images(dataset, run, out / "val")
     checkpoint = str(run / "best.pt")
-    predictor = Predictor.from_checkpoint(checkpoint, config)
+    # probabilities kept so that the ISBI 2012 pixel error can sweep its thresholds
+    predictor = Predictor.from_checkpoint(checkpoint, config.model_copy(update={"save_probabilities": True}))
     store = ResultStore.open(str(out / "val.zarr"))
     todo, _ = pending_images(list_images(str(out / "val" / "images")), store)
     segment_images(todo, store, predictor, model_record(predictor, checkpoint))
@@ -57,6 +61,8 @@ def measure(dataset: Path, run: Path, out: Path, config: PredictConfig) -> dict:
         "split_touching": config.split_touching,
         "dice": result["mean"]["dice"], "dice_pooled": result["pooled"]["dice"], "iou": result["mean"]["iou"],
         "pixel_error": float(np.mean(errors)),
+        "pixel_error_isbi2012": result["pixel_error"]["isbi2012"],
+        "isbi2012_threshold": result["pixel_error"]["isbi2012_threshold"],
     }
     if has_labels:
         cells = result["instances"]

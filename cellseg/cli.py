@@ -330,6 +330,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     print(f"{'':8}" + "".join(f"{name:>11}" for name in result["mean"]))
     for kind in ("mean", "pooled"):
         print(f"{kind:8}" + "".join(f"{value:11.4f}" for value in result[kind].values()))
+    errors = result["pixel_error"]
+    swept = (f"best of thresholds 0.0-1.0: {errors['isbi2012_threshold']:.1f}" if errors["isbi2012_threshold"] is not None
+             else "the stored masks; predict --save-probabilities to sweep thresholds")
+    print(f"pixel error: {errors['misclassified']:.4f} of pixels misclassified; "
+          f"ISBI 2012 definition (1 - F-score of cell pixels) {errors['isbi2012']:.4f}, at {swept}")
     if "instances" in result:
         _print_cell_scores(result["instances"])
     if result["missing_predictions"]:

@@ -7,7 +7,7 @@ from typing import Any
 from cellseg.data import index_by_stem
 from cellseg.instances import instance_scores, summarise_instance_scores
 from cellseg.io import StorageOptions, list_images, read_image, read_mask
-from cellseg.metrics import MetricAccumulator, confusion_counts
+from cellseg.metrics import MetricAccumulator, ThresholdSweep, confusion_counts
 from cellseg.store import ResultStore, StoreError
 
 
@@ -17,10 +17,16 @@ def evaluate_store(
     """Pixel metrics of every done image that has a ground-truth mask of the same stem, and with
     `labels_url` (ground-truth instance label images) cell-level metrics too.
 
-    Returns {"images", "mean", "pooled", "per_image", "missing_predictions"} and, with labels,
-    "instances" (F1 at IoU 0.5, DSB2018 score, pooled precision/recall, median cell count error)
-    with per-image instance scores merged into "per_image". Ground-truth masks with no finished
-    prediction are listed in "missing_predictions" and not scored.
+    Returns {"images", "mean", "pooled", "pixel_error", "per_image", "missing_predictions"} and,
+    with labels, "instances" (F1 at IoU 0.5, DSB2018 score, pooled precision/recall, median cell
+    count error) with per-image instance scores merged into "per_image". Ground-truth masks with
+    no finished prediction are listed in "missing_predictions" and not scored.
+
+    "pixel_error" holds both meanings of the term (see `cellseg.metrics`): "misclassified", the
+    pooled fraction of wrong pixels, and "isbi2012", 1 - the best pooled F-score of the cell pixels
+    over the probability thresholds 0.0-1.0 when every scored image was stored with its
+    probabilities ("isbi2012_threshold" says which threshold), else 1 - the pooled Dice of the
+    stored masks (one threshold, so never below the swept value; "isbi2012_threshold" None).
     """
     truths = index_by_stem(list_images(masks_url, storage_options), "mask")
     true_labels = index_by_stem(list_images(labels_url, storage_options), "label") if labels_url else {}
@@ -29,6 +35,7 @@ def evaluate_store(
     if not scored:
         raise StoreError(f"no image in '{store.url}' has a ground-truth mask under '{masks_url}'")
     accumulator, per_image = MetricAccumulator(), []
+    sweep = ThresholdSweep() if all(store.has_probabilities(image_id) for image_id in scored) else None
     for image_id in scored:
         truth = read_mask(truths[image_id], storage_options)
         prediction = store.read_mask(image_id)
@@ -39,6 +46,8 @@ def evaluate_store(
             )
         counts = confusion_counts(prediction, truth)
         accumulator.add(counts)
+        if sweep is not None:
+            sweep.add(store.read_probabilities(image_id), truth)
         row = {"image_id": image_id, **counts.scores()}
         if labels_url:
             if image_id not in true_labels:
@@ -53,6 +62,7 @@ def evaluate_store(
         "images": len(scored),
         "mean": accumulator.mean(),
         "pooled": accumulator.pooled(),
+        "pixel_error": _pixel_errors(accumulator, sweep),
         "per_image": per_image,
         "missing_predictions": sorted(truths.keys() - done),
     }
@@ -61,3 +71,11 @@ def evaluate_store(
                          for row in per_image]
         result["instances"] = summarise_instance_scores(instance_rows)
     return result
+
+
+def _pixel_errors(accumulator: MetricAccumulator, sweep: ThresholdSweep | None) -> dict[str, float | None]:
+    total = accumulator.total()
+    if sweep is None:
+        return {"misclassified": total.misclassified, "isbi2012": 1.0 - total.scores()["dice"], "isbi2012_threshold": None}
+    threshold, dice = sweep.best()
+    return {"misclassified": total.misclassified, "isbi2012": 1.0 - dice, "isbi2012_threshold": threshold}

@@ -12,6 +12,12 @@ correct "nothing here" answer scores perfectly and a wrong one scores zero:
 Precision with no predicted cells is 1 (no false positives were made) and recall with no true
 cells is 1 (nothing was missed). Aggregates come two ways: `mean` averages per-image scores (each
 image counts once), `pooled` sums pixel counts over all images first (each pixel counts once).
+
+"Pixel error" means two things in the field. Here `misclassified` is the plain fraction of pixels
+whose class is wrong. The ISBI 2012 EM challenge, and the U-Net paper's 0.0611 with it, define
+pixel error as 1 minus the maximal F-score of the foreground (cell interior) over the probability
+thresholds 0.0, 0.1, ..., 1.0, counts pooled over the stack (Arganda-Carreras et al. 2015; the
+challenge's Fiji `PixelError` metric): `ThresholdSweep`.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 METRIC_NAMES = ("iou", "dice", "precision", "recall")
+ISBI2012_THRESHOLDS = tuple(step / 10 for step in range(11))  # 0.0, 0.1, ..., 1.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,12 @@ class ConfusionCounts:
 
     def __add__(self, other: ConfusionCounts) -> ConfusionCounts:
         return ConfusionCounts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.tn + other.tn)
+
+    @property
+    def misclassified(self) -> float:
+        """Fraction of all pixels whose class is wrong (0 for no pixels)."""
+        total = self.tp + self.fp + self.fn + self.tn
+        return 0.0 if total == 0 else (self.fp + self.fn) / total
 
     def scores(self) -> dict[str, float]:
         """IoU, Dice, precision and recall with the edge cases in the module docstring."""
@@ -85,12 +98,37 @@ class MetricAccumulator:
         per_image = [counts.scores() for counts in self.per_image]
         return {name: sum(s[name] for s in per_image) / len(per_image) for name in METRIC_NAMES}
 
+    def total(self) -> ConfusionCounts:
+        """The counts summed over all images."""
+        return sum(self.per_image, ConfusionCounts())
+
     def pooled(self) -> dict[str, float]:
         """Scores of the summed counts over all images."""
-        total = ConfusionCounts()
-        for counts in self.per_image:
-            total = total + counts
-        return total.scores()
+        return self.total().scores()
+
+
+class ThresholdSweep:
+    """Pooled confusion counts of probability maps at several thresholds (a pixel is cell where its
+    probability exceeds the threshold), for the ISBI 2012 pixel error: 1 - the best pooled Dice
+    (the F-score of the cell pixels) over the thresholds."""
+
+    def __init__(self, thresholds: Iterable[float] = ISBI2012_THRESHOLDS):
+        self.counts = {float(threshold): ConfusionCounts() for threshold in thresholds}
+        if not self.counts:
+            raise ValueError("ThresholdSweep needs at least one threshold")
+
+    def add(self, probability: Any, truth: Any) -> None:
+        for threshold, counts in self.counts.items():
+            self.counts[threshold] = counts + confusion_counts(probability > threshold, truth)
+
+    def best(self) -> tuple[float, float]:
+        """(threshold, pooled Dice) of the threshold whose pooled Dice is highest; the lowest such
+        threshold on ties."""
+        return max(((threshold, counts.scores()["dice"]) for threshold, counts in self.counts.items()),
+                   key=lambda pair: (pair[1], -pair[0]))
+
+    def isbi_pixel_error(self) -> float:
+        return 1.0 - self.best()[1]
 
 
 def mask_agreement(masks: Iterable[Any], references: Iterable[Any]) -> dict[str, float]:

@@ -42,6 +42,7 @@ TABLE_CHUNK_ROWS = 65536
 DONE = "done"
 NGFF_VERSION = "0.5"
 IMAGE_PATH = "0"
+PROBABILITIES_PATH = "probabilities/0"
 
 
 class StoreError(ValueError):
@@ -146,7 +147,7 @@ class ResultStore:
         if cells is not None:
             self._write_array(f"{image_id}/labels/{CELLS_NAME}/0", cells.astype(np.int32), existing is not None)
         if probabilities is not None:
-            self._write_array(f"{image_id}/probabilities/0", probabilities.astype(np.float16), existing is not None)
+            self._write_array(f"{image_id}/{PROBABILITIES_PATH}", probabilities.astype(np.float16), existing is not None)
         if cell_table is not None:
             columns, rows = cell_table
             self._write_array(
@@ -274,6 +275,16 @@ class ResultStore:
     def read_image(self, image_id: str) -> np.ndarray:
         """The copy of the source image stored with a done result (`PredictConfig.store_image`)."""
         return self._optional_array(image_id, IMAGE_PATH, "a copy of its source image")[...]
+
+    def has_probabilities(self, image_id: str) -> bool:
+        """Whether a done image was written with its cell probabilities (`--save-probabilities`)."""
+        self._require_done(image_id)
+        return isinstance(self.root.get(f"{image_id}/{PROBABILITIES_PATH}"), zarr.Array)
+
+    def read_probabilities(self, image_id: str) -> np.ndarray:
+        """float32 (H, W) cell probabilities of a done image written with `--save-probabilities`."""
+        array = self._optional_array(image_id, PROBABILITIES_PATH, "probabilities (predict --save-probabilities)")
+        return array[...].astype(np.float32)
 
     def _optional_array(self, image_id: str, path: str, what: str) -> zarr.Array:
         """An array that a done image may have been written without; StoreError naming `what` if so."""

@@ -80,6 +80,9 @@ def test_synth_train_predict_evaluate_round_trip(tmp_path):
     assert set(scores["mean"]) == {"iou", "dice", "precision", "recall"}
     table = cellseg("evaluate", "--pred", store, "--masks", str(tmp_path / "new/masks")).stdout
     assert "pooled" in table and f"{scores['pooled']['dice']:.4f}" in table
+    assert scores["pixel_error"]["isbi2012"] == pytest.approx(1 - scores["pooled"]["dice"])
+    assert (f"pixel error: {scores['pixel_error']['misclassified']:.4f} of pixels misclassified; ISBI 2012 definition "
+            f"(1 - F-score of cell pixels) {scores['pixel_error']['isbi2012']:.4f}, at the stored masks") in table
 
     with_cells = json.loads(cellseg("evaluate", "--pred", store, "--masks", str(tmp_path / "new/masks"),
                                     "--labels", str(tmp_path / "new/labels"), "--json").stdout)

@@ -57,6 +57,25 @@ def test_per_image_scores_equal_the_metrics_module(store, tmp_path):
         assert {key: value for key, value in row.items() if key != "image_id"} == expected
 
 
+def test_pixel_error_both_ways_from_the_masks(store, tmp_path):
+    result = evaluate_store(store, write_truths(tmp_path / "truth", TRUTHS))
+    # a: fp 1 + fn 1 of 6 pixels, b: none of 6; ISBI: 1 - pooled Dice (4/6) of the masks
+    assert result["pixel_error"] == pytest.approx({"misclassified": 2 / 12, "isbi2012": 2 / 6, "isbi2012_threshold": None})
+
+
+def test_isbi_pixel_error_sweeps_thresholds_when_probabilities_are_stored(tmp_path):
+    store = ResultStore.open(str(tmp_path / "results.zarr"))
+    # a's probabilities: thresholded at 0.5 they give PREDICTIONS["a"]; above 0.2 the missed cell pixel is found
+    probabilities = {"a": np.array([[0.9, 0.8, 0.6], [0.3, 0.1, 0.1]]), "b": np.full((2, 3), 0.2)}
+    for image_id, probability in probabilities.items():
+        store.write_result(image_id, probability > 0.5, {}, f"{image_id}.png", {"version": "v1"}, probability)
+    result = evaluate_store(store, write_truths(tmp_path / "truth", TRUTHS))
+    # > 0.2: a has tp 3, fp 1, fn 0 and b no cell pixel -> Dice 6/7, the best (> 0.1 takes all of b, > 0.3 loses
+    # a's (1, 0)); the stored masks score 4/6
+    assert result["pixel_error"] == pytest.approx({"misclassified": 2 / 12, "isbi2012": 1 / 7, "isbi2012_threshold": 0.2})
+    assert result["pooled"]["dice"] == pytest.approx(4 / 6)
+
+
 def test_truths_without_a_finished_prediction_are_listed(store, tmp_path):
     truths = {**TRUTHS, "d": mask(["..#", "..."])}
     result = evaluate_store(store, write_truths(tmp_path / "truth", truths))

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from cellseg.metrics import (
+    ISBI2012_THRESHOLDS,
     METRIC_NAMES,
     ConfusionCounts,
     MetricAccumulator,
+    ThresholdSweep,
     confusion_counts,
     segmentation_scores,
 )
@@ -136,3 +138,33 @@ def test_single_image_mean_equals_pooled_equals_scores():
 def test_empty_accumulator_mean_is_nan():
     assert all(math.isnan(value) for value in MetricAccumulator().mean().values())
     assert set(MetricAccumulator().mean()) == set(METRIC_NAMES)
+
+
+def test_misclassified_is_the_fraction_of_wrong_pixels():
+    assert confusion_counts(PREDICTION, TRUTH).misclassified == pytest.approx(3 / 6)  # fp 2 + fn 1 of 6
+    assert ConfusionCounts().misclassified == 0.0
+    assert MetricAccumulator([ConfusionCounts(1, 2, 3, 4), ConfusionCounts(5, 0, 0, 5)]).total() == ConfusionCounts(6, 2, 3, 9)
+
+
+def test_isbi_pixel_error_takes_the_best_pooled_f_score_over_thresholds():
+    assert ISBI2012_THRESHOLDS == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    # Two images, pooled: truth cells (1) and background (0) with the probabilities below.
+    sweep = ThresholdSweep((0.2, 0.5, 0.8))
+    sweep.add(np.array([[0.9, 0.6, 0.3]]), np.array([[True, True, False]]))
+    sweep.add(np.array([[0.7, 0.1, 0.4]]), np.array([[True, True, False]]))
+    # > 0.2: tp 3 fp 2 fn 1 -> 6/9;  > 0.5: tp 3 fp 0 fn 1 -> 6/7;  > 0.8: tp 1 fp 0 fn 3 -> 2/5
+    assert sweep.counts[0.5] == ConfusionCounts(tp=3, fp=0, fn=1, tn=2)
+    assert sweep.best() == (0.5, pytest.approx(6 / 7))
+    assert sweep.isbi_pixel_error() == pytest.approx(1 / 7)
+
+
+def test_isbi_pixel_error_of_a_perfect_map_is_zero_and_ties_take_the_lowest_threshold():
+    sweep = ThresholdSweep()
+    sweep.add(np.array([[1.0, 0.0], [0.95, 0.05]]), np.array([[True, False], [True, False]]))
+    assert sweep.isbi_pixel_error() == 0.0
+    assert sweep.best()[0] == 0.1  # > 0.0 takes the 0.05 pixel; 0.1-0.9 are all perfect; > 1.0 finds nothing
+
+
+def test_threshold_sweep_needs_a_threshold():
+    with pytest.raises(ValueError, match="at least one threshold"):
+        ThresholdSweep(())

@@ -1,9 +1,14 @@
-"""`python -m benchmarks.quality`, the command behind the README's quality table, on synthetic data."""
+"""`python -m benchmarks.quality` and `benchmarks.pixel_ceiling`, the commands behind the README's quality
+section, on synthetic data."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
+
+from benchmarks.pixel_ceiling import boundary_pixels, wrong_pixel_distances
+from benchmarks.pixel_ceiling import measure as pixel_ceiling
 from benchmarks.quality import measure
 from cellseg.config import PredictConfig
 from cellseg.data import pair_images_and_masks, split_train_val
@@ -20,8 +25,40 @@ def test_quality_of_a_run_on_its_validation_images(tiny_checkpoint, synthetic_da
     summary = measure(synthetic_dataset, run, tmp_path / "quality", PredictConfig(device="cpu"))
     assert summary["images"] == len(val_pairs) == 5
     assert 0.8 < summary["dice"] <= 1.0 and 0.0 <= summary["pixel_error"] < 0.1
+    # swept over thresholds from the stored probabilities: never worse than the masks' own F-score
+    assert summary["isbi2012_threshold"] in [step / 10 for step in range(11)]
+    assert 0.0 <= summary["pixel_error_isbi2012"] <= 1 - summary["dice_pooled"] + 1e-3
     assert 0.0 < summary["f1_mean"] <= 1.0 and 0.0 < summary["dsb_score_mean"] <= summary["f1_mean"]
     assert isinstance(summary["count_error_median"], float)
     saved = json.loads((tmp_path / "quality" / "quality.json").read_text())
     assert saved["summary"] == summary
     assert sorted(row["image_id"] for row in saved["evaluation"]["per_image"]) == sorted(p.id for p in val_pairs)
+
+
+def test_boundary_pixels_are_both_sides_of_each_boundary():
+    truth = np.zeros((5, 6), dtype=bool)
+    truth[1:4, 1:3] = True  # a 3x2 cell
+    boundary = boundary_pixels(truth)
+    assert boundary[1:4, 1:3].all()  # every cell pixel touches background (the cell is 2 wide)
+    assert boundary[0, 1] and boundary[2, 3] and boundary[2, 0]  # background beside it
+    assert not boundary[0, 0] and not boundary[2, 4]  # diagonal or two pixels off
+    wrong = truth.copy()
+    wrong[2, 3] = True  # one pixel on the boundary
+    wrong[2, 5] = True  # two pixels from the nearest boundary pixel
+    assert wrong_pixel_distances(wrong, truth) == (2, 1, 1)
+    assert wrong_pixel_distances(truth, truth) == (0, 0, 0)
+
+
+def test_pixel_ceiling_of_a_run(tiny_checkpoint, synthetic_dataset, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").symlink_to(tiny_checkpoint)
+    pairs = pair_images_and_masks(str(synthetic_dataset / "images"), str(synthetic_dataset / "masks"))
+    _, val_pairs = split_train_val(pairs, 0.2, 0)
+    (run / "split.json").write_text(json.dumps({"train": [], "val": [p.id for p in val_pairs]}))
+    result = pixel_ceiling(synthetic_dataset, [run, run])
+    assert result["images"] == 5
+    assert all(0.5 < dice < 1.0 for dice in result["shifted_truth"].values())
+    assert result["runs"][str(run)] == result["ensemble"] > 0.8  # the same model twice averages to itself
+    wrong = result["wrong_pixels"]
+    assert wrong["total"] > 0 and 0.0 <= wrong["on_boundary"] <= wrong["within_1px_of_boundary"] <= 1.0

@@ -75,6 +75,17 @@ def test_probabilities_are_stored_as_float16(store):
     stored = store.root["p/probabilities/0"][...]
     assert stored.dtype == np.float16
     np.testing.assert_allclose(stored, probabilities, atol=1e-3)
+    assert store.has_probabilities("p")
+    read = store.read_probabilities("p")
+    assert read.dtype == np.float32
+    np.testing.assert_allclose(read, probabilities, atol=1e-3)
+
+
+def test_reading_probabilities_of_an_image_stored_without_them_names_the_flag(store):
+    store.write_result("q", np.ones((2, 2), dtype=bool), STATS, "q.png", MODEL)
+    assert not store.has_probabilities("q")
+    with pytest.raises(StoreError, match="'q'.*--save-probabilities"):
+        store.read_probabilities("q")
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 3), (30, 50), (1100, 20)])  # 1100 rows: two chunks

@@ -1,0 +1,87 @@
+"""How close a model's pixel errors are to the precision of the labels themselves: the numbers
+behind the README's isbi2012 Dice paragraph.
+
+    python -m benchmarks.pixel_ceiling --dataset ../shared/data/isbi2012 --runs runs/a runs/b ...
+
+On the validation images of the first run (`<run>/split.json`) it prints, as one JSON object:
+- `shifted_truth`: mean Dice of the ground truth against itself with every cell grown by one
+  pixel, shrunk by one pixel, and moved one pixel sideways: what a one-pixel disagreement about
+  where the boundaries lie costs, with no other error at all.
+- `runs`: each run's mean Dice (its `best.pt`, threshold 0.5), and `ensemble`: the Dice of the
+  runs' probabilities averaged.
+- `wrong_pixels`: where the first run's wrong pixels lie: the share on the boundary itself (a
+  cell pixel next to background or the reverse, in the ground truth) and within one more pixel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from cellseg.config import PredictConfig
+from cellseg.io import read_image, read_mask
+from cellseg.metrics import MetricAccumulator, confusion_counts, segmentation_scores
+from cellseg.predict import Predictor
+
+
+def boundary_pixels(truth: np.ndarray) -> np.ndarray:
+    """Pixels with a 4-neighbour of the other class: both sides of every cell/background boundary."""
+    return ndimage.binary_dilation(truth) & ~ndimage.binary_erosion(truth, border_value=1)
+
+
+def shifted_truth_dice(truth: np.ndarray) -> dict[str, float]:
+    return {
+        "grown_1px": segmentation_scores(ndimage.binary_dilation(truth), truth)["dice"],
+        "shrunk_1px": segmentation_scores(ndimage.binary_erosion(truth, border_value=1), truth)["dice"],
+        "moved_1px": segmentation_scores(np.roll(truth, 1, axis=1), truth)["dice"],
+    }
+
+
+def wrong_pixel_distances(prediction: np.ndarray, truth: np.ndarray) -> tuple[int, int, int]:
+    """(wrong pixels, of them on a boundary pixel, of them within one pixel of one)."""
+    wrong = prediction != truth
+    distance = ndimage.distance_transform_edt(~boundary_pixels(truth))
+    return int(wrong.sum()), int((wrong & (distance == 0)).sum()), int((wrong & (distance <= 1)).sum())
+
+
+def measure(dataset: Path, runs: list[Path]) -> dict:
+    ids = sorted(json.loads((runs[0] / "split.json").read_text())["val"])
+    images = {i: read_image(str(dataset / "images" / f"{i}.png")) for i in ids}
+    truths = {i: read_mask(str(dataset / "masks" / f"{i}.png")) for i in ids}
+    probabilities = {}
+    for run in runs:
+        predictor = Predictor.from_checkpoint(str(run / "best.pt"), PredictConfig(device="cpu"))
+        probabilities[run] = {i: maps.probability for i, maps in zip(ids, predictor.cell_maps([images[i] for i in ids]))}
+
+    def mean_dice(probability_of: dict[str, np.ndarray]) -> float:
+        scores = MetricAccumulator(confusion_counts(probability_of[i] > 0.5, truths[i]) for i in ids)
+        return scores.mean()["dice"]
+
+    averaged = {i: np.mean([probabilities[run][i] for run in runs], axis=0) for i in ids}
+    wrong, on_boundary, near_boundary = np.sum([wrong_pixel_distances(probabilities[runs[0]][i] > 0.5, truths[i])
+                                                for i in ids], axis=0)
+    shifted = [shifted_truth_dice(truths[i]) for i in ids]
+    return {
+        "dataset": dataset.name, "images": len(ids),
+        "shifted_truth": {key: float(np.mean([row[key] for row in shifted])) for key in shifted[0]},
+        "runs": {str(run): mean_dice(probabilities[run]) for run in runs},
+        "ensemble": mean_dice(averaged),
+        "wrong_pixels": {"run": str(runs[0]), "total": int(wrong), "on_boundary": float(on_boundary / max(wrong, 1)),
+                         "within_1px_of_boundary": float(near_boundary / max(wrong, 1))},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True, type=Path, help="folder with images/ and masks/")
+    parser.add_argument("--runs", required=True, type=Path, nargs="+", help="training output folders (best.pt, split.json)")
+    args = parser.parse_args()
+    print(json.dumps(measure(args.dataset, args.runs), indent=1))
+
+
+if __name__ == "__main__":
+    main()
