@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from benchmarks.pixel_ceiling import boundary_pixels, wrong_pixel_distances
+from benchmarks.pixel_ceiling import boundary_pixels, shrink_labels, wrong_pixel_distances
 from benchmarks.pixel_ceiling import measure as pixel_ceiling
 from benchmarks.quality import measure
 from cellseg.config import PredictConfig
@@ -62,3 +62,23 @@ def test_pixel_ceiling_of_a_run(tiny_checkpoint, synthetic_dataset, tmp_path):
     assert result["runs"][str(run)] == result["ensemble"] > 0.8  # the same model twice averages to itself
     wrong = result["wrong_pixels"]
     assert wrong["total"] > 0 and 0.0 <= wrong["on_boundary"] <= wrong["within_1px_of_boundary"] <= 1.0
+    for change in ("grown_1px", "shrunk_1px", "moved_1px"):  # most synthetic cells are large enough to still match
+        assert 0.9 < result["shifted_labels"][change]["f1"] <= 1.0
+        assert 0.3 < result["shifted_labels"][change]["dsb_score"] < result["shifted_labels"][change]["f1"]
+
+
+def test_shrinking_labels_erodes_each_cell_on_its_own():
+    labels = np.zeros((5, 8), dtype=np.int32)
+    labels[1:4, 1:4] = 1
+    labels[1:4, 4:7] = 2  # touching cell 1
+    labels[2:5, 7] = 3  # one pixel wide
+    shrunk = shrink_labels(labels)
+    assert (shrunk == 1).sum() == 1 and shrunk[2, 2] == 1
+    assert (shrunk == 2).sum() == 1 and shrunk[2, 5] == 2
+    assert (shrunk == 3).sum() == 0
+
+
+def test_shrinking_labels_keeps_the_image_edge():
+    labels = np.zeros((5, 8), dtype=np.int32)
+    labels[2:5, 5:8] = 1  # in the bottom right corner
+    assert np.argwhere(shrink_labels(labels) == 1).tolist() == [[3, 6], [3, 7], [4, 6], [4, 7]]
