@@ -4,7 +4,10 @@ notebook-style U-Net, so that the default configuration is compared on the same 
     python -m benchmarks.baselines --dataset ../shared/data/isbi2012 [--minutes 25] [--skip-unet]
 
 Otsu: per-image Otsu threshold; the polarity (cells above or below the threshold) is chosen per
-image with the ground truth, so this is Otsu's best case. Notebook-style U-Net: the classic loop
+image with the ground truth, so this is Otsu's best case. Where the dataset has instance labels
+(`labels/`), Otsu + watershed is scored at cell level too: the mask's touching cells split as
+`cellseg predict` splits them (its default split depth and smallest cell), then F1 at IoU 0.5,
+the DSB2018 score and the median cell-count error; the notebook-style U-Net's masks likewise. Notebook-style U-Net: the classic loop
 (base width 32, BatchNorm, no augmentation, whole images at batch size 1, intensities / 255,
 Adam 1e-3, BCEWithLogitsLoss, early stopping on validation loss with patience 5), under the same
 wall-clock budget as the default `cellseg train`. Prints a table and writes JSON.
@@ -22,21 +25,39 @@ import torch
 import torch.nn.functional as F
 from skimage.filters import threshold_otsu
 
-from cellseg.config import ModelConfig, TrainConfig
-from cellseg.data import pair_images_and_masks, split_train_val
-from cellseg.io import read_image, read_mask
+from cellseg.config import ModelConfig, PredictConfig, TrainConfig
+from cellseg.data import index_by_stem, pair_images_and_masks, split_train_val
+from cellseg.instances import HEADLINE_CELL_SCORES, instance_scores, split_touching_cells, summarise_instance_scores
+from cellseg.io import list_images, read_image, read_mask
 from cellseg.metrics import MetricAccumulator, confusion_counts
 from cellseg.model import UNet
 
 
-def otsu_scores(pairs) -> dict[str, float]:
-    accumulator = MetricAccumulator()
+def otsu_scores(pairs, labels_url: str | None = None) -> dict[str, float]:
+    """Pixel scores of Otsu's best-polarity masks; with `labels_url`, cell scores of the masks
+    split into cells."""
+    masks = []
     for pair in pairs:
         image, truth = read_image(pair.image_url), read_mask(pair.mask_url)
         above = image > threshold_otsu(image)
-        candidates = [confusion_counts(above, truth), confusion_counts(~above, truth)]
-        accumulator.add(max(candidates, key=lambda counts: counts.scores()["dice"]))
-    return {"dice": accumulator.mean()["dice"], "dice_pooled": accumulator.pooled()["dice"]}
+        masks.append(max((above, ~above), key=lambda candidate: confusion_counts(candidate, truth).scores()["dice"]))
+    return mask_scores(pairs, masks, labels_url)
+
+
+def mask_scores(pairs, masks: list[np.ndarray], labels_url: str | None = None) -> dict[str, float]:
+    """Dice (mean and pooled) of one mask per pair; with `labels_url`, the cell scores of the masks
+    split into cells as `cellseg predict` splits them."""
+    labels = index_by_stem(list_images(labels_url), "label") if labels_url else {}
+    defaults = PredictConfig()
+    accumulator = MetricAccumulator(confusion_counts(mask, read_mask(pair.mask_url)) for pair, mask in zip(pairs, masks))
+    scores = {"dice": accumulator.mean()["dice"], "dice_pooled": accumulator.pooled()["dice"]}
+    if labels_url:
+        summary = summarise_instance_scores([
+            instance_scores(split_touching_cells(mask, defaults.min_cell_area, defaults.split_depth), read_image(labels[pair.id]))
+            for pair, mask in zip(pairs, masks)
+        ])
+        scores.update({key: summary[key] for key in HEADLINE_CELL_SCORES})
+    return scores
 
 
 def _tensor(image: np.ndarray) -> torch.Tensor:
@@ -58,7 +79,9 @@ def notebook_epoch(model: UNet, optimizer: torch.optim.Optimizer, data, deadline
             return
 
 
-def notebook_unet_scores(train_pairs, val_pairs, minutes: float, seed: int = 0) -> dict[str, float]:
+def notebook_unet_scores(
+    train_pairs, val_pairs, minutes: float, seed: int = 0, labels_url: str | None = None
+) -> dict[str, float]:
     torch.manual_seed(seed)
     load = lambda pairs: [(_tensor(read_image(p.image_url)), torch.from_numpy(read_mask(p.mask_url)).float()[None, None]) for p in pairs]
     train_data, val_data = load(train_pairs), load(val_pairs)
@@ -79,11 +102,9 @@ def notebook_unet_scores(train_pairs, val_pairs, minutes: float, seed: int = 0) 
         print(f"  notebook U-Net epoch {epochs}: val loss {val_loss:.4f}", flush=True)
     model.load_state_dict(best_state)
     model.eval()
-    accumulator = MetricAccumulator()
     with torch.no_grad():
-        for x, y in val_data:
-            accumulator.add(confusion_counts(model(x) > 0, y > 0.5))
-    return {"dice": accumulator.mean()["dice"], "dice_pooled": accumulator.pooled()["dice"], "epochs": epochs,
+        masks = [(model(x) > 0)[0, 0].numpy() for x, _ in val_data]
+    return {**mask_scores(val_pairs, masks, labels_url), "epochs": epochs,
             "minutes": round((time.monotonic() - started) / 60, 1)}
 
 
@@ -98,13 +119,17 @@ def main() -> None:
     defaults = TrainConfig()
     pairs = pair_images_and_masks(str(dataset / "images"), str(dataset / "masks"))
     train_pairs, val_pairs = split_train_val(pairs, defaults.val_fraction, defaults.seed)
-    results = {"dataset": dataset.name, "val_ids": [p.id for p in val_pairs], "otsu": otsu_scores(val_pairs)}
+    labels_url = str(dataset / "labels") if (dataset / "labels").is_dir() else None
+    results = {"dataset": dataset.name, "val_ids": [p.id for p in val_pairs], "otsu": otsu_scores(val_pairs, labels_url)}
     if not args.skip_unet:
-        results["notebook_unet"] = notebook_unet_scores(train_pairs, val_pairs, args.minutes)
+        results["notebook_unet"] = notebook_unet_scores(train_pairs, val_pairs, args.minutes, labels_url=labels_url)
     print(f"{dataset.name}: validation images {len(val_pairs)}")
     for name in ("otsu", "notebook_unet"):
         if name in results:
             print(f"  {name:14} Dice (mean over images) {results[name]['dice']:.4f}   pooled {results[name]['dice_pooled']:.4f}")
+            if "f1_mean" in results[name]:
+                print(f"  {'':14} + watershed: cell F1 {results[name]['f1_mean']:.3f}, DSB score "
+                      f"{results[name]['dsb_score_mean']:.3f}, count error {results[name]['count_error_median']:.0%}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"baselines-{dataset.name}.json").write_text(json.dumps(results, indent=1))

@@ -1,5 +1,5 @@
-"""`python -m benchmarks.quality` and `benchmarks.pixel_ceiling`, the commands behind the README's quality
-section, on synthetic data."""
+"""`python -m benchmarks.quality`, `benchmarks.pixel_ceiling` and the Otsu baseline, the commands behind
+the README's quality section, on synthetic data."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 
+from benchmarks.baselines import otsu_scores
 from benchmarks.pixel_ceiling import boundary_pixels, shrink_labels, wrong_pixel_distances
 from benchmarks.pixel_ceiling import measure as pixel_ceiling
 from benchmarks.quality import measure
@@ -82,3 +83,14 @@ def test_shrinking_labels_keeps_the_image_edge():
     labels = np.zeros((5, 8), dtype=np.int32)
     labels[2:5, 5:8] = 1  # in the bottom right corner
     assert np.argwhere(shrink_labels(labels) == 1).tolist() == [[3, 6], [3, 7], [4, 6], [4, 7]]
+
+
+def test_otsu_baseline_scores_cells_where_labels_exist(synthetic_dataset):
+    pairs = pair_images_and_masks(str(synthetic_dataset / "images"), str(synthetic_dataset / "masks"))
+    _, val_pairs = split_train_val(pairs, 0.2, 0)
+    pixels_only = otsu_scores(val_pairs)
+    with_cells = otsu_scores(val_pairs, str(synthetic_dataset / "labels"))
+    assert set(pixels_only) == {"dice", "dice_pooled"} and 0.5 < pixels_only["dice"] <= 1.0
+    assert with_cells["dice"] == pixels_only["dice"]
+    assert 0.0 < with_cells["dsb_score_mean"] < with_cells["f1_mean"] <= 1.0
+    assert with_cells["true_cells_total"] > 0 and isinstance(with_cells["count_error_median"], float)
