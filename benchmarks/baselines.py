@@ -27,7 +27,12 @@ from skimage.filters import threshold_otsu
 
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
 from cellseg.data import index_by_stem, pair_images_and_masks, split_train_val
-from cellseg.instances import HEADLINE_CELL_SCORES, instance_scores, split_touching_cells, summarise_instance_scores
+from cellseg.instances import (
+    HEADLINE_CELL_SCORES,
+    instance_scores,
+    split_touching_cells,
+    summarise_instance_scores,
+)
 from cellseg.io import list_images, read_image, read_mask
 from cellseg.metrics import MetricAccumulator, confusion_counts
 from cellseg.model import UNet

@@ -8,6 +8,13 @@ that burden off the network: every training image is resampled so that its media
 model's `cell_diameter`, and every image to segment is resampled likewise (after a first pass
 that measures its cells, unless the user states their size), predicted, and the probabilities
 resampled back to the image's own grid. Masks, cells and statistics stay in image pixels.
+
+Measuring a size the model was not trained at is the delicate part. At the image's own scale a
+model sees cells several times its size as pieces of about its own size (dsb2018: nuclei 38 px
+across measured at 10 px by a model at 18 px, then enlarged instead of shrunk). So a measurement
+is checked: predicted at the scale it asks for, the image must show cells of the model's size.
+When it does not, the image is measured again shrunk by 2 and 4, and of all the sizes tried the
+one whose check comes out closest wins (`Predictor._measured_cell_maps`).
 """
 
 from __future__ import annotations
@@ -53,6 +60,27 @@ def scale_factor(cell_diameter: float | None, model_cell_diameter: float, shape:
     if factor > 1.0:
         factor = max(1.0, min(factor, float(np.sqrt(MAX_UPSCALED_PIXELS / np.prod(shape)))))
     return factor
+
+
+MEASURE_SCALES = (1.0, 0.5, 0.25)  # where a first pass looks for cells of unknown size
+MIN_MEASURE_SIDE = 64  # a shrunk first pass keeps at least this many pixels a side
+SAME_SIZE = 0.1  # sizes within 10% of each other are one candidate
+
+
+def measurement_scales(shape: tuple[int, ...]) -> list[float]:
+    """The scales of the first passes that measure an image's cells: its own, then shrunk by 2 and
+    4 while it keeps MIN_MEASURE_SIDE pixels a side. Cells much larger than a model's size come
+    apart in pieces of about its size at the image's own scale; shrunk, they are seen whole."""
+    return [factor for factor in MEASURE_SCALES if factor == 1.0 or min(scaled_shape(shape, factor)) >= MIN_MEASURE_SIDE]
+
+
+def distinct_sizes(sizes: Sequence[float], tolerance: float = SAME_SIZE) -> list[float]:
+    """The sizes in increasing order, each within `tolerance` (relative) of a kept one dropped."""
+    kept: list[float] = []
+    for size in sorted(sizes):
+        if not kept or size > kept[-1] * (1.0 + tolerance):
+            kept.append(size)
+    return kept
 
 
 def scaled_shape(shape: tuple[int, ...], factor: float) -> tuple[int, int]:

@@ -8,7 +8,11 @@ import json
 import numpy as np
 
 from benchmarks.baselines import otsu_scores
-from benchmarks.pixel_ceiling import boundary_pixels, shrink_labels, wrong_pixel_distances
+from benchmarks.pixel_ceiling import (
+    boundary_pixels,
+    shrink_labels,
+    wrong_pixel_distances,
+)
 from benchmarks.pixel_ceiling import measure as pixel_ceiling
 from benchmarks.quality import measure
 from cellseg.config import PredictConfig
