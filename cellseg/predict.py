@@ -246,7 +246,7 @@ class Predictor:
             return tried[0][1], first, tried[0][3]
         candidates = []
         for factor in measurement_scales(image.shape)[1:]:
-            diameter = self._median_diameter(self._cell_maps_at(image, factor)[1])
+            diameter = self._median_diameter(self._forward_at(image, factor))
             if diameter is not None:
                 candidates.append(diameter / factor)
         for diameter in distinct_sizes(candidates):
@@ -268,14 +268,18 @@ class Predictor:
         factor = scale_factor(cell_diameter, model_diameter, shape)
         return 1.0 if abs(factor - 1.0) < SCALE_TOLERANCE else factor
 
+    def _forward_at(self, image: np.ndarray, factor: float) -> np.ndarray:
+        """The raw (C, h, w) output for the image resampled by `factor`, on the resampled grid."""
+        resampled = image if factor == 1.0 else resize(image, scaled_shape(image.shape, factor), order=1)
+        return self._forward([resampled])[0]
+
     def _cell_maps_at(self, image: np.ndarray, factor: float) -> tuple[CellMaps, np.ndarray]:
         """The image predicted resampled by `factor`: its `CellMaps` back on the image's grid, and
         the raw (C, h, w) output on the resampled grid."""
+        output = self._forward_at(image, factor)
         if factor == 1.0:
-            (output,) = self._forward([image])
             return self._cell_maps(output), output
-        (scaled,) = self._forward([resize(image, scaled_shape(image.shape, factor), order=1)])
-        return self._cell_maps(np.stack([np.clip(resize(channel, image.shape, order=1), 0.0, 1.0) for channel in scaled])), scaled
+        return self._cell_maps(np.stack([np.clip(resize(channel, image.shape, order=1), 0.0, 1.0) for channel in output])), output
 
     def _forward(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         return predict_outputs(
