@@ -19,14 +19,19 @@ from cellseg.config import PredictConfig
 from cellseg.data import pair_images_and_masks, split_train_val
 
 
-def test_quality_of_a_run_on_its_validation_images(tiny_checkpoint, synthetic_dataset, tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "best.pt").symlink_to(tiny_checkpoint)
-    pairs = pair_images_and_masks(str(synthetic_dataset / "images"), str(synthetic_dataset / "masks"))
+def training_run(folder, checkpoint, dataset) -> tuple:
+    """A folder laid out as `cellseg train` leaves it (best.pt, split.json) for `checkpoint`, split
+    as `cellseg train` splits `dataset` by default; returns (folder, validation pairs)."""
+    folder.mkdir()
+    (folder / "best.pt").symlink_to(checkpoint)
+    pairs = pair_images_and_masks(str(dataset / "images"), str(dataset / "masks"))
     train_pairs, val_pairs = split_train_val(pairs, 0.2, 0)
-    (run / "split.json").write_text(json.dumps({"train": [p.id for p in train_pairs], "val": [p.id for p in val_pairs]}))
+    (folder / "split.json").write_text(json.dumps({"train": [p.id for p in train_pairs], "val": [p.id for p in val_pairs]}))
+    return folder, val_pairs
 
+
+def test_quality_of_a_run_on_its_validation_images(tiny_checkpoint, synthetic_dataset, tmp_path):
+    run, val_pairs = training_run(tmp_path / "run", tiny_checkpoint, synthetic_dataset)
     summary = measure(synthetic_dataset, run, tmp_path / "quality", PredictConfig(device="cpu"))
     assert summary["images"] == len(val_pairs) == 5
     assert 0.8 < summary["dice"] <= 1.0 and 0.0 <= summary["pixel_error"] < 0.1
@@ -55,12 +60,7 @@ def test_boundary_pixels_are_both_sides_of_each_boundary():
 
 
 def test_pixel_ceiling_of_a_run(tiny_checkpoint, synthetic_dataset, tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "best.pt").symlink_to(tiny_checkpoint)
-    pairs = pair_images_and_masks(str(synthetic_dataset / "images"), str(synthetic_dataset / "masks"))
-    _, val_pairs = split_train_val(pairs, 0.2, 0)
-    (run / "split.json").write_text(json.dumps({"train": [], "val": [p.id for p in val_pairs]}))
+    run, _ = training_run(tmp_path / "run", tiny_checkpoint, synthetic_dataset)
     result = pixel_ceiling(synthetic_dataset, [run, run])
     assert result["images"] == 5
     assert all(0.5 < dice < 1.0 for dice in result["shifted_truth"].values())
