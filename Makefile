@@ -13,7 +13,7 @@ export PREFECT_LOGGING_EXTRA_LOGGERS := cellseg
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
 
-.PHONY: setup demo test bench bundled-model clean
+.PHONY: setup demo lint test bench bundled-model clean
 
 setup: $(VENV)/.setup-done
 
@@ -41,7 +41,13 @@ demo: setup
 	@echo "  model registry    $(DEMO_DIR)/registry   (cellseg models list --registry $(DEMO_DIR)/registry)"
 	@echo "  masks + stats     $(DEMO_DIR)/results.zarr   (cellseg results $(DEMO_DIR)/results.zarr)"
 
-test: setup
+# Lint and type checks (ruff.toml, mypy.ini, .importlinter); `make test` runs them first.
+lint: setup
+	$(BIN)/ruff check cellseg flows deployments benchmarks tests
+	$(BIN)/mypy cellseg
+	$(BIN)/lint-imports
+
+test: setup lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Performance figures, side by side in one run (about 10 minutes on 2 cores); not part of `make test`.
@@ -50,7 +56,7 @@ bench: setup
 
 # Retrain the model shipped in cellseg/models/ (synthetic data only; about 12 minutes on 2 cores).
 bundled-model: setup
-	$(BIN)/python -m cellseg.bundled --out runs/bundled --install
+	$(BIN)/python -m cellseg.build_bundled --out runs/bundled --install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

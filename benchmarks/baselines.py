@@ -26,16 +26,12 @@ import torch.nn.functional as F
 from skimage.filters import threshold_otsu
 
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
-from cellseg.data import index_by_stem, pair_images_and_masks, split_train_val
-from cellseg.instances import (
-    HEADLINE_CELL_SCORES,
-    instance_scores,
-    split_touching_cells,
-    summarise_instance_scores,
-)
 from cellseg.io import list_images, read_image, read_mask
 from cellseg.metrics import MetricAccumulator, confusion_counts
 from cellseg.model import UNet
+from cellseg.pairs import index_by_stem, pair_images_and_masks, split_train_val
+from cellseg.postprocess import split_touching_cells
+from cellseg.scoring import HEADLINE_CELL_SCORES, instance_scores, summarise_instance_scores
 
 
 def otsu_scores(pairs, labels_url: str | None = None) -> dict[str, float]:
@@ -54,12 +50,12 @@ def mask_scores(pairs, masks: list[np.ndarray], labels_url: str | None = None) -
     split into cells as `cellseg predict` splits them."""
     labels = index_by_stem(list_images(labels_url), "label") if labels_url else {}
     defaults = PredictConfig()
-    accumulator = MetricAccumulator(confusion_counts(mask, read_mask(pair.mask_url)) for pair, mask in zip(pairs, masks))
+    accumulator = MetricAccumulator(confusion_counts(mask, read_mask(pair.mask_url)) for pair, mask in zip(pairs, masks, strict=True))
     scores = {"dice": accumulator.mean()["dice"], "dice_pooled": accumulator.pooled()["dice"]}
     if labels_url:
         summary = summarise_instance_scores([
             instance_scores(split_touching_cells(mask, defaults.min_cell_area, defaults.split_depth), read_image(labels[pair.id]))
-            for pair, mask in zip(pairs, masks)
+            for pair, mask in zip(pairs, masks, strict=True)
         ])
         scores.update({key: summary[key] for key in HEADLINE_CELL_SCORES})
     return scores
@@ -88,7 +84,10 @@ def notebook_unet_scores(
     train_pairs, val_pairs, minutes: float, seed: int = 0, labels_url: str | None = None
 ) -> dict[str, float]:
     torch.manual_seed(seed)
-    load = lambda pairs: [(_tensor(read_image(p.image_url)), torch.from_numpy(read_mask(p.mask_url)).float()[None, None]) for p in pairs]
+
+    def load(pairs):
+        return [(_tensor(read_image(p.image_url)), torch.from_numpy(read_mask(p.mask_url)).float()[None, None]) for p in pairs]
+
     train_data, val_data = load(train_pairs), load(val_pairs)
     model = UNet(ModelConfig(base_width=32, norm="batch", dropout=0.0))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -12,9 +12,9 @@ import argparse
 import json
 
 from cellseg.config import PredictConfig
-from cellseg.io import list_images
-from cellseg.predict import Predictor
-from cellseg.segment import model_record, pending_images, segment_images
+from cellseg.jobs import SegmentJob, run_segmentation
+from cellseg.model_source import ModelSource, load_predictor
+from cellseg.segment import model_record, segment_images
 from cellseg.store import ResultStore
 
 
@@ -35,11 +35,7 @@ def main() -> None:
     parser.add_argument("--store", required=True)
     parser.add_argument("--checkpoint", required=True)
     args = parser.parse_args()
-    predictor = Predictor.from_checkpoint(args.checkpoint, PredictConfig())
-    store = ResultStore.open(args.store)
-    record = model_record(predictor, args.checkpoint)
     if args.mode == "many":
-        todo, _ = pending_images(list_images(args.images), store)
         samples: list[float] = []
         seen = 0
 
@@ -49,11 +45,14 @@ def main() -> None:
             if seen % 50 == 0:
                 samples.append(memory_mb("VmRSS"))
 
-        report = segment_images(todo, store, predictor, record, on_image=sample)
+        job = SegmentJob(source_url=args.images, store_url=args.store, checkpoint_url=args.checkpoint)
+        report = run_segmentation(job, on_image=sample)
         print(json.dumps({"images": len(report.done), "rss_mb_every_50": samples, "peak_mb": memory_mb("VmHWM"),
                           "seconds": report.seconds}))
     else:
-        report = segment_images([("large", args.image)], store, predictor, record)
+        predictor = load_predictor(ModelSource("", checkpoint_url=args.checkpoint), PredictConfig())
+        store = ResultStore.open(args.store)
+        report = segment_images([("large", args.image)], store, predictor, model_record(predictor, args.checkpoint))
         print(json.dumps({"images": len(report.done), "failed": report.failed, "peak_mb": memory_mb("VmHWM"),
                           "seconds": report.seconds}))
 

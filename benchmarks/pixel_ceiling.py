@@ -27,10 +27,10 @@ from scipy import ndimage
 from skimage.segmentation import expand_labels
 
 from cellseg.config import PredictConfig
-from cellseg.instances import instance_scores, summarise_instance_scores
+from cellseg.infer import Predictor
 from cellseg.io import read_image, read_mask
 from cellseg.metrics import MetricAccumulator, confusion_counts, segmentation_scores
-from cellseg.predict import Predictor
+from cellseg.scoring import instance_scores, summarise_instance_scores
 
 
 def boundary_pixels(truth: np.ndarray) -> np.ndarray:
@@ -81,7 +81,7 @@ def measure(dataset: Path, runs: list[Path]) -> dict:
     probabilities = {}
     for run in runs:
         predictor = Predictor.from_checkpoint(str(run / "best.pt"), PredictConfig(device="cpu"))
-        probabilities[run] = {i: maps.probability for i, maps in zip(ids, predictor.cell_maps([images[i] for i in ids]))}
+        probabilities[run] = {i: maps.probability for i, maps in zip(ids, predictor.cell_maps([images[i] for i in ids]), strict=True)}
 
     def mean_dice(probability_of: dict[str, np.ndarray]) -> float:
         scores = MetricAccumulator(confusion_counts(probability_of[i] > 0.5, truths[i]) for i in ids)

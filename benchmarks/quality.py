@@ -23,10 +23,9 @@ import numpy as np
 
 from cellseg.config import PredictConfig
 from cellseg.evaluate import evaluate_store
-from cellseg.instances import HEADLINE_CELL_SCORES
-from cellseg.io import image_stem, list_images, read_mask
-from cellseg.predict import Predictor
-from cellseg.segment import model_record, pending_images, segment_images
+from cellseg.io import image_stem, read_mask
+from cellseg.jobs import SegmentJob, run_segmentation
+from cellseg.scoring import HEADLINE_CELL_SCORES
 from cellseg.store import ResultStore
 
 
@@ -47,12 +46,11 @@ def measure(dataset: Path, run: Path, out: Path, config: PredictConfig) -> dict:
     if out.exists():
         shutil.rmtree(out)
     ids = link_validation_images(dataset, run, out / "val")
-    checkpoint = str(run / "best.pt")
     # probabilities kept so that the ISBI 2012 pixel error can sweep its thresholds
-    predictor = Predictor.from_checkpoint(checkpoint, config.model_copy(update={"save_probabilities": True}))
-    store = ResultStore.open(str(out / "val.zarr"))
-    todo, _ = pending_images(list_images(str(out / "val" / "images")), store)
-    segment_images(todo, store, predictor, model_record(predictor, checkpoint))
+    run_segmentation(SegmentJob(source_url=str(out / "val" / "images"), store_url=str(out / "val.zarr"),
+                                checkpoint_url=str(run / "best.pt"),
+                                predict=config.model_copy(update={"save_probabilities": True})))
+    store = ResultStore.open(str(out / "val.zarr"), mode="r")
     has_labels = (out / "val" / "labels").is_dir()
     result = evaluate_store(store, str(out / "val" / "masks"), labels_url=str(out / "val" / "labels") if has_labels else None)
     errors = [np.mean(store.read_mask(i) != read_mask(str(out / "val" / "masks" / f"{i}.png"))) for i in ids]

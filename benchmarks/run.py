@@ -32,13 +32,9 @@ from benchmarks.servers import (
 )
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
-from cellseg.data import (
-    load_pairs,
-    normalize_image,
-    pair_images_and_masks,
-    split_train_val,
-)
+from cellseg.infer import Predictor, forward_probabilities
 from cellseg.io import list_images, read_image
+from cellseg.jobs import SegmentJob
 from cellseg.metrics import (
     MetricAccumulator,
     confusion_counts,
@@ -46,7 +42,8 @@ from cellseg.metrics import (
     segmentation_scores,
 )
 from cellseg.model import UNet
-from cellseg.predict import Predictor, forward_probabilities
+from cellseg.normalize import normalize_image
+from cellseg.pairs import load_pairs, pair_images_and_masks, split_train_val
 from cellseg.stats import image_statistics, label_cells
 from cellseg.synth import encode_png, generate_sample, write_dataset
 from cellseg.train import train
@@ -175,11 +172,13 @@ def _rates(count: int, seconds: float, side: int = SIDE) -> dict:
 
 def bench_product(source: str, store: str, registry: str, shard_size: int, parallel: int, compile: bool = False,
                   split_touching: bool = True, measure_cells: bool = True, store_image: bool = True) -> dict:
-    from flows.segment import segment_images_flow
+    from cellseg.flows.segment import segment_images_flow
 
-    summary, seconds = timed(segment_images_flow, source_url=source, store_url=store, registry_url=registry,
-                             shard_size=shard_size, max_parallel_shards=parallel, compile=compile,
-                             split_touching=split_touching, measure_cells=measure_cells, store_image=store_image)
+    predict = PredictConfig(compile=compile, split_touching=split_touching, measure_cells=measure_cells,
+                            store_image=store_image)
+    job = SegmentJob(source_url=source, store_url=store, registry_url=registry, shard_size=shard_size,
+                     max_parallel_shards=parallel, predict=predict)
+    summary, seconds = timed(segment_images_flow, job)
     assert not summary["failed"], summary["failed"]
     return {**_rates(summary["done"], seconds), "shards": summary["shards"], "parallel_shards": parallel,
             "compile": compile, "split_touching": split_touching, "measure_cells": measure_cells,
@@ -213,9 +212,12 @@ def bench_memory(work: Path, checkpoint: Path, count: int) -> dict:
     sources = sorted((originals / "images").iterdir())
     for index in range(count):
         shutil.copyfile(sources[index % len(sources)], many / f"img_{index:05d}.png")
-    run = lambda *args: json.loads(subprocess.run(
-        [sys.executable, "-m", "benchmarks.memory", *args, "--checkpoint", str(checkpoint)],
-        capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+
+    def run(*args):
+        return json.loads(subprocess.run(
+            [sys.executable, "-m", "benchmarks.memory", *args, "--checkpoint", str(checkpoint)],
+            capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+
     many_result = run("many", "--images", str(many), "--store", str(work / "memory-many.zarr"))
     samples = many_result["rss_mb_every_50"]
     quarter = max(1, len(samples) // 4)

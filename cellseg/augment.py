@@ -43,9 +43,10 @@ def sampling_grid(shape: tuple[int, int], config: AugmentationConfig, rng: np.ra
         # U-Net paper: random displacements on a coarse grid (std `elastic_std` pixels),
         # interpolated smoothly to every pixel.
         grid = (max(2, round(height / config.elastic_grid) + 1), max(2, round(width / config.elastic_grid) + 1))
-        for axis_coordinates in (rows, cols):
+        for axis_coordinates in (rows, cols):  # displaced in place
             coarse = rng.normal(0.0, config.elastic_std, size=grid).astype(np.float32)
-            axis_coordinates += ndimage.zoom(coarse, (height / grid[0], width / grid[1]), order=3)[:height, :width]
+            displacement = ndimage.zoom(coarse, (height / grid[0], width / grid[1]), order=3)[:height, :width]
+            np.add(axis_coordinates, displacement, out=axis_coordinates)
     return np.stack([rows, cols])
 
 

@@ -6,6 +6,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts so th
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -110,3 +111,9 @@ def load_checkpoint_bytes(data: bytes, name: str) -> Checkpoint:
         )
     except (KeyError, ValueError) as error:
         raise CheckpointError(f"checkpoint '{name}' is missing or has invalid fields ({error})") from error
+
+
+def checkpoint_digest(url: str, storage_options: StorageOptions = None) -> str:
+    """SHA-256 of a checkpoint file's bytes."""
+    fs, path = filesystem(url, storage_options)
+    return hashlib.sha256(fs.cat_file(path)).hexdigest()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Annotated, Literal
 
 from fsspec.core import split_protocol
@@ -25,14 +24,7 @@ def _check_url(url: str) -> str:
     return url
 
 
-def _check_dask_address(address: str | None) -> str | None:
-    if address is not None and not re.fullmatch(r"(tcp|tls|ucx|inproc)://[^\s/]+(:\d+)?", address):
-        raise ValueError(f"'{address}' is not a Dask scheduler address like tcp://host:8786")
-    return address
-
-
 Url = Annotated[str, AfterValidator(_check_url)]
-DaskAddress = Annotated[str | None, AfterValidator(_check_dask_address)]
 
 
 class _Config(BaseModel):
@@ -226,35 +218,6 @@ class PredictConfig(_Config):
         return self
 
 
-class SegmentSettings(_Config):
-    """Parameters of the segment-images flow, validated before any work starts."""
-
-    source_url: Url = Field(description="directory URL of the images to segment")
-    store_url: Url = Field(description="zarr results store URL")
-    registry_url: Url = "runs/registry"
-    model_version: str = Field(
-        "current", min_length=1,
-        description="a registered version, 'current', or 'bundled' (the general-purpose model shipped in the package)",
-    )
-    shard_size: int = Field(32, ge=1, description="images per parallel task")
-    max_parallel_shards: int = Field(2, ge=1, description="shards run at once on the local thread pool")
-    dask_address: DaskAddress = Field(None, description="run shards on this Dask scheduler instead")
-    predict: PredictConfig = PredictConfig()
-
-
-class TrainUnetSettings(_Config):
-    """Parameters of the train-unet flow, validated before any work starts."""
-
-    images_url: Url
-    masks_url: Url
-    registry_url: Url = "runs/registry"
-    cache_dir: str = Field("runs/cache", min_length=1, description="local content-addressed dataset cache")
-    work_dir: str = Field("runs/training", min_length=1, description="local directory for training runs")
-    promote: bool = Field(True, description="mark the new version current")
-    model: ModelConfig = ModelConfig()
-    training: TrainConfig = TrainConfig()
-
-
 class SearchSpace(_Config):
     """Values a hyper-parameter search tries; trials are points of the grid they span."""
 
@@ -271,30 +234,3 @@ class SearchSpace(_Config):
     def size(self) -> int:
         """Number of points in the grid."""
         return math.prod(len(getattr(self, name)) for name in type(self).model_fields)
-
-
-class TuneUnetSettings(_Config):
-    """Parameters of the tune-unet flow, validated before any work starts."""
-
-    images_url: Url
-    masks_url: Url
-    registry_url: Url = "runs/registry"
-    cache_dir: str = Field("runs/cache", min_length=1)
-    work_dir: str = Field("runs/tuning", min_length=1, description="local directory, one sub-directory per trial")
-    promote: bool = Field(False, description="mark the best trial's model current (off: register only)")
-    trials: int = Field(8, ge=1, description="points of the search grid to train (the whole grid when it is smaller)")
-    max_parallel_trials: int = Field(2, ge=1, description="trials trained at once, each in its own process")
-    seed: int = Field(0, description="which grid points are drawn")
-    dask_address: DaskAddress = Field(None, description="train trials on this Dask scheduler instead")
-    space: SearchSpace = SearchSpace()
-    model: ModelConfig = ModelConfig()
-    training: TrainConfig = Field(
-        TrainConfig(max_minutes=10.0, patience=8),
-        description="settings of every trial that the search space does not set (default: 10 minutes, patience 8)",
-    )
-
-    @model_validator(mode="after")
-    def _needs_validation(self) -> TuneUnetSettings:
-        if self.training.val_fraction <= 0:
-            raise ValueError("tuning picks the best trial by validation Dice: training.val_fraction must be above 0")
-        return self

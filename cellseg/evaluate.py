@@ -1,13 +1,17 @@
-"""Compare the masks in a results store with ground-truth masks."""
+"""Score segmentations against the truth: a results store against ground-truth masks and labels,
+and a model against its validation images."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from cellseg.data import index_by_stem
-from cellseg.instances import instance_scores, summarise_instance_scores
+from cellseg.infer import Predictor
 from cellseg.io import StorageOptions, list_images, read_image, read_mask
 from cellseg.metrics import MetricAccumulator, ThresholdSweep, confusion_counts
+from cellseg.pairs import LoadedPair, index_by_stem
+from cellseg.postprocess import cell_labels
+from cellseg.scoring import instance_scores, summarise_instance_scores
 from cellseg.store import ResultStore, StoreError
 
 
@@ -79,3 +83,21 @@ def _pixel_errors(accumulator: MetricAccumulator, sweep: ThresholdSweep | None) 
         return {"misclassified": total.misclassified, "isbi2012": 1.0 - total.scores()["dice"], "isbi2012_threshold": None}
     threshold, dice = sweep.best()
     return {"misclassified": total.misclassified, "isbi2012": 1.0 - dice, "isbi2012_threshold": threshold}
+
+
+def validation_cell_scores(predictor: Predictor, pairs: Sequence[LoadedPair]) -> dict[str, Any]:
+    """`summarise_instance_scores` over the pairs that have instance labels (F1 at IoU 0.5, DSB
+    score, median count error, error classes), segmented exactly as `cellseg predict` segments
+    them with `predictor`'s model and settings; {} when none has labels.
+
+    The pairs' images are already normalised the way the model expects (`load_pairs` with its
+    normalisation), so they go to the network as they are.
+    """
+    labelled = [(pair.image, pair.instances) for pair in pairs if pair.instances is not None]
+    if not labelled:
+        return {}
+    rows = []
+    for image, instances in labelled:
+        (maps,) = predictor.normalised_cell_maps([image])
+        rows.append(instance_scores(cell_labels(maps, predictor.config), instances))
+    return summarise_instance_scores(rows)

@@ -126,4 +126,5 @@ def _export_onnx(model: ExportableUNet, out: Path, multiple: int) -> None:
             model, (example,), dynamo=True, input_names=["image"], output_names=["probability"],
             dynamic_shapes=({0: torch.export.Dim("batch"), 2: side[0], 3: side[1]},),
         )
+    assert program is not None  # the dynamo exporter always returns its program
     program.save(str(out))

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cellseg.data import ImagePair, check_same_size, dataset_hash, pair_by_stem
 from cellseg.io import (
     FileEntry,
     StorageOptions,
@@ -33,6 +32,7 @@ from cellseg.io import (
     read_bytes,
     write_file_atomic,
 )
+from cellseg.pairs import ImagePair, check_same_size, dataset_hash, pair_by_stem
 
 logger = logging.getLogger(__name__)
 
@@ -184,11 +184,11 @@ def ingest_dataset(
     copied = sum(was_copied for _, was_copied in fetched_images + fetched_masks)
     cached_images = [cached for cached, _ in fetched_images]
     cached_masks = [cached for cached, _ in fetched_masks]
-    for image, mask in zip(cached_images, cached_masks):
+    for image, mask in zip(cached_images, cached_masks, strict=True):
         check_same_size(image.source_url, image.shape, mask.source_url, mask.shape)
 
     manifest_entries = tuple(
-        ManifestEntry(pair.id, image, mask) for pair, image, mask in zip(pairs, cached_images, cached_masks)
+        ManifestEntry(pair.id, image, mask) for pair, image, mask in zip(pairs, cached_images, cached_masks, strict=True)
     )
     digest = dataset_hash((e.id, e.image.sha256, e.mask.sha256) for e in manifest_entries)
     manifest = Manifest(digest, images_url, masks_url, manifest_entries)

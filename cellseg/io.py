@@ -10,7 +10,7 @@ import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import fsspec
 import numpy as np
@@ -79,10 +79,9 @@ def list_image_entries(url: str, storage_options: StorageOptions = None) -> list
     except PermissionError as error:
         raise PermissionError(f"access denied listing '{url}': {error}") from error
     entries, ignored = [], []
-    for entry in listing:
-        name = posixpath.basename(entry["name"].rstrip("/"))
-        if entry.get("islink"):
-            entry = _followed_link(entry)
+    for listed in listing:
+        name = posixpath.basename(listed["name"].rstrip("/"))
+        entry = _followed_link(listed) if listed.get("islink") else listed
         if entry.get("type") != "file":
             continue
         if not name.lower().endswith(IMAGE_SUFFIXES):
@@ -167,7 +166,7 @@ def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
 def _decode_tiff(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            page = tif.pages[0]
+            page = cast(tifffile.TiffPage, tif.pages[0])  # the first page is a TiffPage, never a TiffFrame
             _check_pixel_limit(name, page.shape[0] * page.shape[1], max_pixels)
             array = page.asarray()
     except ImageReadError:
@@ -185,12 +184,11 @@ def _decode_tiff(data: bytes, name: str, max_pixels: int) -> np.ndarray:
 
 def _decode_with_pillow(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            _check_pixel_limit(name, image.width * image.height, max_pixels)
-            image.load()
-            if image.mode in ("RGB", "RGBA", "P", "PA", "LA", "CMYK", "YCbCr", "1"):
-                image = image.convert("L")
-            array = np.asarray(image)
+        with Image.open(io.BytesIO(data)) as opened:
+            _check_pixel_limit(name, opened.width * opened.height, max_pixels)
+            opened.load()
+            to_gray = opened.mode in ("RGB", "RGBA", "P", "PA", "LA", "CMYK", "YCbCr", "1")
+            array = np.asarray(opened.convert("L") if to_gray else opened)
     except ImageReadError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:

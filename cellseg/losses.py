@@ -1,5 +1,5 @@
 """Training losses on logits: BCEWithLogits (the original design) and BCE + soft Dice, optionally
-weighted per pixel (the U-Net paper's border weight map, `cellseg.weights`), and the loss of the
+weighted per pixel (the U-Net paper's border weight map, `cellseg.targets`), and the loss of the
 optional distance-map output."""
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ class UNet(nn.Module):
         for down in self.encoder:
             skips.append(down(skips[-1]))
         x = self.bottleneck(skips[-1])
-        for up, skip in zip(self.decoder, reversed(skips)):
+        for up, skip in zip(self.decoder, reversed(skips), strict=True):
             x = up(x, skip)
         return self.head(x)[..., :height, :width]
 

@@ -73,7 +73,7 @@ def overlay_gallery(
 ) -> str:
     """One panel per image: the image with the true outlines (green) and the predicted ones (magenta)."""
     panels = [outlined(image, [(truth, TRUTH_COLOUR), (prediction, PREDICTION_COLOUR)])
-              for image, truth, prediction in zip(images, truths, predictions)]
+              for image, truth, prediction in zip(images, truths, predictions, strict=True)]
     return _grid(panels, names, url, storage_options, columns, "green: truth, magenta: prediction")
 
 
@@ -82,8 +82,8 @@ def segmentation_montage(
     storage_options: StorageOptions = None, columns: int = 3,
 ) -> str:
     """One panel per image with the outlines of its segmented cells and their count."""
-    panels = [outlined(image, [(labels, PREDICTION_COLOUR)]) for image, labels in zip(images, cells)]
-    titles = [f"{name} ({int(labels.max())} cells)" for name, labels in zip(names, cells)]
+    panels = [outlined(image, [(labels, PREDICTION_COLOUR)]) for image, labels in zip(images, cells, strict=True)]
+    titles = [f"{name} ({int(labels.max())} cells)" for name, labels in zip(names, cells, strict=True)]
     return _grid(panels, titles, url, storage_options, columns, None)
 
 
@@ -96,7 +96,8 @@ def _grid(panels, titles, url, storage_options, columns, caption) -> str:
                                 constrained_layout=True)
     for axis in axes.flat:
         axis.axis("off")
-    for axis, panel, title in zip(axes.flat, panels, titles):
+    # The last row may have more axes than there are panels left: those stay blank.
+    for axis, (panel, title) in zip(axes.flat, zip(panels, titles, strict=True), strict=False):
         axis.imshow(panel, interpolation="nearest")
         axis.set_title(title, fontsize=8)
     if caption:

@@ -6,12 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from cellseg.checkpoint import load_checkpoint
-from cellseg.config import PredictConfig
-from cellseg.data import LoadedPair
+from cellseg.infer import Predictor
 from cellseg.io import read_image
+from cellseg.pairs import LoadedPair
 from cellseg.pictures import overlay_gallery, segmentation_montage, training_curves
-from cellseg.predict import Predictor, threshold_probabilities
 from cellseg.store import ResultStore
 
 CURVES_FILE = "training_curves.png"
@@ -20,25 +18,20 @@ GALLERY_FILE = "validation_gallery.png"
 
 def training_pictures(
     run_dir: str | Path, history: Sequence[dict[str, float]], val_pairs: Sequence[LoadedPair],
-    device: str = "auto", threshold: float = 0.5, max_images: int = 8,
+    predictor: Predictor, max_images: int = 8,
 ) -> list[str]:
-    """Write `training_curves.png` and, with validation images, `validation_gallery.png` (the best
-    checkpoint's outlines over the first `max_images`) into `run_dir`; returns their paths."""
+    """Write `training_curves.png` and, with validation images, `validation_gallery.png` (the
+    outlines of `predictor`'s masks, as `cellseg predict` thresholds them, over the first
+    `max_images`) into `run_dir`; returns their paths."""
     run = Path(run_dir)
     written = [training_curves(history, str(run / CURVES_FILE))]
     if val_pairs:
         shown = list(val_pairs)[:max_images]
-        predictions = predict_pairs(str(run / "best.pt"), shown, device, threshold)
+        predictions = [probability > predictor.config.threshold
+                       for probability in predictor.normalised_probabilities([pair.image for pair in shown])]
         written.append(overlay_gallery([p.image for p in shown], [p.mask for p in shown], predictions,
                                        [p.id for p in shown], str(run / GALLERY_FILE)))
     return written
-
-
-def predict_pairs(checkpoint_url: str, pairs: Sequence[LoadedPair], device: str = "auto", threshold: float = 0.5):
-    """Boolean masks of the checkpoint for already-normalised pairs, as `cellseg predict` thresholds
-    them (at the model's cell size, for a model that has one)."""
-    predictor = Predictor(load_checkpoint(checkpoint_url), PredictConfig(device=device, threshold=threshold))
-    return [threshold_probabilities(p, threshold) for p in predictor.normalised_probabilities([pair.image for pair in pairs])]
 
 
 def montage_url(store_url: str, run_name: str) -> str:

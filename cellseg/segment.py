@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from cellseg import __version__
-from cellseg.data import group_by_stem
+from cellseg.infer import Predictor
 from cellseg.io import StorageOptions, read_image
 from cellseg.measure import CELL_COLUMNS, cell_measurements
-from cellseg.predict import CellMaps, Predictor
+from cellseg.pairs import group_by_stem
+from cellseg.postprocess import CellMaps, cell_labels
 from cellseg.stats import image_statistics
 from cellseg.store import ResultStore, StoreError, validate_image_id
 
@@ -86,12 +87,7 @@ def model_record(predictor: Predictor, checkpoint_url: str) -> dict[str, Any]:
     return {
         "version": predictor.model_version,
         "checkpoint": checkpoint_url,
-        "threshold": predictor.config.threshold,
-        "min_cell_area": predictor.config.min_cell_area,
-        "split_touching": predictor.config.split_touching,
-        "split_depth": predictor.config.split_depth,
-        "centre_prominence": predictor.config.centre_prominence,
-        "cell_diameter": predictor.config.cell_diameter,
+        "predict": predictor.config.model_dump(mode="json"),
         "model_config": predictor.checkpoint.model_config.model_dump(mode="json"),
         "cellseg_version": __version__,
     }
@@ -103,7 +99,6 @@ def segment_images(
     predictor: Predictor,
     model: dict[str, Any],
     storage_options: StorageOptions = None,
-    max_pixels: int | None = None,
     on_image: Callable[[str], None] | None = None,
 ) -> SegmentReport:
     """Segment (id, url) pairs into `store`; an unreadable image is recorded as failed and skipped.
@@ -114,7 +109,7 @@ def segment_images(
     """
     report = SegmentReport()
     started = time.monotonic()
-    max_pixels = max_pixels or predictor.config.max_pixels
+    max_pixels = predictor.config.max_pixels
     ahead = 2 * predictor.batch_size
     pending = iter(images)
     reads: deque[tuple[str, str, Future[np.ndarray]]] = deque()
@@ -132,8 +127,9 @@ def segment_images(
         if on_image:
             on_image(image_id)
 
-    def finish(image_id: str, url: str, image: np.ndarray | None, maps: CellMaps | None, error: str | None):
-        if error is None:
+    def finish(image_id: str, url: str, image: np.ndarray | None, maps: CellMaps | None,
+               error: str | None) -> tuple[str, str, str | None, int]:
+        if error is None and image is not None and maps is not None:
             error = _write_result(store, predictor, model, image_id, url, image, maps)
         if error == DONE_ELSEWHERE:
             logger.info("'%s' was finished by another run meanwhile; its result is kept", url)
@@ -152,22 +148,22 @@ def segment_images(
 
         refill()
         while reads:
-            batch = []
+            batch: list[tuple[str, str, np.ndarray]] = []
             while reads and len(batch) < predictor.batch_size:
                 image_id, url, future = reads.popleft()
                 try:
                     batch.append((image_id, url, future.result()))
-                except Exception as error:
+                except Exception as error:  # noqa: BLE001 - an unreadable image is recorded and the run goes on
                     writes.append(writer.submit(finish, image_id, url, None, None, _describe(error)))
             refill()
             if batch:
+                outcomes: list[tuple[CellMaps | None, str | None]]
                 try:
-                    maps = predictor.cell_maps([image for _, _, image in batch])
-                    outcomes = [(image, image_maps, None) for (_, _, image), image_maps in zip(batch, maps)]
-                except Exception as error:
-                    outcomes = [(image, None, _describe(error)) for _, _, image in batch]
-                for (image_id, url, _), (image, image_maps, error) in zip(batch, outcomes):
-                    writes.append(writer.submit(finish, image_id, url, image, image_maps, error))
+                    outcomes = [(maps, None) for maps in predictor.cell_maps([image for _, _, image in batch])]
+                except Exception as error:  # noqa: BLE001 - the batch's images are recorded as failed, the run goes on
+                    outcomes = [(None, _describe(error))] * len(batch)
+                for (image_id, url, image), (image_maps, failure) in zip(batch, outcomes, strict=True):
+                    writes.append(writer.submit(finish, image_id, url, image, image_maps, failure))
             while len(writes) > ahead:
                 settle(writes.popleft().result())
         while writes:
@@ -186,26 +182,27 @@ def _write_result(
     chunk or metadata file replaced mid-write); such a write is tried once more, now over arrays
     that exist and are overwritten in place, unless the other run has finished the image.
     """
+    config = predictor.config
     try:
-        labels = predictor.cell_labels(maps)
-        result = {
-            "mask": labels > 0, "statistics": image_statistics(image, labels), "source_url": url, "model": model,
-            "probabilities": maps.probability if predictor.config.save_probabilities else None, "replace": False,
-            "cells": labels, "image": image if predictor.config.store_image else None,
-            "cell_table": (CELL_COLUMNS, cell_measurements(labels, image)) if predictor.config.measure_cells else None,
-            "scale": maps.scale,
-        }
-    except Exception as error:
+        labels = cell_labels(maps, config)
+        statistics = image_statistics(image, labels)
+        cell_table = (CELL_COLUMNS, cell_measurements(labels, image)) if config.measure_cells else None
+    except Exception as error:  # noqa: BLE001 - a bad image is recorded as failed and the run goes on
         return _describe(error)
     for attempt in (1, 2):
         try:
-            return None if store.write_result(image_id, **result) else DONE_ELSEWHERE
+            written = store.write_result(
+                image_id, labels > 0, statistics, url, model,
+                probabilities=maps.probability if config.save_probabilities else None, replace=False, cells=labels,
+                cell_table=cell_table, image=image if config.store_image else None, scale=maps.scale,
+            )
+            return None if written else DONE_ELSEWHERE
         except (OSError, KeyError) as error:
             if store.is_done(image_id):
                 return DONE_ELSEWHERE
             if attempt == 2:
                 return _describe(error)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - a failed write is recorded and the run goes on
             return _describe(error)
     return None
 

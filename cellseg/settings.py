@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import os
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ImportError:  # Python 3.10
+else:  # Python 3.10
     import tomli as tomllib
 
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig, Url

@@ -49,7 +49,7 @@ def image_statistics(image: np.ndarray, labels: np.ndarray) -> dict[str, float |
     cell_pixels = int(inside.sum())
     pixels = image.astype(np.float64, copy=False)
     return {
-        "cell_count": int(len(areas)),
+        "cell_count": len(areas),
         "total_cell_area": cell_pixels,
         "mean_cell_area": float(areas.mean()) if len(areas) else None,
         "median_cell_area": float(np.median(areas)) if len(areas) else None,

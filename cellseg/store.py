@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import zarr
@@ -43,6 +43,8 @@ DONE = "done"
 NGFF_VERSION = "0.5"
 IMAGE_PATH = "0"
 PROBABILITIES_PATH = "probabilities/0"
+
+StoreMode = Literal["r", "r+", "a", "w", "w-"]  # zarr's access modes
 
 
 class StoreError(ValueError):
@@ -81,6 +83,21 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _cellseg_attrs(node: zarr.Group | zarr.Array) -> dict[str, Any]:
+    """The node's "cellseg" attribute ({} when it has none); zarr types attributes as any JSON."""
+    return cast("dict[str, Any]", node.attrs.get("cellseg", {}))
+
+
+def _read(array: zarr.Array) -> np.ndarray:
+    """The whole array as numpy (zarr types a read as any array-like or scalar)."""
+    return np.asarray(array[...])
+
+
+def _columns(table: zarr.Array) -> list[str]:
+    """The column names of a cell table."""
+    return list(cast("list[str]", table.attrs["columns"]))
+
+
 class ResultStore:
     """Read and write segmentation results in a zarr store at an fsspec URL (local path by default)."""
 
@@ -89,20 +106,20 @@ class ResultStore:
         self.url = url
 
     @classmethod
-    def open(cls, url: str, mode: str = "a", storage_options: StorageOptions = None) -> ResultStore:
+    def open(cls, url: str, mode: StoreMode = "a", storage_options: StorageOptions = None) -> ResultStore:
         """Open `url`, creating the store when `mode` allows it; refuses groups that are not cellseg stores."""
-        options = {"storage_options": dict(storage_options)} if storage_options else {}
+        options = dict(storage_options) if storage_options else None
         try:
             try:
-                root = zarr.open_group(url, mode=mode, zarr_format=3, **options)
+                root = zarr.open_group(url, mode=mode, zarr_format=3, storage_options=options)
             except ContainsGroupError:
                 # Another run created the store between zarr's check and its create: open that one.
-                root = zarr.open_group(url, mode=mode, zarr_format=3, **options)
+                root = zarr.open_group(url, mode=mode, zarr_format=3, storage_options=options)
         except FileNotFoundError as error:
             raise StoreError(f"no results store at '{url}'") from error
         except PermissionError as error:
             raise PermissionError(f"access denied opening the results store '{url}': {error}") from error
-        meta = root.attrs.get("cellseg")
+        meta = cast("dict[str, Any] | None", root.attrs.get("cellseg"))
         if meta is None:
             if mode == "r" or any(True for _ in root.group_keys()):
                 raise StoreError(f"'{url}' is a zarr group but not a cellseg results store")
@@ -134,7 +151,7 @@ class ResultStore:
         """
         validate_image_id(image_id, source_url)
         existing = self.root.get(image_id)
-        if isinstance(existing, zarr.Group) and existing.attrs.get("cellseg", {}).get("status") == DONE:
+        if isinstance(existing, zarr.Group) and _cellseg_attrs(existing).get("status") == DONE:
             if not replace:
                 return False
             # Replacing a finished result: withdraw the mark first so no reader mixes old and new.
@@ -186,10 +203,13 @@ class ResultStore:
         chunks = chunks or tuple(min(side, CHUNK_SIDE) for side in data.shape)
         # Creating the array by path writes its parent groups' metadata on the way (one call).
         # NGFF 0.5 asks arrays to name their dimensions as the axes of the multiscales do.
-        layout = {"chunks": chunks, "dimension_names": dimension_names, "attributes": attributes}
+        def create(overwrite: bool) -> None:
+            self.root.create_array(path, data=data, overwrite=overwrite, chunks=chunks,
+                                   dimension_names=dimension_names, attributes=attributes)
+
         if not may_exist:
             try:
-                self.root.create_array(path, data=data, overwrite=False, **layout)
+                create(overwrite=False)
                 return
             except (ContainsArrayError, ContainsGroupError):  # another run created it just now
                 pass
@@ -199,7 +219,7 @@ class ResultStore:
             if attributes and dict(array.attrs) != attributes:
                 array.attrs.put(attributes)
             return
-        self.root.create_array(path, data=data, overwrite=True, **layout)
+        create(overwrite=True)
 
     def record_failure(self, image_id: str, source_url: str, error: str, model: Mapping[str, Any]) -> None:
         """Note that an image could not be segmented; a later run tries it again.
@@ -208,7 +228,7 @@ class ResultStore:
         by a failure.
         """
         group = self.root.require_group(validate_image_id(image_id, source_url))
-        if group.attrs.get("cellseg", {}).get("status") == DONE:
+        if _cellseg_attrs(group).get("status") == DONE:
             return
         group.attrs["cellseg"] = {
             "status": "failed",
@@ -227,7 +247,7 @@ class ResultStore:
             if on_record:
                 on_record(image_id)
         for image_id, group in sorted(groups, key=lambda item: item[0]):
-            yield image_id, dict(group.attrs.get("cellseg", {}))
+            yield image_id, dict(_cellseg_attrs(group))
 
     def done_ids(self, on_record: Callable[[str], None] | None = None) -> set[str]:
         """Ids of images whose mask and statistics are completely written."""
@@ -236,7 +256,7 @@ class ResultStore:
     def record(self, image_id: str) -> dict[str, Any]:
         """The cellseg attrs of one image."""
         try:
-            return dict(self.root[image_id].attrs.get("cellseg", {}))
+            return dict(_cellseg_attrs(self.root[image_id]))
         except KeyError as error:
             raise StoreError(f"store '{self.url}' has no image '{image_id}'") from error
 
@@ -253,13 +273,13 @@ class ResultStore:
         self._require_done(image_id)
         array = self.root.get(f"{image_id}/labels/{CELLS_NAME}/0")
         if isinstance(array, zarr.Array):
-            return array[...]
-        return label_cells(self.root[f"{image_id}/labels/{MASK_NAME}/0"][...] > 0)[0]
+            return _read(array)
+        return label_cells(self._read_path(f"{image_id}/labels/{MASK_NAME}/0") > 0)[0]
 
     def read_cell_table(self, image_id: str) -> tuple[list[str], np.ndarray]:
         """(column names, float64 rows) of a done image's per-cell measurements."""
         array = self._optional_array(image_id, CELL_TABLE, "per-cell measurements")
-        return list(array.attrs["columns"]), array[...]
+        return _columns(array), _read(array)
 
     def cell_rows(self) -> Iterator[dict[str, Any]]:
         """Every cell of every done image that has measurements, as {"image_id", column: value} rows."""
@@ -267,14 +287,14 @@ class ResultStore:
             table = self.root.get(f"{image_id}/{CELL_TABLE}") if record.get("status") == DONE else None
             if not isinstance(table, zarr.Array):
                 continue
-            columns = table.attrs["columns"]
-            for row in table[...]:
+            columns = _columns(table)
+            for row in _read(table):
                 yield {"image_id": image_id, **{name: int(value) if name in INTEGER_COLUMNS else float(value)
-                                                for name, value in zip(columns, row)}}
+                                                for name, value in zip(columns, row, strict=True)}}
 
     def read_image(self, image_id: str) -> np.ndarray:
         """The copy of the source image stored with a done result (`PredictConfig.store_image`)."""
-        return self._optional_array(image_id, IMAGE_PATH, "a copy of its source image")[...]
+        return _read(self._optional_array(image_id, IMAGE_PATH, "a copy of its source image"))
 
     def has_probabilities(self, image_id: str) -> bool:
         """Whether a done image was written with its cell probabilities (`--save-probabilities`)."""
@@ -284,7 +304,7 @@ class ResultStore:
     def read_probabilities(self, image_id: str) -> np.ndarray:
         """float32 (H, W) cell probabilities of a done image written with `--save-probabilities`."""
         array = self._optional_array(image_id, PROBABILITIES_PATH, "probabilities (predict --save-probabilities)")
-        return array[...].astype(np.float32)
+        return _read(array).astype(np.float32)
 
     def _optional_array(self, image_id: str, path: str, what: str) -> zarr.Array:
         """An array that a done image may have been written without; StoreError naming `what` if so."""
@@ -297,7 +317,14 @@ class ResultStore:
     def read_mask(self, image_id: str) -> np.ndarray:
         """Boolean (H, W) mask of a done image."""
         self._require_done(image_id)
-        return self.root[f"{image_id}/labels/{MASK_NAME}/0"][...] > 0
+        return self._read_path(f"{image_id}/labels/{MASK_NAME}/0") > 0
+
+    def _read_path(self, path: str) -> np.ndarray:
+        """The whole array at `path` (KeyError when there is nothing there)."""
+        array = self.root[path]
+        if not isinstance(array, zarr.Array):
+            raise StoreError(f"'{path}' in '{self.url}' is a group, not an array")
+        return _read(array)
 
     def _require_done(self, image_id: str) -> None:
         if self.record(image_id).get("status") != DONE:

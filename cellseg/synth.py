@@ -135,7 +135,8 @@ def write_dataset(
         rng = np.random.default_rng([seed, index])
         shape = (size, size)
         if vary_size:
-            shape = tuple(int(side) for side in rng.integers(size * 3 // 4, size + 1, 2))
+            height, width = (int(side) for side in rng.integers(size * 3 // 4, size + 1, 2))
+            shape = (height, width)
         sample_polarity = polarity if polarity != "mixed" else ("bright", "dark")[index % 2]
         sample = generate_sample(rng, shape, bit_depth, sample_polarity)
         image_id = f"synth_{index:04d}"

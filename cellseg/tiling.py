@@ -16,7 +16,7 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
         return [0]
     step = tile - overlap
     starts = list(range(0, length - tile, step))
-    return starts + [length - tile]
+    return [*starts, length - tile]
 
 
 def edge_ramp(size: int, overlap: int, ramp_start: bool, ramp_end: bool) -> np.ndarray:
@@ -73,5 +73,6 @@ def predict_tiled(
                 total = np.zeros((*prediction.shape[:-2], height, width), dtype=np.float32)
             total[..., top:bottom, left:right] += prediction * window
             weight[top:bottom, left:right] += window
+    assert total is not None  # tile_starts gives every side at least one tile
     total /= weight
     return total

@@ -14,7 +14,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +23,13 @@ from torch.utils.data import DataLoader
 
 from cellseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cellseg.config import ModelConfig, TrainConfig
-from cellseg.data import ImgDataset, LoadedPair
+from cellseg.dataset import TrainingDataset
 from cellseg.io import write_file_atomic
 from cellseg.losses import distance_map_loss, segmentation_loss
 from cellseg.metrics import MetricAccumulator, confusion_counts
 from cellseg.model import UNet
+from cellseg.pairs import LoadedPair
+from cellseg.runtime import autocast_context, resolve_device
 from cellseg.scale import collection_cell_diameter, rescale_pairs
 
 logger = logging.getLogger(__name__)
@@ -61,34 +62,6 @@ class TrainResult:
         return self.out_dir / HISTORY_FILE
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present, else CPU; an explicit CUDA request without CUDA is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{name}' was requested but CUDA is not available on this machine")
-    return device
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def autocast_context(device: torch.device, enabled: bool):
-    """Mixed precision when enabled: bf16 on CUDA (fp16 where bf16 is unsupported) and on CPUs with
-    native bf16; nothing elsewhere. Weights, losses and optimiser state stay fp32."""
-    if not enabled:
-        return nullcontext()
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def logit_threshold(probability: float) -> float:
     """The logit above which sigmoid(logit) exceeds `probability`."""
     return math.log(probability / (1.0 - probability))
@@ -106,7 +79,9 @@ def whole_image_logits(
     eval mode; a distance-map output is left out."""
     model.eval()
     with torch.inference_mode():
-        for image, mask in ImgDataset(pairs):
+        dataset = TrainingDataset(pairs)
+        for index in range(len(dataset)):
+            image, mask = dataset[index]
             with autocast_context(device, amp):
                 logits = model(image[None].to(device))
             yield logits[:, :1].float(), mask[None].to(device)
@@ -177,7 +152,7 @@ def train(
     if model_config.distance_map and not any(pair.instances is not None for pair in train_pairs):
         logger.warning("the distance map is learnt from binary masks: touching cells count as one; "
                        "give instance label masks to teach the model where they part")
-    train_set = ImgDataset(train_pairs, config.patch_size, config.patches_per_image, config.augment, config.seed,
+    train_set = TrainingDataset(train_pairs, config.patch_size, config.patches_per_image, config.augment, config.seed,
                            config.augmentation, config.border_weight, config.border_sigma, model_config.distance_map)
     model = UNet(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -232,8 +207,8 @@ def train(
                 parameter.requires_grad_(epoch > config.freeze_encoder_epochs)
         model.train()
         train_counts, loss_sum, samples = MetricAccumulator(), 0.0, 0
-        for images, targets in loader:
-            images, targets = images.to(device), targets.to(device)
+        for batch_images, batch_targets in loader:
+            images, targets = batch_images.to(device), batch_targets.to(device)
             masks, weights, distance = train_set.layout.unpack(targets)
             with autocast_context(device, config.amp):
                 logits = model(images).float()

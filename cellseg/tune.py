@@ -1,26 +1,16 @@
-"""Hyper-parameter search: plan trials over a search space, train each with early stopping, and
-pick the best by validation Dice. The tune-unet flow runs the trials in parallel; this module
-knows nothing of Prefect.
-"""
+"""Hyper-parameter search: plan trials over a search space and pick the best by validation Dice.
+Each trial is trained by `cellseg.jobs.run_trial`; the tune-unet flow runs them in parallel."""
 
 from __future__ import annotations
 
 import itertools
-import logging
-import os
-import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, Field
 
 from cellseg.config import AugmentationConfig, ModelConfig, SearchSpace, TrainConfig
-from cellseg.data import LoadedPair
-from cellseg.train import train
-
-logger = logging.getLogger(__name__)
 
 SCORE = "val_dice"
 
@@ -63,7 +53,7 @@ def plan_trials(
         grid = [grid[index] for index in sorted(chosen)]
     trials = []
     for number, values in enumerate(grid, start=1):
-        params = dict(zip(names, values))
+        params = dict(zip(names, values, strict=True))
         trials.append(
             Trial(
                 number=number,
@@ -87,38 +77,6 @@ def plan_trials(
 def augmentation_preset(name: str) -> AugmentationConfig:
     """The augmentation strength a search space names: 'flips' (the default) or 'strong'."""
     return AugmentationConfig.strong() if name == "strong" else AugmentationConfig.flips_only()
-
-
-def run_trial(
-    trial: Trial,
-    train_pairs: Sequence[LoadedPair],
-    val_pairs: Sequence[LoadedPair],
-    out_dir: str | os.PathLike,
-    dataset_manifest_hash: str | None = None,
-    threads: int | None = None,
-) -> TrialResult:
-    """Train one trial (early stopping as its TrainConfig says) into `out_dir`. A trial that raises
-    is reported as failed with its error, so one bad point does not end the search."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-    started = time.monotonic()
-    try:
-        result = train(train_pairs, val_pairs, out_dir, trial.model, trial.training, dataset_manifest_hash)
-    except Exception as error:  # reported in the trial table; the search goes on
-        logger.warning("trial %d %s failed: %s", trial.number, trial.params, error)
-        return TrialResult(number=trial.number, params=trial.params, status="failed", error=f"{type(error).__name__}: {error}")
-    return TrialResult(
-        number=trial.number,
-        params=trial.params,
-        status="done",
-        val_dice=result.best_metrics.get(SCORE),
-        metrics={k: v for k, v in result.best_metrics.items() if k.startswith("val_")},
-        best_epoch=result.best_epoch,
-        epochs_run=len(result.history),
-        stop_reason=result.stop_reason,
-        seconds=round(time.monotonic() - started, 1),
-        checkpoint=str(result.best_checkpoint),
-    )
 
 
 def best_trial(results: Sequence[TrialResult]) -> TrialResult:

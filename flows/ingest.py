@@ -7,8 +7,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from cellseg.config import Url
+from cellseg.flows._common import configure_storage, retry_unless_bad_input
 from cellseg.ingest import ingest_dataset
-from flows._common import configure_storage, retry_unless_bad_input
+from cellseg.paths import DEFAULT_CACHE_DIR
 
 
 @task(name="ingest-files", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_unless_bad_input)
@@ -27,7 +28,7 @@ def ingest_files(images_url: str, masks_url: str, cache_dir: str) -> dict[str, A
 def ingest_dataset_flow(
     images_url: Url,
     masks_url: Url,
-    cache_dir: str = "runs/cache",
+    cache_dir: str = DEFAULT_CACHE_DIR,
 ) -> dict[str, Any]:
     """Ingest image/mask pairs from `images_url`/`masks_url` (s3://, file://, paths) into `cache_dir`."""
     configure_storage()

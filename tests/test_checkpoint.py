@@ -118,7 +118,7 @@ def test_file_that_runs_code_when_unpickled_is_refused(checkpoint, tmp_path):
     url = tmp_path / "evil.pt"
     torch.save(payload, url)
 
-    with pytest.raises(CheckpointError, match="evil.pt"):
+    with pytest.raises(CheckpointError, match=r"evil\.pt"):
         load_checkpoint(str(url))
     assert not marker.exists()
 
@@ -136,14 +136,14 @@ def test_file_with_a_custom_class_instance_is_refused(checkpoint, tmp_path):
     payload = checkpoint.to_dict()
     payload["extra"] = Extra()
     torch.save(payload, tmp_path / "custom.pt")
-    with pytest.raises(CheckpointError, match="custom.pt"):
+    with pytest.raises(CheckpointError, match=r"custom\.pt"):
         load_checkpoint(str(tmp_path / "custom.pt"))
 
 
 def test_plain_pickle_of_code_is_refused(tmp_path):
     marker = tmp_path / "code-ran"
     (tmp_path / "pickled.pt").write_bytes(pickle.dumps(Marker(marker), protocol=2))
-    with pytest.raises(CheckpointError, match="pickled.pt"):
+    with pytest.raises(CheckpointError, match=r"pickled\.pt"):
         load_checkpoint(str(tmp_path / "pickled.pt"))
     assert not marker.exists()
 
@@ -204,5 +204,5 @@ def test_round_trip_through_s3(checkpoint, s3_bucket):
 @pytest.mark.integration
 def test_missing_s3_object_is_refused(s3_bucket):
     bucket, options = s3_bucket
-    with pytest.raises(CheckpointError, match="absent.pt.*does not exist"):
+    with pytest.raises(CheckpointError, match=r"absent\.pt.*does not exist"):
         load_checkpoint(f"{bucket}/absent.pt", options)

@@ -38,19 +38,34 @@ def test_every_command_documents_its_options(command):
         assert option in result.stdout
 
 
-def test_every_prediction_flag_of_flow_segment_images_reaches_the_flow():
-    import inspect
+def _subcommand(parser: argparse.ArgumentParser, *names: str) -> argparse.ArgumentParser:
+    for name in names:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return parser
 
+
+def _fields(parser: argparse.ArgumentParser) -> set[str]:
+    return {action.dest for action in parser._actions if action.dest.startswith(("setting:", "job:"))}
+
+
+def test_predict_and_flow_segment_images_take_the_same_prediction_flags():
     from cellseg.cli import build_parser
-    from flows.segment import segment_images_flow
+    from cellseg.config import PredictConfig
 
-    flows = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["flow"]
-    segment = next(a for a in flows._actions if isinstance(a, argparse._SubParsersAction)).choices["segment-images"]
-    settings = [action.dest.removeprefix("setting:predict.") for action in segment._actions
-                if action.dest.startswith("setting:predict.")]
-    assert "cell_diameter" in settings and "threshold" in settings
-    parameters = inspect.signature(segment_images_flow.fn).parameters
-    assert [name for name in settings if name not in parameters] == []
+    parser = build_parser()
+    predict, flow = _subcommand(parser, "predict"), _subcommand(parser, "flow", "segment-images")
+    predict_fields = {dest for dest in _fields(predict) if dest.startswith("setting:predict.")}
+    assert predict_fields == {dest for dest in _fields(flow) if dest.startswith("setting:predict.")}
+    # Every flag names a real field; the rest come from the settings file (tests/test_configs_whole.py).
+    assert {dest.removeprefix("setting:predict.") for dest in predict_fields} <= set(PredictConfig.model_fields)
+
+
+def test_train_and_flow_train_unet_take_the_same_training_flags():
+    from cellseg.cli import build_parser
+
+    parser = build_parser()
+    train, flow = _subcommand(parser, "train"), _subcommand(parser, "flow", "train-unet")
+    assert _fields(train) <= _fields(flow)
 
 
 def test_synth_train_predict_evaluate_round_trip(tmp_path):
@@ -143,7 +158,7 @@ def test_training_on_label_images_reports_the_cells_predict_and_evaluate_find(tm
         unsplit = json.loads(cellseg("evaluate", "--pred", whole, "--masks", str(tmp_path / "val/labels"),
                                      "--labels", str(tmp_path / "val/labels"), "--json").stdout)["instances"]
         assert unsplit["predicted_cells_total"] < cells["predicted_cells_total"]
-        assert ResultStore.open(whole).record(validation[0])["model"]["centre_prominence"] == 0.99
+        assert ResultStore.open(whole).record(validation[0])["model"]["predict"]["centre_prominence"] == 0.99
     if "28" in cell_size:  # cells stated instead of measured: the synthetic ones are about 14 px across
         stated = str(tmp_path / "stated.zarr")
         cellseg("predict", "--model", str(tmp_path / "model/best.pt"), "--images", str(tmp_path / "val/images"),

@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from cellseg.config import (
-    ModelConfig,
-    NormalizationConfig,
-    PredictConfig,
-    SegmentSettings,
-    TrainConfig,
-    TrainUnetSettings,
-)
+from cellseg.config import ModelConfig, NormalizationConfig, PredictConfig, TrainConfig
+from cellseg.jobs import SegmentJob, TrainJob
 
 SEGMENT = {"source_url": "data/incoming", "store_url": "runs/nightly.zarr"}
 TRAIN = {"images_url": "data/images", "masks_url": "data/masks"}
@@ -29,7 +23,7 @@ def rejected(model, **fields) -> tuple[list[tuple], str]:
 
 
 def test_segment_settings_defaults():
-    settings = SegmentSettings(**SEGMENT)
+    settings = SegmentJob(**SEGMENT)
 
     assert (settings.source_url, settings.store_url) == ("data/incoming", "runs/nightly.zarr")
     assert settings.registry_url == "runs/registry"
@@ -41,7 +35,7 @@ def test_segment_settings_defaults():
 
 
 def test_train_settings_defaults():
-    settings = TrainUnetSettings(**TRAIN)
+    settings = TrainJob(**TRAIN)
 
     assert (settings.registry_url, settings.cache_dir, settings.work_dir) == (
         "runs/registry", "runs/cache", "runs/training",
@@ -59,12 +53,12 @@ def test_normalization_defaults():
     assert (config.low_percentile, config.high_percentile, config.polarity) == (1.0, 99.8, "auto")
 
 
-# --- SegmentSettings ----------------------------------------------------------------------
+# --- SegmentJob ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("shard_size", [0, -1, -32])
 def test_shard_size_must_be_positive(shard_size):
-    locations, message = rejected(SegmentSettings, **SEGMENT, shard_size=shard_size)
+    locations, message = rejected(SegmentJob, **SEGMENT, shard_size=shard_size)
 
     assert locations == [("shard_size",)]
     assert "greater than or equal to 1" in message
@@ -76,13 +70,13 @@ def test_threshold_must_be_inside_zero_one(threshold):
     assert locations == [("threshold",)]
 
     # Given as data (as a flow parameter arrives), the error names the nested field.
-    locations, _ = rejected(SegmentSettings, **SEGMENT, predict={"threshold": threshold})
+    locations, _ = rejected(SegmentJob, **SEGMENT, predict={"threshold": threshold})
     assert locations == [("predict", "threshold")]
 
 
 @pytest.mark.parametrize("threshold", [0.01, 0.5, 0.99])
 def test_threshold_inside_zero_one_is_accepted(threshold):
-    assert SegmentSettings(**SEGMENT, predict=PredictConfig(threshold=threshold)).predict.threshold == threshold
+    assert SegmentJob(**SEGMENT, predict=PredictConfig(threshold=threshold)).predict.threshold == threshold
 
 
 @pytest.mark.parametrize(
@@ -97,7 +91,7 @@ def test_threshold_inside_zero_one_is_accepted(threshold):
 )
 @pytest.mark.parametrize("field", ["source_url", "store_url", "registry_url"])
 def test_segment_urls_are_checked(field, url, expected):
-    locations, message = rejected(SegmentSettings, **{**SEGMENT, field: url})
+    locations, message = rejected(SegmentJob, **{**SEGMENT, field: url})
 
     assert locations == [(field,)]
     assert expected in message
@@ -107,13 +101,13 @@ def test_segment_urls_are_checked(field, url, expected):
     "url", ["s3://bucket", "s3://bucket/images/", "file:///data/images", "data/images", "/abs/images", "memory://x"]
 )
 def test_supported_urls_are_accepted(url):
-    assert SegmentSettings(source_url=url, store_url=url).source_url == url
-    assert TrainUnetSettings(images_url=url, masks_url=url, registry_url=url).images_url == url
+    assert SegmentJob(source_url=url, store_url=url).source_url == url
+    assert TrainJob(images_url=url, masks_url=url, registry_url=url).images_url == url
 
 
 @pytest.mark.parametrize("address", ["localhost:8786", "127.0.0.1:8786", "http://127.0.0.1:8786", "tcp://", "tcp://a b"])
 def test_malformed_dask_address_is_refused(address):
-    locations, message = rejected(SegmentSettings, **SEGMENT, dask_address=address)
+    locations, message = rejected(SegmentJob, **SEGMENT, dask_address=address)
 
     assert locations == [("dask_address",)]
     assert f"'{address}' is not a Dask scheduler address" in message
@@ -121,27 +115,27 @@ def test_malformed_dask_address_is_refused(address):
 
 @pytest.mark.parametrize("address", ["tcp://127.0.0.1:8786", "tcp://scheduler:8786", "tls://scheduler", None])
 def test_dask_address_is_accepted(address):
-    assert SegmentSettings(**SEGMENT, dask_address=address).dask_address == address
+    assert SegmentJob(**SEGMENT, dask_address=address).dask_address == address
 
 
 def test_segment_settings_refuse_unknown_fields():
-    locations, message = rejected(SegmentSettings, **SEGMENT, shard_szie=8)
+    locations, message = rejected(SegmentJob, **SEGMENT, shard_szie=8)
 
     assert locations == [("shard_szie",)]
     assert "Extra inputs are not permitted" in message
 
 
 def test_empty_model_version_is_refused():
-    locations, _ = rejected(SegmentSettings, **SEGMENT, model_version="")
+    locations, _ = rejected(SegmentJob, **SEGMENT, model_version="")
     assert locations == [("model_version",)]
 
 
 def test_missing_required_urls_are_named():
-    locations, _ = rejected(SegmentSettings)
+    locations, _ = rejected(SegmentJob)
     assert sorted(locations) == [("source_url",), ("store_url",)]
 
 
-# --- TrainUnetSettings --------------------------------------------------------------------
+# --- TrainJob --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -150,28 +144,28 @@ def test_missing_required_urls_are_named():
 )
 @pytest.mark.parametrize("field", ["images_url", "masks_url", "registry_url"])
 def test_train_urls_are_checked(field, url, expected):
-    locations, message = rejected(TrainUnetSettings, **{**TRAIN, field: url})
+    locations, message = rejected(TrainJob, **{**TRAIN, field: url})
 
     assert locations == [(field,)]
     assert expected in message
 
 
 def test_train_settings_refuse_unknown_fields():
-    locations, _ = rejected(TrainUnetSettings, **TRAIN, epochs=3)  # belongs in training=
+    locations, _ = rejected(TrainJob, **TRAIN, epochs=3)  # belongs in training=
     assert locations == [("epochs",)]
 
-    locations, _ = rejected(TrainUnetSettings, **TRAIN, training={"epochs": 3, "lr": 0.1})
+    locations, _ = rejected(TrainJob, **TRAIN, training={"epochs": 3, "lr": 0.1})
     assert locations == [("training", "lr")]
 
 
 @pytest.mark.parametrize("field", ["cache_dir", "work_dir"])
 def test_train_directories_must_not_be_empty(field):
-    locations, _ = rejected(TrainUnetSettings, **TRAIN, **{field: ""})
+    locations, _ = rejected(TrainJob, **TRAIN, **{field: ""})
     assert locations == [(field,)]
 
 
 def test_nested_training_values_are_validated():
-    locations, _ = rejected(TrainUnetSettings, **TRAIN, training={"epochs": 0})
+    locations, _ = rejected(TrainJob, **TRAIN, training={"epochs": 0})
     assert locations == [("training", "epochs")]
 
 
@@ -191,6 +185,6 @@ def test_normalization_accepts_ordered_percentiles():
 
 
 def test_settings_are_frozen():
-    settings = SegmentSettings(**SEGMENT)
+    settings = SegmentJob(**SEGMENT)
     with pytest.raises(ValidationError, match="frozen"):
         settings.shard_size = 4

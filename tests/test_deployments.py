@@ -24,7 +24,7 @@ PREFECT = str(Path(sys.executable).parent / "prefect")
 
 def prefect(*args: str, env: dict[str, str], timeout: float = 300, input_text: str | None = None) -> subprocess.CompletedProcess:
     result = subprocess.run([PREFECT, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-                            input=input_text)
+                            input=input_text, check=False)
     if result.returncode != 0:
         raise AssertionError(f"prefect {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
@@ -43,7 +43,8 @@ def flow_run_state(name_fragment: str, env: dict[str, str]) -> str:
         "        print(json.dumps([r.state.type.value for r in runs]))\n"
         "asyncio.run(main())\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                            check=False)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -57,7 +58,7 @@ def deployed(prefect_server, tmp_path_factory):
     prefect("variable", "set", "cellseg_nightly_source", str(root / "nightly-in"), env=env)
     prefect("variable", "set", "cellseg_nightly_store", str(root / "nightly.zarr"), env=env)
     prefect("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml", env=env)
-    log = open(root / "worker.log", "wb")
+    log = open(root / "worker.log", "wb")  # noqa: SIM115 - the worker writes to it until the fixture's teardown, after the yield
     worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "cellseg-process"], cwd=REPO_ROOT, env=env,
                               stdout=log, stderr=log, start_new_session=True)
     try:
@@ -163,28 +164,27 @@ def serve_and_run_a_backfill(env: dict[str, str], tiny_checkpoint: Path, tmp_pat
     registry = str(tmp_path / "registry")
     Registry(registry).register(str(tiny_checkpoint), promote=True)
     write_dataset(str(tmp_path / "new"), count=3, size=96, seed=2)
-    log = open(tmp_path / "serve.log", "wb")
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "cellseg"), "serve", "--nightly-source", str(tmp_path / "new/images"),
-         "--nightly-store", str(tmp_path / "nightly.zarr")],
-        cwd=REPO_ROOT, env=env, stdout=log, stderr=log, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while b"being served" not in (tmp_path / "serve.log").read_bytes():
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()
-            assert time.monotonic() < deadline, "serve did not register its deployments"
-            time.sleep(2)
-        prefect(
-            "deployment", "run", "segment-images/backfill",
-            "--param", f"source_url={tmp_path / 'new/images'}",
-            "--param", f"store_url={tmp_path / 'served.zarr'}",
-            "--param", f"registry_url={registry}",
-            "--watch", "--watch-timeout", "300",
-            env=env, timeout=400,
+    with open(tmp_path / "serve.log", "wb") as log:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).parent / "cellseg"), "serve", "--nightly-source", str(tmp_path / "new/images"),
+             "--nightly-store", str(tmp_path / "nightly.zarr")],
+            cwd=REPO_ROOT, env=env, stdout=log, stderr=log, start_new_session=True,
         )
-    finally:
-        stop_process_group(server)
-        log.close()
+        try:
+            deadline = time.monotonic() + 180
+            while b"being served" not in (tmp_path / "serve.log").read_bytes():
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()
+                assert time.monotonic() < deadline, "serve did not register its deployments"
+                time.sleep(2)
+            prefect(
+                "deployment", "run", "segment-images/backfill",
+                "--param", f"source_url={tmp_path / 'new/images'}",
+                "--param", f"store_url={tmp_path / 'served.zarr'}",
+                "--param", f"registry_url={registry}",
+                "--watch", "--watch-timeout", "300",
+                env=env, timeout=400,
+            )
+        finally:
+            stop_process_group(server)
     store = ResultStore.open(str(tmp_path / "served.zarr"), mode="r")
     assert sorted(store.done_ids()) == ["synth_0000", "synth_0001", "synth_0002"]

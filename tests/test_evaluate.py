@@ -119,11 +119,11 @@ def test_missing_truth_directory_raises(store, tmp_path):
 def test_validation_cell_scores_match_what_predict_stores(tiny_checkpoint, synthetic_dataset, tmp_path):
     from cellseg.checkpoint import load_checkpoint
     from cellseg.config import PredictConfig
-    from cellseg.data import load_pairs, pair_images_and_masks
-    from cellseg.instances import instance_scores, summarise_instance_scores
-    from cellseg.predict import Predictor
+    from cellseg.evaluate import validation_cell_scores
+    from cellseg.infer import Predictor
+    from cellseg.pairs import load_pairs, pair_images_and_masks
+    from cellseg.scoring import instance_scores, summarise_instance_scores
     from cellseg.segment import model_record, segment_images
-    from cellseg.validation import validation_cell_scores
 
     checkpoint = load_checkpoint(str(tiny_checkpoint))
     normalization = checkpoint.model_config.normalization

@@ -14,10 +14,10 @@ import torch
 
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import PredictConfig
-from cellseg.data import normalize_image
 from cellseg.export import export_model
+from cellseg.infer import Predictor
 from cellseg.io import read_image
-from cellseg.predict import Predictor
+from cellseg.normalize import normalize_image
 from cellseg.registry import Registry
 from cellseg.synth import write_dataset
 
@@ -87,7 +87,7 @@ def test_cellseg_models_export_a_registered_version(tiny_checkpoint, images, tmp
     out = tmp_path / "exported" / "model.pt"
     command = [str(Path(sys.executable).parent / "cellseg"), "models", "export", "--registry", str(tmp_path / "registry"),
                "--format", "torchscript", "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     assert version in result.stdout
     assert json.loads(Path(f"{out}.json").read_text())["model_version"] == version

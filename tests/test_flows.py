@@ -13,7 +13,8 @@ import zarr
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
 from cellseg.ingest import Manifest
 from cellseg.io import list_images
-from cellseg.predict import Predictor
+from cellseg.jobs import SegmentJob, TrainJob
+from cellseg.model_source import ModelSource, load_predictor
 from cellseg.registry import Registry
 from cellseg.segment import model_record, pending_images, segment_images
 from cellseg.store import ResultStore
@@ -32,14 +33,14 @@ TINY_TRAINING = TrainConfig(epochs=3, patch_size=64, patches_per_image=1, device
 def trained_registry(prefect_harness, synthetic_dataset, tmp_path_factory):
     """train-unet run once for this module, on instance label images as masks: (flow result,
     registry URL, cache dir)."""
-    from flows.train import train_unet
+    from cellseg.flows.train import train_unet
 
     root = tmp_path_factory.mktemp("train-flow")
-    result = train_unet(
+    result = train_unet(TrainJob(
         images_url=str(synthetic_dataset / "images"), masks_url=str(synthetic_dataset / "labels"),
         registry_url=str(root / "registry"), cache_dir=str(root / "cache"), work_dir=str(root / "training"),
         model=TINY_MODEL, training=TINY_TRAINING,
-    )
+    ))
     return result, str(root / "registry"), root / "cache"
 
 
@@ -92,7 +93,7 @@ def test_train_unet_publishes_metrics_and_checkpoint_artifacts(trained_registry)
 
 def _reference_store(registry_url: str, images, path, config: PredictConfig = PredictConfig()) -> ResultStore:
     """What `cellseg predict` writes for the same images and the current model."""
-    predictor = Predictor.from_registry(registry_url, "current", config)
+    predictor = load_predictor(ModelSource(registry_url, "current"), config)
     store = ResultStore.open(str(path))
     todo, _ = pending_images(list_images(str(images)), store)
     segment_images(todo, store, predictor, model_record(predictor, registry_url))
@@ -100,12 +101,12 @@ def _reference_store(registry_url: str, images, path, config: PredictConfig = Pr
 
 
 def test_segment_images_writes_every_image_once_matching_predict(trained_registry, new_images, tmp_path):
-    from flows.segment import segment_images_flow
+    from cellseg.flows.segment import segment_images_flow
 
     _, registry_url, _ = trained_registry
     store_url = str(tmp_path / "flow.zarr")
-    summary = segment_images_flow(source_url=str(new_images / "images"), store_url=store_url,
-                                  registry_url=registry_url, shard_size=3)
+    summary = segment_images_flow(SegmentJob(source_url=str(new_images / "images"), store_url=store_url,
+                                  registry_url=registry_url, shard_size=3))
     assert summary["done"] == 8 and summary["shards"] == 3 and summary["failed"] == []
     from prefect.artifacts import Artifact
 
@@ -124,18 +125,19 @@ def test_segment_images_writes_every_image_once_matching_predict(trained_registr
         assert store.record(image_id)["model"]["version"] == Registry(registry_url).current()
 
     written = {image_id: store.record(image_id)["written"] for image_id in ids}
-    again = segment_images_flow(source_url=str(new_images / "images"), store_url=store_url, registry_url=registry_url)
+    again = segment_images_flow(SegmentJob(source_url=str(new_images / "images"), store_url=store_url, registry_url=registry_url))
     assert again["done"] == 0 and again["skipped"] == 8 and again["shards"] == 0
     assert {image_id: store.record(image_id)["written"] for image_id in ids} == written
 
 
 def test_segment_images_takes_a_stated_cell_size(trained_registry, new_images, tmp_path):
-    from flows.segment import segment_images_flow
+    from cellseg.flows.segment import segment_images_flow
 
     _, registry_url, _ = trained_registry
     store_url = str(tmp_path / "stated.zarr")
-    summary = segment_images_flow(source_url=str(new_images / "images"), store_url=store_url,
-                                  registry_url=registry_url, cell_diameter=10.0, centre_prominence=0.2)
+    summary = segment_images_flow(SegmentJob(source_url=str(new_images / "images"), store_url=store_url,
+                                  registry_url=registry_url,
+                                  predict=PredictConfig(cell_diameter=10.0, centre_prominence=0.2)))
     assert summary["done"] == 8
     stated = PredictConfig(cell_diameter=10.0, centre_prominence=0.2)
     reference = _reference_store(registry_url, new_images / "images", tmp_path / "reference.zarr", stated)
@@ -144,22 +146,22 @@ def test_segment_images_takes_a_stated_cell_size(trained_registry, new_images, t
     differs = 0
     for image_id in sorted(store.done_ids()):
         np.testing.assert_array_equal(store.read_mask(image_id), reference.read_mask(image_id))
-        assert store.record(image_id)["model"]["cell_diameter"] == 10.0
-        assert store.record(image_id)["model"]["centre_prominence"] == 0.2
+        assert store.record(image_id)["model"]["predict"]["cell_diameter"] == 10.0
+        assert store.record(image_id)["model"]["predict"]["centre_prominence"] == 0.2
         differs += not np.array_equal(store.read_mask(image_id), measured.read_mask(image_id))
     assert differs  # half the size the cells have: the model sees them at another scale
 
 
 def test_bad_image_is_recorded_and_the_others_finish(trained_registry, new_images, tmp_path):
-    from flows.segment import segment_images_flow
+    from cellseg.flows.segment import segment_images_flow
 
     _, registry_url, _ = trained_registry
     source = tmp_path / "images"
     shutil.copytree(new_images / "images", source)
     (source / "broken.png").write_bytes(b"not a png at all")
     (source / "empty.tif").write_bytes(b"")
-    summary = segment_images_flow(source_url=str(source), store_url=str(tmp_path / "s.zarr"),
-                                  registry_url=registry_url, shard_size=4)
+    summary = segment_images_flow(SegmentJob(source_url=str(source), store_url=str(tmp_path / "s.zarr"),
+                                  registry_url=registry_url, shard_size=4))
     assert summary["done"] == 8
     failed = {failure["image_id"]: failure for failure in summary["failed"]}
     assert set(failed) == {"broken", "empty"}
@@ -173,7 +175,7 @@ def test_bad_image_is_recorded_and_the_others_finish(trained_registry, new_image
 def test_invalid_parameters_are_rejected_before_any_work(trained_registry, new_images, tmp_path):
     from pydantic import ValidationError
 
-    from flows.segment import segment_images_flow
+    from cellseg.flows.segment import segment_images_flow
 
     _, registry_url, _ = trained_registry
     for bad, field in (({"shard_size": 0}, "shard_size"), ({"threshold": 1.5}, "threshold"),
@@ -186,36 +188,36 @@ def test_invalid_parameters_are_rejected_before_any_work(trained_registry, new_i
 
 
 def test_unknown_model_version_fails_fast(trained_registry, new_images, tmp_path):
+    from cellseg.flows.segment import segment_images_flow
     from cellseg.registry import RegistryError
-    from flows.segment import segment_images_flow
 
     _, registry_url, _ = trained_registry
     with pytest.raises(RegistryError, match="no version 'v-missing'"):
-        segment_images_flow(source_url=str(new_images / "images"), store_url=str(tmp_path / "x.zarr"),
-                            registry_url=registry_url, model_version="v-missing")
+        segment_images_flow(SegmentJob(source_url=str(new_images / "images"), store_url=str(tmp_path / "x.zarr"),
+                            registry_url=registry_url, model_version="v-missing"))
 
 
 def test_empty_source_is_nothing_to_do(trained_registry, tmp_path):
-    from flows.segment import segment_images_flow
+    from cellseg.flows.segment import segment_images_flow
 
     _, registry_url, _ = trained_registry
     (tmp_path / "empty").mkdir()
-    summary = segment_images_flow(source_url=str(tmp_path / "empty"), store_url=str(tmp_path / "e.zarr"),
-                                  registry_url=registry_url)
+    summary = segment_images_flow(SegmentJob(source_url=str(tmp_path / "empty"), store_url=str(tmp_path / "e.zarr"),
+                                  registry_url=registry_url))
     assert summary["done"] == 0 and summary["shards"] == 0 and summary["failed"] == []
 
 
 def test_segment_images_on_a_dask_cluster_matches_the_thread_pool(trained_registry, new_images, tmp_path):
     from distributed import LocalCluster
 
-    from flows.segment import segment_images_flow
+    from cellseg.flows.segment import segment_images_flow
 
     _, registry_url, _ = trained_registry
-    common = dict(source_url=str(new_images / "images"), registry_url=registry_url, shard_size=2)
-    segment_images_flow(store_url=str(tmp_path / "threads.zarr"), **common)
+    common = {"source_url": str(new_images / "images"), "registry_url": registry_url, "shard_size": 2}
+    segment_images_flow(SegmentJob(store_url=str(tmp_path / "threads.zarr"), **common))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        summary = segment_images_flow(store_url=str(tmp_path / "dask.zarr"), dask_address=cluster.scheduler_address,
-                                      **common)
+        summary = segment_images_flow(SegmentJob(store_url=str(tmp_path / "dask.zarr"), dask_address=cluster.scheduler_address,
+                                      **common))
     assert summary["done"] == 8 and summary["shards"] == 4
     threads = ResultStore.open(str(tmp_path / "threads.zarr"), mode="r")
     dask = ResultStore.open(str(tmp_path / "dask.zarr"), mode="r")
@@ -229,7 +231,7 @@ def test_segment_images_reads_and_writes_s3(trained_registry, new_images, s3_buc
     import fsspec
     import s3fs
 
-    from flows.segment import segment_images_flow
+    from cellseg.flows.segment import segment_images_flow
 
     _, registry_url, _ = trained_registry
     bucket, options = s3_bucket
@@ -237,8 +239,8 @@ def test_segment_images_reads_and_writes_s3(trained_registry, new_images, s3_buc
     fs.put(str(new_images / "images") + "/", f"{bucket[5:]}/incoming/", recursive=True)
     monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": options["endpoint_url"]})
     caplog.set_level("DEBUG")
-    summary = segment_images_flow(source_url=f"{bucket}/incoming", store_url=f"{bucket}/results.zarr",
-                                  registry_url=registry_url, shard_size=4)
+    summary = segment_images_flow(SegmentJob(source_url=f"{bucket}/incoming", store_url=f"{bucket}/results.zarr",
+                                  registry_url=registry_url, shard_size=4))
     assert summary["done"] == 8
     from prefect.artifacts import Artifact
 
@@ -257,11 +259,11 @@ def test_segment_images_reads_and_writes_s3(trained_registry, new_images, s3_buc
 
 
 def test_segment_images_with_the_bundled_model_needs_no_registry(new_images, tmp_path, prefect_harness):
-    from flows.segment import segment_images_flow
+    from cellseg.flows.segment import segment_images_flow
 
     store_url = str(tmp_path / "bundled.zarr")
-    summary = segment_images_flow(source_url=str(new_images / "images"), store_url=store_url,
-                                  registry_url=str(tmp_path / "no-registry"), model_version="bundled", shard_size=4)
+    summary = segment_images_flow(SegmentJob(source_url=str(new_images / "images"), store_url=store_url,
+                                  registry_url=str(tmp_path / "no-registry"), model_version="bundled", shard_size=4))
     assert summary["done"] == 8 and summary["failed"] == [] and summary["model_version"] == "bundled"
     rows = ResultStore.open(store_url, mode="r").statistics()
     assert len(rows) == 8 and all(row["model_version"].startswith("bundled-") for row in rows)

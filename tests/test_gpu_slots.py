@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
+from itertools import pairwise
 
 import pytest
 
-from flows._common import GPU_LIMIT, gpu_slot
+from cellseg.flows._common import GPU_LIMIT, gpu_slot
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +34,7 @@ def _hold_slots(workers: int, on_gpu: bool, seconds: float = 1.0) -> list[tuple[
 
 
 def _overlap(intervals: list[tuple[float, float]]) -> bool:
-    return any(later[0] < earlier[1] for earlier, later in zip(intervals, intervals[1:]))
+    return any(later[0] < earlier[1] for earlier, later in pairwise(intervals))
 
 
 def test_gpu_work_waits_for_a_free_slot_of_the_gpu_limit(prefect_harness):

@@ -250,7 +250,7 @@ def test_nightly_runs_on_a_cron_schedule_with_source_and_store(deployments):
     minute, hour, day, month, weekday = schedule["cron"].split()
 
     assert (minute, hour, day, month, weekday) == ("0", "2", "*", "*", "*")
-    assert {"source_url", "store_url"} <= set(nightly["parameters"])
+    assert {"source_url", "store_url"} <= set(nightly["parameters"]["job"])
 
 
 FLOW_NAMES = {"train_unet": "train-unet", "segment_images_flow": "segment-images"}
@@ -264,10 +264,16 @@ def test_entrypoint_is_a_prefect_flow_accepting_the_parameters(deployments, name
     path, function = deployment["entrypoint"].split(":")
     assert (REPO_ROOT / path).is_file(), f"{name}: entrypoint file {path} does not exist"
 
-    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    module = importlib.import_module("cellseg." + path.removesuffix(".py").replace("/", "."))
     flow = getattr(module, function)
 
     assert isinstance(flow, Flow)
     assert flow.name == FLOW_NAMES[function]
-    accepted = set(inspect.signature(flow.fn).parameters)
-    assert set(deployment.get("parameters", {})) <= accepted, f"{name}: parameters the flow does not take"
+    (job,) = inspect.signature(flow.fn).parameters.values()  # one parameter: the whole job
+    parameters = deployment.get("parameters", {})
+    assert set(parameters) <= {job.name}, f"{name}: parameters the flow does not take"
+    if parameters:  # what the deployment fills in is a valid job once its variables are set
+        from cellseg import jobs
+
+        filled = {key: "s3://bucket/x" if "{{" in str(value) else value for key, value in parameters["job"].items()}
+        getattr(jobs, str(job.annotation)).model_validate(filled)  # the flows annotate `job` by name

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from cellseg.config import NormalizationConfig
-from cellseg.data import DatasetError, load_pairs, manifest_hash
 from cellseg.ingest import Manifest, ingest_dataset
 from cellseg.io import ImageReadError
+from cellseg.pairs import DatasetError, load_pairs, manifest_hash
 
 # Three pairs of different sizes and dtypes, so shape and dtype in the manifest are checkable by hand.
 IMAGES = {
@@ -108,7 +108,7 @@ def test_pairs_point_at_cache_paths(tmp_path):
 
     manifest = ingest_local(root, cache).manifest
 
-    for pair, entry in zip(manifest.pairs(), manifest.entries):
+    for pair, entry in zip(manifest.pairs(), manifest.entries, strict=True):
         assert pair.id == entry.id
         assert pair.image_url == str(cache / "objects" / entry.image.sha256[:2] / entry.image.sha256)
         assert pair.mask_url == str(cache / "objects" / entry.mask.sha256[:2] / entry.mask.sha256)

@@ -49,7 +49,7 @@ def test_scores_are_not_symmetric_in_prediction_and_truth():
 
 
 def test_perfect_prediction_scores_one():
-    assert segmentation_scores(TRUTH, TRUTH.copy()) == {name: 1.0 for name in METRIC_NAMES}
+    assert segmentation_scores(TRUTH, TRUTH.copy()) == dict.fromkeys(METRIC_NAMES, 1.0)
 
 
 def test_disjoint_prediction_scores_zero():

@@ -7,8 +7,10 @@ import json
 import numpy as np
 from PIL import Image
 
-from cellseg.config import ModelConfig
-from cellseg.data import load_pairs, pair_images_and_masks, split_train_val
+from cellseg.checkpoint import load_checkpoint
+from cellseg.config import ModelConfig, PredictConfig
+from cellseg.infer import Predictor
+from cellseg.pairs import load_pairs, pair_images_and_masks, split_train_val
 from cellseg.pictures import (
     PREDICTION_COLOUR,
     TRUTH_COLOUR,
@@ -69,7 +71,8 @@ def test_training_pictures_next_to_the_checkpoint(tiny_checkpoint, synthetic_dat
     pairs = pair_images_and_masks(str(synthetic_dataset / "images"), str(synthetic_dataset / "masks"))
     _, val_pairs = split_train_val(pairs, 0.2, 0)
     history = json.loads((run / "history.json").read_text())
-    written = training_pictures(run, history, load_pairs(val_pairs, model.normalization), device="cpu")
+    predictor = Predictor(load_checkpoint(str(run / "best.pt")), PredictConfig(device="cpu"))
+    written = training_pictures(run, history, load_pairs(val_pairs, model.normalization), predictor)
     assert written == [str(run / CURVES_FILE), str(run / GALLERY_FILE)]
     gallery = _png(run / GALLERY_FILE)
     assert _has_colour(gallery, TRUTH_COLOUR) and _has_colour(gallery, PREDICTION_COLOUR)

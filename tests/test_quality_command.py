@@ -16,7 +16,7 @@ from benchmarks.pixel_ceiling import (
 from benchmarks.pixel_ceiling import measure as pixel_ceiling
 from benchmarks.quality import measure
 from cellseg.config import PredictConfig
-from cellseg.data import pair_images_and_masks, split_train_val
+from cellseg.pairs import pair_images_and_masks, split_train_val
 
 
 def training_run(folder, checkpoint, dataset) -> tuple:

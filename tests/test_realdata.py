@@ -8,9 +8,9 @@ import pytest
 
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import PredictConfig
+from cellseg.infer import Predictor
 from cellseg.io import list_images, read_image
 from cellseg.metrics import mask_agreement
-from cellseg.predict import Predictor
 from tests.conftest import cellseg, shared_dataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.realdata]

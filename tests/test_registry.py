@@ -14,7 +14,7 @@ import torch
 
 from cellseg.checkpoint import load_checkpoint, save_checkpoint
 from cellseg.config import PredictConfig
-from cellseg.predict import Predictor, shared_predictor
+from cellseg.model_source import ModelSource, load_predictor, shared_predictor
 from cellseg.registry import Registry, RegistryError
 
 VERSION_NAME = re.compile(r"(\d{8}-\d{6})-([0-9a-f]{8})")
@@ -232,19 +232,19 @@ def test_predictor_from_registry_carries_the_version_name(checkpoint_file, tmp_p
     registry = Registry(str(tmp_path / "registry"))
     meta = registry.register(str(checkpoint_file), promote=True)
 
-    predictor = Predictor.from_registry(str(tmp_path / "registry"), "current", CPU)
+    predictor = load_predictor(ModelSource(str(tmp_path / "registry"), "current"), CPU)
 
     assert predictor.model_version == meta.version
-    assert Predictor.from_registry(str(tmp_path / "registry"), meta.version, CPU).model_version == meta.version
+    assert load_predictor(ModelSource(str(tmp_path / "registry"), meta.version), CPU).model_version == meta.version
 
 
 def test_shared_predictor_is_one_per_registry_version_and_settings(checkpoint_file, tmp_path):
     url = str(tmp_path / "registry")
     meta = Registry(url).register(str(checkpoint_file), promote=True)
 
-    first = shared_predictor(url, meta.version, CPU)
-    again = shared_predictor(url, meta.version, PredictConfig(device="cpu"))
-    other = shared_predictor(url, meta.version, PredictConfig(device="cpu", threshold=0.7))
+    first = shared_predictor(ModelSource(url, meta.version), CPU)
+    again = shared_predictor(ModelSource(url, meta.version), PredictConfig(device="cpu"))
+    other = shared_predictor(ModelSource(url, meta.version), PredictConfig(device="cpu", threshold=0.7))
 
     assert again is first
     assert other is not first

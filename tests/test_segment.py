@@ -11,8 +11,8 @@ from scipy import ndimage
 
 from cellseg import __version__
 from cellseg.config import PredictConfig
+from cellseg.infer import Predictor
 from cellseg.io import list_images, read_image
-from cellseg.predict import Predictor
 from cellseg.segment import SegmentReport, model_record, pending_images, segment_images
 from cellseg.stats import STATISTIC_FIELDS
 from cellseg.store import ResultStore, StoreError
@@ -87,7 +87,7 @@ def test_pending_images_refuses_ids_that_cannot_name_an_entry(store):
 
 
 def test_pending_images_refuses_two_files_with_one_stem(store):
-    with pytest.raises(StoreError, match="a.png, a.tif"):
+    with pytest.raises(StoreError, match=r"a\.png, a\.tif"):
         pending_images(["/data/a.png", "/data/a.tif"], store)
 
 
@@ -174,12 +174,7 @@ def test_model_record_is_stored_with_each_result(image_dir, store, predictor):
     expected = {
         "version": predictor.model_version,
         "checkpoint": "tiny/best.pt",
-        "threshold": 0.5,
-        "min_cell_area": MIN_CELL_AREA,
-        "split_touching": True,
-        "split_depth": 0.5,
-        "centre_prominence": 0.1,
-        "cell_diameter": None,
+        "predict": predictor.config.model_dump(mode="json"),
         "model_config": predictor.checkpoint.model_config.model_dump(mode="json"),
         "cellseg_version": __version__,
     }

@@ -84,7 +84,7 @@ def test_probabilities_are_stored_as_float16(store):
 def test_reading_probabilities_of_an_image_stored_without_them_names_the_flag(store):
     store.write_result("q", np.ones((2, 2), dtype=bool), STATS, "q.png", MODEL)
     assert not store.has_probabilities("q")
-    with pytest.raises(StoreError, match="'q'.*--save-probabilities"):
+    with pytest.raises(StoreError, match=r"'q'.*--save-probabilities"):
         store.read_probabilities("q")
 
 
@@ -127,7 +127,7 @@ def test_interrupted_write_is_not_done_and_cannot_be_read(store):
     assert [row["image_id"] for row in reopened.statistics()] == ["finished"]
     assert reopened.failures() == []
     assert reopened.record("half")["status"] == "writing"
-    with pytest.raises(StoreError, match="'half'.*not completely written"):
+    with pytest.raises(StoreError, match=r"'half'.*not completely written"):
         reopened.read_mask("half")
 
 
@@ -208,7 +208,7 @@ def test_empty_non_cellseg_group_is_refused_read_only(tmp_path):
 
 
 def test_missing_store_read_only_is_refused(tmp_path):
-    with pytest.raises(StoreError, match="no results store at .*absent.zarr"):
+    with pytest.raises(StoreError, match=r"no results store at .*absent\.zarr"):
         ResultStore.open(str(tmp_path / "absent.zarr"), mode="r")
 
 
@@ -232,7 +232,7 @@ def test_two_writers_in_threads_both_finish(tmp_path):
             for index in range(6):
                 mask = np.full((12, 8 + index), index % 2 == 0)
                 store.write_result(f"{prefix}{index}", mask, {"cell_count": index}, f"{prefix}{index}.png", MODEL)
-        except Exception as error:  # surfaced below; a thread's exception is otherwise lost
+        except Exception as error:  # noqa: BLE001 - surfaced by `assert errors == []` below; a thread's exception is otherwise lost
             errors.append(error)
 
     threads = [threading.Thread(target=writer, args=(prefix,)) for prefix in ("a", "b")]

@@ -21,7 +21,7 @@ def touching_pairs(labels: np.ndarray) -> set[tuple[int, int]]:
     found = set()
     for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1, :], labels[1:, :])):
         touching = (a > 0) & (b > 0) & (a != b)
-        found |= {tuple(sorted(pair)) for pair in zip(a[touching].tolist(), b[touching].tolist())}
+        found |= {tuple(sorted(pair)) for pair in zip(a[touching].tolist(), b[touching].tolist(), strict=True)}
     return found
 
 
@@ -177,5 +177,5 @@ def test_write_dataset_to_s3(s3_bucket, tmp_path):
     for folder in FOLDERS:
         urls = list_images(f"{bucket}/synth/{folder}", options)
         assert urls == [f"{bucket}/synth/{folder}/{i}.png" for i in ids]
-        for url, image_id in zip(urls, ids):
+        for url, image_id in zip(urls, ids, strict=True):
             assert fs.cat_file(url) == (tmp_path / folder / f"{image_id}.png").read_bytes()

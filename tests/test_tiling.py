@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
 
 from cellseg.config import ModelConfig, PredictConfig
+from cellseg.infer import Predictor, forward_probabilities
 from cellseg.model import UNet
-from cellseg.predict import Predictor, forward_probabilities
 from cellseg.synth import generate_sample
 from cellseg.tiling import edge_ramp, predict_tiled, tile_starts
 
@@ -21,7 +23,7 @@ def test_tiles_cover_the_axis_and_overlap_enough(length, tile, overlap):
         covered[start : start + tile] = True
     assert covered.all()
     assert starts[0] == 0 and starts[-1] + min(tile, length) == length
-    assert all(previous + tile - start >= overlap for previous, start in zip(starts, starts[1:]))
+    assert all(previous + tile - start >= overlap for previous, start in pairwise(starts))
 
 
 def test_neighbouring_weights_sum_to_one_and_ignore_the_outer_quarter():
@@ -52,7 +54,10 @@ def test_tiled_equals_untiled_for_a_model_whose_receptive_field_fits_the_margin(
     torch.manual_seed(0)
     model = UNet(ModelConfig(depth=2, base_width=4, norm="none", dropout=0.0)).eval()
     image = np.random.default_rng(1).random((400, 360), dtype=np.float32)
-    predict = lambda x: forward_probabilities(model, x[None], torch.device("cpu"), amp=False)[0]
+
+    def predict(x):
+        return forward_probabilities(model, x[None], torch.device("cpu"), amp=False)[0]
+
     untiled = predict(image)
     tiled = predict_tiled(predict, image, tile=160, overlap=96)
     np.testing.assert_allclose(tiled, untiled, atol=1e-5)

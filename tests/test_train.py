@@ -10,13 +10,9 @@ import torch
 
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import ModelConfig, TrainConfig
-from cellseg.data import (
-    load_pairs,
-    manifest_hash,
-    pair_images_and_masks,
-    split_train_val,
-)
-from cellseg.train import resolve_device, train
+from cellseg.pairs import load_pairs, manifest_hash, pair_images_and_masks, split_train_val
+from cellseg.runtime import resolve_device
+from cellseg.train import train
 
 SMALL_MODEL = ModelConfig(depth=3, base_width=8)
 HISTORY_KEYS = {
@@ -36,7 +32,7 @@ def split(synthetic_dataset):
 
 
 def small_config(**overrides) -> TrainConfig:
-    settings = dict(epochs=3, patch_size=64, patches_per_image=1, device="cpu", seed=0, max_minutes=None)
+    settings = {"epochs": 3, "patch_size": 64, "patches_per_image": 1, "device": "cpu", "seed": 0, "max_minutes": None}
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -55,7 +51,7 @@ def test_history_file_records_every_epoch(split, tmp_path):
     result = train(*split, tmp_path, SMALL_MODEL, small_config(epochs=2))
     history = json.loads((tmp_path / "history.json").read_text())
     assert [record["epoch"] for record in history] == [1, 2]
-    assert HISTORY_KEYS <= history[0].keys()
+    assert history[0].keys() >= HISTORY_KEYS
     assert history == json.loads(json.dumps(result.history))
     for record in history:
         for key in HISTORY_KEYS - {"epoch", "seconds", "train_loss", "val_loss"}:
@@ -89,7 +85,10 @@ def test_best_checkpoint_holds_the_best_epoch(split, tmp_path):
 def test_same_seed_gives_identical_runs(split, tmp_path):
     first = train(*split, tmp_path / "a", SMALL_MODEL, small_config())
     second = train(*split, tmp_path / "b", SMALL_MODEL, small_config())
-    strip = lambda history: [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+    def strip(history):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
     assert strip(first.history) == strip(second.history)
 
 
@@ -181,8 +180,8 @@ def test_a_distance_map_output_learns_each_cells_distance_to_its_outline(synthet
     import numpy as np
 
     from cellseg.config import PredictConfig
-    from cellseg.predict import Predictor
-    from cellseg.weights import normalised_distance
+    from cellseg.infer import Predictor
+    from cellseg.targets import normalised_distance
 
     pairs = pair_images_and_masks(str(synthetic_dataset / "images"), str(synthetic_dataset / "labels"))
     train_pairs, val_pairs = (load_pairs(p, SMALL_MODEL.normalization) for p in split_train_val(pairs, 0.25, seed=0))
@@ -193,9 +192,9 @@ def test_a_distance_map_output_learns_each_cells_distance_to_its_outline(synthet
     assert result.best_metrics["val_dice"] > 0.8  # the cell output learns as without the second one
 
     predictor = Predictor(checkpoint, PredictConfig(device="cpu", amp=False))
-    for pair, maps in zip(val_pairs, predictor.normalised_cell_maps([pair.image for pair in val_pairs])):
+    for pair, maps in zip(val_pairs, predictor.normalised_cell_maps([pair.image for pair in val_pairs]), strict=True):
         assert maps.distance.shape == maps.probability.shape == pair.image.shape
-        assert 0.0 <= maps.distance.min() and maps.distance.max() <= 1.0
+        assert maps.distance.min() >= 0.0 and maps.distance.max() <= 1.0
         # Inside the cells, where the image and the cell probability say little about where a
         # cell's centre is (correlations 0.2-0.55 here), the map follows the true distance.
         inside = pair.instances > 0

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from cellseg.config import ModelConfig, SearchSpace, TrainConfig, TuneUnetSettings
-from cellseg.data import load_pairs, pair_images_and_masks, split_train_val
+from cellseg.config import ModelConfig, SearchSpace, TrainConfig
+from cellseg.jobs import TuneJob, run_trial
 from cellseg.registry import Registry
-from cellseg.tune import TrialResult, best_trial, plan_trials, run_trial, trial_rows
+from cellseg.tune import TrialResult, best_trial, plan_trials, trial_rows
 
 TINY_SPACE = SearchSpace(
     learning_rate=[1e-3, 3e-3], base_width=[8], depth=[2], dropout=[0.0], loss=["bce"], augmentation=["flips"],
@@ -46,7 +46,7 @@ def test_search_space_and_settings_are_validated():
     with pytest.raises(ValidationError):
         SearchSpace(depth=[9])
     with pytest.raises(ValidationError, match="val_fraction"):
-        TuneUnetSettings(images_url="a", masks_url="b", training=TrainConfig(val_fraction=0.0))
+        TuneJob(images_url="a", masks_url="b", training=TrainConfig(val_fraction=0.0))
     assert SearchSpace().size() == 3 * 2 * 3 * 3 * 2 * 2 * 1
 
 
@@ -64,11 +64,9 @@ def test_best_trial_is_the_highest_validation_dice_and_failures_are_listed():
 
 
 def test_a_failing_trial_is_reported_not_raised(synthetic_dataset, tmp_path):
-    pairs = pair_images_and_masks(str(synthetic_dataset / "images"), str(synthetic_dataset / "masks"))
-    train_pairs, val_pairs = split_train_val(pairs, 0.2, 0)
-    normalization = ModelConfig().normalization
+    job = TuneJob(images_url=str(synthetic_dataset / "images"), masks_url=str(synthetic_dataset / "masks"))
     trial = plan_trials(TINY_SPACE, 1, training=TINY_TRAINING.model_copy(update={"init_from": str(tmp_path / "no.pt")}))[0]
-    result = run_trial(trial, load_pairs(train_pairs, normalization), load_pairs(val_pairs, normalization), tmp_path / "t")
+    result = run_trial(job, trial, tmp_path / "t")
     assert result.status == "failed"
     assert "no.pt" in result.error
 
@@ -77,14 +75,14 @@ def test_a_failing_trial_is_reported_not_raised(synthetic_dataset, tmp_path):
 def test_tune_unet_trains_trials_in_parallel_and_registers_the_best(prefect_harness, synthetic_dataset, tmp_path):
     from prefect.artifacts import Artifact
 
-    from flows.tune import tune_unet
+    from cellseg.flows.tune import tune_unet
 
-    result = tune_unet(
+    result = tune_unet(TuneJob(
         images_url=str(synthetic_dataset / "images"), masks_url=str(synthetic_dataset / "labels"),
         registry_url=str(tmp_path / "registry"), cache_dir=str(tmp_path / "cache"), work_dir=str(tmp_path / "tuning"),
         trials=2, max_parallel_trials=2, space=TINY_SPACE, model=ModelConfig(depth=2, base_width=8),
         training=TINY_TRAINING,
-    )
+    ))
     trials = result["trials"]
     assert sorted(row["trial"] for row in trials) == [1, 2]
     assert all(row["status"] == "done" and row["epochs"] == 2 for row in trials)

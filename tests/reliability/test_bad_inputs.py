@@ -14,7 +14,8 @@ from PIL import Image
 
 from cellseg.config import PredictConfig
 from cellseg.io import read_image
-from cellseg.predict import Predictor
+from cellseg.jobs import SegmentJob
+from cellseg.model_source import ModelSource, load_predictor
 from cellseg.store import ResultStore
 from cellseg.synth import encode_png, generate_sample
 
@@ -71,17 +72,17 @@ def zoo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zoo_run(prefect_harness, zoo, registry, tmp_path_factory):
-    from flows.segment import segment_images_flow
+    from cellseg.flows.segment import segment_images_flow
 
     root, _ = zoo
     store_url = str(tmp_path_factory.mktemp("out") / "nightly.zarr")
-    summary = segment_images_flow(source_url=str(root), store_url=store_url, registry_url=registry,
-                                  shard_size=3, max_pixels=MAX_PIXELS)
+    summary = segment_images_flow(SegmentJob(source_url=str(root), store_url=store_url, registry_url=registry,
+                                  shard_size=3, predict=PredictConfig(max_pixels=MAX_PIXELS)))
     return summary, store_url
 
 
 def test_every_bad_file_is_reported_with_its_name_and_problem(zoo, zoo_run):
-    root, expected = zoo
+    _root, expected = zoo
     summary, _ = zoo_run
     failures = {failure["source_url"].rsplit("/", 1)[-1]: failure["error"] for failure in summary["failed"]}
     bad = {name: fragment for name, fragment in expected.items() if fragment is not None}
@@ -96,7 +97,7 @@ def test_odd_but_valid_images_are_segmented_like_their_plain_equivalents(zoo, zo
     store = ResultStore.open(store_url, mode="r")
     good = sorted(name.rsplit(".", 1)[0] for name, fragment in expected.items() if fragment is None)
     assert sorted(store.done_ids()) == good and summary["done"] == len(good)
-    predictor = Predictor.from_registry(registry, "current", PredictConfig())
+    predictor = load_predictor(ModelSource(registry, "current"), PredictConfig())
     for name, fragment in expected.items():
         if fragment is None:
             image_id = name.rsplit(".", 1)[0]
@@ -108,17 +109,17 @@ def test_odd_but_valid_images_are_segmented_like_their_plain_equivalents(zoo, zo
 
 
 def test_failures_are_recorded_in_the_store_and_retried_by_the_next_run(zoo, zoo_run, registry):
-    from flows.segment import segment_images_flow
+    from cellseg.flows.segment import segment_images_flow
 
-    root, expected = zoo
+    root, _expected = zoo
     summary, store_url = zoo_run
     store = ResultStore.open(store_url, mode="r")
     recorded = {image_id for image_id, record in store.records() if record.get("status") == "failed"}
     # Decoding failures are stored per image; names that cannot be store entries are only reported.
     assert recorded == {"truncated", "empty", "notes", "archive", "too large"}
     done_before = {image_id: store.read_mask(image_id) for image_id in store.done_ids()}
-    again = segment_images_flow(source_url=str(root), store_url=store_url, registry_url=registry,
-                                shard_size=3, max_pixels=MAX_PIXELS)
+    again = segment_images_flow(SegmentJob(source_url=str(root), store_url=store_url, registry_url=registry,
+                                shard_size=3, predict=PredictConfig(max_pixels=MAX_PIXELS)))
     assert again["done"] == 0 and again["skipped"] == len(done_before)
     assert len(again["failed"]) == len(summary["failed"])
     for image_id, mask in done_before.items():

@@ -16,7 +16,8 @@ import s3fs
 
 from cellseg.config import PredictConfig
 from cellseg.io import list_images, read_image
-from cellseg.predict import Predictor
+from cellseg.jobs import SegmentJob
+from cellseg.model_source import ModelSource, load_predictor
 from cellseg.segment import model_record, pending_images, segment_images
 from cellseg.store import ResultStore
 from cellseg.synth import write_dataset
@@ -51,7 +52,7 @@ def proxy(moto_endpoint, monkeypatch):
 
 
 def reference_masks(registry: str, images, tmp_path) -> ResultStore:
-    predictor = Predictor.from_registry(registry, "current", PredictConfig())
+    predictor = load_predictor(ModelSource(registry, "current"), PredictConfig())
     store = ResultStore.open(str(tmp_path / "reference.zarr"))
     todo, _ = pending_images(list_images(str(images)), store)
     segment_images(todo, store, predictor, model_record(predictor, registry))
@@ -78,9 +79,9 @@ def test_reading_retries_a_stalled_answer(bucket_with_images, proxy):
 def test_segment_images_survives_flaky_storage_with_every_result_intact(
     prefect_harness, registry, images, bucket_with_images, proxy, tmp_path
 ):
-    from flows.segment import segment_images_flow
+    from cellseg.flows.segment import segment_images_flow
 
-    bucket, options = bucket_with_images
+    bucket, _options = bucket_with_images
     proxy.faults += [
         Fault("listing throttled", r"list-type=2", methods=("GET",), status=503, code="SlowDown", times=1),
         Fault("reads throttled", r"/incoming/synth_000[0-3]\.png", methods=("GET",), status=503, code="SlowDown", times=3),
@@ -88,8 +89,8 @@ def test_segment_images_survives_flaky_storage_with_every_result_intact(
         Fault("writes failing", r"/results\.zarr/.*/labels/mask/0/c/", methods=("PUT",), status=500, code="InternalError", times=3),
         Fault("metadata writes throttled", r"/results\.zarr/.*zarr\.json", methods=("PUT",), status=503, code="SlowDown", times=3),
     ]
-    summary = segment_images_flow(source_url=f"{bucket}/incoming", store_url=f"{bucket}/results.zarr",
-                                  registry_url=registry, shard_size=2)
+    summary = segment_images_flow(SegmentJob(source_url=f"{bucket}/incoming", store_url=f"{bucket}/results.zarr",
+                                  registry_url=registry, shard_size=2))
     assert (summary["done"], summary["failed"]) == (6, [])
     assert {fault.name: fault.injected for fault in proxy.faults} == {
         "listing throttled": 1, "reads throttled": 3, "read stalled": 1, "writes failing": 3,
@@ -112,21 +113,21 @@ def _failed_run_message(run) -> tuple[str, float]:
 
 
 def test_missing_bucket_fails_fast_naming_it(prefect_harness, registry, proxy, tmp_path):
-    from flows.segment import segment_images_flow
+    from cellseg.flows.segment import segment_images_flow
 
-    message, seconds = _failed_run_message(lambda: segment_images_flow(
-        source_url="s3://no-such-bucket-here/incoming", store_url=str(tmp_path / "out.zarr"), registry_url=registry))
+    message, seconds = _failed_run_message(lambda: segment_images_flow(SegmentJob(
+        source_url="s3://no-such-bucket-here/incoming", store_url=str(tmp_path / "out.zarr"), registry_url=registry)))
     assert "s3://no-such-bucket-here/incoming" in message
     assert seconds < 10  # no task retries (they would wait 2 + 10 + 30 s)
 
 
 def test_denied_access_fails_fast_naming_the_url(prefect_harness, registry, bucket_with_images, proxy, tmp_path):
-    from flows.segment import segment_images_flow
+    from cellseg.flows.segment import segment_images_flow
 
     bucket, _ = bucket_with_images
     proxy.faults.append(Fault("denied", f"/{bucket[5:]}", status=403, code="AccessDenied", times=None))
-    message, seconds = _failed_run_message(lambda: segment_images_flow(
-        source_url=f"{bucket}/incoming", store_url=str(tmp_path / "out.zarr"), registry_url=registry))
+    message, seconds = _failed_run_message(lambda: segment_images_flow(SegmentJob(
+        source_url=f"{bucket}/incoming", store_url=str(tmp_path / "out.zarr"), registry_url=registry)))
     assert f"{bucket}/incoming" in message and "denied" in message.lower()
     assert seconds < 10
     assert proxy.injected("denied") >= 1
@@ -139,14 +140,14 @@ def test_no_credential_reaches_logs_artifacts_or_the_store(
 
     from prefect.artifacts import Artifact
 
-    from flows.segment import segment_images_flow
+    from cellseg.flows.segment import segment_images_flow
 
     bucket, _ = bucket_with_images
     secret, key_id = os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]
     caplog.set_level("DEBUG")
     proxy.faults.append(Fault("throttled", r"/incoming/", methods=("GET",), status=503, code="SlowDown", times=2))
-    summary = segment_images_flow(source_url=f"{bucket}/incoming", store_url=f"{bucket}/results.zarr",
-                                  registry_url=registry, shard_size=3)
+    summary = segment_images_flow(SegmentJob(source_url=f"{bucket}/incoming", store_url=f"{bucket}/results.zarr",
+                                  registry_url=registry, shard_size=3))
     assert summary["done"] == 6 and proxy.injected() == 2
     fs = s3fs.S3FileSystem(endpoint_url=proxy.url, skip_instance_cache=True)
     metadata = [fs.cat_file(path).decode() for path in fs.find(f"{bucket[5:]}/results.zarr") if path.endswith("zarr.json")]

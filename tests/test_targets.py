@@ -10,10 +10,11 @@ from PIL import Image
 from scipy import ndimage
 
 from cellseg.config import AugmentationConfig, NormalizationConfig
-from cellseg.data import ImagePair, ImgDataset, LoadedPair, TrainingTarget, load_pair
+from cellseg.dataset import TrainingDataset, TrainingTarget
 from cellseg.losses import segmentation_loss
+from cellseg.pairs import ImagePair, LoadedPair, load_pair
 from cellseg.stats import label_cells
-from cellseg.weights import border_weight_map, normalised_distance, separated_target
+from cellseg.targets import border_weight_map, normalised_distance, separated_target
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -30,7 +31,7 @@ def touching_pair() -> np.ndarray:
 def test_touching_cells_get_a_one_pixel_gap_and_nothing_else_changes():
     labels = touching_pair()
     target = separated_target(labels)
-    components, count = ndimage.label(target, structure=EIGHT_CONNECTED)
+    _components, count = ndimage.label(target, structure=EIGHT_CONNECTED)
     assert count == 3
     removed = (labels > 0) & ~target
     assert removed.sum() == 6  # one column of the higher-numbered cell, where it touches the other
@@ -111,12 +112,12 @@ def test_training_targets_carry_gaps_and_weights_through_crops_and_augmentation(
     labels[4:20, 4:20], labels[4:20, 20:36], labels[26:44, 10:30] = 1, 2, 3
     image = (labels > 0).astype(np.float32)
     pair = LoadedPair(ImagePair("a", "a.png", "a_mask.png"), image, labels > 0, "0", "0", "uint8", labels)
-    plain = ImgDataset([pair], patch_size=48, augment=False)
+    plain = TrainingDataset([pair], patch_size=48, augment=False)
     _, target = plain[0]
     assert target.shape == (1, 48, 48)
     assert ndimage.label(target[0].numpy() > 0, structure=EIGHT_CONNECTED)[1] == 3
 
-    weighted = ImgDataset([pair], patch_size=32, patches_per_image=8, augment=True, seed=1,
+    weighted = TrainingDataset([pair], patch_size=32, patches_per_image=8, augment=True, seed=1,
                           augmentation=AugmentationConfig.strong(), border_weight=10)
     for epoch in (1, 2):
         weighted.set_epoch(epoch)
@@ -127,7 +128,7 @@ def test_training_targets_carry_gaps_and_weights_through_crops_and_augmentation(
             assert set(np.unique(cells)) <= {0.0, 1.0}
             assert np.all(weights >= 1) and np.all(weights[cells == 1] == 1)  # weights only on background
     # Validation items stay the plain union mask.
-    _, val_target = ImgDataset([pair])[0]
+    _, val_target = TrainingDataset([pair])[0]
     np.testing.assert_array_equal(val_target[0].numpy() > 0, labels > 0)
 
 
@@ -148,7 +149,7 @@ def test_distance_targets_follow_the_crop_and_augmentation_and_unpack_by_layout(
     labels[4:20, 4:20], labels[4:20, 20:36], labels[26:44, 10:30] = 1, 2, 3
     image = (labels > 0).astype(np.float32)
     pair = LoadedPair(ImagePair("a", "a.png", "a_mask.png"), image, labels > 0, "0", "0", "uint8", labels)
-    dataset = ImgDataset([pair], patch_size=32, patches_per_image=8, augment=True, seed=3,
+    dataset = TrainingDataset([pair], patch_size=32, patches_per_image=8, augment=True, seed=3,
                          augmentation=AugmentationConfig.flips_only(), border_weight=10, distance_map=True)
     assert dataset.layout == TrainingTarget(weighted=True, distance_map=True)
     maxima = 0
@@ -163,7 +164,7 @@ def test_distance_targets_follow_the_crop_and_augmentation_and_unpack_by_layout(
         assert np.all(distance[cells == 1] > 0)
         maxima += int((distance == 1).any())
     assert maxima > 0
-    strong = ImgDataset([pair], patch_size=32, patches_per_image=4, augment=True, seed=3,
+    strong = TrainingDataset([pair], patch_size=32, patches_per_image=4, augment=True, seed=3,
                         augmentation=AugmentationConfig.strong(), distance_map=True)
     for index in range(len(strong)):
         _, target = strong[index]
@@ -171,7 +172,7 @@ def test_distance_targets_follow_the_crop_and_augmentation_and_unpack_by_layout(
         assert torch.all((target[1] >= 0) & (target[1] <= 1))
     # Without instance labels the distance comes from the mask's connected components.
     binary = LoadedPair(ImagePair("b", "b.png", "b_mask.png"), image, labels > 0, "0", "0", "uint8", None)
-    _, target = ImgDataset([binary], patch_size=48, distance_map=True)[0]
+    _, target = TrainingDataset([binary], patch_size=48, distance_map=True)[0]
     assert target.shape == (2, 48, 48)
     merged = target[1].numpy()
     np.testing.assert_allclose(merged, normalised_distance(label_cells(labels > 0)[0]))

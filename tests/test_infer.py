@@ -9,18 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from cellseg.checkpoint import Checkpoint, load_checkpoint
+from cellseg.checkpoint import Checkpoint, checkpoint_digest, load_checkpoint
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
+from cellseg.infer import Predictor, predict_outputs, predict_probabilities
 from cellseg.io import list_images, read_image, read_mask
 from cellseg.metrics import mask_agreement
 from cellseg.model import UNet
-from cellseg.predict import (
-    Predictor,
-    checkpoint_digest,
-    predict_outputs,
-    predict_probabilities,
-    threshold_probabilities,
-)
+from cellseg.postprocess import threshold_probabilities
 
 
 def small_unet(dropout: float = 0.0) -> UNet:
@@ -54,7 +49,7 @@ def test_batched_prediction_equals_one_at_a_time():
     images = random_images([(24, 24)] * 5)
     batched = predict_probabilities(model, images, batch_size=3)
     single = [predict_probabilities(model, [image], batch_size=1)[0] for image in images]
-    for got, expected in zip(batched, single):
+    for got, expected in zip(batched, single, strict=True):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert not np.allclose(batched[0], batched[1])  # the images really differ
 
@@ -65,7 +60,7 @@ def test_mixed_sizes_keep_order_and_shapes():
     images = random_images(shapes, seed=3)
     results = predict_probabilities(model, images, batch_size=2)
     assert [r.shape for r in results] == shapes
-    for image, got in zip(images, results):
+    for image, got in zip(images, results, strict=True):
         np.testing.assert_allclose(got, predict_probabilities(model, [image], batch_size=1)[0], rtol=1e-5, atol=1e-6)
 
 
@@ -126,7 +121,7 @@ def test_tiny_model_segments_synthetic_images(synthetic_dataset, tiny_predictor)
     truths = [read_mask(url.replace("/images/", "/masks/")) for url in image_urls]
     masks = tiny_predictor.masks(images)
     dices = []
-    for predicted, truth in zip(masks, truths):
+    for predicted, truth in zip(masks, truths, strict=True):
         assert predicted.shape == truth.shape and predicted.dtype == bool
         overlap = np.logical_and(predicted, truth).sum()
         dices.append(2 * overlap / (predicted.sum() + truth.sum()))
@@ -199,7 +194,7 @@ def test_tta_and_tiles_treat_a_distance_map_output_like_the_cell_output():
     np.testing.assert_array_equal(outputs[0], predict_probabilities(model, [image], amp=False, tta=True)[0])
     large = random_images([(150, 90)], seed=4)[0]
     (tiled,) = predict_outputs(model, [large], amp=False, tile_size=64, tile_overlap=16)
-    assert tiled.shape == (2, 150, 90) and 0.0 <= tiled.min() and tiled.max() <= 1.0
+    assert tiled.shape == (2, 150, 90) and tiled.min() >= 0.0 and tiled.max() <= 1.0
 
 
 def test_tta_output_is_symmetric_for_a_symmetric_input():

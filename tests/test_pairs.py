@@ -12,17 +12,15 @@ import torch
 from PIL import Image
 
 from cellseg.config import AugmentationConfig, NormalizationConfig
-from cellseg.data import (
+from cellseg.dataset import TrainingDataset, crop_or_pad
+from cellseg.normalize import intensity_skewness, normalize_image
+from cellseg.pairs import (
     DatasetError,
     ImagePair,
-    ImgDataset,
     LoadedPair,
-    crop_or_pad,
-    intensity_skewness,
     load_pair,
     load_pairs,
     manifest_hash,
-    normalize_image,
     pair_images_and_masks,
     split_train_val,
 )
@@ -305,7 +303,7 @@ def test_pad_one_side_and_crop_the_other():
     np.testing.assert_array_equal(crop, crop_mask)
 
 
-# --- ImgDataset ---------------------------------------------------------------------------
+# --- TrainingDataset ---------------------------------------------------------------------------
 
 
 def position_pairs():
@@ -314,7 +312,7 @@ def position_pairs():
 
 def test_dataset_items_have_patch_shape_and_aligned_masks():
     # Exact symmetries only, so that every pixel keeps its position code (warps interpolate).
-    dataset = ImgDataset(position_pairs(), patch_size=16, patches_per_image=3, augment=True, seed=0,
+    dataset = TrainingDataset(position_pairs(), patch_size=16, patches_per_image=3, augment=True, seed=0,
                          augmentation=AugmentationConfig.flips_only())
     assert len(dataset) == 6
     for index in range(len(dataset)):
@@ -328,8 +326,8 @@ def test_dataset_items_have_patch_shape_and_aligned_masks():
 
 
 def test_dataset_samples_are_a_function_of_seed_epoch_index():
-    first = ImgDataset(position_pairs(), patch_size=16, patches_per_image=2, augment=True, seed=7)
-    second = ImgDataset(position_pairs(), patch_size=16, patches_per_image=2, augment=True, seed=7)
+    first = TrainingDataset(position_pairs(), patch_size=16, patches_per_image=2, augment=True, seed=7)
+    second = TrainingDataset(position_pairs(), patch_size=16, patches_per_image=2, augment=True, seed=7)
     first.set_epoch(3)
     second.set_epoch(3)
     for index in (3, 0, 2):  # order of access must not matter
@@ -344,7 +342,7 @@ def test_dataset_samples_are_a_function_of_seed_epoch_index():
 
 def test_validation_dataset_returns_whole_images():
     pairs = position_pairs()
-    dataset = ImgDataset(pairs, patch_size=None, patches_per_image=5)
+    dataset = TrainingDataset(pairs, patch_size=None, patches_per_image=5)
     assert len(dataset) == 2
     image, mask = dataset[1]
     np.testing.assert_array_equal(image[0].numpy(), pairs[1].image)
@@ -353,7 +351,7 @@ def test_validation_dataset_returns_whole_images():
 
 def test_empty_dataset_is_refused():
     with pytest.raises(DatasetError, match="empty"):
-        ImgDataset([])
+        TrainingDataset([])
 
 
 # --- manifest hash ------------------------------------------------------------------------

@@ -5,13 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellseg.instances import (
-    instance_scores,
-    iou_matrix,
-    split_at_distance_peaks,
-    split_touching_cells,
-    summarise_instance_scores,
-)
+from cellseg.postprocess import split_at_distance_peaks, split_touching_cells
+from cellseg.scoring import instance_scores, iou_matrix, summarise_instance_scores
 from cellseg.stats import label_cells
 
 
@@ -185,7 +180,7 @@ def squares_side_by_side() -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_a_distance_map_parts_cells_that_the_mask_shape_cannot():
-    from cellseg.weights import normalised_distance
+    from cellseg.targets import normalised_distance
 
     mask, labels = squares_side_by_side()
     assert split_touching_cells(mask).max() == 1  # the rectangle has no neck to cut at

@@ -1,5 +1,6 @@
-"""Cells, not just pixels: split touching cells into instances, and score instances the way the
-field does (matching at an IoU threshold; the DSB2018 score).
+"""From a model's maps to cells: threshold the probability, split touching cells apart, drop
+small ones. Free functions of the maps and the `PredictConfig`, shared by `cellseg predict`, the
+flows, training's validation and the benchmarks.
 
 Splitting follows the classic recipe: the distance to the background inside the cell mask has
 one peak per roughly convex cell; peaks at least `split_depth` pixels higher than the saddle
@@ -11,6 +12,7 @@ between touching cells even where the mask has no neck.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,14 +20,42 @@ from scipy import ndimage
 from skimage.morphology import local_maxima, reconstruction
 from skimage.segmentation import watershed
 
+from cellseg.config import PredictConfig
 from cellseg.stats import label_cells
 
-ERROR_CLASSES = ("merged", "split", "missed", "extra")  # see error_breakdown
-# The figures of summarise_instance_scores that reports show (the training flow's metrics, the
-# quality benchmark's summary).
-HEADLINE_CELL_SCORES = ("f1_mean", "f1_pooled", "dsb_score_mean", "count_error_median", "true_cells_total",
-                        *(f"{name}_total" for name in ERROR_CLASSES))
-IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * step, 2) for step in range(10))  # 0.5, 0.55, ..., 0.95
+
+@dataclass(frozen=True)
+class CellMaps:
+    """What a model says about one image, on the image's own grid: the cell probability (H, W)
+    and, from a model with a distance-map output, each cell's normalised distance (H, W). From a
+    model at a cell size, `scale` says how the image was seen: its cells' median diameter in
+    pixels (`cell_diameter`, None when none were found), whether that was `measured` by a first
+    pass or stated, and the `factor` the image was resampled by."""
+
+    probability: np.ndarray
+    distance: np.ndarray | None = None
+    scale: dict[str, Any] | None = None
+
+
+def maps_from_output(output: np.ndarray, distance_map: bool) -> CellMaps:
+    """`CellMaps` of one (C, H, W) model output: channel 0, and the last for a distance-map model."""
+    return CellMaps(output[0], output[-1] if distance_map else None)
+
+
+def threshold_probabilities(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Boolean cell mask: probability strictly above `threshold`."""
+    return probabilities > threshold
+
+
+def cell_labels(maps: CellMaps, config: PredictConfig) -> np.ndarray:
+    """One label per cell (int32, 0 = background), as `cellseg predict` stores them: the probability
+    thresholded, touching cells split apart unless `split_touching` is off (at the peaks of the
+    distance map when there is one, else at necks of the mask), cells below `min_cell_area` dropped."""
+    mask = threshold_probabilities(maps.probability, config.threshold)
+    if maps.distance is not None and config.split_touching:
+        return split_at_distance_peaks(mask, maps.distance, config.min_cell_area, config.centre_prominence)
+    split_depth = config.split_depth if config.split_touching else 0.0
+    return split_touching_cells(mask, config.min_cell_area, split_depth)
 
 
 def split_touching_cells(mask: np.ndarray, min_cell_area: int = 0, split_depth: float = 0.5) -> np.ndarray:
@@ -127,102 +157,3 @@ def _dome_markers(height: np.ndarray, h: float, inside: np.ndarray) -> tuple[np.
 
 
 _EIGHT = np.ones((3, 3), dtype=bool)
-
-
-def overlap_matrix(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Pixels shared by every predicted instance (rows, labels 1..P) and every true instance
-    (columns, 1..T); label numbers absent from an image get no row or column."""
-    if predicted.shape != truth.shape:
-        raise ValueError(f"predicted labels are {predicted.shape}, true labels are {truth.shape}")
-    predicted, truth = predicted.astype(np.int64).ravel(), truth.astype(np.int64).ravel()
-    n_pred, n_true = int(predicted.max(initial=0)) + 1, int(truth.max(initial=0)) + 1
-    overlap = np.bincount(predicted * n_true + truth, minlength=n_pred * n_true).reshape(n_pred, n_true)
-    # A label is present when its row (column) holds any pixel. Row and column 0 (background) are
-    # kept: they hold each cell's pixels outside all others.
-    rows, columns = overlap.sum(axis=1) > 0, overlap.sum(axis=0) > 0
-    rows[0] = columns[0] = True
-    return overlap[rows][:, columns]
-
-
-def iou_matrix(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """IoU of every predicted instance (rows, labels 1..P) with every true instance (columns, 1..T)."""
-    return _iou(overlap_matrix(predicted, truth))
-
-
-def _iou(overlap: np.ndarray) -> np.ndarray:
-    pred_area, true_area = overlap.sum(axis=1, keepdims=True), overlap.sum(axis=0, keepdims=True)
-    union = pred_area + true_area - overlap
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, overlap / union, 0.0)
-    return iou[1:, 1:]
-
-
-def error_breakdown(overlap: np.ndarray) -> dict[str, int]:
-    """Why cells fail to match, from an `overlap_matrix` (the error classes of Caicedo et al.,
-    Cytometry A 2019): true cells `merged` (more than half of the cell lies in one predicted
-    cell that also holds more than half of another true cell), true cells `split` (two or more
-    predicted cells lie more than half inside it), true cells `missed` (less than half of the
-    cell is predicted as any cell), and predicted cells that are `extra` (less than half inside
-    any true cell). A cell can be in no class and still fail to match at IoU 0.5 (a poor outline).
-    """
-    cells = overlap[1:, 1:]
-    pred_area, true_area = overlap.sum(axis=1)[1:], overlap.sum(axis=0)[1:]
-    mostly_in_pred = cells > true_area[None, :] / 2   # true cell j lies mostly in predicted cell i
-    pred_mostly_in = cells > pred_area[:, None] / 2   # predicted cell i lies mostly in true cell j
-    merging = mostly_in_pred.sum(axis=1) >= 2
-    return {
-        "merged": int(mostly_in_pred[merging].sum()),
-        "split": int((pred_mostly_in.sum(axis=0) >= 2).sum()),
-        "missed": int((cells.sum(axis=0) * 2 < true_area).sum()),
-        "extra": int((cells.sum(axis=1) * 2 < pred_area).sum()),
-    }
-
-
-def instance_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
-    """Instance precision, recall and F1 at IoU 0.5, the DSB2018 score, the cell counts and the
-    `error_breakdown` (merged, split, missed, extra).
-
-    A predicted cell matches a true cell when their IoU exceeds the threshold (above 0.5 a cell
-    can match at most one other, so no assignment problem arises). The DSB2018 score averages
-    TP / (TP + FP + FN) over IoU thresholds 0.5, 0.55, ..., 0.95. With no cells in either, every
-    score is 1; with cells in only one, 0.
-    """
-    overlap = overlap_matrix(predicted, truth)
-    iou = _iou(overlap)
-    n_pred, n_true = iou.shape
-    per_threshold = {}
-    for threshold in IOU_THRESHOLDS:
-        tp = int((iou > threshold).any(axis=1).sum()) if iou.size else 0
-        per_threshold[threshold] = (tp, n_pred - tp, n_true - tp)
-    tp, fp, fn = per_threshold[0.5]
-    empty = n_pred == 0 and n_true == 0
-    return {
-        "true_cells": n_true,
-        "predicted_cells": n_pred,
-        "tp": tp, "fp": fp, "fn": fn,
-        "precision": 1.0 if n_pred == 0 else tp / n_pred,
-        "recall": 1.0 if n_true == 0 else tp / n_true,
-        "f1": 1.0 if empty else 2 * tp / (n_pred + n_true),
-        "dsb_score": 1.0 if empty else float(np.mean([t / (t + p + n) for t, p, n in per_threshold.values()])),
-        **error_breakdown(overlap),
-    }
-
-
-def summarise_instance_scores(per_image: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means over images of F1 and DSB score, pooled precision/recall/F1, the median count error,
-    and the totals of true and predicted cells and of each error class over all images."""
-    if not per_image:
-        return {}
-    tp, fp, fn = (sum(s[key] for s in per_image) for key in ("tp", "fp", "fn"))
-    totals = {key: sum(s[key] for s in per_image) for key in ("true_cells", "predicted_cells", *ERROR_CLASSES)}
-    count_errors = [abs(s["predicted_cells"] - s["true_cells"]) / s["true_cells"] for s in per_image if s["true_cells"]]
-    return {
-        "images": len(per_image),
-        "f1_mean": float(np.mean([s["f1"] for s in per_image])),
-        "dsb_score_mean": float(np.mean([s["dsb_score"] for s in per_image])),
-        "precision_pooled": tp / (tp + fp) if tp + fp else 1.0,
-        "recall_pooled": tp / (tp + fn) if tp + fn else 1.0,
-        "f1_pooled": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
-        "count_error_median": float(np.median(count_errors)) if count_errors else None,
-        **{f"{key}_total": value for key, value in totals.items()},
-    }

@@ -60,7 +60,7 @@ def border_weight_map(mask: np.ndarray, border_weight: float, sigma: float = 5.0
     cells, _ = label_cells(mask)
     if border_weight <= 0 or cells.max() < 2:
         return weights
-    reach = int(math.ceil(4 * sigma))
+    reach = math.ceil(4 * sigma)
     nearest = np.full(mask.shape, np.inf, dtype=np.float32)
     second = np.full(mask.shape, np.inf, dtype=np.float32)
     for index, box in enumerate(ndimage.find_objects(cells), start=1):

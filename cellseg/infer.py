@@ -1,0 +1,176 @@
+"""Inference: a loaded model turned into maps. Normalise, batch same-sized images (tile large
+ones), forward under inference mode with mixed precision where it helps, sigmoid; test-time
+augmentation; a model at a cell size sees each image resampled to it (`cellseg.scale`). What
+becomes of the maps (threshold, cells apart) is `cellseg.postprocess`."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from cellseg.checkpoint import Checkpoint, checkpoint_digest, load_checkpoint
+from cellseg.config import NormalizationConfig, PredictConfig
+from cellseg.io import StorageOptions
+from cellseg.model import UNet
+from cellseg.normalize import normalize_image
+from cellseg.postprocess import CellMaps, maps_from_output, threshold_probabilities
+from cellseg.runtime import autocast_context, resolve_device, set_threads
+from cellseg.scale import cell_maps_at_cell_size
+from cellseg.tiling import predict_tiled
+
+
+def forward_outputs(
+    model: UNet, batch: np.ndarray, device: torch.device, amp: bool = True, tta: bool = False
+) -> np.ndarray:
+    """Sigmoid of the model's logits for a (B, H, W) float32 batch, as (B, C, H, W) float32: the
+    cell probability in channel 0, then the distance map of models that have one.
+
+    With `tta`, the outputs are averaged over the eight flips and 90-degree rotations of the
+    input (each mapped back), which makes the result exactly equivariant to them.
+    """
+    with torch.inference_mode():
+        inputs = torch.from_numpy(np.ascontiguousarray(batch))[:, None].to(device)
+
+        def outputs(x: torch.Tensor) -> torch.Tensor:
+            with autocast_context(device, amp):
+                logits = model(x)
+            return torch.sigmoid(logits.float())
+
+        if not tta:
+            return outputs(inputs).cpu().numpy()
+        total: torch.Tensor | None = None
+        for quarter_turns in range(4):
+            for mirrored in (False, True):
+                x = torch.rot90(inputs, quarter_turns, dims=(2, 3))
+                x = x.flip(3) if mirrored else x
+                p = outputs(x)
+                p = p.flip(3) if mirrored else p
+                p = torch.rot90(p, -quarter_turns, dims=(2, 3))
+                total = p if total is None else total + p
+        assert total is not None
+        return (total / 8).cpu().numpy()
+
+
+def forward_probabilities(
+    model: UNet, batch: np.ndarray, device: torch.device, amp: bool = True, tta: bool = False
+) -> np.ndarray:
+    """The cell probabilities of `forward_outputs`, as (B, H, W) float32."""
+    return forward_outputs(model, batch, device, amp, tta)[:, 0]
+
+
+def predict_outputs(
+    model: UNet | Any,
+    images: Sequence[np.ndarray],
+    batch_size: int = 1,
+    device: torch.device | str = "cpu",
+    amp: bool = True,
+    tile_size: int | None = None,
+    tile_overlap: int = 128,
+    tta: bool = False,
+) -> list[np.ndarray]:
+    """Outputs of `forward_outputs` for normalised (H, W) float32 images, as (C, H, W) float32 in [0, 1].
+
+    Images of equal shape are stacked into batches of up to `batch_size`; images larger than
+    `tile_size` on a side are predicted tile by tile (see `cellseg.tiling`). Order is preserved.
+    """
+    device = torch.device(device)
+    model.eval()
+    results: list[np.ndarray | None] = [None] * len(images)
+    by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for index, image in enumerate(images):
+        if tile_size is not None and max(image.shape) > tile_size:
+            results[index] = predict_tiled(
+                lambda tile: forward_outputs(model, tile[None], device, amp, tta)[0], image, tile_size, tile_overlap
+            )
+        else:
+            by_shape[image.shape].append(index)
+    for indices in by_shape.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            outputs = forward_outputs(model, np.stack([images[i] for i in chunk]), device, amp, tta)
+            for i, output in zip(chunk, outputs, strict=True):
+                results[i] = output
+    return results  # type: ignore[return-value]
+
+
+def predict_probabilities(
+    model: UNet,
+    images: Sequence[np.ndarray],
+    batch_size: int = 1,
+    device: torch.device | str = "cpu",
+    amp: bool = True,
+    tile_size: int | None = None,
+    tile_overlap: int = 128,
+    tta: bool = False,
+) -> list[np.ndarray]:
+    """Cell probabilities (channel 0 of `predict_outputs`) as (H, W) float32 in [0, 1]."""
+    outputs = predict_outputs(model, images, batch_size, device, amp, tile_size, tile_overlap, tta)
+    return [output[0] for output in outputs]
+
+
+class Predictor:
+    """A loaded model ready to turn raw images into `CellMaps`; load once, call many times."""
+
+    def __init__(self, checkpoint: Checkpoint, config: PredictConfig = PredictConfig(), model_version: str = ""):
+        self.checkpoint = checkpoint
+        self.config = config
+        self.model_version = model_version
+        self.device = resolve_device(config.device)
+        set_threads(config.threads)
+        self.batch_size = config.batch_size or (8 if self.device.type == "cuda" else 1)
+        self.model = checkpoint.build_model().to(self.device)
+        self.forward_model: Any = torch.compile(self.model) if config.compile else self.model
+
+    @classmethod
+    def from_checkpoint(
+        cls, url: str, config: PredictConfig = PredictConfig(), storage_options: StorageOptions = None
+    ) -> Predictor:
+        """Load `url` (weights_only); the model version is the file's content hash."""
+        return cls(load_checkpoint(url, storage_options), config, checkpoint_digest(url, storage_options)[:12])
+
+    @property
+    def normalization(self) -> NormalizationConfig:
+        return self.checkpoint.model_config.normalization
+
+    def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """(H, W) float32 cell probabilities for raw (H, W) images of any dtype and size."""
+        return [maps.probability for maps in self.cell_maps(images)]
+
+    def normalised_probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """(H, W) float32 cell probabilities for images already normalised as the model expects."""
+        return [maps.probability for maps in self.normalised_cell_maps(images)]
+
+    def masks(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """(H, W) boolean cell masks (probability above the threshold) for raw images."""
+        return [threshold_probabilities(p, self.config.threshold) for p in self.probabilities(images)]
+
+    def cell_maps(self, images: Sequence[np.ndarray]) -> list[CellMaps]:
+        """`CellMaps` for raw (H, W) images of any dtype and size."""
+        return self.normalised_cell_maps([normalize_image(image, self.normalization) for image in images])
+
+    def normalised_cell_maps(self, images: Sequence[np.ndarray]) -> list[CellMaps]:
+        """`CellMaps` for images already normalised as the model expects.
+
+        A model trained at a cell size (`ModelConfig.cell_diameter`) sees each image resampled
+        to that size, one image at a time (`cellseg.scale.cell_maps_at_cell_size`: the size is
+        `PredictConfig.cell_diameter` when given, else measured), and the maps come back on the
+        image's own grid.
+        """
+        model_config = self.checkpoint.model_config
+        if model_config.cell_diameter is None:
+            return [maps_from_output(output, model_config.distance_map) for output in self._forward(images)]
+        return [cell_maps_at_cell_size(image, self.forward_one, model_config, self.config) for image in images]
+
+    def forward_one(self, image: np.ndarray) -> np.ndarray:
+        """The (C, H, W) output for one normalised (H, W) image on its own grid."""
+        return self._forward([image])[0]
+
+    def _forward(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return predict_outputs(
+            self.forward_model, images, self.batch_size, self.device, self.config.amp,
+            self.config.tile_size, self.config.tile_overlap, self.config.tta,
+        )

@@ -1,0 +1,320 @@
+"""The one recipe of each job, and the job models that carry its settings whole.
+
+- `run_training(TrainJob, out_dir)`: pair -> split -> load once -> decide 'auto' fields -> train
+  -> pixel and cell validation -> pictures and manifest.
+- `run_segmentation(SegmentJob)`: pin the model -> list what is not done -> segment -> report.
+
+The CLI, the Prefect flows, tuning trials, the bundled-model build and the benchmarks all call
+these (the flows call their steps as tasks: `plan_segmentation`, `segment_shard`), so a setting
+reaches every caller the same way: inside the job's configs, never as a re-listed parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from cellseg.checkpoint import load_checkpoint
+from cellseg.config import ModelConfig, PredictConfig, SearchSpace, TrainConfig, Url
+from cellseg.evaluate import validation_cell_scores
+from cellseg.infer import Predictor
+from cellseg.io import list_images
+from cellseg.model_source import ModelSource, shared_predictor
+from cellseg.pairs import ImagePair, LoadedPair, load_pairs, manifest_hash, pair_images_and_masks, split_train_val
+from cellseg.paths import DEFAULT_CACHE_DIR, DEFAULT_REGISTRY_URL, DEFAULT_TRAINING_DIR, DEFAULT_TUNING_DIR
+from cellseg.report import training_pictures
+from cellseg.runtime import set_threads
+from cellseg.segment import SegmentReport, model_record, pending_images, segment_images
+from cellseg.store import ResultStore
+from cellseg.train import TrainResult, train
+from cellseg.tune import Trial, TrialResult
+
+logger = logging.getLogger(__name__)
+
+Shard = list[tuple[str, str]]
+
+
+def _check_dask_address(address: str | None) -> str | None:
+    if address is not None and not re.fullmatch(r"(tcp|tls|ucx|inproc)://[^\s/]+(:\d+)?", address):
+        raise ValueError(f"'{address}' is not a Dask scheduler address like tcp://host:8786")
+    return address
+
+
+DaskAddress = Annotated[str | None, AfterValidator(_check_dask_address)]
+
+
+class _Job(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TrainJob(_Job):
+    """A training run: where the pairs are, where the model goes, and the model and training configs."""
+
+    images_url: Url = Field(description="directory URL of the images")
+    masks_url: Url = Field(description="directory URL of the masks or 16-bit instance label images (same stems)")
+    registry_url: Url = Field(DEFAULT_REGISTRY_URL, description="model registry URL, shared by every worker")
+    cache_dir: str = Field(DEFAULT_CACHE_DIR, min_length=1, description="local content-addressed dataset cache")
+    work_dir: str = Field(DEFAULT_TRAINING_DIR, min_length=1, description="local directory for training runs")
+    promote: bool = Field(True, description="mark the new version current")
+    model: ModelConfig = ModelConfig()
+    training: TrainConfig = TrainConfig()
+    predict: PredictConfig = Field(
+        PredictConfig(), description="how the validation images are segmented for the cell scores (as `predict` would)"
+    )
+
+
+class SegmentJob(_Job):
+    """A segmentation run: the images, the store, the model and how to predict."""
+
+    source_url: Url = Field(description="directory URL of the images to segment")
+    store_url: Url = Field(description="zarr results store URL")
+    registry_url: Url = Field(DEFAULT_REGISTRY_URL, description="model registry URL, shared by every worker")
+    model_version: str = Field(
+        "current", min_length=1,
+        description="a registered version, 'current', or 'bundled' (the general-purpose model shipped in the package)",
+    )
+    checkpoint_url: Url | None = Field(None, description="a checkpoint file to use instead of the registry")
+    shard_size: int = Field(32, ge=1, description="images per parallel task")
+    max_parallel_shards: int = Field(2, ge=1, description="shards run at once on the local thread pool")
+    dask_address: DaskAddress = Field(None, description="run shards on this Dask scheduler instead")
+    predict: PredictConfig = PredictConfig()
+
+    def model_source(self) -> ModelSource:
+        return ModelSource(self.registry_url, self.model_version, self.checkpoint_url)
+
+
+class TuneJob(_Job):
+    """A hyper-parameter search: trials of the search space trained like `TrainJob`s, the best registered."""
+
+    images_url: Url
+    masks_url: Url
+    registry_url: Url = Field(DEFAULT_REGISTRY_URL, description="model registry URL, shared by every worker")
+    cache_dir: str = Field(DEFAULT_CACHE_DIR, min_length=1, description="local content-addressed dataset cache")
+    work_dir: str = Field(DEFAULT_TUNING_DIR, min_length=1, description="local directory, one sub-directory per trial")
+    promote: bool = Field(False, description="mark the best trial's model current (off: register only)")
+    trials: int = Field(8, ge=1, description="points of the search grid to train (the whole grid when it is smaller)")
+    max_parallel_trials: int = Field(2, ge=1, description="trials trained at once, each in its own process")
+    seed: int = Field(0, description="which grid points are drawn")
+    dask_address: DaskAddress = Field(None, description="train trials on this Dask scheduler instead")
+    space: SearchSpace = SearchSpace()
+    model: ModelConfig = ModelConfig()
+    training: TrainConfig = Field(
+        TrainConfig(max_minutes=10.0, patience=8),
+        description="settings of every trial that the search space does not set (default: 10 minutes, patience 8)",
+    )
+    predict: PredictConfig = PredictConfig()
+
+    @model_validator(mode="after")
+    def _needs_validation(self) -> TuneJob:
+        if self.training.val_fraction <= 0:
+            raise ValueError("tuning picks the best trial by validation Dice: training.val_fraction must be above 0")
+        return self
+
+    def trial_job(self, trial: Trial) -> TrainJob:
+        """The training job of one trial: this search's data with the trial's configs."""
+        return TrainJob(images_url=self.images_url, masks_url=self.masks_url, registry_url=self.registry_url,
+                        cache_dir=self.cache_dir, work_dir=self.work_dir, promote=False,
+                        model=trial.model, training=trial.training, predict=self.predict)
+
+
+# Training ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainOutcome:
+    """How a training run ended: the loop's result, the validation cell scores of its best
+    checkpoint (instance label masks only), the pictures it drew and the dataset it saw."""
+
+    result: TrainResult
+    dataset_hash: str
+    train_images: int
+    val_images: int
+    cells: dict[str, Any] = field(default_factory=dict)
+    pictures: list[str] = field(default_factory=list)
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.result.best_checkpoint
+
+    @property
+    def best_metrics(self) -> dict[str, float]:
+        return self.result.best_metrics
+
+    @property
+    def history_path(self) -> Path:
+        return self.result.history_path
+
+    @property
+    def validation(self) -> dict[str, float]:
+        """The best checkpoint's validation metrics on whole images, without the `val_` prefix."""
+        return {key.removeprefix("val_"): value for key, value in self.best_metrics.items() if key.startswith("val_")}
+
+    def summary(self) -> dict[str, Any]:
+        """Plain data for reports and flow results."""
+        return {
+            "best_checkpoint": str(self.best_checkpoint),
+            "history_path": str(self.history_path),
+            "best_epoch": self.result.best_epoch,
+            "epochs_run": len(self.result.history),
+            "stop_reason": self.result.stop_reason,
+            "dataset_hash": self.dataset_hash,
+            "metrics": self.validation | {f"cells_{name}": value for name, value in self.cells.items()},
+            "pictures": self.pictures,
+        }
+
+
+def run_training(
+    job: TrainJob,
+    out_dir: str | Path,
+    pairs: Sequence[ImagePair] | None = None,
+    resume: bool = False,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> TrainOutcome:
+    """Train a model as `job` says into `out_dir` (best.pt, last.pt, history.json, manifest.json,
+    split.json and the pictures), on `pairs` or else the pairs found at the job's URLs.
+
+    Fine-tuning (`training.init_from`) takes the model config of that checkpoint. The split is
+    deterministic (`training.seed`), every image is decoded and normalised once, and the best
+    checkpoint is scored on the validation images at cell level (with instance label masks)
+    exactly as `cellseg predict` would segment them with `job.predict`.
+    """
+    model_config, training = job.model, job.training
+    if training.init_from:
+        model_config = load_checkpoint(training.init_from).model_config
+    if pairs is None:
+        pairs = pair_images_and_masks(job.images_url, job.masks_url)
+    train_pairs, val_pairs = split_train_val(pairs, training.val_fraction, training.seed)
+    logger.info("loading %d image/mask pairs", len(pairs))
+    loaded_train = load_pairs(train_pairs, model_config.normalization)
+    loaded_val = load_pairs(val_pairs, model_config.normalization)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset_hash = _write_manifest(out, loaded_train, loaded_val)
+    result = train(loaded_train, loaded_val, out, model_config, training, dataset_hash, resume=resume, on_epoch=on_epoch)
+    predictor = Predictor(load_checkpoint(str(result.best_checkpoint)),
+                          job.predict.model_copy(update={"device": training.device}))
+    cells = validation_cell_scores(predictor, loaded_val)
+    pictures = training_pictures(out, result.history, loaded_val, predictor)
+    return TrainOutcome(result, dataset_hash, len(loaded_train), len(loaded_val), cells, pictures)
+
+
+def _write_manifest(out: Path, loaded_train: list[LoadedPair], loaded_val: list[LoadedPair]) -> str:
+    """manifest.json (the pairs' files and checksums) and split.json into `out`; returns the dataset hash."""
+    dataset_hash = manifest_hash(loaded_train + loaded_val)
+    entries = [pair.manifest_entry() for pair in loaded_train + loaded_val]
+    (out / "manifest.json").write_text(json.dumps({"hash": dataset_hash, "entries": entries}, indent=1))
+    split = {"train": [pair.id for pair in loaded_train], "val": [pair.id for pair in loaded_val]}
+    (out / "split.json").write_text(json.dumps(split, indent=1))
+    return dataset_hash
+
+
+def run_trial(job: TuneJob, trial: Trial, out_dir: str | Path, pairs: Sequence[ImagePair] | None = None,
+              threads: int | None = None) -> TrialResult:
+    """Train one trial of a search (`run_training` with the trial's configs) into `out_dir`. A
+    trial that raises is reported as failed with its error, so one bad point does not end the search."""
+    set_threads(threads)
+    started = time.monotonic()
+    try:
+        outcome = run_training(job.trial_job(trial), out_dir, pairs)
+    except Exception as error:  # noqa: BLE001 - reported in the trial table; the search goes on
+        logger.warning("trial %d %s failed: %s", trial.number, trial.params, error)
+        return TrialResult(number=trial.number, params=trial.params, status="failed", error=f"{type(error).__name__}: {error}")
+    result = outcome.result
+    return TrialResult(
+        number=trial.number,
+        params=trial.params,
+        status="done",
+        val_dice=result.best_metrics.get("val_dice"),
+        metrics={k: v for k, v in result.best_metrics.items() if k.startswith("val_")},
+        best_epoch=result.best_epoch,
+        epochs_run=len(result.history),
+        stop_reason=result.stop_reason,
+        seconds=round(time.monotonic() - started, 1),
+        checkpoint=str(result.best_checkpoint),
+    )
+
+
+# Segmentation ------------------------------------------------------------------------------------
+
+
+@dataclass
+class SegmentPlan:
+    """The images of a source not yet done in the store, in shards; and those already done or unusable."""
+
+    shards: list[Shard]
+    skipped: list[str]
+    rejected: list[dict[str, str]]
+
+    @property
+    def pending(self) -> int:
+        return sum(len(shard) for shard in self.shards)
+
+
+def pin_model(job: SegmentJob) -> SegmentJob:
+    """The job with its model version fixed ('current' resolved now), so that every shard uses
+    one model even if another is promoted mid-run; a missing model fails here, before any work."""
+    pinned = job.model_source().pinned()
+    return job if pinned.version == job.model_version else job.model_copy(update={"model_version": pinned.version})
+
+
+def plan_segmentation(job: SegmentJob, on_record: Callable[[str], None] | None = None) -> SegmentPlan:
+    """Images under `job.source_url` that the store does not hold yet, in shards of `job.shard_size`.
+    Files that cannot be images of the store (clashing or invalid ids) are listed as rejected."""
+    store = ResultStore.open(job.store_url)
+    rejected: list[dict[str, str]] = []
+    todo, skipped = pending_images(list_images(job.source_url), store, rejected, on_record=on_record)
+    shards = [todo[start : start + job.shard_size] for start in range(0, len(todo), job.shard_size)]
+    return SegmentPlan(shards, skipped, rejected)
+
+
+def segment_shard(job: SegmentJob, shard: Shard, on_image: Callable[[str], None] | None = None) -> SegmentReport:
+    """Segment one shard into the store with the job's (pinned) model, loaded once per process.
+
+    Images done meanwhile (by an earlier attempt, or another run on the same store) are skipped;
+    bad images are recorded in the store and in the report, and the shard carries on.
+    """
+    predictor = shared_predictor(job.model_source(), job.predict)
+    store = ResultStore.open(job.store_url)
+    done_before = {image_id for image_id, _ in shard if store.is_done(image_id)}
+    remaining = [(image_id, url) for image_id, url in shard if image_id not in done_before]
+    report = segment_images(remaining, store, predictor, model_record(predictor, job.model_source().location()),
+                            on_image=on_image)
+    report.skipped[:0] = sorted(done_before)
+    return report
+
+
+def run_segmentation(
+    job: SegmentJob,
+    on_record: Callable[[str], None] | None = None,
+    on_plan: Callable[[int], None] | None = None,
+    on_image: Callable[[str], None] | None = None,
+) -> SegmentReport:
+    """Segment every image under `job.source_url` that the store does not hold yet, in this process.
+    The report lists what was done, skipped (done before) and failed (rejected files included).
+    Progress: `on_record` per store record scanned, `on_plan` with the number of images to
+    segment, `on_image` per image finished."""
+    job = pin_model(job)
+    plan = plan_segmentation(job, on_record)
+    if on_plan is not None:
+        on_plan(plan.pending)
+    report = segment_shard(job, [pair for shard in plan.shards for pair in shard], on_image)
+    report.skipped[:0] = plan.skipped
+    report.failed[:0] = plan.rejected
+    return report
+
+
+def threads_per_shard(job: SegmentJob, cpu_count: int) -> int | None:
+    """Torch threads per shard when shards share one machine: the cores split between them, so
+    parallel shards never oversubscribe the CPU; None on Dask (workers keep their own setting)."""
+    if job.dask_address:
+        return None
+    return max(1, math.floor(cpu_count / job.max_parallel_shards))

@@ -1,0 +1,73 @@
+"""Which model a job segments with: a checkpoint file, a version in a registry ('current' unless
+told otherwise), or the model shipped in the package ('bundled'); loaded once per worker process."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from dataclasses import dataclass
+
+from cellseg.bundled import BUNDLED_VERSION, bundled_checkpoint
+from cellseg.checkpoint import Checkpoint, checkpoint_digest, load_checkpoint
+from cellseg.config import PredictConfig
+from cellseg.infer import Predictor
+from cellseg.registry import Registry
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: `checkpoint_url` when given, else `version` of the registry at
+    `registry_url` ('current', a version name, or 'bundled' for the model in the package)."""
+
+    registry_url: str
+    version: str = "current"
+    checkpoint_url: str | None = None
+
+    def pinned(self) -> ModelSource:
+        """This source with 'current' replaced by the version it names now, so that work split over
+        many tasks uses one model even if another is promoted meanwhile. A missing registry
+        version or bundled model fails here, before any work."""
+        if self.checkpoint_url is not None:
+            return self
+        if self.version == BUNDLED_VERSION:
+            bundled_checkpoint()
+            return self
+        return ModelSource(self.registry_url, Registry(self.registry_url).resolve(self.version))
+
+    def location(self) -> str:
+        """URL of the checkpoint file."""
+        if self.checkpoint_url is not None:
+            return self.checkpoint_url
+        if self.version == BUNDLED_VERSION:
+            return bundled_checkpoint()
+        return Registry(self.registry_url).checkpoint_url(self.version)
+
+    def load(self) -> tuple[Checkpoint, str]:
+        """(checkpoint, the model version recorded with its results): the registry's version name
+        (checksum verified), else the file's content hash, 'bundled-' + it for the bundled model."""
+        if self.checkpoint_url is None and self.version != BUNDLED_VERSION:
+            checkpoint, meta = Registry(self.registry_url).load(self.version)
+            return checkpoint, meta.version
+        url = self.location()
+        digest = checkpoint_digest(url)[:12]
+        return load_checkpoint(url), digest if self.checkpoint_url is not None else f"{BUNDLED_VERSION}-{digest}"
+
+
+def load_predictor(source: ModelSource, config: PredictConfig) -> Predictor:
+    """A Predictor of the model `source` names, with its version recorded."""
+    checkpoint, version = source.load()
+    return Predictor(checkpoint, config, version)
+
+
+_predictor_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_predictor(source: ModelSource, config_json: str) -> Predictor:
+    return load_predictor(source, PredictConfig.model_validate_json(config_json))
+
+
+def shared_predictor(source: ModelSource, config: PredictConfig) -> Predictor:
+    """One Predictor per (source, settings) per process, so each worker loads a model once."""
+    with _predictor_lock:
+        return _cached_predictor(source, config.model_dump_json())

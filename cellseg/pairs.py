@@ -1,0 +1,188 @@
+"""Image/mask pairs: pairing by file stem, the deterministic train/val split, loading (decode,
+validate, normalise) once, and the content hash of a dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from cellseg.config import NormalizationConfig
+from cellseg.io import (
+    StorageOptions,
+    binarize_mask,
+    decode_image,
+    image_stem,
+    list_images,
+    read_bytes,
+)
+from cellseg.normalize import normalize_image
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as given; the message names the files at fault."""
+
+
+@dataclass(frozen=True)
+class ImagePair:
+    """An image and its mask, matched by file stem (`id`)."""
+
+    id: str
+    image_url: str
+    mask_url: str
+
+
+def group_by_stem(urls: Sequence[str]) -> dict[str, list[str]]:
+    """Each file stem with the URLs that have it (more than one: a.png and a.tif)."""
+    by_stem: dict[str, list[str]] = defaultdict(list)
+    for url in urls:
+        by_stem[image_stem(url)].append(url)
+    return by_stem
+
+
+def index_by_stem(urls: Sequence[str], role: str) -> dict[str, str]:
+    """Map each file stem to its URL; two files with one stem (a.png, a.tif) are an error."""
+    by_stem = group_by_stem(urls)
+    clashes = {stem: found for stem, found in by_stem.items() if len(found) > 1}
+    if clashes:
+        described = "; ".join(
+            f"{stem!r}: " + ", ".join(posixpath.basename(u) for u in found) for stem, found in sorted(clashes.items())
+        )
+        raise DatasetError(f"{role} files share a stem, so the pairing is ambiguous: {described}")
+    return {stem: found[0] for stem, found in by_stem.items()}
+
+
+def pair_by_stem(image_urls: Sequence[str], mask_urls: Sequence[str], images_url: str, masks_url: str) -> list[ImagePair]:
+    """Pair listed image and mask URLs by stem; raises DatasetError naming every file left unpaired."""
+    images = index_by_stem(image_urls, "image")
+    masks = index_by_stem(mask_urls, "mask")
+    if not images:
+        raise DatasetError(f"no images (.png, .tif, .tiff, .jpg) found under '{images_url}'")
+    problems = [f"image '{images[s]}' has no mask in '{masks_url}'" for s in sorted(images.keys() - masks.keys())]
+    problems += [f"mask '{masks[s]}' has no image in '{images_url}'" for s in sorted(masks.keys() - images.keys())]
+    if problems:
+        raise DatasetError("; ".join(problems))
+    return [ImagePair(stem, images[stem], masks[stem]) for stem in sorted(images)]
+
+
+def pair_images_and_masks(
+    images_url: str, masks_url: str, storage_options: StorageOptions = None
+) -> list[ImagePair]:
+    """Pair every image under `images_url` with the mask of the same stem under `masks_url`.
+
+    Raises DatasetError naming each image without a mask and each mask without an image.
+    """
+    return pair_by_stem(
+        list_images(images_url, storage_options), list_images(masks_url, storage_options), images_url, masks_url
+    )
+
+
+def check_same_size(image_url: str, image_shape: tuple[int, ...], mask_url: str, mask_shape: tuple[int, ...]) -> None:
+    """Raise DatasetError naming both files when a mask's size differs from its image's."""
+    if tuple(image_shape) != tuple(mask_shape):
+        raise DatasetError(
+            f"mask '{mask_url}' is {mask_shape[1]}x{mask_shape[0]} (WxH), "
+            f"image '{image_url}' is {image_shape[1]}x{image_shape[0]}"
+        )
+
+
+def split_train_val(pairs: Sequence[ImagePair], val_fraction: float, seed: int) -> tuple[list[ImagePair], list[ImagePair]]:
+    """Deterministic split by seed over the id-sorted pairs; at least one of each when possible."""
+    ordered = sorted(pairs, key=lambda pair: pair.id)
+    if val_fraction <= 0 or len(ordered) < 2:
+        return ordered, []
+    n_val = min(len(ordered) - 1, max(1, round(len(ordered) * val_fraction)))
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    val_index = set(order[:n_val].tolist())
+    train = [pair for i, pair in enumerate(ordered) if i not in val_index]
+    val = [pair for i, pair in enumerate(ordered) if i in val_index]
+    return train, val
+
+
+@dataclass(frozen=True)
+class LoadedPair:
+    """A decoded, validated pair: normalised float32 image and boolean mask, both (H, W).
+
+    `instances` holds the cell labels (int32, 0 = background) when the mask file was an
+    instance label image (16 bits or more per pixel); `mask` is then their union.
+    """
+
+    source: ImagePair
+    image: np.ndarray
+    mask: np.ndarray
+    image_sha256: str
+    mask_sha256: str
+    dtype: str
+    instances: np.ndarray | None = None
+
+    @property
+    def id(self) -> str:
+        return self.source.id
+
+    def manifest_entry(self) -> dict[str, object]:
+        """What the dataset manifest records about this pair."""
+        return {
+            "id": self.id,
+            "image_url": self.source.image_url,
+            "mask_url": self.source.mask_url,
+            "image_sha256": self.image_sha256,
+            "mask_sha256": self.mask_sha256,
+            "shape": list(self.image.shape),
+            "dtype": self.dtype,
+        }
+
+
+def load_pair(pair: ImagePair, normalization: NormalizationConfig, storage_options: StorageOptions = None) -> LoadedPair:
+    """Read, validate and normalise one pair; a size mismatch names both files."""
+    image_bytes = read_bytes(pair.image_url, storage_options)
+    mask_bytes = read_bytes(pair.mask_url, storage_options)
+    image = decode_image(image_bytes, pair.image_url)
+    decoded_mask = decode_image(mask_bytes, pair.mask_url)
+    check_same_size(pair.image_url, image.shape, pair.mask_url, decoded_mask.shape)
+    return LoadedPair(
+        source=pair,
+        image=normalize_image(image, normalization),
+        mask=binarize_mask(decoded_mask),
+        image_sha256=hashlib.sha256(image_bytes).hexdigest(),
+        mask_sha256=hashlib.sha256(mask_bytes).hexdigest(),
+        dtype=str(image.dtype),
+        instances=instance_labels(decoded_mask),
+    )
+
+
+def instance_labels(decoded_mask: np.ndarray) -> np.ndarray | None:
+    """Cell labels of a mask file that is an instance label image, else None.
+
+    Integer images of 16 bits or more are label images (as cellpose, StarDist and the DSB2018
+    annotations store them); 8-bit masks are read as binary, since a compressed or resampled
+    0/255 mask has stray grey values that are not cells.
+    """
+    if decoded_mask.dtype.kind in "iu" and decoded_mask.dtype.itemsize >= 2:
+        return decoded_mask.astype(np.int32, copy=False)
+    return None
+
+
+def dataset_hash(checksums: Iterable[tuple[str, str, str]]) -> str:
+    """Content hash of a dataset from (id, image sha256, mask sha256) triples, in any order."""
+    digest = hashlib.sha256()
+    for image_id, image_sha, mask_sha in sorted(checksums):
+        digest.update(f"{image_id}\0{image_sha}\0{mask_sha}\n".encode())
+    return digest.hexdigest()
+
+
+def manifest_hash(pairs: Sequence[LoadedPair]) -> str:
+    """Content hash of loaded pairs: ids and file checksums, independent of where the files live."""
+    return dataset_hash((pair.id, pair.image_sha256, pair.mask_sha256) for pair in pairs)
+
+
+def load_pairs(
+    pairs: Sequence[ImagePair], normalization: NormalizationConfig, storage_options: StorageOptions = None
+) -> list[LoadedPair]:
+    """Load pairs concurrently (object storage is latency bound), keeping their order."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(lambda pair: load_pair(pair, normalization, storage_options), pairs))
