@@ -14,23 +14,19 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
-
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from typing import Any
 
 from cellseg.checkpoint import load_checkpoint
-from cellseg.config import ModelConfig, PredictConfig, SearchSpace, TrainConfig, Url
 from cellseg.evaluate import validation_cell_scores
 from cellseg.infer import Predictor
 from cellseg.io import list_images
+from cellseg.job_config import SegmentJob, TrainJob, TuneJob
 from cellseg.model_source import ModelSource, shared_predictor
 from cellseg.pairs import ImagePair, LoadedPair, load_pairs, manifest_hash, pair_images_and_masks, split_train_val
-from cellseg.paths import DEFAULT_CACHE_DIR, DEFAULT_REGISTRY_URL, DEFAULT_TRAINING_DIR, DEFAULT_TUNING_DIR
 from cellseg.report import training_pictures
 from cellseg.runtime import set_threads
 from cellseg.segment import SegmentReport, model_record, pending_images, segment_images
@@ -38,92 +34,11 @@ from cellseg.store import ResultStore
 from cellseg.train import TrainResult, train
 from cellseg.tune import Trial, TrialResult
 
+__all__ = ["SegmentJob", "TrainJob", "TuneJob", "run_segmentation", "run_training", "run_trial"]
+
 logger = logging.getLogger(__name__)
 
 Shard = list[tuple[str, str]]
-
-
-def _check_dask_address(address: str | None) -> str | None:
-    if address is not None and not re.fullmatch(r"(tcp|tls|ucx|inproc)://[^\s/]+(:\d+)?", address):
-        raise ValueError(f"'{address}' is not a Dask scheduler address like tcp://host:8786")
-    return address
-
-
-DaskAddress = Annotated[str | None, AfterValidator(_check_dask_address)]
-
-
-class _Job(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class TrainJob(_Job):
-    """A training run: where the pairs are, where the model goes, and the model and training configs."""
-
-    images_url: Url = Field(description="directory URL of the images")
-    masks_url: Url = Field(description="directory URL of the masks or 16-bit instance label images (same stems)")
-    registry_url: Url = Field(DEFAULT_REGISTRY_URL, description="model registry URL, shared by every worker")
-    cache_dir: str = Field(DEFAULT_CACHE_DIR, min_length=1, description="local content-addressed dataset cache")
-    work_dir: str = Field(DEFAULT_TRAINING_DIR, min_length=1, description="local directory for training runs")
-    promote: bool = Field(True, description="mark the new version current")
-    model: ModelConfig = ModelConfig()
-    training: TrainConfig = TrainConfig()
-    predict: PredictConfig = Field(
-        PredictConfig(), description="how the validation images are segmented for the cell scores (as `predict` would)"
-    )
-
-
-class SegmentJob(_Job):
-    """A segmentation run: the images, the store, the model and how to predict."""
-
-    source_url: Url = Field(description="directory URL of the images to segment")
-    store_url: Url = Field(description="zarr results store URL")
-    registry_url: Url = Field(DEFAULT_REGISTRY_URL, description="model registry URL, shared by every worker")
-    model_version: str = Field(
-        "current", min_length=1,
-        description="a registered version, 'current', or 'bundled' (the general-purpose model shipped in the package)",
-    )
-    checkpoint_url: Url | None = Field(None, description="a checkpoint file to use instead of the registry")
-    shard_size: int = Field(32, ge=1, description="images per parallel task")
-    max_parallel_shards: int = Field(2, ge=1, description="shards run at once on the local thread pool")
-    dask_address: DaskAddress = Field(None, description="run shards on this Dask scheduler instead")
-    predict: PredictConfig = PredictConfig()
-
-    def model_source(self) -> ModelSource:
-        return ModelSource(self.registry_url, self.model_version, self.checkpoint_url)
-
-
-class TuneJob(_Job):
-    """A hyper-parameter search: trials of the search space trained like `TrainJob`s, the best registered."""
-
-    images_url: Url
-    masks_url: Url
-    registry_url: Url = Field(DEFAULT_REGISTRY_URL, description="model registry URL, shared by every worker")
-    cache_dir: str = Field(DEFAULT_CACHE_DIR, min_length=1, description="local content-addressed dataset cache")
-    work_dir: str = Field(DEFAULT_TUNING_DIR, min_length=1, description="local directory, one sub-directory per trial")
-    promote: bool = Field(False, description="mark the best trial's model current (off: register only)")
-    trials: int = Field(8, ge=1, description="points of the search grid to train (the whole grid when it is smaller)")
-    max_parallel_trials: int = Field(2, ge=1, description="trials trained at once, each in its own process")
-    seed: int = Field(0, description="which grid points are drawn")
-    dask_address: DaskAddress = Field(None, description="train trials on this Dask scheduler instead")
-    space: SearchSpace = SearchSpace()
-    model: ModelConfig = ModelConfig()
-    training: TrainConfig = Field(
-        TrainConfig(max_minutes=10.0, patience=8),
-        description="settings of every trial that the search space does not set (default: 10 minutes, patience 8)",
-    )
-    predict: PredictConfig = PredictConfig()
-
-    @model_validator(mode="after")
-    def _needs_validation(self) -> TuneJob:
-        if self.training.val_fraction <= 0:
-            raise ValueError("tuning picks the best trial by validation Dice: training.val_fraction must be above 0")
-        return self
-
-    def trial_job(self, trial: Trial) -> TrainJob:
-        """The training job of one trial: this search's data with the trial's configs."""
-        return TrainJob(images_url=self.images_url, masks_url=self.masks_url, registry_url=self.registry_url,
-                        cache_dir=self.cache_dir, work_dir=self.work_dir, promote=False,
-                        model=trial.model, training=trial.training, predict=self.predict)
 
 
 # Training ----------------------------------------------------------------------------------------
@@ -246,6 +161,11 @@ def run_trial(job: TuneJob, trial: Trial, out_dir: str | Path, pairs: Sequence[I
 # Segmentation ------------------------------------------------------------------------------------
 
 
+def model_source(job: SegmentJob) -> ModelSource:
+    """The model a segmentation job names: its checkpoint file, else its registry version."""
+    return ModelSource(job.registry_url, job.model_version, job.checkpoint_url)
+
+
 @dataclass
 class SegmentPlan:
     """The images of a source not yet done in the store, in shards; and those already done or unusable."""
@@ -262,7 +182,7 @@ class SegmentPlan:
 def pin_model(job: SegmentJob) -> SegmentJob:
     """The job with its model version fixed ('current' resolved now), so that every shard uses
     one model even if another is promoted mid-run; a missing model fails here, before any work."""
-    pinned = job.model_source().pinned()
+    pinned = model_source(job).pinned()
     return job if pinned.version == job.model_version else job.model_copy(update={"model_version": pinned.version})
 
 
@@ -282,11 +202,11 @@ def segment_shard(job: SegmentJob, shard: Shard, on_image: Callable[[str], None]
     Images done meanwhile (by an earlier attempt, or another run on the same store) are skipped;
     bad images are recorded in the store and in the report, and the shard carries on.
     """
-    predictor = shared_predictor(job.model_source(), job.predict)
+    predictor = shared_predictor(model_source(job), job.predict)
     store = ResultStore.open(job.store_url)
     done_before = {image_id for image_id, _ in shard if store.is_done(image_id)}
     remaining = [(image_id, url) for image_id, url in shard if image_id not in done_before]
-    report = segment_images(remaining, store, predictor, model_record(predictor, job.model_source().location()),
+    report = segment_images(remaining, store, predictor, model_record(predictor, model_source(job).location()),
                             on_image=on_image)
     report.skipped[:0] = sorted(done_before)
     return report

@@ -95,13 +95,10 @@ def test_train_unet_then_backfill_through_the_worker(deployed):
     registry = str(root / "registry")
     prefect(
         "deployment", "run", "train-unet/train-unet",
-        "--param", f"images_url={root / 'train/images'}",
-        "--param", f"masks_url={root / 'train/masks'}",
-        "--param", f"registry_url={registry}",
-        "--param", f"cache_dir={root / 'cache'}",
-        "--param", f"work_dir={root / 'training'}",
-        "--param", 'model={"depth": 3, "base_width": 8}',
-        "--param", 'training={"epochs": 2, "patch_size": 64, "patches_per_image": 1, "device": "cpu"}',
+        "--param", "job=" + json.dumps({
+            "images_url": str(root / "train/images"), "masks_url": str(root / "train/masks"), "registry_url": registry,
+            "cache_dir": str(root / "cache"), "work_dir": str(root / "training"), "model": {"depth": 3, "base_width": 8},
+            "training": {"epochs": 2, "patch_size": 64, "patches_per_image": 1, "device": "cpu"}}),
         "--watch", "--watch-timeout", "400",
         env=env, timeout=500,
     )
@@ -112,10 +109,9 @@ def test_train_unet_then_backfill_through_the_worker(deployed):
 
     prefect(
         "deployment", "run", "segment-images/backfill",
-        "--param", f"source_url={root / 'backfill/images'}",
-        "--param", f"store_url={root / 'backfill.zarr'}",
-        "--param", f"registry_url={registry}",
-        "--param", "shard_size=2",
+        "--param", "job=" + json.dumps({"source_url": str(root / "backfill/images"),
+                                         "store_url": str(root / "backfill.zarr"), "registry_url": registry,
+                                         "shard_size": 2}),
         "--watch", "--watch-timeout", "300",
         env=env, timeout=400,
     )
@@ -133,15 +129,11 @@ def test_tune_unet_through_the_worker(deployed):
              "augmentation": ["flips"], "border_weight": [0.0]}
     prefect(
         "deployment", "run", "tune-unet/tune-unet",
-        "--param", f"images_url={root / 'tune/images'}",
-        "--param", f"masks_url={root / 'tune/labels'}",
-        "--param", f"registry_url={registry}",
-        "--param", f"cache_dir={root / 'cache'}",
-        "--param", f"work_dir={root / 'tuning'}",
-        "--param", "trials=2",
-        "--param", f"space={json.dumps(space)}",
-        "--param", 'model={"depth": 2, "base_width": 8}',
-        "--param", 'training={"epochs": 1, "patch_size": 64, "patches_per_image": 1, "device": "cpu"}',
+        "--param", "job=" + json.dumps({
+            "images_url": str(root / "tune/images"), "masks_url": str(root / "tune/labels"), "registry_url": registry,
+            "cache_dir": str(root / "cache"), "work_dir": str(root / "tuning"), "trials": 2, "space": space,
+            "model": {"depth": 2, "base_width": 8},
+            "training": {"epochs": 1, "patch_size": 64, "patches_per_image": 1, "device": "cpu"}}),
         "--watch", "--watch-timeout", "400",
         env=env, timeout=500,
     )
@@ -178,9 +170,8 @@ def serve_and_run_a_backfill(env: dict[str, str], tiny_checkpoint: Path, tmp_pat
                 time.sleep(2)
             prefect(
                 "deployment", "run", "segment-images/backfill",
-                "--param", f"source_url={tmp_path / 'new/images'}",
-                "--param", f"store_url={tmp_path / 'served.zarr'}",
-                "--param", f"registry_url={registry}",
+                "--param", "job=" + json.dumps({"source_url": str(tmp_path / "new/images"),
+                                                 "store_url": str(tmp_path / "served.zarr"), "registry_url": registry}),
                 "--watch", "--watch-timeout", "300",
                 env=env, timeout=400,
             )

@@ -1,4 +1,4 @@
-"""The command line's flags as tables: each flag names the settings or job field it sets, so a
+"""The command line's parser, its flags as tables: each flag names the settings or job field it sets, so a
 field has one meaning everywhere (a flag, a CELLSEG_* variable, a settings file, a flow
 parameter). Flags apply only when given; the environment and the settings file fill in the rest."""
 
@@ -9,7 +9,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from cellseg import __version__
 from cellseg.config import AugmentationConfig
+from cellseg.job_config import SegmentJob, TrainJob, TuneJob
 from cellseg.settings import CellsegSettings
 
 CONFIG_HELP = "TOML or YAML settings file (default: $CELLSEG_CONFIG); flags > CELLSEG_* environment > file"
@@ -179,3 +181,129 @@ def given(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
             node[leaf] = value
     return nested
 
+
+
+def _command(group: argparse._SubParsersAction, name: str, run: str | None = None, **kwargs: Any) -> argparse.ArgumentParser:
+    """A (sub)command that also takes --config after its name; `run` names its function in `cellseg.cli`."""
+    parser = group.add_parser(name, **kwargs)
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE", help=CONFIG_HELP)
+    if run is not None:
+        parser.set_defaults(run=run)
+    return parser
+
+
+# the parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cellseg", description="Segment grayscale microscopy images into cells and background with a U-Net."
+    )
+    parser.add_argument("--version", action="version", version=f"cellseg {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    synth = _command(commands, "synth", "synth", help="write a synthetic dataset (images/, masks/, labels/)")
+    synth.add_argument("--out", required=True, help="directory URL to write into")
+    synth.add_argument("--count", type=int, default=24, help="number of images (default 24)")
+    synth.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--bit-depth", type=int, choices=(8, 16), default=8)
+    synth.add_argument("--polarity", choices=("bright", "dark", "mixed"), default="bright",
+                       help="bright cells on dark (fluorescence), dark on bright, or alternating")
+    synth.add_argument("--vary-size", action="store_true", help="draw each side from [3/4 size, size]")
+
+    train = _command(commands, "train", "train", help="train a U-Net on image/mask pairs")
+    _add_pairs(train)
+    train.add_argument("--out", required=True, help="local directory for best.pt, last.pt, history.json")
+    add_flags(train, TRAINING_FLAGS + MODEL_FLAGS)
+    train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+
+    predict = _command(commands, "predict", "predict", help="segment images into a zarr results store")
+    predict.add_argument("--model", help="checkpoint URL (e.g. runs/x/best.pt); default: the bundled general-purpose "
+                                         "model, trained on synthetic images (train on your own data for best results)")
+    predict.add_argument("--images", required=True, help="directory URL of images to segment")
+    predict.add_argument("--out", required=True, help="zarr store URL; created if missing, done images skipped")
+    add_flags(predict, PREDICT_FLAGS)
+
+    evaluate = _command(commands, "evaluate", "evaluate", help="score a results store against ground-truth masks")
+    evaluate.add_argument("--pred", required=True, help="zarr results store URL")
+    evaluate.add_argument("--masks", required=True, help="directory URL of ground-truth masks")
+    evaluate.add_argument("--labels", help="directory URL of ground-truth instance label images (one value per cell): "
+                                           "adds F1 at IoU 0.5, the DSB2018 score and the cell count error")
+    evaluate.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+    results = _command(commands, "results", "results", help="summarise a results store")
+    results.add_argument("store", help="zarr results store URL")
+    results.add_argument("--json", action="store_true", help="print all statistics rows as JSON")
+    results.add_argument("--limit", type=int, default=10, help="rows to show (default 10)")
+
+    export = _command(commands, "export", "export", help="write a store's per-cell (or per-image) table as CSV or Parquet")
+    export.add_argument("store", help="zarr results store URL")
+    export.add_argument("--format", choices=("csv", "parquet"), default="csv", help="default %(default)s")
+    export.add_argument("--table", choices=("cells", "images"), default="cells",
+                        help="one row per cell (default) or the per-image statistics")
+    export.add_argument("--out", required=True, help="file to write (local path or URL)")
+
+    tune = _command(commands, "tune", "tune",
+                    help="search hyper-parameters: train trials in parallel (tune-unet flow), register the best",
+                    description="Runs the tune-unet Prefect flow here: trains TRIALS points of the grid the value lists "
+                                "span (each with early stopping), registers the best by validation Dice and prints every trial.")
+    _add_pairs(tune)
+    add_flags(tune, [REGISTRY_FLAG])
+    add_flags(tune, TUNE_JOB_FLAGS, JOB, TuneJob)
+    tune.add_argument("--training-json", default="{}",
+                      help='other TrainConfig fields for every trial as JSON, e.g. \'{"epochs": 20}\'')
+
+    models = _command(commands, "models", help="list, show, promote and export registered model versions")
+    actions = models.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, help_text in (("list", "list versions"), ("show", "show one version as JSON"), ("promote", "mark a version current"),
+                            ("export", "export a version (or --checkpoint) to TorchScript or ONNX for other software")):
+        action = _command(actions, name, "models", help=help_text)
+        add_flags(action, [REGISTRY_FLAG])
+        if name != "list":
+            action.add_argument("version", nargs="?" if name in ("show", "export") else None, default="current")
+        if name == "export":
+            action.add_argument("--checkpoint", help="export this checkpoint file instead of a registered version "
+                                                     "(e.g. cellseg/models/general.pt)")
+            action.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript",
+                                help="TorchScript takes any image size; ONNX needs the onnx extra (default %(default)s)")
+            action.add_argument("--out", required=True, help="file to write; its description goes to OUT.json")
+
+    flow = _command(commands, "flow", help="run a Prefect flow (train-unet, segment-images) from here")
+    flows = flow.add_subparsers(dest="flow", required=True, metavar="FLOW")
+    flow_train = _command(flows, "train-unet", "flow_train", help="ingest, train, evaluate and register a model")
+    _add_pairs(flow_train)
+    add_flags(flow_train, [REGISTRY_FLAG])
+    add_flags(flow_train, TRAIN_JOB_FLAGS, JOB, TrainJob)
+    add_flags(flow_train, TRAINING_FLAGS + MODEL_FLAGS)
+    flow_train.add_argument("--model-json", default="{}",
+                            help='ModelConfig fields as JSON, e.g. \'{"base_width": 8}\', over the settings\' model section')
+    flow_train.add_argument("--training-json", default="{}",
+                            help='TrainConfig fields as JSON, e.g. \'{"epochs": 5}\', over the settings\' training section')
+    segment = _command(flows, "segment-images", "flow_segment", help="segment new images in parallel shards into a store")
+    segment.add_argument("--source", required=True, help="directory URL of images")
+    segment.add_argument("--store", required=True, help="zarr results store URL")
+    add_flags(segment, [REGISTRY_FLAG])
+    add_flags(segment, SEGMENT_JOB_FLAGS, JOB, SegmentJob)
+    add_flags(segment, PREDICT_FLAGS)
+
+    config = _command(commands, "config", help="show the effective settings (flags > CELLSEG_* environment > --config file)")
+    config_actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = _command(config_actions, "show", "config", help="print the settings every command starts from, secrets masked")
+    show.add_argument("--json", action="store_true", help="JSON instead of YAML")
+
+    serve = _command(commands, "serve", "serve",
+                     help="serve the train-unet, tune-unet, nightly-segmentation and backfill deployments")
+    serve.add_argument("--nightly-source", default=None, help="image directory URL for nightly-segmentation")
+    serve.add_argument("--nightly-store", default=None, help="store URL for nightly-segmentation")
+    serve.add_argument("--cron", default=None, help="nightly schedule (default: the one in deployments/prefect.yaml)")
+    return parser
+
+
+def _add_pairs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True, help="directory URL of images")
+    parser.add_argument("--masks", required=True,
+                        help="directory URL of masks (same file stems): binary masks, or 16-bit instance label "
+                             "images, which teach the model to keep touching cells apart")

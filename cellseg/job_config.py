@@ -1,0 +1,94 @@
+"""What each job is given: `TrainJob`, `SegmentJob` and `TuneJob`, pydantic models whose nested
+sections are the configs whole. `cellseg.jobs` runs them; the CLI, the flows and the deployments
+build them (a deployment run passes one as its `job` parameter)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from cellseg.config import ModelConfig, PredictConfig, SearchSpace, TrainConfig, Url
+from cellseg.paths import DEFAULT_CACHE_DIR, DEFAULT_REGISTRY_URL, DEFAULT_TRAINING_DIR, DEFAULT_TUNING_DIR
+from cellseg.tune import Trial
+
+
+def _check_dask_address(address: str | None) -> str | None:
+    if address is not None and not re.fullmatch(r"(tcp|tls|ucx|inproc)://[^\s/]+(:\d+)?", address):
+        raise ValueError(f"'{address}' is not a Dask scheduler address like tcp://host:8786")
+    return address
+
+
+DaskAddress = Annotated[str | None, AfterValidator(_check_dask_address)]
+
+
+class _Job(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TrainJob(_Job):
+    """A training run: where the pairs are, where the model goes, and the model and training configs."""
+
+    images_url: Url = Field(description="directory URL of the images")
+    masks_url: Url = Field(description="directory URL of the masks or 16-bit instance label images (same stems)")
+    registry_url: Url = Field(DEFAULT_REGISTRY_URL, description="model registry URL, shared by every worker")
+    cache_dir: str = Field(DEFAULT_CACHE_DIR, min_length=1, description="local content-addressed dataset cache")
+    work_dir: str = Field(DEFAULT_TRAINING_DIR, min_length=1, description="local directory for training runs")
+    promote: bool = Field(True, description="mark the new version current")
+    model: ModelConfig = ModelConfig()
+    training: TrainConfig = TrainConfig()
+    predict: PredictConfig = Field(
+        PredictConfig(), description="how the validation images are segmented for the cell scores (as `predict` would)"
+    )
+
+
+class SegmentJob(_Job):
+    """A segmentation run: the images, the store, the model and how to predict."""
+
+    source_url: Url = Field(description="directory URL of the images to segment")
+    store_url: Url = Field(description="zarr results store URL")
+    registry_url: Url = Field(DEFAULT_REGISTRY_URL, description="model registry URL, shared by every worker")
+    model_version: str = Field(
+        "current", min_length=1,
+        description="a registered version, 'current', or 'bundled' (the general-purpose model shipped in the package)",
+    )
+    checkpoint_url: Url | None = Field(None, description="a checkpoint file to use instead of the registry")
+    shard_size: int = Field(32, ge=1, description="images per parallel task")
+    max_parallel_shards: int = Field(2, ge=1, description="shards run at once on the local thread pool")
+    dask_address: DaskAddress = Field(None, description="run shards on this Dask scheduler instead")
+    predict: PredictConfig = PredictConfig()
+
+
+class TuneJob(_Job):
+    """A hyper-parameter search: trials of the search space trained like `TrainJob`s, the best registered."""
+
+    images_url: Url
+    masks_url: Url
+    registry_url: Url = Field(DEFAULT_REGISTRY_URL, description="model registry URL, shared by every worker")
+    cache_dir: str = Field(DEFAULT_CACHE_DIR, min_length=1, description="local content-addressed dataset cache")
+    work_dir: str = Field(DEFAULT_TUNING_DIR, min_length=1, description="local directory, one sub-directory per trial")
+    promote: bool = Field(False, description="mark the best trial's model current (off: register only)")
+    trials: int = Field(8, ge=1, description="points of the search grid to train (the whole grid when it is smaller)")
+    max_parallel_trials: int = Field(2, ge=1, description="trials trained at once, each in its own process")
+    seed: int = Field(0, description="which grid points are drawn")
+    dask_address: DaskAddress = Field(None, description="train trials on this Dask scheduler instead")
+    space: SearchSpace = SearchSpace()
+    model: ModelConfig = ModelConfig()
+    training: TrainConfig = Field(
+        TrainConfig(max_minutes=10.0, patience=8),
+        description="settings of every trial that the search space does not set (default: 10 minutes, patience 8)",
+    )
+    predict: PredictConfig = PredictConfig()
+
+    @model_validator(mode="after")
+    def _needs_validation(self) -> TuneJob:
+        if self.training.val_fraction <= 0:
+            raise ValueError("tuning picks the best trial by validation Dice: training.val_fraction must be above 0")
+        return self
+
+    def trial_job(self, trial: Trial) -> TrainJob:
+        """The training job of one trial: this search's data with the trial's configs."""
+        return TrainJob(images_url=self.images_url, masks_url=self.masks_url, registry_url=self.registry_url,
+                        cache_dir=self.cache_dir, work_dir=self.work_dir, promote=False,
+                        model=trial.model, training=trial.training, predict=self.predict)
