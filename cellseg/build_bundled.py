@@ -16,6 +16,7 @@ from pathlib import Path
 from cellseg import __version__
 from cellseg.bundled import BUILD_COMMAND, BUNDLED_CHECKPOINT, BUNDLED_PROVENANCE, MODELS_DIR, BundledRecipe
 from cellseg.jobs import TrainJob, TrainOutcome, run_training
+from cellseg.paths import LOCAL_ROOT
 from cellseg.synth import write_dataset
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def build(out_dir: str | Path, recipe: BundledRecipe | None = None, install: boo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Train the bundled general-purpose model on synthetic images.")
-    parser.add_argument("--out", default="runs/bundled", help="working directory (synthetic data, training run)")
+    parser.add_argument("--out", default=f"{LOCAL_ROOT}/bundled", help="working directory (synthetic data, training run)")
     parser.add_argument("--install", action="store_true", help=f"copy the result to {BUNDLED_CHECKPOINT}")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -126,8 +126,8 @@ class AugmentationConfig(_Config):
     @classmethod
     def strong(cls) -> AugmentationConfig:
         """Flips plus, each with probability 0.5, an affine warp, an elastic deformation and an
-        intensity change. Measured on isbi2012/dsb2018 with the default schedule it did not beat
-        flips alone (see the README), so it is opt-in: for small or homogeneous datasets."""
+        intensity change. It did not beat flips alone on the reference datasets (docs/quality.md),
+        so it is opt-in: for small or homogeneous datasets."""
         return cls(affine_probability=0.5, elastic_probability=0.5, intensity_probability=0.5)
 
 

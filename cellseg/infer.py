@@ -97,19 +97,10 @@ def predict_outputs(
     return results  # type: ignore[return-value]
 
 
-def predict_probabilities(
-    model: UNet,
-    images: Sequence[np.ndarray],
-    batch_size: int = 1,
-    device: torch.device | str = "cpu",
-    amp: bool = True,
-    tile_size: int | None = None,
-    tile_overlap: int = 128,
-    tta: bool = False,
-) -> list[np.ndarray]:
-    """Cell probabilities (channel 0 of `predict_outputs`) as (H, W) float32 in [0, 1]."""
-    outputs = predict_outputs(model, images, batch_size, device, amp, tile_size, tile_overlap, tta)
-    return [output[0] for output in outputs]
+def predict_probabilities(model: UNet | Any, images: Sequence[np.ndarray], **options: Any) -> list[np.ndarray]:
+    """Cell probabilities (channel 0 of `predict_outputs`, which takes the same `options`) as
+    (H, W) float32 in [0, 1]."""
+    return [output[0] for output in predict_outputs(model, images, **options)]
 
 
 class Predictor:

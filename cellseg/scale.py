@@ -1,7 +1,6 @@
 """Cell size: rescale images so that their cells have the diameter a model was trained at.
 
-Nuclei in one collection can differ tenfold in size from one microscope to the next (dsb2018:
-median nucleus areas from 57 to 7,900 pixels). A U-Net sees a fixed window, so a model trained on
+Nuclei in one collection can differ tenfold in size from one microscope to the next. A U-Net sees a fixed window, so a model trained on
 such a mix must both resolve the one-pixel gaps between small touching nuclei and cover big
 nuclei that fill its view. Training and predicting at one cell size, as Cellpose does, takes
 that burden off the network: every training image is resampled so that its median cell has the
@@ -10,8 +9,8 @@ that measures its cells, unless the user states their size), predicted, and the 
 resampled back to the image's own grid. Masks, cells and statistics stay in image pixels.
 
 Measuring a size the model was not trained at is the delicate part. At the image's own scale a
-model sees cells several times its size as pieces of about its own size (dsb2018: nuclei 38 px
-across measured at 10 px by a model at 18 px, then enlarged instead of shrunk). So a measurement
+model sees cells several times its size as pieces of about its own size, and would enlarge
+them instead of shrinking them. So a measurement
 is checked: predicted at the scale it asks for, the image must show cells of the model's size.
 When it does not, the image is measured again shrunk by 2 and 4, and of all the sizes tried the
 one whose check comes out closest wins (`measured_cell_maps`).
@@ -121,9 +120,8 @@ def collection_cell_diameter(pairs: Sequence[LoadedPair]) -> float | None:
 
     When the images' median cell diameters differ by more than SIZE_SPREAD times (10th to 90th
     percentile over the images), the result is the diameter of the median cell of the whole
-    collection, pooled over its images, rounded to half a pixel; otherwise None. Measured here:
-    dsb2018's training images spread 3.8x and pool to 18.5 px, the size that scored best of
-    14/18/22/25; isbi2012's spread 1.13x, so they stay at their own scale.
+    collection, pooled over its images, rounded to half a pixel; otherwise None (the figures
+    behind SIZE_SPREAD are in docs/quality.md).
     """
     per_image = [areas for areas in (_cell_areas(cells_of(pair)) for pair in pairs) if areas.size]
     if len(per_image) < 2:

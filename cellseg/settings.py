@@ -36,6 +36,7 @@ else:  # Python 3.10
     import tomli as tomllib
 
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig, Url
+from cellseg.paths import DEFAULT_REGISTRY_URL
 
 CONFIG_ENV = "CELLSEG_CONFIG"
 MASK = "********"
@@ -53,7 +54,7 @@ class CellsegSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CELLSEG_", env_nested_delimiter="__", extra="forbid", frozen=True)
 
-    registry_url: Url = Field("runs/registry", description="model registry URL (directory or bucket prefix)")
+    registry_url: Url = Field(DEFAULT_REGISTRY_URL, description="model registry URL (directory or bucket prefix)")
     storage: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="fsspec options per protocol, e.g. {'s3': {'endpoint_url': ..., 'key': ..., 'secret': ...}}",

@@ -13,10 +13,8 @@ Three ingredients, each computed once per training image:
   (`ModelConfig.distance_map`): where two cells touch, the map dips between their centres even
   when no background separates them, so its peaks seed one cell each.
 
-Measured on dsb2018 (README, quality table): w0 = 10 separates touching nuclei better (median
-cell-count error 21% -> 7%, F1 0.73 -> 0.75) at a cost in pixel Dice (0.889 -> 0.870), since
-weighted background pulls cell outlines inwards. Weighting the cell pixels facing a gap as well
-removed that pull (recall back up) but lost the cell-level gain (F1 0.72), so background only it is.
+Only background pixels are weighted: weighting the cell pixels facing a gap as well lost the
+cell-level gain of the border weight (docs/quality.md has the figures).
 """
 
 from __future__ import annotations

@@ -173,17 +173,20 @@ def test_bad_image_is_recorded_and_the_others_finish(trained_registry, new_image
 
 
 def test_invalid_parameters_are_rejected_before_any_work(trained_registry, new_images, tmp_path):
+    from prefect.exceptions import ParameterTypeError
     from pydantic import ValidationError
 
     from cellseg.flows.segment import segment_images_flow
 
     _, registry_url, _ = trained_registry
-    for bad, field in (({"shard_size": 0}, "shard_size"), ({"threshold": 1.5}, "threshold"),
+    for bad, field in (({"shard_size": 0}, "shard_size"), ({"predict": {"threshold": 1.5}}, "threshold"),
                        ({"source_url": "nope://x"}, "source_url")):
-        parameters = {"source_url": str(new_images / "images"), "store_url": str(tmp_path / "x.zarr"),
-                      "registry_url": registry_url, **bad}
+        job = {"source_url": str(new_images / "images"), "store_url": str(tmp_path / "x.zarr"),
+               "registry_url": registry_url, **bad}
         with pytest.raises(ValidationError, match=field):
-            segment_images_flow(**parameters)
+            SegmentJob.model_validate(job)
+        with pytest.raises(ParameterTypeError, match=field):  # as a deployment run passes it: JSON
+            segment_images_flow(job=job)
     assert not (tmp_path / "x.zarr").exists()
 
 
