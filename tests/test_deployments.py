@@ -179,3 +179,23 @@ def serve_and_run_a_backfill(env: dict[str, str], tiny_checkpoint: Path, tmp_pat
             stop_process_group(server)
     store = ResultStore.open(str(tmp_path / "served.zarr"), mode="r")
     assert sorted(store.done_ids()) == ["synth_0000", "synth_0001", "synth_0002"]
+
+
+def test_serve_builds_the_deployments_prefect_yaml_declares(prefect_harness):
+    import yaml
+
+    from cellseg.deployments.serve import DECLARATION, build_deployments
+
+    declared = {d["name"]: d for d in yaml.safe_load(DECLARATION.read_text())["deployments"]}
+    served = {d.name: d for d in build_deployments(nightly_source="in/images", nightly_store="out.zarr")}
+    assert set(served) == set(declared)
+    for name, deployment in served.items():
+        assert deployment.tags == declared[name]["tags"] and deployment.description == declared[name]["description"]
+        assert deployment.entrypoint.endswith(declared[name]["entrypoint"].split(":")[1])
+    nightly = served["nightly-segmentation"]
+    assert nightly.parameters == {"job": {"source_url": "in/images", "store_url": "out.zarr", "model_version": "current"}}
+    assert [schedule.schedule.cron for schedule in nightly.schedules] == ["0 2 * * *"] and not nightly.paused
+    unset = {d.name: d for d in build_deployments()}["nightly-segmentation"]  # no variables set here
+    assert unset.paused and unset.parameters == {}
+    assert [s.schedule.cron for s in {d.name: d for d in build_deployments(cron="30 1 * * *")}
+            ["nightly-segmentation"].schedules] == ["30 1 * * *"]
