@@ -223,6 +223,7 @@ def run_segmentation(
     Progress: `on_record` per store record scanned, `on_plan` with the number of images to
     segment, `on_image` per image finished."""
     job = pin_model(job)
+    shared_predictor(model_source(job), job.predict)  # a bad model fails here, before the store is touched
     plan = plan_segmentation(job, on_record)
     if on_plan is not None:
         on_plan(plan.pending)

@@ -8,9 +8,10 @@ import threading
 from dataclasses import dataclass
 
 from cellseg.bundled import BUNDLED_VERSION, bundled_checkpoint
-from cellseg.checkpoint import Checkpoint, checkpoint_digest, load_checkpoint
+from cellseg.checkpoint import Checkpoint, CheckpointError, checkpoint_digest, load_checkpoint
 from cellseg.config import PredictConfig
 from cellseg.infer import Predictor
+from cellseg.io import filesystem
 from cellseg.registry import Registry
 
 
@@ -28,6 +29,9 @@ class ModelSource:
         many tasks uses one model even if another is promoted meanwhile. A missing registry
         version or bundled model fails here, before any work."""
         if self.checkpoint_url is not None:
+            fs, path = filesystem(self.checkpoint_url)
+            if not fs.exists(path):
+                raise CheckpointError(f"checkpoint '{self.checkpoint_url}' does not exist")
             return self
         if self.version == BUNDLED_VERSION:
             bundled_checkpoint()

@@ -1,0 +1,91 @@
+"""The one recipe of each job (cellseg.jobs), called as the CLI, the flows and the benchmarks call it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cellseg.checkpoint import CheckpointError, load_checkpoint
+from cellseg.config import ModelConfig, PredictConfig, TrainConfig
+from cellseg.jobs import (
+    SegmentJob,
+    TrainJob,
+    model_source,
+    pin_model,
+    plan_segmentation,
+    run_segmentation,
+    run_training,
+)
+from cellseg.registry import Registry, RegistryError
+from cellseg.store import ResultStore
+from cellseg.synth import write_dataset
+
+SMALL = ModelConfig(depth=2, base_width=4)
+QUICK = TrainConfig(epochs=2, patch_size=64, patches_per_image=1, device="cpu", max_minutes=None)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jobs")
+    write_dataset(str(root / "data"), count=8, size=64, seed=2)
+    job = TrainJob(images_url=str(root / "data/images"), masks_url=str(root / "data/labels"), model=SMALL,
+                   training=QUICK, predict=PredictConfig(threshold=0.4))
+    return job, run_training(job, root / "run"), root
+
+
+def test_run_training_leaves_a_complete_run(trained):
+    _, outcome, root = trained
+    run = root / "run"
+    assert {p.name for p in run.iterdir()} >= {"best.pt", "last.pt", "history.json", "manifest.json", "split.json",
+                                                "training_curves.png", "validation_gallery.png"}
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["train"]) + len(split["val"]) == 8 and outcome.val_images == len(split["val"]) == 2
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["hash"] == outcome.dataset_hash == load_checkpoint(str(run / "best.pt")).dataset_manifest_hash
+    # label masks: the best checkpoint's cells scored on the validation images
+    assert outcome.cells["images"] == 2 and outcome.cells["true_cells_total"] > 0
+    summary = outcome.summary()
+    assert summary["metrics"]["dice"] == outcome.best_metrics["val_dice"]
+    assert summary["metrics"]["cells_f1_mean"] == outcome.cells["f1_mean"]
+
+
+def test_run_segmentation_segments_once_and_skips_done_images(trained, tmp_path):
+    _, outcome, root = trained
+    job = SegmentJob(source_url=str(root / "data/images"), store_url=str(tmp_path / "s.zarr"),
+                     checkpoint_url=str(outcome.best_checkpoint), predict=PredictConfig(threshold=0.4))
+    images, planned = [], []
+    report = run_segmentation(job, on_plan=planned.append, on_image=images.append)
+    assert len(report.done) == 8 and report.failed == [] and planned == [8] and len(images) == 8
+    record = ResultStore.open(job.store_url, mode="r").record("synth_0000")
+    assert record["model"]["predict"] == job.predict.model_dump(mode="json")
+    assert record["model"]["checkpoint"] == job.checkpoint_url
+    again = run_segmentation(job)
+    assert again.done == [] and sorted(again.skipped) == sorted(report.done)
+
+
+def test_a_missing_model_fails_before_the_store_is_created(trained, tmp_path):
+    _, _, root = trained
+    job = SegmentJob(source_url=str(root / "data/images"), store_url=str(tmp_path / "s.zarr"),
+                     checkpoint_url=str(tmp_path / "absent.pt"))
+    with pytest.raises(CheckpointError, match=r"absent\.pt"):
+        run_segmentation(job)
+    registry = SegmentJob(source_url=job.source_url, store_url=job.store_url, registry_url=str(tmp_path / "empty"))
+    with pytest.raises(RegistryError):
+        run_segmentation(registry)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_pin_model_fixes_current_to_the_version_it_names(trained, tmp_path):
+    _, outcome, root = trained
+    registry = Registry(str(tmp_path / "registry"))
+    first = registry.register(str(outcome.best_checkpoint), promote=True).version
+    job = SegmentJob(source_url=str(root / "data/images"), store_url=str(tmp_path / "s.zarr"),
+                     registry_url=registry.url)
+    pinned = pin_model(job)
+    assert pinned.model_version == first
+    assert model_source(pinned).location() == registry.checkpoint_url(first)
+    plan = plan_segmentation(pinned.model_copy(update={"shard_size": 3}))
+    assert [len(shard) for shard in plan.shards] == [3, 3, 2] and plan.skipped == [] and plan.rejected == []
+    assert np.all([image_id.startswith("synth_") for shard in plan.shards for image_id, _ in shard])
