@@ -1,4 +1,5 @@
-"""The one recipe of each job, and the job models that carry its settings whole.
+"""The one recipe of each job. The jobs themselves (`TrainJob`, `SegmentJob`, `TuneJob`, from
+`cellseg.job_config`) carry their configs whole and are importable from here too.
 
 - `run_training(TrainJob, out_dir)`: pair -> split -> load once -> decide 'auto' fields -> train
   -> pixel and cell validation -> pictures and manifest.

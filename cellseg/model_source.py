@@ -21,18 +21,19 @@ class ModelSource:
     `registry_url` ('current', a version name, or 'bundled' for the model in the package)."""
 
     registry_url: str
-    version: str = "current"
+    version: str = "current"  # with a checkpoint_url: its content hash once pinned
     checkpoint_url: str | None = None
 
     def pinned(self) -> ModelSource:
         """This source with 'current' replaced by the version it names now, so that work split over
-        many tasks uses one model even if another is promoted meanwhile. A missing registry
-        version or bundled model fails here, before any work."""
+        many tasks uses one model even if another is promoted meanwhile; a checkpoint file is
+        pinned by its content hash (the version its results record), so a file rewritten since is
+        loaded afresh. A missing file, registry version or bundled model fails here, before any work."""
         if self.checkpoint_url is not None:
             fs, path = filesystem(self.checkpoint_url)
             if not fs.exists(path):
                 raise CheckpointError(f"checkpoint '{self.checkpoint_url}' does not exist")
-            return self
+            return ModelSource(self.registry_url, checkpoint_digest(self.checkpoint_url)[:12], self.checkpoint_url)
         if self.version == BUNDLED_VERSION:
             bundled_checkpoint()
             return self

@@ -89,3 +89,20 @@ def test_pin_model_fixes_current_to_the_version_it_names(trained, tmp_path):
     plan = plan_segmentation(pinned.model_copy(update={"shard_size": 3}))
     assert [len(shard) for shard in plan.shards] == [3, 3, 2] and plan.skipped == [] and plan.rejected == []
     assert np.all([image_id.startswith("synth_") for shard in plan.shards for image_id, _ in shard])
+
+
+def test_a_checkpoint_rewritten_between_runs_is_loaded_afresh(trained, tmp_path):
+    import shutil
+
+    _, outcome, root = trained
+    checkpoint = tmp_path / "model.pt"
+    shutil.copyfile(outcome.best_checkpoint, checkpoint)
+    job = SegmentJob(source_url=str(root / "data/images"), store_url=str(tmp_path / "a.zarr"),
+                     checkpoint_url=str(checkpoint))
+    first = run_segmentation(job)
+    shutil.copyfile(root / "run" / "last.pt", checkpoint)  # another model under the same name
+    second = run_segmentation(job.model_copy(update={"store_url": str(tmp_path / "b.zarr")}))
+    versions = {ResultStore.open(url, mode="r").record("synth_0000")["model"]["version"]
+                for url in (str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr"))}
+    assert len(first.done) == len(second.done) == 8 and len(versions) == 2
+    assert pin_model(job).model_version in versions
