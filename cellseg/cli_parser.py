@@ -112,6 +112,7 @@ PREDICT_FLAGS: list[Flag] = [
 REGISTRY_FLAG: Flag = (("--registry",), "registry_url", {"help": "model registry URL"})
 
 SEGMENT_JOB_FLAGS: list[Flag] = [
+    (("--model",), "checkpoint_url", {"help": "a checkpoint URL to segment with instead of the registry"}),
     (("--model-version",), "model_version", {"help": "registered version, 'current', or 'bundled' (the model shipped "
                                                      "in the package)"}),
     (("--shard-size",), "shard_size", {"type": int, "help": "images per parallel task"}),
