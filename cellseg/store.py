@@ -51,11 +51,17 @@ class StoreError(ValueError):
     """A store or image id that cannot be used; the message names it."""
 
 
+# The store's own keys beside the image groups (zarr v3 metadata; v2's, which readers may look for).
+RESERVED_IDS = frozenset({"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"})
+
+
 def validate_image_id(image_id: str, source: str = "") -> str:
-    """Image ids become zarr node names: non-empty, no '/', not '.', '..' or '__'-prefixed."""
+    """Image ids become zarr node names: non-empty, no '/', not '.', '..', '__'-prefixed or one of
+    the store's own keys (`zarr.json.png` would name the store's metadata file)."""
     where = f" (from '{source}')" if source else ""
-    if not image_id or image_id in (".", "..") or "/" in image_id or "\\" in image_id or image_id.startswith("__"):
-        raise StoreError(f"image id {image_id!r}{where} cannot name a store entry")
+    if (not image_id or image_id in (".", "..") or "/" in image_id or "\\" in image_id or image_id.startswith("__")
+            or image_id in RESERVED_IDS):
+        raise StoreError(f"image id {image_id!r}{where} cannot name a store entry: rename the file")
     return image_id
 
 

@@ -165,7 +165,7 @@ def test_record_of_unknown_image_raises(store):
         store.read_mask("ghost")
 
 
-@pytest.mark.parametrize("image_id", ["", ".", "..", "a/b", "a\\b", "__x", "__"])
+@pytest.mark.parametrize("image_id", ["", ".", "..", "a/b", "a\\b", "__x", "__", "zarr.json", ".zattrs", ".zgroup"])
 def test_validate_image_id_rejects(image_id):
     with pytest.raises(StoreError, match="cannot name a store entry"):
         validate_image_id(image_id)

@@ -61,6 +61,7 @@ def zoo(tmp_path_factory):
         "twin.png": (good, "share the image id 'twin'"),
         "twin.tif": (_tiff(cells), "share the image id 'twin'"),
         "__reserved.png": (good, "cannot name a store entry"),
+        "zarr.json.png": (good, "cannot name a store entry"),  # would name the store's own metadata file
     }
     root = tmp_path_factory.mktemp("zoo") / "incoming"
     root.mkdir()
