@@ -25,6 +25,8 @@ def _check_url(url: str) -> str:
 
 
 Url = Annotated[str, AfterValidator(_check_url)]
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+                              description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")]
 
 
 class _Config(BaseModel):
@@ -161,7 +163,7 @@ class TrainConfig(_Config):
     min_delta: float = Field(1e-3, ge=0.0, description="smallest change counted as an improvement")
     monitor: Literal["val_dice", "val_iou", "val_loss"] = "val_dice"
     max_minutes: float | None = Field(25.0, gt=0.0, description="wall-clock budget; None for no limit")
-    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
+    device: Device = "auto"
     amp: bool = Field(True, description="bf16/fp16 mixed precision on CUDA and on CPUs with native bf16")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="probability threshold for metrics")
 
@@ -173,7 +175,7 @@ class PredictConfig(_Config):
     batch_size: int | None = Field(
         None, ge=1, description="images per forward pass; None: 1 on CPU (fastest there), 8 on CUDA"
     )
-    device: str = "auto"
+    device: Device = "auto"
     amp: bool = Field(True, description="bf16 mixed precision on CUDA and on CPUs with native bf16; False for plain fp32")
     compile: bool = Field(False, description="torch.compile the model: faster per image after a one-off compile per image size")
     tta: bool = Field(False, description="test-time augmentation: average over 8 flips/rotations (8x the compute)")

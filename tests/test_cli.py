@@ -202,6 +202,17 @@ def test_invalid_setting_is_rejected_naming_the_field(tmp_path, tiny_checkpoint)
     assert not (tmp_path / "s.zarr").exists()
 
 
+@pytest.mark.parametrize("command", [["predict", "--images", "IMAGES", "--out", "OUT"],
+                                     ["train", "--images", "IMAGES", "--masks", "IMAGES", "--out", "OUT"]])
+def test_an_unknown_device_is_one_line_naming_the_setting(tmp_path, command):
+    arguments = [str(tmp_path) if word == "IMAGES" else str(tmp_path / "out") if word == "OUT" else word
+                 for word in command]
+    result = cellseg(*arguments, "--device", "banana", check=False)
+    assert result.returncode == 2
+    assert "device" in result.stderr and "banana" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_empty_image_directory_is_nothing_to_do(tmp_path, tiny_checkpoint):
     (tmp_path / "empty").mkdir()
     result = cellseg("predict", "--model", str(tiny_checkpoint), "--images", str(tmp_path / "empty"),
