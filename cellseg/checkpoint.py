@@ -79,14 +79,23 @@ def save_checkpoint(checkpoint: Checkpoint, url: str, storage_options: StorageOp
         fs.pipe_file(path, buffer.getvalue())
 
 
-def load_checkpoint(url: str, storage_options: StorageOptions = None) -> Checkpoint:
-    """Read a checkpoint written by `save_checkpoint` with `weights_only=True`."""
+def _checkpoint_bytes(url: str, storage_options: StorageOptions = None) -> bytes:
     fs, path = filesystem(url, storage_options)
     try:
-        data = fs.cat_file(path)
+        return fs.cat_file(path)
     except FileNotFoundError as error:
         raise CheckpointError(f"checkpoint '{url}' does not exist") from error
-    return load_checkpoint_bytes(data, url)
+
+
+def load_checkpoint(url: str, storage_options: StorageOptions = None) -> Checkpoint:
+    """Read a checkpoint written by `save_checkpoint` with `weights_only=True`."""
+    return load_checkpoint_bytes(_checkpoint_bytes(url, storage_options), url)
+
+
+def load_checkpoint_with_digest(url: str, storage_options: StorageOptions = None) -> tuple[Checkpoint, str]:
+    """`load_checkpoint` and the SHA-256 of the file's bytes, read once."""
+    data = _checkpoint_bytes(url, storage_options)
+    return load_checkpoint_bytes(data, url), hashlib.sha256(data).hexdigest()
 
 
 def load_checkpoint_bytes(data: bytes, name: str) -> Checkpoint:
@@ -115,5 +124,4 @@ def load_checkpoint_bytes(data: bytes, name: str) -> Checkpoint:
 
 def checkpoint_digest(url: str, storage_options: StorageOptions = None) -> str:
     """SHA-256 of a checkpoint file's bytes."""
-    fs, path = filesystem(url, storage_options)
-    return hashlib.sha256(fs.cat_file(path)).hexdigest()
+    return hashlib.sha256(_checkpoint_bytes(url, storage_options)).hexdigest()

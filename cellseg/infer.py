@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cellseg.checkpoint import Checkpoint, checkpoint_digest, load_checkpoint
+from cellseg.checkpoint import Checkpoint, load_checkpoint_with_digest
 from cellseg.config import NormalizationConfig, PredictConfig
 from cellseg.io import StorageOptions
 from cellseg.model import UNet
@@ -121,7 +121,8 @@ class Predictor:
         cls, url: str, config: PredictConfig = PredictConfig(), storage_options: StorageOptions = None
     ) -> Predictor:
         """Load `url` (weights_only); the model version is the file's content hash."""
-        return cls(load_checkpoint(url, storage_options), config, checkpoint_digest(url, storage_options)[:12])
+        checkpoint, digest = load_checkpoint_with_digest(url, storage_options)
+        return cls(checkpoint, config, digest[:12])
 
     @property
     def normalization(self) -> NormalizationConfig:

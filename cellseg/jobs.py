@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -239,4 +238,4 @@ def threads_per_shard(job: SegmentJob, cpu_count: int) -> int | None:
     parallel shards never oversubscribe the CPU; None on Dask (workers keep their own setting)."""
     if job.dask_address:
         return None
-    return max(1, math.floor(cpu_count / job.max_parallel_shards))
+    return max(1, cpu_count // job.max_parallel_shards)

@@ -8,10 +8,9 @@ import threading
 from dataclasses import dataclass
 
 from cellseg.bundled import BUNDLED_VERSION, bundled_checkpoint
-from cellseg.checkpoint import Checkpoint, CheckpointError, checkpoint_digest, load_checkpoint
+from cellseg.checkpoint import Checkpoint, checkpoint_digest, load_checkpoint_with_digest
 from cellseg.config import PredictConfig
 from cellseg.infer import Predictor
-from cellseg.io import filesystem
 from cellseg.registry import Registry
 
 
@@ -30,9 +29,6 @@ class ModelSource:
         pinned by its content hash (the version its results record), so a file rewritten since is
         loaded afresh. A missing file, registry version or bundled model fails here, before any work."""
         if self.checkpoint_url is not None:
-            fs, path = filesystem(self.checkpoint_url)
-            if not fs.exists(path):
-                raise CheckpointError(f"checkpoint '{self.checkpoint_url}' does not exist")
             return ModelSource(self.registry_url, checkpoint_digest(self.checkpoint_url)[:12], self.checkpoint_url)
         if self.version == BUNDLED_VERSION:
             bundled_checkpoint()
@@ -53,9 +49,8 @@ class ModelSource:
         if self.checkpoint_url is None and self.version != BUNDLED_VERSION:
             checkpoint, meta = Registry(self.registry_url).load(self.version)
             return checkpoint, meta.version
-        url = self.location()
-        digest = checkpoint_digest(url)[:12]
-        return load_checkpoint(url), digest if self.checkpoint_url is not None else f"{BUNDLED_VERSION}-{digest}"
+        checkpoint, digest = load_checkpoint_with_digest(self.location())
+        return checkpoint, digest[:12] if self.checkpoint_url is not None else f"{BUNDLED_VERSION}-{digest[:12]}"
 
 
 def load_predictor(source: ModelSource, config: PredictConfig) -> Predictor:
