@@ -1,6 +1,11 @@
-"""Rebuild the model shipped in the package (`cellseg.bundled`) from its recipe:
+"""Rebuild a model shipped in the package (`cellseg.bundled`) from its recipe:
 
-    make bundled-model          # = python -m cellseg.build_bundled --out runs/bundled --install
+    make nuclei-model           # = python -m cellseg.build_bundled nuclei --install
+    make bundled-model          # = python -m cellseg.build_bundled general --install
+
+Training goes to `runs/shipped/<name>/training` and is resumable (`--resume` continues from its
+last epoch after an interruption); `--install` then copies the best checkpoint into the package
+with its model card.
 """
 
 from __future__ import annotations
@@ -9,61 +14,152 @@ import argparse
 import hashlib
 import json
 import logging
+import platform
 import shutil
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
 
 from cellseg import __version__
-from cellseg.bundled import BUILD_COMMAND, BUNDLED_CHECKPOINT, BUNDLED_PROVENANCE, MODELS_DIR, BundledRecipe
+from cellseg.bundled import MODELS_DIR, SHIPPED_MODELS, GeneralRecipe, NucleiRecipe, shipped_paths
+from cellseg.checkpoint import load_checkpoint
+from cellseg.io import decode_image, read_bytes
 from cellseg.jobs import TrainJob, TrainOutcome, run_training
+from cellseg.pairs import instance_labels, pair_images_and_masks
 from cellseg.paths import LOCAL_ROOT
+from cellseg.runtime import resolve_device
+from cellseg.scale import median_cell_diameter
 from cellseg.synth import write_dataset
 
 logger = logging.getLogger(__name__)
 
+TEST_SETS = ("dsb2018", "isbi2012")  # the figures of the shipped models come from these: never train on them
 
-def build(out_dir: str | Path, recipe: BundledRecipe | None = None, install: bool = False) -> TrainOutcome:
-    """Generate the synthetic dataset under `out_dir/data`, train it with `run_training`, and with
-    `install` copy the best checkpoint into the package with a provenance file (recipe, metrics,
-    sha256, command)."""
-    recipe = recipe or BundledRecipe()
+
+def build_general(out_dir: str | Path, recipe: GeneralRecipe | None = None, install: bool = False,
+                  resume: bool = False) -> TrainOutcome:
+    """Generate the synthetic dataset under `out_dir/data` and train the `general` model on it."""
+    recipe = recipe or GeneralRecipe()
     out = Path(out_dir)
     data = out / "data"
-    if data.exists():
-        shutil.rmtree(data)
-    write_dataset(str(data), count=recipe.images, size=recipe.image_size, seed=recipe.data_seed,
-                  polarity=recipe.polarity, vary_size=True)
+    if not resume:
+        if data.exists():
+            shutil.rmtree(data)
+        write_dataset(str(data), count=recipe.images, size=recipe.image_size, seed=recipe.data_seed,
+                      polarity=recipe.polarity, vary_size=True)
     job = TrainJob(images_url=str(data / "images"), masks_url=str(data / "labels"),
                    model=recipe.model, training=recipe.training)
-    outcome = run_training(job, out / "training")
+    outcome = run_training(job, out / "training", resume=resume)
     if install:
-        MODELS_DIR.mkdir(exist_ok=True)
-        shutil.copyfile(outcome.best_checkpoint, BUNDLED_CHECKPOINT)
-        result = outcome.result
-        provenance = {
-            "description": "general-purpose nuclei/cell model trained on synthetic images only",
-            "command": BUILD_COMMAND,
-            "recipe": recipe.model_dump(mode="json"),
-            "best_epoch": result.best_epoch,
-            "epochs_run": len(result.history),
-            "stop_reason": result.stop_reason,
-            "validation_on_synthetic": {k: round(v, 4) for k, v in result.best_metrics.items() if k.startswith("val_")},
-            "sha256": hashlib.sha256(BUNDLED_CHECKPOINT.read_bytes()).hexdigest(),
-            "cellseg_version": __version__,
-            "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        BUNDLED_PROVENANCE.write_text(json.dumps(provenance, indent=1) + "\n")
-        logger.info("installed %s (val Dice %.4f on synthetic)", BUNDLED_CHECKPOINT, result.best_metrics.get("val_dice", 0))
+        install_model("general", outcome, recipe.model_dump(mode="json"),
+                      {"name": "synthetic images (cellseg.synth)", "licence": "generated", "images": recipe.images})
     return outcome
 
 
+def build_nuclei(out_dir: str | Path, recipe: NucleiRecipe | None = None, install: bool = False,
+                 resume: bool = False) -> TrainOutcome:
+    """Train the `nuclei` model on the DSB2018 stage-1 training images and their instance labels."""
+    recipe = recipe or NucleiRecipe()
+    data = Path(recipe.data_dir)
+    if data.resolve().name in TEST_SETS:
+        raise ValueError(f"'{data}' is a test set of the shipped models; train on dsb2018-train")
+    if not (data / "images").is_dir() or not (data / "labels").is_dir():
+        raise FileNotFoundError(f"'{data}' has no images/ and labels/ folders (the DSB2018 stage-1 training set)")
+    job = TrainJob(images_url=str(data / "images"), masks_url=str(data / "labels"),
+                   model=recipe.model, training=recipe.training)
+    outcome = run_training(job, Path(out_dir) / "training", resume=resume)
+    if install:
+        install_model("nuclei", outcome, recipe.model_dump(mode="json"), nuclei_training_data(data, outcome))
+    return outcome
+
+
+def nuclei_training_data(data: Path, outcome: TrainOutcome) -> dict[str, Any]:
+    """What the card says about the DSB2018 training data: source, licence, counts, cell sizes."""
+    diameters, nuclei = [], 0
+    for pair in pair_images_and_masks(str(data / "images"), str(data / "labels")):
+        labels = instance_labels(decode_image(read_bytes(pair.mask_url), pair.mask_url))
+        if labels is None:
+            continue
+        nuclei += len(np.unique(labels)) - 1
+        diameter = median_cell_diameter(labels)
+        if diameter is not None:
+            diameters.append(diameter)
+    low, median, high = np.percentile(diameters, [10, 50, 90])
+    return {
+        "name": "2018 Data Science Bowl stage-1 training set (BBBC038v1) with the community's annotation fixes",
+        "licence": "CC0",
+        "citation": "Caicedo et al., Nature Methods 16, 1247-1253 (2019)",
+        "images": outcome.train_images + outcome.val_images,
+        "train_images": outcome.train_images,
+        "val_images": outcome.val_images,
+        "nuclei": nuclei,
+        "dataset_hash": outcome.dataset_hash,
+        "median_nucleus_diameter_px": {"p10": round(float(low), 1), "median": round(float(median), 1),
+                                       "p90": round(float(high), 1)},
+    }
+
+
+def device_description(device: str) -> str:
+    """The device a model was trained on, in words."""
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        return f"{torch.cuda.get_device_name(resolved)} (CUDA, torch {torch.__version__})"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def install_model(name: str, outcome: TrainOutcome, recipe: dict[str, Any], training_data: dict[str, Any]) -> Path:
+    """Copy the best checkpoint into the package as `name` and write its model card beside it.
+    Test figures already in the card are kept (benchmarks.quality writes them) only when the
+    weights are unchanged."""
+    checkpoint_path, card_path = shipped_paths(name)
+    MODELS_DIR.mkdir(exist_ok=True)
+    shutil.copyfile(outcome.best_checkpoint, checkpoint_path)
+    digest = hashlib.sha256(checkpoint_path.read_bytes()).hexdigest()
+    old = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    result = outcome.result
+    history = result.history
+    card = {
+        "name": name,
+        "description": SHIPPED_MODELS[name][0],
+        "command": SHIPPED_MODELS[name][1],
+        "training_data": training_data,
+        "recipe": recipe,
+        "model": load_checkpoint(str(outcome.best_checkpoint)).model_config.model_dump(mode="json"),
+        "trained_on": device_description(recipe["training"]["device"]),
+        "training_minutes": round(sum(record["seconds"] for record in history) / 60, 1),
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(history),
+        "stop_reason": result.stop_reason,
+        "validation": {key: round(value, 4) for key, value in outcome.validation.items()}
+                      | {f"cells_{key}": value for key, value in outcome.cells.items()},
+        "test": old.get("test", {}) if old.get("sha256") == digest else {},
+        "sha256": digest,
+        "cellseg_version": __version__,
+        "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    card_path.write_text(json.dumps(card, indent=1) + "\n")
+    logger.info("installed %s with its model card %s", checkpoint_path, card_path)
+    return checkpoint_path
+
+
+BUILDERS: dict[str, Callable[..., TrainOutcome]] = {"nuclei": build_nuclei, "general": build_general}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Train the bundled general-purpose model on synthetic images.")
-    parser.add_argument("--out", default=f"{LOCAL_ROOT}/bundled", help="working directory (synthetic data, training run)")
-    parser.add_argument("--install", action="store_true", help=f"copy the result to {BUNDLED_CHECKPOINT}")
+    parser = argparse.ArgumentParser(description="Train a model shipped in the package from its recipe.")
+    parser.add_argument("name", choices=sorted(BUILDERS), help="which shipped model")
+    parser.add_argument("--out", help=f"working directory (default {LOCAL_ROOT}/shipped/NAME)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
+    parser.add_argument("--install", action="store_true", help="copy the result into the package with its model card")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    build(args.out, install=args.install)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    out = args.out or f"{LOCAL_ROOT}/shipped/{args.name}"
+    resume = args.resume and (Path(out) / "training" / "last.pt").is_file()
+    BUILDERS[args.name](out, install=args.install, resume=resume)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,26 @@
-"""The small general-purpose model shipped in the package, which `cellseg predict` uses when no
-`--model` is given, so that a new user gets masks before training anything.
+"""The models shipped in the package, chosen by name, so that a new user gets masks before
+training anything:
 
-It is trained on synthetic images only (`cellseg.synth`: bright-on-dark and dark-on-bright
-cells, touching cells kept apart by their instance labels), never on `../shared/data`, by
+- `nuclei` (the default, what 'bundled' means): nuclei of fluorescence, brightfield and stained
+  tissue images, trained on the 664 annotated images of the DSB2018 stage-1 training set (CC0);
+- `general`: trained on synthetic images only (`cellseg.synth`).
 
-    make bundled-model          # = python -m cellseg.build_bundled --out runs/bundled --install
+Each is rebuilt by one command from its recipe below (`cellseg.build_bundled`):
 
-which rewrites `cellseg/models/general.pt` and its provenance file `general.json`. Training is
-seeded; on a different CPU or torch build the weights may differ in the last bits.
+    make nuclei-model           # = python -m cellseg.build_bundled nuclei --install
+    make bundled-model          # = python -m cellseg.build_bundled general --install
+
+which writes `cellseg/models/<name>.pt` and its model card `<name>.json` (training data, recipe,
+cell-size range, device, test figures, sha256; the checksum is verified on every load).
+Training is seeded; on another CPU or torch build the weights may differ in the last bits.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -21,14 +28,11 @@ from cellseg.checkpoint import CheckpointError
 from cellseg.config import AugmentationConfig, ModelConfig, TrainConfig
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-BUNDLED_CHECKPOINT = MODELS_DIR / "general.pt"
-BUNDLED_PROVENANCE = MODELS_DIR / "general.json"
-BUILD_COMMAND = "make bundled-model"
-BUNDLED_VERSION = "bundled"  # the model version name flows accept for it
+BUNDLED_VERSION = "bundled"  # the model version name that means the default shipped model
 
 
-class BundledRecipe(BaseModel):
-    """Everything that decides the bundled model: the synthetic data and the training settings."""
+class GeneralRecipe(BaseModel):
+    """Everything that decides the `general` model: the synthetic data and the training settings."""
 
     images: int = 160
     image_size: int = 256
@@ -44,11 +48,69 @@ class BundledRecipe(BaseModel):
     )
 
 
-def bundled_checkpoint() -> str:
-    """Path of the shipped checkpoint; a clear error when an installation lacks it."""
-    if not BUNDLED_CHECKPOINT.is_file():
+class NucleiRecipe(BaseModel):
+    """Everything that decides the `nuclei` model: the DSB2018 stage-1 training images with their
+    instance labels, and the training settings (docs/quality.md has the measurements behind them)."""
+
+    data_dir: str = "../shared/data/dsb2018-train"
+    # Every image is resampled so that its median nucleus is the collection's median (about 20 px);
+    # the distance map separates touching nuclei.
+    model: ModelConfig = ModelConfig(base_width=16, depth=4, distance_map=True, cell_diameter="auto")
+    # Scale augmentation (log-uniform over 1/1.4-1.4) around the model's cell size covers the
+    # spread of sizes within an image and an imperfect size estimate at prediction; crops are
+    # drawn by area so neither the 1388x1040 images nor the 256x256 ones dominate.
+    training: TrainConfig = TrainConfig(
+        epochs=60, patch_size=192, patches_per_image=2, patch_sampling="by_area", val_fraction=0.1,
+        patience=12, lr_patience=4, monitor="val_dice", max_minutes=None, seed=0,
+        augmentation=AugmentationConfig(affine_probability=0.5, rotation_degrees=180.0, max_scale=1.4,
+                                        intensity_probability=0.5),
+    )
+
+
+SHIPPED_MODELS: dict[str, tuple[str, str]] = {  # name: (description, the command that rebuilds it)
+    "nuclei": ("nuclei of fluorescence, brightfield and stained-tissue images (DSB2018 stage-1 training set)",
+               "make nuclei-model"),
+    "general": ("general-purpose cell model trained on synthetic images only", "make bundled-model"),
+}
+DEFAULT_SHIPPED_MODEL = "general"
+
+
+def shipped_name(version: str) -> str | None:
+    """The shipped model a model version names ('bundled' is the default one), else None."""
+    if version == BUNDLED_VERSION:
+        return DEFAULT_SHIPPED_MODEL
+    return version if version in SHIPPED_MODELS else None
+
+
+def shipped_paths(name: str) -> tuple[Path, Path]:
+    """(checkpoint, model card) of the shipped model `name`."""
+    if name not in SHIPPED_MODELS:
+        raise CheckpointError(f"no shipped model named '{name}'; the package has {', '.join(SHIPPED_MODELS)}")
+    return MODELS_DIR / f"{name}.pt", MODELS_DIR / f"{name}.json"
+
+
+def model_card(name: str) -> dict[str, Any]:
+    """The model card of the shipped model `name` (recipe, data, figures, sha256)."""
+    _, card = shipped_paths(name)
+    if not card.is_file():
+        raise CheckpointError(f"the shipped model '{name}' has no model card '{card}'; rebuild it with "
+                              f"`{SHIPPED_MODELS[name][1]}`")
+    return dict(json.loads(card.read_text()))
+
+
+def shipped_checkpoint(name: str = DEFAULT_SHIPPED_MODEL) -> str:
+    """Path of a shipped checkpoint whose bytes match the sha256 of its model card; a clear
+    error when an installation lacks it or it was altered."""
+    checkpoint, _ = shipped_paths(name)
+    if not checkpoint.is_file():
         raise CheckpointError(
-            f"no --model given and the bundled model '{BUNDLED_CHECKPOINT}' is missing from this installation; "
-            f"pass --model CHECKPOINT or rebuild it with `{BUILD_COMMAND}`"
+            f"the shipped model '{name}' ({checkpoint}) is missing from this installation; "
+            f"pass --model CHECKPOINT or rebuild it with `{SHIPPED_MODELS[name][1]}`"
         )
-    return str(BUNDLED_CHECKPOINT)
+    expected = model_card(name).get("sha256")
+    actual = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    if expected != actual:
+        raise CheckpointError(f"the shipped model '{checkpoint}' does not match the sha256 of its model card "
+                              f"({actual[:12]} vs {str(expected)[:12]}); reinstall cellseg or rebuild it with "
+                              f"`{SHIPPED_MODELS[name][1]}`")
+    return str(checkpoint)

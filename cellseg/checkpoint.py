@@ -37,6 +37,9 @@ class Checkpoint:
     metrics: dict[str, float]
     epoch: int
     dataset_manifest_hash: str | None = None
+    # Whether `predict` separates touching cells by default with this model (decided from the
+    # validation images when training ends; PredictConfig.split_touching overrides it).
+    split_touching: bool = True
     cellseg_version: str = __version__
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     resume_state: dict[str, Any] | None = None
@@ -60,6 +63,7 @@ class Checkpoint:
             "metrics": dict(self.metrics),
             "epoch": self.epoch,
             "dataset_manifest_hash": self.dataset_manifest_hash,
+            "split_touching": self.split_touching,
             "cellseg_version": self.cellseg_version,
             "created": self.created,
         }
@@ -114,6 +118,7 @@ def load_checkpoint_bytes(data: bytes, name: str) -> Checkpoint:
             metrics=payload["metrics"],
             epoch=payload["epoch"],
             dataset_manifest_hash=payload.get("dataset_manifest_hash"),
+            split_touching=bool(payload.get("split_touching", True)),
             cellseg_version=payload["cellseg_version"],
             created=payload["created"],
             resume_state=payload.get("resume_state"),

@@ -93,14 +93,15 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    from cellseg.bundled import DEFAULT_SHIPPED_MODEL, SHIPPED_MODELS
     from cellseg.jobs import SegmentJob, run_segmentation
     from cellseg.store import ResultStore
 
     settings = _settings(args)
     if args.model is None:
         logging.getLogger("cellseg").info(
-            "no --model given: using the bundled general-purpose model (synthetic training data); "
-            "train on your own images for best results"
+            "no --model given: using the shipped '%s' model (%s); fine-tune it on your own images for best results",
+            DEFAULT_SHIPPED_MODEL, SHIPPED_MODELS[DEFAULT_SHIPPED_MODEL][0],
         )
     job = SegmentJob(source_url=args.images, store_url=args.out, registry_url=settings.registry_url,
                      model_version="current" if args.model else "bundled", checkpoint_url=args.model,
@@ -145,6 +146,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
              else "the stored masks; predict --save-probabilities to sweep thresholds")
     print(f"pixel error: {errors['misclassified']:.4f} of pixels misclassified; "
           f"ISBI 2012 definition (1 - F-score of cell pixels) {errors['isbi2012']:.4f}, at {swept}")
+    regions = result["regions"]
+    truth = "the true labels" if "instances" in result else "the 4-connected components of the masks"
+    print(f"adapted Rand error {regions['adapted_rand_error_mean']:.4f} (precision "
+          f"{regions['adapted_rand_precision_mean']:.4f}, recall {regions['adapted_rand_recall_mean']:.4f}), "
+          f"mean over images, cells against {truth}")
     if "instances" in result:
         _print_cell_scores(result["instances"])
     if result["missing_predictions"]:
@@ -188,6 +194,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_models(args: argparse.Namespace) -> int:
+    from cellseg.bundled import DEFAULT_SHIPPED_MODEL, SHIPPED_MODELS, model_card, shipped_name
     from cellseg.registry import Registry
 
     registry_url = _settings(args).registry_url
@@ -201,8 +208,13 @@ def _run_models(args: argparse.Namespace) -> int:
             marker = "*" if meta.version == current else " "
             print(f"{marker} {meta.version}  val_dice {_fmt(meta.metrics.get('val_dice'))}  epoch {meta.epoch}  "
                   f"dataset {str(meta.dataset_manifest_hash)[:12]}  registered {meta.registered[:19]}")
+        print("shipped with cellseg (cellseg models show NAME):")
+        for shipped, (description, _) in SHIPPED_MODELS.items():
+            print(f"  {shipped}{' (default)' if shipped == DEFAULT_SHIPPED_MODEL else ''}: {description}")
     elif args.action == "show":
-        print(registry.get(args.version).model_dump_json(indent=1))
+        card_name = shipped_name(args.version)
+        print(json.dumps(model_card(card_name), indent=1) if card_name
+              else registry.get(args.version).model_dump_json(indent=1))
     elif args.action == "export":
         from cellseg.export import export_model
         from cellseg.model_source import ModelSource

@@ -43,6 +43,7 @@ TRAINING_FLAGS: list[Flag] = [
     (("--lr",), "training.learning_rate", {"type": float, "help": "Adam learning rate"}),
     (("--patch-size",), "training.patch_size", {"type": int}),
     (("--patches-per-image",), "training.patches_per_image", {"type": int}),
+    (("--patch-sampling",), "training.patch_sampling", {"choices": ["per_image", "by_area"]}),
     (("--no-augment",), "training.augment", {"action": "store_const", "const": False, "help": "no augmentation at all"}),
     (("--strong-augmentation",), "training.augmentation", {
         "action": "store_const", "const": AugmentationConfig.strong().model_dump(),
@@ -83,7 +84,10 @@ PREDICT_FLAGS: list[Flag] = [
         "type": float, "help": "median diameter (pixels) of the cells in these images, for a model trained with "
                                "--cell-diameter; default: measured on each image"}),
     (("--no-split",), "predict.split_touching", {"action": "store_const", "const": False,
-                                                 "help": "keep touching cells as one object (no watershed)"}),
+                                                 "help": "keep touching cells as one object (no watershed); "
+                                                         "default: as the model decided when it was trained"}),
+    (("--split",), "predict.split_touching", {"action": "store_const", "const": True,
+                                              "help": "always separate touching cells"}),
     (("--split-depth",), "predict.split_depth", {
         "type": float, "help": "how much narrower (pixels of distance) a neck must be than both cells to split them"}),
     (("--centre-prominence",), "predict.centre_prominence", {
@@ -113,8 +117,8 @@ REGISTRY_FLAG: Flag = (("--registry",), "registry_url", {"help": "model registry
 
 SEGMENT_JOB_FLAGS: list[Flag] = [
     (("--model",), "checkpoint_url", {"help": "a checkpoint URL to segment with instead of the registry"}),
-    (("--model-version",), "model_version", {"help": "registered version, 'current', or 'bundled' (the model shipped "
-                                                     "in the package)"}),
+    (("--model-version",), "model_version", {"help": "registered version, 'current', or a shipped model: 'bundled' "
+                                                     "(the default one), 'nuclei' or 'general'"}),
     (("--shard-size",), "shard_size", {"type": int, "help": "images per parallel task"}),
     (("--max-parallel-shards",), "max_parallel_shards", {"type": int, "help": "shards run at once on this machine"}),
     (("--dask-address",), "dask_address", {"help": "run shards on this Dask scheduler (tcp://host:port)"}),
@@ -222,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
 
     predict = _command(commands, "predict", "predict", help="segment images into a zarr results store")
-    predict.add_argument("--model", help="checkpoint URL (e.g. runs/x/best.pt); default: the bundled general-purpose "
-                                         "model, trained on synthetic images (train on your own data for best results)")
+    predict.add_argument("--model", help="checkpoint URL (e.g. runs/x/best.pt); default: the model shipped in the "
+                                         "package (cellseg models list)")
     predict.add_argument("--images", required=True, help="directory URL of images to segment")
     predict.add_argument("--out", required=True, help="zarr store URL; created if missing, done images skipped")
     add_flags(predict, PREDICT_FLAGS)
@@ -259,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = _command(commands, "models", help="list, show, promote and export registered model versions")
     actions = models.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for name, help_text in (("list", "list versions"), ("show", "show one version as JSON"), ("promote", "mark a version current"),
+    for name, help_text in (("list", "list versions and the shipped models"),
+                            ("show", "show one version, or a shipped model's card (nuclei, general), as JSON"),
+                            ("promote", "mark a version current"),
                             ("export", "export a version (or --checkpoint) to TorchScript or ONNX for other software")):
         action = _command(actions, name, "models", help=help_text)
         add_flags(action, [REGISTRY_FLAG])
@@ -267,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
             action.add_argument("version", nargs="?" if name in ("show", "export") else None, default="current")
         if name == "export":
             action.add_argument("--checkpoint", help="export this checkpoint file instead of a registered version "
-                                                     "(e.g. cellseg/models/general.pt)")
+                                                     "(e.g. runs/training/best.pt)")
             action.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript",
                                 help="TorchScript takes any image size; ONNX needs the onnx extra (default %(default)s)")
             action.add_argument("--out", required=True, help="file to write; its description goes to OUT.json")

@@ -145,6 +145,14 @@ class TrainConfig(_Config):
     )
     patch_size: int = Field(256, ge=16, description="square training crop; smaller images are padded")
     patches_per_image: int = Field(4, ge=1, description="random crops drawn from each image per epoch")
+    patch_sampling: Literal["per_image", "by_area"] = Field(
+        "per_image",
+        description=(
+            "'per_image': `patches_per_image` crops from every image; 'by_area': `patches_per_image` times the "
+            "square root of the image's area in patches (at least 1, at most 4 times `patches_per_image`), so "
+            "that neither large images (many cells, few crops each) nor small ones (mostly padding) dominate"
+        ),
+    )
     loss: Literal["bce", "bce_dice"] = Field("bce", description="BCEWithLogits, or BCEWithLogits + soft Dice")
     border_weight: float = Field(
         0.0, ge=0.0, le=100.0,
@@ -190,7 +198,13 @@ class PredictConfig(_Config):
             "(model cell_diameter); None: measured on each image by a first pass of the model"
         ),
     )
-    split_touching: bool = Field(True, description="separate touching cells (distance transform + watershed)")
+    split_touching: bool | None = Field(
+        None,
+        description=(
+            "separate touching cells (at the distance map's peaks, else distance transform + watershed); "
+            "None: as the model decided at training time from its validation images (recorded in its checkpoint)"
+        ),
+    )
     centre_prominence: float = Field(
         0.1, gt=0.0, lt=1.0,
         description=(

@@ -31,10 +31,18 @@ def crop_or_pad(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.G
     return image[window], mask[(..., *window)]
 
 
+def crops_by_area(shape: tuple[int, ...], patch_size: int, patches_per_image: int) -> int:
+    """Crops per epoch from an image of `shape`: `patches_per_image` times the square root of its
+    area in patches, rounded, between 1 and 4 times `patches_per_image`."""
+    patches = shape[-2] * shape[-1] / patch_size**2
+    return int(np.clip(round(patches_per_image * np.sqrt(patches)), 1, 4 * patches_per_image))
+
+
 class TrainingDataset(Dataset):
     """Training or validation samples from loaded pairs.
 
-    Training (`patch_size` set): `patches_per_image` random crops per image per epoch, with
+    Training (`patch_size` set): `patches_per_image` random crops per image per epoch (with
+    `patch_sampling` 'by_area', scaled by the square root of the image's area in patches), with
     optional augmentation (`cellseg.augment`); randomness is a function of (seed, epoch, index) only, so runs and
     resumed runs see the same samples. Validation (`patch_size` None): whole images.
     Items are (image, target) float32 tensors of shape (1, H, W).
@@ -58,6 +66,7 @@ class TrainingDataset(Dataset):
         border_weight: float = 0.0,
         border_sigma: float = 5.0,
         distance_map: bool = False,
+        patch_sampling: str = "per_image",
     ):
         if not pairs:
             raise DatasetError("the dataset is empty")
@@ -68,6 +77,10 @@ class TrainingDataset(Dataset):
         self._targets: dict[int, np.ndarray] = {}
         self.patch_size = patch_size
         self.patches_per_image = patches_per_image if patch_size else 1
+        counts = [self.patches_per_image] * len(self.pairs)
+        if patch_size and patch_sampling == "by_area":
+            counts = [crops_by_area(pair.image.shape, patch_size, self.patches_per_image) for pair in self.pairs]
+        self._pair_of_item = np.repeat(np.arange(len(self.pairs)), counts)
         self.augment = augment
         self.augmentation = augmentation
         self.seed = seed
@@ -77,10 +90,10 @@ class TrainingDataset(Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.pairs) * self.patches_per_image
+        return len(self._pair_of_item)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pair_index = index // self.patches_per_image
+        pair_index = int(self._pair_of_item[index])
         pair = self.pairs[pair_index]
         image, mask = pair.image, pair.mask
         if self.patch_size:

@@ -6,12 +6,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
+from cellseg.config import PredictConfig
 from cellseg.infer import Predictor
 from cellseg.io import StorageOptions, list_images, read_image, read_mask
 from cellseg.metrics import MetricAccumulator, ThresholdSweep, confusion_counts
 from cellseg.pairs import LoadedPair, index_by_stem
-from cellseg.postprocess import cell_labels
-from cellseg.scoring import instance_scores, summarise_instance_scores
+from cellseg.postprocess import CellMaps, cell_labels
+from cellseg.scoring import (
+    instance_scores,
+    region_scores,
+    summarise_instance_scores,
+    summarise_region_scores,
+    truth_regions,
+)
 from cellseg.store import ResultStore, StoreError
 
 
@@ -21,7 +30,8 @@ def evaluate_store(
     """Pixel metrics of every done image that has a ground-truth mask of the same stem, and with
     `labels_url` (ground-truth instance label images) cell-level metrics too.
 
-    Returns {"images", "mean", "pooled", "pixel_error", "per_image", "missing_predictions"} and,
+    Returns {"images", "mean", "pooled", "pixel_error", "regions", "per_image",
+    "missing_predictions"} and,
     with labels, "instances" (F1 at IoU 0.5, DSB2018 score, pooled precision/recall, median cell
     count error) with per-image instance scores merged into "per_image". Ground-truth masks with
     no finished prediction are listed in "missing_predictions" and not scored.
@@ -31,6 +41,10 @@ def evaluate_store(
     over the probability thresholds 0.0-1.0 when every scored image was stored with its
     probabilities ("isbi2012_threshold" says which threshold), else 1 - the pooled Dice of the
     stored masks (one threshold, so never below the swept value; "isbi2012_threshold" None).
+
+    "regions" holds the mean adapted Rand error, precision and recall of the stored cells against
+    the true instance labels, or without labels against the 4-connected components of each
+    mask (`cellseg.scoring.region_scores`).
     """
     truths = index_by_stem(list_images(masks_url, storage_options), "mask")
     true_labels = index_by_stem(list_images(labels_url, storage_options), "label") if labels_url else {}
@@ -53,20 +67,24 @@ def evaluate_store(
         if sweep is not None:
             sweep.add(store.read_probabilities(image_id), truth)
         row = {"image_id": image_id, **counts.scores()}
+        cells = store.read_cells(image_id)
         if labels_url:
             if image_id not in true_labels:
                 raise StoreError(f"no ground-truth label image for '{image_id}' under '{labels_url}'")
             labels = read_image(true_labels[image_id], storage_options)
             if labels.shape != truth.shape:
                 raise StoreError(f"label image '{true_labels[image_id]}' is {labels.shape}, its mask {truth.shape}")
-            row.update({f"instance_{key}": value for key, value in
-                        instance_scores(store.read_cells(image_id), labels).items()})
+            row.update({f"instance_{key}": value for key, value in instance_scores(cells, labels).items()})
+        else:
+            labels = truth_regions(truth)
+        row.update(region_scores(cells, labels))
         per_image.append(row)
     result = {
         "images": len(scored),
         "mean": accumulator.mean(),
         "pooled": accumulator.pooled(),
         "pixel_error": _pixel_errors(accumulator, sweep),
+        "regions": summarise_region_scores(per_image),
         "per_image": per_image,
         "missing_predictions": sorted(truths.keys() - done),
     }
@@ -101,3 +119,36 @@ def validation_cell_scores(predictor: Predictor, pairs: Sequence[LoadedPair]) ->
         (maps,) = predictor.normalised_cell_maps([image])
         rows.append(instance_scores(cell_labels(maps, predictor.config), instances))
     return summarise_instance_scores(rows)
+
+
+def choose_split(predictor: Predictor, pairs: Sequence[LoadedPair]) -> tuple[bool, dict[bool, dict[str, Any]]]:
+    """Whether separating touching cells helps `predictor`'s model on the validation `pairs`
+    (`split_decision` on its maps of their images), and the scores of both choices."""
+    labelled = any(pair.instances is not None for pair in pairs)
+    scored = [pair for pair in pairs if pair.instances is not None or not labelled]
+    maps = [predictor.normalised_cell_maps([pair.image])[0] for pair in scored]
+    truths = [pair.instances if pair.instances is not None else truth_regions(pair.mask) for pair in scored]
+    return split_decision(maps, truths, predictor.config, labelled)
+
+
+def split_decision(
+    maps: Sequence[CellMaps], truths: Sequence[np.ndarray], config: PredictConfig, labelled: bool
+) -> tuple[bool, dict[bool, dict[str, Any]]]:
+    """Whether to separate touching cells, judged on predicted `maps` against true regions, and
+    the scores of both choices: cell F1 at IoU 0.5 (mean over images) when the truths are
+    instance labels (`labelled`), else the adapted Rand error against the masks' 4-connected
+    components (as for EM, where a split cuts membrane-bounded regions the mask already
+    separates). Splitting is kept unless not splitting scores strictly better; no images: split."""
+    if not maps:
+        return True, {}
+    scores = {}
+    for split in (True, False):
+        split_config = config.model_copy(update={"split_touching": split})
+        rows = []
+        for cell_maps, truth in zip(maps, truths, strict=True):
+            cells = cell_labels(cell_maps, split_config)
+            rows.append(instance_scores(cells, truth) | region_scores(cells, truth))
+        scores[split] = summarise_instance_scores(rows) | summarise_region_scores(rows)
+    if labelled:
+        return not scores[False]["f1_mean"] > scores[True]["f1_mean"], scores
+    return not scores[False]["adapted_rand_error_mean"] < scores[True]["adapted_rand_error_mean"], scores

@@ -108,6 +108,8 @@ class Predictor:
 
     def __init__(self, checkpoint: Checkpoint, config: PredictConfig = PredictConfig(), model_version: str = ""):
         self.checkpoint = checkpoint
+        if config.split_touching is None:
+            config = config.model_copy(update={"split_touching": checkpoint.split_touching})
         self.config = config
         self.model_version = model_version
         self.device = resolve_device(config.device)

@@ -51,7 +51,8 @@ class SegmentJob(_Job):
     registry_url: Url = Field(DEFAULT_REGISTRY_URL, description="model registry URL, shared by every worker")
     model_version: str = Field(
         "current", min_length=1,
-        description="a registered version, 'current', or 'bundled' (the general-purpose model shipped in the package)",
+        description="a registered version, 'current', or a model shipped in the package: 'bundled' (the default "
+                    "one) or its name ('nuclei', 'general')",
     )
     checkpoint_url: Url | None = Field(None, description="a checkpoint file to use instead of the registry")
     shard_size: int = Field(32, ge=1, description="images per parallel task")

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cellseg.checkpoint import load_checkpoint
-from cellseg.evaluate import validation_cell_scores
+from cellseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cellseg.evaluate import choose_split, validation_cell_scores
 from cellseg.infer import Predictor
 from cellseg.io import list_images
 from cellseg.job_config import SegmentJob, TrainJob, TuneJob
@@ -115,11 +115,30 @@ def run_training(
     out.mkdir(parents=True, exist_ok=True)
     dataset_hash = _write_manifest(out, loaded_train, loaded_val)
     result = train(loaded_train, loaded_val, out, model_config, training, dataset_hash, resume=resume, on_epoch=on_epoch)
-    predictor = Predictor(load_checkpoint(str(result.best_checkpoint)),
-                          job.predict.model_copy(update={"device": training.device}))
+    checkpoint = record_split_decision(str(result.best_checkpoint), job, loaded_val)
+    predictor = Predictor(checkpoint, job.predict.model_copy(update={"device": training.device}))
     cells = validation_cell_scores(predictor, loaded_val)
     pictures = training_pictures(out, result.history, loaded_val, predictor)
     return TrainOutcome(result, dataset_hash, len(loaded_train), len(loaded_val), cells, pictures)
+
+
+def record_split_decision(checkpoint_url: str, job: TrainJob, val_pairs: Sequence[LoadedPair]) -> Checkpoint:
+    """Decide whether `predict` separates touching cells by default with the trained model
+    (`choose_split` on the validation images, unless `job.predict.split_touching` says so),
+    record the decision in the checkpoint file and return the checkpoint."""
+    checkpoint = load_checkpoint(checkpoint_url)
+    decided = job.predict.split_touching
+    if decided is None:
+        predictor = Predictor(checkpoint, job.predict.model_copy(update={"device": job.training.device}))
+        decided, scores = choose_split(predictor, val_pairs)
+        if scores:
+            measure = "f1_mean" if "f1_mean" in scores[True] else "adapted_rand_error_mean"
+            logger.info("touching cells %s by default: validation %s %.4f split, %.4f unsplit",
+                        "split" if decided else "kept whole", measure, scores[True][measure], scores[False][measure])
+    if checkpoint.split_touching != decided:
+        checkpoint.split_touching = decided
+        save_checkpoint(checkpoint, checkpoint_url)
+    return checkpoint
 
 
 def _write_manifest(out: Path, loaded_train: list[LoadedPair], loaded_val: list[LoadedPair]) -> str:

@@ -1,5 +1,6 @@
 """Which model a job segments with: a checkpoint file, a version in a registry ('current' unless
-told otherwise), or the model shipped in the package ('bundled'); loaded once per worker process."""
+told otherwise), or a model shipped in the package ('bundled' for the default one, or its name);
+loaded once per worker process."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import functools
 import threading
 from dataclasses import dataclass
 
-from cellseg.bundled import BUNDLED_VERSION, bundled_checkpoint
+from cellseg.bundled import shipped_checkpoint, shipped_name
 from cellseg.checkpoint import Checkpoint, checkpoint_digest, load_checkpoint_with_digest
 from cellseg.config import PredictConfig
 from cellseg.infer import Predictor
@@ -17,7 +18,7 @@ from cellseg.registry import Registry
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model comes from: `checkpoint_url` when given, else `version` of the registry at
-    `registry_url` ('current', a version name, or 'bundled' for the model in the package)."""
+    `registry_url` ('current', a version name), or a shipped model ('bundled', 'nuclei', 'general')."""
 
     registry_url: str
     version: str = "current"  # with a checkpoint_url: its content hash once pinned
@@ -30,8 +31,8 @@ class ModelSource:
         loaded afresh. A missing file, registry version or bundled model fails here, before any work."""
         if self.checkpoint_url is not None:
             return ModelSource(self.registry_url, checkpoint_digest(self.checkpoint_url)[:12], self.checkpoint_url)
-        if self.version == BUNDLED_VERSION:
-            bundled_checkpoint()
+        if self.shipped is not None:
+            shipped_checkpoint(self.shipped)
             return self
         return ModelSource(self.registry_url, Registry(self.registry_url).resolve(self.version))
 
@@ -39,18 +40,23 @@ class ModelSource:
         """URL of the checkpoint file."""
         if self.checkpoint_url is not None:
             return self.checkpoint_url
-        if self.version == BUNDLED_VERSION:
-            return bundled_checkpoint()
+        if self.shipped is not None:
+            return shipped_checkpoint(self.shipped)
         return Registry(self.registry_url).checkpoint_url(self.version)
 
     def load(self) -> tuple[Checkpoint, str]:
         """(checkpoint, the model version recorded with its results): the registry's version name
-        (checksum verified), else the file's content hash, 'bundled-' + it for the bundled model."""
-        if self.checkpoint_url is None and self.version != BUNDLED_VERSION:
+        (checksum verified), else the file's content hash, prefixed by its name for a shipped model."""
+        if self.checkpoint_url is None and self.shipped is None:
             checkpoint, meta = Registry(self.registry_url).load(self.version)
             return checkpoint, meta.version
         checkpoint, digest = load_checkpoint_with_digest(self.location())
-        return checkpoint, digest[:12] if self.checkpoint_url is not None else f"{BUNDLED_VERSION}-{digest[:12]}"
+        return checkpoint, digest[:12] if self.shipped is None else f"{self.shipped}-{digest[:12]}"
+
+    @property
+    def shipped(self) -> str | None:
+        """The name of the shipped model this source names, if any."""
+        return None if self.checkpoint_url is not None else shipped_name(self.version)
 
 
 def load_predictor(source: ModelSource, config: PredictConfig) -> Predictor:

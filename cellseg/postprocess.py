@@ -50,11 +50,13 @@ def threshold_probabilities(probabilities: np.ndarray, threshold: float = 0.5) -
 def cell_labels(maps: CellMaps, config: PredictConfig) -> np.ndarray:
     """One label per cell (int32, 0 = background), as `cellseg predict` stores them: the probability
     thresholded, touching cells split apart unless `split_touching` is off (at the peaks of the
-    distance map when there is one, else at necks of the mask), cells below `min_cell_area` dropped."""
+    distance map when there is one, else at necks of the mask), cells below `min_cell_area` dropped.
+    An undecided `split_touching` (None, resolved by `Predictor` from its checkpoint) splits."""
     mask = threshold_probabilities(maps.probability, config.threshold)
-    if maps.distance is not None and config.split_touching:
+    split = config.split_touching is not False
+    if maps.distance is not None and split:
         return split_at_distance_peaks(mask, maps.distance, config.min_cell_area, config.centre_prominence)
-    split_depth = config.split_depth if config.split_touching else 0.0
+    split_depth = config.split_depth if split else 0.0
     return split_touching_cells(mask, config.min_cell_area, split_depth)
 
 

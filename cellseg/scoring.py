@@ -1,12 +1,15 @@
 """Cells scored the way the field scores them: instances matched at an IoU threshold, F1, the
 DSB2018 score (mean over IoU thresholds 0.5-0.95), the cell count error, and why cells did not
-match (merged, split, missed, extra; Caicedo et al. 2019)."""
+match (merged, split, missed, extra; Caicedo et al. 2019); and regions scored the way EM
+scores them, by the adapted Rand error (`region_scores`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
+from skimage.metrics import adapted_rand_error
 
 ERROR_CLASSES = ("merged", "split", "missed", "extra")  # see error_breakdown
 # The figures of summarise_instance_scores that reports show (the training flow's metrics, the
@@ -114,3 +117,37 @@ def summarise_instance_scores(per_image: list[dict[str, Any]]) -> dict[str, Any]
         "count_error_median": float(np.median(count_errors)) if count_errors else None,
         **{f"{key}_total": value for key, value in totals.items()},
     }
+
+
+def truth_regions(mask: np.ndarray) -> np.ndarray:
+    """The true regions of a binary mask without instance labels: its 4-connected components (as
+    membrane-bounded EM regions are read from an ISBI 2012 mask)."""
+    regions, _ = ndimage.label(np.asarray(mask) > 0)
+    return regions
+
+
+def region_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Adapted Rand error, precision and recall (`skimage.metrics.adapted_rand_error`, the SNEMI3D
+    definition the ISBI 2012 challenge adopted later) of predicted cell labels against true
+    regions (instance labels, or `truth_regions` of a mask).
+
+    Computed on one 2-D image: pixels of true background (label 0) are left out, as the
+    challenge leaves out membranes; predicted background counts as one region. The challenge
+    scored a whole 3-D stack after thinning the membranes, so its figures differ in details.
+    """
+    if predicted.shape != truth.shape:
+        raise ValueError(f"predicted labels are {predicted.shape}, true regions are {truth.shape}")
+    if not np.any(truth):
+        return {"adapted_rand_error": 0.0 if not np.any(predicted) else 1.0,
+                "adapted_rand_precision": 1.0, "adapted_rand_recall": 1.0}
+    error, precision, recall = adapted_rand_error(truth.astype(np.int64), predicted.astype(np.int64))
+    return {"adapted_rand_error": float(error), "adapted_rand_precision": float(precision),
+            "adapted_rand_recall": float(recall)}
+
+
+def summarise_region_scores(per_image: list[dict[str, Any]]) -> dict[str, float]:
+    """Means over images of the `region_scores`."""
+    if not per_image:
+        return {}
+    keys = ("adapted_rand_error", "adapted_rand_precision", "adapted_rand_recall")
+    return {f"{key}_mean": float(np.mean([row[key] for row in per_image])) for key in keys}

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 BEST_CHECKPOINT = "best.pt"
 LAST_CHECKPOINT = "last.pt"
 HISTORY_FILE = "history.json"
+STOP_FILE = "STOP"  # created in a run's folder, it ends training after the current epoch (resumable)
 
 
 @dataclass
@@ -133,7 +134,8 @@ def train(
 ) -> TrainResult:
     """Train a U-Net; writes best.pt, last.pt and history.json under `out_dir`.
 
-    With `resume`, continues from `out_dir/last.pt` (same configs expected). Validation metrics
+    With `resume`, continues from `out_dir/last.pt` (same configs expected). A file named STOP in
+    `out_dir` ends training before the next epoch, to be resumed later. Validation metrics
     are averaged over whole validation images; without validation images the training metrics
     of the epoch are monitored instead. The 'auto' fields of `model_config` are decided first
     (`decide_automatic_fields`); a model with a `cell_diameter` then trains and validates on the
@@ -153,7 +155,8 @@ def train(
         logger.warning("the distance map is learnt from binary masks: touching cells count as one; "
                        "give instance label masks to teach the model where they part")
     train_set = TrainingDataset(train_pairs, config.patch_size, config.patches_per_image, config.augment, config.seed,
-                           config.augmentation, config.border_weight, config.border_sigma, model_config.distance_map)
+                           config.augmentation, config.border_weight, config.border_sigma, model_config.distance_map,
+                           config.patch_sampling)
     model = UNet(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     monitor_key, higher_is_better = _score_name(config.monitor if val_pairs else config.monitor.replace("val_", "train_"))
@@ -198,6 +201,9 @@ def train(
         device, len(train_pairs), len(val_pairs), config.epochs,
     )
     for epoch in range(len(history) + 1, config.epochs + 1):
+        if (out / STOP_FILE).exists():
+            stop_reason = f"stopped before epoch {epoch}: {out / STOP_FILE} exists (remove it and resume to go on)"
+            break
         epoch_started = time.monotonic()
         torch.manual_seed(config.seed * 1_000_003 + epoch)  # dropout masks and batch order
         train_set.set_epoch(epoch)
@@ -223,6 +229,7 @@ def train(
             samples += len(images)
             train_counts.add(confusion_counts(logits[:, :1].detach() > cut, masks > 0.5))
 
+        train_seconds = time.monotonic() - epoch_started
         train_scores = train_counts.pooled()
         record: dict[str, float] = {"epoch": epoch, "train_loss": loss_sum / samples}
         record.update({f"train_{name}": value for name, value in train_scores.items()})
@@ -231,6 +238,7 @@ def train(
             record.update({f"val_{name}": value for name, value in val.items()})
         record["learning_rate"] = optimizer.param_groups[0]["lr"]
         record["seconds"] = time.monotonic() - epoch_started
+        record["train_crops_per_second"] = samples / max(train_seconds, 1e-9)
         history.append(record)
         logger.info(_format_record(record, config.epochs))
         if on_epoch is not None:
@@ -278,6 +286,8 @@ def train(
             stop_reason = f"time budget of {config.max_minutes:g} minutes reached"
             break
 
+    if best_score is None:
+        raise ValueError(f"no epoch was trained in '{out}' ({stop_reason})")
     logger.info("%s; best %s %.4f at epoch %d", stop_reason, monitor_key, best_score, best_epoch)
     return TrainResult(out, history, best_epoch, best_metrics, stop_reason)
 
@@ -292,4 +302,5 @@ def _format_record(record: dict[str, float], epochs: int) -> str:
         for key in ("train_loss", "train_dice", "val_loss", "val_iou", "val_dice", "val_precision", "val_recall")
         if key in record
     )
-    return f"epoch {int(record['epoch'])}/{epochs} {shown} ({record['seconds']:.1f}s)"
+    speed = f", {record['train_crops_per_second']:.1f} crops/s" if "train_crops_per_second" in record else ""
+    return f"epoch {int(record['epoch'])}/{epochs} {shown} ({record['seconds']:.1f}s{speed})"

@@ -1,26 +1,34 @@
-"""The general-purpose model shipped in the package: safe to load, documented, trained on synthetic
-images only, good on unseen synthetic images of both polarities, and used by `cellseg predict`
-when no model is given."""
+"""The models shipped in the package: chosen by name, safe to load, checked against their model
+cards, documented, rebuilt by one command from data they may be trained on, and used by
+`cellseg predict` when no model is given."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from cellseg.build_bundled import build
+from cellseg import bundled
+from cellseg.build_bundled import build_general, build_nuclei
 from cellseg.bundled import (
-    BUNDLED_CHECKPOINT,
-    BUNDLED_PROVENANCE,
-    BundledRecipe,
-    bundled_checkpoint,
+    DEFAULT_SHIPPED_MODEL,
+    SHIPPED_MODELS,
+    GeneralRecipe,
+    NucleiRecipe,
+    model_card,
+    shipped_checkpoint,
+    shipped_name,
+    shipped_paths,
 )
-from cellseg.checkpoint import load_checkpoint
+from cellseg.checkpoint import CheckpointError, load_checkpoint
+from cellseg.cli import main
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
 from cellseg.infer import Predictor
 from cellseg.io import read_image, read_mask
@@ -28,23 +36,52 @@ from cellseg.metrics import segmentation_scores
 from cellseg.store import ResultStore
 from cellseg.synth import write_dataset
 
+INSTALLED = [name for name in SHIPPED_MODELS if shipped_paths(name)[0].is_file()]
 
-def test_the_bundled_checkpoint_loads_safely_and_matches_its_provenance():
-    provenance = json.loads(BUNDLED_PROVENANCE.read_text())
-    assert hashlib.sha256(BUNDLED_CHECKPOINT.read_bytes()).hexdigest() == provenance["sha256"]
-    assert provenance["command"] == "make bundled-model"
-    assert "synthetic" in provenance["description"]
-    assert BUNDLED_CHECKPOINT.stat().st_size < 4_000_000
-    checkpoint = load_checkpoint(bundled_checkpoint())  # weights_only=True inside
+
+def test_bundled_means_the_default_shipped_model_and_other_names_choose_theirs():
+    assert shipped_name("bundled") == DEFAULT_SHIPPED_MODEL
+    assert shipped_name("general") == "general" and shipped_name("nuclei") == "nuclei"
+    assert shipped_name("v0003") is None and shipped_name("current") is None
+    assert DEFAULT_SHIPPED_MODEL in INSTALLED  # the default model ships in the package
+
+
+@pytest.mark.parametrize("name", INSTALLED)
+def test_a_shipped_checkpoint_loads_safely_and_matches_its_model_card(name):
+    checkpoint_path, _ = shipped_paths(name)
+    card = model_card(name)
+    assert hashlib.sha256(checkpoint_path.read_bytes()).hexdigest() == card["sha256"]
+    assert card["name"] == name and card["command"] == SHIPPED_MODELS[name][1]
+    assert card["training_data"]["licence"] and card["trained_on"]
+    assert checkpoint_path.stat().st_size < 40_000_000  # tens of MB at most
+    checkpoint = load_checkpoint(shipped_checkpoint(name))  # weights_only=True inside
     # Fields added since the model was built take their defaults, as when any older checkpoint loads.
-    assert checkpoint.model_config == ModelConfig.model_validate(provenance["recipe"]["model"]).without_auto()
-    assert checkpoint.dataset_manifest_hash is not None  # trained on a generated, hashed dataset
+    decided = ModelConfig.model_validate(card.get("model") or card["recipe"]["model"])
+    assert checkpoint.model_config == decided.without_auto()
+    assert checkpoint.dataset_manifest_hash is not None  # trained on a hashed dataset
+
+
+def test_an_altered_shipped_checkpoint_is_refused_naming_the_file(tmp_path, monkeypatch):
+    for path in shipped_paths("general"):
+        shutil.copyfile(path, tmp_path / path.name)
+    monkeypatch.setattr(bundled, "MODELS_DIR", tmp_path)
+    assert shipped_checkpoint("general") == str(tmp_path / "general.pt")
+    data = bytearray((tmp_path / "general.pt").read_bytes())
+    data[-100] ^= 0xFF
+    (tmp_path / "general.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"general\.pt' does not match the sha256 of its model card"):
+        shipped_checkpoint("general")
+    (tmp_path / "general.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"missing from this installation.*make bundled-model"):
+        shipped_checkpoint("general")
+    with pytest.raises(CheckpointError, match="no shipped model named 'cyto'"):
+        shipped_checkpoint("cyto")
 
 
 @pytest.mark.parametrize("polarity", ["bright", "dark"])
-def test_the_bundled_model_segments_unseen_synthetic_images(polarity, tmp_path):
+def test_the_general_model_segments_unseen_synthetic_images(polarity, tmp_path):
     write_dataset(str(tmp_path), count=4, size=192, seed=991, polarity=polarity, bit_depth=16)
-    predictor = Predictor.from_checkpoint(bundled_checkpoint(), PredictConfig(device="cpu"))
+    predictor = Predictor.from_checkpoint(shipped_checkpoint("general"), PredictConfig(device="cpu"))
     for name in sorted(p.name for p in (tmp_path / "images").iterdir()):
         mask = predictor.masks([read_image(str(tmp_path / "images" / name))])[0]
         dice = segmentation_scores(mask, read_mask(str(tmp_path / "masks" / name)))["dice"]
@@ -52,25 +89,62 @@ def test_the_bundled_model_segments_unseen_synthetic_images(polarity, tmp_path):
 
 
 @pytest.mark.integration
-def test_cellseg_predict_without_a_model_uses_the_bundled_one(tmp_path):
+def test_cellseg_predict_without_a_model_uses_the_default_shipped_one(tmp_path):
     write_dataset(str(tmp_path / "data"), count=2, size=96, seed=5)
     command = [str(Path(sys.executable).parent / "cellseg"), "predict",
                "--images", str(tmp_path / "data" / "images"), "--out", str(tmp_path / "out.zarr")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
-    assert "bundled general-purpose model" in result.stderr
+    assert f"using the shipped '{DEFAULT_SHIPPED_MODEL}' model" in result.stderr
     rows = ResultStore.open(str(tmp_path / "out.zarr"), mode="r").statistics()
-    digest = hashlib.sha256(BUNDLED_CHECKPOINT.read_bytes()).hexdigest()[:12]
-    assert [row["model_version"] for row in rows] == [f"bundled-{digest}"] * 2
-    assert all(row["cell_count"] > 0 for row in rows)
+    digest = hashlib.sha256(Path(shipped_checkpoint()).read_bytes()).hexdigest()[:12]
+    assert [row["model_version"] for row in rows] == [f"{DEFAULT_SHIPPED_MODEL}-{digest}"] * 2
 
 
-def test_the_build_recipe_trains_from_generated_data_only(tmp_path):
-    recipe = BundledRecipe(
+def test_models_list_names_the_shipped_models_and_show_prints_a_card(tmp_path, capsys):
+    assert main(["models", "list", "--registry", str(tmp_path / "registry")]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in SHIPPED_MODELS) and f"{DEFAULT_SHIPPED_MODEL} (default)" in listed
+    assert main(["models", "show", "general", "--registry", str(tmp_path / "registry")]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["name"] == "general" and card["sha256"] == model_card("general")["sha256"]
+
+
+def test_the_general_recipe_trains_from_generated_data_only(tmp_path):
+    recipe = GeneralRecipe(
         images=6, image_size=64, model=ModelConfig(depth=2, base_width=4),
         training=TrainConfig(epochs=1, patch_size=64, patches_per_image=1, device="cpu"),
     )
-    result = build(tmp_path, recipe, install=False)
+    result = build_general(tmp_path, recipe, install=False)
     assert result.best_checkpoint.is_file()
     assert len(list((tmp_path / "data" / "labels").iterdir())) == 6
     assert np.isfinite(result.result.history[0]["train_loss"])
+
+
+@pytest.mark.parametrize("test_set", ["dsb2018", "isbi2012"])
+def test_the_nuclei_recipe_refuses_the_test_sets(test_set, tmp_path):
+    (tmp_path / test_set / "images").mkdir(parents=True)
+    (tmp_path / test_set / "labels").mkdir()
+    with pytest.raises(ValueError, match="is a test set of the shipped models"):
+        build_nuclei(tmp_path / "out", NucleiRecipe(data_dir=str(tmp_path / test_set)))
+
+
+def _enlarge(path: Path, factor: int) -> None:
+    pixels = np.asarray(Image.open(path))
+    Image.fromarray(pixels.repeat(factor, axis=0).repeat(factor, axis=1)).save(path)
+
+
+def test_the_nuclei_recipe_trains_on_labelled_images_at_their_cell_size(tmp_path):
+    ids = write_dataset(str(tmp_path / "data"), count=6, size=64, seed=4)
+    for image_id in ids[:3]:  # two magnifications, as in DSB2018
+        for folder in ("images", "masks", "labels"):
+            _enlarge(tmp_path / "data" / folder / f"{image_id}.png", 3)
+    recipe = NucleiRecipe(data_dir=str(tmp_path / "data"),
+                          model=NucleiRecipe().model.model_copy(update={"depth": 2, "base_width": 4}),
+                          training=NucleiRecipe().training.model_copy(update={"epochs": 1, "patch_size": 48,
+                                                                             "device": "cpu", "val_fraction": 0.34}))
+    outcome = build_nuclei(tmp_path / "out", recipe)
+    checkpoint = load_checkpoint(str(outcome.best_checkpoint))
+    assert checkpoint.model_config.distance_map
+    assert isinstance(checkpoint.model_config.cell_diameter, float)  # 'auto' decided from the labels
+    assert outcome.cells["images"] == 2  # validation scored at cell level

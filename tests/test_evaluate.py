@@ -21,6 +21,9 @@ PREDICTIONS = {"a": mask(["###", "..."]), "b": mask(["...", "..."])}
 TRUTHS = {"a": mask(["##.", "#.."]), "b": mask(["...", "..."]), "c": mask(["#..", "..."])}
 
 
+PIXEL_KEYS = ("image_id", "iou", "dice", "precision", "recall")
+
+
 def write_truths(folder, truths: dict[str, np.ndarray]) -> str:
     folder.mkdir()
     for image_id, truth in truths.items():
@@ -41,7 +44,7 @@ def store(tmp_path) -> ResultStore:
 def test_scores_match_hand_computed_values(store, tmp_path):
     result = evaluate_store(store, write_truths(tmp_path / "truth", TRUTHS))
     assert result["images"] == 2
-    per_image = {row["image_id"]: row for row in result["per_image"]}
+    per_image = {row["image_id"]: {key: row[key] for key in PIXEL_KEYS} for row in result["per_image"]}
     assert per_image["a"] == pytest.approx({"image_id": "a", "iou": 2 / 4, "dice": 4 / 6, "precision": 2 / 3, "recall": 2 / 3})
     assert per_image["b"] == {"image_id": "b", "iou": 1.0, "dice": 1.0, "precision": 1.0, "recall": 1.0}
     assert result["mean"] == pytest.approx({"iou": 3 / 4, "dice": 5 / 6, "precision": 5 / 6, "recall": 5 / 6})
@@ -54,7 +57,7 @@ def test_per_image_scores_equal_the_metrics_module(store, tmp_path):
     assert [row["image_id"] for row in result["per_image"]] == ["a", "b"]
     for row in result["per_image"]:
         expected = segmentation_scores(PREDICTIONS[row["image_id"]], TRUTHS[row["image_id"]])
-        assert {key: value for key, value in row.items() if key != "image_id"} == expected
+        assert {key: row[key] for key in PIXEL_KEYS if key != "image_id"} == expected
 
 
 def test_pixel_error_both_ways_from_the_masks(store, tmp_path):
@@ -144,3 +147,83 @@ def test_validation_cell_scores_match_what_predict_stores(tiny_checkpoint, synth
     assert cells == expected
     assert cells["images"] == 3
     assert cells["true_cells_total"] == sum(len(np.unique(pair.instances)) - 1 for pair in with_labels)
+
+
+# The region measure of EM (adapted Rand error) and the per-model split decision ----------------
+
+
+def test_adapted_rand_error_is_zero_for_the_truth_and_grows_with_a_wrong_split():
+    from cellseg.scoring import region_scores, truth_regions
+
+    truth = truth_regions(mask(["##.##", "##.##", "##.##"]))  # two regions apart, 4-connected
+    assert truth.max() == 2
+    assert region_scores(truth, truth)["adapted_rand_error"] == pytest.approx(0.0)
+    cut = truth.copy()
+    cut[2, :2] = 3  # one region cut in two: 6 pixels as 4 + 2
+    scores = region_scores(cut, truth)
+    # SNEMI3D definition, by hand, over the 12 region pixels and pairs of distinct pixels:
+    # pairs together in both: 4*4 + 2*2 + 6*6 - 12 = 44; together in the truth: 6*6 + 6*6 - 12 = 60;
+    # together in the prediction: 44. One of precision/recall is 44/60, the other 1.
+    assert sorted([scores["adapted_rand_precision"], scores["adapted_rand_recall"]]) == pytest.approx([44 / 60, 1.0])
+    assert scores["adapted_rand_error"] == pytest.approx(1 - 2 * (44 / 60) / (1 + 44 / 60))
+    assert region_scores(np.zeros((2, 2), int), np.zeros((2, 2), int))["adapted_rand_error"] == 0.0
+
+
+def test_evaluate_reports_the_adapted_rand_error_against_the_masks_components(store, tmp_path, capsys):
+    from cellseg.cli import main
+
+    truths = write_truths(tmp_path / "truth", TRUTHS)
+    result = evaluate_store(store, truths)
+    per_image = {row["image_id"]: row for row in result["per_image"]}
+    assert per_image["b"]["adapted_rand_error"] == 0.0  # nothing predicted where nothing is
+    assert 0.0 < per_image["a"]["adapted_rand_error"] < 1.0
+    assert result["regions"]["adapted_rand_error_mean"] == pytest.approx(
+        (per_image["a"]["adapted_rand_error"] + 0.0) / 2)
+    assert main(["evaluate", "--pred", store.url, "--masks", truths]) == 0
+    printed = capsys.readouterr().out
+    assert f"adapted Rand error {result['regions']['adapted_rand_error_mean']:.4f}" in printed
+    assert "4-connected components of the masks" in printed
+
+
+def dumbbells(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """A mask of `count` dumbbells (two discs joined by a narrow neck) and labels with one cell per disc."""
+    rows, cols = np.mgrid[0:40, 0 : 40 * count]
+    labels = np.zeros(rows.shape, np.int32)
+    for index in range(count):
+        left, right = 40 * index + 10, 40 * index + 28
+        labels[(rows - 20) ** 2 + (cols - left) ** 2 <= 49] = 2 * index + 1
+        labels[(rows - 20) ** 2 + (cols - right) ** 2 <= 49] = 2 * index + 2
+        labels[19:22, left:right] = np.where(labels[19:22, left:right] == 0, 2 * index + 1, labels[19:22, left:right])
+    return labels > 0, labels
+
+
+def test_the_split_is_decided_by_what_the_truth_calls_a_cell():
+    from cellseg.config import PredictConfig
+    from cellseg.evaluate import split_decision
+    from cellseg.postprocess import CellMaps
+    from cellseg.scoring import truth_regions
+
+    cells, labels = dumbbells(3)
+    maps = [CellMaps(cells.astype(np.float32))]  # a model that predicts the mask exactly
+    config = PredictConfig(device="cpu")
+    # Nuclei: each disc is a cell, so the neck must be cut.
+    split, scores = split_decision(maps, [labels], config, labelled=True)
+    assert split and scores[True]["f1_mean"] == 1.0 > scores[False]["f1_mean"]
+    # EM: the mask's components are the regions, so cutting them is wrong.
+    split, scores = split_decision(maps, [truth_regions(cells)], config, labelled=False)
+    assert not split
+    assert scores[False]["adapted_rand_error_mean"] == 0.0 < scores[True]["adapted_rand_error_mean"]
+
+
+def test_the_decision_is_recorded_in_the_checkpoint_and_used_unless_overridden(tiny_checkpoint, tmp_path):
+    from cellseg.checkpoint import load_checkpoint, save_checkpoint
+    from cellseg.config import PredictConfig
+    from cellseg.infer import Predictor
+
+    checkpoint = load_checkpoint(str(tiny_checkpoint))
+    assert checkpoint.split_touching  # the default of checkpoints written before the decision existed
+    checkpoint.split_touching = False
+    save_checkpoint(checkpoint, str(tmp_path / "kept-whole.pt"))
+    assert Predictor.from_checkpoint(str(tmp_path / "kept-whole.pt"), PredictConfig(device="cpu")).config.split_touching is False
+    forced = Predictor.from_checkpoint(str(tmp_path / "kept-whole.pt"), PredictConfig(device="cpu", split_touching=True))
+    assert forced.config.split_touching is True

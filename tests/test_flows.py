@@ -261,14 +261,14 @@ def test_segment_images_reads_and_writes_s3(trained_registry, new_images, s3_buc
     ngff.Image.from_zarr(zarr.open_group(f"{bucket}/results.zarr/synth_0000", mode="r", storage_options=options))
 
 
-def test_segment_images_with_the_bundled_model_needs_no_registry(new_images, tmp_path, prefect_harness):
+def test_segment_images_with_a_shipped_model_by_name_needs_no_registry(new_images, tmp_path, prefect_harness):
     from cellseg.flows.segment import segment_images_flow
 
-    store_url = str(tmp_path / "bundled.zarr")
+    store_url = str(tmp_path / "shipped.zarr")
     summary = segment_images_flow(SegmentJob(source_url=str(new_images / "images"), store_url=store_url,
-                                  registry_url=str(tmp_path / "no-registry"), model_version="bundled", shard_size=4))
-    assert summary["done"] == 8 and summary["failed"] == [] and summary["model_version"] == "bundled"
+                                  registry_url=str(tmp_path / "no-registry"), model_version="general", shard_size=4))
+    assert summary["done"] == 8 and summary["failed"] == [] and summary["model_version"] == "general"
     rows = ResultStore.open(store_url, mode="r").statistics()
-    assert len(rows) == 8 and all(row["model_version"].startswith("bundled-") for row in rows)
+    assert len(rows) == 8 and all(row["model_version"].startswith("general-") for row in rows)
     assert all(row["cell_count"] > 0 for row in rows)
     assert not (tmp_path / "no-registry").exists()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellseg.bundled import BUNDLED_CHECKPOINT
+from cellseg.bundled import shipped_checkpoint
 from cellseg.checkpoint import Checkpoint, load_checkpoint
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
 from cellseg.infer import Predictor, predict_outputs, predict_probabilities
@@ -146,7 +146,7 @@ def enlarged_sample():
 
 
 def bundled_at_cell_size(diameter: float | None):
-    checkpoint = load_checkpoint(str(BUNDLED_CHECKPOINT))
+    checkpoint = load_checkpoint(shipped_checkpoint("general"))
     return dataclasses.replace(checkpoint, model_config=checkpoint.model_config.model_copy(update={"cell_diameter": diameter}))
 
 

@@ -105,6 +105,42 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(split, tmp_path):
         assert torch.equal(tensor, resumed_weights[name]), name
 
 
+def test_a_stop_file_ends_training_after_the_epoch_and_resume_goes_on(split, tmp_path):
+    stop = tmp_path / "run" / "STOP"
+
+    def after_epoch(record):
+        if record["epoch"] == 2:
+            stop.touch()
+
+    stopped = train(*split, tmp_path / "run", SMALL_MODEL, small_config(epochs=4), on_epoch=after_epoch)
+    assert [r["epoch"] for r in stopped.history] == [1, 2]
+    assert "STOP exists" in stopped.stop_reason
+    assert train(*split, tmp_path / "run", SMALL_MODEL, small_config(epochs=4), resume=True).history == stopped.history
+    stop.unlink()
+    resumed = train(*split, tmp_path / "run", SMALL_MODEL, small_config(epochs=4), resume=True)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
+    assert resumed.history[0]["train_crops_per_second"] > 0
+
+
+def test_crops_by_area_balance_large_and_small_images():
+    import numpy as np
+
+    from cellseg.dataset import TrainingDataset, crops_by_area
+    from cellseg.pairs import LoadedPair
+
+    assert crops_by_area((128, 128), 128, 2) == 2
+    assert crops_by_area((512, 512), 128, 2) == 8  # 16 patches of area: 2 * sqrt(16)
+    assert crops_by_area((2048, 2048), 128, 2) == 8  # capped at 4x
+    assert crops_by_area((64, 64), 128, 2) == 1
+    pairs = [LoadedPair(source=None, image=np.zeros(shape, np.float32), mask=np.zeros(shape, bool),
+                        image_sha256=str(index), mask_sha256=str(index), dtype="uint8")
+             for index, shape in enumerate([(512, 512), (64, 64)])]
+    dataset = TrainingDataset(pairs, patch_size=128, patches_per_image=2, patch_sampling="by_area")
+    assert len(dataset) == 9
+    assert all(dataset[index][0].shape == (1, 128, 128) for index in (0, 8))
+    assert len(TrainingDataset(pairs, patch_size=128, patches_per_image=2)) == 4  # per_image: the default
+
+
 def test_validation_loss_can_be_monitored(split, tmp_path):
     result = train(*split, tmp_path, SMALL_MODEL, small_config(monitor="val_loss"))
     losses = [record["val_loss"] for record in result.history]
