@@ -6,10 +6,17 @@ scores (F1 at IoU 0.5, DSB2018 score, median cell-count error). Pixel error come
 cell pixels over probability thresholds 0.0-1.0, pooled over the validation images.
 
     python -m benchmarks.quality --dataset ../shared/data/dsb2018 --run runs/ref-dsb2018 [--tta] [--no-split]
+    python -m benchmarks.quality --dataset ../shared/data/dsb2018 --model nuclei [--card]
 
-Reads `<run>/split.json` (written by `cellseg train`) for the validation ids, links those images,
-masks and labels into `<out>/val/`, segments them with `<run>/best.pt` into a fresh store and
-scores it; prints a summary line and writes `<out>/quality.json`.
+With `--run`: reads `<run>/split.json` (written by `cellseg train`) for the validation ids, links
+those images, masks and labels into `<out>/val/`, segments them with `<run>/best.pt` into a fresh
+store and scores it; prints a summary line and writes `<out>/quality.json`.
+
+With `--model` (a shipped model's name or a checkpoint file): segments every image of the
+dataset, a test set the model never saw, with no settings beyond the defaults (the cell size is
+estimated per image), and prints the scores overall and per modality, and for a model at a cell
+size how close each estimated size came to the true median nucleus diameter. `--card` writes the
+figures into the shipped model's card.
 """
 
 from __future__ import annotations
@@ -21,12 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
+from cellseg.bundled import model_card, shipped_name, shipped_paths
 from cellseg.config import PredictConfig
 from cellseg.evaluate import evaluate_store
-from cellseg.io import image_stem, read_mask
+from cellseg.io import image_stem, read_image, read_mask
 from cellseg.jobs import SegmentJob, run_segmentation
-from cellseg.scoring import HEADLINE_CELL_SCORES
+from cellseg.scale import median_cell_diameter
+from cellseg.scoring import HEADLINE_CELL_SCORES, summarise_instance_scores
 from cellseg.store import ResultStore
+
+SIZE_TOLERANCE = 0.25  # an estimated cell size counts as right within 25% of the true median diameter
+TISSUE_BACKGROUND_CV = 0.15  # bright backgrounds this textured (std / mean) are stained tissue
 
 
 def link_validation_images(dataset: Path, run: Path, out: Path) -> list[str]:
@@ -69,16 +81,108 @@ def measure(dataset: Path, run: Path, out: Path, config: PredictConfig) -> dict:
     return summary
 
 
+def modality(image: np.ndarray, labels: np.ndarray) -> str:
+    """'fluorescence' (nuclei brighter than the background), 'brightfield' (darker, on an even
+    background) or 'tissue' (darker, on a textured background: stained sections), judged from
+    the image and its true labels."""
+    background, nuclei = image[labels == 0].astype(float), image[labels > 0].astype(float)
+    if not background.size or not nuclei.size or nuclei.mean() >= background.mean():
+        return "fluorescence"
+    return "tissue" if background.std() > TISSUE_BACKGROUND_CV * background.mean() else "brightfield"
+
+
+def measure_model(dataset: Path, model: str, out: Path, config: PredictConfig) -> dict:
+    """Scores of `model` (a shipped model's name or a checkpoint URL) on every image of `dataset`."""
+    if out.exists():
+        shutil.rmtree(out)
+    shipped = shipped_name(model)
+    job = SegmentJob(source_url=str(dataset / "images"), store_url=str(out / "test.zarr"),
+                     model_version=model if shipped else "current", checkpoint_url=None if shipped else model,
+                     predict=config)
+    run_segmentation(job)
+    store = ResultStore.open(str(out / "test.zarr"), mode="r")
+    labels_url = str(dataset / "labels") if (dataset / "labels").is_dir() else None
+    result = evaluate_store(store, str(dataset / "masks"), labels_url=labels_url)
+    rows = {row["image_id"]: row for row in result["per_image"]}
+    sizes = []
+    for image_id, row in rows.items():
+        truth = read_image(f"{labels_url}/{image_id}.png") if labels_url else None
+        row["modality"] = modality(read_image(str(dataset / "images" / f"{image_id}.png")), truth) if truth is not None else "all"
+        scale = store.record(image_id).get("scale") or {}
+        # The median diameter of the cells found at the size predicted for, where recorded.
+        estimated = scale.get("measured_diameter") or scale.get("cell_diameter")
+        true_diameter = median_cell_diameter(truth) if truth is not None else None
+        if estimated is not None and true_diameter is not None:
+            row["estimated_diameter"], row["true_diameter"] = estimated, true_diameter
+            sizes.append(abs(estimated / true_diameter - 1))
+    version = store.record(next(iter(rows)))["model"]["version"]
+    summary: dict = {"dataset": dataset.name, "model": model, "model_version": version,
+                     "images": len(rows), "groups": {}}
+    for group in ["all", *sorted({row["modality"] for row in rows.values()} - {"all"})]:
+        members = [row for row in rows.values() if group == "all" or row["modality"] == group]
+        figures = {"images": len(members), "dice": float(np.mean([row["dice"] for row in members])),
+                   "adapted_rand_error": float(np.mean([row["adapted_rand_error"] for row in members]))}
+        if labels_url:
+            cells = summarise_instance_scores([{key.removeprefix("instance_"): value for key, value in row.items()
+                                                if key.startswith("instance_")} for row in members])
+            figures |= {key: cells[key] for key in ("f1_mean", "dsb_score_mean", "count_error_median")}
+        summary["groups"][group] = figures
+    if sizes:
+        summary["cell_size"] = {"images": len(sizes), "within_25_percent": float(np.mean(np.array(sizes) <= SIZE_TOLERANCE)),
+                                "median_relative_error": float(np.median(sizes))}
+    (out / "quality.json").write_text(json.dumps({"summary": summary, "evaluation": result}, indent=1))
+    return summary
+
+
+def print_table(summary: dict) -> None:
+    """The per-modality table as markdown."""
+    columns = [key for key in ("images", "f1_mean", "dsb_score_mean", "dice", "count_error_median", "adapted_rand_error")
+               if key in summary["groups"]["all"]]
+    print(f"{summary['model']} ({summary['model_version']}) on {summary['dataset']}, no settings (cell size estimated)")
+    print("| modality | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for group, figures in summary["groups"].items():
+        cells = [f"{figures[key]}" if key == "images" else f"{figures[key]:.3f}" for key in columns]
+        print(f"| {group} | " + " | ".join(cells) + " |")
+    if "cell_size" in summary:
+        size = summary["cell_size"]
+        print(f"cell size estimated within 25% of the true median diameter on {size['within_25_percent']:.0%} of "
+              f"{size['images']} images (median error {size['median_relative_error']:.0%})")
+
+
+def write_card_figures(name: str, summary: dict) -> None:
+    """Record the test figures in the shipped model's card."""
+    _, card_path = shipped_paths(name)
+    card = model_card(name)
+    card["test"][summary["dataset"]] = {"command": f"python -m benchmarks.quality --dataset ../shared/data/"
+                                                   f"{summary['dataset']} --model {name} --card",
+                                        **{key: summary[key] for key in ("images", "groups", "cell_size") if key in summary}}
+    card_path.write_text(json.dumps(card, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, type=Path, help="folder with images/, masks/ and maybe labels/")
-    parser.add_argument("--run", required=True, type=Path, help="training output folder (best.pt, split.json)")
-    parser.add_argument("--out", type=Path, help="working folder (default runs/quality/<run name>)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="training output folder (best.pt, split.json): its validation images")
+    source.add_argument("--model", help="a shipped model's name or a checkpoint file: every image of the dataset")
+    parser.add_argument("--out", type=Path, help="working folder (default runs/quality/<run or model name>)")
     parser.add_argument("--tta", action="store_true")
     parser.add_argument("--no-split", action="store_true")
+    parser.add_argument("--card", action="store_true", help="with a shipped --model: write the figures into its card")
     args = parser.parse_args()
-    out = args.out or Path("runs/quality") / (args.run.name + ("-tta" if args.tta else "") + ("-nosplit" if args.no_split else ""))
-    summary = measure(args.dataset, args.run, out, PredictConfig(tta=args.tta, split_touching=not args.no_split))
+    config = PredictConfig(tta=args.tta, split_touching=False if args.no_split else None)
+    suffix = ("-tta" if args.tta else "") + ("-nosplit" if args.no_split else "")
+    if args.model:
+        name = Path(args.model).stem if not shipped_name(args.model) else args.model
+        summary = measure_model(args.dataset, args.model, args.out or Path("runs/quality") / f"{name}-{args.dataset.name}{suffix}",
+                                config)
+        print_table(summary)
+        if args.card:
+            write_card_figures(shipped_name(args.model) or parser.error("--card needs a shipped model's name"), summary)
+        return
+    out = args.out or Path("runs/quality") / (args.run.name + suffix)
+    summary = measure(args.dataset, args.run, out, config)
     print(json.dumps(summary))
 
 

@@ -40,6 +40,9 @@ class Checkpoint:
     # Whether `predict` separates touching cells by default with this model (decided from the
     # validation images when training ends; PredictConfig.split_touching overrides it).
     split_touching: bool = True
+    # For a model at a cell size: the regression that reads an image's cell size off the
+    # network's features (`cellseg.size_model.SizeModel.to_dict`), fitted when training ends.
+    size_model: dict[str, Any] | None = None
     cellseg_version: str = __version__
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     resume_state: dict[str, Any] | None = None
@@ -64,6 +67,7 @@ class Checkpoint:
             "epoch": self.epoch,
             "dataset_manifest_hash": self.dataset_manifest_hash,
             "split_touching": self.split_touching,
+            "size_model": self.size_model,
             "cellseg_version": self.cellseg_version,
             "created": self.created,
         }
@@ -119,6 +123,7 @@ def load_checkpoint_bytes(data: bytes, name: str) -> Checkpoint:
             epoch=payload["epoch"],
             dataset_manifest_hash=payload.get("dataset_manifest_hash"),
             split_touching=bool(payload.get("split_touching", True)),
+            size_model=payload.get("size_model"),
             cellseg_version=payload["cellseg_version"],
             created=payload["created"],
             resume_state=payload.get("resume_state"),

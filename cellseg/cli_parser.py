@@ -56,7 +56,11 @@ TRAINING_FLAGS: list[Flag] = [
     (("--device",), "training.device", {"help": "auto, cpu, cuda or cuda:N"}),
     (("--no-amp",), "training.amp", {"action": "store_const", "const": False,
                                      "help": "plain fp32, no bf16/fp16 mixed precision"}),
-    (("--init-from",), "training.init_from", {"help": "fine-tune from this checkpoint (its model config replaces --depth etc.)"}),
+    (("--init-from",), "training.init_from", {"help": "fine-tune from this checkpoint or shipped model (its model "
+                                                      "config replaces --depth etc.); 'auto': the shipped model "
+                                                      "for small datasets"}),
+    (("--from-scratch",), "training.init_from", {"action": "store_const", "const": None,
+                                                 "help": "random initialisation, never the shipped model"}),
     (("--freeze-encoder-epochs",), "training.freeze_encoder_epochs", {
         "type": int, "help": "with --init-from: keep the encoder fixed for this many epochs"}),
 ]

@@ -160,7 +160,13 @@ class TrainConfig(_Config):
     )
     border_sigma: float = Field(5.0, gt=0.0, le=50.0, description="pixels over which the border weight decays (paper: 5)")
     init_from: str | None = Field(
-        None, description="checkpoint URL to fine-tune from (its model config is used); None: random initialisation"
+        "auto",
+        description=(
+            "where training starts: 'auto' fine-tunes the default shipped model when the dataset has fewer than "
+            "FINE_TUNE_MAX_IMAGES images and no other architecture is asked for, else starts from scratch; a shipped "
+            "model's name ('nuclei', 'general', 'bundled') or a checkpoint URL fine-tunes that (its model config "
+            "is used); None: random initialisation (from scratch)"
+        ),
     )
     freeze_encoder_epochs: int = Field(0, ge=0, description="with init_from: keep the encoder fixed for this many epochs")
     augment: bool = Field(True, description="augment training crops as `augmentation` says; False: none at all")

@@ -19,7 +19,8 @@ from cellseg.model import UNet
 from cellseg.normalize import normalize_image
 from cellseg.postprocess import CellMaps, maps_from_output, threshold_probabilities
 from cellseg.runtime import autocast_context, resolve_device, set_threads
-from cellseg.scale import cell_maps_at_cell_size
+from cellseg.scale import SizeEstimate, cell_maps_at_cell_size
+from cellseg.size_model import SizeModel, network_features
 from cellseg.tiling import predict_tiled
 
 
@@ -117,6 +118,10 @@ class Predictor:
         self.batch_size = config.batch_size or (8 if self.device.type == "cuda" else 1)
         self.model = checkpoint.build_model().to(self.device)
         self.forward_model: Any = torch.compile(self.model) if config.compile else self.model
+        self.size_estimate: SizeEstimate | None = None
+        if checkpoint.size_model is not None:
+            size_model, features = SizeModel.from_dict(checkpoint.size_model), network_features(self.model, self.device, config.amp)
+            self.size_estimate = lambda image: size_model.diameter(features(image))
 
     @classmethod
     def from_checkpoint(
@@ -157,7 +162,8 @@ class Predictor:
         model_config = self.checkpoint.model_config
         if model_config.cell_diameter is None:
             return [maps_from_output(output, model_config.distance_map) for output in self._forward(images)]
-        return [cell_maps_at_cell_size(image, self.forward_one, model_config, self.config) for image in images]
+        return [cell_maps_at_cell_size(image, self.forward_one, model_config, self.config, self.size_estimate)
+                for image in images]
 
     def forward_one(self, image: np.ndarray) -> np.ndarray:
         """The (C, H, W) output for one normalised (H, W) image on its own grid."""

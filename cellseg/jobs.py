@@ -20,7 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from cellseg.bundled import BUNDLED_VERSION, shipped_checkpoint, shipped_name
 from cellseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cellseg.config import ModelConfig
 from cellseg.evaluate import choose_split, validation_cell_scores
 from cellseg.infer import Predictor
 from cellseg.io import list_images
@@ -28,8 +32,9 @@ from cellseg.job_config import SegmentJob, TrainJob, TuneJob
 from cellseg.model_source import ModelSource, shared_predictor
 from cellseg.pairs import ImagePair, LoadedPair, load_pairs, manifest_hash, pair_images_and_masks, split_train_val
 from cellseg.report import training_pictures
-from cellseg.runtime import set_threads
+from cellseg.runtime import resolve_device, set_threads
 from cellseg.segment import SegmentReport, model_record, pending_images, segment_images
+from cellseg.size_model import MAGNIFICATIONS, MIN_EXAMPLES, SizeModel, fit_size_model, network_features, size_examples
 from cellseg.store import ResultStore
 from cellseg.train import TrainResult, train
 from cellseg.tune import Trial, TrialResult
@@ -39,6 +44,9 @@ __all__ = ["SegmentJob", "TrainJob", "TuneJob", "run_segmentation", "run_trainin
 logger = logging.getLogger(__name__)
 
 Shard = list[tuple[str, str]]
+# Below this many image/mask pairs, training fine-tunes the shipped model by default (docs/quality.md
+# has the fine-tuning vs from-scratch measurements behind it).
+FINE_TUNE_MAX_IMAGES = 300
 
 
 # Training ----------------------------------------------------------------------------------------
@@ -97,16 +105,18 @@ def run_training(
     """Train a model as `job` says into `out_dir` (best.pt, last.pt, history.json, manifest.json,
     split.json and the pictures), on `pairs` or else the pairs found at the job's URLs.
 
-    Fine-tuning (`training.init_from`) takes the model config of that checkpoint. The split is
+    Fine-tuning (`training.init_from`, see `starting_checkpoint`) takes the model config of that
+    checkpoint. The split is
     deterministic (`training.seed`), every image is decoded and normalised once, and the best
     checkpoint is scored on the validation images at cell level (with instance label masks)
     exactly as `cellseg predict` would segment them with `job.predict`.
     """
-    model_config, training = job.model, job.training
-    if training.init_from:
-        model_config = load_checkpoint(training.init_from).model_config
     if pairs is None:
         pairs = pair_images_and_masks(job.images_url, job.masks_url)
+    model_config, training = job.model, job.training
+    training = training.model_copy(update={"init_from": starting_checkpoint(job, len(pairs))})
+    if training.init_from:
+        model_config = load_checkpoint(training.init_from).model_config
     train_pairs, val_pairs = split_train_val(pairs, training.val_fraction, training.seed)
     logger.info("loading %d image/mask pairs", len(pairs))
     loaded_train = load_pairs(train_pairs, model_config.normalization)
@@ -115,18 +125,57 @@ def run_training(
     out.mkdir(parents=True, exist_ok=True)
     dataset_hash = _write_manifest(out, loaded_train, loaded_val)
     result = train(loaded_train, loaded_val, out, model_config, training, dataset_hash, resume=resume, on_epoch=on_epoch)
-    checkpoint = record_split_decision(str(result.best_checkpoint), job, loaded_val)
+    checkpoint = finish_checkpoint(str(result.best_checkpoint), job, loaded_train, loaded_val)
     predictor = Predictor(checkpoint, job.predict.model_copy(update={"device": training.device}))
     cells = validation_cell_scores(predictor, loaded_val)
     pictures = training_pictures(out, result.history, loaded_val, predictor)
     return TrainOutcome(result, dataset_hash, len(loaded_train), len(loaded_val), cells, pictures)
 
 
-def record_split_decision(checkpoint_url: str, job: TrainJob, val_pairs: Sequence[LoadedPair]) -> Checkpoint:
-    """Decide whether `predict` separates touching cells by default with the trained model
-    (`choose_split` on the validation images, unless `job.predict.split_touching` says so),
-    record the decision in the checkpoint file and return the checkpoint."""
+def starting_checkpoint(job: TrainJob, images: int) -> str | None:
+    """The checkpoint URL training starts from, or None for random initialisation.
+
+    `training.init_from` 'auto' means the default shipped model when the dataset has fewer than
+    FINE_TUNE_MAX_IMAGES images and the job asks for no architecture of its own (its model config
+    is the default), else from scratch; a shipped model's name means its checkpoint.
+    """
+    init_from = job.training.init_from
+    if init_from == "auto":
+        if images >= FINE_TUNE_MAX_IMAGES or job.model != ModelConfig():
+            return None
+        init_from = BUNDLED_VERSION
+        logger.info("%d images: fine-tuning the shipped '%s' model (--from-scratch to start from random weights)",
+                    images, shipped_name(init_from))
+    name = shipped_name(init_from) if init_from else None
+    return shipped_checkpoint(name) if name else init_from
+
+
+def finish_checkpoint(
+    checkpoint_url: str, job: TrainJob, train_pairs: Sequence[LoadedPair], val_pairs: Sequence[LoadedPair]
+) -> Checkpoint:
+    """Record in the trained checkpoint what prediction needs beyond the weights, and return it:
+
+    - for a model at a cell size, its size model (`cellseg.size_model`), fitted on the training
+      images shown at random magnifications;
+    - whether `predict` separates touching cells by default (`choose_split` on the validation
+      images, unless `job.predict.split_touching` says so).
+    """
     checkpoint = load_checkpoint(checkpoint_url)
+    device = resolve_device(job.training.device)
+    if checkpoint.model_config.cell_diameter is not None:
+        features = network_features(checkpoint.build_model().to(device), device, job.training.amp)
+        examples = size_examples(train_pairs, features, job.training.seed)
+        if len(examples[1]) < MIN_EXAMPLES:
+            logger.warning("%d training images with cells are too few for a size model: the cell size of each "
+                           "image will be measured by first passes", len(examples[1]) // MAGNIFICATIONS)
+        else:
+            checkpoint.size_model = fit_size_model(*examples, seed=job.training.seed).to_dict()
+        held_out = size_examples(val_pairs, features, job.training.seed + 1, magnifications=1)
+        if checkpoint.size_model is not None and len(held_out[1]):
+            size_model = SizeModel.from_dict(checkpoint.size_model)
+            errors = np.abs([size_model.diameter(row) for row in held_out[0]] / np.exp(held_out[1]) - 1)
+            logger.info("size model (%d examples): validation images' cell size within 25%% on %.0f%%, median error %.0f%%",
+                        len(examples[1]), 100 * np.mean(errors <= 0.25), 100 * np.median(errors))
     decided = job.predict.split_touching
     if decided is None:
         predictor = Predictor(checkpoint, job.predict.model_copy(update={"device": job.training.device}))
@@ -135,9 +184,8 @@ def record_split_decision(checkpoint_url: str, job: TrainJob, val_pairs: Sequenc
             measure = "f1_mean" if "f1_mean" in scores[True] else "adapted_rand_error_mean"
             logger.info("touching cells %s by default: validation %s %.4f split, %.4f unsplit",
                         "split" if decided else "kept whole", measure, scores[True][measure], scores[False][measure])
-    if checkpoint.split_touching != decided:
-        checkpoint.split_touching = decided
-        save_checkpoint(checkpoint, checkpoint_url)
+    checkpoint.split_touching = decided
+    save_checkpoint(checkpoint, checkpoint_url)
     return checkpoint
 
 

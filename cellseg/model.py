@@ -100,6 +100,17 @@ class UNet(nn.Module):
     def size_multiple(self) -> int:
         return 2**self.config.depth
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, F) summary of what the contracting path sees in each image: the spatial mean and
+        standard deviation of every channel of every encoder level and the bottleneck (the
+        input to `cellseg.size_model`, as Cellpose's style vector is to its size model)."""
+        x = _pad_to_multiple(x, self.size_multiple)
+        levels = [self.stem(x)]
+        for down in self.encoder:
+            levels.append(down(levels[-1]))
+        levels.append(self.bottleneck(levels[-1]))
+        return torch.cat([torch.cat([level.mean(dim=(-2, -1)), level.std(dim=(-2, -1))], dim=1) for level in levels], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         x = _pad_to_multiple(x, self.size_multiple)

@@ -30,6 +30,8 @@ from cellseg.postprocess import CellMaps, cell_labels, maps_from_output, split_t
 
 Forward = Callable[[np.ndarray], np.ndarray]
 """A model's forward pass for one normalised (H, W) image: its (C, H, W) output on the same grid."""
+SizeEstimate = Callable[[np.ndarray], float]
+"""A model's estimate of the median cell diameter (pixels) of one normalised (H, W) image."""
 
 MAX_SCALE = 4.0  # cells are never enlarged or shrunk more than this
 MAX_UPSCALED_PIXELS = 2**26  # an enlarged image stays below this many pixels (64 M, 256 MB as float32)
@@ -167,23 +169,56 @@ MEASURE_MISFIT = float(np.log(1.25))
 
 
 def cell_maps_at_cell_size(
-    image: np.ndarray, forward: Forward, model_config: ModelConfig, config: PredictConfig
+    image: np.ndarray, forward: Forward, model_config: ModelConfig, config: PredictConfig,
+    estimate: SizeEstimate | None = None,
 ) -> CellMaps:
     """`CellMaps` of a normalised (H, W) image for a model at a cell size (`model_config.cell_diameter`):
     the image is resampled so that its cells have the model's size, predicted, and the maps come
     back on the image's own grid. The size of its cells is `config.cell_diameter` when given,
-    else measured (`measured_cell_maps`); `CellMaps.scale` records which and the factor used."""
+    else estimated by the model's size model (`estimate`, see `estimated_cell_maps`), else
+    measured by first passes (`measured_cell_maps`, for models without one). `CellMaps.scale`
+    records the size and the factor used."""
     model_diameter = model_config.cell_diameter
     if not isinstance(model_diameter, float | int):
         raise ValueError(f"the model has no cell size ({model_diameter!r}): predict it at the image's own scale")
-    if config.cell_diameter is None:
+    extra: dict[str, float | None] = {}
+    cell_diameter: float | None
+    if config.cell_diameter is None and estimate is not None:
+        maps, cell_diameter, factor, extra["measured_diameter"] = estimated_cell_maps(
+            image, forward, model_config, config, estimate)
+    elif config.cell_diameter is None:
         maps, cell_diameter, factor = measured_cell_maps(image, forward, model_config, config)
     else:
         cell_diameter = config.cell_diameter
         factor = _factor(cell_diameter, model_diameter, image.shape)
         maps = _cell_maps_at(image, forward, factor, model_config.distance_map)[0]
-    scale = {"cell_diameter": cell_diameter, "measured": config.cell_diameter is None, "factor": factor}
+    scale = {"cell_diameter": cell_diameter, "measured": config.cell_diameter is None, "factor": factor, **extra}
     return dataclasses.replace(maps, scale=scale)
+
+
+def estimated_cell_maps(
+    image: np.ndarray, forward: Forward, model_config: ModelConfig, config: PredictConfig, estimate: SizeEstimate
+) -> tuple[CellMaps, float, float, float | None]:
+    """(maps, the cell diameter they were predicted for, resampling factor, median diameter of
+    the cells found) of an image whose cell size the model's size model estimates.
+
+    The image is predicted at the estimated size and its cells measured there (in image
+    pixels), as Cellpose refines its size model's estimate. When they are more than
+    MEASURE_MISFIT off the estimate, the estimate was poor and the image is predicted once more
+    at the measured size, which the model's scale augmentation makes reliable.
+    """
+    model_diameter = float(model_config.cell_diameter)  # type: ignore[arg-type]
+    distance_map = model_config.distance_map
+    diameter = estimate(image)
+    for attempt in range(2):
+        factor = _factor(diameter, model_diameter, image.shape)
+        maps, scaled = _cell_maps_at(image, forward, factor, distance_map)
+        found = median_cell_diameter(cell_labels(maps_from_output(scaled, distance_map), config))
+        measured = found / factor if found else None
+        if attempt or measured is None or abs(np.log(measured / diameter)) <= MEASURE_MISFIT:
+            break
+        diameter = measured
+    return maps, diameter, factor, measured
 
 
 def measured_cell_maps(

@@ -146,7 +146,9 @@ def train(
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
 
-    initial = load_checkpoint(config.init_from) if config.init_from and not resume else None
+    # 'auto' is decided by `cellseg.jobs.run_training`, which knows the job; here it means none.
+    init_from = None if config.init_from == "auto" else config.init_from
+    initial = load_checkpoint(init_from) if init_from and not resume else None
     model_config = decide_automatic_fields(model_config, train_pairs, initial.model_config if initial else None)
     if model_config.cell_diameter is not None:
         train_pairs, val_pairs = rescale_pairs(train_pairs, model_config), rescale_pairs(val_pairs, model_config)
@@ -172,11 +174,11 @@ def train(
     if initial is not None:
         if initial.model_config != model_config:
             raise ValueError(
-                f"'{config.init_from}' holds a model built as {initial.model_config.model_dump()}, "
+                f"'{init_from}' holds a model built as {initial.model_config.model_dump()}, "
                 f"not {model_config.model_dump()}; fine-tune with the checkpoint's model config"
             )
         model.load_state_dict(initial.state_dict)
-        logger.info("fine-tuning from %s", config.init_from)
+        logger.info("fine-tuning from %s", init_from)
 
     if resume:
         state = load_checkpoint(str(out / LAST_CHECKPOINT))
@@ -208,7 +210,7 @@ def train(
         torch.manual_seed(config.seed * 1_000_003 + epoch)  # dropout masks and batch order
         train_set.set_epoch(epoch)
         loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True)
-        if config.init_from and config.freeze_encoder_epochs:
+        if init_from and config.freeze_encoder_epochs:
             for parameter in (*model.stem.parameters(), *model.encoder.parameters()):
                 parameter.requires_grad_(epoch > config.freeze_encoder_epochs)
         model.train()

@@ -67,6 +67,9 @@ def plan_trials(
                         "loss": params["loss"],
                         "augmentation": augmentation_preset(params["augmentation"]),
                         "border_weight": params["border_weight"],
+                        # A search compares architectures trained alike: none fine-tunes the shipped
+                        # model unless the search says so.
+                        "init_from": None if training.init_from == "auto" else training.init_from,
                     }
                 ),
             )

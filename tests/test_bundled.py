@@ -148,3 +148,7 @@ def test_the_nuclei_recipe_trains_on_labelled_images_at_their_cell_size(tmp_path
     assert checkpoint.model_config.distance_map
     assert isinstance(checkpoint.model_config.cell_diameter, float)  # 'auto' decided from the labels
     assert outcome.cells["images"] == 2  # validation scored at cell level
+    assert checkpoint.size_model is not None  # each image's cell size is estimated from the network's features
+    image = read_image(str(tmp_path / "data" / "images" / f"{ids[0]}.png"))
+    (maps,) = Predictor(checkpoint, PredictConfig(device="cpu")).cell_maps([image])
+    assert maps.scale["measured"] and maps.scale["measured_diameter"] is not None

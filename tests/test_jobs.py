@@ -59,7 +59,9 @@ def test_run_segmentation_segments_once_and_skips_done_images(trained, tmp_path)
     report = run_segmentation(job, on_plan=planned.append, on_image=images.append)
     assert len(report.done) == 8 and report.failed == [] and planned == [8] and len(images) == 8
     record = ResultStore.open(job.store_url, mode="r").record("synth_0000")
-    assert record["model"]["predict"] == job.predict.model_dump(mode="json")
+    # The settings as used: the split the model decided at training time fills in the undecided one.
+    decided = load_checkpoint(str(outcome.best_checkpoint)).split_touching
+    assert record["model"]["predict"] == job.predict.model_copy(update={"split_touching": decided}).model_dump(mode="json")
     assert record["model"]["checkpoint"] == job.checkpoint_url
     again = run_segmentation(job)
     assert again.done == [] and sorted(again.skipped) == sorted(report.done)
@@ -106,3 +108,45 @@ def test_a_checkpoint_rewritten_between_runs_is_loaded_afresh(trained, tmp_path)
                 for url in (str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr"))}
     assert len(first.done) == len(second.done) == 8 and len(versions) == 2
     assert pin_model(job).model_version in versions
+
+
+# Where training starts: the shipped model for small datasets, unless told otherwise ----------------
+
+
+def test_small_datasets_fine_tune_the_shipped_model_by_default(tmp_path):
+    from cellseg.bundled import shipped_checkpoint
+    from cellseg.jobs import FINE_TUNE_MAX_IMAGES, starting_checkpoint
+
+    job = TrainJob(images_url="images", masks_url="masks")
+    assert starting_checkpoint(job, 36) == shipped_checkpoint()
+    assert starting_checkpoint(job, FINE_TUNE_MAX_IMAGES) is None  # enough data to learn from scratch
+    assert starting_checkpoint(job.model_copy(update={"model": SMALL}), 36) is None  # an architecture of its own
+    scratch = job.model_copy(update={"training": TrainConfig(init_from=None)})
+    assert starting_checkpoint(scratch, 36) is None
+    general = job.model_copy(update={"training": TrainConfig(init_from="general")})
+    assert starting_checkpoint(general, 5000) == shipped_checkpoint("general")
+    named = job.model_copy(update={"training": TrainConfig(init_from=str(tmp_path / "x.pt"))})
+    assert starting_checkpoint(named, 36) == str(tmp_path / "x.pt")
+
+
+def test_cellseg_train_fine_tunes_the_shipped_model_and_from_scratch_opts_out(tmp_path, caplog):
+    import logging
+
+    from cellseg.bundled import shipped_checkpoint
+    from cellseg.cli import main
+
+    write_dataset(str(tmp_path / "data"), count=4, size=64, seed=6)
+    common = ["train", "--images", str(tmp_path / "data/images"), "--masks", str(tmp_path / "data/labels"),
+              "--epochs", "1", "--patch-size", "64", "--device", "cpu", "--val-fraction", "0.25"]
+    with caplog.at_level(logging.INFO, logger="cellseg"):
+        assert main([*common, "--out", str(tmp_path / "tuned")]) == 0
+    assert "fine-tuning the shipped" in caplog.text
+    shipped = load_checkpoint(shipped_checkpoint())
+    tuned = load_checkpoint(str(tmp_path / "tuned" / "best.pt"))
+    assert tuned.model_config == shipped.model_config
+    assert tuned.train_config.init_from == shipped_checkpoint()
+    assert any(not np.array_equal(tuned.state_dict[k], shipped.state_dict[k]) for k in shipped.state_dict)
+
+    assert main([*common, "--out", str(tmp_path / "scratch"), "--from-scratch"]) == 0
+    scratch = load_checkpoint(str(tmp_path / "scratch" / "best.pt"))
+    assert scratch.train_config.init_from is None and scratch.model_config == ModelConfig()

@@ -245,3 +245,20 @@ def test_a_collection_works_at_one_size_only_when_its_cell_sizes_differ():
     # Binary masks count the cells as predict splits them.
     binary = [dataclasses.replace(pair, instances=None) for pair in mixed]
     assert collection_cell_diameter(binary) == pytest.approx(expected, abs=1.0)
+
+
+@pytest.mark.parametrize("times_model_size", [0.5, 1.0, 2.0])
+def test_the_nuclei_model_estimates_the_cell_size_of_each_image(times_model_size):
+    """Synthetic nuclei at half, once and twice the shipped model's cell size: the size each image
+    is predicted at is within 15% of its true median cell diameter."""
+    checkpoint = load_checkpoint(shipped_checkpoint("nuclei"))
+    model_diameter = checkpoint.model_config.cell_diameter
+    sample = generate_sample(np.random.default_rng(11), (256, 256))
+    factor = times_model_size * model_diameter / median_cell_diameter(sample.labels)
+    shape = scaled_shape(sample.image.shape, factor)
+    image, labels = resize(sample.image, shape, order=1), resize(sample.labels.astype(np.int32), shape, order=0)
+    true_diameter = median_cell_diameter(labels)
+    assert true_diameter == pytest.approx(times_model_size * model_diameter, rel=0.1)
+    (maps,) = Predictor(checkpoint, PredictConfig(device="cpu")).cell_maps([image])
+    assert maps.scale["measured"] is True
+    assert maps.scale["cell_diameter"] == pytest.approx(true_diameter, rel=0.15)

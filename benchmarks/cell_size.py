@@ -1,0 +1,93 @@
+"""What estimating each image's cell size costs and how close it comes, on a test set:
+
+    python -m benchmarks.cell_size [--model nuclei] [--dataset ../shared/data/dsb2018]
+
+Times three ways of predicting every image with a model trained at a cell size: with the size
+estimated (the default, no settings), with the true median nucleus diameter stated
+(`--cell-diameter`: one pass at the right scale), and one plain forward pass at the image's own
+scale. Prints the ratios and, per image, the estimated and true diameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellseg.bundled import shipped_checkpoint, shipped_name
+from cellseg.checkpoint import load_checkpoint
+from cellseg.config import PredictConfig
+from cellseg.infer import Predictor
+from cellseg.io import image_stem, list_images, read_image
+from cellseg.scale import median_cell_diameter
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def bench_cell_size(model: str = "nuclei", dataset: Path = DATA / "dsb2018") -> dict:
+    """Seconds for the three ways over the dataset's images, their ratios and the size estimates."""
+    checkpoint = load_checkpoint(shipped_checkpoint(model) if shipped_name(model) else model)
+    if not isinstance(checkpoint.model_config.cell_diameter, float | int):
+        raise ValueError(f"'{model}' has no cell size: nothing to estimate")
+    native_model = dataclasses.replace(checkpoint, model_config=checkpoint.model_config.model_copy(
+        update={"cell_diameter": None}))
+    urls = list_images(str(dataset / "images"))
+    images = [read_image(url) for url in urls]
+    truths = [median_cell_diameter(read_image(str(dataset / "labels" / Path(url).name))) for url in urls]
+    config = PredictConfig(device="cpu")
+    estimated = Predictor(checkpoint, config)
+    native = Predictor(native_model, config)
+    estimated.cell_maps(images[:1])  # warm-up: first-call allocations are not part of the cost
+    seconds = {"estimated": 0.0, "stated": 0.0, "native": 0.0}
+    rows: list[dict[str, Any]] = []
+    for url, image, truth in zip(urls, images, truths, strict=True):
+        started = time.perf_counter()
+        (maps,) = estimated.cell_maps([image])
+        seconds["estimated"] += time.perf_counter() - started
+        stated = Predictor(checkpoint, config.model_copy(update={"cell_diameter": truth}))
+        started = time.perf_counter()
+        stated.cell_maps([image])
+        seconds["stated"] += time.perf_counter() - started
+        started = time.perf_counter()
+        native.cell_maps([image])
+        seconds["native"] += time.perf_counter() - started
+        scale = maps.scale or {}
+        rows.append({"image_id": image_stem(url), "true_diameter": truth,
+                     "estimated_diameter": scale.get("measured_diameter") or scale.get("cell_diameter"),
+                     "factor": scale.get("factor")})
+    errors = [abs(row["estimated_diameter"] / row["true_diameter"] - 1) for row in rows
+              if row["estimated_diameter"] and row["true_diameter"]]
+    return {
+        "model": model, "dataset": dataset.name, "images": len(images), "seconds": seconds,
+        "estimated_vs_stated": seconds["estimated"] / seconds["stated"],
+        "estimated_vs_native": seconds["estimated"] / seconds["native"],
+        "within_25_percent": float(np.mean(np.array(errors) <= 0.25)) if errors else None,
+        "median_relative_error": float(np.median(errors)) if errors else None,
+        "per_image": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="nuclei", help="a shipped model's name or a checkpoint file")
+    parser.add_argument("--dataset", type=Path, default=DATA / "dsb2018")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here too")
+    args = parser.parse_args()
+    result = bench_cell_size(args.model, args.dataset)
+    for row in result["per_image"]:
+        print(f"{row['image_id']:<24} true {row['true_diameter']:6.1f}  estimated {row['estimated_diameter'] or 0:6.1f}")
+    print(f"{result['images']} images: estimated size {result['seconds']['estimated']:.1f} s, stated size "
+          f"{result['seconds']['stated']:.1f} s, plain pass at the image's scale {result['seconds']['native']:.1f} s; "
+          f"{result['estimated_vs_stated']:.2f}x stated, {result['estimated_vs_native']:.2f}x plain; "
+          f"within 25% on {result['within_25_percent']:.0%}, median error {result['median_relative_error']:.0%}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

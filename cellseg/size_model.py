@@ -1,0 +1,135 @@
+"""Each image's cell size, read from what the network sees (after Cellpose's size model).
+
+A model trained at one cell size (`ModelConfig.cell_diameter`) must know how large the cells of
+a new image are before it can resample the image to its size. The contracting path already
+describes an image's texture at every scale: `UNet.features` summarises it in one vector, and
+a ridge regression from that vector to the logarithm of the median cell diameter, fitted when
+training ends on the training images shown at many magnifications, reads the size off it. It
+costs one pass of the contracting path over a crop of at most SIZE_CROP pixels a side.
+
+The regression lives in the checkpoint (`Checkpoint.size_model`), as plain lists of floats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cellseg.model import UNet
+from cellseg.pairs import LoadedPair
+from cellseg.runtime import autocast_context
+from cellseg.scale import MAX_UPSCALED_PIXELS, cells_of, median_cell_diameter, resize, scaled_shape
+
+SIZE_CROP = 512  # features are read from the central crop of at most this many pixels a side
+MAGNIFICATIONS = 3  # training images are each shown at this many random magnifications
+MAGNIFICATION_RANGE = 2.0  # drawn log-uniformly from [1/this, this] times the image's own
+RIDGE_PENALTIES = (0.1, 1.0, 10.0, 100.0, 1000.0)  # tried by cross-validation
+MIN_EXAMPLES = 10  # fewer (image, magnification) examples fit no size model
+
+Features = Callable[[np.ndarray], np.ndarray]
+"""A network's `UNet.features` of one normalised (H, W) image, as a 1-D array."""
+
+
+@dataclass(frozen=True)
+class SizeModel:
+    """log(median cell diameter) = standardised features . coefficients + intercept."""
+
+    coefficients: np.ndarray
+    intercept: float
+    feature_mean: np.ndarray
+    feature_scale: np.ndarray
+    penalty: float
+
+    def diameter(self, features: np.ndarray) -> float:
+        """The median cell diameter (pixels) of the image the features describe."""
+        standardised = (features - self.feature_mean) / self.feature_scale
+        return float(np.exp(standardised @ self.coefficients + self.intercept))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"coefficients": self.coefficients.tolist(), "intercept": self.intercept,
+                "feature_mean": self.feature_mean.tolist(), "feature_scale": self.feature_scale.tolist(),
+                "penalty": self.penalty}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SizeModel:
+        return cls(np.asarray(data["coefficients"], np.float64), float(data["intercept"]),
+                   np.asarray(data["feature_mean"], np.float64), np.asarray(data["feature_scale"], np.float64),
+                   float(data["penalty"]))
+
+
+def central_crop(image: np.ndarray, size: int = SIZE_CROP) -> np.ndarray:
+    """The central `size` x `size` window of an (H, W) image (the whole of a smaller side)."""
+    top, left = max(0, (image.shape[0] - size) // 2), max(0, (image.shape[1] - size) // 2)
+    return image[top : top + size, left : left + size]
+
+
+def network_features(model: UNet, device: torch.device, amp: bool = True) -> Features:
+    """`Features` of a network: its `UNet.features` of an image's central crop, in eval mode."""
+
+    def features(image: np.ndarray) -> np.ndarray:
+        model.eval()
+        with torch.inference_mode(), autocast_context(device, amp):
+            x = torch.from_numpy(np.ascontiguousarray(central_crop(image), dtype=np.float32))[None, None].to(device)
+            return model.features(x)[0].float().cpu().numpy().astype(np.float64)
+
+    return features
+
+
+def size_examples(
+    pairs: Sequence[LoadedPair], features: Features, seed: int = 0, magnifications: int = MAGNIFICATIONS
+) -> tuple[np.ndarray, np.ndarray]:
+    """(features, log median cell diameter) of each pair shown at `magnifications` random
+    magnifications (resampled image and cells); pairs without cells are left out."""
+    rng = np.random.default_rng(seed)
+    rows, targets = [], []
+    for pair in pairs:
+        diameter = median_cell_diameter(cells_of(pair))
+        if diameter is None:
+            continue
+        for _ in range(magnifications):
+            factor = float(np.exp(rng.uniform(-np.log(MAGNIFICATION_RANGE), np.log(MAGNIFICATION_RANGE))))
+            # Only the central crop is read: resample just enough of the image to fill it.
+            window = central_crop(pair.image, int(np.ceil(SIZE_CROP / factor)) + 2)
+            if window.size * factor**2 > MAX_UPSCALED_PIXELS:
+                continue
+            image = resize(window, scaled_shape(window.shape, factor), order=1)
+            rows.append(features(image))
+            targets.append(np.log(diameter * factor))
+    return np.asarray(rows), np.asarray(targets)
+
+
+def fit_size_model(features: np.ndarray, targets: np.ndarray, folds: int = 5, seed: int = 0) -> SizeModel:
+    """Ridge regression of `targets` on standardised `features`, its penalty chosen from
+    RIDGE_PENALTIES by `folds`-fold cross-validation."""
+    if len(targets) < max(folds, MIN_EXAMPLES):
+        raise ValueError(f"{len(targets)} examples are too few to fit a size model (at least {MIN_EXAMPLES})")
+    order = np.random.default_rng(seed).permutation(len(targets))
+    fold_of = np.empty(len(targets), int)
+    fold_of[order] = np.arange(len(targets)) % folds
+
+    def errors(penalty: float) -> float:
+        squared = 0.0
+        for fold in range(folds):
+            train, test = fold_of != fold, fold_of == fold
+            model = _ridge(features[train], targets[train], penalty)
+            predicted = np.log([model.diameter(row) for row in features[test]])
+            squared += float(((predicted - targets[test]) ** 2).sum())
+        return squared
+
+    best = min(RIDGE_PENALTIES, key=errors)
+    return _ridge(features, targets, best)
+
+
+def _ridge(features: np.ndarray, targets: np.ndarray, penalty: float) -> SizeModel:
+    mean = features.mean(axis=0)
+    scale = features.std(axis=0)
+    scale[scale < 1e-8] = 1.0
+    x = (features - mean) / scale
+    intercept = float(targets.mean())
+    gram = x.T @ x + penalty * np.eye(x.shape[1])
+    coefficients = np.linalg.solve(gram, x.T @ (targets - intercept))
+    return SizeModel(coefficients, intercept, mean, scale, penalty)
