@@ -58,7 +58,7 @@ def bench_cell_size(model: str = "nuclei", dataset: Path = DATA / "dsb2018") -> 
         seconds["native"] += time.perf_counter() - started
         scale = maps.scale or {}
         rows.append({"image_id": image_stem(url), "true_diameter": truth,
-                     "estimated_diameter": scale.get("measured_diameter") or scale.get("cell_diameter"),
+                     "estimated_diameter": scale.get("cell_diameter"),
                      "factor": scale.get("factor")})
     errors = [abs(row["estimated_diameter"] / row["true_diameter"] - 1) for row in rows
               if row["estimated_diameter"] and row["true_diameter"]]

@@ -109,8 +109,7 @@ def measure_model(dataset: Path, model: str, out: Path, config: PredictConfig) -
         truth = read_image(f"{labels_url}/{image_id}.png") if labels_url else None
         row["modality"] = modality(read_image(str(dataset / "images" / f"{image_id}.png")), truth) if truth is not None else "all"
         scale = store.record(image_id).get("scale") or {}
-        # The median diameter of the cells found at the size predicted for, where recorded.
-        estimated = scale.get("measured_diameter") or scale.get("cell_diameter")
+        estimated = scale.get("cell_diameter")  # the size the image was predicted at
         true_diameter = median_cell_diameter(truth) if truth is not None else None
         if estimated is not None and true_diameter is not None:
             row["estimated_diameter"], row["true_diameter"] = estimated, true_diameter
