@@ -6,7 +6,8 @@ Writes <out>/results.json and prints a table. Sections: hardware limit (dense ma
 the model's FLOPs), training (product loop vs the naive batch-1 fp32 loop at equal epochs), naive
 inference loop, model-only forward, product (`segment-images` from a local folder and from s3://
 on a loopback moto server, one shard at a time and two in parallel), memory (2,000 images; one
-8192x8192 image, tiled) and agreement of the fast path with plain fp32.
+8192x8192 image, tiled), agreement of the fast path with plain fp32 and the cost of estimating
+each image's cell size with the shipped nuclei model (`benchmarks.cell_size`).
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import torch
 from PIL import Image
 
 from benchmarks.baselines import notebook_epoch
+from benchmarks.cell_size import bench_cell_size
 from benchmarks.servers import (
     MOTO_CREDENTIALS,
     running_moto_server,
     running_prefect_server,
 )
-from cellseg.checkpoint import load_checkpoint
+from cellseg.checkpoint import CheckpointError, load_checkpoint
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
 from cellseg.infer import Predictor, forward_probabilities
 from cellseg.io import list_images, read_image
@@ -325,6 +327,11 @@ def main() -> None:
         reference = {name: (Path(f"runs/ref-{name}/best.pt"), data / name / "images") for name in ("isbi2012", "dsb2018")}
         available = {k: v for k, v in reference.items() if v[0].exists() and v[1].exists()}
         results["fast_path_agreement"] = fast_path_agreement(available or {"synthetic": (checkpoint, work / "infer/images")})
+        print("cell size ...", flush=True)
+        try:
+            results["cell_size"] = bench_cell_size("nuclei", data / "dsb2018")
+        except (FileNotFoundError, CheckpointError) as error:  # no shipped nuclei model or no dsb2018 here
+            print(f"cell size: skipped ({error})")
     results["ratios"] = {
         "product_vs_model_only": results["product_local"]["images_per_second"] / results["model_only"]["images_per_second"],
         "product_vs_naive": results["product_local"]["images_per_second"] / results["naive"]["images_per_second"],
@@ -373,6 +380,12 @@ def print_table(r: dict) -> None:
         ("tiled vs whole 2048^2", f"interior pixels agree {mem['tile_agreement']['interior_pixel_agreement']:.4%}",
          f"Dice {mem['tile_agreement']['dice']:.4f}"),
     ]
+    if "cell_size" in r:
+        size = r["cell_size"]
+        rows.append((f"cell size estimated, {size['dataset']} ({size['images']} images)",
+                     f"{size['seconds']['estimated']:.1f} s vs stated {size['seconds']['stated']:.1f} s",
+                     f"{size['estimated_vs_stated']:.2f}x stated size, {size['estimated_vs_native']:.2f}x one plain pass "
+                     f"(<= 2); within 25% on {size['within_25_percent']:.0%} (>= 90%)"))
     for name, agreement in r["fast_path_agreement"].items():
         rows.append((f"bf16 vs fp32 masks, {name}", f"pixels agree {agreement['pixel_agreement']:.4%}",
                      f"Dice {agreement['dice']:.4f} (>= 0.999)"))
