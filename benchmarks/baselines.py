@@ -115,7 +115,7 @@ def notebook_unet_scores(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, help="folder with images/ and masks/")
-    parser.add_argument("--minutes", type=float, default=TrainConfig().max_minutes)
+    parser.add_argument("--minutes", type=float, default=TrainConfig().time_budget(fine_tuning=False))
     parser.add_argument("--skip-unet", action="store_true")
     parser.add_argument("--out", default="runs/benchmarks")
     args = parser.parse_args()

@@ -25,9 +25,9 @@ def cell_diameter(text: str) -> float | str | None:
     return float(text)
 
 
-def minutes(text: str) -> float | None:
-    """--max-minutes: 0 means no limit."""
-    return float(text) or None
+def minutes(text: str) -> float | str | None:
+    """--max-minutes: 0 means no limit, 'auto' the default budget."""
+    return text if text == "auto" else float(text) or None
 
 
 Flag = tuple[tuple[str, ...], str, dict[str, Any]]  # (flags, settings field, argparse keywords)
@@ -52,7 +52,8 @@ TRAINING_FLAGS: list[Flag] = [
     (("--border-weight",), "training.border_weight", {
         "type": float, "help": "U-Net paper border weight w0 on background between nearby cells (paper: 10; 0 = off)"}),
     (("--border-sigma",), "training.border_sigma", {"type": float, "help": "pixels over which the border weight decays"}),
-    (("--max-minutes",), "training.max_minutes", {"type": minutes, "help": "wall-clock budget; 0 for none"}),
+    (("--max-minutes",), "training.max_minutes", {"type": minutes, "help": "wall-clock budget; 0 for none; auto: 15 "
+                                                                           "when fine-tuning, 25 from scratch"}),
     (("--device",), "training.device", {"help": "auto, cpu, cuda or cuda:N"}),
     (("--no-amp",), "training.amp", {"action": "store_const", "const": False,
                                      "help": "plain fp32, no bf16/fp16 mixed precision"}),

@@ -133,6 +133,10 @@ class AugmentationConfig(_Config):
         return cls(affine_probability=0.5, elastic_probability=0.5, intensity_probability=0.5)
 
 
+FINE_TUNE_MINUTES = 15.0  # the 'auto' training budget when fine-tuning
+SCRATCH_MINUTES = 25.0  # and from scratch
+
+
 class TrainConfig(_Config):
     """Optimisation, early stopping and data sampling for training."""
 
@@ -176,7 +180,19 @@ class TrainConfig(_Config):
     patience: int = Field(15, ge=1, description="epochs without improvement before stopping")
     min_delta: float = Field(1e-3, ge=0.0, description="smallest change counted as an improvement")
     monitor: Literal["val_dice", "val_iou", "val_loss"] = "val_dice"
-    max_minutes: float | None = Field(25.0, gt=0.0, description="wall-clock budget; None for no limit")
+    max_minutes: Annotated[float, Field(gt=0.0)] | Literal["auto"] | None = Field(
+        "auto",
+        description=(
+            "wall-clock budget in minutes; 'auto': 15 when fine-tuning (a checkpoint or shipped model to start "
+            "from), 25 from scratch; None for no limit"
+        ),
+    )
+
+    def time_budget(self, fine_tuning: bool) -> float | None:
+        """The wall-clock budget in minutes ('auto' decided), None for none."""
+        if self.max_minutes == "auto":
+            return FINE_TUNE_MINUTES if fine_tuning else SCRATCH_MINUTES
+        return self.max_minutes
     device: Device = "auto"
     amp: bool = Field(True, description="bf16/fp16 mixed precision on CUDA and on CPUs with native bf16")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="probability threshold for metrics")

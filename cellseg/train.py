@@ -196,6 +196,7 @@ def train(
         logger.info("resuming from %s after epoch %d", out / LAST_CHECKPOINT, state.epoch)
 
     cut = logit_threshold(config.threshold)
+    budget = config.time_budget(fine_tuning=bool(init_from))
     started = time.monotonic() - spent_seconds
     stop_reason = "max epochs reached"
     logger.info(
@@ -284,8 +285,8 @@ def train(
             stop_reason = f"early stop: no {monitor_key} improvement for {config.patience} epochs"
             break
         elapsed = time.monotonic() - started
-        if config.max_minutes is not None and elapsed + record["seconds"] > config.max_minutes * 60:
-            stop_reason = f"time budget of {config.max_minutes:g} minutes reached"
+        if budget is not None and elapsed + record["seconds"] > budget * 60:
+            stop_reason = f"time budget of {budget:g} minutes reached"
             break
 
     if best_score is None:
