@@ -106,10 +106,10 @@ def run_training(
     split.json and the pictures), on `pairs` or else the pairs found at the job's URLs.
 
     Fine-tuning (`training.init_from`, see `starting_checkpoint`) takes the model config of that
-    checkpoint. The split is
-    deterministic (`training.seed`), every image is decoded and normalised once, and the best
-    checkpoint is scored on the validation images at cell level (with instance label masks)
-    exactly as `cellseg predict` would segment them with `job.predict`.
+    checkpoint. The split is deterministic (`training.seed`), every image is decoded and
+    normalised once, the best checkpoint gets what prediction needs beyond its weights
+    (`finish_checkpoint`), and it is scored on the validation images at cell level (with instance
+    label masks) exactly as `cellseg predict` would segment them with `job.predict`.
     """
     if pairs is None:
         pairs = pair_images_and_masks(job.images_url, job.masks_url)
