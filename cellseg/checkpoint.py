@@ -40,6 +40,7 @@ class Checkpoint:
     # Whether `predict` separates touching cells by default with this model (decided from the
     # validation images when training ends; PredictConfig.split_touching overrides it).
     split_touching: bool = True
+    threshold: float = 0.5  # the probability threshold `predict` uses by default, decided likewise
     # For a model at a cell size: the regression that reads an image's cell size off the
     # network's features (`cellseg.size_model.SizeModel.to_dict`), fitted when training ends.
     size_model: dict[str, Any] | None = None
@@ -67,6 +68,7 @@ class Checkpoint:
             "epoch": self.epoch,
             "dataset_manifest_hash": self.dataset_manifest_hash,
             "split_touching": self.split_touching,
+            "threshold": self.threshold,
             "size_model": self.size_model,
             "cellseg_version": self.cellseg_version,
             "created": self.created,
@@ -123,6 +125,7 @@ def load_checkpoint_bytes(data: bytes, name: str) -> Checkpoint:
             epoch=payload["epoch"],
             dataset_manifest_hash=payload.get("dataset_manifest_hash"),
             split_touching=bool(payload.get("split_touching", True)),
+            threshold=float(payload.get("threshold", 0.5)),
             size_model=payload.get("size_model"),
             cellseg_version=payload["cellseg_version"],
             created=payload["created"],

@@ -201,7 +201,10 @@ class TrainConfig(_Config):
 class PredictConfig(_Config):
     """Inference: thresholding, batching, precision, tiling and the statistics it feeds."""
 
-    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    threshold: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
+        None, description="probability threshold for a cell pixel; None: as the model decided at training time "
+                          "from its validation images (0.5 for models trained before)"
+    )
     batch_size: int | None = Field(
         None, ge=1, description="images per forward pass; None: 1 on CPU (fastest there), 8 on CUDA"
     )

@@ -121,34 +121,45 @@ def validation_cell_scores(predictor: Predictor, pairs: Sequence[LoadedPair]) ->
     return summarise_instance_scores(rows)
 
 
-def choose_split(predictor: Predictor, pairs: Sequence[LoadedPair]) -> tuple[bool, dict[bool, dict[str, Any]]]:
-    """Whether separating touching cells helps `predictor`'s model on the validation `pairs`
-    (`split_decision` on its maps of their images), and the scores of both choices."""
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6)  # probability thresholds a model's default is chosen from
+Choice = tuple[bool, float]  # (split touching cells, probability threshold)
+
+
+def choose_postprocessing(predictor: Predictor, pairs: Sequence[LoadedPair]) -> tuple[Choice, dict[Choice, dict[str, Any]]]:
+    """The post-processing that suits `predictor`'s model best on the validation `pairs`
+    (`postprocessing_decision` on its maps of their images), and the scores of every choice."""
     labelled = any(pair.instances is not None for pair in pairs)
     scored = [pair for pair in pairs if pair.instances is not None or not labelled]
     maps = [predictor.normalised_cell_maps([pair.image])[0] for pair in scored]
     truths = [pair.instances if pair.instances is not None else truth_regions(pair.mask) for pair in scored]
-    return split_decision(maps, truths, predictor.config, labelled)
+    return postprocessing_decision(maps, truths, predictor.config, labelled)
 
 
-def split_decision(
-    maps: Sequence[CellMaps], truths: Sequence[np.ndarray], config: PredictConfig, labelled: bool
-) -> tuple[bool, dict[bool, dict[str, Any]]]:
-    """Whether to separate touching cells, judged on predicted `maps` against true regions, and
-    the scores of both choices: cell F1 at IoU 0.5 (mean over images) when the truths are
-    instance labels (`labelled`), else the adapted Rand error against the masks' 4-connected
-    components (as for EM, where a split cuts membrane-bounded regions the mask already
-    separates). Splitting is kept unless not splitting scores strictly better; no images: split."""
+def postprocessing_decision(
+    maps: Sequence[CellMaps], truths: Sequence[np.ndarray], config: PredictConfig, labelled: bool,
+    thresholds: Sequence[float] = THRESHOLDS,
+) -> tuple[Choice, dict[Choice, dict[str, Any]]]:
+    """Whether to separate touching cells and at which probability threshold, judged on
+    predicted `maps` against true regions, and the scores of every choice: cell F1 at IoU 0.5
+    (mean over images) when the truths are instance labels (`labelled`), else the adapted Rand
+    error against the masks' 4-connected components (as for EM, where a split cuts
+    membrane-bounded regions the mask already separates). Ties go to splitting and to the
+    threshold nearest 0.5; no images: (True, 0.5)."""
     if not maps:
-        return True, {}
-    scores = {}
+        return (True, 0.5), {}
+    scores: dict[Choice, dict[str, Any]] = {}
     for split in (True, False):
-        split_config = config.model_copy(update={"split_touching": split})
-        rows = []
-        for cell_maps, truth in zip(maps, truths, strict=True):
-            cells = cell_labels(cell_maps, split_config)
-            rows.append(instance_scores(cells, truth) | region_scores(cells, truth))
-        scores[split] = summarise_instance_scores(rows) | summarise_region_scores(rows)
-    if labelled:
-        return not scores[False]["f1_mean"] > scores[True]["f1_mean"], scores
-    return not scores[False]["adapted_rand_error_mean"] < scores[True]["adapted_rand_error_mean"], scores
+        for threshold in thresholds:
+            choice_config = config.model_copy(update={"split_touching": split, "threshold": threshold})
+            rows = []
+            for cell_maps, truth in zip(maps, truths, strict=True):
+                cells = cell_labels(cell_maps, choice_config)
+                rows.append(instance_scores(cells, truth) | region_scores(cells, truth))
+            scores[(split, threshold)] = summarise_instance_scores(rows) | summarise_region_scores(rows)
+
+    def merit(choice: Choice) -> tuple[float, bool, float]:
+        found = scores[choice]
+        score = found["f1_mean"] if labelled else -found["adapted_rand_error_mean"]
+        return score, choice[0], -abs(choice[1] - 0.5)
+
+    return max(scores, key=merit), scores

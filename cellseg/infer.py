@@ -109,8 +109,11 @@ class Predictor:
 
     def __init__(self, checkpoint: Checkpoint, config: PredictConfig = PredictConfig(), model_version: str = ""):
         self.checkpoint = checkpoint
+        # Settings left to the model take what training decided for it.
         if config.split_touching is None:
             config = config.model_copy(update={"split_touching": checkpoint.split_touching})
+        if config.threshold is None:
+            config = config.model_copy(update={"threshold": checkpoint.threshold})
         self.config = config
         self.model_version = model_version
         self.device = resolve_device(config.device)
@@ -145,7 +148,12 @@ class Predictor:
 
     def masks(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """(H, W) boolean cell masks (probability above the threshold) for raw images."""
-        return [threshold_probabilities(p, self.config.threshold) for p in self.probabilities(images)]
+        return [threshold_probabilities(p, self.threshold) for p in self.probabilities(images)]
+
+    @property
+    def threshold(self) -> float:
+        """The probability threshold in use: the settings', else the one decided for the model."""
+        return self.checkpoint.threshold if self.config.threshold is None else self.config.threshold
 
     def cell_maps(self, images: Sequence[np.ndarray]) -> list[CellMaps]:
         """`CellMaps` for raw (H, W) images of any dtype and size."""

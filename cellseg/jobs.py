@@ -25,7 +25,7 @@ import numpy as np
 from cellseg.bundled import BUNDLED_VERSION, shipped_checkpoint, shipped_name
 from cellseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cellseg.config import ModelConfig
-from cellseg.evaluate import choose_split, validation_cell_scores
+from cellseg.evaluate import choose_postprocessing, validation_cell_scores
 from cellseg.infer import Predictor
 from cellseg.io import list_images
 from cellseg.job_config import SegmentJob, TrainJob, TuneJob
@@ -157,8 +157,8 @@ def finish_checkpoint(
 
     - for a model at a cell size, its size model (`cellseg.size_model`), fitted on the training
       images shown at random magnifications;
-    - whether `predict` separates touching cells by default (`choose_split` on the validation
-      images, unless `job.predict.split_touching` says so).
+    - whether `predict` separates touching cells by default, and its probability threshold
+      (`choose_postprocessing` on the validation images, unless `job.predict` says them).
     """
     checkpoint = load_checkpoint(checkpoint_url)
     device = resolve_device(job.training.device)
@@ -176,15 +176,19 @@ def finish_checkpoint(
             errors = np.abs([size_model.diameter(row) for row in held_out[0]] / np.exp(held_out[1]) - 1)
             logger.info("size model (%d examples): validation images' cell size within 25%% on %.0f%%, median error %.0f%%",
                         len(examples[1]), 100 * np.mean(errors <= 0.25), 100 * np.median(errors))
-    decided = job.predict.split_touching
-    if decided is None:
-        predictor = Predictor(checkpoint, job.predict.model_copy(update={"device": job.training.device}))
-        decided, scores = choose_split(predictor, val_pairs)
+    given = job.predict
+    if given.split_touching is None or given.threshold is None:
+        predictor = Predictor(checkpoint, given.model_copy(update={"device": job.training.device}))
+        (split, threshold), scores = choose_postprocessing(predictor, val_pairs)
+        checkpoint.split_touching = split if given.split_touching is None else given.split_touching
+        checkpoint.threshold = threshold if given.threshold is None else given.threshold
         if scores:
-            measure = "f1_mean" if "f1_mean" in scores[True] else "adapted_rand_error_mean"
-            logger.info("touching cells %s by default: validation %s %.4f split, %.4f unsplit",
-                        "split" if decided else "kept whole", measure, scores[True][measure], scores[False][measure])
-    checkpoint.split_touching = decided
+            measure = "f1_mean" if "f1_mean" in scores[(split, threshold)] else "adapted_rand_error_mean"
+            logger.info("post-processing: touching cells %s, threshold %g (validation %s %.4f; split at 0.5: %.4f, "
+                        "unsplit at 0.5: %.4f)", "split" if split else "kept whole", threshold, measure,
+                        scores[(split, threshold)][measure], scores[(True, 0.5)][measure], scores[(False, 0.5)][measure])
+    else:
+        checkpoint.split_touching, checkpoint.threshold = given.split_touching, given.threshold
     save_checkpoint(checkpoint, checkpoint_url)
     return checkpoint
 

@@ -51,8 +51,9 @@ def cell_labels(maps: CellMaps, config: PredictConfig) -> np.ndarray:
     """One label per cell (int32, 0 = background), as `cellseg predict` stores them: the probability
     thresholded, touching cells split apart unless `split_touching` is off (at the peaks of the
     distance map when there is one, else at necks of the mask), cells below `min_cell_area` dropped.
-    An undecided `split_touching` (None, resolved by `Predictor` from its checkpoint) splits."""
-    mask = threshold_probabilities(maps.probability, config.threshold)
+    An undecided `split_touching` or `threshold` (None, resolved by `Predictor` from its
+    checkpoint) splits, at 0.5."""
+    mask = threshold_probabilities(maps.probability, 0.5 if config.threshold is None else config.threshold)
     split = config.split_touching is not False
     if maps.distance is not None and split:
         return split_at_distance_peaks(mask, maps.distance, config.min_cell_area, config.centre_prominence)

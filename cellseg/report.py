@@ -27,7 +27,7 @@ def training_pictures(
     written = [training_curves(history, str(run / CURVES_FILE))]
     if val_pairs:
         shown = list(val_pairs)[:max_images]
-        predictions = [probability > predictor.config.threshold
+        predictions = [probability > predictor.threshold
                        for probability in predictor.normalised_probabilities([pair.image for pair in shown])]
         written.append(overlay_gallery([p.image for p in shown], [p.mask for p in shown], predictions,
                                        [p.id for p in shown], str(run / GALLERY_FILE)))

@@ -199,7 +199,7 @@ def dumbbells(count: int) -> tuple[np.ndarray, np.ndarray]:
 
 def test_the_split_is_decided_by_what_the_truth_calls_a_cell():
     from cellseg.config import PredictConfig
-    from cellseg.evaluate import split_decision
+    from cellseg.evaluate import postprocessing_decision
     from cellseg.postprocess import CellMaps
     from cellseg.scoring import truth_regions
 
@@ -207,12 +207,25 @@ def test_the_split_is_decided_by_what_the_truth_calls_a_cell():
     maps = [CellMaps(cells.astype(np.float32))]  # a model that predicts the mask exactly
     config = PredictConfig(device="cpu")
     # Nuclei: each disc is a cell, so the neck must be cut.
-    split, scores = split_decision(maps, [labels], config, labelled=True)
-    assert split and scores[True]["f1_mean"] == 1.0 > scores[False]["f1_mean"]
+    (split, threshold), scores = postprocessing_decision(maps, [labels], config, labelled=True)
+    assert split and threshold == 0.5  # every threshold cuts a 0/1 map alike: the tie goes to 0.5
+    assert scores[(True, 0.5)]["f1_mean"] == 1.0 > scores[(False, 0.5)]["f1_mean"]
     # EM: the mask's components are the regions, so cutting them is wrong.
-    split, scores = split_decision(maps, [truth_regions(cells)], config, labelled=False)
+    (split, _), scores = postprocessing_decision(maps, [truth_regions(cells)], config, labelled=False)
     assert not split
-    assert scores[False]["adapted_rand_error_mean"] == 0.0 < scores[True]["adapted_rand_error_mean"]
+    assert scores[(False, 0.5)]["adapted_rand_error_mean"] == 0.0 < scores[(True, 0.5)]["adapted_rand_error_mean"]
+
+
+def test_the_threshold_is_the_one_that_finds_the_cells_best():
+    from cellseg.config import PredictConfig
+    from cellseg.evaluate import postprocessing_decision
+    from cellseg.postprocess import CellMaps
+
+    cells, labels = dumbbells(2)
+    faint = CellMaps(np.where(cells, 0.45, 0.05).astype(np.float32))  # a model unsure of every cell
+    (split, threshold), scores = postprocessing_decision([faint], [labels], PredictConfig(device="cpu"), labelled=True)
+    assert split and threshold == 0.4  # nearest 0.5 of the thresholds that find them
+    assert scores[(True, 0.5)]["f1_mean"] == 0.0 and scores[(True, 0.3)]["f1_mean"] == 1.0
 
 
 def test_the_decision_is_recorded_in_the_checkpoint_and_used_unless_overridden(tiny_checkpoint, tmp_path):
@@ -221,9 +234,10 @@ def test_the_decision_is_recorded_in_the_checkpoint_and_used_unless_overridden(t
     from cellseg.infer import Predictor
 
     checkpoint = load_checkpoint(str(tiny_checkpoint))
-    assert checkpoint.split_touching  # the default of checkpoints written before the decision existed
-    checkpoint.split_touching = False
+    checkpoint.split_touching, checkpoint.threshold = False, 0.3
     save_checkpoint(checkpoint, str(tmp_path / "kept-whole.pt"))
-    assert Predictor.from_checkpoint(str(tmp_path / "kept-whole.pt"), PredictConfig(device="cpu")).config.split_touching is False
-    forced = Predictor.from_checkpoint(str(tmp_path / "kept-whole.pt"), PredictConfig(device="cpu", split_touching=True))
-    assert forced.config.split_touching is True
+    decided = Predictor.from_checkpoint(str(tmp_path / "kept-whole.pt"), PredictConfig(device="cpu")).config
+    assert decided.split_touching is False and decided.threshold == 0.3
+    forced = Predictor.from_checkpoint(str(tmp_path / "kept-whole.pt"),
+                                       PredictConfig(device="cpu", split_touching=True, threshold=0.6)).config
+    assert forced.split_touching is True and forced.threshold == 0.6

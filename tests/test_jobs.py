@@ -62,6 +62,7 @@ def test_run_segmentation_segments_once_and_skips_done_images(trained, tmp_path)
     # The settings as used: the split the model decided at training time fills in the undecided one.
     decided = load_checkpoint(str(outcome.best_checkpoint)).split_touching
     assert record["model"]["predict"] == job.predict.model_copy(update={"split_touching": decided}).model_dump(mode="json")
+    assert record["model"]["predict"]["threshold"] == 0.4  # stated in the job
     assert record["model"]["checkpoint"] == job.checkpoint_url
     again = run_segmentation(job)
     assert again.done == [] and sorted(again.skipped) == sorted(report.done)
