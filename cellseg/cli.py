@@ -93,7 +93,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from cellseg.bundled import DEFAULT_SHIPPED_MODEL, SHIPPED_MODELS
+    from cellseg.bundled import BUNDLED_VERSION, DEFAULT_SHIPPED_MODEL, SHIPPED_MODELS, shipped_name
     from cellseg.jobs import SegmentJob, run_segmentation
     from cellseg.store import ResultStore
 
@@ -103,8 +103,9 @@ def _run_predict(args: argparse.Namespace) -> int:
             "no --model given: using the shipped '%s' model (%s); fine-tune it on your own images for best results",
             DEFAULT_SHIPPED_MODEL, SHIPPED_MODELS[DEFAULT_SHIPPED_MODEL][0],
         )
+    shipped = shipped_name(args.model or BUNDLED_VERSION)
     job = SegmentJob(source_url=args.images, store_url=args.out, registry_url=settings.registry_url,
-                     model_version="current" if args.model else "bundled", checkpoint_url=args.model,
+                     model_version=shipped or "current", checkpoint_url=None if shipped else args.model,
                      predict=settings.predict)
     with ExitStack() as bars:
         scan = bars.enter_context(_progress("reading store", "image"))

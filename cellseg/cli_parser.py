@@ -231,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
 
     predict = _command(commands, "predict", "predict", help="segment images into a zarr results store")
-    predict.add_argument("--model", help="checkpoint URL (e.g. runs/x/best.pt); default: the model shipped in the "
-                                         "package (cellseg models list)")
+    predict.add_argument("--model", help="checkpoint URL (e.g. runs/x/best.pt) or a shipped model's name (nuclei, "
+                                         "general); default: the shipped nuclei model")
     predict.add_argument("--images", required=True, help="directory URL of images to segment")
     predict.add_argument("--out", required=True, help="zarr store URL; created if missing, done images skipped")
     add_flags(predict, PREDICT_FLAGS)

@@ -152,3 +152,14 @@ def test_the_nuclei_recipe_trains_on_labelled_images_at_their_cell_size(tmp_path
     image = read_image(str(tmp_path / "data" / "images" / f"{ids[0]}.png"))
     (maps,) = Predictor(checkpoint, PredictConfig(device="cpu")).cell_maps([image])
     assert maps.scale["measured"] and maps.scale["measured_diameter"] is not None
+
+
+@pytest.mark.integration
+def test_cellseg_predict_takes_a_shipped_model_by_name(tmp_path):
+    write_dataset(str(tmp_path / "data"), count=2, size=96, seed=5)
+    command = [str(Path(sys.executable).parent / "cellseg"), "predict", "--model", "general",
+               "--images", str(tmp_path / "data" / "images"), "--out", str(tmp_path / "out.zarr")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    rows = ResultStore.open(str(tmp_path / "out.zarr"), mode="r").statistics()
+    assert all(row["model_version"].startswith("general-") for row in rows) and len(rows) == 2
