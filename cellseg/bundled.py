@@ -74,7 +74,7 @@ SHIPPED_MODELS: dict[str, tuple[str, str]] = {  # name: (description, the comman
                "make nuclei-model"),
     "general": ("general-purpose cell model trained on synthetic images only", "make bundled-model"),
 }
-DEFAULT_SHIPPED_MODEL = "general"
+DEFAULT_SHIPPED_MODEL = "nuclei"
 
 
 def shipped_name(version: str) -> str | None:
