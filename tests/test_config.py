@@ -30,7 +30,7 @@ def test_segment_settings_defaults():
     assert settings.model_version == "current"
     assert (settings.shard_size, settings.max_parallel_shards, settings.dask_address) == (32, 2, None)
     assert settings.predict == PredictConfig()
-    assert (settings.predict.threshold, settings.predict.batch_size, settings.predict.min_cell_area) == (0.5, None, 10)
+    assert (settings.predict.threshold, settings.predict.batch_size, settings.predict.min_cell_area) == (None, None, 10)  # threshold: the model's
     assert (settings.predict.tile_size, settings.predict.tile_overlap) == (1024, 128)
 
 
