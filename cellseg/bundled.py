@@ -100,19 +100,29 @@ def model_card(name: str) -> dict[str, Any]:
     return dict(json.loads(card.read_text()))
 
 
-def shipped_checkpoint(name: str = DEFAULT_SHIPPED_MODEL) -> str:
-    """Path of a shipped checkpoint whose bytes match the sha256 of its model card; a clear
-    error when an installation lacks it or it was altered."""
+def shipped_file(name: str) -> Path:
+    """Path of a shipped checkpoint, unverified; a clear error when an installation lacks it."""
     checkpoint, _ = shipped_paths(name)
     if not checkpoint.is_file():
         raise CheckpointError(
             f"the shipped model '{name}' ({checkpoint}) is missing from this installation; "
             f"pass --model CHECKPOINT or rebuild it with `{SHIPPED_MODELS[name][1]}`"
         )
+    return checkpoint
+
+
+def check_shipped_digest(name: str, digest: str) -> None:
+    """Refuse a shipped checkpoint whose SHA-256 `digest` is not the one its model card records."""
     expected = model_card(name).get("sha256")
-    actual = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    if expected != actual:
-        raise CheckpointError(f"the shipped model '{checkpoint}' does not match the sha256 of its model card "
-                              f"({actual[:12]} vs {str(expected)[:12]}); reinstall cellseg or rebuild it with "
+    if digest != expected:
+        raise CheckpointError(f"the shipped model '{shipped_paths(name)[0]}' does not match the sha256 of its model "
+                              f"card ({digest[:12]} vs {str(expected)[:12]}); reinstall cellseg or rebuild it with "
                               f"`{SHIPPED_MODELS[name][1]}`")
+
+
+def shipped_checkpoint(name: str = DEFAULT_SHIPPED_MODEL) -> str:
+    """Path of a shipped checkpoint whose bytes match the sha256 of its model card; a clear
+    error when an installation lacks it or it was altered."""
+    checkpoint = shipped_file(name)
+    check_shipped_digest(name, hashlib.sha256(checkpoint.read_bytes()).hexdigest())
     return str(checkpoint)

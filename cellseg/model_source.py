@@ -5,11 +5,12 @@ loaded once per worker process."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import threading
 from dataclasses import dataclass
 
-from cellseg.bundled import shipped_checkpoint, shipped_name
-from cellseg.checkpoint import Checkpoint, checkpoint_digest, load_checkpoint_with_digest
+from cellseg.bundled import check_shipped_digest, shipped_checkpoint, shipped_file, shipped_name
+from cellseg.checkpoint import Checkpoint, checkpoint_digest, load_checkpoint_bytes, load_checkpoint_with_digest
 from cellseg.config import PredictConfig
 from cellseg.infer import Predictor
 from cellseg.registry import Registry
@@ -41,17 +42,24 @@ class ModelSource:
         if self.checkpoint_url is not None:
             return self.checkpoint_url
         if self.shipped is not None:
-            return shipped_checkpoint(self.shipped)
+            return str(shipped_file(self.shipped))  # its checksum is verified when it is loaded
         return Registry(self.registry_url).checkpoint_url(self.version)
 
     def load(self) -> tuple[Checkpoint, str]:
         """(checkpoint, the model version recorded with its results): the registry's version name
-        (checksum verified), else the file's content hash, prefixed by its name for a shipped model."""
+        (checksum verified), else the file's content hash, prefixed by its name for a shipped model
+        (checked against its model card)."""
         if self.checkpoint_url is None and self.shipped is None:
             checkpoint, meta = Registry(self.registry_url).load(self.version)
             return checkpoint, meta.version
-        checkpoint, digest = load_checkpoint_with_digest(self.location())
-        return checkpoint, digest[:12] if self.shipped is None else f"{self.shipped}-{digest[:12]}"
+        if self.shipped is None:
+            checkpoint, digest = load_checkpoint_with_digest(self.location())
+            return checkpoint, digest[:12]
+        path = shipped_file(self.shipped)
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        check_shipped_digest(self.shipped, digest)  # before the bytes are parsed
+        return load_checkpoint_bytes(data, str(path)), f"{self.shipped}-{digest[:12]}"
 
     @property
     def shipped(self) -> str | None:

@@ -33,6 +33,7 @@ from cellseg.config import ModelConfig, PredictConfig, TrainConfig
 from cellseg.infer import Predictor
 from cellseg.io import read_image, read_mask
 from cellseg.metrics import segmentation_scores
+from cellseg.model_source import ModelSource
 from cellseg.store import ResultStore
 from cellseg.synth import write_dataset
 
@@ -71,6 +72,8 @@ def test_an_altered_shipped_checkpoint_is_refused_naming_the_file(tmp_path, monk
     (tmp_path / "general.pt").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"general\.pt' does not match the sha256 of its model card"):
         shipped_checkpoint("general")
+    with pytest.raises(CheckpointError, match=r"general\.pt' does not match the sha256 of its model card"):
+        ModelSource("no-registry", "general").load()  # loading checks the bytes it read
     (tmp_path / "general.pt").unlink()
     with pytest.raises(CheckpointError, match=r"missing from this installation.*make bundled-model"):
         shipped_checkpoint("general")
