@@ -187,15 +187,15 @@ class TrainConfig(_Config):
             "from), 25 from scratch; None for no limit"
         ),
     )
+    device: Device = "auto"
+    amp: bool = Field(True, description="bf16/fp16 mixed precision on CUDA and on CPUs with native bf16")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="probability threshold for metrics")
 
     def time_budget(self, fine_tuning: bool) -> float | None:
         """The wall-clock budget in minutes ('auto' decided), None for none."""
         if self.max_minutes == "auto":
             return FINE_TUNE_MINUTES if fine_tuning else SCRATCH_MINUTES
         return self.max_minutes
-    device: Device = "auto"
-    amp: bool = Field(True, description="bf16/fp16 mixed precision on CUDA and on CPUs with native bf16")
-    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="probability threshold for metrics")
 
 
 class PredictConfig(_Config):
