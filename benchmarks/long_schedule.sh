@@ -66,7 +66,7 @@ for name in $selected; do
     dataset_of[$name]=$dataset
     # shellcheck disable=SC2086
     OMP_NUM_THREADS=$threads $python -m cellseg.cli train \
-        --images "$data/$dataset/images" --masks "$data/$dataset/$truth" --out "$out/$name" \
+        --images "$data/$dataset/images" --masks "$data/$dataset/$truth" --out "$out/$name" --overwrite \
         --epochs 1000 --patience "$patience" --max-minutes "$minutes" --device "$device" $extra \
         > "$out/$name.log" 2>&1 &
 done

@@ -53,7 +53,7 @@ def build_general(out_dir: str | Path, recipe: GeneralRecipe | None = None, inst
                       polarity=recipe.polarity, vary_size=True)
     job = TrainJob(images_url=str(data / "images"), masks_url=str(data / "labels"),
                    model=recipe.model, training=recipe.training)
-    outcome = run_training(job, out / "training", resume=resume)
+    outcome = run_training(job, out / "training", resume=resume, overwrite=True)  # a rebuild replaces the last one
     if install:
         install_model("general", outcome, recipe.model_dump(mode="json"),
                       {"name": "synthetic images (cellseg.synth)", "licence": "generated", "images": recipe.images})
@@ -71,7 +71,7 @@ def build_nuclei(out_dir: str | Path, recipe: NucleiRecipe | None = None, instal
         raise FileNotFoundError(f"'{data}' has no images/ and labels/ folders (the DSB2018 stage-1 training set)")
     job = TrainJob(images_url=str(data / "images"), masks_url=str(data / "labels"),
                    model=recipe.model, training=recipe.training)
-    outcome = run_training(job, Path(out_dir) / "training", resume=resume)
+    outcome = run_training(job, Path(out_dir) / "training", resume=resume, overwrite=True)
     if install:
         install_model("nuclei", outcome, recipe.model_dump(mode="json"), nuclei_training_data(data, outcome))
     return outcome

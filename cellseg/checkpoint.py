@@ -1,30 +1,62 @@
 """Checkpoint files: model weights plus everything needed to trust and reproduce them.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts so that it loads with
-`torch.load(..., weights_only=True)`: no pickled code runs when a file is opened.
+`torch.load(..., weights_only=True)`: no pickled code runs when a file is opened. It carries the
+SHA-256 of its own contents (`content_sha256`), checked on every load, because torch's zip
+reader checks no CRC: a flipped byte in a weight would otherwise load as a silently wrong model.
+Loading also refuses weights that are not finite or do not fit the network the config describes,
+before any network is built.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import torch
 from fsspec.implementations.local import LocalFileSystem
+from pydantic import BaseModel, Field, ValidationError
 
 from cellseg import __version__
 from cellseg.config import ModelConfig, TrainConfig
 from cellseg.io import StorageOptions, filesystem, write_file_atomic
-from cellseg.model import UNet
+from cellseg.model import MAX_PARAMETERS, UNet, expected_state
+from cellseg.redact import redact, redact_url
+from cellseg.storage_errors import storage_error
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "cellseg-checkpoint/1"
+DIGEST_KEY = "content_sha256"  # SHA-256 of everything else in the file (`content_digest`)
+# The largest file read: a last.pt of the widest network ModelConfig allows (weights and Adam's
+# two moments, about 1.5 GB) fits.
+MAX_CHECKPOINT_BYTES = 2 * 1024**3
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file."""
+
+
+class _Entries(BaseModel):
+    """A checkpoint file's entries besides its tensors and digest, validated on load."""
+
+    architecture: ModelConfig = Field(alias="model_config")
+    train_config: TrainConfig
+    metrics: dict[str, float]
+    epoch: int
+    dataset_manifest_hash: str | None = None
+    split_touching: bool = True
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    size_model: dict[str, Any] | None = None
+    cellseg_version: str
+    created: str
+    resume_state: dict[str, Any] | None = None
 
 
 @dataclass
@@ -63,7 +95,7 @@ class Checkpoint:
             "format": FORMAT,
             "model_config": self.model_config.model_dump(mode="json"),
             "state_dict": self.state_dict,
-            "train_config": self.train_config.model_dump(mode="json"),
+            "train_config": redact(self.train_config.model_dump(mode="json")),  # init_from may be a URL with a password
             "metrics": dict(self.metrics),
             "epoch": self.epoch,
             "dataset_manifest_hash": self.dataset_manifest_hash,
@@ -79,9 +111,15 @@ class Checkpoint:
 
 
 def save_checkpoint(checkpoint: Checkpoint, url: str, storage_options: StorageOptions = None) -> None:
-    """Write `checkpoint` to `url` atomically (a reader never sees a half-written file)."""
+    """Write `checkpoint` to `url` atomically (a reader never sees a half-written file), with the
+    digest of its contents. Weights that are not finite are refused, never written."""
+    bad = non_finite_weight(checkpoint.state_dict)
+    if bad is not None:
+        raise CheckpointError(f"not writing checkpoint '{url}': weight '{bad}' holds NaN or infinite values")
+    payload = checkpoint.to_dict()
+    payload[DIGEST_KEY] = content_digest(payload)
     buffer = io.BytesIO()
-    torch.save(checkpoint.to_dict(), buffer)
+    torch.save(payload, buffer)
     fs, path = filesystem(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         write_file_atomic(path, buffer.getvalue())
@@ -89,52 +127,208 @@ def save_checkpoint(checkpoint: Checkpoint, url: str, storage_options: StorageOp
         fs.pipe_file(path, buffer.getvalue())
 
 
-def _checkpoint_bytes(url: str, storage_options: StorageOptions = None) -> bytes:
+def content_digest(payload: Mapping[str, Any]) -> str:
+    """SHA-256 of a checkpoint's contents, all but the digest itself, in a canonical order: each
+    tensor's dtype, shape and bytes, and every other value, the keys of each mapping sorted."""
+    hasher = hashlib.sha256()
+    _feed(hasher, {key: value for key, value in payload.items() if key != DIGEST_KEY})
+    return hasher.hexdigest()
+
+
+def _feed(hasher: Any, value: Any) -> None:
+    """Add `value` to `hasher`; every item is tagged and length-prefixed, so no two contents collide."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().resolve_conj().resolve_neg().contiguous()
+        hasher.update(f"t{tensor.dtype}{list(tensor.shape)}|".encode())
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(value, Mapping):
+        hasher.update(f"d{len(value)}|".encode())
+        for key, item in sorted(value.items(), key=lambda pair: repr(pair[0])):
+            _feed(hasher, key)
+            _feed(hasher, item)
+    elif isinstance(value, (list, tuple)):
+        hasher.update(f"l{len(value)}|".encode())
+        for item in value:
+            _feed(hasher, item)
+    elif isinstance(value, (str, bytes)):
+        data = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
+        hasher.update(f"{type(value).__name__}{len(data)}|".encode() + data)
+    elif isinstance(value, float):
+        hasher.update(f"f{value.hex()}|".encode())
+    else:  # None, bool, int and the few other types that weights_only admits
+        hasher.update(f"{type(value).__name__}:{value!r}|".encode())
+
+
+def non_finite_weight(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or infinity, else None."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return str(name)
+    return None
+
+
+def read_checkpoint_bytes(url: str, storage_options: StorageOptions = None) -> bytes:
+    """The bytes of the checkpoint file at `url`, read only when it is a file of a sane size."""
     fs, path = filesystem(url, storage_options)
     try:
-        return fs.cat_file(path)
+        info = fs.info(path)
+        if info.get("type") == "directory":
+            raise CheckpointError(f"checkpoint '{url}' is a folder, not a checkpoint file (a training run's "
+                                  f"folder holds best.pt and last.pt)")
+        if info.get("type") != "file":
+            raise CheckpointError(f"checkpoint '{url}' is not a regular file")
+        size = info.get("size")
+        if isinstance(size, int) and size > MAX_CHECKPOINT_BYTES:
+            raise CheckpointError(f"checkpoint '{url}' is {size} bytes, more than any cellseg checkpoint "
+                                  f"({MAX_CHECKPOINT_BYTES} at most)")
+        with fs.open(path, "rb") as file:
+            # In chunks: read(n) allocates n bytes up front, and the size given may be wrong or absent.
+            chunks: list[bytes] = []
+            while sum(map(len, chunks)) <= MAX_CHECKPOINT_BYTES and (chunk := file.read(1 << 24)):
+                chunks.append(chunk)
+            data = b"".join(chunks)
     except FileNotFoundError as error:
         raise CheckpointError(f"checkpoint '{url}' does not exist") from error
+    except (IsADirectoryError, NotADirectoryError) as error:
+        raise CheckpointError(f"checkpoint '{url}' cannot be read ({error.strerror or error})") from error
+    except Exception as error:
+        if translated := storage_error(url, error):  # no credentials, unreachable, timed out
+            raise translated from error
+        raise
+    if len(data) > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(f"checkpoint '{url}' is larger than any cellseg checkpoint ({MAX_CHECKPOINT_BYTES} bytes)")
+    return data
 
 
 def load_checkpoint(url: str, storage_options: StorageOptions = None) -> Checkpoint:
     """Read a checkpoint written by `save_checkpoint` with `weights_only=True`."""
-    return load_checkpoint_bytes(_checkpoint_bytes(url, storage_options), url)
+    return load_checkpoint_bytes(read_checkpoint_bytes(url, storage_options), url)
 
 
 def load_checkpoint_with_digest(url: str, storage_options: StorageOptions = None) -> tuple[Checkpoint, str]:
     """`load_checkpoint` and the SHA-256 of the file's bytes, read once."""
-    data = _checkpoint_bytes(url, storage_options)
+    data = read_checkpoint_bytes(url, storage_options)
     return load_checkpoint_bytes(data, url), hashlib.sha256(data).hexdigest()
 
 
-def load_checkpoint_bytes(data: bytes, name: str) -> Checkpoint:
-    """Parse checkpoint bytes (`name` is used in errors) with `weights_only=True`."""
+def load_checkpoint_bytes(data: bytes, name: str, file_checked: bool = False) -> Checkpoint:
+    """Parse checkpoint bytes (`name` is used in errors) with `weights_only=True`, verify the digest
+    of their contents and check the weights against the model config. `file_checked`: the bytes
+    already matched a recorded SHA-256 (a registry version, a shipped model's card), so a file from
+    before embedded digests loads without a notice."""
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointError(f"checkpoint '{name}' is corrupt or not a cellseg checkpoint ({error})") from error
+        raise CheckpointError(f"checkpoint '{name}' is corrupt or not a cellseg checkpoint "
+                              f"({_torch_reason(error)})") from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint '{name}' is not a {FORMAT} file")
+    _verify_digest(payload, name, file_checked)
     try:
-        return Checkpoint(
-            model_config=ModelConfig.model_validate(payload["model_config"]),
-            state_dict=payload["state_dict"],
-            train_config=TrainConfig.model_validate(payload["train_config"]),
-            metrics=payload["metrics"],
-            epoch=payload["epoch"],
-            dataset_manifest_hash=payload.get("dataset_manifest_hash"),
-            split_touching=bool(payload.get("split_touching", True)),
-            threshold=float(payload.get("threshold", 0.5)),
-            size_model=payload.get("size_model"),
-            cellseg_version=payload["cellseg_version"],
-            created=payload["created"],
-            resume_state=payload.get("resume_state"),
-        )
-    except (KeyError, ValueError) as error:
-        raise CheckpointError(f"checkpoint '{name}' is missing or has invalid fields ({error})") from error
+        entries = _Entries.model_validate(payload)
+    except ValidationError as error:
+        raise CheckpointError(f"checkpoint '{name}' is missing or has invalid fields ({one_line(error)})") from error
+    checkpoint = Checkpoint(
+        model_config=entries.architecture,
+        state_dict=payload.get("state_dict"),  # type: ignore[arg-type]  # checked next
+        train_config=entries.train_config,
+        metrics=entries.metrics,
+        epoch=entries.epoch,
+        dataset_manifest_hash=entries.dataset_manifest_hash,
+        split_touching=entries.split_touching,
+        threshold=entries.threshold,
+        size_model=entries.size_model,
+        cellseg_version=entries.cellseg_version,
+        created=entries.created,
+        resume_state=entries.resume_state,
+    )
+    _check_weights(checkpoint.state_dict, checkpoint.model_config, name)
+    return checkpoint
+
+
+_noticed: set[str] = set()  # files whose missing digest was logged already (once per process)
+
+
+def _verify_digest(payload: dict[str, Any], name: str, file_checked: bool) -> None:
+    recorded = payload.get(DIGEST_KEY)
+    if recorded is None:
+        if not file_checked and name not in _noticed:
+            _noticed.add(name)
+            logger.info("checkpoint '%s' carries no digest of its contents (written by an older cellseg): its "
+                        "weights are checked for sanity only", redact_url(name))
+        return
+    try:
+        actual = content_digest(payload)
+    except Exception as error:  # a tensor or value the digest cannot read is a damaged file
+        raise CheckpointError(f"checkpoint '{name}' is corrupt ({_torch_reason(error)})") from error
+    if actual != recorded:
+        raise CheckpointError(f"checkpoint '{name}' does not match the digest recorded in it (sha256 "
+                              f"{str(recorded)[:12]}…, contents {actual[:12]}…): it was altered or corrupted "
+                              f"after it was written")
+
+
+
+def _check_weights(state_dict: Any, config: ModelConfig, name: str) -> None:
+    """Refuse weights that are not the tensors of the network `config` describes, or not finite,
+    before any network is built for them."""
+    if not isinstance(state_dict, Mapping) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
+        raise CheckpointError(f"checkpoint '{name}' has a state_dict that is not a mapping of names to tensors "
+                              f"({type(state_dict).__name__})")
+    expected = expected_state(config)
+    count = sum(math.prod(shape) for shape, _ in expected.values())
+    if count > MAX_PARAMETERS:
+        raise CheckpointError(f"checkpoint '{name}' describes a network of {count} parameters, more than the "
+                              f"{MAX_PARAMETERS} supported")
+    missing, unexpected = expected.keys() - state_dict.keys(), state_dict.keys() - expected.keys()
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint '{name}' holds the weights of another network than its model_config "
+                              f"describes (missing {_some(missing)}; unexpected {_some(unexpected)})")
+    for key, (shape, dtype) in expected.items():
+        tensor = state_dict[key]
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(f"checkpoint '{name}' holds the weights of another network than its model_config "
+                                  f"describes (size mismatch: '{key}' is {list(tensor.shape)}, expected {list(shape)})")
+        if tensor.layout != torch.strided or (tensor.dtype != dtype and not (tensor.is_floating_point()
+                                                                            and dtype.is_floating_point)):
+            raise CheckpointError(f"checkpoint '{name}': weight '{key}' is a {tensor.layout} {tensor.dtype} tensor, "
+                                  f"expected {dtype}")
+    bad = non_finite_weight(state_dict)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint '{name}': weight '{bad}' holds NaN or infinite values; the model it "
+                              f"came from diverged or the file is damaged")
+
+
+def _some(names: set[Any], shown: int = 3) -> str:
+    listed = sorted(map(repr, names))
+    more = f" and {len(listed) - shown} more" if len(listed) > shown else ""
+    return (", ".join(listed[:shown]) + more) or "none"
+
+
+def one_line(error: ValidationError) -> str:
+    """A pydantic error as one line: each field's location and problem, and a scalar value given."""
+    parts = []
+    for detail in error.errors()[:3]:
+        location = ".".join(str(part) for part in detail["loc"])
+        value = detail.get("input")
+        given = ""
+        if isinstance(value, (bool, int, float, str)) and detail["type"] not in ("missing", "json_invalid"):
+            shown = repr(value)
+            given = f" (given {shown if len(shown) <= 40 else shown[:37] + '...'})"
+        parts.append(f"{location + ': ' if location else ''}{' '.join(detail['msg'].split())}{given}")
+    more = f"; and {error.error_count() - 3} more" if error.error_count() > 3 else ""
+    return "; ".join(parts) + more
+
+
+def _torch_reason(error: Exception) -> str:
+    """The gist of an error torch raised on a bad file, in one line without torch's advice."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+        text = "refused by the safe loader: " + text.split(" Please use", 1)[0].split("Check the documentation", 1)[0]
+    text = " ".join(text.split(". This is an internal", 1)[0].split())
+    return (text if len(text) <= 200 else text[:197] + "...") or type(error).__name__
 
 
 def checkpoint_digest(url: str, storage_options: StorageOptions = None) -> str:
     """SHA-256 of a checkpoint file's bytes."""
-    return hashlib.sha256(_checkpoint_bytes(url, storage_options)).hexdigest()
+    return hashlib.sha256(read_checkpoint_bytes(url, storage_options)).hexdigest()

@@ -9,19 +9,27 @@ config files, never from flags.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import math
+import os
+import select
 import sys
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, redirect_stderr
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from cellseg import __version__
-from cellseg.cli_parser import JOB, SETTING, build_parser, given
-from cellseg.settings import CellsegSettings, config_file_path, load_settings
+from cellseg.cli_parser import JOB, PARTLY_FAILED, SETTING, build_parser, given
+from cellseg.json_values import dumps
+from cellseg.redact import redact_text, redact_url, shown, terminal_safe
+from cellseg.settings import CellsegSettings, config_file_path, describe_invalid, load_settings
+
+if TYPE_CHECKING:
+    from cellseg.store import ResultStore
 
 ORCHESTRATION_EXTRA = "pip install 'cellseg[orchestration]'"
 Run = Callable[[argparse.Namespace], int]
@@ -77,7 +85,7 @@ def _run_train(args: argparse.Namespace) -> int:
             bar.update(int(record["epoch"]) - bar.n)
             bar.set_postfix({k: f"{record[k]:.4f}" for k in ("train_loss", "val_dice") if k in record})
 
-        outcome = run_training(job, args.out, resume=args.resume, on_epoch=advance)
+        outcome = run_training(job, args.out, resume=args.resume, on_epoch=advance, overwrite=args.overwrite)
     result = outcome.result
     print(f"{result.stop_reason}; best epoch {result.best_epoch} of {len(result.history)}")
     _print_metrics({k: v for k, v in result.best_metrics.items() if k.startswith("val_")} or result.best_metrics)
@@ -93,11 +101,11 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    settings = _settings(args)  # before torch is imported: bad settings are refused at once
     from cellseg.bundled import BUNDLED_VERSION, DEFAULT_SHIPPED_MODEL, SHIPPED_MODELS, shipped_name
     from cellseg.jobs import SegmentJob, run_segmentation
     from cellseg.store import ResultStore
 
-    settings = _settings(args)
     if args.model is None:
         logging.getLogger("cellseg").info(
             "no --model given: using the shipped '%s' model (%s); fine-tune it on your own images for best results",
@@ -118,15 +126,20 @@ def _run_predict(args: argparse.Namespace) -> int:
         report = run_segmentation(job, on_record=lambda _: scan.update(), on_plan=planned,
                                   on_image=lambda _: segmenting[0].update())
     if not (report.done or report.skipped or report.failed):
-        print(f"no images found under {args.images}; nothing to do")
+        print(f"no images found under {redact_url(args.images)}; nothing to do")
         return 0
     summary = report.summary()
-    print(f"segmented {summary['done']}, skipped {summary['skipped']} already done, failed {summary['failed']} "
-          f"in {summary['seconds']}s -> {args.out}")
+    warned = f", {summary['warnings']} warnings" if summary["warnings"] else ""
+    print(f"segmented {summary['done']}, skipped {summary['skipped']} already done, failed {summary['failed']}{warned} "
+          f"in {summary['seconds']}s -> {redact_url(args.out)}")
     for failure in report.failed:
         print(f"  failed: {failure['source_url']}: {failure['error']}")
-    _print_table(ResultStore.open(args.out, mode="r").statistics()[:5])
-    return 1 if report.failed and not report.done else 0
+    for warning in report.warnings:
+        print(f"  warning: {warning['source_url']}: {warning['warning']}")
+    written = ResultStore.open(args.out, mode="r")
+    _print_table(written.statistics()[:5])
+    _print_damaged(written)
+    return _batch_status(len(report.failed))
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -136,7 +149,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     _settings(args)
     result = evaluate_store(ResultStore.open(args.pred, mode="r"), args.masks, labels_url=args.labels)
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(dumps(result, indent=1))
         return 0
     print(f"{result['images']} images scored")
     print(f"{'':8}" + "".join(f"{name:>11}" for name in result["mean"]))
@@ -168,12 +181,15 @@ def _run_results(args: argparse.Namespace) -> int:
         rows = store.statistics(on_record=lambda _: bar.update())
     failures = store.failures()
     if args.json:
-        print(json.dumps({"statistics": rows, "failures": failures}, indent=1))
+        damaged = [{"image_id": image_id, "error": problem} for image_id, problem in sorted(store.damaged.items())]
+        print(dumps({"statistics": rows, "failures": failures, "damaged": damaged}, indent=1))
         return 0
-    print(f"{args.store}: {len(rows)} images done, {len(failures)} failed")
+    print(f"{redact_url(args.store)}: {len(rows)} images done, {len(failures)} failed")
     _print_table(rows[: args.limit])
     for failure in failures[: args.limit]:
-        print(f"  failed: {failure['source_url']}: {failure['error']}")
+        # An image repaired after its metadata was lost no longer knows its source: name its id.
+        print(f"  failed: {failure['source_url'] or failure['image_id']}: {failure['error']}")
+    _print_damaged(store)
     return 0
 
 
@@ -184,11 +200,38 @@ def _run_export(args: argparse.Namespace) -> int:
     _settings(args)
     store = ResultStore.open(args.store, mode="r")
     unit = "cell" if args.table == "cells" else "image"
+    def rows() -> Iterator[dict[str, Any]]:  # read only once write_table has accepted the target
+        yield from store.cell_rows() if args.table == "cells" else store.statistics()
+
     with _progress("exporting", unit) as bar:
-        rows = store.cell_rows() if args.table == "cells" else iter(store.statistics())
-        count = write_table((bar.update() or row for row in rows), args.out, args.format)
-    print(f"wrote {count} {'cells' if args.table == 'cells' else 'images'} to {args.out}")
+        count = write_table((bar.update() or row for row in rows()), args.out, args.format, overwrite=args.overwrite)
+    print(f"wrote {count} {'cells' if args.table == 'cells' else 'images'} to {redact_url(args.out)}")
+    _print_damaged(store)  # left out of the table, which says so here
     return 0
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from cellseg.verify import STORE_METADATA, verify_store
+
+    _settings(args)
+    with _progress("verifying", "image") as bar:
+        report = verify_store(args.store, repair=args.repair, read_data=args.read_data, on_image=lambda _: bar.update())
+    for damage in report.broken:
+        where = "store metadata" if damage.image_id == STORE_METADATA else f"image '{damage.image_id}'"
+        print(redact_text(f"broken: {where}: {damage.problem}"))
+    if not report.images_checked:
+        print(f"images not checked: the store's metadata must be repaired first "
+              f"(cellseg verify {redact_url(args.store)} --repair)")
+    print(f"{report.checked} images checked, {len(report.broken)} broken")
+    images = [damage for damage in report.broken if damage.image_id != STORE_METADATA]
+    if report.repaired and len(images) < len(report.broken):
+        print("repaired: the store's metadata rewritten")
+    if report.repaired and images:
+        print(f"repaired: {len(images)} images marked not done; the next `cellseg predict` (or `cellseg flow "
+              f"segment-images`) into {redact_url(args.store)} segments them again")
+    elif report.broken and not report.repaired:
+        print(f"to repair: cellseg verify {redact_url(args.store)} --repair")
+    return 1 if report.broken and not report.repaired else 0
 
 
 # models, config ----------------------------------------------------------------------------------
@@ -196,25 +239,32 @@ def _run_export(args: argparse.Namespace) -> int:
 
 def _run_models(args: argparse.Namespace) -> int:
     from cellseg.bundled import DEFAULT_SHIPPED_MODEL, SHIPPED_MODELS, model_card, shipped_name
-    from cellseg.registry import Registry
+    from cellseg.registry import Registry, RegistryError
 
     registry_url = _settings(args).registry_url
     registry = Registry(registry_url)
     if args.action == "list":
-        current = registry.current()
-        versions = registry.versions()
-        if not versions:
-            print(f"no models registered in {registry_url}")
+        versions, unreadable = registry.scan()  # one damaged version never hides the others
+        problems = [f"version {version}: {problem}" for version, problem in unreadable.items()]
+        try:
+            current = registry.current()
+        except RegistryError as error:
+            current = None
+            problems.append(str(error))
+        if not versions and not problems:
+            print(f"no models registered in {redact_url(registry_url)}")
         for meta in versions:
             marker = "*" if meta.version == current else " "
             print(f"{marker} {meta.version}  val_dice {_fmt(meta.metrics.get('val_dice'))}  epoch {meta.epoch}  "
                   f"dataset {str(meta.dataset_manifest_hash)[:12]}  registered {meta.registered[:19]}")
+        for problem in problems:
+            print(f"! {problem}")
         print("shipped with cellseg (cellseg models show NAME):")
         for shipped, (description, _) in SHIPPED_MODELS.items():
             print(f"  {shipped}{' (default)' if shipped == DEFAULT_SHIPPED_MODEL else ''}: {description}")
     elif args.action == "show":
         card_name = shipped_name(args.version)
-        print(json.dumps(model_card(card_name), indent=1) if card_name
+        print(dumps(model_card(card_name), indent=1) if card_name
               else registry.get(args.version).model_dump_json(indent=1))
     elif args.action == "export":
         from cellseg.export import export_model
@@ -222,10 +272,10 @@ def _run_models(args: argparse.Namespace) -> int:
 
         checkpoint, version = ModelSource(registry_url, args.version, args.checkpoint).load()
         export_model(checkpoint, args.out, args.format, model_version=version)
-        print(f"exported model {version} as {args.format} to {args.out} (input/normalisation/threshold in {args.out}.json)")
+        print(f"exported model {version} as {args.format} to {redact_url(args.out)} (input/normalisation/threshold in {redact_url(args.out)}.json)")
     else:
         registry.promote(args.version)
-        print(f"{registry.resolve(args.version)} is now current in {registry_url}")
+        print(f"{registry.resolve(args.version)} is now current in {redact_url(registry_url)}")
     return 0
 
 
@@ -234,7 +284,7 @@ def _run_config(args: argparse.Namespace) -> int:
 
     data = _settings(args).masked()
     if args.json:
-        print(json.dumps(data, indent=1))
+        print(dumps(data, indent=1))
         return 0
     path = config_file_path(getattr(args, "config", None))
     print(f"# cellseg {__version__} settings: flags > CELLSEG_* environment > "
@@ -273,12 +323,14 @@ def _run_flow_segment(args: argparse.Namespace) -> int:
                                      **given(args, JOB)})
     summary = segment_images_flow(job)
     print(f"segmented {summary['done']}, skipped {summary['skipped']} already done, failed {len(summary['failed'])} "
-          f"with model {summary['model_version']} in {summary['seconds']}s -> {args.store}")
+          f"with model {summary['model_version']} in {summary['seconds']}s -> {redact_url(args.store)}")
     if summary.get("montage"):
-        print(f"montage: {summary['montage']}")
+        print(f"montage: {redact_url(summary['montage'])}")
     for failure in summary["failed"]:
         print(f"  failed: {failure['source_url']}: {failure['error']}")
-    return 0
+    for warning in summary["warnings"]:
+        print(f"  warning: {warning['source_url']}: {warning['warning']}")
+    return _batch_status(len(summary["failed"]))
 
 
 def _run_tune(args: argparse.Namespace) -> int:
@@ -300,7 +352,7 @@ def _run_tune(args: argparse.Namespace) -> int:
         print("  ".join(f"{cell:>13}" for cell in cells) + f"  {row['status']}")
     best = result["best"]
     print(f"best: trial {best['number']} (val Dice {best['val_dice']:.4f}), registered as {result['version']}"
-          f"{' and made current' if job.promote else ''} in {job.registry_url}")
+          f"{' and made current' if job.promote else ''} in {redact_url(job.registry_url)}")
     return 0
 
 
@@ -314,6 +366,16 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 # output ------------------------------------------------------------------------------------------
+
+
+def _batch_status(failed: int) -> int:
+    """The exit status of a segmentation batch, said on its last line when it is not 0: 0 when
+    every image is done or skipped, PARTLY_FAILED when any image failed."""
+    if not failed:
+        return 0
+    print(f"{failed} image{'s' if failed > 1 else ''} failed (listed above); the rest are done, and the next run "
+          f"tries the failed ones again (exit status {PARTLY_FAILED})")
+    return PARTLY_FAILED
 
 
 def _progress(description: str, unit: str, total: int | None = None, leave: bool = False):
@@ -331,6 +393,14 @@ def _print_cell_scores(cells: dict, label: str = "cells") -> None:
     print(f"cell errors: of {cells['true_cells_total']} true cells {cells['merged_total']} merged with a "
           f"neighbour, {cells['split_total']} split, {cells['missed_total']} missed; "
           f"{cells['extra_total']} of {cells['predicted_cells_total']} predicted cells extra")
+
+
+def _print_damaged(store: ResultStore) -> None:
+    """A line naming the images of `store` found damaged while reading it, and how to repair them."""
+    from cellseg.store import damage_summary
+
+    if store.damaged:
+        print(redact_text(damage_summary(store.url, store.damaged)))
 
 
 def _print_metrics(metrics: dict[str, float]) -> None:
@@ -354,31 +424,89 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (`cellseg results STORE | head -1`), as
+    opposed to a broken connection elsewhere, which is an error."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() (Windows), or stdout is no file
+        return False
+
+
 COMMANDS: dict[str, Run] = {
     "synth": _run_synth, "train": _run_train, "predict": _run_predict, "evaluate": _run_evaluate,
     "results": _run_results, "export": _run_export, "models": _run_models, "config": _run_config,
     "flow_train": _run_flow_train, "flow_segment": _run_flow_segment, "tune": _run_tune, "serve": _run_serve,
+    "verify": _run_verify,
 }
 
 
+class RedactingFormatter(logging.Formatter):
+    """Log lines with credentials masked (`redact_text`) and control characters escaped,
+    whichever library logged them."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return shown(super().format(record))
+
+
+class TerminalSafeOutput:
+    """stdout with control characters escaped: file names are printed, and a name holding an
+    escape sequence must not drive the terminal."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(terminal_safe(text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    usage_errors = io.StringIO()
+    try:
+        with redirect_stderr(usage_errors):  # argparse echoes the arguments it refuses, URLs included
+            args = build_parser().parse_args(argv)
+    finally:
+        sys.stderr.write(shown(usage_errors.getvalue()))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter("%(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("cellseg").setLevel(logging.WARNING if args.quiet else logging.INFO)
     from cellseg.checkpoint import CheckpointError
     from cellseg.io import ImageReadError
     from cellseg.pairs import DatasetError
     from cellseg.registry import RegistryError
     from cellseg.settings import SettingsError
+    from cellseg.storage_errors import storage_error
     from cellseg.store import StoreError
 
+    stdout, sys.stdout = sys.stdout, TerminalSafeOutput(sys.stdout)
     try:
-        return COMMANDS[args.run](args)
+        status = COMMANDS[args.run](args)
+        sys.stdout.flush()  # a reader that has gone (`| head -1`) shows up here, not at interpreter exit
+        return status
+    except BrokenPipeError as error:
+        if _stdout_reader_gone():
+            # Python's advice: point stdout at devnull, so that the flush at exit cannot fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        print(f"cellseg {args.command}: error: {shown(str(error))}", file=sys.stderr)
     except ValidationError as error:
-        print(f"cellseg {args.command}: invalid settings:\n{error}", file=sys.stderr)
+        print(f"cellseg {args.command}: invalid settings: {terminal_safe(describe_invalid(error))}", file=sys.stderr)
     except (DatasetError, ImageReadError, CheckpointError, StoreError, RegistryError, SettingsError,
             FileNotFoundError, ValueError, ModuleNotFoundError) as error:
-        print(f"cellseg {args.command}: error: {error}", file=sys.stderr)
+        print(f"cellseg {args.command}: error: {shown(str(error))}", file=sys.stderr)
+    except Exception as error:
+        # Storage errors raised where no URL is named (StorageError where one is: a ValueError, above).
+        if (translated := storage_error(None, error)) is None:
+            raise
+        print(f"cellseg {args.command}: error: {shown(str(translated))}", file=sys.stderr)
+    finally:
+        sys.stdout = stdout
     return 2
 
 

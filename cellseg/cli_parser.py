@@ -16,6 +16,13 @@ from cellseg.settings import CellsegSettings
 
 CONFIG_HELP = "TOML or YAML settings file (default: $CELLSEG_CONFIG); flags > CELLSEG_* environment > file"
 SETTING, JOB = "setting:", "job:"  # argparse dest prefixes of the two kinds of field
+PARTLY_FAILED = 3  # the exit status of a batch in which some images failed
+EXIT_STATUS_HELP = (
+    "exit status: 0 done (every image done or skipped, or nothing to do); 2 bad usage, settings or input, or "
+    "storage that cannot be used (no credentials, unreachable, timed out, denied), with one line saying which; "
+    f"{PARTLY_FAILED} some images failed: each is listed and recorded, the rest are done, and the next run tries "
+    "the failed ones again"
+)
 
 
 def cell_diameter(text: str) -> float | str | None:
@@ -114,8 +121,10 @@ PREDICT_FLAGS: list[Flag] = [
     (("--compile",), "predict.compile", {"action": "store_const", "const": True,
                                          "help": "torch.compile the model (pays off on long runs)"}),
     (("--tile-size",), "predict.tile_size", {"type": int, "help": "tile larger images"}),
-    (("--tile-overlap",), "predict.tile_overlap", {"type": int, "help": "pixels shared by neighbouring tiles"}),
-    (("--max-pixels",), "predict.max_pixels", {"type": int, "help": "refuse images with more pixels, before decoding"}),
+    (("--tile-overlap",), "predict.tile_overlap", {"type": int, "help": "pixels shared by neighbouring tiles, at most "
+                                                    "3/4 of the tile; unset: 128, or half the tile under 256"}),
+    (("--max-pixels",), "predict.max_pixels", {"type": int, "help": "refuse images with more pixels (or more than "
+                                                  "8 bytes of samples per pixel of it), before decoding"}),
 ]
 
 REGISTRY_FLAG: Flag = (("--registry",), "registry_url", {"help": "model registry URL"})
@@ -207,7 +216,8 @@ def _command(group: argparse._SubParsersAction, name: str, run: str | None = Non
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="cellseg", description="Segment grayscale microscopy images into cells and background with a U-Net."
+        prog="cellseg", description="Segment grayscale microscopy images into cells and background with a U-Net.",
+        epilog=EXIT_STATUS_HELP,
     )
     parser.add_argument("--version", action="version", version=f"cellseg {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
@@ -228,9 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pairs(train)
     train.add_argument("--out", required=True, help="local directory for best.pt, last.pt, history.json")
     add_flags(train, TRAINING_FLAGS + MODEL_FLAGS)
-    train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    existing_run = train.add_mutually_exclusive_group()
+    existing_run.add_argument("--resume", action="store_true", help="continue the run in OUT from its last.pt")
+    existing_run.add_argument("--overwrite", action="store_true",
+                              help="replace the run already in OUT (refused without it, or --resume)")
 
-    predict = _command(commands, "predict", "predict", help="segment images into a zarr results store")
+    predict = _command(commands, "predict", "predict", help="segment images into a zarr results store",
+                       epilog=EXIT_STATUS_HELP)
     predict.add_argument("--model", help="checkpoint URL (e.g. runs/x/best.pt) or a shipped model's name (nuclei, "
                                          "general); default: the shipped nuclei model")
     predict.add_argument("--images", required=True, help="directory URL of images to segment")
@@ -254,7 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("csv", "parquet"), default="csv", help="default %(default)s")
     export.add_argument("--table", choices=("cells", "images"), default="cells",
                         help="one row per cell (default) or the per-image statistics")
-    export.add_argument("--out", required=True, help="file to write (local path or URL)")
+    export.add_argument("--out", required=True, help="file to write (local path or URL); never inside a zarr store")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+    verify = _command(commands, "verify", "verify", help="check a results store for damage; --repair marks broken "
+                                                         "images to be segmented again",
+                      description="Checks the store's metadata and every image: metadata readable, and for done "
+                                  "images every array present, of its shape and type, with all chunks stored. "
+                                  "Exit status 0: nothing broken (or all repaired); 1: broken images found.")
+    verify.add_argument("store", help="zarr results store URL")
+    verify.add_argument("--repair", action="store_true",
+                        help="mark each broken image not done (its failure: 'damaged: ...'), so that the next predict "
+                             "or segment-images run segments it again; rewrite unreadable metadata")
+    verify.add_argument("--read-data", action="store_true",
+                        help="also read every chunk of every done image (reads the whole store) to find chunks that "
+                             "cannot be decoded")
 
     tune = _command(commands, "tune", "tune",
                     help="search hyper-parameters: train trials in parallel (tune-unet flow), register the best",
@@ -294,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help='ModelConfig fields as JSON, e.g. \'{"base_width": 8}\', over the settings\' model section')
     flow_train.add_argument("--training-json", default="{}",
                             help='TrainConfig fields as JSON, e.g. \'{"epochs": 5}\', over the settings\' training section')
-    segment = _command(flows, "segment-images", "flow_segment", help="segment new images in parallel shards into a store")
+    segment = _command(flows, "segment-images", "flow_segment", help="segment new images in parallel shards into a store",
+                       epilog=EXIT_STATUS_HELP)
     segment.add_argument("--source", required=True, help="directory URL of images")
     segment.add_argument("--store", required=True, help="zarr results store URL")
     add_flags(segment, [REGISTRY_FLAG])

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fsspec.core import split_protocol
 from fsspec.registry import known_implementations
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from cellseg.io import DEFAULT_MAX_PIXELS
 
@@ -56,6 +56,10 @@ class NormalizationConfig(_Config):
         return self
 
 
+MAX_WIDTH = 2048  # channels of a U-Net's widest (bottleneck) layer
+MAX_IO_CHANNELS = 16  # input and output channels
+
+
 class ModelConfig(_Config):
     """U-Net shape and the input normalisation its weights expect.
 
@@ -64,10 +68,13 @@ class ModelConfig(_Config):
     BatchNorm's running statistics over mixed modalities swing from epoch to epoch.
     """
 
-    in_channels: int = Field(1, ge=1)
-    out_channels: int = Field(1, ge=1)
+    # Every size a checkpoint's config gives is bounded, so that a hostile or corrupt one cannot
+    # make the network allocate without limit (MAX_WIDTH keeps it under ~125 million parameters).
+    in_channels: int = Field(1, ge=1, le=MAX_IO_CHANNELS)
+    out_channels: int = Field(1, ge=1, le=MAX_IO_CHANNELS)
     depth: int = Field(4, ge=1, le=7, description="number of 2x down-sampling steps")
-    base_width: int = Field(16, ge=1, description="channels of the first encoder block")
+    base_width: int = Field(16, ge=1, le=MAX_WIDTH // 2,
+                            description=f"channels of the first encoder block; base_width * 2**depth at most {MAX_WIDTH}")
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     norm: Literal["group", "batch", "instance", "none"] = "instance"
     cell_diameter: Annotated[float, Field(gt=0.0)] | Literal["auto"] | None = Field(
@@ -89,6 +96,14 @@ class ModelConfig(_Config):
     normalization: NormalizationConfig = Field(
         NormalizationConfig(), description="input normalisation the weights expect"
     )
+
+    @model_validator(mode="after")
+    def _bounded_width(self) -> ModelConfig:
+        widest = self.base_width * 2**self.depth
+        if widest > MAX_WIDTH:
+            raise ValueError(f"base_width {self.base_width} at depth {self.depth} gives {widest} channels in the "
+                             f"bottleneck; at most {MAX_WIDTH} are supported")
+        return self
 
     def automatic_fields(self) -> list[str]:
         """The fields left to 'auto', which training decides from its data."""
@@ -198,6 +213,11 @@ class TrainConfig(_Config):
         return self.max_minutes
 
 
+def default_tile_overlap(tile_size: int) -> int:
+    """The tile overlap when none is set: 128 pixels, or half the tile for tiles under 256."""
+    return min(128, tile_size // 2)
+
+
 class PredictConfig(_Config):
     """Inference: thresholding, batching, precision, tiling and the statistics it feeds."""
 
@@ -213,7 +233,11 @@ class PredictConfig(_Config):
     compile: bool = Field(False, description="torch.compile the model: faster per image after a one-off compile per image size")
     tta: bool = Field(False, description="test-time augmentation: average over 8 flips/rotations (8x the compute)")
     tile_size: int = Field(1024, ge=64, description="images larger than this on a side are predicted in overlapping tiles")
-    tile_overlap: int = Field(128, ge=0, description="pixels shared by neighbouring tiles, blended linearly")
+    tile_overlap: int = Field(
+        None, ge=0, validate_default=True,  # None becomes the derived default: _derive_tile_overlap
+        description="pixels shared by neighbouring tiles, blended linearly; unset: 128, or half the tile for tiles "
+                    "under 256 px; at most three quarters of tile_size, so that tiles advance by a quarter tile or more",
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads for this process; None keeps torch's choice")
     min_cell_area: int = Field(10, ge=0, description="cells smaller than this (pixels) are dropped")
     cell_diameter: float | None = Field(
@@ -249,13 +273,25 @@ class PredictConfig(_Config):
     )
     save_probabilities: bool = False
     max_pixels: int = Field(
-        DEFAULT_MAX_PIXELS, ge=1, description="images with more pixels are refused before decoding (decompression-bomb guard)"
+        DEFAULT_MAX_PIXELS, ge=1,
+        description="images with more pixels, or whose samples decode to more than max_pixels x 8 bytes, are refused "
+                    "before decoding, and files too large for that before they are read (decompression-bomb guard)",
     )
+
+    @field_validator("tile_overlap", mode="before")
+    @classmethod
+    def _derive_tile_overlap(cls, value: Any, info: ValidationInfo) -> Any:
+        """An unset overlap follows the tile size (tile_size is validated first, being declared first)."""
+        return default_tile_overlap(info.data.get("tile_size", 1024)) if value is None else value
 
     @model_validator(mode="after")
     def _overlap_below_tile(self) -> PredictConfig:
-        if self.tile_overlap >= self.tile_size:
-            raise ValueError(f"tile_overlap ({self.tile_overlap}) must be smaller than tile_size ({self.tile_size})")
+        if self.tile_overlap > self.tile_size * 3 // 4:
+            raise ValueError(
+                f"tile_overlap ({self.tile_overlap}) must be at most three quarters of tile_size ({self.tile_size}), "
+                f"{self.tile_size * 3 // 4} or less, so that tiles advance by a quarter tile or more (unset, it is "
+                f"{default_tile_overlap(self.tile_size)})"
+            )
         return self
 
 
@@ -263,7 +299,7 @@ class SearchSpace(_Config):
     """Values a hyper-parameter search tries; trials are points of the grid they span."""
 
     learning_rate: list[Annotated[float, Field(gt=0.0)]] = Field([3e-4, 1e-3, 3e-3], min_length=1)
-    base_width: list[Annotated[int, Field(ge=1)]] = Field([16, 32], min_length=1)
+    base_width: list[Annotated[int, Field(ge=1, le=MAX_WIDTH // 2)]] = Field([16, 32], min_length=1)
     depth: list[Annotated[int, Field(ge=1, le=7)]] = Field([3, 4, 5], min_length=1)
     dropout: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field([0.0, 0.1, 0.3], min_length=1)
     loss: list[Literal["bce", "bce_dice"]] = Field(["bce", "bce_dice"], min_length=1)

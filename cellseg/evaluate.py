@@ -21,7 +21,7 @@ from cellseg.scoring import (
     summarise_region_scores,
     truth_regions,
 )
-from cellseg.store import ResultStore, StoreError
+from cellseg.store import CELLS_PATH, MASK_PATH, DamagedImage, ResultStore, StoreError, damage_summary
 
 
 def evaluate_store(
@@ -34,7 +34,9 @@ def evaluate_store(
     "missing_predictions"} and,
     with labels, "instances" (F1 at IoU 0.5, DSB2018 score, pooled precision/recall, median cell
     count error) with per-image instance scores merged into "per_image". Ground-truth masks with
-    no finished prediction are listed in "missing_predictions" and not scored.
+    no finished prediction are listed in "missing_predictions" and not scored. A damaged image
+    that would be scored (unreadable metadata, missing arrays or chunks) gives no score at all:
+    StoreError naming every such image and `cellseg verify --repair`.
 
     "pixel_error" holds both meanings of the term (see `cellseg.metrics`): "misclassified", the
     pooled fraction of wrong pixels, and "isbi2012", 1 - the best pooled F-score of the cell pixels
@@ -50,13 +52,26 @@ def evaluate_store(
     true_labels = index_by_stem(list_images(labels_url, storage_options), "label") if labels_url else {}
     done = store.done_ids()
     scored = sorted(done & truths.keys())
+    # A score that silently left out a damaged image (or read its missing chunks as background)
+    # would be a wrong answer: name them all instead, before any pixel is read.
+    damaged = {image_id: problem for image_id, problem in store.damaged.items() if image_id in truths}
+    with_probabilities = []
+    for image_id in scored:
+        try:
+            store.array(image_id, MASK_PATH)
+            store.array(image_id, CELLS_PATH)
+            with_probabilities.append(store.has_probabilities(image_id))
+        except DamagedImage as error:
+            damaged[image_id] = error.problem
+    if damaged:
+        raise StoreError(f"no score: {damage_summary(store.url, damaged)}")
     if not scored:
         raise StoreError(f"no image in '{store.url}' has a ground-truth mask under '{masks_url}'")
     accumulator, per_image = MetricAccumulator(), []
-    sweep = ThresholdSweep() if all(store.has_probabilities(image_id) for image_id in scored) else None
+    sweep = ThresholdSweep() if all(with_probabilities) else None
     for image_id in scored:
         truth = read_mask(truths[image_id], storage_options)
-        prediction = store.read_mask(image_id)
+        prediction = store.read_mask(image_id)  # DamagedImage (naming it) on a chunk that cannot be decoded
         if truth.shape != prediction.shape:
             raise StoreError(
                 f"mask '{truths[image_id]}' is {truth.shape[1]}x{truth.shape[0]}, "

@@ -16,7 +16,7 @@ from cellseg.checkpoint import Checkpoint, load_checkpoint_with_digest
 from cellseg.config import NormalizationConfig, PredictConfig
 from cellseg.io import StorageOptions
 from cellseg.model import UNet
-from cellseg.normalize import normalize_image
+from cellseg.normalize import flat_level, normalize_image
 from cellseg.postprocess import CellMaps, maps_from_output, threshold_probabilities
 from cellseg.runtime import autocast_context, resolve_device, set_threads
 from cellseg.scale import SizeEstimate, cell_maps_at_cell_size
@@ -156,8 +156,29 @@ class Predictor:
         return self.checkpoint.threshold if self.config.threshold is None else self.config.threshold
 
     def cell_maps(self, images: Sequence[np.ndarray]) -> list[CellMaps]:
-        """`CellMaps` for raw (H, W) images of any dtype and size."""
-        return self.normalised_cell_maps([normalize_image(image, self.normalization) for image in images])
+        """`CellMaps` for raw (H, W) images of any dtype and size.
+
+        An image without contrast (`flat_level`: a constant image, say) holds nothing to segment:
+        it gets empty maps, without a pass of the model, with a warning that says so.
+        """
+        levels = [flat_level(image, self.normalization) for image in images]
+        predicted = iter(self.normalised_cell_maps(
+            [normalize_image(image, self.normalization) for image, level in zip(images, levels, strict=True)
+             if level is None]
+        ))
+        return [next(predicted) if level is None else self._flat_maps(image, level)
+                for image, level in zip(images, levels, strict=True)]
+
+    def _flat_maps(self, image: np.ndarray, level: float) -> CellMaps:
+        """Empty maps for an image without contrast, and the warning that says why."""
+        if image.min() == image.max():
+            what = f"image is constant (value {level:g})"
+        else:
+            low, high = self.normalization.low_percentile, self.normalization.high_percentile
+            what = f"image has no contrast between percentiles {low:g} and {high:g} (value {level:g})"
+        empty = np.zeros(image.shape, dtype=np.float32)
+        distance = empty if self.checkpoint.model_config.distance_map else None
+        return CellMaps(empty, distance, warnings=(f"{what}: no cells",))
 
     def normalised_cell_maps(self, images: Sequence[np.ndarray]) -> list[CellMaps]:
         """`CellMaps` for images already normalised as the model expects.

@@ -33,6 +33,7 @@ from cellseg.io import (
     write_file_atomic,
 )
 from cellseg.pairs import ImagePair, check_same_size, dataset_hash, pair_by_stem
+from cellseg.redact import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -120,13 +121,13 @@ class ContentCache:
 
     def lookup(self, entry: FileEntry) -> CachedFile | None:
         """The cached copy of an unchanged source file, or None."""
-        known = self.index.get(entry.url)
+        known = self.index.get(redact_url(entry.url))
         if not known or known["fingerprint"] != entry.fingerprint:
             return None
         path = self.object_path(known["sha256"])
         if not path.exists():
             return None
-        return CachedFile(entry.url, entry.size, known["sha256"], str(path), tuple(known["shape"]), known["dtype"])
+        return CachedFile(redact_url(entry.url), entry.size, known["sha256"], str(path), tuple(known["shape"]), known["dtype"])
 
     def add(self, entry: FileEntry, data: bytes) -> CachedFile:
         """Validate (decode) and store `data`; returns its cached description."""
@@ -137,13 +138,14 @@ class ContentCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_file_atomic(path, data)
         with self._lock:
-            self.index[entry.url] = {
+            # Keyed and recorded by the redacted URL: the cache keeps no credentials.
+            self.index[redact_url(entry.url)] = {
                 "fingerprint": entry.fingerprint,
                 "sha256": sha256,
                 "shape": list(array.shape),
                 "dtype": str(array.dtype),
             }
-        return CachedFile(entry.url, len(data), sha256, str(path), tuple(array.shape), str(array.dtype))
+        return CachedFile(redact_url(entry.url), len(data), sha256, str(path), tuple(array.shape), str(array.dtype))
 
     def save_index(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -191,10 +193,10 @@ def ingest_dataset(
         ManifestEntry(pair.id, image, mask) for pair, image, mask in zip(pairs, cached_images, cached_masks, strict=True)
     )
     digest = dataset_hash((e.id, e.image.sha256, e.mask.sha256) for e in manifest_entries)
-    manifest = Manifest(digest, images_url, masks_url, manifest_entries)
+    manifest = Manifest(digest, redact_url(images_url), redact_url(masks_url), manifest_entries)
     manifest_path = Path(cache_dir) / "manifests" / f"{digest}.json"
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
     write_file_atomic(manifest_path, json.dumps(manifest.to_json(), indent=1).encode())
     reused = 2 * len(pairs) - copied
-    logger.info("ingested %d pairs from %s: %d files copied, %d unchanged", len(pairs), images_url, copied, reused)
+    logger.info("ingested %d pairs from %s: %d files copied, %d unchanged", len(pairs), manifest.images_url, copied, reused)
     return IngestResult(manifest, manifest_path, copied, reused)

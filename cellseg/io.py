@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import logging
+import lzma
 import os
 import posixpath
 import stat
 import tempfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from math import prod
 from typing import Any, cast
 
 import fsspec
@@ -18,10 +21,29 @@ import tifffile
 from fsspec.core import url_to_fs
 from PIL import Image, UnidentifiedImageError
 
+from cellseg.redact import redact_url
+from cellseg.storage_errors import storage_call
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 DEFAULT_MAX_PIXELS = 16_384 * 16_384
+# Decoded bytes allowed per pixel of `max_pixels` (16-bit RGBA, or float64 grayscale), so that
+# samples, planes and wide types cannot multiply the memory that max_pixels grants.
+MAX_BYTES_PER_PIXEL = 8
+# A file may hold this much beside its pixels (metadata, thumbnails) before it is refused unread.
+MAX_EXTRA_FILE_BYTES = 64 * 2**20
+
+# Decoders by content, whatever the suffix: TIFF (by its magic number) goes to tifffile, PNG and
+# JPEG to Pillow; no other Pillow plugin ever parses a file (EPS would run Ghostscript).
+PILLOW_FORMATS = ("PNG", "JPEG")
+SUPPORTED_FORMATS = "PNG, TIFF or JPEG"
+# TIFF compressions decoded, by tag value. Segments of the inflating ones are sized (bounded)
+# before tifffile decodes them: its fallback decoders ignore the expected size.
+TIFF_COMPRESSIONS = {1: "none", 5: "LZW", 7: "JPEG", 8: "Deflate", 32946: "Deflate", 32773: "PackBits", 34925: "LZMA"}
+_TIFF_DEFLATE, _TIFF_PACKBITS, _TIFF_LZMA = (8, 32946), 32773, 34925
+# Signatures of common non-image files that no Pillow plugin recognises, to name them in errors.
+_OTHER_SIGNATURES = {b"%PDF-": "PDF", b"PK\x03\x04": "ZIP", b"\x1f\x8b": "gzip"}
 
 # The pixel limit is enforced by `max_pixels` below, before decoding; Pillow's own global guard
 # would otherwise refuse large microscopy tiles at a fixed size the caller cannot change.
@@ -38,8 +60,10 @@ class ImageReadError(ValueError):
 
 
 def filesystem(url: str, storage_options: StorageOptions = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Return the fsspec filesystem for `url` and the path inside it."""
-    return url_to_fs(url, **dict(storage_options or {}))
+    """Return the fsspec filesystem for `url` and the path inside it (StorageError when the
+    protocol's package, such as gcsfs for gs://, is not installed)."""
+    with storage_call(url):
+        return url_to_fs(url, **dict(storage_options or {}))
 
 
 def join_url(base: str, name: str) -> str:
@@ -72,12 +96,10 @@ def list_image_entries(url: str, storage_options: StorageOptions = None) -> list
     # fsspec reuses filesystem instances per process, and s3fs caches listings: without this, a
     # second listing in the same process misses new and changed objects.
     fs.invalidate_cache(root)
-    try:
+    with storage_call(url):  # no credentials, unreachable, timed out, denied: one StorageError naming `url`
         if not fs.isdir(root):
             raise FileNotFoundError(f"image directory '{url}' does not exist or is not a directory")
         listing = fs.ls(root, detail=True)
-    except PermissionError as error:
-        raise PermissionError(f"access denied listing '{url}': {error}") from error
     entries, ignored = [], []
     for listed in listing:
         name = posixpath.basename(listed["name"].rstrip("/"))
@@ -92,7 +114,7 @@ def list_image_entries(url: str, storage_options: StorageOptions = None) -> list
     if ignored:
         shown = ", ".join(sorted(ignored)[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
         logger.warning("ignoring %d file(s) under '%s' without an image suffix (%s): %s",
-                       len(ignored), url, " ".join(IMAGE_SUFFIXES), shown)
+                       len(ignored), redact_url(url), " ".join(IMAGE_SUFFIXES), shown)
     return sorted(entries, key=lambda entry: entry.url)
 
 
@@ -112,13 +134,19 @@ def list_images(url: str, storage_options: StorageOptions = None) -> list[str]:
     return [entry.url for entry in list_image_entries(url, storage_options)]
 
 
-def read_bytes(url: str, storage_options: StorageOptions = None) -> bytes:
-    """Whole file contents of `url`."""
+def read_bytes(url: str, storage_options: StorageOptions = None, max_bytes: int | None = None) -> bytes:
+    """Whole file contents of `url`; a file over `max_bytes` (the limit `read_image` derives from
+    max_pixels) is refused having read no more than max_bytes + 1 bytes."""
     fs, path = filesystem(url, storage_options)
     try:
-        return fs.cat_file(path)
+        with storage_call(url):
+            data = fs.cat_file(path) if max_bytes is None else fs.cat_file(path, start=0, end=max_bytes + 1)
     except FileNotFoundError as error:
         raise ImageReadError(f"'{url}': file not found") from error
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageReadError(f"'{url}': file is over {max_bytes} bytes, more than an image within max_pixels "
+                             "can take (raise max_pixels to allow it)")
+    return data
 
 
 def write_bytes(url: str, data: bytes, storage_options: StorageOptions = None) -> str:
@@ -146,33 +174,55 @@ def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode PNG/TIFF/JPEG bytes to a 2-D (H, W) array, colour converted to grayscale.
+def decode_image(
+    data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, warnings: list[str] | None = None
+) -> np.ndarray:
+    """Decode PNG/TIFF/JPEG bytes (recognised by content, not name) to a 2-D (H, W) array,
+    colour converted to grayscale.
 
     8- and 16-bit integer and float images keep their dtype; RGB(A) and palette images become
-    uint8 luma (ITU-R 601). Raises ImageReadError naming `name` for anything unusable.
+    uint8 luma (ITU-R 601). Sizes in the file's header are checked against `max_pixels` before
+    anything is decoded: the image's pixels, and its decoded bytes (pixels x samples x bytes per
+    sample, and those of each tile or strip) against max_pixels x MAX_BYTES_PER_PIXEL. Raises
+    ImageReadError naming `name` for anything unusable, including NaN or infinite pixels. What
+    the caller should know about a usable file (only its first page used) is appended to `warnings`.
     """
     if not data:
         raise ImageReadError(f"'{name}': file is empty (0 bytes)")
+    notes: list[str] = []
     if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        array = _decode_tiff(data, name, max_pixels)
+        array = _decode_tiff(data, name, max_pixels, notes)
     else:
-        array = _decode_with_pillow(data, name, max_pixels)
+        array = _decode_with_pillow(data, name, max_pixels, notes)
     if array.ndim != 2 or min(array.shape) < 1:
         raise ImageReadError(f"'{name}': expected a 2-D grayscale image, got shape {array.shape}")
+    if array.dtype.kind == "f":
+        not_finite = array.size - int(np.count_nonzero(np.isfinite(array)))
+        if not_finite:
+            raise ImageReadError(f"'{name}': {not_finite} of {array.size} pixels are NaN or infinite; "
+                                 "expected finite intensities")
+        largest = max(-float(array.min()), float(array.max()))
+        if largest > np.finfo(np.float32).max:  # normalisation computes in float32
+            raise ImageReadError(f"'{name}': pixel values reach {largest:g}, beyond the float32 range "
+                                 f"(±{np.finfo(np.float32).max:g}) that cellseg computes in")
+    if warnings is not None:
+        warnings.extend(notes)
     return array
 
 
-def _decode_tiff(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+def _decode_tiff(data: bytes, name: str, max_pixels: int, notes: list[str]) -> np.ndarray:
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = cast(tifffile.TiffPage, tif.pages[0])  # the first page is a TiffPage, never a TiffFrame
-            _check_pixel_limit(name, page.shape[0] * page.shape[1], max_pixels)
+            _check_tiff_page(page, data, name, max_pixels)
+            pages = len(tif.pages)
             array = page.asarray()
     except ImageReadError:
         raise
     except Exception as error:  # tifffile raises many types on malformed input
         raise ImageReadError(f"'{name}': not a readable TIFF ({error})") from error
+    if pages > 1:
+        notes.append(f"uses page 0 of {pages}: the other pages are not segmented")
     if array.ndim == 3 and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and array.shape[0] in (3, 4):
         array = np.moveaxis(array, 0, -1)  # planar RGB(A) is stored samples-first: (S, H, W)
     if array.ndim == 3 and array.shape[-1] in (3, 4):
@@ -182,20 +232,126 @@ def _decode_tiff(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     return array
 
 
-def _decode_with_pillow(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+def _check_tiff_page(page: tifffile.TiffPage, data: bytes, name: str, max_pixels: int) -> None:
+    """Refuse, before decoding, a TIFF page whose header asks for more memory than max_pixels
+    grants, or for a sample type or compression that cellseg does not decode."""
+    pixels = page.imagelength * page.imagewidth * page.imagedepth
+    _check_pixel_limit(name, pixels, max_pixels)
+    if pixels == 0:
+        raise ImageReadError(f"'{name}': expected a 2-D grayscale image, got shape {page.shape}")
+    dtype = page.dtype
+    if dtype is None or dtype.kind not in "biuf":
+        raise ImageReadError(f"'{name}': TIFF samples of {page.bitspersample} bits, format "
+                             f"{_tiff_name(page.sampleformat)}, are not supported (expected integers or floats)")
+    if page.compression not in TIFF_COMPRESSIONS:
+        readable = ", ".join(dict.fromkeys(TIFF_COMPRESSIONS.values()))
+        raise ImageReadError(f"'{name}': TIFF compression {_tiff_name(page.compression)} is not supported "
+                             f"(cellseg reads {readable})")
+    limit = max_pixels * MAX_BYTES_PER_PIXEL
+    segment = prod(page.chunks) * dtype.itemsize
+    for what, shape, size in (("the image", page.shape, prod(page.shape) * dtype.itemsize),
+                              ("one tile or strip", page.chunks, segment)):
+        if size > limit:
+            raise ImageReadError(
+                f"'{name}': {what} ({' x '.join(map(str, shape))} {dtype} samples) would take {size} bytes, "
+                f"over the limit of {limit} (max_pixels x {MAX_BYTES_PER_PIXEL}; raise max_pixels to allow it)"
+            )
+    if page.compression in (*_TIFF_DEFLATE, _TIFF_PACKBITS, _TIFF_LZMA):
+        view = memoryview(data)
+        for offset, count in zip(page.dataoffsets, page.databytecounts, strict=False):
+            if _inflated_size(page.compression, view[offset : offset + count], segment) > segment:
+                raise ImageReadError(f"'{name}': a compressed tile or strip inflates beyond the {segment} bytes "
+                                     "its header declares (a decompression bomb)")
+
+
+def _inflated_size(compression: int, chunk: memoryview, limit: int) -> int:
+    """Bytes one compressed TIFF segment inflates to, counted no further than limit + 1, in
+    memory bounded by that; 0 when it does not decode (tifffile then names the problem)."""
+    if compression == _TIFF_PACKBITS:
+        return _packbits_size(chunk, limit)
+    if compression == _TIFF_LZMA:
+        return _lzma_size(chunk, limit)
     try:
-        with Image.open(io.BytesIO(data)) as opened:
+        return len(zlib.decompressobj().decompress(chunk, limit + 1))
+    except zlib.error:
+        return 0
+
+
+def _lzma_size(chunk: memoryview, limit: int) -> int:
+    """Bytes LZMA data inflates to, counted no further than limit + 1, over every stream of it:
+    `lzma.decompress`, which tifffile calls, decodes streams one after another."""
+    size, rest = 0, bytes(chunk)
+    while rest and size <= limit:
+        decompressor = lzma.LZMADecompressor()
+        try:
+            size += len(decompressor.decompress(rest, limit + 1 - size))
+        except lzma.LZMAError:  # not (or no longer) LZMA: lzma.decompress stops here too
+            break
+        if not decompressor.eof:
+            break
+        rest = decompressor.unused_data
+    return size
+
+
+def _packbits_size(chunk: memoryview, limit: int) -> int:
+    """Bytes a PackBits run sequence decodes to, counted no further than just past `limit`."""
+    size = index = 0
+    while index < len(chunk) and size <= limit:
+        header = chunk[index]
+        if header < 128:  # a literal run of header + 1 bytes
+            size, index = size + header + 1, index + header + 2
+        elif header > 128:  # one byte repeated 257 - header times
+            size, index = size + 257 - header, index + 2
+        else:  # 128: no operation
+            index += 1
+    return size
+
+
+def _tiff_name(value: Any) -> str:
+    """A TIFF enum value by its name (COMPRESSION.JPEGXL), or the bare number tifffile does not know."""
+    return str(getattr(value, "name", value))
+
+
+def _decode_with_pillow(data: bytes, name: str, max_pixels: int, notes: list[str]) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as opened:
             _check_pixel_limit(name, opened.width * opened.height, max_pixels)
+            frames = int(getattr(opened, "n_frames", 1))
             opened.load()
             to_gray = opened.mode in ("RGB", "RGBA", "P", "PA", "LA", "CMYK", "YCbCr", "1")
             array = np.asarray(opened.convert("L") if to_gray else opened)
     except ImageReadError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except UnidentifiedImageError as error:
+        raise ImageReadError(f"'{name}': not a readable image: {_describe_content(data)}") from error
+    except Exception as error:  # Pillow's plugins raise many types on malformed input
         raise ImageReadError(f"'{name}': not a readable image ({error})") from error
+    if frames > 1:
+        notes.append(f"uses frame 0 of {frames}: the other frames are not segmented")
     if array.dtype == np.int32 and array.size and array.min() >= 0 and array.max() <= 65535:
         array = array.astype(np.uint16)  # Pillow's 'I' mode for 16-bit PNGs
     return array
+
+
+def _describe_content(data: bytes) -> str:
+    """What bytes that no permitted decoder opened look like, judged by their first bytes only
+    (Pillow's signature checks and a few others): nothing is parsed."""
+    found = next((kind for signature, kind in _OTHER_SIGNATURES.items() if data.startswith(signature)), None)
+    if found is None:
+        Image.init()
+        for format_id in Image.ID:
+            accept = Image.OPEN[format_id][1]
+            try:
+                if accept is not None and accept(data[:16]):
+                    found = format_id
+                    break
+            except Exception:  # noqa: BLE001 - a signature check that cannot judge these bytes
+                continue
+    if found in PILLOW_FORMATS or found == "MPO":
+        return f"damaged {found} data"
+    if found is not None:
+        return f"its content is {found}, not {SUPPORTED_FORMATS}"
+    return f"its content is not {SUPPORTED_FORMATS}"
 
 
 def _check_pixel_limit(name: str, pixels: int, max_pixels: int) -> None:
@@ -211,9 +367,14 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(gray), 0, np.iinfo(rgb.dtype).max if rgb.dtype.kind in "ui" else None).astype(rgb.dtype)
 
 
-def read_image(url: str, storage_options: StorageOptions = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read and decode one image file into a 2-D (H, W) array."""
-    return decode_image(read_bytes(url, storage_options), url, max_pixels)
+def read_image(
+    url: str, storage_options: StorageOptions = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+    warnings: list[str] | None = None,
+) -> np.ndarray:
+    """Read and decode one image file into a 2-D (H, W) array (see `decode_image`); a file larger
+    than its pixels within max_pixels could need is refused before it is read whole."""
+    max_bytes = max_pixels * MAX_BYTES_PER_PIXEL + MAX_EXTRA_FILE_BYTES
+    return decode_image(read_bytes(url, storage_options, max_bytes), url, max_pixels, warnings)
 
 
 def binarize_mask(mask: np.ndarray) -> np.ndarray:

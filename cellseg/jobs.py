@@ -31,12 +31,13 @@ from cellseg.io import list_images
 from cellseg.job_config import SegmentJob, TrainJob, TuneJob
 from cellseg.model_source import ModelSource, shared_predictor
 from cellseg.pairs import ImagePair, LoadedPair, load_pairs, manifest_hash, pair_images_and_masks, split_train_val
+from cellseg.redact import redact_text
 from cellseg.report import training_pictures
 from cellseg.runtime import resolve_device, set_threads
 from cellseg.segment import SegmentReport, model_record, pending_images, segment_images
 from cellseg.size_model import MAGNIFICATIONS, MIN_EXAMPLES, SizeModel, fit_size_model, network_features, size_examples
 from cellseg.store import ResultStore
-from cellseg.train import TrainResult, train
+from cellseg.train import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, TrainResult, train
 from cellseg.tune import Trial, TrialResult
 
 __all__ = ["SegmentJob", "TrainJob", "TuneJob", "run_segmentation", "run_training", "run_trial"]
@@ -101,9 +102,12 @@ def run_training(
     pairs: Sequence[ImagePair] | None = None,
     resume: bool = False,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    overwrite: bool = False,
 ) -> TrainOutcome:
     """Train a model as `job` says into `out_dir` (best.pt, last.pt, history.json, manifest.json,
-    split.json and the pictures), on `pairs` or else the pairs found at the job's URLs.
+    split.json and the pictures), on `pairs` or else the pairs found at the job's URLs. A run
+    already in `out_dir` is continued with `resume`, replaced with `overwrite`, else refused
+    (`check_run_dir`).
 
     Fine-tuning (`training.init_from`, see `starting_checkpoint`) takes the model config of that
     checkpoint. The split is deterministic (`training.seed`), every image is decoded and
@@ -111,6 +115,7 @@ def run_training(
     (`finish_checkpoint`), and it is scored on the validation images at cell level (with instance
     label masks) exactly as `cellseg predict` would segment them with `job.predict`.
     """
+    out = check_run_dir(out_dir, resume, overwrite)
     if pairs is None:
         pairs = pair_images_and_masks(job.images_url, job.masks_url)
     model_config, training = job.model, job.training
@@ -121,8 +126,10 @@ def run_training(
     logger.info("loading %d image/mask pairs", len(pairs))
     loaded_train = load_pairs(train_pairs, model_config.normalization)
     loaded_val = load_pairs(val_pairs, model_config.normalization)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunFolderError(f"cannot create the training folder '{out}' ({error.strerror or error})") from error
     dataset_hash = _write_manifest(out, loaded_train, loaded_val)
     result = train(loaded_train, loaded_val, out, model_config, training, dataset_hash, resume=resume, on_epoch=on_epoch)
     checkpoint = finish_checkpoint(str(result.best_checkpoint), job, loaded_train, loaded_val)
@@ -130,6 +137,34 @@ def run_training(
     cells = validation_cell_scores(predictor, loaded_val)
     pictures = training_pictures(out, result.history, loaded_val, predictor)
     return TrainOutcome(result, dataset_hash, len(loaded_train), len(loaded_val), cells, pictures)
+
+
+class RunFolderError(ValueError):
+    """A training folder that cannot be used as asked; the message names it and what is there."""
+
+
+RUN_FILES = (BEST_CHECKPOINT, LAST_CHECKPOINT, HISTORY_FILE)  # what makes a folder hold a training run
+
+
+def check_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
+    """`out_dir` as a Path if a training run may write there: not a file; with `resume`, a run to
+    continue; without it, no run that the new one would replace unless `overwrite` says so. The
+    old run's files are then replaced as the new run writes its own, never deleted up front."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"training folder '{out}' is an existing file, not a folder")
+    present = [name for name in RUN_FILES if (out / name).is_file()]
+    if resume and LAST_CHECKPOINT not in present:
+        raise RunFolderError(f"nothing to resume in '{out}': it holds no {LAST_CHECKPOINT}")
+    if present and not (resume or overwrite):
+        try:
+            count = len(json.loads((out / HISTORY_FILE).read_text()))
+            epochs = f", {count} epoch{'s' if count != 1 else ''} of history"
+        except (OSError, ValueError, TypeError):
+            epochs = ""
+        raise RunFolderError(f"'{out}' already holds a training run ({', '.join(present)}{epochs}) that a new run "
+                             f"would replace; continue it (--resume), replace it (--overwrite) or choose another folder")
+    return out
 
 
 def starting_checkpoint(job: TrainJob, images: int) -> str | None:
@@ -212,8 +247,9 @@ def run_trial(job: TuneJob, trial: Trial, out_dir: str | Path, pairs: Sequence[I
     try:
         outcome = run_training(job.trial_job(trial), out_dir, pairs)
     except Exception as error:  # noqa: BLE001 - reported in the trial table; the search goes on
-        logger.warning("trial %d %s failed: %s", trial.number, trial.params, error)
-        return TrialResult(number=trial.number, params=trial.params, status="failed", error=f"{type(error).__name__}: {error}")
+        described = redact_text(f"{type(error).__name__}: {error}")  # shown in the trial table and artifacts
+        logger.warning("trial %d %s failed: %s", trial.number, trial.params, described)
+        return TrialResult(number=trial.number, params=trial.params, status="failed", error=described)
     result = outcome.result
     return TrialResult(
         number=trial.number,
@@ -260,9 +296,10 @@ def pin_model(job: SegmentJob) -> SegmentJob:
 def plan_segmentation(job: SegmentJob, on_record: Callable[[str], None] | None = None) -> SegmentPlan:
     """Images under `job.source_url` that the store does not hold yet, in shards of `job.shard_size`.
     Files that cannot be images of the store (clashing or invalid ids) are listed as rejected."""
+    images = list_images(job.source_url)  # first: a source that cannot be read leaves no new store behind
     store = ResultStore.open(job.store_url)
     rejected: list[dict[str, str]] = []
-    todo, skipped = pending_images(list_images(job.source_url), store, rejected, on_record=on_record)
+    todo, skipped = pending_images(images, store, rejected, on_record=on_record)
     shards = [todo[start : start + job.shard_size] for start in range(0, len(todo), job.shard_size)]
     return SegmentPlan(shards, skipped, rejected)
 

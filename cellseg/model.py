@@ -8,6 +8,10 @@ from torch import nn
 
 from cellseg.config import ModelConfig
 
+# More than any ModelConfig allows (base_width * 2**depth <= MAX_WIDTH gives at most ~125 million):
+# a checkpoint's weights are counted against it before a network is built for them.
+MAX_PARAMETERS = 150_000_000
+
 
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "group":
@@ -121,6 +125,14 @@ class UNet(nn.Module):
         for up, skip in zip(self.decoder, reversed(skips), strict=True):
             x = up(x, skip)
         return self.head(x)[..., :height, :width]
+
+
+def expected_state(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of every entry of the state_dict of `UNet(config)`, found on the meta device,
+    so that no weight is allocated however large the config says the network is."""
+    with torch.device("meta"):
+        model = UNet(config)
+    return {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in model.state_dict().items()}
 
 
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from cellseg.checkpoint import Checkpoint, checkpoint_digest, load_checkpoint_by
 from cellseg.config import PredictConfig
 from cellseg.infer import Predictor
 from cellseg.registry import Registry
+from cellseg.storage_errors import storage_call
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ class ModelSource:
         if self.shipped is not None:
             shipped_checkpoint(self.shipped)
             return self
-        return ModelSource(self.registry_url, Registry(self.registry_url).resolve(self.version))
+        with storage_call(self.registry_url):
+            return ModelSource(self.registry_url, Registry(self.registry_url).resolve(self.version))
 
     def location(self) -> str:
         """URL of the checkpoint file."""
@@ -50,7 +52,8 @@ class ModelSource:
         (checksum verified), else the file's content hash, prefixed by its name for a shipped model
         (checked against its model card)."""
         if self.checkpoint_url is None and self.shipped is None:
-            checkpoint, meta = Registry(self.registry_url).load(self.version)
+            with storage_call(self.registry_url):
+                checkpoint, meta = Registry(self.registry_url).load(self.version)
             return checkpoint, meta.version
         if self.shipped is None:
             checkpoint, digest = load_checkpoint_with_digest(self.location())
@@ -59,7 +62,7 @@ class ModelSource:
         data = path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         check_shipped_digest(self.shipped, digest)  # before the bytes are parsed
-        return load_checkpoint_bytes(data, str(path)), f"{self.shipped}-{digest[:12]}"
+        return load_checkpoint_bytes(data, str(path), file_checked=True), f"{self.shipped}-{digest[:12]}"
 
     @property
     def shipped(self) -> str | None:

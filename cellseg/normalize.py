@@ -9,6 +9,10 @@ import numpy as np
 
 from cellseg.config import NormalizationConfig
 
+# Float images whose percentiles differ by less than this fraction of their magnitude hold only
+# rounding noise (a few float32 steps), which stretching to [0, 1] would turn into "structure".
+FLAT_RELATIVE_RANGE = 16 * float(np.finfo(np.float32).eps)
+
 
 def intensity_skewness(image: np.ndarray) -> float:
     """Sample skewness of the pixel intensities (0 for a flat image)."""
@@ -57,9 +61,32 @@ def normalize_image(image: np.ndarray, config: NormalizationConfig = Normalizati
         levels = image.astype(np.float32, copy=False)
         low, high = np.percentile(levels, percentiles)
         skewness = intensity_skewness(levels) if config.polarity == "auto" else 0.0
-    if high <= low:  # flat image: nothing to stretch
+    if _no_contrast(float(low), float(high), image.dtype):  # flat image: nothing to stretch
         return np.zeros(image.shape, dtype=np.float32)
     scaled = np.clip((levels - low) / (high - low), 0.0, 1.0).astype(np.float32, copy=False)
     if config.polarity == "auto" and skewness < 0:
         scaled = 1.0 - scaled
     return scaled[image] if image.dtype in (np.uint8, np.uint16) else scaled
+
+
+def flat_level(image: np.ndarray, config: NormalizationConfig = NormalizationConfig()) -> float | None:
+    """The intensity of an (H, W) image without contrast between the configured percentiles (a
+    constant image, or one whose pixels all but a sliver share one value), else None.
+
+    `normalize_image` maps such an image to zeros: there is nothing in it to segment, and a
+    model shown a blank input would report its own biases as cells.
+    """
+    percentiles = [config.low_percentile, config.high_percentile]
+    if image.dtype in (np.uint8, np.uint16):
+        (low, high), _ = _histogram_statistics(np.bincount(image.ravel()), percentiles)
+    else:
+        values = image.view(np.uint8) if image.dtype == np.bool_ else image  # bilevel TIFFs
+        low, high = (float(value) for value in np.percentile(values, percentiles))
+    return low if _no_contrast(low, high, image.dtype) else None
+
+
+def _no_contrast(low: float, high: float, dtype: np.dtype) -> bool:
+    """Whether percentiles `low` and `high` of an image of `dtype` leave nothing to stretch."""
+    if dtype.kind == "f":
+        return high - low <= FLAT_RELATIVE_RANGE * max(abs(low), abs(high))
+    return high <= low

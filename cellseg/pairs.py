@@ -22,6 +22,7 @@ from cellseg.io import (
     read_bytes,
 )
 from cellseg.normalize import normalize_image
+from cellseg.redact import redact_url
 
 
 class DatasetError(ValueError):
@@ -128,8 +129,8 @@ class LoadedPair:
         """What the dataset manifest records about this pair."""
         return {
             "id": self.id,
-            "image_url": self.source.image_url,
-            "mask_url": self.source.mask_url,
+            "image_url": redact_url(self.source.image_url),  # the manifest keeps no credentials
+            "mask_url": redact_url(self.source.mask_url),
             "image_sha256": self.image_sha256,
             "mask_sha256": self.mask_sha256,
             "shape": list(self.image.shape),

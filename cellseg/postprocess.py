@@ -30,11 +30,13 @@ class CellMaps:
     and, from a model with a distance-map output, each cell's normalised distance (H, W). From a
     model at a cell size, `scale` says how the image was seen: its cells' median diameter in
     pixels (`cell_diameter`, None when none were found), whether that was `measured` by a first
-    pass or stated, and the `factor` the image was resampled by."""
+    pass or stated, and the `factor` the image was resampled by. `warnings` say what the caller
+    should know about the maps (an image without contrast gets empty maps and says so)."""
 
     probability: np.ndarray
     distance: np.ndarray | None = None
     scale: dict[str, Any] | None = None
+    warnings: tuple[str, ...] = ()
 
 
 def maps_from_output(output: np.ndarray, distance_map: bool) -> CellMaps:

@@ -14,17 +14,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import posixpath
+import re
 from datetime import datetime, timezone
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from cellseg import __version__
-from cellseg.checkpoint import Checkpoint, load_checkpoint_bytes
+from cellseg.checkpoint import Checkpoint, load_checkpoint_bytes, one_line, read_checkpoint_bytes
 from cellseg.io import StorageOptions, filesystem, join_url
+from cellseg.redact import redact, redact_text, redact_url
+
+logger = logging.getLogger(__name__)
 
 CURRENT = "current"
+# What a version may be called: one path component, never '.', '..' or a path out of the registry.
+VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class RegistryError(ValueError):
@@ -63,9 +70,8 @@ class Registry:
 
     def register(self, checkpoint_url: str, storage_options: StorageOptions = None, promote: bool = False) -> ModelVersion:
         """Copy a checkpoint into the registry as a new version; optionally make it current."""
-        source_fs, source_path = filesystem(checkpoint_url, storage_options)
-        data = source_fs.cat_file(source_path)
-        checkpoint = load_checkpoint_bytes(data, checkpoint_url)
+        data = read_checkpoint_bytes(checkpoint_url, storage_options)
+        checkpoint = load_checkpoint_bytes(data, checkpoint_url)  # refuses damaged and non-finite weights
         sha256 = hashlib.sha256(data).hexdigest()
         registered = datetime.now(timezone.utc)
         version = f"{registered:%Y%m%d-%H%M%S}-{sha256[:8]}"
@@ -77,7 +83,7 @@ class Registry:
             epoch=checkpoint.epoch,
             metrics=checkpoint.metrics,
             architecture=checkpoint.model_config.model_dump(mode="json"),
-            train_config=checkpoint.train_config.model_dump(mode="json"),
+            train_config=redact(checkpoint.train_config.model_dump(mode="json")),  # older checkpoints kept URLs whole
             dataset_manifest_hash=checkpoint.dataset_manifest_hash,
             cellseg_version=checkpoint.cellseg_version or __version__,
             created=checkpoint.created,
@@ -91,20 +97,50 @@ class Registry:
         return meta
 
     def versions(self) -> list[ModelVersion]:
-        """All registered versions, oldest first."""
+        """All readable registered versions, oldest first; unreadable ones are logged and left out."""
+        found, unreadable = self.scan()
+        for version, problem in unreadable.items():
+            logger.warning("registry '%s': version %s left out: %s", redact_url(self.url), version, redact_text(problem))
+        return found
+
+    def scan(self) -> tuple[list[ModelVersion], dict[str, str]]:
+        """(the readable versions, oldest first; {version: why its model.json is unreadable}), so that
+        one damaged version never hides the others."""
         # Listings are cached per process (s3fs); another process may have registered since.
         self.fs.invalidate_cache(self.root)
         if not self.fs.exists(self.root):
-            return []
-        found = []
+            return [], {}
+        found, unreadable = [], {}
         for entry in self.fs.ls(self.root, detail=True):
-            if entry.get("type") != "directory":
+            name = posixpath.basename(entry["name"].rstrip("/"))
+            if entry.get("type") != "directory" or not self.fs.exists(self._path(name, "model.json")):
                 continue
-            meta_path = posixpath.join(entry["name"], "model.json")
-            if self.fs.exists(meta_path):
-                found.append(ModelVersion.model_validate_json(self.fs.cat_file(meta_path)))
+            meta = self._parse_meta(name)
+            if isinstance(meta, ModelVersion):
+                found.append(meta)
+            else:
+                unreadable[name] = meta
         # Names have one-second resolution; `registered` orders versions made within one second.
-        return sorted(found, key=lambda meta: (datetime.fromisoformat(meta.registered), meta.version))
+        return sorted(found, key=lambda meta: (_registered_at(meta), meta.version)), unreadable
+
+    def _parse_meta(self, version: str) -> ModelVersion | str:
+        """The model.json of `version` if it is whole and names that version, else why it is unreadable."""
+        try:
+            meta = ModelVersion.model_validate_json(self.fs.cat_file(self._path(version, "model.json")))
+            _registered_at(meta)
+        except ValidationError as error:
+            return f"unreadable model.json ({one_line(error)})"
+        except ValueError as error:
+            return f"unreadable model.json ({error})"
+        if meta.version != version:
+            return f"unreadable model.json (it names version {meta.version!r})"
+        return meta
+
+    def _read_meta(self, version: str) -> ModelVersion:
+        meta = self._parse_meta(version)
+        if not isinstance(meta, ModelVersion):
+            raise RegistryError(f"registry '{self.url}', version {version}: {meta}")
+        return meta
 
     def current(self) -> str | None:
         """The version marked current, if any."""
@@ -112,15 +148,28 @@ class Registry:
         self.fs.invalidate_cache(self.root)  # a cached listing may predate another process's promote
         if not self.fs.exists(path):
             return None
-        return json.loads(self.fs.cat_file(path))["version"]
+        try:
+            version = json.loads(self.fs.cat_file(path))["version"]
+        except (ValueError, TypeError, KeyError) as error:
+            reason = f"invalid JSON: {error}" if isinstance(error, ValueError) else 'not {"version": NAME}'
+            raise RegistryError(f"registry '{self.url}': current.json is unreadable ({reason}); "
+                                f"promote a version to rewrite it") from error
+        if not isinstance(version, str) or not VERSION_NAME.fullmatch(version):
+            raise RegistryError(f"registry '{self.url}': current.json names {version!r}, which is not a version "
+                                f"name; promote a version to rewrite it")
+        return version
 
     def resolve(self, version: str) -> str:
-        """A concrete version name for `version` ('current' or a name)."""
+        """A concrete version name for `version` ('current' or a name); only the names of registered
+        versions resolve, never a path."""
         if version == CURRENT:
             current = self.current()
             if current is None:
                 raise RegistryError(f"registry '{self.url}' has no current model; register one with promote")
             return current
+        if not VERSION_NAME.fullmatch(version):
+            raise RegistryError(f"'{version}' is not a version name of registry '{self.url}': versions are names "
+                                f"such as 20250101-120000-0123abcd, never paths")
         if not self.fs.exists(self._path(version, "model.json")):
             known = ", ".join(meta.version for meta in self.versions()) or "none"
             raise RegistryError(f"registry '{self.url}' has no version '{version}' (known: {known})")
@@ -128,21 +177,31 @@ class Registry:
 
     def get(self, version: str = CURRENT) -> ModelVersion:
         """Metadata of a version ('current' by default)."""
-        return ModelVersion.model_validate_json(self.fs.cat_file(self._path(self.resolve(version), "model.json")))
+        return self._read_meta(self.resolve(version))
 
     def promote(self, version: str) -> None:
-        """Mark `version` as the one inference uses by default."""
-        resolved = self.resolve(version)
+        """Mark `version` as the one inference uses by default; only a registered version whose
+        model.json is whole can be."""
+        resolved = self.get(version).version
         self.fs.makedirs(self.root, exist_ok=True)
         self.fs.pipe_file(self._path("current.json"), json.dumps({"version": resolved}).encode())
 
     def load(self, version: str = CURRENT) -> tuple[Checkpoint, ModelVersion]:
         """Load a version's checkpoint after checking it against the recorded checksum."""
         meta = self.get(version)
-        data = self.fs.cat_file(self._path(meta.version, "checkpoint.pt"))
+        try:
+            data = self.fs.cat_file(self._path(meta.version, "checkpoint.pt"))
+        except FileNotFoundError as error:
+            raise RegistryError(f"registry '{self.url}', version {meta.version}: checkpoint.pt is missing") from error
         if hashlib.sha256(data).hexdigest() != meta.checkpoint_sha256:
             raise RegistryError(
                 f"checkpoint of version '{meta.version}' in '{self.url}' does not match its recorded "
                 f"sha256 {meta.checkpoint_sha256[:12]}…: it was modified or corrupted"
             )
-        return load_checkpoint_bytes(data, self.checkpoint_url(meta.version)), meta
+        return load_checkpoint_bytes(data, self.checkpoint_url(meta.version), file_checked=True), meta
+
+
+def _registered_at(meta: ModelVersion) -> datetime:
+    """When `meta` was registered, as an aware time (a time without zone is UTC)."""
+    registered = datetime.fromisoformat(meta.registered)
+    return registered if registered.tzinfo else registered.replace(tzinfo=timezone.utc)

@@ -24,8 +24,9 @@ from cellseg.io import StorageOptions, read_image
 from cellseg.measure import CELL_COLUMNS, cell_measurements
 from cellseg.pairs import group_by_stem
 from cellseg.postprocess import CellMaps, cell_labels
+from cellseg.redact import redact_text, redact_url
 from cellseg.stats import image_statistics
-from cellseg.store import ResultStore, StoreError, validate_image_id
+from cellseg.store import ResultStore, StoreError, StoreWriteError, unwritable, validate_image_id
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class SegmentReport:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[dict[str, str]] = field(default_factory=list)  # {image_id, source_url, warning} of done images
     seconds: float = 0.0
     pixels: int = 0
 
@@ -45,6 +47,7 @@ class SegmentReport:
             "done": len(self.done),
             "skipped": len(self.skipped),
             "failed": len(self.failed),
+            "warnings": len(self.warnings),
             "seconds": round(self.seconds, 2),
             "images_per_second": round(len(self.done) / self.seconds, 3) if self.seconds else None,
             "megapixels_per_second": round(self.pixels / 1e6 / self.seconds, 3) if self.seconds else None,
@@ -66,13 +69,13 @@ def pending_images(
     for image_id, urls in group_by_stem(image_urls).items():
         if len(urls) > 1:
             names = ", ".join(posixpath.basename(url) for url in urls)
-            problems += [{"image_id": image_id, "source_url": url,
+            problems += [{"image_id": image_id, "source_url": redact_url(url),
                           "error": f"files {names} share the image id {image_id!r}; rename all but one"} for url in urls]
             continue
         try:
             by_id[validate_image_id(image_id, urls[0])] = urls[0]
         except StoreError as error:
-            problems.append({"image_id": image_id, "source_url": urls[0], "error": str(error)})
+            problems.append({"image_id": image_id, "source_url": redact_url(urls[0]), "error": redact_text(str(error))})
     if problems and rejected is None:
         raise StoreError("; ".join(f"'{problem['source_url']}': {problem['error']}" for problem in problems))
     if rejected is not None:
@@ -86,7 +89,7 @@ def model_record(predictor: Predictor, checkpoint_url: str) -> dict[str, Any]:
     """What the store records about the model and settings behind each result."""
     return {
         "version": predictor.model_version,
-        "checkpoint": checkpoint_url,
+        "checkpoint": redact_url(checkpoint_url),
         "predict": predictor.config.model_dump(mode="json"),
         "model_config": predictor.checkpoint.model_config.model_dump(mode="json"),
         "cellseg_version": __version__,
@@ -102,6 +105,8 @@ def segment_images(
     on_image: Callable[[str], None] | None = None,
 ) -> SegmentReport:
     """Segment (id, url) pairs into `store`; an unreadable image is recorded as failed and skipped.
+    The warnings of a done image (only page 0 of a multi-page file used, an image without
+    contrast given no cells) are stored with its result and listed in the report.
 
     Three stages overlap: reader threads decode the next images, the calling thread runs the
     model, and a writer thread labels cells, measures and writes the previous batch. Each stage
@@ -112,69 +117,97 @@ def segment_images(
     max_pixels = predictor.config.max_pixels
     ahead = 2 * predictor.batch_size
     pending = iter(images)
-    reads: deque[tuple[str, str, Future[np.ndarray]]] = deque()
+    reads: deque[tuple[str, str, Future[tuple[np.ndarray, list[str]]]]] = deque()
     writes: deque[Future[tuple[str, str, str | None, int]]] = deque()
+    stopped: list[StoreWriteError] = []  # the store cannot be written: the run ends, nothing more is tried
 
     def settle(outcome: tuple[str, str, str | None, int]) -> None:
         image_id, url, error, pixels = outcome
+        if error == NOT_WRITTEN:
+            return
         if error == DONE_ELSEWHERE:
             report.skipped.append(image_id)
         elif error is None:
             report.done.append(image_id)
             report.pixels += pixels
         else:
-            report.failed.append({"image_id": image_id, "source_url": url, "error": error})
+            report.failed.append({"image_id": image_id, "source_url": redact_url(url), "error": error})
         if on_image:
             on_image(image_id)
 
+    def warn(image_id: str, url: str, warnings: Sequence[str]) -> None:
+        for warning in warnings:  # one writer thread calls this: the list keeps the order of writes
+            logger.warning("'%s': %s", redact_url(url), warning)
+            report.warnings.append({"image_id": image_id, "source_url": redact_url(url), "warning": warning})
+
     def finish(image_id: str, url: str, image: np.ndarray | None, maps: CellMaps | None,
-               error: str | None) -> tuple[str, str, str | None, int]:
-        if error is None and image is not None and maps is not None:
-            error = _write_result(store, predictor, model, image_id, url, image, maps)
-        if error == DONE_ELSEWHERE:
-            logger.info("'%s' was finished by another run meanwhile; its result is kept", url)
-        elif error is not None:
-            logger.warning("failed to segment '%s': %s", url, error)
-            store.record_failure(image_id, url, error, model)
+               error: str | None, notes: Sequence[str] = ()) -> tuple[str, str, str | None, int]:
+        if stopped:
+            return image_id, url, NOT_WRITTEN, 0
+        try:
+            if error is None and image is not None and maps is not None:
+                warnings = [*notes, *maps.warnings]
+                error = _write_result(store, predictor, model, image_id, url, image, maps, warnings)
+                if error is None:
+                    warn(image_id, url, warnings)
+            if error == DONE_ELSEWHERE:
+                logger.info("'%s' was finished by another run meanwhile; its result is kept", redact_url(url))
+            elif error is not None:
+                logger.warning("failed to segment '%s': %s", redact_url(url), error)
+                _record_failure(store, image_id, url, error, model)
+        except StoreWriteError as cannot_write:  # the image stays not done, so a rerun does it
+            stopped.append(cannot_write)
+            return image_id, url, NOT_WRITTEN, 0
         return image_id, url, error, 0 if image is None else image.size
 
     with ThreadPoolExecutor(max_workers=4) as readers, ThreadPoolExecutor(max_workers=1) as writer:
 
         def refill() -> None:
             for image_id, url in pending:
-                reads.append((image_id, url, readers.submit(read_image, url, storage_options, max_pixels)))
+                reads.append((image_id, url, readers.submit(_read, url, storage_options, max_pixels)))
                 if len(reads) >= ahead:
                     return
 
         refill()
-        while reads:
-            batch: list[tuple[str, str, np.ndarray]] = []
+        while reads and not stopped:
+            batch: list[tuple[str, str, np.ndarray, list[str]]] = []
             while reads and len(batch) < predictor.batch_size:
                 image_id, url, future = reads.popleft()
                 try:
-                    batch.append((image_id, url, future.result()))
+                    batch.append((image_id, url, *future.result()))
                 except Exception as error:  # noqa: BLE001 - an unreadable image is recorded and the run goes on
                     writes.append(writer.submit(finish, image_id, url, None, None, _describe(error)))
             refill()
             if batch:
                 outcomes: list[tuple[CellMaps | None, str | None]]
                 try:
-                    outcomes = [(maps, None) for maps in predictor.cell_maps([image for _, _, image in batch])]
+                    outcomes = [(maps, None) for maps in predictor.cell_maps([image for _, _, image, _ in batch])]
                 except Exception as error:  # noqa: BLE001 - the batch's images are recorded as failed, the run goes on
                     outcomes = [(None, _describe(error))] * len(batch)
-                for (image_id, url, image), (image_maps, failure) in zip(batch, outcomes, strict=True):
-                    writes.append(writer.submit(finish, image_id, url, image, image_maps, failure))
+                for (image_id, url, image, notes), (image_maps, failure) in zip(batch, outcomes, strict=True):
+                    writes.append(writer.submit(finish, image_id, url, image, image_maps, failure, notes))
             while len(writes) > ahead:
                 settle(writes.popleft().result())
+        for _, _, unread in reads:
+            unread.cancel()
         while writes:
             settle(writes.popleft().result())
     report.seconds = time.monotonic() - started
+    if stopped:
+        raise StoreWriteError(f"{stopped[0]}; {len(report.done)} of {len(images)} images written before that, the "
+                              "others are not done: once the store can be written, rerun to complete it")
     return report
+
+
+def _read(url: str, storage_options: StorageOptions, max_pixels: int) -> tuple[np.ndarray, list[str]]:
+    """One image, decoded, and the warnings of its reader (passed back, as readers run in threads)."""
+    warnings: list[str] = []
+    return read_image(url, storage_options, max_pixels, warnings), warnings
 
 
 def _write_result(
     store: ResultStore, predictor: Predictor, model: dict[str, Any], image_id: str, url: str,
-    image: np.ndarray, maps: CellMaps,
+    image: np.ndarray, maps: CellMaps, warnings: Sequence[str] = (),
 ) -> str | None:
     """Label, measure and store one image; returns an error description instead of raising.
 
@@ -195,9 +228,12 @@ def _write_result(
                 image_id, labels > 0, statistics, url, model,
                 probabilities=maps.probability if config.save_probabilities else None, replace=False, cells=labels,
                 cell_table=cell_table, image=image if config.store_image else None, scale=maps.scale,
+                warnings=warnings,
             )
             return None if written else DONE_ELSEWHERE
         except (OSError, KeyError) as error:
+            if cannot_write := unwritable(store.url, error):
+                raise cannot_write from error
             if store.is_done(image_id):
                 return DONE_ELSEWHERE
             if attempt == 2:
@@ -208,7 +244,19 @@ def _write_result(
 
 
 DONE_ELSEWHERE = "done by another run"  # an outcome of _write_result that is not a failure
+NOT_WRITTEN = "not written: the store cannot be written"  # an image left for the rerun, not a failure
+
+
+def _record_failure(store: ResultStore, image_id: str, url: str, error: str, model: dict[str, Any]) -> None:
+    """`ResultStore.record_failure`, raising StoreWriteError when the store cannot be written."""
+    try:
+        store.record_failure(image_id, url, error, model)
+    except OSError as failed:
+        if cannot_write := unwritable(store.url, failed):
+            raise cannot_write from failed
+        raise
 
 
 def _describe(error: Exception) -> str:
-    return f"{type(error).__name__}: {error}"
+    """An error as recorded and reported: its type and message, credentials masked."""
+    return redact_text(f"{type(error).__name__}: {error}")

@@ -8,21 +8,28 @@
 4. the defaults of the configuration models in `cellseg.config`.
 
 `cellseg config show` prints the result with secrets masked. Storage options are handed to
-fsspec's configuration (`apply_storage`), so every read and write of that protocol uses them.
+fsspec's configuration (`apply_storage`), so every read and write of that protocol uses them,
+beneath the limits of `storage_timeouts`: each storage request gives up after `connect_seconds`
+connecting or `read_seconds` waiting for data, and is tried at most `attempts` times.
+
+A settings file is bounded before and while it is parsed (size, nesting, values counted with
+YAML aliases expanded), and so are CELLSEG_* values given as JSON: a hostile file is refused
+in well under a second, naming it.
 """
 
 from __future__ import annotations
 
 import contextvars
+import copy
+import json
 import os
-import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -37,16 +44,45 @@ else:  # Python 3.10
 
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig, Url
 from cellseg.paths import DEFAULT_REGISTRY_URL
+from cellseg.redact import redact, redact_text
 
 CONFIG_ENV = "CELLSEG_CONFIG"
-MASK = "********"
-_SECRET_NAME = re.compile(r"secret|password|passwd|token|key|credential|session", re.IGNORECASE)
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):[^@/\s]+@", re.IGNORECASE)
+MAX_FILE_BYTES = 64 * 1024  # settings files are a few hundred bytes; pure-Python YAML parses 64 KiB in about a second
+MAX_ENV_CHARS = 64 * 1024
+MAX_DEPTH = 32
+MAX_VALUES = 10_000  # values in a file or a JSON environment variable, each YAML alias counted where it is used
+_ALIASES = {"s3": "s3a", "http": "https"}
+_applied_limits: dict[str, dict[str, Any]] = {}
 _file_values: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("cellseg_file_values", default=None)
 
 
 class SettingsError(ValueError):
     """A settings file that cannot be used; the message names it."""
+
+
+class StorageTimeouts(BaseModel):
+    """How long one storage request (s3, http) may wait, and how often it is tried, so that an
+    endpoint that never answers fails in bounded time: about attempts x (connect or read
+    seconds), plus botocore's backoff between attempts (at most 20 s each)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    connect_seconds: float = Field(10.0, gt=0, le=600, description="give up connecting after this long")
+    read_seconds: float = Field(30.0, gt=0, le=3600, description="give up when no data arrives for this long")
+    attempts: int = Field(4, ge=1, le=10, description="tries of each s3 request (throttling, 5xx, timeouts); "
+                                                       "http requests are tried once")
+
+    def fsspec_options(self) -> dict[str, dict[str, Any]]:
+        """These limits as fsspec options per protocol: botocore's config for s3, aiohttp's for http."""
+        from aiohttp import ClientTimeout
+
+        # botocore's "max_attempts" counts retries only (and it rewrites that key in place); "total_max_attempts" counts tries.
+        retries = {"total_max_attempts": self.attempts, "mode": "standard"}
+        http = {"client_kwargs": {"timeout": ClientTimeout(total=None, sock_connect=self.connect_seconds,
+                                                           sock_read=self.read_seconds)}}
+        return {"s3": {"config_kwargs": {"connect_timeout": self.connect_seconds, "read_timeout": self.read_seconds,
+                                         "retries": retries}},
+                "http": http}
 
 
 class CellsegSettings(BaseSettings):
@@ -59,6 +95,7 @@ class CellsegSettings(BaseSettings):
         default_factory=dict,
         description="fsspec options per protocol, e.g. {'s3': {'endpoint_url': ..., 'key': ..., 'secret': ...}}",
     )
+    storage_timeouts: StorageTimeouts = StorageTimeouts()
     model: ModelConfig = ModelConfig()
     training: TrainConfig = TrainConfig()
     predict: PredictConfig = PredictConfig()
@@ -89,16 +126,31 @@ class CellsegSettings(BaseSettings):
 
     def apply_storage(self) -> None:
         """Merge the storage options into fsspec's configuration, which every filesystem of
-        that protocol created afterwards (listing, reading, zarr stores) starts from."""
+        that protocol created afterwards (listing, reading, zarr stores) starts from: the limits
+        of `storage_timeouts` first, then fsspec's own configuration and `storage`, which win."""
         import fsspec.config
+        import s3fs
 
-        for protocol, options in self.storage.items():
-            fsspec.config.conf[protocol] = {**fsspec.config.conf.get(protocol, {}), **options}
+        # s3fs repeats timed-out and throttled requests 5 times around botocore's own attempts:
+        # one layer of retries (botocore's) keeps an unreachable endpoint's failure bounded.
+        s3fs.S3FileSystem.retries = 1
+        limits = self.storage_timeouts.fsspec_options()
+        # fsspec merges the options of the protocols one class serves shallowly, the alias last:
+        # an alias with options of its own (s3a, https) needs the limits too.
+        limits |= {alias: limits[base] for base, alias in _ALIASES.items()
+                   if alias in fsspec.config.conf or alias in self.storage}
+        for protocol in limits.keys() | self.storage.keys():
+            # Limits applied before (by other settings in this process) are replaced, not kept as if given.
+            current = _without(fsspec.config.conf.get(protocol, {}), _applied_limits.get(protocol, {}))
+            merged = _merged(_merged(limits.get(protocol, {}), current), self.storage.get(protocol, {}))
+            fsspec.config.conf[protocol] = copy.deepcopy(merged)  # clients may edit their options in place
+        _applied_limits.clear()
+        _applied_limits.update(limits)
 
     def masked(self) -> dict[str, Any]:
-        """The settings as plain data with every secret replaced by a mask: values under names
-        like key/secret/token/password, and passwords inside URLs."""
-        return _mask(self.model_dump(mode="json"))
+        """The settings as plain data with every secret replaced by a mask (`cellseg.redact.redact`):
+        values under names like key/secret/token/password/auth, and credentials inside strings."""
+        return cast("dict[str, Any]", redact(self.model_dump(mode="json")))
 
 
 def config_file_path(config_file: str | None = None) -> Path | None:
@@ -115,39 +167,164 @@ def config_file_path(config_file: str | None = None) -> Path | None:
 
 
 def read_settings_file(path: Path) -> dict[str, Any]:
-    """The nested settings of a TOML or YAML file."""
-    text = path.read_text()
+    """The nested settings of a TOML or YAML file of at most MAX_FILE_BYTES, MAX_DEPTH levels
+    and MAX_VALUES values; SettingsError naming the file for anything else."""
+    where = f"settings file '{path}'"
+    kind = "TOML" if path.suffix == ".toml" else "YAML"
+    with path.open("rb") as file:
+        raw = file.read(MAX_FILE_BYTES + 1)
+    if len(raw) > MAX_FILE_BYTES:
+        raise SettingsError(f"{where} is over {MAX_FILE_BYTES // 1024} KiB, the limit for settings")
     try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        text = raw.decode("utf-8")
+        data = tomllib.loads(text) if kind == "TOML" else yaml.load(text, Loader=_BoundedSafeLoader)
+    except UnicodeDecodeError as error:
+        raise SettingsError(f"{where} is not UTF-8 text (byte {error.start})") from error
+    except yaml.MarkedYAMLError as error:
+        raise SettingsError(f"{where} is not valid YAML: {_yaml_problem(error)}") from error
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
-        raise SettingsError(f"settings file '{path}' is not valid {path.suffix[1:].upper()}: {error}") from error
+        raise SettingsError(f"{where} is not valid {kind}: {' '.join(str(error).split())}") from error
+    except RecursionError as error:
+        raise SettingsError(f"{where} is nested deeper than {MAX_DEPTH} levels") from error
+    except ValueError as error:  # Python refuses integers of over 4300 digits
+        raise SettingsError(f"{where} holds a value out of range: {str(error).split(';')[0]}") from error
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise SettingsError(f"settings file '{path}' must hold a mapping of settings, not {type(data).__name__}")
+        raise SettingsError(f"{where} must hold a mapping of settings, not {type(data).__name__}")
+    _check_shape(data, where)
     return data
+
+
+class _BoundedSafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader bounded for settings: nesting depth, and mappings grown by merge keys
+    (`<<: *x` copies entries, where a plain alias shares them and is counted by `_check_shape`;
+    older PyYAML releases copied repeated merges too, which grows a mapping exponentially)."""
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                              self.peek_event().start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def flatten_mapping(self, node: Any) -> None:
+        super().flatten_mapping(node)
+        if len(node.value) > MAX_VALUES:
+            raise yaml.constructor.ConstructorError(None, None, f"merge keys make a mapping of over {MAX_VALUES} "
+                                                    "entries", node.start_mark)
+
+
+def _yaml_problem(error: yaml.MarkedYAMLError) -> str:
+    """A YAML error on one line, without the snippet of the file PyYAML adds (it may hold a secret)."""
+    mark = error.problem_mark or error.context_mark
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return " ".join(part for part in (error.context, error.problem) if part) + where
+
+
+def _check_shape(data: Any, where: str) -> None:
+    """Refuse settings nested deeper than MAX_DEPTH, with more than MAX_VALUES values (a YAML
+    alias counted each time it is used: the alias bomb) or holding anything but text, numbers,
+    booleans, lists and mappings with text keys. Never shows a value: it may be a secret."""
+    count = 0
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, name, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise SettingsError(f"{where} holds over {MAX_VALUES} values (YAML aliases counted each time they are used)")
+        if depth > MAX_DEPTH:
+            raise SettingsError(f"{where} is nested deeper than {MAX_DEPTH} levels (at {_shortened(name)})")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise SettingsError(f"{where}: key {_shortened(str(key))!r} under "
+                                        f"{_shortened(name) or 'the top level'} is not text (quote it)")
+                stack.append((item, f"{name}.{key}" if name else key, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{name}[{index}]", depth + 1) for index, item in enumerate(value))
+        elif value is not None and not isinstance(value, str | int | float | bool):
+            raise SettingsError(f"{where}: {_shortened(name)} is a {type(value).__name__}; settings hold text, "
+                                "numbers, booleans, lists and mappings (quote it)")
+
+
+def _shortened(name: str, limit: int = 80) -> str:
+    """A dotted setting name for a message, its middle cut when long (keys may be anything)."""
+    return name if len(name) <= limit else f"{name[: limit // 2]}…{name[-limit // 2:]}"
+
+
+def _check_environment() -> None:
+    """Bound the CELLSEG_* environment variables before pydantic-settings parses them, the same
+    way as a settings file (a whole section may be given as JSON)."""
+    for name, value in os.environ.items():
+        if not name.upper().startswith("CELLSEG_"):
+            continue
+        where = f"environment variable {name}"
+        if len(value) > MAX_ENV_CHARS:
+            raise SettingsError(f"{where} is over {MAX_ENV_CHARS // 1024} KiB, the limit for settings")
+        if value.lstrip()[:1] in ("{", "["):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                continue  # not JSON after all: pydantic-settings reports it, naming the variable
+            except RecursionError as error:
+                raise SettingsError(f"{where} is nested deeper than {MAX_DEPTH} levels") from error
+            except ValueError as error:  # Python refuses integers of over 4300 digits
+                raise SettingsError(f"{where} holds a value out of range: {str(error).split(';')[0]}") from error
+            _check_shape(parsed, where)
+
+
+def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `over` on top, nested mappings merged key by key."""
+    merged = dict(base)
+    for key, value in over.items():
+        below = merged.get(key)
+        merged[key] = _merged(below, value) if isinstance(below, Mapping) and isinstance(value, Mapping) else value
+    return merged
+
+
+def _without(options: Mapping[str, Any], applied: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` less the entries that still hold the value `applied` gave them."""
+    kept: dict[str, Any] = {}
+    for key, value in options.items():
+        given = applied.get(key)
+        if isinstance(value, Mapping) and isinstance(given, Mapping):
+            if rest := _without(value, given):
+                kept[key] = rest
+        elif key not in applied or value != given:
+            kept[key] = value
+    return kept
 
 
 def load_settings(config_file: str | None = None, overrides: Mapping[str, Any] | None = None) -> CellsegSettings:
     """Settings from `overrides` (the flags, as nested dicts) over the environment over the file."""
     path = config_file_path(config_file)
+    _check_environment()
     token = _file_values.set(read_settings_file(path) if path else {})
     try:
         return CellsegSettings(**dict(overrides or {}))
     except ValidationError as error:
         where = "flags, CELLSEG_* environment variables" + (f" and settings file '{path}'" if path else "")
-        raise SettingsError(f"invalid settings (from {where}):\n{error}") from error
+        raise SettingsError(f"invalid settings (from {where}): {describe_invalid(error)}") from error
     finally:
         _file_values.reset(token)
 
 
-def _mask(value: Any, name: str = "") -> Any:
-    if isinstance(value, dict):
-        return {key: _mask(item, str(key)) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_mask(item, name) for item in value]
-    if value is not None and _SECRET_NAME.search(name) and not isinstance(value, bool):
-        return MASK
-    if isinstance(value, str):
-        return _URL_PASSWORD.sub(lambda match: f"{match['scheme']}{match['user']}:{MASK}@", value)
-    return value
+def describe_invalid(error: ValidationError) -> str:
+    """A pydantic error on one line: each field, what is wrong and the value given, credentials
+    masked; values under `storage` are never shown (a malformed section may hold its secrets)."""
+    problems = []
+    for item in error.errors(include_url=False):
+        names = [str(part) for part in item["loc"]]
+        problem = f"{'.'.join(names) or error.title}: {item['msg'].removeprefix('Value error, ')}"
+        value = item.get("input")
+        if names[:1] != ["storage"] and (value is None or isinstance(value, str | int | float)):
+            shown = repr(redact(value, names[-1] if names else ""))
+            problem += f" (got {shown[:80] + '…' if len(shown) > 80 else shown})"
+        problems.append(problem)
+    return redact_text("; ".join(problems))

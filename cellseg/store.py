@@ -20,18 +20,33 @@ an interrupted write leaves a group without that mark, which is redone on the ne
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import errno
+import json
+import logging
+import posixpath
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import zarr
+from fsspec.core import split_protocol
+from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from cellseg import __version__
-from cellseg.io import StorageOptions
+from cellseg.io import StorageOptions, filesystem
+from cellseg.json_values import finite_json
 from cellseg.measure import INTEGER_COLUMNS
+from cellseg.redact import redact, redact_text, redact_url
 from cellseg.stats import label_cells
+from cellseg.storage_errors import StorageError, storage_error
+
+if TYPE_CHECKING:
+    from zarr.core.array_spec import ArrayConfigParams
 
 LAYOUT_VERSION = 1
 MASK_NAME = "mask"
@@ -49,6 +64,49 @@ StoreMode = Literal["r", "r+", "a", "w", "w-"]  # zarr's access modes
 
 class StoreError(ValueError):
     """A store or image id that cannot be used; the message names it."""
+
+
+class StoreWriteError(StoreError):
+    """The store cannot be written at all (disk full, read-only, denied): every further write would fail too."""
+
+
+WRITE_MODES = ("a", "w", "w-")  # the modes that may create the store
+# OSError numbers after which no write to the store can succeed, so a run stops instead of failing each image.
+UNWRITABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM})
+# Metadata of a zarr v2 hierarchy: a folder holding one is someone else's store.
+ZARR_V2_KEYS = frozenset({".zgroup", ".zattrs", ".zarray", ".zmetadata"})
+
+
+def unwritable(url: str, error: BaseException) -> StoreWriteError | None:
+    """A StoreWriteError naming the store when `error` means that nothing more can be written to
+    it (ENOSPC, EROFS, EDQUOT, EFBIG, EACCES, EPERM); None for an error of one image."""
+    if not isinstance(error, OSError) or not (isinstance(error, PermissionError) or error.errno in UNWRITABLE_ERRNOS):
+        return None
+    reason = f"[Errno {error.errno}] {error.strerror}" if error.errno and error.strerror else str(error)
+    return StoreWriteError(f"cannot write to results store '{url}': {reason}")
+
+
+def check_store_target(url: str, storage_options: StorageOptions = None) -> None:
+    """Refuse to write a store where it would keep nothing ('', memory://) or take over what is
+    there: a file, a zarr v2 store, a folder that is not empty; an existing zarr v3 group passes
+    (`ResultStore.open` then checks that it is a cellseg store), as do an empty or new folder."""
+    if not url.strip():
+        raise StoreError("the results store URL is empty: name a new folder or an existing cellseg store")
+    if split_protocol(url)[0] == "memory":
+        raise StoreError(f"'{url}': memory:// keeps nothing after the run; choose a folder or an object-store URL")
+    fs, path = filesystem(url, storage_options)
+    path = path.rstrip("/") or path
+    if fs.exists(posixpath.join(path, "zarr.json")):
+        return
+    if fs.isfile(path):
+        raise StoreError(f"'{url}' is a file, not a results store; choose a new folder")
+    names = {posixpath.basename(name.rstrip("/")) for name in fs.ls(path, detail=False)} if fs.isdir(path) else set()
+    fs.invalidate_cache(path)  # object stores cache listings: the store's own writes must not meet a stale one
+    names = {name for name in names if not name.endswith(".partial")}  # zarr creating the store right now
+    if names & ZARR_V2_KEYS:
+        raise StoreError(f"'{url}' is a zarr v2 store, not a cellseg results store; choose a new folder")
+    if names:
+        raise StoreError(f"'{url}' is not empty and is not a cellseg results store; choose a new folder")
 
 
 # The store's own keys beside the image groups (zarr v3 metadata; v2's, which readers may look for).
@@ -89,9 +147,15 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _shown(text: Any) -> Any:
+    """A stored URL or error as shown: stores written before cellseg redacted them may hold credentials."""
+    return redact_text(text) if isinstance(text, str) else text
+
+
 def _cellseg_attrs(node: zarr.Group | zarr.Array) -> dict[str, Any]:
-    """The node's "cellseg" attribute ({} when it has none); zarr types attributes as any JSON."""
-    return cast("dict[str, Any]", node.attrs.get("cellseg", {}))
+    """The node's "cellseg" attribute ({} when it has none, or a damaged one that is no JSON object)."""
+    record = node.attrs.get("cellseg", {})
+    return record if isinstance(record, dict) else {}
 
 
 def _read(array: zarr.Array) -> np.ndarray:
@@ -99,9 +163,151 @@ def _read(array: zarr.Array) -> np.ndarray:
     return np.asarray(array[...])
 
 
-def _columns(table: zarr.Array) -> list[str]:
-    """The column names of a cell table."""
-    return list(cast("list[str]", table.attrs["columns"]))
+# Damaged stores ----------------------------------------------------------------------------------
+
+MASK_PATH = f"labels/{MASK_NAME}/0"
+CELLS_PATH = f"labels/{CELLS_NAME}/0"
+# An image's arrays by path in its group: what each holds (for messages) and its dtype (None: any).
+ARRAYS: dict[str, tuple[str, str | None]] = {
+    IMAGE_PATH: ("copy of the source image", None),
+    MASK_PATH: ("mask", "uint8"),
+    CELLS_PATH: ("cell labels", "int32"),
+    PROBABILITIES_PATH: ("probabilities", "float16"),
+    CELL_TABLE: ("cell table", "float64"),
+}
+# What zarr raises for a zarr.json it cannot parse or validate (JSONDecodeError is a ValueError).
+METADATA_ERRORS = (ValueError, TypeError)
+# What the codecs raise for chunk bytes they cannot decode (zstd: RuntimeError).
+CHUNK_ERRORS = (RuntimeError, ValueError, TypeError)
+READERS = 16  # image metadata documents read at once when listing a store
+WRITE_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
+
+logger = logging.getLogger(__name__)
+
+
+class DamagedImage(StoreError):
+    """An image whose metadata or arrays are unreadable, missing or incomplete; `cellseg verify
+    STORE --repair` marks it not done, so that the next run segments it again."""
+
+    def __init__(self, url: str, image_id: str, problem: str, undecodable: bool = False):
+        super().__init__(f"image '{image_id}' in '{url}' is damaged: {problem}; "
+                         f"{repair_hint(url, undecodable)} marks it to be segmented again")
+        self.image_id = image_id
+        self.problem = problem
+
+
+class DamagedStore(StoreError):
+    """The store's own metadata (its root zarr.json) cannot be read."""
+
+
+def repair_hint(url: str, read_data: bool = False) -> str:
+    """The command that marks a store's damaged images to be segmented again (`read_data`: also
+    those whose chunks cannot be decoded, which only reading them shows)."""
+    return f"`cellseg verify {url}{' --read-data' if read_data else ''} --repair`"
+
+
+def damage_summary(url: str, damaged: Mapping[str, str], shown: int = 5) -> str:
+    """One line naming the damaged images of a store (the first `shown` with their problems) and
+    how to repair them."""
+    items = sorted(damaged.items())
+    named = "; ".join(f"'{image_id}': {problem}" for image_id, problem in items[:shown])
+    more = f"; and {len(items) - shown} more" if len(items) > shown else ""
+    count = f"{len(items)} image{'s' if len(items) != 1 else ''}"
+    return (f"{count} in '{url}' {'are' if len(items) != 1 else 'is'} damaged ({named}{more}); "
+            f"{repair_hint(url)} marks {'them' if len(items) != 1 else 'it'} to be segmented again by the next predict")
+
+
+def describe(error: BaseException) -> str:
+    """An exception as one line: its type and message."""
+    return f"{type(error).__name__}: {error}".replace("\n", " ")
+
+
+def record_problem(record: Any) -> str | None:
+    """Why an image's cellseg attributes cannot be used (None when they can): a JSON object whose
+    done form has a [H, W] shape and statistics, model and arrays of the right JSON types."""
+    if not isinstance(record, dict):
+        return f"its 'cellseg' attribute is {type(record).__name__}, not a JSON object"
+    if record.get("status") != DONE:
+        return None
+    shape = record.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(side, int) and side > 0 for side in shape)):
+        return f"its shape {shape!r} is not [height, width]"
+    for key, kind in (("statistics", dict), ("model", dict), ("arrays", list)):
+        if key in record and not isinstance(record[key], kind):
+            return f"its {key!r} is {type(record[key]).__name__}, not a JSON {'object' if kind is dict else 'array'}"
+    if "statistics" not in record:
+        return "it is marked done but has no statistics"
+    if not all(isinstance(path, str) for path in record.get("arrays", ())):
+        return f"its 'arrays' {record['arrays']!r} are not all paths"
+    return None
+
+
+def _group_document_problem(data: bytes) -> str | None:
+    """Why `data` is not a zarr v3 group's zarr.json (None when it is one, or an array's)."""
+    try:
+        document = json.loads(data)
+    except ValueError as error:
+        return f"not valid JSON: {describe(error)}"
+    if not isinstance(document, dict) or document.get("zarr_format") != 3 or document.get("node_type") not in ("group", "array"):
+        return "not zarr v3 metadata"
+    if not isinstance(document.get("attributes", {}), dict):
+        return "its attributes are not a JSON object"
+    return None
+
+
+def store_metadata_problem(url: str, storage_options: StorageOptions = None) -> str | None:
+    """Why the store's own zarr.json at `url` cannot be read (None when it can, or there is none)."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        return _group_document_problem(fs.cat_file(posixpath.join(path, "zarr.json")))
+    except FileNotFoundError:
+        return None
+
+
+def repair_store_metadata(url: str, storage_options: StorageOptions = None) -> None:
+    """Write fresh cellseg root metadata over an unreadable root zarr.json, once an image group
+    under it shows that it is a cellseg store; StoreError (nothing written) otherwise."""
+    fs, path = filesystem(url, storage_options)
+    for child in sorted(fs.ls(path, detail=False)):
+        try:
+            document = json.loads(fs.cat_file(posixpath.join(child, "zarr.json")))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
+            continue
+        attributes = document.get("attributes") if isinstance(document, dict) else None
+        if isinstance(attributes, dict) and isinstance(attributes.get("cellseg"), dict):
+            break
+    else:
+        raise StoreError(f"'{url}/zarr.json' cannot be read and no image group under '{url}' is a cellseg result: "
+                         "not a results store, left as it is")
+    meta = {"layout": LAYOUT_VERSION, "created": None, "cellseg_version": __version__, "repaired": _now()}
+    document = {"zarr_format": 3, "node_type": "group", "attributes": {"cellseg": meta}}
+    fs.pipe_file(posixpath.join(path, "zarr.json"), json.dumps(document, indent=2).encode())
+
+
+def _put_group(store: Store, path: str, attributes: dict[str, Any]) -> None:
+    """Write fresh zarr v3 group metadata at `path` of `store` over whatever zarr.json is there;
+    nothing under it is touched (zarr's own overwrite would delete the group's arrays)."""
+    document = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
+    key = f"{path}/zarr.json" if path else "zarr.json"
+    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(json.dumps(document).encode())))
+
+
+def _child_names(group: zarr.Group) -> list[str]:
+    """Names of the entries under `group` in the store's listing, without reading their metadata."""
+    async def names() -> list[str]:
+        return [name async for name in group.store.list_dir(group.path)]
+
+    return sorted(name for name in sync(names()) if name not in RESERVED_IDS)
+
+
+def _has_entries(group: zarr.Group, name: str) -> bool:
+    """Whether anything is stored under `name` (a folder that lost its zarr.json, not a stray file)."""
+    async def first() -> bool:
+        async for _ in group.store.list_prefix(f"{group.path}/{name}/" if group.path else f"{name}/"):
+            return True
+        return False
+
+    return sync(first())
 
 
 class ResultStore:
@@ -110,26 +316,55 @@ class ResultStore:
     def __init__(self, root: zarr.Group, url: str):
         self.root = root
         self.url = url
+        self.damaged: dict[str, str] = {}  # image id -> problem, of the images found damaged so far
 
     @classmethod
     def open(cls, url: str, mode: StoreMode = "a", storage_options: StorageOptions = None) -> ResultStore:
-        """Open `url`, creating the store when `mode` allows it; refuses groups that are not cellseg stores."""
+        """Open `url`, creating the store when `mode` allows it; refuses groups that are not cellseg
+        stores and, for writing, targets where a store would keep nothing or take over other data
+        (`check_store_target`)."""
         options = dict(storage_options) if storage_options else None
+        # A new store gets its cellseg attributes in the same write as its group: a store that is
+        # being created is never seen without them, so a group without them is never ours.
+        attributes: dict[str, Any] = {"cellseg": {"layout": LAYOUT_VERSION, "created": _now(), "cellseg_version": __version__}}
         try:
+            if mode in WRITE_MODES:
+                check_store_target(url, storage_options)
             try:
-                root = zarr.open_group(url, mode=mode, zarr_format=3, storage_options=options)
+                root = zarr.open_group(url, mode=mode, zarr_format=3, storage_options=options, attributes=attributes)
             except ContainsGroupError:
                 # Another run created the store between zarr's check and its create: open that one.
                 root = zarr.open_group(url, mode=mode, zarr_format=3, storage_options=options)
         except FileNotFoundError as error:
+            if translated := storage_error(url, error):  # a missing bucket
+                raise translated from error
             raise StoreError(f"no results store at '{url}'") from error
         except PermissionError as error:
-            raise PermissionError(f"access denied opening the results store '{url}': {error}") from error
+            raise StorageError(f"access denied opening the results store '{url}': {error}") from error
+        except OSError as error:
+            if translated := storage_error(url, error):  # timed out, connection refused
+                raise translated from error
+            if mode not in WRITE_MODES:
+                raise
+            if cannot_write := unwritable(url, error):
+                raise cannot_write from error
+            if isinstance(error, (NotADirectoryError, FileExistsError, IsADirectoryError)):
+                raise StoreError(f"cannot create a results store at '{url}': {error}") from error
+            raise
+        except (StoreError, StorageError):
+            raise
+        except METADATA_ERRORS as error:
+            if problem := store_metadata_problem(url, storage_options):
+                raise DamagedStore(f"the results store's own metadata '{url}/zarr.json' cannot be read ({problem}); "
+                                   f"{repair_hint(url)} rewrites it") from error
+            raise
+        except Exception as error:
+            if translated := storage_error(url, error):  # botocore's: no credentials, unreachable, timed out
+                raise translated from error
+            raise
         meta = cast("dict[str, Any] | None", root.attrs.get("cellseg"))
         if meta is None:
-            if mode == "r" or any(True for _ in root.group_keys()):
-                raise StoreError(f"'{url}' is a zarr group but not a cellseg results store")
-            root.attrs["cellseg"] = {"layout": LAYOUT_VERSION, "created": _now(), "cellseg_version": __version__}
+            raise StoreError(f"'{url}' is a zarr group but not a cellseg results store; choose a new folder")
         elif meta.get("layout") != LAYOUT_VERSION:
             raise StoreError(f"store '{url}' has layout {meta.get('layout')}, this cellseg reads {LAYOUT_VERSION}")
         return cls(root, url)
@@ -147,21 +382,23 @@ class ResultStore:
         cell_table: tuple[tuple[str, ...], np.ndarray] | None = None,
         image: np.ndarray | None = None,
         scale: Mapping[str, Any] | None = None,
+        warnings: Sequence[str] = (),
     ) -> bool:
         """Write one image's mask (and optional probabilities, cell labels, cell table and a copy of
         the source image), its NGFF metadata, then mark it done with its statistics (and, for a
-        model at a cell size, the `scale` the image was seen at: `CellMaps.scale`).
+        model at a cell size, the `scale` the image was seen at: `CellMaps.scale`; and the
+        `warnings` its result comes with, such as "uses page 0 of 3").
 
         With `replace=False` an image that is already done (e.g. by a run working on the same
         store at the same time) is left as it is and False is returned; otherwise True.
         """
         validate_image_id(image_id, source_url)
-        existing = self.root.get(image_id)
+        existing = self._existing_group(image_id)
         if isinstance(existing, zarr.Group) and _cellseg_attrs(existing).get("status") == DONE:
             if not replace:
                 return False
             # Replacing a finished result: withdraw the mark first so no reader mixes old and new.
-            existing.attrs["cellseg"] = {"status": "writing", "source_url": source_url}
+            existing.attrs["cellseg"] = {"status": "writing", "source_url": redact_url(source_url)}
         if image is not None:
             if image.shape != mask.shape:
                 raise StoreError(f"image '{image_id}' has shape {image.shape} but its mask {mask.shape}")
@@ -182,20 +419,26 @@ class ResultStore:
         # require_group, not root[...]: a concurrent writer's array can appear before its parent
         # groups' metadata does (zarr writes them side by side).
         for name in label_names:
-            self.root.require_group(f"{image_id}/labels/{name}").attrs["ome"] = _ngff_label(name, source_image=image is not None)
-        self.root.require_group(f"{image_id}/labels").attrs["ome"] = {"version": NGFF_VERSION, "labels": label_names}
-        group = self.root.require_group(image_id)
+            self._require_group(f"{image_id}/labels/{name}").attrs["ome"] = _ngff_label(name, source_image=image is not None)
+        self._require_group(f"{image_id}/labels").attrs["ome"] = {"version": NGFF_VERSION, "labels": label_names}
+        group = self._require_group(image_id)
         attributes: dict[str, Any] = {"ome": _ngff_multiscales(image_id)} if image is not None else {}
+        written = ((IMAGE_PATH, image), (MASK_PATH, mask), (CELLS_PATH, cells), (PROBABILITIES_PATH, probabilities),
+                   (CELL_TABLE, cell_table))
         attributes["cellseg"] = {
             "status": DONE,
-            "source_url": source_url,
+            "source_url": redact_url(source_url),  # the store keeps no credentials (cellseg.redact)
             "shape": list(mask.shape),
-            "model": dict(model),
-            "statistics": dict(statistics),
+            "model": redact(dict(model)),
+            "statistics": finite_json(dict(statistics)),
+            # Every chunk of these arrays is stored (write_empty_chunks): a missing one is damage.
+            "arrays": [path for path, data in written if data is not None],
             "written": _now(),
         }
         if scale is not None:
-            attributes["cellseg"]["scale"] = dict(scale)
+            attributes["cellseg"]["scale"] = finite_json(dict(scale))
+        if warnings:
+            attributes["cellseg"]["warnings"] = list(warnings)
         group.attrs.put(attributes)  # one metadata write: the NGFF image (or none) and the done mark together
         return True
 
@@ -209,9 +452,11 @@ class ResultStore:
         chunks = chunks or tuple(min(side, CHUNK_SIDE) for side in data.shape)
         # Creating the array by path writes its parent groups' metadata on the way (one call).
         # NGFF 0.5 asks arrays to name their dimensions as the axes of the multiscales do.
+        # Every chunk is written, even one equal to the fill value (zarr skips those by default), so
+        # that a missing chunk of a done image always means damage (`array`).
         def create(overwrite: bool) -> None:
             self.root.create_array(path, data=data, overwrite=overwrite, chunks=chunks,
-                                   dimension_names=dimension_names, attributes=attributes)
+                                   dimension_names=dimension_names, attributes=attributes, config=WRITE_CONFIG)
 
         if not may_exist:
             try:
@@ -219,9 +464,12 @@ class ResultStore:
                 return
             except (ContainsArrayError, ContainsGroupError):  # another run created it just now
                 pass
-        array = self.root.get(path)
+        try:
+            array = self.root.get(path)
+        except METADATA_ERRORS:  # a damaged array's metadata: nothing in it is worth keeping
+            array = None
         if isinstance(array, zarr.Array) and (array.shape, array.dtype, array.chunks) == (data.shape, data.dtype, chunks):
-            array[...] = data
+            array.with_config(WRITE_CONFIG)[...] = data
             if attributes and dict(array.attrs) != attributes:
                 array.attrs.put(attributes)
             return
@@ -233,38 +481,93 @@ class ResultStore:
         A result that is already done (written by another run meanwhile) is kept, never replaced
         by a failure.
         """
-        group = self.root.require_group(validate_image_id(image_id, source_url))
+        group = self._require_group(validate_image_id(image_id, source_url))
         if _cellseg_attrs(group).get("status") == DONE:
             return
         group.attrs["cellseg"] = {
             "status": "failed",
-            "source_url": source_url,
-            "error": error,
-            "model": dict(model),
+            "source_url": redact_url(source_url),
+            "error": redact_text(error),
+            "model": redact(dict(model)),
             "written": _now(),
         }
 
+    def mark_damaged(self, image_id: str, problem: str) -> None:
+        """Withdraw a damaged image's done mark: record it failed ("damaged: <problem>"), replacing
+        metadata that cannot be read, so that the next run segments it again. Its arrays stay for
+        that run to overwrite."""
+        group = self._require_group(validate_image_id(image_id))
+        previous = _cellseg_attrs(group)
+        group.attrs["cellseg"] = {
+            "status": "failed",
+            "source_url": previous.get("source_url"),
+            "error": f"damaged: {problem}",
+            "model": previous.get("model") if isinstance(previous.get("model"), dict) else {},
+            "written": _now(),
+        }
+        self.damaged.pop(image_id, None)
+
     def records(self, on_record: Callable[[str], None] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
         """(image id, cellseg attrs) for every image entry, in id order; `on_record(image id)` is
-        called as each image's metadata is read (a progress bar for large stores)."""
-        groups = []
-        for image_id, group in self.root.groups():
-            groups.append((image_id, group))
-            if on_record:
-                on_record(image_id)
-        for image_id, group in sorted(groups, key=lambda item: item[0]):
-            yield image_id, dict(_cellseg_attrs(group))
+        called as each image's metadata is read (a progress bar for large stores).
+
+        An image whose metadata cannot be read (or is not a cellseg record) is left out with a
+        warning and noted in `damaged`: one broken image never hides the others."""
+        for image_id, record, problem in self.entries(on_record):
+            if problem is not None:
+                self._note_damage(image_id, problem)
+            elif record is not None:
+                yield image_id, record
+
+    def entries(self, on_record: Callable[[str], None] | None = None) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+        """(name, cellseg attrs, problem) for every entry under the store, in name order, its
+        metadata read by READERS threads at once (`scan`)."""
+        names = _child_names(self.root)
+        with ThreadPoolExecutor(max_workers=min(READERS, max(1, len(names)))) as pool:
+            for name, (record, problem) in zip(names, pool.map(self.scan, names), strict=True):
+                if on_record:
+                    on_record(name)
+                yield name, record, problem
+
+    def scan(self, name: str) -> tuple[dict[str, Any] | None, str | None]:
+        """(cellseg attrs, None) of the entry `name`, or (None, what is wrong with it); (None, None)
+        for a stray object that is no image."""
+        try:
+            node = self.root.get(name)
+        except METADATA_ERRORS as error:
+            return None, f"its metadata '{name}/zarr.json' cannot be read ({describe(error)})"
+        if node is None:  # a stray object, or a group another run is creating right now
+            return None, None
+        if not isinstance(node, zarr.Group):
+            return None, f"'{name}' is an array, not an image group"
+        record = node.attrs.get("cellseg", {})
+        if problem := record_problem(record):
+            return None, problem
+        return dict(cast("dict[str, Any]", record)), None
+
+    def _note_damage(self, image_id: str, problem: str) -> None:
+        """Remember and log an image that cannot be used."""
+        if self.damaged.get(image_id) != problem:
+            logger.warning("image '%s' in '%s' is damaged and left out: %s", image_id, redact_url(self.url), problem)
+        self.damaged[image_id] = problem
 
     def done_ids(self, on_record: Callable[[str], None] | None = None) -> set[str]:
         """Ids of images whose mask and statistics are completely written."""
         return {image_id for image_id, record in self.records(on_record) if record.get("status") == DONE}
 
     def record(self, image_id: str) -> dict[str, Any]:
-        """The cellseg attrs of one image."""
+        """The cellseg attrs of one image; DamagedImage when they cannot be read."""
         try:
-            return dict(_cellseg_attrs(self.root[image_id]))
+            node = self.root[image_id]
         except KeyError as error:
             raise StoreError(f"store '{self.url}' has no image '{image_id}'") from error
+        except METADATA_ERRORS as error:
+            raise DamagedImage(self.url, image_id, f"its metadata '{image_id}/zarr.json' cannot be read "
+                                                   f"({describe(error)})") from error
+        record = node.attrs.get("cellseg", {}) if isinstance(node, zarr.Group) else None
+        if problem := ("it is an array, not an image group" if record is None else record_problem(record)):
+            raise DamagedImage(self.url, image_id, problem)
+        return dict(cast("dict[str, Any]", record))
 
     def is_done(self, image_id: str) -> bool:
         """Whether one image is completely written; reads only that image's metadata."""
@@ -276,65 +579,148 @@ class ResultStore:
     def read_cells(self, image_id: str) -> np.ndarray:
         """Instance labels (int32, 0 = background, 1..N one per cell) of a done image; images
         written without them get the connected components of their mask."""
-        self._require_done(image_id)
-        array = self.root.get(f"{image_id}/labels/{CELLS_NAME}/0")
-        if isinstance(array, zarr.Array):
-            return _read(array)
-        return label_cells(self._read_path(f"{image_id}/labels/{MASK_NAME}/0") > 0)[0]
+        array = self.array(image_id, CELLS_PATH)
+        if array is not None:
+            return self.array_data(image_id, CELLS_PATH, array)
+        return label_cells(self.read_mask(image_id))[0]
 
     def read_cell_table(self, image_id: str) -> tuple[list[str], np.ndarray]:
         """(column names, float64 rows) of a done image's per-cell measurements."""
         array = self._optional_array(image_id, CELL_TABLE, "per-cell measurements")
-        return _columns(array), _read(array)
+        return self.table_columns(image_id, array), self.array_data(image_id, CELL_TABLE, array)
 
     def cell_rows(self) -> Iterator[dict[str, Any]]:
-        """Every cell of every done image that has measurements, as {"image_id", column: value} rows."""
+        """Every cell of every done image that has measurements, as {"image_id", column: value} rows.
+        A damaged image is left out with a warning and noted in `damaged`."""
         for image_id, record in self.records():
-            table = self.root.get(f"{image_id}/{CELL_TABLE}") if record.get("status") == DONE else None
-            if not isinstance(table, zarr.Array):
+            if record.get("status") != DONE:
                 continue
-            columns = _columns(table)
-            for row in _read(table):
+            try:
+                table = self.array(image_id, CELL_TABLE, record)
+                if table is None:
+                    continue
+                columns, rows = self.table_columns(image_id, table), self.array_data(image_id, CELL_TABLE, table)
+            except DamagedImage as error:
+                self._note_damage(image_id, error.problem)
+                continue
+            for row in rows:
                 yield {"image_id": image_id, **{name: int(value) if name in INTEGER_COLUMNS else float(value)
                                                 for name, value in zip(columns, row, strict=True)}}
 
     def read_image(self, image_id: str) -> np.ndarray:
         """The copy of the source image stored with a done result (`PredictConfig.store_image`)."""
-        return _read(self._optional_array(image_id, IMAGE_PATH, "a copy of its source image"))
+        return self.array_data(image_id, IMAGE_PATH, self._optional_array(image_id, IMAGE_PATH, "a copy of its source image"))
 
     def has_probabilities(self, image_id: str) -> bool:
         """Whether a done image was written with its cell probabilities (`--save-probabilities`)."""
-        self._require_done(image_id)
-        return isinstance(self.root.get(f"{image_id}/{PROBABILITIES_PATH}"), zarr.Array)
+        record = self._done_record(image_id)
+        if "arrays" in record:
+            return PROBABILITIES_PATH in record["arrays"]
+        return self.array(image_id, PROBABILITIES_PATH, record) is not None
 
     def read_probabilities(self, image_id: str) -> np.ndarray:
         """float32 (H, W) cell probabilities of a done image written with `--save-probabilities`."""
         array = self._optional_array(image_id, PROBABILITIES_PATH, "probabilities (predict --save-probabilities)")
-        return _read(array).astype(np.float32)
+        return self.array_data(image_id, PROBABILITIES_PATH, array).astype(np.float32)
 
     def _optional_array(self, image_id: str, path: str, what: str) -> zarr.Array:
         """An array that a done image may have been written without; StoreError naming `what` if so."""
-        self._require_done(image_id)
-        array = self.root.get(f"{image_id}/{path}")
-        if not isinstance(array, zarr.Array):
+        array = self.array(image_id, path)
+        if array is None:
             raise StoreError(f"image '{image_id}' in '{self.url}' was written without {what}")
         return array
 
     def read_mask(self, image_id: str) -> np.ndarray:
         """Boolean (H, W) mask of a done image."""
-        self._require_done(image_id)
-        return self._read_path(f"{image_id}/labels/{MASK_NAME}/0") > 0
+        array = self.array(image_id, MASK_PATH)
+        assert array is not None  # every done image has a mask: `array` raises DamagedImage without one
+        return self.array_data(image_id, MASK_PATH, array) > 0
 
-    def _read_path(self, path: str) -> np.ndarray:
-        """The whole array at `path` (KeyError when there is nothing there)."""
-        array = self.root[path]
-        if not isinstance(array, zarr.Array):
-            raise StoreError(f"'{path}' in '{self.url}' is a group, not an array")
-        return _read(array)
+    def array(self, image_id: str, path: str, record: dict[str, Any] | None = None) -> zarr.Array | None:
+        """The array at `path` (an ARRAYS key) of a done image, or None when it was written
+        without it. DamagedImage when the image's or the array's metadata cannot be read, or the
+        array is missing (the mask, or one its record lists) or lacks chunks: an image records
+        the arrays it was written with, each with every chunk stored, so a missing chunk is
+        damage, never an empty tile (zarr would read it as zeros). Costs one listing per array."""
+        record = self._done_record(image_id) if record is None else record
+        what = ARRAYS[path][0]
+        recorded = path in record.get("arrays", ())
+        if "arrays" in record and not recorded and path != MASK_PATH:
+            return None  # not written with this result, whatever an earlier one left there
+        try:
+            node = self.root.get(f"{image_id}/{path}")
+        except METADATA_ERRORS as error:
+            raise DamagedImage(self.url, image_id, f"the metadata of its {what}, '{image_id}/{path}/zarr.json', "
+                                                   f"cannot be read ({describe(error)})") from error
+        if not isinstance(node, zarr.Array):
+            if recorded or path == MASK_PATH:
+                raise DamagedImage(self.url, image_id, f"its {what} '{image_id}/{path}' is missing")
+            return None
+        if recorded and (missing := node.nchunks - node.nchunks_initialized):
+            raise DamagedImage(self.url, image_id,
+                               f"its {what} '{image_id}/{path}' is missing {missing} of {node.nchunks} chunks")
+        return node
 
-    def _require_done(self, image_id: str) -> None:
-        if self.record(image_id).get("status") != DONE:
+    def array_data(self, image_id: str, path: str, array: zarr.Array) -> np.ndarray:
+        """The whole of one of an image's arrays; DamagedImage when a chunk cannot be decoded."""
+        try:
+            return _read(array)
+        except CHUNK_ERRORS as error:
+            raise DamagedImage(self.url, image_id, f"its {ARRAYS[path][0]} '{image_id}/{path}' has a chunk that "
+                                                   f"cannot be decoded ({describe(error)})", undecodable=True) from error
+
+    def table_columns(self, image_id: str, table: zarr.Array) -> list[str]:
+        """The column names of an image's cell table; DamagedImage when they do not fit the table."""
+        columns = table.attrs.get("columns")
+        if not (isinstance(columns, list) and all(isinstance(name, str) for name in columns)
+                and len(table.shape) == 2 and len(columns) == table.shape[1]):
+            raise DamagedImage(self.url, image_id, f"its cell table '{image_id}/{CELL_TABLE}' has {table.shape} "
+                                                   f"values but column names {columns!r}")
+        return columns
+
+    def _done_record(self, image_id: str) -> dict[str, Any]:
+        """The record of a done image; StoreError when it is not done, DamagedImage when unreadable."""
+        record = self.record(image_id)
+        if record.get("status") != DONE:
             raise StoreError(f"image '{image_id}' in '{self.url}' is not completely written")
+        return record
+
+    def _existing_group(self, image_id: str) -> zarr.Group | zarr.Array | None:
+        """The node at `image_id` before it is written; metadata that cannot be read is replaced
+        by an empty group's (the image is written anew)."""
+        try:
+            return self.root.get(image_id)
+        except METADATA_ERRORS as error:
+            return self._replace_metadata(image_id, error)
+
+    def _require_group(self, path: str) -> zarr.Group:
+        """The group at `path`, created if missing; metadata there that cannot be read is replaced
+        by an empty group's. Any other refusal (an array there, say) is raised as it is."""
+        try:
+            return self.root.require_group(path)
+        except METADATA_ERRORS as error:
+            try:
+                self.root.get(path)
+            except METADATA_ERRORS:
+                return self._replace_metadata(path, error)
+            raise
+
+    def _replace_metadata(self, path: str, error: BaseException) -> zarr.Group:
+        """Write empty group metadata over the unreadable zarr.json at `path`, and say so."""
+        logger.warning("'%s/%s/zarr.json' cannot be read (%s): replaced by empty group metadata", redact_url(self.url), path,
+                       describe(error))
+        _put_group(self.root.store, f"{self.root.path}/{path}" if self.root.path else path, {})
+        return self.root.require_group(path)
+
+    def orphans(self) -> list[str]:
+        """Entries under the store that hold data but no zarr.json (a group whose metadata was lost)."""
+        def lost(name: str) -> bool:
+            try:
+                return self.root.get(name) is None and _has_entries(self.root, name)
+            except METADATA_ERRORS:  # unreadable, not lost: `records` reports it
+                return False
+
+        return [name for name in _child_names(self.root) if lost(name)]
 
     def statistics(self, on_record: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
         """The per-image statistics table: one row per done image."""
@@ -346,7 +732,7 @@ class ResultStore:
             rows.append(
                 {
                     "image_id": image_id,
-                    "source_url": record.get("source_url"),
+                    "source_url": _shown(record.get("source_url")),
                     "model_version": model.get("version"),
                     **record.get("statistics", {}),
                     "status": DONE,
@@ -357,7 +743,7 @@ class ResultStore:
     def failures(self) -> list[dict[str, Any]]:
         """Images whose last attempt failed, with the error."""
         return [
-            {"image_id": image_id, "source_url": record.get("source_url"), "error": record.get("error")}
+            {"image_id": image_id, "source_url": _shown(record.get("source_url")), "error": _shown(record.get("error"))}
             for image_id, record in self.records()
             if record.get("status") == "failed"
         ]

@@ -4,18 +4,32 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import posixpath
 from collections.abc import Iterable
 from typing import Any
 
-from cellseg.io import StorageOptions, write_bytes
+from fsspec.implementations.local import LocalFileSystem
+
+from cellseg.io import StorageOptions, filesystem, write_bytes, write_file_atomic
+
+# A folder holding one of these is a zarr store (v3, v2): a table written into it would damage it.
+ZARR_GROUP_KEYS = ("zarr.json", ".zgroup")
+
+
+class OutputError(ValueError):
+    """An output file that must not or cannot be written; the message names it."""
 
 
 def write_table(rows: Iterable[dict[str, Any]], url: str, table_format: str = "csv",
-                storage_options: StorageOptions = None) -> int:
+                storage_options: StorageOptions = None, overwrite: bool = False) -> int:
     """Write `rows` to `url` as `table_format` ('csv' or 'parquet'); returns the number of rows.
 
     Columns are the keys of the first row, in order. Parquet needs pyarrow (the `tables` extra).
+    The target is checked before `rows` is read (`check_output_file`); a local file is written
+    whole or not at all, a device or pipe (/dev/stdout) is written into.
     """
+    check_output_file(url, overwrite, storage_options)
     rows = list(rows)
     columns = list(rows[0]) if rows else ["image_id"]
     if table_format == "csv":
@@ -35,5 +49,43 @@ def write_table(rows: Iterable[dict[str, Any]], url: str, table_format: str = "c
         data = buffer.getvalue()
     else:
         raise ValueError(f"unknown table format {table_format!r}: use 'csv' or 'parquet'")
-    write_bytes(url, data, storage_options)
+    _write(url, data, storage_options)
     return len(rows)
+
+
+def check_output_file(url: str, overwrite: bool = False, storage_options: StorageOptions = None) -> None:
+    """Refuse an output that is no file name, a folder, inside a zarr store, or an existing file
+    (unless `overwrite`); OutputError names it and what would be lost."""
+    if not url.strip():
+        raise OutputError("the output file name is empty: name a file to write")
+    fs, path = filesystem(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        path = os.path.realpath(path)  # a link into a store leads inside it
+    if fs.isdir(path):
+        raise OutputError(f"'{url}' is a folder: name a file to write")
+    store, folder, above = "", posixpath.dirname(path), ""
+    while folder and folder != above:
+        if any(fs.exists(posixpath.join(folder, key)) for key in ZARR_GROUP_KEYS):
+            store = folder  # the outermost group is the store to name
+        folder, above = posixpath.dirname(folder), folder
+    if store:
+        raise OutputError(f"'{url}' is inside the zarr store '{store}', which it would damage: write it elsewhere")
+    if fs.isfile(path) and not overwrite:
+        raise OutputError(f"'{url}' exists; pass --overwrite to replace it")
+
+
+def _write(url: str, data: bytes, storage_options: StorageOptions) -> None:
+    """Write `data` to `url`: a local file through a temporary file and a rename, so that a full
+    disk never leaves a partial table that looks complete; OutputError naming `url` on failure."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        if not isinstance(fs, LocalFileSystem):
+            write_bytes(url, data, storage_options)  # one PUT on object storage: whole or nothing
+        elif os.path.exists(path) and not os.path.isfile(path):
+            with open(path, "wb") as device:  # /dev/stdout, a pipe: written into, never replaced
+                device.write(data)
+        else:
+            write_file_atomic(os.path.realpath(path), data)  # through a link, to the file it names
+    except OSError as error:
+        reason = f"[Errno {error.errno}] {error.strerror}" if error.errno and error.strerror else str(error)
+        raise OutputError(f"cannot write '{url}': {reason}") from error

@@ -11,12 +11,25 @@ import numpy as np
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of windows of `tile` covering [0, length), neighbours overlapping by >= `overlap`."""
+    """Start offsets of windows of `tile` covering [0, length), neighbours overlapping by >= `overlap`.
+
+    The overlap may be at most three quarters of the tile (`check_overlap`), so the step is at
+    least a quarter tile: at most 4 * length / tile + 1 windows, never a window per pixel.
+    """
+    check_overlap(tile, overlap)
     if length <= tile:
         return [0]
     step = tile - overlap
     starts = list(range(0, length - tile, step))
     return [*starts, length - tile]
+
+
+def check_overlap(tile: int, overlap: int) -> None:
+    """Refuse an overlap over three quarters of the tile: tiles would advance by a sliver each
+    (a 129-pixel tile overlapping by 128 means one tile per pixel)."""
+    if not 0 <= overlap <= tile * 3 // 4:
+        raise ValueError(f"tile overlap ({overlap}) must be smaller than the tile ({tile}): at most three quarters "
+                         f"of it ({tile * 3 // 4}), so that tiles advance by a quarter tile or more")
 
 
 def edge_ramp(size: int, overlap: int, ramp_start: bool, ramp_end: bool) -> np.ndarray:
@@ -53,8 +66,7 @@ def predict_tiled(
     model's receptive field is narrower than that margin and its normalisation does not depend
     on the input's extent. Memory: (C + 1) (H, W) float32 accumulators plus one tile's activations.
     """
-    if overlap >= tile:
-        raise ValueError(f"tile overlap ({overlap}) must be smaller than the tile ({tile})")
+    check_overlap(tile, overlap)
     height, width = image.shape
     if height <= tile and width <= tile:
         return predict(image)

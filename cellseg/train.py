@@ -21,14 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from cellseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cellseg.checkpoint import Checkpoint, load_checkpoint, non_finite_weight, save_checkpoint
 from cellseg.config import ModelConfig, TrainConfig
 from cellseg.dataset import TrainingDataset
 from cellseg.io import write_file_atomic
 from cellseg.losses import distance_map_loss, segmentation_loss
 from cellseg.metrics import MetricAccumulator, confusion_counts
-from cellseg.model import UNet
+from cellseg.model import UNet, expected_state
 from cellseg.pairs import LoadedPair
+from cellseg.redact import redact_url
 from cellseg.runtime import autocast_context, resolve_device
 from cellseg.scale import collection_cell_diameter, rescale_pairs
 
@@ -38,6 +39,10 @@ BEST_CHECKPOINT = "best.pt"
 LAST_CHECKPOINT = "last.pt"
 HISTORY_FILE = "history.json"
 STOP_FILE = "STOP"  # created in a run's folder, it ends training after the current epoch (resumable)
+
+
+class TrainingDivergedError(ValueError):
+    """Training stopped at a loss or weight that is not finite; nothing of that epoch was saved."""
 
 
 @dataclass
@@ -178,12 +183,15 @@ def train(
                 f"not {model_config.model_dump()}; fine-tune with the checkpoint's model config"
             )
         model.load_state_dict(initial.state_dict)
-        logger.info("fine-tuning from %s", init_from)
+        logger.info("fine-tuning from %s", redact_url(init_from or ""))
 
     if resume:
         state = load_checkpoint(str(out / LAST_CHECKPOINT))
         if state.resume_state is None:
             raise ValueError(f"'{out / LAST_CHECKPOINT}' has no resume state")
+        if expected_state(state.model_config) != expected_state(model_config):
+            raise ValueError(f"'{out / LAST_CHECKPOINT}' holds a model built as {state.model_config.model_dump()}, "
+                             f"not {model_config.model_dump()}; resume with the run's model settings")
         model.load_state_dict(state.state_dict)
         optimizer.load_state_dict(state.resume_state["optimizer"])
         scheduler.load_state_dict(state.resume_state["scheduler"])
@@ -224,11 +232,15 @@ def train(
             loss = segmentation_loss(logits[:, :1], masks, config.loss, weights)
             if distance is not None:
                 loss = loss + distance_map_loss(logits[:, -1:], distance)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):  # one more step would only spread NaN through the weights
+                raise TrainingDivergedError(_divergence(out, epoch, f"the training loss is {loss_value}", optimizer,
+                                                        best_epoch))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            loss_sum += loss.item() * len(images)
+            loss_sum += loss_value * len(images)
             samples += len(images)
             train_counts.add(confusion_counts(logits[:, :1].detach() > cut, masks > 0.5))
 
@@ -236,8 +248,15 @@ def train(
         train_scores = train_counts.pooled()
         record: dict[str, float] = {"epoch": epoch, "train_loss": loss_sum / samples}
         record.update({f"train_{name}": value for name, value in train_scores.items()})
+        bad_weight = non_finite_weight(model.state_dict())
+        if bad_weight is not None:
+            raise TrainingDivergedError(_divergence(out, epoch, f"weight '{bad_weight}' is not finite", optimizer,
+                                                    best_epoch))
         if val_pairs:
             val = evaluate_model(model, val_pairs, device, config.threshold, config.amp)
+            if not math.isfinite(val["loss"]):
+                raise TrainingDivergedError(_divergence(out, epoch, f"the validation loss is {val['loss']}", optimizer,
+                                                        best_epoch))
             record.update({f"val_{name}": value for name, value in val.items()})
         record["learning_rate"] = optimizer.param_groups[0]["lr"]
         record["seconds"] = time.monotonic() - epoch_started
@@ -293,6 +312,16 @@ def train(
         raise ValueError(f"no epoch was trained in '{out}' ({stop_reason})")
     logger.info("%s; best %s %.4f at epoch %d", stop_reason, monitor_key, best_score, best_epoch)
     return TrainResult(out, history, best_epoch, best_metrics, stop_reason)
+
+
+def _divergence(out: Path, epoch: int, what: str, optimizer: torch.optim.Optimizer, best_epoch: int) -> str:
+    """One line: where training diverged, the likely cause, and what is kept."""
+    kept = (f"'{out / BEST_CHECKPOINT}' of epoch {best_epoch} is kept" if best_epoch
+            else f"the '{BEST_CHECKPOINT}' in '{out}' is kept" if (out / BEST_CHECKPOINT).exists()
+            else "no checkpoint was written")
+    return (f"training diverged in epoch {epoch}: {what}; the learning rate "
+            f"({optimizer.param_groups[0]['lr']:g}) is probably too high, try a lower one (--lr, "
+            f"training.learning_rate). Nothing of epoch {epoch} was saved; {kept}")
 
 
 def _metrics_of(record: dict[str, float]) -> dict[str, float]:

@@ -20,8 +20,12 @@ from prefect.concurrency.sync import concurrency
 from prefect.states import State
 from prefect.task_runners import TaskRunner
 
+from cellseg.storage_errors import StorageError
+
 # Failures that a retry cannot fix: cellseg reports bad files, settings and checkpoints as
-# ValueError subclasses; a missing bucket/directory and denied access are permanent too.
+# ValueError subclasses; a missing bucket/directory and denied access are permanent too. Of
+# storage that cannot be reached (StorageError), only what may pass (timeouts, refused
+# connections) is retried.
 PERMANENT_ERRORS = (ValueError, FileNotFoundError, PermissionError)
 
 
@@ -36,10 +40,14 @@ def configure_storage() -> None:
 def retry_unless_bad_input(task: Task, task_run: TaskRun, state: State) -> bool:
     """Retry transient failures (network, storage, killed workers), never permanent ones.
 
-    Storage calls already retry timeouts, throttling and 5xx answers with backoff inside s3fs
-    and botocore; these task retries cover what outlasts that (a worker lost, a long outage).
+    Storage calls already retry timeouts, throttling and 5xx answers with backoff inside
+    botocore (`storage_timeouts` in the settings); these task retries cover what outlasts that
+    (a worker lost, a long outage). Missing credentials, denied access or a missing package fail
+    at once.
     """
     error = state.result(raise_on_failure=False)
+    if isinstance(error, StorageError):
+        return error.transient
     return not isinstance(error, PERMANENT_ERRORS)
 
 

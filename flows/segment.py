@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
+from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from cellseg.flows._common import (
@@ -26,10 +27,12 @@ from cellseg.flows._common import (
     task_runner,
 )
 from cellseg.jobs import SegmentJob, SegmentPlan, Shard, pin_model, plan_segmentation, segment_shard, threads_per_shard
+from cellseg.redact import redact_url
 from cellseg.report import montage_url, store_montage
 from cellseg.runtime import resolve_device
 from cellseg.store import ResultStore
 
+PARTLY_FAILED_STATE = "Completed with failures"  # the final state's name when some images failed
 RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "retry_condition_fn": retry_unless_bad_input}
 
 
@@ -54,7 +57,7 @@ def segment_one_shard(shard: Shard, job: SegmentJob) -> dict[str, Any]:
     with gpu_slot(resolve_device(job.predict.device).type == "cuda"):
         report = segment_shard(job, shard)
     return {"done": len(report.done), "skipped": len(report.skipped), "failed": report.failed,
-            "seconds": report.seconds, "pixels": report.pixels}
+            "warnings": report.warnings, "seconds": report.seconds, "pixels": report.pixels}
 
 
 @task(name="draw-montage")
@@ -88,7 +91,9 @@ def segment_images_flow(job: SegmentJob) -> dict[str, Any]:
 
     Shards run in parallel on a thread pool (`max_parallel_shards`, the CPU cores split between
     them), or on the Dask cluster at `dask_address`. Storage credentials come from the worker's
-    environment and settings, never from parameters.
+    environment and settings, never from parameters. When any image failed, the run ends in a
+    Completed state named "Completed with failures" whose message counts them (the CLI exits with
+    status 3); its result is the summary either way.
     """
     configure_storage()
     if job.predict.threads is None:
@@ -108,13 +113,18 @@ def segment_images_flow(job: SegmentJob) -> dict[str, Any]:
         gpu = resolve_device(job.predict.device).type == "cuda"
         results = segment_shards.with_options(task_runner=runner)(plan.shards, job, gpu=gpu)
     else:
-        logger.info("nothing to do: no new images under %s", job.source_url)
+        logger.info("nothing to do: no new images under %s", redact_url(job.source_url))
 
     summary = _summarise(results, plan, time.monotonic() - started, job.model_version)
     if summary["done"]:
         run_name = flow_run.get_name() or time.strftime("%Y%m%d-%H%M%S")
-        summary["montage"] = draw_montage(job.store_url, [pair for shard in plan.shards for pair in shard], run_name)
+        montage = draw_montage(job.store_url, [pair for shard in plan.shards for pair in shard], run_name)
+        summary["montage"] = redact_url(montage) if montage else montage  # the result and artifacts keep no credentials
     _publish_summary(summary, job)
+    if summary["failed"]:
+        # The run did its work, but not all of it: a state of type Completed (its result kept, so
+        # callers get the summary) named for that, as `cellseg predict` exits with status 3.
+        return cast("dict[str, Any]", Completed(name=PARTLY_FAILED_STATE, message=failed_line(summary), data=summary))
     return summary
 
 
@@ -126,6 +136,7 @@ def _summarise(results: list[dict[str, Any]], plan: SegmentPlan, seconds: float,
         "done": done,
         "skipped": len(plan.skipped) + sum(result["skipped"] for result in results),
         "failed": plan.rejected + [failure for result in results for failure in result["failed"]],
+        "warnings": [warning for result in results for warning in result["warnings"]],
         "shards": len(plan.shards),
         "seconds": round(seconds, 2),
         "images_per_second": round(done / seconds, 3) if seconds else None,
@@ -133,24 +144,34 @@ def _summarise(results: list[dict[str, Any]], plan: SegmentPlan, seconds: float,
     }
 
 
+def failed_line(summary: dict[str, Any]) -> str:
+    """What the run's final state and summary say when images failed."""
+    failed = len(summary["failed"])
+    return (f"{failed} image{'s' if failed > 1 else ''} failed ({summary['done']} done, {summary['skipped']} skipped): "
+            "each is listed in the summary and recorded, and the next run tries them again")
+
+
 def _publish_summary(summary: dict[str, Any], job: SegmentJob) -> None:
     counts = [{"images": key, "count": summary[key] if key != "failed" else len(summary["failed"])}
               for key in ("done", "skipped", "failed")]
     markdown = (
-        f"## segment-images into `{job.store_url}`\n\n"
+        f"## segment-images into `{redact_url(job.store_url)}`\n\n"
         f"Model `{summary['model_version']}`, {summary['shards']} shards, {summary['seconds']} s, "
         f"{summary['images_per_second']} images/s, {summary['megapixels_per_second']} megapixels/s.\n\n"
         + markdown_table(counts, ("images", "count"))
     )
     if summary["failed"]:
-        markdown += "\n\n### Failed images\n\n" + markdown_table(summary["failed"], ("source_url", "error"))
+        markdown += (f"\n\n### Failed images\n\n**{failed_line(summary)}**\n\n"
+                     + markdown_table(summary["failed"], ("source_url", "error")))
+    if summary["warnings"]:
+        markdown += "\n\n### Warnings (images done)\n\n" + markdown_table(summary["warnings"], ("source_url", "warning"))
     create_markdown_artifact(key="segment-images-summary", markdown=markdown, description="segment-images run summary")
     if summary.get("montage"):
         montage = summary["montage"]
         create_link_artifact(key="segment-images-montage",
                              link=montage if "://" in montage else Path(montage).resolve().as_uri(),
-                             link_text=f"montage of segmented images in {job.store_url}")
+                             link_text=f"montage of segmented images in {redact_url(job.store_url)}")
     get_run_logger().info(
-        "segmented %d, skipped %d, failed %d in %.1fs",
-        summary["done"], summary["skipped"], len(summary["failed"]), summary["seconds"],
+        "segmented %d, skipped %d, failed %d, %d warnings in %.1fs",
+        summary["done"], summary["skipped"], len(summary["failed"]), len(summary["warnings"]), summary["seconds"],
     )

@@ -21,11 +21,20 @@ from cellseg.flows._common import (
 from cellseg.flows.ingest import ingest_dataset_flow
 from cellseg.ingest import Manifest
 from cellseg.jobs import TrainJob, run_training
+from cellseg.redact import redact_url
 from cellseg.registry import Registry
 from cellseg.runtime import resolve_device
 from cellseg.scoring import HEADLINE_CELL_SCORES
 
 METRICS = ("loss", "iou", "dice", "precision", "recall", "dice_pooled")
+
+
+def new_run_dir(work_dir: str, name: str | None) -> str:
+    """A folder under `work_dir` for a new run, named after the flow run; flow run names repeat, so a
+    name used before gets the time appended: a flow never trains into another run's folder."""
+    now = datetime.now(timezone.utc)
+    folder = Path(work_dir) / (name or f"{now:%Y%m%d-%H%M%S}")
+    return str(folder.with_name(f"{folder.name}-{now:%Y%m%d-%H%M%S-%f}") if folder.exists() else folder)
 
 
 @task(name="train-model", tags=["gpu"])
@@ -62,10 +71,9 @@ def train_unet(job: TrainJob) -> dict[str, Any]:
     configure_storage()
     logger = get_run_logger()
     dataset = ingest_dataset_flow(job.images_url, job.masks_url, job.cache_dir)
-    run_name = flow_run.get_name() or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    trained = train_model(job, dataset["manifest_path"], str(Path(job.work_dir) / run_name))
+    trained = train_model(job, dataset["manifest_path"], new_run_dir(job.work_dir, flow_run.get_name()))
     version = register_model(trained["best_checkpoint"], job.registry_url, job.promote)
-    logger.info("registered %s in %s%s", version["version"], job.registry_url, " as current" if job.promote else "")
+    logger.info("registered %s in %s%s", version["version"], redact_url(job.registry_url), " as current" if job.promote else "")
 
     metrics = trained["metrics"]
     rows = [{"metric": name, "validation": metrics[name]} for name in METRICS if name in metrics]
@@ -84,7 +92,7 @@ def train_unet(job: TrainJob) -> dict[str, Any]:
     for picture in trained["pictures"]:
         create_link_artifact(key=Path(picture).stem.replace("_", "-"), link=Path(picture).resolve().as_uri(),
                              link_text=f"{Path(picture).name} of {version['version']}")
-    checkpoint_url = Registry(job.registry_url).checkpoint_url(version["version"])
+    checkpoint_url = redact_url(Registry(job.registry_url).checkpoint_url(version["version"]))  # shown, never read
     create_link_artifact(
         key="train-unet-checkpoint",
         link=checkpoint_url if "://" in checkpoint_url else Path(checkpoint_url).resolve().as_uri(),

@@ -4,7 +4,6 @@ the best by validation Dice, with a table artifact of every trial."""
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from cellseg.flows._common import (
     task_runner,
 )
 from cellseg.flows.ingest import ingest_dataset_flow
-from cellseg.flows.train import register_model
+from cellseg.flows.train import new_run_dir, register_model
 from cellseg.ingest import Manifest
 from cellseg.jobs import TuneJob, run_trial
 from cellseg.runtime import resolve_device
@@ -65,8 +64,7 @@ def tune_unet(job: TuneJob) -> dict[str, Any]:
     logger.info("%d trials of a %d-point search space, %d at a time", len(planned), job.space.size(),
                 job.max_parallel_trials)
     dataset = ingest_dataset_flow(job.images_url, job.masks_url, job.cache_dir)
-    run_name = flow_run.get_name() or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    run_dir = str(Path(job.work_dir) / run_name)
+    run_dir = new_run_dir(job.work_dir, flow_run.get_name())
     threads = None if job.dask_address else max(1, (os.cpu_count() or 1) // job.max_parallel_trials)
     # Processes, not threads: torch's random state and thread count are per process, so each
     # trial is reproducible on its own and the cores are shared out between trials.

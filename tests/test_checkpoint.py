@@ -11,9 +11,11 @@ import torch
 
 from cellseg import __version__
 from cellseg.checkpoint import (
+    DIGEST_KEY,
     FORMAT,
     Checkpoint,
     CheckpointError,
+    content_digest,
     load_checkpoint,
     save_checkpoint,
 )
@@ -206,3 +208,27 @@ def test_missing_s3_object_is_refused(s3_bucket):
     bucket, options = s3_bucket
     with pytest.raises(CheckpointError, match=r"absent\.pt.*does not exist"):
         load_checkpoint(f"{bucket}/absent.pt", options)
+
+
+def test_the_digest_covers_every_entry_not_only_the_weights(checkpoint, tmp_path):
+    save_checkpoint(checkpoint, str(tmp_path / "best.pt"))
+    payload = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert payload[DIGEST_KEY] == content_digest(payload)
+    payload["threshold"] = 0.25  # a changed setting is as silent a wrong answer as a changed weight
+    torch.save(payload, tmp_path / "edited.pt")
+    with pytest.raises(CheckpointError, match=r"edited\.pt.*does not match the digest"):
+        load_checkpoint(str(tmp_path / "edited.pt"))
+
+
+def test_a_file_without_a_digest_loads_with_a_notice(checkpoint, tmp_path, caplog):
+    torch.save(checkpoint.to_dict(), tmp_path / "older.pt")  # as cellseg wrote files before the digest
+    with caplog.at_level("INFO", logger="cellseg.checkpoint"):
+        assert_same_checkpoint(load_checkpoint(str(tmp_path / "older.pt")), checkpoint)
+    assert "older.pt' carries no digest" in caplog.text
+
+
+def test_non_finite_weights_are_never_written(checkpoint, tmp_path):
+    checkpoint.state_dict = {**checkpoint.state_dict, "head.bias": torch.tensor([float("inf")])}
+    with pytest.raises(CheckpointError, match=r"not writing checkpoint .*best\.pt.*'head\.bias'"):
+        save_checkpoint(checkpoint, str(tmp_path / "best.pt"))
+    assert not (tmp_path / "best.pt").exists()

@@ -25,6 +25,7 @@ COMMANDS = {
     "evaluate": ["--pred", "--masks", "--labels", "--json"],
     "results": ["--json"],
     "export": ["--format", "--table", "--out"],
+    "verify": ["--repair", "--read-data"],
     "tune": ["--trials", "--parallel", "--lr", "--base-width", "--depth", "--dropout", "--loss", "--augmentation",
              "--border-weight", "--promote"],
 }

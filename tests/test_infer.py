@@ -103,6 +103,26 @@ def test_predictor_thresholds_with_its_config():
     np.testing.assert_array_equal(predictor.masks(images)[0], predictor.probabilities(images)[0] > 0.3)
 
 
+def test_an_image_without_contrast_gets_empty_maps_and_a_warning_without_the_model():
+    config = ModelConfig(depth=2, base_width=4, distance_map=True)
+    checkpoint = Checkpoint(config, UNet(config).state_dict(), TrainConfig(), {}, 1)
+    predictor = Predictor(checkpoint, PredictConfig(device="cpu"))
+    with torch.no_grad():  # a model that calls every pixel a cell: any cell below is the model's
+        predictor.model.head.weight.zero_()
+        predictor.model.head.bias.fill_(5.0)
+    sliver = np.zeros((30, 30), np.uint8)
+    sliver[0, 0] = 255  # one pixel in 900: below the 99.8th percentile
+    textured = np.random.default_rng(2).integers(0, 255, (30, 30), dtype=np.uint8)
+    black, white, almost, busy = predictor.cell_maps([np.zeros((30, 30), np.uint8), np.full((30, 30), 255, np.uint16),
+                                                      sliver, textured])
+    assert black.warnings == ("image is constant (value 0): no cells",)
+    assert white.warnings == ("image is constant (value 255): no cells",)
+    assert almost.warnings == ("image has no contrast between percentiles 1 and 99.8 (value 0): no cells",)
+    for flat in (black, white, almost):
+        assert not flat.probability.any() and flat.distance is not None and not flat.distance.any()
+    assert busy.warnings == () and (busy.probability > 0.99).all()
+
+
 @pytest.fixture(scope="module")
 def tiny_predictor(tiny_checkpoint) -> Predictor:
     return Predictor.from_checkpoint(str(tiny_checkpoint), PredictConfig(device="cpu", batch_size=4))

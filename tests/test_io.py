@@ -201,6 +201,54 @@ def test_max_pixels_guard(tmp_path, suffix):
     assert read_image(str(path), max_pixels=12_000).shape == (100, 120)
 
 
+def test_samples_and_planes_count_towards_the_limit_before_decoding():
+    planar = io.BytesIO()  # (S, H, W) = 3 x 16 x 20000, about 1 KB of zlib: the plane is 320000 pixels
+    tifffile.imwrite(planar, np.zeros((3, 16, 20000), np.uint8), photometric="rgb", planarconfig="separate",
+                     compression="zlib")
+    with pytest.raises(ImageReadError, match=r"'p\.tif': 320000 pixels exceeds the limit of 1000"):
+        decode_image(planar.getvalue(), "p.tif", max_pixels=1000)
+    samples = io.BytesIO()  # 400 pixels, but 64 samples each: 25600 bytes for 1000 x 8 allowed
+    tifffile.imwrite(samples, np.zeros((64, 20, 20), np.uint8), photometric="minisblack", planarconfig="separate")
+    with pytest.raises(ImageReadError, match=r"'s\.tif': the image \(64 x 20 x 20 uint8 samples\) would take 25600 bytes"):
+        decode_image(samples.getvalue(), "s.tif", max_pixels=1000)
+
+
+@pytest.mark.parametrize(("content", "named"), [(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 9 9\n", "EPS"),
+                                                (b"%PDF-1.4\n", "PDF"), (b"GIF89a" + bytes(40), "GIF")])
+def test_other_formats_are_named_and_not_decoded(content, named):
+    with pytest.raises(ImageReadError, match=rf"'x\.png': not a readable image: its content is {named}, not PNG, TIFF or JPEG"):
+        decode_image(content, "x.png")
+
+
+def test_non_finite_pixels_are_refused_with_their_count():
+    values = np.ones((4, 5), np.float32)
+    values[0, 0], values[1, 1], values[2, 2] = np.nan, np.inf, -np.inf
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, values)
+    with pytest.raises(ImageReadError, match=r"'f\.tif': 3 of 20 pixels are NaN or infinite"):
+        decode_image(buffer.getvalue(), "f.tif")
+
+
+def test_a_multi_page_tiff_uses_page_0_and_says_so():
+    buffer = io.BytesIO()
+    with tifffile.TiffWriter(buffer) as writer:
+        for value in (7, 8, 9):
+            writer.write(np.full((2, 3), value, np.uint8), metadata=None)
+    warnings: list[str] = []
+    np.testing.assert_array_equal(decode_image(buffer.getvalue(), "p.tif", warnings=warnings), np.full((2, 3), 7))
+    assert warnings == ["uses page 0 of 3: the other pages are not segmented"]
+
+
+def test_a_file_too_large_for_max_pixels_is_refused_without_reading_it_whole(tmp_path):
+    from cellseg.io import MAX_BYTES_PER_PIXEL, MAX_EXTRA_FILE_BYTES
+
+    path = tmp_path / "huge.tif"
+    with open(path, "wb") as file:  # sparse: no disk space taken
+        file.truncate(MAX_EXTRA_FILE_BYTES + 10 * MAX_BYTES_PER_PIXEL + 1)
+    with pytest.raises(ImageReadError, match=rf"huge\.tif.*file is over {MAX_EXTRA_FILE_BYTES + 80} bytes.*max_pixels"):
+        read_image(str(path), max_pixels=10)
+
+
 def test_decode_image_uses_the_given_name():
     with pytest.raises(ImageReadError, match=r"s3://bucket/x/y\.png"):
         decode_image(b"garbage", "s3://bucket/x/y.png")

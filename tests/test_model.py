@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from cellseg.config import ModelConfig
-from cellseg.model import UNet
+from cellseg.config import MAX_WIDTH, ModelConfig
+from cellseg.model import MAX_PARAMETERS, UNet, expected_state
 
 NORMS = ("group", "batch", "instance", "none")
 # Odd sides, a side that is already a multiple, sides at or below 2**depth (a 1x1 bottleneck
@@ -103,3 +105,18 @@ def test_groupnorm_items_do_not_influence_each_other_in_train_mode():
     other[1] = torch.rand(1, 24, 24)  # change only the second item
     with torch.no_grad():
         torch.testing.assert_close(model(x)[0], model(other)[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [ModelConfig(), ModelConfig(depth=2, base_width=4, norm="batch", distance_map=True)])
+def test_expected_state_is_the_state_dict_of_the_network(config):
+    expected = {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in UNet(config).state_dict().items()}
+    assert expected_state(config) == expected
+
+
+def test_the_widest_network_a_config_allows_stays_under_the_parameter_bound():
+    for depth in range(1, 8):
+        config = ModelConfig(depth=depth, base_width=MAX_WIDTH // 2**depth, in_channels=16, out_channels=16,
+                             distance_map=True)
+        assert sum(math.prod(shape) for shape, _ in expected_state(config).values()) <= MAX_PARAMETERS
+    with pytest.raises(ValueError, match="4096 channels in the bottleneck; at most 2048"):
+        ModelConfig(depth=5, base_width=128)

@@ -194,7 +194,8 @@ def test_probabilities_are_saved_when_asked(image_dir, store, predictor):
 def test_report_summary():
     report = SegmentReport(done=["a", "b", "c"], skipped=["e"], failed=[{"image_id": "f"}], seconds=2.0, pixels=3_000_000)
     assert report.summary() == {
-        "done": 3, "skipped": 1, "failed": 1, "seconds": 2.0, "images_per_second": 1.5, "megapixels_per_second": 1.5,
+        "done": 3, "skipped": 1, "failed": 1, "warnings": 0, "seconds": 2.0, "images_per_second": 1.5,
+        "megapixels_per_second": 1.5,
     }
     assert SegmentReport().summary()["images_per_second"] is None
 

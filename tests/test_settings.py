@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellseg.settings import MASK, SettingsError, load_settings
+from cellseg.redact import MASK
+from cellseg.settings import SettingsError, load_settings
 from cellseg.store import ResultStore
 from tests.conftest import cellseg
 
@@ -171,4 +172,5 @@ def test_flows_take_storage_settings_from_the_worker_environment(tiny_checkpoint
     summary = segment_images_flow(SegmentJob(source_url=f"{bucket}/in", store_url=f"{bucket}/flow.zarr",
                                   registry_url=str(tmp_path / "registry")))
     assert summary["done"] == 2 and summary["failed"] == []
-    assert fsspec.config.conf["s3"] == {"endpoint_url": options["endpoint_url"]}
+    limits = {"connect_timeout": 10.0, "read_timeout": 30.0, "retries": {"total_max_attempts": 4, "mode": "standard"}}
+    assert fsspec.config.conf["s3"] == {"endpoint_url": options["endpoint_url"], "config_kwargs": limits}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import zarr
 
 from cellseg import __version__
-from cellseg.store import LAYOUT_VERSION, ResultStore, StoreError, validate_image_id
+from cellseg.store import LAYOUT_VERSION, ResultStore, StoreError, StoreWriteError, unwritable, validate_image_id
 
 MODEL = {"version": "0123456789ab", "checkpoint": "runs/x/best.pt", "threshold": 0.5}
 STATS = {
@@ -311,3 +312,21 @@ def test_results_without_cell_labels_read_as_connected_components(store):
     store.write_result("plain", MASK, STATS, "plain.png", MODEL)
     labels = store.read_cells("plain")
     assert labels.max() == 2 and np.array_equal(labels > 0, MASK)
+
+
+@pytest.mark.parametrize(("error", "stops"), [
+    (OSError(errno.ENOSPC, "No space left on device"), True),
+    (OSError(errno.EROFS, "Read-only file system"), True),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
+    (OSError(errno.EFBIG, "File too large"), True),
+    (PermissionError(errno.EACCES, "Permission denied"), True),
+    (OSError(errno.EIO, "Input/output error"), False),  # one file: the image fails, the run goes on
+    (FileNotFoundError(errno.ENOENT, "No such file or directory"), False),
+    (KeyError("labels"), False),
+])
+def test_only_errors_that_no_later_write_can_escape_stop_a_run(error, stops):
+    found = unwritable("out.zarr", error)
+    assert (found is not None) == stops
+    if found is not None:
+        assert isinstance(found, StoreWriteError)
+        assert str(found) == f"cannot write to results store 'out.zarr': [Errno {error.errno}] {error.strerror}"

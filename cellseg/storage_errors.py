@@ -1,0 +1,170 @@
+"""One-line errors for storage that cannot be reached or used, naming the URL and the cause.
+
+fsspec, s3fs, botocore and aiohttp raise dozens of exception types for a handful of problems: a
+missing fsspec package (gcsfs, adlfs), missing credentials, a refused or unreachable endpoint, a
+request timed out, a missing bucket, access denied. `storage_call(url)` turns each into a
+`StorageError` naming `url`, where a URL is first touched (listing, reading, opening a store,
+loading a checkpoint or a registry version), so the CLI prints one line (exit status 2) and a
+flow fails with it; `cellseg.cli.main` translates what escapes elsewhere (`storage_error`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+from cellseg.redact import redact_url
+
+
+class StorageError(ValueError):
+    """Storage that cannot be reached or used; the message names the URL and the cause.
+
+    `transient` errors (a timeout, a refused connection) may pass on their own, so a flow's
+    task retries are worth it; the others (no credentials, access denied, a missing package)
+    need someone to fix them.
+    """
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keeps `transient` across processes (Dask, Prefect results)
+        return (type(self), (str(self), self.transient))
+
+
+@contextmanager
+def storage_call(url: str) -> Iterator[None]:
+    """Raise the errors of the storage behind `url` as a StorageError naming it; others pass unchanged."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as error:
+        translated = storage_error(url, error)
+        if translated is None:
+            raise
+        raise translated from error
+
+
+def storage_error(url: str | None, error: BaseException) -> StorageError | None:
+    """`error`, raised while reaching `url` (None: a URL not known here), as a one-line
+    StorageError; None when it is no storage problem."""
+    if isinstance(error, StorageError):
+        return error
+    if isinstance(error, ImportError):
+        return _missing_package(url) if url else None
+    named = f"'{redact_url(url)}': " if url else ""
+    import aiohttp
+    from botocore import exceptions as boto
+    from fsspec.exceptions import FSTimeoutError
+
+    chain = _chain(error)
+    for cause in chain:
+        if isinstance(cause, boto.NoCredentialsError | boto.PartialCredentialsError | boto.CredentialRetrievalError):
+            return StorageError(
+                f"{named}no credentials ({cause}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, "
+                "or storage.s3.key and .secret in the settings (anon: true for a public bucket)")
+    for cause in chain:
+        if isinstance(cause, boto.ConnectTimeoutError | aiohttp.ConnectionTimeoutError):
+            return _timed_out(url, cause, "connect")
+        if isinstance(cause, boto.ReadTimeoutError | FSTimeoutError | TimeoutError):
+            return _timed_out(url, cause, "read")
+    for cause in chain:
+        if isinstance(cause, boto.EndpointConnectionError | boto.ConnectionClosedError | aiohttp.ClientConnectorError
+                      | ConnectionError):
+            return StorageError(f"{named}cannot connect to {_endpoint(url, cause)} ({_reason(chain)})", transient=True)
+    for cause in chain:
+        if isinstance(cause, boto.ClientError) and cause.response.get("Error", {}).get("Code") == "NoSuchBucket":
+            return StorageError(f"{named}the bucket does not exist (NoSuchBucket)")
+    if isinstance(error, PermissionError):
+        return StorageError(f"{named}access denied ({error})")
+    return None
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """`error` and what caused it, outermost first (at most 16 deep: causes can form loops)."""
+    chain = [error]
+    while len(chain) < 16 and (cause := chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(cause)
+    return chain
+
+
+def _protocol(url: str) -> str:
+    from fsspec.core import split_protocol
+
+    return split_protocol(url)[0] or "file"
+
+
+def _missing_package(url: str) -> StorageError | None:
+    """'gs://...': gs:// needs gcsfs (pip install gcsfs), when the protocol's package is not installed."""
+    from fsspec.registry import known_implementations
+
+    protocol = _protocol(url)
+    implementation = known_implementations.get(protocol, {}).get("class", "")
+    package = implementation.split(".")[0]
+    if not package or importlib.util.find_spec(package) is not None:
+        return None
+    return StorageError(f"'{redact_url(url)}': {protocol}:// needs {package}: pip install {package}")
+
+
+def _timed_out(url: str | None, cause: BaseException, phase: str) -> StorageError:
+    """A request to the endpoint behind `url` timed out connecting, or waiting for the answer."""
+    from botocore.exceptions import BotoCoreError
+
+    connect, read, attempts = _limits(_protocol(url) if url else "s3" if isinstance(cause, BotoCoreError) else "http")
+    seconds = connect if phase == "connect" else read
+    after = f" after {seconds:g} s" if seconds else ""
+    what = f"connecting to {_endpoint(url, cause)}" if phase == "connect" else \
+        f"waiting for {_endpoint(url, cause)} to answer"
+    tried = f", tried {attempts} times" if attempts and attempts > 1 else ""
+    named = f"'{redact_url(url)}': " if url else ""
+    return StorageError(f"{named}timed out{after} {what} ({type(cause).__name__}{tried}; "
+                        f"storage_timeouts in the settings set the limits)", transient=True)
+
+
+def _limits(protocol: str) -> tuple[float | None, float | None, int | None]:
+    """(connect seconds, read seconds, attempts) that fsspec's configuration gives `protocol`."""
+    import fsspec.config
+
+    options = fsspec.config.conf.get(protocol, {})
+    if protocol in ("s3", "s3a"):
+        config = options.get("config_kwargs", {})
+        retries = config.get("retries", {})
+        attempts = retries.get("total_max_attempts") or (retries["max_attempts"] + 1 if "max_attempts" in retries else None)
+        return config.get("connect_timeout"), config.get("read_timeout"), attempts
+    timeout = options.get("client_kwargs", {}).get("timeout")
+    return getattr(timeout, "sock_connect", None), getattr(timeout, "sock_read", None), None
+
+
+def _endpoint(url: str | None, cause: BaseException) -> str:
+    """scheme://host:port of the server that failed (never a user name or password)."""
+    import aiohttp
+
+    request = getattr(cause, "kwargs", {}).get("endpoint_url")  # botocore names the request URL
+    parts = urlsplit(request or url or "")
+    if parts.scheme in ("http", "https") and parts.hostname:
+        try:
+            port = f":{parts.port}" if parts.port else ""
+        except ValueError:  # a port that is not a number
+            port = ""
+        return f"{parts.scheme}://{parts.hostname}{port}"
+    if isinstance(cause, aiohttp.ClientConnectorError):
+        return f"{cause.host}:{cause.port}"
+    return f"the {_protocol(url)} endpoint" if url else "the storage endpoint"
+
+
+def _reason(chain: list[BaseException]) -> str:
+    """Why a connection failed, in words: the innermost operating-system error of `chain`."""
+    import socket
+
+    for cause in reversed(chain):
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused: nothing listens there"
+        if isinstance(cause, socket.gaierror):
+            return f"host name not found: {cause.strerror}"
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+    return str(chain[0])

@@ -1,0 +1,145 @@
+"""Find the damage in a results store and repair it: `cellseg verify STORE [--repair]`.
+
+The store's own metadata and every image group are checked: the group's metadata can be read and
+is a cellseg record, and a done image has every array it was written with (present, its
+metadata readable, every chunk stored), of its recorded shape and type, under label and table
+groups whose metadata can be read, with one cell-table row per counted cell and finite
+statistics. Only metadata is read and chunk keys listed, unless `read_data` decodes every chunk
+too. Repairing marks each broken image not done (a failure "damaged: …", replacing metadata that
+cannot be read) so that the next `predict` or `segment-images` run segments it again; nothing of
+a healthy image is touched, and no array is deleted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cellseg.io import StorageOptions
+from cellseg.store import (
+    ARRAYS,
+    CELL_TABLE,
+    DONE,
+    METADATA_ERRORS,
+    DamagedImage,
+    DamagedStore,
+    ResultStore,
+    StoreMode,
+    describe,
+    repair_store_metadata,
+)
+
+STATUSES = (DONE, "failed", "writing")
+STORE_METADATA = "zarr.json"  # the `image_id` of damage to the store's own metadata
+
+
+@dataclass(frozen=True)
+class Damage:
+    """What is wrong with one image, its problems joined by '; ' (or, as `image_id`
+    STORE_METADATA, with the store's own metadata)."""
+
+    image_id: str
+    problem: str
+
+
+@dataclass
+class Verification:
+    """The outcome of `verify_store`: images checked, what is broken, and whether it was repaired."""
+
+    url: str
+    checked: int = 0
+    broken: list[Damage] = field(default_factory=list)
+    repaired: bool = False
+    images_checked: bool = True  # False when the store's metadata is unreadable and was not repaired
+
+
+def verify_store(
+    url: str, repair: bool = False, storage_options: StorageOptions = None, read_data: bool = False,
+    on_image: Callable[[str], None] | None = None,
+) -> Verification:
+    """Check the store at `url` (`on_image` is called per image checked) and, with `repair`,
+    mark every broken image not done. Its images cannot be checked while the store's own
+    metadata is unreadable: without `repair` only that is reported; with it, that metadata is
+    rewritten first (refused, StoreError, unless an image group shows it is a cellseg store)."""
+    report = Verification(url)
+    mode: StoreMode = "r+" if repair else "r"
+    try:
+        store = ResultStore.open(url, mode=mode, storage_options=storage_options)
+    except DamagedStore as error:
+        report.broken.append(Damage(STORE_METADATA, str(error)))
+        if not repair:
+            report.images_checked = False
+            return report
+        repair_store_metadata(url, storage_options)
+        store = ResultStore.open(url, mode=mode, storage_options=storage_options)
+    for image_id, record, problem in store.entries():
+        problems = [problem] if problem is not None else image_problems(store, image_id, record or {}, read_data)
+        report.checked += 1
+        if problems:
+            report.broken.append(Damage(image_id, "; ".join(problems)))
+        if on_image:
+            on_image(image_id)
+    report.broken += [Damage(name, f"'{name}/zarr.json' is missing") for name in store.orphans()]
+    if repair:
+        for damage in report.broken:
+            if damage.image_id != STORE_METADATA:
+                store.mark_damaged(damage.image_id, damage.problem)
+        report.repaired = True
+    return report
+
+
+def image_problems(store: ResultStore, image_id: str, record: dict[str, Any], read_data: bool = False) -> list[str]:
+    """What is wrong with one image whose record could be read; [] when nothing is."""
+    status = record.get("status")
+    if status is not None and status not in STATUSES:
+        return [f"its status {status!r} is none of {', '.join(STATUSES)}"]
+    if status != DONE:
+        return []  # not finished: the next run segments it anyway
+    problems = [f"its statistic {key!r} is {value!r}, not a finite number"
+                for key, value in record["statistics"].items() if not _finite_or_none(value)]
+    shape = tuple(record["shape"])
+    for path in record.get("arrays", ARRAYS):
+        if path not in ARRAYS:
+            problems.append(f"its record names an array '{path}' that no cellseg image has")
+            continue
+        try:
+            array = store.array(image_id, path, record)
+            if array is None:
+                continue
+            problems += _parent_problems(store, image_id, path)
+            what, dtype = ARRAYS[path]
+            expected = (record["statistics"].get("cell_count"), len(store.table_columns(image_id, array))) \
+                if path == CELL_TABLE else shape
+            if array.shape != expected:
+                problems.append(f"its {what} '{image_id}/{path}' has shape {array.shape}, expected {expected}")
+            if dtype is not None and array.dtype != dtype:
+                problems.append(f"its {what} '{image_id}/{path}' is {array.dtype}, expected {dtype}")
+            if read_data:
+                store.array_data(image_id, path, array)
+        except DamagedImage as error:
+            problems.append(error.problem)
+    return problems
+
+
+def _parent_problems(store: ResultStore, image_id: str, path: str) -> list[str]:
+    """Problems of the groups between an image and one of its arrays (labels/, labels/mask/, …),
+    whose metadata NGFF readers need even where cellseg does not."""
+    parts = path.split("/")[:-1]
+    problems = []
+    for depth in range(1, len(parts) + 1):
+        group = f"{image_id}/{'/'.join(parts[:depth])}"
+        try:
+            node = store.root.get(group)
+        except METADATA_ERRORS as error:
+            problems.append(f"the metadata '{group}/zarr.json' cannot be read ({describe(error)})")
+            continue
+        if node is None:
+            problems.append(f"'{group}/zarr.json' is missing")
+    return problems
+
+
+def _finite_or_none(value: Any) -> bool:
+    """Whether a statistic is null or a finite number (JSON has no NaN; Python's json reads it)."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))

@@ -1,0 +1,233 @@
+"""Storage that cannot be used: an endpoint that accepts connections and never answers (http and
+S3), one that refuses them, S3 without credentials, access denied, a missing bucket, and gs:// or
+az:// without their fsspec package. Each `cellseg predict` ends in bounded time with exit status
+2 and one line naming the URL and the cause, writes no store and shows no secret.
+
+Interpreter start-up takes most of a `cellseg` run on a loaded machine, so the cases run in one
+subprocess, each through the command's entry point (`cellseg` is `sys.exit(cellseg.cli.main())`)
+with its own environment, and time only their own work; beside it, the S3 black hole also runs
+as the installed `cellseg` command.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.reliability.faulty_proxy import Fault, FaultyProxy
+
+pytestmark = pytest.mark.integration
+
+SECRET = "infra-test-secret-value"
+# Small limits, so that a black hole fails in seconds: 2 tries of 1 s each, plus botocore's backoff.
+LIMITS = {"CELLSEG_STORAGE_TIMEOUTS__CONNECT_SECONDS": "1", "CELLSEG_STORAGE_TIMEOUTS__READ_SECONDS": "1",
+          "CELLSEG_STORAGE_TIMEOUTS__ATTEMPTS": "2"}
+NO_AWS_FILES = {"AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+                "AWS_EC2_METADATA_DISABLED": "true"}
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "infra-test-key", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+# A case's own work (the model is loaded by the first case): 2 tries of 1 s and botocore's backoff
+# between them (at most 2 s) fit many times over. Before the limits, a black hole took 305-424 s.
+CASE_SECONDS = 30
+PROCESS_SECONDS = 180  # a whole `cellseg` run, start-up included, on a loaded machine
+MISSING_PACKAGES = {"gs without gcsfs": "gcsfs", "az without adlfs": "adlfs"}
+
+
+@contextmanager
+def black_hole() -> Iterator[int]:
+    """A loopback port that accepts connections and never answers; yields the port."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        for connection in held:
+            connection.close()
+        server.close()
+
+
+def refused_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def s3_answering(status: int, code: str) -> Iterator[str]:
+    """An S3 endpoint that answers every request with the error `code`; yields its URL."""
+    proxy = FaultyProxy(f"http://127.0.0.1:{refused_port()}", [Fault(code, "", status=status, code=code, times=None)])
+    with proxy.running():
+        yield proxy.url
+
+
+def environment(env: dict[str, str]) -> dict[str, str]:
+    """This environment less its CELLSEG_* and AWS_* variables, with no AWS files or instance metadata, and `env`."""
+    clean = {key: value for key, value in os.environ.items() if not key.startswith(("CELLSEG_", "AWS_"))}
+    return {**clean, **NO_AWS_FILES, **env}
+
+
+def drive() -> None:
+    """In a subprocess: run `cellseg.cli.main` for each case read from stdin ({name: [argv, env]}),
+    each with exactly its environment, and print {name: outcome} as JSON."""
+    from cellseg.cli import main
+
+    outcomes = {}
+    for name, (argv, env) in json.loads(sys.stdin.read()).items():
+        os.environ.clear()
+        os.environ.update(env)
+        logging.getLogger().handlers.clear()  # `main` points its log handler at this case's stderr
+        stdout, stderr = io.StringIO(), io.StringIO()
+        started = time.monotonic()
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            try:
+                status = main(argv)
+            except BaseException:  # noqa: BLE001 - what the real command would print before dying
+                stderr.write(traceback.format_exc())
+                status = 1
+        outcomes[name] = {"status": status, "stdout": stdout.getvalue(), "stderr": stderr.getvalue(),
+                          "seconds": time.monotonic() - started}
+    print(json.dumps(outcomes))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> tuple[Path, Path]:
+    """(an untrained small checkpoint, a folder of three images)."""
+    import torch
+
+    from cellseg.checkpoint import Checkpoint, save_checkpoint
+    from cellseg.config import ModelConfig, TrainConfig
+    from cellseg.model import UNet
+    from cellseg.synth import write_dataset
+
+    root = tmp_path_factory.mktemp("infra")
+    torch.manual_seed(0)
+    config = ModelConfig(depth=2, base_width=4)
+    checkpoint = root / "tiny.pt"
+    save_checkpoint(Checkpoint(model_config=config, state_dict=UNet(config).state_dict(), train_config=TrainConfig(),
+                               metrics={}, epoch=0), str(checkpoint))
+    write_dataset(str(root / "data"), count=3, size=64, seed=1)
+    return checkpoint, root / "data" / "images"
+
+
+@pytest.fixture(scope="module")
+def outcomes(inputs, tmp_path_factory) -> dict[str, dict[str, Any]]:
+    """{case: (images URL, store URL, the URL the error must name, fragments it must hold), outcome}
+    for every case, and the installed command's run against an S3 black hole ("cellseg command")."""
+    checkpoint, images = inputs
+    out = tmp_path_factory.mktemp("stores")
+    with ExitStack() as servers:
+        ports = {name: servers.enter_context(black_hole()) for name in ("http", "s3", "no credentials", "command")}
+        denied = servers.enter_context(s3_answering(403, "AccessDenied"))
+        no_bucket = servers.enter_context(s3_answering(404, "NoSuchBucket"))
+        refused = refused_port()
+        s3 = {**CREDENTIALS, **LIMITS}
+        http = f"http://127.0.0.1:{ports['http']}"
+        cases: dict[str, tuple[str, str, dict[str, str], tuple[str, ...]]] = {
+            "http black hole": (f"{http}/incoming/", str(out / "a.zarr"), LIMITS, ("timed out after 1 s", http)),
+            "s3 black hole": ("s3://lab/incoming", str(out / "b.zarr"),
+                              {**s3, "CELLSEG_STORAGE__S3__ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}"},
+                              ("timed out after 1 s", f"http://127.0.0.1:{ports['s3']}", "tried 2 times")),
+            "s3 refused": ("s3://lab/incoming", str(out / "c.zarr"),
+                           {**s3, "CELLSEG_STORAGE__S3__ENDPOINT_URL": f"http://127.0.0.1:{refused}"},
+                           ("cannot connect to", f"http://127.0.0.1:{refused}", "connection refused")),
+            "s3 without credentials": ("s3://lab/incoming", str(out / "d.zarr"),
+                                       {**LIMITS, "CELLSEG_STORAGE__S3__ENDPOINT_URL":
+                                        f"http://127.0.0.1:{ports['no credentials']}"},
+                                       ("no credentials", "AWS_ACCESS_KEY_ID")),
+            "s3 access denied": ("s3://lab/incoming", str(out / "e.zarr"),
+                                 {**s3, "CELLSEG_STORAGE__S3__ENDPOINT_URL": denied}, ("access denied",)),
+            "s3 missing bucket": (str(images), "s3://no-such-bucket/out.zarr",
+                                  {**s3, "CELLSEG_STORAGE__S3__ENDPOINT_URL": no_bucket}, ("bucket does not exist",)),
+            "gs without gcsfs": ("gs://lab/incoming", str(out / "g.zarr"), {}, ("gs:// needs gcsfs: pip install gcsfs",)),
+            "az without adlfs": (str(images), "az://lab/out.zarr", {}, ("az:// needs adlfs: pip install adlfs",)),
+        }
+        argv = {name: ["predict", "--model", str(checkpoint), "--images", images_url, "--out", store]
+                for name, (images_url, store, _, _) in cases.items()}
+        command_env = environment({**s3, "CELLSEG_STORAGE__S3__ENDPOINT_URL": f"http://127.0.0.1:{ports['command']}"})
+        command = subprocess.Popen(
+            [str(Path(sys.executable).parent / "cellseg"), "predict", "--model", str(checkpoint),
+             "--images", "s3://lab/incoming", "--out", str(out / "command.zarr")],
+            env=command_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started = time.monotonic()
+        driven = subprocess.run(
+            [sys.executable, "-c", "from tests.reliability.test_infrastructure_errors import drive; drive()"],
+            input=json.dumps({name: [argv[name], environment(env)] for name, (_, _, env, _) in cases.items()}),
+            cwd=REPO_ROOT, env=environment({}), capture_output=True, text=True, timeout=PROCESS_SECONDS, check=False)
+        assert driven.returncode == 0, driven.stderr
+        stdout, stderr = command.communicate(timeout=PROCESS_SECONDS)
+        seconds = time.monotonic() - started
+    results = {name: {"case": (images_url, store, store if name in ("s3 missing bucket", "az without adlfs")
+                               else images_url, fragments), **json.loads(driven.stdout)[name]}
+               for name, (images_url, store, _, fragments) in cases.items()}
+    results["cellseg command"] = {
+        "case": ("s3://lab/incoming", str(out / "command.zarr"), "s3://lab/incoming",
+                 ("timed out after 1 s", f"http://127.0.0.1:{ports['command']}", "tried 2 times")),
+        "status": command.returncode, "stdout": stdout, "stderr": stderr, "seconds": seconds}
+    return results
+
+
+@pytest.mark.parametrize("name", ["http black hole", "s3 black hole", "s3 refused", "s3 without credentials",
+                                  "s3 access denied", "s3 missing bucket", "gs without gcsfs", "az without adlfs",
+                                  "cellseg command"])
+def test_storage_that_cannot_be_used_is_one_line_naming_the_url_and_the_cause(outcomes, name):
+    package = MISSING_PACKAGES.get(name)
+    if package and importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed")
+    outcome = outcomes[name]
+    _images, store, url, fragments = outcome["case"]
+    assert outcome["status"] == 2, outcome["stderr"]
+    assert "Traceback" not in outcome["stderr"]
+    errors = [line for line in outcome["stderr"].splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("cellseg predict: error: "), outcome["stderr"]
+    assert f"'{url}'" in errors[0]
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    limit = PROCESS_SECONDS if name == "cellseg command" else CASE_SECONDS
+    assert outcome["seconds"] < limit, f"{name} took {outcome['seconds']:.0f} s"
+    assert SECRET not in outcome["stdout"] + outcome["stderr"]
+    if "://" not in store:
+        assert not Path(store).exists(), "a run that could not read its images created a store"
+
+
+def test_flow_tasks_retry_what_may_pass_and_never_what_needs_a_fix():
+    from prefect.states import Failed
+
+    from cellseg.flows._common import retry_unless_bad_input
+    from cellseg.storage_errors import StorageError
+
+    def retried(error: Exception) -> bool:
+        return retry_unless_bad_input(None, None, Failed(data=error))  # type: ignore[arg-type]
+
+    assert retried(StorageError("'s3://b/x': timed out", transient=True))
+    assert not retried(StorageError("'s3://b/x': no credentials"))
+    assert not retried(FileNotFoundError("s3://b/x"))
+    assert retried(ConnectionResetError("worker lost"))

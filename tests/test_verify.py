@@ -1,0 +1,158 @@
+"""Damaged results stores: reads that name the damaged image and never take down the others,
+`verify_store` finding each kind of damage, and its repair leading to a clean rewrite."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cellseg.store import CELL_TABLE, DamagedImage, DamagedStore, ResultStore, StoreError
+from cellseg.verify import STORE_METADATA, verify_store
+
+MODEL = {"version": "0123456789ab"}
+COLUMNS = ("label", "area")
+SHAPE = (30, 1100)  # two mask chunks across (chunks of 1024)
+
+
+def _write(store: ResultStore, image_id: str, empty: bool = False, replace: bool = True, **extra) -> bool:
+    cells = np.zeros(SHAPE, np.int32)
+    if not empty:
+        cells[2:6, 3:9], cells[10:20, 1050:1060] = 1, 2
+    count = int(cells.max())
+    table = np.array([[label, (cells == label).sum()] for label in range(1, count + 1)], np.float64).reshape(-1, 2)
+    return store.write_result(image_id, cells > 0, {"cell_count": count, "mean_cell_area": None}, f"/in/{image_id}.png",
+                              MODEL, cells=cells, cell_table=(COLUMNS, table), image=np.full(SHAPE, 7, np.uint8),
+                              replace=replace, **extra)
+
+
+@pytest.fixture()
+def store(tmp_path) -> ResultStore:
+    store = ResultStore.open(str(tmp_path / "s.zarr"))
+    for image_id in ("a", "b", "c"):
+        _write(store, image_id)
+    _write(store, "empty", empty=True)
+    return store
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def _problems(report) -> dict[str, str]:
+    return {damage.image_id: damage.problem for damage in report.broken}
+
+
+def test_every_chunk_is_stored_even_where_an_image_has_no_cells(store):
+    root = Path(store.url)
+    assert sorted(p.name for p in (root / "empty/labels/mask/0/c/0").iterdir()) == ["0", "1"]
+    assert store.record("empty")["arrays"] == ["0", "labels/mask/0", "labels/cells/0", CELL_TABLE]
+    report = verify_store(store.url)
+    assert (report.checked, report.broken) == (4, [])
+
+
+def test_an_unreadable_image_is_left_out_with_a_warning_and_is_not_done(store, caplog):
+    _truncate(Path(store.url) / "b/zarr.json")
+    reader = ResultStore.open(store.url, mode="r")
+    assert reader.done_ids() == {"a", "c", "empty"}
+    assert [row["image_id"] for row in reader.statistics()] == ["a", "c", "empty"]
+    assert {row["image_id"] for row in reader.cell_rows()} == {"a", "c"}
+    assert "b/zarr.json" in reader.damaged["b"] and "JSONDecodeError" in reader.damaged["b"]
+    assert "image 'b'" in caplog.text and "b/zarr.json" in caplog.text
+    assert not reader.is_done("b")
+    with pytest.raises(DamagedImage, match=r"image 'b' .*b/zarr\.json.*cellseg verify .* --repair"):
+        reader.read_mask("b")
+    # A rerun writes over it: the unreadable metadata is replaced.
+    assert _write(ResultStore.open(store.url), "b", replace=False)
+    assert ResultStore.open(store.url, mode="r").done_ids() == {"a", "b", "c", "empty"}
+
+
+@pytest.mark.parametrize("garbage", [b"", b"{}", b"null", b'{"zarr_format": 3, "node_type": "group", "attributes": 5}',
+                                     b'{"zarr_format": 3, "node_type": "group", "attributes": {"cellseg": "x"}}'])
+def test_any_garbage_image_metadata_is_damage_of_that_image_only(store, garbage):
+    (Path(store.url) / "a/zarr.json").write_bytes(garbage)
+    reader = ResultStore.open(store.url, mode="r")
+    assert reader.done_ids() == {"b", "c", "empty"} and set(reader.damaged) == {"a"}
+    assert set(_problems(verify_store(store.url))) == {"a"}
+
+
+def test_a_missing_chunk_is_damage_not_background(store):
+    (Path(store.url) / "a/labels/mask/0/c/0/1").unlink()
+    with pytest.raises(DamagedImage, match=r"image 'a'.*mask 'a/labels/mask/0' is missing 1 of 2 chunks"):
+        store.read_mask("a")
+    np.testing.assert_array_equal(store.read_mask("c")[10:20, 1050:1060], True)  # the others read as before
+    assert _problems(verify_store(store.url)) == {"a": "its mask 'a/labels/mask/0' is missing 1 of 2 chunks"}
+
+
+def test_verify_names_each_kind_of_damage(store):
+    root = Path(store.url)
+    (root / "a/labels/cells/0/c/0/0").unlink()
+    _truncate(root / "b/labels/zarr.json")
+    _truncate(root / "c/tables/cells/zarr.json")
+    meta = json.loads((root / "empty/zarr.json").read_text())
+    meta["attributes"]["cellseg"]["statistics"]["mean_cell_area"] = float("nan")
+    meta["attributes"]["cellseg"]["statistics"]["cell_count"] = 3  # the table has no rows
+    (root / "empty/zarr.json").write_text(json.dumps(meta))
+    (root / "lost/labels/mask/0").mkdir(parents=True)
+    (root / "lost/labels/mask/0/zarr.json").write_text("{}")
+    problems = _problems(verify_store(store.url))
+    assert set(problems) == {"a", "b", "c", "empty", "lost"}
+    assert "cell labels 'a/labels/cells/0' is missing 1 of 2 chunks" in problems["a"]
+    assert "'b/labels/zarr.json' cannot be read" in problems["b"]
+    assert "cell table, 'c/tables/cells/zarr.json', cannot be read" in problems["c"]
+    assert "'mean_cell_area' is nan" in problems["empty"] and "has shape (0, 2), expected (3, 2)" in problems["empty"]
+    assert problems["lost"] == "'lost/zarr.json' is missing"
+
+
+def test_undecodable_chunks_are_found_only_when_reading_the_data(store):
+    chunk = Path(store.url) / "a/labels/mask/0/c/0/0"
+    chunk.write_bytes(chunk.read_bytes()[:5])
+    assert verify_store(store.url).broken == []
+    assert "cannot be decoded" in _problems(verify_store(store.url, read_data=True))["a"]
+    with pytest.raises(DamagedImage, match=r"'a'.*cannot be decoded.*--read-data --repair"):
+        store.read_mask("a")
+
+
+def test_repair_marks_only_the_broken_images_not_done_and_a_rerun_completes_them(store):
+    root = Path(store.url)
+    _truncate(root / "a/zarr.json")
+    (root / "b/labels/mask/0/c/0/0").unlink()
+    before = (root / "c/labels/mask/0/c/0/0").read_bytes(), (root / "c/zarr.json").read_bytes()
+    report = verify_store(store.url, repair=True)
+    assert report.repaired and set(_problems(report)) == {"a", "b"}
+    repaired = ResultStore.open(store.url)
+    assert repaired.done_ids() == {"c", "empty"}
+    failures = {row["image_id"]: row for row in repaired.failures()}
+    assert failures["b"]["error"].startswith("damaged: its mask") and failures["b"]["source_url"] == "/in/b.png"
+    assert failures["a"]["source_url"] is None and "a/zarr.json" in failures["a"]["error"]
+    assert ((root / "c/labels/mask/0/c/0/0").read_bytes(), (root / "c/zarr.json").read_bytes()) == before
+    assert _write(repaired, "a", replace=False) and _write(repaired, "b", replace=False)
+    assert verify_store(store.url).broken == [] and repaired.done_ids() == {"a", "b", "c", "empty"}
+    np.testing.assert_array_equal(repaired.read_cells("b"), repaired.read_cells("c"))
+
+
+def test_an_unreadable_store_metadata_is_rewritten_only_for_a_cellseg_store(store, tmp_path):
+    _truncate(Path(store.url) / "zarr.json")
+    with pytest.raises(DamagedStore, match=r"s\.zarr/zarr\.json' cannot be read.*--repair"):
+        ResultStore.open(store.url, mode="r")
+    report = verify_store(store.url)
+    assert [damage.image_id for damage in report.broken] == [STORE_METADATA] and not report.images_checked
+    assert verify_store(store.url, repair=True).checked == 4
+    assert ResultStore.open(store.url, mode="r").done_ids() == {"a", "b", "c", "empty"}
+    foreign = tmp_path / "foreign"
+    (foreign / "x").mkdir(parents=True)
+    (foreign / "zarr.json").write_text("{")
+    with pytest.raises(StoreError, match="not a results store, left as it is"):
+        verify_store(str(foreign), repair=True)
+    assert (foreign / "zarr.json").read_text() == "{"
+
+
+def test_arrays_left_by_an_earlier_result_are_not_read_as_this_ones(store):
+    _write(store, "p", probabilities=np.full(SHAPE, 0.9, np.float32))
+    assert store.has_probabilities("p")
+    _write(store, "p")  # rewritten without probabilities: the old array stays, but is not this result's
+    assert not store.has_probabilities("p")
+    with pytest.raises(StoreError, match="written without probabilities"):
+        store.read_probabilities("p")
