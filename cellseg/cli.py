@@ -397,7 +397,7 @@ def _print_cell_scores(cells: dict, label: str = "cells") -> None:
 
 def _print_damaged(store: ResultStore) -> None:
     """A line naming the images of `store` found damaged while reading it, and how to repair them."""
-    from cellseg.store import damage_summary
+    from cellseg.store_checks import damage_summary
 
     if store.damaged:
         print(redact_text(damage_summary(store.url, store.damaged)))

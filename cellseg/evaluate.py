@@ -21,7 +21,8 @@ from cellseg.scoring import (
     summarise_region_scores,
     truth_regions,
 )
-from cellseg.store import CELLS_PATH, MASK_PATH, DamagedImage, ResultStore, StoreError, damage_summary
+from cellseg.store import CELLS_PATH, MASK_PATH, ResultStore
+from cellseg.store_checks import DamagedImage, StoreError, damage_summary
 
 
 def evaluate_store(

@@ -26,7 +26,8 @@ from cellseg.pairs import group_by_stem
 from cellseg.postprocess import CellMaps, cell_labels
 from cellseg.redact import redact_text, redact_url
 from cellseg.stats import image_statistics
-from cellseg.store import ResultStore, StoreError, StoreWriteError, unwritable, validate_image_id
+from cellseg.store import ResultStore
+from cellseg.store_checks import StoreError, StoreWriteError, unwritable, validate_image_id
 
 logger = logging.getLogger(__name__)
 

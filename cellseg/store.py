@@ -20,7 +20,6 @@ an interrupted write leaves a group without that mark, which is redone on the ne
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import posixpath
@@ -31,7 +30,6 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import zarr
-from fsspec.core import split_protocol
 from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
@@ -44,6 +42,21 @@ from cellseg.measure import INTEGER_COLUMNS
 from cellseg.redact import redact, redact_text, redact_url
 from cellseg.stats import label_cells
 from cellseg.storage_errors import StorageError, storage_error
+from cellseg.store_checks import (
+    DONE,
+    RESERVED_IDS,
+    WRITE_MODES,
+    DamagedImage,
+    DamagedStore,
+    StoreError,
+    check_store_target,
+    describe,
+    record_problem,
+    repair_hint,
+    store_metadata_problem,
+    unwritable,
+    validate_image_id,
+)
 
 if TYPE_CHECKING:
     from zarr.core.array_spec import ArrayConfigParams
@@ -54,73 +67,11 @@ CELLS_NAME = "cells"
 CHUNK_SIDE = 1024
 CELL_TABLE = "tables/cells"
 TABLE_CHUNK_ROWS = 65536
-DONE = "done"
 NGFF_VERSION = "0.5"
 IMAGE_PATH = "0"
 PROBABILITIES_PATH = "probabilities/0"
 
 StoreMode = Literal["r", "r+", "a", "w", "w-"]  # zarr's access modes
-
-
-class StoreError(ValueError):
-    """A store or image id that cannot be used; the message names it."""
-
-
-class StoreWriteError(StoreError):
-    """The store cannot be written at all (disk full, read-only, denied): every further write would fail too."""
-
-
-WRITE_MODES = ("a", "w", "w-")  # the modes that may create the store
-# OSError numbers after which no write to the store can succeed, so a run stops instead of failing each image.
-UNWRITABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM})
-# Metadata of a zarr v2 hierarchy: a folder holding one is someone else's store.
-ZARR_V2_KEYS = frozenset({".zgroup", ".zattrs", ".zarray", ".zmetadata"})
-
-
-def unwritable(url: str, error: BaseException) -> StoreWriteError | None:
-    """A StoreWriteError naming the store when `error` means that nothing more can be written to
-    it (ENOSPC, EROFS, EDQUOT, EFBIG, EACCES, EPERM); None for an error of one image."""
-    if not isinstance(error, OSError) or not (isinstance(error, PermissionError) or error.errno in UNWRITABLE_ERRNOS):
-        return None
-    reason = f"[Errno {error.errno}] {error.strerror}" if error.errno and error.strerror else str(error)
-    return StoreWriteError(f"cannot write to results store '{url}': {reason}")
-
-
-def check_store_target(url: str, storage_options: StorageOptions = None) -> None:
-    """Refuse to write a store where it would keep nothing ('', memory://) or take over what is
-    there: a file, a zarr v2 store, a folder that is not empty; an existing zarr v3 group passes
-    (`ResultStore.open` then checks that it is a cellseg store), as do an empty or new folder."""
-    if not url.strip():
-        raise StoreError("the results store URL is empty: name a new folder or an existing cellseg store")
-    if split_protocol(url)[0] == "memory":
-        raise StoreError(f"'{url}': memory:// keeps nothing after the run; choose a folder or an object-store URL")
-    fs, path = filesystem(url, storage_options)
-    path = path.rstrip("/") or path
-    if fs.exists(posixpath.join(path, "zarr.json")):
-        return
-    if fs.isfile(path):
-        raise StoreError(f"'{url}' is a file, not a results store; choose a new folder")
-    names = {posixpath.basename(name.rstrip("/")) for name in fs.ls(path, detail=False)} if fs.isdir(path) else set()
-    fs.invalidate_cache(path)  # object stores cache listings: the store's own writes must not meet a stale one
-    names = {name for name in names if not name.endswith(".partial")}  # zarr creating the store right now
-    if names & ZARR_V2_KEYS:
-        raise StoreError(f"'{url}' is a zarr v2 store, not a cellseg results store; choose a new folder")
-    if names:
-        raise StoreError(f"'{url}' is not empty and is not a cellseg results store; choose a new folder")
-
-
-# The store's own keys beside the image groups (zarr v3 metadata; v2's, which readers may look for).
-RESERVED_IDS = frozenset({"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"})
-
-
-def validate_image_id(image_id: str, source: str = "") -> str:
-    """Image ids become zarr node names: non-empty, no '/', not '.', '..', '__'-prefixed or one of
-    the store's own keys (`zarr.json.png` would name the store's metadata file)."""
-    where = f" (from '{source}')" if source else ""
-    if (not image_id or image_id in (".", "..") or "/" in image_id or "\\" in image_id or image_id.startswith("__")
-            or image_id in RESERVED_IDS):
-        raise StoreError(f"image id {image_id!r}{where} cannot name a store entry: rename the file")
-    return image_id
 
 
 def _ngff_multiscales(name: str) -> dict[str, Any]:
@@ -183,85 +134,6 @@ READERS = 16  # image metadata documents read at once when listing a store
 WRITE_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
 
 logger = logging.getLogger(__name__)
-
-
-class DamagedImage(StoreError):
-    """An image whose metadata or arrays are unreadable, missing or incomplete; `cellseg verify
-    STORE --repair` marks it not done, so that the next run segments it again."""
-
-    def __init__(self, url: str, image_id: str, problem: str, undecodable: bool = False):
-        super().__init__(f"image '{image_id}' in '{url}' is damaged: {problem}; "
-                         f"{repair_hint(url, undecodable)} marks it to be segmented again")
-        self.image_id = image_id
-        self.problem = problem
-
-
-class DamagedStore(StoreError):
-    """The store's own metadata (its root zarr.json) cannot be read."""
-
-
-def repair_hint(url: str, read_data: bool = False) -> str:
-    """The command that marks a store's damaged images to be segmented again (`read_data`: also
-    those whose chunks cannot be decoded, which only reading them shows)."""
-    return f"`cellseg verify {url}{' --read-data' if read_data else ''} --repair`"
-
-
-def damage_summary(url: str, damaged: Mapping[str, str], shown: int = 5) -> str:
-    """One line naming the damaged images of a store (the first `shown` with their problems) and
-    how to repair them."""
-    items = sorted(damaged.items())
-    named = "; ".join(f"'{image_id}': {problem}" for image_id, problem in items[:shown])
-    more = f"; and {len(items) - shown} more" if len(items) > shown else ""
-    count = f"{len(items)} image{'s' if len(items) != 1 else ''}"
-    return (f"{count} in '{url}' {'are' if len(items) != 1 else 'is'} damaged ({named}{more}); "
-            f"{repair_hint(url)} marks {'them' if len(items) != 1 else 'it'} to be segmented again by the next predict")
-
-
-def describe(error: BaseException) -> str:
-    """An exception as one line: its type and message."""
-    return f"{type(error).__name__}: {error}".replace("\n", " ")
-
-
-def record_problem(record: Any) -> str | None:
-    """Why an image's cellseg attributes cannot be used (None when they can): a JSON object whose
-    done form has a [H, W] shape and statistics, model and arrays of the right JSON types."""
-    if not isinstance(record, dict):
-        return f"its 'cellseg' attribute is {type(record).__name__}, not a JSON object"
-    if record.get("status") != DONE:
-        return None
-    shape = record.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(side, int) and side > 0 for side in shape)):
-        return f"its shape {shape!r} is not [height, width]"
-    for key, kind in (("statistics", dict), ("model", dict), ("arrays", list)):
-        if key in record and not isinstance(record[key], kind):
-            return f"its {key!r} is {type(record[key]).__name__}, not a JSON {'object' if kind is dict else 'array'}"
-    if "statistics" not in record:
-        return "it is marked done but has no statistics"
-    if not all(isinstance(path, str) for path in record.get("arrays", ())):
-        return f"its 'arrays' {record['arrays']!r} are not all paths"
-    return None
-
-
-def _group_document_problem(data: bytes) -> str | None:
-    """Why `data` is not a zarr v3 group's zarr.json (None when it is one, or an array's)."""
-    try:
-        document = json.loads(data)
-    except ValueError as error:
-        return f"not valid JSON: {describe(error)}"
-    if not isinstance(document, dict) or document.get("zarr_format") != 3 or document.get("node_type") not in ("group", "array"):
-        return "not zarr v3 metadata"
-    if not isinstance(document.get("attributes", {}), dict):
-        return "its attributes are not a JSON object"
-    return None
-
-
-def store_metadata_problem(url: str, storage_options: StorageOptions = None) -> str | None:
-    """Why the store's own zarr.json at `url` cannot be read (None when it can, or there is none)."""
-    fs, path = filesystem(url, storage_options)
-    try:
-        return _group_document_problem(fs.cat_file(posixpath.join(path, "zarr.json")))
-    except FileNotFoundError:
-        return None
 
 
 def repair_store_metadata(url: str, storage_options: StorageOptions = None) -> None:

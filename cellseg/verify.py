@@ -18,18 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cellseg.io import StorageOptions
-from cellseg.store import (
-    ARRAYS,
-    CELL_TABLE,
-    DONE,
-    METADATA_ERRORS,
-    DamagedImage,
-    DamagedStore,
-    ResultStore,
-    StoreMode,
-    describe,
-    repair_store_metadata,
-)
+from cellseg.store import ARRAYS, CELL_TABLE, METADATA_ERRORS, ResultStore, StoreMode, repair_store_metadata
+from cellseg.store_checks import DONE, DamagedImage, DamagedStore, describe
 
 STATUSES = (DONE, "failed", "writing")
 STORE_METADATA = "zarr.json"  # the `image_id` of damage to the store's own metadata

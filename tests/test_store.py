@@ -11,7 +11,8 @@ import pytest
 import zarr
 
 from cellseg import __version__
-from cellseg.store import LAYOUT_VERSION, ResultStore, StoreError, StoreWriteError, unwritable, validate_image_id
+from cellseg.store import LAYOUT_VERSION, ResultStore
+from cellseg.store_checks import StoreError, StoreWriteError, unwritable, validate_image_id
 
 MODEL = {"version": "0123456789ab", "checkpoint": "runs/x/best.pt", "threshold": 0.5}
 STATS = {

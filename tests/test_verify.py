@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellseg.store import CELL_TABLE, DamagedImage, DamagedStore, ResultStore, StoreError
+from cellseg.store import CELL_TABLE, ResultStore
+from cellseg.store_checks import DamagedImage, DamagedStore, StoreError
 from cellseg.verify import STORE_METADATA, verify_store
 
 MODEL = {"version": "0123456789ab"}
