@@ -60,6 +60,8 @@ def check_store_target(url: str, storage_options: StorageOptions = None) -> None
     names = {posixpath.basename(name.rstrip("/")) for name in fs.ls(path, detail=False)} if fs.isdir(path) else set()
     fs.invalidate_cache(path)  # object stores cache listings: the store's own writes must not meet a stale one
     names = {name for name in names if not name.endswith(".partial")}  # zarr creating the store right now
+    if "zarr.json" in names:  # another run created the store between the check above and the listing
+        return
     if names & ZARR_V2_KEYS:
         raise StoreError(f"'{url}' is a zarr v2 store, not a cellseg results store; choose a new folder")
     if names:
