@@ -46,14 +46,16 @@ def together(*commands: Sequence[str], **options: Any) -> list[subprocess.Comple
     return at_once(*(partial(cellseg_run, *command, **options) for command in commands))
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *named: str) -> None:
-    """Exit status 2 and one line on stderr, naming each of `named`, without a traceback."""
-    assert result.returncode == 2, result.stderr
+def assert_one_line_error(result: subprocess.CompletedProcess, *named: str, prefix: str = "") -> str:
+    """Exit status 2 and one line on stderr, starting with `prefix` and naming each of `named`,
+    without a traceback; returns the line."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+    assert len(lines) == 1 and lines[0].startswith(prefix), result.stderr
     for name in named:
         assert name in lines[0], lines[0]
+    return lines[0]
 
 
 def file_contents(root: Path) -> dict[str, bytes]:

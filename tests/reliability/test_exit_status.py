@@ -21,26 +21,15 @@ PARTLY_FAILED = 3
 
 
 @pytest.fixture(scope="module")
-def batch(tmp_path_factory) -> tuple[Path, Path, bytes]:
+def batch(quick_checkpoint, tmp_path_factory) -> tuple[Path, Path, bytes]:
     """(an untrained small checkpoint, a folder of two good images and a truncated one, a good image's bytes)."""
-    import torch
-
-    from cellseg.checkpoint import Checkpoint, save_checkpoint
-    from cellseg.config import ModelConfig, TrainConfig
-    from cellseg.model import UNet
-
     root = tmp_path_factory.mktemp("batch")
-    torch.manual_seed(0)
-    config = ModelConfig(depth=2, base_width=4)
-    checkpoint = root / "tiny.pt"
-    save_checkpoint(Checkpoint(model_config=config, state_dict=UNet(config).state_dict(), train_config=TrainConfig(),
-                               metrics={}, epoch=0), str(checkpoint))
     write_dataset(str(root / "data"), count=3, size=64, seed=2)
     images = root / "data" / "images"
     good = (images / "synth_0002.png").read_bytes()
     (images / "synth_0002.png").unlink()
     (images / "broken.png").write_bytes(good[: len(good) // 2])
-    return checkpoint, images, good
+    return quick_checkpoint, images, good
 
 
 def test_predict_exits_3_when_some_images_fail_and_0_once_a_rerun_has_done_them(batch, tmp_path):

@@ -19,6 +19,7 @@ from cellseg.config import ModelConfig, TrainConfig
 from cellseg.model import UNet
 from cellseg.registry import Registry
 from tests.conftest import cellseg
+from tests.reliability.runs import assert_one_line_error
 
 pytestmark = pytest.mark.integration
 
@@ -75,13 +76,8 @@ def runs(registries):
     return results, before, after
 
 
-def _one_line_error(result, *fragments: str) -> None:
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cellseg models: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+def _one_line_error(result, *fragments: str) -> str:
+    return assert_one_line_error(result, *fragments, prefix="cellseg models: error: ")
 
 
 def test_a_corrupt_model_json_hides_no_other_version_and_is_named(registries, runs):

@@ -119,23 +119,13 @@ def drive() -> None:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> tuple[Path, Path]:
+def inputs(quick_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
     """(an untrained small checkpoint, a folder of three images)."""
-    import torch
-
-    from cellseg.checkpoint import Checkpoint, save_checkpoint
-    from cellseg.config import ModelConfig, TrainConfig
-    from cellseg.model import UNet
     from cellseg.synth import write_dataset
 
     root = tmp_path_factory.mktemp("infra")
-    torch.manual_seed(0)
-    config = ModelConfig(depth=2, base_width=4)
-    checkpoint = root / "tiny.pt"
-    save_checkpoint(Checkpoint(model_config=config, state_dict=UNet(config).state_dict(), train_config=TrainConfig(),
-                               metrics={}, epoch=0), str(checkpoint))
     write_dataset(str(root / "data"), count=3, size=64, seed=1)
-    return checkpoint, root / "data" / "images"
+    return quick_checkpoint, root / "data" / "images"
 
 
 @pytest.fixture(scope="module")

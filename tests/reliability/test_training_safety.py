@@ -21,6 +21,7 @@ from cellseg.pairs import load_pairs, pair_images_and_masks, split_train_val
 from cellseg.synth import write_dataset
 from cellseg.train import train
 from tests.conftest import cellseg
+from tests.reliability.runs import assert_one_line_error
 
 pytestmark = pytest.mark.integration
 
@@ -71,13 +72,7 @@ def runs(tmp_path_factory):
 
 
 def _one_line_error(result, *fragments: str) -> str:
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cellseg train: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+    return assert_one_line_error(result, *fragments, prefix="cellseg train: error: ")
 
 
 def test_a_loss_gone_nan_stops_training_naming_the_epoch_and_the_learning_rate(runs):
