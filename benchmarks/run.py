@@ -28,7 +28,7 @@ from PIL import Image
 from benchmarks.baselines import notebook_epoch
 from benchmarks.cell_size import bench_cell_size
 from benchmarks.servers import (
-    MOTO_CREDENTIALS,
+    S3_TEST_CREDENTIALS,
     running_moto_server,
     running_prefect_server,
 )
@@ -269,7 +269,7 @@ def main() -> None:
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    os.environ.update(MOTO_CREDENTIALS)
+    os.environ.update(S3_TEST_CREDENTIALS)
     results: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                                  "cpu_capability": torch.backends.cpu.get_cpu_capability()}}
 

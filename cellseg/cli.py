@@ -264,8 +264,13 @@ def _run_models(args: argparse.Namespace) -> int:
             print(f"  {shipped}{' (default)' if shipped == DEFAULT_SHIPPED_MODEL else ''}: {description}")
     elif args.action == "show":
         card_name = shipped_name(args.version)
-        print(dumps(model_card(card_name), indent=1) if card_name
-              else registry.get(args.version).model_dump_json(indent=1))
+        if card_name:
+            print(dumps(model_card(card_name), indent=1))
+        else:
+            meta = registry.get(args.version)
+            # Where the checkpoint, its training history and pictures are, to copy or open.
+            urls = {name: redact_url(registry.file_url(meta.version, name)) for name in ("checkpoint.pt", *meta.files)}
+            print(dumps({**meta.model_dump(mode="json"), "urls": urls}, indent=1))
     elif args.action == "export":
         from cellseg.export import export_model
         from cellseg.model_source import ModelSource
@@ -299,12 +304,11 @@ def _run_config(args: argparse.Namespace) -> int:
 def _run_flow_train(args: argparse.Namespace) -> int:
     _needs_orchestration("flow train-unet")
     from cellseg.flows.train import train_unet
-    from cellseg.jobs import TrainJob
+    from cellseg.jobs import TrainJob, with_settings
 
     settings = _settings(args, {"model": json.loads(args.model_json), "training": json.loads(args.training_json)})
-    job = TrainJob.model_validate({"images_url": args.images, "masks_url": args.masks, "registry_url": settings.registry_url,
-                                   "model": settings.model, "training": settings.training, "predict": settings.predict,
-                                   **given(args, JOB)})
+    job = with_settings(TrainJob.model_validate({"images_url": args.images, "masks_url": args.masks, **given(args, JOB)}),
+                        settings)
     result = train_unet(job)
     print(f"registered model {result['version']} ({result['stop_reason']}; best epoch {result['best_epoch']})")
     _print_metrics({f"val_{k}": v for k, v in result["metrics"].items() if not k.startswith("cells_")})
@@ -315,12 +319,10 @@ def _run_flow_train(args: argparse.Namespace) -> int:
 def _run_flow_segment(args: argparse.Namespace) -> int:
     _needs_orchestration("flow segment-images")
     from cellseg.flows.segment import segment_images_flow
-    from cellseg.jobs import SegmentJob
+    from cellseg.jobs import SegmentJob, with_settings
 
-    settings = _settings(args)
-    job = SegmentJob.model_validate({"source_url": args.source, "store_url": args.store,
-                                     "registry_url": settings.registry_url, "predict": settings.predict,
-                                     **given(args, JOB)})
+    job = with_settings(SegmentJob.model_validate({"source_url": args.source, "store_url": args.store,
+                                                   **given(args, JOB)}), _settings(args))
     summary = segment_images_flow(job)
     print(f"segmented {summary['done']}, skipped {summary['skipped']} already done, failed {len(summary['failed'])} "
           f"with model {summary['model_version']} in {summary['seconds']}s -> {redact_url(args.store)}")
@@ -336,14 +338,13 @@ def _run_flow_segment(args: argparse.Namespace) -> int:
 def _run_tune(args: argparse.Namespace) -> int:
     _needs_orchestration("tune")
     from cellseg.flows.tune import tune_unet
-    from cellseg.jobs import TuneJob
+    from cellseg.jobs import TuneJob, with_settings
     from cellseg.tune import TABLE_COLUMNS
 
     fields = given(args, JOB)
-    default_training = TuneJob.model_fields["training"].get_default().model_dump()
-    fields["training"] = default_training | json.loads(args.training_json) | fields.get("training", {})
-    job = TuneJob.model_validate({"images_url": args.images, "masks_url": args.masks,
-                                  "registry_url": _settings(args).registry_url, **fields})
+    fields["training"] = json.loads(args.training_json) | fields.get("training", {})
+    job = with_settings(TuneJob.model_validate({"images_url": args.images, "masks_url": args.masks, **fields}),
+                        _settings(args))
     result = tune_unet(job)
     columns = [c for c in TABLE_COLUMNS if c != "status"]
     print("  ".join(f"{c:>13}" for c in columns) + "  status")
@@ -448,7 +449,19 @@ class RedactingFormatter(logging.Formatter):
     whichever library logged them."""
 
     def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and _explained(record.exc_info[1]):
+            # Prefect logs a failed task's or flow's traceback; `main` says this error in one line.
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
         return shown(super().format(record))
+
+
+def _explained(error: BaseException | None) -> bool:
+    """Whether `main` reports `error` in one line, which its traceback would only bury."""
+    from cellseg.storage_errors import storage_error
+
+    if isinstance(error, ValueError | FileNotFoundError | ModuleNotFoundError):
+        return True
+    return error is not None and storage_error(None, error) is not None
 
 
 class TerminalSafeOutput:

@@ -297,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     models = _command(commands, "models", help="list, show, promote and export registered model versions")
     actions = models.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, help_text in (("list", "list versions and the shipped models"),
-                            ("show", "show one version, or a shipped model's card (nuclei, general), as JSON"),
+                            ("show", "show one version (metadata and the URLs of its checkpoint, training history and "
+                                     "pictures), or a shipped model's card (nuclei, general), as JSON"),
                             ("promote", "mark a version current"),
                             ("export", "export a version (or --checkpoint) to TorchScript or ONNX for other software")):
         action = _command(actions, name, "models", help=help_text)

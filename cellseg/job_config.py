@@ -5,12 +5,13 @@ build them (a deployment run passes one as its `job` parameter)."""
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cellseg.config import ModelConfig, PredictConfig, SearchSpace, TrainConfig, Url
-from cellseg.paths import DEFAULT_CACHE_DIR, DEFAULT_REGISTRY_URL, DEFAULT_TRAINING_DIR, DEFAULT_TUNING_DIR
+from cellseg.paths import DEFAULT_CACHE_DIR, DEFAULT_REGISTRY_URL, DEFAULT_TRAINING_DIR, DEFAULT_TUNING_DIR, LOCAL_ROOT
+from cellseg.settings import CellsegSettings, merged
 from cellseg.tune import Trial
 
 
@@ -61,6 +62,9 @@ class SegmentJob(_Job):
     predict: PredictConfig = PredictConfig()
 
 
+TUNE_TRAINING_DEFAULTS: dict[str, Any] = {"max_minutes": 10.0, "patience": 8}
+
+
 class TuneJob(_Job):
     """A hyper-parameter search: trials of the search space trained like `TrainJob`s, the best registered."""
 
@@ -77,10 +81,16 @@ class TuneJob(_Job):
     space: SearchSpace = SearchSpace()
     model: ModelConfig = ModelConfig()
     training: TrainConfig = Field(
-        TrainConfig(max_minutes=10.0, patience=8),
+        TrainConfig(**TUNE_TRAINING_DEFAULTS),
         description="settings of every trial that the search space does not set (default: 10 minutes, patience 8)",
     )
     predict: PredictConfig = PredictConfig()
+
+    @field_validator("training", mode="before")
+    @classmethod
+    def _tuning_defaults(cls, training: Any) -> Any:
+        # Fields given leave the others at tuning's defaults, not plain training's (60 minutes, patience 10).
+        return TUNE_TRAINING_DEFAULTS | training if isinstance(training, dict) else training
 
     @model_validator(mode="after")
     def _needs_validation(self) -> TuneJob:
@@ -93,3 +103,22 @@ class TuneJob(_Job):
         return TrainJob(images_url=self.images_url, masks_url=self.masks_url, registry_url=self.registry_url,
                         cache_dir=self.cache_dir, work_dir=self.work_dir, promote=False,
                         model=trial.model, training=trial.training, predict=self.predict)
+
+
+Job = TypeVar("Job", TrainJob, SegmentJob, TuneJob)
+_FROM_SETTINGS = ("registry_url", "model", "training", "predict")  # job fields a settings file may give
+
+
+def with_settings(job: Job, settings: CellsegSettings) -> Job:
+    """`job` with what its giver left unset taken from `settings` (a settings file, CELLSEG_*
+    variables): fields the job sets win, then fields the settings set, then the job's defaults.
+
+    A deployment run is given a few fields; the rest follow the settings of the worker it runs on,
+    as a `cellseg` command's do. `local_root` moves the job's default cache and work folders."""
+    fields = type(job).model_fields
+    from_settings = settings.model_dump(exclude_unset=True, include={name for name in _FROM_SETTINGS if name in fields})
+    if "local_root" in settings.model_fields_set:
+        for name in ("cache_dir", "work_dir"):
+            if name in fields:
+                from_settings[name] = settings.local_root + str(fields[name].default).removeprefix(LOCAL_ROOT)
+    return type(job).model_validate(merged(from_settings, job.model_dump(exclude_unset=True)))

@@ -28,7 +28,7 @@ from cellseg.config import ModelConfig
 from cellseg.evaluate import choose_postprocessing, validation_cell_scores
 from cellseg.infer import Predictor
 from cellseg.io import list_images
-from cellseg.job_config import SegmentJob, TrainJob, TuneJob
+from cellseg.job_config import SegmentJob, TrainJob, TuneJob, with_settings
 from cellseg.model_source import ModelSource, shared_predictor
 from cellseg.pairs import ImagePair, LoadedPair, load_pairs, manifest_hash, pair_images_and_masks, split_train_val
 from cellseg.redact import redact_text
@@ -40,7 +40,7 @@ from cellseg.store import ResultStore
 from cellseg.train import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, TrainResult, train
 from cellseg.tune import Trial, TrialResult
 
-__all__ = ["SegmentJob", "TrainJob", "TuneJob", "run_segmentation", "run_training", "run_trial"]
+__all__ = ["SegmentJob", "TrainJob", "TuneJob", "run_segmentation", "run_training", "run_trial", "with_settings"]
 
 logger = logging.getLogger(__name__)
 

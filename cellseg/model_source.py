@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ from cellseg.config import PredictConfig
 from cellseg.infer import Predictor
 from cellseg.registry import Registry
 from cellseg.storage_errors import storage_call
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,9 @@ _predictor_lock = threading.Lock()
 
 @functools.lru_cache(maxsize=4)
 def _cached_predictor(source: ModelSource, config_json: str) -> Predictor:
-    return load_predictor(source, PredictConfig.model_validate_json(config_json))
+    predictor = load_predictor(source, PredictConfig.model_validate_json(config_json))
+    logger.info("loaded model %s (%s)", predictor.model_version, predictor.device)
+    return predictor
 
 
 def shared_predictor(source: ModelSource, config: PredictConfig) -> Predictor:

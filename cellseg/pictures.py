@@ -1,12 +1,16 @@
 """Pictures for people: training curves, validation overlays and segmentation montages (PNG).
 
 Drawn with matplotlib's headless Agg backend, so they work on servers and workers without a
-display. Each function writes one PNG to a local path or any fsspec URL and returns its URL.
+display. Each function writes one PNG to a local path or any fsspec URL and returns its URL;
+`png_markdown` makes a PNG a markdown image that carries its own pixels (for Prefect artifacts,
+which cannot reach files on a worker's disk or in a bucket).
 """
 
 from __future__ import annotations
 
+import base64
 import io
+import re
 from collections.abc import Sequence
 
 import matplotlib
@@ -15,13 +19,20 @@ matplotlib.use("Agg")  # headless: must precede pyplot
 
 import matplotlib.pyplot as plt
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 from skimage.segmentation import find_boundaries
 
-from cellseg.io import StorageOptions, write_bytes
+from cellseg.io import StorageOptions, read_bytes, write_bytes
+from cellseg.redact import redact_url
 
 TRUTH_COLOUR = (0.1, 0.9, 0.2)  # green
 PREDICTION_COLOUR = (1.0, 0.1, 0.8)  # magenta
 DPI = 100
+# An embedded picture is stored in Prefect's database with its artifact and loaded whole by the
+# UI's artifact pages; Prefect sets no limit of its own, so cellseg keeps each one this small.
+EMBED_MAX_CHARACTERS = 300_000
+EMBED_MAX_WIDTH = 1280  # wider than the UI shows it
+_MIN_WIDTH = 64
 
 
 def _save(figure, url: str, storage_options: StorageOptions = None) -> str:
@@ -103,3 +114,47 @@ def _grid(panels, titles, url, storage_options, columns, caption) -> str:
     if caption:
         figure.suptitle(caption, fontsize=9)
     return _save(figure, url, storage_options)
+
+
+def png_markdown(data: bytes, alt: str, name: str = "picture", max_characters: int = EMBED_MAX_CHARACTERS,
+                 max_width: int = EMBED_MAX_WIDTH) -> str:
+    """`![alt](data:image/png;base64,...)`: the PNG `data` (named `name` in errors) as a markdown
+    image of at most `max_characters`, scaled down to `max_width` pixels and, when still too large,
+    reduced to 256 colours and scaled down further. Aspect ratio is kept."""
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            picture = opened.convert("RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
+        raise ValueError(f"picture '{name}' is not a readable image ({error})") from error
+    label = re.sub(r"[\[\]\\\s]+", " ", alt).strip()
+    prefix, suffix = f"![{label}](data:image/png;base64,", ")"
+    budget = max_characters - len(prefix) - len(suffix)
+    width, colours = min(picture.width, max_width), None
+    encoded = _png_base64(_scaled(picture, width), colours)
+    while len(encoded) > budget:
+        if colours is None:
+            colours = 256  # fewer colours before fewer pixels: outlines and text stay sharp
+        elif width > _MIN_WIDTH:
+            width = max(_MIN_WIDTH, int(width * 0.75))
+        else:
+            raise ValueError(f"picture '{name}' does not fit in {max_characters} characters even at {width} "
+                             f"pixels wide")
+        encoded = _png_base64(_scaled(picture, width), colours)
+    return prefix + encoded + suffix
+
+
+def picture_markdown(url: str, alt: str, storage_options: StorageOptions = None) -> str:
+    """The PNG at `url` (a local path or any fsspec URL) as an embedded markdown image (`png_markdown`)."""
+    return png_markdown(read_bytes(url, storage_options), alt, name=redact_url(url))
+
+
+def _scaled(picture: Image.Image, width: int) -> Image.Image:
+    if width >= picture.width:
+        return picture
+    return picture.resize((width, max(1, round(picture.height * width / picture.width))), Image.Resampling.LANCZOS)
+
+
+def _png_base64(picture: Image.Image, colours: int | None) -> str:
+    buffer = io.BytesIO()
+    (picture if colours is None else picture.quantize(colours)).save(buffer, format="PNG", optimize=True)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")

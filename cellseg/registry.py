@@ -3,7 +3,11 @@
 Layout (local directory by default, or s3://bucket/prefix)::
 
     <registry>/<version>/checkpoint.pt     the checkpoint file
-    <registry>/<version>/model.json        ModelVersion metadata, including the file's sha256
+    <registry>/<version>/history.json      the training run's per-epoch metrics and its pictures
+    <registry>/<version>/*.png             (training_curves.png, validation_gallery.png), when the
+                                           run left them beside the checkpoint
+    <registry>/<version>/model.json        ModelVersion metadata, including the file's sha256 and
+                                           the names of the run's files kept
     <registry>/current.json                {"version": ...}: what inference uses by default
 
 Versions are named `<UTC time>-<first 8 hex of sha256>`, so they sort by registration time.
@@ -17,21 +21,27 @@ import json
 import logging
 import posixpath
 import re
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from functools import wraps
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from cellseg import __version__
 from cellseg.checkpoint import Checkpoint, load_checkpoint_bytes, one_line, read_checkpoint_bytes
 from cellseg.io import StorageOptions, filesystem, join_url
 from cellseg.redact import redact, redact_text, redact_url
+from cellseg.storage_errors import storage_call
 
 logger = logging.getLogger(__name__)
 
 CURRENT = "current"
 # What a version may be called: one path component, never '.', '..' or a path out of the registry.
 VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# What a training run leaves beside its checkpoint that the registry keeps with the version: the
+# names cellseg.train (HISTORY_FILE) and cellseg.report (CURVES_FILE, GALLERY_FILE) write.
+RUN_FILES = ("history.json", "training_curves.png", "validation_gallery.png")
 
 
 class RegistryError(ValueError):
@@ -52,6 +62,25 @@ class ModelVersion(BaseModel):
     dataset_manifest_hash: str | None
     cellseg_version: str
     created: str
+    # The run's files kept beside checkpoint.pt (RUN_FILES that existed); versions registered
+    # before cellseg kept them have none.
+    files: list[str] = Field(default_factory=list)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _naming_the_registry(method: Callable[Concatenate[Registry, P], R]) -> Callable[Concatenate[Registry, P], R]:
+    """`method` with the errors of the registry's storage (unreachable, timed out, no credentials,
+    denied) raised as a StorageError naming the registry's URL."""
+
+    @wraps(method)
+    def call(registry: Registry, *args: P.args, **kwargs: P.kwargs) -> R:
+        with storage_call(registry.url):
+            return method(registry, *args, **kwargs)
+
+    return call
 
 
 class Registry:
@@ -68,11 +97,23 @@ class Registry:
     def checkpoint_url(self, version: str) -> str:
         return join_url(self.url, f"{self.resolve(version)}/checkpoint.pt")
 
+    def file_url(self, version: str, name: str) -> str:
+        """URL of `name` (checkpoint.pt, model.json or one of the version's `files`) in `version`'s folder."""
+        meta = self.get(version)
+        kept = ("checkpoint.pt", "model.json", *meta.files)
+        if name not in kept:
+            raise RegistryError(f"registry '{self.url}', version {meta.version} keeps no '{name}' (it keeps "
+                                f"{', '.join(kept)})")
+        return join_url(self.url, f"{meta.version}/{name}")
+
+    @_naming_the_registry
     def register(self, checkpoint_url: str, storage_options: StorageOptions = None, promote: bool = False) -> ModelVersion:
-        """Copy a checkpoint into the registry as a new version; optionally make it current."""
+        """Copy a checkpoint into the registry as a new version, with the history and pictures its
+        training run left beside it (RUN_FILES); optionally make it current."""
         data = read_checkpoint_bytes(checkpoint_url, storage_options)
         checkpoint = load_checkpoint_bytes(data, checkpoint_url)  # refuses damaged and non-finite weights
         sha256 = hashlib.sha256(data).hexdigest()
+        run_files = _run_files(checkpoint_url, storage_options)
         registered = datetime.now(timezone.utc)
         version = f"{registered:%Y%m%d-%H%M%S}-{sha256[:8]}"
         meta = ModelVersion(
@@ -87,10 +128,13 @@ class Registry:
             dataset_manifest_hash=checkpoint.dataset_manifest_hash,
             cellseg_version=checkpoint.cellseg_version or __version__,
             created=checkpoint.created,
+            files=list(run_files),
         )
         self.fs.makedirs(self._path(version), exist_ok=True)
-        # The checkpoint goes first: model.json marks a version as registered.
+        # The checkpoint and the run's files go first: model.json marks a version as registered.
         self.fs.pipe_file(self._path(version, "checkpoint.pt"), data)
+        for name, content in run_files.items():
+            self.fs.pipe_file(self._path(version, name), content)
         self.fs.pipe_file(self._path(version, "model.json"), meta.model_dump_json(indent=1).encode())
         if promote:
             self.promote(version)
@@ -103,6 +147,7 @@ class Registry:
             logger.warning("registry '%s': version %s left out: %s", redact_url(self.url), version, redact_text(problem))
         return found
 
+    @_naming_the_registry
     def scan(self) -> tuple[list[ModelVersion], dict[str, str]]:
         """(the readable versions, oldest first; {version: why its model.json is unreadable}), so that
         one damaged version never hides the others."""
@@ -142,6 +187,7 @@ class Registry:
             raise RegistryError(f"registry '{self.url}', version {version}: {meta}")
         return meta
 
+    @_naming_the_registry
     def current(self) -> str | None:
         """The version marked current, if any."""
         path = self._path("current.json")
@@ -159,6 +205,7 @@ class Registry:
                                 f"name; promote a version to rewrite it")
         return version
 
+    @_naming_the_registry
     def resolve(self, version: str) -> str:
         """A concrete version name for `version` ('current' or a name); only the names of registered
         versions resolve, never a path."""
@@ -175,10 +222,12 @@ class Registry:
             raise RegistryError(f"registry '{self.url}' has no version '{version}' (known: {known})")
         return version
 
+    @_naming_the_registry
     def get(self, version: str = CURRENT) -> ModelVersion:
         """Metadata of a version ('current' by default)."""
         return self._read_meta(self.resolve(version))
 
+    @_naming_the_registry
     def promote(self, version: str) -> None:
         """Mark `version` as the one inference uses by default; only a registered version whose
         model.json is whole can be."""
@@ -186,6 +235,7 @@ class Registry:
         self.fs.makedirs(self.root, exist_ok=True)
         self.fs.pipe_file(self._path("current.json"), json.dumps({"version": resolved}).encode())
 
+    @_naming_the_registry
     def load(self, version: str = CURRENT) -> tuple[Checkpoint, ModelVersion]:
         """Load a version's checkpoint after checking it against the recorded checksum."""
         meta = self.get(version)
@@ -199,6 +249,20 @@ class Registry:
                 f"sha256 {meta.checkpoint_sha256[:12]}…: it was modified or corrupted"
             )
         return load_checkpoint_bytes(data, self.checkpoint_url(meta.version), file_checked=True), meta
+
+
+def _run_files(checkpoint_url: str, storage_options: StorageOptions) -> dict[str, bytes]:
+    """{name: contents} of the RUN_FILES beside the checkpoint at `checkpoint_url` (those that exist)."""
+    fs, path = filesystem(checkpoint_url, storage_options)
+    folder = posixpath.dirname(path)
+    found: dict[str, bytes] = {}
+    with storage_call(checkpoint_url):
+        for name in RUN_FILES:
+            try:
+                found[name] = fs.cat_file(posixpath.join(folder, name))
+            except FileNotFoundError:
+                continue
+    return found
 
 
 def _registered_at(meta: ModelVersion) -> datetime:

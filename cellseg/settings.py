@@ -43,7 +43,7 @@ else:  # Python 3.10
     import tomli as tomllib
 
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig, Url
-from cellseg.paths import DEFAULT_REGISTRY_URL
+from cellseg.paths import DEFAULT_REGISTRY_URL, LOCAL_ROOT
 from cellseg.redact import redact, redact_text
 
 CONFIG_ENV = "CELLSEG_CONFIG"
@@ -91,6 +91,11 @@ class CellsegSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CELLSEG_", env_nested_delimiter="__", extra="forbid", frozen=True)
 
     registry_url: Url = Field(DEFAULT_REGISTRY_URL, description="model registry URL (directory or bucket prefix)")
+    local_root: str = Field(
+        LOCAL_ROOT, min_length=1,
+        description="this machine's folder for the dataset cache and training/tuning runs (cache/, training/, "
+                    "tuning/ under it); relative to where a command or flow run starts",
+    )
     storage: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="fsspec options per protocol, e.g. {'s3': {'endpoint_url': ..., 'key': ..., 'secret': ...}}",
@@ -142,8 +147,8 @@ class CellsegSettings(BaseSettings):
         for protocol in limits.keys() | self.storage.keys():
             # Limits applied before (by other settings in this process) are replaced, not kept as if given.
             current = _without(fsspec.config.conf.get(protocol, {}), _applied_limits.get(protocol, {}))
-            merged = _merged(_merged(limits.get(protocol, {}), current), self.storage.get(protocol, {}))
-            fsspec.config.conf[protocol] = copy.deepcopy(merged)  # clients may edit their options in place
+            options = merged(merged(limits.get(protocol, {}), current), self.storage.get(protocol, {}))
+            fsspec.config.conf[protocol] = copy.deepcopy(options)  # clients may edit their options in place
         _applied_limits.clear()
         _applied_limits.update(limits)
 
@@ -279,13 +284,13 @@ def _check_environment() -> None:
             _check_shape(parsed, where)
 
 
-def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+def merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     """`base` with `over` on top, nested mappings merged key by key."""
-    merged = dict(base)
+    result = dict(base)
     for key, value in over.items():
-        below = merged.get(key)
-        merged[key] = _merged(below, value) if isinstance(below, Mapping) and isinstance(value, Mapping) else value
-    return merged
+        below = result.get(key)
+        result[key] = merged(below, value) if isinstance(below, Mapping) and isinstance(value, Mapping) else value
+    return result
 
 
 def _without(options: Mapping[str, Any], applied: Mapping[str, Any]) -> dict[str, Any]:

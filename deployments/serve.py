@@ -4,9 +4,9 @@
     python -m cellseg.deployments.serve ...   (same thing)
 
 The deployments are the ones `prefect.yaml` beside this file declares, with the same names,
-parameters and schedules. Its `{{ prefect.variables.NAME }}` values are read from the Prefect
-variables, or from --nightly-source/--nightly-store; a deployment with one still missing is
-served paused.
+parameters and schedules. nightly-segmentation reads its job from the Prefect variable
+`cellseg_nightly` when each run starts, or, given --nightly-source and --nightly-store, is served
+with that job as its parameter.
 """
 
 from __future__ import annotations
@@ -14,19 +14,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
-from prefect.variables import Variable
 
 DECLARATION = Path(__file__).with_name("prefect.yaml")
-_VARIABLE = re.compile(r"^\{\{\s*prefect\.variables\.(\w+)\s*\}\}$")
-
-logger = logging.getLogger(__name__)
 
 
 def declared_deployments() -> list[dict[str, Any]]:
@@ -41,40 +36,26 @@ def _flow(entrypoint: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def _fill(value: Any, variables: dict[str, str | None], missing: list[str]) -> Any:
-    """`value` with every `{{ prefect.variables.NAME }}` replaced; names without a value go to `missing`."""
-    if isinstance(value, dict):
-        return {key: _fill(item, variables, missing) for key, item in value.items()}
-    match = _VARIABLE.match(value) if isinstance(value, str) else None
-    if match is None:
-        return value
-    name = match.group(1)
-    filled = variables.get(name) or Variable.get(name, default=None)
-    if filled is None:
-        missing.append(name)
-    return filled
-
-
 def build_deployments(
     nightly_source: str | None = None, nightly_store: str | None = None, cron: str | None = None
 ) -> list[RunnerDeployment]:
-    """The deployments of prefect.yaml as RunnerDeployments; `cron` replaces a declared schedule."""
-    variables = {"cellseg_nightly_source": nightly_source, "cellseg_nightly_store": nightly_store}
+    """The deployments of prefect.yaml as RunnerDeployments; `cron` replaces a declared schedule, and
+    a nightly source and store replace the nightly job's variable with that job."""
+    if (nightly_source is None) != (nightly_store is None):
+        raise ValueError("give both --nightly-source and --nightly-store, or neither (the nightly run then reads "
+                         "the Prefect variable cellseg_nightly)")
     deployments = []
     for declared in declared_deployments():
-        missing: list[str] = []
-        parameters = _fill(declared.get("parameters", {}), variables, missing)
-        if missing:
-            logger.warning("%s is paused: set the Prefect variables %s (or give --nightly-source and --nightly-store)",
-                           declared["name"], " and ".join(missing))
+        parameters = declared.get("parameters", {})
+        if "job_variable" in parameters and nightly_source is not None:
+            parameters = {"job": {"source_url": nightly_source, "store_url": nightly_store}}
         schedules = declared.get("schedules") or []
         deployments.append(_flow(declared["entrypoint"]).to_deployment(
             name=declared["name"],
             description=declared.get("description"),
             tags=declared.get("tags", []),
-            parameters={} if missing else parameters,
+            parameters=parameters,
             cron=(cron or schedules[0]["cron"]) if schedules else None,
-            paused=bool(missing),
         ))
     return deployments
 

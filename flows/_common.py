@@ -1,26 +1,40 @@
-"""What the flows share: the retry policy and small report formatting.
+"""What the flows share: the worker's settings, the retry policy and small report formatting.
 
 Object-storage endpoints and credentials are never flow parameters: s3fs reads them from the
 environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and fsspec configuration
 (FSSPEC_S3_ENDPOINT_URL, ~/.config/fsspec/), and `configure_storage` adds the `storage` section of
 cellseg's settings (CELLSEG_STORAGE__S3__ENDPOINT_URL=..., or the file named by CELLSEG_CONFIG) as
-the worker sees them, so they stay out of run parameters, logs and artifacts.
+the worker sees them, so they stay out of run parameters, logs and artifacts. The job's fields a
+run was not given come from the same settings (`worker_job`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import json
+import os
+import signal
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
-from prefect import Task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect import Task, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.client.schemas.objects import TaskRun
 from prefect.concurrency.sync import concurrency
-from prefect.states import State
+from prefect.states import Failed, State
 from prefect.task_runners import TaskRunner
 
-from cellseg.storage_errors import StorageError
+from cellseg.job_config import Job, with_settings
+from cellseg.redact import redact_text, redact_url
+from cellseg.storage_errors import StorageError, storage_error
+
+if TYPE_CHECKING:
+    from cellseg.settings import CellsegSettings
 
 # Failures that a retry cannot fix: cellseg reports bad files, settings and checkpoints as
 # ValueError subclasses; a missing bucket/directory and denied access are permanent too. Of
@@ -29,12 +43,78 @@ from cellseg.storage_errors import StorageError
 PERMANENT_ERRORS = (ValueError, FileNotFoundError, PermissionError)
 
 
-def configure_storage() -> None:
-    """Hand the worker's cellseg storage settings (environment, CELLSEG_CONFIG file) to fsspec.
-    Only `storage` is taken from the settings in flows; everything else is a flow parameter."""
+def configure_storage() -> CellsegSettings:
+    """Hand the worker's cellseg storage settings (environment, CELLSEG_CONFIG file) to fsspec;
+    the settings, for what else the run takes from them."""
     from cellseg.settings import load_settings
 
-    load_settings().apply_storage()
+    settings = load_settings()
+    settings.apply_storage()
+    return settings
+
+
+def worker_job(job: Job) -> Job:
+    """The run's job completed from this worker's settings (`with_settings`: registry, model,
+    training and predict settings, `local_root`), storage configured, and where it keeps things
+    logged: a relative folder is this worker's own, under the directory the run started in."""
+    job = with_settings(job, configure_storage())
+    places = {name: getattr(job, name) for name in ("registry_url", "cache_dir", "work_dir") if hasattr(job, name)}
+    get_run_logger().info("; ".join(
+        f"{name.removesuffix('_url').replace('_', ' ')} {redact_url(value)}"
+        + ("" if "://" in value or Path(value).is_absolute() else f" ({Path(value).resolve()}, this worker's own)")
+        for name, value in places.items()))
+    return job
+
+
+def job_from_variable(name: str, job_type: type[Job]) -> Job:
+    """The job a Prefect variable holds (a JSON object of the job's fields), read when the run
+    starts: `prefect variable set NAME '{...}' --overwrite` changes the next run, no redeploy."""
+    from prefect.variables import Variable
+    from pydantic import ValidationError
+
+    from cellseg.settings import describe_invalid
+
+    value = Variable.get(name, default=None)
+    example = '{"source_url": "s3://lab/incoming", "store_url": "s3://lab/nightly.zarr"}'
+    if value is None:
+        raise ValueError(f"the Prefect variable '{name}' is not set: prefect variable set {name} '{example}'")
+    try:
+        return job_type.model_validate(json.loads(value) if isinstance(value, str) else value)
+    except (ValueError, ValidationError) as error:
+        problem = describe_invalid(error) if isinstance(error, ValidationError) else "not a JSON object"
+        raise ValueError(f"the Prefect variable '{name}' is not a {job_type.__name__} "
+                         f"(e.g. {example}): {redact_text(problem)}") from None
+
+
+def one_line_failure(error: BaseException) -> str | None:
+    """What a run that failed with `error` says in one line: a refused input, setting or model
+    (cellseg's ValueErrors name the culprit) or a storage fault named by its URL; None for
+    anything else, whose traceback matters."""
+    message = str(error)
+    if isinstance(error, ValueError | FileNotFoundError) and message and "\n" not in message:
+        return redact_text(message)
+    translated = storage_error(None, error)  # botocore's and aiohttp's own, raised where no URL was known
+    return None if translated is None else redact_text(str(translated))
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def failing_in_one_line(title: str, artifact_key: str, work: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """`work(*args, **kwargs)`, the body of a flow; when it fails with an error `one_line_failure`
+    puts in one line, the run ends Failed with that line as its state message and as the markdown
+    artifact `artifact_key`, headed `title`. Other errors fail the run as Prefect does, traceback
+    and all. A flow called in a process (`cellseg flow ...`) raises the error either way."""
+    try:
+        return work(*args, **kwargs)
+    except Exception as error:
+        line = one_line_failure(error)
+        if line is None:
+            raise
+        create_markdown_artifact(key=artifact_key, markdown=f"## {title} failed\n\n**{line}**",
+                                 description=f"{title}: why the run failed")
+        return cast("R", Failed(message=line, data=error))
 
 
 def retry_unless_bad_input(task: Task, task_run: TaskRun, state: State) -> bool:
@@ -58,6 +138,72 @@ def task_runner(dask_address: str | None, local: TaskRunner) -> TaskRunner:
 
         return DaskTaskRunner(address=dask_address)
     return local
+
+
+# How long a run whose worker died may take to end after SIGTERM (tasks in flight finish their
+# current work first) before it is reported Crashed and killed.
+WORKER_LOSS_GRACE_SECONDS = 30.0
+_watched_runs: set[str] = set()
+
+
+def stop_with_worker(grace_seconds: float = WORKER_LOSS_GRACE_SECONDS, poll_seconds: float = 1.0) -> None:
+    """End this flow run when the process that started it (a Prefect worker, `cellseg serve`) dies.
+
+    A process worker starts each run in a session of its own, so `kill -9` of the worker would leave
+    the run working unsupervised. A daemon thread watches the parent process id; once the parent is
+    gone it sends this process SIGTERM, which Prefect reports as Crashed when the tasks in flight
+    return. A run still alive `grace_seconds` later is reported Crashed and killed with its child
+    processes. What was written stays written; a rerun does the rest. Does nothing for a flow
+    called in this process (the CLI, tests): only a process started for this very run is watched.
+    """
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    if (sys.platform == "win32" or run_id is None or run_id in _watched_runs
+            or os.environ.get("PREFECT__FLOW_RUN_ID") != run_id):
+        return
+    _watched_runs.add(run_id)
+    # getppid polling, not prctl(PR_SET_PDEATHSIG): that fires when the parent *thread* that forked
+    # this process exits, and the worker starts runs from whichever thread runs its event loop.
+    threading.Thread(target=_end_when_orphaned, name="cellseg-worker-watch", daemon=True,
+                     args=(os.getppid(), run_id, get_run_logger(), grace_seconds, poll_seconds)).start()
+
+
+def _end_when_orphaned(parent: int, run_id: str, logger: Any, grace_seconds: float, poll_seconds: float) -> None:
+    while os.getppid() == parent:
+        time.sleep(poll_seconds)
+    _silence_dead_pipes()
+    logger.warning("the worker that started this run (pid %d) is gone: ending the run; images and checkpoints "
+                   "written so far are kept, and a rerun does the rest", parent)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace_seconds)
+    message = f"the worker that started this run (pid {parent}) died; the run did not end {grace_seconds:.0f}s after SIGTERM"
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.states import Crashed
+
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run_id, Crashed(message=message))
+    except Exception:  # the kill below must happen anyway; the zombie automation marks the run then
+        logger.warning("could not report this run Crashed", exc_info=True)
+    # The run's own process group (a worker starts each run as a session leader) holds its task
+    # processes; anywhere else, only this process is ours to kill.
+    if os.getpgid(0) == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _silence_dead_pipes() -> None:
+    """Point stdout/stderr that were pipes to the dead parent at /dev/null: writing to a pipe with no
+    reader raises (rich's console turns it into SystemExit in whichever thread logs next)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                os.dup2(devnull, fd)
+        except OSError:
+            continue
+    os.close(devnull)
 
 
 GPU_LIMIT = "gpu"

@@ -6,13 +6,13 @@ segment a shard; the flow adds parallelism, retries, GPU slots and artifacts."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from pathlib import Path
 from typing import Any, cast
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.states import Completed
@@ -21,12 +21,17 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from cellseg.flows._common import (
     ProgressArtifact,
     configure_storage,
+    failing_in_one_line,
     gpu_slot,
+    job_from_variable,
     markdown_table,
     retry_unless_bad_input,
+    stop_with_worker,
     task_runner,
+    worker_job,
 )
 from cellseg.jobs import SegmentJob, SegmentPlan, Shard, pin_model, plan_segmentation, segment_shard, threads_per_shard
+from cellseg.pictures import picture_markdown
 from cellseg.redact import redact_url
 from cellseg.report import montage_url, store_montage
 from cellseg.runtime import resolve_device
@@ -62,8 +67,17 @@ def segment_one_shard(shard: Shard, job: SegmentJob) -> dict[str, Any]:
 
 @task(name="draw-montage")
 def draw_montage(store_url: str, images: Shard, run_name: str) -> str | None:
-    """A few of this run's segmented images with their cell outlines, saved beside the store."""
-    return store_montage(ResultStore.open(store_url, mode="r"), images, montage_url(store_url, run_name))
+    """A few of this run's segmented images with their cell outlines, saved beside the store and
+    embedded in the `segment-images-montage` artifact (a link to the file would not open in the UI)."""
+    montage = store_montage(ResultStore.open(store_url, mode="r"), images, montage_url(store_url, run_name))
+    if montage:
+        title = f"Segmented images in {redact_url(store_url)}"
+        create_markdown_artifact(
+            key="segment-images-montage",
+            markdown=f"### {title}\n\n{picture_markdown(montage, title)}\n\nSaved as `{redact_url(montage)}`.",
+            description=f"{title}, with their cell outlines",
+        )
+    return montage
 
 
 @flow(name="segment-shards")
@@ -86,16 +100,28 @@ def segment_shards(shards: list[Shard], job: SegmentJob, gpu: bool = False) -> l
 
 
 @flow(name="segment-images")
-def segment_images_flow(job: SegmentJob) -> dict[str, Any]:
+def segment_images_flow(job: SegmentJob | None = None, job_variable: str | None = None) -> dict[str, Any]:
     """Segment the images under `job.source_url` that `job.store_url` does not hold yet.
 
-    Shards run in parallel on a thread pool (`max_parallel_shards`, the CPU cores split between
-    them), or on the Dask cluster at `dask_address`. Storage credentials come from the worker's
-    environment and settings, never from parameters. When any image failed, the run ends in a
+    The job is given (`job`), or read when the run starts from the Prefect variable named by
+    `job_variable` (the nightly deployment's `cellseg_nightly`); fields it leaves unset come from
+    the worker's settings (CELLSEG_CONFIG file, CELLSEG_* environment). Shards run in parallel on
+    a thread pool (`max_parallel_shards`, the CPU cores split between them), or on the Dask
+    cluster at `dask_address`. Storage credentials come from the worker's environment and
+    settings, never from parameters. When any image failed, the run ends in a
     Completed state named "Completed with failures" whose message counts them (the CLI exits with
-    status 3); its result is the summary either way.
+    status 3); its result is the summary either way. A fault that stops the run (storage that
+    cannot be reached, a model that cannot be loaded) fails it with that one line, as its message
+    and summary.
     """
-    configure_storage()
+    stop_with_worker()
+    return failing_in_one_line("segment-images", "segment-images-summary", _segment_images, job, job_variable)
+
+
+def _segment_images(job: SegmentJob | None, job_variable: str | None) -> dict[str, Any]:
+    if (job is None) == (job_variable is None):
+        raise ValueError("segment-images takes either a job or the name of a Prefect variable holding one (job_variable)")
+    job = worker_job(job if job is not None else job_from_variable(cast(str, job_variable), SegmentJob))
     if job.predict.threads is None:
         threads = threads_per_shard(job, os.cpu_count() or 1)
         job = job.model_copy(update={"predict": job.predict.model_copy(update={"threads": threads})})
@@ -105,6 +131,7 @@ def segment_images_flow(job: SegmentJob) -> dict[str, Any]:
     plan = plan_shards(job)
     logger.info("%d images to segment in %d shards with model %s; %d already done",
                 plan.pending, len(plan.shards), job.model_version, len(plan.skipped))
+    logger.info("predict settings: %s", predict_settings_line(job))
     for rejected in plan.rejected:
         logger.warning("cannot segment '%s': %s", rejected["source_url"], rejected["error"])
     results: list[dict[str, Any]] = []
@@ -151,6 +178,11 @@ def failed_line(summary: dict[str, Any]) -> str:
             "each is listed in the summary and recorded, and the next run tries them again")
 
 
+def predict_settings_line(job: SegmentJob) -> str:
+    """The run's predict settings on one line, `name=value` in field order, as segment-shard used them."""
+    return " ".join(f"{name}={json.dumps(value)}" for name, value in job.predict.model_dump(mode="json").items())
+
+
 def _publish_summary(summary: dict[str, Any], job: SegmentJob) -> None:
     counts = [{"images": key, "count": summary[key] if key != "failed" else len(summary["failed"])}
               for key in ("done", "skipped", "failed")]
@@ -159,6 +191,7 @@ def _publish_summary(summary: dict[str, Any], job: SegmentJob) -> None:
         f"Model `{summary['model_version']}`, {summary['shards']} shards, {summary['seconds']} s, "
         f"{summary['images_per_second']} images/s, {summary['megapixels_per_second']} megapixels/s.\n\n"
         + markdown_table(counts, ("images", "count"))
+        + f"\n\nPredict settings (flags, the worker's settings, defaults): `{predict_settings_line(job)}`"
     )
     if summary["failed"]:
         markdown += (f"\n\n### Failed images\n\n**{failed_line(summary)}**\n\n"
@@ -166,11 +199,6 @@ def _publish_summary(summary: dict[str, Any], job: SegmentJob) -> None:
     if summary["warnings"]:
         markdown += "\n\n### Warnings (images done)\n\n" + markdown_table(summary["warnings"], ("source_url", "warning"))
     create_markdown_artifact(key="segment-images-summary", markdown=markdown, description="segment-images run summary")
-    if summary.get("montage"):
-        montage = summary["montage"]
-        create_link_artifact(key="segment-images-montage",
-                             link=montage if "://" in montage else Path(montage).resolve().as_uri(),
-                             link_text=f"montage of segmented images in {redact_url(job.store_url)}")
     get_run_logger().info(
         "segmented %d, skipped %d, failed %d, %d warnings in %.1fs",
         summary["done"], summary["skipped"], len(summary["failed"]), len(summary["warnings"]), summary["seconds"],

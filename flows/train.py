@@ -1,26 +1,30 @@
 """train-unet: ingest -> train (`cellseg.jobs.run_training`, tagged `gpu`) -> register, with
-progress, metric, picture and checkpoint artifacts."""
+progress and metric artifacts and the training pictures embedded in artifacts."""
 
 from __future__ import annotations
 
+import shlex
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from cellseg.flows._common import (
     ProgressArtifact,
-    configure_storage,
+    failing_in_one_line,
     gpu_slot,
     markdown_table,
     retry_unless_bad_input,
+    stop_with_worker,
+    worker_job,
 )
 from cellseg.flows.ingest import ingest_dataset_flow
 from cellseg.ingest import Manifest
 from cellseg.jobs import TrainJob, run_training
+from cellseg.pictures import picture_markdown
 from cellseg.redact import redact_url
 from cellseg.registry import Registry
 from cellseg.runtime import resolve_device
@@ -67,8 +71,15 @@ def register_model(checkpoint_path: str, registry_url: str, promote: bool) -> di
 @flow(name="train-unet")
 def train_unet(job: TrainJob) -> dict[str, Any]:
     """Train a U-Net on the job's image/mask pairs and register the best checkpoint (current when
-    `job.promote`)."""
-    configure_storage()
+    `job.promote`). A fault that stops the run (storage that cannot be reached, a dataset that
+    cannot be used) fails it with that one line, as its message and as the `train-unet-failure`
+    artifact."""
+    stop_with_worker()
+    return failing_in_one_line("train-unet", "train-unet-failure", _train_unet, job)
+
+
+def _train_unet(job: TrainJob) -> dict[str, Any]:
+    job = worker_job(job)
     logger = get_run_logger()
     dataset = ingest_dataset_flow(job.images_url, job.masks_url, job.cache_dir)
     trained = train_model(job, dataset["manifest_path"], new_run_dir(job.work_dir, flow_run.get_name()))
@@ -79,6 +90,9 @@ def train_unet(job: TrainJob) -> dict[str, Any]:
     rows = [{"metric": name, "validation": metrics[name]} for name in METRICS if name in metrics]
     rows += [{"metric": f"cells: {name}", "validation": metrics[f"cells_{name}"]} for name in HEADLINE_CELL_SCORES
              if f"cells_{name}" in metrics]
+    registry = Registry(job.registry_url)
+    checkpoint_url = redact_url(registry.checkpoint_url(version["version"]))  # shown, never read
+    kept = "".join(f", `{name}`" for name in version["files"])
     create_markdown_artifact(
         key="train-unet-metrics",
         markdown=(
@@ -86,16 +100,18 @@ def train_unet(job: TrainJob) -> dict[str, Any]:
             f"Dataset `{dataset['manifest_hash'][:12]}` ({dataset['pairs']} pairs); best epoch "
             f"{trained['best_epoch']} of {trained['epochs_run']} ({trained['stop_reason']}).\n\n"
             + markdown_table(rows, ("metric", "validation"))
+            + f"\n\nCheckpoint `{checkpoint_url}`; the registry keeps `model.json`{kept} beside it. "
+            f"`cellseg models show {version['version']} --registry {shlex.quote(redact_url(job.registry_url))}` prints "
+            "their URLs."
         ),
         description="Validation metrics of the registered checkpoint",
     )
-    for picture in trained["pictures"]:
-        create_link_artifact(key=Path(picture).stem.replace("_", "-"), link=Path(picture).resolve().as_uri(),
-                             link_text=f"{Path(picture).name} of {version['version']}")
-    checkpoint_url = redact_url(Registry(job.registry_url).checkpoint_url(version["version"]))  # shown, never read
-    create_link_artifact(
-        key="train-unet-checkpoint",
-        link=checkpoint_url if "://" in checkpoint_url else Path(checkpoint_url).resolve().as_uri(),
-        link_text=f"checkpoint {version['version']}",
-    )
+    for picture in trained["pictures"]:  # on this worker's disk: embedded, so that the UI shows them anywhere
+        name, title = Path(picture).name, f"{Path(picture).name} of model {version['version']}"
+        create_markdown_artifact(
+            key=Path(picture).stem.replace("_", "-"),
+            markdown=(f"### {title}\n\n{picture_markdown(picture, title)}\n\n"
+                      f"Kept in the registry as `{redact_url(registry.file_url(version['version'], name))}`."),
+            description=title,
+        )
     return {**trained, "version": version["version"], "checkpoint": checkpoint_url}

@@ -15,10 +15,11 @@ from prefect.task_runners import ProcessPoolTaskRunner
 
 from cellseg.flows._common import (
     ProgressArtifact,
-    configure_storage,
     gpu_slot,
     markdown_table,
+    stop_with_worker,
     task_runner,
+    worker_job,
 )
 from cellseg.flows.ingest import ingest_dataset_flow
 from cellseg.flows.train import new_run_dir, register_model
@@ -58,7 +59,8 @@ def tune_unet(job: TuneJob) -> dict[str, Any]:
     Trials run in local processes, or on the Dask cluster at `dask_address`; there, every worker
     reads the dataset cache and writes its trial under `work_dir`, so both must be on a
     filesystem the workers share."""
-    configure_storage()
+    stop_with_worker()
+    job = worker_job(job)
     logger = get_run_logger()
     planned = plan_trials(job.space, job.trials, job.seed, job.model, job.training)
     logger.info("%d trials of a %d-point search space, %d at a time", len(planned), job.space.size(),

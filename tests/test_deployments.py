@@ -51,12 +51,10 @@ def flow_run_state(name_fragment: str, env: dict[str, str]) -> str:
 
 @pytest.fixture(scope="module")
 def deployed(prefect_server, tmp_path_factory):
-    """Work pool, nightly variables, deployments from prefect.yaml and a running worker."""
+    """Work pool, deployments from prefect.yaml and a running worker."""
     root = tmp_path_factory.mktemp("deployed")
     env = {**os.environ, **prefect_server, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
     prefect("work-pool", "create", "cellseg-process", "--type", "process", env=env)
-    prefect("variable", "set", "cellseg_nightly_source", str(root / "nightly-in"), env=env)
-    prefect("variable", "set", "cellseg_nightly_store", str(root / "nightly.zarr"), env=env)
     prefect("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml", env=env)
     log = open(root / "worker.log", "wb")  # noqa: SIM115 - the worker writes to it until the fixture's teardown, after the yield
     worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "cellseg-process"], cwd=REPO_ROOT, env=env,
@@ -75,7 +73,7 @@ def test_prefect_yaml_declares_the_deployments(deployed):
         assert "'work_pool_name': 'cellseg-process'" in prefect("deployment", "inspect", name, env=env).stdout
     nightly = prefect("deployment", "inspect", "segment-images/nightly-segmentation", env=env).stdout
     assert "0 2 * * *" in nightly
-    assert "nightly-in" in nightly and "nightly.zarr" in nightly
+    assert "'job_variable': 'cellseg_nightly'" in nightly  # read when each run starts (tests/test_nightly_schedule.py)
 
 
 def test_the_gpu_limit_of_the_how_to_can_be_created(deployed):
@@ -193,9 +191,9 @@ def test_serve_builds_the_deployments_prefect_yaml_declares(prefect_harness):
         assert deployment.tags == declared[name]["tags"] and deployment.description == declared[name]["description"]
         assert deployment.entrypoint.endswith(declared[name]["entrypoint"].split(":")[1])
     nightly = served["nightly-segmentation"]
-    assert nightly.parameters == {"job": {"source_url": "in/images", "store_url": "out.zarr", "model_version": "current"}}
+    assert nightly.parameters == {"job": {"source_url": "in/images", "store_url": "out.zarr"}}
     assert [schedule.schedule.cron for schedule in nightly.schedules] == ["0 2 * * *"] and not nightly.paused
-    unset = {d.name: d for d in build_deployments()}["nightly-segmentation"]  # no variables set here
-    assert unset.paused and unset.parameters == {}
+    from_variable = {d.name: d for d in build_deployments()}["nightly-segmentation"]
+    assert not from_variable.paused and from_variable.parameters == {"job_variable": "cellseg_nightly"}
     assert [s.schedule.cron for s in {d.name: d for d in build_deployments(cron="30 1 * * *")}
             ["nightly-segmentation"].schedules] == ["30 1 * * *"]

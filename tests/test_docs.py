@@ -37,6 +37,8 @@ def shell_commands() -> list[tuple[str, str]]:
                 marker = re.search(r"<<'?(\w+)'?", line)
                 heredoc_end = marker.group(1) if marker else None
                 words = shlex.split(line, comments=True)
+                while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):  # VAR=value before the command
+                    words = words[1:]
                 if words:
                     commands.append((doc.relative_to(REPO_ROOT).as_posix(), shlex.join(words)))
     return commands
@@ -104,8 +106,13 @@ def test_documented_tools_take_the_options_shown(doc, command):
         assert option in result.stdout, f"{doc}: {command}: {option} not in its --help"
 
 
+DEPLOYMENT_TESTS = [REPO_ROOT / "tests" / name for name in
+                    ("test_deployments.py", "test_nightly_schedule.py", "test_worker_loss.py")
+                    if (REPO_ROOT / "tests" / name).exists()]
+
+
 def test_documented_prefect_commands_are_the_ones_the_deployment_tests_run():
-    tested = (REPO_ROOT / "tests" / "test_deployments.py").read_text() + (REPO_ROOT / "benchmarks" / "servers.py").read_text()
+    tested = "".join(path.read_text() for path in [*DEPLOYMENT_TESTS, REPO_ROOT / "benchmarks" / "servers.py"])
     for doc, command in by_program("prefect"):
         words = [word for word in shlex.split(command)[1:] if not word.startswith("-")]
         subcommand = ", ".join(f'"{word}"' for word in words[:2] if re.fullmatch(r"[a-z][a-z-]*", word))

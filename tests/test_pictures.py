@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import re
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from cellseg.checkpoint import load_checkpoint
@@ -12,9 +16,13 @@ from cellseg.config import ModelConfig, PredictConfig
 from cellseg.infer import Predictor
 from cellseg.pairs import load_pairs, pair_images_and_masks, split_train_val
 from cellseg.pictures import (
+    EMBED_MAX_CHARACTERS,
+    EMBED_MAX_WIDTH,
     PREDICTION_COLOUR,
     TRUTH_COLOUR,
     overlay_gallery,
+    picture_markdown,
+    png_markdown,
     segmentation_montage,
     training_curves,
 )
@@ -76,3 +84,59 @@ def test_training_pictures_next_to_the_checkpoint(tiny_checkpoint, synthetic_dat
     assert written == [str(run / CURVES_FILE), str(run / GALLERY_FILE)]
     gallery = _png(run / GALLERY_FILE)
     assert _has_colour(gallery, TRUTH_COLOUR) and _has_colour(gallery, PREDICTION_COLOUR)
+
+
+# --- pictures embedded in markdown (Prefect artifacts) ------------------------------------
+
+EMBEDDED = re.compile(r"!\[([^\]]*)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)")
+
+
+def embedded_png(markdown: str) -> tuple[str, Image.Image]:
+    """(alt text, decoded picture) of the one embedded PNG in `markdown`."""
+    (alt, data), = EMBEDDED.findall(markdown)
+    picture = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+    assert picture.format == "PNG"
+    return alt, picture
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_small_picture_is_embedded_pixel_for_pixel(tmp_path):
+    url = training_curves([{"epoch": 1, "train_loss": 1.0, "val_dice": 0.5}, {"epoch": 2, "train_loss": 0.5, "val_dice": 0.7}],
+                          str(tmp_path / "curves.png"))
+    markdown = picture_markdown(url, "curves of [model] 1\nsecond line")
+
+    alt, picture = embedded_png(markdown)
+    assert markdown == f"![{alt}]({markdown.split('](', 1)[1]}"  # nothing around the image
+    assert alt == "curves of model 1 second line"  # brackets and line breaks would end the image early
+    assert len(markdown) <= EMBED_MAX_CHARACTERS
+    np.testing.assert_array_equal(np.asarray(picture.convert("RGB")), _png(url))
+
+
+def test_a_wide_picture_is_scaled_to_the_width_the_ui_shows():
+    pixels = np.zeros((300, 2 * EMBED_MAX_WIDTH, 3), dtype=np.uint8)
+    pixels[:, ::2] = (255, 0, 200)  # stripes: a few colours, a small PNG at any size
+
+    _, picture = embedded_png(png_markdown(_png_bytes(pixels), "stripes"))
+
+    assert picture.size == (EMBED_MAX_WIDTH, 150)
+
+
+def test_a_picture_too_large_for_the_bound_is_reduced_until_it_fits():
+    noise = np.random.default_rng(0).integers(0, 256, (400, 600, 3), dtype=np.uint8)  # compresses to ~720 KB
+    bound = 60_000
+
+    markdown = png_markdown(_png_bytes(noise), "noise", max_characters=bound)
+
+    _, picture = embedded_png(markdown)
+    assert len(markdown) <= bound
+    assert 64 <= picture.width < 600 and picture.height == round(400 * picture.width / 600)  # aspect ratio kept
+
+
+def test_what_is_not_a_picture_is_refused_by_name():
+    with pytest.raises(ValueError, match="picture 'notes.txt' is not a readable image"):
+        png_markdown(b"epoch,loss\n1,0.5\n", "notes", name="notes.txt")

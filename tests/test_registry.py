@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from cellseg.checkpoint import load_checkpoint, save_checkpoint
+from cellseg.cli import main
 from cellseg.config import PredictConfig
 from cellseg.model_source import ModelSource, load_predictor, shared_predictor
-from cellseg.registry import Registry, RegistryError
+from cellseg.pictures import overlay_gallery, training_curves
+from cellseg.registry import RUN_FILES, Registry, RegistryError
+from cellseg.report import CURVES_FILE, GALLERY_FILE
+from cellseg.train import HISTORY_FILE
 
 VERSION_NAME = re.compile(r"(\d{8}-\d{6})-([0-9a-f]{8})")
 MANIFEST_HASH = "ab" * 32
@@ -37,6 +43,19 @@ def variant(source: Path, out: Path, epoch: int) -> Path:
     checkpoint = dataclasses.replace(load_checkpoint(str(source)), epoch=epoch, dataset_manifest_hash=MANIFEST_HASH)
     save_checkpoint(checkpoint, str(out))
     return out
+
+
+def write_run_files(folder: Path) -> dict[str, bytes]:
+    """What a training run leaves beside its checkpoint in `folder`: history.json and the two
+    pictures, drawn as `cellseg train` draws them; {name: contents}."""
+    history = [{"epoch": 1, "train_loss": 0.9, "val_loss": 1.0, "val_dice": 0.4},
+               {"epoch": 2, "train_loss": 0.5, "val_loss": 0.6, "val_dice": 0.7}]
+    (folder / HISTORY_FILE).write_text(json.dumps(history))
+    training_curves(history, str(folder / CURVES_FILE))
+    cells = np.zeros((32, 32), dtype=np.int32)
+    cells[8:20, 8:20] = 1
+    overlay_gallery([cells.astype(np.uint8) * 200], [cells], [cells], ["a"], str(folder / GALLERY_FILE))
+    return {name: (folder / name).read_bytes() for name in RUN_FILES}
 
 
 def model_output(checkpoint) -> torch.Tensor:
@@ -102,6 +121,70 @@ def test_versions_are_listed_oldest_first(checkpoint_file, tmp_path):
 
 def test_empty_registry_lists_nothing(tmp_path):
     assert Registry(str(tmp_path / "nowhere")).versions() == []
+
+
+# --- the training run's history and pictures, kept with the version -----------------------
+
+
+def test_the_registry_keeps_the_files_cellseg_writes_beside_a_checkpoint():
+    assert RUN_FILES == (HISTORY_FILE, CURVES_FILE, GALLERY_FILE)
+
+
+def test_register_keeps_the_runs_history_and_pictures_beside_the_checkpoint(checkpoint_file, tmp_path):
+    written = write_run_files(checkpoint_file.parent)
+    registry = Registry(str(tmp_path / "registry"))
+
+    meta = registry.register(str(checkpoint_file))
+
+    folder = tmp_path / "registry" / meta.version
+    assert meta.files == list(RUN_FILES)
+    assert json.loads((folder / "model.json").read_text())["files"] == list(RUN_FILES)
+    assert {name: (folder / name).read_bytes() for name in RUN_FILES} == written
+    assert registry.file_url(meta.version, CURVES_FILE) == f"{tmp_path / 'registry'}/{meta.version}/{CURVES_FILE}"
+    with pytest.raises(RegistryError, match=f"version {meta.version} keeps no 'best.pt' \\(it keeps checkpoint.pt, model.json, history.json"):
+        registry.file_url(meta.version, "best.pt")
+
+
+def test_register_keeps_what_the_run_left_and_nothing_else(checkpoint_file, tmp_path):
+    (checkpoint_file.parent / HISTORY_FILE).write_text("[]")
+    (checkpoint_file.parent / "last.pt").write_bytes(checkpoint_file.read_bytes())
+    registry = Registry(str(tmp_path / "registry"))
+
+    meta = registry.register(str(checkpoint_file))
+
+    assert meta.files == [HISTORY_FILE]
+    assert sorted(path.name for path in (tmp_path / "registry" / meta.version).iterdir()) == [
+        "checkpoint.pt", HISTORY_FILE, "model.json"]
+
+
+def test_models_show_points_at_the_checkpoint_history_and_pictures(checkpoint_file, tmp_path, capsys):
+    write_run_files(checkpoint_file.parent)
+    url = str(tmp_path / "registry")
+    meta = Registry(url).register(str(checkpoint_file))
+
+    assert main(["models", "show", meta.version, "--registry", url]) == 0
+
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["files"] == list(RUN_FILES)
+    assert shown["urls"] == {name: f"{url}/{meta.version}/{name}" for name in ("checkpoint.pt", *RUN_FILES)}
+    assert all(Path(location).is_file() for location in shown["urls"].values())
+
+
+def test_versions_registered_before_the_run_files_were_kept_still_work(checkpoint_file, tmp_path, capsys):
+    # A model.json as cellseg wrote it before it kept a run's files: no "files" field.
+    url = str(tmp_path / "registry")
+    meta = Registry(url).register(str(checkpoint_file), promote=True)
+    model_json = tmp_path / "registry" / meta.version / "model.json"
+    older = json.loads(model_json.read_text())
+    del older["files"]
+    model_json.write_text(json.dumps(older))
+    registry = Registry(url)
+
+    assert [found.version for found in registry.versions()] == [meta.version]
+    assert registry.get().files == []
+    assert registry.load()[1].version == meta.version
+    assert main(["models", "show", "--registry", url]) == 0
+    assert json.loads(capsys.readouterr().out)["urls"] == {"checkpoint.pt": f"{url}/{meta.version}/checkpoint.pt"}
 
 
 # --- promote, current, resolve ------------------------------------------------------------
@@ -206,6 +289,28 @@ def test_registry_on_s3(checkpoint_file, s3_bucket):
     assert loaded_meta.checkpoint_sha256 == sha256_of(checkpoint_file)
     assert torch.equal(model_output(checkpoint), model_output(load_checkpoint(str(checkpoint_file))))
     assert registry.checkpoint_url(meta.version) == f"{bucket}/models/{meta.version}/checkpoint.pt"
+
+
+@pytest.mark.integration
+def test_s3_registry_keeps_the_runs_history_and_pictures(checkpoint_file, s3_bucket):
+    import s3fs
+
+    bucket, options = s3_bucket
+    written = write_run_files(checkpoint_file.parent)
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    fs.put(f"{checkpoint_file.parent}/", f"{bucket[5:]}/runs/one/", recursive=True)  # a run folder in the bucket
+
+    from_disk = Registry(f"{bucket}/models", options).register(str(checkpoint_file))
+    from_bucket = Registry(f"{bucket}/models", options).register(f"{bucket}/runs/one/best.pt", options)
+
+    for meta in (from_disk, from_bucket):
+        assert meta.files == list(RUN_FILES)
+        assert {name: fs.cat_file(f"{bucket[5:]}/models/{meta.version}/{name}") for name in RUN_FILES} == written
+        listed = json.loads(fs.cat_file(f"{bucket[5:]}/models/{meta.version}/model.json"))["files"]
+        assert listed == list(RUN_FILES)
+    reader = Registry(f"{bucket}/models", {**options, "skip_instance_cache": True})  # another process
+    assert reader.file_url(from_bucket.version, HISTORY_FILE) == f"{bucket}/models/{from_bucket.version}/history.json"
+    assert [meta.files for meta in reader.versions()] == [list(RUN_FILES)] * 2
 
 
 @pytest.mark.integration

@@ -120,7 +120,7 @@ def test_train_takes_its_settings_from_file_environment_and_flags(tmp_path):
 def test_predict_reads_s3_with_the_endpoint_and_credentials_from_a_settings_file(tmp_path, s3_bucket, tiny_checkpoint):
     import s3fs
 
-    from benchmarks.servers import MOTO_CREDENTIALS
+    from benchmarks.servers import S3_TEST_CREDENTIALS
     from cellseg.synth import write_dataset
 
     bucket, options = s3_bucket
@@ -128,7 +128,7 @@ def test_predict_reads_s3_with_the_endpoint_and_credentials_from_a_settings_file
     s3fs.S3FileSystem(**options).put(str(tmp_path / "data/images") + "/", f"{bucket[5:]}/incoming/", recursive=True)
     (tmp_path / "cellseg.toml").write_text(
         f'[storage.s3]\nendpoint_url = "{options["endpoint_url"]}"\n'
-        f'key = "{MOTO_CREDENTIALS["AWS_ACCESS_KEY_ID"]}"\nsecret = "{MOTO_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}"\n'
+        f'key = "{S3_TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"]}"\nsecret = "{S3_TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}"\n'
         "[predict]\nmin_cell_area = 25\nstore_image = false\n"
     )
     # No AWS_* or FSSPEC_* variables: endpoint and credentials come from the settings file alone.
@@ -141,7 +141,7 @@ def test_predict_reads_s3_with_the_endpoint_and_credentials_from_a_settings_file
     )
     assert result.returncode == 0, result.stderr
     assert "segmented 3" in result.stdout
-    assert MOTO_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in result.stdout + result.stderr
+    assert S3_TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in result.stdout + result.stderr
     store = ResultStore.open(f"{bucket}/out.zarr", mode="r", storage_options=options)
     for image_id in store.done_ids():
         model = store.record(image_id)["model"]["predict"]

@@ -45,6 +45,9 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "infra-test-key", "AWS_SECRET_ACCESS_KEY": S
 # between them (at most 2 s) fit many times over. Before the limits, a black hole took 305-424 s.
 CASE_SECONDS = 30
 PROCESS_SECONDS = 180  # a whole `cellseg` run, start-up included, on a loaded machine
+# The flows' storage tasks retry what may pass (a refused connection, a name not found) after
+# 2, 10 and 30 s: an operator's run rides out a restarting endpoint.
+TASK_RETRY_SECONDS = 42
 MISSING_PACKAGES = {"gs without gcsfs": "gcsfs", "az without adlfs": "adlfs"}
 
 
@@ -221,3 +224,88 @@ def test_flow_tasks_retry_what_may_pass_and_never_what_needs_a_fix():
     assert not retried(StorageError("'s3://b/x': no credentials"))
     assert not retried(FileNotFoundError("s3://b/x"))
     assert retried(ConnectionResetError("worker lost"))
+
+
+def test_a_registry_that_cannot_be_reached_is_named_by_its_url(quick_checkpoint):
+    from cellseg.registry import Registry
+    from cellseg.storage_errors import StorageError
+
+    port = refused_port()
+    url = "s3://infra-registry/models"
+    registry = Registry(url, {"endpoint_url": f"http://127.0.0.1:{port}", "key": "infra-test-key", "secret": SECRET,
+                              "config_kwargs": {"connect_timeout": 1, "retries": {"total_max_attempts": 1}}})
+    calls = {"register": lambda: registry.register(str(quick_checkpoint)), "versions": registry.versions,
+             "current": registry.current, "promote": lambda: registry.promote("20250101-000000-0123abcd"),
+             "load": registry.load}
+    for name, call in calls.items():
+        with pytest.raises(StorageError) as raised:
+            call()
+        assert str(raised.value).startswith(f"'{url}': cannot connect to http://127.0.0.1:{port}"), (name, raised.value)
+        assert raised.value.transient
+
+
+@pytest.fixture(scope="module")
+def flow_outcomes(prefect_server, inputs, tmp_path_factory) -> dict[str, dict[str, Any]]:
+    """{flow: outcome} of `cellseg flow segment-images` reading from an S3 endpoint that refuses
+    connections and `cellseg flow train-unet` from one whose host name does not resolve (as with
+    no endpoint set and no network), run at once against a real Prefect server. Each outcome has
+    the run's flow name, the URL it could not reach and what its error must say."""
+    checkpoint, _ = inputs
+    out = tmp_path_factory.mktemp("flows")
+    bucket = f"s3://infra-flows-{time.monotonic_ns() % 10**8}"
+    refused = f"http://127.0.0.1:{refused_port()}"
+    cases = {
+        "segment-images": (["segment-images", "--source", f"{bucket}/incoming", "--store", str(out / "s.zarr"),
+                            "--model", str(checkpoint)],
+                           refused, f"{bucket}/incoming", f"cannot connect to {refused} (connection refused"),
+        "train-unet": (["train-unet", "--images", f"{bucket}/images", "--masks", f"{bucket}/masks",
+                        "--registry", str(out / "registry"), "--cache-dir", str(out / "cache"),
+                        "--work-dir", str(out / "work"), "--epochs", "1"],
+                       "http://cellseg-infra-test.invalid", f"{bucket}/images", "host name not found"),
+    }
+    started = time.monotonic()
+    commands = {flow: subprocess.Popen(
+        [str(Path(sys.executable).parent / "cellseg"), "flow", *argv],
+        env=environment({**CREDENTIALS, **LIMITS, **prefect_server, "CELLSEG_STORAGE__S3__ENDPOINT_URL": endpoint}),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for flow, (argv, endpoint, _, _) in cases.items()}
+    outcomes = {}
+    for flow, command in commands.items():
+        stdout, stderr = command.communicate(timeout=PROCESS_SECONDS + TASK_RETRY_SECONDS)
+        outcomes[flow] = {"status": command.returncode, "stdout": stdout, "stderr": stderr, "url": cases[flow][2],
+                          "says": cases[flow][3], "seconds": time.monotonic() - started}
+    return outcomes
+
+
+
+@pytest.mark.parametrize("flow", ["segment-images", "train-unet"])
+def test_a_flow_that_cannot_reach_its_storage_exits_with_one_line_naming_the_url(flow_outcomes, flow):
+    outcome = flow_outcomes[flow]
+    assert outcome["status"] == 2, outcome["stderr"]
+    assert "Traceback" not in outcome["stderr"], outcome["stderr"]
+    errors = [line for line in outcome["stderr"].splitlines() if line.startswith("cellseg flow: error: ")]
+    assert len(errors) == 1, outcome["stderr"]
+    assert errors[0].startswith(f"cellseg flow: error: '{outcome['url']}': ") and outcome["says"] in errors[0], errors[0]
+    assert outcome["seconds"] < PROCESS_SECONDS + TASK_RETRY_SECONDS, f"{flow} took {outcome['seconds']:.0f} s"
+    assert SECRET not in outcome["stdout"] + outcome["stderr"]
+
+
+@pytest.mark.parametrize(("flow", "artifact"), [("segment-images", "segment-images-summary"),
+                                                ("train-unet", "train-unet-failure")])
+def test_the_failed_run_says_that_line_as_its_state_message_and_artifact(flow_outcomes, prefect_server, flow, artifact):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas import filters
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    outcome = flow_outcomes[flow]
+    line = outcome["stderr"].split("cellseg flow: error: ", 1)[1].splitlines()[0]
+    url_field = "source_url" if flow == "segment-images" else "images_url"
+    with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+        runs = [run for run in client.read_flow_runs(flow_filter=filters.FlowFilter(name=filters.FlowFilterName(any_=[flow])))
+                if run.parameters["job"][url_field] == outcome["url"]]
+        assert len(runs) == 1, runs
+        artifacts = client.read_artifacts(
+            artifact_filter=filters.ArtifactFilter(key=filters.ArtifactFilterKey(any_=[artifact])),
+            flow_run_filter=filters.FlowRunFilter(id=filters.FlowRunFilterId(any_=[runs[0].id])))
+    state = runs[0].state
+    assert state is not None and state.is_failed() and state.message == line, state
+    assert len(artifacts) == 1 and line in str(artifacts[0].data), artifacts

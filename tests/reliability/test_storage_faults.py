@@ -34,6 +34,12 @@ def images(tmp_path_factory):
 
 
 @pytest.fixture()
+def s3_endpoint(moto_endpoint) -> str:
+    """Buckets on moto alone: the proxy below fronts moto."""
+    return moto_endpoint
+
+
+@pytest.fixture()
 def bucket_with_images(s3_bucket, images):
     bucket, options = s3_bucket
     s3fs.S3FileSystem(**options).put(str(images) + "/", f"{bucket[5:]}/incoming/", recursive=True)
