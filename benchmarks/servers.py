@@ -160,8 +160,8 @@ def running_seaweedfs_server(root: Path) -> Iterator[str]:
         "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
         f"-s3.config={root / 's3.json'}",
     ]
-    # No AWS_* variables: the identities file alone grants access. One volume per bucket, not seven:
-    # tests make a bucket each.
+    # No AWS_* variables: the identities file alone grants access. A bucket gets one volume, not seven,
+    # and -volume.max=0 lets the disk bound their number (the default, 8, runs out after a few buckets).
     env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
     env["WEED_MASTER_VOLUME_GROWTH_COPY_1"] = "1"
     endpoint = f"http://127.0.0.1:{s3}"

@@ -56,6 +56,33 @@ def _needs_orchestration(command: str) -> None:
                                   f"{ORCHESTRATION_EXTRA}") from error
 
 
+def _prefect_api_error(error: BaseException) -> str | None:
+    """One line for a Prefect API that a flow command cannot use: PREFECT_API_URL unreachable or
+    answering with an error, or the temporary server Prefect starts without it too slow to start;
+    None for other errors (and when Prefect was never imported)."""
+    if "prefect" not in sys.modules:
+        return None
+    import httpx
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    if isinstance(error, RuntimeError) and str(error).startswith("Timed out while attempting to connect to ephemeral"):
+        return (f"the temporary Prefect server (PREFECT_API_URL is not set) did not start within "
+                f"{PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s: on a busy machine raise "
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or run `prefect server start` and set PREFECT_API_URL")
+    cause: BaseException | None = error
+    for _ in range(16):  # causes can form loops
+        if cause is None:
+            break
+        if isinstance(cause, httpx.TransportError | httpx.HTTPStatusError):
+            api = f" at {redact_url(PREFECT_API_URL.value())}" if PREFECT_API_URL.value() else ""
+            what = (f"answered {cause.response.status_code}" if isinstance(cause, httpx.HTTPStatusError)
+                    else f"cannot be reached ({type(cause).__name__}: {cause})")
+            return (f"the Prefect API{api} {what}: start it (`prefect server start`), fix PREFECT_API_URL, or unset "
+                    "it to run on a temporary server")
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 # synth -------------------------------------------------------------------------------------------
 
 
@@ -184,9 +211,12 @@ def _run_results(args: argparse.Namespace) -> int:
         damaged = [{"image_id": image_id, "error": problem} for image_id, problem in sorted(store.damaged.items())]
         print(dumps({"statistics": rows, "failures": failures, "damaged": damaged}, indent=1))
         return 0
-    print(f"{redact_url(args.store)}: {len(rows)} images done, {len(failures)} failed")
-    _print_table(rows[: args.limit])
-    for failure in failures[: args.limit]:
+    shown_rows, shown_failures = rows[: args.limit], failures[: args.limit]
+    left_out = len(rows) + len(failures) - len(shown_rows) - len(shown_failures)
+    print(f"{redact_url(args.store)}: {len(rows)} images done{_shown(shown_rows, rows)}, {len(failures)} failed"
+          f"{_shown(shown_failures, failures)}{'; --limit 0 shows all' if left_out else ''}")
+    _print_table(shown_rows)
+    for failure in shown_failures:
         # An image repaired after its metadata was lost no longer knows its source: name its id.
         print(f"  failed: {failure['source_url'] or failure['image_id']}: {failure['error']}")
     _print_damaged(store)
@@ -409,6 +439,11 @@ def _print_metrics(metrics: dict[str, float]) -> None:
         print(f"  {key:18} {value:.4f}")
 
 
+def _shown(shown: Sequence[Any], rows: Sequence[Any]) -> str:
+    """' (10 shown)' when `shown` leaves some of `rows` out, else nothing."""
+    return f" ({len(shown)} shown)" if len(shown) < len(rows) else ""
+
+
 def _print_table(rows: Sequence[dict[str, Any]]) -> None:
     columns = ("image_id", "cell_count", "mean_cell_area", "foreground_fraction", "mean_intensity_inside",
                "mean_intensity_outside")
@@ -514,10 +549,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             FileNotFoundError, ValueError, ModuleNotFoundError) as error:
         print(f"cellseg {args.command}: error: {shown(str(error))}", file=sys.stderr)
     except Exception as error:
-        # Storage errors raised where no URL is named (StorageError where one is: a ValueError, above).
-        if (translated := storage_error(None, error)) is None:
+        # The Prefect API's own, then storage errors raised where no URL is named (StorageError
+        # where one is: a ValueError, above); the Prefect client's errors chain connection errors too.
+        if (line := _prefect_api_error(error) or storage_error(None, error)) is None:
             raise
-        print(f"cellseg {args.command}: error: {shown(str(translated))}", file=sys.stderr)
+        print(f"cellseg {args.command}: error: {shown(str(line))}", file=sys.stderr)
     finally:
         sys.stdout = stdout
     return 2

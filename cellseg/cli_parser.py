@@ -37,6 +37,14 @@ def minutes(text: str) -> float | str | None:
     return text if text == "auto" else float(text) or None
 
 
+def row_limit(text: str) -> int | None:
+    """--limit of `results`: how many rows to show; 0 shows every row."""
+    rows = int(text)
+    if rows < 0:
+        raise argparse.ArgumentTypeError(f"{rows} rows: give 0 (every row) or more")
+    return rows or None
+
+
 Flag = tuple[tuple[str, ...], str, dict[str, Any]]  # (flags, settings field, argparse keywords)
 
 TRAINING_FLAGS: list[Flag] = [
@@ -261,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     results = _command(commands, "results", "results", help="summarise a results store")
     results.add_argument("store", help="zarr results store URL")
     results.add_argument("--json", action="store_true", help="print all statistics rows as JSON")
-    results.add_argument("--limit", type=int, default=10, help="rows to show (default 10)")
+    results.add_argument("--limit", type=row_limit, default=10, help="rows to show, 0 for all (default 10)")
 
     export = _command(commands, "export", "export", help="write a store's per-cell (or per-image) table as CSV or Parquet")
     export.add_argument("store", help="zarr results store URL")

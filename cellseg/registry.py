@@ -116,6 +116,10 @@ class Registry:
         run_files = _run_files(checkpoint_url, storage_options)
         registered = datetime.now(timezone.utc)
         version = f"{registered:%Y%m%d-%H%M%S}-{sha256[:8]}"
+        taken = 1
+        while self.fs.exists(self._path(version)):  # the same weights registered again within the second
+            taken += 1
+            version = f"{registered:%Y%m%d-%H%M%S}-{sha256[:8]}-{taken}"
         meta = ModelVersion(
             version=version,
             registered=registered.isoformat(timespec="microseconds"),

@@ -88,9 +88,11 @@ def seaweedfs_endpoint(s3_test_credentials, tmp_path_factory):
         yield endpoint
 
 
-@pytest.fixture(scope="session", params=["moto", "seaweedfs"])
+# Function scope: a parametrized session fixture would make pytest regroup every S3 test by server,
+# away from its module, and rebuild the module fixtures (trained models) each time.
+@pytest.fixture(params=["moto", "seaweedfs"])
 def s3_endpoint(request) -> str:
-    """Each S3 test runs against both local servers: moto and SeaweedFS."""
+    """Each S3 test runs against both local servers (each started once a session): moto and SeaweedFS."""
     return request.getfixturevalue(f"{request.param}_endpoint")
 
 

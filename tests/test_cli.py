@@ -171,6 +171,7 @@ def test_training_on_label_images_reports_the_cells_predict_and_evaluate_find(tm
         assert scale == {"cell_diameter": 14.0, "measured": False, "factor": 2.0}
 
 
+@pytest.mark.parametrize("s3_endpoint", ["seaweedfs"], indirect=True)  # a training run: on the real server only
 def test_round_trip_through_s3(tmp_path, s3_bucket):
     bucket, options = s3_bucket
     env = {"FSSPEC_S3_ENDPOINT_URL": options["endpoint_url"]}
@@ -272,3 +273,26 @@ def test_training_shows_an_epoch_progress_bar_on_a_terminal_only(tmp_path):
     shown = _on_a_terminal(*arguments, "--out", str(tmp_path / "tty"))
     assert "training:" in shown and "2/2" in shown and "val_dice" in shown
     assert "epoch 2/2" in shown  # the log lines still print, above the bar
+
+
+def test_results_says_how_many_rows_it_left_out(tmp_path):
+    import numpy as np
+
+    store_url = str(tmp_path / "results.zarr")
+    store = ResultStore.open(store_url)
+    model = {"version": "0123456789ab", "checkpoint": "runs/x/best.pt", "threshold": 0.5}
+    statistics = {"cell_count": 1, "total_cell_area": 3, "mean_cell_area": 3.0, "median_cell_area": 3.0,
+                  "foreground_fraction": 0.25, "mean_intensity_inside": 10.0, "mean_intensity_outside": 1.0}
+    for index in range(5):
+        store.write_result(f"done_{index}", np.eye(4, 3, dtype=bool), statistics, f"done_{index}.png", model)
+    for index in range(3):
+        store.record_failure(f"bad_{index}", f"bad_{index}.png", "ImageReadError: file is empty", model)
+
+    limited = cellseg("results", store_url, "--limit", "2").stdout.splitlines()
+    assert limited[0] == f"{store_url}: 5 images done (2 shown), 3 failed (2 shown); --limit 0 shows all"
+    assert sum(line.startswith("done_") for line in limited) == 2 and sum("failed: bad_" in line for line in limited) == 2
+    every = cellseg("results", store_url, "--limit", "0").stdout.splitlines()
+    assert every[0] == f"{store_url}: 5 images done, 3 failed"
+    assert sum(line.startswith("done_") for line in every) == 5 and sum("failed: bad_" in line for line in every) == 3
+    refused = cellseg("results", store_url, "--limit", "-1", check=False)
+    assert refused.returncode == 2 and "give 0 (every row) or more" in refused.stderr

@@ -135,15 +135,18 @@ def test_store_docs_python_examples_run(tmp_path, monkeypatch, tiny_checkpoint):
     from cellseg.segment import model_record, pending_images, segment_images
     from cellseg.store import ResultStore
     from cellseg.synth import write_dataset
+    from cellseg.tables import write_table
 
     write_dataset(str(tmp_path / "data"), count=2, size=96, seed=7)
     store = ResultStore.open(str(tmp_path / "runs/demo/results.zarr"))
     predictor = Predictor.from_checkpoint(str(tiny_checkpoint), PredictConfig())
     todo, _ = pending_images(list_images(str(tmp_path / "data/images")), store)
     segment_images(todo, store, predictor, model_record(predictor, str(tiny_checkpoint)))
+    # What the documented `cellseg export ... --format parquet --out runs/demo/cells.parquet` writes.
+    write_table(store.cell_rows(), str(tmp_path / "runs/demo/cells.parquet"), "parquet")
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", (REPO_ROOT / "docs" / "store.md").read_text(), re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 4
     namespaces = []
     for block in blocks:
         namespaces.append({})
@@ -151,3 +154,7 @@ def test_store_docs_python_examples_run(tmp_path, monkeypatch, tiny_checkpoint):
     ome = next(namespace for namespace in namespaces if "labels" in namespace)
     assert set(ome["labels"]) == {"cells", "mask"} and ome["image"].shape == (96, 96)
     assert (ome["labels"]["cells"].compute() == store.read_cells("synth_0000")).all()
+    listed = next(namespace for namespace in namespaces if "nodes" in namespace)
+    assert [node.zarr.basename() for node in listed["nodes"]] == ["synth_0000", "labels", "cells", "mask"]
+    table = next(namespace for namespace in namespaces if "per_image" in namespace)
+    assert table["per_image"]["cells"].to_dict() == {row["image_id"]: row["cell_count"] for row in store.statistics()}

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import zarr
+from PIL import Image
 
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
 from cellseg.ingest import Manifest
 from cellseg.io import list_images
 from cellseg.jobs import SegmentJob, TrainJob
 from cellseg.model_source import ModelSource, load_predictor
+from cellseg.pictures import EMBED_MAX_CHARACTERS
 from cellseg.registry import Registry
 from cellseg.segment import model_record, pending_images, segment_images
 from cellseg.store import ResultStore
 from cellseg.synth import write_dataset
+from tests.test_pictures import embedded_png
 
 pytestmark = pytest.mark.integration
 
@@ -69,26 +76,60 @@ def test_train_unet_registers_a_current_checkpoint(trained_registry, synthetic_d
     assert result["metrics"]["dice"] > 0.5
 
 
-def test_train_unet_publishes_metrics_and_checkpoint_artifacts(trained_registry):
-    from prefect.artifacts import Artifact
+def run_artifacts(key: str) -> dict[str, Any]:
+    """{key: artifact} of the flow run that published the latest `key` artifact, read through the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
-    result, _, _ = trained_registry
-    metrics = Artifact.get("train-unet-metrics")
-    assert result["version"] in metrics.data
-    assert "| dice |" in metrics.data
+    with get_client(sync_client=True) as client:
+        latest = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                       sort=ArtifactSort.CREATED_DESC, limit=1)[0]
+        published = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[latest.flow_run_id])))
+    return {artifact.key: artifact for artifact in published}
+
+
+def assert_embeds(artifact: Any, picture: Image.Image) -> None:
+    """`artifact` is markdown showing `picture` from its own data, within the size bound."""
+    assert artifact.type == "markdown" and len(artifact.data) < EMBED_MAX_CHARACTERS + 1000
+    _, embedded = embedded_png(artifact.data)
+    assert embedded.size == picture.size
+    assert "file://" not in artifact.data
+
+
+def test_train_unet_publishes_metrics_and_embedded_pictures(trained_registry):
+    result, registry_url, _ = trained_registry
+    version = result["version"]
+    artifacts = run_artifacts("train-unet-metrics")
+    assert set(artifacts) == {"train-unet-metrics", "train-unet-progress", "training-curves", "validation-gallery"}
+    metrics = artifacts["train-unet-metrics"].data
+    assert version in metrics
+    assert "| dice |" in metrics
     cells = {name: result["metrics"][f"cells_{name}"] for name in ("f1_mean", "true_cells_total", "merged_total")}
     assert 0.0 <= cells["f1_mean"] <= 1.0 and cells["true_cells_total"] > 10 and cells["merged_total"] >= 0
-    assert f"| cells: f1_mean | {cells['f1_mean']:.4f} |" in metrics.data
-    assert f"| cells: true_cells_total | {cells['true_cells_total']} |" in metrics.data
-    link = Artifact.get("train-unet-checkpoint")
-    assert result["version"] in link.data
+    assert f"| cells: f1_mean | {cells['f1_mean']:.4f} |" in metrics
+    assert f"| cells: true_cells_total | {cells['true_cells_total']} |" in metrics
+    assert f"Checkpoint `{registry_url}/{version}/checkpoint.pt`" in metrics  # as text: a link could not open
+    assert f"`cellseg models show {version} --registry {registry_url}`" in metrics
     assert [os.path.basename(p) for p in result["pictures"]] == ["training_curves.png", "validation_gallery.png"]
-    assert all(os.path.getsize(p) > 1000 for p in result["pictures"])
-    assert "training_curves.png" in Artifact.get("training-curves").data
-    assert "validation_gallery.png" in Artifact.get("validation-gallery").data
-    progress = Artifact.get("train-unet-progress")
+    for key, path in zip(("training-curves", "validation-gallery"), result["pictures"], strict=True):
+        with Image.open(path) as picture:
+            assert_embeds(artifacts[key], picture)
+        assert f"`{registry_url}/{version}/{os.path.basename(path)}`" in artifacts[key].data
+    progress = artifacts["train-unet-progress"]
     assert progress.type == "progress" and float(progress.data) == 100.0
     assert "best epoch" in progress.description
+
+
+def test_train_unet_keeps_history_and_pictures_with_the_version(trained_registry):
+    result, registry_url, _ = trained_registry
+    run = Path(result["best_checkpoint"]).parent
+    meta = Registry(registry_url).get(result["version"])
+    assert meta.files == ["history.json", "training_curves.png", "validation_gallery.png"]
+    kept = Path(registry_url) / meta.version
+    assert {name: (kept / name).read_bytes() for name in meta.files} == {name: (run / name).read_bytes() for name in meta.files}
+    assert len(json.loads((kept / "history.json").read_text())) == result["epochs_run"]
 
 
 def _reference_store(registry_url: str, images, path, config: PredictConfig = PredictConfig()) -> ResultStore:
@@ -113,7 +154,10 @@ def test_segment_images_writes_every_image_once_matching_predict(trained_registr
     progress = Artifact.get("segment-images-progress")
     assert float(progress.data) == 100.0 and "3 of 3 shards finished (8 of 8 images)" in progress.description
     assert summary["montage"].startswith(store_url + "-montages/") and os.path.getsize(summary["montage"]) > 1000
-    assert os.path.basename(summary["montage"]) in Artifact.get("segment-images-montage").data
+    montage = run_artifacts("segment-images-summary")["segment-images-montage"]
+    with Image.open(summary["montage"]) as picture:
+        assert_embeds(montage, picture)
+    assert f"Saved as `{summary['montage']}`" in montage.data
 
     store = ResultStore.open(store_url, mode="r")
     reference = _reference_store(registry_url, new_images / "images", tmp_path / "reference.zarr")
@@ -252,6 +296,10 @@ def test_segment_images_reads_and_writes_s3(trained_registry, new_images, s3_buc
     assert secret not in caplog.text
     assert secret not in Artifact.get("segment-images-summary").data
     assert secret not in json.dumps(summary)
+    montage = run_artifacts("segment-images-summary")["segment-images-montage"]  # drawn from the bucket
+    with Image.open(io.BytesIO(fs.cat_file(summary["montage"]))) as picture:
+        assert_embeds(montage, picture)
+    assert secret not in montage.data
     store = ResultStore.open(f"{bucket}/results.zarr", mode="r", storage_options=options)
     assert len(store.statistics()) == 8
     local = _reference_store(registry_url, new_images / "images", tmp_path / "ref.zarr")
@@ -259,6 +307,40 @@ def test_segment_images_reads_and_writes_s3(trained_registry, new_images, s3_buc
         np.testing.assert_array_equal(store.read_mask(image_id), local.read_mask(image_id))
     ngff = pytest.importorskip("ome_zarr_models.v05")  # the NGFF metadata written through S3 is valid too
     ngff.Image.from_zarr(zarr.open_group(f"{bucket}/results.zarr/synth_0000", mode="r", storage_options=options))
+
+
+def test_cellseg_flow_train_unet_keeps_history_and_pictures_in_an_s3_registry(synthetic_dataset, seaweedfs_endpoint,
+                                                                              prefect_server, tmp_path):
+    # As an operator runs it: the CLI on a real Prefect server, the registry in a bucket of a real
+    # S3 server (SeaweedFS), the training run's folder on this machine's disk.
+    import s3fs
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests.conftest import cellseg
+
+    fs = s3fs.S3FileSystem(endpoint_url=seaweedfs_endpoint, skip_instance_cache=True)
+    bucket = f"train-flow-{time.monotonic_ns() % 10**6}"
+    fs.mkdir(bucket)
+    registry_url = f"s3://{bucket}/models"
+    cellseg("flow", "train-unet", "--images", str(synthetic_dataset / "images"), "--masks", str(synthetic_dataset / "labels"),
+            "--registry", registry_url, "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "training"),
+            "--model-json", json.dumps({"depth": 2, "base_width": 8}),
+            "--training-json", json.dumps({"epochs": 1, "patch_size": 64, "patches_per_image": 1, "device": "cpu"}),
+            env={**prefect_server, "FSSPEC_S3_ENDPOINT_URL": seaweedfs_endpoint})
+
+    (meta,) = Registry(registry_url, {"endpoint_url": seaweedfs_endpoint}).versions()
+    (run,) = (tmp_path / "training").iterdir()
+    assert meta.files == ["history.json", "training_curves.png", "validation_gallery.png"]
+    for name in meta.files:
+        assert fs.cat_file(f"{registry_url}/{meta.version}/{name}") == (run / name).read_bytes()
+    with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
+        artifacts = run_artifacts("train-unet-metrics")
+    assert f"Checkpoint `{registry_url}/{meta.version}/checkpoint.pt`" in artifacts["train-unet-metrics"].data
+    assert not [artifact for artifact in artifacts.values() if artifact.type == "link"]
+    for key, name in (("training-curves", "training_curves.png"), ("validation-gallery", "validation_gallery.png")):
+        with Image.open(run / name) as picture:
+            assert_embeds(artifacts[key], picture)
+        assert f"`{registry_url}/{meta.version}/{name}`" in artifacts[key].data
 
 
 def test_segment_images_with_a_shipped_model_by_name_needs_no_registry(new_images, tmp_path, prefect_harness):

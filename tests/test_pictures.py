@@ -138,5 +138,5 @@ def test_a_picture_too_large_for_the_bound_is_reduced_until_it_fits():
 
 
 def test_what_is_not_a_picture_is_refused_by_name():
-    with pytest.raises(ValueError, match="picture 'notes.txt' is not a readable image"):
+    with pytest.raises(ValueError, match=r"picture 'notes\.txt' is not a readable image"):
         png_markdown(b"epoch,loss\n1,0.5\n", "notes", name="notes.txt")

@@ -95,6 +95,12 @@ def test_register_records_checksum_metrics_and_provenance(checkpoint_file, tmp_p
     assert stored.read_bytes() == checkpoint_file.read_bytes()
 
 
+def test_registering_the_same_weights_twice_in_a_second_keeps_both_versions(checkpoint_file, tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    versions = [registry.register(str(checkpoint_file)).version for _ in range(3)]
+    assert len(set(versions)) == 3 and [v.version for v in registry.versions()] == sorted(versions)
+
+
 def test_register_records_the_dataset_hash(checkpoint_file, tmp_path):
     source = variant(checkpoint_file, tmp_path / "with-manifest.pt", epoch=7)
 
@@ -292,13 +298,15 @@ def test_registry_on_s3(checkpoint_file, s3_bucket):
 
 
 @pytest.mark.integration
-def test_s3_registry_keeps_the_runs_history_and_pictures(checkpoint_file, s3_bucket):
+def test_s3_registry_keeps_the_runs_history_and_pictures(checkpoint_file, s3_bucket, tmp_path):
     import s3fs
 
     bucket, options = s3_bucket
     written = write_run_files(checkpoint_file.parent)
     fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
     fs.put(f"{checkpoint_file.parent}/", f"{bucket[5:]}/runs/one/", recursive=True)  # a run folder in the bucket
+    # Another model there (the same checkpoint registered within the same second is the same version).
+    fs.pipe_file(f"{bucket[5:]}/runs/one/best.pt", variant(checkpoint_file, tmp_path / "other.pt", epoch=42).read_bytes())
 
     from_disk = Registry(f"{bucket}/models", options).register(str(checkpoint_file))
     from_bucket = Registry(f"{bucket}/models", options).register(f"{bucket}/runs/one/best.pt", options)

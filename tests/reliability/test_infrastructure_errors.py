@@ -246,46 +246,56 @@ def test_a_registry_that_cannot_be_reached_is_named_by_its_url(quick_checkpoint)
 
 @pytest.fixture(scope="module")
 def flow_outcomes(prefect_server, inputs, tmp_path_factory) -> dict[str, dict[str, Any]]:
-    """{flow: outcome} of `cellseg flow segment-images` reading from an S3 endpoint that refuses
-    connections and `cellseg flow train-unet` from one whose host name does not resolve (as with
-    no endpoint set and no network), run at once against a real Prefect server. Each outcome has
-    the run's flow name, the URL it could not reach and what its error must say."""
-    checkpoint, _ = inputs
+    """{case: outcome} of `cellseg flow` commands run at once: segment-images reading from an S3
+    endpoint that refuses connections and train-unet from one whose host name does not resolve
+    (as with no endpoint set and no network), against a real Prefect server; and segment-images
+    with a Prefect API that refuses connections, or with a temporary Prefect server given no time
+    to start. Each outcome has the URL it could not reach (None: no URL) and what its error must say."""
+    checkpoint, images = inputs
     out = tmp_path_factory.mktemp("flows")
     bucket = f"s3://infra-flows-{time.monotonic_ns() % 10**8}"
     refused = f"http://127.0.0.1:{refused_port()}"
-    cases = {
+    storage = {**CREDENTIALS, **LIMITS, **prefect_server}
+    local = ["segment-images", "--source", str(images), "--model", str(checkpoint), "--store"]
+    cases: dict[str, tuple[list[str], dict[str, str], str | None, str]] = {
         "segment-images": (["segment-images", "--source", f"{bucket}/incoming", "--store", str(out / "s.zarr"),
-                            "--model", str(checkpoint)],
-                           refused, f"{bucket}/incoming", f"cannot connect to {refused} (connection refused"),
+                            "--model", str(checkpoint)], {**storage, "CELLSEG_STORAGE__S3__ENDPOINT_URL": refused},
+                           f"{bucket}/incoming", f"cannot connect to {refused} (connection refused"),
         "train-unet": (["train-unet", "--images", f"{bucket}/images", "--masks", f"{bucket}/masks",
                         "--registry", str(out / "registry"), "--cache-dir", str(out / "cache"),
                         "--work-dir", str(out / "work"), "--epochs", "1"],
-                       "http://cellseg-infra-test.invalid", f"{bucket}/images", "host name not found"),
+                       {**storage, "CELLSEG_STORAGE__S3__ENDPOINT_URL": "http://cellseg-infra-test.invalid"},
+                       f"{bucket}/images", "host name not found"),
+        "Prefect API refused": ([*local, str(out / "a.zarr")], {**prefect_server, "PREFECT_API_URL": f"{refused}/api"},
+                                None, f"the Prefect API at {refused}/api cannot be reached"),
+        "temporary server too slow": (
+            [*local, str(out / "b.zarr")],
+            {"PREFECT_HOME": str(out / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "0"},
+            None, "the temporary Prefect server (PREFECT_API_URL is not set) did not start within 0 s"),
     }
     started = time.monotonic()
-    commands = {flow: subprocess.Popen(
+    commands = {name: subprocess.Popen(
         [str(Path(sys.executable).parent / "cellseg"), "flow", *argv],
-        env=environment({**CREDENTIALS, **LIMITS, **prefect_server, "CELLSEG_STORAGE__S3__ENDPOINT_URL": endpoint}),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for flow, (argv, endpoint, _, _) in cases.items()}
+        env={key: value for key, value in environment(env).items() if key != "PREFECT_API_URL" or key in env},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name, (argv, env, _, _) in cases.items()}
     outcomes = {}
-    for flow, command in commands.items():
+    for name, command in commands.items():
         stdout, stderr = command.communicate(timeout=PROCESS_SECONDS + TASK_RETRY_SECONDS)
-        outcomes[flow] = {"status": command.returncode, "stdout": stdout, "stderr": stderr, "url": cases[flow][2],
-                          "says": cases[flow][3], "seconds": time.monotonic() - started}
+        outcomes[name] = {"status": command.returncode, "stdout": stdout, "stderr": stderr, "url": cases[name][2],
+                          "says": cases[name][3], "seconds": time.monotonic() - started}
     return outcomes
 
 
-
-@pytest.mark.parametrize("flow", ["segment-images", "train-unet"])
-def test_a_flow_that_cannot_reach_its_storage_exits_with_one_line_naming_the_url(flow_outcomes, flow):
-    outcome = flow_outcomes[flow]
+@pytest.mark.parametrize("case", ["segment-images", "train-unet", "Prefect API refused", "temporary server too slow"])
+def test_a_flow_that_cannot_reach_its_storage_or_api_exits_with_one_line_naming_it(flow_outcomes, case):
+    outcome = flow_outcomes[case]
     assert outcome["status"] == 2, outcome["stderr"]
     assert "Traceback" not in outcome["stderr"], outcome["stderr"]
     errors = [line for line in outcome["stderr"].splitlines() if line.startswith("cellseg flow: error: ")]
     assert len(errors) == 1, outcome["stderr"]
-    assert errors[0].startswith(f"cellseg flow: error: '{outcome['url']}': ") and outcome["says"] in errors[0], errors[0]
-    assert outcome["seconds"] < PROCESS_SECONDS + TASK_RETRY_SECONDS, f"{flow} took {outcome['seconds']:.0f} s"
+    named = f"'{outcome['url']}': " if outcome["url"] else ""
+    assert errors[0].startswith(f"cellseg flow: error: {named}") and outcome["says"] in errors[0], errors[0]
+    assert outcome["seconds"] < PROCESS_SECONDS + TASK_RETRY_SECONDS, f"{case} took {outcome['seconds']:.0f} s"
     assert SECRET not in outcome["stdout"] + outcome["stderr"]
 
 
