@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,9 @@ def build_deployments(
 
 def serve_all(nightly_source: str | None = None, nightly_store: str | None = None, cron: str | None = None) -> None:
     """Register the deployments with the Prefect API and run their flow runs here until stopped."""
+    # The heartbeat deployment runs send (prefect.yaml's work pool): the zombie-run automation
+    # (deployments/automations.yaml) expects one every 30 s from runs tagged cellseg.
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
     serve(*build_deployments(nightly_source, nightly_store, cron))
 
 

@@ -18,11 +18,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
-from prefect import Task, get_run_logger
+from prefect import Task, get_run_logger, tags
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.client.schemas.objects import TaskRun
 from prefect.concurrency.sync import concurrency
@@ -115,6 +115,15 @@ def failing_in_one_line(title: str, artifact_key: str, work: Callable[P, R], *ar
         create_markdown_artifact(key=artifact_key, markdown=f"## {title} failed\n\n**{line}**",
                                  description=f"{title}: why the run failed")
         return cast("R", Failed(message=line, data=error))
+
+
+def with_run_tags() -> AbstractContextManager[set[str]]:
+    """Flow runs started inside (the inner flows: ingest-dataset, segment-shards, train-trials)
+    carry this run's tags, so whatever watches the run by tag (the zombie-run automation of
+    deployments/automations.yaml, tag concurrency limits) watches them too."""
+    from prefect.runtime import flow_run
+
+    return tags(*(flow_run.get_tags() or []))
 
 
 def retry_unless_bad_input(task: Task, task_run: TaskRun, state: State) -> bool:

@@ -28,6 +28,7 @@ from cellseg.flows._common import (
     retry_unless_bad_input,
     stop_with_worker,
     task_runner,
+    with_run_tags,
     worker_job,
 )
 from cellseg.jobs import SegmentJob, SegmentPlan, Shard, pin_model, plan_segmentation, segment_shard, threads_per_shard
@@ -138,7 +139,8 @@ def _segment_images(job: SegmentJob | None, job_variable: str | None) -> dict[st
     if plan.shards:
         runner = task_runner(job.dask_address, ThreadPoolTaskRunner(max_workers=job.max_parallel_shards))
         gpu = resolve_device(job.predict.device).type == "cuda"
-        results = segment_shards.with_options(task_runner=runner)(plan.shards, job, gpu=gpu)
+        with with_run_tags():
+            results = segment_shards.with_options(task_runner=runner)(plan.shards, job, gpu=gpu)
     else:
         logger.info("nothing to do: no new images under %s", redact_url(job.source_url))
 

@@ -19,6 +19,7 @@ from cellseg.flows._common import (
     markdown_table,
     retry_unless_bad_input,
     stop_with_worker,
+    with_run_tags,
     worker_job,
 )
 from cellseg.flows.ingest import ingest_dataset_flow
@@ -81,7 +82,8 @@ def train_unet(job: TrainJob) -> dict[str, Any]:
 def _train_unet(job: TrainJob) -> dict[str, Any]:
     job = worker_job(job)
     logger = get_run_logger()
-    dataset = ingest_dataset_flow(job.images_url, job.masks_url, job.cache_dir)
+    with with_run_tags():
+        dataset = ingest_dataset_flow(job.images_url, job.masks_url, job.cache_dir)
     trained = train_model(job, dataset["manifest_path"], new_run_dir(job.work_dir, flow_run.get_name()))
     version = register_model(trained["best_checkpoint"], job.registry_url, job.promote)
     logger.info("registered %s in %s%s", version["version"], redact_url(job.registry_url), " as current" if job.promote else "")

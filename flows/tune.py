@@ -19,6 +19,7 @@ from cellseg.flows._common import (
     markdown_table,
     stop_with_worker,
     task_runner,
+    with_run_tags,
     worker_job,
 )
 from cellseg.flows.ingest import ingest_dataset_flow
@@ -65,14 +66,16 @@ def tune_unet(job: TuneJob) -> dict[str, Any]:
     planned = plan_trials(job.space, job.trials, job.seed, job.model, job.training)
     logger.info("%d trials of a %d-point search space, %d at a time", len(planned), job.space.size(),
                 job.max_parallel_trials)
-    dataset = ingest_dataset_flow(job.images_url, job.masks_url, job.cache_dir)
+    with with_run_tags():
+        dataset = ingest_dataset_flow(job.images_url, job.masks_url, job.cache_dir)
     run_dir = new_run_dir(job.work_dir, flow_run.get_name())
     threads = None if job.dask_address else max(1, (os.cpu_count() or 1) // job.max_parallel_trials)
     # Processes, not threads: torch's random state and thread count are per process, so each
     # trial is reproducible on its own and the cores are shared out between trials.
     runner = task_runner(job.dask_address, ProcessPoolTaskRunner(max_workers=job.max_parallel_trials))
-    results = [TrialResult.model_validate(result) for result in
-               train_trials.with_options(task_runner=runner)(job, planned, dataset["manifest_path"], run_dir, threads)]
+    with with_run_tags():
+        trained = train_trials.with_options(task_runner=runner)(job, planned, dataset["manifest_path"], run_dir, threads)
+    results = [TrialResult.model_validate(result) for result in trained]
     rows = trial_rows(results)
     create_table_artifact(key="tune-unet-trials", table=rows, description="tune-unet: every trial, best first")
     best = best_trial(results)
