@@ -250,16 +250,21 @@ def test_a_collection_works_at_one_size_only_when_its_cell_sizes_differ():
 @pytest.mark.parametrize("times_model_size", [0.5, 1.0, 2.0])
 def test_the_nuclei_model_estimates_the_cell_size_of_each_image(times_model_size):
     """Synthetic nuclei at half, once and twice the shipped model's cell size: the size each image
-    is predicted at is close to its true median cell diameter. Measured: 1.34x, 1.19x and 1.15x
-    here (the synthetic cells' blurred edges read as larger nuclei); issue 18's target is 15%."""
+    is predicted at is close to its true median cell diameter. Single images vary (0.8x-1.64x:
+    the synthetic cells' blurred edges look unlike any training nucleus); the median over five
+    samples measured 1.15x, 1.01x and 1.18x. Issue 18's target is 15%."""
     checkpoint = load_checkpoint(shipped_checkpoint("nuclei"))
     model_diameter = checkpoint.model_config.cell_diameter
-    sample = generate_sample(np.random.default_rng(11), (256, 256))
-    factor = times_model_size * model_diameter / median_cell_diameter(sample.labels)
-    shape = scaled_shape(sample.image.shape, factor)
-    image, labels = resize(sample.image, shape, order=1), resize(sample.labels.astype(np.int32), shape, order=0)
-    true_diameter = median_cell_diameter(labels)
-    assert true_diameter == pytest.approx(times_model_size * model_diameter, rel=0.1)
-    (maps,) = Predictor(checkpoint, PredictConfig(device="cpu")).cell_maps([image])
-    assert maps.scale["measured"] is True
-    assert maps.scale["cell_diameter"] == pytest.approx(true_diameter, rel=0.4)
+    predictor = Predictor(checkpoint, PredictConfig(device="cpu"))
+    ratios = []
+    for seed in range(11, 16):
+        sample = generate_sample(np.random.default_rng(seed), (256, 256))
+        factor = times_model_size * model_diameter / median_cell_diameter(sample.labels)
+        shape = scaled_shape(sample.image.shape, factor)
+        image, labels = resize(sample.image, shape, order=1), resize(sample.labels.astype(np.int32), shape, order=0)
+        true_diameter = median_cell_diameter(labels)
+        assert true_diameter == pytest.approx(times_model_size * model_diameter, rel=0.1)
+        (maps,) = predictor.cell_maps([image])
+        assert maps.scale["measured"] is True
+        ratios.append(maps.scale["cell_diameter"] / true_diameter)
+    assert float(np.median(ratios)) == pytest.approx(1.0, abs=0.25), ratios
