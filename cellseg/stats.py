@@ -1,9 +1,9 @@
-"""Per-image cell statistics from a binary mask, computed with scipy.ndimage."""
+"""Cell labelling and per-image cell statistics from a binary mask."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
-from scipy import ndimage
 
 STATISTIC_FIELDS = (
     "cell_count",
@@ -15,16 +15,20 @@ STATISTIC_FIELDS = (
     "mean_intensity_outside",
 )
 
-# Diagonal neighbours belong to the same cell (8-connectivity).
-_CONNECTIVITY = np.ones((3, 3), dtype=bool)
-
 
 def label_cells(mask: np.ndarray, min_cell_area: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Connected components of a boolean (H, W) mask, dropping those below `min_cell_area` pixels.
 
-    Returns (labels, areas): int32 labels numbered 1..N with 0 for background, and the N areas.
+    Diagonal neighbours belong to the same cell (8-connectivity). Returns (labels, areas): int32
+    labels numbered 1..N in raster order of each component's first pixel (as `scipy.ndimage.label`
+    numbers them) with 0 for background, and the N areas.
     """
-    labels, count = ndimage.label(mask, structure=_CONNECTIVITY)
+    if not mask.size:
+        return np.zeros(mask.shape, dtype=np.int32), np.zeros(0, dtype=np.intp)
+    # OpenCV's SAUF labelling numbers components in scan order, like scipy, at a fraction of its cost.
+    pixels = np.ascontiguousarray(mask, dtype=bool).view(np.uint8)
+    count, labels = cv2.connectedComponentsWithAlgorithm(pixels, 8, cv2.CV_32S, cv2.CCL_SAUF)
+    count -= 1  # label 0 is the background
     areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     keep = areas >= min_cell_area
     if not keep.all():

@@ -80,11 +80,22 @@ def _awkward_cells() -> tuple[np.ndarray, np.ndarray]:
     return cells, image
 
 
+def _ragged_cells() -> tuple[np.ndarray, np.ndarray]:
+    """Concave, ragged, holed and thin cells (thresholded smooth noise; 8-connected pieces), whose
+    convex hulls have edges through pixel centres at many slopes; a uint8 image."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(6)
+    noise = ndimage.gaussian_filter(rng.standard_normal((160, 190)), 2.5)
+    cells = ndimage.label(noise > 0.05, structure=np.ones((3, 3), bool))[0].astype(np.int32)
+    return cells, rng.integers(0, 256, cells.shape, dtype=np.uint8)
+
+
 def test_every_column_equals_regionprops(tmp_path):
     from cellseg.synth import generate_sample
 
     sample = generate_sample(np.random.default_rng(3), (256, 200), bit_depth=16)
-    cases = [_awkward_cells(), (sample.labels.astype(np.int32), sample.image)]
+    cases = [_awkward_cells(), (sample.labels.astype(np.int32), sample.image), _ragged_cells()]
     for cells, image in cases:
         reference = _regionprops_reference(cells, image)
         for band_rows in (1, 7, 1024):  # measured band by band: cells cut across bands, empty bands
@@ -93,6 +104,28 @@ def test_every_column_equals_regionprops(tmp_path):
             for column, name in enumerate(CELL_COLUMNS):
                 np.testing.assert_allclose(ours[:, column], reference[:, column], rtol=1e-9, atol=1e-9,
                                            err_msg=f"{name}, bands of {band_rows} rows")
+
+
+def test_convex_hulls_counted_a_few_rows_at_a_time_give_the_same_table(monkeypatch):
+    from cellseg import measure
+
+    cells, image = _ragged_cells()
+    whole = cell_measurements(cells, image)
+    monkeypatch.setattr(measure, "HULL_ROWS", 5)  # most cells have more rows than a chunk holds
+    np.testing.assert_array_equal(cell_measurements(cells, image), whole)
+
+
+@pytest.mark.realdata
+def test_every_column_equals_regionprops_on_real_nuclei():
+    from cellseg.io import list_images, read_image
+    from tests.conftest import shared_dataset
+
+    dataset = shared_dataset("dsb2018")
+    for url in list_images(str(dataset / "images"))[::5]:
+        cells = read_image(str(dataset / "labels" / url.rsplit("/", 1)[-1])).astype(np.int32)
+        image = read_image(url)
+        np.testing.assert_allclose(cell_measurements(cells, image), _regionprops_reference(cells, image),
+                                   rtol=1e-9, atol=1e-9, err_msg=url)
 
 
 def test_no_cells_no_rows_and_shapes_must_match():

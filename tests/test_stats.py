@@ -143,3 +143,18 @@ def test_every_cell_below_minimum_is_like_an_empty_mask():
 def test_shape_mismatch_raises_naming_both_shapes():
     with pytest.raises(ValueError, match=r"\(4, 5\).*\(5, 4\)"):
         image_statistics(np.zeros((4, 5)), np.zeros((5, 4), np.int32))
+
+
+def test_label_cells_numbers_components_like_scipy():
+    # The labels are numbered in raster order of each component's first pixel, as
+    # scipy.ndimage.label numbers them, also on an image large enough for OpenCV to use threads.
+    from scipy import ndimage
+
+    rng = np.random.default_rng(4)
+    for shape, density in [((1, 1), 0.5), ((7, 300), 0.4), ((64, 64), 0.2), ((300, 7), 0.6), ((1500, 1200), 0.45)]:
+        mask = rng.random(shape) < density
+        labels, areas = label_cells(mask)
+        expected, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+        np.testing.assert_array_equal(labels, expected, err_msg=str(shape))
+        assert areas.tolist() == np.bincount(expected.ravel(), minlength=count + 1)[1:].tolist()
+    assert label_cells(np.zeros((0, 4), bool))[0].shape == (0, 4)
