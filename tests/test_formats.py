@@ -1,0 +1,295 @@
+"""Microscopy formats (cellseg.formats) on files written here by their own libraries: OME-TIFF
+(tifffile), OME-Zarr (ome-zarr-py), CZI (pylibCZIrw); channel, z and t chosen; pixel size into
+the NGFF metadata and the cell table; the missing-reader error; ND2 and LIF plugin discovery only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from cellseg.config import PredictConfig, SelectionConfig
+from cellseg.formats import FORMATS_EXTRA, bioio_reader, list_sources, open_plane, read_plane, read_source
+from cellseg.infer import Predictor
+from cellseg.io import ImageReadError, read_image
+from cellseg.jobs import SegmentJob, run_segmentation
+from cellseg.segment import model_record, segment_images
+from cellseg.store import ResultStore
+
+NAMES = ["GFP", "DAPI", "RFP"]
+PIXEL_UM = 0.5
+
+
+def _nuclei(synthetic_dataset: Path) -> np.ndarray:
+    """A 96x96 8-bit synthetic image of bright cells, as 16-bit."""
+    return read_image(str(synthetic_dataset / "images" / "synth_0000.png")).astype(np.uint16) * 200
+
+
+def _noise(image: np.ndarray, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 30000, image.shape).astype(image.dtype)
+
+
+def write_ome_tiff(path: Path, data: np.ndarray, names: list[str] | None = None, pixel_um: float | None = PIXEL_UM) -> str:
+    """A TCZYX OME-TIFF written by tifffile, with channel names and a physical pixel size."""
+    metadata: dict = {"axes": "TCZYX"}
+    if names:
+        metadata["Channel"] = {"Name": names}
+    if pixel_um:
+        metadata |= {"PhysicalSizeX": pixel_um, "PhysicalSizeY": pixel_um, "PhysicalSizeXUnit": "µm",
+                     "PhysicalSizeYUnit": "µm"}
+    tifffile.imwrite(path, data, ome=True, metadata=metadata)
+    return str(path)
+
+
+def write_ome_zarr(url: str, data: np.ndarray, names: list[str], pixel_um: float, storage_options=None) -> str:
+    """A TCZYX OME-Zarr image written by ome-zarr-py, with channel names and a pixel size in micrometres."""
+    from ome_zarr.writer import write_image
+
+    root = zarr.open_group(url, mode="w", storage_options=storage_options)
+    window = {"start": 0, "end": 65535, "min": 0, "max": 65535}
+    write_image(data, root, axes="tczyx", scale={"y": pixel_um, "x": pixel_um},
+                axes_units={"y": "micrometer", "x": "micrometer"}, scale_factors=None,
+                omero={"channels": [{"label": name, "color": "FFFFFF", "window": window} for name in names]})
+    return url
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_checkpoint) -> Predictor:
+    return Predictor.from_checkpoint(str(tiny_checkpoint), PredictConfig(device="cpu", min_cell_area=20))
+
+
+@pytest.fixture(scope="module")
+def segmented(tmp_path_factory, synthetic_dataset, predictor):
+    """The nuclei as a single-channel PNG and as channel 1 of a 3-channel OME-TIFF, each segmented
+    into a store of its own: (png store, OME-TIFF store)."""
+    root = tmp_path_factory.mktemp("formats")
+    nuclei = _nuclei(synthetic_dataset)
+    (root / "png").mkdir()
+    (root / "ome").mkdir()
+    tifffile.imwrite(root / "png" / "cells.tif", nuclei)
+    stack = np.stack([_noise(nuclei, 1), nuclei, _noise(nuclei, 2)])[None, :, None]
+    write_ome_tiff(root / "ome" / "cells.ome.tif", stack, NAMES)
+    stores = []
+    for folder, selection in (("png", SelectionConfig()), ("ome", SelectionConfig(channel="DAPI"))):
+        store = ResultStore.open(str(root / f"{folder}.zarr"))
+        chosen = Predictor(predictor.checkpoint, predictor.config.model_copy(update={"selection": selection}))
+        report = segment_images([("cells", url) for url in list_sources(str(root / folder), selection)], store, chosen,
+                                model_record(chosen, "tiny"))
+        assert report.done == ["cells"], report.failed
+        stores.append(store)
+    return stores
+
+
+def test_a_three_channel_image_segments_like_its_nuclear_channel_alone(segmented):
+    single, multi = segmented
+    assert single.read_cells("cells").max() > 3
+    assert np.array_equal(multi.read_cells("cells"), single.read_cells("cells"))
+    assert multi.record("cells")["statistics"] == single.record("cells")["statistics"]
+    assert multi.record("cells")["source"]["selection"] | {"sizes": None} == {
+        "format": "ome-tiff", "channel": 1, "channel_name": "DAPI", "z": 0, "t": 0, "sizes": None}
+    assert "source" not in single.record("cells")  # a plain TIFF with no choice keeps today's record
+
+
+def test_the_pixel_size_lands_in_the_ngff_scale_and_the_cell_table(segmented):
+    _, multi = segmented
+    for path in ("cells", "cells/labels/cells", "cells/labels/mask"):
+        (scales,) = multi.root[path].attrs["ome"]["multiscales"]
+        assert scales["datasets"][0]["coordinateTransformations"] == [{"type": "scale", "scale": [PIXEL_UM, PIXEL_UM]}]
+        assert [axis["unit"] for axis in scales["axes"]] == ["micrometer", "micrometer"]
+    columns, rows = multi.read_cell_table("cells")
+    area, area_um2 = rows[:, columns.index("area")], rows[:, columns.index("area_um2")]
+    assert len(rows) > 3 and np.allclose(area_um2, area * PIXEL_UM**2)
+    (row,) = multi.statistics()
+    assert row["pixel_size_um"] == PIXEL_UM and row["channel"] == 1
+    assert row["total_cell_area_um2"] == pytest.approx(row["total_cell_area"] * PIXEL_UM**2)
+
+
+def test_z_max_projects_and_z_index_picks_a_plane(tmp_path, synthetic_dataset):
+    nuclei = _nuclei(synthetic_dataset)
+    left, right = nuclei.copy(), nuclei.copy()
+    left[:, 48:] = 0
+    right[:, :48] = 0
+    url = write_ome_tiff(tmp_path / "stack.ome.tif", np.stack([left, right, left // 2])[None, None])
+    image, source = read_source(url, SelectionConfig(z="max"))
+    assert np.array_equal(image, nuclei) and source["selection"]["z"] == "max"
+    assert np.array_equal(read_source(url, SelectionConfig(z=1))[0], right)
+
+
+def test_t_all_makes_one_record_per_time_point(tmp_path, synthetic_dataset, tiny_checkpoint):
+    nuclei = _nuclei(synthetic_dataset)
+    (tmp_path / "src").mkdir()
+    write_ome_tiff(tmp_path / "src" / "movie.ome.tif", np.stack([nuclei, np.zeros_like(nuclei), nuclei])[:, None, None])
+    job = SegmentJob(source_url=str(tmp_path / "src"), store_url=str(tmp_path / "out.zarr"),
+                     checkpoint_url=str(tiny_checkpoint), predict=PredictConfig(device="cpu", selection={"t": "all"}))
+    report = run_segmentation(job)
+    assert report.done == ["movie_t000", "movie_t001", "movie_t002"] and not report.failed
+    store = ResultStore.open(job.store_url, mode="r")
+    assert [store.record(i)["source"]["selection"]["t"] for i in report.done] == [0, 1, 2]
+    assert store.read_cells("movie_t000").max() > 3 and store.read_cells("movie_t001").max() == 0
+    assert np.array_equal(store.read_cells("movie_t002"), store.read_cells("movie_t000"))
+    assert store.record("movie_t002")["model"]["predict"]["selection"] == {"channel": None, "z": None, "t": "all"}
+
+
+@pytest.mark.parametrize(("selection", "expected"), [
+    (SelectionConfig(), "has 3 channels (0 'GFP', 1 'DAPI', 2 'RFP'): choose one with --channel INDEX or NAME"),
+    (SelectionConfig(channel="Hoechst"), "no channel named 'Hoechst'; its channels are 0 'GFP', 1 'DAPI', 2 'RFP'"),
+    (SelectionConfig(channel=3), "channel 3 is out of range; its channels are 0 'GFP', 1 'DAPI', 2 'RFP'"),
+    (SelectionConfig(channel=0, z=4), "z 4 is out of range; it has 2 z planes (--z 0..1 or --z max)"),
+    (SelectionConfig(channel=0, z=0), "has 2 time points: choose one with --t 0..1 or every one with --t all"),
+    (SelectionConfig(channel=0, z=0, t=2), "time point 2 is out of range; it has 2 (--t 0..1 or --t all)"),
+])
+def test_a_choice_the_file_lacks_is_one_line_naming_the_file_and_its_choices(tmp_path, selection, expected):
+    url = write_ome_tiff(tmp_path / "x.ome.tif", np.zeros((2, 3, 2, 8, 8), np.uint16), NAMES)
+    with pytest.raises(ImageReadError) as raised:
+        read_source(url, selection)
+    assert str(raised.value) in (f"'{url}' {expected}", f"'{url}': {expected}")
+
+
+def test_a_single_plane_image_refuses_a_channel_it_does_not_have(tmp_path, synthetic_dataset):
+    png = str(synthetic_dataset / "images" / "synth_0000.png")
+    assert np.array_equal(read_source(png, SelectionConfig(channel=0, z="max", t="all"))[0], read_image(png))
+    with pytest.raises(ImageReadError, match=r"synth_0000.png': no channel named 'DAPI'; its channels are 0 '0'$"):
+        read_source(png, SelectionConfig(channel="DAPI"))
+
+
+def test_an_ome_tiff_named_plain_tif_says_how_to_choose_its_plane(tmp_path):
+    url = write_ome_tiff(tmp_path / "x.tif", np.zeros((1, 3, 1, 8, 8), np.uint16), NAMES)
+    warnings: list[str] = []
+    read_source(url, SelectionConfig(), warnings=warnings)
+    assert warnings == ["uses page 0 of 3: the other pages are not segmented; it is an OME-TIFF: name it *.ome.tif "
+                        "to choose a channel, z plane or time point"]
+
+
+def test_a_cell_diameter_in_um_is_converted_with_the_pixel_size(tmp_path, synthetic_dataset):
+    from cellseg.bundled import shipped_checkpoint
+    from cellseg.checkpoint import load_checkpoint
+
+    nuclei = _nuclei(synthetic_dataset)
+    ome = write_ome_tiff(tmp_path / "a.ome.tif", nuclei[None, None, None])
+    plain = str(tmp_path / "b.tif")
+    tifffile.imwrite(plain, nuclei)
+    model = load_checkpoint(shipped_checkpoint("nuclei"))  # a model at a cell size: the diameter is used
+    predictor = Predictor(model, PredictConfig(device="cpu", cell_diameter_um=9.0))
+    store = ResultStore.open(str(tmp_path / "out.zarr"))
+    report = segment_images([("a", ome), ("b", plain)], store, predictor, model_record(predictor, "nuclei"))
+    assert report.done == ["a"]
+    assert store.record("a")["scale"]["cell_diameter"] == pytest.approx(9.0 / PIXEL_UM)
+    assert report.failed[0]["error"] == (f"ImageReadError: '{plain}': its metadata gives no pixel size, so a cell "
+                                         "diameter in µm (9) cannot be converted to pixels; give --cell-diameter in pixels")
+
+
+def test_plane_reads_regions_lazily_from_tiled_bigtiff_and_zarr_arrays(tmp_path):
+    data = np.arange(3 * 300 * 500, dtype=np.uint16).reshape(3, 300, 500)
+    tifffile.imwrite(tmp_path / "big.tif", data, bigtiff=True, tile=(128, 128), metadata={"axes": "CYX"})
+    with open_plane(str(tmp_path / "big.tif"), SelectionConfig(channel=2)) as plane:
+        assert plane.shape == (300, 500) and plane.dtype == np.uint16 and plane.pixel_size_um is None
+        assert np.array_equal(plane[130:140, 250:499], data[2, 130:140, 250:499])
+    array = zarr.create_array(str(tmp_path / "a.zarr"), shape=(2, 300, 500), chunks=(1, 64, 64), dtype="uint16",
+                              dimension_names=("z", "y", "x"))
+    array[...] = data[:2]
+    plane = open_plane(str(tmp_path / "a.zarr"), SelectionConfig(z="max"))
+    assert np.array_equal(plane[10:20, 0:64], data[:2, 10:20, 0:64].max(0)) and plane.selection["format"] == "zarr"
+
+
+def test_read_plane_refuses_a_plane_over_max_pixels_before_decoding(tmp_path):
+    url = write_ome_tiff(tmp_path / "x.ome.tif", np.zeros((1, 1, 1, 64, 64), np.uint16))
+    with pytest.raises(ImageReadError, match="4096 pixels exceeds the limit of 4000"):
+        read_plane(url, SelectionConfig(), max_pixels=4000)
+    hostile = zarr.create_array(str(tmp_path / "h.zarr"), shape=(8, 8), chunks=(4096, 4096), dtype="uint16")
+    hostile[...] = 1  # an 8x8 image whose one chunk would decode to 32 MiB
+    with pytest.raises(ImageReadError, match="one chunk decodes to 33554432 bytes, over the limit of 8000000"):
+        read_plane(str(tmp_path / "h.zarr"), SelectionConfig(), max_pixels=1_000_000)
+
+
+def test_ome_zarr_images_are_read_with_their_names_and_pixel_size(tmp_path, synthetic_dataset):
+    pytest.importorskip("bioio_ome_zarr")
+    nuclei = _nuclei(synthetic_dataset)
+    data = np.stack([_noise(nuclei, 3), nuclei])[None, :, None]
+    url = write_ome_zarr(str(tmp_path / "src" / "img.ome.zarr"), data, ["GFP", "DAPI"], 0.25)
+    (tmp_path / "src" / "img.ome.zarr" / "stray.txt").write_text("inside the image: never listed")
+    assert list_sources(str(tmp_path / "src"), SelectionConfig()) == [url]
+    with open_plane(url, SelectionConfig(channel="DAPI")) as plane:
+        assert plane.pixel_size_um == 0.25 and plane.selection["channel"] == 1
+        assert np.array_equal(plane[10:30, 40:90], nuclei[10:30, 40:90])
+
+
+@pytest.mark.integration
+def test_ome_zarr_on_s3_is_one_image(s3_bucket, synthetic_dataset):
+    pytest.importorskip("bioio_ome_zarr")
+    bucket, options = s3_bucket
+    nuclei = _nuclei(synthetic_dataset)
+    url = write_ome_zarr(f"{bucket}/src/plate1.ome.zarr", nuclei[None, None, None], ["DAPI"], 0.5, options)
+    assert list_sources(f"{bucket}/src", SelectionConfig(), options) == [url]
+    image, source = read_source(url, SelectionConfig(channel="DAPI"), options)
+    assert np.array_equal(image, nuclei) and source["pixel_size_um"] == 0.5
+
+
+def test_czi_written_by_pylibczirw_reads_its_channel_and_pixel_size(tmp_path, synthetic_dataset):
+    pyczi = pytest.importorskip("pylibCZIrw.czi")
+    pytest.importorskip("bioio_czi")
+    nuclei = _nuclei(synthetic_dataset)
+    path = str(tmp_path / "a.czi")
+    with pyczi.create_czi(path, exist_ok=True) as writer:
+        for channel, plane in enumerate((_noise(nuclei, 4), nuclei)):
+            writer.write(data=plane, plane={"C": channel, "Z": 0, "T": 0}, location=(0, 0))
+        writer.write_metadata(document_name="test", channel_names={0: "GFP", 1: "DAPI"}, scale_x=0.5e-6, scale_y=0.5e-6)
+    image, source = read_source(path, SelectionConfig(channel="DAPI"))
+    assert np.array_equal(image, nuclei)
+    assert source["pixel_size_um"] == pytest.approx(0.5) and source["selection"]["format"] == "czi"
+
+
+@pytest.mark.parametrize("suffix", [".nd2", ".lif"])
+def test_nd2_and_lif_plugins_are_found_and_refuse_a_damaged_file_in_one_line(tmp_path, suffix):
+    """No writer exists for ND2 or LIF: their readers are untested on real files."""
+    plugin = "bioio-" + suffix[1:]
+    pytest.importorskip(plugin.replace("-", "_"))
+    assert bioio_reader(plugin, "x").__module__.startswith(plugin.replace("-", "_"))
+    damaged = tmp_path / f"a{suffix}"
+    damaged.write_bytes(b"\x00not a microscope file" * 10)
+    with pytest.raises(ImageReadError) as raised:
+        read_source(str(damaged), SelectionConfig())
+    assert str(raised.value).startswith(f"'{damaged}': {plugin} cannot read it") and "\n" not in str(raised.value)
+
+
+@pytest.mark.integration
+def test_a_missing_plugin_is_one_line_naming_the_extra_and_the_file(tmp_path, tiny_checkpoint):
+    """The plugin is not importable in the subprocess (as when the extra is not installed)."""
+    (tmp_path / "src").mkdir()
+    czi = tmp_path / "src" / "a.czi"
+    czi.write_bytes(b"ZISRAWFILE")
+    run = ("import sys; sys.modules['bioio_czi'] = None; from cellseg.cli import main; "
+           f"sys.exit(main(['predict', '--model', {str(tiny_checkpoint)!r}, '--images', {str(tmp_path / 'src')!r}, "
+           f"'--out', {str(tmp_path / 'out.zarr')!r}, '--device', 'cpu']))")
+    result = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 3, result.stderr
+    line = f"  failed: {czi}: MissingReaderError: '{czi}' needs the bioio-czi reader, which is not installed: {FORMATS_EXTRA}"
+    assert line in result.stdout.splitlines()
+
+
+@pytest.mark.integration
+def test_plain_images_never_import_bioio_or_dask(synthetic_dataset):
+    png = str(synthetic_dataset / "images" / "synth_0000.png")
+    run = ("import sys; from cellseg.config import SelectionConfig; from cellseg.formats import read_source; "
+           f"image, source = read_source({png!r}, SelectionConfig()); "
+           "print(image.shape, source, sorted({m.split('.')[0] for m in sys.modules} & {'bioio', 'dask', 'xarray'}))")
+    result = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "(96, 96) {} []"
+
+
+def test_selection_flags_fill_the_predict_config(tmp_path):
+    from cellseg.cli import _settings
+    from cellseg.cli_parser import build_parser
+
+    args = build_parser().parse_args(["predict", "--images", "in", "--out", "o.zarr", "--channel", "DAPI", "--z", "max",
+                                      "--t", "all", "--cell-diameter-um", "7.5"])
+    predict = _settings(args).predict
+    assert predict.selection == SelectionConfig(channel="DAPI", z="max", t="all") and predict.cell_diameter_um == 7.5
+    index = _settings(build_parser().parse_args(["predict", "--images", "in", "--out", "o.zarr", "--channel", "1"]))
+    assert index.predict.selection.channel == 1
+    assert json.loads(PredictConfig(selection={"z": 3}).model_dump_json())["selection"] == {"channel": None, "z": 3, "t": None}
