@@ -13,7 +13,7 @@ export PREFECT_LOGGING_EXTRA_LOGGERS := cellseg
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
 
-.PHONY: setup demo lint test bench bundled-model nuclei-model clean
+.PHONY: setup demo lint test bench bench-large bundled-model nuclei-model clean
 
 setup: $(VENV)/.setup-done
 
@@ -53,6 +53,11 @@ test: setup lint
 # Performance figures, side by side in one run (about 10 minutes on 2 cores); not part of `make test`.
 bench: setup
 	$(BIN)/python -m benchmarks.run
+
+# Images bigger than memory (docs/performance.md): a 30000x30000 mosaic block by block (peak RSS,
+# throughput vs separate 512x512 images) and the seams of an 8192x8192 one; tens of minutes on 2 cores.
+bench-large: setup
+	$(BIN)/python -m benchmarks.large
 
 # Retrain the model shipped in cellseg/models/ (synthetic data only; about 12 minutes on 2 cores).
 bundled-model: setup

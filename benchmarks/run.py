@@ -5,9 +5,12 @@
 Writes <out>/results.json and prints a table. Sections: hardware limit (dense matmul rates and
 the model's FLOPs), training (product loop vs the naive batch-1 fp32 loop at equal epochs), naive
 inference loop, model-only forward, product (`segment-images` from a local folder and from s3://
-on a loopback moto server, one shard at a time and two in parallel), memory (2,000 images; one
+on a loopback SeaweedFS server, one shard at a time and two in parallel), storage (codecs and the
+write of one result: `benchmarks.storage`), memory (2,000 images; one
 8192x8192 image, tiled), agreement of the fast path with plain fp32 and the cost of estimating
-each image's cell size with the shipped nuclei model (`benchmarks.cell_size`).
+each image's cell size with the shipped nuclei model (`benchmarks.cell_size`) and each post-processing
+stage beside the forward pass (`benchmarks.postprocess_stages`), the forward pass's variants
+(`benchmarks.forward`) and throughput and memory by image size (`benchmarks.scaling`).
 """
 
 from __future__ import annotations
@@ -27,11 +30,22 @@ from PIL import Image
 
 from benchmarks.baselines import notebook_epoch
 from benchmarks.cell_size import bench_cell_size
+from benchmarks.forward import bench_forward
+from benchmarks.forward import ratios as forward_ratios
+from benchmarks.forward import table_rows as forward_rows
+from benchmarks.postprocess_stages import bench_postprocess
+from benchmarks.postprocess_stages import ratios as postprocess_ratios
+from benchmarks.postprocess_stages import table_rows as postprocess_rows
+from benchmarks.scaling import bench_scaling
+from benchmarks.scaling import ratios as scaling_ratios
+from benchmarks.scaling import table_rows as scaling_rows
 from benchmarks.servers import (
     S3_TEST_CREDENTIALS,
-    running_moto_server,
     running_prefect_server,
+    running_seaweedfs_server,
 )
+from benchmarks.storage import bench_writing
+from benchmarks.storage import table_rows as storage_rows
 from cellseg.checkpoint import CheckpointError, load_checkpoint
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
 from cellseg.infer import Predictor, forward_probabilities
@@ -172,7 +186,7 @@ def _rates(count: int, seconds: float, side: int = SIDE) -> dict:
             "megapixels_per_second": count * side * side / 1e6 / seconds}
 
 
-def bench_product(source: str, store: str, registry: str, shard_size: int, parallel: int, compile: bool = False,
+def bench_product(source: str, store: str, registry: str, shard_size: int, parallel: int, compile: bool | None = None,
                   split_touching: bool = True, measure_cells: bool = True, store_image: bool = True) -> dict:
     from cellseg.flows.segment import segment_images_flow
 
@@ -273,7 +287,8 @@ def main() -> None:
     results: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                                  "cpu_capability": torch.backends.cpu.get_cpu_capability()}}
 
-    with running_prefect_server(work) as prefect_env, running_moto_server(work) as endpoint:
+    (work / "seaweedfs").mkdir()
+    with running_prefect_server(work) as prefect_env, running_seaweedfs_server(work / "seaweedfs") as endpoint:
         os.environ.update(prefect_env)
         import fsspec
         import s3fs
@@ -296,6 +311,8 @@ def main() -> None:
         print("model only ...", flush=True)
         results["model_only"] = bench_model_only(urls, predictor, streams=PARALLEL_SHARDS)
         results["model_only_one_stream"] = bench_model_only(urls, predictor, streams=1)
+        print("forward pass variants ...", flush=True)
+        results["forward"] = bench_forward()
         compiled = Predictor.from_checkpoint(str(checkpoint), PredictConfig(compile=True))
         results["model_only_compiled"] = bench_model_only(urls, compiled, streams=1)
         flops = results["hardware"]["model_gflop_per_megapixel"] * results["model_only"]["megapixels_per_second"]
@@ -307,6 +324,13 @@ def main() -> None:
         shard = max(1, args.images // 4)
         results["product_one_shard_at_a_time"] = bench_product(str(work / "infer/images"), str(work / "p1.zarr"), registry, shard, 1)
         results["product_local"] = bench_product(str(work / "infer/images"), str(work / "p2.zarr"), registry, shard, PARALLEL_SHARDS)
+        # From a real S3 server (SeaweedFS) right after the local run: the source alone, then source and store.
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+        fs.mkdir("bench")
+        fs.put(str(work / "infer/images") + "/", "bench/images/", recursive=True)
+        results["product_s3_source"] = bench_product("s3://bench/images", str(work / "p6.zarr"), registry, shard,
+                                                     PARALLEL_SHARDS)
+        results["product_s3"] = bench_product("s3://bench/images", "s3://bench/results.zarr", registry, shard, PARALLEL_SHARDS)
         results["product_no_split"] = bench_product(str(work / "infer/images"), str(work / "p4.zarr"), registry, shard,
                                                     PARALLEL_SHARDS, split_touching=False)
         results["product_labels_only"] = bench_product(str(work / "infer/images"), str(work / "p5.zarr"), registry, shard,
@@ -314,14 +338,14 @@ def main() -> None:
         results["measurements"] = bench_measurements(urls, str(work / "p2.zarr"))
         results["product_compiled"] = bench_product(str(work / "infer/images"), str(work / "p3.zarr"), registry, shard,
                                                     PARALLEL_SHARDS, compile=True)
-        fs = s3fs.S3FileSystem(endpoint_url=endpoint)
-        fs.mkdir("bench")
-        fs.put(str(work / "infer/images") + "/", "bench/images/", recursive=True)
-        results["product_s3"] = bench_product("s3://bench/images", "s3://bench/results.zarr", registry, shard, PARALLEL_SHARDS)
+        print("storage ...", flush=True)
+        results["storage"] = bench_writing(work)
 
         # Still inside the servers' context: the subprocesses inherit PREFECT_API_URL.
         print("memory ...", flush=True)
         results["memory"] = bench_memory(work, checkpoint, args.memory_images)
+        print("scaling with image size ...", flush=True)
+        results["scaling"] = bench_scaling(work / "scaling")
         print("agreement ...", flush=True)
         data = Path(__file__).resolve().parents[2] / "shared" / "data"
         reference = {name: (Path(f"runs/ref-{name}/best.pt"), data / name / "images") for name in ("isbi2012", "dsb2018")}
@@ -332,6 +356,11 @@ def main() -> None:
             results["cell_size"] = bench_cell_size("nuclei", data / "dsb2018")
         except (FileNotFoundError, CheckpointError) as error:  # no shipped nuclei model or no dsb2018 here
             print(f"cell size: skipped ({error})")
+        print("post-processing stages ...", flush=True)
+        try:
+            results["postprocess"] = bench_postprocess(dataset=data / "dsb2018")  # synthetic images without dsb2018
+        except (FileNotFoundError, CheckpointError) as error:  # no shipped nuclei model here
+            print(f"post-processing stages: skipped ({error})")
     results["ratios"] = {
         "product_vs_model_only": results["product_local"]["images_per_second"] / results["model_only"]["images_per_second"],
         "product_vs_naive": results["product_local"]["images_per_second"] / results["naive"]["images_per_second"],
@@ -339,7 +368,14 @@ def main() -> None:
         "product_compiled_vs_naive": results["product_compiled"]["images_per_second"] / results["naive"]["images_per_second"],
         "two_shards_vs_one": results["product_local"]["images_per_second"] / results["product_one_shard_at_a_time"]["images_per_second"],
         "training_vs_naive": results["training"]["speedup"],
+        "s3_vs_local_seaweedfs": results["product_s3"]["images_per_second"] / results["product_local"]["images_per_second"],
+        "s3_source_vs_local_seaweedfs": results["product_s3_source"]["images_per_second"]
+        / results["product_local"]["images_per_second"],
     }
+    if "postprocess" in results:
+        results["ratios"].update(postprocess_ratios(results["postprocess"]))
+    results["ratios"].update(forward_ratios(results["forward"]))
+    results["ratios"].update(scaling_ratios(results["scaling"]))
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print_table(results)
     print(f"\nresults: {out / 'results.json'}")
@@ -369,7 +405,9 @@ def print_table(r: dict) -> None:
          f"{r['measurements']['regionprops_ms_per_image'] / r['measurements']['ms_per_image']:.2f}x (one core per image)"),
         ("product, torch.compile", f"{r['product_compiled']['images_per_second']:.2f} img/s",
          f"{r['ratios']['product_compiled_vs_naive']:.2f}x naive (compile=true, opt-in)"),
-        ("product, s3 (moto)", f"{r['product_s3']['images_per_second']:.2f} img/s", ""),
+        ("product, s3 (SeaweedFS)", f"{r['product_s3']['images_per_second']:.2f} img/s",
+         f"{r['ratios']['s3_vs_local_seaweedfs']:.2f}x local (>= 0.8); source only on s3: "
+         f"{r['product_s3_source']['images_per_second']:.2f} img/s, {r['ratios']['s3_source_vs_local_seaweedfs']:.2f}x"),
         ("1 shard at a time vs 2", f"{r['product_one_shard_at_a_time']['images_per_second']:.2f} vs {r['product_local']['images_per_second']:.2f} img/s",
          f"{r['ratios']['two_shards_vs_one']:.2f}x (>= 1)"),
         ("training", f"{tr['product']['images_per_second']:.2f} vs naive {tr['naive']['images_per_second']:.2f} img/s",
@@ -389,6 +427,11 @@ def print_table(r: dict) -> None:
     for name, agreement in r["fast_path_agreement"].items():
         rows.append((f"bf16 vs fp32 masks, {name}", f"pixels agree {agreement['pixel_agreement']:.4%}",
                      f"Dice {agreement['dice']:.4f} (>= 0.999)"))
+    if "postprocess" in r:
+        rows += postprocess_rows(r["postprocess"])
+    rows += forward_rows(r["forward"])
+    rows += scaling_rows(r["scaling"])
+    rows += storage_rows(r["storage"])
     width = max(len(row[0]) for row in rows)
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:<44} {note}")

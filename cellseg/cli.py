@@ -224,18 +224,24 @@ def _run_results(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    from cellseg.plates import by_well
     from cellseg.store import ResultStore
     from cellseg.tables import write_table
 
     _settings(args)
+    if args.group_by and args.table != "images":
+        raise ValueError("--group-by well groups the per-image statistics: add --table images")
     store = ResultStore.open(args.store, mode="r")
-    unit = "cell" if args.table == "cells" else "image"
+    unit = "cell" if args.table == "cells" else "well" if args.group_by else "image"
     def rows() -> Iterator[dict[str, Any]]:  # read only once write_table has accepted the target
-        yield from store.cell_rows() if args.table == "cells" else store.statistics()
+        if args.group_by:
+            yield from by_well(store.statistics())
+        else:
+            yield from store.cell_rows() if args.table == "cells" else store.statistics()
 
     with _progress("exporting", unit) as bar:
         count = write_table((bar.update() or row for row in rows()), args.out, args.format, overwrite=args.overwrite)
-    print(f"wrote {count} {'cells' if args.table == 'cells' else 'images'} to {redact_url(args.out)}")
+    print(f"wrote {count} {unit}s to {redact_url(args.out)}")
     _print_damaged(store)  # left out of the table, which says so here
     return 0
 

@@ -32,6 +32,16 @@ def cell_diameter(text: str) -> float | str | None:
     return float(text)
 
 
+def z_plane(text: str) -> int | str:
+    """--z: a plane index or 'max' (projection)."""
+    return text if text == "max" else int(text)
+
+
+def time_point(text: str) -> int | str:
+    """--t: a time point index or 'all'."""
+    return text if text == "all" else int(text)
+
+
 def minutes(text: str) -> float | str | None:
     """--max-minutes: 0 means no limit, 'auto' the default budget."""
     return text if text == "auto" else float(text) or None
@@ -103,6 +113,16 @@ PREDICT_FLAGS: list[Flag] = [
     (("--cell-diameter",), "predict.cell_diameter", {
         "type": float, "help": "median diameter (pixels) of the cells in these images, for a model trained with "
                                "--cell-diameter; default: measured on each image"}),
+    (("--cell-diameter-um",), "predict.cell_diameter_um", {
+        "type": float, "help": "the cells' median diameter in µm, converted with each image's pixel size (from its "
+                               "metadata; an image without one fails)"}),
+    (("--channel",), "predict.selection.channel", {
+        "help": "channel to segment in multi-channel files: index (0 = first) or name, e.g. DAPI; needed when a "
+                "file has several"}),
+    (("--z",), "predict.selection.z", {"type": z_plane, "metavar": "Z|max",
+                                       "help": "z plane of z-stacks, or max: maximum projection"}),
+    (("--t",), "predict.selection.t", {"type": time_point, "metavar": "T|all",
+                                       "help": "time point of time series, or all: each one an image (<name>_t003)"}),
     (("--no-split",), "predict.split_touching", {"action": "store_const", "const": False,
                                                  "help": "keep touching cells as one object (no watershed); "
                                                          "default: as the model decided when it was trained"}),
@@ -127,12 +147,23 @@ PREDICT_FLAGS: list[Flag] = [
     (("--no-amp",), "predict.amp", {"action": "store_const", "const": False,
                                     "help": "plain fp32 inference, no mixed precision"}),
     (("--compile",), "predict.compile", {"action": "store_const", "const": True,
-                                         "help": "torch.compile the model (pays off on long runs)"}),
+                                         "help": "torch.compile the model from the first image (unset: on CPU, an "
+                                                 "image size after 2,000 images of it)"}),
+    (("--no-compile",), "predict.compile", {"action": "store_const", "const": False,
+                                            "help": "never torch.compile the model"}),
     (("--tile-size",), "predict.tile_size", {"type": int, "help": "tile larger images"}),
     (("--tile-overlap",), "predict.tile_overlap", {"type": int, "help": "pixels shared by neighbouring tiles, at most "
                                                     "3/4 of the tile; unset: 128, or half the tile under 256"}),
     (("--max-pixels",), "predict.max_pixels", {"type": int, "help": "refuse images with more pixels (or more than "
                                                   "8 bytes of samples per pixel of it), before decoding"}),
+    (("--blockwise-above",), "predict.blocks.above_pixels", {
+        "type": int, "metavar": "PIXELS", "help": "segment TIFF/OME-Zarr/CZI/ND2/LIF images with more pixels block by "
+                                                  "block, never whole in memory"}),
+    (("--block-size",), "predict.blocks.block_size", {"type": int, "help": "side of a block's core (a multiple of "
+                                                                           "1024 from 1024 up)"}),
+    (("--block-overlap",), "predict.blocks.overlap", {"type": int, "help": "pixels a block reads past its core on "
+                                                                           "every side: over the largest cell's "
+                                                                           "diameter"}),
 ]
 
 REGISTRY_FLAG: Flag = (("--registry",), "registry_url", {"help": "model registry URL"})
@@ -276,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("csv", "parquet"), default="csv", help="default %(default)s")
     export.add_argument("--table", choices=("cells", "images"), default="cells",
                         help="one row per cell (default) or the per-image statistics")
+    export.add_argument("--group-by", choices=("well",), dest="group_by",
+                        help="with --table images: one row per well of a plate (cells and areas summed, the other "
+                             "statistics averaged over its fields)")
     export.add_argument("--out", required=True, help="file to write (local path or URL); never inside a zarr store")
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 

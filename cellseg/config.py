@@ -218,6 +218,74 @@ def default_tile_overlap(tile_size: int) -> int:
     return min(128, tile_size // 2)
 
 
+class SelectionConfig(_Config):
+    """Which 2-D plane of a multi-dimensional microscopy file is segmented (cellseg.formats).
+
+    Unset, a dimension must have a single plane: a file with several channels, z planes or time
+    points and no choice for them is refused with one line naming the file and its choices, so a
+    nuclear stain is never guessed. PNG/JPEG and single-plane files have one plane of each."""
+
+    channel: Annotated[int, Field(ge=0)] | Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
+        None, description="channel index (0 = first) or name as the file's metadata gives it (e.g. 'DAPI'); "
+                          "None: the only channel",
+    )
+    z: Annotated[int, Field(ge=0)] | Literal["max"] | None = Field(
+        None, description="z plane index, or 'max' for the maximum-intensity projection over z; None: the only plane"
+    )
+    t: Annotated[int, Field(ge=0)] | Literal["all"] | None = Field(
+        None, description="time point index, or 'all': each time point is an image of its own (id <name>_t003); "
+                          "None: the only time point",
+    )
+
+    @field_validator("channel", mode="before")
+    @classmethod
+    def _index_as_int(cls, value: Any) -> Any:
+        """A channel given as digits (a command line's '--channel 1') is an index."""
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+
+BLOCK_CHUNK_SIDE = 1024  # the store's chunk side (cellseg.store.CHUNK_SIDE): block cores are whole chunks
+
+
+class BlockConfig(_Config):
+    """Images bigger than memory: segmented block by block and stitched (cellseg.blocks)."""
+
+    above_pixels: int = Field(
+        8192 * 8192, ge=1,
+        description="images with more pixels than this are segmented block by block when their format is read region "
+                    "by region (TIFF, OME-TIFF, OME-Zarr, CZI/ND2/LIF); smaller ones, and PNG/JPEG, whole",
+    )
+    block_size: int = Field(
+        2048, ge=128, le=16384,
+        description=f"side (pixels) of each block's core; from {BLOCK_CHUNK_SIDE} up a multiple of {BLOCK_CHUNK_SIDE} "
+                    "(the store's chunk side), so that a block writes whole chunks; memory per worker grows with its square",
+    )
+    overlap: int = Field(
+        64, ge=16,
+        description="pixels each block reads beyond its core on every side, for context and to see whole the cells "
+                    "that cross its edges: at least the largest cell's diameter plus 32; at most half the block",
+    )
+    empty_level: float = Field(
+        0.1, ge=0.0, lt=1.0,
+        description="a block whose core has no pixel above this normalised intensity (0: the image's low percentile, "
+                    "1: its high one) is skipped as empty, without a pass of the model; 0 never skips",
+    )
+    max_pixels: int = Field(
+        1 << 34, ge=1,
+        description="block-wise images with more pixels are refused before any work (about 131k x 131k): the bound "
+                    "on the block plan and the stitching tables, which grow with the image, not the block",
+    )
+
+    @model_validator(mode="after")
+    def _whole_chunks(self) -> BlockConfig:
+        if self.block_size > BLOCK_CHUNK_SIDE and self.block_size % BLOCK_CHUNK_SIDE:
+            raise ValueError(f"block_size ({self.block_size}) must be a multiple of {BLOCK_CHUNK_SIDE} (the store's chunk "
+                             f"side) when above it, e.g. {self.block_size // BLOCK_CHUNK_SIDE * BLOCK_CHUNK_SIDE}")
+        if self.overlap > self.block_size // 2:
+            raise ValueError(f"overlap ({self.overlap}) must be at most half of block_size ({self.block_size})")
+        return self
+
+
 class PredictConfig(_Config):
     """Inference: thresholding, batching, precision, tiling and the statistics it feeds."""
 
@@ -230,7 +298,11 @@ class PredictConfig(_Config):
     )
     device: Device = "auto"
     amp: bool = Field(True, description="bf16 mixed precision on CUDA and on CPUs with native bf16; False for plain fp32")
-    compile: bool = Field(False, description="torch.compile the model: faster per image after a one-off compile per image size")
+    compile: bool | None = Field(
+        None, description="torch.compile the model (one compilation per image size, then faster per image): True from "
+                          "the first image; None: on CPU, an image size once this process has run it "
+                          "2,000 times (cellseg.runtime.COMPILE_AFTER), so that only long runs pay; False: never"
+    )
     tta: bool = Field(False, description="test-time augmentation: average over 8 flips/rotations (8x the compute)")
     tile_size: int = Field(1024, ge=64, description="images larger than this on a side are predicted in overlapping tiles")
     tile_overlap: int = Field(
@@ -245,6 +317,13 @@ class PredictConfig(_Config):
         description=(
             "median diameter (pixels) of the cells in the images to segment, for models trained at a cell size "
             "(model cell_diameter); None: measured on each image by a first pass of the model"
+        ),
+    )
+    cell_diameter_um: float | None = Field(
+        None, gt=0.0, le=10_000.0,
+        description=(
+            "cell_diameter in micrometres, converted for each image with the pixel size its metadata gives "
+            "(cellseg.formats); an image without a pixel size fails with that said. Not with cell_diameter"
         ),
     )
     split_touching: bool | None = Field(
@@ -272,6 +351,12 @@ class PredictConfig(_Config):
                           "OME-Zarr image with its label layers (napari); off: labels only, smaller stores"
     )
     save_probabilities: bool = False
+    selection: SelectionConfig = Field(
+        SelectionConfig(), description="the channel, z plane and time point read from multi-dimensional files"
+    )
+    blocks: BlockConfig = Field(
+        BlockConfig(), description="images bigger than memory: when they go block by block, the blocks and their overlap"
+    )
     max_pixels: int = Field(
         DEFAULT_MAX_PIXELS, ge=1,
         description="images with more pixels, or whose samples decode to more than max_pixels x 8 bytes, are refused "
@@ -292,6 +377,13 @@ class PredictConfig(_Config):
                 f"{self.tile_size * 3 // 4} or less, so that tiles advance by a quarter tile or more (unset, it is "
                 f"{default_tile_overlap(self.tile_size)})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _one_cell_size(self) -> PredictConfig:
+        if self.cell_diameter is not None and self.cell_diameter_um is not None:
+            raise ValueError(f"cell_diameter ({self.cell_diameter} px) and cell_diameter_um ({self.cell_diameter_um} µm) "
+                             "are both set; give one")
         return self
 
 

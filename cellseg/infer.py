@@ -18,7 +18,7 @@ from cellseg.io import StorageOptions
 from cellseg.model import UNet
 from cellseg.normalize import flat_level, normalize_image
 from cellseg.postprocess import CellMaps, maps_from_output, threshold_probabilities
-from cellseg.runtime import autocast_context, resolve_device, set_threads
+from cellseg.runtime import COMPILE_AFTER, CompiledByShape, autocast_context, resolve_device, set_threads
 from cellseg.scale import SizeEstimate, cell_maps_at_cell_size
 from cellseg.size_model import SizeModel, network_features
 from cellseg.tiling import predict_tiled
@@ -34,7 +34,10 @@ def forward_outputs(
     input (each mapped back), which makes the result exactly equivariant to them.
     """
     with torch.inference_mode():
-        inputs = torch.from_numpy(np.ascontiguousarray(batch))[:, None].to(device)
+        inputs = torch.from_numpy(np.ascontiguousarray(batch))[:, None]
+        if device.type == "cuda":  # a page-locked copy goes to the GPU without a staging copy, asynchronously
+            inputs = inputs.pin_memory()
+        inputs = inputs.to(device, non_blocking=True)
 
         def outputs(x: torch.Tensor) -> torch.Tensor:
             with autocast_context(device, amp):
@@ -120,7 +123,9 @@ class Predictor:
         set_threads(config.threads)
         self.batch_size = config.batch_size or (8 if self.device.type == "cuda" else 1)
         self.model = checkpoint.build_model().to(self.device)
-        self.forward_model: Any = torch.compile(self.model) if config.compile else self.model
+        self.forward_model: Any = self.model
+        if config.compile or (config.compile is None and self.device.type == "cpu"):
+            self.forward_model = CompiledByShape(self.model, 0 if config.compile else COMPILE_AFTER)
         self.size_estimate: SizeEstimate | None = None
         if checkpoint.size_model is not None:
             size_model, features = SizeModel.from_dict(checkpoint.size_model), network_features(self.model, self.device, config.amp)
@@ -155,16 +160,20 @@ class Predictor:
         """The probability threshold in use: the settings', else the one decided for the model."""
         return self.checkpoint.threshold if self.config.threshold is None else self.config.threshold
 
-    def cell_maps(self, images: Sequence[np.ndarray]) -> list[CellMaps]:
-        """`CellMaps` for raw (H, W) images of any dtype and size.
+    def cell_maps(self, images: Sequence[np.ndarray], cell_diameters: Sequence[float | None] | None = None) -> list[CellMaps]:
+        """`CellMaps` for raw (H, W) images of any dtype and size; `cell_diameters` (pixels, one
+        per image, None: the config's) for a model at a cell size, such as a diameter given in µm
+        converted with each image's pixel size.
 
         An image without contrast (`flat_level`: a constant image, say) holds nothing to segment:
         it gets empty maps, without a pass of the model, with a warning that says so.
         """
         levels = [flat_level(image, self.normalization) for image in images]
+        diameters = list(cell_diameters) if cell_diameters is not None else [None] * len(images)
         predicted = iter(self.normalised_cell_maps(
             [normalize_image(image, self.normalization) for image, level in zip(images, levels, strict=True)
-             if level is None]
+             if level is None],
+            [diameter for diameter, level in zip(diameters, levels, strict=True) if level is None],
         ))
         return [next(predicted) if level is None else self._flat_maps(image, level)
                 for image, level in zip(images, levels, strict=True)]
@@ -180,8 +189,12 @@ class Predictor:
         distance = empty if self.checkpoint.model_config.distance_map else None
         return CellMaps(empty, distance, warnings=(f"{what}: no cells",))
 
-    def normalised_cell_maps(self, images: Sequence[np.ndarray]) -> list[CellMaps]:
-        """`CellMaps` for images already normalised as the model expects.
+    def normalised_cell_maps(
+        self, images: Sequence[np.ndarray], cell_diameters: Sequence[float | None] | None = None,
+        tile_size: int | None = None,
+    ) -> list[CellMaps]:
+        """`CellMaps` for images already normalised as the model expects; `tile_size` replaces the
+        config's for them (the block-wise path sizes its tiles to its windows, `cellseg.blocks`).
 
         A model trained at a cell size (`ModelConfig.cell_diameter`) sees each image resampled
         to that size, one image at a time (`cellseg.scale.cell_maps_at_cell_size`: the size is
@@ -190,16 +203,20 @@ class Predictor:
         """
         model_config = self.checkpoint.model_config
         if model_config.cell_diameter is None:
-            return [maps_from_output(output, model_config.distance_map) for output in self._forward(images)]
-        return [cell_maps_at_cell_size(image, self.forward_one, model_config, self.config, self.size_estimate)
-                for image in images]
+            return [maps_from_output(output, model_config.distance_map) for output in self._forward(images, tile_size)]
+        diameters = list(cell_diameters) if cell_diameters is not None else [None] * len(images)
+        configs = [self.config if diameter is None else self.config.model_copy(update={"cell_diameter": diameter})
+                   for diameter in diameters]
+        forward = self.forward_one if tile_size is None else (lambda image: self._forward([image], tile_size)[0])
+        return [cell_maps_at_cell_size(image, forward, model_config, config, self.size_estimate)
+                for image, config in zip(images, configs, strict=True)]
 
     def forward_one(self, image: np.ndarray) -> np.ndarray:
         """The (C, H, W) output for one normalised (H, W) image on its own grid."""
         return self._forward([image])[0]
 
-    def _forward(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def _forward(self, images: Sequence[np.ndarray], tile_size: int | None = None) -> list[np.ndarray]:
         return predict_outputs(
             self.forward_model, images, self.batch_size, self.device, self.config.amp,
-            self.config.tile_size, self.config.tile_overlap, self.config.tta,
+            tile_size or self.config.tile_size, self.config.tile_overlap, self.config.tta,
         )

@@ -21,12 +21,15 @@ import tifffile
 from fsspec.core import url_to_fs
 from PIL import Image, UnidentifiedImageError
 
+from cellseg.plates import image_id
 from cellseg.redact import redact_url
 from cellseg.storage_errors import storage_call
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+MICROSCOPY_FILE_SUFFIXES = (".czi", ".nd2", ".lif")  # read by bioio plugins (cellseg.formats)
+ZARR_FOLDER_SUFFIX = ".zarr"  # an OME-Zarr image or plate: one source, never a folder to recurse into
 DEFAULT_MAX_PIXELS = 16_384 * 16_384
 # Decoded bytes allowed per pixel of `max_pixels` (16-bit RGBA, or float64 grayscale), so that
 # samples, planes and wide types cannot multiply the memory that max_pixels grants.
@@ -72,10 +75,9 @@ def join_url(base: str, name: str) -> str:
 
 
 def image_stem(url: str) -> str:
-    """File name without its last suffix: the image id."""
-    name = posixpath.basename(url.rstrip("/"))
-    stem, _ = posixpath.splitext(name)
-    return stem
+    """File name without its last suffix (and a `.ome` before it): the image id. A plate field or
+    a time point that `cellseg.formats.list_sources` lists has an id of its own (`cellseg.plates`)."""
+    return image_id(url)
 
 
 @dataclass(frozen=True)
@@ -87,11 +89,13 @@ class FileEntry:
     fingerprint: str
 
 
-def list_image_entries(url: str, storage_options: StorageOptions = None) -> list[FileEntry]:
-    """Image files directly under the directory `url`, sorted by name.
+def list_image_entries(url: str, storage_options: StorageOptions = None, microscopy: bool = False) -> list[FileEntry]:
+    """Image files directly under the directory `url`, sorted by name; with `microscopy`, also
+    CZI/ND2/LIF files and `.zarr` folders (OME-Zarr images and plates: `cellseg.formats`).
 
     The fingerprint is the object's ETag on object storage, its modification time elsewhere.
     """
+    suffixes = IMAGE_SUFFIXES + MICROSCOPY_FILE_SUFFIXES if microscopy else IMAGE_SUFFIXES
     fs, root = filesystem(url, storage_options)
     # fsspec reuses filesystem instances per process, and s3fs caches listings: without this, a
     # second listing in the same process misses new and changed objects.
@@ -104,9 +108,12 @@ def list_image_entries(url: str, storage_options: StorageOptions = None) -> list
     for listed in listing:
         name = posixpath.basename(listed["name"].rstrip("/"))
         entry = _followed_link(listed) if listed.get("islink") else listed
+        if microscopy and entry.get("type") == "directory" and name.lower().endswith(ZARR_FOLDER_SUFFIX):
+            entries.append(FileEntry(join_url(url, name), 0, f"zarr:{entry.get('mtime') or ''}"))
+            continue
         if entry.get("type") != "file":
             continue
-        if not name.lower().endswith(IMAGE_SUFFIXES):
+        if not name.lower().endswith(suffixes):
             ignored.append(name)
             continue
         version = entry.get("ETag") or entry.get("etag") or entry.get("mtime") or entry.get("LastModified") or ""
@@ -114,7 +121,7 @@ def list_image_entries(url: str, storage_options: StorageOptions = None) -> list
     if ignored:
         shown = ", ".join(sorted(ignored)[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
         logger.warning("ignoring %d file(s) under '%s' without an image suffix (%s): %s",
-                       len(ignored), redact_url(url), " ".join(IMAGE_SUFFIXES), shown)
+                       len(ignored), redact_url(url), " ".join(suffixes), shown)
     return sorted(entries, key=lambda entry: entry.url)
 
 
@@ -216,13 +223,15 @@ def _decode_tiff(data: bytes, name: str, max_pixels: int, notes: list[str]) -> n
             page = cast(tifffile.TiffPage, tif.pages[0])  # the first page is a TiffPage, never a TiffFrame
             _check_tiff_page(page, data, name, max_pixels)
             pages = len(tif.pages)
+            ome = tif.is_ome
             array = page.asarray()
     except ImageReadError:
         raise
     except Exception as error:  # tifffile raises many types on malformed input
         raise ImageReadError(f"'{name}': not a readable TIFF ({error})") from error
     if pages > 1:
-        notes.append(f"uses page 0 of {pages}: the other pages are not segmented")
+        hint = "; it is an OME-TIFF: name it *.ome.tif to choose a channel, z plane or time point" if ome else ""
+        notes.append(f"uses page 0 of {pages}: the other pages are not segmented{hint}")
     if array.ndim == 3 and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and array.shape[0] in (3, 4):
         array = np.moveaxis(array, 0, -1)  # planar RGB(A) is stored samples-first: (S, H, W)
     if array.ndim == 3 and array.shape[-1] in (3, 4):

@@ -14,29 +14,43 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cellseg.blocks import (
+    blockwise_shape,
+    finish_image,
+    measure_block,
+    opened,
+    plane_opener,
+    predict_block,
+    prepare_image,
+    segment_blockwise,
+    stitch_image,
+)
 from cellseg.bundled import BUNDLED_VERSION, shipped_checkpoint, shipped_name
 from cellseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cellseg.config import ModelConfig
 from cellseg.evaluate import choose_postprocessing, validation_cell_scores
+from cellseg.formats import list_sources
 from cellseg.infer import Predictor
-from cellseg.io import list_images
 from cellseg.job_config import SegmentJob, TrainJob, TuneJob, with_settings
 from cellseg.model_source import ModelSource, shared_predictor
 from cellseg.pairs import ImagePair, LoadedPair, load_pairs, manifest_hash, pair_images_and_masks, split_train_val
-from cellseg.redact import redact_text
+from cellseg.redact import redact_text, redact_url
 from cellseg.report import training_pictures
 from cellseg.runtime import resolve_device, set_threads
 from cellseg.segment import SegmentReport, model_record, pending_images, segment_images
 from cellseg.size_model import MAGNIFICATIONS, MIN_EXAMPLES, SizeModel, fit_size_model, network_features, size_examples
 from cellseg.store import ResultStore
+from cellseg.store_checks import StoreWriteError
 from cellseg.train import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, TrainResult, train
 from cellseg.tune import Trial, TrialResult
 
@@ -275,15 +289,17 @@ def model_source(job: SegmentJob) -> ModelSource:
 
 @dataclass
 class SegmentPlan:
-    """The images of a source not yet done in the store, in shards; and those already done or unusable."""
+    """The images of a source not yet done in the store, in shards, and those too large to read
+    whole (`large`, segmented block by block: `LargeImage`); and those already done or unusable."""
 
     shards: list[Shard]
     skipped: list[str]
     rejected: list[dict[str, str]]
+    large: Shard = field(default_factory=list)
 
     @property
     def pending(self) -> int:
-        return sum(len(shard) for shard in self.shards)
+        return sum(len(shard) for shard in self.shards) + len(self.large)
 
 
 def pin_model(job: SegmentJob) -> SegmentJob:
@@ -296,12 +312,27 @@ def pin_model(job: SegmentJob) -> SegmentJob:
 def plan_segmentation(job: SegmentJob, on_record: Callable[[str], None] | None = None) -> SegmentPlan:
     """Images under `job.source_url` that the store does not hold yet, in shards of `job.shard_size`.
     Files that cannot be images of the store (clashing or invalid ids) are listed as rejected."""
-    images = list_images(job.source_url)  # first: a source that cannot be read leaves no new store behind
+    # First: a source that cannot be read leaves no new store behind. OME-Zarr folders, plate fields
+    # and, with --t all, time points are listed as images of their own (cellseg.formats).
+    images = list_sources(job.source_url, job.predict.selection)
     store = ResultStore.open(job.store_url)
     rejected: list[dict[str, str]] = []
     todo, skipped = pending_images(images, store, rejected, on_record=on_record)
+    large = large_images(todo, job)
+    todo = [pair for pair in todo if pair not in large]
     shards = [todo[start : start + job.shard_size] for start in range(0, len(todo), job.shard_size)]
-    return SegmentPlan(shards, skipped, rejected)
+    return SegmentPlan(shards, skipped, rejected, large)
+
+
+HEADER_READERS = 16  # image headers read at once when looking for images to segment block by block
+
+
+def large_images(images: Shard, job: SegmentJob) -> Shard:
+    """The images to segment block by block (`blocks.blockwise_shape`: read region by region, above
+    `predict.blocks.above_pixels`); only TIFF and microscopy formats have their header read."""
+    with ThreadPoolExecutor(max_workers=HEADER_READERS) as pool:
+        shapes = list(pool.map(lambda pair: blockwise_shape(pair[1], job.predict), images))
+    return [pair for pair, shape in zip(images, shapes, strict=True) if shape is not None]
 
 
 def segment_shard(job: SegmentJob, shard: Shard, on_image: Callable[[str], None] | None = None) -> SegmentReport:
@@ -336,9 +367,89 @@ def run_segmentation(
     if on_plan is not None:
         on_plan(plan.pending)
     report = segment_shard(job, [pair for shard in plan.shards for pair in shard], on_image)
+    if plan.large and job.predict.threads is None:
+        job = job.model_copy(update={"predict": job.predict.model_copy(
+            update={"threads": threads_per_shard(job, os.cpu_count() or 1)})})
+    for image_id, url in plan.large:
+        large = LargeImage(job, image_id, url).run(workers=job.max_parallel_shards)
+        report.done += large.done
+        report.failed += large.failed
+        report.warnings += large.warnings
+        report.seconds += large.seconds
+        report.pixels += large.pixels
+        if on_image is not None:
+            on_image(image_id)
     report.skipped[:0] = plan.skipped
     report.failed[:0] = plan.rejected
     return report
+
+
+@dataclass(frozen=True)
+class LargeImage:
+    """One image segmented block by block (`cellseg.blocks`) with a job's model and settings: its
+    steps, each a task of the segment-images flow, and `run`, all of them in this process."""
+
+    job: SegmentJob
+    image_id: str
+    url: str
+
+    def prepare(self) -> tuple[int, list[int]]:
+        """Plan the blocks (or take up an earlier run's): (blocks, those still to predict)."""
+        with opened(plane_opener(self.url, self.job.predict)) as source:
+            return prepare_image(self._store(), self.image_id, self.url, source, self._predictor())
+
+    def predict(self, index: int) -> str:
+        with opened(plane_opener(self.url, self.job.predict)) as source:
+            return predict_block(self._store(), self.image_id, index, source, self._predictor())
+
+    def stitch(self) -> None:
+        stitch_image(self._store(), self.image_id)
+
+    def measure(self, index: int) -> str:
+        with opened(plane_opener(self.url, self.job.predict)) as source:
+            return measure_block(self._store(), self.image_id, index, source)
+
+    def finish(self, started: float | None = None) -> SegmentReport:
+        """The cell table, statistics, pyramid and done mark; the report of the image."""
+        if self._store().is_done(self.image_id):  # finished by another run meanwhile
+            return self._report({}, 0.0)
+        record = finish_image(self._store(), self.image_id, self._model(), self.job.max_parallel_shards)
+        return self._report(record, time.monotonic() - started if started is not None else 0.0)
+
+    def run(self, workers: int = 1) -> SegmentReport:
+        """Every step, the blocks on `workers` threads; a failure is recorded (the run goes on)."""
+        try:
+            record = segment_blockwise(self._store(), self.image_id, self.url, plane_opener(self.url, self.job.predict),
+                                       self._predictor(), self._model(), workers)
+        except StoreWriteError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a bad image is recorded as failed and the run goes on
+            return self.fail(error)
+        return self._report(record, record.get("seconds", 0.0))
+
+    def fail(self, error: BaseException) -> SegmentReport:
+        """Record the image as failed (its blocks done so far are kept for the next run)."""
+        described = redact_text(f"{type(error).__name__}: {error}")
+        logger.warning("failed to segment '%s' block by block: %s", redact_url(self.url), described)
+        self._store().record_failure(self.image_id, self.url, described, self._model())
+        return SegmentReport(failed=[{"image_id": self.image_id, "source_url": redact_url(self.url), "error": described}])
+
+    def _report(self, record: dict[str, Any], seconds: float) -> SegmentReport:
+        if not record:  # another run finished it meanwhile
+            return SegmentReport(skipped=[self.image_id], seconds=seconds)
+        shape = record["shape"]
+        warnings = [{"image_id": self.image_id, "source_url": redact_url(self.url), "warning": warning}
+                    for warning in record.get("warnings", [])]
+        return SegmentReport(done=[self.image_id], warnings=warnings, seconds=seconds, pixels=int(shape[0] * shape[1]))
+
+    def _store(self) -> ResultStore:
+        return ResultStore.open(self.job.store_url)
+
+    def _predictor(self) -> Predictor:
+        return shared_predictor(model_source(self.job), self.job.predict)
+
+    def _model(self) -> dict[str, Any]:
+        return model_record(self._predictor(), model_source(self.job).location())
 
 
 def threads_per_shard(job: SegmentJob, cpu_count: int) -> int | None:

@@ -69,6 +69,18 @@ def normalize_image(image: np.ndarray, config: NormalizationConfig = Normalizati
     return scaled[image] if image.dtype in (np.uint8, np.uint16) else scaled
 
 
+def histogram_lut(counts: np.ndarray, config: NormalizationConfig = NormalizationConfig()) -> np.ndarray | None:
+    """The float32 table through which `normalize_image` maps an 8- or 16-bit image, from the
+    image's histogram (`np.bincount` of its pixels; summed over its parts, for an image read block
+    by block): `lut[image]` equals `normalize_image(image, config)`. None without contrast."""
+    (low, high), skewness = _histogram_statistics(counts, [config.low_percentile, config.high_percentile])
+    if _no_contrast(low, high, np.dtype(np.uint16)):
+        return None
+    levels = np.arange(len(counts), dtype=np.float32)
+    scaled = np.clip((levels - low) / (high - low), 0.0, 1.0).astype(np.float32, copy=False)
+    return 1.0 - scaled if config.polarity == "auto" and skewness < 0 else scaled
+
+
 def flat_level(image: np.ndarray, config: NormalizationConfig = NormalizationConfig()) -> float | None:
     """The intensity of an (H, W) image without contrast between the configured percentiles (a
     constant image, or one whose pixels all but a sliver share one value), else None.

@@ -6,11 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
+from cellseg.config import SelectionConfig
+from cellseg.formats import read_source
 from cellseg.infer import Predictor
-from cellseg.io import read_image
 from cellseg.pairs import LoadedPair
 from cellseg.pictures import overlay_gallery, segmentation_montage, training_curves
-from cellseg.store import ResultStore
+from cellseg.store import IMAGE_PATH, ResultStore
 
 CURVES_FILE = "training_curves.png"
 GALLERY_FILE = "validation_gallery.png"
@@ -48,6 +51,16 @@ def store_montage(
     if not shown:
         return None
     return segmentation_montage(
-        [read_image(source) for _, source in shown], [store.read_cells(image_id) for image_id, _ in shown],
+        [_segmented_image(store, image_id, source) for image_id, source in shown],
+        [store.read_cells(image_id) for image_id, _ in shown],
         [image_id for image_id, _ in shown], url,
     )
+
+
+def _segmented_image(store: ResultStore, image_id: str, source: str) -> np.ndarray:
+    """The plane an image's result was segmented from: the store's copy of it, else its source read
+    again with the selection its record names (a channel of an OME-TIFF, a time point, a field)."""
+    if store.array(image_id, IMAGE_PATH) is not None:
+        return store.read_image(image_id)
+    chosen = store.record(image_id).get("model", {}).get("predict", {}).get("selection")
+    return read_source(source, SelectionConfig.model_validate(chosen or {}))[0]

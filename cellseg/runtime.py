@@ -1,11 +1,24 @@
-"""Where and how models run: the device (CUDA when present), CPU threads and mixed precision.
-Training and inference both start here; neither imports the other."""
+"""Where and how models run: the device (CUDA when present), CPU threads, mixed precision and
+compilation. Training and inference both start here; neither imports the other."""
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
+
+logger = logging.getLogger(__name__)
+
+# Forward passes of one input shape after which a CPU predictor compiles that shape by default.
+# Measured (docs/performance.md, "Forward pass on CPU"): a cold compilation took 40-56 s on the
+# loaded 2-core VM and saved 9-45 ms per 512x512 image at one thread, paying back after about
+# 1,000-6,000 images; compiling after 2,000 costs a run that ends soon after at most about one
+# compilation, and gives runs of many thousands of images of one size the faster pass.
+COMPILE_AFTER = 2000
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,3 +53,38 @@ def set_threads(threads: int | None) -> None:
     """Torch CPU threads for this process (process-wide: one model per worker process); None keeps torch's choice."""
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+class CompiledByShape:
+    """`model` called eagerly, and through `torch.compile` (one graph per input shape) for each
+    input shape once it has come `after` times; a compilation that fails (no C++ compiler, say)
+    leaves the model eager, with a warning. Shared by threads like the model it wraps."""
+
+    def __init__(self, model: torch.nn.Module, after: int = 0):
+        self.model = model
+        self.after = after
+        self.seen: Counter[tuple[int, ...]] = Counter()
+        self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.failed = False
+        self._lock = threading.Lock()
+
+    def eval(self) -> CompiledByShape:
+        self.model.eval()
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = tuple(x.shape)
+        with self._lock:
+            self.seen[shape] += 1
+            eager = self.failed or self.seen[shape] <= self.after
+            if not eager and self.compiled is None:
+                self.compiled = torch.compile(self.model, dynamic=False)
+            compiled = self.compiled
+        if eager or compiled is None:
+            return self.model(x)
+        try:
+            return compiled(x)
+        except Exception as error:  # noqa: BLE001 - an eager pass is always possible; a real fault recurs there
+            logger.warning("torch.compile failed, the model runs eagerly: %s", f"{type(error).__name__}: {error}"[:300])
+            self.failed = True
+            return self.model(x)

@@ -1,8 +1,8 @@
 """Segment a list of image files into a results store: read, predict, measure, write, record failures.
 
 This is the unit of work of one shard in the `segment-images` flow and of `cellseg predict`.
-Reading runs in a small thread pool ahead of the model, so I/O overlaps with compute, and only a
-bounded number of images is held in memory at once.
+Reading runs on threads ahead of the model (`cellseg.read_ahead`), so I/O overlaps with compute,
+and only a bounded number of images is held in memory at once.
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ from typing import Any
 import numpy as np
 
 from cellseg import __version__
+from cellseg.config import PredictConfig
+from cellseg.formats import cell_diameter_pixels, read_source, with_area_um2
 from cellseg.infer import Predictor
-from cellseg.io import StorageOptions, read_image
+from cellseg.io import StorageOptions
 from cellseg.measure import CELL_COLUMNS, cell_measurements
 from cellseg.pairs import group_by_stem
 from cellseg.postprocess import CellMaps, cell_labels
+from cellseg.read_ahead import ReadAhead
 from cellseg.redact import redact_text, redact_url
 from cellseg.stats import image_statistics
 from cellseg.store import ResultStore
@@ -109,16 +112,15 @@ def segment_images(
     The warnings of a done image (only page 0 of a multi-page file used, an image without
     contrast given no cells) are stored with its result and listed in the report.
 
-    Three stages overlap: reader threads decode the next images, the calling thread runs the
-    model, and a writer thread labels cells, measures and writes the previous batch. Each stage
-    holds at most two batches, so memory is bounded by the batch size, not the number of images.
+    Three stages overlap: reader threads fetch and decode the next images (`ReadAhead`: two
+    batches ahead, more while they hold little memory, each read given up after READ_TIMEOUT),
+    the calling thread runs the model, and a writer thread labels cells, measures and writes the
+    previous batch (at most two batches held), so memory is bounded by the batch size and the
+    read-ahead's byte limit, not by the number of images.
     """
     report = SegmentReport()
     started = time.monotonic()
-    max_pixels = predictor.config.max_pixels
     ahead = 2 * predictor.batch_size
-    pending = iter(images)
-    reads: deque[tuple[str, str, Future[tuple[np.ndarray, list[str]]]]] = deque()
     writes: deque[Future[tuple[str, str, str | None, int]]] = deque()
     stopped: list[StoreWriteError] = []  # the store cannot be written: the run ends, nothing more is tried
 
@@ -142,13 +144,14 @@ def segment_images(
             report.warnings.append({"image_id": image_id, "source_url": redact_url(url), "warning": warning})
 
     def finish(image_id: str, url: str, image: np.ndarray | None, maps: CellMaps | None,
-               error: str | None, notes: Sequence[str] = ()) -> tuple[str, str, str | None, int]:
+               error: str | None, notes: Sequence[str] = (), source: dict[str, Any] | None = None,
+               ) -> tuple[str, str, str | None, int]:
         if stopped:
             return image_id, url, NOT_WRITTEN, 0
         try:
             if error is None and image is not None and maps is not None:
                 warnings = [*notes, *maps.warnings]
-                error = _write_result(store, predictor, model, image_id, url, image, maps, warnings)
+                error = _write_result(store, predictor, model, image_id, url, image, maps, warnings, source or {})
                 if error is None:
                     warn(image_id, url, warnings)
             if error == DONE_ELSEWHERE:
@@ -161,36 +164,29 @@ def segment_images(
             return image_id, url, NOT_WRITTEN, 0
         return image_id, url, error, 0 if image is None else image.size
 
-    with ThreadPoolExecutor(max_workers=4) as readers, ThreadPoolExecutor(max_workers=1) as writer:
+    def read(url: str) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+        return _read(url, storage_options, predictor.config)
 
-        def refill() -> None:
-            for image_id, url in pending:
-                reads.append((image_id, url, readers.submit(_read, url, storage_options, max_pixels)))
-                if len(reads) >= ahead:
-                    return
-
-        refill()
-        while reads and not stopped:
-            batch: list[tuple[str, str, np.ndarray, list[str]]] = []
-            while reads and len(batch) < predictor.batch_size:
-                image_id, url, future = reads.popleft()
+    with ReadAhead(images, read, lambda result: result[0].nbytes, min_ahead=ahead) as reads, \
+            ThreadPoolExecutor(max_workers=1) as writer:
+        while not stopped and (taken := reads.take(predictor.batch_size)):
+            batch: list[tuple[str, str, np.ndarray, list[str], dict[str, Any]]] = []
+            for image_id, url, result in taken:
                 try:
-                    batch.append((image_id, url, *future.result()))
+                    batch.append((image_id, url, *result()))
                 except Exception as error:  # noqa: BLE001 - an unreadable image is recorded and the run goes on
                     writes.append(writer.submit(finish, image_id, url, None, None, _describe(error)))
-            refill()
             if batch:
                 outcomes: list[tuple[CellMaps | None, str | None]]
                 try:
-                    outcomes = [(maps, None) for maps in predictor.cell_maps([image for _, _, image, _ in batch])]
+                    outcomes = [(maps, None) for maps in predictor.cell_maps(
+                        [image for _, _, image, _, _ in batch], [source.get("cell_diameter") for *_, source in batch])]
                 except Exception as error:  # noqa: BLE001 - the batch's images are recorded as failed, the run goes on
                     outcomes = [(None, _describe(error))] * len(batch)
-                for (image_id, url, image, notes), (image_maps, failure) in zip(batch, outcomes, strict=True):
-                    writes.append(writer.submit(finish, image_id, url, image, image_maps, failure, notes))
+                for (image_id, url, image, notes, source), (image_maps, failure) in zip(batch, outcomes, strict=True):
+                    writes.append(writer.submit(finish, image_id, url, image, image_maps, failure, notes, source))
             while len(writes) > ahead:
                 settle(writes.popleft().result())
-        for _, _, unread in reads:
-            unread.cancel()
         while writes:
             settle(writes.popleft().result())
     report.seconds = time.monotonic() - started
@@ -200,15 +196,19 @@ def segment_images(
     return report
 
 
-def _read(url: str, storage_options: StorageOptions, max_pixels: int) -> tuple[np.ndarray, list[str]]:
-    """One image, decoded, and the warnings of its reader (passed back, as readers run in threads)."""
+def _read(url: str, storage_options: StorageOptions, config: PredictConfig) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+    """One image, decoded as `config.selection` chooses, the warnings of its reader (passed back,
+    as readers run in threads) and its source record (`cellseg.formats.read_source`), with the
+    cell diameter in pixels when it is given in µm."""
     warnings: list[str] = []
-    return read_image(url, storage_options, max_pixels, warnings), warnings
+    image, source = read_source(url, config.selection, storage_options, config.max_pixels, warnings)
+    diameter = cell_diameter_pixels(config.cell_diameter_um, source, url)
+    return image, warnings, source if diameter is None else {**source, "cell_diameter": diameter}
 
 
 def _write_result(
     store: ResultStore, predictor: Predictor, model: dict[str, Any], image_id: str, url: str,
-    image: np.ndarray, maps: CellMaps, warnings: Sequence[str] = (),
+    image: np.ndarray, maps: CellMaps, warnings: Sequence[str] = (), source: dict[str, Any] | None = None,
 ) -> str | None:
     """Label, measure and store one image; returns an error description instead of raising.
 
@@ -220,7 +220,7 @@ def _write_result(
     try:
         labels = cell_labels(maps, config)
         statistics = image_statistics(image, labels)
-        cell_table = (CELL_COLUMNS, cell_measurements(labels, image)) if config.measure_cells else None
+        cell_table = with_area_um2(CELL_COLUMNS, cell_measurements(labels, image), source or {}) if config.measure_cells else None
     except Exception as error:  # noqa: BLE001 - a bad image is recorded as failed and the run goes on
         return _describe(error)
     for attempt in (1, 2):
@@ -229,7 +229,7 @@ def _write_result(
                 image_id, labels > 0, statistics, url, model,
                 probabilities=maps.probability if config.save_probabilities else None, replace=False, cells=labels,
                 cell_table=cell_table, image=image if config.store_image else None, scale=maps.scale,
-                warnings=warnings,
+                warnings=warnings, source=source or None,
             )
             return None if written else DONE_ELSEWHERE
         except (OSError, KeyError) as error:

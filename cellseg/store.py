@@ -25,6 +25,7 @@ import logging
 import posixpath
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -39,6 +40,7 @@ from cellseg import __version__
 from cellseg.io import StorageOptions, filesystem
 from cellseg.json_values import finite_json
 from cellseg.measure import INTEGER_COLUMNS
+from cellseg.plates import same_columns, source_columns
 from cellseg.redact import redact, redact_text, redact_url
 from cellseg.stats import label_cells
 from cellseg.storage_errors import StorageError, storage_error
@@ -57,6 +59,7 @@ from cellseg.store_checks import (
     unwritable,
     validate_image_id,
 )
+from cellseg.zarr_writes import ARRAY_CODECS, NewArray, put_new_nodes
 
 if TYPE_CHECKING:
     from zarr.core.array_spec import ArrayConfigParams
@@ -74,22 +77,28 @@ PROBABILITIES_PATH = "probabilities/0"
 StoreMode = Literal["r", "r+", "a", "w", "w-"]  # zarr's access modes
 
 
-def _ngff_multiscales(name: str) -> dict[str, Any]:
-    """NGFF 0.5 metadata of a single-resolution 2-D (y, x) image whose pixels are at "0"."""
+def _ngff_multiscales(name: str, pixel_size_yx_um: Sequence[float] | None = None, levels: int = 1) -> dict[str, Any]:
+    """NGFF 0.5 metadata of a 2-D (y, x) image whose pixels are at "0"; with the physical pixel
+    size (y, x) in micrometres, its scale and axis units say so. With `levels`, a pyramid: level k
+    at "k", each half the size of the one before (a block-wise image, `cellseg.blocks`)."""
+    unit = {"unit": "micrometer"} if pixel_size_yx_um else {}
+    scale = [float(size) for size in pixel_size_yx_um] if pixel_size_yx_um else [1.0, 1.0]
     return {
         "version": NGFF_VERSION,
         "multiscales": [{
             "name": name,
-            "axes": [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
-            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0]}]}],
+            "axes": [{"name": "y", "type": "space", **unit}, {"name": "x", "type": "space", **unit}],
+            "datasets": [{"path": str(level), "coordinateTransformations": [
+                {"type": "scale", "scale": [side * 2**level for side in scale]}]} for level in range(levels)],
         }],
     }
 
 
-def _ngff_label(name: str, source_image: bool) -> dict[str, Any]:
+def _ngff_label(name: str, source_image: bool, pixel_size_yx_um: Sequence[float] | None = None,
+                levels: int = 1) -> dict[str, Any]:
     """NGFF 0.5 metadata of a label image under `<image>/labels/<name>`; its source is the image
     two levels up when the store keeps a copy of it."""
-    meta = _ngff_multiscales(name)
+    meta = _ngff_multiscales(name, pixel_size_yx_um, levels)
     meta["image-label"] = {"version": NGFF_VERSION, **({"source": {"image": "../../"}} if source_image else {})}
     return meta
 
@@ -112,6 +121,11 @@ def _cellseg_attrs(node: zarr.Group | zarr.Array) -> dict[str, Any]:
 def _read(array: zarr.Array) -> np.ndarray:
     """The whole array as numpy (zarr types a read as any array-like or scalar)."""
     return np.asarray(array[...])
+
+
+def _new_array(path: str, data: np.ndarray) -> NewArray:
+    """An image-shaped (y, x) array, in tiles of up to CHUNK_SIDE x CHUNK_SIDE."""
+    return NewArray(path, data, tuple(min(side, CHUNK_SIDE) for side in data.shape), ("y", "x"))
 
 
 # Damaged stores ----------------------------------------------------------------------------------
@@ -156,6 +170,16 @@ def repair_store_metadata(url: str, storage_options: StorageOptions = None) -> N
     fs.pipe_file(posixpath.join(path, "zarr.json"), json.dumps(document, indent=2).encode())
 
 
+def _zarr_storage_options(url: str, storage_options: StorageOptions) -> dict[str, Any] | None:
+    """fsspec options of the store's own filesystem. On s3://, each object is read in one request:
+    s3fs would otherwise ask every object's size first (to split large ones), a second request
+    for each zarr.json and chunk, and for a missing one a listing as well."""
+    options = dict(storage_options or {})
+    if url.startswith(("s3://", "s3a://")):
+        options.setdefault("max_concurrency", 1)
+    return options or None
+
+
 def _put_group(store: Store, path: str, attributes: dict[str, Any]) -> None:
     """Write fresh zarr v3 group metadata at `path` of `store` over whatever zarr.json is there;
     nothing under it is touched (zarr's own overwrite would delete the group's arrays)."""
@@ -195,7 +219,7 @@ class ResultStore:
         """Open `url`, creating the store when `mode` allows it; refuses groups that are not cellseg
         stores and, for writing, targets where a store would keep nothing or take over other data
         (`check_store_target`)."""
-        options = dict(storage_options) if storage_options else None
+        options = _zarr_storage_options(url, storage_options)
         # A new store gets its cellseg attributes in the same write as its group: a store that is
         # being created is never seen without them, so a group without them is never ours.
         attributes: dict[str, Any] = {"cellseg": {"layout": LAYOUT_VERSION, "created": _now(), "cellseg_version": __version__}}
@@ -255,11 +279,14 @@ class ResultStore:
         image: np.ndarray | None = None,
         scale: Mapping[str, Any] | None = None,
         warnings: Sequence[str] = (),
+        source: Mapping[str, Any] | None = None,
     ) -> bool:
         """Write one image's mask (and optional probabilities, cell labels, cell table and a copy of
         the source image), its NGFF metadata, then mark it done with its statistics (and, for a
         model at a cell size, the `scale` the image was seen at: `CellMaps.scale`; and the
-        `warnings` its result comes with, such as "uses page 0 of 3").
+        `warnings` its result comes with, such as "uses page 0 of 3"; and the `source` record of a
+        microscopy file: the plane chosen and the pixel size, `cellseg.formats.source_record`,
+        whose `pixel_size_yx_um` becomes the NGFF scale, in micrometres).
 
         With `replace=False` an image that is already done (e.g. by a run working on the same
         store at the same time) is left as it is and False is returned; otherwise True.
@@ -271,30 +298,38 @@ class ResultStore:
                 return False
             # Replacing a finished result: withdraw the mark first so no reader mixes old and new.
             existing.attrs["cellseg"] = {"status": "writing", "source_url": redact_url(source_url)}
+        arrays: list[NewArray] = []
         if image is not None:
             if image.shape != mask.shape:
                 raise StoreError(f"image '{image_id}' has shape {image.shape} but its mask {mask.shape}")
-            self._write_array(f"{image_id}/{IMAGE_PATH}", image, existing is not None)
-        self._write_array(f"{image_id}/labels/{MASK_NAME}/0", mask.astype(np.uint8), existing is not None)
+            arrays.append(_new_array(f"{image_id}/{IMAGE_PATH}", image))
+        arrays.append(_new_array(f"{image_id}/labels/{MASK_NAME}/0", mask.astype(np.uint8)))
         if cells is not None:
-            self._write_array(f"{image_id}/labels/{CELLS_NAME}/0", cells.astype(np.int32), existing is not None)
+            arrays.append(_new_array(f"{image_id}/labels/{CELLS_NAME}/0", cells.astype(np.int32)))
         if probabilities is not None:
-            self._write_array(f"{image_id}/{PROBABILITIES_PATH}", probabilities.astype(np.float16), existing is not None)
+            arrays.append(_new_array(f"{image_id}/{PROBABILITIES_PATH}", probabilities.astype(np.float16)))
         if cell_table is not None:
             columns, rows = cell_table
-            self._write_array(
-                f"{image_id}/{CELL_TABLE}", rows.astype(np.float64), existing is not None,
-                chunks=(max(1, min(len(rows), TABLE_CHUNK_ROWS)), len(columns)),
-                attributes={"columns": list(columns)}, dimension_names=("cell", "column"),
-            )
+            arrays.append(NewArray(f"{image_id}/{CELL_TABLE}", rows.astype(np.float64),
+                                   (max(1, min(len(rows), TABLE_CHUNK_ROWS)), len(columns)), ("cell", "column"),
+                                   {"columns": list(columns)}))
         label_names = [CELLS_NAME, MASK_NAME] if cells is not None else [MASK_NAME]
-        # require_group, not root[...]: a concurrent writer's array can appear before its parent
-        # groups' metadata does (zarr writes them side by side).
-        for name in label_names:
-            self._require_group(f"{image_id}/labels/{name}").attrs["ome"] = _ngff_label(name, source_image=image is not None)
-        self._require_group(f"{image_id}/labels").attrs["ome"] = {"version": NGFF_VERSION, "labels": label_names}
-        group = self._require_group(image_id)
-        attributes: dict[str, Any] = {"ome": _ngff_multiscales(image_id)} if image is not None else {}
+        pixel_size = (source or {}).get("pixel_size_yx_um")
+        labels = {f"{image_id}/labels/{name}": {"ome": _ngff_label(name, source_image=image is not None,
+                                                                  pixel_size_yx_um=pixel_size)}
+                  for name in label_names}
+        labels[f"{image_id}/labels"] = {"ome": {"version": NGFF_VERSION, "labels": label_names}}
+        if existing is None:
+            self._put_new_image(image_id, arrays, labels)
+        else:
+            for array in arrays:
+                self._write_array(array.path, array.data, True, array.chunks, array.attributes, array.dimension_names)
+            # require_group, not root[...]: a concurrent writer's array can appear before its parent
+            # groups' metadata does (zarr writes them side by side).
+            for path, label_attributes in labels.items():
+                self._require_group(path).attrs.update(label_attributes)
+            self._require_group(image_id)  # refuses an array in the image's place
+        attributes: dict[str, Any] = {"ome": _ngff_multiscales(image_id, pixel_size)} if image is not None else {}
         written = ((IMAGE_PATH, image), (MASK_PATH, mask), (CELLS_PATH, cells), (PROBABILITIES_PATH, probabilities),
                    (CELL_TABLE, cell_table))
         attributes["cellseg"] = {
@@ -311,8 +346,26 @@ class ResultStore:
             attributes["cellseg"]["scale"] = finite_json(dict(scale))
         if warnings:
             attributes["cellseg"]["warnings"] = list(warnings)
-        group.attrs.put(attributes)  # one metadata write: the NGFF image (or none) and the done mark together
+        if source:
+            attributes["cellseg"]["source"] = finite_json(dict(source))
+        # One metadata write: the NGFF image (or none) and the done mark together, last.
+        _put_group(self.root.store, self._key(image_id), attributes)
         return True
+
+    def _key(self, path: str) -> str:
+        """A path under the store as a key of its zarr store."""
+        return f"{self.root.path}/{path}" if self.root.path else path
+
+    def _put_new_image(self, image_id: str, arrays: Sequence[NewArray], labels: Mapping[str, dict[str, Any]]) -> None:
+        """Write a new image's arrays and groups at once (`cellseg.zarr_writes`): its group first,
+        so that a crash never leaves data without it, then every other node concurrently."""
+        store = self.root.store
+        put_new_nodes(store, {self._key(image_id): {}}, (), WRITE_CONFIG)
+        groups: dict[str, Mapping[str, Any]] = {self._key(posixpath.dirname(array.path)): {} for array in arrays}
+        groups.pop(self._key(image_id), None)
+        groups.update((self._key(path), attributes) for path, attributes in labels.items())
+        keyed = [replace(array, path=self._key(array.path)) for array in arrays]
+        put_new_nodes(store, groups, keyed, WRITE_CONFIG)
 
     def _write_array(
         self, path: str, data: np.ndarray, may_exist: bool, chunks: tuple[int, ...] | None = None,
@@ -327,7 +380,7 @@ class ResultStore:
         # Every chunk is written, even one equal to the fill value (zarr skips those by default), so
         # that a missing chunk of a done image always means damage (`array`).
         def create(overwrite: bool) -> None:
-            self.root.create_array(path, data=data, overwrite=overwrite, chunks=chunks,
+            self.root.create_array(path, data=data, overwrite=overwrite, chunks=chunks, compressors=ARRAY_CODECS,
                                    dimension_names=dimension_names, attributes=attributes, config=WRITE_CONFIG)
 
         if not may_exist:
@@ -346,6 +399,53 @@ class ResultStore:
                 array.attrs.put(attributes)
             return
         create(overwrite=True)
+
+    # Block-wise images (cellseg.blocks): arrays written region by region, one task per block ---------
+
+    def blank_array(
+        self, path: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...], every_chunk: bool = True,
+        attributes: dict[str, Any] | None = None, dimension_names: tuple[str, ...] = ("y", "x"),
+    ) -> zarr.Array:
+        """A new array of zeros at `path` (what was there is replaced), for region writes; with
+        `every_chunk` each write stores every chunk it covers, all-zero ones too, as the arrays of a
+        done image must have them (`array`)."""
+        array = self.root.create_array(path, shape=shape, dtype=dtype, chunks=chunks, fill_value=0, overwrite=True,
+                                       compressors=ARRAY_CODECS, attributes=attributes, dimension_names=dimension_names)
+        return array.with_config(WRITE_CONFIG) if every_chunk else array
+
+    def region_array(self, path: str, every_chunk: bool = True) -> zarr.Array:
+        """The array at `path`, opened for region writes as `blank_array` made it."""
+        array = self.root[path]
+        if not isinstance(array, zarr.Array):
+            raise StoreError(f"'{self.url}/{path}' is a group, not an array")
+        return array.with_config(WRITE_CONFIG) if every_chunk else array
+
+    def write_blockwise_result(
+        self, image_id: str, shape: tuple[int, int], arrays: Sequence[str], levels: int, record: Mapping[str, Any],
+    ) -> bool:
+        """Mark a block-wise image done once its `arrays` (paths of level 0) and the `levels` of their
+        pyramid are written: the NGFF metadata of its labels and image, then the done mark with
+        `record` (source_url, model, statistics, and scale, warnings, source, blocks when given), in
+        one metadata write as `write_result` does. An image another run finished meanwhile is kept
+        (False)."""
+        if self.is_done(image_id):
+            return False
+        pixel_size = (record.get("source") or {}).get("pixel_size_yx_um")
+        image_stored = IMAGE_PATH in arrays
+        label_names = [CELLS_NAME, MASK_NAME] if CELLS_PATH in arrays else [MASK_NAME]
+        for name in label_names:
+            self._require_group(f"{image_id}/labels/{name}").attrs["ome"] = _ngff_label(
+                name, source_image=image_stored, pixel_size_yx_um=pixel_size, levels=levels)
+        self._require_group(f"{image_id}/labels").attrs["ome"] = {"version": NGFF_VERSION, "labels": label_names}
+        attributes: dict[str, Any] = {"ome": _ngff_multiscales(image_id, pixel_size, levels)} if image_stored else {}
+        attributes["cellseg"] = {
+            "status": DONE, "source_url": redact_url(str(record["source_url"])), "shape": list(shape),
+            "model": redact(dict(record["model"])), "statistics": finite_json(dict(record["statistics"])),
+            "arrays": list(arrays), "written": _now(),
+            **{key: finite_json(record[key]) for key in ("scale", "warnings", "source", "blocks") if record.get(key)},
+        }
+        self._require_group(image_id).attrs.put(attributes)
+        return True
 
     def record_failure(self, image_id: str, source_url: str, error: str, model: Mapping[str, Any]) -> None:
         """Note that an image could not be segmented; a later run tries it again.
@@ -607,10 +707,11 @@ class ResultStore:
                     "source_url": _shown(record.get("source_url")),
                     "model_version": model.get("version"),
                     **record.get("statistics", {}),
+                    **source_columns(image_id, record.get("source"), record.get("statistics")),
                     "status": DONE,
                 }
             )
-        return rows
+        return same_columns(rows)
 
     def failures(self) -> list[dict[str, Any]]:
         """Images whose last attempt failed, with the error."""

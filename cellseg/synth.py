@@ -8,6 +8,7 @@ read noise. Everything is a function of the seed, so datasets are reproducible.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -144,3 +145,22 @@ def write_dataset(
             fs.pipe_file(join_url(root, f"{folder}/{image_id}.png"), encode_png(array))
         ids.append(image_id)
     return ids
+
+
+def mosaic_tiles(
+    shape: tuple[int, int], tile: int = 512, seed: int = 0, cells: Callable[[int, int], bool] = lambda row, col: True,
+) -> Iterator[tuple[int, int, SyntheticSample]]:
+    """A synthetic mosaic of `shape`, as (top, left, sample) tiles of up to `tile` pixels a side in
+    raster order, each its own sample (seeded by its position), so that an image far larger than
+    memory is written tile by tile; a tile for which `cells(row, col)` is false is background only
+    (zeros), as most of a slide is."""
+    height, width = shape
+    for top in range(0, height, tile):
+        for left in range(0, width, tile):
+            size = (min(tile, height - top), min(tile, width - left))
+            if cells(top // tile, left // tile):
+                sample = generate_sample(np.random.default_rng([seed, top, left]), size)
+            else:
+                empty = np.zeros(size, dtype=np.uint16)
+                sample = SyntheticSample(empty.astype(np.uint8), empty > 0, empty)
+            yield top, left, sample

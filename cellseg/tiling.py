@@ -24,6 +24,17 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return [*starts, length - tile]
 
 
+def fitted_tile(length: int, tile: int, overlap: int) -> int:
+    """The tile side, at most `tile`, that covers `length` pixels in as few tiles overlapping by
+    `overlap` as `tile` needs, all of one size: `tile_starts` otherwise ends on a tile that mostly
+    repeats its neighbour (a 2176-pixel window: three 811-pixel tiles instead of three of 1024)."""
+    check_overlap(tile, overlap)
+    if length <= tile:
+        return length
+    count = -(-(length - overlap) // (tile - overlap))
+    return max(-(-(length + (count - 1) * overlap) // count), -(-4 * overlap // 3))
+
+
 def check_overlap(tile: int, overlap: int) -> None:
     """Refuse an overlap over three quarters of the tile: tiles would advance by a sliver each
     (a 129-pixel tile overlapping by 128 means one tile per pixel)."""

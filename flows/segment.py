@@ -2,7 +2,9 @@
 one zarr store, and report a summary. Used by the nightly-segmentation and backfill deployments.
 
 Each task is one step of `cellseg.jobs.run_segmentation`: pin the model, plan the shards,
-segment a shard; the flow adds parallelism, retries, GPU slots and artifacts."""
+segment a shard; an image too large to read whole is segmented block by block by the steps of
+`cellseg.jobs.LargeImage` (prepare, one task per block, stitch, one task per block, finish). The
+flow adds parallelism, retries, GPU slots and artifacts."""
 
 from __future__ import annotations
 
@@ -31,11 +33,21 @@ from cellseg.flows._common import (
     with_run_tags,
     worker_job,
 )
-from cellseg.jobs import SegmentJob, SegmentPlan, Shard, pin_model, plan_segmentation, segment_shard, threads_per_shard
+from cellseg.jobs import (
+    LargeImage,
+    SegmentJob,
+    SegmentPlan,
+    Shard,
+    pin_model,
+    plan_segmentation,
+    segment_shard,
+    threads_per_shard,
+)
 from cellseg.pictures import picture_markdown
 from cellseg.redact import redact_url
 from cellseg.report import montage_url, store_montage
 from cellseg.runtime import resolve_device
+from cellseg.segment import SegmentReport
 from cellseg.store import ResultStore
 
 PARTLY_FAILED_STATE = "Completed with failures"  # the final state's name when some images failed
@@ -62,6 +74,68 @@ def segment_one_shard(shard: Shard, job: SegmentJob) -> dict[str, Any]:
     configure_storage()
     with gpu_slot(resolve_device(job.predict.device).type == "cuda"):
         report = segment_shard(job, shard)
+    return _shard_result(report)
+
+
+@task(name="prepare-blocks", **RETRIES)
+def prepare_blocks(job: SegmentJob, image_id: str, url: str) -> tuple[int, list[int]]:
+    """Plan a large image's blocks, or take up an earlier run's: (blocks, those still to predict)."""
+    configure_storage()
+    return LargeImage(job, image_id, url).prepare()
+
+
+@task(name="predict-block", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_bad_input)
+def predict_one_block(index: int, job: SegmentJob, image_id: str, url: str) -> str:
+    """Predict one block of a large image and write its core (the model loaded once per worker)."""
+    configure_storage()
+    with gpu_slot(resolve_device(job.predict.device).type == "cuda"):
+        return LargeImage(job, image_id, url).predict(index)
+
+
+@task(name="stitch-blocks", **RETRIES)
+def stitch_blocks(job: SegmentJob, image_id: str, url: str) -> None:
+    """Join the cells that cross block seams and number every cell of a large image."""
+    configure_storage()
+    LargeImage(job, image_id, url).stitch()
+
+
+@task(name="measure-block", **RETRIES)
+def measure_one_block(index: int, job: SegmentJob, image_id: str, url: str) -> str:
+    """Write one block's final labels and measure the cells it owns."""
+    configure_storage()
+    return LargeImage(job, image_id, url).measure(index)
+
+
+@task(name="finish-blocks", **RETRIES)
+def finish_blocks(job: SegmentJob, image_id: str, url: str, started: float) -> dict[str, Any]:
+    """The cell table, statistics, pyramid and done mark of a large image; its summary as a shard's."""
+    configure_storage()
+    return _shard_result(LargeImage(job, image_id, url).finish(started))
+
+
+@flow(name="segment-large-image")
+def segment_large_image(job: SegmentJob, image_id: str, url: str, gpu: bool = False) -> dict[str, Any]:
+    """Segment one image block by block on this flow's task runner (threads, or Dask): its blocks
+    are predicted in parallel, stitched once, measured in parallel, then finished. A step that
+    fails after its retries records the image as failed (its finished blocks are kept, so the
+    next run redoes only the others) and the run goes on."""
+    started = time.monotonic()
+    predict_task = predict_one_block.with_options(tags=["gpu"]) if gpu else predict_one_block
+    try:
+        blocks, todo = prepare_blocks(job, image_id, url)
+        if not blocks:  # finished by another run meanwhile
+            return _shard_result(LargeImage(job, image_id, url).finish())
+        for future in predict_task.map(todo, unmapped(job), unmapped(image_id), unmapped(url)):
+            future.result()
+        stitch_blocks(job, image_id, url)
+        for future in measure_one_block.map(range(blocks), unmapped(job), unmapped(image_id), unmapped(url)):
+            future.result()
+        return finish_blocks(job, image_id, url, started)
+    except Exception as error:  # noqa: BLE001 - the image is recorded as failed, the run goes on
+        return _shard_result(LargeImage(job, image_id, url).fail(error))
+
+
+def _shard_result(report: SegmentReport) -> dict[str, Any]:
     return {"done": len(report.done), "skipped": len(report.skipped), "failed": report.failed,
             "warnings": report.warnings, "seconds": report.seconds, "pixels": report.pixels}
 
@@ -136,12 +210,19 @@ def _segment_images(job: SegmentJob | None, job_variable: str | None) -> dict[st
     for rejected in plan.rejected:
         logger.warning("cannot segment '%s': %s", rejected["source_url"], rejected["error"])
     results: list[dict[str, Any]] = []
+    gpu = resolve_device(job.predict.device).type == "cuda"
+
+    def runner() -> Any:
+        return task_runner(job.dask_address, ThreadPoolTaskRunner(max_workers=job.max_parallel_shards))
+
     if plan.shards:
-        runner = task_runner(job.dask_address, ThreadPoolTaskRunner(max_workers=job.max_parallel_shards))
-        gpu = resolve_device(job.predict.device).type == "cuda"
         with with_run_tags():
-            results = segment_shards.with_options(task_runner=runner)(plan.shards, job, gpu=gpu)
-    else:
+            results = segment_shards.with_options(task_runner=runner())(plan.shards, job, gpu=gpu)
+    for image_id, url in plan.large:  # one image at a time, its blocks in parallel
+        logger.info("segmenting '%s' block by block", redact_url(url))
+        with with_run_tags():
+            results.append(segment_large_image.with_options(task_runner=runner())(job, image_id, url, gpu=gpu))
+    if not (plan.shards or plan.large):
         logger.info("nothing to do: no new images under %s", redact_url(job.source_url))
 
     summary = _summarise(results, plan, time.monotonic() - started, job.model_version)

@@ -1,0 +1,652 @@
+"""Images bigger than memory, segmented block by block and stitched (docs/store.md, "Images bigger
+than memory").
+
+An image above `BlockConfig.above_pixels` is never held whole: not its pixels, not a probability
+map, not its labels. Its blocks' cores are whole chunks of the store (`stitch.BlockGrid`); each
+block is predicted by the Predictor and its tiling on a window reaching `overlap` pixels past its
+core, and writes only its core. The steps, each a task of the segment-images flow
+(`segment_blockwise` runs them on a thread pool, without Prefect):
+
+1. `prepare_image`: the plan; one pass over the image for its histogram, so that every block is
+   normalised exactly as the whole image would be, and for each block's range, the cheap
+   foreground test; for a model at a cell size, the image's cell size measured once; the arrays.
+2. `predict_block`, per block: cell labels of its window; writes its core's image copy, mask and
+   probabilities, its core's labels under block-local numbers (scratch) and its labels of the
+   ring around its core. A block whose core has no pixel above `empty_level` skips the model and
+   is recorded as empty: no cell can have a part there.
+3. `stitch_image`, once: the labels that are one cell across a seam are joined, and every cell
+   gets its final label.
+4. `measure_block`, per block: the final labels of its core, and the table rows of its cells.
+5. `finish_image`, once: the cell table, the statistics, the pyramid (each level half the one
+   before), the NGFF metadata and the done mark; the scratch is removed.
+
+Stitching rule: a block keeps the cells of its core under its own numbers; its neighbours label
+the ring of pixels around that core (`overlap` wide) from their windows, and keep them in their
+cores. A label of the block's view of the ring and a label written there by a neighbour are one
+cell when each is the other's largest overlap in the ring and their intersection over union
+there is at least 0.5 (`stitch.seam_pairs`); joined by union-find, a cell crossing a seam or a
+corner becomes one label. Cells are numbered 1..N in the order of the first block (raster order)
+holding part of them, and that block measures them, on its window: whole when a cell is at most
+`overlap` pixels from its core (wider ones are counted in the record, `blocks.oversized`).
+
+Store rule: two tasks never write the same chunk. A block task writes only whole chunks of its
+core, and only its own chunk of each scratch array (its row of `state`, its ring, its rows of
+the scratch table); `stitch_image` and `finish_image` run once per image, after every block task
+of the step before, and write only what no block task writes. Progress is recorded per block
+(`state`), so a rerun redoes only unfinished blocks; the image is done only after step 5.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, cast
+
+import numpy as np
+import zarr
+
+from cellseg.config import NormalizationConfig, PredictConfig
+from cellseg.formats import Plane, cell_diameter_pixels, is_microscopy_url, open_plane, source_record, with_area_um2
+from cellseg.infer import Predictor
+from cellseg.io import StorageOptions
+from cellseg.measure import CELL_COLUMNS, cell_measurements
+from cellseg.normalize import FLAT_RELATIVE_RANGE, histogram_lut, intensity_skewness
+from cellseg.postprocess import CellMaps, cell_labels
+from cellseg.redact import redact_url
+from cellseg.scale import scale_factor
+from cellseg.stitch import BlockGrid, Box, halve, join_labels, pack_ring, pyramid_shapes, seam_pairs, unpack_ring
+from cellseg.store import (
+    CELL_TABLE,
+    CELLS_PATH,
+    CHUNK_SIDE,
+    IMAGE_PATH,
+    MASK_PATH,
+    METADATA_ERRORS,
+    PROBABILITIES_PATH,
+    TABLE_CHUNK_ROWS,
+    ResultStore,
+)
+from cellseg.store_checks import StoreError
+from cellseg.tiling import fitted_tile
+
+logger = logging.getLogger(__name__)
+
+TODO, PREDICTED, EMPTY, MEASURED = 0, 1, 2, 3  # a block's stage, column 0 of the scratch `state`
+SAMPLE_PIXELS = 1 << 24  # pixels sampled for the percentiles of images without a histogram (not 8/16-bit)
+SUM_COLUMNS = ("label", "area", "intensity_integrated")  # what is kept of each cell without measure_cells
+# Settings that do not change a result: a rerun with other values takes up the blocks done before.
+NOT_IN_PLAN: dict[str, Any] = {"threads": True, "batch_size": True, "compile": True, "device": True, "max_pixels": True,
+                               "blocks": {"above_pixels", "max_pixels"}}
+
+
+class Source(Protocol):
+    """A 2-D image read region by region: a zarr array, tifffile's zarr view, `formats.Plane`."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> Any: ...
+
+    def __getitem__(self, key: tuple[slice, slice]) -> Any: ...
+
+
+SourceOpener = Callable[[], Source]
+
+
+def region(source: Source, box: Box) -> np.ndarray:
+    """The pixels of `box` of `source`, as numpy."""
+    return np.asarray(source[box[0]:box[1], box[2]:box[3]])
+
+
+def blockwise_shape(url: str, config: PredictConfig, storage_options: StorageOptions = None) -> tuple[int, int] | None:
+    """The (H, W) of an image to segment block by block: one read region by region (TIFF, OME-Zarr,
+    CZI/ND2/LIF) with more than `config.blocks.above_pixels` pixels; None for any other (PNG and
+    JPEG are decoded whole anyway) and for a file that cannot be opened (reading it says why)."""
+    if not (is_microscopy_url(url) or url.split("#", maxsplit=1)[0].lower().endswith((".tif", ".tiff"))):
+        return None
+    try:
+        with open_plane(url, config.selection, storage_options) as plane:
+            height, width = plane.shape
+    except Exception:  # noqa: BLE001 - the whole-image path records why it cannot be read
+        return None
+    return (height, width) if height * width > config.blocks.above_pixels else None
+
+
+# The image's levels -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Levels:
+    """How an image read block by block is normalised, and each block's intensity range: from one
+    pass over it (`image_levels`). 8- and 16-bit images keep their histogram (scratch
+    `histogram`), whose table (`histogram_lut`) normalises exactly as `normalize_image` does the
+    whole image; others use percentiles of a regular sample of SAMPLE_PIXELS pixels."""
+
+    dtype: str
+    low: float
+    high: float
+    invert: bool
+    flat: bool
+    block_min: list[float]
+    block_max: list[float]
+    block_sum: list[float]
+
+    def normalise(self, values: np.ndarray, lut: np.ndarray | None) -> np.ndarray:
+        """float32 in [0, 1] for raw `values`; `lut` is the histogram's table (None: percentiles)."""
+        if self.flat:
+            return np.zeros(values.shape, dtype=np.float32)
+        if lut is not None:
+            return lut[values]
+        low, high = np.float64(self.low), np.float64(self.high)
+        scaled = np.clip((values.astype(np.float32, copy=False) - low) / (high - low), 0.0, 1.0).astype(np.float32)
+        return 1.0 - scaled if self.invert else scaled
+
+    def brightest(self, blocks: Sequence[int], lut: np.ndarray | None) -> float:
+        """The highest normalised intensity in the cores of `blocks` (the foreground test)."""
+        extremes = np.array([min(self.block_min[b] for b in blocks), max(self.block_max[b] for b in blocks)])
+        return float(self.normalise(extremes.astype(self.dtype), lut).max())
+
+
+def image_levels(source: Source, grid: BlockGrid, config: NormalizationConfig, workers: int = 1
+                 ) -> tuple[Levels, np.ndarray | None]:
+    """(Levels, histogram or None) of an image, read one core at a time by `workers` threads."""
+    dtype = np.dtype(source.dtype)
+    by_histogram = dtype in (np.uint8, np.uint16)
+    stride = max(1, int(np.ceil(np.sqrt(grid.shape[0] * grid.shape[1] / SAMPLE_PIXELS))))
+
+    def scan(index: int) -> tuple[float, float, float, np.ndarray]:
+        core = grid.core(index)
+        pixels = region(source, core)
+        if dtype.kind == "f" and not np.isfinite(pixels).all():
+            raise ValueError(f"pixels in rows {core[0]}-{core[1]}, columns {core[2]}-{core[3]} are NaN or infinite; "
+                             "expected finite intensities")
+        part = np.bincount(pixels.ravel()) if by_histogram else pixels[(-core[0]) % stride::stride,
+                                                                       (-core[2]) % stride::stride].ravel()
+        return float(pixels.min()), float(pixels.max()), float(pixels.sum(dtype=np.float64)), part
+
+    minima, maxima, sums, parts = [], [], [], []
+    counts = np.zeros(1 << (8 * dtype.itemsize) if by_histogram else 0, dtype=np.int64)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for low, high, total, part in pool.map(scan, range(grid.count)):
+            minima.append(low)
+            maxima.append(high)
+            sums.append(total)
+            if by_histogram:
+                counts[: len(part)] += part
+            else:
+                parts.append(part)
+    if by_histogram:
+        counts = counts[: int(max(maxima)) + 1]  # as np.bincount of the whole image
+        lut = histogram_lut(counts, config)
+        levels = Levels(dtype.str, 0.0, 1.0, False, lut is None, minima, maxima, sums)
+        return levels, counts
+    sample = np.concatenate(parts).astype(np.float32)
+    low, high = (float(value) for value in np.percentile(sample, [config.low_percentile, config.high_percentile]))
+    flat = high - low <= FLAT_RELATIVE_RANGE * max(abs(low), abs(high)) if dtype.kind == "f" else high <= low
+    invert = config.polarity == "auto" and intensity_skewness(sample) < 0
+    return Levels(dtype.str, low, high, invert, bool(flat), minima, maxima, sums), None
+
+
+# The steps ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scratch:
+    """What the steps of one image share, kept in the store under `<image id>/blocks`."""
+
+    store: ResultStore
+    image_id: str
+    group: zarr.Group
+    attrs: dict[str, Any]
+
+    @classmethod
+    def open(cls, store: ResultStore, image_id: str) -> Scratch:
+        group = store.root.get(f"{image_id}/blocks")
+        if not isinstance(group, zarr.Group) or "plan" not in group.attrs:
+            raise StoreError(f"image '{image_id}' in '{store.url}' has no block-wise run to continue (prepare it first)")
+        return cls(store, image_id, group, dict(group.attrs))
+
+    @property
+    def config(self) -> PredictConfig:
+        return PredictConfig.model_validate(self.attrs["predict"])
+
+    @property
+    def grid(self) -> BlockGrid:
+        blocks = self.config.blocks
+        height, width = self.attrs["plan"]["shape"]
+        return BlockGrid((int(height), int(width)), blocks.block_size, blocks.overlap)
+
+    @property
+    def levels(self) -> Levels:
+        return Levels(**self.attrs["levels"])
+
+    def lut(self) -> np.ndarray | None:
+        histogram = self.group.get("histogram")
+        if histogram is None:
+            return None
+        return histogram_lut(np.asarray(cast("zarr.Array", histogram)[...]), self.config_normalization)
+
+    @property
+    def config_normalization(self) -> NormalizationConfig:
+        return NormalizationConfig.model_validate(self.attrs["normalization"])
+
+    def array(self, name: str) -> zarr.Array:
+        return self.store.region_array(f"{self.image_id}/blocks/{name}", every_chunk=False)
+
+    def image_array(self, path: str) -> zarr.Array:
+        return self.store.region_array(f"{self.image_id}/{path}")
+
+    def state(self) -> np.ndarray:
+        """(blocks, 4) int64: each block's stage, labels in its core, labels in its window, cells it
+        measured only in part."""
+        return np.asarray(self.array("state")[...])
+
+    def block_state(self, index: int) -> np.ndarray:
+        return np.asarray(self.array("state")[index])
+
+    def set_state(self, index: int, stage: int, core_labels: int = 0, labels: int = 0, oversized: int = 0) -> None:
+        self.array("state")[index] = np.array([stage, core_labels, labels, oversized], dtype=np.int64)
+
+    def update(self, **values: Any) -> None:
+        self.attrs.update(values)
+        self.group.attrs.put(self.attrs)
+
+
+def prepare_image(store: ResultStore, image_id: str, url: str, source: Source, predictor: Predictor,
+                  workers: int = 1) -> tuple[int, list[int]]:
+    """Plan a block-wise run of one image, or take up the one an earlier run left: (blocks, those
+    still to predict). A run left with another plan (other settings, model or image) starts over;
+    an image another run has finished meanwhile is left as it is: (0, [])."""
+    if store.is_done(image_id):
+        return 0, []
+    config = predictor.config
+    height, width = (int(side) for side in source.shape)
+    if height * width > config.blocks.max_pixels:
+        raise StoreError(f"'{redact_url(url)}' has {height} x {width} pixels, over the block-wise limit of "
+                         f"{config.blocks.max_pixels} (raise predict.blocks.max_pixels to allow it)")
+    plan = {"shape": [height, width], "dtype": np.dtype(source.dtype).str, "source_url": redact_url(url),
+            "model": predictor.model_version, "predict": config.model_dump(mode="json", exclude=NOT_IN_PLAN)}
+    try:
+        scratch: Scratch | None = Scratch.open(store, image_id)
+    except (StoreError, *METADATA_ERRORS):
+        scratch = None
+    if scratch is not None and scratch.attrs["plan"] == plan:
+        state = scratch.state()
+        scratch.update(resumed=int(np.count_nonzero(state[:, 0] != TODO)))
+        return len(state), [int(index) for index in np.flatnonzero(state[:, 0] == TODO)]
+    grid = BlockGrid((height, width), config.blocks.block_size, config.blocks.overlap)
+    if scratch is not None or f"{image_id}/blocks" in store.root:
+        del store.root[f"{image_id}/blocks"]  # another plan's, or one whose metadata cannot be read
+    store.root.require_group(image_id).attrs["cellseg"] = {"status": "writing", "source_url": redact_url(url),
+                                                           "blockwise": True}
+    normalization = predictor.normalization
+    levels, histogram = image_levels(source, grid, normalization, workers)
+    lut = histogram_lut(histogram, normalization) if histogram is not None else None
+    empty = [index for index in range(grid.count)
+             if levels.flat or levels.brightest([index], lut) < config.blocks.empty_level]
+    described = source_record(source) if isinstance(source, Plane) else {}
+    scale = _image_scale(source, grid, levels, lut, predictor, empty, described, url)
+    _create_arrays(store, image_id, grid, np.dtype(source.dtype), config, histogram)
+    group = store.root.require_group(f"{image_id}/blocks")
+    group.attrs.put({"predict": config.model_dump(mode="json"), "normalization": normalization.model_dump(mode="json"),
+                     "levels": asdict(levels),
+                     "empty": empty, "scale": scale, "source": described, "resumed": 0, "plan": plan})
+    logger.info("'%s': %d x %d pixels in %d blocks of %d (%d empty)", redact_url(url), height, width, grid.count,
+                grid.block, len(empty))
+    return grid.count, list(range(grid.count))
+
+
+def _image_scale(source: Source, grid: BlockGrid, levels: Levels, lut: np.ndarray | None, predictor: Predictor,
+                 empty: list[int], described: dict[str, Any], url: str) -> dict[str, Any] | None:
+    """For a model at a cell size, the image's cell size, measured once on its brightest block
+    (the one with the highest normalised mean) unless given; None for other models."""
+    model_diameter = predictor.checkpoint.model_config.cell_diameter
+    if not isinstance(model_diameter, float | int):
+        return None
+    config = predictor.config
+    given = config.cell_diameter or cell_diameter_pixels(config.cell_diameter_um, described, url)
+    window = grid.window(0)
+    if given is not None:
+        shape = (window[1] - window[0], window[3] - window[2])
+        return {"cell_diameter": given, "measured": False, "factor": scale_factor(given, float(model_diameter), shape)}
+    candidates = [index for index in range(grid.count) if index not in empty]
+    if not candidates:
+        return {"cell_diameter": None, "measured": True, "factor": 1.0}
+    pixels = [(grid.core(b)[1] - grid.core(b)[0]) * (grid.core(b)[3] - grid.core(b)[2]) for b in candidates]
+    means = levels.normalise(np.array([levels.block_sum[b] / n for b, n in zip(candidates, pixels, strict=True)]
+                                      ).astype(levels.dtype), lut)
+    window = grid.window(candidates[int(np.argmax(means))])
+    maps = _maps(predictor, levels.normalise(region(source, window), lut), None)
+    return dict(maps.scale or {})
+
+
+def _create_arrays(store: ResultStore, image_id: str, grid: BlockGrid, dtype: np.dtype, config: PredictConfig,
+                   histogram: np.ndarray | None) -> None:
+    chunk = min(CHUNK_SIDE, grid.block)
+    chunks = (chunk, chunk)
+    store.blank_array(f"{image_id}/{MASK_PATH}", grid.shape, np.uint8, chunks)
+    store.blank_array(f"{image_id}/{CELLS_PATH}", grid.shape, np.int32, chunks)
+    if config.store_image:
+        store.blank_array(f"{image_id}/{IMAGE_PATH}", grid.shape, dtype, chunks)
+    if config.save_probabilities:
+        store.blank_array(f"{image_id}/{PROBABILITIES_PATH}", grid.shape, np.float16, chunks)
+    store.blank_array(f"{image_id}/blocks/labels", grid.shape, np.int32, chunks, every_chunk=False)
+    store.blank_array(f"{image_id}/blocks/ring", (grid.count, *grid.ring_slot), np.int32, (1, *grid.ring_slot),
+                      every_chunk=False, dimension_names=("block", "side", "row", "column"))
+    store.blank_array(f"{image_id}/blocks/state", (grid.count, 4), np.int64, (1, 4), every_chunk=False,
+                      dimension_names=("block", "field"))
+    if histogram is not None:
+        store.blank_array(f"{image_id}/blocks/histogram", histogram.shape, np.int64, histogram.shape,
+                          every_chunk=False, dimension_names=("level",))[...] = histogram
+
+
+def _maps(predictor: Predictor, window: np.ndarray, cell_diameter: float | None) -> CellMaps:
+    """The Predictor's maps of one normalised window, in equal tiles fitted to it (`fitted_tile`)."""
+    config = predictor.config
+    tile = fitted_tile(max(window.shape), config.tile_size, config.tile_overlap)
+    return predictor.normalised_cell_maps([window], [cell_diameter], tile_size=tile)[0]
+
+
+def predict_block(store: ResultStore, image_id: str, index: int, source: Source, predictor: Predictor) -> str:
+    """Predict one block and write its core; 'predicted', 'empty', or 'done before' (an earlier
+    attempt recorded it)."""
+    scratch = Scratch.open(store, image_id)
+    if scratch.block_state(index)[0] != TODO:
+        return "done before"
+    config, grid = scratch.config, scratch.grid
+    core, window = grid.core(index), grid.window(index)
+    target = (slice(core[0], core[1]), slice(core[2], core[3]))
+    if index in scratch.attrs["empty"]:
+        if config.store_image:
+            scratch.image_array(IMAGE_PATH)[target] = region(source, core)
+        for path in [MASK_PATH, CELLS_PATH] + ([PROBABILITIES_PATH] if config.save_probabilities else []):
+            scratch.image_array(path)[target] = 0  # scratch labels stay unwritten: zeros
+        scratch.set_state(index, EMPTY)
+        return "empty"
+    inner = (slice(core[0] - window[0], core[1] - window[0]), slice(core[2] - window[2], core[3] - window[2]))
+    pixels = region(source, window)
+    scale = scratch.attrs["scale"] or {}
+    maps = _maps(predictor, scratch.levels.normalise(pixels, scratch.lut()), scale.get("cell_diameter"))
+    local, core_labels, total = _local_numbers(cell_labels(maps, config), inner)
+    if config.store_image:
+        scratch.image_array(IMAGE_PATH)[target] = pixels[inner]
+    if config.save_probabilities:
+        scratch.image_array(PROBABILITIES_PATH)[target] = maps.probability[inner].astype(np.float16)
+    scratch.image_array(MASK_PATH)[target] = (local[inner] > 0).astype(np.uint8)
+    scratch.array("labels")[target] = local[inner]
+    scratch.array("ring")[index] = pack_ring(grid, index, local, window)
+    scratch.set_state(index, PREDICTED, core_labels, total)
+    return "predicted"
+
+
+def _local_numbers(labels: np.ndarray, core: tuple[slice, slice]) -> tuple[np.ndarray, int, int]:
+    """(labels renumbered, cells in the core, cells in all): those with pixels in the core first,
+    1..k, then those only around it, k+1..n."""
+    size = int(labels.max(initial=0)) + 1
+    present = np.bincount(labels.ravel(), minlength=size) > 0
+    in_core = np.bincount(labels[core].ravel(), minlength=size) > 0
+    present[0] = in_core[0] = False
+    lookup = np.zeros(size, dtype=np.int32)
+    core_ids, outer_ids = np.flatnonzero(in_core), np.flatnonzero(present & ~in_core)
+    lookup[core_ids] = np.arange(1, len(core_ids) + 1)
+    lookup[outer_ids] = np.arange(len(core_ids) + 1, len(core_ids) + len(outer_ids) + 1)
+    return lookup[labels], len(core_ids), len(core_ids) + len(outer_ids)
+
+
+def stitch_image(store: ResultStore, image_id: str) -> dict[str, Any]:
+    """Join the labels that are one cell across seams and number the cells (the module's rule);
+    returns what it recorded: each block's first label, cells owned and label offset."""
+    scratch = Scratch.open(store, image_id)
+    if "stitch" in scratch.attrs:
+        return dict(scratch.attrs["stitch"])
+    grid, state = scratch.grid, scratch.state()
+    if unfinished := [int(index) for index in np.flatnonzero(state[:, 0] == TODO)]:
+        raise StoreError(f"image '{image_id}': blocks {unfinished[:10]} are not predicted yet; stitching needs them all")
+    core_labels = state[:, 1]
+    offsets = np.concatenate([[0], np.cumsum(core_labels)])
+    total = int(offsets[-1])
+    labels, ring = scratch.array("labels"), scratch.array("ring")
+    joined = []
+    for index in np.flatnonzero(state[:, 0] != EMPTY):
+        views, written = [], []
+        for box, view in unpack_ring(grid, int(index), np.asarray(ring[int(index)])):
+            local = np.asarray(labels[box[0]:box[1], box[2]:box[3]])
+            views.append(view.ravel())
+            written.append(np.where(local > 0, offsets[grid.owners(box)] + local, 0).ravel())
+        if views:
+            pairs = seam_pairs(np.concatenate(views), np.concatenate(written))
+            pairs = pairs[pairs[:, 0] <= core_labels[index]]  # labels only around the core have no pixels to join
+            joined.append(np.stack([pairs[:, 0] + offsets[index], pairs[:, 1]], axis=1))
+    pairs = np.concatenate(joined) if joined else np.zeros((0, 2), dtype=np.int64)
+    lookup, first_of_cell = join_labels(total, pairs)
+    cells = int(lookup.max(initial=0))
+    if cells >= np.iinfo(np.int32).max:
+        raise StoreError(f"image '{image_id}' has {cells} cells, more than its int32 labels can number")
+    firsts = np.cumsum(first_of_cell)  # cells numbered up to each label
+    owned = [int(firsts[offsets[b + 1]] - firsts[offsets[b]]) for b in range(grid.count)]
+    starts = [int(firsts[offsets[b]]) + 1 for b in range(grid.count)]
+    store.blank_array(f"{image_id}/blocks/final", lookup.shape, np.int64, (min(len(lookup), 1 << 20),), every_chunk=False,
+                      dimension_names=("label",))[...] = lookup
+    rows = max([*owned, 1])
+    columns = CELL_COLUMNS if scratch.config.measure_cells else SUM_COLUMNS
+    store.blank_array(f"{image_id}/blocks/table", (grid.count * rows, len(columns)), np.float64, (rows, len(columns)),
+                      every_chunk=False, dimension_names=("cell", "column"))
+    record = {"offsets": [int(offset) for offset in offsets], "starts": starts, "owned": owned, "cells": cells,
+              "rows": rows, "joined": len(pairs)}
+    scratch.update(stitch=record)
+    return record
+
+
+def measure_block(store: ResultStore, image_id: str, index: int, source: Source) -> str:
+    """Write the final labels of one block's core and the table rows of the cells it owns; 'measured',
+    'empty' or 'done before'."""
+    scratch = Scratch.open(store, image_id)
+    state = scratch.block_state(index)
+    stage = state[0]
+    if stage == EMPTY:
+        return "empty"
+    if stage == MEASURED:
+        return "done before"
+    if "stitch" not in scratch.attrs:
+        raise StoreError(f"image '{image_id}' is not stitched yet; its blocks are measured after")
+    grid, stitched, config = scratch.grid, scratch.attrs["stitch"], scratch.config
+    offsets = stitched["offsets"]
+    core, window = grid.core(index), grid.window(index)
+    local = np.asarray(scratch.array("labels")[window[0]:window[1], window[2]:window[3]])
+    owners = grid.owners(window)
+    cells = np.zeros(local.shape, dtype=np.int32)
+    final = scratch.array("final")
+    for owner in grid.neighbourhood(index):
+        lookup = np.asarray(final[offsets[owner]: offsets[owner + 1] + 1])
+        lookup[0] = 0
+        here = owners == owner
+        cells[here] = lookup[local[here]]
+    inner = (slice(core[0] - window[0], core[1] - window[0]), slice(core[2] - window[2], core[3] - window[2]))
+    scratch.image_array(CELLS_PATH)[core[0]:core[1], core[2]:core[3]] = cells[inner]
+    start, count = stitched["starts"][index], stitched["owned"][index]
+    oversized = 0
+    if count:
+        mine = np.where((cells >= start) & (cells < start + count), cells - (start - 1), 0).astype(np.int32)
+        rows = _cell_rows(mine, region(source, window), config.measure_cells)
+        if len(rows) != count:
+            raise StoreError(f"image '{image_id}', block {index}: {len(rows)} of its {count} cells found in its window")
+        _shift(rows, start - 1, window, config.measure_cells)
+        oversized = _cut_at_window_edge(mine, window, grid.shape)
+        scratch.array("table")[index * stitched["rows"]: index * stitched["rows"] + count] = rows
+    scratch.set_state(index, MEASURED, int(state[1]), int(state[2]), oversized)
+    return "measured"
+
+
+def _cell_rows(cells: np.ndarray, image: np.ndarray, measure: bool) -> np.ndarray:
+    """The table rows of cells 1..n: every CELL_COLUMNS, or only SUM_COLUMNS."""
+    if measure:
+        return cell_measurements(cells, image)
+    present = np.flatnonzero(np.bincount(cells.ravel()))[1:] if cells.any() else np.zeros(0, dtype=np.int64)
+    areas = np.bincount(cells.ravel())[present]
+    integrated = np.bincount(cells.ravel(), weights=image.ravel().astype(np.float64))[present]
+    return np.stack([present.astype(np.float64), areas.astype(np.float64), integrated], axis=1)
+
+
+def _shift(rows: np.ndarray, label_offset: int, window: Box, measure: bool) -> None:
+    """Rows measured in a window, moved to final labels and image coordinates (in place)."""
+    rows[:, 0] += label_offset
+    if measure:
+        for name, offset in (("centroid_y", window[0]), ("centroid_x", window[2]), ("bbox_min_y", window[0]),
+                             ("bbox_min_x", window[2]), ("bbox_max_y", window[0]), ("bbox_max_x", window[2])):
+            rows[:, CELL_COLUMNS.index(name)] += offset
+
+
+def _cut_at_window_edge(cells: np.ndarray, window: Box, shape: tuple[int, int]) -> int:
+    """How many cells touch an edge of the window that is not the image's (measured only in part)."""
+    edges = [cells[0] if window[0] > 0 else None, cells[-1] if window[1] < shape[0] else None,
+             cells[:, 0] if window[2] > 0 else None, cells[:, -1] if window[3] < shape[1] else None]
+    touching = np.concatenate([edge for edge in edges if edge is not None] or [np.zeros(0, dtype=np.int32)])
+    return len(np.unique(touching[touching > 0]))
+
+
+def finish_image(store: ResultStore, image_id: str, model: dict[str, Any], workers: int = 1) -> dict[str, Any]:
+    """Write the cell table, the statistics, the pyramid and the done mark of a measured image, and
+    remove its scratch; returns its record ({} when another run finished it meanwhile)."""
+    scratch = Scratch.open(store, image_id)
+    state, grid, config, levels = scratch.state(), scratch.grid, scratch.config, scratch.levels
+    if unfinished := [int(index) for index in np.flatnonzero(~np.isin(state[:, 0], (EMPTY, MEASURED)))]:
+        raise StoreError(f"image '{image_id}': blocks {unfinished[:10]} are not measured yet")
+    stitched, described = scratch.attrs["stitch"], scratch.attrs["source"]
+    areas, integrated = _write_table(scratch, stitched, config.measure_cells, described)
+    pixels = grid.shape[0] * grid.shape[1]
+    inside = float(integrated.sum())
+    cell_pixels = int(areas.sum())
+    statistics = {
+        "cell_count": len(areas), "total_cell_area": cell_pixels,
+        "mean_cell_area": float(areas.mean()) if len(areas) else None,
+        "median_cell_area": float(np.median(areas)) if len(areas) else None,
+        "foreground_fraction": cell_pixels / pixels,
+        "mean_intensity_inside": inside / cell_pixels if cell_pixels else None,
+        "mean_intensity_outside": (sum(levels.block_sum) - inside) / (pixels - cell_pixels) if cell_pixels < pixels else None,
+    }
+    arrays = [path for path, kept in ((IMAGE_PATH, config.store_image), (MASK_PATH, True), (CELLS_PATH, True),
+                                      (PROBABILITIES_PATH, config.save_probabilities), (CELL_TABLE, config.measure_cells))
+              if kept]
+    shapes = pyramid_shapes(grid.shape, min(CHUNK_SIDE, grid.block))
+    for path in [IMAGE_PATH, MASK_PATH, CELLS_PATH][0 if config.store_image else 1:]:
+        _write_pyramid(store, f"{image_id}/{path}", shapes, average=path == IMAGE_PATH, workers=workers)
+    oversized = int(state[:, 3].sum())
+    warnings = ["image has no contrast: no cells"] if levels.flat else []
+    if oversized:
+        warnings.append(f"{oversized} cells reach past the block overlap ({grid.overlap} px): measured in part; "
+                        "raise predict.blocks.overlap")
+    blocks = {"block_size": grid.block, "overlap": grid.overlap, "count": grid.count,
+              "empty": len(scratch.attrs["empty"]), "resumed": scratch.attrs["resumed"], "joined": stitched["joined"],
+              "oversized": oversized, "levels": len(shapes)}
+    record = {"source_url": scratch.attrs["plan"]["source_url"], "shape": list(grid.shape), "model": model, "statistics": statistics,
+              "scale": scratch.attrs["scale"], "warnings": warnings, "source": described, "blocks": blocks}
+    written = store.write_blockwise_result(image_id, grid.shape, arrays, len(shapes), record)
+    del store.root[f"{image_id}/blocks"]
+    return record if written else {}
+
+
+def _write_table(scratch: Scratch, stitched: dict[str, Any], measure: bool, described: dict[str, Any]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Gather the blocks' rows, in label order, into the image's cell table (with `measure`),
+    whole chunks of rows at a time; returns every cell's area and integrated intensity."""
+    columns = CELL_COLUMNS if measure else SUM_COLUMNS
+    cells, stride = stitched["cells"], stitched["rows"]
+    target = None
+    if measure:
+        named = with_area_um2(columns, np.zeros((0, len(columns))), described)[0]
+        target = scratch.store.blank_array(
+            f"{scratch.image_id}/{CELL_TABLE}", (cells, len(named)), np.float64,
+            (max(1, min(cells, TABLE_CHUNK_ROWS)), len(named)), attributes={"columns": list(named)},
+            dimension_names=("cell", "column"))
+    source = scratch.array("table")
+    areas: list[np.ndarray] = []
+    integrated: list[np.ndarray] = []
+    pending: list[np.ndarray] = []
+    written = 0
+
+    def flush(last: bool) -> None:
+        nonlocal pending, written
+        rows = np.concatenate(pending) if pending else np.zeros((0, len(columns)))
+        take = len(rows) if last else len(rows) // TABLE_CHUNK_ROWS * TABLE_CHUNK_ROWS
+        if target is not None and take:
+            target[written: written + take] = with_area_um2(columns, rows[:take], described)[1]
+        written, pending = written + take, [rows[take:]]
+
+    for index, count in enumerate(stitched["owned"]):
+        if count:
+            rows = np.asarray(source[index * stride: index * stride + count])
+            areas.append(rows[:, columns.index("area")])
+            integrated.append(rows[:, columns.index("intensity_integrated")])
+            pending.append(rows)
+            if sum(map(len, pending)) >= TABLE_CHUNK_ROWS:
+                flush(last=False)
+    flush(last=True)
+    return (np.concatenate(areas) if areas else np.zeros(0)), (np.concatenate(integrated) if integrated else np.zeros(0))
+
+
+def _write_pyramid(store: ResultStore, base: str, shapes: list[tuple[int, int]], average: bool, workers: int) -> None:
+    """Levels 1.. of the array at `base` (a path ending in "0"), each half the one before, written
+    one output chunk per call."""
+    previous = store.region_array(base)
+    for level, shape in enumerate(shapes[1:], start=1):
+        chunk = previous.chunks[0]
+        target = store.blank_array(f"{base[:-1]}{level}", shape, previous.dtype, (chunk, chunk))
+
+        def halve_chunk(corner: tuple[int, int], source: zarr.Array = previous, out: zarr.Array = target,
+                        chunk: int = chunk) -> None:
+            top, left = corner
+            bottom, right = min(top + chunk, out.shape[0]), min(left + chunk, out.shape[1])
+            out[top:bottom, left:right] = halve(np.asarray(source[2 * top: 2 * bottom, 2 * left: 2 * right]), average)
+
+        corners = [(top, left) for top in range(0, shape[0], chunk) for left in range(0, shape[1], chunk)]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(halve_chunk, corners))
+        previous = target
+
+
+# All steps in one process -------------------------------------------------------------------------
+
+
+@contextmanager
+def opened(open_source: SourceOpener) -> Iterator[Source]:
+    """A source from `open_source`, closed after use when it can be (a `formats.Plane`)."""
+    source = open_source()
+    try:
+        yield source
+    finally:
+        close = getattr(source, "close", None)
+        if callable(close):
+            close()
+
+
+def plane_opener(url: str, config: PredictConfig, storage_options: StorageOptions = None) -> SourceOpener:
+    """Opens the plane of `url` that `config.selection` chooses, region by region."""
+    return lambda: open_plane(url, config.selection, storage_options)
+
+
+def segment_blockwise(store: ResultStore, image_id: str, url: str, open_source: SourceOpener, predictor: Predictor,
+                      model: dict[str, Any], workers: int = 1) -> dict[str, Any]:
+    """Segment one image block by block into `store` (every step of the module, blocks on `workers`
+    threads, each reading its own source) and return its record, with `seconds` and `pixels`."""
+    started = time.monotonic()
+    with opened(open_source) as source:
+        count, todo = prepare_image(store, image_id, url, source, predictor, workers)
+        shape = tuple(int(side) for side in source.shape)
+    if not count:
+        return {}  # finished by another run meanwhile
+
+    def per_block(step: Callable[..., str], index: int, *args: Any) -> str:
+        with opened(open_source) as block_source:
+            return step(store, image_id, index, block_source, *args)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(lambda index: per_block(predict_block, index, predictor), todo))
+        stitch_image(store, image_id)
+        list(pool.map(lambda index: per_block(measure_block, index), range(count)))
+    record = finish_image(store, image_id, model, workers)
+    return {**record, "seconds": time.monotonic() - started, "pixels": shape[0] * shape[1]} if record else {}

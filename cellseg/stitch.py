@@ -1,0 +1,172 @@
+"""The pure parts of block-wise segmentation (`cellseg.blocks`): the block grid, the ring of
+pixels around a block's core, matching labels across seams, joining them into one label per
+cell, and halving a region for the pyramid. Arrays in, arrays out; no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+Box = tuple[int, int, int, int]  # (top, bottom, left, right): rows [top, bottom), columns [left, right)
+SIDES = 4  # the strips of a ring: top, bottom, left, right
+MIN_JOIN_IOU = 0.5  # labels of two blocks are one cell when they overlap at least this much in the ring
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """An (H, W) image cut into square cores of `block` pixels in raster order (the last row and
+    column of blocks smaller), each read on a window reaching `overlap` pixels past its core on
+    every side, clipped to the image."""
+
+    shape: tuple[int, int]
+    block: int
+    overlap: int
+
+    @property
+    def rows(self) -> int:
+        return -(-self.shape[0] // self.block)
+
+    @property
+    def cols(self) -> int:
+        return -(-self.shape[1] // self.block)
+
+    @property
+    def count(self) -> int:
+        return self.rows * self.cols
+
+    def core(self, index: int) -> Box:
+        """The pixels block `index` owns and writes."""
+        row, col = divmod(index, self.cols)
+        top, left = row * self.block, col * self.block
+        return top, min(top + self.block, self.shape[0]), left, min(left + self.block, self.shape[1])
+
+    def window(self, index: int) -> Box:
+        """The pixels block `index` reads: its core and `overlap` more on every side, within the image."""
+        top, bottom, left, right = self.core(index)
+        reach = self.overlap
+        return max(top - reach, 0), min(bottom + reach, self.shape[0]), max(left - reach, 0), min(right + reach, self.shape[1])
+
+    def neighbourhood(self, index: int) -> list[int]:
+        """Block `index` and the (up to 8) blocks around it, in raster order."""
+        row, col = divmod(index, self.cols)
+        return [r * self.cols + c for r in range(max(row - 1, 0), min(row + 2, self.rows))
+                for c in range(max(col - 1, 0), min(col + 2, self.cols))]
+
+    def owners(self, box: Box) -> np.ndarray:
+        """(h, w) int64: the block whose core holds each pixel of `box`."""
+        top, bottom, left, right = box
+        rows = np.arange(top, bottom) // self.block
+        cols = np.arange(left, right) // self.block
+        return rows[:, None] * self.cols + cols[None, :]
+
+    def ring(self, index: int) -> list[Box]:
+        """The strips around block `index`'s core, `overlap` wide, within the image (top and bottom
+        with the corners, then left and right); an empty box where the core meets the image edge."""
+        top, bottom, left, right = self.core(index)
+        height, width = self.shape
+        reach = self.overlap
+        wide = (max(left - reach, 0), min(right + reach, width))
+        return [(max(top - reach, 0), top, *wide), (bottom, min(bottom + reach, height), *wide),
+                (top, bottom, max(left - reach, 0), left), (top, bottom, right, min(right + reach, width))]
+
+    @property
+    def ring_slot(self) -> tuple[int, int, int]:
+        """Shape of one block's ring as stored: (SIDES, overlap, block + 2 overlap), the left and
+        right strips transposed."""
+        return SIDES, self.overlap, self.block + 2 * self.overlap
+
+
+def pack_ring(grid: BlockGrid, index: int, labels: np.ndarray, window: Box) -> np.ndarray:
+    """Block `index`'s labels over its ring, cut from its window's `labels`, as a `ring_slot` array."""
+    slots = np.zeros(grid.ring_slot, dtype=np.int32)
+    for side, (top, bottom, left, right) in enumerate(grid.ring(index)):
+        strip = labels[top - window[0]: bottom - window[0], left - window[2]: right - window[2]]
+        strip = strip if side < 2 else strip.T
+        slots[side, : strip.shape[0], : strip.shape[1]] = strip
+    return slots
+
+
+def unpack_ring(grid: BlockGrid, index: int, slots: np.ndarray) -> Iterator[tuple[Box, np.ndarray]]:
+    """(box, labels) of each non-empty strip of a ring that `pack_ring` stored."""
+    for side, box in enumerate(grid.ring(index)):
+        height, width = box[1] - box[0], box[3] - box[2]
+        if height and width:
+            yield box, slots[side, :height, :width] if side < 2 else slots[side, :width, :height].T
+
+
+def seam_pairs(view: np.ndarray, written: np.ndarray) -> np.ndarray:
+    """(K, 2) pairs (view label, written label) that are one cell, from two labellings of the same
+    pixels (1-D, 0 = background): one block's `view` of the ring around its core, and the labels
+    its neighbours `written` there. A pair is joined when each is the other's largest overlap and
+    their intersection over union, counted in the ring, is at least MIN_JOIN_IOU."""
+    both = (view > 0) & (written > 0)
+    if not both.any():
+        return np.zeros((0, 2), dtype=np.int64)
+    view_ids, view_sizes = np.unique(view[view > 0], return_counts=True)
+    written_ids, written_sizes = np.unique(written[written > 0], return_counts=True)
+    pairs, overlaps = np.unique(np.stack([view[both], written[both]]).astype(np.int64), axis=1, return_counts=True)
+    best_for_view = _largest(pairs[0], overlaps)
+    best_for_written = _largest(pairs[1], overlaps)
+    mutual = best_for_view & best_for_written
+    union = view_sizes[np.searchsorted(view_ids, pairs[0])] + written_sizes[np.searchsorted(written_ids, pairs[1])] - overlaps
+    chosen = mutual & (overlaps >= MIN_JOIN_IOU * union)
+    return pairs[:, chosen].T
+
+
+def _largest(keys: np.ndarray, overlaps: np.ndarray) -> np.ndarray:
+    """Whether each pair is the largest overlap of its key (ties: the first pair in order)."""
+    order = np.lexsort((-overlaps, keys))
+    first = np.r_[True, keys[order][1:] != keys[order][:-1]]
+    chosen = np.zeros(len(keys), dtype=bool)
+    chosen[order[first]] = True
+    return chosen
+
+
+def join_labels(total: int, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Final labels of block labels 1..`total` joined by `pairs` ((K, 2) of labels that are one
+    cell): (lookup of shape (total + 1,), 0 -> 0; whether each label is its cell's first). Each
+    joined set is one cell, numbered 1..N in the order of its smallest label (union-find)."""
+    parent = np.arange(total + 1, dtype=np.int64)
+
+    def find(label: int) -> int:
+        while parent[label] != label:
+            parent[label] = parent[parent[label]]
+            label = int(parent[label])
+        return label
+
+    for first, second in pairs.tolist():
+        a, b = find(first), find(second)
+        if a != b:
+            parent[max(a, b)] = min(a, b)  # every link points down, so a set's root is its smallest label
+    while True:  # pointer jumping: every label straight to its root
+        jumped = parent[parent]
+        if np.array_equal(jumped, parent):
+            break
+        parent = jumped
+    first_of_cell = parent == np.arange(total + 1)
+    first_of_cell[0] = False
+    lookup = np.cumsum(first_of_cell)[parent]
+    lookup[0] = 0
+    return lookup, first_of_cell
+
+
+def halve(region: np.ndarray, average: bool) -> np.ndarray:
+    """One pyramid step of an (h, w) region, to (ceil(h/2), ceil(w/2)): every second pixel (labels,
+    masks: never a value that was not there), or with `average` the mean of each 2x2 square
+    (an image; an odd last row or column is averaged with itself), in the region's dtype."""
+    if not average:
+        return region[::2, ::2]
+    height, width = region.shape
+    padded = np.pad(region, ((0, height % 2), (0, width % 2)), mode="edge").astype(np.float64)
+    mean = padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2).mean(axis=(1, 3))
+    return (np.rint(mean) if region.dtype.kind in "iub" else mean).astype(region.dtype)
+
+
+def pyramid_shapes(shape: tuple[int, int], chunk: int) -> list[tuple[int, int]]:
+    """The shape of each pyramid level, level 0 first, halving until the image fits one chunk."""
+    shapes = [shape]
+    while max(shapes[-1]) > chunk:
+        shapes.append((-(-shapes[-1][0] // 2), -(-shapes[-1][1] // 2)))
+    return shapes

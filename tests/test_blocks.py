@@ -1,0 +1,265 @@
+"""Images bigger than memory, segmented block by block and stitched (cellseg.blocks, cellseg.stitch).
+
+The comparisons with the in-memory path use the shipped `general` model with its InstanceNorm
+layers frozen to fixed statistics and fp32 (`frozen_general`): tiled prediction then equals whole
+prediction away from tile edges, so any difference left is the block path's own (seams, stitching,
+normalisation). With InstanceNorm and bf16, two tilings of one image differ by a few cells anyway
+(benchmarks/large.py measures that too)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from benchmarks.large import compare, frozen_checkpoint
+from cellseg.blocks import image_levels, segment_blockwise
+from cellseg.config import BlockConfig, NormalizationConfig, PredictConfig
+from cellseg.jobs import SegmentJob, run_segmentation
+from cellseg.measure import CELL_COLUMNS, cell_measurements
+from cellseg.model_source import ModelSource, load_predictor
+from cellseg.normalize import histogram_lut, normalize_image
+from cellseg.postprocess import cell_labels
+from cellseg.stats import image_statistics
+from cellseg.stitch import BlockGrid, join_labels, pack_ring, seam_pairs, unpack_ring
+from cellseg.store import ResultStore
+from cellseg.synth import generate_sample, mosaic_tiles
+from cellseg.tiling import fitted_tile, tile_starts
+from cellseg.verify import verify_store
+
+SIDE, BLOCK, OVERLAP = 1024, 256, 64  # 16 blocks: 24 seams, 9 inner corners
+
+
+def mosaic(shape: tuple[int, int], seed: int = 1, cells=lambda row, col: True) -> np.ndarray:
+    """A synthetic mosaic of 512-pixel tiles (cellseg.synth.mosaic_tiles), uint8."""
+    image = np.zeros(shape, dtype=np.uint8)
+    for top, left, sample in mosaic_tiles(shape, 512, seed, cells):
+        image[top: top + sample.image.shape[0], left: left + sample.image.shape[1]] = sample.image
+    return image
+
+
+@pytest.fixture(scope="module")
+def frozen_general(tmp_path_factory) -> Path:
+    """The shipped general model with its InstanceNorm frozen to fixed statistics (translation-invariant)."""
+    return frozen_checkpoint(tmp_path_factory.mktemp("frozen") / "frozen.pt")
+
+
+BLOCKWISE = PredictConfig(amp=False, threads=2, blocks=BlockConfig(block_size=BLOCK, overlap=OVERLAP, above_pixels=1))
+
+
+@pytest.fixture(scope="module")
+def blockwise_run(frozen_general, tmp_path_factory):
+    """A 1024x1024 mosaic segmented whole (tiled) and block by block (zarr array in, store out)."""
+    root = tmp_path_factory.mktemp("blockwise")
+    image = mosaic((SIDE, SIDE))
+    source = zarr.create_array(str(root / "mosaic.zarr"), shape=image.shape, dtype=image.dtype, chunks=(256, 256))
+    source[...] = image
+    predictor = load_predictor(ModelSource("", checkpoint_url=str(frozen_general)), BLOCKWISE)
+    reference = cell_labels(predictor.cell_maps([image])[0], predictor.config)
+    store = ResultStore.open(str(root / "results.zarr"))
+    record = segment_blockwise(store, "mosaic", str(root / "mosaic.zarr"), lambda: source, predictor, {"version": "x"},
+                               workers=2)
+    return image, reference, store, record
+
+
+# Pure parts ---------------------------------------------------------------------------------------
+
+
+def test_fitted_tiles_cover_a_window_in_as_few_tiles_of_one_size():
+    for length in (1000, 1025, 1152, 2176, 2304, 4224):
+        tile = fitted_tile(length, 1024, 128)
+        starts = tile_starts(length, tile, 128)
+        assert tile <= 1024 and starts[-1] + tile == max(length, tile)
+        assert len(starts) == len(tile_starts(length, 1024, 128))
+    assert fitted_tile(2176, 1024, 128) == 811  # three tiles of 811 instead of three of 1024
+
+
+def test_grid_cores_are_whole_chunks_and_rings_surround_them():
+    grid = BlockGrid((1000, 700), 256, 64)
+    assert (grid.rows, grid.cols, grid.count) == (4, 3, 12)
+    assert grid.core(4) == (256, 512, 256, 512) and grid.window(4) == (192, 576, 192, 576)
+    assert grid.core(11) == (768, 1000, 512, 700) and grid.window(11) == (704, 1000, 448, 700)
+    assert grid.neighbourhood(0) == [0, 1, 3, 4] and len(grid.neighbourhood(4)) == 9
+    assert grid.owners((250, 260, 510, 514))[[0, -1]][:, [0, -1]].tolist() == [[1, 2], [4, 5]]
+    # The ring of block 4 is the window minus the core, once; packed and unpacked unchanged.
+    labels = np.arange(384 * 384, dtype=np.int32).reshape(384, 384)
+    strips = list(unpack_ring(grid, 4, pack_ring(grid, 4, labels, grid.window(4))))
+    assert sum(strip.size for _, strip in strips) == 384 * 384 - 256 * 256
+    for (top, bottom, left, right), strip in strips:
+        np.testing.assert_array_equal(strip, labels[top - 192: bottom - 192, left - 192: right - 192])
+    assert [box for box in grid.ring(0) if box[0] == box[1] or box[2] == box[3]] == [(0, 0, 0, 320), (0, 256, 0, 0)]
+
+
+def test_seam_pairs_join_mutual_best_overlaps_only():
+    view = np.array([1, 1, 1, 1, 2, 2, 2, 0, 3, 3, 3, 3, 0, 0, 0])
+    written = np.array([7, 7, 7, 8, 8, 8, 0, 9, 9, 9, 0, 0, 9, 9, 9])
+    # 1-7: IoU 3/4, joined (1 also touches 8, but 8 overlaps 2 more); 2-8: IoU 2/4, joined;
+    # 3-9: each the other's best, but IoU 2/8: two cells, not joined.
+    assert seam_pairs(view, written).tolist() == [[1, 7], [2, 8]]
+    assert seam_pairs(np.array([1, 1, 0]), np.array([0, 0, 4])).shape == (0, 2)
+
+
+def test_join_labels_numbers_each_joined_set_once_in_order():
+    lookup, first = join_labels(6, np.array([[5, 2], [3, 6], [6, 5]]))
+    # Sets {1}, {2, 3, 5, 6}, {4}: numbered by their smallest label.
+    assert lookup.tolist() == [0, 1, 2, 2, 3, 2, 2]
+    assert np.flatnonzero(first).tolist() == [1, 2, 4]
+
+
+@pytest.mark.parametrize("dtype, polarity", [(np.uint8, "auto"), (np.uint16, "auto"), (np.uint16, "keep")])
+def test_blocks_are_normalised_exactly_as_the_whole_image(dtype, polarity):
+    image = generate_sample(np.random.default_rng(2), (300, 280), bit_depth=16 if dtype == np.uint16 else 8,
+                            polarity="dark").image
+    config = NormalizationConfig(polarity=polarity)
+    levels, histogram = image_levels(image, BlockGrid(image.shape, 128, 32), config, workers=2)
+    np.testing.assert_array_equal(levels.normalise(image, histogram_lut(histogram, config)), normalize_image(image, config))
+    assert levels.block_max[0] == image[:128, :128].max() and sum(levels.block_sum) == image.sum()
+
+
+def test_block_settings_keep_cores_whole_chunks():
+    with pytest.raises(ValueError, match="multiple of 1024"):
+        BlockConfig(block_size=1536)
+    with pytest.raises(ValueError, match="at most half"):
+        BlockConfig(block_size=256, overlap=200)
+
+
+# A mosaic, block by block ---------------------------------------------------------------------------
+
+
+def test_a_mosaic_in_blocks_has_the_cells_of_the_in_memory_tiled_path(blockwise_run):
+    image, reference, store, record = blockwise_run
+    cells = store.read_cells("mosaic")
+    found = compare(reference, cells)
+    assert found["cells"] == found["reference_cells"] > 400
+    assert found["below_iou_0.95"] == 0 and found["cut"] == 0
+    assert record["blocks"]["joined"] > 50  # cells crossing seams were joined
+    # Labels unique across the image, 1..N, and measured once, after stitching.
+    assert np.array_equal(np.unique(cells), np.arange(found["cells"] + 1))
+    columns, table = store.read_cell_table("mosaic")
+    assert tuple(columns) == CELL_COLUMNS
+    np.testing.assert_allclose(table, cell_measurements(cells, image), rtol=1e-9)
+    statistics = store.record("mosaic")["statistics"]
+    for name, value in image_statistics(image, cells).items():
+        assert statistics[name] == pytest.approx(value, rel=1e-9), name
+    np.testing.assert_array_equal(store.read_image("mosaic"), image)
+    assert verify_store(store.url).broken == []
+
+
+def test_the_labels_are_a_pyramid_ome_zarr_opens_at_every_level(blockwise_run):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+
+    _, _, store, record = blockwise_run
+    cells = store.read_cells("mosaic")
+    nodes = list(Reader(parse_url(f"{store.url}/mosaic"))())
+    levels = {node.metadata["name"]: node.data for node in nodes if node.load(Label)}
+    assert record["blocks"]["levels"] == 3 and sorted(levels) == ["cells", "mask"]
+    assert [level.shape for level in levels["cells"]] == [(1024, 1024), (512, 512), (256, 256)]
+    np.testing.assert_array_equal(np.asarray(levels["cells"][2]), cells[::4, ::4])
+    np.testing.assert_array_equal(np.asarray(levels["mask"][1]), cells[::2, ::2] > 0)
+    assert [level.shape for level in nodes[0].data] == [(1024, 1024), (512, 512), (256, 256)]  # the image copy
+    scales = [dataset["coordinateTransformations"][0]["scale"]
+              for dataset in store.root["mosaic/labels/cells"].attrs["ome"]["multiscales"][0]["datasets"]]
+    assert scales == [[1.0, 1.0], [2.0, 2.0], [4.0, 4.0]]
+
+
+# Subprocesses: memory and a killed run ------------------------------------------------------------
+
+PEAK_RSS = """
+import json, sys
+from cellseg.cli import main
+status = main(sys.argv[1:])
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
+print(json.dumps({"status": status, "peak_mb": peak}))
+"""
+RSS_BOUND_MB = 1500  # the 30000^2 image alone is 900 MB, its int32 labels 3600 MB
+
+
+@pytest.mark.integration
+def test_a_mostly_background_30k_image_runs_in_bounded_memory(tmp_path):
+    side = 30_000
+    source = zarr.create_array(str(tmp_path / "slide" / "slide.zarr"), shape=(side, side), dtype=np.uint8,
+                               chunks=(1024, 1024), fill_value=0)  # chunks never written read as zeros
+    source[:2048, :3072] = mosaic((2048, 3072), seed=3)  # 24 tiles of cells in a corner, the rest background
+    run = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, "predict", "--images", str(tmp_path / "slide"), "--out", str(tmp_path / "r.zarr"),
+         "--model", "general", "--no-image", "--no-measure", "--blockwise-above", str(8192 * 8192)],
+        capture_output=True, text=True, check=True, timeout=600)
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["status"] == 0 and result["peak_mb"] < RSS_BOUND_MB, result
+    record = ResultStore.open(str(tmp_path / "r.zarr"), mode="r").record("slide")
+    assert record["blocks"]["count"] == 225 and record["blocks"]["empty"] == 223  # only the two blocks with cells ran
+    assert record["statistics"]["cell_count"] > 3000 and record["blocks"]["levels"] == 6
+
+
+@pytest.mark.integration
+def test_a_killed_run_is_rerun_redoing_only_its_unfinished_blocks(frozen_general, tmp_path):
+    (tmp_path / "in").mkdir()
+    image = mosaic((SIDE, SIDE), seed=4)
+    tifffile.imwrite(tmp_path / "in" / "big.tif", image, tile=(256, 256))
+    flags = ["--images", str(tmp_path / "in"), "--model", str(frozen_general), "--no-amp", "--blockwise-above", "1",
+             "--block-size", str(BLOCK), "--block-overlap", str(OVERLAP)]
+    child = subprocess.Popen([sys.executable, "-m", "cellseg.cli", "predict", *flags, "--out", str(tmp_path / "r.zarr")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def predicted() -> int:
+        try:
+            return int(np.count_nonzero(np.asarray(zarr.open_array(str(tmp_path / "r.zarr/big/blocks/state"), mode="r")[:, 0])))
+        except Exception:  # noqa: BLE001 - not created yet, or a chunk being written
+            return 0
+
+    deadline = time.monotonic() + 300
+    while predicted() < 3 and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    finished = predicted()
+    assert 3 <= finished < 16
+    store = ResultStore.open(str(tmp_path / "r.zarr"), mode="r")
+    assert not store.is_done("big")
+
+    job = SegmentJob(source_url=str(tmp_path / "in"), store_url=str(tmp_path / "r.zarr"),
+                     checkpoint_url=str(frozen_general), predict=BLOCKWISE)
+    report = run_segmentation(job)
+    assert report.done == ["big"] and report.failed == []
+    assert store.record("big")["blocks"]["resumed"] == finished
+    fresh = run_segmentation(job.model_copy(update={"store_url": str(tmp_path / "fresh.zarr")}))
+    assert fresh.done == ["big"]
+    again = ResultStore.open(str(tmp_path / "fresh.zarr"), mode="r")
+    np.testing.assert_array_equal(store.read_cells("big"), again.read_cells("big"))
+    np.testing.assert_array_equal(store.read_cell_table("big")[1], again.read_cell_table("big")[1])
+
+
+@pytest.mark.integration
+def test_segment_images_runs_the_blocks_of_a_large_image_as_tasks(frozen_general, prefect_harness, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    from cellseg.flows.segment import segment_images_flow
+    from cellseg.synth import encode_png
+
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "big.tif", mosaic((SIDE, SIDE), seed=6), tile=(256, 256))
+    (tmp_path / "in" / "small.png").write_bytes(encode_png(mosaic((256, 256), seed=7)))
+    job = SegmentJob(source_url=str(tmp_path / "in"), store_url=str(tmp_path / "flow.zarr"),
+                     checkpoint_url=str(frozen_general), predict=BLOCKWISE.model_copy(update={
+                         "blocks": BLOCKWISE.blocks.model_copy(update={"above_pixels": 512 * 512})}))
+    summary = segment_images_flow(job)
+    assert summary["done"] == 2 and summary["failed"] == []
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="predict-block")))
+    assert len({run.name for run in runs}) >= 16  # one task per block
+    # The flow's tasks and the library's thread pool give the same image.
+    library = run_segmentation(job.model_copy(update={"store_url": str(tmp_path / "library.zarr")}))
+    assert sorted(library.done) == ["big", "small"]
+    flow_store, library_store = (ResultStore.open(str(tmp_path / name), mode="r") for name in ("flow.zarr", "library.zarr"))
+    assert flow_store.record("big")["blocks"]["count"] == 16 and "blocks" not in flow_store.record("small")
+    np.testing.assert_array_equal(flow_store.read_cells("big"), library_store.read_cells("big"))

@@ -1,0 +1,112 @@
+"""Forward-pass options on CPU (`PredictConfig.compile`, `cellseg.runtime.CompiledByShape`): each
+agrees with the plain fp32 path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cellseg.checkpoint import load_checkpoint
+from cellseg.config import PredictConfig
+from cellseg.infer import Predictor
+from cellseg.io import list_images, read_image
+from cellseg.metrics import mask_agreement
+from cellseg.model import UNet
+from cellseg.normalize import normalize_image
+from cellseg.runtime import COMPILE_AFTER, CompiledByShape, autocast_context
+
+
+def test_a_shape_is_compiled_only_after_it_came_often_enough_and_gives_the_eager_output(synthetic_dataset,
+                                                                                        tiny_checkpoint):
+    # The shape and precision the Predictor runs below, so that inductor compiles this graph once.
+    checkpoint = load_checkpoint(str(tiny_checkpoint))
+    model = checkpoint.build_model().eval()
+    wrapped = CompiledByShape(model, after=1)
+    image = normalize_image(read_image(list_images(str(synthetic_dataset / "images"))[0]),
+                            checkpoint.model_config.normalization)
+    x, other = torch.from_numpy(image)[None, None], torch.rand(1, 1, 16, 48)
+    with torch.inference_mode(), autocast_context(torch.device("cpu"), True):
+        eager = model(x).float()
+        assert torch.equal(wrapped(x).float(), eager) and wrapped.compiled is None  # first time: eager
+        compiled = wrapped(x).float()
+        assert wrapped.compiled is not None and not wrapped.failed
+        assert torch.equal(wrapped(other), model(other))  # another shape starts over, eagerly
+    # Fused kernels round bf16 at other places than eager kernels do.
+    difference = (torch.sigmoid(compiled) - torch.sigmoid(eager)).abs()
+    assert difference.max() < 0.05 and difference.mean() < 0.005, (difference.max(), difference.mean())
+    assert wrapped.seen == {(1, 1, 96, 96): 2, (1, 1, 16, 48): 1}
+
+
+@pytest.mark.integration
+def test_a_compilation_that_fails_leaves_the_model_eager_with_a_warning(tmp_path):
+    # No C++ compiler, as on a machine without one: inductor cannot build its CPU code. In a process
+    # of its own, since inductor remembers the compiler it found.
+    script = """
+import logging, torch
+from cellseg.config import ModelConfig
+from cellseg.model import UNet
+from cellseg.runtime import CompiledByShape
+logging.basicConfig(level=logging.WARNING)
+model = UNet(ModelConfig(depth=2, base_width=4, dropout=0.0)).eval()
+wrapped = CompiledByShape(model)
+x = torch.rand(1, 1, 24, 24)
+with torch.inference_mode():
+    assert torch.equal(wrapped(x), model(x)) and torch.equal(wrapped(x), model(x))
+assert wrapped.failed
+print("eager after failure")
+"""
+    env = {**os.environ, "CXX": "/nonexistent/c++", "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "eager after failure" in run.stdout
+    assert run.stderr.count("torch.compile failed, the model runs eagerly") == 1, run.stderr[-2000:]
+
+
+def test_compile_defaults_to_after_many_images_on_cpu_and_can_be_forced_or_refused(tiny_checkpoint):
+    checkpoint = load_checkpoint(str(tiny_checkpoint))
+    default = Predictor(checkpoint, PredictConfig(device="cpu")).forward_model
+    assert isinstance(default, CompiledByShape) and default.after == COMPILE_AFTER
+    forced = Predictor(checkpoint, PredictConfig(device="cpu", compile=True)).forward_model
+    assert isinstance(forced, CompiledByShape) and forced.after == 0
+    assert isinstance(Predictor(checkpoint, PredictConfig(device="cpu", compile=False)).forward_model, UNet)
+
+
+def test_compiled_masks_agree_with_plain_fp32(synthetic_dataset, tiny_checkpoint):
+    # compile=True with the default bf16 autocast against the plain eager fp32 path.
+    checkpoint = load_checkpoint(str(tiny_checkpoint))
+    images = [read_image(url) for url in list_images(str(synthetic_dataset / "images"))][:8]
+    compiled_predictor = Predictor(checkpoint, PredictConfig(device="cpu", compile=True))
+    fast = compiled_predictor.masks(images)
+    plain = Predictor(checkpoint, PredictConfig(device="cpu", amp=False, compile=False)).masks(images)
+    assert compiled_predictor.forward_model.compiled is not None and not compiled_predictor.forward_model.failed
+    agreement = mask_agreement(fast, plain)
+    assert agreement["pixel_agreement"] >= 0.999 and agreement["dice"] >= 0.999, agreement
+    assert not np.array_equal(np.stack(fast), np.zeros_like(np.stack(fast)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compile_is_not_the_default_on_cuda(tiny_checkpoint):
+    checkpoint = load_checkpoint(str(tiny_checkpoint))
+    assert isinstance(Predictor(checkpoint, PredictConfig(device="cuda")).forward_model, UNet)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_of_equal_sizes_agree_with_the_cpu_fp32_path(tiny_checkpoint):
+    # Pinned, non-blocking copies and bf16 on the GPU, mixed sizes grouped into batches.
+    from cellseg.infer import predict_probabilities
+
+    checkpoint = load_checkpoint(str(tiny_checkpoint))
+    rng = np.random.default_rng(0)
+    images = [rng.random(shape, dtype=np.float32) for shape in [(96, 96), (64, 80), (96, 96), (64, 80), (96, 96)]]
+    model = checkpoint.build_model().eval()
+    cpu = predict_probabilities(model, images, batch_size=1, device="cpu", amp=False)
+    gpu = predict_probabilities(model.to("cuda"), images, batch_size=8, device="cuda", amp=True)
+    for on_cpu, on_gpu in zip(cpu, gpu, strict=True):
+        assert on_gpu.shape == on_cpu.shape
+        assert mask_agreement([on_gpu > 0.5], [on_cpu > 0.5])["pixel_agreement"] >= 0.99

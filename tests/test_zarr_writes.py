@@ -1,0 +1,140 @@
+"""A new image's nodes put at once: the same objects zarr's own calls write, locally and on S3;
+a write that fails part way leaves the image not done; stores written with another codec (zarr's
+default, before cellseg chose its own) open, read and resume as before."""
+
+from __future__ import annotations
+
+import json
+
+import fsspec
+import numpy as np
+import pytest
+from zarr.codecs import ZstdCodec
+
+from cellseg.measure import CELL_COLUMNS, cell_measurements
+from cellseg.stats import image_statistics
+from cellseg.store import WRITE_CONFIG, ResultStore
+from cellseg.synth import generate_sample
+from cellseg.zarr_writes import ARRAY_CODECS
+
+MODEL = {"version": "0123456789ab", "checkpoint": "runs/x/best.pt"}
+
+
+def result(seed: int, side: int = 1100) -> dict:
+    """write_result's arguments for one synthetic image (over 1024 a side: several chunks per array)."""
+    sample = generate_sample(np.random.default_rng(seed), (side, side - 60))
+    cells = sample.labels.astype(np.int32)
+    return {"mask": cells > 0, "statistics": image_statistics(sample.image, cells), "cells": cells,
+            "cell_table": (CELL_COLUMNS, cell_measurements(cells, sample.image)), "image": sample.image,
+            "probabilities": np.linspace(0, 1, cells.size, dtype=np.float32).reshape(cells.shape)}
+
+
+def write(store: ResultStore, image_id: str, arrays: dict) -> bool:
+    return store.write_result(image_id, arrays["mask"], arrays["statistics"], f"/images/{image_id}.png", MODEL,
+                              replace=False, cells=arrays["cells"], cell_table=arrays["cell_table"],
+                              image=arrays["image"], probabilities=arrays["probabilities"])
+
+
+def objects(url: str, storage_options: dict | None = None) -> dict[str, object]:
+    """Every object under a store by key: zarr.json documents parsed (the write time left out), chunks as bytes."""
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    found = {}
+    for path in fs.find(root):
+        key, data = path[len(root.rstrip("/")) + 1:], fs.cat_file(path)
+        if key.endswith("zarr.json"):
+            document = json.loads(data)
+            document.get("attributes", {}).get("cellseg", {}).pop("written", None)
+            document.pop("consolidated_metadata", None)  # None either way; zarr writes it, cellseg's final write not
+            found[key] = document
+        else:
+            found[key] = data
+    return found
+
+
+def assert_written_as_zarr_writes_it(url: str, storage_options: dict | None = None) -> None:
+    """A new image (every node put at once) against the same result written over an empty group
+    of that image, which takes zarr's own calls: array by array, each after its checks."""
+    arrays = result(seed=1)
+    fast = ResultStore.open(f"{url}/fast.zarr", storage_options=storage_options)
+    slow = ResultStore.open(f"{url}/zarr-calls.zarr", storage_options=storage_options)
+    slow.root.require_group("img")  # an existing (empty) group: write_result goes zarr's way
+    assert write(fast, "img", arrays) and write(slow, "img", arrays)
+    written, expected = objects(f"{url}/fast.zarr", storage_options), objects(f"{url}/zarr-calls.zarr", storage_options)
+    assert sorted(written) == sorted(expected)
+    assert "img/labels/cells/0/c/1/0" in written and "img/tables/cells/zarr.json" in written  # several chunks, the table
+    for key in expected:
+        if key != "zarr.json":  # the stores' own metadata differ in their creation time
+            assert written[key] == expected[key], key
+    assert written["img/labels/cells/0/zarr.json"]["codecs"][-1] == {"name": "zstd", "configuration": {
+        "level": 1, "checksum": False}}
+    reread = ResultStore.open(f"{url}/fast.zarr", mode="r", storage_options=storage_options)
+    np.testing.assert_array_equal(reread.read_cells("img"), arrays["cells"])
+    np.testing.assert_array_equal(reread.read_image("img"), arrays["image"])
+    assert reread.read_cell_table("img")[1].shape == arrays["cell_table"][1].shape
+
+
+def test_a_new_image_is_written_as_zarr_writes_it(tmp_path):
+    assert_written_as_zarr_writes_it(str(tmp_path))
+
+
+@pytest.mark.integration
+def test_a_new_image_is_written_as_zarr_writes_it_on_s3(s3_bucket):
+    bucket, options = s3_bucket
+    assert_written_as_zarr_writes_it(bucket, options)
+
+
+def test_a_write_that_fails_part_way_leaves_the_image_not_done_and_a_rerun_completes_it(tmp_path):
+    store = ResultStore.open(str(tmp_path / "results.zarr"))
+    arrays = result(seed=2, side=200)
+    obstacle = tmp_path / "results.zarr" / "img" / "labels" / "cells"
+    obstacle.parent.mkdir(parents=True)
+    obstacle.write_text("a file where the cell labels' folder goes")
+    with pytest.raises(OSError):
+        write(store, "img", arrays)
+    assert store.done_ids() == set() and store.record("img") == {}  # its group was written first, nothing else done
+    obstacle.unlink()
+    assert write(store, "img", arrays)
+    assert store.done_ids() == {"img"}
+    np.testing.assert_array_equal(store.read_cells("img"), arrays["cells"])
+
+
+def with_zarr_default_codec(store: ResultStore, image_id: str) -> None:
+    """Rewrite an image's arrays as cellseg wrote them before it chose a codec: zarr's default (zstd level 0)."""
+    for path in store.record(image_id)["arrays"]:
+        old = store.root[f"{image_id}/{path}"]
+        store.root.create_array(f"{image_id}/{path}", data=old[...], chunks=old.chunks, overwrite=True,
+                                dimension_names=old.metadata.dimension_names, attributes=dict(old.attrs),
+                                config=WRITE_CONFIG)
+
+
+def codec_level(store: ResultStore, path: str) -> int:
+    (codec,) = store.root[path].compressors
+    assert isinstance(codec, ZstdCodec)
+    return codec.level
+
+
+def test_a_store_written_with_zarrs_default_codec_reads_and_resumes(tmp_path):
+    store = ResultStore.open(str(tmp_path / "results.zarr"))
+    done, half = result(seed=3, side=300), result(seed=4, side=300)
+    write(store, "done", done)
+    write(store, "half", half)
+    for image_id in ("done", "half"):
+        with_zarr_default_codec(store, image_id)
+    store.root["half"].attrs.put({})  # a run was killed before marking it done
+    assert codec_level(store, "done/labels/cells/0") == 0 != ARRAY_CODECS[0].level
+
+    reopened = ResultStore.open(store.url)
+    assert reopened.done_ids() == {"done"}
+    np.testing.assert_array_equal(reopened.read_cells("done"), done["cells"])
+    np.testing.assert_array_equal(reopened.read_image("done"), done["image"])
+    assert reopened.read_cell_table("done")[1].tolist() == done["cell_table"][1].tolist()
+    # The rerun redoes the half-written image over its arrays in place (their codec kept) and
+    # writes a new one with the codec of today.
+    again = result(seed=5, side=300)
+    assert write(reopened, "half", again) and write(reopened, "new", again)
+    assert reopened.done_ids() == {"done", "half", "new"}
+    for image_id in ("half", "new"):
+        np.testing.assert_array_equal(reopened.read_cells(image_id), again["cells"])
+        np.testing.assert_array_equal(reopened.read_mask(image_id), again["mask"])
+    assert codec_level(reopened, "half/labels/cells/0") == 0
+    assert codec_level(reopened, "new/labels/cells/0") == 1
