@@ -218,7 +218,7 @@ def test_a_killed_run_is_rerun_redoing_only_its_unfinished_blocks(frozen_general
 
     deadline = time.monotonic() + 300
     while predicted() < 3 and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
     child.send_signal(signal.SIGKILL)
     child.wait()
     finished = predicted()
