@@ -204,6 +204,10 @@ class TrainConfig(_Config):
     )
     device: Device = "auto"
     amp: bool = Field(True, description="bf16/fp16 mixed precision on CUDA and on CPUs with native bf16")
+    loader_workers: int | None = Field(
+        None, ge=0, description="processes that crop and augment the training images; None: 0 on CPU (the cores "
+                                "train the model), on CUDA enough to keep the GPU fed (cellseg.train.loader_workers)"
+    )
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="probability threshold for metrics")
 
     def time_budget(self, fine_tuning: bool) -> float | None:
@@ -311,6 +315,11 @@ class PredictConfig(_Config):
                     "under 256 px; at most three quarters of tile_size, so that tiles advance by a quarter tile or more",
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads for this process; None keeps torch's choice")
+    postprocess_workers: int | None = Field(
+        None, ge=1, le=64,
+        description="threads that label, measure and write finished images while the model runs on; None: 1 on CPU "
+                    "(the cores run the model), on CUDA one per core up to 8 (cellseg.infer.Predictor)",
+    )
     min_cell_area: int = Field(10, ge=0, description="cells smaller than this (pixels) are dropped")
     cell_diameter: float | None = Field(
         None, gt=0.0,

@@ -105,6 +105,11 @@ class TrainingDataset(Dataset):
         target = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))
         return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None], target.reshape(-1, *image.shape)
 
+    def prepare_targets(self) -> None:
+        """Compute every pair's training target now rather than on first use."""
+        for pair_index in range(len(self.pairs)):
+            self._training_target(pair_index)
+
     def _training_target(self, pair_index: int) -> np.ndarray:
         """The pair's boolean training mask, or a (C, H, W) float stack of it and the extra target
         channels (see `TrainingTarget`); computed once per pair."""

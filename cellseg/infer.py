@@ -18,7 +18,14 @@ from cellseg.io import StorageOptions
 from cellseg.model import UNet
 from cellseg.normalize import flat_level, normalize_image
 from cellseg.postprocess import CellMaps, maps_from_output, threshold_probabilities
-from cellseg.runtime import COMPILE_AFTER, CompiledByShape, autocast_context, resolve_device, set_threads
+from cellseg.runtime import (
+    COMPILE_AFTER,
+    CompiledByShape,
+    autocast_context,
+    available_cores,
+    resolve_device,
+    set_threads,
+)
 from cellseg.scale import SizeEstimate, cell_maps_at_cell_size
 from cellseg.size_model import SizeModel, network_features
 from cellseg.tiling import predict_tiled
@@ -107,6 +114,9 @@ def predict_probabilities(model: UNet | Any, images: Sequence[np.ndarray], **opt
     return [output[0] for output in predict_outputs(model, images, **options)]
 
 
+MAX_POSTPROCESS_WORKERS = 8  # on CUDA: threads labelling, measuring and writing while the GPU runs the next batch
+
+
 class Predictor:
     """A loaded model ready to turn raw images into `CellMaps`; load once, call many times."""
 
@@ -122,6 +132,8 @@ class Predictor:
         self.device = resolve_device(config.device)
         set_threads(config.threads)
         self.batch_size = config.batch_size or (8 if self.device.type == "cuda" else 1)
+        self.postprocess_workers = config.postprocess_workers or (
+            min(MAX_POSTPROCESS_WORKERS, available_cores()) if self.device.type == "cuda" else 1)
         self.model = checkpoint.build_model().to(self.device)
         self.forward_model: Any = self.model
         if config.compile or (config.compile is None and self.device.type == "cpu"):

@@ -4,6 +4,7 @@ compilation. Training and inference both start here; neither imports the other."
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -19,6 +20,11 @@ logger = logging.getLogger(__name__)
 # 1,000-6,000 images; compiling after 2,000 costs a run that ends soon after at most about one
 # compilation, and gives runs of many thousands of images of one size the faster pass.
 COMPILE_AFTER = 2000
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def resolve_device(name: str) -> torch.device:

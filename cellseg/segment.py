@@ -114,13 +114,15 @@ def segment_images(
 
     Three stages overlap: reader threads fetch and decode the next images (`ReadAhead`: two
     batches ahead, more while they hold little memory, each read given up after READ_TIMEOUT),
-    the calling thread runs the model, and a writer thread labels cells, measures and writes the
-    previous batch (at most two batches held), so memory is bounded by the batch size and the
-    read-ahead's byte limit, not by the number of images.
+    the calling thread runs the model, and writer threads (`Predictor.postprocess_workers`: one
+    on CPU, where the cores run the model; up to 8 on CUDA, where one would leave the GPU waiting)
+    label cells, measure and write the images before (at most twice the batch size or the writer
+    count held), so memory is bounded by those and the read-ahead's byte limit, not by the number
+    of images.
     """
     report = SegmentReport()
     started = time.monotonic()
-    ahead = 2 * predictor.batch_size
+    ahead = 2 * max(predictor.batch_size, predictor.postprocess_workers)
     writes: deque[Future[tuple[str, str, str | None, int]]] = deque()
     stopped: list[StoreWriteError] = []  # the store cannot be written: the run ends, nothing more is tried
 
@@ -139,7 +141,7 @@ def segment_images(
             on_image(image_id)
 
     def warn(image_id: str, url: str, warnings: Sequence[str]) -> None:
-        for warning in warnings:  # one writer thread calls this: the list keeps the order of writes
+        for warning in warnings:
             logger.warning("'%s': %s", redact_url(url), warning)
             report.warnings.append({"image_id": image_id, "source_url": redact_url(url), "warning": warning})
 
@@ -168,7 +170,7 @@ def segment_images(
         return _read(url, storage_options, predictor.config)
 
     with ReadAhead(images, read, lambda result: result[0].nbytes, min_ahead=ahead) as reads, \
-            ThreadPoolExecutor(max_workers=1) as writer:
+            ThreadPoolExecutor(max_workers=predictor.postprocess_workers, thread_name_prefix="cellseg-write") as writer:
         while not stopped and (taken := reads.take(predictor.batch_size)):
             batch: list[tuple[str, str, np.ndarray, list[str], dict[str, Any]]] = []
             for image_id, url, result in taken:

@@ -30,7 +30,7 @@ from cellseg.metrics import MetricAccumulator, confusion_counts
 from cellseg.model import UNet, expected_state
 from cellseg.pairs import LoadedPair
 from cellseg.redact import redact_url
-from cellseg.runtime import autocast_context, resolve_device
+from cellseg.runtime import autocast_context, available_cores, resolve_device
 from cellseg.scale import collection_cell_diameter, rescale_pairs
 
 logger = logging.getLogger(__name__)
@@ -164,6 +164,9 @@ def train(
     train_set = TrainingDataset(train_pairs, config.patch_size, config.patches_per_image, config.augment, config.seed,
                            config.augmentation, config.border_weight, config.border_sigma, model_config.distance_map,
                            config.patch_sampling)
+    workers = loader_workers(config, device)
+    if workers:
+        train_set.prepare_targets()  # once here, so that the worker processes share them rather than each compute them
     model = UNet(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     monitor_key, higher_is_better = _score_name(config.monitor if val_pairs else config.monitor.replace("val_", "train_"))
@@ -208,8 +211,8 @@ def train(
     started = time.monotonic() - spent_seconds
     stop_reason = "max epochs reached"
     logger.info(
-        "training on %s: %d training and %d validation images, up to %d epochs",
-        device, len(train_pairs), len(val_pairs), config.epochs,
+        "training on %s%s: %d training and %d validation images, up to %d epochs",
+        device, f" with {workers} loader processes" if workers else "", len(train_pairs), len(val_pairs), config.epochs,
     )
     for epoch in range(len(history) + 1, config.epochs + 1):
         if (out / STOP_FILE).exists():
@@ -218,14 +221,15 @@ def train(
         epoch_started = time.monotonic()
         torch.manual_seed(config.seed * 1_000_003 + epoch)  # dropout masks and batch order
         train_set.set_epoch(epoch)
-        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True)
+        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, num_workers=workers,
+                            pin_memory=device.type == "cuda")
         if init_from and config.freeze_encoder_epochs:
             for parameter in (*model.stem.parameters(), *model.encoder.parameters()):
                 parameter.requires_grad_(epoch > config.freeze_encoder_epochs)
         model.train()
         train_counts, loss_sum, samples = MetricAccumulator(), 0.0, 0
         for batch_images, batch_targets in loader:
-            images, targets = batch_images.to(device), batch_targets.to(device)
+            images, targets = batch_images.to(device, non_blocking=True), batch_targets.to(device, non_blocking=True)
             masks, weights, distance = train_set.layout.unpack(targets)
             with autocast_context(device, config.amp):
                 logits = model(images).float()
@@ -312,6 +316,20 @@ def train(
         raise ValueError(f"no epoch was trained in '{out}' ({stop_reason})")
     logger.info("%s; best %s %.4f at epoch %d", stop_reason, monitor_key, best_score, best_epoch)
     return TrainResult(out, history, best_epoch, best_metrics, stop_reason)
+
+
+MAX_LOADER_WORKERS = 8
+
+
+def loader_workers(config: TrainConfig, device: torch.device) -> int:
+    """Processes that prepare training crops: `config.loader_workers` when set; unset, none on CPU
+    (its cores are busy training the model) and on CUDA one per spare core, at most
+    MAX_LOADER_WORKERS (cropping and augmenting in the training process leaves a GPU mostly idle)."""
+    if config.loader_workers is not None:
+        return config.loader_workers
+    if device.type != "cuda":
+        return 0
+    return max(0, min(MAX_LOADER_WORKERS, available_cores() - 1))
 
 
 def _divergence(out: Path, epoch: int, what: str, optimizer: torch.optim.Optimizer, best_epoch: int) -> str:

@@ -54,7 +54,14 @@ def by_program(program: str) -> list[tuple[str, str]]:
 def test_the_docs_show_commands_of_every_kind():
     programs = {command.split()[0] for _, command in COMMANDS}
     assert {"cellseg", "make", "prefect", "python"} <= programs
-    assert programs <= {"cellseg", "make", "prefect", "python", "dask", *NOT_RUN_HERE}, programs
+    assert programs <= {"cellseg", "make", "prefect", "python", "dask", "bash", *NOT_RUN_HERE}, programs
+
+
+@pytest.mark.parametrize("doc,command", by_program("bash"), ids=lambda value: value[:70])
+def test_documented_scripts_exist_and_parse(doc, command):
+    script = Path(shlex.split(command)[1])
+    assert script.is_file(), f"{doc}: {command}"
+    subprocess.run(["bash", "-n", str(script)], check=True)
 
 
 def _concrete(words: list[str]) -> list[str]:

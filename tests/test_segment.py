@@ -121,6 +121,23 @@ def test_segment_images_records_corrupt_files_and_finishes_the_rest(image_dir, s
     assert store.read_mask("small").shape == (64, 80)
 
 
+def test_several_writer_threads_store_the_same_results(image_dir, tmp_path, tiny_checkpoint, predictor):
+    config = PredictConfig(device="cpu", batch_size=2, min_cell_area=MIN_CELL_AREA, postprocess_workers=4)
+    threaded = Predictor.from_checkpoint(str(tiny_checkpoint), config)
+    assert (predictor.postprocess_workers, threaded.postprocess_workers) == (1, 4)
+    one, four = ResultStore.open(str(tmp_path / "one.zarr")), ResultStore.open(str(tmp_path / "four.zarr"))
+    serial, parallel = run(image_dir, one, predictor), run(image_dir, four, threaded)
+
+    assert sorted(parallel.done) == sorted(serial.done) == GOOD
+    assert sorted(item["image_id"] for item in parallel.failed) == CORRUPT
+    for image_id in GOOD:
+        np.testing.assert_array_equal(four.read_cells(image_id), one.read_cells(image_id))
+    def by_image(store: ResultStore) -> list[dict]:
+        return sorted(store.statistics(), key=lambda row: row["image_id"])
+
+    assert len(by_image(four)) == len(GOOD) and by_image(four) == by_image(one)
+
+
 def test_second_run_skips_done_images_and_retries_failures(image_dir, store, predictor):
     run(image_dir, store, predictor)
     written = {image_id: store.record(image_id)["written"] for image_id in GOOD}

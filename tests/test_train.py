@@ -12,7 +12,7 @@ from cellseg.checkpoint import load_checkpoint
 from cellseg.config import ModelConfig, TrainConfig
 from cellseg.pairs import load_pairs, manifest_hash, pair_images_and_masks, split_train_val
 from cellseg.runtime import resolve_device
-from cellseg.train import train
+from cellseg.train import MAX_LOADER_WORKERS, loader_workers, train
 
 SMALL_MODEL = ModelConfig(depth=3, base_width=8)
 HISTORY_KEYS = {
@@ -90,6 +90,25 @@ def test_same_seed_gives_identical_runs(split, tmp_path):
         return [{k: v for k, v in r.items() if k not in ("seconds", "train_crops_per_second")} for r in history]
 
     assert strip(first.history) == strip(second.history)
+
+
+def test_loader_processes_give_the_same_run_as_the_training_process(split, tmp_path, caplog):
+    caplog.set_level("INFO", logger="cellseg.train")
+    inline = train(*split, tmp_path / "inline", SMALL_MODEL, small_config(epochs=2, batch_size=2, augment=True))
+    forked = train(*split, tmp_path / "forked", SMALL_MODEL,
+                   small_config(epochs=2, batch_size=2, augment=True, loader_workers=2))
+
+    assert "with 2 loader processes" in caplog.text
+    inline_weights = load_checkpoint(str(inline.last_checkpoint)).state_dict
+    forked_weights = load_checkpoint(str(forked.last_checkpoint)).state_dict
+    for name, tensor in inline_weights.items():
+        assert torch.equal(tensor, forked_weights[name]), name
+
+
+def test_loader_processes_by_default_only_on_cuda():
+    assert loader_workers(small_config(), torch.device("cpu")) == 0
+    assert 0 <= loader_workers(small_config(), torch.device("cuda")) <= MAX_LOADER_WORKERS
+    assert loader_workers(small_config(loader_workers=3), torch.device("cpu")) == 3
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(split, tmp_path):

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One prepared run on a lent GPU machine (docs/performance.md "GPU", docs/quality.md "Trained on a GPU"):
+# the nuclei model's candidate recipes trained side by side, the best on validation installed with its
+# card and every candidate scored on the dsb2018 test images, then the GPU throughput benchmark.
+# The machine has torch but not this project's dependencies, and no network: what it needs travels
+# beside the checkout (ignored by git):
+#   .whl/      cp312 wheels of pydantic, pydantic-core, pydantic-settings, annotated-types,
+#              typing-inspection, python-dotenv, zarr, numcodecs, donfig, google-crc32c
+#   .devdata/  dsb2018-train (images as lossless WebP, to fit the upload) and dsb2018
+# Usage there: bash benchmarks/gpu_session.sh SECONDS OUT   (SECONDS: the run's whole budget)
+# Environment: CANDIDATES (names, default all), LOADER_WORKERS (per candidate), RESERVE (seconds kept
+# after training for the size model, install, test scores and benchmark; default 320), KEEP (seconds
+# kept after the candidates' time limit; default RESERVE/2), QUALITY=0 and
+# BENCH=0 leave out the test scores and the benchmark.
+set -u
+budget=${1:-540}
+out=${2:-${OUT:-runs/gpu}}
+started=$(date +%s)
+left() { echo $(( budget - ($(date +%s) - started) )); }
+export PYTHONUNBUFFERED=1 DO_NOT_TRACK=1
+mkdir -p "$out"
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+data=../shared/data
+mkdir -p $data/dsb2018-train/images
+cp -r .devdata/dsb2018 $data/ && cp -r .devdata/dsb2018-train/labels $data/dsb2018-train/ || exit 1
+python3 - <<'EOF' || exit 1
+import glob, os
+from concurrent.futures import ProcessPoolExecutor
+from PIL import Image
+def png(path):
+    Image.open(path).save("../shared/data/dsb2018-train/images/" + os.path.basename(path)[:-5] + ".png")
+with ProcessPoolExecutor(16) as pool:
+    list(pool.map(png, sorted(glob.glob(".devdata/dsb2018-train/images/*.webp"))))
+print(len(os.listdir("../shared/data/dsb2018-train/images")), "training images")
+EOF
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, cellseg.build_bundled, benchmarks.quality, benchmarks.gpu; print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 1
+
+# The candidates: each trains for TRAIN_MINUTES, then fits its size model and post-processing.
+runs=runs/candidates
+reserve=${RESERVE:-320}
+train_minutes=$(python3 -c "print(round(max(1.0, ($(left) - $reserve) / 60), 2))")
+echo "training budget per candidate: $train_minutes min ($(left) s left)"
+timeout $(( $(left) - ${KEEP:-$(( reserve / 2 ))} )) python3 -m benchmarks.nuclei_candidates --out $runs --minutes "$train_minutes" \
+  ${CANDIDATES:+--only $CANDIDATES} ${LOADER_WORKERS:+--loader-workers $LOADER_WORKERS}
+echo "candidates finished, $(left) s left"
+python3 -m benchmarks.nuclei_candidates --out $runs --install 2>&1 | tail -n 2
+for run in $( [ "${QUALITY:-1}" = 1 ] && ls -d $runs/*/training ); do
+  name=$(basename "$(dirname "$run")")
+  timeout $(( $(left) - 75 )) python3 -m benchmarks.quality --dataset $data/dsb2018 --model "$run/best.pt" \
+    --out runs/quality/$name > $runs/$name-quality.log 2>&1 &
+done
+wait
+tail -n 6 $runs/*-quality.log
+tar czf "$out/results.tgz" $runs/*.log $runs/*/outcome.json $runs/*/training/history.json \
+  runs/quality/*/quality.json cellseg/models/nuclei.json 2>/dev/null
+split -b 15m cellseg/models/nuclei.pt "$out/nuclei.pt.part-"  # a file comes back only under 16 MiB
+ls -la "$out"
+
+[ "${BENCH:-1}" = 1 ] || { echo "done, $(left) s left"; exit 0; }
+echo "GPU benchmark, $(left) s left"
+seconds=$(( $(left) > 100 ? 20 : 8 ))
+timeout $(( $(left) - 5 )) python3 -m benchmarks.gpu --seconds $seconds --out "$out/gpu.json" 2>&1 | tail -n 30
+if [ "$(left)" -gt 50 ]; then  # the general model has no cell-size pass: the product's batched path
+  timeout $(( $(left) - 5 )) python3 -m benchmarks.gpu --model general --seconds 8 --out "$out/gpu-general.json" 2>&1 | tail -n 12
+fi
+echo "done, $(left) s left"
