@@ -316,9 +316,10 @@ class PredictConfig(_Config):
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads for this process; None keeps torch's choice")
     postprocess_workers: int | None = Field(
-        None, ge=1, le=64,
-        description="threads that label, measure and write finished images while the model runs on; None: 1 on CPU "
-                    "(the cores run the model), on CUDA one per core up to 8 (cellseg.infer.Predictor)",
+        None, ge=0, le=64,
+        description="worker processes that label and measure finished images while the model runs on (as many "
+                    "threads write them); 0: one writer thread does it all; None: 0 on CPU (the cores run the "
+                    "model), on CUDA one per spare core up to 8 (cellseg.infer.Predictor)",
     )
     min_cell_area: int = Field(10, ge=0, description="cells smaller than this (pixels) are dropped")
     cell_diameter: float | None = Field(

@@ -114,7 +114,7 @@ def predict_probabilities(model: UNet | Any, images: Sequence[np.ndarray], **opt
     return [output[0] for output in predict_outputs(model, images, **options)]
 
 
-MAX_POSTPROCESS_WORKERS = 8  # on CUDA: threads labelling, measuring and writing while the GPU runs the next batch
+MAX_POSTPROCESS_WORKERS = 8  # on CUDA: processes labelling and measuring while the GPU runs the next batch
 
 
 class Predictor:
@@ -132,8 +132,8 @@ class Predictor:
         self.device = resolve_device(config.device)
         set_threads(config.threads)
         self.batch_size = config.batch_size or (8 if self.device.type == "cuda" else 1)
-        self.postprocess_workers = config.postprocess_workers or (
-            min(MAX_POSTPROCESS_WORKERS, available_cores()) if self.device.type == "cuda" else 1)
+        self.postprocess_workers = config.postprocess_workers if config.postprocess_workers is not None else (
+            max(1, min(MAX_POSTPROCESS_WORKERS, available_cores() - 2)) if self.device.type == "cuda" else 0)
         self.model = checkpoint.build_model().to(self.device)
         self.forward_model: Any = self.model
         if config.compile or (config.compile is None and self.device.type == "cpu"):

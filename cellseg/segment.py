@@ -20,15 +20,14 @@ import numpy as np
 
 from cellseg import __version__
 from cellseg.config import PredictConfig
-from cellseg.formats import cell_diameter_pixels, read_source, with_area_um2
+from cellseg.formats import cell_diameter_pixels, read_source
 from cellseg.infer import Predictor
 from cellseg.io import StorageOptions
-from cellseg.measure import CELL_COLUMNS, cell_measurements
+from cellseg.label_workers import LabelWorkers, label_and_measure
 from cellseg.pairs import group_by_stem
-from cellseg.postprocess import CellMaps, cell_labels
+from cellseg.postprocess import CellMaps
 from cellseg.read_ahead import ReadAhead
 from cellseg.redact import redact_text, redact_url
-from cellseg.stats import image_statistics
 from cellseg.store import ResultStore
 from cellseg.store_checks import StoreError, StoreWriteError, unwritable, validate_image_id
 
@@ -114,15 +113,17 @@ def segment_images(
 
     Three stages overlap: reader threads fetch and decode the next images (`ReadAhead`: two
     batches ahead, more while they hold little memory, each read given up after READ_TIMEOUT),
-    the calling thread runs the model, and writer threads (`Predictor.postprocess_workers`: one
-    on CPU, where the cores run the model; up to 8 on CUDA, where one would leave the GPU waiting)
-    label cells, measure and write the images before (at most twice the batch size or the writer
-    count held), so memory is bounded by those and the read-ahead's byte limit, not by the number
-    of images.
+    the calling thread runs the model, and writer threads label cells, measure and write the
+    images before (at most twice the batch size or the writer count held), so memory is bounded
+    by those and the read-ahead's byte limit, not by the number of images. With
+    `Predictor.postprocess_workers` > 0 (on CUDA by default) as many worker processes label and
+    measure for as many writer threads (`cellseg.label_workers`); with 0 (on CPU, where the cores
+    run the model) one writer thread does it all.
     """
     report = SegmentReport()
     started = time.monotonic()
-    ahead = 2 * max(predictor.batch_size, predictor.postprocess_workers)
+    writers = max(1, predictor.postprocess_workers)
+    ahead = 2 * max(predictor.batch_size, writers)
     writes: deque[Future[tuple[str, str, str | None, int]]] = deque()
     stopped: list[StoreWriteError] = []  # the store cannot be written: the run ends, nothing more is tried
 
@@ -153,7 +154,8 @@ def segment_images(
         try:
             if error is None and image is not None and maps is not None:
                 warnings = [*notes, *maps.warnings]
-                error = _write_result(store, predictor, model, image_id, url, image, maps, warnings, source or {})
+                error = _write_result(store, predictor, model, image_id, url, image, maps, warnings, source or {},
+                                      labelling)
                 if error is None:
                     warn(image_id, url, warnings)
             if error == DONE_ELSEWHERE:
@@ -170,7 +172,8 @@ def segment_images(
         return _read(url, storage_options, predictor.config)
 
     with ReadAhead(images, read, lambda result: result[0].nbytes, min_ahead=ahead) as reads, \
-            ThreadPoolExecutor(max_workers=predictor.postprocess_workers, thread_name_prefix="cellseg-write") as writer:
+            LabelWorkers(predictor.postprocess_workers) as labelling, \
+            ThreadPoolExecutor(max_workers=writers, thread_name_prefix="cellseg-write") as writer:
         while not stopped and (taken := reads.take(predictor.batch_size)):
             batch: list[tuple[str, str, np.ndarray, list[str], dict[str, Any]]] = []
             for image_id, url, result in taken:
@@ -211,6 +214,7 @@ def _read(url: str, storage_options: StorageOptions, config: PredictConfig) -> t
 def _write_result(
     store: ResultStore, predictor: Predictor, model: dict[str, Any], image_id: str, url: str,
     image: np.ndarray, maps: CellMaps, warnings: Sequence[str] = (), source: dict[str, Any] | None = None,
+    labelling: LabelWorkers | None = None,
 ) -> str | None:
     """Label, measure and store one image; returns an error description instead of raising.
 
@@ -220,11 +224,10 @@ def _write_result(
     """
     config = predictor.config
     try:
-        labels = cell_labels(maps, config)
-        statistics = image_statistics(image, labels)
-        cell_table = with_area_um2(CELL_COLUMNS, cell_measurements(labels, image), source or {}) if config.measure_cells else None
+        measured = (labelling.run if labelling else label_and_measure)(maps, image, config, source or {})
     except Exception as error:  # noqa: BLE001 - a bad image is recorded as failed and the run goes on
         return _describe(error)
+    labels, statistics, cell_table = measured.labels, measured.statistics, measured.cell_table
     for attempt in (1, 2):
         try:
             written = store.write_result(

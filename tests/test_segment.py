@@ -121,17 +121,18 @@ def test_segment_images_records_corrupt_files_and_finishes_the_rest(image_dir, s
     assert store.read_mask("small").shape == (64, 80)
 
 
-def test_several_writer_threads_store_the_same_results(image_dir, tmp_path, tiny_checkpoint, predictor):
-    config = PredictConfig(device="cpu", batch_size=2, min_cell_area=MIN_CELL_AREA, postprocess_workers=4)
-    threaded = Predictor.from_checkpoint(str(tiny_checkpoint), config)
-    assert (predictor.postprocess_workers, threaded.postprocess_workers) == (1, 4)
+def test_label_worker_processes_store_the_same_results(image_dir, tmp_path, tiny_checkpoint, predictor):
+    config = PredictConfig(device="cpu", batch_size=2, min_cell_area=MIN_CELL_AREA, postprocess_workers=2)
+    with_processes = Predictor.from_checkpoint(str(tiny_checkpoint), config)
+    assert (predictor.postprocess_workers, with_processes.postprocess_workers) == (0, 2)  # none by default on CPU
     one, four = ResultStore.open(str(tmp_path / "one.zarr")), ResultStore.open(str(tmp_path / "four.zarr"))
-    serial, parallel = run(image_dir, one, predictor), run(image_dir, four, threaded)
+    serial, parallel = run(image_dir, one, predictor), run(image_dir, four, with_processes)
 
     assert sorted(parallel.done) == sorted(serial.done) == GOOD
     assert sorted(item["image_id"] for item in parallel.failed) == CORRUPT
     for image_id in GOOD:
         np.testing.assert_array_equal(four.read_cells(image_id), one.read_cells(image_id))
+        np.testing.assert_array_equal(four.read_cell_table(image_id)[1], one.read_cell_table(image_id)[1])
     def by_image(store: ResultStore) -> list[dict]:
         return sorted(store.statistics(), key=lambda row: row["image_id"])
 

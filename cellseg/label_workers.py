@@ -1,0 +1,98 @@
+"""Labelling and measuring finished images, in the writer thread or in worker processes.
+
+Post-processing is mostly Python (the touching-cell split walks the objects, the cell table its
+cells), so writer threads share one core's worth of it under the GIL, and the thread that feeds
+a GPU waits among them (docs/performance.md "GPU"). `LabelWorkers(n)` with n > 0 runs it in n
+processes instead; with 0, where the cores run the model anyway, in the calling thread.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import cv2
+import numpy as np
+
+from cellseg.config import PredictConfig
+from cellseg.formats import with_area_um2
+from cellseg.measure import CELL_COLUMNS, cell_measurements
+from cellseg.postprocess import CellMaps, cell_labels
+from cellseg.stats import image_statistics
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One image's cell labels, its statistics and, when asked for, its cell table (columns, rows)."""
+
+    labels: np.ndarray
+    statistics: dict[str, Any]
+    cell_table: tuple[tuple[str, ...], np.ndarray] | None
+
+
+def label_and_measure(maps: CellMaps, image: np.ndarray, config: PredictConfig, source: dict[str, Any]) -> Measured:
+    """Cells apart, the image's statistics and the per-cell table, as `config` says."""
+    labels = cell_labels(maps, config)
+    statistics = image_statistics(image, labels)
+    table = with_area_um2(CELL_COLUMNS, cell_measurements(labels, image), source) if config.measure_cells else None
+    return Measured(labels, statistics, table)
+
+
+class LabelWorkerError(RuntimeError):
+    """The worker process labelling an image stopped before it answered."""
+
+
+class LabelWorkers:
+    """`label_and_measure` in `processes` worker processes (started on first use, with a fresh
+    interpreter each: the parent may hold a GPU and threads), or in the calling thread when 0.
+    A worker that dies (killed for memory, say) fails the images it held with a LabelWorkerError;
+    the next image starts a new pool."""
+
+    def __init__(self, processes: int):
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> LabelWorkers:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def run(self, maps: CellMaps, image: np.ndarray, config: PredictConfig, source: dict[str, Any]) -> Measured:
+        if not self.processes:
+            return label_and_measure(maps, image, config, source)
+        pool = self._started()
+        try:
+            return pool.submit(label_and_measure, maps, image, config, source).result()
+        except BrokenProcessPool as error:
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise LabelWorkerError(
+                "the worker process labelling it stopped before it answered (out of memory?); a rerun retries it"
+            ) from error
+
+    def _started(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_one_thread_each)
+            return self._pool
+
+
+def _one_thread_each() -> None:
+    """The processes are the parallelism: OpenCV's own threads in each would only contend."""
+    cv2.setNumThreads(1)
