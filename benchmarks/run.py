@@ -33,6 +33,8 @@ from benchmarks.cell_size import bench_cell_size
 from benchmarks.forward import bench_forward
 from benchmarks.forward import ratios as forward_ratios
 from benchmarks.forward import table_rows as forward_rows
+from benchmarks.gpu import bench_gpu
+from benchmarks.gpu import table_rows as gpu_rows
 from benchmarks.postprocess_stages import bench_postprocess
 from benchmarks.postprocess_stages import ratios as postprocess_ratios
 from benchmarks.postprocess_stages import table_rows as postprocess_rows
@@ -66,6 +68,7 @@ from cellseg.train import train
 
 SIDE = 512  # inference images are SIDE x SIDE
 PARALLEL_SHARDS = 2  # segment-images' default max_parallel_shards
+GPU_SECONDS = 30  # steady-state seconds of the GPU product pass, when a GPU is present
 
 
 def timed(function, *args, **kwargs):
@@ -361,6 +364,9 @@ def main() -> None:
             results["postprocess"] = bench_postprocess(dataset=data / "dsb2018")  # synthetic images without dsb2018
         except (FileNotFoundError, CheckpointError) as error:  # no shipped nuclei model here
             print(f"post-processing stages: skipped ({error})")
+    if torch.cuda.is_available():
+        print("GPU ...", flush=True)
+        results["gpu"] = bench_gpu("cuda", "nuclei", GPU_SECONDS, SIDE, 4000)
     results["ratios"] = {
         "product_vs_model_only": results["product_local"]["images_per_second"] / results["model_only"]["images_per_second"],
         "product_vs_naive": results["product_local"]["images_per_second"] / results["naive"]["images_per_second"],
@@ -376,6 +382,8 @@ def main() -> None:
         results["ratios"].update(postprocess_ratios(results["postprocess"]))
     results["ratios"].update(forward_ratios(results["forward"]))
     results["ratios"].update(scaling_ratios(results["scaling"]))
+    if "gpu" in results:
+        results["ratios"].update(results["gpu"]["ratios"])
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print_table(results)
     print(f"\nresults: {out / 'results.json'}")
@@ -432,6 +440,7 @@ def print_table(r: dict) -> None:
     rows += forward_rows(r["forward"])
     rows += scaling_rows(r["scaling"])
     rows += storage_rows(r["storage"])
+    rows += gpu_rows(r["gpu"]) if "gpu" in r else [("GPU", "not measured", "no CUDA device here (docs/performance.md \"GPU\")")]
     width = max(len(row[0]) for row in rows)
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:<44} {note}")

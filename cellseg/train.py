@@ -26,7 +26,7 @@ from cellseg.config import ModelConfig, TrainConfig
 from cellseg.dataset import TrainingDataset
 from cellseg.io import write_file_atomic
 from cellseg.losses import distance_map_loss, segmentation_loss
-from cellseg.metrics import MetricAccumulator, confusion_counts
+from cellseg.metrics import ConfusionCounts, MetricAccumulator, confusion_counts
 from cellseg.model import UNet, expected_state
 from cellseg.pairs import LoadedPair
 from cellseg.redact import redact_url
@@ -168,7 +168,8 @@ def train(
     if workers:
         train_set.prepare_targets()  # once here, so that the worker processes share them rather than each compute them
     model = UNet(model_config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
+                                 fused=device.type == "cuda")  # one kernel per step rather than one per tensor group
     monitor_key, higher_is_better = _score_name(config.monitor if val_pairs else config.monitor.replace("val_", "train_"))
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max" if higher_is_better else "min", factor=0.5,
@@ -207,6 +208,9 @@ def train(
         logger.info("resuming from %s after epoch %d", out / LAST_CHECKPOINT, state.epoch)
 
     cut = logit_threshold(config.threshold)
+    # Reading a value off the GPU makes the CPU wait for it; on CUDA the loss and pixel counts are
+    # summed on the device and read once an epoch, on the CPU each step's loss is checked at once.
+    check_each_step = device.type != "cuda"
     budget = config.time_budget(fine_tuning=bool(init_from))
     started = time.monotonic() - spent_seconds
     stop_reason = "max epochs reached"
@@ -227,7 +231,7 @@ def train(
             for parameter in (*model.stem.parameters(), *model.encoder.parameters()):
                 parameter.requires_grad_(epoch > config.freeze_encoder_epochs)
         model.train()
-        train_counts, loss_sum, samples = MetricAccumulator(), 0.0, 0
+        train_counts, loss_sum, samples = EpochCounts(device), torch.zeros((), dtype=torch.float64, device=device), 0
         for batch_images, batch_targets in loader:
             images, targets = batch_images.to(device, non_blocking=True), batch_targets.to(device, non_blocking=True)
             masks, weights, distance = train_set.layout.unpack(targets)
@@ -236,21 +240,24 @@ def train(
             loss = segmentation_loss(logits[:, :1], masks, config.loss, weights)
             if distance is not None:
                 loss = loss + distance_map_loss(logits[:, -1:], distance)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):  # one more step would only spread NaN through the weights
+            if check_each_step and not math.isfinite(loss_value := loss.item()):
+                # one more step would only spread NaN through the weights
                 raise TrainingDivergedError(_divergence(out, epoch, f"the training loss is {loss_value}", optimizer,
                                                         best_epoch))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            loss_sum += loss_value * len(images)
+            loss_sum += loss.detach().double() * len(images)
             samples += len(images)
-            train_counts.add(confusion_counts(logits[:, :1].detach() > cut, masks > 0.5))
+            train_counts.add(logits[:, :1].detach() > cut, masks > 0.5)
 
         train_seconds = time.monotonic() - epoch_started
-        train_scores = train_counts.pooled()
-        record: dict[str, float] = {"epoch": epoch, "train_loss": loss_sum / samples}
+        train_scores = train_counts.counts().scores()
+        record: dict[str, float] = {"epoch": epoch, "train_loss": float(loss_sum) / samples}
+        if not math.isfinite(record["train_loss"]):  # on CUDA the loss is read once an epoch, here
+            raise TrainingDivergedError(_divergence(out, epoch, f"the training loss is {record['train_loss']}",
+                                                    optimizer, best_epoch))
         record.update({f"train_{name}": value for name, value in train_scores.items()})
         bad_weight = non_finite_weight(model.state_dict())
         if bad_weight is not None:
@@ -316,6 +323,23 @@ def train(
         raise ValueError(f"no epoch was trained in '{out}' ({stop_reason})")
     logger.info("%s; best %s %.4f at epoch %d", stop_reason, monitor_key, best_score, best_epoch)
     return TrainResult(out, history, best_epoch, best_metrics, stop_reason)
+
+
+class EpochCounts:
+    """Pixel counts (true positives, predicted, actual) of an epoch's training batches, summed
+    where the batches are and read once (`counts`)."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(3, dtype=torch.int64, device=device)
+        self.pixels = 0
+
+    def add(self, prediction: torch.Tensor, truth: torch.Tensor) -> None:
+        self.sums += torch.stack(((prediction & truth).sum(), prediction.sum(), truth.sum()))
+        self.pixels += prediction.numel()
+
+    def counts(self) -> ConfusionCounts:
+        tp, predicted, actual = (int(value) for value in self.sums.tolist())
+        return ConfusionCounts(tp=tp, fp=predicted - tp, fn=actual - tp, tn=self.pixels - predicted - actual + tp)
 
 
 MAX_LOADER_WORKERS = 8
