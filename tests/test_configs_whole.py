@@ -35,11 +35,11 @@ TRAINING = {
                      "elastic_probability": 0.1, "elastic_grid": 32, "elastic_std": 2.0, "intensity_probability": 0.1,
                      "contrast": 0.1, "brightness": 0.05, "max_gamma": 1.2, "noise_std": 0.01},
     "val_fraction": 0.34, "seed": 3, "patience": 5, "min_delta": 0.01, "monitor": "val_loss", "max_minutes": 5.0,
-    "device": "cpu", "amp": False, "threshold": 0.4,
+    "device": "cpu", "amp": False, "loader_workers": 1, "threshold": 0.4,
 }
 PREDICT = {
     "threshold": 0.4, "batch_size": 2, "device": "cpu", "amp": False, "compile": False, "tta": True, "tile_size": 96,
-    "tile_overlap": 16, "threads": 1, "min_cell_area": 5, "cell_diameter": 14.0, "split_touching": False,
+    "tile_overlap": 16, "threads": 1, "postprocess_workers": 1, "min_cell_area": 5, "cell_diameter": 14.0, "split_touching": False,
     "centre_prominence": 0.2, "split_depth": 0.7, "measure_cells": False, "store_image": False,
     "save_probabilities": True, "max_pixels": 10_000_000,
     "cell_diameter_um": None,  # not with cell_diameter
