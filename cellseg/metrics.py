@@ -39,6 +39,11 @@ class ConfusionCounts:
     fn: int = 0
     tn: int = 0
 
+    @classmethod
+    def from_totals(cls, tp: int, predicted: int, actual: int, pixels: int) -> ConfusionCounts:
+        """The counts of `pixels` pixels with `predicted` cell pixels predicted, `actual` true and `tp` both."""
+        return cls(tp=tp, fp=predicted - tp, fn=actual - tp, tn=pixels - predicted - actual + tp)
+
     def __add__(self, other: ConfusionCounts) -> ConfusionCounts:
         return ConfusionCounts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.tn + other.tn)
 
@@ -71,7 +76,7 @@ def confusion_counts(prediction: Any, truth: Any) -> ConfusionCounts:
     total = 1
     for side in prediction.shape:
         total *= int(side)
-    return ConfusionCounts(tp=tp, fp=predicted - tp, fn=actual - tp, tn=total - predicted - actual + tp)
+    return ConfusionCounts.from_totals(tp, predicted, actual, total)
 
 
 def segmentation_scores(prediction: Any, truth: Any) -> dict[str, float]:

@@ -338,8 +338,8 @@ class EpochCounts:
         self.pixels += prediction.numel()
 
     def counts(self) -> ConfusionCounts:
-        tp, predicted, actual = (int(value) for value in self.sums.tolist())
-        return ConfusionCounts(tp=tp, fp=predicted - tp, fn=actual - tp, tn=self.pixels - predicted - actual + tp)
+        tp, predicted, actual = self.sums.tolist()
+        return ConfusionCounts.from_totals(int(tp), int(predicted), int(actual), self.pixels)
 
 
 MAX_LOADER_WORKERS = 8
