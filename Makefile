@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
+# Test files run in this many processes (pytest-xdist; a file's tests stay in one process, with its
+# servers and fixtures): most of the slow tests wait on servers and schedules, so 2 suit 2 cores.
+TEST_WORKERS ?= 2
 
 export DO_NOT_TRACK := 1
 export PREFECT_LOGGING_EXTRA_LOGGERS := cellseg
@@ -48,7 +51,7 @@ lint: setup
 	$(BIN)/lint-imports
 
 test: setup lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Performance figures, side by side in one run (about 10 minutes on 2 cores); not part of `make test`.
 bench: setup
