@@ -19,6 +19,7 @@ Side by side in one run, with the shipped `general` model (`--model`) and the pr
   give the in-memory path's cells (equal count, each IoU at least 0.95, none cut).
 
 Writes <out>/results.json and prints the figures. The full run takes tens of minutes on 2 cores.
+`make bench` runs the first two on 4096x4096 mosaics in 1024-pixel blocks (benchmarks/blockwise.py).
 """
 
 from __future__ import annotations
@@ -176,17 +177,18 @@ def _overlaps(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.nda
 # Memory and throughput ------------------------------------------------------------------------------
 
 
-def run_child(images: Path, store: Path, model: str) -> dict[str, Any]:
-    """`cellseg predict`'s recipe on the images of a folder, in a process of its own."""
+def run_child(images: Path, store: Path, model: str, block: int = BlockConfig().block_size) -> dict[str, Any]:
+    """`cellseg predict`'s recipe on the images of a folder, in a process of its own (`block`-pixel blocks)."""
     output = subprocess.run([sys.executable, "-m", "benchmarks.large", "child", "--images", str(images),
-                             "--store", str(store), "--model", model], capture_output=True, text=True, check=True)
+                             "--store", str(store), "--model", model, "--block", str(block)],
+                            capture_output=True, text=True, check=True)
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
-def child(images: str, store: str, model: str) -> None:
+def child(images: str, store: str, model: str, block: int) -> None:
     started = time.monotonic()
     # Anything larger than a tile goes block by block, so that smaller mosaics than the default do too.
-    blocks = BlockConfig(above_pixels=TILE * TILE)
+    blocks = BlockConfig(above_pixels=TILE * TILE, block_size=block)
     report = run_segmentation(SegmentJob(source_url=images, store_url=store, model_version=model,
                                          predict=PredictConfig(blocks=blocks)))
     seconds = time.monotonic() - started
@@ -195,7 +197,8 @@ def child(images: str, store: str, model: str) -> None:
                       "megapixels_per_second": report.pixels / 1e6 / seconds, "peak_mb": memory_mb("VmHWM")}))
 
 
-def bench_memory_and_throughput(work: Path, side: int, separate: int, model: str) -> dict[str, Any]:
+def bench_memory_and_throughput(work: Path, side: int, separate: int, model: str,
+                                block: int = BlockConfig().block_size) -> dict[str, Any]:
     mosaic = write_mosaic(work / "large" / "mosaic.zarr", side)
     tiles = work / "tiles"
     shutil.rmtree(tiles, ignore_errors=True)
@@ -205,9 +208,9 @@ def bench_memory_and_throughput(work: Path, side: int, separate: int, model: str
         top, left = index // per_row * TILE, index % per_row * TILE
         (tiles / f"tile_{index:05d}.png").write_bytes(encode_png(np.asarray(mosaic[top: top + TILE, left: left + TILE])))
     print(f"  {separate} separate {TILE}x{TILE} images ...", flush=True)
-    images = run_child(tiles, work / "tiles.zarr", model)
+    images = run_child(tiles, work / "tiles.zarr", model, block)
     print(f"  one {side}x{side} image, block by block ...", flush=True)
-    large = run_child(work / "large", work / "large.zarr", model)
+    large = run_child(work / "large", work / "large.zarr", model, block)
     record = ResultStore.open(str(work / "large.zarr"), mode="r").record("mosaic")
     return {"side": side, "blocks": record["blocks"], "cells": record["statistics"]["cell_count"],
             "peak_mb": large["peak_mb"], "large_megapixels_per_second": large["megapixels_per_second"],
@@ -225,11 +228,11 @@ def blockwise_labels(work: Path, name: str, source: zarr.Array, predictor: Any) 
     return store.read_cells(name)
 
 
-def bench_seams(work: Path, side: int, model: str) -> dict[str, Any]:
+def bench_seams(work: Path, side: int, model: str, block: int = BlockConfig().block_size) -> dict[str, Any]:
     seed = 1
     source = write_mosaic(work / f"seams-{side}.zarr", side, seed=seed)
     image = np.asarray(source[...])
-    config = PredictConfig(threads=1)
+    config = PredictConfig(threads=1, blocks=BlockConfig(block_size=block))
     predictor = load_predictor(ModelSource("", model), config)
     started = time.monotonic()
     reference = cell_labels(predictor.cell_maps([image])[0], predictor.config)
@@ -237,11 +240,11 @@ def bench_seams(work: Path, side: int, model: str) -> dict[str, Any]:
     started = time.monotonic()
     blocks = blockwise_labels(work, f"seams-{side}", source, predictor)
     block_seconds = time.monotonic() - started
-    grid = BlockGrid(image.shape, BlockConfig().block_size, BlockConfig().overlap)
+    grid = BlockGrid(image.shape, block, config.blocks.overlap)
     other = load_predictor(ModelSource("", model), config.model_copy(update={"tile_size": 1536}))
     tiled_otherwise = cell_labels(other.cell_maps([image])[0], other.config)
     truth = mosaic_truth(side, seed)
-    return {"side": side, "blocks": compare(reference, blocks, grid, truth), "in_memory_seconds": whole_seconds,
+    return {"side": side, "block": block, "blocks": compare(reference, blocks, grid, truth), "in_memory_seconds": whole_seconds,
             "blockwise_seconds": block_seconds, "noise_floor_1536_tiles": compare(reference, tiled_otherwise, grid, truth),
             "blocks_against_truth": compare(truth, blocks, grid), "in_memory_against_truth": compare(truth, reference, grid)}
 
@@ -257,6 +260,13 @@ def bench_exact(work: Path, side: int, block: int) -> dict[str, Any]:
     return {"side": side, "block": block, **compare(reference, blocks, BlockGrid(image.shape, block, config.blocks.overlap))}
 
 
+def remove_results(work: Path) -> None:
+    """Delete the result stores of an earlier run in `work` (a rerun would skip their done images); keep the mosaics."""
+    for store in work.glob("*.zarr"):
+        if (store / "zarr.json").is_file() and "cellseg" in json.loads((store / "zarr.json").read_text()).get("attributes", {}):
+            shutil.rmtree(store)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", nargs="?", default="all", choices=("all", "child"))
@@ -269,16 +279,15 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-large")
     parser.add_argument("--images")
     parser.add_argument("--store")
+    parser.add_argument("--block", type=int, default=BlockConfig().block_size, help="the child's block side")
     args = parser.parse_args()
     if args.mode == "child":
-        child(args.images, args.store, args.model)
+        child(args.images, args.store, args.model, args.block)
         return
     out = Path(args.out)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    for store in work.glob("*.zarr"):
-        if (store / "zarr.json").is_file() and "cellseg" in json.loads((store / "zarr.json").read_text()).get("attributes", {}):
-            shutil.rmtree(store)  # results of an earlier run; the mosaics are kept
+    remove_results(work)
     results: dict[str, Any] = {"model": args.model, "cpus": torch.get_num_threads()}
     sections = {"large": lambda: bench_memory_and_throughput(work, args.side, args.separate, args.model),
                 "seams": lambda: bench_seams(work, args.seam_side, args.model),

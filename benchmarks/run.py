@@ -10,7 +10,9 @@ write of one result: `benchmarks.storage`), memory (2,000 images; one
 8192x8192 image, tiled), agreement of the fast path with plain fp32 and the cost of estimating
 each image's cell size with the shipped nuclei model (`benchmarks.cell_size`) and each post-processing
 stage beside the forward pass (`benchmarks.postprocess_stages`), the forward pass's variants
-(`benchmarks.forward`) and throughput and memory by image size (`benchmarks.scaling`).
+(`benchmarks.forward`), throughput and memory by image size (`benchmarks.scaling`) and a 4096x4096
+mosaic block by block (`benchmarks.blockwise`: peak RSS, throughput against its tiles as separate
+images, seams; `make bench-large` does the same at 30000x30000 and 8192x8192).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ import torch
 from PIL import Image
 
 from benchmarks.baselines import notebook_epoch
+from benchmarks.blockwise import bench_blockwise
+from benchmarks.blockwise import ratios as blockwise_ratios
+from benchmarks.blockwise import table_rows as blockwise_rows
 from benchmarks.cell_size import bench_cell_size
 from benchmarks.forward import bench_forward
 from benchmarks.forward import ratios as forward_ratios
@@ -349,6 +354,8 @@ def main() -> None:
         results["memory"] = bench_memory(work, checkpoint, args.memory_images)
         print("scaling with image size ...", flush=True)
         results["scaling"] = bench_scaling(work / "scaling")
+        print("block by block (images bigger than memory) ...", flush=True)
+        results["blockwise"] = bench_blockwise(work / "blockwise")
         print("agreement ...", flush=True)
         data = Path(__file__).resolve().parents[2] / "shared" / "data"
         reference = {name: (Path(f"runs/ref-{name}/best.pt"), data / name / "images") for name in ("isbi2012", "dsb2018")}
@@ -382,6 +389,7 @@ def main() -> None:
         results["ratios"].update(postprocess_ratios(results["postprocess"]))
     results["ratios"].update(forward_ratios(results["forward"]))
     results["ratios"].update(scaling_ratios(results["scaling"]))
+    results["ratios"].update(blockwise_ratios(results["blockwise"]))
     if "gpu" in results:
         results["ratios"].update(results["gpu"]["ratios"])
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -439,6 +447,7 @@ def print_table(r: dict) -> None:
         rows += postprocess_rows(r["postprocess"])
     rows += forward_rows(r["forward"])
     rows += scaling_rows(r["scaling"])
+    rows += blockwise_rows(r["blockwise"])
     rows += storage_rows(r["storage"])
     rows += gpu_rows(r["gpu"]) if "gpu" in r else [("GPU", "not measured", "no CUDA device here (docs/performance.md \"GPU\")")]
     width = max(len(row[0]) for row in rows)

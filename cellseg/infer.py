@@ -23,6 +23,7 @@ from cellseg.runtime import (
     CompiledByShape,
     autocast_context,
     available_cores,
+    model_pass,
     resolve_device,
     set_threads,
 )
@@ -47,8 +48,8 @@ def forward_outputs(
         inputs = inputs.to(device, non_blocking=True)
 
         def outputs(x: torch.Tensor) -> torch.Tensor:
-            with autocast_context(device, amp):
-                logits = model(x)
+            with model_pass(model, tuple(x.shape)) as forward, autocast_context(device, amp):
+                logits = forward(x)
             return torch.sigmoid(logits.float())
 
         if not tta:

@@ -7,8 +7,8 @@ import logging
 import os
 import threading
 from collections import Counter
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
@@ -61,16 +61,81 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+class PassGate:
+    """Forward passes of this process's threads run side by side; a pass that compiles runs alone.
+
+    torch.compile tracing a model in one thread while another thread leaves an autocast region
+    deadlocks both (torch 2.13 on CPU: the tracer waits in a fake-tensor pass, the other thread in
+    `autocast.__exit__`; a `make bench` product run of two shards hung so for good). So a pass that
+    may compile waits until no other pass is in flight and holds new ones back until it is done.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._passes = 0
+        self._alone = False
+
+    @property
+    def held_alone(self) -> bool:
+        """Whether a pass holds the gate alone now."""
+        return self._alone
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._alone)
+            self._passes += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._passes -= 1
+                self._changed.notify_all()
+
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._alone and self._passes == 0)
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._alone = False
+                self._changed.notify_all()
+
+
+MODEL_PASSES = PassGate()
+"""The one gate of every model pass (with its autocast region) in this process."""
+
+
+def model_pass(model: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...]
+               ) -> AbstractContextManager[Callable[[torch.Tensor], torch.Tensor]]:
+    """A hold on MODEL_PASSES for one pass of `model` on an input of `shape`, giving the function
+    to call inside it (enter autocast inside the hold): alone when the pass may compile."""
+    if isinstance(model, CompiledByShape):
+        return model.one_pass(shape)
+    return _shared_pass(model)
+
+
+@contextmanager
+def _shared_pass(model: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    with MODEL_PASSES.shared():
+        yield model
+
+
 class CompiledByShape:
     """`model` called eagerly, and through `torch.compile` (one graph per input shape) for each
     input shape once it has come `after` times; a compilation that fails (no C++ compiler, say)
-    leaves the model eager, with a warning. Shared by threads like the model it wraps."""
+    leaves the model eager, with a warning. Shared by threads like the model it wraps; a shape's
+    first compiled pass runs alone (`PassGate`)."""
 
     def __init__(self, model: torch.nn.Module, after: int = 0):
         self.model = model
         self.after = after
         self.seen: Counter[tuple[int, ...]] = Counter()
         self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.ready: set[tuple[int, ...]] = set()  # shapes compiled already
         self.failed = False
         self._lock = threading.Lock()
 
@@ -79,18 +144,35 @@ class CompiledByShape:
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shape = tuple(x.shape)
+        with self.one_pass(tuple(x.shape)) as forward:
+            return forward(x)
+
+    @contextmanager
+    def one_pass(self, shape: tuple[int, ...]) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        """See `model_pass`: the eager model, or the compiled one for `shape` (alone on its first pass)."""
         with self._lock:
             self.seen[shape] += 1
             eager = self.failed or self.seen[shape] <= self.after
             if not eager and self.compiled is None:
                 self.compiled = torch.compile(self.model, dynamic=False)
-            compiled = self.compiled
-        if eager or compiled is None:
+            compiling = not eager and shape not in self.ready
+        if eager:
+            with MODEL_PASSES.shared():
+                yield self.model
+            return
+        with MODEL_PASSES.alone() if compiling else MODEL_PASSES.shared():
+            yield lambda x: self._compiled(x, shape)
+
+    def _compiled(self, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        compiled = self.compiled
+        if self.failed or compiled is None:
             return self.model(x)
         try:
-            return compiled(x)
+            result = compiled(x)
         except Exception as error:  # noqa: BLE001 - an eager pass is always possible; a real fault recurs there
             logger.warning("torch.compile failed, the model runs eagerly: %s", f"{type(error).__name__}: {error}"[:300])
             self.failed = True
             return self.model(x)
+        with self._lock:
+            self.ready.add(shape)
+        return result

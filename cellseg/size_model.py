@@ -21,7 +21,7 @@ import torch
 
 from cellseg.model import UNet
 from cellseg.pairs import LoadedPair
-from cellseg.runtime import autocast_context
+from cellseg.runtime import autocast_context, model_pass
 from cellseg.scale import MAX_UPSCALED_PIXELS, cells_of, median_cell_diameter, resize, scaled_shape
 
 SIZE_CROP = 512  # features are read from the central crop of at most this many pixels a side
@@ -72,9 +72,9 @@ def network_features(model: UNet, device: torch.device, amp: bool = True) -> Fea
 
     def features(image: np.ndarray) -> np.ndarray:
         model.eval()
-        with torch.inference_mode(), autocast_context(device, amp):
-            x = torch.from_numpy(np.ascontiguousarray(central_crop(image), dtype=np.float32))[None, None].to(device)
-            return model.features(x)[0].float().cpu().numpy().astype(np.float64)
+        x = torch.from_numpy(np.ascontiguousarray(central_crop(image), dtype=np.float32))[None, None].to(device)
+        with torch.inference_mode(), model_pass(model.features, tuple(x.shape)) as forward, autocast_context(device, amp):
+            return forward(x)[0].float().cpu().numpy().astype(np.float64)
 
     return features
 

@@ -1,13 +1,14 @@
 """Find the damage in a results store and repair it: `cellseg verify STORE [--repair]`.
 
-The store's own metadata and every image group are checked: the group's metadata can be read and
-is a cellseg record, and a done image has every array it was written with (present, its
-metadata readable, every chunk stored), of its recorded shape and type, under label and table
-groups whose metadata can be read, with one cell-table row per counted cell and finite
-statistics. Only metadata is read and chunk keys listed, unless `read_data` decodes every chunk
-too. Repairing marks each broken image not done (a failure "damaged: …", replacing metadata that
-cannot be read) so that the next `predict` or `segment-images` run segments it again; nothing of
-a healthy image is touched, and no array is deleted.
+The store's own metadata and every image group are checked: the group's metadata can be read and is
+a cellseg record, and a done image has every array it was written with (present, its metadata
+readable, every chunk stored), of its recorded shape and type, under label and table groups whose
+metadata can be read, with one cell-table row per counted cell and finite statistics. A block-wise
+image's pyramid levels 1.. of its image copy, mask and cell labels (`cellseg.blocks`) are checked as
+level 0 is, each of the shape that halving gives. Only metadata is read and chunk keys listed,
+unless `read_data` decodes every chunk too. Repairing marks each broken image not done (a failure
+"damaged: …", replacing metadata that cannot be read) so that the next `predict` or `segment-images`
+run segments it again; nothing of a healthy image is touched, and no array is deleted.
 """
 
 from __future__ import annotations
@@ -17,12 +18,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import zarr
+
 from cellseg.io import StorageOptions
-from cellseg.store import ARRAYS, CELL_TABLE, METADATA_ERRORS, ResultStore, StoreMode, repair_store_metadata
+from cellseg.stitch import pyramid_shapes
+from cellseg.store import (
+    ARRAYS,
+    CELL_TABLE,
+    CELLS_PATH,
+    CHUNK_ERRORS,
+    IMAGE_PATH,
+    MASK_PATH,
+    METADATA_ERRORS,
+    ResultStore,
+    StoreMode,
+    repair_store_metadata,
+)
 from cellseg.store_checks import DONE, DamagedImage, DamagedStore, describe
 
 STATUSES = (DONE, "failed", "writing")
 STORE_METADATA = "zarr.json"  # the `image_id` of damage to the store's own metadata
+PYRAMIDS = (IMAGE_PATH, MASK_PATH, CELLS_PATH)  # the arrays a block-wise image has levels 1.. of (blocks.finish_image)
 
 
 @dataclass(frozen=True)
@@ -90,10 +107,13 @@ def image_problems(store: ResultStore, image_id: str, record: dict[str, Any], re
     problems = [f"its statistic {key!r} is {value!r}, not a finite number"
                 for key, value in record["statistics"].items() if not _finite_or_none(value)]
     shape = tuple(record["shape"])
+    shapes, levels_problem = _level_shapes(record)
+    problems += [levels_problem] if levels_problem else []
     for path in record.get("arrays", ARRAYS):
         if path not in ARRAYS:
             problems.append(f"its record names an array '{path}' that no cellseg image has")
             continue
+        array = None
         try:
             array = store.array(image_id, path, record)
             if array is None:
@@ -106,11 +126,69 @@ def image_problems(store: ResultStore, image_id: str, record: dict[str, Any], re
                 problems.append(f"its {what} '{image_id}/{path}' has shape {array.shape}, expected {expected}")
             if dtype is not None and array.dtype != dtype:
                 problems.append(f"its {what} '{image_id}/{path}' is {array.dtype}, expected {dtype}")
-            if read_data:
-                store.array_data(image_id, path, array)
+            if read_data and (undecodable := _undecodable_chunk(array)):
+                problems.append(f"its {what} '{image_id}/{path}' has a chunk {undecodable}")
         except DamagedImage as error:
             problems.append(error.problem)
+        if path in PYRAMIDS and len(shapes) > 1:
+            level_dtype = ARRAYS[path][1] or (array.dtype if array is not None else None)
+            problems += _level_problems(store, image_id, path, shapes, level_dtype, read_data)
     return problems
+
+
+def _level_shapes(record: dict[str, Any]) -> tuple[list[tuple[int, int]], str | None]:
+    """(the shape of each pyramid level, level 0 first; a problem with the recorded count or None):
+    a block-wise image records how many levels it has, each half the one before
+    (`stitch.pyramid_shapes`); an image written whole has level 0 only."""
+    shape = (int(record["shape"][0]), int(record["shape"][1]))
+    if "blocks" not in record:
+        return [shape], None
+    blocks = record["blocks"]
+    levels = blocks.get("levels") if isinstance(blocks, dict) else None
+    halvings = pyramid_shapes(shape, 1)  # every level halving can give, down to one pixel
+    if not (isinstance(levels, int) and not isinstance(levels, bool) and 1 <= levels <= len(halvings)):
+        return [shape], f"its 'blocks' record has levels {levels!r}, not a count of 1 to {len(halvings)}"
+    return halvings[:levels], None
+
+
+def _level_problems(store: ResultStore, image_id: str, path: str, shapes: list[tuple[int, int]], dtype: Any,
+                    read_data: bool) -> list[str]:
+    """Problems of levels 1.. of the array at `path` (a PYRAMIDS path, level 0 at "…/0"), checked as
+    `ResultStore.array` checks level 0: present, metadata readable, every chunk stored; then of
+    shape `shapes[level]` and type `dtype` (None: any), and with `read_data` every chunk decodes,
+    one chunk at a time (a level can be bigger than memory)."""
+    problems = []
+    for level, expected in enumerate(shapes[1:], start=1):
+        where = f"{image_id}/{path[:-1]}{level}"
+        what = f"its {ARRAYS[path][0]} level {level}"
+        try:
+            node = store.root.get(where)
+        except METADATA_ERRORS as error:
+            problems.append(f"the metadata of {what}, '{where}/zarr.json', cannot be read ({describe(error)})")
+            continue
+        if not isinstance(node, zarr.Array):
+            problems.append(f"{what} '{where}' is missing")
+            continue
+        if missing := node.nchunks - node.nchunks_initialized:
+            problems.append(f"{what} '{where}' is missing {missing} of {node.nchunks} chunks")
+            continue
+        if node.shape != expected:
+            problems.append(f"{what} '{where}' has shape {node.shape}, expected {expected}")
+        if dtype is not None and node.dtype != dtype:
+            problems.append(f"{what} '{where}' is {node.dtype}, expected {dtype}")
+        if read_data and (undecodable := _undecodable_chunk(node)):
+            problems.append(f"{what} '{where}' has a chunk {undecodable}")
+    return problems
+
+
+def _undecodable_chunk(array: zarr.Array) -> str | None:
+    """'(row, column) that cannot be decoded (why)' for the first chunk of `array` that cannot be; None."""
+    for index in np.ndindex(*array.cdata_shape):
+        try:
+            array.blocks[index]
+        except CHUNK_ERRORS as error:
+            return f"{index} that cannot be decoded ({describe(error)})"
+    return None
 
 
 def _parent_problems(store: ResultStore, image_id: str, path: str) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from cellseg.io import list_images, read_image
 from cellseg.metrics import mask_agreement
 from cellseg.model import UNet
 from cellseg.normalize import normalize_image
-from cellseg.runtime import COMPILE_AFTER, CompiledByShape, autocast_context
+from cellseg.runtime import COMPILE_AFTER, MODEL_PASSES, CompiledByShape, PassGate, autocast_context
 
 
 def test_a_shape_is_compiled_only_after_it_came_often_enough_and_gives_the_eager_output(synthetic_dataset,
@@ -110,3 +111,56 @@ def test_cuda_batches_of_equal_sizes_agree_with_the_cpu_fp32_path(tiny_checkpoin
     for on_cpu, on_gpu in zip(cpu, gpu, strict=True):
         assert on_gpu.shape == on_cpu.shape
         assert mask_agreement([on_gpu > 0.5], [on_cpu > 0.5])["pixel_agreement"] >= 0.99
+
+
+def test_a_pass_that_compiles_runs_alone_and_others_wait_for_it():
+    # torch.compile tracing beside another thread's autocast pass deadlocked a two-shard run.
+    gate = PassGate()
+    events: list[str] = []
+    in_shared, release_shared, in_alone, release_alone = (threading.Event() for _ in range(4))
+
+    def shared_pass(name: str, inside: threading.Event, release: threading.Event) -> None:
+        with gate.shared():
+            events.append(f"{name} in")
+            inside.set()
+            release.wait(10)
+        events.append(f"{name} out")
+
+    def alone_pass() -> None:
+        with gate.alone():
+            events.append("alone in")
+            in_alone.set()
+            release_alone.wait(10)
+        events.append("alone out")
+
+    first = threading.Thread(target=shared_pass, args=("first", in_shared, release_shared))
+    first.start()
+    assert in_shared.wait(10)
+    compiling = threading.Thread(target=alone_pass)
+    compiling.start()
+    assert not in_alone.wait(0.3)  # waits for the pass in flight
+    release_shared.set()
+    assert in_alone.wait(10)
+    later_inside = threading.Event()
+    later = threading.Thread(target=shared_pass, args=("later", later_inside, threading.Event()))
+    later.start()
+    assert not later_inside.wait(0.3)  # held back while the compiling pass runs
+    release_alone.set()
+    assert later_inside.wait(10)
+    for thread in (first, compiling):
+        thread.join(10)
+    assert events[:4] == ["first in", "first out", "alone in", "alone out"] and events[4] == "later in"
+    later.join(0)
+
+
+def test_only_a_shape_s_first_compiled_pass_holds_the_gate_alone(tiny_checkpoint):
+    model = load_checkpoint(str(tiny_checkpoint)).build_model().eval()
+    wrapped = CompiledByShape(model, after=1)
+    shape = (1, 1, 32, 32)
+    with wrapped.one_pass(shape) as forward:
+        assert forward is model and not MODEL_PASSES.held_alone
+    with wrapped.one_pass(shape) as forward:
+        assert forward is not model and MODEL_PASSES.held_alone  # compiles on this pass: nothing beside it
+    wrapped.ready.add(shape)
+    with wrapped.one_pass(shape):
+        assert not MODEL_PASSES.held_alone

@@ -1,16 +1,24 @@
 """Damaged results stores: reads that name the damaged image and never take down the others,
-`verify_store` finding each kind of damage, and its repair leading to a clean rewrite."""
+`verify_store` finding each kind of damage, at every pyramid level of a block-wise image too, and
+its repair leading to a clean rewrite."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
+import zarr
 
+from cellseg.config import BlockConfig, PredictConfig
+from cellseg.job_config import SegmentJob
+from cellseg.jobs import run_segmentation
 from cellseg.store import CELL_TABLE, ResultStore
 from cellseg.store_checks import DamagedImage, DamagedStore, StoreError
+from cellseg.synth import encode_png, generate_sample
 from cellseg.verify import STORE_METADATA, verify_store
 
 MODEL = {"version": "0123456789ab"}
@@ -157,3 +165,92 @@ def test_arrays_left_by_an_earlier_result_are_not_read_as_this_ones(store):
     assert not store.has_probabilities("p")
     with pytest.raises(StoreError, match="written without probabilities"):
         store.read_probabilities("p")
+
+
+# Block-wise images: every level of their pyramids ------------------------------------------------
+
+BIG = (300, 520)  # blocks of 128: levels (150, 260), (75, 130), (38, 65), their chunks 128 x 128
+
+
+@pytest.fixture(scope="module")
+def blockwise_job(tmp_path_factory) -> SegmentJob:
+    """A job that segments 'big' (a 300x520 TIFF) block by block and 'small' (a PNG) whole, done once."""
+    root = tmp_path_factory.mktemp("blockwise")
+    (root / "in").mkdir()
+    tifffile.imwrite(root / "in" / "big.tif", generate_sample(np.random.default_rng(0), BIG).image, tile=(128, 128))
+    (root / "in" / "small.png").write_bytes(encode_png(generate_sample(np.random.default_rng(1), (96, 96)).image))
+    config = PredictConfig(amp=False, threads=2, blocks=BlockConfig(block_size=128, overlap=32, above_pixels=256 * 256))
+    job = SegmentJob(source_url=str(root / "in"), store_url=str(root / "r.zarr"), model_version="general", predict=config)
+    assert sorted(run_segmentation(job).done) == ["big", "small"]
+    return job
+
+
+@pytest.fixture()
+def blockwise_store(blockwise_job, tmp_path) -> tuple[SegmentJob, Path]:
+    """A copy of the job's store for one test to damage, and the job writing to it."""
+    shutil.copytree(blockwise_job.store_url, tmp_path / "r.zarr")
+    return blockwise_job.model_copy(update={"store_url": str(tmp_path / "r.zarr")}), tmp_path / "r.zarr"
+
+
+def test_a_blockwise_image_is_verified_at_every_level_of_its_pyramids(blockwise_store):
+    _, root = blockwise_store
+    record = ResultStore.open(str(root), mode="r").record("big")
+    assert record["blocks"]["levels"] == 4 and "blocks" not in ResultStore.open(str(root), mode="r").record("small")
+    assert verify_store(str(root), read_data=True).broken == []
+    (root / "big/labels/mask/2/c/0/1").unlink()
+    chunk = root / "big/1/c/1/2"
+    chunk.write_bytes(chunk.read_bytes()[:5])
+    assert _problems(verify_store(str(root))) == {"big": "its mask level 2 'big/labels/mask/2' is missing 1 of 2 chunks"}
+    problems = _problems(verify_store(str(root), read_data=True))
+    assert problems["big"].startswith("its copy of the source image level 1 'big/1' has a chunk (1, 2) that cannot be "
+                                      "decoded (") and set(problems) == {"big"}
+
+
+def _resized(root: Path, path: str, shape: tuple[int, int], dtype: str) -> None:
+    """The level at `path` rewritten whole, every chunk stored, with another shape or type."""
+    zarr.create_array(str(root / path), shape=shape, dtype=dtype, chunks=(128, 128), overwrite=True,
+                      config={"write_empty_chunks": True})[...] = 1
+
+
+def _set_levels(root: Path, levels: int) -> None:
+    """The count of pyramid levels in the record of 'big' set to `levels`."""
+    meta = json.loads((root / "big/zarr.json").read_text())
+    meta["attributes"]["cellseg"]["blocks"]["levels"] = levels
+    (root / "big/zarr.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage, problem", [
+    pytest.param(lambda root: (root / "big/labels/cells/3/zarr.json").write_bytes(b"{"),
+                 "the metadata of its cell labels level 3, 'big/labels/cells/3/zarr.json', cannot be read "
+                 "(JSONDecodeError: ", id="garbage-metadata"),
+    pytest.param(lambda root: shutil.rmtree(root / "big/labels/mask/1"), "its mask level 1 'big/labels/mask/1' is missing",
+                 id="missing"),
+    pytest.param(lambda root: _resized(root, "big/labels/cells/2", (75, 131), "int32"),
+                 "its cell labels level 2 'big/labels/cells/2' has shape (75, 131), expected (75, 130)", id="shape"),
+    pytest.param(lambda root: _resized(root, "big/3", (38, 65), "float32"),
+                 "its copy of the source image level 3 'big/3' is float32, expected uint8", id="dtype"),
+    pytest.param(lambda root: _set_levels(root, 12), "its 'blocks' record has levels 12, not a count of 1 to 11",
+                 id="level-count"),
+])
+def test_each_damaged_level_is_damage_of_its_image_only(blockwise_store, damage, problem):
+    _, root = blockwise_store
+    damage(root)
+    problems = _problems(verify_store(str(root)))
+    assert set(problems) == {"big"} and problems["big"].startswith(problem), problems
+
+
+def test_repair_of_a_damaged_level_and_a_rerun_rewrite_the_blockwise_image(blockwise_store):
+    job, root = blockwise_store
+    before = ResultStore.open(str(root), mode="r").read_cells("big")
+    (root / "big/labels/mask/1/zarr.json").write_bytes(b"garbage")
+    (root / "big/labels/cells/2/c/0/0").unlink()
+    small = (root / "small/zarr.json").read_bytes()
+    report = verify_store(str(root), repair=True)
+    assert report.repaired and set(_problems(report)) == {"big"}
+    store = ResultStore.open(str(root), mode="r")
+    assert store.done_ids() == {"small"} and (root / "small/zarr.json").read_bytes() == small
+    assert store.failures()[0]["error"].startswith("damaged: the metadata of its mask level 1, 'big/labels/mask/1/zarr.json'")
+    assert run_segmentation(job).done == ["big"]
+    assert verify_store(str(root), read_data=True).broken == [] and store.done_ids() == {"big", "small"}
+    np.testing.assert_array_equal(store.read_cells("big"), before)
+    np.testing.assert_array_equal(zarr.open_array(str(root / "big/labels/cells/2"), mode="r")[...], before[::4, ::4])
