@@ -20,7 +20,7 @@ import pytest
 import tifffile
 import zarr
 
-from benchmarks.large import compare, frozen_checkpoint
+from benchmarks.large import bench_exact, compare, frozen_checkpoint
 from cellseg.blocks import image_levels, segment_blockwise
 from cellseg.config import BlockConfig, NormalizationConfig, PredictConfig
 from cellseg.jobs import SegmentJob, run_segmentation
@@ -151,6 +151,15 @@ def test_a_mosaic_in_blocks_has_the_cells_of_the_in_memory_tiled_path(blockwise_
         assert statistics[name] == pytest.approx(value, rel=1e-9), name
     np.testing.assert_array_equal(store.read_image("mosaic"), image)
     assert verify_store(store.url).broken == []
+
+
+@pytest.mark.integration
+def test_a_4096_mosaic_in_1024_blocks_has_the_cells_of_the_in_memory_tiled_path(tmp_path):
+    # Issue 21's own case, as `make bench-large` runs it: the in-memory path tiles the image (1024²
+    # tiles), each block its 1152² window (fitted tiles); 16 blocks, 24 seams.
+    found = bench_exact(tmp_path, 4096, 1024)
+    assert found["cells"] == found["reference_cells"] > 5000
+    assert found["below_iou_0.95"] == 0 and found["cut"] == found["cut_at_a_seam"] == 0
 
 
 def test_the_labels_are_a_pyramid_ome_zarr_opens_at_every_level(blockwise_run):
