@@ -157,8 +157,8 @@ class CompiledByShape:
                 self.compiled = torch.compile(self.model, dynamic=False)
             compiling = not eager and shape not in self.ready
         if eager:
-            with MODEL_PASSES.shared():
-                yield self.model
+            with _shared_pass(self.model) as model:
+                yield model
             return
         with MODEL_PASSES.alone() if compiling else MODEL_PASSES.shared():
             yield lambda x: self._compiled(x, shape)

@@ -122,12 +122,7 @@ def image_problems(store: ResultStore, image_id: str, record: dict[str, Any], re
             what, dtype = ARRAYS[path]
             expected = (record["statistics"].get("cell_count"), len(store.table_columns(image_id, array))) \
                 if path == CELL_TABLE else shape
-            if array.shape != expected:
-                problems.append(f"its {what} '{image_id}/{path}' has shape {array.shape}, expected {expected}")
-            if dtype is not None and array.dtype != dtype:
-                problems.append(f"its {what} '{image_id}/{path}' is {array.dtype}, expected {dtype}")
-            if read_data and (undecodable := _undecodable_chunk(array)):
-                problems.append(f"its {what} '{image_id}/{path}' has a chunk {undecodable}")
+            problems += _content_problems(array, f"its {what} '{image_id}/{path}'", expected, dtype, read_data)
         except DamagedImage as error:
             problems.append(error.problem)
         if path in PYRAMIDS and len(shapes) > 1:
@@ -172,12 +167,20 @@ def _level_problems(store: ResultStore, image_id: str, path: str, shapes: list[t
         if missing := node.nchunks - node.nchunks_initialized:
             problems.append(f"{what} '{where}' is missing {missing} of {node.nchunks} chunks")
             continue
-        if node.shape != expected:
-            problems.append(f"{what} '{where}' has shape {node.shape}, expected {expected}")
-        if dtype is not None and node.dtype != dtype:
-            problems.append(f"{what} '{where}' is {node.dtype}, expected {dtype}")
-        if read_data and (undecodable := _undecodable_chunk(node)):
-            problems.append(f"{what} '{where}' has a chunk {undecodable}")
+        problems += _content_problems(node, f"{what} '{where}'", expected, dtype, read_data)
+    return problems
+
+
+def _content_problems(array: zarr.Array, named: str, shape: tuple[int, ...], dtype: Any, read_data: bool) -> list[str]:
+    """Problems of an array that is there with every chunk (`named` as messages call it): not of
+    `shape` or of `dtype` (None: any), and with `read_data` a chunk that cannot be decoded."""
+    problems = []
+    if array.shape != shape:
+        problems.append(f"{named} has shape {array.shape}, expected {shape}")
+    if dtype is not None and array.dtype != dtype:
+        problems.append(f"{named} is {array.dtype}, expected {dtype}")
+    if read_data and (undecodable := _undecodable_chunk(array)):
+        problems.append(f"{named} has a chunk {undecodable}")
     return problems
 
 
