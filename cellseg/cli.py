@@ -114,6 +114,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
         outcome = run_training(job, args.out, resume=args.resume, on_epoch=advance, overwrite=args.overwrite)
     result = outcome.result
+    if outcome.start:
+        print(f"start:      {outcome.start.described()}")
     print(f"{result.stop_reason}; best epoch {result.best_epoch} of {len(result.history)}")
     _print_metrics({k: v for k, v in result.best_metrics.items() if k.startswith("val_")} or result.best_metrics)
     if outcome.cells:

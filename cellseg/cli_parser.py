@@ -84,7 +84,7 @@ TRAINING_FLAGS: list[Flag] = [
                                      "help": "plain fp32, no bf16/fp16 mixed precision"}),
     (("--init-from",), "training.init_from", {"help": "fine-tune from this checkpoint or shipped model (its model "
                                                       "config replaces --depth etc.); 'auto': the shipped model "
-                                                      "for small datasets"}),
+                                                      "for small datasets whose cells it already finds"}),
     (("--from-scratch",), "training.init_from", {"action": "store_const", "const": None,
                                                  "help": "random initialisation, never the shipped model"}),
     (("--freeze-encoder-epochs",), "training.freeze_encoder_epochs", {

@@ -182,9 +182,10 @@ class TrainConfig(_Config):
         "auto",
         description=(
             "where training starts: 'auto' fine-tunes the default shipped model when the dataset has fewer than "
-            "FINE_TUNE_MAX_IMAGES images and no other architecture is asked for, else starts from scratch; a shipped "
-            "model's name ('nuclei', 'general', 'bundled') or a checkpoint URL fine-tunes that (its model config "
-            "is used); None: random initialisation (from scratch)"
+            "FINE_TUNE_MAX_IMAGES images, no other architecture is asked for and that model already reaches a "
+            "Dice of FINE_TUNE_MIN_DICE on the validation images (cellseg.starting_point), else starts from "
+            "scratch; a shipped model's name ('nuclei', 'general', 'bundled') or a checkpoint URL fine-tunes that "
+            "(its model config is used); None: random initialisation (from scratch)"
         ),
     )
     freeze_encoder_epochs: int = Field(0, ge=0, description="with init_from: keep the encoder fixed for this many epochs")

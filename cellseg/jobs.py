@@ -35,9 +35,7 @@ from cellseg.blocks import (
     segment_blockwise,
     stitch_image,
 )
-from cellseg.bundled import BUNDLED_VERSION, shipped_checkpoint, shipped_name
 from cellseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from cellseg.config import ModelConfig
 from cellseg.evaluate import choose_postprocessing, validation_cell_scores
 from cellseg.formats import list_sources
 from cellseg.infer import Predictor
@@ -49,6 +47,7 @@ from cellseg.report import training_pictures
 from cellseg.runtime import resolve_device, set_threads
 from cellseg.segment import SegmentReport, model_record, pending_images, segment_images
 from cellseg.size_model import MAGNIFICATIONS, MIN_EXAMPLES, SizeModel, fit_size_model, network_features, size_examples
+from cellseg.starting_point import Start, choose_start
 from cellseg.store import ResultStore
 from cellseg.store_checks import StoreWriteError
 from cellseg.train import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, TrainResult, train
@@ -59,9 +58,6 @@ __all__ = ["SegmentJob", "TrainJob", "TuneJob", "run_segmentation", "run_trainin
 logger = logging.getLogger(__name__)
 
 Shard = list[tuple[str, str]]
-# Below this many image/mask pairs, training fine-tunes the shipped model by default (docs/quality.md
-# has the fine-tuning vs from-scratch measurements behind it).
-FINE_TUNE_MAX_IMAGES = 300
 
 
 # Training ----------------------------------------------------------------------------------------
@@ -78,6 +74,7 @@ class TrainOutcome:
     val_images: int
     cells: dict[str, Any] = field(default_factory=dict)
     pictures: list[str] = field(default_factory=list)
+    start: Start | None = None
 
     @property
     def best_checkpoint(self) -> Path:
@@ -107,6 +104,7 @@ class TrainOutcome:
             "dataset_hash": self.dataset_hash,
             "metrics": self.validation | {f"cells_{name}": value for name, value in self.cells.items()},
             "pictures": self.pictures,
+            "start": self.start.summary() if self.start else None,
         }
 
 
@@ -123,8 +121,8 @@ def run_training(
     already in `out_dir` is continued with `resume`, replaced with `overwrite`, else refused
     (`check_run_dir`).
 
-    Fine-tuning (`training.init_from`, see `starting_checkpoint`) takes the model config of that
-    checkpoint. The split is deterministic (`training.seed`), every image is decoded and
+    Fine-tuning (`training.init_from`; 'auto' is decided by `cellseg.starting_point.choose_start`,
+    recorded in the outcome's `start`) takes the model config of that checkpoint. The split is deterministic (`training.seed`), every image is decoded and
     normalised once, the best checkpoint gets what prediction needs beyond its weights
     (`finish_checkpoint`), and it is scored on the validation images at cell level (with instance
     label masks) exactly as `cellseg predict` would segment them with `job.predict`.
@@ -133,10 +131,11 @@ def run_training(
     if pairs is None:
         pairs = pair_images_and_masks(job.images_url, job.masks_url)
     model_config, training = job.model, job.training
-    training = training.model_copy(update={"init_from": starting_checkpoint(job, len(pairs))})
+    train_pairs, val_pairs = split_train_val(pairs, training.val_fraction, training.seed)
+    start = choose_start(job, len(pairs), val_pairs, out, resume)
+    training = training.model_copy(update={"init_from": start.checkpoint})
     if training.init_from:
         model_config = load_checkpoint(training.init_from).model_config
-    train_pairs, val_pairs = split_train_val(pairs, training.val_fraction, training.seed)
     logger.info("loading %d image/mask pairs", len(pairs))
     loaded_train = load_pairs(train_pairs, model_config.normalization)
     loaded_val = load_pairs(val_pairs, model_config.normalization)
@@ -150,7 +149,7 @@ def run_training(
     predictor = Predictor(checkpoint, job.predict.model_copy(update={"device": training.device}))
     cells = validation_cell_scores(predictor, loaded_val)
     pictures = training_pictures(out, result.history, loaded_val, predictor)
-    return TrainOutcome(result, dataset_hash, len(loaded_train), len(loaded_val), cells, pictures)
+    return TrainOutcome(result, dataset_hash, len(loaded_train), len(loaded_val), cells, pictures, start)
 
 
 class RunFolderError(ValueError):
@@ -179,24 +178,6 @@ def check_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
         raise RunFolderError(f"'{out}' already holds a training run ({', '.join(present)}{epochs}) that a new run "
                              f"would replace; continue it (--resume), replace it (--overwrite) or choose another folder")
     return out
-
-
-def starting_checkpoint(job: TrainJob, images: int) -> str | None:
-    """The checkpoint URL training starts from, or None for random initialisation.
-
-    `training.init_from` 'auto' means the default shipped model when the dataset has fewer than
-    FINE_TUNE_MAX_IMAGES images and the job asks for no architecture of its own (its model config
-    is the default), else from scratch; a shipped model's name means its checkpoint.
-    """
-    init_from = job.training.init_from
-    if init_from == "auto":
-        if images >= FINE_TUNE_MAX_IMAGES or job.model != ModelConfig():
-            return None
-        init_from = BUNDLED_VERSION
-        logger.info("%d images: fine-tuning the shipped '%s' model (--from-scratch to start from random weights)",
-                    images, shipped_name(init_from))
-    name = shipped_name(init_from) if init_from else None
-    return shipped_checkpoint(name) if name else init_from
 
 
 def finish_checkpoint(

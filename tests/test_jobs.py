@@ -111,23 +111,71 @@ def test_a_checkpoint_rewritten_between_runs_is_loaded_afresh(trained, tmp_path)
     assert pin_model(job).model_version in versions
 
 
-# Where training starts: the shipped model for small datasets, unless told otherwise ----------------
+# Where training starts: the shipped model for small datasets like its own, unless told otherwise ----------------
 
 
-def test_small_datasets_fine_tune_the_shipped_model_by_default(tmp_path):
+def _inverted_masks(root):
+    """The synthetic dataset's masks turned inside out: a task unlike the shipped model's nuclei
+    (its cells are the background here), as EM membranes are."""
+    from PIL import Image
+
+    (root / "inverted").mkdir()
+    for path in (root / "masks").iterdir():
+        Image.fromarray(((np.asarray(Image.open(path)) == 0) * 255).astype(np.uint8)).save(root / "inverted" / path.name)
+    return root / "inverted"
+
+
+def test_small_datasets_fine_tune_the_shipped_model_when_it_already_knows_their_cells(tmp_path):
     from cellseg.bundled import shipped_checkpoint
-    from cellseg.jobs import FINE_TUNE_MAX_IMAGES, starting_checkpoint
+    from cellseg.pairs import pair_images_and_masks, split_train_val
+    from cellseg.starting_point import FINE_TUNE_MAX_IMAGES, FINE_TUNE_MIN_DICE, choose_start
 
-    job = TrainJob(images_url="images", masks_url="masks")
-    assert starting_checkpoint(job, 36) == shipped_checkpoint()
-    assert starting_checkpoint(job, FINE_TUNE_MAX_IMAGES) is None  # enough data to learn from scratch
-    assert starting_checkpoint(job.model_copy(update={"model": SMALL}), 36) is None  # an architecture of its own
+    write_dataset(str(tmp_path), count=8, size=128, seed=6)
+    job = TrainJob(images_url=str(tmp_path / "images"), masks_url=str(tmp_path / "labels"),
+                   training=TrainConfig(device="cpu"))
+    val = split_train_val(pair_images_and_masks(job.images_url, job.masks_url), 0.25, 0)[1]
+    nuclei = choose_start(job, 8, val)
+    assert nuclei.checkpoint == shipped_checkpoint() and nuclei.shipped_dice > 0.9
+    assert nuclei.described().startswith("fine-tuned from the shipped 'nuclei' model")
+
+    unlike = job.model_copy(update={"masks_url": str(_inverted_masks(tmp_path))})
+    unlike_val = split_train_val(pair_images_and_masks(unlike.images_url, unlike.masks_url), 0.25, 0)[1]
+    other = choose_start(unlike, 8, unlike_val)
+    assert other.checkpoint is None and other.shipped_dice < FINE_TUNE_MIN_DICE
+    assert "below" in other.described()
+
+    assert choose_start(job, 8, []).checkpoint == shipped_checkpoint()  # nothing to check it on: the count decides
+    assert choose_start(job, FINE_TUNE_MAX_IMAGES, val).shipped_dice is None  # enough data: no scoring
+    assert choose_start(job, FINE_TUNE_MAX_IMAGES, val).checkpoint is None
+    assert choose_start(job.model_copy(update={"model": SMALL}), 8, val).checkpoint is None  # an architecture of its own
     scratch = job.model_copy(update={"training": TrainConfig(init_from=None)})
-    assert starting_checkpoint(scratch, 36) is None
+    assert choose_start(scratch, 8, val).checkpoint is None
     general = job.model_copy(update={"training": TrainConfig(init_from="general")})
-    assert starting_checkpoint(general, 5000) == shipped_checkpoint("general")
+    assert choose_start(general, 5000, val).checkpoint == shipped_checkpoint("general")
     named = job.model_copy(update={"training": TrainConfig(init_from=str(tmp_path / "x.pt"))})
-    assert starting_checkpoint(named, 36) == str(tmp_path / "x.pt")
+    assert choose_start(named, 8, val).checkpoint == str(tmp_path / "x.pt")
+
+
+def test_cellseg_train_starts_from_scratch_on_images_unlike_the_shipped_models_and_resumes_so(tmp_path, caplog):
+    import logging
+
+    from cellseg.cli import main
+
+    write_dataset(str(tmp_path / "data"), count=4, size=64, seed=6)
+    common = ["train", "--images", str(tmp_path / "data/images"), "--masks", str(_inverted_masks(tmp_path / "data")),
+              "--patch-size", "64", "--device", "cpu", "--val-fraction", "0.25", "--out", str(tmp_path / "run")]
+    with caplog.at_level(logging.INFO, logger="cellseg"):
+        assert main([*common, "--epochs", "1"]) == 0
+    assert "training from scratch" in caplog.text
+    first = load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert first.train_config.init_from is None and first.model_config == ModelConfig()
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cellseg"):
+        assert main([*common, "--epochs", "2", "--resume"]) == 0
+    assert "scoring the shipped" not in caplog.text  # the start of the run is kept, not decided again
+    resumed = load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert resumed.epoch == 2 and resumed.train_config.init_from is None
 
 
 def test_cellseg_train_fine_tunes_the_shipped_model_and_from_scratch_opts_out(tmp_path, caplog):
