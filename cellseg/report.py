@@ -3,7 +3,8 @@ checkpoint, a montage of segmented images next to a results store."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +44,13 @@ def montage_url(store_url: str, run_name: str) -> str:
 
 
 def store_montage(
-    store: ResultStore, images: Sequence[tuple[str, str]], url: str, max_images: int = 6
+    store: ResultStore, images: Iterable[tuple[str, str]], url: str, max_images: int = 6
 ) -> str | None:
     """Montage of the first `max_images` of `images` ((id, source URL) pairs) that the store holds
     as done; None when none is."""
-    shown = [(image_id, source) for image_id, source in images if store.is_done(image_id)][:max_images]
+    # Lazily: a run of 100,000 images asks the store about the first few, not about every one.
+    shown = list(itertools.islice(((image_id, source) for image_id, source in images if store.is_done(image_id)),
+                                  max_images))
     if not shown:
         return None
     return segmentation_montage(

@@ -140,3 +140,24 @@ def test_a_picture_too_large_for_the_bound_is_reduced_until_it_fits():
 def test_what_is_not_a_picture_is_refused_by_name():
     with pytest.raises(ValueError, match=r"picture 'notes\.txt' is not a readable image"):
         png_markdown(b"epoch,loss\n1,0.5\n", "notes", name="notes.txt")
+
+
+def test_a_run_montage_asks_the_store_about_its_first_images_only(tmp_path):
+    """A nightly run of 100,000 images must not read every image's record to draw six."""
+    from cellseg.report import store_montage
+    from cellseg.stats import image_statistics
+    from cellseg.store import ResultStore
+
+    image, truth, _ = _cells()
+    store = ResultStore.open(str(tmp_path / "r.zarr"))
+    for index in range(3):
+        store.write_result(f"im{index}", truth > 0, image_statistics(image, truth), f"im{index}.png", {"version": "v"},
+                           cells=truth, image=image)
+
+    def images():
+        yield ("missing", "missing.png")  # not done: skipped
+        yield from ((f"im{index}", f"im{index}.png") for index in range(3))
+        raise AssertionError("the montage asked about images past the ones it shows")
+
+    montage = store_montage(store, images(), str(tmp_path / "montage.png"), max_images=3)
+    assert montage is not None and _has_colour(_png(montage), PREDICTION_COLOUR)
