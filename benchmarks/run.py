@@ -46,6 +46,7 @@ from benchmarks.postprocess_stages import table_rows as postprocess_rows
 from benchmarks.scaling import bench_scaling
 from benchmarks.scaling import ratios as scaling_ratios
 from benchmarks.scaling import table_rows as scaling_rows
+from benchmarks.sections import Sections
 from benchmarks.servers import (
     S3_TEST_CREDENTIALS,
     running_prefect_server,
@@ -74,6 +75,8 @@ from cellseg.train import train
 SIDE = 512  # inference images are SIDE x SIDE
 PARALLEL_SHARDS = 2  # segment-images' default max_parallel_shards
 GPU_SECONDS = 30  # steady-state seconds of the GPU product pass, when a GPU is present
+# A section taking longer than this has hung (the longest, product, takes about 6 minutes here).
+SECTION_LIMIT_SECONDS = 1200.0
 
 
 def timed(function, *args, **kwargs):
@@ -285,6 +288,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=240, help=f"{SIDE}x{SIDE} images for the inference runs")
     parser.add_argument("--training-epochs", type=int, default=6)
     parser.add_argument("--memory-images", type=int, default=2000)
+    parser.add_argument("--section-limit", type=float, default=SECTION_LIMIT_SECONDS,
+                        help="seconds a section may run before the run is stopped with every thread's stack")
     parser.add_argument("--out", default="runs/benchmarks")
     args = parser.parse_args()
     out = Path(args.out)
@@ -294,6 +299,7 @@ def main() -> None:
     os.environ.update(S3_TEST_CREDENTIALS)
     results: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                                  "cpu_capability": torch.backends.cpu.get_cpu_capability()}}
+    section = Sections(results, out / "results.json", args.section_limit)
 
     (work / "seaweedfs").mkdir()
     with running_prefect_server(work) as prefect_env, running_seaweedfs_server(work / "seaweedfs") as endpoint:
@@ -302,10 +308,10 @@ def main() -> None:
         import s3fs
 
         fsspec.config.conf["s3"] = {"endpoint_url": endpoint}
-        print("hardware ...", flush=True)
-        results["hardware"] = bench_hardware(UNet(ModelConfig()).eval())
-        print("training ...", flush=True)
-        results["training"], checkpoint = bench_training(work, args.training_epochs)
+        with section("hardware"):
+            results["hardware"] = bench_hardware(UNet(ModelConfig()).eval())
+        with section("training"):
+            results["training"], checkpoint = bench_training(work, args.training_epochs)
 
         write_dataset(str(work / "infer"), count=args.images, size=SIDE, seed=11)
         urls = list_images(str(work / "infer/images"))
@@ -314,66 +320,66 @@ def main() -> None:
         registry = str(work / "registry")
         Registry(registry).register(str(checkpoint), promote=True)
         predictor = Predictor.from_checkpoint(str(checkpoint), PredictConfig())
-        print("naive inference ...", flush=True)
-        results["naive"] = bench_naive_inference(urls, checkpoint, work / "naive-masks")
-        print("model only ...", flush=True)
-        results["model_only"] = bench_model_only(urls, predictor, streams=PARALLEL_SHARDS)
-        results["model_only_one_stream"] = bench_model_only(urls, predictor, streams=1)
-        print("forward pass variants ...", flush=True)
-        results["forward"] = bench_forward()
-        compiled = Predictor.from_checkpoint(str(checkpoint), PredictConfig(compile=True))
-        results["model_only_compiled"] = bench_model_only(urls, compiled, streams=1)
+        with section("naive inference"):
+            results["naive"] = bench_naive_inference(urls, checkpoint, work / "naive-masks")
+        with section("model only"):
+            results["model_only"] = bench_model_only(urls, predictor, streams=PARALLEL_SHARDS)
+            results["model_only_one_stream"] = bench_model_only(urls, predictor, streams=1)
+        with section("forward pass variants"):
+            results["forward"] = bench_forward()
+            compiled = Predictor.from_checkpoint(str(checkpoint), PredictConfig(compile=True))
+            results["model_only_compiled"] = bench_model_only(urls, compiled, streams=1)
         flops = results["hardware"]["model_gflop_per_megapixel"] * results["model_only"]["megapixels_per_second"]
         results["model_only"]["gflops"] = flops
         peak = max(results["hardware"].get("matmul_bf16_gflops", 0), results["hardware"]["matmul_fp32_gflops"])
         results["model_only"]["fraction_of_fastest_matmul"] = flops / peak
 
-        print("product ...", flush=True)
-        shard = max(1, args.images // 4)
-        results["product_one_shard_at_a_time"] = bench_product(str(work / "infer/images"), str(work / "p1.zarr"), registry, shard, 1)
-        results["product_local"] = bench_product(str(work / "infer/images"), str(work / "p2.zarr"), registry, shard, PARALLEL_SHARDS)
-        # From a real S3 server (SeaweedFS) right after the local run: the source alone, then source and store.
-        fs = s3fs.S3FileSystem(endpoint_url=endpoint)
-        fs.mkdir("bench")
-        fs.put(str(work / "infer/images") + "/", "bench/images/", recursive=True)
-        results["product_s3_source"] = bench_product("s3://bench/images", str(work / "p6.zarr"), registry, shard,
-                                                     PARALLEL_SHARDS)
-        results["product_s3"] = bench_product("s3://bench/images", "s3://bench/results.zarr", registry, shard, PARALLEL_SHARDS)
-        results["product_no_split"] = bench_product(str(work / "infer/images"), str(work / "p4.zarr"), registry, shard,
-                                                    PARALLEL_SHARDS, split_touching=False)
-        results["product_labels_only"] = bench_product(str(work / "infer/images"), str(work / "p5.zarr"), registry, shard,
-                                                       PARALLEL_SHARDS, measure_cells=False, store_image=False)
-        results["measurements"] = bench_measurements(urls, str(work / "p2.zarr"))
-        results["product_compiled"] = bench_product(str(work / "infer/images"), str(work / "p3.zarr"), registry, shard,
-                                                    PARALLEL_SHARDS, compile=True)
-        print("storage ...", flush=True)
-        results["storage"] = bench_writing(work)
+        with section("product"):
+            shard = max(1, args.images // 4)
+            results["product_one_shard_at_a_time"] = bench_product(str(work / "infer/images"), str(work / "p1.zarr"), registry, shard, 1)
+            results["product_local"] = bench_product(str(work / "infer/images"), str(work / "p2.zarr"), registry, shard, PARALLEL_SHARDS)
+            # From a real S3 server (SeaweedFS) right after the local run: the source alone, then source and store.
+            fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+            fs.mkdir("bench")
+            fs.put(str(work / "infer/images") + "/", "bench/images/", recursive=True)
+            results["product_s3_source"] = bench_product("s3://bench/images", str(work / "p6.zarr"), registry, shard,
+                                                         PARALLEL_SHARDS)
+            results["product_s3"] = bench_product("s3://bench/images", "s3://bench/results.zarr", registry, shard, PARALLEL_SHARDS)
+            results["product_no_split"] = bench_product(str(work / "infer/images"), str(work / "p4.zarr"), registry, shard,
+                                                        PARALLEL_SHARDS, split_touching=False)
+            results["product_labels_only"] = bench_product(str(work / "infer/images"), str(work / "p5.zarr"), registry, shard,
+                                                           PARALLEL_SHARDS, measure_cells=False, store_image=False)
+            results["measurements"] = bench_measurements(urls, str(work / "p2.zarr"))
+            results["product_compiled"] = bench_product(str(work / "infer/images"), str(work / "p3.zarr"), registry, shard,
+                                                        PARALLEL_SHARDS, compile=True)
+        with section("storage"):
+            results["storage"] = bench_writing(work)
 
         # Still inside the servers' context: the subprocesses inherit PREFECT_API_URL.
-        print("memory ...", flush=True)
-        results["memory"] = bench_memory(work, checkpoint, args.memory_images)
-        print("scaling with image size ...", flush=True)
-        results["scaling"] = bench_scaling(work / "scaling")
-        print("block by block (images bigger than memory) ...", flush=True)
-        results["blockwise"] = bench_blockwise(work / "blockwise")
-        print("agreement ...", flush=True)
+        with section("memory"):
+            results["memory"] = bench_memory(work, checkpoint, args.memory_images)
+        with section("scaling with image size"):
+            results["scaling"] = bench_scaling(work / "scaling")
+        with section("block by block (images bigger than memory)"):
+            results["blockwise"] = bench_blockwise(work / "blockwise")
         data = Path(__file__).resolve().parents[2] / "shared" / "data"
-        reference = {name: (Path(f"runs/ref-{name}/best.pt"), data / name / "images") for name in ("isbi2012", "dsb2018")}
-        available = {k: v for k, v in reference.items() if v[0].exists() and v[1].exists()}
-        results["fast_path_agreement"] = fast_path_agreement(available or {"synthetic": (checkpoint, work / "infer/images")})
-        print("cell size ...", flush=True)
-        try:
-            results["cell_size"] = bench_cell_size("nuclei", data / "dsb2018")
-        except (FileNotFoundError, CheckpointError) as error:  # no shipped nuclei model or no dsb2018 here
-            print(f"cell size: skipped ({error})")
-        print("post-processing stages ...", flush=True)
-        try:
-            results["postprocess"] = bench_postprocess(dataset=data / "dsb2018")  # synthetic images without dsb2018
-        except (FileNotFoundError, CheckpointError) as error:  # no shipped nuclei model here
-            print(f"post-processing stages: skipped ({error})")
+        with section("agreement"):
+            reference = {name: (Path(f"runs/ref-{name}/best.pt"), data / name / "images") for name in ("isbi2012", "dsb2018")}
+            available = {k: v for k, v in reference.items() if v[0].exists() and v[1].exists()}
+            results["fast_path_agreement"] = fast_path_agreement(available or {"synthetic": (checkpoint, work / "infer/images")})
+        with section("cell size"):
+            try:
+                results["cell_size"] = bench_cell_size("nuclei", data / "dsb2018")
+            except (FileNotFoundError, CheckpointError) as error:  # no shipped nuclei model or no dsb2018 here
+                print(f"cell size: skipped ({error})")
+        with section("post-processing stages"):
+            try:
+                results["postprocess"] = bench_postprocess(dataset=data / "dsb2018")  # synthetic images without dsb2018
+            except (FileNotFoundError, CheckpointError) as error:  # no shipped nuclei model here
+                print(f"post-processing stages: skipped ({error})")
     if torch.cuda.is_available():
-        print("GPU ...", flush=True)
-        results["gpu"] = bench_gpu("cuda", "nuclei", GPU_SECONDS, SIDE, 4000)
+        with section("GPU"):
+            results["gpu"] = bench_gpu("cuda", "nuclei", GPU_SECONDS, SIDE, 4000)
     results["ratios"] = {
         "product_vs_model_only": results["product_local"]["images_per_second"] / results["model_only"]["images_per_second"],
         "product_vs_naive": results["product_local"]["images_per_second"] / results["naive"]["images_per_second"],
@@ -392,7 +398,7 @@ def main() -> None:
     results["ratios"].update(blockwise_ratios(results["blockwise"]))
     if "gpu" in results:
         results["ratios"].update(results["gpu"]["ratios"])
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    section.write(complete=True)
     print_table(results)
     print(f"\nresults: {out / 'results.json'}")
 
