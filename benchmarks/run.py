@@ -5,7 +5,8 @@
 Writes <out>/results.json and prints a table. Sections: hardware limit (dense matmul rates and
 the model's FLOPs), training (product loop vs the naive batch-1 fp32 loop at equal epochs), naive
 inference loop, model-only forward, product (`segment-images` from a local folder and from s3://
-on a loopback SeaweedFS server, one shard at a time and two in parallel), storage (codecs and the
+on a loopback SeaweedFS server, one shard at a time and two in parallel), the product's stages
+timed alone beside its forward pass (`benchmarks.product_stages`), storage (codecs and the
 write of one result: `benchmarks.storage`), memory (2,000 images; one
 8192x8192 image, tiled), agreement of the fast path with plain fp32 and the cost of estimating
 each image's cell size with the shipped nuclei model (`benchmarks.cell_size`) and each post-processing
@@ -13,6 +14,8 @@ stage beside the forward pass (`benchmarks.postprocess_stages`), the forward pas
 (`benchmarks.forward`), throughput and memory by image size (`benchmarks.scaling`) and a 4096x4096
 mosaic block by block (`benchmarks.blockwise`: peak RSS, throughput against its tiles as separate
 images, seams; `make bench-large` does the same at 30000x30000 and 8192x8192).
+Each section is timed (`section_seconds`) and written to results.json as it ends; one running past
+`--section-limit` stops the run with every thread's stack (`benchmarks.sections`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ from benchmarks.gpu import table_rows as gpu_rows
 from benchmarks.postprocess_stages import bench_postprocess
 from benchmarks.postprocess_stages import ratios as postprocess_ratios
 from benchmarks.postprocess_stages import table_rows as postprocess_rows
+from benchmarks.product_stages import bench_product_stages
+from benchmarks.product_stages import ratios as product_stages_ratios
+from benchmarks.product_stages import table_rows as product_stages_rows
 from benchmarks.scaling import bench_scaling
 from benchmarks.scaling import ratios as scaling_ratios
 from benchmarks.scaling import table_rows as scaling_rows
@@ -352,6 +358,8 @@ def main() -> None:
             results["measurements"] = bench_measurements(urls, str(work / "p2.zarr"))
             results["product_compiled"] = bench_product(str(work / "infer/images"), str(work / "p3.zarr"), registry, shard,
                                                         PARALLEL_SHARDS, compile=True)
+        with section("product stages"):
+            results["product_stages"] = bench_product_stages(checkpoint, urls)
         with section("storage"):
             results["storage"] = bench_writing(work)
 
@@ -393,6 +401,8 @@ def main() -> None:
     }
     if "postprocess" in results:
         results["ratios"].update(postprocess_ratios(results["postprocess"]))
+    if "product_stages" in results:
+        results["ratios"].update(product_stages_ratios(results["product_stages"]))
     results["ratios"].update(forward_ratios(results["forward"]))
     results["ratios"].update(scaling_ratios(results["scaling"]))
     results["ratios"].update(blockwise_ratios(results["blockwise"]))
@@ -422,6 +432,7 @@ def print_table(r: dict) -> None:
         ("product, no measurements/image copy", f"{r['product_labels_only']['images_per_second']:.2f} img/s",
          f"{r['product_labels_only']['images_per_second'] / r['model_only']['images_per_second']:.2f}x model only "
          "(measure_cells=false, store_image=false)"),
+        *(product_stages_rows(r["product_stages"]) if "product_stages" in r else []),
         (f"per-cell table, {r['measurements']['cells_per_image']:.0f} cells/image",
          f"{r['measurements']['ms_per_image']:.1f} vs regionprops_table {r['measurements']['regionprops_ms_per_image']:.1f} ms",
          f"{r['measurements']['regionprops_ms_per_image'] / r['measurements']['ms_per_image']:.2f}x (one core per image)"),
