@@ -4,6 +4,8 @@ Post-processing is mostly Python (the touching-cell split walks the objects, the
 cells), so writer threads share one core's worth of it under the GIL, and the thread that feeds
 a GPU waits among them (docs/performance.md "GPU"). `LabelWorkers(n)` with n > 0 runs it in n
 processes instead; with 0, where the cores run the model anyway, in the calling thread.
+`shared_label_workers(n)` is the one pool of n processes that every shard a process segments
+uses: starting fresh interpreters costs seconds, more than a shard of 32 images takes on a GPU.
 """
 
 from __future__ import annotations
@@ -91,6 +93,20 @@ class LabelWorkers:
                 self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
                                                  initializer=_one_thread_each)
             return self._pool
+
+
+_shared: dict[int, LabelWorkers] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_label_workers(processes: int) -> LabelWorkers:
+    """This process's `LabelWorkers(processes)`, started on first use and kept for the next shard
+    (a pool broken by a dying worker is replaced by its next image); its processes end with the
+    interpreter."""
+    with _shared_lock:
+        if processes not in _shared:
+            _shared[processes] = LabelWorkers(processes)
+        return _shared[processes]
 
 
 def _one_thread_each() -> None:

@@ -23,7 +23,7 @@ from cellseg.config import PredictConfig
 from cellseg.formats import cell_diameter_pixels, read_source
 from cellseg.infer import Predictor
 from cellseg.io import StorageOptions
-from cellseg.label_workers import LabelWorkers, label_and_measure
+from cellseg.label_workers import LabelWorkers, label_and_measure, shared_label_workers
 from cellseg.pairs import group_by_stem
 from cellseg.postprocess import CellMaps
 from cellseg.read_ahead import ReadAhead
@@ -117,8 +117,8 @@ def segment_images(
     images before (at most twice the batch size or the writer count held), so memory is bounded
     by those and the read-ahead's byte limit, not by the number of images. With
     `Predictor.postprocess_workers` > 0 (on CUDA by default) as many worker processes label and
-    measure for as many writer threads (`cellseg.label_workers`); with 0 (on CPU, where the cores
-    run the model) one writer thread does it all.
+    measure for as many writer threads (`cellseg.label_workers`; one pool per process, kept for
+    the next shard); with 0 (on CPU, where the cores run the model) one writer thread does it all.
     """
     report = SegmentReport()
     started = time.monotonic()
@@ -171,8 +171,8 @@ def segment_images(
     def read(url: str) -> tuple[np.ndarray, list[str], dict[str, Any]]:
         return _read(url, storage_options, predictor.config)
 
+    labelling = shared_label_workers(predictor.postprocess_workers)
     with ReadAhead(images, read, lambda result: result[0].nbytes, min_ahead=ahead) as reads, \
-            LabelWorkers(predictor.postprocess_workers) as labelling, \
             ThreadPoolExecutor(max_workers=writers, thread_name_prefix="cellseg-write") as writer:
         while not stopped and (taken := reads.take(predictor.batch_size)):
             batch: list[tuple[str, str, np.ndarray, list[str], dict[str, Any]]] = []

@@ -139,6 +139,24 @@ def test_label_worker_processes_store_the_same_results(image_dir, tmp_path, tiny
     assert len(by_image(four)) == len(GOOD) and by_image(four) == by_image(one)
 
 
+def test_shards_of_one_process_share_its_label_worker_processes(image_dir, tmp_path, tiny_checkpoint):
+    """Starting fresh interpreters costs seconds, more than a shard of 32 images takes on a GPU."""
+    import psutil
+
+    def python_children() -> set[int]:  # spawned workers, not multiprocessing's resource tracker
+        return {child.pid for child in psutil.Process().children()
+                if "spawn_main" in " ".join(command := child.cmdline()) and "resource_tracker" not in " ".join(command)}
+
+    config = PredictConfig(device="cpu", min_cell_area=MIN_CELL_AREA, postprocess_workers=1)
+    with_processes = Predictor.from_checkpoint(str(tiny_checkpoint), config)
+    before = python_children()
+    first = run(image_dir, ResultStore.open(str(tmp_path / "first.zarr")), with_processes)
+    after_first = python_children() - before
+    second = run(image_dir, ResultStore.open(str(tmp_path / "second.zarr")), with_processes)
+    assert sorted(first.done) == sorted(second.done) == GOOD
+    assert after_first and python_children() - before == after_first  # the same worker, kept for the next shard
+
+
 def test_second_run_skips_done_images_and_retries_failures(image_dir, store, predictor):
     run(image_dir, store, predictor)
     written = {image_id: store.record(image_id)["written"] for image_id in GOOD}
