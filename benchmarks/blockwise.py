@@ -16,12 +16,12 @@ The functions of benchmarks/large.py on side x side synthetic mosaics in `block`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from benchmarks.large import TILE, bench_memory_and_throughput, bench_seams, remove_results
+from benchmarks.output import show_and_save
 
 
 def bench_blockwise(work: Path, side: int = 4096, block: int = 1024, model: str = "general") -> dict[str, Any]:
@@ -69,10 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     result = bench_blockwise(args.work, args.side, args.block, args.model)
     result["ratios"] = ratios(result)
-    for row in table_rows(result):
-        print("  ".join(row))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+    show_and_save(table_rows(result), result, args.out)
 
 
 if __name__ == "__main__":

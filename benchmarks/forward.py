@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import time
 import warnings
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 import torch._inductor.config
 
+from benchmarks.output import show_and_save
 from cellseg.bundled import shipped_checkpoint
 from cellseg.checkpoint import load_checkpoint
 from cellseg.metrics import mask_agreement
@@ -146,11 +146,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     result = bench_forward(args.images, args.rounds, args.threads)
-    for row in table_rows(result):
-        print("  ".join(row))
+    show_and_save(table_rows(result), result, args.out)
     print(f"load average {result['load_average_1min']:.1f} on {result['cpus']} cpus")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

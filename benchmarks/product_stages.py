@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.output import show_and_save
 from cellseg.config import PredictConfig
 from cellseg.formats import with_area_um2
 from cellseg.infer import Predictor, forward_probabilities
@@ -112,11 +113,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the results as JSON here too")
     args = parser.parse_args()
     result = bench_product_stages(args.checkpoint, list_images(args.images), args.count)
-    for row in table_rows(result):
-        print(" | ".join(row))
     print(json.dumps(result, indent=1))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+    show_and_save(table_rows(result), result, args.out)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.memory import memory_mb
+from benchmarks.output import show_and_save
 from cellseg.bundled import shipped_checkpoint
 from cellseg.synth import encode_png, generate_sample, write_dataset
 
@@ -153,10 +154,7 @@ def main() -> None:
         return
     result = bench_scaling(args.work, args.count, tuple(args.sides))
     result["ratios"] = ratios(result)
-    for row in table_rows(result):
-        print("  ".join(row))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+    show_and_save(table_rows(result), result, args.out)
 
 
 if __name__ == "__main__":
