@@ -119,7 +119,7 @@ def bench_chunks(result: dict[str, np.ndarray], root: Path, sides: tuple[int, ..
 
         def write(arrays: list[NewArray] = arrays, side: int = side) -> None:
             store = zarr.storage.LocalStore(tempfile.mkdtemp(dir=root, prefix=f"chunks-{side}-"))
-            put_new_nodes(store, {}, arrays, WRITE_CONFIG)
+            put_new_nodes(store, {}, arrays)
 
         objects = sum(int(np.prod([-(-n // side) for n in array.data.shape])) for array in arrays)
         figures[str(side)] = {"ms": fastest(write) * 1000, "objects": objects}

@@ -10,7 +10,8 @@ between touching cells even where the mask has no neck.
 
 Per-pixel steps run once over the whole image with OpenCV (exact distance transform, smoothing,
 local maxima, connected components); only objects with two or more candidate peaks are looked
-at one by one, for their h-maxima, and all objects to split share one skimage watershed. This
+at one by one, for their h-maxima, and all objects to split share one skimage watershed, their
+boxes packed side by side on a canvas far smaller than the image. This
 replaced a scipy/skimage recipe run object by object, 3-4x slower; docs/performance.md
 ("Post-processing stages") gives the figures and what changed: the h-maxima are the same, the
 mask's distance is now smoothed over the image instead of inside each object's box, which moves
@@ -167,8 +168,8 @@ def _split_objects(components: np.ndarray, height: np.ndarray, h: float, candida
     labels = components.copy()
     boxes = ndimage.find_objects(components)
     next_label = len(boxes) + 1
-    batch: list[tuple[int, tuple[slice, slice], np.ndarray, int]] = []  # objects to flood together
-    edges = np.zeros(4, dtype=np.intp)  # top, left, bottom, right of the window holding their boxes
+    pieces: list[_Piece] = []  # objects to flood together
+    area = 0
     for index in np.flatnonzero(candidates[: len(boxes) + 1]):
         box = boxes[index - 1]
         if box is None:
@@ -176,50 +177,71 @@ def _split_objects(components: np.ndarray, height: np.ndarray, h: float, candida
         padded = (slice(max(box[0].start - 1, 0), min(box[0].stop + 1, components.shape[0])),
                   slice(max(box[1].start - 1, 0), min(box[1].stop + 1, components.shape[1])))
         cell = components[padded] == index
-        markers, count = _dome_markers(np.where(cell, height[padded], height.dtype.type(0)), h, cell)
+        object_height = np.where(cell, height[padded], height.dtype.type(0))
+        markers, count = _dome_markers(object_height, h, cell)
         if count < 2:
             continue
-        box_edges = np.array([padded[0].start, padded[1].start, padded[0].stop, padded[1].stop])
-        grown = np.r_[np.minimum(edges[:2], box_edges[:2]), np.maximum(edges[2:], box_edges[2:])]
-        if not batch:
-            edges = box_edges
-        elif (grown[2] - grown[0]) * (grown[3] - grown[1]) <= BAND_PIXELS:
-            edges = grown
-        else:
-            next_label = _flood(labels, components, height, batch, edges, next_label, len(boxes))
-            batch, edges = [], box_edges
-        batch.append((int(index), padded, markers, count))
-    if batch:
-        _flood(labels, components, height, batch, edges, next_label, len(boxes))
+        slot = (cell.shape[0] + 1) * (cell.shape[1] + 1)
+        if pieces and area + slot > BAND_PIXELS:
+            next_label = _flood(labels, pieces, next_label)
+            pieces, area = [], 0
+        pieces.append(_Piece(int(index), padded, cell, object_height, markers, count))
+        area += slot
+    if pieces:
+        _flood(labels, pieces, next_label)
     return labels
 
 
 BAND_PIXELS = 1 << 22  # pixels worked on at once: objects flooded together, rows of a maximum filter
 
 
-def _flood(labels: np.ndarray, components: np.ndarray, height: np.ndarray,
-           batch: list[tuple[int, tuple[slice, slice], np.ndarray, int]], edges: np.ndarray, next_label: int,
-           objects: int) -> int:
-    """One watershed of `-height` for all objects of `batch` (label, box, markers 1..K, K) in the
-    window holding their boxes (`edges`: top, left, bottom, right), written into `labels`
-    (`objects`: how many labels `components` has); the first piece of each object keeps its label,
-    the others get labels from `next_label` on, which is returned advanced past them."""
+@dataclass(frozen=True)
+class _Piece:
+    """One object to split: its label, box in the image (a pixel wider than the object where the
+    image allows), its mask and height in the box (0 outside it), and its markers 1..count there."""
+
+    label: int
+    box: tuple[slice, slice]
+    cell: np.ndarray
+    height: np.ndarray
+    markers: np.ndarray
+    count: int
+
+
+def _flood(labels: np.ndarray, pieces: list[_Piece], next_label: int) -> int:
+    """One watershed of `-height` for all `pieces`, written into `labels`: the first piece of each
+    object keeps its label, the others get labels from `next_label` on, which is returned advanced
+    past them."""
     # One call for many objects instead of one each: skimage's watershed costs more to set up
-    # than to flood a cell. The objects do not touch, so each is flooded only from its own markers.
-    top, left, bottom, right = (int(edge) for edge in edges)
-    window = (slice(top, bottom), slice(left, right))
-    seeds = np.zeros((bottom - top, right - left), dtype=np.int32)
-    member = np.zeros(objects + 1, dtype=bool)
-    piece_label = [0]
-    for index, (rows, cols), markers, count in batch:
-        place = (slice(rows.start - top, rows.stop - top), slice(cols.start - left, cols.stop - left))
-        seeds[place] = np.where(markers > 0, markers + (len(piece_label) - 1), seeds[place])
-        piece_label += [index, *range(next_label, next_label + count - 1)]
-        next_label += count - 1
-        member[index] = True
-    inside = member[components[window]]
-    flooded = watershed(-height[window], seeds, mask=inside, connectivity=2)
-    labels[window][inside] = np.asarray(piece_label, dtype=np.int32)[flooded[inside]]
+    # than to flood a cell. The objects' boxes are packed side by side in rows (tallest first),
+    # a zero pixel apart, so that each object is flooded only from its own markers, on a canvas a
+    # fraction of the image's size (the watershed's setup copies its whole canvas several times).
+    widest = max(piece.cell.shape[1] for piece in pieces)
+    width = max(widest, int(np.sqrt(sum(piece.cell.size for piece in pieces)) * 1.2)) + 1
+    places, row_top, row_height, column = [], 0, 0, 0
+    for piece in sorted(pieces, key=lambda piece: -piece.cell.shape[0]):
+        rows, cols = piece.cell.shape
+        if column + cols + 1 > width:
+            row_top, row_height, column = row_top + row_height + 1, 0, 0
+        places.append((piece, (slice(row_top, row_top + rows), slice(column, column + cols))))
+        column, row_height = column + cols + 1, max(row_height, rows)
+    piece_label, first_marker = [0], {}
+    for piece in pieces:  # labels in the objects' order, whatever their place
+        first_marker[piece.label] = len(piece_label) - 1
+        piece_label += [piece.label, *range(next_label, next_label + piece.count - 1)]
+        next_label += piece.count - 1
+    shape = (row_top + row_height, width)
+    canvas = np.zeros(shape, dtype=np.float64)
+    seeds = np.zeros(shape, dtype=np.int32)
+    inside = np.zeros(shape, dtype=bool)
+    for piece, place in places:
+        canvas[place] = piece.height
+        np.copyto(seeds[place], piece.markers + first_marker[piece.label], where=piece.markers > 0)
+        inside[place] = piece.cell
+    flooded = watershed(np.negative(canvas, out=canvas), seeds, mask=inside, connectivity=2)
+    piece_labels = np.asarray(piece_label, dtype=np.int32)
+    for piece, place in places:
+        labels[piece.box][piece.cell] = piece_labels[flooded[place][piece.cell]]
     return next_label
 
 
@@ -242,20 +264,31 @@ def _dome_markers(height: np.ndarray, h: float, inside: np.ndarray) -> tuple[np.
     count, plateaus = cv2.connectedComponentsWithAlgorithm(tops, 8, cv2.CV_32S, cv2.CCL_SAUF)
     domes = np.zeros(height.shape, dtype=bool)
     if count > 1:
-        # SAUF numbers plateaus in raster order: each one's first pixel is where the running
-        # maximum of the labels steps up.
-        first = np.flatnonzero(np.diff(np.maximum.accumulate(plateaus.ravel()), prepend=0))
+        # Each plateau's first pixel in raster order (SAUF numbers plateaus in that order, which
+        # equally high ones keep below); any of its pixels would give the same part.
+        where = np.flatnonzero(tops)
+        first = np.full(count, height.size, dtype=np.intp)
+        np.minimum.at(first, plateaus.ravel()[where], where)
+        first = first[1:]
         values = height.ravel()[first]
         lowest = height.min()
         highest_first = np.argsort(-values, kind="stable")
+        # The flood's own mask: the box with a border, 1 where filled (OpenCV's convention).
+        filled = np.zeros((height.shape[0] + 2, height.shape[1] + 2), dtype=np.uint8)
         for pixel, value in zip(first[highest_first], values[highest_first], strict=True):
             level = value - h  # in height's dtype, rounded as `height - h` is
             if domes.flat[pixel] or level <= lowest:  # inside a dome already found; or the whole array
                 continue
-            parts = cv2.connectedComponents((height >= level).view(np.uint8), connectivity=8, ltype=cv2.CV_32S)[1]
-            part = parts == parts.flat[pixel]
-            if height.max(where=part, initial=-np.inf) == value:
-                domes |= part
+            # The connected part of {height >= level} around the top, within the box it reaches.
+            filled[:] = 0
+            row, column = divmod(int(pixel), height.shape[1])
+            _, _, _, (left, top, wide, tall) = cv2.floodFill(
+                (height >= level).view(np.uint8), filled, (column, row), 0, 0, 0,
+                8 | cv2.FLOODFILL_MASK_ONLY | (1 << 8))
+            reach = (slice(top, top + tall), slice(left, left + wide))
+            part = filled[1:-1, 1:-1][reach].view(bool)
+            if height[reach].max(where=part, initial=-np.inf) == value:
+                domes[reach] |= part
     count, labels = cv2.connectedComponentsWithAlgorithm((domes & inside).view(np.uint8), 8, cv2.CV_32S, cv2.CCL_SAUF)
     return labels, count - 1
 

@@ -360,12 +360,12 @@ class ResultStore:
         """Write a new image's arrays and groups at once (`cellseg.zarr_writes`): its group first,
         so that a crash never leaves data without it, then every other node concurrently."""
         store = self.root.store
-        put_new_nodes(store, {self._key(image_id): {}}, (), WRITE_CONFIG)
+        put_new_nodes(store, {self._key(image_id): {}}, ())
         groups: dict[str, Mapping[str, Any]] = {self._key(posixpath.dirname(array.path)): {} for array in arrays}
         groups.pop(self._key(image_id), None)
         groups.update((self._key(path), attributes) for path, attributes in labels.items())
         keyed = [replace(array, path=self._key(array.path)) for array in arrays]
-        put_new_nodes(store, groups, keyed, WRITE_CONFIG)
+        put_new_nodes(store, groups, keyed)
 
     def _write_array(
         self, path: str, data: np.ndarray, may_exist: bool, chunks: tuple[int, ...] | None = None,

@@ -4,9 +4,10 @@ zarr's own `create_array` checks whether a node is there already, for the array 
 its parent groups, before it writes, and `require_group` checks again for each group: on object
 storage a request each, one after another (56 requests for one 512x512 image with its copy,
 labels and table on SeaweedFS). A new image's group holds nothing yet, so `put_new_nodes`
-writes the metadata of its groups and arrays and the chunks of its arrays directly, all at once
-on zarr's event loop (12 requests together for that image). What it writes is what zarr's own
-calls write (tests/test_zarr_writes.py).
+writes the metadata of its groups and arrays and the chunks of its arrays directly: on object
+storage all at once on zarr's event loop (12 requests together for that image), into a local
+folder file by file from the calling thread, the chunks encoded there too. What it writes is what
+zarr's own calls write, byte for byte (tests/test_zarr_writes.py).
 
 The codec: zstd at level 1 (`ARRAY_CODECS`). Measured on 512x512 and 2048x2048 results
 (`python -m benchmarks.storage`, docs/performance.md) it encodes a result 2 to 2.6 times faster
@@ -22,21 +23,18 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import zarr
+from numcodecs.zstd import Zstd
 from zarr.abc.store import Store
-from zarr.codecs import ZstdCodec
-from zarr.core.array import AsyncArray
-from zarr.core.buffer import default_buffer_prototype
+from zarr.codecs import BytesCodec, ZstdCodec
+from zarr.core.buffer import Buffer, default_buffer_prototype
 from zarr.core.group import GroupMetadata
 from zarr.core.metadata import ArrayV3Metadata
 from zarr.core.sync import sync
-from zarr.storage import MemoryStore, StorePath
-
-if TYPE_CHECKING:
-    from zarr.core.array_spec import ArrayConfigParams
+from zarr.storage import LocalStore, MemoryStore
 
 ARRAY_CODECS = (ZstdCodec(level=1),)  # bytes-to-bytes codecs of every array cellseg writes
 
@@ -71,29 +69,56 @@ def _metadata_template(dtype: np.dtype, dimension_names: tuple[str, ...]) -> dic
     return created.metadata.to_dict()
 
 
-def put_new_nodes(store: Store, groups: Mapping[str, Mapping[str, Any]], arrays: Sequence[NewArray],
-                  config: ArrayConfigParams) -> None:
-    """Write groups (path -> attributes) and arrays into `store` concurrently, over whatever is at
-    their keys: each object is replaced whole. Nothing is read or deleted first, so use it only
-    for nodes that are new (or that may be overwritten object by object)."""
-    metadata = [array_metadata(array) for array in arrays]  # before the loop: zarr's sync API blocks it
-    sync(_put(store, groups, arrays, metadata, config))
+def put_new_nodes(store: Store, groups: Mapping[str, Mapping[str, Any]], arrays: Sequence[NewArray]) -> None:
+    """Write groups (path -> attributes) and arrays into `store`, over whatever is at their keys:
+    each object is replaced whole. Nothing is read or deleted first, so use it only for nodes that
+    are new (or that may be overwritten object by object). Every chunk is written, also one that
+    holds only the fill value (as zarr does with `write_empty_chunks`).
 
-
-async def _put(store: Store, groups: Mapping[str, Mapping[str, Any]], arrays: Sequence[NewArray],
-               metadata: Sequence[ArrayV3Metadata], config: ArrayConfigParams) -> None:
+    Into a local folder the objects are written one after another from the calling thread; into
+    any other store concurrently, on zarr's event loop."""
     prototype = default_buffer_prototype()
+    objects = [(f"{path}/zarr.json", GroupMetadata(attributes=dict(attributes)).to_buffer_dict(prototype)["zarr.json"])
+               for path, attributes in groups.items()]
+    for array in arrays:
+        meta = array_metadata(array)
+        objects.append((f"{array.path}/zarr.json", meta.to_buffer_dict(prototype)["zarr.json"]))
+        objects += [(f"{array.path}/{key}", prototype.buffer.from_bytes(data)) for key, data in encoded_chunks(array, meta)]
+    if isinstance(store, LocalStore):
+        # Files are written at the cost of the system calls: through zarr's event loop and its
+        # thread per file the same writes cost twice the CPU time (docs/performance.md, "Writes").
+        for key, document in objects:
+            store.set_sync(key, document)
+        return
+    sync(_put(store, objects))
 
-    async def put_group(path: str, attributes: Mapping[str, Any]) -> None:
-        document = GroupMetadata(attributes=dict(attributes)).to_buffer_dict(prototype)["zarr.json"]
-        await store.set(f"{path}/zarr.json", document)
 
-    async def put_array(array: NewArray, meta: ArrayV3Metadata) -> None:
-        await store.set(f"{array.path}/zarr.json", meta.to_buffer_dict(prototype)["zarr.json"])
-        await AsyncArray(meta, StorePath(store, array.path), config).setitem(..., array.data)
+def encoded_chunks(array: NewArray, meta: ArrayV3Metadata) -> list[tuple[str, bytes]]:
+    """Each chunk of `array` by its key under the array, encoded as zarr encodes it with
+    `ARRAY_CODECS` (`meta` is `array_metadata(array)`): the chunk at its full shape, edge chunks
+    padded with the fill value, its bytes in C order, little-endian, zstd-compressed."""
+    # Encoded here, in the caller's thread, instead of through zarr's codec pipeline: for the few
+    # chunks of an image, that pipeline's tasks and thread hand-offs cost more than the compression.
+    bytes_codec, *compressors = meta.codecs
+    if not (isinstance(bytes_codec, BytesCodec) and compressors == list(ARRAY_CODECS)):
+        raise ValueError(f"'{array.path}' is not encoded with cellseg's codecs: {meta.codecs}")
+    zstd = Zstd(level=ARRAY_CODECS[0].level, checksum=ARRAY_CODECS[0].checksum)
+    dtype = array.data.dtype.newbyteorder("<")
+    chunk_shape = array.chunks
+    encoded = []
+    for coords in np.ndindex(*(-(-side // chunk) for side, chunk in zip(array.data.shape, chunk_shape, strict=True))):
+        window = tuple(slice(index * chunk, (index + 1) * chunk) for index, chunk in zip(coords, chunk_shape, strict=True))
+        part = array.data[window]
+        if part.shape != chunk_shape:
+            full = np.full(chunk_shape, meta.fill_value, dtype=dtype)
+            full[tuple(slice(0, side) for side in part.shape)] = part
+            part = full
+        encoded.append((meta.encode_chunk_key(coords), zstd.encode(np.ascontiguousarray(part, dtype=dtype))))
+    return encoded
 
-    tasks = [asyncio.ensure_future(put_group(path, attributes)) for path, attributes in groups.items()]
-    tasks += [asyncio.ensure_future(put_array(array, meta)) for array, meta in zip(arrays, metadata, strict=True)]
+
+async def _put(store: Store, objects: Sequence[tuple[str, Buffer]]) -> None:
+    tasks = [asyncio.ensure_future(store.set(key, document)) for key, document in objects]
     try:
         await asyncio.gather(*tasks)
     except BaseException:
