@@ -2,6 +2,7 @@
 
     make nuclei-model           # = python -m cellseg.build_bundled nuclei --install
     make bundled-model          # = python -m cellseg.build_bundled general --install
+    python -m cellseg.build_bundled nuclei --post-processing-only   # the decision again, no training
 
 Training goes to `runs/shipped/<name>/training` and is resumable (`--resume` continues from its
 last epoch after an interruption); `--install` then copies the best checkpoint into the package
@@ -25,11 +26,22 @@ import numpy as np
 import torch
 
 from cellseg import __version__
-from cellseg.bundled import MODELS_DIR, SHIPPED_MODELS, GeneralRecipe, NucleiRecipe, shipped_paths
-from cellseg.checkpoint import load_checkpoint
+from cellseg.bundled import (
+    MODELS_DIR,
+    SHIPPED_MODELS,
+    GeneralRecipe,
+    NucleiRecipe,
+    model_card,
+    shipped_checkpoint,
+    shipped_paths,
+)
+from cellseg.checkpoint import load_checkpoint, save_checkpoint
+from cellseg.config import PredictConfig
+from cellseg.evaluate import choose_postprocessing, validation_cell_scores
+from cellseg.infer import Predictor
 from cellseg.io import decode_image, read_bytes
 from cellseg.jobs import TrainJob, TrainOutcome, run_training
-from cellseg.pairs import instance_labels, pair_images_and_masks
+from cellseg.pairs import instance_labels, load_pairs, pair_images_and_masks, split_train_val
 from cellseg.paths import LOCAL_ROOT
 from cellseg.runtime import resolve_device
 from cellseg.scale import median_cell_diameter
@@ -146,6 +158,38 @@ def install_model(name: str, outcome: TrainOutcome, recipe: dict[str, Any], trai
     return checkpoint_path
 
 
+def decide_nuclei_postprocessing(recipe: NucleiRecipe | None = None) -> Path:
+    """Decide the shipped `nuclei` model's post-processing again on its recipe's validation images,
+    as the end of training does (`cellseg.jobs.finish_checkpoint`), without training again: for
+    weights trained before a choice was added. Reinstalls the checkpoint with the decision, and
+    its card with the validation cell scores and sha256 that go with it; the card's test figures
+    are dropped until `python -m benchmarks.quality --dataset ../shared/data/dsb2018 --model nuclei
+    --card` measures them again."""
+    recipe = recipe or NucleiRecipe()
+    data = Path(recipe.data_dir)
+    pairs = pair_images_and_masks(str(data / "images"), str(data / "labels"))
+    _, val_pairs = split_train_val(pairs, recipe.training.val_fraction, recipe.training.seed)
+    checkpoint_path, card_path = shipped_paths("nuclei")
+    checkpoint = load_checkpoint(shipped_checkpoint("nuclei"))
+    loaded = load_pairs(val_pairs, checkpoint.model_config.normalization)
+    logger.info("deciding post-processing on %d validation images of %s", len(loaded), data)
+    choice, _ = choose_postprocessing(Predictor(checkpoint, PredictConfig(device=recipe.training.device)), loaded)
+    checkpoint.split_touching, checkpoint.threshold, checkpoint.centre_prominence = choice
+    save_checkpoint(checkpoint, str(checkpoint_path))
+    cells = validation_cell_scores(Predictor(checkpoint, PredictConfig(device=recipe.training.device)), loaded)
+    card = model_card("nuclei")
+    card["validation"] = {key: value for key, value in card["validation"].items() if not key.startswith("cells_")} | {
+        f"cells_{key}": value for key, value in cells.items()}
+    card["post_processing"] = {"split_touching": choice[0], "threshold": choice[1], "centre_prominence": choice[2],
+                               "decided": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    card["test"] = {}
+    card["sha256"] = hashlib.sha256(checkpoint_path.read_bytes()).hexdigest()
+    card_path.write_text(json.dumps(card, indent=1) + "\n")
+    logger.info("nuclei: touching cells %s, threshold %g, centre prominence %g; validation cell F1 %.4f",
+                "split" if choice[0] else "kept whole", choice[1], choice[2], cells.get("f1_mean", float("nan")))
+    return checkpoint_path
+
+
 BUILDERS: dict[str, Callable[..., TrainOutcome]] = {"nuclei": build_nuclei, "general": build_general}
 
 
@@ -155,8 +199,16 @@ def main() -> None:
     parser.add_argument("--out", help=f"working directory (default {LOCAL_ROOT}/shipped/NAME)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
     parser.add_argument("--install", action="store_true", help="copy the result into the package with its model card")
+    parser.add_argument("--post-processing-only", action="store_true",
+                        help="nuclei: decide the shipped model's post-processing again on its validation images, "
+                             "without training, and reinstall it")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.post_processing_only:
+        if args.name != "nuclei":
+            parser.error("--post-processing-only is for the nuclei model (trained on a data folder)")
+        decide_nuclei_postprocessing()
+        return
     out = args.out or f"{LOCAL_ROOT}/shipped/{args.name}"
     resume = args.resume and (Path(out) / "training" / "last.pt").is_file()
     BUILDERS[args.name](out, install=args.install, resume=resume)

@@ -24,7 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field, ValidationError
 
 from cellseg import __version__
-from cellseg.config import ModelConfig, TrainConfig
+from cellseg.config import DEFAULT_CENTRE_PROMINENCE, ModelConfig, TrainConfig
 from cellseg.io import StorageOptions, filesystem, write_file_atomic
 from cellseg.model import MAX_PARAMETERS, UNet, expected_state
 from cellseg.redact import redact, redact_url
@@ -53,6 +53,7 @@ class _Entries(BaseModel):
     dataset_manifest_hash: str | None = None
     split_touching: bool = True
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    centre_prominence: float = Field(DEFAULT_CENTRE_PROMINENCE, gt=0.0, lt=1.0)
     size_model: dict[str, Any] | None = None
     cellseg_version: str
     created: str
@@ -73,6 +74,7 @@ class Checkpoint:
     # validation images when training ends; PredictConfig.split_touching overrides it).
     split_touching: bool = True
     threshold: float = 0.5  # the probability threshold `predict` uses by default, decided likewise
+    centre_prominence: float = DEFAULT_CENTRE_PROMINENCE  # for a model with a distance map, decided likewise
     # For a model at a cell size: the regression that reads an image's cell size off the
     # network's features (`cellseg.size_model.SizeModel.to_dict`), fitted when training ends.
     size_model: dict[str, Any] | None = None
@@ -101,6 +103,7 @@ class Checkpoint:
             "dataset_manifest_hash": self.dataset_manifest_hash,
             "split_touching": self.split_touching,
             "threshold": self.threshold,
+            "centre_prominence": self.centre_prominence,
             "size_model": self.size_model,
             "cellseg_version": self.cellseg_version,
             "created": self.created,
@@ -237,6 +240,7 @@ def load_checkpoint_bytes(data: bytes, name: str, file_checked: bool = False) ->
         dataset_manifest_hash=entries.dataset_manifest_hash,
         split_touching=entries.split_touching,
         threshold=entries.threshold,
+        centre_prominence=entries.centre_prominence,
         size_model=entries.size_model,
         cellseg_version=entries.cellseg_version,
         created=entries.created,

@@ -132,7 +132,8 @@ PREDICT_FLAGS: list[Flag] = [
         "type": float, "help": "how much narrower (pixels of distance) a neck must be than both cells to split them"}),
     (("--centre-prominence",), "predict.centre_prominence", {
         "type": float, "help": "for a model trained with --distance-map: how far (0-1) a cell's centre must rise above "
-                               "the saddle to its neighbour on the distance map to make a cell of its own"}),
+                               "the saddle to its neighbour on the distance map to make a cell of its own (default: the model's, "
+                               "decided on its validation images when it was trained)"}),
     (("--no-measure",), "predict.measure_cells", {"action": "store_const", "const": False,
                                                   "help": "skip the per-cell measurement table"}),
     (("--no-image",), "predict.store_image", {

@@ -291,6 +291,9 @@ class BlockConfig(_Config):
         return self
 
 
+DEFAULT_CENTRE_PROMINENCE = 0.1  # PredictConfig.centre_prominence of a model that has not decided its own
+
+
 class PredictConfig(_Config):
     """Inference: thresholding, batching, precision, tiling and the statistics it feeds."""
 
@@ -344,11 +347,12 @@ class PredictConfig(_Config):
             "None: as the model decided at training time from its validation images (recorded in its checkpoint)"
         ),
     )
-    centre_prominence: float = Field(
-        0.1, gt=0.0, lt=1.0,
+    centre_prominence: float | None = Field(
+        None, gt=0.0, lt=1.0,
         description=(
             "models with a distance map: how far a cell's centre must rise above the saddle to its neighbour "
-            "(on the 0-1 distance map) to seed a cell of its own"
+            "(on the 0-1 distance map) to seed a cell of its own; None: as the model decided at training time "
+            "from its validation images (recorded in its checkpoint; 0.1 for a model without that decision)"
         ),
     )
     split_depth: float = Field(

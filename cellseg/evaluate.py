@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from cellseg.config import PredictConfig
+from cellseg.config import DEFAULT_CENTRE_PROMINENCE, PredictConfig
 from cellseg.infer import Predictor
 from cellseg.io import StorageOptions, list_images, read_image, read_mask
 from cellseg.metrics import MetricAccumulator, ThresholdSweep, confusion_counts
@@ -138,44 +138,62 @@ def validation_cell_scores(predictor: Predictor, pairs: Sequence[LoadedPair]) ->
 
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6)  # probability thresholds a model's default is chosen from
-Choice = tuple[bool, float]  # (split touching cells, probability threshold)
+# How far a centre must rise on the distance map, for a model with one; chosen likewise.
+PROMINENCES = (0.05, 0.1, 0.15, 0.2)
+Choice = tuple[bool, float, float]  # (split touching cells, probability threshold, centre prominence)
 
 
-def choose_postprocessing(predictor: Predictor, pairs: Sequence[LoadedPair]) -> tuple[Choice, dict[Choice, dict[str, Any]]]:
+def choose_postprocessing(predictor: Predictor, pairs: Sequence[LoadedPair],
+                          given: PredictConfig | None = None) -> tuple[Choice, dict[Choice, dict[str, Any]]]:
     """The post-processing that suits `predictor`'s model best on the validation `pairs`
-    (`postprocessing_decision` on its maps of their images), and the scores of every choice."""
+    (`postprocessing_decision` on its maps of their images), and the scores of every choice; what
+    `given` states (split, threshold, centre prominence) is kept, the rest is chosen."""
     labelled = any(pair.instances is not None for pair in pairs)
     scored = [pair for pair in pairs if pair.instances is not None or not labelled]
     maps = [predictor.normalised_cell_maps([pair.image])[0] for pair in scored]
     truths = [pair.instances if pair.instances is not None else truth_regions(pair.mask) for pair in scored]
-    return postprocessing_decision(maps, truths, predictor.config, labelled)
+    given = given or PredictConfig()
+    return postprocessing_decision(
+        maps, truths, predictor.config, labelled,
+        splits=(True, False) if given.split_touching is None else (given.split_touching,),
+        thresholds=THRESHOLDS if given.threshold is None else (given.threshold,),
+        prominences=None if given.centre_prominence is None else (given.centre_prominence,))
 
 
 def postprocessing_decision(
     maps: Sequence[CellMaps], truths: Sequence[np.ndarray], config: PredictConfig, labelled: bool,
-    thresholds: Sequence[float] = THRESHOLDS,
+    splits: Sequence[bool] = (True, False), thresholds: Sequence[float] = THRESHOLDS,
+    prominences: Sequence[float] | None = None,
 ) -> tuple[Choice, dict[Choice, dict[str, Any]]]:
-    """Whether to separate touching cells and at which probability threshold, judged on
-    predicted `maps` against true regions, and the scores of every choice: cell F1 at IoU 0.5
-    (mean over images) when the truths are instance labels (`labelled`), else the adapted Rand
-    error against the masks' 4-connected components (as for EM, where a split cuts
-    membrane-bounded regions the mask already separates). Ties go to splitting and to the
-    threshold nearest 0.5; no images: (True, 0.5)."""
+    """Whether to separate touching cells, at which probability threshold and, for a model with a
+    distance map, at which centre prominence (`prominences`, default `PROMINENCES`; others keep
+    `DEFAULT_CENTRE_PROMINENCE`), judged on predicted `maps` against true regions, and the scores of
+    every choice: cell F1 at IoU 0.5 (mean over images) when the truths are instance labels
+    (`labelled`), else the adapted Rand error against the masks' 4-connected components (as for
+    EM, where a split cuts membrane-bounded regions the mask already separates). Ties go to
+    splitting, to the threshold nearest 0.5 and to the prominence nearest the default; no images:
+    (True, 0.5, the default)."""
     if not maps:
-        return (True, 0.5), {}
+        return (True, 0.5, DEFAULT_CENTRE_PROMINENCE), {}
+    if prominences is None:
+        distance_map = any(cell_maps.distance is not None for cell_maps in maps)
+        prominences = PROMINENCES if distance_map else (DEFAULT_CENTRE_PROMINENCE,)
+    # Unsplit cells do not depend on the prominence: one choice per threshold.
+    choices = [(split, threshold, prominence) for split in splits for threshold in thresholds
+               for prominence in (prominences if split else prominences[:1])]
     scores: dict[Choice, dict[str, Any]] = {}
-    for split in (True, False):
-        for threshold in thresholds:
-            choice_config = config.model_copy(update={"split_touching": split, "threshold": threshold})
-            rows = []
-            for cell_maps, truth in zip(maps, truths, strict=True):
-                cells = cell_labels(cell_maps, choice_config)
-                rows.append(instance_scores(cells, truth) | region_scores(cells, truth))
-            scores[(split, threshold)] = summarise_instance_scores(rows) | summarise_region_scores(rows)
+    for split, threshold, prominence in choices:
+        choice_config = config.model_copy(
+            update={"split_touching": split, "threshold": threshold, "centre_prominence": prominence})
+        rows = []
+        for cell_maps, truth in zip(maps, truths, strict=True):
+            cells = cell_labels(cell_maps, choice_config)
+            rows.append(instance_scores(cells, truth) | region_scores(cells, truth))
+        scores[(split, threshold, prominence)] = summarise_instance_scores(rows) | summarise_region_scores(rows)
 
-    def merit(choice: Choice) -> tuple[float, bool, float]:
+    def merit(choice: Choice) -> tuple[float, bool, float, float]:
         found = scores[choice]
         score = found["f1_mean"] if labelled else -found["adapted_rand_error_mean"]
-        return score, choice[0], -abs(choice[1] - 0.5)
+        return score, choice[0], -abs(choice[1] - 0.5), -abs(choice[2] - DEFAULT_CENTRE_PROMINENCE)
 
     return max(scores, key=merit), scores

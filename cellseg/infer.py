@@ -128,6 +128,8 @@ class Predictor:
             config = config.model_copy(update={"split_touching": checkpoint.split_touching})
         if config.threshold is None:
             config = config.model_copy(update={"threshold": checkpoint.threshold})
+        if config.centre_prominence is None:
+            config = config.model_copy(update={"centre_prominence": checkpoint.centre_prominence})
         self.config = config
         self.model_version = model_version
         self.device = resolve_device(config.device)

@@ -187,8 +187,9 @@ def finish_checkpoint(
 
     - for a model at a cell size, its size model (`cellseg.size_model`), fitted on the training
       images shown at random magnifications;
-    - whether `predict` separates touching cells by default, and its probability threshold
-      (`choose_postprocessing` on the validation images, unless `job.predict` says them).
+    - whether `predict` separates touching cells by default, its probability threshold and, for a
+      model with a distance map, how prominent a centre must be (`choose_postprocessing` on the
+      validation images, unless `job.predict` says them).
     """
     checkpoint = load_checkpoint(checkpoint_url)
     device = resolve_device(job.training.device)
@@ -207,18 +208,18 @@ def finish_checkpoint(
             logger.info("size model (%d examples): validation images' cell size within 25%% on %.0f%%, median error %.0f%%",
                         len(examples[1]), 100 * np.mean(errors <= 0.25), 100 * np.median(errors))
     given = job.predict
-    if given.split_touching is None or given.threshold is None:
+    if given.split_touching is None or given.threshold is None or given.centre_prominence is None:
         predictor = Predictor(checkpoint, given.model_copy(update={"device": job.training.device}))
-        (split, threshold), scores = choose_postprocessing(predictor, val_pairs)
-        checkpoint.split_touching = split if given.split_touching is None else given.split_touching
-        checkpoint.threshold = threshold if given.threshold is None else given.threshold
+        choice, scores = choose_postprocessing(predictor, val_pairs, given)
+        checkpoint.split_touching, checkpoint.threshold, checkpoint.centre_prominence = choice
         if scores:
-            measure = "f1_mean" if "f1_mean" in scores[(split, threshold)] else "adapted_rand_error_mean"
-            logger.info("post-processing: touching cells %s, threshold %g (validation %s %.4f; split at 0.5: %.4f, "
-                        "unsplit at 0.5: %.4f)", "split" if split else "kept whole", threshold, measure,
-                        scores[(split, threshold)][measure], scores[(True, 0.5)][measure], scores[(False, 0.5)][measure])
+            split, threshold, prominence = choice
+            measure = "f1_mean" if "f1_mean" in scores[choice] else "adapted_rand_error_mean"
+            logger.info("post-processing: touching cells %s, threshold %g, centre prominence %g (validation %s %.4f)",
+                        "split" if split else "kept whole", threshold, prominence, measure, scores[choice][measure])
     else:
         checkpoint.split_touching, checkpoint.threshold = given.split_touching, given.threshold
+        checkpoint.centre_prominence = given.centre_prominence
     save_checkpoint(checkpoint, checkpoint_url)
     return checkpoint
 

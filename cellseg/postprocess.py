@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-from cellseg.config import PredictConfig
+from cellseg.config import DEFAULT_CENTRE_PROMINENCE, PredictConfig
 from cellseg.stats import label_cells
 
 
@@ -61,12 +61,13 @@ def cell_labels(maps: CellMaps, config: PredictConfig) -> np.ndarray:
     """One label per cell (int32, 0 = background), as `cellseg predict` stores them: the probability
     thresholded, touching cells split apart unless `split_touching` is off (at the peaks of the
     distance map when there is one, else at necks of the mask), cells below `min_cell_area` dropped.
-    An undecided `split_touching` or `threshold` (None, resolved by `Predictor` from its
-    checkpoint) splits, at 0.5."""
+    An undecided `split_touching`, `threshold` or `centre_prominence` (None, resolved by `Predictor`
+    from its checkpoint) splits, at 0.5, with centres `DEFAULT_CENTRE_PROMINENCE` high."""
     mask = threshold_probabilities(maps.probability, 0.5 if config.threshold is None else config.threshold)
     split = config.split_touching is not False
     if maps.distance is not None and split:
-        return split_at_distance_peaks(mask, maps.distance, config.min_cell_area, config.centre_prominence)
+        prominence = DEFAULT_CENTRE_PROMINENCE if config.centre_prominence is None else config.centre_prominence
+        return split_at_distance_peaks(mask, maps.distance, config.min_cell_area, prominence)
     split_depth = config.split_depth if split else 0.0
     return split_touching_cells(mask, config.min_cell_area, split_depth)
 
@@ -92,7 +93,7 @@ def split_touching_cells(mask: np.ndarray, min_cell_area: int = 0, split_depth: 
 
 
 def split_at_distance_peaks(
-    mask: np.ndarray, distance: np.ndarray, min_cell_area: int = 0, prominence: float = 0.1
+    mask: np.ndarray, distance: np.ndarray, min_cell_area: int = 0, prominence: float = DEFAULT_CENTRE_PROMINENCE
 ) -> np.ndarray:
     """Instance labels (int32, 0 = background, 1..N) for a boolean cell mask, touching cells
     parted by a predicted distance map (`ModelConfig.distance_map`: about 1 at each cell's centre,

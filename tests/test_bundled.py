@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cellseg import bundled
-from cellseg.build_bundled import build_general, build_nuclei
+from cellseg.build_bundled import build_general, build_nuclei, decide_nuclei_postprocessing
 from cellseg.bundled import (
     DEFAULT_SHIPPED_MODEL,
     SHIPPED_MODELS,
@@ -155,6 +156,36 @@ def test_the_nuclei_recipe_trains_on_labelled_images_at_their_cell_size(tmp_path
     image = read_image(str(tmp_path / "data" / "images" / f"{ids[0]}.png"))
     (maps,) = Predictor(checkpoint, PredictConfig(device="cpu")).cell_maps([image])
     assert maps.scale["measured"] and maps.scale["measured_diameter"] is not None
+
+
+def test_the_nuclei_models_post_processing_is_decided_again_without_training(tmp_path, monkeypatch):
+    write_dataset(str(tmp_path / "data"), count=6, size=64, seed=4)
+    recipe = NucleiRecipe(data_dir=str(tmp_path / "data"),
+                          model=NucleiRecipe().model.model_copy(update={"depth": 2, "base_width": 4}),
+                          training=NucleiRecipe().training.model_copy(update={"epochs": 1, "patch_size": 48,
+                                                                             "device": "cpu", "val_fraction": 0.34}))
+    (tmp_path / "models").mkdir()
+    monkeypatch.setattr(bundled, "MODELS_DIR", tmp_path / "models")
+    outcome = build_nuclei(tmp_path / "out", recipe, install=True)
+    checkpoint_path, card_path = shipped_paths("nuclei")
+    installed = load_checkpoint(shipped_checkpoint("nuclei"))
+    card = json.loads(card_path.read_text())
+    card["test"] = {"dsb2018": {"images": 45}}  # figures of the weights as they were decided before
+    card_path.write_text(json.dumps(card))
+    weights = installed.state_dict
+
+    assert decide_nuclei_postprocessing(recipe) == checkpoint_path
+    decided = load_checkpoint(shipped_checkpoint("nuclei"))  # its card's new sha256 matches
+    card = model_card("nuclei")
+    assert card["post_processing"] | {"decided": None} == {"split_touching": decided.split_touching, "decided": None,
+                                                          "threshold": decided.threshold,
+                                                          "centre_prominence": decided.centre_prominence}
+    assert (decided.split_touching, decided.threshold, decided.centre_prominence) == (
+        installed.split_touching, installed.threshold, installed.centre_prominence)  # the same data decides alike
+    assert all(torch.equal(weights[key], value) for key, value in decided.state_dict.items())
+    assert card["test"] == {}  # measured again by benchmarks.quality --card
+    assert card["validation"]["cells_images"] == outcome.cells["images"] == 2
+    assert card["validation"]["cells_f1_mean"] == pytest.approx(outcome.cells["f1_mean"])
 
 
 @pytest.mark.integration

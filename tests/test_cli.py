@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from cellseg.checkpoint import load_checkpoint
+from cellseg.evaluate import PROMINENCES
 from cellseg.store import ResultStore
 from tests.conftest import cellseg
 
@@ -153,6 +155,11 @@ def test_training_on_label_images_reports_the_cells_predict_and_evaluate_find(tm
     assert model["model_config"]["cell_diameter"] == (28.0 if "28" in cell_size else None)
     assert model["model_config"]["distance_map"] == ("--distance-map" in cell_size)
     assert ("cell size: images at their own scale (their cell sizes agree)" in training.stderr) == ("auto" in cell_size)
+    # How prominent a centre must be was decided on the validation images, for a distance map only.
+    decided = load_checkpoint(str(tmp_path / "model/best.pt")).centre_prominence
+    assert decided in (PROMINENCES if "--distance-map" in cell_size else (0.1,))
+    assert f"centre prominence {decided:g} (validation f1_mean" in training.stderr
+    assert model["predict"]["centre_prominence"] == decided
     if "--distance-map" in cell_size:  # no centre is 0.99 above its saddle: every object stays whole
         whole = str(tmp_path / "whole.zarr")
         cellseg("predict", "--model", str(tmp_path / "model/best.pt"), "--images", str(tmp_path / "val/images"),

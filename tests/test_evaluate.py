@@ -207,13 +207,15 @@ def test_the_split_is_decided_by_what_the_truth_calls_a_cell():
     maps = [CellMaps(cells.astype(np.float32))]  # a model that predicts the mask exactly
     config = PredictConfig(device="cpu")
     # Nuclei: each disc is a cell, so the neck must be cut.
-    (split, threshold), scores = postprocessing_decision(maps, [labels], config, labelled=True)
+    (split, threshold, prominence), scores = postprocessing_decision(maps, [labels], config, labelled=True)
     assert split and threshold == 0.5  # every threshold cuts a 0/1 map alike: the tie goes to 0.5
-    assert scores[(True, 0.5)]["f1_mean"] == 1.0 > scores[(False, 0.5)]["f1_mean"]
+    assert prominence == 0.1  # a model without a distance map keeps the default
+    assert scores[(True, 0.5, 0.1)]["f1_mean"] == 1.0 > scores[(False, 0.5, 0.1)]["f1_mean"]
+    assert len(scores) == 8  # 2 x 4 thresholds, one prominence
     # EM: the mask's components are the regions, so cutting them is wrong.
-    (split, _), scores = postprocessing_decision(maps, [truth_regions(cells)], config, labelled=False)
+    (split, _, _), scores = postprocessing_decision(maps, [truth_regions(cells)], config, labelled=False)
     assert not split
-    assert scores[(False, 0.5)]["adapted_rand_error_mean"] == 0.0 < scores[(True, 0.5)]["adapted_rand_error_mean"]
+    assert scores[(False, 0.5, 0.1)]["adapted_rand_error_mean"] == 0.0 < scores[(True, 0.5, 0.1)]["adapted_rand_error_mean"]
 
 
 def test_the_threshold_is_the_one_that_finds_the_cells_best():
@@ -223,9 +225,44 @@ def test_the_threshold_is_the_one_that_finds_the_cells_best():
 
     cells, labels = dumbbells(2)
     faint = CellMaps(np.where(cells, 0.45, 0.05).astype(np.float32))  # a model unsure of every cell
-    (split, threshold), scores = postprocessing_decision([faint], [labels], PredictConfig(device="cpu"), labelled=True)
+    (split, threshold, _), scores = postprocessing_decision([faint], [labels], PredictConfig(device="cpu"), labelled=True)
     assert split and threshold == 0.4  # nearest 0.5 of the thresholds that find them
-    assert scores[(True, 0.5)]["f1_mean"] == 0.0 and scores[(True, 0.3)]["f1_mean"] == 1.0
+    assert scores[(True, 0.5, 0.1)]["f1_mean"] == 0.0 and scores[(True, 0.3, 0.1)]["f1_mean"] == 1.0
+
+
+def two_peaked_map() -> tuple[np.ndarray, np.ndarray]:
+    """The mask and distance map of one elliptic object whose map has two centres of height 1,
+    22 px apart, with a saddle about 0.13 below them (two Gaussians along the long axis)."""
+    rows, cols = np.mgrid[0:40, 0:60]
+    inside = ((rows - 20) / 12.0) ** 2 + ((cols - 30) / 26.0) ** 2 <= 1
+    along = np.exp(-(((cols - 19) / 8.75) ** 2) / 2) + np.exp(-(((cols - 41) / 8.75) ** 2) / 2)
+    across = np.clip(1 - ((rows - 20) / 12.0) ** 2, 0, 1)
+    return inside, np.where(inside, along / along.max() * across, 0)
+
+
+def test_a_distance_map_model_gets_the_centre_prominence_that_finds_the_cells_best():
+    from cellseg.config import PredictConfig
+    from cellseg.evaluate import PROMINENCES, postprocessing_decision
+    from cellseg.postprocess import CellMaps, split_at_distance_peaks
+
+    mask, distance = two_peaked_map()
+    assert split_at_distance_peaks(mask, distance, 0, 0.1).max() == 2 == split_at_distance_peaks(mask, distance, 0, 0.05).max()
+    assert split_at_distance_peaks(mask, distance, 0, 0.15).max() == 1
+    maps = [CellMaps(mask.astype(np.float32), distance.astype(np.float32))]
+    config = PredictConfig(device="cpu")
+    # The truth calls it one cell (a dented nucleus): only prominences above the dent keep it whole.
+    choice, scores = postprocessing_decision(maps, [mask.astype(np.int32)], config, labelled=True)
+    assert choice == (True, 0.5, 0.15)  # of the prominences that keep it whole, the one nearest 0.1
+    assert {prominence for _, _, prominence in scores} == set(PROMINENCES)
+    assert scores[(True, 0.5, 0.1)]["f1_mean"] < scores[(True, 0.5, 0.2)]["f1_mean"] == 1.0
+    # The truth calls it two cells, parted at the dent: the default prominence is kept.
+    halves = np.where(mask, 1 + (np.mgrid[0:40, 0:60][1] >= 30), 0).astype(np.int32)
+    choice, _ = postprocessing_decision(maps, [halves], config, labelled=True)
+    assert choice == (True, 0.5, 0.1)
+    # A prominence the settings state is kept as stated.
+    choice, scores = postprocessing_decision(maps, [halves], config, labelled=True, prominences=(0.2,))
+    assert choice[2] == 0.2 and set(scores) == {(True, t, 0.2) for t in (0.3, 0.4, 0.5, 0.6)} | {
+        (False, t, 0.2) for t in (0.3, 0.4, 0.5, 0.6)}
 
 
 def test_the_decision_is_recorded_in_the_checkpoint_and_used_unless_overridden(tiny_checkpoint, tmp_path):
@@ -234,10 +271,11 @@ def test_the_decision_is_recorded_in_the_checkpoint_and_used_unless_overridden(t
     from cellseg.infer import Predictor
 
     checkpoint = load_checkpoint(str(tiny_checkpoint))
-    checkpoint.split_touching, checkpoint.threshold = False, 0.3
+    assert checkpoint.centre_prominence == 0.1  # before any decision
+    checkpoint.split_touching, checkpoint.threshold, checkpoint.centre_prominence = False, 0.3, 0.15
     save_checkpoint(checkpoint, str(tmp_path / "kept-whole.pt"))
     decided = Predictor.from_checkpoint(str(tmp_path / "kept-whole.pt"), PredictConfig(device="cpu")).config
-    assert decided.split_touching is False and decided.threshold == 0.3
-    forced = Predictor.from_checkpoint(str(tmp_path / "kept-whole.pt"),
-                                       PredictConfig(device="cpu", split_touching=True, threshold=0.6)).config
-    assert forced.split_touching is True and forced.threshold == 0.6
+    assert decided.split_touching is False and decided.threshold == 0.3 and decided.centre_prominence == 0.15
+    forced = Predictor.from_checkpoint(str(tmp_path / "kept-whole.pt"), PredictConfig(
+        device="cpu", split_touching=True, threshold=0.6, centre_prominence=0.05)).config
+    assert forced.split_touching is True and forced.threshold == 0.6 and forced.centre_prominence == 0.05

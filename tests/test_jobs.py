@@ -59,9 +59,10 @@ def test_run_segmentation_segments_once_and_skips_done_images(trained, tmp_path)
     report = run_segmentation(job, on_plan=planned.append, on_image=images.append)
     assert len(report.done) == 8 and report.failed == [] and planned == [8] and len(images) == 8
     record = ResultStore.open(job.store_url, mode="r").record("synth_0000")
-    # The settings as used: the split the model decided at training time fills in the undecided one.
-    decided = load_checkpoint(str(outcome.best_checkpoint)).split_touching
-    assert record["model"]["predict"] == job.predict.model_copy(update={"split_touching": decided}).model_dump(mode="json")
+    # The settings as used: what the model decided at training time fills in the undecided ones.
+    checkpoint = load_checkpoint(str(outcome.best_checkpoint))
+    decided = {"split_touching": checkpoint.split_touching, "centre_prominence": checkpoint.centre_prominence}
+    assert record["model"]["predict"] == job.predict.model_copy(update=decided).model_dump(mode="json")
     assert record["model"]["predict"]["threshold"] == 0.4  # stated in the job
     assert record["model"]["checkpoint"] == job.checkpoint_url
     again = run_segmentation(job)
