@@ -358,7 +358,8 @@ class ResultStore:
 
     def _put_new_image(self, image_id: str, arrays: Sequence[NewArray], labels: Mapping[str, dict[str, Any]]) -> None:
         """Write a new image's arrays and groups at once (`cellseg.zarr_writes`): its group first,
-        so that a crash never leaves data without it, then every other node concurrently."""
+        so that a crash never leaves data without it, then every other node (concurrently on object
+        storage, file by file into a local folder)."""
         store = self.root.store
         put_new_nodes(store, {self._key(image_id): {}}, ())
         groups: dict[str, Mapping[str, Any]] = {self._key(posixpath.dirname(array.path)): {} for array in arrays}
