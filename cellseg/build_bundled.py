@@ -37,10 +37,10 @@ from cellseg.bundled import (
 )
 from cellseg.checkpoint import load_checkpoint, save_checkpoint
 from cellseg.config import PredictConfig
-from cellseg.evaluate import choose_postprocessing, validation_cell_scores
+from cellseg.evaluate import validation_cell_scores
 from cellseg.infer import Predictor
 from cellseg.io import decode_image, read_bytes
-from cellseg.jobs import TrainJob, TrainOutcome, run_training
+from cellseg.jobs import TrainJob, TrainOutcome, decide_postprocessing, run_training
 from cellseg.pairs import instance_labels, load_pairs, pair_images_and_masks, split_train_val
 from cellseg.paths import LOCAL_ROOT
 from cellseg.runtime import resolve_device
@@ -173,8 +173,8 @@ def decide_nuclei_postprocessing(recipe: NucleiRecipe | None = None) -> Path:
     checkpoint = load_checkpoint(shipped_checkpoint("nuclei"))
     loaded = load_pairs(val_pairs, checkpoint.model_config.normalization)
     logger.info("deciding post-processing on %d validation images of %s", len(loaded), data)
-    choice, _ = choose_postprocessing(Predictor(checkpoint, PredictConfig(device=recipe.training.device)), loaded)
-    checkpoint.split_touching, checkpoint.threshold, checkpoint.centre_prominence = choice
+    decide_postprocessing(checkpoint, PredictConfig(), loaded, recipe.training.device)
+    choice = (checkpoint.split_touching, checkpoint.threshold, checkpoint.centre_prominence)
     save_checkpoint(checkpoint, str(checkpoint_path))
     cells = validation_cell_scores(Predictor(checkpoint, PredictConfig(device=recipe.training.device)), loaded)
     card = model_card("nuclei")

@@ -36,6 +36,7 @@ from cellseg.blocks import (
     stitch_image,
 )
 from cellseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cellseg.config import PredictConfig
 from cellseg.evaluate import choose_postprocessing, validation_cell_scores
 from cellseg.formats import list_sources
 from cellseg.infer import Predictor
@@ -207,21 +208,28 @@ def finish_checkpoint(
             errors = np.abs([size_model.diameter(row) for row in held_out[0]] / np.exp(held_out[1]) - 1)
             logger.info("size model (%d examples): validation images' cell size within 25%% on %.0f%%, median error %.0f%%",
                         len(examples[1]), 100 * np.mean(errors <= 0.25), 100 * np.median(errors))
-    given = job.predict
-    if given.split_touching is None or given.threshold is None or given.centre_prominence is None:
-        predictor = Predictor(checkpoint, given.model_copy(update={"device": job.training.device}))
-        choice, scores = choose_postprocessing(predictor, val_pairs, given)
-        checkpoint.split_touching, checkpoint.threshold, checkpoint.centre_prominence = choice
-        if scores:
-            split, threshold, prominence = choice
-            measure = "f1_mean" if "f1_mean" in scores[choice] else "adapted_rand_error_mean"
-            logger.info("post-processing: touching cells %s, threshold %g, centre prominence %g (validation %s %.4f)",
-                        "split" if split else "kept whole", threshold, prominence, measure, scores[choice][measure])
-    else:
-        checkpoint.split_touching, checkpoint.threshold = given.split_touching, given.threshold
-        checkpoint.centre_prominence = given.centre_prominence
+    decide_postprocessing(checkpoint, job.predict, val_pairs, job.training.device)
     save_checkpoint(checkpoint, checkpoint_url)
     return checkpoint
+
+
+def decide_postprocessing(
+    checkpoint: Checkpoint, given: PredictConfig, val_pairs: Sequence[LoadedPair], device: str
+) -> None:
+    """Set `checkpoint`'s default split, threshold and centre prominence: as `given` states them,
+    the ones it leaves undecided chosen on the validation images (`choose_postprocessing`)."""
+    if given.split_touching is not None and given.threshold is not None and given.centre_prominence is not None:
+        checkpoint.split_touching, checkpoint.threshold = given.split_touching, given.threshold
+        checkpoint.centre_prominence = given.centre_prominence
+        return
+    predictor = Predictor(checkpoint, given.model_copy(update={"device": device}))
+    choice, scores = choose_postprocessing(predictor, val_pairs, given)
+    checkpoint.split_touching, checkpoint.threshold, checkpoint.centre_prominence = choice
+    if scores:
+        split, threshold, prominence = choice
+        measure = "f1_mean" if "f1_mean" in scores[choice] else "adapted_rand_error_mean"
+        logger.info("post-processing: touching cells %s, threshold %g, centre prominence %g (validation %s %.4f)",
+                    "split" if split else "kept whole", threshold, prominence, measure, scores[choice][measure])
 
 
 def _write_manifest(out: Path, loaded_train: list[LoadedPair], loaded_val: list[LoadedPair]) -> str:
