@@ -23,11 +23,14 @@ from cellseg.bundled import NucleiRecipe, model_card, shipped_checkpoint
 ENDING_LEARNING_RATE = 5e-4  # the shipped run halved 1e-3 once (docs/quality.md, the learning curve)
 
 
-def continued_recipe(start: str, epochs: int, data: str | None = None) -> NucleiRecipe:
-    """The shipped recipe, started from checkpoint `start`, for `epochs` more epochs."""
+def continued_recipe(start: str, epochs: int, data: str | None = None, learning_rate: float = ENDING_LEARNING_RATE,
+                     balance_appearance: float = 0.0) -> NucleiRecipe:
+    """The shipped recipe, started from checkpoint `start`, for `epochs` more epochs at
+    `learning_rate`, its crops balanced over the kinds of image as `balance_appearance` says."""
     base = NucleiRecipe(**({"data_dir": data} if data else {}))
     return base.model_copy(update={"training": base.training.model_copy(update={
-        "init_from": start, "learning_rate": ENDING_LEARNING_RATE, "epochs": epochs})})
+        "init_from": start, "learning_rate": learning_rate, "epochs": epochs,
+        "balance_appearance": balance_appearance})})
 
 
 def main() -> None:
@@ -35,10 +38,13 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="working folder (resumable)")
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--data", help="another training set (default: the recipe's dsb2018-train)")
+    parser.add_argument("--lr", type=float, default=ENDING_LEARNING_RATE, help="learning rate to start from")
+    parser.add_argument("--balance-appearance", type=float, default=0.0,
+                        help="least share of crops per kind of image (TrainConfig.balance_appearance)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
-    recipe = continued_recipe(shipped_checkpoint("nuclei"), args.epochs, args.data)
+    recipe = continued_recipe(shipped_checkpoint("nuclei"), args.epochs, args.data, args.lr, args.balance_appearance)
     outcome = build_nuclei(out, recipe, resume=(out / "training" / "last.pt").is_file())
     shipped = model_card("nuclei")["validation"]
     print(json.dumps({

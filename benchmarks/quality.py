@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cellseg.appearance import image_appearance
 from cellseg.bundled import model_card, shipped_name, shipped_paths
 from cellseg.config import PredictConfig
 from cellseg.evaluate import evaluate_store
@@ -38,7 +39,6 @@ from cellseg.scoring import HEADLINE_CELL_SCORES, summarise_instance_scores
 from cellseg.store import ResultStore
 
 SIZE_TOLERANCE = 0.25  # an estimated cell size counts as right within 25% of the true median diameter
-TISSUE_BACKGROUND_CV = 0.15  # bright backgrounds this textured (std / mean) are stained tissue
 
 
 def link_validation_images(dataset: Path, run: Path, out: Path) -> list[str]:
@@ -81,16 +81,6 @@ def measure(dataset: Path, run: Path, out: Path, config: PredictConfig) -> dict:
     return summary
 
 
-def modality(image: np.ndarray, labels: np.ndarray) -> str:
-    """'fluorescence' (nuclei brighter than the background), 'brightfield' (darker, on an even
-    background) or 'tissue' (darker, on a textured background: stained sections), judged from
-    the image and its true labels."""
-    background, nuclei = image[labels == 0].astype(float), image[labels > 0].astype(float)
-    if not background.size or not nuclei.size or nuclei.mean() >= background.mean():
-        return "fluorescence"
-    return "tissue" if background.std() > TISSUE_BACKGROUND_CV * background.mean() else "brightfield"
-
-
 def measure_model(dataset: Path, model: str, out: Path, config: PredictConfig) -> dict:
     """Scores of `model` (a shipped model's name or a checkpoint URL) on every image of `dataset`."""
     if out.exists():
@@ -107,7 +97,7 @@ def measure_model(dataset: Path, model: str, out: Path, config: PredictConfig) -
     sizes = []
     for image_id, row in rows.items():
         truth = read_image(f"{labels_url}/{image_id}.png") if labels_url else None
-        row["modality"] = modality(read_image(str(dataset / "images" / f"{image_id}.png")), truth) if truth is not None else "all"
+        row["modality"] = image_appearance(read_image(str(dataset / "images" / f"{image_id}.png")), truth) if truth is not None else "all"
         scale = store.record(image_id).get("scale") or {}
         estimated = scale.get("cell_diameter")  # the size the image was predicted at
         true_diameter = median_cell_diameter(truth) if truth is not None else None

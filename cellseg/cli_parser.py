@@ -69,6 +69,9 @@ TRAINING_FLAGS: list[Flag] = [
     (("--patch-size",), "training.patch_size", {"type": int}),
     (("--patches-per-image",), "training.patches_per_image", {"type": int}),
     (("--patch-sampling",), "training.patch_sampling", {"choices": ["per_image", "by_area"]}),
+    (("--balance-appearance",), "training.balance_appearance", {
+        "type": float, "metavar": "SHARE", "help": "least share of crops for each kind of image (fluorescence, "
+                                                   "brightfield, stained tissue), repeating the rarer kinds"}),
     (("--no-augment",), "training.augment", {"action": "store_const", "const": False, "help": "no augmentation at all"}),
     (("--strong-augmentation",), "training.augmentation", {
         "action": "store_const", "const": AugmentationConfig.strong().model_dump(),

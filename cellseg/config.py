@@ -172,6 +172,14 @@ class TrainConfig(_Config):
             "that neither large images (many cells, few crops each) nor small ones (mostly padding) dominate"
         ),
     )
+    balance_appearance: float = Field(
+        0.0, ge=0.0, le=0.5,
+        description=(
+            "the least share of an epoch's crops drawn from each kind of image in the training set: fluorescence, "
+            "brightfield or stained tissue (cellseg.appearance; capped at an equal share), by repeating the crops "
+            "of the rarer kinds; 0 keeps the collection's own mix"
+        ),
+    )
     loss: Literal["bce", "bce_dice"] = Field("bce", description="BCEWithLogits, or BCEWithLogits + soft Dice")
     border_weight: float = Field(
         0.0, ge=0.0, le=100.0,

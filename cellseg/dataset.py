@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cellseg.appearance import balanced_counts
 from cellseg.augment import augment_pair
 from cellseg.config import AugmentationConfig
 from cellseg.pairs import DatasetError, LoadedPair
@@ -42,7 +43,8 @@ class TrainingDataset(Dataset):
     """Training or validation samples from loaded pairs.
 
     Training (`patch_size` set): `patches_per_image` random crops per image per epoch (with
-    `patch_sampling` 'by_area', scaled by the square root of the image's area in patches), with
+    `patch_sampling` 'by_area', scaled by the square root of the image's area in patches; with
+    `balance_appearance`, rarer kinds of image repeated: `cellseg.appearance.balanced_counts`), with
     optional augmentation (`cellseg.augment`); randomness is a function of (seed, epoch, index) only, so runs and
     resumed runs see the same samples. Validation (`patch_size` None): whole images.
     Items are (image, target) float32 tensors of shape (1, H, W).
@@ -67,6 +69,7 @@ class TrainingDataset(Dataset):
         border_sigma: float = 5.0,
         distance_map: bool = False,
         patch_sampling: str = "per_image",
+        balance_appearance: float = 0.0,
     ):
         if not pairs:
             raise DatasetError("the dataset is empty")
@@ -80,6 +83,8 @@ class TrainingDataset(Dataset):
         counts = [self.patches_per_image] * len(self.pairs)
         if patch_size and patch_sampling == "by_area":
             counts = [crops_by_area(pair.image.shape, patch_size, self.patches_per_image) for pair in self.pairs]
+        if patch_size and balance_appearance:
+            counts = balanced_counts(counts, [pair.appearance for pair in self.pairs], balance_appearance)
         self._pair_of_item = np.repeat(np.arange(len(self.pairs)), counts)
         self.augment = augment
         self.augmentation = augmentation

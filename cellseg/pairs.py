@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cellseg.appearance import image_appearance
 from cellseg.config import NormalizationConfig
 from cellseg.io import (
     StorageOptions,
@@ -110,7 +111,8 @@ class LoadedPair:
     """A decoded, validated pair: normalised float32 image and boolean mask, both (H, W).
 
     `instances` holds the cell labels (int32, 0 = background) when the mask file was an
-    instance label image (16 bits or more per pixel); `mask` is then their union.
+    instance label image (16 bits or more per pixel); `mask` is then their union. `appearance`
+    is the kind of image, judged before normalisation (`cellseg.appearance.image_appearance`).
     """
 
     source: ImagePair
@@ -120,6 +122,7 @@ class LoadedPair:
     mask_sha256: str
     dtype: str
     instances: np.ndarray | None = None
+    appearance: str = "fluorescence"
 
     @property
     def id(self) -> str:
@@ -153,6 +156,7 @@ def load_pair(pair: ImagePair, normalization: NormalizationConfig, storage_optio
         mask_sha256=hashlib.sha256(mask_bytes).hexdigest(),
         dtype=str(image.dtype),
         instances=instance_labels(decoded_mask),
+        appearance=image_appearance(image, decoded_mask),
     )
 
 

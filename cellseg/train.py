@@ -163,7 +163,7 @@ def train(
                        "give instance label masks to teach the model where they part")
     train_set = TrainingDataset(train_pairs, config.patch_size, config.patches_per_image, config.augment, config.seed,
                            config.augmentation, config.border_weight, config.border_sigma, model_config.distance_map,
-                           config.patch_sampling)
+                           config.patch_sampling, config.balance_appearance)
     workers = loader_workers(config, device)
     if workers:
         train_set.prepare_targets()  # once here, so that the worker processes share them rather than each compute them

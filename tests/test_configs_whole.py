@@ -28,7 +28,8 @@ MODEL = {
 }
 TRAINING = {
     "epochs": 2, "batch_size": 2, "learning_rate": 2e-3, "weight_decay": 1e-5, "lr_patience": 2, "patch_size": 48,
-    "patches_per_image": 1, "patch_sampling": "by_area", "loss": "bce_dice", "border_weight": 2.0, "border_sigma": 3.0,
+    "patches_per_image": 1, "patch_sampling": "by_area",
+    "balance_appearance": 0.2, "loss": "bce_dice", "border_weight": 2.0, "border_sigma": 3.0,
     "init_from": None,
     "freeze_encoder_epochs": 1, "augment": False,
     "augmentation": {"flips": False, "affine_probability": 0.1, "rotation_degrees": 10.0, "max_scale": 1.1,
