@@ -37,6 +37,10 @@ CANDIDATES: dict[str, dict[str, dict[str, Any]]] = {
     "w32_border": {"model": {"base_width": 32, "distance_map": False}, "training": {"border_weight": 10.0}},
     "w32_distance_border": {"model": {"base_width": 32}, "training": {"border_weight": 10.0}},
     "w16_distance": {"model": {"base_width": 16}},
+    # The levers docs/quality.md names for the test set's weak modalities: more crops of the rare
+    # stained images, and more capacity.
+    "w32_balanced": {"model": {"base_width": 32}, "training": {"balance_appearance": 0.15}},
+    "w48_balanced": {"model": {"base_width": 48}, "training": {"balance_appearance": 0.15}},
 }
 
 
