@@ -7,6 +7,7 @@
 #   .whl/      cp312 wheels of pydantic, pydantic-core, pydantic-settings, annotated-types,
 #              typing-inspection, python-dotenv, zarr, numcodecs, donfig, google-crc32c
 #   .devdata/  dsb2018-train (images as lossless WebP, to fit the upload) and dsb2018
+# `bash benchmarks/gpu_pack.sh` makes both here.
 # Usage there: bash benchmarks/gpu_session.sh SECONDS OUT   (SECONDS: the run's whole budget)
 # Environment: CANDIDATES (names, default all), LOADER_WORKERS (per candidate), RESERVE (seconds kept
 # after training for the size model, install, test scores and benchmark; default 320), KEEP (seconds
