@@ -91,6 +91,11 @@ class TrainingDataset(Dataset):
         self.seed = seed
         self.epoch = 0
 
+    def crops_by_appearance(self) -> dict[str, int]:
+        """An epoch's items per kind of image (`LoadedPair.appearance`)."""
+        kinds = [self.pairs[int(index)].appearance for index in self._pair_of_item]
+        return {kind: kinds.count(kind) for kind in sorted(set(kinds))}
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 

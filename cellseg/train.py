@@ -164,6 +164,9 @@ def train(
     train_set = TrainingDataset(train_pairs, config.patch_size, config.patches_per_image, config.augment, config.seed,
                            config.augmentation, config.border_weight, config.border_sigma, model_config.distance_map,
                            config.patch_sampling, config.balance_appearance)
+    if config.balance_appearance:
+        logger.info("training crops per epoch, balanced over the kinds of image: %s", ", ".join(
+            f"{kind} {count}" for kind, count in train_set.crops_by_appearance().items()))
     workers = loader_workers(config, device)
     if workers:
         train_set.prepare_targets()  # once here, so that the worker processes share them rather than each compute them

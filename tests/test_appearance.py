@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import numpy as np
 import pytest
 
 from cellseg.appearance import balanced_counts, image_appearance
-from cellseg.config import NormalizationConfig
+from cellseg.config import ModelConfig, NormalizationConfig, TrainConfig
 from cellseg.dataset import TrainingDataset
 from cellseg.pairs import load_pairs, pair_images_and_masks
 from cellseg.synth import encode_png, generate_sample
+from cellseg.train import train
 
 
 def textured(sample_image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -81,7 +83,18 @@ def test_training_draws_the_rarer_kind_as_often_as_asked(mixed_folder):
     plain = TrainingDataset(pairs, patch_size=64, patches_per_image=2)
     balanced = TrainingDataset(pairs, patch_size=64, patches_per_image=2, balance_appearance=0.4)
     assert len(plain) == 14
-    drawn = Counter(pairs[int(index)].appearance for index in balanced._pair_of_item)
-    assert drawn == {"fluorescence": 12, "brightfield": 8}
+    assert plain.crops_by_appearance() == {"brightfield": 2, "fluorescence": 12}
+    assert balanced.crops_by_appearance() == {"brightfield": 8, "fluorescence": 12}
     image, target = balanced[len(balanced) - 1]  # a crop of the dark image, like any other
     assert image.shape == target.shape == (1, 64, 64)
+
+
+def test_a_balanced_training_run_says_how_it_drew_its_crops(mixed_folder, tmp_path, caplog):
+    pairs = load_pairs(pair_images_and_masks(str(mixed_folder / "images"), str(mixed_folder / "labels")),
+                       NormalizationConfig())
+    config = TrainConfig(epochs=1, patch_size=48, patches_per_image=1, device="cpu", max_minutes=None,
+                         init_from=None, balance_appearance=0.25)
+    with caplog.at_level(logging.INFO, logger="cellseg.train"):
+        result = train(pairs[1:], pairs[:1], tmp_path / "run", ModelConfig(depth=2, base_width=4), config)
+    assert "balanced over the kinds of image: brightfield 2, fluorescence 5" in caplog.text
+    assert len(result.history) == 1
