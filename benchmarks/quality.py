@@ -7,6 +7,7 @@ cell pixels over probability thresholds 0.0-1.0, pooled over the validation imag
 
     python -m benchmarks.quality --dataset ../shared/data/dsb2018 --run runs/ref-dsb2018 [--tta] [--no-split]
     python -m benchmarks.quality --dataset ../shared/data/dsb2018 --model nuclei [--card]
+    python -m benchmarks.quality --dataset ../shared/data/dsb2018-train --model nuclei --val-of runs/nuclei/training
 
 With `--run`: reads `<run>/split.json` (written by `cellseg train`) for the validation ids, links
 those images, masks and labels into `<out>/val/`, segments them with `<run>/best.pt` into a fresh
@@ -16,7 +17,9 @@ With `--model` (a shipped model's name or a checkpoint file): segments every ima
 dataset, a test set the model never saw, with no settings beyond the defaults (the cell size is
 estimated per image), and prints the scores overall and per modality, and for a model at a cell
 size how close each estimated size came to the true median nucleus diameter. `--card` writes the
-figures into the shipped model's card.
+figures into the shipped model's card. With `--val-of RUN` as well, only RUN's validation images
+of the dataset are segmented (linked into `<out>-images/`): two models on the same held-out images
+of their training collection, per modality.
 """
 
 from __future__ import annotations
@@ -52,6 +55,15 @@ def link_validation_images(dataset: Path, run: Path, out: Path) -> list[str]:
             if image_stem(path.name) in val:
                 (out / kind / path.name).symlink_to(path.resolve())
     return sorted(val)
+
+
+def validation_folder(dataset: Path, run: Path, folder: Path) -> Path:
+    """`folder`, emptied, holding links to `run`'s validation images of `dataset` (images, masks
+    and labels), laid out as a dataset."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    link_validation_images(dataset, run, folder)
+    return folder
 
 
 def measure(dataset: Path, run: Path, out: Path, config: PredictConfig) -> dict:
@@ -159,13 +171,18 @@ def main() -> None:
     parser.add_argument("--tta", action="store_true")
     parser.add_argument("--no-split", action="store_true")
     parser.add_argument("--card", action="store_true", help="with a shipped --model: write the figures into its card")
+    parser.add_argument("--val-of", type=Path, metavar="RUN",
+                        help="with --model: only the validation images of this training run (its split.json)")
     args = parser.parse_args()
     config = PredictConfig(tta=args.tta, split_touching=False if args.no_split else None)
     suffix = ("-tta" if args.tta else "") + ("-nosplit" if args.no_split else "")
+    if args.val_of and (not args.model or args.card):
+        parser.error("--val-of goes with --model, and not with --card (the card holds the test figures)")
     if args.model:
         name = Path(args.model).stem if not shipped_name(args.model) else args.model
-        summary = measure_model(args.dataset, args.model, args.out or Path("runs/quality") / f"{name}-{args.dataset.name}{suffix}",
-                                config)
+        out = args.out or Path("runs/quality") / f"{name}-{args.dataset.name}{'-val' if args.val_of else ''}{suffix}"
+        dataset = validation_folder(args.dataset, args.val_of, out.with_name(out.name + "-images")) if args.val_of else args.dataset
+        summary = measure_model(dataset, args.model, out, config)
         print_table(summary)
         if args.card:
             write_card_figures(shipped_name(args.model) or parser.error("--card needs a shipped model's name"), summary)

@@ -4,6 +4,9 @@ the README's quality section, on synthetic data."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -43,6 +46,19 @@ def test_quality_of_a_run_on_its_validation_images(tiny_checkpoint, synthetic_da
     saved = json.loads((tmp_path / "quality" / "quality.json").read_text())
     assert saved["summary"] == summary
     assert sorted(row["image_id"] for row in saved["evaluation"]["per_image"]) == sorted(p.id for p in val_pairs)
+
+
+def test_a_model_scored_on_the_validation_images_of_a_run(tiny_checkpoint, synthetic_dataset, tmp_path):
+    run, val_pairs = training_run(tmp_path / "run", tiny_checkpoint, synthetic_dataset)
+    command = [sys.executable, "-m", "benchmarks.quality", "--dataset", str(synthetic_dataset), "--model",
+               str(tiny_checkpoint), "--val-of", str(run), "--out", str(tmp_path / "q"), "--no-split"]
+    printed = subprocess.run(command, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]).stdout
+    assert "| all | 5 |" in printed and "| fluorescence | 5 |" in printed  # synthetic cells are bright
+    saved = json.loads((tmp_path / "q" / "quality.json").read_text())
+    assert sorted(row["image_id"] for row in saved["evaluation"]["per_image"]) == sorted(p.id for p in val_pairs)
+    assert sorted(path.stem for path in (tmp_path / "q-images" / "labels").iterdir()) == sorted(p.id for p in val_pairs)
+    refused = subprocess.run([*command, "--card"], check=False, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert refused.returncode == 2 and "--val-of goes with --model, and not with --card" in refused.stderr
 
 
 def test_boundary_pixels_are_both_sides_of_each_boundary():
