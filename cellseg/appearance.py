@@ -7,7 +7,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-APPEARANCES = ("fluorescence", "brightfield", "tissue")
 TISSUE_BACKGROUND_CV = 0.15  # bright backgrounds this textured (std / mean) are stained tissue
 
 
@@ -16,10 +15,13 @@ def image_appearance(image: np.ndarray, cells: np.ndarray) -> str:
     background) or 'tissue' (darker, on a textured background: stained sections), from the raw
     (H, W) image and its cell mask or labels (non-zero = cell)."""
     inside = cells > 0
-    background, nuclei = image[~inside].astype(np.float64), image[inside].astype(np.float64)
-    if not background.size or not nuclei.size or nuclei.mean() >= background.mean():
+    background, nuclei = image[~inside], image[inside]
+    if not background.size or not nuclei.size:
         return "fluorescence"
-    return "tissue" if background.std() > TISSUE_BACKGROUND_CV * background.mean() else "brightfield"
+    level = background.mean(dtype=np.float64)
+    if nuclei.mean(dtype=np.float64) >= level:
+        return "fluorescence"
+    return "tissue" if background.std(dtype=np.float64) > TISSUE_BACKGROUND_CV * level else "brightfield"
 
 
 def balanced_counts(counts: Sequence[int], kinds: Sequence[str], least_share: float) -> list[int]:
