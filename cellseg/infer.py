@@ -1,4 +1,4 @@
-"""Inference: a loaded model turned into maps. Normalise, batch same-sized images (tile large
+"""Inference: a loaded model turned into maps. Normalise, batch images the model pads alike (tile large
 ones), forward under inference mode with mixed precision where it helps, sigmoid; test-time
 augmentation; a model at a cell size sees each image resampled to it (`cellseg.scale`). What
 becomes of the maps (threshold, cells apart) is `cellseg.postprocess`."""
@@ -15,7 +15,7 @@ import torch
 from cellseg.checkpoint import Checkpoint, load_checkpoint_with_digest
 from cellseg.config import NormalizationConfig, PredictConfig
 from cellseg.io import StorageOptions
-from cellseg.model import UNet
+from cellseg.model import UNet, pad_to_multiple, padded_shape
 from cellseg.normalize import flat_level, normalize_image
 from cellseg.postprocess import CellMaps, maps_from_output, threshold_probabilities
 from cellseg.runtime import (
@@ -27,8 +27,8 @@ from cellseg.runtime import (
     resolve_device,
     set_threads,
 )
-from cellseg.scale import SizeEstimate, cell_maps_at_cell_size
-from cellseg.size_model import SizeModel, network_features
+from cellseg.scale import SizeEstimates, cell_maps_at_cell_size
+from cellseg.size_model import SizeModel, batched_network_features
 from cellseg.tiling import predict_tiled
 
 
@@ -86,11 +86,14 @@ def predict_outputs(
 ) -> list[np.ndarray]:
     """Outputs of `forward_outputs` for normalised (H, W) float32 images, as (C, H, W) float32 in [0, 1].
 
-    Images of equal shape are stacked into batches of up to `batch_size`; images larger than
-    `tile_size` on a side are predicted tile by tile (see `cellseg.tiling`). Order is preserved.
+    Images that the model pads to the same shape (`UNet.size_multiple`) are stacked into batches
+    of up to `batch_size`, each padded beforehand as the model would pad it alone, so that a
+    batch of mixed sizes predicts exactly what each image would; images larger than `tile_size`
+    on a side are predicted tile by tile (see `cellseg.tiling`). Order is preserved.
     """
     device = torch.device(device)
     model.eval()
+    multiple = getattr(model, "size_multiple", 1)
     results: list[np.ndarray | None] = [None] * len(images)
     by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for index, image in enumerate(images):
@@ -99,14 +102,24 @@ def predict_outputs(
                 lambda tile: forward_outputs(model, tile[None], device, amp, tta)[0], image, tile_size, tile_overlap
             )
         else:
-            by_shape[image.shape].append(index)
+            by_shape[padded_shape(image.shape, multiple)].append(index)
     for indices in by_shape.values():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
-            outputs = forward_outputs(model, np.stack([images[i] for i in chunk]), device, amp, tta)
+            outputs = forward_outputs(model, _stacked([images[i] for i in chunk], multiple), device, amp, tta)
             for i, output in zip(chunk, outputs, strict=True):
-                results[i] = output
+                height, width = images[i].shape
+                results[i] = output[:, :height, :width]
     return results  # type: ignore[return-value]
+
+
+def _stacked(images: Sequence[np.ndarray], multiple: int) -> np.ndarray:
+    """(B, H, W) of images that pad to one shape: as they are when they share a shape (the model
+    pads them itself), else each padded to that shape as the model pads."""
+    if all(image.shape == images[0].shape for image in images):
+        return np.stack(images)
+    return np.stack([pad_to_multiple(torch.from_numpy(np.ascontiguousarray(image))[None], multiple)[0].numpy()
+                     for image in images])
 
 
 def predict_probabilities(model: UNet | Any, images: Sequence[np.ndarray], **options: Any) -> list[np.ndarray]:
@@ -141,10 +154,11 @@ class Predictor:
         self.forward_model: Any = self.model
         if config.compile or (config.compile is None and self.device.type == "cpu"):
             self.forward_model = CompiledByShape(self.model, 0 if config.compile else COMPILE_AFTER)
-        self.size_estimate: SizeEstimate | None = None
+        self.size_estimate: SizeEstimates | None = None
         if checkpoint.size_model is not None:
-            size_model, features = SizeModel.from_dict(checkpoint.size_model), network_features(self.model, self.device, config.amp)
-            self.size_estimate = lambda image: size_model.diameter(features(image))
+            size_model = SizeModel.from_dict(checkpoint.size_model)
+            features = batched_network_features(self.model, self.device, config.amp, self.batch_size)
+            self.size_estimate = lambda images: [size_model.diameter(row) for row in features(images)]
 
     @classmethod
     def from_checkpoint(
@@ -212,9 +226,9 @@ class Predictor:
         config's for them (the block-wise path sizes its tiles to its windows, `cellseg.blocks`).
 
         A model trained at a cell size (`ModelConfig.cell_diameter`) sees each image resampled
-        to that size, one image at a time (`cellseg.scale.cell_maps_at_cell_size`: the size is
-        `PredictConfig.cell_diameter` when given, else measured), and the maps come back on the
-        image's own grid.
+        to that size (`cellseg.scale.cell_maps_at_cell_size`: the size is
+        `PredictConfig.cell_diameter` when given, else measured), the resampled images batched
+        as any others, and the maps come back on the image's own grid.
         """
         model_config = self.checkpoint.model_config
         if model_config.cell_diameter is None:
@@ -222,9 +236,8 @@ class Predictor:
         diameters = list(cell_diameters) if cell_diameters is not None else [None] * len(images)
         configs = [self.config if diameter is None else self.config.model_copy(update={"cell_diameter": diameter})
                    for diameter in diameters]
-        forward = self.forward_one if tile_size is None else (lambda image: self._forward([image], tile_size)[0])
-        return [cell_maps_at_cell_size(image, forward, model_config, config, self.size_estimate)
-                for image, config in zip(images, configs, strict=True)]
+        return cell_maps_at_cell_size(
+            images, lambda resampled: self._forward(resampled, tile_size), model_config, configs, self.size_estimate)
 
     def forward_one(self, image: np.ndarray) -> np.ndarray:
         """The (C, H, W) output for one normalised (H, W) image on its own grid."""

@@ -108,7 +108,7 @@ class UNet(nn.Module):
         """(B, F) summary of what the contracting path sees in each image: the spatial mean and
         standard deviation of every channel of every encoder level and the bottleneck (the
         input to `cellseg.size_model`, as Cellpose's style vector is to its size model)."""
-        x = _pad_to_multiple(x, self.size_multiple)
+        x = pad_to_multiple(x, self.size_multiple)
         levels = [self.stem(x)]
         for down in self.encoder:
             levels.append(down(levels[-1]))
@@ -117,7 +117,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
-        x = _pad_to_multiple(x, self.size_multiple)
+        x = pad_to_multiple(x, self.size_multiple)
         skips = [self.stem(x)]
         for down in self.encoder:
             skips.append(down(skips[-1]))
@@ -135,12 +135,22 @@ def expected_state(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], torc
     return {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in model.state_dict().items()}
 
 
-def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    height, width = x.shape[-2:]
+def padded_shape(shape: tuple[int, ...], multiple: int) -> tuple[int, int]:
+    """(H, W) that `pad_to_multiple` pads an image of `shape` (..., H, W) to."""
+    height, width = shape[-2:]
     pad_h, pad_w = -height % multiple, -width % multiple
     if height + pad_h == multiple and width + pad_w == multiple:
         # A 1x1 bottleneck leaves instance and group norm one value per channel, which they refuse.
         pad_h += multiple
+    return height + pad_h, width + pad_w
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """`x` (..., H, W) padded at the bottom and right to `padded_shape`, as the U-Net pads its
+    input: an image padded so beforehand is not padded again, and predicts exactly as unpadded."""
+    height, width = x.shape[-2:]
+    padded_height, padded_width = padded_shape(x.shape, multiple)
+    pad_h, pad_w = padded_height - height, padded_width - width
     if not (pad_h or pad_w):
         return x
     # Reflect padding needs the pad to be smaller than the side; fall back to replicate.

@@ -143,6 +143,11 @@ class CompiledByShape:
         self.model.eval()
         return self
 
+    @property
+    def size_multiple(self) -> int:
+        """The wrapped model's (`UNet.size_multiple`), else 1."""
+        return int(getattr(self.model, "size_multiple", 1))
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with self.one_pass(tuple(x.shape)) as forward:
             return forward(x)

@@ -30,8 +30,10 @@ from cellseg.postprocess import CellMaps, cell_labels, maps_from_output, split_t
 
 Forward = Callable[[np.ndarray], np.ndarray]
 """A model's forward pass for one normalised (H, W) image: its (C, H, W) output on the same grid."""
-SizeEstimate = Callable[[np.ndarray], float]
-"""A model's estimate of the median cell diameter (pixels) of one normalised (H, W) image."""
+Forwards = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
+"""`Forward` of several images at once (batched as the predictor batches)."""
+SizeEstimates = Callable[[Sequence[np.ndarray]], list[float]]
+"""A model's estimate of the median cell diameter (pixels) of each normalised (H, W) image."""
 
 MAX_SCALE = 4.0  # cells are never enlarged or shrunk more than this
 MAX_UPSCALED_PIXELS = 2**26  # an enlarged image stays below this many pixels (64 M, 256 MB as float32)
@@ -169,56 +171,75 @@ MEASURE_MISFIT = float(np.log(1.25))
 
 
 def cell_maps_at_cell_size(
-    image: np.ndarray, forward: Forward, model_config: ModelConfig, config: PredictConfig,
-    estimate: SizeEstimate | None = None,
-) -> CellMaps:
-    """`CellMaps` of a normalised (H, W) image for a model at a cell size (`model_config.cell_diameter`):
-    the image is resampled so that its cells have the model's size, predicted, and the maps come
-    back on the image's own grid. The size of its cells is `config.cell_diameter` when given,
-    else estimated by the model's size model (`estimate`, see `estimated_cell_maps`), else
-    measured by first passes (`measured_cell_maps`, for models without one). `CellMaps.scale`
-    records the size and the factor used."""
+    images: Sequence[np.ndarray], forward: Forwards, model_config: ModelConfig, configs: Sequence[PredictConfig],
+    estimate: SizeEstimates | None = None,
+) -> list[CellMaps]:
+    """`CellMaps` of normalised (H, W) images for a model at a cell size (`model_config.cell_diameter`):
+    each image is resampled so that its cells have the model's size, predicted, and its maps come
+    back on the image's own grid. The size of an image's cells is its config's `cell_diameter`
+    when given, else estimated by the model's size model (`estimate`, see `estimated_cell_maps`),
+    else measured by first passes (`measured_cell_maps`, for models without one, one image at a
+    time). The images of each pass go to `forward` together, so that it can batch them.
+    `CellMaps.scale` records the size and the factor used."""
     model_diameter = model_config.cell_diameter
     if not isinstance(model_diameter, float | int):
         raise ValueError(f"the model has no cell size ({model_diameter!r}): predict it at the image's own scale")
-    extra: dict[str, float | None] = {}
-    cell_diameter: float | None
-    if config.cell_diameter is None and estimate is not None:
-        maps, cell_diameter, factor, extra["measured_diameter"] = estimated_cell_maps(
-            image, forward, model_config, config, estimate)
-    elif config.cell_diameter is None:
-        maps, cell_diameter, factor = measured_cell_maps(image, forward, model_config, config)
-    else:
-        cell_diameter = config.cell_diameter
-        factor = _factor(cell_diameter, model_diameter, image.shape)
-        maps = _cell_maps_at(image, forward, factor, model_config.distance_map)[0]
-    scale = {"cell_diameter": cell_diameter, "measured": config.cell_diameter is None, "factor": factor, **extra}
-    return dataclasses.replace(maps, scale=scale)
+    results: list[CellMaps | None] = [None] * len(images)
+    stated = [i for i, config in enumerate(configs) if config.cell_diameter is not None]
+    estimated = [i for i, config in enumerate(configs) if config.cell_diameter is None and estimate is not None]
+    factors = [_factor(configs[i].cell_diameter, model_diameter, images[i].shape) for i in stated]
+    for i, factor, (maps, _) in zip(stated, factors, _cell_maps_at([images[i] for i in stated], forward, factors,
+                                                                    model_config.distance_map), strict=True):
+        results[i] = dataclasses.replace(
+            maps, scale={"cell_diameter": configs[i].cell_diameter, "measured": False, "factor": factor})
+    if estimated:
+        assert estimate is not None
+        for i, (maps, diameter, factor, measured) in zip(estimated, estimated_cell_maps(
+                [images[i] for i in estimated], forward, model_config, [configs[i] for i in estimated], estimate), strict=True):
+            results[i] = dataclasses.replace(
+                maps, scale={"cell_diameter": diameter, "measured": True, "factor": factor, "measured_diameter": measured})
+    for i, result in enumerate(results):
+        if result is None:
+            found_maps, found_diameter, found_factor = measured_cell_maps(
+                images[i], lambda image: forward([image])[0], model_config, configs[i])
+            results[i] = dataclasses.replace(
+                found_maps, scale={"cell_diameter": found_diameter, "measured": True, "factor": found_factor})
+    return results  # type: ignore[return-value]
 
 
 def estimated_cell_maps(
-    image: np.ndarray, forward: Forward, model_config: ModelConfig, config: PredictConfig, estimate: SizeEstimate
-) -> tuple[CellMaps, float, float, float | None]:
+    images: Sequence[np.ndarray], forward: Forwards, model_config: ModelConfig, configs: Sequence[PredictConfig],
+    estimate: SizeEstimates,
+) -> list[tuple[CellMaps, float, float, float | None]]:
     """(maps, the cell diameter they were predicted for, resampling factor, median diameter of
-    the cells found) of an image whose cell size the model's size model estimates.
+    the cells found) of each image whose cell size the model's size model estimates.
 
-    The image is predicted at the estimated size and its cells measured there (in image
+    Each image is predicted at its estimated size and its cells measured there (in image
     pixels), as Cellpose refines its size model's estimate. When they are more than
     MEASURE_MISFIT off the estimate, the estimate was poor and the image is predicted once more
     at the measured size, which the model's scale augmentation makes reliable.
     """
     model_diameter = float(model_config.cell_diameter)  # type: ignore[arg-type]
     distance_map = model_config.distance_map
-    diameter = estimate(image)
-    for attempt in range(2):
-        factor = _factor(diameter, model_diameter, image.shape)
-        maps, scaled = _cell_maps_at(image, forward, factor, distance_map)
-        found = median_cell_diameter(cell_labels(maps_from_output(scaled, distance_map), config))
-        measured = found / factor if found else None
-        if attempt or measured is None or abs(np.log(measured / diameter)) <= MEASURE_MISFIT:
-            break
-        diameter = measured
-    return maps, diameter, factor, measured
+    diameters = list(estimate(images))
+    factors = [_factor(diameter, model_diameter, image.shape) for diameter, image in zip(diameters, images, strict=True)]
+    passes = _cell_maps_at(images, forward, factors, distance_map)
+    measured = [_found_diameter(output, factors[i], distance_map, configs[i]) for i, (_, output) in enumerate(passes)]
+    again = [i for i, found in enumerate(measured)
+             if found is not None and abs(np.log(found / diameters[i])) > MEASURE_MISFIT]
+    remeasured = [float(measured[i]) for i in again]  # type: ignore[arg-type]
+    second_factors = [_factor(diameter, model_diameter, images[i].shape) for i, diameter in zip(again, remeasured, strict=True)]
+    second = _cell_maps_at([images[i] for i in again], forward, second_factors, distance_map)
+    for i, diameter, factor, (maps, output) in zip(again, remeasured, second_factors, second, strict=True):
+        diameters[i], factors[i], passes[i] = diameter, factor, (maps, output)
+        measured[i] = _found_diameter(output, factor, distance_map, configs[i])
+    return [(passes[i][0], diameters[i], factors[i], measured[i]) for i in range(len(images))]
+
+
+def _found_diameter(scaled: np.ndarray, factor: float, distance_map: bool, config: PredictConfig) -> float | None:
+    """The median diameter, in image pixels, of the cells of an output predicted at `factor`."""
+    found = median_cell_diameter(cell_labels(maps_from_output(scaled, distance_map), config))
+    return found / factor if found else None
 
 
 def measured_cell_maps(
@@ -238,7 +259,7 @@ def measured_cell_maps(
     """
     model_diameter = float(model_config.cell_diameter)  # type: ignore[arg-type]
     distance_map = model_config.distance_map
-    native = _cell_maps_at(image, forward, 1.0, distance_map)
+    native = _cell_map_at(image, forward, 1.0, distance_map)
     tried: list[tuple[float, CellMaps, float, float]] = []  # (misfit, maps, diameter, factor)
 
     def median_diameter(scaled: np.ndarray) -> float | None:
@@ -248,7 +269,7 @@ def measured_cell_maps(
 
     def attempt(diameter: float) -> float:
         factor = _factor(diameter, model_diameter, image.shape)
-        maps, scaled = native if factor == 1.0 else _cell_maps_at(image, forward, factor, distance_map)
+        maps, scaled = native if factor == 1.0 else _cell_map_at(image, forward, factor, distance_map)
         found = median_diameter(scaled)
         misfit = float(abs(np.log(found / (diameter * factor)))) if found else np.inf
         tried.append((misfit, maps, diameter, factor))
@@ -277,19 +298,34 @@ def _factor(cell_diameter: float | None, model_diameter: float, shape: tuple[int
     return 1.0 if abs(factor - 1.0) < SCALE_TOLERANCE else factor
 
 
+def _resampled(image: np.ndarray, factor: float) -> np.ndarray:
+    return image if factor == 1.0 else resize(image, scaled_shape(image.shape, factor), order=1)
+
+
 def _forward_at(image: np.ndarray, forward: Forward, factor: float) -> np.ndarray:
     """The raw (C, h, w) output for the image resampled by `factor`, on the resampled grid."""
-    resampled = image if factor == 1.0 else resize(image, scaled_shape(image.shape, factor), order=1)
-    return forward(resampled)
+    return forward(_resampled(image, factor))
 
 
-def _cell_maps_at(
-    image: np.ndarray, forward: Forward, factor: float, distance_map: bool
-) -> tuple[CellMaps, np.ndarray]:
+def _on_image_grid(output: np.ndarray, shape: tuple[int, int], factor: float, distance_map: bool) -> CellMaps:
+    if factor == 1.0:
+        return maps_from_output(output, distance_map)
+    return maps_from_output(np.stack([np.clip(resize(channel, shape, order=1), 0.0, 1.0) for channel in output]), distance_map)
+
+
+def _cell_map_at(image: np.ndarray, forward: Forward, factor: float, distance_map: bool) -> tuple[CellMaps, np.ndarray]:
     """The image predicted resampled by `factor`: its `CellMaps` back on the image's grid, and
     the raw (C, h, w) output on the resampled grid."""
     output = _forward_at(image, forward, factor)
-    if factor == 1.0:
-        return maps_from_output(output, distance_map), output
-    on_image_grid = np.stack([np.clip(resize(channel, image.shape, order=1), 0.0, 1.0) for channel in output])
-    return maps_from_output(on_image_grid, distance_map), output
+    return _on_image_grid(output, image.shape, factor, distance_map), output
+
+
+def _cell_maps_at(
+    images: Sequence[np.ndarray], forward: Forwards, factors: Sequence[float], distance_map: bool
+) -> list[tuple[CellMaps, np.ndarray]]:
+    """`_cell_map_at` of each image at its factor, all in one call of `forward`."""
+    if not images:
+        return []
+    outputs = forward([_resampled(image, factor) for image, factor in zip(images, factors, strict=True)])
+    return [(_on_image_grid(output, image.shape, factor, distance_map), output)
+            for image, factor, output in zip(images, factors, outputs, strict=True)]

@@ -12,6 +12,7 @@ The regression lives in the checkpoint (`Checkpoint.size_model`), as plain lists
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cellseg.model import UNet
+from cellseg.model import UNet, pad_to_multiple, padded_shape
 from cellseg.pairs import LoadedPair
 from cellseg.runtime import autocast_context, model_pass
 from cellseg.scale import MAX_UPSCALED_PIXELS, cells_of, median_cell_diameter, resize, scaled_shape
@@ -69,12 +70,34 @@ def central_crop(image: np.ndarray, size: int = SIZE_CROP) -> np.ndarray:
 
 def network_features(model: UNet, device: torch.device, amp: bool = True) -> Features:
     """`Features` of a network: its `UNet.features` of an image's central crop, in eval mode."""
+    of_many = batched_network_features(model, device, amp)
+    return lambda image: of_many([image])[0]
 
-    def features(image: np.ndarray) -> np.ndarray:
+
+def batched_network_features(
+    model: UNet, device: torch.device, amp: bool = True, batch_size: int = 1
+) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
+    """`network_features` of several images as (N, F), central crops that the network pads to
+    one shape stacked into batches of up to `batch_size` (padded beforehand as it pads them, so
+    that each row is what the image alone gives)."""
+
+    def features(images: Sequence[np.ndarray]) -> np.ndarray:
         model.eval()
-        x = torch.from_numpy(np.ascontiguousarray(central_crop(image), dtype=np.float32))[None, None].to(device)
-        with torch.inference_mode(), model_pass(model.features, tuple(x.shape)) as forward, autocast_context(device, amp):
-            return forward(x)[0].float().cpu().numpy().astype(np.float64)
+        crops = [np.ascontiguousarray(central_crop(image), dtype=np.float32) for image in images]
+        rows: list[np.ndarray | None] = [None] * len(crops)
+        by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for index, crop in enumerate(crops):
+            by_shape[padded_shape(crop.shape, model.size_multiple)].append(index)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                x = torch.stack([pad_to_multiple(torch.from_numpy(crops[i])[None], model.size_multiple) for i in chunk])
+                with (torch.inference_mode(), model_pass(model.features, tuple(x.shape)) as forward,
+                      autocast_context(device, amp)):
+                    batch = forward(x.to(device)).float().cpu().numpy().astype(np.float64)
+                for i, row in zip(chunk, batch, strict=True):
+                    rows[i] = row
+        return np.stack(rows) if rows else np.empty((0, 0))  # type: ignore[arg-type]
 
     return features
 

@@ -64,6 +64,30 @@ def test_mixed_sizes_keep_order_and_shapes():
         np.testing.assert_allclose(got, predict_probabilities(model, [image], batch_size=1)[0], rtol=1e-5, atol=1e-6)
 
 
+def batches_seen(model: UNet) -> list[tuple[int, ...]]:
+    """The input shape of every forward pass `model` makes from now on."""
+    shapes: list[tuple[int, ...]] = []
+    model.register_forward_pre_hook(lambda _module, args: shapes.append(tuple(args[0].shape)))
+    return shapes
+
+
+def test_images_of_different_sizes_that_pad_alike_share_a_batch_and_predict_as_alone():
+    model = small_unet()  # depth 2: pads to multiples of 4
+    shapes = [(21, 22), (24, 24), (22, 21), (17, 31), (23, 24), (10, 10), (9, 10)]
+    images = random_images(shapes, seed=5)
+    batches = batches_seen(model)
+    batched = predict_outputs(model, images, batch_size=4, amp=False)
+    # (21, 22), (24, 24), (22, 21), (23, 24) pad to 24x24, the two small ones to 12x12: three
+    # passes where one image at a time takes seven ((17, 31), alone, the model pads itself).
+    assert sorted(batches) == [(1, 1, 17, 31), (2, 1, 12, 12), (4, 1, 24, 24)]
+    assert [output.shape[1:] for output in batched] == shapes
+    for image, got in zip(images, batched, strict=True):
+        np.testing.assert_allclose(got, predict_outputs(model, [image], amp=False)[0], rtol=1e-5, atol=1e-6)
+    tiny = random_images([(3, 4), (4, 4)], seed=6)  # both padded to 8x4 (a 1x1 bottleneck is refused)
+    for image, got in zip(tiny, predict_outputs(model, tiny, batch_size=2, amp=False), strict=True):
+        np.testing.assert_allclose(got, predict_outputs(model, [image], amp=False)[0], rtol=1e-5, atol=1e-6)
+
+
 def test_probabilities_lie_in_zero_one():
     images = [image * 50 - 25 for image in random_images([(32, 32)] * 3, seed=5)]  # extreme inputs
     for result in predict_probabilities(small_unet(), images):

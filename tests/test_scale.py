@@ -34,6 +34,7 @@ from cellseg.scale import (
 from cellseg.scoring import instance_scores
 from cellseg.synth import generate_sample
 from cellseg.train import train
+from tests.test_infer import batches_seen
 
 
 def squares(sizes: list[int], shape=(80, 80)) -> np.ndarray:
@@ -268,3 +269,30 @@ def test_the_nuclei_model_estimates_the_cell_size_of_each_image(times_model_size
         assert maps.scale["measured"] is True
         ratios.append(maps.scale["cell_diameter"] / true_diameter)
     assert float(np.median(ratios)) == pytest.approx(1.0, abs=0.25), ratios
+
+
+def test_a_batch_of_images_at_their_own_cell_sizes_predicts_as_each_image_alone():
+    """The nuclei model's passes (size features, the pass at the estimated size, a second pass
+    where the cells found there contradict the estimate) batched across images of different
+    sizes and magnifications give each image the maps and scale it gets alone, in fewer passes."""
+    checkpoint = load_checkpoint(shipped_checkpoint("nuclei"))
+    model_diameter = checkpoint.model_config.cell_diameter
+    images = []
+    for seed, shape, times_model_size in [(21, (160, 160), 1.0), (22, (160, 160), 1.0), (23, (150, 170), 1.0),
+                                          (24, (96, 96), 2.0), (25, (160, 160), 0.6)]:
+        sample = generate_sample(np.random.default_rng(seed), shape)
+        factor = times_model_size * model_diameter / median_cell_diameter(sample.labels)
+        images.append(resize(sample.image, scaled_shape(shape, factor), order=1))
+    config = PredictConfig(device="cpu", amp=False, compile=False)
+    alone = Predictor(checkpoint, config.model_copy(update={"batch_size": 1}))
+    together = Predictor(checkpoint, config.model_copy(update={"batch_size": 8}))
+    passes_alone, passes_together = batches_seen(alone.model), batches_seen(together.model)
+    expected = [alone.cell_maps([image])[0] for image in images]
+    got = together.cell_maps(images)
+    for maps, reference in zip(got, expected, strict=True):
+        assert maps.scale == pytest.approx(reference.scale)
+        np.testing.assert_allclose(maps.probability, reference.probability, atol=1e-4)
+        np.testing.assert_allclose(maps.distance, reference.distance, atol=1e-4)
+    assert sum(shape[0] for shape in passes_alone) > len(images)  # some images took a second pass
+    assert sum(shape[0] for shape in passes_together) == sum(shape[0] for shape in passes_alone)
+    assert len(passes_together) < len(passes_alone), (passes_alone, passes_together)

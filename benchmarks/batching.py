@@ -1,0 +1,112 @@
+"""How well a model at a cell size batches across images, at two batch sizes side by side:
+
+    python -m benchmarks.batching [--model nuclei] [--dataset ../shared/data/dsb2018] [--device cuda]
+
+Each image of a model at a cell size is resampled to the model's cell size, by its own
+estimate, before its pass, so the images of one batch rarely keep one shape. `cellseg.infer`
+stacks the images the model pads to one shape (`UNet.size_multiple`) into one pass. This counts
+the model's forward passes and the images in each, and times `Predictor.cell_maps` over the same
+images at `--batch-sizes` (default 1 and 8), in turns, on two sets: the dataset's images (mixed
+sizes and magnifications: the hard case) and synthetic 512x512 images of one nominal cell size
+(one microscope's nightly run). The maps of every batch size are checked against the first's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellseg.bundled import shipped_checkpoint, shipped_name
+from cellseg.checkpoint import load_checkpoint
+from cellseg.config import PredictConfig
+from cellseg.infer import Predictor
+from cellseg.io import list_images, read_image
+from cellseg.synth import generate_sample
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def synthetic_images(count: int, side: int = 512, seed: int = 5) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [generate_sample(rng, (side, side)).image for _ in range(count)]
+
+
+def passes_and_seconds(predictor: Predictor, images: list[np.ndarray], chunk: int) -> dict[str, Any]:
+    """The forward passes (images in each) and seconds of `predictor.cell_maps` over `images`,
+    fed `chunk` at a time as `segment_images` feeds it; the maps' scales for the check."""
+    batches: list[int] = []
+    hook = predictor.model.register_forward_pre_hook(lambda _module, args: batches.append(int(args[0].shape[0])))
+    scales: list[Any] = []
+    started = time.perf_counter()
+    try:
+        for start in range(0, len(images), chunk):
+            scales += [maps.scale for maps in predictor.cell_maps(images[start : start + chunk])]
+    finally:
+        hook.remove()
+    return {"seconds": time.perf_counter() - started, "passes": len(batches), "images_passed": sum(batches),
+            "scales": scales}
+
+
+def bench_batching(model: str, images: list[np.ndarray], device: str, batch_sizes: list[int], rounds: int) -> dict:
+    """Passes, images per pass and the best of `rounds` seconds at each batch size, and whether
+    every batch size chose the first one's scales."""
+    checkpoint = load_checkpoint(shipped_checkpoint(model) if shipped_name(model) else model)
+    predictors = {size: Predictor(checkpoint, PredictConfig(device=device, batch_size=size, compile=False))
+                  for size in batch_sizes}
+    for predictor in predictors.values():
+        predictor.cell_maps(images[:1])  # first-call allocations are not part of the cost
+    runs: dict[int, list[dict[str, Any]]] = {size: [] for size in batch_sizes}
+    for _ in range(rounds):
+        for size, predictor in predictors.items():
+            runs[size].append(passes_and_seconds(predictor, images, max(batch_sizes)))
+    first = runs[batch_sizes[0]][0]["scales"]
+    rows = []
+    for size in batch_sizes:
+        best = min(runs[size], key=lambda run: run["seconds"])
+        same = all(_same_scale(a, b) for a, b in zip(best["scales"], first, strict=True))
+        rows.append({"batch_size": size, "seconds": best["seconds"], "images_per_second": len(images) / best["seconds"],
+                     "passes": best["passes"], "images_per_pass": best["images_passed"] / max(1, best["passes"]),
+                     "same_scales_as_first": same})
+    return {"model": model, "device": device, "images": len(images), "rows": rows}
+
+
+def _same_scale(a: dict | None, b: dict | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.keys() == b.keys() and all(
+        np.isclose(a[key], b[key], rtol=1e-3) if isinstance(a[key], float) else a[key] == b[key] for key in a)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="nuclei", help="a shipped model's name or a checkpoint file")
+    parser.add_argument("--dataset", type=Path, default=DATA / "dsb2018", help="a folder with images/; left out when absent")
+    parser.add_argument("--synthetic", type=int, default=32, help="synthetic 512x512 images of one cell size (0: none)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="write the results as JSON here too")
+    args = parser.parse_args()
+    sets = {}
+    if (args.dataset / "images").is_dir():
+        sets[args.dataset.name] = [read_image(url) for url in list_images(str(args.dataset / "images"))]
+    if args.synthetic:
+        sets["synthetic 512x512"] = synthetic_images(args.synthetic)
+    results = {}
+    for name, images in sets.items():
+        results[name] = result = bench_batching(args.model, images, args.device, args.batch_sizes, args.rounds)
+        for row in result["rows"]:
+            print(f"{name}, {result['images']} images, batch {row['batch_size']}: {row['passes']} passes, "
+                  f"{row['images_per_pass']:.2f} images per pass, {row['images_per_second']:.2f} img/s on "
+                  f"{args.device}; scales as batch {args.batch_sizes[0]}: {row['same_scales_as_first']}")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
