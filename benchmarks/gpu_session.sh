@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (docs/performance.md "GPU", docs/quality.md "Trained on a GPU"):
 # the nuclei model's candidate recipes trained side by side, the best on validation installed with its
-# card and every candidate scored on the dsb2018 test images, then the GPU throughput benchmark.
+# card and every candidate scored on the dsb2018 test images, then the GPU throughput benchmarks.
 # The machine has torch but not this project's dependencies, and no network: what it needs travels
 # beside the checkout (ignored by git):
 #   .whl/      cp312 wheels of pydantic, pydantic-core, pydantic-settings, annotated-types,
@@ -66,5 +66,9 @@ seconds=$(( $(left) > 100 ? 20 : 8 ))
 timeout $(( $(left) - 5 )) python3 -m benchmarks.gpu --seconds $seconds --out "$out/gpu.json" 2>&1 | tail -n 30
 if [ "$(left)" -gt 50 ]; then  # the general model has no cell-size pass: the product's batched path
   timeout $(( $(left) - 5 )) python3 -m benchmarks.gpu --model general --seconds 8 --out "$out/gpu-general.json" 2>&1 | tail -n 12
+fi
+if [ "$(left)" -gt 40 ]; then  # the nuclei model's passes across images: batch 1 against 8
+  timeout $(( $(left) - 5 )) python3 -m benchmarks.batching --device cuda --synthetic 64 --rounds 3 \
+    --out "$out/batching.json" 2>&1 | tail -n 4
 fi
 echo "done, $(left) s left"
