@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from cellseg import __version__
 from cellseg.config import PredictConfig
@@ -182,12 +183,8 @@ def segment_images(
                 except Exception as error:  # noqa: BLE001 - an unreadable image is recorded and the run goes on
                     writes.append(writer.submit(finish, image_id, url, None, None, _describe(error)))
             if batch:
-                outcomes: list[tuple[CellMaps | None, str | None]]
-                try:
-                    outcomes = [(maps, None) for maps in predictor.cell_maps(
-                        [image for _, _, image, _, _ in batch], [source.get("cell_diameter") for *_, source in batch])]
-                except Exception as error:  # noqa: BLE001 - the batch's images are recorded as failed, the run goes on
-                    outcomes = [(None, _describe(error))] * len(batch)
+                outcomes = _predict_batch(predictor, [image for _, _, image, _, _ in batch],
+                                          [source.get("cell_diameter") for *_, source in batch])
                 for (image_id, url, image, notes, source), (image_maps, failure) in zip(batch, outcomes, strict=True):
                     writes.append(writer.submit(finish, image_id, url, image, image_maps, failure, notes, source))
             while len(writes) > ahead:
@@ -199,6 +196,30 @@ def segment_images(
         raise StoreWriteError(f"{stopped[0]}; {len(report.done)} of {len(images)} images written before that, the "
                               "others are not done: once the store can be written, rerun to complete it")
     return report
+
+
+def _predict_batch(
+    predictor: Predictor, images: list[np.ndarray], diameters: list[float | None]
+) -> list[tuple[CellMaps | None, str | None]]:
+    """(maps, None) or (None, error) for each image of a batch. When the batch fails, its images
+    are predicted one at a time, so that only an image that fails alone is recorded as failed; a
+    batch that ran out of device memory also halves the predictor's later batches."""
+    try:
+        return [(maps, None) for maps in predictor.cell_maps(images, diameters)]
+    except Exception as error:  # noqa: BLE001 - an image that fails is recorded as failed and the run goes on
+        if len(images) == 1:
+            return [(None, _describe(error))]
+        if isinstance(error, torch.OutOfMemoryError):
+            predictor.batch_size = max(1, min(predictor.batch_size, len(images)) // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            logger.warning("a batch of %d images ran out of device memory; predicting them one at a time, and "
+                           "batches of %d from now on", len(images), predictor.batch_size)
+        else:
+            logger.warning("a batch of %d images failed (%s); predicting them one at a time",
+                           len(images), _describe(error))
+        return [outcome for image, diameter in zip(images, diameters, strict=True)
+                for outcome in _predict_batch(predictor, [image], [diameter])]
 
 
 def _read(url: str, storage_options: StorageOptions, config: PredictConfig) -> tuple[np.ndarray, list[str], dict[str, Any]]:

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from scipy import ndimage
 
@@ -251,3 +252,60 @@ def test_images_and_store_on_s3(s3_bucket, image_dir, predictor):
     assert store.failures()[0]["source_url"] == f"{bucket}/images/empty.png"
     expected, _ = expected_mask(predictor, read_image(str(image_dir / "synth_0000.png")))
     np.testing.assert_array_equal(store.read_mask("synth_0000"), expected)
+
+
+def fresh_predictor(tiny_checkpoint, batch_size: int) -> Predictor:
+    config = PredictConfig(device="cpu", batch_size=batch_size, min_cell_area=MIN_CELL_AREA, compile=False)
+    return Predictor.from_checkpoint(str(tiny_checkpoint), config)
+
+
+def test_a_batch_out_of_device_memory_is_predicted_image_by_image_and_later_batches_halved(
+    image_dir, store, tiny_checkpoint, caplog
+):
+    """Fault injected into the model: passes of more than two images raise torch's out-of-memory
+    error, as a GPU too small for a batch does. The images of that batch are predicted one at a
+    time, the next batches hold two, and every result is the one a run at batch size 1 stores."""
+    copies = [f"synth_copy_{letter}" for letter in "abc"]  # listed after the others: the later batches
+    for copy in copies:
+        shutil.copy(image_dir / "synth_0000.png", image_dir / f"{copy}.png")
+    predictor = fresh_predictor(tiny_checkpoint, batch_size=6)
+    passes: list[int] = []
+
+    def device_memory(_module, args):
+        passes.append(args[0].shape[0])
+        if args[0].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 18.00 GiB")
+
+    predictor.model.register_forward_pre_hook(device_memory)
+    with caplog.at_level("WARNING", logger="cellseg"):
+        report = run(image_dir, store, predictor)
+    assert sorted(report.done) == sorted(GOOD + copies)
+    assert sorted(item["image_id"] for item in report.failed) == sorted(CORRUPT)
+    # The first batch: small alone (its own shape), the three 96x96 images (out of memory), then
+    # each of the four alone; the copies in batches of two.
+    assert passes == [1, 3, 1, 1, 1, 1, 2, 1] and predictor.batch_size == 2
+    assert "a batch of 4 images ran out of device memory; predicting them one at a time, and batches of 2" in caplog.text
+    reference = fresh_predictor(tiny_checkpoint, batch_size=1)
+    for image_id in GOOD + copies:
+        expected, _ = expected_mask(reference, read_image(url_of(image_dir, image_id)))
+        np.testing.assert_array_equal(store.read_mask(image_id), expected)
+
+
+def test_an_image_that_fails_in_a_batch_fails_alone(image_dir, store, tiny_checkpoint, caplog):
+    """Fault injected into the model for the one 64x80 image: the batch it came in is predicted
+    again image by image, and only that image is recorded as failed, with the model's error."""
+    predictor = fresh_predictor(tiny_checkpoint, batch_size=4)
+
+    def fails_on_the_small_image(_module, args):
+        if tuple(args[0].shape[-2:]) == (64, 80):
+            raise RuntimeError("the model cannot take this image")
+
+    predictor.model.register_forward_pre_hook(fails_on_the_small_image)
+    with caplog.at_level("WARNING", logger="cellseg"):
+        report = run(image_dir, store, predictor)
+    assert sorted(report.done) == sorted(set(GOOD) - {"small"})
+    small = [item for item in report.failed if item["image_id"] == "small"]
+    assert len(small) == 1 and small[0]["error"] == "RuntimeError: the model cannot take this image"
+    assert predictor.batch_size == 4
+    assert "failed (RuntimeError: the model cannot take this image); predicting them one at a time" in caplog.text
+    assert store.done_ids() == set(GOOD) - {"small"}
