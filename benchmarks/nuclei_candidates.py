@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cellseg.build_bundled import build_nuclei, install_model, nuclei_training_data
+from cellseg.build_bundled import build_nuclei, can_resume, install_model, nuclei_training_data
 from cellseg.bundled import NucleiRecipe
 from cellseg.jobs import TrainOutcome
 from cellseg.train import TrainResult
@@ -64,7 +64,7 @@ def train_candidate(name: str, out: Path, minutes: float | None, data: str | Non
     """Train one candidate (continuing an earlier run of it) and write its outcome.json."""
     recipe = candidate_recipe(name, minutes, data, loader_workers)
     folder = out / name
-    outcome = build_nuclei(folder, recipe, resume=(folder / "training" / "last.pt").is_file())
+    outcome = build_nuclei(folder, recipe, resume=can_resume(folder))
     result = outcome.result
     record = {
         "name": name, "recipe": recipe.model_dump(mode="json"), "out_dir": str(result.out_dir),

@@ -17,7 +17,7 @@ import json
 import logging
 from pathlib import Path
 
-from cellseg.build_bundled import build_nuclei
+from cellseg.build_bundled import build_nuclei, can_resume
 from cellseg.bundled import NucleiRecipe, model_card, shipped_checkpoint
 
 ENDING_LEARNING_RATE = 5e-4  # the shipped run halved 1e-3 once (docs/quality.md, the learning curve)
@@ -45,7 +45,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
     recipe = continued_recipe(shipped_checkpoint("nuclei"), args.epochs, args.data, args.lr, args.balance_appearance)
-    outcome = build_nuclei(out, recipe, resume=(out / "training" / "last.pt").is_file())
+    outcome = build_nuclei(out, recipe, resume=can_resume(out))
     shipped = model_card("nuclei")["validation"]
     print(json.dumps({
         "best_epoch": outcome.result.best_epoch, "best_val_loss": outcome.result.best_metrics.get("val_loss"),

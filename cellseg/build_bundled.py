@@ -72,6 +72,11 @@ def build_general(out_dir: str | Path, recipe: GeneralRecipe | None = None, inst
     return outcome
 
 
+def can_resume(out_dir: str | Path) -> bool:
+    """Whether `out_dir` holds an interrupted build to continue (its training's `last.pt`)."""
+    return (Path(out_dir) / "training" / "last.pt").is_file()
+
+
 def build_nuclei(out_dir: str | Path, recipe: NucleiRecipe | None = None, install: bool = False,
                  resume: bool = False) -> TrainOutcome:
     """Train the `nuclei` model on the DSB2018 stage-1 training images and their instance labels."""
@@ -210,7 +215,7 @@ def main() -> None:
         decide_nuclei_postprocessing()
         return
     out = args.out or f"{LOCAL_ROOT}/shipped/{args.name}"
-    resume = args.resume and (Path(out) / "training" / "last.pt").is_file()
+    resume = args.resume and can_resume(out)
     BUILDERS[args.name](out, install=args.install, resume=resume)
 
 
