@@ -5,7 +5,6 @@ becomes of the maps (threshold, cells apart) is `cellseg.postprocess`."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 from cellseg.checkpoint import Checkpoint, load_checkpoint_with_digest
 from cellseg.config import NormalizationConfig, PredictConfig
 from cellseg.io import StorageOptions
-from cellseg.model import UNet, pad_to_multiple, padded_shape
+from cellseg.model import UNet, padded_batches
 from cellseg.normalize import flat_level, normalize_image
 from cellseg.postprocess import CellMaps, maps_from_output, threshold_probabilities
 from cellseg.runtime import (
@@ -93,33 +92,22 @@ def predict_outputs(
     """
     device = torch.device(device)
     model.eval()
-    multiple = getattr(model, "size_multiple", 1)
     results: list[np.ndarray | None] = [None] * len(images)
-    by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    untiled: list[int] = []
     for index, image in enumerate(images):
         if tile_size is not None and max(image.shape) > tile_size:
             results[index] = predict_tiled(
                 lambda tile: forward_outputs(model, tile[None], device, amp, tta)[0], image, tile_size, tile_overlap
             )
         else:
-            by_shape[padded_shape(image.shape, multiple)].append(index)
-    for indices in by_shape.values():
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start : start + batch_size]
-            outputs = forward_outputs(model, _stacked([images[i] for i in chunk], multiple), device, amp, tta)
-            for i, output in zip(chunk, outputs, strict=True):
-                height, width = images[i].shape
-                results[i] = output[:, :height, :width]
+            untiled.append(index)
+    batches = padded_batches([images[i] for i in untiled], getattr(model, "size_multiple", 1), batch_size)
+    for positions, batch in batches:
+        outputs = forward_outputs(model, batch, device, amp, tta)
+        for position, output in zip(positions, outputs, strict=True):
+            height, width = images[untiled[position]].shape
+            results[untiled[position]] = output[:, :height, :width]
     return results  # type: ignore[return-value]
-
-
-def _stacked(images: Sequence[np.ndarray], multiple: int) -> np.ndarray:
-    """(B, H, W) of images that pad to one shape: as they are when they share a shape (the model
-    pads them itself), else each padded to that shape as the model pads."""
-    if all(image.shape == images[0].shape for image in images):
-        return np.stack(images)
-    return np.stack([pad_to_multiple(torch.from_numpy(np.ascontiguousarray(image))[None], multiple)[0].numpy()
-                     for image in images])
 
 
 def predict_probabilities(model: UNet | Any, images: Sequence[np.ndarray], **options: Any) -> list[np.ndarray]:

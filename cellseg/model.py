@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -156,3 +160,22 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     # Reflect padding needs the pad to be smaller than the side; fall back to replicate.
     mode = "reflect" if pad_h < height and pad_w < width else "replicate"
     return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+
+
+def padded_batches(images: Sequence[np.ndarray], multiple: int, batch_size: int) -> Iterator[tuple[list[int], np.ndarray]]:
+    """(positions in `images`, (B, H, W) stack) for (H, W) images that `pad_to_multiple` pads to
+    one shape, up to `batch_size` at a time: stacked as they are when they share a shape (the
+    network pads them itself), else each padded beforehand as the network pads it alone, so that
+    every image of a mixed batch gives what it gives by itself."""
+    by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, image in enumerate(images):
+        by_shape[padded_shape(image.shape, multiple)].append(index)
+    for indices in by_shape.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            members = [images[i] for i in chunk]
+            if all(member.shape == members[0].shape for member in members):
+                yield chunk, np.stack(members)
+            else:
+                yield chunk, np.stack([pad_to_multiple(torch.from_numpy(np.ascontiguousarray(member))[None], multiple)[0]
+                                       .numpy() for member in members])

@@ -12,7 +12,6 @@ The regression lives in the checkpoint (`Checkpoint.size_model`), as plain lists
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cellseg.model import UNet, pad_to_multiple, padded_shape
+from cellseg.model import UNet, padded_batches
 from cellseg.pairs import LoadedPair
 from cellseg.runtime import autocast_context, model_pass
 from cellseg.scale import MAX_UPSCALED_PIXELS, cells_of, median_cell_diameter, resize, scaled_shape
@@ -83,20 +82,14 @@ def batched_network_features(
 
     def features(images: Sequence[np.ndarray]) -> np.ndarray:
         model.eval()
-        crops = [np.ascontiguousarray(central_crop(image), dtype=np.float32) for image in images]
+        crops = [np.asarray(central_crop(image), dtype=np.float32) for image in images]
         rows: list[np.ndarray | None] = [None] * len(crops)
-        by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for index, crop in enumerate(crops):
-            by_shape[padded_shape(crop.shape, model.size_multiple)].append(index)
-        for indices in by_shape.values():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
-                x = torch.stack([pad_to_multiple(torch.from_numpy(crops[i])[None], model.size_multiple) for i in chunk])
-                with (torch.inference_mode(), model_pass(model.features, tuple(x.shape)) as forward,
-                      autocast_context(device, amp)):
-                    batch = forward(x.to(device)).float().cpu().numpy().astype(np.float64)
-                for i, row in zip(chunk, batch, strict=True):
-                    rows[i] = row
+        for positions, batch in padded_batches(crops, model.size_multiple, batch_size):
+            x = torch.from_numpy(batch)[:, None].to(device)
+            with torch.inference_mode(), model_pass(model.features, tuple(x.shape)) as forward, autocast_context(device, amp):
+                summaries = forward(x).float().cpu().numpy().astype(np.float64)
+            for position, row in zip(positions, summaries, strict=True):
+                rows[position] = row
         return np.stack(rows) if rows else np.empty((0, 0))  # type: ignore[arg-type]
 
     return features
