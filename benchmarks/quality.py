@@ -8,6 +8,7 @@ cell pixels over probability thresholds 0.0-1.0, pooled over the validation imag
     python -m benchmarks.quality --dataset ../shared/data/dsb2018 --run runs/ref-dsb2018 [--tta] [--no-split]
     python -m benchmarks.quality --dataset ../shared/data/dsb2018 --model nuclei [--card]
     python -m benchmarks.quality --dataset ../shared/data/dsb2018-train --model nuclei --val-of runs/nuclei/training
+    python -m benchmarks.quality --dataset ../shared/data/dsb2018-train --model nuclei --recipe-val --zoom 2
 
 With `--run`: reads `<run>/split.json` (written by `cellseg train`) for the validation ids, links
 those images, masks and labels into `<out>/val/`, segments them with `<run>/best.pt` into a fresh
@@ -19,7 +20,10 @@ estimated per image), and prints the scores overall and per modality, and for a 
 size how close each estimated size came to the true median nucleus diameter. `--card` writes the
 figures into the shipped model's card. With `--val-of RUN` as well, only RUN's validation images
 of the dataset are segmented (linked into `<out>-images/`): two models on the same held-out images
-of their training collection, per modality.
+of their training collection, per modality. `--recipe-val` takes the validation images of the
+shipped nuclei model's recipe (its seed and fraction) instead of a run's. `--zoom F` shows every
+image resampled by F (bilinear; masks and labels nearest), as if taken at another magnification:
+the size estimate checked on cells larger or smaller than the collection's.
 """
 
 from __future__ import annotations
@@ -32,14 +36,16 @@ from pathlib import Path
 import numpy as np
 
 from cellseg.appearance import image_appearance
-from cellseg.bundled import model_card, shipped_name, shipped_paths
+from cellseg.bundled import NucleiRecipe, model_card, shipped_name, shipped_paths
 from cellseg.config import PredictConfig
 from cellseg.evaluate import evaluate_store
 from cellseg.io import image_stem, read_image, read_mask
 from cellseg.jobs import SegmentJob, run_segmentation
-from cellseg.scale import median_cell_diameter
+from cellseg.pairs import pair_images_and_masks, split_train_val
+from cellseg.scale import median_cell_diameter, resize, scaled_shape
 from cellseg.scoring import HEADLINE_CELL_SCORES, summarise_instance_scores
 from cellseg.store import ResultStore
+from cellseg.synth import encode_png
 
 SIZE_TOLERANCE = 0.25  # an estimated cell size counts as right within 25% of the true median diameter
 
@@ -47,23 +53,37 @@ SIZE_TOLERANCE = 0.25  # an estimated cell size counts as right within 25% of th
 def link_validation_images(dataset: Path, run: Path, out: Path) -> list[str]:
     """Symlink the run's validation images (and their masks and labels) into `out`."""
     val = set(json.loads((run / "split.json").read_text())["val"])
+    copy_images(dataset, out, val)
+    return sorted(val)
+
+
+def copy_images(dataset: Path, out: Path, ids: set[str] | None = None, zoom: float = 1.0) -> None:
+    """`dataset`'s images, masks and labels (those of `ids`, else all) into `out`, laid out alike:
+    links, or at `zoom` resampled copies (images bilinear, masks and labels nearest)."""
     for kind in ("images", "masks", "labels"):
         if not (dataset / kind).is_dir():
             continue
         (out / kind).mkdir(parents=True, exist_ok=True)
         for path in sorted((dataset / kind).iterdir()):
-            if image_stem(path.name) in val:
+            if ids is not None and image_stem(path.name) not in ids:
+                continue
+            if zoom == 1.0:
                 (out / kind / path.name).symlink_to(path.resolve())
-    return sorted(val)
+                continue
+            array = read_image(str(path))
+            shape = scaled_shape(array.shape, zoom)
+            if kind == "images":
+                resampled = np.clip(np.rint(resize(array.astype(np.float32), shape, order=1)), 0, np.iinfo(array.dtype).max)
+            else:
+                resampled = resize(array, shape, order=0)
+            (out / kind / f"{image_stem(path.name)}.png").write_bytes(encode_png(resampled.astype(array.dtype)))
 
 
-def validation_folder(dataset: Path, run: Path, folder: Path) -> Path:
-    """`folder`, emptied, holding links to `run`'s validation images of `dataset` (images, masks
-    and labels), laid out as a dataset."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    link_validation_images(dataset, run, folder)
-    return folder
+def recipe_validation_ids(dataset: Path) -> set[str]:
+    """The ids of `dataset`'s images that the shipped nuclei recipe holds out for validation."""
+    recipe = NucleiRecipe()
+    pairs = pair_images_and_masks(str(dataset / "images"), str(dataset / "labels"))
+    return {pair.id for pair in split_train_val(pairs, recipe.training.val_fraction, recipe.training.seed)[1]}
 
 
 def measure(dataset: Path, run: Path, out: Path, config: PredictConfig) -> dict:
@@ -171,17 +191,33 @@ def main() -> None:
     parser.add_argument("--tta", action="store_true")
     parser.add_argument("--no-split", action="store_true")
     parser.add_argument("--card", action="store_true", help="with a shipped --model: write the figures into its card")
-    parser.add_argument("--val-of", type=Path, metavar="RUN",
-                        help="with --model: only the validation images of this training run (its split.json)")
+    held_out = parser.add_mutually_exclusive_group()
+    held_out.add_argument("--val-of", type=Path, metavar="RUN",
+                          help="with --model: only the validation images of this training run (its split.json)")
+    held_out.add_argument("--recipe-val", action="store_true",
+                          help="with --model: only the validation images of the shipped nuclei model's recipe")
+    parser.add_argument("--zoom", type=float, default=1.0,
+                        help="with --model: every image resampled by this factor, as at another magnification")
     args = parser.parse_args()
     config = PredictConfig(tta=args.tta, split_touching=False if args.no_split else None)
     suffix = ("-tta" if args.tta else "") + ("-nosplit" if args.no_split else "")
-    if args.val_of and (not args.model or args.card):
-        parser.error("--val-of goes with --model, and not with --card (the card holds the test figures)")
+    chosen = args.val_of or args.recipe_val or args.zoom != 1.0
+    if chosen and (not args.model or args.card):
+        parser.error("--val-of, --recipe-val and --zoom go with --model, and not with --card (the card holds the test figures)")
+    if not 0.1 <= args.zoom <= 10:
+        parser.error(f"--zoom {args.zoom:g}: give a factor between 0.1 and 10")
     if args.model:
         name = Path(args.model).stem if not shipped_name(args.model) else args.model
-        out = args.out or Path("runs/quality") / f"{name}-{args.dataset.name}{'-val' if args.val_of else ''}{suffix}"
-        dataset = validation_folder(args.dataset, args.val_of, out.with_name(out.name + "-images")) if args.val_of else args.dataset
+        label = ("-val" if args.val_of or args.recipe_val else "") + (f"-zoom{args.zoom:g}" if args.zoom != 1.0 else "")
+        out = args.out or Path("runs/quality") / f"{name}-{args.dataset.name}{label}{suffix}"
+        dataset = args.dataset
+        if chosen:
+            dataset = out.with_name(out.name + "-images")
+            if dataset.exists():
+                shutil.rmtree(dataset)
+            ids = (set(json.loads((args.val_of / "split.json").read_text())["val"]) if args.val_of
+                   else recipe_validation_ids(args.dataset) if args.recipe_val else None)
+            copy_images(args.dataset, dataset, ids, args.zoom)
         summary = measure_model(dataset, args.model, out, config)
         print_table(summary)
         if args.card:

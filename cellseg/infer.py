@@ -27,7 +27,7 @@ from cellseg.runtime import (
     set_threads,
 )
 from cellseg.scale import SizeEstimates, cell_maps_at_cell_size
-from cellseg.size_model import SizeModel, batched_network_features
+from cellseg.size_model import SizeModel, batched_network_features, size_estimates
 from cellseg.tiling import predict_tiled
 
 
@@ -143,10 +143,11 @@ class Predictor:
         if config.compile or (config.compile is None and self.device.type == "cpu"):
             self.forward_model = CompiledByShape(self.model, 0 if config.compile else COMPILE_AFTER)
         self.size_estimate: SizeEstimates | None = None
-        if checkpoint.size_model is not None:
+        model_diameter = checkpoint.model_config.cell_diameter
+        if checkpoint.size_model is not None and isinstance(model_diameter, float | int):
             size_model = SizeModel.from_dict(checkpoint.size_model)
             features = batched_network_features(self.model, self.device, config.amp, self.batch_size)
-            self.size_estimate = lambda images: [size_model.diameter(row) for row in features(images)]
+            self.size_estimate = size_estimates(size_model, features, float(model_diameter))
 
     @classmethod
     def from_checkpoint(

@@ -22,7 +22,16 @@ import torch
 from cellseg.model import UNet, padded_batches
 from cellseg.pairs import LoadedPair
 from cellseg.runtime import autocast_context, model_pass
-from cellseg.scale import MAX_UPSCALED_PIXELS, cells_of, median_cell_diameter, resize, scaled_shape
+from cellseg.scale import (
+    MAX_UPSCALED_PIXELS,
+    SCALE_TOLERANCE,
+    SizeEstimates,
+    cells_of,
+    median_cell_diameter,
+    resize,
+    scale_factor,
+    scaled_shape,
+)
 
 SIZE_CROP = 512  # features are read from the central crop of at most this many pixels a side
 MAGNIFICATIONS = 3  # training images are each shown at this many random magnifications
@@ -65,6 +74,39 @@ def central_crop(image: np.ndarray, size: int = SIZE_CROP) -> np.ndarray:
     """The central `size` x `size` window of an (H, W) image (the whole of a smaller side)."""
     top, left = max(0, (image.shape[0] - size) // 2), max(0, (image.shape[1] - size) // 2)
     return image[top : top + size, left : left + size]
+
+
+def size_estimates(
+    size_model: SizeModel, features: Callable[[Sequence[np.ndarray]], np.ndarray], model_diameter: float
+) -> SizeEstimates:
+    """Each normalised image's median cell diameter, read by `size_model` from `features` twice:
+    at the image's own scale, then from its central crop resampled to that first reading.
+
+    A ridge regression pulls its answers toward the middle of the sizes it was fitted on, so
+    cells far from the model's size read too close to it (nuclei 100 px across as 50). Resampled
+    to the first reading, the cells are near the model's size, where the regression is most
+    accurate; the second reading, brought back to the image's pixels, is the estimate. An
+    enlarged crop is interpolated, and its soft edges read larger than the cells are, so where
+    the first reading asks to enlarge, the estimate is the geometric mean of the two readings.
+    """
+
+    def estimate(images: Sequence[np.ndarray]) -> list[float]:
+        diameters = [size_model.diameter(row) for row in features(images)]
+        factors = [scale_factor(diameter, model_diameter, image.shape) for diameter, image in zip(diameters, images, strict=True)]
+        again = [i for i, factor in enumerate(factors) if abs(factor - 1.0) >= SCALE_TOLERANCE]
+        views = [_resampled_crop(images[i], factors[i]) for i in again]
+        for i, row in zip(again, features(views) if views else [], strict=True):
+            second = size_model.diameter(row) / factors[i]
+            diameters[i] = second if factors[i] < 1.0 else float(np.sqrt(diameters[i] * second))
+        return diameters
+
+    return estimate
+
+
+def _resampled_crop(image: np.ndarray, factor: float) -> np.ndarray:
+    """The central crop of `image` that is SIZE_CROP a side once resampled by `factor`, resampled."""
+    crop = central_crop(image, int(np.ceil(SIZE_CROP / factor)))
+    return resize(np.asarray(crop, dtype=np.float32), scaled_shape(crop.shape, factor), order=1)
 
 
 def network_features(model: UNet, device: torch.device, amp: bool = True) -> Features:

@@ -19,6 +19,7 @@ from benchmarks.pixel_ceiling import (
 from benchmarks.pixel_ceiling import measure as pixel_ceiling
 from benchmarks.quality import measure
 from cellseg.config import PredictConfig
+from cellseg.io import read_image
 from cellseg.pairs import pair_images_and_masks, split_train_val
 
 
@@ -58,7 +59,27 @@ def test_a_model_scored_on_the_validation_images_of_a_run(tiny_checkpoint, synth
     assert sorted(row["image_id"] for row in saved["evaluation"]["per_image"]) == sorted(p.id for p in val_pairs)
     assert sorted(path.stem for path in (tmp_path / "q-images" / "labels").iterdir()) == sorted(p.id for p in val_pairs)
     refused = subprocess.run([*command, "--card"], check=False, capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    assert refused.returncode == 2 and "--val-of goes with --model, and not with --card" in refused.stderr
+    assert refused.returncode == 2 and "go with --model, and not with --card" in refused.stderr
+
+
+def test_a_model_scored_on_images_shown_at_another_magnification(tiny_checkpoint, synthetic_dataset, tmp_path):
+    """`--zoom 2`: every image, mask and label image resampled to twice its size, labels kept whole."""
+    command = [sys.executable, "-m", "benchmarks.quality", "--dataset", str(synthetic_dataset), "--model",
+               str(tiny_checkpoint), "--zoom", "2", "--out", str(tmp_path / "q"), "--no-split"]
+    subprocess.run(command, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    zoomed = tmp_path / "q-images"
+    originals = sorted((synthetic_dataset / "images").iterdir())
+    assert sorted(path.name for path in (zoomed / "images").iterdir()) == [path.name for path in originals]
+    for kind in ("images", "masks", "labels"):
+        before, after = read_image(str(synthetic_dataset / kind / originals[0].name)), read_image(str(zoomed / kind / originals[0].name))
+        assert after.shape == (2 * before.shape[0], 2 * before.shape[1]) and after.dtype == before.dtype
+        if kind == "labels":
+            assert set(np.unique(after)) == set(np.unique(before))  # nearest: no label invented or lost
+    saved = json.loads((tmp_path / "q" / "quality.json").read_text())
+    assert saved["summary"]["images"] == len(originals)
+    command[command.index("--zoom") + 1] = "20"
+    refused = subprocess.run(command, check=False, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert refused.returncode == 2 and "--zoom 20" in refused.stderr
 
 
 def test_boundary_pixels_are_both_sides_of_each_boundary():

@@ -251,9 +251,9 @@ def test_a_collection_works_at_one_size_only_when_its_cell_sizes_differ():
 @pytest.mark.parametrize("times_model_size", [0.5, 1.0, 2.0])
 def test_the_nuclei_model_estimates_the_cell_size_of_each_image(times_model_size):
     """Synthetic nuclei at half, once and twice the shipped model's cell size: the size each image
-    is predicted at is close to its true median cell diameter. Single images vary (0.8x-1.64x:
-    the synthetic cells' blurred edges look unlike any training nucleus); the median over five
-    samples measured 1.15x, 1.01x and 1.18x. Issue 18's target is 15%."""
+    is predicted at is close to its true median cell diameter, as issue 18 asks: within 15%.
+    Single images vary (0.89x-1.26x: the synthetic cells' blurred edges look unlike any training
+    nucleus); the median over five samples measured 1.12x, 1.09x and 1.00x."""
     checkpoint = load_checkpoint(shipped_checkpoint("nuclei"))
     model_diameter = checkpoint.model_config.cell_diameter
     predictor = Predictor(checkpoint, PredictConfig(device="cpu"))
@@ -268,7 +268,7 @@ def test_the_nuclei_model_estimates_the_cell_size_of_each_image(times_model_size
         (maps,) = predictor.cell_maps([image])
         assert maps.scale["measured"] is True
         ratios.append(maps.scale["cell_diameter"] / true_diameter)
-    assert float(np.median(ratios)) == pytest.approx(1.0, abs=0.25), ratios
+    assert float(np.median(ratios)) == pytest.approx(1.0, abs=0.15), ratios
 
 
 def test_a_batch_of_images_at_their_own_cell_sizes_predicts_as_each_image_alone():

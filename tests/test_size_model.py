@@ -6,16 +6,22 @@ import numpy as np
 import pytest
 import torch
 
+from cellseg.bundled import shipped_checkpoint
+from cellseg.checkpoint import load_checkpoint
 from cellseg.config import ModelConfig
 from cellseg.model import UNet
+from cellseg.normalize import normalize_image
 from cellseg.pairs import ImagePair, LoadedPair
+from cellseg.scale import SCALE_TOLERANCE, median_cell_diameter, resize, scale_factor, scaled_shape
 from cellseg.size_model import (
     MAGNIFICATION_RANGE,
     SIZE_CROP,
     SizeModel,
+    batched_network_features,
     central_crop,
     fit_size_model,
     network_features,
+    size_estimates,
     size_examples,
 )
 from cellseg.synth import generate_sample
@@ -65,3 +71,36 @@ def test_features_come_from_the_central_crop_of_the_contracting_path():
     vector = features(image)
     assert vector.shape == (2 * (4 + 8 + 16),)  # mean and std of each level's channels
     np.testing.assert_allclose(vector, features(central_crop(image)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("times_model_size", [2.0, 3.0])
+def test_cells_far_from_the_model_size_are_read_again_at_the_scale_the_first_reading_asks_for(times_model_size):
+    """The shipped nuclei model's size model on synthetic nuclei two and three times its cell
+    size: its first reading is off (median over five samples 1.38x and 1.28x the true diameter),
+    the reading of the crop resampled to it is not (1.00x and 1.09x; issue 18's target is 15%).
+    Each image takes one more pass of the contracting path, all in one call."""
+    checkpoint = load_checkpoint(shipped_checkpoint("nuclei"))
+    model_diameter = float(checkpoint.model_config.cell_diameter)
+    size_model = SizeModel.from_dict(checkpoint.size_model)
+    features = batched_network_features(checkpoint.build_model(), torch.device("cpu"))
+    images, true_diameters = [], []
+    for seed in range(11, 16):
+        sample = generate_sample(np.random.default_rng(seed), (256, 256))
+        shape = scaled_shape(sample.image.shape, times_model_size * model_diameter / median_cell_diameter(sample.labels))
+        images.append(normalize_image(resize(sample.image, shape, order=1), checkpoint.model_config.normalization))
+        true_diameters.append(median_cell_diameter(resize(sample.labels.astype(np.int32), shape, order=0)))
+    calls: list[int] = []
+
+    def counted(batch):
+        calls.append(len(batch))
+        return features(batch)
+
+    first = [size_model.diameter(row) for row in features(images)]
+    estimates = size_estimates(size_model, counted, model_diameter)(images)
+    far = sum(abs(scale_factor(diameter, model_diameter, image.shape) - 1.0) >= SCALE_TOLERANCE
+              for diameter, image in zip(first, images, strict=True))
+    assert calls == [5, far] and far >= 4
+    first_ratio = float(np.median(np.divide(first, true_diameters)))
+    ratio = float(np.median(np.divide(estimates, true_diameters)))
+    assert abs(np.log(ratio)) < abs(np.log(first_ratio)), (first_ratio, ratio)
+    assert ratio == pytest.approx(1.0, abs=0.15), (first_ratio, ratio)
