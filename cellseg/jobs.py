@@ -47,7 +47,17 @@ from cellseg.redact import redact_text, redact_url
 from cellseg.report import training_pictures
 from cellseg.runtime import resolve_device, set_threads
 from cellseg.segment import SegmentReport, model_record, pending_images, segment_images
-from cellseg.size_model import MAGNIFICATIONS, MIN_EXAMPLES, SizeModel, fit_size_model, network_features, size_examples
+from cellseg.size_model import (
+    MAGNIFICATIONS,
+    MIN_EXAMPLES,
+    SizeModel,
+    batched_network_features,
+    fit_size_model,
+    magnified_examples,
+    network_features,
+    size_estimates,
+    size_examples,
+)
 from cellseg.starting_point import Start, choose_start
 from cellseg.store import ResultStore
 from cellseg.store_checks import StoreWriteError
@@ -195,17 +205,19 @@ def finish_checkpoint(
     checkpoint = load_checkpoint(checkpoint_url)
     device = resolve_device(job.training.device)
     if checkpoint.model_config.cell_diameter is not None:
-        features = network_features(checkpoint.build_model().to(device), device, job.training.amp)
-        examples = size_examples(train_pairs, features, job.training.seed)
+        model = checkpoint.build_model().to(device)
+        examples = size_examples(train_pairs, network_features(model, device, job.training.amp), job.training.seed)
         if len(examples[1]) < MIN_EXAMPLES:
             logger.warning("%d training images with cells are too few for a size model: the cell size of each "
                            "image will be measured by first passes", len(examples[1]) // MAGNIFICATIONS)
         else:
             checkpoint.size_model = fit_size_model(*examples, seed=job.training.seed).to_dict()
-        held_out = size_examples(val_pairs, features, job.training.seed + 1, magnifications=1)
-        if checkpoint.size_model is not None and len(held_out[1]):
-            size_model = SizeModel.from_dict(checkpoint.size_model)
-            errors = np.abs([size_model.diameter(row) for row in held_out[0]] / np.exp(held_out[1]) - 1)
+        held_out = list(magnified_examples(val_pairs, job.training.seed + 1, magnifications=1))
+        if checkpoint.size_model is not None and held_out:
+            estimate = size_estimates(SizeModel.from_dict(checkpoint.size_model),
+                                      batched_network_features(model, device, job.training.amp),
+                                      float(checkpoint.model_config.cell_diameter))
+            errors = np.abs([estimate([image])[0] / np.exp(target) - 1 for image, target in held_out])
             logger.info("size model (%d examples): validation images' cell size within 25%% on %.0f%%, median error %.0f%%",
                         len(examples[1]), 100 * np.mean(errors <= 0.25), 100 * np.median(errors))
     decide_postprocessing(checkpoint, job.predict, val_pairs, job.training.device)

@@ -12,7 +12,7 @@ The regression lives in the checkpoint (`Checkpoint.size_model`), as plain lists
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,8 +142,19 @@ def size_examples(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(features, log median cell diameter) of each pair shown at `magnifications` random
     magnifications (resampled image and cells); pairs without cells are left out."""
-    rng = np.random.default_rng(seed)
     rows, targets = [], []
+    for image, target in magnified_examples(pairs, seed, magnifications):
+        rows.append(features(image))
+        targets.append(target)
+    return np.asarray(rows), np.asarray(targets)
+
+
+def magnified_examples(
+    pairs: Sequence[LoadedPair], seed: int = 0, magnifications: int = MAGNIFICATIONS
+) -> Iterator[tuple[np.ndarray, float]]:
+    """(central crop of the image resampled, log of its median cell diameter) of each pair shown
+    at `magnifications` random magnifications; pairs without cells are left out."""
+    rng = np.random.default_rng(seed)
     for pair in pairs:
         diameter = median_cell_diameter(cells_of(pair))
         if diameter is None:
@@ -154,10 +165,7 @@ def size_examples(
             window = central_crop(pair.image, int(np.ceil(SIZE_CROP / factor)) + 2)
             if window.size * factor**2 > MAX_UPSCALED_PIXELS:
                 continue
-            image = resize(window, scaled_shape(window.shape, factor), order=1)
-            rows.append(features(image))
-            targets.append(np.log(diameter * factor))
-    return np.asarray(rows), np.asarray(targets)
+            yield resize(window, scaled_shape(window.shape, factor), order=1), float(np.log(diameter * factor))
 
 
 def fit_size_model(features: np.ndarray, targets: np.ndarray, folds: int = 5, seed: int = 0) -> SizeModel:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -138,7 +140,7 @@ def _enlarge(path: Path, factor: int) -> None:
     Image.fromarray(pixels.repeat(factor, axis=0).repeat(factor, axis=1)).save(path)
 
 
-def test_the_nuclei_recipe_trains_on_labelled_images_at_their_cell_size(tmp_path):
+def test_the_nuclei_recipe_trains_on_labelled_images_at_their_cell_size(tmp_path, caplog):
     ids = write_dataset(str(tmp_path / "data"), count=6, size=64, seed=4)
     for image_id in ids[:3]:  # two magnifications, as in DSB2018
         for folder in ("images", "masks", "labels"):
@@ -147,8 +149,11 @@ def test_the_nuclei_recipe_trains_on_labelled_images_at_their_cell_size(tmp_path
                           model=NucleiRecipe().model.model_copy(update={"depth": 2, "base_width": 4}),
                           training=NucleiRecipe().training.model_copy(update={"epochs": 1, "patch_size": 48,
                                                                              "device": "cpu", "val_fraction": 0.34}))
-    outcome = build_nuclei(tmp_path / "out", recipe)
+    with caplog.at_level(logging.INFO, logger="cellseg"):
+        outcome = build_nuclei(tmp_path / "out", recipe)
     checkpoint = load_checkpoint(str(outcome.best_checkpoint))
+    # the size model scored on the held-out images, read as prediction reads them
+    assert re.search(r"size model \(12 examples\): validation images' cell size within 25% on \d+%", caplog.text)
     assert checkpoint.model_config.distance_map
     assert isinstance(checkpoint.model_config.cell_diameter, float)  # 'auto' decided from the labels
     assert outcome.cells["images"] == 2  # validation scored at cell level
