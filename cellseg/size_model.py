@@ -4,8 +4,9 @@ A model trained at one cell size (`ModelConfig.cell_diameter`) must know how lar
 a new image are before it can resample the image to its size. The contracting path already
 describes an image's texture at every scale: `UNet.features` summarises it in one vector, and
 a ridge regression from that vector to the logarithm of the median cell diameter, fitted when
-training ends on the training images shown at many magnifications, reads the size off it. It
-costs one pass of the contracting path over a crop of at most SIZE_CROP pixels a side.
+training ends on the training images shown at many magnifications, reads the size off it.
+Prediction reads it twice (`size_estimates`): two passes of the contracting path over a crop of
+at most SIZE_CROP pixels a side.
 
 The regression lives in the checkpoint (`Checkpoint.size_model`), as plain lists of floats.
 """
