@@ -36,12 +36,12 @@ from pathlib import Path
 import numpy as np
 
 from cellseg.appearance import image_appearance
+from cellseg.build_bundled import recipe_validation_pairs
 from cellseg.bundled import NucleiRecipe, model_card, shipped_name, shipped_paths
 from cellseg.config import PredictConfig
 from cellseg.evaluate import evaluate_store
 from cellseg.io import image_stem, read_image, read_mask
 from cellseg.jobs import SegmentJob, run_segmentation
-from cellseg.pairs import pair_images_and_masks, split_train_val
 from cellseg.scale import median_cell_diameter, resize, scaled_shape
 from cellseg.scoring import HEADLINE_CELL_SCORES, summarise_instance_scores
 from cellseg.store import ResultStore
@@ -50,9 +50,14 @@ from cellseg.synth import encode_png
 SIZE_TOLERANCE = 0.25  # an estimated cell size counts as right within 25% of the true median diameter
 
 
+def run_validation_ids(run: Path) -> set[str]:
+    """The ids of a training run's validation images (its split.json)."""
+    return set(json.loads((run / "split.json").read_text())["val"])
+
+
 def link_validation_images(dataset: Path, run: Path, out: Path) -> list[str]:
     """Symlink the run's validation images (and their masks and labels) into `out`."""
-    val = set(json.loads((run / "split.json").read_text())["val"])
+    val = run_validation_ids(run)
     copy_images(dataset, out, val)
     return sorted(val)
 
@@ -77,13 +82,6 @@ def copy_images(dataset: Path, out: Path, ids: set[str] | None = None, zoom: flo
             else:
                 resampled = resize(array, shape, order=0)
             (out / kind / f"{image_stem(path.name)}.png").write_bytes(encode_png(resampled.astype(array.dtype)))
-
-
-def recipe_validation_ids(dataset: Path) -> set[str]:
-    """The ids of `dataset`'s images that the shipped nuclei recipe holds out for validation."""
-    recipe = NucleiRecipe()
-    pairs = pair_images_and_masks(str(dataset / "images"), str(dataset / "labels"))
-    return {pair.id for pair in split_train_val(pairs, recipe.training.val_fraction, recipe.training.seed)[1]}
 
 
 def measure(dataset: Path, run: Path, out: Path, config: PredictConfig) -> dict:
@@ -215,8 +213,9 @@ def main() -> None:
             dataset = out.with_name(out.name + "-images")
             if dataset.exists():
                 shutil.rmtree(dataset)
-            ids = (set(json.loads((args.val_of / "split.json").read_text())["val"]) if args.val_of
-                   else recipe_validation_ids(args.dataset) if args.recipe_val else None)
+            ids = (run_validation_ids(args.val_of) if args.val_of
+                   else {pair.id for pair in recipe_validation_pairs(NucleiRecipe(), args.dataset)} if args.recipe_val
+                   else None)
             copy_images(args.dataset, dataset, ids, args.zoom)
         summary = measure_model(dataset, args.model, out, config)
         print_table(summary)

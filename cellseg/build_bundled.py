@@ -41,7 +41,7 @@ from cellseg.evaluate import validation_cell_scores
 from cellseg.infer import Predictor
 from cellseg.io import decode_image, read_bytes
 from cellseg.jobs import TrainJob, TrainOutcome, decide_postprocessing, run_training
-from cellseg.pairs import instance_labels, load_pairs, pair_images_and_masks, split_train_val
+from cellseg.pairs import ImagePair, instance_labels, load_pairs, pair_images_and_masks, split_train_val
 from cellseg.paths import LOCAL_ROOT
 from cellseg.runtime import resolve_device
 from cellseg.scale import median_cell_diameter
@@ -163,6 +163,13 @@ def install_model(name: str, outcome: TrainOutcome, recipe: dict[str, Any], trai
     return checkpoint_path
 
 
+def recipe_validation_pairs(recipe: NucleiRecipe, data: Path) -> list[ImagePair]:
+    """The pairs of `data` (images/ and labels/) that `recipe`'s training holds out for validation:
+    the split `run_training` makes with the recipe's fraction and seed."""
+    pairs = pair_images_and_masks(str(data / "images"), str(data / "labels"))
+    return split_train_val(pairs, recipe.training.val_fraction, recipe.training.seed)[1]
+
+
 def decide_nuclei_postprocessing(recipe: NucleiRecipe | None = None) -> Path:
     """Decide the shipped `nuclei` model's post-processing again on its recipe's validation images,
     as the end of training does (`cellseg.jobs.finish_checkpoint`), without training again: for
@@ -172,8 +179,7 @@ def decide_nuclei_postprocessing(recipe: NucleiRecipe | None = None) -> Path:
     --card` measures them again."""
     recipe = recipe or NucleiRecipe()
     data = Path(recipe.data_dir)
-    pairs = pair_images_and_masks(str(data / "images"), str(data / "labels"))
-    _, val_pairs = split_train_val(pairs, recipe.training.val_fraction, recipe.training.seed)
+    val_pairs = recipe_validation_pairs(recipe, data)
     checkpoint_path, card_path = shipped_paths("nuclei")
     checkpoint = load_checkpoint(shipped_checkpoint("nuclei"))
     loaded = load_pairs(val_pairs, checkpoint.model_config.normalization)
