@@ -24,13 +24,15 @@ ENDING_LEARNING_RATE = 5e-4  # the shipped run halved 1e-3 once (docs/quality.md
 
 
 def continued_recipe(start: str, epochs: int, data: str | None = None, learning_rate: float = ENDING_LEARNING_RATE,
-                     balance_appearance: float = 0.0) -> NucleiRecipe:
+                     balance_appearance: float = 0.0, dim_cells: float = 0.0) -> NucleiRecipe:
     """The shipped recipe, started from checkpoint `start`, for `epochs` more epochs at
-    `learning_rate`, its crops balanced over the kinds of image as `balance_appearance` says."""
+    `learning_rate`, its crops balanced over the kinds of image as `balance_appearance` says and
+    with dim cells beside bright ones in a share `dim_cells` of them."""
     base = NucleiRecipe(**({"data_dir": data} if data else {}))
+    augmentation = base.training.augmentation.model_copy(update={"dim_cells_probability": dim_cells})
     return base.model_copy(update={"training": base.training.model_copy(update={
         "init_from": start, "learning_rate": learning_rate, "epochs": epochs,
-        "balance_appearance": balance_appearance})})
+        "balance_appearance": balance_appearance, "augmentation": augmentation})})
 
 
 def main() -> None:
@@ -41,10 +43,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=ENDING_LEARNING_RATE, help="learning rate to start from")
     parser.add_argument("--balance-appearance", type=float, default=0.0,
                         help="least share of crops per kind of image (TrainConfig.balance_appearance)")
+    parser.add_argument("--dim-cells", type=float, default=0.0,
+                        help="share of crops with some cells dimmed (AugmentationConfig.dim_cells_probability)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
-    recipe = continued_recipe(shipped_checkpoint("nuclei"), args.epochs, args.data, args.lr, args.balance_appearance)
+    recipe = continued_recipe(shipped_checkpoint("nuclei"), args.epochs, args.data, args.lr, args.balance_appearance,
+                                args.dim_cells)
     outcome = build_nuclei(out, recipe, resume=can_resume(out))
     shipped = model_card("nuclei")["validation"]
     print(json.dumps({

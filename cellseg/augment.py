@@ -1,5 +1,6 @@
 """Training-time augmentation of (image, mask) crops: the symmetries of the square, a small
-affine warp, elastic deformation as in the U-Net paper, and intensity changes.
+affine warp, elastic deformation as in the U-Net paper, dim cells beside bright ones, and
+intensity changes.
 
 Geometry is applied to image and mask together (bilinear for the image, nearest for the mask),
 so a pixel keeps its label wherever it moves. Intensity changes touch the image only. Every
@@ -75,6 +76,32 @@ def adjust_intensity(image: np.ndarray, config: AugmentationConfig, rng: np.rand
     return image.astype(np.float32)
 
 
+DIMMED_SHARE = 0.5  # of a crop's cells, when its cells are dimmed
+DIM_EDGE_REACH = 2  # pixels beyond a cell's label that dim with it: the blurred rim of a nucleus
+
+
+def dim_some_cells(image: np.ndarray, cells: np.ndarray, config: AugmentationConfig, rng: np.random.Generator
+                   ) -> np.ndarray:
+    """With `dim_cells_probability`, about half the cells of a [0, 1] crop pulled towards its
+    background level, each keeping a share of its contrast drawn log-uniformly in
+    [`min_cell_contrast`, 1], so that the model meets dim nuclei beside bright ones. `cells` is the
+    crop's boolean cell mask whose touching cells are cut apart (`separated_target`): its
+    8-connected components are the cells. Draws nothing when the probability is 0."""
+    if config.dim_cells_probability <= 0 or rng.random() >= config.dim_cells_probability:
+        return image
+    labels, count = ndimage.label(cells, structure=np.ones((3, 3), dtype=bool))
+    background = ~ndimage.binary_dilation(cells, iterations=DIM_EDGE_REACH + 1)
+    if count == 0 or not background.any():
+        return image
+    level = float(np.median(image[background]))
+    kept = np.exp(rng.uniform(np.log(config.min_cell_contrast), 0.0, size=count + 1))
+    kept[0] = 1.0
+    kept[1:][rng.random(count) >= DIMMED_SHARE] = 1.0
+    lost = ndimage.grey_dilation((1.0 - kept[labels]).astype(np.float32), size=2 * DIM_EDGE_REACH + 1)
+    lost = ndimage.gaussian_filter(lost, 1.0)
+    return (level + (image - level) * (1.0 - lost)).astype(np.float32)
+
+
 def augment_pair(
     image: np.ndarray, mask: np.ndarray, config: AugmentationConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -85,4 +112,5 @@ def augment_pair(
     grid = sampling_grid(image.shape[-2:], config, rng)
     if grid is not None:
         image, mask = warp(np.ascontiguousarray(image), np.ascontiguousarray(mask), grid)
+    image = dim_some_cells(image, (mask[0] > 0.5) if mask.ndim == 3 else mask, config, rng)
     return adjust_intensity(image, config, rng), mask

@@ -134,6 +134,11 @@ class AugmentationConfig(_Config):
     brightness: float = Field(0.1, ge=0.0, le=1.0, description="offset drawn from [-b, b]")
     max_gamma: float = Field(1.4, ge=1.0, le=3.0, description="gamma drawn log-uniformly in [1/max, max]")
     noise_std: float = Field(0.03, ge=0.0, le=0.5, description="Gaussian noise std drawn from [0, this]")
+    dim_cells_probability: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="chance that a crop has about half its cells dimmed towards the background (instance labels only)")
+    min_cell_contrast: float = Field(0.2, gt=0.0, le=1.0,
+                                     description="a dimmed cell keeps a share of its contrast drawn log-uniformly in [this, 1]")
 
     @classmethod
     def flips_only(cls) -> AugmentationConfig:

@@ -1,11 +1,12 @@
-"""Augmentation invariants: image and mask move together; intensity changes touch the image only."""
+"""Augmentation invariants: image and mask move together; intensity changes, dimmed cells
+included, touch the image only."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cellseg.augment import adjust_intensity, augment_pair, sampling_grid, warp
+from cellseg.augment import adjust_intensity, augment_pair, dim_some_cells, sampling_grid, warp
 from cellseg.config import AugmentationConfig
 
 GEOMETRY_ONLY = AugmentationConfig(affine_probability=1.0, elastic_probability=1.0, intensity_probability=0.0)
@@ -90,3 +91,48 @@ def test_default_is_flips_only_and_strong_adds_the_rest():
     assert AugmentationConfig() == AugmentationConfig.flips_only()
     strong = AugmentationConfig.strong()
     assert strong.flips and min(strong.affine_probability, strong.elastic_probability, strong.intensity_probability) > 0
+
+
+def separate_disks(side: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Sixteen bright disks (labels 1-16) on a grey background, none touching."""
+    rows, cols = np.ogrid[:side, :side]
+    labels = np.zeros((side, side), np.int32)
+    for index in range(16):
+        r, c = 16 + 32 * (index // 4), 16 + 32 * (index % 4)
+        labels[(rows - r) ** 2 + (cols - c) ** 2 <= 8**2] = index + 1
+    return np.where(labels > 0, 0.9, 0.1).astype(np.float32), labels
+
+
+def test_dimmed_cells_keep_part_of_their_contrast_and_the_background_its_level():
+    image, labels = separate_disks()
+    config = AugmentationConfig(dim_cells_probability=1.0, min_cell_contrast=0.2)
+    out = dim_some_cells(image, labels > 0, config, np.random.default_rng(0))
+    centres = np.array([out[16 + 32 * (i // 4), 16 + 32 * (i % 4)] for i in range(16)])
+    kept = (centres - 0.1) / 0.8
+    dimmed = kept < 0.99
+    assert 3 <= dimmed.sum() <= 13  # about half the cells, drawn
+    assert kept.min() >= 0.2 - 1e-3 and kept.max() <= 1 + 1e-6  # within [min_cell_contrast, 1]
+    np.testing.assert_allclose(kept[~dimmed], 1.0, atol=1e-6)  # the others untouched, at their centres
+    far = np.ones_like(labels, bool)
+    for index in range(16):  # beyond the dimmed rim, the background is as it was
+        r, c = 16 + 32 * (index // 4), 16 + 32 * (index % 4)
+        far[max(r - 13, 0) : r + 14, max(c - 13, 0) : c + 14] = False
+    np.testing.assert_allclose(out[far], 0.1, atol=1e-6)
+    assert out.dtype == np.float32
+
+
+def test_dimming_draws_nothing_when_off_so_earlier_recipes_see_the_same_samples():
+    image, labels = separate_disks()
+    off = AugmentationConfig(dim_cells_probability=0.0)
+    rng, untouched = np.random.default_rng(5), np.random.default_rng(5)
+    assert dim_some_cells(image, labels > 0, off, rng) is image
+    assert rng.random() == untouched.random()
+
+
+def test_augment_pair_dims_the_cells_of_a_target_stack_and_leaves_the_targets():
+    image, labels = separate_disks()
+    stack = np.stack([(labels > 0).astype(np.float32), np.zeros(labels.shape, np.float32)])
+    config = AugmentationConfig(flips=False, dim_cells_probability=1.0)
+    out_image, out_stack = augment_pair(image, stack, config, np.random.default_rng(1))
+    np.testing.assert_array_equal(out_stack, stack)
+    assert out_image[labels > 0].mean() < image[labels > 0].mean() - 0.02

@@ -34,7 +34,8 @@ TRAINING = {
     "freeze_encoder_epochs": 1, "augment": False,
     "augmentation": {"flips": False, "affine_probability": 0.1, "rotation_degrees": 10.0, "max_scale": 1.1,
                      "elastic_probability": 0.1, "elastic_grid": 32, "elastic_std": 2.0, "intensity_probability": 0.1,
-                     "contrast": 0.1, "brightness": 0.05, "max_gamma": 1.2, "noise_std": 0.01},
+                     "contrast": 0.1, "brightness": 0.05, "max_gamma": 1.2, "noise_std": 0.01,
+                     "dim_cells_probability": 0.1, "min_cell_contrast": 0.3},
     "val_fraction": 0.34, "seed": 3, "patience": 5, "min_delta": 0.01, "monitor": "val_loss", "max_minutes": 5.0,
     "device": "cpu", "amp": False, "loader_workers": 1, "threshold": 0.4,
 }
