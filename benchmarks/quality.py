@@ -17,7 +17,9 @@ store and scores it; prints a summary line and writes `<out>/quality.json`.
 With `--model` (a shipped model's name or a checkpoint file): segments every image of the
 dataset, a test set the model never saw, with no settings beyond the defaults (the cell size is
 estimated per image), and prints the scores overall and per modality, and for a model at a cell
-size how close each estimated size came to the true median nucleus diameter. `--card` writes the
+size how close each estimated size came to the true median nucleus diameter, and which share of the
+true nuclei were found (IoU above 0.5) by their contrast beside their image's median nucleus
+(dim nuclei beside bright ones are the ones a model misses first). `--card` writes the
 figures into the shipped model's card. With `--val-of RUN` as well, only RUN's validation images
 of the dataset are segmented (linked into `<out>-images/`): two models on the same held-out images
 of their training collection, per modality. `--recipe-val` takes the validation images of the
@@ -34,6 +36,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
+from skimage.segmentation import relabel_sequential
 
 from cellseg.appearance import image_appearance
 from cellseg.build_bundled import recipe_validation_pairs
@@ -43,11 +47,13 @@ from cellseg.evaluate import evaluate_store
 from cellseg.io import image_stem, read_image, read_mask
 from cellseg.jobs import SegmentJob, run_segmentation
 from cellseg.scale import median_cell_diameter, resize, scaled_shape
-from cellseg.scoring import HEADLINE_CELL_SCORES, summarise_instance_scores
+from cellseg.scoring import HEADLINE_CELL_SCORES, iou_matrix, summarise_instance_scores
 from cellseg.store import ResultStore
 from cellseg.synth import encode_png
 
 SIZE_TOLERANCE = 0.25  # an estimated cell size counts as right within 25% of the true median diameter
+# Bins of a true nucleus's contrast over the background, relative to its image's median nucleus's.
+CONTRAST_BINS = (0.0, 0.5, 0.75, 1.0, 1.5, float("inf"))
 
 
 def run_validation_ids(run: Path) -> set[str]:
@@ -82,6 +88,34 @@ def copy_images(dataset: Path, out: Path, ids: set[str] | None = None, zoom: flo
             else:
                 resampled = resize(array, shape, order=0)
             (out / kind / f"{image_stem(path.name)}.png").write_bytes(encode_png(resampled.astype(array.dtype)))
+
+
+def relative_contrasts(image: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Each true cell's contrast (labels 1..T, all present): the distance of its mean intensity
+    from the background's median, divided by the median of that over the image's cells."""
+    plane = image.astype(np.float64) if image.ndim == 2 else image[..., :3].astype(np.float64).mean(axis=-1)
+    labels = np.arange(1, int(truth.max()) + 1)
+    contrast = np.abs(ndimage.mean(plane, truth, labels) - np.median(plane[truth == 0]))
+    return contrast / max(float(np.median(contrast)), 1e-9)
+
+
+def found_cells(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Which true cells (labels 1..T, all present) a predicted cell matches at IoU above 0.5."""
+    found = np.zeros(int(truth.max()), dtype=bool)
+    if predicted.any():
+        found[:] = (iou_matrix(predicted, truth) > 0.5).any(axis=0)
+    return found
+
+
+def found_by_contrast(contrasts: np.ndarray, found: np.ndarray) -> list[dict]:
+    """Per CONTRAST_BINS bin: its bounds (the last with no upper one), the true cells in it and the
+    share of them found."""
+    rows = []
+    for low, high in zip(CONTRAST_BINS[:-1], CONTRAST_BINS[1:], strict=True):
+        inside = (contrasts >= low) & (contrasts < high)
+        rows.append({"low": low, "high": high if np.isfinite(high) else None, "cells": int(inside.sum()),
+                     "found": float(found[inside].mean()) if inside.any() else None})
+    return rows
 
 
 def measure(dataset: Path, run: Path, out: Path, config: PredictConfig) -> dict:
@@ -124,10 +158,15 @@ def measure_model(dataset: Path, model: str, out: Path, config: PredictConfig) -
     labels_url = str(dataset / "labels") if (dataset / "labels").is_dir() else None
     result = evaluate_store(store, str(dataset / "masks"), labels_url=labels_url)
     rows = {row["image_id"]: row for row in result["per_image"]}
-    sizes = []
+    sizes, contrasts, found = [], [], []
     for image_id, row in rows.items():
         truth = read_image(f"{labels_url}/{image_id}.png") if labels_url else None
-        row["modality"] = image_appearance(read_image(str(dataset / "images" / f"{image_id}.png")), truth) if truth is not None else "all"
+        image = read_image(str(dataset / "images" / f"{image_id}.png"))
+        row["modality"] = image_appearance(image, truth) if truth is not None else "all"
+        if truth is not None and truth.any():
+            truth = relabel_sequential(truth.copy())[0]  # read_image gives a read-only array
+            contrasts.append(relative_contrasts(image, truth))
+            found.append(found_cells(store.read_cells(image_id), truth))
         scale = store.record(image_id).get("scale") or {}
         estimated = scale.get("cell_diameter")  # the size the image was predicted at
         true_diameter = median_cell_diameter(truth) if truth is not None else None
@@ -146,6 +185,8 @@ def measure_model(dataset: Path, model: str, out: Path, config: PredictConfig) -
                                                 if key.startswith("instance_")} for row in members])
             figures |= {key: cells[key] for key in ("f1_mean", "dsb_score_mean", "count_error_median")}
         summary["groups"][group] = figures
+    if contrasts:
+        summary["found_by_contrast"] = found_by_contrast(np.concatenate(contrasts), np.concatenate(found))
     if sizes:
         summary["cell_size"] = {"images": len(sizes), "within_25_percent": float(np.mean(np.array(sizes) <= SIZE_TOLERANCE)),
                                 "median_relative_error": float(np.median(sizes))}
@@ -167,6 +208,11 @@ def print_table(summary: dict) -> None:
         size = summary["cell_size"]
         print(f"cell size estimated within 25% of the true median diameter on {size['within_25_percent']:.0%} of "
               f"{size['images']} images (median error {size['median_relative_error']:.0%})")
+    if "found_by_contrast" in summary:
+        shown = [row for row in summary["found_by_contrast"] if row["cells"]]
+        spans = [f"{row['low']:g}-{row['high']:g}" if row["high"] is not None else f"{row['low']:g}+" for row in shown]
+        print("true nuclei found (IoU > 0.5) by contrast relative to their image's median nucleus: "
+              + ", ".join(f"{span}: {row['found']:.0%} of {row['cells']}" for span, row in zip(spans, shown, strict=True)))
 
 
 def write_card_figures(name: str, summary: dict) -> None:

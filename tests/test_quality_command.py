@@ -17,7 +17,7 @@ from benchmarks.pixel_ceiling import (
     wrong_pixel_distances,
 )
 from benchmarks.pixel_ceiling import measure as pixel_ceiling
-from benchmarks.quality import measure
+from benchmarks.quality import found_by_contrast, found_cells, measure, relative_contrasts
 from cellseg.config import PredictConfig
 from cellseg.io import read_image
 from cellseg.pairs import pair_images_and_masks, split_train_val
@@ -55,8 +55,12 @@ def test_a_model_scored_on_the_validation_images_of_a_run(tiny_checkpoint, synth
                str(tiny_checkpoint), "--val-of", str(run), "--out", str(tmp_path / "q"), "--no-split"]
     printed = subprocess.run(command, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]).stdout
     assert "| all | 5 |" in printed and "| fluorescence | 5 |" in printed  # synthetic cells are bright
+    assert "true nuclei found (IoU > 0.5) by contrast" in printed
     saved = json.loads((tmp_path / "q" / "quality.json").read_text())
     assert sorted(row["image_id"] for row in saved["evaluation"]["per_image"]) == sorted(p.id for p in val_pairs)
+    by_contrast = saved["summary"]["found_by_contrast"]
+    true_cells = sum(row["instance_true_cells"] for row in saved["evaluation"]["per_image"])
+    assert sum(row["cells"] for row in by_contrast) == true_cells and by_contrast[-1]["high"] is None
     assert sorted(path.stem for path in (tmp_path / "q-images" / "labels").iterdir()) == sorted(p.id for p in val_pairs)
     refused = subprocess.run([*command, "--card"], check=False, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert refused.returncode == 2 and "go with --model, and not with --card" in refused.stderr
@@ -135,3 +139,22 @@ def test_otsu_baseline_scores_cells_where_labels_exist(synthetic_dataset):
     assert with_cells["dice"] == pixels_only["dice"]
     assert 0.0 < with_cells["dsb_score_mean"] < with_cells["f1_mean"] <= 1.0
     assert with_cells["true_cells_total"] > 0 and isinstance(with_cells["count_error_median"], float)
+
+
+def test_cells_found_by_their_contrast_beside_the_images_median_cell():
+    truth = np.zeros((40, 60), dtype=np.int32)
+    image = np.full(truth.shape, 10, dtype=np.uint8)
+    for index, (left, brightness) in enumerate([(2, 110), (14, 60), (26, 210), (38, 35)], start=1):
+        truth[10:20, left : left + 8] = index
+        image[10:20, left : left + 8] = brightness
+    contrasts = relative_contrasts(image, truth)  # 100, 50, 200, 25 over the background; median 75
+    np.testing.assert_allclose(contrasts, [100 / 75, 50 / 75, 200 / 75, 25 / 75])
+    np.testing.assert_allclose(relative_contrasts(255 - image, truth), contrasts)  # dark nuclei alike
+    predicted = np.where(np.isin(truth, [1, 3]), truth, 0)  # the two bright cells found, the dim ones not
+    predicted[predicted == 3] = 7
+    found = found_cells(predicted, truth)
+    assert found.tolist() == [True, False, True, False]
+    assert not found_cells(np.zeros_like(truth), truth).any()
+    rows = found_by_contrast(contrasts, found)
+    assert [(row["low"], row["cells"], row["found"]) for row in rows] == [
+        (0.0, 1, 0.0), (0.5, 1, 0.0), (0.75, 0, None), (1.0, 1, 1.0), (1.5, 1, 1.0)]
