@@ -31,6 +31,7 @@ the size estimate checked on cells larger or smaller than the collection's.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -111,7 +112,7 @@ def found_by_contrast(contrasts: np.ndarray, found: np.ndarray) -> list[dict]:
     """Per CONTRAST_BINS bin: its bounds (the last with no upper one), the true cells in it and the
     share of them found."""
     rows = []
-    for low, high in zip(CONTRAST_BINS[:-1], CONTRAST_BINS[1:], strict=True):
+    for low, high in itertools.pairwise(CONTRAST_BINS):
         inside = (contrasts >= low) & (contrasts < high)
         rows.append({"low": low, "high": high if np.isfinite(high) else None, "cells": int(inside.sum()),
                      "found": float(found[inside].mean()) if inside.any() else None})
