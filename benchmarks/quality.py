@@ -19,7 +19,8 @@ dataset, a test set the model never saw, with no settings beyond the defaults (t
 estimated per image), and prints the scores overall and per modality, and for a model at a cell
 size how close each estimated size came to the true median nucleus diameter, and which share of the
 true nuclei were found (IoU above 0.5) by their contrast beside their image's median nucleus
-(dim nuclei beside bright ones are the ones a model misses first). `--card` writes the
+(dim nuclei beside bright ones are the ones a model misses first), with their median area beside
+the image's median nucleus. `--card` writes the
 figures into the shipped model's card. With `--val-of RUN` as well, only RUN's validation images
 of the dataset are segmented (linked into `<out>-images/`): two models on the same held-out images
 of their training collection, per modality. `--recipe-val` takes the validation images of the
@@ -91,13 +92,14 @@ def copy_images(dataset: Path, out: Path, ids: set[str] | None = None, zoom: flo
             (out / kind / f"{image_stem(path.name)}.png").write_bytes(encode_png(resampled.astype(array.dtype)))
 
 
-def relative_contrasts(image: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Each true cell's contrast (labels 1..T, all present): the distance of its mean intensity
-    from the background's median, divided by the median of that over the image's cells."""
+def relative_contrasts(image: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each true cell's (labels 1..T, all present) contrast, the distance of its mean intensity
+    from the background's median, and its area, each divided by its median over the image's cells."""
     plane = image.astype(np.float64) if image.ndim == 2 else image[..., :3].astype(np.float64).mean(axis=-1)
     labels = np.arange(1, int(truth.max()) + 1)
     contrast = np.abs(ndimage.mean(plane, truth, labels) - np.median(plane[truth == 0]))
-    return contrast / max(float(np.median(contrast)), 1e-9)
+    area = np.bincount(truth.ravel(), minlength=len(labels) + 1)[1:].astype(np.float64)
+    return contrast / max(float(np.median(contrast)), 1e-9), area / float(np.median(area))
 
 
 def found_cells(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -108,14 +110,15 @@ def found_cells(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return found
 
 
-def found_by_contrast(contrasts: np.ndarray, found: np.ndarray) -> list[dict]:
-    """Per CONTRAST_BINS bin: its bounds (the last with no upper one), the true cells in it and the
-    share of them found."""
+def found_by_contrast(contrasts: np.ndarray, areas: np.ndarray, found: np.ndarray) -> list[dict]:
+    """Per CONTRAST_BINS bin: its bounds (the last with no upper one), the true cells in it, the
+    share of them found and their median relative area."""
     rows = []
     for low, high in itertools.pairwise(CONTRAST_BINS):
         inside = (contrasts >= low) & (contrasts < high)
         rows.append({"low": low, "high": high if np.isfinite(high) else None, "cells": int(inside.sum()),
-                     "found": float(found[inside].mean()) if inside.any() else None})
+                     "found": float(found[inside].mean()) if inside.any() else None,
+                     "median_relative_area": float(np.median(areas[inside])) if inside.any() else None})
     return rows
 
 
@@ -159,14 +162,16 @@ def measure_model(dataset: Path, model: str, out: Path, config: PredictConfig) -
     labels_url = str(dataset / "labels") if (dataset / "labels").is_dir() else None
     result = evaluate_store(store, str(dataset / "masks"), labels_url=labels_url)
     rows = {row["image_id"]: row for row in result["per_image"]}
-    sizes, contrasts, found = [], [], []
+    sizes, contrasts, areas, found = [], [], [], []
     for image_id, row in rows.items():
         truth = read_image(f"{labels_url}/{image_id}.png") if labels_url else None
         image = read_image(str(dataset / "images" / f"{image_id}.png"))
         row["modality"] = image_appearance(image, truth) if truth is not None else "all"
         if truth is not None and truth.any():
             truth = relabel_sequential(truth.copy())[0]  # read_image gives a read-only array
-            contrasts.append(relative_contrasts(image, truth))
+            contrast, area = relative_contrasts(image, truth)
+            contrasts.append(contrast)
+            areas.append(area)
             found.append(found_cells(store.read_cells(image_id), truth))
         scale = store.record(image_id).get("scale") or {}
         estimated = scale.get("cell_diameter")  # the size the image was predicted at
@@ -187,7 +192,7 @@ def measure_model(dataset: Path, model: str, out: Path, config: PredictConfig) -
             figures |= {key: cells[key] for key in ("f1_mean", "dsb_score_mean", "count_error_median")}
         summary["groups"][group] = figures
     if contrasts:
-        summary["found_by_contrast"] = found_by_contrast(np.concatenate(contrasts), np.concatenate(found))
+        summary["found_by_contrast"] = found_by_contrast(*(np.concatenate(values) for values in (contrasts, areas, found)))
     if sizes:
         summary["cell_size"] = {"images": len(sizes), "within_25_percent": float(np.mean(np.array(sizes) <= SIZE_TOLERANCE)),
                                 "median_relative_error": float(np.median(sizes))}
@@ -213,7 +218,8 @@ def print_table(summary: dict) -> None:
         shown = [row for row in summary["found_by_contrast"] if row["cells"]]
         spans = [f"{row['low']:g}-{row['high']:g}" if row["high"] is not None else f"{row['low']:g}+" for row in shown]
         print("true nuclei found (IoU > 0.5) by contrast relative to their image's median nucleus: "
-              + ", ".join(f"{span}: {row['found']:.0%} of {row['cells']}" for span, row in zip(spans, shown, strict=True)))
+              + ", ".join(f"{span}: {row['found']:.0%} of {row['cells']} (median area {row['median_relative_area']:.2f})"
+                          for span, row in zip(spans, shown, strict=True)))
 
 
 def write_card_figures(name: str, summary: dict) -> None:

@@ -147,14 +147,16 @@ def test_cells_found_by_their_contrast_beside_the_images_median_cell():
     for index, (left, brightness) in enumerate([(2, 110), (14, 60), (26, 210), (38, 35)], start=1):
         truth[10:20, left : left + 8] = index
         image[10:20, left : left + 8] = brightness
-    contrasts = relative_contrasts(image, truth)  # 100, 50, 200, 25 over the background; median 75
+    truth[10:15, 38:46] = 0  # the dimmest cell half the size of the others
+    contrasts, areas = relative_contrasts(image, truth)  # 100, 50, 200, 25 over the background; median 75
     np.testing.assert_allclose(contrasts, [100 / 75, 50 / 75, 200 / 75, 25 / 75])
-    np.testing.assert_allclose(relative_contrasts(255 - image, truth), contrasts)  # dark nuclei alike
+    np.testing.assert_allclose(areas, [1, 1, 1, 0.5])
+    np.testing.assert_allclose(relative_contrasts(255 - image, truth)[0], contrasts)  # dark nuclei alike
     predicted = np.where(np.isin(truth, [1, 3]), truth, 0)  # the two bright cells found, the dim ones not
     predicted[predicted == 3] = 7
     found = found_cells(predicted, truth)
     assert found.tolist() == [True, False, True, False]
     assert not found_cells(np.zeros_like(truth), truth).any()
-    rows = found_by_contrast(contrasts, found)
-    assert [(row["low"], row["cells"], row["found"]) for row in rows] == [
-        (0.0, 1, 0.0), (0.5, 1, 0.0), (0.75, 0, None), (1.0, 1, 1.0), (1.5, 1, 1.0)]
+    rows = found_by_contrast(contrasts, areas, found)
+    assert [(row["low"], row["cells"], row["found"], row["median_relative_area"]) for row in rows] == [
+        (0.0, 1, 0.0, 0.5), (0.5, 1, 0.0, 1.0), (0.75, 0, None, None), (1.0, 1, 1.0, 1.0), (1.5, 1, 1.0, 1.0)]
