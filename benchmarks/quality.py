@@ -49,7 +49,7 @@ from cellseg.evaluate import evaluate_store
 from cellseg.io import image_stem, read_image, read_mask
 from cellseg.jobs import SegmentJob, run_segmentation
 from cellseg.scale import median_cell_diameter, resize, scaled_shape
-from cellseg.scoring import HEADLINE_CELL_SCORES, iou_matrix, summarise_instance_scores
+from cellseg.scoring import HEADLINE_CELL_SCORES, IOU_THRESHOLDS, iou_matrix, summarise_instance_scores
 from cellseg.store import ResultStore
 from cellseg.synth import encode_png
 
@@ -103,11 +103,9 @@ def relative_contrasts(image: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray
 
 
 def found_cells(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Which true cells (labels 1..T, all present) a predicted cell matches at IoU above 0.5."""
-    found = np.zeros(int(truth.max()), dtype=bool)
-    if predicted.any():
-        found[:] = (iou_matrix(predicted, truth) > 0.5).any(axis=0)
-    return found
+    """Which true cells (labels 1..T, all present) a predicted cell matches, as the cell F1 matches
+    them (IoU above 0.5, `cellseg.scoring.instance_scores`)."""
+    return (iou_matrix(predicted, truth) > IOU_THRESHOLDS[0]).any(axis=0)
 
 
 def found_by_contrast(contrasts: np.ndarray, areas: np.ndarray, found: np.ndarray) -> list[dict]:
