@@ -17,10 +17,12 @@ from benchmarks.pixel_ceiling import (
     wrong_pixel_distances,
 )
 from benchmarks.pixel_ceiling import measure as pixel_ceiling
-from benchmarks.quality import found_by_contrast, found_cells, measure, relative_contrasts
+from benchmarks.quality import found_by_contrast, found_cells, measure, measure_model, relative_contrasts
 from cellseg.config import PredictConfig
 from cellseg.io import read_image
 from cellseg.pairs import pair_images_and_masks, split_train_val
+from cellseg.scale import median_cell_diameter
+from cellseg.store import ResultStore
 
 
 def training_run(folder, checkpoint, dataset) -> tuple:
@@ -160,3 +162,30 @@ def test_cells_found_by_their_contrast_beside_the_images_median_cell():
     rows = found_by_contrast(contrasts, areas, found)
     assert [(row["low"], row["cells"], row["found"], row["median_relative_area"]) for row in rows] == [
         (0.0, 1, 0.0, 0.5), (0.5, 1, 0.0, 1.0), (0.75, 0, None, None), (1.0, 1, 1.0, 1.0), (1.5, 1, 1.0, 1.0)]
+
+
+def test_a_model_at_a_cell_size_reports_its_estimate_and_the_cells_found(synthetic_dataset, tmp_path):
+    """For the shipped nuclei model (trained at a cell size) each image's size is scored twice: the
+    size model's estimate, which the image was predicted at, and the median cell found there."""
+    dataset = tmp_path / "four"
+    for kind in ("images", "masks", "labels"):
+        (dataset / kind).mkdir(parents=True)
+        for path in sorted((synthetic_dataset / kind).iterdir())[:4]:
+            (dataset / kind / path.name).symlink_to(path)
+    summary = measure_model(dataset, "nuclei", tmp_path / "q", PredictConfig(device="cpu"))
+    saved = json.loads((tmp_path / "q" / "quality.json").read_text())
+    store = ResultStore.open(str(tmp_path / "q" / "test.zarr"), mode="r")
+    estimate_errors, found_errors = [], []
+    for row in saved["evaluation"]["per_image"]:
+        truth = median_cell_diameter(read_image(str(dataset / "labels" / f"{row['image_id']}.png")))
+        assert row["estimated_diameter"] == store.record(row["image_id"])["scale"]["cell_diameter"]
+        assert row["found_diameter"] == median_cell_diameter(np.asarray(store.read_cells(row["image_id"])))
+        assert row["true_diameter"] == truth
+        estimate_errors.append(abs(row["estimated_diameter"] / truth - 1))
+        found_errors.append(abs(row["found_diameter"] / truth - 1))
+    size = summary["cell_size"]
+    assert size["images"] == 4
+    assert size["within_25_percent"] == np.mean(np.array(estimate_errors) <= 0.25)
+    assert size["found_within_25_percent"] == np.mean(np.array(found_errors) <= 0.25)
+    assert size["found_median_relative_error"] == np.median(found_errors)
+    assert estimate_errors != found_errors  # two readings of the size, not one copied
