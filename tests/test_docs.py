@@ -7,6 +7,7 @@ test_deployments.py, test_quality_command.py and `make demo`."""
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 import subprocess
@@ -102,12 +103,17 @@ def test_documented_make_targets_exist(doc, command):
         assert target in targets, f"{doc}: make {target} is not a Makefile target"
 
 
+@functools.cache
+def _help(program: tuple[str, ...]) -> subprocess.CompletedProcess:
+    """`program --help`, run once per program (the docs show some tools a dozen times)."""
+    return subprocess.run([*program, "--help"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120, check=False)
+
+
 @pytest.mark.parametrize("doc,command", by_program("python") + by_program("dask"), ids=lambda value: value[:70])
 def test_documented_tools_take_the_options_shown(doc, command):
     words = shlex.split(command)
-    program = [sys.executable, *words[1:3]] if words[0] == "python" else [str(Path(sys.executable).parent / "dask"), words[1]]
-    result = subprocess.run([*program, "--help"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
-                            check=False)
+    program = (sys.executable, *words[1:3]) if words[0] == "python" else (str(Path(sys.executable).parent / "dask"), words[1])
+    result = _help(program)
     assert result.returncode == 0, result.stderr
     for option in (word for word in words if word.startswith("--")):
         assert option in result.stdout, f"{doc}: {command}: {option} not in its --help"
