@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,16 @@ from cellseg.scale import median_cell_diameter
 from cellseg.scoring import instance_scores
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SIZE_TOLERANCE = 0.25  # a cell size counts as right within 25% of the true median diameter
+
+
+def size_agreement(sizes: Sequence[float | None], truths: Sequence[float], prefix: str = "") -> dict:
+    """The share of `sizes` within SIZE_TOLERANCE of `truths` and their median relative error, as
+    `<prefix>within_25_percent` and `<prefix>median_relative_error` (None without sizes); a size of
+    None (no cells found) counts as 0."""
+    errors = np.abs(np.array([size or 0.0 for size in sizes], dtype=np.float64) / np.array(truths, dtype=np.float64) - 1)
+    return {f"{prefix}within_25_percent": float(np.mean(errors <= SIZE_TOLERANCE)) if errors.size else None,
+            f"{prefix}median_relative_error": float(np.median(errors)) if errors.size else None}
 
 
 def bench_cell_size(model: str = "nuclei", dataset: Path = DATA / "dsb2018") -> dict:
@@ -70,18 +81,14 @@ def bench_cell_size(model: str = "nuclei", dataset: Path = DATA / "dsb2018") -> 
                      "factor": scale.get("factor"),
                      "f1_estimated": instance_scores(cells, image_labels)["f1"],
                      "f1_stated": instance_scores(cell_labels(stated_maps, stated.config), image_labels)["f1"]})
-    errors = [abs(row["estimated_diameter"] / row["true_diameter"] - 1) for row in rows
-              if row["estimated_diameter"] and row["true_diameter"]]
-    found_errors = [abs((row["found_diameter"] or 0.0) / row["true_diameter"] - 1) for row in rows
-                    if row["estimated_diameter"] and row["true_diameter"]]
+    sized = [row for row in rows if row["estimated_diameter"] and row["true_diameter"]]
+    truths = [row["true_diameter"] for row in sized]
     return {
         "model": model, "dataset": dataset.name, "images": len(images), "seconds": seconds,
         "estimated_vs_stated": seconds["estimated"] / seconds["stated"],
         "estimated_vs_native": seconds["estimated"] / seconds["native"],
-        "within_25_percent": float(np.mean(np.array(errors) <= 0.25)) if errors else None,
-        "median_relative_error": float(np.median(errors)) if errors else None,
-        "found_within_25_percent": float(np.mean(np.array(found_errors) <= 0.25)) if found_errors else None,
-        "found_median_relative_error": float(np.median(found_errors)) if found_errors else None,
+        **size_agreement([row["estimated_diameter"] for row in sized], truths),
+        **size_agreement([row["found_diameter"] for row in sized], truths, prefix="found_"),
         "f1_estimated": float(np.mean([row["f1_estimated"] for row in rows])),
         "f1_stated": float(np.mean([row["f1_stated"] for row in rows])),
         "per_image": rows,

@@ -42,6 +42,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import relabel_sequential
 
+from benchmarks.cell_size import size_agreement
 from cellseg.appearance import image_appearance
 from cellseg.build_bundled import recipe_validation_pairs
 from cellseg.bundled import NucleiRecipe, model_card, shipped_name, shipped_paths
@@ -54,7 +55,6 @@ from cellseg.scoring import HEADLINE_CELL_SCORES, IOU_THRESHOLDS, iou_matrix, su
 from cellseg.store import ResultStore
 from cellseg.synth import encode_png
 
-SIZE_TOLERANCE = 0.25  # an estimated cell size counts as right within 25% of the true median diameter
 # Bins of a true nucleus's contrast over the background, relative to its image's median nucleus's.
 CONTRAST_BINS = (0.0, 0.5, 0.75, 1.0, 1.5, float("inf"))
 
@@ -161,7 +161,7 @@ def measure_model(dataset: Path, model: str, out: Path, config: PredictConfig) -
     labels_url = str(dataset / "labels") if (dataset / "labels").is_dir() else None
     result = evaluate_store(store, str(dataset / "masks"), labels_url=labels_url)
     rows = {row["image_id"]: row for row in result["per_image"]}
-    sizes, found_sizes, contrasts, areas, found = [], [], [], [], []
+    estimates, found_sizes, truths, contrasts, areas, found = [], [], [], [], [], []
     for image_id, row in rows.items():
         truth = read_image(f"{labels_url}/{image_id}.png") if labels_url else None
         image = read_image(str(dataset / "images" / f"{image_id}.png"))
@@ -179,8 +179,9 @@ def measure_model(dataset: Path, model: str, out: Path, config: PredictConfig) -
         if estimated is not None and true_diameter is not None:
             found_diameter = median_cell_diameter(np.asarray(cells)) or 0.0  # the cells the product reports
             row |= {"estimated_diameter": estimated, "found_diameter": found_diameter, "true_diameter": true_diameter}
-            sizes.append(abs(estimated / true_diameter - 1))
-            found_sizes.append(abs(found_diameter / true_diameter - 1))
+            estimates.append(estimated)
+            found_sizes.append(found_diameter)
+            truths.append(true_diameter)
     version = store.record(next(iter(rows)))["model"]["version"]
     summary: dict = {"dataset": dataset.name, "model": model, "model_version": version,
                      "images": len(rows), "groups": {}}
@@ -195,11 +196,9 @@ def measure_model(dataset: Path, model: str, out: Path, config: PredictConfig) -
         summary["groups"][group] = figures
     if contrasts:
         summary["found_by_contrast"] = found_by_contrast(*(np.concatenate(values) for values in (contrasts, areas, found)))
-    if sizes:
-        summary["cell_size"] = {"images": len(sizes), "within_25_percent": float(np.mean(np.array(sizes) <= SIZE_TOLERANCE)),
-                                "median_relative_error": float(np.median(sizes)),
-                                "found_within_25_percent": float(np.mean(np.array(found_sizes) <= SIZE_TOLERANCE)),
-                                "found_median_relative_error": float(np.median(found_sizes))}
+    if truths:
+        summary["cell_size"] = {"images": len(truths), **size_agreement(estimates, truths),
+                                **size_agreement(found_sizes, truths, prefix="found_")}
     (out / "quality.json").write_text(json.dumps({"summary": summary, "evaluation": result}, indent=1))
     return summary
 
