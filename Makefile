@@ -8,7 +8,8 @@ TORCH ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 # Test files run in this many processes (pytest-xdist; a file's tests stay in one process, with its
-# servers and fixtures): most of the slow tests wait on servers and schedules, so 2 suit 2 cores.
+# servers and fixtures): most of the slow tests wait on servers and schedules, so 2 suit 2 cores;
+# tests/conftest.py gives each its share of the cores' torch threads.
 TEST_WORKERS ?= 2
 
 export DO_NOT_TRACK := 1

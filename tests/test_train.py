@@ -263,7 +263,10 @@ def test_a_distance_map_output_learns_each_cells_distance_to_its_outline(synthet
     plain = Predictor(cut, PredictConfig(device="cpu", amp=False))
     (maps,) = plain.normalised_cell_maps([val_pairs[0].image])
     assert maps.distance is None
-    np.testing.assert_array_equal(maps.probability, predictor.normalised_probabilities([val_pairs[0].image])[0])
+    # Equal up to float rounding: a head of one output channel may take another convolution kernel
+    # than a head of two (seen at one torch thread).
+    np.testing.assert_allclose(maps.probability, predictor.normalised_probabilities([val_pairs[0].image])[0],
+                               rtol=0, atol=1e-6)
 
 
 def _without_distance(state_dict):
