@@ -151,10 +151,10 @@ PREDICT_FLAGS: list[Flag] = [
     (("--no-amp",), "predict.amp", {"action": "store_const", "const": False,
                                     "help": "plain fp32 inference, no mixed precision"}),
     (("--compile",), "predict.compile", {"action": "store_const", "const": True,
-                                         "help": "torch.compile the model (a compilation per image size; on CPU "
-                                                 "then at most about 10%% faster)"}),
+                                         "help": "torch.compile the model from the first image (unset: on CPU, an "
+                                                 "image size after 2,000 images of it)"}),
     (("--no-compile",), "predict.compile", {"action": "store_const", "const": False,
-                                            "help": "never torch.compile the model (the default)"}),
+                                            "help": "never torch.compile the model"}),
     (("--tile-size",), "predict.tile_size", {"type": int, "help": "tile larger images"}),
     (("--tile-overlap",), "predict.tile_overlap", {"type": int, "help": "pixels shared by neighbouring tiles, at most "
                                                     "3/4 of the tile; unset: 128, or half the tile under 256"}),

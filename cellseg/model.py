@@ -146,7 +146,7 @@ class UNet(nn.Module):
         for down in self.encoder:
             levels.append(down(levels[-1]))
         levels.append(self.bottleneck(levels[-1]))
-        return torch.cat([channel_moments(level) for level in levels], dim=1)
+        return torch.cat([torch.cat([level.mean(dim=(-2, -1)), level.std(dim=(-2, -1))], dim=1) for level in levels], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
@@ -159,26 +159,6 @@ class UNet(nn.Module):
             x = up(x, skip)
         logits = self.head(x)[..., :height, :width]
         return logits.contiguous() if self.channels_last else logits
-
-
-def channel_moments(x: torch.Tensor) -> torch.Tensor:
-    """(B, 2C): the mean, then the standard deviation (n - 1), of each channel of (B, C, H, W) over H and W.
-
-    Of channels-last data, as two products with a row of ones over its (H·W, C) view, centred
-    before squaring: on a CPU in bf16 about 4x faster than `mean` and `std` over the strided H
-    and W (45 against 198 ms for the encoder levels of a 512x512 image, nuclei model, one
-    thread), with the same rounding (each sum rounded once to bf16). Otherwise `mean` and `std`.
-    """
-    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        return torch.cat([x.mean(dim=(-2, -1)), x.std(dim=(-2, -1))], dim=1)
-    batch, channels, height, width = x.shape
-    count = height * width
-    flat = x.permute(0, 2, 3, 1).reshape(batch, count, channels)
-    ones = torch.ones(batch, 1, count, dtype=x.dtype, device=x.device)
-    mean = torch.bmm(ones, flat).float() / count
-    centred = flat - mean.to(x.dtype)
-    variance = torch.bmm(ones, centred * centred).float() / (count - 1)
-    return torch.cat([mean[:, 0], variance[:, 0].sqrt()], dim=1).to(x.dtype)
 
 
 def expected_state(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

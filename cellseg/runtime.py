@@ -14,6 +14,13 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+# Forward passes of one input shape after which a CPU predictor compiles that shape by default.
+# Measured (docs/performance.md, "Forward pass on CPU"): a cold compilation took 40-56 s on the
+# loaded 2-core VM and saved 9-45 ms per 512x512 image at one thread, paying back after about
+# 1,000-6,000 images; compiling after 2,000 costs a run that ends soon after at most about one
+# compilation, and gives runs of many thousands of images of one size the faster pass.
+COMPILE_AFTER = 2000
+
 
 def available_cores() -> int:
     """CPU cores this process may run on (its affinity mask where the OS has one)."""

@@ -19,7 +19,7 @@ from cellseg.io import list_images, read_image
 from cellseg.metrics import mask_agreement
 from cellseg.model import UNet
 from cellseg.normalize import normalize_image
-from cellseg.runtime import MODEL_PASSES, CompiledByShape, PassGate, autocast_context
+from cellseg.runtime import COMPILE_AFTER, MODEL_PASSES, CompiledByShape, PassGate, autocast_context
 
 
 def test_a_shape_is_compiled_only_after_it_came_often_enough_and_gives_the_eager_output(synthetic_dataset,
@@ -69,12 +69,13 @@ print("eager after failure")
     assert run.stderr.count("torch.compile failed, the model runs eagerly") == 1, run.stderr[-2000:]
 
 
-def test_compile_is_opt_in_on_cpu(tiny_checkpoint):
+def test_compile_defaults_to_after_many_images_on_cpu_and_can_be_forced_or_refused(tiny_checkpoint):
     checkpoint = load_checkpoint(str(tiny_checkpoint))
-    for config in (PredictConfig(device="cpu"), PredictConfig(device="cpu", compile=False)):
-        assert isinstance(Predictor(checkpoint, config).forward_model, UNet)
+    default = Predictor(checkpoint, PredictConfig(device="cpu")).forward_model
+    assert isinstance(default, CompiledByShape) and default.after == COMPILE_AFTER
     forced = Predictor(checkpoint, PredictConfig(device="cpu", compile=True)).forward_model
     assert isinstance(forced, CompiledByShape) and forced.after == 0
+    assert isinstance(Predictor(checkpoint, PredictConfig(device="cpu", compile=False)).forward_model, UNet)
 
 
 def test_compiled_masks_agree_with_plain_fp32(synthetic_dataset, tiny_checkpoint):

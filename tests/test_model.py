@@ -120,31 +120,3 @@ def test_the_widest_network_a_config_allows_stays_under_the_parameter_bound():
         assert sum(math.prod(shape) for shape, _ in expected_state(config).values()) <= MAX_PARAMETERS
     with pytest.raises(ValueError, match="4096 channels in the bottleneck; at most 2048"):
         ModelConfig(depth=5, base_width=128)
-
-
-@pytest.mark.parametrize("norm", NORMS)
-def test_a_channels_last_network_keeps_its_layout_and_computes_the_same(norm):
-    """`use_channels_last` (inference on CPU): every convolution gets NHWC data, which is what makes
-    it fast (an InstanceNorm that handed back channels-first data would make each one reorder
-    it), and the logits, features and gradients are the channels-first network's."""
-    import copy
-
-    model = small_unet(seed=3, depth=3, norm=norm, distance_map=True, dropout=0.0).eval()
-    laid_out = copy.deepcopy(model).use_channels_last()
-    x = torch.rand(2, 1, 37, 50)
-    conv_inputs: list[torch.Tensor] = []
-    for module in laid_out.modules():
-        if isinstance(module, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
-            module.register_forward_hook(lambda _module, inputs, _output: conv_inputs.append(inputs[0]))
-    with torch.no_grad():
-        expected, logits = model(x), laid_out(x)
-        expected_features, features = model.features(x), laid_out.features(x)
-    wide = [tensor for tensor in conv_inputs if tensor.shape[1] > 1 and tensor.shape[-1] > 1]
-    assert len(wide) > 10 and all(
-        tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous() for tensor in wide)
-    assert logits.is_contiguous() and logits.shape == (2, 2, 37, 50)
-    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(features, expected_features, atol=1e-4, rtol=1e-4)
-    # With gradients the norms take the channels-first path (its backward is the fast one); the same values.
-    laid_out.train(), model.train()
-    torch.testing.assert_close(laid_out(x), model(x), atol=1e-4, rtol=1e-4)
