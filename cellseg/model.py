@@ -23,23 +23,8 @@ def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(channels)
     if kind == "instance":
-        return InstanceNorm(channels, affine=True)
+        return nn.InstanceNorm2d(channels, affine=True)
     return nn.Identity()
-
-
-class InstanceNorm(nn.InstanceNorm2d):
-    """`nn.InstanceNorm2d` that keeps a channels-last input channels-last when no gradient is taken.
-
-    `instance_norm` returns a channels-first tensor whatever its input, so in a channels-last
-    network every following convolution would reorder its input again; `group_norm` with one
-    group per channel is the same normalisation and keeps the layout. Its backward on
-    channels-last input is slow on CPUs (torch 2.13), so with gradients this stays `instance_norm`.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
-        return super().forward(x)
 
 
 class DoubleConv(nn.Sequential):
@@ -113,20 +98,6 @@ class UNet(nn.Module):
             Up(widths[level + 1], widths[level], widths[level], config.norm) for level in reversed(range(config.depth))
         )
         self.head = nn.Conv2d(widths[0], self.output_channels, kernel_size=1)
-        self.channels_last = False
-
-    def use_channels_last(self) -> UNet:
-        """Lay the weights, and from now on the activations, out channels-last (NHWC).
-
-        For inference on CPU, where oneDNN's convolutions run on NHWC data without reordering
-        it each time (docs/performance.md, "Forward pass on CPU"); the outputs are the same
-        computation up to float rounding.
-        """
-        self.channels_last = True
-        return self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (not in the stubs)
-
-    def _laid_out(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @property
     def output_channels(self) -> int:
@@ -141,7 +112,7 @@ class UNet(nn.Module):
         """(B, F) summary of what the contracting path sees in each image: the spatial mean and
         standard deviation of every channel of every encoder level and the bottleneck (the
         input to `cellseg.size_model`, as Cellpose's style vector is to its size model)."""
-        x = self._laid_out(pad_to_multiple(x, self.size_multiple))
+        x = pad_to_multiple(x, self.size_multiple)
         levels = [self.stem(x)]
         for down in self.encoder:
             levels.append(down(levels[-1]))
@@ -150,15 +121,14 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
-        x = self._laid_out(pad_to_multiple(x, self.size_multiple))
+        x = pad_to_multiple(x, self.size_multiple)
         skips = [self.stem(x)]
         for down in self.encoder:
             skips.append(down(skips[-1]))
         x = self.bottleneck(skips[-1])
         for up, skip in zip(self.decoder, reversed(skips), strict=True):
             x = up(x, skip)
-        logits = self.head(x)[..., :height, :width]
-        return logits.contiguous() if self.channels_last else logits
+        return self.head(x)[..., :height, :width]
 
 
 def expected_state(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
