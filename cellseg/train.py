@@ -172,7 +172,7 @@ def train(
         train_set.prepare_targets()  # once here, so that the worker processes share them rather than each compute them
     model = UNet(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
-                                 fused=device.type == "cuda")  # one kernel per step rather than one per tensor group
+                                 fused=device.type in ("cuda", "cpu"))  # one kernel per step, not one per tensor
     monitor_key, higher_is_better = _score_name(config.monitor if val_pairs else config.monitor.replace("val_", "train_"))
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max" if higher_is_better else "min", factor=0.5,
