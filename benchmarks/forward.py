@@ -1,11 +1,13 @@
 """The forward pass on CPU, variant by variant, side by side in one process:
 
-    python -m benchmarks.forward [--images 4] [--rounds 6] [--threads 1] [--out FILE]
+    python -m benchmarks.forward [--model nuclei] [--images 4] [--rounds 6] [--threads 1] [--out FILE]
 
-The shipped general model on synthetic 512x512 images, one image per forward pass and one torch
-thread (as each of the product's shards runs it). Variants: plain fp32; bf16 autocast (the
-default); channels-last memory format; `torch.compile` (inductor, one compilation per image
-size, its cost stated apart); `torch.jit.freeze` (oneDNN conv fusion and weight prepacking). The
+A shipped model (`nuclei`, the default model, or `general`) on synthetic 512x512 images, one image
+per forward pass and one torch thread (as each of the product's shards runs it). Variants: plain
+fp32, channels-first (the reference); the product's pass on CPU, bf16 autocast on a channels-last
+network (`UNet.use_channels_last`), and the same in fp32; bf16 on the channels-first network (the
+default before); `torch.compile` (inductor, one compilation per image size, its cost stated
+apart) of either layout; `torch.jit.freeze` (oneDNN conv fusion and weight prepacking). The
 variants take turns image by image for `rounds` rounds and each keeps its fastest time per image,
 so a busy neighbour slowing one stretch does not decide the comparison. Each variant's masks are
 compared with plain fp32's (pixel agreement, Dice).
@@ -29,6 +31,7 @@ from benchmarks.output import show_and_save
 from cellseg.bundled import shipped_checkpoint
 from cellseg.checkpoint import load_checkpoint
 from cellseg.metrics import mask_agreement
+from cellseg.model import UNet
 from cellseg.normalize import normalize_image
 from cellseg.runtime import autocast_context
 from cellseg.synth import generate_sample
@@ -44,21 +47,19 @@ def _autocast(function: Forward, amp: bool) -> Forward:
     return run
 
 
-def variants(model: torch.nn.Module, example: torch.Tensor) -> tuple[dict[str, Forward], dict[str, float]]:
+def variants(model: UNet, example: torch.Tensor) -> tuple[dict[str, Forward], dict[str, float]]:
     """The forward passes to compare, and the one-off cost (s) of building the ones that have one."""
     cost: dict[str, float] = {}
     plain = copy.deepcopy(model)
-    model_cl = model.to(memory_format=torch.channels_last)
+    laid_out = copy.deepcopy(model).use_channels_last()
     found: dict[str, Forward] = {
         "fp32": _autocast(plain, False),
-        "bf16": _autocast(plain, True),
-        "bf16_channels_last": _autocast(lambda x: model_cl(x.contiguous(memory_format=torch.channels_last)), True),
+        "fp32_channels_last": _autocast(laid_out, False),
+        "bf16": _autocast(laid_out, True),
+        "bf16_channels_first": _autocast(plain, True),
+        "bf16_compile": _autocast(torch.compile(laid_out, dynamic=False), True),
+        "bf16_compile_channels_first": _autocast(torch.compile(plain, dynamic=False), True),
     }
-    compiled = torch.compile(plain, dynamic=False)
-    found["bf16_compile"] = _autocast(compiled, True)
-    compiled_cl = torch.compile(model_cl, dynamic=False)
-    found["bf16_compile_channels_last"] = _autocast(
-        lambda x: compiled_cl(x.contiguous(memory_format=torch.channels_last)), True)
     # The trace fixes the padding branch for this shape, which is what its warnings say.
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
     with torch.no_grad():
@@ -75,18 +76,18 @@ def variants(model: torch.nn.Module, example: torch.Tensor) -> tuple[dict[str, F
     return found, cost
 
 
-def bench_forward(images: int = 4, rounds: int = 6, threads: int = 1) -> dict:
+def bench_forward(images: int = 4, rounds: int = 6, threads: int = 1, model: str = "nuclei") -> dict:
     """Fastest ms per 512x512 image of each variant, first-call cost, agreement of masks with fp32."""
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _bench_forward(images, rounds, threads)
+        return _bench_forward(images, rounds, threads, model)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _bench_forward(images: int, rounds: int, threads: int) -> dict:
-    checkpoint = load_checkpoint(shipped_checkpoint("general"))
+def _bench_forward(images: int, rounds: int, threads: int, model_name: str) -> dict:
+    checkpoint = load_checkpoint(shipped_checkpoint(model_name))
     rng = np.random.default_rng(5)
     batches = [torch.from_numpy(normalize_image(generate_sample(rng, (SIDE, SIDE)).image,
                                                 checkpoint.model_config.normalization))[None, None]
@@ -121,7 +122,7 @@ def _bench_forward(images: int, rounds: int, threads: int) -> dict:
                                                                                          strict=True))),
             **mask_agreement(masks[name], masks["fp32"]),
         }
-    return {"side": SIDE, "images": images, "rounds": rounds, "threads": threads,
+    return {"model": model_name, "side": SIDE, "images": images, "rounds": rounds, "threads": threads,
             "load_average_1min": os.getloadavg()[0], "cpus": os.cpu_count(), "variants": results}
 
 
@@ -132,7 +133,7 @@ def ratios(result: dict) -> dict[str, float]:
 
 def table_rows(result: dict) -> list[tuple[str, str, str]]:
     """Rows for `make bench`'s table: ms per image, against eager bf16, first call and agreement with fp32."""
-    return [(f"forward {name}, {result['side']}^2, {result['threads']} thread",
+    return [(f"forward {name}, {result.get('model', 'general')} {result['side']}^2, {result['threads']} thread",
              f"{row['ms_per_image']:.0f} ms  {row['vs_bf16']:.2f}x eager bf16",
              f"first call {row['first_call_seconds']:.1f} s; vs fp32 masks: pixels {row['pixel_agreement']:.4%}, "
              f"Dice {row['dice']:.4f}") for name, row in result["variants"].items()]
@@ -140,12 +141,13 @@ def table_rows(result: dict) -> list[tuple[str, str, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="nuclei", help="a shipped model: nuclei (the default model) or general")
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    result = bench_forward(args.images, args.rounds, args.threads)
+    result = bench_forward(args.images, args.rounds, args.threads, args.model)
     show_and_save(table_rows(result), result, args.out)
     print(f"load average {result['load_average_1min']:.1f} on {result['cpus']} cpus")
 

@@ -92,6 +92,12 @@ class Checkpoint:
         model.load_state_dict(self.state_dict)
         return model.eval()
 
+    def inference_model(self, device: torch.device) -> UNet:
+        """`build_model` on `device`, laid out for inference there: channels-last on CPU
+        (`UNet.use_channels_last`)."""
+        model = self.build_model().to(device)
+        return model.use_channels_last() if device.type == "cpu" else model
+
     def to_dict(self) -> dict[str, Any]:
         payload = {
             "format": FORMAT,

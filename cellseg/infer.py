@@ -138,7 +138,7 @@ class Predictor:
         self.batch_size = config.batch_size or (8 if self.device.type == "cuda" else 1)
         self.postprocess_workers = config.postprocess_workers if config.postprocess_workers is not None else (
             max(1, min(MAX_POSTPROCESS_WORKERS, available_cores() - 2)) if self.device.type == "cuda" else 0)
-        self.model = checkpoint.build_model().to(self.device)
+        self.model = checkpoint.inference_model(self.device)
         self.forward_model: Any = self.model
         if config.compile or (config.compile is None and self.device.type == "cpu"):
             self.forward_model = CompiledByShape(self.model, 0 if config.compile else COMPILE_AFTER)

@@ -205,7 +205,7 @@ def finish_checkpoint(
     checkpoint = load_checkpoint(checkpoint_url)
     device = resolve_device(job.training.device)
     if checkpoint.model_config.cell_diameter is not None:
-        model = checkpoint.build_model().to(device)
+        model = checkpoint.inference_model(device)
         examples = size_examples(train_pairs, network_features(model, device, job.training.amp), job.training.seed)
         if len(examples[1]) < MIN_EXAMPLES:
             logger.warning("%d training images with cells are too few for a size model: the cell size of each "

@@ -23,8 +23,88 @@ def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(channels)
     if kind == "instance":
-        return nn.InstanceNorm2d(channels, affine=True)
+        return InstanceNorm(channels, affine=True)
     return nn.Identity()
+
+
+class InstanceNorm(nn.InstanceNorm2d):
+    """`nn.InstanceNorm2d` that keeps a channels-last input channels-last when no gradient is taken.
+
+    `instance_norm` returns a channels-first tensor whatever its input, so in a channels-last
+    network every following convolution would reorder its data again (docs/performance.md,
+    "Forward pass on CPU"). `group_norm` keeps the layout, but its channels-last CPU kernel splits
+    an image's pixels between threads, so its bits change with the thread count and the batch;
+    `channels_last_instance_norm` sums in a fixed order instead. With gradients (training) this is
+    `instance_norm`, whose backward is the fast one.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return channels_last_instance_norm(x, self.weight, self.bias, self.eps)
+        return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
+
+
+# Elements of one slice of pixels that `channel_sums` sums at a time: its temporaries stay a few
+# MB however large the image, and the slices depend on the shape only, never on the threads.
+_SUM_SLICE_ELEMENTS = 1 << 20
+# Elements per row of the (pixels / k, k * C) views of `_pixel_rows`: CPU kernels reducing or
+# broadcasting along rows of 8 or 16 channels ran 2-5x slower than along rows of 64.
+_ROW_ELEMENTS = 64
+
+
+def _pixel_rows(x: torch.Tensor, row_elements: int = _ROW_ELEMENTS) -> tuple[torch.Tensor, int]:
+    """A channels-last (B, C, H, W) `x` viewed as (B, H·W / k, k·C) rows of k pixels' channels, and k."""
+    batch, channels, height, width = x.shape
+    count = height * width
+    per_row = max(1, row_elements // channels)
+    while count % per_row:
+        per_row = per_row // 2
+    return x.permute(0, 2, 3, 1).reshape(batch, count // per_row, per_row * channels), per_row
+
+
+def channel_sums(x: torch.Tensor, slice_elements: int = _SUM_SLICE_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C) float32 mean and sum of squared deviations from it of each channel of a channels-last
+    (B, C, H, W) `x` over H and W, the same bits whatever the threads and the batch.
+
+    Each reduction runs down the rows of a (rows, k·C) view with k·C outputs per image, which
+    torch splits between threads by output, never within one; the slices' partial sums add up
+    in a fixed order. Partial sums of bf16 data are rounded to bf16 once, as `sum` gives them.
+    """
+    batch, channels, height, width = x.shape
+    rows, per_row = _pixel_rows(x)
+    count, slice_rows = height * width, max(1, slice_elements // rows.shape[-1])
+    total = torch.zeros(batch, per_row, channels, dtype=torch.float32, device=x.device)
+    for start in range(0, rows.shape[1], slice_rows):
+        total += rows[:, start : start + slice_rows].sum(dim=1).view(batch, per_row, channels)
+    mean = (total.sum(dim=1) / count).to(x.dtype)
+    centre = mean.repeat(1, per_row).view(batch, 1, per_row * channels)
+    squares = torch.zeros(batch, per_row, channels, dtype=torch.float32, device=x.device)
+    deviations = torch.empty(batch, min(slice_rows, rows.shape[1]), rows.shape[-1], dtype=x.dtype, device=x.device)
+    for start in range(0, rows.shape[1], slice_rows):
+        part = rows[:, start : start + slice_rows]
+        deviation = torch.sub(part, centre, out=deviations[:, : part.shape[1]]).square_()
+        squares += deviation.sum(dim=1).view(batch, per_row, channels)
+    return mean.float(), squares.sum(dim=1)
+
+
+def channels_last_instance_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """`instance_norm` of a channels-last `x`, returned channels-last, in `x`'s dtype: one
+    multiply-add per element with each image's per-channel scale and shift."""
+    batch, channels, height, width = x.shape
+    mean, squares = channel_sums(x)
+    scale = torch.rsqrt(squares / (height * width) + eps)
+    if weight is not None:
+        scale = scale * weight.float()
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.float()
+    rows, per_row = _pixel_rows(x)
+    scale_row = scale.to(x.dtype).repeat(1, per_row).view(batch, 1, per_row * channels)
+    shift_row = shift.to(x.dtype).repeat(1, per_row).view(batch, 1, per_row * channels)
+    normalised = torch.addcmul(shift_row, rows, scale_row)
+    return normalised.view(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
 class DoubleConv(nn.Sequential):
@@ -98,6 +178,20 @@ class UNet(nn.Module):
             Up(widths[level + 1], widths[level], widths[level], config.norm) for level in reversed(range(config.depth))
         )
         self.head = nn.Conv2d(widths[0], self.output_channels, kernel_size=1)
+        self.channels_last = False
+
+    def use_channels_last(self) -> UNet:
+        """Lay the weights, and from now on the activations, out channels-last (NHWC).
+
+        For inference on CPU, where oneDNN's convolutions run on NHWC data without reordering
+        it each time (docs/performance.md, "Forward pass on CPU"); the outputs are the same
+        computation up to float rounding.
+        """
+        self.channels_last = True
+        return self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (not in the stubs)
+
+    def _laid_out(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @property
     def output_channels(self) -> int:
@@ -112,23 +206,35 @@ class UNet(nn.Module):
         """(B, F) summary of what the contracting path sees in each image: the spatial mean and
         standard deviation of every channel of every encoder level and the bottleneck (the
         input to `cellseg.size_model`, as Cellpose's style vector is to its size model)."""
-        x = pad_to_multiple(x, self.size_multiple)
+        x = self._laid_out(pad_to_multiple(x, self.size_multiple))
         levels = [self.stem(x)]
         for down in self.encoder:
             levels.append(down(levels[-1]))
         levels.append(self.bottleneck(levels[-1]))
-        return torch.cat([torch.cat([level.mean(dim=(-2, -1)), level.std(dim=(-2, -1))], dim=1) for level in levels], dim=1)
+        return torch.cat([channel_moments(level) for level in levels], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
-        x = pad_to_multiple(x, self.size_multiple)
+        x = self._laid_out(pad_to_multiple(x, self.size_multiple))
         skips = [self.stem(x)]
         for down in self.encoder:
             skips.append(down(skips[-1]))
         x = self.bottleneck(skips[-1])
         for up, skip in zip(self.decoder, reversed(skips), strict=True):
             x = up(x, skip)
-        return self.head(x)[..., :height, :width]
+        logits = self.head(x)[..., :height, :width]
+        return logits.contiguous() if self.channels_last else logits
+
+
+def channel_moments(x: torch.Tensor) -> torch.Tensor:
+    """(B, 2C): the mean, then the standard deviation (n - 1), of each channel of (B, C, H, W) over
+    H and W, in `x`'s dtype; of channels-last data by `channel_sums` (`mean` and `std` over its
+    strided H and W are several times slower on CPUs)."""
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return torch.cat([x.mean(dim=(-2, -1)), x.std(dim=(-2, -1))], dim=1)
+    mean, squares = channel_sums(x)
+    count = x.shape[-2] * x.shape[-1]
+    return torch.cat([mean, (squares / max(count - 1, 1)).sqrt()], dim=1).to(x.dtype)
 
 
 def expected_state(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

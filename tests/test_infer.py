@@ -204,6 +204,20 @@ def test_fast_path_masks_agree_with_plain_fp32(synthetic_dataset, tiny_checkpoin
     assert agreement["pixel_agreement"] >= 0.999 and agreement["dice"] >= 0.999, agreement
 
 
+def test_the_cpu_predictor_runs_a_channels_last_network_with_the_channels_first_results(synthetic_dataset,
+                                                                                        tiny_checkpoint):
+    from cellseg.normalize import normalize_image
+
+    checkpoint = load_checkpoint(str(tiny_checkpoint))
+    images = [normalize_image(read_image(url), checkpoint.model_config.normalization)
+              for url in list_images(str(synthetic_dataset / "images"))[:6]]
+    predictor = Predictor(checkpoint, PredictConfig(device="cpu", amp=False))
+    assert predictor.model.channels_last
+    expected = predict_probabilities(checkpoint.build_model(), images, amp=False)
+    for found, wanted in zip(predictor.normalised_probabilities(images), expected, strict=True):
+        np.testing.assert_allclose(found, wanted, rtol=0, atol=1e-5)
+
+
 def test_mask_agreement_counts_pixels_and_dice():
     a = np.zeros((4, 5), bool)
     b = a.copy()

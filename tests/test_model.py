@@ -120,3 +120,78 @@ def test_the_widest_network_a_config_allows_stays_under_the_parameter_bound():
         assert sum(math.prod(shape) for shape, _ in expected_state(config).values()) <= MAX_PARAMETERS
     with pytest.raises(ValueError, match="4096 channels in the bottleneck; at most 2048"):
         ModelConfig(depth=5, base_width=128)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_a_channels_last_network_keeps_its_layout_and_computes_the_same(norm):
+    """`use_channels_last` (inference on CPU): every convolution gets NHWC data, which is what makes
+    it fast (an InstanceNorm that handed back channels-first data would make each one reorder
+    it), and the logits, features and gradients are the channels-first network's."""
+    import copy
+
+    model = small_unet(seed=3, depth=3, norm=norm, distance_map=True, dropout=0.0).eval()
+    laid_out = copy.deepcopy(model).use_channels_last()
+    x = torch.rand(2, 1, 37, 50)
+    conv_inputs: list[torch.Tensor] = []
+    for module in laid_out.modules():
+        if isinstance(module, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
+            module.register_forward_hook(lambda _module, inputs, _output: conv_inputs.append(inputs[0]))
+    with torch.no_grad():
+        expected, logits = model(x), laid_out(x)
+        expected_features, features = model.features(x), laid_out.features(x)
+    wide = [tensor for tensor in conv_inputs if tensor.shape[1] > 1 and tensor.shape[-1] > 1]
+    assert len(wide) > 10 and all(
+        tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous() for tensor in wide)
+    assert logits.is_contiguous() and logits.shape == (2, 2, 37, 50)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(features, expected_features, atol=1e-4, rtol=1e-4)
+    # With gradients the norms take the channels-first path (its backward is the fast one); the same values.
+    laid_out.train(), model.train()
+    torch.testing.assert_close(laid_out(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_a_channels_last_network_gives_the_same_bits_whatever_the_threads_and_the_batch(amp):
+    """The product promises the same masks from `predict`, a flow's shards and a resumed run, which
+    run the model with different thread counts and batches: the channels-last InstanceNorm's sums
+    must not be split between threads (`group_norm`'s channels-last kernel is, and fails this)."""
+    from cellseg.runtime import autocast_context
+
+    model = small_unet(seed=5, depth=3, base_width=8, norm="instance").eval().use_channels_last()
+    x = torch.rand(3, 1, 96, 80)
+    threads_before = torch.get_num_threads()
+    found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    try:
+        with torch.no_grad(), autocast_context(torch.device("cpu"), amp):
+            for threads in (1, 2, 3, 4):
+                torch.set_num_threads(threads)
+                found[threads] = model(x), model.features(x)
+            one_by_one = torch.cat([model(x[i : i + 1]) for i in range(3)])
+    finally:
+        torch.set_num_threads(threads_before)
+    for threads, (logits, features) in found.items():
+        assert torch.equal(features, found[1][1]), threads
+        # In fp32 oneDNN's 1x1 head convolution itself rounds differently with the threads (1 ulp), in
+        # either layout; the product's default pass is bf16.
+        assert torch.equal(logits, found[1][0]) or not amp, threads
+    assert torch.equal(one_by_one, found[1][0]) or not amp
+
+
+@pytest.mark.parametrize("channels", [1, 3, 8, 64])
+def test_channel_sums_of_a_large_channels_last_image_match_float64_moments(channels):
+    """Over several slices of pixels (the temporaries' bound) and rows of several pixels."""
+    from cellseg.model import _SUM_SLICE_ELEMENTS, channel_sums, channels_last_instance_norm
+
+    torch.manual_seed(channels)
+    side = 2 * int(math.sqrt(_SUM_SLICE_ELEMENTS / channels)) + 3
+    x = (torch.randn(2, channels, side, side - 1) * 3 + 5).contiguous(memory_format=torch.channels_last)
+    mean, squares = channel_sums(x)
+    exact = x.double()
+    torch.testing.assert_close(mean.double(), exact.mean(dim=(-2, -1)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(squares.double() / (side * (side - 1)), exact.var(dim=(-2, -1), correction=0),
+                               rtol=1e-5, atol=1e-5)
+    weight, bias = torch.rand(channels) + 0.5, torch.randn(channels)
+    normalised = channels_last_instance_norm(x, weight, bias, 1e-5)
+    assert normalised.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(normalised, torch.nn.functional.instance_norm(x, weight=weight, bias=bias, eps=1e-5),
+                               rtol=1e-4, atol=1e-4)
