@@ -7,7 +7,7 @@ per forward pass and one torch thread (as each of the product's shards runs it).
 fp32, channels-first (the reference); the product's pass on CPU, bf16 autocast on a channels-last
 network (`UNet.use_channels_last`), and the same in fp32; bf16 on the channels-first network (the
 default before); `torch.compile` (inductor, one compilation per image size, its cost stated
-apart) of either layout; `torch.jit.freeze` (oneDNN conv fusion and weight prepacking). The
+apart) of the channels-first network, as the product compiles it, and of the channels-last one; `torch.jit.freeze` (oneDNN conv fusion and weight prepacking). The
 variants take turns image by image for `rounds` rounds and each keeps its fastest time per image,
 so a busy neighbour slowing one stretch does not decide the comparison. Each variant's masks are
 compared with plain fp32's (pixel agreement, Dice).
@@ -57,8 +57,8 @@ def variants(model: UNet, example: torch.Tensor) -> tuple[dict[str, Forward], di
         "fp32_channels_last": _autocast(laid_out, False),
         "bf16": _autocast(laid_out, True),
         "bf16_channels_first": _autocast(plain, True),
-        "bf16_compile": _autocast(torch.compile(laid_out, dynamic=False), True),
-        "bf16_compile_channels_first": _autocast(torch.compile(plain, dynamic=False), True),
+        "bf16_compile": _autocast(torch.compile(plain, dynamic=False), True),
+        "bf16_compile_channels_last": _autocast(torch.compile(laid_out, dynamic=False), True),
     }
     # The trace fixes the padding branch for this shape, which is what its warnings say.
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)

@@ -141,7 +141,8 @@ class Predictor:
         self.model = checkpoint.inference_model(self.device)
         self.forward_model: Any = self.model
         if config.compile or (config.compile is None and self.device.type == "cpu"):
-            self.forward_model = CompiledByShape(self.model, 0 if config.compile else COMPILE_AFTER)
+            self.forward_model = CompiledByShape(self.model, 0 if config.compile else COMPILE_AFTER,
+                                                 to_compile=lambda: checkpoint.build_model().to(self.device))
         self.size_estimate: SizeEstimates | None = None
         model_diameter = checkpoint.model_config.cell_diameter
         if checkpoint.size_model is not None and isinstance(model_diameter, float | int):

@@ -130,9 +130,14 @@ class CompiledByShape:
     leaves the model eager, with a warning. Shared by threads like the model it wraps; a shape's
     first compiled pass runs alone (`PassGate`)."""
 
-    def __init__(self, model: torch.nn.Module, after: int = 0):
+    def __init__(self, model: torch.nn.Module, after: int = 0,
+                 to_compile: Callable[[], torch.nn.Module] | None = None):
         self.model = model
         self.after = after
+        # What torch.compile compiles, built when first needed: by default `model` itself. A
+        # channels-last UNet compiles a channels-first copy: inductor ran the channels-last
+        # network 2x slower than eager (docs/performance.md, "Forward pass on CPU").
+        self.to_compile = to_compile or (lambda: model)
         self.seen: Counter[tuple[int, ...]] = Counter()
         self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.ready: set[tuple[int, ...]] = set()  # shapes compiled already
@@ -159,7 +164,7 @@ class CompiledByShape:
             self.seen[shape] += 1
             eager = self.failed or self.seen[shape] <= self.after
             if not eager and self.compiled is None:
-                self.compiled = torch.compile(self.model, dynamic=False)
+                self.compiled = torch.compile(self.to_compile().eval(), dynamic=False)
             compiling = not eager and shape not in self.ready
         if eager:
             with _shared_pass(self.model) as model:

@@ -75,6 +75,8 @@ def test_compile_defaults_to_after_many_images_on_cpu_and_can_be_forced_or_refus
     assert isinstance(default, CompiledByShape) and default.after == COMPILE_AFTER
     forced = Predictor(checkpoint, PredictConfig(device="cpu", compile=True)).forward_model
     assert isinstance(forced, CompiledByShape) and forced.after == 0
+    # Eager passes run the channels-last network; inductor gets a channels-first copy (faster compiled).
+    assert forced.model.channels_last and not forced.to_compile().channels_last
     assert isinstance(Predictor(checkpoint, PredictConfig(device="cpu", compile=False)).forward_model, UNet)
 
 
