@@ -38,7 +38,7 @@ from benchmarks.blockwise import bench_blockwise
 from benchmarks.blockwise import ratios as blockwise_ratios
 from benchmarks.blockwise import table_rows as blockwise_rows
 from benchmarks.cell_size import bench_cell_size
-from benchmarks.forward import bench_forward
+from benchmarks.forward import BENCH_VARIANTS, bench_forward
 from benchmarks.forward import ratios as forward_ratios
 from benchmarks.forward import table_rows as forward_rows
 from benchmarks.gpu import bench_gpu
@@ -332,7 +332,7 @@ def main() -> None:
             results["model_only"] = bench_model_only(urls, predictor, streams=PARALLEL_SHARDS)
             results["model_only_one_stream"] = bench_model_only(urls, predictor, streams=1)
         with section("forward pass variants"):
-            results["forward"] = bench_forward()
+            results["forward"] = bench_forward(names=BENCH_VARIANTS)
             compiled = Predictor.from_checkpoint(str(checkpoint), PredictConfig(compile=True))
             results["model_only_compiled"] = bench_model_only(urls, compiled, streams=1)
         flops = results["hardware"]["model_gflop_per_megapixel"] * results["model_only"]["megapixels_per_second"]
