@@ -62,6 +62,11 @@ def _pixel_rows(x: torch.Tensor, row_elements: int = _ROW_ELEMENTS) -> tuple[tor
     return x.permute(0, 2, 3, 1).reshape(batch, count // per_row, per_row * channels), per_row
 
 
+def _along_rows(values: torch.Tensor, per_row: int) -> torch.Tensor:
+    """(B, C) per-channel `values` repeated for the k pixels of a `_pixel_rows` row: (B, 1, k·C)."""
+    return values.repeat(1, per_row).view(values.shape[0], 1, per_row * values.shape[1])
+
+
 def channel_sums(x: torch.Tensor, slice_elements: int = _SUM_SLICE_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, C) float32 mean and sum of squared deviations from it of each channel of a channels-last
     (B, C, H, W) `x` over H and W, the same bits whatever the threads and the batch.
@@ -77,7 +82,7 @@ def channel_sums(x: torch.Tensor, slice_elements: int = _SUM_SLICE_ELEMENTS) -> 
     for start in range(0, rows.shape[1], slice_rows):
         total += rows[:, start : start + slice_rows].sum(dim=1).view(batch, per_row, channels)
     mean = (total.sum(dim=1) / count).to(x.dtype)
-    centre = mean.repeat(1, per_row).view(batch, 1, per_row * channels)
+    centre = _along_rows(mean, per_row)
     squares = torch.zeros(batch, per_row, channels, dtype=torch.float32, device=x.device)
     deviations = torch.empty(batch, min(slice_rows, rows.shape[1]), rows.shape[-1], dtype=x.dtype, device=x.device)
     for start in range(0, rows.shape[1], slice_rows):
@@ -101,9 +106,7 @@ def channels_last_instance_norm(
     if bias is not None:
         shift = shift + bias.float()
     rows, per_row = _pixel_rows(x)
-    scale_row = scale.to(x.dtype).repeat(1, per_row).view(batch, 1, per_row * channels)
-    shift_row = shift.to(x.dtype).repeat(1, per_row).view(batch, 1, per_row * channels)
-    normalised = torch.addcmul(shift_row, rows, scale_row)
+    normalised = torch.addcmul(_along_rows(shift.to(x.dtype), per_row), rows, _along_rows(scale.to(x.dtype), per_row))
     return normalised.view(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
