@@ -10,12 +10,12 @@ between touching cells even where the mask has no neck.
 
 Per-pixel steps run once over the whole image with OpenCV (exact distance transform, smoothing,
 local maxima, connected components); only objects with two or more candidate peaks are looked
-at one by one, for their h-maxima, and all objects to split share one skimage watershed, their
-boxes packed side by side on a canvas far smaller than the image. This
-replaced a scipy/skimage recipe run object by object, 3-4x slower; docs/performance.md
-("Post-processing stages") gives the figures and what changed: the h-maxima are the same, the
-mask's distance is now smoothed over the image instead of inside each object's box, which moves
-about 1 cell pixel in 10,000 (tests/test_postprocess.py compares both recipes).
+at one by one, in their boxes: their h-maxima and the watershed that grows them into cells are
+compiled (`cellseg.watershed`; the same markers and labels as skimage's). This replaced a
+scipy/skimage recipe run object by object, 4-5x slower; docs/performance.md ("Post-processing
+stages") gives the figures and what changed: the h-maxima and the flood are the same, the mask's
+distance is now smoothed over the image instead of inside each object's box, which moves about 1
+cell pixel in 10,000 (tests/test_postprocess.py compares both recipes).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Any
 import cv2
 import numpy as np
 from scipy import ndimage
-from skimage.segmentation import watershed
 
 from cellseg.config import DEFAULT_CENTRE_PROMINENCE, PredictConfig
 from cellseg.stats import label_cells
+from cellseg.watershed import dome_markers, flood_from_markers
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def split_at_distance_peaks(
     else:
         # An object can hold two h-maxima only with two tops (plateaus no lower than their
         # neighbours) higher than `prominence`: with the map at 0 around the object, a lower top's
-        # marker would be the whole object (see _dome_markers).
+        # marker would be the whole object (see `dome_markers`).
         # (`height > float32(prominence)` is `height - prominence > 0` in float32, without the copy.)
         candidates = _several_per_object(components, _tops(height, 3) & (height > np.float32(prominence)))
     return _split_objects(components, height, prominence, candidates)
@@ -161,7 +161,7 @@ def _several_per_object(components: np.ndarray, marks: np.ndarray) -> np.ndarray
 
 def _split_objects(components: np.ndarray, height: np.ndarray, h: float, candidates: np.ndarray) -> np.ndarray:
     """Relabel `components` (1..N) with each candidate object that holds two or more domes of
-    `height` (h-maxima, see `_dome_markers`) divided among them by a watershed of `-height` in
+    `height` (h-maxima, see `dome_markers`) divided among them by a watershed of `-height` in
     the object; other objects stay whole. An object keeps its label for its first piece (in raster
     order of the markers); further pieces get new labels after N, object by object."""
     # Small objects are dropped before splitting, never after: the cell mask is the same with or
@@ -169,8 +169,6 @@ def _split_objects(components: np.ndarray, height: np.ndarray, h: float, candida
     labels = components.copy()
     boxes = ndimage.find_objects(components)
     next_label = len(boxes) + 1
-    pieces: list[_Piece] = []  # objects to flood together
-    area = 0
     for index in np.flatnonzero(candidates[: len(boxes) + 1]):
         box = boxes[index - 1]
         if box is None:
@@ -179,119 +177,14 @@ def _split_objects(components: np.ndarray, height: np.ndarray, h: float, candida
                   slice(max(box[1].start - 1, 0), min(box[1].stop + 1, components.shape[1])))
         cell = components[padded] == index
         object_height = np.where(cell, height[padded], height.dtype.type(0))
-        markers, count = _dome_markers(object_height, h, cell)
+        markers, count = dome_markers(object_height, h, cell)
         if count < 2:
             continue
-        slot = (cell.shape[0] + 1) * (cell.shape[1] + 1)
-        if pieces and area + slot > BAND_PIXELS:
-            next_label = _flood(labels, pieces, next_label)
-            pieces, area = [], 0
-        pieces.append(_Piece(int(index), padded, cell, object_height, markers, count))
-        area += slot
-    if pieces:
-        _flood(labels, pieces, next_label)
+        pieces = flood_from_markers(object_height, markers, cell)
+        piece_labels = np.array([0, index, *range(next_label, next_label + count - 1)], dtype=np.int32)
+        labels[padded][cell] = piece_labels[pieces[cell]]
+        next_label += count - 1
     return labels
 
 
-BAND_PIXELS = 1 << 22  # pixels worked on at once: objects flooded together, rows of a maximum filter
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """One object to split: its label, box in the image (a pixel wider than the object where the
-    image allows), its mask and height in the box (0 outside it), and its markers 1..count there."""
-
-    label: int
-    box: tuple[slice, slice]
-    cell: np.ndarray
-    height: np.ndarray
-    markers: np.ndarray
-    count: int
-
-
-def _flood(labels: np.ndarray, pieces: list[_Piece], next_label: int) -> int:
-    """One watershed of `-height` for all `pieces`, written into `labels`: the first piece of each
-    object keeps its label, the others get labels from `next_label` on, which is returned advanced
-    past them."""
-    # One call for many objects instead of one each: skimage's watershed costs more to set up
-    # than to flood a cell. The objects' boxes are packed side by side in rows (tallest first),
-    # a zero pixel apart, so that each object is flooded only from its own markers, on a canvas a
-    # fraction of the image's size (the watershed's setup copies its whole canvas several times).
-    widest = max(piece.cell.shape[1] for piece in pieces)
-    width = max(widest, int(np.sqrt(sum(piece.cell.size for piece in pieces)) * 1.2)) + 1
-    places, row_top, row_height, column = [], 0, 0, 0
-    for piece in sorted(pieces, key=lambda piece: -piece.cell.shape[0]):
-        rows, cols = piece.cell.shape
-        if column + cols + 1 > width:
-            row_top, row_height, column = row_top + row_height + 1, 0, 0
-        places.append((piece, (slice(row_top, row_top + rows), slice(column, column + cols))))
-        column, row_height = column + cols + 1, max(row_height, rows)
-    piece_label, first_marker = [0], {}
-    for piece in pieces:  # labels in the objects' order, whatever their place
-        first_marker[piece.label] = len(piece_label) - 1
-        piece_label += [piece.label, *range(next_label, next_label + piece.count - 1)]
-        next_label += piece.count - 1
-    shape = (row_top + row_height, width)
-    canvas = np.zeros(shape, dtype=np.float64)
-    seeds = np.zeros(shape, dtype=np.int32)
-    inside = np.zeros(shape, dtype=bool)
-    for piece, place in places:
-        canvas[place] = piece.height
-        np.copyto(seeds[place], piece.markers + first_marker[piece.label], where=piece.markers > 0)
-        inside[place] = piece.cell
-    flooded = watershed(np.negative(canvas, out=canvas), seeds, mask=inside, connectivity=2)
-    piece_labels = np.asarray(piece_label, dtype=np.int32)
-    for piece, place in places:
-        labels[piece.box][piece.cell] = piece_labels[flooded[place][piece.cell]]
-    return next_label
-
-
-def _dome_markers(height: np.ndarray, h: float, inside: np.ndarray) -> tuple[np.ndarray, int]:
-    """One labelled marker per dome of `height` that rises at least `h` above every saddle to a
-    higher dome (the h-maxima), within `inside`.
-
-    The markers are the regional maxima (plateaus) of the h-maxima transform, the reconstruction
-    of `height - h` under `height`. skimage's `h_maxima` marks the top of every such dome, so two
-    equally high peaks joined by a saddle shallower than `h` (two halves of one symmetric cell)
-    come out as two seeds; the plateau of the reconstruction keeps them one.
-
-    Found without the reconstruction: each plateau of the reconstruction is the connected part of
-    {height >= top - h} around some top of `height` (a plateau no lower than its neighbours)
-    holding nothing higher than that top, and is a maximum unless it is the whole array (as in
-    skimage's `local_maxima`). One flood per top replaces skimage's sort of every pixel; the
-    markers are identical (`local_maxima(reconstruction(height - h, height)) & inside`, labelled).
-    """
-    tops = (height == cv2.dilate(height, _SQUARE3)).view(np.uint8)
-    count, plateaus = cv2.connectedComponentsWithAlgorithm(tops, 8, cv2.CV_32S, cv2.CCL_SAUF)
-    domes = np.zeros(height.shape, dtype=bool)
-    if count > 1:
-        # Each plateau's first pixel in raster order (SAUF numbers plateaus in that order, which
-        # equally high ones keep below); any of its pixels would give the same part.
-        where = np.flatnonzero(tops)
-        first = np.full(count, height.size, dtype=np.intp)
-        np.minimum.at(first, plateaus.ravel()[where], where)
-        first = first[1:]
-        values = height.ravel()[first]
-        lowest = height.min()
-        highest_first = np.argsort(-values, kind="stable")
-        # The flood's own mask: the box with a border, 1 where filled (OpenCV's convention).
-        filled = np.zeros((height.shape[0] + 2, height.shape[1] + 2), dtype=np.uint8)
-        for pixel, value in zip(first[highest_first], values[highest_first], strict=True):
-            level = value - h  # in height's dtype, rounded as `height - h` is
-            if domes.flat[pixel] or level <= lowest:  # inside a dome already found; or the whole array
-                continue
-            # The connected part of {height >= level} around the top, within the box it reaches.
-            filled[:] = 0
-            row, column = divmod(int(pixel), height.shape[1])
-            _, _, _, (left, top, wide, tall) = cv2.floodFill(
-                (height >= level).view(np.uint8), filled, (column, row), 0, 0, 0,
-                8 | cv2.FLOODFILL_MASK_ONLY | (1 << 8))
-            reach = (slice(top, top + tall), slice(left, left + wide))
-            part = filled[1:-1, 1:-1][reach].view(bool)
-            if height[reach].max(where=part, initial=-np.inf) == value:
-                domes[reach] |= part
-    count, labels = cv2.connectedComponentsWithAlgorithm((domes & inside).view(np.uint8), 8, cv2.CV_32S, cv2.CCL_SAUF)
-    return labels, count - 1
-
-
-_SQUARE3 = np.ones((3, 3), dtype=np.uint8)
+BAND_PIXELS = 1 << 22  # rows of a maximum filter worked on at once

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
 from benchmarks.postprocess_stages import (
     moved_pixels,
-    reference_dome_markers,
     reference_split_at_distance_peaks,
     reference_split_touching_cells,
 )
@@ -218,25 +216,7 @@ def test_distance_peaks_below_the_prominence_do_not_split():
         split_at_distance_peaks(mask, distance[:10])
 
 
-# The OpenCV recipe against the scipy/skimage recipe it replaced (benchmarks.postprocess_stages).
-def test_dome_markers_are_skimages_h_maxima_on_random_heights():
-    rng = np.random.default_rng(0)
-    for case in range(300):
-        shape = tuple(rng.integers(3, 25, 2))
-        steps = (2, 4, 10, 1000)[case % 4]  # few levels: plateaus and ties everywhere
-        height = (rng.integers(0, steps, shape) / steps).astype(np.float32 if case % 2 else np.float64)
-        if case % 3 == 0:
-            height = ndimage.gaussian_filter(height, 1.0)
-        if case % 5 == 0:
-            height -= 0.3  # below zero in places
-        inside = rng.random(shape) < 0.8
-        h = (0.05, 0.1, 0.25, 0.5)[case % 4]
-        ours, count = postprocess._dome_markers(height, h, inside)
-        theirs, their_count = reference_dome_markers(height, h, inside)
-        assert count == their_count, f"case {case}"
-        np.testing.assert_array_equal(ours, theirs, err_msg=f"case {case}")
-
-
+# The library's recipe against the scipy/skimage recipe it replaced (benchmarks.postprocess_stages).
 def test_splits_agree_with_the_scipy_recipe_on_synthetic_cells():
     rng = np.random.default_rng(5)
     for _ in range(3):
@@ -269,9 +249,9 @@ def test_splits_agree_with_the_scipy_recipe_on_real_nuclei():
     assert 2 * tp / (2 * tp + fp + fn) >= 0.99
 
 
-def test_objects_flooded_in_several_batches_split_alike(monkeypatch):
+def test_maximum_filters_in_bands_split_alike(monkeypatch):
     mask = generate_sample(np.random.default_rng(8), (256, 256)).mask
     whole = split_touching_cells(mask, 10)
     assert whole.max() > label_cells(mask, 10)[0].max()  # some objects were split
-    monkeypatch.setattr(postprocess, "BAND_PIXELS", 400)  # a batch per object, maximum filters in bands of a row
+    monkeypatch.setattr(postprocess, "BAND_PIXELS", 400)  # maximum filters in bands of a row
     np.testing.assert_array_equal(split_touching_cells(mask, 10), whole)
