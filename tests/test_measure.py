@@ -96,23 +96,30 @@ def test_every_column_equals_regionprops(tmp_path):
 
     sample = generate_sample(np.random.default_rng(3), (256, 200), bit_depth=16)
     cases = [_awkward_cells(), (sample.labels.astype(np.int32), sample.image), _ragged_cells()]
-    for cells, image in cases:
+    for case, (cells, image) in enumerate(cases):
         reference = _regionprops_reference(cells, image)
-        for band_rows in (1, 7, 1024):  # measured band by band: cells cut across bands, empty bands
-            ours = cell_measurements(cells, image, band_rows=band_rows)
-            assert ours.shape == reference.shape and len(ours) == len(np.unique(cells)) - 1
-            for column, name in enumerate(CELL_COLUMNS):
-                np.testing.assert_allclose(ours[:, column], reference[:, column], rtol=1e-9, atol=1e-9,
-                                           err_msg=f"{name}, bands of {band_rows} rows")
+        ours = cell_measurements(cells, image)
+        assert ours.shape == reference.shape and len(ours) == len(np.unique(cells)) - 1
+        for column, name in enumerate(CELL_COLUMNS):
+            np.testing.assert_allclose(ours[:, column], reference[:, column], rtol=1e-9, atol=1e-9,
+                                       err_msg=f"{name}, case {case}")
 
 
-def test_convex_hulls_counted_a_few_rows_at_a_time_give_the_same_table(monkeypatch):
-    from cellseg import measure
+def test_convex_hulls_equal_skimages_on_random_shapes():
+    from skimage.measure import regionprops_table
 
-    cells, image = _ragged_cells()
-    whole = cell_measurements(cells, image)
-    monkeypatch.setattr(measure, "HULL_ROWS", 5)  # most cells have more rows than a chunk holds
-    np.testing.assert_array_equal(cell_measurements(cells, image), whole)
+    rng = np.random.default_rng(11)
+    for case in range(200):
+        shape = tuple(int(side) for side in rng.integers(1, 30, 2))
+        cells = (rng.random(shape) < rng.uniform(0.2, 0.9)).astype(np.int32) * rng.integers(1, 4, shape).astype(np.int32)
+        present = np.unique(cells[cells > 0])
+        if not len(present):
+            continue
+        theirs = regionprops_table(cells, properties=("label", "area_convex"))
+        ours = cell_measurements(cells, np.zeros(shape))
+        np.testing.assert_array_equal(ours[:, CELL_COLUMNS.index("label")], theirs["label"])
+        np.testing.assert_allclose(ours[:, CELL_COLUMNS.index("area")] / ours[:, CELL_COLUMNS.index("solidity")],
+                                   theirs["area_convex"], rtol=1e-12, err_msg=f"case {case}")
 
 
 @pytest.mark.realdata
@@ -132,6 +139,8 @@ def test_no_cells_no_rows_and_shapes_must_match():
     assert cell_measurements(np.zeros((5, 5), dtype=np.int32), np.ones((5, 5))).shape == (0, len(CELL_COLUMNS))
     with pytest.raises(ValueError, match=r"shape|image"):
         cell_measurements(np.zeros((5, 5), dtype=np.int32), np.ones((5, 6)))
+    with pytest.raises(ValueError, match="labels must lie"):
+        cell_measurements(np.full((5, 5), -1, dtype=np.int32), np.ones((5, 5)))
 
 
 def test_the_table_is_stored_beside_the_labels_and_read_back(tmp_path):
