@@ -25,11 +25,10 @@ from typing import Any
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
 from cellseg.config import DEFAULT_CENTRE_PROMINENCE, PredictConfig
 from cellseg.stats import label_cells
-from cellseg.watershed import dome_markers, flood_from_markers
+from cellseg.watershed import split_objects
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ def split_touching_cells(mask: np.ndarray, min_cell_area: int = 0, split_depth: 
     candidates = _several_per_object(components, _tops(depth, 5) & (depth >= split_depth) & inside)
     candidates[1:] &= areas >= 2 * np.pi * split_depth**2  # two discs deep enough to count as cells
     depth[~inside] = 0
-    return _split_objects(components, depth, split_depth, candidates)
+    return split_objects(components, depth, split_depth, candidates)
 
 
 def split_at_distance_peaks(
@@ -120,7 +119,7 @@ def split_at_distance_peaks(
         # marker would be the whole object (see `dome_markers`).
         # (`height > float32(prominence)` is `height - prominence > 0` in float32, without the copy.)
         candidates = _several_per_object(components, _tops(height, 3) & (height > np.float32(prominence)))
-    return _split_objects(components, height, prominence, candidates)
+    return split_objects(components, height, prominence, candidates)
 
 
 def _smoothed_depth(inside: np.ndarray) -> np.ndarray:
@@ -157,34 +156,6 @@ def _several_per_object(components: np.ndarray, marks: np.ndarray) -> np.ndarray
     several = np.bincount(owner[1:], minlength=int(components.max(initial=0)) + 1) >= 2
     several[0] = False
     return several
-
-
-def _split_objects(components: np.ndarray, height: np.ndarray, h: float, candidates: np.ndarray) -> np.ndarray:
-    """Relabel `components` (1..N) with each candidate object that holds two or more domes of
-    `height` (h-maxima, see `dome_markers`) divided among them by a watershed of `-height` in
-    the object; other objects stay whole. An object keeps its label for its first piece (in raster
-    order of the markers); further pieces get new labels after N, object by object."""
-    # Small objects are dropped before splitting, never after: the cell mask is the same with or
-    # without splitting, and a split only assigns the pixels of one object to several cells.
-    labels = components.copy()
-    boxes = ndimage.find_objects(components)
-    next_label = len(boxes) + 1
-    for index in np.flatnonzero(candidates[: len(boxes) + 1]):
-        box = boxes[index - 1]
-        if box is None:
-            continue
-        padded = (slice(max(box[0].start - 1, 0), min(box[0].stop + 1, components.shape[0])),
-                  slice(max(box[1].start - 1, 0), min(box[1].stop + 1, components.shape[1])))
-        cell = components[padded] == index
-        object_height = np.where(cell, height[padded], height.dtype.type(0))
-        markers, count = dome_markers(object_height, h, cell)
-        if count < 2:
-            continue
-        pieces = flood_from_markers(object_height, markers, cell)
-        piece_labels = np.array([0, index, *range(next_label, next_label + count - 1)], dtype=np.int32)
-        labels[padded][cell] = piece_labels[pieces[cell]]
-        next_label += count - 1
-    return labels
 
 
 BAND_PIXELS = 1 << 22  # rows of a maximum filter worked on at once

@@ -1,6 +1,6 @@
-"""The two steps that split one object into cells, compiled with numba: its markers
-(`dome_markers`, one per h-maximum) and the seeded watershed that grows them over it
-(`flood_from_markers`).
+"""Touching cells split apart, compiled with numba: `split_objects` takes each object that may
+hold several cells, finds its markers (`dome_markers`, one per h-maximum) and grows them over it
+with a seeded watershed (`flood_from_markers`), all in one compiled loop over the objects.
 
 `flood_from_markers` is `skimage.segmentation.watershed(-height, markers, mask=inside,
 connectivity=2)` (scikit-image 0.26) pixel for pixel: the same priority flood, with pixels leaving
@@ -23,6 +23,27 @@ import numpy as np
 from numba import njit
 
 _MAX_PIXELS = 1 << 31  # a heap key holds the entry count in 32 bits; pixel counts stay int32-safe
+
+
+def split_objects(components: np.ndarray, height: np.ndarray, h: float, candidates: np.ndarray) -> np.ndarray:
+    """Relabel `components` (int32, 1..N) with each `candidates` object (a boolean per label
+    0..N) that holds two or more domes of `height` (float32, h-maxima of `h`, see `dome_markers`)
+    divided among them by a watershed of `-height` in the object; other objects stay whole. An
+    object keeps its label for its first piece (in raster order of the markers); further pieces
+    get new labels after N, object by object. Each object is worked on in its bounding box with a
+    pixel's margin."""
+    _check_box(height, components)
+    labels = np.ascontiguousarray(components, dtype=np.int32).copy()
+    size = int(labels.max(initial=0)) + 1
+    corners = np.empty((4, size), dtype=np.int64)
+    corners[:2], corners[2:] = np.iinfo(np.int64).max, -1
+    _bounding_boxes(labels, corners)
+    examined = np.zeros(size, dtype=bool)
+    examined[: min(len(candidates), size)] = candidates[:size]
+    examined[0] = False
+    wanted = np.flatnonzero(examined & (corners[2] >= 0))
+    _split_all(np.ascontiguousarray(height, dtype=np.float32), np.float32(h), wanted, corners, labels, size)
+    return labels
 
 
 def dome_markers(height: np.ndarray, h: float, inside: np.ndarray) -> tuple[np.ndarray, int]:
@@ -74,6 +95,44 @@ def flood_from_markers(height: np.ndarray, markers: np.ndarray, inside: np.ndarr
 # Neighbours of a pixel, nearest first (skimage's order for the flood's ties).
 _ROW_STEPS = (-1, 0, 0, 1, -1, -1, 1, 1)
 _COLUMN_STEPS = (0, -1, 1, 0, -1, 1, -1, 1)
+
+
+@njit(cache=True, nogil=True)
+def _bounding_boxes(labels, corners):  # pragma: no cover - compiled; tested through split_objects
+    """Each label's first and last row and column, into corners (4, labels)."""
+    rows, columns = labels.shape
+    for row in range(rows):
+        for column in range(columns):
+            label = labels[row, column]
+            if label > 0:
+                corners[0, label] = min(corners[0, label], row)
+                corners[1, label] = min(corners[1, label], column)
+                corners[2, label] = row
+                corners[3, label] = max(corners[3, label], column)
+
+
+@njit(cache=True, nogil=True)
+def _split_all(height, h, wanted, corners, labels, next_label):  # pragma: no cover - compiled
+    # An object's pixels keep its label until it is split, and new labels are above all old ones.
+    rows, columns = labels.shape
+    for index in wanted:
+        top, left = max(corners[0, index] - 1, 0), max(corners[1, index] - 1, 0)
+        bottom, right = min(corners[2, index] + 2, rows), min(corners[3, index] + 2, columns)
+        cell = labels[top:bottom, left:right] == index
+        object_height = np.where(cell, height[top:bottom, left:right], np.float32(0))
+        markers = np.zeros(cell.shape, dtype=np.int32)
+        count = _domes(object_height, h, cell, markers)
+        if count < 2:
+            continue
+        work = np.where(cell, markers, np.int32(-1))
+        _flood(object_height, work)
+        for row in range(bottom - top):
+            for column in range(right - left):
+                if cell[row, column]:
+                    piece = work[row, column]
+                    labels[top + row, left + column] = index if piece == 1 else next_label + piece - 2
+        next_label += count - 1
+    return next_label
 
 
 @njit(cache=True, nogil=True)
