@@ -158,3 +158,12 @@ def test_label_cells_numbers_components_like_scipy():
         np.testing.assert_array_equal(labels, expected, err_msg=str(shape))
         assert areas.tolist() == np.bincount(expected.ravel(), minlength=count + 1)[1:].tolist()
     assert label_cells(np.zeros((0, 4), bool))[0].shape == (0, 4)
+
+
+def test_integer_images_take_the_compiled_sums_and_agree_with_float_ones():
+    image, mask = scene()
+    labels, _ = label_cells(mask, min_cell_area=MIN_AREA)
+    as_integers = image_statistics(image, labels)  # one compiled pass, int64 sums
+    assert image_statistics(image.astype(np.float64), labels) == as_integers  # numpy's float means
+    assert image_statistics(image.astype(np.uint8) // 8, labels)["mean_intensity_inside"] == pytest.approx(
+        (16 * 125 + 13 * 50 + 25 * 12) / 54)
