@@ -165,5 +165,5 @@ def test_integer_images_take_the_compiled_sums_and_agree_with_float_ones():
     labels, _ = label_cells(mask, min_cell_area=MIN_AREA)
     as_integers = image_statistics(image, labels)  # one compiled pass, int64 sums
     assert image_statistics(image.astype(np.float64), labels) == as_integers  # numpy's float means
-    assert image_statistics(image.astype(np.uint8) // 8, labels)["mean_intensity_inside"] == pytest.approx(
+    assert image_statistics((image // 8).astype(np.uint8), labels)["mean_intensity_inside"] == pytest.approx(
         (16 * 125 + 13 * 50 + 25 * 12) / 54)
