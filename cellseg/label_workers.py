@@ -1,9 +1,10 @@
 """Labelling and measuring finished images, in the writer thread or in worker processes.
 
-Post-processing is mostly Python (the touching-cell split walks the objects, the cell table its
-cells), so writer threads share one core's worth of it under the GIL, and the thread that feeds
-a GPU waits among them (docs/performance.md "GPU"). `LabelWorkers(n)` with n > 0 runs it in n
-processes instead; with 0, where the cores run the model anyway, in the calling thread.
+The touching-cell split and the cell table are compiled (numba) and release the GIL, but the
+numpy and Python around them and the writes still take it, so writer threads share the GIL with
+the thread that feeds a GPU (docs/performance.md "GPU"). `LabelWorkers(n)` with n > 0 runs
+labelling and measuring in n processes instead; with 0, where the cores run the model anyway,
+in the calling thread. `warm_up` compiles the numba steps ahead of a run's first image.
 `shared_label_workers(n)` is the one pool of n processes that every shard a process segments
 uses: starting fresh interpreters costs seconds, more than a shard of 32 images takes on a GPU.
 """
@@ -43,6 +44,18 @@ def label_and_measure(maps: CellMaps, image: np.ndarray, config: PredictConfig, 
     statistics = image_statistics(image, labels)
     table = with_area_um2(CELL_COLUMNS, cell_measurements(labels, image), source) if config.measure_cells else None
     return Measured(labels, statistics, table)
+
+
+def warm_up() -> None:
+    """Compile the post-processing's numba steps for the common image types now, or load them from
+    numba's cache: an image build runs this (infra/Dockerfile), so that its workers find them
+    compiled instead of spending seconds on their first image."""
+    rows, columns = np.mgrid[:40, :64]
+    mask = ((rows - 20) ** 2 + (columns - 20) ** 2 < 150) | ((rows - 20) ** 2 + (columns - 42) ** 2 < 150)
+    distance = np.maximum(0, 1 - np.minimum(np.hypot(rows - 20, columns - 20), np.hypot(rows - 20, columns - 42)) / 12)
+    for maps in (CellMaps(mask.astype(np.float32)), CellMaps(mask.astype(np.float32), distance.astype(np.float32))):
+        for image_type in (np.uint8, np.uint16, np.float32):
+            label_and_measure(maps, mask.astype(image_type), PredictConfig(), {})
 
 
 class LabelWorkerError(RuntimeError):

@@ -1,5 +1,5 @@
 """Labelling and measuring in worker processes: the same results as in the calling thread, and a
-worker that dies fails only the images it held."""
+worker that dies fails only the images it held; the compiled steps warmed up ahead of a run."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cellseg.config import PredictConfig
-from cellseg.label_workers import LabelWorkerError, LabelWorkers, label_and_measure
+from cellseg.label_workers import LabelWorkerError, LabelWorkers, label_and_measure, warm_up
 from cellseg.postprocess import CellMaps
 from cellseg.synth import generate_sample
 
@@ -44,3 +44,14 @@ def test_a_dead_worker_fails_its_image_and_a_new_pool_takes_the_next(samples):
             workers.run(maps, image, config, {})
         result = workers.run(next_maps, next_image, config, {})
     np.testing.assert_array_equal(result.labels, label_and_measure(next_maps, next_image, config, {}).labels)
+
+
+def test_warm_up_compiles_both_splits_and_the_table_for_common_image_types():
+    from cellseg import measure, stats, watershed
+
+    warm_up()
+    assert watershed._split_all.signatures  # its markers and flood are compiled into it
+    measured = {signature[1].dtype.name for signature in measure._pixel_sums.signatures}
+    assert {"uint8", "uint16", "float32"} <= measured
+    summed = {signature[0].dtype.name for signature in stats._inside_and_total.signatures}
+    assert {"uint8", "uint16"} <= summed
