@@ -133,6 +133,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     settings = _settings(args)  # before torch is imported: bad settings are refused at once
     from cellseg.bundled import BUNDLED_VERSION, DEFAULT_SHIPPED_MODEL, SHIPPED_MODELS, shipped_name
     from cellseg.jobs import SegmentJob, run_segmentation
+    from cellseg.segment import cpu_line
     from cellseg.store import ResultStore
 
     if args.model is None:
@@ -161,6 +162,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     warned = f", {summary['warnings']} warnings" if summary["warnings"] else ""
     print(f"segmented {summary['done']}, skipped {summary['skipped']} already done, failed {summary['failed']}{warned} "
           f"in {summary['seconds']}s -> {redact_url(args.out)}")
+    if summary["cpu_ms_per_image"]:
+        print(f"  CPU per image: {cpu_line(summary['cpu_ms_per_image'])}")
     for failure in report.failed:
         print(f"  failed: {failure['source_url']}: {failure['error']}")
     for warning in report.warnings:
@@ -358,12 +361,15 @@ def _run_flow_segment(args: argparse.Namespace) -> int:
     _needs_orchestration("flow segment-images")
     from cellseg.flows.segment import segment_images_flow
     from cellseg.jobs import SegmentJob, with_settings
+    from cellseg.segment import cpu_line
 
     job = with_settings(SegmentJob.model_validate({"source_url": args.source, "store_url": args.store,
                                                    **given(args, JOB)}), _settings(args))
     summary = segment_images_flow(job)
     print(f"segmented {summary['done']}, skipped {summary['skipped']} already done, failed {len(summary['failed'])} "
           f"with model {summary['model_version']} in {summary['seconds']}s -> {redact_url(args.store)}")
+    if summary.get("cpu_ms_per_image"):
+        print(f"  CPU per image: {cpu_line(summary['cpu_ms_per_image'])}")
     if summary.get("montage"):
         print(f"montage: {redact_url(summary['montage'])}")
     for failure in summary["failed"]:

@@ -47,7 +47,7 @@ from cellseg.pictures import picture_markdown
 from cellseg.redact import redact_url
 from cellseg.report import montage_url, store_montage
 from cellseg.runtime import resolve_device
-from cellseg.segment import SegmentReport
+from cellseg.segment import CPU_STAGES, SegmentReport, cpu_line, cpu_ms_per_image
 from cellseg.store import ResultStore
 
 PARTLY_FAILED_STATE = "Completed with failures"  # the final state's name when some images failed
@@ -137,7 +137,8 @@ def segment_large_image(job: SegmentJob, image_id: str, url: str, gpu: bool = Fa
 
 def _shard_result(report: SegmentReport) -> dict[str, Any]:
     return {"done": len(report.done), "skipped": len(report.skipped), "failed": report.failed,
-            "warnings": report.warnings, "seconds": report.seconds, "pixels": report.pixels}
+            "warnings": report.warnings, "seconds": report.seconds, "pixels": report.pixels,
+            "cpu_seconds": report.cpu_seconds}
 
 
 @task(name="draw-montage")
@@ -241,6 +242,7 @@ def _segment_images(job: SegmentJob | None, job_variable: str | None) -> dict[st
 def _summarise(results: list[dict[str, Any]], plan: SegmentPlan, seconds: float, version: str) -> dict[str, Any]:
     done = sum(result["done"] for result in results)
     pixels = sum(result["pixels"] for result in results)
+    cpu_seconds = {stage: sum(result.get("cpu_seconds", {}).get(stage, 0.0) for result in results) for stage in CPU_STAGES}
     return {
         "model_version": version,
         "done": done,
@@ -251,6 +253,7 @@ def _summarise(results: list[dict[str, Any]], plan: SegmentPlan, seconds: float,
         "seconds": round(seconds, 2),
         "images_per_second": round(done / seconds, 3) if seconds else None,
         "megapixels_per_second": round(pixels / 1e6 / seconds, 3) if seconds else None,
+        "cpu_ms_per_image": cpu_ms_per_image(cpu_seconds, done),
     }
 
 
@@ -283,6 +286,7 @@ def _publish_summary(summary: dict[str, Any], job: SegmentJob) -> None:
         markdown += "\n\n### Warnings (images done)\n\n" + markdown_table(summary["warnings"], ("source_url", "warning"))
     create_markdown_artifact(key="segment-images-summary", markdown=markdown, description="segment-images run summary")
     get_run_logger().info(
-        "segmented %d, skipped %d, failed %d, %d warnings in %.1fs",
+        "segmented %d, skipped %d, failed %d, %d warnings in %.1fs%s",
         summary["done"], summary["skipped"], len(summary["failed"]), len(summary["warnings"]), summary["seconds"],
+        f"; CPU per image: {cpu_line(summary['cpu_ms_per_image'])}" if summary["cpu_ms_per_image"] else "",
     )

@@ -149,6 +149,9 @@ def test_segment_images_writes_every_image_once_matching_predict(trained_registr
     summary = segment_images_flow(SegmentJob(source_url=str(new_images / "images"), store_url=store_url,
                                   registry_url=registry_url, shard_size=3))
     assert summary["done"] == 8 and summary["shards"] == 3 and summary["failed"] == []
+    # The shards' CPU per stage, added up over the run (each stage ran in some shard's threads).
+    assert set(summary["cpu_ms_per_image"]) == {"read", "model", "labels", "write"}
+    assert all(spent > 0 for spent in summary["cpu_ms_per_image"].values())
     from prefect.artifacts import Artifact
 
     progress = Artifact.get("segment-images-progress")
@@ -252,6 +255,7 @@ def test_empty_source_is_nothing_to_do(trained_registry, tmp_path):
     summary = segment_images_flow(SegmentJob(source_url=str(tmp_path / "empty"), store_url=str(tmp_path / "e.zarr"),
                                   registry_url=registry_url))
     assert summary["done"] == 0 and summary["shards"] == 0 and summary["failed"] == []
+    assert summary["cpu_ms_per_image"] == {}
 
 
 def test_segment_images_on_a_dask_cluster_matches_the_thread_pool(trained_registry, new_images, tmp_path):

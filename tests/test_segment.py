@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from cellseg import __version__
 from cellseg.config import PredictConfig
 from cellseg.infer import Predictor
 from cellseg.io import list_images, read_image
-from cellseg.segment import SegmentReport, model_record, pending_images, segment_images
+from cellseg.segment import CPU_STAGES, SegmentReport, cpu_line, model_record, pending_images, segment_images
 from cellseg.stats import STATISTIC_FIELDS
 from cellseg.store import ResultStore, StoreError
 
@@ -120,6 +121,10 @@ def test_segment_images_records_corrupt_files_and_finishes_the_rest(image_dir, s
         {"image_id": item["image_id"], "source_url": item["source_url"], "error": item["error"]} for item in failed
     ]
     assert store.read_mask("small").shape == (64, 80)
+    # Each stage's CPU time in the threads that ran it, per done image: every stage did work.
+    per_image = report.summary()["cpu_ms_per_image"]
+    assert list(per_image) == list(CPU_STAGES) and all(per_image[stage] > 0 for stage in CPU_STAGES)
+    assert sum(report.cpu_seconds.values()) <= time.process_time()
 
 
 def test_label_worker_processes_store_the_same_results(image_dir, tmp_path, tiny_checkpoint, predictor):
@@ -230,11 +235,16 @@ def test_probabilities_are_saved_when_asked(image_dir, store, predictor):
 
 def test_report_summary():
     report = SegmentReport(done=["a", "b", "c"], skipped=["e"], failed=[{"image_id": "f"}], seconds=2.0, pixels=3_000_000)
+    report.add_cpu({"model": 0.3, "write": 0.03})
+    report.add_cpu({"model": 0.06, "labels": 0.009})
     assert report.summary() == {
         "done": 3, "skipped": 1, "failed": 1, "warnings": 0, "seconds": 2.0, "images_per_second": 1.5,
         "megapixels_per_second": 1.5,
+        "cpu_ms_per_image": {"read": 0.0, "model": 120.0, "labels": 3.0, "write": 10.0},
     }
+    assert cpu_line(report.summary()["cpu_ms_per_image"]) == "model 120 ms, labels 3 ms, write 10 ms, read 0 ms"
     assert SegmentReport().summary()["images_per_second"] is None
+    assert SegmentReport().summary()["cpu_ms_per_image"] == {}
 
 
 @pytest.mark.integration
