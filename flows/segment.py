@@ -275,7 +275,9 @@ def _publish_summary(summary: dict[str, Any], job: SegmentJob) -> None:
     markdown = (
         f"## segment-images into `{redact_url(job.store_url)}`\n\n"
         f"Model `{summary['model_version']}`, {summary['shards']} shards, {summary['seconds']} s, "
-        f"{summary['images_per_second']} images/s, {summary['megapixels_per_second']} megapixels/s.\n\n"
+        f"{summary['images_per_second']} images/s, {summary['megapixels_per_second']} megapixels/s."
+        + (f" CPU per image: {cpu_line(summary['cpu_ms_per_image'])}." if summary["cpu_ms_per_image"] else "")
+        + "\n\n"
         + markdown_table(counts, ("images", "count"))
         + f"\n\nPredict settings (flags, the worker's settings, defaults): `{predict_settings_line(job)}`"
     )

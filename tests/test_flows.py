@@ -157,7 +157,9 @@ def test_segment_images_writes_every_image_once_matching_predict(trained_registr
     progress = Artifact.get("segment-images-progress")
     assert float(progress.data) == 100.0 and "3 of 3 shards finished (8 of 8 images)" in progress.description
     assert summary["montage"].startswith(store_url + "-montages/") and os.path.getsize(summary["montage"]) > 1000
-    montage = run_artifacts("segment-images-summary")["segment-images-montage"]
+    artifacts = run_artifacts("segment-images-summary")
+    assert f"CPU per image: model {summary['cpu_ms_per_image']['model']:.0f} ms" in artifacts["segment-images-summary"].data
+    montage = artifacts["segment-images-montage"]
     with Image.open(summary["montage"]) as picture:
         assert_embeds(montage, picture)
     assert f"Saved as `{summary['montage']}`" in montage.data
