@@ -7,6 +7,7 @@
 #   .whl/      cp312 wheels of pydantic, pydantic-core, pydantic-settings, annotated-types,
 #              typing-inspection, python-dotenv, zarr, numcodecs, donfig, google-crc32c
 #   .devdata/  dsb2018-train (images as lossless WebP, to fit the upload) and dsb2018
+# numba (the post-processing's compiled steps) comes with the machine's image (device KINDS.md).
 # `bash benchmarks/gpu_pack.sh` makes both here.
 # Usage there: bash benchmarks/gpu_session.sh SECONDS OUT   (SECONDS: the run's whole budget)
 # Environment: CANDIDATES (names, default all), LOADER_WORKERS (per candidate), RESERVE (seconds kept
@@ -23,6 +24,7 @@ mkdir -p "$out"
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
+python3 -c "import numba" || { echo "numba is missing here: carry its and llvmlite's cp312 wheels in .whl"; exit 1; }
 data=../shared/data
 mkdir -p $data/dsb2018-train/images
 cp -r .devdata/dsb2018 $data/ && cp -r .devdata/dsb2018-train/labels $data/dsb2018-train/ || exit 1
