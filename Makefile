@@ -54,7 +54,7 @@ lint: setup
 test: setup lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
-# Performance figures, side by side in one run (21-25 minutes on 2 cores); not part of `make test`.
+# Performance figures, side by side in one run (14-28 minutes on 2 cores); not part of `make test`.
 bench: setup
 	$(BIN)/python -m benchmarks.run
 
