@@ -145,27 +145,14 @@ def _domes(height, h, inside, labels):  # pragma: no cover - compiled; tested th
     tops = np.empty(size, dtype=np.bool_)
     for place in range(size):
         tops[place] = _is_top(height, place // columns, place % columns)
-    seen = np.zeros(size, dtype=np.bool_)
+    seen = np.zeros(size, dtype=np.int32)
     firsts = np.empty(max(size, 1), dtype=np.int64)
     plateaus = 0
     for start in range(size):
-        if seen[start] or not tops[start]:
-            continue
-        firsts[plateaus] = start
-        plateaus += 1
-        seen[start] = True
-        queue[0], head, tail = start, 0, 1
-        while head < tail:
-            row, column = queue[head] // columns, queue[head] % columns
-            head += 1
-            for step in range(8):
-                next_row, next_column = row + _ROW_STEPS[step], column + _COLUMN_STEPS[step]
-                if 0 <= next_row < rows and 0 <= next_column < columns:
-                    neighbour = next_row * columns + next_column
-                    if not seen[neighbour] and tops[neighbour]:
-                        seen[neighbour] = True
-                        queue[tail] = neighbour
-                        tail += 1
+        if tops[start] and not seen[start]:
+            firsts[plateaus] = start
+            plateaus += 1
+            _fill(tops, seen, start, 1, queue, rows, columns)
     firsts = firsts[:plateaus]
     values = flat[firsts]
     lowest = flat.min() if size else np.float32(0)
@@ -198,26 +185,32 @@ def _domes(height, h, inside, labels):  # pragma: no cover - compiled; tested th
         if dome:
             domes[queue[:tail]] = True
     # The domes within the mask, labelled 8-connected in raster order of their first pixel.
-    marks = labels.ravel()
+    marks, markers = labels.ravel(), domes & within
     count = 0
     for start in range(size):
-        if not domes[start] or not within[start] or marks[start]:
-            continue
-        count += 1
-        marks[start] = count
-        queue[0], head, tail = start, 0, 1
-        while head < tail:
-            row, column = queue[head] // columns, queue[head] % columns
-            head += 1
-            for step in range(8):
-                next_row, next_column = row + _ROW_STEPS[step], column + _COLUMN_STEPS[step]
-                if 0 <= next_row < rows and 0 <= next_column < columns:
-                    neighbour = next_row * columns + next_column
-                    if domes[neighbour] and within[neighbour] and not marks[neighbour]:
-                        marks[neighbour] = count
-                        queue[tail] = neighbour
-                        tail += 1
+        if markers[start] and not marks[start]:
+            count += 1
+            _fill(markers, marks, start, count, queue, rows, columns)
     return count
+
+
+@njit(cache=True, nogil=True)
+def _fill(allowed, marks, start, value, queue, rows, columns):  # pragma: no cover - compiled
+    """Set `marks` to `value` over the 8-connected part of `allowed` around `start` not marked yet
+    (flat arrays of a rows x columns box; `queue` holds a pixel index per pixel of the box)."""
+    marks[start] = value
+    queue[0], head, tail = start, 0, 1
+    while head < tail:
+        row, column = queue[head] // columns, queue[head] % columns
+        head += 1
+        for step in range(8):
+            next_row, next_column = row + _ROW_STEPS[step], column + _COLUMN_STEPS[step]
+            if 0 <= next_row < rows and 0 <= next_column < columns:
+                neighbour = next_row * columns + next_column
+                if allowed[neighbour] and not marks[neighbour]:
+                    marks[neighbour] = value
+                    queue[tail] = neighbour
+                    tail += 1
 
 
 @njit(cache=True, nogil=True, inline="always")
