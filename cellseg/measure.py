@@ -55,15 +55,16 @@ def cell_measurements(cells: np.ndarray, image: np.ndarray) -> np.ndarray:
     per-pixel temporary, so a whole-slide image is measured in place."""
     if cells.shape != image.shape or cells.ndim != 2:
         raise ValueError(f"cell labels are {cells.shape}, the image {image.shape}: expected one 2-D shape")
-    if not cells.any():
+    lowest_label, highest_label = int(cells.min(initial=0)), int(cells.max(initial=0))
+    if lowest_label < 0 or highest_label > _MAX_LABEL:
+        raise ValueError(f"cell labels must lie in 0..{_MAX_LABEL}, not {lowest_label}..{highest_label}")
+    if not highest_label:
         return np.zeros((0, len(CELL_COLUMNS)))
-    if cells.min() < 0 or cells.max() > _MAX_LABEL:
-        raise ValueError(f"cell labels must lie in 0..{_MAX_LABEL}, not {cells.min()}..{cells.max()}")
     cells = np.ascontiguousarray(cells, dtype=np.int32)
     if image.dtype.kind not in "uif":
         raise ValueError(f"the image must hold numbers, not {image.dtype}")
     image = np.ascontiguousarray(image)
-    size = int(cells.max()) + 1
+    size = highest_label + 1
     # Per label: pixel count; sums of dy, dx, dy^2, dx^2, dy*dx about the label's first pixel (its
     # reference, so that the central moments lose no precision to large coordinates); intensity
     # sum, minimum, maximum; perimeter; the first pixel; the bounding box.
