@@ -57,6 +57,7 @@ from benchmarks.servers import (
     S3_TEST_CREDENTIALS,
     running_prefect_server,
     running_seaweedfs_server,
+    server_cpu_seconds,
 )
 from benchmarks.storage import bench_writing
 from benchmarks.storage import table_rows as storage_rows
@@ -211,9 +212,14 @@ def bench_product(source: str, store: str, registry: str, shard_size: int, paral
                             store_image=store_image)
     job = SegmentJob(source_url=source, store_url=store, registry_url=registry, shard_size=shard_size,
                      max_parallel_shards=parallel, predict=predict)
+    servers_before = server_cpu_seconds()
     summary, seconds = timed(segment_images_flow, job)
     assert not summary["failed"], summary["failed"]
+    # The servers run on the same cores as the product: what they took from it, per image.
+    servers = {name: (spent - servers_before[name]) / max(summary["done"], 1) * 1e3
+               for name, spent in server_cpu_seconds().items()}
     return {**_rates(summary["done"], seconds), "cpu_ms_per_image": summary["cpu_ms_per_image"],
+            "server_cpu_ms_per_image": servers,
             "shards": summary["shards"], "parallel_shards": parallel,
             "compile": compile, "split_touching": split_touching, "measure_cells": measure_cells,
             "store_image": store_image}
@@ -431,6 +437,16 @@ def _in_situ_rows(product: dict) -> list[tuple[str, str, str]]:
              f"the rest {rest:.2f} of the model's CPU (target <= 0.15): product <= {1 / (1 + rest):.2f}x model only")]
 
 
+def _server_rows(local: dict, s3: dict) -> list[tuple[str, str, str]]:
+    """What the servers on this machine took from the product's cores, local and s3 runs."""
+    if "server_cpu_ms_per_image" not in s3:
+        return []
+    local_servers, s3_servers = local["server_cpu_ms_per_image"], s3["server_cpu_ms_per_image"]
+    return [("servers' CPU ms per image, local / s3", ", ".join(
+        f"{name} {local_servers[name]:.1f} / {s3_servers[name]:.1f}" for name in ("prefect server", "seaweedfs")),
+        "on the product's cores; an S3 server elsewhere would not take its share")]
+
+
 def print_table(r: dict) -> None:
     hw, tr, mem = r["hardware"], r["training"], r["memory"]
     rows = [
@@ -460,6 +476,7 @@ def print_table(r: dict) -> None:
         ("product, s3 (SeaweedFS)", f"{r['product_s3']['images_per_second']:.2f} img/s",
          f"{r['ratios']['s3_vs_local_seaweedfs']:.2f}x local (>= 0.8); source only on s3: "
          f"{r['product_s3_source']['images_per_second']:.2f} img/s, {r['ratios']['s3_source_vs_local_seaweedfs']:.2f}x"),
+        *_server_rows(r["product_local"], r["product_s3"]),
         ("1 shard at a time vs 2", f"{r['product_one_shard_at_a_time']['images_per_second']:.2f} vs {r['product_local']['images_per_second']:.2f} img/s",
          f"{r['ratios']['two_shards_vs_one']:.2f}x (>= 1)"),
         ("training", f"{tr['product']['images_per_second']:.2f} vs naive {tr['naive']['images_per_second']:.2f} img/s",

@@ -78,6 +78,36 @@ def stop_process_group(process: subprocess.Popen, grace: float = 20.0) -> None:
             process.wait()
 
 
+def server_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user and system) used so far by the servers this process started, with their
+    own child processes: {"prefect server": ..., "seaweedfs": ..., "moto": ...}. A benchmark takes
+    the difference around a run to say what the servers cost it on the same cores."""
+    import psutil
+
+    totals = {"prefect server": 0.0, "seaweedfs": 0.0, "moto": 0.0}
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            name = _server_name(child.cmdline())
+            if name is not None:
+                for process in (child, *child.children(recursive=True)):
+                    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                        times = process.cpu_times()
+                        totals[name] += times.user + times.system
+    return totals
+
+
+def _server_name(command: list[str]) -> str | None:
+    """Which of the servers above a command line starts, if any."""
+    programs = [Path(part).name for part in command[:2]]
+    if "weed" in programs:
+        return "seaweedfs"
+    if "moto_server" in programs:
+        return "moto"
+    if "prefect" in programs and "server" in command[:4]:
+        return "prefect server"
+    return None
+
+
 @contextlib.contextmanager
 def running_prefect_server(home: Path) -> Iterator[dict[str, str]]:
     """A real `prefect server` (SQLite under `home`); yields the environment its clients need."""

@@ -30,6 +30,7 @@ from cellseg.pairs import group_by_stem
 from cellseg.postprocess import CellMaps
 from cellseg.read_ahead import ReadAhead
 from cellseg.redact import redact_text, redact_url
+from cellseg.runtime import set_threads
 from cellseg.store import ResultStore
 from cellseg.store_checks import StoreError, StoreWriteError, unwritable, validate_image_id
 
@@ -151,6 +152,10 @@ def segment_images(
     """
     report = SegmentReport()
     started = time.monotonic()
+    # The predictor's torch threads, for this thread's passes: torch keeps a count per thread, and a
+    # new thread (each run's shard threads) takes the process's count of the moment, which a cached
+    # predictor's construction no longer decides once anything else in the process has set it.
+    set_threads(predictor.config.threads)
     writers = max(1, predictor.postprocess_workers)
     ahead = 2 * max(predictor.batch_size, writers)
     writes: deque[Future[tuple[str, str, str | None, int, dict[str, float]]]] = deque()

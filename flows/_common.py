@@ -118,9 +118,10 @@ def failing_in_one_line(title: str, artifact_key: str, work: Callable[P, R], *ar
 
 
 def with_run_tags() -> AbstractContextManager[set[str]]:
-    """Flow runs started inside (the inner flows: ingest-dataset, segment-shards, train-trials)
-    carry this run's tags, so whatever watches the run by tag (the zombie-run automation of
-    deployments/automations.yaml, tag concurrency limits) watches them too."""
+    """Flow and task runs started inside (the inner flows ingest-dataset, segment-large-image and
+    train-trials; the segment-shard tasks) carry this run's tags, so whatever watches the run by
+    tag (the zombie-run automation of deployments/automations.yaml, tag concurrency limits)
+    watches them too."""
     from prefect.runtime import flow_run
 
     return tags(*(flow_run.get_tags() or []))

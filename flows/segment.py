@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.states import Completed
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from cellseg.flows._common import (
     ProgressArtifact,
@@ -156,23 +156,27 @@ def draw_montage(store_url: str, images: Shard, run_name: str) -> str | None:
     return montage
 
 
-@flow(name="segment-shards")
-def segment_shards(shards: list[Shard], job: SegmentJob, gpu: bool = False) -> list[dict[str, Any]]:
-    """Run one segment-shard task per shard on this flow's task runner (threads, or Dask).
+def segment_shards(shards: list[Shard], job: SegmentJob, runner: TaskRunner, gpu: bool = False) -> list[dict[str, Any]]:
+    """Run one segment-shard task per shard on `runner` (threads, or Dask), as tasks of the calling
+    flow run, with a live progress artifact.
 
-    On a GPU each shard holds a slot of the `gpu` global concurrency limit when one exists (and
-    the tasks carry the `gpu` tag, for tag-based task concurrency limits).
+    Not an inner flow run: each flow run's end waits for its heartbeat thread, which sleeps in
+    one-second steps (Prefect 3.9), so an inner flow cost every run about a second more
+    (docs/performance.md, "Prefect's share of a run"). On a GPU each shard holds a slot of the `gpu`
+    global concurrency limit when one exists (and the tasks carry the `gpu` tag, for tag-based
+    task concurrency limits).
     """
     shard_task = segment_one_shard.with_options(tags=["gpu"]) if gpu else segment_one_shard
-    futures = shard_task.map(shards, unmapped(job))
     images = sum(len(shard) for shard in shards)
-    progress = ProgressArtifact("segment-images-progress", images, f"segmenting {images} images in {len(shards)} shards")
-    shard_sizes = {future.task_run_id: len(shard) for future, shard in zip(futures, shards, strict=True)}
-    finished = 0
-    for shard_done, future in enumerate(as_completed(futures), start=1):
-        finished += shard_sizes[future.task_run_id]
-        progress.update(finished, f"{shard_done} of {len(shards)} shards finished ({finished} of {images} images)")
-    return [future.result() for future in futures]
+    with runner:
+        futures = runner.map(shard_task, {"shard": shards, "job": unmapped(job)})
+        progress = ProgressArtifact("segment-images-progress", images, f"segmenting {images} images in {len(shards)} shards")
+        shard_sizes = {future.task_run_id: len(shard) for future, shard in zip(futures, shards, strict=True)}
+        finished = 0
+        for shard_done, future in enumerate(as_completed(futures), start=1):
+            finished += shard_sizes[future.task_run_id]
+            progress.update(finished, f"{shard_done} of {len(shards)} shards finished ({finished} of {images} images)")
+        return [future.result() for future in futures]
 
 
 @flow(name="segment-images")
@@ -218,7 +222,7 @@ def _segment_images(job: SegmentJob | None, job_variable: str | None) -> dict[st
 
     if plan.shards:
         with with_run_tags():
-            results = segment_shards.with_options(task_runner=runner())(plan.shards, job, gpu=gpu)
+            results = segment_shards(plan.shards, job, runner(), gpu=gpu)
     for image_id, url in plan.large:  # one image at a time, its blocks in parallel
         logger.info("segmenting '%s' block by block", redact_url(url))
         with with_run_tags():

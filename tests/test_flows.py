@@ -90,6 +90,20 @@ def run_artifacts(key: str) -> dict[str, Any]:
     return {artifact.key: artifact for artifact in published}
 
 
+def shard_task_runs(flow_run_id: Any) -> list[Any]:
+    """The segment-shard task runs of a flow run, read through the API; fails if the run started
+    any inner flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        inner = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        assert inner == [], [run.name for run in inner]
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return [run for run in runs if run.name.startswith("segment-shard")]
+
+
 def assert_embeds(artifact: Any, picture: Image.Image) -> None:
     """`artifact` is markdown showing `picture` from its own data, within the size bound."""
     assert artifact.type == "markdown" and len(artifact.data) < EMBED_MAX_CHARACTERS + 1000
@@ -163,6 +177,12 @@ def test_segment_images_writes_every_image_once_matching_predict(trained_registr
     with Image.open(summary["montage"]) as picture:
         assert_embeds(montage, picture)
     assert f"Saved as `{summary['montage']}`" in montage.data
+    # The shards are tasks of this run, two at a time (no inner flow run, each of which added
+    # about a second of Prefect's heartbeat shutdown to a run).
+    shards = shard_task_runs(montage.flow_run_id)
+    assert len(shards) == 3 and all(run.state.is_completed() for run in shards)
+    spans = sorted((run.start_time, run.end_time) for run in shards)
+    assert spans[1][0] < spans[0][1], spans  # the second shard started before the first ended
 
     store = ResultStore.open(store_url, mode="r")
     reference = _reference_store(registry_url, new_images / "images", tmp_path / "reference.zarr")

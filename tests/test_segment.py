@@ -163,6 +163,26 @@ def test_shards_of_one_process_share_its_label_worker_processes(image_dir, tmp_p
     assert after_first and python_children() - before == after_first  # the same worker, kept for the next shard
 
 
+def test_a_run_uses_its_predictors_threads_whatever_the_process_set_since(image_dir, store, tiny_checkpoint):
+    """A cached predictor (one per worker process) made for one torch thread, then the process's
+    count changed (another run's predictor, a benchmark): a run in a new thread still uses one."""
+    import threading
+
+    config = PredictConfig(device="cpu", min_cell_area=MIN_CELL_AREA, compile=False, threads=1)
+    predictor = Predictor.from_checkpoint(str(tiny_checkpoint), config)
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    torch.set_num_threads(2)
+    try:
+        worker = threading.Thread(target=lambda: run(image_dir, store, predictor,
+                                                     on_image=lambda _: seen.append(torch.get_num_threads())))
+        worker.start()
+        worker.join(timeout=120)
+    finally:
+        torch.set_num_threads(before)
+    assert len(seen) == len(GOOD) + len(CORRUPT) and set(seen) == {1}
+
+
 def test_second_run_skips_done_images_and_retries_failures(image_dir, store, predictor):
     run(image_dir, store, predictor)
     written = {image_id: store.record(image_id)["written"] for image_id in GOOD}
