@@ -12,8 +12,9 @@ import posixpath
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +79,19 @@ def cpu_line(per_image: Mapping[str, float]) -> str:
     """`cpu_ms_per_image` for a log line: 'model 125 ms, labels 20 ms, write 9 ms, read 3 ms'."""
     return ", ".join(f"{stage} {per_image[stage]:.0f} ms" for stage in ("model", "labels", "write", "read")
                      if stage in per_image)
+
+
+@contextmanager
+def _counting_cpu(totals: dict[str, float], stage: str, lock: threading.Lock | None = None) -> Iterator[None]:
+    """Add the CPU seconds this thread spends in the block to `totals[stage]` (under `lock` where
+    other threads add to the same stage)."""
+    started = time.thread_time()
+    try:
+        yield
+    finally:
+        spent = time.thread_time() - started
+        with lock or nullcontext():
+            totals[stage] = totals.get(stage, 0.0) + spent
 
 
 def cpu_ms_per_image(cpu_seconds: Mapping[str, float], images: int) -> dict[str, float]:
@@ -206,12 +220,8 @@ def segment_images(
         return image_id, url, error, 0 if image is None else image.size, cpu
 
     def read(url: str) -> tuple[np.ndarray, list[str], dict[str, Any]]:
-        started_cpu = time.thread_time()
-        try:
+        with _counting_cpu(report.cpu_seconds, "read", reading):
             return _read(url, storage_options, predictor.config)
-        finally:
-            with reading:
-                report.add_cpu({"read": time.thread_time() - started_cpu})
 
     labelling = shared_label_workers(predictor.postprocess_workers)
     with ReadAhead(images, read, lambda result: result[0].nbytes, min_ahead=ahead) as reads, \
@@ -224,10 +234,9 @@ def segment_images(
                 except Exception as error:  # noqa: BLE001 - an unreadable image is recorded and the run goes on
                     writes.append(writer.submit(finish, image_id, url, None, None, _describe(error)))
             if batch:
-                started_cpu = time.thread_time()
-                outcomes = _predict_batch(predictor, [image for _, _, image, _, _ in batch],
-                                          [source.get("cell_diameter") for *_, source in batch])
-                report.add_cpu({"model": time.thread_time() - started_cpu})
+                with _counting_cpu(report.cpu_seconds, "model"):
+                    outcomes = _predict_batch(predictor, [image for _, _, image, _, _ in batch],
+                                              [source.get("cell_diameter") for *_, source in batch])
                 for (image_id, url, image, notes, source), (image_maps, failure) in zip(batch, outcomes, strict=True):
                     writes.append(writer.submit(finish, image_id, url, image, image_maps, failure, notes, source))
             while len(writes) > ahead:
@@ -289,18 +298,13 @@ def _write_result(
     """
     config = predictor.config
     spent = cpu if cpu is not None else {}
-    started_cpu = time.thread_time()
-    try:
-        measured = (labelling.run if labelling else label_and_measure)(maps, image, config, source or {})
-    except Exception as error:  # noqa: BLE001 - a bad image is recorded as failed and the run goes on
-        return _describe(error)
-    finally:
-        spent["labels"] = spent.get("labels", 0.0) + time.thread_time() - started_cpu
-    started_cpu = time.thread_time()
-    try:
+    with _counting_cpu(spent, "labels"):
+        try:
+            measured = (labelling.run if labelling else label_and_measure)(maps, image, config, source or {})
+        except Exception as error:  # noqa: BLE001 - a bad image is recorded as failed and the run goes on
+            return _describe(error)
+    with _counting_cpu(spent, "write"):
         return _store_result(store, config, model, image_id, url, image, maps, measured, warnings, source)
-    finally:
-        spent["write"] = spent.get("write", 0.0) + time.thread_time() - started_cpu
 
 
 def _store_result(
