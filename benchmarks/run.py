@@ -332,9 +332,11 @@ def main() -> None:
 
         registry = str(work / "registry")
         Registry(registry).register(str(checkpoint), promote=True)
-        predictor = Predictor.from_checkpoint(str(checkpoint), PredictConfig())
+        # Before the first predictor: a CPU predictor sets the process's malloc to keep freed
+        # memory (cellseg.allocator), which a notebook's loop does not have.
         with section("naive inference"):
             results["naive"] = bench_naive_inference(urls, checkpoint, work / "naive-masks")
+        predictor = Predictor.from_checkpoint(str(checkpoint), PredictConfig())
         with section("model only"):
             results["model_only"] = bench_model_only(urls, predictor, streams=PARALLEL_SHARDS)
             results["model_only_one_stream"] = bench_model_only(urls, predictor, streams=1)

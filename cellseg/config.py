@@ -332,6 +332,10 @@ class PredictConfig(_Config):
                     "under 256 px; at most three quarters of tile_size, so that tiles advance by a quarter tile or more",
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads for this process; None keeps torch's choice")
+    keep_freed_memory: bool = Field(
+        True, description="on CPU with glibc, keep memory the forward pass frees for the next pass instead of "
+                          "returning it to the OS, which then faults it back in page by page (process-wide, "
+                          "cellseg.allocator); False leaves malloc as it is")
     postprocess_workers: int | None = Field(
         None, ge=0, le=64,
         description="worker processes that label and measure finished images while the model runs on (as many "

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cellseg.allocator import keep_freed_memory
 from cellseg.checkpoint import Checkpoint, load_checkpoint_with_digest
 from cellseg.config import NormalizationConfig, PredictConfig
 from cellseg.io import StorageOptions
@@ -135,6 +136,8 @@ class Predictor:
         self.model_version = model_version
         self.device = resolve_device(config.device)
         set_threads(config.threads)
+        if self.device.type == "cpu" and config.keep_freed_memory:
+            keep_freed_memory()
         self.batch_size = config.batch_size or (8 if self.device.type == "cuda" else 1)
         self.postprocess_workers = config.postprocess_workers if config.postprocess_workers is not None else (
             max(1, min(MAX_POSTPROCESS_WORKERS, available_cores() - 2)) if self.device.type == "cuda" else 0)

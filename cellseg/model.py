@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cellseg import fused_norm
 from cellseg.config import ModelConfig
 
 # More than any ModelConfig allows (base_width * 2**depth <= MAX_WIDTH gives at most ~125 million):
@@ -42,6 +43,18 @@ class InstanceNorm(nn.InstanceNorm2d):
         if not torch.is_grad_enabled() and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             return channels_last_instance_norm(x, self.weight, self.bias, self.eps)
         return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
+
+
+class InstanceNormReLU(InstanceNorm):
+    """`InstanceNorm` then ReLU as one module: what `UNet.use_channels_last` puts in a `DoubleConv`
+    in place of the pair (same parameters, same state_dict keys). Channels-last bf16 activations
+    without gradient are normalised and rectified in two passes by `cellseg.fused_norm`; anything
+    else as the two modules would."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and fused_norm.fuses(x):
+            return fused_norm.instance_norm_relu(x, self.weight, self.bias, self.eps)
+        return F.relu(super().forward(x))
 
 
 # Elements of one slice of pixels that `channel_sums` sums at a time: its temporaries stay a few
@@ -125,6 +138,16 @@ class DoubleConv(nn.Sequential):
             nn.ReLU(inplace=True),
         )
 
+    def fuse_norm_relu(self) -> None:
+        """Each `InstanceNorm` followed by a ReLU becomes one `InstanceNormReLU` sharing its
+        parameters, the ReLU an `nn.Identity` (the state_dict keeps its keys)."""
+        for index in range(len(self) - 1):
+            norm = self[index]
+            if type(norm) is InstanceNorm and isinstance(self[index + 1], nn.ReLU):
+                fused = InstanceNormReLU(norm.num_features, eps=norm.eps, affine=norm.affine)
+                fused.weight, fused.bias = norm.weight, norm.bias
+                self[index], self[index + 1] = fused, nn.Identity()
+
 
 class MaxPool2x2(nn.Module):
     """2x2 max-pooling with stride 2: (B, C, H, W) -> (B, C, H/2, W/2).
@@ -188,9 +211,12 @@ class UNet(nn.Module):
 
         For inference on CPU, where oneDNN's convolutions run on NHWC data without reordering
         it each time (docs/performance.md, "Forward pass on CPU"); the outputs are the same
-        computation up to float rounding.
+        computation up to float rounding. Each instance norm and the ReLU after it become one
+        `InstanceNormReLU`, which runs both in two passes over bf16 data.
         """
         self.channels_last = True
+        for block in [module for module in self.modules() if isinstance(module, DoubleConv)]:
+            block.fuse_norm_relu()
         return self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (not in the stubs)
 
     def _laid_out(self, x: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ TRAINING = {
 }
 PREDICT = {
     "threshold": 0.4, "batch_size": 2, "device": "cpu", "amp": False, "compile": False, "tta": True, "tile_size": 96,
-    "tile_overlap": 16, "threads": 1, "postprocess_workers": 1, "min_cell_area": 5, "cell_diameter": 14.0, "split_touching": False,
+    "tile_overlap": 16, "threads": 1, "keep_freed_memory": False, "postprocess_workers": 1, "min_cell_area": 5, "cell_diameter": 14.0, "split_touching": False,
     "centre_prominence": 0.2, "split_depth": 0.7, "measure_cells": False, "store_image": False,
     "save_probabilities": True, "max_pixels": 10_000_000,
     "cell_diameter_um": None,  # not with cell_diameter

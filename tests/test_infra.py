@@ -8,6 +8,8 @@ import inspect
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -224,6 +226,16 @@ def test_every_copy_source_exists(dockerfile):
     assert sources == ["pyproject.toml", "README.md", "cellseg", "flows", "deployments"]
     for source in sources:
         assert (REPO_ROOT / source).exists(), f"COPY source '{source}' is not in the build context"
+
+
+def test_the_images_python_steps_run_against_this_checkout(dockerfile):
+    """The build's `python -c` steps (compiling the numba steps into the package's cache) name
+    functions that exist and run."""
+    steps = [shlex.split(arguments) for keyword, arguments in dockerfile if keyword == "RUN"]
+    scripts = [step[2] for step in steps if step[:2] == ["python", "-c"]]
+    assert scripts and any("fused_norm.warm_up()" in script for script in scripts)
+    for script in scripts:
+        subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
 
 
 def test_worker_pool_matches_the_deployments(dockerfile, deployments, services):

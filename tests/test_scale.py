@@ -252,13 +252,15 @@ def test_a_collection_works_at_one_size_only_when_its_cell_sizes_differ():
 def test_the_nuclei_model_estimates_the_cell_size_of_each_image(times_model_size):
     """Synthetic nuclei at half, once and twice the shipped model's cell size: the size each image
     is predicted at is close to its true median cell diameter, as issue 18 asks: within 15%.
-    Single images vary (0.89x-1.26x: the synthetic cells' blurred edges look unlike any training
-    nucleus); the median over five samples measured 1.12x, 1.09x and 1.00x."""
+    Single images vary (0.81x-1.43x: the synthetic cells' blurred edges look unlike any training
+    nucleus), so the median is over 15 samples: 1.10x, 1.03x and 1.05x (plain fp32: 1.10x, 1.04x,
+    1.07x). Over five it moved by up to 0.2 with the last bits of the norms' rounding (1.08x-1.20x
+    at 1x), crossing the bound either way with fp32 and bf16 alike."""
     checkpoint = load_checkpoint(shipped_checkpoint("nuclei"))
     model_diameter = checkpoint.model_config.cell_diameter
     predictor = Predictor(checkpoint, PredictConfig(device="cpu"))
     ratios = []
-    for seed in range(11, 16):
+    for seed in range(11, 26):
         sample = generate_sample(np.random.default_rng(seed), (256, 256))
         factor = times_model_size * model_diameter / median_cell_diameter(sample.labels)
         shape = scaled_shape(sample.image.shape, factor)
