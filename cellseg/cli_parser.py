@@ -151,8 +151,8 @@ PREDICT_FLAGS: list[Flag] = [
     (("--no-amp",), "predict.amp", {"action": "store_const", "const": False,
                                     "help": "plain fp32 inference, no mixed precision"}),
     (("--compile",), "predict.compile", {"action": "store_const", "const": True,
-                                         "help": "torch.compile the model from the first image (unset: on CPU, an "
-                                                 "image size after 2,000 images of it)"}),
+                                         "help": "torch.compile the model, once per image size (unset: eager, "
+                                                 "which was faster on CPU)"}),
     (("--no-compile",), "predict.compile", {"action": "store_const", "const": False,
                                             "help": "never torch.compile the model"}),
     (("--tile-size",), "predict.tile_size", {"type": int, "help": "tile larger images"}),

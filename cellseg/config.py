@@ -320,9 +320,9 @@ class PredictConfig(_Config):
     device: Device = "auto"
     amp: bool = Field(True, description="bf16 mixed precision on CUDA and on CPUs with native bf16; False for plain fp32")
     compile: bool | None = Field(
-        None, description="torch.compile the model (one compilation per image size, then faster per image): True from "
-                          "the first image; None: on CPU, an image size once this process has run it "
-                          "2,000 times (cellseg.runtime.COMPILE_AFTER), so that only long runs pay; False: never"
+        None, description="torch.compile the model, one compilation per image size: True; None (cellseg's choice) "
+                          "and False: never. On CPU the eager pass with its fused norms was faster than the "
+                          "compiled one (docs/performance.md)"
     )
     tta: bool = Field(False, description="test-time augmentation: average over 8 flips/rotations (8x the compute)")
     tile_size: int = Field(1024, ge=64, description="images larger than this on a side are predicted in overlapping tiles")

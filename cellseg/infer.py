@@ -19,7 +19,6 @@ from cellseg.model import UNet, padded_batches
 from cellseg.normalize import flat_level, normalize_image
 from cellseg.postprocess import CellMaps, maps_from_output, threshold_probabilities
 from cellseg.runtime import (
-    COMPILE_AFTER,
     CompiledByShape,
     autocast_context,
     available_cores,
@@ -143,9 +142,8 @@ class Predictor:
             max(1, min(MAX_POSTPROCESS_WORKERS, available_cores() - 2)) if self.device.type == "cuda" else 0)
         self.model = checkpoint.inference_model(self.device)
         self.forward_model: Any = self.model
-        if config.compile or (config.compile is None and self.device.type == "cpu"):
-            self.forward_model = CompiledByShape(self.model, 0 if config.compile else COMPILE_AFTER,
-                                                 to_compile=lambda: checkpoint.build_model().to(self.device))
+        if config.compile:
+            self.forward_model = CompiledByShape(self.model, to_compile=lambda: checkpoint.build_model().to(self.device))
         self.size_estimate: SizeEstimates | None = None
         model_diameter = checkpoint.model_config.cell_diameter
         if checkpoint.size_model is not None and isinstance(model_diameter, float | int):

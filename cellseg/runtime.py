@@ -6,21 +6,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
 logger = logging.getLogger(__name__)
-
-# Forward passes of one input shape after which a CPU predictor compiles that shape by default.
-# Measured (docs/performance.md, "Forward pass on CPU"): a cold compilation took 40-56 s on the
-# loaded 2-core VM and saved 9-45 ms per 512x512 image at one thread, paying back after about
-# 1,000-6,000 images; compiling after 2,000 costs a run that ends soon after at most about one
-# compilation, and gives runs of many thousands of images of one size the faster pass.
-COMPILE_AFTER = 2000
-
 
 def available_cores() -> int:
     """CPU cores this process may run on (its affinity mask where the OS has one)."""
@@ -125,20 +116,16 @@ def _shared_pass(model: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[Call
 
 
 class CompiledByShape:
-    """`model` called eagerly, and through `torch.compile` (one graph per input shape) for each
-    input shape once it has come `after` times; a compilation that fails (no C++ compiler, say)
-    leaves the model eager, with a warning. Shared by threads like the model it wraps; a shape's
-    first compiled pass runs alone (`PassGate`)."""
+    """`model` through `torch.compile`, one graph per input shape; a compilation that fails (no C++
+    compiler, say) leaves the model eager, with a warning. Shared by threads like the model it
+    wraps; a shape's first pass, which compiles it, runs alone (`PassGate`)."""
 
-    def __init__(self, model: torch.nn.Module, after: int = 0,
-                 to_compile: Callable[[], torch.nn.Module] | None = None):
+    def __init__(self, model: torch.nn.Module, to_compile: Callable[[], torch.nn.Module] | None = None):
         self.model = model
-        self.after = after
         # What torch.compile compiles, built when first needed: by default `model` itself. A
         # channels-last UNet compiles a channels-first copy: inductor ran the channels-last
         # network 2x slower than eager (docs/performance.md, "Forward pass on CPU").
         self.to_compile = to_compile or (lambda: model)
-        self.seen: Counter[tuple[int, ...]] = Counter()
         self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.ready: set[tuple[int, ...]] = set()  # shapes compiled already
         self.failed = False
@@ -159,10 +146,10 @@ class CompiledByShape:
 
     @contextmanager
     def one_pass(self, shape: tuple[int, ...]) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-        """See `model_pass`: the eager model, or the compiled one for `shape` (alone on its first pass)."""
+        """See `model_pass`: the compiled model for `shape` (alone on its first pass), or the eager
+        one once a compilation failed."""
         with self._lock:
-            self.seen[shape] += 1
-            eager = self.failed or self.seen[shape] <= self.after
+            eager = self.failed
             if not eager and self.compiled is None:
                 self.compiled = torch.compile(self.to_compile().eval(), dynamic=False)
             compiling = not eager and shape not in self.ready
