@@ -7,14 +7,20 @@ to the bf16 inputs), and one that scales, shifts, rectifies and rounds to bf16 (
 to even, as torch rounds). On a 2-core VM that took the U-Net's norms from about a third of a
 forward pass to a tenth (docs/performance.md, "Forward pass on CPU").
 
-Each image is one call, in the calling thread, summed in a fixed order: the same bits whatever
-the torch thread count and the batch. bf16 values travel as their 16 bits (numba has no bf16);
-an element's float32 is those bits shifted up by 16.
+Each image is summed in chunks fixed by its shape, added in order: the same bits whatever the
+torch thread count and the batch. With more than one torch thread in the calling thread (one
+stream on many cores, as `cellseg predict` runs) the chunks are spread over that many threads,
+so the norm scales with the cores as the convolutions do. bf16 values travel as their 16 bits
+(numba has no bf16); an element's float32 is those bits shifted up by 16.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -23,6 +29,13 @@ from numba import njit
 # Elements handled per loop step: a constant length lets LLVM vectorise the inner loops. Channel
 # counts that do not divide it repeat their scale every lcm(channels, _ROW) elements.
 _ROW = 64
+# Elements of one chunk (rounded to whole periods): a 16-channel 512² activation is 4 of them.
+_CHUNK_ELEMENTS = 1 << 20
+
+_Result = TypeVar("_Result")
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_threads = 0
 
 
 def fuses(x: torch.Tensor) -> bool:
@@ -43,14 +56,48 @@ def instance_norm_relu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     values = _bits(x.permute(0, 2, 3, 1).view(batch, pixels * channels))
     gain = np.ones(channels) if weight is None else weight.detach().double().cpu().numpy()
     offset = np.zeros(channels) if bias is None else bias.detach().double().cpu().numpy()
+    threads = torch.get_num_threads()
     for image in range(batch):
-        sums, squares = _channel_sums(values[image], period)
+        chunks = _chunks(values[image], period)
+        sums, squares = np.zeros(period), np.zeros(period)
+        for chunk_sums, chunk_squares in _each(lambda chunk: _channel_sums(chunk, period), chunks, threads):
+            sums += chunk_sums
+            squares += chunk_squares
         mean = sums.reshape(repeats, channels).sum(axis=0) / pixels
         variance = np.maximum(squares.reshape(repeats, channels).sum(axis=0) / pixels - mean * mean, 0.0)
         scale = gain / np.sqrt(variance + eps)
-        shift = offset - mean * scale
-        _scale_shift_relu(values[image], _rows(scale, repeats), _rows(shift, repeats), values[image])
+        _each(_normalising(_rows(scale, repeats), _rows(offset - mean * scale, repeats)), chunks, threads)
     return x
+
+
+def _normalising(scale_rows: np.ndarray, shift_rows: np.ndarray) -> Callable[[np.ndarray], None]:
+    """The second pass over a chunk, in place."""
+    return lambda chunk: _scale_shift_relu(chunk, scale_rows, shift_rows, chunk)
+
+
+def _chunks(values: np.ndarray, period: int) -> list[np.ndarray]:
+    """`values` in views of whole periods of about _CHUNK_ELEMENTS (the last takes the rest): fixed
+    by the length and the period alone, and each starting at position 0 of a period."""
+    size = max(1, _CHUNK_ELEMENTS // period) * period
+    return [values[start : start + size] for start in range(0, max(len(values), 1), size)]
+
+
+def _each(work: Callable[[np.ndarray], _Result], chunks: Sequence[np.ndarray], threads: int) -> list[_Result]:
+    """`work` of each chunk, in order; on up to `threads` threads (the loops release the GIL)."""
+    if threads <= 1 or len(chunks) == 1:
+        return [work(chunk) for chunk in chunks]
+    return list(_threads(threads).map(work, chunks))
+
+
+def _threads(count: int) -> ThreadPoolExecutor:
+    """The module's pool, with at least `count` threads."""
+    global _pool, _pool_threads
+    with _pool_lock:
+        if _pool is None or _pool_threads < count:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool, _pool_threads = ThreadPoolExecutor(count, thread_name_prefix="cellseg-norm"), count
+        return _pool
 
 
 def warm_up() -> None:
