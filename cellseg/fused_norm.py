@@ -1,10 +1,10 @@
-"""Instance norm and ReLU in one step, for channels-last bf16 activations on CPU (inference).
+"""Instance norm and ReLU in one step, for channels-last bf16 or float32 activations on CPU (inference).
 
 `torch`'s ops take six passes over an activation for the two (`cellseg.model.channel_sums`'
 sums, deviations and their sum, the multiply-add, the ReLU); these compiled loops take two: one
 that sums each channel and its squares (float64, so the variance `E[x²] - mean²` loses nothing
 to the bf16 inputs), and one that scales, shifts, rectifies and rounds to bf16 (to nearest, ties
-to even, as torch rounds). On a 2-core VM that took the U-Net's norms from about a third of a
+to even, as torch rounds; float32 activations, on CPUs without native bf16, stay float32). On a 2-core VM that took the U-Net's norms from about a third of a
 forward pass to a tenth (docs/performance.md, "Forward pass on CPU").
 
 Each image is summed in chunks fixed by its shape, added in order: the same bits whatever the
@@ -39,9 +39,10 @@ _pool_threads = 0
 
 
 def fuses(x: torch.Tensor) -> bool:
-    """Whether `instance_norm_relu` takes `x`: a 4-d channels-last bf16 CPU tensor without gradient."""
-    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4 and not x.requires_grad
-            and x.permute(0, 2, 3, 1).is_contiguous())
+    """Whether `instance_norm_relu` takes `x`: a 4-d channels-last bf16 or float32 CPU tensor
+    without gradient (float32: on CPUs without native bf16, or with `amp=false`)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and x.dim() == 4
+            and not x.requires_grad and x.permute(0, 2, 3, 1).is_contiguous())
 
 
 def instance_norm_relu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -53,26 +54,32 @@ def instance_norm_relu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     pixels = height * width
     period = math.lcm(channels, _ROW)
     repeats = period // channels
-    values = _bits(x.permute(0, 2, 3, 1).view(batch, pixels * channels))
+    flat = x.permute(0, 2, 3, 1).view(batch, pixels * channels)
+    bf16 = x.dtype == torch.bfloat16
+    values = _bits(flat) if bf16 else flat.numpy()
+    channel_sums = _channel_sums if bf16 else _float_channel_sums
+    scale_shift_relu = _scale_shift_relu if bf16 else _float_scale_shift_relu
     gain = np.ones(channels) if weight is None else weight.detach().double().cpu().numpy()
     offset = np.zeros(channels) if bias is None else bias.detach().double().cpu().numpy()
     threads = torch.get_num_threads()
     for image in range(batch):
         chunks = _chunks(values[image], period)
         sums, squares = np.zeros(period), np.zeros(period)
-        for chunk_sums, chunk_squares in _each(lambda chunk: _channel_sums(chunk, period), chunks, threads):
+        for chunk_sums, chunk_squares in _each(lambda chunk: channel_sums(chunk, period), chunks, threads):
             sums += chunk_sums
             squares += chunk_squares
         mean = sums.reshape(repeats, channels).sum(axis=0) / pixels
         variance = np.maximum(squares.reshape(repeats, channels).sum(axis=0) / pixels - mean * mean, 0.0)
         scale = gain / np.sqrt(variance + eps)
-        _each(_normalising(_rows(scale, repeats), _rows(offset - mean * scale, repeats)), chunks, threads)
+        _each(_normalising(scale_shift_relu, _rows(scale, repeats), _rows(offset - mean * scale, repeats)), chunks,
+              threads)
     return x
 
 
-def _normalising(scale_rows: np.ndarray, shift_rows: np.ndarray) -> Callable[[np.ndarray], None]:
+def _normalising(kernel: Callable[..., None], scale_rows: np.ndarray,
+                 shift_rows: np.ndarray) -> Callable[[np.ndarray], None]:
     """The second pass over a chunk, in place."""
-    return lambda chunk: _scale_shift_relu(chunk, scale_rows, shift_rows, chunk)
+    return lambda chunk: kernel(chunk, scale_rows, shift_rows, chunk)
 
 
 def _chunks(values: np.ndarray, period: int) -> list[np.ndarray]:
@@ -103,8 +110,9 @@ def _threads(count: int) -> ThreadPoolExecutor:
 def warm_up() -> None:
     """Compile the two loops now, or load them from numba's cache (about 1 s on first use on a
     machine): an image build runs this (infra/Dockerfile), so that no worker compiles them."""
-    instance_norm_relu(torch.ones(1, 3, 5, 7, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last),
-                       None, None, 1e-5)
+    for dtype in (torch.bfloat16, torch.float32):
+        instance_norm_relu(torch.ones(1, 3, 5, 7, dtype=dtype).contiguous(memory_format=torch.channels_last),
+                           None, None, 1e-5)
 
 
 def _bits(x: torch.Tensor) -> np.ndarray:
@@ -173,3 +181,43 @@ def _scale_shift_relu(x: np.ndarray, scale: np.ndarray, shift: np.ndarray,
         outputs[0] = max(inputs[0] * scale[at // _ROW, at % _ROW] + shift[at // _ROW, at % _ROW], np.float32(0.0))
         word = output_bits[0]
         out[index] = np.uint16((word + ((word >> 16) & 1) + 0x7FFF) >> 16)
+
+
+@njit(cache=True, nogil=True)
+def _float_channel_sums(x: np.ndarray, period: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """`_channel_sums` of float32 values."""
+    count = x.shape[0]
+    sums = np.zeros(period, np.float64)
+    squares = np.zeros(period, np.float64)
+    whole = count - count % _ROW
+    for start in range(0, whole, _ROW):
+        at = start % period
+        for j in range(_ROW):
+            value = np.float64(x[start + j])
+            sums[at + j] += value
+            squares[at + j] += value * value
+    for index in range(whole, count):
+        value = np.float64(x[index])
+        sums[index % period] += value
+        squares[index % period] += value * value
+    return sums, squares
+
+
+@njit(cache=True, nogil=True)
+def _float_scale_shift_relu(x: np.ndarray, scale: np.ndarray, shift: np.ndarray,
+                            out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """`_scale_shift_relu` of float32 values."""
+    count = x.shape[0]
+    period_rows = scale.shape[0]
+    period = period_rows * _ROW
+    whole = count - count % _ROW
+    row = 0
+    for start in range(0, whole, _ROW):
+        for j in range(_ROW):
+            out[start + j] = max(x[start + j] * scale[row, j] + shift[row, j], np.float32(0.0))
+        row += 1
+        if row == period_rows:
+            row = 0
+    for index in range(whole, count):
+        at = index % period
+        out[index] = max(x[index] * scale[at // _ROW, at % _ROW] + shift[at // _ROW, at % _ROW], np.float32(0.0))

@@ -47,9 +47,9 @@ class InstanceNorm(nn.InstanceNorm2d):
 
 class InstanceNormReLU(InstanceNorm):
     """`InstanceNorm` then ReLU as one module: what `UNet.use_channels_last` puts in a `DoubleConv`
-    in place of the pair (same parameters, same state_dict keys). Channels-last bf16 activations
-    without gradient are normalised and rectified in two passes by `cellseg.fused_norm`; anything
-    else as the two modules would."""
+    in place of the pair (same parameters, same state_dict keys). Channels-last bf16 or float32
+    activations without gradient are normalised and rectified in two passes by
+    `cellseg.fused_norm`; anything else as the two modules would."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() and fused_norm.fuses(x):
@@ -212,7 +212,7 @@ class UNet(nn.Module):
         For inference on CPU, where oneDNN's convolutions run on NHWC data without reordering
         it each time (docs/performance.md, "Forward pass on CPU"); the outputs are the same
         computation up to float rounding. Each instance norm and the ReLU after it become one
-        `InstanceNormReLU`, which runs both in two passes over bf16 data.
+        `InstanceNormReLU`, which runs both in two passes over the activation.
         """
         self.channels_last = True
         for block in [module for module in self.modules() if isinstance(module, DoubleConv)]:

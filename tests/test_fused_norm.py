@@ -46,6 +46,19 @@ def test_it_gives_torchs_relu_of_the_instance_norm_rounded_to_bf16(batch, channe
     assert (result >= 0).all()
 
 
+@pytest.mark.parametrize(("batch", "channels", "height", "width"), [(2, 16, 33, 20), (1, 48, 9, 7), (1, 256, 4, 4)])
+def test_in_float32_it_gives_torchs_relu_of_the_instance_norm(batch, channels, height, width):
+    """CPUs without native bf16 (or `amp=false`) run the network in float32: the same two passes."""
+    torch.manual_seed(channels)
+    x = (torch.randn(batch, channels, height, width) * 4 + 3).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(channels) + 0.5, torch.randn(channels)
+    expected = F.relu(F.instance_norm(x, weight=weight, bias=bias, eps=1e-5))
+    assert fuses(x)
+    result = instance_norm_relu(x.clone(memory_format=torch.channels_last), weight, bias, 1e-5)
+    assert result.dtype == torch.float32 and result.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_it_writes_over_its_input_as_an_inplace_relu_does():
     x = torch.randn(1, 8, 16, 16).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     result = instance_norm_relu(x, None, None, 1e-5)
@@ -54,7 +67,7 @@ def test_it_writes_over_its_input_as_an_inplace_relu_does():
 
 @pytest.mark.parametrize("make", [
     lambda: torch.randn(1, 8, 16, 16).to(torch.bfloat16),                                            # channels-first
-    lambda: torch.randn(1, 8, 16, 16).contiguous(memory_format=torch.channels_last),                 # float32
+    lambda: torch.randn(1, 8, 16, 16, dtype=torch.float64).contiguous(memory_format=torch.channels_last),  # float64
     lambda: torch.randn(1, 8, 16, 16).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)[..., :8],  # a view
     lambda: torch.randn(1, 8, 16, 16, dtype=torch.bfloat16, requires_grad=True).contiguous(memory_format=torch.channels_last),
 ])
