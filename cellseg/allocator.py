@@ -31,6 +31,7 @@ _M_ARENA_MAX = -8
 TRIM_BYTES = 256 << 20
 MMAP_BYTES = 32 << 20  # glibc's largest mmap threshold on 64-bit systems
 
+
 @functools.cache
 def keep_freed_memory() -> bool:
     """Set malloc as the module docstring says, once per process (the settings are idempotent);

@@ -3,9 +3,10 @@
 `torch`'s ops take six passes over an activation for the two (`cellseg.model.channel_sums`'
 sums, deviations and their sum, the multiply-add, the ReLU); these compiled loops take two: one
 that sums each channel and its squares (float64, so the variance `E[x²] - mean²` loses nothing
-to the bf16 inputs), and one that scales, shifts, rectifies and rounds to bf16 (to nearest, ties
-to even, as torch rounds; float32 activations, on CPUs without native bf16, stay float32). On a 2-core VM that took the U-Net's norms from about a third of a
-forward pass to a tenth (docs/performance.md, "Forward pass on CPU").
+to the inputs' precision), and one that scales, shifts, rectifies and, for bf16, rounds back to
+bf16 (to nearest, ties to even, as torch rounds); float32 activations, on CPUs without native
+bf16, stay float32. On a 2-core VM that took the U-Net's norms from about a third of a forward
+pass to a sixth (docs/performance.md, "Forward pass on CPU").
 
 Each image is summed in chunks fixed by its shape, added in order: the same bits whatever the
 torch thread count and the batch. With more than one torch thread in the calling thread (one
