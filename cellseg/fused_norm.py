@@ -126,9 +126,19 @@ def _rows(per_channel: np.ndarray, repeats: int) -> np.ndarray:
     return np.tile(per_channel.astype(np.float32), repeats).reshape(-1, _ROW)
 
 
+@njit(inline="always")
+def _add_row(values: np.ndarray, sums: np.ndarray, squares: np.ndarray, at: int) -> None:  # pragma: no cover - compiled
+    """Add _ROW values and their squares to the sums at positions at .. at + _ROW - 1 of a period."""
+    for j in range(_ROW):
+        value = np.float64(values[j])
+        sums[at + j] += value
+        squares[at + j] += value * value
+
+
 @njit(cache=True, nogil=True)
 def _channel_sums(x: np.ndarray, period: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
-    """Sums of the values and of their squares at each position modulo `period` of the bf16 bits `x`."""
+    """Sums of the values and of their squares at each position modulo `period` of the bf16 bits `x`
+    (a tail shorter than _ROW is summed zero-padded: the zeros add nothing)."""
     count = x.shape[0]
     sums = np.zeros(period, np.float64)
     squares = np.zeros(period, np.float64)
@@ -138,16 +148,12 @@ def _channel_sums(x: np.ndarray, period: int) -> tuple[np.ndarray, np.ndarray]: 
     for start in range(0, whole, _ROW):
         for j in range(_ROW):
             bits[j] = np.uint32(x[start + j]) << 16
-        at = start % period
-        for j in range(_ROW):
-            value = np.float64(values[j])
-            sums[at + j] += value
-            squares[at + j] += value * value
-    for index in range(whole, count):
-        bits[0] = np.uint32(x[index]) << 16
-        value = np.float64(values[0])
-        sums[index % period] += value
-        squares[index % period] += value * value
+        _add_row(values, sums, squares, start % period)
+    if whole < count:
+        bits[:] = 0
+        for j in range(count - whole):
+            bits[j] = np.uint32(x[whole + j]) << 16
+        _add_row(values, sums, squares, whole % period)
     return sums, squares
 
 
@@ -192,15 +198,11 @@ def _float_channel_sums(x: np.ndarray, period: int) -> tuple[np.ndarray, np.ndar
     squares = np.zeros(period, np.float64)
     whole = count - count % _ROW
     for start in range(0, whole, _ROW):
-        at = start % period
-        for j in range(_ROW):
-            value = np.float64(x[start + j])
-            sums[at + j] += value
-            squares[at + j] += value * value
-    for index in range(whole, count):
-        value = np.float64(x[index])
-        sums[index % period] += value
-        squares[index % period] += value * value
+        _add_row(x[start : start + _ROW], sums, squares, start % period)
+    if whole < count:
+        tail = np.zeros(_ROW, np.float32)
+        tail[: count - whole] = x[whole:]
+        _add_row(tail, sums, squares, whole % period)
     return sums, squares
 
 
