@@ -1,4 +1,5 @@
-"""The compiled steps of splitting one object: markers and flood equal skimage's, ties included."""
+"""The compiled steps of splitting one object: markers equal skimage's, ties included; the flood
+equals skimage's except that equally high seed pixels leave in raster order."""
 
 from __future__ import annotations
 
@@ -23,18 +24,39 @@ def random_heights(rng: np.random.Generator, shape: tuple[int, int], case: int) 
     return (rng.integers(0, 2, shape) * -1.0 * 0.0).astype(np.float32)  # +0.0 and -0.0
 
 
-def test_flood_is_skimages_watershed_pixel_for_pixel():
+def random_flood_case(rng: np.random.Generator, case: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Heights, seeds (a label may have several) and mask of a random box."""
+    shape = tuple(int(side) for side in rng.integers(1, 40, 2))
+    height = random_heights(rng, shape, case)
+    inside = rng.random(shape) < 0.8
+    markers = np.zeros(shape, np.int32)
+    where = rng.choice(height.size, min(int(rng.integers(1, 8)), height.size), replace=False)
+    markers.ravel()[where] = rng.integers(1, 4, where.size)
+    markers[~inside] = 0
+    return height, markers, inside
+
+
+def test_flood_is_skimages_watershed_pixel_for_pixel_where_no_two_seed_pixels_tie():
     rng = np.random.default_rng(0)
     for case in range(1200):
-        shape = tuple(int(side) for side in rng.integers(1, 40, 2))
-        height = random_heights(rng, shape, case)
-        inside = rng.random(shape) < 0.8
-        markers = np.zeros(shape, np.int32)
-        where = rng.choice(height.size, min(int(rng.integers(1, 8)), height.size), replace=False)
-        markers.ravel()[where] = rng.integers(1, 4, where.size)  # a label may have several seeds
-        markers[~inside] = 0
+        height, markers, inside = random_flood_case(rng, case)
+        seeds = np.flatnonzero(markers)
+        # Seed pixels of one height each (other pixels keep their plateaus and ties, resolved by
+        # the order they are reached in, as skimage resolves them).
+        height.ravel()[seeds] = rng.permutation(np.linspace(-1.25, 4.25, seeds.size, dtype=np.float32))
         theirs = watershed(-height.astype(np.float64), markers, mask=inside, connectivity=2)
         np.testing.assert_array_equal(flood_from_markers(height, markers, inside), theirs, err_msg=f"case {case}")
+
+
+def test_flood_parts_seed_pixels_of_one_height_in_raster_order():
+    """skimage leaves equally high seed pixels in its heap's order; here the first in raster
+    order leaves first and takes the pixels both border."""
+    height = np.array([[1, 0, 1], [0, 0, 0]], np.float32)
+    inside = np.ones(height.shape, bool)
+    for first, second in ((5, 9), (9, 5)):
+        markers = np.array([[first, 0, second], [0, 0, 0]], np.int32)
+        np.testing.assert_array_equal(flood_from_markers(height, markers, inside),
+                                      [[first, first, second], [first, first, second]])
 
 
 def test_flood_leaves_unreached_pixels_and_the_outside_at_zero():
