@@ -7,7 +7,8 @@ labels and table on SeaweedFS). A new image's group holds nothing yet, so `put_n
 writes the metadata of its groups and arrays and the chunks of its arrays directly: on object
 storage all at once on zarr's event loop (12 requests together for that image), into a local
 folder file by file from the calling thread, the chunks encoded there too. What it writes is what
-zarr's own calls write, byte for byte (tests/test_zarr_writes.py).
+zarr's own calls write, byte for byte (tests/test_zarr_writes.py); each metadata document is made
+by zarr once per kind of node and attributes and reused, as the images of a run share most of theirs.
 
 The codec: zstd at level 1 (`ARRAY_CODECS`). Measured on 512x512 and 2048x2048 results
 (`python -m benchmarks.storage`, docs/performance.md) it encodes a result 2 to 2.6 times faster
@@ -20,6 +21,7 @@ metadata, so stores written with another one read and resume as before.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -53,10 +55,37 @@ class NewArray:
 
 def array_metadata(array: NewArray) -> ArrayV3Metadata:
     """The zarr v3 metadata zarr itself gives such an array (no I/O)."""
-    document = {**_metadata_template(array.data.dtype, array.dimension_names), "shape": array.data.shape,
-                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": array.chunks}},
-                "attributes": array.attributes or {}}
-    return ArrayV3Metadata.from_dict(document)
+    return _array_metadata_and_document(array)[0]
+
+
+def _array_metadata_and_document(array: NewArray) -> tuple[ArrayV3Metadata, bytes]:
+    return _array_metadata(array.data.dtype, array.dimension_names, tuple(array.data.shape), tuple(array.chunks),
+                           *_json_key(array.attributes or {}))
+
+
+@lru_cache(maxsize=256)
+def _array_metadata(dtype: np.dtype, dimension_names: tuple[str, ...], shape: tuple[int, ...], chunks: tuple[int, ...],
+                    json_indent: int | None, attributes: str) -> tuple[ArrayV3Metadata, bytes]:
+    """An array's metadata and its zarr.json as zarr writes it, made once per kind of array (the
+    images of a run share most of theirs): zarr's JSON took 0.1-0.2 ms per document."""
+    document = {**_metadata_template(dtype, dimension_names), "shape": shape,
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}},
+                "attributes": json.loads(attributes)}
+    meta = ArrayV3Metadata.from_dict(document)
+    return meta, meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+
+
+@lru_cache(maxsize=256)
+def _group_document(json_indent: int | None, attributes: str) -> bytes:
+    """A group's zarr.json as zarr writes it, for attributes given as JSON (`_json_key`)."""
+    return GroupMetadata(attributes=json.loads(attributes)).to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+
+
+def _json_key(attributes: Mapping[str, Any]) -> tuple[int | None, str]:
+    """Attributes as a cache key: zarr's indent (which zarr reads on each call) and the attributes
+    as JSON, which decodes to what zarr would write for them (zarr writes JSON too, so equal keys
+    give equal documents)."""
+    return zarr.config.get("json_indent"), json.dumps(attributes, allow_nan=True)
 
 
 @lru_cache(maxsize=64)
@@ -78,11 +107,11 @@ def put_new_nodes(store: Store, groups: Mapping[str, Mapping[str, Any]], arrays:
     Into a local folder the objects are written one after another from the calling thread; into
     any other store concurrently, on zarr's event loop."""
     prototype = default_buffer_prototype()
-    objects = [(f"{path}/zarr.json", GroupMetadata(attributes=dict(attributes)).to_buffer_dict(prototype)["zarr.json"])
+    objects = [(f"{path}/zarr.json", prototype.buffer.from_bytes(_group_document(*_json_key(attributes))))
                for path, attributes in groups.items()]
     for array in arrays:
-        meta = array_metadata(array)
-        objects.append((f"{array.path}/zarr.json", meta.to_buffer_dict(prototype)["zarr.json"]))
+        meta, metadata_document = _array_metadata_and_document(array)
+        objects.append((f"{array.path}/zarr.json", prototype.buffer.from_bytes(metadata_document)))
         objects += [(f"{array.path}/{key}", prototype.buffer.from_bytes(data)) for key, data in encoded_chunks(array, meta)]
     if isinstance(store, LocalStore):
         # Files are written at the cost of the system calls: through zarr's event loop and its
