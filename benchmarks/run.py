@@ -278,9 +278,13 @@ def bench_memory(work: Path, checkpoint: Path, count: int) -> dict:
             capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
 
     many_result = run("many", "--images", str(many), "--store", str(work / "memory-many.zarr"))
-    samples = many_result["rss_mb_every_50"]
+    samples, times = many_result["rss_mb_every_50"], many_result["seconds_every_50"]
     quarter = max(1, len(samples) // 4)
     first, last = max(samples[:quarter]), max(samples[-quarter:])
+    # Images per second over the first and the last quarter of the run (50 images a sample), the
+    # first without its first 50 images (the model's first passes, the compiled steps' loading).
+    first_rate = 50 * (quarter - 1) / (times[quarter - 1] - times[0]) if quarter > 1 else 50 / times[0]
+    last_rate = 50 * quarter / (times[-1] - times[-quarter - 1]) if len(times) > quarter else first_rate
 
     tile = generate_sample(np.random.default_rng(41), (2048, 2048)).image
     large = np.tile(tile, (4, 4))
@@ -288,6 +292,7 @@ def bench_memory(work: Path, checkpoint: Path, count: int) -> dict:
     large_result = run("large", "--image", str(work / "large.png"), "--store", str(work / "memory-large.zarr"))
     return {"images": many_result["images"], "rss_first_quarter_mb": first, "rss_last_quarter_mb": last,
             "rss_growth": last / first - 1, "many_peak_mb": many_result["peak_mb"],
+            "rate_first_quarter": first_rate, "rate_last_quarter": last_rate, "rate_change": last_rate / first_rate - 1,
             "large_side": large.shape[0], "large_peak_mb": large_result["peak_mb"],
             "large_seconds": large_result["seconds"], "tile_agreement": tile_agreement(tile, checkpoint)}
 
@@ -439,6 +444,8 @@ def main() -> None:
         results["ratios"].update(postprocess_ratios(results["postprocess"]))
     if "product_stages" in results:
         results["ratios"].update(product_stages_ratios(results["product_stages"]))
+    results["ratios"]["many_images_rate_last_vs_first_quarter"] = results["memory"]["rate_last_quarter"] / results["memory"]["rate_first_quarter"]
+    results["ratios"]["many_images_rss_last_vs_first_quarter"] = 1 + results["memory"]["rss_growth"]
     results["ratios"].update(forward_ratios(results["forward"]))
     results["ratios"].update(scaling_ratios(results["scaling"]))
     results["ratios"].update(blockwise_ratios(results["blockwise"]))
@@ -514,6 +521,8 @@ def print_table(r: dict) -> None:
          f"{tr['speedup']:.2f}x (>= 1.5); val Dice {tr['product']['val_dice']:.3f} vs {tr['naive']['val_dice']:.3f}"),
         (f"RSS, {mem['images']} images", f"first quarter {mem['rss_first_quarter_mb']:.0f} MB, last {mem['rss_last_quarter_mb']:.0f} MB",
          f"{mem['rss_growth']:+.1%} (within 10%)"),
+        (f"throughput, {mem['images']} images", f"first quarter {mem['rate_first_quarter']:.2f} img/s, "
+         f"last {mem['rate_last_quarter']:.2f} img/s", f"{mem['rate_change']:+.1%} (256^2 images, library run; the first 50 not counted)"),
         (f"{mem['large_side']}^2 image", f"peak {mem['large_peak_mb']:.0f} MB in {mem['large_seconds']:.0f} s", "(< 3000 MB)"),
         ("tiled vs whole 2048^2", f"interior pixels agree {mem['tile_agreement']['interior_pixel_agreement']:.4%}",
          f"Dice {mem['tile_agreement']['dice']:.4f}"),
