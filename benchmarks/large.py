@@ -28,8 +28,6 @@ import argparse
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -41,6 +39,7 @@ import zarr
 from torch import nn
 
 from benchmarks.memory import memory_mb
+from benchmarks.output import json_from_child
 from cellseg.blocks import segment_blockwise
 from cellseg.bundled import shipped_checkpoint
 from cellseg.checkpoint import load_checkpoint, save_checkpoint
@@ -179,10 +178,8 @@ def _overlaps(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def run_child(images: Path, store: Path, model: str, block: int = BlockConfig().block_size) -> dict[str, Any]:
     """`cellseg predict`'s recipe on the images of a folder, in a process of its own (`block`-pixel blocks)."""
-    output = subprocess.run([sys.executable, "-m", "benchmarks.large", "child", "--images", str(images),
-                             "--store", str(store), "--model", model, "--block", str(block)],
-                            capture_output=True, text=True, check=True)
-    return json.loads(output.stdout.strip().splitlines()[-1])
+    return json_from_child("-m", "benchmarks.large", "child", "--images", str(images), "--store", str(store),
+                           "--model", model, "--block", str(block))
 
 
 def child(images: str, store: str, model: str, block: int) -> None:

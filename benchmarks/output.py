@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,3 +16,10 @@ def show_and_save(rows: Iterable[tuple[str, str, str]], result: dict[str, Any], 
         print("  ".join(row))
     if out:
         out.write_text(json.dumps(result, indent=1))
+
+
+def json_from_child(*arguments: str) -> Any:
+    """Run `python ARGUMENTS...` in a process of its own (its memory and malloc settings apart from
+    this one's) and return the JSON it prints on its last line; a failure raises with its output."""
+    finished = subprocess.run([sys.executable, *arguments], capture_output=True, text=True, check=True)
+    return json.loads(finished.stdout.strip().splitlines()[-1])

@@ -21,11 +21,8 @@ Each section is timed (`section_seconds`) and written to results.json as it ends
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +41,7 @@ from benchmarks.forward import ratios as forward_ratios
 from benchmarks.forward import table_rows as forward_rows
 from benchmarks.gpu import bench_gpu
 from benchmarks.gpu import table_rows as gpu_rows
+from benchmarks.output import json_from_child
 from benchmarks.postprocess_stages import bench_postprocess
 from benchmarks.postprocess_stages import ratios as postprocess_ratios
 from benchmarks.postprocess_stages import table_rows as postprocess_rows
@@ -257,9 +255,7 @@ def naive_in_a_process(image_urls: list[str], checkpoint: Path, out: Path) -> di
     to keep freed memory (`cellseg.allocator`), which a notebook's loop does not have."""
     code = ("import json, sys; from pathlib import Path; from benchmarks.run import bench_naive_inference; "
             "print(json.dumps(bench_naive_inference(sys.argv[1:-2], Path(sys.argv[-2]), Path(sys.argv[-1]))))")
-    finished = subprocess.run([sys.executable, "-c", code, *image_urls, str(checkpoint), str(out)],
-                              capture_output=True, text=True, check=True)
-    return json.loads(finished.stdout.strip().splitlines()[-1])
+    return json_from_child("-c", code, *image_urls, str(checkpoint), str(out))
 
 
 def bench_measurements(image_urls: list[str], store: str, repeats: int = 3) -> dict:
@@ -291,9 +287,7 @@ def bench_memory(work: Path, checkpoint: Path, count: int) -> dict:
         shutil.copyfile(sources[index % len(sources)], many / f"img_{index:05d}.png")
 
     def run(*args):
-        return json.loads(subprocess.run(
-            [sys.executable, "-m", "benchmarks.memory", *args, "--checkpoint", str(checkpoint)],
-            capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        return json_from_child("-m", "benchmarks.memory", *args, "--checkpoint", str(checkpoint))
 
     many_result = run("many", "--images", str(many), "--store", str(work / "memory-many.zarr"))
     samples, times = many_result["rss_mb_every_50"], many_result["seconds_every_50"]

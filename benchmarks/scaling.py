@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.memory import memory_mb
-from benchmarks.output import show_and_save
+from benchmarks.output import json_from_child, show_and_save
 from cellseg.bundled import shipped_checkpoint
 from cellseg.synth import encode_png, generate_sample, write_dataset
 
@@ -56,10 +54,8 @@ def _child(images: str, store: str, every: int) -> dict:
 
 def _run_child(images: Path, store: Path, every: int) -> dict:
     shutil.rmtree(store, ignore_errors=True)
-    output = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "child", "--images", str(images),
-                             "--store", str(store), "--every", str(every)],
-                            capture_output=True, text=True, check=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    return json_from_child("-m", "benchmarks.scaling", "child", "--images", str(images), "--store", str(store),
+                           "--every", str(every))
 
 
 def scaling_by_count(work: Path, count: int) -> dict:

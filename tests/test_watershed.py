@@ -24,22 +24,16 @@ def random_heights(rng: np.random.Generator, shape: tuple[int, int], case: int) 
     return (rng.integers(0, 2, shape) * -1.0 * 0.0).astype(np.float32)  # +0.0 and -0.0
 
 
-def random_flood_case(rng: np.random.Generator, case: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Heights, seeds (a label may have several) and mask of a random box."""
-    shape = tuple(int(side) for side in rng.integers(1, 40, 2))
-    height = random_heights(rng, shape, case)
-    inside = rng.random(shape) < 0.8
-    markers = np.zeros(shape, np.int32)
-    where = rng.choice(height.size, min(int(rng.integers(1, 8)), height.size), replace=False)
-    markers.ravel()[where] = rng.integers(1, 4, where.size)
-    markers[~inside] = 0
-    return height, markers, inside
-
-
 def test_flood_is_skimages_watershed_pixel_for_pixel_where_no_two_seed_pixels_tie():
     rng = np.random.default_rng(0)
     for case in range(1200):
-        height, markers, inside = random_flood_case(rng, case)
+        shape = tuple(int(side) for side in rng.integers(1, 40, 2))
+        height = random_heights(rng, shape, case)
+        inside = rng.random(shape) < 0.8
+        markers = np.zeros(shape, np.int32)
+        where = rng.choice(height.size, min(int(rng.integers(1, 8)), height.size), replace=False)
+        markers.ravel()[where] = rng.integers(1, 4, where.size)  # a label may have several seeds
+        markers[~inside] = 0
         seeds = np.flatnonzero(markers)
         # Seed pixels of one height each (other pixels keep their plateaus and ties, resolved by
         # the order they are reached in, as skimage resolves them).
