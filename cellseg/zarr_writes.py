@@ -53,12 +53,8 @@ class NewArray:
     attributes: dict[str, Any] | None = None
 
 
-def array_metadata(array: NewArray) -> ArrayV3Metadata:
-    """The zarr v3 metadata zarr itself gives such an array (no I/O)."""
-    return _array_metadata_and_document(array)[0]
-
-
-def _array_metadata_and_document(array: NewArray) -> tuple[ArrayV3Metadata, bytes]:
+def array_metadata(array: NewArray) -> tuple[ArrayV3Metadata, bytes]:
+    """The zarr v3 metadata zarr itself gives such an array, and its zarr.json (no I/O)."""
     return _array_metadata(array.data.dtype, array.dimension_names, tuple(array.data.shape), tuple(array.chunks),
                            *_json_key(array.attributes or {}))
 
@@ -110,7 +106,7 @@ def put_new_nodes(store: Store, groups: Mapping[str, Mapping[str, Any]], arrays:
     objects = [(f"{path}/zarr.json", prototype.buffer.from_bytes(_group_document(*_json_key(attributes))))
                for path, attributes in groups.items()]
     for array in arrays:
-        meta, metadata_document = _array_metadata_and_document(array)
+        meta, metadata_document = array_metadata(array)
         objects.append((f"{array.path}/zarr.json", prototype.buffer.from_bytes(metadata_document)))
         objects += [(f"{array.path}/{key}", prototype.buffer.from_bytes(data)) for key, data in encoded_chunks(array, meta)]
     if isinstance(store, LocalStore):
@@ -124,7 +120,7 @@ def put_new_nodes(store: Store, groups: Mapping[str, Mapping[str, Any]], arrays:
 
 def encoded_chunks(array: NewArray, meta: ArrayV3Metadata) -> list[tuple[str, bytes]]:
     """Each chunk of `array` by its key under the array, encoded as zarr encodes it with
-    `ARRAY_CODECS` (`meta` is `array_metadata(array)`): the chunk at its full shape, edge chunks
+    `ARRAY_CODECS` (`meta` is `array_metadata(array)[0]`): the chunk at its full shape, edge chunks
     padded with the fill value, its bytes in C order, little-endian, zstd-compressed."""
     # Encoded here, in the caller's thread, instead of through zarr's codec pipeline: for the few
     # chunks of an image, that pipeline's tasks and thread hand-offs cost more than the compression.
