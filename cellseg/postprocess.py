@@ -8,8 +8,8 @@ to their neighbour (h-maxima) seed a watershed of the inverted distance, restric
 Models with a distance-map output are split the same way on the map they predict, which dips
 between touching cells even where the mask has no neck.
 
-Per-pixel steps run once over the whole image with OpenCV (exact distance transform, smoothing,
-local maxima, connected components); only objects with two or more candidate peaks are looked
+Per-pixel steps run once over the whole image: the exact distance transform (compiled,
+`cellseg.distance`), then smoothing, local maxima and connected components with OpenCV; only objects with two or more candidate peaks are looked
 at one by one, in their boxes: their h-maxima and the watershed that grows them into cells are
 compiled (`cellseg.watershed`; skimage's markers and flood, equally high seeds taken in raster
 order). This replaced a scipy/skimage recipe run object by object, 4-5x slower;
@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 
 from cellseg.config import DEFAULT_CENTRE_PROMINENCE, PredictConfig
+from cellseg.distance import inside_distance
 from cellseg.stats import label_cells
 from cellseg.watershed import split_objects
 
@@ -125,10 +126,10 @@ def split_at_distance_peaks(
 
 def _smoothed_depth(inside: np.ndarray) -> np.ndarray:
     """Each pixel's Euclidean distance to the nearest background pixel of the boolean (H, W)
-    `inside` (OpenCV's exact transform; beyond the image edge is not background), smoothed by a
+    `inside` (exact, `cellseg.distance`; beyond the image edge is not background), smoothed by a
     Gaussian of sigma 1 mirrored at the image edges, so that one-pixel ripples of an outline seed
     no extra cells: float32 (H, W)."""
-    distance = cv2.distanceTransform(inside.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    distance = inside_distance(inside)
     return cv2.GaussianBlur(distance, (9, 9), 1.0, dst=distance, borderType=cv2.BORDER_REFLECT)
 
 

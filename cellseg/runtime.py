@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
+import cv2
 import torch
 
 logger = logging.getLogger(__name__)
@@ -47,9 +48,14 @@ def autocast_context(device: torch.device, enabled: bool) -> AbstractContextMana
 
 
 def set_threads(threads: int | None) -> None:
-    """Torch CPU threads for this process (process-wide: one model per worker process); None keeps torch's choice."""
+    """Torch CPU threads for this process (process-wide: one model per worker process), and as many
+    for OpenCV's post-processing calls; None keeps their choice. The threads that call OpenCV are
+    the parallelism on a CPU's cores (shards, writers): OpenCV's own pool beside them cost 2 ms more
+    CPU per 512² image in the split of touching cells than the same calls on one thread, for no
+    gain in time (docs/performance.md), and its workers' CPU escaped the run's count of it."""
     if threads is not None:
         torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)
 
 
 class PassGate:

@@ -127,6 +127,24 @@ def test_predictor_thresholds_with_its_config():
     np.testing.assert_array_equal(predictor.masks(images)[0], predictor.probabilities(images)[0] > 0.3)
 
 
+def test_the_predictors_threads_hold_for_opencv_too():
+    """The split's OpenCV calls run on the threads the run gives the model, not on a pool beside them."""
+    import cv2
+
+    config = ModelConfig(depth=2, base_width=4)
+    checkpoint = Checkpoint(config, UNet(config).state_dict(), TrainConfig(), {}, 1)
+    torch_before, opencv_before = torch.get_num_threads(), cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(2)
+        Predictor(checkpoint, PredictConfig(device="cpu", threads=1))
+        assert (torch.get_num_threads(), cv2.getNumThreads()) == (1, 1)
+        Predictor(checkpoint, PredictConfig(device="cpu", threads=None))  # None: left as they are
+        assert (torch.get_num_threads(), cv2.getNumThreads()) == (1, 1)
+    finally:
+        torch.set_num_threads(torch_before)
+        cv2.setNumThreads(opencv_before)
+
+
 def test_an_image_without_contrast_gets_empty_maps_and_a_warning_without_the_model():
     config = ModelConfig(depth=2, base_width=4, distance_map=True)
     checkpoint = Checkpoint(config, UNet(config).state_dict(), TrainConfig(), {}, 1)
