@@ -38,6 +38,7 @@ from cellseg.appearance import image_appearance
 from cellseg.build_bundled import recipe_validation_pairs
 from cellseg.bundled import NucleiRecipe, shipped_checkpoint, shipped_name
 from cellseg.config import PredictConfig
+from cellseg.distance import inside_distance
 from cellseg.infer import Predictor
 from cellseg.io import read_image
 from cellseg.pairs import pair_images_and_masks
@@ -72,7 +73,7 @@ def labelled_ways(maps: CellMaps, truth: np.ndarray, config: PredictConfig) -> d
     predicted = cell_labels(maps, config)
     foreground, _ = label_cells(maps.probability > (0.5 if config.threshold is None else config.threshold),
                                 config.min_cell_area)
-    height = maps.distance if maps.distance is not None else ndimage.distance_transform_edt(foreground > 0)
+    height = maps.distance if maps.distance is not None else inside_distance(foreground > 0)
     height = np.asarray(height, dtype=np.float32)
     true_inside = truth > 0
     true_mask = CellMaps(true_inside.astype(np.float32), maps.distance)
@@ -149,9 +150,10 @@ def analyse(pairs: list[tuple[Path, Path]], predictor: Predictor,
         truth = relabel_sequential(np.array(read_image(str(label_path)), dtype=np.int32))[0]
         modality = image_appearance(image, truth)
         (maps,) = predictor.cell_maps([image])
-        for name, labels in labelled_ways(maps, truth, predictor.config).items():
+        labelled = labelled_ways(maps, truth, predictor.config)
+        for name, labels in labelled.items():
             ways.setdefault(name, []).append((modality, instance_scores(labels, truth)))
-        best, ratios = hits(cell_labels(maps, predictor.config), truth)
+        best, ratios = hits(labelled["as predicted"], truth)
         best_ious.append(best)
         area_ratios[modality].extend(ratios)
         if modality == "fluorescence":

@@ -9,14 +9,14 @@ Models with a distance-map output are split the same way on the map they predict
 between touching cells even where the mask has no neck.
 
 Per-pixel steps run once over the whole image: the exact distance transform (compiled,
-`cellseg.distance`), then smoothing, local maxima and connected components with OpenCV; only objects with two or more candidate peaks are looked
-at one by one, in their boxes: their h-maxima and the watershed that grows them into cells are
-compiled (`cellseg.watershed`; skimage's markers and flood, equally high seeds taken in raster
-order). This replaced a scipy/skimage recipe run object by object, 4-5x slower;
-docs/performance.md ("Post-processing stages") gives the figures and what changed: the h-maxima
-and the flood are the same, the mask's distance is now smoothed over the image instead of inside
-each object's box, which moves about 1 cell pixel in 10,000 (tests/test_postprocess.py compares
-both recipes).
+`cellseg.distance`), then smoothing, local maxima and connected components with OpenCV; only
+objects with two or more candidate peaks are looked at one by one, in their boxes: their
+h-maxima and the watershed that grows them into cells are compiled (`cellseg.watershed`;
+skimage's markers and flood, equally high seeds taken in raster order). This replaced a
+scipy/skimage recipe run object by object, 4-5x slower; docs/performance.md ("Post-processing
+stages") gives the figures and what changed: the h-maxima and the flood are the same, the mask's
+distance is now smoothed over the image instead of inside each object's box, which moves about 1
+cell pixel in 10,000 (tests/test_postprocess.py compares both recipes).
 """
 
 from __future__ import annotations
