@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import numpy as np
 import zarr
 from zarr.abc.store import Store
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
@@ -59,7 +58,7 @@ from cellseg.store_checks import (
     unwritable,
     validate_image_id,
 )
-from cellseg.zarr_writes import ARRAY_CODECS, NewArray, put_new_nodes
+from cellseg.zarr_writes import ARRAY_CODECS, NewArray, put_new_nodes, put_objects
 
 if TYPE_CHECKING:
     from zarr.core.array_spec import ArrayConfigParams
@@ -185,7 +184,7 @@ def _put_group(store: Store, path: str, attributes: dict[str, Any]) -> None:
     nothing under it is touched (zarr's own overwrite would delete the group's arrays)."""
     document = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
     key = f"{path}/zarr.json" if path else "zarr.json"
-    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(json.dumps(document).encode())))
+    put_objects(store, [(key, json.dumps(document).encode())])
 
 
 def _child_names(group: zarr.Group) -> list[str]:

@@ -32,11 +32,13 @@ import zarr
 from numcodecs.zstd import Zstd
 from zarr.abc.store import Store
 from zarr.codecs import BytesCodec, ZstdCodec
-from zarr.core.buffer import Buffer, default_buffer_prototype
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.group import GroupMetadata
 from zarr.core.metadata import ArrayV3Metadata
 from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
+
+from cellseg import s3_direct
 
 ARRAY_CODECS = (ZstdCodec(level=1),)  # bytes-to-bytes codecs of every array cellseg writes
 
@@ -100,20 +102,26 @@ def put_new_nodes(store: Store, groups: Mapping[str, Mapping[str, Any]], arrays:
     are new (or that may be overwritten object by object). Every chunk is written, also one that
     holds only the fill value (as zarr does with `write_empty_chunks`).
 
-    Into a local folder the objects are written one after another from the calling thread; into
-    any other store concurrently, on zarr's event loop."""
-    prototype = default_buffer_prototype()
-    objects = [(f"{path}/zarr.json", prototype.buffer.from_bytes(_group_document(*_json_key(attributes))))
-               for path, attributes in groups.items()]
+    The objects are written as `put_objects` writes them."""
+    objects = [(f"{path}/zarr.json", _group_document(*_json_key(attributes))) for path, attributes in groups.items()]
     for array in arrays:
         meta, metadata_document = array_metadata(array)
-        objects.append((f"{array.path}/zarr.json", prototype.buffer.from_bytes(metadata_document)))
-        objects += [(f"{array.path}/{key}", prototype.buffer.from_bytes(data)) for key, data in encoded_chunks(array, meta)]
+        objects.append((f"{array.path}/zarr.json", metadata_document))
+        objects += [(f"{array.path}/{key}", data) for key, data in encoded_chunks(array, meta)]
+    put_objects(store, objects)
+
+
+def put_objects(store: Store, objects: Sequence[tuple[str, bytes]]) -> None:
+    """Write each (key, bytes) into `store`, replacing whatever is at the key. Into a local folder
+    one after another from the calling thread; into an S3 bucket concurrently with obstore where it
+    writes as s3fs would (`cellseg.s3_direct`); into any other store concurrently, on zarr's event
+    loop."""
     if isinstance(store, LocalStore):
         # Files are written at the cost of the system calls: through zarr's event loop and its
         # thread per file the same writes cost twice the CPU time (docs/performance.md, "Writes").
+        prototype = default_buffer_prototype()
         for key, document in objects:
-            store.set_sync(key, document)
+            store.set_sync(key, prototype.buffer.from_bytes(document))
         return
     sync(_put(store, objects))
 
@@ -142,8 +150,12 @@ def encoded_chunks(array: NewArray, meta: ArrayV3Metadata) -> list[tuple[str, by
     return encoded
 
 
-async def _put(store: Store, objects: Sequence[tuple[str, Buffer]]) -> None:
-    tasks = [asyncio.ensure_future(store.set(key, document)) for key, document in objects]
+async def _put(store: Store, objects: Sequence[tuple[str, bytes]]) -> None:
+    writer = await s3_direct.direct_writer(store)
+    if writer is not None and await writer.write(objects):
+        return
+    prototype = default_buffer_prototype()
+    tasks = [asyncio.ensure_future(store.set(key, prototype.buffer.from_bytes(document))) for key, document in objects]
     try:
         await asyncio.gather(*tasks)
     except BaseException:

@@ -1,0 +1,163 @@
+"""Results written to S3 with obstore where it writes as s3fs would (cellseg.s3_direct): the same
+objects on both local servers, a first failure hands the store to s3fs, a later one raises
+naming the object, options that change a write keep s3fs, and the settings reach it."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import s3fs
+from zarr.core.sync import sync
+
+from cellseg import s3_direct
+from cellseg.settings import CellsegSettings, StorageTimeouts
+from cellseg.store import ResultStore
+from tests.test_zarr_writes import MODEL, objects, result, write
+
+
+@pytest.fixture(autouse=True)
+def direct_writes_on():
+    was = s3_direct.enabled()
+    s3_direct.enable(True)
+    yield
+    s3_direct.enable(was)
+
+
+def writer_of(store: ResultStore) -> s3_direct.DirectS3Writer | None:
+    return sync(s3_direct.direct_writer(store.root.store))
+
+
+@pytest.mark.integration
+def test_results_go_through_the_direct_writer_and_are_the_objects_s3fs_writes(s3_bucket):
+    bucket, options = s3_bucket
+    arrays = result(seed=2, side=300)
+    direct = ResultStore.open(f"{bucket}/direct.zarr", storage_options=options)
+    assert direct.done_ids() == set()  # s3fs lists the store (and may cache the listing) before the write
+    assert write(direct, "img", arrays)
+    assert direct.done_ids() == {"img"}  # the writes invalidated that listing
+    writer = writer_of(direct)
+    assert writer is not None and writer.proven and writer.failed is None
+
+    s3_direct.enable(False)
+    through_s3fs = ResultStore.open(f"{bucket}/s3fs.zarr", storage_options=options)
+    assert writer_of(through_s3fs) is None
+    assert write(through_s3fs, "img", arrays)
+
+    written, expected = objects(f"{bucket}/direct.zarr", options), objects(f"{bucket}/s3fs.zarr", options)
+    assert sorted(written) == sorted(expected) and len(written) > 10
+    for key in expected:
+        if key != "zarr.json":
+            assert written[key] == expected[key], key
+    reread = ResultStore.open(f"{bucket}/direct.zarr", mode="r", storage_options=options)
+    assert reread.is_done("img")
+    np.testing.assert_array_equal(reread.read_cells("img"), arrays["cells"])
+
+
+@pytest.mark.integration
+def test_a_first_write_that_fails_hands_the_store_to_s3fs_and_says_why_without_the_secret(seaweedfs_endpoint, caplog):
+    fs = s3fs.S3FileSystem(endpoint_url=seaweedfs_endpoint, skip_instance_cache=True)
+    fs.mkdir("direct-fallback")
+    store = ResultStore.open("s3://direct-fallback/run.zarr", storage_options={"endpoint_url": seaweedfs_endpoint})
+    zarr_store = store.root.store
+    # A writer whose credentials the server refuses (s3fs's are right).
+    writer = s3_direct.DirectS3Writer(refused_store(seaweedfs_endpoint, "direct-fallback", "run.zarr"),
+                                      "direct-fallback", "run.zarr", zarr_store.fs)
+    s3_direct._writers.setdefault(zarr_store.fs, {})[zarr_store.path] = writer
+
+    with caplog.at_level(logging.WARNING, logger="cellseg.s3_direct"):
+        assert write(store, "img", result(seed=3, side=120))
+    assert writer.failed is not None and not writer.proven
+    assert "written through s3fs instead" in caplog.text and "s3://direct-fallback/run.zarr" in caplog.text
+    assert "not-the-secret-4711" not in caplog.text and "not-the-secret-4711" not in repr(writer)
+    assert ResultStore.open("s3://direct-fallback/run.zarr", mode="r",
+                            storage_options={"endpoint_url": seaweedfs_endpoint}).is_done("img")
+    assert sync(writer.write([("other/zarr.json", b"{}")])) is False  # given up for good
+
+
+def refused_store(endpoint: str, bucket: str, prefix: str):
+    """An obstore store with a secret SeaweedFS refuses (it checks credentials; moto does not)."""
+    from obstore.store import S3Store
+
+    return S3Store(bucket, prefix=prefix, endpoint=endpoint, region="us-east-1",
+                   credential_provider=s3_direct._Credentials("cellseg-test-key", "not-the-secret-4711", None),
+                   client_options={"allow_http": True}, retry_config={"max_retries": 0})
+
+
+@pytest.mark.integration
+def test_once_proven_a_failed_write_raises_naming_the_object(seaweedfs_endpoint):
+    fs = s3fs.S3FileSystem(endpoint_url=seaweedfs_endpoint, skip_instance_cache=True)
+    fs.mkdir("direct-raises")
+    store = ResultStore.open("s3://direct-raises/run.zarr", storage_options={"endpoint_url": seaweedfs_endpoint})
+    writer = writer_of(store)
+    assert writer is not None
+    assert sync(writer.write([("probe/zarr.json", b"{}")])) and writer.proven
+    writer.store = refused_store(seaweedfs_endpoint, "direct-raises", "run.zarr")  # credentials revoked mid-run
+    with pytest.raises(PermissionError, match=r"cannot write 's3://direct-raises/run.zarr/img/zarr.json'") as raised:
+        sync(writer.write([("img/zarr.json", b"{}")]))
+    assert "not-the-secret-4711" not in str(raised.value)
+    assert writer.failed is None  # a proven writer stays in use: the next image may be written
+
+
+def test_options_that_change_a_write_or_aws_endpoints_keep_s3fs():
+    endpoint = "http://127.0.0.1:9"  # nothing listens: making a writer sends no request
+    plain = s3fs.S3FileSystem(endpoint_url=endpoint, key="k", secret="s", skip_instance_cache=True)
+    assert s3_direct._unsupported(plain) is None
+    changing = [{"s3_additional_kwargs": {"ServerSideEncryption": "AES256"}}, {"requester_pays": True},
+                {"version_aware": True}, {"anon": True}, {"client_kwargs": {"verify": False}},
+                {"config_kwargs": {"s3": {"addressing_style": "virtual"}}}]
+    for options in changing:
+        filesystem = s3fs.S3FileSystem(endpoint_url=endpoint, key="k", secret="s", skip_instance_cache=True, **options)
+        assert s3_direct._unsupported(filesystem) is not None, options
+
+    class Store:  # what a zarr FsspecStore on s3fs offers the writer
+        def __init__(self, fs, path):
+            self.fs, self.path = fs, path
+
+    async def writer(fs, path="bucket/prefix"):
+        return await s3_direct.direct_writer(Store(fs, path))
+
+    made = sync(writer(plain))
+    assert made is not None and (made.bucket, made.prefix) == ("bucket", "prefix")
+    aws = s3fs.S3FileSystem(key="k", secret="s", skip_instance_cache=True)
+    assert sync(writer(aws)) is None
+    s3_direct.enable(False)
+    assert sync(writer(s3fs.S3FileSystem(endpoint_url=endpoint, key="k", secret="s", skip_instance_cache=True))) is None
+
+
+def test_the_settings_timeouts_and_switch_reach_the_direct_writer(monkeypatch):
+    limits = StorageTimeouts(connect_seconds=3, read_seconds=7, attempts=2).fsspec_options()["s3"]
+    filesystem = s3fs.S3FileSystem(endpoint_url="https://s3.example.org", key="k", secret="s",
+                                   skip_instance_cache=True, **limits)
+    options = s3_direct._client_options(filesystem, "https://s3.example.org")
+    assert options["connect_timeout"] == timedelta(seconds=3) and options["read_timeout"] == timedelta(seconds=7)
+    assert "allow_http" not in options
+    assert s3_direct._retry_config(filesystem)["max_retries"] == 1
+    assert s3_direct._client_options(filesystem, "http://127.0.0.1:9")["allow_http"] is True
+
+    monkeypatch.setenv("CELLSEG_DIRECT_S3_WRITES", "false")
+    CellsegSettings().apply_storage()
+    assert not s3_direct.enabled()
+    monkeypatch.setenv("CELLSEG_DIRECT_S3_WRITES", "true")
+    CellsegSettings().apply_storage()
+    assert s3_direct.enabled()
+
+
+def test_a_certificate_bundle_botocore_trusts_is_trusted_and_bounded(tmp_path, monkeypatch):
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(bundle))
+    filesystem = s3fs.S3FileSystem(endpoint_url="https://s3.example.org", key="k", secret="s", skip_instance_cache=True)
+    assert s3_direct._client_options(filesystem, "https://s3.example.org")["root_certificate"] == bundle.read_bytes()
+    monkeypatch.setattr(s3_direct, "MAX_CERTIFICATE_BYTES", 8)
+    with pytest.raises(ValueError, match=r"ca\.pem"):
+        s3_direct._client_options(filesystem, "https://s3.example.org")
+
+
+def test_local_stores_never_take_the_direct_writer(tmp_path):
+    store = ResultStore.open(str(tmp_path / "local.zarr"))
+    assert writer_of(store) is None
+    assert write(store, "img", result(seed=4, side=64))
+    assert MODEL["version"] in str(store.root["img"].attrs["cellseg"]["model"])
