@@ -34,8 +34,9 @@ logger = logging.getLogger(__name__)
 
 _enabled = threading.Event()
 _enabled.set()
-# Each writer is kept with its filesystem (s3fs keeps one per set of options), one per bucket.
-_writers: weakref.WeakKeyDictionary[Any, dict[str, DirectS3Writer | None]] = weakref.WeakKeyDictionary()
+# Each writer is kept with its filesystem (s3fs keeps one per set of options), one per bucket prefix
+# and process (obstore's runtime threads do not survive a fork).
+_writers: weakref.WeakKeyDictionary[Any, dict[tuple[str, int], DirectS3Writer | None]] = weakref.WeakKeyDictionary()
 _writers_lock = threading.Lock()
 # Options s3fs takes that change nothing about a plain PUT, or that the writer takes over.
 _NEUTRAL_OPTIONS = {"key", "secret", "token", "endpoint_url", "anon", "max_concurrency", "use_listings_cache",
@@ -131,13 +132,14 @@ async def direct_writer(store: Any) -> DirectS3Writer | None:
     path = getattr(store, "path", None)
     if filesystem is None or not isinstance(path, str) or type(filesystem).__name__ != "S3FileSystem":
         return None
+    key = (path, os.getpid())
     with _writers_lock:
         cached = _writers.get(filesystem, {})
-        if path in cached:
-            return cached[path]
+        if key in cached:
+            return cached[key]
     writer = await _make_writer(filesystem, path)
     with _writers_lock:
-        _writers.setdefault(filesystem, {})[path] = writer
+        _writers.setdefault(filesystem, {})[key] = writer
     return writer
 
 

@@ -5,6 +5,7 @@ naming the object, options that change a write keep s3fs, and the settings reach
 from __future__ import annotations
 
 import logging
+import os
 from datetime import timedelta
 
 import numpy as np
@@ -65,7 +66,7 @@ def test_a_first_write_that_fails_hands_the_store_to_s3fs_and_says_why_without_t
     # A writer whose credentials the server refuses (s3fs's are right).
     writer = s3_direct.DirectS3Writer(refused_store(seaweedfs_endpoint, "direct-fallback", "run.zarr"),
                                       "direct-fallback", "run.zarr", zarr_store.fs)
-    s3_direct._writers.setdefault(zarr_store.fs, {})[zarr_store.path] = writer
+    s3_direct._writers.setdefault(zarr_store.fs, {})[(zarr_store.path, os.getpid())] = writer
 
     with caplog.at_level(logging.WARNING, logger="cellseg.s3_direct"):
         assert write(store, "img", result(seed=3, side=120))
