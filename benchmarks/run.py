@@ -400,6 +400,14 @@ def main() -> None:
             results["product_s3_source"] = bench_product("s3://bench/images", str(work / "p6.zarr"), registry, shard,
                                                          PARALLEL_SHARDS)
             results["product_s3"] = bench_product("s3://bench/images", "s3://bench/results.zarr", registry, shard, PARALLEL_SHARDS)
+            # The same with the results written through s3fs (cellseg.s3_direct off; the flow takes
+            # its settings from the environment).
+            os.environ["CELLSEG_DIRECT_S3_WRITES"] = "false"
+            try:
+                results["product_s3_through_s3fs"] = bench_product("s3://bench/images", "s3://bench/results-s3fs.zarr",
+                                                                   registry, shard, PARALLEL_SHARDS)
+            finally:
+                del os.environ["CELLSEG_DIRECT_S3_WRITES"]
             for name, store, options in (("no_split", "p4.zarr", {"split_touching": False}),
                                          ("labels_only", "p5.zarr", {"measure_cells": False, "store_image": False})):
                 results[f"product_{name}_pair"] = bench_product_beside_model(
@@ -451,6 +459,9 @@ def main() -> None:
         "s3_source_vs_local_seaweedfs": results["product_s3_source"]["images_per_second"]
         / results["product_local"]["images_per_second"],
     }
+    if "product_s3_through_s3fs" in results:
+        results["ratios"]["s3_through_s3fs_vs_local_seaweedfs"] = (results["product_s3_through_s3fs"]["images_per_second"]
+                                                                   / results["product_local"]["images_per_second"])
     if (rest := in_situ_rest_vs_model(results["product_local"])) is not None:
         results["ratios"]["product_in_situ_rest_vs_model"] = rest
     if "postprocess" in results:
@@ -532,6 +543,10 @@ def print_table(r: dict) -> None:
          f"{r['ratios']['s3_vs_local_seaweedfs']:.2f}x local (>= 0.8); source only on s3: "
          f"{r['product_s3_source']['images_per_second']:.2f} img/s, {r['ratios']['s3_source_vs_local_seaweedfs']:.2f}x"),
         *_server_rows(r["product_local"], r["product_s3"]),
+        *([("  results written through s3fs", f"{r['product_s3_through_s3fs']['images_per_second']:.2f} img/s",
+            f"{r['ratios']['s3_through_s3fs_vs_local_seaweedfs']:.2f}x local (direct_s3_writes=false); SeaweedFS "
+            f"{r['product_s3_through_s3fs']['server_cpu_ms_per_image']['seaweedfs']:.1f} ms CPU per image")]
+          if "product_s3_through_s3fs" in r else []),
         ("1 shard at a time vs 2", f"{r['product_one_shard_at_a_time']['images_per_second']:.2f} vs {r['product_local']['images_per_second']:.2f} img/s",
          f"{r['ratios']['two_shards_vs_one']:.2f}x (>= 1)"),
         ("training", f"{tr['product']['images_per_second']:.2f} vs naive {tr['naive']['images_per_second']:.2f} img/s",
