@@ -3,7 +3,8 @@ instead of through s3fs and botocore, whose Python machinery costs about 1 ms of
 on the cores the model needs (docs/performance.md, "Storage").
 
 A writer is made for a zarr store on s3fs only where it can reproduce what s3fs would do: the
-same endpoint (one that is not AWS's own, whose buckets s3fs may find in other regions), the same
+same endpoint and addressing style (read from a URL botocore signs; not AWS's own endpoint,
+whose buckets s3fs may find in other regions), the same
 static credentials (given, from the environment or a profile; credentials that expire stay with
 botocore, which refreshes them), the same timeouts and attempts, and no option that changes a
 write (server-side encryption, ACLs, requester pays, versions, other botocore settings; a
@@ -44,7 +45,7 @@ _NEUTRAL_OPTIONS = {"key", "secret", "token", "endpoint_url", "anon", "max_concu
                     "default_block_size", "default_fill_cache", "default_cache_type", "cache_regions", "profile",
                     "use_ssl", "client_kwargs", "config_kwargs", "fixed_upload_size"}
 _NEUTRAL_CLIENT_KWARGS = {"region_name", "endpoint_url"}
-_NEUTRAL_CONFIG_KWARGS = {"connect_timeout", "read_timeout", "retries"}
+_NEUTRAL_CONFIG_KWARGS = {"connect_timeout", "read_timeout", "retries", "s3"}
 MAX_CERTIFICATE_BYTES = 16 * 1024 * 1024
 # A whole PUT's bound: the read timeout bounds each wait, this the request (a 4 MB chunk on a
 # slow link takes tens of seconds, so it is well above obstore's default of 30 s).
@@ -153,7 +154,7 @@ async def _make_writer(filesystem: Any, path: str) -> DirectS3Writer | None:
         return None
     try:
         client = await filesystem.set_session()
-        endpoint = client.meta.endpoint_url
+        endpoint, virtual_hosted = await _bucket_endpoint(client, bucket)
         host = urlsplit(endpoint).hostname or ""
         if host == "amazonaws.com" or host.endswith(".amazonaws.com"):
             # AWS's own endpoint: s3fs finds a bucket's region itself; keep its requests there.
@@ -167,7 +168,7 @@ async def _make_writer(filesystem: Any, path: str) -> DirectS3Writer | None:
 
         store = S3Store(
             bucket, prefix=prefix or None, endpoint=endpoint, region=client.meta.region_name or "us-east-1",
-            virtual_hosted_style_request=False, skip_signature=False,
+            virtual_hosted_style_request=virtual_hosted, skip_signature=False,
             credential_provider=_Credentials(*credentials),
             client_options=_client_options(filesystem, endpoint), retry_config=_retry_config(filesystem),
         )
@@ -175,6 +176,18 @@ async def _make_writer(filesystem: Any, path: str) -> DirectS3Writer | None:
         logger.debug("s3://%s is written through s3fs: %s", path, redact_text(str(error)))
         return None
     return DirectS3Writer(store, bucket, prefix, filesystem)
+
+
+async def _bucket_endpoint(client: Any, bucket: str) -> tuple[str, bool]:
+    """Where botocore sends this bucket's requests: (endpoint, whether the bucket is in the host
+    name), read from a URL it signs (offline) with its own endpoint and addressing rules."""
+    url = urlsplit(await client.generate_presigned_url("put_object", Params={"Bucket": bucket, "Key": "k"}, ExpiresIn=60))
+    base = f"{url.scheme}://{url.netloc}"
+    if url.netloc.startswith(f"{bucket}."):
+        return base + url.path[: -len("/k")], True
+    if not url.path.endswith(f"/{bucket}/k"):
+        raise ValueError(f"botocore's URL for bucket '{bucket}' has an unexpected form")
+    return base + url.path[: -len(f"/{bucket}/k")], False
 
 
 def _unsupported(filesystem: Any) -> str | None:
@@ -194,6 +207,9 @@ def _unsupported(filesystem: Any) -> str | None:
     config_kwargs = dict(getattr(filesystem, "config_kwargs", {}) or {})
     if set(config_kwargs) - _NEUTRAL_CONFIG_KWARGS:
         return f"botocore options {sorted(set(config_kwargs) - _NEUTRAL_CONFIG_KWARGS)}"
+    # Of botocore's S3 options only the addressing style, which the endpoint follows (_bucket_endpoint).
+    if set(dict(config_kwargs.get("s3") or {})) - {"addressing_style"}:
+        return f"botocore's s3 options {sorted(config_kwargs['s3'])}"
     return None
 
 

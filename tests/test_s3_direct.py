@@ -108,7 +108,7 @@ def test_options_that_change_a_write_or_aws_endpoints_keep_s3fs():
     assert s3_direct._unsupported(plain) is None
     changing = [{"s3_additional_kwargs": {"ServerSideEncryption": "AES256"}}, {"requester_pays": True},
                 {"version_aware": True}, {"anon": True}, {"client_kwargs": {"verify": False}},
-                {"config_kwargs": {"s3": {"addressing_style": "virtual"}}}]
+                {"config_kwargs": {"signature_version": "s3"}}, {"config_kwargs": {"s3": {"use_accelerate_endpoint": True}}}]
     for options in changing:
         filesystem = s3fs.S3FileSystem(endpoint_url=endpoint, key="k", secret="s", skip_instance_cache=True, **options)
         assert s3_direct._unsupported(filesystem) is not None, options
@@ -122,6 +122,15 @@ def test_options_that_change_a_write_or_aws_endpoints_keep_s3fs():
 
     made = sync(writer(plain))
     assert made is not None and (made.bucket, made.prefix) == ("bucket", "prefix")
+    assert made.store.config["endpoint"] == endpoint and made.store.config["virtual_hosted_style_request"] == "false"
+    # The addressing style botocore would use, with the endpoint it implies.
+    for style, expected in (("virtual", ("http://bucket.example.org:9", "true")), ("path", ("http://s3.example.org:9/base", "false"))):
+        base = "http://example.org:9" if style == "virtual" else "http://s3.example.org:9/base"
+        styled = s3fs.S3FileSystem(endpoint_url=base, key="k", secret="s", skip_instance_cache=True,
+                                   config_kwargs={"s3": {"addressing_style": style}})
+        assert s3_direct._unsupported(styled) is None
+        made = sync(writer(styled))
+        assert made is not None and (made.store.config["endpoint"], made.store.config["virtual_hosted_style_request"]) == expected
     aws = s3fs.S3FileSystem(key="k", secret="s", skip_instance_cache=True)
     assert sync(writer(aws)) is None
     s3_direct.enable(False)
