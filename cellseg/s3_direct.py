@@ -114,6 +114,9 @@ class DirectS3Writer:
 
 
 def _os_error(error: BaseException, url: str, message: str) -> OSError:
+    """obstore's error as the OSError s3fs would raise, so that it is handled alike: a refused or
+    timed-out request (cellseg.storage_errors: transient), access denied (the store cannot be
+    written), a missing bucket."""
     import obstore.exceptions as failures
 
     kind: type[OSError] = OSError
@@ -121,6 +124,10 @@ def _os_error(error: BaseException, url: str, message: str) -> OSError:
         kind = FileNotFoundError
     elif isinstance(error, (failures.PermissionDeniedError, failures.UnauthenticatedError)):
         kind = PermissionError
+    elif "kind: Timeout" in str(error):  # obstore's debug text is the only place that says which
+        kind = TimeoutError
+    elif "kind: Connect" in str(error):
+        kind = ConnectionError
     return kind(f"cannot write '{redact_url(url)}': {message}")
 
 

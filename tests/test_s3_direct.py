@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import time
 from datetime import timedelta
 
 import numpy as np
@@ -100,6 +102,39 @@ def test_once_proven_a_failed_write_raises_naming_the_object(seaweedfs_endpoint)
         sync(writer.write([("img/zarr.json", b"{}")]))
     assert "not-the-secret-4711" not in str(raised.value)
     assert writer.failed is None  # a proven writer stays in use: the next image may be written
+
+
+def test_an_endpoint_that_refuses_or_never_answers_fails_in_bounded_time_as_s3fs_errors_do():
+    from obstore.store import S3Store
+
+    from cellseg.storage_errors import storage_error
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections (the kernel does) and never answers
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    refused_port = closed.getsockname()[1]
+    closed.close()
+    try:
+        for port, kind, line in ((silent.getsockname()[1], TimeoutError, "timed out"),
+                                 (refused_port, ConnectionError, "cannot connect")):
+            store = S3Store("bucket", endpoint=f"http://127.0.0.1:{port}", region="us-east-1",
+                            credential_provider=s3_direct._Credentials("k", "s", None),
+                            client_options={"allow_http": True, "connect_timeout": timedelta(seconds=1),
+                                            "read_timeout": timedelta(seconds=1)},
+                            retry_config={"max_retries": 1, "retry_timeout": timedelta(seconds=30)})
+            filesystem = s3fs.S3FileSystem(endpoint_url=f"http://127.0.0.1:{port}", key="k", secret="s",
+                                           skip_instance_cache=True)
+            writer = s3_direct.DirectS3Writer(store, "bucket", "run.zarr", filesystem, proven=True)
+            started = time.monotonic()
+            with pytest.raises(kind, match=r"cannot write 's3://bucket/run.zarr/img/zarr.json'") as raised:
+                sync(writer.write([("img/zarr.json", b"{}")]))
+            assert time.monotonic() - started < 10  # two tries of a second each, and the backoff
+            translated = storage_error("s3://bucket/run.zarr", raised.value)
+            assert translated is not None and line in str(translated) and translated.transient
+    finally:
+        silent.close()
 
 
 def test_options_that_change_a_write_or_aws_endpoints_keep_s3fs():
