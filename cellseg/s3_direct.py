@@ -131,6 +131,13 @@ def _os_error(error: BaseException, url: str, message: str) -> OSError:
     return kind(f"cannot write '{redact_url(url)}': {message}")
 
 
+def writers_of(path: str) -> list[DirectS3Writer | None]:
+    """What was decided for the store at `path` ("bucket/prefix"), in every filesystem that wrote
+    it: a writer (proven, or given up: `failed`), or None where s3fs writes it."""
+    with _writers_lock:
+        return [writer for by_key in _writers.values() for (written, _), writer in by_key.items() if written == path]
+
+
 async def direct_writer(store: Any) -> DirectS3Writer | None:
     """The direct writer of a zarr store on s3fs (`zarr.storage.FsspecStore`), made once per
     filesystem and bucket prefix; None where one would not write as s3fs does, or when off."""

@@ -318,8 +318,7 @@ def test_segment_images_reads_and_writes_s3(trained_registry, new_images, s3_buc
     from cellseg import s3_direct
 
     # The results went to the server through the direct writer (cellseg.s3_direct), not s3fs.
-    writers = [writer for by_path in s3_direct._writers.values() for (path, _), writer in by_path.items()
-               if path == f"{bucket[5:]}/results.zarr"]
+    writers = s3_direct.writers_of(f"{bucket[5:]}/results.zarr")
     assert writers and all(writer is not None and writer.proven for writer in writers), writers
     assert "written through s3fs" not in caplog.text
     from prefect.artifacts import Artifact

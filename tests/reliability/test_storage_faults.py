@@ -101,6 +101,11 @@ def test_segment_images_survives_flaky_storage_with_every_result_intact(
     assert {fault.name: fault.injected for fault in proxy.faults} == {
         "listing throttled": 1, "reads throttled": 3, "read stalled": 1, "writes failing": 3,
         "metadata writes throttled": 3}
+    from cellseg import s3_direct
+
+    # The failing and throttled writes were the direct writer's (cellseg.s3_direct), which retried them.
+    writers = s3_direct.writers_of(f"{bucket[5:]}/results.zarr")
+    assert writers and all(writer is not None and writer.proven and writer.failed is None for writer in writers)
 
     proxy.faults.clear()
     store = ResultStore.open(f"{bucket}/results.zarr", mode="r", storage_options={"endpoint_url": proxy.url})
