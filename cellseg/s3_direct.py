@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import threading
 import weakref
 from collections.abc import Sequence
@@ -47,6 +48,7 @@ _NEUTRAL_OPTIONS = {"key", "secret", "token", "endpoint_url", "anon", "max_concu
 _NEUTRAL_CLIENT_KWARGS = {"region_name", "endpoint_url"}
 _NEUTRAL_CONFIG_KWARGS = {"connect_timeout", "read_timeout", "retries", "s3"}
 MAX_CERTIFICATE_BYTES = 16 * 1024 * 1024
+_UNNAMEABLE = re.compile(r"[\x00-\x1f\x7f]")
 # A whole PUT's bound: the read timeout bounds each wait, this the request (a 4 MB chunk on a
 # slow link takes tens of seconds, so it is well above obstore's default of 30 s).
 _REQUEST_SECONDS = 600
@@ -77,11 +79,14 @@ class DirectS3Writer:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     async def write(self, objects: Sequence[tuple[str, bytes]]) -> bool:
-        """PUT every (key, bytes) concurrently, keys relative to the prefix. False when this
-        writer has given up and the caller must write another way (nothing is then known to be
-        written); OSError, naming an object, once its writes have worked before."""
+        """PUT every (key, bytes) concurrently, keys relative to the prefix. False when the caller
+        must write them another way: this writer has given up, or a key is one obstore cannot
+        name (nothing is then known to be written). OSError, naming an object, once its writes
+        have worked before."""
         if self.failed is not None or not _enabled.is_set():
             return False
+        if not all(_nameable(key) for key, _ in objects):
+            return False  # s3fs writes these (an image named with a control character, say)
         import obstore
 
         tasks = [asyncio.ensure_future(obstore.put_async(self.store, key, data)) for key, data in objects]
@@ -111,6 +116,12 @@ class DirectS3Writer:
 
     def _full(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
+
+
+def _nameable(key: str) -> bool:
+    """Whether obstore takes `key` as it is: it refuses ASCII control characters and empty, '.'
+    and '..' segments (object_store's `Path::parse`), where s3fs would write them."""
+    return not _UNNAMEABLE.search(key) and all(part not in ("", ".", "..") for part in key.split("/"))
 
 
 def _os_error(error: BaseException, url: str, message: str) -> OSError:

@@ -80,6 +80,31 @@ def test_a_first_write_that_fails_hands_the_store_to_s3fs_and_says_why_without_t
     assert sync(writer.write([("other/zarr.json", b"{}")])) is False  # given up for good
 
 
+@pytest.mark.integration
+def test_keys_are_written_as_they_are_and_those_obstore_cannot_name_go_through_s3fs(seaweedfs_endpoint):
+    fs = s3fs.S3FileSystem(endpoint_url=seaweedfs_endpoint, skip_instance_cache=True)
+    fs.mkdir("direct-keys")
+    store = ResultStore.open("s3://direct-keys/a run%.zarr", storage_options={"endpoint_url": seaweedfs_endpoint})
+    writer = writer_of(store)
+    assert writer is not None
+    # Image ids come from file names: anything but '/', '.', '..' and the store's own names.
+    odd = ["with space", "per%cent", "plus+sign", "hash#x", "q?mark", "ümlaut", "amp&x", "star*x", "tilde~x",
+           "brace{x}", "quote'x", "lt<gt>", "dquote\"x", "back`tick", "pipe|x"]
+    assert sync(writer.write([(f"{name}/zarr.json", name.encode()) for name in odd])) and writer.proven
+    control = ["esc\x1b[0m", "new\nline", "tab\tx", "del\x7f"]
+    for name in control:
+        assert sync(writer.write([(f"{name}/zarr.json", b"{}")])) is False  # the caller writes it through s3fs
+    assert writer.failed is None
+    arrays = result(seed=5, side=64)
+    for name in odd + control[:1]:
+        assert write(store, name, arrays)
+    reread = ResultStore.open("s3://direct-keys/a run%.zarr", mode="r", storage_options={"endpoint_url": seaweedfs_endpoint})
+    assert reread.done_ids() == set(odd + control[:1])
+    for name in odd + control[:1]:
+        np.testing.assert_array_equal(reread.read_cells(name), arrays["cells"])
+        assert fs.cat_file(f"direct-keys/a run%.zarr/{name}/zarr.json")  # at the key as named, not percent-encoded
+
+
 def refused_store(endpoint: str, bucket: str, prefix: str):
     """An obstore store with a secret SeaweedFS refuses (it checks credentials; moto does not)."""
     from obstore.store import S3Store
