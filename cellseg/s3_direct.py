@@ -46,7 +46,9 @@ _NEUTRAL_OPTIONS = {"key", "secret", "token", "endpoint_url", "anon", "max_concu
                     "default_block_size", "default_fill_cache", "default_cache_type", "cache_regions", "profile",
                     "use_ssl", "client_kwargs", "config_kwargs", "fixed_upload_size"}
 _NEUTRAL_CLIENT_KWARGS = {"region_name", "endpoint_url"}
-_NEUTRAL_CONFIG_KWARGS = {"connect_timeout", "read_timeout", "retries", "s3"}
+# botocore settings that change nothing about what a PUT writes (or that the writer takes over).
+_NEUTRAL_CONFIG_KWARGS = {"connect_timeout", "read_timeout", "retries", "s3", "max_pool_connections", "tcp_keepalive",
+                          "request_checksum_calculation", "response_checksum_validation", "user_agent_extra"}
 MAX_CERTIFICATE_BYTES = 16 * 1024 * 1024
 _UNNAMEABLE = re.compile(r"[\x00-\x1f\x7f]")
 # A whole PUT's bound: the read timeout bounds each wait, this the request (a 4 MB chunk on a

@@ -166,6 +166,9 @@ def test_options_that_change_a_write_or_aws_endpoints_keep_s3fs():
     endpoint = "http://127.0.0.1:9"  # nothing listens: making a writer sends no request
     plain = s3fs.S3FileSystem(endpoint_url=endpoint, key="k", secret="s", skip_instance_cache=True)
     assert s3_direct._unsupported(plain) is None
+    tuned = s3fs.S3FileSystem(endpoint_url=endpoint, key="k", secret="s", skip_instance_cache=True,
+                              config_kwargs={"max_pool_connections": 50, "tcp_keepalive": True})
+    assert s3_direct._unsupported(tuned) is None  # settings of the connection, not of what is written
     changing = [{"s3_additional_kwargs": {"ServerSideEncryption": "AES256"}}, {"requester_pays": True},
                 {"version_aware": True}, {"anon": True}, {"client_kwargs": {"verify": False}},
                 {"config_kwargs": {"signature_version": "s3"}}, {"config_kwargs": {"s3": {"use_accelerate_endpoint": True}}}]
