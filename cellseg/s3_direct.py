@@ -4,13 +4,13 @@ on the cores the model needs (docs/performance.md, "Storage").
 
 A writer is made for a zarr store on s3fs only where it can reproduce what s3fs would do: the
 same endpoint and addressing style (read from a URL botocore signs; not AWS's own endpoint,
-whose buckets s3fs may find in other regions), the same
-static credentials (given, from the environment or a profile; credentials that expire stay with
-botocore, which refreshes them), the same timeouts and attempts, and no option that changes a
-write (server-side encryption, ACLs, requester pays, versions, other botocore settings; a
-certificate bundle named by AWS_CA_BUNDLE is trusted too). Its first write proves it: if that fails, the store is written through s3fs from then
-on and the reason is logged once. After that, a failed write raises OSError naming the object.
-`enable(False)` (settings: `direct_s3_writes = false`) turns it off in the process.
+whose buckets s3fs may find in other regions), the same static credentials (given, from the
+environment or a profile; credentials that expire stay with botocore, which refreshes them), the
+same timeouts and attempts, and no option that changes a write (server-side encryption, ACLs,
+requester pays, versions, other botocore settings; a certificate bundle named by AWS_CA_BUNDLE is
+trusted too). Its first write proves it: if that fails, the store is written through s3fs from
+then on and the reason is logged once. After that, a failed write raises OSError naming the
+object. `enable(False)` (settings: `direct_s3_writes = false`) turns it off in the process.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from cellseg.redact import redact_text, redact_url
+from cellseg.storage_errors import botocore_attempts
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig, S3Credential
@@ -288,11 +289,7 @@ def _client_options(filesystem: Any, endpoint: str) -> ClientConfig:
 
 
 def _retry_config(filesystem: Any) -> RetryConfig:
-    retries = dict(dict(getattr(filesystem, "config_kwargs", {}) or {}).get("retries", {}) or {})
-    # botocore's "total_max_attempts" counts tries, its "max_attempts" retries (cellseg.settings).
-    if "total_max_attempts" in retries:
-        attempts = int(retries["total_max_attempts"])
-    else:
-        attempts = int(retries.get("max_attempts", 3)) + 1
+    retries = dict(getattr(filesystem, "config_kwargs", {}) or {}).get("retries", {}) or {}
+    attempts = botocore_attempts(retries) or 4  # botocore's own default: 3 retries
     return {"max_retries": max(0, attempts - 1), "retry_timeout": timedelta(seconds=_REQUEST_SECONDS),
             "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=20), "base": 2}}

@@ -11,7 +11,7 @@ flow fails with it; `cellseg.cli.main` translates what escapes elsewhere (`stora
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -125,6 +125,14 @@ def _timed_out(url: str | None, cause: BaseException, phase: str) -> StorageErro
                         f"storage_timeouts in the settings set the limits)", transient=True)
 
 
+def botocore_attempts(retries: Mapping[str, Any]) -> int | None:
+    """How many times botocore tries a request with this `retries` config: its
+    "total_max_attempts" counts tries, its "max_attempts" retries; None when neither is set."""
+    if retries.get("total_max_attempts"):
+        return int(retries["total_max_attempts"])
+    return int(retries["max_attempts"]) + 1 if "max_attempts" in retries else None
+
+
 def _limits(protocol: str) -> tuple[float | None, float | None, int | None]:
     """(connect seconds, read seconds, attempts) that fsspec's configuration gives `protocol`."""
     import fsspec.config
@@ -132,9 +140,7 @@ def _limits(protocol: str) -> tuple[float | None, float | None, int | None]:
     options = fsspec.config.conf.get(protocol, {})
     if protocol in ("s3", "s3a"):
         config = options.get("config_kwargs", {})
-        retries = config.get("retries", {})
-        attempts = retries.get("total_max_attempts") or (retries["max_attempts"] + 1 if "max_attempts" in retries else None)
-        return config.get("connect_timeout"), config.get("read_timeout"), attempts
+        return config.get("connect_timeout"), config.get("read_timeout"), botocore_attempts(config.get("retries", {}))
     timeout = options.get("client_kwargs", {}).get("timeout")
     return getattr(timeout, "sock_connect", None), getattr(timeout, "sock_read", None), None
 

@@ -59,11 +59,16 @@ def test_results_go_through_the_direct_writer_and_are_the_objects_s3fs_writes(s3
     np.testing.assert_array_equal(reread.read_cells("img"), arrays["cells"])
 
 
+def store_in_new_bucket(endpoint: str, bucket: str, path: str) -> tuple[s3fs.S3FileSystem, ResultStore]:
+    """A results store at s3://bucket/path on the S3 server at `endpoint`, in a bucket made for it."""
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+    fs.mkdir(bucket)
+    return fs, ResultStore.open(f"s3://{bucket}/{path}", storage_options={"endpoint_url": endpoint})
+
+
 @pytest.mark.integration
 def test_a_first_write_that_fails_hands_the_store_to_s3fs_and_says_why_without_the_secret(seaweedfs_endpoint, caplog):
-    fs = s3fs.S3FileSystem(endpoint_url=seaweedfs_endpoint, skip_instance_cache=True)
-    fs.mkdir("direct-fallback")
-    store = ResultStore.open("s3://direct-fallback/run.zarr", storage_options={"endpoint_url": seaweedfs_endpoint})
+    _, store = store_in_new_bucket(seaweedfs_endpoint, "direct-fallback", "run.zarr")
     zarr_store = store.root.store
     # A writer whose credentials the server refuses (s3fs's are right).
     writer = s3_direct.DirectS3Writer(refused_store(seaweedfs_endpoint, "direct-fallback", "run.zarr"),
@@ -82,9 +87,7 @@ def test_a_first_write_that_fails_hands_the_store_to_s3fs_and_says_why_without_t
 
 @pytest.mark.integration
 def test_keys_are_written_as_they_are_and_those_obstore_cannot_name_go_through_s3fs(seaweedfs_endpoint):
-    fs = s3fs.S3FileSystem(endpoint_url=seaweedfs_endpoint, skip_instance_cache=True)
-    fs.mkdir("direct-keys")
-    store = ResultStore.open("s3://direct-keys/a run%.zarr", storage_options={"endpoint_url": seaweedfs_endpoint})
+    fs, store = store_in_new_bucket(seaweedfs_endpoint, "direct-keys", "a run%.zarr")
     writer = writer_of(store)
     assert writer is not None
     # Image ids come from file names: anything but '/', '.', '..' and the store's own names.
@@ -116,9 +119,7 @@ def refused_store(endpoint: str, bucket: str, prefix: str):
 
 @pytest.mark.integration
 def test_once_proven_a_failed_write_raises_naming_the_object(seaweedfs_endpoint):
-    fs = s3fs.S3FileSystem(endpoint_url=seaweedfs_endpoint, skip_instance_cache=True)
-    fs.mkdir("direct-raises")
-    store = ResultStore.open("s3://direct-raises/run.zarr", storage_options={"endpoint_url": seaweedfs_endpoint})
+    _, store = store_in_new_bucket(seaweedfs_endpoint, "direct-raises", "run.zarr")
     writer = writer_of(store)
     assert writer is not None
     assert sync(writer.write([("probe/zarr.json", b"{}")])) and writer.proven
