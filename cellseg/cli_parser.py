@@ -176,7 +176,7 @@ SEGMENT_JOB_FLAGS: list[Flag] = [
     (("--model",), "checkpoint_url", {"help": "a checkpoint URL to segment with instead of the registry"}),
     (("--model-version",), "model_version", {"help": "registered version, 'current', or a shipped model: 'bundled' "
                                                      "(the default one), 'nuclei' or 'general'"}),
-    (("--shard-size",), "shard_size", {"type": int, "help": "images per parallel task"}),
+    (("--shard-size",), "shard_size", {"type": int, "help": "most images per parallel task (shards are evened out)"}),
     (("--max-parallel-shards",), "max_parallel_shards", {"type": int, "help": "shards run at once on this machine"}),
     (("--dask-address",), "dask_address", {"help": "run shards on this Dask scheduler (tcp://host:port)"}),
 ]

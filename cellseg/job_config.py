@@ -56,7 +56,8 @@ class SegmentJob(_Job):
                     "one) or its name ('nuclei', 'general')",
     )
     checkpoint_url: Url | None = Field(None, description="a checkpoint file to use instead of the registry")
-    shard_size: int = Field(32, ge=1, description="images per parallel task")
+    shard_size: int = Field(32, ge=1, description="most images per parallel task (shards are evened out, and "
+                                                   "their number made a multiple of max_parallel_shards)")
     max_parallel_shards: int = Field(2, ge=1, description="shards run at once on the local thread pool")
     dask_address: DaskAddress = Field(None, description="run shards on this Dask scheduler instead")
     predict: PredictConfig = PredictConfig()

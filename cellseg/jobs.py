@@ -12,6 +12,7 @@ reaches every caller the same way: inside the job's configs, never as a re-liste
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -312,8 +313,8 @@ def pin_model(job: SegmentJob) -> SegmentJob:
 
 
 def plan_segmentation(job: SegmentJob, on_record: Callable[[str], None] | None = None) -> SegmentPlan:
-    """Images under `job.source_url` that the store does not hold yet, in shards of `job.shard_size`.
-    Files that cannot be images of the store (clashing or invalid ids) are listed as rejected."""
+    """Images under `job.source_url` that the store does not hold yet, in shards of at most
+    `job.shard_size` (`even_shards`). Files that cannot be images of the store (clashing or invalid ids) are listed as rejected."""
     # First: a source that cannot be read leaves no new store behind. OME-Zarr folders, plate fields
     # and, with --t all, time points are listed as images of their own (cellseg.formats).
     images = list_sources(job.source_url, job.predict.selection)
@@ -322,8 +323,21 @@ def plan_segmentation(job: SegmentJob, on_record: Callable[[str], None] | None =
     todo, skipped = pending_images(images, store, rejected, on_record=on_record)
     large = large_images(todo, job)
     todo = [pair for pair in todo if pair not in large]
-    shards = [todo[start : start + job.shard_size] for start in range(0, len(todo), job.shard_size)]
-    return SegmentPlan(shards, skipped, rejected, large)
+    return SegmentPlan(even_shards(todo, job.shard_size, job.max_parallel_shards), skipped, rejected, large)
+
+
+def even_shards(images: Shard, shard_size: int, parallel: int) -> list[Shard]:
+    """`images` in order, cut into shards of at most `shard_size` that differ by one image at
+    most, as many as a multiple of `parallel` where there are enough images: 200 images in shards
+    of 32 on two workers make eight shards of 25, not six of 32 and a last one of 8 that would run
+    alone while the other worker waited."""
+    if not images:
+        return []
+    count = -(-len(images) // shard_size)
+    count = min(len(images), -(-count // parallel) * parallel)
+    size, extra = divmod(len(images), count)
+    bounds = [index * size + min(index, extra) for index in range(count + 1)]
+    return [images[start:end] for start, end in itertools.pairwise(bounds)]
 
 
 HEADER_READERS = 16  # image headers read at once when looking for images to segment block by block

@@ -63,7 +63,7 @@ def resolve_model(job: SegmentJob) -> SegmentJob:
 
 @task(name="plan-shards", **RETRIES)
 def plan_shards(job: SegmentJob) -> SegmentPlan:
-    """Images not yet done in the store, in shards of `job.shard_size` (id, url) pairs."""
+    """Images not yet done in the store, in shards of at most `job.shard_size` (id, url) pairs."""
     return plan_segmentation(job)
 
 

@@ -162,14 +162,14 @@ def test_segment_images_writes_every_image_once_matching_predict(trained_registr
     store_url = str(tmp_path / "flow.zarr")
     summary = segment_images_flow(SegmentJob(source_url=str(new_images / "images"), store_url=store_url,
                                   registry_url=registry_url, shard_size=3))
-    assert summary["done"] == 8 and summary["shards"] == 3 and summary["failed"] == []
+    assert summary["done"] == 8 and summary["shards"] == 4 and summary["failed"] == []
     # The shards' CPU per stage, added up over the run (each stage ran in some shard's threads).
     assert set(summary["cpu_ms_per_image"]) == {"read", "model", "labels", "write"}
     assert all(spent > 0 for spent in summary["cpu_ms_per_image"].values())
     from prefect.artifacts import Artifact
 
     progress = Artifact.get("segment-images-progress")
-    assert float(progress.data) == 100.0 and "3 of 3 shards finished (8 of 8 images)" in progress.description
+    assert float(progress.data) == 100.0 and "4 of 4 shards finished (8 of 8 images)" in progress.description
     assert summary["montage"].startswith(store_url + "-montages/") and os.path.getsize(summary["montage"]) > 1000
     artifacts = run_artifacts("segment-images-summary")
     assert f"CPU per image: model {summary['cpu_ms_per_image']['model']:.0f} ms" in artifacts["segment-images-summary"].data
@@ -180,7 +180,7 @@ def test_segment_images_writes_every_image_once_matching_predict(trained_registr
     # The shards are tasks of this run, two at a time (no inner flow run, each of which added
     # about a second of Prefect's heartbeat shutdown to a run).
     shards = shard_task_runs(montage.flow_run_id)
-    assert len(shards) == 3 and all(run.state.is_completed() for run in shards)
+    assert len(shards) == 4 and all(run.state.is_completed() for run in shards)
     spans = sorted((run.start_time, run.end_time) for run in shards)
     assert spans[1][0] < spans[0][1], spans  # the second shard started before the first ended
 

@@ -12,6 +12,7 @@ from cellseg.config import ModelConfig, PredictConfig, TrainConfig
 from cellseg.jobs import (
     SegmentJob,
     TrainJob,
+    even_shards,
     model_source,
     pin_model,
     plan_segmentation,
@@ -91,8 +92,26 @@ def test_pin_model_fixes_current_to_the_version_it_names(trained, tmp_path):
     assert pinned.model_version == first
     assert model_source(pinned).location() == registry.checkpoint_url(first)
     plan = plan_segmentation(pinned.model_copy(update={"shard_size": 3}))
-    assert [len(shard) for shard in plan.shards] == [3, 3, 2] and plan.skipped == [] and plan.rejected == []
+    # 8 images in shards of at most 3 for two workers: four even shards, not 3, 3 and a last 2 alone.
+    assert [len(shard) for shard in plan.shards] == [2, 2, 2, 2] and plan.skipped == [] and plan.rejected == []
     assert np.all([image_id.startswith("synth_") for shard in plan.shards for image_id, _ in shard])
+
+
+@pytest.mark.parametrize(("images", "shard_size", "parallel", "sizes"), [
+    (200, 32, 2, [25] * 8),             # not six of 32 and a last 8 running alone
+    (240, 60, 2, [60] * 4),             # already even: unchanged
+    (10, 4, 2, [3, 3, 2, 2]),           # differ by one image at most, the larger first
+    (7, 32, 2, [4, 3]),                 # fewer images than a shard: one shard per worker
+    (3, 32, 4, [1, 1, 1]),              # fewer images than workers: one image per shard
+    (1, 1, 1, [1]),
+    (0, 32, 2, []),
+])
+def test_even_shards_keep_order_and_give_every_worker_a_full_last_round(images, shard_size, parallel, sizes):
+    pairs = [(f"image_{index}", f"/data/image_{index}.png") for index in range(images)]
+    shards = even_shards(pairs, shard_size, parallel)
+    assert [len(shard) for shard in shards] == sizes
+    assert [pair for shard in shards for pair in shard] == pairs
+    assert all(len(shard) <= shard_size for shard in shards)
 
 
 def test_a_checkpoint_rewritten_between_runs_is_loaded_afresh(trained, tmp_path):
