@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
-from prefect.futures import as_completed
+from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.states import Completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -156,9 +157,11 @@ def draw_montage(store_url: str, images: Shard, run_name: str) -> str | None:
     return montage
 
 
-def segment_shards(shards: list[Shard], job: SegmentJob, runner: TaskRunner, gpu: bool = False) -> list[dict[str, Any]]:
+def segment_shards(shards: list[Shard], job: SegmentJob, runner: TaskRunner, gpu: bool = False,
+                   on_first_shard: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """Run one segment-shard task per shard on `runner` (threads, or Dask), as tasks of the calling
-    flow run, with a live progress artifact.
+    flow run, with a live progress artifact; `on_first_shard` is called once, when the first shard
+    finishes (segment-images draws its montage then, beside the shards still running).
 
     Not an inner flow run: each flow run's end waits for its heartbeat thread, which sleeps in
     one-second steps (Prefect 3.9), so an inner flow cost every run about a second more
@@ -176,6 +179,8 @@ def segment_shards(shards: list[Shard], job: SegmentJob, runner: TaskRunner, gpu
         for shard_done, future in enumerate(as_completed(futures), start=1):
             finished += shard_sizes[future.task_run_id]
             progress.update(finished, f"{shard_done} of {len(shards)} shards finished ({finished} of {images} images)")
+            if shard_done == 1 and on_first_shard is not None:
+                on_first_shard()
         return [future.result() for future in futures]
 
 
@@ -220,9 +225,18 @@ def _segment_images(job: SegmentJob | None, job_variable: str | None) -> dict[st
     def runner() -> Any:
         return task_runner(job.dask_address, ThreadPoolTaskRunner(max_workers=job.max_parallel_shards))
 
+    run_name = flow_run.get_name() or time.strftime("%Y%m%d-%H%M%S")
+    planned = [pair for shard in plan.shards for pair in shard]
+    # Drawn once the first shard is done, beside the others: the UI shows it early in a long run,
+    # and it no longer adds its time to the run's end.
+    early_montage: list[PrefectFuture[str | None]] = []
+
+    def start_montage() -> None:
+        early_montage.append(draw_montage.submit(job.store_url, planned, run_name))
+
     if plan.shards:
         with with_run_tags():
-            results = segment_shards(plan.shards, job, runner(), gpu=gpu)
+            results = segment_shards(plan.shards, job, runner(), gpu=gpu, on_first_shard=start_montage)
     for image_id, url in plan.large:  # one image at a time, its blocks in parallel
         logger.info("segmenting '%s' block by block", redact_url(url))
         with with_run_tags():
@@ -231,9 +245,10 @@ def _segment_images(job: SegmentJob | None, job_variable: str | None) -> dict[st
         logger.info("nothing to do: no new images under %s", redact_url(job.source_url))
 
     summary = _summarise(results, plan, time.monotonic() - started, job.model_version)
+    montage = early_montage[0].result() if early_montage else None
     if summary["done"]:
-        run_name = flow_run.get_name() or time.strftime("%Y%m%d-%H%M%S")
-        montage = draw_montage(job.store_url, [pair for shard in plan.shards for pair in shard], run_name)
+        if montage is None:  # the first shard segmented nothing: drawn from what the run did in the end
+            montage = draw_montage(job.store_url, planned, run_name)
         summary["montage"] = redact_url(montage) if montage else montage  # the result and artifacts keep no credentials
     _publish_summary(summary, job)
     if summary["failed"]:
