@@ -359,7 +359,7 @@ def segment_shard(job: SegmentJob, shard: Shard, on_image: Callable[[str], None]
     """
     predictor = shared_predictor(model_source(job), job.predict)
     store = ResultStore.open(job.store_url)
-    done_before = {image_id for image_id, _ in shard if store.is_done(image_id)}
+    done_before = store.done_among([image_id for image_id, _ in shard])
     remaining = [(image_id, url) for image_id, url in shard if image_id not in done_before]
     report = segment_images(remaining, store, predictor, model_record(predictor, model_source(job).location()),
                             on_image=on_image)

@@ -13,7 +13,7 @@ the items after it are read as usual.
 
 from __future__ import annotations
 
-import threading
+import _thread
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -113,6 +113,9 @@ class ReadAhead(Generic[Result]):
             except BaseException as error:  # noqa: BLE001 - raised to the caller of result()
                 future.set_exception(error)
 
-        # A daemon thread of its own: a read that hangs holds nothing else up, not even the exit.
-        threading.Thread(target=run, name=f"read {image_id}", daemon=True).start()
+        # A thread of its own, which the exit does not wait for: a read that hangs holds nothing else
+        # up. Started without `threading.Thread.start`, which waits until the new thread has run:
+        # 3-9 ms (median) while other threads hold the GIL, against 0.1 ms, and the caller is the
+        # thread that feeds the model.
+        _thread.start_new_thread(run, ())
         return _Read(image_id, url, future, time.monotonic())

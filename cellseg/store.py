@@ -548,6 +548,14 @@ class ResultStore:
         except StoreError:
             return False
 
+    def done_among(self, image_ids: Sequence[str]) -> set[str]:
+        """Those of `image_ids` completely written, their metadata read by READERS threads at once
+        (on object storage each read is a round trip)."""
+        if len(image_ids) <= 1:
+            return {image_id for image_id in image_ids if self.is_done(image_id)}
+        with ThreadPoolExecutor(max_workers=min(READERS, len(image_ids))) as pool:
+            return {image_id for image_id, done in zip(image_ids, pool.map(self.is_done, image_ids), strict=True) if done}
+
     def read_cells(self, image_id: str) -> np.ndarray:
         """Instance labels (int32, 0 = background, 1..N one per cell) of a done image; images
         written without them get the connected components of their mask."""

@@ -133,6 +133,18 @@ def test_interrupted_write_is_not_done_and_cannot_be_read(store):
         reopened.read_mask("half")
 
 
+def test_done_among_names_only_the_completely_written_images(store):
+    for image_id in ("done_1", "done_2", "done_3"):
+        store.write_result(image_id, MASK, STATS, f"{image_id}.png", MODEL)
+    interrupted_write(store.url, "half", MASK)
+    store.record_failure("bad", "bad.png", "ImageReadError: file is empty", MODEL)
+    zarr.open_group(store.url, mode="a").create_array("stray", data=np.zeros(3))  # an array, not an image
+    asked = ["done_3", "half", "bad", "absent", "stray", "done_1"]
+    reopened = ResultStore.open(store.url)
+    assert reopened.done_among(asked) == {"done_1", "done_3"}
+    assert reopened.done_among(["done_2"]) == {"done_2"} and reopened.done_among([]) == set()
+
+
 def test_rewriting_an_interrupted_image_completes_it(store):
     interrupted_write(store.url, "half", np.zeros((5, 5), bool))
     store.write_result("half", MASK, STATS, "half.png", MODEL)
