@@ -314,7 +314,8 @@ def pin_model(job: SegmentJob) -> SegmentJob:
 
 def plan_segmentation(job: SegmentJob, on_record: Callable[[str], None] | None = None) -> SegmentPlan:
     """Images under `job.source_url` that the store does not hold yet, in shards of at most
-    `job.shard_size` (`even_shards`). Files that cannot be images of the store (clashing or invalid ids) are listed as rejected."""
+    `job.shard_size` (`even_shards`). Files that cannot be images of the store (clashing or
+    invalid ids) are listed as rejected."""
     # First: a source that cannot be read leaves no new store behind. OME-Zarr folders, plate fields
     # and, with --t all, time points are listed as images of their own (cellseg.formats).
     images = list_sources(job.source_url, job.predict.selection)
