@@ -20,6 +20,12 @@ from cellseg.model import UNet
 from cellseg.runtime import autocast_context
 
 kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+if sys.argv[1] == "return":
+    # glibc's starting thresholds, pinned: set, they no longer rise after the first large free (its
+    # dynamic threshold), which some runs reach and others not, so every pass gives its blocks back.
+    import ctypes, ctypes.util
+    mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    assert mallopt(-3, 128 * 1024) == 1 and mallopt(-1, 128 * 1024) == 1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 model = UNet(ModelConfig()).eval().use_channels_last()
 x = torch.rand(1, 1, 512, 512)
 faults = []
@@ -46,12 +52,16 @@ def _faults_per_pass(mode: str) -> dict:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_forward_passes_fault_no_pages_back_in_once_freed_memory_is_kept():
-    kept, default = _faults_per_pass("keep"), _faults_per_pass("default")
+    kept, returning = _faults_per_pass("keep"), _faults_per_pass("return")
     assert kept["kept"] is True
-    # Most passes fault no page in (one in about fifty grows the heap by a block, 2,048 pages);
-    # with glibc's defaults nearly every pass faults 2,000-18,000 (8-72 MB) back in.
+    # Most passes fault no page in (one in about fifty grows the heap by a block, 2,048 pages).
+    # With glibc's defaults nearly every pass faulted 2,000-18,000 (8-72 MB) back in, but not in
+    # every process (a CI run's default passes faulted 6,670 pages in all: glibc had raised its
+    # threshold on its own), so the passes that show the count catching faults run with glibc's
+    # starting thresholds pinned.
     assert statistics.median(kept["faults"]) < 64, kept
-    assert 4 * sum(kept["faults"]) < sum(default["faults"]), (kept, default)
+    assert statistics.median(returning["faults"]) > 1000, returning
+    assert 4 * sum(kept["faults"]) < sum(returning["faults"]), (kept, returning)
 
 
 def test_keeping_freed_memory_is_set_once_per_process():
