@@ -24,8 +24,9 @@ if sys.argv[1] == "return":
     # glibc's starting thresholds, pinned: set, they no longer rise after the first large free (its
     # dynamic threshold), which some runs reach and others not, so every pass gives its blocks back.
     import ctypes, ctypes.util
+    from cellseg.allocator import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD
     mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    assert mallopt(-3, 128 * 1024) == 1 and mallopt(-1, 128 * 1024) == 1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    assert mallopt(_M_MMAP_THRESHOLD, 128 * 1024) == 1 and mallopt(_M_TRIM_THRESHOLD, 128 * 1024) == 1
 model = UNet(ModelConfig()).eval().use_channels_last()
 x = torch.rand(1, 1, 512, 512)
 faults = []

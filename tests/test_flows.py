@@ -90,9 +90,9 @@ def run_artifacts(key: str) -> dict[str, Any]:
     return {artifact.key: artifact for artifact in published}
 
 
-def shard_task_runs(flow_run_id: Any, name: str = "segment-shard") -> list[Any]:
-    """The segment-shard (or other `name`) task runs of a flow run, read through the API; fails if
-    the run started any inner flow run."""
+def task_runs_named(flow_run_id: Any, name: str = "segment-shard") -> list[Any]:
+    """The task runs of a flow run whose names start with `name` (its segment-shard runs by
+    default), read through the API; fails if the run started any inner flow run."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 
@@ -179,12 +179,12 @@ def test_segment_images_writes_every_image_once_matching_predict(trained_registr
     assert f"Saved as `{summary['montage']}`" in montage.data
     # The shards are tasks of this run, two at a time (no inner flow run, each of which added
     # about a second of Prefect's heartbeat shutdown to a run).
-    shards = shard_task_runs(montage.flow_run_id)
+    shards = task_runs_named(montage.flow_run_id)
     assert len(shards) == 4 and all(run.state.is_completed() for run in shards)
     spans = sorted((run.start_time, run.end_time) for run in shards)
     assert spans[1][0] < spans[0][1], spans  # the second shard started before the first ended
     # The montage is drawn once the first shard is done, while the last ones still run.
-    [montage_run] = shard_task_runs(montage.flow_run_id, "draw-montage")
+    [montage_run] = task_runs_named(montage.flow_run_id, "draw-montage")
     assert min(end for _, end in spans) <= montage_run.start_time < max(end for _, end in spans), (montage_run, spans)
 
     store = ResultStore.open(store_url, mode="r")
@@ -232,12 +232,12 @@ def test_bad_image_is_recorded_and_the_others_finish(trained_registry, new_image
     shutil.copytree(new_images / "images", source)
     (source / "broken.png").write_bytes(b"not a png at all")
     (source / "empty.tif").write_bytes(b"")
-    # One shard at a time, the first of the two bad images alone.
+    # One shard at a time, the first holding the two bad images alone.
     summary = segment_images_flow(SegmentJob(source_url=str(source), store_url=str(tmp_path / "s.zarr"),
                                   registry_url=registry_url, shard_size=2, max_parallel_shards=1))
     assert summary["done"] == 8
     # The montage drawn after that first shard had nothing to show; it was drawn again at the end.
-    montages = shard_task_runs(run_artifacts("segment-images-montage")["segment-images-montage"].flow_run_id,
+    montages = task_runs_named(run_artifacts("segment-images-montage")["segment-images-montage"].flow_run_id,
                                "draw-montage")
     assert len(montages) == 2 and os.path.getsize(summary["montage"]) > 1000
     failed = {failure["image_id"]: failure for failure in summary["failed"]}
