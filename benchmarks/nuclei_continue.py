@@ -2,8 +2,11 @@
 recipe's data, split, crops and augmentation, at the learning rate its run ended with, at library
 level (no Prefect), resumable (a second call goes on from the last epoch):
 
-    python -m benchmarks.nuclei_continue --out runs/nuclei-continue [--epochs 16]
+    python -m benchmarks.nuclei_continue --out runs/nuclei-continue [--epochs 16] [--keep-epochs]
     python -m benchmarks.quality --dataset ../shared/data/dsb2018 --model runs/nuclei-continue/training/best.pt
+
+`--keep-epochs` keeps each epoch's weights as `<out>/epochs/epoch-N.pt`, for averaging them
+(`benchmarks.weight_average`).
 
 The end of training fits the size model and decides the post-processing as for any model, and
 prints the validation cell scores to set beside the shipped card's. Nothing is installed: the
@@ -15,10 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from cellseg.build_bundled import build_nuclei, can_resume
 from cellseg.bundled import NucleiRecipe, model_card, shipped_checkpoint
+from cellseg.train import LAST_CHECKPOINT
 
 ENDING_LEARNING_RATE = 5e-4  # the shipped run halved 1e-3 once (docs/quality.md, the learning curve)
 
@@ -35,6 +41,17 @@ def continued_recipe(start: str, epochs: int, data: str | None = None, learning_
         "balance_appearance": balance_appearance, "augmentation": augmentation})})
 
 
+def epoch_keeper(out: Path) -> Callable[[dict[str, float]], None]:
+    """An `on_epoch` for `build_nuclei` that copies each epoch's `last.pt` to `out/epochs/epoch-N.pt`."""
+    kept = out / "epochs"
+    kept.mkdir(parents=True, exist_ok=True)
+
+    def keep(record: dict[str, float]) -> None:
+        shutil.copyfile(out / "training" / LAST_CHECKPOINT, kept / f"epoch-{int(record['epoch'])}.pt")
+
+    return keep
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="working folder (resumable)")
@@ -45,12 +62,13 @@ def main() -> None:
                         help="least share of crops per kind of image (TrainConfig.balance_appearance)")
     parser.add_argument("--dim-cells", type=float, default=0.0,
                         help="share of crops with some cells dimmed (AugmentationConfig.dim_cells_probability)")
+    parser.add_argument("--keep-epochs", action="store_true", help="keep each epoch's weights in <out>/epochs/")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
     recipe = continued_recipe(shipped_checkpoint("nuclei"), args.epochs, args.data, args.lr, args.balance_appearance,
                                 args.dim_cells)
-    outcome = build_nuclei(out, recipe, resume=can_resume(out))
+    outcome = build_nuclei(out, recipe, resume=can_resume(out), on_epoch=epoch_keeper(out) if args.keep_epochs else None)
     shipped = model_card("nuclei")["validation"]
     print(json.dumps({
         "best_epoch": outcome.result.best_epoch, "best_val_loss": outcome.result.best_metrics.get("val_loss"),

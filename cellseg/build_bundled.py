@@ -78,8 +78,9 @@ def can_resume(out_dir: str | Path) -> bool:
 
 
 def build_nuclei(out_dir: str | Path, recipe: NucleiRecipe | None = None, install: bool = False,
-                 resume: bool = False) -> TrainOutcome:
-    """Train the `nuclei` model on the DSB2018 stage-1 training images and their instance labels."""
+                 resume: bool = False, on_epoch: Callable[[dict[str, float]], None] | None = None) -> TrainOutcome:
+    """Train the `nuclei` model on the DSB2018 stage-1 training images and their instance labels
+    (`on_epoch`: as for `cellseg.train.train`)."""
     recipe = recipe or NucleiRecipe()
     data = Path(recipe.data_dir)
     if data.resolve().name in TEST_SETS:
@@ -88,7 +89,7 @@ def build_nuclei(out_dir: str | Path, recipe: NucleiRecipe | None = None, instal
         raise FileNotFoundError(f"'{data}' has no images/ and labels/ folders (the DSB2018 stage-1 training set)")
     job = TrainJob(images_url=str(data / "images"), masks_url=str(data / "labels"),
                    model=recipe.model, training=recipe.training)
-    outcome = run_training(job, Path(out_dir) / "training", resume=resume, overwrite=True)
+    outcome = run_training(job, Path(out_dir) / "training", resume=resume, overwrite=True, on_epoch=on_epoch)
     if install:
         install_model("nuclei", outcome, recipe.model_dump(mode="json"), nuclei_training_data(data, outcome))
     return outcome

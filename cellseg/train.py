@@ -144,7 +144,8 @@ def train(
     are averaged over whole validation images; without validation images the training metrics
     of the epoch are monitored instead. The 'auto' fields of `model_config` are decided first
     (`decide_automatic_fields`); a model with a `cell_diameter` then trains and validates on the
-    pairs resampled to that cell size (`cellseg.scale.rescale_pairs`).
+    pairs resampled to that cell size (`cellseg.scale.rescale_pairs`). `on_epoch` gets each
+    epoch's record once the epoch's checkpoints are written.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -277,8 +278,6 @@ def train(
         record["train_crops_per_second"] = samples / max(train_seconds, 1e-9)
         history.append(record)
         logger.info(_format_record(record, config.epochs))
-        if on_epoch is not None:
-            on_epoch(record)
 
         score = record[monitor_key]
         improved = best_score is None or (
@@ -313,6 +312,8 @@ def train(
         }
         save_checkpoint(checkpoint, str(out / LAST_CHECKPOINT))
         write_file_atomic(out / HISTORY_FILE, json.dumps(history, indent=1).encode())
+        if on_epoch is not None:  # once the epoch is saved: a run stopped from here resumes after it
+            on_epoch(record)
 
         if stale_epochs >= config.patience:
             stop_reason = f"early stop: no {monitor_key} improvement for {config.patience} epochs"
