@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -32,6 +33,7 @@ from cellseg.io import list_images, read_image
 from cellseg.measure import CELL_COLUMNS, cell_measurements
 from cellseg.normalize import normalize_image
 from cellseg.postprocess import cell_labels
+from cellseg.runtime import set_threads
 from cellseg.stats import image_statistics
 from cellseg.store import ResultStore
 
@@ -45,10 +47,11 @@ def _per_image_ms(run: Callable[[], Any], images: int) -> tuple[Any, float]:
 
 
 def bench_product_stages(checkpoint: Path, image_urls: list[str], count: int = 60) -> dict:
-    """Milliseconds per image of each stage, one torch thread (as each shard runs the model)."""
+    """Milliseconds per image of each stage, on one torch and one OpenCV thread (as each shard
+    runs them)."""
     urls = image_urls[:count]
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    threads_before = torch.get_num_threads(), cv2.getNumThreads()
+    set_threads(1)
     try:
         predictor = Predictor.from_checkpoint(str(checkpoint), PredictConfig())
         config = predictor.config
@@ -83,7 +86,8 @@ def bench_product_stages(checkpoint: Path, image_urls: list[str], count: int = 6
                 copied.append(_per_image_ms(partial(write, f"copy{round_index}-", True), len(urls))[1])
             write_ms, write_with_image_ms = min(plain), min(copied)
     finally:
-        torch.set_num_threads(threads_before)
+        torch.set_num_threads(threads_before[0])
+        cv2.setNumThreads(threads_before[1])
     stages = {"read": read_ms, "normalise": normalise_ms, "split": split_ms, "statistics": statistics_ms,
               "cell_table": table_ms, "write": write_ms, "image_copy": write_with_image_ms - write_ms}
     rest = sum(stages.values())
