@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
+from cellseg.build_bundled import recipe_job, recipe_split
 from cellseg.bundled import NucleiRecipe, shipped_checkpoint
 from cellseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cellseg.config import PredictConfig
-from cellseg.job_config import TrainJob
 from cellseg.jobs import finish_checkpoint
-from cellseg.pairs import load_pairs, pair_images_and_masks, split_train_val
+from cellseg.pairs import load_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +66,10 @@ def refit_size_model(checkpoint_url: str, recipe: NucleiRecipe) -> Checkpoint:
     images, as training's end does, keeping the checkpoint's post-processing; saved in place."""
     checkpoint = load_checkpoint(checkpoint_url)
     data = Path(recipe.data_dir)
-    pairs = pair_images_and_masks(str(data / "images"), str(data / "labels"))
-    train_pairs, val_pairs = split_train_val(pairs, recipe.training.val_fraction, recipe.training.seed)
+    train_pairs, val_pairs = recipe_split(recipe, data)
     kept = PredictConfig(split_touching=checkpoint.split_touching, threshold=checkpoint.threshold,
                          centre_prominence=checkpoint.centre_prominence)
-    job = TrainJob(images_url=str(data / "images"), masks_url=str(data / "labels"), model=recipe.model,
-                   training=recipe.training, predict=kept)
+    job = recipe_job(recipe, data).model_copy(update={"predict": kept})
     normalization = checkpoint.model_config.normalization
     return finish_checkpoint(checkpoint_url, job, load_pairs(train_pairs, normalization),
                              load_pairs(val_pairs, normalization))

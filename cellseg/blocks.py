@@ -54,7 +54,7 @@ from cellseg.formats import Plane, cell_diameter_pixels, is_microscopy_url, open
 from cellseg.infer import Predictor
 from cellseg.io import StorageOptions
 from cellseg.measure import CELL_COLUMNS, cell_measurements
-from cellseg.normalize import FLAT_RELATIVE_RANGE, histogram_lut, intensity_skewness
+from cellseg.normalize import FLAT_RELATIVE_RANGE, histogram_lut, integer_histogram, intensity_skewness
 from cellseg.postprocess import CellMaps, cell_labels
 from cellseg.redact import redact_url
 from cellseg.scale import scale_factor
@@ -165,7 +165,7 @@ def image_levels(source: Source, grid: BlockGrid, config: NormalizationConfig, w
         if dtype.kind == "f" and not np.isfinite(pixels).all():
             raise ValueError(f"pixels in rows {core[0]}-{core[1]}, columns {core[2]}-{core[3]} are NaN or infinite; "
                              "expected finite intensities")
-        part = np.bincount(pixels.ravel()) if by_histogram else pixels[(-core[0]) % stride::stride,
+        part = integer_histogram(pixels) if by_histogram else pixels[(-core[0]) % stride::stride,
                                                                        (-core[2]) % stride::stride].ravel()
         return float(pixels.min()), float(pixels.max()), float(pixels.sum(dtype=np.float64)), part
 

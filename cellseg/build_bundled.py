@@ -63,9 +63,8 @@ def build_general(out_dir: str | Path, recipe: GeneralRecipe | None = None, inst
             shutil.rmtree(data)
         write_dataset(str(data), count=recipe.images, size=recipe.image_size, seed=recipe.data_seed,
                       polarity=recipe.polarity, vary_size=True)
-    job = TrainJob(images_url=str(data / "images"), masks_url=str(data / "labels"),
-                   model=recipe.model, training=recipe.training)
-    outcome = run_training(job, out / "training", resume=resume, overwrite=True)  # a rebuild replaces the last one
+    # overwrite: a rebuild replaces the last one
+    outcome = run_training(recipe_job(recipe, data), out / "training", resume=resume, overwrite=True)
     if install:
         install_model("general", outcome, recipe.model_dump(mode="json"),
                       {"name": "synthetic images (cellseg.synth)", "licence": "generated", "images": recipe.images})
@@ -87,9 +86,8 @@ def build_nuclei(out_dir: str | Path, recipe: NucleiRecipe | None = None, instal
         raise ValueError(f"'{data}' is a test set of the shipped models; train on dsb2018-train")
     if not (data / "images").is_dir() or not (data / "labels").is_dir():
         raise FileNotFoundError(f"'{data}' has no images/ and labels/ folders (the DSB2018 stage-1 training set)")
-    job = TrainJob(images_url=str(data / "images"), masks_url=str(data / "labels"),
-                   model=recipe.model, training=recipe.training)
-    outcome = run_training(job, Path(out_dir) / "training", resume=resume, overwrite=True, on_epoch=on_epoch)
+    outcome = run_training(recipe_job(recipe, data), Path(out_dir) / "training", resume=resume, overwrite=True,
+                           on_epoch=on_epoch)
     if install:
         install_model("nuclei", outcome, recipe.model_dump(mode="json"), nuclei_training_data(data, outcome))
     return outcome
@@ -164,11 +162,22 @@ def install_model(name: str, outcome: TrainOutcome, recipe: dict[str, Any], trai
     return checkpoint_path
 
 
-def recipe_validation_pairs(recipe: NucleiRecipe, data: Path) -> list[ImagePair]:
-    """The pairs of `data` (images/ and labels/) that `recipe`'s training holds out for validation:
-    the split `run_training` makes with the recipe's fraction and seed."""
+def recipe_job(recipe: NucleiRecipe | GeneralRecipe, data: Path) -> TrainJob:
+    """The training job of a shipped model's `recipe` on `data`: its images/ and their labels/."""
+    return TrainJob(images_url=str(data / "images"), masks_url=str(data / "labels"),
+                    model=recipe.model, training=recipe.training)
+
+
+def recipe_split(recipe: NucleiRecipe, data: Path) -> tuple[list[ImagePair], list[ImagePair]]:
+    """The (training, validation) pairs of `data` (images/ and labels/) as `recipe`'s training
+    splits them: the split `run_training` makes with the recipe's fraction and seed."""
     pairs = pair_images_and_masks(str(data / "images"), str(data / "labels"))
-    return split_train_val(pairs, recipe.training.val_fraction, recipe.training.seed)[1]
+    return split_train_val(pairs, recipe.training.val_fraction, recipe.training.seed)
+
+
+def recipe_validation_pairs(recipe: NucleiRecipe, data: Path) -> list[ImagePair]:
+    """The pairs of `data` that `recipe`'s training holds out for validation (`recipe_split`)."""
+    return recipe_split(recipe, data)[1]
 
 
 def decide_nuclei_postprocessing(recipe: NucleiRecipe | None = None) -> Path:

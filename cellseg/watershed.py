@@ -264,13 +264,14 @@ def _flood(height, work):  # pragma: no cover - compiled; tested through flood_f
     last = np.full(ranks, -1, dtype=np.int64)
     following = places  # no longer needed as such: now each queued pixel's successor in its list
     for place in range(size):
-        if flat_work[place] > 0:  # the seeds, in raster order
+        if flat_work[place] > 0:  # the seeds, in raster order, each at the end of its level's list
+            entered = rank[place]
             following[place] = -1
-            if last[rank[place]] < 0:
-                first[rank[place]] = place
+            if last[entered] < 0:
+                first[entered] = place
             else:
-                following[last[rank[place]]] = place
-            last[rank[place]] = place
+                following[last[entered]] = place
+            last[entered] = place
     level = 0
     while level < ranks:
         place = first[level]
