@@ -21,6 +21,7 @@ import tifffile
 from fsspec.core import url_to_fs
 from PIL import Image, UnidentifiedImageError
 
+from cellseg import png
 from cellseg.plates import image_id
 from cellseg.redact import redact_url
 from cellseg.storage_errors import storage_call
@@ -200,7 +201,8 @@ def decode_image(
     if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         array = _decode_tiff(data, name, max_pixels, notes)
     else:
-        array = _decode_with_pillow(data, name, max_pixels, notes)
+        plain = _decode_plain_png(data, name, max_pixels)
+        array = _decode_with_pillow(data, name, max_pixels, notes) if plain is None else plain
     if array.ndim != 2 or min(array.shape) < 1:
         raise ImageReadError(f"'{name}': expected a 2-D grayscale image, got shape {array.shape}")
     if array.dtype.kind == "f":
@@ -319,6 +321,16 @@ def _packbits_size(chunk: memoryview, limit: int) -> int:
 def _tiff_name(value: Any) -> str:
     """A TIFF enum value by its name (COMPRESSION.JPEGXL), or the bare number tifffile does not know."""
     return str(getattr(value, "name", value))
+
+
+def _decode_plain_png(data: bytes, name: str, max_pixels: int) -> np.ndarray | None:
+    """A plain 8- or 16-bit grayscale PNG decoded by OpenCV (`cellseg.png`), its size checked
+    first; None for any other file."""
+    size = png.plain_gray_size(data)
+    if size is None:
+        return None
+    _check_pixel_limit(name, size[0] * size[1], max_pixels)
+    return png.decode_plain_gray(data, size)
 
 
 def _decode_with_pillow(data: bytes, name: str, max_pixels: int, notes: list[str]) -> np.ndarray:

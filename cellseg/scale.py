@@ -27,6 +27,7 @@ from scipy import ndimage
 from cellseg.config import ModelConfig, PredictConfig
 from cellseg.pairs import LoadedPair
 from cellseg.postprocess import CellMaps, cell_labels, maps_from_output, split_touching_cells
+from cellseg.stats import label_areas
 
 Forward = Callable[[np.ndarray], np.ndarray]
 """A model's forward pass for one normalised (H, W) image: its (C, H, W) output on the same grid."""
@@ -48,7 +49,7 @@ def median_cell_diameter(labels: np.ndarray) -> float | None:
 
 def _cell_areas(labels: np.ndarray) -> np.ndarray:
     """Pixel count of each cell (label > 0) present in `labels`."""
-    areas = np.bincount(labels.ravel())[1:]
+    areas = label_areas(labels)[1:]
     return areas[areas > 0]
 
 

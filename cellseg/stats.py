@@ -30,14 +30,52 @@ def label_cells(mask: np.ndarray, min_cell_area: int = 0) -> tuple[np.ndarray, n
     pixels = np.ascontiguousarray(mask, dtype=bool).view(np.uint8)
     count, labels = cv2.connectedComponentsWithAlgorithm(pixels, 8, cv2.CV_32S, cv2.CCL_SAUF)
     count -= 1  # label 0 is the background
-    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    areas = label_areas(labels)[1:]  # every label 1..count has a pixel
     keep = areas >= min_cell_area
     if not keep.all():
         lookup = np.zeros(count + 1, dtype=np.int32)
         lookup[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-        labels = lookup[labels]
+        _relabel(labels, lookup)
         areas = areas[keep]
     return labels.astype(np.int32, copy=False), areas
+
+
+def label_areas(labels: np.ndarray) -> np.ndarray:
+    """Pixels of each label 0..max of non-negative integer labels (any shape): `np.bincount` of
+    them. For int32 labels in one compiled pass, which takes a third of bincount's time (bincount
+    first copies the labels to int64)."""
+    if labels.dtype != np.int32 or not labels.size:
+        return np.bincount(labels.ravel())
+    areas = _areas(np.ascontiguousarray(labels).ravel())
+    if areas is None:
+        raise ValueError("labels must be non-negative")
+    return areas
+
+
+@njit(cache=True, nogil=True)
+def _areas(flat):  # pragma: no cover - compiled; tested through label_areas
+    if flat.min() < 0:
+        return None
+    areas = np.zeros(flat.max() + 1, dtype=np.intp)
+    # Counted by runs of one label: a count per pixel would wait on the previous pixel's, which
+    # is nearly always the same label's.
+    current, run = flat[0], 0
+    for value in flat:
+        if value == current:
+            run += 1
+        else:
+            areas[current] += run
+            current, run = value, 1
+    areas[current] += run
+    return areas
+
+
+@njit(cache=True, nogil=True)
+def _relabel(labels, lookup):  # pragma: no cover - compiled; tested through label_cells
+    """labels[...] = lookup[labels], in place."""
+    flat = labels.ravel()
+    for index in range(flat.size):
+        flat[index] = lookup[flat[index]]
 
 
 def image_statistics(image: np.ndarray, labels: np.ndarray) -> dict[str, float | int | None]:
@@ -48,7 +86,7 @@ def image_statistics(image: np.ndarray, labels: np.ndarray) -> dict[str, float |
     """
     if image.shape != labels.shape:
         raise ValueError(f"image is {image.shape}, labels are {labels.shape}")
-    areas = np.bincount(labels.ravel())[1:]
+    areas = label_areas(labels)[1:]
     areas = areas[areas > 0]
     cell_pixels = int(areas.sum())
     if image.dtype.kind in "ub" and labels.dtype.kind in "iu":

@@ -21,7 +21,11 @@ metadata, so stores written with another one read and resume as before.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import posixpath
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -119,11 +123,41 @@ def put_objects(store: Store, objects: Sequence[tuple[str, bytes]]) -> None:
     if isinstance(store, LocalStore):
         # Files are written at the cost of the system calls: through zarr's event loop and its
         # thread per file the same writes cost twice the CPU time (docs/performance.md, "Writes").
-        prototype = default_buffer_prototype()
-        for key, document in objects:
-            store.set_sync(key, prototype.buffer.from_bytes(document))
+        _write_files(store, objects)
         return
     sync(_put(store, objects))
+
+
+def _write_files(store: LocalStore, objects: Sequence[tuple[str, bytes]]) -> None:
+    """Each (key, bytes) as a file under the store's folder, as `LocalStore.set` writes one (into a
+    temporary file beside it, then renamed over it: a reader sees the old file or the new one,
+    never part of one), with each folder made once for all the files instead of once per file."""
+    if store.read_only:
+        raise ValueError(f"store '{store.root}' was opened read-only and cannot be written")
+    root = os.fspath(store.root)
+    os.makedirs(root, exist_ok=True)  # as an unopened LocalStore makes its folder on its first write
+    folders = {posixpath.dirname(key) for key, _ in objects}
+    for folder in sorted({ancestor for folder in folders if folder for ancestor in _ancestors(folder)},
+                         key=lambda folder: folder.count("/")):
+        with contextlib.suppress(FileExistsError):  # a file in the way fails the writes below
+            os.mkdir(os.path.join(root, folder))
+    for key, document in objects:
+        path = os.path.join(root, key)
+        temporary = f"{path}.{uuid.uuid4().hex}.partial"
+        try:
+            with open(temporary, "wb") as file:
+                file.write(document)
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                os.unlink(temporary)
+            raise
+
+
+def _ancestors(folder: str) -> list[str]:
+    """'a/b/c' -> ['a', 'a/b', 'a/b/c']."""
+    parts = folder.split("/")
+    return ["/".join(parts[: count + 1]) for count in range(len(parts))]
 
 
 def encoded_chunks(array: NewArray, meta: ArrayV3Metadata) -> list[tuple[str, bytes]]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
 import tifffile
 from PIL import Image
 
+from cellseg import png
 from cellseg.io import (
     ImageReadError,
     binarize_mask,
@@ -78,6 +81,44 @@ def test_single_sample_tiff_with_leading_axis_becomes_2d(tmp_path):
     path = tmp_path / "one.tif"
     tifffile.imwrite(path, VALUES_16[None], photometric="minisblack")
     np.testing.assert_array_equal(read_image(str(path)), VALUES_16)
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def with_chunk_after_header(data: bytes, kind: bytes, payload: bytes) -> bytes:
+    return data[:33] + png_chunk(kind, payload) + data[33:]  # 8 bytes of signature, 25 of IHDR
+
+
+@pytest.mark.parametrize("values", [VALUES_8, VALUES_16], ids=["8bit", "16bit"])
+@pytest.mark.parametrize(("kind", "payload", "by_opencv"), [
+    (None, b"", True),
+    (b"sBIT", b"\x05", True),  # significant bits: a hint, the samples stay as stored
+    (b"gAMA", struct.pack(">I", 100_000), True),  # Pillow applies no gamma; neither may OpenCV
+    (b"tEXt", b"Software\x00microscope", True),
+    (b"tRNS", b"\x00\x05", False),
+    (b"xyZw", b"an unknown chunk", False),
+])
+def test_plain_gray_pngs_are_decoded_by_opencv_to_the_values_pillow_gives(values, kind, payload, by_opencv):
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG")
+    data = buffer.getvalue() if kind is None else with_chunk_after_header(buffer.getvalue(), kind, payload)
+    assert (png.plain_gray_size(data) == values.shape) == by_opencv
+    decoded = decode_image(data, "plain.png")
+    assert decoded.dtype == values.dtype
+    np.testing.assert_array_equal(decoded, values)
+    np.testing.assert_array_equal(decoded, np.asarray(Image.open(io.BytesIO(data))))
+
+
+def test_a_png_with_a_damaged_chunk_goes_to_pillow_and_names_the_file(tmp_path):
+    data = bytearray(png_bytes())
+    data[45] ^= 0xFF  # inside the first IDAT: its checksum no longer matches
+    assert png.plain_gray_size(bytes(data)) is None
+    path = tmp_path / "flipped.png"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ImageReadError, match=r"flipped\.png.*not a readable image"):
+        read_image(str(path))
 
 
 # --- colour to grayscale ------------------------------------------------------------------

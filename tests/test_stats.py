@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellseg.stats import STATISTIC_FIELDS, image_statistics, label_cells
+from cellseg.stats import STATISTIC_FIELDS, image_statistics, label_areas, label_cells
 
 MIN_AREA = 5
 
@@ -167,3 +167,27 @@ def test_integer_images_take_the_compiled_sums_and_agree_with_float_ones():
     assert image_statistics(image.astype(np.float64), labels) == as_integers  # numpy's float means
     assert image_statistics((image // 8).astype(np.uint8), labels)["mean_intensity_inside"] == pytest.approx(
         (16 * 125 + 13 * 50 + 25 * 12) / 54)
+
+
+def test_label_areas_are_bincounts_of_any_labels_and_refuse_negative_ones():
+    rng = np.random.default_rng(5)
+    for shape, highest in [((1, 1), 0), ((9, 31), 3), ((200, 150), 70), ((3, 4, 5), 9)]:
+        labels = rng.integers(0, highest + 1, shape, dtype=np.int32)
+        labels[..., : shape[-1] // 2] = np.sort(labels[..., : shape[-1] // 2], axis=-1)  # runs of one label too
+        for typed in (labels, labels.astype(np.int64), labels.astype(np.uint16), labels[:, ::-1]):
+            assert label_areas(typed).tolist() == np.bincount(typed.ravel()).tolist(), (shape, typed.dtype)
+    assert label_areas(np.zeros(0, dtype=np.int32)).tolist() == []
+    with pytest.raises(ValueError, match="non-negative"):
+        label_areas(np.array([[0, 3], [-1, 2]], dtype=np.int32))
+
+
+def test_small_components_are_dropped_and_the_rest_renumbered_in_order():
+    rng = np.random.default_rng(6)
+    mask = rng.random((400, 300)) < 0.45
+    labels, areas = label_cells(mask, min_cell_area=4)
+    everything, all_areas = label_cells(mask)
+    kept = np.flatnonzero(all_areas >= 4) + 1
+    assert areas.tolist() == all_areas[kept - 1].tolist()
+    lookup = np.zeros(len(all_areas) + 1, dtype=np.int32)
+    lookup[kept] = np.arange(1, len(kept) + 1)
+    np.testing.assert_array_equal(labels, lookup[everything])

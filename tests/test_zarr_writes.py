@@ -10,12 +10,13 @@ import fsspec
 import numpy as np
 import pytest
 from zarr.codecs import ZstdCodec
+from zarr.storage import LocalStore
 
 from cellseg.measure import CELL_COLUMNS, cell_measurements
 from cellseg.stats import image_statistics
 from cellseg.store import WRITE_CONFIG, ResultStore
 from cellseg.synth import generate_sample
-from cellseg.zarr_writes import ARRAY_CODECS
+from cellseg.zarr_writes import ARRAY_CODECS, put_objects
 
 MODEL = {"version": "0123456789ab", "checkpoint": "runs/x/best.pt"}
 
@@ -92,6 +93,7 @@ def test_a_write_that_fails_part_way_leaves_the_image_not_done_and_a_rerun_compl
     with pytest.raises(OSError):
         write(store, "img", arrays)
     assert store.done_ids() == set() and store.record("img") == {}  # its group was written first, nothing else done
+    assert not list((tmp_path / "results.zarr").rglob("*.partial"))  # no temporary file left behind
     obstacle.unlink()
     assert write(store, "img", arrays)
     assert store.done_ids() == {"img"}
@@ -138,3 +140,15 @@ def test_a_store_written_with_zarrs_default_codec_reads_and_resumes(tmp_path):
         np.testing.assert_array_equal(reopened.read_mask(image_id), again["mask"])
     assert codec_level(reopened, "half/labels/cells/0") == 0
     assert codec_level(reopened, "new/labels/cells/0") == 1
+
+
+def test_objects_put_into_a_local_folder_make_their_folders_and_replace_files_whole(tmp_path):
+    store = LocalStore(tmp_path / "new" / "store")
+    put_objects(store, [("a/b/c/0", b"first"), ("a/zarr.json", b"{}"), ("top", b"x")])
+    assert (tmp_path / "new/store/a/b/c/0").read_bytes() == b"first"
+    put_objects(store, [("a/b/c/0", b"second")])
+    assert (tmp_path / "new/store/a/b/c/0").read_bytes() == b"second"
+    assert sorted(p.name for p in (tmp_path / "new/store/a/b/c").iterdir()) == ["0"]
+    with pytest.raises(ValueError, match="read-only"):
+        put_objects(LocalStore(tmp_path / "new" / "store", read_only=True), [("a/b/c/0", b"third")])
+    assert (tmp_path / "new/store/a/b/c/0").read_bytes() == b"second"
