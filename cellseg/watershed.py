@@ -124,13 +124,22 @@ def _split_all(height, h, wanted, corners, labels, next_label):  # pragma: no co
     for index in wanted:
         top, left = max(corners[0, index] - 1, 0), max(corners[1, index] - 1, 0)
         bottom, right = min(corners[2, index] + 2, rows), min(corners[3, index] + 2, columns)
-        cell = labels[top:bottom, left:right] == index
-        object_height = np.where(cell, height[top:bottom, left:right], np.float32(0))
+        cell = np.empty((bottom - top, right - left), dtype=np.bool_)
+        object_height = np.empty((bottom - top, right - left), dtype=np.float32)
+        for row in range(bottom - top):  # one pass for both: the box is read once
+            for column in range(right - left):
+                inside = labels[top + row, left + column] == index
+                cell[row, column] = inside
+                object_height[row, column] = height[top + row, left + column] if inside else np.float32(0)
         markers = np.zeros(cell.shape, dtype=np.int32)
         count = _domes(object_height, h, cell, markers)
         if count < 2:
             continue
-        work = np.where(cell, markers, np.int32(-1))
+        work = markers  # the flood's work array: -1 outside the object, the markers inside it
+        for row in range(bottom - top):
+            for column in range(right - left):
+                if not cell[row, column]:
+                    work[row, column] = -1
         _flood(object_height, work)
         for row in range(bottom - top):
             for column in range(right - left):
