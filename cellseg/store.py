@@ -58,7 +58,7 @@ from cellseg.store_checks import (
     unwritable,
     validate_image_id,
 )
-from cellseg.zarr_writes import ARRAY_CODECS, NewArray, put_new_nodes, put_objects
+from cellseg.zarr_writes import ARRAY_CODECS, CHUNK_KEY_ENCODING, NewArray, put_new_nodes, put_objects
 
 if TYPE_CHECKING:
     from zarr.core.array_spec import ArrayConfigParams
@@ -381,7 +381,8 @@ class ResultStore:
         # that a missing chunk of a done image always means damage (`array`).
         def create(overwrite: bool) -> None:
             self.root.create_array(path, data=data, overwrite=overwrite, chunks=chunks, compressors=ARRAY_CODECS,
-                                   dimension_names=dimension_names, attributes=attributes, config=WRITE_CONFIG)
+                                   chunk_key_encoding=CHUNK_KEY_ENCODING, dimension_names=dimension_names,
+                                   attributes=attributes, config=WRITE_CONFIG)
 
         if not may_exist:
             try:
@@ -410,7 +411,8 @@ class ResultStore:
         `every_chunk` each write stores every chunk it covers, all-zero ones too, as the arrays of a
         done image must have them (`array`)."""
         array = self.root.create_array(path, shape=shape, dtype=dtype, chunks=chunks, fill_value=0, overwrite=True,
-                                       compressors=ARRAY_CODECS, attributes=attributes, dimension_names=dimension_names)
+                                       compressors=ARRAY_CODECS, chunk_key_encoding=CHUNK_KEY_ENCODING, attributes=attributes,
+                                       dimension_names=dimension_names)
         return array.with_config(WRITE_CONFIG) if every_chunk else array
 
     def region_array(self, path: str, every_chunk: bool = True) -> zarr.Array:

@@ -37,6 +37,7 @@ from numcodecs.zstd import Zstd
 from zarr.abc.store import Store
 from zarr.codecs import BytesCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
+from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 from zarr.core.group import GroupMetadata
 from zarr.core.metadata import ArrayV3Metadata
 from zarr.core.sync import sync
@@ -45,6 +46,10 @@ from zarr.storage import LocalStore, MemoryStore
 from cellseg import s3_direct
 
 ARRAY_CODECS = (ZstdCodec(level=1),)  # bytes-to-bytes codecs of every array cellseg writes
+# Each chunk a file beside its array's zarr.json ("c.0.0") instead of zarr's default folders
+# ("c/0/0"): eight folders fewer per image, the costliest files to make on a local disk
+# (docs/performance.md); any zarr v3 reader takes either from the array's metadata.
+CHUNK_KEY_ENCODING = DefaultChunkKeyEncoding(separator=".")
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,7 @@ def _metadata_template(dtype: np.dtype, dimension_names: tuple[str, ...]) -> dic
     by zarr itself (a tenth of a millisecond per array after that, instead of one)."""
     ones = (1,) * len(dimension_names)
     created = zarr.create_array(MemoryStore(), shape=ones, dtype=dtype, chunks=ones, compressors=ARRAY_CODECS,
-                                dimension_names=dimension_names)
+                                chunk_key_encoding=CHUNK_KEY_ENCODING, dimension_names=dimension_names)
     return created.metadata.to_dict()
 
 

@@ -56,7 +56,7 @@ def _problems(report) -> dict[str, str]:
 
 def test_every_chunk_is_stored_even_where_an_image_has_no_cells(store):
     root = Path(store.url)
-    assert sorted(p.name for p in (root / "empty/labels/mask/0/c/0").iterdir()) == ["0", "1"]
+    assert sorted(p.name for p in (root / "empty/labels/mask/0").glob("c.*")) == ["c.0.0", "c.0.1"]
     assert store.record("empty")["arrays"] == ["0", "labels/mask/0", "labels/cells/0", CELL_TABLE]
     report = verify_store(store.url)
     assert (report.checked, report.broken) == (4, [])
@@ -88,7 +88,7 @@ def test_any_garbage_image_metadata_is_damage_of_that_image_only(store, garbage)
 
 
 def test_a_missing_chunk_is_damage_not_background(store):
-    (Path(store.url) / "a/labels/mask/0/c/0/1").unlink()
+    (Path(store.url) / "a/labels/mask/0/c.0.1").unlink()
     with pytest.raises(DamagedImage, match=r"image 'a'.*mask 'a/labels/mask/0' is missing 1 of 2 chunks"):
         store.read_mask("a")
     np.testing.assert_array_equal(store.read_mask("c")[10:20, 1050:1060], True)  # the others read as before
@@ -97,7 +97,7 @@ def test_a_missing_chunk_is_damage_not_background(store):
 
 def test_verify_names_each_kind_of_damage(store):
     root = Path(store.url)
-    (root / "a/labels/cells/0/c/0/0").unlink()
+    (root / "a/labels/cells/0/c.0.0").unlink()
     _truncate(root / "b/labels/zarr.json")
     _truncate(root / "c/tables/cells/zarr.json")
     meta = json.loads((root / "empty/zarr.json").read_text())
@@ -116,7 +116,7 @@ def test_verify_names_each_kind_of_damage(store):
 
 
 def test_undecodable_chunks_are_found_only_when_reading_the_data(store):
-    chunk = Path(store.url) / "a/labels/mask/0/c/0/0"
+    chunk = Path(store.url) / "a/labels/mask/0/c.0.0"
     chunk.write_bytes(chunk.read_bytes()[:5])
     assert verify_store(store.url).broken == []
     assert "cannot be decoded" in _problems(verify_store(store.url, read_data=True))["a"]
@@ -127,8 +127,8 @@ def test_undecodable_chunks_are_found_only_when_reading_the_data(store):
 def test_repair_marks_only_the_broken_images_not_done_and_a_rerun_completes_them(store):
     root = Path(store.url)
     _truncate(root / "a/zarr.json")
-    (root / "b/labels/mask/0/c/0/0").unlink()
-    before = (root / "c/labels/mask/0/c/0/0").read_bytes(), (root / "c/zarr.json").read_bytes()
+    (root / "b/labels/mask/0/c.0.0").unlink()
+    before = (root / "c/labels/mask/0/c.0.0").read_bytes(), (root / "c/zarr.json").read_bytes()
     report = verify_store(store.url, repair=True)
     assert report.repaired and set(_problems(report)) == {"a", "b"}
     repaired = ResultStore.open(store.url)
@@ -136,7 +136,7 @@ def test_repair_marks_only_the_broken_images_not_done_and_a_rerun_completes_them
     failures = {row["image_id"]: row for row in repaired.failures()}
     assert failures["b"]["error"].startswith("damaged: its mask") and failures["b"]["source_url"] == "/in/b.png"
     assert failures["a"]["source_url"] is None and "a/zarr.json" in failures["a"]["error"]
-    assert ((root / "c/labels/mask/0/c/0/0").read_bytes(), (root / "c/zarr.json").read_bytes()) == before
+    assert ((root / "c/labels/mask/0/c.0.0").read_bytes(), (root / "c/zarr.json").read_bytes()) == before
     assert _write(repaired, "a", replace=False) and _write(repaired, "b", replace=False)
     assert verify_store(store.url).broken == [] and repaired.done_ids() == {"a", "b", "c", "empty"}
     np.testing.assert_array_equal(repaired.read_cells("b"), repaired.read_cells("c"))
@@ -197,8 +197,8 @@ def test_a_blockwise_image_is_verified_at_every_level_of_its_pyramids(blockwise_
     record = ResultStore.open(str(root), mode="r").record("big")
     assert record["blocks"]["levels"] == 4 and "blocks" not in ResultStore.open(str(root), mode="r").record("small")
     assert verify_store(str(root), read_data=True).broken == []
-    (root / "big/labels/mask/2/c/0/1").unlink()
-    chunk = root / "big/1/c/1/2"
+    (root / "big/labels/mask/2/c.0.1").unlink()
+    chunk = root / "big/1/c.1.2"
     chunk.write_bytes(chunk.read_bytes()[:5])
     assert _problems(verify_store(str(root))) == {"big": "its mask level 2 'big/labels/mask/2' is missing 1 of 2 chunks"}
     problems = _problems(verify_store(str(root), read_data=True))
@@ -243,7 +243,7 @@ def test_repair_of_a_damaged_level_and_a_rerun_rewrite_the_blockwise_image(block
     job, root = blockwise_store
     before = ResultStore.open(str(root), mode="r").read_cells("big")
     (root / "big/labels/mask/1/zarr.json").write_bytes(b"garbage")
-    (root / "big/labels/cells/2/c/0/0").unlink()
+    (root / "big/labels/cells/2/c.0.0").unlink()
     small = (root / "small/zarr.json").read_bytes()
     report = verify_store(str(root), repair=True)
     assert report.repaired and set(_problems(report)) == {"big"}

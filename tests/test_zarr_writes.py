@@ -62,7 +62,7 @@ def assert_written_as_zarr_writes_it(url: str, storage_options: dict | None = No
     assert write(fast, "img", arrays) and write(slow, "img", arrays)
     written, expected = objects(f"{url}/fast.zarr", storage_options), objects(f"{url}/zarr-calls.zarr", storage_options)
     assert sorted(written) == sorted(expected)
-    assert "img/labels/cells/0/c/1/0" in written and "img/tables/cells/zarr.json" in written  # several chunks, the table
+    assert "img/labels/cells/0/c.1.0" in written and "img/tables/cells/zarr.json" in written  # several chunks, the table
     for key in expected:
         if key != "zarr.json":  # the stores' own metadata differ in their creation time
             assert written[key] == expected[key], key
@@ -101,7 +101,8 @@ def test_a_write_that_fails_part_way_leaves_the_image_not_done_and_a_rerun_compl
 
 
 def with_zarr_default_codec(store: ResultStore, image_id: str) -> None:
-    """Rewrite an image's arrays as cellseg wrote them before it chose a codec: zarr's default (zstd level 0)."""
+    """Rewrite an image's arrays as cellseg wrote them before it chose a codec and its chunk keys:
+    zarr's defaults (zstd level 0, chunks in folders)."""
     for path in store.record(image_id)["arrays"]:
         old = store.root[f"{image_id}/{path}"]
         store.root.create_array(f"{image_id}/{path}", data=old[...], chunks=old.chunks, overwrite=True,
@@ -124,6 +125,9 @@ def test_a_store_written_with_zarrs_default_codec_reads_and_resumes(tmp_path):
         with_zarr_default_codec(store, image_id)
     store.root["half"].attrs.put({})  # a run was killed before marking it done
     assert codec_level(store, "done/labels/cells/0") == 0 != ARRAY_CODECS[0].level
+    # zarr's default chunk keys too ("c/0/0"; cellseg writes "c.0.0")
+    assert (tmp_path / "results.zarr/done/labels/cells/0/c/0/0").is_file()
+    assert not (tmp_path / "results.zarr/done/labels/cells/0/c.0.0").exists()
 
     reopened = ResultStore.open(store.url)
     assert reopened.done_ids() == {"done"}
@@ -140,6 +144,8 @@ def test_a_store_written_with_zarrs_default_codec_reads_and_resumes(tmp_path):
         np.testing.assert_array_equal(reopened.read_mask(image_id), again["mask"])
     assert codec_level(reopened, "half/labels/cells/0") == 0
     assert codec_level(reopened, "new/labels/cells/0") == 1
+    assert (tmp_path / "results.zarr/half/labels/cells/0/c/0/0").is_file()
+    assert (tmp_path / "results.zarr/new/labels/cells/0/c.0.0").is_file()
 
 
 def test_objects_put_into_a_local_folder_make_their_folders_and_replace_files_whole(tmp_path):

@@ -75,7 +75,7 @@ def _assert_equal_stores(url: str, reference_url: str) -> None:
 def test_damaged_images_are_named_left_out_of_tables_refused_in_scores_and_repaired(inputs):
     store = _copy(inputs, "images.zarr")
     _truncate(store / UNREADABLE / "zarr.json")
-    (store / CHUNK_LOST / "labels/mask/0/c/0/0").unlink()  # zarr would read the lost chunk as background
+    (store / CHUNK_LOST / "labels/mask/0/c.0.0").unlink()  # zarr would read the lost chunk as background
     shutil.rmtree(store / LABELS_LOST / "labels")
     damaged = _files(store)
 

@@ -92,7 +92,7 @@ def test_segment_images_survives_flaky_storage_with_every_result_intact(
         Fault("listing throttled", r"list-type=2", methods=("GET",), status=503, code="SlowDown", times=1),
         Fault("reads throttled", r"/incoming/synth_000[0-3]\.png", methods=("GET",), status=503, code="SlowDown", times=3),
         Fault("read stalled", r"/incoming/synth_0004\.png", methods=("GET",), stall_seconds=4, times=1),
-        Fault("writes failing", r"/results\.zarr/.*/labels/mask/0/c/", methods=("PUT",), status=500, code="InternalError", times=3),
+        Fault("writes failing", r"/results\.zarr/.*/labels/mask/0/c\.", methods=("PUT",), status=500, code="InternalError", times=3),
         Fault("metadata writes throttled", r"/results\.zarr/.*zarr\.json", methods=("PUT",), status=503, code="SlowDown", times=3),
     ]
     summary = segment_images_flow(SegmentJob(source_url=f"{bucket}/incoming", store_url=f"{bucket}/results.zarr",
