@@ -4,7 +4,8 @@ lies inside the cells, which the split of touching cells works on (`cellseg.post
 Felzenszwalb and Huttenlocher's separable algorithm: each column's distance to its nearest
 outside pixel, then along each row the lower envelope of the parabolas those distances make.
 Along a row, an outside pixel within a run of outside pixels is never the nearest one for a
-pixel inside (an end of its run is nearer), so only the runs' ends enter the envelope. The result
+pixel inside (an end of its run is nearer), so only the runs' ends enter the envelope; where one
+parabola takes over from another is compared in exact integer arithmetic. The result
 is the exact distance rounded once to float32, `scipy.ndimage.distance_transform_edt`'s to the
 bit, in about half the time of OpenCV's `DIST_MASK_PRECISE` (whose float32 arithmetic it replaced,
 1-2 ulp from the exact value on 4.4% of the cell pixels of `make bench`'s images;
@@ -44,8 +45,12 @@ def _distances(inside):  # pragma: no cover - compiled; tested through inside_di
             distances[row, column] = min(distances[row, column], distances[row + 1, column] + 1)
 
     sites = np.empty(columns, dtype=np.int64)  # the envelope's parabolas, by their column
-    bounds = np.empty(columns + 1, dtype=np.float64)  # where each takes over from the one before
-    squared = np.empty(columns, dtype=np.float64)  # each column's vertical distance, squared
+    # Where each parabola takes over from the one before, as the fraction over / under (under > 0;
+    # under 0 for the first, from the left edge on): compared in exact integer arithmetic, where a
+    # division per parabola would make each comparison wait for it.
+    over = np.empty(columns + 1, dtype=np.int64)
+    under = np.empty(columns + 1, dtype=np.int64)
+    squared = np.empty(columns, dtype=np.int64)  # each column's vertical distance, squared
     for row in range(rows):
         if not inside[row].any():
             distances[row, :] = 0
@@ -58,30 +63,31 @@ def _distances(inside):  # pragma: no cover - compiled; tested through inside_di
             if depth == 0 and not ((column > 0 and inside[row, column - 1])
                                    or (column + 1 < columns and inside[row, column + 1])):
                 continue
-            squared[column] = float(depth) * float(depth)
-            crossing = -np.inf
+            squared[column] = np.int64(depth) * np.int64(depth)
+            numerator, denominator = np.int64(0), np.int64(0)
             while count > 0:
                 last = sites[count - 1]
-                crossing = ((squared[column] + column * column) - (squared[last] + last * last)) / (2.0 * (column - last))
-                if crossing > bounds[count - 1]:
+                numerator = (squared[column] + column * column) - (squared[last] + last * last)
+                denominator = 2 * (column - last)
+                if under[count - 1] == 0 or numerator * under[count - 1] > over[count - 1] * denominator:
                     break
                 count -= 1
             if count == 0:
-                crossing = -np.inf
+                numerator, denominator = 0, 0
             sites[count] = column
-            bounds[count] = crossing
+            over[count], under[count] = numerator, denominator
             count += 1
         if count == 0:  # no column of this row reaches an outside pixel: the image has none
             distances[row, :] = far
             continue
-        bounds[count] = np.inf
+        over[count], under[count] = columns, 1  # beyond the last column
         nearest = 0
         for column in range(columns):
             if not inside[row, column]:
                 distances[row, column] = 0
                 continue
-            while bounds[nearest + 1] < column:
+            while over[nearest + 1] < column * under[nearest + 1]:
                 nearest += 1
             site = sites[nearest]
-            distances[row, column] = np.sqrt((column - site) * (column - site) + squared[site])
+            distances[row, column] = np.sqrt(np.float64((column - site) * (column - site) + squared[site]))
     return distances
