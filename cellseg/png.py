@@ -4,7 +4,9 @@ in about 0.85 of the time Pillow takes and copies (docs/performance.md), and wit
 
 Every other PNG goes to Pillow, as before, and so does one OpenCV cannot decode, so that errors
 are worded as for any other image. The chunks are walked and their checksums compared first:
-a truncated or damaged file never reaches OpenCV, which would print warnings of its own.
+a truncated or damaged file never reaches OpenCV, which would print warnings of its own. Only
+pixel data broken with every checksum right (a file made so) still reaches it: libpng then
+prints a line to stderr ("Not enough image data"), and Pillow decides as before.
 """
 
 from __future__ import annotations
