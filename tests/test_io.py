@@ -111,6 +111,24 @@ def test_plain_gray_pngs_are_decoded_by_opencv_to_the_values_pillow_gives(values
     np.testing.assert_array_equal(decoded, np.asarray(Image.open(io.BytesIO(data))))
 
 
+@pytest.mark.parametrize("pixel_data", ["half a stream", "half the rows"])
+def test_pixel_data_broken_behind_right_checksums_is_decided_by_pillow(pixel_data):
+    values = (np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64)
+    rows = b"".join(b"\x00" + row.tobytes() for row in values)  # filter type 0 per row
+    stream = zlib.compress(rows)
+    stream = stream[: len(stream) // 2] if pixel_data == "half a stream" else zlib.compress(rows[: len(rows) // 2])
+    data = (png.SIGNATURE + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0))
+            + png_chunk(b"IDAT", stream) + png_chunk(b"IEND", b""))
+    assert png.plain_gray_size(data) == (64, 64) and png.decode_plain_gray(data, (64, 64)) is None
+    try:
+        expected = np.asarray(Image.open(io.BytesIO(data)))
+    except OSError:
+        with pytest.raises(ImageReadError, match=r"broken\.png.*not a readable image"):
+            decode_image(data, "broken.png")
+    else:  # Pillow fills the missing rows, as it did before OpenCV decoded any PNG
+        np.testing.assert_array_equal(decode_image(data, "broken.png"), expected)
+
+
 def test_a_png_with_a_damaged_chunk_goes_to_pillow_and_names_the_file(tmp_path):
     data = bytearray(png_bytes())
     data[45] ^= 0xFF  # inside the first IDAT: its checksum no longer matches
