@@ -47,7 +47,7 @@ from cellseg import s3_direct
 
 ARRAY_CODECS = (ZstdCodec(level=1),)  # bytes-to-bytes codecs of every array cellseg writes
 # Each chunk a file beside its array's zarr.json ("c.0.0") instead of zarr's default folders
-# ("c/0/0"): eight folders fewer per image, the costliest files to make on a local disk
+# ("c/0/0"): eight folders fewer per image, the costliest things to make on a local disk
 # (docs/performance.md); any zarr v3 reader takes either from the array's metadata.
 CHUNK_KEY_ENCODING = DefaultChunkKeyEncoding(separator=".")
 
