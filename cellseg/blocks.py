@@ -58,6 +58,7 @@ from cellseg.normalize import FLAT_RELATIVE_RANGE, histogram_lut, integer_histog
 from cellseg.postprocess import CellMaps, cell_labels
 from cellseg.redact import redact_url
 from cellseg.scale import scale_factor
+from cellseg.stats import label_areas
 from cellseg.stitch import BlockGrid, Box, halve, join_labels, pack_ring, pyramid_shapes, seam_pairs, unpack_ring
 from cellseg.store import (
     CELL_TABLE,
@@ -486,8 +487,9 @@ def _cell_rows(cells: np.ndarray, image: np.ndarray, measure: bool) -> np.ndarra
     """The table rows of cells 1..n: every CELL_COLUMNS, or only SUM_COLUMNS."""
     if measure:
         return cell_measurements(cells, image)
-    present = np.flatnonzero(np.bincount(cells.ravel()))[1:] if cells.any() else np.zeros(0, dtype=np.int64)
-    areas = np.bincount(cells.ravel())[present]
+    counts = label_areas(cells)
+    present = np.flatnonzero(counts)[1:] if cells.any() else np.zeros(0, dtype=np.int64)
+    areas = counts[present]
     integrated = np.bincount(cells.ravel(), weights=image.ravel().astype(np.float64))[present]
     return np.stack([present.astype(np.float64), areas.astype(np.float64), integrated], axis=1)
 

@@ -1,6 +1,6 @@
 """Plain grayscale PNGs, the usual microscopy export, decoded by OpenCV: 8- or 16-bit gray, not
 interlaced, one image, nothing in the file that changes its pixels. libpng decodes them straight into the array
-in about 0.85 of the time Pillow takes and copies (docs/performance.md), and without the GIL.
+in about 0.92 of the time Pillow takes and copies (docs/performance.md), and without the GIL.
 
 Every other PNG goes to Pillow, as before, and so does one OpenCV cannot decode, so that errors
 are worded as for any other image. The chunks are walked and their checksums compared first:

@@ -27,7 +27,7 @@ from scipy import ndimage
 from cellseg.config import ModelConfig, PredictConfig
 from cellseg.pairs import LoadedPair
 from cellseg.postprocess import CellMaps, cell_labels, maps_from_output, split_touching_cells
-from cellseg.stats import label_areas
+from cellseg.stats import cell_areas
 
 Forward = Callable[[np.ndarray], np.ndarray]
 """A model's forward pass for one normalised (H, W) image: its (C, H, W) output on the same grid."""
@@ -43,14 +43,8 @@ MAX_UPSCALED_PIXELS = 2**26  # an enlarged image stays below this many pixels (6
 def median_cell_diameter(labels: np.ndarray) -> float | None:
     """Diameter (pixels) of the disc whose area is the median cell area of `labels`; None
     without cells."""
-    areas = _cell_areas(labels)
+    areas = cell_areas(labels)
     return _disc_diameter(float(np.median(areas))) if areas.size else None
-
-
-def _cell_areas(labels: np.ndarray) -> np.ndarray:
-    """Pixel count of each cell (label > 0) present in `labels`."""
-    areas = label_areas(labels)[1:]
-    return areas[areas > 0]
 
 
 def _disc_diameter(area: float) -> float:
@@ -128,7 +122,7 @@ def collection_cell_diameter(pairs: Sequence[LoadedPair]) -> float | None:
     collection, pooled over its images, rounded to half a pixel; otherwise None (the figures
     behind SIZE_SPREAD are in docs/quality.md).
     """
-    per_image = [areas for areas in (_cell_areas(cells_of(pair)) for pair in pairs) if areas.size]
+    per_image = [areas for areas in (cell_areas(cells_of(pair)) for pair in pairs) if areas.size]
     if len(per_image) < 2:
         return None
     low, high = np.percentile([_disc_diameter(float(np.median(areas))) for areas in per_image], [10, 90])

@@ -40,9 +40,15 @@ def label_cells(mask: np.ndarray, min_cell_area: int = 0) -> tuple[np.ndarray, n
     return labels.astype(np.int32, copy=False), areas
 
 
+def cell_areas(labels: np.ndarray) -> np.ndarray:
+    """Pixel count of each cell (label > 0) present in `labels`, in label order."""
+    areas = label_areas(labels)[1:]
+    return areas[areas > 0]
+
+
 def label_areas(labels: np.ndarray) -> np.ndarray:
     """Pixels of each label 0..max of non-negative integer labels (any shape): `np.bincount` of
-    them. For int32 labels in one compiled pass, which takes a third of bincount's time (bincount
+    them. For int32 labels in one compiled pass, in under half of bincount's time (bincount
     first copies the labels to int64)."""
     if labels.dtype != np.int32 or not labels.size:
         return np.bincount(labels.ravel())
@@ -86,8 +92,7 @@ def image_statistics(image: np.ndarray, labels: np.ndarray) -> dict[str, float |
     """
     if image.shape != labels.shape:
         raise ValueError(f"image is {image.shape}, labels are {labels.shape}")
-    areas = label_areas(labels)[1:]
-    areas = areas[areas > 0]
+    areas = cell_areas(labels)
     cell_pixels = int(areas.sum())
     if image.dtype.kind in "ub" and labels.dtype.kind in "iu":
         # Integer intensities add up exactly in int64, so one compiled pass gives numpy's means.
