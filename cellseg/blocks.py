@@ -488,7 +488,7 @@ def _cell_rows(cells: np.ndarray, image: np.ndarray, measure: bool) -> np.ndarra
     if measure:
         return cell_measurements(cells, image)
     counts = label_areas(cells)
-    present = np.flatnonzero(counts)[1:] if cells.any() else np.zeros(0, dtype=np.int64)
+    present = np.flatnonzero(counts[1:]) + 1
     areas = counts[present]
     integrated = np.bincount(cells.ravel(), weights=image.ravel().astype(np.float64))[present]
     return np.stack([present.astype(np.float64), areas.astype(np.float64), integrated], axis=1)

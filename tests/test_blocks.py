@@ -22,7 +22,7 @@ import tifffile
 import zarr
 
 from benchmarks.large import bench_exact, compare, frozen_checkpoint
-from cellseg.blocks import image_levels, segment_blockwise
+from cellseg.blocks import SUM_COLUMNS, _cell_rows, image_levels, segment_blockwise
 from cellseg.config import BlockConfig, NormalizationConfig, PredictConfig
 from cellseg.jobs import SegmentJob, run_segmentation
 from cellseg.measure import CELL_COLUMNS, cell_measurements
@@ -113,6 +113,20 @@ def test_join_labels_numbers_each_joined_set_once_in_order():
     # Sets {1}, {2, 3, 5, 6}, {4}: numbered by their smallest label.
     assert lookup.tolist() == [0, 1, 2, 2, 3, 2, 2]
     assert np.flatnonzero(first).tolist() == [1, 2, 4]
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_window_s_cell_sums_match_the_full_measurement_with_or_without_background(background):
+    """A block's window may lie wholly inside its cells (a confluent sheet): no label 0 there."""
+    rng = np.random.default_rng(4)
+    cells = np.repeat(np.repeat(np.arange(1, 10, dtype=np.int32).reshape(3, 3), 20, axis=0), 20, axis=1)
+    if background:
+        cells[25:35, :] = 0
+    image = rng.random(cells.shape).astype(np.float32)
+    full = cell_measurements(cells, image)
+    wanted = full[:, [CELL_COLUMNS.index(name) for name in SUM_COLUMNS]]
+    np.testing.assert_allclose(_cell_rows(cells, image, measure=False), wanted)
+    assert _cell_rows(cells, image, measure=False)[:, 0].tolist() == list(range(1, 10))
 
 
 @pytest.mark.parametrize("dtype, polarity", [(np.uint8, "auto"), (np.uint16, "auto"), (np.uint16, "keep")])
