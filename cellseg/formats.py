@@ -60,7 +60,6 @@ OME_ZARR_PLUGIN = "bioio-ome-zarr"
 VENDOR_SUFFIXES = tuple(BIOIO_PLUGINS)
 MICROSCOPY_SUFFIXES = (*OME_TIFF_SUFFIXES, *VENDOR_SUFFIXES)
 MAX_PLANES = 1_000_000  # channels x z x t a file's metadata may declare before it is refused
-_INFLATING = (5, 8, 32946, 32773, 34925)  # TIFF compressions that tifffile bounds only through imagecodecs
 _UNITS_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "micrometer": 1.0, "nm": 1e-3, "nanometer": 1e-3,
              "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "m": 1e6, "meter": 1e6, "Å": 1e-4, "angstrom": 1e-4}
 
@@ -364,8 +363,8 @@ def _tiff_plane(tif: tifffile.TiffFile, url: str, selection: SelectionConfig, ti
     """A plane of series 0 of a TIFF, read through tifffile's zarr view. OME-XML (when present)
     names channels and pixel size; axes other than T, C (or samples S), Z, Y, X use index 0.
     `checked`: (file bytes, max_pixels) to check every page as `cellseg.io` does before decoding;
-    without it (lazy reads of huge files) inflating compressions need imagecodecs, whose decoders
-    stop at the size the header declares."""
+    without it (lazy reads of huge files) inflating compressions are decoded by imagecodecs (a
+    dependency), whose decoders stop at the size the header declares."""
     series = tif.series[0]
     axes = series.axes.upper()
     shape = dict(zip(axes, series.shape, strict=True))
@@ -424,8 +423,7 @@ def _samples_last(region: np.ndarray, axes: str) -> np.ndarray:
 
 
 def _check_lazy_tiff(page: tifffile.TiffPage, url: str) -> None:
-    """Refuse what lazy reads cannot bound: sample types and compressions cellseg does not decode,
-    and inflating compressions without imagecodecs (tifffile's fallbacks ignore the declared size)."""
+    """Refuse what lazy reads cannot bound: sample types and compressions cellseg does not decode."""
     from cellseg.io import TIFF_COMPRESSIONS, _tiff_name
 
     if page.dtype is None or page.dtype.kind not in "biuf":
@@ -433,12 +431,6 @@ def _check_lazy_tiff(page: tifffile.TiffPage, url: str) -> None:
                              "(expected integers or floats)")
     if page.compression not in TIFF_COMPRESSIONS:
         raise ImageReadError(f"'{url}': TIFF compression {_tiff_name(page.compression)} is not supported")
-    if page.compression in _INFLATING:
-        try:
-            import imagecodecs  # noqa: F401
-        except ImportError as error:
-            raise MissingReaderError(f"'{url}': reading {_tiff_name(page.compression)}-compressed TIFF tiles region "
-                                     f"by region needs imagecodecs: {FORMATS_EXTRA}") from error
 
 
 def _ome_metadata(tif: tifffile.TiffFile, url: str) -> tuple[list[str], tuple[float | None, float | None]]:

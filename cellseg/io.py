@@ -324,13 +324,13 @@ def _tiff_name(value: Any) -> str:
 
 
 def _decode_plain_png(data: bytes, name: str, max_pixels: int) -> np.ndarray | None:
-    """A plain 8- or 16-bit grayscale PNG decoded by OpenCV (`cellseg.png`), its size checked
-    first; None for any other file."""
-    size = png.plain_gray_size(data)
-    if size is None:
+    """A plain 8- or 16-bit grayscale PNG decoded by `cellseg.png`, its size checked first; None
+    for any other file."""
+    layout = png.plain_gray(data)
+    if layout is None:
         return None
-    _check_pixel_limit(name, size[0] * size[1], max_pixels)
-    return png.decode_plain_gray(data, size)
+    _check_pixel_limit(name, layout.height * layout.width, max_pixels)
+    return png.decode_plain_gray(data, layout)
 
 
 def _decode_with_pillow(data: bytes, name: str, max_pixels: int, notes: list[str]) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import struct
 import zlib
 
@@ -92,23 +93,92 @@ def with_chunk_after_header(data: bytes, kind: bytes, payload: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("values", [VALUES_8, VALUES_16], ids=["8bit", "16bit"])
-@pytest.mark.parametrize(("kind", "payload", "by_opencv"), [
+@pytest.mark.parametrize(("kind", "payload", "plain"), [
     (None, b"", True),
     (b"sBIT", b"\x05", True),  # significant bits: a hint, the samples stay as stored
-    (b"gAMA", struct.pack(">I", 100_000), True),  # Pillow applies no gamma; neither may OpenCV
+    (b"gAMA", struct.pack(">I", 100_000), True),  # Pillow applies no gamma; neither may cellseg.png
     (b"tEXt", b"Software\x00microscope", True),
     (b"tRNS", b"\x00\x05", False),
     (b"xyZw", b"an unknown chunk", False),
 ])
-def test_plain_gray_pngs_are_decoded_by_opencv_to_the_values_pillow_gives(values, kind, payload, by_opencv):
+def test_plain_gray_pngs_are_decoded_to_the_values_pillow_gives(values, kind, payload, plain):
     buffer = io.BytesIO()
     Image.fromarray(values).save(buffer, format="PNG")
     data = buffer.getvalue() if kind is None else with_chunk_after_header(buffer.getvalue(), kind, payload)
-    assert (png.plain_gray_size(data) == values.shape) == by_opencv
+    layout = png.plain_gray(data)
+    assert (layout is not None and (layout.height, layout.width) == values.shape) == plain
     decoded = decode_image(data, "plain.png")
     assert decoded.dtype == values.dtype
     np.testing.assert_array_equal(decoded, values)
     np.testing.assert_array_equal(decoded, np.asarray(Image.open(io.BytesIO(data))))
+
+
+def paeth(left: int, up: int, up_left: int) -> int:
+    estimate = left + up - up_left
+    distances = [abs(estimate - left), abs(estimate - up), abs(estimate - up_left)]
+    return (left, up, up_left)[distances.index(min(distances))]
+
+
+def filtered_rows(values: np.ndarray, filters: list[int]) -> bytes:
+    """The PNG spec's filters applied to each row of `values` (big-endian samples), written
+    plainly: the reference the compiled unfiltering is checked against."""
+    samples = values.astype(values.dtype.newbyteorder(">")).view(np.uint8).reshape(values.shape[0], -1)
+    step = values.dtype.itemsize
+    out = bytearray()
+    for y, kind in enumerate(filters):
+        row, above = samples[y].astype(int), samples[y - 1].astype(int) if y else np.zeros(samples.shape[1], int)
+        left = np.concatenate([np.zeros(step, int), row[:-step]])
+        up_left = np.concatenate([np.zeros(step, int), above[:-step]])
+        predicted = [np.zeros_like(row), left, above, (left + above) // 2,
+                     np.array([paeth(*trio) for trio in zip(left, above, up_left, strict=True)])][kind]
+        out += bytes([kind]) + bytes(((row - predicted) % 256).astype(np.uint8))
+    return bytes(out)
+
+
+def png_of_rows(shape: tuple[int, int], bit_depth: int, rows: bytes, chunks: int = 1) -> bytes:
+    stream = zlib.compress(rows)
+    cuts = np.linspace(0, len(stream), chunks + 1).astype(int)
+    return (png.SIGNATURE + png_chunk(b"IHDR", struct.pack(">IIBBBBB", shape[1], shape[0], bit_depth, 0, 0, 0, 0))
+            + b"".join(png_chunk(b"IDAT", stream[start:end]) for start, end in itertools.pairwise(cuts))
+            + png_chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_every_png_filter_is_undone_as_pillow_undoes_it(dtype, chunks):
+    rng = np.random.default_rng(7)
+    values = (rng.integers(0, 40, (37, 23)) + np.arange(23) * 9).astype(dtype) * (1 if dtype == np.uint8 else 257)
+    filters = [int(kind) for kind in rng.integers(0, 5, 37)]
+    filters[:5] = [4, 3, 1, 2, 0]  # each filter on the first row, whose row above is zeros
+    data = png_of_rows(values.shape, 8 * values.dtype.itemsize, filtered_rows(values, filters), chunks)
+    assert png.plain_gray(data) is not None
+    decoded = decode_image(data, "filters.png")
+    assert decoded.dtype == values.dtype
+    np.testing.assert_array_equal(decoded, values)
+    np.testing.assert_array_equal(decoded, np.asarray(Image.open(io.BytesIO(data))))
+
+
+def test_an_unknown_row_filter_goes_to_pillow_and_names_the_file():
+    values = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    rows = bytearray(filtered_rows(values, [0] * 8))
+    rows[3 * 9] = 5  # the fourth row's filter byte: filter types end at 4
+    data = png_of_rows(values.shape, 8, bytes(rows))
+    layout = png.plain_gray(data)
+    assert layout is not None and png.decode_plain_gray(data, layout) is None
+    with pytest.raises(ImageReadError, match=r"odd_filter\.png.*not a readable image"):
+        decode_image(data, "odd_filter.png")
+
+
+def test_more_pixel_data_than_rows_is_not_decoded_here():
+    values = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    data = png_of_rows((4, 8), 8, filtered_rows(values, [0] * 8))  # the header says 4 rows; 8 follow
+    layout = png.plain_gray(data)
+    assert layout is not None and png.decode_plain_gray(data, layout) is None
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (2**31 - 1, 0)])
+def test_a_png_without_pixels_is_not_plain(shape):
+    assert png.plain_gray(png_of_rows(shape, 8, b"")) is None
 
 
 @pytest.mark.parametrize("pixel_data", ["half a stream", "half the rows"])
@@ -119,20 +189,22 @@ def test_pixel_data_broken_behind_right_checksums_is_decided_by_pillow(pixel_dat
     stream = stream[: len(stream) // 2] if pixel_data == "half a stream" else zlib.compress(rows[: len(rows) // 2])
     data = (png.SIGNATURE + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0))
             + png_chunk(b"IDAT", stream) + png_chunk(b"IEND", b""))
-    assert png.plain_gray_size(data) == (64, 64) and png.decode_plain_gray(data, (64, 64)) is None
+    layout = png.plain_gray(data)
+    assert layout is not None and (layout.height, layout.width) == (64, 64)
+    assert png.decode_plain_gray(data, layout) is None
     try:
         expected = np.asarray(Image.open(io.BytesIO(data)))
     except OSError:
         with pytest.raises(ImageReadError, match=r"broken\.png.*not a readable image"):
             decode_image(data, "broken.png")
-    else:  # Pillow fills the missing rows, as it did before OpenCV decoded any PNG
+    else:  # Pillow fills the missing rows, as it did before cellseg.png decoded any PNG
         np.testing.assert_array_equal(decode_image(data, "broken.png"), expected)
 
 
 def test_a_png_with_a_damaged_chunk_goes_to_pillow_and_names_the_file(tmp_path):
     data = bytearray(png_bytes())
     data[45] ^= 0xFF  # inside the first IDAT: its checksum no longer matches
-    assert png.plain_gray_size(bytes(data)) is None
+    assert png.plain_gray(bytes(data)) is None
     path = tmp_path / "flipped.png"
     path.write_bytes(bytes(data))
     with pytest.raises(ImageReadError, match=r"flipped\.png.*not a readable image"):
