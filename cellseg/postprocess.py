@@ -89,7 +89,8 @@ def split_touching_cells(mask: np.ndarray, min_cell_area: int = 0, split_depth: 
     # least `split_depth` deep can be h-maxima; the 5x5 window ignores ripples along ridges.
     candidates = _several_per_object(components, _tops(depth, 5) & (depth >= split_depth) & inside)
     candidates[1:] &= areas >= 2 * np.pi * split_depth**2  # two discs deep enough to count as cells
-    depth[~inside] = 0
+    # The blur spread some depth outside the objects; split_objects reads none of it (each object
+    # is worked on as its own pixels' heights, 0 around them).
     return split_objects(components, depth, split_depth, candidates)
 
 

@@ -72,9 +72,12 @@ def dome_markers(height: np.ndarray, h: float, inside: np.ndarray) -> tuple[np.n
     _check_box(height, inside)
     if height.dtype not in (np.float32, np.float64):
         raise ValueError(f"height must be float32 or float64, not {height.dtype}")
-    labels = np.zeros(height.shape, dtype=np.int32)
-    count = _domes(np.ascontiguousarray(height), height.dtype.type(h), np.ascontiguousarray(inside, dtype=bool), labels)
-    return labels, int(count)
+    lowest = height.min() if height.size else height.dtype.type(0)
+    # A ring around the box that `_domes` needs and never reaches: no top, never as high as a level.
+    ringed = np.pad(height, 1, constant_values=-np.inf)
+    labels = np.zeros(ringed.shape, dtype=np.int32)
+    count = _domes(ringed, height.dtype.type(h), np.pad(np.asarray(inside, dtype=bool), 1), labels, lowest)
+    return labels[1:-1, 1:-1], int(count)
 
 
 def _check_box(height: np.ndarray, *others: np.ndarray) -> None:
@@ -91,11 +94,11 @@ def flood_from_markers(height: np.ndarray, markers: np.ndarray, inside: np.ndarr
     representable in it) and finite. Of two equally high seed pixels, the first in raster order
     floods first."""
     _check_box(height, markers, inside)
-    # -1 outside the mask, 0 inside it until flooded, the marker's label where there is one.
-    work = np.where(inside, markers, -1).astype(np.int32)
-    _flood(np.ascontiguousarray(height, dtype=np.float32), work)
-    np.maximum(work, 0, out=work)
-    return work
+    # -1 outside the mask, 0 inside it until flooded, the marker's label where there is one; a
+    # ring of -1 around the box, which `_flood` needs.
+    work = np.pad(np.where(inside, markers, -1).astype(np.int32), 1, constant_values=-1)
+    _flood(np.pad(np.asarray(height, dtype=np.float32), 1), work)
+    return np.maximum(work[1:-1, 1:-1], 0)
 
 
 # Neighbours of a pixel, nearest first (skimage's order for the flood's ties).
@@ -124,39 +127,48 @@ def _split_all(height, h, wanted, corners, labels, next_label):  # pragma: no co
     for index in wanted:
         top, left = max(corners[0, index] - 1, 0), max(corners[1, index] - 1, 0)
         bottom, right = min(corners[2, index] + 2, rows), min(corners[3, index] + 2, columns)
-        cell = np.empty((bottom - top, right - left), dtype=np.bool_)
-        object_height = np.empty((bottom - top, right - left), dtype=np.float32)
-        for row in range(bottom - top):  # one pass for both: the box is read once
-            for column in range(right - left):
-                inside = labels[top + row, left + column] == index
-                cell[row, column] = inside
-                object_height[row, column] = height[top + row, left + column] if inside else np.float32(0)
-        markers = np.zeros(cell.shape, dtype=np.int32)
-        count = _domes(object_height, h, cell, markers)
-        if count < 2:
-            continue
-        work = markers  # the flood's work array: -1 outside the object, the markers inside it
+        # The object's heights in its box (0 around it), inside a ring of -inf that `_domes` and
+        # `_flood` need: one pass for both arrays, the box is read once.
+        cell = np.zeros((bottom - top + 2, right - left + 2), dtype=np.bool_)
+        object_height = np.full(cell.shape, -np.inf, dtype=np.float32)
+        lowest = np.float32(np.inf)
         for row in range(bottom - top):
             for column in range(right - left):
-                if not cell[row, column]:
-                    work[row, column] = -1
+                inside = labels[top + row, left + column] == index
+                cell[row + 1, column + 1] = inside
+                value = height[top + row, left + column] if inside else np.float32(0)
+                object_height[row + 1, column + 1] = value
+                lowest = min(lowest, value)
+        markers = np.zeros(cell.shape, dtype=np.int32)
+        count = _domes(object_height, h, cell, markers, lowest)
+        if count < 2:
+            continue
+        work = markers  # the flood's work array: -1 outside the object (the ring too), the markers inside it
+        flat_work, flat_cell = work.ravel(), cell.ravel()
+        for place in range(flat_work.size):
+            if not flat_cell[place]:
+                flat_work[place] = -1
         _flood(object_height, work)
         for row in range(bottom - top):
             for column in range(right - left):
-                if cell[row, column]:
-                    piece = work[row, column]
+                if cell[row + 1, column + 1]:
+                    piece = work[row + 1, column + 1]
                     labels[top + row, left + column] = index if piece == 1 else next_label + piece - 2
         next_label += count - 1
     return next_label
 
 
 @njit(cache=True, nogil=True)
-def _domes(height, h, inside, labels):  # pragma: no cover - compiled; tested through dome_markers
+def _domes(height, h, inside, labels, lowest):  # pragma: no cover - compiled; tested through dome_markers
+    # `height` is -inf and `inside` False on the box's outermost rows and columns (a ring around
+    # the pixels looked at, whose lowest height is `lowest`): the ring holds no top and no pixel
+    # as high as a dome's level, so no search leaves the box, and a neighbour is the pixel's index
+    # plus a fixed step, with no bounds to check.
     rows, columns = height.shape
     size = rows * columns
     flat, within = height.ravel(), inside.ravel()
     queue = np.empty(max(size, 1), dtype=np.int64)
-    lowest = flat.min() if size else height.dtype.type(0)
+    steps = _steps(columns)
     # The first pixel (in raster order) of each plateau no lower than its neighbours that could
     # top a dome. Adjacent tops are equally high, so a plateau is wholly above the lowest level
     # a dome may reach or wholly below it: the pixels below (the background around a cell, its
@@ -165,7 +177,7 @@ def _domes(height, h, inside, labels):  # pragma: no cover - compiled; tested th
     for row in range(rows):
         for column in range(columns):
             if height[row, column] - h > lowest:
-                tops[row * columns + column] = _is_top(height, row, column)
+                tops[row * columns + column] = _is_top(flat, row * columns + column, steps)
     seen = np.zeros(size, dtype=np.int32)
     firsts = np.empty(max(size, 1), dtype=np.int64)
     plateaus = 0
@@ -173,7 +185,7 @@ def _domes(height, h, inside, labels):  # pragma: no cover - compiled; tested th
         if tops[start] and not seen[start]:
             firsts[plateaus] = start
             plateaus += 1
-            _fill(tops, seen, start, 1, queue, rows, columns)
+            _fill(tops, seen, start, 1, queue, steps)
     firsts = firsts[:plateaus]
     values = flat[firsts]
     domes = np.zeros(size, dtype=np.bool_)
@@ -187,21 +199,19 @@ def _domes(height, h, inside, labels):  # pragma: no cover - compiled; tested th
         stamp[start] = rank + 1
         queue[0], head, tail, dome = start, 0, 1, True
         while head < tail and dome:
-            row, column = queue[head] // columns, queue[head] % columns
+            place = queue[head]
             head += 1
             for step in range(8):
-                next_row, next_column = row + _ROW_STEPS[step], column + _COLUMN_STEPS[step]
-                if 0 <= next_row < rows and 0 <= next_column < columns:
-                    neighbour = next_row * columns + next_column
-                    if stamp[neighbour] != rank + 1 and flat[neighbour] >= level:
-                        # A higher pixel, or one of a dome found from a higher top (an equally high
-                        # top's dome would hold this top already), makes this part no dome.
-                        if flat[neighbour] > value or domes[neighbour]:
-                            dome = False
-                            break
-                        stamp[neighbour] = rank + 1
-                        queue[tail] = neighbour
-                        tail += 1
+                neighbour = place + steps[step]
+                if stamp[neighbour] != rank + 1 and flat[neighbour] >= level:
+                    # A higher pixel, or one of a dome found from a higher top (an equally high
+                    # top's dome would hold this top already), makes this part no dome.
+                    if flat[neighbour] > value or domes[neighbour]:
+                        dome = False
+                        break
+                    stamp[neighbour] = rank + 1
+                    queue[tail] = neighbour
+                    tail += 1
         if dome:
             domes[queue[:tail]] = True
     # The domes within the mask, labelled 8-connected in raster order of their first pixel.
@@ -210,45 +220,54 @@ def _domes(height, h, inside, labels):  # pragma: no cover - compiled; tested th
     for start in range(size):
         if markers[start] and not marks[start]:
             count += 1
-            _fill(markers, marks, start, count, queue, rows, columns)
+            _fill(markers, marks, start, count, queue, steps)
     return count
 
 
 @njit(cache=True, nogil=True)
-def _fill(allowed, marks, start, value, queue, rows, columns):  # pragma: no cover - compiled
+def _fill(allowed, marks, start, value, queue, steps):  # pragma: no cover - compiled
     """Set `marks` to `value` over the 8-connected part of `allowed` around `start` not marked yet
-    (flat arrays of a rows x columns box; `queue` holds a pixel index per pixel of the box)."""
+    (flat arrays of a box whose outermost pixels are not `allowed`; `steps` from `_steps`;
+    `queue` holds a pixel index per pixel of the box)."""
     marks[start] = value
     queue[0], head, tail = start, 0, 1
     while head < tail:
-        row, column = queue[head] // columns, queue[head] % columns
+        place = queue[head]
         head += 1
         for step in range(8):
-            next_row, next_column = row + _ROW_STEPS[step], column + _COLUMN_STEPS[step]
-            if 0 <= next_row < rows and 0 <= next_column < columns:
-                neighbour = next_row * columns + next_column
-                if allowed[neighbour] and not marks[neighbour]:
-                    marks[neighbour] = value
-                    queue[tail] = neighbour
-                    tail += 1
+            neighbour = place + steps[step]
+            if allowed[neighbour] and not marks[neighbour]:
+                marks[neighbour] = value
+                queue[tail] = neighbour
+                tail += 1
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _is_top(height, row, column):  # pragma: no cover - compiled
-    """Whether no 8-neighbour within the box is higher than the pixel."""
-    rows, columns = height.shape
-    for step in range(8):
-        next_row, next_column = row + _ROW_STEPS[step], column + _COLUMN_STEPS[step]
-        if 0 <= next_row < rows and 0 <= next_column < columns and height[next_row, next_column] > height[row, column]:
+def _is_top(flat_height, place, steps):  # pragma: no cover - compiled
+    """Whether no 8-neighbour of a pixel off the box's outermost rows and columns is higher."""
+    for step in range(8):  # noqa: SIM110 - a loop numba compiles, where all() would take a generator
+        if flat_height[place + steps[step]] > flat_height[place]:
             return False
     return True
 
 
 @njit(cache=True, nogil=True)
+def _steps(columns):  # pragma: no cover - compiled
+    """The flat index steps to a pixel's 8 neighbours in a box `columns` wide, nearest first."""
+    steps = np.empty(8, dtype=np.int64)
+    for step in range(8):
+        steps[step] = _ROW_STEPS[step] * columns + _COLUMN_STEPS[step]
+    return steps
+
+
+@njit(cache=True, nogil=True)
 def _flood(height, work):  # pragma: no cover - compiled; tested through flood_from_markers
-    rows, columns = height.shape
+    # `work` is -1 on the box's outermost rows and columns, so every neighbour of a pixel the
+    # flood reaches lies in the box: a neighbour is the pixel's index plus a fixed step, with no
+    # bounds to check and no division to find the pixel's row and column.
     flat_height, flat_work = height.ravel(), work.ravel()
     size = flat_work.size
+    steps = _steps(height.shape[1])
     # Every pixel that can enter the queue gets the rank of its level (-height) among the box's
     # distinct levels; the queue is a list per rank, and the rank of the list popped from never
     # falls, because a pixel enters at its own level or the one it was reached from, if higher.
@@ -290,13 +309,9 @@ def _flood(height, work):  # pragma: no cover - compiled; tested through flood_f
         first[level] = following[place]
         if first[level] < 0:
             last[level] = -1
-        row, column = place // columns, place % columns
         label = flat_work[place]
         for step in range(8):
-            next_row, next_column = row + _ROW_STEPS[step], column + _COLUMN_STEPS[step]
-            if not (0 <= next_row < rows and 0 <= next_column < columns):
-                continue
-            neighbour = next_row * columns + next_column
+            neighbour = place + steps[step]
             if flat_work[neighbour] != 0:
                 continue
             flat_work[neighbour] = label
