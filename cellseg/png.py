@@ -11,6 +11,7 @@ their checksums compared first: a truncated or damaged file never reaches the de
 from __future__ import annotations
 
 import struct
+import sys
 import zlib
 from typing import NamedTuple
 
@@ -84,7 +85,10 @@ def decode_plain_gray(data: bytes, layout: PlainGray) -> np.ndarray | None:
         return None
     if sample_bytes == 1:
         return rows
-    return rows.view(">u2").astype(np.uint16)  # PNG stores 16-bit samples big-endian
+    samples = rows.view(np.uint16)  # PNG stores 16-bit samples big-endian: turned in place, no copy
+    if sys.byteorder == "little":
+        samples.byteswap(inplace=True)
+    return samples
 
 
 @njit(cache=True, nogil=True, inline="always")
