@@ -73,7 +73,8 @@ def decode_plain_gray(data: bytes, layout: PlainGray) -> np.ndarray | None:
     height x width first: the rows are allocated at that size."""
     sample_bytes = layout.bit_depth // 8
     row_bytes = layout.width * sample_bytes
-    stream = b"".join(data[span] for span in layout.pixel_data)
+    view = memoryview(data)
+    stream = b"".join(view[span] for span in layout.pixel_data)  # one copy of the pixel data, not two
     try:
         filtered = imagecodecs.deflate_decode(stream, out=layout.height * (row_bytes + 1))
     except imagecodecs.DeflateError:
