@@ -331,7 +331,10 @@ class PredictConfig(_Config):
         description="pixels shared by neighbouring tiles, blended linearly; unset: 128, or half the tile for tiles "
                     "under 256 px; at most three quarters of tile_size, so that tiles advance by a quarter tile or more",
     )
-    threads: int | None = Field(None, ge=1, description="torch CPU threads for this process; None keeps torch's choice")
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads of each model pass; None: segment-images' shards on its thread pool "
+                                "split the cores between those running (a shard left running alone takes them all), "
+                                "a large image's blocks take an equal share each, and elsewhere torch chooses")
     keep_freed_memory: bool = Field(
         True, description="on CPU with glibc, keep memory the forward pass frees for the next pass instead of "
                           "returning it to the OS, which then faults it back in page by page (process-wide, "

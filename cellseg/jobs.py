@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +45,7 @@ from cellseg.model_source import ModelSource, shared_predictor
 from cellseg.pairs import ImagePair, LoadedPair, load_pairs, manifest_hash, pair_images_and_masks, split_train_val
 from cellseg.redact import redact_text, redact_url
 from cellseg.report import training_pictures
-from cellseg.runtime import resolve_device, set_threads
+from cellseg.runtime import SHARD_CORES, available_cores, resolve_device, set_threads
 from cellseg.segment import SegmentReport, model_record, pending_images, segment_images
 from cellseg.size_model import (
     MAGNIFICATIONS,
@@ -352,18 +351,23 @@ def large_images(images: Shard, job: SegmentJob) -> Shard:
     return [pair for pair, shape in zip(images, shapes, strict=True) if shape is not None]
 
 
-def segment_shard(job: SegmentJob, shard: Shard, on_image: Callable[[str], None] | None = None) -> SegmentReport:
+def segment_shard(job: SegmentJob, shard: Shard, on_image: Callable[[str], None] | None = None,
+                  beside_others: bool = False) -> SegmentReport:
     """Segment one shard into the store with the job's (pinned) model, loaded once per process.
 
     Images done meanwhile (by an earlier attempt, or another run on the same store) are skipped;
     bad images are recorded in the store and in the report, and the shard carries on.
+    `beside_others`: the shard runs beside others in this process (a run's thread pool); without a
+    thread count in the job, and off Dask (whose workers keep their own), it takes its share of
+    the process's cores before each batch (`cellseg.runtime.CoreShare`).
     """
     predictor = shared_predictor(model_source(job), job.predict)
     store = ResultStore.open(job.store_url)
     done_before = store.done_among([image_id for image_id, _ in shard])
     remaining = [(image_id, url) for image_id, url in shard if image_id not in done_before]
+    cores = SHARD_CORES if beside_others and job.dask_address is None else None
     report = segment_images(remaining, store, predictor, model_record(predictor, model_source(job).location()),
-                            on_image=on_image)
+                            on_image=on_image, cores=cores)
     report.skipped[:0] = sorted(done_before)
     return report
 
@@ -384,11 +388,8 @@ def run_segmentation(
     if on_plan is not None:
         on_plan(plan.pending)
     report = segment_shard(job, [pair for shard in plan.shards for pair in shard], on_image)
-    if plan.large and job.predict.threads is None:
-        job = job.model_copy(update={"predict": job.predict.model_copy(
-            update={"threads": threads_per_shard(job, os.cpu_count() or 1)})})
     for image_id, url in plan.large:
-        large = LargeImage(job, image_id, url).run(workers=job.max_parallel_shards)
+        large = LargeImage(with_block_threads(job), image_id, url).run(workers=job.max_parallel_shards)
         report.done += large.done
         report.failed += large.failed
         report.warnings += large.warnings
@@ -475,3 +476,12 @@ def threads_per_shard(job: SegmentJob, cpu_count: int) -> int | None:
     if job.dask_address:
         return None
     return max(1, cpu_count // job.max_parallel_shards)
+
+
+def with_block_threads(job: SegmentJob) -> SegmentJob:
+    """The job for a large image's blocks, which run `max_parallel_shards` at a time: without a
+    thread count of its own, each block's passes get its share of the cores (`threads_per_shard`)."""
+    if job.predict.threads is not None:
+        return job
+    return job.model_copy(update={"predict": job.predict.model_copy(
+        update={"threads": threads_per_shard(job, available_cores())})})

@@ -58,6 +58,44 @@ def set_threads(threads: int | None) -> None:
         cv2.setNumThreads(threads)
 
 
+class CoreShare:
+    """This process's cores split between the shard loops running in it now. Before each batch a
+    loop takes `cores // loops running` threads (torch's, for its own passes, and OpenCV's), so
+    the cores a finished shard frees go to the shards still running: the last shard of a run,
+    or the short one at its end, no longer runs on its share alone while the others' cores idle."""
+
+    def __init__(self, cores: int) -> None:
+        self.cores = max(1, cores)
+        self._running = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def taking_part(self) -> Iterator[Callable[[], int]]:
+        """Count the calling loop as running while inside; yields the function that sets the calling
+        thread's threads to its share of the moment (and returns it)."""
+        with self._lock:
+            self._running += 1
+        taken = 0
+
+        def take() -> int:
+            nonlocal taken
+            threads = max(1, self.cores // max(1, self._running))
+            if threads != taken:
+                set_threads(threads)
+                taken = threads
+            return threads
+
+        try:
+            yield take
+        finally:
+            with self._lock:
+                self._running -= 1
+
+
+SHARD_CORES = CoreShare(available_cores())
+"""The cores of the shards that one run's thread pool runs in this process (`segment-images`)."""
+
+
 class PassGate:
     """Forward passes of this process's threads run side by side; a pass that compiles runs alone.
 

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ from cellseg.pairs import group_by_stem
 from cellseg.postprocess import CellMaps
 from cellseg.read_ahead import ReadAhead
 from cellseg.redact import redact_text, redact_url
-from cellseg.runtime import set_threads
+from cellseg.runtime import CoreShare, set_threads
 from cellseg.store import ResultStore
 from cellseg.store_checks import StoreError, StoreWriteError, unwritable, validate_image_id
 
@@ -150,6 +150,7 @@ def segment_images(
     model: dict[str, Any],
     storage_options: StorageOptions = None,
     on_image: Callable[[str], None] | None = None,
+    cores: CoreShare | None = None,
 ) -> SegmentReport:
     """Segment (id, url) pairs into `store`; an unreadable image is recorded as failed and skipped.
     The warnings of a done image (only page 0 of a multi-page file used, an image without
@@ -163,6 +164,9 @@ def segment_images(
     `Predictor.postprocess_workers` > 0 (on CUDA by default) as many worker processes label and
     measure for as many writer threads (`cellseg.label_workers`; one pool per process, kept for
     the next shard); with 0 (on CPU, where the cores run the model) one writer thread does it all.
+
+    With `cores` and no thread count in the predictor's settings, the model's threads are this
+    loop's share of the process's cores, taken again before each batch (`CoreShare`).
     """
     report = SegmentReport()
     started = time.monotonic()
@@ -170,6 +174,8 @@ def segment_images(
     # new thread (each run's shard threads) takes the process's count of the moment, which a cached
     # predictor's construction no longer decides once anything else in the process has set it.
     set_threads(predictor.config.threads)
+    share: AbstractContextManager[Callable[[], int] | None] = (
+        cores.taking_part() if cores is not None and predictor.config.threads is None else nullcontext(None))
     writers = max(1, predictor.postprocess_workers)
     ahead = 2 * max(predictor.batch_size, writers)
     writes: deque[Future[tuple[str, str, str | None, int, dict[str, float]]]] = deque()
@@ -224,9 +230,11 @@ def segment_images(
             return _read(url, storage_options, predictor.config)
 
     labelling = shared_label_workers(predictor.postprocess_workers)
-    with ReadAhead(images, read, lambda result: result[0].nbytes, min_ahead=ahead) as reads, \
+    with share as take_threads, ReadAhead(images, read, lambda result: result[0].nbytes, min_ahead=ahead) as reads, \
             ThreadPoolExecutor(max_workers=writers, thread_name_prefix="cellseg-write") as writer:
         while not stopped and (taken := reads.take(predictor.batch_size)):
+            if take_threads is not None:
+                take_threads()
             batch: list[tuple[str, str, np.ndarray, list[str], dict[str, Any]]] = []
             for image_id, url, result in taken:
                 try:

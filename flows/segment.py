@@ -9,7 +9,6 @@ flow adds parallelism, retries, GPU slots and artifacts."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -42,7 +41,7 @@ from cellseg.jobs import (
     pin_model,
     plan_segmentation,
     segment_shard,
-    threads_per_shard,
+    with_block_threads,
 )
 from cellseg.pictures import picture_markdown
 from cellseg.redact import redact_url
@@ -74,7 +73,7 @@ def segment_one_shard(shard: Shard, job: SegmentJob) -> dict[str, Any]:
     Images done by an earlier attempt are skipped; bad images are recorded and the shard goes on."""
     configure_storage()
     with gpu_slot(resolve_device(job.predict.device).type == "cuda"):
-        report = segment_shard(job, shard)
+        report = segment_shard(job, shard, beside_others=True)
     return _shard_result(report)
 
 
@@ -207,9 +206,6 @@ def _segment_images(job: SegmentJob | None, job_variable: str | None) -> dict[st
     if (job is None) == (job_variable is None):
         raise ValueError("segment-images takes either a job or the name of a Prefect variable holding one (job_variable)")
     job = worker_job(job if job is not None else job_from_variable(cast(str, job_variable), SegmentJob))
-    if job.predict.threads is None:
-        threads = threads_per_shard(job, os.cpu_count() or 1)
-        job = job.model_copy(update={"predict": job.predict.model_copy(update={"threads": threads})})
     logger = get_run_logger()
     started = time.monotonic()
     job = resolve_model(job)
@@ -240,7 +236,8 @@ def _segment_images(job: SegmentJob | None, job_variable: str | None) -> dict[st
     for image_id, url in plan.large:  # one image at a time, its blocks in parallel
         logger.info("segmenting '%s' block by block", redact_url(url))
         with with_run_tags():
-            results.append(segment_large_image.with_options(task_runner=runner())(job, image_id, url, gpu=gpu))
+            results.append(segment_large_image.with_options(task_runner=runner())(
+                with_block_threads(job), image_id, url, gpu=gpu))
     if not (plan.shards or plan.large):
         logger.info("nothing to do: no new images under %s", redact_url(job.source_url))
 

@@ -15,6 +15,7 @@ from cellseg import __version__
 from cellseg.config import PredictConfig
 from cellseg.infer import Predictor
 from cellseg.io import list_images, read_image
+from cellseg.runtime import CoreShare
 from cellseg.segment import CPU_STAGES, SegmentReport, cpu_line, model_record, pending_images, segment_images
 from cellseg.stats import STATISTIC_FIELDS
 from cellseg.store import ResultStore, StoreError
@@ -181,6 +182,43 @@ def test_a_run_uses_its_predictors_threads_whatever_the_process_set_since(image_
     finally:
         torch.set_num_threads(before)
     assert len(seen) == len(GOOD) + len(CORRUPT) and set(seen) == {1}
+
+
+def test_cores_are_split_between_the_loops_running_now():
+    share = CoreShare(4)
+    with share.taking_part() as first:
+        assert first() == 4
+        with share.taking_part() as second, share.taking_part() as third:
+            assert first() == second() == third() == 1
+        with share.taking_part() as second:
+            assert first() == second() == 2
+        assert first() == 4
+    with CoreShare(1).taking_part() as alone:
+        assert alone() == 1
+
+
+def test_a_loop_takes_the_cores_that_a_finished_one_leaves(image_dir, store, tiny_checkpoint):
+    """Without a thread count in its settings, a loop beside another runs on its half of the cores,
+    and on all of them once the other has finished (the last shard of a run, or a short one)."""
+    import threading
+
+    config = PredictConfig(device="cpu", min_cell_area=MIN_CELL_AREA, compile=False)
+    predictor = Predictor.from_checkpoint(str(tiny_checkpoint), config)
+    cores = CoreShare(4)
+    other = cores.taking_part()
+    other.__enter__()  # another shard's loop, running while this one starts
+    seen: list[int] = []
+
+    def finished(_: str) -> None:
+        seen.append(torch.get_num_threads())
+        if len(seen) == 1:
+            other.__exit__(None, None, None)
+
+    worker = threading.Thread(target=lambda: run(image_dir, store, predictor, on_image=finished, cores=cores))
+    worker.start()
+    worker.join(timeout=120)
+    assert len(seen) == len(GOOD) + len(CORRUPT)
+    assert seen[0] == 2 and seen[-1] == 4
 
 
 def test_second_run_skips_done_images_and_retries_failures(image_dir, store, predictor):
