@@ -470,18 +470,11 @@ class LargeImage:
         return model_record(self._predictor(), model_source(self.job).location())
 
 
-def threads_per_shard(job: SegmentJob, cpu_count: int) -> int | None:
-    """Torch threads per shard when shards share one machine: the cores split between them, so
-    parallel shards never oversubscribe the CPU; None on Dask (workers keep their own setting)."""
-    if job.dask_address:
-        return None
-    return max(1, cpu_count // job.max_parallel_shards)
-
-
 def with_block_threads(job: SegmentJob) -> SegmentJob:
-    """The job for a large image's blocks, which run `max_parallel_shards` at a time: without a
-    thread count of its own, each block's passes get its share of the cores (`threads_per_shard`)."""
-    if job.predict.threads is not None:
+    """The job for a large image's blocks, which run `max_parallel_shards` at a time on one machine:
+    without a thread count of its own, each block's passes get an equal share of the cores, so the
+    blocks never oversubscribe the CPU. On Dask the workers keep their own setting."""
+    if job.predict.threads is not None or job.dask_address:
         return job
-    return job.model_copy(update={"predict": job.predict.model_copy(
-        update={"threads": threads_per_shard(job, available_cores())})})
+    threads = max(1, available_cores() // job.max_parallel_shards)
+    return job.model_copy(update={"predict": job.predict.model_copy(update={"threads": threads})})
