@@ -59,7 +59,18 @@ from cellseg.postprocess import CellMaps, cell_labels
 from cellseg.redact import redact_url
 from cellseg.scale import scale_factor
 from cellseg.stats import label_areas
-from cellseg.stitch import BlockGrid, Box, halve, join_labels, pack_ring, pyramid_shapes, seam_pairs, unpack_ring
+from cellseg.stitch import (
+    BlockGrid,
+    Box,
+    halve,
+    join_labels,
+    pack_edges,
+    pack_ring,
+    pyramid_shapes,
+    seam_pairs,
+    unpack_ring,
+    written_labels,
+)
 from cellseg.store import (
     CELL_TABLE,
     CELLS_PATH,
@@ -77,6 +88,8 @@ from cellseg.tiling import fitted_tile
 logger = logging.getLogger(__name__)
 
 TODO, PREDICTED, EMPTY, MEASURED = 0, 1, 2, 3  # a block's stage, column 0 of the scratch `state`
+# The scratch's arrays, in the plan: a run left by a cellseg with other ones starts over (2: `edges`).
+SCRATCH_LAYOUT = 2
 SAMPLE_PIXELS = 1 << 24  # pixels sampled for the percentiles of images without a histogram (not 8/16-bit)
 SUM_COLUMNS = ("label", "area", "intensity_integrated")  # what is kept of each cell without measure_cells
 # Settings that do not change a result: a rerun with other values takes up the blocks done before.
@@ -270,7 +283,7 @@ def prepare_image(store: ResultStore, image_id: str, url: str, source: Source, p
     if height * width > config.blocks.max_pixels:
         raise StoreError(f"'{redact_url(url)}' has {height} x {width} pixels, over the block-wise limit of "
                          f"{config.blocks.max_pixels} (raise predict.blocks.max_pixels to allow it)")
-    plan = {"shape": [height, width], "dtype": np.dtype(source.dtype).str, "source_url": redact_url(url),
+    plan = {"scratch": SCRATCH_LAYOUT, "shape": [height, width], "dtype": np.dtype(source.dtype).str, "source_url": redact_url(url),
             "model": predictor.model_version, "predict": config.model_dump(mode="json", exclude=NOT_IN_PLAN)}
     try:
         scratch: Scratch | None = Scratch.open(store, image_id)
@@ -337,8 +350,9 @@ def _create_arrays(store: ResultStore, image_id: str, grid: BlockGrid, dtype: np
     if config.save_probabilities:
         store.blank_array(f"{image_id}/{PROBABILITIES_PATH}", grid.shape, np.float16, chunks)
     store.blank_array(f"{image_id}/blocks/labels", grid.shape, np.int32, chunks, every_chunk=False)
-    store.blank_array(f"{image_id}/blocks/ring", (grid.count, *grid.ring_slot), np.int32, (1, *grid.ring_slot),
-                      every_chunk=False, dimension_names=("block", "side", "row", "column"))
+    for name, slot in (("ring", grid.ring_slot), ("edges", grid.edge_slot)):
+        store.blank_array(f"{image_id}/blocks/{name}", (grid.count, *slot), np.int32, (1, *slot), every_chunk=False,
+                          dimension_names=("block", "side", "row", "column"))
     store.blank_array(f"{image_id}/blocks/state", (grid.count, 4), np.int64, (1, 4), every_chunk=False,
                       dimension_names=("block", "field"))
     if histogram is not None:
@@ -380,6 +394,7 @@ def predict_block(store: ResultStore, image_id: str, index: int, source: Source,
         scratch.image_array(PROBABILITIES_PATH)[target] = maps.probability[inner].astype(np.float16)
     scratch.image_array(MASK_PATH)[target] = (local[inner] > 0).astype(np.uint8)
     scratch.array("labels")[target] = local[inner]
+    scratch.array("edges")[index] = pack_edges(grid, index, local[inner])
     scratch.array("ring")[index] = pack_ring(grid, index, local, window)
     scratch.set_state(index, PREDICTED, core_labels, total)
     return "predicted"
@@ -411,12 +426,13 @@ def stitch_image(store: ResultStore, image_id: str) -> dict[str, Any]:
     core_labels = state[:, 1]
     offsets = np.concatenate([[0], np.cumsum(core_labels)])
     total = int(offsets[-1])
-    labels, ring = scratch.array("labels"), scratch.array("ring")
+    ring, edges = scratch.array("ring"), _EdgeReader(scratch.array("edges"), grid.cols)
     joined = []
     for index in np.flatnonzero(state[:, 0] != EMPTY):
+        edges.forget_rows_above(int(index) // grid.cols - 1)
         views, written = [], []
         for box, view in unpack_ring(grid, int(index), np.asarray(ring[int(index)])):
-            local = np.asarray(labels[box[0]:box[1], box[2]:box[3]])
+            local = written_labels(grid, box, edges)
             views.append(view.ravel())
             written.append(np.where(local > 0, offsets[grid.owners(box)] + local, 0).ravel())
         if views:
@@ -458,15 +474,14 @@ def measure_block(store: ResultStore, image_id: str, index: int, source: Source)
     grid, stitched, config = scratch.grid, scratch.attrs["stitch"], scratch.config
     offsets = stitched["offsets"]
     core, window = grid.core(index), grid.window(index)
-    local = np.asarray(scratch.array("labels")[window[0]:window[1], window[2]:window[3]])
-    owners = grid.owners(window)
-    cells = np.zeros(local.shape, dtype=np.int32)
-    final = scratch.array("final")
-    for owner in grid.neighbourhood(index):
-        lookup = np.asarray(final[offsets[owner]: offsets[owner + 1] + 1])
-        lookup[0] = 0
-        here = owners == owner
-        cells[here] = lookup[local[here]]
+    local = _window_labels(scratch, index)
+    # Block b's label k is label offsets[b] + k of the stitch's lookup `final`; the neighbourhood's
+    # labels are one span of it (its blocks lie in three rows, in raster order).
+    neighbourhood = grid.neighbourhood(index)
+    first, last = offsets[neighbourhood[0]], offsets[neighbourhood[-1] + 1]
+    lookup = np.asarray(scratch.array("final")[first: last + 1])
+    numbered = np.asarray(offsets, dtype=np.int64)[grid.owners(window)] - first + local
+    cells = np.where(local > 0, lookup[numbered], 0).astype(np.int32)
     inner = (slice(core[0] - window[0], core[1] - window[0]), slice(core[2] - window[2], core[3] - window[2]))
     scratch.image_array(CELLS_PATH)[core[0]:core[1], core[2]:core[3]] = cells[inner]
     start, count = stitched["starts"][index], stitched["owned"][index]
@@ -481,6 +496,38 @@ def measure_block(store: ResultStore, image_id: str, index: int, source: Source)
         scratch.array("table")[index * stitched["rows"]: index * stitched["rows"] + count] = rows
     scratch.set_state(index, MEASURED, int(state[1]), int(state[2]), oversized)
     return "measured"
+
+
+class _EdgeReader:
+    """Blocks' edge bands (`stitch.pack_edges`) from the scratch, each read once while kept."""
+
+    def __init__(self, array: zarr.Array, cols: int):
+        self.array, self.cols = array, cols
+        self.read: dict[int, np.ndarray] = {}
+
+    def __call__(self, block: int) -> np.ndarray:
+        if block not in self.read:
+            self.read[block] = np.asarray(self.array[block])
+        return self.read[block]
+
+    def forget_rows_above(self, row: int) -> None:
+        """Let go of the bands of blocks in rows above `row` (the blocks are taken in raster order)."""
+        self.read = {block: bands for block, bands in self.read.items() if block // self.cols >= row}
+
+
+def _window_labels(scratch: Scratch, index: int) -> np.ndarray:
+    """The labels that the blocks wrote over block `index`'s window: its core's from the scratch
+    labels, the ring's from its neighbours' edge bands (a fraction of their cores' chunks)."""
+    grid = scratch.grid
+    core, window = grid.core(index), grid.window(index)
+    labels = np.zeros((window[1] - window[0], window[3] - window[2]), dtype=np.int32)
+    labels[core[0] - window[0]: core[1] - window[0], core[2] - window[2]: core[3] - window[2]] = \
+        scratch.array("labels")[core[0]:core[1], core[2]:core[3]]
+    edges = _EdgeReader(scratch.array("edges"), grid.cols)
+    for top, bottom, left, right in grid.ring(index):
+        labels[top - window[0]: bottom - window[0], left - window[2]: right - window[2]] = \
+            written_labels(grid, (top, bottom, left, right), edges)
+    return labels
 
 
 def _cell_rows(cells: np.ndarray, image: np.ndarray, measure: bool) -> np.ndarray:

@@ -4,7 +4,7 @@ cell, and halving a region for the pyramid. Arrays in, arrays out; no I/O."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,20 +77,73 @@ class BlockGrid:
         right strips transposed."""
         return SIDES, self.overlap, self.block + 2 * self.overlap
 
+    def edges(self, index: int) -> list[Box]:
+        """The bands of block `index`'s core that its neighbours' rings cover: the `overlap`
+        pixels inside each side of the core (fewer in a narrower core), top and bottom across the
+        core, then left and right."""
+        top, bottom, left, right = self.core(index)
+        reach = self.overlap
+        return [(top, min(top + reach, bottom), left, right), (max(bottom - reach, top), bottom, left, right),
+                (top, bottom, left, min(left + reach, right)), (top, bottom, max(right - reach, left), right)]
+
+    @property
+    def edge_slot(self) -> tuple[int, int, int]:
+        """Shape of one block's edge bands as stored: (SIDES, overlap, block), the left and right
+        bands transposed."""
+        return SIDES, self.overlap, self.block
+
 
 def pack_ring(grid: BlockGrid, index: int, labels: np.ndarray, window: Box) -> np.ndarray:
     """Block `index`'s labels over its ring, cut from its window's `labels`, as a `ring_slot` array."""
-    slots = np.zeros(grid.ring_slot, dtype=np.int32)
-    for side, (top, bottom, left, right) in enumerate(grid.ring(index)):
-        strip = labels[top - window[0]: bottom - window[0], left - window[2]: right - window[2]]
+    return _pack(grid.ring(index), labels, window, grid.ring_slot)
+
+
+def unpack_ring(grid: BlockGrid, index: int, slots: np.ndarray) -> Iterator[tuple[Box, np.ndarray]]:
+    """(box, labels) of each non-empty strip of a ring that `pack_ring` stored."""
+    return _unpack(grid.ring(index), slots)
+
+
+def pack_edges(grid: BlockGrid, index: int, core_labels: np.ndarray) -> np.ndarray:
+    """Block `index`'s labels over its edge bands, cut from its core's `core_labels`, as an
+    `edge_slot` array: all that its neighbours need of its core to stitch and measure."""
+    return _pack(grid.edges(index), core_labels, grid.core(index), grid.edge_slot)
+
+
+def written_labels(grid: BlockGrid, box: Box, edges_of: Callable[[int], np.ndarray]) -> np.ndarray:
+    """(h, w) int32: the labels that the blocks owning the pixels of `box` wrote in their cores,
+    from their edge bands (`edges_of(block)`: what `pack_edges` stored). `box` must lie within
+    `overlap` of a side of each core it crosses, as every strip of a ring does."""
+    top, bottom, left, right = box
+    labels = np.zeros((bottom - top, right - left), dtype=np.int32)
+    for row in range(top // grid.block, -(-bottom // grid.block)):
+        for col in range(left // grid.block, -(-right // grid.block)):
+            owner = row * grid.cols + col
+            core = grid.core(owner)
+            part = (max(top, core[0]), min(bottom, core[1]), max(left, core[2]), min(right, core[3]))
+            for band, strip in _unpack(grid.edges(owner), edges_of(owner)):
+                if band[0] <= part[0] and part[1] <= band[1] and band[2] <= part[2] and part[3] <= band[3]:
+                    labels[part[0] - top: part[1] - top, part[2] - left: part[3] - left] = \
+                        strip[part[0] - band[0]: part[1] - band[0], part[2] - band[2]: part[3] - band[2]]
+                    break
+            else:
+                raise ValueError(f"pixels {part} of block {owner} lie outside its edge bands")
+    return labels
+
+
+def _pack(boxes: list[Box], labels: np.ndarray, origin: Box, shape: tuple[int, int, int]) -> np.ndarray:
+    """The strips `boxes` of `labels` (whose first pixel is `origin`'s corner) in slots of `shape`,
+    the third and fourth transposed."""
+    slots = np.zeros(shape, dtype=np.int32)
+    for side, (top, bottom, left, right) in enumerate(boxes):
+        strip = labels[top - origin[0]: bottom - origin[0], left - origin[2]: right - origin[2]]
         strip = strip if side < 2 else strip.T
         slots[side, : strip.shape[0], : strip.shape[1]] = strip
     return slots
 
 
-def unpack_ring(grid: BlockGrid, index: int, slots: np.ndarray) -> Iterator[tuple[Box, np.ndarray]]:
-    """(box, labels) of each non-empty strip of a ring that `pack_ring` stored."""
-    for side, box in enumerate(grid.ring(index)):
+def _unpack(boxes: list[Box], slots: np.ndarray) -> Iterator[tuple[Box, np.ndarray]]:
+    """(box, labels) of each non-empty strip that `_pack` stored."""
+    for side, box in enumerate(boxes):
         height, width = box[1] - box[0], box[3] - box[2]
         if height and width:
             yield box, slots[side, :height, :width] if side < 2 else slots[side, :width, :height].T
@@ -104,13 +157,18 @@ def seam_pairs(view: np.ndarray, written: np.ndarray) -> np.ndarray:
     both = (view > 0) & (written > 0)
     if not both.any():
         return np.zeros((0, 2), dtype=np.int64)
-    view_ids, view_sizes = np.unique(view[view > 0], return_counts=True)
-    written_ids, written_sizes = np.unique(written[written > 0], return_counts=True)
-    pairs, overlaps = np.unique(np.stack([view[both], written[both]]).astype(np.int64), axis=1, return_counts=True)
+    view_sizes = np.bincount(view.ravel())  # block-local labels: as many as the window holds
+    present = written[written > 0]
+    lowest = int(present.min())
+    written_sizes = np.bincount(present - lowest)  # the labels of the (up to 8) neighbours around
+    span = len(written_sizes)
+    # One sort of 1-D keys, in the order of (view, written) pairs.
+    keys, overlaps = np.unique(view[both].astype(np.int64) * span + (written[both] - lowest), return_counts=True)
+    pairs = np.stack([keys // span, keys % span + lowest])
     best_for_view = _largest(pairs[0], overlaps)
     best_for_written = _largest(pairs[1], overlaps)
     mutual = best_for_view & best_for_written
-    union = view_sizes[np.searchsorted(view_ids, pairs[0])] + written_sizes[np.searchsorted(written_ids, pairs[1])] - overlaps
+    union = view_sizes[pairs[0]] + written_sizes[pairs[1] - lowest] - overlaps
     chosen = mutual & (overlaps >= MIN_JOIN_IOU * union)
     return pairs[:, chosen].T
 

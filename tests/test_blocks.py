@@ -30,7 +30,7 @@ from cellseg.model_source import ModelSource, load_predictor
 from cellseg.normalize import histogram_lut, normalize_image
 from cellseg.postprocess import cell_labels
 from cellseg.stats import image_statistics
-from cellseg.stitch import BlockGrid, join_labels, pack_ring, seam_pairs, unpack_ring
+from cellseg.stitch import BlockGrid, join_labels, pack_edges, pack_ring, seam_pairs, unpack_ring, written_labels
 from cellseg.store import ResultStore
 from cellseg.synth import generate_sample, mosaic_tiles
 from cellseg.tiling import fitted_tile, tile_starts
@@ -106,6 +106,39 @@ def test_seam_pairs_join_mutual_best_overlaps_only():
     # 3-9: each the other's best, but IoU 2/8: two cells, not joined.
     assert seam_pairs(view, written).tolist() == [[1, 7], [2, 8]]
     assert seam_pairs(np.array([1, 1, 0]), np.array([0, 0, 4])).shape == (0, 2)
+
+
+def test_seam_pairs_follow_the_rule_on_labels_of_many_cells():
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        view = rng.integers(0, rng.integers(2, 40), 3000)
+        written = np.where(rng.random(3000) < 0.2, 0, view * 3 + 1000 + rng.integers(0, 3, 3000))
+        pairs = {(a, b) for a, b in seam_pairs(view, written).tolist()}
+        # The rule spelled out pair by pair: each the other's largest overlap (the smaller label on
+        # a tie), intersection over union at least 0.5.
+        overlap = {}
+        for a, b in zip(view.tolist(), written.tolist(), strict=True):
+            if a and b:
+                overlap[a, b] = overlap.get((a, b), 0) + 1
+        best_view = {a: min((-n, b) for (x, b), n in overlap.items() if x == a)[1] for a, _ in overlap}
+        best_written = {b: min((-n, a) for (a, y), n in overlap.items() if y == b)[1] for _, b in overlap}
+        expected = {(a, b) for (a, b), n in overlap.items() if best_view[a] == b and best_written[b] == a
+                    and n >= 0.5 * (np.count_nonzero(view == a) + np.count_nonzero(written == b) - n)}
+        assert pairs == expected
+
+
+@pytest.mark.parametrize("shape", [(1000, 700), (1030, 790)])  # last cores of 6 and 22 pixels: under the overlap
+def test_edge_bands_give_back_what_the_neighbours_wrote_over_every_ring(shape):
+    grid = BlockGrid(shape, 256, 64)
+    labels = np.random.default_rng(6).integers(0, 1 << 20, shape).astype(np.int32)
+    edges = {index: pack_edges(grid, index, labels[(core := grid.core(index))[0]:core[1], core[2]:core[3]])
+             for index in range(grid.count)}
+    for index in range(grid.count):
+        for top, bottom, left, right in grid.ring(index):
+            np.testing.assert_array_equal(written_labels(grid, (top, bottom, left, right), edges.__getitem__),
+                                          labels[top:bottom, left:right])
+    with pytest.raises(ValueError, match="outside its edge bands"):
+        written_labels(grid, (300, 400, 300, 400), edges.__getitem__)  # the middle of block 4's core
 
 
 def test_join_labels_numbers_each_joined_set_once_in_order():
