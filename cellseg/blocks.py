@@ -480,7 +480,9 @@ def measure_block(store: ResultStore, image_id: str, index: int, source: Source)
     neighbourhood = grid.neighbourhood(index)
     first, last = offsets[neighbourhood[0]], offsets[neighbourhood[-1] + 1]
     lookup = np.asarray(scratch.array("final")[first: last + 1])
-    numbered = np.asarray(offsets, dtype=np.int64)[grid.owners(window)] - first + local
+    numbered = np.asarray(offsets, dtype=np.int64)[grid.owners(window)]
+    numbered += local
+    numbered -= first
     cells = np.where(local > 0, lookup[numbered], 0).astype(np.int32)
     inner = (slice(core[0] - window[0], core[1] - window[0]), slice(core[2] - window[2], core[3] - window[2]))
     scratch.image_array(CELLS_PATH)[core[0]:core[1], core[2]:core[3]] = cells[inner]
