@@ -479,11 +479,13 @@ def measure_block(store: ResultStore, image_id: str, index: int, source: Source)
     # labels are one span of it (its blocks lie in three rows, in raster order).
     neighbourhood = grid.neighbourhood(index)
     first, last = offsets[neighbourhood[0]], offsets[neighbourhood[-1] + 1]
-    lookup = np.asarray(scratch.array("final")[first: last + 1])
-    numbered = np.asarray(offsets, dtype=np.int64)[grid.owners(window)]
-    numbered += local
-    numbered -= first
-    cells = np.where(local > 0, lookup[numbered], 0).astype(np.int32)
+    lookup = np.asarray(scratch.array("final")[first: last + 1]).astype(np.int32)  # stitch_image checked the range
+    numbered = local.astype(np.int64 if last - first > np.iinfo(np.int32).max else np.int32)
+    for owner in neighbourhood:  # each owner's part of the window is one rectangle
+        top, bottom, left, right = grid.core(owner)
+        numbered[max(top - window[0], 0): max(bottom - window[0], 0),
+                 max(left - window[2], 0): max(right - window[2], 0)] += offsets[owner] - first
+    cells = np.where(local > 0, lookup[numbered], 0)
     inner = (slice(core[0] - window[0], core[1] - window[0]), slice(core[2] - window[2], core[3] - window[2]))
     scratch.image_array(CELLS_PATH)[core[0]:core[1], core[2]:core[3]] = cells[inner]
     start, count = stitched["starts"][index], stitched["owned"][index]
