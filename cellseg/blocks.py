@@ -11,9 +11,10 @@ core, and writes only its core. The steps, each a task of the segment-images flo
    normalised exactly as the whole image would be, and for each block's range, the cheap
    foreground test; for a model at a cell size, the image's cell size measured once; the arrays.
 2. `predict_block`, per block: cell labels of its window; writes its core's image copy, mask and
-   probabilities, its core's labels under block-local numbers (scratch) and its labels of the
-   ring around its core. A block whose core has no pixel above `empty_level` skips the model and
-   is recorded as empty: no cell can have a part there.
+   probabilities, its core's labels under block-local numbers (scratch), the same labels of its
+   core's edge bands (the `overlap` pixels inside each side: what its neighbours' rings cover)
+   and its labels of the ring around its core. A block whose core has no pixel above
+   `empty_level` skips the model and is recorded as empty: no cell can have a part there.
 3. `stitch_image`, once: the labels that are one cell across a seam are joined, and every cell
    gets its final label.
 4. `measure_block`, per block: the final labels of its core, and the table rows of its cells.
@@ -30,10 +31,11 @@ holding part of them, and that block measures them, on its window: whole when a 
 `overlap` pixels from its core (wider ones are counted in the record, `blocks.oversized`).
 
 Store rule: two tasks never write the same chunk. A block task writes only whole chunks of its
-core, and only its own chunk of each scratch array (its row of `state`, its ring, its rows of
-the scratch table); `stitch_image` and `finish_image` run once per image, after every block task
-of the step before, and write only what no block task writes. Progress is recorded per block
-(`state`), so a rerun redoes only unfinished blocks; the image is done only after step 5.
+core, and only its own chunk of each scratch array (its row of `state`, its ring, its edge
+bands, its rows of the scratch table); `stitch_image` and `finish_image` run once per image,
+after every block task of the step before, and write only what no block task writes. Progress is
+recorded per block (`state`), so a rerun redoes only unfinished blocks; the image is done only
+after step 5.
 """
 
 from __future__ import annotations
@@ -480,11 +482,12 @@ def measure_block(store: ResultStore, image_id: str, index: int, source: Source)
     neighbourhood = grid.neighbourhood(index)
     first, last = offsets[neighbourhood[0]], offsets[neighbourhood[-1] + 1]
     lookup = np.asarray(scratch.array("final")[first: last + 1]).astype(np.int32)  # stitch_image checked the range
-    numbered = local.astype(np.int64 if last - first > np.iinfo(np.int32).max else np.int32)
+    numbered = np.array(local, dtype=np.int64 if last - first > np.iinfo(np.int32).max else np.int32)
     for owner in neighbourhood:  # each owner's part of the window is one rectangle
         top, bottom, left, right = grid.core(owner)
-        numbered[max(top - window[0], 0): max(bottom - window[0], 0),
-                 max(left - window[2], 0): max(right - window[2], 0)] += offsets[owner] - first
+        part = numbered[max(top - window[0], 0): max(bottom - window[0], 0),
+                        max(left - window[2], 0): max(right - window[2], 0)]
+        np.add(part, offsets[owner] - first, out=part)
     cells = np.where(local > 0, lookup[numbered], 0)
     inner = (slice(core[0] - window[0], core[1] - window[0]), slice(core[2] - window[2], core[3] - window[2]))
     scratch.image_array(CELLS_PATH)[core[0]:core[1], core[2]:core[3]] = cells[inner]

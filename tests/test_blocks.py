@@ -22,7 +22,7 @@ import tifffile
 import zarr
 
 from benchmarks.large import bench_exact, compare, frozen_checkpoint
-from cellseg.blocks import SUM_COLUMNS, _cell_rows, image_levels, segment_blockwise
+from cellseg.blocks import SUM_COLUMNS, _cell_rows, image_levels, predict_block, prepare_image, segment_blockwise
 from cellseg.config import BlockConfig, NormalizationConfig, PredictConfig
 from cellseg.jobs import SegmentJob, run_segmentation
 from cellseg.measure import CELL_COLUMNS, cell_measurements
@@ -226,6 +226,20 @@ def test_the_labels_are_a_pyramid_ome_zarr_opens_at_every_level(blockwise_run):
     scales = [dataset["coordinateTransformations"][0]["scale"]
               for dataset in store.root["mosaic/labels/cells"].attrs["ome"]["multiscales"][0]["datasets"]]
     assert scales == [[1.0, 1.0], [2.0, 2.0], [4.0, 4.0]]
+
+
+def test_a_scratch_left_by_a_cellseg_with_other_arrays_starts_over(frozen_general, tmp_path):
+    image = mosaic((SIDE, SIDE), seed=7)
+    predictor = load_predictor(ModelSource("", checkpoint_url=str(frozen_general)), BLOCKWISE)
+    store = ResultStore.open(str(tmp_path / "r.zarr"))
+    count, todo = prepare_image(store, "m", "m", image, predictor)
+    predict_block(store, "m", todo[0], image, predictor)
+    assert prepare_image(store, "m", "m", image, predictor) == (count, todo[1:])  # taken up where it was left
+    scratch = store.root["m/blocks"]
+    attributes = dict(scratch.attrs)
+    scratch.attrs.put({**attributes, "plan": {**attributes["plan"], "scratch": 1}})  # as a version without edge bands left it
+    assert prepare_image(store, "m", "m", image, predictor) == (count, todo)
+    assert "edges" in store.root["m/blocks"] and store.root["m/blocks"].attrs["plan"] == attributes["plan"]
 
 
 # Subprocesses: memory and a killed run ------------------------------------------------------------
