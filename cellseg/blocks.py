@@ -85,7 +85,6 @@ from cellseg.store import (
     ResultStore,
 )
 from cellseg.store_checks import StoreError
-from cellseg.tiling import fitted_tile
 
 logger = logging.getLogger(__name__)
 
@@ -363,10 +362,8 @@ def _create_arrays(store: ResultStore, image_id: str, grid: BlockGrid, dtype: np
 
 
 def _maps(predictor: Predictor, window: np.ndarray, cell_diameter: float | None) -> CellMaps:
-    """The Predictor's maps of one normalised window, in equal tiles fitted to it (`fitted_tile`)."""
-    config = predictor.config
-    tile = fitted_tile(max(window.shape), config.tile_size, config.tile_overlap)
-    return predictor.normalised_cell_maps([window], [cell_diameter], tile_size=tile)[0]
+    """The Predictor's maps of one normalised window (in tiles fitted to it, `tiling.predict_tiled`)."""
+    return predictor.normalised_cell_maps([window], [cell_diameter])[0]
 
 
 def predict_block(store: ResultStore, image_id: str, index: int, source: Source, predictor: Predictor) -> str:

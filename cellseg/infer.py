@@ -97,7 +97,8 @@ def predict_outputs(
     for index, image in enumerate(images):
         if tile_size is not None and max(image.shape) > tile_size:
             results[index] = predict_tiled(
-                lambda tile: forward_outputs(model, tile[None], device, amp, tta)[0], image, tile_size, tile_overlap
+                lambda tile: forward_outputs(model, tile[None], device, amp, tta)[0], image, tile_size, tile_overlap,
+                getattr(model, "size_multiple", 1),
             )
         else:
             untiled.append(index)
@@ -211,10 +212,8 @@ class Predictor:
 
     def normalised_cell_maps(
         self, images: Sequence[np.ndarray], cell_diameters: Sequence[float | None] | None = None,
-        tile_size: int | None = None,
     ) -> list[CellMaps]:
-        """`CellMaps` for images already normalised as the model expects; `tile_size` replaces the
-        config's for them (the block-wise path sizes its tiles to its windows, `cellseg.blocks`).
+        """`CellMaps` for images already normalised as the model expects.
 
         A model trained at a cell size (`ModelConfig.cell_diameter`) sees each image resampled
         to that size (`cellseg.scale.cell_maps_at_cell_size`: the size is
@@ -223,19 +222,19 @@ class Predictor:
         """
         model_config = self.checkpoint.model_config
         if model_config.cell_diameter is None:
-            return [maps_from_output(output, model_config.distance_map) for output in self._forward(images, tile_size)]
+            return [maps_from_output(output, model_config.distance_map) for output in self._forward(images)]
         diameters = list(cell_diameters) if cell_diameters is not None else [None] * len(images)
         configs = [self.config if diameter is None else self.config.model_copy(update={"cell_diameter": diameter})
                    for diameter in diameters]
         return cell_maps_at_cell_size(
-            images, lambda resampled: self._forward(resampled, tile_size), model_config, configs, self.size_estimate)
+            images, self._forward, model_config, configs, self.size_estimate)
 
     def forward_one(self, image: np.ndarray) -> np.ndarray:
         """The (C, H, W) output for one normalised (H, W) image on its own grid."""
         return self._forward([image])[0]
 
-    def _forward(self, images: Sequence[np.ndarray], tile_size: int | None = None) -> list[np.ndarray]:
+    def _forward(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         return predict_outputs(
             self.forward_model, images, self.batch_size, self.device, self.config.amp,
-            tile_size or self.config.tile_size, self.config.tile_overlap, self.config.tta,
+            self.config.tile_size, self.config.tile_overlap, self.config.tta,
         )

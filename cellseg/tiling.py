@@ -24,15 +24,18 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return [*starts, length - tile]
 
 
-def fitted_tile(length: int, tile: int, overlap: int) -> int:
+def fitted_tile(length: int, tile: int, overlap: int, multiple: int = 1) -> int:
     """The tile side, at most `tile`, that covers `length` pixels in as few tiles overlapping by
     `overlap` as `tile` needs, all of one size: `tile_starts` otherwise ends on a tile that mostly
-    repeats its neighbour (a 2176-pixel window: three 811-pixel tiles instead of three of 1024)."""
+    repeats its neighbour (a 2176-pixel side: three tiles of 816 instead of three of 1024). The
+    side is rounded up to a `multiple` (the model's `size_multiple`), so that no tile is padded
+    where the image is not."""
     check_overlap(tile, overlap)
     if length <= tile:
         return length
     count = -(-(length - overlap) // (tile - overlap))
-    return max(-(-(length + (count - 1) * overlap) // count), -(-4 * overlap // 3))
+    fitted = max(-(-(length + (count - 1) * overlap) // count), -(-4 * overlap // 3))
+    return min(tile, -(-fitted // multiple) * multiple)
 
 
 def check_overlap(tile: int, overlap: int) -> None:
@@ -67,12 +70,15 @@ def predict_tiled(
     image: np.ndarray,
     tile: int = 1024,
     overlap: int = 128,
+    multiple: int = 1,
 ) -> np.ndarray:
     """Blend `predict` over overlapping tiles of a normalised (H, W) float32 image.
 
     `predict` maps a (h, w) tile to (h, w) float32 probabilities, or to (C, h, w) channels, which
-    are blended alike. Neighbouring tiles overlap by at least `overlap` pixels and are blended
-    there (see `edge_ramp`); image borders keep full weight. A pixel more than overlap/4 from
+    are blended alike. Tiles are at most `tile` a side, fitted to each axis (`fitted_tile`, sides
+    a `multiple` of the model's: a 2048-pixel side in three of 768, not three of 1024 whose last
+    mostly repeats the one before; a side within `tile` in one). Neighbouring tiles overlap by at least `overlap` pixels and are
+    blended there (see `edge_ramp`); image borders keep full weight. A pixel more than overlap/4 from
     every tile edge it is blended from gets the same value as untiled prediction wherever the
     model's receptive field is narrower than that margin and its normalisation does not depend
     on the input's extent. Memory: (C + 1) (H, W) float32 accumulators plus one tile's activations.
@@ -83,12 +89,13 @@ def predict_tiled(
         return predict(image)
     total: np.ndarray | None = None
     weight = np.zeros((height, width), dtype=np.float32)
-    rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    tile_height, tile_width = (fitted_tile(side, tile, overlap, multiple) for side in (height, width))
+    rows, cols = tile_starts(height, tile_height, overlap), tile_starts(width, tile_width, overlap)
     for top in rows:
-        bottom = min(top + tile, height)
+        bottom = min(top + tile_height, height)
         row_weights = edge_ramp(bottom - top, overlap, top > 0, bottom < height)
         for left in cols:
-            right = min(left + tile, width)
+            right = min(left + tile_width, width)
             col_weights = edge_ramp(right - left, overlap, left > 0, right < width)
             window = np.outer(row_weights, col_weights)
             prediction = predict(image[top:bottom, left:right])

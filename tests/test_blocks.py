@@ -75,12 +75,16 @@ def blockwise_run(frozen_general, tmp_path_factory):
 
 
 def test_fitted_tiles_cover_a_window_in_as_few_tiles_of_one_size():
-    for length in (1000, 1025, 1152, 2176, 2304, 4224):
-        tile = fitted_tile(length, 1024, 128)
-        starts = tile_starts(length, tile, 128)
-        assert tile <= 1024 and starts[-1] + tile == max(length, tile)
-        assert len(starts) == len(tile_starts(length, 1024, 128))
+    for length in (1000, 1025, 1152, 2048, 2176, 2304, 4096, 4224):
+        for multiple in (1, 16):
+            tile = fitted_tile(length, 1024, 128, multiple)
+            starts = tile_starts(length, tile, 128)
+            assert tile <= 1024 and starts[-1] + tile == max(length, tile)
+            assert len(starts) == len(tile_starts(length, 1024, 128))
+            assert tile == length or tile % multiple == 0
     assert fitted_tile(2176, 1024, 128) == 811  # three tiles of 811 instead of three of 1024
+    assert fitted_tile(2176, 1024, 128, multiple=16) == 816  # no tile padded to the model's multiple
+    assert fitted_tile(1872, 1000, 128, multiple=16) == 1000  # never above the tile asked for
 
 
 def test_grid_cores_are_whole_chunks_and_rings_surround_them():
@@ -202,9 +206,10 @@ def test_a_mosaic_in_blocks_has_the_cells_of_the_in_memory_tiled_path(blockwise_
 
 
 @pytest.mark.integration
-def test_a_4096_mosaic_in_1024_blocks_has_the_cells_of_the_in_memory_tiled_path(tmp_path):
-    # Issue 21's own case, as `make bench-large` runs it: the in-memory path tiles the image (1024²
-    # tiles), each block its 1152² window (fitted tiles); 16 blocks, 24 seams.
+def test_a_4096_mosaic_in_1024_blocks_has_the_cells_of_the_in_memory_path(tmp_path):
+    # Issue 21's own case, as `make bench-large` runs it: the in-memory path predicts the whole
+    # image at once (its tile size raised to the image's), each block its 1152² window in tiles;
+    # 16 blocks, 24 seams.
     found = bench_exact(tmp_path, 4096, 1024)
     assert found["cells"] == found["reference_cells"] > 5000
     assert found["below_iou_0.95"] == 0 and found["cut"] == found["cut_at_a_seam"] == 0

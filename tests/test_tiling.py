@@ -59,7 +59,7 @@ def test_tiled_equals_untiled_for_a_model_whose_receptive_field_fits_the_margin(
         return forward_probabilities(model, x[None], torch.device("cpu"), amp=False)[0]
 
     untiled = predict(image)
-    tiled = predict_tiled(predict, image, tile=160, overlap=96)
+    tiled = predict_tiled(predict, image, tile=160, overlap=96, multiple=model.size_multiple)
     np.testing.assert_allclose(tiled, untiled, atol=1e-5)
 
 

