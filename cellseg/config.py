@@ -325,7 +325,8 @@ class PredictConfig(_Config):
                           "compiled one (docs/performance.md)"
     )
     tta: bool = Field(False, description="test-time augmentation: average over 8 flips/rotations (8x the compute)")
-    tile_size: int = Field(1024, ge=64, description="images larger than this on a side are predicted in overlapping tiles")
+    tile_size: int = Field(1024, ge=64, description="images larger than this on a side are predicted in overlapping tiles of at most this "
+                                                     "side, fitted to the image (a 2048-pixel side: three of 768)")
     tile_overlap: int = Field(
         None, ge=0, validate_default=True,  # None becomes the derived default: _derive_tile_overlap
         description="pixels shared by neighbouring tiles, blended linearly; unset: 128, or half the tile for tiles "
