@@ -66,6 +66,7 @@ from cellseg.stitch import (
     Box,
     halve,
     join_labels,
+    numbered_across_blocks,
     pack_edges,
     pack_ring,
     pyramid_shapes,
@@ -433,7 +434,7 @@ def stitch_image(store: ResultStore, image_id: str) -> dict[str, Any]:
         for box, view in unpack_ring(grid, int(index), np.asarray(ring[int(index)])):
             local = written_labels(grid, box, edges)
             views.append(view.ravel())
-            written.append(np.where(local > 0, offsets[grid.owners(box)] + local, 0).ravel())
+            written.append(np.where(local > 0, numbered_across_blocks(grid, box, local, offsets), 0).ravel())
         if views:
             pairs = seam_pairs(np.concatenate(views), np.concatenate(written))
             pairs = pairs[pairs[:, 0] <= core_labels[index]]  # labels only around the core have no pixels to join
@@ -479,12 +480,8 @@ def measure_block(store: ResultStore, image_id: str, index: int, source: Source)
     neighbourhood = grid.neighbourhood(index)
     first, last = offsets[neighbourhood[0]], offsets[neighbourhood[-1] + 1]
     lookup = np.asarray(scratch.array("final")[first: last + 1]).astype(np.int32)  # stitch_image checked the range
-    numbered = np.array(local, dtype=np.int64 if last - first > np.iinfo(np.int32).max else np.int32)
-    for owner in neighbourhood:  # each owner's part of the window is one rectangle
-        top, bottom, left, right = grid.core(owner)
-        part = numbered[max(top - window[0], 0): max(bottom - window[0], 0),
-                        max(left - window[2], 0): max(right - window[2], 0)]
-        np.add(part, offsets[owner] - first, out=part)
+    numbered = numbered_across_blocks(grid, window, local, np.asarray(offsets) - first,
+                                      np.int64 if last - first > np.iinfo(np.int32).max else np.int32)
     cells = np.where(local > 0, lookup[numbered], 0)
     inner = (slice(core[0] - window[0], core[1] - window[0]), slice(core[2] - window[2], core[3] - window[2]))
     scratch.image_array(CELLS_PATH)[core[0]:core[1], core[2]:core[3]] = cells[inner]

@@ -54,12 +54,14 @@ class BlockGrid:
         return [r * self.cols + c for r in range(max(row - 1, 0), min(row + 2, self.rows))
                 for c in range(max(col - 1, 0), min(col + 2, self.cols))]
 
-    def owners(self, box: Box) -> np.ndarray:
-        """(h, w) int64: the block whose core holds each pixel of `box`."""
+    def parts(self, box: Box) -> Iterator[tuple[int, Box]]:
+        """(block, the part of `box` in its core) for each block whose core `box` crosses, in raster order."""
         top, bottom, left, right = box
-        rows = np.arange(top, bottom) // self.block
-        cols = np.arange(left, right) // self.block
-        return rows[:, None] * self.cols + cols[None, :]
+        for row in range(top // self.block, -(-bottom // self.block)):
+            for col in range(left // self.block, -(-right // self.block)):
+                owner = row * self.cols + col
+                core = self.core(owner)
+                yield owner, (max(top, core[0]), min(bottom, core[1]), max(left, core[2]), min(right, core[3]))
 
     def ring(self, index: int) -> list[Box]:
         """The strips around block `index`'s core, `overlap` wide, within the image (top and bottom
@@ -115,19 +117,27 @@ def written_labels(grid: BlockGrid, box: Box, edges_of: Callable[[int], np.ndarr
     `overlap` of a side of each core it crosses, as every strip of a ring does."""
     top, bottom, left, right = box
     labels = np.zeros((bottom - top, right - left), dtype=np.int32)
-    for row in range(top // grid.block, -(-bottom // grid.block)):
-        for col in range(left // grid.block, -(-right // grid.block)):
-            owner = row * grid.cols + col
-            core = grid.core(owner)
-            part = (max(top, core[0]), min(bottom, core[1]), max(left, core[2]), min(right, core[3]))
-            for band, strip in _unpack(grid.edges(owner), edges_of(owner)):
-                if band[0] <= part[0] and part[1] <= band[1] and band[2] <= part[2] and part[3] <= band[3]:
-                    labels[part[0] - top: part[1] - top, part[2] - left: part[3] - left] = \
-                        strip[part[0] - band[0]: part[1] - band[0], part[2] - band[2]: part[3] - band[2]]
-                    break
-            else:
-                raise ValueError(f"pixels {part} of block {owner} lie outside its edge bands")
+    for owner, part in grid.parts(box):
+        for band, strip in _unpack(grid.edges(owner), edges_of(owner)):
+            if band[0] <= part[0] and part[1] <= band[1] and band[2] <= part[2] and part[3] <= band[3]:
+                labels[part[0] - top: part[1] - top, part[2] - left: part[3] - left] = \
+                    strip[part[0] - band[0]: part[1] - band[0], part[2] - band[2]: part[3] - band[2]]
+                break
+        else:
+            raise ValueError(f"pixels {part} of block {owner} lie outside its edge bands")
     return labels
+
+
+def numbered_across_blocks(grid: BlockGrid, box: Box, labels: np.ndarray, offsets: np.ndarray,
+                           dtype: type[np.integer] = np.int64) -> np.ndarray:
+    """(h, w) of `dtype`: the block-local `labels` over `box` numbered across blocks, label k of the
+    block owning a pixel becoming offsets[block] + k. Background (0) becomes its block's offset:
+    mask it where `labels` is 0."""
+    numbered = np.array(labels, dtype=dtype)
+    for owner, (top, bottom, left, right) in grid.parts(box):
+        part = numbered[top - box[0]: bottom - box[0], left - box[2]: right - box[2]]
+        np.add(part, offsets[owner], out=part)
+    return numbered
 
 
 def _pack(boxes: list[Box], labels: np.ndarray, origin: Box, shape: tuple[int, int, int]) -> np.ndarray:
