@@ -77,11 +77,11 @@ def predict_tiled(
     `predict` maps a (h, w) tile to (h, w) float32 probabilities, or to (C, h, w) channels, which
     are blended alike. Tiles are at most `tile` a side, fitted to each axis (`fitted_tile`, sides
     a `multiple` of the model's: a 2048-pixel side in three of 768, not three of 1024 whose last
-    mostly repeats the one before; a side within `tile` in one). Neighbouring tiles overlap by at least `overlap` pixels and are
-    blended there (see `edge_ramp`); image borders keep full weight. A pixel more than overlap/4 from
-    every tile edge it is blended from gets the same value as untiled prediction wherever the
-    model's receptive field is narrower than that margin and its normalisation does not depend
-    on the input's extent. Memory: (C + 1) (H, W) float32 accumulators plus one tile's activations.
+    mostly repeats the one before; a side within `tile` in one). Neighbouring tiles overlap by at
+    least `overlap` pixels and are blended there (see `edge_ramp`); image borders keep full
+    weight. A pixel more than overlap/4 from every tile edge it is blended from gets the same
+    value as untiled prediction wherever the model's receptive field is narrower than that margin
+    and its normalisation does not depend on the input's extent. Memory: (C + 1) (H, W) float32 accumulators plus one tile's activations.
     """
     check_overlap(tile, overlap)
     height, width = image.shape
