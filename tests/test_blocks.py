@@ -30,7 +30,7 @@ from cellseg.model_source import ModelSource, load_predictor
 from cellseg.normalize import histogram_lut, normalize_image
 from cellseg.postprocess import cell_labels
 from cellseg.stats import image_statistics
-from cellseg.stitch import BlockGrid, join_labels, pack_edges, pack_ring, seam_pairs, unpack_ring, written_labels
+from cellseg.stitch import BlockGrid, halve, join_labels, pack_edges, pack_ring, seam_pairs, unpack_ring, written_labels
 from cellseg.store import ResultStore
 from cellseg.synth import generate_sample, mosaic_tiles
 from cellseg.tiling import fitted_tile, tile_starts
@@ -214,6 +214,26 @@ def test_a_4096_mosaic_in_1024_blocks_has_the_cells_of_the_in_memory_path(tmp_pa
     found = bench_exact(tmp_path, 4096, 1024)
     assert found["cells"] == found["reference_cells"] > 5000
     assert found["below_iou_0.95"] == 0 and found["cut"] == found["cut_at_a_seam"] == 0
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int32, np.uint32, np.int64, np.bool_, np.float32])
+def test_an_image_level_is_the_mean_of_each_2x2_square_rounded_half_to_even(dtype):
+    assert halve(np.array([[1, 2, 9], [2, 2, 9]], dtype=np.uint8), average=True).tolist() == [[2, 9]]  # 1.75, 9
+    assert halve(np.array([[1, 1, 2, 2], [2, 2, 3, 3]], dtype=np.uint8), average=True).tolist() == [[2, 2]]  # 1.5, 2.5
+    rng = np.random.default_rng(3)
+    for shape in [(7, 9), (8, 8), (1, 1), (33, 64)]:
+        if np.dtype(dtype).kind in "iu":
+            limits = np.iinfo(dtype)
+            region = rng.integers(limits.min, limits.max, shape, endpoint=True, dtype=dtype)
+        else:
+            region = (rng.random(shape) * 1000).astype(dtype)
+        padded = np.pad(region, ((0, shape[0] % 2), (0, shape[1] % 2)), mode="edge").astype(np.float64)
+        mean = padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2).mean(axis=(1, 3))
+        expected = (mean if np.dtype(dtype).kind == "f" else np.rint(mean)).astype(dtype)
+        halved = halve(region, average=True)
+        assert halved.dtype == region.dtype
+        np.testing.assert_array_equal(halved, expected)
+    np.testing.assert_array_equal(halve(region, average=False), region[::2, ::2])
 
 
 def test_the_labels_are_a_pyramid_ome_zarr_opens_at_every_level(blockwise_run):
