@@ -583,8 +583,8 @@ def finish_image(store: ResultStore, image_id: str, model: dict[str, Any], worke
                                       (PROBABILITIES_PATH, config.save_probabilities), (CELL_TABLE, config.measure_cells))
               if kept]
     shapes = pyramid_shapes(grid.shape, min(CHUNK_SIDE, grid.block))
-    for path in [IMAGE_PATH, MASK_PATH, CELLS_PATH][0 if config.store_image else 1:]:
-        _write_pyramid(store, f"{image_id}/{path}", shapes, average=path == IMAGE_PATH, workers=workers)
+    _write_pyramids(store, [f"{image_id}/{path}" for path in [IMAGE_PATH, MASK_PATH, CELLS_PATH][0 if config.store_image else 1:]],
+                    shapes, average=f"{image_id}/{IMAGE_PATH}", workers=workers)
     oversized = int(state[:, 3].sum())
     warnings = ["image has no contrast: no cells"] if levels.flat else []
     if oversized:
@@ -639,24 +639,28 @@ def _write_table(scratch: Scratch, stitched: dict[str, Any], measure: bool, desc
     return (np.concatenate(areas) if areas else np.zeros(0)), (np.concatenate(integrated) if integrated else np.zeros(0))
 
 
-def _write_pyramid(store: ResultStore, base: str, shapes: list[tuple[int, int]], average: bool, workers: int) -> None:
-    """Levels 1.. of the array at `base` (a path ending in "0"), each half the one before, written
-    one output chunk per call."""
-    previous = store.region_array(base)
+def _write_pyramids(store: ResultStore, bases: Sequence[str], shapes: list[tuple[int, int]], average: str,
+                    workers: int) -> None:
+    """Levels 1.. of the arrays at `bases` (paths ending in "0"), each half the one before, written
+    one output chunk per call, every array's chunks of a level on the `workers` threads at once;
+    the array at `average` (the image) averaged, the others (labels) sampled."""
+    previous = [store.region_array(base) for base in bases]
     for level, shape in enumerate(shapes[1:], start=1):
-        chunk = previous.chunks[0]
-        target = store.blank_array(f"{base[:-1]}{level}", shape, previous.dtype, (chunk, chunk))
+        targets = [store.blank_array(f"{base[:-1]}{level}", shape, source.dtype, source.chunks)
+                   for base, source in zip(bases, previous, strict=True)]
 
-        def halve_chunk(corner: tuple[int, int], source: zarr.Array = previous, out: zarr.Array = target,
-                        chunk: int = chunk) -> None:
-            top, left = corner
+        def halve_chunk(task: tuple[int, tuple[int, int]]) -> None:
+            which, (top, left) = task
+            source, out, chunk = previous[which], targets[which], previous[which].chunks[0]
             bottom, right = min(top + chunk, out.shape[0]), min(left + chunk, out.shape[1])
-            out[top:bottom, left:right] = halve(np.asarray(source[2 * top: 2 * bottom, 2 * left: 2 * right]), average)
+            out[top:bottom, left:right] = halve(np.asarray(source[2 * top: 2 * bottom, 2 * left: 2 * right]),
+                                                bases[which] == average)
 
-        corners = [(top, left) for top in range(0, shape[0], chunk) for left in range(0, shape[1], chunk)]
+        tasks = [(which, (top, left)) for which, source in enumerate(previous)
+                 for top in range(0, shape[0], source.chunks[0]) for left in range(0, shape[1], source.chunks[1])]
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(halve_chunk, corners))
-        previous = target
+            list(pool.map(halve_chunk, tasks))
+        previous = targets
 
 
 # All steps in one process -------------------------------------------------------------------------
