@@ -644,20 +644,18 @@ def _write_pyramids(store: ResultStore, bases: Sequence[str], shapes: list[tuple
     """Levels 1.. of the arrays at `bases` (paths ending in "0"), each half the one before, written
     one output chunk per call, every array's chunks of a level on the `workers` threads at once;
     the array at `average` (the image) averaged, the others (labels) sampled."""
+
+    def halve_chunk(task: tuple[zarr.Array, zarr.Array, int, int, bool]) -> None:
+        source, out, top, left, averaged = task
+        bottom, right = min(top + out.chunks[0], out.shape[0]), min(left + out.chunks[1], out.shape[1])
+        out[top:bottom, left:right] = halve(np.asarray(source[2 * top: 2 * bottom, 2 * left: 2 * right]), averaged)
+
     previous = [store.region_array(base) for base in bases]
     for level, shape in enumerate(shapes[1:], start=1):
         targets = [store.blank_array(f"{base[:-1]}{level}", shape, source.dtype, source.chunks)
                    for base, source in zip(bases, previous, strict=True)]
-
-        def halve_chunk(task: tuple[int, tuple[int, int]]) -> None:
-            which, (top, left) = task
-            source, out, chunk = previous[which], targets[which], previous[which].chunks[0]
-            bottom, right = min(top + chunk, out.shape[0]), min(left + chunk, out.shape[1])
-            out[top:bottom, left:right] = halve(np.asarray(source[2 * top: 2 * bottom, 2 * left: 2 * right]),
-                                                bases[which] == average)
-
-        tasks = [(which, (top, left)) for which, source in enumerate(previous)
-                 for top in range(0, shape[0], source.chunks[0]) for left in range(0, shape[1], source.chunks[1])]
+        tasks = [(source, out, top, left, base == average) for base, source, out in zip(bases, previous, targets, strict=True)
+                 for top in range(0, shape[0], out.chunks[0]) for left in range(0, shape[1], out.chunks[1])]
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(halve_chunk, tasks))
         previous = targets
