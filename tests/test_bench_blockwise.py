@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks.blockwise import bench_blockwise, ratios, table_rows
@@ -15,13 +16,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_block_wise_section_measures_memory_throughput_and_seams(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)  # the children run `python -m benchmarks.large`
-    result = bench_blockwise(tmp_path, side=1024, block=256)
+    result = bench_blockwise(tmp_path, side=1024, block=256, rounds=2)
 
     memory, seams = result["memory"], result["seams"]["blocks"]
     assert memory["blocks"]["count"] == 16 and memory["blocks"]["block_size"] == 256
     assert memory["separate_images"] == 4  # every 512² tile of the mosaic
     assert memory["cells"] > 0 and 0 < memory["peak_mb"] < 3000
     assert memory["large_megapixels_per_second"] > 0 and memory["separate_megapixels_per_second"] > 0
+    assert len(memory["throughput_ratios"]) == 2 and memory["throughput_ratio"] == pytest.approx(np.median(memory["throughput_ratios"]))
+    assert {path.name for path in tmp_path.glob("*.zarr")} >= {"tiles-0.zarr", "tiles-1.zarr", "large-0.zarr", "large-1.zarr"}
     assert result["seams"]["block"] == 256
     assert seams["reference_cells"] > 0 and seams["cells"] > 0
     assert abs(seams["cells"] / seams["reference_cells"] - 1) < 0.1
