@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, cast
@@ -681,10 +681,16 @@ def plane_opener(url: str, config: PredictConfig, storage_options: StorageOption
     return lambda: open_plane(url, config.selection, storage_options)
 
 
+BlockProgress = Callable[[str, str, int, int], None]
+"""Called as each block of an image finishes a step: (image id, "predict" or "measure", blocks
+done, blocks in that step)."""
+
+
 def segment_blockwise(store: ResultStore, image_id: str, url: str, open_source: SourceOpener, predictor: Predictor,
-                      model: dict[str, Any], workers: int = 1) -> dict[str, Any]:
+                      model: dict[str, Any], workers: int = 1, on_block: BlockProgress | None = None) -> dict[str, Any]:
     """Segment one image block by block into `store` (every step of the module, blocks on `workers`
-    threads, each reading its own source) and return its record, with `seconds` and `pixels`."""
+    threads, each reading its own source) and return its record, with `seconds` and `pixels`;
+    `on_block` hears of each block predicted (only those an earlier run left) and measured."""
     started = time.monotonic()
     with opened(open_source) as source:
         count, todo = prepare_image(store, image_id, url, source, predictor, workers)
@@ -696,9 +702,16 @@ def segment_blockwise(store: ResultStore, image_id: str, url: str, open_source: 
         with opened(open_source) as block_source:
             return step(store, image_id, index, block_source, *args)
 
+    def each_block(pool: ThreadPoolExecutor, name: str, indices: Sequence[int], step: Callable[..., str], *args: Any) -> None:
+        futures = [pool.submit(per_block, step, index, *args) for index in indices]
+        for done, future in enumerate(as_completed(futures), start=1):
+            future.result()
+            if on_block is not None:
+                on_block(image_id, name, done, len(futures))
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(lambda index: per_block(predict_block, index, predictor), todo))
+        each_block(pool, "predict", todo, predict_block, predictor)
         stitch_image(store, image_id)
-        list(pool.map(lambda index: per_block(measure_block, index), range(count)))
+        each_block(pool, "measure", range(count), measure_block)
     record = finish_image(store, image_id, model, workers)
     return {**record, "seconds": time.monotonic() - started, "pixels": shape[0] * shape[1]} if record else {}

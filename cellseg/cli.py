@@ -153,8 +153,21 @@ def _run_predict(args: argparse.Namespace) -> int:
             scan.close()
             segmenting.append(bars.enter_context(_progress("segmenting", "image", total=pending, leave=True)))
 
+        block_bars: dict[tuple[str, str], Any] = {}
+
+        def block_done(image_id: str, step: str, done: int, blocks: int) -> None:
+            # An image segmented block by block takes minutes: a bar per step under the images' bar.
+            bar = block_bars.get((image_id, step))
+            if bar is None:
+                bar = block_bars[(image_id, step)] = _progress(f"{image_id}: {step}", "block", total=blocks)
+            bar.update(done - bar.n)
+            if done == blocks:
+                bar.close()
+
         report = run_segmentation(job, on_record=lambda _: scan.update(), on_plan=planned,
-                                  on_image=lambda _: segmenting[0].update())
+                                  on_image=lambda _: segmenting[0].update(), on_block=block_done)
+        for bar in block_bars.values():  # a step that failed part way
+            bar.close()
     if not (report.done or report.skipped or report.failed):
         print(f"no images found under {redact_url(args.images)}; nothing to do")
         return 0

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from cellseg.blocks import (
+    BlockProgress,
     blockwise_shape,
     finish_image,
     measure_block,
@@ -377,11 +378,13 @@ def run_segmentation(
     on_record: Callable[[str], None] | None = None,
     on_plan: Callable[[int], None] | None = None,
     on_image: Callable[[str], None] | None = None,
+    on_block: BlockProgress | None = None,
 ) -> SegmentReport:
     """Segment every image under `job.source_url` that the store does not hold yet, in this process.
     The report lists what was done, skipped (done before) and failed (rejected files included).
     Progress: `on_record` per store record scanned, `on_plan` with the number of images to
-    segment, `on_image` per image finished."""
+    segment, `on_image` per image finished, `on_block` per block of a large image
+    (`blocks.BlockProgress`)."""
     job = pin_model(job)
     shared_predictor(model_source(job), job.predict)  # a bad model fails here, before the store is touched
     plan = plan_segmentation(job, on_record)
@@ -389,7 +392,7 @@ def run_segmentation(
         on_plan(plan.pending)
     report = segment_shard(job, [pair for shard in plan.shards for pair in shard], on_image)
     for image_id, url in plan.large:
-        large = LargeImage(with_block_threads(job), image_id, url).run(workers=job.max_parallel_shards)
+        large = LargeImage(with_block_threads(job), image_id, url).run(job.max_parallel_shards, on_block)
         report.done += large.done
         report.failed += large.failed
         report.warnings += large.warnings
@@ -434,11 +437,12 @@ class LargeImage:
         record = finish_image(self._store(), self.image_id, self._model(), self.job.max_parallel_shards)
         return self._report(record, time.monotonic() - started if started is not None else 0.0)
 
-    def run(self, workers: int = 1) -> SegmentReport:
-        """Every step, the blocks on `workers` threads; a failure is recorded (the run goes on)."""
+    def run(self, workers: int = 1, on_block: BlockProgress | None = None) -> SegmentReport:
+        """Every step, the blocks on `workers` threads, `on_block` told of each; a failure is
+        recorded (the run goes on)."""
         try:
             record = segment_blockwise(self._store(), self.image_id, self.url, plane_opener(self.url, self.job.predict),
-                                       self._predictor(), self._model(), workers)
+                                       self._predictor(), self._model(), workers, on_block)
         except StoreWriteError:
             raise
         except Exception as error:  # noqa: BLE001 - a bad image is recorded as failed and the run goes on

@@ -116,7 +116,8 @@ def finish_blocks(job: SegmentJob, image_id: str, url: str, started: float) -> d
 @flow(name="segment-large-image")
 def segment_large_image(job: SegmentJob, image_id: str, url: str, gpu: bool = False) -> dict[str, Any]:
     """Segment one image block by block on this flow's task runner (threads, or Dask): its blocks
-    are predicted in parallel, stitched once, measured in parallel, then finished. A step that
+    are predicted in parallel, stitched once, measured in parallel, then finished, with a live
+    progress artifact (`segment-large-image-progress`, per block of each step). A step that
     fails after its retries records the image as failed (its finished blocks are kept, so the
     next run redoes only the others) and the run goes on."""
     started = time.monotonic()
@@ -125,11 +126,18 @@ def segment_large_image(job: SegmentJob, image_id: str, url: str, gpu: bool = Fa
         blocks, todo = prepare_blocks(job, image_id, url)
         if not blocks:  # finished by another run meanwhile
             return _shard_result(LargeImage(job, image_id, url).finish())
-        for future in predict_task.map(todo, unmapped(job), unmapped(image_id), unmapped(url)):
+        steps = len(todo) + blocks
+        progress = ProgressArtifact("segment-large-image-progress", steps,
+                                    f"{image_id}: {blocks} blocks, {len(todo)} to predict")
+        for done, future in enumerate(as_completed(predict_task.map(todo, unmapped(job), unmapped(image_id), unmapped(url))),
+                                      start=1):
             future.result()
+            progress.update(done, f"{image_id}: {done} of {len(todo)} blocks predicted")
         stitch_blocks(job, image_id, url)
-        for future in measure_one_block.map(range(blocks), unmapped(job), unmapped(image_id), unmapped(url)):
+        for done, future in enumerate(as_completed(measure_one_block.map(range(blocks), unmapped(job), unmapped(image_id),
+                                                                         unmapped(url))), start=1):
             future.result()
+            progress.update(len(todo) + done, f"{image_id}: {len(todo)} blocks predicted, {done} of {blocks} measured")
         return finish_blocks(job, image_id, url, started)
     except Exception as error:  # noqa: BLE001 - the image is recorded as failed, the run goes on
         return _shard_result(LargeImage(job, image_id, url).fail(error))

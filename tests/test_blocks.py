@@ -325,9 +325,14 @@ def test_a_killed_run_is_rerun_redoing_only_its_unfinished_blocks(frozen_general
 
     job = SegmentJob(source_url=str(tmp_path / "in"), store_url=str(tmp_path / "r.zarr"),
                      checkpoint_url=str(frozen_general), predict=BLOCKWISE)
-    report = run_segmentation(job)
+    heard: list[tuple[str, str, int, int]] = []
+    report = run_segmentation(job, on_block=lambda *step: heard.append(step))
     assert report.done == ["big"] and report.failed == []
     assert store.record("big")["blocks"]["resumed"] == finished
+    # Progress: each block the rerun predicted (only those left), then each block measured, counted up.
+    left = 16 - finished
+    assert heard == [("big", "predict", done, left) for done in range(1, left + 1)] + \
+        [("big", "measure", done, 16) for done in range(1, 17)]
     fresh = run_segmentation(job.model_copy(update={"store_url": str(tmp_path / "fresh.zarr")}))
     assert fresh.done == ["big"]
     again = ResultStore.open(str(tmp_path / "fresh.zarr"), mode="r")
@@ -337,6 +342,7 @@ def test_a_killed_run_is_rerun_redoing_only_its_unfinished_blocks(frozen_general
 
 @pytest.mark.integration
 def test_segment_images_runs_the_blocks_of_a_large_image_as_tasks(frozen_general, prefect_harness, tmp_path):
+    from prefect.artifacts import Artifact
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName, TaskRunFilterStartTime
 
@@ -357,6 +363,8 @@ def test_segment_images_runs_the_blocks_of_a_large_image_as_tasks(frozen_general
             name=TaskRunFilterName(like_="predict-block"), start_time=TaskRunFilterStartTime(after_=began)))
     # One task run per block. Counted by id: the names' random suffixes can repeat.
     assert len({run.id for run in runs}) == 16
+    progress = Artifact.get("segment-large-image-progress")
+    assert float(progress.data) == 100.0 and progress.description == "big: 16 blocks predicted, 16 of 16 measured"
     # The flow's tasks and the library's thread pool give the same image.
     library = run_segmentation(job.model_copy(update={"store_url": str(tmp_path / "library.zarr")}))
     assert sorted(library.done) == ["big", "small"]

@@ -271,6 +271,21 @@ def test_store_scans_segmenting_and_exports_show_progress_on_a_terminal_only(tmp
     assert "reading store:" in _on_a_terminal("results", store)
 
 
+def test_an_image_segmented_block_by_block_shows_its_blocks_on_a_terminal(tmp_path, tiny_checkpoint):
+    import numpy as np
+    import tifffile
+
+    (tmp_path / "in").mkdir()
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(tmp_path / "in" / "big.tif", rng.integers(0, 255, (256, 384), dtype=np.uint8), tile=(128, 128))
+    blockwise = ["--blockwise-above", "1", "--block-size", "128", "--block-overlap", "16"]
+    shown = _on_a_terminal("predict", "--model", str(tiny_checkpoint), "--images", str(tmp_path / "in"),
+                           "--out", str(tmp_path / "r.zarr"), *blockwise)
+    # A bar per step, of the image's six blocks (cleared when its step ends: a quick one shows only its start).
+    assert "big: predict:   0%" in shown and "big: measure:   0%" in shown and shown.count("0/6 [") == 2
+    assert ResultStore.open(str(tmp_path / "r.zarr"), mode="r").record("big")["blocks"]["count"] == 6
+
+
 def test_training_shows_an_epoch_progress_bar_on_a_terminal_only(tmp_path):
     cellseg("synth", "--out", str(tmp_path / "data"), "--count", "6", "--size", "64", "--seed", "0")
     arguments = ["train", "--images", str(tmp_path / "data/images"), "--masks", str(tmp_path / "data/masks"),
