@@ -711,7 +711,9 @@ def segment_blockwise(store: ResultStore, image_id: str, url: str, open_source: 
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         each_block(pool, "predict", todo, predict_block, predictor)
-        stitch_image(store, image_id)
+        stitched = stitch_image(store, image_id)
+        logger.info("'%s': %d blocks predicted, %d cells after stitching (%.0f s)", redact_url(url), len(todo),
+                    stitched["cells"], time.monotonic() - started)
         each_block(pool, "measure", range(count), measure_block)
     record = finish_image(store, image_id, model, workers)
     return {**record, "seconds": time.monotonic() - started, "pixels": shape[0] * shape[1]} if record else {}

@@ -283,6 +283,7 @@ def test_an_image_segmented_block_by_block_shows_its_blocks_on_a_terminal(tmp_pa
                            "--out", str(tmp_path / "r.zarr"), *blockwise)
     # A bar per step, of the image's six blocks (cleared when its step ends: a quick one shows only its start).
     assert "big: predict:   0%" in shown and "big: measure:   0%" in shown and shown.count("0/6 [") == 2
+    assert "big.tif': 6 blocks predicted," in shown and "cells after stitching" in shown  # also in a piped log
     assert ResultStore.open(str(tmp_path / "r.zarr"), mode="r").record("big")["blocks"]["count"] == 6
 
 
