@@ -209,21 +209,23 @@ def bench_memory_and_throughput(work: Path, side: int, separate: int, model: str
     for index in range(min(separate, per_row * per_row)):
         top, left = index // per_row * TILE, index % per_row * TILE
         (tiles / f"tile_{index:05d}.png").write_bytes(encode_png(np.asarray(mosaic[top: top + TILE, left: left + TILE])))
+    paths = {"separate": (f"{separate} separate {TILE}x{TILE} images", tiles, "tiles"),
+             "large": (f"one {side}x{side} image, block by block", work / "large", "large")}
+
+    def store(name: str, round_index: int) -> Path:
+        return work / (f"{name}-{round_index}.zarr" if rounds > 1 else f"{name}.zarr")
+
     pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
     for round_index in range(rounds):
-        suffix = f"-{round_index}" if rounds > 1 else ""
         measured: dict[str, dict[str, Any]] = {}
         for what in ("separate", "large") if round_index % 2 == 0 else ("large", "separate"):
-            if what == "separate":
-                print(f"  {separate} separate {TILE}x{TILE} images ...", flush=True)
-                measured[what] = run_child(tiles, work / f"tiles{suffix}.zarr", model, block)
-            else:
-                print(f"  one {side}x{side} image, block by block ...", flush=True)
-                measured[what] = run_child(work / "large", work / f"large{suffix}.zarr", model, block)
+            described, images_folder, name = paths[what]
+            print(f"  {described} ...", flush=True)
+            measured[what] = run_child(images_folder, store(name, round_index), model, block)
         pairs.append((measured["separate"], measured["large"]))
     ratios = [large["megapixels_per_second"] / images["megapixels_per_second"] for images, large in pairs]
     images, large = pairs[int(np.argsort(ratios)[len(ratios) // 2])]  # the median round
-    record = ResultStore.open(str(work / f"large{'-0' if rounds > 1 else ''}.zarr"), mode="r").record("mosaic")
+    record = ResultStore.open(str(store("large", 0)), mode="r").record("mosaic")
     return {"side": side, "blocks": record["blocks"], "cells": record["statistics"]["cell_count"],
             "peak_mb": max(large["peak_mb"] for _, large in pairs), "large_megapixels_per_second": large["megapixels_per_second"],
             "large_seconds": large["seconds"], "separate_images": images["images"],
