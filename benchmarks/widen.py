@@ -6,7 +6,7 @@ the new one: its first channels are the old ones, each new channel a copy of an 
 random. A layer that reads a space divides the weights it gives each copy by the number of
 copies of that channel, so its sums are unchanged; instance norms and biases are copied with
 their channels. With `noise` 0 the widened network's outputs equal the old one's up to float
-rounding (`tests/test_widen.py`); a little noise lets the copies learn different things.
+rounding (`tests/test_bench_widen.py`); a little noise lets the copies learn different things.
 
 Only instance- or un-normalised networks are widened: batch and group norms mix copies into their
 statistics differently from the originals.
@@ -59,9 +59,12 @@ def widened_state_dict(
     if config.norm not in ("instance", "none"):
         raise ValueError(f"only networks with instance norms or none are widened, not '{config.norm}'")
     generator = torch.Generator().manual_seed(seed)
-    old_widths = [config.base_width * 2**level for level in range(config.depth + 1)]
-    new_widths = [width * 2**level for level in range(config.depth + 1)]
     out: dict[str, torch.Tensor] = {}
+
+    def grown(key: str, dim: int = 0) -> _Space:
+        """The space a layer writes, from the width its weight has there (every width scales with the base)."""
+        old = state_dict[f"{key}.weight"].shape[dim]
+        return _Space.widened(old, old * width // config.base_width, generator)
 
     def convolution(key: str, reads: _Space, writes: _Space, transposed: bool = False) -> None:
         weight = state_dict[f"{key}.weight"].double()
@@ -80,24 +83,23 @@ def widened_state_dict(
             if f"{key}.{name}" in state_dict:
                 out[f"{key}.{name}"] = state_dict[f"{key}.{name}"][space.source].clone()
 
-    def double_conv(key: str, reads: _Space, level: int) -> _Space:
-        middle = _Space.widened(old_widths[level], new_widths[level], generator)
+    def double_conv(key: str, reads: _Space) -> _Space:
+        middle = grown(f"{key}.0")
         convolution(f"{key}.0", reads, middle)
         per_channel(f"{key}.1", middle)
-        result = _Space.widened(old_widths[level], new_widths[level], generator)
+        result = grown(f"{key}.4")
         convolution(f"{key}.4", middle, result)
         per_channel(f"{key}.5", result)
         return result
 
-    skips = [double_conv("stem", _Space.unchanged(config.in_channels), 0)]
-    for level in range(1, config.depth):
-        skips.append(double_conv(f"encoder.{level - 1}.1", skips[-1], level))
-    x = double_conv("bottleneck.1", skips[-1], config.depth)
-    for index in range(config.depth):
-        level = config.depth - 1 - index
-        upsampled = _Space.widened(old_widths[level], new_widths[level], generator)
+    skips = [double_conv("stem", _Space.unchanged(config.in_channels))]
+    for index in range(config.depth - 1):
+        skips.append(double_conv(f"encoder.{index}.1", skips[-1]))
+    x = double_conv("bottleneck.1", skips[-1])
+    for index, skip in enumerate(reversed(skips)):
+        upsampled = grown(f"decoder.{index}.upsample", dim=1)  # a transposed convolution's weight: (in, out, kh, kw)
         convolution(f"decoder.{index}.upsample", x, upsampled, transposed=True)
-        x = double_conv(f"decoder.{index}.conv", upsampled.then(skips[level]), level)
+        x = double_conv(f"decoder.{index}.conv", upsampled.then(skip))
     convolution("head", x, _Space.unchanged(state_dict["head.weight"].shape[0]))
     missing = set(state_dict) - set(out)
     if missing:
