@@ -15,6 +15,7 @@ from cellseg.checkpoint import Checkpoint, checkpoint_digest, load_checkpoint_by
 from cellseg.config import PredictConfig
 from cellseg.infer import Predictor
 from cellseg.registry import Registry
+from cellseg.runtime import pass_precision
 from cellseg.storage_errors import storage_call
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,8 @@ _predictor_lock = threading.Lock()
 @functools.lru_cache(maxsize=4)
 def _cached_predictor(source: ModelSource, config_json: str) -> Predictor:
     predictor = load_predictor(source, PredictConfig.model_validate_json(config_json))
-    logger.info("loaded model %s (%s)", predictor.model_version, predictor.device)
+    logger.info("loaded model %s (%s, %s)", predictor.model_version, predictor.device,
+                pass_precision(predictor.device, predictor.config.amp))
     return predictor
 
 

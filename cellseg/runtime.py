@@ -34,6 +34,15 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def pass_precision(device: torch.device, amp: bool) -> str:
+    """The arithmetic of a model pass under `autocast_context(device, amp)`, in words for logs."""
+    if amp and device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp and device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "fp32: this CPU has no native bf16"
+    return "fp32"
+
+
 def autocast_context(device: torch.device, enabled: bool) -> AbstractContextManager:
     """Mixed precision when enabled: bf16 on CUDA (fp16 where bf16 is unsupported) and on CPUs with
     native bf16; nothing elsewhere. Weights, losses and optimiser state stay fp32."""

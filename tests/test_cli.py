@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cellseg.checkpoint import load_checkpoint
 from cellseg.evaluate import PROMINENCES
+from cellseg.runtime import pass_precision
 from cellseg.store import ResultStore
 from tests.conftest import cellseg
 
@@ -92,6 +94,8 @@ def test_synth_train_predict_evaluate_round_trip(tmp_path):
                         "--out", store)
     assert "segmented 5, skipped 0" in predicted.stdout
     assert "synth_0000" in predicted.stdout  # a statistics row
+    precision = pass_precision(torch.device("cpu"), True)  # what a user is told the model runs in
+    assert f"(cpu, {precision})" in predicted.stderr, predicted.stderr
 
     scores = json.loads(cellseg("evaluate", "--pred", store, "--masks", str(tmp_path / "new/masks"), "--json").stdout)
     assert scores["images"] == 5

@@ -106,7 +106,7 @@ def test_segment_images_spreads_shards_over_both_workers_and_matches_the_thread_
     for name, log in dask_cluster.logs.items():
         text = log.read_text()
         assert "segment-shard-" in text, f"{name} logged no shard:\n{text}"
-        assert text.count(f"loaded model {version} (cpu)") == 1, f"{name}:\n{text}"
+        assert text.count(f"loaded model {version} (cpu, ") == 1, f"{name}:\n{text}"
     assert all(info.misses == 1 for info in dask_cluster.client.run(_cached_predictor.cache_info).values())
 
     on_threads = ResultStore.open(str(tmp_path / "threads.zarr"), mode="r")

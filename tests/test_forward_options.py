@@ -19,7 +19,14 @@ from cellseg.io import list_images, read_image
 from cellseg.metrics import mask_agreement
 from cellseg.model import UNet
 from cellseg.normalize import normalize_image
-from cellseg.runtime import MODEL_PASSES, CompiledByShape, PassGate, autocast_context
+from cellseg.runtime import (
+    MODEL_PASSES,
+    CompiledByShape,
+    PassGate,
+    autocast_context,
+    cpu_has_native_bf16,
+    pass_precision,
+)
 
 
 def test_each_shape_is_compiled_on_its_first_pass_and_gives_the_eager_output(synthetic_dataset, tiny_checkpoint):
@@ -168,3 +175,12 @@ def test_only_a_shape_s_first_compiled_pass_holds_the_gate_alone(tiny_checkpoint
     wrapped.failed = True  # a compilation failed: eager passes, side by side
     with wrapped.one_pass(shape) as forward:
         assert forward is model and not MODEL_PASSES.held_alone
+
+
+def test_the_logged_precision_is_what_autocast_runs():
+    cpu = torch.device("cpu")
+    with autocast_context(cpu, True):
+        dtype = torch.mm(torch.rand(4, 4), torch.rand(4, 4)).dtype
+    assert pass_precision(cpu, True) == ("bf16" if dtype == torch.bfloat16 else "fp32: this CPU has no native bf16")
+    assert (dtype == torch.bfloat16) == cpu_has_native_bf16()
+    assert pass_precision(cpu, False) == "fp32"
