@@ -34,26 +34,30 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """What a model pass computes in under `autocast_context(device, enabled)`; None for fp32."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
 def pass_precision(device: torch.device, amp: bool) -> str:
-    """The arithmetic of a model pass under `autocast_context(device, amp)`, in words for logs."""
-    if amp and device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if amp and device.type == "cpu":
-        return "bf16" if cpu_has_native_bf16() else "fp32: this CPU has no native bf16"
-    return "fp32"
+    """`autocast_dtype` in words, for logs."""
+    dtype = autocast_dtype(device, amp)
+    if dtype is not None:
+        return "bf16" if dtype == torch.bfloat16 else "fp16"
+    return "fp32: this CPU has no native bf16" if amp and device.type == "cpu" else "fp32"
 
 
 def autocast_context(device: torch.device, enabled: bool) -> AbstractContextManager:
     """Mixed precision when enabled: bf16 on CUDA (fp16 where bf16 is unsupported) and on CPUs with
     native bf16; nothing elsewhere. Weights, losses and optimiser state stay fp32."""
-    if not enabled:
-        return nullcontext()
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
+    dtype = autocast_dtype(device, enabled)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def set_threads(threads: int | None) -> None:
