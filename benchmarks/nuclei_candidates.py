@@ -41,6 +41,7 @@ CANDIDATES: dict[str, dict[str, dict[str, Any]]] = {
     # stained images, and more capacity.
     "w32_balanced": {"model": {"base_width": 32}, "training": {"balance_appearance": 0.15}},
     "w48_balanced": {"model": {"base_width": 48}, "training": {"balance_appearance": 0.15}},
+    "w48_distance": {"model": {"base_width": 48}},  # capacity alone, from scratch
 }
 
 
