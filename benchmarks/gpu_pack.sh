@@ -3,7 +3,8 @@
 # torch but neither this project's other dependencies nor a network (both folders ignored by git):
 #   .whl/      cp312 wheels of pydantic, pydantic-core, pydantic-settings, annotated-types,
 #              typing-inspection, python-dotenv, zarr, numcodecs, donfig, google-crc32c, at the
-#              versions this checkout's environment runs
+#              versions this checkout's environment runs; .whl/site/: imagecodecs with only its
+#              deflate codec (the whole wheel, 26 MB, outgrows the upload; cellseg.png needs no more)
 #   .devdata/  dsb2018-train (images as lossless WebP, to fit the upload) and dsb2018
 # Usage here: bash benchmarks/gpu_pack.sh, then carry [".whl", ".devdata"] with the device command.
 # Environment: PYTHON (default .venv/bin/python), DATA (default ../shared/data).
@@ -19,6 +20,15 @@ print(" ".join(f"{name}=={version(name)}" for name in names))')
 # shellcheck disable=SC2086  # one argument per wheel
 "$py" -m pip download -q --no-deps --only-binary=:all: --dest .whl --implementation cp --python-version 3.12 \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 $wheels
+codecs=$(mktemp -d)
+"$py" -m pip download -q --no-deps --only-binary=:all: --dest "$codecs" --implementation cp --python-version 3.12 \
+  --platform manylinux_2_28_x86_64 "imagecodecs==$("$py" -c 'from importlib.metadata import version; print(version("imagecodecs"))')"
+(cd "$codecs" && unzip -q ./*.whl)
+mkdir -p .whl/site/imagecodecs .whl/site/imagecodecs.libs
+cp -r "$codecs"/imagecodecs/{__init__.py,_imagecodecs.py,imagecodecs.py,numcodecs.py,py.typed,licenses} \
+  "$codecs"/imagecodecs/{_deflate,_imcd,_shared,_shared_cython}.abi3.so .whl/site/imagecodecs/
+cp "$codecs"/imagecodecs.libs/libdeflate-* .whl/site/imagecodecs.libs/
+rm -rf "$codecs"
 mkdir -p .devdata/dsb2018-train/images
 cp -r "$data/dsb2018" .devdata/
 cp -r "$data/dsb2018-train/labels" .devdata/dsb2018-train/

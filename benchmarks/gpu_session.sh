@@ -6,7 +6,8 @@
 # The machine has torch but not this project's dependencies, and no network: what it needs travels
 # beside the checkout (ignored by git):
 #   .whl/      cp312 wheels of pydantic, pydantic-core, pydantic-settings, annotated-types,
-#              typing-inspection, python-dotenv, zarr, numcodecs, donfig, google-crc32c
+#              typing-inspection, python-dotenv, zarr, numcodecs, donfig, google-crc32c; site/:
+#              imagecodecs with its deflate codec alone
 #   .devdata/  dsb2018-train (images as lossless WebP, to fit the upload) and dsb2018
 # numba (the post-processing's compiled steps) comes with the machine's image (device KINDS.md).
 # `bash benchmarks/gpu_pack.sh` makes both here.
@@ -27,6 +28,7 @@ export PYTHONUNBUFFERED=1 DO_NOT_TRACK=1
 mkdir -p "$out"
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+cp -r .whl/site/. /tmp/site/ || exit 1  # imagecodecs, its deflate codec alone (gpu_pack.sh)
 export PYTHONPATH=/tmp/site:$PWD
 python3 -c "import numba" || { echo "numba is missing here: carry its and llvmlite's cp312 wheels in .whl"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
