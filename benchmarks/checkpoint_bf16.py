@@ -3,9 +3,11 @@
 
     python -m benchmarks.checkpoint_bf16 CHECKPOINT.pt HALF.pt             # on the GPU machine
     python -m benchmarks.checkpoint_bf16 --restore HALF.pt CHECKPOINT.pt   # here: fp32 weights again
+    python -m benchmarks.checkpoint_bf16 --restore --keep-bf16 HALF.pt CHECKPOINT.pt
 
-The restored checkpoint holds the bf16-rounded weights in fp32, with every other field as it was
-and a new digest of its contents; what is measured with it is what ships.
+The restored checkpoint holds the bf16-rounded weights (in fp32, or stored as bf16 with
+--keep-bf16: the same values in half the bytes; loading widens them), with every other field as it
+was and a new digest of its contents; what is measured with it is what ships.
 """
 
 from __future__ import annotations
@@ -32,22 +34,26 @@ def halve(source: Path, target: Path) -> None:
     torch.save(_with_weights(payload, torch.bfloat16), target)
 
 
-def restore(source: Path, target: Path) -> None:
-    """An fp32 checkpoint again, checked and written as every cellseg checkpoint is."""
+def restore(source: Path, target: Path, dtype: torch.dtype = torch.float32) -> None:
+    """A cellseg checkpoint again, its weights in `dtype`, checked and written as every one is."""
     if target.exists():
         raise SystemExit(f"'{target}' exists; not overwriting it")
     buffer = io.BytesIO()
-    torch.save(_with_weights(torch.load(source, map_location="cpu", weights_only=True), torch.float32), buffer)
+    torch.save(_with_weights(torch.load(source, map_location="cpu", weights_only=True), dtype), buffer)
     save_checkpoint(load_checkpoint_bytes(buffer.getvalue(), str(source), file_checked=True), str(target))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--restore", action="store_true", help="bf16 weights back to an fp32 checkpoint")
+    parser.add_argument("--keep-bf16", action="store_true", help="with --restore: weights stored as bf16")
     parser.add_argument("source", type=Path)
     parser.add_argument("target", type=Path)
     args = parser.parse_args()
-    (restore if args.restore else halve)(args.source, args.target)
+    if args.restore:
+        restore(args.source, args.target, torch.bfloat16 if args.keep_bf16 else torch.float32)
+    else:
+        halve(args.source, args.target)
 
 
 if __name__ == "__main__":

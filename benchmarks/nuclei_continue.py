@@ -35,18 +35,20 @@ WIDEN_NOISE = 0.01  # of each weight's standard deviation: enough for the copies
 
 
 def continued_recipe(start: str, epochs: int, data: str | None = None, learning_rate: float = ENDING_LEARNING_RATE,
-                     balance_appearance: float = 0.0, dim_cells: float = 0.0, width: int | None = None,
+                     balance_appearance: float | None = None, dim_cells: float = 0.0, width: int | None = None,
                      max_minutes: float | None = None) -> NucleiRecipe:
     """The shipped recipe, started from checkpoint `start`, for `epochs` more epochs at
-    `learning_rate`, its crops balanced over the kinds of image as `balance_appearance` says and
-    with dim cells beside bright ones in a share `dim_cells` of them; a network of base `width`
-    when given (`start` must be one: `widened_start`), within `max_minutes` when given."""
+    `learning_rate`, its crops balanced over the kinds of image as `balance_appearance` says (the
+    recipe's when None) and with dim cells beside bright ones in a share `dim_cells` of them; a
+    network of base `width` when given (`start` must be one: `widened_start`), within `max_minutes`
+    when given."""
     base = NucleiRecipe(**({"data_dir": data} if data else {}))
     augmentation = base.training.augmentation.model_copy(update={"dim_cells_probability": dim_cells})
     model = base.model.model_copy(update={"base_width": width}) if width else base.model
     return base.model_copy(update={"model": model, "training": base.training.model_copy(update={
         "init_from": start, "learning_rate": learning_rate, "epochs": epochs, "max_minutes": max_minutes,
-        "balance_appearance": balance_appearance, "augmentation": augmentation})})
+        "balance_appearance": base.training.balance_appearance if balance_appearance is None else balance_appearance,
+        "augmentation": augmentation})})
 
 
 def widened_start(start: str, width: int, out: Path, noise: float = WIDEN_NOISE) -> str:
@@ -80,8 +82,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--data", help="another training set (default: the recipe's dsb2018-train)")
     parser.add_argument("--lr", type=float, default=ENDING_LEARNING_RATE, help="learning rate to start from")
-    parser.add_argument("--balance-appearance", type=float, default=0.0,
-                        help="least share of crops per kind of image (TrainConfig.balance_appearance)")
+    parser.add_argument("--balance-appearance", type=float, default=None,
+                        help="least share of crops per kind of image (TrainConfig.balance_appearance; default the recipe's)")
     parser.add_argument("--dim-cells", type=float, default=0.0,
                         help="share of crops with some cells dimmed (AugmentationConfig.dim_cells_probability)")
     parser.add_argument("--keep-epochs", action="store_true", help="keep each epoch's weights in <out>/epochs/")

@@ -34,20 +34,22 @@ def test_the_continued_recipe_is_the_shipped_one_started_from_the_shipped_weight
 
 
 def test_a_widened_start_is_the_shipped_network_wider_and_trains_on_from_there(tmp_path):
-    start = widened_start(shipped_checkpoint("nuclei"), 40, tmp_path / "out")
-    written = (tmp_path / "out" / "widened-w40.pt").stat().st_mtime_ns
-    assert widened_start(shipped_checkpoint("nuclei"), 40, tmp_path / "out") == start  # once: a resume starts the same
-    assert (tmp_path / "out" / "widened-w40.pt").stat().st_mtime_ns == written
-    shipped, widened = load_checkpoint(shipped_checkpoint("nuclei")), load_checkpoint(start)
-    assert widened.model_config == shipped.model_config.model_copy(update={"base_width": 40})
+    shipped = load_checkpoint(shipped_checkpoint("nuclei"))
+    wider = shipped.model_config.base_width + 8
+    start = widened_start(shipped_checkpoint("nuclei"), wider, tmp_path / "out")
+    written = (tmp_path / "out" / f"widened-w{wider}.pt").stat().st_mtime_ns
+    assert widened_start(shipped_checkpoint("nuclei"), wider, tmp_path / "out") == start  # once: a resume starts the same
+    assert (tmp_path / "out" / f"widened-w{wider}.pt").stat().st_mtime_ns == written
+    widened = load_checkpoint(start)
+    assert widened.model_config == shipped.model_config.model_copy(update={"base_width": wider})
     assert widened.size_model is None and shipped.size_model is not None  # it read the narrower features
-    assert widened.state_dict["stem.0.weight"].shape[0] == 40
+    assert widened.state_dict["stem.0.weight"].shape[0] == wider
 
-    recipe = continued_recipe(start, 1, str(tmp_path / "data"), width=40, max_minutes=30.0)
-    assert recipe.model.base_width == 40 and recipe.training.max_minutes == 30.0
+    recipe = continued_recipe(start, 1, str(tmp_path / "data"), width=wider, max_minutes=30.0)
+    assert recipe.model.base_width == wider and recipe.training.max_minutes == 30.0
     write_dataset(str(tmp_path / "data"), count=8, size=64, seed=4)  # 4 to train on: a size model's 12 examples
     small = recipe.model_copy(update={"training": recipe.training.model_copy(
         update={"patch_size": 48, "device": "cpu", "val_fraction": 0.5})})
     outcome = build_nuclei(tmp_path / "run", small)
     trained = load_checkpoint(str(outcome.best_checkpoint))
-    assert trained.model_config.base_width == 40 and trained.size_model is not None  # fitted at training's end
+    assert trained.model_config.base_width == wider and trained.size_model is not None  # fitted at training's end

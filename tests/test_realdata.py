@@ -59,9 +59,9 @@ def test_predict_without_a_model_segments_dsb2018_nuclei_well(tmp_path):
     assert "segmented 45, skipped 0" in predicted.stdout
     scores = json.loads(cellseg("evaluate", "--pred", store, "--masks", str(data / "masks"),
                                 "--labels", str(data / "labels"), "--json").stdout)
-    # Measured 0.796 (benchmarks.quality --model nuclei; 0.791 before the CPU pass's fused norms); issue 18's
-    # target is 0.80 here and 0.88 overall.
-    assert scores["instances"]["f1_mean"] > 0.78, scores["instances"]
+    # Measured 0.811 in fp32 on a CPU without native bf16 (benchmarks.quality --model nuclei; 0.820 in
+    # bf16 on the GPU it was trained on); issue 18's target is 0.80 here and 0.88 overall.
+    assert scores["instances"]["f1_mean"] > 0.80, scores["instances"]
 
 
 @pytest.mark.parametrize(("dataset", "masks", "fine_tunes"), [("dsb2018", "labels", True), ("isbi2012", "masks", False)])
