@@ -32,16 +32,19 @@ from cellseg.train import TrainResult
 # Past the recipe's epochs, to the time budget; loader processes for the cropping and augmentation
 # (the recipe trains eight crops per step: at one a GPU waits on kernel launches).
 GPU_TRAINING = {"epochs": 200, "patience": 12, "loader_workers": 3}
+# Each names its width and its balance over the kinds of image, so that it stays the run it was
+# when the recipe changes (width 32 without balance until 2026-12-04, width 48 balanced since).
+UNBALANCED = {"balance_appearance": 0.0}
 CANDIDATES: dict[str, dict[str, dict[str, Any]]] = {
-    "w32_distance": {"model": {"base_width": 32}},
-    "w32_border": {"model": {"base_width": 32, "distance_map": False}, "training": {"border_weight": 10.0}},
-    "w32_distance_border": {"model": {"base_width": 32}, "training": {"border_weight": 10.0}},
-    "w16_distance": {"model": {"base_width": 16}},
+    "w32_distance": {"model": {"base_width": 32}, "training": UNBALANCED},
+    "w32_border": {"model": {"base_width": 32, "distance_map": False}, "training": UNBALANCED | {"border_weight": 10.0}},
+    "w32_distance_border": {"model": {"base_width": 32}, "training": UNBALANCED | {"border_weight": 10.0}},
+    "w16_distance": {"model": {"base_width": 16}, "training": UNBALANCED},
     # The levers docs/quality.md names for the test set's weak modalities: more crops of the rare
-    # stained images, and more capacity.
+    # stained images, and more capacity. w48_balanced is the recipe shipped since 2026-12-04.
     "w32_balanced": {"model": {"base_width": 32}, "training": {"balance_appearance": 0.15}},
     "w48_balanced": {"model": {"base_width": 48}, "training": {"balance_appearance": 0.15}},
-    "w48_distance": {"model": {"base_width": 48}},  # capacity alone, from scratch
+    "w48_distance": {"model": {"base_width": 48}, "training": UNBALANCED},  # capacity alone, from scratch
 }
 
 
