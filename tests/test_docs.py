@@ -38,7 +38,7 @@ def shell_commands() -> list[tuple[str, str]]:
                 marker = re.search(r"<<'?(\w+)'?", line)
                 heredoc_end = marker.group(1) if marker else None
                 words = shlex.split(line, comments=True)
-                while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):  # VAR=value before the command
+                while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):  # VAR=value before the command
                     words = words[1:]
                 if words:
                     commands.append((doc.relative_to(REPO_ROOT).as_posix(), shlex.join(words)))

@@ -236,10 +236,12 @@ def test_bad_image_is_recorded_and_the_others_finish(trained_registry, new_image
     summary = segment_images_flow(SegmentJob(source_url=str(source), store_url=str(tmp_path / "s.zarr"),
                                   registry_url=registry_url, shard_size=2, max_parallel_shards=1))
     assert summary["done"] == 8
-    # The montage drawn after that first shard had nothing to show; it was drawn again at the end.
+    # The montage starts once that first shard is done and draws what the store holds when it runs:
+    # nothing, and then it is drawn again at the end, or already the second shard's images (a fast
+    # machine, CI 2026-12-04). Either way the run's montage shows cells.
     montages = task_runs_named(run_artifacts("segment-images-montage")["segment-images-montage"].flow_run_id,
                                "draw-montage")
-    assert len(montages) == 2 and os.path.getsize(summary["montage"]) > 1000
+    assert len(montages) in (1, 2) and os.path.getsize(summary["montage"]) > 1000
     failed = {failure["image_id"]: failure for failure in summary["failed"]}
     assert set(failed) == {"broken", "empty"}
     assert "broken.png" in failed["broken"]["source_url"] and "not a readable image" in failed["broken"]["error"]
