@@ -9,7 +9,8 @@ on a loopback SeaweedFS server, one shard at a time and two in parallel), the pr
 timed alone beside its forward pass (`benchmarks.product_stages`), storage (codecs and the
 write of one result: `benchmarks.storage`), memory (2,000 images; one
 8192x8192 image, tiled), agreement of the fast path with plain fp32 and the cost of estimating
-each image's cell size with the shipped nuclei model (`benchmarks.cell_size`) and each post-processing
+each image's cell size with the shipped nuclei model (`benchmarks.cell_size`; resampling to it and
+back, `benchmarks.resampling`) and each post-processing
 stage beside the forward pass (`benchmarks.postprocess_stages`), the forward pass's variants
 (`benchmarks.forward`), throughput and memory by image size (`benchmarks.scaling`) and a 4096x4096
 mosaic block by block (`benchmarks.blockwise`: peak RSS, throughput against its tiles as separate
@@ -48,6 +49,8 @@ from benchmarks.postprocess_stages import table_rows as postprocess_rows
 from benchmarks.product_stages import bench_product_stages
 from benchmarks.product_stages import ratios as product_stages_ratios
 from benchmarks.product_stages import table_rows as product_stages_rows
+from benchmarks.resampling import bench_resampling
+from benchmarks.resampling import table_rows as resampling_rows
 from benchmarks.scaling import bench_scaling
 from benchmarks.scaling import ratios as scaling_ratios
 from benchmarks.scaling import table_rows as scaling_rows
@@ -467,6 +470,10 @@ def main() -> None:
                 results["cell_size"] = bench_cell_size("nuclei", data / "dsb2018")
             except (FileNotFoundError, CheckpointError) as error:  # no shipped nuclei model or no dsb2018 here
                 print(f"cell size: skipped ({error})")
+            try:
+                results["resampling"] = bench_resampling(data / "dsb2018")
+            except FileNotFoundError as error:  # no dsb2018 here
+                print(f"resampling: skipped ({error})")
         with section("post-processing stages"):
             try:
                 results["postprocess"] = bench_postprocess(dataset=data / "dsb2018")  # synthetic images without dsb2018
@@ -497,6 +504,8 @@ def main() -> None:
         results["ratios"]["product_in_situ_rest_vs_model"] = rest
     if "postprocess" in results:
         results["ratios"].update(postprocess_ratios(results["postprocess"]))
+    if "resampling" in results:
+        results["ratios"]["resampling_opencv_vs_scipy"] = results["resampling"]["speedup"]
     if "product_stages" in results:
         results["ratios"].update(product_stages_ratios(results["product_stages"]))
     results["ratios"]["many_images_rate_last_vs_first_quarter"] = results["memory"]["rate_last_quarter"] / results["memory"]["rate_first_quarter"]
@@ -604,6 +613,8 @@ def print_table(r: dict) -> None:
                      f"{size['estimated_vs_stated']:.2f}x stated size, {size['estimated_vs_native']:.2f}x one plain pass "
                      f"(<= 2); within 25%: estimate {size['within_25_percent']:.0%}, "
                      f"median cell found {size['found_within_25_percent']:.0%} (>= 90%)"))
+    if "resampling" in r:
+        rows += resampling_rows(r["resampling"])
     for name, agreement in r["fast_path_agreement"].items():
         rows.append((f"bf16 vs fp32 masks, {name}", f"pixels agree {agreement['pixel_agreement']:.4%}",
                      f"Dice {agreement['dice']:.4f} (>= 0.999)"))

@@ -98,6 +98,31 @@ def test_shrinking_an_image_smooths_it_first():
     assert np.abs(shrunk - 0.5).max() < 0.1
 
 
+
+def scipy_bilinear(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The order-1 resampling `resize` follows, done by SciPy: Gaussian smoothing of sigma
+    (1 / factor - 1) / 2 on each shrunk axis, then zoom with pixel areas aligned, edges repeated."""
+    from scipy import ndimage
+
+    factors = (shape[0] / array.shape[0], shape[1] / array.shape[1])
+    if min(factors) < 1.0:
+        array = ndimage.gaussian_filter(array, [max(0.0, (1.0 / f - 1.0) / 2.0) for f in factors], mode="nearest")
+    return ndimage.zoom(array, factors, order=1, mode="nearest", grid_mode=True)
+
+
+@pytest.mark.parametrize(("shape", "target"), [
+    ((520, 696), (780, 1044)), ((520, 696), (331, 443)), ((300, 200), (75, 410)),
+    ((64, 64), (16, 16)), ((1, 50), (3, 20)), ((2, 2), (9, 9)), ((7, 9), (1, 1)),
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bilinear_resize_agrees_with_scipy_to_rounding(shape, target, dtype):
+    image = np.random.default_rng(sum(shape)).random(shape).astype(dtype)
+    resized = resize(image, target, order=1)
+    assert resized.dtype == dtype and resized.shape == target
+    expected = scipy_bilinear(image, target)
+    assert expected.shape == target  # zoom rounds its output shape; these shapes are ones it hits
+    np.testing.assert_allclose(resized, expected, rtol=0, atol=4 * float(np.finfo(np.float32).eps))  # computed in float32
+
 @pytest.mark.parametrize("with_instances", [True, False])
 def test_rescale_pair_gives_the_pair_cells_of_the_model_size(with_instances):
     sample = generate_sample(np.random.default_rng(1), (128, 128))
