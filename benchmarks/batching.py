@@ -6,7 +6,9 @@ Each image of a model at a cell size is resampled to the model's cell size, by i
 estimate, before its pass, so the images of one batch rarely keep one shape. `cellseg.infer`
 stacks the images the model pads to one shape (`UNet.size_multiple`) into one pass. This counts
 the model's forward passes and the images in each, and times `Predictor.cell_maps` over the same
-images at `--batch-sizes` (default 1 and 8), in turns, on two sets: the dataset's images (mixed
+images at `--batch-sizes` (default 1 and 8), in turns, with the milliseconds per image spent
+outside the network's passes (resampling, normalising, size reading, copies: on a GPU, the host
+work the device waits for), on two sets: the dataset's images (mixed
 sizes and magnifications: the hard case) and synthetic 512x512 images of one nominal cell size
 (one microscope's nightly run). The maps of every batch size are checked against the first's.
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from cellseg.bundled import shipped_checkpoint, shipped_name
 from cellseg.checkpoint import load_checkpoint
@@ -38,18 +41,46 @@ def synthetic_images(count: int, side: int = 512, seed: int = 5) -> list[np.ndar
 
 def passes_and_seconds(predictor: Predictor, images: list[np.ndarray], chunk: int) -> dict[str, Any]:
     """The forward passes (images in each) and seconds of `predictor.cell_maps` over `images`,
-    fed `chunk` at a time as `segment_images` feeds it; the maps' scales for the check."""
+    fed `chunk` at a time as `segment_images` feeds it; the seconds inside the network's passes
+    (its forward and its size features, the device synchronised around each); the maps' scales
+    for the check."""
     batches: list[int] = []
-    hook = predictor.model.register_forward_pre_hook(lambda _module, args: batches.append(int(args[0].shape[0])))
+    model = predictor.model
+    network = [0.0]
+
+    def synchronised_clock() -> float:
+        if predictor.device.type == "cuda":
+            torch.cuda.synchronize(predictor.device)
+        return time.perf_counter()
+
+    def timed_features(x: torch.Tensor) -> torch.Tensor:
+        started = synchronised_clock()
+        summaries = features(x)
+        network[0] += synchronised_clock() - started
+        return summaries
+
+    def before(_module: Any, args: tuple) -> None:
+        batches.append(int(args[0].shape[0]))
+        network[0] -= synchronised_clock()
+
+    def after(_module: Any, _args: tuple, _output: Any) -> None:
+        network[0] += synchronised_clock()
+
+    features = model.features
+    hooks = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+    model.features = timed_features  # type: ignore[method-assign]
     scales: list[Any] = []
     started = time.perf_counter()
     try:
         for start in range(0, len(images), chunk):
             scales += [maps.scale for maps in predictor.cell_maps(images[start : start + chunk])]
     finally:
-        hook.remove()
-    return {"seconds": time.perf_counter() - started, "passes": len(batches), "images_passed": sum(batches),
-            "scales": scales}
+        for hook in hooks:
+            hook.remove()
+        del model.features  # the class's method again
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "passes": len(batches), "images_passed": sum(batches), "scales": scales,
+            "network_seconds": network[0], "host_ms_per_image": (seconds - network[0]) / len(images) * 1e3}
 
 
 def bench_batching(model: str, images: list[np.ndarray], device: str, batch_sizes: list[int], rounds: int) -> dict:
@@ -71,6 +102,7 @@ def bench_batching(model: str, images: list[np.ndarray], device: str, batch_size
         same = all(_same_scale(a, b) for a, b in zip(best["scales"], first, strict=True))
         rows.append({"batch_size": size, "seconds": best["seconds"], "images_per_second": len(images) / best["seconds"],
                      "passes": best["passes"], "images_per_pass": best["images_passed"] / max(1, best["passes"]),
+                     "host_ms_per_image": min(run["host_ms_per_image"] for run in runs[size]),
                      "same_scales_as_first": same})
     return {"model": model, "device": device, "images": len(images), "rows": rows}
 
@@ -103,7 +135,8 @@ def main() -> None:
         for row in result["rows"]:
             print(f"{name}, {result['images']} images, batch {row['batch_size']}: {row['passes']} passes, "
                   f"{row['images_per_pass']:.2f} images per pass, {row['images_per_second']:.2f} img/s on "
-                  f"{args.device}; scales as batch {args.batch_sizes[0]}: {row['same_scales_as_first']}")
+                  f"{args.device}, {row['host_ms_per_image']:.1f} ms per image outside the network's passes "
+                  f"(best of {args.rounds}); scales as batch {args.batch_sizes[0]}: {row['same_scales_as_first']}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 

@@ -14,3 +14,19 @@ def test_images_of_one_shape_share_passes_and_keep_their_scales():
     assert together["passes"] < alone["passes"] and together["images_per_pass"] > 1.0
     assert alone["same_scales_as_first"] and together["same_scales_as_first"]
     assert all(row["seconds"] > 0 for row in result["rows"])
+    # The network's passes are most of a CPU run's time; what is left is the host's share.
+    assert all(0 < row["host_ms_per_image"] < row["seconds"] * 1e3 / len(images) for row in result["rows"])
+
+
+def test_host_time_leaves_the_network_as_it_was():
+    from benchmarks.batching import passes_and_seconds
+    from cellseg.bundled import shipped_checkpoint
+    from cellseg.checkpoint import load_checkpoint
+    from cellseg.config import PredictConfig
+    from cellseg.infer import Predictor
+
+    predictor = Predictor(load_checkpoint(shipped_checkpoint("nuclei")), PredictConfig(device="cpu"))
+    run = passes_and_seconds(predictor, synthetic_images(1, side=96), chunk=1)
+    assert 0 < run["network_seconds"] < run["seconds"]
+    assert "features" not in vars(predictor.model)  # the timing wrapper is gone
+    assert not predictor.model._forward_hooks and not predictor.model._forward_pre_hooks
