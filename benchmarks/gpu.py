@@ -12,7 +12,9 @@
    the figure the product is divided by.
 3. Product: `cellseg.jobs.run_segmentation` (every image in this process, as one shard runs them)
    on synthetic 512x512 PNGs into a local zarr store, after a warm-up pass (model load, first
-   calls), over enough images for `--seconds` of steady-state work (at most 4,000).
+   calls), over enough images for `--seconds` of steady-state work (at most 4,000). Then 2 and 4
+   shards at a time on threads sharing the model, as the segment-images flow's thread pool runs
+   them (`max_parallel_shards`; without Prefect), for half as long each: their host work overlaps.
 
 Without CUDA (and without `--device cpu`, a small local check) it says so and exits 0.
 """
@@ -27,6 +29,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +40,14 @@ from cellseg.bundled import shipped_checkpoint
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import PredictConfig
 from cellseg.infer import Predictor, forward_probabilities
-from cellseg.jobs import SegmentJob, run_segmentation
+from cellseg.jobs import SegmentJob, pin_model, plan_segmentation, run_segmentation, segment_shard
 from cellseg.runtime import autocast_context, cpu_has_native_bf16
+from cellseg.segment import SegmentReport
 from cellseg.synth import encode_png, generate_sample
 
 CUDA_BATCHES, CPU_BATCHES = (1, 8, 32), (1, 2)
 WARMUP_IMAGES = 16
+PARALLEL_SHARDS = (2, 4)  # the flow's default max_parallel_shards, and twice it
 POOL_IMAGES = 32  # distinct synthetic images; the product's folders link to them in turn
 NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
 
@@ -151,23 +156,44 @@ def _image_folder(folder: Path, pool: list[Path], count: int) -> str:
     return str(folder)
 
 
-def _segment(work: Path, name: str, pool: list[Path], count: int, model: str, predict: PredictConfig) -> dict:
-    """One pass of the library's segmentation recipe over `count` images; wall and CPU time, finish times."""
+def _segment(work: Path, name: str, pool: list[Path], count: int, model: str, predict: PredictConfig,
+             parallel_shards: int = 1) -> dict:
+    """One pass of the library's segmentation recipe over `count` images; wall and CPU time, finish
+    times. With `parallel_shards` > 1 the images are planned into shards and run that many at a
+    time on threads, each shard beside the others, as the segment-images flow's thread pool runs
+    them (`cellseg.jobs.segment_shard`, without Prefect); with 1, `run_segmentation` in one shard."""
     source = _image_folder(work / f"{name}-images", pool, count)
     job = SegmentJob(source_url=source, store_url=str(work / f"{name}.zarr"), registry_url=str(work / "registry"),
-                     model_version=model, predict=predict)
+                     model_version=model, predict=predict, max_parallel_shards=parallel_shards,
+                     shard_size=max(1, math.ceil(count / parallel_shards)))
     finished: list[float] = []
     cpu, started = time.process_time(), time.perf_counter()
-    report = run_segmentation(job, on_image=lambda _: finished.append(time.perf_counter()))
+    if parallel_shards == 1:
+        done, failed = _report(run_segmentation(job, on_image=lambda _: finished.append(time.perf_counter())))
+    else:
+        job = pin_model(job)
+        with ThreadPoolExecutor(parallel_shards) as shards:
+            reports = list(shards.map(lambda shard: segment_shard(
+                job, shard, lambda _: finished.append(time.perf_counter()), beside_others=True),
+                plan_segmentation(job).shards))
+        done = sum(_report(report)[0] for report in reports)
+        failed = [failure for report in reports for failure in report.failed]
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
-    if report.failed:
-        raise RuntimeError(f"{len(report.failed)} images failed, first: {report.failed[0]}")
-    return {"images": len(report.done), "seconds": wall, "images_per_second": len(report.done) / wall,
-            "cpu_share": cpu / wall / (os.cpu_count() or 1), "finished": finished}
+    if failed:
+        raise RuntimeError(f"{len(failed)} images failed, first: {failed[0]}")
+    return {"images": done, "seconds": wall, "images_per_second": done / wall,
+            "cpu_share": cpu / wall / (os.cpu_count() or 1), "finished": sorted(finished),
+            "parallel_shards": parallel_shards}
 
 
-def bench_product(work: Path, model: str, device: str, side: int, seconds: float, max_images: int) -> dict:
-    """Steady-state images/s of the product: a warm-up pass, then passes of enough images for `seconds`."""
+def _report(report: SegmentReport) -> tuple[int, list]:
+    return len(report.done), report.failed
+
+
+def bench_product(work: Path, model: str, device: str, side: int, seconds: float, max_images: int,
+                  parallel_shards: int = 1) -> dict:
+    """Steady-state images/s of the product (`parallel_shards` at a time, see `_segment`): a
+    warm-up pass, then passes of enough images for `seconds`."""
     rng = np.random.default_rng(7)
     pool = []
     for index in range(min(POOL_IMAGES, max_images)):
@@ -176,7 +202,7 @@ def bench_product(work: Path, model: str, device: str, side: int, seconds: float
         pool[-1].write_bytes(encode_png(generate_sample(rng, (side, side)).image))
     predict = PredictConfig(device=device)
     warmup_images = max(2, min(WARMUP_IMAGES, max_images // 4))
-    warmup = _segment(work, "warmup", pool, warmup_images, model, predict)
+    warmup = _segment(work, f"warmup{parallel_shards}", pool, warmup_images, model, predict, parallel_shards)
     # Its middle half: the first images carry the model's first calls, the last ones finish together.
     middle = warmup["finished"][warmup_images // 4 : -(warmup_images // 4) or None]
     rate = (len(middle) - 1) / (middle[-1] - middle[0]) if len(middle) > 2 else warmup["images_per_second"]
@@ -184,7 +210,7 @@ def bench_product(work: Path, model: str, device: str, side: int, seconds: float
     while True:
         passes += 1
         count = max(warmup_images, min(max_images, math.ceil(1.25 * rate * seconds)))
-        timed = _segment(work, f"pass{passes}", pool, count, model, predict)
+        timed = _segment(work, f"pass{passes}-{parallel_shards}", pool, count, model, predict, parallel_shards)
         rate = timed["images_per_second"]
         if timed["seconds"] >= seconds or count >= max_images or passes == 2:
             break
@@ -215,14 +241,19 @@ def bench_gpu(device_name: str, model_name: str, seconds: float, side: int, max_
     del model, predictor
     with tempfile.TemporaryDirectory(prefix="cellseg-gpu-bench-") as work:
         product = bench_product(Path(work), model_name, device_name, side, seconds, max_images)
+        # As the segment-images flow runs them: shards side by side on threads, sharing the model.
+        in_parallel = [bench_product(Path(work), model_name, device_name, side, seconds / 2, max_images, shards)
+                       for shards in PARALLEL_SHARDS]
     best = max(rows, key=lambda row: row["images_per_second"])
     return {
         "device": facts["name"], "hardware": facts, "model": {"name": model_name, **costs},
         "model_only": rows, "model_only_peak_memory_bytes": peak_memory, "model_only_predictor": through_predictor,
-        "product": product,
+        "product": product, "product_parallel_shards": in_parallel,
         "ratios": {"gpu_model_vs_matmul": best["fraction_of_matmul"],
                    "gpu_model_vs_roofline": best["fraction_of_roofline"],
-                   "gpu_product_vs_model_only": product["images_per_second"] / through_predictor["images_per_second"]},
+                   "gpu_product_vs_model_only": product["images_per_second"] / through_predictor["images_per_second"],
+                   **{f"gpu_product_{run['parallel_shards']}_shards_vs_model_only":
+                      run["images_per_second"] / through_predictor["images_per_second"] for run in in_parallel}},
     }
 
 
@@ -245,6 +276,10 @@ def table_rows(result: dict) -> list[tuple[str, str, str]]:
              (f"product, {side}, {product['images']} images", f"{product['images_per_second']:.3g} img/s",
               f"{result['ratios']['gpu_product_vs_model_only']:.2f}x model only (>= 0.5); {product['seconds']:.0f} s "
               f"steady; CPU {product['cpu_share']:.0%} of {hw['cpus']} cores")]
+    model_only = predictor["images_per_second"]
+    rows += [(f"product, {run['parallel_shards']} shards at a time", f"{run['images_per_second']:.3g} img/s",
+              f"{run['images_per_second'] / model_only:.2f}x model only; CPU {run['cpu_share']:.0%} of {hw['cpus']} cores")
+             for run in result.get("product_parallel_shards", [])]
     return rows
 
 

@@ -15,8 +15,9 @@ pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"device", "hardware", "model", "model_only", "model_only_peak_memory_bytes", "model_only_predictor", "product",
-        "ratios"}
-RATIOS = {"gpu_model_vs_matmul", "gpu_model_vs_roofline", "gpu_product_vs_model_only"}
+        "product_parallel_shards", "ratios"}
+RATIOS = {"gpu_model_vs_matmul", "gpu_model_vs_roofline", "gpu_product_vs_model_only",
+          "gpu_product_2_shards_vs_model_only", "gpu_product_4_shards_vs_model_only"}
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess[str]:
@@ -48,6 +49,9 @@ def test_cpu_check_writes_every_figure_without_prefect(tmp_path):
     assert result["product"]["images"] >= 2 and result["product"]["images_per_second"] > 0
     assert all(value > 0 for value in result["ratios"].values())
     assert "product, 128^2" in run.stdout
+    assert [run["parallel_shards"] for run in result["product_parallel_shards"]] == [2, 4]
+    assert all(run["images"] >= 2 for run in result["product_parallel_shards"])
+    assert "product, 4 shards at a time" in run.stdout
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
