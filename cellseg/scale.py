@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -28,6 +31,7 @@ from scipy import ndimage
 from cellseg.config import ModelConfig, PredictConfig
 from cellseg.pairs import LoadedPair
 from cellseg.postprocess import CellMaps, cell_labels, maps_from_output, split_touching_cells
+from cellseg.runtime import available_cores
 from cellseg.stats import cell_areas
 
 Forward = Callable[[np.ndarray], np.ndarray]
@@ -38,6 +42,9 @@ SizeEstimates = Callable[[Sequence[np.ndarray]], list[float]]
 """A model's estimate of the median cell diameter (pixels) of each normalised (H, W) image."""
 
 MAX_SCALE = 4.0  # cells are never enlarged or shrunk more than this
+# Threads that resample and measure the images of one batch side by side (OpenCV and the
+# numba-compiled split release the GIL): on a GPU the host does this while the device waits.
+MAX_IMAGE_THREADS = 8
 MAX_UPSCALED_PIXELS = 2**26  # an enlarged image stays below this many pixels (64 M, 256 MB as float32)
 
 
@@ -248,15 +255,17 @@ def estimated_cell_maps(
     diameters = list(estimate(images))
     factors = [_factor(diameter, model_diameter, image.shape) for diameter, image in zip(diameters, images, strict=True)]
     passes = _cell_maps_at(images, forward, factors, distance_map)
-    measured = [_found_diameter(output, factors[i], distance_map, configs[i]) for i, (_, output) in enumerate(passes)]
+    measured = _each_image(lambda i: _found_diameter(passes[i][1], factors[i], distance_map, configs[i]), range(len(passes)))
     again = [i for i, found in enumerate(measured)
              if found is not None and abs(np.log(found / diameters[i])) > MEASURE_MISFIT]
     remeasured = [float(measured[i]) for i in again]  # type: ignore[arg-type]
     second_factors = [_factor(diameter, model_diameter, images[i].shape) for i, diameter in zip(again, remeasured, strict=True)]
     second = _cell_maps_at([images[i] for i in again], forward, second_factors, distance_map)
-    for i, diameter, factor, (maps, output) in zip(again, remeasured, second_factors, second, strict=True):
+    found_again = _each_image(lambda k: _found_diameter(second[k][1], second_factors[k], distance_map, configs[again[k]]),
+                              range(len(again)))
+    for i, diameter, factor, (maps, output), found in zip(again, remeasured, second_factors, second, found_again, strict=True):
         diameters[i], factors[i], passes[i] = diameter, factor, (maps, output)
-        measured[i] = _found_diameter(output, factor, distance_map, configs[i])
+        measured[i] = found
     return [(passes[i][0], diameters[i], factors[i], measured[i]) for i in range(len(images))]
 
 
@@ -350,6 +359,22 @@ def _cell_maps_at(
     """`_cell_map_at` of each image at its factor, all in one call of `forward`."""
     if not images:
         return []
-    outputs = forward([_resampled(image, factor) for image, factor in zip(images, factors, strict=True)])
-    return [(_on_image_grid(output, image.shape, factor, distance_map), output)
-            for image, factor, output in zip(images, factors, outputs, strict=True)]
+    outputs = forward(_each_image(lambda i: _resampled(images[i], factors[i]), range(len(images))))
+    return _each_image(lambda i: (_on_image_grid(outputs[i], images[i].shape, factors[i], distance_map), outputs[i]),
+                       range(len(images)))
+
+
+Result = TypeVar("Result")
+
+
+def _each_image(step: Callable[[int], Result], indices: Sequence[int]) -> list[Result]:
+    """`step` of each index, in order: on threads when there are several (the images of a batch),
+    each image's work its own, so the results are those of a loop."""
+    if len(indices) < 2:
+        return [step(index) for index in indices]
+    return list(_image_threads().map(step, indices))
+
+
+@cache
+def _image_threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(1, min(MAX_IMAGE_THREADS, available_cores())), thread_name_prefix="cellseg-images")

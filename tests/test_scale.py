@@ -323,3 +323,22 @@ def test_a_batch_of_images_at_their_own_cell_sizes_predicts_as_each_image_alone(
     assert sum(shape[0] for shape in passes_alone) > len(images)  # some images took a second pass
     assert sum(shape[0] for shape in passes_together) == sum(shape[0] for shape in passes_alone)
     assert len(passes_together) < len(passes_alone), (passes_alone, passes_together)
+
+
+def test_the_images_of_one_call_are_resampled_and_measured_side_by_side_as_each_alone():
+    """Several images in one `cell_maps` call: their resampling and the measuring of their cells
+    run on threads (`cellseg.scale._each_image`), and each image's maps and scale are bit for bit
+    those of the image predicted alone (one pass per image here, batch size 1)."""
+    import threading
+
+    checkpoint = load_checkpoint(shipped_checkpoint("nuclei"))
+    images = [resize(generate_sample(np.random.default_rng(seed), (128, 128)).image, shape, order=1)
+              for seed, shape in [(31, (128, 128)), (32, (200, 200)), (33, (90, 140)), (34, (160, 160))]]
+    predictor = Predictor(checkpoint, PredictConfig(device="cpu", amp=False, compile=False, batch_size=1))
+    expected = [predictor.cell_maps([image])[0] for image in images]
+    got = predictor.cell_maps(images)
+    assert any(thread.name.startswith("cellseg-images") for thread in threading.enumerate())
+    for maps, reference in zip(got, expected, strict=True):
+        assert maps.scale == reference.scale
+        np.testing.assert_array_equal(maps.probability, reference.probability)
+        np.testing.assert_array_equal(maps.distance, reference.distance)
