@@ -37,7 +37,8 @@ python3 -c "import torch, cellseg.build_bundled, benchmarks.quality, benchmarks.
 # The benchmarks first, while the shipped models are the ones in the checkout.
 if [ "${BENCH:-1}" = 1 ]; then
   echo "GPU benchmark, $(left) s left"
-  seconds=$(( $(left) > 130 ? 30 : 10 ))
+  # The product: one pass of `seconds`, then two of half as long (2 and 4 shards), each after a warm-up.
+  seconds=$(( $(left) > 280 ? 30 : $(left) > 170 ? 15 : 8 ))
   timeout $(( $(left) - 5 )) python3 -m benchmarks.gpu --seconds $seconds --out "$out/gpu.json" 2>&1 | tail -n 30
   if [ "$(left)" -gt 40 ]; then  # the nuclei model's passes across images: batch 1 against 8
     timeout $(( $(left) - 5 )) python3 -m benchmarks.batching --device cuda --synthetic 64 --rounds 3 \
