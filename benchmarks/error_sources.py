@@ -208,6 +208,19 @@ def print_report(result: dict) -> None:
     print(line)
 
 
+def labelled_pairs(dataset: Path, recipe_val: bool = False) -> list[tuple[Path, Path]]:
+    """(image, label image) files: every PNG of `dataset`/images with its namesake in labels/, or
+    with `recipe_val` the validation images of the shipped nuclei model's recipe. Raises
+    FileNotFoundError naming the dataset when there are none or a label image is missing."""
+    if recipe_val:
+        pairs = [(Path(pair.image_url), Path(pair.mask_url)) for pair in recipe_validation_pairs(NucleiRecipe(), dataset)]
+    else:
+        pairs = [(path, dataset / "labels" / path.name) for path in sorted((dataset / "images").glob("*.png"))]
+    if not pairs or not all(label.exists() for _, label in pairs):
+        raise FileNotFoundError(f"{dataset} needs images/ and labels/ with one label image per image")
+    return pairs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, type=Path, help="folder with images/ and labels/")
@@ -217,12 +230,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="JSON of the figures (default runs/error_sources/<model>-<dataset>.json)")
     args = parser.parse_args()
     recipe = NucleiRecipe()
-    if args.recipe_val:
-        pairs = [(Path(pair.image_url), Path(pair.mask_url)) for pair in recipe_validation_pairs(recipe, args.dataset)]
-    else:
-        pairs = [(path, args.dataset / "labels" / path.name) for path in sorted((args.dataset / "images").glob("*.png"))]
-    if not pairs or not all(label.exists() for _, label in pairs):
-        parser.error(f"{args.dataset} needs images/ and labels/ with one label image per image")
+    try:
+        pairs = labelled_pairs(args.dataset, args.recipe_val)
+    except FileNotFoundError as error:
+        parser.error(str(error))
     checkpoint = shipped_checkpoint(args.model) if shipped_name(args.model) else args.model
     predictor = Predictor.from_checkpoint(checkpoint, PredictConfig())
     result = analyse(pairs, predictor, lambda done, total: print(f"  {done}/{total}", end="\r", flush=True))

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cellseg.build_bundled import recipe_validation_pairs
-from cellseg.bundled import NucleiRecipe, shipped_checkpoint, shipped_name
+from benchmarks.error_sources import labelled_pairs
+from cellseg.bundled import shipped_checkpoint, shipped_name
 from cellseg.config import PredictConfig
 from cellseg.evaluate import postprocessing_decision
 from cellseg.infer import Predictor
@@ -71,12 +71,10 @@ def main() -> None:
                         help="only the validation images of the shipped nuclei model's recipe")
     parser.add_argument("--out", type=Path, help="write the results as JSON here too")
     args = parser.parse_args()
-    if args.recipe_val:
-        pairs = [(Path(pair.image_url), Path(pair.mask_url)) for pair in recipe_validation_pairs(NucleiRecipe(), args.dataset)]
-    else:
-        pairs = [(path, args.dataset / "labels" / path.name) for path in sorted((args.dataset / "images").glob("*.png"))]
-    if not pairs or not all(labels.exists() for _, labels in pairs):
-        parser.error(f"{args.dataset} needs images/ and labels/ with one label image per image")
+    try:
+        pairs = labelled_pairs(args.dataset, args.recipe_val)
+    except FileNotFoundError as error:
+        parser.error(str(error))
     checkpoint = shipped_checkpoint(args.model) if shipped_name(args.model) else args.model
     result = grid_scores(Predictor.from_checkpoint(checkpoint, PredictConfig()), pairs)
     print_table(result)

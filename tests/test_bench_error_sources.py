@@ -62,3 +62,19 @@ def test_looser_outlines_hold_more_pixels_below_half_contrast():
     image = (20 + 200 * np.exp(-((rows - centre[0]) ** 2 + (columns - centre[1]) ** 2) / (2 * 7.0**2))).astype(np.uint8)
     tight, loose = (_disc(shape, centre, radius).astype(np.int32) for radius in (8, 13))
     assert below_half_contrast(image, loose)[0] > below_half_contrast(image, tight)[0] + 0.2
+
+
+def test_labelled_pairs_match_each_image_with_its_labels_and_name_a_missing_one(tmp_path):
+    import pytest
+
+    from benchmarks.error_sources import labelled_pairs
+
+    for folder in ("images", "labels"):
+        (tmp_path / folder).mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "images" / name).write_bytes(b"")
+        (tmp_path / "labels" / name).write_bytes(b"")
+    assert labelled_pairs(tmp_path) == [(tmp_path / "images" / n, tmp_path / "labels" / n) for n in ("a.png", "b.png")]
+    (tmp_path / "labels" / "b.png").unlink()
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        labelled_pairs(tmp_path)
