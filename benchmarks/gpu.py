@@ -42,7 +42,6 @@ from cellseg.config import PredictConfig
 from cellseg.infer import Predictor, forward_probabilities
 from cellseg.jobs import SegmentJob, pin_model, plan_segmentation, run_segmentation, segment_shard
 from cellseg.runtime import autocast_context, cpu_has_native_bf16
-from cellseg.segment import SegmentReport
 from cellseg.synth import encode_png, generate_sample
 
 CUDA_BATCHES, CPU_BATCHES = (1, 8, 32), (1, 2)
@@ -169,25 +168,21 @@ def _segment(work: Path, name: str, pool: list[Path], count: int, model: str, pr
     finished: list[float] = []
     cpu, started = time.process_time(), time.perf_counter()
     if parallel_shards == 1:
-        done, failed = _report(run_segmentation(job, on_image=lambda _: finished.append(time.perf_counter())))
+        reports = [run_segmentation(job, on_image=lambda _: finished.append(time.perf_counter()))]
     else:
         job = pin_model(job)
         with ThreadPoolExecutor(parallel_shards) as shards:
             reports = list(shards.map(lambda shard: segment_shard(
                 job, shard, lambda _: finished.append(time.perf_counter()), beside_others=True),
                 plan_segmentation(job).shards))
-        done = sum(_report(report)[0] for report in reports)
-        failed = [failure for report in reports for failure in report.failed]
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    done = sum(len(report.done) for report in reports)
+    failed = [failure for report in reports for failure in report.failed]
     if failed:
         raise RuntimeError(f"{len(failed)} images failed, first: {failed[0]}")
     return {"images": done, "seconds": wall, "images_per_second": done / wall,
             "cpu_share": cpu / wall / (os.cpu_count() or 1), "finished": sorted(finished),
             "parallel_shards": parallel_shards}
-
-
-def _report(report: SegmentReport) -> tuple[int, list]:
-    return len(report.done), report.failed
 
 
 def bench_product(work: Path, model: str, device: str, side: int, seconds: float, max_images: int,

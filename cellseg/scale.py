@@ -105,7 +105,7 @@ def resize(array: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray:
     Both follow `scipy.ndimage.zoom(..., mode="nearest", grid_mode=True)` (pixel areas aligned,
     edges repeated), after `scipy.ndimage.gaussian_filter` of sigma (1 / factor - 1) / 2 on each
     shrunk axis; order 1 is computed by OpenCV, which agrees with SciPy to float32 rounding and
-    is about 15 times faster (resampling was half of a GPU run's host time per image).
+    is many times faster (`benchmarks.resampling`).
     """
     if array.shape == tuple(shape):
         return array
@@ -255,14 +255,14 @@ def estimated_cell_maps(
     diameters = list(estimate(images))
     factors = [_factor(diameter, model_diameter, image.shape) for diameter, image in zip(diameters, images, strict=True)]
     passes = _cell_maps_at(images, forward, factors, distance_map)
-    measured = _each_image(lambda i: _found_diameter(passes[i][1], factors[i], distance_map, configs[i]), range(len(passes)))
+    measured = _each_image(lambda i: _found_diameter(passes[i][1], factors[i], distance_map, configs[i]), len(passes))
     again = [i for i, found in enumerate(measured)
              if found is not None and abs(np.log(found / diameters[i])) > MEASURE_MISFIT]
     remeasured = [float(measured[i]) for i in again]  # type: ignore[arg-type]
     second_factors = [_factor(diameter, model_diameter, images[i].shape) for i, diameter in zip(again, remeasured, strict=True)]
     second = _cell_maps_at([images[i] for i in again], forward, second_factors, distance_map)
     found_again = _each_image(lambda k: _found_diameter(second[k][1], second_factors[k], distance_map, configs[again[k]]),
-                              range(len(again)))
+                              len(again))
     for i, diameter, factor, (maps, output), found in zip(again, remeasured, second_factors, second, found_again, strict=True):
         diameters[i], factors[i], passes[i] = diameter, factor, (maps, output)
         measured[i] = found
@@ -359,20 +359,20 @@ def _cell_maps_at(
     """`_cell_map_at` of each image at its factor, all in one call of `forward`."""
     if not images:
         return []
-    outputs = forward(_each_image(lambda i: _resampled(images[i], factors[i]), range(len(images))))
+    outputs = forward(_each_image(lambda i: _resampled(images[i], factors[i]), len(images)))
     return _each_image(lambda i: (_on_image_grid(outputs[i], images[i].shape, factors[i], distance_map), outputs[i]),
-                       range(len(images)))
+                       len(images))
 
 
 Result = TypeVar("Result")
 
 
-def _each_image(step: Callable[[int], Result], indices: Sequence[int]) -> list[Result]:
-    """`step` of each index, in order: on threads when there are several (the images of a batch),
-    each image's work its own, so the results are those of a loop."""
-    if len(indices) < 2:
-        return [step(index) for index in indices]
-    return list(_image_threads().map(step, indices))
+def _each_image(step: Callable[[int], Result], count: int) -> list[Result]:
+    """`step` of each index 0..count-1, in order: on threads when there are several (the images of
+    a batch), each image's work its own, so the results are those of a loop."""
+    if count < 2:
+        return [step(index) for index in range(count)]
+    return list(_image_threads().map(step, range(count)))
 
 
 @cache
