@@ -9,7 +9,10 @@
    matmul rate, and the fraction of the model's memory-bound roofline (the bf16 bytes of every
    conv and norm layer's input and output, over the measured copy bandwidth). Then the same
    through `Predictor` at its own batch size (host batches: copy in, sigmoid, copy out included),
-   the figure the product is divided by.
+   the figure the product is divided by. Then the model alone through `torch.compile`
+   (`cellseg.runtime.CompiledByShape`, what `PredictConfig.compile` runs; inductor fuses each norm
+   with its ReLU), at batches of 8 and 32, each shape's compilation timed apart: whether
+   compiling should be the default on a GPU.
 3. Product: `cellseg.jobs.run_segmentation` (every image in this process, as one shard runs them)
    on synthetic 512x512 PNGs into a local zarr store, after a warm-up pass (model load, first
    calls), over enough images for `--seconds` of steady-state work (at most 4,000). Then 2 and 4
@@ -41,10 +44,11 @@ from cellseg.checkpoint import load_checkpoint
 from cellseg.config import PredictConfig
 from cellseg.infer import Predictor, forward_probabilities
 from cellseg.jobs import SegmentJob, pin_model, plan_segmentation, run_segmentation, segment_shard
-from cellseg.runtime import autocast_context, cpu_has_native_bf16
+from cellseg.runtime import CompiledByShape, autocast_context, cpu_has_native_bf16
 from cellseg.synth import encode_png, generate_sample
 
 CUDA_BATCHES, CPU_BATCHES = (1, 8, 32), (1, 2)
+COMPILED_CUDA_BATCHES, COMPILED_CPU_BATCHES = (8, 32), (1,)
 WARMUP_IMAGES = 16
 PARALLEL_SHARDS = (2, 4)  # the flow's default max_parallel_shards, and twice it
 POOL_IMAGES = 32  # distinct synthetic images; the product's folders link to them in turn
@@ -130,6 +134,32 @@ def bench_model(model: torch.nn.Module, device: torch.device, side: int, batch: 
 
     calls, timed = _calls_per_second(step, device, seconds)
     return {"batch_size": batch, "images_per_second": calls * batch, "images": timed * batch}
+
+
+def _model_row(row: dict, facts: dict, costs: dict) -> dict:
+    """`bench_model`'s row with its TFLOP/s, and its fractions of the matmul rate and of the roofline."""
+    bound = facts["copy_gb_per_s"] * 1e9 / costs["roofline_bytes_per_image"]
+    tflops = row["images_per_second"] * costs["gflop_per_image"] / 1e3
+    return {**row, "tflops": tflops, "fraction_of_matmul": tflops / facts["matmul_tflops"],
+            "roofline_images_per_second": bound, "fraction_of_roofline": row["images_per_second"] / bound}
+
+
+def bench_compiled_model(model: torch.nn.Module, device: torch.device, side: int, seconds: float, facts: dict,
+                         costs: dict) -> list[dict]:
+    """`_model_row`s of `model` through `CompiledByShape`, one per batch size, each with the
+    seconds of its shape's first pass (the compilation) and whether it ran compiled."""
+    compiled = CompiledByShape(model)
+    rows = []
+    for batch in COMPILED_CUDA_BATCHES if device.type == "cuda" else COMPILED_CPU_BATCHES:
+        x = torch.randn(batch, 1, side, side, device=device)
+        started = time.perf_counter()
+        with torch.inference_mode(), autocast_context(device, True):
+            compiled(x)
+        _synchronize(device)
+        first = time.perf_counter() - started
+        row = _model_row(bench_model(compiled, device, side, batch, seconds), facts, costs)
+        rows.append({**row, "compile_seconds": first, "compiled": not compiled.failed})
+    return rows
 
 
 def bench_predictor(predictor: Predictor, side: int, seconds: float) -> dict:
@@ -225,12 +255,9 @@ def bench_gpu(device_name: str, model_name: str, seconds: float, side: int, max_
         torch.cuda.reset_peak_memory_stats(device)
     rows = []
     for batch in CUDA_BATCHES if device.type == "cuda" else CPU_BATCHES:
-        row = bench_model(model, device, side, batch, seconds / 6)
-        bound = facts["copy_gb_per_s"] * 1e9 / costs["roofline_bytes_per_image"]
-        tflops = row["images_per_second"] * costs["gflop_per_image"] / 1e3
-        rows.append({**row, "tflops": tflops, "fraction_of_matmul": tflops / facts["matmul_tflops"],
-                     "roofline_images_per_second": bound, "fraction_of_roofline": row["images_per_second"] / bound})
+        rows.append(_model_row(bench_model(model, device, side, batch, seconds / 6), facts, costs))
     peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    compiled_rows = bench_compiled_model(model, device, side, seconds / 6, facts, costs)
     predictor = Predictor(checkpoint, PredictConfig(device=device_name))
     through_predictor = bench_predictor(predictor, side, seconds / 6)
     del model, predictor
@@ -243,9 +270,11 @@ def bench_gpu(device_name: str, model_name: str, seconds: float, side: int, max_
     return {
         "device": facts["name"], "hardware": facts, "model": {"name": model_name, **costs},
         "model_only": rows, "model_only_peak_memory_bytes": peak_memory, "model_only_predictor": through_predictor,
+        "model_only_compiled": compiled_rows,
         "product": product, "product_parallel_shards": in_parallel,
         "ratios": {"gpu_model_vs_matmul": best["fraction_of_matmul"],
                    "gpu_model_vs_roofline": best["fraction_of_roofline"],
+                   "gpu_model_compiled_vs_matmul": max(row["fraction_of_matmul"] for row in compiled_rows),
                    "gpu_product_vs_model_only": product["images_per_second"] / through_predictor["images_per_second"],
                    **{f"gpu_product_{run['parallel_shards']}_shards_vs_model_only":
                       run["images_per_second"] / through_predictor["images_per_second"] for run in in_parallel}},
@@ -265,6 +294,11 @@ def table_rows(result: dict) -> list[tuple[str, str, str]]:
               f"{row['images_per_second']:.3g} img/s  {row['tflops']:.3g} TFLOP/s",
               f"{row['fraction_of_matmul']:.0%} of matmul (>= 40%), {row['fraction_of_roofline']:.0%} of roofline "
               f"{row['roofline_images_per_second']:.0f} img/s (>= 80%)") for row in result["model_only"]]
+    rows += [(f"model only, compiled, batch {row['batch_size']}",
+              f"{row['images_per_second']:.3g} img/s  {row['tflops']:.3g} TFLOP/s",
+              f"{row['fraction_of_matmul']:.0%} of matmul, {row['fraction_of_roofline']:.0%} of roofline; compiled in "
+              f"{row['compile_seconds']:.0f} s" + ("" if row["compiled"] else " (failed: eager)"))
+             for row in result.get("model_only_compiled", [])]
     predictor = result["model_only_predictor"]
     rows += [(f"model only, Predictor batch {predictor['batch_size']}", f"{predictor['images_per_second']:.3g} img/s",
               "host batches: copy in, sigmoid, copy out"),

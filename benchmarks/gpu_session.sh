@@ -16,6 +16,9 @@
 # after training for the size model, install and test scores; default 320), KEEP (seconds kept after
 # the candidates' time limit; default RESERVE/2); QUALITY=0, BENCH=0 and TRAIN=0 leave out the test
 # scores, the benchmark and the training; BENCH_GENERAL=1 benchmarks the general model too.
+# TRAIN_COMPILE (off, default, reduce-overhead): how the candidates' steps are compiled; unset, the
+# fastest mode of benchmarks.training_step, which the benchmark part runs and keeps in
+# runs/training_step.json (a warm machine keeps it, and inductor's cache, for the training call).
 # The checkout, .whl/ and .devdata/ together outgrow a call's 64 MiB upload: a training call moves
 # the shipped cellseg/models/nuclei.pt (35 MB) aside here first, and a benchmark call (TRAIN=0)
 # carries only .whl/.
@@ -44,6 +47,10 @@ if [ "${BENCH:-1}" = 1 ]; then
     timeout $(( $(left) - 5 )) python3 -m benchmarks.batching --device cuda --synthetic 64 --rounds 3 \
       --out "$out/batching.json" 2>&1 | tail -n 4
   fi
+  if [ "$(left)" -gt 150 ]; then  # the training step, eager and compiled: the candidates train in the faster mode
+    timeout $(( $(left) - 5 )) python3 -m benchmarks.training_step --device cuda --seconds 8 \
+      --out "$out/training_step.json" 2>&1 | tail -n 5 && mkdir -p runs && cp "$out/training_step.json" runs/
+  fi
   if [ "${BENCH_GENERAL:-0}" = 1 ] && [ "$(left)" -gt 50 ]; then  # no cell-size pass: the product's batched path
     timeout $(( $(left) - 5 )) python3 -m benchmarks.gpu --model general --seconds 8 --out "$out/gpu-general.json" 2>&1 | tail -n 12
   fi
@@ -66,11 +73,14 @@ EOF
 
 # The candidates: each trains for TRAIN_MINUTES, then fits its size model and post-processing.
 runs=runs/candidates
+compile_mode=${TRAIN_COMPILE:-$(python3 -c "import json; print(json.load(open('runs/training_step.json'))['best_mode'])" \
+  2>/dev/null || echo off)}
+echo "training steps compiled: $compile_mode"
 reserve=${RESERVE:-320}
 train_minutes=$(python3 -c "print(round(max(1.0, ($(left) - $reserve) / 60), 2))")
 echo "training budget per candidate: $train_minutes min ($(left) s left)"
 timeout $(( $(left) - ${KEEP:-$(( reserve / 2 ))} )) python3 -m benchmarks.nuclei_candidates --out $runs --minutes "$train_minutes" \
-  ${CANDIDATES:+--only $CANDIDATES} ${LOADER_WORKERS:+--loader-workers $LOADER_WORKERS}
+  ${CANDIDATES:+--only $CANDIDATES} ${LOADER_WORKERS:+--loader-workers $LOADER_WORKERS} --compile "$compile_mode"
 echo "candidates finished, $(left) s left"
 python3 -m benchmarks.nuclei_candidates --out $runs --install 2>&1 | tail -n 2
 for run in $( [ "${QUALITY:-1}" = 1 ] && ls -d $runs/*/training ); do

@@ -49,14 +49,17 @@ CANDIDATES: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def candidate_recipe(name: str, minutes: float | None, data: str | None = None,
-                     loader_workers: int | None = None) -> NucleiRecipe:
+                     loader_workers: int | None = None, compile_mode: str | None = None) -> NucleiRecipe:
     """The shipped recipe with candidate `name`'s changes, the GPU settings and a time budget
-    (and another training set, for trying this script out)."""
+    (and another training set, for trying this script out; and how its steps are compiled,
+    `TrainConfig.compile`, which changes their speed, not what they compute)."""
     base = NucleiRecipe(**({"data_dir": data} if data else {}))
     change = CANDIDATES[name]
     training = GPU_TRAINING | {"max_minutes": minutes} | change.get("training", {})
     if loader_workers is not None:
         training["loader_workers"] = loader_workers
+    if compile_mode is not None:
+        training["compile"] = compile_mode
     return base.model_copy(update={
         "model": base.model.model_copy(update=change.get("model", {})),
         "training": base.training.model_copy(update=training),
@@ -64,9 +67,9 @@ def candidate_recipe(name: str, minutes: float | None, data: str | None = None,
 
 
 def train_candidate(name: str, out: Path, minutes: float | None, data: str | None = None,
-                    loader_workers: int | None = None) -> None:
+                    loader_workers: int | None = None, compile_mode: str | None = None) -> None:
     """Train one candidate (continuing an earlier run of it) and write its outcome.json."""
-    recipe = candidate_recipe(name, minutes, data, loader_workers)
+    recipe = candidate_recipe(name, minutes, data, loader_workers, compile_mode)
     folder = out / name
     outcome = build_nuclei(folder, recipe, resume=can_resume(folder))
     result = outcome.result
@@ -111,6 +114,9 @@ def main() -> None:
     parser.add_argument("--install", action="store_true", help="install the best finished candidate")
     parser.add_argument("--data", help="another training set with images/ and labels/ (default the recipe's)")
     parser.add_argument("--loader-workers", type=int, help=f"loader processes per candidate (default {GPU_TRAINING['loader_workers']})")
+    parser.add_argument("--compile", choices=("off", "default", "reduce-overhead"),
+                        help="torch.compile the training steps (default the recipe's: off); "
+                             "benchmarks.training_step measures each mode")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.install:
@@ -118,11 +124,12 @@ def main() -> None:
         return
     names = args.only or list(CANDIDATES)
     if len(names) == 1:
-        train_candidate(names[0], args.out, args.minutes, args.data, args.loader_workers)
+        train_candidate(names[0], args.out, args.minutes, args.data, args.loader_workers, args.compile)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     passed = ([] if args.minutes is None else ["--minutes", str(args.minutes)]) + ([] if args.data is None else ["--data", args.data]) \
-        + ([] if args.loader_workers is None else ["--loader-workers", str(args.loader_workers)])
+        + ([] if args.loader_workers is None else ["--loader-workers", str(args.loader_workers)]) \
+        + ([] if args.compile is None else ["--compile", args.compile])
     environment = os.environ | {"OMP_NUM_THREADS": "1"}  # the processes share the cores with their loaders
     running = {}
     for name in names:

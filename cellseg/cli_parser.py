@@ -85,6 +85,9 @@ TRAINING_FLAGS: list[Flag] = [
     (("--device",), "training.device", {"help": "auto, cpu, cuda or cuda:N"}),
     (("--no-amp",), "training.amp", {"action": "store_const", "const": False,
                                      "help": "plain fp32, no bf16/fp16 mixed precision"}),
+    (("--compile",), "training.compile", {"choices": ("off", "default", "reduce-overhead"),
+                                          "help": "torch.compile the training steps; reduce-overhead: also as CUDA "
+                                                  "graphs"}),
     (("--init-from",), "training.init_from", {"help": "fine-tune from this checkpoint or shipped model (its model "
                                                       "config replaces --depth etc.); 'auto': the shipped model "
                                                       "for small datasets whose cells it already finds"}),

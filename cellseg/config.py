@@ -222,6 +222,11 @@ class TrainConfig(_Config):
         None, ge=0, description="processes that crop and augment the training images; None: 0 on CPU (the cores "
                                 "train the model), on CUDA enough to keep the GPU fed (cellseg.train.loader_workers)"
     )
+    compile: Literal["off", "default", "reduce-overhead"] = Field(
+        "off", description="torch.compile the training steps (validation stays eager): 'default' fuses their "
+                           "kernels, 'reduce-overhead' also replays them as CUDA graphs (CUDA); the first steps pay "
+                           "the compilation. `python -m benchmarks.training_step` measures each on a device"
+    )
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="probability threshold for metrics")
 
     def time_budget(self, fine_tuning: bool) -> float | None:

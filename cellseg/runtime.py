@@ -230,3 +230,35 @@ class CompiledByShape:
         with self._lock:
             self.ready.add(shape)
         return result
+
+
+class TrainingForward:
+    """`model`'s training passes, through `torch.compile(model, mode=mode)` unless `mode` is 'off':
+    the crops of a run share one shape, so one graph (and one for a smaller last batch) serves
+    every step, its backward compiled with it. A compilation that fails leaves the passes eager,
+    with a warning. 'reduce-overhead' also replays the compiled kernels as CUDA graphs, which
+    need each step marked (`__call__` does)."""
+
+    def __init__(self, model: torch.nn.Module, mode: str = "off"):
+        self.model = model
+        self.mode = mode
+        self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = (
+            None if mode == "off" else torch.compile(model, mode=mode, dynamic=False))
+        self.failed = False
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether the passes run compiled (not 'off', and no compilation has failed)."""
+        return self.compiled is not None and not self.failed
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_compiled:
+            return self.model(x)
+        if self.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are read; replay over them
+        try:
+            return self.compiled(x)  # type: ignore[misc]
+        except Exception as error:  # noqa: BLE001 - an eager pass is always possible; a real fault recurs there
+            logger.warning("torch.compile failed, training runs eagerly: %s", f"{type(error).__name__}: {error}"[:300])
+            self.failed = True
+            return self.model(x)

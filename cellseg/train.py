@@ -23,14 +23,14 @@ from torch.utils.data import DataLoader
 
 from cellseg.checkpoint import Checkpoint, load_checkpoint, non_finite_weight, save_checkpoint
 from cellseg.config import ModelConfig, TrainConfig
-from cellseg.dataset import TrainingDataset
+from cellseg.dataset import TrainingDataset, TrainingTarget
 from cellseg.io import write_file_atomic
 from cellseg.losses import distance_map_loss, segmentation_loss
 from cellseg.metrics import ConfusionCounts, MetricAccumulator, confusion_counts
 from cellseg.model import UNet, expected_state
 from cellseg.pairs import LoadedPair
 from cellseg.redact import redact_url
-from cellseg.runtime import autocast_context, available_cores, resolve_device
+from cellseg.runtime import TrainingForward, autocast_context, available_cores, resolve_device
 from cellseg.scale import collection_cell_diameter, rescale_pairs
 
 logger = logging.getLogger(__name__)
@@ -172,15 +172,13 @@ def train(
     if workers:
         train_set.prepare_targets()  # once here, so that the worker processes share them rather than each compute them
     model = UNet(model_config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
-                                 fused=device.type in ("cuda", "cpu"))  # one kernel per step, not one per tensor
+    optimizer = adam_optimizer(model, config, device)
     monitor_key, higher_is_better = _score_name(config.monitor if val_pairs else config.monitor.replace("val_", "train_"))
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max" if higher_is_better else "min", factor=0.5,
         patience=config.lr_patience or 0, threshold=config.min_delta, threshold_mode="abs",
     )
-    use_scaler = device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    scaler = gradient_scaler(config, device)
     history: list[dict[str, float]] = []
     best_score, best_epoch, best_metrics, stale_epochs, spent_seconds = None, 0, {}, 0, 0.0
 
@@ -211,6 +209,7 @@ def train(
         spent_seconds = state.resume_state["spent_seconds"]
         logger.info("resuming from %s after epoch %d", out / LAST_CHECKPOINT, state.epoch)
 
+    forward = TrainingForward(model, config.compile)
     cut = logit_threshold(config.threshold)
     # Reading a value off the GPU makes the CPU wait for it; on CUDA the loss and pixel counts are
     # summed on the device and read once an epoch, on the CPU each step's loss is checked at once.
@@ -219,8 +218,10 @@ def train(
     started = time.monotonic() - spent_seconds
     stop_reason = "max epochs reached"
     logger.info(
-        "training on %s%s: %d training and %d validation images, up to %d epochs",
-        device, f" with {workers} loader processes" if workers else "", len(train_pairs), len(val_pairs), config.epochs,
+        "training on %s%s%s: %d training and %d validation images, up to %d epochs",
+        device, f" with {workers} loader processes" if workers else "",
+        "" if config.compile == "off" else f", compiled ({config.compile})", len(train_pairs), len(val_pairs),
+        config.epochs,
     )
     for epoch in range(len(history) + 1, config.epochs + 1):
         if (out / STOP_FILE).exists():
@@ -238,23 +239,15 @@ def train(
         train_counts, loss_sum, samples = EpochCounts(device), torch.zeros((), dtype=torch.float64, device=device), 0
         for batch_images, batch_targets in loader:
             images, targets = batch_images.to(device, non_blocking=True), batch_targets.to(device, non_blocking=True)
-            masks, weights, distance = train_set.layout.unpack(targets)
-            with autocast_context(device, config.amp):
-                logits = model(images).float()
-            loss = segmentation_loss(logits[:, :1], masks, config.loss, weights)
-            if distance is not None:
-                loss = loss + distance_map_loss(logits[:, -1:], distance)
+            loss, logits, masks = batch_loss(forward, images, targets, train_set.layout, config, device)
             if check_each_step and not math.isfinite(loss_value := loss.item()):
                 # one more step would only spread NaN through the weights
                 raise TrainingDivergedError(_divergence(out, epoch, f"the training loss is {loss_value}", optimizer,
                                                         best_epoch))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer_step(loss, optimizer, scaler)
             loss_sum += loss.detach().double() * len(images)
             samples += len(images)
-            train_counts.add(logits[:, :1].detach() > cut, masks > 0.5)
+            train_counts.add(logits.detach() > cut, masks > 0.5)
 
         train_seconds = time.monotonic() - epoch_started
         train_scores = train_counts.counts().scores()
@@ -327,6 +320,39 @@ def train(
         raise ValueError(f"no epoch was trained in '{out}' ({stop_reason})")
     logger.info("%s; best %s %.4f at epoch %d", stop_reason, monitor_key, best_score, best_epoch)
     return TrainResult(out, history, best_epoch, best_metrics, stop_reason)
+
+
+def adam_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Adam:
+    """Adam over `model`'s parameters at the config's learning rate and weight decay."""
+    return torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
+                            fused=device.type in ("cuda", "cpu"))  # one kernel per step, not one per tensor
+
+
+def gradient_scaler(config: TrainConfig, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 autocast (CUDA without bf16); a pass-through otherwise."""
+    return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported())
+
+
+def batch_loss(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, targets: torch.Tensor,
+               layout: TrainingTarget, config: TrainConfig, device: torch.device,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, cell logits, cell masks) of one training batch: the segmentation loss of the cell
+    channel, plus the distance map's where `layout` has one."""
+    masks, weights, distance = layout.unpack(targets)
+    with autocast_context(device, config.amp):
+        logits = forward(images).float()
+    loss = segmentation_loss(logits[:, :1], masks, config.loss, weights)
+    if distance is not None:
+        loss = loss + distance_map_loss(logits[:, -1:], distance)
+    return loss, logits[:, :1], masks
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Back-propagate `loss` and take one optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 class EpochCounts:

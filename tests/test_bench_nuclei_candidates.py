@@ -17,3 +17,9 @@ def test_a_candidate_changes_the_recipe_only_where_it_says(name):
     expected = GPU_TRAINING | {"max_minutes": 3.5} | change.get("training", {})
     changed = {key for key, value in recipe.training if getattr(shipped.training, key) != value}
     assert changed == {key for key, value in expected.items() if getattr(shipped.training, key) != value}
+
+
+def test_the_compile_mode_changes_only_how_the_steps_run():
+    plain, compiled = candidate_recipe("w48_balanced", 3.5), candidate_recipe("w48_balanced", 3.5, compile_mode="default")
+    assert plain.training.compile == "off" and compiled.training.compile == "default"
+    assert compiled.model_copy(update={"training": compiled.training.model_copy(update={"compile": "off"})}) == plain

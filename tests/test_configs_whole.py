@@ -37,7 +37,7 @@ TRAINING = {
                      "contrast": 0.1, "brightness": 0.05, "max_gamma": 1.2, "noise_std": 0.01,
                      "dim_cells_probability": 0.1, "min_cell_contrast": 0.3},
     "val_fraction": 0.34, "seed": 3, "patience": 5, "min_delta": 0.01, "monitor": "val_loss", "max_minutes": 5.0,
-    "device": "cpu", "amp": False, "loader_workers": 1, "threshold": 0.4,
+    "device": "cpu", "amp": False, "loader_workers": 1, "compile": "off", "threshold": 0.4,
 }
 PREDICT = {
     "threshold": 0.4, "batch_size": 2, "device": "cpu", "amp": False, "compile": False, "tta": True, "tile_size": 96,

@@ -14,9 +14,9 @@ import torch
 pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-KEYS = {"device", "hardware", "model", "model_only", "model_only_peak_memory_bytes", "model_only_predictor", "product",
-        "product_parallel_shards", "ratios"}
-RATIOS = {"gpu_model_vs_matmul", "gpu_model_vs_roofline", "gpu_product_vs_model_only",
+KEYS = {"device", "hardware", "model", "model_only", "model_only_peak_memory_bytes", "model_only_predictor",
+        "model_only_compiled", "product", "product_parallel_shards", "ratios"}
+RATIOS = {"gpu_model_vs_matmul", "gpu_model_vs_roofline", "gpu_model_compiled_vs_matmul", "gpu_product_vs_model_only",
           "gpu_product_2_shards_vs_model_only", "gpu_product_4_shards_vs_model_only"}
 
 
@@ -43,6 +43,10 @@ def test_cpu_check_writes_every_figure_without_prefect(tmp_path):
     result = json.loads(out.read_text())
     assert result.keys() >= KEYS and result["ratios"].keys() == RATIOS
     assert [row["batch_size"] for row in result["model_only"]] == [1, 2]
+    compiled = result["model_only_compiled"]
+    assert [row["batch_size"] for row in compiled] == [1] and compiled[0]["compiled"]
+    assert compiled[0]["images_per_second"] > 0 and compiled[0]["compile_seconds"] > 0
+    assert "model only, compiled, batch 1" in run.stdout
     assert result["model"]["side"] == 128 and result["model"]["gflop_per_image"] > 0
     # Conv and norm layers are some of the leaf modules, so they move part of all the bytes.
     assert 0 < result["model"]["roofline_bytes_per_image"] < result["model"]["all_leaf_bytes_per_image"]
@@ -62,6 +66,7 @@ def test_cuda_figures_name_the_device(tmp_path):
     result = json.loads(out.read_text())
     assert result["device"] == torch.cuda.get_device_name()
     assert [row["batch_size"] for row in result["model_only"]] == [1, 8, 32]
+    assert [row["batch_size"] for row in result["model_only_compiled"]] == [8, 32]
     assert result["model_only_predictor"]["batch_size"] == 8
     assert result["hardware"]["matmul_tflops"] > 1 and result["hardware"]["copy_gb_per_s"] > 100
     assert result["product"]["images_per_second"] > 0 and all(value > 0 for value in result["ratios"].values())
