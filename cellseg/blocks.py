@@ -59,7 +59,7 @@ from cellseg.measure import CELL_COLUMNS, cell_measurements
 from cellseg.normalize import FLAT_RELATIVE_RANGE, histogram_lut, integer_histogram, intensity_skewness
 from cellseg.postprocess import CellMaps, cell_labels
 from cellseg.redact import redact_url
-from cellseg.scale import scale_factor
+from cellseg.scale import prediction_factor
 from cellseg.stats import label_areas
 from cellseg.stitch import (
     BlockGrid,
@@ -329,7 +329,7 @@ def _image_scale(source: Source, grid: BlockGrid, levels: Levels, lut: np.ndarra
     window = grid.window(0)
     if given is not None:
         shape = (window[1] - window[0], window[3] - window[2])
-        return {"cell_diameter": given, "measured": False, "factor": scale_factor(given, float(model_diameter), shape)}
+        return {"cell_diameter": given, "measured": False, "factor": prediction_factor(given, float(model_diameter), shape)}
     candidates = [index for index in range(grid.count) if index not in empty]
     if not candidates:
         return {"cell_diameter": None, "measured": True, "factor": 1.0}

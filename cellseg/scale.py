@@ -195,6 +195,11 @@ def rescale_pairs(pairs: Sequence[LoadedPair], model_config: ModelConfig) -> lis
 
 
 SCALE_TOLERANCE = 0.05  # cells within 5% of the model's size are predicted at the image's own scale
+# Other factors are taken to the nearest of 2**(k / SCALE_STEPS): at most 4.4% off the size asked
+# for, less than the tolerance above. Images of one shape whose cell sizes are near each other are
+# then resampled to one shape, and share a batched pass (a GPU's batches of 8 held 1.43 synthetic
+# 512x512 images a pass when each image had a factor of its own: docs/performance.md "GPU").
+SCALE_STEPS = 8
 # A measured cell size is trusted when predicting at the scale it asks for finds cells within 25%
 # of the size expected there (log ratio). On dsb2018, first passes that saw nuclei of 33-39 px as
 # 10-31 px were off by 1.3-1.9 times there; right ones by at most 1.2.
@@ -218,7 +223,7 @@ def cell_maps_at_cell_size(
     results: list[CellMaps | None] = [None] * len(images)
     stated = [i for i, config in enumerate(configs) if config.cell_diameter is not None]
     estimated = [i for i, config in enumerate(configs) if config.cell_diameter is None and estimate is not None]
-    factors = [_factor(configs[i].cell_diameter, model_diameter, images[i].shape) for i in stated]
+    factors = [prediction_factor(configs[i].cell_diameter, model_diameter, images[i].shape) for i in stated]
     for i, factor, (maps, _) in zip(stated, factors, _cell_maps_at([images[i] for i in stated], forward, factors,
                                                                     model_config.distance_map), strict=True):
         results[i] = dataclasses.replace(
@@ -253,13 +258,13 @@ def estimated_cell_maps(
     model_diameter = float(model_config.cell_diameter)  # type: ignore[arg-type]
     distance_map = model_config.distance_map
     diameters = list(estimate(images))
-    factors = [_factor(diameter, model_diameter, image.shape) for diameter, image in zip(diameters, images, strict=True)]
+    factors = [prediction_factor(diameter, model_diameter, image.shape) for diameter, image in zip(diameters, images, strict=True)]
     passes = _cell_maps_at(images, forward, factors, distance_map)
     measured = _each_image(lambda i: _found_diameter(passes[i][1], factors[i], distance_map, configs[i]), len(passes))
     again = [i for i, found in enumerate(measured)
              if found is not None and abs(np.log(found / diameters[i])) > MEASURE_MISFIT]
     remeasured = [float(measured[i]) for i in again]  # type: ignore[arg-type]
-    second_factors = [_factor(diameter, model_diameter, images[i].shape) for i, diameter in zip(again, remeasured, strict=True)]
+    second_factors = [prediction_factor(diameter, model_diameter, images[i].shape) for i, diameter in zip(again, remeasured, strict=True)]
     second = _cell_maps_at([images[i] for i in again], forward, second_factors, distance_map)
     found_again = _each_image(lambda k: _found_diameter(second[k][1], second_factors[k], distance_map, configs[again[k]]),
                               len(again))
@@ -301,7 +306,7 @@ def measured_cell_maps(
         return median_cell_diameter(cell_labels(CellMaps(scaled[0]), config))
 
     def attempt(diameter: float) -> float:
-        factor = _factor(diameter, model_diameter, image.shape)
+        factor = prediction_factor(diameter, model_diameter, image.shape)
         maps, scaled = native if factor == 1.0 else _cell_map_at(image, forward, factor, distance_map)
         found = median_diameter(scaled)
         misfit = float(abs(np.log(found / (diameter * factor)))) if found else np.inf
@@ -325,10 +330,16 @@ def measured_cell_maps(
     return maps, diameter, factor
 
 
-def _factor(cell_diameter: float | None, model_diameter: float, shape: tuple[int, ...]) -> float:
-    """`scale_factor`, with factors within SCALE_TOLERANCE of 1 taken as 1."""
+def prediction_factor(cell_diameter: float | None, model_diameter: float, shape: tuple[int, ...]) -> float:
+    """The factor an image of `shape` with cells `cell_diameter` across is predicted at:
+    `scale_factor`, 1 within SCALE_TOLERANCE of it, else on the ladder of SCALE_STEPS steps per
+    doubling (and within `scale_factor`'s bounds)."""
     factor = scale_factor(cell_diameter, model_diameter, shape)
-    return 1.0 if abs(factor - 1.0) < SCALE_TOLERANCE else factor
+    if abs(factor - 1.0) < SCALE_TOLERANCE:
+        return 1.0
+    on_ladder = 2.0 ** (round(np.log2(factor) * SCALE_STEPS) / SCALE_STEPS)
+    largest = scale_factor(1e-9, 1.0, shape)  # what the tiniest cells would ask for: the bound
+    return float(np.clip(on_ladder, 1.0 / MAX_SCALE, largest))
 
 
 def _resampled(image: np.ndarray, factor: float) -> np.ndarray:

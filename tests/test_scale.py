@@ -21,10 +21,13 @@ from cellseg.postprocess import cell_labels
 from cellseg.scale import (
     MAX_SCALE,
     MAX_UPSCALED_PIXELS,
+    SCALE_STEPS,
+    SCALE_TOLERANCE,
     collection_cell_diameter,
     distinct_sizes,
     measurement_scales,
     median_cell_diameter,
+    prediction_factor,
     rescale_pair,
     rescale_pairs,
     resize,
@@ -171,6 +174,42 @@ def enlarged_sample():
     return sample, resize(sample.image, big, order=1), resize(sample.labels.astype(np.int32), big, order=0)
 
 
+def test_prediction_factors_sit_on_a_ladder_near_the_size_asked_for():
+    half_step = np.log(2) / 2 / SCALE_STEPS
+    for diameter in np.linspace(4.0, 80.0, 400):
+        exact, factor = scale_factor(diameter, 18.0, (512, 512)), prediction_factor(diameter, 18.0, (512, 512))
+        if abs(exact - 1.0) < SCALE_TOLERANCE:
+            assert factor == 1.0
+            continue
+        rung = np.log2(factor) * SCALE_STEPS
+        assert rung == pytest.approx(round(rung), abs=1e-9), (diameter, factor)
+        assert abs(np.log(factor / exact)) <= half_step + 1e-12, (diameter, factor, exact)
+    # The bounds hold on the ladder too: never past MAX_SCALE either way, nor past the pixels an
+    # enlarged image may have.
+    assert prediction_factor(1.0, 18.0, (100, 100)) == MAX_SCALE
+    assert prediction_factor(500.0, 18.0, (100, 100)) == 1 / MAX_SCALE
+    big = (6000, 6000)
+    assert prediction_factor(9.0, 18.0, big) == pytest.approx(np.sqrt(MAX_UPSCALED_PIXELS / np.prod(big)))
+    assert prediction_factor(None, 18.0, (100, 100)) == 1.0
+
+
+def test_images_of_one_shape_and_like_sizes_share_a_pass():
+    # 18/1.414 = 12.7 px is a rung of the ladder: 12.5 and 13.0 px round to it, 20 px does not.
+    predictor = Predictor(bundled_at_cell_size(18.0), PredictConfig(device="cpu", batch_size=8))
+    rng = np.random.default_rng(4)
+    images = [generate_sample(rng, (96, 96)).image for _ in range(4)]
+    passes = batches_seen(predictor.model)
+    maps = predictor.cell_maps(images, [12.5, 12.73, 13.0, 20.0])
+    # 96 x 2**(4/8) = 136 for the three; 18/20 = 0.9 takes the rung below 1, 2**(-1/8): 88.
+    assert sorted(passes) == [(1, 1, 88, 88), (3, 1, 136, 136)], passes
+    assert [m.scale["factor"] for m in maps][:3] == [2 ** 0.5] * 3
+    alone = [predictor.cell_maps([image], [diameter])[0] for image, diameter in zip(images, [12.5, 12.73, 13.0, 20.0],
+                                                                                      strict=True)]
+    for shared, single in zip(maps, alone, strict=True):  # a shared pass gives what each image gives alone
+        assert shared.scale == single.scale
+        np.testing.assert_allclose(shared.probability, single.probability, rtol=1e-5, atol=1e-6)
+
+
 def bundled_at_cell_size(diameter: float | None):
     checkpoint = load_checkpoint(shipped_checkpoint("general"))
     return dataclasses.replace(checkpoint, model_config=checkpoint.model_config.model_copy(update={"cell_diameter": diameter}))
@@ -208,7 +247,8 @@ def test_each_image_says_the_cell_size_and_scale_it_was_predicted_at(enlarged_sa
     # the passes on the shrunk image and the check at each candidate's scale find their size.
     assert maps.scale["measured"] is True
     assert 0.85 < maps.scale["cell_diameter"] / median_cell_diameter(labels) < 1.15
-    assert maps.scale["factor"] == pytest.approx(model_diameter / maps.scale["cell_diameter"])
+    assert maps.scale["factor"] == prediction_factor(maps.scale["cell_diameter"], model_diameter, image.shape)
+    assert abs(np.log(maps.scale["factor"] * maps.scale["cell_diameter"] / model_diameter)) <= np.log(2) / 2 / SCALE_STEPS
     told = Predictor(bundled_at_cell_size(model_diameter), PredictConfig(device="cpu", cell_diameter=2 * model_diameter))
     (stated,) = told.cell_maps([image])
     assert stated.scale == {"cell_diameter": 2 * model_diameter, "measured": False, "factor": 0.5}
