@@ -9,15 +9,17 @@
    matmul rate, and the fraction of the model's memory-bound roofline (the bf16 bytes of every
    conv and norm layer's input and output, over the measured copy bandwidth). Then the same
    through `Predictor` at its own batch size (host batches: copy in, sigmoid, copy out included),
-   the figure the product is divided by. Then the model alone through `torch.compile`
-   (`cellseg.runtime.CompiledByShape`, what `PredictConfig.compile` runs; inductor fuses each norm
-   with its ReLU), at batches of 8 and 32, each shape's compilation timed apart: whether
-   compiling should be the default on a GPU.
+   the figure the product is divided by.
 3. Product: `cellseg.jobs.run_segmentation` (every image in this process, as one shard runs them)
    on synthetic 512x512 PNGs into a local zarr store, after a warm-up pass (model load, first
    calls), over enough images for `--seconds` of steady-state work (at most 4,000). Then 2 and 4
    shards at a time on threads sharing the model, as the segment-images flow's thread pool runs
    them (`max_parallel_shards`; without Prefect), for half as long each: their host work overlaps.
+4. Last, the model alone through `torch.compile` (`cellseg.runtime.CompiledByShape`, what
+   `PredictConfig.compile` runs; inductor fuses each norm with its ReLU), at batches of 8 and 32,
+   each shape's compilation timed apart: whether compiling should be the default on a GPU.
+
+`--out` is written after each part, so a run stopped by a time limit keeps what it measured.
 
 Without CUDA (and without `--device cpu`, a small local check) it says so and exits 0.
 """
@@ -244,8 +246,11 @@ def bench_product(work: Path, model: str, device: str, side: int, seconds: float
             "warmup_seconds": warmup["seconds"], "steady_seconds_met": timed["seconds"] >= seconds}
 
 
-def bench_gpu(device_name: str, model_name: str, seconds: float, side: int, max_images: int) -> dict:
-    """Every figure of the module docstring, and the ratios of issue 22's GPU targets."""
+def bench_gpu(device_name: str, model_name: str, seconds: float, side: int, max_images: int,
+              save: Callable[[dict], None] = lambda _: None) -> dict:
+    """Every figure of the module docstring, and the ratios of issue 22's GPU targets. `save` gets
+    the figures so far after each part (a run stopped by its time limit keeps them); the compiled
+    passes, whose compilations take longest, come last."""
     device = torch.device(device_name)
     facts = device_facts(device)
     checkpoint = load_checkpoint(shipped_checkpoint(model_name))
@@ -256,29 +261,31 @@ def bench_gpu(device_name: str, model_name: str, seconds: float, side: int, max_
     rows = []
     for batch in CUDA_BATCHES if device.type == "cuda" else CPU_BATCHES:
         rows.append(_model_row(bench_model(model, device, side, batch, seconds / 6), facts, costs))
-    peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    compiled_rows = bench_compiled_model(model, device, side, seconds / 6, facts, costs)
-    predictor = Predictor(checkpoint, PredictConfig(device=device_name))
-    through_predictor = bench_predictor(predictor, side, seconds / 6)
-    del model, predictor
-    with tempfile.TemporaryDirectory(prefix="cellseg-gpu-bench-") as work:
-        product = bench_product(Path(work), model_name, device_name, side, seconds, max_images)
-        # As the segment-images flow runs them: shards side by side on threads, sharing the model.
-        in_parallel = [bench_product(Path(work), model_name, device_name, side, seconds / 2, max_images, shards)
-                       for shards in PARALLEL_SHARDS]
     best = max(rows, key=lambda row: row["images_per_second"])
-    return {
-        "device": facts["name"], "hardware": facts, "model": {"name": model_name, **costs},
-        "model_only": rows, "model_only_peak_memory_bytes": peak_memory, "model_only_predictor": through_predictor,
-        "model_only_compiled": compiled_rows,
-        "product": product, "product_parallel_shards": in_parallel,
-        "ratios": {"gpu_model_vs_matmul": best["fraction_of_matmul"],
-                   "gpu_model_vs_roofline": best["fraction_of_roofline"],
-                   "gpu_model_compiled_vs_matmul": max(row["fraction_of_matmul"] for row in compiled_rows),
-                   "gpu_product_vs_model_only": product["images_per_second"] / through_predictor["images_per_second"],
-                   **{f"gpu_product_{run['parallel_shards']}_shards_vs_model_only":
-                      run["images_per_second"] / through_predictor["images_per_second"] for run in in_parallel}},
-    }
+    result: dict = {"device": facts["name"], "hardware": facts, "model": {"name": model_name, **costs},
+                    "model_only": rows,
+                    "model_only_peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                    "ratios": {"gpu_model_vs_matmul": best["fraction_of_matmul"],
+                               "gpu_model_vs_roofline": best["fraction_of_roofline"]}}
+    predictor = Predictor(checkpoint, PredictConfig(device=device_name))
+    result["model_only_predictor"] = through_predictor = bench_predictor(predictor, side, seconds / 6)
+    save(result)
+    del predictor
+    with tempfile.TemporaryDirectory(prefix="cellseg-gpu-bench-") as work:
+        result["product"] = product = bench_product(Path(work), model_name, device_name, side, seconds, max_images)
+        result["ratios"]["gpu_product_vs_model_only"] = product["images_per_second"] / through_predictor["images_per_second"]
+        save(result)
+        # As the segment-images flow runs them: shards side by side on threads, sharing the model.
+        result["product_parallel_shards"] = in_parallel = [
+            bench_product(Path(work), model_name, device_name, side, seconds / 2, max_images, shards)
+            for shards in PARALLEL_SHARDS]
+    result["ratios"].update({f"gpu_product_{run['parallel_shards']}_shards_vs_model_only":
+                             run["images_per_second"] / through_predictor["images_per_second"] for run in in_parallel})
+    save(result)
+    result["model_only_compiled"] = compiled_rows = bench_compiled_model(model, device, side, seconds / 6, facts, costs)
+    result["ratios"]["gpu_model_compiled_vs_matmul"] = max(row["fraction_of_matmul"] for row in compiled_rows)
+    save(result)
+    return result
 
 
 def table_rows(result: dict) -> list[tuple[str, str, str]]:
@@ -326,12 +333,14 @@ def main() -> None:
         print("no CUDA device: GPU benchmark skipped")
         return
     max_images = args.max_images or (16 if cpu else 4000)
-    result = bench_gpu(args.device, args.model, args.seconds, args.side, max_images)
+    def save(result: dict) -> None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1))
+
+    result = bench_gpu(args.device, args.model, args.seconds, args.side, max_images, save)
     for name, value, note in table_rows(result):
         print(f"{name:<34}  {value:<34} {note}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

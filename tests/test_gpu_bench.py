@@ -70,3 +70,15 @@ def test_cuda_figures_name_the_device(tmp_path):
     assert result["model_only_predictor"]["batch_size"] == 8
     assert result["hardware"]["matmul_tflops"] > 1 and result["hardware"]["copy_gb_per_s"] > 100
     assert result["product"]["images_per_second"] > 0 and all(value > 0 for value in result["ratios"].values())
+
+
+def test_the_figures_are_saved_after_each_part():
+    from benchmarks.gpu import bench_gpu
+
+    saved: list[set[str]] = []
+    result = bench_gpu("cpu", "general", 1.0, 96, 4, save=lambda figures: saved.append(set(figures)))
+    # The model alone first, then the product, then shards side by side, the compiled passes last.
+    assert "model_only_predictor" in saved[0] and "product" not in saved[0]
+    assert "product" in saved[1] and "product_parallel_shards" not in saved[1]
+    assert "product_parallel_shards" in saved[2] and "model_only_compiled" not in saved[2]
+    assert saved[-1] == set(result) and len(saved) == 4
