@@ -29,6 +29,7 @@ from cellseg.checkpoint import load_checkpoint
 from cellseg.config import PredictConfig
 from cellseg.infer import Predictor
 from cellseg.io import list_images, read_image
+from cellseg.runtime import synchronize
 from cellseg.synth import generate_sample
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -49,8 +50,7 @@ def passes_and_seconds(predictor: Predictor, images: list[np.ndarray], chunk: in
     network = [0.0]
 
     def synchronised_clock() -> float:
-        if predictor.device.type == "cuda":
-            torch.cuda.synchronize(predictor.device)
+        synchronize(predictor.device)
         return time.perf_counter()
 
     def timed_features(x: torch.Tensor) -> torch.Tensor:

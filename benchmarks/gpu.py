@@ -46,7 +46,7 @@ from cellseg.checkpoint import load_checkpoint
 from cellseg.config import PredictConfig
 from cellseg.infer import Predictor, forward_probabilities
 from cellseg.jobs import SegmentJob, pin_model, plan_segmentation, run_segmentation, segment_shard
-from cellseg.runtime import CompiledByShape, autocast_context, cpu_has_native_bf16
+from cellseg.runtime import CompiledByShape, autocast_context, cpu_has_native_bf16, synchronize
 from cellseg.synth import encode_png, generate_sample
 
 CUDA_BATCHES, CPU_BATCHES = (1, 8, 32), (1, 2)
@@ -57,24 +57,19 @@ POOL_IMAGES = 32  # distinct synthetic images; the product's folders link to the
 NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _calls_per_second(step: Callable[[], object], device: torch.device, seconds: float) -> tuple[float, int]:
     """(calls/s, calls timed) of `step` over about `seconds`, after three warm-up calls."""
     for _ in range(3):
         step()
-    _synchronize(device)
+    synchronize(device)
     started = time.perf_counter()
     step()
-    _synchronize(device)
+    synchronize(device)
     calls = max(3, min(100_000, int(seconds / max(time.perf_counter() - started, 1e-6))))
     started = time.perf_counter()
     for _ in range(calls):
         step()
-    _synchronize(device)
+    synchronize(device)
     return calls / (time.perf_counter() - started), calls
 
 
@@ -87,11 +82,11 @@ def device_facts(device: torch.device) -> dict:
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    _synchronize(device)
+    synchronize(device)
     started = time.perf_counter()
     for _ in range(10):
         a @ b
-    _synchronize(device)
+    synchronize(device)
     matmul = 2 * n**3 * 10 / (time.perf_counter() - started) / 1e12
     del a, b
     source = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
@@ -157,7 +152,7 @@ def bench_compiled_model(model: torch.nn.Module, device: torch.device, side: int
         started = time.perf_counter()
         with torch.inference_mode(), autocast_context(device, True):
             compiled(x)
-        _synchronize(device)
+        synchronize(device)
         first = time.perf_counter() - started
         row = _model_row(bench_model(compiled, device, side, batch, seconds), facts, costs)
         rows.append({**row, "compile_seconds": first, "compiled": not compiled.failed})

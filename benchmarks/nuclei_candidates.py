@@ -26,6 +26,7 @@ from typing import Any
 
 from cellseg.build_bundled import build_nuclei, can_resume, install_model, nuclei_training_data
 from cellseg.bundled import NucleiRecipe
+from cellseg.config import COMPILE_MODES
 from cellseg.jobs import TrainOutcome
 from cellseg.train import TrainResult
 
@@ -114,7 +115,7 @@ def main() -> None:
     parser.add_argument("--install", action="store_true", help="install the best finished candidate")
     parser.add_argument("--data", help="another training set with images/ and labels/ (default the recipe's)")
     parser.add_argument("--loader-workers", type=int, help=f"loader processes per candidate (default {GPU_TRAINING['loader_workers']})")
-    parser.add_argument("--compile", choices=("off", "default", "reduce-overhead"),
+    parser.add_argument("--compile", choices=COMPILE_MODES,
                         help="torch.compile the training steps (default the recipe's: off); "
                              "benchmarks.training_step measures each mode")
     args = parser.parse_args()

@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 from cellseg.bundled import NucleiRecipe
+from cellseg.config import COMPILE_MODES
 from cellseg.dataset import TrainingDataset
 from cellseg.model import UNet
 from cellseg.pairs import load_pairs, pair_images_and_masks
-from cellseg.runtime import TrainingForward, resolve_device
+from cellseg.runtime import TrainingForward, resolve_device, synchronize
 from cellseg.synth import write_dataset
 from cellseg.train import adam_optimizer, batch_loss, gradient_scaler, optimizer_step
 
@@ -56,11 +57,6 @@ def crop_batches(recipe: NucleiRecipe, device: torch.device, count: int = BATCHE
     return batches, crops
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bench_mode(recipe: NucleiRecipe, mode: str, device: torch.device, batches: list, crops: TrainingDataset,
                seconds: float) -> dict:
     """Crops/s of `mode`'s steps over about `seconds`, after `FIRST_STEPS` timed apart."""
@@ -78,15 +74,15 @@ def bench_mode(recipe: NucleiRecipe, mode: str, device: torch.device, batches: l
     started = time.perf_counter()
     for index in range(FIRST_STEPS):
         step(index)
-    _synchronize(device)
+    synchronize(device)
     first = time.perf_counter() - started
     steps, losses, started = 0, [], time.perf_counter()
     while steps < 3 or time.perf_counter() - started < seconds:
         losses.append(step(steps))
         steps += 1
         if steps % 10 == 0:
-            _synchronize(device)
-    _synchronize(device)
+            synchronize(device)
+    synchronize(device)
     elapsed = time.perf_counter() - started
     batch = recipe.training.batch_size
     return {"mode": mode, "compiled": forward.is_compiled, "first_steps": FIRST_STEPS, "first_steps_seconds": first,
@@ -119,7 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--seconds", type=float, default=10.0, help="steady seconds of each mode")
-    parser.add_argument("--modes", nargs="+", default=None, choices=("off", "default", "reduce-overhead"),
+    parser.add_argument("--modes", nargs="+", default=None, choices=COMPILE_MODES,
                         help="default: off and default, and reduce-overhead on CUDA")
     parser.add_argument("--width", type=int, help="U-Net width (default the recipe's)")
     parser.add_argument("--crop", type=int, help="crop side (default the recipe's)")
@@ -133,7 +129,7 @@ def main() -> None:
                                                         "batch_size": args.batch_size or recipe.training.batch_size}),
     })
     cuda = resolve_device(args.device).type == "cuda"
-    modes = args.modes or (["off", "default", "reduce-overhead"] if cuda else ["off", "default"])
+    modes = args.modes or [mode for mode in COMPILE_MODES if cuda or mode != "reduce-overhead"]
     result = bench_training_step(recipe, args.device, modes, args.seconds)
     print(f"training step on {result['device']}: width {result['width']}, {result['batch_size']} crops of "
           f"{result['crop']}^2 per step")

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from cellseg import __version__
-from cellseg.config import AugmentationConfig
+from cellseg.config import COMPILE_MODES, AugmentationConfig
 from cellseg.job_config import SegmentJob, TrainJob, TuneJob
 from cellseg.settings import CellsegSettings
 
@@ -85,7 +85,7 @@ TRAINING_FLAGS: list[Flag] = [
     (("--device",), "training.device", {"help": "auto, cpu, cuda or cuda:N"}),
     (("--no-amp",), "training.amp", {"action": "store_const", "const": False,
                                      "help": "plain fp32, no bf16/fp16 mixed precision"}),
-    (("--compile",), "training.compile", {"choices": ("off", "default", "reduce-overhead"),
+    (("--compile",), "training.compile", {"choices": COMPILE_MODES,
                                           "help": "torch.compile the training steps; reduce-overhead: also as CUDA "
                                                   "graphs"}),
     (("--init-from",), "training.init_from", {"help": "fine-tune from this checkpoint or shipped model (its model "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from fsspec.core import split_protocol
 from fsspec.registry import known_implementations
@@ -157,6 +157,10 @@ FINE_TUNE_MINUTES = 15.0  # the 'auto' training budget when fine-tuning
 SCRATCH_MINUTES = 25.0  # and from scratch
 
 
+CompileMode = Literal["off", "default", "reduce-overhead"]  # how training steps run: `TrainConfig.compile`
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+
+
 class TrainConfig(_Config):
     """Optimisation, early stopping and data sampling for training."""
 
@@ -222,7 +226,7 @@ class TrainConfig(_Config):
         None, ge=0, description="processes that crop and augment the training images; None: 0 on CPU (the cores "
                                 "train the model), on CUDA enough to keep the GPU fed (cellseg.train.loader_workers)"
     )
-    compile: Literal["off", "default", "reduce-overhead"] = Field(
+    compile: CompileMode = Field(
         "off", description="torch.compile the training steps (validation stays eager): 'default' fuses their "
                            "kernels, 'reduce-overhead' also replays them as CUDA graphs (CUDA); the first steps pay "
                            "the compilation. `python -m benchmarks.training_step` measures each on a device"

@@ -29,6 +29,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (CUDA runs it asynchronously; the CPU has none queued)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -65,10 +65,13 @@ def scale_factor(cell_diameter: float | None, model_cell_diameter: float, shape:
     1.0 when the cell size is unknown."""
     if not cell_diameter:
         return 1.0
-    factor = float(np.clip(model_cell_diameter / cell_diameter, 1.0 / MAX_SCALE, MAX_SCALE))
-    if factor > 1.0:
-        factor = max(1.0, min(factor, float(np.sqrt(MAX_UPSCALED_PIXELS / np.prod(shape)))))
-    return factor
+    return float(np.clip(model_cell_diameter / cell_diameter, 1.0 / MAX_SCALE, largest_factor(shape)))
+
+
+def largest_factor(shape: tuple[int, ...]) -> float:
+    """The most an image of `shape` is enlarged: MAX_SCALE, less where that would take it past
+    MAX_UPSCALED_PIXELS, and never below 1."""
+    return max(1.0, min(MAX_SCALE, float(np.sqrt(MAX_UPSCALED_PIXELS / np.prod(shape)))))
 
 
 MEASURE_SCALES = (1.0, 0.5, 0.25)  # where a first pass looks for cells of unknown size
@@ -338,8 +341,7 @@ def prediction_factor(cell_diameter: float | None, model_diameter: float, shape:
     if abs(factor - 1.0) < SCALE_TOLERANCE:
         return 1.0
     on_ladder = 2.0 ** (round(np.log2(factor) * SCALE_STEPS) / SCALE_STEPS)
-    largest = scale_factor(1e-9, 1.0, shape)  # what the tiniest cells would ask for: the bound
-    return float(np.clip(on_ladder, 1.0 / MAX_SCALE, largest))
+    return float(np.clip(on_ladder, 1.0 / MAX_SCALE, largest_factor(shape)))
 
 
 def _resampled(image: np.ndarray, factor: float) -> np.ndarray:

@@ -66,6 +66,18 @@ def synthetic_dataset(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def split(synthetic_dataset):
+    """(training, validation) loaded pairs of `synthetic_dataset`'s binary masks: a quarter of the
+    24 for validation (seed 0), normalised as a default model normalises."""
+    from cellseg.config import NormalizationConfig
+    from cellseg.pairs import load_pairs, pair_images_and_masks, split_train_val
+
+    pairs = pair_images_and_masks(str(synthetic_dataset / "images"), str(synthetic_dataset / "masks"))
+    train_pairs, val_pairs = split_train_val(pairs, 0.25, seed=0)
+    return load_pairs(train_pairs, NormalizationConfig()), load_pairs(val_pairs, NormalizationConfig())
+
+
 def _installed(command: str) -> bool:
     return shutil.which(command, path=str(Path(sys.executable).parent)) is not None or shutil.which(command) is not None
 

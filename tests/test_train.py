@@ -21,16 +21,6 @@ HISTORY_KEYS = {
 }
 
 
-@pytest.fixture(scope="module")
-def split(synthetic_dataset):
-    pairs = pair_images_and_masks(str(synthetic_dataset / "images"), str(synthetic_dataset / "masks"))
-    train_pairs, val_pairs = split_train_val(pairs, 0.25, seed=0)
-    return (
-        load_pairs(train_pairs, SMALL_MODEL.normalization),
-        load_pairs(val_pairs, SMALL_MODEL.normalization),
-    )
-
-
 def small_config(**overrides) -> TrainConfig:
     settings = {"epochs": 3, "patch_size": 64, "patches_per_image": 1, "device": "cpu", "seed": 0, "max_minutes": None}
     settings.update(overrides)

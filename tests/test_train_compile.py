@@ -11,17 +11,9 @@ import pytest
 from torch._dynamo.utils import counters
 
 from cellseg.config import ModelConfig, TrainConfig
-from cellseg.pairs import load_pairs, pair_images_and_masks, split_train_val
 from cellseg.train import train
 
 SMALL_MODEL = ModelConfig(depth=2, base_width=8)
-
-
-@pytest.fixture(scope="module")
-def split(synthetic_dataset):
-    pairs = pair_images_and_masks(str(synthetic_dataset / "images"), str(synthetic_dataset / "masks"))
-    train_pairs, val_pairs = split_train_val(pairs, 0.25, seed=0)
-    return load_pairs(train_pairs, SMALL_MODEL.normalization), load_pairs(val_pairs, SMALL_MODEL.normalization)
 
 
 def test_compiled_training_steps_learn_as_eager_ones_do(split, tmp_path, caplog):
