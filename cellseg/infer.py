@@ -118,6 +118,11 @@ def predict_probabilities(model: UNet | Any, images: Sequence[np.ndarray], **opt
 
 
 MAX_POSTPROCESS_WORKERS = 8  # on CUDA: processes labelling and measuring while the GPU runs the next batch
+# With batches of several images, a run hands `Predictor.cell_maps` so many batches' worth at once:
+# each image is resampled to its own cell size first, so images of one shape seldom come together
+# within one batch's worth, and `padded_batches` finds more to stack in a wider call.
+BATCHES_PER_CALL = 4
+MAX_CALL_PIXELS = 32 * 2**20  # a call takes further batches only while its images hold fewer pixels
 
 
 class Predictor:
@@ -159,6 +164,13 @@ class Predictor:
         """Load `url` (weights_only); the model version is the file's content hash."""
         checkpoint, digest = load_checkpoint_with_digest(url, storage_options)
         return cls(checkpoint, config, digest[:12])
+
+    @property
+    def images_per_call(self) -> int:
+        """How many images a run hands `cell_maps` at once (at most; see MAX_CALL_PIXELS): one
+        batch at batch size 1 (CPU), else BATCHES_PER_CALL batches, so that images resampled to
+        one shape share passes."""
+        return self.batch_size if self.batch_size == 1 else self.batch_size * BATCHES_PER_CALL
 
     @property
     def normalization(self) -> NormalizationConfig:

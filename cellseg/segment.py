@@ -24,7 +24,7 @@ import torch
 from cellseg import __version__
 from cellseg.config import PredictConfig
 from cellseg.formats import cell_diameter_pixels, read_source
-from cellseg.infer import Predictor
+from cellseg.infer import MAX_CALL_PIXELS, Predictor
 from cellseg.io import StorageOptions
 from cellseg.label_workers import LabelWorkers, Measured, label_and_measure, shared_label_workers
 from cellseg.pairs import group_by_stem
@@ -156,17 +156,19 @@ def segment_images(
     The warnings of a done image (only page 0 of a multi-page file used, an image without
     contrast given no cells) are stored with its result and listed in the report.
 
-    Three stages overlap: reader threads fetch and decode the next images (`ReadAhead`: two
-    batches ahead, more while they hold little memory, each read given up after READ_TIMEOUT),
-    the calling thread runs the model, and writer threads label cells, measure and write the
-    images before (at most twice the batch size or the writer count held), so memory is bounded
-    by those and the read-ahead's byte limit, not by the number of images. With
+    Three stages overlap: reader threads fetch and decode the next images (`ReadAhead`: one
+    call's worth ahead, or two batches when that is more, more while they hold little memory,
+    each read given up after READ_TIMEOUT), the calling thread runs the model on the images of
+    one `cell_maps` call (`Predictor.images_per_call`: one batch on CPU, several on CUDA, so
+    that images resampled to one shape share passes), and writer threads label cells, measure
+    and write the images before (as many held as are read ahead), so memory is bounded by those
+    and the read-ahead's byte limit, not by the number of images. With
     `Predictor.postprocess_workers` > 0 (on CUDA by default) as many worker processes label and
     measure for as many writer threads (`cellseg.label_workers`; one pool per process, kept for
     the next shard); with 0 (on CPU, where the cores run the model) one writer thread does it all.
 
     With `cores` and no thread count in the predictor's settings, the model's threads are this
-    loop's share of the process's cores, taken again before each batch (`CoreShare`).
+    loop's share of the process's cores, taken again before each call (`CoreShare`).
     """
     report = SegmentReport()
     started = time.monotonic()
@@ -177,7 +179,7 @@ def segment_images(
     share: AbstractContextManager[Callable[[], int] | None] = (
         cores.taking_part() if cores is not None and predictor.config.threads is None else nullcontext(None))
     writers = max(1, predictor.postprocess_workers)
-    ahead = 2 * max(predictor.batch_size, writers)
+    ahead = max(predictor.images_per_call, 2 * max(predictor.batch_size, writers))
     writes: deque[Future[tuple[str, str, str | None, int, dict[str, float]]]] = deque()
     stopped: list[StoreWriteError] = []  # the store cannot be written: the run ends, nothing more is tried
     reading = threading.Lock()  # reader threads add their CPU time under it
@@ -232,20 +234,19 @@ def segment_images(
     labelling = shared_label_workers(predictor.postprocess_workers)
     with share as take_threads, ReadAhead(images, read, lambda result: result[0].nbytes, min_ahead=ahead) as reads, \
             ThreadPoolExecutor(max_workers=writers, thread_name_prefix="cellseg-write") as writer:
-        while not stopped and (taken := reads.take(predictor.batch_size)):
+        while not stopped:
+            call, unreadable = take_call(reads, predictor)
+            if not call and not unreadable:
+                break
             if take_threads is not None:
                 take_threads()
-            batch: list[tuple[str, str, np.ndarray, list[str], dict[str, Any]]] = []
-            for image_id, url, result in taken:
-                try:
-                    batch.append((image_id, url, *result()))
-                except Exception as error:  # noqa: BLE001 - an unreadable image is recorded and the run goes on
-                    writes.append(writer.submit(finish, image_id, url, None, None, _describe(error)))
-            if batch:
+            for image_id, url, error in unreadable:
+                writes.append(writer.submit(finish, image_id, url, None, None, error))
+            if call:
                 with _counting_cpu(report.cpu_seconds, "model"):
-                    outcomes = _predict_batch(predictor, [image for _, _, image, _, _ in batch],
-                                              [source.get("cell_diameter") for *_, source in batch])
-                for (image_id, url, image, notes, source), (image_maps, failure) in zip(batch, outcomes, strict=True):
+                    outcomes = _predict_call(predictor, [image for _, _, image, _, _ in call],
+                                             [source.get("cell_diameter") for *_, source in call])
+                for (image_id, url, image, notes, source), (image_maps, failure) in zip(call, outcomes, strict=True):
                     writes.append(writer.submit(finish, image_id, url, image, image_maps, failure, notes, source))
             while len(writes) > ahead:
                 settle(writes.popleft().result())
@@ -258,28 +259,53 @@ def segment_images(
     return report
 
 
-def _predict_batch(
+def take_call(
+    reads: ReadAhead[tuple[np.ndarray, list[str], dict[str, Any]]], predictor: Predictor
+) -> tuple[list[tuple[str, str, np.ndarray, list[str], dict[str, Any]]], list[tuple[str, str, str]]]:
+    """The images of the next `cell_maps` call, read, and the (id, url, error) of those that could
+    not be read: up to `predictor.images_per_call` items, taken a batch at a time while the
+    images hold fewer than MAX_CALL_PIXELS."""
+    read: list[tuple[str, str, np.ndarray, list[str], dict[str, Any]]] = []
+    unreadable: list[tuple[str, str, str]] = []
+    pixels = 0
+    while (room := predictor.images_per_call - len(read) - len(unreadable)) > 0 and pixels < MAX_CALL_PIXELS:
+        taken = reads.take(min(predictor.batch_size, room))
+        if not taken:
+            break
+        for image_id, url, result in taken:
+            try:
+                image, notes, source = result()
+            except Exception as error:  # noqa: BLE001 - an unreadable image is recorded and the run goes on
+                unreadable.append((image_id, url, _describe(error)))
+                continue
+            read.append((image_id, url, image, notes, source))
+            pixels += image.size
+    return read, unreadable
+
+
+def _predict_call(
     predictor: Predictor, images: list[np.ndarray], diameters: list[float | None]
 ) -> list[tuple[CellMaps | None, str | None]]:
-    """(maps, None) or (None, error) for each image of a batch. When the batch fails, its images
+    """(maps, None) or (None, error) for each image of a call. When the call fails, its images
     are predicted one at a time, so that only an image that fails alone is recorded as failed; a
-    batch that ran out of device memory also halves the predictor's later batches."""
+    call that ran out of device memory also halves the predictor's later batches."""
     try:
         return [(maps, None) for maps in predictor.cell_maps(images, diameters)]
     except Exception as error:  # noqa: BLE001 - an image that fails is recorded as failed and the run goes on
         if len(images) == 1:
             return [(None, _describe(error))]
         if isinstance(error, torch.OutOfMemoryError):
-            predictor.batch_size = max(1, min(predictor.batch_size, len(images)) // 2)
+            batch_size = predictor.batch_size
+            predictor.batch_size = max(1, min(batch_size, len(images)) // 2)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            logger.warning("a batch of %d images ran out of device memory; predicting them one at a time, and "
-                           "batches of %d from now on", len(images), predictor.batch_size)
+            logger.warning("a batch of up to %d images ran out of device memory; predicting these %d one at a time, "
+                           "and batches of %d from now on", batch_size, len(images), predictor.batch_size)
         else:
-            logger.warning("a batch of %d images failed (%s); predicting them one at a time",
+            logger.warning("a call of %d images failed (%s); predicting them one at a time",
                            len(images), _describe(error))
         return [outcome for image, diameter in zip(images, diameters, strict=True)
-                for outcome in _predict_batch(predictor, [image], [diameter])]
+                for outcome in _predict_call(predictor, [image], [diameter])]
 
 
 def _read(url: str, storage_options: StorageOptions, config: PredictConfig) -> tuple[np.ndarray, list[str], dict[str, Any]]:

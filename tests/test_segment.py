@@ -331,12 +331,13 @@ def test_a_batch_out_of_device_memory_is_predicted_image_by_image_and_later_batc
     image_dir, store, tiny_checkpoint, caplog
 ):
     """Fault injected into the model: passes of more than two images raise torch's out-of-memory
-    error, as a GPU too small for a batch does. The images of that batch are predicted one at a
-    time, the next batches hold two, and every result is the one a run at batch size 1 stores."""
-    copies = [f"synth_copy_{letter}" for letter in "abc"]  # listed after the others: the later batches
+    error, as a GPU too small for a batch does. The images of that call are predicted one at a
+    time, the next call's batches hold two, and every result is the one a run at batch size 1
+    stores."""
+    copies = [f"synth_copy_{letter}" for letter in "abcdefghijkl"]  # listed after the others
     for copy in copies:
         shutil.copy(image_dir / "synth_0000.png", image_dir / f"{copy}.png")
-    predictor = fresh_predictor(tiny_checkpoint, batch_size=6)
+    predictor = fresh_predictor(tiny_checkpoint, batch_size=4)
     passes: list[int] = []
 
     def device_memory(_module, args):
@@ -349,14 +350,50 @@ def test_a_batch_out_of_device_memory_is_predicted_image_by_image_and_later_batc
         report = run(image_dir, store, predictor)
     assert sorted(report.done) == sorted(GOOD + copies)
     assert sorted(item["image_id"] for item in report.failed) == sorted(CORRUPT)
-    # The first batch: small alone (its own shape), the three 96x96 images (out of memory), then
-    # each of the four alone; the copies in batches of two.
-    assert passes == [1, 3, 1, 1, 1, 1, 2, 1] and predictor.batch_size == 2
-    assert "a batch of 4 images ran out of device memory; predicting them one at a time, and batches of 2" in caplog.text
+    # The first call takes four batches' worth, 16 of the 18 files: the two unreadable ones, small
+    # (alone: its own shape), and 13 of 96x96, whose first batch of four runs out of memory; then
+    # each of the 14 alone. The second call holds the last two copies, in one batch of two.
+    assert passes == [1, 4, *[1] * 14, 2] and predictor.batch_size == 2
+    assert ("a batch of up to 4 images ran out of device memory; predicting these 14 one at a time, and batches "
+            "of 2 from now on") in caplog.text
     reference = fresh_predictor(tiny_checkpoint, batch_size=1)
     for image_id in GOOD + copies:
         expected, _ = expected_mask(reference, read_image(url_of(image_dir, image_id)))
         np.testing.assert_array_equal(store.read_mask(image_id), expected)
+
+
+def test_images_of_one_shape_share_passes_across_the_batches_of_a_call(
+    tmp_path, synthetic_dataset, tiny_checkpoint, monkeypatch
+):
+    """Images of two shapes, alternating in the listing: a call of several batches' worth stacks
+    those of one shape together, where batches taken in listing order would pass each alone; a
+    call stops taking batches once its images hold MAX_CALL_PIXELS; the masks are those of batch
+    size 1 either way."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i in range(4):
+        image = np.asarray(Image.open(synthetic_dataset / "images" / f"synth_{i:04d}.png"))
+        Image.fromarray(image).save(folder / f"{i}a.png")  # 96x96
+        Image.fromarray(image[:64, :80]).save(folder / f"{i}b.png")
+    reference = fresh_predictor(tiny_checkpoint, batch_size=1)
+
+    def passes_of_a_run(pixel_limit: int) -> list[tuple[int, ...]]:
+        monkeypatch.setattr("cellseg.segment.MAX_CALL_PIXELS", pixel_limit)
+        predictor = fresh_predictor(tiny_checkpoint, batch_size=2)
+        assert predictor.images_per_call == 8
+        passes: list[tuple[int, ...]] = []
+        predictor.model.register_forward_pre_hook(lambda _module, args: passes.append(tuple(args[0].shape)))
+        results = ResultStore.open(str(tmp_path / f"limit-{pixel_limit}.zarr"))
+        report = run(folder, results, predictor)
+        assert sorted(report.done) == sorted(f"{i}{shape}" for i in range(4) for shape in "ab")
+        for image_id in report.done:
+            expected, _ = expected_mask(reference, read_image(f"{folder}/{image_id}.png"))
+            np.testing.assert_array_equal(results.read_mask(image_id), expected)
+        return passes
+
+    assert sorted(passes_of_a_run(2**30)) == [(2, 1, 64, 80)] * 2 + [(2, 1, 96, 96)] * 2
+    # A limit below the first batch's pixels: each call is one batch, one image of each shape.
+    assert sorted(passes_of_a_run(96 * 96)) == [(1, 1, 64, 80)] * 4 + [(1, 1, 96, 96)] * 4
 
 
 def test_an_image_that_fails_in_a_batch_fails_alone(image_dir, store, tiny_checkpoint, caplog):
