@@ -156,13 +156,14 @@ def segment_images(
     The warnings of a done image (only page 0 of a multi-page file used, an image without
     contrast given no cells) are stored with its result and listed in the report.
 
-    Three stages overlap: reader threads fetch and decode the next images (`ReadAhead`: one
-    call's worth ahead, or two batches when that is more, more while they hold little memory,
-    each read given up after READ_TIMEOUT), the calling thread runs the model on the images of
-    one `cell_maps` call (`Predictor.images_per_call`: one batch on CPU, several on CUDA, so
-    that images resampled to one shape share passes), and writer threads label cells, measure
-    and write the images before (as many held as are read ahead), so memory is bounded by those
-    and the read-ahead's byte limit, not by the number of images. With
+    Three stages overlap: reader threads fetch and decode the next images (`ReadAhead`: two
+    batches ahead, more while they hold little memory, each read given up after READ_TIMEOUT),
+    the calling thread runs the model on the images of one `cell_maps` call
+    (`Predictor.images_per_call`: one batch on CPU, several batches' worth of fewer than
+    MAX_CALL_PIXELS on CUDA, so that images resampled to one shape share passes), and writer
+    threads label cells, measure and write the images before (at most twice the batch size or
+    the writer count held, or one call's worth), so memory is bounded by those and the
+    read-ahead's byte limit, not by the number of images. With
     `Predictor.postprocess_workers` > 0 (on CUDA by default) as many worker processes label and
     measure for as many writer threads (`cellseg.label_workers`; one pool per process, kept for
     the next shard); with 0 (on CPU, where the cores run the model) one writer thread does it all.
@@ -179,7 +180,7 @@ def segment_images(
     share: AbstractContextManager[Callable[[], int] | None] = (
         cores.taking_part() if cores is not None and predictor.config.threads is None else nullcontext(None))
     writers = max(1, predictor.postprocess_workers)
-    ahead = max(predictor.images_per_call, 2 * max(predictor.batch_size, writers))
+    ahead = 2 * max(predictor.batch_size, writers)
     writes: deque[Future[tuple[str, str, str | None, int, dict[str, float]]]] = deque()
     stopped: list[StoreWriteError] = []  # the store cannot be written: the run ends, nothing more is tried
     reading = threading.Lock()  # reader threads add their CPU time under it
@@ -248,7 +249,7 @@ def segment_images(
                                              [source.get("cell_diameter") for *_, source in call])
                 for (image_id, url, image, notes, source), (image_maps, failure) in zip(call, outcomes, strict=True):
                     writes.append(writer.submit(finish, image_id, url, image, image_maps, failure, notes, source))
-            while len(writes) > ahead:
+            while len(writes) > max(ahead, len(call)):  # a whole call may wait to be written (take_call bounds its pixels)
                 settle(writes.popleft().result())
         while writes:
             settle(writes.popleft().result())
