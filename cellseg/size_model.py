@@ -197,6 +197,12 @@ def _ridge(features: np.ndarray, targets: np.ndarray, penalty: float) -> SizeMod
     scale[scale < 1e-8] = 1.0
     x = (features - mean) / scale
     intercept = float(targets.mean())
-    gram = x.T @ x + penalty * np.eye(x.shape[1])
-    coefficients = np.linalg.solve(gram, x.T @ (targets - intercept))
+    centred = targets - intercept
+    if len(x) < x.shape[1]:
+        # Fewer examples than features (a few dozen images against a wide network's thousands of
+        # channel moments): the same solution from the examples' n x n system, X'(XX' + pI)^-1 y,
+        # instead of the features' d x d one.
+        coefficients = x.T @ np.linalg.solve(x @ x.T + penalty * np.eye(len(x)), centred)
+    else:
+        coefficients = np.linalg.solve(x.T @ x + penalty * np.eye(x.shape[1]), x.T @ centred)
     return SizeModel(coefficients, intercept, mean, scale, penalty)

@@ -41,6 +41,19 @@ def test_the_regression_recovers_a_log_linear_size_and_survives_a_round_trip():
         fit_size_model(features[:4], targets[:4])
 
 
+@pytest.mark.parametrize("examples, width", [(200, 12), (30, 500)], ids=["more examples", "more features"])
+def test_the_ridge_solution_is_the_textbook_one_whichever_side_is_larger(examples, width):
+    """With fewer examples than features (a wide network's moments of a few dozen images) the fit
+    solves the examples' system; its coefficients are still (X'X + pI)^-1 X'y."""
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(examples, width)) * rng.uniform(0.5, 4, size=width)
+    targets = np.log(rng.uniform(8, 40, size=examples))
+    model = fit_size_model(features, targets)
+    x = (features - features.mean(axis=0)) / features.std(axis=0)
+    textbook = np.linalg.solve(x.T @ x + model.penalty * np.eye(width), x.T @ (targets - targets.mean()))
+    np.testing.assert_allclose(model.coefficients, textbook, rtol=1e-6, atol=1e-9)
+
+
 def loaded_pair(seed: int) -> LoadedPair:
     sample = generate_sample(np.random.default_rng(seed), (128, 128))
     return LoadedPair(source=ImagePair(f"s{seed}", "", ""), image=sample.image.astype(np.float32) / 255,
