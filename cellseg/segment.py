@@ -74,6 +74,11 @@ class SegmentReport:
 # counted here) and writing results.
 CPU_STAGES = ("read", "model", "labels", "write")
 
+SourceRead = tuple[np.ndarray, list[str], dict[str, Any]]
+"""An image read for segmenting: its pixels, its reader's warnings and its source record."""
+ImageRead = tuple[str, str, np.ndarray, list[str], dict[str, Any]]
+"""(image id, URL, *`SourceRead`)."""
+
 
 def cpu_line(per_image: Mapping[str, float]) -> str:
     """`cpu_ms_per_image` for a log line: 'model 125 ms, labels 20 ms, write 9 ms, read 3 ms'."""
@@ -228,7 +233,7 @@ def segment_images(
             return image_id, url, NOT_WRITTEN, 0, cpu
         return image_id, url, error, 0 if image is None else image.size, cpu
 
-    def read(url: str) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+    def read(url: str) -> SourceRead:
         with _counting_cpu(report.cpu_seconds, "read", reading):
             return _read(url, storage_options, predictor.config)
 
@@ -261,12 +266,12 @@ def segment_images(
 
 
 def take_call(
-    reads: ReadAhead[tuple[np.ndarray, list[str], dict[str, Any]]], predictor: Predictor
-) -> tuple[list[tuple[str, str, np.ndarray, list[str], dict[str, Any]]], list[tuple[str, str, str]]]:
+    reads: ReadAhead[SourceRead], predictor: Predictor
+) -> tuple[list[ImageRead], list[tuple[str, str, str]]]:
     """The images of the next `cell_maps` call, read, and the (id, url, error) of those that could
     not be read: up to `predictor.images_per_call` items, taken a batch at a time while the
     images hold fewer than MAX_CALL_PIXELS."""
-    read: list[tuple[str, str, np.ndarray, list[str], dict[str, Any]]] = []
+    read: list[ImageRead] = []
     unreadable: list[tuple[str, str, str]] = []
     pixels = 0
     while (room := predictor.images_per_call - len(read) - len(unreadable)) > 0 and pixels < MAX_CALL_PIXELS:
@@ -309,7 +314,7 @@ def _predict_call(
                 for outcome in _predict_call(predictor, [image], [diameter])]
 
 
-def _read(url: str, storage_options: StorageOptions, config: PredictConfig) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+def _read(url: str, storage_options: StorageOptions, config: PredictConfig) -> SourceRead:
     """One image, decoded as `config.selection` chooses, the warnings of its reader (passed back,
     as readers run in threads) and its source record (`cellseg.formats.read_source`), with the
     cell diameter in pixels when it is given in µm."""
