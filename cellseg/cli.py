@@ -551,13 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(RedactingFormatter("%(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("cellseg").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    from cellseg.checkpoint import CheckpointError
-    from cellseg.io import ImageReadError
-    from cellseg.pairs import DatasetError
-    from cellseg.registry import RegistryError
-    from cellseg.settings import SettingsError
     from cellseg.storage_errors import storage_error
-    from cellseg.store import StoreError
 
     stdout, sys.stdout = sys.stdout, TerminalSafeOutput(sys.stdout)
     try:
@@ -572,8 +566,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cellseg {args.command}: error: {shown(str(error))}", file=sys.stderr)
     except ValidationError as error:
         print(f"cellseg {args.command}: invalid settings: {terminal_safe(describe_invalid(error))}", file=sys.stderr)
-    except (DatasetError, ImageReadError, CheckpointError, StoreError, RegistryError, SettingsError,
-            FileNotFoundError, ValueError, ModuleNotFoundError) as error:
+    # ValueError holds the library's own errors (CheckpointError, DatasetError, ImageReadError,
+    # RegistryError, SettingsError, StoreError): named here, their modules would load torch for
+    # commands that never touch a model.
+    except (FileNotFoundError, ValueError, ModuleNotFoundError) as error:
         print(f"cellseg {args.command}: error: {shown(str(error))}", file=sys.stderr)
     except Exception as error:
         # The Prefect API's own, then storage errors raised where no URL is named (StorageError

@@ -4,12 +4,11 @@ and a model against its validation images."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cellseg.config import DEFAULT_CENTRE_PROMINENCE, PredictConfig
-from cellseg.infer import Predictor
 from cellseg.io import StorageOptions, list_images, read_image, read_mask
 from cellseg.metrics import MetricAccumulator, ThresholdSweep, confusion_counts
 from cellseg.pairs import LoadedPair, index_by_stem
@@ -23,6 +22,9 @@ from cellseg.scoring import (
 )
 from cellseg.store import CELLS_PATH, MASK_PATH, ResultStore
 from cellseg.store_checks import DamagedImage, StoreError, damage_summary
+
+if TYPE_CHECKING:
+    from cellseg.infer import Predictor
 
 
 def evaluate_store(

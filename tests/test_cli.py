@@ -324,3 +324,34 @@ def test_results_says_how_many_rows_it_left_out(tmp_path):
     assert sum(line.startswith("done_") for line in every) == 5 and sum("failed: bad_" in line for line in every) == 3
     refused = cellseg("results", store_url, "--limit", "-1", check=False)
     assert refused.returncode == 2 and "give 0 (every row) or more" in refused.stderr
+
+
+def test_commands_that_touch_no_model_start_without_torch(tmp_path):
+    """`results`, `evaluate`, `export`, `verify`, `config` and `synth` read stores, tables and
+    settings only: loading torch (over a second) for them would double their start-up."""
+    from cellseg.io import read_mask
+    from cellseg.synth import write_dataset
+
+    write_dataset(str(tmp_path / "data"), count=2, size=64, seed=3)
+    store_url = str(tmp_path / "results.zarr")
+    store = ResultStore.open(store_url)
+    model = {"version": "0123456789ab", "checkpoint": "runs/x/best.pt", "threshold": 0.5}
+    for path in sorted((tmp_path / "data/masks").iterdir()):
+        mask = read_mask(str(path))
+        statistics = {"cell_count": 1, "total_cell_area": int(mask.sum()), "mean_cell_area": float(mask.sum()),
+                      "median_cell_area": float(mask.sum()), "foreground_fraction": float(mask.mean()),
+                      "mean_intensity_inside": 1.0, "mean_intensity_outside": 0.0}
+        store.write_result(path.stem, mask, statistics, path.name, model)
+    commands = [["results", store_url], ["evaluate", "--pred", store_url, "--masks", str(tmp_path / "data/masks"), "--json"],
+                ["export", store_url, "--out", str(tmp_path / "cells.csv")], ["verify", store_url], ["config", "show"],
+                ["synth", "--out", str(tmp_path / "more"), "--count", "1", "--size", "32"]]
+    program = ("import json, sys\nfrom cellseg.cli import main\n"
+               f"codes = [main(argv) for argv in {commands!r}]\n"
+               "print('\\n' + json.dumps({'codes': codes, 'torch': 'torch' in sys.modules}))")
+    result = subprocess.run([sys.executable, "-c", program], check=False, capture_output=True, text=True, timeout=300,
+                            env={key: value for key, value in os.environ.items() if not key.startswith("CELLSEG_")})
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout.splitlines()[-1])
+    assert outcome == {"codes": [0] * len(commands), "torch": False}, result.stderr
+    assert '"dice": 1.0' in result.stdout  # evaluate really scored the store: its masks are the truth
+    assert (tmp_path / "cells.csv").is_file() and (tmp_path / "more/images/synth_0000.png").is_file()
