@@ -13,11 +13,6 @@ import io
 import re
 from collections.abc import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: must precede pyplot
-
-import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from skimage.segmentation import find_boundaries
@@ -39,10 +34,21 @@ TITLE_FONT_SIZE = 12
 GRID_MARGIN = 8
 
 
+def _pyplot():
+    """matplotlib's pyplot, headless; imported on first use, as only the training curves need it
+    (half a second of every `cellseg predict` start otherwise)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: must precede pyplot
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save(figure, url: str, storage_options: StorageOptions = None) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)
-    plt.close(figure)
+    _pyplot().close(figure)
     return write_bytes(url, buffer.getvalue(), storage_options)
 
 
@@ -65,7 +71,7 @@ def outlined(image: np.ndarray, outlines: Sequence[tuple[np.ndarray, tuple[float
 def training_curves(history: Sequence[dict[str, float]], url: str, storage_options: StorageOptions = None) -> str:
     """Loss and Dice per epoch, training and validation, with the best validation epoch marked."""
     epochs = [int(record["epoch"]) for record in history]
-    figure, (loss_axis, dice_axis) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    figure, (loss_axis, dice_axis) = _pyplot().subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for axis, metric in ((loss_axis, "loss"), (dice_axis, "dice")):
         for split, style in (("train", "-"), ("val", "-o")):
             key = f"{split}_{metric}"

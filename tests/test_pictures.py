@@ -6,6 +6,8 @@ import base64
 import io
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -161,3 +163,18 @@ def test_a_run_montage_asks_the_store_about_its_first_images_only(tmp_path):
 
     montage = store_montage(store, images(), str(tmp_path / "montage.png"), max_images=3)
     assert montage is not None and _has_colour(_png(montage), PREDICTION_COLOUR)
+
+
+def test_matplotlib_loads_only_when_the_training_curves_are_drawn(tmp_path):
+    """Half a second of every `cellseg predict` start went to importing pyplot for a picture that
+    only training draws."""
+    program = ("import sys\nimport cellseg.cli, cellseg.jobs, cellseg.report\n"
+               "before = 'matplotlib' in sys.modules\n"
+               "from cellseg.pictures import training_curves\n"
+               "training_curves([{'epoch': 1, 'train_loss': 0.5, 'val_loss': 0.4, 'val_dice': 0.8}], sys.argv[1])\n"
+               "print(before, 'matplotlib.pyplot' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", program, str(tmp_path / "curves.png")], check=False,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
