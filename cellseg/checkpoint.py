@@ -17,16 +17,16 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from fsspec.implementations.local import LocalFileSystem
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, PositiveFloat, ValidationError
 
 from cellseg import __version__
 from cellseg.config import DEFAULT_CENTRE_PROMINENCE, ModelConfig, TrainConfig
 from cellseg.io import StorageOptions, filesystem, write_file_atomic
-from cellseg.model import MAX_PARAMETERS, UNet, expected_state
+from cellseg.model import MAX_PARAMETERS, UNet, expected_state, feature_count
 from cellseg.redact import redact, redact_url
 from cellseg.storage_errors import storage_error
 
@@ -43,6 +43,18 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file."""
 
 
+class _SizeModelEntry(BaseModel):
+    """A size model's regression as `cellseg.size_model.SizeModel.to_dict` writes it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    coefficients: list[FiniteFloat]
+    intercept: FiniteFloat
+    feature_mean: list[FiniteFloat]
+    feature_scale: list[Annotated[PositiveFloat, Field(allow_inf_nan=False)]]
+    penalty: Annotated[PositiveFloat, Field(allow_inf_nan=False)]
+
+
 class _Entries(BaseModel):
     """A checkpoint file's entries besides its tensors and digest, validated on load."""
 
@@ -54,7 +66,7 @@ class _Entries(BaseModel):
     split_touching: bool = True
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     centre_prominence: float = Field(DEFAULT_CENTRE_PROMINENCE, gt=0.0, lt=1.0)
-    size_model: dict[str, Any] | None = None
+    size_model: _SizeModelEntry | None = None
     cellseg_version: str
     created: str
     resume_state: dict[str, Any] | None = None
@@ -247,12 +259,13 @@ def load_checkpoint_bytes(data: bytes, name: str, file_checked: bool = False) ->
         split_touching=entries.split_touching,
         threshold=entries.threshold,
         centre_prominence=entries.centre_prominence,
-        size_model=entries.size_model,
+        size_model=None if entries.size_model is None else entries.size_model.model_dump(),
         cellseg_version=entries.cellseg_version,
         created=entries.created,
         resume_state=entries.resume_state,
     )
     _check_weights(checkpoint.state_dict, checkpoint.model_config, name)
+    _check_size_model(checkpoint.size_model, checkpoint.model_config, name)
     return checkpoint
 
 
@@ -276,6 +289,19 @@ def _verify_digest(payload: dict[str, Any], name: str, file_checked: bool) -> No
                               f"{str(recorded)[:12]}…, contents {actual[:12]}…): it was altered or corrupted "
                               f"after it was written")
 
+
+
+def _check_size_model(size_model: dict[str, Any] | None, config: ModelConfig, name: str) -> None:
+    """Refuse a size model that does not read this network's features: left to prediction, every
+    image would fail on arrays of two lengths."""
+    if size_model is None:
+        return
+    expected = feature_count(config)
+    lengths = {key: len(size_model[key]) for key in ("coefficients", "feature_mean", "feature_scale")}
+    if set(lengths.values()) != {expected}:
+        raise CheckpointError(f"checkpoint '{name}' has a size model for another network: it reads "
+                              f"{', '.join(f'{count} {key}' for key, count in lengths.items())}, and this "
+                              f"network's features are {expected}")
 
 
 def _check_weights(state_dict: Any, config: ModelConfig, name: str) -> None:

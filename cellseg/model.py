@@ -255,6 +255,12 @@ class UNet(nn.Module):
         return logits.contiguous() if self.channels_last else logits
 
 
+def feature_count(config: ModelConfig) -> int:
+    """The length of `UNet.features` for a network of `config`: a mean and a deviation of every
+    channel of its stem, its encoder levels and its bottleneck."""
+    return 2 * sum(config.base_width * 2**level for level in range(config.depth + 1))
+
+
 def channel_moments(x: torch.Tensor) -> torch.Tensor:
     """(B, 2C): the mean, then the standard deviation (n - 1), of each channel of (B, C, H, W) over
     H and W, in `x`'s dtype; of channels-last data by `channel_sums` (`mean` and `std` over its

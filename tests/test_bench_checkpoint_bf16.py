@@ -9,7 +9,7 @@ import torch
 from benchmarks.checkpoint_bf16 import halve, restore
 from cellseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cellseg.config import ModelConfig, TrainConfig
-from cellseg.model import UNet
+from cellseg.model import UNet, feature_count
 
 
 @pytest.fixture()
@@ -17,10 +17,13 @@ def original(tmp_path) -> str:
     torch.manual_seed(3)
     config = ModelConfig(depth=2, base_width=16, distance_map=True)  # weights outweigh the file's other bytes
     path = str(tmp_path / "full.pt")
+    features = feature_count(config)
+    size_model = {"coefficients": [0.5] * features, "intercept": 2.0, "feature_mean": [0.1] * features,
+                  "feature_scale": [1.5] * features, "penalty": 10.0}
     save_checkpoint(Checkpoint(model_config=config, state_dict=UNet(config).state_dict(),
                                train_config=TrainConfig(device="cpu", max_minutes=None), metrics={"val_loss": 0.25},
                                epoch=9, threshold=0.4, centre_prominence=0.2,
-                               size_model={"weights": [0.5, -1.0], "bias": 2.0}), path)
+                               size_model=size_model), path)
     return path
 
 

@@ -20,7 +20,7 @@ from cellseg.checkpoint import (
     save_checkpoint,
 )
 from cellseg.config import ModelConfig, NormalizationConfig, TrainConfig
-from cellseg.model import UNet
+from cellseg.model import UNet, feature_count
 
 MANIFEST_HASH = "ab" * 32
 
@@ -232,3 +232,36 @@ def test_non_finite_weights_are_never_written(checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match=r"not writing checkpoint .*best\.pt.*'head\.bias'"):
         save_checkpoint(checkpoint, str(tmp_path / "best.pt"))
     assert not (tmp_path / "best.pt").exists()
+
+
+def _size_model(count: int) -> dict:
+    return {"coefficients": [0.01] * count, "intercept": 3.0, "feature_mean": [0.5] * count,
+            "feature_scale": [1.0] * count, "penalty": 10.0}
+
+
+def test_a_size_model_reads_as_many_features_as_the_network_gives_and_round_trips(checkpoint, tmp_path):
+    for config in (checkpoint.model_config, ModelConfig(depth=3, base_width=8)):
+        assert feature_count(config) == UNet(config).features(torch.rand(1, 1, 40, 40)).shape[1]
+    checkpoint.size_model = _size_model(feature_count(checkpoint.model_config))
+    save_checkpoint(checkpoint, str(tmp_path / "sized.pt"))
+    assert load_checkpoint(str(tmp_path / "sized.pt")).size_model == checkpoint.size_model
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda size: size.update(_size_model(2 * len(size["coefficients"]))),
+     r"size model for another network: it reads 112 coefficients, 112 feature_mean, 112 feature_scale, and this "
+     r"network's features are 56"),
+    (lambda size: size["feature_mean"].pop(), r"size model for another network: it reads 56 coefficients, 55"),
+    (lambda size: size["coefficients"].__setitem__(3, float("nan")), r"invalid fields.*size_model\.coefficients"),
+    (lambda size: size["feature_scale"].__setitem__(0, 0.0), r"invalid fields.*size_model\.feature_scale"),
+    (lambda size: size.pop("penalty"), r"invalid fields.*size_model\.penalty"),
+    (lambda size: size.update(extra=[1.0] * 10**6), r"invalid fields.*size_model\.extra"),
+], ids=["another network", "lengths differ", "not finite", "zero scale", "missing entry", "unknown entry"])
+def test_a_size_model_that_cannot_read_this_network_is_refused_naming_the_file(checkpoint, tmp_path, change, message):
+    """Loaded as it was, such a file failed every image it predicted with a numpy broadcasting error."""
+    checkpoint.size_model = _size_model(feature_count(checkpoint.model_config))
+    payload = checkpoint.to_dict()
+    change(payload["size_model"])
+    torch.save(payload, tmp_path / "sized.pt")
+    with pytest.raises(CheckpointError, match=rf"sized\.pt.*{message}"):
+        load_checkpoint(str(tmp_path / "sized.pt"))
