@@ -155,6 +155,29 @@ def tiny_checkpoint(synthetic_dataset, tmp_path_factory) -> Path:
     return out / "best.pt"
 
 
+def narrow_nuclei_checkpoint(path: Path, width: int = 4) -> Path:
+    """The shipped nuclei checkpoint as a network of base `width` with fresh seeded weights and a
+    size model of that network's length, saved at `path`: for tests of what the research tools
+    do to the recipe's checkpoints, which is the same for any width and trains in seconds on a CPU."""
+    import dataclasses
+
+    import torch
+
+    from cellseg.bundled import shipped_checkpoint
+    from cellseg.checkpoint import load_checkpoint, save_checkpoint
+    from cellseg.model import UNet, feature_count
+
+    shipped = load_checkpoint(shipped_checkpoint("nuclei"))
+    config = shipped.model_config.model_copy(update={"base_width": width})
+    features = feature_count(config)
+    size_model = {"coefficients": [0.0] * features, "intercept": 3.0, "feature_mean": [0.0] * features,
+                  "feature_scale": [1.0] * features, "penalty": 10.0}
+    torch.manual_seed(0)
+    save_checkpoint(dataclasses.replace(shipped, model_config=config, state_dict=UNet(config).state_dict(),
+                                        size_model=size_model), str(path))
+    return path
+
+
 def shared_dataset(name: str) -> Path:
     """A dataset under ../shared/data, or skip the test when it is absent."""
     path = SHARED_DATA / name

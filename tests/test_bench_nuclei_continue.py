@@ -10,6 +10,7 @@ from cellseg.build_bundled import build_nuclei
 from cellseg.bundled import NucleiRecipe, shipped_checkpoint
 from cellseg.checkpoint import load_checkpoint
 from cellseg.synth import write_dataset
+from tests.conftest import narrow_nuclei_checkpoint
 
 
 def test_the_continued_recipe_is_the_shipped_one_started_from_the_shipped_weights(tmp_path):
@@ -33,16 +34,17 @@ def test_the_continued_recipe_is_the_shipped_one_started_from_the_shipped_weight
     assert moved and distance < 0.05  # fine-tuned: near the shipped weights, not trained afresh
 
 
-def test_a_widened_start_is_the_shipped_network_wider_and_trains_on_from_there(tmp_path):
-    shipped = load_checkpoint(shipped_checkpoint("nuclei"))
-    wider = shipped.model_config.base_width + 8
-    start = widened_start(shipped_checkpoint("nuclei"), wider, tmp_path / "out")
+def test_a_widened_start_is_the_network_wider_and_trains_on_from_there(tmp_path):
+    narrow = str(narrow_nuclei_checkpoint(tmp_path / "narrow.pt"))  # the shipped recipe's network, width 4
+    base = load_checkpoint(narrow)
+    wider = base.model_config.base_width + 8
+    start = widened_start(narrow, wider, tmp_path / "out")
     written = (tmp_path / "out" / f"widened-w{wider}.pt").stat().st_mtime_ns
-    assert widened_start(shipped_checkpoint("nuclei"), wider, tmp_path / "out") == start  # once: a resume starts the same
+    assert widened_start(narrow, wider, tmp_path / "out") == start  # once: a resume starts the same
     assert (tmp_path / "out" / f"widened-w{wider}.pt").stat().st_mtime_ns == written
     widened = load_checkpoint(start)
-    assert widened.model_config == shipped.model_config.model_copy(update={"base_width": wider})
-    assert widened.size_model is None and shipped.size_model is not None  # it read the narrower features
+    assert widened.model_config == base.model_config.model_copy(update={"base_width": wider})
+    assert widened.size_model is None and base.size_model is not None  # it read the narrower features
     assert widened.state_dict["stem.0.weight"].shape[0] == wider
 
     recipe = continued_recipe(start, 1, str(tmp_path / "data"), width=wider, max_minutes=30.0)

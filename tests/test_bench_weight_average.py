@@ -12,31 +12,20 @@ from benchmarks.nuclei_continue import continued_recipe, epoch_keeper
 from benchmarks.weight_average import average_weights, averaged_checkpoint, refit_size_model
 from cellseg.build_bundled import build_nuclei
 from cellseg.bundled import shipped_checkpoint
-from cellseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cellseg.checkpoint import load_checkpoint, save_checkpoint
 from cellseg.config import ModelConfig
-from cellseg.model import UNet
 from cellseg.synth import write_dataset
+from tests.conftest import narrow_nuclei_checkpoint
 
 NARROW = 4
-
-
-def _narrow_start(folder) -> tuple[str, Checkpoint]:
-    """The shipped nuclei checkpoint with a base width of 4 and fresh seeded weights, and its path:
-    what the averaging does is the same for any network, and this one trains in seconds on a CPU."""
-    shipped = load_checkpoint(shipped_checkpoint("nuclei"))
-    config = shipped.model_config.model_copy(update={"base_width": NARROW})
-    torch.manual_seed(0)
-    start = dataclasses.replace(shipped, model_config=config, state_dict=UNet(config).state_dict(), size_model=None)
-    path = str(folder / "narrow.pt")
-    save_checkpoint(start, path)
-    return path, start
 
 
 def test_epochs_kept_while_training_are_averaged_and_get_a_size_model_of_their_own(tmp_path):
     data = tmp_path / "data"
     write_dataset(str(data), count=8, size=64, seed=4)
-    start_path, start = _narrow_start(tmp_path)
-    recipe = continued_recipe(start_path, 2, str(data), width=NARROW)
+    start_path = narrow_nuclei_checkpoint(tmp_path / "narrow.pt", NARROW)
+    start = dataclasses.replace(load_checkpoint(str(start_path)), size_model=None)
+    recipe = continued_recipe(str(start_path), 2, str(data), width=NARROW)
     recipe = recipe.model_copy(update={"training": recipe.training.model_copy(
         update={"patch_size": 48, "device": "cpu", "val_fraction": 0.5})})
     out = tmp_path / "run"
