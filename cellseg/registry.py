@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import posixpath
 import re
 from collections.abc import Callable
@@ -113,6 +114,11 @@ class Registry:
         data = read_checkpoint_bytes(checkpoint_url, storage_options)
         checkpoint = load_checkpoint_bytes(data, checkpoint_url)  # refuses damaged and non-finite weights
         sha256 = hashlib.sha256(data).hexdigest()
+        # JSON has no NaN: written as null, such a metric would leave model.json unreadable.
+        metrics = {name: value for name, value in checkpoint.metrics.items() if math.isfinite(value)}
+        if dropped := sorted(checkpoint.metrics.keys() - metrics.keys()):
+            logger.warning("checkpoint '%s': metrics %s are not finite numbers; registered without them",
+                           redact_url(checkpoint_url), ", ".join(dropped))
         run_files = _run_files(checkpoint_url, storage_options)
         registered = datetime.now(timezone.utc)
         version = f"{registered:%Y%m%d-%H%M%S}-{sha256[:8]}"
@@ -126,7 +132,7 @@ class Registry:
             checkpoint_sha256=sha256,
             checkpoint_bytes=len(data),
             epoch=checkpoint.epoch,
-            metrics=checkpoint.metrics,
+            metrics=metrics,
             architecture=checkpoint.model_config.model_dump(mode="json"),
             train_config=redact(checkpoint.train_config.model_dump(mode="json")),  # older checkpoints kept URLs whole
             dataset_manifest_hash=checkpoint.dataset_manifest_hash,

@@ -95,6 +95,20 @@ def test_register_records_checksum_metrics_and_provenance(checkpoint_file, tmp_p
     assert stored.read_bytes() == checkpoint_file.read_bytes()
 
 
+def test_metrics_that_are_not_numbers_are_left_out_of_a_readable_version(checkpoint_file, tmp_path, caplog):
+    """Written as JSON's null, a NaN metric used to leave the version's model.json unreadable and
+    its promotion failing."""
+    checkpoint = load_checkpoint(str(checkpoint_file))
+    checkpoint.metrics = {**checkpoint.metrics, "val_dice": float("nan"), "val_loss": float("inf")}
+    save_checkpoint(checkpoint, str(tmp_path / "odd.pt"))
+    registry = Registry(str(tmp_path / "registry"))
+    version = registry.register(str(tmp_path / "odd.pt"), promote=True)
+    assert registry.current() == version.version and registry.versions() == [version]
+    assert "val_dice" not in version.metrics and "val_loss" not in version.metrics
+    assert version.metrics == {key: value for key, value in checkpoint.metrics.items() if key not in ("val_dice", "val_loss")}
+    assert "metrics val_dice, val_loss are not finite numbers; registered without them" in caplog.text
+
+
 def test_registering_the_same_weights_twice_in_a_second_keeps_both_versions(checkpoint_file, tmp_path):
     registry = Registry(str(tmp_path / "registry"))
     versions = [registry.register(str(checkpoint_file)).version for _ in range(3)]
