@@ -199,14 +199,21 @@ def train(
             raise ValueError(f"'{out / LAST_CHECKPOINT}' holds a model built as {state.model_config.model_dump()}, "
                              f"not {model_config.model_dump()}; resume with the run's model settings")
         model.load_state_dict(state.state_dict)
-        optimizer.load_state_dict(state.resume_state["optimizer"])
-        scheduler.load_state_dict(state.resume_state["scheduler"])
-        history = list(state.resume_state["history"])
-        best_score = state.resume_state["best_score"]
-        best_epoch = state.resume_state["best_epoch"]
-        best_metrics = dict(state.resume_state["best_metrics"])
-        stale_epochs = state.resume_state["stale_epochs"]
-        spent_seconds = state.resume_state["spent_seconds"]
+        try:
+            optimizer.load_state_dict(state.resume_state["optimizer"])
+            scheduler.load_state_dict(state.resume_state["scheduler"])
+            history = list(state.resume_state["history"])
+            best_score = float(state.resume_state["best_score"])
+            best_epoch = int(state.resume_state["best_epoch"])
+            best_metrics = dict(state.resume_state["best_metrics"])
+            stale_epochs = int(state.resume_state["stale_epochs"])
+            spent_seconds = float(state.resume_state["spent_seconds"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+            # torch's load_state_dict and a missing entry speak of keys and groups, not of the file.
+            reason = f"{type(error).__name__}: {error}"[:200]
+            raise ValueError(f"'{out / LAST_CHECKPOINT}' cannot be resumed: its saved training state does not fit "
+                             f"this run ({reason}); resume with the settings the run was started with, or "
+                             f"start afresh in another --out") from error
         logger.info("resuming from %s after epoch %d", out / LAST_CHECKPOINT, state.epoch)
 
     forward = TrainingForward(model, config.compile)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from cellseg.checkpoint import load_checkpoint
+from cellseg.checkpoint import load_checkpoint, save_checkpoint
 from cellseg.config import ModelConfig, TrainConfig
 from cellseg.pairs import load_pairs, manifest_hash, pair_images_and_masks, split_train_val
 from cellseg.runtime import resolve_device
@@ -112,6 +112,21 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(split, tmp_path):
     resumed_weights = load_checkpoint(str(resumed.last_checkpoint)).state_dict
     for name, tensor in full_weights.items():
         assert torch.equal(tensor, resumed_weights[name]), name
+
+
+@pytest.mark.parametrize("damage", [
+    lambda state: state.update(optimizer={"state": "garbage"}),
+    lambda state: state.pop("stale_epochs"),
+    lambda state: state.update(best_score="high"),
+], ids=["optimizer state", "missing entry", "not a number"])
+def test_a_training_state_that_does_not_fit_is_one_error_naming_the_file(split, tmp_path, damage):
+    """Such a last.pt used to end `--resume` in a traceback about keys and parameter groups."""
+    train(*split, tmp_path / "run", SMALL_MODEL, small_config(epochs=1))
+    last = load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    damage(last.resume_state)
+    save_checkpoint(last, str(tmp_path / "run" / "last.pt"))
+    with pytest.raises(ValueError, match=r"last\.pt' cannot be resumed: its saved training state does not fit this run"):
+        train(*split, tmp_path / "run", SMALL_MODEL, small_config(epochs=2), resume=True)
 
 
 def test_a_stop_file_ends_training_after_the_epoch_and_resume_goes_on(split, tmp_path):
