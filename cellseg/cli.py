@@ -47,7 +47,11 @@ def _settings(args: argparse.Namespace, overrides: dict[str, Any] | None = None)
 
 
 def _needs_orchestration(command: str) -> None:
-    """A one-line error naming the extra to install when Prefect (or Dask's runner) is missing."""
+    """A one-line error naming the extra to install when Prefect (or Dask's runner) is missing.
+    Also keeps the Prefect server that a flow command starts for itself (no PREFECT_API_URL) from
+    reporting to Prefect's telemetry, unless the environment says otherwise: on a machine without
+    internet every run's output showed a Prefect ERROR line for it."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         import prefect  # noqa: F401
         import prefect_dask  # noqa: F401

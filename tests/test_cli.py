@@ -355,3 +355,19 @@ def test_commands_that_touch_no_model_start_without_torch(tmp_path):
     assert outcome == {"codes": [0] * len(commands), "torch": False}, result.stderr
     assert '"dice": 1.0' in result.stdout  # evaluate really scored the store: its masks are the truth
     assert (tmp_path / "cells.csv").is_file() and (tmp_path / "more/images/synth_0000.png").is_file()
+
+
+@pytest.mark.parametrize(("given", "enabled"), [(None, "False"), ("true", "True")])
+def test_flow_commands_start_their_own_server_without_telemetry_unless_told(given, enabled):
+    """Offline, the temporary server's report to Prefect's telemetry was an ERROR line in every
+    `cellseg flow` run's output."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK") and not key.startswith("CELLSEG_")}
+    if given is not None:
+        env["PREFECT_SERVER_ANALYTICS_ENABLED"] = given
+    program = ("from cellseg.cli import _needs_orchestration\n_needs_orchestration('flow segment-images')\n"
+               "from prefect.settings import get_current_settings\nprint(get_current_settings().server.analytics_enabled)")
+    result = subprocess.run([sys.executable, "-c", program], check=False, capture_output=True, text=True, timeout=120,
+                            env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == enabled
