@@ -66,6 +66,30 @@ def check_store_target(url: str, storage_options: StorageOptions = None) -> None
         raise StoreError(f"'{url}' is a zarr v2 store, not a cellseg results store; choose a new folder")
     if names:
         raise StoreError(f"'{url}' is not empty and is not a cellseg results store; choose a new folder")
+    if (holder := enclosing_zarr_store(fs, path)) is not None:
+        raise StoreError(f"'{url}' lies inside the zarr store '{holder}': a new results store there would show as one "
+                         "of its groups (in a results store, as an image); choose a folder outside it")
+
+
+ZARR_GROUP_KEYS = ("zarr.json", ".zgroup")  # a folder holding one is a zarr group (v3, v2)
+# How far up `enclosing_zarr_store` looks.
+MAX_ENCLOSING_LEVELS = 64
+
+
+def enclosing_zarr_store(fs: Any, path: str) -> str | None:
+    """The outermost folder above `path` that is a zarr group (v3 or v2), the store a file or
+    store written at `path` would land in; None when there is none."""
+    store, folder, above = None, posixpath.dirname(path), path
+    for _ in range(MAX_ENCLOSING_LEVELS):
+        if not folder or folder == above:
+            break
+        try:
+            if any(fs.exists(posixpath.join(folder, key)) for key in ZARR_GROUP_KEYS):
+                store = folder
+        except OSError:  # a level this user may not read (an object store's prefix): nothing to tell there
+            pass
+        folder, above = posixpath.dirname(folder), folder
+    return store
 
 
 # The store's own keys beside the image groups (zarr v3 metadata; v2's, which readers may look for).

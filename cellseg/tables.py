@@ -5,16 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import os
-import posixpath
 from collections.abc import Iterable
 from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
 from cellseg.io import StorageOptions, filesystem, write_bytes, write_file_atomic
+from cellseg.store_checks import enclosing_zarr_store
 
 # A folder holding one of these is a zarr store (v3, v2): a table written into it would damage it.
-ZARR_GROUP_KEYS = ("zarr.json", ".zgroup")
 
 
 class OutputError(ValueError):
@@ -63,12 +62,7 @@ def check_output_file(url: str, overwrite: bool = False, storage_options: Storag
         path = os.path.realpath(path)  # a link into a store leads inside it
     if fs.isdir(path):
         raise OutputError(f"'{url}' is a folder: name a file to write")
-    store, folder, above = "", posixpath.dirname(path), ""
-    while folder and folder != above:
-        if any(fs.exists(posixpath.join(folder, key)) for key in ZARR_GROUP_KEYS):
-            store = folder  # the outermost group is the store to name
-        folder, above = posixpath.dirname(folder), folder
-    if store:
+    if store := enclosing_zarr_store(fs, path):
         raise OutputError(f"'{url}' is inside the zarr store '{store}', which it would damage: write it elsewhere")
     if fs.isfile(path) and not overwrite:
         raise OutputError(f"'{url}' exists; pass --overwrite to replace it")

@@ -35,6 +35,8 @@ def test_predict_refuses_store_targets_that_keep_nothing_or_hold_other_data(quic
     zarr.open_group(str(tmp_path / "v2.zarr"), mode="w", zarr_format=2).attrs["owner"] = "another tool"
     zarr.open_group(str(tmp_path / "v3.zarr"), mode="w").attrs["owner"] = "another tool"
     (tmp_path / "results.txt").write_text("not a store\n")
+    _store_with_one_image(str(tmp_path / "existing.zarr"))
+    existing = file_contents(tmp_path / "existing.zarr")
     here = tmp_path / "working directory"  # what an empty --out would name
     here.mkdir()
     targets = {  # --out -> what the message must say
@@ -44,6 +46,9 @@ def test_predict_refuses_store_targets_that_keep_nothing_or_hold_other_data(quic
         str(tmp_path / "v2.zarr"): "is a zarr v2 store, not a cellseg results store",
         str(tmp_path / "v3.zarr"): "is a zarr group but not a cellseg results store",
         str(tmp_path / "results.txt"): "is a file, not a results store",
+        # a new store inside a store used to be written there, and showed as one of its images
+        str(tmp_path / "existing.zarr" / "mask"): f"lies inside the zarr store '{tmp_path / 'existing.zarr'}'",
+        str(tmp_path / "existing.zarr" / "kept" / "new.zarr"): f"lies inside the zarr store '{tmp_path / 'existing.zarr'}'",
     }
     before = {target: file_contents(Path(target)) for target in targets if target.startswith("/")}
     runs = together(*[("-q", "predict", "--model", str(quick_checkpoint), "--images", str(images), "--out", target)
@@ -54,6 +59,7 @@ def test_predict_refuses_store_targets_that_keep_nothing_or_hold_other_data(quic
     for target, files in before.items():
         assert file_contents(Path(target)) == files, f"{target} was changed"
     assert list(here.iterdir()) == []
+    assert file_contents(tmp_path / "existing.zarr") == existing
 
 
 def test_predict_still_opens_an_empty_folder_and_an_existing_store(quick_checkpoint, images, tmp_path):
