@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EXIT_STATUS_HELP)
     predict.add_argument("--model", help="checkpoint URL (e.g. runs/x/best.pt) or a shipped model's name (nuclei, "
                                          "general); default: the shipped nuclei model")
-    predict.add_argument("--images", required=True, help="directory URL of images to segment")
+    predict.add_argument("--images", required=True, help="directory URL of images to segment, or one image file")
     predict.add_argument("--out", required=True, help="zarr store URL; created if missing, done images skipped")
     add_flags(predict, PREDICT_FLAGS)
 
@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help='TrainConfig fields as JSON, e.g. \'{"epochs": 5}\', over the settings\' training section')
     segment = _command(flows, "segment-images", "flow_segment", help="segment new images in parallel shards into a store",
                        epilog=EXIT_STATUS_HELP)
-    segment.add_argument("--source", required=True, help="directory URL of images")
+    segment.add_argument("--source", required=True, help="directory URL of images, or one image file")
     segment.add_argument("--store", required=True, help="zarr results store URL")
     add_flags(segment, [REGISTRY_FLAG])
     add_flags(segment, SEGMENT_JOB_FLAGS, JOB, SegmentJob)

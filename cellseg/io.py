@@ -91,8 +91,9 @@ class FileEntry:
 
 
 def list_image_entries(url: str, storage_options: StorageOptions = None, microscopy: bool = False) -> list[FileEntry]:
-    """Image files directly under the directory `url`, sorted by name; with `microscopy`, also
-    CZI/ND2/LIF files and `.zarr` folders (OME-Zarr images and plates: `cellseg.formats`).
+    """Image files directly under the directory `url`, sorted by name, or the one image file `url`
+    names; with `microscopy`, also CZI/ND2/LIF files and `.zarr` folders (OME-Zarr images and
+    plates: `cellseg.formats`).
 
     The fingerprint is the object's ETag on object storage, its modification time elsewhere.
     """
@@ -103,7 +104,13 @@ def list_image_entries(url: str, storage_options: StorageOptions = None, microsc
     fs.invalidate_cache(root)
     with storage_call(url):  # no credentials, unreachable, timed out, denied: one StorageError naming `url`
         if not fs.isdir(root):
-            raise FileNotFoundError(f"image directory '{url}' does not exist or is not a directory")
+            if not fs.isfile(root):
+                raise FileNotFoundError(f"image folder '{url}' does not exist")
+            if not posixpath.basename(root).lower().endswith(suffixes):
+                raise FileNotFoundError(f"'{url}' is a file without an image suffix ({' '.join(suffixes)}): name a "
+                                        "folder of images or one image file")
+            info = fs.info(root)
+            return [_file_entry(url, _followed_link(info) if info.get("islink") else info)]
         listing = fs.ls(root, detail=True)
     entries, ignored = [], []
     for listed in listing:
@@ -117,13 +124,18 @@ def list_image_entries(url: str, storage_options: StorageOptions = None, microsc
         if not name.lower().endswith(suffixes):
             ignored.append(name)
             continue
-        version = entry.get("ETag") or entry.get("etag") or entry.get("mtime") or entry.get("LastModified") or ""
-        entries.append(FileEntry(join_url(url, name), int(entry.get("size") or 0), f"{entry.get('size')}:{version}"))
+        entries.append(_file_entry(join_url(url, name), entry))
     if ignored:
         shown = ", ".join(sorted(ignored)[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
         logger.warning("ignoring %d file(s) under '%s' without an image suffix (%s): %s",
                        len(ignored), redact_url(url), " ".join(suffixes), shown)
     return sorted(entries, key=lambda entry: entry.url)
+
+
+def _file_entry(url: str, entry: dict) -> FileEntry:
+    """`url`'s FileEntry from its listing entry: its size, and its ETag or modification time."""
+    version = entry.get("ETag") or entry.get("etag") or entry.get("mtime") or entry.get("LastModified") or ""
+    return FileEntry(url, int(entry.get("size") or 0), f"{entry.get('size')}:{version}")
 
 
 def _followed_link(entry: dict) -> dict:
@@ -138,7 +150,7 @@ def _followed_link(entry: dict) -> dict:
 
 
 def list_images(url: str, storage_options: StorageOptions = None) -> list[str]:
-    """Sorted URLs of the image files directly under the directory `url`."""
+    """Sorted URLs of the image files directly under the directory `url` (or `url`, one image file)."""
     return [entry.url for entry in list_image_entries(url, storage_options)]
 
 

@@ -371,3 +371,14 @@ def test_flow_commands_start_their_own_server_without_telemetry_unless_told(give
                             env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-1] == enabled
+
+
+def test_predict_takes_one_image_file(tmp_path, tiny_checkpoint, synthetic_dataset):
+    image = synthetic_dataset / "images" / "synth_0003.png"
+    store = str(tmp_path / "one.zarr")
+    result = cellseg("predict", "--model", str(tiny_checkpoint), "--images", str(image), "--out", store)
+    assert "segmented 1, skipped 0" in result.stdout
+    assert ResultStore.open(store, mode="r").done_ids() == {"synth_0003"}
+    missing = cellseg("predict", "--model", str(tiny_checkpoint), "--images", str(tmp_path / "nowhere"), "--out", store,
+                      check=False)
+    assert missing.returncode == 2 and f"image folder '{tmp_path / 'nowhere'}' does not exist" in missing.stderr

@@ -431,10 +431,17 @@ def test_list_images_of_a_missing_directory(tmp_path):
         list_images(str(tmp_path / "no_such_dir"))
 
 
-def test_list_images_of_a_file_is_refused(tmp_path):
-    (tmp_path / "a.png").write_bytes(b"x")
-    with pytest.raises(FileNotFoundError, match=r"a\.png.*not a directory"):
-        list_images(str(tmp_path / "a.png"))
+def test_one_image_file_lists_as_itself_and_a_file_of_another_kind_is_refused(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x" * 7)
+    (tmp_path / "notes.txt").write_bytes(b"x")
+    (tmp_path / "link.png").symlink_to(tmp_path / "a.png")
+    entries = list_image_entries(str(tmp_path / "a.png"))
+    assert [(entry.url, entry.size) for entry in entries] == [(str(tmp_path / "a.png"), 7)]
+    assert entries[0].fingerprint == list_image_entries(str(tmp_path))[0].fingerprint  # as its folder lists it
+    assert [entry.size for entry in list_image_entries(str(tmp_path / "link.png"))] == [7]
+    with pytest.raises(FileNotFoundError, match=r"notes\.txt' is a file without an image suffix \(\.png .*\): name a "
+                                                r"folder of images or one image file"):
+        list_images(str(tmp_path / "notes.txt"))
 
 
 def test_image_stem_and_join_url():
@@ -468,6 +475,7 @@ def test_list_and_read_images_on_s3(s3_bucket):
     assert result.dtype == np.uint16
     np.testing.assert_array_equal(result, VALUES_16)
 
+    assert list_images(f"{bucket}/images/b.png", options) == [f"{bucket}/images/b.png"]  # one image file
     with pytest.raises(FileNotFoundError, match=r"missing"):
         list_images(f"{bucket}/missing", options)
     with pytest.raises(ImageReadError, match=r"images/gone\.png.*not found"):
