@@ -194,7 +194,7 @@ class UNet(nn.Module):
     def __init__(self, config: ModelConfig = ModelConfig()):
         super().__init__()
         self.config = config.without_auto()
-        widths = [config.base_width * 2**level for level in range(config.depth + 1)]
+        widths = level_widths(config)
         self.stem = DoubleConv(config.in_channels, widths[0], config.norm)
         self.encoder = nn.ModuleList(
             Down(widths[level], widths[level + 1], config.norm) for level in range(config.depth - 1)
@@ -255,10 +255,15 @@ class UNet(nn.Module):
         return logits.contiguous() if self.channels_last else logits
 
 
+def level_widths(config: ModelConfig) -> list[int]:
+    """Channels of a network of `config` at each level: its stem, its encoder levels, its bottleneck."""
+    return [config.base_width * 2**level for level in range(config.depth + 1)]
+
+
 def feature_count(config: ModelConfig) -> int:
     """The length of `UNet.features` for a network of `config`: a mean and a deviation of every
     channel of its stem, its encoder levels and its bottleneck."""
-    return 2 * sum(config.base_width * 2**level for level in range(config.depth + 1))
+    return 2 * sum(level_widths(config))
 
 
 def channel_moments(x: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,6 @@ from fsspec.implementations.local import LocalFileSystem
 from cellseg.io import StorageOptions, filesystem, write_bytes, write_file_atomic
 from cellseg.store_checks import enclosing_zarr_store
 
-# A folder holding one of these is a zarr store (v3, v2): a table written into it would damage it.
-
 
 class OutputError(ValueError):
     """An output file that must not or cannot be written; the message names it."""
