@@ -43,8 +43,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file."""
 
 
-class _SizeModelEntry(BaseModel):
-    """A size model's regression as `cellseg.size_model.SizeModel.to_dict` writes it."""
+class SizeModelRecord(BaseModel):
+    """A size model's regression as a checkpoint stores it (`cellseg.size_model.SizeModel`
+    writes and reads it through this record)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -66,7 +67,7 @@ class _Entries(BaseModel):
     split_touching: bool = True
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     centre_prominence: float = Field(DEFAULT_CENTRE_PROMINENCE, gt=0.0, lt=1.0)
-    size_model: _SizeModelEntry | None = None
+    size_model: SizeModelRecord | None = None
     cellseg_version: str
     created: str
     resume_state: dict[str, Any] | None = None

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cellseg.checkpoint import SizeModelRecord
 from cellseg.model import UNet, padded_batches
 from cellseg.pairs import LoadedPair
 from cellseg.runtime import autocast_context, model_pass
@@ -60,15 +61,17 @@ class SizeModel:
         return float(np.exp(standardised @ self.coefficients + self.intercept))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"coefficients": self.coefficients.tolist(), "intercept": self.intercept,
-                "feature_mean": self.feature_mean.tolist(), "feature_scale": self.feature_scale.tolist(),
-                "penalty": self.penalty}
+        """The plain lists a checkpoint stores (`cellseg.checkpoint.SizeModelRecord`)."""
+        return SizeModelRecord(coefficients=self.coefficients.tolist(), intercept=self.intercept,
+                               feature_mean=self.feature_mean.tolist(), feature_scale=self.feature_scale.tolist(),
+                               penalty=self.penalty).model_dump()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SizeModel:
-        return cls(np.asarray(data["coefficients"], np.float64), float(data["intercept"]),
-                   np.asarray(data["feature_mean"], np.float64), np.asarray(data["feature_scale"], np.float64),
-                   float(data["penalty"]))
+        record = SizeModelRecord.model_validate(data)
+        return cls(np.asarray(record.coefficients, np.float64), record.intercept,
+                   np.asarray(record.feature_mean, np.float64), np.asarray(record.feature_scale, np.float64),
+                   record.penalty)
 
 
 def central_crop(image: np.ndarray, size: int = SIZE_CROP) -> np.ndarray:
