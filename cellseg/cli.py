@@ -120,7 +120,7 @@ def _run_train(args: argparse.Namespace) -> int:
     result = outcome.result
     if outcome.start:
         print(f"start:      {outcome.start.described()}")
-    print(f"{result.stop_reason}; best epoch {result.best_epoch} of {len(result.history)}")
+    print(f"{result.stop_reason}; {result.best_described}")
     _print_metrics({k: v for k, v in result.best_metrics.items() if k.startswith("val_")} or result.best_metrics)
     if outcome.cells:
         _print_cell_scores(outcome.cells, label=f"validation cells ({outcome.cells['images']} images, as `predict` segments them)")
@@ -368,7 +368,7 @@ def _run_flow_train(args: argparse.Namespace) -> int:
     job = with_settings(TrainJob.model_validate({"images_url": args.images, "masks_url": args.masks, **given(args, JOB)}),
                         settings)
     result = train_unet(job)
-    print(f"registered model {result['version']} ({result['stop_reason']}; best epoch {result['best_epoch']})")
+    print(f"registered model {result['version']} ({result['stop_reason']}; {result['best_described']})")
     _print_metrics({f"val_{k}": v for k, v in result["metrics"].items() if not k.startswith("cells_")})
     print(f"checkpoint: {result['checkpoint']}")
     return 0

@@ -111,6 +111,8 @@ class TrainOutcome:
             "best_checkpoint": str(self.best_checkpoint),
             "history_path": str(self.history_path),
             "best_epoch": self.result.best_epoch,
+            "best_described": self.result.best_described,
+            "start_metrics": self.result.start_metrics,
             "epochs_run": len(self.result.history),
             "stop_reason": self.result.stop_reason,
             "dataset_hash": self.dataset_hash,
@@ -160,7 +162,7 @@ def run_training(
     checkpoint = finish_checkpoint(str(result.best_checkpoint), job, loaded_train, loaded_val)
     predictor = Predictor(checkpoint, job.predict.model_copy(update={"device": training.device}))
     cells = validation_cell_scores(predictor, loaded_val)
-    pictures = training_pictures(out, result.history, loaded_val, predictor)
+    pictures = training_pictures(out, result.history, loaded_val, predictor, start=result.start_metrics)
     return TrainOutcome(result, dataset_hash, len(loaded_train), len(loaded_val), cells, pictures, start)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
@@ -68,8 +68,11 @@ def outlined(image: np.ndarray, outlines: Sequence[tuple[np.ndarray, tuple[float
     return picture
 
 
-def training_curves(history: Sequence[dict[str, float]], url: str, storage_options: StorageOptions = None) -> str:
-    """Loss and Dice per epoch, training and validation, with the best validation epoch marked."""
+def training_curves(history: Sequence[dict[str, float]], url: str, storage_options: StorageOptions = None,
+                    start: Mapping[str, float] | None = None) -> str:
+    """Loss and Dice per epoch, training and validation, with the best validation epoch marked;
+    a fine-tuning run's `start` (its starting weights' validation metrics) is shown as epoch 0."""
+    history = [{"epoch": 0, **start}, *history] if start else list(history)
     epochs = [int(record["epoch"]) for record in history]
     figure, (loss_axis, dice_axis) = _pyplot().subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for axis, metric in ((loss_axis, "loss"), (dice_axis, "dice")):
@@ -78,13 +81,15 @@ def training_curves(history: Sequence[dict[str, float]], url: str, storage_optio
             if any(key in record for record in history):
                 axis.plot(epochs, [record.get(key, np.nan) for record in history], style, markersize=3, label=split)
         axis.set_xlabel("epoch")
+        axis.xaxis.get_major_locator().set_params(integer=True)
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
         axis.legend()
     if any("val_dice" in record for record in history):
         best = max(history, key=lambda record: record.get("val_dice", -1.0))
         dice_axis.axvline(best["epoch"], color="grey", linestyle="--")
-        dice_axis.set_title(f"best val Dice {best['val_dice']:.4f} at epoch {int(best['epoch'])}")
+        dice_axis.set_title(f"best val Dice {best['val_dice']:.4f} at epoch {int(best['epoch'])}"
+                            + (", the start" if best["epoch"] == 0 else ""))
     return _save(figure, url, storage_options)
 
 

@@ -4,7 +4,7 @@ checkpoint, a montage of segmented images next to a results store."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +22,14 @@ GALLERY_FILE = "validation_gallery.png"
 
 def training_pictures(
     run_dir: str | Path, history: Sequence[dict[str, float]], val_pairs: Sequence[LoadedPair],
-    predictor: Predictor, max_images: int = 8,
+    predictor: Predictor, max_images: int = 8, start: Mapping[str, float] | None = None,
 ) -> list[str]:
     """Write `training_curves.png` and, with validation images, `validation_gallery.png` (the
     outlines of `predictor`'s masks, as `cellseg predict` thresholds them, over the first
-    `max_images`) into `run_dir`; returns their paths."""
+    `max_images`) into `run_dir`; returns their paths. `start`: a fine-tuning run's starting
+    weights' validation metrics, drawn as epoch 0."""
     run = Path(run_dir)
-    written = [training_curves(history, str(run / CURVES_FILE))]
+    written = [training_curves(history, str(run / CURVES_FILE), start=start)]
     if val_pairs:
         shown = list(val_pairs)[:max_images]
         predictions = [probability > predictor.threshold

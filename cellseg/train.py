@@ -51,9 +51,17 @@ class TrainResult:
 
     out_dir: Path
     history: list[dict[str, float]]
-    best_epoch: int
+    best_epoch: int  # 0: the starting weights of a fine-tuning run, which no epoch beat
     best_metrics: dict[str, float]
     stop_reason: str
+    # A fine-tuning run's validation metrics of its starting weights, scored as the epochs are
+    start_metrics: dict[str, float] | None = None
+
+    @property
+    def best_described(self) -> str:
+        """'best epoch B of N', saying so when the starting weights stayed the best."""
+        kept = " (the starting weights: no epoch of fine-tuning improved on them)" if self.best_epoch == 0 else ""
+        return f"best epoch {self.best_epoch} of {len(self.history)}{kept}"
 
     @property
     def best_checkpoint(self) -> Path:
@@ -181,6 +189,7 @@ def train(
     scaler = gradient_scaler(config, device)
     history: list[dict[str, float]] = []
     best_score, best_epoch, best_metrics, stale_epochs, spent_seconds = None, 0, {}, 0, 0.0
+    start_metrics: dict[str, float] | None = None
 
     if initial is not None:
         if initial.model_config != model_config:
@@ -208,6 +217,8 @@ def train(
             best_metrics = dict(state.resume_state["best_metrics"])
             stale_epochs = int(state.resume_state["stale_epochs"])
             spent_seconds = float(state.resume_state["spent_seconds"])
+            saved_start = state.resume_state.get("start_metrics")  # absent in runs of older versions
+            start_metrics = None if saved_start is None else {str(k): float(v) for k, v in saved_start.items()}
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
             # torch's load_state_dict and a missing entry speak of keys and groups, not of the file.
             reason = f"{type(error).__name__}: {error}"[:200]
@@ -215,7 +226,6 @@ def train(
                              f"this run ({reason}); resume with the settings the run was started with, or "
                              f"start afresh in another --out") from error
         logger.info("resuming from %s after epoch %d", out / LAST_CHECKPOINT, state.epoch)
-
     forward = TrainingForward(model, config.compile)
     cut = logit_threshold(config.threshold)
     # Reading a value off the GPU makes the CPU wait for it; on CUDA the loss and pixel counts are
@@ -230,6 +240,20 @@ def train(
         "" if config.compile == "off" else f", compiled ({config.compile})", len(train_pairs), len(val_pairs),
         config.epochs,
     )
+    if initial is not None and val_pairs and monitor_key.startswith("val_"):
+        # On a small dataset fine-tuning can leave a good model worse: its starting weights are
+        # scored as an epoch would be, and best.pt keeps them until an epoch beats them.
+        scored = time.monotonic()
+        start = {f"val_{name}": value for name, value in
+                 evaluate_model(model, val_pairs, device, config.threshold, config.amp).items()}
+        logger.info(_format_record({"epoch": 0, **start, "seconds": time.monotonic() - scored}, config.epochs)
+                    + ": the starting weights")
+        if math.isfinite(start[monitor_key]):
+            start_metrics = best_metrics = start
+            best_score = start[monitor_key]
+            save_checkpoint(Checkpoint(model_config=model_config, state_dict=_cpu_state(model), train_config=config,
+                                       metrics=start, epoch=0, dataset_manifest_hash=dataset_manifest_hash),
+                            str(out / BEST_CHECKPOINT))
     for epoch in range(len(history) + 1, config.epochs + 1):
         if (out / STOP_FILE).exists():
             stop_reason = f"stopped before epoch {epoch}: {out / STOP_FILE} exists (remove it and resume to go on)"
@@ -292,7 +316,7 @@ def train(
 
         checkpoint = Checkpoint(
             model_config=model_config,
-            state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+            state_dict=_cpu_state(model),
             train_config=config,
             metrics=_metrics_of(record),
             epoch=epoch,
@@ -309,6 +333,7 @@ def train(
             "best_metrics": best_metrics,
             "stale_epochs": stale_epochs,
             "spent_seconds": time.monotonic() - started,
+            "start_metrics": start_metrics,
         }
         save_checkpoint(checkpoint, str(out / LAST_CHECKPOINT))
         write_file_atomic(out / HISTORY_FILE, json.dumps(history, indent=1).encode())
@@ -323,10 +348,16 @@ def train(
             stop_reason = f"time budget of {budget:g} minutes reached"
             break
 
-    if best_score is None:
+    if not history:
         raise ValueError(f"no epoch was trained in '{out}' ({stop_reason})")
-    logger.info("%s; best %s %.4f at epoch %d", stop_reason, monitor_key, best_score, best_epoch)
-    return TrainResult(out, history, best_epoch, best_metrics, stop_reason)
+    result = TrainResult(out, history, best_epoch, best_metrics, stop_reason, start_metrics)
+    logger.info("%s; best %s %.4f at epoch %d%s", stop_reason, monitor_key, best_score, best_epoch,
+                ": the starting weights, which best.pt keeps" if best_epoch == 0 else "")
+    return result
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().cpu() for key, value in model.state_dict().items()}
 
 
 def adam_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Adam:

@@ -59,8 +59,8 @@ def train_model(job: TrainJob, manifest_path: str, run_dir: str) -> dict[str, An
 
     with gpu_slot(resolve_device(job.training.device).type == "cuda"):
         outcome = run_training(job, run_dir, pairs=manifest.pairs(), on_epoch=report)
-    progress.update(epochs, f"{outcome.result.stop_reason}; best epoch {outcome.result.best_epoch}")
-    logger.info("%s; best epoch %d", outcome.result.stop_reason, outcome.result.best_epoch)
+    progress.update(epochs, f"{outcome.result.stop_reason}; {outcome.result.best_described}")
+    logger.info("%s; %s", outcome.result.stop_reason, outcome.result.best_described)
     return outcome.summary()
 
 
@@ -99,8 +99,8 @@ def _train_unet(job: TrainJob) -> dict[str, Any]:
         key="train-unet-metrics",
         markdown=(
             f"## train-unet: model {version['version']}\n\n"
-            f"Dataset `{dataset['manifest_hash'][:12]}` ({dataset['pairs']} pairs); best epoch "
-            f"{trained['best_epoch']} of {trained['epochs_run']} ({trained['stop_reason']}).\n\n"
+            f"Dataset `{dataset['manifest_hash'][:12]}` ({dataset['pairs']} pairs); {trained['best_described']} "
+            f"({trained['stop_reason']}).\n\n"
             + markdown_table(rows, ("metric", "validation"))
             + f"\n\nCheckpoint `{checkpoint_url}`; the registry keeps `model.json`{kept} beside it. "
             f"`cellseg models show {version['version']} --registry {shlex.quote(redact_url(job.registry_url))}` prints "

@@ -61,6 +61,17 @@ def test_training_curves_show_loss_and_dice(tmp_path):
     assert pixels.std() > 10  # lines, labels and axes, not a blank canvas
 
 
+def test_training_curves_draw_a_fine_tuning_runs_starting_weights_as_epoch_0(tmp_path):
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "train_dice": 0.5, "val_dice": 0.5}
+               for e in range(1, 4)]
+    start = {"val_loss": 0.3, "val_dice": 0.9}
+    without = _png(training_curves(history, str(tmp_path / "without.png")))
+    with_start = _png(training_curves(history, str(tmp_path / "with.png"), start=start))
+    assert without.shape == with_start.shape and not np.array_equal(without, with_start)
+    # The history itself is left as it was: epochs trained only.
+    assert [record["epoch"] for record in history] == [1, 2, 3]
+
+
 def test_overlay_gallery_draws_truth_and_prediction_outlines(tmp_path):
     image, truth, prediction = _cells()
     pixels = _png(overlay_gallery([image, image], [truth, truth], [prediction, prediction], ["a", "b"],

@@ -229,6 +229,44 @@ def test_fine_tuning_starts_from_the_checkpoint_and_can_freeze_the_encoder(split
     assert tuned.history[0]["val_dice"] > scratch.history[0]["val_dice"]
 
 
+def test_fine_tuning_keeps_the_starting_weights_as_best_until_an_epoch_beats_them(split, tmp_path, caplog):
+    """A learning rate far too high for fine-tuning leaves every epoch worse than the start: best.pt
+    keeps the starting weights (epoch 0), and the run says so. A resumed run keeps that baseline."""
+    first = train(*split, tmp_path / "first", SMALL_MODEL, small_config(epochs=4, patch_size=96, patches_per_image=2))
+    start = load_checkpoint(str(first.best_checkpoint))
+    config = small_config(epochs=1, init_from=str(first.best_checkpoint), learning_rate=0.05, patience=5)
+    with caplog.at_level("INFO", logger="cellseg.train"):
+        tuned = train(*split, tmp_path / "tuned", SMALL_MODEL, config)
+
+    assert tuned.start_metrics is not None
+    assert tuned.start_metrics["val_dice"] > tuned.history[0]["val_dice"]  # the epoch made it worse
+    assert tuned.best_epoch == 0 and tuned.best_metrics == tuned.start_metrics
+    assert "best epoch 0 of 1 (the starting weights" in tuned.best_described
+    best = load_checkpoint(str(tuned.best_checkpoint))
+    assert best.epoch == 0 and best.metrics == tuned.start_metrics
+    assert all(torch.equal(best.state_dict[name], tensor) for name, tensor in start.state_dict.items())
+    assert load_checkpoint(str(tuned.last_checkpoint)).epoch == 1
+    assert [record["epoch"] for record in json.loads((tmp_path / "tuned" / "history.json").read_text())] == [1]
+    assert "epoch 0/1 val_loss" in caplog.text and "the starting weights, which best.pt keeps" in caplog.text
+
+    resumed = train(*split, tmp_path / "tuned", SMALL_MODEL, config.model_copy(update={"epochs": 2}), resume=True)
+    assert resumed.start_metrics == tuned.start_metrics
+    assert len(resumed.history) == 2 and resumed.best_epoch == 0
+    assert resumed.best_metrics == tuned.start_metrics
+
+
+def test_an_epoch_that_beats_the_starting_weights_becomes_best(split, tmp_path):
+    """Fine-tuning weights of one short epoch: training improves on them, and the start stays on record."""
+    first = train(*split, tmp_path / "first", SMALL_MODEL, small_config(epochs=1))
+    config = small_config(epochs=4, patch_size=96, patches_per_image=2, init_from=str(first.best_checkpoint))
+    tuned = train(*split, tmp_path / "tuned", SMALL_MODEL, config)
+    assert tuned.start_metrics is not None and tuned.best_epoch >= 1
+    assert tuned.best_metrics["val_dice"] > tuned.start_metrics["val_dice"]
+    assert load_checkpoint(str(tuned.best_checkpoint)).epoch == tuned.best_epoch
+    # From scratch there is no start to score.
+    assert first.start_metrics is None
+
+
 def test_fine_tuning_refuses_a_checkpoint_of_another_architecture(split, tmp_path):
     first = train(*split, tmp_path / "first", SMALL_MODEL, small_config(epochs=1))
     other = SMALL_MODEL.model_copy(update={"base_width": SMALL_MODEL.base_width * 2})
