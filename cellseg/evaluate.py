@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cellseg.config import DEFAULT_CENTRE_PROMINENCE, PredictConfig
-from cellseg.io import StorageOptions, list_images, read_image, read_mask
+from cellseg.io import StorageOptions, binarize_mask, list_images, read_image
 from cellseg.metrics import MetricAccumulator, ThresholdSweep, confusion_counts
-from cellseg.pairs import LoadedPair, index_by_stem
+from cellseg.pairs import LoadedPair, index_by_stem, instance_labels
 from cellseg.postprocess import CellMaps, cell_labels
 from cellseg.scoring import (
     instance_scores,
@@ -31,12 +31,14 @@ def evaluate_store(
     store: ResultStore, masks_url: str, storage_options: StorageOptions = None, labels_url: str | None = None
 ) -> dict[str, Any]:
     """Pixel metrics of every done image that has a ground-truth mask of the same stem, and with
-    `labels_url` (ground-truth instance label images) cell-level metrics too.
+    `labels_url` (ground-truth instance label images) cell-level metrics too. Without it, masks
+    that are themselves label images (integers of 16 bits or more, as `train` reads them:
+    `cellseg.pairs.instance_labels`) are the labels.
 
     Returns {"images", "mean", "pooled", "pixel_error", "regions", "per_image",
     "missing_predictions"} and,
-    with labels, "instances" (F1 at IoU 0.5, DSB2018 score, pooled precision/recall, median cell
-    count error) with per-image instance scores merged into "per_image". Ground-truth masks with
+    with labels for every scored image, "instances" (F1 at IoU 0.5, DSB2018 score, pooled
+    precision/recall, median cell count error) with per-image instance scores merged into "per_image". Ground-truth masks with
     no finished prediction are listed in "missing_predictions" and not scored. A damaged image
     that would be scored (unreadable metadata, missing arrays or chunks) gives no score at all:
     StoreError naming every such image and `cellseg verify --repair`.
@@ -48,7 +50,7 @@ def evaluate_store(
     stored masks (one threshold, so never below the swept value; "isbi2012_threshold" None).
 
     "regions" holds the mean adapted Rand error, precision and recall of the stored cells against
-    the true instance labels, or without labels against the 4-connected components of each
+    the true instance labels, or where an image has none against the 4-connected components of its
     mask (`cellseg.scoring.region_scores`).
     """
     truths = index_by_stem(list_images(masks_url, storage_options), "mask")
@@ -73,7 +75,8 @@ def evaluate_store(
     accumulator, per_image = MetricAccumulator(), []
     sweep = ThresholdSweep() if all(with_probabilities) else None
     for image_id in scored:
-        truth = read_mask(truths[image_id], storage_options)
+        decoded = read_image(truths[image_id], storage_options)
+        truth = binarize_mask(decoded)
         prediction = store.read_mask(image_id)  # DamagedImage (naming it) on a chunk that cannot be decoded
         if truth.shape != prediction.shape:
             raise StoreError(
@@ -86,16 +89,18 @@ def evaluate_store(
             sweep.add(store.read_probabilities(image_id), truth)
         row = {"image_id": image_id, **counts.scores()}
         cells = store.read_cells(image_id)
+        labels: np.ndarray | None
         if labels_url:
             if image_id not in true_labels:
                 raise StoreError(f"no ground-truth label image for '{image_id}' under '{labels_url}'")
             labels = read_image(true_labels[image_id], storage_options)
             if labels.shape != truth.shape:
                 raise StoreError(f"label image '{true_labels[image_id]}' is {labels.shape}, its mask {truth.shape}")
-            row.update({f"instance_{key}": value for key, value in instance_scores(cells, labels).items()})
         else:
-            labels = truth_regions(truth)
-        row.update(region_scores(cells, labels))
+            labels = instance_labels(decoded)
+        if labels is not None:
+            row.update({f"instance_{key}": value for key, value in instance_scores(cells, labels).items()})
+        row.update(region_scores(cells, truth_regions(truth) if labels is None else labels))
         per_image.append(row)
     result = {
         "images": len(scored),
@@ -106,9 +111,9 @@ def evaluate_store(
         "per_image": per_image,
         "missing_predictions": sorted(truths.keys() - done),
     }
-    if labels_url:
-        instance_rows = [{key[len("instance_"):]: value for key, value in row.items() if key.startswith("instance_")}
-                         for row in per_image]
+    instance_rows = [{key[len("instance_"):]: value for key, value in row.items() if key.startswith("instance_")}
+                     for row in per_image]
+    if all(instance_rows):
         result["instances"] = summarise_instance_scores(instance_rows)
     return result
 

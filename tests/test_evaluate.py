@@ -185,6 +185,30 @@ def test_evaluate_reports_the_adapted_rand_error_against_the_masks_components(st
     assert "4-connected components of the masks" in printed
 
 
+def test_masks_that_are_label_images_give_the_cell_scores_as_labels_do(store, tmp_path, capsys):
+    """`train` reads 16-bit masks as instance labels; `evaluate --masks` of the same folder scores the
+    cells too, exactly as with `--labels`, where before it fell back to the masks' components."""
+    from PIL import Image
+
+    from cellseg.cli import main
+
+    label_folder = tmp_path / "labels"
+    label_folder.mkdir()
+    for image_id, truth in TRUTHS.items():
+        Image.fromarray(truth.astype(np.uint16) * 7).save(label_folder / f"{image_id}.png")  # one cell, label 7
+    binary = write_truths(tmp_path / "binary", TRUTHS)
+
+    from_masks = evaluate_store(store, str(label_folder))
+    given = evaluate_store(store, binary, labels_url=str(label_folder))
+    assert "instances" not in evaluate_store(store, binary)  # 8-bit masks stay binary
+    assert from_masks["instances"] == given["instances"]
+    assert from_masks["instances"]["true_cells_total"] == 1
+    assert from_masks["per_image"] == given["per_image"] and from_masks["mean"] == given["mean"]
+    assert main(["evaluate", "--pred", store.url, "--masks", str(label_folder)]) == 0
+    printed = capsys.readouterr().out
+    assert "cells against the true labels" in printed and "cells: F1@0.5" in printed
+
+
 def dumbbells(count: int) -> tuple[np.ndarray, np.ndarray]:
     """A mask of `count` dumbbells (two discs joined by a narrow neck) and labels with one cell per disc."""
     rows, cols = np.mgrid[0:40, 0 : 40 * count]
