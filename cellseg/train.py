@@ -152,8 +152,10 @@ def train(
     are averaged over whole validation images; without validation images the training metrics
     of the epoch are monitored instead. The 'auto' fields of `model_config` are decided first
     (`decide_automatic_fields`); a model with a `cell_diameter` then trains and validates on the
-    pairs resampled to that cell size (`cellseg.scale.rescale_pairs`). `on_epoch` gets each
-    epoch's record once the epoch's checkpoints are written.
+    pairs resampled to that cell size (`cellseg.scale.rescale_pairs`). Fine-tuning (`init_from`)
+    scores the starting weights on the validation images first, as epoch 0 of `best.pt`, which
+    keeps them until an epoch beats them. `on_epoch` gets each epoch's record once the epoch's
+    checkpoints are written.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -226,6 +228,7 @@ def train(
                              f"this run ({reason}); resume with the settings the run was started with, or "
                              f"start afresh in another --out") from error
         logger.info("resuming from %s after epoch %d", out / LAST_CHECKPOINT, state.epoch)
+
     forward = TrainingForward(model, config.compile)
     cut = logit_threshold(config.threshold)
     # Reading a value off the GPU makes the CPU wait for it; on CUDA the loss and pixel counts are
