@@ -210,7 +210,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     print(f"pixel error: {errors['misclassified']:.4f} of pixels misclassified; "
           f"ISBI 2012 definition (1 - F-score of cell pixels) {errors['isbi2012']:.4f}, at {swept}")
     regions = result["regions"]
-    truth = "the true labels" if "instances" in result else "the 4-connected components of the masks"
+    labelled = sum(any(key.startswith("instance_") for key in row) for row in result["per_image"])
+    truth = ("the true labels" if labelled == result["images"] else "the 4-connected components of the masks"
+             if not labelled else f"the true labels of {_images(labelled)} and the masks' 4-connected components "
+                                  f"of {_images(result['images'] - labelled)} (label images and binary masks mixed, "
+                                  "so no cell scores)")
     print(f"adapted Rand error {regions['adapted_rand_error_mean']:.4f} (precision "
           f"{regions['adapted_rand_precision_mean']:.4f}, recall {regions['adapted_rand_recall_mean']:.4f}), "
           f"mean over images, cells against {truth}")
@@ -219,6 +223,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if result["missing_predictions"]:
         print(f"{len(result['missing_predictions'])} ground-truth masks have no finished prediction")
     return 0
+
+
+def _images(count: int) -> str:
+    return f"{count} image{'' if count == 1 else 's'}"
 
 
 def _run_results(args: argparse.Namespace) -> int:

@@ -208,6 +208,14 @@ def test_masks_that_are_label_images_give_the_cell_scores_as_labels_do(store, tm
     printed = capsys.readouterr().out
     assert "cells against the true labels" in printed and "cells: F1@0.5" in printed
 
+    (label_folder / "b.png").write_bytes((tmp_path / "binary" / "b.png").read_bytes())  # one 8-bit mask among them
+    mixed = evaluate_store(store, str(label_folder))
+    assert "instances" not in mixed
+    assert main(["evaluate", "--pred", store.url, "--masks", str(label_folder)]) == 0
+    printed = capsys.readouterr().out
+    assert "the true labels of 1 image and the masks' 4-connected components of 1 image" in printed
+    assert "cells: F1@0.5" not in printed
+
 
 def dumbbells(count: int) -> tuple[np.ndarray, np.ndarray]:
     """A mask of `count` dumbbells (two discs joined by a narrow neck) and labels with one cell per disc."""
