@@ -11,7 +11,7 @@ import numpy as np
 from cellseg.config import DEFAULT_CENTRE_PROMINENCE, PredictConfig
 from cellseg.io import StorageOptions, binarize_mask, list_images, read_image
 from cellseg.metrics import MetricAccumulator, ThresholdSweep, confusion_counts
-from cellseg.pairs import LoadedPair, index_by_stem, instance_labels
+from cellseg.pairs import LoadedPair, index_by_stem, instance_labels, numbered_cells
 from cellseg.postprocess import CellMaps, cell_labels
 from cellseg.scoring import (
     instance_scores,
@@ -94,6 +94,8 @@ def evaluate_store(
             if image_id not in true_labels:
                 raise StoreError(f"no ground-truth label image for '{image_id}' under '{labels_url}'")
             labels = read_image(true_labels[image_id], storage_options)
+            if labels.dtype.kind in "iu":
+                labels = numbered_cells(labels)
             if labels.shape != truth.shape:
                 raise StoreError(f"label image '{true_labels[image_id]}' is {labels.shape}, its mask {truth.shape}")
         else:

@@ -168,8 +168,21 @@ def instance_labels(decoded_mask: np.ndarray) -> np.ndarray | None:
     0/255 mask has stray grey values that are not cells.
     """
     if decoded_mask.dtype.kind in "iu" and decoded_mask.dtype.itemsize >= 2:
-        return decoded_mask.astype(np.int32, copy=False)
+        return numbered_cells(decoded_mask)
     return None
+
+
+def numbered_cells(labels: np.ndarray) -> np.ndarray:
+    """int32 cell labels of an integer label image: as they are when every label is a number from
+    1 to the image's pixel count, else renumbered 1..K in the order of their values (nothing but
+    a positive label is a cell). What is allocated per cell (scores, targets, measurements) then
+    follows the cells, not the largest number in a file, and labels past 2^31 keep their cells."""
+    if labels.size == 0 or (int(labels.min()) >= 0 and int(labels.max()) <= labels.size):
+        return labels.astype(np.int32, copy=False)
+    cells = labels > 0
+    numbered = np.zeros(labels.shape, np.int32)
+    numbered[cells] = np.unique(labels[cells], return_inverse=True)[1].reshape(-1) + 1
+    return numbered
 
 
 def dataset_hash(checksums: Iterable[tuple[str, str, str]]) -> str:

@@ -217,6 +217,26 @@ def test_masks_that_are_label_images_give_the_cell_scores_as_labels_do(store, tm
     assert "cells: F1@0.5" not in printed
 
 
+def test_cells_numbered_in_the_billions_are_scored_as_cells_numbered_1_2_3(tmp_path):
+    """A label image's numbers do not size anything: before, the overlap table had a column per
+    number up to the largest (2e9 here: tens of GB), and 3e9 wrapped to a negative int32."""
+    import tifffile
+
+    from tests.test_pairs import sparse_labels
+
+    sparse, small = sparse_labels(np.uint32)
+    store = ResultStore.open(str(tmp_path / "results.zarr"))
+    store.write_result("x", small > 0, {}, "x.png", {"version": "v1"})
+    for name, labels in (("sparse", sparse), ("small", small.astype(np.uint16))):
+        (tmp_path / name).mkdir()
+        tifffile.imwrite(tmp_path / name / "x.tif", labels)
+    as_masks = evaluate_store(store, str(tmp_path / "sparse"))
+    as_labels = evaluate_store(store, str(tmp_path / "small"), labels_url=str(tmp_path / "sparse"))
+    expected = evaluate_store(store, str(tmp_path / "small"))
+    assert expected["instances"]["true_cells_total"] == 3
+    assert as_masks["instances"] == as_labels["instances"] == expected["instances"]
+
+
 def dumbbells(count: int) -> tuple[np.ndarray, np.ndarray]:
     """A mask of `count` dumbbells (two discs joined by a narrow neck) and labels with one cell per disc."""
     rows, cols = np.mgrid[0:40, 0 : 40 * count]

@@ -147,6 +147,37 @@ def test_load_pair_decodes_normalises_and_checksums(tmp_path):
     assert result.manifest_entry()["shape"] == [2, 2]
 
 
+def sparse_labels(dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(a label image of three cells numbered 5, 2e9 and 3e9, the same cells numbered 1, 2, 3)."""
+    small = np.zeros((40, 40), np.int32)
+    small[2:10, 2:10], small[15:25, 15:25], small[30:38, 2:12] = 1, 2, 3
+    numbers = np.array([0, 5, 2_000_000_000, 3_000_000_000], dtype=np.int64)
+    return numbers[small].astype(dtype), small
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.int64])
+def test_label_images_numbered_past_the_pixel_count_keep_every_cell(tmp_path, dtype):
+    """Labels are numbers, not sizes: a cell numbered 3e9 used to wrap to a negative int32 and
+    vanish, and every per-cell table was as long as the largest number."""
+    import tifffile
+
+    sparse, small = sparse_labels(dtype)
+    tifffile.imwrite(tmp_path / "labels.tif", sparse)
+    write_png(tmp_path / "image.png", (small * 60).astype(np.uint8))
+    pair = load_pair(ImagePair("x", str(tmp_path / "image.png"), str(tmp_path / "labels.tif")), KEEP)
+    np.testing.assert_array_equal(pair.instances, small)
+    np.testing.assert_array_equal(pair.mask, small > 0)
+
+
+def test_labels_within_the_pixel_count_are_kept_as_numbered(tmp_path):
+    labels = np.zeros((8, 8), np.uint16)
+    labels[0:2, 0:2], labels[5:7, 5:7] = 64, 7  # gaps and order kept: 64 is the image's pixel count
+    write_png(tmp_path / "labels.png", labels)
+    write_png(tmp_path / "image.png", (labels > 0).astype(np.uint8) * 200)
+    pair = load_pair(ImagePair("x", str(tmp_path / "image.png"), str(tmp_path / "labels.png")), KEEP)
+    np.testing.assert_array_equal(pair.instances, labels.astype(np.int32))
+
+
 def test_load_pair_size_mismatch_names_both_files_and_sizes(tmp_path):
     image_path = write_png(tmp_path / "images" / "cell.png", np.zeros((30, 32), np.uint8))
     mask_path = write_png(tmp_path / "masks" / "cell.png", np.zeros((30, 40), np.uint8))
