@@ -229,6 +229,12 @@ def train(
                              f"start afresh in another --out") from error
         logger.info("resuming from %s after epoch %d", out / LAST_CHECKPOINT, state.epoch)
 
+    def snapshot(epoch: int, metrics: dict[str, float]) -> Checkpoint:
+        """The model as it is now, as the checkpoint of `epoch` (0: the starting weights)."""
+        return Checkpoint(model_config=model_config,
+                          state_dict={key: value.detach().cpu() for key, value in model.state_dict().items()},
+                          train_config=config, metrics=metrics, epoch=epoch, dataset_manifest_hash=dataset_manifest_hash)
+
     forward = TrainingForward(model, config.compile)
     cut = logit_threshold(config.threshold)
     # Reading a value off the GPU makes the CPU wait for it; on CUDA the loss and pixel counts are
@@ -254,9 +260,7 @@ def train(
         if math.isfinite(start[monitor_key]):
             start_metrics = best_metrics = start
             best_score = start[monitor_key]
-            save_checkpoint(Checkpoint(model_config=model_config, state_dict=_cpu_state(model), train_config=config,
-                                       metrics=start, epoch=0, dataset_manifest_hash=dataset_manifest_hash),
-                            str(out / BEST_CHECKPOINT))
+            save_checkpoint(snapshot(0, start), str(out / BEST_CHECKPOINT))
     for epoch in range(len(history) + 1, config.epochs + 1):
         if (out / STOP_FILE).exists():
             stop_reason = f"stopped before epoch {epoch}: {out / STOP_FILE} exists (remove it and resume to go on)"
@@ -317,14 +321,7 @@ def train(
         if config.lr_patience is not None:
             scheduler.step(score)
 
-        checkpoint = Checkpoint(
-            model_config=model_config,
-            state_dict=_cpu_state(model),
-            train_config=config,
-            metrics=_metrics_of(record),
-            epoch=epoch,
-            dataset_manifest_hash=dataset_manifest_hash,
-        )
+        checkpoint = snapshot(epoch, _metrics_of(record))
         if improved:
             save_checkpoint(checkpoint, str(out / BEST_CHECKPOINT))
         checkpoint.resume_state = {
@@ -358,9 +355,6 @@ def train(
                 ": the starting weights, which best.pt keeps" if best_epoch == 0 else "")
     return result
 
-
-def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {key: value.detach().cpu() for key, value in model.state_dict().items()}
 
 
 def adam_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Adam:
