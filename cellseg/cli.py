@@ -210,7 +210,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     print(f"pixel error: {errors['misclassified']:.4f} of pixels misclassified; "
           f"ISBI 2012 definition (1 - F-score of cell pixels) {errors['isbi2012']:.4f}, at {swept}")
     regions = result["regions"]
-    labelled = sum(any(key.startswith("instance_") for key in row) for row in result["per_image"])
+    labelled = result["labelled_images"]
     truth = ("the true labels" if labelled == result["images"] else "the 4-connected components of the masks"
              if not labelled else f"the true labels of {_images(labelled)} and the masks' 4-connected components "
                                   f"of {_images(result['images'] - labelled)} (label images and binary masks mixed, "

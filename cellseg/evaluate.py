@@ -35,8 +35,8 @@ def evaluate_store(
     that are themselves label images (integers of 16 bits or more, as `train` reads them:
     `cellseg.pairs.instance_labels`) are the labels.
 
-    Returns {"images", "mean", "pooled", "pixel_error", "regions", "per_image",
-    "missing_predictions"} and,
+    Returns {"images", "labelled_images", "mean", "pooled", "pixel_error", "regions", "per_image",
+    "missing_predictions"} ("labelled_images": how many were scored against instance labels) and,
     with labels for every scored image, "instances" (F1 at IoU 0.5, DSB2018 score, pooled
     precision/recall, median cell count error) with per-image instance scores merged into "per_image". Ground-truth masks with
     no finished prediction are listed in "missing_predictions" and not scored. A damaged image
@@ -104,8 +104,11 @@ def evaluate_store(
             row.update({f"instance_{key}": value for key, value in instance_scores(cells, labels).items()})
         row.update(region_scores(cells, truth_regions(truth) if labels is None else labels))
         per_image.append(row)
+    instance_rows = [{key[len("instance_"):]: value for key, value in row.items() if key.startswith("instance_")}
+                     for row in per_image]
     result = {
         "images": len(scored),
+        "labelled_images": sum(map(bool, instance_rows)),
         "mean": accumulator.mean(),
         "pooled": accumulator.pooled(),
         "pixel_error": _pixel_errors(accumulator, sweep),
@@ -113,8 +116,6 @@ def evaluate_store(
         "per_image": per_image,
         "missing_predictions": sorted(truths.keys() - done),
     }
-    instance_rows = [{key[len("instance_"):]: value for key, value in row.items() if key.startswith("instance_")}
-                     for row in per_image]
     if all(instance_rows):
         result["instances"] = summarise_instance_scores(instance_rows)
     return result
