@@ -5,6 +5,7 @@ scores them, by the adapted Rand error (`region_scores`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,52 +21,104 @@ IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * step, 2) for step in range(10))  # 0.5
 
 
 
-def overlap_matrix(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Pixels shared by every predicted instance (rows, labels 1..P) and every true instance
-    (columns, 1..T); label numbers absent from an image get no row or column."""
-    if predicted.shape != truth.shape:
-        raise ValueError(f"predicted labels are {predicted.shape}, true labels are {truth.shape}")
-    predicted, truth = predicted.astype(np.int64).ravel(), truth.astype(np.int64).ravel()
-    n_pred, n_true = int(predicted.max(initial=0)) + 1, int(truth.max(initial=0)) + 1
-    overlap = np.bincount(predicted * n_true + truth, minlength=n_pred * n_true).reshape(n_pred, n_true)
-    # A label is present when its row (column) holds any pixel. Row and column 0 (background) are
-    # kept: they hold each cell's pixels outside all others.
-    rows, columns = overlap.sum(axis=1) > 0, overlap.sum(axis=0) > 0
-    rows[0] = columns[0] = True
-    return overlap[rows][:, columns]
+# Above this many (predicted + 1) x (true + 1) label pairs the overlaps are counted pair by pair
+# (a sort of the pixels) instead of in a dense table: a label image with a cell per pixel would
+# otherwise need one number per predicted cell per pixel (gigabytes for a 512x512 image).
+DENSE_PAIRS_LIMIT = 1 << 22
+
+
+@dataclass(frozen=True)
+class Overlaps:
+    """Pixels shared by predicted instances (P of them, indexed 0..P-1 in label order) and true
+    instances (T, 0..T-1), kept only for the pairs that share any: `predicted[k]` and `true[k]`
+    share `shared[k]` pixels. Label numbers absent from an image get no index; the memory taken
+    is bounded by the pixels, whatever the label numbers."""
+
+    predicted: np.ndarray
+    true: np.ndarray
+    shared: np.ndarray
+    predicted_area: np.ndarray  # (P,) pixels of each predicted cell
+    true_area: np.ndarray  # (T,)
+
+    @classmethod
+    def of(cls, predicted: np.ndarray, truth: np.ndarray) -> Overlaps:
+        if predicted.shape != truth.shape:
+            raise ValueError(f"predicted labels are {predicted.shape}, true labels are {truth.shape}")
+        predicted_index, predicted_area = _compact(predicted)
+        true_index, true_area = _compact(truth)
+        both = (predicted_index >= 0) & (true_index >= 0)
+        predicted_index, true_index = predicted_index[both], true_index[both]
+        n_true = len(true_area)
+        if (len(predicted_area) + 1) * (n_true + 1) <= DENSE_PAIRS_LIMIT:
+            table = np.bincount(predicted_index * n_true + true_index, minlength=len(predicted_area) * n_true)
+            pairs = np.flatnonzero(table)
+            shared = table[pairs]
+        else:
+            pairs, shared = np.unique(predicted_index * n_true + true_index, return_counts=True)
+        return cls(pairs // max(n_true, 1), pairs % max(n_true, 1), shared, predicted_area, true_area)
+
+    @property
+    def iou(self) -> np.ndarray:
+        """Each pair's intersection over union."""
+        union = self.predicted_area[self.predicted] + self.true_area[self.true] - self.shared
+        return self.shared / union
+
+    def matched(self, threshold: float) -> np.ndarray:
+        """The pairs matched at IoU above `threshold` (from 0.5 up, a cell matches at most one other)."""
+        return self.iou > threshold
+
+    def dense_iou(self) -> np.ndarray:
+        """The IoU of every predicted with every true instance, as a P x T table."""
+        table = np.zeros((len(self.predicted_area), len(self.true_area)))
+        table[self.predicted, self.true] = self.iou
+        return table
+
+
+def _compact(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's index among the labels present (-1 on background), and each label's area."""
+    flat = np.asarray(labels).ravel().astype(np.int64, copy=False)
+    if flat.size and int(flat.min()) < 0:
+        raise ValueError("label images hold no negative labels")
+    largest = int(flat.max(initial=0))
+    if largest <= 2 * flat.size:
+        area = np.bincount(flat, minlength=largest + 1)
+        present = np.flatnonzero(area[1:]) + 1
+        lookup = np.full(largest + 1, -1, np.int64)
+        lookup[present] = np.arange(len(present))
+        return lookup[flat], area[present]
+    numbers, index, area = np.unique(flat, return_inverse=True, return_counts=True)
+    if numbers[0] == 0:
+        return index - 1, area[1:]
+    return index, area
 
 
 def iou_matrix(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """IoU of every predicted instance (rows, labels 1..P) with every true instance (columns, 1..T)."""
-    return _iou(overlap_matrix(predicted, truth))
+    """IoU of every predicted instance (rows, the labels present in label order) with every true
+    instance (columns), as a dense table: for analyses of ordinary images (`Overlaps` keeps only
+    the pairs that touch)."""
+    return Overlaps.of(predicted, truth).dense_iou()
 
 
-def _iou(overlap: np.ndarray) -> np.ndarray:
-    pred_area, true_area = overlap.sum(axis=1, keepdims=True), overlap.sum(axis=0, keepdims=True)
-    union = pred_area + true_area - overlap
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, overlap / union, 0.0)
-    return iou[1:, 1:]
-
-
-def error_breakdown(overlap: np.ndarray) -> dict[str, int]:
-    """Why cells fail to match, from an `overlap_matrix` (the error classes of Caicedo et al.,
-    Cytometry A 2019): true cells `merged` (more than half of the cell lies in one predicted
-    cell that also holds more than half of another true cell), true cells `split` (two or more
-    predicted cells lie more than half inside it), true cells `missed` (less than half of the
-    cell is predicted as any cell), and predicted cells that are `extra` (less than half inside
-    any true cell). A cell can be in no class and still fail to match at IoU 0.5 (a poor outline).
+def error_breakdown(overlaps: Overlaps) -> dict[str, int]:
+    """Why cells fail to match (the error classes of Caicedo et al., Cytometry A 2019): true cells
+    `merged` (more than half of the cell lies in one predicted cell that also holds more than half
+    of another true cell), true cells `split` (two or more predicted cells lie more than half
+    inside it), true cells `missed` (less than half of the cell is predicted as any cell), and
+    predicted cells that are `extra` (less than half inside any true cell). A cell can be in no
+    class and still fail to match at IoU 0.5 (a poor outline).
     """
-    cells = overlap[1:, 1:]
-    pred_area, true_area = overlap.sum(axis=1)[1:], overlap.sum(axis=0)[1:]
-    mostly_in_pred = cells > true_area[None, :] / 2   # true cell j lies mostly in predicted cell i
-    pred_mostly_in = cells > pred_area[:, None] / 2   # predicted cell i lies mostly in true cell j
-    merging = mostly_in_pred.sum(axis=1) >= 2
+    n_pred, n_true = len(overlaps.predicted_area), len(overlaps.true_area)
+    # true cell j lies mostly in predicted cell i; predicted cell i lies mostly in true cell j
+    mostly_in_pred = overlaps.shared * 2 > overlaps.true_area[overlaps.true]
+    pred_mostly_in = overlaps.shared * 2 > overlaps.predicted_area[overlaps.predicted]
+    merging = np.bincount(overlaps.predicted[mostly_in_pred], minlength=n_pred) >= 2
+    predicted_inside = np.bincount(overlaps.predicted, weights=overlaps.shared, minlength=n_pred)
+    true_covered = np.bincount(overlaps.true, weights=overlaps.shared, minlength=n_true)
     return {
-        "merged": int(mostly_in_pred[merging].sum()),
-        "split": int((pred_mostly_in.sum(axis=0) >= 2).sum()),
-        "missed": int((cells.sum(axis=0) * 2 < true_area).sum()),
-        "extra": int((cells.sum(axis=1) * 2 < pred_area).sum()),
+        "merged": int(np.count_nonzero(merging[overlaps.predicted[mostly_in_pred]])),
+        "split": int(np.count_nonzero(np.bincount(overlaps.true[pred_mostly_in], minlength=n_true) >= 2)),
+        "missed": int(np.count_nonzero(true_covered * 2 < overlaps.true_area)),
+        "extra": int(np.count_nonzero(predicted_inside * 2 < overlaps.predicted_area)),
     }
 
 
@@ -78,12 +131,11 @@ def instance_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
     TP / (TP + FP + FN) over IoU thresholds 0.5, 0.55, ..., 0.95. With no cells in either, every
     score is 1; with cells in only one, 0.
     """
-    overlap = overlap_matrix(predicted, truth)
-    iou = _iou(overlap)
-    n_pred, n_true = iou.shape
+    overlaps = Overlaps.of(predicted, truth)
+    n_pred, n_true = len(overlaps.predicted_area), len(overlaps.true_area)
     per_threshold = {}
     for threshold in IOU_THRESHOLDS:
-        tp = int((iou > threshold).any(axis=1).sum()) if iou.size else 0
+        tp = len(np.unique(overlaps.predicted[overlaps.matched(threshold)]))
         per_threshold[threshold] = (tp, n_pred - tp, n_true - tp)
     tp, fp, fn = per_threshold[0.5]
     empty = n_pred == 0 and n_true == 0
@@ -95,7 +147,7 @@ def instance_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
         "recall": 1.0 if n_true == 0 else tp / n_true,
         "f1": 1.0 if empty else 2 * tp / (n_pred + n_true),
         "dsb_score": 1.0 if empty else float(np.mean([t / (t + p + n) for t, p, n in per_threshold.values()])),
-        **error_breakdown(overlap),
+        **error_breakdown(overlaps),
     }
 
 

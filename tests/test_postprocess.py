@@ -10,7 +10,7 @@ from benchmarks.postprocess_stages import (
     reference_split_at_distance_peaks,
     reference_split_touching_cells,
 )
-from cellseg import postprocess
+from cellseg import postprocess, scoring
 from cellseg.postprocess import split_at_distance_peaks, split_touching_cells
 from cellseg.scoring import instance_scores, iou_matrix, summarise_instance_scores
 from cellseg.stats import label_cells
@@ -162,6 +162,63 @@ def test_iou_matrix_skips_absent_label_numbers():
     np.testing.assert_allclose(iou_matrix(predicted, truth), [[1.0]])
     with pytest.raises(ValueError):
         iou_matrix(predicted, truth[:3])
+
+
+def pairwise_iou(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """The IoU table computed the slow way: one pair of masks at a time."""
+    rows, columns = np.unique(predicted[predicted > 0]), np.unique(truth[truth > 0])
+    table = np.zeros((len(rows), len(columns)))
+    for i, p in enumerate(rows):
+        for j, t in enumerate(columns):
+            a, b = predicted == p, truth == t
+            table[i, j] = (a & b).sum() / (a | b).sum()
+    return table
+
+
+@pytest.mark.parametrize("counted", ["in a table", "pair by pair"])
+def test_iou_matrix_agrees_with_masks_compared_pair_by_pair(counted, monkeypatch):
+    from scipy import ndimage
+
+    if counted == "pair by pair":
+        monkeypatch.setattr(scoring, "DENSE_PAIRS_LIMIT", 0)
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        seeds = rng.random((30, 40)) < rng.uniform(0.01, 0.2)
+        truth = ndimage.label(ndimage.binary_dilation(seeds))[0] * int(rng.integers(1, 50))
+        predicted = ndimage.grey_dilation(truth, size=2) * (rng.random(truth.shape) < 0.9)
+        predicted[rng.random(truth.shape) < 0.02] = 7  # one scattered predicted cell
+        np.testing.assert_allclose(iou_matrix(predicted, truth), pairwise_iou(predicted, truth))
+
+
+def test_a_label_image_with_a_cell_per_pixel_is_scored_in_little_memory():
+    import tracemalloc
+
+    side = 256
+    truth = np.arange(1, side * side + 1).reshape(side, side)  # 65,536 one-pixel cells
+    predicted = np.zeros((side, side), np.int32)
+    for number in range(500):  # 500 predicted 8x8 squares
+        row, column = divmod(number, 25)
+        predicted[row * 10:row * 10 + 8, column * 10:column * 10 + 8] = number + 1
+    tracemalloc.start()
+    try:
+        scores = instance_scores(predicted, truth)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # A table of every predicted cell by every true one would take 500 x 65,536 x 8 bytes (262 MB).
+    assert peak < 40e6, f"{peak / 1e6:.0f} MB"
+    assert (scores["true_cells"], scores["predicted_cells"], scores["tp"]) == (side * side, 500, 0)
+    assert scores["merged"] == 500 * 64 and scores["missed"] == side * side - 500 * 64 and scores["extra"] == 0
+
+
+def test_label_numbers_in_the_billions_score_as_their_renumbered_cells():
+    truth = np.zeros((20, 20), np.int64)
+    truth[2:8, 2:8], truth[10:18, 10:18] = 1, 2
+    predicted = np.zeros_like(truth)
+    predicted[2:8, 3:8], predicted[0:2, 0:2] = 1, 2
+    expected = instance_scores(predicted, truth)
+    big = instance_scores(predicted * 3_000_000_000, truth * 4_000_000_000)
+    assert big == expected and (expected["tp"], expected["fp"], expected["fn"]) == (1, 1, 1)
 
 
 def test_summary_pools_counts_and_takes_the_median_count_error():
