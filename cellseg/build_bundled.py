@@ -97,7 +97,7 @@ def nuclei_training_data(data: Path, outcome: TrainOutcome) -> dict[str, Any]:
     """What the card says about the DSB2018 training data: source, licence, counts, cell sizes."""
     diameters, nuclei = [], 0
     for pair in pair_images_and_masks(str(data / "images"), str(data / "labels")):
-        labels = instance_labels(decode_image(read_bytes(pair.mask_url), pair.mask_url))
+        labels = instance_labels(decode_image(read_bytes(pair.mask_url), pair.mask_url), pair.mask_url)
         if labels is None:
             continue
         nuclei += len(np.unique(labels)) - 1

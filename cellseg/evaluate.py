@@ -11,7 +11,7 @@ import numpy as np
 from cellseg.config import DEFAULT_CENTRE_PROMINENCE, PredictConfig
 from cellseg.io import StorageOptions, binarize_mask, list_images, read_image
 from cellseg.metrics import MetricAccumulator, ThresholdSweep, confusion_counts
-from cellseg.pairs import LoadedPair, index_by_stem, instance_labels, numbered_cells
+from cellseg.pairs import LoadedPair, index_by_stem, instance_labels, label_image
 from cellseg.postprocess import CellMaps, cell_labels
 from cellseg.scoring import (
     instance_scores,
@@ -95,11 +95,11 @@ def evaluate_store(
                 raise StoreError(f"no ground-truth label image for '{image_id}' under '{labels_url}'")
             labels = read_image(true_labels[image_id], storage_options)
             if labels.dtype.kind in "iu":
-                labels = numbered_cells(labels)
+                labels = label_image(labels, true_labels[image_id])
             if labels.shape != truth.shape:
                 raise StoreError(f"label image '{true_labels[image_id]}' is {labels.shape}, its mask {truth.shape}")
         else:
-            labels = instance_labels(decoded)
+            labels = instance_labels(decoded, truths[image_id])
         if labels is not None:
             row.update({f"instance_{key}": value for key, value in instance_scores(cells, labels).items()})
         row.update(region_scores(cells, truth_regions(truth) if labels is None else labels))

@@ -331,3 +331,24 @@ def test_the_decision_is_recorded_in_the_checkpoint_and_used_unless_overridden(t
     forced = Predictor.from_checkpoint(str(tmp_path / "kept-whole.pt"), PredictConfig(
         device="cpu", split_touching=True, threshold=0.6, centre_prominence=0.05)).config
     assert forced.split_touching is True and forced.threshold == 0.6 and forced.centre_prominence == 0.05
+
+
+@pytest.mark.parametrize("flag", ["--masks", "--labels"])
+def test_a_microscope_image_given_as_truth_is_refused_naming_it(tmp_path, capsys, flag):
+    from PIL import Image
+
+    from cellseg.cli import main
+    from cellseg.synth import generate_sample
+
+    sample = generate_sample(np.random.default_rng(1), (64, 64), bit_depth=16)
+    store = ResultStore.open(str(tmp_path / "results.zarr"))
+    store.write_result("x", sample.mask, {}, "x.png", {"version": "v1"})
+    for folder, truth in (("labels", sample.labels), ("raw", sample.image), ("binary", sample.mask.astype(np.uint8) * 255)):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(truth).save(tmp_path / folder / "x.png")
+    masks = str(tmp_path / ("raw" if flag == "--masks" else "binary"))
+    given = ["--labels", str(tmp_path / "raw")] if flag == "--labels" else []
+    assert main(["evaluate", "--pred", store.url, "--masks", masks, *given]) == 2
+    assert f"'{tmp_path / 'raw' / 'x.png'}' is not a label image" in capsys.readouterr().err
+    scored = evaluate_store(store, str(tmp_path / "binary"), labels_url=str(tmp_path / "labels"))
+    assert scored["instances"]["true_cells_total"] == len(np.unique(sample.labels)) - 1  # real labels are scored

@@ -190,6 +190,42 @@ def test_load_pair_size_mismatch_names_both_files_and_sizes(tmp_path):
     assert f"image '{image_path}' is 32x30" in message
 
 
+def test_a_mask_with_the_pixels_of_its_image_is_refused_naming_both(tmp_path, capsys):
+    """`--masks` pointed at the image folder used to train on each image as its own mask, silently."""
+    import tifffile
+
+    from cellseg.cli import main
+
+    root = make_dataset(tmp_path)
+    image_path = root / "images" / "a.png"
+    with pytest.raises(DatasetError, match=f"mask '{image_path}' holds the same pixels as its image '{image_path}'"):
+        load_pair(ImagePair("a", str(image_path), str(image_path)), KEEP)
+    as_tiff = tmp_path / "a.tif"  # the same pixels in other bytes
+    tifffile.imwrite(as_tiff, np.asarray(Image.open(image_path)))
+    with pytest.raises(DatasetError, match="holds the same pixels"):
+        load_pair(ImagePair("a", str(image_path), str(as_tiff)), KEEP)
+    load_pair(ImagePair("a", str(image_path), str(root / "masks" / "a.png")), KEEP)  # its own mask is fine
+
+    images = str(root / "images")
+    assert main(["train", "--images", images, "--masks", images, "--out", str(tmp_path / "run"), "--from-scratch"]) == 2
+    assert "are the masks the image folder?" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_a_microscope_image_read_as_a_label_image_is_refused_naming_it(tmp_path):
+    """A 16-bit mask is read as instance labels; a 16-bit image in its place made a 'cell' of every
+    grey level, and training went on."""
+    from cellseg.synth import generate_sample
+
+    sample = generate_sample(np.random.default_rng(0), (96, 96), bit_depth=16)
+    image = write_png(tmp_path / "image.png", (sample.image >> 8).astype(np.uint8))
+    labels = write_png(tmp_path / "labels.png", sample.labels)
+    np.testing.assert_array_equal(load_pair(ImagePair("x", str(image), str(labels)), KEEP).instances, sample.labels)
+    not_labels = write_png(tmp_path / "raw.png", sample.image)
+    with pytest.raises(DatasetError, match=rf"'{not_labels}' is not a label image: \d+% of its labelled pixels lie in specks"):
+        load_pair(ImagePair("x", str(image), str(not_labels)), KEEP)
+
+
 # --- normalisation ------------------------------------------------------------------------
 
 
