@@ -256,7 +256,7 @@ def train(
         start = {f"val_{name}": value for name, value in
                  evaluate_model(model, val_pairs, device, config.threshold, config.amp).items()}
         logger.info(_format_record({"epoch": 0, **start, "seconds": time.monotonic() - scored}, config.epochs)
-                    + ": the starting weights")
+                    + ": the starting weights, scored as every epoch is")
         if math.isfinite(start[monitor_key]):
             start_metrics = best_metrics = start
             best_score = start[monitor_key]
