@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 from skimage import measure
 
 from cellseg.appearance import image_appearance
@@ -168,12 +169,23 @@ def instance_labels(decoded_mask: np.ndarray, url: str) -> np.ndarray | None:
     """Cell labels of a mask file that is an instance label image (`label_image`), else None.
 
     Integer images of 16 bits or more are label images (as cellpose, StarDist and the DSB2018
-    annotations store them); 8-bit masks are read as binary, since a compressed or resampled
-    0/255 mask has stray grey values that are not cells.
+    annotations store them), unless one value covers several separate regions: a binary mask
+    saved in 16 bits (0/1 or 0/65535, as ImageJ and MATLAB write them). 8-bit masks are read as
+    binary, since a compressed or resampled 0/255 mask has stray grey values that are not cells.
     """
-    if decoded_mask.dtype.kind in "iu" and decoded_mask.dtype.itemsize >= 2:
+    if decoded_mask.dtype.kind in "iu" and decoded_mask.dtype.itemsize >= 2 and not one_value_in_pieces(decoded_mask):
         return label_image(decoded_mask, url)
     return None
+
+
+def one_value_in_pieces(labels: np.ndarray) -> int:
+    """How many separate regions the labelled pixels form when they all hold one value (a binary
+    mask); 0 when they hold several values or form one region."""
+    labelled = labels[labels > 0]
+    if labelled.size == 0 or labelled.min() != labelled.max():
+        return 0
+    regions = int(ndimage.label(labels > 0)[1])
+    return regions if regions > 1 else 0
 
 
 # A cell of a label image is a region of one value; a microscope image read as labels is mostly
@@ -187,7 +199,11 @@ SPECKS_JUDGED = 50
 
 def label_image(labels: np.ndarray, url: str) -> np.ndarray:
     """`numbered_cells` of the integer label image read from `url`; a DatasetError naming the file
-    when its cells are mostly specks, as when an image is given as its own mask."""
+    when it is a binary mask (`one_value_in_pieces`) or its cells are mostly specks, as when an
+    image is given as its own mask."""
+    if regions := one_value_in_pieces(labels):
+        raise DatasetError(f"'{redact_url(url)}' is not a label image: its {regions} separate regions all hold one "
+                           "value, as in a binary mask; give label images (one value per cell) or binary masks as masks")
     cells = numbered_cells(labels)
     specks, share = speck_share(cells)
     if specks >= SPECKS_JUDGED and share > MAX_SPECK_SHARE:

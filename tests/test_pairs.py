@@ -18,6 +18,7 @@ from cellseg.pairs import (
     DatasetError,
     ImagePair,
     LoadedPair,
+    label_image,
     load_pair,
     load_pairs,
     manifest_hash,
@@ -224,6 +225,25 @@ def test_a_microscope_image_read_as_a_label_image_is_refused_naming_it(tmp_path)
     not_labels = write_png(tmp_path / "raw.png", sample.image)
     with pytest.raises(DatasetError, match=rf"'{not_labels}' is not a label image: \d+% of its labelled pixels lie in specks"):
         load_pair(ImagePair("x", str(image), str(not_labels)), KEEP)
+
+
+@pytest.mark.parametrize("on", [1, 65535])
+def test_a_sixteen_bit_binary_mask_is_read_as_binary_not_as_one_cell(tmp_path, on):
+    """ImageJ and MATLAB save binary masks in 16 bits: read as a label image, all its cells were one
+    'cell' whose size made training shrink the images (median diameter 62 px for nuclei of 16)."""
+    cells = np.zeros((40, 40), np.uint16)
+    cells[2:10, 2:10], cells[15:25, 15:25], cells[30:38, 2:12] = 1, 2, 3
+    image = write_png(tmp_path / "image.png", (cells * 60).astype(np.uint8))
+    binary = write_png(tmp_path / "binary.png", ((cells > 0) * on).astype(np.uint16))
+    loaded = load_pair(ImagePair("x", str(image), str(binary)), KEEP)
+    assert loaded.instances is None
+    np.testing.assert_array_equal(loaded.mask, cells > 0)
+    one_cell = write_png(tmp_path / "one.png", ((cells == 2) * on).astype(np.uint16))  # one region: one cell
+    instances = load_pair(ImagePair("x", str(image), str(one_cell)), KEEP).instances
+    assert instances is not None and len(np.unique(instances)) == 2
+    np.testing.assert_array_equal(instances > 0, cells == 2)
+    with pytest.raises(DatasetError, match=rf"'{binary}' is not a label image: its 3 separate regions all hold one value"):
+        label_image(np.asarray(Image.open(binary)), str(binary))  # as `evaluate --labels` reads it
 
 
 # --- normalisation ------------------------------------------------------------------------
