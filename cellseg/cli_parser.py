@@ -300,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = _command(commands, "evaluate", "evaluate", help="score a results store against ground-truth masks")
     evaluate.add_argument("--pred", required=True, help="zarr results store URL")
     evaluate.add_argument("--masks", required=True,
-                          help="directory URL of ground-truth masks: binary, or instance label images (integers of "
-                               "16 bits or more, as train reads them), which give the cell scores too")
+                          help="directory URL of ground-truth masks: binary, or instance label images (one integer "
+                               "per cell, as train reads them), which give the cell scores too")
     evaluate.add_argument("--labels", help="directory URL of ground-truth instance label images (one value per cell): "
                                            "adds F1 at IoU 0.5, the DSB2018 score and the cell count error")
     evaluate.add_argument("--json", action="store_true", help="print the full result as JSON")
@@ -398,5 +398,5 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_pairs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, help="directory URL of images")
     parser.add_argument("--masks", required=True,
-                        help="directory URL of masks (same file stems): binary masks, or 16-bit instance label "
-                             "images, which teach the model to keep touching cells apart")
+                        help="directory URL of masks (same file stems): binary masks, or instance label "
+                             "images (one integer per cell), which teach the model to keep touching cells apart")

@@ -32,7 +32,7 @@ def evaluate_store(
 ) -> dict[str, Any]:
     """Pixel metrics of every done image that has a ground-truth mask of the same stem, and with
     `labels_url` (ground-truth instance label images) cell-level metrics too. Without it, masks
-    that are themselves label images (integers of 16 bits or more, as `train` reads them:
+    that are themselves label images (one integer per cell, as `train` reads them:
     `cellseg.pairs.instance_labels`) are the labels.
 
     Returns {"images", "labelled_images", "mean", "pooled", "pixel_error", "regions", "per_image",

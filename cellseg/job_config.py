@@ -32,7 +32,7 @@ class TrainJob(_Job):
     """A training run: where the pairs are, where the model goes, and the model and training configs."""
 
     images_url: Url = Field(description="directory URL of the images")
-    masks_url: Url = Field(description="directory URL of the masks or 16-bit instance label images (same stems)")
+    masks_url: Url = Field(description="directory URL of the masks or instance label images (same stems)")
     registry_url: Url = Field(DEFAULT_REGISTRY_URL, description="model registry URL, shared by every worker")
     cache_dir: str = Field(DEFAULT_CACHE_DIR, min_length=1, description="local content-addressed dataset cache")
     work_dir: str = Field(DEFAULT_TRAINING_DIR, min_length=1, description="local directory for training runs")

@@ -352,3 +352,19 @@ def test_a_microscope_image_given_as_truth_is_refused_naming_it(tmp_path, capsys
     assert f"'{tmp_path / 'raw' / 'x.png'}' is not a label image" in capsys.readouterr().err
     scored = evaluate_store(store, str(tmp_path / "binary"), labels_url=str(tmp_path / "labels"))
     assert scored["instances"]["true_cells_total"] == len(np.unique(sample.labels)) - 1  # real labels are scored
+
+
+def test_eight_bit_label_images_as_masks_give_the_cell_scores(tmp_path):
+    from PIL import Image
+
+    from cellseg.synth import generate_sample
+
+    sample = generate_sample(np.random.default_rng(2), (64, 64))
+    store = ResultStore.open(str(tmp_path / "results.zarr"))
+    store.write_result("x", sample.mask, {}, "x.png", {"version": "v1"})
+    for folder, dtype in (("labels8", np.uint8), ("labels16", np.uint16)):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(sample.labels.astype(dtype)).save(tmp_path / folder / "x.png")
+    eight, sixteen = (evaluate_store(store, str(tmp_path / folder)) for folder in ("labels8", "labels16"))
+    assert eight["labelled_images"] == 1 and eight["instances"] == sixteen["instances"]
+    assert eight["instances"]["true_cells_total"] == len(np.unique(sample.labels)) - 1

@@ -246,6 +246,22 @@ def test_a_sixteen_bit_binary_mask_is_read_as_binary_not_as_one_cell(tmp_path, o
         label_image(np.asarray(Image.open(binary)), str(binary))  # as `evaluate --labels` reads it
 
 
+def test_an_eight_bit_label_image_is_read_as_labels_and_a_compressed_binary_mask_as_binary(tmp_path):
+    """8-bit masks were always binary: a label image of under 256 cells saved in 8 bits lost its
+    cells. Its grey levels are regions; a JPEG'd 0/255 mask's stray grey levels are specks."""
+    from cellseg.synth import generate_sample
+
+    sample = generate_sample(np.random.default_rng(4), (96, 96))
+    assert 3 <= sample.labels.max() < 256
+    image = write_png(tmp_path / "image.png", sample.image)
+    labels = write_png(tmp_path / "labels.png", sample.labels.astype(np.uint8))
+    np.testing.assert_array_equal(load_pair(ImagePair("x", str(image), str(labels)), KEEP).instances, sample.labels)
+    jpeg = tmp_path / "mask.jpg"
+    Image.fromarray(sample.mask.astype(np.uint8) * 255).save(jpeg, quality=75)
+    compressed = load_pair(ImagePair("x", str(image), str(jpeg)), KEEP)
+    assert len(np.unique(np.asarray(Image.open(jpeg)))) > 3 and compressed.instances is None
+
+
 # --- normalisation ------------------------------------------------------------------------
 
 
