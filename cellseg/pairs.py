@@ -192,6 +192,7 @@ EIGHT_BIT_REGIONS_PER_LEVEL = 1.5
 def labels_in_eight_bits(mask: np.ndarray) -> bool:
     """Whether an 8-bit mask is a label image: its grey levels are cells, each one region (see
     EIGHT_BIT_REGIONS_PER_LEVEL), rather than the 0/255 of a binary mask and its stray values."""
+    mask = judged_window(mask)
     counts = np.bincount(mask.ravel(), minlength=256)[1:]
     levels = int(np.count_nonzero(counts))
     if levels < EIGHT_BIT_LABEL_LEVELS or counts.max() * 2 >= counts.sum():
@@ -240,6 +241,7 @@ def label_image(labels: np.ndarray, url: str) -> np.ndarray:
 def speck_share(labels: np.ndarray) -> tuple[int, float]:
     """The specks of a label image (4-connected regions of one non-zero value smaller than
     SPECK_PIXELS pixels): how many, and their share of the labelled pixels."""
+    labels = judged_window(labels)
     labelled = int(np.count_nonzero(labels))
     if not labelled:
         return 0, 0.0
@@ -248,6 +250,16 @@ def speck_share(labels: np.ndarray) -> tuple[int, float]:
     small = sizes < SPECK_PIXELS
     small[0] = False
     return int(np.count_nonzero(small)), float(sizes[small].sum() / labelled)
+
+
+JUDGED_SIDE = 2048  # what a mask is, is judged on its central window of at most this side
+
+
+def judged_window(mask: np.ndarray) -> np.ndarray:
+    """The central JUDGED_SIDE x JUDGED_SIDE window of a mask (all of a smaller one): judging its
+    regions then takes bounded memory, whatever the mask's size."""
+    top, left = (max(0, (side - JUDGED_SIDE) // 2) for side in mask.shape[:2])
+    return mask[top:top + JUDGED_SIDE, left:left + JUDGED_SIDE]
 
 
 def numbered_cells(labels: np.ndarray) -> np.ndarray:
