@@ -42,6 +42,7 @@ from cellseg.evaluate import choose_postprocessing, validation_cell_scores
 from cellseg.formats import list_sources
 from cellseg.infer import Predictor
 from cellseg.job_config import SegmentJob, TrainJob, TuneJob, with_settings
+from cellseg.model import UNet
 from cellseg.model_source import ModelSource, shared_predictor
 from cellseg.pairs import ImagePair, LoadedPair, load_pairs, manifest_hash, pair_images_and_masks, split_train_val
 from cellseg.redact import redact_text, redact_url
@@ -159,7 +160,7 @@ def run_training(
         raise RunFolderError(f"cannot create the training folder '{out}' ({error.strerror or error})") from error
     dataset_hash = _write_manifest(out, loaded_train, loaded_val)
     result = train(loaded_train, loaded_val, out, model_config, training, dataset_hash, resume=resume, on_epoch=on_epoch)
-    checkpoint = finish_checkpoint(str(result.best_checkpoint), job, loaded_train, loaded_val)
+    checkpoint = finish_checkpoint(str(result.best_checkpoint), job, loaded_train, loaded_val, training.init_from)
     predictor = Predictor(checkpoint, job.predict.model_copy(update={"device": training.device}))
     cells = validation_cell_scores(predictor, loaded_val)
     pictures = training_pictures(out, result.history, loaded_val, predictor, start=result.start_metrics)
@@ -195,12 +196,15 @@ def check_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
 
 
 def finish_checkpoint(
-    checkpoint_url: str, job: TrainJob, train_pairs: Sequence[LoadedPair], val_pairs: Sequence[LoadedPair]
+    checkpoint_url: str, job: TrainJob, train_pairs: Sequence[LoadedPair], val_pairs: Sequence[LoadedPair],
+    start_checkpoint: str | None = None,
 ) -> Checkpoint:
     """Record in the trained checkpoint what prediction needs beyond the weights, and return it:
 
-    - for a model at a cell size, its size model (`cellseg.size_model`), fitted on the training
-      images shown at random magnifications;
+    - for a model at a cell size, its size model (`cellseg.size_model`): fitted on the training
+      images shown at random magnifications or, for a model fine-tuned from `start_checkpoint`,
+      that model's own size model where it reads the validation images' cell sizes better (a few
+      images fit a poor one: `choose_size_model`);
     - whether `predict` separates touching cells by default, its probability threshold and, for a
       model with a distance map, how prominent a centre must be (`choose_postprocessing` on the
       validation images, unless `job.predict` says them).
@@ -209,23 +213,50 @@ def finish_checkpoint(
     device = resolve_device(job.training.device)
     if checkpoint.model_config.cell_diameter is not None:
         model = checkpoint.inference_model(device)
+        candidates: dict[str, dict[str, Any]] = {}
         examples = size_examples(train_pairs, network_features(model, device, job.training.amp), job.training.seed)
-        if len(examples[1]) < MIN_EXAMPLES:
+        images = len(examples[1]) // MAGNIFICATIONS
+        if len(examples[1]) >= MIN_EXAMPLES:
+            candidates[f"the one fitted on {images} training images"] = fit_size_model(*examples, seed=job.training.seed).to_dict()
+        if start_checkpoint and (start := load_checkpoint(start_checkpoint)).size_model is not None \
+                and start.model_config == checkpoint.model_config:
+            candidates["the starting model's"] = start.size_model
+        if not candidates:
             logger.warning("%d training images with cells are too few for a size model: the cell size of each "
-                           "image will be measured by first passes", len(examples[1]) // MAGNIFICATIONS)
+                           "image will be measured by first passes", images)
         else:
-            checkpoint.size_model = fit_size_model(*examples, seed=job.training.seed).to_dict()
-        held_out = list(magnified_examples(val_pairs, job.training.seed + 1, magnifications=1))
-        if checkpoint.size_model is not None and held_out:
-            estimate = size_estimates(SizeModel.from_dict(checkpoint.size_model),
-                                      batched_network_features(model, device, job.training.amp),
-                                      float(checkpoint.model_config.cell_diameter))
-            errors = np.abs([estimate([image])[0] / np.exp(target) - 1 for image, target in held_out])
-            logger.info("size model (%d examples): validation images' cell size within 25%% on %.0f%%, median error %.0f%%",
-                        len(examples[1]), 100 * np.mean(errors <= 0.25), 100 * np.median(errors))
+            checkpoint.size_model = choose_size_model(candidates, model, float(checkpoint.model_config.cell_diameter), job,
+                                                      val_pairs)
     decide_postprocessing(checkpoint, job.predict, val_pairs, job.training.device)
     save_checkpoint(checkpoint, checkpoint_url)
     return checkpoint
+
+
+def choose_size_model(
+    candidates: dict[str, dict[str, Any]], model: UNet, model_diameter: float, job: TrainJob,
+    val_pairs: Sequence[LoadedPair],
+) -> dict[str, Any]:
+    """Of the named size models, the one that reads the validation images' median cell size
+    best (each image at one random magnification; most within 25%, then the lowest median error),
+    logged with how each did; the first without validation images."""
+    held_out = list(magnified_examples(val_pairs, job.training.seed + 1, magnifications=1))
+    if not held_out:
+        return next(iter(candidates.values()))
+    device = resolve_device(job.training.device)
+    features = batched_network_features(model, device, job.training.amp)
+    scores = {}
+    for name, size_model in candidates.items():
+        estimate = size_estimates(SizeModel.from_dict(size_model), features, model_diameter)
+        errors = np.abs([estimate([image])[0] / np.exp(target) - 1 for image, target in held_out])
+        scores[name] = (float(np.mean(errors <= 0.25)), -float(np.median(errors)))
+    chosen = max(scores, key=lambda name: scores[name])
+
+    def scored(name: str) -> str:
+        within, error = scores[name]
+        return f"{name}: validation images' cell size within 25% on {100 * within:.0f}%, median error {-100 * error:.0f}%"
+
+    logger.info("size model, %s", "; not ".join(scored(name) for name in sorted(scores, key=lambda name: name != chosen)))
+    return candidates[chosen]
 
 
 def decide_postprocessing(

@@ -153,7 +153,8 @@ def test_the_nuclei_recipe_trains_on_labelled_images_at_their_cell_size(tmp_path
         outcome = build_nuclei(tmp_path / "out", recipe)
     checkpoint = load_checkpoint(str(outcome.best_checkpoint))
     # the size model scored on the held-out images, read as prediction reads them
-    assert re.search(r"size model \(12 examples\): validation images' cell size within 25% on \d+%", caplog.text)
+    assert re.search(r"size model, the one fitted on 4 training images: validation images' cell size within 25% on \d+%",
+                     caplog.text)
     assert checkpoint.model_config.distance_map
     assert isinstance(checkpoint.model_config.cell_diameter, float)  # 'auto' decided from the labels
     assert outcome.cells["images"] == 2  # validation scored at cell level

@@ -117,3 +117,52 @@ def test_cells_far_from_the_model_size_are_read_again_at_the_scale_the_first_rea
     ratio = float(np.median(np.divide(estimates, true_diameters)))
     assert abs(np.log(ratio)) < abs(np.log(first_ratio)), (first_ratio, ratio)
     assert ratio == pytest.approx(1.0, abs=0.15), (first_ratio, ratio)
+
+
+def constant_size_model(features: int, diameter: float) -> dict:
+    """A size model that reads every image's cells as `diameter` pixels across."""
+    return {"coefficients": [0.0] * features, "intercept": float(np.log(diameter)), "feature_mean": [0.0] * features,
+            "feature_scale": [1.0] * features, "penalty": 10.0}
+
+
+def test_the_size_model_that_reads_the_validation_images_best_is_kept(tmp_path, caplog):
+    import logging
+
+    from cellseg.config import TrainConfig
+    from cellseg.job_config import TrainJob
+    from cellseg.jobs import choose_size_model
+    from cellseg.model import feature_count
+    from cellseg.pairs import load_pairs, pair_images_and_masks
+    from cellseg.synth import write_dataset
+
+    write_dataset(str(tmp_path / "data"), count=4, size=96, seed=2)
+    config = ModelConfig(depth=2, base_width=4, cell_diameter=19.0)
+    pairs = load_pairs(pair_images_and_masks(str(tmp_path / "data/images"), str(tmp_path / "data/labels")),
+                       config.normalization)
+    true = float(np.median([median_cell_diameter(pair.instances) for pair in pairs]))
+    near, far = constant_size_model(feature_count(config), true), constant_size_model(feature_count(config), 4 * true)
+    job = TrainJob(images_url="unused", masks_url="unused", model=config, training=TrainConfig(device="cpu"))
+    model = UNet(config).eval()
+    with caplog.at_level(logging.INFO, logger="cellseg"):
+        assert choose_size_model({"far": far, "near": near}, model, 19.0, job, pairs) == near
+        assert choose_size_model({"near": near, "far": far}, model, 19.0, job, pairs) == near
+    assert "size model, near: validation images' cell size within 25% on" in caplog.text and "; not far:" in caplog.text
+    assert choose_size_model({"far": far, "near": near}, model, 19.0, job, []) == far  # no validation: the first
+
+
+def test_fine_tuning_on_too_few_images_for_a_size_model_keeps_the_starting_models(tmp_path):
+    """Two training images fit no size model: the fine-tuned model used to lose its start's and
+    measure every image's cells by first passes."""
+    from cellseg.config import TrainConfig
+    from cellseg.job_config import TrainJob
+    from cellseg.jobs import run_training
+    from cellseg.synth import write_dataset
+    from tests.conftest import narrow_nuclei_checkpoint
+
+    start = narrow_nuclei_checkpoint(tmp_path / "start.pt")
+    write_dataset(str(tmp_path / "data"), count=3, size=64, seed=1)
+    job = TrainJob(images_url=str(tmp_path / "data/images"), masks_url=str(tmp_path / "data/labels"),
+                   training=TrainConfig(epochs=1, patch_size=48, device="cpu", val_fraction=0.34, init_from=str(start)))
+    outcome = run_training(job, tmp_path / "run")
+    assert outcome.train_images == 2
+    assert load_checkpoint(str(outcome.result.best_checkpoint)).size_model == load_checkpoint(str(start)).size_model
