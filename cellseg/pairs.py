@@ -150,7 +150,8 @@ def load_pair(pair: ImagePair, normalization: NormalizationConfig, storage_optio
     image = decode_image(image_bytes, pair.image_url)
     decoded_mask = decode_image(mask_bytes, pair.mask_url)
     check_same_size(pair.image_url, image.shape, pair.mask_url, decoded_mask.shape)
-    if np.array_equal(image, decoded_mask):
+    # A binary image that equals its mask is consistent; an image of grey levels is no mask.
+    if np.array_equal(image, decoded_mask) and np.unique(decoded_mask).size > 2:
         raise DatasetError(f"mask '{redact_url(pair.mask_url)}' holds the same pixels as its image "
                            f"'{redact_url(pair.image_url)}': are the masks the image folder?")
     return LoadedPair(

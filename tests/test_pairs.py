@@ -498,3 +498,14 @@ def test_manifest_hash_depends_on_content_not_location(tmp_path):
     for folder in ("images", "masks"):
         (renamed / folder / "c.png").rename(renamed / folder / "d.png")
     assert manifest_hash(load_dir(renamed)) != reference
+
+
+def test_a_binary_image_that_is_its_own_mask_is_accepted(tmp_path):
+    """Only an image of grey levels is refused as its own mask: a blank field with an empty mask,
+    or a binary image with the same binary mask, is consistent."""
+    blank = write_png(tmp_path / "blank.png", np.zeros((16, 16), np.uint8))
+    assert not load_pair(ImagePair("b", str(blank), str(blank)), KEEP).mask.any()
+    cells = np.zeros((16, 16), np.uint8)
+    cells[4:9, 4:9] = 255
+    binary = write_png(tmp_path / "binary.png", cells)
+    np.testing.assert_array_equal(load_pair(ImagePair("c", str(binary), str(binary)), KEEP).mask, cells > 0)
