@@ -154,6 +154,9 @@ def run_training(
     logger.info("loading %d image/mask pairs", len(pairs))
     loaded_train = load_pairs(train_pairs, model_config.normalization)
     loaded_val = load_pairs(val_pairs, model_config.normalization)
+    labelled = sum(pair.instances is not None for pair in loaded_train + loaded_val)
+    logger.info("masks read as %d instance label images (one value per cell) and %d binary masks",
+                labelled, len(pairs) - labelled)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -150,9 +150,11 @@ def test_the_size_model_that_reads_the_validation_images_best_is_kept(tmp_path, 
     assert choose_size_model({"far": far, "near": near}, model, 19.0, job, []) == far  # no validation: the first
 
 
-def test_fine_tuning_on_too_few_images_for_a_size_model_keeps_the_starting_models(tmp_path):
+def test_fine_tuning_on_too_few_images_for_a_size_model_keeps_the_starting_models(tmp_path, caplog):
     """Two training images fit no size model: the fine-tuned model used to lose its start's and
     measure every image's cells by first passes."""
+    import logging
+
     from cellseg.config import TrainConfig
     from cellseg.job_config import TrainJob
     from cellseg.jobs import run_training
@@ -163,6 +165,8 @@ def test_fine_tuning_on_too_few_images_for_a_size_model_keeps_the_starting_model
     write_dataset(str(tmp_path / "data"), count=3, size=64, seed=1)
     job = TrainJob(images_url=str(tmp_path / "data/images"), masks_url=str(tmp_path / "data/labels"),
                    training=TrainConfig(epochs=1, patch_size=48, device="cpu", val_fraction=0.34, init_from=str(start)))
-    outcome = run_training(job, tmp_path / "run")
+    with caplog.at_level(logging.INFO, logger="cellseg"):
+        outcome = run_training(job, tmp_path / "run")
+    assert "masks read as 3 instance label images (one value per cell) and 0 binary masks" in caplog.text
     assert outcome.train_images == 2
     assert load_checkpoint(str(outcome.result.best_checkpoint)).size_model == load_checkpoint(str(start)).size_model
