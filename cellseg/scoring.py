@@ -63,10 +63,6 @@ class Overlaps:
         union = self.predicted_area[self.predicted] + self.true_area[self.true] - self.shared
         return self.shared / union
 
-    def matched(self, threshold: float) -> np.ndarray:
-        """The pairs matched at IoU above `threshold` (from 0.5 up, a cell matches at most one other)."""
-        return self.iou > threshold
-
     def dense_iou(self) -> np.ndarray:
         """The IoU of every predicted with every true instance, as a P x T table."""
         table = np.zeros((len(self.predicted_area), len(self.true_area)))
@@ -133,9 +129,10 @@ def instance_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
     """
     overlaps = Overlaps.of(predicted, truth)
     n_pred, n_true = len(overlaps.predicted_area), len(overlaps.true_area)
+    iou = overlaps.iou
     per_threshold = {}
     for threshold in IOU_THRESHOLDS:
-        tp = len(np.unique(overlaps.predicted[overlaps.matched(threshold)]))
+        tp = len(np.unique(overlaps.predicted[iou > threshold]))
         per_threshold[threshold] = (tp, n_pred - tp, n_true - tp)
     tp, fp, fn = per_threshold[0.5]
     empty = n_pred == 0 and n_true == 0
