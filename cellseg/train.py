@@ -356,7 +356,6 @@ def train(
     return result
 
 
-
 def adam_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Adam:
     """Adam over `model`'s parameters at the config's learning rate and weight decay."""
     return torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
