@@ -178,8 +178,8 @@ def instance_labels(decoded_mask: np.ndarray, url: str) -> np.ndarray | None:
     if decoded_mask.dtype.kind not in "iu":
         return None
     if decoded_mask.dtype.itemsize >= 2:
-        return None if one_value_in_pieces(decoded_mask) else label_image(decoded_mask, url)
-    return label_image(decoded_mask, url) if labels_in_eight_bits(decoded_mask) else None
+        return None if one_value_in_pieces(decoded_mask) else _cells_not_specks(decoded_mask, url)
+    return _cells_not_specks(decoded_mask, url) if labels_in_eight_bits(decoded_mask) else None
 
 
 # An 8-bit mask whose grey levels are cells: at least 3 of them, forming at most 1.5 regions per
@@ -228,6 +228,11 @@ def label_image(labels: np.ndarray, url: str) -> np.ndarray:
     if regions := one_value_in_pieces(labels):
         raise DatasetError(f"'{redact_url(url)}' is not a label image: its {regions} separate regions all hold one "
                            "value, as in a binary mask; give label images (one value per cell) or binary masks as masks")
+    return _cells_not_specks(labels, url)
+
+
+def _cells_not_specks(labels: np.ndarray, url: str) -> np.ndarray:
+    """`numbered_cells` of a label image; a DatasetError naming it when its cells are mostly specks."""
     cells = numbered_cells(labels)
     specks, share = speck_share(cells)
     if specks >= SPECKS_JUDGED and share > MAX_SPECK_SHARE:
