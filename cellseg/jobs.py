@@ -42,7 +42,6 @@ from cellseg.evaluate import choose_postprocessing, validation_cell_scores
 from cellseg.formats import list_sources
 from cellseg.infer import Predictor
 from cellseg.job_config import SegmentJob, TrainJob, TuneJob, with_settings
-from cellseg.model import UNet
 from cellseg.model_source import ModelSource, shared_predictor
 from cellseg.pairs import ImagePair, LoadedPair, load_pairs, manifest_hash, pair_images_and_masks, split_train_val
 from cellseg.redact import redact_text, redact_url
@@ -228,25 +227,25 @@ def finish_checkpoint(
             logger.warning("%d training images with cells are too few for a size model: the cell size of each "
                            "image will be measured by first passes", images)
         else:
-            checkpoint.size_model = choose_size_model(candidates, model, float(checkpoint.model_config.cell_diameter), job,
-                                                      val_pairs)
+            checkpoint.size_model = choose_size_model(
+                candidates, batched_network_features(model, device, job.training.amp),
+                float(checkpoint.model_config.cell_diameter), val_pairs, job.training.seed)
     decide_postprocessing(checkpoint, job.predict, val_pairs, job.training.device)
     save_checkpoint(checkpoint, checkpoint_url)
     return checkpoint
 
 
 def choose_size_model(
-    candidates: dict[str, dict[str, Any]], model: UNet, model_diameter: float, job: TrainJob,
-    val_pairs: Sequence[LoadedPair],
+    candidates: dict[str, dict[str, Any]], features: Callable[[Sequence[np.ndarray]], np.ndarray],
+    model_diameter: float, val_pairs: Sequence[LoadedPair], seed: int,
 ) -> dict[str, Any]:
     """Of the named size models, the one that reads the validation images' median cell size
-    best (each image at one random magnification; most within 25%, then the lowest median error),
-    logged with how each did; the first without validation images."""
-    held_out = list(magnified_examples(val_pairs, job.training.seed + 1, magnifications=1))
+    best from the network's `features` (each image at one random magnification drawn from
+    `seed`; most within 25%, then the lowest median error), logged with how each did; the first
+    without validation images."""
+    held_out = list(magnified_examples(val_pairs, seed + 1, magnifications=1))
     if not held_out:
         return next(iter(candidates.values()))
-    device = resolve_device(job.training.device)
-    features = batched_network_features(model, device, job.training.amp)
     scores = {}
     for name, size_model in candidates.items():
         estimate = size_estimates(SizeModel.from_dict(size_model), features, model_diameter)

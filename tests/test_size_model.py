@@ -128,8 +128,6 @@ def constant_size_model(features: int, diameter: float) -> dict:
 def test_the_size_model_that_reads_the_validation_images_best_is_kept(tmp_path, caplog):
     import logging
 
-    from cellseg.config import TrainConfig
-    from cellseg.job_config import TrainJob
     from cellseg.jobs import choose_size_model
     from cellseg.model import feature_count
     from cellseg.pairs import load_pairs, pair_images_and_masks
@@ -141,13 +139,12 @@ def test_the_size_model_that_reads_the_validation_images_best_is_kept(tmp_path, 
                        config.normalization)
     true = float(np.median([median_cell_diameter(pair.instances) for pair in pairs]))
     near, far = constant_size_model(feature_count(config), true), constant_size_model(feature_count(config), 4 * true)
-    job = TrainJob(images_url="unused", masks_url="unused", model=config, training=TrainConfig(device="cpu"))
-    model = UNet(config).eval()
+    features = batched_network_features(UNet(config).eval(), torch.device("cpu"))
     with caplog.at_level(logging.INFO, logger="cellseg"):
-        assert choose_size_model({"far": far, "near": near}, model, 19.0, job, pairs) == near
-        assert choose_size_model({"near": near, "far": far}, model, 19.0, job, pairs) == near
+        assert choose_size_model({"far": far, "near": near}, features, 19.0, pairs, seed=0) == near
+        assert choose_size_model({"near": near, "far": far}, features, 19.0, pairs, seed=0) == near
     assert "size model, near: validation images' cell size within 25% on" in caplog.text and "; not far:" in caplog.text
-    assert choose_size_model({"far": far, "near": near}, model, 19.0, job, []) == far  # no validation: the first
+    assert choose_size_model({"far": far, "near": near}, features, 19.0, [], seed=0) == far  # no validation: the first
 
 
 def test_fine_tuning_on_too_few_images_for_a_size_model_keeps_the_starting_models(tmp_path, caplog):
