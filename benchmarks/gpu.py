@@ -34,7 +34,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +44,7 @@ from cellseg.bundled import shipped_checkpoint
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import PredictConfig
 from cellseg.infer import Predictor, forward_probabilities
-from cellseg.jobs import SegmentJob, pin_model, plan_segmentation, run_segmentation, segment_shard
+from cellseg.jobs import SegmentJob, run_segmentation
 from cellseg.runtime import CompiledByShape, autocast_context, cpu_has_native_bf16, synchronize
 from cellseg.synth import encode_png, generate_sample
 
@@ -185,26 +184,18 @@ def _image_folder(folder: Path, pool: list[Path], count: int) -> str:
 def _segment(work: Path, name: str, pool: list[Path], count: int, model: str, predict: PredictConfig,
              parallel_shards: int = 1) -> dict:
     """One pass of the library's segmentation recipe over `count` images; wall and CPU time, finish
-    times. With `parallel_shards` > 1 the images are planned into shards and run that many at a
-    time on threads, each shard beside the others, as the segment-images flow's thread pool runs
-    them (`cellseg.jobs.segment_shard`, without Prefect); with 1, `run_segmentation` in one shard."""
+    times. With `parallel_shards` > 1 the images are cut into that many shards, run side by side on
+    threads (`cellseg.jobs.run_segmentation`, as `cellseg predict` and the segment-images flow's
+    thread pool run them); with 1, in one loop."""
     source = _image_folder(work / f"{name}-images", pool, count)
     job = SegmentJob(source_url=source, store_url=str(work / f"{name}.zarr"), registry_url=str(work / "registry"),
                      model_version=model, predict=predict, max_parallel_shards=parallel_shards,
                      shard_size=max(1, math.ceil(count / parallel_shards)))
     finished: list[float] = []
     cpu, started = time.process_time(), time.perf_counter()
-    if parallel_shards == 1:
-        reports = [run_segmentation(job, on_image=lambda _: finished.append(time.perf_counter()))]
-    else:
-        job = pin_model(job)
-        with ThreadPoolExecutor(parallel_shards) as shards:
-            reports = list(shards.map(lambda shard: segment_shard(
-                job, shard, lambda _: finished.append(time.perf_counter()), beside_others=True),
-                plan_segmentation(job).shards))
+    report = run_segmentation(job, on_image=lambda _: finished.append(time.perf_counter()))
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
-    done = sum(len(report.done) for report in reports)
-    failed = [failure for report in reports for failure in report.failed]
+    done, failed = len(report.done), report.failed
     if failed:
         raise RuntimeError(f"{len(failed)} images failed, first: {failed[0]}")
     return {"images": done, "seconds": wall, "images_per_second": done / wall,

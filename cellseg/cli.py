@@ -552,6 +552,13 @@ class TerminalSafeOutput:
         return getattr(self._stream, name)
 
 
+INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C (128 + SIGINT)
+INTERRUPTED_HINTS = {
+    "predict": "the images written so far are kept: run the same command again to segment the rest",
+    "train": "the last finished epoch is kept in last.pt: add --resume to continue from it",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     usage_errors = io.StringIO()
     try:
@@ -570,6 +577,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = COMMANDS[args.run](args)
         sys.stdout.flush()  # a reader that has gone (`| head -1`) shows up here, not at interpreter exit
         return status
+    except KeyboardInterrupt:
+        hint = INTERRUPTED_HINTS.get(args.command)
+        print(f"cellseg {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return INTERRUPTED
     except BrokenPipeError as error:
         if _stdout_reader_gone():
             # Python's advice: point stdout at devnull, so that the flush at exit cannot fail again.

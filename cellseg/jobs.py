@@ -15,9 +15,11 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -388,14 +390,15 @@ def large_images(images: Shard, job: SegmentJob) -> Shard:
 
 
 def segment_shard(job: SegmentJob, shard: Shard, on_image: Callable[[str], None] | None = None,
-                  beside_others: bool = False) -> SegmentReport:
+                  beside_others: bool = False, stop: threading.Event | None = None) -> SegmentReport:
     """Segment one shard into the store with the job's (pinned) model, loaded once per process.
 
     Images done meanwhile (by an earlier attempt, or another run on the same store) are skipped;
     bad images are recorded in the store and in the report, and the shard carries on.
     `beside_others`: the shard runs beside others in this process (a run's thread pool); without a
     thread count in the job, and off Dask (whose workers keep their own), it takes its share of
-    the process's cores before each batch (`cellseg.runtime.CoreShare`).
+    the process's cores before each batch (`cellseg.runtime.CoreShare`). Once `stop` is set, the
+    shard ends after writing the images it has predicted.
     """
     predictor = shared_predictor(model_source(job), job.predict)
     store = ResultStore.open(job.store_url)
@@ -403,9 +406,71 @@ def segment_shard(job: SegmentJob, shard: Shard, on_image: Callable[[str], None]
     remaining = [(image_id, url) for image_id, url in shard if image_id not in done_before]
     cores = SHARD_CORES if beside_others and job.dask_address is None else None
     report = segment_images(remaining, store, predictor, model_record(predictor, model_source(job).location()),
-                            on_image=on_image, cores=cores)
+                            on_image=on_image, cores=cores, stop=stop)
     report.skipped[:0] = sorted(done_before)
     return report
+
+
+STOP_GRACE = 30.0  # seconds an interrupted run waits for the images its shards have predicted to be written
+
+
+def segment_shards(job: SegmentJob, shards: Sequence[Shard], on_image: Callable[[str], None] | None = None,
+                   ) -> SegmentReport:
+    """Segment the shards in this process, `job.max_parallel_shards` at a time side by side, the
+    cores split between those running (`segment_shard(beside_others=True)`), as segment-images runs
+    them on its thread pool: two loops of one thread each keep two cores busier than one loop of
+    two threads (docs/performance.md, "`cellseg predict`'s shards side by side"). `on_image` is
+    called from one thread at a time.
+
+    When a shard fails, the others stop once the images they have predicted are written, and its
+    error is raised. When the caller is interrupted (Ctrl-C), the shards stop alike, and the
+    interrupt is raised once they have, or after STOP_GRACE seconds: a shard waiting on a read
+    that hangs is left behind (on a daemon thread), and an image it had not finished is redone by
+    the next run."""
+    if len(shards) <= 1 or job.max_parallel_shards == 1:
+        return segment_shard(job, [pair for shard in shards for pair in shard], on_image)
+    started = time.monotonic()
+    stop = threading.Event()
+    calling, taking = threading.Lock(), threading.Lock()
+    queued: deque[tuple[Shard, Future[SegmentReport]]] = deque((shard, Future()) for shard in shards)
+    futures = [future for _, future in queued]
+
+    def image_done(image_id: str) -> None:
+        if on_image is not None:
+            with calling:
+                on_image(image_id)
+
+    def run_shards() -> None:
+        while True:
+            with taking:
+                if stop.is_set() or not queued:
+                    return
+                shard, future = queued.popleft()
+            try:
+                future.set_result(segment_shard(job, shard, image_done, beside_others=True, stop=stop))
+            except BaseException as error:  # noqa: BLE001 - raised by the calling thread
+                stop.set()
+                future.set_exception(error)
+
+    threads = [threading.Thread(target=run_shards, name=f"cellseg-shard-{index}", daemon=True)
+               for index in range(min(job.max_parallel_shards, len(shards)))]
+    for thread in threads:
+        thread.start()
+    try:
+        # In short waits: the calling thread takes Ctrl-C only between them.
+        while not stop.is_set() and not all(future.done() for future in futures):
+            wait(futures, timeout=0.2, return_when=FIRST_EXCEPTION)
+    except BaseException:
+        stop.set()
+        give_up = time.monotonic() + STOP_GRACE
+        for thread in threads:
+            thread.join(max(0.0, give_up - time.monotonic()))
+        raise
+    for thread in threads:
+        thread.join()
+    if error := next((future.exception() for future in futures if future.done() and future.exception()), None):
+        raise error
+    return SegmentReport.combined([future.result() for future in futures], time.monotonic() - started)
 
 
 def run_segmentation(
@@ -425,7 +490,7 @@ def run_segmentation(
     plan = plan_segmentation(job, on_record)
     if on_plan is not None:
         on_plan(plan.pending)
-    report = segment_shard(job, [pair for shard in plan.shards for pair in shard], on_image)
+    report = segment_shards(job, plan.shards, on_image)
     for image_id, url in plan.large:
         large = LargeImage(with_block_threads(job), image_id, url).run(job.max_parallel_shards, on_block)
         report.done += large.done

@@ -67,6 +67,19 @@ class SegmentReport:
         for stage, spent in seconds.items():
             self.cpu_seconds[stage] = self.cpu_seconds.get(stage, 0.0) + spent
 
+    @classmethod
+    def combined(cls, reports: Sequence[SegmentReport], seconds: float) -> SegmentReport:
+        """One report of shards that ran side by side for `seconds` in all."""
+        total = cls(seconds=seconds)
+        for report in reports:
+            total.done += report.done
+            total.skipped += report.skipped
+            total.failed += report.failed
+            total.warnings += report.warnings
+            total.pixels += report.pixels
+            total.add_cpu(report.cpu_seconds)
+        return total
+
 
 # The stages whose CPU time a run counts, in the threads that run them: decoding images (reader
 # threads), the model (the calling thread: normalising, the forward pass, its maps), labelling
@@ -156,6 +169,7 @@ def segment_images(
     storage_options: StorageOptions = None,
     on_image: Callable[[str], None] | None = None,
     cores: CoreShare | None = None,
+    stop: threading.Event | None = None,
 ) -> SegmentReport:
     """Segment (id, url) pairs into `store`; an unreadable image is recorded as failed and skipped.
     The warnings of a done image (only page 0 of a multi-page file used, an image without
@@ -174,7 +188,8 @@ def segment_images(
     the next shard); with 0 (on CPU, where the cores run the model) one writer thread does it all.
 
     With `cores` and no thread count in the predictor's settings, the model's threads are this
-    loop's share of the process's cores, taken again before each call (`CoreShare`).
+    loop's share of the process's cores, taken again before each call (`CoreShare`). Once `stop` is
+    set, no more images are predicted: those predicted are written and the report lists them.
     """
     report = SegmentReport()
     started = time.monotonic()
@@ -240,7 +255,7 @@ def segment_images(
     labelling = shared_label_workers(predictor.postprocess_workers)
     with share as take_threads, ReadAhead(images, read, lambda result: result[0].nbytes, min_ahead=ahead) as reads, \
             ThreadPoolExecutor(max_workers=writers, thread_name_prefix="cellseg-write") as writer:
-        while not stopped:
+        while not stopped and not (stop is not None and stop.is_set()):
             call, unreadable = take_call(reads, predictor)
             if not call and not unreadable:
                 break

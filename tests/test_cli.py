@@ -6,8 +6,10 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -371,6 +373,39 @@ def test_flow_commands_start_their_own_server_without_telemetry_unless_told(give
                             env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-1] == enabled
+
+
+def test_ctrl_c_stops_predict_with_one_line_and_a_rerun_segments_the_rest(tmp_path, tiny_checkpoint):
+    from cellseg.synth import write_dataset
+
+    write_dataset(str(tmp_path / "data"), count=4, size=256, seed=5)
+    images = tmp_path / "images"
+    images.mkdir()
+    originals = sorted((tmp_path / "data/images").iterdir())
+    for index in range(300):  # seconds of work for the tiny model: time to be interrupted
+        os.link(originals[index % len(originals)], images / f"img_{index:04d}.png")
+    store = tmp_path / "out.zarr"
+    command = [str(Path(sys.executable).parent / "cellseg"), "predict", "--model", str(tiny_checkpoint),
+               "--images", str(images), "--out", str(store)]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CELLSEG_")}
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's Ctrl-C
+    deadline = time.monotonic() + 120
+    while run.poll() is None and time.monotonic() < deadline:  # interrupted once its first image is written
+        if (store / "zarr.json").exists() and ResultStore.open(str(store), mode="r").done_among(["img_0000"]):
+            break
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == ("cellseg predict: interrupted; the images written so far are kept: "
+                                               "run the same command again to segment the rest")
+    assert "Traceback" not in stderr and "segmented" not in stdout
+    written = len(ResultStore.open(str(store), mode="r").done_ids())
+    assert 0 < written < 300
+    assert cellseg("verify", str(store), "--read-data").returncode == 0
+    rerun = cellseg(*command[1:])
+    assert f"segmented {300 - written}, skipped {written} already done, failed 0" in rerun.stdout
 
 
 def test_predict_takes_one_image_file(tmp_path, tiny_checkpoint, synthetic_dataset):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import _thread
 import json
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,12 +20,14 @@ from cellseg.jobs import (
     model_source,
     pin_model,
     plan_segmentation,
+    STOP_GRACE,
     run_segmentation,
     run_training,
 )
 from cellseg.registry import Registry, RegistryError
 from cellseg.store import ResultStore
 from cellseg.synth import write_dataset
+from cellseg.verify import verify_store
 
 SMALL = ModelConfig(depth=2, base_width=4)
 QUICK = TrainConfig(epochs=2, patch_size=64, patches_per_image=1, device="cpu", max_minutes=None)
@@ -68,6 +74,78 @@ def test_run_segmentation_segments_once_and_skips_done_images(trained, tmp_path)
     assert record["model"]["checkpoint"] == job.checkpoint_url
     again = run_segmentation(job)
     assert again.done == [] and sorted(again.skipped) == sorted(report.done)
+
+
+def shard_job(trained, store: Path, **fields) -> SegmentJob:
+    _, outcome, root = trained
+    return SegmentJob(source_url=str(root / "data/images"), store_url=str(store), shard_size=2,
+                      checkpoint_url=str(outcome.best_checkpoint), predict=PredictConfig(threshold=0.4), **fields)
+
+
+def test_run_segmentation_runs_its_shards_side_by_side_and_reports_them_as_one(trained, tmp_path):
+    heard: list[tuple[str, str]] = []
+    inside: list[str] = []
+    overlapping: list[str] = []
+
+    def image_done(image_id: str) -> None:  # would overlap if two shard threads called it at once
+        if inside:
+            overlapping.append(image_id)
+        inside.append(image_id)
+        time.sleep(0.02)
+        heard.append((threading.current_thread().name, image_id))
+        inside.pop()
+
+    job = shard_job(trained, tmp_path / "side.zarr")
+    report = run_segmentation(job, on_image=image_done)
+    assert sorted(report.done) == sorted(image_id for _, image_id in heard) and len(report.done) == 8
+    assert {thread for thread, _ in heard} == {"cellseg-shard-0", "cellseg-shard-1"}  # four shards, two threads
+    assert overlapping == []
+    assert report.summary()["cpu_ms_per_image"]["model"] > 0 and report.pixels == 8 * 64 * 64
+    # The same results as one shard after another in the calling thread.
+    alone = run_segmentation(shard_job(trained, tmp_path / "alone.zarr", max_parallel_shards=1))
+    assert sorted(alone.done) == sorted(report.done)
+    side, one = ResultStore.open(job.store_url, mode="r"), ResultStore.open(str(tmp_path / "alone.zarr"), mode="r")
+    for image_id in report.done:
+        assert (side.read_mask(image_id) == one.read_mask(image_id)).mean() > 0.999
+
+
+def test_a_shard_that_fails_stops_the_others_and_its_error_is_raised(trained, tmp_path):
+    heard: list[str] = []
+
+    def image_done(image_id: str) -> None:
+        heard.append(image_id)
+        if len(heard) == 2:
+            raise RuntimeError("the caller's callback failed")
+
+    job = shard_job(trained, tmp_path / "s.zarr")
+    with pytest.raises(RuntimeError, match="callback failed"):
+        run_segmentation(job, on_image=image_done)
+    written = ResultStore.open(job.store_url, mode="r").done_among([f"synth_{index:04d}" for index in range(8)])
+    assert 2 <= len(written) < 8  # the other shard stopped, the queued ones never started
+    again = run_segmentation(job)
+    assert sorted(again.skipped) == sorted(written) and len(again.done) == 8 - len(written)
+
+
+def test_an_interrupted_run_stops_its_shards_and_keeps_what_they_wrote(trained, tmp_path):
+    job = shard_job(trained, tmp_path / "s.zarr")
+    heard: list[str] = []
+
+    def interrupt_at_the_second_image(image_id: str) -> None:
+        heard.append(image_id)
+        if len(heard) == 2:
+            _thread.interrupt_main()  # Ctrl-C, as the calling thread gets it
+            time.sleep(1.0)  # the other shard waits here to report its next image, as a slower one would
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_segmentation(job, on_image=interrupt_at_the_second_image)
+    assert time.monotonic() - started < STOP_GRACE
+    store = ResultStore.open(job.store_url, mode="r")
+    written = store.done_among([f"synth_{index:04d}" for index in range(8)])
+    assert 2 <= len(written) < 8 and set(heard) <= written
+    assert verify_store(job.store_url, read_data=True).broken == []
+    again = run_segmentation(job)
+    assert sorted(again.skipped) == sorted(written) and len(again.done) == 8 - len(written)
 
 
 def test_a_missing_model_fails_before_the_store_is_created(trained, tmp_path):
