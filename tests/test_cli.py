@@ -388,8 +388,12 @@ def test_ctrl_c_stops_predict_with_one_line_and_a_rerun_segments_the_rest(tmp_pa
     command = [str(Path(sys.executable).parent / "cellseg"), "predict", "--model", str(tiny_checkpoint),
                "--images", str(images), "--out", str(store)]
     env = {key: value for key, value in os.environ.items() if not key.startswith("CELLSEG_")}
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's Ctrl-C
+    # Started as from a shell, with Ctrl-C's signal handled by default even where this test's own
+    # process ignores it (as a test runner's worker may, and a child inherits).
+    as_from_a_shell = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                       "os.execv(sys.argv[1], sys.argv[1:])")
+    run = subprocess.Popen([sys.executable, "-c", as_from_a_shell, *command], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
     while run.poll() is None and time.monotonic() < deadline:  # interrupted once its first image is written
         if (store / "zarr.json").exists() and ResultStore.open(str(store), mode="r").done_among(["img_0000"]):

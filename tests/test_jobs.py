@@ -14,13 +14,13 @@ import pytest
 from cellseg.checkpoint import CheckpointError, load_checkpoint
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
 from cellseg.jobs import (
+    STOP_GRACE,
     SegmentJob,
     TrainJob,
     even_shards,
     model_source,
     pin_model,
     plan_segmentation,
-    STOP_GRACE,
     run_segmentation,
     run_training,
 )
