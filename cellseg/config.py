@@ -342,8 +342,9 @@ class PredictConfig(_Config):
                     "under 256 px; at most three quarters of tile_size, so that tiles advance by a quarter tile or more",
     )
     threads: int | None = Field(
-        None, ge=1, description="torch CPU threads of each model pass; None: segment-images' shards on its thread pool "
-                                "split the cores between those running (a shard left running alone takes them all), "
+        None, ge=1, description="torch CPU threads of each model pass; None: the shards that segment-images and "
+                                "cellseg predict run side by side split the cores between those running (a shard "
+                                "left running alone takes them all), "
                                 "a large image's blocks take an equal share each, and elsewhere torch chooses")
     keep_freed_memory: bool = Field(
         True, description="on CPU with glibc, keep memory the forward pass frees for the next pass instead of "
