@@ -49,7 +49,7 @@ from cellseg.pairs import ImagePair, LoadedPair, load_pairs, manifest_hash, pair
 from cellseg.redact import redact_text, redact_url
 from cellseg.report import training_pictures
 from cellseg.runtime import SHARD_CORES, available_cores, resolve_device, set_threads
-from cellseg.segment import SegmentReport, model_record, pending_images, segment_images
+from cellseg.segment import SegmentReport, StoppedWriting, model_record, pending_images, segment_images
 from cellseg.size_model import (
     MAGNIFICATIONS,
     MIN_EXAMPLES,
@@ -423,14 +423,16 @@ def segment_shards(job: SegmentJob, shards: Sequence[Shard], on_image: Callable[
     called from one thread at a time.
 
     When a shard fails, the others stop once the images they have predicted are written, and its
-    error is raised. When the caller is interrupted (Ctrl-C), the shards stop alike, and the
+    error is raised. A store that cannot be written (`StoppedWriting`) starts no more shards: those
+    running stop at their own next write, if it fails too, and the error counts the images of the
+    whole run. When the caller is interrupted (Ctrl-C), the shards stop as after a failure, and the
     interrupt is raised once they have, or after STOP_GRACE seconds: a shard waiting on a read
     that hangs is left behind (on a daemon thread), and an image it had not finished is redone by
     the next run."""
     if len(shards) <= 1 or job.max_parallel_shards == 1:
         return segment_shard(job, [pair for shard in shards for pair in shard], on_image)
     started = time.monotonic()
-    stop = threading.Event()
+    stop, no_more = threading.Event(), threading.Event()  # stop the shards running / start no more of them
     calling, taking = threading.Lock(), threading.Lock()
     queued: deque[tuple[Shard, Future[SegmentReport]]] = deque((shard, Future()) for shard in shards)
     futures = [future for _, future in queued]
@@ -443,13 +445,13 @@ def segment_shards(job: SegmentJob, shards: Sequence[Shard], on_image: Callable[
     def run_shards() -> None:
         while True:
             with taking:
-                if stop.is_set() or not queued:
+                if stop.is_set() or no_more.is_set() or not queued:
                     return
                 shard, future = queued.popleft()
             try:
                 future.set_result(segment_shard(job, shard, image_done, beside_others=True, stop=stop))
             except BaseException as error:  # noqa: BLE001 - raised by the calling thread
-                stop.set()
+                (no_more if isinstance(error, StoppedWriting) else stop).set()
                 future.set_exception(error)
 
     threads = [threading.Thread(target=run_shards, name=f"cellseg-shard-{index}", daemon=True)
@@ -458,7 +460,7 @@ def segment_shards(job: SegmentJob, shards: Sequence[Shard], on_image: Callable[
         thread.start()
     try:
         # In short waits: the calling thread takes Ctrl-C only between them.
-        while not stop.is_set() and not all(future.done() for future in futures):
+        while not (stop.is_set() or no_more.is_set()) and not all(future.done() for future in futures):
             wait(futures, timeout=0.2, return_when=FIRST_EXCEPTION)
     except BaseException:
         stop.set()
@@ -468,8 +470,13 @@ def segment_shards(job: SegmentJob, shards: Sequence[Shard], on_image: Callable[
         raise
     for thread in threads:
         thread.join()
-    if error := next((future.exception() for future in futures if future.done() and future.exception()), None):
-        raise error
+    errors = [error for future in futures if future.done() and (error := future.exception()) is not None]
+    if failed := next((error for error in errors if not isinstance(error, StoppedWriting)), None):
+        raise failed
+    if stopped_writing := [error for error in errors if isinstance(error, StoppedWriting)]:
+        written = sum(len(future.result().done) for future in futures if future.done() and not future.exception())
+        written += sum(error.written for error in stopped_writing)
+        raise StoppedWriting(stopped_writing[0].cause, written, sum(len(shard) for shard in shards))
     return SegmentReport.combined([future.result() for future in futures], time.monotonic() - started)
 
 

@@ -275,9 +275,18 @@ def segment_images(
             settle(writes.popleft().result())
     report.seconds = time.monotonic() - started
     if stopped:
-        raise StoreWriteError(f"{stopped[0]}; {len(report.done)} of {len(images)} images written before that, the "
-                              "others are not done: once the store can be written, rerun to complete it")
+        raise StoppedWriting(stopped[0], len(report.done), len(images))
     return report
+
+
+class StoppedWriting(StoreWriteError):
+    """A run that stopped because its store cannot be written: the cause, and how many of its
+    images it had written (the others are not done, so a rerun does them)."""
+
+    def __init__(self, cause: StoreWriteError, written: int, images: int):
+        super().__init__(f"{cause}; {written} of {images} images written before that, the others are not done: "
+                         "once the store can be written, rerun to complete it")
+        self.cause, self.written, self.images = cause, written, images
 
 
 def take_call(
