@@ -462,14 +462,15 @@ def segment_shards(job: SegmentJob, shards: Sequence[Shard], on_image: Callable[
         # In short waits: the calling thread takes Ctrl-C only between them.
         while not (stop.is_set() or no_more.is_set()) and not all(future.done() for future in futures):
             wait(futures, timeout=0.2, return_when=FIRST_EXCEPTION)
+        for thread in threads:  # the shards still running after a failure
+            while thread.is_alive():
+                thread.join(0.2)
     except BaseException:
         stop.set()
         give_up = time.monotonic() + STOP_GRACE
         for thread in threads:
             thread.join(max(0.0, give_up - time.monotonic()))
         raise
-    for thread in threads:
-        thread.join()
     errors = [error for future in futures if future.done() and (error := future.exception()) is not None]
     if failed := next((error for error in errors if not isinstance(error, StoppedWriting)), None):
         raise failed
