@@ -16,8 +16,8 @@ the figures go to <out>/storage.json (`make bench` runs parts 1 and 2 and its ow
    milliseconds and s3fs's requests per image.
 3. the product: `run_segmentation` (what `cellseg predict` runs: two shards side by side, one
    torch thread each) from a local folder into a local store, from s3:// into a local store, and
-   from s3:// into a store on s3://, in alternating rounds (each keeps its fastest), the ratios to the local run, and the
-   CPU each image takes in cellseg and in the S3 server.
+   from s3:// into a store on s3://, in alternating rounds (each keeps its fastest), the ratios to
+   the local run, and the CPU each image takes in cellseg and in the S3 server.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -459,10 +459,9 @@ def segment_shards(job: SegmentJob, shards: Sequence[Shard], on_image: Callable[
     for thread in threads:
         thread.start()
     try:
-        # In short waits: the calling thread takes Ctrl-C only between them.
-        while not (stop.is_set() or no_more.is_set()) and not all(future.done() for future in futures):
-            wait(futures, timeout=0.2, return_when=FIRST_EXCEPTION)
-        for thread in threads:  # the shards still running after a failure
+        # A thread ends when no shard is left or the run stops. Joined in short waits: the calling
+        # thread takes Ctrl-C only between them.
+        for thread in threads:
             while thread.is_alive():
                 thread.join(0.2)
     except BaseException:

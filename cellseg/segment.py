@@ -286,7 +286,7 @@ class StoppedWriting(StoreWriteError):
     def __init__(self, cause: StoreWriteError, written: int, images: int):
         super().__init__(f"{cause}; {written} of {images} images written before that, the others are not done: "
                          "once the store can be written, rerun to complete it")
-        self.cause, self.written, self.images = cause, written, images
+        self.cause, self.written = cause, written
 
 
 def take_call(
