@@ -442,33 +442,42 @@ def segment_shards(job: SegmentJob, shards: Sequence[Shard], on_image: Callable[
             with calling:
                 on_image(image_id)
 
-    def run_shards() -> None:
-        while True:
-            with taking:
-                if stop.is_set() or no_more.is_set() or not queued:
-                    return
-                shard, future = queued.popleft()
-            try:
-                future.set_result(segment_shard(job, shard, image_done, beside_others=True, stop=stop))
-            except BaseException as error:  # noqa: BLE001 - raised by the calling thread
-                (no_more if isinstance(error, StoppedWriting) else stop).set()
-                future.set_exception(error)
+    workers = min(job.max_parallel_shards, len(shards))
+    ended = threading.Condition()
+    running = [workers]  # shard threads not yet ended
 
-    threads = [threading.Thread(target=run_shards, name=f"cellseg-shard-{index}", daemon=True)
-               for index in range(min(job.max_parallel_shards, len(shards)))]
-    for thread in threads:
-        thread.start()
+    def run_shards() -> None:
+        try:
+            while True:
+                with taking:
+                    if stop.is_set() or no_more.is_set() or not queued:
+                        return
+                    shard, future = queued.popleft()
+                try:
+                    future.set_result(segment_shard(job, shard, image_done, beside_others=True, stop=stop))
+                except BaseException as error:  # noqa: BLE001 - raised by the calling thread
+                    (no_more if isinstance(error, StoppedWriting) else stop).set()
+                    future.set_exception(error)
+        finally:
+            with ended:
+                running[0] -= 1
+                ended.notify_all()
+
+    def all_ended(timeout: float) -> bool:
+        with ended:
+            return ended.wait_for(lambda: running[0] == 0, timeout)
+
+    for index in range(workers):
+        threading.Thread(target=run_shards, name=f"cellseg-shard-{index}", daemon=True).start()
     try:
-        # A thread ends when no shard is left or the run stops. Joined in short waits: the calling
-        # thread takes Ctrl-C only between them.
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(0.2)
+        # A thread ends when no shard is left or the run stops. Waited for in short waits, as the
+        # calling thread takes Ctrl-C only between them; not by Thread.join, which Python 3.11 marks
+        # as ended when Ctrl-C interrupts it, so that a second join returns at once.
+        while not all_ended(0.2):
+            pass
     except BaseException:
         stop.set()
-        give_up = time.monotonic() + STOP_GRACE
-        for thread in threads:
-            thread.join(max(0.0, give_up - time.monotonic()))
+        all_ended(STOP_GRACE)
         raise
     errors = [error for future in futures if future.done() and (error := future.exception()) is not None]
     if failed := next((error for error in errors if not isinstance(error, StoppedWriting)), None):
