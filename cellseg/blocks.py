@@ -45,11 +45,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, cast
 
 import numpy as np
 import zarr
+from numba import njit
 
 from cellseg.config import NormalizationConfig, PredictConfig
 from cellseg.formats import Plane, cell_diameter_pixels, is_microscopy_url, open_plane, source_record, with_area_um2
@@ -86,6 +87,7 @@ from cellseg.store import (
     ResultStore,
 )
 from cellseg.store_checks import StoreError
+from cellseg.zarr_writes import read_region, write_region
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +221,7 @@ class Scratch:
     image_id: str
     group: zarr.Group
     attrs: dict[str, Any]
+    opened: dict[str, zarr.Array] = field(default_factory=dict)  # arrays by path, each opened once per step
 
     @classmethod
     def open(cls, store: ResultStore, image_id: str) -> Scratch:
@@ -252,21 +255,36 @@ class Scratch:
         return NormalizationConfig.model_validate(self.attrs["normalization"])
 
     def array(self, name: str) -> zarr.Array:
-        return self.store.region_array(f"{self.image_id}/blocks/{name}", every_chunk=False)
+        path = f"{self.image_id}/blocks/{name}"
+        if path not in self.opened:
+            self.opened[path] = self.store.region_array(path, every_chunk=False)
+        return self.opened[path]
 
     def image_array(self, path: str) -> zarr.Array:
-        return self.store.region_array(f"{self.image_id}/{path}")
+        path = f"{self.image_id}/{path}"
+        if path not in self.opened:
+            self.opened[path] = self.store.region_array(path)
+        return self.opened[path]
 
     def state(self) -> np.ndarray:
         """(blocks, 4) int64: each block's stage, labels in its core, labels in its window, cells it
         measured only in part."""
-        return np.asarray(self.array("state")[...])
+        state = self.array("state")
+        return read_region(state, (0, 0), state.shape)
 
     def block_state(self, index: int) -> np.ndarray:
-        return np.asarray(self.array("state")[index])
+        return read_region(self.array("state"), (index, 0), (1, 4))[0]
 
     def set_state(self, index: int, stage: int, core_labels: int = 0, labels: int = 0, oversized: int = 0) -> None:
-        self.array("state")[index] = np.array([stage, core_labels, labels, oversized], dtype=np.int64)
+        write_region(self.array("state"), (index, 0), np.array([[stage, core_labels, labels, oversized]], dtype=np.int64))
+
+    def block_slot(self, name: str, index: int) -> np.ndarray:
+        """Block `index`'s entry of a scratch array with one chunk per block (`ring`, `edges`)."""
+        array = self.array(name)
+        return read_region(array, (index, *(0,) * (array.ndim - 1)), (1, *array.shape[1:]))[0]
+
+    def set_block_slot(self, name: str, index: int, values: np.ndarray) -> None:
+        write_region(self.array(name), (index, *(0,) * values.ndim), values[None])
 
     def update(self, **values: Any) -> None:
         self.attrs.update(values)
@@ -337,7 +355,7 @@ def _image_scale(source: Source, grid: BlockGrid, levels: Levels, lut: np.ndarra
     means = levels.normalise(np.array([levels.block_sum[b] / n for b, n in zip(candidates, pixels, strict=True)]
                                       ).astype(levels.dtype), lut)
     window = grid.window(candidates[int(np.argmax(means))])
-    maps = _maps(predictor, levels.normalise(region(source, window), lut), None)
+    maps = _maps(predictor, levels.normalise(region(source, window), lut), None, window_tile(grid, config))
     return dict(maps.scale or {})
 
 
@@ -362,9 +380,17 @@ def _create_arrays(store: ResultStore, image_id: str, grid: BlockGrid, dtype: np
                           every_chunk=False, dimension_names=("level",))[...] = histogram
 
 
-def _maps(predictor: Predictor, window: np.ndarray, cell_diameter: float | None) -> CellMaps:
-    """The Predictor's maps of one normalised window (in tiles fitted to it, `tiling.predict_tiled`)."""
-    return predictor.normalised_cell_maps([window], [cell_diameter])[0]
+def window_tile(grid: BlockGrid, config: PredictConfig) -> int:
+    """The tile side for the blocks' windows: a block whose core fits a tile (`block_size` at most
+    `tile_size`) is its own tile, its window predicted in one pass; split further, its overlap
+    ring would make four tiles of a window hardly larger than one (2.5 times the passes' pixels
+    of a 1024-pixel core's 1152-pixel window, against 1.27)."""
+    return grid.block + 2 * grid.overlap if grid.block <= config.tile_size else config.tile_size
+
+
+def _maps(predictor: Predictor, window: np.ndarray, cell_diameter: float | None, tile: int) -> CellMaps:
+    """The Predictor's maps of one normalised window (in tiles of at most `tile`, `tiling.predict_tiled`)."""
+    return predictor.normalised_cell_maps([window], [cell_diameter], tile)[0]
 
 
 def predict_block(store: ResultStore, image_id: str, index: int, source: Source, predictor: Predictor) -> str:
@@ -375,27 +401,29 @@ def predict_block(store: ResultStore, image_id: str, index: int, source: Source,
         return "done before"
     config, grid = scratch.config, scratch.grid
     core, window = grid.core(index), grid.window(index)
-    target = (slice(core[0], core[1]), slice(core[2], core[3]))
+    origin = (core[0], core[2])
     if index in scratch.attrs["empty"]:
         if config.store_image:
-            scratch.image_array(IMAGE_PATH)[target] = region(source, core)
+            write_region(scratch.image_array(IMAGE_PATH), origin, region(source, core))
         for path in [MASK_PATH, CELLS_PATH] + ([PROBABILITIES_PATH] if config.save_probabilities else []):
-            scratch.image_array(path)[target] = 0  # scratch labels stay unwritten: zeros
+            array = scratch.image_array(path)  # scratch labels stay unwritten: zeros
+            write_region(array, origin, np.zeros((core[1] - core[0], core[3] - core[2]), dtype=array.dtype))
         scratch.set_state(index, EMPTY)
         return "empty"
     inner = (slice(core[0] - window[0], core[1] - window[0]), slice(core[2] - window[2], core[3] - window[2]))
     pixels = region(source, window)
     scale = scratch.attrs["scale"] or {}
-    maps = _maps(predictor, scratch.levels.normalise(pixels, scratch.lut()), scale.get("cell_diameter"))
+    maps = _maps(predictor, scratch.levels.normalise(pixels, scratch.lut()), scale.get("cell_diameter"),
+                 window_tile(grid, config))
     local, core_labels, total = _local_numbers(cell_labels(maps, config), inner)
     if config.store_image:
-        scratch.image_array(IMAGE_PATH)[target] = pixels[inner]
+        write_region(scratch.image_array(IMAGE_PATH), origin, pixels[inner])
     if config.save_probabilities:
-        scratch.image_array(PROBABILITIES_PATH)[target] = maps.probability[inner].astype(np.float16)
-    scratch.image_array(MASK_PATH)[target] = (local[inner] > 0).astype(np.uint8)
-    scratch.array("labels")[target] = local[inner]
-    scratch.array("edges")[index] = pack_edges(grid, index, local[inner])
-    scratch.array("ring")[index] = pack_ring(grid, index, local, window)
+        write_region(scratch.image_array(PROBABILITIES_PATH), origin, maps.probability[inner].astype(np.float16))
+    write_region(scratch.image_array(MASK_PATH), origin, (local[inner] > 0).astype(np.uint8))
+    write_region(scratch.array("labels"), origin, local[inner])
+    scratch.set_block_slot("edges", index, pack_edges(grid, index, local[inner]))
+    scratch.set_block_slot("ring", index, pack_ring(grid, index, local, window))
     scratch.set_state(index, PREDICTED, core_labels, total)
     return "predicted"
 
@@ -403,15 +431,49 @@ def predict_block(store: ResultStore, image_id: str, index: int, source: Source,
 def _local_numbers(labels: np.ndarray, core: tuple[slice, slice]) -> tuple[np.ndarray, int, int]:
     """(labels renumbered, cells in the core, cells in all): those with pixels in the core first,
     1..k, then those only around it, k+1..n."""
-    size = int(labels.max(initial=0)) + 1
-    present = np.bincount(labels.ravel(), minlength=size) > 0
-    in_core = np.bincount(labels[core].ravel(), minlength=size) > 0
-    present[0] = in_core[0] = False
+    labels = np.ascontiguousarray(labels, dtype=np.int32)
+    if labels.size and labels.min() < 0:
+        raise ValueError("labels must be non-negative")
+    lookup, in_core, total = _core_first_lookup(labels, core[0].start, core[0].stop, core[1].start, core[1].stop)
+    renumbered = np.empty_like(labels)
+    _apply_lookup(labels, lookup, renumbered)
+    return renumbered, int(in_core), int(total)
+
+
+@njit(cache=True, nogil=True)
+def _core_first_lookup(labels, top, bottom, left, right):  # pragma: no cover - compiled; tested through _local_numbers
+    """(lookup from label to its new number, labels with pixels in rows top:bottom and columns
+    left:right, labels present), numbering the first ones first, each group in label order."""
+    size = labels.max() + 1 if labels.size else 1
+    present = np.zeros(size, dtype=np.bool_)
+    in_core = np.zeros(size, dtype=np.bool_)
+    height, width = labels.shape
+    for row in range(height):
+        inside_rows = top <= row < bottom
+        for col in range(width):
+            value = labels[row, col]
+            present[value] = True
+            if inside_rows and left <= col < right:
+                in_core[value] = True
     lookup = np.zeros(size, dtype=np.int32)
-    core_ids, outer_ids = np.flatnonzero(in_core), np.flatnonzero(present & ~in_core)
-    lookup[core_ids] = np.arange(1, len(core_ids) + 1)
-    lookup[outer_ids] = np.arange(len(core_ids) + 1, len(core_ids) + len(outer_ids) + 1)
-    return lookup[labels], len(core_ids), len(core_ids) + len(outer_ids)
+    number = 0
+    for value in range(1, size):
+        if in_core[value]:
+            number += 1
+            lookup[value] = number
+    core_count = number
+    for value in range(1, size):
+        if present[value] and not in_core[value]:
+            number += 1
+            lookup[value] = number
+    return lookup, core_count, number
+
+
+@njit(cache=True, nogil=True)
+def _apply_lookup(labels, lookup, out):  # pragma: no cover - compiled; tested through _local_numbers
+    flat, target = labels.ravel(), out.ravel()
+    for index in range(flat.size):
+        target[index] = lookup[flat[index]]
 
 
 def stitch_image(store: ResultStore, image_id: str) -> dict[str, Any]:
@@ -426,12 +488,12 @@ def stitch_image(store: ResultStore, image_id: str) -> dict[str, Any]:
     core_labels = state[:, 1]
     offsets = np.concatenate([[0], np.cumsum(core_labels)])
     total = int(offsets[-1])
-    ring, edges = scratch.array("ring"), _EdgeReader(scratch.array("edges"), grid.cols)
+    edges = _EdgeReader(scratch, grid.cols)
     joined = []
     for index in np.flatnonzero(state[:, 0] != EMPTY):
         edges.forget_rows_above(int(index) // grid.cols - 1)
         views, written = [], []
-        for box, view in unpack_ring(grid, int(index), np.asarray(ring[int(index)])):
+        for box, view in unpack_ring(grid, int(index), scratch.block_slot("ring", int(index))):
             local = written_labels(grid, box, edges)
             views.append(view.ravel())
             written.append(np.where(local > 0, numbered_across_blocks(grid, box, local, offsets), 0).ravel())
@@ -479,36 +541,65 @@ def measure_block(store: ResultStore, image_id: str, index: int, source: Source)
     # labels are one span of it (its blocks lie in three rows, in raster order).
     neighbourhood = grid.neighbourhood(index)
     first, last = offsets[neighbourhood[0]], offsets[neighbourhood[-1] + 1]
-    lookup = np.asarray(scratch.array("final")[first: last + 1]).astype(np.int32)  # stitch_image checked the range
-    numbered = numbered_across_blocks(grid, window, local, np.asarray(offsets) - first,
-                                      np.int64 if last - first > np.iinfo(np.int32).max else np.int32)
-    cells = np.where(local > 0, lookup[numbered], 0)
-    inner = (slice(core[0] - window[0], core[1] - window[0]), slice(core[2] - window[2], core[3] - window[2]))
-    scratch.image_array(CELLS_PATH)[core[0]:core[1], core[2]:core[3]] = cells[inner]
+    lookup = read_region(scratch.array("final"), (first,), (last + 1 - first,)).astype(np.int32)  # stitch_image checked the range
     start, count = stitched["starts"][index], stitched["owned"][index]
+    parts = list(grid.parts(window))
+    boxes = np.array([(top - window[0], bottom - window[0], left - window[2], right - window[2])
+                      for _, (top, bottom, left, right) in parts], dtype=np.int64)
+    cells, mine = np.empty_like(local), np.empty_like(local)
+    if not _final_labels(local, boxes, np.array([offsets[owner] - first for owner, _ in parts], dtype=np.int64),
+                         lookup, start, count, cells, mine):
+        raise StoreError(f"image '{image_id}', block {index}: its scratch labels reach past the stitched labels; "
+                         "delete the image's 'blocks' group to segment it again")
+    inner = (slice(core[0] - window[0], core[1] - window[0]), slice(core[2] - window[2], core[3] - window[2]))
+    write_region(scratch.image_array(CELLS_PATH), (core[0], core[2]), cells[inner])
     oversized = 0
     if count:
-        mine = np.where((cells >= start) & (cells < start + count), cells - (start - 1), 0).astype(np.int32)
         rows = _cell_rows(mine, region(source, window), config.measure_cells)
         if len(rows) != count:
             raise StoreError(f"image '{image_id}', block {index}: {len(rows)} of its {count} cells found in its window")
         _shift(rows, start - 1, window, config.measure_cells)
         oversized = _cut_at_window_edge(mine, window, grid.shape)
-        scratch.array("table")[index * stitched["rows"]: index * stitched["rows"] + count] = rows
+        padded = np.zeros((stitched["rows"], rows.shape[1]))  # the block's whole chunk of rows: no other block writes it
+        padded[:count] = rows
+        write_region(scratch.array("table"), (index * stitched["rows"], 0), padded)
     scratch.set_state(index, MEASURED, int(state[1]), int(state[2]), oversized)
     return "measured"
+
+
+@njit(cache=True, nogil=True)
+def _final_labels(local, boxes, offsets, lookup, start, count, cells, mine):  # pragma: no cover - compiled; tested through measure_block
+    """Into `cells`, each pixel's final label: lookup[its block-local label + its block's offset]
+    over each of `boxes` (one per block the window crosses, `offsets` theirs), 0 for background;
+    into `mine`, cells start..start+count-1 as 1..count, others 0. False, with nothing more
+    written, when a label reaches past `lookup`."""
+    for part in range(boxes.shape[0]):
+        top, bottom, left, right = boxes[part]
+        offset = offsets[part]
+        for row in range(top, bottom):
+            for col in range(left, right):
+                value = local[row, col]
+                cell = 0
+                if value:
+                    position = value + offset
+                    if value < 0 or position >= lookup.size:
+                        return False
+                    cell = lookup[position]
+                cells[row, col] = cell
+                mine[row, col] = cell - (start - 1) if start <= cell < start + count else 0
+    return True
 
 
 class _EdgeReader:
     """Blocks' edge bands (`stitch.pack_edges`) from the scratch, each read once while kept."""
 
-    def __init__(self, array: zarr.Array, cols: int):
-        self.array, self.cols = array, cols
+    def __init__(self, scratch: Scratch, cols: int):
+        self.scratch, self.cols = scratch, cols
         self.read: dict[int, np.ndarray] = {}
 
     def __call__(self, block: int) -> np.ndarray:
         if block not in self.read:
-            self.read[block] = np.asarray(self.array[block])
+            self.read[block] = self.scratch.block_slot("edges", block)
         return self.read[block]
 
     def forget_rows_above(self, row: int) -> None:
@@ -523,8 +614,8 @@ def _window_labels(scratch: Scratch, index: int) -> np.ndarray:
     core, window = grid.core(index), grid.window(index)
     labels = np.zeros((window[1] - window[0], window[3] - window[2]), dtype=np.int32)
     labels[core[0] - window[0]: core[1] - window[0], core[2] - window[2]: core[3] - window[2]] = \
-        scratch.array("labels")[core[0]:core[1], core[2]:core[3]]
-    edges = _EdgeReader(scratch.array("edges"), grid.cols)
+        read_region(scratch.array("labels"), (core[0], core[2]), (core[1] - core[0], core[3] - core[2]))
+    edges = _EdgeReader(scratch, grid.cols)
     for top, bottom, left, right in grid.ring(index):
         labels[top - window[0]: bottom - window[0], left - window[2]: right - window[2]] = \
             written_labels(grid, (top, bottom, left, right), edges)
@@ -629,7 +720,7 @@ def _write_table(scratch: Scratch, stitched: dict[str, Any], measure: bool, desc
 
     for index, count in enumerate(stitched["owned"]):
         if count:
-            rows = np.asarray(source[index * stride: index * stride + count])
+            rows = read_region(source, (index * stride, 0), (count, len(columns)))
             areas.append(rows[:, columns.index("area")])
             integrated.append(rows[:, columns.index("intensity_integrated")])
             pending.append(rows)
@@ -648,7 +739,9 @@ def _write_pyramids(store: ResultStore, bases: Sequence[str], shapes: list[tuple
     def halve_chunk(task: tuple[zarr.Array, zarr.Array, int, int, bool]) -> None:
         source, out, top, left, averaged = task
         bottom, right = min(top + out.chunks[0], out.shape[0]), min(left + out.chunks[1], out.shape[1])
-        out[top:bottom, left:right] = halve(np.asarray(source[2 * top: 2 * bottom, 2 * left: 2 * right]), averaged)
+        bottom_read, right_read = min(2 * bottom, source.shape[0]), min(2 * right, source.shape[1])
+        pixels = read_region(source, (2 * top, 2 * left), (bottom_read - 2 * top, right_read - 2 * left))
+        write_region(out, (top, left), halve(pixels, averaged))
 
     previous = [store.region_array(base) for base in bases]
     for level, shape in enumerate(shapes[1:], start=1):

@@ -5,6 +5,7 @@ becomes of the maps (threshold, cells apart) is `cellseg.postprocess`."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -224,8 +225,10 @@ class Predictor:
 
     def normalised_cell_maps(
         self, images: Sequence[np.ndarray], cell_diameters: Sequence[float | None] | None = None,
+        tile_size: int | None = None,
     ) -> list[CellMaps]:
-        """`CellMaps` for images already normalised as the model expects.
+        """`CellMaps` for images already normalised as the model expects; `tile_size`, when given,
+        replaces the config's (a block's window predicted as one tile, `cellseg.blocks`).
 
         A model trained at a cell size (`ModelConfig.cell_diameter`) sees each image resampled
         to that size (`cellseg.scale.cell_maps_at_cell_size`: the size is
@@ -233,20 +236,21 @@ class Predictor:
         as any others, and the maps come back on the image's own grid.
         """
         model_config = self.checkpoint.model_config
+        forward = self._forward if tile_size is None else functools.partial(self._forward, tile_size=tile_size)
         if model_config.cell_diameter is None:
-            return [maps_from_output(output, model_config.distance_map) for output in self._forward(images)]
+            return [maps_from_output(output, model_config.distance_map) for output in forward(images)]
         diameters = list(cell_diameters) if cell_diameters is not None else [None] * len(images)
         configs = [self.config if diameter is None else self.config.model_copy(update={"cell_diameter": diameter})
                    for diameter in diameters]
         return cell_maps_at_cell_size(
-            images, self._forward, model_config, configs, self.size_estimate)
+            images, forward, model_config, configs, self.size_estimate)
 
     def forward_one(self, image: np.ndarray) -> np.ndarray:
         """The (C, H, W) output for one normalised (H, W) image on its own grid."""
         return self._forward([image])[0]
 
-    def _forward(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def _forward(self, images: Sequence[np.ndarray], tile_size: int | None = None) -> list[np.ndarray]:
         return predict_outputs(
             self.forward_model, images, self.batch_size, self.device, self.config.amp,
-            self.config.tile_size, self.config.tile_overlap, self.config.tta,
+            tile_size or self.config.tile_size, self.config.tile_overlap, self.config.tta,
         )

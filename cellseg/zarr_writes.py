@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import posixpath
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 import zarr
 from numcodecs.zstd import Zstd
+from numcodecs.zstd import decompress as zstd_decompress
 from zarr.abc.store import Store
 from zarr.codecs import BytesCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
@@ -204,3 +206,132 @@ async def _put(store: Store, objects: Sequence[tuple[str, bytes]]) -> None:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+# Regions of whole chunks ----------------------------------------------------------------------------
+# The block-wise steps (`cellseg.blocks`) write and read back regions of their arrays that are
+# whole chunks. Through zarr's indexing each such call is a round trip to its event loop, its
+# codec pipeline and a thread per chunk: 1.5 ms per call before any data, and about twice the
+# time of encoding and writing the same chunks here (docs/performance.md, "Images bigger than
+# memory"). Arrays written with other codecs, and regions that are not whole chunks, go through zarr.
+
+
+def _own_codecs(meta: Any) -> bool:
+    """Whether `meta` is zarr v3 metadata of an array encoded as cellseg encodes its arrays."""
+    if not isinstance(meta, ArrayV3Metadata):
+        return False
+    bytes_codec, *compressors = meta.codecs
+    return isinstance(bytes_codec, BytesCodec) and compressors == list(ARRAY_CODECS)
+
+
+def _chunk_span(array: zarr.Array, start: Sequence[int], shape: Sequence[int]) -> list[range] | None:
+    """The chunk indices along each axis of the region at `start` of `shape`, or None when the
+    region does not begin and end on chunk edges (or the array's end) or leaves the array."""
+    spans = []
+    for first, size, side, chunk in zip(start, shape, array.shape, array.chunks, strict=True):
+        end = first + size
+        if first < 0 or size <= 0 or end > side or first % chunk or (end % chunk and end != side):
+            return None
+        spans.append(range(first // chunk, -(-end // chunk)))
+    return spans
+
+
+def write_region(array: zarr.Array, start: Sequence[int], data: np.ndarray) -> None:
+    """`array[start : start + data.shape] = data`, every chunk written (as `write_empty_chunks`);
+    a region of whole chunks of an array with cellseg's codecs is encoded in the calling thread and
+    written as `put_objects` writes (the array's edge chunks padded with its fill value)."""
+    meta = array.metadata
+    spans = _chunk_span(array, start, data.shape) if len(start) == data.ndim == array.ndim else None
+    if spans is None or not _own_codecs(meta):
+        array[tuple(slice(first, first + size) for first, size in zip(start, data.shape, strict=True))] = data
+        return
+    assert isinstance(meta, ArrayV3Metadata)
+    zstd = Zstd(level=ARRAY_CODECS[0].level, checksum=ARRAY_CODECS[0].checksum)
+    dtype = np.dtype(array.dtype).newbyteorder("<")
+    chunk_shape = tuple(array.chunks)
+    objects = []
+    for coords in np.ndindex(*(len(span) for span in spans)):
+        index = tuple(span[position] for span, position in zip(spans, coords, strict=True))
+        window = tuple(slice(position * chunk, position * chunk + chunk)
+                       for position, chunk in zip(coords, chunk_shape, strict=True))
+        part = data[window]
+        if part.shape != chunk_shape:
+            full = np.full(chunk_shape, meta.fill_value, dtype=dtype)
+            full[tuple(slice(0, side) for side in part.shape)] = part
+            part = full
+        objects.append((f"{array.path}/{meta.encode_chunk_key(index)}",
+                        zstd.encode(np.ascontiguousarray(part, dtype=dtype))))
+    put_objects(array.store, objects)
+
+
+def read_region(array: zarr.Array, start: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """`array[start : start + shape]` as numpy; from an array with cellseg's codecs, the chunks that
+    cover the region are read and decoded in the calling thread (a chunk not stored reads as the
+    fill value). A chunk whose header declares another size than its shape's raises RuntimeError
+    before it is decoded, as zstd does for bytes it cannot decode."""
+    meta = array.metadata
+    region = tuple(slice(first, first + size) for first, size in zip(start, shape, strict=True))
+    inside = len(region) == array.ndim and all(0 <= part.start < part.stop <= side
+                                                for part, side in zip(region, array.shape, strict=True))
+    if not inside or not _own_codecs(meta):
+        return np.asarray(array[region])
+    assert isinstance(meta, ArrayV3Metadata)
+    dtype = np.dtype(array.dtype).newbyteorder("<")
+    chunk_shape = tuple(array.chunks)
+    expected = int(np.prod(chunk_shape)) * dtype.itemsize
+    indices = list(itertools.product(*(range(part.start // chunk, -(-part.stop // chunk))
+                                       for part, chunk in zip(region, chunk_shape, strict=True))))
+    keys = [f"{array.path}/{meta.encode_chunk_key(index)}" for index in indices]
+    out = np.empty(tuple(shape), dtype=np.dtype(array.dtype))
+    decoded = np.empty(expected, dtype=np.uint8)
+    for index, key, document in zip(indices, keys, get_objects(array.store, keys), strict=True):
+        # The part of the region in this chunk: where it goes in `out`, and where it is in the chunk.
+        lows = [max(part.start, position * chunk) for part, position, chunk in zip(region, index, chunk_shape, strict=True)]
+        highs = [min(part.stop, (position + 1) * chunk) for part, position, chunk in zip(region, index, chunk_shape, strict=True)]
+        target = tuple(slice(low - part.start, high - part.start) for low, high, part in zip(lows, highs, region, strict=True))
+        if document is None:
+            out[target] = meta.fill_value
+            continue
+        if (declared := zstd_content_size(document)) != expected:  # checked before a byte is allocated for it
+            raise RuntimeError(f"chunk '{key}' holds {declared} bytes, not the {expected} of its shape {chunk_shape}")
+        chunk = np.frombuffer(zstd_decompress(document, decoded), dtype=dtype).reshape(chunk_shape)
+        out[target] = chunk[tuple(slice(low - position * size, high - position * size)
+                                  for low, high, position, size in zip(lows, highs, index, chunk_shape, strict=True))]
+    return out
+
+
+def zstd_content_size(frame: bytes) -> int | None:
+    """The decompressed size a zstd frame's header declares (RFC 8878, 3.1.1.1), None when it
+    declares none or is not a zstd frame."""
+    if len(frame) < 6 or frame[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    descriptor = frame[4]
+    size_flag, single_segment, dictionary_flag = descriptor >> 6, descriptor >> 5 & 1, descriptor & 3
+    field = (1 if single_segment else 0, 2, 4, 8)[size_flag]
+    offset = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dictionary_flag]
+    if not field or len(frame) < offset + field:
+        return None
+    value = int.from_bytes(frame[offset: offset + field], "little")
+    return value + 256 if field == 2 else value
+
+
+def get_objects(store: Store, keys: Sequence[str]) -> list[bytes | None]:
+    """The bytes at each key of `store` (None where nothing is): files of a local folder read from
+    the calling thread, any other store's objects concurrently on zarr's event loop."""
+    if isinstance(store, LocalStore):
+        root = os.fspath(store.root)
+        found: list[bytes | None] = []
+        for key in keys:
+            try:
+                with open(os.path.join(root, key), "rb") as file:
+                    found.append(file.read())
+            except (FileNotFoundError, NotADirectoryError):
+                found.append(None)
+        return found
+    return sync(_get(store, keys))
+
+
+async def _get(store: Store, keys: Sequence[str]) -> list[bytes | None]:
+    prototype = default_buffer_prototype()
+    buffers = await asyncio.gather(*(store.get(key, prototype) for key in keys))
+    return [None if buffer is None else buffer.to_bytes() for buffer in buffers]
