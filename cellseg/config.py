@@ -285,7 +285,8 @@ class BlockConfig(_Config):
     block_size: int = Field(
         2048, ge=128, le=16384,
         description=f"side (pixels) of each block's core; from {BLOCK_CHUNK_SIDE} up a multiple of {BLOCK_CHUNK_SIDE} "
-                    "(the store's chunk side), so that a block writes whole chunks; memory per worker grows with its square",
+                    "(the store's chunk side), so that a block writes whole chunks; memory per worker grows with its square; "
+                    "a block no larger than tile_size is predicted in one pass of its window (block_size + 2 x overlap)",
     )
     overlap: int = Field(
         64, ge=16,
@@ -335,7 +336,8 @@ class PredictConfig(_Config):
     )
     tta: bool = Field(False, description="test-time augmentation: average over 8 flips/rotations (8x the compute)")
     tile_size: int = Field(1024, ge=64, description="images larger than this on a side are predicted in overlapping tiles of at most this "
-                                                     "side, fitted to the image (a 2048-pixel side: three of 768)")
+                                                     "side, fitted to the image (a 2048-pixel side: three of 768); a block "
+                                                     "(blocks.block_size) no larger is predicted in one pass with its overlap")
     tile_overlap: int = Field(
         None, ge=0, validate_default=True,  # None becomes the derived default: _derive_tile_overlap
         description="pixels shared by neighbouring tiles, blended linearly; unset: 128, or half the tile for tiles "

@@ -509,11 +509,7 @@ def run_segmentation(
     report = segment_shards(job, plan.shards, on_image)
     for image_id, url in plan.large:
         large = LargeImage(with_block_threads(job), image_id, url).run(job.max_parallel_shards, on_block)
-        report.done += large.done
-        report.failed += large.failed
-        report.warnings += large.warnings
-        report.seconds += large.seconds
-        report.pixels += large.pixels
+        report = SegmentReport.combined([report, large], report.seconds + large.seconds)
         if on_image is not None:
             on_image(image_id)
     report.skipped[:0] = plan.skipped

@@ -286,7 +286,10 @@ class StoppedWriting(StoreWriteError):
     def __init__(self, cause: StoreWriteError, written: int, images: int):
         super().__init__(f"{cause}; {written} of {images} images written before that, the others are not done: "
                          "once the store can be written, rerun to complete it")
-        self.cause, self.written = cause, written
+        self.cause, self.written, self.images = cause, written, images
+
+    def __reduce__(self) -> tuple[Any, ...]:  # raised in a Dask worker, it reaches the flow whole
+        return (type(self), (self.cause, self.written, self.images))
 
 
 def take_call(

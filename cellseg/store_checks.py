@@ -113,8 +113,10 @@ class DamagedImage(StoreError):
     def __init__(self, url: str, image_id: str, problem: str, undecodable: bool = False):
         super().__init__(f"image '{image_id}' in '{url}' is damaged: {problem}; "
                          f"{repair_hint(url, undecodable)} marks it to be segmented again")
-        self.image_id = image_id
-        self.problem = problem
+        self.url, self.image_id, self.problem, self.undecodable = url, image_id, problem, undecodable
+
+    def __reduce__(self) -> tuple[Any, ...]:  # raised in a Dask worker, it reaches the flow whole
+        return (type(self), (self.url, self.image_id, self.problem, self.undecodable))
 
 
 class DamagedStore(StoreError):

@@ -22,7 +22,17 @@ import tifffile
 import zarr
 
 from benchmarks.large import bench_exact, compare, frozen_checkpoint
-from cellseg.blocks import SUM_COLUMNS, _cell_rows, image_levels, predict_block, prepare_image, segment_blockwise
+from cellseg.blocks import (
+    SUM_COLUMNS,
+    _cell_rows,
+    _local_numbers,
+    image_levels,
+    measure_block,
+    predict_block,
+    prepare_image,
+    segment_blockwise,
+    stitch_image,
+)
 from cellseg.config import BlockConfig, NormalizationConfig, PredictConfig
 from cellseg.jobs import SegmentJob, run_segmentation
 from cellseg.measure import CELL_COLUMNS, cell_measurements
@@ -32,6 +42,7 @@ from cellseg.postprocess import cell_labels
 from cellseg.stats import image_statistics
 from cellseg.stitch import BlockGrid, halve, join_labels, pack_edges, pack_ring, seam_pairs, unpack_ring, written_labels
 from cellseg.store import ResultStore
+from cellseg.store_checks import StoreError
 from cellseg.synth import generate_sample, mosaic_tiles
 from cellseg.tiling import fitted_tile, tile_starts
 from cellseg.verify import verify_store
@@ -267,6 +278,67 @@ def test_a_scratch_left_by_a_cellseg_with_other_arrays_starts_over(frozen_genera
     assert prepare_image(store, "m", "m", image, predictor) == (count, todo)
     assert "edges" in store.root["m/blocks"] and store.root["m/blocks"].attrs["plan"] == attributes["plan"]
 
+
+
+def test_a_block_that_fits_a_tile_is_predicted_in_one_pass_with_its_overlap(frozen_general, tmp_path):
+    image = mosaic((1536, 1536), seed=3)  # 3 x 3 blocks of 512: block 4's window is 640 a side
+    for tile_size, passes in ((512, [(640, 640)]), (384, [(384, 384)] * 4)):
+        config = BLOCKWISE.model_copy(update={"tile_size": tile_size, "tile_overlap": 128,
+                                              "blocks": BlockConfig(block_size=512, overlap=64, above_pixels=1)})
+        predictor = load_predictor(ModelSource("", checkpoint_url=str(frozen_general)), config)
+        seen: list[tuple[int, ...]] = []
+        hook = predictor.model.register_forward_pre_hook(
+            lambda _module, inputs, seen=seen: seen.append(tuple(inputs[0].shape[-2:])))
+        try:
+            store = ResultStore.open(str(tmp_path / f"tile-{tile_size}.zarr"))
+            prepare_image(store, "m", "m", image, predictor)
+            assert predict_block(store, "m", 4, image, predictor) == "predicted"
+        finally:
+            hook.remove()
+        assert seen == passes, tile_size
+
+
+def _core_first_reference(labels: np.ndarray, core: tuple[slice, slice]) -> tuple[np.ndarray, int, int]:
+    """What `_local_numbers` must give, in plain numpy."""
+    present = np.unique(labels[labels > 0])
+    in_core = np.unique(labels[core][labels[core] > 0])
+    order = np.concatenate([in_core, np.setdiff1d(present, in_core)])
+    lookup = np.zeros(int(labels.max(initial=0)) + 1, dtype=np.int32)
+    lookup[order] = np.arange(1, len(order) + 1)
+    return lookup[labels], len(in_core), len(order)
+
+
+def test_block_local_numbers_put_the_cells_of_the_core_first():
+    rng = np.random.default_rng(5)
+    cases = [(rng.integers(0, 60, (90, 130)).astype(np.int32), (slice(10, 80), slice(0, 50))),
+             (np.where(rng.random((64, 64)) < 0.9, 0, rng.integers(1, 2**20, (64, 64))).astype(np.int32),
+              (slice(16, 48), slice(16, 48))),
+             (np.zeros((5, 5), dtype=np.int32), (slice(1, 3), slice(1, 3))),
+             (np.array([[0, 7, 7], [3, 0, 9]], dtype=np.int32), (slice(0, 1), slice(0, 2)))]
+    for labels, core in cases:
+        numbered, in_core, total = _local_numbers(labels, core)
+        expected, expected_in_core, expected_total = _core_first_reference(labels, core)
+        np.testing.assert_array_equal(numbered, expected)
+        assert (in_core, total) == (expected_in_core, expected_total)
+    with pytest.raises(ValueError, match="non-negative"):
+        _local_numbers(np.array([[0, -1]], dtype=np.int32), (slice(0, 1), slice(0, 1)))
+
+
+def test_scratch_labels_past_the_stitched_ones_are_refused_when_measured(frozen_general, tmp_path):
+    image = mosaic((768, 768), seed=9)
+    predictor = load_predictor(ModelSource("", checkpoint_url=str(frozen_general)), BLOCKWISE)
+    store = ResultStore.open(str(tmp_path / "r.zarr"))
+    _, todo = prepare_image(store, "m", "m", image, predictor)
+    for index in todo:
+        predict_block(store, "m", index, image, predictor)
+    stitch_image(store, "m")
+    labels = store.root["m/blocks/labels"]
+    core = np.asarray(labels[:BLOCK, :BLOCK])
+    core[np.nonzero(core)[0][0], np.nonzero(core)[1][0]] = 2**30  # a corrupt scratch: a label no block numbered
+    labels[:BLOCK, :BLOCK] = core
+    with pytest.raises(StoreError, match="block 0: its scratch labels reach past the stitched labels"):
+        measure_block(store, "m", 0, image)
+    assert measure_block(store, "m", 1, image) == "measured"  # the other blocks are measured as before
 
 # Subprocesses: memory and a killed run ------------------------------------------------------------
 

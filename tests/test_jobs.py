@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 
 from cellseg.checkpoint import CheckpointError, load_checkpoint
-from cellseg.config import ModelConfig, PredictConfig, TrainConfig
+from cellseg.config import BlockConfig, ModelConfig, PredictConfig, TrainConfig
 from cellseg.jobs import (
     STOP_GRACE,
     SegmentJob,
@@ -26,7 +27,7 @@ from cellseg.jobs import (
 )
 from cellseg.registry import Registry, RegistryError
 from cellseg.store import ResultStore
-from cellseg.synth import write_dataset
+from cellseg.synth import generate_sample, write_dataset
 from cellseg.verify import verify_store
 
 SMALL = ModelConfig(depth=2, base_width=4)
@@ -297,3 +298,17 @@ def test_cellseg_train_fine_tunes_the_shipped_model_and_from_scratch_opts_out(tm
     assert main([*common, "--out", str(tmp_path / "scratch"), "--from-scratch"]) == 0
     scratch = load_checkpoint(str(tmp_path / "scratch" / "best.pt"))
     assert scratch.train_config.init_from is None and scratch.model_config == ModelConfig()
+
+
+def test_a_large_image_another_run_finishes_meanwhile_is_reported_skipped(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    tifffile.imwrite(folder / "large.tif", generate_sample(np.random.default_rng(4), (700, 640)).image)
+    job = SegmentJob(source_url=str(folder), store_url=str(tmp_path / "s.zarr"), model_version="general",
+                     predict=PredictConfig(threads=1, blocks=BlockConfig(above_pixels=512 * 512, block_size=512)))
+    inner: list = []
+    # Between this run's plan and its blocks, another run segments the same image.
+    report = run_segmentation(job, on_plan=lambda pending: inner.append(run_segmentation(job)))
+    assert inner[0].done == ["large"] and inner[0].pixels == 700 * 640
+    assert report.done == [] and report.skipped == ["large"] and report.failed == []
+    assert ResultStore.open(job.store_url, mode="r").done_ids() == {"large"}

@@ -9,6 +9,7 @@ import json
 import fsspec
 import numpy as np
 import pytest
+from numcodecs.zstd import Zstd
 from zarr.codecs import ZstdCodec
 from zarr.storage import LocalStore
 
@@ -16,7 +17,7 @@ from cellseg.measure import CELL_COLUMNS, cell_measurements
 from cellseg.stats import image_statistics
 from cellseg.store import WRITE_CONFIG, ResultStore
 from cellseg.synth import generate_sample
-from cellseg.zarr_writes import ARRAY_CODECS, put_objects
+from cellseg.zarr_writes import ARRAY_CODECS, put_objects, read_region, write_region, zstd_content_size
 
 MODEL = {"version": "0123456789ab", "checkpoint": "runs/x/best.pt"}
 
@@ -158,3 +159,78 @@ def test_objects_put_into_a_local_folder_make_their_folders_and_replace_files_wh
     with pytest.raises(ValueError, match="read-only"):
         put_objects(LocalStore(tmp_path / "new" / "store", read_only=True), [("a/b/c/0", b"third")])
     assert (tmp_path / "new/store/a/b/c/0").read_bytes() == b"second"
+
+
+# Regions of whole chunks (the block-wise steps' reads and writes) ------------------------------------
+
+
+def assert_regions_as_zarr_writes_them(url: str, storage_options: dict | None = None) -> None:
+    """Regions written with `write_region` and with zarr's own indexing: the same objects, byte for
+    byte, for each dtype cellseg writes; whole chunks, edge chunks and one region that is not whole
+    chunks (written through zarr)."""
+    rng = np.random.default_rng(7)
+    ours = ResultStore.open(f"{url}/regions.zarr", storage_options=storage_options)
+    zarrs = ResultStore.open(f"{url}/zarr-calls.zarr", storage_options=storage_options)
+    regions = [((0, 0), (256, 512)), ((768, 1024), (232, 276)), ((256, 256), (512, 256)), ((10, 20), (30, 40))]
+    for dtype in (np.uint8, np.int32, np.float16, np.int64):
+        name = np.dtype(dtype).name
+        fast = ours.blank_array(name, (1000, 1300), dtype, (256, 256))
+        slow = zarrs.blank_array(name, (1000, 1300), dtype, (256, 256))
+        for start, shape in regions:
+            data = (rng.random(shape) * 1000).astype(dtype)
+            write_region(fast, start, data)
+            slow[start[0]: start[0] + shape[0], start[1]: start[1] + shape[1]] = data
+        np.testing.assert_array_equal(fast[...], slow[...])
+    written, by_zarr = (objects(f"{url}/{name}", storage_options) for name in ("regions.zarr", "zarr-calls.zarr"))
+    for found in (written, by_zarr):
+        del found["zarr.json"]  # the stores' own groups, each with the second it was created
+    assert written == by_zarr
+
+
+def test_regions_of_whole_chunks_are_written_as_zarr_writes_them(tmp_path):
+    assert_regions_as_zarr_writes_them(str(tmp_path))
+
+
+@pytest.mark.integration
+def test_regions_of_whole_chunks_are_written_as_zarr_writes_them_on_s3(s3_bucket):
+    bucket, options = s3_bucket
+    assert_regions_as_zarr_writes_them(bucket, options)
+    store = ResultStore.open(f"{bucket}/regions.zarr", storage_options=options, mode="r")
+    array = store.root["int32"]
+    np.testing.assert_array_equal(read_region(array, (100, 200), (700, 1100)), array[100:800, 200:1300])
+
+
+def test_any_region_reads_as_zarr_reads_it_with_missing_chunks_as_the_fill_value(tmp_path):
+    store = ResultStore.open(str(tmp_path / "results.zarr"))
+    array = store.blank_array("labels", (1000, 1300), np.int32, (256, 256), every_chunk=False)
+    array[300:700, 100:900] = np.arange(400 * 800, dtype=np.int32).reshape(400, 800) + 1  # other chunks: none stored
+    assert not (tmp_path / "results.zarr/labels/c.0.0").exists()
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        top, left = int(rng.integers(0, 1000)), int(rng.integers(0, 1300))
+        height, width = int(rng.integers(1, 1001 - top)), int(rng.integers(1, 1301 - left))
+        np.testing.assert_array_equal(read_region(array, (top, left), (height, width)),
+                                      array[top: top + height, left: left + width])
+    table = store.blank_array("table", (5000,), np.int64, (1024,), dimension_names=("row",))
+    table[...] = np.arange(5000)
+    np.testing.assert_array_equal(read_region(table, (1000,), (3000,)), np.arange(1000, 4000))
+
+
+def test_a_chunk_that_declares_another_size_is_refused_before_it_is_decoded(tmp_path):
+    store = ResultStore.open(str(tmp_path / "results.zarr"))
+    array = store.blank_array("labels", (512, 512), np.int32, (256, 256))
+    write_region(array, (0, 0), np.ones((512, 512), dtype=np.int32))
+    chunk = tmp_path / "results.zarr/labels/c.0.1"
+    huge = Zstd(level=1).encode(np.zeros(1 << 20, dtype=np.uint8))  # a frame of 1 MiB where 256 KiB belong
+    assert zstd_content_size(huge) == 1 << 20
+    chunk.write_bytes(huge)
+    with pytest.raises(RuntimeError, match=r"c\.0\.1' holds 1048576 bytes, not the 262144"):
+        read_region(array, (0, 0), (512, 512))
+    # A frame header declaring 2**62 bytes is refused from its header, before any allocation.
+    chunk.write_bytes(b"\x28\xb5\x2f\xfd" + bytes([0xC0]) + bytes([0x50]) + (1 << 62).to_bytes(8, "little") + b"\x00" * 8)
+    with pytest.raises(RuntimeError, match=str(1 << 62)):
+        read_region(array, (0, 0), (512, 512))
+    chunk.write_bytes(b"not zstd at all")
+    with pytest.raises(RuntimeError, match="holds None bytes"):
+        read_region(array, (0, 0), (512, 512))
+    np.testing.assert_array_equal(read_region(array, (256, 0), (256, 512)), 1)  # the other chunks read as before

@@ -226,6 +226,25 @@ def test_flow_tasks_retry_what_may_pass_and_never_what_needs_a_fix():
     assert retried(ConnectionResetError("worker lost"))
 
 
+def test_errors_a_task_raises_on_a_dask_worker_reach_the_flow_whole():
+    """Dask pickles a task's exception back to the flow: each error of cellseg's own with fields
+    beyond its message must come back with them, not as a TypeError from unpickling it."""
+    import pickle
+
+    from cellseg.segment import StoppedWriting
+    from cellseg.storage_errors import StorageError
+    from cellseg.store_checks import DamagedImage, StoreWriteError
+
+    cause = StoreWriteError("cannot write to results store '/data/out.zarr': No space left on device")
+    for error, fields in ((StoppedWriting(cause, 2, 4), ("written", "images")),
+                          (DamagedImage("/data/out.zarr", "a0", "its mask cannot be read", undecodable=True),
+                           ("url", "image_id", "problem", "undecodable")),
+                          (StorageError("'s3://b/x': timed out", transient=True), ("transient",))):
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is type(error) and str(back) == str(error)
+        assert all(getattr(back, name) == getattr(error, name) for name in fields), type(error).__name__
+    assert str(pickle.loads(pickle.dumps(StoppedWriting(cause, 2, 4))).cause) == str(cause)
+
 def test_a_registry_that_cannot_be_reached_is_named_by_its_url(quick_checkpoint):
     from cellseg.registry import Registry
     from cellseg.storage_errors import StorageError
