@@ -1,4 +1,5 @@
-"""Putting a new image's zarr nodes into a store in one go, and the codec its arrays are written with.
+"""Putting a new image's zarr nodes into a store in one go, regions of whole chunks written and read
+without zarr's indexing (the block-wise steps), and the codec its arrays are written with.
 
 zarr's own `create_array` checks whether a node is there already, for the array and each of
 its parent groups, before it writes, and `require_group` checks again for each group: on object
