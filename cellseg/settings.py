@@ -53,6 +53,7 @@ MAX_ENV_CHARS = 64 * 1024
 MAX_DEPTH = 32
 MAX_VALUES = 10_000  # values in a file or a JSON environment variable, each YAML alias counted where it is used
 _ALIASES = {"s3": "s3a", "http": "https"}
+S3_PROTOCOLS = ("s3", "s3a")  # what fsspec opens with s3fs
 _applied_limits: dict[str, dict[str, Any]] = {}
 _file_values: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("cellseg_file_values", default=None)
 
@@ -139,12 +140,14 @@ class CellsegSettings(BaseSettings):
         that protocol created afterwards (listing, reading, zarr stores) starts from: the limits
         of `storage_timeouts` first, then fsspec's own configuration and `storage`, which win.
         Also turns the direct S3 writes on or off (`direct_s3_writes`)."""
+        import fsspec
         import fsspec.config
-        import s3fs
 
-        # s3fs repeats timed-out and throttled requests 5 times around botocore's own attempts:
-        # one layer of retries (botocore's) keeps an unreachable endpoint's failure bounded.
-        s3fs.S3FileSystem.retries = 1
+        if "s3fs" in sys.modules:  # imported already: fsspec may hold its class, so bound it now
+            import cellseg.s3_retries  # noqa: F401
+        else:  # bounded when fsspec first imports it for an s3:// URL, not at every command's start
+            for protocol in S3_PROTOCOLS:
+                fsspec.register_implementation(protocol, "cellseg.s3_retries.S3FileSystem", clobber=True)
         limits = self.storage_timeouts.fsspec_options()
         # fsspec merges the options of the protocols one class serves shallowly, the alias last:
         # an alias with options of its own (s3a, https) needs the limits too.

@@ -330,7 +330,8 @@ def test_results_says_how_many_rows_it_left_out(tmp_path):
 
 def test_commands_that_touch_no_model_start_without_torch(tmp_path):
     """`results`, `evaluate`, `export`, `verify`, `config` and `synth` read stores, tables and
-    settings only: loading torch (over a second) for them would double their start-up."""
+    settings only: loading torch (over a second) for them would double their start-up, and s3fs
+    (a quarter of a second) is not needed for local paths."""
     from cellseg.io import read_mask
     from cellseg.synth import write_dataset
 
@@ -349,12 +350,12 @@ def test_commands_that_touch_no_model_start_without_torch(tmp_path):
                 ["synth", "--out", str(tmp_path / "more"), "--count", "1", "--size", "32"]]
     program = ("import json, sys\nfrom cellseg.cli import main\n"
                f"codes = [main(argv) for argv in {commands!r}]\n"
-               "print('\\n' + json.dumps({'codes': codes, 'torch': 'torch' in sys.modules}))")
+               "print('\\n' + json.dumps({'codes': codes, 'torch': 'torch' in sys.modules, 's3fs': 's3fs' in sys.modules}))")
     result = subprocess.run([sys.executable, "-c", program], check=False, capture_output=True, text=True, timeout=300,
                             env={key: value for key, value in os.environ.items() if not key.startswith("CELLSEG_")})
     assert result.returncode == 0, result.stderr
     outcome = json.loads(result.stdout.splitlines()[-1])
-    assert outcome == {"codes": [0] * len(commands), "torch": False}, result.stderr
+    assert outcome == {"codes": [0] * len(commands), "torch": False, "s3fs": False}, result.stderr  # local paths only
     assert '"dice": 1.0' in result.stdout  # evaluate really scored the store: its masks are the truth
     assert (tmp_path / "cells.csv").is_file() and (tmp_path / "more/images/synth_0000.png").is_file()
 

@@ -174,3 +174,26 @@ def test_flows_take_storage_settings_from_the_worker_environment(tiny_checkpoint
     assert summary["done"] == 2 and summary["failed"] == []
     limits = {"connect_timeout": 10.0, "read_timeout": 30.0, "retries": {"total_max_attempts": 4, "mode": "standard"}}
     assert fsspec.config.conf["s3"] == {"endpoint_url": options["endpoint_url"], "config_kwargs": limits}
+
+
+@pytest.mark.parametrize("s3fs_first", [False, True])
+def test_s3fs_retries_are_bounded_without_importing_it_at_every_start(s3fs_first):
+    """s3fs's own 5 retries around botocore's would multiply an unreachable endpoint's wait; they are
+    bounded to 1 when fsspec first imports s3fs for an s3:// or s3a:// URL, and not before: a
+    command that never touches S3 does not pay for its import."""
+    program = "\n".join([
+        "import json, sys",
+        "import s3fs" if s3fs_first else "",
+        "import fsspec",
+        "from cellseg.settings import CellsegSettings",
+        "CellsegSettings().apply_storage()",
+        "imported_by_settings = 's3fs' in sys.modules",
+        "filesystems = [fsspec.core.url_to_fs(url, anon=True)[0] for url in ('s3a://bucket/x', 's3://bucket/y')]",
+        "import s3fs",
+        "print(json.dumps({'imported': imported_by_settings, 'retries': s3fs.S3FileSystem.retries,",
+        "                  's3fs': [type(filesystem) is s3fs.S3FileSystem for filesystem in filesystems]}))",
+    ])
+    result = subprocess.run([sys.executable, "-c", program], check=False, capture_output=True, text=True, timeout=120,
+                            env={key: value for key, value in os.environ.items() if not key.startswith("CELLSEG_")})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == {"imported": s3fs_first, "retries": 1, "s3fs": [True, True]}
