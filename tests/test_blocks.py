@@ -46,6 +46,7 @@ from cellseg.store_checks import StoreError
 from cellseg.synth import generate_sample, mosaic_tiles
 from cellseg.tiling import fitted_tile, tile_starts
 from cellseg.verify import verify_store
+from tests.conftest import cellseg
 
 SIDE, BLOCK, OVERLAP = 1024, 256, 64  # 16 blocks: 24 seams, 9 inner corners
 
@@ -339,6 +340,31 @@ def test_scratch_labels_past_the_stitched_ones_are_refused_when_measured(frozen_
     with pytest.raises(StoreError, match="block 0: its scratch labels reach past the stitched labels"):
         measure_block(store, "m", 0, image)
     assert measure_block(store, "m", 1, image) == "measured"  # the other blocks are measured as before
+
+
+@pytest.mark.integration
+def test_a_large_image_is_written_block_by_block_into_an_s3_store_as_into_a_folder(s3_bucket, tmp_path):
+    """The block steps write and read their chunks directly (`zarr_writes.write_region`,
+    `read_region`); on S3 they must give the same store as in a local folder."""
+    bucket, options = s3_bucket
+    (tmp_path / "images").mkdir()
+    tifffile.imwrite(tmp_path / "images/mosaic.tif", mosaic((1100, 1030), seed=11))
+    env = {"FSSPEC_S3_ENDPOINT_URL": options["endpoint_url"]}
+    stores = {"s3": f"{bucket}/results.zarr", "folder": str(tmp_path / "results.zarr")}
+    for url in stores.values():
+        cellseg("--quiet", "predict", "--model", "general", "--images", str(tmp_path / "images"), "--out", url,
+                "--blockwise-above", "1", "--block-size", "512", env=env)
+    on_s3 = ResultStore.open(stores["s3"], storage_options=options, mode="r")
+    in_folder = ResultStore.open(stores["folder"], mode="r")
+    assert on_s3.record("mosaic")["blocks"]["count"] == 9 and "blocks" not in on_s3.root["mosaic"]  # scratch removed
+    np.testing.assert_array_equal(on_s3.read_cells("mosaic"), in_folder.read_cells("mosaic"))
+    np.testing.assert_array_equal(on_s3.read_image("mosaic"), in_folder.read_image("mosaic"))
+    assert on_s3.read_cell_table("mosaic")[1].tolist() == in_folder.read_cell_table("mosaic")[1].tolist()
+    assert on_s3.record("mosaic")["statistics"] == in_folder.record("mosaic")["statistics"]
+    for level in ("1", "2"):
+        np.testing.assert_array_equal(on_s3.root[f"mosaic/labels/cells/{level}"][...],
+                                      in_folder.root[f"mosaic/labels/cells/{level}"][...])
+    assert verify_store(stores["s3"], storage_options=options, read_data=True).broken == []
 
 # Subprocesses: memory and a killed run ------------------------------------------------------------
 
