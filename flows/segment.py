@@ -47,7 +47,7 @@ from cellseg.pictures import picture_markdown
 from cellseg.redact import redact_url
 from cellseg.report import montage_url, store_montage
 from cellseg.runtime import resolve_device
-from cellseg.segment import CPU_STAGES, SegmentReport, cpu_line, cpu_ms_per_image
+from cellseg.segment import CPU_STAGES, SegmentReport, StoppedWriting, cpu_line, cpu_ms_per_image
 from cellseg.store import ResultStore
 
 PARTLY_FAILED_STATE = "Completed with failures"  # the final state's name when some images failed
@@ -188,7 +188,17 @@ def segment_shards(shards: list[Shard], job: SegmentJob, runner: TaskRunner, gpu
             progress.update(finished, f"{shard_done} of {len(shards)} shards finished ({finished} of {images} images)")
             if shard_done == 1 and on_first_shard is not None:
                 on_first_shard()
-        return [future.result() for future in futures]
+        results: list[dict[str, Any]] = []
+        stopped: list[StoppedWriting] = []
+        for future in futures:
+            try:
+                results.append(future.result())
+            except StoppedWriting as error:  # the others went on until they too could not write, or finished
+                stopped.append(error)
+        if stopped:  # counted over the run, as `cellseg predict` counts them
+            written = sum(result["done"] for result in results) + sum(error.written for error in stopped)
+            raise StoppedWriting(stopped[0].cause, written, images)
+        return results
 
 
 @flow(name="segment-images")

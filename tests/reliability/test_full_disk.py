@@ -109,3 +109,23 @@ def test_a_reader_that_stops_reading_ends_the_output_quietly(big_store):
         assert run.returncode == 0, run.stderr
         assert run.stderr == ""  # neither a traceback nor Python's "Exception ignored ... BrokenPipeError"
         assert run.stdout == first + "\n"
+
+
+def test_a_full_disk_stops_the_segment_images_flow_in_one_line_counting_the_run(quick_checkpoint, images, prefect_server,
+                                                                                  tmp_path, monkeypatch):
+    """Each shard is a task of its own: the shard that meets the full disk fails, the others go on,
+    and the flow's one line counts the images of the whole run, not of that shard."""
+    for name, value in prefect_server.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "flow.zarr"
+    stopped = cellseg_run("flow", "segment-images", "--source", str(images), "--store", str(out), "--model",
+                          str(quick_checkpoint), "--shard-size", "1", "--max-parallel-shards", "2", max_file_bytes=LIMIT)
+    assert stopped.returncode == 2, stopped.stderr
+    last = stopped.stderr.strip().splitlines()[-1]  # after the flow's own log lines
+    assert last.startswith(f"cellseg flow: error: cannot write to results store '{out}'"), stopped.stderr
+    assert "File too large" in last and "3 of 4 images written" in last and "rerun to complete it" in last, last
+    assert ResultStore.open(str(out), mode="r").done_ids() == {"a0", "a1", "c0"}
+    rerun = cellseg_run("-q", "flow", "segment-images", "--source", str(images), "--store", str(out), "--model",
+                        str(quick_checkpoint), "--shard-size", "1")
+    assert rerun.returncode == 0, rerun.stderr
+    assert ResultStore.open(str(out), mode="r").done_ids() == {"a0", "a1", "b_big", "c0"}
