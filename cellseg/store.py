@@ -384,16 +384,22 @@ class ResultStore:
                                    chunk_key_encoding=CHUNK_KEY_ENCODING, dimension_names=dimension_names,
                                    attributes=attributes, config=WRITE_CONFIG)
 
-        if not may_exist:
+        try:
+            array = self.root.get(path) if may_exist else None
+        except METADATA_ERRORS:  # a damaged array's metadata: nothing in it is worth keeping
+            create(overwrite=True)
+            return
+        if array is None:
+            # Nothing there yet, but maybe the folder of a concurrent writer's array, its files on
+            # the way: created without overwriting, which would delete them under that writer.
             try:
                 create(overwrite=False)
                 return
             except (ContainsArrayError, ContainsGroupError):  # another run created it just now
-                pass
-        try:
-            array = self.root.get(path)
-        except METADATA_ERRORS:  # a damaged array's metadata: nothing in it is worth keeping
-            array = None
+                try:
+                    array = self.root.get(path)
+                except METADATA_ERRORS:
+                    array = None
         if isinstance(array, zarr.Array) and (array.shape, array.dtype, array.chunks) == (data.shape, data.dtype, chunks):
             array.with_config(WRITE_CONFIG)[...] = data
             if attributes and dict(array.attrs) != attributes:
