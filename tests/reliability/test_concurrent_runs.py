@@ -59,7 +59,7 @@ def test_a_run_writing_an_unfinished_image_keeps_the_files_another_run_has_on_th
     folders, and is writing their files; the second finds the group not done and writes each array.
     Where an array's metadata is not there yet, the second creates it without overwriting, which
     would delete the folder and the first run's files under it (found as a FileNotFoundError of
-    one image in about 1 of 15 pairs of `cellseg predict` runs at once under load)."""
+    one image in 5 of 65 pairs of `cellseg predict` runs at once under load)."""
     store = ResultStore.open(str(tmp_path / "s.zarr"))
     store.root.require_group("img").attrs["cellseg"] = {"status": "writing", "source_url": "img.png"}
     in_flight = tmp_path / "s.zarr/img/tables/cells/c.0.0.0123abcd.partial"
