@@ -255,15 +255,14 @@ class Scratch:
         return NormalizationConfig.model_validate(self.attrs["normalization"])
 
     def array(self, name: str) -> zarr.Array:
-        path = f"{self.image_id}/blocks/{name}"
-        if path not in self.opened:
-            self.opened[path] = self.store.region_array(path, every_chunk=False)
-        return self.opened[path]
+        return self._opened(f"{self.image_id}/blocks/{name}", every_chunk=False)
 
     def image_array(self, path: str) -> zarr.Array:
-        path = f"{self.image_id}/{path}"
+        return self._opened(f"{self.image_id}/{path}", every_chunk=True)
+
+    def _opened(self, path: str, every_chunk: bool) -> zarr.Array:
         if path not in self.opened:
-            self.opened[path] = self.store.region_array(path)
+            self.opened[path] = self.store.region_array(path, every_chunk=every_chunk)
         return self.opened[path]
 
     def state(self) -> np.ndarray:

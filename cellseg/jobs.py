@@ -484,8 +484,7 @@ def segment_shards(job: SegmentJob, shards: Sequence[Shard], on_image: Callable[
         raise failed
     if stopped_writing := [error for error in errors if isinstance(error, StoppedWriting)]:
         written = sum(len(future.result().done) for future in futures if future.done() and not future.exception())
-        written += sum(error.written for error in stopped_writing)
-        raise StoppedWriting(stopped_writing[0].cause, written, sum(len(shard) for shard in shards))
+        raise StoppedWriting.over_run(stopped_writing, written, sum(len(shard) for shard in shards))
     return SegmentReport.combined([future.result() for future in futures], time.monotonic() - started)
 
 

@@ -291,6 +291,12 @@ class StoppedWriting(StoreWriteError):
     def __reduce__(self) -> tuple[Any, ...]:  # raised in a Dask worker, it reaches the flow whole
         return (type(self), (self.cause, self.written, self.images))
 
+    @classmethod
+    def over_run(cls, stopped: Sequence[StoppedWriting], written_by_the_others: int, images: int) -> StoppedWriting:
+        """One error for a run whose shards ran side by side, some of them `stopped`: the images
+        written counted over the whole run, as one loop would have counted them."""
+        return cls(stopped[0].cause, written_by_the_others + sum(error.written for error in stopped), images)
+
 
 def take_call(
     reads: ReadAhead[SourceRead], predictor: Predictor

@@ -128,12 +128,11 @@ def written_labels(grid: BlockGrid, box: Box, edges_of: Callable[[int], np.ndarr
     return labels
 
 
-def numbered_across_blocks(grid: BlockGrid, box: Box, labels: np.ndarray, offsets: np.ndarray,
-                           dtype: type[np.integer] = np.int64) -> np.ndarray:
-    """(h, w) of `dtype`: the block-local `labels` over `box` numbered across blocks, label k of the
+def numbered_across_blocks(grid: BlockGrid, box: Box, labels: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(h, w) int64: the block-local `labels` over `box` numbered across blocks, label k of the
     block owning a pixel becoming offsets[block] + k. Background (0) becomes its block's offset:
     mask it where `labels` is 0."""
-    numbered = np.array(labels, dtype=dtype)
+    numbered = np.array(labels, dtype=np.int64)
     for owner, (top, bottom, left, right) in grid.parts(box):
         part = numbered[top - box[0]: bottom - box[0], left - box[2]: right - box[2]]
         np.add(part, offsets[owner], out=part)

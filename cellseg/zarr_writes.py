@@ -28,7 +28,7 @@ import json
 import os
 import posixpath
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -174,22 +174,32 @@ def encoded_chunks(array: NewArray, meta: ArrayV3Metadata) -> list[tuple[str, by
     padded with the fill value, its bytes in C order, little-endian, zstd-compressed."""
     # Encoded here, in the caller's thread, instead of through zarr's codec pipeline: for the few
     # chunks of an image, that pipeline's tasks and thread hand-offs cost more than the compression.
-    bytes_codec, *compressors = meta.codecs
-    if not (isinstance(bytes_codec, BytesCodec) and compressors == list(ARRAY_CODECS)):
+    if not _own_codecs(meta):
         raise ValueError(f"'{array.path}' is not encoded with cellseg's codecs: {meta.codecs}")
-    zstd = Zstd(level=ARRAY_CODECS[0].level, checksum=ARRAY_CODECS[0].checksum)
-    dtype = array.data.dtype.newbyteorder("<")
     chunk_shape = array.chunks
+    encode = _chunk_encoder(meta, array.data.dtype)
     encoded = []
     for coords in np.ndindex(*(-(-side // chunk) for side, chunk in zip(array.data.shape, chunk_shape, strict=True))):
         window = tuple(slice(index * chunk, (index + 1) * chunk) for index, chunk in zip(coords, chunk_shape, strict=True))
-        part = array.data[window]
+        encoded.append((meta.encode_chunk_key(coords), encode(array.data[window])))
+    return encoded
+
+
+def _chunk_encoder(meta: ArrayV3Metadata, dtype: np.dtype) -> Callable[[np.ndarray], bytes]:
+    """Encodes one chunk's data as zarr does with `ARRAY_CODECS`: at the chunk's full shape (an
+    edge chunk padded with the fill value), its bytes in C order, little-endian, zstd-compressed."""
+    zstd = Zstd(level=ARRAY_CODECS[0].level, checksum=ARRAY_CODECS[0].checksum)
+    little = np.dtype(dtype).newbyteorder("<")
+    chunk_shape = tuple(meta.chunks)
+
+    def encode(part: np.ndarray) -> bytes:
         if part.shape != chunk_shape:
-            full = np.full(chunk_shape, meta.fill_value, dtype=dtype)
+            full = np.full(chunk_shape, meta.fill_value, dtype=little)
             full[tuple(slice(0, side) for side in part.shape)] = part
             part = full
-        encoded.append((meta.encode_chunk_key(coords), zstd.encode(np.ascontiguousarray(part, dtype=dtype))))
-    return encoded
+        return zstd.encode(np.ascontiguousarray(part, dtype=little))
+
+    return encode
 
 
 async def _put(store: Store, objects: Sequence[tuple[str, bytes]]) -> None:
@@ -247,21 +257,14 @@ def write_region(array: zarr.Array, start: Sequence[int], data: np.ndarray) -> N
         array[tuple(slice(first, first + size) for first, size in zip(start, data.shape, strict=True))] = data
         return
     assert isinstance(meta, ArrayV3Metadata)
-    zstd = Zstd(level=ARRAY_CODECS[0].level, checksum=ARRAY_CODECS[0].checksum)
-    dtype = np.dtype(array.dtype).newbyteorder("<")
     chunk_shape = tuple(array.chunks)
+    encode = _chunk_encoder(meta, array.dtype)
     objects = []
     for coords in np.ndindex(*(len(span) for span in spans)):
         index = tuple(span[position] for span, position in zip(spans, coords, strict=True))
         window = tuple(slice(position * chunk, position * chunk + chunk)
                        for position, chunk in zip(coords, chunk_shape, strict=True))
-        part = data[window]
-        if part.shape != chunk_shape:
-            full = np.full(chunk_shape, meta.fill_value, dtype=dtype)
-            full[tuple(slice(0, side) for side in part.shape)] = part
-            part = full
-        objects.append((f"{array.path}/{meta.encode_chunk_key(index)}",
-                        zstd.encode(np.ascontiguousarray(part, dtype=dtype))))
+        objects.append((f"{array.path}/{meta.encode_chunk_key(index)}", encode(data[window])))
     put_objects(array.store, objects)
 
 

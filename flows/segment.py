@@ -196,8 +196,7 @@ def segment_shards(shards: list[Shard], job: SegmentJob, runner: TaskRunner, gpu
             except StoppedWriting as error:  # the others went on until they too could not write, or finished
                 stopped.append(error)
         if stopped:  # counted over the run, as `cellseg predict` counts them
-            written = sum(result["done"] for result in results) + sum(error.written for error in stopped)
-            raise StoppedWriting(stopped[0].cause, written, images)
+            raise StoppedWriting.over_run(stopped, sum(result["done"] for result in results), images)
         return results
 
 
