@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -51,6 +52,7 @@ from typing import Any, Protocol, cast
 import numpy as np
 import zarr
 from numba import njit
+from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from cellseg.config import NormalizationConfig, PredictConfig
 from cellseg.formats import Plane, cell_diameter_pixels, is_microscopy_url, open_plane, source_record, with_area_um2
@@ -294,7 +296,10 @@ def prepare_image(store: ResultStore, image_id: str, url: str, source: Source, p
                   workers: int = 1) -> tuple[int, list[int]]:
     """Plan a block-wise run of one image, or take up the one an earlier run left: (blocks, those
     still to predict). A run left with another plan (other settings, model or image) starts over;
-    an image another run has finished meanwhile is left as it is: (0, [])."""
+    an image another run has finished meanwhile is left as it is: (0, []).
+
+    Runs that plan the same image at once make one plan (`_claim_plan`): the others take it up, so
+    none deletes a block another has written."""
     if store.is_done(image_id):
         return 0, []
     config = predictor.config
@@ -304,17 +309,12 @@ def prepare_image(store: ResultStore, image_id: str, url: str, source: Source, p
                          f"{config.blocks.max_pixels} (raise predict.blocks.max_pixels to allow it)")
     plan = {"scratch": SCRATCH_LAYOUT, "shape": [height, width], "dtype": np.dtype(source.dtype).str, "source_url": redact_url(url),
             "model": predictor.model_version, "predict": config.model_dump(mode="json", exclude=NOT_IN_PLAN)}
-    try:
-        scratch: Scratch | None = Scratch.open(store, image_id)
-    except (StoreError, *METADATA_ERRORS):
-        scratch = None
+    found, scratch = _planned(store, image_id)
     if scratch is not None and scratch.attrs["plan"] == plan:
-        state = scratch.state()
-        scratch.update(resumed=int(np.count_nonzero(state[:, 0] != TODO)))
-        return len(state), [int(index) for index in np.flatnonzero(state[:, 0] == TODO)]
+        return _taken_up(scratch)
+    if found in (PLANNED, DAMAGED):  # another plan's, or one whose metadata cannot be read
+        del store.root[f"{image_id}/blocks"]
     grid = BlockGrid((height, width), config.blocks.block_size, config.blocks.overlap)
-    if scratch is not None or f"{image_id}/blocks" in store.root:
-        del store.root[f"{image_id}/blocks"]  # another plan's, or one whose metadata cannot be read
     store.root.require_group(image_id).attrs["cellseg"] = {"status": "writing", "source_url": redact_url(url),
                                                            "blockwise": True}
     normalization = predictor.normalization
@@ -324,14 +324,90 @@ def prepare_image(store: ResultStore, image_id: str, url: str, source: Source, p
              if levels.flat or levels.brightest([index], lut) < config.blocks.empty_level]
     described = source_record(source) if isinstance(source, Plane) else {}
     scale = _image_scale(source, grid, levels, lut, predictor, empty, described, url)
+    claim, taken = _claim_plan(store, image_id, plan, url)
+    if taken is not None:
+        return taken
     _create_arrays(store, image_id, grid, np.dtype(source.dtype), config, histogram)
     group = store.root.require_group(f"{image_id}/blocks")
+    if group.attrs.get("claim") != claim:  # taken for a stopped run's by another run, which plans the image now
+        return prepare_image(store, image_id, url, source, predictor, workers)
     group.attrs.put({"predict": config.model_dump(mode="json"), "normalization": normalization.model_dump(mode="json"),
                      "levels": asdict(levels),
                      "empty": empty, "scale": scale, "source": described, "resumed": 0, "plan": plan})
     logger.info("'%s': %d x %d pixels in %d blocks of %d (%d empty)", redact_url(url), height, width, grid.count,
                 grid.block, len(empty))
     return grid.count, list(range(grid.count))
+
+
+NONE, PLANNING, PLANNED, DAMAGED = "none", "planning", "planned", "damaged"  # an image's scratch, as `_planned` finds it
+PLAN_WAIT = 120.0  # seconds a plan being written may take (its arrays' metadata) before it counts as left by a stopped run
+PLAN_POLL = 0.5  # seconds between looks at a plan another run is writing
+
+
+def _planned(store: ResultStore, image_id: str) -> tuple[str, Scratch | None]:
+    """(what the image's scratch is, the scratch where it holds a whole plan)."""
+    try:
+        group = store.root.get(f"{image_id}/blocks")
+    except METADATA_ERRORS:
+        return DAMAGED, None
+    if group is None:
+        return NONE, None
+    if not isinstance(group, zarr.Group):
+        return DAMAGED, None
+    if "plan" not in group.attrs:
+        return PLANNING, None
+    return PLANNED, Scratch(store, image_id, group, dict(group.attrs))
+
+
+def _taken_up(scratch: Scratch) -> tuple[int, list[int]]:
+    state = scratch.state()
+    scratch.update(resumed=int(np.count_nonzero(state[:, 0] != TODO)))
+    return len(state), [int(index) for index in np.flatnonzero(state[:, 0] == TODO)]
+
+
+def _claim_plan(store: ResultStore, image_id: str, plan: dict[str, Any], url: str,
+                ) -> tuple[dict[str, Any] | None, tuple[int, list[int]] | None]:
+    """Make this run the one that writes the image's plan: (its claim, None), the claim being the
+    scratch group created without overwriting, with a token and the time in its attributes. Where
+    another run has meanwhile written the same plan, or writes it now, that plan is taken up once
+    written: (None, (blocks, those still to predict)). A claim older than PLAN_WAIT, or without a
+    token, was left by a run that stopped while planning and is replaced. Another run's plan with
+    other settings is left to it: StoreError."""
+    path = f"{image_id}/blocks"
+    waited_on: Any = None
+    while True:
+        found, scratch = _planned(store, image_id)
+        if scratch is not None:
+            if scratch.attrs["plan"] == plan:
+                return None, _taken_up(scratch)
+            raise StoreError(f"'{redact_url(url)}' is being segmented block by block by another run with other "
+                             "settings or another model; run again once it has finished")
+        if found == DAMAGED:
+            del store.root[path]
+            continue
+        if found == NONE:
+            claim = {"token": uuid.uuid4().hex, "since": time.time()}
+            try:
+                store.root.create_group(path, overwrite=False, attributes={"claim": claim})
+            except (ContainsArrayError, ContainsGroupError):  # another run claimed it just now
+                continue
+            return claim, None
+        try:
+            held = store.root[path].attrs.get("claim")
+        except (KeyError, *METADATA_ERRORS):
+            continue
+        since = held.get("since") if isinstance(held, dict) and isinstance(held.get("token"), str) else None
+        if not isinstance(since, float | int) or time.time() - since > PLAN_WAIT:
+            if held == waited_on or not isinstance(since, float | int):  # seen twice: nobody is writing it
+                del store.root[path]
+                waited_on = None
+                continue
+            waited_on = held
+            continue
+        if waited_on != held:
+            logger.info("'%s': waiting for the block-wise plan another run is writing", redact_url(url))
+            waited_on = held
+        time.sleep(PLAN_POLL)
 
 
 def _image_scale(source: Source, grid: BlockGrid, levels: Levels, lut: np.ndarray | None, predictor: Predictor,

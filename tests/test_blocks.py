@@ -9,9 +9,13 @@ normalisation). With InstanceNorm and bf16, two tilings of one image differ by a
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +27,10 @@ import zarr
 
 from benchmarks.large import bench_exact, compare, frozen_checkpoint
 from cellseg.blocks import (
+    PLAN_WAIT,
+    PREDICTED,
     SUM_COLUMNS,
+    Scratch,
     _cell_rows,
     _local_numbers,
     image_levels,
@@ -279,6 +286,107 @@ def test_a_scratch_left_by_a_cellseg_with_other_arrays_starts_over(frozen_genera
     assert prepare_image(store, "m", "m", image, predictor) == (count, todo)
     assert "edges" in store.root["m/blocks"] and store.root["m/blocks"].attrs["plan"] == attributes["plan"]
 
+
+
+
+class HeldImage:
+    """An image whose first read waits until `go` is set (`reading` is set meanwhile): a run held in
+    the middle of planning it."""
+
+    def __init__(self, image: np.ndarray):
+        self.image, self.reading, self.go = image, threading.Event(), threading.Event()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.image.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.image.dtype
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        self.reading.set()
+        assert self.go.wait(60)
+        return self.image[key]
+
+
+def _prepare_in_a_thread(store, image, predictor) -> tuple[threading.Thread, list]:
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(prepare_image(store, "m", "m", image, predictor))
+        except Exception as error:  # noqa: BLE001 - the test asserts on it
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_plan_another_run_made_while_this_one_planned_is_taken_up_with_its_blocks(frozen_general, tmp_path):
+    """Two runs plan the same image at once; the second to finish planning takes up the first's plan,
+    instead of making its arrays again, which deleted the blocks the first had written meanwhile."""
+    image = mosaic((SIDE, SIDE), seed=7)
+    predictor = load_predictor(ModelSource("", checkpoint_url=str(frozen_general)), BLOCKWISE)
+    store = ResultStore.open(str(tmp_path / "r.zarr"))
+    held = HeldImage(image)
+    thread, outcome = _prepare_in_a_thread(store, held, predictor)
+    assert held.reading.wait(60)
+    count, todo = prepare_image(store, "m", "m", image, predictor)
+    assert predict_block(store, "m", todo[0], image, predictor) == "predicted"
+    written = np.asarray(store.root["m/labels/mask/0"][:BLOCK, :BLOCK])
+    held.go.set()
+    thread.join(60)
+    assert outcome == [(count, todo[1:])]
+    assert Scratch.open(store, "m").state()[todo[0], 0] == PREDICTED
+    np.testing.assert_array_equal(store.root["m/labels/mask/0"][:BLOCK, :BLOCK], written)
+    assert written.any()
+
+
+def test_a_plan_being_written_is_waited_for_and_one_left_by_a_stopped_run_replaced(frozen_general, tmp_path, caplog,
+                                                                                   monkeypatch):
+    monkeypatch.setattr("cellseg.blocks.PLAN_POLL", 0.05)
+    image = mosaic((SIDE, SIDE), seed=7)
+    predictor = load_predictor(ModelSource("", checkpoint_url=str(frozen_general)), BLOCKWISE)
+    reference = ResultStore.open(str(tmp_path / "reference.zarr"))
+    count, todo = prepare_image(reference, "m", "m", image, predictor)
+    predict_block(reference, "m", todo[0], image, predictor)
+
+    # Left by runs that stopped while planning: a claim older than PLAN_WAIT, and an older cellseg's scratch without one.
+    for name, attributes in (("stale", {"claim": {"token": "a", "since": time.time() - PLAN_WAIT - 1}}), ("bare", {})):
+        store = ResultStore.open(str(tmp_path / f"{name}.zarr"))
+        store.root.create_group("m/blocks", attributes=attributes)
+        assert prepare_image(store, "m", "m", image, predictor) == (count, todo), name
+
+    # Another run claimed the plan a moment ago and writes it now: this run waits, then takes it up.
+    store = ResultStore.open(str(tmp_path / "claimed.zarr"))
+    store.root.create_group("m/blocks", attributes={"claim": {"token": "b", "since": time.time()}})
+    with caplog.at_level(logging.INFO, logger="cellseg.blocks"):
+        thread, outcome = _prepare_in_a_thread(store, image, predictor)
+        deadline = time.monotonic() + 60
+        while "waiting for the block-wise plan another run is writing" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert thread.is_alive() and not outcome
+        scratch = tmp_path / "reference.zarr/m"
+        for path in sorted(scratch.rglob("*")):  # the plan's own metadata last, as the run that claimed it writes it
+            if path.is_file() and path != scratch / "blocks/zarr.json":
+                (tmp_path / "claimed.zarr/m" / path.relative_to(scratch)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, tmp_path / "claimed.zarr/m" / path.relative_to(scratch))
+        shutil.copyfile(scratch / "blocks/zarr.json", tmp_path / "claimed.zarr/m/blocks/zarr.json.new")
+        os.replace(tmp_path / "claimed.zarr/m/blocks/zarr.json.new", tmp_path / "claimed.zarr/m/blocks/zarr.json")
+        thread.join(60)
+    assert outcome == [(count, todo[1:])]
+
+    # A plan with other settings is left to the run that made it.
+    other = load_predictor(ModelSource("", checkpoint_url=str(frozen_general)), BLOCKWISE.model_copy(update={"threshold": 0.4}))
+    store.root["m/blocks"].attrs.put({"claim": {"token": "c", "since": time.time()}})
+    thread, outcome = _prepare_in_a_thread(store, image, other)
+    time.sleep(0.3)
+    store.root["m/blocks"].attrs.put(dict(reference.root["m/blocks"].attrs))
+    thread.join(60)
+    assert isinstance(outcome[0], StoreError) and "another run with other settings" in str(outcome[0])
+    assert Scratch.open(store, "m").state()[todo[0], 0] == PREDICTED
 
 
 def test_a_block_that_fits_a_tile_is_predicted_in_one_pass_with_its_overlap(frozen_general, tmp_path):
