@@ -39,7 +39,7 @@ from cellseg.checkpoint import load_checkpoint, save_checkpoint
 from cellseg.config import PredictConfig
 from cellseg.evaluate import validation_cell_scores
 from cellseg.infer import Predictor
-from cellseg.io import decode_image, read_bytes
+from cellseg.io import decode_mask, read_bytes
 from cellseg.jobs import TrainJob, TrainOutcome, decide_postprocessing, run_training
 from cellseg.pairs import ImagePair, instance_labels, load_pairs, pair_images_and_masks, split_train_val
 from cellseg.paths import LOCAL_ROOT
@@ -97,7 +97,8 @@ def nuclei_training_data(data: Path, outcome: TrainOutcome) -> dict[str, Any]:
     """What the card says about the DSB2018 training data: source, licence, counts, cell sizes."""
     diameters, nuclei = [], 0
     for pair in pair_images_and_masks(str(data / "images"), str(data / "labels")):
-        labels = instance_labels(decode_image(read_bytes(pair.mask_url), pair.mask_url), pair.mask_url)
+        decoded = decode_mask(read_bytes(pair.mask_url), pair.mask_url)
+        labels = instance_labels(decoded.pixels, pair.mask_url, decoded.colour)
         if labels is None:
             continue
         nuclei += len(np.unique(labels)) - 1

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cellseg.config import DEFAULT_CENTRE_PROMINENCE, PredictConfig
-from cellseg.io import StorageOptions, binarize_mask, list_images, read_image
+from cellseg.io import StorageOptions, binarize_mask, list_images, read_mask_file
 from cellseg.metrics import MetricAccumulator, ThresholdSweep, confusion_counts
 from cellseg.pairs import LoadedPair, index_by_stem, instance_labels, label_image
 from cellseg.postprocess import CellMaps, cell_labels
@@ -75,8 +75,8 @@ def evaluate_store(
     accumulator, per_image = MetricAccumulator(), []
     sweep = ThresholdSweep() if all(with_probabilities) else None
     for image_id in scored:
-        decoded = read_image(truths[image_id], storage_options)
-        truth = binarize_mask(decoded)
+        decoded = read_mask_file(truths[image_id], storage_options)
+        truth = binarize_mask(decoded.pixels)
         prediction = store.read_mask(image_id)  # DamagedImage (naming it) on a chunk that cannot be decoded
         if truth.shape != prediction.shape:
             raise StoreError(
@@ -93,13 +93,13 @@ def evaluate_store(
         if labels_url:
             if image_id not in true_labels:
                 raise StoreError(f"no ground-truth label image for '{image_id}' under '{labels_url}'")
-            labels = read_image(true_labels[image_id], storage_options)
+            labels = read_mask_file(true_labels[image_id], storage_options).pixels
             if labels.dtype.kind in "iu":
                 labels = label_image(labels, true_labels[image_id])
             if labels.shape != truth.shape:
                 raise StoreError(f"label image '{true_labels[image_id]}' is {labels.shape}, its mask {truth.shape}")
         else:
-            labels = instance_labels(decoded, truths[image_id])
+            labels = instance_labels(decoded.pixels, truths[image_id], decoded.colour)
         if labels is not None:
             row.update({f"instance_{key}": value for key, value in instance_scores(cells, labels).items()})
         row.update(region_scores(cells, truth_regions(truth) if labels is None else labels))

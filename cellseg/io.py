@@ -207,14 +207,40 @@ def decode_image(
     ImageReadError naming `name` for anything unusable, including NaN or infinite pixels. What
     the caller should know about a usable file (only its first page used) is appended to `warnings`.
     """
+    return _decoded(data, name, max_pixels, warnings, colours_apart=False)
+
+
+@dataclass(frozen=True)
+class DecodedMask:
+    """A mask or label file's pixels (H, W), and whether they are its colours, each one number."""
+
+    pixels: np.ndarray
+    colour: bool
+
+
+def decode_mask(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedMask:
+    """Decode a mask or label image as `decode_image` does, except for colour: an RGB(A), palette,
+    CMYK or YCbCr file whose pixels are not all grey keeps each colour apart, as one unsigned
+    number (red, green, blue: 8-bit samples in uint32, 16-bit ones in uint64; black is 0), since
+    annotation tools save instance labels as one colour per cell, and luma would give two colours
+    of equal brightness one label and more than 255 cells fewer labels than cells. A grey colour
+    file gives its grey level, as a grayscale one does (`pairs.instance_labels` judges both)."""
+    return _decoded(data, name, max_pixels, None, colours_apart=True)
+
+
+def _decoded(data: bytes, name: str, max_pixels: int, warnings: list[str] | None, colours_apart: bool,
+             ) -> Any:
     if not data:
         raise ImageReadError(f"'{name}': file is empty (0 bytes)")
     notes: list[str] = []
+    found: np.ndarray | _Colours
     if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        array = _decode_tiff(data, name, max_pixels, notes)
+        found = _decode_tiff(data, name, max_pixels, notes, colours_apart)
     else:
         plain = _decode_plain_png(data, name, max_pixels)
-        array = _decode_with_pillow(data, name, max_pixels, notes) if plain is None else plain
+        found = _decode_with_pillow(data, name, max_pixels, notes, colours_apart) if plain is None else plain
+    colour = isinstance(found, _Colours)
+    array = found.packed if isinstance(found, _Colours) else found
     if array.ndim != 2 or min(array.shape) < 1:
         raise ImageReadError(f"'{name}': expected a 2-D grayscale image, got shape {array.shape}")
     if array.dtype.kind == "f":
@@ -228,10 +254,33 @@ def decode_image(
                                  f"(±{np.finfo(np.float32).max:g}) that cellseg computes in")
     if warnings is not None:
         warnings.extend(notes)
-    return array
+    return DecodedMask(array, colour) if colours_apart else array
 
 
-def _decode_tiff(data: bytes, name: str, max_pixels: int, notes: list[str]) -> np.ndarray:
+@dataclass(frozen=True)
+class _Colours:
+    """An (H, W) image's colours, each one number (`decode_mask`)."""
+
+    packed: np.ndarray
+
+
+def _colour_or_luma(rgb: np.ndarray, colours_apart: bool) -> np.ndarray | _Colours:
+    """(H, W, 3) samples: their luma, or for `decode_mask` their grey level where every pixel is
+    grey, else their colours packed (integer samples of 8 or 16 bits; others give luma)."""
+    if not colours_apart or rgb.dtype not in (np.uint8, np.uint16):
+        return _luma(rgb)
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    if np.array_equal(red, green) and np.array_equal(green, blue):
+        return np.ascontiguousarray(red)
+    wide, bits = (np.dtype(np.uint32), 8) if rgb.dtype == np.uint8 else (np.dtype(np.uint64), 16)
+    packed = np.left_shift(red.astype(wide), wide.type(2 * bits))
+    packed |= np.left_shift(green.astype(wide), wide.type(bits))
+    packed |= blue
+    return _Colours(packed)
+
+
+def _decode_tiff(data: bytes, name: str, max_pixels: int, notes: list[str], colours_apart: bool = False,
+                 ) -> np.ndarray | _Colours:
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = cast(tifffile.TiffPage, tif.pages[0])  # the first page is a TiffPage, never a TiffFrame
@@ -249,8 +298,8 @@ def _decode_tiff(data: bytes, name: str, max_pixels: int, notes: list[str]) -> n
     if array.ndim == 3 and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and array.shape[0] in (3, 4):
         array = np.moveaxis(array, 0, -1)  # planar RGB(A) is stored samples-first: (S, H, W)
     if array.ndim == 3 and array.shape[-1] in (3, 4):
-        array = _luma(array[..., :3])
-    elif array.ndim == 3 and array.shape[0] == 1:
+        return _colour_or_luma(array[..., :3], colours_apart)
+    if array.ndim == 3 and array.shape[0] == 1:
         array = array[0]
     return array
 
@@ -345,14 +394,20 @@ def _decode_plain_png(data: bytes, name: str, max_pixels: int) -> np.ndarray | N
     return png.decode_plain_gray(data, layout)
 
 
-def _decode_with_pillow(data: bytes, name: str, max_pixels: int, notes: list[str]) -> np.ndarray:
+def _decode_with_pillow(data: bytes, name: str, max_pixels: int, notes: list[str], colours_apart: bool = False,
+                        ) -> np.ndarray | _Colours:
+    colours: _Colours | None = None
     try:
         with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as opened:
             _check_pixel_limit(name, opened.width * opened.height, max_pixels)
             frames = int(getattr(opened, "n_frames", 1))
             opened.load()
-            to_gray = opened.mode in ("RGB", "RGBA", "P", "PA", "LA", "CMYK", "YCbCr", "1")
-            array = np.asarray(opened.convert("L") if to_gray else opened)
+            if colours_apart and opened.mode in COLOUR_MODES:
+                found = _colour_or_luma(np.asarray(opened.convert("RGB")), colours_apart=True)
+                colours, array = (found, found.packed) if isinstance(found, _Colours) else (None, found)
+            else:
+                to_gray = opened.mode in (*COLOUR_MODES, "LA", "1")
+                array = np.asarray(opened.convert("L") if to_gray else opened)
     except ImageReadError:
         raise
     except UnidentifiedImageError as error:
@@ -361,6 +416,8 @@ def _decode_with_pillow(data: bytes, name: str, max_pixels: int, notes: list[str
         raise ImageReadError(f"'{name}': not a readable image ({error})") from error
     if frames > 1:
         notes.append(f"uses frame 0 of {frames}: the other frames are not segmented")
+    if colours is not None:
+        return colours
     if array.dtype == np.int32 and array.size and array.min() >= 0 and array.max() <= 65535:
         array = array.astype(np.uint16)  # Pillow's 'I' mode for 16-bit PNGs
     return array
@@ -394,6 +451,9 @@ def _check_pixel_limit(name: str, pixels: int, max_pixels: int) -> None:
         )
 
 
+COLOUR_MODES = ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr")  # Pillow's modes of colour images
+
+
 def _luma(rgb: np.ndarray) -> np.ndarray:
     weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
     gray = rgb.astype(np.float32) @ weights
@@ -415,6 +475,13 @@ def binarize_mask(mask: np.ndarray) -> np.ndarray:
     return mask > 0
 
 
+def read_mask_file(url: str, storage_options: StorageOptions = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   ) -> DecodedMask:
+    """Read and decode one mask or label file (`decode_mask`), refused as `read_image` refuses."""
+    max_bytes = max_pixels * MAX_BYTES_PER_PIXEL + MAX_EXTRA_FILE_BYTES
+    return decode_mask(read_bytes(url, storage_options, max_bytes), url, max_pixels)
+
+
 def read_mask(url: str, storage_options: StorageOptions = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read a mask file into a boolean (H, W) array."""
-    return binarize_mask(read_image(url, storage_options, max_pixels))
+    """Read a mask file into a boolean (H, W) array: any pixel not black is cell."""
+    return binarize_mask(read_mask_file(url, storage_options, max_pixels).pixels)

@@ -20,6 +20,7 @@ from cellseg.io import (
     StorageOptions,
     binarize_mask,
     decode_image,
+    decode_mask,
     image_stem,
     list_images,
     read_bytes,
@@ -148,10 +149,12 @@ def load_pair(pair: ImagePair, normalization: NormalizationConfig, storage_optio
     image_bytes = read_bytes(pair.image_url, storage_options)
     mask_bytes = read_bytes(pair.mask_url, storage_options)
     image = decode_image(image_bytes, pair.image_url)
-    decoded_mask = decode_image(mask_bytes, pair.mask_url)
+    decoded = decode_mask(mask_bytes, pair.mask_url)
+    decoded_mask = decoded.pixels
     check_same_size(pair.image_url, image.shape, pair.mask_url, decoded_mask.shape)
     # A binary image that equals its mask is consistent; an image of grey levels is no mask.
-    if np.array_equal(image, decoded_mask) and np.unique(decoded_mask).size > 2:
+    same = mask_bytes == image_bytes or np.array_equal(image, decoded_mask)
+    if same and np.unique(image).size > 2:
         raise DatasetError(f"mask '{redact_url(pair.mask_url)}' holds the same pixels as its image "
                            f"'{redact_url(pair.image_url)}': are the masks the image folder?")
     return LoadedPair(
@@ -161,12 +164,12 @@ def load_pair(pair: ImagePair, normalization: NormalizationConfig, storage_optio
         image_sha256=hashlib.sha256(image_bytes).hexdigest(),
         mask_sha256=hashlib.sha256(mask_bytes).hexdigest(),
         dtype=str(image.dtype),
-        instances=instance_labels(decoded_mask, pair.mask_url),
+        instances=instance_labels(decoded_mask, pair.mask_url, decoded.colour),
         appearance=image_appearance(image, decoded_mask),
     )
 
 
-def instance_labels(decoded_mask: np.ndarray, url: str) -> np.ndarray | None:
+def instance_labels(decoded_mask: np.ndarray, url: str, colour: bool = False) -> np.ndarray | None:
     """Cell labels of a mask file that is an instance label image (`label_image`), else None.
 
     Integer images of 16 bits or more are label images (as cellpose, StarDist and the DSB2018
@@ -174,9 +177,18 @@ def instance_labels(decoded_mask: np.ndarray, url: str) -> np.ndarray | None:
     saved in 16 bits (0/1 or 0/65535, as ImageJ and MATLAB write them). An 8-bit mask is a label
     image only when its grey levels are cells (`labels_in_eight_bits`); otherwise it is binary,
     since a compressed or resampled 0/255 mask has stray grey values that are not cells.
+    A `colour` file's colours (`io.decode_mask`) are its cells, one colour each, unless one colour
+    covers several separate regions (cells in one colour: a binary mask) or its colours lie mostly
+    in specks, as a JPEG-compressed mask's do (`speck_share`): those are binary masks.
     """
     if decoded_mask.dtype.kind not in "iu":
         return None
+    if colour:
+        if one_value_in_pieces(decoded_mask):
+            return None
+        cells = numbered_cells(decoded_mask)
+        specks, share = speck_share(cells)
+        return None if specks >= SPECKS_JUDGED and share > MAX_SPECK_SHARE else cells
     if decoded_mask.dtype.itemsize >= 2:
         return None if one_value_in_pieces(decoded_mask) else _cells_not_specks(decoded_mask, url)
     return _cells_not_specks(decoded_mask, url) if labels_in_eight_bits(decoded_mask) else None

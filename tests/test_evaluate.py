@@ -368,3 +368,27 @@ def test_eight_bit_label_images_as_masks_give_the_cell_scores(tmp_path):
     eight, sixteen = (evaluate_store(store, str(tmp_path / folder)) for folder in ("labels8", "labels16"))
     assert eight["labelled_images"] == 1 and eight["instances"] == sixteen["instances"]
     assert eight["instances"]["true_cells_total"] == len(np.unique(sample.labels)) - 1
+
+
+
+def test_colour_label_images_as_masks_or_labels_give_the_cell_scores(tmp_path):
+    """A label image saved as one colour per cell scores as its 16-bit original does, given as the
+    masks or as the labels."""
+    from PIL import Image
+
+    from cellseg.synth import generate_sample
+
+    sample = generate_sample(np.random.default_rng(2), (64, 64))
+    store = ResultStore.open(str(tmp_path / "results.zarr"))
+    store.write_result("x", sample.mask, {}, "x.png", {"version": "v1"})
+    rng = np.random.default_rng(4)
+    colours = rng.integers(1, 256, (int(sample.labels.max()) + 1, 3)).astype(np.uint8)
+    colours[0] = 0
+    for folder, pixels in (("labels16", sample.labels.astype(np.uint16)), ("colour", colours[sample.labels])):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(pixels).save(tmp_path / folder / "x.png")
+    reference = evaluate_store(store, str(tmp_path / "labels16"))
+    assert evaluate_store(store, str(tmp_path / "colour"))["instances"] == reference["instances"]
+    given_as_labels = evaluate_store(store, str(tmp_path / "labels16"), labels_url=str(tmp_path / "colour"))
+    assert given_as_labels["instances"] == reference["instances"]
+    assert reference["instances"]["true_cells_total"] == len(np.unique(sample.labels)) - 1

@@ -13,6 +13,7 @@ from PIL import Image
 
 from cellseg.config import AugmentationConfig, NormalizationConfig
 from cellseg.dataset import TrainingDataset, crop_or_pad
+from cellseg.io import read_mask
 from cellseg.normalize import integer_histogram, intensity_skewness, normalize_image
 from cellseg.pairs import (
     DatasetError,
@@ -509,3 +510,88 @@ def test_a_binary_image_that_is_its_own_mask_is_accepted(tmp_path):
     cells[4:9, 4:9] = 255
     binary = write_png(tmp_path / "binary.png", cells)
     np.testing.assert_array_equal(load_pair(ImagePair("c", str(binary), str(binary)), KEEP).mask, cells > 0)
+
+
+def _cells_grid(count: int, side: int = 9, gap: int = 1) -> np.ndarray:
+    """int32 labels 1..count: square cells of `side` pixels on a grid, `gap` pixels apart
+    (no gap: each touches its neighbours)."""
+    per_row = int(np.ceil(np.sqrt(count)))
+    labels = np.zeros((per_row * (side + gap) + gap,) * 2, dtype=np.int32)
+    for index in range(count):
+        top, left = gap + (index // per_row) * (side + gap), gap + (index % per_row) * (side + gap)
+        labels[top:top + side, left:left + side] = index + 1
+    return labels
+
+
+def _same_cells(found: np.ndarray, labels: np.ndarray) -> bool:
+    """Whether two label images hold the same cells, whatever their numbers."""
+    pairs = np.unique(np.stack([found.ravel(), labels.ravel()]), axis=1)
+    return len(pairs[0]) == len(np.unique(found)) == len(np.unique(labels))
+
+
+def test_colour_label_images_keep_each_colour_a_cell(tmp_path):
+    """Annotation tools save instance labels as one colour per cell (RGB or palette PNGs). Read as
+    luma, colours of equal brightness were one cell, and over 255 cells could not all be told apart."""
+    labels = _cells_grid(300, gap=0)  # touching cells: only their colours part them
+    rng = np.random.default_rng(3)
+    colours = rng.permutation(np.arange(1, 1 << 24))[:300]
+    colours[1] = 0x00FF00 if colours[0] != 0x00FF00 else 0x0000FF
+    colours[0], colours[2] = 0x967D2C, 0x7D8C2F  # equal luma, 125, in Rec. 601
+    rgb = np.zeros((*labels.shape, 3), dtype=np.uint8)
+    rgb[labels > 0] = np.stack([(colours >> 16) & 255, (colours >> 8) & 255, colours & 255], axis=-1)[labels[labels > 0] - 1]
+    image = (labels * 37 % 200 + 20).astype(np.uint8)
+    write_png(tmp_path / "a.png", image)
+    Image.fromarray(rgb).save(tmp_path / "a_rgb.png")
+    Image.fromarray(rgb).convert("RGBA").save(tmp_path / "a_rgba.png")
+    loaded = load_pair(ImagePair("a", str(tmp_path / "a.png"), str(tmp_path / "a_rgb.png")), NormalizationConfig())
+    assert loaded.instances is not None and loaded.instances.max() == 300 and _same_cells(loaded.instances, labels)
+    np.testing.assert_array_equal(loaded.mask, labels > 0)
+    rgba = load_pair(ImagePair("a", str(tmp_path / "a.png"), str(tmp_path / "a_rgba.png")), NormalizationConfig())
+    np.testing.assert_array_equal(rgba.instances, loaded.instances)
+
+    # A palette image: its colours, whatever the order of its palette entries.
+    few = _cells_grid(40, gap=0)
+    palette = Image.fromarray(((few * 7) % 256).astype(np.uint8), mode="P")
+    palette.putpalette([channel for index in range(256) for channel in
+                        ((0, 0, 0) if index == 0 else ((index * 53) % 256, (index * 101) % 256, 255 - index))])
+    palette.save(tmp_path / "b_palette.png")
+    write_png(tmp_path / "b.png", (few * 5 % 200 + 20).astype(np.uint8))
+    indexed = load_pair(ImagePair("b", str(tmp_path / "b.png"), str(tmp_path / "b_palette.png")), NormalizationConfig())
+    assert indexed.instances is not None and _same_cells(indexed.instances, few)
+
+    # 16-bit RGB TIFF labels, as some tools export them.
+    import tifffile
+    deep = np.zeros((*labels.shape, 3), dtype=np.uint16)
+    deep[..., 0], deep[..., 2] = labels * 211, labels % 7
+    tifffile.imwrite(tmp_path / "a_deep.tif", deep, photometric="rgb")
+    from_tiff = load_pair(ImagePair("a", str(tmp_path / "a.png"), str(tmp_path / "a_deep.tif")), NormalizationConfig())
+    assert from_tiff.instances is not None and _same_cells(from_tiff.instances, labels)
+
+
+def test_colour_masks_that_are_not_labels_stay_binary_masks(tmp_path):
+    labels = _cells_grid(60)
+    image = (labels * 37 % 200 + 20).astype(np.uint8)
+    write_png(tmp_path / "a.png", image)
+    masks = {
+        "white": np.repeat(((labels > 0) * 255).astype(np.uint8)[..., None], 3, axis=-1),  # grey: the 8-bit rules
+        "red": np.stack([(labels > 0) * 255, np.zeros_like(labels), np.zeros_like(labels)], axis=-1).astype(np.uint8),
+    }
+    for name, rgb in masks.items():
+        Image.fromarray(rgb).save(tmp_path / f"{name}.png")
+        loaded = load_pair(ImagePair("a", str(tmp_path / "a.png"), str(tmp_path / f"{name}.png")), NormalizationConfig())
+        assert loaded.instances is None, name
+        np.testing.assert_array_equal(loaded.mask, labels > 0)
+        np.testing.assert_array_equal(read_mask(str(tmp_path / f"{name}.png")), labels > 0)
+    # A colour label image saved as JPEG: its colours lie in specks, so it is read as a binary mask.
+    rng = np.random.default_rng(0)
+    colours = rng.integers(40, 256, (61, 3)).astype(np.uint8)
+    colours[0] = 0
+    Image.fromarray(colours[labels]).save(tmp_path / "jpeg.jpg", quality=75)
+    jpeg = load_pair(ImagePair("a", str(tmp_path / "a.png"), str(tmp_path / "jpeg.jpg")), NormalizationConfig())
+    assert jpeg.instances is None
+    assert jpeg.mask[labels > 0].mean() > 0.99  # every cell (with the compression's noise around them, as before)
+    # A colour image given as its own mask is refused, as a grayscale one is.
+    photo = np.stack([image, image // 2, 255 - image], axis=-1)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    with pytest.raises(DatasetError, match="holds the same pixels as its image"):
+        load_pair(ImagePair("p", str(tmp_path / "photo.png"), str(tmp_path / "photo.png")), NormalizationConfig())
