@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cellseg.config import DEFAULT_CENTRE_PROMINENCE, PredictConfig
-from cellseg.io import StorageOptions, binarize_mask, list_images, read_mask_file
+from cellseg.io import StorageOptions, list_images, read_mask_file
 from cellseg.metrics import MetricAccumulator, ThresholdSweep, confusion_counts
-from cellseg.pairs import LoadedPair, index_by_stem, instance_labels, label_image
+from cellseg.pairs import LoadedPair, index_by_stem, label_image, mask_and_labels
 from cellseg.postprocess import CellMaps, cell_labels
 from cellseg.scoring import (
     instance_scores,
@@ -76,7 +76,7 @@ def evaluate_store(
     sweep = ThresholdSweep() if all(with_probabilities) else None
     for image_id in scored:
         decoded = read_mask_file(truths[image_id], storage_options)
-        truth = binarize_mask(decoded.pixels)
+        truth, labels_in_mask = mask_and_labels(decoded, truths[image_id])
         prediction = store.read_mask(image_id)  # DamagedImage (naming it) on a chunk that cannot be decoded
         if truth.shape != prediction.shape:
             raise StoreError(
@@ -99,7 +99,7 @@ def evaluate_store(
             if labels.shape != truth.shape:
                 raise StoreError(f"label image '{true_labels[image_id]}' is {labels.shape}, its mask {truth.shape}")
         else:
-            labels = instance_labels(decoded.pixels, truths[image_id], decoded.colour)
+            labels = labels_in_mask
         if labels is not None:
             row.update({f"instance_{key}": value for key, value in instance_scores(cells, labels).items()})
         row.update(region_scores(cells, truth_regions(truth) if labels is None else labels))

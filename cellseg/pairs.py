@@ -17,6 +17,7 @@ from skimage import measure
 from cellseg.appearance import image_appearance
 from cellseg.config import NormalizationConfig
 from cellseg.io import (
+    DecodedMask,
     StorageOptions,
     binarize_mask,
     decode_image,
@@ -157,16 +158,24 @@ def load_pair(pair: ImagePair, normalization: NormalizationConfig, storage_optio
     if same and np.unique(image).size > 2:
         raise DatasetError(f"mask '{redact_url(pair.mask_url)}' holds the same pixels as its image "
                            f"'{redact_url(pair.image_url)}': are the masks the image folder?")
+    mask, instances = mask_and_labels(decoded, pair.mask_url)
     return LoadedPair(
         source=pair,
         image=normalize_image(image, normalization),
-        mask=binarize_mask(decoded_mask),
+        mask=mask,
         image_sha256=hashlib.sha256(image_bytes).hexdigest(),
         mask_sha256=hashlib.sha256(mask_bytes).hexdigest(),
         dtype=str(image.dtype),
-        instances=instance_labels(decoded_mask, pair.mask_url, decoded.colour),
+        instances=instances,
         appearance=image_appearance(image, decoded_mask),
     )
+
+
+def mask_and_labels(decoded: DecodedMask, url: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """A mask file's boolean cell mask, and its cell labels where it is a label image
+    (`instance_labels`): the mask is then where the labels are, else `binarize_mask`'s."""
+    labels = instance_labels(decoded.pixels, url, decoded.colour)
+    return (labels > 0 if labels is not None else binarize_mask(decoded.pixels)), labels
 
 
 def instance_labels(decoded_mask: np.ndarray, url: str, colour: bool = False) -> np.ndarray | None:

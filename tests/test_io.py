@@ -16,6 +16,7 @@ from cellseg import png
 from cellseg.io import (
     ImageReadError,
     binarize_mask,
+    lossy_binary,
     decode_image,
     image_stem,
     join_url,
@@ -399,6 +400,47 @@ def test_binarize_mask(on_value):
 def test_read_mask_of_0_255_png(tmp_path):
     path = save_png(tmp_path / "m.png", Image.fromarray(np.array([[0, 255, 0], [255, 255, 0]], dtype=np.uint8)))
     np.testing.assert_array_equal(read_mask(str(path)), [[False, True, False], [True, True, False]])
+
+
+
+def _jpeg(array: np.ndarray, quality: int) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+    return np.asarray(Image.open(io.BytesIO(buffer.getvalue())))
+
+
+def test_a_binary_mask_saved_lossily_is_cut_at_half_not_above_zero():
+    """JPEG strays around every cell: above zero they fattened each cell by about 2 pixels."""
+    from cellseg.synth import generate_sample
+
+    for seed in range(4):
+        mask = generate_sample(np.random.default_rng(seed), (256, 256)).mask > 0
+        saved = [_jpeg(mask.astype(np.uint8) * 255, quality) for quality in (30, 50, 75, 95)]
+        saved.append(np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((384, 384), Image.BILINEAR)))
+        for index, lossy in enumerate(saved):
+            assert lossy_binary(lossy), (seed, index)
+            expected = mask if lossy.shape == mask.shape else np.asarray(
+                Image.fromarray(mask.astype(np.float32)).resize((384, 384), Image.BILINEAR)) > 0.5
+            assert np.mean(binarize_mask(lossy) == expected) > (0.995 if lossy.shape == mask.shape else 0.99), (seed, index)
+            if index == 2:
+                assert np.mean((lossy > 0) != mask) > 0.03  # what above zero gave
+        # Without strays, or with few values: as before, any value above zero is cell.
+        for plain in (mask.astype(np.uint8), mask.astype(np.uint8) * 255, mask.astype(np.uint16) * 65535):
+            assert not lossy_binary(plain)
+            np.testing.assert_array_equal(binarize_mask(plain), mask)
+
+
+def test_label_images_even_saved_lossily_are_not_cut_at_half():
+    from cellseg.synth import generate_sample
+
+    labels = generate_sample(np.random.default_rng(1), (256, 256)).labels
+    assert labels.max() >= 10
+    sparse = np.zeros((1024, 1024), dtype=np.uint8)  # few cells on much background
+    sparse[:256, :256] = labels
+    for image in (labels.astype(np.uint8), _jpeg(labels.astype(np.uint8), 75), sparse, _jpeg(sparse, 75),
+                  (labels * 2000).astype(np.uint16)):
+        assert not lossy_binary(image)
+        np.testing.assert_array_equal(binarize_mask(image), image > 0)
 
 
 # --- listing and names --------------------------------------------------------------------
