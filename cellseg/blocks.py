@@ -327,13 +327,17 @@ def prepare_image(store: ResultStore, image_id: str, url: str, source: Source, p
     claim, taken = _claim_plan(store, image_id, plan, url)
     if taken is not None:
         return taken
-    _create_arrays(store, image_id, grid, np.dtype(source.dtype), config, histogram)
-    group = store.root.require_group(f"{image_id}/blocks")
-    if group.attrs.get("claim") != claim:  # taken for a stopped run's by another run, which plans the image now
-        return prepare_image(store, image_id, url, source, predictor, workers)
-    group.attrs.put({"predict": config.model_dump(mode="json"), "normalization": normalization.model_dump(mode="json"),
-                     "levels": asdict(levels),
-                     "empty": empty, "scale": scale, "source": described, "resumed": 0, "plan": plan})
+    try:
+        _create_arrays(store, image_id, grid, np.dtype(source.dtype), config, histogram)
+        group = store.root.require_group(f"{image_id}/blocks")
+        if group.attrs.get("claim") != claim:  # taken for a stopped run's by another run, which plans the image now
+            return prepare_image(store, image_id, url, source, predictor, workers)
+        group.attrs.put({"predict": config.model_dump(mode="json"), "normalization": normalization.model_dump(mode="json"),
+                         "levels": asdict(levels),
+                         "empty": empty, "scale": scale, "source": described, "resumed": 0, "plan": plan})
+    except BaseException:  # stopped before the plan was written (Ctrl-C, a failed write): a rerun plans at once
+        _withdraw_claim(store, image_id, claim)
+        raise
     logger.info("'%s': %d x %d pixels in %d blocks of %d (%d empty)", redact_url(url), height, width, grid.count,
                 grid.block, len(empty))
     return grid.count, list(range(grid.count))
@@ -363,6 +367,17 @@ def _taken_up(scratch: Scratch) -> tuple[int, list[int]]:
     state = scratch.state()
     scratch.update(resumed=int(np.count_nonzero(state[:, 0] != TODO)))
     return len(state), [int(index) for index in np.flatnonzero(state[:, 0] == TODO)]
+
+
+def _withdraw_claim(store: ResultStore, image_id: str, claim: dict[str, Any] | None) -> None:
+    """Delete the scratch of a plan this run claimed and did not finish, if it still holds the claim."""
+    path = f"{image_id}/blocks"
+    try:
+        attributes = store.root[path].attrs
+        if attributes.get("claim") == claim and "plan" not in attributes:
+            del store.root[path]
+    except Exception:  # the store cannot be read or written: the claim ages out (PLAN_WAIT)
+        logger.debug("could not withdraw the block-wise plan claim of '%s'", image_id, exc_info=True)
 
 
 def _claim_plan(store: ResultStore, image_id: str, plan: dict[str, Any], url: str,

@@ -359,6 +359,17 @@ def test_a_plan_being_written_is_waited_for_and_one_left_by_a_stopped_run_replac
         store.root.create_group("m/blocks", attributes=attributes)
         assert prepare_image(store, "m", "m", image, predictor) == (count, todo), name
 
+    # A run that fails after claiming the plan withdraws its claim: the next one plans at once.
+    store = ResultStore.open(str(tmp_path / "failed.zarr"))
+    store.root.create_array("m/labels", shape=(1,), dtype="uint8")  # an array where the labels' group belongs
+    with pytest.raises(ValueError, match="is an array"):
+        prepare_image(store, "m", "m", image, predictor)
+    assert "m/blocks" not in store.root
+    del store.root["m/labels"]
+    started = time.monotonic()
+    assert prepare_image(store, "m", "m", image, predictor) == (count, todo)
+    assert time.monotonic() - started < PLAN_WAIT / 4
+
     # Another run claimed the plan a moment ago and writes it now: this run waits, then takes it up.
     store = ResultStore.open(str(tmp_path / "claimed.zarr"))
     store.root.create_group("m/blocks", attributes={"claim": {"token": "b", "since": time.time()}})
