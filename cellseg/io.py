@@ -223,8 +223,9 @@ def decode_mask(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     CMYK or YCbCr file whose pixels are not all grey keeps each colour apart, as one unsigned
     number (red, green, blue: 8-bit samples in uint32, 16-bit ones in uint64; black is 0), since
     annotation tools save instance labels as one colour per cell, and luma would give two colours
-    of equal brightness one label and more than 255 cells fewer labels than cells. A grey colour
-    file gives its grey level, as a grayscale one does (`pairs.instance_labels` judges both)."""
+    of equal brightness one label and more than 255 cells fewer labels than cells. Background is
+    black, or in a file without black pixels the colour of over half of them (0 either way). A
+    grey colour file gives its grey level, as a grayscale one does (`pairs.instance_labels` judges both)."""
     return _decoded(data, name, max_pixels, None, colours_apart=True)
 
 
@@ -276,6 +277,12 @@ def _colour_or_luma(rgb: np.ndarray, colours_apart: bool) -> np.ndarray | _Colou
     packed = np.left_shift(red.astype(wide), wide.type(2 * bits))
     packed |= np.left_shift(green.astype(wide), wide.type(bits))
     packed |= blue
+    if packed.size and not (packed == 0).any():
+        # No black pixel: an export on another background (white, say), which is then its most
+        # common colour where that covers over half the image.
+        values, counts = np.unique(packed, return_counts=True)
+        if counts.max() * 2 > packed.size:
+            packed[packed == values[np.argmax(counts)]] = 0
     return _Colours(packed)
 
 

@@ -550,6 +550,16 @@ def test_colour_label_images_keep_each_colour_a_cell(tmp_path):
     rgba = load_pair(ImagePair("a", str(tmp_path / "a.png"), str(tmp_path / "a_rgba.png")), NormalizationConfig())
     np.testing.assert_array_equal(rgba.instances, loaded.instances)
 
+    # On a white background, without a black pixel: the colour of over half the image is background.
+    sparse = _cells_grid(30, gap=12)
+    white = np.full((*sparse.shape, 3), 255, dtype=np.uint8)
+    white[sparse > 0] = np.stack([(colours >> 16) & 255, (colours >> 8) & 255, colours & 255], axis=-1)[sparse[sparse > 0] - 1]
+    Image.fromarray(white).save(tmp_path / "c_white.png")
+    write_png(tmp_path / "c.png", (sparse * 5 % 200 + 20).astype(np.uint8))
+    on_white = load_pair(ImagePair("c", str(tmp_path / "c.png"), str(tmp_path / "c_white.png")), NormalizationConfig())
+    assert on_white.instances is not None and _same_cells(on_white.instances, sparse)
+    np.testing.assert_array_equal(on_white.mask, sparse > 0)
+
     # A palette image: its colours, whatever the order of its palette entries.
     few = _cells_grid(40, gap=0)
     palette = Image.fromarray(((few * 7) % 256).astype(np.uint8), mode="P")
