@@ -16,12 +16,12 @@ from cellseg import png
 from cellseg.io import (
     ImageReadError,
     binarize_mask,
-    lossy_binary,
     decode_image,
     image_stem,
     join_url,
     list_image_entries,
     list_images,
+    lossy_binary,
     read_image,
     read_mask,
 )
