@@ -98,6 +98,30 @@ def timed(function, *args, **kwargs):
     return result, time.perf_counter() - started
 
 
+def machine_ticks() -> tuple[int, int] | None:
+    """This machine's CPU time so far, in clock ticks over all cores: (idle, all), from
+    /proc/stat (None where there is none)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + fields[4], sum(fields[:8])  # idle and iowait; user .. steal
+
+
+def accounted(function, *args, **kwargs) -> tuple[object, float, dict[str, float | None]]:
+    """`timed`, and where the cores' time went meanwhile: this process's CPU seconds and the
+    machine's idle share (None without /proc/stat)."""
+    ticks_before, cpu_before = machine_ticks(), os.times()
+    result, seconds = timed(function, *args, **kwargs)
+    ticks_after, cpu_after = machine_ticks(), os.times()
+    idle = None
+    if ticks_before and ticks_after and ticks_after[1] > ticks_before[1]:
+        idle = (ticks_after[0] - ticks_before[0]) / (ticks_after[1] - ticks_before[1])
+    process = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)
+    return result, seconds, {"process_cpu_seconds": process, "idle_fraction": idle}
+
+
 def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
@@ -199,10 +223,12 @@ def bench_model_only(image_urls: list[str], predictor: Predictor, streams: int) 
     try:
         _, warmup = timed(forward_all, images[:1])
         with ThreadPoolExecutor(streams) as pool:
-            _, seconds = timed(lambda: list(pool.map(forward_all, [images[i::streams] for i in range(streams)])))
+            _, seconds, cores = accounted(lambda: list(pool.map(forward_all, [images[i::streams] for i in range(streams)])))
     finally:
         torch.set_num_threads(threads_before)
-    return {**_rates(len(images), seconds), "streams": streams, "first_call_seconds": warmup}
+    return {**_rates(len(images), seconds), "streams": streams, "first_call_seconds": warmup,
+            "cpu_ms_per_image_process": cores["process_cpu_seconds"] * 1e3 / len(images),
+            "idle_fraction": cores["idle_fraction"]}
 
 
 def copies_of(images: Path, into: Path, copies: int) -> Path:
@@ -233,7 +259,7 @@ def bench_product(source: str, store: str, registry: str, shard_size: int, paral
     job = SegmentJob(source_url=source, store_url=store, registry_url=registry, shard_size=shard_size,
                      max_parallel_shards=parallel, predict=predict)
     servers_before = server_cpu_seconds()
-    summary, seconds = timed(segment_images_flow, job)
+    summary, seconds, cores = accounted(segment_images_flow, job)
     assert not summary["failed"], summary["failed"]
     # The servers run on the same cores as the product: what they took from it, per image.
     servers = {name: (spent - servers_before[name]) / max(summary["done"], 1) * 1e3
@@ -241,6 +267,8 @@ def bench_product(source: str, store: str, registry: str, shard_size: int, paral
     # The run's own loop over its shards, as its summary times it: without the flow run's start and
     # end (Prefect's run records, and its heartbeat thread, joined in one-second steps).
     return {**_rates(summary["done"], seconds), "cpu_ms_per_image": summary["cpu_ms_per_image"],
+            "cpu_ms_per_image_process": cores["process_cpu_seconds"] * 1e3 / max(summary["done"], 1),
+            "idle_fraction": cores["idle_fraction"],
             "loop_seconds": summary["seconds"], "loop_images_per_second": summary["images_per_second"],
             "server_cpu_ms_per_image": servers,
             "shards": summary["shards"], "parallel_shards": parallel,
@@ -531,12 +559,22 @@ def in_situ_rest_vs_model(product: dict) -> float | None:
     return (spent["read"] + spent["labels"] + spent["write"]) / spent["model"] if spent.get("model") else None
 
 
-def _in_situ_rows(product: dict) -> list[tuple[str, str, str]]:
+def _in_situ_rows(product: dict, model_only: dict | None = None) -> list[tuple[str, str, str]]:
     spent, rest = product.get("cpu_ms_per_image") or {}, in_situ_rest_vs_model(product)
     if rest is None:
         return []
-    return [("product stages in the run, CPU ms per image", ", ".join(f"{stage} {ms:.1f}" for stage, ms in spent.items()),
+    rows = [("product stages in the run, CPU ms per image", ", ".join(f"{stage} {ms:.1f}" for stage, ms in spent.items()),
              f"the rest {rest:.2f} of the model's CPU (target <= 0.15): product <= {1 / (1 + rest):.2f}x model only")]
+    if model_only and product.get("cpu_ms_per_image_process") and model_only.get("cpu_ms_per_image_process"):
+        # The ratio to the model alone is its CPU per image over the product's, times the cores
+        # each kept busy: which of the two the product loses on.
+        total, alone = product["cpu_ms_per_image_process"], model_only["cpu_ms_per_image_process"]
+        idle = (f"; cores idle {product['idle_fraction']:.1%} (model only {model_only['idle_fraction']:.1%})"
+                if product.get("idle_fraction") is not None and model_only.get("idle_fraction") is not None else "")
+        rows.append(("  the process's CPU ms per image, product / model only", f"{total:.1f} / {alone:.1f}",
+                     f"{alone / total:.2f}x: stages {sum(spent.values()):.1f} of the product's, the rest its threads' "
+                     f"and the flow's{idle}"))
+    return rows
 
 
 def _server_rows(local: dict, s3: dict) -> list[tuple[str, str, str]]:
@@ -584,7 +622,7 @@ def print_table(r: dict) -> None:
          f"{r['ratios']['product_labels_only_vs_model_only']:.2f}x model only beside it "
          "(measure_cells=false, store_image=false)"),
         *(product_stages_rows(r["product_stages"]) if "product_stages" in r else []),
-        *_in_situ_rows(r["product_local"]),
+        *_in_situ_rows(r["product_local"], r["product_pairs"]["median_pair"]["model_only"]),
         (f"per-cell table, {r['measurements']['cells_per_image']:.0f} cells/image",
          f"{r['measurements']['ms_per_image']:.1f} vs regionprops_table {r['measurements']['regionprops_ms_per_image']:.1f} ms",
          f"{r['measurements']['regionprops_ms_per_image'] / r['measurements']['ms_per_image']:.2f}x (one core per image)"),

@@ -12,3 +12,27 @@ def test_the_fast_path_is_compared_with_fp32_only_where_it_is_not_fp32(tiny_chec
         assert agreement["synthetic"]["images"] == 24 and agreement["synthetic"]["dice"] > 0.99
     else:  # the default pass is plain fp32 here: fp32 against itself would show a meaningless 100%
         assert agreement == {}
+
+
+def test_accounted_tells_a_process_s_own_cpu_from_the_machine_s_idle_time():
+    import time
+
+    from benchmarks.run import _in_situ_rows, accounted
+
+    _, seconds, waiting = accounted(time.sleep, 0.3)
+    assert seconds >= 0.3 and waiting["process_cpu_seconds"] < 0.1
+    assert waiting["idle_fraction"] is None or 0.0 <= waiting["idle_fraction"] <= 1.0
+
+    def spin(until: float) -> None:
+        while time.perf_counter() < until:
+            pass
+
+    _, seconds, spinning = accounted(lambda: spin(time.perf_counter() + 0.3))
+    assert spinning["process_cpu_seconds"] > 0.5 * seconds
+
+    product = {"cpu_ms_per_image": {"read": 2.0, "model": 70.0, "labels": 9.0, "write": 4.0},
+               "cpu_ms_per_image_process": 90.0, "idle_fraction": 0.05}
+    rows = _in_situ_rows(product, {"cpu_ms_per_image_process": 72.0, "idle_fraction": 0.04})
+    assert rows[0][2].startswith("the rest 0.21 of the model's CPU")
+    assert rows[1][1] == "90.0 / 72.0" and rows[1][2].startswith("0.80x: stages 85.0")
+    assert "cores idle 5.0% (model only 4.0%)" in rows[1][2]
