@@ -491,7 +491,7 @@ def binarize_mask(mask: np.ndarray) -> np.ndarray:
 # A label image, even saved as JPEG, has its cells' values spread over the range instead.
 LOSSY_NEAR_SHARE = 0.9  # of the pixels within an eighth of the range of 0 or of the top value, at least
 LOSSY_HIGH_SHARE = 0.8  # of the pixels above the lowest eighth, at least, in the top eighth
-LOSSY_STRAY_LEVELS = 3  # distinct values strictly between 0 and the top value, at least
+LOSSY_STRAY_LEVELS = 8  # distinct values strictly between 0 and the top value, at least (JPEG at quality 95: 14 or more)
 LOSSY_TOP = 16  # a top value below this is a label or a 0/1 mask, not a compressed 0/255 one
 
 

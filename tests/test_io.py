@@ -437,8 +437,12 @@ def test_label_images_even_saved_lossily_are_not_cut_at_half():
     assert labels.max() >= 10
     sparse = np.zeros((1024, 1024), dtype=np.uint8)  # few cells on much background
     sparse[:256, :256] = labels
+    dominant = np.zeros((256, 256), dtype=np.uint8)  # one cell holds most labelled pixels, the others numbered low
+    dominant[100:200, 100:200] = 200
+    for number in range(1, 7):
+        dominant[10 * number:10 * number + 5, 10:15] = number
     for image in (labels.astype(np.uint8), _jpeg(labels.astype(np.uint8), 75), sparse, _jpeg(sparse, 75),
-                  (labels * 2000).astype(np.uint16)):
+                  (labels * 2000).astype(np.uint16), dominant):
         assert not lossy_binary(image)
         np.testing.assert_array_equal(binarize_mask(image), image > 0)
 
