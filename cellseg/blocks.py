@@ -309,9 +309,9 @@ def prepare_image(store: ResultStore, image_id: str, url: str, source: Source, p
                          f"{config.blocks.max_pixels} (raise predict.blocks.max_pixels to allow it)")
     plan = {"scratch": SCRATCH_LAYOUT, "shape": [height, width], "dtype": np.dtype(source.dtype).str, "source_url": redact_url(url),
             "model": predictor.model_version, "predict": config.model_dump(mode="json", exclude=NOT_IN_PLAN)}
-    found, scratch = _planned(store, image_id)
-    if scratch is not None and scratch.attrs["plan"] == plan:
-        return _taken_up(scratch)
+    found, group = _planned(store, image_id)
+    if group is not None and found == PLANNED and group.attrs["plan"] == plan:
+        return _taken_up(Scratch(store, image_id, group, dict(group.attrs)))
     if found in (PLANNED, DAMAGED):  # another plan's, or one whose metadata cannot be read
         del store.root[f"{image_id}/blocks"]
     grid = BlockGrid((height, width), config.blocks.block_size, config.blocks.overlap)
@@ -348,8 +348,9 @@ PLAN_WAIT = 120.0  # seconds a plan being written may take (its arrays' metadata
 PLAN_POLL = 0.5  # seconds between looks at a plan another run is writing
 
 
-def _planned(store: ResultStore, image_id: str) -> tuple[str, Scratch | None]:
-    """(what the image's scratch is, the scratch where it holds a whole plan)."""
+def _planned(store: ResultStore, image_id: str) -> tuple[str, zarr.Group | None]:
+    """(what the image's scratch is, its group where PLANNED or PLANNING: its attributes hold the
+    plan, or the claim of the run writing it)."""
     try:
         group = store.root.get(f"{image_id}/blocks")
     except METADATA_ERRORS:
@@ -358,9 +359,7 @@ def _planned(store: ResultStore, image_id: str) -> tuple[str, Scratch | None]:
         return NONE, None
     if not isinstance(group, zarr.Group):
         return DAMAGED, None
-    if "plan" not in group.attrs:
-        return PLANNING, None
-    return PLANNED, Scratch(store, image_id, group, dict(group.attrs))
+    return (PLANNED if "plan" in group.attrs else PLANNING), group
 
 
 def _taken_up(scratch: Scratch) -> tuple[int, list[int]]:
@@ -391,10 +390,10 @@ def _claim_plan(store: ResultStore, image_id: str, plan: dict[str, Any], url: st
     path = f"{image_id}/blocks"
     waited_on: Any = None
     while True:
-        found, scratch = _planned(store, image_id)
-        if scratch is not None:
-            if scratch.attrs["plan"] == plan:
-                return None, _taken_up(scratch)
+        found, group = _planned(store, image_id)
+        if group is not None and found == PLANNED:
+            if group.attrs["plan"] == plan:
+                return None, _taken_up(Scratch(store, image_id, group, dict(group.attrs)))
             raise StoreError(f"'{redact_url(url)}' is being segmented block by block by another run with other "
                              "settings or another model; run again once it has finished")
         if found == DAMAGED:
@@ -407,10 +406,7 @@ def _claim_plan(store: ResultStore, image_id: str, plan: dict[str, Any], url: st
             except (ContainsArrayError, ContainsGroupError):  # another run claimed it just now
                 continue
             return claim, None
-        try:
-            held = store.root[path].attrs.get("claim")
-        except (KeyError, *METADATA_ERRORS):
-            continue
+        held = group.attrs.get("claim") if group is not None else None
         since = held.get("since") if isinstance(held, dict) and isinstance(held.get("token"), str) else None
         if not isinstance(since, float | int) or time.time() - since > PLAN_WAIT:
             if held == waited_on or not isinstance(since, float | int):  # seen twice: nobody is writing it

@@ -207,7 +207,7 @@ def decode_image(
     ImageReadError naming `name` for anything unusable, including NaN or infinite pixels. What
     the caller should know about a usable file (only its first page used) is appended to `warnings`.
     """
-    return _decoded(data, name, max_pixels, warnings, colours_apart=False)
+    return _decoded(data, name, max_pixels, warnings, colours_apart=False).pixels
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ def decode_mask(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) ->
 
 
 def _decoded(data: bytes, name: str, max_pixels: int, warnings: list[str] | None, colours_apart: bool,
-             ) -> Any:
+             ) -> DecodedMask:
     if not data:
         raise ImageReadError(f"'{name}': file is empty (0 bytes)")
     notes: list[str] = []
@@ -240,7 +240,6 @@ def _decoded(data: bytes, name: str, max_pixels: int, warnings: list[str] | None
     else:
         plain = _decode_plain_png(data, name, max_pixels)
         found = _decode_with_pillow(data, name, max_pixels, notes, colours_apart) if plain is None else plain
-    colour = isinstance(found, _Colours)
     array = found.packed if isinstance(found, _Colours) else found
     if array.ndim != 2 or min(array.shape) < 1:
         raise ImageReadError(f"'{name}': expected a 2-D grayscale image, got shape {array.shape}")
@@ -255,7 +254,7 @@ def _decoded(data: bytes, name: str, max_pixels: int, warnings: list[str] | None
                                  f"(±{np.finfo(np.float32).max:g}) that cellseg computes in")
     if warnings is not None:
         warnings.extend(notes)
-    return DecodedMask(array, colour) if colours_apart else array
+    return DecodedMask(array, colour=isinstance(found, _Colours))
 
 
 @dataclass(frozen=True)
@@ -403,18 +402,17 @@ def _decode_plain_png(data: bytes, name: str, max_pixels: int) -> np.ndarray | N
 
 def _decode_with_pillow(data: bytes, name: str, max_pixels: int, notes: list[str], colours_apart: bool = False,
                         ) -> np.ndarray | _Colours:
-    colours: _Colours | None = None
+    decoded: np.ndarray | _Colours
     try:
         with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as opened:
             _check_pixel_limit(name, opened.width * opened.height, max_pixels)
             frames = int(getattr(opened, "n_frames", 1))
             opened.load()
             if colours_apart and opened.mode in COLOUR_MODES:
-                found = _colour_or_luma(np.asarray(opened.convert("RGB")), colours_apart=True)
-                colours, array = (found, found.packed) if isinstance(found, _Colours) else (None, found)
+                decoded = _colour_or_luma(np.asarray(opened.convert("RGB")), colours_apart=True)
             else:
                 to_gray = opened.mode in (*COLOUR_MODES, "LA", "1")
-                array = np.asarray(opened.convert("L") if to_gray else opened)
+                decoded = np.asarray(opened.convert("L") if to_gray else opened)
     except ImageReadError:
         raise
     except UnidentifiedImageError as error:
@@ -423,8 +421,9 @@ def _decode_with_pillow(data: bytes, name: str, max_pixels: int, notes: list[str
         raise ImageReadError(f"'{name}': not a readable image ({error})") from error
     if frames > 1:
         notes.append(f"uses frame 0 of {frames}: the other frames are not segmented")
-    if colours is not None:
-        return colours
+    if isinstance(decoded, _Colours):
+        return decoded
+    array = decoded
     if array.dtype == np.int32 and array.size and array.min() >= 0 and array.max() <= 65535:
         array = array.astype(np.uint16)  # Pillow's 'I' mode for 16-bit PNGs
     return array
