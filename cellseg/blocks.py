@@ -35,7 +35,9 @@ core, and only its own chunk of each scratch array (its row of `state`, its ring
 bands, its rows of the scratch table); `stitch_image` and `finish_image` run once per image,
 after every block task of the step before, and write only what no block task writes. Progress is
 recorded per block (`state`), so a rerun redoes only unfinished blocks; the image is done only
-after step 5.
+after step 5. The one chunk every step writes is `active`, the time of a run's last step (each
+write replaces it whole), by which a run with other settings tells a plan in work from one a
+stopped run left (`ACTIVE_WAIT`).
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ from cellseg.stitch import (
 from cellseg.store import (
     CELL_TABLE,
     CELLS_PATH,
+    CHUNK_ERRORS,
     CHUNK_SIDE,
     IMAGE_PATH,
     MASK_PATH,
@@ -291,6 +294,24 @@ class Scratch:
         self.attrs.update(values)
         self.group.attrs.put(self.attrs)
 
+    def mark_active(self, stopped: bool = False) -> None:
+        """Record that a run takes a step on this image now, or (`stopped`) that the run working
+        on it has stopped, so that a run with other settings need not wait for it (`ACTIVE_WAIT`).
+        A scratch from a cellseg without the mark gets one."""
+        try:
+            mark = self.array("active")
+        except KeyError:
+            mark = _blank_mark(self.store, self.image_id)
+        write_region(mark, (0,), np.array([0.0 if stopped else time.time()]))
+
+    def still_ours(self, predictor: Predictor) -> None:
+        """Refuse to go on where the plan is no longer this run's: another run with other settings
+        or another model replaced it after this run's last step had aged out (`ACTIVE_WAIT`)."""
+        plan = self.attrs["plan"]
+        if {"model": plan["model"], "predict": plan["predict"]} != _settings(predictor):
+            raise StoreError(f"image '{self.image_id}': its block-wise plan was replaced by another run with other "
+                             "settings or another model; the image is left to that run")
+
 
 def prepare_image(store: ResultStore, image_id: str, url: str, source: Source, predictor: Predictor,
                   workers: int = 1) -> tuple[int, list[int]]:
@@ -307,12 +328,15 @@ def prepare_image(store: ResultStore, image_id: str, url: str, source: Source, p
     if height * width > config.blocks.max_pixels:
         raise StoreError(f"'{redact_url(url)}' has {height} x {width} pixels, over the block-wise limit of "
                          f"{config.blocks.max_pixels} (raise predict.blocks.max_pixels to allow it)")
-    plan = {"scratch": SCRATCH_LAYOUT, "shape": [height, width], "dtype": np.dtype(source.dtype).str, "source_url": redact_url(url),
-            "model": predictor.model_version, "predict": config.model_dump(mode="json", exclude=NOT_IN_PLAN)}
+    plan = {"scratch": SCRATCH_LAYOUT, "shape": [height, width], "dtype": np.dtype(source.dtype).str,
+            "source_url": redact_url(url), **_settings(predictor)}
     found, group = _planned(store, image_id)
-    if group is not None and found == PLANNED and group.attrs["plan"] == plan:
-        return _taken_up(Scratch(store, image_id, group, dict(group.attrs)))
-    if found in (PLANNED, DAMAGED):  # another plan's, or one whose metadata cannot be read
+    if group is not None and found == PLANNED:
+        if group.attrs["plan"] == plan:
+            return _taken_up(Scratch(store, image_id, group, dict(group.attrs)))
+        if (idle := _idle_seconds(store, image_id)) < ACTIVE_WAIT:
+            raise _busy(url, idle)
+    if found in (PLANNED, DAMAGED):  # another plan left by a stopped run, or one whose metadata cannot be read
         del store.root[f"{image_id}/blocks"]
     grid = BlockGrid((height, width), config.blocks.block_size, config.blocks.overlap)
     store.root.require_group(image_id).attrs["cellseg"] = {"status": "writing", "source_url": redact_url(url),
@@ -332,6 +356,7 @@ def prepare_image(store: ResultStore, image_id: str, url: str, source: Source, p
         group = store.root.require_group(f"{image_id}/blocks")
         if group.attrs.get("claim") != claim:  # taken for a stopped run's by another run, which plans the image now
             return prepare_image(store, image_id, url, source, predictor, workers)
+        _blank_mark(store, image_id)[...] = np.array([time.time()])
         group.attrs.put({"predict": config.model_dump(mode="json"), "normalization": normalization.model_dump(mode="json"),
                          "levels": asdict(levels),
                          "empty": empty, "scale": scale, "source": described, "resumed": 0, "plan": plan})
@@ -346,6 +371,51 @@ def prepare_image(store: ResultStore, image_id: str, url: str, source: Source, p
 NONE, PLANNING, PLANNED, DAMAGED = "none", "planning", "planned", "damaged"  # an image's scratch, as `_planned` finds it
 PLAN_WAIT = 120.0  # seconds a plan being written may take (its arrays' metadata) before it counts as left by a stopped run
 PLAN_POLL = 0.5  # seconds between looks at a plan another run is writing
+# Seconds since a run's last step on an image (a block predicted or measured, the stitch, the
+# finish: seconds each, a few minutes for the pyramid of the largest images) after which its plan
+# counts as left by a run that stopped without saying so (killed), and another run may replace it.
+ACTIVE_WAIT = 300.0
+
+
+def _settings(predictor: Predictor) -> dict[str, Any]:
+    """What of a run's plan must match for another run to take it up, besides the image."""
+    return {"model": predictor.model_version,
+            "predict": predictor.config.model_dump(mode="json", exclude=NOT_IN_PLAN)}
+
+
+def _blank_mark(store: ResultStore, image_id: str) -> zarr.Array:
+    return store.blank_array(f"{image_id}/blocks/active", (1,), np.float64, (1,), every_chunk=False,
+                             dimension_names=("time",))
+
+
+def _idle_seconds(store: ResultStore, image_id: str) -> float:
+    """Seconds since a run last took a step on the image (`Scratch.mark_active`); infinite where
+    the run said it stopped, or the scratch has no mark."""
+    try:
+        mark = store.root[f"{image_id}/blocks/active"]
+        at = float(read_region(cast("zarr.Array", mark), (0,), (1,))[0])
+    except (KeyError, *METADATA_ERRORS, *CHUNK_ERRORS):  # no mark (an older cellseg's scratch), or a damaged one
+        return float("inf")
+    return max(0.0, time.time() - at) if at > 0 else float("inf")
+
+
+class ImageInUse(StoreError):
+    """Another run with other settings or another model is segmenting the image block by block."""
+
+
+def _busy(url: str, idle: float) -> ImageInUse:
+    return ImageInUse(f"'{redact_url(url)}' is being segmented block by block by another run with other settings or "
+                      f"another model (its last step {idle:.0f} s ago); run again once it has finished, or, if it was "
+                      f"stopped, {ACTIVE_WAIT / 60:.0f} minutes after its last step")
+
+
+def mark_stopped(store: ResultStore, image_id: str) -> None:
+    """Say that the run working on the image has stopped (best effort: where the store cannot be
+    written, the mark ages out in `ACTIVE_WAIT`)."""
+    try:
+        Scratch.open(store, image_id).mark_active(stopped=True)
+    except Exception:
+        logger.debug("could not mark the block-wise run of '%s' stopped", image_id, exc_info=True)
 
 
 def _planned(store: ResultStore, image_id: str) -> tuple[str, zarr.Group | None]:
@@ -363,6 +433,7 @@ def _planned(store: ResultStore, image_id: str) -> tuple[str, zarr.Group | None]
 
 
 def _taken_up(scratch: Scratch) -> tuple[int, list[int]]:
+    scratch.mark_active()
     state = scratch.state()
     scratch.update(resumed=int(np.count_nonzero(state[:, 0] != TODO)))
     return len(state), [int(index) for index in np.flatnonzero(state[:, 0] == TODO)]
@@ -394,8 +465,7 @@ def _claim_plan(store: ResultStore, image_id: str, plan: dict[str, Any], url: st
         if group is not None and found == PLANNED:
             if group.attrs["plan"] == plan:
                 return None, _taken_up(Scratch(store, image_id, group, dict(group.attrs)))
-            raise StoreError(f"'{redact_url(url)}' is being segmented block by block by another run with other "
-                             "settings or another model; run again once it has finished")
+            raise _busy(url, _idle_seconds(store, image_id))
         if found == DAMAGED:
             del store.root[path]
             continue
@@ -483,8 +553,10 @@ def predict_block(store: ResultStore, image_id: str, index: int, source: Source,
     """Predict one block and write its core; 'predicted', 'empty', or 'done before' (an earlier
     attempt recorded it)."""
     scratch = Scratch.open(store, image_id)
+    scratch.still_ours(predictor)
     if scratch.block_state(index)[0] != TODO:
         return "done before"
+    scratch.mark_active()
     config, grid = scratch.config, scratch.grid
     core, window = grid.core(index), grid.window(index)
     origin = (core[0], core[2])
@@ -568,6 +640,7 @@ def stitch_image(store: ResultStore, image_id: str) -> dict[str, Any]:
     scratch = Scratch.open(store, image_id)
     if "stitch" in scratch.attrs:
         return dict(scratch.attrs["stitch"])
+    scratch.mark_active()
     grid, state = scratch.grid, scratch.state()
     if unfinished := [int(index) for index in np.flatnonzero(state[:, 0] == TODO)]:
         raise StoreError(f"image '{image_id}': blocks {unfinished[:10]} are not predicted yet; stitching needs them all")
@@ -617,6 +690,7 @@ def measure_block(store: ResultStore, image_id: str, index: int, source: Source)
         return "empty"
     if stage == MEASURED:
         return "done before"
+    scratch.mark_active()
     if "stitch" not in scratch.attrs:
         raise StoreError(f"image '{image_id}' is not stitched yet; its blocks are measured after")
     grid, stitched, config = scratch.grid, scratch.attrs["stitch"], scratch.config
@@ -740,6 +814,7 @@ def finish_image(store: ResultStore, image_id: str, model: dict[str, Any], worke
     """Write the cell table, the statistics, the pyramid and the done mark of a measured image, and
     remove its scratch; returns its record ({} when another run finished it meanwhile)."""
     scratch = Scratch.open(store, image_id)
+    scratch.mark_active()
     state, grid, config, levels = scratch.state(), scratch.grid, scratch.config, scratch.levels
     if unfinished := [int(index) for index in np.flatnonzero(~np.isin(state[:, 0], (EMPTY, MEASURED)))]:
         raise StoreError(f"image '{image_id}': blocks {unfinished[:10]} are not measured yet")
@@ -888,11 +963,15 @@ def segment_blockwise(store: ResultStore, image_id: str, url: str, open_source: 
             if on_block is not None:
                 on_block(image_id, name, done, len(futures))
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        each_block(pool, "predict", todo, predict_block, predictor)
-        stitched = stitch_image(store, image_id)
-        logger.info("'%s': %d blocks predicted, %d cells after stitching (%.0f s)", redact_url(url), len(todo),
-                    stitched["cells"], time.monotonic() - started)
-        each_block(pool, "measure", range(count), measure_block)
-    record = finish_image(store, image_id, model, workers)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            each_block(pool, "predict", todo, predict_block, predictor)
+            stitched = stitch_image(store, image_id)
+            logger.info("'%s': %d blocks predicted, %d cells after stitching (%.0f s)", redact_url(url), len(todo),
+                        stitched["cells"], time.monotonic() - started)
+            each_block(pool, "measure", range(count), measure_block)
+        record = finish_image(store, image_id, model, workers)
+    except BaseException:  # a failed block or Ctrl-C: a rerun with other settings need not wait for this one
+        mark_stopped(store, image_id)
+        raise
     return {**record, "seconds": time.monotonic() - started, "pixels": shape[0] * shape[1]} if record else {}

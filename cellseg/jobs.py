@@ -28,8 +28,10 @@ import numpy as np
 
 from cellseg.blocks import (
     BlockProgress,
+    ImageInUse,
     blockwise_shape,
     finish_image,
+    mark_stopped,
     measure_block,
     opened,
     plane_opener,
@@ -564,6 +566,8 @@ class LargeImage:
         """Record the image as failed (its blocks done so far are kept for the next run)."""
         described = redact_text(f"{type(error).__name__}: {error}")
         logger.warning("failed to segment '%s' block by block: %s", redact_url(self.url), described)
+        if not isinstance(error, ImageInUse):  # another run's: it goes on
+            mark_stopped(self._store(), self.image_id)
         self._store().record_failure(self.image_id, self.url, described, self._model())
         return SegmentReport(failed=[{"image_id": self.image_id, "source_url": redact_url(self.url), "error": described}])
 

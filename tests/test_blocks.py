@@ -27,9 +27,11 @@ import zarr
 
 from benchmarks.large import bench_exact, compare, frozen_checkpoint
 from cellseg.blocks import (
+    ACTIVE_WAIT,
     PLAN_WAIT,
     PREDICTED,
     SUM_COLUMNS,
+    ImageInUse,
     Scratch,
     _cell_rows,
     _local_numbers,
@@ -283,8 +285,62 @@ def test_a_scratch_left_by_a_cellseg_with_other_arrays_starts_over(frozen_genera
     scratch = store.root["m/blocks"]
     attributes = dict(scratch.attrs)
     scratch.attrs.put({**attributes, "plan": {**attributes["plan"], "scratch": 1}})  # as a version without edge bands left it
+    del store.root["m/blocks/active"]  # nor the mark of its last step
     assert prepare_image(store, "m", "m", image, predictor) == (count, todo)
     assert "edges" in store.root["m/blocks"] and store.root["m/blocks"].attrs["plan"] == attributes["plan"]
+
+
+class FailingReads:
+    """A source whose reads fail: a block-wise run whose blocks cannot be read."""
+
+    def __init__(self, image: np.ndarray):
+        self.shape, self.dtype = image.shape, image.dtype
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        raise OSError("the share went away")
+
+
+def test_a_plan_with_other_settings_is_left_to_its_run_while_it_works_and_replaced_once_it_stopped(frozen_general,
+                                                                                                 tmp_path):
+    """Two runs with other settings on one large image: the second refuses while the first takes
+    steps, instead of deleting the first's blocks under it; a run that stopped (said so, or whose
+    last step aged out) is replaced, and its blocks are never written into the new plan."""
+    image = mosaic((SIDE, SIDE), seed=7)
+    first = load_predictor(ModelSource("", checkpoint_url=str(frozen_general)), BLOCKWISE)
+    second = load_predictor(ModelSource("", checkpoint_url=str(frozen_general)),
+                            BLOCKWISE.model_copy(update={"threshold": 0.4}))
+    store = ResultStore.open(str(tmp_path / "r.zarr"))
+    count, todo = prepare_image(store, "m", "m", image, first)
+    assert predict_block(store, "m", todo[0], image, first) == "predicted"
+
+    with pytest.raises(ImageInUse, match=r"another run with other settings or another model \(its last step \d+ s ago\)"):
+        prepare_image(store, "m", "m", image, second)
+    # A whole run with the other settings records the image as failed and leaves the first run's blocks.
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "m.tif", image)
+    job = SegmentJob(source_url=str(tmp_path / "in"), store_url=str(tmp_path / "r.zarr"),
+                     checkpoint_url=str(frozen_general), predict=second.config)
+    report = run_segmentation(job)
+    assert [failure["image_id"] for failure in report.failed] == ["m"]
+    assert "another run with other settings" in report.failed[0]["error"]
+    assert Scratch.open(store, "m").state()[todo[0], 0] == PREDICTED
+    assert 0 < time.time() - float(store.root["m/blocks/active"][0]) < ACTIVE_WAIT
+
+    # The first run's last step ages out (killed): the other settings make a plan of their own, and
+    # the first run, were it to come back, may not write its blocks into that plan.
+    store.root["m/blocks/active"][0] = time.time() - ACTIVE_WAIT - 1
+    assert prepare_image(store, "m", "m", image, second) == (count, todo)
+    with pytest.raises(StoreError, match="replaced by another run with other settings"):
+        predict_block(store, "m", todo[1], image, first)
+    assert not Scratch.open(store, "m").state()[:, 0].any()
+
+    # A run whose block fails says it stopped: a run with other settings takes over at once.
+    opens = iter([image])
+    with pytest.raises(OSError, match="the share went away"):
+        segment_blockwise(store, "m", "m", lambda: next(opens, FailingReads(image)), second, {"version": "x"})
+    assert float(store.root["m/blocks/active"][0]) == 0.0
+    assert prepare_image(store, "m", "m", image, first) == (count, todo)
+    assert store.root["m/blocks"].attrs["plan"]["predict"]["threshold"] == first.config.threshold
 
 
 
