@@ -94,8 +94,9 @@ def _run_synth(args: argparse.Namespace) -> int:
     from cellseg.synth import write_dataset
 
     _settings(args)
-    ids = write_dataset(args.out, args.count, args.size, args.seed, args.bit_depth, args.polarity, args.vary_size)
-    print(f"wrote {len(ids)} images with masks and labels under {args.out}")
+    ids = write_dataset(args.out, args.count, args.size, args.seed, args.bit_depth, args.polarity, args.vary_size,
+                        overwrite=args.overwrite)
+    print(f"wrote {len(ids)} image{'s' if len(ids) != 1 else ''} with masks and labels under {redact_url(args.out)}")
     return 0
 
 

@@ -55,6 +55,16 @@ def row_limit(text: str) -> int | None:
     return rows or None
 
 
+def at_least(least: int, what: str) -> Any:
+    """An argparse type: an integer of at least `least` (`what` names it in the error)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} {what}: give {least} or more")
+        return value
+    return parse
+
+
 Flag = tuple[tuple[str, ...], str, dict[str, Any]]  # (flags, settings field, argparse keywords)
 
 TRAINING_FLAGS: list[Flag] = [
@@ -272,13 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = _command(commands, "synth", "synth", help="write a synthetic dataset (images/, masks/, labels/)")
     synth.add_argument("--out", required=True, help="directory URL to write into")
-    synth.add_argument("--count", type=int, default=24, help="number of images (default 24)")
-    synth.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    synth.add_argument("--count", type=at_least(1, "images"), default=24, help="number of images (default 24)")
+    synth.add_argument("--size", type=at_least(16, "pixels"), default=128, help="image side in pixels (default 128)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--bit-depth", type=int, choices=(8, 16), default=8)
     synth.add_argument("--polarity", choices=("bright", "dark", "mixed"), default="bright",
                        help="bright cells on dark (fluorescence), dark on bright, or alternating")
     synth.add_argument("--vary-size", action="store_true", help="draw each side from [3/4 size, size]")
+    synth.add_argument("--overwrite", action="store_true",
+                       help="replace a dataset already in OUT (its images/, masks/ and labels/; refused without it)")
 
     train = _command(commands, "train", "train", help="train a U-Net on image/mask pairs")
     _add_pairs(train)

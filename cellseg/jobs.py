@@ -45,11 +45,12 @@ from cellseg.config import PredictConfig
 from cellseg.evaluate import choose_postprocessing, validation_cell_scores
 from cellseg.formats import list_sources
 from cellseg.infer import Predictor
+from cellseg.io import IMAGE_SUFFIXES, MICROSCOPY_FILE_SUFFIXES
 from cellseg.job_config import SegmentJob, TrainJob, TuneJob, with_settings
 from cellseg.model_source import ModelSource, shared_predictor
 from cellseg.pairs import ImagePair, LoadedPair, load_pairs, manifest_hash, pair_images_and_masks, split_train_val
 from cellseg.redact import redact_text, redact_url
-from cellseg.report import training_pictures
+from cellseg.report import CURVES_FILE, GALLERY_FILE, training_pictures
 from cellseg.runtime import SHARD_CORES, available_cores, resolve_device, set_threads
 from cellseg.segment import SegmentReport, StoppedWriting, model_record, pending_images, segment_images
 from cellseg.size_model import (
@@ -187,6 +188,11 @@ def check_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"training folder '{out}' is an existing file, not a folder")
+    if images := sorted(path.name for path in out.glob("*") if path.suffix.lower() in IMAGE_SUFFIXES + MICROSCOPY_FILE_SUFFIXES
+                        and path.name not in (CURVES_FILE, GALLERY_FILE) and path.is_file()):
+        raise RunFolderError(f"training folder '{out}' holds images ({', '.join(images[:3])}"
+                             f"{', …' if len(images) > 3 else ''}): a run's pictures would go among them, and be "
+                             "read as images by a later run on that folder; choose another folder")
     present = [name for name in RUN_FILES if (out / name).is_file()]
     if resume and LAST_CHECKPOINT not in present:
         raise RunFolderError(f"nothing to resume in '{out}': it holds no {LAST_CHECKPOINT}")

@@ -17,6 +17,9 @@ from PIL import Image
 from scipy import ndimage
 
 from cellseg.io import StorageOptions, filesystem, join_url
+from cellseg.redact import redact_url
+
+DATASET_FOLDERS = ("images", "masks", "labels")
 
 
 @dataclass(frozen=True)
@@ -123,14 +126,29 @@ def write_dataset(
     polarity: Literal["bright", "dark", "mixed"] = "bright",
     vary_size: bool = False,
     storage_options: StorageOptions = None,
+    overwrite: bool = False,
 ) -> list[str]:
     """Write `count` samples as `images/`, `masks/` (0/255) and `labels/` PNGs under `out_url`.
 
-    With `vary_size`, each side is drawn from [3/4 size, size]. Returns the image ids.
+    With `vary_size`, each side is drawn from [3/4 size, size]. Returns the image ids. A dataset
+    already there (files in any of the three folders) is refused (ValueError), or with
+    `overwrite` replaced: those folders' files are deleted first, so no earlier image stays
+    beside the new ones.
     """
+    if count < 1 or size < 16:
+        raise ValueError(f"a synthetic dataset needs at least 1 image of at least 16 pixels a side "
+                         f"(asked: {count} of {size})")
     fs, root = filesystem(out_url, storage_options)
-    for folder in ("images", "masks", "labels"):
-        fs.makedirs(join_url(root, folder), exist_ok=True)
+    folders = [join_url(root, folder) for folder in DATASET_FOLDERS]
+    held = [folder for folder in folders if fs.isdir(folder) and fs.ls(folder, detail=False)]
+    if held and not overwrite:
+        names = [name for name, folder in zip(DATASET_FOLDERS, folders, strict=True) if folder in held]
+        raise ValueError(f"'{redact_url(out_url)}' already holds a dataset (files in {', '.join(f'{name}/' for name in names)}); "
+                         "replace it (--overwrite) or choose another folder")
+    for folder in held:
+        fs.rm(folder, recursive=True)
+    for folder in folders:
+        fs.makedirs(folder, exist_ok=True)
     ids = []
     for index in range(count):
         rng = np.random.default_rng([seed, index])
@@ -141,7 +159,7 @@ def write_dataset(
         sample_polarity = polarity if polarity != "mixed" else ("bright", "dark")[index % 2]
         sample = generate_sample(rng, shape, bit_depth, sample_polarity)
         image_id = f"synth_{index:04d}"
-        for folder, array in (("images", sample.image), ("masks", sample.mask), ("labels", sample.labels)):
+        for folder, array in zip(DATASET_FOLDERS, (sample.image, sample.mask, sample.labels), strict=True):
             fs.pipe_file(join_url(root, f"{folder}/{image_id}.png"), encode_png(array))
         ids.append(image_id)
     return ids

@@ -7,6 +7,7 @@ import pytest
 
 from cellseg.io import list_images, read_image
 from cellseg.synth import encode_png, generate_sample, write_dataset
+from tests.conftest import cellseg
 
 FOLDERS = ("images", "masks", "labels")
 
@@ -91,6 +92,30 @@ def test_write_dataset_is_byte_identical_for_a_seed(tmp_path):
     assert sorted(other) == sorted(one)
     for name in one:
         assert other[name] != one[name], name
+
+
+def test_synth_refuses_a_folder_holding_a_dataset_unless_told_to_replace_it(tmp_path, tmp_path_factory):
+    """A second `synth` into the same folder used to leave the first dataset's extra images beside
+    the new ones (and 8-bit beside 16-bit), without a word."""
+    cellseg("synth", "--out", str(tmp_path), "--count", "3", "--size", "48", "--seed", "1")
+    before = files_of(tmp_path)
+    refused = cellseg("synth", "--out", str(tmp_path), "--count", "2", "--size", "32", check=False)
+    assert refused.returncode == 2
+    assert "already holds a dataset (files in images/, masks/, labels/)" in refused.stderr and "--overwrite" in refused.stderr
+    assert files_of(tmp_path) == before
+
+    (tmp_path / "notes.txt").write_text("mine")
+    replaced = cellseg("synth", "--out", str(tmp_path), "--count", "2", "--size", "32", "--seed", "3", "--overwrite")
+    assert "wrote 2 images" in replaced.stdout
+    fresh = tmp_path_factory.mktemp("fresh")
+    write_dataset(str(fresh), count=2, size=32, seed=3)
+    assert {name: data for name, data in files_of(tmp_path).items() if "/" in name} == files_of(fresh)
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # only the dataset's folders are replaced
+
+    for flags, message in ((["--count", "0"], "0 images: give 1 or more"), (["--size", "8"], "8 pixels: give 16 or more")):
+        result = cellseg("synth", "--out", str(tmp_path / "bad"), *flags, check=False)
+        assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_written_masks_match_written_labels(synthetic_dataset):

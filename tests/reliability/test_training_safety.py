@@ -1,7 +1,7 @@
 """`cellseg train` never loses a run or saves a broken model (issue 19): a learning rate that
 makes the loss NaN stops training at once with one line naming the epoch and the cause, and
 nothing of that epoch is written; a folder that already holds a run is refused unless --resume
-continues it or --overwrite replaces it; --out naming a file is refused. The train-unet flow
+continues it or --overwrite replaces it; --out naming a file, or a folder of images, is refused. The train-unet flow
 trains each run in a folder of its own.
 """
 
@@ -55,11 +55,12 @@ def runs(tmp_path_factory):
         "overwrite": (root / "overwrite", ("--overwrite",)),
         "resume": (root / "resume", ("--resume", "--epochs", "2")),
         "file": (root / "a-file", ()),
+        "images": (dataset / "images", ("--overwrite",)),
     }
     for case, (out, _) in cases.items():
-        if case not in ("diverging", "file"):
+        if case not in ("diverging", "file", "images"):
             shutil.copytree(root / "original", out)
-    before = {case: _digests(out) for case, (out, _) in cases.items() if case not in ("diverging", "file")}
+    before = {case: _digests(out) for case, (out, _) in cases.items() if case not in ("diverging", "file", "images")}
 
     def run(case: str):
         out, extra = cases[case]
@@ -124,6 +125,16 @@ def test_out_naming_a_file_is_refused(runs):
     result, out, _ = cases["file"]
     _one_line_error(result, f"training folder '{out}' is an existing file, not a folder")
     assert out.read_text() == "my notes, not a training folder\n"
+
+
+def test_out_holding_images_is_refused_even_with_overwrite(runs):
+    """--out given the images folder put the run's pictures among the images, where the next predict
+    on that folder segmented training_curves.png as a microscopy image."""
+    cases, _ = runs
+    result, out, _ = cases["images"]
+    _one_line_error(result, f"training folder '{out}' holds images (synth_0000.png, synth_0001.png, synth_0002.png, …)",
+                    "choose another folder")
+    assert sorted(path.name for path in out.iterdir()) == [f"synth_{index:04d}.png" for index in range(6)]
 
 
 def test_the_train_unet_flow_never_trains_into_another_runs_folder(tmp_path):
