@@ -101,9 +101,6 @@ TODO, PREDICTED, EMPTY, MEASURED = 0, 1, 2, 3  # a block's stage, column 0 of th
 SCRATCH_LAYOUT = 2
 SAMPLE_PIXELS = 1 << 24  # pixels sampled for the percentiles of images without a histogram (not 8/16-bit)
 SUM_COLUMNS = ("label", "area", "intensity_integrated")  # what is kept of each cell without measure_cells
-# Settings that do not change a result: a rerun with other values takes up the blocks done before.
-NOT_IN_PLAN: dict[str, Any] = {"threads": True, "batch_size": True, "compile": True, "device": True, "max_pixels": True,
-                               "blocks": {"above_pixels", "max_pixels"}}
 
 
 class Source(Protocol):
@@ -380,7 +377,7 @@ ACTIVE_WAIT = 300.0
 def _settings(predictor: Predictor) -> dict[str, Any]:
     """What of a run's plan must match for another run to take it up, besides the image."""
     return {"model": predictor.model_version,
-            "predict": predictor.config.model_dump(mode="json", exclude=NOT_IN_PLAN)}
+            "predict": predictor.config.result_settings()}  # a rerun with other speed settings takes up the blocks
 
 
 def _blank_mark(store: ResultStore, image_id: str) -> zarr.Array:

@@ -434,6 +434,16 @@ class PredictConfig(_Config):
                              "are both set; give one")
         return self
 
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that decide a result, as JSON: all but those of speed and placement
+        (`RESULT_NEUTRAL`). Two runs whose result settings and model agree write the same masks."""
+        return self.model_dump(mode="json", exclude=RESULT_NEUTRAL)
+
+
+# Settings that change how fast and where an image is segmented, and which path reads it, not its result.
+RESULT_NEUTRAL: dict[str, Any] = {"threads": True, "batch_size": True, "compile": True, "device": True, "max_pixels": True,
+                                  "blocks": {"above_pixels", "max_pixels"}}
+
 
 class SearchSpace(_Config):
     """Values a hyper-parameter search tries; trials are points of the grid they span."""

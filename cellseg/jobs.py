@@ -366,7 +366,9 @@ def plan_segmentation(job: SegmentJob, on_record: Callable[[str], None] | None =
     images = list_sources(job.source_url, job.predict.selection)
     store = ResultStore.open(job.store_url)
     rejected: list[dict[str, str]] = []
-    todo, skipped = pending_images(images, store, rejected, on_record=on_record)
+    todo, skipped = pending_images(
+        images, store, rejected, on_record=on_record,
+        model=lambda: model_record(shared_predictor(model_source(job), job.predict), model_source(job).location()))
     large = large_images(todo, job)
     todo = [pair for pair in todo if pair not in large]
     return SegmentPlan(even_shards(todo, job.shard_size, job.max_parallel_shards), skipped, rejected, large)

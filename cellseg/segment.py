@@ -11,15 +11,16 @@ import logging
 import posixpath
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from cellseg import __version__
 from cellseg.config import PredictConfig
@@ -121,13 +122,15 @@ def cpu_ms_per_image(cpu_seconds: Mapping[str, float], images: int) -> dict[str,
 
 def pending_images(
     image_urls: Sequence[str], store: ResultStore, rejected: list[dict[str, str]] | None = None,
-    on_record: Callable[[str], None] | None = None,
+    on_record: Callable[[str], None] | None = None, model: Callable[[], Mapping[str, Any]] | None = None,
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """Split image URLs into (id, url) still to segment and ids already done in `store`.
 
     A file whose name cannot be an image id (say '..png'), or that shares its stem with another
     file (a.png and a.tif), has no place in the store: with a `rejected` list it is appended
     there as a failure naming the file and the run goes on; without one, StoreError is raised.
+    With `model` (the run's `model_record`, asked for only when images are done), images done
+    with another model or other result settings are named in a warning: they stay as they are.
     """
     problems: list[dict[str, str]] = []
     by_id: dict[str, str] = {}
@@ -145,9 +148,40 @@ def pending_images(
         raise StoreError("; ".join(f"'{problem['source_url']}': {problem['error']}" for problem in problems))
     if rejected is not None:
         rejected.extend(problems)
-    done = store.done_ids(on_record)
+    done = store.done_records(on_record)
     todo = [(image_id, url) for image_id, url in sorted(by_id.items()) if image_id not in done]
-    return todo, sorted(done & by_id.keys())
+    skipped = sorted(done.keys() & by_id.keys())
+    if skipped and model is not None:
+        _warn_of_other_results({image_id: done[image_id] for image_id in skipped}, model())
+    return todo, skipped
+
+
+def _warn_of_other_results(records: Mapping[str, Mapping[str, Any]], model: Mapping[str, Any]) -> None:
+    """One warning naming how many skipped images were segmented with another model, or with the
+    same model and other result settings (`PredictConfig.result_settings`): a store keeps one
+    result per image, so a rerun with other choices leaves them as they were."""
+    version, settings = _decided_by(model)
+    others: Counter[str] = Counter()
+    for record in records.values():
+        earlier, earlier_settings = _decided_by(record.get("model") or {})
+        if earlier != version:
+            others[f"model {earlier}"] += 1
+        elif earlier_settings != settings:
+            others[f"model {earlier} with other settings"] += 1
+    if others:
+        logger.warning("%d of the images already done were segmented with %s, not as this run would: they are "
+                       "skipped, as a store keeps one result per image; segment into a new store to compare or "
+                       "replace them", others.total(),
+                       ", ".join(f"{what} ({count})" for what, count in others.most_common()))
+
+
+def _decided_by(model: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(model version, result settings) of a `model_record`; the settings of an older cellseg's
+    record as they were when they do not validate any more."""
+    settings = model.get("predict")
+    with suppress(ValidationError):
+        settings = PredictConfig.model_validate(settings).result_settings()
+    return model.get("version"), settings
 
 
 def model_record(predictor: Predictor, checkpoint_url: str) -> dict[str, Any]:

@@ -533,7 +533,11 @@ class ResultStore:
 
     def done_ids(self, on_record: Callable[[str], None] | None = None) -> set[str]:
         """Ids of images whose mask and statistics are completely written."""
-        return {image_id for image_id, record in self.records(on_record) if record.get("status") == DONE}
+        return set(self.done_records(on_record))
+
+    def done_records(self, on_record: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+        """The records of the images whose mask and statistics are completely written, by id."""
+        return {image_id: record for image_id, record in self.records(on_record) if record.get("status") == DONE}
 
     def record(self, image_id: str) -> dict[str, Any]:
         """The cellseg attrs of one image; DamagedImage when they cannot be read."""

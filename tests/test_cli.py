@@ -123,8 +123,17 @@ def test_synth_train_predict_evaluate_round_trip(tmp_path):
             f"{cells['predicted_cells_total']} predicted cells extra") in table
 
     again = cellseg("predict", "--model", str(tmp_path / "model/best.pt"), "--images", str(tmp_path / "new/images"),
-                    "--out", store)
+                    "--out", store, "--batch-size", "2")  # a speed setting: the same results
     assert "segmented 0, skipped 5" in again.stdout
+    assert "not as this run would" not in again.stderr
+    # Reruns with other choices leave the store as it is, and say so.
+    for flags, earlier in ((["--model", str(tmp_path / "model/best.pt"), "--threshold", "0.9"], "with other settings"),
+                           (["--model", "general"], "")):
+        other = cellseg("predict", *flags, "--images", str(tmp_path / "new/images"), "--out", store)
+        assert "segmented 0, skipped 5" in other.stdout
+        version = ResultStore.open(store, mode="r").record("synth_0000")["model"]["version"]
+        assert (f"5 of the images already done were segmented with model {version}{' ' if earlier else ''}{earlier} (5), "
+                "not as this run would: they are skipped") in other.stderr, other.stderr
 
     results = json.loads(cellseg("results", store, "--json").stdout)
     assert sorted(row["image_id"] for row in results["statistics"]) == [f"synth_{i:04d}" for i in range(5)]
