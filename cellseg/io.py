@@ -112,24 +112,35 @@ def list_image_entries(url: str, storage_options: StorageOptions = None, microsc
             info = fs.info(root)
             return [_file_entry(url, _followed_link(info) if info.get("islink") else info)]
         listing = fs.ls(root, detail=True)
-    entries, ignored = [], []
+    entries, ignored, folders = [], [], []
     for listed in listing:
         name = posixpath.basename(listed["name"].rstrip("/"))
         entry = _followed_link(listed) if listed.get("islink") else listed
         if microscopy and entry.get("type") == "directory" and name.lower().endswith(ZARR_FOLDER_SUFFIX):
             entries.append(FileEntry(join_url(url, name), 0, f"zarr:{entry.get('mtime') or ''}"))
             continue
-        if entry.get("type") != "file":
+        if entry.get("type") == "directory":
+            folders.append(name)
             continue
         if not name.lower().endswith(suffixes):
-            ignored.append(name)
+            if entry.get("type") == "file":
+                ignored.append(name)
             continue
-        entries.append(_file_entry(join_url(url, name), entry))
+        if entry.get("type") == "file" or listed.get("islink"):  # a link to nothing fails when read, naming it
+            entries.append(_file_entry(join_url(url, name), entry))
     if ignored:
-        shown = ", ".join(sorted(ignored)[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
         logger.warning("ignoring %d file(s) under '%s' without an image suffix (%s): %s",
-                       len(ignored), redact_url(url), " ".join(suffixes), shown)
+                       len(ignored), redact_url(url), " ".join(suffixes), _some(ignored))
+    if folders:  # a nightly run that finds nothing must say where the images may be
+        logger.log(logging.INFO if entries else logging.WARNING,
+                   "not searching the %d subfolder(s) of '%s' (%s): name a folder to segment its images",
+                   len(folders), redact_url(url), _some(folders))
     return sorted(entries, key=lambda entry: entry.url)
+
+
+def _some(names: list[str]) -> str:
+    """The first five of `names` in order, and how many more."""
+    return ", ".join(sorted(names)[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _file_entry(url: str, entry: dict) -> FileEntry:
@@ -140,7 +151,7 @@ def _file_entry(url: str, entry: dict) -> FileEntry:
 
 def _followed_link(entry: dict) -> dict:
     """A local symbolic link's listing entry with its target's type, size and modification time
-    (fsspec lists links as type 'other'); a dangling link stays 'other' and is skipped."""
+    (fsspec lists links as type 'other'); a dangling link, or a loop, stays 'other'."""
     try:
         target = os.stat(entry["name"])
     except OSError:

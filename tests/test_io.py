@@ -458,7 +458,9 @@ def test_list_images_keeps_image_suffixes_sorted(tmp_path):
     assert list_images(str(tmp_path)) == [str(tmp_path) + "/" + name for name in expected]
 
 
-def test_symbolic_links_to_images_are_listed_and_dangling_ones_skipped(tmp_path):
+def test_symbolic_links_to_images_are_listed_dangling_ones_too_and_links_to_folders_not(tmp_path):
+    """A link to a missing file (a share not mounted) is listed, so that reading it fails naming it;
+    skipped, a nightly run over such links found nothing to do and said so with exit status 0."""
     originals, linked = tmp_path / "originals", tmp_path / "linked"
     originals.mkdir()
     linked.mkdir()
@@ -468,8 +470,8 @@ def test_symbolic_links_to_images_are_listed_and_dangling_ones_skipped(tmp_path)
     (linked / "folder.png").symlink_to(originals / "folder.png")
     (linked / "gone.png").symlink_to(originals / "gone.png")
     entries = list_image_entries(str(linked))
-    assert [entry.url for entry in entries] == [str(linked / "a.png")]
-    assert entries[0].size == 10
+    assert [entry.url for entry in entries] == [str(linked / "a.png"), str(linked / "gone.png")]
+    assert [entry.size for entry in entries] == [10, 0]
 
 
 def test_list_images_of_a_missing_directory(tmp_path):

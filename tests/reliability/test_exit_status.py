@@ -63,6 +63,29 @@ def test_predict_exits_3_when_some_images_fail_and_0_once_a_rerun_has_done_them(
     assert not (tmp_path / "never.zarr").exists()
 
 
+def test_links_to_missing_files_fail_and_subfolders_are_named_not_searched(quick_checkpoint, tmp_path):
+    """Before, both were passed over without a word: a folder of links into a share that is not
+    mounted, or of plate wells as subfolders, was 'nothing to do' with exit status 0."""
+    write_dataset(str(tmp_path / "data"), count=1, size=64, seed=2)
+    images = tmp_path / "data" / "images"
+    (images / "unmounted.png").symlink_to(tmp_path / "share" / "unmounted.png")
+    (images / "A01").mkdir()
+    result = cellseg("predict", "--model", str(quick_checkpoint), "--images", str(images), "--out",
+                     str(tmp_path / "r.zarr"), check=False)
+    assert result.returncode == PARTLY_FAILED, result.stderr
+    assert "segmented 1, skipped 0 already done, failed 1" in result.stdout
+    assert f"failed: {images / 'unmounted.png'}: ImageReadError: '{images / 'unmounted.png'}': file not found" in result.stdout
+    assert [failure["source_url"] for failure in ResultStore.open(str(tmp_path / "r.zarr"), mode="r").failures()] == [
+        str(images / "unmounted.png")]
+
+    (tmp_path / "wells" / "A01").mkdir(parents=True)
+    (tmp_path / "wells" / "B02").mkdir()
+    nothing = cellseg("predict", "--model", str(quick_checkpoint), "--images", str(tmp_path / "wells"), "--out",
+                      str(tmp_path / "w.zarr"))
+    assert f"no images found under {tmp_path / 'wells'}; nothing to do" in nothing.stdout
+    assert f"not searching the 2 subfolder(s) of '{tmp_path / 'wells'}' (A01, B02): name a folder" in nothing.stderr
+
+
 def test_segment_images_flow_exits_3_and_its_final_state_and_summary_count_the_failures(
     batch, prefect_harness, tmp_path, capsys
 ):
