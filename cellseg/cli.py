@@ -343,7 +343,7 @@ def _run_models(args: argparse.Namespace) -> int:
         from cellseg.model_source import ModelSource
 
         checkpoint, version = ModelSource(registry_url, args.version, args.checkpoint).load()
-        export_model(checkpoint, args.out, args.format, model_version=version)
+        export_model(checkpoint, args.out, args.format, model_version=version, overwrite=args.overwrite)
         print(f"exported model {version} as {args.format} to {redact_url(args.out)} (input/normalisation/threshold in {redact_url(args.out)}.json)")
     else:
         registry.promote(args.version)

@@ -374,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
             action.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript",
                                 help="TorchScript takes any image size; ONNX needs the onnx extra (default %(default)s)")
             action.add_argument("--out", required=True, help="file to write; its description goes to OUT.json")
+            action.add_argument("--overwrite", action="store_true", help="replace OUT and OUT.json if they exist")
 
     flow = _command(commands, "flow", help="run a Prefect flow (train-unet, segment-images) from here")
     flows = flow.add_subparsers(dest="flow", required=True, metavar="FLOW")

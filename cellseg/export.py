@@ -67,10 +67,16 @@ class ExportableUNet(nn.Module):
 
 def export_model(
     checkpoint: Checkpoint, out: str | Path, export_format: ExportFormat = "torchscript",
-    model_version: str = "", threshold: float = 0.5,
+    model_version: str = "", threshold: float = 0.5, overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write the model to `out` in `export_format` and its description to `<out>.json`; returns it."""
+    """Write the model to `out` in `export_format` and its description to `<out>.json`; returns it.
+    Files already there are refused (ValueError) unless `overwrite`."""
     out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"'{out}' is a folder; name the file to write")
+    if not overwrite and (existing := [str(path) for path in (out, Path(f"{out}.json")) if path.exists()]):
+        raise ValueError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; replace "
+                         f"{'it' if len(existing) == 1 else 'them'} (--overwrite) or choose another file")
     out.parent.mkdir(parents=True, exist_ok=True)
     unet = checkpoint.build_model().eval()
     multiple = int(unet.size_multiple)

@@ -95,3 +95,12 @@ def test_cellseg_models_export_a_registered_version(tiny_checkpoint, images, tmp
     with torch.no_grad():
         exported = torch.jit.load(str(out))(torch.from_numpy(_input(tiny_checkpoint, images[0])))[0, 0].numpy()
     np.testing.assert_array_equal(exported > 0.5, mask)
+
+    out.write_bytes(b"a model of mine")  # an export never replaces a file unless told to
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert refused.returncode == 2
+    assert f"{out} and {out}.json already exist; replace them (--overwrite) or choose another file" in refused.stderr
+    assert out.read_bytes() == b"a model of mine"
+    replaced = subprocess.run([*command, "--overwrite"], capture_output=True, text=True, timeout=300, check=False)
+    assert replaced.returncode == 0, replaced.stderr
+    assert torch.jit.load(str(out)) is not None
