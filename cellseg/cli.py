@@ -274,7 +274,7 @@ def _run_export(args: argparse.Namespace) -> int:
         count = write_table((bar.update() or row for row in rows()), args.out, args.format, overwrite=args.overwrite)
     print(f"wrote {count} {unit}s to {redact_url(args.out)}")
     _print_damaged(store)  # left out of the table, which says so here
-    return 0
+    return PARTLY_FAILED if store.damaged else 0  # a script must not take a table without them for the whole
 
 
 def _run_verify(args: argparse.Namespace) -> int:

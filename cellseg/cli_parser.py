@@ -21,7 +21,7 @@ EXIT_STATUS_HELP = (
     "exit status: 0 done (every image done or skipped, or nothing to do); 2 bad usage, settings or input, or "
     "storage that cannot be used (no credentials, unreachable, timed out, denied), with one line saying which; "
     f"{PARTLY_FAILED} some images failed: each is listed and recorded, the rest are done, and the next run tries "
-    "the failed ones again"
+    "the failed ones again; 130 interrupted (Ctrl-C): what was written is kept"
 )
 
 
@@ -323,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--json", action="store_true", help="print all statistics rows as JSON")
     results.add_argument("--limit", type=row_limit, default=10, help="rows to show, 0 for all (default 10)")
 
-    export = _command(commands, "export", "export", help="write a store's per-cell (or per-image) table as CSV or Parquet")
+    export = _command(commands, "export", "export", help="write a store's per-cell (or per-image) table as CSV or Parquet",
+                      epilog=f"Exit status 0: written; {PARTLY_FAILED}: written without the store's damaged images, "
+                             "named with the repair; 2: bad usage or an OUT refused.")
     export.add_argument("store", help="zarr results store URL")
     export.add_argument("--format", choices=("csv", "parquet"), default="csv", help="default %(default)s")
     export.add_argument("--table", choices=("cells", "images"), default="cells",
