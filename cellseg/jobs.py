@@ -66,7 +66,7 @@ from cellseg.size_model import (
 )
 from cellseg.starting_point import Start, choose_start
 from cellseg.store import ResultStore
-from cellseg.store_checks import StoreWriteError
+from cellseg.store_checks import StoreWriteError, invalid_image_id
 from cellseg.train import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, TrainResult, train
 from cellseg.tune import Trial, TrialResult
 
@@ -360,15 +360,23 @@ def pin_model(job: SegmentJob) -> SegmentJob:
 def plan_segmentation(job: SegmentJob, on_record: Callable[[str], None] | None = None) -> SegmentPlan:
     """Images under `job.source_url` that the store does not hold yet, in shards of at most
     `job.shard_size` (`even_shards`). Files that cannot be images of the store (clashing or
-    invalid ids) are listed as rejected."""
+    invalid ids) are listed as rejected; files that share an image id are recorded failed under it."""
     # First: a source that cannot be read leaves no new store behind. OME-Zarr folders, plate fields
     # and, with --t all, time points are listed as images of their own (cellseg.formats).
     images = list_sources(job.source_url, job.predict.selection)
     store = ResultStore.open(job.store_url)
     rejected: list[dict[str, str]] = []
-    todo, skipped = pending_images(
-        images, store, rejected, on_record=on_record,
-        model=lambda: model_record(shared_predictor(model_source(job), job.predict), model_source(job).location()))
+
+    def model() -> dict[str, Any]:
+        return model_record(shared_predictor(model_source(job), job.predict), model_source(job).location())
+
+    todo, skipped = pending_images(images, store, rejected, on_record=on_record, model=model)
+    recorded: set[str] = set()
+    for problem in rejected:
+        image_id = problem["image_id"]
+        if image_id not in recorded and not invalid_image_id(image_id):  # an invalid id has no place: listed only
+            store.record_failure(image_id, problem["source_url"], problem["error"], model())
+            recorded.add(image_id)
     large = large_images(todo, job)
     todo = [pair for pair in todo if pair not in large]
     return SegmentPlan(even_shards(todo, job.shard_size, job.max_parallel_shards), skipped, rejected, large)

@@ -100,10 +100,15 @@ def validate_image_id(image_id: str, source: str = "") -> str:
     """Image ids become zarr node names: non-empty, no '/', not '.', '..', '__'-prefixed or one of
     the store's own keys (`zarr.json.png` would name the store's metadata file)."""
     where = f" (from '{source}')" if source else ""
-    if (not image_id or image_id in (".", "..") or "/" in image_id or "\\" in image_id or image_id.startswith("__")
-            or image_id in RESERVED_IDS):
+    if invalid_image_id(image_id):
         raise StoreError(f"image id {image_id!r}{where} cannot name a store entry: rename the file")
     return image_id
+
+
+def invalid_image_id(image_id: str) -> bool:
+    """Whether `image_id` cannot name a store entry (`validate_image_id`)."""
+    return (not image_id or image_id in (".", "..") or "/" in image_id or "\\" in image_id or image_id.startswith("__")
+            or image_id in RESERVED_IDS)
 
 
 class DamagedImage(StoreError):

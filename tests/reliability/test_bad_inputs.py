@@ -116,8 +116,10 @@ def test_failures_are_recorded_in_the_store_and_retried_by_the_next_run(zoo, zoo
     summary, store_url = zoo_run
     store = ResultStore.open(store_url, mode="r")
     recorded = {image_id for image_id, record in store.records() if record.get("status") == "failed"}
-    # Decoding failures are stored per image; names that cannot be store entries are only reported.
-    assert recorded == {"truncated", "empty", "notes", "archive", "too large"}
+    # Decoding failures are stored per image, and files sharing an id under that id; names that
+    # cannot be store entries are only reported.
+    assert recorded == {"truncated", "empty", "notes", "archive", "too large", "twin"}
+    assert "share the image id 'twin'" in store.record("twin")["error"]
     done_before = {image_id: store.read_mask(image_id) for image_id in store.done_ids()}
     again = segment_images_flow(SegmentJob(source_url=str(root), store_url=store_url, registry_url=registry,
                                 shard_size=3, predict=PredictConfig(max_pixels=MAX_PIXELS)))
