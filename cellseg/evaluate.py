@@ -53,8 +53,8 @@ def evaluate_store(
     the true instance labels, or where an image has none against the 4-connected components of its
     mask (`cellseg.scoring.region_scores`).
     """
-    truths = index_by_stem(list_images(masks_url, storage_options), "mask")
-    true_labels = index_by_stem(list_images(labels_url, storage_options), "label") if labels_url else {}
+    truths = index_by_stem(list_images(masks_url, storage_options, kind="mask"), "mask")
+    true_labels = index_by_stem(list_images(labels_url, storage_options, kind="label"), "label") if labels_url else {}
     done = store.done_ids()
     scored = sorted(done & truths.keys())
     # A score that silently left out a damaged image (or read its missing chunks as background)

@@ -90,7 +90,8 @@ class FileEntry:
     fingerprint: str
 
 
-def list_image_entries(url: str, storage_options: StorageOptions = None, microscopy: bool = False) -> list[FileEntry]:
+def list_image_entries(url: str, storage_options: StorageOptions = None, microscopy: bool = False,
+                       kind: str = "image") -> list[FileEntry]:
     """Image files directly under the directory `url`, sorted by name, or the one image file `url`
     names; with `microscopy`, also CZI/ND2/LIF files and `.zarr` folders (OME-Zarr images and
     plates: `cellseg.formats`).
@@ -105,7 +106,7 @@ def list_image_entries(url: str, storage_options: StorageOptions = None, microsc
     with storage_call(url):  # no credentials, unreachable, timed out, denied: one StorageError naming `url`
         if not fs.isdir(root):
             if not fs.isfile(root):
-                raise FileNotFoundError(f"image folder '{url}' does not exist")
+                raise FileNotFoundError(f"{kind} folder '{url}' does not exist")
             if not posixpath.basename(root).lower().endswith(suffixes):
                 raise FileNotFoundError(f"'{url}' is a file without an image suffix ({' '.join(suffixes)}): name a "
                                         "folder of images or one image file")
@@ -160,9 +161,10 @@ def _followed_link(entry: dict) -> dict:
     return {**entry, "type": kind, "size": target.st_size, "mtime": target.st_mtime}
 
 
-def list_images(url: str, storage_options: StorageOptions = None) -> list[str]:
-    """Sorted URLs of the image files directly under the directory `url` (or `url`, one image file)."""
-    return [entry.url for entry in list_image_entries(url, storage_options)]
+def list_images(url: str, storage_options: StorageOptions = None, kind: str = "image") -> list[str]:
+    """Sorted URLs of the image files directly under the directory `url` (or `url`, one image file);
+    `kind` names the folder in errors (image, mask, label)."""
+    return [entry.url for entry in list_image_entries(url, storage_options, kind=kind)]
 
 
 def read_bytes(url: str, storage_options: StorageOptions = None, max_bytes: int | None = None) -> bytes:

@@ -24,6 +24,7 @@ from cellseg.io import (
     decode_mask,
     image_stem,
     list_images,
+    lossy_binary,
     read_bytes,
 )
 from cellseg.normalize import normalize_image
@@ -84,7 +85,7 @@ def pair_images_and_masks(
     Raises DatasetError naming each image without a mask and each mask without an image.
     """
     return pair_by_stem(
-        list_images(images_url, storage_options), list_images(masks_url, storage_options), images_url, masks_url
+        list_images(images_url, storage_options), list_images(masks_url, storage_options, kind="mask"), images_url, masks_url
     )
 
 
@@ -173,9 +174,35 @@ def load_pair(pair: ImagePair, normalization: NormalizationConfig, storage_optio
 
 def mask_and_labels(decoded: DecodedMask, url: str) -> tuple[np.ndarray, np.ndarray | None]:
     """A mask file's boolean cell mask, and its cell labels where it is a label image
-    (`instance_labels`): the mask is then where the labels are, else `binarize_mask`'s."""
+    (`instance_labels`): the mask is then where the labels are, else `binarize_mask`'s. A file
+    that is neither, a microscopy image given as a mask, is refused (DatasetError)."""
     labels = instance_labels(decoded.pixels, url, decoded.colour)
+    if labels is None and not decoded.colour and (problem := not_a_mask(decoded.pixels)):
+        raise DatasetError(f"mask '{redact_url(url)}' {problem}: it looks like an image, not a mask (0 background, "
+                           "cells any other value) or a label image (one value per cell); is it the image folder?")
     return (labels > 0 if labels is not None else binarize_mask(decoded.pixels)), labels
+
+
+# A binary mask keeps most of its pixels at 0 and its top value, even saved lossily (`lossy_binary`);
+# a microscopy image's pixels spread over many levels in between. Read as a mask, any value above
+# 0 was cell: an image gave a mask of nearly all cell, scored and trained on without a word.
+MASK_MID_LEVELS = 16  # distinct values strictly between 0 and the top value, at least
+MASK_EDGE_SHARE = 0.5  # of the pixels at 0 or the top value, less than
+
+
+def not_a_mask(pixels: np.ndarray) -> str | None:
+    """What makes a grey integer mask that is no label image an image instead, or None (colour
+    masks are judged by their colours: `instance_labels`)."""
+    if pixels.dtype.kind not in "iu" or not pixels.size:
+        return None
+    top = int(pixels.max())
+    edge_share = float(np.count_nonzero((pixels == 0) | (pixels == top))) / pixels.size
+    if edge_share >= MASK_EDGE_SHARE or lossy_binary(pixels):
+        return None
+    middle = np.unique(pixels[(pixels > 0) & (pixels < top)]).size
+    if middle < MASK_MID_LEVELS:
+        return None
+    return f"holds {middle} levels between 0 and {top}, with {1 - edge_share:.0%} of its pixels among them"
 
 
 def instance_labels(decoded_mask: np.ndarray, url: str, colour: bool = False) -> np.ndarray | None:

@@ -8,7 +8,7 @@ import pytest
 from cellseg.evaluate import evaluate_store
 from cellseg.metrics import segmentation_scores
 from cellseg.store import ResultStore, StoreError
-from cellseg.synth import encode_png
+from cellseg.synth import encode_png, generate_sample
 
 
 def mask(rows: list[str]) -> np.ndarray:
@@ -115,8 +115,25 @@ def test_size_mismatch_raises_naming_both_sizes(store, tmp_path):
 
 
 def test_missing_truth_directory_raises(store, tmp_path):
-    with pytest.raises(FileNotFoundError, match="absent"):
+    with pytest.raises(FileNotFoundError, match=r"mask folder '.*absent' does not exist"):
         evaluate_store(store, str(tmp_path / "absent"))
+
+
+@pytest.mark.parametrize(("bits", "refusal"), [
+    (8, r"mask '.*a\.png' holds \d+ levels between 0 and \d+, with \d+% of its pixels among them: it looks like an "
+        r"image, not a mask"),
+    (16, r"'.*a\.png' is not a label image: .* as in a microscope image"),
+])
+def test_images_given_as_the_masks_are_refused_naming_the_file(bits, refusal, tmp_path):
+    """Read as masks (any value above 0 a cell), microscopy images scored as masks of nearly all
+    cell: Dice 0.29 and a mixed-kinds note instead of an error."""
+    sample = generate_sample(np.random.default_rng(3), (96, 96), bit_depth=bits)
+    store = ResultStore.open(str(tmp_path / "results.zarr"))
+    store.write_result("a", sample.mask, {}, "a.png", {"version": "v1"})
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(encode_png(sample.image))
+    with pytest.raises(ValueError, match=refusal):
+        evaluate_store(store, str(tmp_path / "images"))
 
 
 def test_validation_cell_scores_match_what_predict_stores(tiny_checkpoint, synthetic_dataset, tmp_path):

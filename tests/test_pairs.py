@@ -26,6 +26,7 @@ from cellseg.pairs import (
     pair_images_and_masks,
     split_train_val,
 )
+from cellseg.synth import generate_sample
 
 KEEP = NormalizationConfig(polarity="keep")
 
@@ -577,6 +578,20 @@ def test_colour_label_images_keep_each_colour_a_cell(tmp_path):
     tifffile.imwrite(tmp_path / "a_deep.tif", deep, photometric="rgb")
     from_tiff = load_pair(ImagePair("a", str(tmp_path / "a.png"), str(tmp_path / "a_deep.tif")), NormalizationConfig())
     assert from_tiff.instances is not None and _same_cells(from_tiff.instances, labels)
+
+
+def test_an_image_given_as_a_mask_is_refused_and_real_masks_are_not(tmp_path):
+    """A microscopy image in the mask folder trained on as a mask of nearly all cell, without a word."""
+    sample = generate_sample(np.random.default_rng(5), (96, 96))
+    write_png(tmp_path / "a.png", sample.image)
+    write_png(tmp_path / "masks/a.png", (sample.image // 2 + 40).astype(np.uint8))  # another image, not the same pixels
+    with pytest.raises(DatasetError, match=r"mask '.*masks/a\.png' holds \d+ levels .*it looks like an image, not a mask"):
+        load_pair(ImagePair("a", str(tmp_path / "a.png"), str(tmp_path / "masks/a.png")), KEEP)
+    for name, mask in (("binary", sample.mask * np.uint8(255)), ("labels", sample.labels.astype(np.uint16)),
+                       ("ones", sample.mask.astype(np.uint8))):
+        write_png(tmp_path / f"{name}.png", mask)
+        loaded = load_pair(ImagePair("a", str(tmp_path / "a.png"), str(tmp_path / f"{name}.png")), KEEP)
+        np.testing.assert_array_equal(loaded.mask, sample.mask)
 
 
 def test_colour_masks_that_are_not_labels_stay_binary_masks(tmp_path):
