@@ -2,21 +2,27 @@
 
 fsspec, s3fs, botocore and aiohttp raise dozens of exception types for a handful of problems: a
 missing fsspec package (gcsfs, adlfs), missing credentials, a refused or unreachable endpoint, a
-request timed out, a missing bucket, access denied. `storage_call(url)` turns each into a
-`StorageError` naming `url`, where a URL is first touched (listing, reading, opening a store,
-loading a checkpoint or a registry version), so the CLI prints one line (exit status 2) and a
-flow fails with it; `cellseg.cli.main` translates what escapes elsewhere (`storage_error`).
+request timed out, a missing bucket, access denied, a storage option the filesystem refuses.
+`storage_call(url)` turns each into a `StorageError` naming `url`, where a URL is first touched
+(listing, reading, opening a store, loading a checkpoint or a registry version), so the CLI prints
+one line (exit status 2) and a flow fails with it; `cellseg.cli.main` translates what escapes
+elsewhere (`storage_error`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
 from cellseg.redact import redact_url
+
+# What a filesystem's client raises for a storage option it does not take, or one that sets what
+# another sets too; s3fs hands its options on to aiobotocore only at the first request.
+_REFUSED_OPTION = re.compile(r"got (an unexpected|multiple values for) keyword argument '(\w+)'")
 
 
 class StorageError(ValueError):
@@ -79,6 +85,8 @@ def storage_error(url: str | None, error: BaseException) -> StorageError | None:
     for cause in chain:
         if isinstance(cause, boto.ClientError) and cause.response.get("Error", {}).get("Code") == "NoSuchBucket":
             return StorageError(f"{named}the bucket does not exist (NoSuchBucket)")
+    if refused := _refused_option(url, chain):
+        return refused
     if isinstance(error, PermissionError):
         return StorageError(f"{named}access denied ({error})")
     return None
@@ -90,6 +98,39 @@ def _chain(error: BaseException) -> list[BaseException]:
     while len(chain) < 16 and (cause := chain[-1].__cause__ or chain[-1].__context__) is not None:
         chain.append(cause)
     return chain
+
+
+def _refused_option(url: str | None, chain: list[BaseException]) -> StorageError | None:
+    """The storage option that the filesystem of `url` refused, named with the settings that gave
+    it (never its value: it may be a secret); None when the refused argument is no configured option."""
+    import fsspec.config
+
+    named = f"'{redact_url(url)}': " if url else ""
+    for cause in chain:
+        if not isinstance(cause, TypeError) or not (match := _REFUSED_OPTION.search(str(cause))):
+            continue
+        kind, argument = match.groups()
+        own = _protocol(url) if url else None
+        for protocol in sorted(fsspec.config.conf, key=lambda protocol: protocol != own):  # the URL's own first
+            if (option := _option_path(fsspec.config.conf[protocol], argument)) is None:
+                continue
+            problem = f"takes no storage option '{option}'" if kind == "an unexpected" else \
+                f"storage option '{option}' sets what another option sets too"
+            return StorageError(f"{named}{protocol}:// {problem}; fix storage.{protocol} in the settings "
+                                "(or fsspec's own configuration)")
+    return None
+
+
+def _option_path(options: Any, name: str) -> str | None:
+    """The dotted path of the key `name` in the nested options (client_kwargs.region_name); None if absent."""
+    if not isinstance(options, Mapping):
+        return None
+    if name in options:
+        return name
+    for key, value in options.items():
+        if (inner := _option_path(value, name)) is not None:
+            return f"{key}.{inner}"
+    return None
 
 
 def _protocol(url: str) -> str:

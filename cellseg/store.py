@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import zarr
+from fsspec.core import split_protocol, strip_protocol
+from fsspec.implementations.local import LocalFileSystem
 from zarr.abc.store import Store
 from zarr.core.sync import sync
 from zarr.errors import ContainsArrayError, ContainsGroupError
@@ -169,6 +171,12 @@ def repair_store_metadata(url: str, storage_options: StorageOptions = None) -> N
     fs.pipe_file(posixpath.join(path, "zarr.json"), json.dumps(document, indent=2).encode())
 
 
+def _zarr_location(url: str) -> str:
+    """Where zarr opens the store at `url`: a file:// URL as its local path, so that it gets
+    zarr's LocalStore as a plain path does (its fsspec store makes no folders on the local disk)."""
+    return strip_protocol(url) if split_protocol(url)[0] in LocalFileSystem.protocol else url
+
+
 def _zarr_storage_options(url: str, storage_options: StorageOptions) -> dict[str, Any] | None:
     """fsspec options of the store's own filesystem. On s3://, each object is read in one request:
     s3fs would otherwise ask every object's size first (to split large ones), a second request
@@ -218,7 +226,9 @@ class ResultStore:
         """Open `url`, creating the store when `mode` allows it; refuses groups that are not cellseg
         stores and, for writing, targets where a store would keep nothing or take over other data
         (`check_store_target`)."""
-        options = _zarr_storage_options(url, storage_options)
+        location = _zarr_location(url)
+        # zarr refuses fsspec options beside a local path.
+        options = _zarr_storage_options(url, storage_options) if location == url else None
         # A new store gets its cellseg attributes in the same write as its group: a store that is
         # being created is never seen without them, so a group without them is never ours.
         attributes: dict[str, Any] = {"cellseg": {"layout": LAYOUT_VERSION, "created": _now(), "cellseg_version": __version__}}
@@ -226,13 +236,16 @@ class ResultStore:
             if mode in WRITE_MODES:
                 check_store_target(url, storage_options)
             try:
-                root = zarr.open_group(url, mode=mode, zarr_format=3, storage_options=options, attributes=attributes)
+                root = zarr.open_group(location, mode=mode, zarr_format=3, storage_options=options,
+                                       attributes=attributes)
             except ContainsGroupError:
                 # Another run created the store between zarr's check and its create: open that one.
-                root = zarr.open_group(url, mode=mode, zarr_format=3, storage_options=options)
+                root = zarr.open_group(location, mode=mode, zarr_format=3, storage_options=options)
         except FileNotFoundError as error:
             if translated := storage_error(url, error):  # a missing bucket
                 raise translated from error
+            if mode in WRITE_MODES:  # a folder above it that cannot be made (/proc/x.zarr)
+                raise StoreError(f"cannot create a results store at '{url}': {error}") from error
             raise StoreError(f"no results store at '{url}'") from error
         except PermissionError as error:
             raise StorageError(f"access denied opening the results store '{url}': {error}") from error
@@ -249,6 +262,8 @@ class ResultStore:
         except (StoreError, StorageError):
             raise
         except METADATA_ERRORS as error:
+            if translated := storage_error(url, error):  # a storage option the filesystem refuses (a TypeError)
+                raise translated from error
             if problem := store_metadata_problem(url, storage_options):
                 raise DamagedStore(f"the results store's own metadata '{url}/zarr.json' cannot be read ({problem}); "
                                    f"{repair_hint(url)} rewrites it") from error

@@ -227,6 +227,39 @@ def test_invalid_setting_is_rejected_naming_the_field(tmp_path, tiny_checkpoint)
     assert not (tmp_path / "s.zarr").exists()
 
 
+@pytest.mark.parametrize("existing_folder", [False, True])
+def test_predict_writes_to_a_file_url_as_to_its_path(tmp_path, tiny_checkpoint, existing_folder):
+    cellseg("synth", "--out", str(tmp_path / "data"), "--count", "2", "--size", "64")
+    if existing_folder:
+        (tmp_path / "out/s.zarr").mkdir(parents=True)
+    url = (tmp_path / "out/s.zarr").as_uri()
+    result = cellseg("predict", "--model", str(tiny_checkpoint), "--images", str(tmp_path / "data/images"),
+                     "--out", url)
+    assert "segmented 2, skipped 0 already done, failed 0" in result.stdout
+    assert cellseg("results", url).stdout.startswith(f"{url}: 2 images done, 0 failed\n")
+    assert ResultStore.open(str(tmp_path / "out/s.zarr"), mode="r").done_ids() == {"synth_0000", "synth_0001"}
+
+
+@pytest.mark.parametrize(("options", "refused"), [
+    ('endpoint_urll = "http://127.0.0.1:9"', "s3:// takes no storage option 'endpoint_urll'"),
+    ('[storage.s3.client_kwargs]\naws_secret_access_key = "other-secret-value"',
+     "s3:// storage option 'client_kwargs.aws_secret_access_key' sets what another option sets too"),
+], ids=["unknown", "given-twice"])
+@pytest.mark.parametrize("command", [["results", "s3://bucket/r.zarr"],
+                                     ["predict", "--images", "IMAGES", "--out", "s3://bucket/r.zarr"],
+                                     ["models", "list", "--registry", "s3://bucket/registry"]],
+                         ids=["results", "predict", "models-list"])
+def test_a_storage_option_the_filesystem_refuses_is_one_line_naming_it(tmp_path, options, refused, command):
+    settings = tmp_path / "cellseg.toml"
+    settings.write_text(f'[storage.s3]\nkey = "AKIDEXAMPLE"\nsecret = "secret-value"\n{options}\n')
+    (tmp_path / "images").mkdir()
+    arguments = [str(tmp_path / "images") if word == "IMAGES" else word for word in command]
+    result = cellseg("-q", "--config", str(settings), *arguments, check=False)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"cellseg {command[0]}: error: '{command[-1]}': {refused}; fix storage.s3 "
+                                          "in the settings (or fsspec's own configuration)"]
+
+
 @pytest.mark.parametrize("command", [["predict", "--images", "IMAGES", "--out", "OUT"],
                                      ["train", "--images", "IMAGES", "--masks", "IMAGES", "--out", "OUT"]])
 def test_an_unknown_device_is_one_line_naming_the_setting(tmp_path, command):

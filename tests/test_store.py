@@ -226,6 +226,21 @@ def test_missing_store_read_only_is_refused(tmp_path):
         ResultStore.open(str(tmp_path / "absent.zarr"), mode="r")
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
+def test_a_store_where_no_folder_can_be_made_is_refused_as_one_that_cannot_be_created():
+    with pytest.raises(StoreError, match=r"cannot create a results store at '/proc/cellseg-test\.zarr'"):
+        ResultStore.open("/proc/cellseg-test.zarr")
+
+
+def test_a_file_url_opens_the_store_at_its_path(tmp_path):
+    """file:// stores are the plain path's store (zarr's LocalStore), whose writes make their folders."""
+    (tmp_path / "empty.zarr").mkdir()
+    for path in (tmp_path / "new/results.zarr", tmp_path / "empty.zarr"):
+        ResultStore.open(path.as_uri()).write_result("a", MASK, STATS, "/images/a.png", MODEL)
+        assert ResultStore.open(str(path), mode="r").done_ids() == {"a"}
+        np.testing.assert_array_equal(ResultStore.open(path.as_uri(), mode="r").read_mask("a"), MASK)
+
+
 def test_other_layout_version_is_refused(tmp_path):
     url = str(tmp_path / "future.zarr")
     zarr.open_group(url, mode="w").attrs["cellseg"] = {"layout": LAYOUT_VERSION + 1}
