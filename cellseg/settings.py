@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import difflib
 import json
 import os
 import sys
@@ -280,6 +281,7 @@ def _check_environment() -> None:
         if not name.upper().startswith("CELLSEG_"):
             continue
         where = f"environment variable {name}"
+        _check_setting_name(name)
         if len(value) > MAX_ENV_CHARS:
             raise SettingsError(f"{where} is over {MAX_ENV_CHARS // 1024} KiB, the limit for settings")
         if value.lstrip()[:1] in ("{", "["):
@@ -292,6 +294,23 @@ def _check_environment() -> None:
             except ValueError as error:  # Python refuses integers of over 4300 digits
                 raise SettingsError(f"{where} holds a value out of range: {str(error).split(';')[0]}") from error
             _check_shape(parsed, where)
+
+
+# CELLSEG_* variables that are not settings: the settings file's name, and switches read directly.
+OTHER_VARIABLES = {CONFIG_ENV}
+
+
+def _check_setting_name(name: str) -> None:
+    """Refuse a CELLSEG_* variable that names no setting (pydantic-settings passes over a top-level
+    one without a word, so a typo left a setting at its default)."""
+    field = name.upper().removeprefix("CELLSEG_").split("__", 1)[0].lower()
+    if field in CellsegSettings.model_fields or name.upper() in OTHER_VARIABLES:
+        return
+    fields = list(CellsegSettings.model_fields)
+    close = difflib.get_close_matches(field, fields, n=1, cutoff=0.75)
+    known = [f"CELLSEG_{known.upper()}" for known in fields] + sorted(OTHER_VARIABLES)
+    hint = f" (did you mean CELLSEG_{close[0].upper()}?)" if close else f" (settings: {', '.join(known)})"
+    raise SettingsError(f"environment variable {name} names no cellseg setting{hint}")
 
 
 def merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

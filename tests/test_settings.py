@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,23 @@ def test_bad_settings_are_refused_naming_the_file_and_field(tmp_path):
     with pytest.raises(SettingsError, match="mapping"):
         (tmp_path / "list.yaml").write_text("- 1\n")
         load_settings(str(tmp_path / "list.yaml"))
+
+
+@pytest.mark.parametrize(("name", "refusal"), [
+    ("CELLSEG_REGISTRY_URLL", "CELLSEG_REGISTRY_URLL names no cellseg setting (did you mean CELLSEG_REGISTRY_URL?)"),
+    ("CELLSEG_PREDICTT__THRESHOLD", "CELLSEG_PREDICTT__THRESHOLD names no cellseg setting (did you mean CELLSEG_PREDICT?)"),
+    ("CELLSEG_FOO", "CELLSEG_FOO names no cellseg setting (settings: CELLSEG_REGISTRY_URL, "),
+])
+def test_an_environment_variable_naming_no_setting_is_refused(monkeypatch, name, refusal):
+    """pydantic-settings passed over a misspelt top-level variable: the setting kept its default."""
+    monkeypatch.setenv(name, "0.9")
+    with pytest.raises(SettingsError, match=re.escape(refusal)):
+        load_settings()
+    monkeypatch.delenv(name)
+    monkeypatch.setenv("CELLSEG_PREDICT__THRESHOLD", "0.9")
+    monkeypatch.setenv("CELLSEG_DIRECT_S3_WRITES", "false")
+    settings = load_settings()
+    assert settings.predict.threshold == 0.9 and not settings.direct_s3_writes
 
 
 def test_boolean_storage_options_from_the_environment_are_booleans(monkeypatch):
