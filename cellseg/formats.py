@@ -178,7 +178,8 @@ def read_source(
     """One image to segment, (H, W), and what its record keeps about where it came from: the
     selection made and the pixel size ({} for a PNG/TIFF/JPEG read as before). A PNG/TIFF/JPEG
     with the default selection takes `cellseg.io.read_image`'s path unchanged (bioio is never
-    imported for it); any other choice is checked against the file's one plane."""
+    imported for it); any other choice is checked against the file's planes (a plain TIFF stack's
+    pages are its z planes)."""
     if not is_microscopy_url(url) and selection == SelectionConfig():
         return read_image(url, storage_options, max_pixels, warnings), {}
     plane = read_plane(url, selection, storage_options, max_pixels)
@@ -361,7 +362,8 @@ def _pixel_size(y: float | None, x: float | None) -> tuple[float | None, tuple[f
 def _tiff_plane(tif: tifffile.TiffFile, url: str, selection: SelectionConfig, time_point: int | None,
                 checked: tuple[bytes, int] | None, close: Callable[[], None] | None = None) -> Plane:
     """A plane of series 0 of a TIFF, read through tifffile's zarr view. OME-XML (when present)
-    names channels and pixel size; axes other than T, C (or samples S), Z, Y, X use index 0.
+    names channels and pixel size; axes other than T, C (or samples S), Z, Y, X use index 0, except
+    that `--z` addresses a plain stack's pages as z (`_stack_axis`).
     `checked`: (file bytes, max_pixels) to check every page as `cellseg.io` does before decoding;
     without it (lazy reads of huge files) inflating compressions are decoded by imagecodecs (a
     dependency), whose decoders stop at the size the header declares."""
@@ -371,7 +373,10 @@ def _tiff_plane(tif: tifffile.TiffFile, url: str, selection: SelectionConfig, ti
     if "Y" not in shape or "X" not in shape:
         raise ImageReadError(f"'{url}': TIFF series with axes {series.axes} has no Y and X axes")
     channel_axis = "C" if "C" in shape else "S" if "S" in shape else None
-    sizes = {"T": shape.get("T", 1), "C": shape[channel_axis] if channel_axis else 1, "Z": shape.get("Z", 1)}
+    stack_axis = _stack_axis(axes, shape)
+    z_axis = "Z" if "Z" in shape else stack_axis if selection.z is not None else None
+    sizes = {"T": shape.get("T", 1), "C": shape[channel_axis] if channel_axis else 1,
+             "Z": shape[z_axis] if z_axis else 1}
     names, physical = _ome_metadata(tif, url) if tif.is_ome else ([], (None, None))
     samples_as_luma = channel_axis == "S" and selection.channel is None and sizes["C"] in (3, 4)
     if samples_as_luma:
@@ -384,8 +389,8 @@ def _tiff_plane(tif: tifffile.TiffFile, url: str, selection: SelectionConfig, ti
             _check_tiff_page(cast(tifffile.TiffPage, pages.get(index, cache=False, aspage=True)), data, url, max_pixels)
     else:
         _check_lazy_tiff(cast(tifffile.TiffPage, pages.get(0, aspage=True)), url)
-    others = [axis for axis in axes if axis not in "TCSZYX" and shape[axis] > 1]
-    notes = [f"uses index 0 of its {axis} axis ({shape[axis]} planes)" for axis in others]
+    others = [axis for axis in axes if axis not in "TCSZYX" and axis != z_axis and shape[axis] > 1]
+    notes = [_first_index_note(axis, shape[axis], axis == stack_axis) for axis in others]
     array = zarr.open_array(series.aszarr(level=0))  # read-only by nature; zarr refuses mode "r" for it
 
     def read_z(z: int, rows: slice, columns: slice) -> np.ndarray:
@@ -397,7 +402,7 @@ def _tiff_plane(tif: tifffile.TiffFile, url: str, selection: SelectionConfig, ti
                 index.append(columns)
             elif axis == "T":
                 index.append(choice.t)
-            elif axis == "Z":
+            elif axis == z_axis:
                 index.append(z)
             elif axis == channel_axis and not samples_as_luma:
                 index.append(choice.channel)
@@ -414,6 +419,19 @@ def _tiff_plane(tif: tifffile.TiffFile, url: str, selection: SelectionConfig, ti
     pixel_size, yx, size_notes = _pixel_size(*physical)
     return Plane((shape["Y"], shape["X"]), np.dtype(series.dtype),
                  pixel_size, choice.record, read_region, yx, notes + size_notes, close or tif.close)
+
+
+def _stack_axis(axes: str, shape: dict[str, int]) -> str | None:
+    """The one unnamed axis of a plain stack with no Z axis (tifffile's I for a multi-page TIFF, Q
+    for a shaped one such as `tifffile.imwrite` of (N, H, W)), which `--z` addresses as z; else None."""
+    unnamed = [axis for axis in axes if axis not in "TCSZYX" and shape[axis] > 1]
+    return unnamed[0] if "Z" not in shape and len(unnamed) == 1 and unnamed[0] in "IQ" else None
+
+
+def _first_index_note(axis: str, size: int, is_stack: bool) -> str:
+    """The warning for an axis read at index 0 only; a stack's pages say how `--z` reads the others."""
+    hint = f": choose one with --z 0..{size - 1} or project with --z max" if is_stack else ""
+    return f"uses index 0 of its {axis} axis ({size} planes){hint}"
 
 
 def _samples_last(region: np.ndarray, axes: str) -> np.ndarray:

@@ -14,11 +14,12 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of windows of `tile` covering [0, length), neighbours overlapping by >= `overlap`.
 
     The overlap may be at most three quarters of the tile (`check_overlap`), so the step is at
-    least a quarter tile: at most 4 * length / tile + 1 windows, never a window per pixel.
+    least a quarter tile: at most 4 * length / tile + 1 windows, never a window per pixel. A side
+    within one tile has no neighbours to overlap, whatever the overlap.
     """
-    check_overlap(tile, overlap)
     if length <= tile:
         return [0]
+    check_overlap(tile, overlap)
     step = tile - overlap
     starts = list(range(0, length - tile, step))
     return [*starts, length - tile]
@@ -29,10 +30,11 @@ def fitted_tile(length: int, tile: int, overlap: int, multiple: int = 1) -> int:
     `overlap` as `tile` needs, all of one size: `tile_starts` otherwise ends on a tile that mostly
     repeats its neighbour (a 2176-pixel side: three tiles of 816 instead of three of 1024). The
     side is rounded up to a `multiple` (the model's `size_multiple`), so that no tile is padded
-    where the image is not."""
-    check_overlap(tile, overlap)
+    where the image is not. A side within one tile is its own tile: a 2 x 5000 image is tiled
+    along its width only, in tiles 2 pixels high, which overlap nothing along the height."""
     if length <= tile:
         return length
+    check_overlap(tile, overlap)
     count = -(-(length - overlap) // (tile - overlap))
     fitted = max(-(-(length + (count - 1) * overlap) // count), -(-4 * overlap // 3))
     return min(tile, -(-fitted // multiple) * multiple)

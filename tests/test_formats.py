@@ -121,6 +121,47 @@ def test_z_max_projects_and_z_index_picks_a_plane(tmp_path, synthetic_dataset):
     assert np.array_equal(read_source(url, SelectionConfig(z=1))[0], right)
 
 
+
+def _write_plain_stack(path: Path, stack: np.ndarray, writer: str) -> str:
+    """An (N, H, W) stack as a plain multi-page TIFF without a Z axis: tifffile's shaped series
+    (axes QYX) or Pillow's pages (IYX)."""
+    if writer == "tifffile":
+        tifffile.imwrite(path, stack, photometric="minisblack")  # unsaid, (3, H, W) is planar RGB
+    else:
+        from PIL import Image
+
+        first, *rest = (Image.fromarray(page) for page in stack)
+        first.save(path, save_all=True, append_images=rest)
+    return str(path)
+
+
+@pytest.mark.parametrize(("writer", "axes"), [("tifffile", "QYX"), ("pillow", "IYX")])
+def test_z_reads_the_pages_of_a_plain_tiff_stack_as_z_planes(tmp_path, synthetic_dataset, writer, axes):
+    nuclei = _nuclei(synthetic_dataset)
+    stack = np.stack([nuclei // 2, _noise(nuclei, 1), nuclei])
+    url = _write_plain_stack(tmp_path / "stack.tif", stack, writer)
+    with tifffile.TiffFile(url) as tif:
+        assert tif.series[0].axes == axes
+    image, source = read_source(url, SelectionConfig(z="max"))
+    assert np.array_equal(image, stack.max(axis=0)) and source["selection"]["sizes"]["Z"] == 3
+    assert np.array_equal(read_source(url, SelectionConfig(z=1))[0], stack[1])
+    with pytest.raises(ImageReadError) as raised:
+        read_source(url, SelectionConfig(z=5))
+    assert str(raised.value) == f"'{url}': z 5 is out of range; it has 3 z planes (--z 0..2 or --z max)"
+
+
+@pytest.mark.parametrize(("writer", "axis"), [("tifffile", "Q"), ("pillow", "I")])
+def test_a_plain_tiff_stack_without_z_reads_its_first_page_and_says_how_to_choose(tmp_path, synthetic_dataset,
+                                                                                 writer, axis):
+    nuclei = _nuclei(synthetic_dataset)
+    stack = np.stack([nuclei, _noise(nuclei, 2), nuclei // 2])
+    url = _write_plain_stack(tmp_path / "stack.tif", stack, writer)
+    warnings: list[str] = []
+    image, _ = read_source(url, SelectionConfig(channel=0), warnings=warnings)
+    assert np.array_equal(image, stack[0])
+    assert warnings == [f"uses index 0 of its {axis} axis (3 planes): choose one with --z 0..2 or project with --z max"]
+
+
 def test_t_all_makes_one_record_per_time_point(tmp_path, synthetic_dataset, tiny_checkpoint):
     nuclei = _nuclei(synthetic_dataset)
     (tmp_path / "src").mkdir()
