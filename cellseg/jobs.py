@@ -48,7 +48,15 @@ from cellseg.infer import Predictor
 from cellseg.io import IMAGE_SUFFIXES, MICROSCOPY_FILE_SUFFIXES
 from cellseg.job_config import SegmentJob, TrainJob, TuneJob, with_settings
 from cellseg.model_source import ModelSource, shared_predictor
-from cellseg.pairs import ImagePair, LoadedPair, load_pairs, manifest_hash, pair_images_and_masks, split_train_val
+from cellseg.pairs import (
+    DatasetError,
+    ImagePair,
+    LoadedPair,
+    load_pairs,
+    manifest_hash,
+    pair_images_and_masks,
+    split_train_val,
+)
 from cellseg.redact import redact_text, redact_url
 from cellseg.report import CURVES_FILE, GALLERY_FILE, training_pictures
 from cellseg.runtime import SHARD_CORES, available_cores, resolve_device, set_threads
@@ -161,6 +169,10 @@ def run_training(
     labelled = sum(pair.instances is not None for pair in loaded_train + loaded_val)
     logger.info("masks read as %d instance label images (one value per cell) and %d binary masks",
                 labelled, len(pairs) - labelled)
+    if not any(pair.mask.any() for pair in loaded_train):
+        raise DatasetError(f"none of the {len(loaded_train)} training masks (under "
+                           f"'{redact_url(job.masks_url)}') has a cell pixel: there is nothing to "
+                           "learn; masks mark cells with any value above 0 on a 0 background")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import ModelConfig, TrainConfig
@@ -135,6 +136,18 @@ def test_out_holding_images_is_refused_even_with_overwrite(runs):
     _one_line_error(result, f"training folder '{out}' holds images (synth_0000.png, synth_0001.png, synth_0002.png, …)",
                     "choose another folder")
     assert sorted(path.name for path in out.iterdir()) == [f"synth_{index:04d}.png" for index in range(6)]
+
+
+def test_masks_without_a_cell_are_refused_before_training(tmp_path):
+    """All-background masks trained to a validation Dice of 0 and exit status 0, without a word."""
+    write_dataset(str(tmp_path / "data"), count=4, size=64, seed=5)
+    for mask in (tmp_path / "data" / "masks").iterdir():
+        Image.new("L", (64, 64)).save(mask)
+    result = cellseg("-q", "train", "--images", str(tmp_path / "data/images"), "--masks", str(tmp_path / "data/masks"),
+                     "--out", str(tmp_path / "run"), *FLAGS, check=False)
+    _one_line_error(result, f"none of the 3 training masks (under '{tmp_path / 'data/masks'}') has a cell pixel: there "
+                            "is nothing to learn")
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_train_unet_flow_never_trains_into_another_runs_folder(tmp_path):
