@@ -186,9 +186,10 @@ def region_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """
     if predicted.shape != truth.shape:
         raise ValueError(f"predicted labels are {predicted.shape}, true regions are {truth.shape}")
-    if not np.any(truth):
-        return {"adapted_rand_error": 0.0 if not np.any(predicted) else 1.0,
-                "adapted_rand_precision": 1.0, "adapted_rand_recall": 1.0}
+    if not np.any(truth):  # nothing to find: any predicted cell is wrong (error 1, precision 0), none is right
+        found = bool(np.any(predicted))
+        return {"adapted_rand_error": float(found), "adapted_rand_precision": float(not found),
+                "adapted_rand_recall": 1.0}
     error, precision, recall = adapted_rand_error(truth.astype(np.int64), predicted.astype(np.int64))
     return {"adapted_rand_error": float(error), "adapted_rand_precision": float(precision),
             "adapted_rand_recall": float(recall)}

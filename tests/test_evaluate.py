@@ -184,6 +184,9 @@ def test_adapted_rand_error_is_zero_for_the_truth_and_grows_with_a_wrong_split()
     assert sorted([scores["adapted_rand_precision"], scores["adapted_rand_recall"]]) == pytest.approx([44 / 60, 1.0])
     assert scores["adapted_rand_error"] == pytest.approx(1 - 2 * (44 / 60) / (1 + 44 / 60))
     assert region_scores(np.zeros((2, 2), int), np.zeros((2, 2), int))["adapted_rand_error"] == 0.0
+    # Cells where there are none: every one wrong, not an error of 1 beside a precision of 1.
+    assert region_scores(np.eye(2, dtype=int), np.zeros((2, 2), int)) == {
+        "adapted_rand_error": 1.0, "adapted_rand_precision": 0.0, "adapted_rand_recall": 1.0}
 
 
 def test_evaluate_reports_the_adapted_rand_error_against_the_masks_components(store, tmp_path, capsys):
