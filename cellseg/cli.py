@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import select
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -264,15 +265,25 @@ def _run_export(args: argparse.Namespace) -> int:
         raise ValueError("--group-by well groups the per-image statistics: add --table images")
     store = ResultStore.open(args.store, mode="r")
     unit = "cell" if args.table == "cells" else "well" if args.group_by else "image"
+    suffix = posixpath.splitext(args.out)[1].lower()
+    if suffix in (".csv", ".parquet", ".pq") and (suffix == ".csv") != (args.format == "csv"):
+        logging.getLogger("cellseg").warning("writing %s into '%s', whose name says otherwise", args.format,
+                                             redact_url(args.out))
+
     def rows() -> Iterator[dict[str, Any]]:  # read only once write_table has accepted the target
         if args.group_by:
-            yield from by_well(store.statistics())
+            statistics = list(store.statistics())
+            wells = by_well(statistics)
+            if statistics and not wells:  # before anything is written
+                raise ValueError(f"no image of '{redact_url(args.store)}' lies in a plate's well (a field of an HCS "
+                                 "plate, or an id such as A01_f1): nothing to group by well")
+            yield from wells
         else:
             yield from store.cell_rows() if args.table == "cells" else store.statistics()
 
     with _progress("exporting", unit) as bar:
         count = write_table((bar.update() or row for row in rows()), args.out, args.format, overwrite=args.overwrite)
-    print(f"wrote {count} {unit}s to {redact_url(args.out)}")
+    print(f"wrote {count} {unit}{'s' if count != 1 else ''} to {redact_url(args.out)}")
     _print_damaged(store)  # left out of the table, which says so here
     return PARTLY_FAILED if store.damaged else 0  # a script must not take a table without them for the whole
 

@@ -93,6 +93,20 @@ def test_group_by_needs_the_images_table(tmp_path, capsys):
     assert "--group-by well groups the per-image statistics: add --table images" in capsys.readouterr().err
 
 
+def test_group_by_well_refuses_a_store_without_wells_and_a_suffix_that_disagrees_is_named(tmp_path, capsys, caplog):
+    """A store of plain images grouped by well wrote an empty table: 'wrote 0 wells', exit status 0."""
+    store = ResultStore.open(str(tmp_path / "plain.zarr"))
+    store.write_result("cells_01", np.eye(8, dtype=bool), {}, "cells_01.png", {"version": "v1"})
+    out = tmp_path / "w.csv"
+    assert main(["export", store.url, "--table", "images", "--group-by", "well", "--out", str(out)]) == 2
+    assert "no image of" in capsys.readouterr().err and not out.exists()
+    pytest.importorskip("pyarrow")
+    assert main(["export", store.url, "--table", "images", "--format", "parquet", "--out", str(out)]) == 0
+    assert f"writing parquet into '{out}', whose name says otherwise" in caplog.text
+    assert "wrote 1 image to" in capsys.readouterr().out
+    assert out.read_bytes()[:4] == b"PAR1"
+
+
 @pytest.mark.parametrize(("url", "expected", "located"), [
     ("s3://b/run/plate.ome.zarr/B/3/0", "plate_B03_f0", {"well": "B03", "field": "0"}),
     ("/d/plate.zarr/H/12/11#t=2", "plate_H12_f11_t002", {"well": "H12", "field": "11"}),
