@@ -222,7 +222,9 @@ class Registry:
         if version == CURRENT:
             current = self.current()
             if current is None:
-                raise RegistryError(f"registry '{self.url}' has no current model; register one with promote")
+                raise RegistryError(f"registry '{self.url}' has no current model: train one into it (cellseg flow "
+                                    "train-unet --registry ...), or mark a registered version current (cellseg models "
+                                    "promote VERSION)")
             return current
         if not VERSION_NAME.fullmatch(version):
             raise RegistryError(f"'{version}' is not a version name of registry '{self.url}': versions are names "
