@@ -292,14 +292,19 @@ class Scratch:
         self.group.attrs.put(self.attrs)
 
     def mark_active(self, stopped: bool = False) -> None:
-        """Record that a run takes a step on this image now, or (`stopped`) that the run working
-        on it has stopped, so that a run with other settings need not wait for it (`ACTIVE_WAIT`).
-        A scratch from a cellseg without the mark gets one."""
+        """Record that a run takes a step on this image now (at most every MARK_EVERY seconds from
+        one process), or (`stopped`) that the run working on it has stopped, so that a run with
+        other settings need not wait for it (`ACTIVE_WAIT`). A scratch from a cellseg without the
+        mark gets one."""
+        key, now = (self.store.url, self.image_id), time.monotonic()
+        if not stopped and now - _marked.get(key, -MARK_EVERY) < MARK_EVERY:
+            return
         try:
             mark = self.array("active")
         except KeyError:
             mark = _blank_mark(self.store, self.image_id)
         write_region(mark, (0,), np.array([0.0 if stopped else time.time()]))
+        _marked[key] = -MARK_EVERY if stopped else now
 
     def still_ours(self, predictor: Predictor) -> None:
         """Refuse to go on where the plan is no longer this run's: another run with other settings
@@ -372,6 +377,8 @@ PLAN_POLL = 0.5  # seconds between looks at a plan another run is writing
 # finish: seconds each, a few minutes for the pyramid of the largest images) after which its plan
 # counts as left by a run that stopped without saying so (killed), and another run may replace it.
 ACTIVE_WAIT = 300.0
+MARK_EVERY = ACTIVE_WAIT / 10  # seconds between one process's marks: a mark costs a write (a PUT on S3)
+_marked: dict[tuple[str, str], float] = {}  # (store URL, image id): when this process last marked it (monotonic)
 
 
 def _settings(predictor: Predictor) -> dict[str, Any]:
