@@ -312,7 +312,8 @@ def _decode_tiff(data: bytes, name: str, max_pixels: int, notes: list[str], colo
     except Exception as error:  # tifffile raises many types on malformed input
         raise ImageReadError(f"'{name}': not a readable TIFF ({error})") from error
     if pages > 1:
-        hint = "; it is an OME-TIFF: name it *.ome.tif to choose a channel, z plane or time point" if ome else ""
+        hint = "; it is an OME-TIFF: name it *.ome.tif to choose a channel, z plane or time point" if ome else \
+            "; --z N segments page N, --z max their projection"
         notes.append(f"uses page 0 of {pages}: the other pages are not segmented{hint}")
     if array.ndim == 3 and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and array.shape[0] in (3, 4):
         array = np.moveaxis(array, 0, -1)  # planar RGB(A) is stored samples-first: (S, H, W)

@@ -368,7 +368,7 @@ def test_a_multi_page_tiff_uses_page_0_and_says_so():
             writer.write(np.full((2, 3), value, np.uint8), metadata=None)
     warnings: list[str] = []
     np.testing.assert_array_equal(decode_image(buffer.getvalue(), "p.tif", warnings=warnings), np.full((2, 3), 7))
-    assert warnings == ["uses page 0 of 3: the other pages are not segmented"]
+    assert warnings == ["uses page 0 of 3: the other pages are not segmented; --z N segments page N, --z max their projection"]
 
 
 def test_a_file_too_large_for_max_pixels_is_refused_without_reading_it_whole(tmp_path):

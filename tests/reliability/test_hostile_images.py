@@ -37,7 +37,7 @@ FAILED = {  # file -> what the recorded and printed failure must say
 WARNED = {  # file -> the warning its done result carries
     "black.png": "image is constant (value 0): no cells",
     "white.png": "image is constant (value 255): no cells",
-    "pages.tif": "uses page 0 of 3: the other pages are not segmented",
+    "pages.tif": "uses page 0 of 3: the other pages are not segmented; --z N segments page N, --z max their projection",
 }
 DONE = {"good", "black", "white", "pages"}
 
