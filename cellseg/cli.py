@@ -50,8 +50,9 @@ def _settings(args: argparse.Namespace, overrides: dict[str, Any] | None = None)
 def _needs_orchestration(command: str) -> None:
     """A one-line error naming the extra to install when Prefect (or Dask's runner) is missing.
     Also keeps the Prefect server that a flow command starts for itself (no PREFECT_API_URL) from
-    reporting to Prefect's telemetry, unless the environment says otherwise: on a machine without
-    internet every run's output showed a Prefect ERROR line for it."""
+    reporting to Prefect's telemetry, unless the environment says otherwise (on a machine without
+    internet every run's output showed a Prefect ERROR line for it), and out of Ctrl-C's way
+    (`flows.temporary_server`)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         import prefect  # noqa: F401
@@ -59,6 +60,9 @@ def _needs_orchestration(command: str) -> None:
     except ImportError as error:
         raise ModuleNotFoundError(f"`cellseg {command}` runs Prefect flows, but {error.name} is not installed: "
                                   f"{ORCHESTRATION_EXTRA}") from error
+    from cellseg.flows.temporary_server import keep_temporary_server_from_ctrl_c
+
+    keep_temporary_server_from_ctrl_c()
 
 
 def _prefect_api_error(error: BaseException) -> str | None:

@@ -418,6 +418,41 @@ def test_flow_commands_start_their_own_server_without_telemetry_unless_told(give
     assert result.stdout.split()[-1] == enabled
 
 
+@pytest.mark.integration
+def test_ctrl_c_stops_a_flow_on_its_temporary_server_in_seconds_with_status_130(tmp_path):
+    """Without PREFECT_API_URL, Ctrl-C stopped the temporary server with the command (one process
+    group), and the flow engine retried reporting the crash to it for minutes: exit status 2, an API
+    error. The server now runs in a session of its own, and is stopped when the command exits."""
+    import psutil
+
+    from cellseg.synth import write_dataset
+
+    write_dataset(str(tmp_path / "data"), count=40, size=256, seed=5)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("CELLSEG_", "PREFECT_API_URL"))}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+    as_from_a_shell = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                       "os.execv(sys.argv[1], sys.argv[1:])")
+    command = [str(Path(sys.executable).parent / "cellseg"), "flow", "segment-images", "--source",
+               str(tmp_path / "data/images"), "--store", str(tmp_path / "r.zarr"), "--model-version", "general",
+               "--shard-size", "4", "--registry", str(tmp_path / "registry")]
+    run = subprocess.Popen([sys.executable, "-c", as_from_a_shell, *command], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # a terminal's group
+    deadline = time.monotonic() + 240
+    while run.poll() is None and time.monotonic() < deadline and not (tmp_path / "r.zarr/synth_0000/zarr.json").exists():
+        time.sleep(0.05)
+    servers = psutil.Process(run.pid).children(recursive=True)
+    assert any("prefect.server.api.server:create_app" in " ".join(server.cmdline()) for server in servers)
+    os.killpg(run.pid, signal.SIGINT)  # Ctrl-C: to the whole process group
+    interrupted = time.monotonic()
+    _, stderr = run.communicate(timeout=240)
+    assert run.returncode == 130, stderr
+    assert time.monotonic() - interrupted < 60
+    assert "Crashed('Execution was aborted by an interrupt signal.')" in stderr
+    assert "cellseg flow: interrupted" in stderr.splitlines() and "Traceback" not in stderr
+    psutil.wait_procs(servers, timeout=30)
+    assert not [server.pid for server in servers if server.is_running() and server.status() != psutil.STATUS_ZOMBIE]
+
+
 def test_ctrl_c_stops_predict_with_one_line_and_a_rerun_segments_the_rest(tmp_path, tiny_checkpoint):
     from cellseg.synth import write_dataset
 
