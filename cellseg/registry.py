@@ -33,7 +33,7 @@ from cellseg import __version__
 from cellseg.checkpoint import Checkpoint, load_checkpoint_bytes, one_line, read_checkpoint_bytes
 from cellseg.io import StorageOptions, filesystem, join_url
 from cellseg.redact import redact, redact_text, redact_url
-from cellseg.storage_errors import storage_call
+from cellseg.storage_errors import StorageError, storage_call
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +164,7 @@ class Registry:
         # Listings are cached per process (s3fs); another process may have registered since.
         self.fs.invalidate_cache(self.root)
         if not self.fs.exists(self.root):
+            self._check_bucket()
             return [], {}
         found, unreadable = [], {}
         for entry in self.fs.ls(self.root, detail=True):
@@ -187,6 +188,8 @@ class Registry:
             return f"unreadable model.json ({one_line(error)})"
         except ValueError as error:
             return f"unreadable model.json ({error})"
+        except (IsADirectoryError, FileNotFoundError) as error:  # a folder, or a prefix of objects, named model.json
+            return f"unreadable model.json (not a file: {type(error).__name__})"
         if meta.version != version:
             return f"unreadable model.json (it names version {meta.version!r})"
         return meta
@@ -197,12 +200,25 @@ class Registry:
             raise RegistryError(f"registry '{self.url}', version {version}: {meta}")
         return meta
 
+    BUCKET_SCHEMES = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "abfss://")
+
+    def _check_bucket(self) -> None:
+        """A registry whose bucket does not exist is an error, not an empty registry: a misspelt
+        bucket name must not read as 'train a model first'."""
+        if not self.url.startswith(self.BUCKET_SCHEMES):
+            return
+        bucket = self.root.split("/", 1)[0]
+        if bucket and bucket != self.root.rstrip("/") and not self.fs.exists(bucket):
+            raise StorageError(f"'{redact_url(self.url)}': the bucket '{bucket}' does not exist")
+
     @_naming_the_registry
     def current(self) -> str | None:
         """The version marked current, if any."""
         path = self._path("current.json")
         self.fs.invalidate_cache(self.root)  # a cached listing may predate another process's promote
         if not self.fs.exists(path):
+            if not self.fs.exists(self.root):
+                self._check_bucket()
             return None
         try:
             version = json.loads(self.fs.cat_file(path))["version"]
@@ -244,6 +260,9 @@ class Registry:
         """Mark `version` as the one inference uses by default; only a registered version whose
         model.json is whole can be."""
         resolved = self.get(version).version
+        if not self.fs.isfile(self._path(resolved, "checkpoint.pt")):  # a version copied in part: the next run would fail
+            raise RegistryError(f"registry '{self.url}', version {resolved}: checkpoint.pt is missing; it cannot be "
+                                "made current")
         self.fs.makedirs(self.root, exist_ok=True)
         self.fs.pipe_file(self._path("current.json"), json.dumps({"version": resolved}).encode())
 

@@ -21,6 +21,7 @@ from cellseg.model_source import ModelSource, load_predictor, shared_predictor
 from cellseg.pictures import overlay_gallery, training_curves
 from cellseg.registry import RUN_FILES, Registry, RegistryError
 from cellseg.report import CURVES_FILE, GALLERY_FILE
+from cellseg.storage_errors import StorageError
 from cellseg.train import HISTORY_FILE
 
 VERSION_NAME = re.compile(r"(\d{8}-\d{6})-([0-9a-f]{8})")
@@ -222,6 +223,24 @@ def test_promote_sets_current(checkpoint_file, tmp_path):
     assert registry.get() == meta
 
 
+def test_a_folder_named_model_json_is_an_unreadable_version_and_a_version_without_its_checkpoint_cannot_be_current(
+        checkpoint_file, tmp_path):
+    """Junk in a registry folder broke `models list` with a traceback; a version copied in part
+    was made current, and the next run failed on it."""
+    registry = Registry(str(tmp_path / "registry"))
+    meta = registry.register(str(checkpoint_file))
+    (tmp_path / "registry" / "20250101-000000-deadbeef" / "model.json").mkdir(parents=True)
+    versions, unreadable = registry.scan()
+    assert [found.version for found in versions] == [meta.version]
+    assert unreadable == {"20250101-000000-deadbeef": "unreadable model.json (not a file: IsADirectoryError)"}
+    with pytest.raises(RegistryError, match=r"unreadable model\.json"):
+        registry.promote("20250101-000000-deadbeef")
+    (tmp_path / "registry" / meta.version / "checkpoint.pt").unlink()
+    with pytest.raises(RegistryError, match=rf"version {meta.version}: checkpoint.pt is missing; it cannot be made current"):
+        registry.promote(meta.version)
+    assert registry.current() is None
+
+
 def test_register_with_promote_makes_the_new_version_current(checkpoint_file, tmp_path):
     registry = Registry(str(tmp_path / "registry"))
     old = registry.register(str(checkpoint_file), promote=True)
@@ -309,6 +328,17 @@ def test_registry_on_s3(checkpoint_file, s3_bucket):
     assert loaded_meta.checkpoint_sha256 == sha256_of(checkpoint_file)
     assert torch.equal(model_output(checkpoint), model_output(load_checkpoint(str(checkpoint_file))))
     assert registry.checkpoint_url(meta.version) == f"{bucket}/models/{meta.version}/checkpoint.pt"
+
+
+def test_a_registry_in_a_bucket_that_does_not_exist_is_named_so_not_empty(s3_bucket):
+    """A misspelt bucket read as an empty registry: 'no models registered', and a flow told the
+    operator to train a model."""
+    bucket, options = s3_bucket
+    registry = Registry(f"{bucket}-missing/models", options)
+    for ask in (registry.scan, registry.current):
+        with pytest.raises(StorageError, match=rf"'{bucket}-missing/models': the bucket '.*-missing' does not exist"):
+            ask()
+    assert Registry(f"{bucket}/models", options).scan() == ([], {})  # an existing bucket: an empty registry
 
 
 @pytest.mark.integration
