@@ -46,7 +46,7 @@ else:  # Python 3.10
 from cellseg import s3_direct
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig, Url
 from cellseg.paths import DEFAULT_REGISTRY_URL, LOCAL_ROOT
-from cellseg.redact import MASK, redact, redact_text
+from cellseg.redact import redact, redact_text
 
 CONFIG_ENV = "CELLSEG_CONFIG"
 MAX_FILE_BYTES = 64 * 1024  # settings files are a few hundred bytes; pure-Python YAML parses 64 KiB in about a second
@@ -165,11 +165,8 @@ class CellsegSettings(BaseSettings):
 
     def masked(self) -> dict[str, Any]:
         """The settings as plain data with every secret replaced by a mask (`cellseg.redact.redact`):
-        values under names like key/secret/token/password/auth, credentials inside strings, and
-        every storage option whose name is not one known to hold no secret (a misspelt `secrt`)."""
-        data = self.model_dump(mode="json")
-        data["storage"] = {protocol: _shown_options(options) for protocol, options in data["storage"].items()}
-        return cast("dict[str, Any]", redact(data))
+        values under names like key/secret/token/password/auth, and credentials inside strings."""
+        return cast("dict[str, Any]", redact(self.model_dump(mode="json")))
 
 
 def config_file_path(config_file: str | None = None) -> Path | None:
@@ -297,24 +294,6 @@ def _check_environment() -> None:
             except ValueError as error:  # Python refuses integers of over 4300 digits
                 raise SettingsError(f"{where} holds a value out of range: {str(error).split(';')[0]}") from error
             _check_shape(parsed, where)
-
-
-# fsspec options (s3fs, gcsfs, adlfs and their clients') known to hold no secret: shown by `config
-# show`; any other storage option is masked, since a misspelt secret's name is no secret-looking name.
-SHOWN_STORAGE_OPTIONS = frozenset({
-    "endpoint_url", "region_name", "anon", "use_ssl", "verify", "requester_pays", "version_aware", "cache_regions",
-    "default_block_size", "default_fill_cache", "default_cache_type", "max_concurrency", "listings_expiry_time",
-    "use_listings_cache", "skip_instance_cache", "client_kwargs", "config_kwargs", "s3_additional_kwargs",
-    "connect_timeout", "read_timeout", "retries", "max_attempts", "mode", "signature_version", "addressing_style",
-    "s3", "profile", "project", "account_name", "timeout", "auto_mkdir",
-})
-
-
-def _shown_options(options: Any) -> Any:
-    """Storage options with the value of every name not in SHOWN_STORAGE_OPTIONS masked, at any depth."""
-    if not isinstance(options, Mapping):
-        return options
-    return {key: _shown_options(value) if key in SHOWN_STORAGE_OPTIONS else MASK for key, value in options.items()}
 
 
 # CELLSEG_* variables that are not settings: the settings file's name, and switches read directly.
