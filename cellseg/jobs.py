@@ -74,7 +74,7 @@ from cellseg.size_model import (
 )
 from cellseg.starting_point import Start, choose_start
 from cellseg.store import ResultStore
-from cellseg.store_checks import StoreWriteError, invalid_image_id
+from cellseg.store_checks import StoreWriteError, check_store_target, invalid_image_id
 from cellseg.train import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, TrainResult, train
 from cellseg.tune import Trial, TrialResult
 
@@ -369,13 +369,16 @@ def pin_model(job: SegmentJob) -> SegmentJob:
     return job if pinned.version == job.model_version else job.model_copy(update={"model_version": pinned.version})
 
 
-def plan_segmentation(job: SegmentJob, on_record: Callable[[str], None] | None = None) -> SegmentPlan:
-    """Images under `job.source_url` that the store does not hold yet, in shards of at most
-    `job.shard_size` (`even_shards`). Files that cannot be images of the store (clashing or
-    invalid ids) are listed as rejected; files that share an image id are recorded failed under it."""
+def plan_segmentation(job: SegmentJob, on_record: Callable[[str], None] | None = None,
+                      images: list[str] | None = None) -> SegmentPlan:
+    """Images under `job.source_url` (or `images`, listed from it already) that the store does not
+    hold yet, in shards of at most `job.shard_size` (`even_shards`). Files that cannot be images of
+    the store (clashing or invalid ids) are listed as rejected; files that share an image id are
+    recorded failed under it."""
     # First: a source that cannot be read leaves no new store behind. OME-Zarr folders, plate fields
     # and, with --t all, time points are listed as images of their own (cellseg.formats).
-    images = list_sources(job.source_url, job.predict.selection)
+    if images is None:
+        images = list_sources(job.source_url, job.predict.selection)
     store = ResultStore.open(job.store_url)
     rejected: list[dict[str, str]] = []
 
@@ -531,8 +534,12 @@ def run_segmentation(
     segment, `on_image` per image finished, `on_block` per block of a large image
     (`blocks.BlockProgress`)."""
     job = pin_model(job)
-    shared_predictor(model_source(job), job.predict)  # a bad model fails here, before the store is touched
-    plan = plan_segmentation(job, on_record)
+    # A missing source or a store target that would be refused fails in a second, before the model
+    # takes seconds to load; a bad model fails before the store is touched.
+    images = list_sources(job.source_url, job.predict.selection)
+    check_store_target(job.store_url)
+    shared_predictor(model_source(job), job.predict)
+    plan = plan_segmentation(job, on_record, images)
     if on_plan is not None:
         on_plan(plan.pending)
     report = segment_shards(job, plan.shards, on_image)

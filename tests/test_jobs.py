@@ -26,7 +26,7 @@ from cellseg.jobs import (
     run_training,
 )
 from cellseg.registry import Registry, RegistryError
-from cellseg.store import ResultStore
+from cellseg.store import ResultStore, StoreError
 from cellseg.synth import generate_sample, write_dataset
 from cellseg.verify import verify_store
 
@@ -158,6 +158,24 @@ def test_a_missing_model_fails_before_the_store_is_created(trained, tmp_path):
     registry = SegmentJob(source_url=job.source_url, store_url=job.store_url, registry_url=str(tmp_path / "empty"))
     with pytest.raises(RegistryError):
         run_segmentation(registry)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_missing_source_or_a_refused_store_fails_before_the_model_is_loaded(trained, tmp_path):
+    _, _, root = trained
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"not a checkpoint")  # loading it would fail: these errors come first
+    (tmp_path / "a_file").write_text("mine")
+    missing = SegmentJob(source_url=str(tmp_path / "no_images"), store_url=str(tmp_path / "s.zarr"),
+                         checkpoint_url=str(damaged))
+    with pytest.raises(FileNotFoundError, match="no_images' does not exist"):
+        run_segmentation(missing)
+    refused = missing.model_copy(update={"source_url": str(root / "data/images"), "store_url": str(tmp_path / "a_file")})
+    with pytest.raises(StoreError, match="a_file' is a file"):
+        run_segmentation(refused)
+    assert (tmp_path / "a_file").read_text() == "mine"
+    with pytest.raises(CheckpointError, match=r"damaged\.pt"):
+        run_segmentation(refused.model_copy(update={"store_url": str(tmp_path / "s.zarr")}))
     assert not (tmp_path / "s.zarr").exists()
 
 
