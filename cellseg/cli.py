@@ -17,6 +17,7 @@ import os
 import posixpath
 import select
 import sys
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, redirect_stderr
 from typing import TYPE_CHECKING, Any
@@ -504,9 +505,21 @@ def _print_table(rows: Sequence[dict[str, Any]]) -> None:
                "mean_intensity_outside")
     if not rows:
         return
-    print("  ".join(f"{c:>22}" if i else f"{c:<24}" for i, c in enumerate(columns)))
+    # As wide as the longest id (DSB2018's are 64 characters), counted in terminal columns.
+    width = max(len(columns[0]), *(_columns(str(row["image_id"])) for row in rows))
+    print("  ".join([_padded(columns[0], width)] + [f"{c:>22}" for c in columns[1:]]))
     for row in rows:
-        print("  ".join([f"{row['image_id']:<24}"] + [f"{_fmt(row.get(c)):>22}" for c in columns[1:]]))
+        print("  ".join([_padded(str(row["image_id"]), width)] + [f"{_fmt(row.get(c)):>22}" for c in columns[1:]]))
+
+
+def _columns(text: str) -> int:
+    """How many terminal columns `text` takes: wide (CJK) characters two, combining marks none."""
+    return sum(0 if unicodedata.combining(char) else 2 if unicodedata.east_asian_width(char) in "WF" else 1
+               for char in text)
+
+
+def _padded(text: str, width: int) -> str:
+    return text + " " * (width - _columns(text))
 
 
 def _fmt(value: Any) -> str:

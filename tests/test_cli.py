@@ -370,6 +370,26 @@ def test_results_says_how_many_rows_it_left_out(tmp_path):
     assert refused.returncode == 2 and "give 0 (every row) or more" in refused.stderr
 
 
+def test_the_results_table_lines_up_under_long_and_wide_image_ids(tmp_path):
+    import numpy as np
+
+    store_url = str(tmp_path / "results.zarr")
+    store = ResultStore.open(store_url)
+    model = {"version": "0123456789ab", "checkpoint": "runs/x/best.pt", "threshold": 0.5}
+    statistics = {"cell_count": 12, "total_cell_area": 3, "mean_cell_area": 3.0, "median_cell_area": 3.0,
+                  "foreground_fraction": 0.25, "mean_intensity_inside": 10.0, "mean_intensity_outside": 1.0}
+    ids = ["a", "4ca50b65ec3c8c8f2fb5e5b5c7c7e6d7a1b2c3d4e5f60718293a4b5c6d7e8f90", "細胞_一"]  # DSB2018-like, CJK
+    for image_id in ids:
+        store.write_result(image_id, np.eye(4, 3, dtype=bool), statistics, f"{image_id}.png", model)
+
+    table = cellseg("results", store_url).stdout.splitlines()[1:]
+    assert len(table) == 4
+    wide = 3  # 細, 胞 and 一 take two terminal columns each: one more than a character each
+    ends = [line.index("cell_count") + len("cell_count") if number == 0 else
+            line.index("12") + 2 + (wide if "細" in line else 0) for number, line in enumerate(table)]
+    assert len(set(ends)) == 1, table
+
+
 def test_commands_that_touch_no_model_start_without_torch(tmp_path):
     """`results`, `evaluate`, `export`, `verify`, `config` and `synth` read stores, tables and
     settings only: loading torch (over a second) for them would double their start-up, and s3fs
