@@ -15,6 +15,7 @@ idempotent: redacting twice gives what redacting once gave.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -61,9 +62,22 @@ _AUTHORITY = re.compile(r"(?<![A-Za-z0-9+.-])(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)
 
 
 def is_secret_name(name: str) -> bool:
-    """Whether a value called `name` (an option, header, query parameter) holds a credential."""
+    """Whether a value called `name` (an option, header, query parameter) holds a credential,
+    or would if it were spelt right: `secrt`, `pasword` and `tokn` are masked too."""
     lowered = name.lower()
-    return lowered in _SECRET_NAMES or any(part in lowered for part in _SECRET_PARTS)
+    return (lowered in _SECRET_NAMES or any(part in lowered for part in _SECRET_PARTS)
+            or _misspelt_secret(lowered))
+
+
+# Whole names a misspelling is compared with: the parts, and the spellings they are cut from.
+_SECRET_WORDS = (*_SECRET_PARTS, "password", "secret_key", "access_key", "credentials", "session_token")
+MISSPELLING_SIMILARITY = 0.8  # difflib's ratio: one letter left out of, added to or changed in a 5-letter word
+
+
+def _misspelt_secret(lowered: str) -> bool:
+    if len(lowered) < 4:  # a short name is too close to too many words
+        return False
+    return any(difflib.SequenceMatcher(None, lowered, word).ratio() >= MISSPELLING_SIMILARITY for word in _SECRET_WORDS)
 
 
 def redact_url(url: str) -> str:

@@ -109,12 +109,16 @@ def test_no_setting_of_cellseg_itself_looks_secret():
 
 
 @pytest.mark.parametrize("name", ["key", "AccountKey", "X-Amz-Signature", "sig", "client_secret", "Authorization",
-                                  "passphrase", "pkey", "SAS", "session_token", "Proxy-Authorization", "cookie"])
+                                  "passphrase", "pkey", "SAS", "session_token", "Proxy-Authorization", "cookie",
+                                  # misspelt: fsspec refuses them, but their values are secrets all the same
+                                  "secrt", "scret", "tokn", "pasword", "credentals", "sesion_token"])
 def test_secret_names(name):
     assert is_secret_name(name)
 
 
-@pytest.mark.parametrize("name", ["endpoint_url", "region_name", "username", "anon", "design", "signal", "threshold"])
+@pytest.mark.parametrize("name", ["endpoint_url", "region_name", "username", "anon", "design", "signal", "threshold",
+                                  "access", "Accept", "region", "requester_pays", "port", "host", "project", "retries",
+                                  "account_name", "connection_string", "protocol", "profile", "timeout", "headers"])
 def test_ordinary_names(name):
     assert not is_secret_name(name)
 

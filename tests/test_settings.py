@@ -61,15 +61,17 @@ def test_flags_over_environment_over_file_over_defaults(tmp_path, suffix):
 def test_config_show_masks_secrets(tmp_path):
     path = tmp_path / "cellseg.toml"
     path.write_text(TOML)
-    env = {"CELLSEG_STORAGE__GCS__TOKEN": "env-token-value"}
+    # A misspelt secret (secrt) is masked too; fsspec would refuse it, but its value is a secret all the same.
+    env = {"CELLSEG_STORAGE__GCS__TOKEN": "env-token-value", "CELLSEG_STORAGE__GCS__SECRT": "typo-secret-value",
+           "CELLSEG_STORAGE__GCS__CLIENT_KWARGS__REGION_NAME": "eu-west-1"}
     for output in (cellseg("config", "show", "--config", str(path), env=env).stdout,
                    cellseg("--config", str(path), "config", "show", "--json", env=env).stdout):
-        for secret in ("AKIAFILEKEY", "file-secret-value", "hunter2", "env-token-value"):
+        for secret in ("AKIAFILEKEY", "file-secret-value", "hunter2", "env-token-value", "typo-secret-value"):
             assert secret not in output
         assert "127.0.0.1:9" in output and MASK in output
     shown = json.loads(cellseg("config", "show", "--json", "--config", str(path), env=env).stdout)
     assert shown["storage"]["s3"] == {"endpoint_url": f"http://admin:{MASK}@127.0.0.1:9", "key": MASK, "secret": MASK}
-    assert shown["storage"]["gcs"] == {"token": MASK}
+    assert shown["storage"]["gcs"] == {"token": MASK, "secrt": MASK, "client_kwargs": {"region_name": "eu-west-1"}}
     yaml_text = cellseg("config", "show", "--config", str(path)).stdout
     assert yaml_text.startswith("# cellseg") and f"file {path}" in yaml_text and "epochs: 7" in yaml_text
 
