@@ -5,6 +5,8 @@ parameter). Flags apply only when given; the environment and the settings file f
 from __future__ import annotations
 
 import argparse
+import difflib
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -15,6 +17,7 @@ from cellseg.job_config import SegmentJob, TrainJob, TuneJob
 from cellseg.settings import CellsegSettings
 
 CONFIG_HELP = "TOML or YAML settings file (default: $CELLSEG_CONFIG); flags > CELLSEG_* environment > file"
+QUIET_HELP = "only warnings and errors on stderr"
 SETTING, JOB = "setting:", "job:"  # argparse dest prefixes of the two kinds of field
 PARTLY_FAILED = 3  # the exit status of a batch in which some images failed
 EXIT_STATUS_HELP = (
@@ -259,9 +262,10 @@ def given(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
 
 
 def _command(group: argparse._SubParsersAction, name: str, run: str | None = None, **kwargs: Any) -> argparse.ArgumentParser:
-    """A (sub)command that also takes --config after its name; `run` names its function in `cellseg.cli`."""
+    """A (sub)command that also takes --config and -q after its name; `run` names its function in `cellseg.cli`."""
     parser = group.add_parser(name, **kwargs)
     parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE", help=CONFIG_HELP)
+    parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
     if run is not None:
         parser.set_defaults(run=run)
     return parser
@@ -270,13 +274,32 @@ def _command(group: argparse._SubParsersAction, name: str, run: str | None = Non
 # the parser --------------------------------------------------------------------------------------
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A parser whose commands refuse what they do not know themselves: with the command's own
+    usage line, and the option nearest a misspelt one (`--treshold`: did you mean --threshold?),
+    where argparse would have the top parser name them under `cellseg`'s usage."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and self._subparsers is None:  # a command's own parser, not one that holds commands
+            self.error(f"unrecognized arguments: {' '.join(extras)}{self._nearest(extras)}")
+        return namespace, extras
+
+    def _nearest(self, extras: list[str]) -> str:
+        options = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        for extra in extras:
+            if extra.startswith("--") and (close := difflib.get_close_matches(extra.split("=", 1)[0], options, n=1)):
+                return f" (did you mean {close[0]}?)"
+        return ""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="cellseg", description="Segment grayscale microscopy images into cells and background with a U-Net.",
         epilog=EXIT_STATUS_HELP,
     )
     parser.add_argument("--version", action="version", version=f"cellseg {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

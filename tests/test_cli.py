@@ -390,6 +390,22 @@ def test_the_results_table_lines_up_under_long_and_wide_image_ids(tmp_path):
     assert len(set(ends)) == 1, table
 
 
+def test_a_misspelt_option_is_refused_by_its_command_naming_the_nearest_and_q_follows_a_command_too(tmp_path):
+    store_url = str(tmp_path / "results.zarr")
+    ResultStore.open(store_url)
+    refused = cellseg("results", store_url, "--limt", "2", check=False)
+    assert refused.returncode == 2 and refused.stderr.startswith("usage: cellseg results ")
+    assert refused.stderr.splitlines()[-1] == ("cellseg results: error: unrecognized arguments: --limt 2 "
+                                               "(did you mean --limit?)")
+    nested = cellseg("models", "list", "--registri", str(tmp_path), check=False)
+    assert nested.returncode == 2 and nested.stderr.splitlines()[-1].endswith("(did you mean --registry?)")
+
+    cellseg("synth", "--out", str(tmp_path / "data"), "--count", "1", "--size", "32")
+    predict = ["predict", "--images", str(tmp_path / "data/images"), "--out", str(tmp_path / "out.zarr")]
+    assert "no --model given" in cellseg(*predict).stderr
+    assert cellseg(*predict, "-q").stderr == "" and cellseg("-q", *predict).stderr == ""
+
+
 def test_commands_that_touch_no_model_start_without_torch(tmp_path):
     """`results`, `evaluate`, `export`, `verify`, `config` and `synth` read stores, tables and
     settings only: loading torch (over a second) for them would double their start-up, and s3fs
