@@ -423,6 +423,7 @@ def _run_flow_segment(args: argparse.Namespace) -> int:
 
 def _run_tune(args: argparse.Namespace) -> int:
     _needs_orchestration("tune")
+    from cellseg.flows.temporary_server import shared_temporary_server
     from cellseg.flows.tune import tune_unet
     from cellseg.jobs import TuneJob, with_settings
     from cellseg.tune import TABLE_COLUMNS
@@ -431,7 +432,8 @@ def _run_tune(args: argparse.Namespace) -> int:
     fields["training"] = json.loads(args.training_json) | fields.get("training", {})
     job = with_settings(TuneJob.model_validate({"images_url": args.images, "masks_url": args.masks, **fields}),
                         _settings(args))
-    result = tune_unet(job)
+    with shared_temporary_server():  # the trials' processes report to it
+        result = tune_unet(job)
     columns = [c for c in TABLE_COLUMNS if c != "status"]
     print("  ".join(f"{c:>13}" for c in columns) + "  status")
     for row in result["trials"]:

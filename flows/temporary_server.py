@@ -14,6 +14,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 HANGUP_STATUS = 128 + signal.SIGHUP
@@ -53,6 +55,25 @@ def keep_temporary_server_from_ctrl_c() -> None:
     ServerInOwnSession()  # the instance Prefect's own `SubprocessASGIServer()` returns from now on
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
         signal.signal(signal.SIGHUP, _exit_on_hangup)
+
+
+@contextmanager
+def shared_temporary_server() -> Iterator[None]:
+    """Start this process's temporary server now (none with PREFECT_API_URL set) and, within the
+    block, name it in the settings that the processes of a flow's task runner (tune-unet's trials)
+    are started with, so that they report to it. Each of them would otherwise start a server of its
+    own, seconds each, and the parent's server would never see their task runs."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the one Prefect's client would start for this process (stopped at exit)
+    server.start()
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield
 
 
 def _exit_on_hangup(signum: int, frame: Any) -> None:
