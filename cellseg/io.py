@@ -176,10 +176,22 @@ def read_bytes(url: str, storage_options: StorageOptions = None, max_bytes: int 
             data = fs.cat_file(path) if max_bytes is None else fs.cat_file(path, start=0, end=max_bytes + 1)
     except FileNotFoundError as error:
         raise ImageReadError(f"'{url}': file not found") from error
+    except OSError as error:  # S3 answers a ranged read of an empty object 416, "range not satisfiable"
+        if max_bytes is not None and _is_empty(fs, path):
+            raise ImageReadError(f"'{url}': file is empty (0 bytes)") from error
+        raise
     if max_bytes is not None and len(data) > max_bytes:
         raise ImageReadError(f"'{url}': file is over {max_bytes} bytes, more than an image within max_pixels "
                              "can take (raise max_pixels to allow it)")
     return data
+
+
+def _is_empty(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether the file at `path` holds 0 bytes (False when its size cannot be read either)."""
+    try:
+        return fs.size(path) == 0
+    except OSError:
+        return False
 
 
 def write_bytes(url: str, data: bytes, storage_options: StorageOptions = None) -> str:

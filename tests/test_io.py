@@ -528,3 +528,20 @@ def test_list_and_read_images_on_s3(s3_bucket):
         list_images(f"{bucket}/missing", options)
     with pytest.raises(ImageReadError, match=r"images/gone\.png.*not found"):
         read_image(f"{bucket}/images/gone.png", options)
+
+
+@pytest.mark.integration
+def test_bad_image_files_on_s3_are_named_with_their_problem(s3_bucket):
+    import s3fs
+
+    bucket, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    fs.pipe_file(f"{bucket}/images/empty_cell.png", b"")  # S3 answers a ranged read of it 416
+    fs.pipe_file(f"{bucket}/images/cut_short.png", png_bytes()[:60])
+    fs.pipe_file(f"{bucket}/images/notes.png", b"this is not an image\n")
+    with pytest.raises(ImageReadError, match=r"images/empty_cell\.png': file is empty \(0 bytes\)"):
+        read_image(f"{bucket}/images/empty_cell.png", options)
+    with pytest.raises(ImageReadError, match=r"images/cut_short\.png.*not a readable image"):
+        read_image(f"{bucket}/images/cut_short.png", options)
+    with pytest.raises(ImageReadError, match=r"images/notes\.png.*not a readable image"):
+        read_image(f"{bucket}/images/notes.png", options)
