@@ -7,6 +7,7 @@ and only a bounded number of images is held in memory at once.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import posixpath
 import threading
@@ -289,6 +290,12 @@ def segment_images(
     labelling = shared_label_workers(predictor.postprocess_workers)
     with share as take_threads, ReadAhead(images, read, lambda result: result[0].nbytes, min_ahead=ahead) as reads, \
             ThreadPoolExecutor(max_workers=writers, thread_name_prefix="cellseg-write") as writer:
+
+        def write(*outcome: Any) -> Future[tuple[str, str, str | None, int, dict[str, float]]]:
+            # In this thread's context: what the writers log (a failed image, an image's warnings)
+            # then reaches whatever log this thread's records go to, a flow run's included.
+            return writer.submit(contextvars.copy_context().run, finish, *outcome)
+
         while not stopped and not (stop is not None and stop.is_set()):
             call, unreadable = take_call(reads, predictor)
             if not call and not unreadable:
@@ -296,13 +303,13 @@ def segment_images(
             if take_threads is not None:
                 take_threads()
             for image_id, url, error in unreadable:
-                writes.append(writer.submit(finish, image_id, url, None, None, error))
+                writes.append(write(image_id, url, None, None, error))
             if call:
                 with _counting_cpu(report.cpu_seconds, "model"):
                     outcomes = _predict_call(predictor, [image for _, _, image, _, _ in call],
                                              [source.get("cell_diameter") for *_, source in call])
                 for (image_id, url, image, notes, source), (image_maps, failure) in zip(call, outcomes, strict=True):
-                    writes.append(writer.submit(finish, image_id, url, image, image_maps, failure, notes, source))
+                    writes.append(write(image_id, url, image, image_maps, failure, notes, source))
             while len(writes) > max(ahead, len(call)):  # a whole call may wait to be written (take_call bounds its pixels)
                 settle(writes.popleft().result())
         while writes:

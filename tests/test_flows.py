@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +105,32 @@ def task_runs_named(flow_run_id: Any, name: str = "segment-shard") -> list[Any]:
         assert inner == [], [run.name for run in inner]
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     return [run for run in runs if run.name.startswith(name)]
+
+
+@contextmanager
+def extra_logger(name: str) -> Iterator[None]:
+    """The handlers of Prefect's `prefect.extra` logger (the run's logs on the API among them) on
+    logger `name` meanwhile, as the setting PREFECT_LOGGING_EXTRA_LOGGERS adds them."""
+    logger, handlers = logging.getLogger(name), logging.getLogger("prefect.extra").handlers
+    for handler in handlers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+
+
+def run_log_messages(flow_run_id: Any) -> list[str]:
+    """The messages a flow run logged, read through the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]
 
 
 def assert_embeds(artifact: Any, picture: Image.Image) -> None:
@@ -232,10 +261,16 @@ def test_bad_image_is_recorded_and_the_others_finish(trained_registry, new_image
     shutil.copytree(new_images / "images", source)
     (source / "broken.png").write_bytes(b"not a png at all")
     (source / "empty.tif").write_bytes(b"")
-    # One shard at a time, the first holding the two bad images alone.
-    summary = segment_images_flow(SegmentJob(source_url=str(source), store_url=str(tmp_path / "s.zarr"),
-                                  registry_url=registry_url, shard_size=2, max_parallel_shards=1))
+    # One shard at a time, the first holding the two bad images alone; cellseg's lines go to the
+    # run's logs on the API, as PREFECT_LOGGING_EXTRA_LOGGERS=cellseg makes them on a worker.
+    with extra_logger("cellseg"):
+        summary = segment_images_flow(SegmentJob(source_url=str(source), store_url=str(tmp_path / "s.zarr"),
+                                      registry_url=registry_url, shard_size=2, max_parallel_shards=1))
     assert summary["done"] == 8
+    run_id = run_artifacts("segment-images-summary")["segment-images-summary"].flow_run_id
+    logged = run_log_messages(run_id)
+    for name in ("broken.png", "empty.tif"):  # written by the shard's writer thread
+        assert any(message.startswith("failed to segment") and name in message for message in logged), logged
     # The montage starts once that first shard is done and draws what the store holds when it runs:
     # nothing, and then it is drawn again at the end, or already the second shard's images (a fast
     # machine, CI 2026-12-04). Either way the run's montage shows cells.
@@ -267,6 +302,19 @@ def test_invalid_parameters_are_rejected_before_any_work(trained_registry, new_i
         with pytest.raises(ParameterTypeError, match=field):  # as a deployment run passes it: JSON
             segment_images_flow(job=job)
     assert not (tmp_path / "x.zarr").exists()
+
+
+@pytest.mark.parametrize("command", [("flow", "train-unet"), ("tune",)])
+@pytest.mark.parametrize(("given", "said"), [("{\"epochs\": 2", "--training-json is not valid JSON (Expecting"),
+                                             ("[2]", "--training-json gives '[2]', not a JSON object of fields")])
+def test_a_training_json_that_is_no_object_is_one_line_naming_the_flag(command, given, said, tmp_path):
+    """Not a traceback (`tune` with a JSON list), nor a JSON parser's message that names no flag."""
+    from tests.conftest import cellseg
+
+    result = cellseg(*command, "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"),
+                     "--training-json", given, check=False)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"cellseg {command[0]}: error: {said}") and result.stderr.count("\n") == 1
 
 
 def test_unknown_model_version_fails_fast(trained_registry, new_images, tmp_path):
