@@ -4,7 +4,7 @@
     python -m cellseg.deployments.serve ...   (same thing)
 
 The deployments are the ones `prefect.yaml` beside this file declares, with the same names,
-parameters and schedules. nightly-segmentation reads its job from the Prefect variable
+parameters, schedules and concurrency limits. nightly-segmentation reads its job from the Prefect variable
 `cellseg_nightly` when each run starts, or, given --nightly-source and --nightly-store, is served
 with that job as its parameter.
 """
@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
+from prefect.schedules import Cron
 
 DECLARATION = Path(__file__).with_name("prefect.yaml")
 
@@ -40,8 +41,9 @@ def _flow(entrypoint: str) -> Any:
 def build_deployments(
     nightly_source: str | None = None, nightly_store: str | None = None, cron: str | None = None
 ) -> list[RunnerDeployment]:
-    """The deployments of prefect.yaml as RunnerDeployments; `cron` replaces a declared schedule, and
-    a nightly source and store replace the nightly job's variable with that job."""
+    """The deployments of prefect.yaml as RunnerDeployments, with their schedules (timezone included)
+    and concurrency limits; `cron` replaces a declared schedule, and a nightly source and store
+    replace the nightly job's variable with that job."""
     if (nightly_source is None) != (nightly_store is None):
         raise ValueError("give both --nightly-source and --nightly-store, or neither (the nightly run then reads "
                          "the Prefect variable cellseg_nightly)")
@@ -56,7 +58,8 @@ def build_deployments(
             description=declared.get("description"),
             tags=declared.get("tags", []),
             parameters=parameters,
-            cron=(cron or schedules[0]["cron"]) if schedules else None,
+            schedule=Cron(cron or schedules[0]["cron"], timezone=schedules[0].get("timezone")) if schedules else None,
+            concurrency_limit=declared.get("concurrency_limit"),
         ))
     return deployments
 

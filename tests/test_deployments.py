@@ -193,6 +193,9 @@ def test_serve_builds_the_deployments_prefect_yaml_declares(prefect_harness):
     nightly = served["nightly-segmentation"]
     assert nightly.parameters == {"job": {"source_url": "in/images", "store_url": "out.zarr"}}
     assert [schedule.schedule.cron for schedule in nightly.schedules] == ["0 2 * * *"] and not nightly.paused
+    # As declared: a late nightly and the next night's never overlap, and 02:00 is UTC's.
+    assert nightly.concurrency_limit == declared["nightly-segmentation"]["concurrency_limit"] == 1
+    assert [schedule.schedule.timezone for schedule in nightly.schedules] == ["UTC"]
     from_variable = {d.name: d for d in build_deployments()}["nightly-segmentation"]
     assert not from_variable.paused and from_variable.parameters == {"job_variable": "cellseg_nightly"}
     assert [s.schedule.cron for s in {d.name: d for d in build_deployments(cron="30 1 * * *")}
