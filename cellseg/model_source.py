@@ -68,6 +68,13 @@ class ModelSource:
         check_shipped_digest(self.shipped, digest)  # before the bytes are parsed
         return load_checkpoint_bytes(data, str(path), file_checked=True), f"{self.shipped}-{digest[:12]}"
 
+    def recorded_version(self) -> str:
+        """The model version that results record (`load`), without loading the model; of a pinned
+        source (`pinned`): a shipped model's name and content hash, not 'bundled'."""
+        if self.shipped is None:
+            return self.version
+        return f"{self.shipped}-{hashlib.sha256(shipped_file(self.shipped).read_bytes()).hexdigest()[:12]}"
+
     @property
     def shipped(self) -> str | None:
         """The name of the shipped model this source names, if any."""

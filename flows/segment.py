@@ -38,6 +38,7 @@ from cellseg.jobs import (
     SegmentJob,
     SegmentPlan,
     Shard,
+    model_source,
     pin_model,
     plan_segmentation,
     segment_shard,
@@ -226,9 +227,10 @@ def _segment_images(job: SegmentJob | None, job_variable: str | None) -> dict[st
     logger = get_run_logger()
     started = time.monotonic()
     job = resolve_model(job)
+    model_version = model_source(job).recorded_version()  # as the images record it: never 'bundled'
     plan = plan_shards(job)
     logger.info("%d images to segment in %d shards with model %s; %d already done",
-                plan.pending, len(plan.shards), job.model_version, len(plan.skipped))
+                plan.pending, len(plan.shards), model_version, len(plan.skipped))
     logger.info("predict settings: %s", predict_settings_line(job))
     for rejected in plan.rejected:
         logger.warning("cannot segment '%s': %s", rejected["source_url"], rejected["error"])
@@ -258,7 +260,7 @@ def _segment_images(job: SegmentJob | None, job_variable: str | None) -> dict[st
     if not (plan.shards or plan.large):
         logger.info("nothing to do: no new images under %s", redact_url(job.source_url))
 
-    summary = _summarise(results, plan, time.monotonic() - started, job.model_version)
+    summary = _summarise(results, plan, time.monotonic() - started, model_version)
     montage = early_montage[0].result() if early_montage else None
     if summary["done"]:
         if montage is None:  # the first shard segmented nothing: drawn from what the run did in the end
