@@ -384,12 +384,24 @@ def _run_config(args: argparse.Namespace) -> int:
 # flows, tune, serve (Prefect) --------------------------------------------------------------------
 
 
+def _json_object(text: str, flag: str) -> dict[str, Any]:
+    """The JSON object a flag such as --training-json gives; ValueError naming the flag otherwise."""
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"{flag} is not valid JSON ({error}): give a JSON object of fields") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} gives {text!r}, not a JSON object of fields")
+    return value
+
+
 def _run_flow_train(args: argparse.Namespace) -> int:
     _needs_orchestration("flow train-unet")
     from cellseg.flows.train import train_unet
     from cellseg.jobs import TrainJob, with_settings
 
-    settings = _settings(args, {"model": json.loads(args.model_json), "training": json.loads(args.training_json)})
+    settings = _settings(args, {"model": _json_object(args.model_json, "--model-json"),
+                                "training": _json_object(args.training_json, "--training-json")})
     job = with_settings(TrainJob.model_validate({"images_url": args.images, "masks_url": args.masks, **given(args, JOB)}),
                         settings)
     result = train_unet(job)
@@ -429,7 +441,7 @@ def _run_tune(args: argparse.Namespace) -> int:
     from cellseg.tune import TABLE_COLUMNS
 
     fields = given(args, JOB)
-    fields["training"] = json.loads(args.training_json) | fields.get("training", {})
+    fields["training"] = _json_object(args.training_json, "--training-json") | fields.get("training", {})
     job = with_settings(TuneJob.model_validate({"images_url": args.images, "masks_url": args.masks, **fields}),
                         _settings(args))
     with shared_temporary_server():  # the trials' processes report to it

@@ -195,7 +195,7 @@ class TrainConfig(_Config):
         description="U-Net paper border weight w0: background between nearby cells weighs up to 1 + w0 in the loss (paper: 10); 0 off",
     )
     border_sigma: float = Field(5.0, gt=0.0, le=50.0, description="pixels over which the border weight decays (paper: 5)")
-    init_from: str | None = Field(
+    init_from: Annotated[str, Field(min_length=1)] | None = Field(  # '' would start from scratch, said to fine-tune
         "auto",
         description=(
             "where training starts: 'auto' fine-tunes the default shipped model when the dataset has fewer than "

@@ -1,10 +1,11 @@
 """Export a checkpoint for other imaging software: TorchScript (any image size) or ONNX.
 
 The exported network maps normalised images, float32 (N, 1, H, W), to cell probabilities of the
-same shape (sigmoid included). A JSON file beside it (`<out>.json`) says how to normalise the
-input (per-image percentiles, polarity), at which cell size the model works (if it was trained
-at one: `cellseg.scale`), which threshold gives the mask, and where the model came from, so that
-a mask computed elsewhere is the mask `cellseg predict` computes.
+same shape (sigmoid included), with a second channel for a model with a distance map. A JSON file
+beside it (`<out>.json`) says how to normalise the input (per-image percentiles, polarity), at
+which cell size the model works (if it was trained at one: `cellseg.scale`), which threshold gives
+the mask, and where the model came from, so that a mask computed elsewhere is the mask
+`cellseg predict` computes.
 """
 
 from __future__ import annotations
@@ -67,10 +68,11 @@ class ExportableUNet(nn.Module):
 
 def export_model(
     checkpoint: Checkpoint, out: str | Path, export_format: ExportFormat = "torchscript",
-    model_version: str = "", threshold: float = 0.5, overwrite: bool = False,
+    model_version: str = "", threshold: float | None = None, overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the model to `out` in `export_format` and its description to `<out>.json`; returns it.
-    Files already there are refused (ValueError) unless `overwrite`."""
+    The threshold recorded is `threshold`, else the one `predict` uses with this checkpoint (decided
+    when it was trained). Files already there are refused (ValueError) unless `overwrite`."""
     out = Path(out)
     if out.is_dir():
         raise ValueError(f"'{out}' is a folder; name the file to write")
@@ -106,8 +108,12 @@ def export_model(
             "the model works at this median cell diameter (pixels): resample each normalised image by "
             "cell_diameter / (its median cell diameter), bilinear, predict, resample the probabilities back"
         )} if checkpoint.model_config.cell_diameter else {}),
-        "output": {"name": "probability", "dtype": "float32", "shape": ["N", 1, "H", "W"], "meaning": "cell probability"},
-        "threshold": threshold,
+        "output": {"name": "probability", "dtype": "float32", "shape": ["N", unet.output_channels, "H", "W"],
+                   "meaning": "cell probability" + (
+                       " (channel 0); channel 1: each cell's distance to its outline as the model predicts it, "
+                       "divided by the cell's largest (1 at its centre), whose peaks split touching cells"
+                       if checkpoint.model_config.distance_map else "")},
+        "threshold": checkpoint.threshold if threshold is None else threshold,
         "architecture": checkpoint.model_config.model_dump(mode="json"),
         "metrics": checkpoint.metrics,
         "cellseg_version": __version__,

@@ -90,7 +90,7 @@ class TuneJob(_Job):
     @field_validator("training", mode="before")
     @classmethod
     def _tuning_defaults(cls, training: Any) -> Any:
-        # Fields given leave the others at tuning's defaults, not plain training's (60 minutes, patience 10).
+        # Fields given leave the others at tuning's defaults, not plain training's (auto: 15 or 25 minutes; patience 15).
         return TUNE_TRAINING_DEFAULTS | training if isinstance(training, dict) else training
 
     @model_validator(mode="after")

@@ -75,7 +75,7 @@ from cellseg.size_model import (
 from cellseg.starting_point import Start, choose_start
 from cellseg.store import ResultStore
 from cellseg.store_checks import StoreWriteError, check_store_target, invalid_image_id
-from cellseg.train import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, TrainResult, train
+from cellseg.train import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, STOP_FILE, TrainResult, train
 from cellseg.tune import Trial, TrialResult
 
 __all__ = ["SegmentJob", "TrainJob", "TuneJob", "run_segmentation", "run_training", "run_trial", "with_settings"]
@@ -155,6 +155,9 @@ def run_training(
     label masks) exactly as `cellseg predict` would segment them with `job.predict`.
     """
     out = check_run_dir(out_dir, resume, overwrite)
+    if overwrite and not resume and (stop := out / STOP_FILE).is_file():
+        stop.unlink()  # it asked the replaced run to stop: left there, it would end the new one before epoch 1
+        logger.info("removed %s, which the run being replaced left", stop)
     if pairs is None:
         pairs = pair_images_and_masks(job.images_url, job.masks_url)
     model_config, training = job.model, job.training
@@ -173,6 +176,8 @@ def run_training(
         raise DatasetError(f"none of the {len(loaded_train)} training masks (under "
                            f"'{redact_url(job.masks_url)}') has a cell pixel: there is nothing to "
                            "learn; masks mark cells with any value above 0 on a 0 background")
+    if resume:
+        check_resumed_dataset(out, manifest_hash(loaded_train + loaded_val))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -182,7 +187,8 @@ def run_training(
     checkpoint = finish_checkpoint(str(result.best_checkpoint), job, loaded_train, loaded_val, training.init_from)
     predictor = Predictor(checkpoint, job.predict.model_copy(update={"device": training.device}))
     cells = validation_cell_scores(predictor, loaded_val)
-    pictures = training_pictures(out, result.history, loaded_val, predictor, start=result.start_metrics)
+    pictures = training_pictures(out, result.history, loaded_val, predictor, start=result.start_metrics,
+                                 best_epoch=result.best_epoch)
     return TrainOutcome(result, dataset_hash, len(loaded_train), len(loaded_val), cells, pictures, start)
 
 
@@ -217,6 +223,16 @@ def check_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
         raise RunFolderError(f"'{out}' already holds a training run ({', '.join(present)}{epochs}) that a new run "
                              f"would replace; continue it (--resume), replace it (--overwrite) or choose another folder")
     return out
+
+
+def check_resumed_dataset(out: Path, dataset_hash: str) -> None:
+    """Refuse to resume the run in `out` on other images or masks than it began with: its epochs,
+    split and best score would mix two datasets, and its manifest.json would be replaced."""
+    recorded = load_checkpoint(str(out / LAST_CHECKPOINT)).dataset_manifest_hash
+    if recorded is not None and recorded != dataset_hash:
+        raise RunFolderError(f"'{out / LAST_CHECKPOINT}' was trained on dataset {recorded[:12]} (its manifest.json), "
+                             f"but these images and masks are dataset {dataset_hash[:12]}: resume with the ones the "
+                             "run began with, or start afresh (--overwrite, or another folder)")
 
 
 def finish_checkpoint(
@@ -297,7 +313,8 @@ def decide_postprocessing(
     checkpoint.split_touching, checkpoint.threshold, checkpoint.centre_prominence = choice
     if scores:
         split, threshold, prominence = choice
-        measure = "f1_mean" if "f1_mean" in scores[choice] else "adapted_rand_error_mean"
+        # the measure `choose_postprocessing` chose by: cell F1 with instance labels, else the adapted Rand error
+        measure = "f1_mean" if any(pair.instances is not None for pair in val_pairs) else "adapted_rand_error_mean"
         logger.info("post-processing: touching cells %s, threshold %g, centre prominence %g (validation %s %.4f)",
                     "split" if split else "kept whole", threshold, prominence, measure, scores[choice][measure])
 

@@ -69,8 +69,8 @@ def outlined(image: np.ndarray, outlines: Sequence[tuple[np.ndarray, tuple[float
 
 
 def training_curves(history: Sequence[dict[str, float]], url: str, storage_options: StorageOptions = None,
-                    start: Mapping[str, float] | None = None) -> str:
-    """Loss and Dice per epoch, training and validation, with the best validation epoch marked;
+                    start: Mapping[str, float] | None = None, best_epoch: int | None = None) -> str:
+    """Loss and Dice per epoch, training and validation, with the best epoch marked (`best_marker`);
     a fine-tuning run's `start` (its starting weights' validation metrics) is shown as epoch 0."""
     history = [{"epoch": 0, **start}, *history] if start else list(history)
     epochs = [int(record["epoch"]) for record in history]
@@ -85,12 +85,25 @@ def training_curves(history: Sequence[dict[str, float]], url: str, storage_optio
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
         axis.legend()
-    if any("val_dice" in record for record in history):
-        best = max(history, key=lambda record: record.get("val_dice", -1.0))
-        dice_axis.axvline(best["epoch"], color="grey", linestyle="--")
-        dice_axis.set_title(f"best val Dice {best['val_dice']:.4f} at epoch {int(best['epoch'])}"
-                            + (", the start" if best["epoch"] == 0 else ""))
+    if (marker := best_marker(history, best_epoch)) is not None:
+        dice_axis.axvline(marker[0], color="grey", linestyle="--")
+        dice_axis.set_title(marker[1])
     return _save(figure, url, storage_options)
+
+
+def best_marker(history: Sequence[dict[str, float]], best_epoch: int | None = None) -> tuple[int, str] | None:
+    """(epoch, title) of the curves' best-epoch line: `best_epoch`, the one training kept in best.pt
+    (chosen by its monitor and min_delta), else the epoch of the highest val Dice; None without
+    validation."""
+    if not any("val_dice" in record for record in history):
+        return None
+    kept = next((record for record in history if int(record["epoch"]) == best_epoch and "val_dice" in record), None)
+    if kept is None:
+        best = max(history, key=lambda record: record.get("val_dice", -1.0))
+        return int(best["epoch"]), (f"best val Dice {best['val_dice']:.4f} at epoch {int(best['epoch'])}"
+                                    + (", the start" if best["epoch"] == 0 else ""))
+    return int(kept["epoch"]), (f"best.pt: epoch {int(kept['epoch'])}" + (", the start" if kept["epoch"] == 0 else "")
+                                + f", val Dice {kept['val_dice']:.4f}")
 
 
 def overlay_gallery(
@@ -128,7 +141,9 @@ def _grid(
     cell_width = max(tile.width for tile in tiles) + GRID_MARGIN
     cell_height = max(tile.height for tile in tiles) + TITLE_HEIGHT + GRID_MARGIN
     top = TITLE_HEIGHT if caption else 0
-    canvas = Image.new("RGB", (columns * cell_width + GRID_MARGIN, top + rows * cell_height + GRID_MARGIN), "white")
+    # wide enough for the caption (which says what the colours mean) above one small panel too
+    width = max(columns * cell_width + GRID_MARGIN, round(font.getlength(caption or "")) + 2 * GRID_MARGIN)
+    canvas = Image.new("RGB", (width, top + rows * cell_height + GRID_MARGIN), "white")
     draw = ImageDraw.Draw(canvas)
     if caption:
         draw.text((GRID_MARGIN, GRID_MARGIN // 2), _fitted(caption, font, canvas.width - 2 * GRID_MARGIN), "black", font)
@@ -148,7 +163,7 @@ def _tile(panel: np.ndarray) -> Image.Image:
     so that outlines keep their colour)."""
     tile = Image.fromarray(np.round(np.clip(panel, 0.0, 1.0) * 255).astype(np.uint8), "RGB")
     longest = max(tile.width, tile.height)
-    scale = PANEL_SIDE / longest if longest > PANEL_SIDE else float(max(1, PANEL_SIDE // 2 // longest))
+    scale = PANEL_SIDE / longest if longest > PANEL_SIDE else float(max(1, -(-PANEL_SIDE // 2 // longest)))
     if scale != 1:
         tile = tile.resize((max(1, round(tile.width * scale)), max(1, round(tile.height * scale))),
                            Image.Resampling.NEAREST)

@@ -23,13 +23,14 @@ GALLERY_FILE = "validation_gallery.png"
 def training_pictures(
     run_dir: str | Path, history: Sequence[dict[str, float]], val_pairs: Sequence[LoadedPair],
     predictor: Predictor, max_images: int = 8, start: Mapping[str, float] | None = None,
+    best_epoch: int | None = None,
 ) -> list[str]:
     """Write `training_curves.png` and, with validation images, `validation_gallery.png` (the
     outlines of `predictor`'s masks, as `cellseg predict` thresholds them, over the first
     `max_images`) into `run_dir`; returns their paths. `start`: a fine-tuning run's starting
-    weights' validation metrics, drawn as epoch 0."""
+    weights' validation metrics, drawn as epoch 0; `best_epoch`: the epoch of best.pt, marked."""
     run = Path(run_dir)
-    written = [training_curves(history, str(run / CURVES_FILE), start=start)]
+    written = [training_curves(history, str(run / CURVES_FILE), start=start, best_epoch=best_epoch)]
     if val_pairs:
         shown = list(val_pairs)[:max_images]
         predictions = [probability > predictor.threshold

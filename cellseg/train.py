@@ -431,7 +431,9 @@ def _divergence(out: Path, epoch: int, what: str, optimizer: torch.optim.Optimiz
 
 
 def _metrics_of(record: dict[str, float]) -> dict[str, float]:
-    return {key: value for key, value in record.items() if key.startswith(("val_", "train_"))}
+    """An epoch's scores: its train_ and val_ figures, less the training speed."""
+    return {key: value for key, value in record.items()
+            if key.startswith(("val_", "train_")) and key != "train_crops_per_second"}
 
 
 def _format_record(record: dict[str, float], epochs: int) -> str:

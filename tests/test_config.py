@@ -164,6 +164,14 @@ def test_train_directories_must_not_be_empty(field):
     assert locations == [(field,)]
 
 
+def test_an_empty_init_from_is_refused():
+    """'' (CELLSEG_TRAINING__INIT_FROM= ) trained from scratch while `train` said "fine-tuned from  (asked
+    for: from scratch)"; None is from scratch, a name or URL fine-tunes."""
+    locations, _ = rejected(TrainConfig, init_from="")
+    assert locations == [("init_from",)]
+    assert TrainConfig(init_from=None).init_from is None and TrainConfig(init_from="nuclei").init_from == "nuclei"
+
+
 def test_nested_training_values_are_validated():
     locations, _ = rejected(TrainJob, **TRAIN, training={"epochs": 0})
     assert locations == [("training", "epochs")]

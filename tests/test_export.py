@@ -65,6 +65,33 @@ def test_export_says_at_which_cell_size_the_model_works(tiny_checkpoint, tmp_pat
     assert json.loads((tmp_path / "model.pt.json").read_text())["cell_diameter"] == 18.0
 
 
+def test_export_records_the_threshold_predict_uses_with_the_model(tiny_checkpoint, images, tmp_path):
+    """Training decides a model's threshold (here 0.7); the description gives that one, so that the
+    exported model's mask is `predict`'s, not one at 0.5."""
+    decided = dataclasses.replace(load_checkpoint(str(tiny_checkpoint)), threshold=0.7)
+    description = export_model(decided, tmp_path / "model.pt", "torchscript")
+    assert description["threshold"] == 0.7
+    assert json.loads((tmp_path / "model.pt.json").read_text())["threshold"] == 0.7
+    predictor = Predictor(decided, PredictConfig(amp=False, device="cpu"))
+    scripted = torch.jit.load(str(tmp_path / "model.pt"))
+    with torch.no_grad():
+        exported = scripted(torch.from_numpy(_input(tiny_checkpoint, images[0])))[0, 0].numpy()
+    np.testing.assert_array_equal(exported > description["threshold"], predictor.masks([images[0]])[0])
+
+
+def test_export_describes_a_distance_map_models_second_channel(tmp_path):
+    """The shipped nuclei model (and every model fine-tuned from it) has a distance map: the exported
+    network returns it as a second channel, and the description says so instead of (N, 1, H, W)."""
+    from cellseg.bundled import shipped_checkpoint
+
+    checkpoint = load_checkpoint(shipped_checkpoint("nuclei"))
+    description = export_model(checkpoint, tmp_path / "model.pt", "torchscript")
+    with torch.no_grad():
+        output = torch.jit.load(str(tmp_path / "model.pt"))(torch.rand(1, 1, 40, 56))
+    assert description["output"]["shape"] == ["N", 2, "H", "W"] and tuple(output.shape) == (1, 2, 40, 56)
+    assert "channel 1: each cell's distance to its outline" in description["output"]["meaning"]
+
+
 def test_onnx_export_gives_the_same_masks(tiny_checkpoint, images, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     out = tmp_path / "model.onnx"

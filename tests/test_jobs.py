@@ -59,6 +59,44 @@ def test_run_training_leaves_a_complete_run(trained):
     assert summary["metrics"]["cells_f1_mean"] == outcome.cells["f1_mean"]
 
 
+def test_overwrite_replaces_a_run_that_a_stop_file_ended(trained, tmp_path):
+    """STOP ends a run after its epoch, to be resumed; --overwrite starts a new run instead, which
+    the old run's STOP must not end before its first epoch ("no epoch was trained")."""
+    job, _, _ = trained
+    run = tmp_path / "run"
+    run_training(job, run)
+    (run / "STOP").touch()
+    replaced = run_training(job, run, overwrite=True)
+    assert len(replaced.result.history) == QUICK.epochs and replaced.result.stop_reason == "max epochs reached"
+    assert not (run / "STOP").exists()
+
+
+def test_post_processing_is_logged_with_the_measure_it_was_chosen_by(trained, tmp_path, caplog):
+    """Binary masks: the split and threshold are chosen by the adapted Rand error against the masks'
+    regions (`choose_postprocessing`), and the log line gives that figure, not a cell F1."""
+    job, _, root = trained
+    binary = job.model_copy(update={"masks_url": str(root / "data/masks")})
+    with caplog.at_level("INFO", logger="cellseg.jobs"):
+        run_training(binary, tmp_path / "run")
+    (line,) = [record.getMessage() for record in caplog.records if record.getMessage().startswith("post-processing")]
+    assert "(validation adapted_rand_error_mean " in line and "f1" not in line
+
+
+def test_resume_on_other_images_or_masks_is_refused_before_anything_is_replaced(trained, tmp_path):
+    """The run's epochs, split and best score would mix two datasets, and its manifest.json and
+    split.json be replaced by the new data's."""
+    job, _, root = trained
+    run = tmp_path / "run"
+    run_training(job.model_copy(update={"training": QUICK.model_copy(update={"epochs": 1})}), run)
+    manifest, split = (run / "manifest.json").read_bytes(), (run / "split.json").read_bytes()
+    other_masks = job.model_copy(update={"masks_url": str(root / "data/masks")})  # binary, not the labels
+    with pytest.raises(ValueError, match=r"'.*last\.pt' was trained on dataset [0-9a-f]{12} \(its manifest\.json\), "
+                                         r"but these images and masks are dataset [0-9a-f]{12}"):
+        run_training(other_masks, run, resume=True)
+    assert (run / "manifest.json").read_bytes() == manifest and (run / "split.json").read_bytes() == split
+    assert len(run_training(job, run, resume=True).result.history) == QUICK.epochs  # the same data resumes
+
+
 def test_run_segmentation_segments_once_and_skips_done_images(trained, tmp_path):
     _, outcome, root = trained
     job = SegmentJob(source_url=str(root / "data/images"), store_url=str(tmp_path / "s.zarr"),

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFont
 
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import ModelConfig, PredictConfig
@@ -20,8 +20,12 @@ from cellseg.pairs import load_pairs, pair_images_and_masks, split_train_val
 from cellseg.pictures import (
     EMBED_MAX_CHARACTERS,
     EMBED_MAX_WIDTH,
+    GRID_MARGIN,
+    PANEL_SIDE,
     PREDICTION_COLOUR,
+    TITLE_FONT_SIZE,
     TRUTH_COLOUR,
+    best_marker,
     overlay_gallery,
     picture_markdown,
     png_markdown,
@@ -72,12 +76,34 @@ def test_training_curves_draw_a_fine_tuning_runs_starting_weights_as_epoch_0(tmp
     assert [record["epoch"] for record in history] == [1, 2, 3]
 
 
+def test_training_curves_mark_the_epoch_best_pt_holds():
+    """best.pt is chosen by the monitor and min_delta: with --monitor val_loss (or a Dice gain under
+    min_delta) it is not the epoch of the highest val Dice, and the line marks best.pt's epoch."""
+    history = [{"epoch": 1, "val_loss": 0.30, "val_dice": 0.80}, {"epoch": 2, "val_loss": 0.35, "val_dice": 0.85}]
+    assert best_marker(history, best_epoch=1) == (1, "best.pt: epoch 1, val Dice 0.8000")
+    assert best_marker([{"epoch": 0, "val_dice": 0.9}, *history], best_epoch=0) == (0, "best.pt: epoch 0, the start, "
+                                                                                     "val Dice 0.9000")
+    assert best_marker(history) == (2, "best val Dice 0.8500 at epoch 2")  # not told: the highest val Dice
+    assert best_marker([{"epoch": 1, "train_dice": 0.5}], best_epoch=1) is None  # no validation, no line
+
+
 def test_overlay_gallery_draws_truth_and_prediction_outlines(tmp_path):
     image, truth, prediction = _cells()
     pixels = _png(overlay_gallery([image, image], [truth, truth], [prediction, prediction], ["a", "b"],
                                   str(tmp_path / "gallery.png")))
     assert pixels.shape[0] > 100 and pixels.shape[1] > 200
     assert _has_colour(pixels, TRUTH_COLOUR) and _has_colour(pixels, PREDICTION_COLOUR)
+
+
+def test_a_gallery_of_one_small_image_keeps_its_caption_and_is_enlarged(tmp_path):
+    """One 100x70 validation image: its panel is enlarged a whole number of times to at least half
+    of PANEL_SIDE, and the caption saying which colour is which is not cut short."""
+    image, truth, prediction = (np.pad(array, ((0, 6), (0, 36))) for array in _cells())  # 70x100
+    url = overlay_gallery([image], [truth], [prediction], ["a"], str(tmp_path / "gallery.png"))
+    pixels = _png(url)
+    caption = ImageFont.load_default(size=TITLE_FONT_SIZE).getlength("green: truth, magenta: prediction")
+    assert pixels.shape[1] >= caption + 2 * GRID_MARGIN
+    assert pixels.shape[1] >= 2 * 100 >= PANEL_SIDE // 2  # the panel drawn twice its size
 
 
 def test_montage_draws_cell_outlines(tmp_path):

@@ -65,6 +65,10 @@ def test_best_checkpoint_holds_the_best_epoch(split, tmp_path):
     record = result.history[result.best_epoch - 1]
     assert best.epoch == result.best_epoch
     assert best.metrics["val_dice"] == record["val_dice"]
+    # The metrics it carries (and the registry and an export copy) are scores, not this machine's speed.
+    assert set(best.metrics) == {f"{split}_{name}" for split in ("train", "val")
+                                 for name in ("loss", "iou", "dice", "precision", "recall")} | {"val_dice_pooled"}
+    assert result.best_metrics == best.metrics
     assert best.dataset_manifest_hash == digest
     assert best.model_config == SMALL_MODEL
     assert best.train_config.epochs == 3
