@@ -18,8 +18,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -459,6 +460,29 @@ def segment_shard(job: SegmentJob, shard: Shard, on_image: Callable[[str], None]
                             on_image=on_image, cores=cores, stop=stop)
     report.skipped[:0] = sorted(done_before)
     return report
+
+
+_stop_events: dict[str, threading.Event] = {}
+
+
+@contextmanager
+def stopped_when_left_by_an_error(key: str) -> Iterator[None]:
+    """Within the block, `stop_event(key)` is an event set if the block is left by an exception
+    (Ctrl-C): work that runs in this process's threads under `key` (a flow run's shards) and
+    passes it as `segment_shard`'s `stop` ends after writing what it has predicted."""
+    stop = _stop_events[key] = threading.Event()
+    try:
+        yield
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        _stop_events.pop(key, None)
+
+
+def stop_event(key: str) -> threading.Event | None:
+    """The event of `stopped_when_left_by_an_error(key)` while its block runs in this process."""
+    return _stop_events.get(key)
 
 
 STOP_GRACE = 30.0  # seconds an interrupted run waits for the images its shards have predicted to be written

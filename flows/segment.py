@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from prefect import flow, get_run_logger, task, unmapped
@@ -42,6 +42,8 @@ from cellseg.jobs import (
     pin_model,
     plan_segmentation,
     segment_shard,
+    stop_event,
+    stopped_when_left_by_an_error,
     with_block_threads,
 )
 from cellseg.pictures import picture_markdown
@@ -74,7 +76,7 @@ def segment_one_shard(shard: Shard, job: SegmentJob) -> dict[str, Any]:
     Images done by an earlier attempt are skipped; bad images are recorded and the shard goes on."""
     configure_storage()
     with gpu_slot(resolve_device(job.predict.device).type == "cuda"):
-        report = segment_shard(job, shard, beside_others=True)
+        report = segment_shard(job, shard, beside_others=True, stop=stop_event(str(flow_run.get_id())))
     return _shard_result(report)
 
 
@@ -179,17 +181,14 @@ def segment_shards(shards: list[Shard], job: SegmentJob, runner: TaskRunner, gpu
     """
     shard_task = segment_one_shard.with_options(tags=["gpu"]) if gpu else segment_one_shard
     images = sum(len(shard) for shard in shards)
+    # Interrupted (Ctrl-C), the shards in this process's threads end after writing what they have
+    # predicted, before the runner waits for them; those on Dask workers finish.
     with runner:
-        futures = runner.map(shard_task, {"shard": shards, "job": unmapped(job)})
-        progress = ProgressArtifact("segment-images-progress", images, f"segmenting {images} images in {len(shards)} shards")
-        shard_sizes = {future.task_run_id: len(shard) for future, shard in zip(futures, shards, strict=True)}
-        finished = 0
-        for shard_done, future in enumerate(as_completed(futures), start=1):
-            finished += shard_sizes[future.task_run_id]
-            progress.update(finished, f"{shard_done} of {len(shards)} shards finished ({finished} of {images} images)")
-            if shard_done == 1 and on_first_shard is not None:
-                on_first_shard()
-        results: list[dict[str, Any]] = []
+        with stopped_when_left_by_an_error(str(flow_run.get_id())):
+            futures = runner.map(shard_task, {"shard": shards, "job": unmapped(job)})
+            _follow(futures, {future.task_run_id: len(shard) for future, shard in zip(futures, shards, strict=True)},
+                    images, on_first_shard)
+        results: list[dict[str, Any]] = []  # read before the runner closes: a Dask client's futures end with it
         stopped: list[StoppedWriting] = []
         for future in futures:
             try:
@@ -199,6 +198,18 @@ def segment_shards(shards: list[Shard], job: SegmentJob, runner: TaskRunner, gpu
         if stopped:  # counted over the run, as `cellseg predict` counts them
             raise StoppedWriting.over_run(stopped, sum(result["done"] for result in results), images)
         return results
+
+
+def _follow(futures: Sequence[PrefectFuture[Any]], shard_sizes: dict[Any, int], images: int,
+            on_first_shard: Callable[[], None] | None) -> None:
+    """Wait for the shards, with a live progress artifact; `on_first_shard` when the first is done."""
+    progress = ProgressArtifact("segment-images-progress", images, f"segmenting {images} images in {len(futures)} shards")
+    finished = 0
+    for shard_done, future in enumerate(as_completed(futures), start=1):
+        finished += shard_sizes[future.task_run_id]
+        progress.update(finished, f"{shard_done} of {len(futures)} shards finished ({finished} of {images} images)")
+        if shard_done == 1 and on_first_shard is not None:
+            on_first_shard()
 
 
 @flow(name="segment-images")

@@ -470,7 +470,7 @@ def test_ctrl_c_stops_a_flow_on_its_temporary_server_in_seconds_with_status_130(
                        "os.execv(sys.argv[1], sys.argv[1:])")
     command = [str(Path(sys.executable).parent / "cellseg"), "flow", "segment-images", "--source",
                str(tmp_path / "data/images"), "--store", str(tmp_path / "r.zarr"), "--model-version", "general",
-               "--shard-size", "4", "--registry", str(tmp_path / "registry")]
+               "--shard-size", "20", "--registry", str(tmp_path / "registry")]
     run = subprocess.Popen([sys.executable, "-c", as_from_a_shell, *command], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # a terminal's group
     deadline = time.monotonic() + 240
@@ -487,6 +487,12 @@ def test_ctrl_c_stops_a_flow_on_its_temporary_server_in_seconds_with_status_130(
     assert "cellseg flow: interrupted" in stderr.splitlines() and "Traceback" not in stderr
     psutil.wait_procs(servers, timeout=30)
     assert not [server.pid for server in servers if server.is_running() and server.status() != psutil.STATUS_ZOMBIE]
+    # The two shards of 20 ended after writing what they had predicted, not at their last image.
+    done = ResultStore.open(str(tmp_path / "r.zarr"), mode="r").statistics()
+    assert 1 <= len(done) < 30, len(done)
+    from cellseg.verify import verify_store
+
+    assert verify_store(str(tmp_path / "r.zarr"), read_data=True).broken == []
 
 
 def test_ctrl_c_stops_predict_with_one_line_and_a_rerun_segments_the_rest(tmp_path, tiny_checkpoint):
