@@ -214,15 +214,17 @@ def check_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
                              "read as images by a later run on that folder; choose another folder")
     present = [name for name in RUN_FILES if (out / name).is_file()]
     if resume and LAST_CHECKPOINT not in present:
-        raise RunFolderError(f"nothing to resume in '{out}': it holds no {LAST_CHECKPOINT}")
+        raise RunFolderError(f"nothing to resume in '{out}': it holds no {LAST_CHECKPOINT}"
+                             + ("; start afresh there with --overwrite" if present else ""))
     if present and not (resume or overwrite):
         try:
             count = len(json.loads((out / HISTORY_FILE).read_text()))
             epochs = f", {count} epoch{'s' if count != 1 else ''} of history"
         except (OSError, ValueError, TypeError):
             epochs = ""
+        resumable = "continue it (--resume), " if LAST_CHECKPOINT in present else ""  # stopped before its first epoch ended
         raise RunFolderError(f"'{out}' already holds a training run ({', '.join(present)}{epochs}) that a new run "
-                             f"would replace; continue it (--resume), replace it (--overwrite) or choose another folder")
+                             f"would replace; {resumable}replace it (--overwrite) or choose another folder")
     return out
 
 

@@ -16,8 +16,10 @@ from cellseg.checkpoint import CheckpointError, load_checkpoint
 from cellseg.config import BlockConfig, ModelConfig, PredictConfig, TrainConfig
 from cellseg.jobs import (
     STOP_GRACE,
+    RunFolderError,
     SegmentJob,
     TrainJob,
+    check_run_dir,
     even_shards,
     model_source,
     pin_model,
@@ -368,3 +370,18 @@ def test_a_large_image_another_run_finishes_meanwhile_is_reported_skipped(tmp_pa
     assert inner[0].done == ["large"] and inner[0].pixels == 700 * 640
     assert report.done == [] and report.skipped == ["large"] and report.failed == []
     assert ResultStore.open(job.store_url, mode="r").done_ids() == {"large"}
+
+
+def test_a_run_stopped_before_its_first_epoch_ended_is_offered_only_what_works(tmp_path):
+    """A STOP file can end a fine-tuning run before epoch 1 is saved to last.pt: it leaves best.pt
+    (the starting weights) and no last.pt, so --resume, once offered, could only fail."""
+    (tmp_path / "best.pt").write_bytes(b"starting weights")
+    with pytest.raises(RunFolderError, match=r"holds a training run \(best\.pt\).*; replace it \(--overwrite\)") as error:
+        check_run_dir(tmp_path, resume=False, overwrite=False)
+    assert "--resume" not in str(error.value)
+    with pytest.raises(RunFolderError, match=r"holds no last\.pt; start afresh there with --overwrite"):
+        check_run_dir(tmp_path, resume=True, overwrite=False)
+    assert check_run_dir(tmp_path, resume=False, overwrite=True) == tmp_path
+    (tmp_path / "last.pt").write_bytes(b"an epoch")
+    with pytest.raises(RunFolderError, match=r"continue it \(--resume\), replace it \(--overwrite\)"):
+        check_run_dir(tmp_path, resume=False, overwrite=False)
