@@ -228,6 +228,11 @@ def train(
                              f"this run ({reason}); resume with the settings the run was started with, or "
                              f"start afresh in another --out") from error
         logger.info("resuming from %s after epoch %d", out / LAST_CHECKPOINT, state.epoch)
+        saved = state.train_config
+        if (saved.learning_rate, saved.weight_decay) != (config.learning_rate, config.weight_decay):
+            logger.warning("the run goes on with its saved optimizer (learning rate %g now, weight decay %g): "
+                           "learning_rate %g and weight_decay %g apply to a new run (--overwrite, or another --out)",
+                           optimizer.param_groups[0]["lr"], saved.weight_decay, config.learning_rate, config.weight_decay)
 
     def snapshot(epoch: int, metrics: dict[str, float]) -> Checkpoint:
         """The model as it is now, as the checkpoint of `epoch` (0: the starting weights)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import pytest
 import torch
@@ -133,7 +134,7 @@ def test_a_training_state_that_does_not_fit_is_one_error_naming_the_file(split, 
         train(*split, tmp_path / "run", SMALL_MODEL, small_config(epochs=2), resume=True)
 
 
-def test_a_stop_file_ends_training_after_the_epoch_and_resume_goes_on(split, tmp_path):
+def test_a_stop_file_ends_training_after_the_epoch_and_resume_goes_on(split, tmp_path, caplog):
     stop = tmp_path / "run" / "STOP"
 
     def after_epoch(record):
@@ -145,9 +146,12 @@ def test_a_stop_file_ends_training_after_the_epoch_and_resume_goes_on(split, tmp
     assert "STOP exists" in stopped.stop_reason
     assert train(*split, tmp_path / "run", SMALL_MODEL, small_config(epochs=4), resume=True).history == stopped.history
     stop.unlink()
-    resumed = train(*split, tmp_path / "run", SMALL_MODEL, small_config(epochs=4), resume=True)
+    with caplog.at_level(logging.WARNING, logger="cellseg.train"):
+        resumed = train(*split, tmp_path / "run", SMALL_MODEL, small_config(epochs=4, learning_rate=3e-5), resume=True)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
     assert resumed.history[0]["train_crops_per_second"] > 0
+    # The saved optimizer goes on at its own rate, said so: a new learning rate takes a new run.
+    assert "learning_rate 3e-05 and weight_decay 0 apply to a new run" in caplog.text
 
 
 def test_crops_by_area_balance_large_and_small_images():
