@@ -358,7 +358,9 @@ def _run_models(args: argparse.Namespace) -> int:
         from cellseg.export import export_model
         from cellseg.model_source import ModelSource
 
-        checkpoint, version = ModelSource(registry_url, args.version, args.checkpoint).load()
+        if args.checkpoint and args.version:
+            raise ValueError(f"give a registered version ({args.version}) or --checkpoint, not both")
+        checkpoint, version = ModelSource(registry_url, args.version or "current", args.checkpoint).load()
         export_model(checkpoint, args.out, args.format, model_version=version, overwrite=args.overwrite)
         print(f"exported model {version} as {args.format} to {redact_url(args.out)} (input/normalisation/threshold in {redact_url(args.out)}.json)")
     else:

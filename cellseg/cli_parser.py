@@ -392,7 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
         action = _command(actions, name, "models", help=help_text)
         add_flags(action, [REGISTRY_FLAG])
         if name != "list":
-            action.add_argument("version", nargs="?" if name in ("show", "export") else None, default="current")
+            # export's default is set in cellseg.cli: a version given beside --checkpoint is refused there
+            action.add_argument("version", nargs="?" if name in ("show", "export") else None,
+                                default=None if name == "export" else "current")
         if name == "export":
             action.add_argument("--checkpoint", help="export this checkpoint file instead of a registered version "
                                                      "(e.g. runs/training/best.pt)")

@@ -131,3 +131,8 @@ def test_cellseg_models_export_a_registered_version(tiny_checkpoint, images, tmp
     replaced = subprocess.run([*command, "--overwrite"], capture_output=True, text=True, timeout=300, check=False)
     assert replaced.returncode == 0, replaced.stderr
     assert torch.jit.load(str(out)) is not None
+
+    both = subprocess.run([*command, version, "--checkpoint", str(tiny_checkpoint), "--overwrite"], capture_output=True,
+                          text=True, timeout=300, check=False)  # one of them would be left out without a word
+    assert both.returncode == 2
+    assert both.stderr == f"cellseg models: error: give a registered version ({version}) or --checkpoint, not both\n"
