@@ -227,8 +227,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
           f"mean over images, cells against {truth}")
     if "instances" in result:
         _print_cell_scores(result["instances"])
-    if result["missing_predictions"]:
-        print(f"{len(result['missing_predictions'])} ground-truth masks have no finished prediction")
+    if missing := result["missing_predictions"]:
+        named = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        print(f"{_images(len(missing))} with a ground-truth mask and no finished prediction, left out of the "
+              f"scores: {named}")
     return 0
 
 

@@ -79,11 +79,17 @@ def test_isbi_pixel_error_sweeps_thresholds_when_probabilities_are_stored(tmp_pa
     assert result["pooled"]["dice"] == pytest.approx(4 / 6)
 
 
-def test_truths_without_a_finished_prediction_are_listed(store, tmp_path):
+def test_truths_without_a_finished_prediction_are_listed(store, tmp_path, capsys):
     truths = {**TRUTHS, "d": mask(["..#", "..."])}
     result = evaluate_store(store, write_truths(tmp_path / "truth", truths))
     assert result["missing_predictions"] == ["c", "d"]  # c failed, d was never segmented
     assert result["images"] == 2
+
+    from cellseg.cli import main
+
+    assert main(["evaluate", "--pred", store.url, "--masks", str(tmp_path / "truth")]) == 0
+    assert ("2 images with a ground-truth mask and no finished prediction, left out of the scores: c, d"
+            in capsys.readouterr().out.splitlines())
 
 
 def test_unfinished_prediction_is_not_scored(store, tmp_path):
