@@ -411,6 +411,8 @@ def _run_flow_train(args: argparse.Namespace) -> int:
     result = train_unet(job)
     print(f"registered model {result['version']} ({result['stop_reason']}; {result['best_described']})")
     _print_metrics({f"val_{k}": v for k, v in result["metrics"].items() if not k.startswith("cells_")})
+    if cells := {k.removeprefix("cells_"): v for k, v in result["metrics"].items() if k.startswith("cells_")}:
+        _print_cell_scores(cells, label=f"validation cells ({cells['images']} images, as `predict` segments them)")
     print(f"checkpoint: {result['checkpoint']}")
     return 0
 

@@ -53,7 +53,7 @@ def train_model(job: TrainJob, manifest_path: str, run_dir: str) -> dict[str, An
 
     def report(record: dict[str, float]) -> None:
         logger.info("epoch %d: %s", record["epoch"],
-                    ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "seconds")))
+                    ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("epoch", "seconds")))  # lr 3e-05
         progress.update(int(record["epoch"]), f"epoch {int(record['epoch'])} of up to {epochs}: "
                                               f"val Dice {record.get('val_dice', float('nan')):.4f}")
 

@@ -412,11 +412,13 @@ def test_cellseg_flow_train_unet_keeps_history_and_pictures_in_an_s3_registry(sy
     bucket = f"train-flow-{time.monotonic_ns() % 10**6}"
     fs.mkdir(bucket)
     registry_url = f"s3://{bucket}/models"
-    cellseg("flow", "train-unet", "--images", str(synthetic_dataset / "images"), "--masks", str(synthetic_dataset / "labels"),
-            "--registry", registry_url, "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "training"),
-            "--model-json", json.dumps({"depth": 2, "base_width": 8}),
-            "--training-json", json.dumps({"epochs": 1, "patch_size": 64, "patches_per_image": 1, "device": "cpu"}),
-            env={**prefect_server, "FSSPEC_S3_ENDPOINT_URL": seaweedfs_endpoint})
+    printed = cellseg(
+        "flow", "train-unet", "--images", str(synthetic_dataset / "images"), "--masks", str(synthetic_dataset / "labels"),
+        "--registry", registry_url, "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "training"),
+        "--model-json", json.dumps({"depth": 2, "base_width": 8}),
+        "--training-json", json.dumps({"epochs": 1, "patch_size": 64, "patches_per_image": 1, "device": "cpu"}),
+        env={**prefect_server, "FSSPEC_S3_ENDPOINT_URL": seaweedfs_endpoint}).stdout
+    assert "validation cells (" in printed and "F1@0.5" in printed  # as `cellseg train` prints them
 
     (meta,) = Registry(registry_url, {"endpoint_url": seaweedfs_endpoint}).versions()
     (run,) = (tmp_path / "training").iterdir()
