@@ -74,6 +74,7 @@ from cellseg.size_model import (
     size_examples,
 )
 from cellseg.starting_point import Start, choose_start
+from cellseg.storage_errors import storage_call
 from cellseg.store import ResultStore
 from cellseg.store_checks import StoreWriteError, check_store_target, invalid_image_id
 from cellseg.train import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, STOP_FILE, TrainResult, train
@@ -580,7 +581,8 @@ def run_segmentation(
     # A missing source or a store target that would be refused fails in a second, before the model
     # takes seconds to load; a bad model fails before the store is touched.
     images = list_sources(job.source_url, job.predict.selection)
-    check_store_target(job.store_url)
+    with storage_call(job.store_url):  # a storage error names the store, as ResultStore.open's do
+        check_store_target(job.store_url)
     shared_predictor(model_source(job), job.predict)
     plan = plan_segmentation(job, on_record, images)
     if on_plan is not None:
