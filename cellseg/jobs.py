@@ -172,8 +172,8 @@ def run_training(
     loaded_train = load_pairs(train_pairs, model_config.normalization)
     loaded_val = load_pairs(val_pairs, model_config.normalization)
     labelled = sum(pair.instances is not None for pair in loaded_train + loaded_val)
-    logger.info("masks read as %d instance label images (one value per cell) and %d binary masks",
-                labelled, len(pairs) - labelled)
+    kinds = {"instance label images (one value per cell)": labelled, "binary masks": len(pairs) - labelled}
+    logger.info("masks read as %s", " and ".join(f"{count} {kind}" for kind, count in kinds.items() if count))
     if not any(pair.mask.any() for pair in loaded_train):
         raise DatasetError(f"none of the {len(loaded_train)} training masks (under "
                            f"'{redact_url(job.masks_url)}') has a cell pixel: there is nothing to "
