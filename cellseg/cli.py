@@ -19,7 +19,7 @@ import select
 import sys
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, redirect_stderr
+from contextlib import ExitStack, nullcontext, redirect_stderr
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -450,7 +450,8 @@ def _run_tune(args: argparse.Namespace) -> int:
     fields["training"] = _json_object(args.training_json, "--training-json") | fields.get("training", {})
     job = with_settings(TuneJob.model_validate({"images_url": args.images, "masks_url": args.masks, **fields}),
                         _settings(args))
-    with shared_temporary_server():  # the trials' processes report to it
+    # The trials' processes on this machine report to it; a Dask worker elsewhere could not reach it.
+    with shared_temporary_server() if job.dask_address is None else nullcontext():
         result = tune_unet(job)
     columns = [c for c in TABLE_COLUMNS if c != "status"]
     print("  ".join(f"{c:>13}" for c in columns) + "  status")
