@@ -114,11 +114,16 @@ def _refused_option(url: str | None, chain: list[BaseException]) -> StorageError
         for protocol in sorted(fsspec.config.conf, key=lambda protocol: protocol != own):  # the URL's own first
             if (option := _option_path(fsspec.config.conf[protocol], argument)) is None:
                 continue
-            problem = f"takes no storage option '{option}'" if kind == "an unexpected" else \
-                f"storage option '{option}' sets what another option sets too"
-            return StorageError(f"{named}{protocol}:// {problem}; fix storage.{protocol} in the settings "
+            return StorageError(f"{named}{protocol}:// {_refused(kind, option)}; fix storage.{protocol} in the settings "
                                 "(or fsspec's own configuration)")
+        if url:  # an option given in code (`storage_options=`), not in the settings
+            return StorageError(f"{named}{_protocol(url)}:// {_refused(kind, argument)} (in the storage options given)")
     return None
+
+
+def _refused(kind: str, option: str) -> str:
+    return (f"takes no storage option '{option}'" if kind == "an unexpected"
+            else f"storage option '{option}' sets what another option sets too")
 
 
 def _option_path(options: Any, name: str) -> str | None:

@@ -358,3 +358,21 @@ def test_only_errors_that_no_later_write_can_escape_stop_a_run(error, stops):
     if found is not None:
         assert isinstance(found, StoreWriteError)
         assert str(found) == f"cannot write to results store 'out.zarr': [Errno {error.errno}] {error.strerror}"
+
+
+@pytest.mark.parametrize(("options", "name"), [
+    ({"endpoint_urll": "http://127.0.0.1:9"}, "takes no storage option 'endpoint_urll'"),
+    ({"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}, "endpoint_url": "http://127.0.0.1:8"},
+     "storage option 'endpoint_url' sets what another option sets too"),
+], ids=["unknown", "given-twice"])
+def test_a_storage_option_given_in_code_that_the_filesystem_refuses_is_named(options, name):
+    """Not the TypeError of botocore's session ('AioSession.__init__() got an unexpected keyword
+    argument'), and never the option's value: it may be a secret."""
+    from cellseg.formats import list_sources
+    from cellseg.settings import CellsegSettings
+    from cellseg.storage_errors import StorageError
+
+    with pytest.raises(StorageError, match=rf"^'s3://bucket/r\.zarr': s3:// {name} \(in the storage options given\)$"):
+        ResultStore.open("s3://bucket/r.zarr", storage_options=options)
+    with pytest.raises(StorageError, match=rf"^'s3://bucket/images': s3:// {name} "):
+        list_sources("s3://bucket/images", CellsegSettings().predict.selection, storage_options=options)
