@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -347,18 +348,25 @@ def test_training_shows_an_epoch_progress_bar_on_a_terminal_only(tmp_path):
     assert "epoch 2/2" in shown  # the log lines still print, above the bar
 
 
-def test_results_says_how_many_rows_it_left_out(tmp_path):
+def _store_with_results(tmp_path: Path, done: Sequence[str], failed: Sequence[str] = (), cell_count: int = 1) -> str:
+    """A results store holding a small result for each id of `done` and a failure for each of `failed`."""
     import numpy as np
 
     store_url = str(tmp_path / "results.zarr")
     store = ResultStore.open(store_url)
     model = {"version": "0123456789ab", "checkpoint": "runs/x/best.pt", "threshold": 0.5}
-    statistics = {"cell_count": 1, "total_cell_area": 3, "mean_cell_area": 3.0, "median_cell_area": 3.0,
+    statistics = {"cell_count": cell_count, "total_cell_area": 3, "mean_cell_area": 3.0, "median_cell_area": 3.0,
                   "foreground_fraction": 0.25, "mean_intensity_inside": 10.0, "mean_intensity_outside": 1.0}
-    for index in range(5):
-        store.write_result(f"done_{index}", np.eye(4, 3, dtype=bool), statistics, f"done_{index}.png", model)
-    for index in range(3):
-        store.record_failure(f"bad_{index}", f"bad_{index}.png", "ImageReadError: file is empty", model)
+    for image_id in done:
+        store.write_result(image_id, np.eye(4, 3, dtype=bool), statistics, f"{image_id}.png", model)
+    for image_id in failed:
+        store.record_failure(image_id, f"{image_id}.png", "ImageReadError: file is empty", model)
+    return store_url
+
+
+def test_results_says_how_many_rows_it_left_out(tmp_path):
+    store_url = _store_with_results(tmp_path, [f"done_{index}" for index in range(5)],
+                                    [f"bad_{index}" for index in range(3)])
 
     limited = cellseg("results", store_url, "--limit", "2").stdout.splitlines()
     assert limited[0] == f"{store_url}: 5 images done (2 shown), 3 failed (2 shown); --limit 0 shows all"
@@ -371,16 +379,8 @@ def test_results_says_how_many_rows_it_left_out(tmp_path):
 
 
 def test_the_results_table_lines_up_under_long_and_wide_image_ids(tmp_path):
-    import numpy as np
-
-    store_url = str(tmp_path / "results.zarr")
-    store = ResultStore.open(store_url)
-    model = {"version": "0123456789ab", "checkpoint": "runs/x/best.pt", "threshold": 0.5}
-    statistics = {"cell_count": 12, "total_cell_area": 3, "mean_cell_area": 3.0, "median_cell_area": 3.0,
-                  "foreground_fraction": 0.25, "mean_intensity_inside": 10.0, "mean_intensity_outside": 1.0}
     ids = ["a", "4ca50b65ec3c8c8f2fb5e5b5c7c7e6d7a1b2c3d4e5f60718293a4b5c6d7e8f90", "細胞_一"]  # DSB2018-like, CJK
-    for image_id in ids:
-        store.write_result(image_id, np.eye(4, 3, dtype=bool), statistics, f"{image_id}.png", model)
+    store_url = _store_with_results(tmp_path, ids, cell_count=12)
 
     table = cellseg("results", store_url).stdout.splitlines()[1:]
     assert len(table) == 4
