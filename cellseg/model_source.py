@@ -66,19 +66,24 @@ class ModelSource:
         data = path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         check_shipped_digest(self.shipped, digest)  # before the bytes are parsed
-        return load_checkpoint_bytes(data, str(path), file_checked=True), f"{self.shipped}-{digest[:12]}"
+        return load_checkpoint_bytes(data, str(path), file_checked=True), _shipped_version(self.shipped, digest)
 
     def recorded_version(self) -> str:
         """The model version that results record (`load`), without loading the model; of a pinned
         source (`pinned`): a shipped model's name and content hash, not 'bundled'."""
         if self.shipped is None:
             return self.version
-        return f"{self.shipped}-{hashlib.sha256(shipped_file(self.shipped).read_bytes()).hexdigest()[:12]}"
+        return _shipped_version(self.shipped, hashlib.sha256(shipped_file(self.shipped).read_bytes()).hexdigest())
 
     @property
     def shipped(self) -> str | None:
         """The name of the shipped model this source names, if any."""
         return None if self.checkpoint_url is not None else shipped_name(self.version)
+
+
+def _shipped_version(name: str, digest: str) -> str:
+    """The version a shipped model's results record: its name and the start of its file's SHA-256."""
+    return f"{name}-{digest[:12]}"
 
 
 def load_predictor(source: ModelSource, config: PredictConfig) -> Predictor:
