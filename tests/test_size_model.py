@@ -167,3 +167,35 @@ def test_fine_tuning_on_too_few_images_for_a_size_model_keeps_the_starting_model
     assert "masks read as 3 instance label images (one value per cell)\n" in caplog.text  # no "and 0 binary masks"
     assert outcome.train_images == 2
     assert load_checkpoint(str(outcome.result.best_checkpoint)).size_model == load_checkpoint(str(start)).size_model
+
+
+def test_fine_tuning_without_validation_images_keeps_the_starting_models_size_model_and_post_processing(
+        tmp_path, caplog):
+    """With --val-fraction 0 nothing can tell a size model fitted on a few training images from the
+    starting model's, nor choose a threshold: the fitted one used to be kept (45% off on 4 images)
+    and the threshold reset to 0.5."""
+    import dataclasses
+    import logging
+
+    from cellseg.checkpoint import save_checkpoint
+    from cellseg.config import TrainConfig
+    from cellseg.job_config import TrainJob
+    from cellseg.jobs import run_training
+    from cellseg.synth import write_dataset
+    from tests.conftest import narrow_nuclei_checkpoint
+
+    start_url = str(narrow_nuclei_checkpoint(tmp_path / "start.pt"))
+    start = dataclasses.replace(load_checkpoint(start_url), split_touching=True, threshold=0.45, centre_prominence=0.12)
+    save_checkpoint(start, start_url)
+    write_dataset(str(tmp_path / "data"), count=5, size=64, seed=1)
+    job = TrainJob(images_url=str(tmp_path / "data/images"), masks_url=str(tmp_path / "data/labels"),
+                   training=TrainConfig(epochs=1, patch_size=48, device="cpu", val_fraction=0.0, init_from=start_url))
+    with caplog.at_level(logging.INFO, logger="cellseg"):
+        outcome = run_training(job, tmp_path / "run")
+    assert outcome.train_images == 5
+    tuned = load_checkpoint(str(outcome.result.best_checkpoint))
+    assert tuned.size_model == start.size_model
+    assert (tuned.split_touching, tuned.threshold, tuned.centre_prominence) == (True, 0.45, 0.12)
+    assert "size model: the starting model's (no validation images to compare the candidates on)" in caplog.text
+    assert ("post-processing: no validation images to choose it on, so the starting model's is kept "
+            "(split touching True, threshold 0.45, centre prominence 0.12)") in caplog.text
