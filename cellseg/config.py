@@ -212,7 +212,9 @@ class TrainConfig(_Config):
     seed: int = 0
     patience: int = Field(15, ge=1, description="epochs without improvement before stopping")
     min_delta: float = Field(1e-3, ge=0.0, description="smallest change counted as an improvement")
-    monitor: Literal["val_dice", "val_iou", "val_loss"] = "val_dice"
+    monitor: Literal["val_dice", "val_iou", "val_loss"] = Field(
+        "val_dice", description="what best.pt, early stopping and the learning-rate halving watch; val_loss is the "
+        "cell channel's plain BCE on the validation images, whatever the training objective adds")
     max_minutes: Annotated[float, Field(gt=0.0)] | Literal["auto"] | None = Field(
         "auto",
         description=(

@@ -75,11 +75,17 @@ def training_curves(history: Sequence[dict[str, float]], url: str, storage_optio
     history = [{"epoch": 0, **start}, *history] if start else list(history)
     epochs = [int(record["epoch"]) for record in history]
     figure, (loss_axis, dice_axis) = _pyplot().subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    for axis, metric in ((loss_axis, "loss"), (dice_axis, "dice")):
-        for split, style in (("train", "-"), ("val", "-o")):
-            key = f"{split}_{metric}"
+    # val_loss is plain BCE; a run whose objective adds terms also records the crops' train_bce.
+    objective = any("train_bce" in record for record in history)
+    curves = {loss_axis: [("train_loss", ":" if objective else "-", "C0", "train objective" if objective else "train"),
+                          ("train_bce", "-", "C0", "train BCE"),
+                          ("val_loss", "-o", "C1", "val BCE" if objective else "val")],
+              dice_axis: [("train_dice", "-", "C0", "train"), ("val_dice", "-o", "C1", "val")]}
+    for (axis, lines), metric in zip(curves.items(), ("loss", "dice"), strict=True):
+        for key, style, colour, label in lines:
             if any(key in record for record in history):
-                axis.plot(epochs, [record.get(key, np.nan) for record in history], style, markersize=3, label=split)
+                axis.plot(epochs, [record.get(key, np.nan) for record in history], style, color=colour, markersize=3,
+                          label=label)
         axis.set_xlabel("epoch")
         axis.xaxis.get_major_locator().set_params(integer=True)
         axis.set_ylabel(metric)

@@ -245,6 +245,9 @@ def train(
     # Reading a value off the GPU makes the CPU wait for it; on CUDA the loss and pixel counts are
     # summed on the device and read once an epoch, on the CPU each step's loss is checked at once.
     check_each_step = device.type != "cuda"
+    # val_loss is the cell channel's plain BCE; where the training objective adds terms, the
+    # training crops' plain BCE is recorded too (train_bce), so that the two curves compare.
+    objective_is_bce = config.loss == "bce" and config.border_weight == 0 and not model_config.distance_map
     budget = config.time_budget(fine_tuning=bool(init_from))
     started = time.monotonic() - spent_seconds
     stop_reason = "max epochs reached"
@@ -280,6 +283,7 @@ def train(
                 parameter.requires_grad_(epoch > config.freeze_encoder_epochs)
         model.train()
         train_counts, loss_sum, samples = EpochCounts(device), torch.zeros((), dtype=torch.float64, device=device), 0
+        bce_sum = torch.zeros((), dtype=torch.float64, device=device)
         for batch_images, batch_targets in loader:
             images, targets = batch_images.to(device, non_blocking=True), batch_targets.to(device, non_blocking=True)
             loss, logits, masks = batch_loss(forward, images, targets, train_set.layout, config, device)
@@ -289,6 +293,8 @@ def train(
                                                         best_epoch))
             optimizer_step(loss, optimizer, scaler)
             loss_sum += loss.detach().double() * len(images)
+            if not objective_is_bce:
+                bce_sum += F.binary_cross_entropy_with_logits(logits.detach(), masks).double() * len(images)
             samples += len(images)
             train_counts.add(logits.detach() > cut, masks > 0.5)
 
@@ -298,6 +304,8 @@ def train(
         if not math.isfinite(record["train_loss"]):  # on CUDA the loss is read once an epoch, here
             raise TrainingDivergedError(_divergence(out, epoch, f"the training loss is {record['train_loss']}",
                                                     optimizer, best_epoch))
+        if not objective_is_bce:
+            record["train_bce"] = float(bce_sum) / samples
         record.update({f"train_{name}": value for name, value in train_scores.items()})
         bad_weight = non_finite_weight(model.state_dict())
         if bad_weight is not None:
@@ -444,7 +452,7 @@ def _metrics_of(record: dict[str, float]) -> dict[str, float]:
 def _format_record(record: dict[str, float], epochs: int) -> str:
     shown = " ".join(
         f"{key} {record[key]:.4f}"
-        for key in ("train_loss", "train_dice", "val_loss", "val_iou", "val_dice", "val_precision", "val_recall")
+        for key in ("train_loss", "train_bce", "train_dice", "val_loss", "val_iou", "val_dice", "val_precision", "val_recall")
         if key in record
     )
     speed = f", {record['train_crops_per_second']:.1f} crops/s" if "train_crops_per_second" in record else ""

@@ -76,6 +76,17 @@ def test_training_curves_draw_a_fine_tuning_runs_starting_weights_as_epoch_0(tmp
     assert [record["epoch"] for record in history] == [1, 2, 3]
 
 
+def test_training_curves_draw_the_training_bce_beside_the_objective_when_they_differ(tmp_path):
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 0.5 / e, "train_dice": 0.5, "val_dice": 0.5}
+               for e in range(1, 4)]
+    plain = _png(training_curves(history, str(tmp_path / "plain.png")))
+    with_bce = _png(training_curves([{**record, "train_bce": 0.6 / record["epoch"]} for record in history],
+                                    str(tmp_path / "bce.png")))
+    assert plain.shape == with_bce.shape
+    loss_half = (slice(None), slice(0, plain.shape[1] // 2))
+    assert not np.array_equal(plain[loss_half], with_bce[loss_half])
+
+
 def test_training_curves_mark_the_epoch_best_pt_holds():
     """best.pt is chosen by the monitor and min_delta: with --monitor val_loss (or a Dice gain under
     min_delta) it is not the epoch of the highest val Dice, and the line marks best.pt's epoch."""

@@ -48,6 +48,19 @@ def test_history_file_records_every_epoch(split, tmp_path):
         for key in HISTORY_KEYS - {"epoch", "seconds", "train_loss", "val_loss"}:
             assert 0.0 <= record[key] <= 1.0
 
+    assert "train_bce" not in history[0]  # the objective is plain BCE, as val_loss is
+
+
+def test_a_run_whose_objective_adds_terms_records_the_bce_that_compares_with_val_loss(split, tmp_path):
+    """val_loss is the cell channel's plain BCE; the training loss adds the soft Dice here, so the
+    two curves did not compare. train_bce is the crops' plain BCE, the objective less the Dice."""
+    result = train(*split, tmp_path, SMALL_MODEL, small_config(epochs=2, loss="bce_dice"))
+    for record in result.history:
+        dice_term = record["train_loss"] - record["train_bce"]
+        assert 0.0 < dice_term < 1.0, record  # a soft Dice loss, averaged as the objective is
+        assert record["train_bce"] < 1.0 and record["val_loss"] < 1.0
+    assert "train_bce" in result.best_metrics
+
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement(split, tmp_path):
     # No epoch can beat the first by a Dice of 1.0, so training stops after 1 + patience epochs.
