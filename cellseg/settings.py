@@ -28,6 +28,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -46,7 +47,7 @@ else:  # Python 3.10
 from cellseg import s3_direct
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig, Url
 from cellseg.paths import DEFAULT_REGISTRY_URL, LOCAL_ROOT
-from cellseg.redact import redact, redact_text
+from cellseg.redact import redact, redact_text, redact_url
 
 CONFIG_ENV = "CELLSEG_CONFIG"
 MAX_FILE_BYTES = 64 * 1024  # settings files are a few hundred bytes; pure-Python YAML parses 64 KiB in about a second
@@ -70,7 +71,8 @@ class StorageTimeouts(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    connect_seconds: float = Field(10.0, gt=0, le=600, description="give up connecting after this long")
+    # A dead endpoint fails after about attempts x connect_seconds: 4 x 5 s, under half a minute.
+    connect_seconds: float = Field(5.0, gt=0, le=600, description="give up connecting after this long")
     read_seconds: float = Field(30.0, gt=0, le=3600, description="give up when no data arrives for this long")
     attempts: int = Field(4, ge=1, le=10, description="tries of each s3 request (throttling, 5xx, timeouts); "
                                                        "http requests are tried once")
@@ -125,6 +127,23 @@ class CellsegSettings(BaseSettings):
 
         return convert(storage)
 
+    @field_validator("storage", mode="after")
+    @classmethod
+    def _endpoints_are_web_urls(cls, storage: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        # botocore refuses any other endpoint only at the first request, as a traceback (htp://) or
+        # a line naming no setting (a missing scheme): name the setting before any work starts.
+        for protocol in S3_PROTOCOLS:
+            options = storage.get(protocol) or {}
+            client_kwargs = options.get("client_kwargs")
+            for name, value in (("endpoint_url", options.get("endpoint_url")),
+                                ("client_kwargs.endpoint_url",
+                                 client_kwargs.get("endpoint_url") if isinstance(client_kwargs, dict) else None)):
+                if value not in (None, "") and not _web_url(value):
+                    shown = redact_url(value) if isinstance(value, str) else type(value).__name__
+                    raise ValueError(f"storage.{protocol}.{name} must be an http:// or https:// URL with a host, "
+                                     f"such as http://minio.lab:9000 (got {shown[:80]!r})")
+        return storage
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -167,6 +186,18 @@ class CellsegSettings(BaseSettings):
         """The settings as plain data with every secret replaced by a mask (`cellseg.redact.redact`):
         values under names like key/secret/token/password/auth, and credentials inside strings."""
         return cast("dict[str, Any]", redact(self.model_dump(mode="json")))
+
+
+def _web_url(value: Any) -> bool:
+    """Whether `value` is an http:// or https:// URL with a host name (and a numeric port, if any)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
 
 
 def config_file_path(config_file: str | None = None) -> Path | None:

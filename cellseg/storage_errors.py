@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import socket
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -28,17 +29,21 @@ _REFUSED_OPTION = re.compile(r"got (an unexpected|multiple values for) keyword a
 class StorageError(ValueError):
     """Storage that cannot be reached or used; the message names the URL and the cause.
 
-    `transient` errors (a timeout, a refused connection) may pass on their own, so a flow's
+    `transient` errors (a read timeout, a refused connection) may pass on their own, so a flow's
     task retries are worth it; the others (no credentials, access denied, a missing package)
-    need someone to fix them.
+    need someone to fix them. `unreachable` errors name an endpoint that no connection could be
+    made to in any of the storage layer's attempts (refused, timed out connecting, no route, host
+    name not found): a dead endpoint, which more task retries would only wait on
+    (`cellseg.flows._common.retry_unless_bad_input` retries a refused one once, for a blip).
     """
 
-    def __init__(self, message: str, transient: bool = False):
+    def __init__(self, message: str, transient: bool = False, unreachable: bool = False):
         super().__init__(message)
         self.transient = transient
+        self.unreachable = unreachable
 
-    def __reduce__(self) -> tuple[Any, ...]:  # keeps `transient` across processes (Dask, Prefect results)
-        return (type(self), (str(self), self.transient))
+    def __reduce__(self) -> tuple[Any, ...]:  # keeps the flags across processes (Dask, Prefect results)
+        return (type(self), (str(self), self.transient, self.unreachable))
 
 
 @contextmanager
@@ -81,15 +86,37 @@ def storage_error(url: str | None, error: BaseException) -> StorageError | None:
     for cause in chain:
         if isinstance(cause, boto.EndpointConnectionError | boto.ConnectionClosedError | aiohttp.ClientConnectorError
                       | ConnectionError):
-            return StorageError(f"{named}cannot connect to {_endpoint(url, cause)} ({_reason(chain)})", transient=True)
+            # No connection made at all (refused, no route, no such host), not one closed on the way.
+            unreachable = isinstance(cause, boto.EndpointConnectionError | aiohttp.ClientConnectorError) or any(
+                isinstance(inner, ConnectionRefusedError | socket.gaierror) for inner in chain)
+            return StorageError(f"{named}cannot connect to {_endpoint(url, cause)} ({_reason(chain)})", transient=True,
+                                unreachable=unreachable)
     for cause in chain:
         if isinstance(cause, boto.ClientError) and cause.response.get("Error", {}).get("Code") == "NoSuchBucket":
             return StorageError(f"{named}the bucket does not exist (NoSuchBucket)")
+    for cause in chain:
+        if isinstance(cause, boto.EndpointResolutionError) or (
+                isinstance(cause, ValueError) and str(cause).startswith("Invalid endpoint:")):
+            return _bad_endpoint(url)
     if refused := _refused_option(url, chain):
         return refused
     if isinstance(error, PermissionError):
         return StorageError(f"{named}access denied ({error})")
     return None
+
+
+def _bad_endpoint(url: str | None) -> StorageError:
+    """botocore refused the endpoint URL it was given (no scheme, or one other than http/https)."""
+    import fsspec.config
+
+    protocol = _protocol(url) if url else "s3"
+    options = fsspec.config.conf.get(protocol, {})
+    given = options.get("endpoint_url") or options.get("client_kwargs", {}).get("endpoint_url")
+    named = f"'{redact_url(url)}': " if url else ""
+    if not given:  # given in code (`storage_options=`), not in the settings
+        return StorageError(f"{named}the endpoint URL is not an http:// or https:// URL (in the storage options given)")
+    return StorageError(f"{named}the endpoint URL '{redact_url(str(given))}' is not an http:// or https:// URL: fix "
+                        f"storage.{protocol}.endpoint_url in the settings (or FSSPEC_{protocol.upper()}_ENDPOINT_URL)")
 
 
 def _chain(error: BaseException) -> list[BaseException]:
@@ -167,8 +194,11 @@ def _timed_out(url: str | None, cause: BaseException, phase: str) -> StorageErro
         f"waiting for {_endpoint(url, cause)} to answer"
     tried = f", tried {attempts} times" if attempts and attempts > 1 else ""
     named = f"'{redact_url(url)}': " if url else ""
+    # An endpoint that took no connection in any attempt is down: the attempts already spent
+    # attempts x connect seconds on it, and task retries would spend that again (no `transient`).
     return StorageError(f"{named}timed out{after} {what} ({type(cause).__name__}{tried}; "
-                        f"storage_timeouts in the settings set the limits)", transient=True)
+                        f"storage_timeouts in the settings set the limits)", transient=phase != "connect",
+                        unreachable=phase == "connect")
 
 
 def botocore_attempts(retries: Mapping[str, Any]) -> int | None:
@@ -210,8 +240,6 @@ def _endpoint(url: str | None, cause: BaseException) -> str:
 
 def _reason(chain: list[BaseException]) -> str:
     """Why a connection failed, in words: the innermost operating-system error of `chain`."""
-    import socket
-
     for cause in reversed(chain):
         if isinstance(cause, ConnectionRefusedError):
             return "connection refused: nothing listens there"

@@ -132,11 +132,19 @@ def retry_unless_bad_input(task: Task, task_run: TaskRun, state: State) -> bool:
 
     Storage calls already retry timeouts, throttling and 5xx answers with backoff inside
     botocore (`storage_timeouts` in the settings); these task retries cover what outlasts that
-    (a worker lost, a long outage). Missing credentials, denied access or a missing package fail
-    at once.
+    (a worker lost, a stalled server). An endpoint that took no connection in any of those
+    attempts is down: one that refused is tried once more after the task's first delay (a
+    restart, a network blip), one that timed out connecting not at all (its attempts already
+    waited attempts x connect seconds), so a dead endpoint fails the run in well under a minute
+    rather than after every retry's delay. Missing credentials, denied access or a missing
+    package fail at once.
     """
     error = state.result(raise_on_failure=False)
+    if isinstance(error, BaseException) and not isinstance(error, StorageError):
+        error = storage_error(None, error) or error  # botocore's and aiohttp's own, raised where no URL was known
     if isinstance(error, StorageError):
+        if error.unreachable:
+            return error.transient and task_run.run_count <= 1
         return error.transient
     return not isinstance(error, PERMANENT_ERRORS)
 

@@ -448,3 +448,105 @@ def test_segment_images_with_a_shipped_model_by_name_needs_no_registry(new_image
     assert summary["model_version"] in run_artifacts("segment-images-summary")["segment-images-summary"].data
     assert all(row["cell_count"] > 0 for row in rows)
     assert not (tmp_path / "no-registry").exists()
+
+
+def _storage_failure(endpoint: str, **timeouts: Any) -> Any:
+    """The StorageError of listing s3://bucket/images on the S3 endpoint `endpoint`."""
+    import fsspec
+
+    from cellseg.settings import CellsegSettings, StorageTimeouts
+    from cellseg.storage_errors import StorageError, storage_call
+
+    fsspec.config.conf.clear()
+    CellsegSettings(storage={"s3": {"endpoint_url": endpoint}},
+                    storage_timeouts=StorageTimeouts(**timeouts)).apply_storage()
+    with pytest.raises(StorageError) as raised, storage_call("s3://bucket/images"):
+        list_images("s3://bucket/images")
+    return raised.value
+
+
+@contextmanager
+def _endpoint_that_takes_no_connection() -> Iterator[str]:
+    """A loopback port whose listen queue is full, so that the kernel drops new connections' SYNs:
+    connecting times out, as to a host that is down."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    waiting = []
+    try:
+        for _ in range(3):
+            client = socket.socket()
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", port))
+            waiting.append(client)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        for client in waiting:
+            client.close()
+        server.close()
+
+
+def test_a_dead_endpoint_is_retried_once_when_it_refused_and_never_when_connecting_timed_out(
+        s3_test_credentials, monkeypatch):
+    """An endpoint that took no connection in all of botocore's attempts is down: a task retries
+    one that refused once (a restart, a blip), one that timed out connecting not at all; a slow
+    answer is retried as before. Every task retry of a dead endpoint cost its delays again."""
+    import fsspec
+    from prefect.client.schemas.objects import TaskRun
+    from prefect.states import Failed
+
+    from benchmarks.servers import free_port
+    from cellseg.flows._common import retry_unless_bad_input
+
+    monkeypatch.setattr(fsspec.config, "conf", {})
+
+    def retried(error: BaseException, run_count: int) -> bool:
+        run = TaskRun(flow_run_id=None, task_key="plan-shards", dynamic_key="0", run_count=run_count)
+        return retry_unless_bad_input(None, run, Failed(data=error))  # type: ignore[arg-type]
+
+    refused = _storage_failure(f"http://127.0.0.1:{free_port()}", attempts=2)
+    assert refused.unreachable and "connection refused" in str(refused)
+    assert [retried(refused, count) for count in (1, 2, 3)] == [True, False, False]
+    with _endpoint_that_takes_no_connection() as endpoint:
+        started = time.monotonic()
+        timed_out = _storage_failure(endpoint, connect_seconds=1, attempts=2)
+        assert time.monotonic() - started < 20  # 2 attempts of 1 s, not the default 4 of 5 s
+    assert str(timed_out) == (f"'s3://bucket/images': timed out after 1 s connecting to {endpoint} (ConnectTimeoutError, "
+                              "tried 2 times; storage_timeouts in the settings set the limits)")
+    assert timed_out.unreachable and [retried(timed_out, count) for count in (1, 2)] == [False, False]
+    from botocore.exceptions import ReadTimeoutError
+
+    from cellseg.storage_errors import storage_error
+
+    slow = storage_error("s3://bucket/images", ReadTimeoutError(endpoint_url=endpoint))
+    assert slow is not None and not slow.unreachable and [retried(slow, count) for count in (1, 2, 3)] == [True] * 3
+    # botocore's own error, raised where no URL was known, is judged as its StorageError is.
+    from botocore.exceptions import EndpointConnectionError
+
+    assert [retried(EndpointConnectionError(endpoint_url=endpoint), count) for count in (1, 2)] == [True, False]
+
+
+def test_segment_images_against_a_dead_endpoint_fails_in_seconds_naming_it(prefect_harness, s3_test_credentials,
+                                                                            monkeypatch, tmp_path, caplog):
+    """Nothing listens at the S3 endpoint: the run fails with one line naming the endpoint after
+    botocore's attempts and one task retry, not after three retries' 2 + 10 + 30 s of delays
+    (about a minute, and minutes for an endpoint that never takes the connection)."""
+    import fsspec
+
+    from benchmarks.servers import free_port
+    from cellseg.flows.segment import segment_images_flow
+    from cellseg.storage_errors import StorageError
+
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setattr(fsspec.config, "conf", {})
+    monkeypatch.setenv("CELLSEG_STORAGE__S3__ENDPOINT_URL", endpoint)
+    with pytest.raises(StorageError) as raised:
+        segment_images_flow(SegmentJob(source_url="s3://lab-images/incoming", store_url=str(tmp_path / "r.zarr"),
+                                       model_version="bundled"))
+    assert str(raised.value) == (f"'s3://lab-images/incoming': cannot connect to {endpoint} "
+                                 "(connection refused: nothing listens there)")
+    assert "Retry 1/3" in caplog.text and "Retry 2/3" not in caplog.text
+    assert s3_test_credentials["AWS_SECRET_ACCESS_KEY"] not in caplog.text

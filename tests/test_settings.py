@@ -192,7 +192,7 @@ def test_flows_take_storage_settings_from_the_worker_environment(tiny_checkpoint
     summary = segment_images_flow(SegmentJob(source_url=f"{bucket}/in", store_url=f"{bucket}/flow.zarr",
                                   registry_url=str(tmp_path / "registry")))
     assert summary["done"] == 2 and summary["failed"] == []
-    limits = {"connect_timeout": 10.0, "read_timeout": 30.0, "retries": {"total_max_attempts": 4, "mode": "standard"}}
+    limits = {"connect_timeout": 5.0, "read_timeout": 30.0, "retries": {"total_max_attempts": 4, "mode": "standard"}}
     assert fsspec.config.conf["s3"] == {"endpoint_url": options["endpoint_url"], "config_kwargs": limits}
 
 
@@ -217,3 +217,29 @@ def test_s3fs_retries_are_bounded_without_importing_it_at_every_start(s3fs_first
                             env={key: value for key, value in os.environ.items() if not key.startswith("CELLSEG_")})
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1]) == {"imported": s3fs_first, "retries": 1, "s3fs": [True, True]}
+
+
+@pytest.mark.parametrize("endpoint", ["htp://minio.lab:9000", "http//minio.lab:9000", "minio.lab:9000",
+                                      "http://minio.lab:90x0", "https://"])
+@pytest.mark.parametrize("field", ["CELLSEG_STORAGE__S3__ENDPOINT_URL", "CELLSEG_STORAGE__S3A__CLIENT_KWARGS__ENDPOINT_URL"])
+def test_an_endpoint_url_that_is_no_web_url_is_refused_naming_the_setting(monkeypatch, field, endpoint):
+    """botocore took a scheme typo (htp://) only at the first request, with a traceback (exit 1),
+    and a flow retried it three times; a missing scheme failed naming no setting."""
+    monkeypatch.setenv(field, endpoint)
+    setting = field.removeprefix("CELLSEG_").lower().replace("__", ".")
+    with pytest.raises(SettingsError, match=rf"{re.escape(setting)} must be an http:// or https:// URL with a host"
+                                            rf".*\(got '{re.escape(endpoint)}'\)"):
+        load_settings()
+
+
+def test_an_endpoint_url_with_a_password_is_refused_without_it(monkeypatch):
+    monkeypatch.setenv("CELLSEG_STORAGE__S3__ENDPOINT_URL", "htp://user:hunter2-secret@minio.lab:9000")
+    with pytest.raises(SettingsError, match=r"storage\.s3\.endpoint_url must be") as raised:
+        load_settings()
+    assert "hunter2-secret" not in str(raised.value)
+
+
+@pytest.mark.parametrize("endpoint", ["http://minio.lab:9000", "https://s3.example.org", "HTTP://10.0.0.5:8333/", ""])
+def test_web_endpoint_urls_are_taken(monkeypatch, endpoint):
+    monkeypatch.setenv("CELLSEG_STORAGE__S3__ENDPOINT_URL", endpoint)
+    assert load_settings().storage["s3"]["endpoint_url"] == endpoint

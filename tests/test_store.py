@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import threading
 from pathlib import Path
 
@@ -376,3 +377,24 @@ def test_a_storage_option_given_in_code_that_the_filesystem_refuses_is_named(opt
         ResultStore.open("s3://bucket/r.zarr", storage_options=options)
     with pytest.raises(StorageError, match=rf"^'s3://bucket/images': s3:// {name} "):
         list_sources("s3://bucket/images", CellsegSettings().predict.selection, storage_options=options)
+
+
+@pytest.mark.parametrize("endpoint", ["htp://127.0.0.1:9", "127.0.0.1:9"], ids=["scheme-typo", "no-scheme"])
+def test_an_endpoint_url_botocore_refuses_is_one_line_naming_the_setting(endpoint, monkeypatch):
+    """An endpoint from fsspec's own configuration (FSSPEC_S3_ENDPOINT_URL), which the settings
+    do not check: botocore's EndpointResolutionError was a traceback (exit 1) and, in a flow,
+    retried three times; a missing scheme a line naming no setting."""
+    import fsspec
+
+    from cellseg.formats import list_sources
+    from cellseg.settings import CellsegSettings
+    from cellseg.storage_errors import StorageError
+
+    monkeypatch.setattr(fsspec.config, "conf", {"s3": {"endpoint_url": endpoint}})
+    named = re.escape(f"the endpoint URL '{endpoint}' is not an http:// or https:// URL: fix storage.s3.endpoint_url "
+                      "in the settings (or FSSPEC_S3_ENDPOINT_URL)")
+    with pytest.raises(StorageError, match=rf"^'s3://bucket/images': {named}$") as raised:
+        list_sources("s3://bucket/images", CellsegSettings().predict.selection)
+    assert not raised.value.transient
+    with pytest.raises(StorageError, match=rf"^'s3://bucket/r\.zarr': {named}$"):
+        ResultStore.open("s3://bucket/r.zarr")
