@@ -28,6 +28,8 @@ from cellseg.storage_errors import storage_call
 
 logger = logging.getLogger(__name__)
 
+# Object stores, where a folder is only a prefix of its objects' names: none is left empty.
+OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 MICROSCOPY_FILE_SUFFIXES = (".czi", ".nd2", ".lif")  # read by bioio plugins (cellseg.formats)
 ZARR_FOLDER_SUFFIX = ".zarr"  # an OME-Zarr image or plate: one source, never a folder to recurse into
@@ -106,6 +108,11 @@ def list_image_entries(url: str, storage_options: StorageOptions = None, microsc
     with storage_call(url):  # no credentials, unreachable, timed out, denied: one StorageError naming `url`
         if not fs.isdir(root):
             if not fs.isfile(root):
+                if _prefix_in_a_bucket(fs, root, url, kind):
+                    logger.warning("no objects under '%s': read as an empty %s folder (an object store keeps no "
+                                   "empty folders, so a prefix nothing was written under yet is one)",
+                                   redact_url(url), kind)
+                    return []
                 raise FileNotFoundError(f"{kind} folder '{url}' does not exist")
             if not posixpath.basename(root).lower().endswith(suffixes):
                 raise FileNotFoundError(f"'{url}' is a file without an image suffix ({' '.join(suffixes)}): name a "
@@ -137,6 +144,19 @@ def list_image_entries(url: str, storage_options: StorageOptions = None, microsc
                    "not searching the %d subfolder(s) of '%s' (%s): name a folder to segment its images",
                    len(folders), redact_url(url), _some(folders))
     return sorted(entries, key=lambda entry: entry.url)
+
+
+def _prefix_in_a_bucket(fs: fsspec.AbstractFileSystem, root: str, url: str, kind: str) -> bool:
+    """Whether `root`, found neither as a folder nor as a file, is a prefix in an existing bucket
+    of an object store: a folder whose objects are all gone (a nightly's incoming prefix emptied)
+    or not yet written. A bucket that does not exist is refused, naming it."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if not protocols & OBJECT_STORE_PROTOCOLS:
+        return False
+    bucket = root.strip("/").split("/", 1)[0]
+    if not fs.exists(bucket):
+        raise FileNotFoundError(f"{kind} folder '{redact_url(url)}': its bucket '{bucket}' does not exist")
+    return bucket != root.strip("/")
 
 
 def _some(names: list[str]) -> str:
