@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import posixpath
+import unicodedata
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -40,9 +41,11 @@ from cellseg.io import (
     _check_pixel_limit,
     _check_tiff_page,
     _luma,
+    decode_image,
     filesystem,
     list_image_entries,
     read_bytes,
+    read_colour_image,
     read_image,
 )
 from cellseg.plates import plate_fields, split_time_point, time_point_url
@@ -60,8 +63,13 @@ OME_ZARR_PLUGIN = "bioio-ome-zarr"
 VENDOR_SUFFIXES = tuple(BIOIO_PLUGINS)
 MICROSCOPY_SUFFIXES = (*OME_TIFF_SUFFIXES, *VENDOR_SUFFIXES)
 MAX_PLANES = 1_000_000  # channels x z x t a file's metadata may declare before it is refused
-_UNITS_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "micrometer": 1.0, "nm": 1e-3, "nanometer": 1e-3,
-             "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "m": 1e6, "meter": 1e6, "Å": 1e-4, "angstrom": 1e-4}
+# Keys in NFKC form (`_unit_um`): the micro sign (U+00B5) and the Greek mu (U+03BC) that writers
+# use for it are one letter there, as are the angstrom sign (U+212B) and Å (U+00C5); lower case.
+_UNITS_UM = {"μm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0, "micrometre": 1.0,
+             "nm": 1e-3, "nanometer": 1e-3, "nanometre": 1e-3, "pm": 1e-6, "picometer": 1e-6,
+             "mm": 1e3, "millimeter": 1e3, "millimetre": 1e3, "cm": 1e4, "centimeter": 1e4, "m": 1e6,
+             "meter": 1e6, "metre": 1e6, "å": 1e-4, "angstrom": 1e-4}
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 class MissingReaderError(ImageReadError):
@@ -132,7 +140,7 @@ def open_plane(url: str, selection: SelectionConfig, storage_options: StorageOpt
             if isinstance(error, ImageReadError):
                 raise
             raise ImageReadError(f"'{base}': not a readable TIFF ({_one_line(error)})") from error
-    image = read_image(base, storage_options)
+    image = (read_image if selection.channel is None else read_colour_image)(base, storage_options)
     return _array_plane(image, base, selection, time_point, "image")
 
 
@@ -156,7 +164,8 @@ def read_plane(
         plane = open_plane(url, selection, storage_options)
     else:
         notes: list[str] = []
-        plane = _array_plane(read_image(base, storage_options, max_pixels, notes), base, selection, time_point, "image")
+        read = read_image if selection.channel is None else read_colour_image
+        plane = _array_plane(read(base, storage_options, max_pixels, notes), base, selection, time_point, "image")
         plane.warnings.extend(notes)
     try:
         _check_pixel_limit(url, prod(plane.shape), max_pixels)
@@ -181,19 +190,49 @@ def read_source(
     imported for it); any other choice is checked against the file's planes (a plain TIFF stack's
     pages are its z planes)."""
     if not is_microscopy_url(url) and selection == SelectionConfig():
-        return read_image(url, storage_options, max_pixels, warnings), {}
+        return _plain_image(url, storage_options, max_pixels, warnings), {}
     plane = read_plane(url, selection, storage_options, max_pixels)
     if warnings is not None:
         warnings.extend(plane.warnings)
     return plane.read(), source_record(plane)
 
 
+def _plain_image(url: str, storage_options: StorageOptions, max_pixels: int, warnings: list[str] | None) -> np.ndarray:
+    """A PNG/TIFF/JPEG read by `cellseg.io.decode_image`, except a TIFF whose axes name several
+    channels or time points (an ImageJ hyperstack, tifffile's shaped metadata): its first page is
+    one channel of one time point, chosen by nobody, so it is refused with its choices as an
+    OME-TIFF is."""
+    data = read_bytes(url, storage_options, max_pixels * MAX_BYTES_PER_PIXEL + MAX_EXTRA_FILE_BYTES)
+    if data[:4] in _TIFF_MAGIC and _names_channels_or_time(data):
+        try:
+            with _tiff_plane(tifffile.TiffFile(io.BytesIO(data)), url, SelectionConfig(), None, (data, max_pixels)):
+                pass
+        except ImageReadError:
+            raise
+        except Exception as error:  # tifffile raises many types on malformed input
+            raise ImageReadError(f"'{url}': not a readable TIFF ({_one_line(error)})") from error
+    return decode_image(data, url, max_pixels, warnings)
+
+
+def _names_channels_or_time(data: bytes) -> bool:
+    """Whether a TIFF that is not an OME-TIFF (which says how to name it instead: cellseg.io) has a
+    channel (C) or time (T) axis of more than one plane in its first series."""
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            if tif.is_ome:
+                return False
+            series = tif.series[0]
+            shape = dict(zip(series.axes.upper(), series.shape, strict=True))
+    except Exception:  # noqa: BLE001 - a malformed file: decode_image names its problem
+        return False
+    return shape.get("C", 1) > 1 or shape.get("T", 1) > 1
+
+
 def source_record(plane: Plane) -> dict[str, Any]:
-    """What a result records about its plane: the selection and the pixel size in µm."""
-    record: dict[str, Any] = {"selection": plane.selection, "pixel_size_um": plane.pixel_size_um}
-    if plane.pixel_size_yx_um is not None:
-        record["pixel_size_yx_um"] = list(plane.pixel_size_yx_um)
-    return record
+    """What a result records about its plane: the selection and the pixel size in µm, both
+    `pixel_size_um` and `pixel_size_yx_um` None when the file gives none."""
+    yx = None if plane.pixel_size_yx_um is None else list(plane.pixel_size_yx_um)
+    return {"selection": plane.selection, "pixel_size_um": plane.pixel_size_um, "pixel_size_yx_um": yx}
 
 
 def cell_diameter_pixels(diameter_um: float | None, source: dict[str, Any], url: str) -> float | None:
@@ -377,10 +416,14 @@ def _tiff_plane(tif: tifffile.TiffFile, url: str, selection: SelectionConfig, ti
     z_axis = "Z" if "Z" in shape else stack_axis if selection.z is not None else None
     sizes = {"T": shape.get("T", 1), "C": shape[channel_axis] if channel_axis else 1,
              "Z": shape[z_axis] if z_axis else 1}
-    names, physical = _ome_metadata(tif, url) if tif.is_ome else ([], (None, None))
+    names, physical = _ome_metadata(tif, url) if tif.is_ome else ([], _imagej_pixel_size(tif, url))
     samples_as_luma = channel_axis == "S" and selection.channel is None and sizes["C"] in (3, 4)
     if samples_as_luma:
         sizes["C"] = 1
+    if channel_axis is None and stack_axis is not None and selection.channel not in (None, 0):
+        planes = shape[stack_axis]
+        raise ImageReadError(f"'{url}': no channel {selection.channel!r}: it has no channel axis, and its {planes} "
+                             f"pages are read as z planes (--z 0..{planes - 1} picks one, --z max projects them)")
     choice = _choose(url, sizes, names, selection, time_point, "ome-tiff" if tif.is_ome else "tiff")
     pages = tif.pages
     if checked is not None:
@@ -470,12 +513,45 @@ def _ome_metadata(tif: tifffile.TiffFile, url: str) -> tuple[list[str], tuple[fl
 
     def size(axis: str) -> float | None:
         value, unit = pixels.get(f"PhysicalSize{axis}"), str(pixels.get(f"PhysicalSize{axis}Unit", "µm"))
-        factor = _UNITS_UM.get(unit)
-        if not isinstance(value, (int, float)) or factor is None:
+        if not isinstance(value, (int, float)):
+            return None
+        factor = _unit_um(unit)
+        if factor is None:
+            logger.warning("'%s': PhysicalSize%s is in %r, not a unit of length cellseg knows: no pixel size",
+                           redact_url(url), axis, unit)
             return None
         return float(value) * factor
 
     return names, (size("Y"), size("X"))
+
+
+def _imagej_pixel_size(tif: tifffile.TiffFile, url: str) -> tuple[float | None, float | None]:
+    """(y, x) pixel size in µm of a TIFF written by ImageJ or Fiji: its calibration's `unit` (in its
+    description, a µ written as the escape \\u00B5) and the first page's Y and X resolutions, in
+    pixels per that unit; (None, None) for an uncalibrated file or any other TIFF."""
+    metadata = tif.imagej_metadata if tif.is_imagej else None
+    unit = str((metadata or {}).get("unit", "")).replace("\\u00B5", "µ").replace("\\u00b5", "µ")
+    if not unit or unit.lower() in ("pixel", "pixels"):
+        return None, None
+    factor = _unit_um(unit)
+    if factor is None:
+        logger.warning("'%s': its ImageJ calibration is in %r, not a unit of length cellseg knows: no pixel size",
+                       redact_url(url), unit)
+        return None, None
+    tags = tif.pages.first.tags
+
+    def size(tag: str) -> float | None:
+        found = tags.get(tag)
+        numerator, denominator = found.value if found is not None else (0, 0)
+        return denominator / numerator * factor if numerator and denominator else None
+
+    return size("YResolution"), size("XResolution")
+
+
+def _unit_um(unit: str) -> float | None:
+    """Micrometres per `unit` (a name or symbol of a unit of length, as OME-XML or ImageJ write
+    it: µm in either mu, micron, nm, ...), None for an unknown one."""
+    return _UNITS_UM.get(unicodedata.normalize("NFKC", unit.strip()).lower())
 
 
 # zarr and bioio ----------------------------------------------------------------------------------
@@ -525,8 +601,13 @@ def _zarr_array_plane(array: zarr.Array, url: str, selection: SelectionConfig, t
 
 
 def _array_plane(image: np.ndarray, url: str, selection: SelectionConfig, time_point: int | None, kind: str) -> Plane:
-    """A decoded 2-D image as a plane: one channel, z plane and time point."""
-    choice = _choose(url, {}, [], selection, time_point, kind)
+    """A decoded image as a plane: a 2-D one has one channel, z plane and time point; a colour one
+    (H, W, 3: `cellseg.io.decode_colour_image`) its red, green and blue samples as channels 0-2."""
+    channels = image.shape[2] if image.ndim == 3 else 1
+    choice = _choose(url, {"C": channels}, [], selection, time_point, kind)
+    if image.ndim == 3:
+        return Plane(image.shape[:2], image.dtype, None, choice.record,
+                     lambda rows, columns: image[rows, columns, choice.channel])
     return Plane(image.shape, image.dtype, None, choice.record, lambda rows, columns: image[rows, columns])
 
 

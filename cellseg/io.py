@@ -255,6 +255,24 @@ def decode_image(
     return _decoded(data, name, max_pixels, warnings, colours_apart=False).pixels
 
 
+def decode_colour_image(
+    data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, warnings: list[str] | None = None
+) -> np.ndarray:
+    """Decode as `decode_image` does, except that a colour PNG or JPEG (RGB(A), palette, CMYK,
+    YCbCr) keeps its red, green and blue samples apart: (H, W, 3) uint8, for a choice of channel
+    (`cellseg.formats`); a TIFF or grayscale file is (H, W) as `decode_image` gives it."""
+    return _decoded(data, name, max_pixels, warnings, colours_apart=False, keep_colour=True).pixels
+
+
+def read_colour_image(
+    url: str, storage_options: StorageOptions = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+    warnings: list[str] | None = None,
+) -> np.ndarray:
+    """`read_image`, decoded by `decode_colour_image`."""
+    max_bytes = max_pixels * MAX_BYTES_PER_PIXEL + MAX_EXTRA_FILE_BYTES
+    return decode_colour_image(read_bytes(url, storage_options, max_bytes), url, max_pixels, warnings)
+
+
 @dataclass(frozen=True)
 class DecodedMask:
     """A mask or label file's pixels (H, W), and whether they are its colours, each one number."""
@@ -275,7 +293,7 @@ def decode_mask(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) ->
 
 
 def _decoded(data: bytes, name: str, max_pixels: int, warnings: list[str] | None, colours_apart: bool,
-             ) -> DecodedMask:
+             keep_colour: bool = False) -> DecodedMask:
     if not data:
         raise ImageReadError(f"'{name}': file is empty (0 bytes)")
     notes: list[str] = []
@@ -284,9 +302,10 @@ def _decoded(data: bytes, name: str, max_pixels: int, warnings: list[str] | None
         found = _decode_tiff(data, name, max_pixels, notes, colours_apart)
     else:
         plain = _decode_plain_png(data, name, max_pixels)
-        found = _decode_with_pillow(data, name, max_pixels, notes, colours_apart) if plain is None else plain
+        found = _decode_with_pillow(data, name, max_pixels, notes, colours_apart, keep_colour) if plain is None \
+            else plain
     array = found.packed if isinstance(found, _Colours) else found
-    if array.ndim != 2 or min(array.shape) < 1:
+    if array.ndim != (3 if keep_colour and array.ndim == 3 else 2) or min(array.shape) < 1:
         raise ImageReadError(f"'{name}': expected a 2-D grayscale image, got shape {array.shape}")
     if array.dtype.kind == "f":
         not_finite = array.size - int(np.count_nonzero(np.isfinite(array)))
@@ -447,14 +466,16 @@ def _decode_plain_png(data: bytes, name: str, max_pixels: int) -> np.ndarray | N
 
 
 def _decode_with_pillow(data: bytes, name: str, max_pixels: int, notes: list[str], colours_apart: bool = False,
-                        ) -> np.ndarray | _Colours:
+                        keep_colour: bool = False) -> np.ndarray | _Colours:
     decoded: np.ndarray | _Colours
     try:
         with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as opened:
             _check_pixel_limit(name, opened.width * opened.height, max_pixels)
             frames = int(getattr(opened, "n_frames", 1))
             opened.load()
-            if colours_apart and opened.mode in COLOUR_MODES:
+            if keep_colour and opened.mode in COLOUR_MODES:
+                decoded = np.asarray(opened.convert("RGB"))
+            elif colours_apart and opened.mode in COLOUR_MODES:
                 decoded = _colour_or_luma(np.asarray(opened.convert("RGB")), colours_apart=True)
             else:
                 to_gray = opened.mode in (*COLOUR_MODES, "LA", "1")

@@ -11,6 +11,7 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 
 from cellseg.io import StorageOptions, filesystem, write_bytes, write_file_atomic
+from cellseg.plates import same_columns
 from cellseg.store_checks import enclosing_zarr_store
 
 
@@ -22,12 +23,14 @@ def write_table(rows: Iterable[dict[str, Any]], url: str, table_format: str = "c
                 storage_options: StorageOptions = None, overwrite: bool = False) -> int:
     """Write `rows` to `url` as `table_format` ('csv' or 'parquet'); returns the number of rows.
 
-    Columns are the keys of the first row, in order. Parquet needs pyarrow (the `tables` extra).
+    Columns are every key any row has, in the order they first appear; a row without one (the
+    cells of an image without a pixel size beside others' `area_um2`) leaves it empty. Parquet
+    needs pyarrow (the `tables` extra).
     The target is checked before `rows` is read (`check_output_file`); a local file is written
     whole or not at all, a device or pipe (/dev/stdout) is written into.
     """
     check_output_file(url, overwrite, storage_options)
-    rows = list(rows)
+    rows = same_columns(list(rows))
     columns = list(rows[0]) if rows else ["image_id"]
     if table_format == "csv":
         text = io.StringIO()

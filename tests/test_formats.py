@@ -110,6 +110,74 @@ def test_the_pixel_size_lands_in_the_ngff_scale_and_the_cell_table(segmented):
     assert row["total_cell_area_um2"] == pytest.approx(row["total_cell_area"] * PIXEL_UM**2)
 
 
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_a_channel_of_a_colour_png_or_jpeg_is_its_red_green_or_blue(tmp_path, synthetic_dataset, predictor, suffix):
+    """A Fiji RGB composite with the nuclei in blue: without a choice it is luma (blue weighs 11%,
+    the other stains the rest), and --channel, which picks a colour of an RGB TIFF, was refused
+    for a PNG or JPEG as having one channel."""
+    from PIL import Image
+
+    nuclei = (read_image(str(synthetic_dataset / "images" / "synth_0000.png"))).astype(np.uint8)
+    composite = np.stack([_noise(nuclei, 1) // 128, _noise(nuclei, 2) // 128, nuclei], axis=-1).astype(np.uint8)
+    Image.fromarray(composite).save(tmp_path / f"composite{suffix}", quality=100)
+    Image.fromarray(nuclei).save(tmp_path / "nuclei.png")
+    url = str(tmp_path / f"composite{suffix}")
+
+    blue, record = read_source(url, SelectionConfig(channel=2))
+    assert blue.shape == nuclei.shape and record["selection"]["channel"] == 2
+    assert record["selection"]["sizes"] == {"T": 1, "C": 3, "Z": 1}
+    if suffix == ".png":
+        assert np.array_equal(blue, nuclei) and np.array_equal(read_source(url, SelectionConfig(channel=0))[0],
+                                                               composite[..., 0])
+    assert np.array_equal(read_source(url, SelectionConfig())[0], read_image(url))  # no choice: luma, as before
+    with pytest.raises(ImageReadError, match=r"channel 3 is out of range; its channels are 0 '0', 1 '1', 2 '2'"):
+        read_source(url, SelectionConfig(channel=3))
+    with pytest.raises(ImageReadError, match=r"channel 1 is out of range; its channels are 0 '0'$"):
+        read_source(str(tmp_path / "nuclei.png"), SelectionConfig(channel=1))  # a grey PNG keeps its one channel
+
+    chosen = Predictor(predictor.checkpoint, predictor.config.model_copy(update={"selection": SelectionConfig(channel=2)}))
+    stores = {name: ResultStore.open(str(tmp_path / f"{name}.zarr")) for name in ("composite", "nuclei")}
+    for name, (store, model) in {"composite": (stores["composite"], chosen), "nuclei": (stores["nuclei"], predictor)}.items():
+        source = url if name == "composite" else str(tmp_path / "nuclei.png")
+        report = segment_images([("cells", source)], store, model, model_record(model, "tiny"))
+        assert report.done == ["cells"], report.failed
+    cells = stores["composite"].read_cells("cells")
+    if suffix == ".png":
+        assert cells.max() > 3 and np.array_equal(cells, stores["nuclei"].read_cells("cells"))
+    else:  # JPEG's blue is the nuclei within its rounding
+        assert abs(int(cells.max()) - int(stores["nuclei"].read_cells("cells").max())) <= 1
+
+def test_a_cell_table_of_images_with_and_without_a_pixel_size_keeps_every_column(tmp_path, synthetic_dataset,
+                                                                                   predictor):
+    """Only the cells of an image with a pixel size have area_um2: the table's columns used to be
+    the first row's, so CSV refused the others' rows and Parquet dropped area_um2 for all."""
+    import csv
+
+    from cellseg.tables import write_table
+
+    nuclei = _nuclei(synthetic_dataset)
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "a_plain.tif", nuclei)
+    write_ome_tiff(tmp_path / "in" / "b_sized.ome.tif", nuclei[None, None, None], ["DAPI"], PIXEL_UM)
+    store = ResultStore.open(str(tmp_path / "r.zarr"))
+    sources = list_sources(str(tmp_path / "in"), SelectionConfig())
+    report = segment_images([(Path(url).name.split(".")[0], url) for url in sources], store, predictor,
+                            model_record(predictor, "tiny"))
+    assert sorted(report.done) == ["a_plain", "b_sized"], report.failed
+    count = write_table(store.cell_rows(), str(tmp_path / "cells.csv"))
+    with open(tmp_path / "cells.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert count == len(rows) > 6 and "area_um2" in rows[0]
+    sized = [row for row in rows if row["image_id"] == "b_sized"]
+    assert sized and all(float(row["area_um2"]) == pytest.approx(float(row["area"]) * PIXEL_UM**2) for row in sized)
+    assert all(row["area_um2"] == "" for row in rows if row["image_id"] == "a_plain")
+    parquet = pytest.importorskip("pyarrow.parquet")
+    write_table(store.cell_rows(), str(tmp_path / "cells.parquet"), "parquet")
+    table = parquet.read_table(tmp_path / "cells.parquet").to_pylist()
+    assert [row["area_um2"] is None for row in table] == [row["image_id"] == "a_plain" for row in table]
+
 def test_z_max_projects_and_z_index_picks_a_plane(tmp_path, synthetic_dataset):
     nuclei = _nuclei(synthetic_dataset)
     left, right = nuclei.copy(), nuclei.copy()
@@ -334,3 +402,68 @@ def test_selection_flags_fill_the_predict_config(tmp_path):
     index = _settings(build_parser().parse_args(["predict", "--images", "in", "--out", "o.zarr", "--channel", "1"]))
     assert index.predict.selection.channel == 1
     assert json.loads(PredictConfig(selection={"z": 3}).model_dump_json())["selection"] == {"channel": None, "z": 3, "t": None}
+
+
+def test_a_plane_without_a_pixel_size_records_both_sizes_as_null(tmp_path, synthetic_dataset):
+    url = str(tmp_path / "plain.tif")
+    tifffile.imwrite(url, _nuclei(synthetic_dataset))
+    _, source = read_source(url, SelectionConfig(channel=0))
+    assert source["pixel_size_um"] is None and source["pixel_size_yx_um"] is None
+    _, source = read_source(write_ome_tiff(tmp_path / "a.ome.tif", np.zeros((1, 1, 1, 8, 8), np.uint16)), SelectionConfig())
+    assert source["pixel_size_um"] == PIXEL_UM and source["pixel_size_yx_um"] == [PIXEL_UM, PIXEL_UM]
+
+
+@pytest.mark.parametrize(("size", "unit"), [(0.5, "µm"), (0.5, "\u03bcm"), (500, "nm"), (5000, "\u212b"), (0.5, "micron")])
+def test_ome_tiff_pixel_sizes_are_read_in_micrometres_whatever_the_unit_is_spelt(tmp_path, size, unit):
+    url = str(tmp_path / "a.ome.tif")
+    tifffile.imwrite(url, np.zeros((8, 8), np.uint16), ome=True, metadata={
+        "axes": "YX", "PhysicalSizeX": size, "PhysicalSizeY": size, "PhysicalSizeXUnit": unit, "PhysicalSizeYUnit": unit})
+    _, source = read_source(url, SelectionConfig())
+    assert source["pixel_size_um"] == pytest.approx(0.5) and source["pixel_size_yx_um"] == pytest.approx([0.5, 0.5])
+
+
+def test_an_ome_tiff_pixel_size_in_an_unknown_unit_is_left_out_with_a_warning(tmp_path, caplog):
+    url = str(tmp_path / "a.ome.tif")
+    tifffile.imwrite(url, np.zeros((8, 8), np.uint16), ome=True, metadata={
+        "axes": "YX", "PhysicalSizeX": 2, "PhysicalSizeY": 2, "PhysicalSizeXUnit": "pixel", "PhysicalSizeYUnit": "pixel"})
+    _, source = read_source(url, SelectionConfig())
+    assert source["pixel_size_um"] is None
+    assert "PhysicalSizeY is in 'pixel', not a unit of length cellseg knows: no pixel size" in caplog.text
+
+
+def _write_imagej_hyperstack(path: Path, nuclei: np.ndarray) -> tuple[str, np.ndarray]:
+    """A Fiji-style ZCYX hyperstack, 3 z planes of 2 channels (noise, then nuclei brighter with z),
+    calibrated at 0.25 x 0.2 µm (y x) with the unit written as ImageJ writes µ."""
+    stack = np.stack([np.stack([_noise(nuclei, z), nuclei // (3 - z)]) for z in range(3)])
+    tifffile.imwrite(path, stack, imagej=True, resolution=(1 / 0.2, 1 / 0.25),
+                     metadata={"axes": "ZCYX", "unit": "\\u00B5m"})
+    return str(path), stack
+
+
+def test_an_imagej_hyperstack_without_a_choice_is_refused_not_read_as_its_first_page(tmp_path, synthetic_dataset):
+    url, stack = _write_imagej_hyperstack(tmp_path / "fiji.tif", _nuclei(synthetic_dataset))
+    with pytest.raises(ImageReadError) as raised:
+        read_source(url, SelectionConfig())  # page 0 is channel 0 (noise) of z 0
+    assert str(raised.value) == f"'{url}' has 2 channels (0 '0', 1 '1'): choose one with --channel INDEX or NAME"
+    image, source = read_source(url, SelectionConfig(channel=1, z="max"))
+    assert np.array_equal(image, stack[:, 1].max(axis=0))
+    assert source["selection"]["sizes"] == {"T": 1, "C": 2, "Z": 3}
+    assert source["pixel_size_yx_um"] == pytest.approx([0.25, 0.2])
+    assert source["pixel_size_um"] == pytest.approx(np.sqrt(0.25 * 0.2))
+
+
+def test_an_imagej_time_series_without_a_choice_is_refused(tmp_path):
+    url = str(tmp_path / "movie.tif")
+    tifffile.imwrite(url, np.zeros((3, 8, 8), np.uint16), imagej=True, metadata={"axes": "TYX"})
+    with pytest.raises(ImageReadError, match=r"has 3 time points: choose one with --t 0\.\.2 or every one with --t all$"):
+        read_source(url, SelectionConfig())
+
+
+def test_a_channel_on_a_plain_stack_says_its_pages_are_z_planes(tmp_path, synthetic_dataset):
+    nuclei = _nuclei(synthetic_dataset)
+    url = _write_plain_stack(tmp_path / "two.tif", np.stack([_noise(nuclei, 1), nuclei]), "tifffile")
+    with pytest.raises(ImageReadError) as raised:
+        read_source(url, SelectionConfig(channel=1))
+    assert str(raised.value) == (f"'{url}': no channel 1: it has no channel axis, and its 2 pages are read as z planes "
+                                 "(--z 0..1 picks one, --z max projects them)")
+    assert np.array_equal(read_source(url, SelectionConfig(z=1))[0], nuclei)
