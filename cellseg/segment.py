@@ -50,8 +50,10 @@ class SegmentReport:
     warnings: list[dict[str, str]] = field(default_factory=list)  # {image_id, source_url, warning} of done images
     seconds: float = 0.0
     pixels: int = 0
-    # CPU seconds this process's threads spent per stage (CPU_STAGES): where an image's time goes.
+    # CPU seconds this process's threads spent per stage (CPU_STAGES): where an image's time goes,
+    # over the `cpu_images` done images they were counted for (not those segmented block by block).
     cpu_seconds: dict[str, float] = field(default_factory=dict)
+    cpu_images: int = 0
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -62,7 +64,7 @@ class SegmentReport:
             "seconds": round(self.seconds, 2),
             "images_per_second": round(len(self.done) / self.seconds, 3) if self.seconds else None,
             "megapixels_per_second": round(self.pixels / 1e6 / self.seconds, 3) if self.seconds else None,
-            "cpu_ms_per_image": cpu_ms_per_image(self.cpu_seconds, len(self.done)),
+            "cpu_ms_per_image": cpu_ms_per_image(self.cpu_seconds, self.cpu_images),
         }
 
     def add_cpu(self, seconds: Mapping[str, float]) -> None:
@@ -80,6 +82,7 @@ class SegmentReport:
             total.warnings += report.warnings
             total.pixels += report.pixels
             total.add_cpu(report.cpu_seconds)
+            total.cpu_images += report.cpu_images
         return total
 
 
@@ -249,6 +252,7 @@ def segment_images(
             report.skipped.append(image_id)
         elif error is None:
             report.done.append(image_id)
+            report.cpu_images += 1
             report.pixels += pixels
         else:
             report.failed.append({"image_id": image_id, "source_url": redact_url(url), "error": error})

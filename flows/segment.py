@@ -149,7 +149,7 @@ def segment_large_image(job: SegmentJob, image_id: str, url: str, gpu: bool = Fa
 def _shard_result(report: SegmentReport) -> dict[str, Any]:
     return {"done": len(report.done), "skipped": len(report.skipped), "failed": report.failed,
             "warnings": report.warnings, "seconds": report.seconds, "pixels": report.pixels,
-            "cpu_seconds": report.cpu_seconds}
+            "cpu_seconds": report.cpu_seconds, "cpu_images": report.cpu_images}
 
 
 @task(name="draw-montage")
@@ -299,7 +299,7 @@ def _summarise(results: list[dict[str, Any]], plan: SegmentPlan, seconds: float,
         "seconds": round(seconds, 2),
         "images_per_second": round(done / seconds, 3) if seconds else None,
         "megapixels_per_second": round(pixels / 1e6 / seconds, 3) if seconds else None,
-        "cpu_ms_per_image": cpu_ms_per_image(cpu_seconds, done),
+        "cpu_ms_per_image": cpu_ms_per_image(cpu_seconds, sum(result.get("cpu_images", 0) for result in results)),
     }
 
 

@@ -334,6 +334,10 @@ def test_an_image_segmented_block_by_block_shows_its_blocks_on_a_terminal(tmp_pa
     assert "big: predict:   0%" in shown and "big: measure:   0%" in shown and shown.count("0/6 [") == 2
     assert "big.tif': 6 blocks predicted," in shown and "cells after stitching" in shown  # also in a piped log
     assert ResultStore.open(str(tmp_path / "r.zarr"), mode="r").record("big")["blocks"]["count"] == 6
+    # Block-wise steps count no CPU per image: the summary used to say "model 0 ms, labels 0 ms, ...".
+    piped = cellseg("predict", "--model", str(tiny_checkpoint), "--images", str(tmp_path / "in"),
+                    "--out", str(tmp_path / "piped.zarr"), *blockwise)
+    assert "segmented 1," in piped.stdout and "CPU per image" not in piped.stdout
 
 
 def test_training_shows_an_epoch_progress_bar_on_a_terminal_only(tmp_path):
