@@ -67,6 +67,12 @@ from cellseg.redact import redact_url
 from cellseg.scale import prediction_factor
 from cellseg.stats import label_areas
 from cellseg.stitch import (
+    EMPTY,
+    FINAL_CHUNK,
+    MEASURED,
+    PREDICTED,
+    SCRATCH_LAYOUT,
+    TODO,
     BlockGrid,
     Box,
     halve,
@@ -75,6 +81,7 @@ from cellseg.stitch import (
     pack_edges,
     pack_ring,
     pyramid_shapes,
+    scratch_chunks,
     seam_pairs,
     unpack_ring,
     written_labels,
@@ -91,14 +98,11 @@ from cellseg.store import (
     TABLE_CHUNK_ROWS,
     ResultStore,
 )
-from cellseg.store_checks import StoreError
-from cellseg.zarr_writes import read_region, write_region
+from cellseg.store_checks import StoreError, describe
+from cellseg.zarr_writes import missing_chunks, read_region, write_region
 
 logger = logging.getLogger(__name__)
 
-TODO, PREDICTED, EMPTY, MEASURED = 0, 1, 2, 3  # a block's stage, column 0 of the scratch `state`
-# The scratch's arrays, in the plan: a run left by a cellseg with other ones starts over (2: `edges`).
-SCRATCH_LAYOUT = 2
 SAMPLE_PIXELS = 1 << 24  # pixels sampled for the percentiles of images without a histogram (not 8/16-bit)
 SUM_COLUMNS = ("label", "area", "intensity_integrated")  # what is kept of each cell without measure_cells
 
@@ -335,8 +339,13 @@ def prepare_image(store: ResultStore, image_id: str, url: str, source: Source, p
     found, group = _planned(store, image_id)
     if group is not None and found == PLANNED:
         if group.attrs["plan"] == plan:
-            return _taken_up(Scratch(store, image_id, group, dict(group.attrs)))
-        if (idle := _idle_seconds(store, image_id)) < ACTIVE_WAIT:
+            scratch = Scratch(store, image_id, group, dict(group.attrs))
+            if not (damage := scratch_damage(scratch)):
+                return _taken_up(scratch)
+            logger.warning("'%s': the blocks an earlier run left are damaged (%s); segmenting it from the start",
+                           redact_url(url), "; ".join(damage))
+            found = DAMAGED
+        elif (idle := _idle_seconds(store, image_id)) < ACTIVE_WAIT:
             raise _busy(url, idle)
     if found in (PLANNED, DAMAGED):  # another plan left by a stopped run, or one whose metadata cannot be read
         del store.root[f"{image_id}/blocks"]
@@ -434,6 +443,21 @@ def _planned(store: ResultStore, image_id: str) -> tuple[str, zarr.Group | None]
     if not isinstance(group, zarr.Group):
         return DAMAGED, None
     return (PLANNED if "plan" in group.attrs else PLANNING), group
+
+
+def scratch_damage(scratch: Scratch) -> list[str]:
+    """What makes a plan's scratch unusable for a rerun ([] when nothing): its state unreadable, or a
+    chunk its blocks' progress says was written not stored (`stitch.scratch_chunks`), which would
+    read as zeros: a block's cells lost, a run failing on it every time. One listing per array."""
+    path = f"{scratch.image_id}/blocks"
+    try:
+        expected = scratch_chunks(scratch.grid, scratch.state(), min(CHUNK_SIDE, scratch.grid.block),
+                                  scratch.attrs.get("stitch"))
+        missing = {name: missing_chunks(scratch.array(name), indices) for name, indices in expected.items()}
+    except (KeyError, TypeError, ValueError, *METADATA_ERRORS, *CHUNK_ERRORS) as error:
+        return [f"its block-wise scratch '{path}' cannot be read ({describe(error)})"]
+    return [f"its block-wise scratch '{path}/{name}' is missing {len(lost)} of the {len(expected[name])} chunks "
+            "its blocks wrote" for name, lost in missing.items() if lost]
 
 
 def _taken_up(scratch: Scratch) -> tuple[int, list[int]]:
@@ -672,7 +696,7 @@ def stitch_image(store: ResultStore, image_id: str) -> dict[str, Any]:
     firsts = np.cumsum(first_of_cell)  # cells numbered up to each label
     owned = [int(firsts[offsets[b + 1]] - firsts[offsets[b]]) for b in range(grid.count)]
     starts = [int(firsts[offsets[b]]) + 1 for b in range(grid.count)]
-    store.blank_array(f"{image_id}/blocks/final", lookup.shape, np.int64, (min(len(lookup), 1 << 20),), every_chunk=False,
+    store.blank_array(f"{image_id}/blocks/final", lookup.shape, np.int64, (min(len(lookup), FINAL_CHUNK),), every_chunk=False,
                       dimension_names=("label",))[...] = lookup
     rows = max([*owned, 1])
     columns = CELL_COLUMNS if scratch.config.measure_cells else SUM_COLUMNS
@@ -962,10 +986,15 @@ def segment_blockwise(store: ResultStore, image_id: str, url: str, open_source: 
 
     def each_block(pool: ThreadPoolExecutor, name: str, indices: Sequence[int], step: Callable[..., str], *args: Any) -> None:
         futures = [pool.submit(per_block, step, index, *args) for index in indices]
-        for done, future in enumerate(as_completed(futures), start=1):
-            future.result()
-            if on_block is not None:
-                on_block(image_id, name, done, len(futures))
+        try:
+            for done, future in enumerate(as_completed(futures), start=1):
+                future.result()
+                if on_block is not None:
+                    on_block(image_id, name, done, len(futures))
+        except BaseException:  # Ctrl-C or a failed block: stop at the blocks under way, the rest are a rerun's
+            for future in futures:
+                future.cancel()
+            raise
 
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:

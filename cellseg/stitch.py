@@ -4,14 +4,19 @@ cell, and halving a region for the pyramid. Arrays in, arrays out; no I/O."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 Box = tuple[int, int, int, int]  # (top, bottom, left, right): rows [top, bottom), columns [left, right)
 SIDES = 4  # the strips of a ring: top, bottom, left, right
 MIN_JOIN_IOU = 0.5  # labels of two blocks are one cell when they overlap at least this much in the ring
+# The scratch's arrays, in the plan: a run left by a cellseg with other ones starts over (2: `edges`).
+SCRATCH_LAYOUT = 2
+TODO, PREDICTED, EMPTY, MEASURED = 0, 1, 2, 3  # a block's stage, column 0 of the scratch `state` (cellseg.blocks)
+FINAL_CHUNK = 1 << 20  # labels per chunk of the scratch `final`, the stitch's lookup
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,31 @@ class BlockGrid:
         """Shape of one block's edge bands as stored: (SIDES, overlap, block), the left and right
         bands transposed."""
         return SIDES, self.overlap, self.block
+
+
+def scratch_chunks(grid: BlockGrid, state: np.ndarray, chunk: int, stitched: Mapping[str, Any] | None
+                   ) -> dict[str, list[tuple[int, ...]]]:
+    """The chunks of each scratch array of `cellseg.blocks` (by name) that the blocks' recorded
+    progress says are stored, each as its index: every block past TODO and not EMPTY wrote its
+    core's `labels` (chunks of `chunk`), its `ring` and its `edges`; once `stitched` (the stitch's
+    record), the lookup `final` is whole and a MEASURED block owning cells wrote its `table` rows.
+    Zarr reads a chunk that is not stored as zeros, so a lost one would silently drop cells."""
+    stages = state[:, 0]
+    written = np.flatnonzero(np.isin(stages, (PREDICTED, MEASURED)))
+    labels: dict[tuple[int, ...], None] = {}
+    for index in written.tolist():
+        top, bottom, left, right = grid.core(index)
+        labels.update(dict.fromkeys((row, col) for row in range(top // chunk, -(-bottom // chunk))
+                                    for col in range(left // chunk, -(-right // chunk))))
+    expected: dict[str, list[tuple[int, ...]]] = {
+        "labels": list(labels), "ring": [(index, 0, 0, 0) for index in written.tolist()],
+        "edges": [(index, 0, 0, 0) for index in written.tolist()]}
+    if stitched is not None:
+        size = int(stitched["offsets"][-1]) + 1  # the lookup's length: every block-local label, and 0
+        expected["final"] = [(index,) for index in range(-(-size // min(size, FINAL_CHUNK)))] if size > 1 else []
+        owned = np.asarray(stitched["owned"])
+        expected["table"] = [(index, 0) for index in np.flatnonzero((stages == MEASURED) & (owned > 0)).tolist()]
+    return expected
 
 
 def pack_ring(grid: BlockGrid, index: int, labels: np.ndarray, window: Box) -> np.ndarray:

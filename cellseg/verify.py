@@ -8,7 +8,9 @@ image's pyramid levels 1.. of its image copy, mask and cell labels (`cellseg.blo
 level 0 is, each of the shape that halving gives. Only metadata is read and chunk keys listed,
 unless `read_data` decodes every chunk too. Repairing marks each broken image not done (a failure
 "damaged: …", replacing metadata that cannot be read) so that the next `predict` or `segment-images`
-run segments it again; nothing of a healthy image is touched, and no array is deleted.
+run segments it again; nothing of a healthy image is touched, and no array is deleted but the damaged
+block-wise scratch of an unfinished image (checked for the chunks its blocks wrote), which the next
+run then plans afresh.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ from typing import Any
 import numpy as np
 import zarr
 
+from cellseg.config import BlockConfig
 from cellseg.io import StorageOptions
-from cellseg.stitch import pyramid_shapes
+from cellseg.stitch import SCRATCH_LAYOUT, BlockGrid, pyramid_shapes, scratch_chunks
 from cellseg.store import (
     ARRAYS,
     CELL_TABLE,
     CELLS_PATH,
     CHUNK_ERRORS,
+    CHUNK_SIDE,
     IMAGE_PATH,
     MASK_PATH,
     METADATA_ERRORS,
@@ -36,6 +40,7 @@ from cellseg.store import (
     repair_store_metadata,
 )
 from cellseg.store_checks import DONE, DamagedImage, DamagedStore, describe
+from cellseg.zarr_writes import missing_chunks, read_region
 
 STATUSES = (DONE, "failed", "writing")
 STORE_METADATA = "zarr.json"  # the `image_id` of damage to the store's own metadata
@@ -49,6 +54,7 @@ class Damage:
 
     image_id: str
     problem: str
+    scratch: bool = False  # the damage is in an unfinished image's block-wise scratch, which repair deletes
 
 
 @dataclass
@@ -85,7 +91,8 @@ def verify_store(
         problems = [problem] if problem is not None else image_problems(store, image_id, record or {}, read_data)
         report.checked += 1
         if problems:
-            report.broken.append(Damage(image_id, "; ".join(problems)))
+            unfinished = problem is None and (record or {}).get("status") != DONE
+            report.broken.append(Damage(image_id, "; ".join(dict.fromkeys(problems)), scratch=unfinished))
         if on_image:
             on_image(image_id)
     report.broken += [Damage(name, f"'{name}/zarr.json' is missing") for name in store.orphans()]
@@ -93,6 +100,8 @@ def verify_store(
         for damage in report.broken:
             if damage.image_id != STORE_METADATA:
                 store.mark_damaged(damage.image_id, damage.problem)
+            if damage.scratch:  # the next run plans the image afresh instead of failing on the blocks left
+                del store.root[f"{damage.image_id}/blocks"]
         report.repaired = True
     return report
 
@@ -103,13 +112,20 @@ def image_problems(store: ResultStore, image_id: str, record: dict[str, Any], re
     if status is not None and status not in STATUSES:
         return [f"its status {status!r} is none of {', '.join(STATUSES)}"]
     if status != DONE:
-        return []  # not finished: the next run segments it anyway
+        return _scratch_problems(store, image_id, read_data)  # the next run segments it, from the blocks left
     problems = [f"its statistic {key!r} is {value!r}, not a finite number"
                 for key, value in record["statistics"].items() if not _finite_or_none(value)]
+    count = record["statistics"].get("cell_count")
+    if not (isinstance(count, int) and not isinstance(count, bool) and count >= 0):
+        problems.append(f"its statistic 'cell_count' is {count!r}, not a count of cells")
     shape = tuple(record["shape"])
     shapes, levels_problem = _level_shapes(record)
     problems += [levels_problem] if levels_problem else []
-    for path in record.get("arrays", ARRAYS):
+    listed = list(record.get("arrays", ARRAYS))
+    if MASK_PATH not in listed:  # every result has its mask; reads look for it whatever `arrays` says
+        problems.append(f"its record's 'arrays' {listed!r} do not list its mask '{MASK_PATH}'")
+        listed.append(MASK_PATH)
+    for path in listed:
         if path not in ARRAYS:
             problems.append(f"its record names an array '{path}' that no cellseg image has")
             continue
@@ -128,6 +144,36 @@ def image_problems(store: ResultStore, image_id: str, record: dict[str, Any], re
         if path in PYRAMIDS and len(shapes) > 1:
             level_dtype = ARRAYS[path][1] or (array.dtype if array is not None else None)
             problems += _level_problems(store, image_id, path, shapes, level_dtype, read_data)
+    return problems
+
+
+def _scratch_problems(store: ResultStore, image_id: str, read_data: bool) -> list[str]:
+    """What is wrong with the block-wise scratch an unfinished image holds (`cellseg.blocks`), which
+    the next run would take up: its metadata or state unreadable, a chunk its blocks' progress says
+    was written not stored (it would read as zeros: `stitch.scratch_chunks`), and with `read_data` a
+    chunk that cannot be decoded. [] without a scratch, for one being planned, and for an older
+    cellseg's, which the next run starts over."""
+    path = f"{image_id}/blocks"
+    try:
+        group = store.root.get(path)
+        if not isinstance(group, zarr.Group):
+            return []
+        attributes: dict[str, Any] = dict(group.attrs)
+        plan = attributes.get("plan")
+        if not isinstance(plan, dict) or plan.get("scratch") != SCRATCH_LAYOUT:
+            return []
+        blocks = BlockConfig.model_validate(attributes["predict"]["blocks"])
+        grid = BlockGrid((int(plan["shape"][0]), int(plan["shape"][1])), blocks.block_size, blocks.overlap)
+        arrays = dict(group.arrays())
+        state = read_region(arrays["state"], (0, 0), arrays["state"].shape)
+        expected = scratch_chunks(grid, state, min(CHUNK_SIDE, grid.block), attributes.get("stitch"))
+        problems = [f"its block-wise scratch '{path}/{name}' is missing {len(lost)} of the {len(indices)} chunks its "
+                    f"blocks wrote" for name, indices in expected.items() if (lost := missing_chunks(arrays[name], indices))]
+    except (KeyError, TypeError, ValueError, *METADATA_ERRORS, *CHUNK_ERRORS) as error:
+        return [f"its block-wise scratch '{path}' cannot be read ({describe(error)})"]
+    if read_data:
+        problems += [f"its block-wise scratch '{path}/{name}' has a chunk {undecodable}"
+                     for name, array in sorted(arrays.items()) if (undecodable := _undecodable_chunk(array))]
     return problems
 
 

@@ -304,6 +304,22 @@ def read_region(array: zarr.Array, start: Sequence[int], shape: Sequence[int]) -
     return out
 
 
+def missing_chunks(array: zarr.Array, indices: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Those of the chunks at `indices` of `array` that are not stored (zarr would read them as its
+    fill value): one listing of the array's keys."""
+    if not indices:
+        return []
+    prefix = f"{array.path}/" if array.path else ""
+
+    async def listed() -> set[str]:
+        return {key[len(prefix):] async for key in array.store.list_prefix(prefix)}
+
+    stored = sync(listed())
+    meta = array.metadata
+    assert isinstance(meta, ArrayV3Metadata)
+    return [tuple(index) for index in indices if meta.encode_chunk_key(tuple(index)) not in stored]
+
+
 def zstd_content_size(frame: bytes) -> int | None:
     """The decompressed size a zstd frame's header declares (RFC 8878, 3.1.1.1), None when it
     declares none or is not a zstd frame."""

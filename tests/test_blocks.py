@@ -517,6 +517,30 @@ def test_scratch_labels_past_the_stitched_ones_are_refused_when_measured(frozen_
     assert measure_block(store, "m", 1, image) == "measured"  # the other blocks are measured as before
 
 
+@pytest.mark.parametrize("lost", ["table", "labels"])
+def test_scratch_chunks_lost_since_a_run_stopped_make_the_rerun_start_over_not_drop_cells(blockwise_run, frozen_general,
+                                                                                          tmp_path, caplog, lost):
+    # A run stopped after measuring every block; then one chunk its blocks wrote is lost. Zarr reads it as zeros:
+    # the rerun wrote a block's table rows as zeros (cells of area 0, statistics off) or failed on the block's
+    # labels every time. It now sees the loss and segments the image from the start.
+    image, _, reference, _ = blockwise_run
+    predictor = load_predictor(ModelSource("", checkpoint_url=str(frozen_general)), BLOCKWISE)
+    store = ResultStore.open(str(tmp_path / "r.zarr"))
+    _, todo = prepare_image(store, "mosaic", "mosaic", image, predictor)
+    for index in todo:
+        predict_block(store, "mosaic", index, image, predictor)
+    stitch_image(store, "mosaic")
+    for index in todo:
+        measure_block(store, "mosaic", index, image)
+    (tmp_path / "r.zarr/mosaic/blocks" / lost / ("c.5.0" if lost == "table" else "c.1.1")).unlink()
+    with caplog.at_level(logging.WARNING, logger="cellseg"):
+        record = segment_blockwise(store, "mosaic", "mosaic", lambda: image, predictor, {"version": "x"}, workers=2)
+    assert record["statistics"] == reference.record("mosaic")["statistics"]
+    np.testing.assert_array_equal(store.read_cells("mosaic"), reference.read_cells("mosaic"))
+    np.testing.assert_array_equal(store.read_cell_table("mosaic")[1], reference.read_cell_table("mosaic")[1])
+    assert f"'mosaic/blocks/{lost}' is missing 1 of the" in caplog.text and record["blocks"]["resumed"] == 0
+
+
 @pytest.mark.integration
 def test_a_large_image_is_written_block_by_block_into_an_s3_store_as_into_a_folder(s3_bucket, tmp_path):
     """The block steps write and read their chunks directly (`zarr_writes.write_region`,
@@ -611,6 +635,24 @@ def test_a_killed_run_is_rerun_redoing_only_its_unfinished_blocks(frozen_general
     again = ResultStore.open(str(tmp_path / "fresh.zarr"), mode="r")
     np.testing.assert_array_equal(store.read_cells("big"), again.read_cells("big"))
     np.testing.assert_array_equal(store.read_cell_table("big")[1], again.read_cell_table("big")[1])
+
+
+def test_ctrl_c_stops_a_blockwise_run_at_the_blocks_under_way_and_a_rerun_takes_them_up(frozen_general, tmp_path):
+    # Ctrl-C reaches the main thread while it waits for the blocks (here: as the first is heard of). It used
+    # to wait for every block already queued on the pool: the rest of the image, minutes to hours.
+    image = mosaic((SIDE, SIDE), seed=8)
+    store = ResultStore.open(str(tmp_path / "r.zarr"))
+    predictor = load_predictor(ModelSource("", checkpoint_url=str(frozen_general)), BLOCKWISE)
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        segment_blockwise(store, "big", "big.tif", lambda: image, predictor, {"version": "x"}, workers=1, on_block=interrupt)
+    predicted = int(np.count_nonzero(Scratch.open(store, "big").state()[:, 0]))
+    assert 1 <= predicted <= 2  # the block heard of, and at most the one under way
+    record = segment_blockwise(store, "big", "big.tif", lambda: image, predictor, {"version": "x"}, workers=1)
+    assert record["blocks"]["resumed"] == predicted and store.is_done("big")
 
 
 @pytest.mark.integration

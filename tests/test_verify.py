@@ -15,7 +15,7 @@ import zarr
 
 from cellseg.config import BlockConfig, PredictConfig
 from cellseg.job_config import SegmentJob
-from cellseg.jobs import run_segmentation
+from cellseg.jobs import LargeImage, run_segmentation
 from cellseg.store import CELL_TABLE, ResultStore
 from cellseg.store_checks import DamagedImage, DamagedStore, StoreError
 from cellseg.synth import encode_png, generate_sample
@@ -142,6 +142,32 @@ def test_repair_marks_only_the_broken_images_not_done_and_a_rerun_completes_them
     np.testing.assert_array_equal(repaired.read_cells("b"), repaired.read_cells("c"))
 
 
+@pytest.mark.parametrize("damage, problem", [
+    pytest.param(lambda cellseg: cellseg.update(statistics={}), "its statistic 'cell_count' is None, not a count of cells",
+                 id="statistics-removed"),
+    pytest.param(lambda cellseg: cellseg["statistics"].pop("cell_count"),
+                 "its statistic 'cell_count' is None, not a count of cells", id="cell-count-removed"),
+    pytest.param(lambda cellseg: cellseg.update(arrays=[]), "its record's 'arrays' [] do not list its mask", id="no-arrays"),
+])
+def test_a_done_record_without_its_cell_count_or_its_mask_is_damage(store, damage, problem):
+    # Both read as healthy before: a store written with --no-measure has no cell table to disagree with a lost
+    # count, and an empty 'arrays' left nothing to check (export then wrote the image's cells as none).
+    for image_id in ("a", "empty"):
+        path = Path(store.url) / image_id / "zarr.json"
+        meta = json.loads(path.read_text())
+        meta["attributes"]["cellseg"].pop("arrays") if image_id == "empty" else None  # as a result written --no-measure
+        damage(meta["attributes"]["cellseg"])
+        path.write_text(json.dumps(meta))
+    problems = _problems(verify_store(store.url))
+    assert set(problems) == {"a", "empty"} and problem in problems["a"] and problem in problems["empty"], problems
+
+
+def test_a_group_both_labels_sit_under_is_named_once(store):
+    (Path(store.url) / "a/labels/zarr.json").write_text("[]")
+    problem = _problems(verify_store(store.url))["a"]
+    assert problem.count("the metadata 'a/labels/zarr.json' cannot be read") == 1, problem
+
+
 def test_an_unreadable_store_metadata_is_rewritten_only_for_a_cellseg_store(store, tmp_path):
     _truncate(Path(store.url) / "zarr.json")
     with pytest.raises(DamagedStore, match=r"s\.zarr/zarr\.json' cannot be read.*--repair"):
@@ -254,3 +280,33 @@ def test_repair_of_a_damaged_level_and_a_rerun_rewrite_the_blockwise_image(block
     assert verify_store(str(root), read_data=True).broken == [] and store.done_ids() == {"big", "small"}
     np.testing.assert_array_equal(store.read_cells("big"), before)
     np.testing.assert_array_equal(zarr.open_array(str(root / "big/labels/cells/2"), mode="r")[...], before[::4, ::4])
+
+
+def test_damage_to_the_blocks_an_unfinished_blockwise_image_left_is_found_and_repaired(blockwise_store):
+    # A run stopped part-way leaves the image's blocks for the next run to take up. A chunk of them lost or
+    # damaged since used to pass unseen (the image is not done) and fail that run, and every later one.
+    job, root = blockwise_store
+    before = ResultStore.open(str(root), mode="r").read_cells("big")
+    url = str(Path(job.source_url) / "big.tif")
+    again_url = str(root.parent / "again.zarr")
+    rerun = job.model_copy(update={"store_url": again_url})
+    large = LargeImage(rerun, "big", url)
+    _, todo = large.prepare()
+    for index in todo[:4]:
+        large.predict(index)
+    again = root.parent / "again.zarr/big/blocks"
+    assert verify_store(again_url, read_data=True).broken == []
+    (again / "labels/c.0.1").unlink()
+    ring = again / "ring/c.2.0.0.0"
+    ring.write_bytes(ring.read_bytes()[:5])
+    assert _problems(verify_store(again_url)) == {
+        "big": "its block-wise scratch 'big/blocks/labels' is missing 1 of the 4 chunks its blocks wrote"}
+    problem = _problems(verify_store(again_url, read_data=True))["big"]
+    assert "'big/blocks/ring' has a chunk (2, 0, 0, 0) that cannot be decoded" in problem
+    report = verify_store(again_url, repair=True, read_data=True)
+    assert report.repaired and not again.exists()
+    assert ResultStore.open(again_url, mode="r").failures()[0]["error"].startswith(
+        "damaged: its block-wise scratch")
+    assert sorted(run_segmentation(rerun).done) == ["big", "small"]
+    assert verify_store(again_url, read_data=True).broken == []
+    np.testing.assert_array_equal(ResultStore.open(again_url, mode="r").read_cells("big"), before)
