@@ -95,11 +95,21 @@ def load_predictor(source: ModelSource, config: PredictConfig) -> Predictor:
 _predictor_lock = threading.Lock()
 
 
+@functools.lru_cache(maxsize=2)
+def _cached_checkpoint(source: ModelSource) -> tuple[Checkpoint, str]:
+    """The checkpoint and version `source` names, read and checked once per process: predictors of
+    other settings (a large image's blocks take their own thread count) share it."""
+    return source.load()
+
+
 @functools.lru_cache(maxsize=4)
 def _cached_predictor(source: ModelSource, config_json: str) -> Predictor:
-    predictor = load_predictor(source, PredictConfig.model_validate_json(config_json))
-    logger.info("loaded model %s (%s, %s)", predictor.model_version, predictor.device,
-                pass_precision(predictor.device, predictor.config.amp))
+    loads = _cached_checkpoint.cache_info().misses
+    checkpoint, version = _cached_checkpoint(source)
+    predictor = Predictor(checkpoint, PredictConfig.model_validate_json(config_json), version)
+    if _cached_checkpoint.cache_info().misses > loads:  # read now, not taken from an earlier predictor
+        logger.info("loaded model %s (%s, %s)", predictor.model_version, predictor.device,
+                    pass_precision(predictor.device, predictor.config.amp))
     return predictor
 
 

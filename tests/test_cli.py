@@ -338,6 +338,7 @@ def test_an_image_segmented_block_by_block_shows_its_blocks_on_a_terminal(tmp_pa
     piped = cellseg("predict", "--model", str(tiny_checkpoint), "--images", str(tmp_path / "in"),
                     "--out", str(tmp_path / "piped.zarr"), *blockwise)
     assert "segmented 1," in piped.stdout and "CPU per image" not in piped.stdout
+    assert piped.stderr.count("loaded model") == 1  # the blocks' predictor (a thread count of its own) shares it
 
 
 def test_training_shows_an_epoch_progress_bar_on_a_terminal_only(tmp_path):
