@@ -658,23 +658,26 @@ class LargeImage:
     def run(self, workers: int = 1, on_block: BlockProgress | None = None) -> SegmentReport:
         """Every step, the blocks on `workers` threads, `on_block` told of each; a failure is
         recorded (the run goes on)."""
+        started = time.monotonic()
         try:
             record = segment_blockwise(self._store(), self.image_id, self.url, plane_opener(self.url, self.job.predict),
                                        self._predictor(), self._model(), workers, on_block)
         except StoreWriteError:
             raise
         except Exception as error:  # noqa: BLE001 - a bad image is recorded as failed and the run goes on
-            return self.fail(error)
+            return self.fail(error, time.monotonic() - started)
         return self._report(record, record.get("seconds", 0.0))
 
-    def fail(self, error: BaseException) -> SegmentReport:
-        """Record the image as failed (its blocks done so far are kept for the next run)."""
+    def fail(self, error: BaseException, seconds: float = 0.0) -> SegmentReport:
+        """Record the image as failed (its blocks done so far are kept for the next run), after
+        `seconds` spent on it."""
         described = redact_text(f"{type(error).__name__}: {error}")
         logger.warning("failed to segment '%s' block by block: %s", redact_url(self.url), described)
         if not isinstance(error, ImageInUse):  # another run's: it goes on
             mark_stopped(self._store(), self.image_id)
         self._store().record_failure(self.image_id, self.url, described, self._model())
-        return SegmentReport(failed=[{"image_id": self.image_id, "source_url": redact_url(self.url), "error": described}])
+        return SegmentReport(failed=[{"image_id": self.image_id, "source_url": redact_url(self.url), "error": described}],
+                             seconds=seconds)
 
     def _report(self, record: dict[str, Any], seconds: float) -> SegmentReport:
         if not record:  # another run finished it meanwhile

@@ -323,6 +323,7 @@ def test_a_plan_with_other_settings_is_left_to_its_run_while_it_works_and_replac
     report = run_segmentation(job)
     assert [failure["image_id"] for failure in report.failed] == ["m"]
     assert "another run with other settings" in report.failed[0]["error"]
+    assert report.seconds > 0  # the time spent on the failed image (the summary said "in 0.0s")
     assert Scratch.open(store, "m").state()[todo[0], 0] == PREDICTED
     assert 0 < time.time() - float(store.root["m/blocks/active"][0]) < ACTIVE_WAIT
 
