@@ -97,6 +97,7 @@ from cellseg.store import (
     PROBABILITIES_PATH,
     TABLE_CHUNK_ROWS,
     ResultStore,
+    recorded_source,
 )
 from cellseg.store_checks import StoreError, describe
 from cellseg.zarr_writes import missing_chunks, read_region, write_region
@@ -350,7 +351,7 @@ def prepare_image(store: ResultStore, image_id: str, url: str, source: Source, p
     if found in (PLANNED, DAMAGED):  # another plan left by a stopped run, or one whose metadata cannot be read
         del store.root[f"{image_id}/blocks"]
     grid = BlockGrid((height, width), config.blocks.block_size, config.blocks.overlap)
-    store.root.require_group(image_id).attrs["cellseg"] = {"status": "writing", "source_url": redact_url(url),
+    store.root.require_group(image_id).attrs["cellseg"] = {"status": "writing", "source_url": recorded_source(url),
                                                            "blockwise": True}
     normalization = predictor.normalization
     levels, histogram = image_levels(source, grid, normalization, workers)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -103,6 +104,12 @@ def _ngff_label(name: str, source_image: bool, pixel_size_yx_um: Sequence[float]
     meta["image-label"] = {"version": NGFF_VERSION, **({"source": {"image": "../../"}} if source_image else {})}
     return meta
 
+
+
+def recorded_source(url: str) -> str:
+    """`url` as a result records it: redacted, and a local path made absolute, since a relative
+    one names nothing once read from another directory."""
+    return redact_url(url if split_protocol(url)[0] else os.path.abspath(url))
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -311,7 +318,7 @@ class ResultStore:
             if not replace:
                 return False
             # Replacing a finished result: withdraw the mark first so no reader mixes old and new.
-            existing.attrs["cellseg"] = {"status": "writing", "source_url": redact_url(source_url)}
+            existing.attrs["cellseg"] = {"status": "writing", "source_url": recorded_source(source_url)}
         arrays: list[NewArray] = []
         if image is not None:
             if image.shape != mask.shape:
@@ -348,7 +355,7 @@ class ResultStore:
                    (CELL_TABLE, cell_table))
         attributes["cellseg"] = {
             "status": DONE,
-            "source_url": redact_url(source_url),  # the store keeps no credentials (cellseg.redact)
+            "source_url": recorded_source(source_url),  # the store keeps no credentials (cellseg.redact)
             "shape": list(mask.shape),
             "model": redact(dict(model)),
             "statistics": finite_json(dict(statistics)),
@@ -462,7 +469,7 @@ class ResultStore:
         self._require_group(f"{image_id}/labels").attrs["ome"] = {"version": NGFF_VERSION, "labels": label_names}
         attributes: dict[str, Any] = {"ome": _ngff_multiscales(image_id, pixel_size, levels)} if image_stored else {}
         attributes["cellseg"] = {
-            "status": DONE, "source_url": redact_url(str(record["source_url"])), "shape": list(shape),
+            "status": DONE, "source_url": recorded_source(str(record["source_url"])), "shape": list(shape),
             "model": redact(dict(record["model"])), "statistics": finite_json(dict(record["statistics"])),
             "arrays": list(arrays), "written": _now(),
             **{key: finite_json(record[key]) for key in ("scale", "warnings", "source", "blocks") if record.get(key)},
@@ -481,7 +488,7 @@ class ResultStore:
             return
         group.attrs["cellseg"] = {
             "status": "failed",
-            "source_url": redact_url(source_url),
+            "source_url": recorded_source(source_url),
             "error": redact_text(error),
             "model": redact(dict(model)),
             "written": _now(),

@@ -72,6 +72,18 @@ def test_write_result_round_trip(store):
     assert "img_01/probabilities" not in store.root
 
 
+
+def test_a_local_source_is_recorded_by_its_absolute_path(store, tmp_path, monkeypatch):
+    """`cellseg predict --images data/` recorded 'data/a.png', which names nothing once the store
+    is read from another directory."""
+    monkeypatch.chdir(tmp_path)
+    store.write_result("a", MASK, STATS, "data/a.png", MODEL)
+    store.record_failure("b", "data/b.png", "ImageReadError: file is empty", MODEL)
+    assert store.record("a")["source_url"] == str(tmp_path / "data" / "a.png")
+    assert store.failures()[0]["source_url"] == str(tmp_path / "data" / "b.png")
+    store.write_result("c", MASK, STATS, "file:///in/c.png", MODEL)  # a URL is kept as given
+    assert store.record("c")["source_url"] == "file:///in/c.png"
+
 def test_probabilities_are_stored_as_float16(store):
     probabilities = np.array([[0.1, 0.9], [0.5, 0.25]], dtype=np.float32)
     store.write_result("p", probabilities > 0.5, STATS, "p.png", MODEL, probabilities)
