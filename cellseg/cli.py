@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from cellseg.store import ResultStore
 
 ORCHESTRATION_EXTRA = "pip install 'cellseg[orchestration]'"
+PREDICT_TABLE_ROWS = 5  # of the store's images that `predict` prints after its summary
 Run = Callable[[argparse.Namespace], int]
 
 
@@ -193,7 +194,11 @@ def _run_predict(args: argparse.Namespace) -> int:
     for warning in report.warnings:
         print(f"  warning: {warning['source_url']}: {warning['warning']}")
     written = ResultStore.open(args.out, mode="r")
-    _print_table(written.statistics()[:5])
+    statistics = written.statistics()
+    if len(statistics) > PREDICT_TABLE_ROWS:
+        print(f"the first {PREDICT_TABLE_ROWS} of the store's {len(statistics)} images "
+              f"(cellseg results {redact_url(args.out)} --limit 0 shows all):")
+    _print_table(statistics[:PREDICT_TABLE_ROWS])
     _print_damaged(written)
     return _batch_status(len(report.failed))
 

@@ -21,10 +21,11 @@ QUIET_HELP = "only warnings and errors on stderr"
 SETTING, JOB = "setting:", "job:"  # argparse dest prefixes of the two kinds of field
 PARTLY_FAILED = 3  # the exit status of a batch in which some images failed
 EXIT_STATUS_HELP = (
-    "exit status: 0 done (every image done or skipped, or nothing to do); 2 bad usage, settings or input, or "
-    "storage that cannot be used (no credentials, unreachable, timed out, denied), with one line saying which; "
-    f"{PARTLY_FAILED} some images failed: each is listed and recorded, the rest are done, and the next run tries "
-    "the failed ones again; 130 interrupted (Ctrl-C): what was written is kept"
+    "exit status: 0 done (every image done or skipped, or nothing to do); 1 verify found damaged images (not "
+    "repaired); 2 bad usage, settings or input, or storage that cannot be used (no credentials, unreachable, timed "
+    f"out, denied), with one line saying which; {PARTLY_FAILED} some images failed: each is listed and recorded, the "
+    "rest are done, and the next run tries the failed ones again (export: damaged images were left out of the "
+    "table); 130 interrupted (Ctrl-C): what was written is kept"
 )
 
 

@@ -239,8 +239,9 @@ class Registry:
             current = self.current()
             if current is None:
                 raise RegistryError(f"registry '{self.url}' has no current model: train one into it (cellseg flow "
-                                    "train-unet --registry ...), or mark a registered version current (cellseg models "
-                                    "promote VERSION)")
+                                    "train-unet --registry ...), mark a registered version current (cellseg models "
+                                    "promote VERSION), or segment with the shipped model (--model-version bundled; "
+                                    '"model_version": "bundled" in a job)')
             return current
         if not VERSION_NAME.fullmatch(version):
             raise RegistryError(f"'{version}' is not a version name of registry '{self.url}': versions are names "

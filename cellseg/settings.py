@@ -375,10 +375,41 @@ def load_settings(config_file: str | None = None, overrides: Mapping[str, Any] |
         return CellsegSettings(**dict(overrides or {}))
     except ValidationError as error:
         where = "flags, CELLSEG_* environment variables" + (f" and settings file '{path}'" if path else "")
-        raise SettingsError(f"invalid settings (from {where}): {describe_invalid(error)}") from error
+        raise SettingsError(f"invalid settings (from {where}): {describe_invalid(error)}"
+                            f"{_unknown_variables(error)}") from error
     finally:
         _file_values.reset(token)
 
+
+
+def _unknown_variables(error: ValidationError) -> str:
+    """The CELLSEG_* variables that gave fields `error` refuses as unknown, each with the nearest
+    field of its section: a typo in a nested name (CELLSEG_TRAINING__PATIENC) is then named as set."""
+    named = []
+    variables = {name.upper() for name in os.environ}
+    for item in error.errors(include_url=False):
+        names = [str(part) for part in item["loc"]]
+        variable = "CELLSEG_" + "__".join(names).upper()
+        if item["type"] != "extra_forbidden" or variable not in variables:
+            continue
+        section = _section(names[:-1])
+        close = difflib.get_close_matches(names[-1], list(section.model_fields), n=1, cutoff=0.75) if section else []
+        named.append(variable + (f" (did you mean CELLSEG_{'__'.join([*names[:-1], close[0]]).upper()}?)"
+                                 if close else ""))
+    return f"; set by environment variable {', '.join(named)}" if named else ""
+
+
+def _section(names: list[str]) -> type[BaseModel] | None:
+    """The settings model of the section `names` leads to (the settings themselves for []), None
+    where it is no model."""
+    model: type[BaseModel] = CellsegSettings
+    for name in names:
+        field = model.model_fields.get(name)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
 
 def describe_invalid(error: ValidationError) -> str:
     """A pydantic error on one line: each field, what is wrong and the value given, credentials

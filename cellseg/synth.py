@@ -144,7 +144,7 @@ def write_dataset(
     if held and not overwrite:
         names = [name for name, folder in zip(DATASET_FOLDERS, folders, strict=True) if folder in held]
         raise ValueError(f"'{redact_url(out_url)}' already holds a dataset (files in {', '.join(f'{name}/' for name in names)}); "
-                         "replace it (--overwrite) or choose another folder")
+                         "replace it (--overwrite; overwrite=True from Python) or choose another folder")
     for folder in held:
         fs.rm(folder, recursive=True)
     for folder in folders:

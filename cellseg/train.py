@@ -358,7 +358,7 @@ def train(
             break
         elapsed = time.monotonic() - started
         if budget is not None and elapsed + record["seconds"] > budget * 60:
-            stop_reason = f"time budget of {budget:g} minutes reached"
+            stop_reason = f"time budget of {budget:g} minute{'' if budget == 1 else 's'} reached"
             break
 
     if not history:

@@ -96,7 +96,7 @@ def test_synth_train_predict_evaluate_round_trip(tmp_path):
     predicted = cellseg("predict", "--model", str(tmp_path / "model/best.pt"), "--images", str(tmp_path / "new/images"),
                         "--out", store)
     assert "segmented 5, skipped 0" in predicted.stdout
-    assert "synth_0000" in predicted.stdout  # a statistics row
+    assert "synth_0000" in predicted.stdout and "the first 5 of" not in predicted.stdout  # every row: nothing left out
     precision = pass_precision(torch.device("cpu"), True)  # what a user is told the model runs in
     assert f"(cpu, {precision})" in predicted.stderr, predicted.stderr
 
@@ -319,6 +319,14 @@ def test_store_scans_segmenting_and_exports_show_progress_on_a_terminal_only(tmp
     assert "exporting" not in cellseg("export", store, "--out", str(tmp_path / "c2.csv")).stderr
     assert "reading store:" in _on_a_terminal("results", store)
 
+
+
+def test_predict_says_when_its_table_leaves_images_out(tmp_path):
+    cellseg("synth", "--out", str(tmp_path / "data"), "--count", "7", "--size", "64", "--seed", "0")
+    store = str(tmp_path / "r.zarr")
+    predicted = cellseg("predict", "--model", "general", "--images", str(tmp_path / "data/images"), "--out", store)
+    assert f"the first 5 of the store's 7 images (cellseg results {store} --limit 0 shows all):" in predicted.stdout
+    assert "synth_0004" in predicted.stdout and "synth_0005" not in predicted.stdout
 
 def test_an_image_segmented_block_by_block_shows_its_blocks_on_a_terminal(tmp_path, tiny_checkpoint):
     import numpy as np

@@ -112,6 +112,17 @@ def test_an_environment_variable_naming_no_setting_is_refused(monkeypatch, name,
     assert settings.predict.threshold == 0.9 and not settings.direct_s3_writes
 
 
+
+def test_a_misspelt_nested_environment_variable_is_named_with_the_nearest_setting(monkeypatch):
+    """The refusal named the field (training.patienc), not the variable a user has to find and fix."""
+    monkeypatch.setenv("CELLSEG_TRAINING__PATIENC", "20")
+    monkeypatch.setenv("CELLSEG_PREDICT__BLOCKS__QQQ", "1")
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    named = str(refused.value).split("; set by environment variable ")[1].split(", ")
+    assert sorted(named) == ["CELLSEG_PREDICT__BLOCKS__QQQ",
+                             "CELLSEG_TRAINING__PATIENC (did you mean CELLSEG_TRAINING__PATIENCE?)"]
+
 def test_boolean_storage_options_from_the_environment_are_booleans(monkeypatch):
     monkeypatch.setenv("CELLSEG_STORAGE__S3__ANON", "false")
     monkeypatch.setenv("CELLSEG_STORAGE__S3__USE_SSL", "True")
