@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from skimage.filters import threshold_otsu
 
+from benchmarks.output import first_paragraph
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
 from cellseg.io import list_images, read_image, read_mask
 from cellseg.metrics import MetricAccumulator, confusion_counts
@@ -113,7 +114,7 @@ def notebook_unet_scores(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--dataset", required=True, help="folder with images/ and masks/")
     parser.add_argument("--minutes", type=float, default=TrainConfig().time_budget(fine_tuning=False))
     parser.add_argument("--skip-unet", action="store_true")

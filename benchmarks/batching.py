@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.output import first_paragraph
 from cellseg.bundled import shipped_checkpoint, shipped_name
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import PredictConfig
@@ -130,7 +131,7 @@ def _same_scale(a: dict | None, b: dict | None) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--model", default="nuclei", help="a shipped model's name or a checkpoint file")
     parser.add_argument("--dataset", type=Path, default=DATA / "dsb2018", help="a folder with images/; left out when absent")
     parser.add_argument("--synthetic", type=int, default=32, help="synthetic 512x512 images of one cell size (0: none)")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.large import TILE, bench_memory_and_throughput, bench_seams, remove_results
-from benchmarks.output import show_and_save
+from benchmarks.output import first_paragraph, show_and_save
 
 
 def bench_blockwise(work: Path, side: int = 4096, block: int = 1024, model: str = "general", rounds: int = 3
@@ -63,7 +63,7 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--side", type=int, default=4096, help="side of the mosaics")
     parser.add_argument("--block", type=int, default=1024, help="side of the blocks")
     parser.add_argument("--model", default="general")

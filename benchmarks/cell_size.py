@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.output import first_paragraph
 from cellseg.bundled import shipped_checkpoint, shipped_name
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import PredictConfig
@@ -96,7 +97,7 @@ def bench_cell_size(model: str = "nuclei", dataset: Path = DATA / "dsb2018") -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--model", default="nuclei", help="a shipped model's name or a checkpoint file")
     parser.add_argument("--dataset", type=Path, default=DATA / "dsb2018")
     parser.add_argument("--out", type=Path, help="write the results as JSON here too")

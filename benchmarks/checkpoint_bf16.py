@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.output import first_paragraph
 from cellseg.checkpoint import DIGEST_KEY, load_checkpoint_bytes, save_checkpoint
 
 
@@ -44,7 +45,7 @@ def restore(source: Path, target: Path, dtype: torch.dtype = torch.float32) -> N
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--restore", action="store_true", help="bf16 weights back to an fp32 checkpoint")
     parser.add_argument("--keep-bf16", action="store_true", help="with --restore: weights stored as bf16")
     parser.add_argument("source", type=Path)

@@ -34,6 +34,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import relabel_sequential
 
+from benchmarks.output import first_paragraph
 from cellseg.appearance import image_appearance
 from cellseg.build_bundled import recipe_validation_pairs
 from cellseg.bundled import NucleiRecipe, shipped_checkpoint, shipped_name
@@ -222,7 +223,7 @@ def labelled_pairs(dataset: Path, recipe_val: bool = False) -> list[tuple[Path, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--dataset", required=True, type=Path, help="folder with images/ and labels/")
     parser.add_argument("--model", default="nuclei", help="a shipped model's name or a checkpoint file")
     parser.add_argument("--recipe-val", action="store_true",

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from benchmarks.output import first_paragraph
+
 REPEATS = 5
 
 
@@ -42,7 +44,7 @@ def best(read: Callable[[], object]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--side", type=int, default=2048)
     parser.add_argument("--out", help="folder for the test files (default: a temporary one)")
     args = parser.parse_args()

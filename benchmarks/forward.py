@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch._inductor.config
 
-from benchmarks.output import show_and_save
+from benchmarks.output import first_paragraph, show_and_save
 from cellseg.bundled import shipped_checkpoint
 from cellseg.checkpoint import load_checkpoint
 from cellseg.metrics import mask_agreement
@@ -162,7 +162,7 @@ def table_rows(result: dict) -> list[tuple[str, str, str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--model", default="nuclei", help="a shipped model: nuclei (the default model) or general")
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=6)

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.output import first_paragraph
 from cellseg.bundled import shipped_checkpoint
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import PredictConfig
@@ -306,7 +307,7 @@ def table_rows(result: dict) -> list[tuple[str, str, str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--seconds", type=float, default=30.0, help="steady-state seconds of the product pass")
     parser.add_argument("--model", default="nuclei", help="shipped model: nuclei or general")
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (a small local check)")

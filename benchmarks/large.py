@@ -40,7 +40,7 @@ import zarr
 from torch import nn
 
 from benchmarks.memory import memory_mb
-from benchmarks.output import json_from_child
+from benchmarks.output import first_paragraph, json_from_child
 from cellseg.blocks import segment_blockwise
 from cellseg.bundled import shipped_checkpoint
 from cellseg.checkpoint import load_checkpoint, save_checkpoint
@@ -285,7 +285,7 @@ def remove_results(work: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("mode", nargs="?", default="all", choices=("all", "child"))
     parser.add_argument("--side", type=int, default=30_000, help="side of the large mosaic")
     parser.add_argument("--separate", type=int, default=240, help=f"{TILE}x{TILE} tiles segmented as separate images")

@@ -12,6 +12,7 @@ import argparse
 import json
 import time
 
+from benchmarks.output import first_paragraph
 from cellseg.config import PredictConfig
 from cellseg.jobs import SegmentJob, run_segmentation
 from cellseg.model_source import ModelSource, load_predictor
@@ -29,7 +30,7 @@ def memory_mb(field: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("mode", choices=("many", "large"))
     parser.add_argument("--images")
     parser.add_argument("--image")

@@ -23,3 +23,9 @@ def json_from_child(*arguments: str) -> Any:
     this one's) and return the JSON it prints on its last line; a failure raises with its output."""
     finished = subprocess.run([sys.executable, *arguments], capture_output=True, text=True, check=True)
     return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def first_paragraph(docstring: str | None) -> str:
+    """A module docstring's first paragraph on one line: a benchmark's --help description (its
+    first line alone stops mid-sentence)."""
+    return " ".join((docstring or "").strip().split("\n\n")[0].split())

@@ -26,6 +26,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import expand_labels
 
+from benchmarks.output import first_paragraph
 from cellseg.config import PredictConfig
 from cellseg.infer import Predictor
 from cellseg.io import read_image, read_mask
@@ -105,7 +106,7 @@ def measure(dataset: Path, runs: list[Path]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--dataset", required=True, type=Path, help="folder with images/, masks/ and maybe labels/")
     parser.add_argument("--runs", required=True, type=Path, nargs="+", help="training output folders (best.pt, split.json)")
     args = parser.parse_args()

@@ -28,6 +28,7 @@ from skimage.measure import regionprops_table
 from skimage.morphology import local_maxima, reconstruction
 from skimage.segmentation import watershed
 
+from benchmarks.output import first_paragraph
 from cellseg.bundled import shipped_checkpoint
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import PredictConfig
@@ -260,7 +261,7 @@ def print_stages(result: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--dataset", type=Path, default=DATA / "dsb2018")
     parser.add_argument("--repeats", type=int, default=3)

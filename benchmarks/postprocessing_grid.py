@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.error_sources import labelled_pairs
+from benchmarks.output import first_paragraph
 from cellseg.bundled import shipped_checkpoint, shipped_name
 from cellseg.config import PredictConfig
 from cellseg.evaluate import postprocessing_decision
@@ -64,7 +65,7 @@ def print_table(result: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--dataset", required=True, type=Path, help="folder with images/ and labels/")
     parser.add_argument("--model", default="nuclei", help="a shipped model's name or a checkpoint file")
     parser.add_argument("--recipe-val", action="store_true",

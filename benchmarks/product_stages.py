@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import torch
 
-from benchmarks.output import show_and_save
+from benchmarks.output import first_paragraph, show_and_save
 from cellseg.config import PredictConfig
 from cellseg.formats import with_area_um2
 from cellseg.infer import Predictor, forward_probabilities
@@ -115,7 +115,7 @@ def ratios(result: dict) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--images", required=True, help="a folder of images (make bench's: runs/benchmarks/work/infer/images)")
     parser.add_argument("--count", type=int, default=60)

@@ -43,6 +43,7 @@ from scipy import ndimage
 from skimage.segmentation import relabel_sequential
 
 from benchmarks.cell_size import size_agreement
+from benchmarks.output import first_paragraph
 from cellseg.appearance import image_appearance
 from cellseg.build_bundled import recipe_validation_pairs
 from cellseg.bundled import NucleiRecipe, model_card, shipped_name, shipped_paths
@@ -238,7 +239,7 @@ def write_card_figures(name: str, summary: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--dataset", required=True, type=Path, help="folder with images/, masks/ and maybe labels/")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", type=Path, help="training output folder (best.pt, split.json): its validation images")

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from benchmarks.output import first_paragraph
 from cellseg.config import NormalizationConfig
 from cellseg.io import list_images, read_image
 from cellseg.normalize import normalize_image
@@ -85,7 +86,7 @@ def table_rows(result: dict) -> list[tuple[str, str, str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--dataset", type=Path, default=DATA / "dsb2018")
     parser.add_argument("--model-diameter", type=float, default=19.0)
     args = parser.parse_args()

@@ -42,7 +42,7 @@ from benchmarks.forward import ratios as forward_ratios
 from benchmarks.forward import table_rows as forward_rows
 from benchmarks.gpu import bench_gpu
 from benchmarks.gpu import table_rows as gpu_rows
-from benchmarks.output import json_from_child
+from benchmarks.output import first_paragraph, json_from_child
 from benchmarks.postprocess_stages import bench_postprocess
 from benchmarks.postprocess_stages import ratios as postprocess_ratios
 from benchmarks.postprocess_stages import table_rows as postprocess_rows
@@ -389,7 +389,7 @@ def fast_path_agreement(checkpoints: dict[str, tuple[Path, Path]]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--images", type=int, default=240, help=f"{SIDE}x{SIDE} images for the inference runs")
     parser.add_argument("--training-epochs", type=int, default=6)
     parser.add_argument("--memory-images", type=int, default=2000)

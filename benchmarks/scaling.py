@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.memory import memory_mb
-from benchmarks.output import json_from_child, show_and_save
+from benchmarks.output import first_paragraph, json_from_child, show_and_save
 from cellseg.bundled import shipped_checkpoint
 from cellseg.synth import encode_png, generate_sample, write_dataset
 
@@ -134,7 +134,7 @@ def table_rows(result: dict) -> list[tuple[str, str, str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     sub = parser.add_subparsers(dest="mode")
     child = sub.add_parser("child")
     child.add_argument("--images", required=True)

@@ -38,6 +38,7 @@ import zarr
 from numcodecs import GZip, Zstd, blosc
 from numcodecs.abc import Codec
 
+from benchmarks.output import first_paragraph
 from benchmarks.servers import S3_TEST_CREDENTIALS, running_seaweedfs_server
 from cellseg.bundled import shipped_checkpoint
 from cellseg.config import PredictConfig
@@ -348,7 +349,7 @@ def bench_storage(work: Path, images: int = 12, rounds: int = 5) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--images", type=int, default=12, help="512x512 images for each product run")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of the product runs")
     parser.add_argument("--out", default="runs/benchmarks")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.output import first_paragraph
 from cellseg.bundled import NucleiRecipe
 from cellseg.config import COMPILE_MODES
 from cellseg.dataset import TrainingDataset
@@ -112,7 +113,7 @@ def bench_training_step(recipe: NucleiRecipe, device_name: str, modes: list[str]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--seconds", type=float, default=10.0, help="steady seconds of each mode")
     parser.add_argument("--modes", nargs="+", default=None, choices=COMPILE_MODES,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.output import first_paragraph
 from cellseg.build_bundled import recipe_job, recipe_split
 from cellseg.bundled import NucleiRecipe, shipped_checkpoint
 from cellseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -76,7 +77,7 @@ def refit_size_model(checkpoint_url: str, recipe: NucleiRecipe) -> Checkpoint:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_paragraph(__doc__))
     parser.add_argument("checkpoints", nargs="+", help="checkpoint files to average")
     parser.add_argument("--out", required=True, help="the averaged checkpoint to write")
     parser.add_argument("--base", help="checkpoint whose other entries the average takes (default: the shipped nuclei)")

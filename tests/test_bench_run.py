@@ -36,3 +36,18 @@ def test_accounted_tells_a_process_s_own_cpu_from_the_machine_s_idle_time():
     assert rows[0][2].startswith("the rest 0.21 of the model's CPU")
     assert rows[1][1] == "90.0 / 72.0" and rows[1][2].startswith("0.80x: stages 85.0")
     assert "cores idle 5.0% (model only 4.0%)" in rows[1][2]
+
+
+def test_a_benchmarks_help_describes_it_by_its_docstrings_whole_first_paragraph():
+    """--help showed the docstring's first line, which stops mid-sentence."""
+    import subprocess
+    import sys
+
+    from benchmarks import quality
+    from benchmarks.output import first_paragraph
+
+    assert first_paragraph("Quality of a model,\nmeasured the README's way.\n\nDetails.") == \
+        "Quality of a model, measured the README's way."
+    shown = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--help"], capture_output=True, text=True,
+                           check=True, timeout=120).stdout
+    assert " ".join(shown.split()).count(first_paragraph(quality.__doc__)) == 1
