@@ -292,7 +292,8 @@ def test_probabilities_are_saved_when_asked(image_dir, store, predictor):
 
 
 def test_report_summary():
-    report = SegmentReport(done=["a", "b", "c"], skipped=["e"], failed=[{"image_id": "f"}], seconds=2.0, pixels=3_000_000)
+    report = SegmentReport(done=["a", "b", "c"], skipped=["e"], failed=[{"image_id": "f"}], seconds=2.0, pixels=3_000_000,
+                           cpu_images=3)
     report.add_cpu({"model": 0.3, "write": 0.03})
     report.add_cpu({"model": 0.06, "labels": 0.009})
     assert report.summary() == {
@@ -303,6 +304,7 @@ def test_report_summary():
     assert cpu_line(report.summary()["cpu_ms_per_image"]) == "model 120 ms, labels 3 ms, write 10 ms, read 0 ms"
     assert SegmentReport().summary()["images_per_second"] is None
     assert SegmentReport().summary()["cpu_ms_per_image"] == {}
+    assert SegmentReport(done=["big"]).summary()["cpu_ms_per_image"] == {}  # block-wise: no CPU counted per image
 
 
 @pytest.mark.integration
