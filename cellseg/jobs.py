@@ -531,6 +531,8 @@ def segment_shards(job: SegmentJob, shards: Sequence[Shard], on_image: Callable[
     interrupt is raised once they have, or after STOP_GRACE seconds: a shard waiting on a read
     that hangs is left behind (on a daemon thread), and an image it had not finished is redone by
     the next run."""
+    if not any(shards):  # nothing to segment: no model to load
+        return SegmentReport()
     if len(shards) <= 1 or job.max_parallel_shards == 1:
         return segment_shard(job, [pair for shard in shards for pair in shard], on_image)
     started = time.monotonic()
@@ -604,11 +606,13 @@ def run_segmentation(
     (`blocks.BlockProgress`)."""
     job = pin_model(job)
     # A missing source or a store target that would be refused fails in a second, before the model
-    # takes seconds to load; a bad model fails before the store is touched.
+    # takes seconds to load (not at all when there is nothing to segment); a bad model fails before
+    # the store is touched.
     images = list_sources(job.source_url, job.predict.selection)
     with storage_call(job.store_url):  # a storage error names the store, as ResultStore.open's do
         check_store_target(job.store_url)
-    shared_predictor(model_source(job), job.predict)
+    if images:
+        shared_predictor(model_source(job), job.predict)
     plan = plan_segmentation(job, on_record, images)
     if on_plan is not None:
         on_plan(plan.pending)

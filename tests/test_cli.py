@@ -277,6 +277,7 @@ def test_empty_image_directory_is_nothing_to_do(tmp_path, tiny_checkpoint):
     result = cellseg("predict", "--model", str(tiny_checkpoint), "--images", str(tmp_path / "empty"),
                      "--out", str(tmp_path / "s.zarr"))
     assert "nothing to do" in result.stdout
+    assert "loaded model" not in result.stderr  # no seconds spent loading a model that has nothing to segment
 
 
 def _on_a_terminal(*args: str) -> str:
@@ -371,9 +372,9 @@ def _store_with_results(tmp_path: Path, done: Sequence[str], failed: Sequence[st
     statistics = {"cell_count": cell_count, "total_cell_area": 3, "mean_cell_area": 3.0, "median_cell_area": 3.0,
                   "foreground_fraction": 0.25, "mean_intensity_inside": 10.0, "mean_intensity_outside": 1.0}
     for image_id in done:
-        store.write_result(image_id, np.eye(4, 3, dtype=bool), statistics, f"{image_id}.png", model)
+        store.write_result(image_id, np.eye(4, 3, dtype=bool), statistics, f"/in/{image_id}.png", model)
     for image_id in failed:
-        store.record_failure(image_id, f"{image_id}.png", "ImageReadError: file is empty", model)
+        store.record_failure(image_id, f"/in/{image_id}.png", "ImageReadError: file is empty", model)
     return store_url
 
 
@@ -383,10 +384,10 @@ def test_results_says_how_many_rows_it_left_out(tmp_path):
 
     limited = cellseg("results", store_url, "--limit", "2").stdout.splitlines()
     assert limited[0] == f"{store_url}: 5 images done (2 shown), 3 failed (2 shown); --limit 0 shows all"
-    assert sum(line.startswith("done_") for line in limited) == 2 and sum("failed: bad_" in line for line in limited) == 2
+    assert sum(line.startswith("done_") for line in limited) == 2 and sum("failed: /in/bad_" in line for line in limited) == 2
     every = cellseg("results", store_url, "--limit", "0").stdout.splitlines()
     assert every[0] == f"{store_url}: 5 images done, 3 failed"
-    assert sum(line.startswith("done_") for line in every) == 5 and sum("failed: bad_" in line for line in every) == 3
+    assert sum(line.startswith("done_") for line in every) == 5 and sum("failed: /in/bad_" in line for line in every) == 3
     refused = cellseg("results", store_url, "--limit", "-1", check=False)
     assert refused.returncode == 2 and "give 0 (every row) or more" in refused.stderr
 

@@ -17,4 +17,4 @@ def test_python_example_runs(tmp_path, monkeypatch):
     exec(compile(example, "README.md", "exec"), namespace)
     assert namespace["mask"].dtype == np.bool_ and namespace["mask"].shape == (128, 128)
     assert 0.0 < namespace["result"].best_metrics["val_dice"] <= 1.0
-    assert (tmp_path / "runs/m1/best.pt").is_file()
+    assert (tmp_path / "runs/py1/best.pt").is_file()
