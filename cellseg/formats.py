@@ -35,7 +35,6 @@ from cellseg.config import SelectionConfig
 from cellseg.io import (
     DEFAULT_MAX_PIXELS,
     MAX_BYTES_PER_PIXEL,
-    MAX_EXTRA_FILE_BYTES,
     ImageReadError,
     StorageOptions,
     _check_pixel_limit,
@@ -44,9 +43,9 @@ from cellseg.io import (
     decode_image,
     filesystem,
     list_image_entries,
-    read_bytes,
     read_colour_image,
     read_image,
+    read_image_bytes,
 )
 from cellseg.plates import plate_fields, split_time_point, time_point_url
 from cellseg.redact import redact_url
@@ -153,7 +152,7 @@ def read_plane(
     the same checks (sample types, compressions, decompression bombs)."""
     base, time_point = split_time_point(url)
     if base.rstrip("/").lower().endswith(TIFF_SUFFIXES) and not is_zarr_url(base):
-        data = read_bytes(base, storage_options, max_pixels * MAX_BYTES_PER_PIXEL + MAX_EXTRA_FILE_BYTES)
+        data = read_image_bytes(base, storage_options, max_pixels)
         try:
             plane = _tiff_plane(tifffile.TiffFile(io.BytesIO(data)), base, selection, time_point, (data, max_pixels))
         except ImageReadError:
@@ -202,7 +201,7 @@ def _plain_image(url: str, storage_options: StorageOptions, max_pixels: int, war
     channels or time points (an ImageJ hyperstack, tifffile's shaped metadata): its first page is
     one channel of one time point, chosen by nobody, so it is refused with its choices as an
     OME-TIFF is."""
-    data = read_bytes(url, storage_options, max_pixels * MAX_BYTES_PER_PIXEL + MAX_EXTRA_FILE_BYTES)
+    data = read_image_bytes(url, storage_options, max_pixels)
     if data[:4] in _TIFF_MAGIC and _names_channels_or_time(data):
         try:
             with _tiff_plane(tifffile.TiffFile(io.BytesIO(data)), url, SelectionConfig(), None, (data, max_pixels)):

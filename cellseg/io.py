@@ -269,8 +269,7 @@ def read_colour_image(
     warnings: list[str] | None = None,
 ) -> np.ndarray:
     """`read_image`, decoded by `decode_colour_image`."""
-    max_bytes = max_pixels * MAX_BYTES_PER_PIXEL + MAX_EXTRA_FILE_BYTES
-    return decode_colour_image(read_bytes(url, storage_options, max_bytes), url, max_pixels, warnings)
+    return decode_colour_image(read_image_bytes(url, storage_options, max_pixels), url, max_pixels, warnings)
 
 
 @dataclass(frozen=True)
@@ -305,7 +304,7 @@ def _decoded(data: bytes, name: str, max_pixels: int, warnings: list[str] | None
         found = _decode_with_pillow(data, name, max_pixels, notes, colours_apart, keep_colour) if plain is None \
             else plain
     array = found.packed if isinstance(found, _Colours) else found
-    if array.ndim != (3 if keep_colour and array.ndim == 3 else 2) or min(array.shape) < 1:
+    if array.ndim not in ((2, 3) if keep_colour else (2,)) or min(array.shape) < 1:
         raise ImageReadError(f"'{name}': expected a 2-D grayscale image, got shape {array.shape}")
     if array.dtype.kind == "f":
         not_finite = array.size - int(np.count_nonzero(np.isfinite(array)))
@@ -537,10 +536,15 @@ def read_image(
     url: str, storage_options: StorageOptions = None, max_pixels: int = DEFAULT_MAX_PIXELS,
     warnings: list[str] | None = None,
 ) -> np.ndarray:
-    """Read and decode one image file into a 2-D (H, W) array (see `decode_image`); a file larger
-    than its pixels within max_pixels could need is refused before it is read whole."""
-    max_bytes = max_pixels * MAX_BYTES_PER_PIXEL + MAX_EXTRA_FILE_BYTES
-    return decode_image(read_bytes(url, storage_options, max_bytes), url, max_pixels, warnings)
+    """Read and decode one image file into a 2-D (H, W) array (see `decode_image`), its bytes read
+    by `read_image_bytes`."""
+    return decode_image(read_image_bytes(url, storage_options, max_pixels), url, max_pixels, warnings)
+
+
+def read_image_bytes(url: str, storage_options: StorageOptions = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """The bytes of one image file; a file larger than its pixels within max_pixels could need is
+    refused before it is read whole."""
+    return read_bytes(url, storage_options, max_pixels * MAX_BYTES_PER_PIXEL + MAX_EXTRA_FILE_BYTES)
 
 
 def binarize_mask(mask: np.ndarray) -> np.ndarray:
@@ -579,8 +583,7 @@ def lossy_binary(mask: np.ndarray) -> bool:
 def read_mask_file(url: str, storage_options: StorageOptions = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                    ) -> DecodedMask:
     """Read and decode one mask or label file (`decode_mask`), refused as `read_image` refuses."""
-    max_bytes = max_pixels * MAX_BYTES_PER_PIXEL + MAX_EXTRA_FILE_BYTES
-    return decode_mask(read_bytes(url, storage_options, max_bytes), url, max_pixels)
+    return decode_mask(read_image_bytes(url, storage_options, max_pixels), url, max_pixels)
 
 
 def read_mask(url: str, storage_options: StorageOptions = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
