@@ -81,7 +81,6 @@ from cellseg.stitch import (
     pack_edges,
     pack_ring,
     pyramid_shapes,
-    scratch_chunks,
     seam_pairs,
     unpack_ring,
     written_labels,
@@ -97,10 +96,11 @@ from cellseg.store import (
     PROBABILITIES_PATH,
     TABLE_CHUNK_ROWS,
     ResultStore,
+    lost_scratch_chunks,
     recorded_source,
 )
 from cellseg.store_checks import StoreError, describe
-from cellseg.zarr_writes import missing_chunks, read_region, write_region
+from cellseg.zarr_writes import read_region, write_region
 
 logger = logging.getLogger(__name__)
 
@@ -452,13 +452,9 @@ def scratch_damage(scratch: Scratch) -> list[str]:
     read as zeros: a block's cells lost, a run failing on it every time. One listing per array."""
     path = f"{scratch.image_id}/blocks"
     try:
-        expected = scratch_chunks(scratch.grid, scratch.state(), min(CHUNK_SIDE, scratch.grid.block),
-                                  scratch.attrs.get("stitch"))
-        missing = {name: missing_chunks(scratch.array(name), indices) for name, indices in expected.items()}
+        return lost_scratch_chunks(path, scratch.array, scratch.grid, scratch.state(), scratch.attrs.get("stitch"))
     except (KeyError, TypeError, ValueError, *METADATA_ERRORS, *CHUNK_ERRORS) as error:
         return [f"its block-wise scratch '{path}' cannot be read ({describe(error)})"]
-    return [f"its block-wise scratch '{path}/{name}' is missing {len(lost)} of the {len(expected[name])} chunks "
-            "its blocks wrote" for name, lost in missing.items() if lost]
 
 
 def _taken_up(scratch: Scratch) -> tuple[int, list[int]]:

@@ -45,6 +45,7 @@ from cellseg.measure import INTEGER_COLUMNS
 from cellseg.plates import same_columns, source_columns
 from cellseg.redact import redact, redact_text, redact_url
 from cellseg.stats import label_cells
+from cellseg.stitch import BlockGrid, scratch_chunks
 from cellseg.storage_errors import StorageError, storage_error
 from cellseg.store_checks import (
     DONE,
@@ -61,7 +62,14 @@ from cellseg.store_checks import (
     unwritable,
     validate_image_id,
 )
-from cellseg.zarr_writes import ARRAY_CODECS, CHUNK_KEY_ENCODING, NewArray, put_new_nodes, put_objects
+from cellseg.zarr_writes import (
+    ARRAY_CODECS,
+    CHUNK_KEY_ENCODING,
+    NewArray,
+    missing_chunks,
+    put_new_nodes,
+    put_objects,
+)
 
 if TYPE_CHECKING:
     from zarr.core.array_spec import ArrayConfigParams
@@ -105,6 +113,17 @@ def _ngff_label(name: str, source_image: bool, pixel_size_yx_um: Sequence[float]
     return meta
 
 
+
+
+def lost_scratch_chunks(path: str, array: Callable[[str], zarr.Array], grid: BlockGrid, state: np.ndarray,
+                        stitched: Mapping[str, Any] | None) -> list[str]:
+    """What a block-wise scratch (`cellseg.blocks`, at `path`; `array` gives each of its arrays by
+    name) has lost: a chunk that its blocks' recorded progress (`state`, and the `stitched` record)
+    says was written and is not stored (`stitch.scratch_chunks`), which zarr would read as zeros.
+    One line per array with losses; one key listing per array."""
+    expected = scratch_chunks(grid, state, min(CHUNK_SIDE, grid.block), stitched)
+    return [f"its block-wise scratch '{path}/{name}' is missing {len(lost)} of the {len(indices)} chunks its blocks "
+            "wrote" for name, indices in expected.items() if (lost := missing_chunks(array(name), indices))]
 
 def recorded_source(url: str) -> str:
     """`url` as a result records it: redacted, and a local path made absolute, since a relative

@@ -25,22 +25,22 @@ import zarr
 
 from cellseg.config import BlockConfig
 from cellseg.io import StorageOptions
-from cellseg.stitch import SCRATCH_LAYOUT, BlockGrid, pyramid_shapes, scratch_chunks
+from cellseg.stitch import SCRATCH_LAYOUT, BlockGrid, pyramid_shapes
 from cellseg.store import (
     ARRAYS,
     CELL_TABLE,
     CELLS_PATH,
     CHUNK_ERRORS,
-    CHUNK_SIDE,
     IMAGE_PATH,
     MASK_PATH,
     METADATA_ERRORS,
     ResultStore,
     StoreMode,
+    lost_scratch_chunks,
     repair_store_metadata,
 )
 from cellseg.store_checks import DONE, DamagedImage, DamagedStore, describe
-from cellseg.zarr_writes import missing_chunks, read_region
+from cellseg.zarr_writes import read_region
 
 STATUSES = (DONE, "failed", "writing")
 STORE_METADATA = "zarr.json"  # the `image_id` of damage to the store's own metadata
@@ -166,9 +166,7 @@ def _scratch_problems(store: ResultStore, image_id: str, read_data: bool) -> lis
         grid = BlockGrid((int(plan["shape"][0]), int(plan["shape"][1])), blocks.block_size, blocks.overlap)
         arrays = dict(group.arrays())
         state = read_region(arrays["state"], (0, 0), arrays["state"].shape)
-        expected = scratch_chunks(grid, state, min(CHUNK_SIDE, grid.block), attributes.get("stitch"))
-        problems = [f"its block-wise scratch '{path}/{name}' is missing {len(lost)} of the {len(indices)} chunks its "
-                    f"blocks wrote" for name, indices in expected.items() if (lost := missing_chunks(arrays[name], indices))]
+        problems = lost_scratch_chunks(path, arrays.__getitem__, grid, state, attributes.get("stitch"))
     except (KeyError, TypeError, ValueError, *METADATA_ERRORS, *CHUNK_ERRORS) as error:
         return [f"its block-wise scratch '{path}' cannot be read ({describe(error)})"]
     if read_data:
