@@ -501,14 +501,20 @@ def test_block_local_numbers_put_the_cells_of_the_core_first():
         _local_numbers(np.array([[0, -1]], dtype=np.int32), (slice(0, 1), slice(0, 1)))
 
 
+
+def _predicted_and_stitched(store: ResultStore, image_id: str, image: np.ndarray, predictor) -> list[int]:
+    """Plan `image` block-wise in `store`, predict every block and stitch them; the blocks predicted."""
+    _, todo = prepare_image(store, image_id, image_id, image, predictor)
+    for index in todo:
+        predict_block(store, image_id, index, image, predictor)
+    stitch_image(store, image_id)
+    return todo
+
 def test_scratch_labels_past_the_stitched_ones_are_refused_when_measured(frozen_general, tmp_path):
     image = mosaic((768, 768), seed=9)
     predictor = load_predictor(ModelSource("", checkpoint_url=str(frozen_general)), BLOCKWISE)
     store = ResultStore.open(str(tmp_path / "r.zarr"))
-    _, todo = prepare_image(store, "m", "m", image, predictor)
-    for index in todo:
-        predict_block(store, "m", index, image, predictor)
-    stitch_image(store, "m")
+    _predicted_and_stitched(store, "m", image, predictor)
     labels = store.root["m/blocks/labels"]
     core = np.asarray(labels[:BLOCK, :BLOCK])
     core[np.nonzero(core)[0][0], np.nonzero(core)[1][0]] = 2**30  # a corrupt scratch: a label no block numbered
@@ -527,10 +533,7 @@ def test_scratch_chunks_lost_since_a_run_stopped_make_the_rerun_start_over_not_d
     image, _, reference, _ = blockwise_run
     predictor = load_predictor(ModelSource("", checkpoint_url=str(frozen_general)), BLOCKWISE)
     store = ResultStore.open(str(tmp_path / "r.zarr"))
-    _, todo = prepare_image(store, "mosaic", "mosaic", image, predictor)
-    for index in todo:
-        predict_block(store, "mosaic", index, image, predictor)
-    stitch_image(store, "mosaic")
+    todo = _predicted_and_stitched(store, "mosaic", image, predictor)
     for index in todo:
         measure_block(store, "mosaic", index, image)
     (tmp_path / "r.zarr/mosaic/blocks" / lost / ("c.5.0" if lost == "table" else "c.1.1")).unlink()
