@@ -477,18 +477,23 @@ def test_ctrl_c_stops_a_flow_on_its_temporary_server_in_seconds_with_status_130(
 
     from cellseg.synth import write_dataset
 
-    write_dataset(str(tmp_path / "data"), count=40, size=256, seed=5)
+    write_dataset(str(tmp_path / "data"), count=4, size=256, seed=5)
+    images = tmp_path / "images"
+    images.mkdir()
+    originals = sorted((tmp_path / "data/images").iterdir())
+    for index in range(400):  # two shards with more work than they can finish before the signal, however fast
+        os.link(originals[index % len(originals)], images / f"img_{index:04d}.png")
     env = {key: value for key, value in os.environ.items() if not key.startswith(("CELLSEG_", "PREFECT_API_URL"))}
     env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
     as_from_a_shell = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
                        "os.execv(sys.argv[1], sys.argv[1:])")
     command = [str(Path(sys.executable).parent / "cellseg"), "flow", "segment-images", "--source",
-               str(tmp_path / "data/images"), "--store", str(tmp_path / "r.zarr"), "--model-version", "general",
-               "--shard-size", "20", "--registry", str(tmp_path / "registry")]
+               str(images), "--store", str(tmp_path / "r.zarr"), "--model-version", "general",
+               "--shard-size", "200", "--registry", str(tmp_path / "registry")]
     run = subprocess.Popen([sys.executable, "-c", as_from_a_shell, *command], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # a terminal's group
     deadline = time.monotonic() + 240
-    while run.poll() is None and time.monotonic() < deadline and not (tmp_path / "r.zarr/synth_0000/zarr.json").exists():
+    while run.poll() is None and time.monotonic() < deadline and not list(tmp_path.glob("r.zarr/img_*/zarr.json")):
         time.sleep(0.05)
     servers = psutil.Process(run.pid).children(recursive=True)
     assert any("prefect.server.api.server:create_app" in " ".join(server.cmdline()) for server in servers)
@@ -501,9 +506,9 @@ def test_ctrl_c_stops_a_flow_on_its_temporary_server_in_seconds_with_status_130(
     assert "cellseg flow: interrupted" in stderr.splitlines() and "Traceback" not in stderr
     psutil.wait_procs(servers, timeout=30)
     assert not [server.pid for server in servers if server.is_running() and server.status() != psutil.STATUS_ZOMBIE]
-    # The two shards of 20 ended after writing what they had predicted, not at their last image.
+    # The two shards of 200 ended after writing what they had predicted, not at their last image.
     done = ResultStore.open(str(tmp_path / "r.zarr"), mode="r").statistics()
-    assert 1 <= len(done) < 30, len(done)
+    assert 1 <= len(done) < 300, len(done)
     from cellseg.verify import verify_store
 
     assert verify_store(str(tmp_path / "r.zarr"), read_data=True).broken == []
