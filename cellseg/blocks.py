@@ -47,7 +47,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, cast
 
@@ -100,7 +100,7 @@ from cellseg.store import (
     recorded_source,
 )
 from cellseg.store_checks import StoreError, describe
-from cellseg.zarr_writes import read_region, write_region
+from cellseg.zarr_writes import UndecodableChunk, read_region, write_region
 
 logger = logging.getLogger(__name__)
 
@@ -969,7 +969,30 @@ def segment_blockwise(store: ResultStore, image_id: str, url: str, open_source: 
                       model: dict[str, Any], workers: int = 1, on_block: BlockProgress | None = None) -> dict[str, Any]:
     """Segment one image block by block into `store` (every step of the module, blocks on `workers`
     threads, each reading its own source) and return its record, with `seconds` and `pixels`;
-    `on_block` hears of each block predicted (only those an earlier run left) and measured."""
+    `on_block` hears of each block predicted (only those an earlier run left) and measured; once
+    more from the start where its scratch proves damaged (`start_over_after`)."""
+    try:
+        return _segmented_blockwise(store, image_id, url, open_source, predictor, model, workers, on_block)
+    except UndecodableChunk as error:
+        if not start_over_after(store, image_id, url, error):
+            raise
+        return _segmented_blockwise(store, image_id, url, open_source, predictor, model, workers, on_block)
+
+
+def start_over_after(store: ResultStore, image_id: str, url: str, error: BaseException) -> bool:
+    """Whether `error` is a chunk of the image's block-wise scratch that cannot be decoded (a torn
+    write, a disk error), which would fail every rerun at the same block; if so, the scratch is
+    removed, so that the image is segmented from the start."""
+    if not (isinstance(error, UndecodableChunk) and error.key.startswith(f"{image_id}/blocks/")):
+        return False
+    logger.warning("'%s': its block-wise scratch is damaged (%s); segmenting it from the start", redact_url(url), error)
+    with suppress(KeyError):  # removed meanwhile by another run that found the same damage
+        del store.root[f"{image_id}/blocks"]
+    return True
+
+
+def _segmented_blockwise(store: ResultStore, image_id: str, url: str, open_source: SourceOpener, predictor: Predictor,
+                         model: dict[str, Any], workers: int, on_block: BlockProgress | None) -> dict[str, Any]:
     started = time.monotonic()
     with opened(open_source) as source:
         count, todo = prepare_image(store, image_id, url, source, predictor, workers)

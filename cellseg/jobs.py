@@ -39,6 +39,7 @@ from cellseg.blocks import (
     predict_block,
     prepare_image,
     segment_blockwise,
+    start_over_after,
     stitch_image,
 )
 from cellseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -671,6 +672,11 @@ class LargeImage:
         except Exception as error:  # noqa: BLE001 - a bad image is recorded as failed and the run goes on
             return self.fail(error, time.monotonic() - started)
         return self._report(record, record.get("seconds", 0.0))
+
+    def start_over_after(self, error: BaseException) -> bool:
+        """Whether `error` shows the image's block-wise scratch damaged, now removed: the steps
+        start again from `prepare` (`blocks.start_over_after`)."""
+        return start_over_after(self._store(), self.image_id, self.url, error)
 
     def fail(self, error: BaseException, seconds: float = 0.0) -> SegmentReport:
         """Record the image as failed (its blocks done so far are kept for the next run), after

@@ -271,8 +271,8 @@ def write_region(array: zarr.Array, start: Sequence[int], data: np.ndarray) -> N
 def read_region(array: zarr.Array, start: Sequence[int], shape: Sequence[int]) -> np.ndarray:
     """`array[start : start + shape]` as numpy; from an array with cellseg's codecs, the chunks that
     cover the region are read and decoded in the calling thread (a chunk not stored reads as the
-    fill value). A chunk whose header declares another size than its shape's raises RuntimeError
-    before it is decoded, as zstd does for bytes it cannot decode."""
+    fill value). A chunk that is no zstd frame, whose header declares another size than its
+    shape's (checked before it is decoded), or whose frame does not decode raises UndecodableChunk."""
     meta = array.metadata
     region = tuple(slice(first, first + size) for first, size in zip(start, shape, strict=True))
     inside = len(region) == array.ndim and all(0 <= part.start < part.stop <= side
@@ -296,12 +296,28 @@ def read_region(array: zarr.Array, start: Sequence[int], shape: Sequence[int]) -
         if document is None:
             out[target] = meta.fill_value
             continue
-        if (declared := zstd_content_size(document)) != expected:  # checked before a byte is allocated for it
-            raise RuntimeError(f"chunk '{key}' holds {declared} bytes, not the {expected} of its shape {chunk_shape}")
-        chunk = np.frombuffer(zstd_decompress(document, decoded), dtype=dtype).reshape(chunk_shape)
+        if (declared := zstd_content_size(document)) is None:
+            raise UndecodableChunk(key, "it is no zstd frame that declares its size")
+        if declared != expected:  # checked before a byte is allocated for it
+            raise UndecodableChunk(key, f"it holds {declared} bytes, not the {expected} of its shape {chunk_shape}")
+        try:
+            chunk = np.frombuffer(zstd_decompress(document, decoded), dtype=dtype).reshape(chunk_shape)
+        except RuntimeError as error:  # a frame torn or garbled after its header
+            raise UndecodableChunk(key, str(error)) from error
         out[target] = chunk[tuple(slice(low - position * size, high - position * size)
                                   for low, high, position, size in zip(lows, highs, index, chunk_shape, strict=True))]
     return out
+
+
+class UndecodableChunk(ValueError):
+    """A stored chunk whose bytes do not decode to its array's chunk (torn, garbled, another codec's)."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"chunk '{key}' cannot be decoded: {problem}")
+        self.key = key
+
+    def __reduce__(self) -> tuple[Any, ...]:  # the key kept across processes (Dask)
+        return type(self), (self.key, str(self).split(": ", 1)[1])
 
 
 def missing_chunks(array: zarr.Array, indices: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:

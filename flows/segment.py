@@ -15,7 +15,7 @@ from typing import Any, cast
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.runtime import flow_run
 from prefect.states import Completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -124,26 +124,45 @@ def segment_large_image(job: SegmentJob, image_id: str, url: str, gpu: bool = Fa
     fails after its retries records the image as failed (its finished blocks are kept, so the
     next run redoes only the others) and the run goes on."""
     started = time.monotonic()
-    predict_task = predict_one_block.with_options(tags=["gpu"]) if gpu else predict_one_block
+    large = LargeImage(job, image_id, url)
     try:
-        blocks, todo = prepare_blocks(job, image_id, url)
-        if not blocks:  # finished by another run meanwhile
-            return _shard_result(LargeImage(job, image_id, url).finish())
-        steps = len(todo) + blocks
-        progress = ProgressArtifact("segment-large-image-progress", steps,
-                                    f"{image_id}: {blocks} blocks, {len(todo)} to predict")
-        for done, future in enumerate(as_completed(predict_task.map(todo, unmapped(job), unmapped(image_id), unmapped(url))),
-                                      start=1):
-            future.result()
-            progress.update(done, f"{image_id}: {done} of {len(todo)} blocks predicted")
-        stitch_blocks(job, image_id, url)
-        for done, future in enumerate(as_completed(measure_one_block.map(range(blocks), unmapped(job), unmapped(image_id),
-                                                                         unmapped(url))), start=1):
-            future.result()
-            progress.update(len(todo) + done, f"{image_id}: {len(todo)} blocks predicted, {done} of {blocks} measured")
-        return finish_blocks(job, image_id, url, started)
+        try:
+            return _block_steps(job, image_id, url, gpu, started)
+        except Exception as error:
+            if not large.start_over_after(error):  # a damaged scratch, removed: once more from the start
+                raise
+            return _block_steps(job, image_id, url, gpu, started)
     except Exception as error:  # noqa: BLE001 - the image is recorded as failed, the run goes on
-        return _shard_result(LargeImage(job, image_id, url).fail(error))
+        return _shard_result(large.fail(error))
+
+
+def _block_steps(job: SegmentJob, image_id: str, url: str, gpu: bool, started: float) -> dict[str, Any]:
+    predict_task = predict_one_block.with_options(tags=["gpu"]) if gpu else predict_one_block
+    blocks, todo = prepare_blocks(job, image_id, url)
+    if not blocks:  # finished by another run meanwhile
+        return _shard_result(LargeImage(job, image_id, url).finish())
+    steps = len(todo) + blocks
+    progress = ProgressArtifact("segment-large-image-progress", steps,
+                                f"{image_id}: {blocks} blocks, {len(todo)} to predict")
+    _each_block(predict_task.map(todo, unmapped(job), unmapped(image_id), unmapped(url)),
+                lambda done: progress.update(done, f"{image_id}: {done} of {len(todo)} blocks predicted"))
+    stitch_blocks(job, image_id, url)
+    _each_block(measure_one_block.map(range(blocks), unmapped(job), unmapped(image_id), unmapped(url)),
+                lambda done: progress.update(len(todo) + done,
+                                             f"{image_id}: {len(todo)} blocks predicted, {done} of {blocks} measured"))
+    return finish_blocks(job, image_id, url, started)
+
+
+def _each_block(futures: list[PrefectFuture[str]], on_done: Callable[[int], None]) -> None:
+    """Wait for one step's block tasks, `on_done` told of each; where one fails, the others end
+    before its error is raised, so none writes into a scratch that a start over replaces."""
+    try:
+        for done, future in enumerate(as_completed(futures), start=1):
+            future.result()
+            on_done(done)
+    except Exception:
+        wait(futures)
+        raise
 
 
 def _shard_result(report: SegmentReport) -> dict[str, Any]:

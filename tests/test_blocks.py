@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from datetime import datetime, timezone
+from logging.handlers import BufferingHandler
 from pathlib import Path
 
 import numpy as np
@@ -689,4 +690,60 @@ def test_segment_images_runs_the_blocks_of_a_large_image_as_tasks(frozen_general
     assert sorted(library.done) == ["big", "small"]
     flow_store, library_store = (ResultStore.open(str(tmp_path / name), mode="r") for name in ("flow.zarr", "library.zarr"))
     assert flow_store.record("big")["blocks"]["count"] == 16 and "blocks" not in flow_store.record("small")
+    np.testing.assert_array_equal(flow_store.read_cells("big"), library_store.read_cells("big"))
+
+
+@pytest.mark.parametrize(("garbled", "stitched"), [("labels", True), ("final", True), ("edges", False)])
+def test_a_scratch_chunk_its_codec_cannot_read_makes_the_rerun_start_over_naming_it(blockwise_run, frozen_general,
+                                                                                     tmp_path, caplog, garbled, stitched):
+    # A run stopped after predicting (and stitching) every block; then one chunk its blocks wrote is
+    # torn (an interrupted copy, a disk error): there, but its bytes do not decode. Every rerun failed
+    # at that block; now one segments the image from the start.
+    image, _, reference, _ = blockwise_run
+    predictor = load_predictor(ModelSource("", checkpoint_url=str(frozen_general)), BLOCKWISE)
+    store = ResultStore.open(str(tmp_path / "r.zarr"))
+    _, todo = prepare_image(store, "mosaic", "mosaic", image, predictor)
+    for index in todo:
+        predict_block(store, "mosaic", index, image, predictor)
+    if stitched:
+        stitch_image(store, "mosaic")
+    chunk = sorted((tmp_path / "r.zarr/mosaic/blocks" / garbled).glob("c.*"))[-1]
+    chunk.write_bytes(chunk.read_bytes()[:4] + bytes(64))
+    with caplog.at_level(logging.WARNING, logger="cellseg"):
+        record = segment_blockwise(store, "mosaic", "mosaic", lambda: image, predictor, {"version": "x"}, workers=2)
+    np.testing.assert_array_equal(store.read_cells("mosaic"), reference.read_cells("mosaic"))
+    assert record["statistics"] == reference.record("mosaic")["statistics"] and record["blocks"]["resumed"] == 0
+    assert f"its block-wise scratch is damaged (chunk 'mosaic/blocks/{garbled}/{chunk.name}' cannot be decoded" \
+        in caplog.text
+
+
+def test_segment_images_starts_a_large_image_over_when_its_scratch_cannot_be_decoded(frozen_general, prefect_harness,
+                                                                                      tmp_path):
+    from cellseg.flows.segment import segment_images_flow
+    from cellseg.jobs import LargeImage
+
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "big.tif", mosaic((SIDE, SIDE), seed=6), tile=(256, 256))
+    job = SegmentJob(source_url=str(tmp_path / "in"), store_url=str(tmp_path / "flow.zarr"),
+                     checkpoint_url=str(frozen_general), predict=BLOCKWISE.model_copy(update={
+                         "blocks": BLOCKWISE.blocks.model_copy(update={"above_pixels": 512 * 512})}))
+    stopped = LargeImage(job, "big", str(tmp_path / "in" / "big.tif"))  # a run stopped after stitching its blocks
+    for index in stopped.prepare()[1]:
+        stopped.predict(index)
+    stopped.stitch()
+    chunk = sorted((tmp_path / "flow.zarr/big/blocks/labels").glob("c.*"))[-1]
+    chunk.write_bytes(chunk.read_bytes()[:4] + bytes(64))
+    heard = BufferingHandler(capacity=10_000)  # on the logger itself: a flow run's logging need not reach the root's
+    logging.getLogger("cellseg.blocks").addHandler(heard)
+    try:
+        summary = segment_images_flow(job)
+    finally:
+        logging.getLogger("cellseg.blocks").removeHandler(heard)
+    assert summary["done"] == 1 and summary["failed"] == [], summary
+    assert any(f"its block-wise scratch is damaged (chunk 'big/blocks/labels/{chunk.name}' cannot be decoded"
+               in record.getMessage() for record in heard.buffer)
+    library = run_segmentation(job.model_copy(update={"store_url": str(tmp_path / "library.zarr")}))
+    assert library.done == ["big"]
+    flow_store, library_store = (ResultStore.open(str(tmp_path / name), mode="r") for name in ("flow.zarr", "library.zarr"))
+    assert flow_store.record("big")["blocks"]["resumed"] == 0
     np.testing.assert_array_equal(flow_store.read_cells("big"), library_store.read_cells("big"))

@@ -17,7 +17,14 @@ from cellseg.measure import CELL_COLUMNS, cell_measurements
 from cellseg.stats import image_statistics
 from cellseg.store import WRITE_CONFIG, ResultStore
 from cellseg.synth import generate_sample
-from cellseg.zarr_writes import ARRAY_CODECS, put_objects, read_region, write_region, zstd_content_size
+from cellseg.zarr_writes import (
+    ARRAY_CODECS,
+    UndecodableChunk,
+    put_objects,
+    read_region,
+    write_region,
+    zstd_content_size,
+)
 
 MODEL = {"version": "0123456789ab", "checkpoint": "runs/x/best.pt"}
 
@@ -224,13 +231,18 @@ def test_a_chunk_that_declares_another_size_is_refused_before_it_is_decoded(tmp_
     huge = Zstd(level=1).encode(np.zeros(1 << 20, dtype=np.uint8))  # a frame of 1 MiB where 256 KiB belong
     assert zstd_content_size(huge) == 1 << 20
     chunk.write_bytes(huge)
-    with pytest.raises(RuntimeError, match=r"c\.0\.1' holds 1048576 bytes, not the 262144"):
+    with pytest.raises(UndecodableChunk, match=r"c\.0\.1' cannot be decoded: it holds 1048576 bytes, not the 262144"):
         read_region(array, (0, 0), (512, 512))
     # A frame header declaring 2**62 bytes is refused from its header, before any allocation.
     chunk.write_bytes(b"\x28\xb5\x2f\xfd" + bytes([0xC0]) + bytes([0x50]) + (1 << 62).to_bytes(8, "little") + b"\x00" * 8)
-    with pytest.raises(RuntimeError, match=str(1 << 62)):
+    with pytest.raises(UndecodableChunk, match=str(1 << 62)):
         read_region(array, (0, 0), (512, 512))
     chunk.write_bytes(b"not zstd at all")
-    with pytest.raises(RuntimeError, match="holds None bytes"):
+    with pytest.raises(UndecodableChunk, match=r"c\.0\.1' cannot be decoded: it is no zstd frame that declares its size"):
+        read_region(array, (0, 0), (512, 512))
+    frame = bytearray(Zstd(level=1).encode(np.arange(65536, dtype=np.int32)))
+    frame[len(frame) // 2:] = bytes(len(frame) - len(frame) // 2)  # a frame torn after its header
+    chunk.write_bytes(bytes(frame))
+    with pytest.raises(UndecodableChunk, match=r"c\.0\.1' cannot be decoded: Zstd decompression error"):
         read_region(array, (0, 0), (512, 512))
     np.testing.assert_array_equal(read_region(array, (256, 0), (256, 512)), 1)  # the other chunks read as before
