@@ -106,9 +106,10 @@ class DirectS3Writer:
             message = redact_text(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
             with self._lock:
                 if not self.proven:
-                    self.failed = message
-                    logger.warning("writing s3://%s/%s directly failed (%s): it is written through s3fs instead",
-                                   self.bucket, self.prefix, message)
+                    if self.failed is None:  # writes under way together all fail: say it once
+                        self.failed = message
+                        logger.warning("writing s3://%s/%s directly failed (%s): it is written through s3fs instead",
+                                       self.bucket, self.prefix, message)
                     return False
             raise _os_error(error, f"s3://{self.bucket}/{self._full(failed_key)}", message) from error
         finally:

@@ -19,22 +19,30 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-from cellseg.redact import redact_url
+from cellseg.redact import redact_text, redact_url
 
 # What a filesystem's client raises for a storage option it does not take, or one that sets what
 # another sets too; s3fs hands its options on to aiobotocore only at the first request.
 _REFUSED_OPTION = re.compile(r"got (an unexpected|multiple values for) keyword argument '(\w+)'")
+# S3 error codes that refuse the credentials themselves (an unknown key, a wrong secret, an expired
+# or malformed session token), as opposed to AccessDenied: known credentials without the permission.
+REFUSED_CREDENTIAL_CODES = frozenset({
+    "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "TokenRefreshRequired",
+    "InvalidClientTokenId", "UnrecognizedClientException", "AuthFailure"})
+CREDENTIAL_SETTINGS = ("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or storage.s3.key and "
+                       ".secret in the settings")
 
 
 class StorageError(ValueError):
     """Storage that cannot be reached or used; the message names the URL and the cause.
 
     `transient` errors (a read timeout, a refused connection) may pass on their own, so a flow's
-    task retries are worth it; the others (no credentials, access denied, a missing package)
-    need someone to fix them. `unreachable` errors name an endpoint that no connection could be
-    made to in any of the storage layer's attempts (refused, timed out connecting, no route, host
-    name not found): a dead endpoint, which more task retries would only wait on
-    (`cellseg.flows._common.retry_unless_bad_input` retries a refused one once, for a blip).
+    task retries are worth it; the others (no credentials, credentials refused, access denied, a
+    missing package) need someone to fix them. `unreachable` errors name an endpoint that no
+    connection could be made to in any of the storage layer's attempts (refused, timed out
+    connecting, no route, host name not found), or one that took connections but answered none
+    of them (stalled): a dead endpoint, which more task retries would only wait on
+    (`cellseg.flows._common.retry_unless_bad_input` retries a refused or stalled one once, for a blip).
     """
 
     def __init__(self, message: str, transient: bool = False, unreachable: bool = False):
@@ -73,6 +81,8 @@ def storage_error(url: str | None, error: BaseException) -> StorageError | None:
     from fsspec.exceptions import FSTimeoutError
 
     chain = _chain(error)
+    if refused := credentials_refused(url, error):
+        return refused
     for cause in chain:
         if isinstance(cause, boto.NoCredentialsError | boto.PartialCredentialsError | boto.CredentialRetrievalError):
             return StorageError(
@@ -101,8 +111,58 @@ def storage_error(url: str | None, error: BaseException) -> StorageError | None:
     if refused := _refused_option(url, chain):
         return refused
     if isinstance(error, PermissionError):
-        return StorageError(f"{named}access denied ({error})")
+        return StorageError(f"{named}access denied ({error}){unexplained_denial(error)}")
     return None
+
+
+def unexplained_denial(error: BaseException) -> str:
+    """What to check when access was denied by a bare 403 (an answer to a HEAD request has no
+    body to say why): either the credentials or their permissions; "" for a denial that says why."""
+    from botocore.exceptions import ClientError
+
+    if any(isinstance(cause, ClientError) and _error_code(cause) == "403" for cause in _chain(error)):
+        return f"; the endpoint gave no reason: check {CREDENTIAL_SETTINGS}, and their permissions"
+    return ""
+
+
+def credentials_refused(url: str | None, error: BaseException) -> StorageError | None:
+    """`error` as a StorageError saying that the endpoint refused the credentials it was sent (an
+    unknown key, a wrong secret, an expired token), naming where credentials come from, never
+    their values; None when `error` is no such refusal."""
+    from botocore.exceptions import ClientError
+
+    for cause in _chain(error):
+        if isinstance(cause, ClientError) and (code := _error_code(cause)) in REFUSED_CREDENTIAL_CODES:
+            return _credentials_refused(url, code, cause)
+    return None
+
+
+def _error_code(error: Any) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def _credentials_refused(url: str | None, code: str, cause: Any) -> StorageError:
+    named = f"'{redact_url(url)}': " if url else ""
+    server = _configured_endpoint(url) or "the S3 endpoint"
+    said = redact_text(str(cause.response.get("Error", {}).get("Message") or code)).strip().splitlines()[0]
+    return StorageError(f"{named}{server} refused the credentials ({code}: {said}): check {CREDENTIAL_SETTINGS}, "
+                        "and that they are this endpoint's")
+
+
+def _configured_endpoint(url: str | None) -> str | None:
+    """scheme://host:port of the endpoint fsspec's configuration gives the protocol of `url`; None when unset (AWS)."""
+    import fsspec.config
+
+    options = fsspec.config.conf.get(_protocol(url) if url else "s3", {})
+    given = options.get("endpoint_url") or options.get("client_kwargs", {}).get("endpoint_url")
+    if not isinstance(given, str):
+        return None
+    parts = urlsplit(given)
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return f"{parts.scheme}://{parts.hostname}{port}" if parts.scheme and parts.hostname else None
 
 
 def _bad_endpoint(url: str | None) -> StorageError:
@@ -194,11 +254,43 @@ def _timed_out(url: str | None, cause: BaseException, phase: str) -> StorageErro
         f"waiting for {_endpoint(url, cause)} to answer"
     tried = f", tried {attempts} times" if attempts and attempts > 1 else ""
     named = f"'{redact_url(url)}': " if url else ""
+    stalled = phase == "read" and _never_answered(cause)
+    because = "; it took the connections but answered no request" if stalled else ""
     # An endpoint that took no connection in any attempt is down: the attempts already spent
     # attempts x connect seconds on it, and task retries would spend that again (no `transient`).
-    return StorageError(f"{named}timed out{after} {what} ({type(cause).__name__}{tried}; "
+    # One that took connections and answered none is stalled: one task retry, as for a refused one.
+    return StorageError(f"{named}timed out{after} {what} ({type(cause).__name__}{tried}{because}; "
                         f"storage_timeouts in the settings set the limits)", transient=phase != "connect",
-                        unreachable=phase == "connect")
+                        unreachable=phase == "connect" or stalled)
+
+
+# What this process has seen of each S3 endpoint, attempt by attempt (`cellseg.s3_retries` reports
+# every attempt botocore makes): the hosts that answered a request (any HTTP status), and the read
+# timeouts of each host requests went to.
+_answering_hosts: set[str] = set()
+_read_timeouts: dict[str, int] = {}
+
+
+def note_s3_attempt(endpoint_url: str, answered: bool, error: BaseException | None) -> None:
+    """Record one attempt of a request to the S3 endpoint `endpoint_url` (the client's): whether
+    it got an answer, or the error it ended with."""
+    from botocore.exceptions import ReadTimeoutError
+
+    if answered:
+        _answering_hosts.add(urlsplit(endpoint_url).netloc)
+    elif isinstance(error, ReadTimeoutError):
+        host = urlsplit(getattr(error, "kwargs", {}).get("endpoint_url") or endpoint_url).netloc
+        _read_timeouts[host] = _read_timeouts.get(host, 0) + 1
+
+
+def _never_answered(cause: BaseException) -> bool:
+    """Whether the S3 host that `cause` (a read timeout) names timed out in this process and never
+    answered a request: every attempt of every call to it timed out."""
+    host = urlsplit(getattr(cause, "kwargs", {}).get("endpoint_url") or "").netloc
+    if not host or not _read_timeouts.get(host):
+        return False
+    # A virtual-hosted bucket's requests go to bucket.host, the client's endpoint is host.
+    return not any(host == answering or host.endswith(f".{answering}") for answering in _answering_hosts)
 
 
 def botocore_attempts(retries: Mapping[str, Any]) -> int | None:

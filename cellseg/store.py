@@ -46,7 +46,7 @@ from cellseg.plates import same_columns, source_columns
 from cellseg.redact import redact, redact_text, redact_url
 from cellseg.stats import label_cells
 from cellseg.stitch import BlockGrid, scratch_chunks
-from cellseg.storage_errors import StorageError, storage_error
+from cellseg.storage_errors import StorageError, credentials_refused, storage_error, unexplained_denial
 from cellseg.store_checks import (
     DONE,
     RESERVED_IDS,
@@ -190,8 +190,9 @@ def repair_store_metadata(url: str, storage_options: StorageOptions = None) -> N
         if isinstance(attributes, dict) and isinstance(attributes.get("cellseg"), dict):
             break
     else:
-        raise StoreError(f"'{url}/zarr.json' cannot be read and no image group under '{url}' is a cellseg result: "
-                         "not a results store, left as it is")
+        shown_url = redact_url(url)
+        raise StoreError(f"'{shown_url}/zarr.json' cannot be read and no image group under '{shown_url}' is a cellseg "
+                         "result: not a results store, left as it is")
     meta = {"layout": LAYOUT_VERSION, "created": None, "cellseg_version": __version__, "repaired": _now()}
     document = {"zarr_format": 3, "node_type": "group", "attributes": {"cellseg": meta}}
     fs.pipe_file(posixpath.join(path, "zarr.json"), json.dumps(document, indent=2).encode())
@@ -271,10 +272,13 @@ class ResultStore:
             if translated := storage_error(url, error):  # a missing bucket
                 raise translated from error
             if mode in WRITE_MODES:  # a folder above it that cannot be made (/proc/x.zarr)
-                raise StoreError(f"cannot create a results store at '{url}': {error}") from error
-            raise StoreError(f"no results store at '{url}'") from error
+                raise StoreError(f"cannot create a results store at '{redact_url(url)}': {error}") from error
+            raise StoreError(f"no results store at '{redact_url(url)}'") from error
         except PermissionError as error:
-            raise StorageError(f"access denied opening the results store '{url}': {error}") from error
+            if refused := credentials_refused(url, error):
+                raise refused from error
+            raise StorageError(f"access denied opening the results store '{redact_url(url)}': {error}"
+                               f"{unexplained_denial(error)}") from error
         except OSError as error:
             if translated := storage_error(url, error):  # timed out, connection refused
                 raise translated from error
@@ -283,7 +287,7 @@ class ResultStore:
             if cannot_write := unwritable(url, error):
                 raise cannot_write from error
             if isinstance(error, (NotADirectoryError, FileExistsError, IsADirectoryError)):
-                raise StoreError(f"cannot create a results store at '{url}': {error}") from error
+                raise StoreError(f"cannot create a results store at '{redact_url(url)}': {error}") from error
             raise
         except (StoreError, StorageError):
             raise
@@ -291,7 +295,7 @@ class ResultStore:
             if translated := storage_error(url, error):  # a storage option the filesystem refuses (a TypeError)
                 raise translated from error
             if problem := store_metadata_problem(url, storage_options):
-                raise DamagedStore(f"the results store's own metadata '{url}/zarr.json' cannot be read ({problem}); "
+                raise DamagedStore(f"the results store's own metadata '{redact_url(url)}/zarr.json' cannot be read ({problem}); "
                                    f"{repair_hint(url)} rewrites it") from error
             raise
         except Exception as error:
@@ -300,9 +304,9 @@ class ResultStore:
             raise
         meta = cast("dict[str, Any] | None", root.attrs.get("cellseg"))
         if meta is None:
-            raise StoreError(f"'{url}' is a zarr group but not a cellseg results store; choose a new folder")
+            raise StoreError(f"'{redact_url(url)}' is a zarr group but not a cellseg results store; choose a new folder")
         elif meta.get("layout") != LAYOUT_VERSION:
-            raise StoreError(f"store '{url}' has layout {meta.get('layout')}, this cellseg reads {LAYOUT_VERSION}")
+            raise StoreError(f"store '{redact_url(url)}' has layout {meta.get('layout')}, this cellseg reads {LAYOUT_VERSION}")
         return cls(root, url)
 
     def write_result(

@@ -132,11 +132,13 @@ def retry_unless_bad_input(task: Task, task_run: TaskRun, state: State) -> bool:
 
     Storage calls already retry timeouts, throttling and 5xx answers with backoff inside
     botocore (`storage_timeouts` in the settings); these task retries cover what outlasts that
-    (a worker lost, a stalled server). An endpoint that took no connection in any of those
-    attempts is down: one that refused is tried once more after the task's first delay (a
+    (a worker lost, a server slow for a while). An endpoint that took no connection in any of
+    those attempts is down: one that refused is tried once more after the task's first delay (a
     restart, a network blip), one that timed out connecting not at all (its attempts already
     waited attempts x connect seconds), so a dead endpoint fails the run in well under a minute
-    rather than after every retry's delay. Missing credentials, denied access or a missing
+    rather than after every retry's delay. One that took the connections and answered none of
+    them in this process (stalled, hung) is tried once more too: each try waits attempts x read
+    seconds. Missing credentials, credentials the endpoint refuses, denied access or a missing
     package fail at once.
     """
     error = state.result(raise_on_failure=False)

@@ -108,6 +108,50 @@ def moto_endpoint(s3_test_credentials, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def moto_iam(s3_test_credentials, tmp_path_factory):
+    """A moto S3 server on a free loopback port that checks credentials and IAM policies, as AWS
+    does. Yields `(endpoint, admin, user)`: `admin` the environment credentials of a user allowed
+    everything; `user(name, statements)` creates a user whose IAM policy has `statements` and
+    returns its environment credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)."""
+    import json
+    import subprocess
+
+    import boto3
+    from botocore.config import Config
+
+    from benchmarks import servers
+
+    executable = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    if executable is None:
+        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
+    port = servers.free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    # moto checks credentials from the 4th request on: the first 3 make the admin user and its key.
+    with open(tmp_path_factory.mktemp("moto-iam") / "moto.log", "wb") as log:
+        process = subprocess.Popen([executable, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log,
+                                   env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}, start_new_session=True)
+        try:
+            servers.wait_until_ready(lambda: servers.port_open(port), process, "moto_server")
+            limits = Config(connect_timeout=5, read_timeout=30, retries={"total_max_attempts": 2})
+            unchecked = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", config=limits)
+
+            def make_user(iam, name: str, statements: list[dict]) -> dict[str, str]:
+                iam.create_user(UserName=name)
+                iam.put_user_policy(UserName=name, PolicyName="access", PolicyDocument=json.dumps(
+                    {"Version": "2012-10-17", "Statement": statements}))
+                key = iam.create_access_key(UserName=name)["AccessKey"]
+                return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+            admin = make_user(unchecked, "admin", [{"Effect": "Allow", "Action": "*", "Resource": "*"}])
+            iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", config=limits,
+                               aws_access_key_id=admin["AWS_ACCESS_KEY_ID"],
+                               aws_secret_access_key=admin["AWS_SECRET_ACCESS_KEY"])
+            yield endpoint, admin, lambda name, statements: make_user(iam, name, statements)
+        finally:
+            servers.stop_process_group(process)
+
+
+@pytest.fixture(scope="session")
 def seaweedfs_endpoint(s3_test_credentials, tmp_path_factory):
     """URL of a real S3 server (SeaweedFS) on free loopback ports; it refuses any credentials but
     S3_TEST_CREDENTIALS, which are in the environment."""

@@ -530,7 +530,7 @@ def test_a_dead_endpoint_is_retried_once_when_it_refused_and_never_when_connecti
 
 
 def test_segment_images_against_a_dead_endpoint_fails_in_seconds_naming_it(prefect_harness, s3_test_credentials,
-                                                                            monkeypatch, tmp_path, caplog):
+                                                                            monkeypatch, tmp_path):
     """Nothing listens at the S3 endpoint: the run fails with one line naming the endpoint after
     botocore's attempts and one task retry, not after three retries' 2 + 10 + 30 s of delays
     (about a minute, and minutes for an endpoint that never takes the connection)."""
@@ -543,10 +543,199 @@ def test_segment_images_against_a_dead_endpoint_fails_in_seconds_naming_it(prefe
     endpoint = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setattr(fsspec.config, "conf", {})
     monkeypatch.setenv("CELLSEG_STORAGE__S3__ENDPOINT_URL", endpoint)
-    with pytest.raises(StorageError) as raised:
+    with _run_logs() as logs, pytest.raises(StorageError) as raised:
         segment_images_flow(SegmentJob(source_url="s3://lab-images/incoming", store_url=str(tmp_path / "r.zarr"),
                                        model_version="bundled"))
     assert str(raised.value) == (f"'s3://lab-images/incoming': cannot connect to {endpoint} "
                                  "(connection refused: nothing listens there)")
-    assert "Retry 1/3" in caplog.text and "Retry 2/3" not in caplog.text
-    assert s3_test_credentials["AWS_SECRET_ACCESS_KEY"] not in caplog.text
+    assert "Retry 1/3" in logs.getvalue() and "Retry 2/3" not in logs.getvalue()
+    assert s3_test_credentials["AWS_SECRET_ACCESS_KEY"] not in logs.getvalue()
+
+
+@contextmanager
+def _run_logs() -> Iterator[io.StringIO]:
+    """Every log record of the runs started inside (Prefect's and cellseg's), as text: Prefect's
+    logging setup can leave pytest's caplog without them when a test starts the session's first run."""
+    text = io.StringIO()
+    handler = logging.StreamHandler(text)
+    logging.getLogger().addHandler(handler)
+    try:
+        yield text
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
+def _bucket_of_images(endpoint: str, credentials: dict[str, str], images: Path, count: int) -> str:
+    """A new bucket on the S3 server at `endpoint` holding the first `count` of `images` under incoming/: its URL."""
+    import s3fs
+
+    bucket = f"iam-{time.monotonic_ns() % 10**9}"
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key=credentials["AWS_ACCESS_KEY_ID"],
+                           secret=credentials["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True)
+    fs.mkdir(bucket)
+    for path in sorted(images.glob("*.png"))[:count]:
+        fs.put_file(str(path), f"{bucket}/incoming/{path.name}")
+    return f"s3://{bucket}"
+
+
+def _use_s3(monkeypatch: pytest.MonkeyPatch, endpoint: str, key: str, secret: str) -> None:
+    """The worker's settings: this endpoint and credentials (storage.s3), set as an operator sets them."""
+    import fsspec
+
+    monkeypatch.setattr(fsspec.config, "conf", {})
+    for name, value in {"ENDPOINT_URL": endpoint, "KEY": key, "SECRET": secret}.items():
+        monkeypatch.setenv(f"CELLSEG_STORAGE__S3__{name}", value)
+
+
+def test_segment_images_with_credentials_the_endpoint_refuses_fails_at_once_naming_the_settings(
+        prefect_harness, moto_iam, new_images, monkeypatch, tmp_path):
+    """A wrong secret (moto checking credentials as AWS does): the run fails at its first call
+    with one line naming the URL, the endpoint and the settings to check; no task retries, no
+    secret in the logs, no store (before: 'access denied (The request signature ...)')."""
+    from cellseg.flows.segment import segment_images_flow
+    from cellseg.storage_errors import StorageError
+
+    endpoint, admin, _ = moto_iam
+    bucket = _bucket_of_images(endpoint, admin, new_images / "images", 2)
+    _use_s3(monkeypatch, endpoint, admin["AWS_ACCESS_KEY_ID"], "wrong-secret-4711")
+    started = time.monotonic()
+    with _run_logs() as logs, pytest.raises(StorageError) as raised:
+        segment_images_flow(SegmentJob(source_url=f"{bucket}/incoming", store_url=str(tmp_path / "r.zarr"),
+                                       model_version="bundled"))
+    assert str(raised.value).startswith(
+        f"'{bucket}/incoming': {endpoint} refused the credentials (SignatureDoesNotMatch: "), raised.value
+    assert "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or storage.s3.key" in str(raised.value)
+    assert "Task run failed" not in logs.getvalue() and "Retry" not in logs.getvalue()
+    assert "refused the credentials" in logs.getvalue() and time.monotonic() - started < 60
+    assert "wrong-secret-4711" not in logs.getvalue() and admin["AWS_SECRET_ACCESS_KEY"] not in logs.getvalue()
+    assert not (tmp_path / "r.zarr").exists()
+
+
+def test_segment_images_into_a_store_its_credentials_may_only_read_stops_at_once_keeping_what_it_holds(
+        prefect_harness, moto_iam, new_images, monkeypatch):
+    """Credentials whose IAM policy allows reading everything and writing nothing: the run stops at
+    its first write with one line naming the store and the denial, no task retries, and the image
+    the store held is kept as it was."""
+    from cellseg.flows.segment import segment_images_flow
+
+    endpoint, admin, user = moto_iam
+    bucket = _bucket_of_images(endpoint, admin, new_images / "images", 3)
+    store_url = f"{bucket}/results.zarr"
+    _use_s3(monkeypatch, endpoint, admin["AWS_ACCESS_KEY_ID"], admin["AWS_SECRET_ACCESS_KEY"])
+    segment_images_flow(SegmentJob(source_url=f"{bucket}/incoming/synth_0000.png", store_url=store_url,
+                                   model_version="bundled"))
+    admin_options = {"endpoint_url": endpoint, "key": admin["AWS_ACCESS_KEY_ID"], "secret": admin["AWS_SECRET_ACCESS_KEY"]}
+    kept = ResultStore.open(store_url, mode="r", storage_options=admin_options).read_mask("synth_0000")
+
+    reader = user(f"reader-{time.monotonic_ns() % 10**9}",
+                  [{"Effect": "Allow", "Action": ["s3:Get*", "s3:List*", "s3:Head*"], "Resource": "*"}])
+    _use_s3(monkeypatch, endpoint, reader["AWS_ACCESS_KEY_ID"], reader["AWS_SECRET_ACCESS_KEY"])
+    with _run_logs() as logs, pytest.raises(Exception) as raised:  # what matters is the line it says
+        segment_images_flow(SegmentJob(source_url=f"{bucket}/incoming", store_url=store_url, model_version="bundled",
+                                       shard_size=1))
+    assert str(raised.value).startswith(f"cannot write to results store '{store_url}': Access Denied"), raised.value
+    assert "Access Denied" in logs.getvalue() and "Retry" not in logs.getvalue()
+    assert reader["AWS_SECRET_ACCESS_KEY"] not in logs.getvalue()
+    after = ResultStore.open(store_url, mode="r", storage_options=admin_options)
+    assert after.done_ids() == {"synth_0000"}
+    np.testing.assert_array_equal(after.read_mask("synth_0000"), kept)
+
+
+@contextmanager
+def _endpoint_that_never_answers() -> Iterator[str]:
+    """A loopback port that accepts every connection and never sends a byte."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for connection in held:
+            connection.close()
+        server.close()
+
+
+STALL_LIMITS = {"connect_seconds": 1, "read_seconds": 1, "attempts": 2}
+
+
+def test_segment_images_against_an_endpoint_that_never_answers_fails_after_one_task_retry(
+        prefect_harness, s3_test_credentials, monkeypatch, tmp_path):
+    """An endpoint that takes connections and answers none (a hung server): every attempt of the
+    first call times out, so it is treated as unreachable: one task retry, then one line saying so
+    (before: three task retries, each waiting out every attempt again: 4 x 4 x 30 s plus 42 s of
+    delays, about 9 minutes, with the default limits)."""
+    from cellseg.flows.segment import segment_images_flow
+    from cellseg.storage_errors import StorageError
+
+    with _endpoint_that_never_answers() as endpoint:
+        _use_s3(monkeypatch, endpoint, s3_test_credentials["AWS_ACCESS_KEY_ID"],
+                s3_test_credentials["AWS_SECRET_ACCESS_KEY"])
+        for name, value in STALL_LIMITS.items():
+            monkeypatch.setenv(f"CELLSEG_STORAGE_TIMEOUTS__{name.upper()}", str(value))
+        started = time.monotonic()
+        with _run_logs() as logs, pytest.raises(StorageError) as raised:
+            segment_images_flow(SegmentJob(source_url="s3://lab-images/incoming", store_url=str(tmp_path / "r.zarr"),
+                                           model_version="bundled"))
+        seconds = time.monotonic() - started
+    assert str(raised.value) == (f"'s3://lab-images/incoming': timed out after 1 s waiting for {endpoint} to answer "
+                                 "(ReadTimeoutError, tried 2 times; it took the connections but answered no request; "
+                                 "storage_timeouts in the settings set the limits)")
+    assert "Retry 1/3" in logs.getvalue() and "Retry 2/3" not in logs.getvalue()
+    assert seconds < 40, f"{seconds:.0f} s"  # two runs of 2 attempts of 1 s, and the first delay of 2 s
+    assert s3_test_credentials["AWS_SECRET_ACCESS_KEY"] not in logs.getvalue()
+
+
+def test_a_read_timeout_from_an_endpoint_that_has_answered_keeps_every_task_retry(moto_endpoint, monkeypatch):
+    """A slow answer from a server that answered before (overloaded, a large object) may pass: it
+    keeps the task retries; only an endpoint that never answered is judged stalled."""
+    import fsspec
+    import s3fs
+    from prefect.client.schemas.objects import TaskRun
+    from prefect.states import Failed
+
+    from cellseg.flows._common import retry_unless_bad_input
+    from cellseg.settings import CellsegSettings, StorageTimeouts
+    from cellseg.storage_errors import StorageError, storage_call
+    from tests.reliability.faulty_proxy import Fault, FaultyProxy
+
+    def retried(error: BaseException, run_count: int) -> bool:
+        run = TaskRun(flow_run_id=None, task_key="plan-shards", dynamic_key="0", run_count=run_count)
+        return retry_unless_bad_input(None, run, Failed(data=error))  # type: ignore[arg-type]
+
+    bucket = f"slow-{time.monotonic_ns() % 10**9}"
+    fs = s3fs.S3FileSystem(endpoint_url=moto_endpoint, skip_instance_cache=True)
+    fs.mkdir(bucket)
+    fs.pipe_file(f"{bucket}/fast/a.png", b"not decoded here")
+    proxy = FaultyProxy(moto_endpoint, [Fault("stall", r"prefix=slow", methods=("GET",), stall_seconds=3, times=None)])
+    monkeypatch.setattr(fsspec.config, "conf", {})
+    CellsegSettings(storage={"s3": {"endpoint_url": proxy.url}},
+                    storage_timeouts=StorageTimeouts(**STALL_LIMITS)).apply_storage()
+    with proxy.running():
+        assert list_images(f"s3://{bucket}/fast") == [f"s3://{bucket}/fast/a.png"]
+        with pytest.raises(StorageError) as raised, storage_call(f"s3://{bucket}/slow"):
+            list_images(f"s3://{bucket}/slow")
+    slow = raised.value
+    assert proxy.injected("stall") == 2 and "timed out after 1 s waiting for" in str(slow)
+    assert "answered no request" not in str(slow)
+    assert slow.transient and not slow.unreachable
+    assert [retried(slow, count) for count in (1, 2, 3)] == [True, True, True]
+    with _endpoint_that_never_answers() as endpoint:
+        stalled = _storage_failure(endpoint, **STALL_LIMITS)
+    assert stalled.transient and stalled.unreachable and "answered no request" in str(stalled)
+    assert [retried(stalled, count) for count in (1, 2, 3)] == [True, False, False]

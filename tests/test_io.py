@@ -552,3 +552,30 @@ def test_bad_image_files_on_s3_are_named_with_their_problem(s3_bucket):
         read_image(f"{bucket}/images/cut_short.png", options)
     with pytest.raises(ImageReadError, match=r"images/notes\.png.*not a readable image"):
         read_image(f"{bucket}/images/notes.png", options)
+
+
+@pytest.mark.integration
+def test_credentials_the_endpoint_refuses_are_one_error_naming_the_url_and_the_settings(moto_iam):
+    """A wrong secret or a key the server does not know (moto checking credentials as AWS does):
+    one permanent StorageError naming the URL, the endpoint's error code and where credentials
+    come from, never the secret (before: 'access denied (...)', naming no setting)."""
+    import s3fs
+
+    from cellseg.storage_errors import StorageError
+
+    endpoint, admin, _ = moto_iam
+    bucket = f"s3://refused-{time.monotonic_ns() % 10**8}"
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key=admin["AWS_ACCESS_KEY_ID"],
+                           secret=admin["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True)
+    fs.mkdir(bucket)
+    fs.pipe_file(f"{bucket}/images/a.png", png_bytes())
+    for key, code in ((admin["AWS_ACCESS_KEY_ID"], "SignatureDoesNotMatch"), ("AKIANOSUCHKEY0000000", "InvalidAccessKeyId")):
+        options = {"endpoint_url": endpoint, "key": key, "secret": "wrong-secret-4711"}
+        with pytest.raises(StorageError) as raised:
+            list_images(f"{bucket}/images", options)
+        message = str(raised.value)
+        assert message.startswith(f"'{bucket}/images': the S3 endpoint refused the credentials ({code}: "), message
+        assert message.endswith("check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or "
+                                "storage.s3.key and .secret in the settings, and that they are this endpoint's")
+        assert "wrong-secret-4711" not in message and "\n" not in message
+        assert not raised.value.transient and not raised.value.unreachable

@@ -86,6 +86,25 @@ def test_a_first_write_that_fails_hands_the_store_to_s3fs_and_says_why_without_t
 
 
 @pytest.mark.integration
+def test_first_writes_that_fail_together_say_why_once(seaweedfs_endpoint, caplog):
+    """The shards of a run write their first images at the same time: when the direct writes all
+    fail (credentials that may not write, say), the store goes to s3fs with one warning, not one
+    per write under way (before: a warning for each)."""
+    import asyncio
+
+    _, store = store_in_new_bucket(seaweedfs_endpoint, "direct-fallback-once", "run.zarr")
+    writer = s3_direct.DirectS3Writer(refused_store(seaweedfs_endpoint, "direct-fallback-once", "run.zarr"),
+                                      "direct-fallback-once", "run.zarr", store.root.store.fs)
+
+    async def three_at_once() -> list[bool]:
+        return await asyncio.gather(*(writer.write([(f"img{index}/zarr.json", b"{}")]) for index in range(3)))
+
+    with caplog.at_level(logging.WARNING, logger="cellseg.s3_direct"):
+        assert sync(three_at_once()) == [False, False, False]
+    assert caplog.text.count("written through s3fs instead") == 1 and writer.failed is not None
+
+
+@pytest.mark.integration
 def test_keys_are_written_as_they_are_and_those_obstore_cannot_name_go_through_s3fs(seaweedfs_endpoint):
     fs, store = store_in_new_bucket(seaweedfs_endpoint, "direct-keys", "a run%.zarr")
     writer = writer_of(store)

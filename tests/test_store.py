@@ -410,3 +410,38 @@ def test_an_endpoint_url_botocore_refuses_is_one_line_naming_the_setting(endpoin
     assert not raised.value.transient
     with pytest.raises(StorageError, match=rf"^'s3://bucket/r\.zarr': {named}$"):
         ResultStore.open("s3://bucket/r.zarr")
+
+
+@pytest.mark.integration
+def test_a_store_opened_with_refused_credentials_names_it_and_the_settings_to_check(moto_iam):
+    """moto checking credentials as AWS does. An existing store read with a wrong secret: the
+    endpoint's refusal, named. A new one: S3 answers the HEAD of its metadata with a bare 403,
+    which cannot say whether the credentials or their permissions are wrong, so both are named
+    (before: 'access denied (Forbidden)' alone, as if only permissions were missing)."""
+    import time
+
+    import s3fs
+
+    from cellseg.storage_errors import StorageError
+
+    endpoint, admin, _ = moto_iam
+    bucket = f"s3://refused-store-{time.monotonic_ns() % 10**8}"
+    good = {"endpoint_url": endpoint, "key": admin["AWS_ACCESS_KEY_ID"], "secret": admin["AWS_SECRET_ACCESS_KEY"]}
+    s3fs.S3FileSystem(**good, skip_instance_cache=True).mkdir(bucket)
+    ResultStore.open(f"{bucket}/kept.zarr", storage_options=good).write_result("kept", MASK, STATS, "kept.png", MODEL)
+    wrong = {**good, "secret": "wrong-secret-4711"}
+    settings = ("check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or storage.s3.key and .secret "
+                "in the settings")
+
+    with pytest.raises(StorageError) as raised:
+        ResultStore.open(f"{bucket}/kept.zarr", mode="r", storage_options=wrong)
+    assert str(raised.value).startswith(f"'{bucket}/kept.zarr': the S3 endpoint refused the credentials "
+                                        "(SignatureDoesNotMatch: "), raised.value
+    assert settings in str(raised.value) and not raised.value.transient
+    with pytest.raises(StorageError) as raised:
+        ResultStore.open(f"{bucket}/new.zarr", storage_options=wrong)
+    assert f"'{bucket}/new.zarr'" in str(raised.value) and "access denied" in str(raised.value)
+    assert str(raised.value).endswith(f"the endpoint gave no reason: {settings}, and their permissions")
+    for error in ("wrong-secret-4711", admin["AWS_SECRET_ACCESS_KEY"]):
+        assert error not in str(raised.value)
+    assert ResultStore.open(f"{bucket}/kept.zarr", mode="r", storage_options=good).done_ids() == {"kept"}
