@@ -32,7 +32,7 @@ from cellseg.io import (
     read_bytes,
     write_file_atomic,
 )
-from cellseg.pairs import ImagePair, check_same_size, dataset_hash, pair_by_stem
+from cellseg.pairs import ImagePair, check_one_plane, check_same_size, dataset_hash, pair_by_stem
 from cellseg.redact import redact_url
 
 logger = logging.getLogger(__name__)
@@ -129,9 +129,11 @@ class ContentCache:
             return None
         return CachedFile(redact_url(entry.url), entry.size, known["sha256"], str(path), tuple(known["shape"]), known["dtype"])
 
-    def add(self, entry: FileEntry, data: bytes) -> CachedFile:
-        """Validate (decode) and store `data`; returns its cached description."""
+    def add(self, entry: FileEntry, data: bytes, role: str) -> CachedFile:
+        """Validate (decode; one 2-D plane) and store `data`, the `role` file (image, mask); returns its
+        cached description."""
         array = decode_image(data, entry.url)
+        check_one_plane(role, entry.url, data)
         sha256 = hashlib.sha256(data).hexdigest()
         path = self.object_path(sha256)
         if not path.exists():
@@ -163,7 +165,8 @@ def ingest_dataset(
 ) -> IngestResult:
     """Pair, validate and cache a dataset; write and return its manifest.
 
-    Raises DatasetError (missing partners, shared stems, size mismatches) or ImageReadError
+    Pairs as `cellseg.pairs.pair_by_stem` does (mask suffixes, one folder for both, hidden files
+    skipped). Raises DatasetError (missing partners, shared stems, size mismatches, stacks) or ImageReadError
     (unreadable files), each naming the files at fault, before the manifest is written.
     """
     listed = {entry.url: entry for entry in list_image_entries(images_url, storage_options)}
@@ -173,15 +176,15 @@ def ingest_dataset(
 
     cache = ContentCache(cache_dir)
 
-    def fetch(url: str) -> tuple[CachedFile, bool]:
+    def fetch(url: str, role: str) -> tuple[CachedFile, bool]:
         cached = cache.lookup(listed[url])
         if cached is not None:
             return cached, False
-        return cache.add(listed[url], read_bytes(url, storage_options)), True
+        return cache.add(listed[url], read_bytes(url, storage_options), role), True
 
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
-        fetched_images = list(pool.map(fetch, [pair.image_url for pair in pairs]))
-        fetched_masks = list(pool.map(fetch, [pair.mask_url for pair in pairs]))
+        fetched_images = list(pool.map(lambda pair: fetch(pair.image_url, "image"), pairs))
+        fetched_masks = list(pool.map(lambda pair: fetch(pair.mask_url, "mask"), pairs))
     cache.save_index()
     copied = sum(was_copied for _, was_copied in fetched_images + fetched_masks)
     cached_images = [cached for cached, _ in fetched_images]

@@ -244,6 +244,38 @@ def test_zero_byte_image_is_refused_even_after_a_good_ingest(tmp_path):
     assert [path.name for path in (cache / "manifests").iterdir()] == [good.manifest_path.name]
 
 
+
+def test_masks_with_a_mask_suffix_and_hidden_files_are_ingested_as_pairs(tmp_path, caplog):
+    """`a_mask.png` beside macOS's `._a.png` in both folders: paired by name, the dot files skipped."""
+    files = dataset_files()
+    for image_id in IMAGES:
+        files[f"masks/{image_id}_mask.png"] = files.pop(f"masks/{image_id}.png")
+    for role in ("images", "masks"):
+        files[f"{role}/._a.png"] = b"\x00\x05\x16\x07" + bytes(80)
+    root = write_local(tmp_path / "src", files)
+
+    with caplog.at_level("WARNING"):
+        result = ingest_local(root, tmp_path / "cache")
+
+    entries = result.manifest.entries
+    assert [entry.id for entry in entries] == ["a", "b", "c"]
+    assert [entry.mask.source_url for entry in entries] == [f"{root}/masks/{i}_mask.png" for i in ("a", "b", "c")]
+    assert f"skipping 1 hidden file(s) under '{root}/masks', not images: ._a.png" in caplog.text
+    assert result.copied == 6
+
+
+def test_a_stack_is_refused_naming_it_before_a_manifest_is_written(tmp_path):
+    import tifffile
+
+    root = write_local(tmp_path / "src", dataset_files())
+    (root / "masks" / "a.png").unlink()
+    tifffile.imwrite(root / "masks" / "a.tif", np.stack([mask_for(IMAGES["a"])] * 3), photometric="minisblack")
+    cache = tmp_path / "cache"
+
+    with pytest.raises(DatasetError, match=r"^mask '.*masks/a\.tif' is a stack of 3 planes"):
+        ingest_local(root, cache)
+    assert_no_manifest(cache)
+
 # --- object storage -----------------------------------------------------------------------
 
 
@@ -288,12 +320,12 @@ def test_keys_with_dot_dot_never_leave_the_cache(s3_bucket, tmp_path):
     bucket, options = s3_bucket
     fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
     image, mask = png_bytes(IMAGES["a"]), png_bytes(mask_for(IMAGES["a"]))
-    for name in ("..png", "..a..png", "x..png"):
+    for name in ("..png", "a..b..png", "x..png"):
         fs.pipe_file(f"{bucket}/ds/images/{name}", image)
         fs.pipe_file(f"{bucket}/ds/masks/{name}", mask)
     cache = tmp_path / "sandbox" / "cache"
     result = ingest_dataset(f"{bucket}/ds/images", f"{bucket}/ds/masks", cache, options)
-    assert len(result.manifest.entries) == 3
+    assert [entry.id for entry in result.manifest.entries] == ["a..b.", "x."]  # '..png' is a hidden file, skipped
     written = [path for path in (tmp_path / "sandbox").rglob("*") if path.is_file()]
     assert written and all(path.resolve().is_relative_to(cache.resolve()) for path in written)
     assert {path.name for path in object_files(cache)} == {hashlib.sha256(image).hexdigest(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import shutil
 
 import numpy as np
@@ -110,6 +111,141 @@ def test_empty_image_directory_is_refused(tmp_path):
         pair_images_and_masks(str(tmp_path / "images"), str(tmp_path / "masks"))
 
 
+
+def test_masks_named_with_a_mask_suffix_pair_with_their_images(tmp_path, caplog):
+    """Cellpose writes `img_masks.tif`, its GUI `img_cp_masks.png`, labs `img_mask.png`: each
+    used to leave both files unpaired and refuse the dataset."""
+    mask_names = {"a": "a_mask.png", "b": "b_masks.tif", "c": "c-labels.png", "d": "d_cp_masks.png", "e": "e.png"}
+    for image_id, mask_name in mask_names.items():
+        write_png(tmp_path / "images" / f"{image_id}.png", np.zeros((2, 2), np.uint8))
+        write_png(tmp_path / "masks" / mask_name, np.zeros((2, 2), np.uint8))
+
+    with caplog.at_level("INFO", logger="cellseg.pairs"):
+        pairs = pair_images_and_masks(str(tmp_path / "images"), str(tmp_path / "masks"))
+
+    assert pairs == [ImagePair(image_id, f"{tmp_path}/images/{image_id}.png", f"{tmp_path}/masks/{mask_name}")
+                     for image_id, mask_name in mask_names.items()]
+    assert "paired 5 images" in caplog.text and "(4 named with a mask suffix)" in caplog.text
+
+
+def test_an_image_named_like_a_mask_keeps_its_exact_mask(tmp_path):
+    for image_id in ("a", "a_mask"):
+        write_png(tmp_path / "images" / f"{image_id}.png", np.zeros((2, 2), np.uint8))
+        write_png(tmp_path / "masks" / f"{image_id}.png", np.zeros((2, 2), np.uint8))
+
+    pairs = pair_images_and_masks(str(tmp_path / "images"), str(tmp_path / "masks"))
+
+    assert [(pair.id, pair.mask_url.rsplit("/", 1)[1]) for pair in pairs] == [("a", "a.png"), ("a_mask", "a_mask.png")]
+
+
+def test_a_plain_and_a_suffixed_mask_of_one_image_are_ambiguous(tmp_path):
+    make_dataset(tmp_path, ids=("a", "b"))
+    write_png(tmp_path / "masks" / "a_mask.png", np.zeros((12, 10), np.uint8))
+
+    with pytest.raises(DatasetError, match=r"mask files name one image .*ambiguous: 'a': a\.png, a_mask\.png"):
+        pair_images_and_masks(str(tmp_path / "images"), str(tmp_path / "masks"))
+
+
+def test_one_folder_of_images_and_cellpose_masks_is_paired(tmp_path):
+    """Cellpose keeps `img.tif` and `img_masks.tif` in one folder: given as both --images and
+    --masks, every file used to be paired with itself and the dataset refused."""
+    folder = tmp_path / "train"
+    image, labels = np.zeros((12, 10), np.uint8), np.zeros((12, 10), np.uint16)
+    image[2:6, 2:6], labels[2:6, 2:6] = 200, 7
+    for image_id in ("img01", "img02"):
+        write_png(folder / f"{image_id}.png", image)
+        write_png(folder / f"{image_id}_masks.png", labels)
+
+    pairs = pair_images_and_masks(str(folder), str(folder))
+
+    assert pairs == [ImagePair(i, f"{folder}/{i}.png", f"{folder}/{i}_masks.png") for i in ("img01", "img02")]
+    assert load_pair(pairs[0], KEEP).mask.sum() == 16
+
+
+def test_hidden_files_are_skipped_with_a_warning(tmp_path, caplog):
+    """macOS leaves `._img.tif` (AppleDouble) beside each file it copies to a shared drive: an image
+    suffix, no image. It was listed, paired, and failed the whole training when decoded."""
+    make_dataset(tmp_path, ids=("a", "b"))
+    for role in ("images", "masks"):
+        (tmp_path / role / "._a.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(60))
+        (tmp_path / role / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(40))
+
+    with caplog.at_level("WARNING"):
+        pairs = pair_images_and_masks(str(tmp_path / "images"), str(tmp_path / "masks"))
+
+    assert [pair.id for pair in pairs] == ["a", "b"]
+    assert f"skipping 1 hidden file(s) under '{tmp_path}/images', not images: ._a.png" in caplog.text
+    assert f"skipping 1 hidden file(s) under '{tmp_path}/masks', not images: ._a.png" in caplog.text
+    assert len(load_pairs(pairs, KEEP)) == 2
+
+
+def test_many_unpaired_files_are_counted_and_the_first_five_named(tmp_path):
+    make_dataset(tmp_path, ids=[f"img{i}" for i in range(8)])
+    for index in range(1, 8):
+        (tmp_path / "masks" / f"img{index}.png").rename(tmp_path / "masks" / f"img{index}.seg.png")
+
+    with pytest.raises(DatasetError) as caught:
+        pair_images_and_masks(str(tmp_path / "images"), str(tmp_path / "masks"))
+
+    message = str(caught.value)
+    assert message.count("has no mask") == 5 and message.count("has no image") == 5
+    assert "and 2 more of the 7 images without a mask" in message
+    assert "and 2 more of the 7 masks without an image" in message
+    assert message.endswith("(a mask is named '<image>.<ext>' or '<image>_mask', '_masks', '_label', '_labels', "
+                            "'_cp_masks' before the extension)")
+
+
+@pytest.mark.integration
+def test_train_takes_a_folder_as_annotators_hand_it_over(tmp_path):
+    """Masks named `<image>_mask.png` and macOS's `._` files beside both: trained on, and said so."""
+    from cellseg.synth import write_dataset
+    from tests.conftest import cellseg
+
+    write_dataset(str(tmp_path / "data"), count=3, size=48, seed=0)
+    for mask in (tmp_path / "data/masks").glob("*.png"):
+        mask.rename(mask.with_name(f"{mask.stem}_mask.png"))
+    for role in ("images", "masks"):
+        (tmp_path / "data" / role / "._synth_0000.png").write_bytes(b"\x00\x05\x16\x07" + bytes(80))
+
+    result = cellseg("train", "--images", str(tmp_path / "data/images"), "--masks", str(tmp_path / "data/masks"),
+                     "--out", str(tmp_path / "run"), "--epochs", "1", "--depth", "2", "--base-width", "4",
+                     "--patch-size", "48", "--patches-per-image", "1", "--from-scratch", "--max-minutes", "0")
+
+    assert f"skipping 1 hidden file(s) under '{tmp_path}/data/images', not images: ._synth_0000.png" in result.stderr
+    assert "paired 3 images" in result.stderr and "(3 named with a mask suffix)" in result.stderr
+    split = json.loads((tmp_path / "run/split.json").read_text())
+    assert sorted(split["train"] + split["val"]) == ["synth_0000", "synth_0001", "synth_0002"]
+
+
+@pytest.mark.integration
+def test_train_refuses_a_stack_in_one_line_with_exit_status_2(tmp_path):
+    import tifffile
+
+    from tests.conftest import cellseg
+
+    make_dataset(tmp_path, ids=("a", "b"))
+    (tmp_path / "images/b.png").unlink()
+    tifffile.imwrite(tmp_path / "images/b.tif", np.zeros((4, 12, 10), np.uint8), photometric="minisblack")
+
+    result = cellseg("train", "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"),
+                     "--out", str(tmp_path / "run"), "--from-scratch", check=False)
+
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"cellseg train: error: image '{tmp_path}/images/b.tif' is a stack of 4 planes (z, time points or "
+        "channels); training takes 2-D images and masks: save the annotated plane of each as a file of its own")
+    assert not (tmp_path / "run/best.pt").exists()
+
+
+def test_images_only_in_subfolders_are_refused_saying_subfolders_are_not_searched(tmp_path):
+    make_dataset(tmp_path / "nested")
+    shutil.move(tmp_path / "nested", tmp_path / "images")
+    (tmp_path / "masks").mkdir()
+
+    with pytest.raises(DatasetError, match=rf"^no images \(.*\) found directly under '{tmp_path}/images' "
+                                           r"\(subfolders are not searched\)$"):
+        pair_images_and_masks(str(tmp_path / "images"), str(tmp_path / "masks"))
+
 @pytest.mark.integration
 def test_pairing_and_loading_on_s3(s3_bucket, tmp_path):
     import s3fs
@@ -192,6 +328,95 @@ def test_load_pair_size_mismatch_names_both_files_and_sizes(tmp_path):
     assert f"mask '{mask_path}' is 40x30" in message
     assert f"image '{image_path}' is 32x30" in message
 
+
+
+def touching_cells() -> np.ndarray:
+    """uint16 labels: cells 1 and 2 side by side, touching, and cell 3 apart."""
+    labels = np.zeros((16, 16), np.uint16)
+    labels[2:8, 2:6], labels[2:8, 6:10], labels[11:14, 11:14] = 1, 2, 3
+    return labels
+
+
+def test_float_masks_of_whole_numbers_are_read_as_integer_masks(tmp_path):
+    """numpy arrays and Fiji's 32-bit images save labels as float: a float label image was read as
+    a binary mask, merging touching cells without a word."""
+    import tifffile
+
+    labels = touching_cells()
+    image = write_png(tmp_path / "image.png", (labels > 0).astype(np.uint8) * 200)
+    tifffile.imwrite(tmp_path / "labels.tif", labels.astype(np.float32))
+    tifffile.imwrite(tmp_path / "binary.tif", (labels > 0).astype(np.float64))
+
+    as_labels = load_pair(ImagePair("x", str(image), str(tmp_path / "labels.tif")), KEEP)
+    as_binary = load_pair(ImagePair("x", str(image), str(tmp_path / "binary.tif")), KEEP)
+
+    np.testing.assert_array_equal(as_labels.instances, labels)
+    assert as_binary.instances is None
+    np.testing.assert_array_equal(as_binary.mask, labels > 0)
+
+
+@pytest.mark.parametrize("wrong", [0.25, -1.0])
+def test_a_float_mask_of_fractions_or_negatives_is_refused_naming_it(tmp_path, wrong):
+    """A probability map given as a mask was read as 'above 0 is cell': nearly every pixel a cell."""
+    import tifffile
+
+    image = write_png(tmp_path / "image.png", np.zeros((16, 16), np.uint8))
+    mask = (touching_cells() > 0).astype(np.float32)
+    mask[0, 0] = wrong
+    tifffile.imwrite(tmp_path / "mask.tif", mask)
+
+    with pytest.raises(DatasetError, match=rf"mask '{tmp_path}/mask.tif' holds float32 values that are not whole "
+                                           rf"numbers from 0 \({wrong:g} among them\)"):
+        load_pair(ImagePair("x", str(image), str(tmp_path / "mask.tif")), KEEP)
+
+
+
+def test_a_mask_that_is_nearly_all_cell_is_warned_about_as_inverted(tmp_path, caplog):
+    """Cells drawn black on white were read as a field of cell around black holes, without a word."""
+    cells = np.pad(touching_cells() > 0, 8).astype(np.uint8) * 255  # 57 of 1024 pixels cell
+    image = write_png(tmp_path / "image.png", cells)
+    inverted = write_png(tmp_path / "inverted.png", 255 - cells)
+    upright = write_png(tmp_path / "upright.png", cells)
+
+    with caplog.at_level("WARNING", logger="cellseg.pairs"):
+        load_pair(ImagePair("x", str(image), str(upright)), KEEP)
+        assert not caplog.records
+        pair = load_pair(ImagePair("x", str(image), str(inverted)), KEEP)
+
+    assert pair.mask.sum() == 1024 - 57  # kept as given: a warning, not a refusal
+    assert caplog.messages == [f"mask '{inverted}' marks 94% of its pixels as cell (any value above 0): is it "
+                               "inverted, cells dark on a light background? Masks mark the background 0"]
+
+@pytest.mark.parametrize("stacked", ["image", "mask"])
+def test_a_stack_given_as_image_or_mask_is_refused_naming_it(tmp_path, stacked):
+    """A z-stack or channel stack was read as its first page, silently, and paired with a mask
+    drawn on another plane or a projection."""
+    import tifffile
+
+    labels = touching_cells()
+    image = (labels > 0).astype(np.uint8) * 200
+    files = {"image": tmp_path / "image.tif", "mask": tmp_path / "mask.tif"}
+    planes = {"image": image, "mask": labels}
+    for role, path in files.items():
+        tifffile.imwrite(path, np.stack([planes[role]] * 5) if role == stacked else planes[role], photometric="minisblack")
+
+    with pytest.raises(DatasetError, match=rf"^{stacked} '{files[stacked]}' is a stack of 5 planes \(z, time points "
+                                           r"or channels\); training takes 2-D images and masks"):
+        load_pair(ImagePair("x", str(files["image"]), str(files["mask"])), KEEP)
+
+
+def test_a_tiff_with_a_thumbnail_page_is_no_stack(tmp_path):
+    import tifffile
+
+    labels = touching_cells()
+    with tifffile.TiffWriter(tmp_path / "image.tif") as tif:
+        tif.write((labels > 0).astype(np.uint8) * 200)
+        tif.write(np.zeros((4, 4), np.uint8), subfiletype=1)  # a reduced-resolution preview
+    write_png(tmp_path / "mask.png", labels)
+
+    pair = load_pair(ImagePair("x", str(tmp_path / "image.tif"), str(tmp_path / "mask.png")), KEEP)
+
+    np.testing.assert_array_equal(pair.instances, labels)
 
 def test_a_mask_with_the_pixels_of_its_image_is_refused_naming_both(tmp_path, capsys):
     """`--masks` pointed at the image folder used to train on each image as its own mask, silently."""
