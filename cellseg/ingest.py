@@ -165,8 +165,8 @@ def ingest_dataset(
 ) -> IngestResult:
     """Pair, validate and cache a dataset; write and return its manifest.
 
-    Pairs as `cellseg.pairs.pair_by_stem` does (mask suffixes, one folder for both, hidden files
-    skipped). Raises DatasetError (missing partners, shared stems, size mismatches, stacks) or ImageReadError
+    Pairs as `cellseg.pairs.pair_by_stem` does (mask suffixes, one folder for both; hidden files
+    are not listed). Raises DatasetError (missing partners, shared stems, size mismatches, stacks) or ImageReadError
     (unreadable files), each naming the files at fault, before the manifest is written.
     """
     listed = {entry.url: entry for entry in list_image_entries(images_url, storage_options)}

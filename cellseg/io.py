@@ -96,7 +96,8 @@ def list_image_entries(url: str, storage_options: StorageOptions = None, microsc
                        kind: str = "image") -> list[FileEntry]:
     """Image files directly under the directory `url`, sorted by name, or the one image file `url`
     names; with `microscopy`, also CZI/ND2/LIF files and `.zarr` folders (OME-Zarr images and
-    plates: `cellseg.formats`).
+    plates: `cellseg.formats`). Hidden files and folders (a leading dot) are skipped, those with an
+    image suffix named in a warning.
 
     The fingerprint is the object's ETag on object storage, its modification time elsewhere.
     """
@@ -120,9 +121,13 @@ def list_image_entries(url: str, storage_options: StorageOptions = None, microsc
             info = fs.info(root)
             return [_file_entry(url, _followed_link(info) if info.get("islink") else info)]
         listing = fs.ls(root, detail=True)
-    entries, ignored, folders = [], [], []
+    entries, ignored, folders, hidden = [], [], [], []
     for listed in listing:
         name = posixpath.basename(listed["name"].rstrip("/"))
+        if name.startswith("."):  # macOS's `._img01.tif` resource forks carry an image suffix but no image
+            if name.lower().endswith(suffixes):
+                hidden.append(name)
+            continue
         entry = _followed_link(listed) if listed.get("islink") else listed
         if microscopy and entry.get("type") == "directory" and name.lower().endswith(ZARR_FOLDER_SUFFIX):
             entries.append(FileEntry(join_url(url, name), 0, f"zarr:{entry.get('mtime') or ''}"))
@@ -136,6 +141,9 @@ def list_image_entries(url: str, storage_options: StorageOptions = None, microsc
             continue
         if entry.get("type") == "file" or listed.get("islink"):  # a link to nothing fails when read, naming it
             entries.append(_file_entry(join_url(url, name), entry))
+    if hidden:
+        logger.warning("skipping %d hidden file(s) under '%s', not images: %s", len(hidden), redact_url(url),
+                       _some(hidden))
     if ignored:
         logger.warning("ignoring %d file(s) under '%s' without an image suffix (%s): %s",
                        len(ignored), redact_url(url), " ".join(suffixes), _some(ignored))

@@ -87,16 +87,6 @@ def mask_name_base(stem: str) -> str | None:
     return stem[: match.start()] if match and match.start() > 0 else None
 
 
-def without_hidden_files(urls: Sequence[str], folder: str) -> list[str]:
-    """`urls` less dot files (macOS's `._img01.tif` resource forks, which carry an image suffix but
-    no image), which are named in a warning."""
-    hidden = [posixpath.basename(url) for url in urls if posixpath.basename(url).startswith(".")]
-    if hidden:
-        logger.warning("skipping %d hidden file(s) under '%s', not images: %s", len(hidden), redact_url(folder),
-                       _some(hidden))
-    return [url for url in urls if not posixpath.basename(url).startswith(".")]
-
-
 def _some(names: Sequence[str]) -> str:
     """The first LISTED_PER_PROBLEM of `names`, and how many more."""
     more = len(names) - LISTED_PER_PROBLEM
@@ -116,9 +106,7 @@ def split_one_folder(urls: Sequence[str]) -> tuple[list[str], list[str]]:
 def pair_by_stem(image_urls: Sequence[str], mask_urls: Sequence[str], images_url: str, masks_url: str) -> list[ImagePair]:
     """Pair listed image and mask URLs: a mask has its image's stem, or that stem and a mask suffix
     (`img01_mask.png`, `img01_masks.tif`: `MASK_NAME_SUFFIX`); images and masks may share one folder.
-    Hidden files are skipped with a warning. Raises DatasetError naming files left unpaired."""
-    image_urls = without_hidden_files(image_urls, images_url)
-    mask_urls = without_hidden_files(mask_urls, masks_url)
+    Raises DatasetError naming files left unpaired."""
     if set(image_urls) & set(mask_urls):
         image_urls, mask_urls = split_one_folder(image_urls)
     images = index_by_stem(image_urls, "image")

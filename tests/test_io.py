@@ -579,3 +579,19 @@ def test_credentials_the_endpoint_refuses_are_one_error_naming_the_url_and_the_s
                                 "storage.s3.key and .secret in the settings, and that they are this endpoint's")
         assert "wrong-secret-4711" not in message and "\n" not in message
         assert not raised.value.transient and not raised.value.unreachable
+
+
+def test_hidden_files_are_not_listed_and_those_with_an_image_suffix_are_named(tmp_path, caplog):
+    """macOS leaves `._img.tif` (AppleDouble) beside each file it copies to a shared drive: an image
+    suffix, no image. `predict` failed it, and a nightly run exited 3 every night."""
+    from cellseg.io import list_images
+    from cellseg.synth import encode_png
+
+    (tmp_path / "a.png").write_bytes(encode_png(np.zeros((32, 32), dtype=np.uint8)))
+    (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(60))
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(40))
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    with caplog.at_level("INFO", logger="cellseg"):
+        assert list_images(str(tmp_path)) == [str(tmp_path / "a.png")]
+    assert f"skipping 1 hidden file(s) under '{tmp_path}', not images: ._a.png" in caplog.text
+    assert ".DS_Store" not in caplog.text and "subfolder" not in caplog.text
