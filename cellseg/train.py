@@ -257,6 +257,11 @@ def train(
         "" if config.compile == "off" else f", compiled ({config.compile})", len(train_pairs), len(val_pairs),
         config.epochs,
     )
+    if not val_pairs:
+        why = ("val_fraction is 0" if config.val_fraction <= 0 else
+               "one image cannot be split" if len(train_pairs) == 1 else "none given")
+        logger.warning("no validation images (%s): best.pt is the epoch that fits the training images best, which "
+                       "says little of other images", why)
     if initial is not None and val_pairs and monitor_key.startswith("val_"):
         # On a small dataset fine-tuning can leave a good model worse: its starting weights are
         # scored as an epoch would be, and best.pt keeps them until an epoch beats them.

@@ -100,6 +100,14 @@ def test_same_seed_gives_identical_runs(split, tmp_path):
     assert strip(first.history) == strip(second.history)
 
 
+def test_training_on_one_image_warns_that_best_pt_is_chosen_on_it(split, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="cellseg.train"):
+        result = train(split[0][:1], [], tmp_path / "one", SMALL_MODEL, small_config(epochs=1))
+    assert result.best_checkpoint.is_file()
+    assert ("no validation images (one image cannot be split): best.pt is the epoch that fits the training images "
+            "best") in caplog.text
+
+
 def test_loader_processes_give_the_same_run_as_the_training_process(split, tmp_path, caplog):
     caplog.set_level("INFO", logger="cellseg.train")
     inline = train(*split, tmp_path / "inline", SMALL_MODEL, small_config(epochs=2, batch_size=2, augment=True))
