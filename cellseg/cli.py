@@ -9,6 +9,7 @@ config files, never from flags.
 from __future__ import annotations
 
 import argparse
+import difflib
 import io
 import json
 import logging
@@ -148,15 +149,21 @@ def _run_predict(args: argparse.Namespace) -> int:
     from cellseg.segment import cpu_line
     from cellseg.store import ResultStore
 
-    if args.model is None:
+    if args.model is None and args.model_version is None:
         logging.getLogger("cellseg").info(
             "no --model given: using the shipped '%s' model (%s); fine-tune it on your own images for best results",
             DEFAULT_SHIPPED_MODEL, SHIPPED_MODELS[DEFAULT_SHIPPED_MODEL][0],
         )
-    shipped = shipped_name(args.model or BUNDLED_VERSION)
-    job = SegmentJob(source_url=args.images, store_url=args.out, registry_url=settings.registry_url,
-                     model_version=shipped or "current", checkpoint_url=None if shipped else args.model,
-                     predict=settings.predict)
+    if args.model_version is not None:
+        job = SegmentJob(source_url=args.images, store_url=args.out, registry_url=settings.registry_url,
+                         model_version=args.model_version, predict=settings.predict)
+    else:
+        shipped = shipped_name(args.model or BUNDLED_VERSION)
+        if not shipped:
+            _check_not_a_version(args.model, settings)
+        job = SegmentJob(source_url=args.images, store_url=args.out, registry_url=settings.registry_url,
+                         model_version=shipped or "current", checkpoint_url=None if shipped else args.model,
+                         predict=settings.predict)
     with ExitStack() as bars:
         scan = bars.enter_context(_progress("reading store", "image"))
         segmenting: list[Any] = []
@@ -203,6 +210,27 @@ def _run_predict(args: argparse.Namespace) -> int:
     return _batch_status(len(report.failed))
 
 
+def _check_not_a_version(model: str, settings: CellsegSettings) -> None:
+    """Refuse `--model NAME` where NAME is no file but a version of the registry (or 'current'),
+    saying that --model-version takes it."""
+    from cellseg.io import filesystem
+    from cellseg.registry import CURRENT, VERSION_NAME, Registry
+
+    if not (model == CURRENT or VERSION_NAME.fullmatch(model)):
+        return
+    fs, path = filesystem(model)
+    if fs.exists(path):
+        return
+    if model != CURRENT:
+        try:
+            Registry(settings.registry_url).resolve(model)
+        except ValueError:  # no such version either (or no registry to ask): the missing file is the error
+            return
+    raise ValueError(f"--model takes a checkpoint file or a shipped model's name, and there is no file '{model}': "
+                     f"for the {'current version' if model == CURRENT else 'version'} of registry "
+                     f"'{redact_url(settings.registry_url)}' give --model-version {model}")
+
+
 def _run_evaluate(args: argparse.Namespace) -> int:
     from cellseg.evaluate import evaluate_store
     from cellseg.store import ResultStore
@@ -212,7 +240,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(dumps(result, indent=1))
         return 0
-    print(f"{result['images']} images scored")
+    print(f"{_images(result['images'])} scored")
     print(f"{'':8}" + "".join(f"{name:>11}" for name in result["mean"]))
     for kind in ("mean", "pooled"):
         print(f"{kind:8}" + "".join(f"{value:11.4f}" for value in result[kind].values()))
@@ -233,10 +261,17 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if "instances" in result:
         _print_cell_scores(result["instances"])
     if missing := result["missing_predictions"]:
-        named = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        named = _first_names(missing)
         print(f"{_images(len(missing))} with a ground-truth mask and no finished prediction, left out of the "
               f"scores: {named}")
+    if unmatched := result["missing_truths"]:
+        print(f"{_images(len(unmatched))} of the store with no ground-truth mask under {redact_url(args.masks)}, left "
+              f"out of the scores: {_first_names(unmatched)}")
     return 0
+
+
+def _first_names(names: Sequence[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _images(count: int) -> str:
@@ -357,7 +392,12 @@ def _run_models(args: argparse.Namespace) -> int:
         if card_name:
             print(dumps(model_card(card_name), indent=1))
         else:
-            meta = registry.get(args.version)
+            try:
+                meta = registry.get(args.version)
+            except RegistryError as error:
+                if close := difflib.get_close_matches(args.version, SHIPPED_MODELS, n=1, cutoff=0.6):
+                    raise RegistryError(f"{error}; did you mean the shipped model '{close[0]}'?") from error
+                raise
             # Where the checkpoint, its training history and pictures are, to copy or open.
             urls = {name: redact_url(registry.file_url(meta.version, name)) for name in ("checkpoint.pt", *meta.files)}
             print(dumps({**meta.model_dump(mode="json"), "urls": urls}, indent=1))
@@ -370,9 +410,15 @@ def _run_models(args: argparse.Namespace) -> int:
         checkpoint, version = ModelSource(registry_url, args.version or "current", args.checkpoint).load()
         export_model(checkpoint, args.out, args.format, model_version=version, overwrite=args.overwrite)
         print(f"exported model {version} as {args.format} to {redact_url(args.out)} (input/normalisation/threshold in {redact_url(args.out)}.json)")
+    elif args.action == "rollback":
+        before, now = registry.rollback()
+        print(f"{now} is current again in {redact_url(registry_url)} (was {before})")
     else:
-        registry.promote(args.version)
-        print(f"{registry.resolve(args.version)} is now current in {redact_url(registry_url)}")
+        previous = registry.promote(args.version)
+        promoted = registry.resolve(args.version)
+        was = ("; it already was" if previous == promoted else f" (was {previous}; `cellseg models rollback` makes "
+               "it current again)" if previous else "")
+        print(f"{promoted} is now current in {redact_url(registry_url)}{was}")
     return 0
 
 
@@ -414,7 +460,9 @@ def _run_flow_train(args: argparse.Namespace) -> int:
     job = with_settings(TrainJob.model_validate({"images_url": args.images, "masks_url": args.masks, **given(args, JOB)}),
                         settings)
     result = train_unet(job)
-    print(f"registered model {result['version']} ({result['stop_reason']}; {result['best_described']})")
+    made_current = ("current" if job.promote else f"not current: `cellseg models promote {result['version']} "
+                    f"--registry {redact_url(job.registry_url)}` makes it so")
+    print(f"registered model {result['version']} ({result['stop_reason']}; {result['best_described']}), {made_current}")
     _print_metrics({f"val_{k}": v for k, v in result["metrics"].items() if not k.startswith("cells_")})
     if cells := {k.removeprefix("cells_"): v for k, v in result["metrics"].items() if k.startswith("cells_")}:
         _print_cell_scores(cells, label=f"validation cells ({cells['images']} images, as `predict` segments them)")

@@ -103,8 +103,9 @@ TRAINING_FLAGS: list[Flag] = [
     (("--compile",), "training.compile", {"choices": COMPILE_MODES,
                                           "help": "torch.compile the training steps; reduce-overhead: also as CUDA "
                                                   "graphs"}),
-    (("--init-from",), "training.init_from", {"help": "fine-tune from this checkpoint or shipped model (its model "
-                                                      "config replaces --depth etc.); 'auto': the shipped model "
+    (("--init-from",), "training.init_from", {"help": "fine-tune from this checkpoint, shipped model, or version of "
+                                                      "the registry ('current' or a version name; --registry) (its "
+                                                      "model config replaces --depth etc.); 'auto': the shipped model "
                                                       "for small datasets whose cells it already finds"}),
     (("--from-scratch",), "training.init_from", {"action": "store_const", "const": None,
                                                  "help": "random initialisation, never the shipped model"}),
@@ -320,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = _command(commands, "train", "train", help="train a U-Net on image/mask pairs")
     _add_pairs(train)
     train.add_argument("--out", required=True, help="local directory for best.pt, last.pt, history.json")
-    add_flags(train, TRAINING_FLAGS + MODEL_FLAGS)
+    add_flags(train, TRAINING_FLAGS + MODEL_FLAGS + [REGISTRY_FLAG])
     existing_run = train.add_mutually_exclusive_group()
     existing_run.add_argument("--resume", action="store_true", help="continue the run in OUT from its last.pt")
     existing_run.add_argument("--overwrite", action="store_true",
@@ -328,8 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = _command(commands, "predict", "predict", help="segment images into a zarr results store",
                        epilog=EXIT_STATUS_HELP)
-    predict.add_argument("--model", help="checkpoint URL (e.g. runs/x/best.pt) or a shipped model's name (nuclei, "
-                                         "general); default: the shipped nuclei model")
+    chosen_model = predict.add_mutually_exclusive_group()
+    chosen_model.add_argument("--model", help="checkpoint URL (e.g. runs/x/best.pt) or a shipped model's name (nuclei, "
+                                              "general); default: the shipped nuclei model")
+    chosen_model.add_argument("--model-version", metavar="VERSION",
+                              help="a version of the registry (--registry), or 'current': the one promoted last")
+    add_flags(predict, [REGISTRY_FLAG])
     predict.add_argument("--images", required=True, help="directory URL of images to segment, or one image file")
     predict.add_argument("--out", required=True, help="zarr store URL; created if missing, done images skipped")
     add_flags(predict, PREDICT_FLAGS)
@@ -384,16 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--training-json", default="{}",
                       help='other TrainConfig fields for every trial as JSON, e.g. \'{"epochs": 20}\'')
 
-    models = _command(commands, "models", help="list, show, promote and export registered model versions")
+    models = _command(commands, "models", help="list, show, promote, roll back and export registered model versions")
     actions = models.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, help_text in (("list", "list versions and the shipped models"),
                             ("show", "show one version (metadata and the URLs of its checkpoint, training history and "
                                      "pictures), or a shipped model's card (nuclei, general), as JSON"),
                             ("promote", "mark a version current"),
+                            ("rollback", "make current again the version that was current before the last promotion"),
                             ("export", "export a version (or --checkpoint) to TorchScript or ONNX for other software")):
         action = _command(actions, name, "models", help=help_text)
         add_flags(action, [REGISTRY_FLAG])
-        if name != "list":
+        if name not in ("list", "rollback"):
             # export's default is set in cellseg.cli: a version given beside --checkpoint is refused there
             action.add_argument("version", nargs="?" if name in ("show", "export") else None,
                                 default=None if name == "export" else "current")
@@ -440,5 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_pairs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, help="directory URL of images")
     parser.add_argument("--masks", required=True,
-                        help="directory URL of masks (same file stems): binary masks, or instance label "
-                             "images (one integer per cell), which teach the model to keep touching cells apart")
+                        help="directory URL of masks, each named as its image or with _mask, _masks, _label, "
+                             "_labels or _cp_masks before the extension (may be the --images folder): binary masks, "
+                             "or instance label images (one integer per cell), which teach the model to keep "
+                             "touching cells apart")

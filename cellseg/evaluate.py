@@ -3,15 +3,15 @@ and a model against its validation images."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cellseg.config import DEFAULT_CENTRE_PROMINENCE, PredictConfig
-from cellseg.io import StorageOptions, list_images, read_mask_file
+from cellseg.io import StorageOptions, image_stem, list_images, read_mask_file
 from cellseg.metrics import MetricAccumulator, ThresholdSweep, confusion_counts
-from cellseg.pairs import LoadedPair, index_by_stem, label_image, mask_and_labels
+from cellseg.pairs import LoadedPair, label_image, mask_and_labels, mask_name_base, masks_of_images
 from cellseg.postprocess import CellMaps, cell_labels
 from cellseg.scoring import (
     instance_scores,
@@ -36,10 +36,11 @@ def evaluate_store(
     `cellseg.pairs.instance_labels`) are the labels.
 
     Returns {"images", "labelled_images", "mean", "pooled", "pixel_error", "regions", "per_image",
-    "missing_predictions"} ("labelled_images": how many were scored against instance labels) and,
+    "missing_predictions", "missing_truths"} ("labelled_images": how many were scored against instance labels) and,
     with labels for every scored image, "instances" (F1 at IoU 0.5, DSB2018 score, pooled
     precision/recall, median cell count error) with per-image instance scores merged into "per_image". Ground-truth masks with
-    no finished prediction are listed in "missing_predictions" and not scored. A damaged image
+    no finished prediction are listed in "missing_predictions", and done images with no mask in
+    "missing_truths"; neither is scored. A damaged image
     that would be scored (unreadable metadata, missing arrays or chunks) gives no score at all:
     StoreError naming every such image and `cellseg verify --repair`.
 
@@ -53,9 +54,12 @@ def evaluate_store(
     the true instance labels, or where an image has none against the 4-connected components of its
     mask (`cellseg.scoring.region_scores`).
     """
-    truths = index_by_stem(list_images(masks_url, storage_options, kind="mask"), "mask")
-    true_labels = index_by_stem(list_images(labels_url, storage_options, kind="label"), "label") if labels_url else {}
+    listed_masks = list_images(masks_url, storage_options, kind="mask")
     done = store.done_ids()
+    # A mask is the image's name, or that and a mask suffix (img01_mask.png), as in training.
+    truths, not_in_store, _ = masks_of_images(listed_masks, done | store.damaged.keys())
+    true_labels = masks_of_images(list_images(labels_url, storage_options, kind="label"), done, "label")[0] \
+        if labels_url else {}
     scored = sorted(done & truths.keys())
     # A score that silently left out a damaged image (or read its missing chunks as background)
     # would be a wrong answer: name them all instead, before any pixel is read.
@@ -70,8 +74,13 @@ def evaluate_store(
             damaged[image_id] = error.problem
     if damaged:
         raise StoreError(f"no score: {damage_summary(store.url, damaged)}")
+    if not listed_masks:
+        raise StoreError(f"no mask images under '{masks_url}': nothing to score '{store.url}' against")
+    if not done:
+        raise StoreError(f"'{store.url}' holds no finished image to score")
     if not scored:
-        raise StoreError(f"no image in '{store.url}' has a ground-truth mask under '{masks_url}'")
+        raise StoreError(f"no image in '{store.url}' has a ground-truth mask under '{masks_url}' (masks are matched to "
+                         f"images by name: the store has {_some(done)}, the masks are {_some(map(image_stem, listed_masks))})")
     accumulator, per_image = MetricAccumulator(), []
     sweep = ThresholdSweep() if all(with_probabilities) else None
     for image_id in scored:
@@ -114,11 +123,18 @@ def evaluate_store(
         "pixel_error": _pixel_errors(accumulator, sweep),
         "regions": summarise_region_scores(per_image),
         "per_image": per_image,
-        "missing_predictions": sorted(truths.keys() - done),
+        "missing_predictions": sorted({mask_name_base(stem) or stem for stem in map(image_stem, not_in_store)}
+                                      | (truths.keys() - done)),
+        "missing_truths": sorted(done - truths.keys()),
     }
     if all(instance_rows):
         result["instances"] = summarise_instance_scores(instance_rows)
     return result
+
+
+def _some(names: Iterable[str], shown: int = 3) -> str:
+    ordered = sorted(names)
+    return ", ".join(ordered[:shown]) + (", ..." if len(ordered) > shown else "")
 
 
 def _pixel_errors(accumulator: MetricAccumulator, sweep: ThresholdSweep | None) -> dict[str, float | None]:

@@ -79,7 +79,11 @@ def export_model(
     if not overwrite and (existing := [str(path) for path in (out, Path(f"{out}.json")) if path.exists()]):
         raise ValueError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; replace "
                          f"{'it' if len(existing) == 1 else 'them'} (--overwrite) or choose another file")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as error:
+        blocking = next((folder for folder in (out.parent, *out.parent.parents) if folder.is_file()), out.parent)
+        raise ValueError(f"cannot write '{out}': '{blocking}' is a file, not a folder") from error
     unet = checkpoint.build_model().eval()
     multiple = int(unet.size_multiple)
     if export_format == "torchscript":

@@ -9,7 +9,7 @@ import logging
 import posixpath
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -113,16 +113,7 @@ def pair_by_stem(image_urls: Sequence[str], mask_urls: Sequence[str], images_url
     if not images:
         raise DatasetError(f"no images (.png, .tif, .tiff, .jpg) found directly under '{redact_url(images_url)}' "
                            "(subfolders are not searched)")
-    masks_by_image: dict[str, list[str]] = defaultdict(list)
-    orphan_masks, by_suffix = [], 0
-    for stem, url in index_by_stem(mask_urls, "mask").items():
-        base = stem if stem in images else mask_name_base(stem)
-        if base in images:
-            masks_by_image[base].append(url)
-            by_suffix += base != stem
-        else:
-            orphan_masks.append(url)
-    masks = _unique(masks_by_image, "mask files name one image (one with a mask suffix)")
+    masks, orphan_masks, by_suffix = masks_of_images(mask_urls, images.keys())
     lonely_images = [images[stem] for stem in sorted(images.keys() - masks.keys())]
     problems = [f"image '{redact_url(url)}' has no mask in '{redact_url(masks_url)}'"
                 for url in lonely_images[:LISTED_PER_PROBLEM]]
@@ -139,6 +130,23 @@ def pair_by_stem(image_urls: Sequence[str], mask_urls: Sequence[str], images_url
     logger.info("paired %d images under '%s' with their masks under '%s'%s", len(images), redact_url(images_url),
                 redact_url(masks_url), f" ({by_suffix} named with a mask suffix)" if by_suffix else "")
     return [ImagePair(stem, images[stem], masks[stem]) for stem in sorted(images)]
+
+
+def masks_of_images(mask_urls: Sequence[str], image_ids: Collection[str],
+                    role: str = "mask") -> tuple[dict[str, str], list[str], int]:
+    """(each image id's mask URL, the masks that name no image, how many were matched by a mask
+    suffix): a mask has its image's stem, or that stem and a mask suffix (`MASK_NAME_SUFFIX`).
+    DatasetError where two files name one image."""
+    masks_by_image: dict[str, list[str]] = defaultdict(list)
+    orphans, by_suffix = [], 0
+    for stem, url in index_by_stem(mask_urls, role).items():
+        base = stem if stem in image_ids else mask_name_base(stem)
+        if base is not None and base in image_ids:
+            masks_by_image[base].append(url)
+            by_suffix += base != stem
+        else:
+            orphans.append(url)
+    return _unique(masks_by_image, f"{role} files name one image (one with a {role} suffix)"), orphans, by_suffix
 
 
 def pair_images_and_masks(

@@ -8,7 +8,8 @@ Layout (local directory by default, or s3://bucket/prefix)::
                                            run left them beside the checkpoint
     <registry>/<version>/model.json        ModelVersion metadata, including the file's sha256 and
                                            the names of the run's files kept
-    <registry>/current.json                {"version": ...}: what inference uses by default
+    <registry>/current.json                {"version": ..., "previous": [...]}: what inference uses by
+                                           default, and the versions current before it (for rollback)
 
 Versions are named `<UTC time>-<first 8 hex of sha256>`, so they sort by registration time.
 Loading verifies the checkpoint's checksum before `torch.load(weights_only=True)` sees it.
@@ -16,13 +17,16 @@ Loading verifies the checkpoint's checksum before `torch.load(weights_only=True)
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
 import math
 import posixpath
 import re
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from functools import wraps
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -43,6 +47,9 @@ VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # What a training run leaves beside its checkpoint that the registry keeps with the version: the
 # names cellseg.train (HISTORY_FILE) and cellseg.report (CURVES_FILE, GALLERY_FILE) write.
 RUN_FILES = ("history.json", "training_curves.png", "validation_gallery.png")
+WRITE_PROBE = ".write-check-"  # the empty file `check_writable` writes and deletes
+KNOWN_SHOWN = 10  # versions named when one asked for is not found
+MAX_EARLIER_CURRENT = 100  # versions current before the current one that current.json remembers for rollback
 
 
 class RegistryError(ValueError):
@@ -140,12 +147,13 @@ class Registry:
             created=checkpoint.created,
             files=list(run_files),
         )
-        self.fs.makedirs(self._path(version), exist_ok=True)
-        # The checkpoint and the run's files go first: model.json marks a version as registered.
-        self.fs.pipe_file(self._path(version, "checkpoint.pt"), data)
-        for name, content in run_files.items():
-            self.fs.pipe_file(self._path(version, name), content)
-        self.fs.pipe_file(self._path(version, "model.json"), meta.model_dump_json(indent=1).encode())
+        with self._writing():
+            self.fs.makedirs(self._path(version), exist_ok=True)
+            # The checkpoint and the run's files go first: model.json marks a version as registered.
+            self.fs.pipe_file(self._path(version, "checkpoint.pt"), data)
+            for name, content in run_files.items():
+                self.fs.pipe_file(self._path(version, name), content)
+            self.fs.pipe_file(self._path(version, "model.json"), meta.model_dump_json(indent=1).encode())
         if promote:
             self.promote(version)
         return meta
@@ -166,6 +174,7 @@ class Registry:
         if not self.fs.exists(self.root):
             self._check_bucket()
             return [], {}
+        self._check_not_a_file()
         found, unreadable = [], {}
         for entry in self.fs.ls(self.root, detail=True):
             name = posixpath.basename(entry["name"].rstrip("/"))
@@ -211,25 +220,71 @@ class Registry:
         if bucket and bucket != self.root.rstrip("/") and not self.fs.exists(bucket):
             raise StorageError(f"'{redact_url(self.url)}': the bucket '{bucket}' does not exist")
 
+    def _check_not_a_file(self) -> None:
+        if self.fs.isfile(self.root):
+            raise RegistryError(f"registry '{redact_url(self.url)}' is a file, not a registry folder: give a folder "
+                                "(new or holding versions)")
+
+    @_naming_the_registry
+    def check_writable(self) -> None:
+        """Refuse, in one line, a registry that a new version could not be written into (a file, a
+        folder without write permission, a read-only filesystem), before hours of training are spent
+        on a model it would then refuse."""
+        if self.fs.exists(self.root):
+            self._check_not_a_file()
+        else:
+            self._check_bucket()
+        probe = self._path(f"{WRITE_PROBE}{uuid.uuid4().hex}")
+        with self._writing():
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(probe, b"")
+            self.fs.rm_file(probe)
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Writes into the registry, whose filesystem errors (not a folder, read-only, disk full)
+        are raised as one RegistryError naming it; access denied is left to storage_call."""
+        try:
+            yield
+        except PermissionError:
+            raise
+        except OSError as error:
+            if type(error).__module__ != "builtins":  # a storage client's own error (botocore, aiohttp)
+                raise
+            named = str(error.filename or "")  # the file at fault, unless it is the registry itself or the probe
+            where = f": '{named}'" if named and WRITE_PROBE not in named and named.rstrip("/") != self.root else ""
+            raise RegistryError(f"registry '{redact_url(self.url)}' cannot be written to ({error.strerror or error}"
+                                f"{where})") from error
+
     @_naming_the_registry
     def current(self) -> str | None:
         """The version marked current, if any."""
+        return self._current_record()[0]
+
+    def _current_record(self) -> tuple[str | None, list[str]]:
+        """(the current version, the versions current before it, most recent last) from current.json;
+        one written before cellseg kept the earlier ones has none."""
         path = self._path("current.json")
         self.fs.invalidate_cache(self.root)  # a cached listing may predate another process's promote
         if not self.fs.exists(path):
             if not self.fs.exists(self.root):
                 self._check_bucket()
-            return None
+            else:
+                self._check_not_a_file()
+            return None, []
         try:
-            version = json.loads(self.fs.cat_file(path))["version"]
-        except (ValueError, TypeError, KeyError) as error:
+            record = json.loads(self.fs.cat_file(path))
+            version, previous = record["version"], record.get("previous", [])
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
             reason = f"invalid JSON: {error}" if isinstance(error, ValueError) else 'not {"version": NAME}'
             raise RegistryError(f"registry '{self.url}': current.json is unreadable ({reason}); "
                                 f"promote a version to rewrite it") from error
         if not isinstance(version, str) or not VERSION_NAME.fullmatch(version):
             raise RegistryError(f"registry '{self.url}': current.json names {version!r}, which is not a version "
                                 f"name; promote a version to rewrite it")
-        return version
+        earlier = [name for name in previous if isinstance(name, str) and VERSION_NAME.fullmatch(name)] \
+            if isinstance(previous, list) else []
+        return version, earlier
 
     @_naming_the_registry
     def resolve(self, version: str) -> str:
@@ -247,8 +302,13 @@ class Registry:
             raise RegistryError(f"'{version}' is not a version name of registry '{self.url}': versions are names "
                                 f"such as 20250101-120000-0123abcd, never paths")
         if not self.fs.exists(self._path(version, "model.json")):
-            known = ", ".join(meta.version for meta in self.versions()) or "none"
-            raise RegistryError(f"registry '{self.url}' has no version '{version}' (known: {known})")
+            known = [meta.version for meta in self.versions()]
+            close = difflib.get_close_matches(version, known, n=1, cutoff=0.9)
+            guess = f"; did you mean {close[0]}?" if close else ""
+            listed = ", ".join(known[-KNOWN_SHOWN:]) or "none"
+            if len(known) > KNOWN_SHOWN:
+                listed = f"the {KNOWN_SHOWN} newest of {len(known)}: {listed}; cellseg models list shows all"
+            raise RegistryError(f"registry '{self.url}' has no version '{version}'{guess} (known: {listed})")
         return version
 
     @_naming_the_registry
@@ -257,30 +317,75 @@ class Registry:
         return self._read_meta(self.resolve(version))
 
     @_naming_the_registry
-    def promote(self, version: str) -> None:
+    def promote(self, version: str) -> str | None:
         """Mark `version` as the one inference uses by default; only a registered version whose
-        model.json is whole can be."""
-        resolved = self.get(version).version
-        if not self.fs.isfile(self._path(resolved, "checkpoint.pt")):  # a version copied in part: the next run would fail
-            raise RegistryError(f"registry '{self.url}', version {resolved}: checkpoint.pt is missing; it cannot be "
-                                "made current")
-        self.fs.makedirs(self.root, exist_ok=True)
-        self.fs.pipe_file(self._path("current.json"), json.dumps({"version": resolved}).encode())
+        model.json is whole and whose checkpoint matches its checksum can be. Returns the version
+        that was current before, which `rollback` makes current again."""
+        meta = self.get(version)
+        try:
+            self._verified_checkpoint(meta)  # a version copied in part or damaged: the next run would fail on it
+        except RegistryError as error:
+            raise RegistryError(f"{error}; it cannot be made current") from error
+        try:
+            before, earlier = self._current_record()
+        except RegistryError:  # an unreadable current.json is what promoting repairs
+            before, earlier = None, []
+        if before is not None and before != meta.version:
+            earlier = [*earlier, before][-MAX_EARLIER_CURRENT:]
+        self._write_current(meta.version, earlier)
+        return before
+
+    @_naming_the_registry
+    def rollback(self) -> tuple[str, str]:
+        """Make the version that was current before the last promotion current again; (the version
+        current until now, the one current now). Earlier versions since deleted or damaged are passed over."""
+        current, earlier = self._current_record()
+        if current is None:
+            raise RegistryError(f"registry '{self.url}' has no current model, so nothing to roll back")
+        skipped = []
+        while earlier:
+            candidate = earlier.pop()
+            if candidate == current:
+                continue
+            try:
+                self._verified_checkpoint(self.get(candidate))
+            except RegistryError as error:
+                skipped.append(str(error))
+                continue
+            self._write_current(candidate, earlier)
+            for problem in skipped:
+                logger.warning("passed over on rollback: %s", redact_text(problem))
+            return current, candidate
+        passed = f" (passed over: {'; '.join(skipped)})" if skipped else ""
+        raise RegistryError(f"registry '{self.url}': nothing to roll back to: no version was current before "
+                            f"{current}{passed}; make one current with `cellseg models promote VERSION`")
+
+    def _write_current(self, version: str, earlier: list[str]) -> None:
+        with self._writing():
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(self._path("current.json"), json.dumps({"version": version, "previous": earlier}).encode())
 
     @_naming_the_registry
     def load(self, version: str = CURRENT) -> tuple[Checkpoint, ModelVersion]:
         """Load a version's checkpoint after checking it against the recorded checksum."""
         meta = self.get(version)
+        data = self._verified_checkpoint(meta)
+        return load_checkpoint_bytes(data, self.checkpoint_url(meta.version), file_checked=True), meta
+
+    def _verified_checkpoint(self, meta: ModelVersion) -> bytes:
+        """The bytes of `meta`'s checkpoint.pt, checked against its recorded sha256."""
         try:
             data = self.fs.cat_file(self._path(meta.version, "checkpoint.pt"))
-        except FileNotFoundError as error:
+        except (FileNotFoundError, IsADirectoryError) as error:
             raise RegistryError(f"registry '{self.url}', version {meta.version}: checkpoint.pt is missing") from error
         if hashlib.sha256(data).hexdigest() != meta.checkpoint_sha256:
+            size = (f" ({len(data)} bytes, {meta.checkpoint_bytes} registered)" if len(data) != meta.checkpoint_bytes
+                    else "")
             raise RegistryError(
                 f"checkpoint of version '{meta.version}' in '{self.url}' does not match its recorded "
-                f"sha256 {meta.checkpoint_sha256[:12]}…: it was modified or corrupted"
+                f"sha256 {meta.checkpoint_sha256[:12]}…{size}: it was modified or corrupted"
             )
-        return load_checkpoint_bytes(data, self.checkpoint_url(meta.version), file_checked=True), meta
+        return data
 
 
 def _run_files(checkpoint_url: str, storage_options: StorageOptions) -> dict[str, bytes]:

@@ -6,7 +6,8 @@ that model was trained on: scored as `cellseg predict` would segment them, the s
 must reach a pixel Dice of FINE_TUNE_MIN_DICE on the run's validation images (at most
 FINE_TUNE_CHECK_IMAGES of them). Otherwise, as on EM slices, training starts from scratch.
 docs/quality.md ("Fine-tuning against training from scratch") has the measurements behind the
-rule. A shipped model's name or a checkpoint URL always fine-tunes that; None never fine-tunes.
+rule. A shipped model's name, a checkpoint URL or a version of the job's registry ('current' or
+a version name) always fine-tunes that; None never fine-tunes.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from cellseg.bundled import DEFAULT_SHIPPED_MODEL, SHIPPED_MODELS, shipped_check
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import ModelConfig
 from cellseg.infer import Predictor
+from cellseg.io import filesystem
 from cellseg.job_config import TrainJob
 from cellseg.metrics import MetricAccumulator, confusion_counts
 from cellseg.pairs import ImagePair, LoadedPair, load_pairs
 from cellseg.postprocess import threshold_probabilities
 from cellseg.redact import redact_url
+from cellseg.registry import CURRENT, VERSION_NAME, Registry, RegistryError
 from cellseg.train import LAST_CHECKPOINT
 
 logger = logging.getLogger(__name__)
@@ -70,7 +73,7 @@ def choose_start(job: TrainJob, images: int, val_pairs: Sequence[ImagePair], out
     init_from = job.training.init_from
     if init_from != "auto":
         name = shipped_name(init_from) if init_from else None
-        checkpoint = shipped_checkpoint(name) if name else init_from
+        checkpoint = shipped_checkpoint(name) if name else init_from and registered_checkpoint(init_from, job.registry_url)
         return Start(checkpoint, "asked for" if checkpoint else "asked for: from scratch")
     if resume and out_dir is not None:
         recorded = load_checkpoint(str(out_dir / LAST_CHECKPOINT)).train_config.init_from
@@ -100,6 +103,25 @@ def choose_start(job: TrainJob, images: int, val_pairs: Sequence[ImagePair], out
                 "on the validation ones (--from-scratch to start from random weights)", name, images, dice)
     return Start(checkpoint, f"{images} images; the shipped '{name}' model's masks, as predict makes them, reach Dice "
                  f"{dice:.3f} on the validation images", dice)
+
+
+def registered_checkpoint(init_from: str, registry_url: str) -> str:
+    """`init_from` itself, or where no file has that name and it names a version of the registry
+    ('current' or a version name), that version's checkpoint URL."""
+    if not (init_from == CURRENT or VERSION_NAME.fullmatch(init_from)):
+        return init_from
+    fs, path = filesystem(init_from)
+    if fs.exists(path):
+        return init_from
+    registry = Registry(registry_url)
+    try:
+        version = registry.resolve(init_from)
+    except RegistryError:
+        if init_from == CURRENT:
+            raise
+        return init_from  # neither a file nor a version: the missing file is the error
+    logger.info("--init-from %s: version %s of registry '%s'", init_from, version, redact_url(registry_url))
+    return registry.checkpoint_url(version)
 
 
 def shipped_dice(predictor: Predictor, pairs: Sequence[LoadedPair]) -> float:

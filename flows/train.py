@@ -82,6 +82,7 @@ def train_unet(job: TrainJob) -> dict[str, Any]:
 def _train_unet(job: TrainJob) -> dict[str, Any]:
     job = worker_job(job)
     logger = get_run_logger()
+    Registry(job.registry_url).check_writable()  # before the training, not after it
     with with_run_tags():
         dataset = ingest_dataset_flow(job.images_url, job.masks_url, job.cache_dir)
     trained = train_model(job, dataset["manifest_path"], new_run_dir(job.work_dir, flow_run.get_name()))

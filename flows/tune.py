@@ -26,6 +26,7 @@ from cellseg.flows.ingest import ingest_dataset_flow
 from cellseg.flows.train import new_run_dir, register_model
 from cellseg.ingest import Manifest
 from cellseg.jobs import TuneJob, run_trial
+from cellseg.registry import Registry
 from cellseg.runtime import resolve_device
 from cellseg.tune import TABLE_COLUMNS, Trial, TrialResult, best_trial, plan_trials, trial_rows
 
@@ -66,6 +67,7 @@ def tune_unet(job: TuneJob) -> dict[str, Any]:
     planned = plan_trials(job.space, job.trials, job.seed, job.model, job.training)
     logger.info("%d trials of a %d-point search space, %d at a time", len(planned), job.space.size(),
                 job.max_parallel_trials)
+    Registry(job.registry_url).check_writable()  # before the trials, not after them
     with with_run_tags():
         dataset = ingest_dataset_flow(job.images_url, job.masks_url, job.cache_dir)
     run_dir = new_run_dir(job.work_dir, flow_run.get_name())

@@ -28,8 +28,10 @@ COMMANDS = {
     "synth": ["--out", "--count", "--seed"],
     "train": ["--images", "--masks", "--out", "--epochs", "--patience", "--val-fraction", "--seed", "--resume",
               "--border-weight", "--init-from", "--cell-diameter", "--distance-map"],
-    "predict": ["--model", "--images", "--out", "--threshold", "--cell-diameter", "--centre-prominence"],
+    "predict": ["--model", "--model-version", "--registry", "--images", "--out", "--threshold", "--cell-diameter",
+                "--centre-prominence"],
     "evaluate": ["--pred", "--masks", "--labels", "--json"],
+    "models": ["list", "show", "promote", "rollback", "export"],
     "results": ["--json"],
     "export": ["--format", "--table", "--out"],
     "verify": ["--repair", "--read-data"],
@@ -560,3 +562,155 @@ def test_predict_takes_one_image_file(tmp_path, tiny_checkpoint, synthetic_datas
     missing = cellseg("predict", "--model", str(tiny_checkpoint), "--images", str(tmp_path / "nowhere"), "--out", store,
                       check=False)
     assert missing.returncode == 2 and f"image folder '{tmp_path / 'nowhere'}' does not exist" in missing.stderr
+
+
+# --- the model lifecycle: registry, predict by version, evaluate --------------------------
+
+
+def _registered_twice(tmp_path: Path, checkpoint: Path) -> tuple[str, list[str]]:
+    """A registry at tmp_path/registry holding `checkpoint` and a copy with other bytes: (url, versions oldest first)."""
+    import dataclasses
+
+    from cellseg.checkpoint import save_checkpoint
+    from cellseg.registry import Registry
+
+    other = tmp_path / "other.pt"
+    save_checkpoint(dataclasses.replace(load_checkpoint(str(checkpoint)), epoch=99), str(other))
+    registry = Registry(str(tmp_path / "registry"))
+    return registry.url, [registry.register(str(checkpoint)).version, registry.register(str(other)).version]
+
+
+def test_models_promote_says_what_it_replaced_and_rollback_restores_it(tmp_path, tiny_checkpoint):
+    registry, (one, two) = _registered_twice(tmp_path, tiny_checkpoint)
+
+    nothing = cellseg("models", "rollback", "--registry", registry, check=False)
+    assert nothing.returncode == 2
+    assert nothing.stderr == f"cellseg models: error: registry '{registry}' has no current model, so nothing to roll back\n"
+    assert cellseg("models", "promote", one, "--registry", registry).stdout == f"{one} is now current in {registry}\n"
+    promoted = cellseg("models", "promote", two, "--registry", registry).stdout
+    assert promoted == (f"{two} is now current in {registry} (was {one}; `cellseg models rollback` makes it current "
+                        "again)\n")
+
+    rolled_back = cellseg("models", "rollback", "--registry", registry)
+    assert rolled_back.stdout == f"{one} is current again in {registry} (was {two})\n"
+    assert f"* {one}" in cellseg("models", "list", "--registry", registry).stdout
+    again = cellseg("models", "rollback", "--registry", registry, check=False)
+    assert again.returncode == 2
+    assert f"nothing to roll back to: no version was current before {one}" in again.stderr
+    assert len(again.stderr.splitlines()) == 1
+
+
+def test_predict_segments_with_a_registered_version_and_points_a_version_given_as_model_there(tmp_path, tiny_checkpoint,
+                                                                                              synthetic_dataset):
+    registry, (one, two) = _registered_twice(tmp_path, tiny_checkpoint)
+    cellseg("models", "promote", two, "--registry", registry)
+    images = str(synthetic_dataset / "images")
+
+    for given, version in ((one, one), ("current", two)):
+        store = str(tmp_path / f"{given}.zarr")
+        cellseg("predict", "--model-version", given, "--registry", registry, "--images", images, "--out", store)
+        assert ResultStore.open(store, mode="r").record("synth_0000")["model"]["version"] == version
+
+    mistaken = cellseg("predict", "--model", one, "--registry", registry, "--images", images,
+                       "--out", str(tmp_path / "x.zarr"), check=False)
+    assert mistaken.returncode == 2
+    assert mistaken.stderr == (f"cellseg predict: error: --model takes a checkpoint file or a shipped model's name, and "
+                               f"there is no file '{one}': for the version of registry '{registry}' give "
+                               f"--model-version {one}\n")
+    assert not (tmp_path / "x.zarr").exists()
+    both = cellseg("predict", "--model", "nuclei", "--model-version", one, "--images", images,
+                   "--out", str(tmp_path / "y.zarr"), check=False)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
+def test_models_show_of_a_misspelt_name_suggests_the_one_meant(tmp_path, tiny_checkpoint):
+    registry, (one, _) = _registered_twice(tmp_path, tiny_checkpoint)
+
+    shipped = cellseg("models", "show", "nucleus", "--registry", registry, check=False)
+    assert shipped.returncode == 2 and shipped.stdout == ""
+    assert shipped.stderr.rstrip().endswith("did you mean the shipped model 'nuclei'?")
+    version = cellseg("models", "show", one[:-1], "--registry", registry, check=False)
+    assert version.returncode == 2
+    assert f"has no version '{one[:-1]}'; did you mean {one}?" in version.stderr
+
+
+def test_a_registry_that_is_a_file_is_an_error_for_models_and_for_train_unet_and_tune_before_they_train(
+        tmp_path, synthetic_dataset):
+    registry = tmp_path / "registry"
+    registry.write_text("")
+
+    listed = cellseg("models", "list", "--registry", str(registry), check=False)
+    assert listed.returncode == 2
+    assert listed.stderr == f"cellseg models: error: registry '{registry}' is a file, not a registry folder: give a folder (new or holding versions)\n"
+    trained = cellseg("flow", "train-unet", "--images", str(synthetic_dataset / "images"), "--masks",
+                      str(synthetic_dataset / "masks"), "--registry", str(registry), "--work-dir", str(tmp_path / "work"),
+                      "--cache-dir", str(tmp_path / "cache"), *FAST_TRAIN, check=False)
+    assert trained.returncode == 2
+    assert (f"cellseg flow: error: registry '{registry}' is a file, not a registry folder: give a folder (new or "
+            "holding versions)") in trained.stderr.splitlines()
+    assert "training on" not in trained.stderr and "Traceback" not in trained.stderr
+    assert not (tmp_path / "work").exists()
+    tuned = cellseg("tune", "--images", str(synthetic_dataset / "images"), "--masks", str(synthetic_dataset / "masks"),
+                    "--registry", str(registry), "--work-dir", str(tmp_path / "tuning"), "--cache-dir",
+                    str(tmp_path / "cache"), "--trials", "1", "--parallel", "1", check=False)
+    assert tuned.returncode == 2
+    assert f"cellseg tune: error: registry '{registry}' is a file, not a registry folder" in tuned.stderr
+    assert not (tmp_path / "tuning").exists()
+
+
+def test_evaluate_says_which_images_it_left_out_and_why_nothing_matched(tmp_path, tiny_checkpoint, synthetic_dataset):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("synth_0000.png", "synth_0001.png"):
+        shutil.copy(synthetic_dataset / "images" / name, images / name)
+    store = str(tmp_path / "results.zarr")
+    cellseg("predict", "--model", str(tiny_checkpoint), "--images", str(images), "--out", store)
+    masks, renamed, empty = tmp_path / "masks", tmp_path / "renamed", tmp_path / "empty"
+    for folder in (masks, renamed, empty):
+        folder.mkdir()
+    shutil.copy(synthetic_dataset / "masks" / "synth_0000.png", masks / "synth_0000.png")
+    shutil.copy(synthetic_dataset / "masks" / "synth_0000.png", renamed / "mask_0000.png")
+
+    partial = cellseg("evaluate", "--pred", store, "--masks", str(masks)).stdout
+    assert partial.startswith("1 image scored\n")
+    assert (f"1 image of the store with no ground-truth mask under {masks}, left out of the scores: synth_0001"
+            in partial)
+    unmatched = cellseg("evaluate", "--pred", store, "--masks", str(renamed), check=False)
+    assert unmatched.returncode == 2
+    assert unmatched.stderr == (f"cellseg evaluate: error: no image in '{store}' has a ground-truth mask under "
+                                f"'{renamed}' (masks are matched to images by name: the store has synth_0000, "
+                                "synth_0001, the masks are mask_0000)\n")
+    nothing = cellseg("evaluate", "--pred", store, "--masks", str(empty), check=False)
+    assert nothing.returncode == 2
+    assert nothing.stderr == f"cellseg evaluate: error: no mask images under '{empty}': nothing to score '{store}' against\n"
+
+
+def test_train_unet_without_promote_says_the_model_is_not_current_and_how_to_make_it(tmp_path, synthetic_dataset):
+    registry = str(tmp_path / "registry")
+    trained = cellseg("flow", "train-unet", "--images", str(synthetic_dataset / "images"), "--masks",
+                      str(synthetic_dataset / "masks"), "--registry", registry, "--work-dir", str(tmp_path / "work"),
+                      "--cache-dir", str(tmp_path / "cache"), "--no-promote", "--from-scratch", *FAST_TRAIN[:2],
+                      "--depth", "2", "--base-width", "4", "--patch-size", "64", "--patches-per-image", "1")
+    (version,) = [path.name for path in Path(registry).iterdir() if path.is_dir()]
+
+    summary = next(line for line in trained.stdout.splitlines() if line.startswith("registered model"))
+    assert summary.endswith(f", not current: `cellseg models promote {version} --registry {registry}` makes it so")
+    assert f"* {version}" not in cellseg("models", "list", "--registry", registry).stdout
+    cellseg(*summary.split("`")[1].split()[1:])
+    assert f"* {version}" in cellseg("models", "list", "--registry", registry).stdout
+
+
+def test_train_fine_tunes_from_a_registered_version_or_the_current_one(tmp_path, tiny_checkpoint, synthetic_dataset):
+    registry, (one, two) = _registered_twice(tmp_path, tiny_checkpoint)
+    cellseg("models", "promote", two, "--registry", registry)
+    pairs = ["--images", str(synthetic_dataset / "images"), "--masks", str(synthetic_dataset / "masks")]
+
+    for given, version in ((one, one), ("current", two)):
+        out = tmp_path / f"from-{given}"
+        trained = cellseg("train", *pairs, "--out", str(out), "--registry", registry, "--init-from", given,
+                          "--epochs", "1", "--patch-size", "64", "--patches-per-image", "1")
+        assert f"start:      fine-tuned from {registry}/{version}/checkpoint.pt (asked for)" in trained.stdout
+        assert load_checkpoint(str(out / "best.pt")).train_config.init_from == f"{registry}/{version}/checkpoint.pt"
+    unknown = cellseg("train", *pairs, "--out", str(tmp_path / "x"), "--registry", str(tmp_path / "empty"),
+                      "--init-from", "current", check=False)
+    assert unknown.returncode == 2 and "has no current model" in unknown.stderr

@@ -92,6 +92,29 @@ def test_truths_without_a_finished_prediction_are_listed(store, tmp_path, capsys
             in capsys.readouterr().out.splitlines())
 
 
+def test_done_images_without_a_truth_are_listed_and_no_match_at_all_names_both_sides(store, tmp_path):
+    result = evaluate_store(store, write_truths(tmp_path / "truth", {"a": TRUTHS["a"]}))
+    assert result["missing_truths"] == ["b", "z"]  # done, but no mask to score them against
+    assert [row["image_id"] for row in result["per_image"]] == ["a"]
+
+    renamed = write_truths(tmp_path / "renamed", {"mask_a": TRUTHS["a"], "mask_b": TRUTHS["b"]})
+    with pytest.raises(StoreError, match=r"masks are matched to images by name: the store has a, b, z, the masks "
+                                         r"are mask_a, mask_b\)$"):
+        evaluate_store(store, renamed)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StoreError, match=r"^no mask images under '.*empty': nothing to score"):
+        evaluate_store(store, str(tmp_path / "empty"))
+
+
+def test_masks_named_with_a_mask_suffix_are_matched_as_training_pairs_them(store, tmp_path):
+    """`train` pairs `a_mask.png` with image a; `evaluate` found no truth for any image named so."""
+    plain = evaluate_store(store, write_truths(tmp_path / "plain", {"a": TRUTHS["a"], "b": TRUTHS["b"]}))
+    suffixed = evaluate_store(store, write_truths(tmp_path / "suffixed", {"a_mask": TRUTHS["a"], "b_masks": TRUTHS["b"],
+                                                                          "q_mask": TRUTHS["a"]}))
+    assert suffixed["per_image"] == plain["per_image"] and suffixed["mean"] == plain["mean"]
+    assert suffixed["missing_predictions"] == ["q"] and suffixed["missing_truths"] == ["z"]
+
+
 def test_unfinished_prediction_is_not_scored(store, tmp_path):
     group = store.root.require_group("d")
     group.attrs["cellseg"] = {"status": "writing"}  # interrupted write

@@ -136,3 +136,18 @@ def test_cellseg_models_export_a_registered_version(tiny_checkpoint, images, tmp
                           text=True, timeout=300, check=False)  # one of them would be left out without a word
     assert both.returncode == 2
     assert both.stderr == f"cellseg models: error: give a registered version ({version}) or --checkpoint, not both\n"
+
+
+@pytest.mark.parametrize("under", ["", "sub"], ids=["in-a-file", "below-a-file"])
+def test_export_under_a_file_is_one_line_naming_the_file(tiny_checkpoint, tmp_path, under):
+    """It was a FileExistsError or NotADirectoryError traceback, exit status 1."""
+    blocking = tmp_path / "notes"
+    blocking.write_text("")
+    out = blocking / under / "model.pt" if under else blocking / "model.pt"
+
+    result = subprocess.run([str(Path(sys.executable).parent / "cellseg"), "models", "export", "--checkpoint",
+                             str(tiny_checkpoint), "--out", str(out)], capture_output=True, text=True, check=False)
+
+    assert result.returncode == 2
+    assert result.stderr == f"cellseg models: error: cannot write '{out}': '{blocking}' is a file, not a folder\n"
+    assert blocking.read_text() == ""

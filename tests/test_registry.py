@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -283,6 +284,141 @@ def test_current_with_nothing_promoted_is_refused(checkpoint_file, tmp_path):
         registry.load()
 
 
+def test_a_version_whose_checkpoint_was_truncated_cannot_be_made_current(checkpoint_file, tmp_path):
+    """`models promote` made a version with a half-copied checkpoint current; the nightly run then
+    failed on it. Promoting now checks the file against its recorded checksum first."""
+    registry = Registry(str(tmp_path / "registry"))
+    good = registry.register(str(checkpoint_file), promote=True)
+    damaged = registry.register(str(variant(checkpoint_file, tmp_path / "v.pt", epoch=50)))
+    stored = tmp_path / "registry" / damaged.version / "checkpoint.pt"
+    stored.write_bytes(stored.read_bytes()[:5000])
+
+    with pytest.raises(RegistryError, match=rf"'{damaged.version}'.*\(5000 bytes, {damaged.checkpoint_bytes} "
+                                            r"registered\): it was modified or corrupted; it cannot be made current"):
+        registry.promote(damaged.version)
+
+    assert registry.current() == good.version
+
+
+def test_rollback_makes_the_versions_current_before_current_again_in_turn(checkpoint_file, tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    one = registry.register(str(checkpoint_file))
+    two = registry.register(str(variant(checkpoint_file, tmp_path / "v2.pt", epoch=50)))
+    three = registry.register(str(variant(checkpoint_file, tmp_path / "v3.pt", epoch=60)))
+    assert registry.promote(one.version) is None
+    assert registry.promote(two.version) == one.version
+    assert registry.promote(two.version) == two.version  # promoting the current one again changes nothing
+    assert registry.promote(three.version) == two.version
+
+    assert registry.rollback() == (three.version, two.version)
+    assert registry.current() == two.version
+    assert registry.rollback() == (two.version, one.version)
+    assert registry.current() == one.version
+    with pytest.raises(RegistryError, match=rf"nothing to roll back to: no version was current before {one.version}"):
+        registry.rollback()
+    assert registry.current() == one.version
+
+
+def test_rollback_with_nothing_current_or_from_a_current_json_without_history_is_refused(checkpoint_file, tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    with pytest.raises(RegistryError, match="has no current model, so nothing to roll back"):
+        registry.rollback()
+    old = registry.register(str(checkpoint_file))
+    new = registry.register(str(variant(checkpoint_file, tmp_path / "v.pt", epoch=50)))
+    # current.json as cellseg wrote it before it kept the versions current earlier
+    (tmp_path / "registry" / "current.json").write_text(json.dumps({"version": old.version}))
+    with pytest.raises(RegistryError, match="nothing to roll back to"):
+        registry.rollback()
+
+    assert registry.promote(new.version) == old.version
+    assert registry.rollback() == (new.version, old.version)
+
+
+def test_rollback_passes_over_an_earlier_version_that_was_damaged_since(checkpoint_file, tmp_path, caplog):
+    registry = Registry(str(tmp_path / "registry"))
+    one = registry.register(str(checkpoint_file), promote=True)
+    two = registry.register(str(variant(checkpoint_file, tmp_path / "v2.pt", epoch=50)), promote=True)
+    three = registry.register(str(variant(checkpoint_file, tmp_path / "v3.pt", epoch=60)), promote=True)
+    (tmp_path / "registry" / two.version / "checkpoint.pt").write_bytes(b"junk")
+
+    assert registry.rollback() == (three.version, one.version)
+    assert f"passed over on rollback: checkpoint of version '{two.version}'" in caplog.text
+
+
+def test_a_registry_that_is_a_file_is_named_so_not_empty(tmp_path):
+    """`models list --registry FILE` said 'no models registered' and exited 0."""
+    path = tmp_path / "registry"
+    path.write_text("not a registry")
+    registry = Registry(str(path))
+
+    for call in (registry.scan, registry.current, registry.check_writable):
+        with pytest.raises(RegistryError, match=rf"registry '{re.escape(str(path))}' is a file, not a registry folder"):
+            call()
+
+
+def test_a_registry_that_cannot_be_written_is_refused_in_one_line_before_and_at_registration(checkpoint_file,
+                                                                                              tmp_path):
+    """Registering under a path through a file raised NotADirectoryError with a traceback, after
+    the whole training; `check_writable` says so before it, and `register` in one line."""
+    (tmp_path / "file").write_text("")
+    registry = Registry(str(tmp_path / "file" / "registry"))
+
+    with pytest.raises(RegistryError, match=r"registry '.*/file/registry' cannot be written to \(Not a directory\)"):
+        registry.check_writable()
+    with pytest.raises(RegistryError, match=r"cannot be written to \(Not a directory\)"):
+        registry.register(str(checkpoint_file))
+    writable = Registry(str(tmp_path / "new" / "registry"))
+    writable.check_writable()
+    assert list((tmp_path / "new" / "registry").iterdir()) == []  # the probe is gone
+
+
+@pytest.fixture()
+def read_only_folder(tmp_path):
+    """A folder on a read-only bind mount of tmp_path/source (needs the right to mount: root)."""
+    source, mounted = tmp_path / "source", tmp_path / "read-only"
+    source.mkdir()
+    mounted.mkdir()
+    if subprocess.run(["mount", "--bind", str(source), str(mounted)], check=False, capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here (not root)")
+    try:
+        if subprocess.run(["mount", "-o", "remount,bind,ro", str(mounted)], check=False,
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot remount read-only here")
+        yield source, mounted
+    finally:
+        subprocess.run(["umount", str(mounted)], check=True)
+
+
+def test_a_registry_on_a_read_only_mount_is_refused_before_training_and_on_promote(checkpoint_file, read_only_folder):
+    source, mounted = read_only_folder
+    meta = Registry(str(source / "registry")).register(str(checkpoint_file))
+    registry = Registry(str(mounted / "registry"))
+
+    with pytest.raises(RegistryError, match=r"^registry '.*/read-only/registry' cannot be written to \(Read-only file "
+                                            r"system\)$"):
+        registry.check_writable()
+    with pytest.raises(RegistryError, match=r"cannot be written to \(Read-only file system: '.*/current.json'\)"):
+        registry.promote(meta.version)
+    assert registry.current() is None and [found.version for found in registry.versions()] == [meta.version]
+
+
+def test_an_unknown_version_close_to_a_known_one_is_suggested_and_a_long_list_is_cut(checkpoint_file, tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    versions = [registry.register(str(variant(checkpoint_file, tmp_path / f"v{epoch}.pt", epoch=epoch))).version
+                for epoch in range(12)]
+    typo = versions[3][:-1]
+
+    with pytest.raises(RegistryError) as raised:
+        registry.resolve(typo)
+
+    message = str(raised.value)
+    assert f"no version '{typo}'; did you mean {versions[3]}? (known: the 10 newest of 12: " in message
+    assert versions[0] not in message.split("known:")[1] and versions[-1] in message
+    with pytest.raises(RegistryError) as raised:
+        registry.resolve("20000101-000000-deadbeef")
+    assert "did you mean" not in str(raised.value)
+
+
 # --- loading ------------------------------------------------------------------------------
 
 
@@ -328,6 +464,22 @@ def test_registry_on_s3(checkpoint_file, s3_bucket):
     assert loaded_meta.checkpoint_sha256 == sha256_of(checkpoint_file)
     assert torch.equal(model_output(checkpoint), model_output(load_checkpoint(str(checkpoint_file))))
     assert registry.checkpoint_url(meta.version) == f"{bucket}/models/{meta.version}/checkpoint.pt"
+
+
+@pytest.mark.integration
+def test_an_s3_registry_is_checked_writable_leaving_nothing_and_rolls_back(checkpoint_file, s3_bucket, tmp_path):
+    bucket, options = s3_bucket
+    registry = Registry(f"{bucket}/models", options)
+    registry.check_writable()
+    registry.fs.invalidate_cache()
+    assert not [path for path in registry.fs.find(registry.root) if ".write-check" in path]  # the probe is gone
+    one = registry.register(str(checkpoint_file), promote=True)
+    two = registry.register(str(variant(checkpoint_file, tmp_path / "v.pt", epoch=50)), promote=True)
+
+    assert registry.rollback() == (two.version, one.version)
+    assert Registry(f"{bucket}/models", options).current() == one.version
+    with pytest.raises(StorageError, match="the bucket 'no-such-bucket' does not exist"):
+        Registry("s3://no-such-bucket/models", options).check_writable()
 
 
 def test_a_registry_in_a_bucket_that_does_not_exist_is_named_so_not_empty(s3_bucket):
