@@ -6,14 +6,15 @@ becomes of the maps (threshold, cells apart) is `cellseg.postprocess`."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from cellseg.allocator import keep_freed_memory
-from cellseg.checkpoint import Checkpoint, load_checkpoint_with_digest
+from cellseg.checkpoint import Checkpoint, CheckpointError, load_checkpoint_with_digest
 from cellseg.config import NormalizationConfig, PredictConfig
 from cellseg.io import StorageOptions
 from cellseg.model import UNet, padded_batches
@@ -126,11 +127,55 @@ BATCHES_PER_CALL = 4
 MAX_CALL_PIXELS = 32 * 2**20  # a call takes further batches only while its images hold fewer pixels
 
 
-class Predictor:
-    """A loaded model ready to turn raw images into `CellMaps`; load once, call many times."""
+def checked_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """`images` as (H, W) arrays of integers, floats or booleans; ValueError naming the first
+    unusable one by its position and saying what was expected, TypeError for one (H, W) array
+    passed where a sequence of images is expected."""
+    if isinstance(images, np.ndarray) and images.ndim == 2:
+        raise TypeError(f"expected a sequence of (H, W) images, got one {images.shape[0]}x{images.shape[1]} array: "
+                        "pass one image as [image]")
+    return [_checked_image(np.asarray(image), index) for index, image in enumerate(images)]
 
-    def __init__(self, checkpoint: Checkpoint, config: PredictConfig = PredictConfig(), model_version: str = ""):
+
+def _checked_image(image: np.ndarray, index: int) -> np.ndarray:
+    what = f"image {index}"
+    if image.dtype.kind not in "biuf":
+        raise ValueError(f"{what} has dtype {image.dtype}; expected integers, floats or booleans")
+    if image.ndim != 2:
+        if image.ndim == 3 and image.shape[-1] in (3, 4):
+            hint = ": a colour image (H, W, C)? pass one channel, image[..., c], or its grayscale"
+        elif image.ndim == 3:
+            hint = ": a stack of planes? pass them as separate images, list(stack), or choose one"
+        else:
+            hint = ""
+        raise ValueError(f"{what} has shape {image.shape}; expected a 2-D (H, W) grayscale image{hint}")
+    if image.size == 0:
+        raise ValueError(f"{what} is empty (shape {image.shape}); expected at least one pixel")
+    if image.dtype.kind == "f":
+        not_finite = image.size - int(np.count_nonzero(np.isfinite(image)))
+        if not_finite:
+            raise ValueError(f"{what}: {not_finite} of {image.size} pixels are NaN or infinite; "
+                             "expected finite intensities")
+        largest = float(np.abs(image).max())
+        if largest > float(np.finfo(np.float32).max):  # normalisation computes in float32
+            raise ValueError(f"{what}: pixel values reach {largest:g}, beyond the float32 range "
+                             f"(±{np.finfo(np.float32).max:g}) that cellseg computes in")
+    return image
+
+
+class Predictor:
+    """A loaded model ready to turn raw images into `CellMaps`; load once, call many times.
+
+    `config` is a `PredictConfig` or a dict of its fields (validated: an unknown key is refused
+    by name). Building one sets the process's torch and OpenCV threads when `config.threads` is
+    given, and on CPU glibc's malloc to keep freed memory (`PredictConfig.keep_freed_memory`).
+    """
+
+    def __init__(self, checkpoint: Checkpoint, config: PredictConfig | Mapping[str, Any] = PredictConfig(),
+                 model_version: str = ""):
         self.checkpoint = checkpoint
+        if not isinstance(config, PredictConfig):
+            config = PredictConfig.model_validate(config)
         # Settings left to the model take what training decided for it.
         if config.split_touching is None:
             config = config.model_copy(update={"split_touching": checkpoint.split_touching})
@@ -160,10 +205,20 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(
-        cls, url: str, config: PredictConfig = PredictConfig(), storage_options: StorageOptions = None
+        cls, url: str | os.PathLike[str], config: PredictConfig | Mapping[str, Any] = PredictConfig(),
+        storage_options: StorageOptions = None,
     ) -> Predictor:
-        """Load `url` (weights_only); the model version is the file's content hash."""
-        checkpoint, digest = load_checkpoint_with_digest(url, storage_options)
+        """Load the checkpoint file at `url` (a path or fsspec URL; weights_only); the model version
+        is the file's content hash. A model shipped in the package is loaded by name with
+        `cellseg.model_source.shipped_predictor`."""
+        url = os.fspath(url)
+        try:
+            checkpoint, digest = load_checkpoint_with_digest(url, storage_options)
+        except CheckpointError as error:
+            if "/" in url or "." in url or os.path.exists(url):
+                raise
+            raise CheckpointError(f"{error}; a model shipped with cellseg is loaded by name with "
+                                  f"cellseg.model_source.shipped_predictor({url!r})") from error
         return cls(checkpoint, config, digest[:12])
 
     @property
@@ -178,7 +233,7 @@ class Predictor:
         return self.checkpoint.model_config.normalization
 
     def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """(H, W) float32 cell probabilities for raw (H, W) images of any dtype and size."""
+        """(H, W) float32 cell probabilities in [0, 1] for raw (H, W) images of any dtype and size."""
         return [maps.probability for maps in self.cell_maps(images)]
 
     def normalised_probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -195,13 +250,16 @@ class Predictor:
         return self.checkpoint.threshold if self.config.threshold is None else self.config.threshold
 
     def cell_maps(self, images: Sequence[np.ndarray], cell_diameters: Sequence[float | None] | None = None) -> list[CellMaps]:
-        """`CellMaps` for raw (H, W) images of any dtype and size; `cell_diameters` (pixels, one
-        per image, None: the config's) for a model at a cell size, such as a diameter given in µm
-        converted with each image's pixel size.
+        """One `CellMaps` per raw (H, W) image (integers, floats or booleans, any size), in order;
+        `cellseg.postprocess.cell_labels(maps, predictor.config)` turns each into cell labels.
+        `cell_diameters` (pixels, one per image, None: the config's) for a model at a cell size,
+        such as a diameter given in µm converted with each image's pixel size.
 
         An image without contrast (`flat_level`: a constant image, say) holds nothing to segment:
-        it gets empty maps, without a pass of the model, with a warning that says so.
+        it gets empty maps, without a pass of the model, with a warning that says so. An image that
+        is not 2-D, is empty or holds NaN or infinite pixels is refused (`checked_images`).
         """
+        images = checked_images(images)
         levels = [flat_level(image, self.normalization) for image in images]
         diameters = list(cell_diameters) if cell_diameters is not None else [None] * len(images)
         predicted = iter(self.normalised_cell_maps(

@@ -8,10 +8,25 @@ import functools
 import hashlib
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from cellseg.bundled import check_shipped_digest, shipped_checkpoint, shipped_file, shipped_name
-from cellseg.checkpoint import Checkpoint, checkpoint_digest, load_checkpoint_bytes, load_checkpoint_with_digest
+from cellseg.bundled import (
+    BUNDLED_VERSION,
+    SHIPPED_MODELS,
+    check_shipped_digest,
+    shipped_checkpoint,
+    shipped_file,
+    shipped_name,
+)
+from cellseg.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    checkpoint_digest,
+    load_checkpoint_bytes,
+    load_checkpoint_with_digest,
+)
 from cellseg.config import PredictConfig
 from cellseg.infer import Predictor
 from cellseg.registry import Registry
@@ -89,6 +104,18 @@ def _shipped_version(name: str, digest: str) -> str:
 def load_predictor(source: ModelSource, config: PredictConfig) -> Predictor:
     """A Predictor of the model `source` names, with its version recorded."""
     checkpoint, version = source.load()
+    return Predictor(checkpoint, config, version)
+
+
+def shipped_predictor(name: str = BUNDLED_VERSION, config: PredictConfig | Mapping[str, Any] = PredictConfig(),
+                      ) -> Predictor:
+    """A Predictor of the model shipped in the package named `name` ('nuclei', 'general';
+    'bundled': the default, nuclei), its checksum verified, its `model_version` the one `cellseg
+    predict` records ('nuclei-<sha256 start>'); `config` as `Predictor` takes it."""
+    if shipped_name(name) is None:
+        raise CheckpointError(f"no shipped model named {name!r}; the package has {', '.join(SHIPPED_MODELS)} "
+                              f"('{BUNDLED_VERSION}' is the default); load a checkpoint file with Predictor.from_checkpoint")
+    checkpoint, version = ModelSource("", name).load()
     return Predictor(checkpoint, config, version)
 
 

@@ -2,7 +2,8 @@
 
 This is the unit of work of one shard in the `segment-images` flow and of `cellseg predict`.
 Reading runs on threads ahead of the model (`cellseg.read_ahead`), so I/O overlaps with compute,
-and only a bounded number of images is held in memory at once.
+and only a bounded number of images is held in memory at once. `segment_arrays` does the same to
+images already in memory and hands the results back instead of storing them.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from pydantic import ValidationError
 from cellseg import __version__
 from cellseg.config import PredictConfig
 from cellseg.formats import cell_diameter_pixels, read_source
-from cellseg.infer import MAX_CALL_PIXELS, Predictor
+from cellseg.infer import MAX_CALL_PIXELS, Predictor, checked_images
 from cellseg.io import StorageOptions
 from cellseg.label_workers import LabelWorkers, Measured, label_and_measure, shared_label_workers
+from cellseg.measure import INTEGER_COLUMNS
 from cellseg.pairs import group_by_stem
 from cellseg.postprocess import CellMaps
 from cellseg.read_ahead import ReadAhead
@@ -122,6 +124,42 @@ def cpu_ms_per_image(cpu_seconds: Mapping[str, float], images: int) -> dict[str,
     if not images:
         return {}
     return {stage: round(cpu_seconds.get(stage, 0.0) * 1e3 / images, 2) for stage in CPU_STAGES}
+
+
+@dataclass(frozen=True)
+class SegmentedImage:
+    """One image's cells, as a store would hold them: `labels` (H, W) int32 (0 = background, 1..N
+    one per cell), the image's `statistics` (the figures of its `ResultStore.statistics` row), the per-cell table
+    `cells` (column name -> (N,) array, row i the cell labelled i + 1: `pandas.DataFrame(cells)`;
+    empty when `PredictConfig.measure_cells` is off), the model's `maps` and their `warnings`."""
+
+    labels: np.ndarray
+    statistics: dict[str, Any]
+    cells: dict[str, np.ndarray]
+    maps: CellMaps
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(H, W) bool: the pixels of any cell."""
+        return self.labels > 0
+
+
+def segment_arrays(
+    predictor: Predictor, images: Sequence[np.ndarray], cell_diameters: Sequence[float | None] | None = None,
+) -> list[SegmentedImage]:
+    """One `SegmentedImage` per raw (H, W) image, in order: the maps of `Predictor.cell_maps` (which
+    refuses images that are not 2-D, are empty or hold NaN), labelled and measured as `cellseg
+    predict` does with `predictor.config`; nothing is written."""
+    images = checked_images(images)
+    results = []
+    for image, maps in zip(images, predictor.cell_maps(images, cell_diameters), strict=True):
+        measured = label_and_measure(maps, image, predictor.config, {})
+        columns, rows = measured.cell_table if measured.cell_table is not None else ((), np.zeros((0, 0)))
+        cells = {name: rows[:, index].astype(np.int64 if name in INTEGER_COLUMNS else np.float64)
+                 for index, name in enumerate(columns)}
+        results.append(SegmentedImage(measured.labels, measured.statistics, cells, maps, maps.warnings))
+    return results
 
 
 def pending_images(

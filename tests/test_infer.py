@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
-from cellseg.checkpoint import Checkpoint, checkpoint_digest, load_checkpoint
+from cellseg.checkpoint import Checkpoint, CheckpointError, checkpoint_digest, load_checkpoint
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
 from cellseg.infer import Predictor, predict_outputs, predict_probabilities
 from cellseg.io import list_images, read_image, read_mask
@@ -198,6 +199,67 @@ def test_predictor_ignores_a_linear_rescale_of_intensities(synthetic_dataset, ti
     wide = image.astype(np.uint16) * 257
     narrow_result, wide_result = tiny_predictor.probabilities([image, wide])
     np.testing.assert_allclose(narrow_result, wide_result, atol=1e-5)
+
+
+_GOOD = np.random.default_rng(0).integers(0, 255, (24, 20), dtype=np.uint8)
+_WITH_NAN = _GOOD.astype(np.float32)
+_WITH_NAN[3, 4] = np.nan
+_WITH_INF = _GOOD.astype(np.float32)
+_WITH_INF[0, :2] = np.inf
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    (np.stack([_GOOD] * 3, axis=-1), r"image 1 has shape \(24, 20, 3\); expected a 2-D \(H, W\) grayscale image: "
+                                     r"a colour image \(H, W, C\)\? pass one channel, image\[\.\.\., c\]"),
+    (np.stack([_GOOD] * 5), r"image 1 has shape \(5, 24, 20\); expected a 2-D .*a stack of planes\? pass them as "
+                            r"separate images, list\(stack\)"),
+    (np.zeros((3, 24, 20), np.uint8), r"image 1 has shape \(3, 24, 20\)"),  # constant: was given 3-D empty maps
+    (_GOOD.ravel(), r"image 1 has shape \(480,\); expected a 2-D \(H, W\) grayscale image$"),
+    (np.zeros((0, 0), np.uint8), r"image 1 is empty \(shape \(0, 0\)\)"),
+    (np.zeros((0, 20), np.uint16), r"image 1 is empty \(shape \(0, 20\)\)"),
+    (_WITH_NAN, r"image 1: 1 of 480 pixels are NaN or infinite; expected finite intensities"),
+    (_WITH_INF, r"image 1: 2 of 480 pixels are NaN or infinite"),
+    (np.full((4, 4), 1e300), r"image 1: pixel values reach 1e\+300, beyond the float32 range"),
+    (np.array([["a", "b"]]), r"image 1 has dtype <U1; expected integers, floats or booleans"),
+])
+def test_cell_maps_refuses_an_unusable_image_naming_it_and_what_was_expected(tiny_predictor, bad, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_predictor.cell_maps([_GOOD, bad])
+
+
+def test_one_bare_image_is_refused_with_the_list_it_should_be(tiny_predictor):
+    with pytest.raises(TypeError, match=r"got one 24x20 array: pass one image as \[image\]"):
+        tiny_predictor.cell_maps(_GOOD)
+    stack = np.stack([_GOOD, _GOOD[::-1]])  # an (N, H, W) array is N images
+    np.testing.assert_array_equal(np.stack(tiny_predictor.probabilities(stack)),
+                                  np.stack(tiny_predictor.probabilities(list(stack))))
+
+
+def test_images_given_as_nested_lists_or_booleans_are_read_as_arrays(tiny_predictor):
+    from_lists, from_array = tiny_predictor.probabilities([_GOOD.tolist(), _GOOD])
+    np.testing.assert_array_equal(from_lists, from_array)
+    (mask_map,) = tiny_predictor.probabilities([_GOOD > 128])
+    assert mask_map.shape == (24, 20) and mask_map.dtype == np.float32
+
+
+def test_from_checkpoint_takes_a_path_and_settings_as_a_dict(tiny_checkpoint, tiny_predictor):
+    from_path = Predictor.from_checkpoint(tiny_checkpoint, {"device": "cpu", "threshold": 0.3, "min_cell_area": 7})
+    assert from_path.model_version == tiny_predictor.model_version
+    assert (from_path.config.threshold, from_path.config.min_cell_area) == (0.3, 7)
+    assert from_path.config == PredictConfig(device="cpu", threshold=0.3, min_cell_area=7,
+                                             split_touching=tiny_predictor.config.split_touching,
+                                             centre_prominence=tiny_predictor.config.centre_prominence)
+    with pytest.raises(ValidationError, match=r"treshold\n  Extra inputs are not permitted"):
+        Predictor.from_checkpoint(tiny_checkpoint, {"treshold": 0.3})
+
+
+def test_a_shipped_models_name_given_as_a_checkpoint_points_to_shipped_predictor(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"checkpoint 'nuclei' does not exist; a model shipped with cellseg is "
+                                              r"loaded by name with cellseg.model_source.shipped_predictor\('nuclei'\)"):
+        Predictor.from_checkpoint("nuclei")
+    with pytest.raises(CheckpointError, match=r"^checkpoint 'missing.pt' does not exist$"):
+        Predictor.from_checkpoint("missing.pt")
 
 
 @pytest.mark.integration

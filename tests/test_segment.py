@@ -12,11 +12,22 @@ from PIL import Image
 from scipy import ndimage
 
 from cellseg import __version__
+from cellseg.checkpoint import CheckpointError
 from cellseg.config import PredictConfig
 from cellseg.infer import Predictor
 from cellseg.io import list_images, read_image
+from cellseg.measure import CELL_COLUMNS
+from cellseg.model_source import ModelSource, shipped_predictor
 from cellseg.runtime import CoreShare
-from cellseg.segment import CPU_STAGES, SegmentReport, cpu_line, model_record, pending_images, segment_images
+from cellseg.segment import (
+    CPU_STAGES,
+    SegmentReport,
+    cpu_line,
+    model_record,
+    pending_images,
+    segment_arrays,
+    segment_images,
+)
 from cellseg.stats import STATISTIC_FIELDS
 from cellseg.store import ResultStore, StoreError
 
@@ -289,6 +300,50 @@ def test_probabilities_are_saved_when_asked(image_dir, store, predictor):
     segment_images([("synth_0002", url_of(image_dir, "synth_0002"))], store, saving, {})
     expected = predictor.probabilities([read_image(url_of(image_dir, "synth_0002"))])[0]
     np.testing.assert_allclose(store.root["synth_0002/probabilities/0"][...], expected, atol=2e-3)
+
+
+def test_segment_arrays_gives_what_segment_images_stores(image_dir, store, predictor):
+    run(image_dir, store, predictor)
+    images = [read_image(url_of(image_dir, image_id)) for image_id in GOOD]
+    results = segment_arrays(predictor, images)
+    assert len(results) == len(GOOD)
+    for image_id, result in zip(GOOD, results, strict=True):
+        np.testing.assert_array_equal(result.labels, store.read_cells(image_id))
+        assert result.labels.dtype == np.int32
+        np.testing.assert_array_equal(result.mask, store.read_mask(image_id))
+        stored = next(row for row in store.statistics() if row["image_id"] == image_id)
+        assert result.statistics == {name: stored[name] for name in STATISTIC_FIELDS}
+        columns, rows = store.read_cell_table(image_id)
+        assert tuple(result.cells) == tuple(columns) == CELL_COLUMNS
+        for index, name in enumerate(columns):
+            np.testing.assert_array_equal(result.cells[name], rows[:, index])
+        cells = int(result.labels.max())
+        assert result.cells["label"].tolist() == list(range(1, cells + 1)) and result.cells["label"].dtype == np.int64
+        assert result.cells["area"].tolist() == np.bincount(result.labels.ravel())[1:].tolist()
+
+
+def test_segment_arrays_without_cell_measurements_and_of_a_flat_image(predictor):
+    quiet = Predictor(predictor.checkpoint, predictor.config.model_copy(update={"measure_cells": False}))
+    (flat,) = segment_arrays(quiet, [np.full((40, 30), 7, np.uint16)])
+    assert flat.cells == {} and flat.labels.shape == (40, 30) and not flat.labels.any()
+    assert flat.statistics["cell_count"] == 0
+    assert flat.warnings == ("image is constant (value 7): no cells",)
+    with pytest.raises(ValueError, match=r"image 0 has shape \(40, 30, 3\)"):
+        segment_arrays(quiet, [np.zeros((40, 30, 3), np.uint8)])
+
+
+def test_shipped_predictor_segments_arrays_as_predict_records_it(synthetic_dataset):
+    nuclei = shipped_predictor("nuclei", {"device": "cpu"})
+    assert nuclei.model_version == ModelSource("", "nuclei").recorded_version()
+    assert nuclei.model_version.startswith("nuclei-")
+    assert shipped_predictor().model_version == nuclei.model_version  # 'bundled': the default, nuclei
+    image = read_image(str(synthetic_dataset / "images" / "synth_0000.png"))
+    truth = read_image(str(synthetic_dataset / "labels" / "synth_0000.png"))
+    (found,) = segment_arrays(nuclei, [image.astype(np.float32) / 255])  # float intensities, another scale
+    assert abs(int(found.labels.max()) - len(np.unique(truth[truth > 0]))) <= 2
+    assert found.statistics["cell_count"] == found.labels.max() == len(found.cells["label"])
+    with pytest.raises(CheckpointError, match=r"no shipped model named 'nucleus'; the package has nuclei, general"):
+        shipped_predictor("nucleus")
 
 
 def test_report_summary():
