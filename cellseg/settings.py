@@ -3,8 +3,9 @@
 1. command-line flags (`cellseg train --epochs 5`),
 2. environment variables `CELLSEG_<FIELD>`, nested fields joined by `__`
    (`CELLSEG_TRAINING__EPOCHS=5`, `CELLSEG_PREDICT__THRESHOLD=0.4`,
-   `CELLSEG_STORAGE__S3__ENDPOINT_URL=http://...`), or a whole section as JSON,
-3. a TOML or YAML file named by `--config FILE` or `CELLSEG_CONFIG` (same nesting as the fields),
+   `CELLSEG_STORAGE__S3__ENDPOINT_URL=http://...`), or a whole section as JSON; `null` unsets,
+3. a TOML or YAML file named by `--config FILE` or `CELLSEG_CONFIG` (same nesting as the fields;
+   a `cellseg.toml` in the current folder is not read unless named, and a warning says so),
 4. the defaults of the configuration models in `cellseg.config`.
 
 `cellseg config show` prints the result with secrets masked. Storage options are handed to
@@ -19,15 +20,17 @@ in well under a second, naming it.
 
 from __future__ import annotations
 
+import codecs
 import contextvars
 import copy
 import difflib
 import json
+import logging
 import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, get_origin
 from urllib.parse import urlsplit
 
 import yaml
@@ -57,6 +60,7 @@ MAX_VALUES = 10_000  # values in a file or a JSON environment variable, each YAM
 _ALIASES = {"s3": "s3a", "http": "https"}
 S3_PROTOCOLS = ("s3", "s3a")  # what fsspec opens with s3fs
 _applied_limits: dict[str, dict[str, Any]] = {}
+logger = logging.getLogger(__name__)
 _file_values: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("cellseg_file_values", default=None)
 
 
@@ -93,7 +97,8 @@ class StorageTimeouts(BaseModel):
 class CellsegSettings(BaseSettings):
     """Everything a `cellseg` command takes from flags, environment and config file."""
 
-    model_config = SettingsConfigDict(env_prefix="CELLSEG_", env_nested_delimiter="__", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="CELLSEG_", env_nested_delimiter="__", env_parse_none_str="null",
+                                      extra="forbid", frozen=True)
 
     registry_url: Url = Field(DEFAULT_REGISTRY_URL, description="model registry URL (directory or bucket prefix)")
     local_root: str = Field(
@@ -202,28 +207,49 @@ def _web_url(value: Any) -> bool:
 
 def config_file_path(config_file: str | None = None) -> Path | None:
     """The settings file named by `config_file` or $CELLSEG_CONFIG, checked; None when neither is set."""
+    if config_file == "":  # `--config "$FILE"` with FILE unset must not run on the defaults
+        raise SettingsError("--config is given an empty name; name a settings file")
     name = config_file or os.environ.get(CONFIG_ENV) or None
     if name is None:
         return None
     path = Path(name).expanduser()
-    if path.suffix not in (".toml", ".yaml", ".yml"):
+    if path.suffix.lower() not in (".toml", ".yaml", ".yml"):
         raise SettingsError(f"settings file '{path}' must end in .toml, .yaml or .yml")
-    if not path.is_file():
+    if path.is_dir():
+        raise SettingsError(f"settings file '{path}' is a directory; name the file in it")
+    if not path.exists():
         raise SettingsError(f"settings file '{path}' does not exist")
+    if not path.is_file():
+        raise SettingsError(f"settings file '{path}' is not a regular file")
     return path
+
+
+UNNAMED_SETTINGS_FILES = ("cellseg.toml", "cellseg.yaml", "cellseg.yml")
+
+
+def _warn_of_unnamed_settings_files() -> None:
+    """Warn that a settings file in the current folder is not read: only --config and
+    CELLSEG_CONFIG name one, and a file left beside the data looked as if it took effect."""
+    for name in UNNAMED_SETTINGS_FILES:
+        if Path(name).is_file():
+            logger.warning("%s in this folder is not read: name it with --config %s or %s=%s",
+                           name, name, CONFIG_ENV, Path(name).resolve())
+            return
 
 
 def read_settings_file(path: Path) -> dict[str, Any]:
     """The nested settings of a TOML or YAML file of at most MAX_FILE_BYTES, MAX_DEPTH levels
     and MAX_VALUES values; SettingsError naming the file for anything else."""
     where = f"settings file '{path}'"
-    kind = "TOML" if path.suffix == ".toml" else "YAML"
+    kind = "TOML" if path.suffix.lower() == ".toml" else "YAML"
     with path.open("rb") as file:
         raw = file.read(MAX_FILE_BYTES + 1)
     if len(raw) > MAX_FILE_BYTES:
         raise SettingsError(f"{where} is over {MAX_FILE_BYTES // 1024} KiB, the limit for settings")
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise SettingsError(f"{where} is UTF-16 text (as Windows saves 'Unicode'); save it as UTF-8")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as Windows editors write, is no setting
         data = tomllib.loads(text) if kind == "TOML" else yaml.load(text, Loader=_BoundedSafeLoader)
     except UnicodeDecodeError as error:
         raise SettingsError(f"{where} is not UTF-8 text (byte {error.start})") from error
@@ -315,16 +341,28 @@ def _check_environment() -> None:
         _check_setting_name(name)
         if len(value) > MAX_ENV_CHARS:
             raise SettingsError(f"{where} is over {MAX_ENV_CHARS // 1024} KiB, the limit for settings")
-        if value.lstrip()[:1] in ("{", "["):
+        if value.lstrip()[:1] in ("{", "[") or _takes_json(name):
             try:
                 parsed = json.loads(value)
-            except json.JSONDecodeError:
-                continue  # not JSON after all: pydantic-settings reports it, naming the variable
+            except json.JSONDecodeError as error:
+                if not _takes_json(name):
+                    continue  # text that starts like JSON, such as a secret
+                # pydantic-settings says `error parsing value for field "storage" from source "EnvSettingsSource"`.
+                section = ".".join(name.lower().removeprefix("cellseg_").split("__"))
+                raise SettingsError(f"{where} ({section}) is not valid JSON ({error.msg} at line {error.lineno}, "
+                                    f"column {error.colno}): give the section as a JSON object") from None
             except RecursionError as error:
                 raise SettingsError(f"{where} is nested deeper than {MAX_DEPTH} levels") from error
             except ValueError as error:  # Python refuses integers of over 4300 digits
                 raise SettingsError(f"{where} holds a value out of range: {str(error).split(';')[0]}") from error
             _check_shape(parsed, where)
+
+
+def _takes_json(variable: str) -> bool:
+    """Whether the CELLSEG_* `variable` names a section (predict, predict__selection, storage,
+    storage__s3), whose value is JSON, rather than a single setting."""
+    names = variable.lower().removeprefix("cellseg_").split("__")
+    return _section(names) is not None or (names[0] == "storage" and len(names) <= 2)
 
 
 # CELLSEG_* variables that are not settings: the settings file's name, and switches read directly.
@@ -369,16 +407,49 @@ def _without(options: Mapping[str, Any], applied: Mapping[str, Any]) -> dict[str
 def load_settings(config_file: str | None = None, overrides: Mapping[str, Any] | None = None) -> CellsegSettings:
     """Settings from `overrides` (the flags, as nested dicts) over the environment over the file."""
     path = config_file_path(config_file)
+    if path is None:
+        _warn_of_unnamed_settings_files()
     _check_environment()
-    token = _file_values.set(read_settings_file(path) if path else {})
+    file_values = read_settings_file(path) if path else {}
+    token = _file_values.set(file_values)
     try:
         return CellsegSettings(**dict(overrides or {}))
     except ValidationError as error:
-        where = "flags, CELLSEG_* environment variables" + (f" and settings file '{path}'" if path else "")
+        where = _sources_of(error, overrides or {}, file_values, path)
         raise SettingsError(f"invalid settings (from {where}): {describe_invalid(error)}"
                             f"{_unknown_variables(error)}") from error
     finally:
         _file_values.reset(token)
+
+
+def _sources_of(error: ValidationError, flags: Mapping[str, Any], file_values: Mapping[str, Any],
+                path: Path | None) -> str:
+    """Which of the flags, the CELLSEG_* variables and the file gave the values `error` refuses,
+    in that order; all three where it cannot tell."""
+    variables = [name.upper() for name in os.environ if name.upper().startswith("CELLSEG_")]
+    flagged = environment = filed = False
+    for item in error.errors(include_url=False):
+        names = _field_names(item["loc"], CellsegSettings)
+        variable = "CELLSEG_" + "__".join(names).upper()
+        flagged |= _holds(flags, names)
+        # A variable for the field, for a field below it, or for a section above it (JSON).
+        environment |= any(name == variable or name.startswith(variable + "__") or variable.startswith(name + "__")
+                           for name in variables)
+        filed |= _holds(file_values, names)
+    named = [source for source, gave in (("flags", flagged), ("CELLSEG_* environment variables", environment),
+                                         (f"settings file '{path}'", filed)) if gave]
+    if not named:
+        named = ["flags", "CELLSEG_* environment variables"] + ([f"settings file '{path}'"] if path else [])
+    return ", ".join(named[:-1]) + " and " + named[-1] if len(named) > 1 else named[0]
+
+
+def _holds(values: Mapping[str, Any], names: list[str]) -> bool:
+    """Whether the nested mappings `values` give the field `names` leads to (an empty section gives nothing)."""
+    for name in names:
+        if not isinstance(values, Mapping) or name not in values:
+            return False
+        values = values[name]
+    return values != {}
 
 
 
@@ -399,10 +470,9 @@ def _unknown_variables(error: ValidationError) -> str:
     return f"; set by environment variable {', '.join(named)}" if named else ""
 
 
-def _section(names: list[str]) -> type[BaseModel] | None:
-    """The settings model of the section `names` leads to (the settings themselves for []), None
+def _section(names: list[str], model: type[BaseModel] = CellsegSettings) -> type[BaseModel] | None:
+    """The model of the section `names` leads to from `model` (`model` itself for []), None
     where it is no model."""
-    model: type[BaseModel] = CellsegSettings
     for name in names:
         field = model.model_fields.get(name)
         annotation = field.annotation if field is not None else None
@@ -413,14 +483,66 @@ def _section(names: list[str]) -> type[BaseModel] | None:
 
 def describe_invalid(error: ValidationError) -> str:
     """A pydantic error on one line: each field, what is wrong and the value given, credentials
-    masked; values under `storage` are never shown (a malformed section may hold its secrets)."""
-    problems = []
+    masked; values under `storage` are never shown (a malformed section may hold its secrets).
+    An unknown field is named with the nearest known one of its section (`predict.treshold`:
+    did you mean predict.threshold?); a field of several types says once what each one wants."""
+    model = _cellseg_model(error.title)
+    problems: dict[tuple[str, ...], list[str]] = {}
+    shown_values: dict[tuple[str, ...], str] = {}
     for item in error.errors(include_url=False):
-        names = [str(part) for part in item["loc"]]
-        problem = f"{'.'.join(names) or error.title}: {item['msg'].removeprefix('Value error, ')}"
+        names = _field_names(item["loc"], model) if model else [str(part) for part in item["loc"]]
+        problem = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden" and model is not None:
+            problem += _nearest_field(names, model)
+        problems.setdefault(tuple(names), []).append(problem)
         value = item.get("input")
         if names[:1] != ["storage"] and (value is None or isinstance(value, str | int | float)):
             shown = repr(redact(value, names[-1] if names else ""))
-            problem += f" (got {shown[:80] + '…' if len(shown) > 80 else shown})"
-        problems.append(problem)
-    return redact_text("; ".join(problems))
+            shown_values[tuple(names)] = f" (got {shown[:80] + '…' if len(shown) > 80 else shown})"
+    return redact_text("; ".join(f"{'.'.join(names) or error.title}: {' or '.join(dict.fromkeys(messages))}"
+                                 f"{shown_values.get(names, '')}" for names, messages in problems.items()))
+
+
+def _field_names(loc: tuple[int | str, ...], model: type[BaseModel]) -> list[str]:
+    """The field names and list positions of an error's location in `model`, without the tags
+    pydantic adds for each type a field may have (`z.constrained-int`, `z.literal['max']`)."""
+    names: list[str] = []
+    section: type[BaseModel] | None = model
+    in_mapping = False  # below a field holding a mapping (storage), every key is a name
+    for part in loc:
+        if in_mapping or isinstance(part, int):
+            names.append(str(part))
+            continue
+        if section is None:
+            continue
+        names.append(part)
+        field = section.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        in_mapping = get_origin(annotation) is dict
+        section = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return names
+
+
+def _nearest_field(names: list[str], model: type[BaseModel]) -> str:
+    """' (did you mean <section>.<field>?)' for the unknown field `names` leads to, when one of
+    its section's fields is close to it; '' otherwise."""
+    section = _section(names[:-1], model)
+    if section is None:
+        return ""
+    # A field of a sub-section given a level too high (`threshold` outside [predict]), else a misspelling.
+    meant = [".".join([*names[:-1], name, names[-1]]) for name in section.model_fields
+             if (below := _section([name], section)) is not None and names[-1] in below.model_fields]
+    meant = meant or [".".join([*names[:-1], close])
+                      for close in difflib.get_close_matches(names[-1], list(section.model_fields), n=1, cutoff=0.75)]
+    return f" (did you mean {' or '.join(meant)}?)" if meant else ""
+
+
+def _cellseg_model(title: str) -> type[BaseModel] | None:
+    """The cellseg model class named `title` (a ValidationError's title), among those imported."""
+    pending: list[type[BaseModel]] = [BaseModel]
+    while pending:
+        model = pending.pop()
+        if model.__name__ == title and model.__module__.startswith("cellseg."):
+            return model
+        pending.extend(model.__subclasses__())
+    return None

@@ -8,10 +8,11 @@ import os
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from cellseg.job_config import SegmentJob, TrainJob, TuneJob, with_settings
 from cellseg.paths import DEFAULT_CACHE_DIR, DEFAULT_TUNING_DIR
-from cellseg.settings import load_settings
+from cellseg.settings import describe_invalid, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -69,6 +70,21 @@ def test_environment_settings_count_as_set(monkeypatch):
     monkeypatch.setenv("CELLSEG_PREDICT__TILE_OVERLAP", "32")
     job = with_settings(SegmentJob(source_url="in", store_url="out.zarr"), load_settings())
     assert job.predict.tile_overlap == 32
+
+
+@pytest.mark.parametrize(("fields", "refusal"), [
+    ({"predict": {"treshold": 0.4}},
+     "predict.treshold: Extra inputs are not permitted (did you mean predict.threshold?) (got 0.4)"),
+    ({"shard_szie": 8}, "shard_szie: Extra inputs are not permitted (did you mean shard_size?) (got 8)"),
+    ({"tta": True}, "tta: Extra inputs are not permitted (did you mean predict.tta?) (got True)"),
+    ({"predict": {"selection": {"z": "min"}}}, "predict.selection.z: Input should be a valid integer, unable to "
+                                               "parse string as an integer or Input should be 'max' (got 'min')"),
+], ids=["misspelt", "misspelt-top", "outside-its-section", "union"])
+def test_a_refused_job_names_the_field_it_meant(fields, refusal):
+    """What a deployment run's parameters or a Prefect variable hold is refused in these words."""
+    with pytest.raises(ValidationError) as refused:
+        SegmentJob.model_validate({"source_url": "in", "store_url": "out.zarr", **fields})
+    assert describe_invalid(refused.value) == refusal
 
 
 @pytest.mark.integration

@@ -123,6 +123,123 @@ def test_a_misspelt_nested_environment_variable_is_named_with_the_nearest_settin
     assert sorted(named) == ["CELLSEG_PREDICT__BLOCKS__QQQ",
                              "CELLSEG_TRAINING__PATIENC (did you mean CELLSEG_TRAINING__PATIENCE?)"]
 
+@pytest.mark.parametrize(("text", "meant"), [
+    ("[predict]\ntreshold = 0.4\n", "predict.treshold: Extra inputs are not permitted (did you mean predict.threshold?) (got 0.4)"),
+    ("[traning]\nepochs = 3\n", "traning: Extra inputs are not permitted (did you mean training?)"),
+    ("[predict.selection]\nchanel = 1\n", "(did you mean predict.selection.channel?)"),
+    # Outside its section (above every table header, or under the wrong one).
+    ("tile_size = 512\n", "tile_size: Extra inputs are not permitted (did you mean predict.tile_size?) (got 512)"),
+    ("threshold = 0.4\n", "(did you mean training.threshold or predict.threshold?)"),
+    ("[predict]\nblock_size = 4096\n", "(did you mean predict.blocks.block_size?)"),
+], ids=["misspelt", "misspelt-section", "nested", "top-level", "top-level-twice", "section-too-high"])
+def test_an_unknown_key_in_a_settings_file_is_named_with_the_one_it_meant(tmp_path, text, meant):
+    path = tmp_path / "lab.toml"
+    path.write_text(text)
+    result = cellseg("config", "show", "--config", str(path), check=False)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"cellseg config: error: invalid settings (from settings file '{path}'): ")
+    assert meant in result.stderr
+
+
+def test_a_field_of_several_types_is_one_problem_naming_the_field(tmp_path):
+    """pydantic reports each type of a union apart, under names such as max_minutes.constrained-float."""
+    path = tmp_path / "lab.toml"
+    path.write_text("[training]\nmax_minutes = -3\n[predict.selection]\nz = 'min'\n")
+    with pytest.raises(SettingsError) as refused:
+        load_settings(str(path))
+    assert str(refused.value) == (
+        f"invalid settings (from settings file '{path}'): "
+        "training.max_minutes: Input should be greater than 0 or Input should be 'auto' (got -3); "
+        "predict.selection.z: Input should be a valid integer, unable to parse string as an integer "
+        "or Input should be 'max' (got 'min')")
+
+
+def test_a_refusal_names_only_the_sources_that_gave_the_value(tmp_path, monkeypatch):
+    path = tmp_path / "lab.yaml"
+    path.write_text("predict: {tile_size: 512}\n")
+    monkeypatch.setenv("CELLSEG_TRAINING__EPOCHS", "many")
+    with pytest.raises(SettingsError, match=r"^invalid settings \(from CELLSEG_\* environment variables\): training\.epochs"):
+        load_settings(str(path))
+    monkeypatch.delenv("CELLSEG_TRAINING__EPOCHS")
+    with pytest.raises(SettingsError, match=rf"^invalid settings \(from flags and settings file '{re.escape(str(path))}'\): "
+                                            r"predict: tile_overlap \(400\) must be at most three quarters"):
+        load_settings(str(path), {"predict": {"tile_overlap": 400}})
+
+
+def test_settings_files_saved_by_windows_editors(tmp_path):
+    """Notepad and PowerShell write UTF-8 with a byte-order mark, and 'Unicode' as UTF-16."""
+    with_mark = tmp_path / "bom.toml"
+    with_mark.write_bytes("\ufeff[predict]\nthreshold = 0.4\n".encode())
+    assert load_settings(str(with_mark)).predict.threshold == 0.4
+    utf16 = tmp_path / "unicode.toml"
+    utf16.write_text("[predict]\nthreshold = 0.4\n", encoding="utf-16")
+    result = cellseg("config", "show", "--config", str(utf16), check=False)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"cellseg config: error: settings file '{utf16}' is UTF-16 text "
+                                          "(as Windows saves 'Unicode'); save it as UTF-8"]
+
+
+def test_a_settings_file_that_is_a_directory_is_called_one(tmp_path):
+    (tmp_path / "conf.d.yaml").mkdir()
+    with pytest.raises(SettingsError, match=r"conf\.d\.yaml' is a directory; name the file in it$"):
+        load_settings(str(tmp_path / "conf.d.yaml"))
+
+
+def test_an_empty_config_name_is_refused_and_suffixes_are_read_in_any_case(tmp_path):
+    """`--config "$FILE"` with FILE unset ran on the defaults; Windows names files LAB.TOML."""
+    empty = cellseg("config", "show", "--config", "", check=False)
+    assert empty.returncode == 2
+    assert empty.stderr.splitlines() == ["cellseg config: error: --config is given an empty name; name a settings file"]
+    upper = tmp_path / "LAB.TOML"
+    upper.write_text("[predict]\nthreshold = 0.4\n")
+    assert load_settings(str(upper)).predict.threshold == 0.4
+
+
+@pytest.mark.parametrize(("name", "value", "refusal"), [
+    ("CELLSEG_STORAGE", '{"s3": {"secret": "half-quoted-secret"', "Expecting ',' delimiter at line 1, column 39"),
+    ("CELLSEG_STORAGE", "s3.key=abc", "Expecting value at line 1, column 1"),
+    ("CELLSEG_PREDICT__SELECTION", '{"z": 1', "Expecting ',' delimiter at line 1, column 8"),
+])
+def test_a_section_in_the_environment_that_is_not_json_is_named(monkeypatch, name, value, refusal):
+    """pydantic-settings said `error parsing value for field "storage" from source "EnvSettingsSource"`."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    section = name.lower().removeprefix("cellseg_").replace("__", ".")
+    assert str(refused.value) == (f"environment variable {name} ({section}) is not valid JSON ({refusal}): "
+                                  "give the section as a JSON object")
+    monkeypatch.delenv(name)
+    monkeypatch.setenv("CELLSEG_STORAGE__S3__SECRET", "{starts-like-json")  # a single setting is text
+    assert load_settings().storage == {"s3": {"secret": "{starts-like-json"}}
+
+
+def test_null_in_the_environment_unsets_a_setting(tmp_path, monkeypatch):
+    """TOML has no null, and 'null' in a variable was refused: no way to lift the time budget or
+    give a setting of the file back to cellseg's choice."""
+    path = tmp_path / "lab.toml"
+    path.write_text("[predict]\nbatch_size = 4\n")
+    monkeypatch.setenv("CELLSEG_TRAINING__MAX_MINUTES", "null")
+    monkeypatch.setenv("CELLSEG_PREDICT__BATCH_SIZE", "null")
+    settings = load_settings(str(path))
+    assert settings.training.max_minutes is None and settings.training.time_budget(fine_tuning=True) is None
+    assert settings.predict.batch_size is None
+
+
+def test_a_settings_file_in_the_folder_that_is_not_named_is_warned_of(tmp_path, monkeypatch, caplog):
+    """The README's example is headed `# cellseg.toml`; saved as such, it was ignored without a word."""
+    (tmp_path / "cellseg.toml").write_text("[training]\nepochs = 80\n")
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("WARNING", logger="cellseg.settings"):
+        assert load_settings().training.epochs == 60
+    assert [record.getMessage() for record in caplog.records] == [
+        f"cellseg.toml in this folder is not read: name it with --config cellseg.toml or "
+        f"CELLSEG_CONFIG={tmp_path / 'cellseg.toml'}"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cellseg.settings"):
+        assert load_settings("cellseg.toml").training.epochs == 80
+    assert not caplog.records
+
+
 def test_boolean_storage_options_from_the_environment_are_booleans(monkeypatch):
     monkeypatch.setenv("CELLSEG_STORAGE__S3__ANON", "false")
     monkeypatch.setenv("CELLSEG_STORAGE__S3__USE_SSL", "True")
