@@ -320,7 +320,7 @@ def _decoded(data: bytes, name: str, max_pixels: int, warnings: list[str] | None
             raise ImageReadError(f"'{name}': {not_finite} of {array.size} pixels are NaN or infinite; "
                                  "expected finite intensities")
         largest = max(-float(array.min()), float(array.max()))
-        if largest > np.finfo(np.float32).max:  # normalisation computes in float32
+        if largest > float(np.finfo(np.float32).max):  # normalisation computes in float32
             raise ImageReadError(f"'{name}': pixel values reach {largest:g}, beyond the float32 range "
                                  f"(±{np.finfo(np.float32).max:g}) that cellseg computes in")
     if warnings is not None:

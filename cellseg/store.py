@@ -249,10 +249,12 @@ class ResultStore:
         self.damaged: dict[str, str] = {}  # image id -> problem, of the images found damaged so far
 
     @classmethod
-    def open(cls, url: str, mode: StoreMode = "a", storage_options: StorageOptions = None) -> ResultStore:
-        """Open `url`, creating the store when `mode` allows it; refuses groups that are not cellseg
-        stores and, for writing, targets where a store would keep nothing or take over other data
-        (`check_store_target`)."""
+    def open(cls, url: str | os.PathLike[str], mode: StoreMode = "a", storage_options: StorageOptions = None
+             ) -> ResultStore:
+        """Open `url` (a URL or a local path), creating the store when `mode` allows it; refuses
+        groups that are not cellseg stores and, for writing, targets where a store would keep
+        nothing or take over other data (`check_store_target`)."""
+        url = os.fspath(url)
         location = _zarr_location(url)
         # zarr refuses fsspec options beside a local path.
         options = _zarr_storage_options(url, storage_options) if location == url else None

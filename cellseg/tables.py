@@ -19,7 +19,7 @@ class OutputError(ValueError):
     """An output file that must not or cannot be written; the message names it."""
 
 
-def write_table(rows: Iterable[dict[str, Any]], url: str, table_format: str = "csv",
+def write_table(rows: Iterable[dict[str, Any]], url: str | os.PathLike[str], table_format: str = "csv",
                 storage_options: StorageOptions = None, overwrite: bool = False) -> int:
     """Write `rows` to `url` as `table_format` ('csv' or 'parquet'); returns the number of rows.
 
@@ -29,6 +29,7 @@ def write_table(rows: Iterable[dict[str, Any]], url: str, table_format: str = "c
     The target is checked before `rows` is read (`check_output_file`); a local file is written
     whole or not at all, a device or pipe (/dev/stdout) is written into.
     """
+    url = os.fspath(url)
     check_output_file(url, overwrite, storage_options)
     rows = same_columns(list(rows))
     columns = list(rows[0]) if rows else ["image_id"]

@@ -595,3 +595,16 @@ def test_hidden_files_are_not_listed_and_those_with_an_image_suffix_are_named(tm
         assert list_images(str(tmp_path)) == [str(tmp_path / "a.png")]
     assert f"skipping 1 hidden file(s) under '{tmp_path}', not images: ._a.png" in caplog.text
     assert ".DS_Store" not in caplog.text and "subfolder" not in caplog.text
+
+
+def test_a_float_image_beyond_the_float32_range_is_refused_without_an_overflow_warning():
+    import warnings
+
+    from cellseg.io import ImageReadError, decode_image
+
+    data = io.BytesIO()
+    tifffile.imwrite(data, np.array([[0.0, 1e300], [2.0, 3.0]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "overflow encountered in cast" came before the error
+        with pytest.raises(ImageReadError, match=r"'huge.tif': pixel values reach 1e\+300, beyond the float32 range"):
+            decode_image(data.getvalue(), "huge.tif", 1 << 20)

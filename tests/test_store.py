@@ -43,6 +43,17 @@ def test_open_creates_a_cellseg_store(tmp_path):
     assert store.done_ids() == set() and store.statistics() == [] and store.failures() == []
 
 
+def test_a_store_and_a_table_are_opened_and_written_at_a_path_as_at_its_string(tmp_path):
+    """A notebook passes pathlib paths: `ResultStore.open(Path)` failed ('PosixPath' has no 'startswith')."""
+    from cellseg.tables import write_table
+
+    store = ResultStore.open(tmp_path / "results.zarr")
+    assert store.url == str(tmp_path / "results.zarr")
+    assert ResultStore.open(tmp_path / "results.zarr", mode="r").done_ids() == set()
+    assert write_table([{"image_id": "a", "cell_count": 3}], tmp_path / "images.csv") == 1
+    assert (tmp_path / "images.csv").read_text() == "image_id,cell_count\na,3\n"
+
+
 def test_reopening_keeps_results_and_creation_time(store):
     store.write_result("a", MASK, STATS, "/images/a.png", MODEL)
     created = store.root.attrs["cellseg"]["created"]
