@@ -27,7 +27,9 @@ _SECRET_PARTS = ("secret", "passw", "passphrase", "token", "key", "credential", 
                  "cookie", "private")
 _SECRET_NAMES = frozenset({"sig", "pw", "pwd", "pass", "sas"})
 _KEPT_VALUES = frozenset({"null", "none", "true", "false", ""})
-_WEB_SCHEMES = frozenset({"http", "https"})
+# Schemes whose bare user name is a login name, no secret (sftp://alice@host); in any other URL
+# (https://TOKEN@host, a mistyped htp://TOKEN@host, s3://KEY@bucket) a bare user name is masked.
+_LOGIN_SCHEMES = frozenset({"sftp", "ssh", "scp", "ftp", "ftps", "smb", "hdfs", "webhdfs"})
 
 _PARTS = "|".join(_SECRET_PARTS)
 _SHORT = "|".join(sorted(_SECRET_NAMES))
@@ -81,8 +83,9 @@ def _misspelt_secret(lowered: str) -> bool:
 
 
 def redact_url(url: str) -> str:
-    """`url` with its password, a bare http(s) user name and secret query/fragment parameters
-    masked: `https://bob:pw@host/x?sig=abc` -> `https://bob:********@host/x?sig=********`."""
+    """`url` with its password, a bare user name (not a login scheme's: sftp://alice@host) and
+    secret query/fragment parameters masked: `https://bob:pw@host/x?sig=abc` ->
+    `https://bob:********@host/x?sig=********`."""
     if "://" not in url:
         return url
     url = _AUTHORITY.sub(_masked_authority, url)
@@ -123,8 +126,8 @@ def _masked_authority(match: re.Match[str]) -> str:
     user, colon, _ = userinfo.partition(":")
     if colon:
         userinfo = f"{user}:{MASK}"
-    elif match["scheme"].lower() in _WEB_SCHEMES and userinfo:
-        userinfo = MASK  # https://TOKEN@host: a bare http user name is usually an access token
+    elif match["scheme"].lower() not in _LOGIN_SCHEMES and userinfo:
+        userinfo = MASK
     return f"{match['scheme']}://{userinfo}@{host}"
 
 

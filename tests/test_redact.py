@@ -19,6 +19,8 @@ from cellseg.settings import CellsegSettings
     ("https://bob:p@ss@host/x.png", f"https://bob:{MASK}@host/x.png"),  # an unescaped '@' in the password
     ("https://ghp_TOKEN@github.com/x.pt", f"https://{MASK}@github.com/x.pt"),  # a bare http user is a token
     ("sftp://alice@host/data", "sftp://alice@host/data"),  # a login name alone is no secret
+    ("htp://sup3rs3cret@minio.lab:9000", f"htp://{MASK}@minio.lab:9000"),  # a mistyped scheme hides no token
+    ("s3://AKIAKEY@bucket/x", f"s3://{MASK}@bucket/x"),
     ("simplecache::s3://k:SECRET@bucket/x", f"simplecache::s3://k:{MASK}@bucket/x"),
     ("https://acct.blob.core.windows.net/c/a.png?sv=2022-11-02&sp=r&sig=AB%2Bc",
      f"https://acct.blob.core.windows.net/c/a.png?sv=2022-11-02&sp=r&sig={MASK}"),
