@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Annotated, Any, Literal, get_args
 
 from fsspec.core import split_protocol
 from fsspec.registry import known_implementations
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from cellseg.io import DEFAULT_MAX_PIXELS
 
@@ -24,7 +34,12 @@ def _check_url(url: str) -> str:
     return url
 
 
-Url = Annotated[str, AfterValidator(_check_url)]
+def _path_as_text(value: Any) -> Any:
+    """A pathlib path (a notebook's usual way to name a folder) as the string of a local path."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+Url = Annotated[str, BeforeValidator(_path_as_text), AfterValidator(_check_url)]
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
                               description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")]
 

@@ -196,3 +196,12 @@ def test_settings_are_frozen():
     settings = SegmentJob(**SEGMENT)
     with pytest.raises(ValidationError, match="frozen"):
         settings.shard_size = 4
+
+
+def test_jobs_take_folders_given_as_pathlib_paths(tmp_path):
+    """A notebook names folders with pathlib: `TrainJob(images_url=Path(...))` was refused ("Input should be a valid string")."""
+    from cellseg.job_config import SegmentJob, TrainJob
+
+    job = TrainJob(images_url=tmp_path / "images", masks_url=tmp_path / "masks")
+    assert job.images_url == str(tmp_path / "images") and job.masks_url == str(tmp_path / "masks")
+    assert SegmentJob(source_url=tmp_path / "in", store_url=tmp_path / "r.zarr").store_url == str(tmp_path / "r.zarr")
