@@ -87,12 +87,18 @@ class CoreShare:
         self.cores = max(1, cores)
         self._running = 0
         self._lock = threading.Lock()
+        self._opencv_threads_before = 0
+
+    # OpenCV's thread count is process-wide: the loops' shares are set over the caller's choice (a
+    # notebook's), which the last loop to leave puts back. torch's count is the calling thread's.
 
     @contextmanager
     def taking_part(self) -> Iterator[Callable[[], int]]:
         """Count the calling loop as running while inside; yields the function that sets the calling
         thread's threads to its share of the moment (and returns it)."""
         with self._lock:
+            if not self._running:
+                self._opencv_threads_before = cv2.getNumThreads()
             self._running += 1
         taken = 0
 
@@ -109,6 +115,8 @@ class CoreShare:
         finally:
             with self._lock:
                 self._running -= 1
+                if not self._running:
+                    cv2.setNumThreads(self._opencv_threads_before)
 
 
 SHARD_CORES = CoreShare(available_cores())

@@ -208,6 +208,21 @@ def test_cores_are_split_between_the_loops_running_now():
         assert alone() == 1
 
 
+def test_opencvs_thread_count_is_the_callers_again_once_the_loops_have_finished():
+    """A notebook that ran a segmentation was left with OpenCV on the loops' last share."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(3)
+        share = CoreShare(8)
+        with share.taking_part() as first, share.taking_part() as second:
+            assert first() == second() == 4 and cv2.getNumThreads() == 4
+        assert cv2.getNumThreads() == 3
+    finally:
+        cv2.setNumThreads(before)
+
+
 def test_a_loop_takes_the_cores_that_a_finished_one_leaves(image_dir, store, tiny_checkpoint):
     """Without a thread count in its settings, a loop beside another runs on its half of the cores,
     and on all of them once the other has finished (the last shard of a run, or a short one)."""
