@@ -135,6 +135,14 @@ def decide_automatic_fields(
     return model_config.model_copy(update=decided)
 
 
+def model_difference(saved: ModelConfig, given: ModelConfig) -> str:
+    """The fields in which two model configs differ, as `base_width 16 (this run: 8), ...`."""
+    before, now = saved.model_dump(mode="json"), given.model_dump(mode="json")
+    differing = [f"{name} {before.get(name)!r} (this run: {now.get(name)!r})" for name in before.keys() | now.keys()
+                 if before.get(name) != now.get(name)]
+    return ", ".join(sorted(differing)) or "the same settings"
+
+
 def train(
     train_pairs: Sequence[LoadedPair],
     val_pairs: Sequence[LoadedPair],
@@ -195,10 +203,8 @@ def train(
 
     if initial is not None:
         if initial.model_config != model_config:
-            raise ValueError(
-                f"'{init_from}' holds a model built as {initial.model_config.model_dump()}, "
-                f"not {model_config.model_dump()}; fine-tune with the checkpoint's model config"
-            )
+            raise ValueError(f"'{init_from}' holds a model built with {model_difference(initial.model_config, model_config)}; "
+                             "fine-tune with the checkpoint's model config")
         model.load_state_dict(initial.state_dict)
         logger.info("fine-tuning from %s", redact_url(init_from or ""))
 
@@ -207,8 +213,8 @@ def train(
         if state.resume_state is None:
             raise ValueError(f"'{out / LAST_CHECKPOINT}' has no resume state")
         if expected_state(state.model_config) != expected_state(model_config):
-            raise ValueError(f"'{out / LAST_CHECKPOINT}' holds a model built as {state.model_config.model_dump()}, "
-                             f"not {model_config.model_dump()}; resume with the run's model settings")
+            raise ValueError(f"'{out / LAST_CHECKPOINT}' holds a model built with "
+                             f"{model_difference(state.model_config, model_config)}; resume with the run's model settings")
         model.load_state_dict(state.state_dict)
         try:
             optimizer.load_state_dict(state.resume_state["optimizer"])

@@ -302,8 +302,13 @@ def test_an_epoch_that_beats_the_starting_weights_becomes_best(split, tmp_path):
 def test_fine_tuning_refuses_a_checkpoint_of_another_architecture(split, tmp_path):
     first = train(*split, tmp_path / "first", SMALL_MODEL, small_config(epochs=1))
     other = SMALL_MODEL.model_copy(update={"base_width": SMALL_MODEL.base_width * 2})
-    with pytest.raises(ValueError, match="fine-tune with the checkpoint's model config"):
+    width = SMALL_MODEL.base_width
+    with pytest.raises(ValueError, match=rf"holds a model built with base_width {width} \(this run: {2 * width}\); "
+                                         "fine-tune with the checkpoint's model config$"):
         train(*split, tmp_path / "other", other, small_config(epochs=1, init_from=str(first.best_checkpoint)))
+    with pytest.raises(ValueError, match=rf"holds a model built with base_width {width} \(this run: {2 * width}\); "
+                                         "resume with the run's model settings$"):
+        train(*split, tmp_path / "first", other, small_config(epochs=2), resume=True)
 
 
 def test_a_distance_map_output_learns_each_cells_distance_to_its_outline(synthetic_dataset, tmp_path):
