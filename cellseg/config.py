@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Annotated, Any, Literal, get_args
 
 from fsspec.core import split_protocol
@@ -40,8 +41,15 @@ def _path_as_text(value: Any) -> Any:
 
 
 Url = Annotated[str, BeforeValidator(_path_as_text), AfterValidator(_check_url)]
-Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
-                              description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")]
+def _check_device(device: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", device):
+        raise ValueError(f"{device!r} is no device cellseg runs on: give 'auto' (CUDA when present), 'cpu', 'cuda' "
+                         "or 'cuda:N'")
+    return device
+
+
+Device = Annotated[str, AfterValidator(_check_device),
+                   Field(description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")]
 
 
 class _Config(BaseModel):

@@ -205,3 +205,14 @@ def test_jobs_take_folders_given_as_pathlib_paths(tmp_path):
     job = TrainJob(images_url=tmp_path / "images", masks_url=tmp_path / "masks")
     assert job.images_url == str(tmp_path / "images") and job.masks_url == str(tmp_path / "masks")
     assert SegmentJob(source_url=tmp_path / "in", store_url=tmp_path / "r.zarr").store_url == str(tmp_path / "r.zarr")
+
+
+def test_a_device_cellseg_does_not_run_on_is_refused_saying_which_it_does():
+    """`device = "gpu"` was refused with the raw pattern '^(auto|cpu|cuda(:[0-9]+)?)$'."""
+    from cellseg.config import PredictConfig, TrainConfig
+
+    with pytest.raises(ValueError, match=r"'gpu' is no device cellseg runs on: give 'auto' \(CUDA when present\), "
+                                         r"'cpu', 'cuda' or 'cuda:N'"):
+        PredictConfig(device="gpu")
+    assert [TrainConfig(device=name).device for name in ("auto", "cpu", "cuda", "cuda:1")] == ["auto", "cpu", "cuda",
+                                                                                                  "cuda:1"]
