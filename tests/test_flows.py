@@ -18,6 +18,7 @@ import pytest
 import zarr
 from PIL import Image
 
+from benchmarks.servers import black_hole
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
 from cellseg.ingest import Manifest
 from cellseg.io import list_images
@@ -641,36 +642,6 @@ def test_segment_images_into_a_store_its_credentials_may_only_read_stops_at_once
     np.testing.assert_array_equal(after.read_mask("synth_0000"), kept)
 
 
-@contextmanager
-def _endpoint_that_never_answers() -> Iterator[str]:
-    """A loopback port that accepts every connection and never sends a byte."""
-    import socket
-    import threading
-
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.2)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                held.append(server.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join()
-        for connection in held:
-            connection.close()
-        server.close()
-
-
 STALL_LIMITS = {"connect_seconds": 1, "read_seconds": 1, "attempts": 2}
 
 
@@ -683,7 +654,8 @@ def test_segment_images_against_an_endpoint_that_never_answers_fails_after_one_t
     from cellseg.flows.segment import segment_images_flow
     from cellseg.storage_errors import StorageError
 
-    with _endpoint_that_never_answers() as endpoint:
+    with black_hole() as port:
+        endpoint = f"http://127.0.0.1:{port}"
         _use_s3(monkeypatch, endpoint, s3_test_credentials["AWS_ACCESS_KEY_ID"],
                 s3_test_credentials["AWS_SECRET_ACCESS_KEY"])
         for name, value in STALL_LIMITS.items():
@@ -735,7 +707,8 @@ def test_a_read_timeout_from_an_endpoint_that_has_answered_keeps_every_task_retr
     assert "answered no request" not in str(slow)
     assert slow.transient and not slow.unreachable
     assert [retried(slow, count) for count in (1, 2, 3)] == [True, True, True]
-    with _endpoint_that_never_answers() as endpoint:
+    with black_hole() as port:
+        endpoint = f"http://127.0.0.1:{port}"
         stalled = _storage_failure(endpoint, **STALL_LIMITS)
     assert stalled.transient and stalled.unreachable and "answered no request" in str(stalled)
     assert [retried(stalled, count) for count in (1, 2, 3)] == [True, False, False]

@@ -19,7 +19,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.servers import black_hole
 from tests.conftest import REPO_ROOT
 from tests.reliability.faulty_proxy import Fault, FaultyProxy
 
@@ -49,33 +49,6 @@ PROCESS_SECONDS = 180  # a whole `cellseg` run, start-up included, on a loaded m
 # 2, 10 and 30 s: an operator's run rides out a restarting endpoint.
 TASK_RETRY_SECONDS = 42
 MISSING_PACKAGES = {"gs without gcsfs": "gcsfs", "az without adlfs": "adlfs"}
-
-
-@contextmanager
-def black_hole() -> Iterator[int]:
-    """A loopback port that accepts connections and never answers; yields the port."""
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.2)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                held.append(server.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield server.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join()
-        for connection in held:
-            connection.close()
-        server.close()
 
 
 def refused_port() -> int:
