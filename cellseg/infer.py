@@ -16,7 +16,7 @@ import torch
 from cellseg.allocator import keep_freed_memory
 from cellseg.checkpoint import Checkpoint, CheckpointError, load_checkpoint_with_digest
 from cellseg.config import NormalizationConfig, PredictConfig
-from cellseg.io import StorageOptions
+from cellseg.io import StorageOptions, float_pixel_problem
 from cellseg.model import UNet, padded_batches
 from cellseg.normalize import flat_level, normalize_image
 from cellseg.postprocess import CellMaps, maps_from_output, threshold_probabilities
@@ -151,15 +151,8 @@ def _checked_image(image: np.ndarray, index: int) -> np.ndarray:
         raise ValueError(f"{what} has shape {image.shape}; expected a 2-D (H, W) grayscale image{hint}")
     if image.size == 0:
         raise ValueError(f"{what} is empty (shape {image.shape}); expected at least one pixel")
-    if image.dtype.kind == "f":
-        not_finite = image.size - int(np.count_nonzero(np.isfinite(image)))
-        if not_finite:
-            raise ValueError(f"{what}: {not_finite} of {image.size} pixels are NaN or infinite; "
-                             "expected finite intensities")
-        largest = float(np.abs(image).max())
-        if largest > float(np.finfo(np.float32).max):  # normalisation computes in float32
-            raise ValueError(f"{what}: pixel values reach {largest:g}, beyond the float32 range "
-                             f"(±{np.finfo(np.float32).max:g}) that cellseg computes in")
+    if problem := float_pixel_problem(image):
+        raise ValueError(f"{what}: {problem}")
     return image
 
 

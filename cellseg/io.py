@@ -299,6 +299,21 @@ def decode_mask(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     return _decoded(data, name, max_pixels, None, colours_apart=True)
 
 
+def float_pixel_problem(array: np.ndarray) -> str | None:
+    """What makes a float image's pixels unusable (NaN or infinite ones, values beyond the float32
+    range that normalisation computes in), or None; None for any other dtype."""
+    if array.dtype.kind != "f":
+        return None
+    not_finite = array.size - int(np.count_nonzero(np.isfinite(array)))
+    if not_finite:
+        return f"{not_finite} of {array.size} pixels are NaN or infinite; expected finite intensities"
+    largest = max(-float(array.min()), float(array.max()))
+    if largest > float(np.finfo(np.float32).max):
+        return (f"pixel values reach {largest:g}, beyond the float32 range (±{np.finfo(np.float32).max:g}) "
+                "that cellseg computes in")
+    return None
+
+
 def _decoded(data: bytes, name: str, max_pixels: int, warnings: list[str] | None, colours_apart: bool,
              keep_colour: bool = False) -> DecodedMask:
     if not data:
@@ -314,15 +329,8 @@ def _decoded(data: bytes, name: str, max_pixels: int, warnings: list[str] | None
     array = found.packed if isinstance(found, _Colours) else found
     if array.ndim not in ((2, 3) if keep_colour else (2,)) or min(array.shape) < 1:
         raise ImageReadError(f"'{name}': expected a 2-D grayscale image, got shape {array.shape}")
-    if array.dtype.kind == "f":
-        not_finite = array.size - int(np.count_nonzero(np.isfinite(array)))
-        if not_finite:
-            raise ImageReadError(f"'{name}': {not_finite} of {array.size} pixels are NaN or infinite; "
-                                 "expected finite intensities")
-        largest = max(-float(array.min()), float(array.max()))
-        if largest > float(np.finfo(np.float32).max):  # normalisation computes in float32
-            raise ImageReadError(f"'{name}': pixel values reach {largest:g}, beyond the float32 range "
-                                 f"(±{np.finfo(np.float32).max:g}) that cellseg computes in")
+    if problem := float_pixel_problem(array):
+        raise ImageReadError(f"'{name}': {problem}")
     if warnings is not None:
         warnings.extend(notes)
     return DecodedMask(array, colour=isinstance(found, _Colours))
