@@ -151,27 +151,34 @@ def _credentials_refused(url: str | None, code: str, cause: Any) -> StorageError
 
 def _configured_endpoint(url: str | None) -> str | None:
     """scheme://host:port of the endpoint fsspec's configuration gives the protocol of `url`; None when unset (AWS)."""
-    import fsspec.config
-
-    options = fsspec.config.conf.get(_protocol(url) if url else "s3", {})
-    given = options.get("endpoint_url") or options.get("client_kwargs", {}).get("endpoint_url")
-    if not isinstance(given, str):
-        return None
-    parts = urlsplit(given)
-    try:
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        port = ""
-    return f"{parts.scheme}://{parts.hostname}{port}" if parts.scheme and parts.hostname else None
+    given = _endpoint_setting(url)[1]
+    return _origin(given) if isinstance(given, str) else None
 
 
-def _bad_endpoint(url: str | None) -> StorageError:
-    """botocore refused the endpoint URL it was given (no scheme, or one other than http/https)."""
+def _endpoint_setting(url: str | None) -> tuple[str, Any]:
+    """(the protocol of `url`, s3 without one; the endpoint URL fsspec's configuration gives it, or None)."""
     import fsspec.config
 
     protocol = _protocol(url) if url else "s3"
     options = fsspec.config.conf.get(protocol, {})
-    given = options.get("endpoint_url") or options.get("client_kwargs", {}).get("endpoint_url")
+    return protocol, options.get("endpoint_url") or options.get("client_kwargs", {}).get("endpoint_url")
+
+
+def _origin(address: str) -> str | None:
+    """scheme://host:port of an http(s) URL (never a user name or password); None for any other."""
+    parts = urlsplit(address)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # a port that is not a number
+        port = ""
+    return f"{parts.scheme}://{parts.hostname}{port}"
+
+
+def _bad_endpoint(url: str | None) -> StorageError:
+    """botocore refused the endpoint URL it was given (no scheme, or one other than http/https)."""
+    protocol, given = _endpoint_setting(url)
     named = f"'{redact_url(url)}': " if url else ""
     if not given:  # given in code (`storage_options=`), not in the settings
         return StorageError(f"{named}the endpoint URL is not an http:// or https:// URL (in the storage options given)")
@@ -318,13 +325,8 @@ def _endpoint(url: str | None, cause: BaseException) -> str:
     import aiohttp
 
     request = getattr(cause, "kwargs", {}).get("endpoint_url")  # botocore names the request URL
-    parts = urlsplit(request or url or "")
-    if parts.scheme in ("http", "https") and parts.hostname:
-        try:
-            port = f":{parts.port}" if parts.port else ""
-        except ValueError:  # a port that is not a number
-            port = ""
-        return f"{parts.scheme}://{parts.hostname}{port}"
+    if origin := _origin(request or url or ""):
+        return origin
     if isinstance(cause, aiohttp.ClientConnectorError):
         return f"{cause.host}:{cause.port}"
     return f"the {_protocol(url)} endpoint" if url else "the storage endpoint"
