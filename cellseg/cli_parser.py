@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from cellseg import __version__
 from cellseg.config import COMPILE_MODES, AugmentationConfig
-from cellseg.job_config import SegmentJob, TrainJob, TuneJob
+from cellseg.job_config import FROM_SETTINGS, SegmentJob, TrainJob, TuneJob
 from cellseg.settings import CellsegSettings
 
 CONFIG_HELP = "TOML or YAML settings file (default: $CELLSEG_CONFIG); flags > CELLSEG_* environment > file"
@@ -230,14 +230,17 @@ TUNE_JOB_FLAGS: list[Flag] = [
 def add_flags(parser: argparse.ArgumentParser, flags: list[Flag], prefix: str = SETTING,
               model: type[BaseModel] = CellsegSettings) -> None:
     """Add each flag for its field of `model` (settings or a job), applied only when given; its
-    help shows the field's default."""
+    help shows the field's default, as the settings' value where a settings file or CELLSEG_*
+    variable may give one (a flag's help is written before --config is read)."""
     for names, key, declared in flags:
         options = dict(declared)
         if options.get("action") != "store_const":
             if "choices" not in options:
                 options.setdefault("metavar", names[0].lstrip("-").upper().replace("-", "_"))
-            default = field_default(model, key)
-            options["help"] = f"{options.get('help', '')} (default {'none' if default is None else default})".strip()
+            default = "none" if (value := field_default(model, key)) is None else value
+            from_settings = model is CellsegSettings or key.split(".")[0] in FROM_SETTINGS
+            where = f"default: the settings' {key}, else {default}" if from_settings else f"default {default}"
+            options["help"] = f"{options.get('help', '')} ({where})".strip()
         parser.add_argument(*names, dest=f"{prefix}{key}", default=argparse.SUPPRESS, **options)
 
 

@@ -42,6 +42,7 @@ from cellseg.io import (
     _luma,
     decode_image,
     filesystem,
+    float_pixel_problem,
     list_image_entries,
     read_colour_image,
     read_image,
@@ -151,6 +152,7 @@ def read_plane(
     whole into memory, bounded as `cellseg.io.read_image` bounds it, and every page it uses passes
     the same checks (sample types, compressions, decompression bombs)."""
     base, time_point = split_time_point(url)
+    decoded = False  # whether `cellseg.io` decoded the pixels, refusing NaN or infinite ones
     if base.rstrip("/").lower().endswith(TIFF_SUFFIXES) and not is_zarr_url(base):
         data = read_image_bytes(base, storage_options, max_pixels)
         try:
@@ -166,6 +168,7 @@ def read_plane(
         read = read_image if selection.channel is None else read_colour_image
         plane = _array_plane(read(base, storage_options, max_pixels, notes), base, selection, time_point, "image")
         plane.warnings.extend(notes)
+        decoded = True
     try:
         _check_pixel_limit(url, prod(plane.shape), max_pixels)
         if plane.chunk_bytes > max_pixels * MAX_BYTES_PER_PIXEL:
@@ -175,6 +178,8 @@ def read_plane(
         pixels = plane.read()
     finally:
         plane.close()
+    if not decoded and (problem := float_pixel_problem(pixels)):
+        raise ImageReadError(f"'{redact_url(url)}': {problem}")
     return Plane(plane.shape, pixels.dtype, plane.pixel_size_um, plane.selection,
                  lambda rows, columns: pixels[rows, columns], plane.pixel_size_yx_um, plane.warnings)
 

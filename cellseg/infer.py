@@ -127,17 +127,19 @@ BATCHES_PER_CALL = 4
 MAX_CALL_PIXELS = 32 * 2**20  # a call takes further batches only while its images hold fewer pixels
 
 
-def checked_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
+def checked_images(images: Sequence[np.ndarray], pixels_checked: bool = False) -> list[np.ndarray]:
     """`images` as (H, W) arrays of integers, floats or booleans; ValueError naming the first
     unusable one by its position and saying what was expected, TypeError for one (H, W) array
-    passed where a sequence of images is expected."""
+    passed where a sequence of images is expected. `pixels_checked`: the images' float pixels
+    have been checked for NaN and infinite values already (a pass over every pixel), as
+    `cellseg.io` and `cellseg.formats` check what they read, or an earlier `checked_images`."""
     if isinstance(images, np.ndarray) and images.ndim == 2:
         raise TypeError(f"expected a sequence of (H, W) images, got one {images.shape[0]}x{images.shape[1]} array: "
                         "pass one image as [image]")
-    return [_checked_image(np.asarray(image), index) for index, image in enumerate(images)]
+    return [_checked_image(np.asarray(image), index, pixels_checked) for index, image in enumerate(images)]
 
 
-def _checked_image(image: np.ndarray, index: int) -> np.ndarray:
+def _checked_image(image: np.ndarray, index: int, pixels_checked: bool) -> np.ndarray:
     what = f"image {index}"
     if image.dtype.kind not in "biuf":
         raise ValueError(f"{what} has dtype {image.dtype}; expected integers, floats or booleans")
@@ -151,7 +153,7 @@ def _checked_image(image: np.ndarray, index: int) -> np.ndarray:
         raise ValueError(f"{what} has shape {image.shape}; expected a 2-D (H, W) grayscale image{hint}")
     if image.size == 0:
         raise ValueError(f"{what} is empty (shape {image.shape}); expected at least one pixel")
-    if problem := float_pixel_problem(image):
+    if not pixels_checked and (problem := float_pixel_problem(image)):
         raise ValueError(f"{what}: {problem}")
     return image
 
@@ -252,7 +254,15 @@ class Predictor:
         it gets empty maps, without a pass of the model, with a warning that says so. An image that
         is not 2-D, is empty or holds NaN or infinite pixels is refused (`checked_images`).
         """
-        images = checked_images(images)
+        return self.checked_cell_maps(checked_images(images), cell_diameters)
+
+    def checked_cell_maps(
+        self, images: Sequence[np.ndarray], cell_diameters: Sequence[float | None] | None = None,
+    ) -> list[CellMaps]:
+        """`cell_maps` of images whose pixels were checked for NaN and infinite values on their way
+        in (`checked_images`, or a reader of `cellseg.io` or `cellseg.formats`): their shapes and
+        dtypes are checked again, their pixels are not scanned a second time."""
+        images = checked_images(images, pixels_checked=True)
         levels = [flat_level(image, self.normalization) for image in images]
         diameters = list(cell_diameters) if cell_diameters is not None else [None] * len(images)
         predicted = iter(self.normalised_cell_maps(

@@ -90,8 +90,13 @@ class TuneJob(_Job):
     @field_validator("training", mode="before")
     @classmethod
     def _tuning_defaults(cls, training: Any) -> Any:
-        # Fields given leave the others at tuning's defaults, not plain training's (auto: 15 or 25 minutes; patience 15).
-        return TUNE_TRAINING_DEFAULTS | training if isinstance(training, dict) else training
+        # Fields given leave the others at tuning's defaults, not plain training's (auto: 15 or 25 minutes;
+        # patience 15). The defaults filled in are not counted as given (`model_fields_set`), so that
+        # `with_settings` lets the settings' training section fill them first, as it does for any job.
+        if not isinstance(training, dict):
+            return training
+        config = TrainConfig.model_validate(TUNE_TRAINING_DEFAULTS | training)
+        return TrainConfig.model_construct(_fields_set=set(training), **dict(config))
 
     @model_validator(mode="after")
     def _needs_validation(self) -> TuneJob:
@@ -107,7 +112,7 @@ class TuneJob(_Job):
 
 
 Job = TypeVar("Job", TrainJob, SegmentJob, TuneJob)
-_FROM_SETTINGS = ("registry_url", "model", "training", "predict")  # job fields a settings file may give
+FROM_SETTINGS = ("registry_url", "model", "training", "predict")  # job fields a settings file may give
 
 
 def with_settings(job: Job, settings: CellsegSettings) -> Job:
@@ -117,7 +122,7 @@ def with_settings(job: Job, settings: CellsegSettings) -> Job:
     A deployment run is given a few fields; the rest follow the settings of the worker it runs on,
     as a `cellseg` command's do. `local_root` moves the job's default cache and work folders."""
     fields = type(job).model_fields
-    from_settings = settings.model_dump(exclude_unset=True, include={name for name in _FROM_SETTINGS if name in fields})
+    from_settings = settings.model_dump(exclude_unset=True, include={name for name in FROM_SETTINGS if name in fields})
     if "local_root" in settings.model_fields_set:
         for name in ("cache_dir", "work_dir"):
             if name in fields:

@@ -146,7 +146,31 @@ def masks_of_images(mask_urls: Sequence[str], image_ids: Collection[str],
             by_suffix += base != stem
         else:
             orphans.append(url)
-    return _unique(masks_by_image, f"{role} files name one image (one with a {role} suffix)"), orphans, by_suffix
+    masks = _unique(masks_by_image, f"{role} files name one image (one with a {role} suffix)")
+    if orphans and (by_case := _paired_ignoring_case(orphans, [i for i in image_ids if i not in masks])):
+        masks.update(by_case)
+        orphans = [url for url in orphans if url not in by_case.values()]
+        image_id, url = min(by_case.items())
+        logger.info("paired %d %s files with images whose names differ only in case (e.g. '%s' with image '%s')",
+                    len(by_case), role, posixpath.basename(url), image_id)
+    return masks, orphans, by_suffix
+
+
+def _paired_ignoring_case(mask_urls: Sequence[str], image_ids: Collection[str]) -> dict[str, str]:
+    """{image id: mask URL} of the masks whose stem (or its base, `mask_name_base`) names one of
+    `image_ids` ignoring case, where that match is unique both ways: never when two images (a, A)
+    or two masks would take it."""
+    images_by_folded: dict[str, list[str]] = defaultdict(list)
+    for image_id in image_ids:
+        images_by_folded[image_id.casefold()].append(image_id)
+    claims: dict[str, list[str]] = defaultdict(list)
+    for url in mask_urls:
+        stem = image_stem(url)
+        for base in (stem, mask_name_base(stem)):
+            if base is not None and len(found := images_by_folded.get(base.casefold(), [])) == 1:
+                claims[found[0]].append(url)
+                break
+    return {image_id: urls[0] for image_id, urls in claims.items() if len(urls) == 1}
 
 
 def pair_images_and_masks(
@@ -350,6 +374,7 @@ def instance_labels(decoded_mask: np.ndarray, url: str, colour: bool = False) ->
         return None if specks >= SPECKS_JUDGED and share > MAX_SPECK_SHARE else cells
     if decoded_mask.dtype.itemsize >= 2:
         return None if one_value_in_pieces(decoded_mask) else _cells_not_specks(decoded_mask, url)
+    warn_if_wrapped(decoded_mask, url)
     return _cells_not_specks(decoded_mask, url) if labels_in_eight_bits(decoded_mask) else None
 
 
@@ -399,7 +424,48 @@ def label_image(labels: np.ndarray, url: str) -> np.ndarray:
     if regions := one_value_in_pieces(labels):
         raise DatasetError(f"'{redact_url(url)}' is not a label image: its {regions} separate regions all hold one "
                            "value, as in a binary mask; give label images (one value per cell) or binary masks as masks")
+    warn_if_wrapped(labels, url)
     return _cells_not_specks(labels, url)
+
+
+# An 8-bit label image of more than 255 cells wraps: cell 256 becomes background, 257 shares label 1
+# with cell 1, and so on. Such a file uses (nearly) every value from 1 to 255, and some values each
+# label separate regions far apart; a cell cut in two by another lies within a few of its own sizes.
+WRAPPED_LEVELS = 250  # of the 255 non-zero values, at least
+FAR_APART_SIZES = 4  # centres further apart than this many times the larger piece's side (square root of its area)
+
+
+def wrapped_label_values(labels: np.ndarray) -> int:
+    """How many values of an 8-bit label image each label several regions far apart (4-connected,
+    `FAR_APART_SIZES`), when it uses at least WRAPPED_LEVELS values: the sign of more than 255
+    cells saved in 8 bits; 0 for any other image, judged on its `judged_window`."""
+    if labels.dtype != np.uint8:
+        return 0
+    window = judged_window(labels)
+    if np.count_nonzero(np.bincount(window.ravel(), minlength=256)[1:]) < WRAPPED_LEVELS:
+        return 0
+    regions = measure.label(window, background=0, connectivity=1)
+    count = int(regions.max())
+    value = np.zeros(count + 1, np.int64)
+    value[regions.ravel()] = window.ravel()
+    sizes = np.bincount(regions.ravel(), minlength=count + 1)
+    centres = np.array(ndimage.center_of_mass(np.ones(window.shape), regions, np.arange(1, count + 1))).reshape(-1, 2)
+    wrapped = 0
+    for level in np.flatnonzero(np.bincount(value[1:], minlength=256) > 1):
+        pieces = np.flatnonzero(value[1:] == level)
+        gaps = np.linalg.norm(centres[pieces][:, None] - centres[pieces][None], axis=-1)
+        sides = np.sqrt(np.maximum.outer(sizes[pieces + 1], sizes[pieces + 1]))
+        wrapped += bool((gaps > FAR_APART_SIZES * sides).any())
+    return wrapped
+
+
+def warn_if_wrapped(labels: np.ndarray, url: str) -> None:
+    """Log a warning naming the file when an 8-bit label image looks wrapped (`wrapped_label_values`)."""
+    if wrapped := wrapped_label_values(labels):
+        logger.warning("label image '%s' looks wrapped: it is 8-bit, uses nearly all 255 cell values, and %d of them "
+                       "each label separate cells far apart, as when more than 255 cells are saved in 8 bits (cells "
+                       "then share labels, and every 256th is background); save labels as 16-bit PNG or TIFF",
+                       redact_url(url), wrapped)
 
 
 def _cells_not_specks(labels: np.ndarray, url: str) -> np.ndarray:

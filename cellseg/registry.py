@@ -220,6 +220,20 @@ class Registry:
         if bucket and bucket != self.root.rstrip("/") and not self.fs.exists(bucket):
             raise StorageError(f"'{redact_url(self.url)}': the bucket '{bucket}' does not exist")
 
+    @_naming_the_registry
+    def check_exists(self) -> None:
+        """Refuse, in one line naming it, a registry folder that does not exist, so that a misspelt
+        --registry is not read as an empty registry. In object storage, where an empty prefix is
+        no folder, only a missing bucket is refused (`_check_bucket`)."""
+        self.fs.invalidate_cache(self.root)
+        if self.fs.exists(self.root):
+            self._check_not_a_file()
+            return
+        self._check_bucket()
+        if not self.url.startswith(self.BUCKET_SCHEMES):
+            raise RegistryError(f"registry '{redact_url(self.url)}' does not exist; give the folder a registry was "
+                                "made in (--registry, or the settings' registry_url)")
+
     def _check_not_a_file(self) -> None:
         if self.fs.isfile(self.root):
             raise RegistryError(f"registry '{redact_url(self.url)}' is a file, not a registry folder: give a folder "

@@ -153,7 +153,7 @@ def segment_arrays(
     predict` does with `predictor.config`; nothing is written."""
     images = checked_images(images)
     results = []
-    for image, maps in zip(images, predictor.cell_maps(images, cell_diameters), strict=True):
+    for image, maps in zip(images, predictor.checked_cell_maps(images, cell_diameters), strict=True):
         measured = label_and_measure(maps, image, predictor.config, {})
         columns, rows = measured.cell_table if measured.cell_table is not None else ((), np.zeros((0, 0)))
         cells = {name: rows[:, index].astype(np.int64 if name in INTEGER_COLUMNS else np.float64)
@@ -412,7 +412,8 @@ def _predict_call(
     are predicted one at a time, so that only an image that fails alone is recorded as failed; a
     call that ran out of device memory also halves the predictor's later batches."""
     try:
-        return [(maps, None) for maps in predictor.cell_maps(images, diameters)]
+        # Their pixels were checked as they were read (`_read`: cellseg.io, cellseg.formats).
+        return [(maps, None) for maps in predictor.checked_cell_maps(images, diameters)]
     except Exception as error:  # noqa: BLE001 - an image that fails is recorded as failed and the run goes on
         if len(images) == 1:
             return [(None, _describe(error))]

@@ -61,6 +61,22 @@ def test_a_tuning_job_given_some_training_fields_keeps_tunings_defaults():
     assert TuneJob(images_url="i", masks_url="m").training.max_minutes == 10.0
 
 
+@pytest.mark.parametrize("training", [None, {"epochs": 3}], ids=["no-training", "some-training"])
+def test_a_tuning_jobs_defaults_fill_only_what_neither_the_job_nor_the_settings_give(tmp_path, training):
+    """A tune job giving any training field had tuning's patience 8 and 10 minutes override the
+    worker's settings for those two fields."""
+    path = tmp_path / "worker.yaml"
+    path.write_text(yaml.safe_dump({"training": {"patience": 20, "min_delta": 0.01}}))
+    given = {"images_url": "i", "masks_url": "m"} | ({"training": training} if training else {})
+
+    tune = with_settings(TuneJob.model_validate(given), load_settings(str(path)))
+
+    assert (tune.training.patience, tune.training.min_delta, tune.training.max_minutes) == (20, 0.01, 10.0)
+    assert tune.training.epochs == (training or {}).get("epochs", TrainJob(images_url="i", masks_url="m").training.epochs)
+    stated = TuneJob.model_validate({**given, "training": {"epochs": 3, "patience": 4}})
+    assert with_settings(stated, load_settings(str(path))).training.patience == 4  # the job's own wins
+
+
 def test_settings_without_a_file_leave_the_job_as_given():
     job = SegmentJob.model_validate({"source_url": "in", "store_url": "out.zarr", "predict": {"tta": True}})
     assert with_settings(job, load_settings()) == job

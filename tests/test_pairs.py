@@ -14,7 +14,7 @@ from PIL import Image
 
 from cellseg.config import AugmentationConfig, NormalizationConfig
 from cellseg.dataset import TrainingDataset, crop_or_pad
-from cellseg.io import read_mask
+from cellseg.io import read_mask, read_mask_file
 from cellseg.normalize import integer_histogram, intensity_skewness, normalize_image
 from cellseg.pairs import (
     DatasetError,
@@ -846,3 +846,91 @@ def test_colour_masks_that_are_not_labels_stay_binary_masks(tmp_path):
     Image.fromarray(photo).save(tmp_path / "photo.png")
     with pytest.raises(DatasetError, match="holds the same pixels as its image"):
         load_pair(ImagePair("p", str(tmp_path / "photo.png"), str(tmp_path / "photo.png")), NormalizationConfig())
+
+
+# --- 8-bit label images of more than 255 cells ---------------------------------------------
+
+
+def grid_of_cells(count: int, side: int = 6, gap: int = 3, columns: int = 20) -> np.ndarray:
+    """uint32 labels 1..count of `side`-pixel squares on a grid, `gap` pixels apart."""
+    rows = -(-count // columns)
+    labels = np.zeros((rows * (side + gap) + gap, columns * (side + gap) + gap), np.uint32)
+    for index in range(count):
+        top, left = gap + (index // columns) * (side + gap), gap + (index % columns) * (side + gap)
+        labels[top:top + side, left:left + side] = index + 1
+    return labels
+
+
+def test_an_8_bit_label_image_of_more_than_255_cells_is_named_as_wrapped_in_training_and_as_truth(tmp_path, caplog):
+    """300 cells saved in 8 bits: cells 257..300 share labels 1..44 with cells far away, and were
+    trained and scored on as one cell each, without a word."""
+    wrapped = (grid_of_cells(300) % 256).astype(np.uint8)
+    mask = write_png(tmp_path / "masks" / "a.png", wrapped)
+    image = write_png(tmp_path / "images" / "a.png", (wrapped > 0).astype(np.uint8) * 200)
+
+    load_pair(ImagePair("a", str(image), str(mask)), KEEP)
+    label_image(read_mask_file(str(mask)).pixels, str(mask))  # as `evaluate` reads truth labels
+
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warnings == [f"label image '{mask}' looks wrapped: it is 8-bit, uses nearly all 255 cell values, and 44 "
+                        "of them each label separate cells far apart, as when more than 255 cells are saved in 8 bits "
+                        "(cells then share labels, and every 256th is background); save labels as 16-bit PNG or "
+                        "TIFF"] * 2
+
+
+def test_ordinary_label_images_and_masks_are_not_named_as_wrapped(tmp_path, caplog, synthetic_dataset):
+    full = grid_of_cells(255).astype(np.uint8)  # every value, each one cell
+    split = full.copy()
+    split[3:9, 5] = 0  # cells cut in two: one value in two pieces side by side
+    split[:, 7] = 0
+    few = grid_of_cells(120).astype(np.uint8)
+    masks = [write_png(tmp_path / f"{name}.png", array) for name, array in (("full", full), ("split", split),
+                                                                           ("few", few))]
+    binary = write_png(tmp_path / "binary.png", np.where(grid_of_cells(300) > 0, 255, 0).astype(np.uint8))
+
+    for mask in (*masks, binary, *sorted((synthetic_dataset / "labels").iterdir())[:3]):
+        pixels = read_mask_file(str(mask)).pixels
+        if mask != binary:
+            label_image(pixels, str(mask))
+        image = write_png(tmp_path / "images" / f"{mask.stem}.png", (pixels > 0).astype(np.uint8) * 200)
+        assert load_pair(ImagePair(mask.stem, str(image), str(mask)), KEEP).mask.any()
+
+    assert "wrapped" not in caplog.text
+
+
+# --- names that differ only in case ---------------------------------------------------------
+
+
+def test_an_image_and_a_mask_whose_names_differ_only_in_case_are_paired_and_it_is_said(tmp_path, caplog):
+    """`IMG01.tif` and `img01.png` stayed unpaired: an error naming both."""
+    caplog.set_level("INFO", logger="cellseg.pairs")
+    write_png(tmp_path / "images" / "IMG01.tif", np.full((4, 4), 7, np.uint8))
+    write_png(tmp_path / "images" / "b.png", np.full((4, 4), 7, np.uint8))
+    write_png(tmp_path / "masks" / "img01.png", np.eye(4, dtype=np.uint8) * 255)
+    write_png(tmp_path / "masks" / "B_Masks.png", np.eye(4, dtype=np.uint8) * 255)
+
+    pairs = pair_images_and_masks(str(tmp_path / "images"), str(tmp_path / "masks"))
+
+    assert pairs == [ImagePair("IMG01", str(tmp_path / "images/IMG01.tif"), str(tmp_path / "masks/img01.png")),
+                     ImagePair("b", str(tmp_path / "images/b.png"), str(tmp_path / "masks/B_Masks.png"))]
+    said = [record.getMessage() for record in caplog.records if "differ only in case" in record.getMessage()]
+    assert said == ["paired 2 mask files with images whose names differ only in case (e.g. 'img01.png' with image "
+                    "'IMG01')"]
+
+
+@pytest.mark.parametrize(("images", "masks"), [(["IMG01.tif", "img01.tif"], ["Img01.png"]),
+                                               (["IMG01.tif"], ["img01.png", "Img01_mask.png"])],
+                         ids=["two-images", "two-masks"])
+def test_names_that_match_only_ignoring_case_stay_unpaired_where_that_is_ambiguous(tmp_path, images, masks):
+    for name in images:
+        write_png(tmp_path / "images" / name, np.full((4, 4), 7, np.uint8))
+    for name in masks:
+        write_png(tmp_path / "masks" / name, np.eye(4, dtype=np.uint8) * 255)
+
+    with pytest.raises(DatasetError) as refused:
+        pair_images_and_masks(str(tmp_path / "images"), str(tmp_path / "masks"))
+
+    for name in images:
+        assert f"image '{tmp_path}/images/{name}' has no mask" in str(refused.value)
+    for name in masks:
+        assert f"mask '{tmp_path}/masks/{name}' has no image" in str(refused.value)

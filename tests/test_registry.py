@@ -559,3 +559,37 @@ def test_shared_predictor_is_one_per_registry_version_and_settings(checkpoint_fi
     assert other is not first
     assert (first.config.threshold, other.config.threshold) == (0.5, 0.7)
     assert other.model_version == first.model_version == meta.version
+
+
+# --- the models command -------------------------------------------------------------------
+
+
+def test_models_list_of_a_registry_folder_that_does_not_exist_says_so(tmp_path, capsys):
+    """`models list --registry MISSPELT` said 'no models registered' and exited 0."""
+    missing = str(tmp_path / "no-such-registry")
+
+    assert main(["models", "list", "--registry", missing]) == 2
+
+    listed = capsys.readouterr()
+    assert listed.out == ""
+    assert listed.err.splitlines() == [f"cellseg models: error: registry '{missing}' does not exist; give the folder "
+                                       "a registry was made in (--registry, or the settings' registry_url)"]
+    (tmp_path / "empty").mkdir()
+    assert main(["models", "list", "--registry", str(tmp_path / "empty")]) == 0
+    assert capsys.readouterr().out.startswith(f"no models registered in {tmp_path / 'empty'}\n")
+
+
+@pytest.mark.parametrize("action", [["show", "nucleus"], ["export", "nucleus", "--out", "OUT"]])
+def test_models_commands_taking_a_version_suggest_the_shipped_model_a_misspelt_name_means(tmp_path, capsys, action):
+    """`models export nucleus` named no shipped model, as `models show nucleus` did."""
+    (tmp_path / "registry").mkdir()
+    out = tmp_path / "model.pt"
+    arguments = [str(out) if word == "OUT" else word for word in action]
+
+    assert main(["models", *arguments, "--registry", str(tmp_path / "registry")]) == 2
+
+    refused = capsys.readouterr()
+    assert refused.out == ""
+    assert refused.err.splitlines() == [f"cellseg models: error: registry '{tmp_path / 'registry'}' has no version "
+                                        "'nucleus' (known: none); did you mean the shipped model 'nuclei'?"]
+    assert not out.exists()
