@@ -20,7 +20,7 @@ import select
 import sys
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, nullcontext, redirect_stderr
+from contextlib import ExitStack, contextmanager, nullcontext, redirect_stderr
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -304,7 +304,7 @@ def _run_results(args: argparse.Namespace) -> int:
 
 def _run_export(args: argparse.Namespace) -> int:
     from cellseg.plates import by_well
-    from cellseg.store import ResultStore
+    from cellseg.store import CELL_ROW_COLUMNS, IMAGE_ROW_COLUMNS, ResultStore
     from cellseg.tables import write_table
 
     _settings(args)
@@ -329,7 +329,9 @@ def _run_export(args: argparse.Namespace) -> int:
             yield from store.cell_rows() if args.table == "cells" else store.statistics()
 
     with _progress("exporting", unit) as bar:
-        count = write_table((bar.update() or row for row in rows()), args.out, args.format, overwrite=args.overwrite)
+        header = CELL_ROW_COLUMNS if args.table == "cells" else ("well", "images", "fields") if args.group_by else IMAGE_ROW_COLUMNS
+        count = write_table((bar.update() or row for row in rows()), args.out, args.format, overwrite=args.overwrite,
+                            empty_columns=header)
     print(f"wrote {count} {unit}{'s' if count != 1 else ''} to {redact_url(args.out)}")
     _print_damaged(store)  # left out of the table, which says so here
     return PARTLY_FAILED if store.damaged else 0  # a script must not take a table without them for the whole
@@ -369,6 +371,7 @@ def _run_models(args: argparse.Namespace) -> int:
     registry_url = _settings(args).registry_url
     registry = Registry(registry_url)
     if args.action == "list":
+        registry.check_exists()
         versions, unreadable = registry.scan()  # one damaged version never hides the others
         problems = [f"version {version}: {problem}" for version, problem in unreadable.items()]
         try:
@@ -392,12 +395,8 @@ def _run_models(args: argparse.Namespace) -> int:
         if card_name:
             print(dumps(model_card(card_name), indent=1))
         else:
-            try:
+            with _suggesting_a_shipped_model(args.version):
                 meta = registry.get(args.version)
-            except RegistryError as error:
-                if close := difflib.get_close_matches(args.version, SHIPPED_MODELS, n=1, cutoff=0.6):
-                    raise RegistryError(f"{error}; did you mean the shipped model '{close[0]}'?") from error
-                raise
             # Where the checkpoint, its training history and pictures are, to copy or open.
             urls = {name: redact_url(registry.file_url(meta.version, name)) for name in ("checkpoint.pt", *meta.files)}
             print(dumps({**meta.model_dump(mode="json"), "urls": urls}, indent=1))
@@ -407,7 +406,8 @@ def _run_models(args: argparse.Namespace) -> int:
 
         if args.checkpoint and args.version:
             raise ValueError(f"give a registered version ({args.version}) or --checkpoint, not both")
-        checkpoint, version = ModelSource(registry_url, args.version or "current", args.checkpoint).load()
+        with _suggesting_a_shipped_model(args.version):
+            checkpoint, version = ModelSource(registry_url, args.version or "current", args.checkpoint).load()
         export_model(checkpoint, args.out, args.format, model_version=version, overwrite=args.overwrite)
         print(f"exported model {version} as {args.format} to {redact_url(args.out)} (input/normalisation/threshold in {redact_url(args.out)}.json)")
     elif args.action == "rollback":
@@ -420,6 +420,21 @@ def _run_models(args: argparse.Namespace) -> int:
                "it current again)" if previous else "")
         print(f"{promoted} is now current in {redact_url(registry_url)}{was}")
     return 0
+
+
+@contextmanager
+def _suggesting_a_shipped_model(version: str | None) -> Iterator[None]:
+    """A RegistryError of an unknown `version` raised again with the shipped model its name looks
+    like a misspelling of (`nucleus`: did you mean the shipped model 'nuclei'?), where one is."""
+    from cellseg.bundled import SHIPPED_MODELS
+    from cellseg.registry import RegistryError
+
+    try:
+        yield
+    except RegistryError as error:
+        if version and (close := difflib.get_close_matches(version, SHIPPED_MODELS, n=1, cutoff=0.6)):
+            raise RegistryError(f"{error}; did you mean the shipped model '{close[0]}'?") from error
+        raise
 
 
 def _run_config(args: argparse.Namespace) -> int:

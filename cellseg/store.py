@@ -41,10 +41,10 @@ from zarr.errors import ContainsArrayError, ContainsGroupError
 from cellseg import __version__
 from cellseg.io import StorageOptions, filesystem
 from cellseg.json_values import finite_json
-from cellseg.measure import INTEGER_COLUMNS
+from cellseg.measure import CELL_COLUMNS, INTEGER_COLUMNS
 from cellseg.plates import same_columns, source_columns
 from cellseg.redact import redact, redact_text, redact_url
-from cellseg.stats import label_cells
+from cellseg.stats import STATISTIC_FIELDS, label_cells
 from cellseg.stitch import BlockGrid, scratch_chunks
 from cellseg.storage_errors import StorageError, credentials_refused, storage_error, unexplained_denial
 from cellseg.store_checks import (
@@ -85,6 +85,10 @@ IMAGE_PATH = "0"
 PROBABILITIES_PATH = "probabilities/0"
 
 StoreMode = Literal["r", "r+", "a", "w", "w-"]  # zarr's access modes
+# The columns of `cell_rows` and `statistics` that every store has (pixel sizes and plates add
+# more): the header of an exported table without rows.
+CELL_ROW_COLUMNS = ("image_id", *CELL_COLUMNS)
+IMAGE_ROW_COLUMNS = ("image_id", "source_url", "model_version", *STATISTIC_FIELDS, "status")
 
 
 def _ngff_multiscales(name: str, pixel_size_yx_um: Sequence[float] | None = None, levels: int = 1) -> dict[str, Any]:
@@ -240,6 +244,20 @@ def _has_entries(group: zarr.Group, name: str) -> bool:
     return sync(first())
 
 
+def _check_store_attributes(url: str, meta: Any) -> None:
+    """Refuse a group whose cellseg attributes (`meta`) are not those of a store of this layout,
+    naming what it is instead: no cellseg group, one image's group of a store, another layout."""
+    shown_url = redact_url(url)
+    if not isinstance(meta, dict):
+        raise StoreError(f"'{shown_url}' is a zarr group but not a cellseg results store; choose a new folder")
+    if "layout" not in meta and "status" in meta:
+        # `results.zarr/<image id>` is what napari and ome-zarr open, so it is an easy slip here.
+        store_url = shown_url.rstrip("/").rsplit("/", 1)[0]
+        raise StoreError(f"'{shown_url}' is one image of a results store, not a store: give the store, '{store_url}'")
+    if meta.get("layout") != LAYOUT_VERSION:
+        raise StoreError(f"store '{shown_url}' has layout {meta.get('layout')}, this cellseg reads {LAYOUT_VERSION}")
+
+
 class ResultStore:
     """Read and write segmentation results in a zarr store at an fsspec URL (local path by default)."""
 
@@ -293,6 +311,9 @@ class ResultStore:
             raise
         except (StoreError, StorageError):
             raise
+        except ContainsArrayError as error:
+            raise StoreError(f"'{redact_url(url)}' is a zarr array, not a results store: give the store's folder, "
+                             "the one holding the image groups") from error
         except METADATA_ERRORS as error:
             if translated := storage_error(url, error):  # a storage option the filesystem refuses (a TypeError)
                 raise translated from error
@@ -304,11 +325,7 @@ class ResultStore:
             if translated := storage_error(url, error):  # botocore's: no credentials, unreachable, timed out
                 raise translated from error
             raise
-        meta = cast("dict[str, Any] | None", root.attrs.get("cellseg"))
-        if meta is None:
-            raise StoreError(f"'{redact_url(url)}' is a zarr group but not a cellseg results store; choose a new folder")
-        elif meta.get("layout") != LAYOUT_VERSION:
-            raise StoreError(f"store '{redact_url(url)}' has layout {meta.get('layout')}, this cellseg reads {LAYOUT_VERSION}")
+        _check_store_attributes(url, root.attrs.get("cellseg"))
         return cls(root, url)
 
     def write_result(

@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import PurePath
 from typing import Any
 
+from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from cellseg.io import StorageOptions, filesystem, write_bytes, write_file_atomic
+from cellseg.io import OBJECT_STORE_PROTOCOLS, StorageOptions, filesystem, write_bytes, write_file_atomic
 from cellseg.plates import same_columns
 from cellseg.store_checks import enclosing_zarr_store
 
@@ -19,55 +21,93 @@ class OutputError(ValueError):
     """An output file that must not or cannot be written; the message names it."""
 
 
-def write_table(rows: Iterable[dict[str, Any]], url: str | os.PathLike[str], table_format: str = "csv",
-                storage_options: StorageOptions = None, overwrite: bool = False) -> int:
+def write_table(
+    rows: Iterable[dict[str, Any]],
+    url: str | os.PathLike[str],
+    table_format: str = "csv",
+    storage_options: StorageOptions = None,
+    overwrite: bool = False,
+    empty_columns: Sequence[str] = ("image_id",),
+) -> int:
     """Write `rows` to `url` as `table_format` ('csv' or 'parquet'); returns the number of rows.
 
     Columns are every key any row has, in the order they first appear; a row without one (the
-    cells of an image without a pixel size beside others' `area_um2`) leaves it empty. Parquet
-    needs pyarrow (the `tables` extra).
-    The target is checked before `rows` is read (`check_output_file`); a local file is written
-    whole or not at all, a device or pipe (/dev/stdout) is written into.
+    cells of an image without a pixel size beside others' `area_um2`) leaves it empty. A table
+    without rows has `empty_columns` (`store.CELL_ROW_COLUMNS` for cells), so that a script
+    reading it finds the columns it reads from a full one. Parquet needs pyarrow (the `tables` extra).
+    The target and the format are checked before `rows` is read (`check_output_file`); a local
+    file is written whole or not at all, a device or pipe (/dev/stdout) is written into.
     """
     url = os.fspath(url)
     check_output_file(url, overwrite, storage_options)
+    encode = _encoder(table_format)  # a missing pyarrow is said before a large store is read
     rows = same_columns(list(rows))
-    columns = list(rows[0]) if rows else ["image_id"]
-    if table_format == "csv":
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        data = text.getvalue().encode()
-    elif table_format == "parquet":
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError as error:
-            raise ValueError("Parquet export needs pyarrow: pip install 'cellseg[tables]'") from error
-        buffer = io.BytesIO()
-        pq.write_table(pa.table({name: [row.get(name) for row in rows] for name in columns}), buffer)
-        data = buffer.getvalue()
-    else:
-        raise ValueError(f"unknown table format {table_format!r}: use 'csv' or 'parquet'")
-    _write(url, data, storage_options)
+    _write(url, encode(rows, list(rows[0]) if rows else list(empty_columns)), storage_options)
     return len(rows)
 
 
+def _encoder(table_format: str) -> Callable[[list[dict[str, Any]], list[str]], bytes]:
+    """The function that encodes (rows, columns) as `table_format`; ValueError for an unknown
+    format or a missing package."""
+    if table_format == "csv":
+        return _csv_bytes
+    if table_format == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError as error:
+            raise ValueError("Parquet export needs pyarrow: pip install 'cellseg[tables]'") from error
+        return _parquet_bytes
+    raise ValueError(f"unknown table format {table_format!r}: use 'csv' or 'parquet'")
+
+
+def _csv_bytes(rows: list[dict[str, Any]], columns: list[str]) -> bytes:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue().encode()
+
+
+def _parquet_bytes(rows: list[dict[str, Any]], columns: list[str]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({name: [row.get(name) for row in rows] for name in columns}), buffer)
+    return buffer.getvalue()
+
+
 def check_output_file(url: str, overwrite: bool = False, storage_options: StorageOptions = None) -> None:
-    """Refuse an output that is no file name, a folder, inside a zarr store, or an existing file
-    (unless `overwrite`); OutputError names it and what would be lost."""
+    """Refuse an output that is no file name, a folder, below a file, inside a zarr store, in a
+    bucket that does not exist, or an existing file (unless `overwrite`); OutputError names it and
+    what would be lost."""
     if not url.strip():
         raise OutputError("the output file name is empty: name a file to write")
     fs, path = filesystem(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         path = os.path.realpath(path)  # a link into a store leads inside it
+        if blocking := _file_above(path):
+            raise OutputError(f"cannot write '{url}': '{blocking}' is a file, not a folder")
+    elif (bucket := _object_store_bucket(fs, path)) and not fs.exists(bucket):
+        # Writing would make the bucket: a typo in its name must not create one.
+        raise OutputError(f"cannot write '{url}': its bucket '{bucket}' does not exist")
     if fs.isdir(path):
         raise OutputError(f"'{url}' is a folder: name a file to write")
     if store := enclosing_zarr_store(fs, path):
         raise OutputError(f"'{url}' is inside the zarr store '{store}', which it would damage: write it elsewhere")
     if fs.isfile(path) and not overwrite:
         raise OutputError(f"'{url}' exists; pass --overwrite to replace it")
+
+
+def _file_above(path: str) -> str | None:
+    """The nearest folder above the local `path` that is a file, where no folder can be made."""
+    return next((str(folder) for folder in PurePath(path).parents if os.path.isfile(folder)), None)
+
+
+def _object_store_bucket(fs: AbstractFileSystem, path: str) -> str | None:
+    """The bucket of `path` on an object store (s3://, gs://, ...); None on other filesystems."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return path.strip("/").split("/", 1)[0] if protocols & OBJECT_STORE_PROTOCOLS else None
 
 
 def _write(url: str, data: bytes, storage_options: StorageOptions) -> None:

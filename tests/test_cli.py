@@ -48,6 +48,24 @@ def test_every_command_documents_its_options(command):
         assert option in result.stdout
 
 
+@pytest.mark.parametrize(("command", "flag", "field"), [
+    (["models", "list"], "--registry", "registry_url"),
+    (["predict"], "--registry", "registry_url"),
+    (["train"], "--patience", "training.patience"),
+    (["tune"], "--patience", "training.patience"),
+])
+def test_a_flag_the_settings_may_set_says_so_in_its_help(tmp_path, command, flag, field):
+    """--registry's help named only the built-in default, which a settings file or CELLSEG_*
+    variable replaces (as `models list` below shows)."""
+    help_text = " ".join(cellseg(*command, "--help").stdout.split())
+
+    assert f"{flag} " in help_text and f"(default: the settings' {field}, else " in help_text
+    settings = tmp_path / "cellseg.toml"
+    settings.write_text(f'registry_url = "{tmp_path / "from-settings"}"\n')
+    listed = cellseg("models", "list", "--config", str(settings), check=False)
+    assert listed.returncode == 2 and f"registry '{tmp_path / 'from-settings'}' does not exist" in listed.stderr
+
+
 def _subcommand(parser: argparse.ArgumentParser, *names: str) -> argparse.ArgumentParser:
     for name in names:
         parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]

@@ -272,6 +272,20 @@ def test_other_layout_version_is_refused(tmp_path):
         ResultStore.open(url)
 
 
+def test_an_image_of_a_store_given_as_the_store_names_the_store_to_give(store):
+    """`results.zarr/<image id>` is what napari opens; given to cellseg it is not a store of another layout."""
+    store.write_result("a", MASK, STATS, "a.png", MODEL)
+    with pytest.raises(StoreError, match=r"'.*results\.zarr/a' is one image of a results store, not a store: "
+                                         r"give the store, '.*results\.zarr'$"):
+        ResultStore.open(f"{store.url}/a", mode="r")
+
+
+def test_an_array_of_a_store_given_as_the_store_is_refused_naming_it(store):
+    store.write_result("a", MASK, STATS, "a.png", MODEL)
+    with pytest.raises(StoreError, match=r"'.*results\.zarr/a/labels/mask/0' is a zarr array, not a results store"):
+        ResultStore.open(f"{store.url}/a/labels/mask/0", mode="r")
+
+
 def test_two_writers_in_threads_both_finish(tmp_path):
     url = str(tmp_path / "shared.zarr")
     ResultStore.open(url)

@@ -1,0 +1,108 @@
+"""Exporting a results store's tables (`cellseg.tables`) as a scientist reads them back."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellseg.store import CELL_ROW_COLUMNS, IMAGE_ROW_COLUMNS, ResultStore
+from cellseg.tables import OutputError, write_table
+from tests.conftest import cellseg
+
+MODEL = {"version": "0123456789ab", "checkpoint": "runs/x/best.pt"}
+NO_CELLS = {"cell_count": 0, "total_cell_area": 0, "mean_cell_area": None, "median_cell_area": None,
+            "foreground_fraction": 0.0, "mean_intensity_inside": None, "mean_intensity_outside": 0.0}
+
+
+def rows_never_read() -> Iterator[dict[str, Any]]:
+    """Rows of a store that must not be read: the export is refused before it."""
+    raise AssertionError("the rows were read before the export was refused")
+    yield {}
+
+
+def blank_store(tmp_path) -> ResultStore:
+    """A store holding one image segmented without a cell, with its (empty) cell table."""
+    store = ResultStore.open(str(tmp_path / "results.zarr"))
+    empty_table = (CELL_ROW_COLUMNS[1:], np.zeros((0, len(CELL_ROW_COLUMNS) - 1)))
+    store.write_result("blank", np.zeros((8, 8), bool), NO_CELLS, "blank.png", MODEL,
+                       cells=np.zeros((8, 8), np.int32), cell_table=empty_table)
+    return store
+
+
+@pytest.mark.parametrize("table_format", ["csv", "parquet"])
+def test_a_cell_table_without_cells_has_the_columns_of_one_with_cells(tmp_path, table_format):
+    """The per-cell snippet of docs/store.md (groupby, agg on `label` and `area`) works on it too."""
+    store = blank_store(tmp_path)
+    out = tmp_path / f"cells.{table_format}"
+    assert write_table(store.cell_rows(), out, table_format, empty_columns=CELL_ROW_COLUMNS) == 0
+    cells = pd.read_csv(out) if table_format == "csv" else pd.read_parquet(out)
+    assert list(cells.columns) == list(CELL_ROW_COLUMNS)
+    per_image = cells.groupby("image_id").agg(cells=("label", "count"), median_area=("area", "median"))
+    assert per_image.empty
+
+
+def test_the_images_table_of_an_empty_store_has_the_columns_of_one_with_images(tmp_path):
+    empty = ResultStore.open(str(tmp_path / "empty.zarr"))
+    write_table(empty.statistics(), tmp_path / "images.csv", empty_columns=IMAGE_ROW_COLUMNS)
+    assert (tmp_path / "images.csv").read_text().splitlines() == [",".join(IMAGE_ROW_COLUMNS)]
+    assert list(blank_store(tmp_path).statistics()[0]) == list(IMAGE_ROW_COLUMNS)
+
+
+@pytest.mark.parametrize("table", ["cells", "images"])
+def test_cellseg_export_of_a_table_without_rows_writes_its_whole_header(tmp_path, table):
+    """A store whose images hold no cell (cells), or no image yet (images): a script reading the
+    exported table finds the columns it reads in tables with rows."""
+    store = blank_store(tmp_path) if table == "cells" else ResultStore.open(str(tmp_path / "empty.zarr"))
+    out = tmp_path / f"{table}.csv"
+    cellseg("export", store.url, "--table", table, "--format", "csv", "--out", str(out))
+    header = CELL_ROW_COLUMNS if table == "cells" else IMAGE_ROW_COLUMNS
+    assert out.read_text().splitlines() == [",".join(header)]
+
+
+def test_an_export_below_a_file_names_the_file_before_reading_the_store(tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes(b"an image")
+    with pytest.raises(OutputError, match=r"cannot write '.*a\.png/cells\.csv': '.*a\.png' is a file, not a folder$"):
+        write_table(rows_never_read(), image / "cells.csv")
+    assert image.read_bytes() == b"an image"
+
+
+def test_a_parquet_export_without_pyarrow_is_refused_before_reading_the_store(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as where the `tables` extra is not installed
+    with pytest.raises(ValueError, match=r"Parquet export needs pyarrow: pip install 'cellseg\[tables\]'"):
+        write_table(rows_never_read(), tmp_path / "cells.parquet", "parquet")
+    assert not (tmp_path / "cells.parquet").exists()
+
+
+def test_an_unknown_table_format_is_refused_before_reading_the_store(tmp_path):
+    with pytest.raises(ValueError, match="unknown table format 'xlsx'"):
+        write_table(rows_never_read(), tmp_path / "cells.xlsx", "xlsx")
+
+
+@pytest.mark.integration
+def test_an_export_into_a_bucket_that_does_not_exist_is_refused_and_makes_no_bucket(moto_endpoint):
+    import s3fs
+
+    options = {"endpoint_url": moto_endpoint}
+    with pytest.raises(OutputError, match=r"cannot write 's3://no-such-bucket/cells\.csv': its bucket "
+                                          r"'no-such-bucket' does not exist"):
+        write_table(rows_never_read(), "s3://no-such-bucket/cells.csv", storage_options=options)
+    assert not s3fs.S3FileSystem(**options, skip_instance_cache=True).exists("no-such-bucket")
+
+
+@pytest.mark.integration
+def test_an_export_into_an_existing_bucket_is_written_and_kept_without_overwrite(moto_endpoint):
+    import s3fs
+
+    options = {"endpoint_url": moto_endpoint}
+    s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir("tables-kept")
+    url = "s3://tables-kept/run/cells.csv"
+    assert write_table([{"image_id": "a", "label": 1}], url, storage_options=options) == 1
+    with pytest.raises(OutputError, match="exists; pass --overwrite"):
+        write_table([{"image_id": "b", "label": 2}], url, storage_options=options)
+    assert pd.read_csv(url, storage_options=options).to_dict("records") == [{"image_id": "a", "label": 1}]
