@@ -285,19 +285,28 @@ def _run_results(args: argparse.Namespace) -> int:
     store = ResultStore.open(args.store, mode="r")
     with _progress("reading store", "image") as bar:
         rows = store.statistics(on_record=lambda _: bar.update())
-    failures = store.failures()
+    failures, unfinished = store.failures(), store.unfinished()
     if args.json:
         damaged = [{"image_id": image_id, "error": problem} for image_id, problem in sorted(store.damaged.items())]
-        print(dumps({"statistics": rows, "failures": failures, "damaged": damaged}, indent=1))
+        print(dumps({"statistics": rows, "failures": failures, "unfinished": unfinished, "damaged": damaged}, indent=1))
         return 0
-    shown_rows, shown_failures = rows[: args.limit], failures[: args.limit]
-    left_out = len(rows) + len(failures) - len(shown_rows) - len(shown_failures)
+    shown_rows, shown_failures, shown_unfinished = rows[: args.limit], failures[: args.limit], unfinished[: args.limit]
+    left_out = (len(rows) + len(failures) + len(unfinished)
+                - len(shown_rows) - len(shown_failures) - len(shown_unfinished))
+    in_work = (f", {len(unfinished)} in progress or left by a stopped run{_shown(shown_unfinished, unfinished)}"
+               if unfinished else "")
     print(f"{redact_url(args.store)}: {len(rows)} images done{_shown(shown_rows, rows)}, {len(failures)} failed"
-          f"{_shown(shown_failures, failures)}{'; --limit 0 shows all' if left_out else ''}")
+          f"{_shown(shown_failures, failures)}{in_work}{'; --limit 0 shows all' if left_out else ''}")
     _print_table(shown_rows)
     for failure in shown_failures:
         # An image repaired after its metadata was lost no longer knows its source: name its id.
         print(f"  failed: {failure['source_url'] or failure['image_id']}: {failure['error']}")
+    for image in shown_unfinished:
+        print(f"  not finished: {image['source_url'] or image['image_id']}")
+    if unfinished:
+        # As `predict` sees them: a run still going finishes them, a stopped one left them to be redone.
+        print(f"in progress or left by a stopped run: a run still going finishes them, else rerun `cellseg predict` "
+              f"into {redact_url(args.store)} to finish them")
     _print_damaged(store)
     return 0
 
@@ -319,14 +328,16 @@ def _run_export(args: argparse.Namespace) -> int:
 
     def rows() -> Iterator[dict[str, Any]]:  # read only once write_table has accepted the target
         if args.group_by:
-            statistics = list(store.statistics())
+            statistics = list(store.statistics(read_cell_tables=True))
             wells = by_well(statistics)
             if statistics and not wells:  # before anything is written
                 raise ValueError(f"no image of '{redact_url(args.store)}' lies in a plate's well (a field of an HCS "
                                  "plate, or an id such as A01_f1): nothing to group by well")
             yield from wells
         else:
-            yield from store.cell_rows() if args.table == "cells" else store.statistics()
+            # The images table leaves out the images whose cell table is damaged, as the cells table
+            # does: a join of the two would otherwise count cells that have no row.
+            yield from store.cell_rows() if args.table == "cells" else store.statistics(read_cell_tables=True)
 
     with _progress("exporting", unit) as bar:
         header = CELL_ROW_COLUMNS if args.table == "cells" else ("well", "images", "fields") if args.group_by else IMAGE_ROW_COLUMNS
@@ -370,8 +381,10 @@ def _run_models(args: argparse.Namespace) -> int:
 
     registry_url = _settings(args).registry_url
     registry = Registry(registry_url)
+    version, checkpoint = getattr(args, "version", None), getattr(args, "checkpoint", None)
+    if not (args.action in ("show", "export") and (checkpoint or shipped_name(version or "current"))):
+        registry.check_exists()  # a misspelt --registry is refused as missing, not read as one without versions
     if args.action == "list":
-        registry.check_exists()
         versions, unreadable = registry.scan()  # one damaged version never hides the others
         problems = [f"version {version}: {problem}" for version, problem in unreadable.items()]
         try:

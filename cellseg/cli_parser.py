@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from cellseg import __version__
 from cellseg.config import COMPILE_MODES, AugmentationConfig
 from cellseg.job_config import FROM_SETTINGS, SegmentJob, TrainJob, TuneJob
+from cellseg.paths import LOCAL_ROOT
 from cellseg.settings import CellsegSettings
 
 CONFIG_HELP = "TOML or YAML settings file (default: $CELLSEG_CONFIG); flags > CELLSEG_* environment > file"
@@ -227,6 +228,10 @@ TUNE_JOB_FLAGS: list[Flag] = [
 ]
 
 
+# The job folders whose defaults the settings' local_root moves (`job_config.with_settings`).
+UNDER_LOCAL_ROOT = ("cache_dir", "work_dir")
+
+
 def add_flags(parser: argparse.ArgumentParser, flags: list[Flag], prefix: str = SETTING,
               model: type[BaseModel] = CellsegSettings) -> None:
     """Add each flag for its field of `model` (settings or a job), applied only when given; its
@@ -239,7 +244,11 @@ def add_flags(parser: argparse.ArgumentParser, flags: list[Flag], prefix: str = 
                 options.setdefault("metavar", names[0].lstrip("-").upper().replace("-", "_"))
             default = "none" if (value := field_default(model, key)) is None else value
             from_settings = model is CellsegSettings or key.split(".")[0] in FROM_SETTINGS
-            where = f"default: the settings' {key}, else {default}" if from_settings else f"default {default}"
+            if model is not CellsegSettings and key in UNDER_LOCAL_ROOT:
+                where = (f"default: {str(default).removeprefix(LOCAL_ROOT + '/')} under the settings' local_root, "
+                         f"else {default}")
+            else:
+                where = f"default: the settings' {key}, else {default}" if from_settings else f"default {default}"
             options["help"] = f"{options.get('help', '')} ({where})".strip()
         parser.add_argument(*names, dest=f"{prefix}{key}", default=argparse.SUPPRESS, **options)
 

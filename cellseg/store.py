@@ -108,12 +108,19 @@ def _ngff_multiscales(name: str, pixel_size_yx_um: Sequence[float] | None = None
     }
 
 
+# The display colours of the mask's two values (NGFF `image-label.colors`, RGBA 0-255, which the
+# spec says a label image SHOULD carry): background clear, cells opaque cyan. The cell labels carry
+# none: one entry per cell would grow with the image, and viewers colour labels they do not list.
+MASK_COLORS = ({"label-value": 0, "rgba": [0, 0, 0, 0]}, {"label-value": 1, "rgba": [0, 255, 255, 255]})
+
+
 def _ngff_label(name: str, source_image: bool, pixel_size_yx_um: Sequence[float] | None = None,
                 levels: int = 1) -> dict[str, Any]:
     """NGFF 0.5 metadata of a label image under `<image>/labels/<name>`; its source is the image
-    two levels up when the store keeps a copy of it."""
+    two levels up when the store keeps a copy of it, and the mask names the colours of its values."""
     meta = _ngff_multiscales(name, pixel_size_yx_um, levels)
-    meta["image-label"] = {"version": NGFF_VERSION, **({"source": {"image": "../../"}} if source_image else {})}
+    meta["image-label"] = {"version": NGFF_VERSION, **({"source": {"image": "../../"}} if source_image else {}),
+                           **({"colors": [dict(color) for color in MASK_COLORS]} if name == MASK_NAME else {})}
     return meta
 
 
@@ -652,16 +659,24 @@ class ResultStore:
             if record.get("status") != DONE:
                 continue
             try:
-                table = self.array(image_id, CELL_TABLE, record)
-                if table is None:
-                    continue
-                columns, rows = self.table_columns(image_id, table), self.array_data(image_id, CELL_TABLE, table)
+                table = self._cell_table(image_id, record)
             except DamagedImage as error:
                 self._note_damage(image_id, error.problem)
                 continue
+            if table is None:
+                continue
+            columns, rows = table
             for row in rows:
                 yield {"image_id": image_id, **{name: int(value) if name in INTEGER_COLUMNS else float(value)
                                                 for name, value in zip(columns, row, strict=True)}}
+
+    def _cell_table(self, image_id: str, record: dict[str, Any]) -> tuple[list[str], np.ndarray] | None:
+        """(column names, rows) of a done image's cell table, None when it was written without one;
+        DamagedImage when the table is missing, lacks or cannot decode a chunk, or has other columns."""
+        table = self.array(image_id, CELL_TABLE, record)
+        if table is None:
+            return None
+        return self.table_columns(image_id, table), self.array_data(image_id, CELL_TABLE, table)
 
     def read_image(self, image_id: str) -> np.ndarray:
         """The copy of the source image stored with a done result (`PredictConfig.store_image`)."""
@@ -778,12 +793,21 @@ class ResultStore:
 
         return [name for name in _child_names(self.root) if lost(name)]
 
-    def statistics(self, on_record: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-        """The per-image statistics table: one row per done image."""
+    def statistics(self, on_record: Callable[[str], None] | None = None,
+                   read_cell_tables: bool = False) -> list[dict[str, Any]]:
+        """The per-image statistics table: one row per done image. With `read_cell_tables`, an image
+        whose cell table is damaged is left out as `cell_rows` leaves it out (with a warning, noted in
+        `damaged`), so that the two tables join: its statistics would count cells it has no row of."""
         rows = []
         for image_id, record in self.records(on_record):
             if record.get("status") != DONE:
                 continue
+            if read_cell_tables:
+                try:
+                    self._cell_table(image_id, record)
+                except DamagedImage as error:
+                    self._note_damage(image_id, error.problem)
+                    continue
             model = record.get("model", {})
             rows.append(
                 {
@@ -803,5 +827,15 @@ class ResultStore:
             {"image_id": image_id, "source_url": _shown(record.get("source_url")), "error": _shown(record.get("error"))}
             for image_id, record in self.records()
             if record.get("status") == "failed"
+        ]
+
+    def unfinished(self) -> list[dict[str, Any]]:
+        """Images neither done nor failed, with their status ("writing", or None for a group with no
+        record yet): being written by a run now, or left so by a run that stopped; the next run into
+        the store segments them (a block-wise one from the blocks it finished)."""
+        return [
+            {"image_id": image_id, "source_url": _shown(record.get("source_url")), "status": record.get("status")}
+            for image_id, record in self.records()
+            if record.get("status") not in (DONE, "failed")
         ]
 

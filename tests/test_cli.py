@@ -66,6 +66,26 @@ def test_a_flag_the_settings_may_set_says_so_in_its_help(tmp_path, command, flag
     assert listed.returncode == 2 and f"registry '{tmp_path / 'from-settings'}' does not exist" in listed.stderr
 
 
+@pytest.mark.parametrize(("command", "job", "folders"), [
+    (["flow", "train-unet"], "TrainJob", {"--cache-dir": "cache", "--work-dir": "training"}),
+    (["tune"], "TuneJob", {"--cache-dir": "cache", "--work-dir": "tuning"}),
+])
+def test_the_cache_and_work_folder_flags_say_the_settings_local_root_moves_their_defaults(command, job, folders):
+    """Their help named only runs/cache and runs/training (or runs/tuning), which a settings
+    local_root replaces (`with_settings`, checked below) as the help now says."""
+    from cellseg import job_config
+    from cellseg.settings import CellsegSettings
+
+    help_text = " ".join(cellseg(*command, "--help").stdout.split())
+
+    moved = job_config.with_settings(getattr(job_config, job)(images_url="i", masks_url="m"),
+                                     CellsegSettings(local_root="/data/cellseg"))
+    for flag, folder in folders.items():
+        assert f"{flag} {flag[2:].upper().replace('-', '_')} " in help_text
+        assert f"(default: {folder} under the settings' local_root, else runs/{folder})" in help_text
+        assert getattr(moved, flag[2:].replace("-", "_")) == f"/data/cellseg/{folder}"
+
+
 def _subcommand(parser: argparse.ArgumentParser, *names: str) -> argparse.ArgumentParser:
     for name in names:
         parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
@@ -410,6 +430,32 @@ def test_results_says_how_many_rows_it_left_out(tmp_path):
     assert sum(line.startswith("done_") for line in every) == 5 and sum("failed: /in/bad_" in line for line in every) == 3
     refused = cellseg("results", store_url, "--limit", "-1", check=False)
     assert refused.returncode == 2 and "give 0 (every row) or more" in refused.stderr
+
+
+def test_results_names_the_images_a_run_is_writing_or_left_unfinished_as_verify_and_predict_see_them(tmp_path):
+    """An image marked "writing" (a killed run's, or one a run is writing now) and a group with no
+    record yet are neither done nor failed: `results` counts and names them, `verify` finds nothing
+    broken in them and the next run redoes them (`done_ids` leaves them out)."""
+    from cellseg.verify import verify_store
+
+    store_url = _store_with_results(tmp_path, ["done_0", "done_1"], ["bad_0"])
+    store = ResultStore.open(store_url)
+    store.root.require_group("half").attrs["cellseg"] = {"status": "writing", "source_url": "/in/half.png"}
+    store.root.require_group("new")  # a run has made the group and not yet written its record
+
+    lines = cellseg("results", store_url).stdout.splitlines()
+    assert lines[0] == f"{store_url}: 2 images done, 1 failed, 2 in progress or left by a stopped run"
+    assert "  not finished: /in/half.png" in lines and "  not finished: new" in lines
+    assert (f"in progress or left by a stopped run: a run still going finishes them, else rerun `cellseg predict` "
+            f"into {store_url} to finish them") in lines
+    limited = cellseg("results", store_url, "--limit", "1").stdout.splitlines()
+    assert limited[0].endswith(", 2 in progress or left by a stopped run (1 shown); --limit 0 shows all")
+    report = json.loads(cellseg("results", store_url, "--json").stdout)
+    assert report["unfinished"] == [{"image_id": "half", "source_url": "/in/half.png", "status": "writing"},
+                                    {"image_id": "new", "source_url": None, "status": None}]
+    verification = verify_store(store_url)
+    assert verification.checked == 5 and verification.broken == []
+    assert ResultStore.open(store_url, mode="r").done_ids() == {"done_0", "done_1"}
 
 
 def test_the_results_table_lines_up_under_long_and_wide_image_ids(tmp_path):

@@ -95,3 +95,27 @@ def test_replacing_a_result_without_the_image_drops_the_image_metadata(tmp_path)
     assert "ome" not in store.root["a"].attrs and store.record("a")["model"]["version"] == "y"
     with pytest.raises(StoreError, match="shape"):
         store.write_result("b", mask, {}, "b.png", {}, image=image[:10])
+
+
+def test_the_mask_names_its_colours_for_ome_zarr_py_and_the_labels_show_as_the_reader_chooses(tmp_path):
+    """NGFF's image-label SHOULD list `colors`: the mask had none, so a viewer coloured its cells at
+    random. Its labels open hidden under the image and shown when opened themselves: that is
+    ome-zarr-py's choice (it adds an image's labels invisible), not something the metadata says."""
+    store_url = str(tmp_path / "out.zarr")
+    mask = np.zeros((4, 4), bool)
+    mask[:2, :2] = True
+    statistics = {"cell_count": 1, "total_cell_area": 4, "mean_cell_area": 4.0, "median_cell_area": 4.0,
+                  "foreground_fraction": 0.25, "mean_intensity_inside": 5.0, "mean_intensity_outside": 0.0}
+    ResultStore.open(store_url).write_result("a", mask, statistics, "a.png", {"version": "0123456789ab"},
+                                             cells=mask.astype(np.int32), image=np.arange(16, dtype=np.uint8).reshape(4, 4))
+
+    under_image = {node.metadata["name"]: node for node in _nodes(f"{store_url}/a") if node.load(ome_zarr_reader.Label)}
+    assert under_image["mask"].metadata["color"] == {0: [0.0, 0.0, 0.0, 0.0], 1: [0.0, 1.0, 1.0, 1.0]}
+    assert under_image["cells"].metadata["color"] == {}  # one colour per cell is left to the viewer
+    assert not under_image["mask"].visible and not under_image["cells"].visible
+    alone = _nodes(f"{store_url}/a/labels/mask")
+    assert [(node.zarr.basename(), node.visible) for node in alone if node.data] == [
+        ("a", False), ("cells", False), ("mask", True)]  # the source image found through `source.image`
+    group = zarr.open_group(f"{store_url}/a", mode="r")
+    colors = v05.ImageLabel.from_zarr(group["labels/mask"]).attributes.ome.image_label.colors
+    assert [(color.label_value, color.rgba) for color in colors] == [(0, (0, 0, 0, 0)), (1, (0, 255, 255, 255))]

@@ -579,6 +579,28 @@ def test_models_list_of_a_registry_folder_that_does_not_exist_says_so(tmp_path, 
     assert capsys.readouterr().out.startswith(f"no models registered in {tmp_path / 'empty'}\n")
 
 
+@pytest.mark.parametrize("action", [["show", "20240101-000000-0123abcd"], ["show"], ["export", "--out", "OUT"],
+                                    ["promote", "20240101-000000-0123abcd"], ["rollback"]])
+def test_models_commands_on_a_registry_folder_that_does_not_exist_say_so(tmp_path, capsys, action):
+    """They said "has no version … (known: none)" or "has no current model", as of an empty registry."""
+    missing = str(tmp_path / "no-such-registry")
+    out = tmp_path / "model.pt"
+    arguments = [str(out) if word == "OUT" else word for word in action]
+
+    assert main(["models", *arguments, "--registry", missing]) == 2
+
+    refused = capsys.readouterr()
+    assert refused.out == ""
+    assert refused.err.splitlines() == [f"cellseg models: error: registry '{missing}' does not exist; give the folder "
+                                        "a registry was made in (--registry, or the settings' registry_url)"]
+    assert not out.exists() and not (tmp_path / "no-such-registry").exists()
+
+
+def test_models_show_of_a_shipped_model_needs_no_registry(tmp_path, capsys):
+    assert main(["models", "show", "nuclei", "--registry", str(tmp_path / "no-such-registry")]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "nuclei"
+
+
 @pytest.mark.parametrize("action", [["show", "nucleus"], ["export", "nucleus", "--out", "OUT"]])
 def test_models_commands_taking_a_version_suggest_the_shipped_model_a_misspelt_name_means(tmp_path, capsys, action):
     """`models export nucleus` named no shipped model, as `models show nucleus` did."""

@@ -106,3 +106,27 @@ def test_an_export_into_an_existing_bucket_is_written_and_kept_without_overwrite
     with pytest.raises(OutputError, match="exists; pass --overwrite"):
         write_table([{"image_id": "b", "label": 2}], url, storage_options=options)
     assert pd.read_csv(url, storage_options=options).to_dict("records") == [{"image_id": "a", "label": 1}]
+
+
+def test_both_tables_leave_out_an_image_whose_cell_table_lost_a_chunk_so_that_they_join(tmp_path):
+    """The damaged image's statistics still read (they are metadata), but its cells cannot: the
+    images table must not list its 13 cells beside a cells table without a row of them."""
+    store = blank_store(tmp_path)
+    columns = CELL_ROW_COLUMNS[1:]
+    cells = np.zeros((8, 8), np.int32)
+    rows = np.ones((13, len(columns)))
+    for image_id in ("kept", "lost"):
+        store.write_result(image_id, np.ones((8, 8), bool), {**NO_CELLS, "cell_count": 13}, f"{image_id}.png", MODEL,
+                           cells=cells, cell_table=(columns, rows))
+    (tmp_path / "results.zarr" / "lost" / "tables" / "cells" / "c.0.0").unlink()
+
+    exported = {table: cellseg("export", store.url, "--format", "csv", "--table", table, "--out",
+                               str(tmp_path / f"{table}.csv"), check=False) for table in ("cells", "images")}
+    assert {result.returncode for result in exported.values()} == {3}
+    damaged_lines = {table: [line for line in result.stdout.splitlines() if "lost" in line]
+                     for table, result in exported.items()}
+    assert damaged_lines["images"] == damaged_lines["cells"] != []
+    images = pd.read_csv(tmp_path / "images.csv")
+    assert list(images["image_id"]) == ["blank", "kept"]
+    joined = pd.read_csv(tmp_path / "cells.csv").merge(images, on="image_id", suffixes=("", "_image"))
+    assert (joined.groupby("image_id").size() == images.set_index("image_id")["cell_count"].drop("blank")).all()
