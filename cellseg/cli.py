@@ -368,7 +368,8 @@ def _run_verify(args: argparse.Namespace) -> int:
         print(f"repaired: {len(images)} images marked not done; the next `cellseg predict` (or `cellseg flow "
               f"segment-images`) into {redact_url(args.store)} segments them again")
     elif report.broken and not report.repaired:
-        print(f"to repair: cellseg verify {redact_url(args.store)} --repair")
+        # A repair without --read-data would not see the chunks that only decoding found damaged.
+        print(f"to repair: cellseg verify {redact_url(args.store)}{' --read-data' if args.read_data else ''} --repair")
     return 1 if report.broken and not report.repaired else 0
 
 

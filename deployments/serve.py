@@ -69,7 +69,30 @@ def serve_all(nightly_source: str | None = None, nightly_store: str | None = Non
     # The heartbeat deployment runs send (prefect.yaml's work pool): the zombie-run automation
     # (deployments/automations.yaml) expects one every 30 s from runs tagged cellseg.
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
-    serve(*build_deployments(nightly_source, nightly_store, cron))
+    deployments = build_deployments(nightly_source, nightly_store, cron)
+    refuse_deployments_of_a_work_pool(deployments)
+    serve(*deployments)
+
+
+def refuse_deployments_of_a_work_pool(deployments: list[RunnerDeployment]) -> None:
+    """Refuse to serve over deployments that `prefect deploy` made for a work pool: re-registered by
+    serve they keep their work pool and lose their working directory, so every run would crash
+    unable to find its flow file."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    taken = []
+    with get_client(sync_client=True) as client:
+        for deployment in deployments:
+            try:
+                existing = client.read_deployment_by_name(deployment.full_name)
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name:
+                taken.append(f"'{deployment.full_name}' (work pool {existing.work_pool_name})")
+    if taken:
+        raise ValueError(f"the Prefect server already has {', '.join(taken)} from `prefect deploy`: run a worker for "
+                         "them, or delete them (prefect deployment delete NAME) before serving from this machine")
 
 
 def main() -> None:

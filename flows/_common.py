@@ -11,6 +11,7 @@ run was not given come from the same settings (`worker_job`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import stat
@@ -114,7 +115,33 @@ def failing_in_one_line(title: str, artifact_key: str, work: Callable[P, R], *ar
             raise
         create_markdown_artifact(key=artifact_key, markdown=f"## {title} failed\n\n**{line}**",
                                  description=f"{title}: why the run failed")
+        _log_engine_error_in_one_line(error, line)
         return cast("R", Failed(message=line, data=error))
+
+
+def _log_engine_error_in_one_line(error: BaseException, line: str) -> None:
+    """Have the engine's record of `error` say `line` alone (`_EngineErrorInOneLine`). Only the
+    latest failure's filter stays: the engine logs the error as soon as the run returns, and an
+    older filter would keep its error, with every frame of its traceback, alive in this process."""
+    logger = logging.getLogger("prefect.flow_runs")
+    for older in [found for found in logger.filters if isinstance(found, _EngineErrorInOneLine)]:
+        logger.removeFilter(older)
+    logger.addFilter(_EngineErrorInOneLine(error, line))
+
+
+class _EngineErrorInOneLine(logging.Filter):
+    """A deployment run's engine re-raises the error of a Failed state and logs it with its
+    traceback ("Engine execution exited with unexpected exception"); for an error already put in
+    one line, that record becomes the line alone."""
+
+    def __init__(self, error: BaseException, line: str):
+        super().__init__()
+        self.error, self.line = error, line
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is self.error:
+            record.msg, record.args, record.exc_info, record.exc_text = f"the run failed: {self.line}", (), None, None
+        return True
 
 
 def with_run_tags() -> AbstractContextManager[set[str]]:

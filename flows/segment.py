@@ -255,6 +255,8 @@ def _segment_images(job: SegmentJob | None, job_variable: str | None) -> dict[st
         raise ValueError("segment-images takes either a job or the name of a Prefect variable holding one (job_variable)")
     job = worker_job(job if job is not None else job_from_variable(cast(str, job_variable), SegmentJob))
     logger = get_run_logger()
+    logger.info("segmenting new images under %s into %s%s", redact_url(job.source_url), redact_url(job.store_url),
+                f" (the job the Prefect variable '{job_variable}' holds)" if job_variable else "")
     started = time.monotonic()
     job = resolve_model(job)
     model_version = model_source(job).recorded_version()  # as the images record it: never 'bundled'

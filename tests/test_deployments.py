@@ -119,6 +119,42 @@ def test_train_unet_then_backfill_through_the_worker(deployed):
     assert {row["model_version"] for row in store.statistics()} == {versions[0].version}
 
 
+def flow_run_logs(run_id: str, env: dict[str, str]) -> list[tuple[int, str]]:
+    """(level, message) of every log line a flow run sent to the server, oldest first."""
+    code = (
+        "import asyncio, json, sys\n"
+        "from prefect.client.orchestration import get_client\n"
+        "from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId\n"
+        "async def main():\n"
+        "    async with get_client() as client:\n"
+        "        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[sys.argv[1]])))\n"
+        "        print(json.dumps([(log.level, log.message) for log in logs]))\n"
+        "asyncio.run(main())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, run_id], env=env, capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    return [tuple(entry) for entry in json.loads(result.stdout)]
+
+
+def test_a_refused_nightly_job_fails_in_one_line_without_a_traceback(deployed):
+    _, env = deployed
+    prefect("variable", "set", "cellseg_nightly", '{"source_url": "in", "store_url": "out.zarr", "shard_sise": 4}',
+            "--overwrite", env=env)
+    try:
+        run = subprocess.run([PREFECT, "deployment", "run", "segment-images/nightly-segmentation", "--watch",
+                              "--watch-timeout", "120"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                             timeout=200, check=False)
+    finally:
+        prefect("variable", "unset", "cellseg_nightly", env=env, input_text="y\n")
+    assert "Failed" in run.stdout, run.stdout + run.stderr
+    run_id = run.stdout.split("UUID:")[1].split()[0]
+    logs = flow_run_logs(run_id, env)
+    errors = [message for level, message in logs if level >= 40]
+    assert errors and all("shard_sise" in message and "\n" not in message for message in errors), errors
+    assert not any("Traceback" in message for _, message in logs)
+
+
 def test_tune_unet_through_the_worker(deployed):
     root, env = deployed
     write_dataset(str(root / "tune"), count=10, size=80, seed=1)
