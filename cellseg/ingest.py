@@ -32,7 +32,7 @@ from cellseg.io import (
     read_bytes,
     write_file_atomic,
 )
-from cellseg.pairs import ImagePair, check_one_plane, check_same_size, dataset_hash, pair_by_stem
+from cellseg.pairs import ImagePair, check_one_plane, check_same_size, dataset_hash, folders_not_files, pair_by_stem
 from cellseg.redact import redact_url
 
 logger = logging.getLogger(__name__)
@@ -171,7 +171,8 @@ def ingest_dataset(
     """
     listed = {entry.url: entry for entry in list_image_entries(images_url, storage_options)}
     mask_entries = list_image_entries(masks_url, storage_options)
-    pairs = pair_by_stem(list(listed), [entry.url for entry in mask_entries], images_url, masks_url)
+    with folders_not_files(images_url, masks_url, storage_options):
+        pairs = pair_by_stem(list(listed), [entry.url for entry in mask_entries], images_url, masks_url)
     listed.update({entry.url: entry for entry in mask_entries})
 
     cache = ContentCache(cache_dir)

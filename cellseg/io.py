@@ -72,6 +72,13 @@ def filesystem(url: str, storage_options: StorageOptions = None) -> tuple[fsspec
         return url_to_fs(url, **dict(storage_options or {}))
 
 
+def names_one_file(url: str, storage_options: StorageOptions = None) -> bool:
+    """Whether `url` names one file rather than a folder."""
+    fs, root = filesystem(url, storage_options)
+    with storage_call(url):
+        return bool(fs.isfile(root))
+
+
 def join_url(base: str, name: str) -> str:
     """Join a file name onto a directory URL, keeping the protocol."""
     return base.rstrip("/") + "/" + name

@@ -9,8 +9,9 @@ import logging
 import posixpath
 import re
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,7 @@ from cellseg.io import (
     image_stem,
     list_images,
     lossy_binary,
+    names_one_file,
     read_bytes,
 )
 from cellseg.normalize import normalize_image
@@ -180,9 +182,25 @@ def pair_images_and_masks(
 
     Raises DatasetError naming each image without a mask and each mask without an image.
     """
-    return pair_by_stem(
-        list_images(images_url, storage_options), list_images(masks_url, storage_options, kind="mask"), images_url, masks_url
-    )
+    with folders_not_files(images_url, masks_url, storage_options):
+        return pair_by_stem(list_images(images_url, storage_options), list_images(masks_url, storage_options, kind="mask"),
+                            images_url, masks_url)
+
+
+@contextmanager
+def folders_not_files(images_url: str, masks_url: str, storage_options: StorageOptions = None) -> Iterator[None]:
+    """Pairing inside, where a URL naming one file is listed as a folder of that file alone and
+    pairs nothing: its DatasetError becomes one naming the folder to give instead. The URLs are
+    looked at only once pairing has failed."""
+    try:
+        yield
+    except DatasetError:
+        for kind, url in (("images", images_url), ("masks", masks_url)):
+            if names_one_file(url, storage_options):
+                folder = posixpath.dirname(url.rstrip("/")) or "."
+                raise DatasetError(f"the {kind} URL '{redact_url(url)}' names one file: training reads a folder "
+                                   f"of {kind}, so name its folder ('{redact_url(folder)}')") from None
+        raise
 
 
 def check_same_size(image_url: str, image_shape: tuple[int, ...], mask_url: str, mask_shape: tuple[int, ...]) -> None:

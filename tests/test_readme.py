@@ -34,3 +34,15 @@ def test_python_example_segments_with_the_shipped_model_before_any_training(tmp_
     assert cells["area"].sum() == (found.labels > 0).sum() == found.statistics["total_cell_area"]
     assert namespace["nuclei"].model_version.startswith("nuclei-")
     assert not (tmp_path / "runs").exists()
+
+
+def test_command_line_example_makes_a_version_current_before_predicting_with_it():
+    """Run top to bottom, the walk-through's `--model-version current` needs a current version."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("## Command line"):readme.index("## Python")]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    commands = [line.split("#")[0].split() for line in block.splitlines()]
+    uses_current = next(at for at, words in enumerate(commands) if "current" in words and "predict" in words)
+    makes_current = [words for words in commands[:uses_current]
+                     if (words[1] == "tune" and "--promote" in words) or words[1:3] == ["models", "promote"]]
+    assert makes_current, "`predict --model-version current` with no earlier command making a version current"
