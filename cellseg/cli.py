@@ -127,8 +127,6 @@ def _run_train(args: argparse.Namespace) -> int:
 
         outcome = run_training(job, args.out, resume=args.resume, on_epoch=advance, overwrite=args.overwrite)
     result = outcome.result
-    if outcome.start:
-        print(f"start:      {outcome.start.described()}")
     print(f"{result.stop_reason}; {result.best_described}")
     _print_metrics({k: v for k, v in result.best_metrics.items() if k.startswith("val_")} or result.best_metrics)
     if outcome.cells:
@@ -284,8 +282,8 @@ def _run_results(args: argparse.Namespace) -> int:
     _settings(args)
     store = ResultStore.open(args.store, mode="r")
     with _progress("reading store", "image") as bar:
-        rows = store.statistics(on_record=lambda _: bar.update())
-    failures, unfinished = store.failures(), store.unfinished()
+        summary = store.summary(on_record=lambda _: bar.update())
+    rows, failures, unfinished = summary.statistics, summary.failures, summary.unfinished
     if args.json:
         damaged = [{"image_id": image_id, "error": problem} for image_id, problem in sorted(store.damaged.items())]
         print(dumps({"statistics": rows, "failures": failures, "unfinished": unfinished, "damaged": damaged}, indent=1))

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cellseg.config import DEFAULT_CENTRE_PROMINENCE, PredictConfig
-from cellseg.io import StorageOptions, image_stem, list_images, read_mask_file
+from cellseg.io import StorageOptions, image_stem, list_images, mask_name_base, read_mask_file
 from cellseg.metrics import MetricAccumulator, ThresholdSweep, confusion_counts
-from cellseg.pairs import LoadedPair, label_image, mask_and_labels, mask_name_base, masks_of_images
+from cellseg.pairs import LoadedPair, label_image, mask_and_labels, masks_of_images
 from cellseg.postprocess import CellMaps, cell_labels
 from cellseg.scoring import (
     instance_scores,

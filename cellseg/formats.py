@@ -44,6 +44,7 @@ from cellseg.io import (
     filesystem,
     float_pixel_problem,
     list_image_entries,
+    masks_beside_images,
     read_colour_image,
     read_image,
     read_image_bytes,
@@ -267,13 +268,30 @@ def list_sources(url: str, selection: SelectionConfig, storage_options: StorageO
     files; each `.zarr` folder as one OME-Zarr image (never a folder to recurse into) or, for an
     HCS plate, each field of each well (`cellseg.plates`); a cellseg results store among them is
     skipped. With `selection.t == 'all'`, a file with several time points is listed once per
-    time point (`<url>#t=<t>`)."""
+    time point (`<url>#t=<t>`). Masks kept beside their images (Cellpose's `img01_masks.tif` beside
+    `img01.tif`) are listed too, with one warning saying so."""
+    entries = list_image_entries(url, storage_options, microscopy=True)
+    _warn_of_masks_beside_images(url, [entry.url for entry in entries])
     sources: list[str] = []
-    for entry in list_image_entries(url, storage_options, microscopy=True):
+    for entry in entries:
         sources += _zarr_sources(entry.url, storage_options) if is_zarr_url(entry.url) else [entry.url]
     if selection.t == "all":
         sources = [address for source in sources for address in _time_points(source, storage_options)]
     return sources
+
+
+def _warn_of_masks_beside_images(url: str, listed: list[str]) -> None:
+    """One warning for the files of a folder named like the masks of images beside them: they
+    are segmented as images too, which in a folder laid out as Cellpose's is a mistake."""
+    masks = masks_beside_images(listed)
+    if not masks:
+        return
+    example = posixpath.basename(masks[0]) + (", …" if len(masks) > 1 else "")
+    many = len(masks) > 1
+    logger.warning("%d %s under '%s' %s named like %s (%s): %s segmented as %s too; keep masks in a folder of "
+                   "their own", len(masks), "files" if many else "file", redact_url(url), "are" if many else "is",
+                   "masks" if many else "a mask", example, "they are" if many else "it is",
+                   "images" if many else "an image")
 
 
 def _zarr_sources(url: str, storage_options: StorageOptions) -> list[str]:

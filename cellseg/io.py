@@ -7,6 +7,7 @@ import logging
 import lzma
 import os
 import posixpath
+import re
 import stat
 import tempfile
 import zlib
@@ -57,6 +58,10 @@ Image.MAX_IMAGE_PIXELS = None
 
 StorageOptions = Mapping[str, Any] | None
 
+# Annotation tools and segmenters name a mask after its image plus a suffix: Cellpose writes
+# `img_masks.tif` (its GUI `img_cp_masks.png`), and labs commonly use `img_mask.png` or `img_labels.tif`.
+MASK_NAME_SUFFIX = re.compile(r"[_.\-](?:cp_)?(?:masks?|labels?)$", re.IGNORECASE)
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -88,6 +93,19 @@ def image_stem(url: str) -> str:
     """File name without its last suffix (and a `.ome` before it): the image id. A plate field or
     a time point that `cellseg.formats.list_sources` lists has an id of its own (`cellseg.plates`)."""
     return image_id(url)
+
+
+def mask_name_base(stem: str) -> str | None:
+    """The image stem a mask stem names with a mask suffix (`img01_masks` -> `img01`), or None."""
+    match = MASK_NAME_SUFFIX.search(stem)
+    return stem[: match.start()] if match and match.start() > 0 else None
+
+
+def masks_beside_images(urls: list[str]) -> list[str]:
+    """Those of `urls` named like the mask of another of them (`img01_masks.tif` beside
+    `img01.tif`, Cellpose's layout); a file named `..._label.tif` without its image is not one."""
+    stems = {image_stem(url) for url in urls}
+    return [url for url in urls if (base := mask_name_base(image_stem(url))) is not None and base in stems]
 
 
 @dataclass(frozen=True)

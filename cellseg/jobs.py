@@ -152,7 +152,7 @@ def run_training(
     (`check_run_dir`).
 
     Fine-tuning (`training.init_from`; 'auto' is decided by `cellseg.starting_point.choose_start`,
-    recorded in the outcome's `start`) takes the model config of that checkpoint. The split is deterministic (`training.seed`), every image is decoded and
+    logged as "start: ..." and recorded in the outcome's `start`) takes the model config of that checkpoint. The split is deterministic (`training.seed`), every image is decoded and
     normalised once, the best checkpoint gets what prediction needs beyond its weights
     (`finish_checkpoint`), and it is scored on the validation images at cell level (with instance
     label masks) exactly as `cellseg predict` would segment them with `job.predict`.
@@ -166,6 +166,7 @@ def run_training(
     model_config, training = job.model, job.training
     train_pairs, val_pairs = split_train_val(pairs, training.val_fraction, training.seed)
     start = choose_start(job, len(pairs), val_pairs, out, resume)
+    logger.info("start: %s", start.described())
     training = training.model_copy(update={"init_from": start.checkpoint})
     if training.init_from:
         model_config = load_checkpoint(training.init_from).model_config

@@ -7,7 +7,6 @@ import hashlib
 import io
 import logging
 import posixpath
-import re
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +29,7 @@ from cellseg.io import (
     image_stem,
     list_images,
     lossy_binary,
+    mask_name_base,
     names_one_file,
     read_bytes,
 )
@@ -54,7 +54,6 @@ class ImagePair:
 
 # Annotation tools and segmenters name a mask after its image plus a suffix: Cellpose writes
 # `img_masks.tif` (its GUI `img_cp_masks.png`), and labs commonly use `img_mask.png` or `img_labels.tif`.
-MASK_NAME_SUFFIX = re.compile(r"[_.\-](?:cp_)?(?:masks?|labels?)$", re.IGNORECASE)
 MASK_NAMES = "'<image>.<ext>' or '<image>_mask', '_masks', '_label', '_labels', '_cp_masks' before the extension"
 LISTED_PER_PROBLEM = 5
 
@@ -81,12 +80,6 @@ def _unique(found_by_key: dict[str, list[str]], what: str) -> dict[str, str]:
         )
         raise DatasetError(f"{what}, so the pairing is ambiguous: {described}")
     return {key: found[0] for key, found in found_by_key.items()}
-
-
-def mask_name_base(stem: str) -> str | None:
-    """The image stem a mask stem names with a mask suffix (`img01_masks` -> `img01`), or None."""
-    match = MASK_NAME_SUFFIX.search(stem)
-    return stem[: match.start()] if match and match.start() > 0 else None
 
 
 def _some(names: Sequence[str]) -> str:

@@ -308,7 +308,8 @@ class Registry:
             current = self.current()
             if current is None:
                 raise RegistryError(f"registry '{self.url}' has no current model: train one into it (cellseg flow "
-                                    "train-unet --registry ...), mark a registered version current (cellseg models "
+                                    "train-unet --registry ..., or with deployments prefect deployment run "
+                                    "'train-unet/train-unet' ...), mark a registered version current (cellseg models "
                                     "promote VERSION), or segment with the shipped model (--model-version bundled; "
                                     '"model_version": "bundled" in a job)')
             return current

@@ -225,15 +225,22 @@ def config_file_path(config_file: str | None = None) -> Path | None:
 
 
 UNNAMED_SETTINGS_FILES = ("cellseg.toml", "cellseg.yaml", "cellseg.yml")
+# The unnamed settings files warned of in this process: settings are loaded several times in one
+# flow run (the flow, then each task), and the warning is news only once per file.
+_warned_unnamed: set[Path] = set()
 
 
 def _warn_of_unnamed_settings_files() -> None:
-    """Warn that a settings file in the current folder is not read: only --config and
-    CELLSEG_CONFIG name one, and a file left beside the data looked as if it took effect."""
+    """Warn (once per file in a process) that a settings file in the current folder is not read:
+    only --config and CELLSEG_CONFIG name one, and a file left beside the data looked as if it
+    took effect."""
     for name in UNNAMED_SETTINGS_FILES:
         if Path(name).is_file():
-            logger.warning("%s in this folder is not read: name it with --config %s or %s=%s",
-                           name, name, CONFIG_ENV, Path(name).resolve())
+            path = Path(name).resolve()
+            if path not in _warned_unnamed:
+                _warned_unnamed.add(path)
+                logger.warning("%s in this folder is not read: name it with --config %s or %s=%s",
+                               name, name, CONFIG_ENV, path)
             return
 
 

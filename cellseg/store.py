@@ -26,7 +26,7 @@ import os
 import posixpath
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -808,34 +808,54 @@ class ResultStore:
                 except DamagedImage as error:
                     self._note_damage(image_id, error.problem)
                     continue
-            model = record.get("model", {})
-            rows.append(
-                {
-                    "image_id": image_id,
-                    "source_url": _shown(record.get("source_url")),
-                    "model_version": model.get("version"),
-                    **record.get("statistics", {}),
-                    **source_columns(image_id, record.get("source"), record.get("statistics")),
-                    "status": DONE,
-                }
-            )
+            rows.append(_statistics_row(image_id, record))
         return same_columns(rows)
 
     def failures(self) -> list[dict[str, Any]]:
         """Images whose last attempt failed, with the error."""
-        return [
-            {"image_id": image_id, "source_url": _shown(record.get("source_url")), "error": _shown(record.get("error"))}
-            for image_id, record in self.records()
-            if record.get("status") == "failed"
-        ]
+        return self.summary().failures
 
     def unfinished(self) -> list[dict[str, Any]]:
         """Images neither done nor failed, with their status ("writing", or None for a group with no
         record yet): being written by a run now, or left so by a run that stopped; the next run into
         the store segments them (a block-wise one from the blocks it finished)."""
-        return [
-            {"image_id": image_id, "source_url": _shown(record.get("source_url")), "status": record.get("status")}
-            for image_id, record in self.records()
-            if record.get("status") not in (DONE, "failed")
-        ]
+        return self.summary().unfinished
+
+    def summary(self, on_record: Callable[[str], None] | None = None) -> StoreSummary:
+        """`statistics()`, `failures()` and `unfinished()` from one pass over the images' metadata
+        (on object storage, each image's metadata is a request)."""
+        rows: list[dict[str, Any]] = []
+        failures: list[dict[str, Any]] = []
+        unfinished: list[dict[str, Any]] = []
+        for image_id, record in self.records(on_record):
+            status, source_url = record.get("status"), _shown(record.get("source_url"))
+            if status == DONE:
+                rows.append(_statistics_row(image_id, record))
+            elif status == "failed":
+                failures.append({"image_id": image_id, "source_url": source_url, "error": _shown(record.get("error"))})
+            else:
+                unfinished.append({"image_id": image_id, "source_url": source_url, "status": status})
+        return StoreSummary(same_columns(rows), failures, unfinished)
+
+
+@dataclass(frozen=True)
+class StoreSummary:
+    """A store's images by status, as `ResultStore.statistics`, `failures` and `unfinished` list them."""
+
+    statistics: list[dict[str, Any]]
+    failures: list[dict[str, Any]]
+    unfinished: list[dict[str, Any]]
+
+
+def _statistics_row(image_id: str, record: dict[str, Any]) -> dict[str, Any]:
+    """The statistics table's row of a done image, from its record."""
+    model = record.get("model", {})
+    return {
+        "image_id": image_id,
+        "source_url": _shown(record.get("source_url")),
+        "model_version": model.get("version"),
+        **record.get("statistics", {}),
+        **source_columns(image_id, record.get("source"), record.get("statistics")),
+        "status": DONE,
+    }
 

@@ -773,7 +773,8 @@ def test_train_fine_tunes_from_a_registered_version_or_the_current_one(tmp_path,
         out = tmp_path / f"from-{given}"
         trained = cellseg("train", *pairs, "--out", str(out), "--registry", registry, "--init-from", given,
                           "--epochs", "1", "--patch-size", "64", "--patches-per-image", "1")
-        assert f"start:      fine-tuned from {registry}/{version}/checkpoint.pt (asked for)" in trained.stdout
+        assert f"start: fine-tuned from {registry}/{version}/checkpoint.pt (asked for)" in trained.stderr
+        assert "start:" not in trained.stdout
         assert load_checkpoint(str(out / "best.pt")).train_config.init_from == f"{registry}/{version}/checkpoint.pt"
     unknown = cellseg("train", *pairs, "--out", str(tmp_path / "x"), "--registry", str(tmp_path / "empty"),
                       "--init-from", "current", check=False)

@@ -278,8 +278,10 @@ def test_current_with_nothing_promoted_is_refused(checkpoint_file, tmp_path):
     registry.register(str(checkpoint_file))
 
     assert registry.current() is None
-    with pytest.raises(RegistryError, match=r"has no current model: .*--model-version bundled"):
+    with pytest.raises(RegistryError, match=r"has no current model: .*--model-version bundled") as raised:
         registry.resolve("current")
+    assert ("train one into it (cellseg flow train-unet --registry ..., or with deployments prefect deployment run "
+            "'train-unet/train-unet' ...)") in str(raised.value)
     with pytest.raises(RegistryError, match="has no current model"):
         registry.load()
 
