@@ -9,6 +9,7 @@ flow adds parallelism, retries, GPU slots and artifacts."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -33,6 +34,7 @@ from cellseg.flows._common import (
     with_run_tags,
     worker_job,
 )
+from cellseg.flows.dask_checks import check_dask_workers, lost_scheduler_error
 from cellseg.jobs import (
     LargeImage,
     SegmentJob,
@@ -266,6 +268,8 @@ def _segment_images(job: SegmentJob | None, job_variable: str | None) -> dict[st
     logger.info("predict settings: %s", predict_settings_line(job))
     for rejected in plan.rejected:
         logger.warning("cannot segment '%s': %s", rejected["source_url"], rejected["error"])
+    if job.dask_address and (plan.shards or plan.large):
+        check_dask_workers(job.dask_address, {"source_url": job.source_url, "store_url": _existing(job.store_url)})
     results: list[dict[str, Any]] = []
     gpu = resolve_device(job.predict.device).type == "cuda"
 
@@ -283,7 +287,13 @@ def _segment_images(job: SegmentJob | None, job_variable: str | None) -> dict[st
 
     if plan.shards:
         with with_run_tags():
-            results = segment_shards(plan.shards, job, runner(), gpu=gpu, on_first_shard=start_montage)
+            try:
+                results = segment_shards(plan.shards, job, runner(), gpu=gpu, on_first_shard=start_montage)
+            except Exception as error:
+                lost = lost_scheduler_error(error, job.dask_address)
+                if lost is None:
+                    raise
+                raise lost from None
     for image_id, url in plan.large:  # one image at a time, its blocks in parallel
         logger.info("segmenting '%s' block by block", redact_url(url))
         with with_run_tags():
@@ -304,6 +314,11 @@ def _segment_images(job: SegmentJob | None, job_variable: str | None) -> dict[st
         # callers get the summary) named for that, as `cellseg predict` exits with status 3.
         return cast("dict[str, Any]", Completed(name=PARTLY_FAILED_STATE, message=failed_line(summary), data=summary))
     return summary
+
+
+def _existing(store_url: str) -> str:
+    """The store, or the folder it is to be created in."""
+    return store_url if "://" in store_url or os.path.exists(store_url) else os.path.dirname(store_url) or "."
 
 
 def _summarise(results: list[dict[str, Any]], plan: SegmentPlan, seconds: float, version: str) -> dict[str, Any]:

@@ -4,12 +4,13 @@ the best by validation Dice, with a table artifact of every trial."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.futures import as_completed
+from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ProcessPoolTaskRunner
 
@@ -22,10 +23,12 @@ from cellseg.flows._common import (
     with_run_tags,
     worker_job,
 )
+from cellseg.flows.dask_checks import check_dask_workers
 from cellseg.flows.ingest import ingest_dataset_flow
 from cellseg.flows.train import new_run_dir, register_model
 from cellseg.ingest import Manifest
 from cellseg.jobs import TuneJob, run_trial
+from cellseg.redact import redact_text
 from cellseg.registry import Registry
 from cellseg.runtime import resolve_device
 from cellseg.tune import TABLE_COLUMNS, Trial, TrialResult, best_trial, plan_trials, trial_rows
@@ -35,9 +38,13 @@ from cellseg.tune import TABLE_COLUMNS, Trial, TrialResult, best_trial, plan_tri
 def train_trial(job: TuneJob, trial: Trial, manifest_path: str, run_dir: str, threads: int | None) -> dict[str, Any]:
     """Train one trial on the cached dataset (`run_trial`); a failing trial is reported, not raised."""
     get_run_logger().info("trial %d: %s", trial.number, trial.params)
+    out_dir = Path(run_dir) / f"trial-{trial.number:03d}"
+    if out_dir.exists():  # each run's folder is its own: only an earlier attempt, on a worker lost mid-trial, wrote here
+        get_run_logger().warning("trial %d: starting over in %s, which an attempt on a lost worker left", trial.number,
+                                 out_dir)
+        shutil.rmtree(out_dir)
     with gpu_slot(resolve_device(trial.training.device).type == "cuda"):
-        result = run_trial(job, trial, Path(run_dir) / f"trial-{trial.number:03d}", Manifest.load(manifest_path).pairs(),
-                           threads)
+        result = run_trial(job, trial, out_dir, Manifest.load(manifest_path).pairs(), threads)
     get_run_logger().info("trial %d: %s, val Dice %s", trial.number, result.status, result.val_dice)
     return result.model_dump(mode="json")
 
@@ -45,12 +52,33 @@ def train_trial(job: TuneJob, trial: Trial, manifest_path: str, run_dir: str, th
 @flow(name="train-trials")
 def train_trials(job: TuneJob, trials: list[Trial], manifest_path: str, run_dir: str,
                  threads: int | None) -> list[dict[str, Any]]:
-    """One train-trial task per trial on this flow's task runner (processes, or Dask)."""
+    """One train-trial task per trial on this flow's task runner (processes, or Dask), each logged
+    as it ends; a trial whose task failed (its worker died, out of memory say) is a failed trial."""
     futures = train_trial.map(unmapped(job), trials, unmapped(manifest_path), unmapped(run_dir), unmapped(threads))
+    trial_of = {future.task_run_id: trial for future, trial in zip(futures, trials, strict=True)}
     progress = ProgressArtifact("tune-unet-progress", len(trials), f"{len(trials)} trials")
-    for finished, _ in enumerate(as_completed(futures), start=1):
-        progress.update(finished, f"{finished} of {len(trials)} trials finished")
-    return [future.result() for future in futures]
+    results = {}
+    for finished, future in enumerate(as_completed(futures), start=1):
+        result = results[future.task_run_id] = _trial_outcome(future, trial_of[future.task_run_id])
+        line = f"{finished} of {len(trials)} trials finished"
+        get_run_logger().info("trial %d %s: %s", result.number, _trial_line(result), line)
+        progress.update(finished, line)
+    return [results[future.task_run_id].model_dump(mode="json") for future in futures]
+
+
+def _trial_outcome(future: PrefectFuture[dict[str, Any]], trial: Trial) -> TrialResult:
+    try:
+        return TrialResult.model_validate(future.result())
+    except Exception as error:  # noqa: BLE001 - the search goes on without this trial
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return TrialResult(number=trial.number, params=trial.params, status="failed",
+                           error=redact_text(f"{type(error).__name__}: {first_line}"))
+
+
+def _trial_line(result: TrialResult) -> str:
+    if result.status == "done":
+        return f"done, val Dice {result.val_dice:.4f}" if result.val_dice is not None else "done"
+    return f"failed: {result.error}"
 
 
 @flow(name="tune-unet")
@@ -71,6 +99,12 @@ def tune_unet(job: TuneJob) -> dict[str, Any]:
     with with_run_tags():
         dataset = ingest_dataset_flow(job.images_url, job.masks_url, job.cache_dir)
     run_dir = new_run_dir(job.work_dir, flow_run.get_name())
+    if job.trials > len(planned):
+        logger.warning("%d trials asked for, but the search space has %d points: each runs once", job.trials,
+                       len(planned))
+    if job.dask_address:
+        Path(run_dir).mkdir(parents=True)
+        check_dask_workers(job.dask_address, {"cache_dir": dataset["manifest_path"], "work_dir": run_dir})
     threads = None if job.dask_address else max(1, (os.cpu_count() or 1) // job.max_parallel_trials)
     # Processes, not threads: torch's random state and thread count are per process, so each
     # trial is reproducible on its own and the cores are shared out between trials.
