@@ -68,6 +68,7 @@ from cellseg.config import ModelConfig, PredictConfig, TrainConfig
 from cellseg.infer import Predictor, forward_probabilities
 from cellseg.io import list_images, read_image
 from cellseg.jobs import SegmentJob
+from cellseg.loaded_pairs import load_pairs
 from cellseg.metrics import (
     MetricAccumulator,
     confusion_counts,
@@ -76,7 +77,7 @@ from cellseg.metrics import (
 )
 from cellseg.model import UNet
 from cellseg.normalize import normalize_image
-from cellseg.pairs import load_pairs, pair_images_and_masks, split_train_val
+from cellseg.pairs import pair_images_and_masks, split_train_val
 from cellseg.runtime import autocast_dtype
 from cellseg.stats import image_statistics, label_cells
 from cellseg.synth import encode_png, generate_sample, write_dataset

@@ -46,7 +46,8 @@ from cellseg.infer import Predictor
 from cellseg.measure import CELL_COLUMNS, cell_measurements
 from cellseg.postprocess import cell_labels
 from cellseg.stats import image_statistics
-from cellseg.store import WRITE_CONFIG, ResultStore
+from cellseg.store import ResultStore
+from cellseg.store_layout import WRITE_CONFIG
 from cellseg.synth import generate_sample, write_dataset
 from cellseg.zarr_writes import ARRAY_CODECS, NewArray, put_new_nodes
 

@@ -29,8 +29,9 @@ from benchmarks.output import first_paragraph
 from cellseg.bundled import NucleiRecipe
 from cellseg.config import COMPILE_MODES
 from cellseg.dataset import TrainingDataset
+from cellseg.loaded_pairs import load_pairs
 from cellseg.model import UNet
-from cellseg.pairs import load_pairs, pair_images_and_masks
+from cellseg.pairs import pair_images_and_masks
 from cellseg.runtime import TrainingForward, resolve_device, synchronize
 from cellseg.synth import write_dataset
 from cellseg.train import adam_optimizer, batch_loss, gradient_scaler, optimizer_step

@@ -29,7 +29,7 @@ from cellseg.bundled import NucleiRecipe, shipped_checkpoint
 from cellseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cellseg.config import PredictConfig
 from cellseg.jobs import finish_checkpoint
-from cellseg.pairs import load_pairs
+from cellseg.loaded_pairs import load_pairs
 
 logger = logging.getLogger(__name__)
 

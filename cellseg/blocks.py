@@ -85,7 +85,10 @@ from cellseg.stitch import (
     unpack_ring,
     written_labels,
 )
-from cellseg.store import (
+from cellseg.store import ResultStore
+from cellseg.store_blockwise import lost_scratch_chunks
+from cellseg.store_checks import StoreError, describe
+from cellseg.store_layout import (
     CELL_TABLE,
     CELLS_PATH,
     CHUNK_ERRORS,
@@ -95,11 +98,8 @@ from cellseg.store import (
     METADATA_ERRORS,
     PROBABILITIES_PATH,
     TABLE_CHUNK_ROWS,
-    ResultStore,
-    lost_scratch_chunks,
-    recorded_source,
 )
-from cellseg.store_checks import StoreError, describe
+from cellseg.store_writes import recorded_source
 from cellseg.zarr_writes import UndecodableChunk, read_region, write_region
 
 logger = logging.getLogger(__name__)

@@ -41,7 +41,9 @@ from cellseg.evaluate import validation_cell_scores
 from cellseg.infer import Predictor
 from cellseg.io import decode_mask, read_bytes
 from cellseg.jobs import TrainJob, TrainOutcome, decide_postprocessing, run_training
-from cellseg.pairs import ImagePair, instance_labels, load_pairs, pair_images_and_masks, split_train_val
+from cellseg.loaded_pairs import load_pairs
+from cellseg.mask_pixels import instance_labels
+from cellseg.pairs import ImagePair, pair_images_and_masks, split_train_val
 from cellseg.paths import LOCAL_ROOT
 from cellseg.runtime import resolve_device
 from cellseg.scale import median_cell_diameter

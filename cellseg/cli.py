@@ -311,7 +311,8 @@ def _run_results(args: argparse.Namespace) -> int:
 
 def _run_export(args: argparse.Namespace) -> int:
     from cellseg.plates import by_well
-    from cellseg.store import CELL_ROW_COLUMNS, IMAGE_ROW_COLUMNS, ResultStore
+    from cellseg.store import ResultStore
+    from cellseg.store_tables import CELL_ROW_COLUMNS, IMAGE_ROW_COLUMNS
     from cellseg.tables import write_table
 
     _settings(args)
@@ -381,17 +382,25 @@ def _run_models(args: argparse.Namespace) -> int:
     registry_url = _settings(args).registry_url
     registry = Registry(registry_url)
     version, checkpoint = getattr(args, "version", None), getattr(args, "checkpoint", None)
-    if not (args.action in ("show", "export") and (checkpoint or shipped_name(version or "current"))):
+    needs_registry = args.action in ("promote", "rollback") or (
+        args.action in ("show", "export") and not (checkpoint or shipped_name(version or "current")))
+    if needs_registry:
         registry.check_exists()  # a misspelt --registry is refused as missing, not read as one without versions
     if args.action == "list":
-        versions, unreadable = registry.scan()  # one damaged version never hides the others
-        problems = [f"version {version}: {problem}" for version, problem in unreadable.items()]
         try:
-            current = registry.current()
+            registry.check_exists()
+            absent = False
+        except RegistryError as missing:  # said, not refused: the shipped models below need no registry
+            print(f"{missing}: nothing registered there")
+            absent = True
+        versions, unreadable = ([], {}) if absent else registry.scan()  # one damaged version never hides the others
+        problems = [f"version {version}: {problem}" for version, problem in unreadable.items()]
+        current = None
+        try:
+            current = None if absent else registry.current()
         except RegistryError as error:
-            current = None
             problems.append(str(error))
-        if not versions and not problems:
+        if not versions and not problems and not absent:
             print(f"no models registered in {redact_url(registry_url)}")
         for meta in versions:
             marker = "*" if meta.version == current else " "

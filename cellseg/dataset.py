@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 from cellseg.appearance import balanced_counts
 from cellseg.augment import augment_pair
 from cellseg.config import AugmentationConfig
-from cellseg.pairs import DatasetError, LoadedPair
+from cellseg.dataset_errors import DatasetError
+from cellseg.loaded_pairs import LoadedPair
 from cellseg.stats import label_cells
 from cellseg.targets import border_weight_map, normalised_distance, separated_target
 

@@ -10,8 +10,10 @@ import numpy as np
 
 from cellseg.config import DEFAULT_CENTRE_PROMINENCE, PredictConfig
 from cellseg.io import StorageOptions, image_stem, list_images, mask_name_base, read_mask_file
+from cellseg.loaded_pairs import LoadedPair
+from cellseg.mask_pixels import label_image, mask_and_labels
 from cellseg.metrics import MetricAccumulator, ThresholdSweep, confusion_counts
-from cellseg.pairs import LoadedPair, label_image, mask_and_labels, masks_of_images
+from cellseg.pairs import masks_of_images
 from cellseg.postprocess import CellMaps, cell_labels
 from cellseg.scoring import (
     instance_scores,
@@ -20,8 +22,9 @@ from cellseg.scoring import (
     summarise_region_scores,
     truth_regions,
 )
-from cellseg.store import CELLS_PATH, MASK_PATH, ResultStore
+from cellseg.store import ResultStore
 from cellseg.store_checks import DamagedImage, StoreError, damage_summary
+from cellseg.store_layout import CELLS_PATH, MASK_PATH
 
 if TYPE_CHECKING:
     from cellseg.infer import Predictor
@@ -33,7 +36,7 @@ def evaluate_store(
     """Pixel metrics of every done image that has a ground-truth mask of the same stem, and with
     `labels_url` (ground-truth instance label images) cell-level metrics too. Without it, masks
     that are themselves label images (one integer per cell, as `train` reads them:
-    `cellseg.pairs.instance_labels`) are the labels.
+    `cellseg.mask_pixels.instance_labels`) are the labels.
 
     Returns {"images", "labelled_images", "mean", "pooled", "pixel_error", "regions", "per_image",
     "missing_predictions", "missing_truths"} ("labelled_images": how many were scored against instance labels) and,

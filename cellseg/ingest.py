@@ -32,7 +32,8 @@ from cellseg.io import (
     read_bytes,
     write_file_atomic,
 )
-from cellseg.pairs import ImagePair, check_one_plane, check_same_size, dataset_hash, folders_not_files, pair_by_stem
+from cellseg.loaded_pairs import check_one_plane, check_same_size, dataset_hash
+from cellseg.pairs import ImagePair, folders_not_files, pair_by_stem
 from cellseg.redact import redact_url
 
 logger = logging.getLogger(__name__)

@@ -320,7 +320,7 @@ def decode_mask(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     annotation tools save instance labels as one colour per cell, and luma would give two colours
     of equal brightness one label and more than 255 cells fewer labels than cells. Background is
     black, or in a file without black pixels the colour of over half of them (0 either way). A
-    grey colour file gives its grey level, as a grayscale one does (`pairs.instance_labels` judges both)."""
+    grey colour file gives its grey level, as a grayscale one does (`mask_pixels.instance_labels` judges both)."""
     return _decoded(data, name, max_pixels, None, colours_apart=True)
 
 

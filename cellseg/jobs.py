@@ -44,21 +44,15 @@ from cellseg.blocks import (
 )
 from cellseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cellseg.config import PredictConfig
+from cellseg.dataset_errors import DatasetError
 from cellseg.evaluate import choose_postprocessing, validation_cell_scores
 from cellseg.formats import list_sources
 from cellseg.infer import Predictor
 from cellseg.io import IMAGE_SUFFIXES, MICROSCOPY_FILE_SUFFIXES
 from cellseg.job_config import SegmentJob, TrainJob, TuneJob, with_settings
+from cellseg.loaded_pairs import LoadedPair, load_pairs, manifest_hash
 from cellseg.model_source import ModelSource, shared_predictor
-from cellseg.pairs import (
-    DatasetError,
-    ImagePair,
-    LoadedPair,
-    load_pairs,
-    manifest_hash,
-    pair_images_and_masks,
-    split_train_val,
-)
+from cellseg.pairs import ImagePair, pair_images_and_masks, split_train_val
 from cellseg.redact import redact_text, redact_url
 from cellseg.report import CURVES_FILE, GALLERY_FILE, training_pictures
 from cellseg.runtime import SHARD_CORES, available_cores, resolve_device, set_threads

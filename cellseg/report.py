@@ -12,9 +12,10 @@ import numpy as np
 from cellseg.config import SelectionConfig
 from cellseg.formats import read_source
 from cellseg.infer import Predictor
-from cellseg.pairs import LoadedPair
+from cellseg.loaded_pairs import LoadedPair
 from cellseg.pictures import overlay_gallery, segmentation_montage, training_curves
-from cellseg.store import IMAGE_PATH, ResultStore
+from cellseg.store import ResultStore
+from cellseg.store_layout import IMAGE_PATH
 
 CURVES_FILE = "training_curves.png"
 GALLERY_FILE = "validation_gallery.png"

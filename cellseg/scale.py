@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from cellseg.config import ModelConfig, PredictConfig
-from cellseg.pairs import LoadedPair
+from cellseg.loaded_pairs import LoadedPair
 from cellseg.postprocess import CellMaps, cell_labels, maps_from_output, split_touching_cells
 from cellseg.runtime import available_cores
 from cellseg.stats import cell_areas

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from cellseg.checkpoint import SizeModelRecord
+from cellseg.loaded_pairs import LoadedPair
 from cellseg.model import UNet, padded_batches
-from cellseg.pairs import LoadedPair
 from cellseg.runtime import autocast_context, model_pass
 from cellseg.scale import (
     MAX_UPSCALED_PIXELS,

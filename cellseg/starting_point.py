@@ -23,8 +23,9 @@ from cellseg.config import ModelConfig
 from cellseg.infer import Predictor
 from cellseg.io import filesystem
 from cellseg.job_config import TrainJob
+from cellseg.loaded_pairs import LoadedPair, load_pairs
 from cellseg.metrics import MetricAccumulator, confusion_counts
-from cellseg.pairs import ImagePair, LoadedPair, load_pairs
+from cellseg.pairs import ImagePair
 from cellseg.postprocess import threshold_probabilities
 from cellseg.redact import redact_url
 from cellseg.registry import CURRENT, VERSION_NAME, Registry, RegistryError

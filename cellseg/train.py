@@ -25,10 +25,10 @@ from cellseg.checkpoint import Checkpoint, load_checkpoint, non_finite_weight, s
 from cellseg.config import ModelConfig, TrainConfig
 from cellseg.dataset import TrainingDataset, TrainingTarget
 from cellseg.io import write_file_atomic
+from cellseg.loaded_pairs import LoadedPair
 from cellseg.losses import distance_map_loss, segmentation_loss
 from cellseg.metrics import ConfusionCounts, MetricAccumulator, confusion_counts
 from cellseg.model import UNet, expected_state
-from cellseg.pairs import LoadedPair
 from cellseg.redact import redact_url
 from cellseg.runtime import TrainingForward, autocast_context, available_cores, resolve_device
 from cellseg.scale import collection_cell_diameter, rescale_pairs

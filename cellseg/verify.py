@@ -26,7 +26,10 @@ import zarr
 from cellseg.config import BlockConfig
 from cellseg.io import StorageOptions
 from cellseg.stitch import SCRATCH_LAYOUT, BlockGrid, pyramid_shapes
-from cellseg.store import (
+from cellseg.store import ResultStore
+from cellseg.store_blockwise import lost_scratch_chunks
+from cellseg.store_checks import DONE, DamagedImage, DamagedStore, describe
+from cellseg.store_layout import (
     ARRAYS,
     CELL_TABLE,
     CELLS_PATH,
@@ -34,12 +37,9 @@ from cellseg.store import (
     IMAGE_PATH,
     MASK_PATH,
     METADATA_ERRORS,
-    ResultStore,
     StoreMode,
-    lost_scratch_chunks,
-    repair_store_metadata,
 )
-from cellseg.store_checks import DONE, DamagedImage, DamagedStore, describe
+from cellseg.store_open import repair_store_metadata
 from cellseg.zarr_writes import read_region
 
 STATUSES = (DONE, "failed", "writing")

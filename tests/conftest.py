@@ -71,7 +71,8 @@ def split(synthetic_dataset):
     """(training, validation) loaded pairs of `synthetic_dataset`'s binary masks: a quarter of the
     24 for validation (seed 0), normalised as a default model normalises."""
     from cellseg.config import NormalizationConfig
-    from cellseg.pairs import load_pairs, pair_images_and_masks, split_train_val
+    from cellseg.loaded_pairs import load_pairs
+    from cellseg.pairs import pair_images_and_masks, split_train_val
 
     pairs = pair_images_and_masks(str(synthetic_dataset / "images"), str(synthetic_dataset / "masks"))
     train_pairs, val_pairs = split_train_val(pairs, 0.25, seed=0)
@@ -186,7 +187,8 @@ def s3_bucket(s3_endpoint, request):
 def tiny_checkpoint(synthetic_dataset, tmp_path_factory) -> Path:
     """best.pt of a small U-Net trained for a few epochs on the synthetic dataset."""
     from cellseg.config import ModelConfig, TrainConfig
-    from cellseg.pairs import load_pairs, pair_images_and_masks, split_train_val
+    from cellseg.loaded_pairs import load_pairs
+    from cellseg.pairs import pair_images_and_masks, split_train_val
     from cellseg.train import train
 
     model_config = ModelConfig(depth=3, base_width=8)

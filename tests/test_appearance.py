@@ -11,7 +11,8 @@ import pytest
 from cellseg.appearance import balanced_counts, image_appearance
 from cellseg.config import ModelConfig, NormalizationConfig, TrainConfig
 from cellseg.dataset import TrainingDataset
-from cellseg.pairs import load_pairs, pair_images_and_masks
+from cellseg.loaded_pairs import load_pairs
+from cellseg.pairs import pair_images_and_masks
 from cellseg.synth import encode_png, generate_sample
 from cellseg.train import train
 

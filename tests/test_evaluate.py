@@ -7,7 +7,8 @@ import pytest
 
 from cellseg.evaluate import evaluate_store
 from cellseg.metrics import segmentation_scores
-from cellseg.store import ResultStore, StoreError
+from cellseg.store import ResultStore
+from cellseg.store_checks import StoreError
 from cellseg.synth import encode_png, generate_sample
 
 
@@ -170,7 +171,8 @@ def test_validation_cell_scores_match_what_predict_stores(tiny_checkpoint, synth
     from cellseg.config import PredictConfig
     from cellseg.evaluate import validation_cell_scores
     from cellseg.infer import Predictor
-    from cellseg.pairs import load_pairs, pair_images_and_masks
+    from cellseg.loaded_pairs import load_pairs
+    from cellseg.pairs import pair_images_and_masks
     from cellseg.scoring import instance_scores, summarise_instance_scores
     from cellseg.segment import model_record, segment_images
 

@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from cellseg.config import NormalizationConfig
+from cellseg.dataset_errors import DatasetError
 from cellseg.ingest import Manifest, ingest_dataset
 from cellseg.io import ImageReadError
-from cellseg.pairs import DatasetError, load_pairs, manifest_hash
+from cellseg.loaded_pairs import load_pairs, manifest_hash
 
 # Three pairs of different sizes and dtypes, so shape and dtype in the manifest are checkable by hand.
 IMAGES = {

@@ -28,7 +28,8 @@ from cellseg.jobs import (
     run_training,
 )
 from cellseg.registry import Registry, RegistryError
-from cellseg.store import ResultStore, StoreError
+from cellseg.store import ResultStore
+from cellseg.store_checks import StoreError
 from cellseg.synth import generate_sample, write_dataset
 from cellseg.verify import verify_store
 

@@ -16,7 +16,8 @@ from cellseg.measure import (
     REGIONPROPS_PROPERTIES,
     cell_measurements,
 )
-from cellseg.store import ResultStore, StoreError
+from cellseg.store import ResultStore
+from cellseg.store_checks import StoreError
 
 
 def two_cells() -> tuple[np.ndarray, np.ndarray]:

@@ -25,8 +25,8 @@ def test_train_given_one_file_names_the_folder_to_give(synthetic_dataset: Path, 
 
 def test_ingest_given_one_file_names_the_folder_to_give(synthetic_dataset: Path, tmp_path: Path):
     """The flows (train-unet, tune-unet) pair through ingest, and say the same."""
+    from cellseg.dataset_errors import DatasetError
     from cellseg.ingest import ingest_dataset
-    from cellseg.pairs import DatasetError
 
     one_file = synthetic_dataset / "images" / "synth_0000.png"
     with pytest.raises(DatasetError, match=r"the images URL '.*synth_0000\.png' names one file: .* name its folder"):

@@ -12,7 +12,8 @@ import pytest
 import zarr
 
 from cellseg.io import read_image
-from cellseg.store import ResultStore, StoreError
+from cellseg.store import ResultStore
+from cellseg.store_checks import StoreError
 
 ome_zarr_reader = pytest.importorskip("ome_zarr.reader")
 ome_zarr_io = pytest.importorskip("ome_zarr.io")

@@ -14,19 +14,12 @@ from PIL import Image
 
 from cellseg.config import AugmentationConfig, NormalizationConfig
 from cellseg.dataset import TrainingDataset, crop_or_pad
+from cellseg.dataset_errors import DatasetError
 from cellseg.io import read_mask, read_mask_file
+from cellseg.loaded_pairs import LoadedPair, load_pair, load_pairs, manifest_hash
+from cellseg.mask_pixels import label_image
 from cellseg.normalize import integer_histogram, intensity_skewness, normalize_image
-from cellseg.pairs import (
-    DatasetError,
-    ImagePair,
-    LoadedPair,
-    label_image,
-    load_pair,
-    load_pairs,
-    manifest_hash,
-    pair_images_and_masks,
-    split_train_val,
-)
+from cellseg.pairs import ImagePair, pair_images_and_masks, split_train_val
 from cellseg.synth import generate_sample
 
 KEEP = NormalizationConfig(polarity="keep")

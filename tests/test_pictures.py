@@ -16,7 +16,8 @@ from PIL import Image, ImageFont
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import ModelConfig, PredictConfig
 from cellseg.infer import Predictor
-from cellseg.pairs import load_pairs, pair_images_and_masks, split_train_val
+from cellseg.loaded_pairs import load_pairs
+from cellseg.pairs import pair_images_and_masks, split_train_val
 from cellseg.pictures import (
     EMBED_MAX_CHARACTERS,
     EMBED_MAX_WIDTH,

@@ -567,15 +567,17 @@ def test_shared_predictor_is_one_per_registry_version_and_settings(checkpoint_fi
 
 
 def test_models_list_of_a_registry_folder_that_does_not_exist_says_so(tmp_path, capsys):
-    """`models list --registry MISSPELT` said 'no models registered' and exited 0."""
+    """`models list --registry MISSPELT` said 'no models registered', as of an empty registry. It
+    still lists the shipped models, which need no registry."""
     missing = str(tmp_path / "no-such-registry")
 
-    assert main(["models", "list", "--registry", missing]) == 2
+    assert main(["models", "list", "--registry", missing]) == 0
 
-    listed = capsys.readouterr()
-    assert listed.out == ""
-    assert listed.err.splitlines() == [f"cellseg models: error: registry '{missing}' does not exist; give the folder "
-                                       "a registry was made in (--registry, or the settings' registry_url)"]
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0] == (f"registry '{missing}' does not exist; give the folder a registry was made in (--registry, "
+                         "or the settings' registry_url): nothing registered there")
+    assert "shipped with cellseg (cellseg models show NAME):" in listed
+    assert not (tmp_path / "no-such-registry").exists()
     (tmp_path / "empty").mkdir()
     assert main(["models", "list", "--registry", str(tmp_path / "empty")]) == 0
     assert capsys.readouterr().out.startswith(f"no models registered in {tmp_path / 'empty'}\n")

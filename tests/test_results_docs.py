@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellseg.store import CELL_ROW_COLUMNS, ResultStore
+from cellseg.store import ResultStore
+from cellseg.store_tables import CELL_ROW_COLUMNS
 from cellseg.tables import write_table
 
 STORE_DOC = Path(__file__).resolve().parent.parent / "docs" / "store.md"

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellseg.store import CELL_ROW_COLUMNS, IMAGE_ROW_COLUMNS, ResultStore
+from cellseg.store import ResultStore
+from cellseg.store_tables import CELL_ROW_COLUMNS, IMAGE_ROW_COLUMNS
 from cellseg.tables import OutputError, write_table
 from tests.conftest import cellseg
 

@@ -14,9 +14,10 @@ from cellseg.bundled import shipped_checkpoint
 from cellseg.checkpoint import Checkpoint, load_checkpoint
 from cellseg.config import ModelConfig, PredictConfig, TrainConfig
 from cellseg.infer import Predictor, predict_outputs, predict_probabilities
+from cellseg.loaded_pairs import LoadedPair, load_pairs
 from cellseg.model import UNet
 from cellseg.normalize import normalize_image
-from cellseg.pairs import ImagePair, LoadedPair, load_pairs, pair_images_and_masks, split_train_val
+from cellseg.pairs import ImagePair, pair_images_and_masks, split_train_val
 from cellseg.postprocess import cell_labels
 from cellseg.scale import (
     MAX_SCALE,

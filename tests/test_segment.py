@@ -29,7 +29,8 @@ from cellseg.segment import (
     segment_images,
 )
 from cellseg.stats import STATISTIC_FIELDS
-from cellseg.store import ResultStore, StoreError
+from cellseg.store import ResultStore
+from cellseg.store_checks import StoreError
 
 GOOD = ["small", "synth_0000", "synth_0001", "synth_0002"]
 CORRUPT = ["empty", "notes"]

@@ -9,9 +9,10 @@ import torch
 from cellseg.bundled import shipped_checkpoint
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import ModelConfig
+from cellseg.loaded_pairs import LoadedPair
 from cellseg.model import UNet
 from cellseg.normalize import normalize_image
-from cellseg.pairs import ImagePair, LoadedPair
+from cellseg.pairs import ImagePair
 from cellseg.scale import SCALE_TOLERANCE, median_cell_diameter, resize, scale_factor, scaled_shape
 from cellseg.size_model import (
     MAGNIFICATION_RANGE,
@@ -129,8 +130,9 @@ def test_the_size_model_that_reads_the_validation_images_best_is_kept(tmp_path, 
     import logging
 
     from cellseg.jobs import choose_size_model
+    from cellseg.loaded_pairs import load_pairs
     from cellseg.model import feature_count
-    from cellseg.pairs import load_pairs, pair_images_and_masks
+    from cellseg.pairs import pair_images_and_masks
     from cellseg.synth import write_dataset
 
     write_dataset(str(tmp_path / "data"), count=4, size=96, seed=2)

@@ -12,8 +12,9 @@ import pytest
 import zarr
 
 from cellseg import __version__
-from cellseg.store import LAYOUT_VERSION, ResultStore
+from cellseg.store import ResultStore
 from cellseg.store_checks import StoreError, StoreWriteError, unwritable, validate_image_id
+from cellseg.store_layout import LAYOUT_VERSION
 
 MODEL = {"version": "0123456789ab", "checkpoint": "runs/x/best.pt", "threshold": 0.5}
 STATS = {

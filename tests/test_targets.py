@@ -11,8 +11,9 @@ from scipy import ndimage
 
 from cellseg.config import AugmentationConfig, NormalizationConfig
 from cellseg.dataset import TrainingDataset, TrainingTarget
+from cellseg.loaded_pairs import LoadedPair, load_pair
 from cellseg.losses import segmentation_loss
-from cellseg.pairs import ImagePair, LoadedPair, load_pair
+from cellseg.pairs import ImagePair
 from cellseg.stats import label_cells
 from cellseg.targets import border_weight_map, normalised_distance, separated_target
 

@@ -11,7 +11,8 @@ import torch
 
 from cellseg.checkpoint import load_checkpoint, save_checkpoint
 from cellseg.config import ModelConfig, TrainConfig
-from cellseg.pairs import load_pairs, manifest_hash, pair_images_and_masks, split_train_val
+from cellseg.loaded_pairs import load_pairs, manifest_hash
+from cellseg.pairs import pair_images_and_masks, split_train_val
 from cellseg.runtime import resolve_device
 from cellseg.train import MAX_LOADER_WORKERS, loader_workers, train
 
@@ -179,7 +180,7 @@ def test_crops_by_area_balance_large_and_small_images():
     import numpy as np
 
     from cellseg.dataset import TrainingDataset, crops_by_area
-    from cellseg.pairs import LoadedPair
+    from cellseg.loaded_pairs import LoadedPair
 
     assert crops_by_area((128, 128), 128, 2) == 2
     assert crops_by_area((512, 512), 128, 2) == 8  # 16 patches of area: 2 * sqrt(16)

@@ -16,8 +16,9 @@ import zarr
 from cellseg.config import BlockConfig, PredictConfig
 from cellseg.job_config import SegmentJob
 from cellseg.jobs import LargeImage, run_segmentation
-from cellseg.store import CELL_TABLE, ResultStore
+from cellseg.store import ResultStore
 from cellseg.store_checks import DamagedImage, DamagedStore, StoreError
+from cellseg.store_layout import CELL_TABLE
 from cellseg.synth import encode_png, generate_sample
 from cellseg.verify import STORE_METADATA, verify_store
 

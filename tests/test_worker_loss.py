@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from cellseg.flows._common import stop_with_worker
-from cellseg.store import ResultStore, StoreError
+from cellseg.store import ResultStore
+from cellseg.store_checks import StoreError
 from cellseg.synth import write_dataset
 from tests.conftest import REPO_ROOT, running_prefect_server, stop_process_group
 

@@ -15,7 +15,8 @@ from zarr.storage import LocalStore
 
 from cellseg.measure import CELL_COLUMNS, cell_measurements
 from cellseg.stats import image_statistics
-from cellseg.store import WRITE_CONFIG, ResultStore
+from cellseg.store import ResultStore
+from cellseg.store_layout import WRITE_CONFIG
 from cellseg.synth import generate_sample
 from cellseg.zarr_writes import (
     ARRAY_CODECS,

@@ -18,7 +18,8 @@ from PIL import Image
 
 from cellseg.checkpoint import load_checkpoint
 from cellseg.config import ModelConfig, TrainConfig
-from cellseg.pairs import load_pairs, pair_images_and_masks, split_train_val
+from cellseg.loaded_pairs import load_pairs
+from cellseg.pairs import pair_images_and_masks, split_train_val
 from cellseg.synth import write_dataset
 from cellseg.train import train
 from tests.conftest import cellseg

@@ -1,0 +1,124 @@
+"""A done image's arrays read back: mask, cell labels, source image copy, probabilities and cell
+table, each checked for missing or undecodable chunks (DamagedImage)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import zarr
+
+from cellseg.stats import label_cells
+from cellseg.store_checks import DamagedImage, StoreError, describe
+from cellseg.store_layout import (
+    ARRAYS,
+    CELL_TABLE,
+    CELLS_PATH,
+    CHUNK_ERRORS,
+    IMAGE_PATH,
+    MASK_PATH,
+    METADATA_ERRORS,
+    PROBABILITIES_PATH,
+)
+from cellseg.store_records import StoreRecords
+
+
+def _read(array: zarr.Array) -> np.ndarray:
+    """The whole array as numpy (zarr types a read as any array-like or scalar)."""
+    return np.asarray(array[...])
+
+
+class StoreArrays(StoreRecords):
+    """The arrays of a store's done images (`cellseg.store.ResultStore`)."""
+
+    def array(self, image_id: str, path: str, record: dict[str, Any] | None = None) -> zarr.Array | None:
+        """The array at `path` (an ARRAYS key) of a done image, or None when it was written
+        without it. DamagedImage when the image's or the array's metadata cannot be read, or the
+        array is missing (the mask, or one its record lists) or lacks chunks: an image records
+        the arrays it was written with, each with every chunk stored, so a missing chunk is
+        damage, never an empty tile (zarr would read it as zeros). Costs one listing per array."""
+        record = self._done_record(image_id) if record is None else record
+        what = ARRAYS[path][0]
+        recorded = path in record.get("arrays", ())
+        if "arrays" in record and not recorded and path != MASK_PATH:
+            return None  # not written with this result, whatever an earlier one left there
+        try:
+            node = self.root.get(f"{image_id}/{path}")
+        except METADATA_ERRORS as error:
+            raise DamagedImage(self.url, image_id, f"the metadata of its {what}, '{image_id}/{path}/zarr.json', "
+                                                   f"cannot be read ({describe(error)})") from error
+        if not isinstance(node, zarr.Array):
+            if recorded or path == MASK_PATH:
+                raise DamagedImage(self.url, image_id, f"its {what} '{image_id}/{path}' is missing")
+            return None
+        if recorded and (missing := node.nchunks - node.nchunks_initialized):
+            raise DamagedImage(self.url, image_id,
+                               f"its {what} '{image_id}/{path}' is missing {missing} of {node.nchunks} chunks")
+        return node
+
+    def array_data(self, image_id: str, path: str, array: zarr.Array) -> np.ndarray:
+        """The whole of one of an image's arrays; DamagedImage when a chunk cannot be decoded."""
+        try:
+            return _read(array)
+        except CHUNK_ERRORS as error:
+            raise DamagedImage(self.url, image_id, f"its {ARRAYS[path][0]} '{image_id}/{path}' has a chunk that "
+                                                   f"cannot be decoded ({describe(error)})", undecodable=True) from error
+
+    def _optional_array(self, image_id: str, path: str, what: str) -> zarr.Array:
+        """An array that a done image may have been written without; StoreError naming `what` if so."""
+        array = self.array(image_id, path)
+        if array is None:
+            raise StoreError(f"image '{image_id}' in '{self.url}' was written without {what}")
+        return array
+
+    def read_mask(self, image_id: str) -> np.ndarray:
+        """Boolean (H, W) mask of a done image."""
+        array = self.array(image_id, MASK_PATH)
+        assert array is not None  # every done image has a mask: `array` raises DamagedImage without one
+        return self.array_data(image_id, MASK_PATH, array) > 0
+
+    def read_cells(self, image_id: str) -> np.ndarray:
+        """Instance labels (int32, 0 = background, 1..N one per cell) of a done image; images
+        written without them get the connected components of their mask."""
+        array = self.array(image_id, CELLS_PATH)
+        if array is not None:
+            return self.array_data(image_id, CELLS_PATH, array)
+        return label_cells(self.read_mask(image_id))[0]
+
+    def read_image(self, image_id: str) -> np.ndarray:
+        """The copy of the source image stored with a done result (`PredictConfig.store_image`)."""
+        return self.array_data(image_id, IMAGE_PATH, self._optional_array(image_id, IMAGE_PATH, "a copy of its source image"))
+
+    def has_probabilities(self, image_id: str) -> bool:
+        """Whether a done image was written with its cell probabilities (`--save-probabilities`)."""
+        record = self._done_record(image_id)
+        if "arrays" in record:
+            return PROBABILITIES_PATH in record["arrays"]
+        return self.array(image_id, PROBABILITIES_PATH, record) is not None
+
+    def read_probabilities(self, image_id: str) -> np.ndarray:
+        """float32 (H, W) cell probabilities of a done image written with `--save-probabilities`."""
+        array = self._optional_array(image_id, PROBABILITIES_PATH, "probabilities (predict --save-probabilities)")
+        return self.array_data(image_id, PROBABILITIES_PATH, array).astype(np.float32)
+
+    def read_cell_table(self, image_id: str) -> tuple[list[str], np.ndarray]:
+        """(column names, float64 rows) of a done image's per-cell measurements."""
+        array = self._optional_array(image_id, CELL_TABLE, "per-cell measurements")
+        return self.table_columns(image_id, array), self.array_data(image_id, CELL_TABLE, array)
+
+    def _cell_table(self, image_id: str, record: dict[str, Any]) -> tuple[list[str], np.ndarray] | None:
+        """(column names, rows) of a done image's cell table, None when it was written without one;
+        DamagedImage when the table is missing, lacks or cannot decode a chunk, or has other columns."""
+        table = self.array(image_id, CELL_TABLE, record)
+        if table is None:
+            return None
+        return self.table_columns(image_id, table), self.array_data(image_id, CELL_TABLE, table)
+
+    def table_columns(self, image_id: str, table: zarr.Array) -> list[str]:
+        """The column names of an image's cell table; DamagedImage when they do not fit the table."""
+        columns = table.attrs.get("columns")
+        if not (isinstance(columns, list) and all(isinstance(name, str) for name in columns)
+                and len(table.shape) == 2 and len(columns) == table.shape[1]):
+            raise DamagedImage(self.url, image_id, f"its cell table '{image_id}/{CELL_TABLE}' has {table.shape} "
+                                                   f"values but column names {columns!r}")
+        return columns

@@ -1,0 +1,145 @@
+"""A store's image records: listing its images and reading their cellseg attributes, noting the
+images found damaged, and the entries that lost their metadata."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
+
+import zarr
+from zarr.core.sync import sync
+
+from cellseg.redact import redact_url
+from cellseg.store_checks import DONE, RESERVED_IDS, DamagedImage, StoreError, describe, record_problem
+from cellseg.store_layout import METADATA_ERRORS
+
+READERS = 16  # image metadata documents read at once when listing a store
+
+logger = logging.getLogger("cellseg.store")  # the store's one logger, whichever of its modules speaks
+
+
+def _child_names(group: zarr.Group) -> list[str]:
+    """Names of the entries under `group` in the store's listing, without reading their metadata."""
+    async def names() -> list[str]:
+        return [name async for name in group.store.list_dir(group.path)]
+
+    return sorted(name for name in sync(names()) if name not in RESERVED_IDS)
+
+
+def _has_entries(group: zarr.Group, name: str) -> bool:
+    """Whether anything is stored under `name` (a folder that lost its zarr.json, not a stray file)."""
+    async def first() -> bool:
+        async for _ in group.store.list_prefix(f"{group.path}/{name}/" if group.path else f"{name}/"):
+            return True
+        return False
+
+    return sync(first())
+
+
+class StoreRecords:
+    """The records of the images in a zarr results store (`cellseg.store.ResultStore`)."""
+
+    def __init__(self, root: zarr.Group, url: str):
+        self.root = root
+        self.url = url
+        self.damaged: dict[str, str] = {}  # image id -> problem, of the images found damaged so far
+
+    def records(self, on_record: Callable[[str], None] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(image id, cellseg attrs) for every image entry, in id order; `on_record(image id)` is
+        called as each image's metadata is read (a progress bar for large stores).
+
+        An image whose metadata cannot be read (or is not a cellseg record) is left out with a
+        warning and noted in `damaged`: one broken image never hides the others."""
+        for image_id, record, problem in self.entries(on_record):
+            if problem is not None:
+                self._note_damage(image_id, problem)
+            elif record is not None:
+                yield image_id, record
+
+    def entries(self, on_record: Callable[[str], None] | None = None) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+        """(name, cellseg attrs, problem) for every entry under the store, in name order, its
+        metadata read by READERS threads at once (`scan`)."""
+        names = _child_names(self.root)
+        with ThreadPoolExecutor(max_workers=min(READERS, max(1, len(names)))) as pool:
+            for name, (record, problem) in zip(names, pool.map(self.scan, names), strict=True):
+                if on_record:
+                    on_record(name)
+                yield name, record, problem
+
+    def scan(self, name: str) -> tuple[dict[str, Any] | None, str | None]:
+        """(cellseg attrs, None) of the entry `name`, or (None, what is wrong with it); (None, None)
+        for a stray object that is no image."""
+        try:
+            node = self.root.get(name)
+        except METADATA_ERRORS as error:
+            return None, f"its metadata '{name}/zarr.json' cannot be read ({describe(error)})"
+        if node is None:  # a stray object, or a group another run is creating right now
+            return None, None
+        if not isinstance(node, zarr.Group):
+            return None, f"'{name}' is an array, not an image group"
+        record = node.attrs.get("cellseg", {})
+        if problem := record_problem(record):
+            return None, problem
+        return dict(cast("dict[str, Any]", record)), None
+
+    def _note_damage(self, image_id: str, problem: str) -> None:
+        """Remember and log an image that cannot be used."""
+        if self.damaged.get(image_id) != problem:
+            logger.warning("image '%s' in '%s' is damaged and left out: %s", image_id, redact_url(self.url), problem)
+        self.damaged[image_id] = problem
+
+    def done_ids(self, on_record: Callable[[str], None] | None = None) -> set[str]:
+        """Ids of images whose mask and statistics are completely written."""
+        return set(self.done_records(on_record))
+
+    def done_records(self, on_record: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+        """The records of the images whose mask and statistics are completely written, by id."""
+        return {image_id: record for image_id, record in self.records(on_record) if record.get("status") == DONE}
+
+    def record(self, image_id: str) -> dict[str, Any]:
+        """The cellseg attrs of one image; DamagedImage when they cannot be read."""
+        try:
+            node = self.root[image_id]
+        except KeyError as error:
+            raise StoreError(f"store '{self.url}' has no image '{image_id}'") from error
+        except METADATA_ERRORS as error:
+            raise DamagedImage(self.url, image_id, f"its metadata '{image_id}/zarr.json' cannot be read "
+                                                   f"({describe(error)})") from error
+        record = node.attrs.get("cellseg", {}) if isinstance(node, zarr.Group) else None
+        if problem := ("it is an array, not an image group" if record is None else record_problem(record)):
+            raise DamagedImage(self.url, image_id, problem)
+        return dict(cast("dict[str, Any]", record))
+
+    def is_done(self, image_id: str) -> bool:
+        """Whether one image is completely written; reads only that image's metadata."""
+        try:
+            return self.record(image_id).get("status") == DONE
+        except StoreError:
+            return False
+
+    def done_among(self, image_ids: Sequence[str]) -> set[str]:
+        """Those of `image_ids` completely written, their metadata read by READERS threads at once
+        (on object storage each read is a round trip)."""
+        if len(image_ids) <= 1:
+            return {image_id for image_id in image_ids if self.is_done(image_id)}
+        with ThreadPoolExecutor(max_workers=min(READERS, len(image_ids))) as pool:
+            return {image_id for image_id, done in zip(image_ids, pool.map(self.is_done, image_ids), strict=True) if done}
+
+    def _done_record(self, image_id: str) -> dict[str, Any]:
+        """The record of a done image; StoreError when it is not done, DamagedImage when unreadable."""
+        record = self.record(image_id)
+        if record.get("status") != DONE:
+            raise StoreError(f"image '{image_id}' in '{self.url}' is not completely written")
+        return record
+
+    def orphans(self) -> list[str]:
+        """Entries under the store that hold data but no zarr.json (a group whose metadata was lost)."""
+        def lost(name: str) -> bool:
+            try:
+                return self.root.get(name) is None and _has_entries(self.root, name)
+            except METADATA_ERRORS:  # unreadable, not lost: `records` reports it
+                return False
+
+        return [name for name in _child_names(self.root) if lost(name)]
