@@ -32,6 +32,7 @@ from cellseg.redact import redact_text, redact_url, shown, terminal_safe
 from cellseg.settings import CellsegSettings, config_file_path, describe_invalid, load_settings
 
 if TYPE_CHECKING:
+    from cellseg.job_config import TuneJob
     from cellseg.store import ResultStore
 
 ORCHESTRATION_EXTRA = "pip install 'cellseg[orchestration]'"
@@ -377,7 +378,7 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 def _run_models(args: argparse.Namespace) -> int:
     from cellseg.bundled import DEFAULT_SHIPPED_MODEL, SHIPPED_MODELS, model_card, shipped_name
-    from cellseg.registry import Registry, RegistryError
+    from cellseg.registry import Registry, RegistryError, RegistryMissing
 
     registry_url = _settings(args).registry_url
     registry = Registry(registry_url)
@@ -390,7 +391,7 @@ def _run_models(args: argparse.Namespace) -> int:
         try:
             registry.check_exists()
             absent = False
-        except RegistryError as missing:  # said, not refused: the shipped models below need no registry
+        except RegistryMissing as missing:  # said, not refused: the shipped models below need no registry
             print(f"{missing}: nothing registered there")
             absent = True
         versions, unreadable = ([], {}) if absent else registry.scan()  # one damaged version never hides the others
@@ -533,24 +534,67 @@ def _run_tune(args: argparse.Namespace) -> int:
     from cellseg.flows.temporary_server import shared_temporary_server
     from cellseg.flows.tune import tune_unet
     from cellseg.jobs import TuneJob, with_settings
-    from cellseg.tune import TABLE_COLUMNS
+    from cellseg.tune import NoTrialFinished, trial_rows
 
     fields = given(args, JOB)
     fields["training"] = _json_object(args.training_json, "--training-json") | fields.get("training", {})
     job = with_settings(TuneJob.model_validate({"images_url": args.images, "masks_url": args.masks, **fields}),
                         _settings(args))
-    # The trials' processes on this machine report to it; a Dask worker elsewhere could not reach it.
-    with shared_temporary_server() if job.dask_address is None else nullcontext():
-        result = tune_unet(job)
+    before = set(os.listdir(job.work_dir)) if os.path.isdir(job.work_dir) else set()
+    try:
+        # The trials' processes on this machine report to it; a Dask worker elsewhere could not reach it.
+        with shared_temporary_server() if job.dask_address is None else nullcontext():
+            result = tune_unet(job)
+    except NoTrialFinished as error:
+        _print_trials(trial_rows(error.results), job)  # the table first: `main` ends with the error's line
+        raise
+    except KeyboardInterrupt:
+        _stop_trial_processes()
+        left = sorted(set(os.listdir(job.work_dir)) - before) if os.path.isdir(job.work_dir) else []
+        where = (f"the trials' folders so far are left in {', '.join(os.path.join(job.work_dir, name) for name in left)}"
+                 if left else "no trial had written anything")
+        print(f"cellseg tune: interrupted; nothing was registered, and {where}; run the same command again to "
+              f"search anew", file=sys.stderr)
+        return INTERRUPTED
+    _print_trials(result["trials"], job)
+    best, registry = result["best"], redact_url(job.registry_url)
+    params = ", ".join(f"{name} {value}" for name, value in best["params"].items())
+    current = (" and made current" if job.promote
+               else f"; not made current (cellseg models promote --registry {registry} {result['version']} does)")
+    print(f"best: trial {best['number']} (val Dice {best['val_dice']:.4f}; {params}), registered as "
+          f"{result['version']} in {registry}{current}")
+    return 0
+
+
+def _stop_trial_processes() -> None:
+    """End the trials' processes after Ctrl-C. It ends the thread of Prefect's process pool that
+    would tell them to stop, so they would wait for work and the interpreter for them at exit."""
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+            child.join(timeout=5)
+
+
+def _print_trials(rows: Sequence[dict[str, Any]], job: TuneJob) -> None:
+    """The table of a search's trials, best first, and a line saying how many ran of those asked for."""
+    from cellseg.tune import TABLE_COLUMNS
+
     columns = [c for c in TABLE_COLUMNS if c != "status"]
     print("  ".join(f"{c:>13}" for c in columns) + "  status")
-    for row in result["trials"]:
+    for row in rows:
         cells = [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns]
         print("  ".join(f"{cell:>13}" for cell in cells) + f"  {row['status']}")
-    best = result["best"]
-    print(f"best: trial {best['number']} (val Dice {best['val_dice']:.4f}), registered as {result['version']}"
-          f"{' and made current' if job.promote else ''} in {redact_url(job.registry_url)}")
-    return 0
+    failed = sum(row["status"] != "done" for row in rows)
+    grid = job.space.size()
+    asked = (f", of {job.trials} asked for: the search grid has only {grid} point{'s' if grid != 1 else ''}"
+             if len(rows) < job.trials else f" of a {grid}-point search grid")
+    print(f"{len(rows)} trial{'s' if len(rows) != 1 else ''} ran{asked}; {len(rows) - failed} done, {failed} failed")
 
 
 def _run_serve(args: argparse.Namespace) -> int:

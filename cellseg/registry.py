@@ -56,6 +56,10 @@ class RegistryError(ValueError):
     """An unknown version, a missing registry or a checkpoint that fails its checksum."""
 
 
+class RegistryMissing(RegistryError):
+    """A registry folder that does not exist (a misspelt --registry, or none made yet)."""
+
+
 class ModelVersion(BaseModel):
     """Registry metadata of one checkpoint (`architecture` is its ModelConfig)."""
 
@@ -231,7 +235,7 @@ class Registry:
             return
         self._check_bucket()
         if not self.url.startswith(self.BUCKET_SCHEMES):
-            raise RegistryError(f"registry '{redact_url(self.url)}' does not exist; give the folder a registry was "
+            raise RegistryMissing(f"registry '{redact_url(self.url)}' does not exist; give the folder a registry was "
                                 "made in (--registry, or the settings' registry_url)")
 
     def _check_not_a_file(self) -> None:

@@ -82,12 +82,30 @@ def augmentation_preset(name: str) -> AugmentationConfig:
     return AugmentationConfig.strong() if name == "strong" else AugmentationConfig.flips_only()
 
 
+class NoTrialFinished(ValueError):
+    """Every trial of a search failed: the message lists each trial's error, and `results` holds
+    the trials, for their table."""
+
+    def __init__(self, results: Sequence[TrialResult]):
+        self.results = list(results)
+        by_error: dict[str, list[int]] = {}
+        for result in sorted(self.results, key=lambda r: r.number):
+            by_error.setdefault(result.error or "no validation Dice", []).append(result.number)
+        # Trials failing alike (a setting every trial shares) say their error once.
+        errors = "; ".join(f"trial{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}: {error}"
+                           for error, numbers in by_error.items())
+        super().__init__(f"no trial finished, so there is no model to register ({errors or 'no trials ran'})")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.results,)
+
+
 def best_trial(results: Sequence[TrialResult]) -> TrialResult:
-    """The finished trial with the highest validation Dice (the lower number on a tie)."""
+    """The finished trial with the highest validation Dice (the lower number on a tie); raises
+    `NoTrialFinished` when none finished."""
     finished = [result for result in results if result.status == "done" and result.val_dice is not None]
     if not finished:
-        errors = "; ".join(f"trial {r.number}: {r.error}" for r in results)
-        raise ValueError(f"no trial finished, so there is no model to register ({errors or 'no trials ran'})")
+        raise NoTrialFinished(results)
     return max(finished, key=lambda result: (result.val_dice, -result.number))
 
 

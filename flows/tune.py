@@ -95,13 +95,14 @@ def tune_unet(job: TuneJob) -> dict[str, Any]:
     planned = plan_trials(job.space, job.trials, job.seed, job.model, job.training)
     logger.info("%d trials of a %d-point search space, %d at a time", len(planned), job.space.size(),
                 job.max_parallel_trials)
+    if job.trials > len(planned):
+        logger.warning("%d trials asked for, but the search space has %d points: each runs once", job.trials,
+                       len(planned))
     Registry(job.registry_url).check_writable()  # before the trials, not after them
     with with_run_tags():
         dataset = ingest_dataset_flow(job.images_url, job.masks_url, job.cache_dir)
     run_dir = new_run_dir(job.work_dir, flow_run.get_name())
-    if job.trials > len(planned):
-        logger.warning("%d trials asked for, but the search space has %d points: each runs once", job.trials,
-                       len(planned))
+    logger.info("trials train into %s", run_dir)
     if job.dask_address:
         Path(run_dir).mkdir(parents=True)
         check_dask_workers(job.dask_address, {"cache_dir": dataset["manifest_path"], "work_dir": run_dir})
