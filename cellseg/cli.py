@@ -515,6 +515,7 @@ def _run_flow_segment(args: argparse.Namespace) -> int:
 
     job = with_settings(SegmentJob.model_validate({"source_url": args.source, "store_url": args.store,
                                                    **given(args, JOB)}), _settings(args))
+    _warn_when_dask_workers_cannot_report(job.dask_address)
     summary = segment_images_flow(job)
     print(f"segmented {summary['done']}, skipped {summary['skipped']} already done, failed {len(summary['failed'])} "
           f"with model {summary['model_version']} in {summary['seconds']}s -> {redact_url(args.store)}")
@@ -529,6 +530,19 @@ def _run_flow_segment(args: argparse.Namespace) -> int:
     return _batch_status(len(summary["failed"]))
 
 
+def _warn_when_dask_workers_cannot_report(dask_address: str | None) -> None:
+    """Without PREFECT_API_URL a flow command runs on a temporary Prefect server of its own, which
+    Dask workers do not report to: each starts one of its own, so the run finishes (results come
+    back through Dask) but the tasks' states and logs never reach it."""
+    from prefect.settings import PREFECT_API_URL
+
+    if dask_address and not PREFECT_API_URL.value():
+        logging.getLogger("cellseg").warning(
+            "--dask-address without PREFECT_API_URL: the Dask workers cannot report to the temporary Prefect "
+            "server of this command, so the tasks' progress and logs stay on the workers (the results still come "
+            "back); set PREFECT_API_URL here and on the workers to a server all of them reach (infra/README.md)")
+
+
 def _run_tune(args: argparse.Namespace) -> int:
     _needs_orchestration("tune")
     from cellseg.flows.temporary_server import shared_temporary_server
@@ -540,6 +554,7 @@ def _run_tune(args: argparse.Namespace) -> int:
     fields["training"] = _json_object(args.training_json, "--training-json") | fields.get("training", {})
     job = with_settings(TuneJob.model_validate({"images_url": args.images, "masks_url": args.masks, **fields}),
                         _settings(args))
+    _warn_when_dask_workers_cannot_report(job.dask_address)
     before = set(os.listdir(job.work_dir)) if os.path.isdir(job.work_dir) else set()
     try:
         # The trials' processes on this machine report to it; a Dask worker elsewhere could not reach it.

@@ -97,3 +97,21 @@ def test_a_trial_run_again_after_its_worker_was_lost_trains_from_the_start(prefe
     first, again = twice()
     assert first["status"] == "done" and again["status"] == "done", again.get("error")
     assert Path(again["checkpoint"]).is_file()
+
+
+def test_the_command_line_warns_that_workers_cannot_report_to_its_temporary_prefect_server(tmp_path):
+    """Without PREFECT_API_URL each Dask worker started a temporary server of its own, silently."""
+    import os
+    import subprocess
+    import sys
+
+    write_dataset(str(tmp_path / "new"), count=1, size=64, seed=1)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_API_URL", "CELLSEG_"))}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    command = [str(Path(sys.executable).parent / "cellseg"), "flow", "segment-images", "--source",
+               str(tmp_path / "new" / "images"), "--store", str(tmp_path / "out.zarr"), "--model-version", "bundled",
+               "--dask-address", address]
+    refused = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert "--dask-address without PREFECT_API_URL: the Dask workers cannot report" in refused.stderr
