@@ -31,7 +31,7 @@ from cellseg.jobs import TuneJob, run_trial
 from cellseg.redact import redact_text
 from cellseg.registry import Registry
 from cellseg.runtime import resolve_device
-from cellseg.tune import TABLE_COLUMNS, Trial, TrialResult, best_trial, plan_trials, trial_rows
+from cellseg.tune import TABLE_COLUMNS, NoTrialFinished, Trial, TrialResult, best_trial, plan_trials, trial_rows
 
 
 @task(name="train-trial", tags=["gpu"])
@@ -115,7 +115,16 @@ def tune_unet(job: TuneJob) -> dict[str, Any]:
     results = [TrialResult.model_validate(result) for result in trained]
     rows = trial_rows(results)
     create_table_artifact(key="tune-unet-trials", table=rows, description="tune-unet: every trial, best first")
-    best = best_trial(results)
+    try:
+        best = best_trial(results)
+    except NoTrialFinished as none_finished:
+        create_markdown_artifact(
+            key="tune-unet-summary",
+            markdown=(f"## tune-unet: no trial finished, no model registered\n\n{redact_text(str(none_finished))}\n\n"
+                      + markdown_table(rows, TABLE_COLUMNS)),
+            description="tune-unet: every trial failed",
+        )
+        raise
     version = register_model(best.checkpoint, job.registry_url, job.promote)
     logger.info("best: trial %d (val Dice %.4f) registered as %s%s", best.number, best.val_dice, version["version"],
                 " and made current" if job.promote else "")

@@ -58,7 +58,7 @@ def test_trials_failing_alike_say_their_error_once():
 
 
 @pytest.mark.integration
-def test_the_table_artifact_is_published_when_every_trial_fails(prefect_harness, synthetic_dataset, tmp_path):
+def test_the_table_and_summary_artifacts_are_published_when_every_trial_fails(prefect_harness, synthetic_dataset, tmp_path):
     from prefect.artifacts import Artifact
 
     from cellseg.config import SearchSpace, TrainConfig
@@ -77,6 +77,9 @@ def test_the_table_artifact_is_published_when_every_trial_fails(prefect_harness,
         tune_unet(job)
     table = Artifact.get("tune-unet-trials")
     assert table is not None and table.data.count("CheckpointError") == 2
+    summary = Artifact.get("tune-unet-summary")
+    assert summary is not None and summary.data.startswith("## tune-unet: no trial finished, no model registered")
+    assert "trials 1, 2: CheckpointError" in summary.data and summary.data.count("CheckpointError") == 3
     assert Registry(str(tmp_path / "registry")).versions() == []
 
 
