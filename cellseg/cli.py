@@ -317,6 +317,11 @@ def _run_export(args: argparse.Namespace) -> int:
     from cellseg.tables import write_table
 
     _settings(args)
+    if args.labels:
+        return _export_labels(args)
+    if args.format in ("tiff", "png"):
+        raise ValueError(f"--format {args.format} writes label images: add --labels cells (or mask)")
+    args.format, args.table = args.format or "csv", args.table or "cells"
     if args.group_by and args.table != "images":
         raise ValueError("--group-by well groups the per-image statistics: add --table images")
     store = ResultStore.open(args.store, mode="r")
@@ -346,6 +351,25 @@ def _run_export(args: argparse.Namespace) -> int:
     print(f"wrote {count} {unit}{'s' if count != 1 else ''} to {redact_url(args.out)}")
     _print_damaged(store)  # left out of the table, which says so here
     return PARTLY_FAILED if store.damaged else 0  # a script must not take a table without them for the whole
+
+
+def _export_labels(args: argparse.Namespace) -> int:
+    from cellseg.label_export import export_labels
+    from cellseg.store import ResultStore
+
+    if args.table or args.group_by:
+        raise ValueError("--labels writes label images, --table a table: give one of them")
+    if args.format in ("csv", "parquet"):
+        raise ValueError(f"--format {args.format} writes a table: label images are written as tiff or png")
+    store = ResultStore.open(args.store, mode="r")
+    with _progress("exporting", "image") as bar:
+        written = export_labels(store, args.out, args.labels, args.format or "tiff", overwrite=args.overwrite,
+                                on_image=lambda _: bar.update())
+    suffix = ".png" if args.format == "png" else ".tif"
+    print(f"wrote the {'cell labels' if args.labels == 'cells' else 'masks'} of {len(written)} "
+          f"image{'s' if len(written) != 1 else ''} to {redact_url(args.out)} as <image id>_{args.labels}{suffix}")
+    _print_damaged(store)
+    return PARTLY_FAILED if store.damaged else 0
 
 
 def _run_verify(args: argparse.Namespace) -> int:

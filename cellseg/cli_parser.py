@@ -365,18 +365,29 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--json", action="store_true", help="print all statistics rows as JSON")
     results.add_argument("--limit", type=row_limit, default=10, help="rows to show, 0 for all (default 10)")
 
-    export = _command(commands, "export", "export", help="write a store's per-cell (or per-image) table as CSV or Parquet",
+    export = _command(commands, "export", "export", help="write a store's per-cell (or per-image) table as CSV or "
+                                                          "Parquet, or its label images as TIFF or PNG files",
+                      description="A table (--table, the default: one row per cell) into the file OUT, or with "
+                                  "--labels each done image's cell labels or mask as a file <image id>_cells.tif "
+                                  "(or _mask) in the folder OUT, for Fiji, CellProfiler, QuPath or any tool that "
+                                  "reads label images from files.",
                       epilog=f"Exit status 0: written; {PARTLY_FAILED}: written without the store's damaged images, "
                              "named with the repair; 2: bad usage or an OUT refused.")
     export.add_argument("store", help="zarr results store URL")
-    export.add_argument("--format", choices=("csv", "parquet"), default="csv", help="default %(default)s")
-    export.add_argument("--table", choices=("cells", "images"), default="cells",
+    export.add_argument("--format", choices=("csv", "parquet", "tiff", "png"),
+                        help="csv (default) or parquet for a table; tiff (default: uint16, or uint32 above 65,535 "
+                             "cells, tiled for a large image) or png (16-bit) for --labels")
+    export.add_argument("--table", choices=("cells", "images"),
                         help="one row per cell (default) or the per-image statistics")
     export.add_argument("--group-by", choices=("well",), dest="group_by",
                         help="with --table images: one row per well of a plate (cells and areas summed, the other "
                              "statistics averaged over its fields)")
-    export.add_argument("--out", required=True, help="file to write (local path or URL); never inside a zarr store")
-    export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    export.add_argument("--labels", choices=("cells", "mask"),
+                        help="write label images instead of a table, one file per done image into the folder OUT: "
+                             "cells (0 background, 1..N one number per cell) or mask (0 background, 255 cells)")
+    export.add_argument("--out", required=True,
+                        help="file to write, or folder with --labels (local path or URL); never inside a zarr store")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT (with --labels: its files) if it exists")
 
     verify = _command(commands, "verify", "verify", help="check a results store for damage; --repair marks broken "
                                                          "images to be segmented again",

@@ -54,7 +54,7 @@ class StoreRecords:
         warning and noted in `damaged`: one broken image never hides the others."""
         for image_id, record, problem in self.entries(on_record):
             if problem is not None:
-                self._note_damage(image_id, problem)
+                self.note_damage(image_id, problem)
             elif record is not None:
                 yield image_id, record
 
@@ -84,7 +84,7 @@ class StoreRecords:
             return None, problem
         return dict(cast("dict[str, Any]", record)), None
 
-    def _note_damage(self, image_id: str, problem: str) -> None:
+    def note_damage(self, image_id: str, problem: str) -> None:
         """Remember and log an image that cannot be used."""
         if self.damaged.get(image_id) != problem:
             logger.warning("image '%s' in '%s' is damaged and left out: %s", image_id, redact_url(self.url), problem)

@@ -36,7 +36,7 @@ class StoreTables(StoreArrays):
                 try:
                     self._cell_table(image_id, record)
                 except DamagedImage as error:
-                    self._note_damage(image_id, error.problem)
+                    self.note_damage(image_id, error.problem)
                     continue
             rows.append(_statistics_row(image_id, record))
         return same_columns(rows)
@@ -76,7 +76,7 @@ class StoreTables(StoreArrays):
             try:
                 table = self._cell_table(image_id, record)
             except DamagedImage as error:
-                self._note_damage(image_id, error.problem)
+                self.note_damage(image_id, error.problem)
                 continue
             if table is None:
                 continue

@@ -86,10 +86,9 @@ def check_output_file(url: str, overwrite: bool = False, storage_options: Storag
     fs, path = filesystem(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         path = os.path.realpath(path)  # a link into a store leads inside it
-        if blocking := _file_above(path):
+        if blocking := file_above(path):
             raise OutputError(f"cannot write '{url}': '{blocking}' is a file, not a folder")
-    elif (bucket := _object_store_bucket(fs, path)) and not fs.exists(bucket):
-        # Writing would make the bucket: a typo in its name must not create one.
+    elif bucket := bucket_is_missing(fs, path):
         raise OutputError(f"cannot write '{url}': its bucket '{bucket}' does not exist")
     if fs.isdir(path):
         raise OutputError(f"'{url}' is a folder: name a file to write")
@@ -99,15 +98,17 @@ def check_output_file(url: str, overwrite: bool = False, storage_options: Storag
         raise OutputError(f"'{url}' exists; pass --overwrite to replace it")
 
 
-def _file_above(path: str) -> str | None:
+def file_above(path: str) -> str | None:
     """The nearest folder above the local `path` that is a file, where no folder can be made."""
     return next((str(folder) for folder in PurePath(path).parents if os.path.isfile(folder)), None)
 
 
-def _object_store_bucket(fs: AbstractFileSystem, path: str) -> str | None:
-    """The bucket of `path` on an object store (s3://, gs://, ...); None on other filesystems."""
+def bucket_is_missing(fs: AbstractFileSystem, path: str) -> str | None:
+    """The bucket of `path` on an object store (s3://, gs://, ...) when it does not exist: writing
+    would make it, and a typo in its name must not create one. None on other filesystems."""
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    return path.strip("/").split("/", 1)[0] if protocols & OBJECT_STORE_PROTOCOLS else None
+    bucket = path.strip("/").split("/", 1)[0] if protocols & OBJECT_STORE_PROTOCOLS else None
+    return bucket if bucket and not fs.exists(bucket) else None
 
 
 def _write(url: str, data: bytes, storage_options: StorageOptions) -> None:
@@ -123,5 +124,10 @@ def _write(url: str, data: bytes, storage_options: StorageOptions) -> None:
         else:
             write_file_atomic(os.path.realpath(path), data)  # through a link, to the file it names
     except OSError as error:
-        reason = f"[Errno {error.errno}] {error.strerror}" if error.errno and error.strerror else str(error)
-        raise OutputError(f"cannot write '{url}': {reason}") from error
+        raise write_failure(url, error) from error
+
+
+def write_failure(url: str, error: OSError) -> OutputError:
+    """The OutputError of a file that could not be written, with the system's reason."""
+    reason = f"[Errno {error.errno}] {error.strerror}" if error.errno and error.strerror else str(error)
+    return OutputError(f"cannot write '{url}': {reason}")
