@@ -27,13 +27,13 @@ import torch
 
 from benchmarks.output import first_paragraph, show_and_save
 from cellseg.config import PredictConfig
-from cellseg.formats import with_area_um2
 from cellseg.infer import Predictor, forward_probabilities
 from cellseg.io import list_images, read_image
 from cellseg.measure import CELL_COLUMNS, cell_measurements
 from cellseg.normalize import normalize_image
 from cellseg.postprocess import cell_labels
 from cellseg.runtime import set_threads
+from cellseg.source_record import with_area_um2
 from cellseg.stats import image_statistics
 from cellseg.store import ResultStore
 

@@ -27,21 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from cellseg.blocks import (
-    BlockProgress,
-    ImageInUse,
-    blockwise_shape,
-    finish_image,
-    mark_stopped,
-    measure_block,
-    opened,
-    plane_opener,
-    predict_block,
-    prepare_image,
-    segment_blockwise,
-    start_over_after,
-    stitch_image,
-)
+from cellseg.blocks import BlockProgress, blockwise_shape, segment_blockwise
+from cellseg.blocks_finish import finish_image
+from cellseg.blocks_measure import measure_block
+from cellseg.blocks_plan import ImageInUse, prepare_image
+from cellseg.blocks_predict import predict_block
+from cellseg.blocks_scratch import mark_stopped, start_over_after
+from cellseg.blocks_source import opened, plane_opener
+from cellseg.blocks_stitch import stitch_image
 from cellseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cellseg.config import PredictConfig
 from cellseg.dataset_errors import DatasetError
@@ -670,7 +663,7 @@ class LargeImage:
 
     def start_over_after(self, error: BaseException) -> bool:
         """Whether `error` shows the image's block-wise scratch damaged, now removed: the steps
-        start again from `prepare` (`blocks.start_over_after`)."""
+        start again from `prepare` (`blocks_scratch.start_over_after`)."""
         return start_over_after(self._store(), self.image_id, self.url, error)
 
     def fail(self, error: BaseException, seconds: float = 0.0) -> SegmentReport:

@@ -23,9 +23,9 @@ import cv2
 import numpy as np
 
 from cellseg.config import PredictConfig
-from cellseg.formats import with_area_um2
 from cellseg.measure import CELL_COLUMNS, cell_measurements
 from cellseg.postprocess import CellMaps, cell_labels
+from cellseg.source_record import with_area_um2
 from cellseg.stats import image_statistics
 
 

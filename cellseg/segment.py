@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from cellseg import __version__
 from cellseg.config import PredictConfig
-from cellseg.formats import cell_diameter_pixels, read_source
+from cellseg.formats import read_source
 from cellseg.infer import MAX_CALL_PIXELS, Predictor, checked_images
 from cellseg.io import StorageOptions
 from cellseg.label_workers import LabelWorkers, Measured, label_and_measure, shared_label_workers
@@ -36,6 +36,7 @@ from cellseg.postprocess import CellMaps
 from cellseg.read_ahead import ReadAhead
 from cellseg.redact import redact_text, redact_url
 from cellseg.runtime import CoreShare, set_threads
+from cellseg.source_record import cell_diameter_pixels
 from cellseg.store import ResultStore
 from cellseg.store_checks import StoreError, StoreWriteError, unwritable, validate_image_id
 

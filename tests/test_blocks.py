@@ -27,22 +27,13 @@ import tifffile
 import zarr
 
 from benchmarks.large import bench_exact, compare, frozen_checkpoint
-from cellseg.blocks import (
-    ACTIVE_WAIT,
-    PLAN_WAIT,
-    PREDICTED,
-    SUM_COLUMNS,
-    ImageInUse,
-    Scratch,
-    _cell_rows,
-    _local_numbers,
-    image_levels,
-    measure_block,
-    predict_block,
-    prepare_image,
-    segment_blockwise,
-    stitch_image,
-)
+from cellseg.blocks import segment_blockwise
+from cellseg.blocks_levels import image_levels
+from cellseg.blocks_measure import _cell_rows, measure_block
+from cellseg.blocks_plan import PLAN_WAIT, ImageInUse, prepare_image
+from cellseg.blocks_predict import _local_numbers, predict_block
+from cellseg.blocks_scratch import ACTIVE_WAIT, SUM_COLUMNS, Scratch
+from cellseg.blocks_stitch import stitch_image
 from cellseg.config import BlockConfig, NormalizationConfig, PredictConfig
 from cellseg.jobs import SegmentJob, run_segmentation
 from cellseg.measure import CELL_COLUMNS, cell_measurements
@@ -50,7 +41,17 @@ from cellseg.model_source import ModelSource, load_predictor
 from cellseg.normalize import histogram_lut, normalize_image
 from cellseg.postprocess import cell_labels
 from cellseg.stats import image_statistics
-from cellseg.stitch import BlockGrid, halve, join_labels, pack_edges, pack_ring, seam_pairs, unpack_ring, written_labels
+from cellseg.stitch import (
+    PREDICTED,
+    BlockGrid,
+    halve,
+    join_labels,
+    pack_edges,
+    pack_ring,
+    seam_pairs,
+    unpack_ring,
+    written_labels,
+)
 from cellseg.store import ResultStore
 from cellseg.store_checks import StoreError
 from cellseg.synth import generate_sample, mosaic_tiles
@@ -404,7 +405,7 @@ def test_a_plan_another_run_made_while_this_one_planned_is_taken_up_with_its_blo
 
 def test_a_plan_being_written_is_waited_for_and_one_left_by_a_stopped_run_replaced(frozen_general, tmp_path, caplog,
                                                                                    monkeypatch):
-    monkeypatch.setattr("cellseg.blocks.PLAN_POLL", 0.05)
+    monkeypatch.setattr("cellseg.blocks_plan.PLAN_POLL", 0.05)
     image = mosaic((SIDE, SIDE), seed=7)
     predictor = load_predictor(ModelSource("", checkpoint_url=str(frozen_general)), BLOCKWISE)
     reference = ResultStore.open(str(tmp_path / "reference.zarr"))

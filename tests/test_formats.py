@@ -15,7 +15,8 @@ import tifffile
 import zarr
 
 from cellseg.config import PredictConfig, SelectionConfig
-from cellseg.formats import FORMATS_EXTRA, bioio_reader, list_sources, open_plane, read_plane, read_source
+from cellseg.formats import list_sources, open_plane, read_plane, read_source
+from cellseg.formats_bioio import FORMATS_EXTRA, bioio_reader
 from cellseg.infer import Predictor
 from cellseg.io import ImageReadError, read_image
 from cellseg.jobs import SegmentJob, run_segmentation
