@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any
+from typing import Any, cast
 
 from cellseg import __version__
 
@@ -16,7 +16,8 @@ DASK_CONNECT_SECONDS = 10
 def check_dask_workers(address: str, paths: dict[str, str]) -> None:
     """Fail in one line, before any task is sent, when the Dask cluster at `address` cannot run
     the run's tasks: no scheduler answers, it has no workers, or a worker runs another cellseg
-    version, lacks a package the run needs, or cannot see one of the local `paths` (setting -> path)."""
+    version, lacks a package the run needs, cannot see one of the local `paths` (setting -> path),
+    or cannot reach one of the URLs among them with its own storage settings."""
     from distributed import Client
 
     try:
@@ -31,21 +32,74 @@ def check_dask_workers(address: str, paths: dict[str, str]) -> None:
                              f"(dask worker {address}); the run would wait for them for ever")
         protocols = sorted({url.split("://")[0] for url in paths.values() if "://" in url} - {"file"})
         local = {name: path for name, path in paths.items() if "://" not in path}
-        try:
-            views = client.run(worker_view, sorted(local.values()), protocols)
-        except Exception as error:  # noqa: BLE001 - anything a worker cannot unpickle or run
-            raise ValueError(f"the Dask workers at {address} cannot run cellseg's tasks ({type(error).__name__}: "
-                             f"{error}): each needs this machine's cellseg, with its orchestration extra, and a restart "
-                             "after an upgrade") from None
+        views = _run_on_workers(client, address, worker_view, sorted(local.values()), protocols)
+        _refuse(address, {worker: _worker_problems(view, local) for worker, view in views.items()})
+        # Only once the workers run this cellseg: each reaches the run's URLs with its own settings,
+        # which the shards use (credentials or an endpoint set where the run starts but not there).
+        urls = {name: url for name, url in paths.items() if "://" in url and not url.startswith("file://")}
+        if urls:
+            _refuse(address, _run_on_workers(client, address, worker_storage_problems, urls))
+
+
+def _run_on_workers(client: Any, address: str, function: Any, *args: Any) -> dict[str, Any]:
+    """`function(*args)` on every worker: worker address -> its result."""
+    try:
+        return cast("dict[str, Any]", client.run(function, *args))
+    except Exception as error:  # noqa: BLE001 - anything a worker cannot unpickle or run
+        raise ValueError(f"the Dask workers at {address} cannot run cellseg's tasks ({type(error).__name__}: "
+                         f"{error}): each needs this machine's cellseg, with its orchestration extra, and a restart "
+                         "after an upgrade") from None
+
+
+def _refuse(address: str, problems: dict[str, list[str]]) -> None:
+    """Fail in one line naming each problem once, with the workers (addresses) that have it."""
     workers_by_problem: dict[str, list[str]] = {}
-    for worker, view in sorted(views.items()):
-        for problem in _worker_problems(view, local):
+    for worker, found in sorted(problems.items()):
+        for problem in found:
             workers_by_problem.setdefault(problem, []).append(worker)
-    if workers_by_problem:
-        advice = (": use URLs every machine reads (s3://...) or folders mounted at the same absolute path on every worker"
-                  if any("cannot see" in problem for problem in workers_by_problem) else "")
-        raise ValueError(f"Dask workers at {address} cannot run this run's tasks: " + "; ".join(
-            f"{problem} ({', '.join(workers)})" for problem, workers in workers_by_problem.items()) + advice)
+    if not workers_by_problem:
+        return
+    advice = ""
+    if any("cannot see" in problem for problem in workers_by_problem):
+        advice = ": use URLs every machine reads (s3://...) or folders mounted at the same absolute path on every worker"
+    elif any(problem.startswith(STORAGE_PROBLEM) for problem in workers_by_problem):
+        advice = (": each Dask worker reads the images and writes the store with its own storage settings: give it "
+                  "this machine's (CELLSEG_CONFIG, or AWS_* and FSSPEC_S3_ENDPOINT_URL or CELLSEG_STORAGE__S3__* in its "
+                  "environment) and restart it")
+    raise ValueError(f"Dask workers at {address} cannot run this run's tasks: " + "; ".join(
+        f"{problem} ({', '.join(workers)})" for problem, workers in workers_by_problem.items()) + advice)
+
+
+STORAGE_PROBLEM = "reaching"
+
+
+def worker_storage_problems(urls: dict[str, str]) -> list[str]:
+    """Run on a Dask worker: what stops it reaching the run's URLs (setting -> URL) with its own
+    cellseg settings (CELLSEG_CONFIG, CELLSEG_*, AWS_*, fsspec's configuration), as the shards do:
+    its settings refused, missing or refused credentials, denied access, an endpoint it cannot
+    connect to. One problem at most (the first URL's): the others have the same cause. An object
+    not there yet (a new store) is no problem, nor a read that timed out (the shards retry those)."""
+    from cellseg.io import filesystem
+    from cellseg.redact import redact_text
+    from cellseg.settings import load_settings
+    from cellseg.storage_errors import storage_error
+
+    try:
+        load_settings().apply_storage()
+    except ValueError as error:
+        return [f"its cellseg settings are refused ({redact_text(str(error))})"]
+    for name, url in urls.items():
+        try:
+            fs, path = filesystem(url)
+            fs.info(path)
+        except FileNotFoundError:  # a new store, or a missing bucket, which the run names itself
+            continue
+        except Exception as error:  # noqa: BLE001 - what is no storage problem the run reports itself
+            problem = storage_error(url, error)
+            if problem is None or (problem.transient and not problem.unreachable):
+                continue
+            return [f"{STORAGE_PROBLEM} {name} {problem}"]
+    return []
 
 
 def worker_view(local_paths: list[str], protocols: list[str]) -> dict[str, Any]:
