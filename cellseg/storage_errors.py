@@ -103,7 +103,9 @@ def storage_error(url: str | None, error: BaseException) -> StorageError | None:
                                 unreachable=unreachable)
     for cause in chain:
         if isinstance(cause, boto.ClientError) and cause.response.get("Error", {}).get("Code") == "NoSuchBucket":
-            return StorageError(f"{named}the bucket does not exist (NoSuchBucket)")
+            bucket = f" '{url.split('://', 1)[1].split('/', 1)[0]}'" if url and "://" in url else ""
+            return StorageError(f"{named}the bucket{bucket} does not exist (NoSuchBucket): check its name, or create "
+                                "it; cellseg never creates one")
     for cause in chain:
         if isinstance(cause, boto.EndpointResolutionError) or (
                 isinstance(cause, ValueError) and str(cause).startswith("Invalid endpoint:")):

@@ -471,3 +471,20 @@ def test_a_store_opened_with_refused_credentials_names_it_and_the_settings_to_ch
     for error in ("wrong-secret-4711", admin["AWS_SECRET_ACCESS_KEY"]):
         assert error not in str(raised.value)
     assert ResultStore.open(f"{bucket}/kept.zarr", mode="r", storage_options=good).done_ids() == {"kept"}
+
+
+@pytest.mark.integration
+def test_a_store_in_a_bucket_that_does_not_exist_says_so_and_creates_no_bucket(moto_endpoint):
+    """A misspelt bucket must not be created: the error names it and what to do."""
+    import s3fs
+
+    from cellseg.storage_errors import StorageError
+
+    options = {"endpoint_url": moto_endpoint}
+    with pytest.raises(StorageError) as raised:
+        ResultStore.open("s3://no-such-results-bucket/nightly.zarr", storage_options=options).write_result(
+            "a", MASK, STATS, "a.png", MODEL)
+    assert str(raised.value) == ("'s3://no-such-results-bucket/nightly.zarr': the bucket 'no-such-results-bucket' "
+                                 "does not exist (NoSuchBucket): check its name, or create it; cellseg never creates one")
+    assert not raised.value.transient
+    assert not s3fs.S3FileSystem(**options, skip_instance_cache=True).exists("no-such-results-bucket")

@@ -132,7 +132,8 @@ def outcomes(inputs, tmp_path_factory) -> dict[str, dict[str, Any]]:
             "s3 access denied": ("s3://lab/incoming", str(out / "e.zarr"),
                                  {**s3, "CELLSEG_STORAGE__S3__ENDPOINT_URL": denied}, ("access denied",)),
             "s3 missing bucket": (str(images), "s3://no-such-bucket/out.zarr",
-                                  {**s3, "CELLSEG_STORAGE__S3__ENDPOINT_URL": no_bucket}, ("bucket does not exist",)),
+                                  {**s3, "CELLSEG_STORAGE__S3__ENDPOINT_URL": no_bucket},
+                                  ("bucket 'no-such-bucket' does not exist (NoSuchBucket): check its name",)),
             "gs without gcsfs": ("gs://lab/incoming", str(out / "g.zarr"), {}, ("gs:// needs gcsfs: pip install gcsfs",)),
             "az without adlfs": (str(images), "az://lab/out.zarr", {}, ("az:// needs adlfs: pip install adlfs",)),
         }
