@@ -700,6 +700,12 @@ def test_models_show_of_a_misspelt_name_suggests_the_one_meant(tmp_path, tiny_ch
     assert f"has no version '{one[:-1]}'; did you mean {one}?" in version.stderr
 
 
+def _own_prefect_home(tmp_path: Path) -> dict[str, str]:
+    """A flow command's temporary Prefect server keeps its database under PREFECT_HOME: one of the
+    test's own, not ~/.prefect, which a test in the other pytest-xdist worker may be using at once."""
+    return {"PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path / "prefect")}
+
+
 def test_a_registry_that_is_a_file_is_an_error_for_models_and_for_train_unet_and_tune_before_they_train(
         tmp_path, synthetic_dataset):
     registry = tmp_path / "registry"
@@ -710,7 +716,7 @@ def test_a_registry_that_is_a_file_is_an_error_for_models_and_for_train_unet_and
     assert listed.stderr == f"cellseg models: error: registry '{registry}' is a file, not a registry folder: give a folder (new or holding versions)\n"
     trained = cellseg("flow", "train-unet", "--images", str(synthetic_dataset / "images"), "--masks",
                       str(synthetic_dataset / "masks"), "--registry", str(registry), "--work-dir", str(tmp_path / "work"),
-                      "--cache-dir", str(tmp_path / "cache"), *FAST_TRAIN, check=False)
+                      "--cache-dir", str(tmp_path / "cache"), *FAST_TRAIN, env=_own_prefect_home(tmp_path), check=False)
     assert trained.returncode == 2
     assert (f"cellseg flow: error: registry '{registry}' is a file, not a registry folder: give a folder (new or "
             "holding versions)") in trained.stderr.splitlines()
@@ -718,7 +724,8 @@ def test_a_registry_that_is_a_file_is_an_error_for_models_and_for_train_unet_and
     assert not (tmp_path / "work").exists()
     tuned = cellseg("tune", "--images", str(synthetic_dataset / "images"), "--masks", str(synthetic_dataset / "masks"),
                     "--registry", str(registry), "--work-dir", str(tmp_path / "tuning"), "--cache-dir",
-                    str(tmp_path / "cache"), "--trials", "1", "--parallel", "1", check=False)
+                    str(tmp_path / "cache"), "--trials", "1", "--parallel", "1", env=_own_prefect_home(tmp_path),
+                    check=False)
     assert tuned.returncode == 2
     assert f"cellseg tune: error: registry '{registry}' is a file, not a registry folder" in tuned.stderr
     assert not (tmp_path / "tuning").exists()
@@ -756,7 +763,8 @@ def test_train_unet_without_promote_says_the_model_is_not_current_and_how_to_mak
     trained = cellseg("flow", "train-unet", "--images", str(synthetic_dataset / "images"), "--masks",
                       str(synthetic_dataset / "masks"), "--registry", registry, "--work-dir", str(tmp_path / "work"),
                       "--cache-dir", str(tmp_path / "cache"), "--no-promote", "--from-scratch", *FAST_TRAIN[:2],
-                      "--depth", "2", "--base-width", "4", "--patch-size", "64", "--patches-per-image", "1")
+                      "--depth", "2", "--base-width", "4", "--patch-size", "64", "--patches-per-image", "1",
+                      env=_own_prefect_home(tmp_path))
     (version,) = [path.name for path in Path(registry).iterdir() if path.is_dir()]
 
     summary = next(line for line in trained.stdout.splitlines() if line.startswith("registered model"))

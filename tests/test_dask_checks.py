@@ -34,9 +34,14 @@ def _segment_job(source: str, store: str, address: str) -> SegmentJob:
     return SegmentJob(source_url=source, store_url=store, model_version="bundled", dask_address=address)
 
 
-def test_a_dask_address_nothing_listens_on_fails_quickly_naming_it(prefect_harness, tmp_path):
+def test_a_dask_address_nothing_listens_on_fails_quickly_naming_it(prefect_harness, tmp_path, monkeypatch):
+    from cellseg.flows import dask_checks
     from cellseg.flows.segment import segment_images_flow
 
+    # Dask tries a refused address again until its connect timeout is out: with the check's 10 s the
+    # run took 12 s of the 25 allowed on an idle machine, too little room for a loaded one. With 2 s
+    # it takes 4 s, and Dask's own 30 s (no timeout passed) would still fail the limit.
+    monkeypatch.setattr(dask_checks, "DASK_CONNECT_SECONDS", 2)
     write_dataset(str(tmp_path / "new"), count=2, size=64, seed=1)
     address = f"tcp://127.0.0.1:{free_port()}"
     started = time.monotonic()

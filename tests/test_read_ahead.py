@@ -63,27 +63,32 @@ def test_reads_ahead_stop_at_the_byte_limit_but_never_below_min_ahead():
         started.append(url)
         return bytes(1000)
 
-    def reads_started_after(reader: ReadAhead) -> int:
-        deadline = time.monotonic() + 5
-        count = -1
-        while count != len(started) and time.monotonic() < deadline:  # until no read starts any more
-            count = len(started)
-            time.sleep(0.05)
+    def reads_started_after(reader: ReadAhead, expected: int) -> int:
+        """The reads started once `expected` have (or 60 s passed), and a consumer's visits for 0.5 s
+        more started none beyond them. Each read runs on a thread of its own, which a loaded machine
+        may start long after it was asked to: "no read started in the last 50 ms" is no sign that
+        none will."""
+        deadline = time.monotonic() + 60
+        while len(started) < expected and time.monotonic() < deadline:
+            time.sleep(0.01)
             reader.take(0)  # a consumer's visit: reads are topped up then
+        for _ in range(10):  # room for one too many to start
+            time.sleep(0.05)
+            reader.take(0)
         return len(started)
 
     # One read under way at a time: a read still under way holds bytes not counted yet.
     with ReadAhead(ITEMS, read, len, min_ahead=2, max_bytes=3000, threads=1) as reader:
         # Two always; then more while the results held weigh less than 3000 bytes: 3 x 1000 stops it.
-        assert reads_started_after(reader) == 3
+        assert reads_started_after(reader, 3) == 3
         assert [image_id for image_id, _, _ in reader.take(2)] == ["img0", "img1"]
-        assert reads_started_after(reader) == 5  # 1000 held, then two more
+        assert reads_started_after(reader, 5) == 5  # 1000 held, then two more
     started.clear()
     with ReadAhead(ITEMS, read, len, min_ahead=2, max_bytes=0) as reader:
-        assert reads_started_after(reader) == 2  # nothing beyond min_ahead
+        assert reads_started_after(reader, 2) == 2  # nothing beyond min_ahead
     started.clear()
     with ReadAhead(ITEMS, read, len, min_ahead=1, max_bytes=10**9, max_ahead=5) as reader:
-        assert reads_started_after(reader) == 5  # max_ahead bounds the count whatever the bytes
+        assert reads_started_after(reader, 5) == 5  # max_ahead bounds the count whatever the bytes
 
 
 def test_a_read_that_hangs_is_given_up_after_the_timeout_and_the_next_are_read(tmp_path):
@@ -143,8 +148,11 @@ def test_closing_starts_no_more_reads():
         return url
 
     reader = ReadAhead(ITEMS, read, len, min_ahead=2, max_bytes=0)
-    started.wait(5)
+    started.wait(60)
     reader.close()
     assert reader.take(5) == []
-    time.sleep(0.1)
+    deadline = time.monotonic() + 60  # the two reads started before close run on threads of their own
+    while len(count) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # room for a read started by take() to show
     assert sorted(count) == ["/data/img0.png", "/data/img1.png"]

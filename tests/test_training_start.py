@@ -19,7 +19,8 @@ def test_flow_train_unet_logs_where_training_starts_once(tmp_path, synthetic_dat
     trained = cellseg("flow", "train-unet", "--images", str(synthetic_dataset / "images"), "--masks",
                       str(synthetic_dataset / "masks"), "--registry", str(tmp_path / "registry"), "--work-dir",
                       str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache"),
-                      "--model-json", json.dumps(SMALL), "--training-json", json.dumps(ONE_EPOCH))
+                      "--model-json", json.dumps(SMALL), "--training-json", json.dumps(ONE_EPOCH),
+                      env={"PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path / "prefect")})  # not ~/.prefect
 
     assert [line for line in trained.stderr.splitlines() if line.endswith(FROM_SCRATCH)] == [FROM_SCRATCH]
     assert "start:" not in trained.stdout

@@ -18,7 +18,10 @@ from cellseg.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.integration
 
-EPOCHS = 4
+# Epochs of about a second each on 2 cores; the run is killed 0.3 s into the third. Eight leave it
+# some 5 s of training to do then, not the 1.7 s that 4 left: a test process starved that long on a
+# loaded machine would find the run ended ("training finished before it could be killed").
+EPOCHS = 8
 
 
 def train_command(dataset: Path, out: Path, *extra: str) -> list[str]:
