@@ -144,6 +144,31 @@ class _EngineErrorInOneLine(logging.Filter):
         return True
 
 
+class _EventsServiceStopped(logging.Filter):
+    """Prefect's events service can stop (its connection to the API lost, the process ending)
+    between `emit_event` finding it and sending to it; `emit_event` then logs the event with a
+    traceback. A flow run's heartbeat lost so only keeps a running flow from looking alive, which
+    a run ending or failing at that moment does not need: dropped. Any other event lost so is said
+    in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        message = record.getMessage()
+        if not (isinstance(error, RuntimeError) and "stopped service instance" in str(error)
+                and message.startswith("Error emitting event: ")):
+            return True
+        if message.endswith("prefect.flow-run.heartbeat"):
+            return False
+        record.msg, record.args, record.exc_info, record.exc_text = (
+            f"{message.removeprefix('Error emitting event: ')} was not sent: Prefect's events service had stopped",
+            (), None, None)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+logging.getLogger("prefect.events.utilities").addFilter(_EventsServiceStopped())
+
+
 def with_run_tags() -> AbstractContextManager[set[str]]:
     """Flow and task runs started inside (the inner flows ingest-dataset, segment-large-image and
     train-trials; the segment-shard tasks) carry this run's tags, so whatever watches the run by

@@ -712,3 +712,37 @@ def test_a_read_timeout_from_an_endpoint_that_has_answered_keeps_every_task_retr
         stalled = _storage_failure(endpoint, **STALL_LIMITS)
     assert stalled.transient and stalled.unreachable and "answered no request" in str(stalled)
     assert [retried(stalled, count) for count in (1, 2, 3)] == [True, False, False]
+
+
+@pytest.mark.parametrize(("event", "shown"), [
+    ("prefect.flow-run.heartbeat", None),
+    ("prefect.artifact.created", "prefect.artifact.created was not sent: Prefect's events service had stopped"),
+])
+def test_an_event_sent_as_prefect_s_events_service_stops_is_no_traceback(event, shown):
+    """Prefect's `emit_event` can find its events service running and send to it once stopped (a
+    flow failing in its first second: CI saw the heartbeat's traceback in a one-line failure)."""
+    import logging
+
+    import prefect.events.utilities
+
+    import cellseg.flows._common  # noqa: F401 - installs the filter
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = prefect.events.utilities.logger
+    logger.addHandler(handler)
+    try:
+        try:
+            raise RuntimeError("Cannot put items in a stopped service instance.")
+        except RuntimeError:
+            logger.exception(f"Error emitting event: {event}")  # as emit_event logs it
+        try:
+            raise RuntimeError("another failure")
+        except RuntimeError:
+            logger.exception("Error emitting event: prefect.flow-run.heartbeat")
+    finally:
+        logger.removeHandler(handler)
+    kept = [(record.levelname, record.getMessage(), record.exc_info is not None) for record in records]
+    assert kept == ([] if shown is None else [("WARNING", shown, False)]) + [
+        ("ERROR", "Error emitting event: prefect.flow-run.heartbeat", True)]
