@@ -59,7 +59,7 @@ from cellseg.blocks_scratch import mark_stopped, start_over_after
 from cellseg.blocks_source import SourceOpener, opened
 from cellseg.blocks_stitch import stitch_image
 from cellseg.config import PredictConfig
-from cellseg.formats import is_microscopy_url, open_plane
+from cellseg.formats import open_plane, reads_region_by_region
 from cellseg.infer import Predictor
 from cellseg.io import StorageOptions
 from cellseg.redact import redact_url
@@ -71,9 +71,10 @@ logger = logging.getLogger(__name__)
 
 def blockwise_shape(url: str, config: PredictConfig, storage_options: StorageOptions = None) -> tuple[int, int] | None:
     """The (H, W) of an image to segment block by block: one read region by region (TIFF, OME-Zarr,
-    CZI/ND2/LIF) with more than `config.blocks.above_pixels` pixels; None for any other (PNG and
-    JPEG are decoded whole anyway) and for a file that cannot be opened (reading it says why)."""
-    if not (is_microscopy_url(url) or url.split("#", maxsplit=1)[0].lower().endswith((".tif", ".tiff"))):
+    CZI/ND2/LIF, or a time point `#t=N` of one: `formats.reads_region_by_region`) with more than
+    `config.blocks.above_pixels` pixels; None for any other (PNG and JPEG are decoded whole anyway)
+    and for a file that cannot be opened (reading it says why)."""
+    if not reads_region_by_region(url):
         return None
     try:
         with open_plane(url, config.selection, storage_options) as plane:

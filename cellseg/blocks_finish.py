@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from cellseg.blocks_scratch import SUM_COLUMNS, Scratch
-from cellseg.measure import CELL_COLUMNS
+from cellseg.blocks_scratch import Scratch, table_columns
 from cellseg.source_record import with_area_um2
+from cellseg.stats import statistics_from_sums
 from cellseg.stitch import EMPTY, MEASURED, halve, pyramid_shapes
 from cellseg.store import ResultStore
 from cellseg.store_checks import StoreError
@@ -39,17 +39,8 @@ def finish_image(store: ResultStore, image_id: str, model: dict[str, Any], worke
         raise StoreError(f"image '{image_id}': blocks {unfinished[:10]} are not measured yet")
     stitched, described = scratch.attrs["stitch"], scratch.attrs["source"]
     areas, integrated = _write_table(scratch, stitched, config.measure_cells, described)
-    pixels = grid.shape[0] * grid.shape[1]
-    inside = float(integrated.sum())
-    cell_pixels = int(areas.sum())
-    statistics = {
-        "cell_count": len(areas), "total_cell_area": cell_pixels,
-        "mean_cell_area": float(areas.mean()) if len(areas) else None,
-        "median_cell_area": float(np.median(areas)) if len(areas) else None,
-        "foreground_fraction": cell_pixels / pixels,
-        "mean_intensity_inside": inside / cell_pixels if cell_pixels else None,
-        "mean_intensity_outside": (sum(levels.block_sum) - inside) / (pixels - cell_pixels) if cell_pixels < pixels else None,
-    }
+    inside = float(integrated.sum())  # outside: the rest of the sum of its blocks' cores (image_levels)
+    statistics = statistics_from_sums(areas, grid.shape[0] * grid.shape[1], inside, sum(levels.block_sum) - inside)
     arrays = [path for path, kept in ((IMAGE_PATH, config.store_image), (MASK_PATH, True), (CELLS_PATH, True),
                                       (PROBABILITIES_PATH, config.save_probabilities), (CELL_TABLE, config.measure_cells))
               if kept]
@@ -75,7 +66,7 @@ def _write_table(scratch: Scratch, stitched: dict[str, Any], measure: bool, desc
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Gather the blocks' rows, in label order, into the image's cell table (with `measure`),
     whole chunks of rows at a time; returns every cell's area and integrated intensity."""
-    columns = CELL_COLUMNS if measure else SUM_COLUMNS
+    columns = table_columns(measure)
     cells, stride = stitched["cells"], stitched["rows"]
     target = None
     if measure:

@@ -4,7 +4,6 @@ step 1)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -44,9 +43,9 @@ class Levels:
         scaled = np.clip((values.astype(np.float32, copy=False) - low) / (high - low), 0.0, 1.0).astype(np.float32)
         return 1.0 - scaled if self.invert else scaled
 
-    def brightest(self, blocks: Sequence[int], lut: np.ndarray | None) -> float:
-        """The highest normalised intensity in the cores of `blocks` (the foreground test)."""
-        extremes = np.array([min(self.block_min[b] for b in blocks), max(self.block_max[b] for b in blocks)])
+    def brightest(self, block: int, lut: np.ndarray | None) -> float:
+        """The highest normalised intensity in the core of `block` (the foreground test)."""
+        extremes = np.array([self.block_min[block], self.block_max[block]])
         return float(self.normalise(extremes.astype(self.dtype), lut).max())
 
 

@@ -76,7 +76,7 @@ def prepare_image(store: ResultStore, image_id: str, url: str, source: Source, p
     levels, histogram = image_levels(source, grid, normalization, workers)
     lut = histogram_lut(histogram, normalization) if histogram is not None else None
     empty = [index for index in range(grid.count)
-             if levels.flat or levels.brightest([index], lut) < config.blocks.empty_level]
+             if levels.flat or levels.brightest(index, lut) < config.blocks.empty_level]
     described = source_record(source) if isinstance(source, Plane) else {}
     scale = _image_scale(source, grid, levels, lut, predictor, empty, described, url)
     claim, taken = _claim_plan(store, image_id, plan, url)

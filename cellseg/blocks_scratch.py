@@ -18,6 +18,7 @@ import zarr
 from cellseg.blocks_levels import Levels
 from cellseg.config import NormalizationConfig, PredictConfig
 from cellseg.infer import Predictor
+from cellseg.measure import CELL_COLUMNS
 from cellseg.normalize import histogram_lut
 from cellseg.redact import redact_url
 from cellseg.stitch import BlockGrid
@@ -30,6 +31,12 @@ from cellseg.zarr_writes import UndecodableChunk, read_region, write_region
 logger = logging.getLogger("cellseg.blocks")  # block-wise segmentation's one logger, whichever of its modules speaks
 
 SUM_COLUMNS = ("label", "area", "intensity_integrated")  # what is kept of each cell without measure_cells
+
+
+def table_columns(measure_cells: bool) -> tuple[str, ...]:
+    """The columns of the scratch table's rows (`measure_block` writes them, `finish_image` gathers
+    them): every CELL_COLUMNS with `measure_cells`, else SUM_COLUMNS."""
+    return CELL_COLUMNS if measure_cells else SUM_COLUMNS
 
 # Seconds since a run's last step on an image (a block predicted or measured, the stitch, the
 # finish: seconds each, a few minutes for the pyramid of the largest images) after which its plan

@@ -7,8 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from cellseg.blocks_scratch import SUM_COLUMNS, EdgeReader, Scratch
-from cellseg.measure import CELL_COLUMNS
+from cellseg.blocks_scratch import EdgeReader, Scratch, table_columns
 from cellseg.stitch import (
     EMPTY,
     FINAL_CHUNK,
@@ -60,7 +59,7 @@ def stitch_image(store: ResultStore, image_id: str) -> dict[str, Any]:
     store.blank_array(f"{image_id}/blocks/final", lookup.shape, np.int64, (min(len(lookup), FINAL_CHUNK),), every_chunk=False,
                       dimension_names=("label",))[...] = lookup
     rows = max([*owned, 1])
-    columns = CELL_COLUMNS if scratch.config.measure_cells else SUM_COLUMNS
+    columns = table_columns(scratch.config.measure_cells)
     store.blank_array(f"{image_id}/blocks/table", (grid.count * rows, len(columns)), np.float64, (rows, len(columns)),
                       every_chunk=False, dimension_names=("cell", "column"))
     record = {"offsets": [int(offset) for offset in offsets], "starts": starts, "owned": owned, "cells": cells,

@@ -28,9 +28,9 @@ import zarr
 
 from cellseg.config import SelectionConfig
 from cellseg.formats_bioio import BIOIO_PLUGINS, open_bioio
-from cellseg.formats_plane import Plane, array_plane, one_line
-from cellseg.formats_tiff import tiff_plane
-from cellseg.formats_zarr import open_zarr
+from cellseg.formats_plane import Plane, array_plane
+from cellseg.formats_tiff import open_tiff_plane
+from cellseg.formats_zarr import open_zarr, zarr_storage_options
 from cellseg.io import (
     DEFAULT_MAX_PIXELS,
     MAX_BYTES_PER_PIXEL,
@@ -46,7 +46,7 @@ from cellseg.io import (
     read_image,
     read_image_bytes,
 )
-from cellseg.plates import plate_fields, split_time_point, time_point_url
+from cellseg.plates import is_plate, plate_fields, split_time_point, time_point_url
 from cellseg.redact import redact_url
 from cellseg.source_record import source_record
 
@@ -77,13 +77,7 @@ def open_plane(url: str, selection: SelectionConfig, storage_options: StorageOpt
             handle = fs.open(path, "rb")
         except FileNotFoundError as error:
             raise ImageReadError(f"'{base}': file not found") from error
-        try:
-            return tiff_plane(tifffile.TiffFile(handle), base, selection, time_point, None, handle.close)
-        except Exception as error:
-            handle.close()
-            if isinstance(error, ImageReadError):
-                raise
-            raise ImageReadError(f"'{base}': not a readable TIFF ({one_line(error)})") from error
+        return open_tiff_plane(handle, base, selection, time_point, None, handle.close)
     image = (read_image if selection.channel is None else read_colour_image)(base, storage_options)
     return array_plane(image, base, selection, time_point, "image")
 
@@ -99,12 +93,7 @@ def read_plane(
     decoded = False  # whether `cellseg.io` decoded the pixels, refusing NaN or infinite ones
     if base.rstrip("/").lower().endswith(TIFF_SUFFIXES) and not is_zarr_url(base):
         data = read_image_bytes(base, storage_options, max_pixels)
-        try:
-            plane = tiff_plane(tifffile.TiffFile(io.BytesIO(data)), base, selection, time_point, (data, max_pixels))
-        except ImageReadError:
-            raise
-        except Exception as error:  # tifffile raises many types on malformed input
-            raise ImageReadError(f"'{base}': not a readable TIFF ({one_line(error)})") from error
+        plane = open_tiff_plane(io.BytesIO(data), base, selection, time_point, (data, max_pixels))
     elif is_microscopy_url(base):
         plane = open_plane(url, selection, storage_options)
     else:
@@ -152,13 +141,8 @@ def _plain_image(url: str, storage_options: StorageOptions, max_pixels: int, war
     OME-TIFF is."""
     data = read_image_bytes(url, storage_options, max_pixels)
     if data[:4] in _TIFF_MAGIC and _names_channels_or_time(data):
-        try:
-            with tiff_plane(tifffile.TiffFile(io.BytesIO(data)), url, SelectionConfig(), None, (data, max_pixels)):
-                pass
-        except ImageReadError:
-            raise
-        except Exception as error:  # tifffile raises many types on malformed input
-            raise ImageReadError(f"'{url}': not a readable TIFF ({one_line(error)})") from error
+        with open_tiff_plane(io.BytesIO(data), url, SelectionConfig(), None, (data, max_pixels)):
+            pass
     return decode_image(data, url, max_pixels, warnings)
 
 
@@ -210,15 +194,14 @@ def _warn_of_masks_beside_images(url: str, listed: list[str]) -> None:
 def _zarr_sources(url: str, storage_options: StorageOptions) -> list[str]:
     """The images of one `.zarr` folder: itself, or the fields of a plate; none for a results store."""
     try:
-        group = zarr.open_group(url, mode="r", storage_options=dict(storage_options) if storage_options else None)
+        group = zarr.open_group(url, mode="r", storage_options=zarr_storage_options(storage_options))
         attributes = dict(group.attrs)
     except Exception:  # noqa: BLE001 - not a group (an array, or no zarr at all): read_source says what it is
         return [url]
     if "cellseg" in attributes:
         logger.warning("skipping '%s' in the source folder: it is a cellseg results store", redact_url(url))
         return []
-    ome = attributes.get("ome", attributes)
-    if not (isinstance(ome, dict) and isinstance(ome.get("plate"), dict)):
+    if not is_plate(group):
         return [url]
     try:
         return plate_fields(group, url)
@@ -230,7 +213,7 @@ def _zarr_sources(url: str, storage_options: StorageOptions) -> list[str]:
 def _time_points(url: str, storage_options: StorageOptions) -> list[str]:
     """`url` once per time point when it has several, else `url` (an unreadable file too: reading
     it records why)."""
-    if not (is_microscopy_url(url) or url.lower().endswith(TIFF_SUFFIXES)):
+    if not reads_region_by_region(url):
         return [url]  # PNG and JPEG have one time point
     try:
         with open_plane(url, SelectionConfig(channel=0, z=0, t=0), storage_options) as plane:
@@ -251,3 +234,11 @@ def is_zarr_url(url: str) -> bool:
 def is_microscopy_url(url: str) -> bool:
     """Whether `url` is read by this module rather than as a plain PNG/TIFF/JPEG."""
     return is_zarr_url(url) or url.rstrip("/").lower().endswith(MICROSCOPY_SUFFIXES)
+
+
+def reads_region_by_region(url: str) -> bool:
+    """Whether `open_plane` reads `url`, or the time point `<url>#t=N` of it, region by region (a
+    TIFF, an OME-Zarr image or zarr array, a CZI/ND2/LIF file) rather than decoding it whole (a
+    PNG or JPEG)."""
+    base, _ = split_time_point(url)
+    return is_microscopy_url(base) or base.rstrip("/").lower().endswith(TIFF_SUFFIXES)

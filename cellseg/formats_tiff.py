@@ -6,14 +6,14 @@ from __future__ import annotations
 import logging
 import unicodedata
 from collections.abc import Callable
-from typing import Any, cast
+from typing import IO, Any, cast
 
 import numpy as np
 import tifffile
 import zarr
 
 from cellseg.config import SelectionConfig
-from cellseg.formats_plane import Plane, choose_plane, pixel_sizes, project_z
+from cellseg.formats_plane import Plane, choose_plane, one_line, pixel_sizes, project_z
 from cellseg.io import ImageReadError, _check_tiff_page, _luma
 from cellseg.redact import redact_url
 
@@ -25,6 +25,21 @@ _UNITS_UM = {"μm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer":
              "nm": 1e-3, "nanometer": 1e-3, "nanometre": 1e-3, "pm": 1e-6, "picometer": 1e-6,
              "mm": 1e3, "millimeter": 1e3, "millimetre": 1e3, "cm": 1e4, "centimeter": 1e4, "m": 1e6,
              "meter": 1e6, "metre": 1e6, "å": 1e-4, "angstrom": 1e-4}
+
+
+def open_tiff_plane(file: IO[bytes], url: str, selection: SelectionConfig, time_point: int | None,
+                    checked: tuple[bytes, int] | None, close: Callable[[], None] | None = None) -> Plane:
+    """`tiff_plane` of the TIFF in `file` (an open file, or a file's bytes in a BytesIO). What
+    tifffile cannot parse, or `tiff_plane` refuses, is an ImageReadError naming the file (tifffile
+    raises many types on malformed input), after `close` (the file's) is called."""
+    try:
+        return tiff_plane(tifffile.TiffFile(file), url, selection, time_point, checked, close)
+    except Exception as error:
+        if close is not None:
+            close()
+        if isinstance(error, ImageReadError):
+            raise
+        raise ImageReadError(f"'{url}': not a readable TIFF ({one_line(error)})") from error
 
 
 def tiff_plane(tif: tifffile.TiffFile, url: str, selection: SelectionConfig, time_point: int | None,

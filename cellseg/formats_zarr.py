@@ -4,6 +4,7 @@ whose `dimension_names` say which axis is which."""
 from __future__ import annotations
 
 from math import prod
+from typing import Any
 
 import numpy as np
 import zarr
@@ -12,26 +13,30 @@ from cellseg.config import SelectionConfig
 from cellseg.formats_bioio import OME_ZARR_PLUGIN, open_bioio
 from cellseg.formats_plane import Plane, choose_plane, one_line, project_z
 from cellseg.io import ImageReadError, StorageOptions
+from cellseg.plates import is_plate, ngff_attributes
 
 
 def open_zarr(url: str, selection: SelectionConfig, time_point: int | None, storage_options: StorageOptions) -> Plane:
     """An OME-Zarr image (through bioio-ome-zarr) or a bare zarr array."""
     try:
-        node = zarr.open(url, mode="r", storage_options=dict(storage_options) if storage_options else None)
+        node = zarr.open(url, mode="r", storage_options=zarr_storage_options(storage_options))
     except FileNotFoundError as error:
         raise ImageReadError(f"'{url}': no zarr array or group there") from error
     except Exception as error:  # zarr raises many types on what is not a zarr store
         raise ImageReadError(f"'{url}': not a readable zarr store ({one_line(error)})") from error
     if isinstance(node, zarr.Array):
         return _zarr_array_plane(node, url, selection, time_point)
-    attributes = dict(node.attrs)
-    ome = attributes.get("ome", attributes)
-    if isinstance(ome, dict) and "plate" in ome:
+    if is_plate(node):
         raise ImageReadError(f"'{url}' is an HCS plate: give the folder holding it as the source, so that each "
                              "well's fields are listed (cellseg.formats.list_sources)")
-    if not (isinstance(ome, dict) and "multiscales" in ome):
+    if "multiscales" not in ngff_attributes(node):
         raise ImageReadError(f"'{url}' is a zarr group without NGFF multiscales: not an OME-Zarr image")
     return open_bioio(url, OME_ZARR_PLUGIN, selection, time_point, storage_options)
+
+
+def zarr_storage_options(storage_options: StorageOptions) -> dict[str, Any] | None:
+    """`storage_options` as zarr's openers take them: a dict, None where there are none."""
+    return dict(storage_options) if storage_options else None
 
 
 def _zarr_array_plane(array: zarr.Array, url: str, selection: SelectionConfig, time_point: int | None) -> Plane:

@@ -52,7 +52,10 @@ def plate_fields(plate: zarr.Group, url: str) -> list[str]:
     """The URLs of every field of every well an OME-Zarr HCS plate lists (NGFF 0.4 and 0.5
     metadata); ValueError for metadata that does not name wells and fields as `<row letters>/<column
     number>` and `<field number>`, which also keeps them inside the plate."""
-    wells = _ome(plate).get("plate", {}).get("wells", [])
+    metadata = ngff_attributes(plate).get("plate")
+    if not isinstance(metadata, dict):
+        raise ValueError(f"its plate metadata is {type(metadata).__name__}, expected a mapping")
+    wells = metadata.get("wells", [])
     if not isinstance(wells, list) or len(wells) > MAX_FIELDS:
         raise ValueError(f"its plate metadata lists {type(wells).__name__} wells, expected a list of at most {MAX_FIELDS}")
     fields: list[str] = []
@@ -64,7 +67,7 @@ def plate_fields(plate: zarr.Group, url: str) -> list[str]:
         well = plate.get(str(path))
         if not isinstance(well, zarr.Group):
             raise ValueError(f"its well {path} is listed but not stored")
-        images = _ome(well).get("well", {}).get("images", [])
+        images = ngff_attributes(well).get("well", {}).get("images", [])
         for image in images if isinstance(images, list) else []:
             field_path = str(image.get("path", "")) if isinstance(image, dict) else ""
             if not (field_path.isdigit() and len(field_path) <= 4):
@@ -75,11 +78,17 @@ def plate_fields(plate: zarr.Group, url: str) -> list[str]:
     return fields
 
 
-def _ome(group: zarr.Group) -> dict[str, Any]:
-    """A group's NGFF attributes: under "ome" (0.5) or at the top (0.4)."""
+def ngff_attributes(group: zarr.Group) -> dict[str, Any]:
+    """A group's NGFF attributes: under "ome" (0.5) or at the top (0.4); {} where they are not a mapping."""
     attributes: dict[str, Any] = dict(group.attrs)
     ome = attributes.get("ome", attributes)
     return ome if isinstance(ome, dict) else {}
+
+
+def is_plate(group: zarr.Group) -> bool:
+    """Whether a zarr group is an OME-Zarr HCS plate: its NGFF attributes have `plate` metadata
+    (which `plate_fields` reads, or refuses when it is not a mapping)."""
+    return "plate" in ngff_attributes(group)
 
 
 def image_id(url: str) -> str:

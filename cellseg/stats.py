@@ -88,30 +88,39 @@ def image_statistics(image: np.ndarray, labels: np.ndarray) -> dict[str, float |
     """Statistics of one image given its cell labels; both (H, W).
 
     Areas are in pixels; intensities are in the image's own units (raw, not normalised).
-    Means over an empty set (no cells, or no background) are None.
+    Means over an empty set (no cells, or no background) are None (`statistics_from_sums`).
     """
     if image.shape != labels.shape:
         raise ValueError(f"image is {image.shape}, labels are {labels.shape}")
-    areas = cell_areas(labels)
-    cell_pixels = int(areas.sum())
     if image.dtype.kind in "ub" and labels.dtype.kind in "iu":
         # Integer intensities add up exactly in int64, so one compiled pass gives numpy's means.
-        inside_sum, total_sum = _inside_and_total(np.ascontiguousarray(image), np.ascontiguousarray(labels))
-        mean_inside = inside_sum / cell_pixels if cell_pixels else None
-        mean_outside = (total_sum - inside_sum) / (labels.size - cell_pixels) if cell_pixels < labels.size else None
+        inside, total = _inside_and_total(np.ascontiguousarray(image), np.ascontiguousarray(labels))
+        outside = total - inside
     else:
-        inside = labels > 0
+        cells = labels > 0
         pixels = image.astype(np.float64, copy=False)
-        mean_inside = float(pixels[inside].mean()) if cell_pixels else None
-        mean_outside = float(pixels[~inside].mean()) if cell_pixels < inside.size else None
+        inside, outside = pixels[cells].sum(), pixels[~cells].sum()  # the sums numpy's means divide
+    return statistics_from_sums(cell_areas(labels), labels.size, inside, outside)
+
+
+def statistics_from_sums(areas: np.ndarray, pixels: int, inside: float, outside: float
+                         ) -> dict[str, float | int | None]:
+    """The statistics of an image (STATISTIC_FIELDS) from its cells' areas (one per cell, in
+    pixels), its pixel count and the sums of its raw intensities inside cells and outside them.
+    The one definition for an image in memory (`image_statistics`) and one measured block by
+    block (`cellseg.blocks_finish`, from its blocks' sums), so that both mean the same.
+
+    Means are over cells (areas) or over pixels (intensities); a mean over an empty set (no
+    cells, or no background) is None."""
+    cell_pixels = int(areas.sum())
     return {
         "cell_count": len(areas),
         "total_cell_area": cell_pixels,
         "mean_cell_area": float(areas.mean()) if len(areas) else None,
         "median_cell_area": float(np.median(areas)) if len(areas) else None,
-        "foreground_fraction": cell_pixels / labels.size,
-        "mean_intensity_inside": None if mean_inside is None else float(mean_inside),
-        "mean_intensity_outside": None if mean_outside is None else float(mean_outside),
+        "foreground_fraction": cell_pixels / pixels,
+        "mean_intensity_inside": float(inside / cell_pixels) if cell_pixels else None,
+        "mean_intensity_outside": float(outside / (pixels - cell_pixels)) if cell_pixels < pixels else None,
     }
 
 

@@ -27,7 +27,7 @@ import tifffile
 import zarr
 
 from benchmarks.large import bench_exact, compare, frozen_checkpoint
-from cellseg.blocks import segment_blockwise
+from cellseg.blocks import blockwise_shape, segment_blockwise
 from cellseg.blocks_levels import image_levels
 from cellseg.blocks_measure import _cell_rows, measure_block
 from cellseg.blocks_plan import PLAN_WAIT, ImageInUse, prepare_image
@@ -207,6 +207,23 @@ def test_block_settings_keep_cores_whole_chunks():
         BlockConfig(block_size=256, overlap=200)
 
 
+def test_a_time_point_of_any_file_read_region_by_region_is_segmented_block_by_block(tmp_path):
+    # `blockwise_shape` tested the address itself for an OME-Zarr or CZI/ND2/LIF suffix, so a time
+    # point (`<url>#t=N`, as `list_sources` lists them with --t all) of any but a TIFF was read
+    # whole, however large; the time point is stripped first now, as `open_plane` strips it.
+    movie = zarr.create_array(str(tmp_path / "movie.zarr"), shape=(2, 64, 48), dtype=np.uint8, chunks=(1, 64, 48),
+                              dimension_names=("t", "y", "x"))
+    movie[...] = 1
+    tifffile.imwrite(tmp_path / "movie.tif", np.ones((2, 64, 48), np.uint8), imagej=True, metadata={"axes": "TYX"})
+    config = PredictConfig(blocks=BlockConfig(above_pixels=1))
+    for name in ("movie.zarr", "movie.tif"):
+        assert blockwise_shape(f"{tmp_path}/{name}#t=1", config) == (64, 48), name
+        assert blockwise_shape(f"{tmp_path}/{name}", config) is None, name  # two time points, none chosen
+    small = PredictConfig(blocks=BlockConfig(above_pixels=64 * 48))
+    assert blockwise_shape(f"{tmp_path}/movie.zarr#t=1", small) is None
+    assert blockwise_shape(f"{tmp_path}/movie.png#t=1", config) is None  # PNG and JPEG are decoded whole
+
+
 # A mosaic, block by block ---------------------------------------------------------------------------
 
 
@@ -227,6 +244,20 @@ def test_a_mosaic_in_blocks_has_the_cells_of_the_in_memory_tiled_path(blockwise_
         assert statistics[name] == pytest.approx(value, rel=1e-9), name
     np.testing.assert_array_equal(store.read_image("mosaic"), image)
     assert verify_store(store.url).broken == []
+
+
+def test_statistics_without_the_cell_table_are_those_of_the_image_in_memory(frozen_general, tmp_path):
+    # Without measure_cells the blocks keep only each cell's area and intensity sum (SUM_COLUMNS):
+    # the image's statistics follow from them as from the image in memory (stats.statistics_from_sums).
+    image = mosaic((512, 512), seed=3)
+    config = BLOCKWISE.model_copy(update={"measure_cells": False})
+    predictor = load_predictor(ModelSource("", checkpoint_url=str(frozen_general)), config)
+    store = ResultStore.open(str(tmp_path / "results.zarr"))
+    record = segment_blockwise(store, "m", "m", lambda: image, predictor, {"version": "x"})
+    statistics = store.record("m")["statistics"]
+    assert statistics == record["statistics"] and statistics["cell_count"] > 50
+    for name, value in image_statistics(image, store.read_cells("m")).items():
+        assert statistics[name] == pytest.approx(value, rel=1e-9), name
 
 
 @pytest.mark.integration

@@ -5,6 +5,7 @@ the NGFF metadata and the cell table; the missing-reader error; ND2 and LIF plug
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -468,3 +469,26 @@ def test_a_channel_on_a_plain_stack_says_its_pages_are_z_planes(tmp_path, synthe
     assert str(raised.value) == (f"'{url}': no channel 1: it has no channel axis, and its 2 pages are read as z planes "
                                  "(--z 0..1 picks one, --z max projects them)")
     assert np.array_equal(read_source(url, SelectionConfig(z=1))[0], nuclei)
+
+
+def test_a_damaged_tiff_is_refused_in_one_line_read_lazily_or_whole(tmp_path):
+    path = tmp_path / "damaged.tif"
+    path.write_bytes(b"II*\x00" + (1 << 30).to_bytes(4, "little") + bytes(64))  # its first IFD past the end
+    expected = rf"^'{re.escape(str(path))}': not a readable TIFF \(\w+: .+\)$"
+    with pytest.raises(ImageReadError, match=expected):
+        open_plane(str(path), SelectionConfig())
+    with pytest.raises(ImageReadError, match=expected):
+        read_plane(str(path), SelectionConfig())
+
+
+def test_a_zarr_group_whose_metadata_names_a_plate_is_a_plate_when_listed_and_when_read(tmp_path, caplog):
+    # Listing took a group for a plate only when its `plate` metadata was a mapping, reading it
+    # whenever it had `plate` metadata: a malformed plate was listed as one image, which reading
+    # then refused as a plate to list from its folder. Both follow NGFF now: `plate` makes a
+    # plate, and listing skips one whose metadata it cannot read, saying why.
+    (tmp_path / "src").mkdir()
+    zarr.open_group(str(tmp_path / "src" / "broken.zarr"), mode="w").attrs["ome"] = {"version": "0.5", "plate": ["A"]}
+    assert list_sources(str(tmp_path / "src"), SelectionConfig()) == []
+    assert "skipping the plate" in caplog.text and "its plate metadata is list, expected a mapping" in caplog.text
+    with pytest.raises(ImageReadError, match="is an HCS plate: give the folder holding it"):
+        read_source(str(tmp_path / "src" / "broken.zarr"), SelectionConfig())

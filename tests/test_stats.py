@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellseg.stats import STATISTIC_FIELDS, image_statistics, label_areas, label_cells
+from cellseg.stats import STATISTIC_FIELDS, image_statistics, label_areas, label_cells, statistics_from_sums
 
 MIN_AREA = 5
 
@@ -138,6 +138,19 @@ def test_every_cell_below_minimum_is_like_an_empty_mask():
     stats = image_statistics(image, labels)
     assert stats["cell_count"] == 0 and stats["mean_cell_area"] is None
     assert stats["mean_intensity_outside"] == pytest.approx(float(image.astype(float).mean()))
+
+
+def test_statistics_from_sums_are_those_of_the_image_in_memory():
+    # An image segmented block by block (cellseg.blocks_finish) has only its cells' table rows
+    # (areas as floats) and its blocks' intensity sums; they give the same figures.
+    image, mask = scene()
+    for minimum in (MIN_AREA, 100):  # cells, and none
+        labels, _ = label_cells(mask, min_cell_area=minimum)
+        areas = np.bincount(labels.ravel())[1:].astype(np.float64)
+        inside, total = float(image[labels > 0].sum(dtype=np.float64)), float(image.sum(dtype=np.float64))
+        from_sums = statistics_from_sums(areas, image.size, inside, total - inside)
+        assert from_sums == image_statistics(image, labels)
+        assert list(map(type, from_sums.values())) == list(map(type, image_statistics(image, labels).values()))
 
 
 def test_shape_mismatch_raises_naming_both_shapes():
