@@ -147,11 +147,15 @@ def _refuse_replacing(fs: Any, folder: str, url: str, names: Sequence[str], over
 def _write_label_file(store: ResultStore, file: LabelFile, kind: str, file_format: str, url: str,
                       storage_options: StorageOptions, whole_image_pixels: int) -> None:
     array = store.array(file.image_id, CELLS_PATH if kind == "cells" else MASK_PATH)
-    if array is not None and array.ndim != 2:
-        raise DamagedImage(store.url, file.image_id, f"its {kind} array has {array.ndim} dimensions, not 2")
+    if array is not None and (array.ndim != 2 or file.shape not in ((0, 0), array.shape)):
+        raise DamagedImage(store.url, file.image_id, f"its {kind} array is {'x'.join(map(str, array.shape))}, "
+                                                     f"its record says {file.shape[0]}x{file.shape[1]}")
     fs, path = filesystem(url, storage_options)
     try:
         if array is not None and array.shape[0] * array.shape[1] > whole_image_pixels:
+            if file_format == "png":  # a store written before records had shapes: not checked beforehand
+                raise OutputError(f"image '{file.image_id}' is {array.shape[0]}x{array.shape[1]} pixels, more than a "
+                                  f"PNG is written from ({whole_image_pixels:,}): use --format tiff")
             _write_tiled_tiff(store, file, kind, array, fs, path)
             return
         if array is None:  # written before cell labels were stored: numbered from the mask

@@ -184,3 +184,15 @@ def test_the_labels_of_a_predicted_store_are_the_cells_of_its_cell_table(tmp_pat
         cells = table[table["image_id"] == image_id]
         numbers, areas = np.unique(labels[labels > 0], return_counts=True)
         assert list(numbers) == sorted(cells["label"]) and list(areas) == list(cells.sort_values("label")["area"])
+
+
+def test_an_array_whose_shape_is_not_its_record_s_is_left_out_as_damaged(tmp_path):
+    """A hostile or damaged store: the record says 32x32, the labels array is far larger."""
+    import zarr
+
+    store = store_with_images(tmp_path / "r.zarr", {"a": (32, 32), "b": (32, 32)})
+    zarr.create_array(str(tmp_path / "r.zarr/b/labels/cells/0"), shape=(4000, 4000), chunks=(1000, 1000),
+                      dtype="int32", fill_value=0, overwrite=True, config={"write_empty_chunks": True})[:] = 0
+    assert export_labels(store, str(tmp_path / "labels"), file_format="png", whole_image_pixels=2000) == ["a_cells.png"]
+    assert store.damaged == {"b": "its cells array is 4000x4000, its record says 32x32"}
+    assert os.listdir(tmp_path / "labels") == ["a_cells.png"]
