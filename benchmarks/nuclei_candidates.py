@@ -27,7 +27,7 @@ from typing import Any
 from cellseg.build_bundled import build_nuclei, can_resume, install_model, nuclei_training_data
 from cellseg.bundled import NucleiRecipe
 from cellseg.config import COMPILE_MODES
-from cellseg.jobs import TrainOutcome
+from cellseg.jobs_training import TrainOutcome
 from cellseg.train import TrainResult
 
 # Past the recipe's epochs, to the time budget; loader processes for the cropping and augmentation

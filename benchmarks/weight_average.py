@@ -28,7 +28,7 @@ from cellseg.build_bundled import recipe_job, recipe_split
 from cellseg.bundled import NucleiRecipe, shipped_checkpoint
 from cellseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cellseg.config import PredictConfig
-from cellseg.jobs import finish_checkpoint
+from cellseg.jobs_checkpoint import finish_checkpoint
 from cellseg.loaded_pairs import load_pairs
 
 logger = logging.getLogger(__name__)

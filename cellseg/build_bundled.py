@@ -40,7 +40,9 @@ from cellseg.config import PredictConfig
 from cellseg.evaluate import validation_cell_scores
 from cellseg.infer import Predictor
 from cellseg.io import decode_mask, read_bytes
-from cellseg.jobs import TrainJob, TrainOutcome, decide_postprocessing, run_training
+from cellseg.jobs import TrainJob, run_training
+from cellseg.jobs_checkpoint import decide_postprocessing
+from cellseg.jobs_training import TrainOutcome
 from cellseg.loaded_pairs import load_pairs
 from cellseg.mask_pixels import instance_labels
 from cellseg.pairs import ImagePair, pair_images_and_masks, split_train_val
@@ -185,7 +187,7 @@ def recipe_validation_pairs(recipe: NucleiRecipe, data: Path) -> list[ImagePair]
 
 def decide_nuclei_postprocessing(recipe: NucleiRecipe | None = None) -> Path:
     """Decide the shipped `nuclei` model's post-processing again on its recipe's validation images,
-    as the end of training does (`cellseg.jobs.finish_checkpoint`), without training again: for
+    as the end of training does (`cellseg.jobs_checkpoint.finish_checkpoint`), without training again: for
     weights trained before a choice was added. Reinstalls the checkpoint with the decision, and
     its card with the validation cell scores and sha256 that go with it; the card's test figures
     are dropped until `python -m benchmarks.quality --dataset ../shared/data/dsb2018 --model nuclei

@@ -277,7 +277,8 @@ def given(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
 
 
 def _command(group: argparse._SubParsersAction, name: str, run: str | None = None, **kwargs: Any) -> argparse.ArgumentParser:
-    """A (sub)command that also takes --config and -q after its name; `run` names its function in `cellseg.cli`."""
+    """A (sub)command that also takes --config and -q after its name; `run` names its function in
+    `cellseg.cli.COMMANDS`."""
     parser = group.add_parser(name, **kwargs)
     parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE", help=CONFIG_HELP)
     parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
@@ -423,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
         action = _command(actions, name, "models", help=help_text)
         add_flags(action, [REGISTRY_FLAG])
         if name not in ("list", "rollback"):
-            # export's default is set in cellseg.cli: a version given beside --checkpoint is refused there
+            # export's default is set in cellseg.cli_models: a version given beside --checkpoint is refused there
             action.add_argument("version", nargs="?" if name in ("show", "export") else None,
                                 default=None if name == "export" else "current")
         if name == "export":

@@ -1,5 +1,5 @@
 """Hyper-parameter search: plan trials over a search space and pick the best by validation Dice.
-Each trial is trained by `cellseg.jobs.run_trial`; the tune-unet flow runs them in parallel."""
+Each trial is trained by `cellseg.jobs_tune.run_trial`; the tune-unet flow runs them in parallel."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ one zarr store, and report a summary. Used by the nightly-segmentation and backf
 
 Each task is one step of `cellseg.jobs.run_segmentation`: pin the model, plan the shards,
 segment a shard; an image too large to read whole is segmented block by block by the steps of
-`cellseg.jobs.LargeImage` (prepare, one task per block, stitch, one task per block, finish). The
+`cellseg.large_image.LargeImage` (prepare, one task per block, stitch, one task per block, finish). The
 flow adds parallelism, retries, GPU slots and artifacts."""
 
 from __future__ import annotations
@@ -35,19 +35,10 @@ from cellseg.flows._common import (
     worker_job,
 )
 from cellseg.flows.dask_checks import check_dask_workers, lost_scheduler_error
-from cellseg.jobs import (
-    LargeImage,
-    SegmentJob,
-    SegmentPlan,
-    Shard,
-    model_source,
-    pin_model,
-    plan_segmentation,
-    segment_shard,
-    stop_event,
-    stopped_when_left_by_an_error,
-    with_block_threads,
-)
+from cellseg.jobs import SegmentJob
+from cellseg.jobs_plan import SegmentPlan, Shard, model_source, pin_model, plan_segmentation
+from cellseg.jobs_shards import segment_shard, stop_event, stopped_when_left_by_an_error
+from cellseg.large_image import LargeImage, with_block_threads
 from cellseg.pictures import picture_markdown
 from cellseg.redact import redact_url
 from cellseg.report import montage_url, store_montage

@@ -752,7 +752,7 @@ def test_a_scratch_chunk_its_codec_cannot_read_makes_the_rerun_start_over_naming
 def test_segment_images_starts_a_large_image_over_when_its_scratch_cannot_be_decoded(frozen_general, prefect_harness,
                                                                                       tmp_path):
     from cellseg.flows.segment import segment_images_flow
-    from cellseg.jobs import LargeImage
+    from cellseg.large_image import LargeImage
 
     (tmp_path / "in").mkdir()
     tifffile.imwrite(tmp_path / "in" / "big.tif", mosaic((SIDE, SIDE), seed=6), tile=(256, 256))

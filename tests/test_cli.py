@@ -526,7 +526,7 @@ def test_flow_commands_start_their_own_server_without_telemetry_unless_told(give
            if key not in ("PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK") and not key.startswith("CELLSEG_")}
     if given is not None:
         env["PREFECT_SERVER_ANALYTICS_ENABLED"] = given
-    program = ("from cellseg.cli import _needs_orchestration\n_needs_orchestration('flow segment-images')\n"
+    program = ("from cellseg.cli_flows import _needs_orchestration\n_needs_orchestration('flow segment-images')\n"
                "from prefect.settings import get_current_settings\nprint(get_current_settings().server.analytics_enabled)")
     result = subprocess.run([sys.executable, "-c", program], check=False, capture_output=True, text=True, timeout=120,
                             env=env)

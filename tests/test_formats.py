@@ -394,14 +394,14 @@ def test_plain_images_never_import_bioio_or_dask(synthetic_dataset):
 
 
 def test_selection_flags_fill_the_predict_config(tmp_path):
-    from cellseg.cli import _settings
     from cellseg.cli_parser import build_parser
+    from cellseg.cli_settings import command_settings
 
     args = build_parser().parse_args(["predict", "--images", "in", "--out", "o.zarr", "--channel", "DAPI", "--z", "max",
                                       "--t", "all", "--cell-diameter-um", "7.5"])
-    predict = _settings(args).predict
+    predict = command_settings(args).predict
     assert predict.selection == SelectionConfig(channel="DAPI", z="max", t="all") and predict.cell_diameter_um == 7.5
-    index = _settings(build_parser().parse_args(["predict", "--images", "in", "--out", "o.zarr", "--channel", "1"]))
+    index = command_settings(build_parser().parse_args(["predict", "--images", "in", "--out", "o.zarr", "--channel", "1"]))
     assert index.predict.selection.channel == 1
     assert json.loads(PredictConfig(selection={"z": 3}).model_dump_json())["selection"] == {"channel": None, "z": 3, "t": None}
 

@@ -14,19 +14,10 @@ import tifffile
 
 from cellseg.checkpoint import CheckpointError, load_checkpoint
 from cellseg.config import BlockConfig, ModelConfig, PredictConfig, TrainConfig
-from cellseg.jobs import (
-    STOP_GRACE,
-    RunFolderError,
-    SegmentJob,
-    TrainJob,
-    check_run_dir,
-    even_shards,
-    model_source,
-    pin_model,
-    plan_segmentation,
-    run_segmentation,
-    run_training,
-)
+from cellseg.jobs import SegmentJob, TrainJob, run_segmentation, run_training
+from cellseg.jobs_plan import even_shards, model_source, pin_model, plan_segmentation
+from cellseg.jobs_shards import STOP_GRACE
+from cellseg.jobs_training import RunFolderError, check_run_dir
 from cellseg.registry import Registry, RegistryError
 from cellseg.store import ResultStore
 from cellseg.store_checks import StoreError

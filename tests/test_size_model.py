@@ -129,7 +129,7 @@ def constant_size_model(features: int, diameter: float) -> dict:
 def test_the_size_model_that_reads_the_validation_images_best_is_kept(tmp_path, caplog):
     import logging
 
-    from cellseg.jobs import choose_size_model
+    from cellseg.jobs_checkpoint import choose_size_model
     from cellseg.loaded_pairs import load_pairs
     from cellseg.model import feature_count
     from cellseg.pairs import pair_images_and_masks

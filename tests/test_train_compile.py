@@ -72,13 +72,14 @@ print("eager after failure")
 
 
 def test_training_is_eager_unless_asked_and_the_cli_takes_the_mode():
-    from cellseg.cli import _settings, build_parser
+    from cellseg.cli_parser import build_parser
+    from cellseg.cli_settings import command_settings
 
     assert TrainConfig().compile == "off"
     pairs = ["--images", "a", "--masks", "b", "--out", "c"]
     for flags, mode in (([], "off"), (["--compile", "default"], "default"),
                         (["--compile", "reduce-overhead"], "reduce-overhead")):
         args = build_parser().parse_args(["train", *pairs, *flags])
-        assert _settings(args).training.compile == mode
+        assert command_settings(args).training.compile == mode
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", *pairs, "--compile", "max"])

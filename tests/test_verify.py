@@ -15,7 +15,8 @@ import zarr
 
 from cellseg.config import BlockConfig, PredictConfig
 from cellseg.job_config import SegmentJob
-from cellseg.jobs import LargeImage, run_segmentation
+from cellseg.jobs import run_segmentation
+from cellseg.large_image import LargeImage
 from cellseg.store import ResultStore
 from cellseg.store_checks import DamagedImage, DamagedStore, StoreError
 from cellseg.store_layout import CELL_TABLE

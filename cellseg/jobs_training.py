@@ -1,0 +1,188 @@
+"""The training recipe, `run_training(TrainJob, out_dir)`: pair -> split -> load once -> decide
+'auto' fields -> train -> pixel and cell validation -> pictures and manifest; and the checks of the
+folder a run writes into."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cellseg.checkpoint import load_checkpoint
+from cellseg.dataset_errors import DatasetError
+from cellseg.evaluate import validation_cell_scores
+from cellseg.infer import Predictor
+from cellseg.io import IMAGE_SUFFIXES, MICROSCOPY_FILE_SUFFIXES
+from cellseg.job_config import TrainJob
+from cellseg.jobs_checkpoint import finish_checkpoint
+from cellseg.loaded_pairs import LoadedPair, load_pairs, manifest_hash
+from cellseg.pairs import ImagePair, pair_images_and_masks, split_train_val
+from cellseg.redact import redact_url
+from cellseg.report import CURVES_FILE, GALLERY_FILE, training_pictures
+from cellseg.starting_point import Start, choose_start
+from cellseg.train import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, STOP_FILE, TrainResult, train
+
+logger = logging.getLogger("cellseg.jobs")  # the jobs' one logger, whichever of their modules speaks
+
+
+@dataclass
+class TrainOutcome:
+    """How a training run ended: the loop's result, the validation cell scores of its best
+    checkpoint (instance label masks only), the pictures it drew and the dataset it saw."""
+
+    result: TrainResult
+    dataset_hash: str
+    train_images: int
+    val_images: int
+    cells: dict[str, Any] = field(default_factory=dict)
+    pictures: list[str] = field(default_factory=list)
+    start: Start | None = None
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.result.best_checkpoint
+
+    @property
+    def best_metrics(self) -> dict[str, float]:
+        return self.result.best_metrics
+
+    @property
+    def history_path(self) -> Path:
+        return self.result.history_path
+
+    @property
+    def validation(self) -> dict[str, float]:
+        """The best checkpoint's validation metrics on whole images, without the `val_` prefix."""
+        return {key.removeprefix("val_"): value for key, value in self.best_metrics.items() if key.startswith("val_")}
+
+    def summary(self) -> dict[str, Any]:
+        """Plain data for reports and flow results."""
+        return {
+            "best_checkpoint": str(self.best_checkpoint),
+            "history_path": str(self.history_path),
+            "best_epoch": self.result.best_epoch,
+            "best_described": self.result.best_described,
+            "start_metrics": self.result.start_metrics,
+            "epochs_run": len(self.result.history),
+            "stop_reason": self.result.stop_reason,
+            "dataset_hash": self.dataset_hash,
+            "metrics": self.validation | {f"cells_{name}": value for name, value in self.cells.items()},
+            "pictures": self.pictures,
+            "start": self.start.summary() if self.start else None,
+        }
+
+
+def run_training(
+    job: TrainJob,
+    out_dir: str | Path,
+    pairs: Sequence[ImagePair] | None = None,
+    resume: bool = False,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    overwrite: bool = False,
+) -> TrainOutcome:
+    """Train a model as `job` says into `out_dir` (best.pt, last.pt, history.json, manifest.json,
+    split.json and the pictures), on `pairs` or else the pairs found at the job's URLs. A run
+    already in `out_dir` is continued with `resume`, replaced with `overwrite`, else refused
+    (`check_run_dir`).
+
+    Fine-tuning (`training.init_from`; 'auto' is decided by `cellseg.starting_point.choose_start`,
+    logged as "start: ..." and recorded in the outcome's `start`) takes the model config of that checkpoint. The split is deterministic (`training.seed`), every image is decoded and
+    normalised once, the best checkpoint gets what prediction needs beyond its weights
+    (`finish_checkpoint`), and it is scored on the validation images at cell level (with instance
+    label masks) exactly as `cellseg predict` would segment them with `job.predict`.
+    """
+    out = check_run_dir(out_dir, resume, overwrite)
+    if overwrite and not resume and (stop := out / STOP_FILE).is_file():
+        stop.unlink()  # it asked the replaced run to stop: left there, it would end the new one before epoch 1
+        logger.info("removed %s, which the run being replaced left", stop)
+    if pairs is None:
+        pairs = pair_images_and_masks(job.images_url, job.masks_url)
+    model_config, training = job.model, job.training
+    train_pairs, val_pairs = split_train_val(pairs, training.val_fraction, training.seed)
+    start = choose_start(job, len(pairs), val_pairs, out, resume)
+    logger.info("start: %s", start.described())
+    training = training.model_copy(update={"init_from": start.checkpoint})
+    if training.init_from:
+        model_config = load_checkpoint(training.init_from).model_config
+    logger.info("loading %d image/mask pairs", len(pairs))
+    loaded_train = load_pairs(train_pairs, model_config.normalization)
+    loaded_val = load_pairs(val_pairs, model_config.normalization)
+    labelled = sum(pair.instances is not None for pair in loaded_train + loaded_val)
+    kinds = {"instance label images (one value per cell)": labelled, "binary masks": len(pairs) - labelled}
+    logger.info("masks read as %s", " and ".join(f"{count} {kind}" for kind, count in kinds.items() if count))
+    if not any(pair.mask.any() for pair in loaded_train):
+        raise DatasetError(f"none of the {len(loaded_train)} training masks (under "
+                           f"'{redact_url(job.masks_url)}') has a cell pixel: there is nothing to "
+                           "learn; masks mark cells with any value above 0 on a 0 background")
+    if resume:
+        check_resumed_dataset(out, manifest_hash(loaded_train + loaded_val))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunFolderError(f"cannot create the training folder '{out}' ({error.strerror or error})") from error
+    dataset_hash = _write_manifest(out, loaded_train, loaded_val)
+    result = train(loaded_train, loaded_val, out, model_config, training, dataset_hash, resume=resume, on_epoch=on_epoch)
+    checkpoint = finish_checkpoint(str(result.best_checkpoint), job, loaded_train, loaded_val, training.init_from)
+    predictor = Predictor(checkpoint, job.predict.model_copy(update={"device": training.device}))
+    cells = validation_cell_scores(predictor, loaded_val)
+    pictures = training_pictures(out, result.history, loaded_val, predictor, start=result.start_metrics,
+                                 best_epoch=result.best_epoch)
+    return TrainOutcome(result, dataset_hash, len(loaded_train), len(loaded_val), cells, pictures, start)
+
+
+class RunFolderError(ValueError):
+    """A training folder that cannot be used as asked; the message names it and what is there."""
+
+
+RUN_FILES = (BEST_CHECKPOINT, LAST_CHECKPOINT, HISTORY_FILE)  # what makes a folder hold a training run
+
+
+def check_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
+    """`out_dir` as a Path if a training run may write there: not a file; with `resume`, a run to
+    continue; without it, no run that the new one would replace unless `overwrite` says so. The
+    old run's files are then replaced as the new run writes its own, never deleted up front."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"training folder '{out}' is an existing file, not a folder")
+    if images := sorted(path.name for path in out.glob("*") if path.suffix.lower() in IMAGE_SUFFIXES + MICROSCOPY_FILE_SUFFIXES
+                        and path.name not in (CURVES_FILE, GALLERY_FILE) and path.is_file()):
+        raise RunFolderError(f"training folder '{out}' holds images ({', '.join(images[:3])}"
+                             f"{', …' if len(images) > 3 else ''}): a run's pictures would go among them, and be "
+                             "read as images by a later run on that folder; choose another folder")
+    present = [name for name in RUN_FILES if (out / name).is_file()]
+    if resume and LAST_CHECKPOINT not in present:
+        raise RunFolderError(f"nothing to resume in '{out}': it holds no {LAST_CHECKPOINT}"
+                             + ("; start afresh there with --overwrite" if present else ""))
+    if present and not (resume or overwrite):
+        try:
+            count = len(json.loads((out / HISTORY_FILE).read_text()))
+            epochs = f", {count} epoch{'s' if count != 1 else ''} of history"
+        except (OSError, ValueError, TypeError):
+            epochs = ""
+        resumable = "continue it (--resume), " if LAST_CHECKPOINT in present else ""  # stopped before its first epoch ended
+        raise RunFolderError(f"'{out}' already holds a training run ({', '.join(present)}{epochs}) that a new run "
+                             f"would replace; {resumable}replace it (--overwrite) or choose another folder")
+    return out
+
+
+def check_resumed_dataset(out: Path, dataset_hash: str) -> None:
+    """Refuse to resume the run in `out` on other images or masks than it began with: its epochs,
+    split and best score would mix two datasets, and its manifest.json would be replaced."""
+    recorded = load_checkpoint(str(out / LAST_CHECKPOINT)).dataset_manifest_hash
+    if recorded is not None and recorded != dataset_hash:
+        raise RunFolderError(f"'{out / LAST_CHECKPOINT}' was trained on dataset {recorded[:12]} (its manifest.json), "
+                             f"but these images and masks are dataset {dataset_hash[:12]}: resume with the ones the "
+                             "run began with, or start afresh (--overwrite, or another folder)")
+
+
+def _write_manifest(out: Path, loaded_train: list[LoadedPair], loaded_val: list[LoadedPair]) -> str:
+    """manifest.json (the pairs' files and checksums) and split.json into `out`; returns the dataset hash."""
+    dataset_hash = manifest_hash(loaded_train + loaded_val)
+    entries = [pair.manifest_entry() for pair in loaded_train + loaded_val]
+    (out / "manifest.json").write_text(json.dumps({"hash": dataset_hash, "entries": entries}, indent=1))
+    split = {"train": [pair.id for pair in loaded_train], "val": [pair.id for pair in loaded_val]}
+    (out / "split.json").write_text(json.dumps(split, indent=1))
+    return dataset_hash
