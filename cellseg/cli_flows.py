@@ -13,7 +13,7 @@ from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 from cellseg.cli_output import INTERRUPTED, batch_status, print_cell_scores, print_metrics
-from cellseg.cli_parser import JOB, given
+from cellseg.cli_parser_base import JOB, given
 from cellseg.cli_settings import command_settings
 from cellseg.redact import redact_url
 

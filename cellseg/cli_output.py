@@ -9,7 +9,7 @@ import unicodedata
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from cellseg.cli_parser import PARTLY_FAILED
+from cellseg.cli_parser_base import PARTLY_FAILED
 from cellseg.redact import redact_text
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from cellseg.cli_output import print_cell_scores, print_damaged, print_table, progress
-from cellseg.cli_parser import PARTLY_FAILED
+from cellseg.cli_parser_base import PARTLY_FAILED
 from cellseg.cli_settings import command_settings
 from cellseg.json_values import dumps
 from cellseg.redact import redact_text, redact_url

@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 from cellseg import __version__
-from cellseg.cli_parser import SETTING, given
+from cellseg.cli_parser_base import SETTING, given
 from cellseg.json_values import dumps
 from cellseg.settings import CellsegSettings, config_file_path, load_settings
 
