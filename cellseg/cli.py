@@ -121,6 +121,8 @@ class TerminalSafeOutput:
 INTERRUPTED_HINTS = {
     "predict": "the images written so far are kept: run the same command again to segment the rest",
     "train": "the last finished epoch is kept in last.pt: add --resume to continue from it",
+    "export": "no file was left partly written (a table is written whole or not at all, label images each whole); "
+              "with --labels, run it again with --overwrite to write them all",
 }
 
 

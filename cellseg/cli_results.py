@@ -153,11 +153,17 @@ def _export_labels(args: argparse.Namespace) -> int:
         raise ValueError(f"--format {args.format} writes a table: label images are written as tiff or png")
     store = ResultStore.open(args.store, mode="r")
     with progress("exporting", "image") as bar:
-        written = export_labels(store, args.out, args.labels, args.format or "tiff", overwrite=args.overwrite,
-                                on_image=lambda _: bar.update())
+        exported = export_labels(store, args.out, args.labels, args.format or "tiff", overwrite=args.overwrite,
+                                 on_image=lambda _: bar.update(), on_plan=bar.reset)
     suffix = ".png" if args.format == "png" else ".tif"
-    print(f"wrote the {'cell labels' if args.labels == 'cells' else 'masks'} of {len(written)} "
-          f"image{'s' if len(written) != 1 else ''} to {redact_url(args.out)} as <image id>_{args.labels}{suffix}")
+    written = len(exported.written)
+    print(f"wrote the {'cell labels' if args.labels == 'cells' else 'masks'} of {written} "
+          f"image{'s' if written != 1 else ''} to {redact_url(args.out)} as <image id>_{args.labels}{suffix}")
+    if not_done := exported.not_done:
+        shown_ids = ", ".join(not_done[:5]) + (", ..." if len(not_done) > 5 else "")
+        counted = "1 image of the store has" if len(not_done) == 1 else f"{len(not_done)} images of the store have"
+        print(f"{counted} no labels, not segmented (failed, or left unfinished by a run): {shown_ids}; "
+              f"`cellseg results {redact_url(args.store)}` says why")
     print_damaged(store)
     return PARTLY_FAILED if store.damaged else 0
 

@@ -24,9 +24,9 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-from cellseg.io import StorageOptions, filesystem, join_url, write_bytes, write_file_atomic
+from cellseg.io import _UMASK, StorageOptions, filesystem, join_url, write_bytes, write_file_atomic
 from cellseg.store import ResultStore
-from cellseg.store_checks import DamagedImage, describe, enclosing_zarr_store
+from cellseg.store_checks import DONE, DamagedImage, describe, enclosing_zarr_store
 from cellseg.store_layout import CELLS_PATH, CHUNK_ERRORS, MASK_PATH
 from cellseg.tables import OutputError, bucket_is_missing, file_above, write_failure
 
@@ -54,6 +54,15 @@ def label_file_name(image_id: str, kind: str, file_format: str) -> str:
     return f"{image_id}_{kind}{LABEL_FORMATS[file_format]}"
 
 
+@dataclass(frozen=True)
+class ExportedLabels:
+    """What `export_labels` did: the file names written, and the images it had no labels for
+    (failed, or not finished by a run)."""
+
+    written: list[str]
+    not_done: list[str]
+
+
 def export_labels(
     store: ResultStore,
     out_url: str,
@@ -62,19 +71,25 @@ def export_labels(
     overwrite: bool = False,
     storage_options: StorageOptions = None,
     on_image: Callable[[str], None] | None = None,
+    on_plan: Callable[[int], None] | None = None,
     whole_image_pixels: int = WHOLE_IMAGE_PIXELS,
-) -> list[str]:
+) -> ExportedLabels:
     """Write the `kind` labels ('cells' or 'mask') of every done image of `store` into the folder
-    `out_url` as `file_format` ('tiff' or 'png'); returns the names written. The folder, the files
-    already in it and what PNG cannot hold are checked before anything is written (OutputError);
-    an image found damaged on reading is left out, with a warning, and noted in `store.damaged`."""
+    `out_url` as `file_format` ('tiff' or 'png'). The folder, the files already in it and what PNG
+    cannot hold are checked before anything is written (OutputError); an image found damaged on
+    reading is left out, with a warning, and noted in `store.damaged`. `on_plan` is told how many
+    files are to be written, `on_image` of each image done."""
     if kind not in LABEL_KINDS or file_format not in LABEL_FORMATS:
         raise ValueError(f"labels are {' or '.join(LABEL_KINDS)}, written as {' or '.join(LABEL_FORMATS)}; "
                          f"not {kind} as {file_format}")
     fs, folder = check_output_folder(out_url, storage_options)
-    files = [_label_file(image_id, record, kind, file_format) for image_id, record in sorted(store.done_records().items())]
+    records = dict(store.records())  # one pass: the done images, and those without labels to name
+    files = [_label_file(image_id, record, kind, file_format)
+             for image_id, record in sorted(records.items()) if record.get("status") == DONE]
     _refuse_what_png_cannot_hold(files, kind, file_format, whole_image_pixels)
     _refuse_replacing(fs, folder, out_url, [file.name for file in files], overwrite)
+    if on_plan is not None:
+        on_plan(len(files))
     written = []
     for file in files:
         try:
@@ -86,7 +101,8 @@ def export_labels(
             written.append(file.name)
         if on_image is not None:
             on_image(file.image_id)
-    return written
+    return ExportedLabels(written, sorted(image_id for image_id, record in records.items()
+                                          if record.get("status") != DONE))
 
 
 def check_output_folder(url: str, storage_options: StorageOptions = None) -> tuple[Any, str]:
@@ -115,8 +131,9 @@ def _label_file(image_id: str, record: dict[str, Any], kind: str, file_format: s
     shape = (int(shape[0]), int(shape[1])) if isinstance(shape, list) and len(shape) == 2 else (0, 0)
     count = record.get("statistics", {}).get("cell_count")
     pixel = (record.get("source") or {}).get("pixel_size_yx_um")
-    pixel_size = (float(pixel[0]), float(pixel[1])) if (
-        isinstance(pixel, list) and len(pixel) == 2 and all(isinstance(v, int | float) and v > 0 for v in pixel)) else None
+    pixel_size = None
+    if isinstance(pixel, list) and len(pixel) == 2 and all(isinstance(v, int | float) and v > 0 for v in pixel):
+        pixel_size = (float(pixel[0]), float(pixel[1]))
     return LabelFile(image_id, label_file_name(image_id, kind, file_format), shape,
                      count if isinstance(count, int) else None, pixel_size)
 
@@ -191,7 +208,8 @@ def _encoded(pixels: np.ndarray, file: LabelFile, file_format: str) -> bytes:
     buffer = io.BytesIO()
     if file_format == "png":
         picture = Image.fromarray(pixels if pixels.dtype == np.uint8 else pixels.astype(np.uint16))
-        dpi = {"dpi": tuple(25400.0 / size for size in reversed(file.pixel_size_yx_um))} if file.pixel_size_yx_um else {}
+        pixel_size = file.pixel_size_yx_um
+        dpi = {"dpi": tuple(25400.0 / size for size in reversed(pixel_size))} if pixel_size else {}
         picture.save(buffer, format="PNG", **dpi)
     else:
         tifffile.imwrite(buffer, pixels, compression="zlib", **_resolution(file))
@@ -220,7 +238,8 @@ def _write_tiled_tiff(store: ResultStore, file: LabelFile, kind: str, array: zar
                 try:
                     region = np.asarray(array[top:top + tile[0], left:left + tile[1]])
                 except CHUNK_ERRORS as error:
-                    raise DamagedImage(store.url, file.image_id, f"its {kind} '{file.image_id}/{what}' has a chunk "
+                    raise DamagedImage(store.url, file.image_id, f"its {'cell labels' if kind == 'cells' else kind} "
+                                                                 f"'{file.image_id}/{what}' has a chunk "
                                                                  f"that cannot be decoded ({describe(error)})",
                                        undecodable=True) from error
                 yield _labels(store, file, kind, region, dtype)
@@ -235,6 +254,7 @@ def _write_tiled_tiff(store: ResultStore, file: LabelFile, kind: str, array: zar
         tifffile.imwrite(temporary, tiles(), shape=(height, width), dtype=dtype, tile=tile, compression="zlib",
                          bigtiff=height * width * np.dtype(dtype).itemsize > BIGTIFF_BYTES, **_resolution(file))
         if local:
+            os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide it from the folder's other users
             os.replace(temporary, os.path.realpath(path))
         else:
             fs.makedirs(posixpath.dirname(path), exist_ok=True)

@@ -117,6 +117,10 @@ def encode_png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+MIN_SIDE = 16
+MAX_SIDE = 8192  # up to 61,440 cells, which 16-bit label PNGs number; a larger image would overflow them
+
+
 def write_dataset(
     out_url: str,
     count: int = 24,
@@ -135,8 +139,8 @@ def write_dataset(
     `overwrite` replaced: those folders' files are deleted first, so no earlier image stays
     beside the new ones.
     """
-    if count < 1 or size < 16:
-        raise ValueError(f"a synthetic dataset needs at least 1 image of at least 16 pixels a side "
+    if count < 1 or not MIN_SIDE <= size <= MAX_SIDE:
+        raise ValueError(f"a synthetic dataset needs at least 1 image of {MIN_SIDE} to {MAX_SIDE} pixels a side "
                          f"(asked: {count} of {size})")
     fs, root = filesystem(out_url, storage_options)
     folders = [join_url(root, folder) for folder in DATASET_FOLDERS]

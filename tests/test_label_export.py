@@ -36,7 +36,8 @@ def store_with_images(path: Path, shapes: dict[str, tuple[int, int]], pixel_size
         mask = blobs(shape, seed)
         cells, areas = label_cells(mask)
         source = {"pixel_size_yx_um": pixel_size, "pixel_size_um": pixel_size[0]} if pixel_size else None
-        store.write_result(image_id, mask, {"cell_count": len(areas)}, f"{image_id}.png", MODEL, cells=cells, source=source)
+        store.write_result(image_id, mask, {"cell_count": len(areas)}, f"{image_id}.png", MODEL, cells=cells,
+                           source=source)
     return store
 
 
@@ -114,7 +115,7 @@ def test_table_and_label_options_that_do_not_go_together_are_refused(tmp_path, a
 
 def test_a_large_image_is_written_tile_by_tile_as_a_tiled_tiff_with_the_same_labels(tmp_path):
     store = store_with_images(tmp_path / "r.zarr", {"big": (1500, 1100), "small": (40, 40)})
-    written = export_labels(store, str(tmp_path / "labels"), whole_image_pixels=1000 * 1000)
+    written = export_labels(store, str(tmp_path / "labels"), whole_image_pixels=1000 * 1000).written
     assert written == ["big_cells.tif", "small_cells.tif"]
     with tifffile.TiffFile(tmp_path / "labels/big_cells.tif") as tiff:
         assert tiff.pages[0].is_tiled and tiff.pages[0].tilelength == 1024
@@ -158,8 +159,8 @@ def test_labels_are_written_to_object_storage_and_a_missing_bucket_is_refused(tm
 
     bucket, options = s3_bucket
     store = store_with_images(tmp_path / "r.zarr", {"a": (48, 40), "big": (300, 200)})
-    assert export_labels(store, f"{bucket}/exports/labels", storage_options=options,
-                         whole_image_pixels=200 * 200) == ["a_cells.tif", "big_cells.tif"]  # one whole, one tiled
+    exported = export_labels(store, f"{bucket}/exports/labels", storage_options=options, whole_image_pixels=200 * 200)
+    assert exported.written == ["a_cells.tif", "big_cells.tif"]  # one whole, one tiled
     fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
     for image_id in ("a", "big"):
         with fs.open(f"{bucket}/exports/labels/{image_id}_cells.tif", "rb") as file:
@@ -193,6 +194,59 @@ def test_an_array_whose_shape_is_not_its_record_s_is_left_out_as_damaged(tmp_pat
     store = store_with_images(tmp_path / "r.zarr", {"a": (32, 32), "b": (32, 32)})
     zarr.create_array(str(tmp_path / "r.zarr/b/labels/cells/0"), shape=(4000, 4000), chunks=(1000, 1000),
                       dtype="int32", fill_value=0, overwrite=True, config={"write_empty_chunks": True})[:] = 0
-    assert export_labels(store, str(tmp_path / "labels"), file_format="png", whole_image_pixels=2000) == ["a_cells.png"]
+    exported = export_labels(store, str(tmp_path / "labels"), file_format="png", whole_image_pixels=2000)
+    assert exported.written == ["a_cells.png"]
     assert store.damaged == {"b": "its cells array is 4000x4000, its record says 32x32"}
     assert os.listdir(tmp_path / "labels") == ["a_cells.png"]
+
+
+def test_a_tiled_tiff_gets_the_same_permissions_as_a_whole_one(tmp_path):
+    """The temporary file a tiled TIFF is written into is private (0600); the file renamed into place must
+    not be, or the folder's other users (Fiji on a shared drive) cannot open it."""
+    store = store_with_images(tmp_path / "r.zarr", {"big": (300, 200), "small": (40, 40)})
+    export_labels(store, str(tmp_path / "labels"), whole_image_pixels=200 * 200)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {name: (tmp_path / "labels" / name).stat().st_mode & 0o777 for name in ("big_cells.tif", "small_cells.tif")}
+    assert modes == {"big_cells.tif": 0o666 & ~umask, "small_cells.tif": 0o666 & ~umask}
+
+
+def test_a_damaged_chunk_is_named_alike_whether_the_image_is_read_whole_or_tile_by_tile(tmp_path):
+    problems = []
+    for whole_image_pixels in (10**6, 100):
+        store = store_with_images(tmp_path / f"r{whole_image_pixels}.zarr", {"a": (32, 32), "b": (32, 32)})
+        chunk = next(path for path in (tmp_path / f"r{whole_image_pixels}.zarr/b/labels/cells/0").rglob("*")
+                     if path.is_file() and path.name != "zarr.json")
+        chunk.write_bytes(b"\x00 torn")
+        out = tmp_path / f"labels{whole_image_pixels}"
+        assert export_labels(store, str(out), whole_image_pixels=whole_image_pixels).written == ["a_cells.tif"]
+        assert os.listdir(out) == ["a_cells.tif"]  # no temporary left
+        problems.append(store.damaged["b"].split(" (")[0])
+    assert problems == ["its cell labels 'b/labels/cells/0' has a chunk that cannot be decoded"] * 2
+
+
+def test_images_without_labels_are_named_and_the_progress_knows_its_total(tmp_path):
+    store = store_with_images(tmp_path / "r.zarr", {"a": (32, 32)})
+    store.record_failure("broken", "broken.png", "ImageReadError: damaged PNG data", MODEL)
+    totals: list[int] = []
+    exported = export_labels(store, str(tmp_path / "labels"), on_plan=totals.append)
+    assert (exported.written, exported.not_done, totals) == (["a_cells.tif"], ["broken"], [1])
+    run = cellseg("export", str(tmp_path / "r.zarr"), "--labels", "mask", "--out", str(tmp_path / "masks"))
+    assert run.stdout.splitlines()[1] == (
+        f"1 image of the store has no labels, not segmented (failed, or left unfinished by a run): broken; "
+        f"`cellseg results {tmp_path / 'r.zarr'}` says why")
+
+
+def test_an_interrupted_export_says_nothing_was_left_partly_written_and_how_to_redo_it(tmp_path, monkeypatch, capsys):
+    import cellseg.label_export
+    from cellseg.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    store_with_images(tmp_path / "r.zarr", {"a": (32, 32)})
+    monkeypatch.setattr(cellseg.label_export, "export_labels", interrupted)
+    assert main(["export", str(tmp_path / "r.zarr"), "--labels", "cells", "--out", str(tmp_path / "labels")]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "cellseg export: interrupted; no file was left partly written (a table is written whole or not at all, "
+        "label images each whole); with --labels, run it again with --overwrite to write them all")

@@ -204,3 +204,11 @@ def test_write_dataset_to_s3(s3_bucket, tmp_path):
         assert urls == [f"{bucket}/synth/{folder}/{i}.png" for i in ids]
         for url, image_id in zip(urls, ids, strict=True):
             assert fs.cat_file(url) == (tmp_path / folder / f"{image_id}.png").read_bytes()
+
+
+def test_a_side_whose_cells_16_bit_labels_cannot_number_is_refused_before_anything_is_written(tmp_path):
+    """9000 pixels a side drew up to 79,000 cells: `cellseg synth` crashed with an OverflowError
+    in the uint16 labels after making the folders."""
+    with pytest.raises(ValueError, match=r"of 16 to 8192 pixels a side \(asked: 1 of 9000\)"):
+        write_dataset(str(tmp_path / "big"), count=1, size=9000)
+    assert not (tmp_path / "big").exists()
