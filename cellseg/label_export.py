@@ -113,13 +113,11 @@ def check_output_folder(url: str, storage_options: StorageOptions = None) -> tup
     fs, path = filesystem(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         path = os.path.realpath(path)
-        if blocking := file_above(path):
-            raise OutputError(f"cannot write into '{url}': '{blocking}' is a file, not a folder")
-        if os.path.isfile(path):
-            raise OutputError(f"'{url}' is a file: name a folder to write the label images into")
     elif bucket := bucket_is_missing(fs, path):
         raise OutputError(f"cannot write into '{url}': its bucket '{bucket}' does not exist")
-    elif fs.isfile(path):
+    if blocking := file_above(fs, path):
+        raise OutputError(f"cannot write into '{url}': '{blocking}' is a file, not a folder")
+    if fs.isfile(path):
         raise OutputError(f"'{url}' is a file: name a folder to write the label images into")
     if store := enclosing_zarr_store(fs, posixpath.join(path, "labels")):
         raise OutputError(f"'{url}' is inside the zarr store '{store}', which it would damage: write it elsewhere")

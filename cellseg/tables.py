@@ -86,10 +86,10 @@ def check_output_file(url: str, overwrite: bool = False, storage_options: Storag
     fs, path = filesystem(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         path = os.path.realpath(path)  # a link into a store leads inside it
-        if blocking := file_above(path):
-            raise OutputError(f"cannot write '{url}': '{blocking}' is a file, not a folder")
     elif bucket := bucket_is_missing(fs, path):
         raise OutputError(f"cannot write '{url}': its bucket '{bucket}' does not exist")
+    if blocking := file_above(fs, path):
+        raise OutputError(f"cannot write '{url}': '{blocking}' is a file, not a folder")
     if fs.isdir(path):
         raise OutputError(f"'{url}' is a folder: name a file to write")
     if store := enclosing_zarr_store(fs, path):
@@ -98,9 +98,16 @@ def check_output_file(url: str, overwrite: bool = False, storage_options: Storag
         raise OutputError(f"'{url}' exists; pass --overwrite to replace it")
 
 
-def file_above(path: str) -> str | None:
-    """The nearest folder above the local `path` that is a file, where no folder can be made."""
-    return next((str(folder) for folder in PurePath(path).parents if os.path.isfile(folder)), None)
+def file_above(fs: AbstractFileSystem, path: str) -> str | None:
+    """The nearest folder above `path` that is a file, where no folder can be made; on object
+    storage, an object named as one of its prefixes, which a copy to a disk could not hold beside it."""
+    if isinstance(fs, LocalFileSystem):
+        return next((str(folder) for folder in PurePath(path).parents if os.path.isfile(folder)), None)
+    parts = path.strip("/").split("/")
+    for end in range(len(parts) - 1, 1, -1):  # the prefixes below the bucket, the nearest first
+        if fs.isfile(above := "/".join(parts[:end])):
+            return str(fs.unstrip_protocol(above))
+    return None
 
 
 def bucket_is_missing(fs: AbstractFileSystem, path: str) -> str | None:

@@ -14,7 +14,7 @@ from PIL import Image
 from cellseg.label_export import export_labels
 from cellseg.stats import label_cells
 from cellseg.store import ResultStore
-from cellseg.tables import OutputError
+from cellseg.tables import OutputError, write_table
 from tests.conftest import cellseg
 
 MODEL = {"version": "0123456789ab", "checkpoint": "runs/x/best.pt"}
@@ -250,3 +250,22 @@ def test_an_interrupted_export_says_nothing_was_left_partly_written_and_how_to_r
     assert capsys.readouterr().err.splitlines()[-1] == (
         "cellseg export: interrupted; no file was left partly written (a table is written whole or not at all, "
         "label images each whole); with --labels, run it again with --overwrite to write them all")
+
+
+def test_an_s3_folder_below_an_object_is_refused_as_a_local_one_below_a_file(tmp_path, s3_bucket):
+    """`--out s3://b/x.tif/labels` was written, though a copy of the bucket to a disk cannot hold
+    both the object x.tif and a folder x.tif."""
+    import s3fs
+
+    bucket, options = s3_bucket
+    store = store_with_images(tmp_path / "r.zarr", {"a": (32, 32)})
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    fs.pipe(f"{bucket}/exports/x.tif".removeprefix("s3://"), b"the user's")
+    with pytest.raises(OutputError) as raised:
+        export_labels(store, f"{bucket}/exports/x.tif/labels", storage_options=options)
+    assert str(raised.value) == (f"cannot write into '{bucket}/exports/x.tif/labels': '{bucket}/exports/x.tif' is a "
+                                 "file, not a folder")
+    with pytest.raises(OutputError, match=f"'{bucket}/exports/x.tif' is a file, not a folder"):
+        write_table([{"image_id": "a"}], f"{bucket}/exports/x.tif/deeper/cells.csv", storage_options=options)
+    assert fs.ls(f"{bucket}/exports".removeprefix("s3://"), detail=False) == [
+        f"{bucket}/exports/x.tif".removeprefix("s3://")]
