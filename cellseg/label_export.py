@@ -28,7 +28,7 @@ from cellseg.io import _UMASK, StorageOptions, filesystem, join_url, write_bytes
 from cellseg.store import ResultStore
 from cellseg.store_checks import DONE, DamagedImage, describe, enclosing_zarr_store
 from cellseg.store_layout import CELLS_PATH, CHUNK_ERRORS, MASK_PATH
-from cellseg.tables import OutputError, bucket_is_missing, file_above, write_failure
+from cellseg.tables import OutputError, output_place, write_failure
 
 LABEL_KINDS = ("cells", "mask")
 LABEL_FORMATS = {"tiff": ".tif", "png": ".png"}
@@ -110,13 +110,7 @@ def check_output_folder(url: str, storage_options: StorageOptions = None) -> tup
     below a file, inside a zarr store or in a bucket that does not exist."""
     if not url.strip():
         raise OutputError("the output folder name is empty: name a folder to write the label images into")
-    fs, path = filesystem(url, storage_options)
-    if isinstance(fs, LocalFileSystem):
-        path = os.path.realpath(path)
-    elif bucket := bucket_is_missing(fs, path):
-        raise OutputError(f"cannot write into '{url}': its bucket '{bucket}' does not exist")
-    if blocking := file_above(fs, path):
-        raise OutputError(f"cannot write into '{url}': '{blocking}' is a file, not a folder")
+    fs, path = output_place(url, storage_options, "write into")
     if fs.isfile(path):
         raise OutputError(f"'{url}' is a file: name a folder to write the label images into")
     if store := enclosing_zarr_store(fs, posixpath.join(path, "labels")):

@@ -83,13 +83,7 @@ def check_output_file(url: str, overwrite: bool = False, storage_options: Storag
     what would be lost."""
     if not url.strip():
         raise OutputError("the output file name is empty: name a file to write")
-    fs, path = filesystem(url, storage_options)
-    if isinstance(fs, LocalFileSystem):
-        path = os.path.realpath(path)  # a link into a store leads inside it
-    elif bucket := bucket_is_missing(fs, path):
-        raise OutputError(f"cannot write '{url}': its bucket '{bucket}' does not exist")
-    if blocking := file_above(fs, path):
-        raise OutputError(f"cannot write '{url}': '{blocking}' is a file, not a folder")
+    fs, path = output_place(url, storage_options, "write")
     if fs.isdir(path):
         raise OutputError(f"'{url}' is a folder: name a file to write")
     if store := enclosing_zarr_store(fs, path):
@@ -98,7 +92,21 @@ def check_output_file(url: str, overwrite: bool = False, storage_options: Storag
         raise OutputError(f"'{url}' exists; pass --overwrite to replace it")
 
 
-def file_above(fs: AbstractFileSystem, path: str) -> str | None:
+def output_place(url: str, storage_options: StorageOptions, writing: str) -> tuple[AbstractFileSystem, str]:
+    """(filesystem, path) of an output `url`, a local link resolved (a link into a store leads
+    inside it); OutputError when it lies in a bucket that does not exist or below a file. The
+    errors say "cannot `writing` 'url'" ('write' a file, 'write into' a folder)."""
+    fs, path = filesystem(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        path = os.path.realpath(path)
+    elif bucket := _bucket_is_missing(fs, path):
+        raise OutputError(f"cannot {writing} '{url}': its bucket '{bucket}' does not exist")
+    if blocking := _file_above(fs, path):
+        raise OutputError(f"cannot {writing} '{url}': '{blocking}' is a file, not a folder")
+    return fs, path
+
+
+def _file_above(fs: AbstractFileSystem, path: str) -> str | None:
     """The nearest folder above `path` that is a file, where no folder can be made; on object
     storage, an object named as one of its prefixes, which a copy to a disk could not hold beside it."""
     if isinstance(fs, LocalFileSystem):
@@ -110,7 +118,7 @@ def file_above(fs: AbstractFileSystem, path: str) -> str | None:
     return None
 
 
-def bucket_is_missing(fs: AbstractFileSystem, path: str) -> str | None:
+def _bucket_is_missing(fs: AbstractFileSystem, path: str) -> str | None:
     """The bucket of `path` on an object store (s3://, gs://, ...) when it does not exist: writing
     would make it, and a typo in its name must not create one. None on other filesystems."""
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
