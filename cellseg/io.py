@@ -11,7 +11,8 @@ import re
 import stat
 import tempfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from math import prod
 from typing import Any, cast
@@ -259,12 +260,21 @@ def write_bytes(url: str, data: bytes, storage_options: StorageOptions = None) -
 
 def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write a local file so that readers see the old or the new contents, never a partial file."""
+    with file_replaced_atomically(path) as temporary, open(temporary, "wb") as file:
+        file.write(data)
+
+
+@contextmanager
+def file_replaced_atomically(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary file beside the local `path` for the block to write; put in its place, with the
+    permissions a new file gets, when the block ends, and removed if it raises: readers see the
+    old or the new contents, never a partial file."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    os.close(handle)
     try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
+        yield temporary
         os.chmod(temporary, 0o666 & ~_UMASK)
         os.replace(temporary, path)
     except BaseException:

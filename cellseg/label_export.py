@@ -24,7 +24,14 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-from cellseg.io import _UMASK, StorageOptions, filesystem, join_url, write_bytes, write_file_atomic
+from cellseg.io import (
+    StorageOptions,
+    file_replaced_atomically,
+    filesystem,
+    join_url,
+    write_bytes,
+    write_file_atomic,
+)
 from cellseg.store import ResultStore
 from cellseg.store_checks import DONE, DamagedImage, describe, enclosing_zarr_store
 from cellseg.store_layout import CELLS_PATH, CHUNK_ERRORS, MASK_PATH
@@ -93,8 +100,8 @@ def export_labels(
     written = []
     for file in files:
         try:
-            _write_label_file(store, file, kind, file_format, join_url(out_url, file.name), storage_options,
-                              whole_image_pixels)
+            _write_label_file(store, file, records[file.image_id], kind, file_format, join_url(out_url, file.name),
+                              storage_options, whole_image_pixels)
         except DamagedImage as error:
             store.note_damage(file.image_id, error.problem)
         else:
@@ -153,9 +160,9 @@ def _refuse_replacing(fs: Any, folder: str, url: str, names: Sequence[str], over
                           f"pass --overwrite to replace them")
 
 
-def _write_label_file(store: ResultStore, file: LabelFile, kind: str, file_format: str, url: str,
-                      storage_options: StorageOptions, whole_image_pixels: int) -> None:
-    array = store.array(file.image_id, CELLS_PATH if kind == "cells" else MASK_PATH)
+def _write_label_file(store: ResultStore, file: LabelFile, record: dict[str, Any], kind: str, file_format: str,
+                      url: str, storage_options: StorageOptions, whole_image_pixels: int) -> None:
+    array = store.array(file.image_id, CELLS_PATH if kind == "cells" else MASK_PATH, record)  # the record read once
     if array is not None and (array.ndim != 2 or file.shape not in ((0, 0), array.shape)):
         raise DamagedImage(store.url, file.image_id, f"its {kind} array is {'x'.join(map(str, array.shape))}, "
                                                      f"its record says {file.shape[0]}x{file.shape[1]}")
@@ -236,22 +243,17 @@ def _write_tiled_tiff(store: ResultStore, file: LabelFile, kind: str, array: zar
                                        undecodable=True) from error
                 yield _labels(store, file, kind, region, dtype)
 
-    local = isinstance(fs, LocalFileSystem)
-    folder = os.path.dirname(os.path.realpath(path)) if local else None
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".tif")
-    os.close(handle)
-    try:
-        tifffile.imwrite(temporary, tiles(), shape=(height, width), dtype=dtype, tile=tile, compression="zlib",
+    def write(target: str) -> None:
+        tifffile.imwrite(target, tiles(), shape=(height, width), dtype=dtype, tile=tile, compression="zlib",
                          bigtiff=height * width * np.dtype(dtype).itemsize > BIGTIFF_BYTES, **_resolution(file))
-        if local:
-            os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide it from the folder's other users
-            os.replace(temporary, os.path.realpath(path))
-        else:
-            fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            fs.put_file(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+
+    if isinstance(fs, LocalFileSystem):
+        with file_replaced_atomically(os.path.realpath(path)) as temporary:
+            write(temporary)
+        return
+    with tempfile.TemporaryDirectory(prefix="cellseg-labels-") as scratch:
+        local = os.path.join(scratch, file.name)
+        write(local)
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        fs.put_file(local, path)
 
