@@ -143,11 +143,15 @@ def _refuse_what_png_cannot_hold(files: Sequence[LabelFile], kind: str, file_for
         return
     for file in files:
         if file.shape[0] * file.shape[1] > whole_image_pixels:
-            raise OutputError(f"image '{file.image_id}' is {file.shape[0]}x{file.shape[1]} pixels, more than a PNG is "
-                              f"written from ({whole_image_pixels:,}): use --format tiff, written tile by tile")
+            raise _too_large_for_png(file.image_id, file.shape, whole_image_pixels)
         if kind == "cells" and (file.cell_count or 0) > UINT16_LABELS:
             raise OutputError(f"image '{file.image_id}' has {file.cell_count:,} cells, more than a 16-bit PNG "
                               f"numbers ({UINT16_LABELS:,}): use --format tiff")
+
+
+def _too_large_for_png(image_id: str, shape: tuple[int, ...], whole_image_pixels: int) -> OutputError:
+    return OutputError(f"image '{image_id}' is {shape[0]}x{shape[1]} pixels, more than a PNG is written from "
+                       f"({whole_image_pixels:,}): use --format tiff, written tile by tile")
 
 
 def _refuse_replacing(fs: Any, folder: str, url: str, names: Sequence[str], overwrite: bool) -> None:
@@ -170,8 +174,7 @@ def _write_label_file(store: ResultStore, file: LabelFile, record: dict[str, Any
     try:
         if array is not None and array.shape[0] * array.shape[1] > whole_image_pixels:
             if file_format == "png":  # a store written before records had shapes: not checked beforehand
-                raise OutputError(f"image '{file.image_id}' is {array.shape[0]}x{array.shape[1]} pixels, more than a "
-                                  f"PNG is written from ({whole_image_pixels:,}): use --format tiff")
+                raise _too_large_for_png(file.image_id, array.shape, whole_image_pixels)
             _write_tiled_tiff(store, file, kind, array, fs, path)
             return
         if array is None:  # written before cell labels were stored: numbered from the mask
