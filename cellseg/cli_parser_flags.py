@@ -76,21 +76,23 @@ MODEL_FLAGS: list[Flag] = [
 ]
 
 PREDICT_FLAGS: list[Flag] = [
-    (("--threshold",), "predict.threshold", {"type": float}),
+    (("--threshold",), "predict.threshold", {"type": float, "none_means": "the model's, decided when it was trained"}),
     (("--min-cell-area",), "predict.min_cell_area", {"type": int}),
     (("--cell-diameter",), "predict.cell_diameter", {
         "type": float, "help": "median diameter (pixels) of the cells in these images, for a model trained with "
-                               "--cell-diameter; default: measured on each image"}),
+                               "--cell-diameter", "none_means": "measured on each image"}),
     (("--cell-diameter-um",), "predict.cell_diameter_um", {
         "type": float, "help": "the cells' median diameter in µm, converted with each image's pixel size (from its "
-                               "metadata; an image without one fails)"}),
+                               "metadata; an image without one fails)", "none_means": "unset: --cell-diameter applies"}),
     (("--channel",), "predict.selection.channel", {
         "help": "channel to segment in multi-channel files: index (0 = first) or name, e.g. DAPI; needed when a "
-                "file has several"}),
+                "file has several", "none_means": "the only one"}),
     (("--z",), "predict.selection.z", {"type": z_plane, "metavar": "Z|max",
-                                       "help": "z plane of z-stacks, or max: maximum projection"}),
+                                       "help": "z plane of z-stacks, or max: maximum projection",
+                                       "none_means": "unset, which a z-stack refuses"}),
     (("--t",), "predict.selection.t", {"type": time_point, "metavar": "T|all",
-                                       "help": "time point of time series, or all: each one an image (<name>_t003)"}),
+                                       "help": "time point of time series, or all: each one an image (<name>_t003)",
+                                       "none_means": "unset, which a time series refuses"}),
     (("--no-split",), "predict.split_touching", {"action": "store_const", "const": False,
                                                  "help": "keep touching cells as one object (no watershed); "
                                                          "default: as the model decided when it was trained"}),
@@ -100,8 +102,8 @@ PREDICT_FLAGS: list[Flag] = [
         "type": float, "help": "how much narrower (pixels of distance) a neck must be than both cells to split them"}),
     (("--centre-prominence",), "predict.centre_prominence", {
         "type": float, "help": "for a model trained with --distance-map: how far (0-1) a cell's centre must rise above "
-                               "the saddle to its neighbour on the distance map to make a cell of its own (default: the model's, "
-                               "decided on its validation images when it was trained)"}),
+                               "the saddle to its neighbour on the distance map to make a cell of its own",
+        "none_means": "the model's, decided on its validation images when it was trained"}),
     (("--no-measure",), "predict.measure_cells", {"action": "store_const", "const": False,
                                                   "help": "skip the per-cell measurement table"}),
     (("--no-image",), "predict.store_image", {
@@ -111,7 +113,8 @@ PREDICT_FLAGS: list[Flag] = [
         "action": "store_const", "const": True, "help": "also store the probability map (float16)"}),
     (("--tta",), "predict.tta", {"action": "store_const", "const": True,
                                  "help": "average over 8 flips/rotations (slower, smoother masks)"}),
-    (("--batch-size",), "predict.batch_size", {"type": int, "help": "images per forward pass (none: 1 on CPU, 8 on CUDA)"}),
+    (("--batch-size",), "predict.batch_size", {"type": int, "help": "images per forward pass",
+                                             "none_means": "1 on CPU, 8 on CUDA"}),
     (("--device",), "predict.device", {"help": "auto, cpu, cuda or cuda:N"}),
     (("--no-amp",), "predict.amp", {"action": "store_const", "const": False,
                                     "help": "plain fp32 inference, no mixed precision"}),
@@ -187,7 +190,8 @@ def add_flags(parser: argparse.ArgumentParser, flags: list[Flag], prefix: str = 
         if options.get("action") != "store_const":
             if "choices" not in options:
                 options.setdefault("metavar", names[0].lstrip("-").upper().replace("-", "_"))
-            default = "none" if (value := field_default(model, key)) is None else value
+            none_means = options.pop("none_means", "none")
+            default = none_means if (value := field_default(model, key)) is None else value
             from_settings = model is CellsegSettings or key.split(".")[0] in FROM_SETTINGS
             if model is not CellsegSettings and key in UNDER_LOCAL_ROOT:
                 where = (f"default: {str(default).removeprefix(LOCAL_ROOT + '/')} under the settings' local_root, "

@@ -66,6 +66,18 @@ def test_a_flag_the_settings_may_set_says_so_in_its_help(tmp_path, command, flag
     assert f"registry '{tmp_path / 'from-settings'}' does not exist" in listed.stdout
 
 
+@pytest.mark.parametrize("command", [["predict"], ["flow", "segment-images"]])
+def test_a_flag_whose_unset_value_means_something_says_what_in_its_help(command):
+    """Their help ended "(default: the settings' predict.threshold, else none)", and the cell size's
+    and batch size's said "default" twice, once in their text and once from the field."""
+    help_text = " ".join(cellseg(*command, "--help").stdout.split())
+
+    assert "else none)" not in help_text and help_text.count("default: measured") == 0
+    assert "predict.threshold, else the model's, decided when it was trained)" in help_text
+    assert "predict.cell_diameter, else measured on each image)" in help_text
+    assert "predict.batch_size, else 1 on CPU, 8 on CUDA)" in help_text
+
+
 @pytest.mark.parametrize(("command", "job", "folders"), [
     (["flow", "train-unet"], "TrainJob", {"--cache-dir": "cache", "--work-dir": "training"}),
     (["tune"], "TuneJob", {"--cache-dir": "cache", "--work-dir": "tuning"}),
