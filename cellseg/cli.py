@@ -20,7 +20,7 @@ import os
 import select
 import sys
 from collections.abc import Callable, Sequence
-from contextlib import redirect_stderr
+from contextlib import nullcontext, redirect_stderr
 from typing import Any
 
 from pydantic import ValidationError
@@ -32,6 +32,7 @@ from cellseg.cli_parser import build_parser
 from cellseg.cli_predict import run_predict
 from cellseg.cli_results import run_evaluate, run_export, run_results, run_verify
 from cellseg.cli_settings import run_config
+from cellseg.cli_signals import TERMINATED, Terminated, sigterm_as_interrupt
 from cellseg.redact import redact_url, shown, terminal_safe
 from cellseg.settings import describe_invalid
 
@@ -140,14 +141,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cellseg.storage_errors import storage_error
 
     stdout, sys.stdout = sys.stdout, TerminalSafeOutput(sys.stdout)
+    # `serve` is left to Prefect's runner, which stops its runs on SIGTERM in its own way.
+    stop_signals = sigterm_as_interrupt() if args.command != "serve" else nullcontext()
     try:
-        status = COMMANDS[args.run](args)
+        with stop_signals:
+            status = COMMANDS[args.run](args)
         sys.stdout.flush()  # a reader that has gone (`| head -1`) shows up here, not at interpreter exit
         return status
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
         hint = INTERRUPTED_HINTS.get(args.command)
-        print(f"cellseg {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
-        return INTERRUPTED
+        how = "stopped by SIGTERM" if isinstance(error, Terminated) else "interrupted"
+        print(f"cellseg {args.command}: {how}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return TERMINATED if isinstance(error, Terminated) else INTERRUPTED
     except BrokenPipeError as error:
         if _stdout_reader_gone():
             # Python's advice: point stdout at devnull, so that the flush at exit cannot fail again.

@@ -19,7 +19,8 @@ EXIT_STATUS_HELP = (
     "repaired); 2 bad usage, settings or input, or storage that cannot be used (no credentials, unreachable, timed "
     f"out, denied), with one line saying which; {PARTLY_FAILED} some images failed: each is listed and recorded, the "
     "rest are done, and the next run tries the failed ones again (export: damaged images were left out of the "
-    "table); 130 interrupted (Ctrl-C): what was written is kept"
+    "table); 130 interrupted (Ctrl-C), 143 stopped by SIGTERM (kill, timeout, a batch scheduler's time limit): what "
+    "was written is kept"
 )
 
 
