@@ -121,6 +121,7 @@ class TerminalSafeOutput:
 
 INTERRUPTED_HINTS = {
     "predict": "the images written so far are kept: run the same command again to segment the rest",
+    "flow segment-images": "the images written so far are kept: run the same command again to segment the rest",
     "train": "the last finished epoch is kept in last.pt: add --resume to continue from it",
     "export": "no file was left partly written (a table is written whole or not at all, label images each whole); "
               "with --labels, run it again with --overwrite to write them all",
@@ -149,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a reader that has gone (`| head -1`) shows up here, not at interpreter exit
         return status
     except KeyboardInterrupt as error:
-        hint = INTERRUPTED_HINTS.get(args.command)
+        hint = INTERRUPTED_HINTS.get(" ".join(filter(None, (args.command, getattr(args, "flow", None)))))
         how = "stopped by SIGTERM" if isinstance(error, Terminated) else "interrupted"
         print(f"cellseg {args.command}: {how}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return TERMINATED if isinstance(error, Terminated) else INTERRUPTED

@@ -583,7 +583,8 @@ def test_ctrl_c_stops_a_flow_on_its_temporary_server_in_seconds_with_status_130(
     assert run.returncode == 130, stderr
     assert time.monotonic() - interrupted < 60
     assert "Crashed('Execution was aborted by an interrupt signal.')" in stderr
-    assert "cellseg flow: interrupted" in stderr.splitlines() and "Traceback" not in stderr
+    assert ("cellseg flow: interrupted; the images written so far are kept: run the same command again to segment "
+            "the rest") in stderr.splitlines() and "Traceback" not in stderr
     psutil.wait_procs(servers, timeout=30)
     assert not [server.pid for server in servers if server.is_running() and server.status() != psutil.STATUS_ZOMBIE]
     # The two shards of 1000 ended after writing what they had predicted, not at their last image.

@@ -120,7 +120,8 @@ def test_sigterm_to_a_flow_on_its_temporary_server_stops_the_server_too(tmp_path
     _, stderr = run.communicate(timeout=120)
 
     assert run.returncode == 143, stderr
-    assert "cellseg flow: stopped by SIGTERM" in stderr.splitlines() and "Traceback" not in stderr
+    assert ("cellseg flow: stopped by SIGTERM; the images written so far are kept: run the same command again to "
+            "segment the rest") in stderr.splitlines() and "Traceback" not in stderr
     psutil.wait_procs(servers, timeout=30)
     assert not [server.pid for server in servers if server.is_running() and server.status() != psutil.STATUS_ZOMBIE]
     assert verify_store(str(tmp_path / "r.zarr"), read_data=True).broken == []
