@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
-from cellseg.cli_output import INTERRUPTED, batch_status, print_cell_scores, print_metrics
+from cellseg.cli_output import INTERRUPTED, batch_status, print_cell_scores, print_metrics, print_preview
 from cellseg.cli_parser_base import JOB, given
 from cellseg.cli_settings import command_settings
 from cellseg.redact import redact_url
@@ -73,13 +73,18 @@ def run_flow_train(args: argparse.Namespace) -> int:
 
 
 def run_flow_segment(args: argparse.Namespace) -> int:
-    _needs_orchestration("flow segment-images")
-    from cellseg.flows.segment import segment_images_flow
     from cellseg.jobs import SegmentJob, with_settings
-    from cellseg.segment import cpu_line
 
     job = with_settings(SegmentJob.model_validate({"source_url": args.source, "store_url": args.store,
                                                    **given(args, JOB)}), command_settings(args))
+    if args.dry_run:  # the library's plan alone: no Prefect
+        from cellseg.jobs_plan import preview_segmentation
+
+        return print_preview(preview_segmentation(job), args.store)
+    _needs_orchestration("flow segment-images")
+    from cellseg.flows.segment import segment_images_flow
+    from cellseg.segment import cpu_line
+
     _warn_when_dask_workers_cannot_report(job.dask_address)
     summary = segment_images_flow(job)
     print(f"segmented {summary['done']}, skipped {summary['skipped']} already done, failed {len(summary['failed'])} "

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from cellseg.cli_parser_base import PARTLY_FAILED
-from cellseg.redact import redact_text
+from cellseg.redact import redact_text, redact_url
 
 if TYPE_CHECKING:
+    from cellseg.jobs_plan import SegmentPreview
     from cellseg.store import ResultStore
 
 INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C (128 + SIGINT)
@@ -26,6 +27,35 @@ def batch_status(failed: int) -> int:
     print(f"{failed} image{'s' if failed > 1 else ''} failed (listed above); the rest are done, and the next run "
           f"tries the failed ones again (exit status {PARTLY_FAILED})")
     return PARTLY_FAILED
+
+
+PREVIEW_IDS = 10  # of the images a dry run would segment, named
+
+
+def print_preview(preview: SegmentPreview, store_url: str) -> int:
+    """What a segmentation run would do, as `--dry-run` found it (`preview_segmentation`); status 0."""
+    def some(ids: Sequence[str]) -> str:
+        more = f" and {len(ids) - PREVIEW_IDS} more" if len(ids) > PREVIEW_IDS else ""
+        return ", ".join(ids[:PREVIEW_IDS]) + more
+
+    plural = {True: "s", False: ""}
+    print("dry run: no model loaded, nothing written")
+    print(f"  model: {preview.model}")
+    print(f"  store: {redact_url(store_url)} " + ("(exists)" if preview.store_exists else "(new: the run creates it)"))
+    count = len(preview.to_segment)
+    if count:
+        parts = [f"{len(preview.retried)} failed in an earlier run"] if preview.retried else []
+        parts += [f"{len(preview.blockwise)} block by block"] if preview.blockwise else []
+        shards = f" in {preview.shards} shard{plural[preview.shards != 1]}" if preview.shards else ""
+        print(f"would segment {count} image{plural[count != 1]}{shards}" + (f" ({', '.join(parts)})" if parts else "")
+              + f": {some(preview.to_segment)}")
+    else:
+        print("would segment nothing: no image of the source is left to do")
+    if preview.skipped:
+        print(f"would skip {len(preview.skipped)} already done")
+    for problem in preview.rejected:
+        print(f"  would reject: {problem['source_url']}: {problem['error']}")
+    return 0
 
 
 def progress(description: str, unit: str, total: int | None = None, leave: bool = False):

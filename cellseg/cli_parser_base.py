@@ -14,6 +14,8 @@ CONFIG_HELP = "TOML or YAML settings file (default: $CELLSEG_CONFIG); flags > CE
 QUIET_HELP = "only warnings and errors on stderr"
 SETTING, JOB = "setting:", "job:"  # argparse dest prefixes of the two kinds of field
 PARTLY_FAILED = 3  # the exit status of a batch in which some images failed
+DRY_RUN_HELP = ("list what the run would do (images to segment, retried, block by block, skipped, rejected) "
+                "and check the model, source and store, without loading the model or writing anything")
 EXIT_STATUS_HELP = (
     "exit status: 0 done (every image done or skipped, or nothing to do); 1 verify found damaged images (not "
     "repaired); 2 bad usage, settings or input, or storage that cannot be used (no credentials, unreachable, timed "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from cellseg.cli_parser_base import EXIT_STATUS_HELP, JOB, add_command, add_pairs
+from cellseg.cli_parser_base import DRY_RUN_HELP, EXIT_STATUS_HELP, JOB, add_command, add_pairs
 from cellseg.cli_parser_flags import (
     MODEL_FLAGS,
     PREDICT_FLAGS,
@@ -52,6 +52,7 @@ def add_flow(commands: argparse._SubParsersAction) -> None:
                           help="segment new images in parallel shards into a store", epilog=EXIT_STATUS_HELP)
     segment.add_argument("--source", required=True, help="directory URL of images, or one image file")
     segment.add_argument("--store", required=True, help="zarr results store URL")
+    segment.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP + " (nor starting Prefect)")
     add_flags(segment, [REGISTRY_FLAG])
     add_flags(segment, SEGMENT_JOB_FLAGS, JOB, SegmentJob)
     add_flags(segment, PREDICT_FLAGS)

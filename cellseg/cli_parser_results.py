@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from cellseg.cli_parser_base import EXIT_STATUS_HELP, PARTLY_FAILED, add_command, row_limit
+from cellseg.cli_parser_base import DRY_RUN_HELP, EXIT_STATUS_HELP, PARTLY_FAILED, add_command, row_limit
 from cellseg.cli_parser_flags import PREDICT_FLAGS, REGISTRY_FLAG, add_flags
 
 
@@ -21,6 +21,7 @@ def add_predict(commands: argparse._SubParsersAction) -> None:
     add_flags(predict, [REGISTRY_FLAG])
     predict.add_argument("--images", required=True, help="directory URL of images to segment, or one image file")
     predict.add_argument("--out", required=True, help="zarr store URL; created if missing, done images skipped")
+    predict.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     add_flags(predict, PREDICT_FLAGS)
 
 

@@ -8,7 +8,7 @@ import logging
 from contextlib import ExitStack
 from typing import Any
 
-from cellseg.cli_output import batch_status, print_damaged, print_table, progress
+from cellseg.cli_output import batch_status, print_damaged, print_preview, print_table, progress
 from cellseg.cli_settings import command_settings
 from cellseg.redact import redact_url
 from cellseg.settings import CellsegSettings
@@ -38,6 +38,10 @@ def run_predict(args: argparse.Namespace) -> int:
         job = SegmentJob(source_url=args.images, store_url=args.out, registry_url=settings.registry_url,
                          model_version=shipped or "current", checkpoint_url=None if shipped else args.model,
                          predict=settings.predict)
+    if args.dry_run:
+        from cellseg.jobs_plan import preview_segmentation
+
+        return print_preview(preview_segmentation(job), args.out)
     with ExitStack() as bars:
         scan = bars.enter_context(progress("reading store", "image"))
         segmenting: list[Any] = []

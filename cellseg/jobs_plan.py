@@ -13,9 +13,9 @@ from cellseg.blocks import blockwise_shape
 from cellseg.formats import list_sources
 from cellseg.job_config import SegmentJob
 from cellseg.model_source import ModelSource, shared_predictor
-from cellseg.segment import model_record, pending_images
+from cellseg.segment import images_by_id, model_record, pending_images
 from cellseg.store import ResultStore
-from cellseg.store_checks import invalid_image_id
+from cellseg.store_checks import DONE, FAILED, NoStore, check_store_target, invalid_image_id
 
 Shard = list[tuple[str, str]]
 
@@ -73,6 +73,46 @@ def plan_segmentation(job: SegmentJob, on_record: Callable[[str], None] | None =
     large = large_images(todo, job)
     todo = [pair for pair in todo if pair not in large]
     return SegmentPlan(even_shards(todo, job.shard_size, job.max_parallel_shards), skipped, rejected, large)
+
+
+@dataclass(frozen=True)
+class SegmentPreview:
+    """What a segmentation job would do, found without loading its model or writing anything: the
+    images it would segment (of them, `retried`: failed in an earlier run; `blockwise`: read block
+    by block), those already done and skipped, and the files it would reject."""
+
+    model: str  # in words (`ModelSource.described`)
+    store_exists: bool
+    to_segment: list[str]
+    retried: list[str]
+    blockwise: list[str]
+    skipped: list[str]
+    rejected: list[dict[str, str]]
+    shards: int
+
+
+def preview_segmentation(job: SegmentJob) -> SegmentPreview:
+    """The plan of `job` as `plan_segmentation` would make it, read only: the model is found (not
+    loaded), the source listed, the store read or, when there is none yet, its place checked."""
+    model = model_source(job).pinned()  # a missing model fails here, as it would fail the run
+    images = list_sources(job.source_url, job.predict.selection)
+    try:
+        store: ResultStore | None = ResultStore.open(job.store_url, mode="r")
+    except NoStore:
+        check_store_target(job.store_url)
+        store = None
+    statuses = {image_id: record.get("status") for image_id, record in store.records()} if store else {}
+    rejected: list[dict[str, str]] = []
+    by_id = images_by_id(images, rejected)
+    todo = [(image_id, url) for image_id, url in sorted(by_id.items()) if statuses.get(image_id) != DONE]
+    large = {image_id for image_id, _ in large_images(todo, job)}
+    return SegmentPreview(
+        model=model.described(), store_exists=store is not None,
+        to_segment=[image_id for image_id, _ in todo],
+        retried=[image_id for image_id, _ in todo if statuses.get(image_id) == FAILED],
+        blockwise=sorted(large), skipped=sorted(image_id for image_id in by_id if statuses.get(image_id) == DONE),
+        rejected=rejected, shards=len(even_shards([pair for pair in todo if pair[0] not in large], job.shard_size,
+                                                  job.max_parallel_shards)))
 
 
 def even_shards(images: Shard, shard_size: int, parallel: int) -> list[Shard]:

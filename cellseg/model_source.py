@@ -29,6 +29,7 @@ from cellseg.checkpoint import (
 )
 from cellseg.config import PredictConfig
 from cellseg.infer import Predictor
+from cellseg.redact import redact_url
 from cellseg.registry import Registry
 from cellseg.runtime import pass_precision
 from cellseg.storage_errors import storage_call
@@ -94,6 +95,14 @@ class ModelSource:
     def shipped(self) -> str | None:
         """The name of the shipped model this source names, if any."""
         return None if self.checkpoint_url is not None else shipped_name(self.version)
+
+    def described(self) -> str:
+        """This source in words, for a person: the file, the shipped model or the registry version."""
+        if self.checkpoint_url is not None:
+            return f"{redact_url(self.checkpoint_url)} (content {self.version})"
+        if self.shipped is not None:
+            return f"the shipped '{self.shipped}' model"
+        return f"version {self.version} of the registry {redact_url(self.registry_url)}"
 
 
 def _shipped_version(name: str, digest: str) -> str:

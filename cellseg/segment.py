@@ -175,6 +175,19 @@ def pending_images(
     With `model` (the run's `model_record`, asked for only when images are done), images done
     with another model or other result settings are named in a warning: they stay as they are.
     """
+    by_id = images_by_id(image_urls, rejected)
+    done = store.done_records(on_record)
+    todo = [(image_id, url) for image_id, url in sorted(by_id.items()) if image_id not in done]
+    skipped = sorted(done.keys() & by_id.keys())
+    if skipped and model is not None:
+        _warn_of_other_results({image_id: done[image_id] for image_id in skipped}, model())
+    return todo, skipped
+
+
+def images_by_id(image_urls: Sequence[str], rejected: list[dict[str, str]] | None = None) -> dict[str, str]:
+    """The image URLs by the id each takes in a store. Files that cannot take one (an invalid id, or
+    a stem shared with another file) are appended to `rejected` as failures naming the file;
+    without a `rejected` list, StoreError is raised for them."""
     problems: list[dict[str, str]] = []
     by_id: dict[str, str] = {}
     for image_id, urls in group_by_stem(image_urls).items():
@@ -191,12 +204,7 @@ def pending_images(
         raise StoreError("; ".join(f"'{problem['source_url']}': {problem['error']}" for problem in problems))
     if rejected is not None:
         rejected.extend(problems)
-    done = store.done_records(on_record)
-    todo = [(image_id, url) for image_id, url in sorted(by_id.items()) if image_id not in done]
-    skipped = sorted(done.keys() & by_id.keys())
-    if skipped and model is not None:
-        _warn_of_other_results({image_id: done[image_id] for image_id in skipped}, model())
-    return todo, skipped
+    return by_id
 
 
 def _warn_of_other_results(records: Mapping[str, Mapping[str, Any]], model: Mapping[str, Any]) -> None:

@@ -17,10 +17,15 @@ from fsspec.core import split_protocol
 from cellseg.io import StorageOptions, filesystem
 
 DONE = "done"  # an image's status once its arrays are all written
+FAILED = "failed"  # an image's status after a run could not segment it (its record says why)
 
 
 class StoreError(ValueError):
     """A store or image id that cannot be used; the message names it."""
+
+
+class NoStore(StoreError):
+    """No results store where one was to be read."""
 
 
 class StoreWriteError(StoreError):

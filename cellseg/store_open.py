@@ -19,6 +19,7 @@ from cellseg.storage_errors import StorageError, credentials_refused, storage_er
 from cellseg.store_checks import (
     WRITE_MODES,
     DamagedStore,
+    NoStore,
     StoreError,
     check_store_target,
     repair_hint,
@@ -52,7 +53,7 @@ def open_root(url: str, mode: StoreMode, storage_options: StorageOptions) -> zar
             raise translated from error
         if mode in WRITE_MODES:  # a folder above it that cannot be made (/proc/x.zarr)
             raise StoreError(f"cannot create a results store at '{redact_url(url)}': {error}") from error
-        raise StoreError(f"no results store at '{redact_url(url)}'") from error
+        raise NoStore(f"no results store at '{redact_url(url)}'") from error
     except PermissionError as error:
         if refused := credentials_refused(url, error):
             raise refused from error

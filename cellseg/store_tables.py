@@ -12,7 +12,7 @@ from cellseg.plates import same_columns, source_columns
 from cellseg.redact import redact_text
 from cellseg.stats import STATISTIC_FIELDS
 from cellseg.store_arrays import StoreArrays
-from cellseg.store_checks import DONE, DamagedImage
+from cellseg.store_checks import DONE, FAILED, DamagedImage
 
 # The columns of `cell_rows` and `statistics` that every store has (pixel sizes and plates add
 # more): the header of an exported table without rows.
@@ -61,7 +61,7 @@ class StoreTables(StoreArrays):
             status, source_url = record.get("status"), _shown(record.get("source_url"))
             if status == DONE:
                 rows.append(_statistics_row(image_id, record))
-            elif status == "failed":
+            elif status == FAILED:
                 failures.append({"image_id": image_id, "source_url": source_url, "error": _shown(record.get("error"))})
             else:
                 unfinished.append({"image_id": image_id, "source_url": source_url, "status": status})

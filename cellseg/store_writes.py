@@ -19,7 +19,7 @@ from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from cellseg.json_values import finite_json
 from cellseg.redact import redact, redact_text, redact_url
-from cellseg.store_checks import DONE, StoreError, describe, validate_image_id
+from cellseg.store_checks import DONE, FAILED, StoreError, describe, validate_image_id
 from cellseg.store_layout import (
     CELL_TABLE,
     CELLS_NAME,
@@ -222,7 +222,7 @@ class StoreWrites(StoreRecords):
         if _cellseg_attrs(group).get("status") == DONE:
             return
         group.attrs["cellseg"] = {
-            "status": "failed",
+            "status": FAILED,
             "source_url": recorded_source(source_url),
             "error": redact_text(error),
             "model": redact(dict(model)),
@@ -236,7 +236,7 @@ class StoreWrites(StoreRecords):
         group = self._require_group(validate_image_id(image_id))
         previous = _cellseg_attrs(group)
         group.attrs["cellseg"] = {
-            "status": "failed",
+            "status": FAILED,
             "source_url": previous.get("source_url"),
             "error": f"damaged: {problem}",
             "model": previous.get("model") if isinstance(previous.get("model"), dict) else {},

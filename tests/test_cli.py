@@ -13,10 +13,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from cellseg.checkpoint import load_checkpoint
+from cellseg.checkpoint import checkpoint_digest, load_checkpoint
 from cellseg.evaluate import PROMINENCES
 from cellseg.runtime import pass_precision
 from cellseg.store import ResultStore
@@ -630,6 +631,49 @@ def test_ctrl_c_stops_predict_with_one_line_and_a_rerun_segments_the_rest(tmp_pa
     assert cellseg("verify", str(store), "--read-data").returncode == 0
     rerun = cellseg(*command[1:])
     assert f"segmented {1000 - written}, skipped {written} already done, failed 0" in rerun.stdout
+
+
+def test_dry_run_lists_what_a_run_would_do_and_writes_nothing(tmp_path, tiny_checkpoint):
+    """--dry-run for an operator about to start a backfill: what would be segmented, retried, read
+    block by block, skipped and rejected, with the model, source and store checked, nothing written."""
+    import tifffile
+
+    from cellseg.synth import write_dataset
+
+    write_dataset(str(tmp_path / "data"), count=6, size=96, seed=3)
+    images = tmp_path / "data/images"
+    store = tmp_path / "out.zarr"
+    model = ["--model", str(tiny_checkpoint)]
+    first = cellseg("predict", *model, "--images", str(images / "synth_0000.png"), "--out", str(store))
+    assert "segmented 1" in first.stdout
+    (images / "broken.png").write_bytes(b"not a png")
+    cellseg("predict", *model, "--images", str(images / "broken.png"), "--out", str(store), check=False)
+    shutil.copy(images / "synth_0001.png", images / "synth_0001.tif")  # two files, one image id
+    tifffile.imwrite(images / "large.tif", np.zeros((200, 300), np.uint8))
+    before = {path: path.stat().st_mtime_ns for path in store.rglob("*")}
+
+    preview = cellseg("predict", *model, "--images", str(images), "--out", str(store), "--dry-run",
+                      "--blockwise-above", "50000")
+
+    lines = preview.stdout.splitlines()
+    assert lines[:3] == ["dry run: no model loaded, nothing written", f"  model: {tiny_checkpoint} (content "
+                         f"{checkpoint_digest(str(tiny_checkpoint))[:12]})", f"  store: {store} (exists)"]
+    assert lines[3] == ("would segment 6 images in 2 shards (1 failed in an earlier run, 1 block by block): broken, "
+                        "large, synth_0002, synth_0003, synth_0004, synth_0005")
+    assert lines[4] == "would skip 1 already done"
+    assert [line.split(": ", 2)[1] for line in lines[5:]] == [str(images / "synth_0001.png"),
+                                                             str(images / "synth_0001.tif")]
+    assert {path: path.stat().st_mtime_ns for path in store.rglob("*")} == before
+
+    new = tmp_path / "new.zarr"
+    flow = cellseg("flow", "segment-images", "--source", str(images), "--store", str(new), "--model-version",
+                   "general", "--dry-run", env={"PREFECT_API_URL": "http://127.0.0.1:9/api"})  # never reached
+    assert flow.stdout.splitlines()[1:3] == ["  model: the shipped 'general' model",
+                                             f"  store: {new} (new: the run creates it)"]
+    assert "would segment 7 images" in flow.stdout and not new.exists()
+    missing = cellseg("predict", "--model", str(tmp_path / "nope.pt"), "--images", str(images), "--out", str(new),
+                      "--dry-run", check=False)
+    assert missing.returncode == 2 and "nope.pt' does not exist" in missing.stderr
 
 
 def test_predict_takes_one_image_file(tmp_path, tiny_checkpoint, synthetic_dataset):
