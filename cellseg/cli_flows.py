@@ -80,7 +80,7 @@ def run_flow_segment(args: argparse.Namespace) -> int:
     if args.dry_run:  # the library's plan alone: no Prefect
         from cellseg.jobs_plan import preview_segmentation
 
-        return print_preview(preview_segmentation(job), args.store)
+        return print_preview(preview_segmentation(job), args.source, args.store)
     _needs_orchestration("flow segment-images")
     from cellseg.flows.segment import segment_images_flow
     from cellseg.segment import cpu_line

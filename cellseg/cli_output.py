@@ -32,7 +32,7 @@ def batch_status(failed: int) -> int:
 PREVIEW_IDS = 10  # of the images a dry run would segment, named
 
 
-def print_preview(preview: SegmentPreview, store_url: str) -> int:
+def print_preview(preview: SegmentPreview, source_url: str, store_url: str) -> int:
     """What a segmentation run would do, as `--dry-run` found it (`preview_segmentation`); status 0."""
     def some(ids: Sequence[str]) -> str:
         more = f" and {len(ids) - PREVIEW_IDS} more" if len(ids) > PREVIEW_IDS else ""
@@ -49,8 +49,12 @@ def print_preview(preview: SegmentPreview, store_url: str) -> int:
         shards = f" in {preview.shards} shard{plural[preview.shards != 1]}" if preview.shards else ""
         print(f"would segment {count} image{plural[count != 1]}{shards}" + (f" ({', '.join(parts)})" if parts else "")
               + f": {some(preview.to_segment)}")
+    elif preview.found:
+        many = preview.found != 1
+        print(f"would segment nothing: the {preview.found} image{plural[many]} under {redact_url(source_url)} "
+              f"{'are' if many else 'is'} done or rejected")
     else:
-        print("would segment nothing: no image of the source is left to do")
+        print(f"would segment nothing: no images found under {redact_url(source_url)}")
     if preview.skipped:
         print(f"would skip {len(preview.skipped)} already done")
     for problem in preview.rejected:

@@ -41,7 +41,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.dry_run:
         from cellseg.jobs_plan import preview_segmentation
 
-        return print_preview(preview_segmentation(job), args.out)
+        return print_preview(preview_segmentation(job), args.images, args.out)
     with ExitStack() as bars:
         scan = bars.enter_context(progress("reading store", "image"))
         segmenting: list[Any] = []

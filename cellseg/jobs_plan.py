@@ -82,6 +82,7 @@ class SegmentPreview:
     by block), those already done and skipped, and the files it would reject."""
 
     model: str  # in words (`ModelSource.described`)
+    found: int  # images listed under the source
     store_exists: bool
     to_segment: list[str]
     retried: list[str]
@@ -107,7 +108,7 @@ def preview_segmentation(job: SegmentJob) -> SegmentPreview:
     todo = [(image_id, url) for image_id, url in sorted(by_id.items()) if statuses.get(image_id) != DONE]
     large = {image_id for image_id, _ in large_images(todo, job)}
     return SegmentPreview(
-        model=model.described(), store_exists=store is not None,
+        model=model.described(), found=len(images), store_exists=store is not None,
         to_segment=[image_id for image_id, _ in todo],
         retried=[image_id for image_id, _ in todo if statuses.get(image_id) == FAILED],
         blockwise=sorted(large), skipped=sorted(image_id for image_id in by_id if statuses.get(image_id) == DONE),

@@ -674,6 +674,12 @@ def test_dry_run_lists_what_a_run_would_do_and_writes_nothing(tmp_path, tiny_che
     missing = cellseg("predict", "--model", str(tmp_path / "nope.pt"), "--images", str(images), "--out", str(new),
                       "--dry-run", check=False)
     assert missing.returncode == 2 and "nope.pt' does not exist" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    nothing = cellseg("predict", *model, "--images", str(tmp_path / "empty"), "--out", str(new), "--dry-run")
+    assert f"would segment nothing: no images found under {tmp_path / 'empty'}" in nothing.stdout
+    cellseg("predict", *model, "--images", str(images / "synth_0002.png"), "--out", str(store))
+    done = cellseg("predict", *model, "--images", str(images / "synth_0002.png"), "--out", str(store), "--dry-run")
+    assert f"would segment nothing: the 1 image under {images / 'synth_0002.png'} is done" in done.stdout and "would skip 1 already done" in done.stdout
 
 
 def test_predict_takes_one_image_file(tmp_path, tiny_checkpoint, synthetic_dataset):
