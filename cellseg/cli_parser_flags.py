@@ -93,6 +93,10 @@ PREDICT_FLAGS: list[Flag] = [
     (("--t",), "predict.selection.t", {"type": time_point, "metavar": "T|all",
                                        "help": "time point of time series, or all: each one an image (<name>_t003)",
                                        "none_means": "unset, which a time series refuses"}),
+    (("--recursive",), "predict.selection.recursive", {
+        "action": "store_const", "const": True,
+        "help": "also segment the images in subfolders of the source folder (to 16 levels); one in a subfolder has "
+                "their path in its id: 2026-12-05/A01.tif is 2026-12-05_A01"}),
     (("--no-split",), "predict.split_touching", {"action": "store_const", "const": False,
                                                  "help": "keep touching cells as one object (no watershed); "
                                                          "default: as the model decided when it was trained"}),

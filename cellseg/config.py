@@ -275,7 +275,8 @@ class SelectionConfig(_Config):
 
     Unset, a dimension must have a single plane: a file with several channels, z planes or time
     points and no choice for them is refused with one line naming the file and its choices, so a
-    nuclear stain is never guessed. PNG/JPEG and single-plane files have one plane of each."""
+    nuclear stain is never guessed. PNG/JPEG and single-plane files have one plane of each.
+    `recursive` says which files are listed, not how one is read."""
 
     channel: Annotated[int, Field(ge=0)] | Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
         None, description="channel index (0 = first) or name as the file's metadata gives it (e.g. 'DAPI'); "
@@ -287,6 +288,11 @@ class SelectionConfig(_Config):
     t: Annotated[int, Field(ge=0)] | Literal["all"] | None = Field(
         None, description="time point index, or 'all': each time point is an image of its own (id <name>_t003); "
                           "None: the only time point",
+    )
+    recursive: bool = Field(
+        False, description="also list the images in subfolders of the source folder, to 16 levels; an image in a "
+                           "subfolder has their path in its id (2026-12-05/A01.tif: 2026-12-05_A01); not a result "
+                           "setting",
     )
 
     @field_validator("channel", mode="before")
@@ -467,7 +473,7 @@ class PredictConfig(_Config):
 
 # Settings that change how fast and where an image is segmented, and which path reads it, not its result.
 RESULT_NEUTRAL: dict[str, Any] = {"threads": True, "batch_size": True, "compile": True, "device": True, "max_pixels": True,
-                                  "blocks": {"above_pixels", "max_pixels"}}
+                                  "blocks": {"above_pixels", "max_pixels"}, "selection": {"recursive"}}
 
 
 class SearchSpace(_Config):

@@ -126,7 +126,7 @@ def read_source(
     with the default selection takes `cellseg.io.read_image`'s path unchanged (bioio is never
     imported for it); any other choice is checked against the file's planes (a plain TIFF stack's
     pages are its z planes)."""
-    if not is_microscopy_url(url) and selection == SelectionConfig():
+    if not is_microscopy_url(url) and selection.model_copy(update={"recursive": False}) == SelectionConfig():
         return _plain_image(url, storage_options, max_pixels, warnings), {}
     plane = read_plane(url, selection, storage_options, max_pixels)
     if warnings is not None:
@@ -166,8 +166,9 @@ def list_sources(url: str, selection: SelectionConfig, storage_options: StorageO
     HCS plate, each field of each well (`cellseg.plates`); a cellseg results store among them is
     skipped. With `selection.t == 'all'`, a file with several time points is listed once per
     time point (`<url>#t=<t>`). Masks kept beside their images (Cellpose's `img01_masks.tif` beside
-    `img01.tif`) are listed too, with one warning saying so."""
-    entries = list_image_entries(url, storage_options, microscopy=True)
+    `img01.tif`) are listed too, with one warning saying so. With `selection.recursive`, the
+    subfolders' images too (`cellseg.io.list_image_entries`; their ids: `cellseg.plates.image_id`)."""
+    entries = list_image_entries(url, storage_options, microscopy=True, recursive=selection.recursive)
     _warn_of_masks_beside_images(url, [entry.url for entry in entries])
     sources: list[str] = []
     for entry in entries:

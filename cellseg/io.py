@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import lzma
 import os
@@ -13,7 +14,7 @@ import tempfile
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 from typing import Any, cast
 
@@ -104,9 +105,10 @@ def mask_name_base(stem: str) -> str | None:
 
 def masks_beside_images(urls: list[str]) -> list[str]:
     """Those of `urls` named like the mask of another of them (`img01_masks.tif` beside
-    `img01.tif`, Cellpose's layout); a file named `..._label.tif` without its image is not one."""
-    stems = {image_stem(url) for url in urls}
-    return [url for url in urls if (base := mask_name_base(image_stem(url))) is not None and base in stems]
+    `img01.tif` in its folder, Cellpose's layout); a file named `..._label.tif` without its image is not one."""
+    stems = {(posixpath.dirname(url), image_stem(url)) for url in urls}
+    return [url for url in urls if (base := mask_name_base(image_stem(url))) is not None
+            and (posixpath.dirname(url), base) in stems]
 
 
 @dataclass(frozen=True)
@@ -119,11 +121,17 @@ class FileEntry:
 
 
 def list_image_entries(url: str, storage_options: StorageOptions = None, microscopy: bool = False,
-                       kind: str = "image") -> list[FileEntry]:
-    """Image files directly under the directory `url`, sorted by name, or the one image file `url`
+                       kind: str = "image", recursive: bool | None = None) -> list[FileEntry]:
+    """Image files directly under the directory `url`, sorted by URL, or the one image file `url`
     names; with `microscopy`, also CZI/ND2/LIF files and `.zarr` folders (OME-Zarr images and
     plates: `cellseg.formats`). Hidden files and folders (a leading dot) are skipped, those with an
     image suffix named in a warning.
+
+    With `recursive`, the subfolders too, to MAX_LISTING_DEPTH levels below `url` (deeper ones are
+    named in a warning): a `.zarr` folder is still one source, a folder holding zarr metadata (a
+    results store not named .zarr) is not entered, and a folder reached a second time (a symbolic
+    link back up) is listed once. Otherwise the subfolders are named in the log, with `--recursive`
+    as the way to list them when `recursive` is False (segmentation sources), without when None.
 
     The fingerprint is the object's ETag on object storage, its modification time elsewhere.
     """
@@ -147,37 +155,127 @@ def list_image_entries(url: str, storage_options: StorageOptions = None, microsc
             info = fs.info(root)
             return [_file_entry(url, _followed_link(info) if info.get("islink") else info)]
         listing = fs.ls(root, detail=True)
-    entries, ignored, folders, hidden = [], [], [], []
-    for listed in listing:
-        name = posixpath.basename(listed["name"].rstrip("/"))
-        if name.startswith("."):  # macOS's `._img01.tif` resource forks carry an image suffix but no image
-            if name.lower().endswith(suffixes):
-                hidden.append(name)
-            continue
-        entry = _followed_link(listed) if listed.get("islink") else listed
-        if microscopy and entry.get("type") == "directory" and name.lower().endswith(ZARR_FOLDER_SUFFIX):
-            entries.append(FileEntry(join_url(url, name), 0, f"zarr:{entry.get('mtime') or ''}"))
-            continue
-        if entry.get("type") == "directory":
-            folders.append(name)
-            continue
-        if not name.lower().endswith(suffixes):
-            if entry.get("type") == "file":
-                ignored.append(name)
-            continue
-        if entry.get("type") == "file" or listed.get("islink"):  # a link to nothing fails when read, naming it
-            entries.append(_file_entry(join_url(url, name), entry))
-    if hidden:
-        logger.warning("skipping %d hidden file(s) under '%s', not images: %s", len(hidden), redact_url(url),
-                       _some(hidden))
-    if ignored:
+    walk = _Walk(suffixes, microscopy)
+    walk.add(listing, url, "")
+    if recursive:
+        _walk_subfolders(fs, url, root, walk)
+    if walk.hidden:
+        logger.warning("skipping %d hidden file(s) under '%s', not images: %s", len(walk.hidden), redact_url(url),
+                       _some(walk.hidden))
+    if walk.ignored:
         logger.warning("ignoring %d file(s) under '%s' without an image suffix (%s): %s",
-                       len(ignored), redact_url(url), " ".join(suffixes), _some(ignored))
-    if folders:  # a nightly run that finds nothing must say where the images may be
-        logger.log(logging.INFO if entries else logging.WARNING,
-                   "not searching the %d subfolder(s) of '%s' (%s): name a folder to segment its images",
-                   len(folders), redact_url(url), _some(folders))
-    return sorted(entries, key=lambda entry: entry.url)
+                       len(walk.ignored), redact_url(url), " ".join(suffixes), _some(walk.ignored))
+    if walk.folders and not recursive:  # a nightly run that finds nothing must say where the images may be
+        logger.log(logging.INFO if walk.entries else logging.WARNING,
+                   "not searching the %d subfolder(s) of '%s' (%s): name a folder to segment its images%s",
+                   len(walk.folders), redact_url(url), _some([name for name, _, _ in walk.folders]),
+                   ", or list them all with --recursive" if recursive is False else "")
+    return sorted(walk.entries, key=lambda entry: entry.url)
+
+
+MAX_LISTING_DEPTH = 16  # folder levels below a source folder that a recursive listing enters
+ZARR_METADATA_NAMES = ("zarr.json", ".zgroup")  # a folder holding one is a zarr store (v3, v2), never searched
+MAX_ZARR_METADATA_BYTES = 2**20  # of a zarr.json read to tell a results store from other zarr
+
+
+@dataclass
+class _Walk:
+    """What a listing found so far: the entries, and the names (relative to the folder listed) of
+    the hidden image files, the files without an image suffix and the subfolders."""
+
+    suffixes: tuple[str, ...]
+    microscopy: bool
+    entries: list[FileEntry] = field(default_factory=list)
+    hidden: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    folders: list[tuple[str, str, dict]] = field(default_factory=list)  # (relative path, URL, listing entry)
+
+    def add(self, listing: list[dict], url: str, prefix: str) -> None:
+        """Sort one folder's listing (`url`, at `prefix` below the folder listed) into the walk."""
+        for listed in sorted(listing, key=lambda item: str(item["name"])):
+            name = posixpath.basename(listed["name"].rstrip("/"))
+            if name.startswith("."):  # macOS's `._img01.tif` resource forks carry an image suffix but no image
+                if name.lower().endswith(self.suffixes):
+                    self.hidden.append(prefix + name)
+                continue
+            entry = _followed_link(listed) if listed.get("islink") else listed
+            if self.microscopy and entry.get("type") == "directory" and name.lower().endswith(ZARR_FOLDER_SUFFIX):
+                self.entries.append(FileEntry(join_url(url, name), 0, f"zarr:{entry.get('mtime') or ''}"))
+                continue
+            if entry.get("type") == "directory":
+                self.folders.append((prefix + name, join_url(url, name), listed))
+                continue
+            if not name.lower().endswith(self.suffixes):
+                if entry.get("type") == "file":
+                    self.ignored.append(prefix + name)
+                continue
+            if entry.get("type") == "file" or listed.get("islink"):  # a link to nothing fails when read, naming it
+                self.entries.append(_file_entry(join_url(url, name), entry))
+
+
+def _walk_subfolders(fs: fsspec.AbstractFileSystem, url: str, root: str, walk: _Walk) -> None:
+    """List the subfolders `walk` found under `url` (the folder at `root`), level by level, theirs
+    in turn: to MAX_LISTING_DEPTH levels, each real folder once, zarr stores not entered."""
+    local = _is_local(fs)
+    seen = {os.path.realpath(root) if local else root.rstrip("/")}
+    too_deep: list[str] = []
+    revisited: list[str] = []
+    stores: list[str] = []
+    results: list[str] = []
+    level, depth = walk.folders, 1
+    while level:
+        walk.folders = []
+        # Real folders before links, so that a link to a folder of the same level is the one left out.
+        for relative, folder_url, listed in sorted(level, key=lambda found: (bool(found[2].get("islink")), found[0])):
+            path = listed["name"].rstrip("/")
+            if depth > MAX_LISTING_DEPTH:
+                too_deep.append(relative)
+                continue
+            real = os.path.realpath(path) if local else path
+            if real in seen:  # a symbolic link back up (a loop) or to a folder listed already
+                revisited.append(relative)
+                continue
+            seen.add(real)
+            fs.invalidate_cache(path)
+            with storage_call(folder_url):
+                listing = fs.ls(path, detail=True)
+            names = {posixpath.basename(item["name"].rstrip("/")) for item in listing}
+            if names & set(ZARR_METADATA_NAMES):
+                (results if _is_results_store(fs, path, names, folder_url) else stores).append(relative)
+                continue
+            walk.add(listing, folder_url, relative + "/")
+        level, depth = walk.folders, depth + 1
+    if too_deep:
+        logger.warning("not searching %d folder(s) more than %d levels below '%s': %s", len(too_deep),
+                       MAX_LISTING_DEPTH, redact_url(url), _some(too_deep))
+    if revisited:
+        logger.warning("not searching %d folder(s) under '%s' again, reached through a symbolic link: %s",
+                       len(revisited), redact_url(url), _some(revisited))
+    for relative in results:
+        logger.warning("skipping '%s' in the source folder: it is a cellseg results store",
+                       redact_url(join_url(url, relative)))
+    if stores:
+        logger.warning("not searching %d zarr store(s) under '%s' whose names do not end in .zarr: %s",
+                       len(stores), redact_url(url), _some(stores))
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether `fs` is the local file system, where folders may be symbolic links."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & {"file", "local"})
+
+
+def _is_results_store(fs: fsspec.AbstractFileSystem, path: str, names: set[str], url: str) -> bool:
+    """Whether the zarr store at `path` is a cellseg results store (its zarr.json's attributes say so)."""
+    if "zarr.json" not in names:
+        return False
+    try:
+        with storage_call(url):
+            data = fs.cat_file(posixpath.join(path, "zarr.json"), start=0, end=MAX_ZARR_METADATA_BYTES)
+        attributes = json.loads(data).get("attributes")
+    except (OSError, ValueError, AttributeError):  # unreadable or not a JSON object: not one
+        return False
+    return isinstance(attributes, dict) and "cellseg" in attributes
 
 
 def _prefix_in_a_bucket(fs: fsspec.AbstractFileSystem, root: str, url: str, kind: str) -> bool:
@@ -264,6 +362,9 @@ def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
         file.write(data)
 
 
+PARTIAL_FILE_PREFIX = ".tmp-"  # the name of a file `file_replaced_atomically` has not finished
+
+
 @contextmanager
 def file_replaced_atomically(path: str | os.PathLike) -> Iterator[str]:
     """A temporary file beside the local `path` for the block to write; put in its place, with the
@@ -271,7 +372,7 @@ def file_replaced_atomically(path: str | os.PathLike) -> Iterator[str]:
     old or the new contents, never a partial file."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=PARTIAL_FILE_PREFIX)
     os.close(handle)
     try:
         yield temporary

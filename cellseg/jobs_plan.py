@@ -50,7 +50,8 @@ def pin_model(job: SegmentJob) -> SegmentJob:
 def plan_segmentation(job: SegmentJob, on_record: Callable[[str], None] | None = None,
                       images: list[str] | None = None) -> SegmentPlan:
     """Images under `job.source_url` (or `images`, listed from it already) that the store does not
-    hold yet, in shards of at most `job.shard_size` (`even_shards`). Files that cannot be images of
+    hold yet, in shards of at most `job.shard_size` (`even_shards`), each with its id (an image in a
+    subfolder of the source has their path in it: `segment.images_by_id`). Files that cannot be images of
     the store (clashing or invalid ids) are listed as rejected; files that share an image id are
     recorded failed under it."""
     # First: a source that cannot be read leaves no new store behind. OME-Zarr folders, plate fields
@@ -63,7 +64,7 @@ def plan_segmentation(job: SegmentJob, on_record: Callable[[str], None] | None =
     def model() -> dict[str, Any]:
         return model_record(shared_predictor(model_source(job), job.predict), model_source(job).location())
 
-    todo, skipped = pending_images(images, store, rejected, on_record=on_record, model=model)
+    todo, skipped = pending_images(images, store, rejected, on_record=on_record, model=model, root=job.source_url)
     recorded: set[str] = set()
     for problem in rejected:
         image_id = problem["image_id"]
@@ -104,7 +105,7 @@ def preview_segmentation(job: SegmentJob) -> SegmentPreview:
         store = None
     statuses = {image_id: record.get("status") for image_id, record in store.records()} if store else {}
     rejected: list[dict[str, str]] = []
-    by_id = images_by_id(images, rejected)
+    by_id = images_by_id(images, rejected, job.source_url)
     todo = [(image_id, url) for image_id, url in sorted(by_id.items()) if statuses.get(image_id) != DONE]
     large = {image_id for image_id, _ in large_images(todo, job)}
     return SegmentPreview(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cellseg import plates
 from cellseg.dataset_errors import DatasetError
 from cellseg.io import StorageOptions, image_stem, list_images, mask_name_base, names_one_file
 from cellseg.redact import redact_url
@@ -34,11 +35,12 @@ MASK_NAMES = "'<image>.<ext>' or '<image>_mask', '_masks', '_label', '_labels', 
 LISTED_PER_PROBLEM = 5
 
 
-def group_by_stem(urls: Sequence[str]) -> dict[str, list[str]]:
-    """Each file stem with the URLs that have it (more than one: a.png and a.tif)."""
+def group_by_stem(urls: Sequence[str], root: str | None = None) -> dict[str, list[str]]:
+    """Each file stem with the URLs that have it (more than one: a.png and a.tif); with `root`, the
+    folder they were listed under, each image id (`cellseg.plates.image_id`: subfolders before the stem)."""
     by_stem: dict[str, list[str]] = defaultdict(list)
     for url in urls:
-        by_stem[image_stem(url)].append(url)
+        by_stem[image_stem(url) if root is None else plates.image_id(url, root)].append(url)
     return by_stem
 
 

@@ -6,6 +6,8 @@ the well and field an id names, and the per-well summary of the statistics.
 - A folder of fields per well holds one file per field named `<well>_f<field>.<ext>`, optionally
   after a prefix: `A01_f0.tif`, `run7_A01_f1.ome.tif`. Its id is the file's stem.
 - A time point of a file, `<url>#t=<t>` (`--t all`), is `<id>_t<t>`, three digits at least: `name_t003`.
+- A source in a subfolder of the folder listed (`--recursive`) has the subfolders' path before its
+  id, joined with `_`: `2026-12-05/plate1/A01.tif` is `2026-12-05_plate1_A01`.
 
 Every id that ends in `<well>_f<field>` (before any `_t<t>`) gets `well` and `field` columns.
 """
@@ -91,9 +93,11 @@ def is_plate(group: zarr.Group) -> bool:
     return "plate" in ngff_attributes(group)
 
 
-def image_id(url: str) -> str:
+def image_id(url: str, root: str | None = None) -> str:
     """The image id of a source URL: the file name without its suffix (and a `.ome` before it),
-    a plate field's `<plate>_<well>_f<field>`, with `_t<t>` for a time point (module docstring)."""
+    a plate field's `<plate>_<well>_f<field>`, with `_t<t>` for a time point (module docstring).
+    With `root`, the folder it was listed under, a source in a subfolder of it has the subfolders'
+    path before that, joined with `_`: `2026-12-05/plate1/A01.tif` is `2026-12-05_plate1_A01`."""
     base, time_point = split_time_point(url)
     base = base.rstrip("/")
     plate = _PLATE_FIELD.search(base)
@@ -101,7 +105,27 @@ def image_id(url: str) -> str:
         stem = f"{_strip_ome(plate['plate'])}_{well_name(plate['row'], plate['column'])}_f{plate['field']}"
     else:
         stem = _strip_ome(posixpath.splitext(posixpath.basename(base))[0])
+    stem = "_".join([*_folders_below(base, root), stem]) if root is not None else stem
     return stem if time_point is None else f"{stem}_t{time_point:03d}"
+
+
+def relative_source(url: str, root: str | None) -> str:
+    """`url`'s path below the folder `root` it was listed under (`2026-12-05/A01.tif`); its file
+    name when it is not under `root`."""
+    prefix = (root or "").rstrip("/") + "/"
+    return url[len(prefix):] if root is not None and url.startswith(prefix) else posixpath.basename(url.rstrip("/"))
+
+
+def _folders_below(url: str, root: str | None) -> list[str]:
+    """The folders between `root` and the source `url` (a file, a `.zarr` folder or a field in one)."""
+    prefix = (root or "").rstrip("/") + "/"
+    if root is None or not url.startswith(prefix):
+        return []
+    parts = url[len(prefix):].split("/")
+    for index, part in enumerate(parts):
+        if part.lower().endswith(".zarr"):
+            return parts[:index]
+    return parts[:-1]
 
 
 def _strip_ome(stem: str) -> str:

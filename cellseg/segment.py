@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import posixpath
 import threading
 import time
 from collections import Counter, deque
@@ -32,6 +31,7 @@ from cellseg.io import StorageOptions
 from cellseg.label_workers import LabelWorkers, Measured, label_and_measure, shared_label_workers
 from cellseg.measure import INTEGER_COLUMNS
 from cellseg.pairs import group_by_stem
+from cellseg.plates import relative_source
 from cellseg.postprocess import CellMaps
 from cellseg.read_ahead import ReadAhead
 from cellseg.redact import redact_text, redact_url
@@ -166,8 +166,10 @@ def segment_arrays(
 def pending_images(
     image_urls: Sequence[str], store: ResultStore, rejected: list[dict[str, str]] | None = None,
     on_record: Callable[[str], None] | None = None, model: Callable[[], Mapping[str, Any]] | None = None,
+    root: str | None = None,
 ) -> tuple[list[tuple[str, str]], list[str]]:
-    """Split image URLs into (id, url) still to segment and ids already done in `store`.
+    """Split image URLs into (id, url) still to segment and ids already done in `store`; `root`,
+    the source folder they were listed under, gives images in its subfolders their ids (`images_by_id`).
 
     A file whose name cannot be an image id (say '..png'), or that shares its stem with another
     file (a.png and a.tif), has no place in the store: with a `rejected` list it is appended
@@ -175,7 +177,7 @@ def pending_images(
     With `model` (the run's `model_record`, asked for only when images are done), images done
     with another model or other result settings are named in a warning: they stay as they are.
     """
-    by_id = images_by_id(image_urls, rejected)
+    by_id = images_by_id(image_urls, rejected, root)
     done = store.done_records(on_record)
     todo = [(image_id, url) for image_id, url in sorted(by_id.items()) if image_id not in done]
     skipped = sorted(done.keys() & by_id.keys())
@@ -184,15 +186,18 @@ def pending_images(
     return todo, skipped
 
 
-def images_by_id(image_urls: Sequence[str], rejected: list[dict[str, str]] | None = None) -> dict[str, str]:
-    """The image URLs by the id each takes in a store. Files that cannot take one (an invalid id, or
-    a stem shared with another file) are appended to `rejected` as failures naming the file;
-    without a `rejected` list, StoreError is raised for them."""
+def images_by_id(image_urls: Sequence[str], rejected: list[dict[str, str]] | None = None,
+                 root: str | None = None) -> dict[str, str]:
+    """The image URLs by the id each takes in a store: its stem (`cellseg.plates.image_id`), after
+    the path of its subfolders of `root` (the source folder listed) joined with `_`. Files that
+    cannot take one (an invalid id, or one shared with another file: a.png and a.tif, a_b/c.png and
+    a/b_c.png) are appended to `rejected` as failures naming the file; without a `rejected` list,
+    StoreError is raised for them."""
     problems: list[dict[str, str]] = []
     by_id: dict[str, str] = {}
-    for image_id, urls in group_by_stem(image_urls).items():
+    for image_id, urls in group_by_stem(image_urls, root).items():
         if len(urls) > 1:
-            names = ", ".join(posixpath.basename(url) for url in urls)
+            names = ", ".join(relative_source(url, root) for url in urls)
             problems += [{"image_id": image_id, "source_url": redact_url(url),
                           "error": f"files {names} share the image id {image_id!r}; rename all but one"} for url in urls]
             continue

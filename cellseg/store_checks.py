@@ -101,10 +101,18 @@ def enclosing_zarr_store(fs: Any, path: str) -> str | None:
 RESERVED_IDS = frozenset({"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"})
 
 
+# Bytes (UTF-8) an image id may take: it names a folder of the store, and file systems take 255 at most.
+MAX_IMAGE_ID_BYTES = 200
+
+
 def validate_image_id(image_id: str, source: str = "") -> str:
     """Image ids become zarr node names: non-empty, no '/', not '.', '..', '__'-prefixed or one of
-    the store's own keys (`zarr.json.png` would name the store's metadata file)."""
+    the store's own keys (`zarr.json.png` would name the store's metadata file), and folder names:
+    at most MAX_IMAGE_ID_BYTES bytes (an image deep in subfolders has their path in its id)."""
     where = f" (from '{source}')" if source else ""
+    if (size := _id_bytes(image_id)) > MAX_IMAGE_ID_BYTES:
+        raise StoreError(f"image id {image_id[:40]!r}...{where} is {size} bytes, over the {MAX_IMAGE_ID_BYTES} a "
+                         "store entry may take: rename the file or its folders")
     if invalid_image_id(image_id):
         raise StoreError(f"image id {image_id!r}{where} cannot name a store entry: rename the file")
     return image_id
@@ -113,7 +121,12 @@ def validate_image_id(image_id: str, source: str = "") -> str:
 def invalid_image_id(image_id: str) -> bool:
     """Whether `image_id` cannot name a store entry (`validate_image_id`)."""
     return (not image_id or image_id in (".", "..") or "/" in image_id or "\\" in image_id or image_id.startswith("__")
-            or image_id in RESERVED_IDS)
+            or image_id in RESERVED_IDS or _id_bytes(image_id) > MAX_IMAGE_ID_BYTES)
+
+
+def _id_bytes(image_id: str) -> int:
+    """The bytes an image id takes in a folder name (UTF-8; a lone surrogate of an undecodable name as 3)."""
+    return len(image_id.encode("utf-8", "surrogatepass"))
 
 
 class DamagedImage(StoreError):

@@ -45,7 +45,7 @@ PREDICT = {
     "centre_prominence": 0.2, "split_depth": 0.7, "measure_cells": False, "store_image": False,
     "save_probabilities": True, "max_pixels": 10_000_000,
     "cell_diameter_um": None,  # not with cell_diameter
-    "selection": {"channel": 0, "z": "max", "t": "all"},  # what a single-plane PNG has
+    "selection": {"channel": 0, "z": "max", "t": "all", "recursive": True},  # what a single-plane PNG has
     "blocks": {"above_pixels": 5_000_000, "block_size": 512, "overlap": 32, "empty_level": 0.2, "max_pixels": 1 << 30},
 }
 

@@ -244,7 +244,8 @@ def test_t_all_makes_one_record_per_time_point(tmp_path, synthetic_dataset, tiny
     assert [store.record(i)["source"]["selection"]["t"] for i in report.done] == [0, 1, 2]
     assert store.read_cells("movie_t000").max() > 3 and store.read_cells("movie_t001").max() == 0
     assert np.array_equal(store.read_cells("movie_t002"), store.read_cells("movie_t000"))
-    assert store.record("movie_t002")["model"]["predict"]["selection"] == {"channel": None, "z": None, "t": "all"}
+    assert store.record("movie_t002")["model"]["predict"]["selection"] == {"channel": None, "z": None, "t": "all",
+                                                                       "recursive": False}
 
 
 @pytest.mark.parametrize(("selection", "expected"), [
@@ -403,7 +404,8 @@ def test_selection_flags_fill_the_predict_config(tmp_path):
     assert predict.selection == SelectionConfig(channel="DAPI", z="max", t="all") and predict.cell_diameter_um == 7.5
     index = command_settings(build_parser().parse_args(["predict", "--images", "in", "--out", "o.zarr", "--channel", "1"]))
     assert index.predict.selection.channel == 1
-    assert json.loads(PredictConfig(selection={"z": 3}).model_dump_json())["selection"] == {"channel": None, "z": 3, "t": None}
+    assert json.loads(PredictConfig(selection={"z": 3}).model_dump_json())["selection"] == {"channel": None, "z": 3, "t": None,
+                                                                                          "recursive": False}
 
 
 def test_a_plane_without_a_pixel_size_records_both_sizes_as_null(tmp_path, synthetic_dataset):
