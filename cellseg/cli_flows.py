@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from cellseg.cli_output import INTERRUPTED, batch_status, print_cell_scores, print_metrics, print_preview
 from cellseg.cli_parser_base import JOB, given
 from cellseg.cli_settings import command_settings
+from cellseg.cli_signals import TERMINATED, Terminated
 from cellseg.redact import redact_url
 
 if TYPE_CHECKING:
@@ -133,14 +134,15 @@ def run_tune(args: argparse.Namespace) -> int:
     except NoTrialFinished as error:
         _print_trials(trial_rows(error.results), job)  # the table first: `main` ends with the error's line
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (cli_signals.Terminated)
         _stop_trial_processes()
         left = sorted(set(os.listdir(job.work_dir)) - before) if os.path.isdir(job.work_dir) else []
         where = (f"the trials' folders so far are left in {', '.join(os.path.join(job.work_dir, name) for name in left)}"
                  if left else "no trial had written anything")
-        print(f"cellseg tune: interrupted; nothing was registered, and {where}; run the same command again to "
-              f"search anew", file=sys.stderr)
-        return INTERRUPTED
+        terminated = isinstance(error, Terminated)
+        print(f"cellseg tune: {'stopped by SIGTERM' if terminated else 'interrupted'}; nothing was registered, and "
+              f"{where}; run the same command again to search anew", file=sys.stderr)
+        return TERMINATED if terminated else INTERRUPTED
     _print_trials(result["trials"], job)
     best, registry = result["best"], redact_url(job.registry_url)
     params = ", ".join(f"{name} {value}" for name, value in best["params"].items())
@@ -152,18 +154,12 @@ def run_tune(args: argparse.Namespace) -> int:
 
 
 def _stop_trial_processes() -> None:
-    """End the trials' processes after Ctrl-C. It ends the thread of Prefect's process pool that
-    would tell them to stop, so they would wait for work and the interpreter for them at exit."""
-    import multiprocessing
+    """End any trial process still alive after Ctrl-C. tune-unet ends its trials itself when it is
+    stopped (`cellseg.jobs_tune.stop_trial_processes`, for a cancel or SIGTERM too); a Ctrl-C that
+    lands outside its wait for them, in Prefect's own code, leaves that to this."""
+    from cellseg.jobs_tune import stop_trial_processes
 
-    children = multiprocessing.active_children()
-    for child in children:
-        child.terminate()
-    for child in children:
-        child.join(timeout=10)
-        if child.is_alive():
-            child.kill()
-            child.join(timeout=5)
+    stop_trial_processes()
 
 
 def _print_trials(rows: Sequence[dict[str, Any]], job: TuneJob) -> None:

@@ -4,10 +4,12 @@ reported as a row of the trial table whether it finished or failed."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from cellseg.io import PARTIAL_FILE_PREFIX
 from cellseg.job_config import TuneJob
 from cellseg.jobs_training import run_training
 from cellseg.pairs import ImagePair
@@ -43,3 +45,25 @@ def run_trial(job: TuneJob, trial: Trial, out_dir: str | Path, pairs: Sequence[I
         seconds=round(time.monotonic() - started, 1),
         checkpoint=str(result.best_checkpoint),
     )
+
+
+def stop_trial_processes(run_dir: str | Path | None = None, grace_seconds: float = 10.0) -> int:
+    """End this process's trial processes (its `multiprocessing` children: a process pool's workers)
+    when a search stops early (cancelled, SIGTERM, Ctrl-C): SIGTERM, then SIGKILL to any still
+    alive `grace_seconds` later. A pool's own shutdown would wait for the trials in flight to finish
+    training, and a process killed with its parent would leave them training on with no one to take
+    their results. Half-written files the trials leave under `run_dir` (a checkpoint's temporary
+    file) are removed; their folders stay. Returns how many processes were ended."""
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + grace_seconds
+    for child in children:
+        child.join(timeout=max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join(timeout=5)
+    if run_dir is not None and Path(run_dir).is_dir():
+        for partial in Path(run_dir).rglob(f"{PARTIAL_FILE_PREFIX}*"):
+            partial.unlink(missing_ok=True)
+    return len(children)

@@ -27,6 +27,7 @@ from prefect import Task, get_run_logger, tags
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.client.schemas.objects import TaskRun
 from prefect.concurrency.sync import concurrency
+from prefect.exceptions import TerminationSignal
 from prefect.states import Failed, State
 from prefect.task_runners import TaskRunner
 
@@ -276,6 +277,48 @@ def _silence_dead_pipes() -> None:
         except OSError:
             continue
     os.close(devnull)
+
+
+# What stops a run before its end without any fault of its own: Prefect's SIGTERM bridge raises
+# TerminationSignal (a BaseException) in the run's main thread when the run is cancelled (the UI's
+# Cancel, `prefect flow-run cancel`) or its process is sent SIGTERM (`systemctl stop`, `docker stop`
+# of what started it); Ctrl-C raises KeyboardInterrupt. `except Exception` catches neither.
+STOPPED = (TerminationSignal, KeyboardInterrupt)
+
+
+def how_stopped(error: BaseException) -> str:
+    """How a run stopped by `error` (one of STOPPED) ended, for its log: 'cancelled' when Prefect
+    delivered a cancel (its control channel's intent), else what stopped it."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    return "cancelled" if _cancelled() else "stopped by SIGTERM"
+
+
+def _cancelled() -> bool:
+    """Whether Prefect told this run's process it is cancelled (before the SIGTERM that stops it)."""
+    try:
+        from prefect._internal.control_listener import get_intent
+    except ImportError:  # a Prefect without the control channel: not known
+        return False
+    return get_intent() == "cancel"
+
+
+class _TaskStoppedByCancel(logging.Filter):
+    """A cancelled run's SIGTERM interrupts the task its main thread runs (train-model, a trial's
+    wait), which Prefect logs as a crash at ERROR ("Crash detected! Execution was aborted by a
+    termination signal."). When the run was cancelled, that record says so, as a warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (record.levelno >= logging.ERROR and "aborted by a termination signal" in record.getMessage()
+                and _cancelled()):
+            record.msg = ("stopped: its flow run was cancelled" if record.getMessage().startswith("Crash detected")
+                          else "Finished in state Crashed: its flow run was cancelled")
+            record.args, record.exc_info, record.exc_text = (), None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+logging.getLogger("prefect.task_runs").addFilter(_TaskStoppedByCancel())
 
 
 GPU_LIMIT = "gpu"

@@ -22,10 +22,12 @@ from prefect.states import Completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from cellseg.flows._common import (
+    STOPPED,
     ProgressArtifact,
     configure_storage,
     failing_in_one_line,
     gpu_slot,
+    how_stopped,
     job_from_variable,
     markdown_table,
     retry_unless_bad_input,
@@ -276,20 +278,24 @@ def _segment_images(job: SegmentJob | None, job_variable: str | None) -> dict[st
     def start_montage() -> None:
         early_montage.append(draw_montage.submit(job.store_url, planned, run_name))
 
-    if plan.shards:
-        with with_run_tags():
-            try:
-                results = segment_shards(plan.shards, job, runner(), gpu=gpu, on_first_shard=start_montage)
-            except Exception as error:
-                lost = lost_scheduler_error(error, job.dask_address)
-                if lost is None:
-                    raise
-                raise lost from None
-    for image_id, url in plan.large:  # one image at a time, its blocks in parallel
-        logger.info("segmenting '%s' block by block", redact_url(url))
-        with with_run_tags():
-            results.append(segment_large_image.with_options(task_runner=runner())(
-                with_block_threads(job), image_id, url, gpu=gpu))
+    try:
+        if plan.shards:
+            with with_run_tags():
+                try:
+                    results = segment_shards(plan.shards, job, runner(), gpu=gpu, on_first_shard=start_montage)
+                except Exception as error:
+                    lost = lost_scheduler_error(error, job.dask_address)
+                    if lost is None:
+                        raise
+                    raise lost from None
+        for image_id, url in plan.large:  # one image at a time, its blocks in parallel
+            logger.info("segmenting '%s' block by block", redact_url(url))
+            with with_run_tags():
+                results.append(segment_large_image.with_options(task_runner=runner())(
+                    with_block_threads(job), image_id, url, gpu=gpu))
+    except STOPPED as stopped:
+        logger.warning("segment-images %s: %s", how_stopped(stopped), kept_line(job, plan))
+        raise
     if not (plan.shards or plan.large):
         logger.info("nothing to do: no new images under %s", redact_url(job.source_url))
 
@@ -305,6 +311,20 @@ def _segment_images(job: SegmentJob | None, job_variable: str | None) -> dict[st
         # callers get the summary) named for that, as `cellseg predict` exits with status 3.
         return cast("dict[str, Any]", Completed(name=PARTLY_FAILED_STATE, message=failed_line(summary), data=summary))
     return summary
+
+
+def kept_line(job: SegmentJob, plan: SegmentPlan) -> str:
+    """What a run stopped before its end kept: its images done, read back from the store (each
+    counts once its mask, labels and statistics are written), and what a rerun does."""
+    planned = [image_id for shard in plan.shards for image_id, _ in shard] + [image_id for image_id, _ in plan.large]
+    try:
+        done = len(ResultStore.open(job.store_url, mode="r").done_among(planned))
+    except Exception as error:  # noqa: BLE001 - the run is ending: said, not raised
+        return (f"could not count the images it finished in {redact_url(job.store_url)} ({type(error).__name__}); "
+                "those done are kept, and a rerun of the same job segments the others")
+    return (f"{done} of its {len(planned)} images were segmented and are kept in {redact_url(job.store_url)} (an "
+            f"image half done is not marked done); a rerun of the same job skips them and segments the other "
+            f"{len(planned) - done}")
 
 
 def _existing(store_url: str) -> str:

@@ -3,6 +3,7 @@ progress and metric artifacts and the training pictures embedded in artifacts.""
 
 from __future__ import annotations
 
+import json
 import shlex
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,9 +14,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from cellseg.flows._common import (
+    STOPPED,
     ProgressArtifact,
     failing_in_one_line,
     gpu_slot,
+    how_stopped,
     markdown_table,
     retry_unless_bad_input,
     stop_with_worker,
@@ -30,6 +33,7 @@ from cellseg.redact import redact_url
 from cellseg.registry import Registry
 from cellseg.runtime import resolve_device
 from cellseg.scoring import HEADLINE_CELL_SCORES
+from cellseg.train import HISTORY_FILE, LAST_CHECKPOINT
 
 METRICS = ("loss", "iou", "dice", "precision", "recall", "dice_pooled")
 
@@ -69,6 +73,19 @@ def register_model(checkpoint_path: str, registry_url: str, promote: bool) -> di
     return Registry(registry_url).register(checkpoint_path, promote=promote).model_dump(mode="json")
 
 
+def kept_line(run_dir: str) -> str:
+    """What a training stopped before its end kept in `run_dir`, and how to go on from it."""
+    last = Path(run_dir) / LAST_CHECKPOINT
+    if not last.is_file():
+        return f"it stopped before its first epoch ended, so nothing was kept ({run_dir} can go)"
+    try:
+        epochs = len(json.loads((Path(run_dir) / HISTORY_FILE).read_text()))
+    except (OSError, ValueError):
+        epochs = None
+    return (f"{last} holds {f'epoch {epochs}' if epochs else 'its last epoch'}: `cellseg train --resume --out "
+            f"{shlex.quote(run_dir)}` with the run's images, masks and model settings goes on from it")
+
+
 @flow(name="train-unet")
 def train_unet(job: TrainJob) -> dict[str, Any]:
     """Train a U-Net on the job's image/mask pairs and register the best checkpoint (current when
@@ -85,7 +102,12 @@ def _train_unet(job: TrainJob) -> dict[str, Any]:
     Registry(job.registry_url).check_writable()  # before the training, not after it
     with with_run_tags():
         dataset = ingest_dataset_flow(job.images_url, job.masks_url, job.cache_dir)
-    trained = train_model(job, dataset["manifest_path"], new_run_dir(job.work_dir, flow_run.get_name()))
+    run_dir = new_run_dir(job.work_dir, flow_run.get_name())
+    try:
+        trained = train_model(job, dataset["manifest_path"], run_dir)
+    except STOPPED as stopped:
+        logger.warning("train-unet %s: no model registered; %s", how_stopped(stopped), kept_line(run_dir))
+        raise
     version = register_model(trained["best_checkpoint"], job.registry_url, job.promote)
     logger.info("registered %s in %s%s", version["version"], redact_url(job.registry_url), " as current" if job.promote else "")
 

@@ -10,13 +10,16 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from cellseg.flows._common import (
+    STOPPED,
     ProgressArtifact,
     gpu_slot,
+    how_stopped,
     markdown_table,
     stop_with_worker,
     task_runner,
@@ -28,6 +31,7 @@ from cellseg.flows.ingest import ingest_dataset_flow
 from cellseg.flows.train import new_run_dir, register_model
 from cellseg.ingest import Manifest
 from cellseg.jobs import TuneJob, run_trial
+from cellseg.jobs_tune import stop_trial_processes
 from cellseg.redact import redact_text
 from cellseg.registry import Registry
 from cellseg.runtime import resolve_device
@@ -54,15 +58,23 @@ def train_trials(job: TuneJob, trials: list[Trial], manifest_path: str, run_dir:
                  threads: int | None) -> list[dict[str, Any]]:
     """One train-trial task per trial on this flow's task runner (processes, or Dask), each logged
     as it ends; a trial whose task failed (its worker died, out of memory say) is a failed trial."""
-    futures = train_trial.map(unmapped(job), trials, unmapped(manifest_path), unmapped(run_dir), unmapped(threads))
-    trial_of = {future.task_run_id: trial for future, trial in zip(futures, trials, strict=True)}
-    progress = ProgressArtifact("tune-unet-progress", len(trials), f"{len(trials)} trials")
     results = {}
-    for finished, future in enumerate(as_completed(futures), start=1):
-        result = results[future.task_run_id] = _trial_outcome(future, trial_of[future.task_run_id])
-        line = f"{finished} of {len(trials)} trials finished"
-        get_run_logger().info("trial %d %s: %s", result.number, _trial_line(result), line)
-        progress.update(finished, line)
+    try:
+        futures = train_trial.map(unmapped(job), trials, unmapped(manifest_path), unmapped(run_dir), unmapped(threads))
+        trial_of = {future.task_run_id: trial for future, trial in zip(futures, trials, strict=True)}
+        progress = ProgressArtifact("tune-unet-progress", len(trials), f"{len(trials)} trials")
+        for finished, future in enumerate(as_completed(futures), start=1):
+            result = results[future.task_run_id] = _trial_outcome(future, trial_of[future.task_run_id])
+            line = f"{finished} of {len(trials)} trials finished"
+            get_run_logger().info("trial %d %s: %s", result.number, _trial_line(result), line)
+            progress.update(finished, line)
+    except TerminationSignal:
+        # Cancelled, or SIGTERM: end the trials now. The process pool's exit, next, would wait for
+        # them to finish training, past the grace a cancel or `systemctl stop` gives this process
+        # before SIGKILL, which leaves them training on, orphaned. (Ctrl-C reaches the trials
+        # themselves, in the terminal's process group, and `cellseg tune` ends what is left.)
+        stop_trial_processes(run_dir)
+        raise
     return [results[future.task_run_id].model_dump(mode="json") for future in futures]
 
 
@@ -110,8 +122,14 @@ def tune_unet(job: TuneJob) -> dict[str, Any]:
     # Processes, not threads: torch's random state and thread count are per process, so each
     # trial is reproducible on its own and the cores are shared out between trials.
     runner = task_runner(job.dask_address, ProcessPoolTaskRunner(max_workers=job.max_parallel_trials))
-    with with_run_tags():
-        trained = train_trials.with_options(task_runner=runner)(job, planned, dataset["manifest_path"], run_dir, threads)
+    try:
+        with with_run_tags():
+            trained = train_trials.with_options(task_runner=runner)(job, planned, dataset["manifest_path"], run_dir,
+                                                                    threads)
+    except STOPPED as stopped:
+        logger.warning("tune-unet %s: no model registered; the trials' folders so far are left in %s (a new run "
+                       "searches anew in a folder of its own)", how_stopped(stopped), run_dir)
+        raise
     results = [TrialResult.model_validate(result) for result in trained]
     rows = trial_rows(results)
     create_table_artifact(key="tune-unet-trials", table=rows, description="tune-unet: every trial, best first")

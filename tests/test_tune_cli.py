@@ -142,3 +142,44 @@ def test_tune_says_when_fewer_trials_ran_than_asked_and_what_it_registered(synth
         f"base_width 8, depth 2, dropout 0.0, loss bce, augmentation flips, border_weight 0.0), registered as "
         f"{meta.version} in {tmp_path / 'registry'}; not made current (cellseg models promote --registry "
         f"{tmp_path / 'registry'} {meta.version} does)")
+
+
+@pytest.mark.integration
+def test_sigterm_to_tune_alone_ends_its_trials_too_with_status_143(synthetic_dataset, tmp_path):
+    """`kill PID` or `timeout` signals the command only, not its trial processes: tune-unet ends
+    them itself (before, they trained on, orphaned, and the command died without a line)."""
+    import psutil
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("CELLSEG_", "PREFECT_API_URL"))}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect")}
+    as_from_a_shell = ("import os, signal, sys; signal.signal(signal.SIGTERM, signal.SIG_DFL); "
+                       "os.execv(sys.argv[1], sys.argv[1:])")
+    long_training = '{"epochs": 500, "patch_size": 64, "patches_per_image": 1, "device": "cpu"}'
+    command = [str(Path(sys.executable).parent / "cellseg"),
+               *_tune(synthetic_dataset, tmp_path, "--trials", "2", "--parallel", "2", "--training-json", long_training)]
+    run = subprocess.Popen([sys.executable, "-c", as_from_a_shell, *command], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=env)
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 240
+        while run.poll() is None and time.monotonic() < deadline and not list(tmp_path.glob("tuning/*/trial-*/last.pt")):
+            time.sleep(0.1)
+        children = psutil.Process(run.pid).children(recursive=True)
+        trials = [child for child in children if "multiprocessing.spawn" in " ".join(child.cmdline())]
+        assert len(trials) == 2
+        run.terminate()  # SIGTERM to the command alone
+        _, stderr = run.communicate(timeout=90)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+        for child in children:
+            if child.is_running():
+                child.kill()
+    assert run.returncode == 143, stderr
+    [folder] = (tmp_path / "tuning").iterdir()
+    assert (f"cellseg tune: stopped by SIGTERM; nothing was registered, and the trials' folders so far are left in "
+            f"{tmp_path / 'tuning' / folder.name}; run the same command again to search anew") in stderr.splitlines()
+    _, alive = psutil.wait_procs(trials, timeout=10)
+    assert not [child.pid for child in alive if child.status() != psutil.STATUS_ZOMBIE]
+    assert Registry(str(tmp_path / "registry")).versions() == []
