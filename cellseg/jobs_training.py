@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cellseg.checkpoint import load_checkpoint
+from cellseg.config import ModelConfig
 from cellseg.dataset_errors import DatasetError
 from cellseg.evaluate import validation_cell_scores
 from cellseg.infer import Predictor
@@ -23,7 +24,14 @@ from cellseg.pairs import ImagePair, pair_images_and_masks, split_train_val
 from cellseg.redact import redact_url
 from cellseg.report import CURVES_FILE, GALLERY_FILE, training_pictures
 from cellseg.starting_point import Start, choose_start
-from cellseg.train import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, STOP_FILE, TrainResult, train
+from cellseg.train import (
+    BEST_CHECKPOINT,
+    HISTORY_FILE,
+    LAST_CHECKPOINT,
+    STOP_FILE,
+    TrainResult,
+    train,
+)
 
 logger = logging.getLogger("cellseg.jobs")  # the jobs' one logger, whichever of their modules speaks
 
@@ -107,6 +115,8 @@ def run_training(
     training = training.model_copy(update={"init_from": start.checkpoint})
     if training.init_from:
         model_config = load_checkpoint(training.init_from).model_config
+    if resume:
+        model_config = resumed_model_config(out, model_config)
     logger.info("loading %d image/mask pairs", len(pairs))
     loaded_train = load_pairs(train_pairs, model_config.normalization)
     loaded_val = load_pairs(val_pairs, model_config.normalization)
@@ -131,6 +141,18 @@ def run_training(
     pictures = training_pictures(out, result.history, loaded_val, predictor, start=result.start_metrics,
                                  best_epoch=result.best_epoch)
     return TrainOutcome(result, dataset_hash, len(loaded_train), len(loaded_val), cells, pictures, start)
+
+
+def resumed_model_config(out: Path, asked: ModelConfig) -> ModelConfig:
+    """The model settings of the run in `out` as its last checkpoint holds them: a resumed run goes
+    on with the network it was built with, so `cellseg train --resume` needs no model flags again."""
+    recorded = load_checkpoint(str(out / LAST_CHECKPOINT)).model_config
+    began, given = recorded.model_dump(mode="json"), asked.model_dump(mode="json")
+    if differing := sorted(name for name in began if began[name] != given.get(name)):
+        logger.info("resuming with the model settings the run began with: %s (given: %s)",
+                    ", ".join(f"{name} {began[name]}" for name in differing),
+                    ", ".join(f"{name} {given.get(name)}" for name in differing))
+    return recorded
 
 
 class RunFolderError(ValueError):

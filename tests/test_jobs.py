@@ -91,6 +91,22 @@ def test_resume_on_other_images_or_masks_is_refused_before_anything_is_replaced(
     assert len(run_training(job, run, resume=True).result.history) == QUICK.epochs  # the same data resumes
 
 
+def test_resume_goes_on_with_the_network_the_run_began_with_without_its_model_settings_again(trained, tmp_path,
+                                                                                             caplog):
+    """`cellseg train --resume` without the run's --depth/--base-width used to be refused ('holds a
+    model built with ...; resume with the run's model settings'); the run's last.pt says them."""
+    job, _, _ = trained
+    run = tmp_path / "run"
+    run_training(job.model_copy(update={"training": QUICK.model_copy(update={"epochs": 1})}), run)
+    defaults = job.model_copy(update={"model": ModelConfig()})
+    with caplog.at_level("INFO", logger="cellseg.jobs"):
+        resumed = run_training(defaults, run, resume=True)
+    assert len(resumed.result.history) == QUICK.epochs
+    assert load_checkpoint(str(run / "last.pt")).model_config == SMALL
+    assert ("resuming with the model settings the run began with: base_width 4, depth 2 (given: base_width 16, "
+            "depth 4)") in caplog.messages
+
+
 def test_run_segmentation_segments_once_and_skips_done_images(trained, tmp_path):
     _, outcome, root = trained
     job = SegmentJob(source_url=str(root / "data/images"), store_url=str(tmp_path / "s.zarr"),
