@@ -103,9 +103,9 @@ def preview_segmentation(job: SegmentJob) -> SegmentPreview:
     except NoStore:
         check_store_target(job.store_url)
         store = None
-    statuses = {image_id: record.get("status") for image_id, record in store.records()} if store else {}
     rejected: list[dict[str, str]] = []
     by_id = images_by_id(images, rejected, job.source_url)
+    statuses = {image_id: record.get("status") for image_id, record in store.records(among=by_id)} if store else {}
     todo = [(image_id, url) for image_id, url in sorted(by_id.items()) if statuses.get(image_id) != DONE]
     large = {image_id for image_id, _ in large_images(todo, job)}
     return SegmentPreview(

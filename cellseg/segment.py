@@ -178,7 +178,7 @@ def pending_images(
     with another model or other result settings are named in a warning: they stay as they are.
     """
     by_id = images_by_id(image_urls, rejected, root)
-    done = store.done_records(on_record)
+    done = store.done_records(on_record, among=by_id.keys())  # the store's other images are not read
     todo = [(image_id, url) for image_id, url in sorted(by_id.items()) if image_id not in done]
     skipped = sorted(done.keys() & by_id.keys())
     if skipped and model is not None:

@@ -4,7 +4,7 @@ images found damaged, and the entries that lost their metadata."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
@@ -46,22 +46,29 @@ class StoreRecords:
         self.url = url
         self.damaged: dict[str, str] = {}  # image id -> problem, of the images found damaged so far
 
-    def records(self, on_record: Callable[[str], None] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
-        """(image id, cellseg attrs) for every image entry, in id order; `on_record(image id)` is
-        called as each image's metadata is read (a progress bar for large stores).
+    def records(self, on_record: Callable[[str], None] | None = None, among: Collection[str] | None = None,
+                ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(image id, cellseg attrs) for every image entry (or those of `among`), in id order;
+        `on_record(image id)` is called as each image's metadata is read (a progress bar for large stores).
 
         An image whose metadata cannot be read (or is not a cellseg record) is left out with a
         warning and noted in `damaged`: one broken image never hides the others."""
-        for image_id, record, problem in self.entries(on_record):
+        for image_id, record, problem in self.entries(on_record, among):
             if problem is not None:
                 self.note_damage(image_id, problem)
             elif record is not None:
                 yield image_id, record
 
-    def entries(self, on_record: Callable[[str], None] | None = None) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+    def entries(self, on_record: Callable[[str], None] | None = None, among: Collection[str] | None = None,
+                ) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
         """(name, cellseg attrs, problem) for every entry under the store, in name order, its
-        metadata read by READERS threads at once (`scan`)."""
+        metadata read by READERS threads at once (`scan`). With `among`, only the entries of those
+        names are read: one listing of the store, then a read per image asked about, not per image
+        held (on object storage each read is a request, and a store grows by every night's images)."""
         names = _child_names(self.root)
+        if among is not None:
+            wanted = set(among)
+            names = [name for name in names if name in wanted]
         with ThreadPoolExecutor(max_workers=min(READERS, max(1, len(names)))) as pool:
             for name, (record, problem) in zip(names, pool.map(self.scan, names), strict=True):
                 if on_record:
@@ -94,9 +101,12 @@ class StoreRecords:
         """Ids of images whose mask and statistics are completely written."""
         return set(self.done_records(on_record))
 
-    def done_records(self, on_record: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
-        """The records of the images whose mask and statistics are completely written, by id."""
-        return {image_id: record for image_id, record in self.records(on_record) if record.get("status") == DONE}
+    def done_records(self, on_record: Callable[[str], None] | None = None, among: Collection[str] | None = None,
+                     ) -> dict[str, dict[str, Any]]:
+        """The records of the images (of those of `among`) whose mask and statistics are completely
+        written, by id."""
+        return {image_id: record for image_id, record in self.records(on_record, among)
+                if record.get("status") == DONE}
 
     def record(self, image_id: str) -> dict[str, Any]:
         """The cellseg attrs of one image; DamagedImage when they cannot be read."""

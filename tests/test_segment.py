@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,6 +95,20 @@ def test_pending_images_skips_done_ids_only(image_dir, store):
     todo, done = pending_images(list_images(str(image_dir)), store)
     assert [image_id for image_id, _ in todo] == ["empty", "notes", "small", "synth_0000", "synth_0002"]
     assert done == ["synth_0001"]
+
+
+def test_pending_images_reads_only_the_records_of_the_images_listed(image_dir, store):
+    """A nightly store grows by every night's images, while the night's source holds a few: the
+    plan reads one store listing and the records of the listed images, not every record the store
+    holds (on object storage, a request each). A damaged image elsewhere in the store is not read."""
+    store.write_result("synth_0001", np.zeros((2, 2), bool), {}, "x", {})
+    for other in ("older_a", "older_b"):
+        store.write_result(other, np.zeros((2, 2), bool), {}, "y", {})
+    (Path(store.url) / "older_b/zarr.json").write_bytes(b"\x00 not json")
+    todo, done = pending_images(list_images(str(image_dir)), store)
+    assert done == ["synth_0001"] and "synth_0001" not in dict(todo)
+    assert store.damaged == {}  # older_b was never read (a full scan notes it damaged)
+    assert [image_id for image_id, _ in store.records()] == ["older_a", "synth_0001"] and "older_b" in store.damaged
 
 
 def test_pending_images_refuses_ids_that_cannot_name_an_entry(store):
