@@ -79,10 +79,10 @@ def run_predict(args: argparse.Namespace) -> int:
     for warning in report.warnings:
         print(f"  warning: {warning['source_url']}: {warning['warning']}")
     written = ResultStore.open(args.out, mode="r")
-    statistics = written.statistics()
+    statistics = written.statistics(among=report.done + report.skipped)  # not every image a large store holds
     if len(statistics) > PREDICT_TABLE_ROWS:
-        print(f"the first {PREDICT_TABLE_ROWS} of the store's {len(statistics)} images "
-              f"(cellseg results {redact_url(args.out)} --limit 0 shows all):")
+        print(f"the first {PREDICT_TABLE_ROWS} of these {len(statistics)} images "
+              f"(cellseg results {redact_url(args.out)} --limit 0 shows all the store holds):")
     print_table(statistics[:PREDICT_TABLE_ROWS])
     print_damaged(written)
     return batch_status(len(report.failed))

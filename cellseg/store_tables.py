@@ -3,7 +3,7 @@ measurements as rows."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,12 +24,13 @@ class StoreTables(StoreArrays):
     """The tables of a store's images (`cellseg.store.ResultStore`)."""
 
     def statistics(self, on_record: Callable[[str], None] | None = None,
-                   read_cell_tables: bool = False) -> list[dict[str, Any]]:
-        """The per-image statistics table: one row per done image. With `read_cell_tables`, an image
-        whose cell table is damaged is left out as `cell_rows` leaves it out (with a warning, noted in
-        `damaged`), so that the two tables join: its statistics would count cells it has no row of."""
+                   read_cell_tables: bool = False, among: Collection[str] | None = None) -> list[dict[str, Any]]:
+        """The per-image statistics table: one row per done image (of those of `among`). With
+        `read_cell_tables`, an image whose cell table is damaged is left out as `cell_rows` leaves it
+        out (with a warning, noted in `damaged`), so that the two tables join: its statistics would
+        count cells it has no row of."""
         rows = []
-        for image_id, record in self.records(on_record):
+        for image_id, record in self.records(on_record, among):
             if record.get("status") != DONE:
                 continue
             if read_cell_tables:

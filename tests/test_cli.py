@@ -379,8 +379,15 @@ def test_predict_says_when_its_table_leaves_images_out(tmp_path):
     cellseg("synth", "--out", str(tmp_path / "data"), "--count", "7", "--size", "64", "--seed", "0")
     store = str(tmp_path / "r.zarr")
     predicted = cellseg("predict", "--model", "general", "--images", str(tmp_path / "data/images"), "--out", store)
-    assert f"the first 5 of the store's 7 images (cellseg results {store} --limit 0 shows all):" in predicted.stdout
+    assert (f"the first 5 of these 7 images (cellseg results {store} --limit 0 shows all the store holds):"
+            in predicted.stdout)
     assert "synth_0004" in predicted.stdout and "synth_0005" not in predicted.stdout
+    # Another source into the same store: its own images, not the first of the store's.
+    cellseg("synth", "--out", str(tmp_path / "more"), "--count", "2", "--size", "64", "--seed", "1")
+    (tmp_path / "more/images/synth_0000.png").rename(tmp_path / "more/images/more_0.png")
+    (tmp_path / "more/images/synth_0001.png").rename(tmp_path / "more/images/more_1.png")
+    more = cellseg("predict", "--model", "general", "--images", str(tmp_path / "more/images"), "--out", store)
+    assert "more_0" in more.stdout and "more_1" in more.stdout and "synth_0000" not in more.stdout
 
 def test_an_image_segmented_block_by_block_shows_its_blocks_on_a_terminal(tmp_path, tiny_checkpoint):
     import numpy as np
