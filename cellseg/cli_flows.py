@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import sys
 from collections.abc import Sequence
@@ -19,6 +20,8 @@ from cellseg.cli_signals import TERMINATED, Terminated
 from cellseg.redact import redact_url
 
 if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
     from cellseg.job_config import TuneJob
 
 ORCHESTRATION_EXTRA = "pip install 'cellseg[orchestration]'"
@@ -127,6 +130,7 @@ def run_tune(args: argparse.Namespace) -> int:
                         command_settings(args))
     _warn_when_dask_workers_cannot_report(job.dask_address)
     before = set(os.listdir(job.work_dir)) if os.path.isdir(job.work_dir) else set()
+    processes = multiprocessing.active_children()  # not trials
     try:
         # The trials' processes on this machine report to it; a Dask worker elsewhere could not reach it.
         with shared_temporary_server() if job.dask_address is None else nullcontext():
@@ -135,7 +139,7 @@ def run_tune(args: argparse.Namespace) -> int:
         _print_trials(trial_rows(error.results), job)  # the table first: `main` ends with the error's line
         raise
     except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (cli_signals.Terminated)
-        _stop_trial_processes()
+        _stop_trial_processes(spared=processes)
         left = sorted(set(os.listdir(job.work_dir)) - before) if os.path.isdir(job.work_dir) else []
         where = (f"the trials' folders so far are left in {', '.join(os.path.join(job.work_dir, name) for name in left)}"
                  if left else "no trial had written anything")
@@ -153,13 +157,13 @@ def run_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_trial_processes() -> None:
+def _stop_trial_processes(spared: Sequence[BaseProcess]) -> None:
     """End any trial process still alive after Ctrl-C. tune-unet ends its trials itself when it is
     stopped (`cellseg.jobs_tune.stop_trial_processes`, for a cancel or SIGTERM too); a Ctrl-C that
     lands outside its wait for them, in Prefect's own code, leaves that to this."""
     from cellseg.jobs_tune import stop_trial_processes
 
-    stop_trial_processes()
+    stop_trial_processes(spared=spared)
 
 
 def _print_trials(rows: Sequence[dict[str, Any]], job: TuneJob) -> None:

@@ -14,6 +14,7 @@ from cellseg.formats import list_sources
 from cellseg.job_config import SegmentJob
 from cellseg.model_source import ModelSource, shared_predictor
 from cellseg.segment import images_by_id, model_record, pending_images
+from cellseg.storage_errors import storage_call
 from cellseg.store import ResultStore
 from cellseg.store_checks import DONE, FAILED, NoStore, check_store_target, invalid_image_id
 
@@ -101,7 +102,8 @@ def preview_segmentation(job: SegmentJob) -> SegmentPreview:
     try:
         store: ResultStore | None = ResultStore.open(job.store_url, mode="r")
     except NoStore:
-        check_store_target(job.store_url)
+        with storage_call(job.store_url):  # as the run checks it: unreachable, denied, timed out in one line
+            check_store_target(job.store_url)
         store = None
     rejected: list[dict[str, str]] = []
     by_id = images_by_id(images, rejected, job.source_url)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from cellseg.io import PARTIAL_FILE_PREFIX
@@ -47,14 +48,16 @@ def run_trial(job: TuneJob, trial: Trial, out_dir: str | Path, pairs: Sequence[I
     )
 
 
-def stop_trial_processes(run_dir: str | Path | None = None, grace_seconds: float = 10.0) -> int:
-    """End this process's trial processes (its `multiprocessing` children: a process pool's workers)
-    when a search stops early (cancelled, SIGTERM, Ctrl-C): SIGTERM, then SIGKILL to any still
-    alive `grace_seconds` later. A pool's own shutdown would wait for the trials in flight to finish
-    training, and a process killed with its parent would leave them training on with no one to take
-    their results. Half-written files the trials leave under `run_dir` (a checkpoint's temporary
-    file) are removed; their folders stay. Returns how many processes were ended."""
-    children = multiprocessing.active_children()
+def stop_trial_processes(run_dir: str | Path | None = None, grace_seconds: float = 10.0,
+                         spared: Collection[BaseProcess] = ()) -> int:
+    """End this process's trial processes (its `multiprocessing` children but those of `spared`,
+    the ones it had before the search: a label-worker pool, say) when a search stops early
+    (cancelled, SIGTERM, Ctrl-C): SIGTERM, then SIGKILL to any still alive `grace_seconds` later. A
+    pool's own shutdown would wait for the trials in flight to finish training, and a process
+    killed with its parent would leave them training on with no one to take their results.
+    Half-written files the trials leave under `run_dir` (a checkpoint's temporary file) are
+    removed; their folders stay. Returns how many processes were ended."""
+    children = [child for child in multiprocessing.active_children() if child not in spared]
     for child in children:
         child.terminate()
     deadline = time.monotonic() + grace_seconds

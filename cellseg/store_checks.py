@@ -101,8 +101,9 @@ def enclosing_zarr_store(fs: Any, path: str) -> str | None:
 RESERVED_IDS = frozenset({"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"})
 
 
-# Bytes (UTF-8) an image id may take: it names a folder of the store, and file systems take 255 at most.
-MAX_IMAGE_ID_BYTES = 200
+# Bytes (UTF-8) an image id may take: it names a folder of the store, and file systems take 255 at
+# most (so no file name's stem that was ever an id is refused now).
+MAX_IMAGE_ID_BYTES = 255
 
 
 def validate_image_id(image_id: str, source: str = "") -> str:

@@ -83,7 +83,8 @@ def kept_line(run_dir: str) -> str:
     except (OSError, ValueError):
         epochs = None
     return (f"{last} holds {f'epoch {epochs}' if epochs else 'its last epoch'}: `cellseg train --resume --out "
-            f"{shlex.quote(run_dir)}` with the run's images and masks goes on from it")
+            f"{shlex.quote(run_dir)}` with the run's images and masks (and its training settings: --epochs, "
+            "--patch-size, ...) goes on from it; the network is read from last.pt")
 
 
 @flow(name="train-unet")

@@ -3,6 +3,7 @@ the best by validation Dice, with a table artifact of every trial."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -59,6 +60,7 @@ def train_trials(job: TuneJob, trials: list[Trial], manifest_path: str, run_dir:
     """One train-trial task per trial on this flow's task runner (processes, or Dask), each logged
     as it ends; a trial whose task failed (its worker died, out of memory say) is a failed trial."""
     results = {}
+    before = multiprocessing.active_children()  # not trials: spared when the search is stopped
     try:
         futures = train_trial.map(unmapped(job), trials, unmapped(manifest_path), unmapped(run_dir), unmapped(threads))
         trial_of = {future.task_run_id: trial for future, trial in zip(futures, trials, strict=True)}
@@ -73,7 +75,7 @@ def train_trials(job: TuneJob, trials: list[Trial], manifest_path: str, run_dir:
         # them to finish training, past the grace a cancel or `systemctl stop` gives this process
         # before SIGKILL, which leaves them training on, orphaned. (Ctrl-C reaches the trials
         # themselves, in the terminal's process group, and `cellseg tune` ends what is left.)
-        stop_trial_processes(run_dir)
+        stop_trial_processes(run_dir, spared=before)
         raise
     return [results[future.task_run_id].model_dump(mode="json") for future in futures]
 

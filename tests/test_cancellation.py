@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cellseg.checkpoint import load_checkpoint
 from cellseg.jobs_tune import stop_trial_processes
 from cellseg.registry import Registry
 from cellseg.store import ResultStore
@@ -34,15 +35,23 @@ def _sleep_for_ever() -> None:
 
 
 def test_stop_trial_processes_ends_the_children_and_their_half_written_files(tmp_path):
+    """Only the trials: a process the search found running (a label-worker pool, say) is spared."""
     context = multiprocessing.get_context("spawn")
+    before = multiprocessing.active_children()
+    other = context.Process(target=_sleep_for_ever, daemon=True)
+    other.start()
+    spared = [*before, other]
     children = [context.Process(target=_sleep_for_ever, daemon=True) for _ in range(2)]
     for child in children:
         child.start()
     (tmp_path / "trial-001").mkdir()
     (tmp_path / "trial-001" / ".tmp-abc123").write_bytes(b"half a checkpoint")
     (tmp_path / "trial-001" / "last.pt").write_bytes(b"kept")
-    assert stop_trial_processes(tmp_path, grace_seconds=10) == 2
-    assert not any(child.is_alive() for child in children)
+    try:
+        assert stop_trial_processes(tmp_path, grace_seconds=10, spared=spared) == 2
+        assert not any(child.is_alive() for child in children) and other.is_alive()
+    finally:
+        other.kill()
     assert sorted(path.name for path in (tmp_path / "trial-001").iterdir()) == ["last.pt"]
 
 
@@ -167,10 +176,13 @@ def test_a_cancelled_train_unet_says_where_its_resumable_checkpoint_is(served, t
     assert Registry(str(registry)).versions() == []
     assert not list(tmp_path.rglob(".tmp-*"))
     assert_cancelled_cleanly(logs, f"train-unet cancelled: no model registered; {last} holds epoch")
+    # As the line says: the run's images and masks, no model flags (the network comes from last.pt).
+    kept = load_checkpoint(str(last)).epoch
     resumed = cellseg("train", "--images", str(tmp_path / "data/images"), "--masks", str(tmp_path / "data/labels"),
-                      "--out", str(last.parent), "--resume", "--epochs", "1", "--depth", "2", "--base-width", "8",
+                      "--out", str(last.parent), "--resume", "--epochs", str(kept + 1), "--patch-size", "64",
                       check=False)
-    assert "resuming from" in resumed.stdout + resumed.stderr, resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout + resumed.stderr, resumed.stderr
+    assert load_checkpoint(str(last)).epoch == kept + 1
 
 
 @pytest.mark.integration

@@ -148,7 +148,7 @@ def test_a_symbolic_link_loop_is_listed_once_and_named(tmp_path, pictures, caplo
 
 
 def test_a_path_making_an_overlong_id_is_a_rejected_file_not_a_crash(tmp_path, pictures, tiny_checkpoint):
-    long = "/".join(["x" * 60] * 4)  # 4 folders of 60 bytes: an id of over 240 bytes
+    long = "/".join(["x" * 60] * 5)  # 5 folders of 60 bytes: an id of over 300 bytes
     source = _tree(tmp_path / "incoming", pictures, [f"{long}/img.png", "fine.png"])
 
     report = run_segmentation(_job(source, tmp_path / "out.zarr", tiny_checkpoint, selection=RECURSIVE))
@@ -156,7 +156,7 @@ def test_a_path_making_an_overlong_id_is_a_rejected_file_not_a_crash(tmp_path, p
     assert report.done == ["fine"]
     [failure] = report.failed
     assert failure["source_url"] == str(source / long / "img.png")
-    assert "bytes, over the 200 a store entry may take: rename the file or its folders" in failure["error"]
+    assert "bytes, over the 255 a store entry may take: rename the file or its folders" in failure["error"]
 
 
 def test_recursion_from_a_job_is_no_result_setting_so_a_rerun_skips_the_done_images_without_a_warning(

@@ -106,6 +106,8 @@ def test_ctrl_c_stops_tune_and_its_trials_with_status_130_and_a_rerun_works(synt
         assert len(trials) == 2
         os.killpg(run.pid, signal.SIGINT)  # Ctrl-C: to the whole process group
         _, stderr = run.communicate(timeout=90)
+        # Before the clean-up below kills what is left: the trials ended on their own.
+        _, alive = psutil.wait_procs(trials, timeout=10)
     finally:
         if run.poll() is None:
             run.kill()
@@ -118,8 +120,7 @@ def test_ctrl_c_stops_tune_and_its_trials_with_status_130_and_a_rerun_works(synt
     assert stderr.strip().splitlines()[-2] == (
         f"cellseg tune: interrupted; nothing was registered, and the trials' folders so far are left in "
         f"{tmp_path / 'tuning' / folder.name}; run the same command again to search anew")
-    _, alive = psutil.wait_procs(trials, timeout=10)
-    assert not [child.pid for child in alive if child.status() != psutil.STATUS_ZOMBIE]
+    assert not [child.pid for child in alive if child.is_running() and child.status() != psutil.STATUS_ZOMBIE]
     assert Registry(str(tmp_path / "registry")).versions() == []
 
     rerun = cellseg(*_tune(synthetic_dataset, tmp_path, "--trials", "1", "--parallel", "1", "--training-json",
@@ -169,6 +170,8 @@ def test_sigterm_to_tune_alone_ends_its_trials_too_with_status_143(synthetic_dat
         assert len(trials) == 2
         run.terminate()  # SIGTERM to the command alone
         _, stderr = run.communicate(timeout=90)
+        # Before the clean-up below kills what is left: the trials ended on their own.
+        _, alive = psutil.wait_procs(trials, timeout=10)
     finally:
         if run.poll() is None:
             run.kill()
@@ -180,6 +183,5 @@ def test_sigterm_to_tune_alone_ends_its_trials_too_with_status_143(synthetic_dat
     [folder] = (tmp_path / "tuning").iterdir()
     assert (f"cellseg tune: stopped by SIGTERM; nothing was registered, and the trials' folders so far are left in "
             f"{tmp_path / 'tuning' / folder.name}; run the same command again to search anew") in stderr.splitlines()
-    _, alive = psutil.wait_procs(trials, timeout=10)
-    assert not [child.pid for child in alive if child.status() != psutil.STATUS_ZOMBIE]
+    assert not [child.pid for child in alive if child.is_running() and child.status() != psutil.STATUS_ZOMBIE]
     assert Registry(str(tmp_path / "registry")).versions() == []
