@@ -174,7 +174,7 @@ def list_image_entries(url: str, storage_options: StorageOptions = None, microsc
 
 
 MAX_LISTING_DEPTH = 16  # folder levels below a source folder that a recursive listing enters
-ZARR_METADATA_NAMES = ("zarr.json", ".zgroup")  # a folder holding one is a zarr store (v3, v2), never searched
+ZARR_GROUP_KEYS = ("zarr.json", ".zgroup")  # a folder holding one is a zarr group (v3, v2): never searched
 MAX_ZARR_METADATA_BYTES = 2**20  # of a zarr.json read to tell a results store from other zarr
 
 
@@ -240,7 +240,7 @@ def _walk_subfolders(fs: fsspec.AbstractFileSystem, url: str, root: str, walk: _
             with storage_call(folder_url):
                 listing = fs.ls(path, detail=True)
             names = {posixpath.basename(item["name"].rstrip("/")) for item in listing}
-            if names & set(ZARR_METADATA_NAMES):
+            if names & set(ZARR_GROUP_KEYS):
                 (results if _is_results_store(fs, path, names, folder_url) else stores).append(relative)
                 continue
             walk.add(listing, folder_url, relative + "/")
@@ -259,10 +259,19 @@ def _walk_subfolders(fs: fsspec.AbstractFileSystem, url: str, root: str, walk: _
                        len(stores), redact_url(url), _some(stores))
 
 
+def protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
+    """The protocol names of `fs` (fsspec gives one, or a tuple of aliases)."""
+    return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+
+
+def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether `fs` is an object store (s3://, gs://, ...), whose folders are key prefixes in buckets."""
+    return bool(protocols(fs) & OBJECT_STORE_PROTOCOLS)
+
+
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     """Whether `fs` is the local file system, where folders may be symbolic links."""
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    return bool(protocols & {"file", "local"})
+    return bool(protocols(fs) & {"file", "local"})
 
 
 def _is_results_store(fs: fsspec.AbstractFileSystem, path: str, names: set[str], url: str) -> bool:
@@ -282,8 +291,7 @@ def _prefix_in_a_bucket(fs: fsspec.AbstractFileSystem, root: str, url: str, kind
     """Whether `root`, found neither as a folder nor as a file, is a prefix in an existing bucket
     of an object store: a folder whose objects are all gone (a nightly's incoming prefix emptied)
     or not yet written. A bucket that does not exist is refused, naming it."""
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    if not protocols & OBJECT_STORE_PROTOCOLS:
+    if not is_object_store(fs):
         return False
     bucket = root.strip("/").split("/", 1)[0]
     if not fs.exists(bucket):

@@ -14,7 +14,7 @@ from typing import Any
 
 from fsspec.core import split_protocol
 
-from cellseg.io import StorageOptions, filesystem
+from cellseg.io import ZARR_GROUP_KEYS, StorageOptions, filesystem
 
 DONE = "done"  # an image's status once its arrays are all written
 FAILED = "failed"  # an image's status after a run could not segment it (its record says why)
@@ -76,7 +76,6 @@ def check_store_target(url: str, storage_options: StorageOptions = None) -> None
                          "of its groups (in a results store, as an image); choose a folder outside it")
 
 
-ZARR_GROUP_KEYS = ("zarr.json", ".zgroup")  # a folder holding one is a zarr group (v3, v2)
 # How far up `enclosing_zarr_store` looks.
 MAX_ENCLOSING_LEVELS = 64
 

@@ -12,7 +12,7 @@ from typing import Any
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from cellseg.io import OBJECT_STORE_PROTOCOLS, StorageOptions, filesystem, write_bytes, write_file_atomic
+from cellseg.io import StorageOptions, filesystem, is_object_store, write_bytes, write_file_atomic
 from cellseg.plates import same_columns
 from cellseg.store_checks import enclosing_zarr_store
 
@@ -121,8 +121,7 @@ def _file_above(fs: AbstractFileSystem, path: str) -> str | None:
 def _bucket_is_missing(fs: AbstractFileSystem, path: str) -> str | None:
     """The bucket of `path` on an object store (s3://, gs://, ...) when it does not exist: writing
     would make it, and a typo in its name must not create one. None on other filesystems."""
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    bucket = path.strip("/").split("/", 1)[0] if protocols & OBJECT_STORE_PROTOCOLS else None
+    bucket = path.strip("/").split("/", 1)[0] if is_object_store(fs) else None
     return bucket if bucket and not fs.exists(bucket) else None
 
 
