@@ -83,19 +83,24 @@ def test_the_table_and_summary_artifacts_are_published_when_every_trial_fails(pr
     assert Registry(str(tmp_path / "registry")).versions() == []
 
 
-@pytest.mark.integration
-def test_ctrl_c_stops_tune_and_its_trials_with_status_130_and_a_rerun_works(synthetic_dataset, tmp_path):
+def _stop_a_long_tune(synthetic_dataset: Path, tmp_path: Path, stop: signal.Signals, whole_group: bool,
+                      ) -> tuple[int, str, list[int]]:
+    """Start a tune of two long trials as from a shell (`stop` handled by default), send `stop` once
+    each trial has written an epoch (to the command's process group, as Ctrl-C goes, or to the
+    command alone, as `kill PID` does): (exit status, stderr, the trial processes still alive
+    10 s after the command ended, looked at before this clean-up kills what is left)."""
     import psutil
 
     env = {key: value for key, value in os.environ.items() if not key.startswith(("CELLSEG_", "PREFECT_API_URL"))}
     env |= {"PREFECT_HOME": str(tmp_path / "prefect")}
-    as_from_a_shell = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    as_from_a_shell = (f"import os, signal, sys; signal.signal(signal.{stop.name}, signal.SIG_DFL); "
                        "os.execv(sys.argv[1], sys.argv[1:])")
     long_training = '{"epochs": 500, "patch_size": 64, "patches_per_image": 1, "device": "cpu"}'
     command = [str(Path(sys.executable).parent / "cellseg"),
                *_tune(synthetic_dataset, tmp_path, "--trials", "2", "--parallel", "2", "--training-json", long_training)]
     run = subprocess.Popen([sys.executable, "-c", as_from_a_shell, *command], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)  # a terminal's group
+                           stderr=subprocess.PIPE, text=True, env=env,
+                           start_new_session=whole_group)  # a terminal's group, for Ctrl-C
     children: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 240
@@ -104,10 +109,13 @@ def test_ctrl_c_stops_tune_and_its_trials_with_status_130_and_a_rerun_works(synt
         children = psutil.Process(run.pid).children(recursive=True)
         trials = [child for child in children if "multiprocessing.spawn" in " ".join(child.cmdline())]
         assert len(trials) == 2
-        os.killpg(run.pid, signal.SIGINT)  # Ctrl-C: to the whole process group
+        if whole_group:
+            os.killpg(run.pid, stop)
+        else:
+            run.send_signal(stop)
         _, stderr = run.communicate(timeout=90)
-        # Before the clean-up below kills what is left: the trials ended on their own.
         _, alive = psutil.wait_procs(trials, timeout=10)
+        still_running = [child.pid for child in alive if child.is_running() and child.status() != psutil.STATUS_ZOMBIE]
     finally:
         if run.poll() is None:
             run.kill()
@@ -115,12 +123,18 @@ def test_ctrl_c_stops_tune_and_its_trials_with_status_130_and_a_rerun_works(synt
         for child in children:
             if child.is_running():
                 child.kill()
-    assert run.returncode == 130, stderr
+    return run.returncode, stderr, still_running
+
+
+@pytest.mark.integration
+def test_ctrl_c_stops_tune_and_its_trials_with_status_130_and_a_rerun_works(synthetic_dataset, tmp_path):
+    status, stderr, alive = _stop_a_long_tune(synthetic_dataset, tmp_path, signal.SIGINT, whole_group=True)
+    assert status == 130, stderr
     [folder] = (tmp_path / "tuning").iterdir()
     assert stderr.strip().splitlines()[-2] == (
         f"cellseg tune: interrupted; nothing was registered, and the trials' folders so far are left in "
         f"{tmp_path / 'tuning' / folder.name}; run the same command again to search anew")
-    assert not [child.pid for child in alive if child.is_running() and child.status() != psutil.STATUS_ZOMBIE]
+    assert not alive
     assert Registry(str(tmp_path / "registry")).versions() == []
 
     rerun = cellseg(*_tune(synthetic_dataset, tmp_path, "--trials", "1", "--parallel", "1", "--training-json",
@@ -147,41 +161,13 @@ def test_tune_says_when_fewer_trials_ran_than_asked_and_what_it_registered(synth
 
 @pytest.mark.integration
 def test_sigterm_to_tune_alone_ends_its_trials_too_with_status_143(synthetic_dataset, tmp_path):
-    """`kill PID` or `timeout` signals the command only, not its trial processes: tune-unet ends
-    them itself (before, they trained on, orphaned, and the command died without a line)."""
-    import psutil
-
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("CELLSEG_", "PREFECT_API_URL"))}
-    env |= {"PREFECT_HOME": str(tmp_path / "prefect")}
-    as_from_a_shell = ("import os, signal, sys; signal.signal(signal.SIGTERM, signal.SIG_DFL); "
-                       "os.execv(sys.argv[1], sys.argv[1:])")
-    long_training = '{"epochs": 500, "patch_size": 64, "patches_per_image": 1, "device": "cpu"}'
-    command = [str(Path(sys.executable).parent / "cellseg"),
-               *_tune(synthetic_dataset, tmp_path, "--trials", "2", "--parallel", "2", "--training-json", long_training)]
-    run = subprocess.Popen([sys.executable, "-c", as_from_a_shell, *command], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env=env)
-    children: list[psutil.Process] = []
-    try:
-        deadline = time.monotonic() + 240
-        while run.poll() is None and time.monotonic() < deadline and not list(tmp_path.glob("tuning/*/trial-*/last.pt")):
-            time.sleep(0.1)
-        children = psutil.Process(run.pid).children(recursive=True)
-        trials = [child for child in children if "multiprocessing.spawn" in " ".join(child.cmdline())]
-        assert len(trials) == 2
-        run.terminate()  # SIGTERM to the command alone
-        _, stderr = run.communicate(timeout=90)
-        # Before the clean-up below kills what is left: the trials ended on their own.
-        _, alive = psutil.wait_procs(trials, timeout=10)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.communicate()
-        for child in children:
-            if child.is_running():
-                child.kill()
-    assert run.returncode == 143, stderr
+    """`kill PID` or `timeout` signals the command only, not its trial processes: they are ended
+    too, by tune-unet (tests/test_cancellation.py checks that part alone) and by the command's
+    clean-up after it (before, they trained on, orphaned, and the command died without a line)."""
+    status, stderr, alive = _stop_a_long_tune(synthetic_dataset, tmp_path, signal.SIGTERM, whole_group=False)
+    assert status == 143, stderr
     [folder] = (tmp_path / "tuning").iterdir()
     assert (f"cellseg tune: stopped by SIGTERM; nothing was registered, and the trials' folders so far are left in "
             f"{tmp_path / 'tuning' / folder.name}; run the same command again to search anew") in stderr.splitlines()
-    assert not [child.pid for child in alive if child.is_running() and child.status() != psutil.STATUS_ZOMBIE]
+    assert not alive
     assert Registry(str(tmp_path / "registry")).versions() == []
