@@ -103,6 +103,14 @@ def served(tmp_path_factory):
                 stop_process_group(serve)
 
 
+def long_training_job(tmp_path: Path, work_dir: Path, **fields: object) -> dict:
+    """A train or tune job on tmp_path/data of a small network trained for far longer than a test
+    waits, registering into tmp_path/registry."""
+    return {"images_url": str(tmp_path / "data/images"), "masks_url": str(tmp_path / "data/labels"),
+            "registry_url": str(tmp_path / "registry"), "cache_dir": str(tmp_path / "cache"),
+            "work_dir": str(work_dir), "model": {"depth": 2, "base_width": 8}, "training": LONG_TRAINING, **fields}
+
+
 def start_run(env: dict[str, str], deployment: str, job: dict) -> str:
     result = subprocess.run([str(BIN / "prefect"), "deployment", "run", deployment, "--param", "job=" + json.dumps(job)],
                             env=env, capture_output=True, text=True, timeout=120, check=True)
@@ -137,11 +145,8 @@ def test_a_cancelled_tune_unet_ends_its_trial_processes_and_registers_nothing(se
     env, serve = served
     write_dataset(str(tmp_path / "data"), count=8, size=64, seed=3)
     registry = tmp_path / "registry"
-    run_id = start_run(env, "tune-unet/tune-unet", {
-        "images_url": str(tmp_path / "data/images"), "masks_url": str(tmp_path / "data/labels"),
-        "registry_url": str(registry), "cache_dir": str(tmp_path / "cache"), "work_dir": str(tmp_path / "tuning"),
-        "trials": 2, "max_parallel_trials": 2, "space": SPACE, "model": {"depth": 2, "base_width": 8},
-        "training": LONG_TRAINING})
+    run_id = start_run(env, "tune-unet/tune-unet", long_training_job(
+        tmp_path, tmp_path / "tuning", trials=2, max_parallel_trials=2, space=SPACE))
 
     def trials() -> list[psutil.Process]:
         found = [p for p in run_processes(serve) if "multiprocessing.spawn" in " ".join(p.cmdline())]
@@ -167,10 +172,7 @@ def test_a_cancelled_train_unet_says_where_its_resumable_checkpoint_is(served, t
     env, serve = served
     write_dataset(str(tmp_path / "data"), count=8, size=64, seed=4)
     registry = tmp_path / "registry"
-    run_id = start_run(env, "train-unet/train-unet", {
-        "images_url": str(tmp_path / "data/images"), "masks_url": str(tmp_path / "data/labels"),
-        "registry_url": str(registry), "cache_dir": str(tmp_path / "cache"), "work_dir": str(tmp_path / "training"),
-        "model": {"depth": 2, "base_width": 8}, "training": LONG_TRAINING})
+    run_id = start_run(env, "train-unet/train-unet", long_training_job(tmp_path, tmp_path / "training"))
     last = wait_for(lambda: next(iter((tmp_path / "training").glob("*/last.pt")), None), 120, "a first epoch")
     logs = cancel_and_wait(env, run_id, serve)
     assert Registry(str(registry)).versions() == []
