@@ -30,6 +30,8 @@ def segment_shard(job: SegmentJob, shard: Shard, on_image: Callable[[str], None]
     the process's cores before each batch (`cellseg.runtime.CoreShare`). Once `stop` is set, the
     shard ends after writing the images it has predicted.
     """
+    if stop is not None and stop.is_set():  # stopped before it started: no model to load
+        return SegmentReport()
     predictor = shared_predictor(model_source(job), job.predict)
     store = ResultStore.open(job.store_url)
     done_before = store.done_among([image_id for image_id, _ in shard])
@@ -48,19 +50,24 @@ _stop_events: dict[str, threading.Event] = {}
 def stopped_when_left_by_an_error(key: str) -> Iterator[None]:
     """Within the block, `stop_event(key)` is an event set if the block is left by an exception
     (Ctrl-C): work that runs in this process's threads under `key` (a flow run's shards) and
-    passes it as `segment_shard`'s `stop` ends after writing what it has predicted."""
+    passes it as `segment_shard`'s `stop` ends after writing what it has predicted.
+
+    Left by an exception, the set event stays behind for `key`: a shard whose thread looks it up
+    only after the block has ended (its task still starting when Ctrl-C came, on a loaded
+    machine) then stops at once, instead of finding no event and segmenting its whole shard
+    while the interrupted run waits for it."""
     stop = _stop_events[key] = threading.Event()
     try:
         yield
     except BaseException:
         stop.set()
         raise
-    finally:
-        _stop_events.pop(key, None)
+    _stop_events.pop(key, None)
 
 
 def stop_event(key: str) -> threading.Event | None:
-    """The event of `stopped_when_left_by_an_error(key)` while its block runs in this process."""
+    """The event of `stopped_when_left_by_an_error(key)` while its block runs in this process, or
+    after an exception left it (set)."""
     return _stop_events.get(key)
 
 

@@ -16,7 +16,7 @@ from cellseg.checkpoint import CheckpointError, load_checkpoint
 from cellseg.config import BlockConfig, ModelConfig, PredictConfig, TrainConfig
 from cellseg.jobs import SegmentJob, TrainJob, run_segmentation, run_training
 from cellseg.jobs_plan import even_shards, model_source, pin_model, plan_segmentation
-from cellseg.jobs_shards import STOP_GRACE
+from cellseg.jobs_shards import STOP_GRACE, segment_shard, stop_event, stopped_when_left_by_an_error
 from cellseg.jobs_training import RunFolderError, check_run_dir
 from cellseg.registry import Registry, RegistryError
 from cellseg.store import ResultStore
@@ -195,6 +195,24 @@ def test_an_interrupted_run_stops_its_shards_and_keeps_what_they_wrote(trained, 
     assert verify_store(job.store_url, read_data=True).broken == []
     again = run_segmentation(job)
     assert sorted(again.skipped) == sorted(written) and len(again.done) == 8 - len(written)
+
+
+def test_a_shard_that_starts_after_its_run_was_interrupted_stops_at_once(trained, tmp_path):
+    """A segment-images shard looks its stop event up when its task starts; one still starting when
+    Ctrl-C came found none on a loaded CI machine, and the interrupted run waited a minute for it
+    to segment its whole shard."""
+    job = shard_job(trained, tmp_path / "s.zarr")
+    with pytest.raises(KeyboardInterrupt), stopped_when_left_by_an_error("run-1"):
+        assert not stop_event("run-1").is_set()
+        raise KeyboardInterrupt
+    late = stop_event("run-1")
+    assert late is not None and late.is_set()
+    shard = plan_segmentation(job).shards[0]
+    report = segment_shard(job, shard, stop=late)
+    assert report.done == [] and not ResultStore.open(job.store_url, mode="r").done_among([i for i, _ in shard])
+    with stopped_when_left_by_an_error("run-2"):  # a run that ends well leaves nothing behind
+        pass
+    assert stop_event("run-2") is None
 
 
 def test_a_missing_model_fails_before_the_store_is_created(trained, tmp_path):
