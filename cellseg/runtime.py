@@ -90,7 +90,9 @@ class CoreShare:
         self._opencv_threads_before = 0
 
     # OpenCV's thread count is process-wide: the loops' shares are set over the caller's choice (a
-    # notebook's), which the last loop to leave puts back. torch's count is the calling thread's.
+    # notebook's), which the last loop to leave puts back. torch's count is the calling thread's,
+    # put back as each loop leaves: a share larger than the cores left to that thread (a loop run
+    # on a caller's own thread) slowed its later torch work tenfold, its threads spinning for cores.
 
     @contextmanager
     def taking_part(self) -> Iterator[Callable[[], int]]:
@@ -100,6 +102,7 @@ class CoreShare:
             if not self._running:
                 self._opencv_threads_before = cv2.getNumThreads()
             self._running += 1
+        torch_threads_before = torch.get_num_threads()
         taken = 0
 
         def take() -> int:
@@ -113,6 +116,8 @@ class CoreShare:
         try:
             yield take
         finally:
+            if taken and torch.get_num_threads() != torch_threads_before:
+                torch.set_num_threads(torch_threads_before)
             with self._lock:
                 self._running -= 1
                 if not self._running:

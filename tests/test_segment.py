@@ -212,6 +212,7 @@ def test_a_run_uses_its_predictors_threads_whatever_the_process_set_since(image_
 
 
 def test_cores_are_split_between_the_loops_running_now():
+    before = torch.get_num_threads()
     share = CoreShare(4)
     with share.taking_part() as first:
         assert first() == 4
@@ -222,6 +223,9 @@ def test_cores_are_split_between_the_loops_running_now():
         assert first() == 4
     with CoreShare(1).taking_part() as alone:
         assert alone() == 1
+    # A loop run on this thread leaves its torch threads as it found them: left at 4 on two cores
+    # (and a second test process), this test process's later training ran ten times slower.
+    assert torch.get_num_threads() == before
 
 
 def test_opencvs_thread_count_is_the_callers_again_once_the_loops_have_finished():
@@ -232,9 +236,10 @@ def test_opencvs_thread_count_is_the_callers_again_once_the_loops_have_finished(
     try:
         cv2.setNumThreads(3)
         share = CoreShare(8)
+        torch_before = torch.get_num_threads()
         with share.taking_part() as first, share.taking_part() as second:
             assert first() == second() == 4 and cv2.getNumThreads() == 4
-        assert cv2.getNumThreads() == 3
+        assert cv2.getNumThreads() == 3 and torch.get_num_threads() == torch_before
     finally:
         cv2.setNumThreads(before)
 
