@@ -123,6 +123,8 @@ INTERRUPTED_HINTS = {
     "predict": "the images written so far are kept: run the same command again to segment the rest",
     "flow segment-images": "the images written so far are kept: run the same command again to segment the rest",
     "train": "the last finished epoch is kept in last.pt: add --resume to continue from it",
+    "flow train-unet": "the last finished epoch is kept in the run's last.pt, named above with the command that goes "
+                       "on from it",
     "export": "no file was left partly written (a table is written whole or not at all, label images each whole); "
               "with --labels, run it again with --overwrite to write them all",
 }
@@ -141,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("cellseg").setLevel(logging.WARNING if args.quiet else logging.INFO)
     from cellseg.storage_errors import storage_error
 
+    command = " ".join(filter(None, (args.command, getattr(args, "flow", None))))  # `flow segment-images`, ...
     stdout, sys.stdout = sys.stdout, TerminalSafeOutput(sys.stdout)
     # `serve` is left to Prefect's runner, which stops its runs on SIGTERM in its own way.
     stop_signals = sigterm_as_interrupt() if args.command != "serve" else nullcontext()
@@ -150,29 +153,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a reader that has gone (`| head -1`) shows up here, not at interpreter exit
         return status
     except KeyboardInterrupt as error:
-        hint = INTERRUPTED_HINTS.get(" ".join(filter(None, (args.command, getattr(args, "flow", None)))))
+        hint = INTERRUPTED_HINTS.get(command)
         how = "stopped by SIGTERM" if isinstance(error, Terminated) else "interrupted"
-        print(f"cellseg {args.command}: {how}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        print(f"cellseg {command}: {how}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return TERMINATED if isinstance(error, Terminated) else INTERRUPTED
     except BrokenPipeError as error:
         if _stdout_reader_gone():
             # Python's advice: point stdout at devnull, so that the flush at exit cannot fail again.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
-        print(f"cellseg {args.command}: error: {shown(str(error))}", file=sys.stderr)
+        print(f"cellseg {command}: error: {shown(str(error))}", file=sys.stderr)
     except ValidationError as error:
-        print(f"cellseg {args.command}: invalid settings: {terminal_safe(describe_invalid(error))}", file=sys.stderr)
+        print(f"cellseg {command}: invalid settings: {terminal_safe(describe_invalid(error))}", file=sys.stderr)
     # ValueError holds the library's own errors (CheckpointError, DatasetError, ImageReadError,
     # RegistryError, SettingsError, StoreError): named here, their modules would load torch for
     # commands that never touch a model.
     except (FileNotFoundError, ValueError, ModuleNotFoundError) as error:
-        print(f"cellseg {args.command}: error: {shown(str(error))}", file=sys.stderr)
+        print(f"cellseg {command}: error: {shown(str(error))}", file=sys.stderr)
     except Exception as error:
         # The Prefect API's own, then storage errors raised where no URL is named (StorageError
         # where one is: a ValueError, above); the Prefect client's errors chain connection errors too.
         if (line := _prefect_api_error(error) or storage_error(None, error)) is None:
             raise
-        print(f"cellseg {args.command}: error: {shown(str(line))}", file=sys.stderr)
+        print(f"cellseg {command}: error: {shown(str(line))}", file=sys.stderr)
     finally:
         sys.stdout = stdout
     return 2

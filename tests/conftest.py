@@ -44,6 +44,15 @@ def _share_the_cores_between_test_processes() -> None:
 _share_the_cores_between_test_processes()
 
 
+# Files whose tests mostly wait on real schedules and servers (minutes each), run first: last in
+# collection order, one test worker ran them alone for minutes while the other had nothing left.
+WAITING_FILES_FIRST = ("test_nightly_schedule.py", "test_worker_loss.py", "test_tune_cli.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in WAITING_FILES_FIRST)  # stable: the rest keep their order
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads_of_this_process_share():
     """Each test starts, and leaves, this process's share of the cores in torch threads. A predictor

@@ -595,8 +595,8 @@ def test_ctrl_c_stops_a_flow_on_its_temporary_server_in_seconds_with_status_130(
     # retries this test guards against took minutes and ended with status 2.
     assert stopped_after < 120, (stopped_after, stderr)
     assert "Crashed('Execution was aborted by an interrupt signal.')" in stderr
-    assert ("cellseg flow: interrupted; the images written so far are kept: run the same command again to segment "
-            "the rest") in stderr.splitlines() and "Traceback" not in stderr
+    assert ("cellseg flow segment-images: interrupted; the images written so far are kept: run the same command "
+            "again to segment the rest") in stderr.splitlines() and "Traceback" not in stderr
     psutil.wait_procs(servers, timeout=30)
     assert not [server.pid for server in servers if server.is_running() and server.status() != psutil.STATUS_ZOMBIE]
     # The two shards of 1000 ended after writing what they had predicted, not at their last image.
@@ -792,7 +792,7 @@ def test_a_registry_that_is_a_file_is_an_error_for_models_and_for_train_unet_and
                       str(synthetic_dataset / "masks"), "--registry", str(registry), "--work-dir", str(tmp_path / "work"),
                       "--cache-dir", str(tmp_path / "cache"), *FAST_TRAIN, env=_own_prefect_home(tmp_path), check=False)
     assert trained.returncode == 2
-    assert (f"cellseg flow: error: registry '{registry}' is a file, not a registry folder: give a folder (new or "
+    assert (f"cellseg flow train-unet: error: registry '{registry}' is a file, not a registry folder: give a folder (new or "
             "holding versions)") in trained.stderr.splitlines()
     assert "training on" not in trained.stderr and "Traceback" not in trained.stderr
     assert not (tmp_path / "work").exists()

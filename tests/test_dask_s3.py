@@ -121,7 +121,7 @@ def test_credentials_missing_on_the_workers_only_are_named_before_any_shard(
         refused = _segment(images, store, address, env)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     line = refused.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"cellseg flow: error: Dask workers at {address} cannot run this run's tasks: "
+    assert line.startswith(f"cellseg flow segment-images: error: Dask workers at {address} cannot run this run's tasks: "
                            f"reaching source_url '{images}': no credentials"), refused.stderr
     assert "AWS_ACCESS_KEY_ID" in line and "CELLSEG_CONFIG" in line, line
     assert "segment-shard-" not in (tmp_path / "worker.log").read_text()

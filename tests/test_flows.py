@@ -315,7 +315,7 @@ def test_a_training_json_that_is_no_object_is_one_line_naming_the_flag(command, 
     result = cellseg(*command, "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"),
                      "--training-json", given, check=False)
     assert result.returncode == 2
-    assert result.stderr.startswith(f"cellseg {command[0]}: error: {said}") and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"cellseg {' '.join(command)}: error: {said}") and result.stderr.count("\n") == 1
 
 
 def test_unknown_model_version_fails_fast(trained_registry, new_images, tmp_path):

@@ -122,7 +122,7 @@ def test_a_full_disk_stops_the_segment_images_flow_in_one_line_counting_the_run(
                           str(quick_checkpoint), "--shard-size", "1", "--max-parallel-shards", "2", max_file_bytes=LIMIT)
     assert stopped.returncode == 2, stopped.stderr
     last = stopped.stderr.strip().splitlines()[-1]  # after the flow's own log lines
-    assert last.startswith(f"cellseg flow: error: cannot write to results store '{out}'"), stopped.stderr
+    assert last.startswith(f"cellseg flow segment-images: error: cannot write to results store '{out}'"), stopped.stderr
     assert "File too large" in last and "3 of 4 images written" in last and "rerun to complete it" in last, last
     assert ResultStore.open(str(out), mode="r").done_ids() == {"a0", "a1", "c0"}
     rerun = cellseg_run("-q", "flow", "segment-images", "--source", str(images), "--store", str(out), "--model",

@@ -275,7 +275,8 @@ def flow_outcomes(prefect_server, inputs, tmp_path_factory) -> dict[str, dict[st
     for name, command in commands.items():
         stdout, stderr = command.communicate(timeout=PROCESS_SECONDS + TASK_RETRY_SECONDS)
         outcomes[name] = {"status": command.returncode, "stdout": stdout, "stderr": stderr, "url": cases[name][2],
-                          "says": cases[name][3], "seconds": time.monotonic() - started}
+                          "says": cases[name][3], "seconds": time.monotonic() - started,
+                          "says_first": f"cellseg flow {cases[name][0][0]}: error: "}
     return outcomes
 
 
@@ -284,10 +285,10 @@ def test_a_flow_that_cannot_reach_its_storage_or_api_exits_with_one_line_naming_
     outcome = flow_outcomes[case]
     assert outcome["status"] == 2, outcome["stderr"]
     assert "Traceback" not in outcome["stderr"], outcome["stderr"]
-    errors = [line for line in outcome["stderr"].splitlines() if line.startswith("cellseg flow: error: ")]
+    errors = [line for line in outcome["stderr"].splitlines() if line.startswith(outcome["says_first"])]
     assert len(errors) == 1, outcome["stderr"]
     named = f"'{outcome['url']}': " if outcome["url"] else ""
-    assert errors[0].startswith(f"cellseg flow: error: {named}") and outcome["says"] in errors[0], errors[0]
+    assert errors[0].startswith(outcome["says_first"] + named) and outcome["says"] in errors[0], errors[0]
     assert outcome["seconds"] < PROCESS_SECONDS + TASK_RETRY_SECONDS, f"{case} took {outcome['seconds']:.0f} s"
     assert SECRET not in outcome["stdout"] + outcome["stderr"]
 
@@ -300,7 +301,7 @@ def test_the_failed_run_says_that_line_as_its_state_message_and_artifact(flow_ou
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     outcome = flow_outcomes[flow]
-    line = outcome["stderr"].split("cellseg flow: error: ", 1)[1].splitlines()[0]
+    line = outcome["stderr"].split(outcome["says_first"], 1)[1].splitlines()[0]
     url_field = "source_url" if flow == "segment-images" else "images_url"
     with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
         runs = [run for run in client.read_flow_runs(flow_filter=filters.FlowFilter(name=filters.FlowFilterName(any_=[flow])))

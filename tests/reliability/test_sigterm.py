@@ -120,11 +120,35 @@ def test_sigterm_to_a_flow_on_its_temporary_server_stops_the_server_too(tmp_path
     _, stderr = run.communicate(timeout=120)
 
     assert run.returncode == 143, stderr
-    assert ("cellseg flow: stopped by SIGTERM; the images written so far are kept: run the same command again to "
-            "segment the rest") in stderr.splitlines() and "Traceback" not in stderr
+    assert ("cellseg flow segment-images: stopped by SIGTERM; the images written so far are kept: run the same "
+            "command again to segment the rest") in stderr.splitlines() and "Traceback" not in stderr
     psutil.wait_procs(servers, timeout=30)
     assert not [server.pid for server in servers if server.is_running() and server.status() != psutil.STATUS_ZOMBIE]
     assert verify_store(str(tmp_path / "r.zarr"), read_data=True).broken == []
+
+
+def test_sigterm_to_flow_train_unet_says_where_its_last_epoch_is_kept(synthetic_dataset, tmp_path):
+    """The flow command's last line named no kept work: where the run's last.pt is, and the command
+    that goes on from it, are in the flow's own line above it."""
+    env = {key: value for key, value in clean_environment().items() if not key.startswith("PREFECT_API_URL")}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+    command = [CELLSEG, "flow", "train-unet", "--images", str(synthetic_dataset / "images"), "--masks",
+               str(synthetic_dataset / "masks"), "--registry", str(tmp_path / "registry"), "--work-dir",
+               str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache"), "--epochs", "40", "--depth", "2",
+               "--base-width", "8", "--patch-size", "96", "--patches-per-image", "6", "--patience", "100",
+               "--from-scratch"]
+    run = started(command, env)
+    wait_for(lambda: bool(list((tmp_path / "work").rglob("last.pt"))), run, seconds=300)
+
+    run.terminate()
+    _, stderr = run.communicate(timeout=120)
+
+    assert run.returncode == 143, stderr
+    assert ("cellseg flow train-unet: stopped by SIGTERM; the last finished epoch is kept in the run's last.pt, named "
+            "above with the command that goes on from it") in stderr.splitlines(), stderr
+    (last,) = (tmp_path / "work").rglob("last.pt")
+    assert f"{last} holds epoch" in stderr and "cellseg train --resume --out" in stderr, stderr
+    assert not (tmp_path / "registry").exists() or not list((tmp_path / "registry").iterdir())
 
 
 def test_sigterm_is_an_interrupt_once_then_its_default_and_an_ignored_sigterm_stays_ignored():
