@@ -52,10 +52,10 @@ def stopped_when_left_by_an_error(key: str) -> Iterator[None]:
     (Ctrl-C): work that runs in this process's threads under `key` (a flow run's shards) and
     passes it as `segment_shard`'s `stop` ends after writing what it has predicted.
 
-    Left by an exception, the set event stays behind for `key`: a shard whose thread looks it up
-    only after the block has ended (its task still starting when Ctrl-C came, on a loaded
-    machine) then stops at once, instead of finding no event and segmenting its whole shard
-    while the interrupted run waits for it."""
+    Left by an exception, the set event stays behind for `key` until `forget_stop_event(key)`,
+    once that work has ended: a shard whose thread looks it up only after the block has ended (its
+    task still starting when Ctrl-C came, on a loaded machine) then stops at once, instead of
+    finding no event and segmenting its whole shard while the interrupted run waits for it."""
     stop = _stop_events[key] = threading.Event()
     try:
         yield
@@ -69,6 +69,11 @@ def stop_event(key: str) -> threading.Event | None:
     """The event of `stopped_when_left_by_an_error(key)` while its block runs in this process, or
     after an exception left it (set)."""
     return _stop_events.get(key)
+
+
+def forget_stop_event(key: str) -> None:
+    """Drop the set event an exception left for `key`, once nothing under `key` can look it up."""
+    _stop_events.pop(key, None)
 
 
 STOP_GRACE = 30.0  # seconds an interrupted run waits for the images its shards have predicted to be written

@@ -108,9 +108,10 @@ class CoreShare:
         def take() -> int:
             nonlocal taken
             threads = max(1, self.cores // max(1, self._running))
-            if threads != taken:
+            # torch's count too, not only `taken`: a loop nested on this thread puts its own back
+            if threads != taken or threads != torch.get_num_threads():
                 set_threads(threads)
-                taken = threads
+            taken = threads
             return threads
 
         try:

@@ -39,7 +39,7 @@ from cellseg.flows._common import (
 from cellseg.flows.dask_checks import check_dask_workers, lost_scheduler_error
 from cellseg.jobs import SegmentJob
 from cellseg.jobs_plan import SegmentPlan, Shard, model_source, pin_model, plan_segmentation
-from cellseg.jobs_shards import segment_shard, stop_event, stopped_when_left_by_an_error
+from cellseg.jobs_shards import forget_stop_event, segment_shard, stop_event, stopped_when_left_by_an_error
 from cellseg.large_image import LargeImage, with_block_threads
 from cellseg.pictures import picture_markdown
 from cellseg.redact import redact_url
@@ -197,21 +197,25 @@ def segment_shards(shards: list[Shard], job: SegmentJob, runner: TaskRunner, gpu
     images = sum(len(shard) for shard in shards)
     # Interrupted (Ctrl-C), the shards in this process's threads end after writing what they have
     # predicted, before the runner waits for them; those on Dask workers finish.
-    with runner:
-        with stopped_when_left_by_an_error(str(flow_run.get_id())):
-            futures = runner.map(shard_task, {"shard": shards, "job": unmapped(job)})
-            _follow(futures, {future.task_run_id: len(shard) for future, shard in zip(futures, shards, strict=True)},
-                    images, on_first_shard)
-        results: list[dict[str, Any]] = []  # read before the runner closes: a Dask client's futures end with it
-        stopped: list[StoppedWriting] = []
-        for future in futures:
-            try:
-                results.append(future.result())
-            except StoppedWriting as error:  # the others went on until they too could not write, or finished
-                stopped.append(error)
-        if stopped:  # counted over the run, as `cellseg predict` counts them
-            raise StoppedWriting.over_run(stopped, sum(result["done"] for result in results), images)
-        return results
+    key = str(flow_run.get_id())
+    try:
+        with runner:
+            with stopped_when_left_by_an_error(key):
+                futures = runner.map(shard_task, {"shard": shards, "job": unmapped(job)})
+                _follow(futures, {future.task_run_id: len(shard) for future, shard in zip(futures, shards, strict=True)},
+                        images, on_first_shard)
+            results: list[dict[str, Any]] = []  # read before the runner closes: a Dask client's futures end with it
+            stopped: list[StoppedWriting] = []
+            for future in futures:
+                try:
+                    results.append(future.result())
+                except StoppedWriting as error:  # the others went on until they too could not write, or finished
+                    stopped.append(error)
+            if stopped:  # counted over the run, as `cellseg predict` counts them
+                raise StoppedWriting.over_run(stopped, sum(result["done"] for result in results), images)
+            return results
+    finally:  # the runner has waited for its threads: no shard of this run can look its event up now
+        forget_stop_event(key)
 
 
 def _follow(futures: Sequence[PrefectFuture[Any]], shard_sizes: dict[Any, int], images: int,

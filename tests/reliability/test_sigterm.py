@@ -138,7 +138,8 @@ def test_sigterm_to_flow_train_unet_says_where_its_last_epoch_is_kept(synthetic_
                "--base-width", "8", "--patch-size", "96", "--patches-per-image", "6", "--patience", "100",
                "--from-scratch"]
     run = started(command, env)
-    wait_for(lambda: bool(list((tmp_path / "work").rglob("last.pt"))), run, seconds=300)
+    # history.json is written just after last.pt: the flow's line reads the epoch from it
+    wait_for(lambda: bool(list((tmp_path / "work").rglob("history.json"))), run, seconds=300)
 
     run.terminate()
     _, stderr = run.communicate(timeout=120)
