@@ -173,7 +173,9 @@ def test_a_cancelled_train_unet_says_where_its_resumable_checkpoint_is(served, t
     write_dataset(str(tmp_path / "data"), count=8, size=64, seed=4)
     registry = tmp_path / "registry"
     run_id = start_run(env, "train-unet/train-unet", long_training_job(tmp_path, tmp_path / "training"))
-    last = wait_for(lambda: next(iter((tmp_path / "training").glob("*/last.pt")), None), 120, "a first epoch")
+    # history.json is written just after last.pt: the flow's line reads the epoch from it
+    history = wait_for(lambda: next(iter((tmp_path / "training").glob("*/history.json")), None), 120, "a first epoch")
+    last = history.parent / "last.pt"
     logs = cancel_and_wait(env, run_id, serve)
     assert Registry(str(registry)).versions() == []
     assert not list(tmp_path.rglob(".tmp-*"))
