@@ -37,8 +37,15 @@ def _share_the_cores_between_test_processes() -> None:
     threads = str(max(1, (os.cpu_count() or 1) // workers))
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, threads)
-    if "torch" in sys.modules:  # a plugin imported it before the environment was set
-        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    _torch_threads_to_share()  # torch, if a plugin imported it before the environment was set
+
+
+def _torch_threads_to_share() -> None:
+    """This process's torch threads set to its share (OMP_NUM_THREADS), when torch is loaded."""
+    share = int(os.environ.get("OMP_NUM_THREADS", "0"))
+    torch = sys.modules.get("torch")
+    if torch is not None and share:
+        torch.set_num_threads(share)
 
 
 _share_the_cores_between_test_processes()
@@ -62,13 +69,6 @@ def _torch_threads_of_this_process_share():
     _torch_threads_to_share()
     yield
     _torch_threads_to_share()
-
-
-def _torch_threads_to_share() -> None:
-    share = int(os.environ.get("OMP_NUM_THREADS", "0"))
-    torch = sys.modules.get("torch")
-    if torch is not None and share:
-        torch.set_num_threads(share)
 
 
 def cellseg(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
