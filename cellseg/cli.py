@@ -119,12 +119,17 @@ class TerminalSafeOutput:
         return getattr(self._stream, name)
 
 
-INTERRUPTED_HINTS = {
+def training_kept(out_dir: str) -> str:
+    from cellseg.jobs_training import kept_line  # loads torch, as the training it follows did
+
+    return kept_line(out_dir)
+
+
+INTERRUPTED_HINTS: dict[str, str | Callable[[argparse.Namespace], str]] = {
     "predict": "the images written so far are kept: run the same command again to segment the rest",
     "flow segment-images": "the images written so far are kept: run the same command again to segment the rest",
-    "train": "the last finished epoch is kept in last.pt: add --resume to continue from it",
-    "flow train-unet": "the last finished epoch is kept in the run's last.pt, named above with the command that goes "
-                       "on from it",
+    "train": lambda args: training_kept(args.out),
+    "flow train-unet": "the flow's line above says what its run kept and how to go on from it",
     "export": "no file was left partly written (a table is written whole or not at all, label images each whole); "
               "with --labels, run it again with --overwrite to write them all",
 }
@@ -154,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     except KeyboardInterrupt as error:
         hint = INTERRUPTED_HINTS.get(command)
+        hint = hint(args) if callable(hint) else hint
         how = "stopped by SIGTERM" if isinstance(error, Terminated) else "interrupted"
         print(f"cellseg {command}: {how}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return TERMINATED if isinstance(error, Terminated) else INTERRUPTED

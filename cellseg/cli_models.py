@@ -28,11 +28,23 @@ def run_synth(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from cellseg.checkpoint import load_checkpoint
     from cellseg.jobs import TrainJob, run_training
+    from cellseg.jobs_training import LAST_CHECKPOINT, check_run_dir, recorded_sources, resumed_job
 
     settings = command_settings(args)
-    job = TrainJob(images_url=args.images, masks_url=args.masks, registry_url=settings.registry_url,
+    images, masks, last = args.images, args.masks, None
+    if args.resume:  # the run's own images, masks and settings where none are given (run_training does the same)
+        last = load_checkpoint(str(check_run_dir(args.out, resume=True, overwrite=False) / LAST_CHECKPOINT))
+        if not (images and masks):
+            recorded = recorded_sources(args.out)
+            images, masks = images or recorded[0], masks or recorded[1]
+    elif not (images and masks):
+        raise ValueError("--images and --masks are needed to start a run (only --resume takes the run's own)")
+    job = TrainJob(images_url=images, masks_url=masks, registry_url=settings.registry_url,
                    model=settings.model, training=settings.training, predict=settings.predict)
+    if last is not None:
+        job = resumed_job(job, last)  # for the bar's epochs
     with progress("training", "epoch", total=job.training.epochs, leave=True) as bar, \
             logging_redirect_tqdm(loggers=[logging.getLogger()]):
         def advance(record: dict[str, float]) -> None:

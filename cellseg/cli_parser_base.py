@@ -110,11 +110,13 @@ class CommandParser(argparse.ArgumentParser):
         return ""
 
 
-def add_pairs(parser: argparse.ArgumentParser) -> None:
-    """--images and --masks: the image/mask pairs of training and tuning."""
-    parser.add_argument("--images", required=True, help="directory URL of images")
-    parser.add_argument("--masks", required=True,
+def add_pairs(parser: argparse.ArgumentParser, resumable: bool = False) -> None:
+    """--images and --masks: the image/mask pairs of training and tuning; a `resumable` command
+    takes them from the run it resumes when they are not given."""
+    resumed = " (with --resume: the run's own unless given)" if resumable else ""
+    parser.add_argument("--images", required=not resumable, help=f"directory URL of images{resumed}")
+    parser.add_argument("--masks", required=not resumable,
                         help="directory URL of masks, each named as its image or with _mask, _masks, _label, "
                              "_labels or _cp_masks before the extension (may be the --images folder): binary masks, "
                              "or instance label images (one integer per cell), which teach the model to keep "
-                             "touching cells apart")
+                             f"touching cells apart{resumed}")

@@ -27,11 +27,12 @@ def add_synth(commands: argparse._SubParsersAction) -> None:
 def add_train(commands: argparse._SubParsersAction) -> None:
     """`cellseg train`: a U-Net trained here, into a local folder."""
     train = add_command(commands, "train", "train", help="train a U-Net on image/mask pairs")
-    add_pairs(train)
+    add_pairs(train, resumable=True)
     train.add_argument("--out", required=True, help="local directory for best.pt, last.pt, history.json")
     add_flags(train, TRAINING_FLAGS + MODEL_FLAGS + [REGISTRY_FLAG])
     existing_run = train.add_mutually_exclusive_group()
-    existing_run.add_argument("--resume", action="store_true", help="continue the run in OUT from its last.pt")
+    existing_run.add_argument("--resume", action="store_true", help="continue the run in OUT from its last.pt, on its images and masks with its "
+                                                               "settings; flags given change them (--epochs N)")
     existing_run.add_argument("--overwrite", action="store_true",
                               help="replace the run already in OUT (refused without it, or --resume)")
 

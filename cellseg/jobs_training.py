@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cellseg.checkpoint import load_checkpoint
+from pydantic import BaseModel
+
+from cellseg.checkpoint import Checkpoint, load_checkpoint
 from cellseg.config import ModelConfig
 from cellseg.dataset_errors import DatasetError
 from cellseg.evaluate import validation_cell_scores
@@ -21,7 +24,7 @@ from cellseg.job_config import TrainJob
 from cellseg.jobs_checkpoint import finish_checkpoint
 from cellseg.loaded_pairs import LoadedPair, load_pairs, manifest_hash
 from cellseg.pairs import ImagePair, pair_images_and_masks, split_train_val
-from cellseg.redact import redact_url
+from cellseg.redact import MASK, redact_url
 from cellseg.report import CURVES_FILE, GALLERY_FILE, training_pictures
 from cellseg.starting_point import Start, choose_start
 from cellseg.train import (
@@ -106,17 +109,23 @@ def run_training(
     if overwrite and not resume and (stop := out / STOP_FILE).is_file():
         stop.unlink()  # it asked the replaced run to stop: left there, it would end the new one before epoch 1
         logger.info("removed %s, which the run being replaced left", stop)
+    last = load_checkpoint(str(out / LAST_CHECKPOINT)) if resume else None
+    if last is not None:
+        job = resumed_job(job, last)
     if pairs is None:
         pairs = pair_images_and_masks(job.images_url, job.masks_url)
     model_config, training = job.model, job.training
     train_pairs, val_pairs = split_train_val(pairs, training.val_fraction, training.seed)
-    start = choose_start(job, len(pairs), val_pairs, out, resume)
+    if last is not None:  # built as the run began, nothing scored again
+        recorded = last.train_config.init_from
+        start = Start(None if recorded == "auto" else recorded, "as the run began")
+        model_config = resumed_model_config(last, model_config)
+    else:
+        start = choose_start(job, len(pairs), val_pairs)
+        if start.checkpoint:
+            model_config = load_checkpoint(start.checkpoint).model_config
     logger.info("start: %s", start.described())
     training = training.model_copy(update={"init_from": start.checkpoint})
-    if training.init_from:
-        model_config = load_checkpoint(training.init_from).model_config
-    if resume:
-        model_config = resumed_model_config(out, model_config)
     logger.info("loading %d image/mask pairs", len(pairs))
     loaded_train = load_pairs(train_pairs, model_config.normalization)
     loaded_val = load_pairs(val_pairs, model_config.normalization)
@@ -127,13 +136,13 @@ def run_training(
         raise DatasetError(f"none of the {len(loaded_train)} training masks (under "
                            f"'{redact_url(job.masks_url)}') has a cell pixel: there is nothing to "
                            "learn; masks mark cells with any value above 0 on a 0 background")
-    if resume:
-        check_resumed_dataset(out, manifest_hash(loaded_train + loaded_val))
+    if last is not None:
+        check_resumed_dataset(last, out, manifest_hash(loaded_train + loaded_val))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise RunFolderError(f"cannot create the training folder '{out}' ({error.strerror or error})") from error
-    dataset_hash = _write_manifest(out, loaded_train, loaded_val)
+    dataset_hash = _write_manifest(out, job, loaded_train, loaded_val)
     result = train(loaded_train, loaded_val, out, model_config, training, dataset_hash, resume=resume, on_epoch=on_epoch)
     checkpoint = finish_checkpoint(str(result.best_checkpoint), job, loaded_train, loaded_val, training.init_from)
     predictor = Predictor(checkpoint, job.predict.model_copy(update={"device": training.device}))
@@ -143,16 +152,83 @@ def run_training(
     return TrainOutcome(result, dataset_hash, len(loaded_train), len(loaded_val), cells, pictures, start)
 
 
-def resumed_model_config(out: Path, asked: ModelConfig) -> ModelConfig:
-    """The model settings of the run in `out` as its last checkpoint holds them: a resumed run goes
-    on with the network it was built with, so `cellseg train --resume` needs no model flags again."""
-    recorded = load_checkpoint(str(out / LAST_CHECKPOINT)).model_config
-    began, given = recorded.model_dump(mode="json"), asked.model_dump(mode="json")
-    if differing := sorted(name for name in began if began[name] != given.get(name)):
-        logger.info("resuming with the model settings the run began with: %s (given: %s)",
-                    ", ".join(f"{name} {began[name]}" for name in differing),
-                    ", ".join(f"{name} {given.get(name)}" for name in differing))
+def resumed_job(job: TrainJob, last: Checkpoint) -> TrainJob:
+    """`job` as the run whose `last.pt` is `last` goes on: with the training settings the run began
+    with, under those `job` was given explicitly (pydantic's `model_fields_set`: a flag, the
+    environment or a settings file), so `cellseg train --resume` needs no settings again, and
+    `--epochs 80` trains an ended run longer. A job whose settings were all given (one read back
+    from JSON) keeps its own. The run's start (`init_from`) is its own whatever is given."""
+    recorded, given = last.train_config, job.training
+    if restored := [name for name in _differing(recorded, given) if name not in given.model_fields_set | {"init_from"}]:
+        logger.info("resuming with the training settings the run began with: %s",
+                    ", ".join(f"{name} {_shown(getattr(recorded, name))}" for name in restored))
+    return job.model_copy(update={"training": given_over(recorded, given)})
+
+
+def given_over(base: BaseModel, given: BaseModel) -> Any:
+    """`base` with the fields `given` was given explicitly, nested settings merged field by field."""
+    update = {}
+    for name in given.model_fields_set:
+        value, under = getattr(given, name), getattr(base, name)
+        both_models = isinstance(value, BaseModel) and isinstance(under, BaseModel)
+        update[name] = given_over(under, value) if both_models else value
+    return base.model_copy(update=update)
+
+
+def _differing(recorded: BaseModel, given: BaseModel) -> list[str]:
+    return sorted(name for name in type(recorded).model_fields if getattr(recorded, name) != getattr(given, name))
+
+
+def _shown(value: Any) -> str:
+    return "(as recorded)" if isinstance(value, BaseModel) else str(value)
+
+
+def resumed_model_config(last: Checkpoint, asked: ModelConfig) -> ModelConfig:
+    """The model settings of the run as its last checkpoint holds them: a resumed run goes on with
+    the network it was built with, so `cellseg train --resume` needs no model flags again; settings
+    given that differ are named in the log, and not used."""
+    recorded = last.model_config
+    if differing := _differing(recorded, asked):
+        overruled = [name for name in differing if name in asked.model_fields_set]
+        logger.info("resuming with the model settings the run began with: %s%s",
+                    ", ".join(f"{name} {_shown(getattr(recorded, name))}" for name in differing),
+                    f" (given: {', '.join(f'{name} {_shown(getattr(asked, name))}' for name in overruled)})"
+                    if overruled else "")
     return recorded
+
+
+def recorded_sources(out_dir: str | Path) -> tuple[str, str]:
+    """The images and masks URLs the run in `out_dir` began on, as its manifest.json records them,
+    for `cellseg train --resume` given neither; the files' checksums are checked as the run loads them."""
+    manifest = Path(out_dir) / "manifest.json"
+    give = "give the run's --images and --masks"
+    try:
+        record = json.loads(manifest.read_text())
+        images, masks = record["images_url"], record["masks_url"]
+    except FileNotFoundError:
+        raise RunFolderError(f"'{out_dir}' holds no manifest.json to say which images and masks the run began on; "
+                             f"{give}") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        problem = f"has no {error}" if isinstance(error, KeyError) else f"cannot be read ({type(error).__name__})"
+        raise RunFolderError(f"'{manifest}' {problem}: it does not say which images and masks the run began on "
+                             f"(runs of earlier versions record none); {give}") from None
+    if not (isinstance(images, str) and isinstance(masks, str)) or any(MASK in url for url in (images, masks)):
+        raise RunFolderError(f"'{manifest}' records the run's images and masks with their credentials masked; {give}")
+    return images, masks
+
+
+def kept_line(run_dir: str | Path) -> str:
+    """What a training stopped before its end kept in `run_dir`, and how to go on from it; the epoch
+    is the one `last.pt` holds (history.json is written after it)."""
+    last = Path(run_dir) / LAST_CHECKPOINT
+    if not last.is_file():
+        return f"it stopped before its first epoch ended, so nothing was kept ({run_dir} can go)"
+    try:
+        epoch = f"epoch {load_checkpoint(str(last)).epoch}"
+    except (OSError, ValueError):
+        epoch = "its last epoch"
+    return (f"{last} holds {epoch}: `cellseg train --resume --out {shlex.quote(str(run_dir))}` goes on from it, "
+            "on the run's images and masks with its settings (--epochs N to train it longer)")
 
 
 class RunFolderError(ValueError):
@@ -190,21 +266,25 @@ def check_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
     return out
 
 
-def check_resumed_dataset(out: Path, dataset_hash: str) -> None:
-    """Refuse to resume the run in `out` on other images or masks than it began with: its epochs,
-    split and best score would mix two datasets, and its manifest.json would be replaced."""
-    recorded = load_checkpoint(str(out / LAST_CHECKPOINT)).dataset_manifest_hash
+def check_resumed_dataset(last: Checkpoint, out: Path, dataset_hash: str) -> None:
+    """Refuse to resume the run in `out` (its last checkpoint `last`) on other images or masks than
+    it began with: its epochs, split and best score would mix two datasets, and its manifest.json
+    would be replaced."""
+    recorded = last.dataset_manifest_hash
     if recorded is not None and recorded != dataset_hash:
         raise RunFolderError(f"'{out / LAST_CHECKPOINT}' was trained on dataset {recorded[:12]} (its manifest.json), "
                              f"but these images and masks are dataset {dataset_hash[:12]}: resume with the ones the "
                              "run began with, or start afresh (--overwrite, or another folder)")
 
 
-def _write_manifest(out: Path, loaded_train: list[LoadedPair], loaded_val: list[LoadedPair]) -> str:
-    """manifest.json (the pairs' files and checksums) and split.json into `out`; returns the dataset hash."""
+def _write_manifest(out: Path, job: TrainJob, loaded_train: list[LoadedPair], loaded_val: list[LoadedPair]) -> str:
+    """manifest.json (the job's folders, the pairs' files and checksums) and split.json into `out`;
+    returns the dataset hash."""
     dataset_hash = manifest_hash(loaded_train + loaded_val)
     entries = [pair.manifest_entry() for pair in loaded_train + loaded_val]
-    (out / "manifest.json").write_text(json.dumps({"hash": dataset_hash, "entries": entries}, indent=1))
+    record = {"hash": dataset_hash, "images_url": redact_url(job.images_url), "masks_url": redact_url(job.masks_url),
+              "entries": entries}
+    (out / "manifest.json").write_text(json.dumps(record, indent=1))
     split = {"train": [pair.id for pair in loaded_train], "val": [pair.id for pair in loaded_val]}
     (out / "split.json").write_text(json.dumps(split, indent=1))
     return dataset_hash

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cellseg.bundled import DEFAULT_SHIPPED_MODEL, SHIPPED_MODELS, shipped_checkpoint, shipped_name, shipped_paths
-from cellseg.checkpoint import load_checkpoint
 from cellseg.config import ModelConfig
 from cellseg.infer import Predictor
 from cellseg.io import filesystem
@@ -29,7 +28,6 @@ from cellseg.pairs import ImagePair
 from cellseg.postprocess import threshold_probabilities
 from cellseg.redact import redact_url
 from cellseg.registry import CURRENT, VERSION_NAME, Registry, RegistryError
-from cellseg.train import LAST_CHECKPOINT
 
 logger = logging.getLogger(__name__)
 
@@ -64,21 +62,14 @@ class Start:
                 "shipped_val_dice": self.shipped_dice, "described": self.described()}
 
 
-def choose_start(job: TrainJob, images: int, val_pairs: Sequence[ImagePair], out_dir: Path | None = None,
-                 resume: bool = False) -> Start:
-    """Where `job`'s run on `images` pairs starts, as `training.init_from` says (see the module).
-
-    With `resume`, an 'auto' run keeps the start recorded in `out_dir`'s last checkpoint, so a
-    resumed run is built as it began without scoring anything again.
-    """
+def choose_start(job: TrainJob, images: int, val_pairs: Sequence[ImagePair]) -> Start:
+    """Where `job`'s new run on `images` pairs starts, as `training.init_from` says (see the module);
+    a resumed run keeps the start its last checkpoint records (`cellseg.jobs_training.run_training`)."""
     init_from = job.training.init_from
     if init_from != "auto":
         name = shipped_name(init_from) if init_from else None
         checkpoint = shipped_checkpoint(name) if name else init_from and registered_checkpoint(init_from, job.registry_url)
         return Start(checkpoint, "asked for" if checkpoint else "asked for: from scratch")
-    if resume and out_dir is not None:
-        recorded = load_checkpoint(str(out_dir / LAST_CHECKPOINT)).train_config.init_from
-        return Start(None if recorded == "auto" else recorded, "as the run began")
     if images >= FINE_TUNE_MAX_IMAGES:
         return Start(None, f"{images} images: enough to train from scratch")
     if job.model != ModelConfig():

@@ -3,7 +3,6 @@ progress and metric artifacts and the training pictures embedded in artifacts.""
 
 from __future__ import annotations
 
-import json
 import shlex
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,12 +27,12 @@ from cellseg.flows._common import (
 from cellseg.flows.ingest import ingest_dataset_flow
 from cellseg.ingest import Manifest
 from cellseg.jobs import TrainJob, run_training
+from cellseg.jobs_training import kept_line
 from cellseg.pictures import picture_markdown
 from cellseg.redact import redact_url
 from cellseg.registry import Registry
 from cellseg.runtime import resolve_device
 from cellseg.scoring import HEADLINE_CELL_SCORES
-from cellseg.train import HISTORY_FILE, LAST_CHECKPOINT
 
 METRICS = ("loss", "iou", "dice", "precision", "recall", "dice_pooled")
 
@@ -71,20 +70,6 @@ def train_model(job: TrainJob, manifest_path: str, run_dir: str) -> dict[str, An
 @task(name="register-model", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_unless_bad_input)
 def register_model(checkpoint_path: str, registry_url: str, promote: bool) -> dict[str, Any]:
     return Registry(registry_url).register(checkpoint_path, promote=promote).model_dump(mode="json")
-
-
-def kept_line(run_dir: str) -> str:
-    """What a training stopped before its end kept in `run_dir`, and how to go on from it."""
-    last = Path(run_dir) / LAST_CHECKPOINT
-    if not last.is_file():
-        return f"it stopped before its first epoch ended, so nothing was kept ({run_dir} can go)"
-    try:
-        epochs = len(json.loads((Path(run_dir) / HISTORY_FILE).read_text()))
-    except (OSError, ValueError):
-        epochs = None
-    return (f"{last} holds {f'epoch {epochs}' if epochs else 'its last epoch'}: `cellseg train --resume --out "
-            f"{shlex.quote(run_dir)}` with the run's images and masks (and its training settings: --epochs, "
-            "--patch-size, ...) goes on from it; the network is read from last.pt")
 
 
 @flow(name="train-unet")

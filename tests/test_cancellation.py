@@ -173,20 +173,18 @@ def test_a_cancelled_train_unet_says_where_its_resumable_checkpoint_is(served, t
     write_dataset(str(tmp_path / "data"), count=8, size=64, seed=4)
     registry = tmp_path / "registry"
     run_id = start_run(env, "train-unet/train-unet", long_training_job(tmp_path, tmp_path / "training"))
-    # history.json is written just after last.pt: the flow's line reads the epoch from it
-    history = wait_for(lambda: next(iter((tmp_path / "training").glob("*/history.json")), None), 120, "a first epoch")
-    last = history.parent / "last.pt"
+    last = wait_for(lambda: next(iter((tmp_path / "training").glob("*/last.pt")), None), 120, "a first epoch")
     logs = cancel_and_wait(env, run_id, serve)
     assert Registry(str(registry)).versions() == []
     assert not list(tmp_path.rglob(".tmp-*"))
-    assert_cancelled_cleanly(logs, f"train-unet cancelled: no model registered; {last} holds epoch")
-    # As the line says: the run's images and masks, no model flags (the network comes from last.pt).
-    kept = load_checkpoint(str(last)).epoch
-    resumed = cellseg("train", "--images", str(tmp_path / "data/images"), "--masks", str(tmp_path / "data/labels"),
-                      "--out", str(last.parent), "--resume", "--epochs", str(kept + 1), "--patch-size", "64",
-                      check=False)
+    kept = load_checkpoint(str(last))
+    assert_cancelled_cleanly(logs, f"train-unet cancelled: no model registered; {last} holds epoch {kept.epoch}: "
+                                   f"`cellseg train --resume --out {last.parent}` goes on from it")
+    # As the line says: the folder alone; the images, masks, network and settings are the run's.
+    resumed = cellseg("train", "--out", str(last.parent), "--resume", "--epochs", str(kept.epoch + 1), check=False)
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout + resumed.stderr, resumed.stderr
-    assert load_checkpoint(str(last)).epoch == kept + 1
+    assert load_checkpoint(str(last)).epoch == kept.epoch + 1
+    assert load_checkpoint(str(last)).train_config.patch_size == kept.train_config.patch_size == 64
 
 
 @pytest.mark.integration

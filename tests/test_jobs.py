@@ -23,7 +23,7 @@ from cellseg.jobs_shards import (
     stop_event,
     stopped_when_left_by_an_error,
 )
-from cellseg.jobs_training import RunFolderError, check_run_dir
+from cellseg.jobs_training import RunFolderError, check_run_dir, kept_line, recorded_sources
 from cellseg.registry import Registry, RegistryError
 from cellseg.store import ResultStore
 from cellseg.store_checks import StoreError
@@ -109,8 +109,76 @@ def test_resume_goes_on_with_the_network_the_run_began_with_without_its_model_se
         resumed = run_training(defaults, run, resume=True)
     assert len(resumed.result.history) == QUICK.epochs
     assert load_checkpoint(str(run / "last.pt")).model_config == SMALL
-    assert ("resuming with the model settings the run began with: base_width 4, depth 2 (given: base_width 16, "
-            "depth 4)") in caplog.messages
+    assert "resuming with the model settings the run began with: base_width 4, depth 2" in caplog.messages
+    caplog.clear()
+    with caplog.at_level("INFO", logger="cellseg.jobs"):  # one given that differs is named, and not used
+        run_training(job.model_copy(update={"model": ModelConfig(depth=3)}), run, resume=True)
+    assert ("resuming with the model settings the run began with: base_width 4, depth 2 (given: depth 3)"
+            in caplog.messages)
+
+
+def test_resume_goes_on_with_the_runs_training_settings_and_images_under_those_given(trained, tmp_path, caplog):
+    """`cellseg train --resume --out RUN` needed the run's images, masks and training settings again,
+    or went on with the command's defaults (60 epochs, 256-pixel crops); now it needs none of them,
+    and a flag given (--epochs) changes the one setting it names."""
+    from cellseg.cli import main
+
+    job, _, _ = trained
+    run = tmp_path / "run"
+    began = QUICK.model_copy(update={"epochs": 1, "patch_size": 48, "learning_rate": 5e-4,
+                                       "augmentation": QUICK.augmentation.model_copy(update={"noise_std": 0.07})})
+    run_training(job.model_copy(update={"training": began}), run)
+    assert recorded_sources(run) == (job.images_url, job.masks_url)
+
+    with caplog.at_level("INFO", logger="cellseg.jobs"):
+        assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--quiet"]) == 0
+    kept = load_checkpoint(str(run / "last.pt"))
+    assert kept.epoch == 2 and kept.model_config == SMALL
+    assert kept.train_config == began.model_copy(update={"epochs": 2, "init_from": None})  # the run's, under --epochs
+    assert kept.train_config.augmentation.noise_std == 0.07
+    assert any(message.startswith("resuming with the training settings the run began with: ") and
+               "learning_rate 0.0005" in message and "patch_size 48" in message and "epochs" not in message
+               for message in caplog.messages), caplog.messages
+
+    # Settings given explicitly (here a nested one) go over the run's; the rest stay the run's.
+    given = TrainConfig(epochs=3, augmentation={"noise_std": 0.01})
+    resumed = run_training(job.model_copy(update={"training": given}), run, resume=True)
+    kept = load_checkpoint(str(run / "last.pt")).train_config
+    assert len(resumed.result.history) == 3 and (kept.patch_size, kept.learning_rate) == (48, 5e-4)
+    assert kept.augmentation == began.augmentation.model_copy(update={"noise_std": 0.01})
+
+
+def test_resume_without_images_names_what_is_missing_from_the_run(trained, tmp_path, capsys):
+    from cellseg.cli import main
+
+    job, _, _ = trained
+    assert main(["train", "--out", str(tmp_path / "new")]) == 2
+    assert "--images and --masks are needed to start a run (only --resume takes the run's own)" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run_training(job.model_copy(update={"training": QUICK.model_copy(update={"epochs": 1})}), run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "images_url": "s3://bucket/x?X-Amz-Signature=********"}))
+    with pytest.raises(RunFolderError, match=r"records the run's images and masks with their credentials masked; "
+                                             r"give the run's --images and --masks"):
+        recorded_sources(run)
+    del manifest["masks_url"]  # a run of an earlier version
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "2"]) == 2
+    assert "manifest.json' has no 'masks_url': it does not say which images" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--images", job.images_url, "--masks",
+                 job.masks_url, "--quiet"]) == 0
+
+
+def test_the_kept_line_names_the_epoch_last_pt_holds_whatever_history_json_says(trained, tmp_path):
+    """history.json is written after last.pt: read between the two, it named the epoch before."""
+    job, _, _ = trained
+    run = tmp_path / "run"
+    assert kept_line(run) == f"it stopped before its first epoch ended, so nothing was kept ({run} can go)"
+    run_training(job.model_copy(update={"training": QUICK.model_copy(update={"epochs": 2})}), run)
+    history = json.loads((run / "history.json").read_text())
+    (run / "history.json").write_text(json.dumps(history[:1]))
+    assert kept_line(run) == (f"{run}/last.pt holds epoch 2: `cellseg train --resume --out {run}` goes on from it, "
+                              "on the run's images and masks with its settings (--epochs N to train it longer)")
 
 
 def test_run_segmentation_segments_once_and_skips_done_images(trained, tmp_path):
