@@ -169,7 +169,8 @@ def list_image_entries(url: str, storage_options: StorageOptions = None, microsc
         logger.log(logging.INFO if walk.entries else logging.WARNING,
                    "not searching the %d subfolder(s) of '%s' (%s): name a folder to segment its images%s",
                    len(walk.folders), redact_url(url), _some([name for name, _, _ in walk.folders]),
-                   ", or list them all with --recursive" if recursive is False else "")
+                   ", or list them all with --recursive (in a job: predict.selection.recursive)" if recursive is False
+                   else "")
     return sorted(walk.entries, key=lambda entry: entry.url)
 
 
