@@ -15,12 +15,12 @@ from cellseg.job_config import SegmentJob
 from cellseg.jobs_plan import Shard, model_source
 from cellseg.model_source import shared_predictor
 from cellseg.runtime import SHARD_CORES
-from cellseg.segment import SegmentReport, StoppedWriting, model_record, segment_images
+from cellseg.segment import SegmentReport, StopFlag, StoppedWriting, model_record, segment_images
 from cellseg.store import ResultStore
 
 
 def segment_shard(job: SegmentJob, shard: Shard, on_image: Callable[[str], None] | None = None,
-                  beside_others: bool = False, stop: threading.Event | None = None) -> SegmentReport:
+                  beside_others: bool = False, stop: StopFlag | None = None) -> SegmentReport:
     """Segment one shard into the store with the job's (pinned) model, loaded once per process.
 
     Images done meanwhile (by an earlier attempt, or another run on the same store) are skipped;

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -251,6 +251,13 @@ def model_record(predictor: Predictor, checkpoint_url: str) -> dict[str, Any]:
     }
 
 
+class StopFlag(Protocol):
+    """What tells a loop to stop: a `threading.Event`, or a flag read from elsewhere (a run's
+    `distributed.Event` on its Dask cluster, `cellseg.flows.dask_stop.ClusterStop`)."""
+
+    def is_set(self) -> bool: ...
+
+
 def segment_images(
     images: Sequence[tuple[str, str]],
     store: ResultStore,
@@ -259,7 +266,7 @@ def segment_images(
     storage_options: StorageOptions = None,
     on_image: Callable[[str], None] | None = None,
     cores: CoreShare | None = None,
-    stop: threading.Event | None = None,
+    stop: StopFlag | None = None,
 ) -> SegmentReport:
     """Segment (id, url) pairs into `store`; an unreadable image is recorded as failed and skipped.
     The warnings of a done image (only page 0 of a multi-page file used, an image without

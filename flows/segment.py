@@ -37,6 +37,7 @@ from cellseg.flows._common import (
     worker_job,
 )
 from cellseg.flows.dask_checks import check_dask_workers, lost_scheduler_error
+from cellseg.flows.dask_stop import ClusterStop, shards_on_cluster_stopped_when_left_by_an_error
 from cellseg.jobs import SegmentJob
 from cellseg.jobs_plan import SegmentPlan, Shard, model_source, pin_model, plan_segmentation
 from cellseg.jobs_shards import forget_stop_event, segment_shard, stop_event, stopped_when_left_by_an_error
@@ -71,7 +72,10 @@ def segment_one_shard(shard: Shard, job: SegmentJob) -> dict[str, Any]:
     Images done by an earlier attempt are skipped; bad images are recorded and the shard goes on."""
     configure_storage()
     with gpu_slot(resolve_device(job.predict.device).type == "cuda"):
-        report = segment_shard(job, shard, beside_others=True, stop=stop_event(str(flow_run.get_id())))
+        key = str(flow_run.get_id())
+        # In this process the run's threading.Event; on a Dask worker the run's event on the scheduler
+        stop = stop_event(key) or (ClusterStop(key) if job.dask_address else None)
+        report = segment_shard(job, shard, beside_others=True, stop=stop)
     return _shard_result(report)
 
 
@@ -195,12 +199,14 @@ def segment_shards(shards: list[Shard], job: SegmentJob, runner: TaskRunner, gpu
     """
     shard_task = segment_one_shard.with_options(tags=["gpu"]) if gpu else segment_one_shard
     images = sum(len(shard) for shard in shards)
-    # Interrupted (Ctrl-C), the shards in this process's threads end after writing what they have
-    # predicted, before the runner waits for them; those on Dask workers finish.
+    # Interrupted (Ctrl-C, a cancellation), the shards in this process's threads end after writing
+    # what they have predicted, before the runner waits for them; those on Dask workers likewise,
+    # within a second or so, told through the scheduler.
     key = str(flow_run.get_id())
     try:
         with runner:
-            with stopped_when_left_by_an_error(key):
+            with stopped_when_left_by_an_error(key), \
+                    shards_on_cluster_stopped_when_left_by_an_error(job.dask_address, key):
                 futures = runner.map(shard_task, {"shard": shards, "job": unmapped(job)})
                 _follow(futures, {future.task_run_id: len(shard) for future, shard in zip(futures, shards, strict=True)},
                         images, on_first_shard)

@@ -133,3 +133,46 @@ def test_tune_trials_run_at_once_on_different_workers(dask_cluster, prefect_serv
     trials = dask_cluster.computed(stream.data, "train_trial")
     assert len(trials) == 2 and {worker for worker, _, _ in trials} == set(WORKERS), trials
     assert max(start for _, start, _ in trials) < min(stop for _, _, stop in trials), f"trials did not overlap: {trials}"
+
+
+def test_ctrl_c_stops_the_shards_on_the_dask_workers_too(dask_cluster, prefect_server, tmp_path):
+    """Interrupted or cancelled, a run on Dask ended, but its shards on the workers segmented on to
+    the end of their shards, writing into the store for a minute or more after the run was gone.
+    They now read the run's stop event on the scheduler, and end within seconds of the run."""
+    import signal
+    import sys
+
+    from cellseg.verify import verify_store
+
+    write_dataset(str(tmp_path / "data"), count=4, size=256, seed=5)
+    images = tmp_path / "images"
+    images.mkdir()
+    originals = sorted((tmp_path / "data/images").iterdir())
+    for index in range(3000):  # two shards of 1500: over a minute each on one worker thread
+        os.link(originals[index % len(originals)], images / f"img_{index:04d}.png")
+    store = tmp_path / "r.zarr"
+    as_from_a_shell = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                       "os.execv(sys.argv[1], sys.argv[1:])")
+    command = [str(BIN / "cellseg"), "flow", "segment-images", "--source", str(images), "--store", str(store),
+               "--model-version", "general", "--shard-size", "1500", "--dask-address", dask_cluster.address,
+               "--registry", str(tmp_path / "registry")]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CELLSEG_")} | prefect_server
+    run = subprocess.Popen([sys.executable, "-c", as_from_a_shell, *command], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+
+    def done() -> int:
+        return len(ResultStore.open(str(store), mode="r").done_ids()) if (store / "zarr.json").exists() else 0
+
+    deadline = time.monotonic() + 240
+    while run.poll() is None and done() < 4:
+        assert time.monotonic() < deadline, "no image was segmented within 240 s"
+        time.sleep(0.2)
+    os.killpg(run.pid, signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stderr
+
+    time.sleep(10)  # a shard polls the event once a second, and finishes the images it has predicted
+    settled = done()
+    time.sleep(5)
+    assert done() == settled < 1500, "the shards on the Dask workers went on after their run had ended"
+    assert verify_store(str(store), read_data=True).broken == []
