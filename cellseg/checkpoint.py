@@ -14,6 +14,7 @@ import hashlib
 import io
 import logging
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -239,7 +240,9 @@ def load_checkpoint_bytes(data: bytes, name: str, file_checked: bool = False) ->
     already matched a recorded SHA-256 (a registry version, a shipped model's card), so a file from
     before embedded digests loads without a notice."""
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # "Detected pickle protocol 4 in the checkpoint ...": said below, if at all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or unsafe files
         raise CheckpointError(f"checkpoint '{name}' is corrupt or not a cellseg checkpoint "
                               f"({_torch_reason(error)})") from error

@@ -32,8 +32,12 @@ def _needs_orchestration(command: str) -> None:
     Also keeps the Prefect server that a flow command starts for itself (no PREFECT_API_URL) from
     reporting to Prefect's telemetry, unless the environment says otherwise (on a machine without
     internet every run's output showed a Prefect ERROR line for it), and out of Ctrl-C's way
-    (`flows.temporary_server`)."""
+    (`flows.temporary_server`). The library's log lines (the epochs, the model loaded) go to the
+    flow runs' logs too, as on a worker (deployments/prefect.yaml), instead of the flows' repeating them."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    extra = [name.strip() for name in os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "").split(",") if name.strip()]
+    if "cellseg" not in extra:
+        os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join([*extra, "cellseg"])
     try:
         import prefect  # noqa: F401
         import prefect_dask  # noqa: F401

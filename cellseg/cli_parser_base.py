@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 CONFIG_HELP = "TOML or YAML settings file (default: $CELLSEG_CONFIG); flags > CELLSEG_* environment > file"
 QUIET_HELP = "only warnings and errors on stderr"
@@ -97,10 +99,28 @@ class CommandParser(argparse.ArgumentParser):
     where argparse would have the top parser name them under `cellseg`'s usage."""
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        self._arguments = list(sys.argv[1:] if args is None else args)
         namespace, extras = super().parse_known_args(args, namespace)
         if extras and self._subparsers is None:  # a command's own parser, not one that holds commands
             self.error(f"unrecognized arguments: {' '.join(extras)}{self._nearest(extras)}")
         return namespace, extras
+
+    def error(self, message: str) -> NoReturn:
+        """argparse's error, which names a misspelt command's nearest (`predcit`: did you mean
+        predict?) and a misspelt option that the missing required one hides (`--imgs`)."""
+        if choice := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message):
+            choices = re.findall(r"'([^']*)'", choice[2])
+            if close := difflib.get_close_matches(choice[1], choices, n=1):
+                message = f"{message} (did you mean {close[0]}?)"
+        elif message.startswith("the following arguments are required") and (unknown := self._unknown_options()):
+            message = f"unrecognized arguments: {' '.join(unknown)}{self._nearest(unknown)}; {message}"
+        super().error(message)
+
+    def _unknown_options(self) -> list[str]:
+        """The --options given that are none of this parser's, nor an abbreviation of one."""
+        options = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        return [argument for argument in getattr(self, "_arguments", []) if argument.startswith("--") and argument != "--"
+                and not any(option.startswith(argument.split("=", 1)[0]) for option in options)]
 
     def _nearest(self, extras: list[str]) -> str:
         options = [option for action in self._actions for option in action.option_strings if option.startswith("--")]

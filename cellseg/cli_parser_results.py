@@ -57,9 +57,9 @@ def add_export(commands: argparse._SubParsersAction) -> None:
                                 "named with the repair; 2: bad usage or an OUT refused.")
     export.add_argument("store", help="zarr results store URL")
     export.add_argument("--format", choices=("csv", "parquet", "tiff", "png"),
-                        help="csv (default) or parquet for a table; tiff (default) or png for --labels: cell labels "
-                             "as uint16 (a TIFF's uint32 above 65,535 cells), masks as uint8; a large image is "
-                             "written as a tiled TIFF")
+                        help="csv or parquet for a table (default: as --out is named, .csv or .parquet; else "
+                             "csv); tiff (default) or png for --labels: cell labels as uint16 (a TIFF's uint32 "
+                             "above 65,535 cells), masks as uint8; a large image is written as a tiled TIFF")
     export.add_argument("--table", choices=("cells", "images"),
                         help="one row per cell (default) or the per-image statistics")
     export.add_argument("--group-by", choices=("well",), dest="group_by",

@@ -111,15 +111,20 @@ def run_export(args: argparse.Namespace) -> int:
         return _export_labels(args)
     if args.format in ("tiff", "png"):
         raise ValueError(f"--format {args.format} writes label images: add --labels cells (or mask)")
-    args.format, args.table = args.format or "csv", args.table or "cells"
+    suffix = posixpath.splitext(args.out)[1].lower()
+    named = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}.get(suffix)
+    given = args.format
+    args.format, args.table = given or named or "csv", args.table or "cells"
     if args.group_by and args.table != "images":
         raise ValueError("--group-by well groups the per-image statistics: add --table images")
     store = ResultStore.open(args.store, mode="r")
     unit = "cell" if args.table == "cells" else "well" if args.group_by else "image"
-    suffix = posixpath.splitext(args.out)[1].lower()
-    if suffix in (".csv", ".parquet", ".pq") and (suffix == ".csv") != (args.format == "csv"):
+    if named is not None and named != args.format:
         logging.getLogger("cellseg").warning("writing %s into '%s', whose name says otherwise", args.format,
                                              redact_url(args.out))
+    elif named is None and given is None:  # cells.xlsx, cells.tsv: a table a spreadsheet would misread
+        logging.getLogger("cellseg").warning("writing csv into '%s': a table is written as csv (a name ending in "
+                                             ".csv) or parquet (.parquet, or --format parquet)", redact_url(args.out))
 
     def rows() -> Iterator[dict[str, Any]]:  # read only once write_table has accepted the target
         if args.group_by:

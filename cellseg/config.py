@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from cellseg.io import DEFAULT_MAX_PIXELS
+from cellseg.redact import credentials_in_bucket_url
 
 
 def _check_url(url: str) -> str:
@@ -32,6 +33,8 @@ def _check_url(url: str) -> str:
         raise ValueError(f"unknown storage protocol '{protocol}://' in '{url}'")
     if protocol is not None and not url.split("://", 1)[1].strip("/"):
         raise ValueError(f"'{url}' names no bucket or path")
+    if problem := credentials_in_bucket_url(url):
+        raise ValueError(problem)
     return url
 
 

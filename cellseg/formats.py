@@ -127,11 +127,24 @@ def read_source(
     imported for it); any other choice is checked against the file's planes (a plain TIFF stack's
     pages are its z planes)."""
     if not is_microscopy_url(url) and selection.model_copy(update={"recursive": False}) == SelectionConfig():
-        return _plain_image(url, storage_options, max_pixels, warnings), {}
+        return widened_or_narrowed(_plain_image(url, storage_options, max_pixels, warnings)), {}
     plane = read_plane(url, selection, storage_options, max_pixels)
     if warnings is not None:
         warnings.extend(plane.warnings)
-    return plane.read(), source_record(plane)
+    return widened_or_narrowed(plane.read()), source_record(plane)
+
+
+def widened_or_narrowed(image: np.ndarray) -> np.ndarray:
+    """`image` in a sample type the pipeline and the store's image copy take: float16 as float32,
+    64-bit integers as 32-bit ones where every value fits (else float64); others as they are.
+    float16 stopped OpenCV's normalisation, int64 the image copy, each with an error naming no file."""
+    if image.dtype == np.float16:
+        return image.astype(np.float32)
+    if image.dtype.kind in "iu" and image.dtype.itemsize == 8:
+        narrow = np.dtype(f"{image.dtype.kind}4")
+        fits = image.size == 0 or (np.iinfo(narrow).min <= image.min() and image.max() <= np.iinfo(narrow).max)
+        return image.astype(narrow if fits else np.float64)
+    return image
 
 
 def _plain_image(url: str, storage_options: StorageOptions, max_pixels: int, warnings: list[str] | None) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import unicodedata
 from collections.abc import Callable
+from math import prod
 from typing import IO, Any, cast
 
 import numpy as np
@@ -97,7 +98,12 @@ def tiff_plane(tif: tifffile.TiffFile, url: str, selection: SelectionConfig, tim
                 index.append(slice(0, 3))
             else:
                 index.append(0)
-        region = np.asarray(array[tuple(index)])
+        try:
+            region = np.asarray(array[tuple(index)])
+        except (tifffile.TiffFileError, ValueError, OSError, MemoryError) as error:
+            # tifffile's word for a strip that inflates to another size than declared, and the like
+            raise ImageReadError(f"'{url}': a tile or strip of this TIFF cannot be read ({type(error).__name__}: "
+                                 f"{str(error)[:200]})") from error
         return _luma(_samples_last(region, axes)) if samples_as_luma else region
 
     def read_region(rows: slice, columns: slice) -> np.ndarray:
@@ -127,8 +133,14 @@ def _samples_last(region: np.ndarray, axes: str) -> np.ndarray:
     return np.moveaxis(region, kept.index("S"), -1)[..., :3]
 
 
+# The most bytes one tile or strip of a TIFF read block by block may declare: each block read decodes
+# every segment it touches whole, so one 100000 x 100000 strip would take 10 GB, again for each block.
+LAZY_SEGMENT_BYTES = 256 * 2**20
+
+
 def _check_lazy_tiff(page: tifffile.TiffPage, url: str) -> None:
-    """Refuse what lazy reads cannot bound: sample types and compressions cellseg does not decode."""
+    """Refuse what lazy reads cannot bound: sample types and compressions cellseg does not decode,
+    and tiles or strips larger than LAZY_SEGMENT_BYTES."""
     from cellseg.io import TIFF_COMPRESSIONS, _tiff_name
 
     if page.dtype is None or page.dtype.kind not in "biuf":
@@ -136,6 +148,12 @@ def _check_lazy_tiff(page: tifffile.TiffPage, url: str) -> None:
                              "(expected integers or floats)")
     if page.compression not in TIFF_COMPRESSIONS:
         raise ImageReadError(f"'{url}': TIFF compression {_tiff_name(page.compression)} is not supported")
+    segment = prod(page.chunks) * page.dtype.itemsize
+    if segment > LAZY_SEGMENT_BYTES:
+        raise ImageReadError(
+            f"'{url}': one tile or strip ({' x '.join(map(str, page.chunks))} {page.dtype} samples) takes {segment} "
+            f"bytes, over the {LAZY_SEGMENT_BYTES // 2**20} MiB that an image read block by block may decode at once "
+            "(each block would decode it again): save it tiled, e.g. tifffile.imwrite(..., tile=(1024, 1024))")
 
 
 def _ome_metadata(tif: tifffile.TiffFile, url: str) -> tuple[list[str], tuple[float | None, float | None]]:

@@ -26,8 +26,8 @@ from PIL import Image, UnidentifiedImageError
 
 from cellseg import png
 from cellseg.plates import image_id
-from cellseg.redact import redact_url
-from cellseg.storage_errors import storage_call
+from cellseg.redact import credentials_in_bucket_url, redact_url
+from cellseg.storage_errors import StorageError, storage_call
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ class ImageReadError(ValueError):
 def filesystem(url: str, storage_options: StorageOptions = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return the fsspec filesystem for `url` and the path inside it (StorageError when the
     protocol's package, such as gcsfs for gs://, is not installed)."""
+    if problem := credentials_in_bucket_url(url):
+        raise StorageError(problem)
     with storage_call(url):
         return url_to_fs(url, **dict(storage_options or {}))
 
@@ -148,7 +150,8 @@ def list_image_entries(url: str, storage_options: StorageOptions = None, microsc
                                    "empty folders, so a prefix nothing was written under yet is one)",
                                    redact_url(url), kind)
                     return []
-                raise FileNotFoundError(f"{kind} folder '{url}' does not exist")
+                named = "file" if posixpath.basename(root).lower().endswith(suffixes) else "folder"
+                raise FileNotFoundError(f"{kind} {named} '{url}' does not exist")
             if not posixpath.basename(root).lower().endswith(suffixes):
                 raise FileNotFoundError(f"'{url}' is a file without an image suffix ({' '.join(suffixes)}): name a "
                                         "folder of images or one image file")

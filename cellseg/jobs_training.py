@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel
 
 from cellseg.checkpoint import Checkpoint, load_checkpoint
-from cellseg.config import ModelConfig
+from cellseg.config import ModelConfig, TrainConfig
 from cellseg.dataset_errors import DatasetError
 from cellseg.evaluate import validation_cell_scores
 from cellseg.infer import Predictor
@@ -27,6 +28,7 @@ from cellseg.pairs import ImagePair, pair_images_and_masks, split_train_val
 from cellseg.redact import MASK, redact_url
 from cellseg.report import CURVES_FILE, GALLERY_FILE, training_pictures
 from cellseg.starting_point import Start, choose_start
+from cellseg.store_checks import enclosing_zarr_store
 from cellseg.train import (
     BEST_CHECKPOINT,
     HISTORY_FILE,
@@ -109,9 +111,11 @@ def run_training(
     if overwrite and not resume and (stop := out / STOP_FILE).is_file():
         stop.unlink()  # it asked the replaced run to stop: left there, it would end the new one before epoch 1
         logger.info("removed %s, which the run being replaced left", stop)
+    check_apart_from_data(out, job)
     last = load_checkpoint(str(out / LAST_CHECKPOINT)) if resume else None
     if last is not None:
         job = resumed_job(job, last)
+        check_can_go_on(last, job.training, out)
     if pairs is None:
         pairs = pair_images_and_masks(job.images_url, job.masks_url)
     model_config, training = job.model, job.training
@@ -192,8 +196,8 @@ def resumed_model_config(last: Checkpoint, asked: ModelConfig) -> ModelConfig:
         overruled = [name for name in differing if name in asked.model_fields_set]
         logger.info("resuming with the model settings the run began with: %s%s",
                     ", ".join(f"{name} {_shown(getattr(recorded, name))}" for name in differing),
-                    f" (given: {', '.join(f'{name} {_shown(getattr(asked, name))}' for name in overruled)})"
-                    if overruled else "")
+                    f" (given: {', '.join(f'{name} {_shown(getattr(asked, name))}' for name in overruled)}, not "
+                    "used: a resumed run keeps its network)" if overruled else "")
     return recorded
 
 
@@ -245,6 +249,10 @@ def check_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"training folder '{out}' is an existing file, not a folder")
+    if store := enclosing_zarr_store(LocalFileSystem(), str(out.resolve() / BEST_CHECKPOINT)):
+        where = "is" if store == str(out.resolve()) else "is inside"
+        raise RunFolderError(f"training folder '{out}' {where} the zarr store '{store}', which its files would "
+                             "damage (read back as broken images); choose a folder outside it")
     if images := sorted(path.name for path in out.glob("*") if path.suffix.lower() in IMAGE_SUFFIXES + MICROSCOPY_FILE_SUFFIXES
                         and path.name not in (CURVES_FILE, GALLERY_FILE) and path.is_file()):
         raise RunFolderError(f"training folder '{out}' holds images ({', '.join(images[:3])}"
@@ -264,6 +272,36 @@ def check_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
         raise RunFolderError(f"'{out}' already holds a training run ({', '.join(present)}{epochs}) that a new run "
                              f"would replace; {resumable}replace it (--overwrite) or choose another folder")
     return out
+
+
+def check_apart_from_data(out: Path, job: TrainJob) -> None:
+    """Refuse a run folder that holds the run's own images or masks (`--out data` for data/images):
+    its checkpoints and pictures would go among the data, and a later run on that folder would
+    read the pictures as images."""
+    for kind, url in (("images", job.images_url), ("masks", job.masks_url)):
+        if "://" in url and not url.startswith("file://"):
+            continue
+        folder = Path(url.removeprefix("file://")).resolve()
+        if folder.is_relative_to(out.resolve()):
+            raise RunFolderError(f"training folder '{out}' holds the run's {kind} ('{url}'): its checkpoints and "
+                                 "pictures would go beside them; choose a folder outside the data (runs/NAME)")
+
+
+def check_can_go_on(last: Checkpoint, training: TrainConfig, out: Path) -> None:
+    """Refuse to resume a run that has run all its epochs (it would train none); warn where it
+    stopped early or on its time budget, which end it again after one more epoch."""
+    if last.epoch >= training.epochs:
+        raise RunFolderError(f"the run in '{out}' has ended: its {LAST_CHECKPOINT} holds epoch {last.epoch} of "
+                             f"{training.epochs}; resume with --epochs N (N above {last.epoch}) to train it longer")
+    state = last.resume_state or {}
+    stale, spent = state.get("stale_epochs"), state.get("spent_seconds")
+    if isinstance(stale, int) and stale >= training.patience:
+        logger.warning("the run stopped early (no improvement for %d epochs, patience %d): it trains one more epoch "
+                       "and stops again unless --patience is raised", stale, training.patience)
+    budget = training.time_budget(fine_tuning=bool(last.train_config.init_from))
+    if isinstance(spent, int | float) and budget is not None and spent >= budget * 60:
+        logger.warning("the run has spent its time budget (%.0f of %g minutes): it trains one more epoch and stops "
+                       "again unless --max-minutes is raised", spent / 60, budget)
 
 
 def check_resumed_dataset(last: Checkpoint, out: Path, dataset_hash: str) -> None:

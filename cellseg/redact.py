@@ -49,9 +49,11 @@ _HEADER = (r"(?P<hhead>(?<![\w-])(?i:(?:proxy-)?authori[sz]ation|(?:set-)?cookie
            rf"(?P<hvalue>{_QUOTED}|[^\r\n'\",}}]+)")
 # name=value (query strings, connection strings, keyword reprs).
 _ASSIGNMENT = rf"(?P<ehead>(?<![\w.-]){_NAME}=)(?P<evalue>{_QUOTED}|[^&;\s'\",)}}\]]+)"
-# name: value as in YAML, lower-case names only (`KeyError: x` stays as it is).
+# name: value as in YAML, lower-case names only (`KeyError: x` stays as it is), but a settings error
+# about a field so named (`predict.api_key: Extra inputs are not permitted (got '********')`).
+_PYDANTIC_PROBLEM = r"(?!Extra inputs are not permitted|Field required|Input should )"
 _YAML_PAIR = (rf"(?P<yhead>(?<![\w.-])(?=[a-z0-9_.-]*?(?:{_PARTS})|(?:{_SHORT})[ \t]*:)[a-z0-9_.-]+[ \t]*:[ \t]+)"
-              rf"(?P<yvalue>{_QUOTED}|[^\s'\",}}\]][^\r\n,}}\]]*)")
+              rf"{_PYDANTIC_PROBLEM}(?P<yvalue>{_QUOTED}|[^\s'\",}}\]][^\r\n,}}\]]*)")
 
 # C0 and C1 control characters but newline and tab: a file name holding ESC sequences would
 # otherwise drive the terminal it is printed on.
@@ -94,6 +96,22 @@ def redact_url(url: str) -> str:
     if query < 0:
         return url
     return url[:query] + _PARAMETER.sub(_masked_pair, url[query:])
+
+
+# Protocols whose URL's first part is the bucket (or container): credentials written before an '@'
+# there are read as part of its name, sent to the endpoint and echoed back in its errors.
+_BUCKET_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"})
+
+
+def credentials_in_bucket_url(url: str) -> str | None:
+    """Why `url` cannot be used when it is an object-store URL with credentials in it
+    (`s3://KEY:SECRET@bucket/x`), with them masked; None otherwise."""
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in _BUCKET_SCHEMES or "@" not in rest.split("/", 1)[0]:
+        return None
+    return (f"'{redact_url(url)}' has credentials in it, which {scheme}:// URLs do not take (they would be read "
+            "as part of the bucket's name): give them in the environment (AWS_ACCESS_KEY_ID, ...) or in the storage "
+            "settings (storage.s3.key and .secret), and the URL without them")
 
 
 def redact_text(text: str) -> str:

@@ -86,14 +86,14 @@ def choose_start(job: TrainJob, images: int, val_pairs: Sequence[ImagePair]) -> 
                 name, len(checked))
     dice = shipped_dice(predictor, load_pairs(checked, predictor.normalization))
     if dice < FINE_TUNE_MIN_DICE:
-        logger.info("the shipped '%s' model's masks reach Dice %.3f on them, as predict makes them (below %g): these "
-                    "images are unlike its own, training from scratch (--init-from %s fine-tunes it anyway)",
-                    name, dice, FINE_TUNE_MIN_DICE, name)
-        return Start(None, f"the shipped '{name}' model's masks, as predict makes them, reach Dice {dice:.3f} on the "
+        logger.info("training from scratch: the shipped '%s' model's masks (as predict makes them) reach Dice %.3f "
+                    "on these validation images, below %g, so they are unlike its own (--init-from %s fine-tunes it "
+                    "anyway)", name, dice, FINE_TUNE_MIN_DICE, name)
+        return Start(None, f"the shipped '{name}' model's masks (as predict makes them) reach Dice {dice:.3f} on the "
                      f"validation images: below {FINE_TUNE_MIN_DICE:g}", dice)
-    logger.info("fine-tuning the shipped '%s' model: %d images, and its masks, as predict makes them, reach Dice %.3f "
-                "on the validation ones (--from-scratch to start from random weights)", name, images, dice)
-    return Start(checkpoint, f"{images} images; the shipped '{name}' model's masks, as predict makes them, reach Dice "
+    logger.info("fine-tuning the shipped '%s' model: %d images, and its masks (as predict makes them) reach Dice %.3f "
+                "on the validation images (--from-scratch to start from random weights)", name, images, dice)
+    return Start(checkpoint, f"{images} images; the shipped '{name}' model's masks (as predict makes them) reach Dice "
                  f"{dice:.3f} on the validation images", dice)
 
 

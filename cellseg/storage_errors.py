@@ -107,6 +107,12 @@ def storage_error(url: str | None, error: BaseException) -> StorageError | None:
             return StorageError(f"{named}the bucket{bucket} does not exist (NoSuchBucket): check its name, or create "
                                 "it; cellseg never creates one")
     for cause in chain:
+        if isinstance(cause, boto.ParamValidationError):  # checked before any request: "Invalid bucket name ..."
+            problem = str(cause).strip().splitlines()[-1]
+            if problem.startswith("Invalid bucket name"):
+                problem = f"{problem.split(': ', 1)[0]}: a bucket's name holds only letters, digits, '.', '-' and '_'"
+            return StorageError(f"{named}{redact_text(problem)[:300]}")
+    for cause in chain:
         if isinstance(cause, boto.EndpointResolutionError) or (
                 isinstance(cause, ValueError) and str(cause).startswith("Invalid endpoint:")):
             return _bad_endpoint(url)

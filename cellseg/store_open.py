@@ -14,7 +14,7 @@ from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from cellseg import __version__
 from cellseg.io import StorageOptions, filesystem
-from cellseg.redact import redact_url
+from cellseg.redact import credentials_in_bucket_url, redact_url
 from cellseg.storage_errors import StorageError, credentials_refused, storage_error, unexplained_denial
 from cellseg.store_checks import (
     WRITE_MODES,
@@ -33,6 +33,8 @@ def open_root(url: str, mode: StoreMode, storage_options: StorageOptions) -> zar
     """The root group of the store at `url` (a URL or a local path), created when `mode` allows it;
     refuses groups that are not cellseg stores and, for writing, targets where a store would keep
     nothing or take over other data (`check_store_target`)."""
+    if problem := credentials_in_bucket_url(url):
+        raise StorageError(problem)
     location = _zarr_location(url)
     # zarr refuses fsspec options beside a local path.
     options = _zarr_storage_options(url, storage_options) if location == url else None

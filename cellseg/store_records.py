@@ -94,7 +94,8 @@ class StoreRecords:
     def note_damage(self, image_id: str, problem: str) -> None:
         """Remember and log an image that cannot be used."""
         if self.damaged.get(image_id) != problem:
-            logger.warning("image '%s' in '%s' is damaged and left out: %s", image_id, redact_url(self.url), problem)
+            # Said as found; each reader says what it does about it (export leaves it out, evaluate gives no score)
+            logger.warning("image '%s' in '%s' is damaged: %s", image_id, redact_url(self.url), problem)
         self.damaged[image_id] = problem
 
     def done_ids(self, on_record: Callable[[str], None] | None = None) -> set[str]:

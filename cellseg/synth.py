@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from cellseg.io import StorageOptions, filesystem, join_url
 from cellseg.redact import redact_url
+from cellseg.store_checks import enclosing_zarr_store
 
 DATASET_FOLDERS = ("images", "masks", "labels")
 
@@ -143,6 +144,11 @@ def write_dataset(
         raise ValueError(f"a synthetic dataset needs at least 1 image of {MIN_SIDE} to {MAX_SIDE} pixels a side "
                          f"(asked: {count} of {size})")
     fs, root = filesystem(out_url, storage_options)
+    if store := enclosing_zarr_store(fs, join_url(root, DATASET_FOLDERS[0])):
+        where = "is" if store == (root.rstrip("/") or root) else "is inside"
+        raise ValueError(f"'{redact_url(out_url)}' {where} the zarr store '{redact_url(store)}', which a dataset "
+                         "written there would damage (its folders read back as broken images); choose a folder "
+                         "outside it")
     folders = [join_url(root, folder) for folder in DATASET_FOLDERS]
     held = [folder for folder in folders if fs.isdir(folder) and fs.ls(folder, detail=False)]
     if held and not overwrite:

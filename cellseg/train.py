@@ -258,10 +258,10 @@ def train(
     started = time.monotonic() - spent_seconds
     stop_reason = "max epochs reached"
     logger.info(
-        "training on %s%s%s: %d training and %d validation images, up to %d epochs",
+        "training on %s%s%s: %d training and %d validation images, up to %d epoch%s",
         device, f" with {workers} loader processes" if workers else "",
         "" if config.compile == "off" else f", compiled ({config.compile})", len(train_pairs), len(val_pairs),
-        config.epochs,
+        config.epochs, "" if config.epochs == 1 else "s",
     )
     if not val_pairs:
         why = ("val_fraction is 0" if config.val_fraction <= 0 else

@@ -11,6 +11,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
+from prefect.settings import get_current_settings
 
 from cellseg.flows._common import (
     STOPPED,
@@ -53,10 +54,12 @@ def train_model(job: TrainJob, manifest_path: str, run_dir: str) -> dict[str, An
     manifest = Manifest.load(manifest_path)
     epochs = job.training.epochs
     progress = ProgressArtifact("train-unet-progress", epochs, f"training: up to {epochs} epochs")
+    library_logged = "cellseg" in (get_current_settings().logging.extra_loggers or [])  # its own epoch lines
 
     def report(record: dict[str, float]) -> None:
-        logger.info("epoch %d: %s", record["epoch"],
-                    ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("epoch", "seconds")))  # lr 3e-05
+        if not library_logged:
+            logger.info("epoch %d: %s", record["epoch"],
+                        ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("epoch", "seconds")))  # lr 3e-05
         progress.update(int(record["epoch"]), f"epoch {int(record['epoch'])} of up to {epochs}: "
                                               f"val Dice {record.get('val_dice', float('nan')):.4f}")
 

@@ -499,6 +499,13 @@ def test_a_misspelt_option_is_refused_by_its_command_naming_the_nearest_and_q_fo
                                                "(did you mean --limit?)")
     nested = cellseg("models", "list", "--registri", str(tmp_path), check=False)
     assert nested.returncode == 2 and nested.stderr.splitlines()[-1].endswith("(did you mean --registry?)")
+    # A misspelt required option was hidden behind "the following arguments are required: --images"
+    hidden = cellseg("predict", "--imgs", str(tmp_path), "--out", store_url, check=False)
+    assert hidden.returncode == 2 and hidden.stderr.splitlines()[-1] == (
+        "cellseg predict: error: unrecognized arguments: --imgs (did you mean --images?); the following arguments "
+        "are required: --images")
+    command = cellseg("predcit", "--images", str(tmp_path), check=False)
+    assert command.returncode == 2 and command.stderr.splitlines()[-1].endswith("(did you mean predict?)")
 
     cellseg("synth", "--out", str(tmp_path / "data"), "--count", "1", "--size", "32")
     predict = ["predict", "--images", str(tmp_path / "data/images"), "--out", str(tmp_path / "out.zarr")]

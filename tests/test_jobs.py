@@ -112,9 +112,10 @@ def test_resume_goes_on_with_the_network_the_run_began_with_without_its_model_se
     assert "resuming with the model settings the run began with: base_width 4, depth 2" in caplog.messages
     caplog.clear()
     with caplog.at_level("INFO", logger="cellseg.jobs"):  # one given that differs is named, and not used
-        run_training(job.model_copy(update={"model": ModelConfig(depth=3)}), run, resume=True)
-    assert ("resuming with the model settings the run began with: base_width 4, depth 2 (given: depth 3)"
-            in caplog.messages)
+        run_training(job.model_copy(update={"model": ModelConfig(depth=3),
+                                            "training": QUICK.model_copy(update={"epochs": 3})}), run, resume=True)
+    assert ("resuming with the model settings the run began with: base_width 4, depth 2 (given: depth 3, not used: "
+            "a resumed run keeps its network)" in caplog.messages)
 
 
 def test_resume_goes_on_with_the_runs_training_settings_and_images_under_those_given(trained, tmp_path, caplog):
@@ -167,6 +168,27 @@ def test_resume_without_images_names_what_is_missing_from_the_run(trained, tmp_p
     assert "manifest.json' has no 'masks_url': it does not say which images" in capsys.readouterr().err
     assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--images", job.images_url, "--masks",
                  job.masks_url, "--quiet"]) == 0
+
+
+def test_a_run_folder_is_refused_in_a_store_or_around_its_own_data_and_an_ended_run_is_not_resumed(trained, tmp_path):
+    """A run's files inside a results store read back there as broken images; around its own data
+    (`--out data` for data/images) its pictures were later segmented as cell images; and a run that
+    had run all its epochs, resumed, loaded its data to train none."""
+    job, _, root = trained
+    ResultStore.open(str(tmp_path / "r.zarr"))
+    for out, where in ((tmp_path / "r.zarr", "is"), (tmp_path / "r.zarr" / "run", "is inside")):
+        with pytest.raises(RunFolderError, match=rf"training folder '{out}' {where} the zarr store '{tmp_path}/r.zarr'"):
+            run_training(job, out)
+    with pytest.raises(RunFolderError, match=rf"training folder '{root}/data' holds the run's images "
+                                             r"\('.*/data/images'\): its checkpoints and pictures"):
+        run_training(job, root / "data")
+    assert not (root / "data" / "best.pt").exists()
+
+    run = tmp_path / "run"
+    run_training(job.model_copy(update={"training": QUICK.model_copy(update={"epochs": 1})}), run)
+    with pytest.raises(RunFolderError, match=r"the run in '.*run' has ended: its last.pt holds epoch 1 of 1; resume "
+                                             r"with --epochs N \(N above 1\) to train it longer"):
+        run_training(job.model_copy(update={"training": TrainConfig()}), run, resume=True)
 
 
 def test_the_kept_line_names_the_epoch_last_pt_holds_whatever_history_json_says(trained, tmp_path):

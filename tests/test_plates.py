@@ -105,6 +105,14 @@ def test_group_by_well_refuses_a_store_without_wells_and_a_suffix_that_disagrees
     assert f"writing parquet into '{out}', whose name says otherwise" in caplog.text
     assert "wrote 1 image to" in capsys.readouterr().out
     assert out.read_bytes()[:4] == b"PAR1"
+    # With no --format, the name decides; a name that is neither is written as csv, and said so
+    named = tmp_path / "w.parquet"
+    assert main(["export", store.url, "--table", "images", "--out", str(named)]) == 0
+    assert named.read_bytes()[:4] == b"PAR1"
+    sheet = tmp_path / "w.xlsx"
+    assert main(["export", store.url, "--table", "images", "--out", str(sheet)]) == 0
+    assert f"writing csv into '{sheet}': a table is written as csv" in caplog.text
+    assert sheet.read_text().startswith("image_id")
 
 
 @pytest.mark.parametrize(("url", "expected", "located"), [

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cellseg.redact import MASK, is_secret_name, redact, redact_text, redact_url
+from cellseg.redact import MASK, credentials_in_bucket_url, is_secret_name, redact, redact_text, redact_url
 from cellseg.settings import CellsegSettings
 
 
@@ -134,3 +134,38 @@ def test_hostile_text_is_redacted_in_linear_time(text):
     redact_text(text)
     redact_url(text)
     assert time.perf_counter() - started < 2.0
+
+
+def test_an_object_store_url_with_credentials_in_it_is_refused_in_one_line_without_them(tmp_path):
+    """s3fs read `s3://KEY:SECRET@bucket` as a bucket named 'KEY:SECRET@bucket': botocore refused
+    it in a traceback that printed the secret, with exit status 1, from every command."""
+    from tests.conftest import cellseg
+
+    url = "s3://AKIAEXAMPLE:secret123@bucket/x"
+    commands = [("predict", "--model-version", "general", "--images", url, "--out", str(tmp_path / "o.zarr")),
+                ("results", url), ("verify", url), ("synth", "--out", url),
+                ("train", "--images", url, "--masks", url, "--out", str(tmp_path / "run"))]
+    for command in commands:
+        run = cellseg(*command, check=False)
+        assert run.returncode == 2, (command, run.stderr)
+        assert "secret123" not in run.stdout + run.stderr and "Traceback" not in run.stderr, run.stderr
+        assert ("'s3://AKIAEXAMPLE:********@bucket/x' has credentials in it, which s3:// URLs do not take"
+                in run.stderr.splitlines()[-1]), run.stderr
+    bad = cellseg("results", "s3://Bad_Bucket!/r.zarr", check=False)
+    assert bad.returncode == 2 and bad.stderr.splitlines() == [
+        "cellseg results: error: 's3://Bad_Bucket!/r.zarr': Invalid bucket name \"Bad_Bucket!\": a bucket's name "
+        "holds only letters, digits, '.', '-' and '_'"]
+    assert credentials_in_bucket_url("https://user:pw@host/x") is None  # a web server's basic login is its own
+
+
+def test_a_settings_error_about_a_field_named_like_a_secret_keeps_its_problem(tmp_path):
+    """`predict: {bogus_key: 1}` was refused as `predict.bogus_key: ********`: the problem itself
+    was masked as if it were the secret, and the user could not tell what was wrong."""
+    from tests.conftest import cellseg
+
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("predict:\n  bogus_key: hunter2\n")
+    run = cellseg("--config", str(settings), "config", "show", check=False)
+    assert run.returncode == 2 and "hunter2" not in run.stderr
+    assert run.stderr.rstrip().endswith("predict.bogus_key: Extra inputs are not permitted (got '********')")
+    assert redact_text("storage_key: hunter2") == f"storage_key: {MASK}"  # a value that is no such problem: masked

@@ -94,6 +94,21 @@ def test_write_dataset_is_byte_identical_for_a_seed(tmp_path):
         assert other[name] != one[name], name
 
 
+def test_synth_refuses_a_results_store_which_its_folders_would_damage(tmp_path):
+    """A dataset written into a store showed as three broken images there ('images/zarr.json' is
+    missing), and `verify --repair` listed them as failed images."""
+    from cellseg.store import ResultStore
+    from cellseg.verify import verify_store
+
+    store = ResultStore.open(str(tmp_path / "r.zarr"))
+    for out, where in ((tmp_path / "r.zarr", "is"), (tmp_path / "r.zarr" / "data", "is inside")):
+        refused = cellseg("synth", "--out", str(out), "--count", "2", "--size", "32", check=False)
+        assert refused.returncode == 2
+        assert f"'{out}' {where} the zarr store '{tmp_path / 'r.zarr'}', which a dataset" in refused.stderr
+    assert sorted(path.name for path in (tmp_path / "r.zarr").iterdir()) == ["zarr.json"]
+    assert verify_store(store.url).broken == []
+
+
 def test_synth_refuses_a_folder_holding_a_dataset_unless_told_to_replace_it(tmp_path, tmp_path_factory):
     """A second `synth` into the same folder used to leave the first dataset's extra images beside
     the new ones (and 8-bit beside 16-bit), without a word."""
