@@ -33,7 +33,7 @@ from cellseg.cli_predict import run_predict
 from cellseg.cli_results import run_evaluate, run_export, run_results, run_verify
 from cellseg.cli_settings import run_config
 from cellseg.cli_signals import TERMINATED, Terminated, sigterm_as_interrupt
-from cellseg.redact import redact_url, shown, terminal_safe
+from cellseg.redact import newlines_escaped, redact_url, shown, terminal_safe
 from cellseg.settings import describe_invalid
 
 Run = Callable[[argparse.Namespace], int]
@@ -93,6 +93,10 @@ class RedactingFormatter(logging.Formatter):
         if record.exc_info and _explained(record.exc_info[1]):
             # Prefect logs a failed task's or flow's traceback; `main` says this error in one line.
             record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        if isinstance(record.args, tuple) and record.args:  # a file name or an error quoting one: kept on its line
+            args = tuple(newlines_escaped(str(arg)) if isinstance(arg, str | BaseException) else arg
+                         for arg in record.args)
+            record = logging.makeLogRecord({**record.__dict__, "args": args})
         return shown(super().format(record))
 
 

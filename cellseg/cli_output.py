@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from cellseg.cli_parser_base import PARTLY_FAILED
-from cellseg.redact import redact_text, redact_url
+from cellseg.redact import newlines_escaped, redact_text, redact_url
 
 if TYPE_CHECKING:
     from cellseg.jobs_plan import SegmentPreview
@@ -98,10 +98,11 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
     if not rows:
         return
     # As wide as the longest id (DSB2018's are 64 characters), counted in terminal columns.
-    width = max(len(columns[0]), *(_columns(str(row["image_id"])) for row in rows))
+    ids = [newlines_escaped(str(row["image_id"])) for row in rows]  # one row per line, whatever a file was named
+    width = max(len(columns[0]), *(_columns(image_id) for image_id in ids))
     print("  ".join([_padded(columns[0], width)] + [f"{c:>22}" for c in columns[1:]]))
-    for row in rows:
-        print("  ".join([_padded(str(row["image_id"]), width)] + [f"{fmt(row.get(c)):>22}" for c in columns[1:]]))
+    for image_id, row in zip(ids, rows, strict=True):
+        print("  ".join([_padded(image_id, width)] + [f"{fmt(row.get(c)):>22}" for c in columns[1:]]))
 
 
 def _columns(text: str) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 
 from cellseg.cli_output import batch_status, print_damaged, print_preview, print_table, progress
 from cellseg.cli_settings import command_settings
-from cellseg.redact import redact_url
+from cellseg.redact import newlines_escaped, redact_url
 from cellseg.settings import CellsegSettings
 
 PREDICT_TABLE_ROWS = 5  # of the store's images that `predict` prints after its summary
@@ -75,9 +75,9 @@ def run_predict(args: argparse.Namespace) -> int:
     if summary["cpu_ms_per_image"]:
         print(f"  CPU per image: {cpu_line(summary['cpu_ms_per_image'])}")
     for failure in report.failed:
-        print(f"  failed: {failure['source_url']}: {failure['error']}")
+        print(newlines_escaped(f"  failed: {failure['source_url']}: {failure['error']}"))
     for warning in report.warnings:
-        print(f"  warning: {warning['source_url']}: {warning['warning']}")
+        print(newlines_escaped(f"  warning: {warning['source_url']}: {warning['warning']}"))
     written = ResultStore.open(args.out, mode="r")
     statistics = written.statistics(among=report.done + report.skipped)  # not every image a large store holds
     if len(statistics) > PREDICT_TABLE_ROWS:

@@ -173,6 +173,12 @@ def terminal_safe(text: str) -> str:
     return _CONTROL.sub(lambda match: match[0].encode("unicode_escape").decode("ascii"), text)
 
 
+def newlines_escaped(text: str) -> str:
+    """`text` (a file name, an image id, a message quoting one) on one line: CR and LF as `\\r`,
+    `\\n`. A name holding a newline split a one-line message in two, its second half a line of its own."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def shown(text: str) -> str:
     """Free text as it may be shown on a terminal: credentials masked, control characters escaped."""
     return terminal_safe(redact_text(text))

@@ -192,7 +192,7 @@ def _group_document_problem(data: bytes) -> str | None:
     """Why `data` is not a zarr v3 group's zarr.json (None when it is one, or an array's)."""
     try:
         document = json.loads(data)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         return f"not valid JSON: {describe(error)}"
     if not isinstance(document, dict) or document.get("zarr_format") != 3 or document.get("node_type") not in ("group", "array"):
         return "not zarr v3 metadata"

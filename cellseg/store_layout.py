@@ -29,8 +29,9 @@ ARRAYS: dict[str, tuple[str, str | None]] = {
 }
 
 StoreMode = Literal["r", "r+", "a", "w", "w-"]  # zarr's access modes
-# What zarr raises for a zarr.json it cannot parse or validate (JSONDecodeError is a ValueError).
-METADATA_ERRORS = (ValueError, TypeError)
+# What zarr raises for a zarr.json it cannot parse or validate (JSONDecodeError is a ValueError;
+# 100,000 nested brackets, a RecursionError).
+METADATA_ERRORS = (ValueError, TypeError, RecursionError)
 # What the codecs raise for chunk bytes they cannot decode (zstd: RuntimeError).
 CHUNK_ERRORS = (RuntimeError, ValueError, TypeError)
 WRITE_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}

@@ -870,3 +870,20 @@ def test_train_fine_tunes_from_a_registered_version_or_the_current_one(tmp_path,
     unknown = cellseg("train", *pairs, "--out", str(tmp_path / "x"), "--registry", str(tmp_path / "empty"),
                       "--init-from", "current", check=False)
     assert unknown.returncode == 2 and "has no current model" in unknown.stderr
+
+
+def test_a_file_name_holding_a_newline_stays_on_its_line(tmp_path, synthetic_dataset):
+    """A file named 'bad\\nFAKE: all good.png' split its failure lines in two, and 'FAKE: all good'
+    printed as a line of its own (ESC and the other control characters were escaped already)."""
+    import shutil
+
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(synthetic_dataset / "images" / "synth_0000.png", images / "ok.png")
+    (images / "bad\nFAKE: all good.png").write_bytes(b"garbage")
+    run = cellseg("predict", "--model-version", "general", "--images", str(images), "--out", str(tmp_path / "r.zarr"),
+                  check=False)
+    assert run.returncode == 3, run.stderr
+    lines = (run.stdout + run.stderr).splitlines()
+    assert not [line for line in lines if line.startswith("FAKE")], lines
+    assert sum("bad\\nFAKE: all good.png" in line for line in lines) >= 2, lines

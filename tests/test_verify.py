@@ -312,3 +312,30 @@ def test_damage_to_the_blocks_an_unfinished_blockwise_image_left_is_found_and_re
     assert sorted(run_segmentation(rerun).done) == ["big", "small"]
     assert verify_store(again_url, read_data=True).broken == []
     np.testing.assert_array_equal(ResultStore.open(again_url, mode="r").read_cells("big"), before)
+
+
+def test_metadata_declaring_huge_arrays_or_nested_without_end_is_damage_not_a_crash(store):
+    """A labels zarr.json declaring 2**40 x 2**40 ended `verify` in a MemoryError (zarr walked its
+    chunk grid), a cell table of 2**50 rows `export` in numpy's 'Unable to allocate 144. PiB', and
+    a root zarr.json of 100,000 nested brackets every command in a RecursionError traceback."""
+    from tests.conftest import cellseg
+
+    root = Path(store.url)
+    for path, shape in (("a/labels/cells/0", [2**40, 2**40]), ("b/tables/cells", [2**50, 2])):
+        meta = json.loads((root / path / "zarr.json").read_text())
+        meta["shape"] = shape
+        (root / path / "zarr.json").write_text(json.dumps(meta))
+    problems = _problems(verify_store(store.url, read_data=True))
+    assert set(problems) == {"a", "b"}
+    assert f"its cell labels 'a/labels/cells/0' declares shape {[2**40, 2**40]}, larger than its image's" in problems["a"]
+    assert f"its cell table 'b/tables/cells' declares shape {[2**50, 2]}, not that of a cell table" in problems["b"]
+    exported = cellseg("export", store.url, "--out", str(root.parent / "cells.csv"), check=False)
+    assert exported.returncode == 3 and "Traceback" not in exported.stderr, exported.stderr
+
+    (root / "zarr.json").write_text("[" * 100_000 + "]" * 100_000)
+    for command in (("results", store.url), ("verify", store.url), ("export", store.url, "--out",
+                                                                    str(root.parent / "again.csv"))):
+        run = cellseg(*command, check=False)
+        said = run.stdout + run.stderr
+        assert run.returncode in (1, 2) and "Traceback" not in said, (command, said)
+        assert f"'{store.url}/zarr.json' cannot be read (not valid JSON: RecursionError" in said, said
