@@ -72,8 +72,9 @@ def run_models(args: argparse.Namespace) -> int:
     version, checkpoint = getattr(args, "version", None), getattr(args, "checkpoint", None)
     needs_registry = args.action in ("promote", "rollback") or (
         args.action in ("show", "export") and not (checkpoint or shipped_name(version or "current")))
-    if needs_registry:
-        registry.check_exists()  # a misspelt --registry is refused as missing, not read as one without versions
+    if needs_registry:  # a misspelt --registry is refused as missing, not read as one without versions
+        with _suggesting_a_shipped_model(version if args.action in ("show", "export") else None):
+            registry.check_exists()
     if args.action == "list":
         try:
             registry.check_exists()
@@ -136,10 +137,17 @@ def _suggesting_a_shipped_model(version: str | None) -> Iterator[None]:
     """A RegistryError of an unknown `version` raised again with the shipped model its name looks
     like a misspelling of (`nucleus`: did you mean the shipped model 'nuclei'?), where one is."""
     from cellseg.bundled import SHIPPED_MODELS
-    from cellseg.registry import RegistryError
+    from cellseg.registry import RegistryError, RegistryMissing
 
     try:
         yield
+    except RegistryMissing as error:  # `models show foo` with no registry: foo may have meant a shipped model
+        if not version:
+            raise
+        close = difflib.get_close_matches(version, SHIPPED_MODELS, n=1, cutoff=0.6)
+        hint = f"did you mean the shipped model '{close[0]}'?" if close else \
+            f"'{version}' is no shipped model either ({', '.join(SHIPPED_MODELS)})"
+        raise RegistryMissing(f"{error}; {hint}") from error
     except RegistryError as error:
         if version and (close := difflib.get_close_matches(version, SHIPPED_MODELS, n=1, cutoff=0.6)):
             raise RegistryError(f"{error}; did you mean the shipped model '{close[0]}'?") from error

@@ -776,6 +776,14 @@ def test_models_show_of_a_misspelt_name_suggests_the_one_meant(tmp_path, tiny_ch
     shipped = cellseg("models", "show", "nucleus", "--registry", registry, check=False)
     assert shipped.returncode == 2 and shipped.stdout == ""
     assert shipped.stderr.rstrip().endswith("did you mean the shipped model 'nuclei'?")
+    # With no registry at all the name was only refused as one of a registry that does not exist
+    missing = str(tmp_path / "none")
+    for name, said in (("nucleus", "did you mean the shipped model 'nuclei'?"),
+                       ("foo", "'foo' is no shipped model either (nuclei, general)")):
+        refused = cellseg("models", "show", name, "--registry", missing, check=False)
+        assert refused.returncode == 2 and refused.stderr.rstrip().endswith(f"does not exist; give the folder a "
+                                                                            f"registry was made in (--registry, or "
+                                                                            f"the settings' registry_url); {said}")
     version = cellseg("models", "show", one[:-1], "--registry", registry, check=False)
     assert version.returncode == 2
     assert f"has no version '{one[:-1]}'; did you mean {one}?" in version.stderr

@@ -155,7 +155,7 @@ def test_store_docs_python_examples_run(tmp_path, monkeypatch, tiny_checkpoint):
     predictor = Predictor.from_checkpoint(str(tiny_checkpoint), PredictConfig())
     todo, _ = pending_images(list_images(str(tmp_path / "data/images")), store)
     segment_images(todo, store, predictor, model_record(predictor, str(tiny_checkpoint)))
-    # What the documented `cellseg export ... --format parquet --out runs/demo/cells.parquet` writes.
+    # What the documented `cellseg export ... --out runs/demo/cells.parquet` writes (Parquet, by its name).
     write_table(store.cell_rows(), str(tmp_path / "runs/demo/cells.parquet"), "parquet")
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", (REPO_ROOT / "docs" / "store.md").read_text(), re.S)
