@@ -60,6 +60,7 @@ from cellseg.blocks_source import SourceOpener, opened
 from cellseg.blocks_stitch import stitch_image
 from cellseg.config import PredictConfig
 from cellseg.formats import open_plane, reads_region_by_region
+from cellseg.formats_tiff import OversizedSegment
 from cellseg.infer import Predictor
 from cellseg.io import StorageOptions
 from cellseg.redact import redact_url
@@ -79,6 +80,8 @@ def blockwise_shape(url: str, config: PredictConfig, storage_options: StorageOpt
     try:
         with open_plane(url, config.selection, storage_options) as plane:
             height, width = plane.shape
+    except OversizedSegment as error:  # too large for the whole-image path too: the block path says why
+        height, width = error.shape
     except Exception:  # noqa: BLE001 - the whole-image path records why it cannot be read
         return None
     return (height, width) if height * width > config.blocks.above_pixels else None

@@ -133,7 +133,8 @@ INTERRUPTED_HINTS: dict[str, str | Callable[[argparse.Namespace], str]] = {
     "predict": "the images written so far are kept: run the same command again to segment the rest",
     "flow segment-images": "the images written so far are kept: run the same command again to segment the rest",
     "train": lambda args: training_kept(args.out),
-    "flow train-unet": "the flow's line above says what its run kept and how to go on from it",
+    "flow train-unet": "once its training had begun, the flow's line above says what its run kept and how to go on "
+                       "from it",
     "export": "no file was left partly written (a table is written whole or not at all, label images each whole); "
               "with --labels, run it again with --overwrite to write them all",
 }

@@ -17,7 +17,7 @@ from cellseg.cli_output import INTERRUPTED, batch_status, print_cell_scores, pri
 from cellseg.cli_parser_base import JOB, given
 from cellseg.cli_settings import command_settings
 from cellseg.cli_signals import TERMINATED, Terminated
-from cellseg.redact import redact_url
+from cellseg.redact import newlines_escaped, redact_url
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -38,6 +38,9 @@ def _needs_orchestration(command: str) -> None:
     extra = [name.strip() for name in os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "").split(",") if name.strip()]
     if "cellseg" not in extra:
         os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join([*extra, "cellseg"])
+    # A line logged outside any flow run (a check before the run) is said on stderr, without
+    # Prefect's UserWarning that it could not go to the API.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     try:
         import prefect  # noqa: F401
         import prefect_dask  # noqa: F401
@@ -102,9 +105,9 @@ def run_flow_segment(args: argparse.Namespace) -> int:
     if summary.get("montage"):
         print(f"montage: {redact_url(summary['montage'])}")
     for failure in summary["failed"]:
-        print(f"  failed: {failure['source_url']}: {failure['error']}")
+        print(newlines_escaped(f"  failed: {failure['source_url']}: {failure['error']}"))
     for warning in summary["warnings"]:
-        print(f"  warning: {warning['source_url']}: {warning['warning']}")
+        print(newlines_escaped(f"  warning: {warning['source_url']}: {warning['warning']}"))
     return batch_status(len(summary["failed"]))
 
 

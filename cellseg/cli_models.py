@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from cellseg.cli_output import fmt, print_cell_scores, print_metrics, progress
+from cellseg.cli_parser_base import SETTING, given
 from cellseg.cli_settings import command_settings
 from cellseg.json_values import dumps
 from cellseg.redact import redact_url
@@ -29,23 +30,35 @@ def run_train(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from cellseg.checkpoint import load_checkpoint
+    from cellseg.config import TrainConfig
     from cellseg.jobs import TrainJob, run_training
-    from cellseg.jobs_training import LAST_CHECKPOINT, check_run_dir, recorded_sources, resumed_job
+    from cellseg.jobs_training import (
+        LAST_CHECKPOINT,
+        MACHINE_FIELDS,
+        check_can_go_on,
+        check_run_dir,
+        given_over,
+        recorded_sources,
+    )
 
     settings = command_settings(args)
-    images, masks, last = args.images, args.masks, None
-    if args.resume:  # the run's own images, masks and settings where none are given (run_training does the same)
-        last = load_checkpoint(str(check_run_dir(args.out, resume=True, overwrite=False) / LAST_CHECKPOINT))
+    images, masks, training, epochs = args.images, args.masks, settings.training, settings.training.epochs
+    if args.resume:  # the run's own images, masks and settings, under the flags given (run_training merges them)
+        out = check_run_dir(args.out, resume=True, overwrite=False)
+        last = load_checkpoint(str(out / LAST_CHECKPOINT))
         if not (images and masks):
             recorded = recorded_sources(args.out)
             images, masks = images or recorded[0], masks or recorded[1]
+        # Only flags go over the run's settings: a settings file or variable is written for new runs
+        training = TrainConfig.model_validate(given(args, SETTING).get("training", {})).model_copy(
+            update={name: getattr(settings.training, name) for name in MACHINE_FIELDS})
+        epochs = given_over(last.train_config, training).epochs
+        check_can_go_on(last, given_over(last.train_config, training), out)
     elif not (images and masks):
         raise ValueError("--images and --masks are needed to start a run (only --resume takes the run's own)")
     job = TrainJob(images_url=images, masks_url=masks, registry_url=settings.registry_url,
-                   model=settings.model, training=settings.training, predict=settings.predict)
-    if last is not None:
-        job = resumed_job(job, last)  # for the bar's epochs
-    with progress("training", "epoch", total=job.training.epochs, leave=True) as bar, \
+                   model=settings.model, training=training, predict=settings.predict)
+    with progress("training", "epoch", total=epochs, leave=True) as bar, \
             logging_redirect_tqdm(loggers=[logging.getLogger()]):
         def advance(record: dict[str, float]) -> None:
             bar.update(int(record["epoch"]) - bar.n)

@@ -108,8 +108,9 @@ class CommandParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """argparse's error, which names a misspelt command's nearest (`predcit`: did you mean
         predict?) and a misspelt option that the missing required one hides (`--imgs`)."""
+        # Python 3.11 quotes the choices ('predict', 'train'); 3.12.8 and 3.13.1 on do not.
         if choice := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message):
-            choices = re.findall(r"'([^']*)'", choice[2])
+            choices = [name.strip().strip("'") for name in choice[2].split(",")]
             if close := difflib.get_close_matches(choice[1], choices, n=1):
                 message = f"{message} (did you mean {close[0]}?)"
         elif message.startswith("the following arguments are required") and (unknown := self._unknown_options()):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import posixpath
+from dataclasses import replace
 from math import prod
 from typing import Any
 
@@ -62,9 +63,28 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 def open_plane(url: str, selection: SelectionConfig, storage_options: StorageOptions = None) -> Plane:
     """The plane of `url` that `selection` chooses, opened lazily (see the module docstring for
-    the formats). A `<url>#t=N` time point overrides `selection.t`. Raises ImageReadError (one
-    line naming the file and, for a bad choice, the choices it has) and MissingReaderError when
-    the reader for the format is not installed."""
+    the formats), in a sample type the pipeline takes (`widened_plane`). A `<url>#t=N` time point
+    overrides `selection.t`. Raises ImageReadError (one line naming the file and, for a bad choice,
+    the choices it has) and MissingReaderError when the reader for the format is not installed."""
+    return widened_plane(_opened_plane(url, selection, storage_options))
+
+
+def widened_plane(plane: Plane) -> Plane:
+    """`plane` read as float32 where it holds float16, as float64 where it holds 64-bit integers
+    (a region read lazily cannot say whether every value fits 32 bits); as it is otherwise. The
+    block path's image copy and normalisation took neither."""
+    wider: np.dtype[Any]
+    if plane.dtype == np.float16:
+        wider = np.dtype(np.float32)
+    elif plane.dtype.kind in "iu" and plane.dtype.itemsize == 8:
+        wider = np.dtype(np.float64)
+    else:
+        return plane
+    read = plane.read_region
+    return replace(plane, dtype=wider, read_region=lambda rows, columns: read(rows, columns).astype(wider))
+
+
+def _opened_plane(url: str, selection: SelectionConfig, storage_options: StorageOptions = None) -> Plane:
     base, time_point = split_time_point(url)
     lower = base.rstrip("/").lower()
     if is_zarr_url(base):

@@ -133,9 +133,20 @@ def _samples_last(region: np.ndarray, axes: str) -> np.ndarray:
     return np.moveaxis(region, kept.index("S"), -1)[..., :3]
 
 
-# The most bytes one tile or strip of a TIFF read block by block may declare: each block read decodes
-# every segment it touches whole, so one 100000 x 100000 strip would take 10 GB, again for each block.
+# The most bytes one compressed tile or strip of a TIFF read block by block may declare: each block
+# read decodes every segment it touches whole, so one 100000 x 100000 deflate strip of 43 MB took
+# 10 GB, again for each block. An uncompressed strip takes no more than the file holds.
 LAZY_SEGMENT_BYTES = 256 * 2**20
+_UNCOMPRESSED = 1
+
+
+class OversizedSegment(ImageReadError):
+    """A TIFF too large to read whole whose compressed tiles or strips are too large to read block
+    by block; `shape` is its (H, W), so that the block path takes it and records this error."""
+
+    def __init__(self, message: str, shape: tuple[int, int]):
+        super().__init__(message)
+        self.shape = shape
 
 
 def _check_lazy_tiff(page: tifffile.TiffPage, url: str) -> None:
@@ -149,11 +160,12 @@ def _check_lazy_tiff(page: tifffile.TiffPage, url: str) -> None:
     if page.compression not in TIFF_COMPRESSIONS:
         raise ImageReadError(f"'{url}': TIFF compression {_tiff_name(page.compression)} is not supported")
     segment = prod(page.chunks) * page.dtype.itemsize
-    if segment > LAZY_SEGMENT_BYTES:
-        raise ImageReadError(
+    if segment > LAZY_SEGMENT_BYTES and page.compression != _UNCOMPRESSED:
+        raise OversizedSegment(
             f"'{url}': one tile or strip ({' x '.join(map(str, page.chunks))} {page.dtype} samples) takes {segment} "
             f"bytes, over the {LAZY_SEGMENT_BYTES // 2**20} MiB that an image read block by block may decode at once "
-            "(each block would decode it again): save it tiled, e.g. tifffile.imwrite(..., tile=(1024, 1024))")
+            "(each block would decode it again): save it tiled, e.g. tifffile.imwrite(..., tile=(1024, 1024))",
+            (page.imagelength, page.imagewidth))
 
 
 def _ome_metadata(tif: tifffile.TiffFile, url: str) -> tuple[list[str], tuple[float | None, float | None]]:

@@ -115,7 +115,6 @@ def run_training(
     last = load_checkpoint(str(out / LAST_CHECKPOINT)) if resume else None
     if last is not None:
         job = resumed_job(job, last)
-        check_can_go_on(last, job.training, out)
     if pairs is None:
         pairs = pair_images_and_masks(job.images_url, job.masks_url)
     model_config, training = job.model, job.training
@@ -156,17 +155,33 @@ def run_training(
     return TrainOutcome(result, dataset_hash, len(loaded_train), len(loaded_val), cells, pictures, start)
 
 
+# Where a run trains, not what it learns: a resumed run takes these from the job, never from the run
+# (a run begun with --device cuda:1 goes on on a machine with one GPU, or none).
+MACHINE_FIELDS = ("device", "loader_workers", "compile", "amp")
+
+
 def resumed_job(job: TrainJob, last: Checkpoint) -> TrainJob:
     """`job` as the run whose `last.pt` is `last` goes on: with the training settings the run began
-    with, under those `job` was given explicitly (pydantic's `model_fields_set`: a flag, the
-    environment or a settings file), so `cellseg train --resume` needs no settings again, and
-    `--epochs 80` trains an ended run longer. A job whose settings were all given (one read back
-    from JSON) keeps its own. The run's start (`init_from`) is its own whatever is given."""
+    with, under those `job` was given explicitly (pydantic's `model_fields_set`), so `cellseg train
+    --resume` needs no settings again and `--epochs 80` trains an ended run longer; MACHINE_FIELDS
+    are the job's. The CLI gives only its flags explicitly (a settings file or CELLSEG_* variable
+    written for new runs does not change a run begun before); a job whose settings were all given
+    (one read back from JSON) keeps its own. The run's start (`init_from`) is its own whatever is
+    given. The log names the settings taken from the run and those given that differ from it."""
     recorded, given = last.train_config, job.training
-    if restored := [name for name in _differing(recorded, given) if name not in given.model_fields_set | {"init_from"}]:
+    training = given_over(recorded, given).model_copy(update={name: getattr(given, name) for name in MACHINE_FIELDS})
+    kept_apart = {"init_from", *MACHINE_FIELDS}
+    differing = [name for name in _differing(recorded, given) if name not in kept_apart]
+    if restored := [name for name in differing if name not in given.model_fields_set]:
         logger.info("resuming with the training settings the run began with: %s",
                     ", ".join(f"{name} {_shown(getattr(recorded, name))}" for name in restored))
-    return job.model_copy(update={"training": given_over(recorded, given)})
+    if changed := [name for name in differing if name in given.model_fields_set]:
+        logger.info("resuming with training settings given over the run's: %s (the run's: %s)",
+                    ", ".join(f"{name} {_shown(getattr(given, name))}" for name in changed),
+                    ", ".join(f"{name} {_shown(getattr(recorded, name))}" for name in changed))
+    if "init_from" in given.model_fields_set and given.init_from not in (recorded.init_from, "auto"):
+        logger.info("init_from %s given, not used: a resumed run keeps the start it began from", given.init_from)
+    return job.model_copy(update={"training": training})
 
 
 def given_over(base: BaseModel, given: BaseModel) -> Any:
@@ -218,15 +233,21 @@ def recorded_sources(out_dir: str | Path) -> tuple[str, str]:
                              f"(runs of earlier versions record none); {give}") from None
     if not (isinstance(images, str) and isinstance(masks, str)) or any(MASK in url for url in (images, masks)):
         raise RunFolderError(f"'{manifest}' records the run's images and masks with their credentials masked; {give}")
+    for kind, url in (("images", images), ("masks", masks)):
+        if "://" not in url and not Path(url).is_dir():
+            raise RunFolderError(f"the run's {kind} folder '{url}', which '{manifest}' records, does not exist here "
+                                 f"(moved, or on another machine); {give}")
     return images, masks
 
 
-def kept_line(run_dir: str | Path) -> str:
+def kept_line(run_dir: str | Path, own_folder: bool = False) -> str:
     """What a training stopped before its end kept in `run_dir`, and how to go on from it; the epoch
-    is the one `last.pt` holds (history.json is written after it)."""
+    is the one `last.pt` holds (history.json is written after it). `own_folder`: the run made
+    `run_dir` for itself (a flow run's), so it may go when nothing was kept; a user's --out may
+    hold other things."""
     last = Path(run_dir) / LAST_CHECKPOINT
     if not last.is_file():
-        return f"it stopped before its first epoch ended, so nothing was kept ({run_dir} can go)"
+        return f"it stopped before its first epoch ended, so nothing was kept{f' ({run_dir} can go)' if own_folder else ''}"
     try:
         epoch = f"epoch {load_checkpoint(str(last)).epoch}"
     except (OSError, ValueError):
@@ -288,8 +309,9 @@ def check_apart_from_data(out: Path, job: TrainJob) -> None:
 
 
 def check_can_go_on(last: Checkpoint, training: TrainConfig, out: Path) -> None:
-    """Refuse to resume a run that has run all its epochs (it would train none); warn where it
-    stopped early or on its time budget, which end it again after one more epoch."""
+    """Refuse to resume a run that has run all its epochs (`cellseg train --resume`: it would train
+    none; `make nuclei-model` resumes such a run on purpose, to finish and install it); warn where
+    it stopped early or on its time budget, which end it again after one more epoch."""
     if last.epoch >= training.epochs:
         raise RunFolderError(f"the run in '{out}' has ended: its {LAST_CHECKPOINT} holds epoch {last.epoch} of "
                              f"{training.epochs}; resume with --epochs N (N above {last.epoch}) to train it longer")
@@ -315,13 +337,19 @@ def check_resumed_dataset(last: Checkpoint, out: Path, dataset_hash: str) -> Non
                              "run began with, or start afresh (--overwrite, or another folder)")
 
 
+def _recorded_folder(url: str) -> str:
+    """A folder URL as a run's manifest.json records it: a local path made absolute (a resume from
+    another working folder finds it), credentials masked."""
+    return redact_url(url) if "://" in url else str(Path(url).resolve())
+
+
 def _write_manifest(out: Path, job: TrainJob, loaded_train: list[LoadedPair], loaded_val: list[LoadedPair]) -> str:
     """manifest.json (the job's folders, the pairs' files and checksums) and split.json into `out`;
     returns the dataset hash."""
     dataset_hash = manifest_hash(loaded_train + loaded_val)
     entries = [pair.manifest_entry() for pair in loaded_train + loaded_val]
-    record = {"hash": dataset_hash, "images_url": redact_url(job.images_url), "masks_url": redact_url(job.masks_url),
-              "entries": entries}
+    record = {"hash": dataset_hash, "images_url": _recorded_folder(job.images_url),
+              "masks_url": _recorded_folder(job.masks_url), "entries": entries}
     (out / "manifest.json").write_text(json.dumps(record, indent=1))
     split = {"train": [pair.id for pair in loaded_train], "val": [pair.id for pair in loaded_val]}
     (out / "split.json").write_text(json.dumps(split, indent=1))

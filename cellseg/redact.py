@@ -90,6 +90,9 @@ def redact_url(url: str) -> str:
     `https://bob:********@host/x?sig=********`."""
     if "://" not in url:
         return url
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() in _BUCKET_SCHEMES and (found := _BUCKET_CREDENTIALS.match(rest)):
+        url = f"{scheme}://{found['user']}:{MASK}@{rest[found.end():]}"  # a secret with '/', '?' or '#' in it
     url = _AUTHORITY.sub(_masked_authority, url)
     start = url.find("://")
     query = min((index for index in (url.find("?", start), url.find("#", start)) if index >= 0), default=-1)
@@ -101,17 +104,21 @@ def redact_url(url: str) -> str:
 # Protocols whose URL's first part is the bucket (or container): credentials written before an '@'
 # there are read as part of its name, sent to the endpoint and echoed back in its errors.
 _BUCKET_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"})
+# USER:SECRET@ at the start: a user (an access key id) holds no '/', ':' or '@'; a secret may hold
+# '/', '+', '?' or '#' (AWS secret keys are base64). Neither a bucket's name nor Azure's
+# `container@account.dfs.core.windows.net` has a ':' before its '@'.
+_BUCKET_CREDENTIALS = re.compile(r"(?P<user>[^/:@?#]*):(?P<secret>[^@]*)@")
 
 
 def credentials_in_bucket_url(url: str) -> str | None:
     """Why `url` cannot be used when it is an object-store URL with credentials in it
-    (`s3://KEY:SECRET@bucket/x`), with them masked; None otherwise."""
+    (`s3://KEY:SECRET@bucket/x`), with the secret masked; None otherwise."""
     scheme, _, rest = url.partition("://")
-    if scheme.lower() not in _BUCKET_SCHEMES or "@" not in rest.split("/", 1)[0]:
+    if scheme.lower() not in _BUCKET_SCHEMES or not _BUCKET_CREDENTIALS.match(rest):
         return None
-    return (f"'{redact_url(url)}' has credentials in it, which {scheme}:// URLs do not take (they would be read "
-            "as part of the bucket's name): give them in the environment (AWS_ACCESS_KEY_ID, ...) or in the storage "
-            "settings (storage.s3.key and .secret), and the URL without them")
+    return (f"'{redact_url(url)}' has credentials in it, which {scheme}:// URLs do not take (they would be read as "
+            "part of the bucket's name): give them in the environment (for s3://, AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY) or in the storage settings (storage.<protocol>), and the URL without them")
 
 
 def redact_text(text: str) -> str:

@@ -29,26 +29,27 @@ def _read(array: zarr.Array) -> np.ndarray:
     return np.asarray(array[...])
 
 
-def _declared_shape_problem(shape: tuple[int, ...], path: str, record: dict[str, Any]) -> str | None:
+def _declared_shape_problem(shape: tuple[int, ...], chunks: int, path: str, record: dict[str, Any]) -> str | None:
     """Why an array's declared shape cannot be its image's (None when it may be; `verify` compares
     it exactly): a pixel array larger than the image's record says, a cell table of more rows than
-    the image has pixels. A zarr.json declaring 2**40 x 2**40 took zarr's walk over its chunks to a
-    MemoryError, and a cell table of 2**50 rows its read."""
+    the image has pixels, more than MAX_CHUNKS chunks (a record may lie as its arrays do). A
+    zarr.json declaring 2**40 x 2**40 took zarr's walk over its chunks to a MemoryError, and a cell
+    table of 2**50 rows its read."""
     image = record.get("shape")
-    if not (isinstance(image, list) and len(image) == 2 and all(isinstance(side, int) for side in image)):
-        return None  # the record's own problem, said where it is read
-    pixels = prod(image)
-    if path == CELL_TABLE:
-        if len(shape) != 2 or shape[0] > pixels or shape[1] > MAX_TABLE_COLUMNS:
+    if isinstance(image, list) and len(image) == 2 and all(isinstance(side, int) for side in image):
+        pixels = prod(image)
+        if path == CELL_TABLE and (len(shape) != 2 or shape[0] > pixels or shape[1] > MAX_TABLE_COLUMNS):
             return (f"declares shape {list(shape)}, not that of a cell table of an image of {pixels} pixels (at most "
                     f"one row per pixel, {MAX_TABLE_COLUMNS} columns)")
-        return None
-    if prod(shape) > MAX_PLANES * pixels:
-        return f"declares shape {list(shape)}, larger than its image's {image}"
+        if path != CELL_TABLE and prod(shape) > MAX_PLANES * pixels:
+            return f"declares shape {list(shape)}, larger than its image's {image}"
+    if chunks > MAX_CHUNKS:
+        return f"declares {chunks} chunks, over the {MAX_CHUNKS} an image's array may have"
     return None
 
 
 MAX_TABLE_COLUMNS = 4096  # the cell table has some 20; a zarr.json may declare anything
+MAX_CHUNKS = 2**24  # a 100,000-pixel-square image in chunks of 1024 has some 10,000
 MAX_PLANES = 4  # an image copy's channels beside height and width (RGB(A)); the other arrays have none
 
 
@@ -75,7 +76,7 @@ class StoreArrays(StoreRecords):
             if recorded or path == MASK_PATH:
                 raise DamagedImage(self.url, image_id, f"its {what} '{image_id}/{path}' is missing")
             return None
-        if problem := _declared_shape_problem(node.shape, path, record):  # before zarr walks its chunk grid
+        if problem := _declared_shape_problem(node.shape, node.nchunks, path, record):  # before zarr walks its chunk grid
             raise DamagedImage(self.url, image_id, f"its {what} '{image_id}/{path}' {problem}")
         if recorded and (missing := node.nchunks - node.nchunks_initialized):
             raise DamagedImage(self.url, image_id,

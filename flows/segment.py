@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -67,14 +68,14 @@ def plan_shards(job: SegmentJob) -> SegmentPlan:
 
 
 @task(name="segment-shard", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_bad_input)
-def segment_one_shard(shard: Shard, job: SegmentJob) -> dict[str, Any]:
+def segment_one_shard(shard: Shard, job: SegmentJob, stop_key: str = "") -> dict[str, Any]:
     """Segment one shard; the model is loaded once per worker process and reused across shards.
-    Images done by an earlier attempt are skipped; bad images are recorded and the shard goes on."""
+    Images done by an earlier attempt are skipped; bad images are recorded and the shard goes on.
+    `stop_key` names the stop of the shards' run (`segment_shards`)."""
     configure_storage()
     with gpu_slot(resolve_device(job.predict.device).type == "cuda"):
-        key = str(flow_run.get_id())
         # In this process the run's threading.Event; on a Dask worker the run's event on the scheduler
-        stop = stop_event(key) or (ClusterStop(key) if job.dask_address else None)
+        stop = stop_event(stop_key) or (ClusterStop(stop_key) if job.dask_address and stop_key else None)
         report = segment_shard(job, shard, beside_others=True, stop=stop)
     return _shard_result(report)
 
@@ -202,12 +203,14 @@ def segment_shards(shards: list[Shard], job: SegmentJob, runner: TaskRunner, gpu
     # Interrupted (Ctrl-C, a cancellation), the shards in this process's threads end after writing
     # what they have predicted, before the runner waits for them; those on Dask workers likewise,
     # within a second or so, told through the scheduler.
-    key = str(flow_run.get_id())
+    # One key per call: a flow run retried on the same Dask scheduler keeps its id, and must not
+    # find the stop its earlier attempt left set there.
+    key = f"{flow_run.get_id()}-{uuid.uuid4().hex[:12]}"
     try:
         with runner:
             with stopped_when_left_by_an_error(key), \
                     shards_on_cluster_stopped_when_left_by_an_error(job.dask_address, key):
-                futures = runner.map(shard_task, {"shard": shards, "job": unmapped(job)})
+                futures = runner.map(shard_task, {"shard": shards, "job": unmapped(job), "stop_key": unmapped(key)})
                 _follow(futures, {future.task_run_id: len(shard) for future, shard in zip(futures, shards, strict=True)},
                         images, on_first_shard)
             results: list[dict[str, Any]] = []  # read before the runner closes: a Dask client's futures end with it

@@ -496,8 +496,10 @@ def test_a_zarr_group_whose_metadata_names_a_plate_is_a_plate_when_listed_and_wh
         read_source(str(tmp_path / "src" / "broken.zarr"), SelectionConfig())
 
 
-def _tiff_of_one_page(path: Path, height: int, width: int, rows_per_strip: int, strips: list[bytes]) -> Path:
-    """A deflate-compressed uint8 TIFF written byte by byte: a header may declare what its data is not."""
+def _tiff_of_one_page(path: Path, height: int, width: int, rows_per_strip: int, strips: list[bytes],
+                      compression: int = 8) -> Path:
+    """A uint8 TIFF (deflate-compressed by default) written byte by byte: a header may declare what
+    its data is not."""
     import struct
 
     offsets, position = [], 8 + 2 + 12 * 9 + 4 + 8 * len(strips) * 2
@@ -505,7 +507,7 @@ def _tiff_of_one_page(path: Path, height: int, width: int, rows_per_strip: int, 
         offsets.append(position)
         position += len(strip)
     arrays = 8 + 2 + 12 * 9 + 4
-    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 8), (262, 3, 1, 1),
+    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, compression), (262, 3, 1, 1),
             (273, 4, len(strips), offsets[0] if len(strips) == 1 else arrays), (277, 3, 1, 1),
             (278, 4, 1, rows_per_strip),
             (279, 4, len(strips), len(strips[0]) if len(strips) == 1 else arrays + 4 * len(strips))]
@@ -528,6 +530,21 @@ def test_a_tiff_read_block_by_block_is_refused_for_a_huge_strip_and_a_strip_of_a
                                              r"takes 10000000000 bytes, over the 256 MiB"):
         open_plane(str(huge), SelectionConfig())
 
+    # An uncompressed strip takes what the file holds, not what a header claims: such TIFFs (ImageJ's)
+    # still go block by block
+    flat = _tiff_of_one_page(tmp_path / "flat.tif", 20_000, 20_000, 20_000, [b"\x00" * 1000], compression=1)
+    assert open_plane(str(flat), SelectionConfig()).shape == (20_000, 20_000)
+    # Too large to read whole as well: the block path takes it, and says why it cannot
+    source = tmp_path / "source"
+    source.mkdir()
+    huge.rename(source / "huge.tif")
+    run = subprocess.run([str(Path(sys.executable).parent / "cellseg"), "predict", "--model-version", "general",
+                          "--images", str(source), "--out", str(tmp_path / "r.zarr")], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert run.returncode == 3 and "Traceback" not in run.stderr, run.stderr
+    assert "huge.tif': one tile or strip (100000 x 100000 uint8 samples)" in run.stdout
+    assert "save it tiled" in run.stdout
+
     short = zlib.compress(b"\x07" * 100)  # each strip declares 1000 x 20000 bytes
     lying = _tiff_of_one_page(tmp_path / "lying.tif", 20_000, 20_000, 1000, [short] * 20)
     plane = open_plane(str(lying), SelectionConfig())
@@ -536,7 +553,7 @@ def test_a_tiff_read_block_by_block_is_refused_for_a_huge_strip_and_a_strip_of_a
 
 
 def test_float16_and_64_bit_integer_tiffs_segment_as_their_wider_or_narrower_twins(tmp_path, synthetic_dataset,
-                                                                                   predictor):
+                                                                                   predictor, tiny_checkpoint):
     """A float16 TIFF failed with 'NotImplementedError: float16' (OpenCV's normalisation), an int64
     one with zarr's 'No Zarr data type found' (the image copy), neither naming a problem of the file."""
     nuclei = read_image(str(synthetic_dataset / "images" / "synth_0000.png"))
@@ -555,3 +572,17 @@ def test_float16_and_64_bit_integer_tiffs_segment_as_their_wider_or_narrower_twi
     assert not report.failed and len(report.done) == 6
     for name in twins:
         np.testing.assert_array_equal(store.read_mask(name), store.read_mask(f"{name}_twin"))
+
+    # Block by block (read region by region, with no whole image to narrow): float16 as float32, and
+    # 64-bit integers as float64, into the image copy too
+    from cellseg.config import BlockConfig
+
+    blockwise = predictor.config.model_copy(update={"blocks": BlockConfig(above_pixels=1000, block_size=128)})
+    job = SegmentJob(source_url=str(source), store_url=str(tmp_path / "blocks.zarr"),
+                     checkpoint_url=str(tiny_checkpoint), predict=blockwise)
+    report = run_segmentation(job)
+    assert not report.failed and len(report.done) == 6, report.failed
+    blocks = ResultStore.open(job.store_url, mode="r")
+    assert blocks.record("half")["blocks"]["count"] >= 1
+    for name in twins:
+        np.testing.assert_array_equal(blocks.read_mask(name), blocks.read_mask(f"{name}_twin"))

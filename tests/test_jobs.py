@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -128,24 +129,37 @@ def test_resume_goes_on_with_the_runs_training_settings_and_images_under_those_g
     run = tmp_path / "run"
     began = QUICK.model_copy(update={"epochs": 1, "patch_size": 48, "learning_rate": 5e-4,
                                        "augmentation": QUICK.augmentation.model_copy(update={"noise_std": 0.07})})
-    run_training(job.model_copy(update={"training": began}), run)
-    assert recorded_sources(run) == (job.images_url, job.masks_url)
+    relative = job.model_copy(update={"training": began, "images_url": os.path.relpath(job.images_url),
+                                      "masks_url": os.path.relpath(job.masks_url)})
+    run_training(relative, run)
+    assert recorded_sources(run) == (job.images_url, job.masks_url)  # absolute: a resume from elsewhere finds them
 
     with caplog.at_level("INFO", logger="cellseg.jobs"):
         assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--quiet"]) == 0
     kept = load_checkpoint(str(run / "last.pt"))
     assert kept.epoch == 2 and kept.model_config == SMALL
-    assert kept.train_config == began.model_copy(update={"epochs": 2, "init_from": None})  # the run's, under --epochs
+    # The run's settings under --epochs; where it runs (device) is this command's
+    assert kept.train_config == began.model_copy(update={"epochs": 2, "init_from": None, "device": "auto"})
     assert kept.train_config.augmentation.noise_std == 0.07
     assert any(message.startswith("resuming with the training settings the run began with: ") and
                "learning_rate 0.0005" in message and "patch_size 48" in message and "epochs" not in message
                for message in caplog.messages), caplog.messages
 
+    # A settings file written for new runs does not change the run (it went on with 256-pixel crops)
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("training:\n  patch_size: 256\n  learning_rate: 0.01\n  device: cpu\n")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="cellseg.jobs"):
+        assert main(["train", "--config", str(settings), "--resume", "--out", str(run), "--epochs", "3", "--quiet"]) == 0
+    kept = load_checkpoint(str(run / "last.pt"))
+    assert kept.epoch == 3 and (kept.train_config.patch_size, kept.train_config.learning_rate) == (48, 5e-4)
+    assert "resuming with training settings given over the run's: epochs 3 (the run's: epochs 2)" in caplog.messages
+
     # Settings given explicitly (here a nested one) go over the run's; the rest stay the run's.
-    given = TrainConfig(epochs=3, augmentation={"noise_std": 0.01})
+    given = TrainConfig(epochs=4, augmentation={"noise_std": 0.01})
     resumed = run_training(job.model_copy(update={"training": given}), run, resume=True)
     kept = load_checkpoint(str(run / "last.pt")).train_config
-    assert len(resumed.result.history) == 3 and (kept.patch_size, kept.learning_rate) == (48, 5e-4)
+    assert len(resumed.result.history) == 4 and (kept.patch_size, kept.learning_rate) == (48, 5e-4)
     assert kept.augmentation == began.augmentation.model_copy(update={"noise_std": 0.01})
 
 
@@ -162,6 +176,10 @@ def test_resume_without_images_names_what_is_missing_from_the_run(trained, tmp_p
     with pytest.raises(RunFolderError, match=r"records the run's images and masks with their credentials masked; "
                                              r"give the run's --images and --masks"):
         recorded_sources(run)
+    (run / "manifest.json").write_text(json.dumps({**manifest, "images_url": str(tmp_path / "moved")}))
+    with pytest.raises(RunFolderError, match=r"the run's images folder '.*moved', which '.*manifest.json' records, "
+                                             r"does not exist here \(moved, or on another machine\); give the run's"):
+        recorded_sources(run)
     del manifest["masks_url"]  # a run of an earlier version
     (run / "manifest.json").write_text(json.dumps(manifest))
     assert main(["train", "--resume", "--out", str(run), "--epochs", "2"]) == 2
@@ -170,7 +188,8 @@ def test_resume_without_images_names_what_is_missing_from_the_run(trained, tmp_p
                  job.masks_url, "--quiet"]) == 0
 
 
-def test_a_run_folder_is_refused_in_a_store_or_around_its_own_data_and_an_ended_run_is_not_resumed(trained, tmp_path):
+def test_a_run_folder_is_refused_in_a_store_or_around_its_own_data_and_an_ended_run_is_not_resumed(trained, tmp_path,
+                                                                                                      capsys):
     """A run's files inside a results store read back there as broken images; around its own data
     (`--out data` for data/images) its pictures were later segmented as cell images; and a run that
     had run all its epochs, resumed, loaded its data to train none."""
@@ -186,16 +205,21 @@ def test_a_run_folder_is_refused_in_a_store_or_around_its_own_data_and_an_ended_
 
     run = tmp_path / "run"
     run_training(job.model_copy(update={"training": QUICK.model_copy(update={"epochs": 1})}), run)
-    with pytest.raises(RunFolderError, match=r"the run in '.*run' has ended: its last.pt holds epoch 1 of 1; resume "
-                                             r"with --epochs N \(N above 1\) to train it longer"):
-        run_training(job.model_copy(update={"training": TrainConfig()}), run, resume=True)
+    from cellseg.cli import main
+
+    assert main(["train", "--resume", "--out", str(run)]) == 2
+    assert (f"the run in '{run}' has ended: its last.pt holds epoch 1 of 1; resume with --epochs N (N above 1) to "
+            "train it longer") in capsys.readouterr().err
+    # The library goes on to finish it (`make nuclei-model` resumes an ended run to install it)
+    assert len(run_training(job.model_copy(update={"training": TrainConfig()}), run, resume=True).result.history) == 1
 
 
 def test_the_kept_line_names_the_epoch_last_pt_holds_whatever_history_json_says(trained, tmp_path):
     """history.json is written after last.pt: read between the two, it named the epoch before."""
     job, _, _ = trained
     run = tmp_path / "run"
-    assert kept_line(run) == f"it stopped before its first epoch ended, so nothing was kept ({run} can go)"
+    assert kept_line(run) == "it stopped before its first epoch ended, so nothing was kept"  # a user's --out stays
+    assert kept_line(run, own_folder=True).endswith(f"nothing was kept ({run} can go)")
     run_training(job.model_copy(update={"training": QUICK.model_copy(update={"epochs": 2})}), run)
     history = json.loads((run / "history.json").read_text())
     (run / "history.json").write_text(json.dumps(history[:1]))

@@ -156,6 +156,14 @@ def test_an_object_store_url_with_credentials_in_it_is_refused_in_one_line_witho
         "cellseg results: error: 's3://Bad_Bucket!/r.zarr': Invalid bucket name \"Bad_Bucket!\": a bucket's name "
         "holds only letters, digits, '.', '-' and '_'"]
     assert credentials_in_bucket_url("https://user:pw@host/x") is None  # a web server's basic login is its own
+    # AWS secret keys hold '/' and '+'; a '?' or '#' cut redact_url's view of the URL short
+    for secret in ("abc/def+ghi", "p?w", "p#w"):
+        url = f"s3://AKIA:{secret}@bucket/x"
+        assert redact_url(url) == "s3://AKIA:********@bucket/x" and secret not in redact_text(f"at {url} now")
+        run = cellseg("results", url, check=False)
+        assert run.returncode == 2 and secret not in run.stderr and "has credentials in it" in run.stderr, run.stderr
+    for name in ("abfs://container@account.dfs.core.windows.net/p", "s3://bucket/a:b@c.png"):
+        assert credentials_in_bucket_url(name) is None  # Azure's container@account; a key holding ':' and '@'
 
 
 def test_a_settings_error_about_a_field_named_like_a_secret_keeps_its_problem(tmp_path):

@@ -326,9 +326,16 @@ def test_metadata_declaring_huge_arrays_or_nested_without_end_is_damage_not_a_cr
         meta["shape"] = shape
         (root / path / "zarr.json").write_text(json.dumps(meta))
     problems = _problems(verify_store(store.url, read_data=True))
-    assert set(problems) == {"a", "b"}
+    assert set(problems) == {"a", "b"}, problems
     assert f"its cell labels 'a/labels/cells/0' declares shape {[2**40, 2**40]}, larger than its image's" in problems["a"]
     assert f"its cell table 'b/tables/cells' declares shape {[2**50, 2]}, not that of a cell table" in problems["b"]
+    # A record that lies as its array does: the chunks zarr would walk are bounded all the same
+    meta = json.loads((root / "c/zarr.json").read_text())
+    meta["attributes"]["cellseg"]["shape"] = [2**40, 2**40]
+    (root / "c/zarr.json").write_text(json.dumps(meta))
+    labels = json.loads((root / "c/labels/cells/0/zarr.json").read_text())
+    (root / "c/labels/cells/0/zarr.json").write_text(json.dumps({**labels, "shape": [2**40, 2**40]}))
+    assert "chunks, over the 16777216 an image's array may have" in _problems(verify_store(store.url))["c"]
     exported = cellseg("export", store.url, "--out", str(root.parent / "cells.csv"), check=False)
     assert exported.returncode == 3 and "Traceback" not in exported.stderr, exported.stderr
 

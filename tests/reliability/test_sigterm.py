@@ -148,8 +148,8 @@ def test_sigterm_to_flow_train_unet_says_where_its_last_epoch_is_kept(synthetic_
     _, stderr = run.communicate(timeout=120)
 
     assert run.returncode == 143, stderr
-    assert ("cellseg flow train-unet: stopped by SIGTERM; the flow's line above says what its run kept and how to "
-            "go on from it") in stderr.splitlines(), stderr
+    assert ("cellseg flow train-unet: stopped by SIGTERM; once its training had begun, the flow's line above says "
+            "what its run kept and how to go on from it") in stderr.splitlines(), stderr
     (last,) = (tmp_path / "work").rglob("last.pt")
     epoch = load_checkpoint(str(last)).epoch  # the one last.pt holds, though history.json may not have it yet
     assert f"{last} holds epoch {epoch}: `cellseg train --resume --out {last.parent}` goes on from it" in stderr, stderr
