@@ -119,14 +119,14 @@ def run_export(args: argparse.Namespace) -> int:
         raise ValueError("--group-by well groups the per-image statistics: add --table images")
     store = ResultStore.open(args.store, mode="r")
     unit = "cell" if args.table == "cells" else "well" if args.group_by else "image"
-    if named is not None and named != args.format:
-        logging.getLogger("cellseg").warning("writing %s into '%s', whose name says otherwise", args.format,
-                                             redact_url(args.out))
-    elif named is None and given is None:  # cells.xlsx, cells.tsv: a table a spreadsheet would misread
-        logging.getLogger("cellseg").warning("writing csv into '%s': a table is written as csv (a name ending in "
-                                             ".csv) or parquet (.parquet, or --format parquet)", redact_url(args.out))
 
     def rows() -> Iterator[dict[str, Any]]:  # read only once write_table has accepted the target
+        if named is not None and named != args.format:
+            logging.getLogger("cellseg").warning("writing %s into '%s', whose name says otherwise", args.format,
+                                                 redact_url(args.out))
+        elif named is None and given is None and suffix:  # cells.xlsx, cells.tsv: a table a spreadsheet would misread
+            logging.getLogger("cellseg").warning("writing csv into '%s': a table is written as csv (a name ending in "
+                                                 ".csv) or parquet (.parquet, or --format parquet)", redact_url(args.out))
         if args.group_by:
             statistics = list(store.statistics(read_cell_tables=True))
             wells = by_well(statistics)

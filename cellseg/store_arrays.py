@@ -38,9 +38,10 @@ def _declared_shape_problem(shape: tuple[int, ...], chunks: int, path: str, reco
     image = record.get("shape")
     if isinstance(image, list) and len(image) == 2 and all(isinstance(side, int) for side in image):
         pixels = prod(image)
-        if path == CELL_TABLE and (len(shape) != 2 or shape[0] > pixels or shape[1] > MAX_TABLE_COLUMNS):
+        rows = max(pixels, MIN_TABLE_ROWS_ALLOWED)
+        if path == CELL_TABLE and (len(shape) != 2 or shape[0] > rows or shape[1] > MAX_TABLE_COLUMNS):
             return (f"declares shape {list(shape)}, not that of a cell table of an image of {pixels} pixels (at most "
-                    f"one row per pixel, {MAX_TABLE_COLUMNS} columns)")
+                    f"{rows} rows and {MAX_TABLE_COLUMNS} columns)")
         if path != CELL_TABLE and prod(shape) > MAX_PLANES * pixels:
             return f"declares shape {list(shape)}, larger than its image's {image}"
     if chunks > MAX_CHUNKS:
@@ -48,7 +49,8 @@ def _declared_shape_problem(shape: tuple[int, ...], chunks: int, path: str, reco
     return None
 
 
-MAX_TABLE_COLUMNS = 4096  # the cell table has some 20; a zarr.json may declare anything
+MAX_TABLE_COLUMNS = 256  # the cell table has some 20; a zarr.json may declare anything
+MIN_TABLE_ROWS_ALLOWED = 2**20  # rows a table may have whatever its image's size (a cell per pixel bounds the rest)
 MAX_CHUNKS = 2**24  # a 100,000-pixel-square image in chunks of 1024 has some 10,000
 MAX_PLANES = 4  # an image copy's channels beside height and width (RGB(A)); the other arrays have none
 

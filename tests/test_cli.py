@@ -594,6 +594,9 @@ def test_ctrl_c_stops_a_flow_on_its_temporary_server_in_seconds_with_status_130(
     assert any("prefect.server.api.server:create_app" in " ".join(server.cmdline()) for server in servers)
     os.killpg(run.pid, signal.SIGINT)  # Ctrl-C: to the whole process group
     interrupted = time.monotonic()
+    # At most this many were done at the signal (a test process starved on a loaded CI machine sends
+    # it late: once, when 1988 of the 2000 were done)
+    written_at_signal = len(list(tmp_path.glob("r.zarr/img_*/zarr.json")))
     _, stderr = run.communicate(timeout=240)
     stopped_after = time.monotonic() - interrupted
     assert run.returncode == 130, stderr
@@ -606,9 +609,10 @@ def test_ctrl_c_stops_a_flow_on_its_temporary_server_in_seconds_with_status_130(
             "again to segment the rest") in stderr.splitlines() and "Traceback" not in stderr
     psutil.wait_procs(servers, timeout=30)
     assert not [server.pid for server in servers if server.is_running() and server.status() != psutil.STATUS_ZOMBIE]
-    # The two shards of 1000 ended after writing what they had predicted, not at their last image.
+    # The two shards of 1000 ended after writing what they had predicted, not at their last image:
+    # a few calls' worth after the signal, however late it came
     done = ResultStore.open(str(tmp_path / "r.zarr"), mode="r").statistics()
-    assert 1 <= len(done) < 1500, len(done)
+    assert 1 <= len(done) <= written_at_signal + 200, (len(done), written_at_signal, stopped_after)
     from cellseg.verify import verify_store
 
     assert verify_store(str(tmp_path / "r.zarr"), read_data=True).broken == []
