@@ -150,12 +150,12 @@ def _suggesting_a_shipped_model(version: str | None) -> Iterator[None]:
     """A RegistryError of an unknown `version` raised again with the shipped model its name looks
     like a misspelling of (`nucleus`: did you mean the shipped model 'nuclei'?), where one is."""
     from cellseg.bundled import SHIPPED_MODELS
-    from cellseg.registry import RegistryError, RegistryMissing
+    from cellseg.registry import CURRENT, REGISTERED_NAME, RegistryError, RegistryMissing
 
     try:
         yield
     except RegistryMissing as error:  # `models show foo` with no registry: foo may have meant a shipped model
-        if not version:
+        if not version or version == CURRENT or REGISTERED_NAME.fullmatch(version):
             raise
         close = difflib.get_close_matches(version, SHIPPED_MODELS, n=1, cutoff=0.6)
         hint = f"did you mean the shipped model '{close[0]}'?" if close else \

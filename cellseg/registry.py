@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 CURRENT = "current"
 # What a version may be called: one path component, never '.', '..' or a path out of the registry.
 VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+REGISTERED_NAME = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{8}(-[0-9]+)?")  # the names `register` gives (module docstring)
 # What a training run leaves beside its checkpoint that the registry keeps with the version: the
 # names cellseg.train (HISTORY_FILE) and cellseg.report (CURVES_FILE, GALLERY_FILE) write.
 RUN_FILES = ("history.json", "training_curves.png", "validation_gallery.png")

@@ -8,6 +8,7 @@ flow adds parallelism, retries, GPU slots and artifacts."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import time
@@ -17,7 +18,7 @@ from typing import Any, cast
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
-from prefect.futures import PrefectFuture, as_completed, wait
+from prefect.futures import PrefectConcurrentFuture, PrefectFuture, as_completed, wait
 from prefect.runtime import flow_run
 from prefect.states import Completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -41,7 +42,13 @@ from cellseg.flows.dask_checks import check_dask_workers, lost_scheduler_error
 from cellseg.flows.dask_stop import ClusterStop, shards_on_cluster_stopped_when_left_by_an_error
 from cellseg.jobs import SegmentJob
 from cellseg.jobs_plan import SegmentPlan, Shard, model_source, pin_model, plan_segmentation
-from cellseg.jobs_shards import forget_stop_event, segment_shard, stop_event, stopped_when_left_by_an_error
+from cellseg.jobs_shards import (
+    STOP_GRACE,
+    forget_stop_event,
+    segment_shard,
+    stop_event,
+    stopped_when_left_by_an_error,
+)
 from cellseg.large_image import LargeImage, with_block_threads
 from cellseg.pictures import picture_markdown
 from cellseg.redact import redact_url
@@ -208,11 +215,18 @@ def segment_shards(shards: list[Shard], job: SegmentJob, runner: TaskRunner, gpu
     key = f"{flow_run.get_id()}-{uuid.uuid4().hex[:12]}"
     try:
         with runner:
-            with stopped_when_left_by_an_error(key), \
-                    shards_on_cluster_stopped_when_left_by_an_error(job.dask_address, key):
-                futures = runner.map(shard_task, {"shard": shards, "job": unmapped(job), "stop_key": unmapped(key)})
-                _follow(futures, {future.task_run_id: len(shard) for future, shard in zip(futures, shards, strict=True)},
-                        images, on_first_shard)
+            futures: list[PrefectFuture[Any]] = []
+            try:
+                with stopped_when_left_by_an_error(key), \
+                        shards_on_cluster_stopped_when_left_by_an_error(job.dask_address, key):
+                    futures = list(runner.map(shard_task, {"shard": shards, "job": unmapped(job),
+                                                           "stop_key": unmapped(key)}))
+                    _follow(futures, {future.task_run_id: len(shard) for future, shard in zip(futures, shards,
+                                                                                                strict=True)},
+                            images, on_first_shard)
+            except BaseException:
+                _let_running_shards_end(futures)
+                raise
             results: list[dict[str, Any]] = []  # read before the runner closes: a Dask client's futures end with it
             stopped: list[StoppedWriting] = []
             for future in futures:
@@ -225,6 +239,16 @@ def segment_shards(shards: list[Shard], job: SegmentJob, runner: TaskRunner, gpu
             return results
     finally:  # the runner has waited for its threads: no shard of this run can look its event up now
         forget_stop_event(key)
+
+
+def _let_running_shards_end(futures: Sequence[PrefectFuture[Any]]) -> None:
+    """On a stop: the shards not started on this process's threads never start, and those running,
+    told to stop, end after writing what they have predicted, before the runner exits. The
+    runner's own exit cancels every task run it holds, and one caught starting logged "Crash
+    detected! ... Task run cancelled by the task runner" at ERROR level for a plain cancel."""
+    local = [future.wrapped_future for future in futures if isinstance(future, PrefectConcurrentFuture)]
+    running = [future for future in local if not future.cancel()]
+    concurrent.futures.wait(running, timeout=STOP_GRACE)
 
 
 def _follow(futures: Sequence[PrefectFuture[Any]], shard_sizes: dict[Any, int], images: int,

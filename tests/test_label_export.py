@@ -196,7 +196,8 @@ def test_an_array_whose_shape_is_not_its_record_s_is_left_out_as_damaged(tmp_pat
                       dtype="int32", fill_value=0, overwrite=True, config={"write_empty_chunks": True})[:] = 0
     exported = export_labels(store, str(tmp_path / "labels"), file_format="png", whole_image_pixels=2000)
     assert exported.written == ["a_cells.png"]
-    assert store.damaged == {"b": "its cells array is 4000x4000, its record says 32x32"}
+    assert store.damaged == {"b": "its cell labels 'b/labels/cells/0' declares shape [4000, 4000], larger than its "
+                                  "image's [32, 32]"}
     assert os.listdir(tmp_path / "labels") == ["a_cells.png"]
 
 
