@@ -47,13 +47,14 @@ def run_train(args: argparse.Namespace) -> int:
         out = check_run_dir(args.out, resume=True, overwrite=False)
         last = load_checkpoint(str(out / LAST_CHECKPOINT))
         if not (images and masks):
-            recorded = recorded_sources(args.out)
+            recorded = recorded_sources(out)
             images, masks = images or recorded[0], masks or recorded[1]
         # Only flags go over the run's settings: a settings file or variable is written for new runs
         training = TrainConfig.model_validate(given(args, SETTING).get("training", {})).model_copy(
             update={name: getattr(settings.training, name) for name in MACHINE_FIELDS})
-        epochs = given_over(last.train_config, training).epochs
-        check_can_go_on(last, given_over(last.train_config, training), out)
+        resumed = given_over(last.train_config, training)
+        check_can_go_on(last, resumed, out)
+        epochs = resumed.epochs
     elif not (images and masks):
         raise ValueError("--images and --masks are needed to start a run (only --resume takes the run's own)")
     job = TrainJob(images_url=images, masks_url=masks, registry_url=settings.registry_url,
@@ -154,14 +155,13 @@ def _suggesting_a_shipped_model(version: str | None) -> Iterator[None]:
 
     try:
         yield
-    except RegistryMissing as error:  # `models show foo` with no registry: foo may have meant a shipped model
-        if not version or version == CURRENT or REGISTERED_NAME.fullmatch(version):
-            raise
-        close = difflib.get_close_matches(version, SHIPPED_MODELS, n=1, cutoff=0.6)
-        hint = f"did you mean the shipped model '{close[0]}'?" if close else \
-            f"'{version}' is no shipped model either ({', '.join(SHIPPED_MODELS)})"
-        raise RegistryMissing(f"{error}; {hint}") from error
     except RegistryError as error:
+        missing = isinstance(error, RegistryMissing)
         if version and (close := difflib.get_close_matches(version, SHIPPED_MODELS, n=1, cutoff=0.6)):
-            raise RegistryError(f"{error}; did you mean the shipped model '{close[0]}'?") from error
-        raise
+            hint = f"did you mean the shipped model '{close[0]}'?"
+        elif missing and version and version != CURRENT and not REGISTERED_NAME.fullmatch(version):
+            # `models show foo` with no registry: foo may have meant a shipped model
+            hint = f"'{version}' is no shipped model either ({', '.join(SHIPPED_MODELS)})"
+        else:
+            raise
+        raise (RegistryMissing if missing else RegistryError)(f"{error}; {hint}") from error

@@ -270,8 +270,8 @@ def check_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"training folder '{out}' is an existing file, not a folder")
-    if store := enclosing_zarr_store(LocalFileSystem(), str(out.resolve() / BEST_CHECKPOINT)):
-        where = "is" if store == str(out.resolve()) else "is inside"
+    if store := enclosing_zarr_store(LocalFileSystem(), str((absolute := out.resolve()) / BEST_CHECKPOINT)):
+        where = "is" if store == str(absolute) else "is inside"
         raise RunFolderError(f"training folder '{out}' {where} the zarr store '{store}', which its files would "
                              "damage (read back as broken images); choose a folder outside it")
     if images := sorted(path.name for path in out.glob("*") if path.suffix.lower() in IMAGE_SUFFIXES + MICROSCOPY_FILE_SUFFIXES
