@@ -151,7 +151,10 @@ def list_image_entries(url: str, storage_options: StorageOptions = None, microsc
                                    redact_url(url), kind)
                     return []
                 named = "file" if posixpath.basename(root).lower().endswith(suffixes) else "folder"
-                raise FileNotFoundError(f"{kind} {named} '{url}' does not exist")
+                if fs.exists(root):  # a named pipe, socket or device: reading it could wait for ever
+                    raise ValueError(f"{kind} {named} '{redact_url(url)}' is not a regular file (a pipe, socket or "
+                                     "device): name a folder of images or one image file")
+                raise FileNotFoundError(f"{kind} {named} '{redact_url(url)}' does not exist")
             if not posixpath.basename(root).lower().endswith(suffixes):
                 raise FileNotFoundError(f"'{url}' is a file without an image suffix ({' '.join(suffixes)}): name a "
                                         "folder of images or one image file")
@@ -165,6 +168,9 @@ def list_image_entries(url: str, storage_options: StorageOptions = None, microsc
     if walk.hidden:
         logger.warning("skipping %d hidden file(s) under '%s', not images: %s", len(walk.hidden), redact_url(url),
                        _some(walk.hidden))
+    if walk.special:
+        logger.warning("skipping %d entry(ies) under '%s' named like images but not regular files (pipes, sockets, "
+                       "devices): %s", len(walk.special), redact_url(url), _some(walk.special))
     if walk.ignored:
         logger.warning("ignoring %d file(s) under '%s' without an image suffix (%s): %s",
                        len(walk.ignored), redact_url(url), " ".join(suffixes), _some(walk.ignored))
@@ -192,6 +198,7 @@ class _Walk:
     entries: list[FileEntry] = field(default_factory=list)
     hidden: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    special: list[str] = field(default_factory=list)  # named like images, neither files nor folders
     folders: list[tuple[str, str, dict]] = field(default_factory=list)  # (relative path, URL, listing entry)
 
     def add(self, listing: list[dict], url: str, prefix: str) -> None:
@@ -215,6 +222,8 @@ class _Walk:
                 continue
             if entry.get("type") == "file" or listed.get("islink"):  # a link to nothing fails when read, naming it
                 self.entries.append(_file_entry(join_url(url, name), entry))
+            else:
+                self.special.append(prefix + name)
 
 
 def _walk_subfolders(fs: fsspec.AbstractFileSystem, url: str, root: str, walk: _Walk) -> None:

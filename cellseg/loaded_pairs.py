@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import tifffile
+from PIL import Image
 
+from cellseg import png
 from cellseg.appearance import image_appearance
 from cellseg.config import NormalizationConfig
 from cellseg.dataset_errors import DatasetError
@@ -112,7 +114,11 @@ TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 def stacked_planes(data: bytes) -> int:
     """How many planes of its first page's size a TIFF holds (a z-stack, time series or channels
-    saved as pages; thumbnails are not counted); 1 for any other file."""
+    saved as pages; thumbnails are not counted), or frames an animated PNG holds; 1 for any other file."""
+    if data.startswith(png.SIGNATURE):
+        # An animated PNG's frame count is in its header: Image.open decodes no pixels.
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as opened:
+            return int(getattr(opened, "n_frames", 1))
     if data[:4] not in TIFF_SIGNATURES:
         return 1
     with tifffile.TiffFile(io.BytesIO(data)) as tif:

@@ -597,6 +597,28 @@ def test_hidden_files_are_not_listed_and_those_with_an_image_suffix_are_named(tm
     assert ".DS_Store" not in caplog.text and "subfolder" not in caplog.text
 
 
+def test_a_named_pipe_called_like_an_image_is_named_as_no_regular_file_not_read(tmp_path, caplog):
+    """Reading a pipe waits for a writer that may never come. Named on its own, it was said not to
+    exist; in a folder it was dropped without a word."""
+    import os
+
+    from cellseg.io import list_images
+    from cellseg.synth import encode_png
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes on this system")
+    (tmp_path / "a.png").write_bytes(encode_png(np.zeros((32, 32), dtype=np.uint8)))
+    os.mkfifo(tmp_path / "pipe.png")
+    with caplog.at_level("INFO", logger="cellseg"):
+        assert list_images(str(tmp_path)) == [str(tmp_path / "a.png")]
+    assert (f"skipping 1 entry(ies) under '{tmp_path}' named like images but not regular files (pipes, sockets, "
+            "devices): pipe.png") in caplog.text
+    with pytest.raises(ValueError, match=r"image file '.*pipe\.png' is not a regular file \(a pipe, socket or device\)"):
+        list_images(str(tmp_path / "pipe.png"))
+    with pytest.raises(FileNotFoundError, match=r"image file '.*gone\.png' does not exist"):
+        list_images(str(tmp_path / "gone.png"))
+
+
 def test_a_float_image_beyond_the_float32_range_is_refused_without_an_overflow_warning():
     import warnings
 

@@ -398,6 +398,21 @@ def test_a_stack_given_as_image_or_mask_is_refused_naming_it(tmp_path, stacked):
         load_pair(ImagePair("x", str(files["image"]), str(files["mask"])), KEEP)
 
 
+def test_an_animated_png_given_as_a_mask_is_refused_as_a_stack(tmp_path):
+    """Its first frame was trained on, silently, as a TIFF stack's first page was."""
+    labels = touching_cells()
+    image = tmp_path / "image.png"
+    Image.fromarray((labels > 0).astype(np.uint8) * 200).save(image)
+    mask = tmp_path / "mask.png"
+    frames = [Image.fromarray(labels.astype(np.uint8)), Image.fromarray((labels == 0).astype(np.uint8))]
+    frames[0].save(mask, format="PNG", save_all=True, append_images=frames[1:])
+
+    with pytest.raises(DatasetError, match=rf"^mask '{mask}' is a stack of 2 planes \(z, time points or channels\)"):
+        load_pair(ImagePair("x", str(image), str(mask)), KEEP)
+    frames[0].save(mask)
+    assert load_pair(ImagePair("x", str(image), str(mask)), KEEP).mask.any()
+
+
 def test_a_tiff_with_a_thumbnail_page_is_no_stack(tmp_path):
     import tifffile
 
