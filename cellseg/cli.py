@@ -85,6 +85,9 @@ COMMANDS: dict[str, Run] = {
 }
 
 
+_FLOW_FAILED = "Finished in state Failed("
+
+
 class RedactingFormatter(logging.Formatter):
     """Log lines with credentials masked (`redact_text`) and control characters escaped,
     whichever library logged them."""
@@ -93,6 +96,11 @@ class RedactingFormatter(logging.Formatter):
         if record.exc_info and _explained(record.exc_info[1]):
             # Prefect logs a failed task's or flow's traceback; `main` says this error in one line.
             record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        if record.name == "prefect.flow_runs" and record.getMessage().startswith(_FLOW_FAILED):
+            # A failed flow raises its error, which `main` says last: the third copy of that line
+            # (after the failed task's) is left out here.
+            record = logging.makeLogRecord({**record.__dict__, "msg": "Finished in state Failed: the error below",
+                                            "args": ()})
         if isinstance(record.args, tuple) and record.args:  # a file name or an error quoting one: kept on its line
             args = tuple(newlines_escaped(str(arg)) if isinstance(arg, str | BaseException) else arg
                          for arg in record.args)

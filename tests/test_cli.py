@@ -814,6 +814,9 @@ def test_a_registry_that_is_a_file_is_an_error_for_models_and_for_train_unet_and
     assert (f"cellseg flow train-unet: error: registry '{registry}' is a file, not a registry folder: give a folder (new or "
             "holding versions)") in trained.stderr.splitlines()
     assert "training on" not in trained.stderr and "Traceback" not in trained.stderr
+    # The flow's own "Finished in state Failed('registry ...')" repeated the error the command ends with.
+    assert trained.stderr.count("is a file, not a registry folder") == 1, trained.stderr
+    assert "Finished in state Failed: the error below" in trained.stderr.splitlines()
     assert not (tmp_path / "work").exists()
     tuned = cellseg("tune", "--images", str(synthetic_dataset / "images"), "--masks", str(synthetic_dataset / "masks"),
                     "--registry", str(registry), "--work-dir", str(tmp_path / "tuning"), "--cache-dir",
