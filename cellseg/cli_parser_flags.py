@@ -136,7 +136,7 @@ PREDICT_FLAGS: list[Flag] = [
         "type": int, "metavar": "PIXELS", "help": "segment TIFF/OME-Zarr/CZI/ND2/LIF images with more pixels block by "
                                                   "block, never whole in memory"}),
     (("--block-size",), "predict.blocks.block_size", {"type": int, "help": "side of a block's core: 128 to 1024, "
-                                                                           "or a multiple of 1024 above"}),
+                                                                           "or a multiple of 1024 up to 16384"}),
     (("--block-overlap",), "predict.blocks.overlap", {"type": int, "help": "pixels a block reads past its core on "
                                                                            "every side: over the largest cell's "
                                                                            "diameter"}),

@@ -16,7 +16,8 @@ def add_synth(commands: argparse._SubParsersAction) -> None:
     synth.add_argument("--count", type=at_least(1, "images"), default=24, help="number of images (default 24)")
     synth.add_argument("--size", type=at_least(16, "pixels"), default=128, help="image side in pixels (default 128)")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--bit-depth", type=int, choices=(8, 16), default=8)
+    synth.add_argument("--bit-depth", type=int, choices=(8, 16), default=8,
+                       help="bits per pixel of the images written (default: 8)")
     synth.add_argument("--polarity", choices=("bright", "dark", "mixed"), default="bright",
                        help="bright cells on dark (fluorescence), dark on bright, or alternating")
     synth.add_argument("--vary-size", action="store_true", help="draw each side from [3/4 size, size]")

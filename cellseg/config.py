@@ -318,7 +318,7 @@ class BlockConfig(_Config):
     )
     block_size: int = Field(
         2048, ge=128, le=16384,
-        description=f"side (pixels) of each block's core; from {BLOCK_CHUNK_SIDE} up a multiple of {BLOCK_CHUNK_SIDE} "
+        description=f"side (pixels) of each block's core, 128 to 16384; from {BLOCK_CHUNK_SIDE} up a multiple of {BLOCK_CHUNK_SIDE} "
                     "(the store's chunk side), so that a block writes whole chunks; memory per worker grows with its square; "
                     "a block no larger than tile_size is predicted in one pass of its window (block_size + 2 x overlap)",
     )
