@@ -199,6 +199,9 @@ def train(
     scaler = gradient_scaler(config, device)
     history: list[dict[str, float]] = []
     best_score, best_epoch, best_metrics, stale_epochs, spent_seconds = None, 0, {}, 0, 0.0
+    # Early stopping counts epochs since the score last rose by more than min_delta above this
+    # one, while best.pt is simply the best epoch: a gain smaller than min_delta still wins.
+    stop_reference: float | None = None
     start_metrics: dict[str, float] | None = None
 
     if initial is not None:
@@ -224,6 +227,7 @@ def train(
             best_epoch = int(state.resume_state["best_epoch"])
             best_metrics = dict(state.resume_state["best_metrics"])
             stale_epochs = int(state.resume_state["stale_epochs"])
+            stop_reference = float(state.resume_state.get("stop_reference", best_score))  # older runs: one score
             spent_seconds = float(state.resume_state["spent_seconds"])
             saved_start = state.resume_state.get("start_metrics")  # absent in runs of older versions
             start_metrics = None if saved_start is None else {str(k): float(v) for k, v in saved_start.items()}
@@ -278,7 +282,7 @@ def train(
                     + ": the starting weights, scored as every epoch is")
         if math.isfinite(start[monitor_key]):
             start_metrics = best_metrics = start
-            best_score = start[monitor_key]
+            best_score = stop_reference = start[monitor_key]
             save_checkpoint(snapshot(0, start), str(out / BEST_CHECKPOINT))
     for epoch in range(len(history) + 1, config.epochs + 1):
         if (out / STOP_FILE).exists():
@@ -335,11 +339,12 @@ def train(
         logger.info(_format_record(record, config.epochs))
 
         score = record[monitor_key]
-        improved = best_score is None or (
-            score > best_score + config.min_delta if higher_is_better else score < best_score - config.min_delta
-        )
+        improved = best_score is None or (score > best_score if higher_is_better else score < best_score)
         if improved:
-            best_score, best_epoch, best_metrics, stale_epochs = score, epoch, _metrics_of(record), 0
+            best_score, best_epoch, best_metrics = score, epoch, _metrics_of(record)
+        if stop_reference is None or (score > stop_reference + config.min_delta if higher_is_better
+                                      else score < stop_reference - config.min_delta):
+            stop_reference, stale_epochs = score, 0
         else:
             stale_epochs += 1
         if config.lr_patience is not None:
@@ -356,6 +361,7 @@ def train(
             "best_epoch": best_epoch,
             "best_metrics": best_metrics,
             "stale_epochs": stale_epochs,
+            "stop_reference": stop_reference,
             "spent_seconds": time.monotonic() - started,
             "start_metrics": start_metrics,
         }

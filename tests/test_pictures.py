@@ -89,8 +89,8 @@ def test_training_curves_draw_the_training_bce_beside_the_objective_when_they_di
 
 
 def test_training_curves_mark_the_epoch_best_pt_holds():
-    """best.pt is chosen by the monitor and min_delta: with --monitor val_loss (or a Dice gain under
-    min_delta) it is not the epoch of the highest val Dice, and the line marks best.pt's epoch."""
+    """best.pt is chosen by the monitor: with --monitor val_loss it need not be the epoch of the
+    highest val Dice, and the line marks best.pt's epoch."""
     history = [{"epoch": 1, "val_loss": 0.30, "val_dice": 0.80}, {"epoch": 2, "val_loss": 0.35, "val_dice": 0.85}]
     assert best_marker(history, best_epoch=1) == (1, "best.pt: epoch 1, val Dice 0.8000")
     assert best_marker([{"epoch": 0, "val_dice": 0.9}, *history], best_epoch=0) == (0, "best.pt: epoch 0, the start, "
