@@ -73,12 +73,8 @@ def widened_plane(plane: Plane) -> Plane:
     """`plane` read as float32 where it holds float16, as float64 where it holds 64-bit integers
     (a region read lazily cannot say whether every value fits 32 bits); as it is otherwise. The
     block path's image copy and normalisation took neither."""
-    wider: np.dtype[Any]
-    if plane.dtype == np.float16:
-        wider = np.dtype(np.float32)
-    elif plane.dtype.kind in "iu" and plane.dtype.itemsize == 8:
-        wider = np.dtype(np.float64)
-    else:
+    wider = _wider_samples(plane.dtype)
+    if wider is None:
         return plane
     read = plane.read_region
     return replace(plane, dtype=wider, read_region=lambda rows, columns: read(rows, columns).astype(wider))
@@ -158,13 +154,24 @@ def widened_or_narrowed(image: np.ndarray) -> np.ndarray:
     """`image` in a sample type the pipeline and the store's image copy take: float16 as float32,
     64-bit integers as 32-bit ones where every value fits (else float64); others as they are.
     float16 stopped OpenCV's normalisation, int64 the image copy, each with an error naming no file."""
-    if image.dtype == np.float16:
-        return image.astype(np.float32)
-    if image.dtype.kind in "iu" and image.dtype.itemsize == 8:
+    wider = _wider_samples(image.dtype)
+    if wider is None:
+        return image
+    if image.dtype.kind in "iu":  # all values at hand: 32 bits where they fit
         narrow = np.dtype(f"{image.dtype.kind}4")
-        fits = image.size == 0 or (np.iinfo(narrow).min <= image.min() and image.max() <= np.iinfo(narrow).max)
-        return image.astype(narrow if fits else np.float64)
-    return image
+        if image.size == 0 or (np.iinfo(narrow).min <= image.min() and image.max() <= np.iinfo(narrow).max):
+            return image.astype(narrow)
+    return image.astype(wider)
+
+
+def _wider_samples(dtype: np.dtype[Any]) -> np.dtype[Any] | None:
+    """The sample type the pipeline reads `dtype` as: float16 as float32, 64-bit integers as
+    float64; None for the types it takes as they are."""
+    if dtype == np.float16:
+        return np.dtype(np.float32)
+    if dtype.kind in "iu" and dtype.itemsize == 8:
+        return np.dtype(np.float64)
+    return None
 
 
 def _plain_image(url: str, storage_options: StorageOptions, max_pixels: int, warnings: list[str] | None) -> np.ndarray:
