@@ -194,5 +194,6 @@ def run_serve(args: argparse.Namespace) -> int:
     from cellseg.deployments.serve import serve_all
 
     command_settings(args)
-    serve_all(nightly_source=args.nightly_source, nightly_store=args.nightly_store, cron=args.cron)
+    serve_all(nightly_source=args.nightly_source, nightly_store=args.nightly_store, cron=args.cron,
+              nightly_model_version=args.nightly_model_version)
     return 0

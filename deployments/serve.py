@@ -1,7 +1,9 @@
 """Serve the cellseg deployments from one process, for a laptop or a single machine.
 
-    cellseg serve --nightly-source data/incoming --nightly-store runs/nightly.zarr
-    python -m cellseg.deployments.serve ...   (same thing)
+    cellseg serve --nightly-source data/incoming --nightly-store runs/nightly.zarr [--nightly-model-version bundled]
+
+(`cellseg serve --help` says more; `python -m cellseg.deployments.serve` takes the same flags, without
+the command's settings and one-line errors.)
 
 The deployments are the ones `prefect.yaml` beside this file declares, with the same names,
 parameters, schedules and concurrency limits. nightly-segmentation reads its job from the Prefect variable
@@ -23,7 +25,11 @@ from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 
+from cellseg.job_config import SegmentJob, with_settings
+
 DECLARATION = Path(__file__).with_name("prefect.yaml")
+NIGHTLY = "nightly-segmentation"
+logger = logging.getLogger("cellseg.deployments")
 
 
 def declared_deployments() -> list[dict[str, Any]]:
@@ -39,19 +45,26 @@ def _flow(entrypoint: str) -> Any:
 
 
 def build_deployments(
-    nightly_source: str | None = None, nightly_store: str | None = None, cron: str | None = None
+    nightly_source: str | None = None, nightly_store: str | None = None, cron: str | None = None,
+    nightly_model_version: str | None = None,
 ) -> list[RunnerDeployment]:
     """The deployments of prefect.yaml as RunnerDeployments, with their schedules (timezone included)
     and concurrency limits; `cron` replaces a declared schedule, and a nightly source and store
-    replace the nightly job's variable with that job."""
+    (and model version) replace the nightly job's variable with that job."""
     if (nightly_source is None) != (nightly_store is None):
         raise ValueError("give both --nightly-source and --nightly-store, or neither (the nightly run then reads "
                          "the Prefect variable cellseg_nightly)")
+    if nightly_model_version is not None and nightly_source is None:
+        raise ValueError("--nightly-model-version goes with --nightly-source and --nightly-store; without them the "
+                         "nightly job is the Prefect variable cellseg_nightly's: set its model_version there")
     deployments = []
     for declared in declared_deployments():
         parameters = declared.get("parameters", {})
         if "job_variable" in parameters and nightly_source is not None:
-            parameters = {"job": {"source_url": nightly_source, "store_url": nightly_store}}
+            job = {"source_url": nightly_source, "store_url": nightly_store}
+            if nightly_model_version is not None:
+                job["model_version"] = nightly_model_version
+            parameters = {"job": SegmentJob.model_validate(job).model_dump(mode="json", exclude_unset=True)}
         schedules = declared.get("schedules") or []
         deployments.append(_flow(declared["entrypoint"]).to_deployment(
             name=declared["name"],
@@ -64,14 +77,35 @@ def build_deployments(
     return deployments
 
 
-def serve_all(nightly_source: str | None = None, nightly_store: str | None = None, cron: str | None = None) -> None:
+def serve_all(nightly_source: str | None = None, nightly_store: str | None = None, cron: str | None = None,
+              nightly_model_version: str | None = None) -> None:
     """Register the deployments with the Prefect API and run their flow runs here until stopped."""
     # The heartbeat deployment runs send (prefect.yaml's work pool): the zombie-run automation
     # (deployments/automations.yaml) expects one every 30 s from runs tagged cellseg.
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
-    deployments = build_deployments(nightly_source, nightly_store, cron)
+    deployments = build_deployments(nightly_source, nightly_store, cron, nightly_model_version)
+    for deployment in deployments:
+        if deployment.name == NIGHTLY and "job" in deployment.parameters:
+            warn_of_what_the_nightly_run_lacks(SegmentJob.model_validate(deployment.parameters["job"]))
     refuse_deployments_of_a_work_pool(deployments)
     serve(*deployments)
+
+
+def warn_of_what_the_nightly_run_lacks(job: SegmentJob) -> None:
+    """Say now, not at the first scheduled run, that its source cannot be listed or its model
+    found (a registry without a current model yet, say)."""
+    from cellseg.flows._common import configure_storage
+    from cellseg.formats import list_sources
+    from cellseg.jobs_plan import model_source
+
+    job = with_settings(job, configure_storage())
+    for what, check in (("source", lambda: list_sources(job.source_url, job.predict.selection)),
+                        ("model", lambda: model_source(job).pinned())):
+        try:
+            check()
+        except (FileNotFoundError, ValueError) as error:
+            logger.warning("the nightly run's %s cannot be found now (%s): each scheduled run fails until it can",
+                           what, error)
 
 
 def refuse_deployments_of_a_work_pool(deployments: list[RunnerDeployment]) -> None:
@@ -100,9 +134,10 @@ def main() -> None:
     parser.add_argument("--nightly-source")
     parser.add_argument("--nightly-store")
     parser.add_argument("--cron", help="nightly schedule (default: the one in prefect.yaml)")
+    parser.add_argument("--nightly-model-version")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    serve_all(args.nightly_source, args.nightly_store, args.cron)
+    serve_all(args.nightly_source, args.nightly_store, args.cron, args.nightly_model_version)
 
 
 if __name__ == "__main__":

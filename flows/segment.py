@@ -283,8 +283,13 @@ def segment_images_flow(job: SegmentJob | None = None, job_variable: str | None 
 
 
 def _segment_images(job: SegmentJob | None, job_variable: str | None) -> dict[str, Any]:
-    if (job is None) == (job_variable is None):
-        raise ValueError("segment-images takes either a job or the name of a Prefect variable holding one (job_variable)")
+    example = "prefect deployment run 'segment-images/backfill' --param job='{\"source_url\": ..., \"store_url\": ...}'"
+    if job is not None and job_variable is not None:
+        raise ValueError(f"segment-images takes a job or job_variable, not both: this run reads its job from the Prefect "
+                         f"variable '{job_variable}' (the nightly deployment's); segment other images with {example}")
+    if job is None and job_variable is None:
+        raise ValueError(f"segment-images needs a job, the images to segment and the store: {example} (or job_variable, "
+                         "the name of a Prefect variable holding one)")
     job = worker_job(job if job is not None else job_from_variable(cast(str, job_variable), SegmentJob))
     logger = get_run_logger()
     logger.info("segmenting new images under %s into %s%s", redact_url(job.source_url), redact_url(job.store_url),

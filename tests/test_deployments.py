@@ -236,3 +236,28 @@ def test_serve_builds_the_deployments_prefect_yaml_declares(prefect_harness):
     assert not from_variable.paused and from_variable.parameters == {"job_variable": "cellseg_nightly"}
     assert [s.schedule.cron for s in {d.name: d for d in build_deployments(cron="30 1 * * *")}
             ["nightly-segmentation"].schedules] == ["30 1 * * *"]
+    # A served nightly could not use the shipped model until one was trained into the registry.
+    shipped = {d.name: d for d in build_deployments("in/images", "out.zarr", nightly_model_version="bundled")}
+    assert shipped["nightly-segmentation"].parameters == {
+        "job": {"source_url": "in/images", "store_url": "out.zarr", "model_version": "bundled"}}
+    with pytest.raises(ValueError, match="--nightly-model-version goes with --nightly-source and --nightly-store"):
+        build_deployments(nightly_model_version="bundled")
+
+
+def test_serve_says_at_once_what_the_nightly_run_will_lack(tmp_path, caplog, monkeypatch):
+    """A missing source folder, or a registry without a current model, failed the first scheduled
+    run hours later, with nothing said when serve started."""
+    from cellseg.deployments.serve import warn_of_what_the_nightly_run_lacks
+    from cellseg.job_config import SegmentJob
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()
+    with caplog.at_level("WARNING", logger="cellseg.deployments"):
+        warn_of_what_the_nightly_run_lacks(SegmentJob(source_url="images", store_url="n.zarr", model_version="bundled"))
+        assert not caplog.records
+        warn_of_what_the_nightly_run_lacks(SegmentJob(source_url="gone", store_url="n.zarr",
+                                                      registry_url=str(tmp_path / "registry")))
+    assert [record.getMessage().split(" (")[0] for record in caplog.records] == [
+        "the nightly run's source cannot be found now", "the nightly run's model cannot be found now"]
+    assert "image folder 'gone' does not exist" in caplog.records[0].getMessage()
+    assert "has no current model" in caplog.records[1].getMessage()

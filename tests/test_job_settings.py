@@ -123,5 +123,10 @@ def test_segment_images_reads_its_job_from_a_prefect_variable(prefect_harness, t
     summary = segment_images_flow(job_variable=name)
     assert summary["done"] == 2 and sorted(ResultStore.open(str(tmp_path / "n.zarr"), mode="r").done_ids()) == [
         "synth_0000", "synth_0001"]
-    with pytest.raises(ValueError, match="either a job or the name of a Prefect variable"):
+    # Neither, or both (a job given to the nightly deployment), said apart, each with the backfill's command.
+    with pytest.raises(ValueError, match=r"^segment-images needs a job, the images to segment and the store: prefect "
+                                         r"deployment run 'segment-images/backfill' --param job="):
         segment_images_flow()
+    with pytest.raises(ValueError, match=rf"^segment-images takes a job or job_variable, not both: this run reads its "
+                                         rf"job from the Prefect variable '{name}' .*'segment-images/backfill'"):
+        segment_images_flow(job=SegmentJob(source_url="in", store_url="out.zarr"), job_variable=name)
