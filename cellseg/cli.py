@@ -14,6 +14,7 @@ parses, dispatches (`COMMANDS`) and says in one line what went wrong.
 from __future__ import annotations
 
 import argparse
+import ast
 import io
 import logging
 import os
@@ -85,7 +86,39 @@ COMMANDS: dict[str, Run] = {
 }
 
 
-_FLOW_FAILED = "Finished in state Failed("
+class PrefectRunLines(logging.Filter):
+    """Prefect's lines about flow and task runs, as a command's output: a run that completed says
+    nothing (the command's own summary follows), a failed task names itself and its error, a
+    failed flow names itself, and the error a flow raises, which `main` says last, is not said
+    before it too (it was said three times)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name not in ("prefect.flow_runs", "prefect.task_runs"):
+            return True
+        message = record.getMessage()
+        if message == "Finished in state Completed()":
+            return False
+        if message.startswith("Encountered exception during execution") and record.exc_info \
+                and _explained(record.exc_info[1]):
+            return False
+        if message.startswith("Finished in state Failed("):
+            if record.name == "prefect.flow_runs":
+                line = f"flow run '{getattr(record, 'flow_run_name', '?')}' failed"
+            else:
+                line = f"task run '{getattr(record, 'task_run_name', '?')}' failed: {_state_message(message)}"
+            record.msg, record.args = line, ()
+        return True
+
+
+def _state_message(line: str) -> str:
+    """The message of a state Prefect logs as "Finished in state Failed('...')", without Prefect's
+    "Task run encountered an exception" before the error's type."""
+    quoted = line[len("Finished in state Failed("):].removesuffix(")")
+    try:
+        message = str(ast.literal_eval(quoted))
+    except (ValueError, SyntaxError):
+        message = quoted
+    return message.removeprefix("Task run encountered an exception ")
 
 
 class RedactingFormatter(logging.Formatter):
@@ -96,11 +129,6 @@ class RedactingFormatter(logging.Formatter):
         if record.exc_info and _explained(record.exc_info[1]):
             # Prefect logs a failed task's or flow's traceback; `main` says this error in one line.
             record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
-        if record.name == "prefect.flow_runs" and record.getMessage().startswith(_FLOW_FAILED):
-            # A failed flow raises its error, which `main` says last: the third copy of that line
-            # (after the failed task's) is left out here.
-            record = logging.makeLogRecord({**record.__dict__, "msg": "Finished in state Failed: the error below",
-                                            "args": ()})
         if isinstance(record.args, tuple) and record.args:  # a file name or an error quoting one: kept on its line
             args = tuple(newlines_escaped(str(arg)) if isinstance(arg, str | BaseException) else arg
                          for arg in record.args)
@@ -157,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(shown(usage_errors.getvalue()))
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(RedactingFormatter("%(message)s"))
+    handler.addFilter(PrefectRunLines())
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("cellseg").setLevel(logging.WARNING if args.quiet else logging.INFO)
     from cellseg.storage_errors import storage_error

@@ -793,6 +793,11 @@ def test_models_show_of_a_misspelt_name_suggests_the_one_meant(tmp_path, tiny_ch
     assert f"has no version '{one[:-1]}'; did you mean {one}?" in version.stderr
 
 
+def _run_name(stderr: str) -> str:
+    """The flow run's name from Prefect's "Beginning flow run 'NAME' for flow ..." line."""
+    return next(line for line in stderr.splitlines() if line.startswith("Beginning flow run")).split("'")[1]
+
+
 def _own_prefect_home(tmp_path: Path) -> dict[str, str]:
     """A flow command's temporary Prefect server keeps its database under PREFECT_HOME: one of the
     test's own, not ~/.prefect, which a test in the other pytest-xdist worker may be using at once."""
@@ -816,7 +821,9 @@ def test_a_registry_that_is_a_file_is_an_error_for_models_and_for_train_unet_and
     assert "training on" not in trained.stderr and "Traceback" not in trained.stderr
     # The flow's own "Finished in state Failed('registry ...')" repeated the error the command ends with.
     assert trained.stderr.count("is a file, not a registry folder") == 1, trained.stderr
-    assert "Finished in state Failed: the error below" in trained.stderr.splitlines()
+    assert [line for line in trained.stderr.splitlines() if line.startswith("flow run '")] == [
+        f"flow run '{_run_name(trained.stderr)}' failed"]
+    assert "Finished in state" not in trained.stderr
     assert not (tmp_path / "work").exists()
     tuned = cellseg("tune", "--images", str(synthetic_dataset / "images"), "--masks", str(synthetic_dataset / "masks"),
                     "--registry", str(registry), "--work-dir", str(tmp_path / "tuning"), "--cache-dir",
@@ -862,6 +869,7 @@ def test_train_unet_without_promote_says_the_model_is_not_current_and_how_to_mak
                       "--depth", "2", "--base-width", "4", "--patch-size", "64", "--patches-per-image", "1",
                       env=_own_prefect_home(tmp_path))
     (version,) = [path.name for path in Path(registry).iterdir() if path.is_dir()]
+    assert "Finished in state Completed()" not in trained.stderr  # once per task and flow run, naming none
 
     summary = next(line for line in trained.stdout.splitlines() if line.startswith("registered model"))
     assert summary.endswith(f", not current: `cellseg models promote {version} --registry {registry}` makes it so")
