@@ -4,10 +4,7 @@ versions and the shipped models: list, show, export, promote, rollback)."""
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from cellseg.cli_output import fmt, print_cell_scores, print_metrics, progress
 from cellseg.cli_parser_base import SETTING, given
@@ -79,6 +76,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_models(args: argparse.Namespace) -> int:
     from cellseg.bundled import DEFAULT_SHIPPED_MODEL, SHIPPED_MODELS, model_card, shipped_name
+    from cellseg.model_source import suggesting_a_shipped_model
     from cellseg.registry import Registry, RegistryError, RegistryMissing
 
     registry_url = command_settings(args).registry_url
@@ -87,7 +85,7 @@ def run_models(args: argparse.Namespace) -> int:
     needs_registry = args.action in ("promote", "rollback") or (
         args.action in ("show", "export") and not (checkpoint or shipped_name(version or "current")))
     if needs_registry:  # a misspelt --registry is refused as missing, not read as one without versions
-        with _suggesting_a_shipped_model(version if args.action in ("show", "export") else None):
+        with suggesting_a_shipped_model(version if args.action in ("show", "export") else None):
             registry.check_exists()
     if args.action == "list":
         try:
@@ -119,7 +117,7 @@ def run_models(args: argparse.Namespace) -> int:
         if card_name:
             print(dumps(model_card(card_name), indent=1))
         else:
-            with _suggesting_a_shipped_model(args.version):
+            with suggesting_a_shipped_model(args.version):
                 meta = registry.get(args.version)
             # Where the checkpoint, its training history and pictures are, to copy or open.
             urls = {name: redact_url(registry.file_url(meta.version, name)) for name in ("checkpoint.pt", *meta.files)}
@@ -130,7 +128,7 @@ def run_models(args: argparse.Namespace) -> int:
 
         if args.checkpoint and args.version:
             raise ValueError(f"give a registered version ({args.version}) or --checkpoint, not both")
-        with _suggesting_a_shipped_model(args.version):
+        with suggesting_a_shipped_model(args.version):
             checkpoint, version = ModelSource(registry_url, args.version or "current", args.checkpoint).load()
         export_model(checkpoint, args.out, args.format, model_version=version, overwrite=args.overwrite)
         print(f"exported model {version} as {args.format} to {redact_url(args.out)} (input/normalisation/threshold in {redact_url(args.out)}.json)")
@@ -144,24 +142,3 @@ def run_models(args: argparse.Namespace) -> int:
                "it current again)" if previous else "")
         print(f"{promoted} is now current in {redact_url(registry_url)}{was}")
     return 0
-
-
-@contextmanager
-def _suggesting_a_shipped_model(version: str | None) -> Iterator[None]:
-    """A RegistryError of an unknown `version` raised again with the shipped model its name looks
-    like a misspelling of (`nucleus`: did you mean the shipped model 'nuclei'?), where one is."""
-    from cellseg.bundled import SHIPPED_MODELS
-    from cellseg.registry import CURRENT, REGISTERED_NAME, RegistryError, RegistryMissing
-
-    try:
-        yield
-    except RegistryError as error:
-        missing = isinstance(error, RegistryMissing)
-        if version and (close := difflib.get_close_matches(version, SHIPPED_MODELS, n=1, cutoff=0.6)):
-            hint = f"did you mean the shipped model '{close[0]}'?"
-        elif missing and version and version != CURRENT and not REGISTERED_NAME.fullmatch(version):
-            # `models show foo` with no registry: foo may have meant a shipped model
-            hint = f"'{version}' is no shipped model either ({', '.join(SHIPPED_MODELS)})"
-        else:
-            raise
-        raise (RegistryMissing if missing else RegistryError)(f"{error}; {hint}") from error

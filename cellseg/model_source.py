@@ -4,11 +4,13 @@ loaded once per worker process."""
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +32,7 @@ from cellseg.checkpoint import (
 from cellseg.config import PredictConfig
 from cellseg.infer import Predictor
 from cellseg.redact import redact_url
-from cellseg.registry import Registry
+from cellseg.registry import CURRENT, REGISTERED_NAME, Registry, RegistryError, RegistryMissing
 from cellseg.runtime import pass_precision
 from cellseg.storage_errors import storage_call
 
@@ -56,7 +58,7 @@ class ModelSource:
         if self.shipped is not None:
             shipped_checkpoint(self.shipped)
             return self
-        with storage_call(self.registry_url):
+        with storage_call(self.registry_url), suggesting_a_shipped_model(self.version):
             return ModelSource(self.registry_url, Registry(self.registry_url).resolve(self.version))
 
     def location(self) -> str:
@@ -147,6 +149,25 @@ def _cached_predictor(source: ModelSource, config_json: str) -> Predictor:
         logger.info("loaded model %s (%s, %s)", predictor.model_version, predictor.device,
                     pass_precision(predictor.device, predictor.config.amp))
     return predictor
+
+
+@contextmanager
+def suggesting_a_shipped_model(version: str | None) -> Iterator[None]:
+    """A RegistryError of an unknown `version` raised again with the shipped model its name looks
+    like a misspelling of (`nucleus`: did you mean the shipped model 'nuclei'?), where one is, or
+    where there is no registry at all, saying that `version` is no shipped model either."""
+    try:
+        yield
+    except RegistryError as error:
+        missing = isinstance(error, RegistryMissing)
+        if version and (close := difflib.get_close_matches(version, [*SHIPPED_MODELS, BUNDLED_VERSION], n=1,
+                                                            cutoff=0.6)):
+            hint = f"did you mean the shipped model '{close[0]}'?"
+        elif missing and version and version != CURRENT and not REGISTERED_NAME.fullmatch(version):
+            hint = f"'{version}' is no shipped model either ({', '.join(SHIPPED_MODELS)})"
+        else:
+            raise
+        raise (RegistryMissing if missing else RegistryError)(f"{error}; {hint}") from error
 
 
 def shared_predictor(source: ModelSource, config: PredictConfig) -> Predictor:
