@@ -338,7 +338,10 @@ def _segment_images(job: SegmentJob | None, job_variable: str | None) -> dict[st
     except STOPPED as stopped:
         logger.warning("segment-images %s: %s", how_stopped(stopped), kept_line(job, plan))
         raise
-    if not (plan.shards or plan.large):
+    if not (plan.shards or plan.large or plan.skipped or plan.rejected):
+        # A misspelt folder that exists and is empty, or a day without images: said, not hidden at INFO.
+        logger.warning("nothing to do: no images found under %s", redact_url(job.source_url))
+    elif not (plan.shards or plan.large):
         logger.info("nothing to do: no new images under %s", redact_url(job.source_url))
 
     summary = _summarise(results, plan, time.monotonic() - started, model_version)

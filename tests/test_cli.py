@@ -910,3 +910,13 @@ def test_a_file_name_holding_a_newline_stays_on_its_line(tmp_path, synthetic_dat
     lines = (run.stdout + run.stderr).splitlines()
     assert not [line for line in lines if line.startswith("FAKE")], lines
     assert sum("bad\\nFAKE: all good.png" in line for line in lines) >= 2, lines
+
+
+def test_a_flow_over_an_empty_folder_warns_that_it_found_no_images(tmp_path):
+    """A misspelt source that lands on an empty folder ended Completed with 'nothing to do' at INFO,
+    the line of a night whose images were all done before."""
+    (tmp_path / "empty").mkdir()
+    run = cellseg("flow", "segment-images", "--source", str(tmp_path / "empty"), "--store", str(tmp_path / "s.zarr"),
+                  "--model-version", "general", env=_own_prefect_home(tmp_path))
+    assert f"nothing to do: no images found under {tmp_path / 'empty'}" in run.stderr.splitlines()
+    assert "segmented 0, skipped 0 already done, failed 0" in run.stdout
