@@ -33,7 +33,7 @@ from cellseg.flows.train import new_run_dir, register_model
 from cellseg.ingest import Manifest
 from cellseg.jobs import TuneJob, run_trial
 from cellseg.jobs_tune import stop_trial_processes
-from cellseg.redact import redact_text
+from cellseg.redact import redact_text, redact_url
 from cellseg.registry import Registry
 from cellseg.runtime import resolve_device
 from cellseg.tune import TABLE_COLUMNS, NoTrialFinished, Trial, TrialResult, best_trial, plan_trials, trial_rows
@@ -50,8 +50,7 @@ def train_trial(job: TuneJob, trial: Trial, manifest_path: str, run_dir: str, th
         shutil.rmtree(out_dir)
     with gpu_slot(resolve_device(trial.training.device).type == "cuda"):
         result = run_trial(job, trial, out_dir, Manifest.load(manifest_path).pairs(), threads)
-    get_run_logger().info("trial %d: %s, val Dice %s", trial.number, result.status, result.val_dice)
-    return result.model_dump(mode="json")
+    return result.model_dump(mode="json")  # logged by train-trials as it ends, with the search's progress
 
 
 @flow(name="train-trials")
@@ -147,7 +146,9 @@ def tune_unet(job: TuneJob) -> dict[str, Any]:
         raise
     version = register_model(best.checkpoint, job.registry_url, job.promote)
     logger.info("best: trial %d (val Dice %.4f) registered as %s%s", best.number, best.val_dice, version["version"],
-                " and made current" if job.promote else "")
+                " and made current" if job.promote else
+                f"; not made current (cellseg models promote --registry {redact_url(job.registry_url)} "
+                f"{version['version']} does)")
     create_markdown_artifact(
         key="tune-unet-summary",
         markdown=(

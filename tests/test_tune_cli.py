@@ -157,6 +157,10 @@ def test_tune_says_when_fewer_trials_ran_than_asked_and_what_it_registered(synth
         f"base_width 8, depth 2, dropout 0.0, loss bce, augmentation flips, border_weight 0.0), registered as "
         f"{meta.version} in {tmp_path / 'registry'}; not made current (cellseg models promote --registry "
         f"{tmp_path / 'registry'} {meta.version} does)")
+    # The flow's log: each trial once as it ends (its task said it again), and the version's state.
+    assert len([line for line in run.stderr.splitlines() if " done, val Dice " in line]) == 2, run.stderr
+    assert (f"registered as {meta.version}; not made current (cellseg models promote --registry "
+            f"{tmp_path / 'registry'} {meta.version} does)") in run.stderr
 
 
 @pytest.mark.integration
