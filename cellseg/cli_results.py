@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import posixpath
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -81,6 +82,9 @@ def run_results(args: argparse.Namespace) -> int:
                if unfinished else "")
     print(f"{redact_url(args.store)}: {len(rows)} images done{_shown(shown_rows, rows)}, {len(failures)} failed"
           f"{_shown(shown_failures, failures)}{in_work}{'; --limit 0 shows all' if left_out else ''}")
+    if models := Counter(str(row.get("model_version")) for row in rows if row.get("model_version")):
+        print(f"{'model' if len(models) == 1 else 'models'}: "
+              + ", ".join(f"{version} ({count} images)" for version, count in models.most_common()))
     print_table(shown_rows)
     for failure in shown_failures:
         # An image repaired after its metadata was lost no longer knows its source: name its id.

@@ -482,7 +482,9 @@ def test_the_results_table_lines_up_under_long_and_wide_image_ids(tmp_path):
     ids = ["a", "4ca50b65ec3c8c8f2fb5e5b5c7c7e6d7a1b2c3d4e5f60718293a4b5c6d7e8f90", "細胞_一"]  # DSB2018-like, CJK
     store_url = _store_with_results(tmp_path, ids, cell_count=12)
 
-    table = cellseg("results", store_url).stdout.splitlines()[1:]
+    lines = cellseg("results", store_url).stdout.splitlines()
+    assert lines[1] == "model: 0123456789ab (3 images)"  # which model made them (operations.md's check of a run)
+    table = lines[2:]
     assert len(table) == 4
     wide = 3  # 細, 胞 and 一 take two terminal columns each: one more than a character each
     ends = [line.index("cell_count") + len("cell_count") if number == 0 else

@@ -45,7 +45,8 @@ def test_results_reads_the_store_once(store_url, passes, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(passes) == 1
     assert lines[0] == f"{store_url}: 2 images done, 1 failed, 2 in progress or left by a stopped run"
-    assert [line.split()[0] for line in lines[2:4]] == ["done_0", "done_1"]
+    assert lines[1].startswith("model: ") and lines[2].startswith("image_id")
+    assert [line.split()[0] for line in lines[3:5]] == ["done_0", "done_1"]
     assert "  failed: /in/bad_0.png: ImageReadError: file is empty" in lines
     assert "  not finished: /in/half.png" in lines and "  not finished: new" in lines
 
