@@ -98,15 +98,15 @@ class PrefectRunLines(logging.Filter):
         message = record.getMessage()
         if message == "Finished in state Completed()":
             return False
-        if message.startswith("Encountered exception during execution") and record.exc_info \
-                and _explained(record.exc_info[1]):
+        if message.startswith(("Encountered exception during execution", "Task run failed with ")) \
+                and " - Retry " not in message and record.exc_info and _explained(record.exc_info[1]):
             return False
         if message.startswith("Finished in state Failed("):
             if record.name == "prefect.flow_runs":
                 line = f"flow run '{getattr(record, 'flow_run_name', '?')}' failed"
             else:
                 line = f"task run '{getattr(record, 'task_run_name', '?')}' failed: {_state_message(message)}"
-            record.msg, record.args = line, ()
+            record.msg, record.args = newlines_escaped(line), ()
         return True
 
 
@@ -116,9 +116,9 @@ def _state_message(line: str) -> str:
     quoted = line[len("Finished in state Failed("):].removesuffix(")")
     try:
         message = str(ast.literal_eval(quoted))
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError):  # not one quoted string (PREFECT_DEBUG_MODE's repr of the state)
         message = quoted
-    return message.removeprefix("Task run encountered an exception ")
+    return message.removeprefix("Task run encountered an exception ") or "(no message)"
 
 
 class RedactingFormatter(logging.Formatter):

@@ -20,7 +20,9 @@ Flag = tuple[tuple[str, ...], str, dict[str, Any]]  # (flags, settings field, ar
 TRAINING_FLAGS: list[Flag] = [
     (("--epochs",), "training.epochs", {"type": int}),
     (("--patience",), "training.patience", {"type": int, "help": "epochs without improvement before stopping"}),
-    (("--min-delta",), "training.min_delta", {"type": float}),
+    (("--min-delta",), "training.min_delta", {"type": float, "help": "smallest gain that counts as an improvement "
+                                                                        "for early stopping and the learning rate's "
+                                                                        "halving (best.pt takes any gain)"}),
     (("--monitor",), "training.monitor", {"choices": ("val_dice", "val_iou", "val_loss"),
                                           "help": "what best.pt and early stopping watch (val_loss: plain BCE)"}),
     (("--val-fraction",), "training.val_fraction", {"type": float}),

@@ -63,7 +63,7 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     serve = add_command(
         commands, "serve", "serve", help="serve the train-unet, tune-unet, nightly-segmentation and backfill deployments",
         description="Registers the four deployments of deployments/prefect.yaml with the Prefect API (PREFECT_API_URL) "
-                    "and runs their flow runs in this process until stopped; stopping it pauses their schedules, and "
+                    "and runs their flow runs from here (each in a process of its own) until stopped; stopping it pauses their schedules, and "
                     "the next serve resumes them. Without --nightly-source and --nightly-store (given together) the "
                     "nightly run reads its job from the Prefect variable cellseg_nightly when it starts. Refused "
                     "where `prefect deploy` registered the same deployments for a work pool: those run on its "
@@ -71,6 +71,7 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--nightly-source", default=None, help="image directory URL for nightly-segmentation")
     serve.add_argument("--nightly-store", default=None, help="store URL for nightly-segmentation")
     serve.add_argument("--nightly-model-version", default=None, metavar="VERSION",
-                       help="the nightly run's model: a registered version, 'current', or a shipped model ('bundled', "
-                            "'nuclei', 'general') (default: the registry's current one)")
+                       help="with --nightly-source and --nightly-store, the nightly run's model: a registered version, "
+                            "'current', or a shipped model ('bundled', 'nuclei', 'general') (default: the registry's "
+                            "current one)")
     serve.add_argument("--cron", default=None, help="nightly schedule (default: the one in deployments/prefect.yaml)")

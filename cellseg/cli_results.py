@@ -84,7 +84,7 @@ def run_results(args: argparse.Namespace) -> int:
           f"{_shown(shown_failures, failures)}{in_work}{'; --limit 0 shows all' if left_out else ''}")
     if models := Counter(str(row.get("model_version")) for row in rows if row.get("model_version")):
         print(f"{'model' if len(models) == 1 else 'models'}: "
-              + ", ".join(f"{version} ({count} images)" for version, count in models.most_common()))
+              + ", ".join(f"{version} ({_images(count)})" for version, count in models.most_common()))
     print_table(shown_rows)
     for failure in shown_failures:
         # An image repaired after its metadata was lost no longer knows its source: name its id.

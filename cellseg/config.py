@@ -237,8 +237,8 @@ class TrainConfig(_Config):
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     seed: int = 0
     patience: int = Field(15, ge=1, description="epochs without improvement before stopping")
-    min_delta: float = Field(1e-3, ge=0.0, description="smallest gain that early stopping counts as an improvement "
-                              "(best.pt takes any gain)")
+    min_delta: float = Field(1e-3, ge=0.0, description="smallest gain that early stopping and the learning rate's "
+                              "halving count as an improvement (best.pt takes any gain)")
     monitor: Literal["val_dice", "val_iou", "val_loss"] = Field(
         "val_dice", description="what best.pt, early stopping and the learning-rate halving watch; val_loss is the "
         "cell channel's plain BCE on the validation images, whatever the training objective adds")

@@ -220,7 +220,8 @@ class _Walk:
                 if entry.get("type") == "file":
                     self.ignored.append(prefix + name)
                 continue
-            if entry.get("type") == "file" or listed.get("islink"):  # a link to nothing fails when read, naming it
+            dangling = listed.get("islink") and entry is listed  # a link to nothing fails when read, naming it
+            if entry.get("type") == "file" or dangling:
                 self.entries.append(_file_entry(join_url(url, name), entry))
             else:
                 self.special.append(prefix + name)

@@ -371,7 +371,8 @@ def train(
             on_epoch(record)
 
         if stale_epochs >= config.patience:
-            stop_reason = f"early stop: no {monitor_key} improvement for {config.patience} epochs"
+            stop_reason = (f"early stop: no {monitor_key} improvement over {config.min_delta:g} for "
+                               f"{config.patience} epochs")
             break
         elapsed = time.monotonic() - started
         if budget is not None and elapsed + record["seconds"] > budget * 60:

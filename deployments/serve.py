@@ -103,9 +103,9 @@ def warn_of_what_the_nightly_run_lacks(job: SegmentJob) -> None:
                         ("model", lambda: model_source(job).pinned())):
         try:
             check()
-        except (FileNotFoundError, ValueError) as error:
-            logger.warning("the nightly run's %s cannot be found now (%s): each scheduled run fails until it can",
-                           what, error)
+        except Exception as error:  # noqa: BLE001 - serving goes on: the source or model may be there by tonight
+            logger.warning("the nightly run's %s cannot be read or found now (%s): each scheduled run fails until "
+                           "it can", what, error)
 
 
 def refuse_deployments_of_a_work_pool(deployments: list[RunnerDeployment]) -> None:

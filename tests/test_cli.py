@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -922,3 +923,30 @@ def test_a_flow_over_an_empty_folder_warns_that_it_found_no_images(tmp_path):
                   "--model-version", "general", env=_own_prefect_home(tmp_path))
     assert f"nothing to do: no images found under {tmp_path / 'empty'}" in run.stderr.splitlines()
     assert "segmented 0, skipped 0 already done, failed 0" in run.stdout
+
+
+def test_prefect_run_lines_read_as_the_commands_output():
+    """Prefect's own lines about runs, as `cellseg flow` prints them (`PrefectRunLines`)."""
+    from cellseg.cli import PrefectRunLines
+
+    def shown(name: str, message: str, error: BaseException | None = None, **extra: str) -> str | None:
+        record = logging.LogRecord(name, logging.ERROR, __file__, 1, message, (), (type(error), error, None)
+                                   if error else None)
+        record.__dict__.update(extra)
+        return record.getMessage() if PrefectRunLines().filter(record) else None
+
+    assert shown("prefect.task_runs", "Finished in state Completed()") is None
+    assert shown("prefect.flow_runs", "Finished in state Completed()") is None
+    failed = "Finished in state Failed('Task run encountered an exception ValueError: bad\\nFAKE: all good.png')"
+    assert shown("prefect.task_runs", failed, task_run_name="plan-1") == (
+        "task run 'plan-1' failed: ValueError: bad\\nFAKE: all good.png")  # the newline escaped, on one line
+    assert shown("prefect.flow_runs", "Finished in state Failed('x')", flow_run_name="calm-ferret") == (
+        "flow run 'calm-ferret' failed")
+    error = ValueError("image folder 'x' does not exist")
+    assert shown("prefect.task_runs", f"Task run failed with exception: {error!r} - Retries are exhausted", error) is None
+    assert shown("prefect.flow_runs", f"Encountered exception during execution: {error!r}", error) is None
+    retried = f"Task run failed with exception: {error!r} - Retry 1/3 will start 10 second(s) from now"
+    assert shown("prefect.task_runs", retried, error) == retried
+    crash = RuntimeError("worker lost")
+    assert shown("prefect.flow_runs", f"Encountered exception during execution: {crash!r}", crash) is not None
+    assert shown("cellseg", "Finished in state Completed()") == "Finished in state Completed()"

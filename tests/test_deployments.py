@@ -258,6 +258,6 @@ def test_serve_says_at_once_what_the_nightly_run_will_lack(tmp_path, caplog, mon
         warn_of_what_the_nightly_run_lacks(SegmentJob(source_url="gone", store_url="n.zarr",
                                                       registry_url=str(tmp_path / "registry")))
     assert [record.getMessage().split(" (")[0] for record in caplog.records] == [
-        "the nightly run's source cannot be found now", "the nightly run's model cannot be found now"]
+        "the nightly run's source cannot be read or found now", "the nightly run's model cannot be read or found now"]
     assert "image folder 'gone' does not exist" in caplog.records[0].getMessage()
     assert "has no current model" in caplog.records[1].getMessage()

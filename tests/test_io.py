@@ -609,10 +609,12 @@ def test_a_named_pipe_called_like_an_image_is_named_as_no_regular_file_not_read(
         pytest.skip("no named pipes on this system")
     (tmp_path / "a.png").write_bytes(encode_png(np.zeros((32, 32), dtype=np.uint8)))
     os.mkfifo(tmp_path / "pipe.png")
-    with caplog.at_level("INFO", logger="cellseg"):
-        assert list_images(str(tmp_path)) == [str(tmp_path / "a.png")]
-    assert (f"skipping 1 entry(ies) under '{tmp_path}' named like images but not regular files (pipes, sockets, "
-            "devices): pipe.png") in caplog.text
+    (tmp_path / "link.png").symlink_to(tmp_path / "pipe.png")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    with caplog.at_level("INFO", logger="cellseg"):  # a dangling link is listed: reading it names the file
+        assert list_images(str(tmp_path)) == [str(tmp_path / "a.png"), str(tmp_path / "dangling.png")]
+    assert (f"skipping 2 entry(ies) under '{tmp_path}' named like images but not regular files (pipes, sockets, "
+            "devices): link.png, pipe.png") in caplog.text
     with pytest.raises(ValueError, match=r"image file '.*pipe\.png' is not a regular file \(a pipe, socket or device\)"):
         list_images(str(tmp_path / "pipe.png"))
     with pytest.raises(FileNotFoundError, match=r"image file '.*gone\.png' does not exist"):
