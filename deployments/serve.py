@@ -91,21 +91,24 @@ def serve_all(nightly_source: str | None = None, nightly_store: str | None = Non
     serve(*deployments)
 
 
-def warn_of_what_the_nightly_run_lacks(job: SegmentJob) -> None:
+def warn_of_what_the_nightly_run_lacks(job: SegmentJob) -> list[str]:
     """Say now, not at the first scheduled run, that its source cannot be listed or its model
-    found (a registry without a current model yet, say)."""
+    found (a registry without a current model yet, say); the warnings said."""
     from cellseg.flows._common import configure_storage
     from cellseg.formats import list_sources
     from cellseg.jobs_plan import model_source
 
     job = with_settings(job, configure_storage())
+    said = []
     for what, check in (("source", lambda: list_sources(job.source_url, job.predict.selection)),
                         ("model", lambda: model_source(job).pinned())):
         try:
             check()
         except Exception as error:  # noqa: BLE001 - serving goes on: the source or model may be there by tonight
-            logger.warning("the nightly run's %s cannot be read or found now (%s): each scheduled run fails until "
-                           "it can", what, error)
+            said.append(f"the nightly run's {what} cannot be read or found now ({error}): each scheduled run fails "
+                        "until it can")
+            logger.warning("%s", said[-1])
+    return said
 
 
 def refuse_deployments_of_a_work_pool(deployments: list[RunnerDeployment]) -> None:
