@@ -6,6 +6,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Literal
 
+import cellseg.store_codecs  # noqa: F401  (zstd chunks bounded before they inflate)
+
 if TYPE_CHECKING:
     from zarr.core.array_spec import ArrayConfigParams
 

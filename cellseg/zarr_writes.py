@@ -38,7 +38,7 @@ import zarr
 from numcodecs.zstd import Zstd
 from numcodecs.zstd import decompress as zstd_decompress
 from zarr.abc.store import Store
-from zarr.codecs import BytesCodec, ZstdCodec
+from zarr.codecs import BytesCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 from zarr.core.group import GroupMetadata
@@ -47,8 +47,9 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
 
 from cellseg import s3_direct
+from cellseg.store_codecs import BoundedZstdCodec, zstd_content_size
 
-ARRAY_CODECS = (ZstdCodec(level=1),)  # bytes-to-bytes codecs of every array cellseg writes
+ARRAY_CODECS = (BoundedZstdCodec(level=1),)  # bytes-to-bytes codecs of every array cellseg writes
 # Each chunk a file beside its array's zarr.json ("c.0.0") instead of zarr's default folders
 # ("c/0/0"): eight folders fewer per image, the costliest things to make on a local disk
 # (docs/performance.md); any zarr v3 reader takes either from the array's metadata.
@@ -334,21 +335,6 @@ def missing_chunks(array: zarr.Array, indices: Sequence[tuple[int, ...]]) -> lis
     meta = array.metadata
     assert isinstance(meta, ArrayV3Metadata)
     return [tuple(index) for index in indices if meta.encode_chunk_key(tuple(index)) not in stored]
-
-
-def zstd_content_size(frame: bytes) -> int | None:
-    """The decompressed size a zstd frame's header declares (RFC 8878, 3.1.1.1), None when it
-    declares none or is not a zstd frame."""
-    if len(frame) < 6 or frame[:4] != b"\x28\xb5\x2f\xfd":
-        return None
-    descriptor = frame[4]
-    size_flag, single_segment, dictionary_flag = descriptor >> 6, descriptor >> 5 & 1, descriptor & 3
-    field = (1 if single_segment else 0, 2, 4, 8)[size_flag]
-    offset = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dictionary_flag]
-    if not field or len(frame) < offset + field:
-        return None
-    value = int.from_bytes(frame[offset: offset + field], "little")
-    return value + 256 if field == 2 else value
 
 
 def get_objects(store: Store, keys: Sequence[str]) -> list[bytes | None]:
