@@ -28,7 +28,6 @@ from prefect.schedules import Cron
 from cellseg.job_config import SegmentJob, with_settings
 
 DECLARATION = Path(__file__).with_name("prefect.yaml")
-NIGHTLY = "nightly-segmentation"
 logger = logging.getLogger("cellseg.deployments")
 
 
@@ -50,21 +49,13 @@ def build_deployments(
 ) -> list[RunnerDeployment]:
     """The deployments of prefect.yaml as RunnerDeployments, with their schedules (timezone included)
     and concurrency limits; `cron` replaces a declared schedule, and a nightly source and store
-    (and model version) replace the nightly job's variable with that job."""
-    if (nightly_source is None) != (nightly_store is None):
-        raise ValueError("give both --nightly-source and --nightly-store, or neither (the nightly run then reads "
-                         "the Prefect variable cellseg_nightly)")
-    if nightly_model_version is not None and nightly_source is None:
-        raise ValueError("--nightly-model-version goes with --nightly-source and --nightly-store; without them the "
-                         "nightly job is the Prefect variable cellseg_nightly's: set its model_version there")
+    (and model version) replace the nightly job's variable with that job (`nightly_job`)."""
+    nightly = nightly_job(nightly_source, nightly_store, nightly_model_version)
     deployments = []
     for declared in declared_deployments():
         parameters = declared.get("parameters", {})
-        if "job_variable" in parameters and nightly_source is not None:
-            job = {"source_url": nightly_source, "store_url": nightly_store}
-            if nightly_model_version is not None:
-                job["model_version"] = nightly_model_version
-            parameters = {"job": SegmentJob.model_validate(job).model_dump(mode="json", exclude_unset=True)}
+        if "job_variable" in parameters and nightly is not None:
+            parameters = {"job": nightly.model_dump(mode="json", exclude_unset=True)}
         schedules = declared.get("schedules") or []
         deployments.append(_flow(declared["entrypoint"]).to_deployment(
             name=declared["name"],
@@ -77,6 +68,21 @@ def build_deployments(
     return deployments
 
 
+def nightly_job(source: str | None, store: str | None, model_version: str | None) -> SegmentJob | None:
+    """The nightly job the serve flags give, None without them (the nightly run then reads the
+    Prefect variable cellseg_nightly); flags that do not go together are refused."""
+    if (source is None) != (store is None):
+        raise ValueError("give both --nightly-source and --nightly-store, or neither (the nightly run then reads "
+                         "the Prefect variable cellseg_nightly)")
+    if source is None:
+        if model_version is not None:
+            raise ValueError("--nightly-model-version goes with --nightly-source and --nightly-store; without them "
+                             "the nightly job is the Prefect variable cellseg_nightly's: set its model_version there")
+        return None
+    given = {"source_url": source, "store_url": store}
+    return SegmentJob.model_validate(given if model_version is None else {**given, "model_version": model_version})
+
+
 def serve_all(nightly_source: str | None = None, nightly_store: str | None = None, cron: str | None = None,
               nightly_model_version: str | None = None) -> None:
     """Register the deployments with the Prefect API and run their flow runs here until stopped."""
@@ -84,9 +90,8 @@ def serve_all(nightly_source: str | None = None, nightly_store: str | None = Non
     # (deployments/automations.yaml) expects one every 30 s from runs tagged cellseg.
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
     deployments = build_deployments(nightly_source, nightly_store, cron, nightly_model_version)
-    for deployment in deployments:
-        if deployment.name == NIGHTLY and "job" in deployment.parameters:
-            warn_of_what_the_nightly_run_lacks(SegmentJob.model_validate(deployment.parameters["job"]))
+    if (nightly := nightly_job(nightly_source, nightly_store, nightly_model_version)) is not None:
+        warn_of_what_the_nightly_run_lacks(nightly)
     refuse_deployments_of_a_work_pool(deployments)
     serve(*deployments)
 
