@@ -48,7 +48,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cellseg.blocks_finish import finish_image
@@ -65,6 +65,7 @@ from cellseg.infer import Predictor
 from cellseg.io import StorageOptions
 from cellseg.redact import redact_url
 from cellseg.store import ResultStore
+from cellseg.waiting import as_completed_awake
 from cellseg.zarr_writes import UndecodableChunk
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def _segmented_blockwise(store: ResultStore, image_id: str, url: str, open_sourc
     def each_block(pool: ThreadPoolExecutor, name: str, indices: Sequence[int], step: Callable[..., str], *args: Any) -> None:
         futures = [pool.submit(per_block, step, index, *args) for index in indices]
         try:
-            for done, future in enumerate(as_completed(futures), start=1):
+            for done, future in enumerate(as_completed_awake(futures), start=1):
                 future.result()
                 if on_block is not None:
                     on_block(image_id, name, done, len(futures))

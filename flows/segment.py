@@ -18,7 +18,7 @@ from typing import Any, cast
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
-from prefect.futures import PrefectConcurrentFuture, PrefectFuture, as_completed, wait
+from prefect.futures import PrefectConcurrentFuture, PrefectFuture, wait
 from prefect.runtime import flow_run
 from prefect.states import Completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -56,6 +56,7 @@ from cellseg.report import montage_url, store_montage
 from cellseg.runtime import resolve_device
 from cellseg.segment import CPU_STAGES, SegmentReport, StoppedWriting, cpu_line, cpu_ms_per_image
 from cellseg.store import ResultStore
+from cellseg.waiting import as_completed_awake
 
 PARTLY_FAILED_STATE = "Completed with failures"  # the final state's name when some images failed
 RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "retry_condition_fn": retry_unless_bad_input}
@@ -164,7 +165,7 @@ def _each_block(futures: list[PrefectFuture[str]], on_done: Callable[[int], None
     """Wait for one step's block tasks, `on_done` told of each; where one fails, the others end
     before its error is raised, so none writes into a scratch that a start over replaces."""
     try:
-        for done, future in enumerate(as_completed(futures), start=1):
+        for done, future in enumerate(as_completed_awake(futures), start=1):
             future.result()
             on_done(done)
     except Exception:
@@ -256,7 +257,7 @@ def _follow(futures: Sequence[PrefectFuture[Any]], shard_sizes: dict[Any, int], 
     """Wait for the shards, with a live progress artifact; `on_first_shard` when the first is done."""
     progress = ProgressArtifact("segment-images-progress", images, f"segmenting {images} images in {len(futures)} shards")
     finished = 0
-    for shard_done, future in enumerate(as_completed(futures), start=1):
+    for shard_done, future in enumerate(as_completed_awake(futures), start=1):
         finished += shard_sizes[future.task_run_id]
         progress.update(finished, f"{shard_done} of {len(futures)} shards finished ({finished} of {images} images)")
         if shard_done == 1 and on_first_shard is not None:

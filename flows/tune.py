@@ -12,7 +12,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.exceptions import TerminationSignal
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ProcessPoolTaskRunner
 
@@ -37,6 +37,7 @@ from cellseg.redact import redact_text, redact_url
 from cellseg.registry import Registry
 from cellseg.runtime import resolve_device
 from cellseg.tune import TABLE_COLUMNS, NoTrialFinished, Trial, TrialResult, best_trial, plan_trials, trial_rows
+from cellseg.waiting import as_completed_awake
 
 
 @task(name="train-trial", tags=["gpu"])
@@ -64,7 +65,7 @@ def train_trials(job: TuneJob, trials: list[Trial], manifest_path: str, run_dir:
         futures = train_trial.map(unmapped(job), trials, unmapped(manifest_path), unmapped(run_dir), unmapped(threads))
         trial_of = {future.task_run_id: trial for future, trial in zip(futures, trials, strict=True)}
         progress = ProgressArtifact("tune-unet-progress", len(trials), f"{len(trials)} trials")
-        for finished, future in enumerate(as_completed(futures), start=1):
+        for finished, future in enumerate(as_completed_awake(futures), start=1):
             result = results[future.task_run_id] = _trial_outcome(future, trial_of[future.task_run_id])
             line = f"{finished} of {len(trials)} trials finished"
             get_run_logger().info("trial %d %s: %s", result.number, _trial_line(result), line)
