@@ -50,6 +50,7 @@ from cellseg.io import (
 from cellseg.plates import is_plate, plate_fields, split_time_point, time_point_url
 from cellseg.redact import redact_url
 from cellseg.source_record import source_record
+from cellseg.zarr_stores import bounded_store
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def _warn_of_masks_beside_images(url: str, listed: list[str]) -> None:
 def _zarr_sources(url: str, storage_options: StorageOptions) -> list[str]:
     """The images of one `.zarr` folder: itself, or the fields of a plate; none for a results store."""
     try:
-        group = zarr.open_group(url, mode="r", storage_options=zarr_storage_options(storage_options))
+        group = zarr.open_group(bounded_store(url, "r", zarr_storage_options(storage_options)), mode="r")
         attributes = dict(group.attrs)
     except Exception:  # noqa: BLE001 - not a group (an array, or no zarr at all): read_source says what it is
         return [url]

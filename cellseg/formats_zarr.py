@@ -14,12 +14,13 @@ from cellseg.formats_bioio import OME_ZARR_PLUGIN, open_bioio
 from cellseg.formats_plane import Plane, choose_plane, one_line, project_z
 from cellseg.io import ImageReadError, StorageOptions
 from cellseg.plates import is_plate, ngff_attributes
+from cellseg.zarr_stores import bounded_store
 
 
 def open_zarr(url: str, selection: SelectionConfig, time_point: int | None, storage_options: StorageOptions) -> Plane:
     """An OME-Zarr image (through bioio-ome-zarr) or a bare zarr array."""
     try:
-        node = zarr.open(url, mode="r", storage_options=zarr_storage_options(storage_options))
+        node = zarr.open(bounded_store(url, "r", zarr_storage_options(storage_options)), mode="r")
     except FileNotFoundError as error:
         raise ImageReadError(f"'{url}': no zarr array or group there") from error
     except Exception as error:  # zarr raises many types on what is not a zarr store

@@ -34,7 +34,8 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from pydantic import BaseModel, Field, ValidationError
 
 from cellseg import __version__
-from cellseg.checkpoint import Checkpoint, load_checkpoint_bytes, one_line, read_checkpoint_bytes
+from cellseg.bounded_reads import FileTooLarge, read_at_most
+from cellseg.checkpoint import MAX_CHECKPOINT_BYTES, Checkpoint, load_checkpoint_bytes, one_line, read_checkpoint_bytes
 from cellseg.io import StorageOptions, filesystem, join_url
 from cellseg.redact import redact, redact_text, redact_url
 from cellseg.storage_errors import StorageError, storage_call
@@ -51,6 +52,8 @@ RUN_FILES = ("history.json", "training_curves.png", "validation_gallery.png")
 WRITE_PROBE = ".write-check-"  # the empty file `check_writable` writes and deletes
 KNOWN_SHOWN = 10  # versions named when one asked for is not found
 MAX_EARLIER_CURRENT = 100  # versions current before the current one that current.json remembers for rollback
+MAX_RECORD_BYTES = 16 * 2**20  # of a model.json or current.json (some KB)
+MAX_RUN_FILE_BYTES = 64 * 2**20  # of a RUN_FILE (history.json, a PNG of some 100 KB)
 
 
 class RegistryError(ValueError):
@@ -196,7 +199,8 @@ class Registry:
     def _parse_meta(self, version: str) -> ModelVersion | str:
         """The model.json of `version` if it is whole and names that version, else why it is unreadable."""
         try:
-            meta = ModelVersion.model_validate_json(self.fs.cat_file(self._path(version, "model.json")))
+            meta = ModelVersion.model_validate_json(read_at_most(self.fs, self._path(version, "model.json"),
+                                                                  MAX_RECORD_BYTES, "a model.json"))
             _registered_at(meta)
         except ValidationError as error:
             return f"unreadable model.json ({one_line(error)})"
@@ -292,10 +296,11 @@ class Registry:
                 self._check_not_a_file()
             return None, []
         try:
-            record = json.loads(self.fs.cat_file(path))
+            record = json.loads(read_at_most(self.fs, path, MAX_RECORD_BYTES, "a current.json"))
             version, previous = record["version"], record.get("previous", [])
         except (ValueError, TypeError, KeyError, AttributeError) as error:
-            reason = f"invalid JSON: {error}" if isinstance(error, ValueError) else 'not {"version": NAME}'
+            reason = (str(error) if isinstance(error, FileTooLarge) else f"invalid JSON: {error}"
+                      if isinstance(error, ValueError) else 'not {"version": NAME}')
             raise RegistryError(f"registry '{self.url}': current.json is unreadable ({reason}); "
                                 f"promote a version to rewrite it") from error
         if not isinstance(version, str) or not VERSION_NAME.fullmatch(version):
@@ -395,11 +400,16 @@ class Registry:
     def _verified_checkpoint(self, meta: ModelVersion) -> bytes:
         """The bytes of `meta`'s checkpoint.pt, checked against its recorded sha256."""
         try:
-            data = self.fs.cat_file(self._path(meta.version, "checkpoint.pt"))
+            # No more than was registered: a longer file cannot match, however long it is
+            data = read_at_most(self.fs, self._path(meta.version, "checkpoint.pt"),
+                                min(max(meta.checkpoint_bytes, 0), MAX_CHECKPOINT_BYTES))
         except (FileNotFoundError, IsADirectoryError) as error:
             raise RegistryError(f"registry '{self.url}', version {meta.version}: checkpoint.pt is missing") from error
-        if hashlib.sha256(data).hexdigest() != meta.checkpoint_sha256:
-            size = (f" ({len(data)} bytes, {meta.checkpoint_bytes} registered)" if len(data) != meta.checkpoint_bytes
+        except FileTooLarge:
+            data = None
+        if data is None or hashlib.sha256(data).hexdigest() != meta.checkpoint_sha256:
+            size = (f" (more than the {meta.checkpoint_bytes} bytes registered)" if data is None
+                    else f" ({len(data)} bytes, {meta.checkpoint_bytes} registered)" if len(data) != meta.checkpoint_bytes
                     else "")
             raise RegistryError(
                 f"checkpoint of version '{meta.version}' in '{self.url}' does not match its recorded "
@@ -416,7 +426,7 @@ def _run_files(checkpoint_url: str, storage_options: StorageOptions) -> dict[str
     with storage_call(checkpoint_url):
         for name in RUN_FILES:
             try:
-                found[name] = fs.cat_file(posixpath.join(folder, name))
+                found[name] = read_at_most(fs, posixpath.join(folder, name), MAX_RUN_FILE_BYTES, f"a {name}")
             except FileNotFoundError:
                 continue
     return found

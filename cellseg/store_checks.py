@@ -14,7 +14,9 @@ from typing import Any
 
 from fsspec.core import split_protocol
 
+from cellseg.bounded_reads import FileTooLarge
 from cellseg.io import ZARR_GROUP_KEYS, StorageOptions, filesystem
+from cellseg.zarr_stores import read_metadata_document
 
 DONE = "done"  # an image's status once its arrays are all written
 FAILED = "failed"  # an image's status after a run could not segment it (its record says why)
@@ -205,8 +207,10 @@ def store_metadata_problem(url: str, storage_options: StorageOptions = None) -> 
     """Why the store's own zarr.json at `url` cannot be read (None when it can, or there is none)."""
     fs, path = filesystem(url, storage_options)
     try:
-        return _group_document_problem(fs.cat_file(posixpath.join(path, "zarr.json")))
+        return _group_document_problem(read_metadata_document(fs, posixpath.join(path, "zarr.json")))
     except FileNotFoundError:
         return None
+    except FileTooLarge as error:
+        return str(error)
 
 

@@ -27,6 +27,7 @@ from cellseg.store_checks import (
     unwritable,
 )
 from cellseg.store_layout import LAYOUT_VERSION, METADATA_ERRORS, StoreMode, now
+from cellseg.zarr_stores import bounded_store, read_metadata_document
 
 
 def open_root(url: str, mode: StoreMode, storage_options: StorageOptions) -> zarr.Group:
@@ -45,11 +46,11 @@ def open_root(url: str, mode: StoreMode, storage_options: StorageOptions) -> zar
         if mode in WRITE_MODES:
             check_store_target(url, storage_options)
         try:
-            root = zarr.open_group(location, mode=mode, zarr_format=3, storage_options=options,
-                                   attributes=attributes)
+            store = bounded_store(location, mode, options)
+            root = zarr.open_group(store, mode=mode, zarr_format=3, attributes=attributes)
         except ContainsGroupError:
             # Another run created the store between zarr's check and its create: open that one.
-            root = zarr.open_group(location, mode=mode, zarr_format=3, storage_options=options)
+            root = zarr.open_group(store, mode=mode, zarr_format=3)
     except FileNotFoundError as error:
         if translated := storage_error(url, error):  # a missing bucket
             raise translated from error
@@ -97,8 +98,8 @@ def repair_store_metadata(url: str, storage_options: StorageOptions = None) -> N
     fs, path = filesystem(url, storage_options)
     for child in sorted(fs.ls(path, detail=False)):
         try:
-            document = json.loads(fs.cat_file(posixpath.join(child, "zarr.json")))
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
+            document = json.loads(read_metadata_document(fs, posixpath.join(child, "zarr.json")))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError, RecursionError):
             continue
         attributes = document.get("attributes") if isinstance(document, dict) else None
         if isinstance(attributes, dict) and isinstance(attributes.get("cellseg"), dict):

@@ -449,6 +449,41 @@ def test_tampered_checkpoint_is_refused(checkpoint_file, tmp_path):
         registry.load(meta.version)
 
 
+def test_a_grown_checkpoint_is_refused_having_read_no_more_than_was_registered(checkpoint_file, tmp_path):
+    """A checkpoint.pt grown to a gigabyte was read whole before its checksum was found wrong."""
+    import tracemalloc
+
+    registry = Registry(str(tmp_path / "registry"))
+    meta = registry.register(str(checkpoint_file))
+    with open(tmp_path / "registry" / meta.version / "checkpoint.pt", "r+b") as stored:
+        stored.truncate(2**30)  # the registered bytes, then a hole of zeros
+    tracemalloc.start()
+    try:
+        with pytest.raises(RegistryError, match=rf"'{meta.version}'.*\(more than the {meta.checkpoint_bytes} bytes "
+                                                r"registered\): it was modified or corrupted"):
+            registry.load(meta.version)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**30 // 8, peak
+
+
+def test_registry_records_past_their_bound_are_named_not_read(checkpoint_file, tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    meta = registry.register(str(checkpoint_file), promote=True)
+    other = registry.register(str(variant(checkpoint_file, tmp_path / "v.pt", epoch=50)))
+    with open(tmp_path / "registry" / other.version / "model.json", "r+b") as record:
+        record.truncate(2**30)
+    versions, unreadable = registry.scan()
+    assert [found.version for found in versions] == [meta.version]
+    assert "is larger than the 16 MiB that a model.json may take; not read" in unreadable[other.version]
+    with open(tmp_path / "registry" / "current.json", "r+b") as record:
+        record.truncate(2**30)
+    with pytest.raises(RegistryError, match=r"current.json is unreadable \('.*current.json' is larger than the 16 MiB "
+                                            r"that a current.json may take; not read\)"):
+        registry.current()
+
+
 # --- object storage -----------------------------------------------------------------------
 
 
