@@ -89,7 +89,7 @@ def test_on_s3_metadata_past_the_bound_is_refused_too(s3_bucket, tiny_store, tmp
     import s3fs
 
     bucket_url, options = s3_bucket
-    store_url, image_id = tiny_store
+    _, image_id = tiny_store
     fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
     remote = f"{bucket_url}/store.zarr"
     fs.put(str(tmp_path / "store.zarr") + "/", remote + "/", recursive=True)
