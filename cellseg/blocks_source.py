@@ -11,8 +11,11 @@ import numpy as np
 
 from cellseg.config import PredictConfig
 from cellseg.formats import open_plane
-from cellseg.io import StorageOptions
+from cellseg.formats_plane import Plane, one_line
+from cellseg.io import ImageReadError, StorageOptions
+from cellseg.redact import redact_url
 from cellseg.stitch import Box
+from cellseg.storage_errors import storage_error
 
 
 class Source(Protocol):
@@ -49,4 +52,35 @@ def opened(open_source: SourceOpener) -> Iterator[Source]:
 
 def plane_opener(url: str, config: PredictConfig, storage_options: StorageOptions = None) -> SourceOpener:
     """Opens the plane of `url` that `config.selection` chooses, region by region."""
-    return lambda: open_plane(url, config.selection, storage_options)
+    return lambda: _NamedPlane(open_plane(url, config.selection, storage_options), url)
+
+
+class _NamedPlane:
+    """A plane whose regions that cannot be decoded (a damaged tile or chunk: the codec's
+    RuntimeError, imagecodecs' DeflateError say) are an ImageReadError naming the file and the
+    region: bad input, which the block tasks do not retry (they retried it for 42 s) and the
+    image's failure names."""
+
+    def __init__(self, plane: Plane, url: str):
+        self.plane, self.url = plane, url
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.plane.shape
+
+    @property
+    def dtype(self) -> Any:
+        return self.plane.dtype
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        try:
+            return self.plane[key]
+        except RuntimeError as error:
+            if storage_error(self.url, error) is not None:
+                raise
+            rows, columns = key
+            raise ImageReadError(f"'{redact_url(self.url)}': its region rows {rows.start}:{rows.stop}, columns "
+                                 f"{columns.start}:{columns.stop} cannot be decoded ({one_line(error)})") from error
+
+    def close(self) -> None:
+        self.plane.close()

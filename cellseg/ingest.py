@@ -27,9 +27,10 @@ from typing import Any
 from cellseg.io import (
     FileEntry,
     StorageOptions,
+    check_listed_size,
     decode_image,
     list_image_entries,
-    read_bytes,
+    read_image_bytes,
     write_file_atomic,
 )
 from cellseg.loaded_pairs import check_one_plane, check_same_size, dataset_hash
@@ -182,7 +183,8 @@ def ingest_dataset(
         cached = cache.lookup(listed[url])
         if cached is not None:
             return cached, False
-        return cache.add(listed[url], read_bytes(url, storage_options), role), True
+        check_listed_size(listed[url])
+        return cache.add(listed[url], read_image_bytes(url, storage_options), role), True
 
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
         fetched_images = list(pool.map(lambda pair: fetch(pair.image_url, "image"), pairs))

@@ -718,7 +718,19 @@ def read_image(
 def read_image_bytes(url: str, storage_options: StorageOptions = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
     """The bytes of one image file; a file larger than its pixels within max_pixels could need is
     refused before it is read whole."""
-    return read_bytes(url, storage_options, max_pixels * MAX_BYTES_PER_PIXEL + MAX_EXTRA_FILE_BYTES)
+    return read_bytes(url, storage_options, image_byte_limit(max_pixels))
+
+
+def image_byte_limit(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """The most bytes an image file within `max_pixels` may hold (its pixels, and room for metadata)."""
+    return max_pixels * MAX_BYTES_PER_PIXEL + MAX_EXTRA_FILE_BYTES
+
+
+def check_listed_size(entry: FileEntry, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Refuse a listed image file larger than `read_image_bytes` reads, from its listed size alone."""
+    if entry.size > (limit := image_byte_limit(max_pixels)):
+        raise ImageReadError(f"'{redact_url(entry.url)}': file is {entry.size} bytes, over the {limit} an image within "
+                             "max_pixels can take")
 
 
 def binarize_mask(mask: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ uses: starting fresh interpreters costs seconds, more than a shard of 32 images 
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -123,5 +124,9 @@ def shared_label_workers(processes: int) -> LabelWorkers:
 
 
 def _one_thread_each() -> None:
-    """The processes are the parallelism: OpenCV's own threads in each would only contend."""
+    """The processes are the parallelism: OpenCV's own threads in each would only contend. Ctrl-C
+    is the parent's to handle: a terminal sends it to the whole process group, and a worker it
+    interrupted answered its image with KeyboardInterrupt, or died idle and broke the pool, so that
+    the images the parent was still writing were recorded as failed."""
     cv2.setNumThreads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -18,7 +18,7 @@ from cellseg import png
 from cellseg.appearance import image_appearance
 from cellseg.config import NormalizationConfig
 from cellseg.dataset_errors import DatasetError
-from cellseg.io import StorageOptions, decode_image, decode_mask, read_bytes
+from cellseg.io import StorageOptions, decode_image, decode_mask, read_image_bytes
 from cellseg.mask_pixels import mask_and_labels
 from cellseg.normalize import normalize_image
 from cellseg.pairs import ImagePair
@@ -79,8 +79,8 @@ MOSTLY_CELL_SHARE = 0.9
 
 def load_pair(pair: ImagePair, normalization: NormalizationConfig, storage_options: StorageOptions = None) -> LoadedPair:
     """Read, validate and normalise one pair; a size mismatch names both files."""
-    image_bytes = read_bytes(pair.image_url, storage_options)
-    mask_bytes = read_bytes(pair.mask_url, storage_options)
+    image_bytes = read_image_bytes(pair.image_url, storage_options)  # no larger than decode_image takes
+    mask_bytes = read_image_bytes(pair.mask_url, storage_options)
     image = decode_image(image_bytes, pair.image_url)
     decoded = decode_mask(mask_bytes, pair.mask_url)
     decoded_mask = decoded.pixels

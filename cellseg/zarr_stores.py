@@ -67,7 +67,12 @@ def bounded_store(location: str, mode: str, storage_options: dict[str, Any] | No
     bounded one: what `zarr.open_group(location, mode=mode, storage_options=...)` makes."""
     read_only = mode == "r"
     if "://" in location or "::" in location:
-        return BoundedFsspecStore.from_url(location, storage_options=storage_options, read_only=read_only)
+        async def on_zarrs_loop() -> Store:
+            # Made in zarr's event loop thread, as zarr makes its own: fsspec keeps a filesystem
+            # instance, and its listing cache, per thread, and the store's writers invalidate theirs.
+            return BoundedFsspecStore.from_url(location, storage_options=storage_options, read_only=read_only)
+
+        return sync(on_zarrs_loop())
     if storage_options:
         raise TypeError("storage options are only used with a URL, not with the local path "
                         f"'{location}'")

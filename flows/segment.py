@@ -18,7 +18,7 @@ from typing import Any, cast
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
-from prefect.futures import PrefectConcurrentFuture, PrefectFuture, wait
+from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -162,14 +162,19 @@ def _block_steps(job: SegmentJob, image_id: str, url: str, gpu: bool, started: f
 
 
 def _each_block(futures: list[PrefectFuture[str]], on_done: Callable[[int], None]) -> None:
-    """Wait for one step's block tasks, `on_done` told of each; where one fails, the others end
-    before its error is raised, so none writes into a scratch that a start over replaces."""
+    """Wait for one step's block tasks, `on_done` told of each; where one fails, those not started
+    never start and those running end before its error is raised, so none writes into a scratch
+    that a start over replaces."""
     try:
         for done, future in enumerate(as_completed_awake(futures), start=1):
             future.result()
             on_done(done)
     except Exception:
-        wait(futures)
+        for future in futures:
+            if isinstance(future, PrefectConcurrentFuture):
+                future.wrapped_future.cancel()
+        for _ in as_completed_awake(futures):
+            pass
         raise
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from PIL import Image
 
 from benchmarks.large import bench_exact, compare, frozen_checkpoint
 from cellseg.blocks import blockwise_shape, segment_blockwise
@@ -779,3 +780,28 @@ def test_segment_images_starts_a_large_image_over_when_its_scratch_cannot_be_dec
     flow_store, library_store = (ResultStore.open(str(tmp_path / name), mode="r") for name in ("flow.zarr", "library.zarr"))
     assert flow_store.record("big")["blocks"]["resumed"] == 0
     np.testing.assert_array_equal(flow_store.read_cells("big"), library_store.read_cells("big"))
+
+
+def test_a_damaged_tile_of_a_large_image_fails_it_at_once_naming_the_region(frozen_general, prefect_harness,
+                                                                             tmp_path):
+    """A tile that cannot be decoded raised the codec's own error (DeflateError, a RuntimeError),
+    which the block tasks retried three times (42 s) before the image failed without naming where."""
+    from cellseg.flows.segment import segment_images_flow
+
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "big.tif", mosaic((SIDE, SIDE), seed=6), tile=(256, 256), compression="zlib")
+    Image.fromarray(mosaic((256, 256), seed=7)).save(tmp_path / "in" / "small.png")
+    with tifffile.TiffFile(tmp_path / "in" / "big.tif") as tiff:
+        offset, count = tiff.pages[0].dataoffsets[9], tiff.pages[0].databytecounts[9]
+    with open(tmp_path / "in" / "big.tif", "r+b") as file:  # one tile damaged past decoding
+        file.seek(offset + 2)
+        file.write(bytes(count - 2))
+    job = SegmentJob(source_url=str(tmp_path / "in"), store_url=str(tmp_path / "flow.zarr"),
+                     checkpoint_url=str(frozen_general), predict=BLOCKWISE.model_copy(update={
+                         "blocks": BLOCKWISE.blocks.model_copy(update={"above_pixels": 512 * 512})}))
+    summary = segment_images_flow(job)
+    assert summary["done"] == 1, summary  # the small image
+    [failed] = summary["failed"]
+    assert failed["image_id"] == "big" and "big.tif': its region rows" in failed["error"], failed
+    assert "cannot be decoded (DeflateError" in failed["error"], failed
+    assert not ResultStore.open(str(tmp_path / "flow.zarr"), mode="r").is_done("big")

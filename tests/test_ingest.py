@@ -17,6 +17,7 @@ from cellseg.dataset_errors import DatasetError
 from cellseg.ingest import Manifest, ingest_dataset
 from cellseg.io import ImageReadError
 from cellseg.loaded_pairs import load_pairs, manifest_hash
+from cellseg.pairs import ImagePair
 
 # Three pairs of different sizes and dtypes, so shape and dtype in the manifest are checkable by hand.
 IMAGES = {
@@ -232,6 +233,24 @@ def test_zero_byte_image_is_refused_naming_the_file(tmp_path):
     with pytest.raises(ImageReadError, match=r"'.*images/a\.png': file is empty \(0 bytes\)"):
         ingest_local(root, cache)
     assert_no_manifest(cache)
+
+
+def test_an_image_file_too_large_for_any_image_is_refused_from_its_listed_size_unread(tmp_path):
+    """Training files were read whole, however large, before the decoder's pixel limit was checked."""
+    from cellseg.io import image_byte_limit
+
+    root = write_local(tmp_path / "src", dataset_files())
+    with open(root / "images" / "a.png", "r+b") as image:  # a PNG's header, then a hole past any image's bytes
+        image.truncate(image_byte_limit() + 1)
+    cache = tmp_path / "cache"
+
+    with pytest.raises(ImageReadError, match=rf"'.*images/a\.png': file is {image_byte_limit() + 1} bytes, over the "
+                                             rf"{image_byte_limit()} an image within max_pixels can take"):
+        ingest_local(root, cache)
+    assert_no_manifest(cache)
+    with pytest.raises(ImageReadError, match=r"'.*images/a\.png': file is over \d+ bytes, more than an image within "
+                                             r"max_pixels can take"):  # `cellseg train` reads no more than that
+        load_pairs([ImagePair("a", str(root / "images" / "a.png"), str(root / "masks" / "a.png"))], NormalizationConfig())
 
 
 def test_zero_byte_image_is_refused_even_after_a_good_ingest(tmp_path):

@@ -46,6 +46,25 @@ def test_a_dead_worker_fails_its_image_and_a_new_pool_takes_the_next(samples):
     np.testing.assert_array_equal(result.labels, label_and_measure(next_maps, next_image, config, {}).labels)
 
 
+def test_ctrl_c_to_the_process_group_leaves_the_workers_to_the_parent(samples):
+    """A terminal's Ctrl-C reaches every process of its group: a worker it interrupted died, and the
+    images the parent was writing failed with LabelWorkerError. The parent alone decides to stop."""
+    import os
+    import signal
+    import time
+
+    config = PredictConfig(device="cpu")
+    (maps, image), (next_maps, next_image) = samples[0], samples[1]
+    with LabelWorkers(1) as workers:
+        workers.run(maps, image, config, {})
+        for process in list(workers._pool._processes.values()):
+            os.kill(process.pid, signal.SIGINT)
+        time.sleep(0.5)  # taken while idle: Python's default ended the worker there
+        result = workers.run(next_maps, next_image, config, {})
+        assert all(process.is_alive() for process in workers._pool._processes.values())
+    np.testing.assert_array_equal(result.labels, label_and_measure(next_maps, next_image, config, {}).labels)
+
+
 def test_warm_up_compiles_both_splits_and_the_table_for_common_image_types():
     from cellseg import measure, stats, watershed
 
