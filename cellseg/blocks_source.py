@@ -3,6 +3,7 @@ opened by each step and closed after it."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -51,36 +52,31 @@ def opened(open_source: SourceOpener) -> Iterator[Source]:
 
 
 def plane_opener(url: str, config: PredictConfig, storage_options: StorageOptions = None) -> SourceOpener:
-    """Opens the plane of `url` that `config.selection` chooses, region by region."""
-    return lambda: _NamedPlane(open_plane(url, config.selection, storage_options), url)
+    """Opens the plane of `url` that `config.selection` chooses, region by region. A region that
+    cannot be decoded (a damaged tile or chunk: the codec's RuntimeError, imagecodecs' DeflateError
+    say) is an ImageReadError naming the file and the region: bad input, which the block tasks do
+    not retry (they retried it for 42 s) and the image's failure names."""
+    def open_named() -> Plane:
+        plane = open_plane(url, config.selection, storage_options)
+        return dataclasses.replace(plane, read_region=_named_reads(plane.read_region, url))
+
+    return open_named
 
 
-class _NamedPlane:
-    """A plane whose regions that cannot be decoded (a damaged tile or chunk: the codec's
-    RuntimeError, imagecodecs' DeflateError say) are an ImageReadError naming the file and the
-    region: bad input, which the block tasks do not retry (they retried it for 42 s) and the
-    image's failure names."""
+# RuntimeErrors that say nothing about the file: the process is short of threads or stopping
+_NOT_THE_FILE = ("can't start new thread", "cannot schedule new futures", "Event loop is closed")
 
-    def __init__(self, plane: Plane, url: str):
-        self.plane, self.url = plane, url
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.plane.shape
-
-    @property
-    def dtype(self) -> Any:
-        return self.plane.dtype
-
-    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+def _named_reads(read_region: Callable[[slice, slice], np.ndarray], url: str) -> Callable[[slice, slice], np.ndarray]:
+    def read(rows: slice, columns: slice) -> np.ndarray:
         try:
-            return self.plane[key]
+            return read_region(rows, columns)
+        except (NotImplementedError, RecursionError):
+            raise
         except RuntimeError as error:
-            if storage_error(self.url, error) is not None:
+            if storage_error(url, error) is not None or any(words in str(error) for words in _NOT_THE_FILE):
                 raise
-            rows, columns = key
-            raise ImageReadError(f"'{redact_url(self.url)}': its region rows {rows.start}:{rows.stop}, columns "
+            raise ImageReadError(f"'{redact_url(url)}': its region rows {rows.start}:{rows.stop}, columns "
                                  f"{columns.start}:{columns.stop} cannot be decoded ({one_line(error)})") from error
 
-    def close(self) -> None:
-        self.plane.close()
+    return read

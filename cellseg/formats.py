@@ -236,7 +236,7 @@ def _warn_of_masks_beside_images(url: str, listed: list[str]) -> None:
 def _zarr_sources(url: str, storage_options: StorageOptions) -> list[str]:
     """The images of one `.zarr` folder: itself, or the fields of a plate; none for a results store."""
     try:
-        group = zarr.open_group(bounded_store(url, "r", zarr_storage_options(storage_options)), mode="r")
+        group = zarr.open_group(bounded_store(url, "r", zarr_storage_options(storage_options), input_image=True), mode="r")
         attributes = dict(group.attrs)
     except Exception:  # noqa: BLE001 - not a group (an array, or no zarr at all): read_source says what it is
         return [url]

@@ -20,7 +20,7 @@ from cellseg.zarr_stores import bounded_store
 def open_zarr(url: str, selection: SelectionConfig, time_point: int | None, storage_options: StorageOptions) -> Plane:
     """An OME-Zarr image (through bioio-ome-zarr) or a bare zarr array."""
     try:
-        node = zarr.open(bounded_store(url, "r", zarr_storage_options(storage_options)), mode="r")
+        node = zarr.open(bounded_store(url, "r", zarr_storage_options(storage_options), input_image=True), mode="r")
     except FileNotFoundError as error:
         raise ImageReadError(f"'{url}': no zarr array or group there") from error
     except Exception as error:  # zarr raises many types on what is not a zarr store

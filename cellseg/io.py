@@ -25,6 +25,7 @@ from fsspec.core import url_to_fs
 from PIL import Image, UnidentifiedImageError
 
 from cellseg import png
+from cellseg.bounded_reads import is_local
 from cellseg.plates import image_id
 from cellseg.redact import credentials_in_bucket_url, redact_url
 from cellseg.storage_errors import StorageError, storage_call
@@ -343,11 +344,19 @@ def list_images(url: str, storage_options: StorageOptions = None, kind: str = "i
 
 def read_bytes(url: str, storage_options: StorageOptions = None, max_bytes: int | None = None) -> bytes:
     """Whole file contents of `url`; a file over `max_bytes` (the limit `read_image` derives from
-    max_pixels) is refused having read no more than max_bytes + 1 bytes."""
+    max_pixels) is refused from its size on local disk, elsewhere having read no more than
+    max_bytes + 1 bytes."""
     fs, path = filesystem(url, storage_options)
     try:
         with storage_call(url):
-            data = fs.cat_file(path) if max_bytes is None else fs.cat_file(path, start=0, end=max_bytes + 1)
+            if max_bytes is None:
+                data = fs.cat_file(path)
+            elif is_local(fs):  # from its size: a read of max_bytes would set aside that many bytes first
+                if fs.size(path) > max_bytes:
+                    raise _over(url, max_bytes)
+                data = fs.cat_file(path)
+            else:
+                data = fs.cat_file(path, start=0, end=max_bytes + 1)
     except FileNotFoundError as error:
         raise ImageReadError(f"'{url}': file not found") from error
     except OSError as error:  # S3 answers a ranged read of an empty object 416, "range not satisfiable"
@@ -355,9 +364,13 @@ def read_bytes(url: str, storage_options: StorageOptions = None, max_bytes: int 
             raise ImageReadError(f"'{url}': file is empty (0 bytes)") from error
         raise
     if max_bytes is not None and len(data) > max_bytes:
-        raise ImageReadError(f"'{url}': file is over {max_bytes} bytes, more than an image within max_pixels "
-                             "can take (raise max_pixels to allow it)")
+        raise _over(url, max_bytes)
     return data
+
+
+def _over(url: str, max_bytes: int) -> ImageReadError:
+    return ImageReadError(f"'{url}': file is over {max_bytes} bytes, more than an image within max_pixels can take "
+                          "(raise max_pixels to allow it)")
 
 
 def _is_empty(fs: fsspec.AbstractFileSystem, path: str) -> bool:

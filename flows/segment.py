@@ -163,8 +163,8 @@ def _block_steps(job: SegmentJob, image_id: str, url: str, gpu: bool, started: f
 
 def _each_block(futures: list[PrefectFuture[str]], on_done: Callable[[int], None]) -> None:
     """Wait for one step's block tasks, `on_done` told of each; where one fails, those not started
-    never start and those running end before its error is raised, so none writes into a scratch
-    that a start over replaces."""
+    on this process's threads never start (on Dask they run), and all end before its error is
+    raised, so none writes into a scratch that a start over replaces."""
     try:
         for done, future in enumerate(as_completed_awake(futures), start=1):
             future.result()

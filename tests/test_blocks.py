@@ -724,6 +724,8 @@ def test_segment_images_runs_the_blocks_of_a_large_image_as_tasks(frozen_general
     flow_store, library_store = (ResultStore.open(str(tmp_path / name), mode="r") for name in ("flow.zarr", "library.zarr"))
     assert flow_store.record("big")["blocks"]["count"] == 16 and "blocks" not in flow_store.record("small")
     np.testing.assert_array_equal(flow_store.read_cells("big"), library_store.read_cells("big"))
+    for store in (flow_store, library_store):  # the plane chosen and what the file says of its pixels
+        assert store.record("big")["source"]["selection"]["format"] == "tiff"
 
 
 @pytest.mark.parametrize(("garbled", "stitched"), [("labels", True), ("final", True), ("edges", False)])
