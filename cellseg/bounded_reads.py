@@ -1,7 +1,8 @@
 """Small files (JSON documents, metadata, checkpoints) read whole but bounded in size: a file on
 local disk longer than `max_bytes` is refused from its size, one on object storage having read at
 most `max_bytes` + 1 bytes in the one request a whole read makes, naming it (`FileTooLarge`),
-before anything allocates or parses what a hostile file declares."""
+before anything allocates or parses what a hostile file declares. Which kind of filesystem a
+read is on (`protocols`, `is_local`) is told here too."""
 
 from __future__ import annotations
 
@@ -15,28 +16,48 @@ class FileTooLarge(ValueError):
 def read_at_most(fs: Any, path: str, max_bytes: int, what: str = "") -> bytes:
     """The whole of the file at `path` on fsspec filesystem `fs`, which may hold at most `max_bytes`
     (`what` says what such a file is, for the error)."""
-    if is_local(fs):  # from its size: a read of max_bytes would set aside that many bytes first
-        if fs.size(path) > max_bytes:
-            raise FileTooLarge(f"'{path}' is larger than the {_size(max_bytes)} that {what or 'such a file'} may take; "
-                               "not read")
-        data = fs.cat_file(path)
-    else:
-        try:
-            data = fs.cat_file(path, start=0, end=max_bytes + 1)
-        except OSError as error:  # S3 answers a ranged read of an empty object 416, "range not satisfiable"
-            if "not satisfiable" in str(error) or "InvalidRange" in str(error):
-                return b""
-            raise
-    if len(data) > max_bytes:
-        raise FileTooLarge(f"'{path}' is larger than the {_size(max_bytes)} that {what or 'such a file'} may take; "
-                           "not read")
+    try:
+        data = bounded_cat(fs, path, max_bytes)
+    except OSError:  # S3 answers a ranged read of an empty object 416, "range not satisfiable"
+        if is_empty(fs, path):
+            return b""
+        raise
+    if data is None:
+        raise too_large(path, max_bytes, what or "such a file")
     return bytes(data)
 
 
+def bounded_cat(fs: Any, path: str, max_bytes: int) -> bytes | None:
+    """The file at `path` on `fs`, or None when it holds more than `max_bytes`: on local disk told
+    from its size (a read of max_bytes would set aside that many bytes first), elsewhere having
+    read at most max_bytes + 1 bytes. Storage errors pass unchanged."""
+    if is_local(fs):
+        return None if fs.size(path) > max_bytes else fs.cat_file(path)
+    data = fs.cat_file(path, start=0, end=max_bytes + 1)
+    return None if len(data) > max_bytes else data
+
+
+def too_large(path: str, max_bytes: int, what: str) -> FileTooLarge:
+    """The error of a file at `path` longer than the `max_bytes` that `what` may take."""
+    return FileTooLarge(f"'{path}' is larger than the {_size(max_bytes)} that {what} may take; not read")
+
+
+def protocols(fs: Any) -> set[str]:
+    """The protocol names of fsspec filesystem `fs` (fsspec gives one, or a tuple of aliases)."""
+    return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+
+
 def is_local(fs: Any) -> bool:
-    """Whether fsspec filesystem `fs` is the local disk."""
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    return "file" in protocols or "local" in protocols
+    """Whether `fs` is the local file system (where folders may be symbolic links)."""
+    return bool(protocols(fs) & {"file", "local"})
+
+
+def is_empty(fs: Any, path: str) -> bool:
+    """Whether the file at `path` holds 0 bytes (False when its size cannot be read either)."""
+    try:
+        return fs.size(path) == 0
+    except OSError:
+        return False
 
 
 def _size(count: int) -> str:

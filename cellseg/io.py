@@ -25,7 +25,7 @@ from fsspec.core import url_to_fs
 from PIL import Image, UnidentifiedImageError
 
 from cellseg import png
-from cellseg.bounded_reads import is_local
+from cellseg.bounded_reads import bounded_cat, is_empty, is_local, protocols
 from cellseg.plates import image_id
 from cellseg.redact import credentials_in_bucket_url, redact_url
 from cellseg.storage_errors import StorageError, storage_call
@@ -231,7 +231,7 @@ class _Walk:
 def _walk_subfolders(fs: fsspec.AbstractFileSystem, url: str, root: str, walk: _Walk) -> None:
     """List the subfolders `walk` found under `url` (the folder at `root`), level by level, theirs
     in turn: to MAX_LISTING_DEPTH levels, each real folder once, zarr stores not entered."""
-    local = _is_local(fs)
+    local = is_local(fs)
     seen = {os.path.realpath(root) if local else root.rstrip("/")}
     too_deep: list[str] = []
     revisited: list[str] = []
@@ -274,19 +274,9 @@ def _walk_subfolders(fs: fsspec.AbstractFileSystem, url: str, root: str, walk: _
                        len(stores), redact_url(url), _some(stores))
 
 
-def protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
-    """The protocol names of `fs` (fsspec gives one, or a tuple of aliases)."""
-    return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-
-
 def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
     """Whether `fs` is an object store (s3://, gs://, ...), whose folders are key prefixes in buckets."""
     return bool(protocols(fs) & OBJECT_STORE_PROTOCOLS)
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    """Whether `fs` is the local file system, where folders may be symbolic links."""
-    return bool(protocols(fs) & {"file", "local"})
 
 
 def _is_results_store(fs: fsspec.AbstractFileSystem, path: str, names: set[str], url: str) -> bool:
@@ -349,36 +339,17 @@ def read_bytes(url: str, storage_options: StorageOptions = None, max_bytes: int 
     fs, path = filesystem(url, storage_options)
     try:
         with storage_call(url):
-            if max_bytes is None:
-                data = fs.cat_file(path)
-            elif is_local(fs):  # from its size: a read of max_bytes would set aside that many bytes first
-                if fs.size(path) > max_bytes:
-                    raise _over(url, max_bytes)
-                data = fs.cat_file(path)
-            else:
-                data = fs.cat_file(path, start=0, end=max_bytes + 1)
+            data = fs.cat_file(path) if max_bytes is None else bounded_cat(fs, path, max_bytes)
     except FileNotFoundError as error:
         raise ImageReadError(f"'{url}': file not found") from error
     except OSError as error:  # S3 answers a ranged read of an empty object 416, "range not satisfiable"
-        if max_bytes is not None and _is_empty(fs, path):
+        if max_bytes is not None and is_empty(fs, path):
             raise ImageReadError(f"'{url}': file is empty (0 bytes)") from error
         raise
-    if max_bytes is not None and len(data) > max_bytes:
-        raise _over(url, max_bytes)
+    if data is None:
+        raise ImageReadError(f"'{url}': file is over {max_bytes} bytes, more than an image within max_pixels "
+                             "can take (raise max_pixels to allow it)")
     return data
-
-
-def _over(url: str, max_bytes: int) -> ImageReadError:
-    return ImageReadError(f"'{url}': file is over {max_bytes} bytes, more than an image within max_pixels can take "
-                          "(raise max_pixels to allow it)")
-
-
-def _is_empty(fs: fsspec.AbstractFileSystem, path: str) -> bool:
-    """Whether the file at `path` holds 0 bytes (False when its size cannot be read either)."""
-    try:
-        return fs.size(path) == 0
-    except OSError:
-        return False
 
 
 def write_bytes(url: str, data: bytes, storage_options: StorageOptions = None) -> str:

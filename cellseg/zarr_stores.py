@@ -22,7 +22,7 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
-from cellseg.bounded_reads import FileTooLarge, read_at_most
+from cellseg.bounded_reads import FileTooLarge, read_at_most, too_large
 
 MAX_METADATA_BYTES = 16 * 2**20  # of a results store's documents (an image's zarr.json is some 2 KB)
 MAX_INPUT_METADATA_BYTES = 256 * 2**20  # of an input's: a plate of 1536 wells x 9 fields x 6 levels is some 80 MB
@@ -34,7 +34,7 @@ def _is_metadata(key: str) -> bool:
 
 
 def _too_large(key: str, limit: int) -> FileTooLarge:
-    return FileTooLarge(f"'{key}' is larger than the {limit // 2**20} MiB that any zarr metadata may take; not read")
+    return too_large(key, limit, "any zarr metadata")
 
 
 class BoundedLocalStore(LocalStore):

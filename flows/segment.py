@@ -170,9 +170,7 @@ def _each_block(futures: list[PrefectFuture[str]], on_done: Callable[[int], None
             future.result()
             on_done(done)
     except Exception:
-        for future in futures:
-            if isinstance(future, PrefectConcurrentFuture):
-                future.wrapped_future.cancel()
+        _start_no_more(futures)
         for _ in as_completed_awake(futures):
             pass
         raise
@@ -252,9 +250,14 @@ def _let_running_shards_end(futures: Sequence[PrefectFuture[Any]]) -> None:
     told to stop, end after writing what they have predicted, before the runner exits. The
     runner's own exit cancels every task run it holds, and one caught starting logged "Crash
     detected! ... Task run cancelled by the task runner" at ERROR level for a plain cancel."""
+    concurrent.futures.wait(_start_no_more(futures), timeout=STOP_GRACE)
+
+
+def _start_no_more(futures: Sequence[PrefectFuture[Any]]) -> list[concurrent.futures.Future[Any]]:
+    """Cancel the task runs of `futures` not yet started on this process's threads (those on Dask
+    run); the ones running here, which a cancel cannot stop."""
     local = [future.wrapped_future for future in futures if isinstance(future, PrefectConcurrentFuture)]
-    running = [future for future in local if not future.cancel()]
-    concurrent.futures.wait(running, timeout=STOP_GRACE)
+    return [future for future in local if not future.cancel()]
 
 
 def _follow(futures: Sequence[PrefectFuture[Any]], shard_sizes: dict[Any, int], images: int,
