@@ -124,11 +124,13 @@ def overlay_gallery(
 
 def segmentation_montage(
     images: Sequence[np.ndarray], cells: Sequence[np.ndarray], names: Sequence[str], url: str,
-    storage_options: StorageOptions = None, columns: int = 3,
+    storage_options: StorageOptions = None, columns: int = 3, counts: Sequence[int] | None = None,
 ) -> str:
-    """One panel per image with the outlines of its segmented cells and their count."""
+    """One panel per image with the outlines of its segmented cells and their count (`counts`,
+    else the largest label: the count of labels numbered 1..N)."""
     panels = [outlined(image, [(labels, PREDICTION_COLOUR)]) for image, labels in zip(images, cells, strict=True)]
-    titles = [f"{name} ({int(labels.max())} cells)" for name, labels in zip(names, cells, strict=True)]
+    counts = [int(labels.max(initial=0)) for labels in cells] if counts is None else counts
+    titles = [f"{name} ({count} cells)" for name, count in zip(names, counts, strict=True)]
     return _grid(panels, titles, url, storage_options, columns, None)
 
 

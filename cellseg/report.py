@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -13,9 +14,9 @@ from cellseg.config import SelectionConfig
 from cellseg.formats import read_source
 from cellseg.infer import Predictor
 from cellseg.loaded_pairs import LoadedPair
-from cellseg.pictures import overlay_gallery, segmentation_montage, training_curves
+from cellseg.pictures import PANEL_SIDE, overlay_gallery, segmentation_montage, training_curves
 from cellseg.store import ResultStore
-from cellseg.store_layout import IMAGE_PATH
+from cellseg.store_layout import IMAGE_PATH, MASK_PATH
 
 CURVES_FILE = "training_curves.png"
 GALLERY_FILE = "validation_gallery.png"
@@ -50,23 +51,37 @@ def store_montage(
     store: ResultStore, images: Iterable[tuple[str, str]], url: str, max_images: int = 6
 ) -> str | None:
     """Montage of the first `max_images` of `images` ((id, source URL) pairs) that the store holds
-    as done; None when none is."""
+    as done; None when none is. Each is read at about the panel's size (every n-th row and column):
+    six 2048² images read whole took 931 MB to draw, a 16,384² one alone would take some 15 GB."""
     # Lazily: a run of 100,000 images asks the store about the first few, not about every one.
     shown = list(itertools.islice(((image_id, source) for image_id, source in images if store.is_done(image_id)),
                                   max_images))
     if not shown:
         return None
-    return segmentation_montage(
-        [_segmented_image(store, image_id, source) for image_id, source in shown],
-        [store.read_cells(image_id) for image_id, _ in shown],
-        [image_id for image_id, _ in shown], url,
-    )
+    views = [_montage_view(store, image_id, source) for image_id, source in shown]
+    return segmentation_montage([image for image, _, _ in views], [cells for _, cells, _ in views],
+                                [image_id for image_id, _ in shown], url, counts=[count for _, _, count in views])
 
 
-def _segmented_image(store: ResultStore, image_id: str, source: str) -> np.ndarray:
-    """The plane an image's result was segmented from: the store's copy of it, else its source read
-    again with the selection its record names (a channel of an OME-TIFF, a time point, a field)."""
-    if store.array(image_id, IMAGE_PATH) is not None:
-        return store.read_image(image_id)
-    chosen = store.record(image_id).get("model", {}).get("predict", {}).get("selection")
-    return read_source(source, SelectionConfig.model_validate(chosen or {}))[0]
+def _montage_view(store: ResultStore, image_id: str, source: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(image, cell labels, cell count) of a done image for its panel: every `step`-th row and
+    column, the step the largest that leaves the longer side at least PANEL_SIDE."""
+    record = store.record(image_id)
+    mask = store.array(image_id, MASK_PATH, record)
+    assert mask is not None  # a done image has a mask: `array` raises DamagedImage without one
+    step = max(1, max(mask.shape[:2]) // PANEL_SIDE)
+    cells = store.read_cells(image_id, step)
+    statistics = record.get("statistics")
+    count = statistics.get("cell_count") if isinstance(statistics, dict) else None
+    return (_segmented_image(store, image_id, source, record, step), cells,
+            count if type(count) is int else int(cells.max(initial=0)))  # the count of cells a step may skip
+
+
+def _segmented_image(store: ResultStore, image_id: str, source: str, record: dict[str, Any], step: int) -> np.ndarray:
+    """The plane an image's result was segmented from (every `step`-th row and column): the
+    store's copy of it, else its source read again with the selection its record names (a channel
+    of an OME-TIFF, a time point, a field)."""
+    if store.array(image_id, IMAGE_PATH, record) is not None:
+        return store.read_image(image_id, step)
+    chosen = record.get("model", {}).get("predict", {}).get("selection")
+    return np.ascontiguousarray(read_source(source, SelectionConfig.model_validate(chosen or {}))[0][::step, ::step])

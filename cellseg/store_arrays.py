@@ -24,9 +24,12 @@ from cellseg.store_layout import (
 from cellseg.store_records import StoreRecords
 
 
-def _read(array: zarr.Array) -> np.ndarray:
-    """The whole array as numpy (zarr types a read as any array-like or scalar)."""
-    return np.asarray(array[...])
+def _read(array: zarr.Array, step: int = 1) -> np.ndarray:
+    """The array as numpy, every `step`-th row and column of it (zarr types a read as any array-like
+    or scalar); zarr decodes chunk by chunk into the result, so a step bounds the memory it takes."""
+    if step == 1:
+        return np.asarray(array[...])
+    return np.asarray(array[slice(None, None, step), slice(None, None, step)])
 
 
 def _declared_shape_problem(shape: tuple[int, ...], chunks: int, path: str, record: dict[str, Any]) -> str | None:
@@ -85,10 +88,11 @@ class StoreArrays(StoreRecords):
                                f"its {what} '{image_id}/{path}' is missing {missing} of {node.nchunks} chunks")
         return node
 
-    def array_data(self, image_id: str, path: str, array: zarr.Array) -> np.ndarray:
-        """The whole of one of an image's arrays; DamagedImage when a chunk cannot be decoded."""
+    def array_data(self, image_id: str, path: str, array: zarr.Array, step: int = 1) -> np.ndarray:
+        """The whole of one of an image's arrays, or every `step`-th row and column of it;
+        DamagedImage when a chunk cannot be decoded."""
         try:
-            return _read(array)
+            return _read(array, step)
         except CHUNK_ERRORS as error:
             raise DamagedImage(self.url, image_id, f"its {ARRAYS[path][0]} '{image_id}/{path}' has a chunk that "
                                                    f"cannot be decoded ({describe(error)})", undecodable=True) from error
@@ -100,23 +104,26 @@ class StoreArrays(StoreRecords):
             raise StoreError(f"image '{image_id}' in '{self.url}' was written without {what}")
         return array
 
-    def read_mask(self, image_id: str) -> np.ndarray:
-        """Boolean (H, W) mask of a done image."""
+    def read_mask(self, image_id: str, step: int = 1) -> np.ndarray:
+        """Boolean (H, W) mask of a done image (every `step`-th row and column of it)."""
         array = self.array(image_id, MASK_PATH)
         assert array is not None  # every done image has a mask: `array` raises DamagedImage without one
-        return self.array_data(image_id, MASK_PATH, array) > 0
+        return self.array_data(image_id, MASK_PATH, array, step) > 0
 
-    def read_cells(self, image_id: str) -> np.ndarray:
-        """Instance labels (int32, 0 = background, 1..N one per cell) of a done image; images
-        written without them get the connected components of their mask."""
+    def read_cells(self, image_id: str, step: int = 1) -> np.ndarray:
+        """Instance labels (int32, 0 = background, 1..N one per cell) of a done image (every
+        `step`-th row and column of them); images written without them get the connected
+        components of their mask."""
         array = self.array(image_id, CELLS_PATH)
         if array is not None:
-            return self.array_data(image_id, CELLS_PATH, array)
-        return label_cells(self.read_mask(image_id))[0]
+            return self.array_data(image_id, CELLS_PATH, array, step)
+        return label_cells(self.read_mask(image_id, step))[0]
 
-    def read_image(self, image_id: str) -> np.ndarray:
-        """The copy of the source image stored with a done result (`PredictConfig.store_image`)."""
-        return self.array_data(image_id, IMAGE_PATH, self._optional_array(image_id, IMAGE_PATH, "a copy of its source image"))
+    def read_image(self, image_id: str, step: int = 1) -> np.ndarray:
+        """The copy of the source image stored with a done result (`PredictConfig.store_image`),
+        every `step`-th row and column of it."""
+        array = self._optional_array(image_id, IMAGE_PATH, "a copy of its source image")
+        return self.array_data(image_id, IMAGE_PATH, array, step)
 
     def has_probabilities(self, image_id: str) -> bool:
         """Whether a done image was written with its cell probabilities (`--save-probabilities`)."""

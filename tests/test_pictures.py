@@ -214,6 +214,41 @@ def test_a_run_montage_asks_the_store_about_its_first_images_only(tmp_path):
     assert montage is not None and _has_colour(_png(montage), PREDICTION_COLOUR)
 
 
+def test_a_run_montage_reads_large_images_at_about_its_panel_size(tmp_path):
+    """Six 2048² images read whole took 931 MB to draw; one drawn from its source file (no image
+    copy in the store) and one from the store's copy both take a small part of one whole read."""
+    import tracemalloc
+
+    from cellseg.report import store_montage
+    from cellseg.store import ResultStore
+
+    side, period = 4096, 32
+    rows, columns = np.mgrid[:side, :side]
+    inside = ((rows % period) - period // 2) ** 2 + ((columns % period) - period // 2) ** 2 < 100
+    cells = np.where(inside, (rows // period) * (side // period) + columns // period + 1, 0).astype(np.int32)
+    image = np.where(inside, 200, 20).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "source.png")
+    store = ResultStore.open(str(tmp_path / "r.zarr"))
+    count = int(cells.max())
+    store.write_result("copied", inside, {"cell_count": count}, "copied.png", {"version": "v"}, cells=cells, image=image)
+    store.write_result("from-source", inside, {"cell_count": count}, str(tmp_path / "source.png"), {"version": "v"},
+                       cells=cells)
+    whole = cells.nbytes + image.nbytes
+    del rows, columns, inside, cells, image
+
+    tracemalloc.start()
+    try:
+        montage = store_montage(store, [("copied", "copied.png"), ("from-source", str(tmp_path / "source.png"))],
+                                str(tmp_path / "montage.png"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert montage is not None and _has_colour(_png(montage), PREDICTION_COLOUR)
+    assert peak < whole, (peak, whole)  # the source PNG alone is decoded whole, the store's arrays not
+    with Image.open(montage) as picture:
+        assert picture.width < 2 * 3 * PANEL_SIDE
+
+
 def test_matplotlib_loads_only_when_the_training_curves_are_drawn(tmp_path):
     """Half a second of every `cellseg predict` start went to importing pyplot for a picture that
     only training draws."""
