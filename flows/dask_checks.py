@@ -11,6 +11,8 @@ from typing import Any, cast
 from cellseg import __version__
 
 DASK_CONNECT_SECONDS = 10
+# A worker's storage check tries each URL up to 4 times, 30 s each with the default storage settings.
+DASK_CHECK_SECONDS = 300
 
 
 def check_dask_workers(address: str, paths: dict[str, str]) -> None:
@@ -42,9 +44,14 @@ def check_dask_workers(address: str, paths: dict[str, str]) -> None:
 
 
 def _run_on_workers(client: Any, address: str, function: Any, *args: Any) -> dict[str, Any]:
-    """`function(*args)` on every worker: worker address -> its result."""
+    """`function(*args)` on every worker: worker address -> its result. A worker that does not
+    answer within DASK_CHECK_SECONDS fails the check: Dask's own wait has no end."""
     try:
-        return cast("dict[str, Any]", client.run(function, *args))
+        return cast("dict[str, Any]", client.run(function, *args, callback_timeout=DASK_CHECK_SECONDS))
+    except TimeoutError:
+        raise ValueError(f"a Dask worker at {address} did not answer cellseg's check within {DASK_CHECK_SECONDS} s: "
+                         "it is stopped, overloaded or cannot reach the run's storage; restart it or take it out of "
+                         "the cluster") from None
     except Exception as error:  # noqa: BLE001 - anything a worker cannot unpickle or run
         raise ValueError(f"the Dask workers at {address} cannot run cellseg's tasks ({type(error).__name__}: "
                          f"{error}): each needs this machine's cellseg, with its orchestration extra, and a restart "

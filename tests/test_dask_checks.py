@@ -81,6 +81,32 @@ def test_a_scheduler_without_workers_is_refused_instead_of_waited_on(tmp_path):
         check_dask_workers(cluster.scheduler_address, {"source_url": str(tmp_path)})
 
 
+def test_a_worker_that_does_not_answer_fails_the_check_in_its_time_instead_of_never(tmp_path, monkeypatch):
+    """A stopped worker stays on the scheduler's list until its heartbeats are missed for minutes;
+    Dask's `run` waited on it for ever."""
+    import os
+    import signal
+
+    from distributed import Client, LocalCluster
+
+    from cellseg.flows import dask_checks
+
+    monkeypatch.setattr(dask_checks, "DASK_CHECK_SECONDS", 2)
+    with (LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                       dashboard_address=None) as cluster,
+          Client(cluster.scheduler_address, set_as_default=False) as client):
+        [pid] = client.run(os.getpid).values()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(ValueError, match=rf"a Dask worker at {cluster.scheduler_address} did not answer "
+                                                 r"cellseg's check within 2 s"):
+                dask_checks.check_dask_workers(cluster.scheduler_address, {"source_url": str(tmp_path)})
+            assert time.monotonic() - started < 20
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+
 def test_a_trial_run_again_after_its_worker_was_lost_trains_from_the_start(prefect_harness, synthetic_dataset, tmp_path):
     from prefect import flow
 
