@@ -22,6 +22,7 @@ from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from pydantic.json_schema import SkipJsonSchema
 
 from cellseg.flows._common import (
     STOPPED,
@@ -272,8 +273,10 @@ def _follow(futures: Sequence[PrefectFuture[Any]], shard_sizes: dict[Any, int], 
             on_first_shard()
 
 
+# SkipJsonSchema: the parameter schema names SegmentJob alone, not "SegmentJob or null", so a
+# misspelt field is refused as "'stor_url' was unexpected", not "not valid under any of the given schemas".
 @flow(name="segment-images")
-def segment_images_flow(job: SegmentJob | None = None, job_variable: str | None = None) -> dict[str, Any]:
+def segment_images_flow(job: SegmentJob | SkipJsonSchema[None] = None, job_variable: str | None = None) -> dict[str, Any]:
     """Segment the images under `job.source_url` that `job.store_url` does not hold yet.
 
     The job is given (`job`), or read when the run starts from the Prefect variable named by

@@ -155,6 +155,16 @@ def test_a_refused_nightly_job_fails_in_one_line_without_a_traceback(deployed):
     assert not any("Traceback" in message for _, message in logs)
 
 
+def test_a_misspelt_job_field_is_named_when_the_run_is_asked_for(deployed):
+    """Before: "{...} is not valid under any of the given schemas" (the parameter was SegmentJob or null)."""
+    root, env = deployed
+    job = {"source_url": str(root / "in"), "stor_url": str(root / "out.zarr")}
+    run = subprocess.run([PREFECT, "deployment", "run", "segment-images/backfill", "--param", "job=" + json.dumps(job)],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode != 0
+    assert "'stor_url' was unexpected" in run.stdout + run.stderr, run.stdout + run.stderr
+
+
 def test_tune_unet_through_the_worker(deployed):
     root, env = deployed
     write_dataset(str(root / "tune"), count=10, size=80, seed=1)
