@@ -107,14 +107,14 @@ class StoreWrites(StoreRecords):
             if image.shape != mask.shape:
                 raise StoreError(f"image '{image_id}' has shape {image.shape} but its mask {mask.shape}")
             arrays.append(_new_array(f"{image_id}/{IMAGE_PATH}", image))
-        arrays.append(_new_array(f"{image_id}/labels/{MASK_NAME}/0", mask.astype(np.uint8)))
+        arrays.append(_new_array(f"{image_id}/labels/{MASK_NAME}/0", mask.astype(np.uint8, copy=False)))
         if cells is not None:
-            arrays.append(_new_array(f"{image_id}/labels/{CELLS_NAME}/0", cells.astype(np.int32)))
+            arrays.append(_new_array(f"{image_id}/labels/{CELLS_NAME}/0", cells.astype(np.int32, copy=False)))
         if probabilities is not None:
             arrays.append(_new_array(f"{image_id}/{PROBABILITIES_PATH}", probabilities.astype(np.float16)))
         if cell_table is not None:
             columns, rows = cell_table
-            arrays.append(NewArray(f"{image_id}/{CELL_TABLE}", rows.astype(np.float64),
+            arrays.append(NewArray(f"{image_id}/{CELL_TABLE}", rows.astype(np.float64, copy=False),
                                    (max(1, min(len(rows), TABLE_CHUNK_ROWS)), len(columns)), ("cell", "column"),
                                    {"columns": list(columns)}))
         label_names = [CELLS_NAME, MASK_NAME] if cells is not None else [MASK_NAME]

@@ -249,6 +249,28 @@ def test_a_run_montage_reads_large_images_at_about_its_panel_size(tmp_path):
         assert picture.width < 2 * 3 * PANEL_SIDE
 
 
+def test_a_validation_gallery_of_large_images_outlines_them_at_about_its_panel_size(tmp_path):
+    """Outlined at full size, each 4096² panel took 200 MB of RGB (400 MB as float64), all kept
+    until the grid was drawn."""
+    import tracemalloc
+
+    side = 4096
+    rows, columns = np.mgrid[:side, :side]
+    truth = ((rows % 32) - 16) ** 2 + ((columns % 32) - 16) ** 2 < 100
+    image, prediction = np.where(truth, 200, 20).astype(np.uint8), np.roll(truth, 3, axis=1)
+    del rows, columns
+    tracemalloc.start()
+    try:
+        gallery = overlay_gallery([image, image], [truth, truth], [prediction, prediction], ["a", "b"],
+                                  str(tmp_path / "g.png"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < image.nbytes // 2, peak  # an eighth of one full-size float32 copy of the image
+    pixels = _png(gallery)
+    assert _has_colour(pixels, TRUTH_COLOUR) and _has_colour(pixels, PREDICTION_COLOUR)
+
+
 def test_matplotlib_loads_only_when_the_training_curves_are_drawn(tmp_path):
     """Half a second of every `cellseg predict` start went to importing pyplot for a picture that
     only training draws."""
