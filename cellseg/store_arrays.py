@@ -4,6 +4,7 @@ table, each checked for missing or undecodable chunks (DamagedImage)."""
 from __future__ import annotations
 
 from math import prod
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -97,6 +98,16 @@ class StoreArrays(StoreRecords):
             raise DamagedImage(self.url, image_id, f"its {ARRAYS[path][0]} '{image_id}/{path}' has a chunk that "
                                                    f"cannot be decoded ({describe(error)})", undecodable=True) from error
 
+    def row_chunks(self, image_id: str, path: str, array: zarr.Array) -> Iterator[np.ndarray]:
+        """One of an image's arrays a chunk's rows at a time (every column); DamagedImage when a
+        chunk cannot be decoded. A cell table of millions of rows is never all in memory."""
+        for index in range(array.cdata_shape[0] if array.ndim else 0):
+            try:
+                yield np.asarray(array.blocks[index])
+            except CHUNK_ERRORS as error:
+                raise DamagedImage(self.url, image_id, f"its {ARRAYS[path][0]} '{image_id}/{path}' has a chunk that "
+                                                       f"cannot be decoded ({describe(error)})", undecodable=True) from error
+
     def _optional_array(self, image_id: str, path: str, what: str) -> zarr.Array:
         """An array that a done image may have been written without; StoreError naming `what` if so."""
         array = self.array(image_id, path)
@@ -142,13 +153,21 @@ class StoreArrays(StoreRecords):
         array = self._optional_array(image_id, CELL_TABLE, "per-cell measurements")
         return self.table_columns(image_id, array), self.array_data(image_id, CELL_TABLE, array)
 
-    def _cell_table(self, image_id: str, record: dict[str, Any]) -> tuple[list[str], np.ndarray] | None:
-        """(column names, rows) of a done image's cell table, None when it was written without one;
-        DamagedImage when the table is missing, lacks or cannot decode a chunk, or has other columns."""
+    def checked_cell_table(self, image_id: str, record: dict[str, Any]) -> tuple[list[str], Iterator[np.ndarray]] | None:
+        """(column names, its rows a chunk at a time) of a done image's cell table, every chunk of
+        which decodes; None when it was written without one. DamagedImage when the table is missing,
+        lacks or cannot decode a chunk, or has other columns: found before any row is given, so
+        that a damaged table is left out whole. A table of several chunks is decoded twice, a
+        chunk at a time, rather than held whole."""
         table = self.array(image_id, CELL_TABLE, record)
         if table is None:
             return None
-        return self.table_columns(image_id, table), self.array_data(image_id, CELL_TABLE, table)
+        columns = self.table_columns(image_id, table)
+        if table.ndim and table.cdata_shape[0] == 1:
+            return columns, iter([self.array_data(image_id, CELL_TABLE, table)])
+        for _ in self.row_chunks(image_id, CELL_TABLE, table):
+            pass
+        return columns, self.row_chunks(image_id, CELL_TABLE, table)
 
     def table_columns(self, image_id: str, table: zarr.Array) -> list[str]:
         """The column names of an image's cell table; DamagedImage when they do not fit the table."""

@@ -35,7 +35,7 @@ class StoreTables(StoreArrays):
                 continue
             if read_cell_tables:
                 try:
-                    self._cell_table(image_id, record)
+                    self.checked_cell_table(image_id, record)
                 except DamagedImage as error:
                     self.note_damage(image_id, error.problem)
                     continue
@@ -75,16 +75,17 @@ class StoreTables(StoreArrays):
             if record.get("status") != DONE:
                 continue
             try:
-                table = self._cell_table(image_id, record)
+                table = self.checked_cell_table(image_id, record)
             except DamagedImage as error:
                 self.note_damage(image_id, error.problem)
                 continue
             if table is None:
                 continue
-            columns, rows = table
-            for row in rows:
-                yield {"image_id": image_id, **{name: int(value) if name in INTEGER_COLUMNS else float(value)
-                                                for name, value in zip(columns, row, strict=True)}}
+            columns, chunks = table
+            for rows in chunks:
+                for row in rows:
+                    yield {"image_id": image_id, **{name: int(value) if name in INTEGER_COLUMNS else float(value)
+                                                    for name, value in zip(columns, row, strict=True)}}
 
 
 @dataclass(frozen=True)

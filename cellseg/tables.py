@@ -4,21 +4,36 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import os
-from collections.abc import Callable, Iterable, Sequence
+import posixpath
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import PurePath
-from typing import Any
+from typing import Any, BinaryIO
 
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from cellseg.io import StorageOptions, filesystem, is_object_store, write_bytes, write_file_atomic
+from cellseg.io import (
+    StorageOptions,
+    file_replaced_atomically,
+    filesystem,
+    is_object_store,
+    write_bytes,
+    write_file_atomic,
+)
 from cellseg.plates import same_columns
 from cellseg.store_checks import enclosing_zarr_store
 
 
 class OutputError(ValueError):
     """An output file that must not or cannot be written; the message names it."""
+
+
+SPILL_ROWS = 50_000  # rows held as dicts at once (some 75 MB of cell rows); a longer table is spilled in parts
 
 
 def write_table(
@@ -36,27 +51,69 @@ def write_table(
     without rows has `empty_columns` (`store.CELL_ROW_COLUMNS` for cells), so that a script
     reading it finds the columns it reads from a full one. Parquet needs pyarrow (the `tables` extra).
     The target and the format are checked before `rows` is read (`check_output_file`); a local
-    file is written whole or not at all, a device or pipe (/dev/stdout) is written into.
+    file is written whole or not at all, a device or pipe (/dev/stdout) is written into. Rows past
+    SPILL_ROWS go to temporary files (TMPDIR) part by part, joined into the table at the end:
+    held whole, 400,000 cells took 700 MB, and a store of millions of cells more memory than it has.
     """
     url = os.fspath(url)
     check_output_file(url, overwrite, storage_options)
-    encode = _encoder(table_format)  # a missing pyarrow is said before a large store is read
-    rows = same_columns(list(rows))
-    _write(url, encode(rows, list(rows[0]) if rows else list(empty_columns)), storage_options)
-    return len(rows)
+    encoder = _encoder(table_format)  # a missing pyarrow is said before a large store is read
+    batches = _batches(rows)
+    first = next(batches, [])
+    second = next(batches, None)
+    if second is None:
+        first = same_columns(first)
+        _write(url, encoder.encode(first, list(first[0]) if first else list(empty_columns)), storage_options)
+        return len(first)
+    with tempfile.TemporaryDirectory(prefix="cellseg-table-") as spill:
+        parts = [encoder.spill(same_columns(batch), os.path.join(spill, f"part-{index}"))
+                 for index, batch in enumerate(itertools.chain((first, second), batches))]
+        columns = list(dict.fromkeys(name for part in parts for name in part.columns))
+        if "status" in columns and any(part.columns != columns for part in parts):  # stays last, as same_columns keeps it
+            columns.append(columns.pop(columns.index("status")))
+        _write_parts(url, lambda file: encoder.join(parts, columns, file), spill, storage_options)
+        return sum(part.rows for part in parts)
 
 
-def _encoder(table_format: str) -> Callable[[list[dict[str, Any]], list[str]], bytes]:
-    """The function that encodes (rows, columns) as `table_format`; ValueError for an unknown
-    format or a missing package."""
+def _batches(rows: Iterable[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    iterator = iter(rows)
+    while batch := list(itertools.islice(iterator, SPILL_ROWS)):
+        yield batch
+
+
+@dataclass(frozen=True)
+class _Part:
+    """A part of a table spilled to a file, with the columns it has."""
+
+    path: str
+    columns: list[str]
+    rows: int
+
+
+@dataclass(frozen=True)
+class _Encoder:
+    """How a table format is written: whole (`encode`), or spilled in parts and joined (`spill`, `join`)."""
+
+    encode: Callable[[list[dict[str, Any]], list[str]], bytes]
+    write_part: Callable[[list[dict[str, Any]], list[str], str], None]
+    join: Callable[[Sequence[_Part], list[str], BinaryIO], None]
+
+    def spill(self, rows: list[dict[str, Any]], path: str) -> _Part:
+        columns = list(rows[0])
+        self.write_part(rows, columns, path)
+        return _Part(path, columns, len(rows))
+
+
+def _encoder(table_format: str) -> _Encoder:
+    """The encoder of `table_format`; ValueError for an unknown format or a missing package."""
     if table_format == "csv":
-        return _csv_bytes
+        return _Encoder(_csv_bytes, _csv_part, _join_csv)
     if table_format == "parquet":
         try:
             import pyarrow  # noqa: F401
         except ImportError as error:
             raise ValueError("Parquet export needs pyarrow: pip install 'cellseg[tables]'") from error
-        return _parquet_bytes
+        return _Encoder(_parquet_bytes, _parquet_part, _join_parquet)
     raise ValueError(f"unknown table format {table_format!r}: use 'csv' or 'parquet'")
 
 
@@ -68,13 +125,63 @@ def _csv_bytes(rows: list[dict[str, Any]], columns: list[str]) -> bytes:
     return text.getvalue().encode()
 
 
-def _parquet_bytes(rows: list[dict[str, Any]], columns: list[str]) -> bytes:
+def _csv_part(rows: list[dict[str, Any]], columns: list[str], path: str) -> None:
+    with open(path, "wb") as file:
+        file.write(_csv_bytes(rows, columns))
+
+
+def _join_csv(parts: Sequence[_Part], columns: list[str], file: BinaryIO) -> None:
+    """One header, then each part's rows: copied as they are when the part has every column in
+    order, else read and written again with the columns it lacks left empty."""
+    file.write(_csv_bytes([], columns))
+    for part in parts:
+        with open(part.path, "rb") as spilled:
+            spilled.readline()  # the part's header: column names hold no line break
+            if part.columns == columns:
+                shutil.copyfileobj(spilled, file)
+                continue
+            text = io.TextIOWrapper(spilled, encoding="utf-8", newline="")
+            out = io.TextIOWrapper(file, encoding="utf-8", newline="", write_through=True)
+            writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+            writer.writerows(csv.DictReader(text, fieldnames=part.columns))
+            out.detach()  # leaves `file` open for the next part
+
+
+def _parquet_table(rows: list[dict[str, Any]], columns: list[str]) -> Any:
     import pyarrow as pa
+
+    return pa.table({name: [row.get(name) for row in rows] for name in columns})
+
+
+def _parquet_bytes(rows: list[dict[str, Any]], columns: list[str]) -> bytes:
     import pyarrow.parquet as pq
 
     buffer = io.BytesIO()
-    pq.write_table(pa.table({name: [row.get(name) for row in rows] for name in columns}), buffer)
+    pq.write_table(_parquet_table(rows, columns), buffer)
     return buffer.getvalue()
+
+
+def _parquet_part(rows: list[dict[str, Any]], columns: list[str], path: str) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(_parquet_table(rows, columns), path)
+
+
+def _join_parquet(parts: Sequence[_Part], columns: list[str], file: BinaryIO) -> None:
+    """The parts as row groups of one file, of the types the whole table would have had: a column
+    of ints in one part and floats in another is float, one all empty in a part takes the others' type."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    unified = pa.unify_schemas([pq.read_schema(part.path) for part in parts], promote_options="permissive")
+    schema = pa.schema([unified.field(name) for name in columns])
+    with pq.ParquetWriter(file, schema) as writer:
+        for part in parts:
+            table = pq.read_table(part.path)
+            for name in columns:
+                if name not in part.columns:
+                    table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
+            writer.write_table(table.select(columns).cast(schema))
 
 
 def check_output_file(url: str, overwrite: bool = False, storage_options: StorageOptions = None) -> None:
@@ -137,6 +244,28 @@ def _write(url: str, data: bytes, storage_options: StorageOptions) -> None:
                 device.write(data)
         else:
             write_file_atomic(os.path.realpath(path), data)  # through a link, to the file it names
+    except OSError as error:
+        raise write_failure(url, error) from error
+
+
+def _write_parts(url: str, join: Callable[[BinaryIO], None], spill: str, storage_options: StorageOptions) -> None:
+    """`_write` for a table joined from its parts into a file (`join`): on object storage joined
+    into a temporary file in `spill` first, then uploaded."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        if not isinstance(fs, LocalFileSystem):
+            joined = os.path.join(spill, "joined")
+            with open(joined, "wb") as file:
+                join(file)
+            if parent := posixpath.dirname(path):
+                fs.makedirs(parent, exist_ok=True)
+            fs.put_file(joined, path)  # a multipart upload on S3: the object appears whole or not at all
+        elif os.path.exists(path) and not os.path.isfile(path):
+            with open(path, "wb") as device:
+                join(device)
+        else:
+            with file_replaced_atomically(os.path.realpath(path)) as temporary, open(temporary, "wb") as file:
+                join(file)
     except OSError as error:
         raise write_failure(url, error) from error
 

@@ -131,3 +131,78 @@ def test_both_tables_leave_out_an_image_whose_cell_table_lost_a_chunk_so_that_th
     assert list(images["image_id"]) == ["blank", "kept"]
     joined = pd.read_csv(tmp_path / "cells.csv").merge(images, on="image_id", suffixes=("", "_image"))
     assert (joined.groupby("image_id").size() == images.set_index("image_id")["cell_count"].drop("blank")).all()
+
+
+def ragged_rows(count: int) -> Iterator[dict[str, Any]]:
+    """Cell-like rows whose later ones gain a column (images with a pixel size after ones without)
+    and a 'status' that stays last, with text that CSV must quote."""
+    for index in range(count):
+        row: dict[str, Any] = {"image_id": f"im,{index // 7}", "label": index % 7 + 1, "area": float(index)}
+        if index >= count // 2:
+            row["area_um2"] = index * 0.25
+        row["status"] = "done" if index % 3 else 'said "done"\nthen'
+        yield row
+
+
+@pytest.mark.parametrize("table_format", ["csv", "parquet"])
+def test_a_table_spilled_in_parts_is_the_table_written_whole_in_less_memory(tmp_path, monkeypatch, table_format):
+    import tracemalloc
+
+    import pyarrow.parquet as pq
+
+    from cellseg import tables
+
+    def written(name: str) -> tuple[bytes | Any, int]:
+        tracemalloc.start()
+        try:
+            assert write_table(ragged_rows(20_000), tmp_path / name, table_format) == 20_000
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        path = tmp_path / name
+        return (path.read_bytes() if table_format == "csv" else pq.read_table(path)), peak
+
+    whole, whole_peak = written(f"whole.{table_format}")
+    monkeypatch.setattr(tables, "SPILL_ROWS", 1_000)
+    parts, parts_peak = written(f"parts.{table_format}")
+    if table_format == "csv":
+        assert parts == whole
+    else:
+        assert parts.schema.equals(whole.schema) and parts.equals(whole)
+    assert parts_peak < whole_peak / 4, (parts_peak, whole_peak)
+    assert not list(tmp_path.glob(".tmp-*"))  # the spilled parts live in TMPDIR, and are gone
+
+
+def test_a_table_spilled_in_parts_is_uploaded_whole_to_object_storage(moto_endpoint, monkeypatch, tmp_path):
+    import s3fs
+
+    from cellseg import tables
+
+    options = {"endpoint_url": moto_endpoint}
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    fs.mkdir("tables-spilled")
+    write_table(ragged_rows(5_000), tmp_path / "whole.csv")
+    monkeypatch.setattr(tables, "SPILL_ROWS", 1_000)
+    assert write_table(ragged_rows(5_000), "s3://tables-spilled/run/cells.csv", storage_options=options) == 5_000
+    assert fs.cat_file("tables-spilled/run/cells.csv") == (tmp_path / "whole.csv").read_bytes()
+    table = pd.read_csv("s3://tables-spilled/run/cells.csv", storage_options=options)
+    assert list(table.columns) == ["image_id", "label", "area", "area_um2", "status"] and len(table) == 5_000
+
+
+def test_a_cell_table_of_several_chunks_is_exported_a_chunk_at_a_time_and_left_out_whole_when_one_is_damaged(
+        tmp_path):
+    """Block-wise images have tables of millions of rows: read a chunk at a time, and checked
+    chunk by chunk before the first row is given, so that a damaged last chunk leaves none out."""
+    from cellseg.store_layout import TABLE_CHUNK_ROWS
+
+    store = blank_store(tmp_path)
+    columns = CELL_ROW_COLUMNS[1:]
+    rows = np.arange((2 * TABLE_CHUNK_ROWS + 5) * len(columns), dtype=np.float64).reshape(-1, len(columns))
+    for image_id in ("kept", "damaged"):
+        store.write_result(image_id, np.ones((8, 8), bool), {**NO_CELLS, "cell_count": len(rows)}, f"{image_id}.png",
+                           MODEL, cells=np.zeros((8, 8), np.int32), cell_table=(columns, rows))
+    (tmp_path / "results.zarr" / "damaged" / "tables" / "cells" / "c.2.0").write_bytes(b"not zstd")
+
+    exported = list(ResultStore.open(store.url, mode="r").cell_rows())
+    assert {row["image_id"] for row in exported} == {"kept"}
+    assert [[row[name] for name in columns] for row in exported] == rows.tolist()
