@@ -67,10 +67,12 @@ def evaluate_store(
     # A score that silently left out a damaged image (or read its missing chunks as background)
     # would be a wrong answer: name them all instead, before any pixel is read.
     damaged = {image_id: problem for image_id, problem in store.damaged.items() if image_id in truths}
-    with_probabilities = []
+    with_probabilities, shapes = [], {}
     for image_id in scored:
         try:
-            store.array(image_id, MASK_PATH)
+            mask = store.array(image_id, MASK_PATH)
+            assert mask is not None  # every done image has a mask: `array` raises DamagedImage without one
+            shapes[image_id] = mask.shape
             store.array(image_id, CELLS_PATH)
             with_probabilities.append(store.has_probabilities(image_id))
         except DamagedImage as error:
@@ -89,12 +91,10 @@ def evaluate_store(
     for image_id in scored:
         decoded = read_mask_file(truths[image_id], storage_options)
         truth, labels_in_mask = mask_and_labels(decoded, truths[image_id])
+        if truth.shape != (predicted := shapes[image_id]):  # before the prediction is read: it may be a slide's
+            raise StoreError(f"mask '{truths[image_id]}' is {truth.shape[1]}x{truth.shape[0]}, "
+                             f"prediction for '{image_id}' is {predicted[1]}x{predicted[0]}")
         prediction = store.read_mask(image_id)  # DamagedImage (naming it) on a chunk that cannot be decoded
-        if truth.shape != prediction.shape:
-            raise StoreError(
-                f"mask '{truths[image_id]}' is {truth.shape[1]}x{truth.shape[0]}, "
-                f"prediction for '{image_id}' is {prediction.shape[1]}x{prediction.shape[0]}"
-            )
         counts = confusion_counts(prediction, truth)
         accumulator.add(counts)
         if sweep is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -140,6 +142,15 @@ def test_no_overlap_raises_naming_both(store, tmp_path):
 
 def test_size_mismatch_raises_naming_both_sizes(store, tmp_path):
     truth_url = write_truths(tmp_path / "truth", {"a": np.zeros((4, 5), bool)})
+    with pytest.raises(StoreError, match=r"a\.png' is 5x4, prediction for 'a' is 3x2"):
+        evaluate_store(store, truth_url)
+    # Compared before the prediction is read (a slide's would be gigabytes): its pixels, made
+    # unreadable here, are never decoded.
+    chunks = [path for path in (Path(store.url) / "a" / "labels" / "mask" / "0").rglob("*")
+              if path.is_file() and path.name != "zarr.json"]
+    assert chunks
+    for chunk in chunks:
+        chunk.write_bytes(b"not zstd")
     with pytest.raises(StoreError, match=r"a\.png' is 5x4, prediction for 'a' is 3x2"):
         evaluate_store(store, truth_url)
 
