@@ -587,6 +587,27 @@ def test_keep_polarity_never_inverts():
 def test_skewness_by_hand():
     # [0, 0, 0, 4]: mean 1, deviations -1,-1,-1,3; m2 = 12/4 = 3, m3 = 24/4 = 6; 6 / 3**1.5.
     assert intensity_skewness(np.array([[0, 0, 0, 4]])) == pytest.approx(6 / 3**1.5)
+
+
+def test_skewness_of_an_image_of_many_bands_is_numpys_in_little_memory():
+    """Summed band by band: numpy's whole-image float64 copies took 32 bytes a pixel."""
+    import tracemalloc
+
+    from cellseg.normalize import SKEWNESS_BAND_PIXELS
+
+    image = np.random.default_rng(3).gamma(2.0, size=(3000, 2000)).astype(np.float32)  # 5.7 bands
+    pixels = image.astype(np.float64).ravel()
+    centred = pixels - pixels.mean()
+    expected = np.mean(centred**3) / np.mean(centred**2) ** 1.5
+    del pixels, centred
+    tracemalloc.start()
+    try:
+        skewness = intensity_skewness(image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert skewness == pytest.approx(expected, rel=1e-12) and skewness > 1
+    assert peak < 4 * SKEWNESS_BAND_PIXELS * 8 < image.size * 32, peak  # three bands' float64, whatever the image
     assert intensity_skewness(np.full((2, 2), 5)) == 0.0
 
 
