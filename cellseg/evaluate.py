@@ -179,8 +179,9 @@ def choose_postprocessing(predictor: Predictor, pairs: Sequence[LoadedPair],
     `given` states (split, threshold, centre prominence) is kept, the rest is chosen."""
     labelled = any(pair.instances is not None for pair in pairs)
     scored = [pair for pair in pairs if pair.instances is not None or not labelled]
-    maps = [predictor.normalised_cell_maps([pair.image])[0] for pair in scored]
-    truths = [pair.instances if pair.instances is not None else truth_regions(pair.mask) for pair in scored]
+    # One image's maps at a time: all of a validation set's took 12 bytes a pixel of every image.
+    maps = (predictor.normalised_cell_maps([pair.image])[0] for pair in scored)
+    truths = (pair.instances if pair.instances is not None else truth_regions(pair.mask) for pair in scored)
     given = given or PredictConfig()
     return postprocessing_decision(
         maps, truths, predictor.config, labelled,
@@ -190,7 +191,7 @@ def choose_postprocessing(predictor: Predictor, pairs: Sequence[LoadedPair],
 
 
 def postprocessing_decision(
-    maps: Sequence[CellMaps], truths: Sequence[np.ndarray], config: PredictConfig, labelled: bool,
+    maps: Iterable[CellMaps], truths: Iterable[np.ndarray], config: PredictConfig, labelled: bool,
     splits: Sequence[bool] = (True, False), thresholds: Sequence[float] = THRESHOLDS,
     prominences: Sequence[float] | None = None,
 ) -> tuple[Choice, dict[Choice, dict[str, Any]]]:
@@ -201,24 +202,24 @@ def postprocessing_decision(
     (`labelled`), else the adapted Rand error against the masks' 4-connected components (as for
     EM, where a split cuts membrane-bounded regions the mask already separates). Ties go to
     splitting, to the threshold nearest 0.5 and to the prominence nearest the default; no images:
-    (True, 0.5, the default)."""
-    if not maps:
-        return (True, 0.5, DEFAULT_CENTRE_PROMINENCE), {}
-    if prominences is None:
-        distance_map = any(cell_maps.distance is not None for cell_maps in maps)
-        prominences = PROMINENCES if distance_map else (DEFAULT_CENTRE_PROMINENCE,)
-    # Unsplit cells do not depend on the prominence: one choice per threshold.
-    choices = [(split, threshold, prominence) for split in splits for threshold in thresholds
-               for prominence in (prominences if split else prominences[:1])]
-    scores: dict[Choice, dict[str, Any]] = {}
-    for split, threshold, prominence in choices:
-        choice_config = config.model_copy(
-            update={"split_touching": split, "threshold": threshold, "centre_prominence": prominence})
-        rows = []
-        for cell_maps, truth in zip(maps, truths, strict=True):
+    (True, 0.5, the default). The maps are read once, an image at a time."""
+    rows: dict[Choice, list[dict[str, Any]]] = {}
+    configs: dict[Choice, PredictConfig] = {}
+    for cell_maps, truth in zip(maps, truths, strict=True):
+        if not configs:  # the first image's maps say whether the model has a distance map
+            if prominences is None:
+                prominences = PROMINENCES if cell_maps.distance is not None else (DEFAULT_CENTRE_PROMINENCE,)
+            # Unsplit cells do not depend on the prominence: one choice per threshold.
+            configs = {(split, threshold, prominence): config.model_copy(
+                           update={"split_touching": split, "threshold": threshold, "centre_prominence": prominence})
+                       for split in splits for threshold in thresholds
+                       for prominence in (prominences if split else prominences[:1])}
+        for choice, choice_config in configs.items():
             cells = cell_labels(cell_maps, choice_config)
-            rows.append(instance_scores(cells, truth) | region_scores(cells, truth))
-        scores[(split, threshold, prominence)] = summarise_instance_scores(rows) | summarise_region_scores(rows)
+            rows.setdefault(choice, []).append(instance_scores(cells, truth) | region_scores(cells, truth))
+    if not rows:
+        return (True, 0.5, DEFAULT_CENTRE_PROMINENCE), {}
+    scores = {choice: summarise_instance_scores(found) | summarise_region_scores(found) for choice, found in rows.items()}
 
     def merit(choice: Choice) -> tuple[float, bool, float, float]:
         found = scores[choice]

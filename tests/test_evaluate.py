@@ -454,3 +454,31 @@ def test_colour_label_images_as_masks_or_labels_give_the_cell_scores(tmp_path):
     given_as_labels = evaluate_store(store, str(tmp_path / "labels16"), labels_url=str(tmp_path / "colour"))
     assert given_as_labels["instances"] == reference["instances"]
     assert reference["instances"]["true_cells_total"] == len(np.unique(sample.labels)) - 1
+
+
+def test_the_postprocessing_decision_reads_each_images_maps_once_and_lets_them_go():
+    """At the end of training every choice was tried on every image's maps held at once: 12 bytes
+    a pixel of the whole validation set. Now an image's maps go once its choices are scored."""
+    import gc
+    import weakref
+
+    from cellseg.config import PredictConfig
+    from cellseg.evaluate import postprocessing_decision
+    from cellseg.postprocess import CellMaps
+
+    mask, distance = two_peaked_map()
+    held: list[weakref.ref] = []
+
+    def maps_one_at_a_time():
+        for _ in range(4):
+            gc.collect()
+            assert all(ref() is None for ref in held[:-1]), "the maps of an image scored before are still held"
+            maps = CellMaps(mask.astype(np.float32), distance.astype(np.float32))
+            held.append(weakref.ref(maps.probability))
+            yield maps
+            del maps
+
+    choice, scores = postprocessing_decision(maps_one_at_a_time(), [mask.astype(np.int32)] * 4,
+                                             PredictConfig(device="cpu"), labelled=True)
+    assert len(held) == 4 and choice == (True, 0.5, 0.15)
+    assert all(found["images"] == 4 for found in scores.values())
