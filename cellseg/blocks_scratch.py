@@ -23,7 +23,7 @@ from cellseg.normalize import histogram_lut
 from cellseg.redact import redact_url
 from cellseg.stitch import BlockGrid
 from cellseg.store import ResultStore
-from cellseg.store_blockwise import lost_scratch_chunks
+from cellseg.store_blockwise import STATE_COLUMNS, lost_scratch_chunks, read_block_states
 from cellseg.store_checks import StoreError, describe
 from cellseg.store_layout import CHUNK_ERRORS, METADATA_ERRORS
 from cellseg.zarr_writes import UndecodableChunk, read_region, write_region
@@ -101,11 +101,10 @@ class Scratch:
     def state(self) -> np.ndarray:
         """(blocks, 4) int64: each block's stage, labels in its core, labels in its window, cells it
         measured only in part."""
-        state = self.array("state")
-        return read_region(state, (0, 0), state.shape)
+        return read_block_states(self.array("state"), self.grid, self.config.blocks.max_pixels)
 
     def block_state(self, index: int) -> np.ndarray:
-        return read_region(self.array("state"), (index, 0), (1, 4))[0]
+        return read_region(self.array("state"), (index, 0), (1, STATE_COLUMNS))[0]
 
     def set_state(self, index: int, stage: int, core_labels: int = 0, labels: int = 0, oversized: int = 0) -> None:
         write_region(self.array("state"), (index, 0), np.array([[stage, core_labels, labels, oversized]], dtype=np.int64))

@@ -3,8 +3,8 @@ table, each checked for missing or undecodable chunks (DamagedImage)."""
 
 from __future__ import annotations
 
-from math import prod
 from collections.abc import Iterator
+from math import prod
 from typing import Any
 
 import numpy as np

@@ -16,7 +16,7 @@ from cellseg.store_checks import DONE, StoreError
 from cellseg.store_layout import CELLS_NAME, CELLS_PATH, CHUNK_SIDE, IMAGE_PATH, MASK_NAME, WRITE_CONFIG, now
 from cellseg.store_ngff import NGFF_VERSION, ngff_label, ngff_multiscales
 from cellseg.store_writes import StoreWrites, recorded_source
-from cellseg.zarr_writes import ARRAY_CODECS, CHUNK_KEY_ENCODING, missing_chunks
+from cellseg.zarr_writes import ARRAY_CODECS, CHUNK_KEY_ENCODING, missing_chunks, read_region
 
 
 class BlockwiseWrites(StoreWrites):
@@ -78,3 +78,19 @@ def lost_scratch_chunks(path: str, array: Callable[[str], zarr.Array], grid: Blo
     expected = scratch_chunks(grid, state, min(CHUNK_SIDE, grid.block), stitched)
     return [f"its block-wise scratch '{path}/{name}' is missing {len(lost)} of the {len(indices)} chunks its blocks "
             "wrote" for name, indices in expected.items() if (lost := missing_chunks(array(name), indices))]
+
+
+STATE_COLUMNS = 4  # a block's stage, labels in its core, labels in its window, cells it measured only in part
+
+
+def read_block_states(state: zarr.Array, grid: BlockGrid, max_pixels: int) -> np.ndarray:
+    """(blocks, STATE_COLUMNS) int64 progress of each block of `grid` from a scratch's `state` array;
+    ValueError, before anything is read, for a plan larger than `max_pixels` (`BlockConfig.max_pixels`)
+    or an array of another shape than the plan's: its declared shape is what a read would allocate."""
+    if grid.shape[0] * grid.shape[1] > max_pixels:
+        raise ValueError(f"its plan is of a {grid.shape[0]}x{grid.shape[1]} image, more than the {max_pixels} "
+                         "pixels a block-wise image may have")
+    if tuple(state.shape) != (grid.count, STATE_COLUMNS):
+        raise ValueError(f"its 'state' declares shape {list(state.shape)}, not the {[grid.count, STATE_COLUMNS]} of its "
+                         f"plan's {grid.count} blocks")
+    return read_region(state, (0, 0), state.shape)

@@ -27,7 +27,7 @@ from cellseg.config import BlockConfig
 from cellseg.io import StorageOptions
 from cellseg.stitch import SCRATCH_LAYOUT, BlockGrid, pyramid_shapes
 from cellseg.store import ResultStore
-from cellseg.store_blockwise import lost_scratch_chunks
+from cellseg.store_blockwise import lost_scratch_chunks, read_block_states
 from cellseg.store_checks import DONE, DamagedImage, DamagedStore, describe
 from cellseg.store_layout import (
     ARRAYS,
@@ -40,7 +40,6 @@ from cellseg.store_layout import (
     StoreMode,
 )
 from cellseg.store_open import repair_store_metadata
-from cellseg.zarr_writes import read_region
 
 STATUSES = (DONE, "failed", "writing")
 STORE_METADATA = "zarr.json"  # the `image_id` of damage to the store's own metadata
@@ -165,7 +164,7 @@ def _scratch_problems(store: ResultStore, image_id: str, read_data: bool) -> lis
         blocks = BlockConfig.model_validate(attributes["predict"]["blocks"])
         grid = BlockGrid((int(plan["shape"][0]), int(plan["shape"][1])), blocks.block_size, blocks.overlap)
         arrays = dict(group.arrays())
-        state = read_region(arrays["state"], (0, 0), arrays["state"].shape)
+        state = read_block_states(arrays["state"], grid, blocks.max_pixels)
         problems = lost_scratch_chunks(path, arrays.__getitem__, grid, state, attributes.get("stitch"))
     except (KeyError, TypeError, ValueError, *METADATA_ERRORS, *CHUNK_ERRORS) as error:
         return [f"its block-wise scratch '{path}' cannot be read ({describe(error)})"]

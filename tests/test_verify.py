@@ -314,6 +314,27 @@ def test_damage_to_the_blocks_an_unfinished_blockwise_image_left_is_found_and_re
     np.testing.assert_array_equal(ResultStore.open(again_url, mode="r").read_cells("big"), before)
 
 
+def test_a_scratch_state_declaring_more_blocks_than_its_plan_is_damage_read_by_no_one(blockwise_store):
+    """The state of an unfinished block-wise image was read at the shape its zarr.json declares:
+    2**40 rows, 32 TiB, in `verify` and in the rerun that took the image up."""
+    job, root = blockwise_store
+    again_url = str(root.parent / "again-state.zarr")
+    rerun = job.model_copy(update={"store_url": again_url})
+    large = LargeImage(rerun, "big", str(Path(job.source_url) / "big.tif"))
+    _, todo = large.prepare()
+    large.predict(todo[0])
+    meta_path = root.parent / "again-state.zarr/big/blocks/state/zarr.json"
+    meta = json.loads(meta_path.read_text())
+    blocks = meta["shape"][0]
+    meta["shape"] = [2**40, 4]
+    meta_path.write_text(json.dumps(meta))
+    assert _problems(verify_store(again_url)) == {
+        "big": f"its block-wise scratch 'big/blocks' cannot be read (ValueError: its 'state' declares shape "
+               f"{[2**40, 4]}, not the {[blocks, 4]} of its plan's {blocks} blocks)"}
+    assert sorted(run_segmentation(rerun).done) == ["big", "small"]  # started over, with a warning
+    assert verify_store(again_url, read_data=True).broken == []
+
+
 def test_metadata_declaring_huge_arrays_or_nested_without_end_is_damage_not_a_crash(store):
     """A labels zarr.json declaring 2**40 x 2**40 ended `verify` in a MemoryError (zarr walked its
     chunk grid), a cell table of 2**50 rows `export` in numpy's 'Unable to allocate 144. PiB', and
