@@ -13,6 +13,7 @@ import numpy as np
 from cellseg.config import PredictConfig
 from cellseg.formats import open_plane
 from cellseg.formats_plane import Plane, one_line
+from cellseg.formats_tiff import LAZY_SEGMENT_BYTES
 from cellseg.io import ImageReadError, StorageOptions
 from cellseg.redact import redact_url
 from cellseg.stitch import Box
@@ -58,6 +59,11 @@ def plane_opener(url: str, config: PredictConfig, storage_options: StorageOption
     not retry (they retried it for 42 s) and the image's failure names."""
     def open_named() -> Plane:
         plane = open_plane(url, config.selection, storage_options)
+        if plane.chunk_bytes > LAZY_SEGMENT_BYTES:  # a TIFF's tiles and strips are checked as it opens
+            plane.close()
+            raise ImageReadError(f"'{redact_url(url)}': one chunk decodes to {plane.chunk_bytes} bytes, over the "
+                                 f"{LAZY_SEGMENT_BYTES // 2**20} MiB that an image read block by block may decode at "
+                                 "once (each block would decode it again): store it in smaller chunks, e.g. 1024 x 1024")
         return dataclasses.replace(plane, read_region=_named_reads(plane.read_region, url))
 
     return open_named

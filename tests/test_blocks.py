@@ -807,3 +807,18 @@ def test_a_damaged_tile_of_a_large_image_fails_it_at_once_naming_the_region(froz
     assert failed["image_id"] == "big" and "big.tif': its region rows" in failed["error"], failed
     assert "cannot be decoded (DeflateError" in failed["error"], failed
     assert not ResultStore.open(str(tmp_path / "flow.zarr"), mode="r").is_done("big")
+
+
+def test_a_zarr_image_chunked_too_coarsely_to_read_block_by_block_fails_naming_its_chunk(frozen_general, tmp_path):
+    """A chunk larger than a block read may decode was decoded whole for every block it touches
+    (a 6000² float64 image in one chunk: 288 MB per block); a TIFF's tiles were bounded already."""
+    (tmp_path / "in").mkdir()
+    zarr.create_array(str(tmp_path / "in" / "coarse.zarr"), shape=(6000, 6000), dtype=np.float64, chunks=(6000, 6000))
+    Image.fromarray(mosaic((256, 256), seed=7)).save(tmp_path / "in" / "small.png")
+    job = SegmentJob(source_url=str(tmp_path / "in"), store_url=str(tmp_path / "r.zarr"),
+                     checkpoint_url=str(frozen_general), predict=BLOCKWISE)
+    report = run_segmentation(job)
+    assert report.done == ["small"]
+    [failed] = report.failed
+    assert failed["image_id"] == "coarse", failed
+    assert f"coarse.zarr': one chunk decodes to {6000 * 6000 * 8} bytes, over the 256 MiB" in failed["error"], failed
