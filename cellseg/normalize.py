@@ -3,6 +3,7 @@ that objects are bright in every modality."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import cv2
@@ -29,8 +30,8 @@ def intensity_skewness(image: np.ndarray) -> float:
         squared = centred * centred
         second += float(squared.sum())
         third += float(np.dot(squared, centred))
-    spread = np.sqrt(second / max(count, 1))
-    return 0.0 if spread == 0 else third / count / spread**3
+    spread = math.sqrt(second / max(count, 1))
+    return 0.0 if spread == 0 else third / count / spread**3  # a float, never numpy's: it goes into JSON records
 
 
 SKEWNESS_BAND_PIXELS = 1 << 20
