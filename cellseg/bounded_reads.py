@@ -33,8 +33,25 @@ def bounded_cat(fs: Any, path: str, max_bytes: int) -> bytes | None:
     read at most max_bytes + 1 bytes. Storage errors pass unchanged."""
     if is_local(fs):
         return None if fs.size(path) > max_bytes else fs.cat_file(path)
+    if protocols(fs) & {"http", "https"}:
+        return _streamed(fs, path, max_bytes)
     data = fs.cat_file(path, start=0, end=max_bytes + 1)
     return None if len(data) > max_bytes else data
+
+
+STREAM_READ_BYTES = 1 << 20
+
+
+def _streamed(fs: Any, path: str, max_bytes: int) -> bytes | None:
+    """`bounded_cat` over HTTP, read from the response as it arrives: a server may ignore the Range
+    of a ranged read (Python's http.server does) and send the whole file, which fsspec's cat_file
+    reads whole before anything could stop it."""
+    parts, total = [], 0
+    with fs.open(path, "rb", block_size=0) as stream:  # block_size 0: one GET, read as a stream
+        while total <= max_bytes and (part := stream.read(min(STREAM_READ_BYTES, max_bytes + 1 - total))):
+            parts.append(part)
+            total += len(part)
+    return None if total > max_bytes else b"".join(parts)
 
 
 def too_large(path: str, max_bytes: int, what: str) -> FileTooLarge:
