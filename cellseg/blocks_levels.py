@@ -85,5 +85,5 @@ def image_levels(source: Source, grid: BlockGrid, config: NormalizationConfig, w
     sample = np.concatenate(parts).astype(np.float32)
     low, high = (float(value) for value in np.percentile(sample, [config.low_percentile, config.high_percentile]))
     flat = high - low <= FLAT_RELATIVE_RANGE * max(abs(low), abs(high)) if dtype.kind == "f" else high <= low
-    invert = config.polarity == "auto" and intensity_skewness(sample) < 0
+    invert = bool(config.polarity == "auto" and intensity_skewness(sample) < 0)
     return Levels(dtype.str, low, high, invert, bool(flat), minima, maxima, sums), None

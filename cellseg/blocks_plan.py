@@ -22,6 +22,7 @@ from cellseg.blocks_source import Source, region
 from cellseg.config import PredictConfig
 from cellseg.formats_plane import Plane
 from cellseg.infer import Predictor
+from cellseg.json_values import finite_json
 from cellseg.normalize import histogram_lut
 from cellseg.redact import redact_url
 from cellseg.scale import prediction_factor
@@ -88,9 +89,9 @@ def prepare_image(store: ResultStore, image_id: str, url: str, source: Source, p
         if group.attrs.get("claim") != claim:  # taken for a stopped run's by another run, which plans the image now
             return prepare_image(store, image_id, url, source, predictor, workers)
         blank_mark(store, image_id)[...] = np.array([time.time()])
-        group.attrs.put({"predict": config.model_dump(mode="json"), "normalization": normalization.model_dump(mode="json"),
-                         "levels": asdict(levels),
-                         "empty": empty, "scale": scale, "source": described, "resumed": 0, "plan": plan})
+        group.attrs.put(finite_json({  # zarr refuses numpy's scalars but float64, and any in a record fails every block
+            "predict": config.model_dump(mode="json"), "normalization": normalization.model_dump(mode="json"),
+            "levels": asdict(levels), "empty": empty, "scale": scale, "source": described, "resumed": 0, "plan": plan}))
     except BaseException:  # stopped before the plan was written (Ctrl-C, a failed write): a rerun plans at once
         _withdraw_claim(store, image_id, claim)
         raise

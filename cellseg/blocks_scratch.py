@@ -18,6 +18,7 @@ import zarr
 from cellseg.blocks_levels import Levels
 from cellseg.config import NormalizationConfig, PredictConfig
 from cellseg.infer import Predictor
+from cellseg.json_values import finite_json
 from cellseg.measure import CELL_COLUMNS
 from cellseg.normalize import histogram_lut
 from cellseg.redact import redact_url
@@ -118,7 +119,7 @@ class Scratch:
         write_region(self.array(name), (index, *(0,) * values.ndim), values[None])
 
     def update(self, **values: Any) -> None:
-        self.attrs.update(values)
+        self.attrs.update(finite_json(values))
         self.group.attrs.put(self.attrs)
 
     def mark_active(self, stopped: bool = False) -> None:

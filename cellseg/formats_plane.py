@@ -124,7 +124,7 @@ def pixel_sizes(y: float | None, x: float | None) -> tuple[float | None, tuple[f
     usable = [size for size in (y, x) if size is not None and np.isfinite(size) and 0 < size < 1e6]
     if not usable:
         return None, None, []
-    sy, sx = (usable[0], usable[0]) if len(usable) == 1 else (float(usable[0]), float(usable[1]))
+    sy, sx = (float(usable[0]), float(usable[0])) if len(usable) == 1 else (float(usable[0]), float(usable[1]))
     notes = [] if abs(sy - sx) <= 0.01 * max(sy, sx) else [
         f"pixels are {sy:g} x {sx:g} µm (y x): areas in µm² use both, cell sizes their geometric mean"]
     return float(np.sqrt(sy * sx)), (sy, sx), notes

@@ -3,7 +3,6 @@ failure, or the withdrawal of a damaged image's done mark; never deleting a conc
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import posixpath
@@ -17,7 +16,7 @@ from fsspec.core import split_protocol
 from zarr.abc.store import Store
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
-from cellseg.json_values import finite_json
+from cellseg.json_values import dumps, finite_json
 from cellseg.redact import redact, redact_text, redact_url
 from cellseg.store_checks import DONE, FAILED, StoreError, describe, validate_image_id
 from cellseg.store_layout import (
@@ -63,7 +62,7 @@ def _put_group(store: Store, path: str, attributes: dict[str, Any]) -> None:
     nothing under it is touched (zarr's own overwrite would delete the group's arrays)."""
     document = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
     key = f"{path}/zarr.json" if path else "zarr.json"
-    put_objects(store, [(key, json.dumps(document).encode())])
+    put_objects(store, [(key, dumps(document).encode())])
 
 
 class StoreWrites(StoreRecords):

@@ -53,3 +53,17 @@ def test_store_metadata_and_results_json_are_strict_json(tmp_path):
     assert rows["new"]["mean_intensity_inside"] is None
     assert rows["old"]["mean_cell_area"] is None
     assert rows["new"]["mean_cell_area"] == 9.0
+
+
+def test_a_block_wise_scratchs_records_take_numpys_scalars_as_json_does(tmp_path):
+    """zarr's attrs refuse numpy's bools, ints and float32s ("Object of type bool is not JSON
+    serializable"): one in a scratch's record, a skewness compared as numpy's, failed every image
+    read block by block. The scratch's records go through finite_json, as the results' do."""
+    from cellseg.blocks_scratch import Scratch
+
+    store = ResultStore.open(str(tmp_path / "r.zarr"))
+    store.root.require_group("big/blocks").attrs.put({"plan": {"shape": [8, 8]}})
+    scratch = Scratch.open(store, "big")
+    scratch.update(resumed=np.int64(2), stitch={"inverted": np.bool_(True), "fraction": np.float32(0.5)})
+    written = json.loads((tmp_path / "r.zarr" / "big" / "blocks" / "zarr.json").read_text())["attributes"]
+    assert written["resumed"] == 2 and written["stitch"] == {"inverted": True, "fraction": 0.5}
