@@ -11,10 +11,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from cellseg.config import PredictConfig
-from cellseg.formats import open_plane
+from cellseg.formats import is_zarr_url, open_plane
 from cellseg.formats_plane import Plane, one_line
 from cellseg.formats_tiff import LAZY_SEGMENT_BYTES
 from cellseg.io import ImageReadError, StorageOptions
+from cellseg.plates import split_time_point
 from cellseg.redact import redact_url
 from cellseg.stitch import Box
 from cellseg.storage_errors import storage_error
@@ -59,7 +60,9 @@ def plane_opener(url: str, config: PredictConfig, storage_options: StorageOption
     not retry (they retried it for 42 s) and the image's failure names."""
     def open_named() -> Plane:
         plane = open_plane(url, config.selection, storage_options)
-        if plane.chunk_bytes > LAZY_SEGMENT_BYTES:  # a TIFF's tiles and strips are checked as it opens
+        # A zarr's chunks are its file's, which a user can store smaller (a TIFF's tiles and strips are
+        # checked as it opens; a CZI, ND2 or LIF is chunked by its reader, whose stacks cannot be)
+        if is_zarr_url(split_time_point(url)[0]) and plane.chunk_bytes > LAZY_SEGMENT_BYTES:
             plane.close()
             raise ImageReadError(f"'{redact_url(url)}': one chunk decodes to {plane.chunk_bytes} bytes, over the "
                                  f"{LAZY_SEGMENT_BYTES // 2**20} MiB that an image read block by block may decode at "

@@ -47,7 +47,10 @@ def _streamed(fs: Any, path: str, max_bytes: int) -> bytes | None:
     of a ranged read (Python's http.server does) and send the whole file, which fsspec's cat_file
     reads whole before anything could stop it."""
     parts, total = [], 0
-    with fs.open(path, "rb", block_size=0) as stream:  # block_size 0: one GET, read as a stream
+    # block_size 0: one GET, read as a stream; a size given: no HEAD first, which fsspec would turn
+    # any error of (403, 503) into FileNotFoundError; the Range for the servers that honour it
+    headers = {**fs.kwargs.get("headers", {}), "Range": f"bytes=0-{max_bytes}"}
+    with fs.open(path, "rb", block_size=0, size=max_bytes + 1, headers=headers) as stream:
         while total <= max_bytes and (part := stream.read(min(STREAM_READ_BYTES, max_bytes + 1 - total))):
             parts.append(part)
             total += len(part)

@@ -1,5 +1,7 @@
 """Bounded reads over HTTP, from a real server that ignores the Range a ranged read sends (Python's
-own http.server): fsspec's cat_file read such a server's whole answer before anything could stop it."""
+own http.server): fsspec's cat_file read such a server's whole answer before anything could stop it.
+Its errors stay what they are: fsspec's open, asked for a file's size first, made any of them
+"not found"."""
 
 from __future__ import annotations
 
@@ -20,14 +22,30 @@ from cellseg.io import ImageReadError, read_bytes
 MiB = 2**20
 
 
+# Python's http.server (which answers every GET with the whole file, whatever its Range), with two
+# paths that answer errors a storage server gives: 403 (no access) and 503 (busy, try again)
+SERVER = """
+import functools, http.server, sys
+
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def send_head(self):
+        if self.path in ("/denied.bin", "/busy.bin"):
+            self.send_error(403 if self.path == "/denied.bin" else 503)
+            return None
+        return super().send_head()
+
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])),
+                                functools.partial(Handler, directory=sys.argv[2])).serve_forever()
+"""
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """(base URL, the folder it serves) of `python -m http.server` on loopback."""
     folder = tmp_path_factory.mktemp("served")
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                               "--directory", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(port), str(folder)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
 
     def answers() -> bool:
@@ -73,3 +91,13 @@ def test_a_file_within_the_bound_is_read_whole(served):
     (folder / "within.bin").write_bytes(data)
     assert read_bytes(f"{base}/within.bin", max_bytes=len(data)) == data
     assert bounded_cat(fsspec.filesystem("http"), f"{base}/within.bin", len(data) - 1) is None
+
+
+def test_a_server_error_is_not_taken_for_a_missing_file(served):
+    base, _ = served
+    with pytest.raises(ImageReadError, match=r"missing\.bin': file not found"):
+        read_bytes(f"{base}/missing.bin", max_bytes=MiB)
+    for name, status in (("denied.bin", "403"), ("busy.bin", "503")):
+        with pytest.raises(Exception) as raised:
+            read_bytes(f"{base}/{name}", max_bytes=MiB)
+        assert "not found" not in str(raised.value) and status in str(raised.value), raised.value
