@@ -65,14 +65,26 @@ def write_table(
         first = same_columns(first)
         _write(url, encoder.encode(first, list(first[0]) if first else list(empty_columns)), storage_options)
         return len(first)
-    with tempfile.TemporaryDirectory(prefix="cellseg-table-") as spill:
-        parts = [encoder.spill(same_columns(batch), os.path.join(spill, f"part-{index}"))
-                 for index, batch in enumerate(itertools.chain((first, second), batches))]
+    try:
+        spill_folder = tempfile.TemporaryDirectory(prefix="cellseg-table-")
+    except OSError as error:
+        raise _spill_failure(url, error) from error
+    with spill_folder as spill:
+        try:
+            parts = [encoder.spill(same_columns(batch), os.path.join(spill, f"part-{index}"))
+                     for index, batch in enumerate(itertools.chain((first, second), batches))]
+        except OSError as error:  # a full TMPDIR
+            raise _spill_failure(url, error) from error
         columns = list(dict.fromkeys(name for part in parts for name in part.columns))
         if "status" in columns and any(part.columns != columns for part in parts):  # stays last, as same_columns keeps it
             columns.append(columns.pop(columns.index("status")))
         _write_parts(url, lambda file: encoder.join(parts, columns, file), spill, storage_options)
         return sum(part.rows for part in parts)
+
+
+def _spill_failure(url: str, error: OSError) -> OutputError:
+    return OutputError(f"cannot write '{url}': a table of more than {SPILL_ROWS} rows goes through temporary files in "
+                       f"'{tempfile.gettempdir()}' (TMPDIR), which failed: {_reason(error)}")
 
 
 def _batches(rows: Iterable[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
@@ -272,5 +284,8 @@ def _write_parts(url: str, join: Callable[[BinaryIO], None], spill: str, storage
 
 def write_failure(url: str, error: OSError) -> OutputError:
     """The OutputError of a file that could not be written, with the system's reason."""
-    reason = f"[Errno {error.errno}] {error.strerror}" if error.errno and error.strerror else str(error)
-    return OutputError(f"cannot write '{url}': {reason}")
+    return OutputError(f"cannot write '{url}': {_reason(error)}")
+
+
+def _reason(error: OSError) -> str:
+    return f"[Errno {error.errno}] {error.strerror}" if error.errno and error.strerror else str(error)

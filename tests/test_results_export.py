@@ -206,3 +206,17 @@ def test_a_cell_table_of_several_chunks_is_exported_a_chunk_at_a_time_and_left_o
     exported = list(ResultStore.open(store.url, mode="r").cell_rows())
     assert {row["image_id"] for row in exported} == {"kept"}
     assert [[row[name] for name in columns] for row in exported] == rows.tolist()
+
+
+def test_a_temporary_folder_that_cannot_take_the_parts_is_named(tmp_path, monkeypatch):
+    import tempfile
+
+    from cellseg import tables
+
+    monkeypatch.setattr(tables, "SPILL_ROWS", 1_000)
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "not-a-folder"))
+    with pytest.raises(OutputError, match=r"cells\.csv': a table of more than 1000 rows goes through temporary files "
+                                          r"in '.*not-a-folder' \(TMPDIR\), which failed: \[Errno 20\]"):
+        write_table(ragged_rows(5_000), tmp_path / "cells.csv")
+    assert not (tmp_path / "cells.csv").exists()
