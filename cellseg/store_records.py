@@ -4,9 +4,10 @@ images found damaged, and the entries that lost their metadata."""
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar, cast
 
 import zarr
 from zarr.core.sync import sync
@@ -15,7 +16,28 @@ from cellseg.redact import redact_url
 from cellseg.store_checks import DONE, RESERVED_IDS, DamagedImage, StoreError, describe, record_problem
 from cellseg.store_layout import METADATA_ERRORS
 
+Result = TypeVar("Result")
+
 READERS = 16  # image metadata documents read at once when listing a store
+READ_AHEAD = 4 * READERS  # records read and not yet taken, at most
+
+
+def _mapped_ahead(pool: ThreadPoolExecutor, function: Callable[[str], Result], names: Sequence[str]) -> Iterator[Result]:
+    """`pool.map(function, names)` with at most READ_AHEAD calls submitted past the result being
+    taken: pool.map submits every call at once and holds every result until it is taken, some
+    4.5 KB an image of a store read record by record (45 MB at 10,000 images, GBs at millions)."""
+    pending: deque[Future[Result]] = deque(pool.submit(function, name) for name in names[:READ_AHEAD])
+    following = iter(names[READ_AHEAD:])
+    try:
+        while pending:
+            result = pending.popleft().result()
+            if (name := next(following, None)) is not None:
+                pending.append(pool.submit(function, name))
+            yield result
+    finally:  # a reader that stops early (`results --limit`, an error) leaves no read queued
+        for future in pending:
+            future.cancel()
+
 
 logger = logging.getLogger("cellseg.store")  # the store's one logger, whichever of its modules speaks
 
@@ -70,7 +92,7 @@ class StoreRecords:
             wanted = set(among)
             names = [name for name in names if name in wanted]
         with ThreadPoolExecutor(max_workers=min(READERS, max(1, len(names)))) as pool:
-            for name, (record, problem) in zip(names, pool.map(self.scan, names), strict=True):
+            for name, (record, problem) in zip(names, _mapped_ahead(pool, self.scan, names), strict=True):
                 if on_record:
                     on_record(name)
                 yield name, record, problem

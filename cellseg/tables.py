@@ -256,6 +256,8 @@ def _write(url: str, data: bytes, storage_options: StorageOptions) -> None:
                 device.write(data)
         else:
             write_file_atomic(os.path.realpath(path), data)  # through a link, to the file it names
+    except BrokenPipeError:  # `--out /dev/stdout | head`: the command ends quietly, as `results | head` does
+        raise
     except OSError as error:
         raise write_failure(url, error) from error
 
@@ -278,6 +280,8 @@ def _write_parts(url: str, join: Callable[[BinaryIO], None], spill: str, storage
         else:
             with file_replaced_atomically(os.path.realpath(path)) as temporary, open(temporary, "wb") as file:
                 join(file)
+    except BrokenPipeError:  # `--out /dev/stdout | head`: the command ends quietly, as `results | head` does
+        raise
     except OSError as error:
         raise write_failure(url, error) from error
 

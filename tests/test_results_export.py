@@ -220,3 +220,23 @@ def test_a_temporary_folder_that_cannot_take_the_parts_is_named(tmp_path, monkey
                                           r"in '.*not-a-folder' \(TMPDIR\), which failed: \[Errno 20\]"):
         write_table(ragged_rows(5_000), tmp_path / "cells.csv")
     assert not (tmp_path / "cells.csv").exists()
+
+
+@pytest.mark.parametrize("table_format", ["csv", "parquet"])
+def test_an_export_into_a_pipe_whose_reader_stops_ends_quietly(tmp_path, table_format):
+    """`export --out /dev/stdout | head -1` exited 2 with "cannot write '/dev/stdout': [Errno 32]
+    Broken pipe", where `results | head -1` ends quietly."""
+    import subprocess
+
+    from tests.reliability.runs import CELLSEG, clean_environment
+
+    store = blank_store(tmp_path)
+    columns = CELL_ROW_COLUMNS[1:]
+    rows = np.arange(20_000 * len(columns), dtype=np.float64).reshape(-1, len(columns))  # far past a pipe's buffer
+    store.write_result("many", np.ones((8, 8), bool), {**NO_CELLS, "cell_count": len(rows)}, "many.png", MODEL,
+                       cells=np.zeros((8, 8), np.int32), cell_table=(columns, rows))
+    command = (f"'{CELLSEG}' -q export '{store.url}' --format {table_format} --out /dev/stdout | head -c 100 > /dev/null;"
+               " exit ${PIPESTATUS[0]}")
+    run = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=clean_environment(), timeout=300,
+                         check=False)
+    assert (run.returncode, run.stderr) == (0, "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import re
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -488,3 +489,28 @@ def test_a_store_in_a_bucket_that_does_not_exist_says_so_and_creates_no_bucket(m
                                  "does not exist (NoSuchBucket): check its name, or create it; cellseg never creates one")
     assert not raised.value.transient
     assert not s3fs.S3FileSystem(**options, skip_instance_cache=True).exists("no-such-results-bucket")
+
+
+def test_a_store_is_read_record_by_record_with_a_bounded_read_ahead(tmp_path):
+    """Every image's record was read at once (Executor.map submits every call up front) and held
+    until taken: 4.5 KB an image, GBs for a store of millions, whatever the reader needed."""
+    from cellseg.store_records import READ_AHEAD
+
+    store = ResultStore.open(str(tmp_path / "r.zarr"))
+    count = READ_AHEAD * 2 + 5
+    for index in range(count):
+        store.write_result(f"im{index:04d}", np.ones((4, 4), bool), {"cell_count": 1}, f"im{index}.png", {"version": "v"})
+    scanned, lock, scan = [], threading.Lock(), store.scan
+
+    def counted_scan(name: str):
+        with lock:
+            scanned.append(name)
+        return scan(name)
+
+    store.scan = counted_scan  # type: ignore[method-assign]
+    entries = store.entries()
+    assert next(entries)[0] == "im0000"
+    time.sleep(0.3)  # room for a pool that would run ahead
+    assert len(scanned) <= 1 + READ_AHEAD, len(scanned)
+    assert [name for name, _, _ in entries] == [f"im{index:04d}" for index in range(1, count)]
+    assert sorted(scanned) == [f"im{index:04d}" for index in range(count)]
