@@ -3,9 +3,10 @@ images found damaged, and the entries that lost their metadata."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar, cast
 
@@ -16,23 +17,25 @@ from cellseg.redact import redact_url
 from cellseg.store_checks import DONE, RESERVED_IDS, DamagedImage, StoreError, describe, record_problem
 from cellseg.store_layout import METADATA_ERRORS
 
+Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 READERS = 16  # image metadata documents read at once when listing a store
 READ_AHEAD = 4 * READERS  # records read and not yet taken, at most
 
 
-def _mapped_ahead(pool: ThreadPoolExecutor, function: Callable[[str], Result], names: Sequence[str]) -> Iterator[Result]:
-    """`pool.map(function, names)` with at most READ_AHEAD calls submitted past the result being
+def mapped_ahead(pool: ThreadPoolExecutor, function: Callable[[Item], Result], items: Iterable[Item],
+                 ahead: int = READ_AHEAD) -> Iterator[Result]:
+    """`pool.map(function, items)` with at most `ahead` calls submitted past the result being
     taken: pool.map submits every call at once and holds every result until it is taken, some
     4.5 KB an image of a store read record by record (45 MB at 10,000 images, GBs at millions)."""
-    pending: deque[Future[Result]] = deque(pool.submit(function, name) for name in names[:READ_AHEAD])
-    following = iter(names[READ_AHEAD:])
+    following = iter(items)
+    pending: deque[Future[Result]] = deque(pool.submit(function, item) for item in itertools.islice(following, ahead))
     try:
         while pending:
             result = pending.popleft().result()
-            if (name := next(following, None)) is not None:
-                pending.append(pool.submit(function, name))
+            for item in itertools.islice(following, 1):
+                pending.append(pool.submit(function, item))
             yield result
     finally:  # a reader that stops early (`results --limit`, an error) leaves no read queued
         for future in pending:
@@ -92,7 +95,7 @@ class StoreRecords:
             wanted = set(among)
             names = [name for name in names if name in wanted]
         with ThreadPoolExecutor(max_workers=min(READERS, max(1, len(names)))) as pool:
-            for name, (record, problem) in zip(names, _mapped_ahead(pool, self.scan, names), strict=True):
+            for name, (record, problem) in zip(names, mapped_ahead(pool, self.scan, names), strict=True):
                 if on_record:
                     on_record(name)
                 yield name, record, problem

@@ -4,8 +4,11 @@ measurements as rows."""
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from cellseg.measure import CELL_COLUMNS, INTEGER_COLUMNS
 from cellseg.plates import same_columns, source_columns
@@ -13,11 +16,14 @@ from cellseg.redact import redact_text
 from cellseg.stats import STATISTIC_FIELDS
 from cellseg.store_arrays import StoreArrays
 from cellseg.store_checks import DONE, FAILED, DamagedImage
+from cellseg.store_records import mapped_ahead
 
 # The columns of `cell_rows` and `statistics` that every store has (pixel sizes and plates add
 # more): the header of an exported table without rows.
 CELL_ROW_COLUMNS = ("image_id", *CELL_COLUMNS)
 IMAGE_ROW_COLUMNS = ("image_id", "source_url", "model_version", *STATISTIC_FIELDS, "status")
+TABLE_READERS = 4  # cell tables read at once by `cell_rows`
+TABLES_AHEAD = 8  # and read ahead of the one whose rows go out: at most 8 x a 65,536-row chunk (10 MB each)
 
 
 class StoreTables(StoreArrays):
@@ -71,21 +77,30 @@ class StoreTables(StoreArrays):
     def cell_rows(self) -> Iterator[dict[str, Any]]:
         """Every cell of every done image that has measurements, as {"image_id", column: value} rows.
         A damaged image is left out with a warning and noted in `damaged`."""
-        for image_id, record in self.records():
-            if record.get("status") != DONE:
-                continue
-            try:
-                table = self.checked_cell_table(image_id, record)
-            except DamagedImage as error:
-                self.note_damage(image_id, error.problem)
-                continue
-            if table is None:
-                continue
-            columns, chunks = table
-            for rows in chunks:
-                for row in rows:
-                    yield {"image_id": image_id, **{name: int(value) if name in INTEGER_COLUMNS else float(value)
-                                                    for name, value in zip(columns, row, strict=True)}}
+        done = ((image_id, record) for image_id, record in self.records() if record.get("status") == DONE)
+        # The next tables read on threads while this one's rows go out: one at a time, each was a
+        # wait of its own (1 ms on local disk, tens on object storage, for every image of the store)
+        with ThreadPoolExecutor(max_workers=TABLE_READERS) as pool:
+            for image_id, table, problem in mapped_ahead(pool, self._cell_table_or_problem, done, TABLES_AHEAD):
+                if problem is not None:
+                    self.note_damage(image_id, problem)
+                    continue
+                if table is None:
+                    continue
+                columns, chunks = table
+                integer = [name in INTEGER_COLUMNS for name in columns]
+                for rows in chunks:
+                    for row in rows.tolist():  # Python floats at once: 3x faster than numpy's scalars one by one
+                        yield {"image_id": image_id, **{name: int(value) if whole else value
+                                                        for name, whole, value in zip(columns, integer, row, strict=True)}}
+
+    def _cell_table_or_problem(self, entry: tuple[str, dict[str, Any]]
+                               ) -> tuple[str, tuple[list[str], Iterator[np.ndarray]] | None, str | None]:
+        image_id, record = entry
+        try:
+            return image_id, self.checked_cell_table(image_id, record), None
+        except DamagedImage as error:
+            return image_id, None, error.problem
 
 
 @dataclass(frozen=True)
