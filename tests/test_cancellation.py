@@ -135,7 +135,8 @@ def run_processes(serve: subprocess.Popen) -> list[psutil.Process]:
 
 def assert_cancelled_cleanly(logs: list[tuple[int, str]], kept: str) -> None:
     warnings = [message for level, message in logs if level >= 30]
-    assert any(kept in message for message in warnings), logs
+    # Every line, untruncated: this failed twice under CI's load and passed in every try here.
+    assert any(kept in message for message in warnings), "\n".join(f"{level} {message}" for level, message in logs)
     assert not [message for level, message in logs if level >= 40], logs  # no "Crash detected!" for a cancel
     assert not any("Traceback" in message for _, message in logs), logs
 
