@@ -140,8 +140,14 @@ def _thinned(*arrays: np.ndarray) -> list[np.ndarray]:
     """Every n-th row and column of each of an image and its outlines' arrays, n the largest step
     that leaves the longer side at least PANEL_SIDE: outlined at full size, eight 8192² images took
     some 13 GB for panels drawn 384 pixels wide."""
-    step = max(1, max(arrays[0].shape[:2]) // PANEL_SIDE)
+    step = panel_step(arrays[0].shape)
     return [array[::step, ::step] for array in arrays]
+
+
+def panel_step(shape: tuple[int, ...]) -> int:
+    """The largest step between the rows and columns an image of `shape` is drawn from that leaves
+    the longer side at least PANEL_SIDE (1 for a smaller image)."""
+    return max(1, max(shape[:2]) // PANEL_SIDE)
 
 
 def _grid(

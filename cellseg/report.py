@@ -14,7 +14,7 @@ from cellseg.config import SelectionConfig
 from cellseg.formats import read_source
 from cellseg.infer import Predictor
 from cellseg.loaded_pairs import LoadedPair
-from cellseg.pictures import PANEL_SIDE, overlay_gallery, segmentation_montage, training_curves
+from cellseg.pictures import overlay_gallery, panel_step, segmentation_montage, training_curves
 from cellseg.store import ResultStore
 from cellseg.store_layout import IMAGE_PATH, MASK_PATH
 
@@ -64,12 +64,12 @@ def store_montage(
 
 
 def _montage_view(store: ResultStore, image_id: str, source: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """(image, cell labels, cell count) of a done image for its panel: every `step`-th row and
-    column, the step the largest that leaves the longer side at least PANEL_SIDE."""
+    """(image, cell labels, cell count) of a done image for its panel: every `panel_step`-th row
+    and column."""
     record = store.record(image_id)
     mask = store.array(image_id, MASK_PATH, record)
     assert mask is not None  # a done image has a mask: `array` raises DamagedImage without one
-    step = max(1, max(mask.shape[:2]) // PANEL_SIDE)
+    step = panel_step(mask.shape)
     cells = store.read_cells(image_id, step)
     statistics = record.get("statistics")
     count = statistics.get("cell_count") if isinstance(statistics, dict) else None

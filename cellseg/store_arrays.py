@@ -95,8 +95,7 @@ class StoreArrays(StoreRecords):
         try:
             return _read(array, step)
         except CHUNK_ERRORS as error:
-            raise DamagedImage(self.url, image_id, f"its {ARRAYS[path][0]} '{image_id}/{path}' has a chunk that "
-                                                   f"cannot be decoded ({describe(error)})", undecodable=True) from error
+            raise self._undecodable(image_id, path, error) from error
 
     def row_chunks(self, image_id: str, path: str, array: zarr.Array) -> Iterator[np.ndarray]:
         """One of an image's arrays a chunk's rows at a time (every column); DamagedImage when a
@@ -105,8 +104,11 @@ class StoreArrays(StoreRecords):
             try:
                 yield np.asarray(array.blocks[index])
             except CHUNK_ERRORS as error:
-                raise DamagedImage(self.url, image_id, f"its {ARRAYS[path][0]} '{image_id}/{path}' has a chunk that "
-                                                       f"cannot be decoded ({describe(error)})", undecodable=True) from error
+                raise self._undecodable(image_id, path, error) from error
+
+    def _undecodable(self, image_id: str, path: str, error: Exception) -> DamagedImage:
+        return DamagedImage(self.url, image_id, f"its {ARRAYS[path][0]} '{image_id}/{path}' has a chunk that cannot be "
+                                                f"decoded ({describe(error)})", undecodable=True)
 
     def _optional_array(self, image_id: str, path: str, what: str) -> zarr.Array:
         """An array that a done image may have been written without; StoreError naming `what` if so."""
@@ -162,8 +164,8 @@ class StoreArrays(StoreRecords):
         table = self.array(image_id, CELL_TABLE, record)
         if table is None:
             return None
-        columns = self.table_columns(image_id, table)
-        if table.ndim and table.cdata_shape[0] == 1:
+        columns = self.table_columns(image_id, table)  # two dimensions, or DamagedImage
+        if table.cdata_shape[0] == 1:
             return columns, iter([self.array_data(image_id, CELL_TABLE, table)])
         for _ in self.row_chunks(image_id, CELL_TABLE, table):
             pass

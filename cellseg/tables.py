@@ -23,7 +23,6 @@ from cellseg.io import (
     filesystem,
     is_object_store,
     write_bytes,
-    write_file_atomic,
 )
 from cellseg.plates import same_columns
 from cellseg.store_checks import enclosing_zarr_store
@@ -63,7 +62,8 @@ def write_table(
     second = next(batches, None)
     if second is None:
         first = same_columns(first)
-        _write(url, encoder.encode(first, list(first[0]) if first else list(empty_columns)), storage_options)
+        encoded = encoder.encode(first, list(first[0]) if first else list(empty_columns))
+        _write(url, lambda file: file.write(encoded), storage_options)
         return len(first)
     try:
         spill_folder = tempfile.TemporaryDirectory(prefix="cellseg-table-")
@@ -78,7 +78,7 @@ def write_table(
         columns = list(dict.fromkeys(name for part in parts for name in part.columns))
         if "status" in columns and any(part.columns != columns for part in parts):  # stays last, as same_columns keeps it
             columns.append(columns.pop(columns.index("status")))
-        _write_parts(url, lambda file: encoder.join(parts, columns, file), spill, storage_options)
+        _write(url, lambda file: encoder.join(parts, columns, file), storage_options, spill)
         return sum(part.rows for part in parts)
 
 
@@ -244,46 +244,41 @@ def _bucket_is_missing(fs: AbstractFileSystem, path: str) -> str | None:
     return bucket if bucket and not fs.exists(bucket) else None
 
 
-def _write(url: str, data: bytes, storage_options: StorageOptions) -> None:
-    """Write `data` to `url`: a local file through a temporary file and a rename, so that a full
-    disk never leaves a partial table that looks complete; OutputError naming `url` on failure."""
+def _write(url: str, write: Callable[[BinaryIO], object], storage_options: StorageOptions, spill: str | None = None) -> None:
+    """Write to `url` what `write` writes into a file: a local file through a temporary file and a
+    rename, so that a full disk never leaves a partial table that looks complete; a device or pipe
+    (/dev/stdout) written into, never replaced; on object storage one upload, whole or nothing (a
+    table spilled in parts joined into a file in the `spill` folder first). OutputError naming
+    `url` on failure."""
     fs, path = filesystem(url, storage_options)
     try:
         if not isinstance(fs, LocalFileSystem):
-            write_bytes(url, data, storage_options)  # one PUT on object storage: whole or nothing
-        elif os.path.exists(path) and not os.path.isfile(path):
-            with open(path, "wb") as device:  # /dev/stdout, a pipe: written into, never replaced
-                device.write(data)
-        else:
-            write_file_atomic(os.path.realpath(path), data)  # through a link, to the file it names
-    except BrokenPipeError:  # `--out /dev/stdout | head`: the command ends quietly, as `results | head` does
-        raise
-    except OSError as error:
-        raise write_failure(url, error) from error
-
-
-def _write_parts(url: str, join: Callable[[BinaryIO], None], spill: str, storage_options: StorageOptions) -> None:
-    """`_write` for a table joined from its parts into a file (`join`): on object storage joined
-    into a temporary file in `spill` first, then uploaded."""
-    fs, path = filesystem(url, storage_options)
-    try:
-        if not isinstance(fs, LocalFileSystem):
-            joined = os.path.join(spill, "joined")
-            with open(joined, "wb") as file:
-                join(file)
-            if parent := posixpath.dirname(path):
-                fs.makedirs(parent, exist_ok=True)
-            fs.put_file(joined, path)  # a multipart upload on S3: the object appears whole or not at all
+            _upload(url, write, fs, path, storage_options, spill)
         elif os.path.exists(path) and not os.path.isfile(path):
             with open(path, "wb") as device:
-                join(device)
+                write(device)
         else:
             with file_replaced_atomically(os.path.realpath(path)) as temporary, open(temporary, "wb") as file:
-                join(file)
+                write(file)  # through a link, to the file it names
     except BrokenPipeError:  # `--out /dev/stdout | head`: the command ends quietly, as `results | head` does
         raise
     except OSError as error:
         raise write_failure(url, error) from error
+
+
+def _upload(url: str, write: Callable[[BinaryIO], object], fs: AbstractFileSystem, path: str,
+            storage_options: StorageOptions, spill: str | None) -> None:
+    if spill is None:  # a table written whole: one PUT
+        buffer = io.BytesIO()
+        write(buffer)
+        write_bytes(url, buffer.getvalue(), storage_options)
+        return
+    joined = os.path.join(spill, "joined")
+    with open(joined, "wb") as file:
+        write(file)
+    if parent := posixpath.dirname(path):
+        fs.makedirs(parent, exist_ok=True)
+    fs.put_file(joined, path)  # a multipart upload on S3: the object appears whole or not at all
 
 
 def write_failure(url: str, error: OSError) -> OutputError:
