@@ -286,6 +286,17 @@ def _silence_dead_pipes() -> None:
 STOPPED = (TerminationSignal, KeyboardInterrupt)
 
 
+def warn_now(logger: Any, message: str, *args: object) -> None:
+    """Log a warning and ship it to the API at once. Prefect sends a run's log lines in batches every
+    few seconds, and a cancelled run is marked Cancelled before its exit sends the rest: the line
+    saying what a stopped run kept must be there when its state says it stopped (and a run killed
+    30 s after SIGTERM never sends it at all)."""
+    from prefect.logging.handlers import APILogHandler
+
+    logger.warning(message, *args)
+    APILogHandler().flush()  # at most 5 s; it does not raise where no API is configured
+
+
 def how_stopped(error: BaseException) -> str:
     """How a run stopped by `error` (one of STOPPED) ended, for its log: 'cancelled' when Prefect
     delivered a cancel (its control channel's intent), else what stopped it."""

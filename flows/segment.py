@@ -36,6 +36,7 @@ from cellseg.flows._common import (
     retry_unless_bad_input,
     stop_with_worker,
     task_runner,
+    warn_now,
     with_run_tags,
     worker_job,
 )
@@ -348,7 +349,7 @@ def _segment_images(job: SegmentJob | None, job_variable: str | None) -> dict[st
                 results.append(segment_large_image.with_options(task_runner=runner())(
                     with_block_threads(job), image_id, url, gpu=gpu))
     except STOPPED as stopped:
-        logger.warning("segment-images %s: %s", how_stopped(stopped), kept_line(job, plan))
+        warn_now(logger, "segment-images %s: %s", how_stopped(stopped), kept_line(job, plan))
         raise
     if not (plan.shards or plan.large or plan.skipped or plan.rejected):
         # A misspelt folder that exists and is empty, or a day without images: said, not hidden at INFO.

@@ -22,6 +22,7 @@ from cellseg.flows._common import (
     markdown_table,
     retry_unless_bad_input,
     stop_with_worker,
+    warn_now,
     with_run_tags,
     worker_job,
 )
@@ -95,7 +96,7 @@ def _train_unet(job: TrainJob) -> dict[str, Any]:
     try:
         trained = train_model(job, dataset["manifest_path"], run_dir)
     except STOPPED as stopped:
-        logger.warning("train-unet %s: no model registered; %s", how_stopped(stopped), kept_line(run_dir, own_folder=True))
+        warn_now(logger, "train-unet %s: no model registered; %s", how_stopped(stopped), kept_line(run_dir, own_folder=True))
         raise
     version = register_model(trained["best_checkpoint"], job.registry_url, job.promote)
     logger.info("registered %s in %s%s", version["version"], redact_url(job.registry_url), " as current" if job.promote else "")

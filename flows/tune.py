@@ -24,6 +24,7 @@ from cellseg.flows._common import (
     markdown_table,
     stop_with_worker,
     task_runner,
+    warn_now,
     with_run_tags,
     worker_job,
 )
@@ -129,8 +130,8 @@ def tune_unet(job: TuneJob) -> dict[str, Any]:
             trained = train_trials.with_options(task_runner=runner)(job, planned, dataset["manifest_path"], run_dir,
                                                                     threads)
     except STOPPED as stopped:
-        logger.warning("tune-unet %s: no model registered; the trials' folders so far are left in %s (a new run "
-                       "searches anew in a folder of its own)", how_stopped(stopped), run_dir)
+        warn_now(logger, "tune-unet %s: no model registered; the trials' folders so far are left in %s (a new run "
+                 "searches anew in a folder of its own)", how_stopped(stopped), run_dir)
         raise
     results = [TrialResult.model_validate(result) for result in trained]
     rows = trial_rows(results)

@@ -746,3 +746,23 @@ def test_an_event_sent_as_prefect_s_events_service_stops_is_no_traceback(event, 
     kept = [(record.levelname, record.getMessage(), record.exc_info is not None) for record in records]
     assert kept == ([] if shown is None else [("WARNING", shown, False)]) + [
         ("ERROR", "Error emitting event: prefect.flow-run.heartbeat", True)]
+
+
+def test_a_stopped_runs_warning_is_on_the_api_as_soon_as_it_is_logged(prefect_harness):
+    """A cancelled run is marked Cancelled, or killed 30 s after its SIGTERM, before Prefect's next
+    batch of log lines: the line saying what it kept is sent at once."""
+    from prefect import flow, get_run_logger
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.runtime import flow_run
+
+    from cellseg.flows._common import warn_now
+
+    @flow
+    def stopping() -> list[str]:
+        warn_now(get_run_logger(), "segment-images cancelled: %d of its %d images were segmented and are kept", 4, 9)
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.get_id()])))
+        return [log.message for log in logs]
+
+    assert "segment-images cancelled: 4 of its 9 images were segmented and are kept" in stopping()
