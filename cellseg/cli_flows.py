@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from cellseg.job_config import TuneJob
 
 ORCHESTRATION_EXTRA = "pip install 'cellseg[orchestration]'"
+TEMPORARY_SERVER_START_SECONDS = 120
 
 
 def _needs_orchestration(command: str) -> None:
@@ -33,8 +34,11 @@ def _needs_orchestration(command: str) -> None:
     reporting to Prefect's telemetry, unless the environment says otherwise (on a machine without
     internet every run's output showed a Prefect ERROR line for it), and out of Ctrl-C's way
     (`flows.temporary_server`). The library's log lines (the epochs, the model loaded) go to the
-    flow runs' logs too, as on a worker (deployments/prefect.yaml), instead of the flows' repeating them."""
+    flow runs' logs too, as on a worker (deployments/prefect.yaml), instead of the flows' repeating them.
+    That server is given 2 minutes to start, not Prefect's 20 s: its first start makes its database,
+    and on a busy 2-core machine that took longer and failed the command (the environment's value wins)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(TEMPORARY_SERVER_START_SECONDS))
     extra = [name.strip() for name in os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "").split(",") if name.strip()]
     if "cellseg" not in extra:
         os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join([*extra, "cellseg"])

@@ -69,7 +69,7 @@ MODEL_FLAGS: list[Flag] = [
     (("--cell-diameter",), "model.cell_diameter", {
         "type": cell_diameter, "metavar": "D|auto|none",
         "help": "work at one cell size: resample every image so that its median cell is D pixels across, in "
-                "training and in prediction (nuclei: 18); 'none': images at their own scale; 'auto': the "
+                "training and in prediction (nuclei: 19); 'none': images at their own scale; 'auto': the "
                 "training images' median cell when their cell sizes differ more than 1.5x, else none"}),
     (("--distance-map",), "model.distance_map", {
         "action": "store_const", "const": True,
