@@ -119,8 +119,14 @@ class Scratch:
         write_region(self.array(name), (index, *(0,) * values.ndim), values[None])
 
     def update(self, **values: Any) -> None:
-        self.attrs.update(finite_json(values))
-        self.group.attrs.put(self.attrs)
+        """Add `values` to the attributes as they are in the store now, not as this step read them:
+        another run taking steps on the same plan may have written since (its stitch record)."""
+        group = self.store.root.get(f"{self.image_id}/blocks")
+        if not isinstance(group, zarr.Group):
+            raise StoreError(f"image '{self.image_id}': its block-wise scratch was removed meanwhile (another run "
+                             "finished the image, or started it over)")
+        self.group, self.attrs = group, {**group.attrs, **finite_json(values)}
+        group.attrs.put(self.attrs)
 
     def mark_active(self, stopped: bool = False) -> None:
         """Record that a run takes a step on this image now (at most every MARK_EVERY seconds from

@@ -56,12 +56,17 @@ def stitch_image(store: ResultStore, image_id: str) -> dict[str, Any]:
     firsts = np.cumsum(first_of_cell)  # cells numbered up to each label
     owned = [int(firsts[offsets[b + 1]] - firsts[offsets[b]]) for b in range(grid.count)]
     starts = [int(firsts[offsets[b]]) + 1 for b in range(grid.count)]
+    # Another run on the same plan may have stitched while this one did, and be measuring blocks into
+    # the table: the stitch is the same for both (same blocks, same rule), so its record and arrays
+    # are kept, never blanked under it.
+    if "stitch" in (now := Scratch.open(store, image_id)).attrs:
+        return dict(now.attrs["stitch"])
     store.blank_array(f"{image_id}/blocks/final", lookup.shape, np.int64, (min(len(lookup), FINAL_CHUNK),), every_chunk=False,
-                      dimension_names=("label",))[...] = lookup
+                      dimension_names=("label",), keep=True)[...] = lookup
     rows = max([*owned, 1])
     columns = table_columns(scratch.config.measure_cells)
     store.blank_array(f"{image_id}/blocks/table", (grid.count * rows, len(columns)), np.float64, (rows, len(columns)),
-                      every_chunk=False, dimension_names=("cell", "column"))
+                      every_chunk=False, dimension_names=("cell", "column"), keep=True)
     record = {"offsets": [int(offset) for offset in offsets], "starts": starts, "owned": owned, "cells": cells,
               "rows": rows, "joined": len(pairs)}
     scratch.update(stitch=record)

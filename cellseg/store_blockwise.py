@@ -24,11 +24,17 @@ class BlockwiseWrites(StoreWrites):
 
     def blank_array(
         self, path: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...], every_chunk: bool = True,
-        attributes: dict[str, Any] | None = None, dimension_names: tuple[str, ...] = ("y", "x"),
+        attributes: dict[str, Any] | None = None, dimension_names: tuple[str, ...] = ("y", "x"), keep: bool = False,
     ) -> zarr.Array:
         """A new array of zeros at `path` (what was there is replaced), for region writes; with
         `every_chunk` each write stores every chunk it covers, all-zero ones too, as the arrays of a
-        done image must have them (`array`)."""
+        done image must have them (`array`). With `keep`, an array already there of the same shape,
+        dtype and chunks is kept with what it holds."""
+        if keep:
+            existing = self.root.get(path)
+            if (isinstance(existing, zarr.Array) and existing.shape == tuple(shape) and existing.chunks == tuple(chunks)
+                    and existing.dtype == np.dtype(dtype)):
+                return existing.with_config(WRITE_CONFIG) if every_chunk else existing
         array = self.root.create_array(path, shape=shape, dtype=dtype, chunks=chunks, fill_value=0, overwrite=True,
                                        compressors=ARRAY_CODECS, chunk_key_encoding=CHUNK_KEY_ENCODING, attributes=attributes,
                                        dimension_names=dimension_names)

@@ -29,6 +29,7 @@ from PIL import Image
 
 from benchmarks.large import bench_exact, compare, frozen_checkpoint
 from cellseg.blocks import blockwise_shape, segment_blockwise
+from cellseg.blocks_finish import finish_image
 from cellseg.blocks_levels import image_levels
 from cellseg.blocks_measure import _cell_rows, measure_block
 from cellseg.blocks_plan import PLAN_WAIT, ImageInUse, prepare_image
@@ -556,6 +557,41 @@ def test_scratch_labels_past_the_stitched_ones_are_refused_when_measured(frozen_
     with pytest.raises(StoreError, match="block 0: its scratch labels reach past the stitched labels"):
         measure_block(store, "m", 0, image)
     assert measure_block(store, "m", 1, image) == "measured"  # the other blocks are measured as before
+
+
+@pytest.mark.parametrize("race", ["stale attributes written back", "a second stitch"])
+def test_two_runs_on_one_plan_keep_every_measured_cell_row(frozen_general, tmp_path, race):
+    """Two runs with the same settings take steps on one image. A run that had read the scratch's
+    attributes before the other stitched wrote them back when it took the plan up, erasing the stitch
+    record; a stitch after it, or one that had passed its "already stitched?" check before the other
+    recorded its stitch, made a blank table over the rows already measured: the image was finished
+    with those cells' rows all zeros, and `verify` called it whole."""
+    image = mosaic((768, 768), seed=9)
+    predictor = load_predictor(ModelSource("", checkpoint_url=str(frozen_general)), BLOCKWISE)
+    reference = ResultStore.open(str(tmp_path / "reference.zarr"))
+    _predicted_and_stitched(reference, "m", image, predictor)
+    for index in range(9):
+        measure_block(reference, "m", index, image)
+    finish_image(reference, "m", {"version": "x"})
+
+    store = ResultStore.open(str(tmp_path / "r.zarr"))
+    _, todo = prepare_image(store, "m", "m", image, predictor)
+    for index in todo:
+        predict_block(store, "m", index, image, predictor)
+    read_before_the_stitch = Scratch.open(store, "m")
+    stitch_image(store, "m")
+    for index in range(9):
+        measure_block(store, "m", index, image)
+    if race == "stale attributes written back":
+        read_before_the_stitch.update(resumed=9)  # as taking the plan up does
+    else:  # the other run's record not there yet when this one looked
+        scratch = Scratch.open(store, "m")
+        scratch.group.attrs.put({key: value for key, value in scratch.attrs.items() if key != "stitch"})
+    stitch_image(store, "m")
+    finish_image(store, "m", {"version": "x"})
+    columns, rows = store.read_cell_table("m")
+    assert len(rows) > 50 and np.all(rows[:, list(columns).index("area")] > 0)
+    np.testing.assert_array_equal(rows, reference.read_cell_table("m")[1])
 
 
 @pytest.mark.parametrize("lost", ["table", "labels"])
