@@ -20,6 +20,7 @@ from torch import nn
 
 from cellseg import __version__
 from cellseg.checkpoint import Checkpoint
+from cellseg.io import file_replaced_atomically, write_file_atomic
 from cellseg.model import UNet
 
 ExportFormat = Literal["torchscript", "onnx"]
@@ -84,16 +85,21 @@ def export_model(
     except (FileExistsError, NotADirectoryError) as error:
         blocking = next((folder for folder in (out.parent, *out.parent.parents) if folder.is_file()), out.parent)
         raise ValueError(f"cannot write '{out}': '{blocking}' is a file, not a folder") from error
+    if export_format not in ("torchscript", "onnx"):
+        raise ValueError(f"unknown export format {export_format!r}: use 'torchscript' or 'onnx'")
     unet = checkpoint.build_model().eval()
     multiple = int(unet.size_multiple)
-    if export_format == "torchscript":
-        torch.jit.script(ExportableUNet(unet)).save(str(out))
-        min_side = 1
-    elif export_format == "onnx":
-        _export_onnx(ExportableUNet(unet, branch_free=True).eval(), out, multiple)
-        min_side = multiple + 1
-    else:
-        raise ValueError(f"unknown export format {export_format!r}: use 'torchscript' or 'onnx'")
+    min_side = 1 if export_format == "torchscript" else multiple + 1
+    try:  # beside `out`, then renamed over it: a file replaced (--overwrite) is never left half-written
+        with file_replaced_atomically(out) as temporary:
+            if export_format == "torchscript":
+                with open(temporary, "wb") as file:  # a file, not its name: torch names the archive after it
+                    torch.jit.save(torch.jit.script(ExportableUNet(unet)), file)
+            else:
+                _export_onnx(ExportableUNet(unet, branch_free=True).eval(), Path(temporary), multiple)
+    except OSError as error:  # a folder it may not write, a full disk
+        raise ValueError(f"cannot write '{out}': {f'[Errno {error.errno}] {error.strerror}' if error.strerror else error}"
+                         ) from error
     normalization = checkpoint.model_config.normalization
     description = {
         "format": export_format,
@@ -122,7 +128,7 @@ def export_model(
         "metrics": checkpoint.metrics,
         "cellseg_version": __version__,
     }
-    Path(f"{out}.json").write_text(json.dumps(description, indent=1) + "\n")
+    write_file_atomic(f"{out}.json", (json.dumps(description, indent=1) + "\n").encode())
     return description
 
 

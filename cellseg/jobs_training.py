@@ -245,7 +245,10 @@ def kept_line(run_dir: str | Path, own_folder: bool = False) -> str:
     is the one `last.pt` holds (history.json is written after it). `own_folder`: the run made
     `run_dir` for itself (a flow run's), so it may go when nothing was kept; a user's --out may
     hold other things."""
-    last = Path(run_dir) / LAST_CHECKPOINT
+    last, best = Path(run_dir) / LAST_CHECKPOINT, Path(run_dir) / BEST_CHECKPOINT
+    if not last.is_file() and best.is_file():  # a fine-tune's starting weights, scored before its first epoch
+        again = f"{run_dir} can go" if own_folder else "the same command with --overwrite starts it again"
+        return f"it stopped before its first epoch ended: {best} holds only its starting weights, nothing to resume; {again}"
     if not last.is_file():
         return f"it stopped before its first epoch ended, so nothing was kept{f' ({run_dir} can go)' if own_folder else ''}"
     try:

@@ -161,8 +161,9 @@ def damage_summary(url: str, damaged: Mapping[str, str], shown: int = 5) -> str:
     named = "; ".join(f"'{image_id}': {problem}" for image_id, problem in items[:shown])
     more = f"; and {len(items) - shown} more" if len(items) > shown else ""
     count = f"{len(items)} image{'s' if len(items) != 1 else ''}"
+    # --read-data: the damage a read finds may be a chunk that cannot be decoded, which only it sees.
     return (f"{count} in '{url}' {'are' if len(items) != 1 else 'is'} damaged ({named}{more}); "
-            f"{repair_hint(url)} marks {'them' if len(items) != 1 else 'it'} to be segmented again by the next predict")
+            f"{repair_hint(url, read_data=True)} marks {'them' if len(items) != 1 else 'it'} to be segmented again by the next predict")
 
 
 def describe(error: BaseException) -> str:

@@ -151,3 +151,23 @@ def test_export_under_a_file_is_one_line_naming_the_file(tiny_checkpoint, tmp_pa
     assert result.returncode == 2
     assert result.stderr == f"cellseg models: error: cannot write '{out}': '{blocking}' is a file, not a folder\n"
     assert blocking.read_text() == ""
+
+
+def test_export_into_a_folder_it_cannot_write_is_one_line_naming_the_file(tiny_checkpoint, tmp_path):
+    """torch's writer raised a RuntimeError: a traceback, exit status 1."""
+    import os
+    import shutil
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    command = [str(Path(sys.executable).parent / "cellseg"), "models", "export", "--checkpoint", str(tiny_checkpoint),
+               "--out", str(locked / "model.pt")]
+    if os.geteuid() == 0:  # root writes anywhere: run it without the capabilities that allow it
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv to drop the permission override")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", *command]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and str(locked / "model.pt") in result.stderr, result.stderr
+    assert list(locked.iterdir()) == []

@@ -225,6 +225,16 @@ def test_the_kept_line_names_the_epoch_last_pt_holds_whatever_history_json_says(
     (run / "history.json").write_text(json.dumps(history[:1]))
     assert kept_line(run) == (f"{run}/last.pt holds epoch 2: `cellseg train --resume --out {run}` goes on from it, "
                               "on the run's images and masks with its settings (--epochs N to train it longer)")
+    # A fine-tune stopped before its first epoch ended: best.pt holds the starting weights it scored,
+    # and the line said nothing was kept while the folder refused the same command again.
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "best.pt").write_bytes((run / "best.pt").read_bytes())
+    assert kept_line(started) == (f"it stopped before its first epoch ended: {started}/best.pt holds only its starting "
+                                  "weights, nothing to resume; the same command with --overwrite starts it again")
+    with pytest.raises(RunFolderError, match="already holds a training run"):
+        check_run_dir(started, resume=False, overwrite=False)
+    assert check_run_dir(started, resume=False, overwrite=True) == started
 
 
 def test_run_segmentation_segments_once_and_skips_done_images(trained, tmp_path):

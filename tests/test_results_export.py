@@ -133,6 +133,25 @@ def test_both_tables_leave_out_an_image_whose_cell_table_lost_a_chunk_so_that_th
     assert (joined.groupby("image_id").size() == images.set_index("image_id")["cell_count"].drop("blank")).all()
 
 
+def test_the_repair_an_export_names_for_a_chunk_it_cannot_decode_repairs_it(tmp_path):
+    """Only reading the data finds a garbled chunk: the command the export named (`verify --repair`)
+    found nothing, and every export failed the same way."""
+    import shlex
+
+    store = blank_store(tmp_path)
+    columns = CELL_ROW_COLUMNS[1:]
+    store.write_result("garbled", np.ones((8, 8), bool), {**NO_CELLS, "cell_count": 13}, "garbled.png", MODEL,
+                       cells=np.zeros((8, 8), np.int32), cell_table=(columns, np.ones((13, len(columns)))))
+    (tmp_path / "results.zarr" / "garbled" / "tables" / "cells" / "c.0.0").write_bytes(b"not zstd at all")
+    exported = cellseg("export", store.url, "--out", str(tmp_path / "cells.csv"), check=False)
+    assert exported.returncode == 3
+    named = exported.stdout.split("`cellseg ")[1].split("`")[0]
+    repaired = cellseg(*shlex.split(named), check=False)
+    assert "1 broken" in repaired.stdout, repaired.stdout
+    assert not ResultStore.open(store.url, mode="r").is_done("garbled")
+    assert cellseg("export", store.url, "--out", str(tmp_path / "again.csv"), check=False).returncode == 0
+
+
 def ragged_rows(count: int) -> Iterator[dict[str, Any]]:
     """Cell-like rows whose later ones gain a column (images with a pixel size after ones without)
     and a 'status' that stays last, with text that CSV must quote."""
