@@ -20,6 +20,7 @@ import logging
 import os
 import select
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext, redirect_stderr
 from typing import Any
@@ -176,6 +177,21 @@ INTERRUPTED_HINTS: dict[str, str | Callable[[argparse.Namespace], str]] = {
 }
 
 
+SHARD_THREAD_PREFIX = "cellseg-shard-"  # as `jobs_shards.segment_shards` names its threads (not imported: torch)
+
+
+def _exit_now_while_shards_run(status: int) -> None:
+    """Exit with `status` at once where shard threads still run: a second Ctrl-C ends the wait for
+    them (`jobs_shards.STOP_GRACE`), and the interpreter's exit with a thread inside torch aborted
+    the process ("terminate called without an active exception", status 134). Nothing is lost:
+    every write to a store is whole or absent, and the next run redoes an image not finished."""
+    if any(thread.is_alive() and thread.name.startswith(SHARD_THREAD_PREFIX) for thread in threading.enumerate()):
+        logging.shutdown()
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(status)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     usage_errors = io.StringIO()
     try:
@@ -204,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = hint(args) if callable(hint) else hint
         how = "stopped by SIGTERM" if isinstance(error, Terminated) else "interrupted"
         print(f"cellseg {command}: {how}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        _exit_now_while_shards_run(TERMINATED if isinstance(error, Terminated) else INTERRUPTED)
         return TERMINATED if isinstance(error, Terminated) else INTERRUPTED
     except BrokenPipeError as error:
         if _stdout_reader_gone():

@@ -639,7 +639,11 @@ def test_ctrl_c_stops_a_flow_on_its_temporary_server_in_seconds_with_status_130(
     assert verify_store(str(tmp_path / "r.zarr"), read_data=True).broken == []
 
 
-def test_ctrl_c_stops_predict_with_one_line_and_a_rerun_segments_the_rest(tmp_path, tiny_checkpoint):
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_stops_predict_with_one_line_and_a_rerun_segments_the_rest(tmp_path, tiny_checkpoint, presses):
+    """Pressed twice, the second ended the wait for the shards, and the interpreter's exit with a
+    shard thread inside torch aborted the process: "terminate called without an active exception",
+    status 134."""
     from cellseg.synth import write_dataset
 
     write_dataset(str(tmp_path / "data"), count=4, size=256, seed=5)
@@ -664,14 +668,22 @@ def test_ctrl_c_stops_predict_with_one_line_and_a_rerun_segments_the_rest(tmp_pa
             break
         time.sleep(0.05)
     run.send_signal(signal.SIGINT)
+    if presses == 2:
+        time.sleep(0.3)
+        if run.poll() is None:
+            run.send_signal(signal.SIGINT)
     stdout, stderr = run.communicate(timeout=60)
-    assert run.returncode == 130, stderr
+    # Or ended by the second press itself, where it came as the interpreter exited: 130 in a shell too.
+    assert run.returncode in ((130, -signal.SIGINT) if presses == 2 else (130,)), stderr
+    assert "terminate called" not in stderr
     assert stderr.strip().splitlines()[-1] == ("cellseg predict: interrupted; the images written so far are kept: "
                                                "run the same command again to segment the rest")
     assert "Traceback" not in stderr and "segmented" not in stdout
     written = len(ResultStore.open(str(store), mode="r").done_ids())
     assert 0 < written < 1000
     assert cellseg("verify", str(store), "--read-data").returncode == 0
+    if presses == 2:
+        return  # the rerun as after one press
     rerun = cellseg(*command[1:])
     assert f"segmented {1000 - written}, skipped {written} already done, failed 0" in rerun.stdout
 
