@@ -190,7 +190,10 @@ def add_flags(parser: argparse.ArgumentParser, flags: list[Flag], prefix: str = 
               model: type[BaseModel] = CellsegSettings) -> None:
     """Add each flag for its field of `model` (settings or a job), applied only when given; its
     help shows the field's default, as the settings' value where a settings file or CELLSEG_*
-    variable may give one (a flag's help is written before --config is read)."""
+    variable may give one (a flag's help is written before --config is read). Flags of one field
+    (--split, --no-split) exclude each other: given both, the last one won without a word."""
+    keys = [key for _, key, _ in flags]
+    groups = {key: parser.add_mutually_exclusive_group() for key in dict.fromkeys(keys) if keys.count(key) > 1}
     for names, key, declared in flags:
         options = dict(declared)
         if options.get("action") != "store_const":
@@ -205,7 +208,7 @@ def add_flags(parser: argparse.ArgumentParser, flags: list[Flag], prefix: str = 
             else:
                 where = f"default: the settings' {key}, else {default}" if from_settings else f"default {default}"
             options["help"] = f"{options.get('help', '')} ({where})".strip()
-        parser.add_argument(*names, dest=f"{prefix}{key}", default=argparse.SUPPRESS, **options)
+        groups.get(key, parser).add_argument(*names, dest=f"{prefix}{key}", default=argparse.SUPPRESS, **options)
 
 
 def field_default(model: type[BaseModel], key: str) -> Any:

@@ -980,3 +980,17 @@ def test_prefect_run_lines_read_as_the_commands_output():
     crash = RuntimeError("worker lost")
     assert shown("prefect.flow_runs", f"Encountered exception during execution: {crash!r}", crash) is not None
     assert shown("cellseg", "Finished in state Completed()") == "Finished in state Completed()"
+
+
+@pytest.mark.parametrize(("command", "first", "second"), [
+    (["train", "--images", "i", "--masks", "m", "--out", "o"], "--from-scratch", "--init-from=nuclei"),
+    (["predict", "--images", "i", "--out", "o"], "--split", "--no-split"),
+    (["predict", "--images", "i", "--out", "o"], "--no-compile", "--compile"),
+    (["flow", "segment-images", "--source", "i", "--store", "o"], "--no-split", "--split"),
+])
+def test_two_flags_of_one_setting_are_refused_together(command, first, second):
+    """The last one given won without a word: --from-scratch --init-from nuclei fine-tuned."""
+    result = cellseg(*command, first, second, check=False)
+    assert result.returncode == 2
+    flag = second.split("=")[0]
+    assert result.stderr.splitlines()[-1].endswith(f"error: argument {flag}: not allowed with argument {first}")
