@@ -33,12 +33,14 @@ def _read(array: zarr.Array, step: int = 1) -> np.ndarray:
     return np.asarray(array[slice(None, None, step), slice(None, None, step)])
 
 
-def _declared_shape_problem(shape: tuple[int, ...], chunks: int, path: str, record: dict[str, Any]) -> str | None:
+def _declared_shape_problem(array: zarr.Array, path: str, record: dict[str, Any]) -> str | None:
     """Why an array's declared shape cannot be its image's (None when it may be; `verify` compares
     it exactly): a pixel array larger than the image's record says, a cell table of more rows than
-    the image has pixels, more than MAX_CHUNKS chunks (a record may lie as its arrays do). A
-    zarr.json declaring 2**40 x 2**40 took zarr's walk over its chunks to a MemoryError, and a cell
-    table of 2**50 rows its read."""
+    the image has pixels, more than MAX_CHUNKS chunks, a chunk of more than MAX_CHUNK_BYTES (a record
+    may lie as its arrays do). A zarr.json declaring 2**40 x 2**40 took zarr's walk over its chunks
+    to a MemoryError, a cell table of 2**50 rows its read, and one chunk of 100,000 x 100,000
+    pixels, its record saying so too, a read of 37 GiB."""
+    shape, chunks = array.shape, array.nchunks
     image = record.get("shape")
     if isinstance(image, list) and len(image) == 2 and all(isinstance(side, int) for side in image):
         pixels = prod(image)
@@ -50,12 +52,16 @@ def _declared_shape_problem(shape: tuple[int, ...], chunks: int, path: str, reco
             return f"declares shape {list(shape)}, larger than its image's {image}"
     if chunks > MAX_CHUNKS:
         return f"declares {chunks} chunks, over the {MAX_CHUNKS} an image's array may have"
+    if (chunk_bytes := prod(array.chunks) * array.dtype.itemsize) > MAX_CHUNK_BYTES:
+        return (f"declares chunks of {list(array.chunks)} ({chunk_bytes} bytes), over the {MAX_CHUNK_BYTES} bytes "
+                "cellseg writes at most")
     return None
 
 
 MAX_TABLE_COLUMNS = 256  # the cell table has some 20; a zarr.json may declare anything
 MIN_TABLE_ROWS_ALLOWED = 2**20  # rows a table may have whatever its image's size (a cell per pixel bounds the rest)
 MAX_CHUNKS = 2**24  # a 100,000-pixel-square image in chunks of 1024 has some 10,000
+MAX_CHUNK_BYTES = 2**28  # cellseg's largest chunks: 65,536 table rows of 256 columns (128 MiB); pixels 16 MiB
 MAX_PLANES = 4  # an image copy's channels beside height and width (RGB(A)); the other arrays have none
 
 
@@ -82,7 +88,7 @@ class StoreArrays(StoreRecords):
             if recorded or path == MASK_PATH:
                 raise DamagedImage(self.url, image_id, f"its {what} '{image_id}/{path}' is missing")
             return None
-        if problem := _declared_shape_problem(node.shape, node.nchunks, path, record):  # before zarr walks its chunk grid
+        if problem := _declared_shape_problem(node, path, record):  # before zarr walks its chunk grid
             raise DamagedImage(self.url, image_id, f"its {what} '{image_id}/{path}' {problem}")
         if recorded and (missing := node.nchunks - node.nchunks_initialized):
             raise DamagedImage(self.url, image_id,

@@ -357,6 +357,13 @@ def test_metadata_declaring_huge_arrays_or_nested_without_end_is_damage_not_a_cr
     labels = json.loads((root / "c/labels/cells/0/zarr.json").read_text())
     (root / "c/labels/cells/0/zarr.json").write_text(json.dumps({**labels, "shape": [2**40, 2**40]}))
     assert "chunks, over the 16777216 an image's array may have" in _problems(verify_store(store.url))["c"]
+    # ... and its array declared as one chunk: verify --read-data and export tried to allocate 37 GiB
+    # to 1.3 TiB (a traceback; under that much memory, taken)
+    side = 100_000
+    (root / "c/labels/cells/0/zarr.json").write_text(json.dumps({
+        **labels, "shape": [side, side], "chunk_grid": {**labels["chunk_grid"], "configuration": {"chunk_shape": [side, side]}}}))
+    assert (f"its cell labels 'c/labels/cells/0' declares chunks of [{side}, {side}] ({side * side * 4} bytes), over "
+            "the 268435456 bytes cellseg writes at most") in _problems(verify_store(store.url, read_data=True))["c"]
     exported = cellseg("export", store.url, "--out", str(root.parent / "cells.csv"), check=False)
     assert exported.returncode == 3 and "Traceback" not in exported.stderr, exported.stderr
 
