@@ -193,10 +193,14 @@ def run_verify(args: argparse.Namespace) -> int:
     images = [damage for damage in report.broken if damage.image_id != STORE_METADATA]
     if report.repaired and len(images) < len(report.broken):
         print("repaired: the store's metadata rewritten")
+    for damage in report.unrepaired:
+        print(redact_text(f"not repaired: image '{damage.image_id}': {damage.problem}"))
+    left = {damage.image_id for damage in report.unrepaired}
+    images = [damage for damage in images if damage.image_id not in left]
     if report.repaired and images:
         print(f"repaired: {len(images)} images marked not done; the next `cellseg predict` (or `cellseg flow "
               f"segment-images`) into {redact_url(args.store)} segments them again")
     elif report.broken and not report.repaired:
         # A repair without --read-data would not see the chunks that only decoding found damaged.
         print(f"to repair: cellseg verify {redact_url(args.store)}{' --read-data' if args.read_data else ''} --repair")
-    return 1 if report.broken and not report.repaired else 0
+    return 1 if (report.broken and not report.repaired) or report.unrepaired else 0

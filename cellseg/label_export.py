@@ -128,8 +128,9 @@ def check_output_folder(url: str, storage_options: StorageOptions = None) -> tup
 def _label_file(image_id: str, record: dict[str, Any], kind: str, file_format: str) -> LabelFile:
     shape = record.get("shape")
     shape = (int(shape[0]), int(shape[1])) if isinstance(shape, list) and len(shape) == 2 else (0, 0)
-    count = record.get("statistics", {}).get("cell_count")
-    pixel = (record.get("source") or {}).get("pixel_size_yx_um")
+    # A record edited by hand may hold anything where these objects belong: then they are not known.
+    statistics, source = (value if isinstance(value := record.get(key), dict) else {} for key in ("statistics", "source"))
+    count, pixel = statistics.get("cell_count"), source.get("pixel_size_yx_um")
     pixel_size = None
     if isinstance(pixel, list) and len(pixel) == 2 and all(isinstance(v, int | float) and v > 0 for v in pixel):
         pixel_size = (float(pixel[0]), float(pixel[1]))

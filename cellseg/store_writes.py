@@ -253,14 +253,18 @@ class StoreWrites(StoreRecords):
 
     def _require_group(self, path: str) -> zarr.Group:
         """The group at `path`, created if missing; metadata there that cannot be read is replaced
-        by an empty group's. Any other refusal (an array there, say) is raised as it is."""
+        by an empty group's. An array there is refused (StoreError naming it): cellseg does not
+        remove what it did not write. Any other refusal is raised as it is."""
         try:
             return self.root.require_group(path)
         except METADATA_ERRORS as error:
             try:
-                self.root.get(path)
+                node = self.root.get(path)
             except METADATA_ERRORS:
                 return self._replace_metadata(path, error)
+            if isinstance(node, zarr.Array):
+                raise StoreError(f"'{path}' in '{redact_url(self.url)}' is a zarr array, not an image's group: move "
+                                 "or remove it (cellseg leaves what it did not write), then run again") from error
             raise
 
     def _replace_metadata(self, path: str, error: BaseException) -> zarr.Group:

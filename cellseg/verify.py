@@ -28,7 +28,7 @@ from cellseg.io import StorageOptions
 from cellseg.stitch import SCRATCH_LAYOUT, BlockGrid, pyramid_shapes
 from cellseg.store import ResultStore
 from cellseg.store_blockwise import lost_scratch_chunks, read_block_states
-from cellseg.store_checks import DONE, DamagedImage, DamagedStore, describe
+from cellseg.store_checks import DONE, DamagedImage, DamagedStore, StoreError, describe
 from cellseg.store_layout import (
     ARRAYS,
     CELL_TABLE,
@@ -64,6 +64,7 @@ class Verification:
     checked: int = 0
     broken: list[Damage] = field(default_factory=list)
     repaired: bool = False
+    unrepaired: list[Damage] = field(default_factory=list)  # broken images a repair could not mark, and why
     images_checked: bool = True  # False when the store's metadata is unreadable and was not repaired
 
 
@@ -98,7 +99,11 @@ def verify_store(
     if repair:
         for damage in report.broken:
             if damage.image_id != STORE_METADATA:
-                store.mark_damaged(damage.image_id, damage.problem)
+                try:
+                    store.mark_damaged(damage.image_id, damage.problem)
+                except StoreError as refused:  # an array where the image belongs: the others are repaired
+                    report.unrepaired.append(Damage(damage.image_id, str(refused)))
+                    continue
             if damage.scratch:  # the next run plans the image afresh instead of failing on the blocks left
                 del store.root[f"{damage.image_id}/blocks"]
         report.repaired = True

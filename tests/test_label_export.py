@@ -270,3 +270,16 @@ def test_an_s3_folder_below_an_object_is_refused_as_a_local_one_below_a_file(tmp
         write_table([{"image_id": "a"}], f"{bucket}/exports/x.tif/deeper/cells.csv", storage_options=options)
     assert fs.ls(f"{bucket}/exports".removeprefix("s3://"), detail=False) == [
         f"{bucket}/exports/x.tif".removeprefix("s3://")]
+
+
+def test_a_record_whose_source_is_no_object_still_exports_its_labels(tmp_path):
+    """`"source": "x"` in a record edited by hand ended the export in an AttributeError traceback."""
+    import json
+
+    store = store_with_images(tmp_path / "r.zarr", {"a": (32, 32), "b": (32, 32)}, pixel_size=[0.5, 0.5])
+    metadata = tmp_path / "r.zarr/b/zarr.json"
+    document = json.loads(metadata.read_text())
+    document["attributes"]["cellseg"]["source"] = "x"
+    metadata.write_text(json.dumps(document))
+    exported = export_labels(ResultStore.open(store.url, mode="r"), str(tmp_path / "labels"), file_format="tiff")
+    assert sorted(exported.written) == ["a_cells.tif", "b_cells.tif"]

@@ -374,3 +374,24 @@ def test_metadata_declaring_huge_arrays_or_nested_without_end_is_damage_not_a_cr
         said = run.stdout + run.stderr
         assert run.returncode in (1, 2) and "Traceback" not in said, (command, said)
         assert f"'{store.url}/zarr.json' cannot be read (not valid JSON: RecursionError" in said, said
+
+
+def test_an_array_where_an_image_belongs_is_left_and_named_while_the_others_are_repaired(store):
+    """`verify --repair` stopped at it in a TypeError traceback (zarr's "Incompatible object already
+    exists"), leaving every damaged image after it marked done; `predict` stopped there too."""
+    from cellseg.segment import _record_failure
+    from tests.conftest import cellseg
+
+    root = Path(store.url)
+    shutil.rmtree(root / "a")
+    zarr.create_array(str(root / "a"), shape=(4, 4), dtype="uint8")[...] = 7  # someone's array, in an image's place
+    (root / "c/labels/mask/0/c.0.0").unlink()
+    repaired = cellseg("verify", store.url, "--repair", check=False)
+    assert repaired.returncode == 1 and "Traceback" not in repaired.stderr, repaired.stderr
+    assert ("not repaired: image 'a': 'a' in '" + store.url + "' is a zarr array, not an image's group: move or remove "
+            "it (cellseg leaves what it did not write), then run again") in repaired.stdout
+    assert "repaired: 1 images marked not done" in repaired.stdout
+    again = ResultStore.open(store.url, mode="r")
+    assert not again.is_done("c") and again.is_done("b")
+    np.testing.assert_array_equal(zarr.open_array(str(root / "a"), mode="r")[...], 7)  # left as it was
+    _record_failure(ResultStore.open(store.url), "a", "a.png", "ValueError: its write failed", {})  # said, not raised
