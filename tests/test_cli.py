@@ -994,3 +994,16 @@ def test_two_flags_of_one_setting_are_refused_together(command, first, second):
     assert result.returncode == 2
     flag = second.split("=")[0]
     assert result.stderr.splitlines()[-1].endswith(f"error: argument {flag}: not allowed with argument {first}")
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line_not_a_traceback(tmp_path):
+    """The CLI's modules take a second or two to load, before `main` can take Ctrl-C: pressed then,
+    it printed some forty lines of traceback through the imports."""
+    run = subprocess.Popen([str(Path(sys.executable).parent / "cellseg"), "predict", "--images", str(tmp_path / "none"),
+                            "--out", str(tmp_path / "out.zarr")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode in (130, -signal.SIGINT), stderr  # the latter: before Python took the signal
+    assert "Traceback" not in stderr, stderr
