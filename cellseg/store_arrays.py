@@ -184,4 +184,8 @@ class StoreArrays(StoreRecords):
                 and len(table.shape) == 2 and len(columns) == table.shape[1]):
             raise DamagedImage(self.url, image_id, f"its cell table '{image_id}/{CELL_TABLE}' has {table.shape} "
                                                    f"values but column names {columns!r}")
+        # An export's rows are keyed by name, the image's id first: one name twice, or the id's, lost a column.
+        if len(set(columns)) < len(columns) or "image_id" in columns:
+            raise DamagedImage(self.url, image_id, f"its cell table '{image_id}/{CELL_TABLE}' has column names "
+                                                   f"{columns!r}: one twice, or 'image_id', which the export adds")
         return columns

@@ -259,3 +259,24 @@ def test_an_export_into_a_pipe_whose_reader_stops_ends_quietly(tmp_path, table_f
     run = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=clean_environment(), timeout=300,
                          check=False)
     assert (run.returncode, run.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("renamed", ["image_id", "area"])
+def test_a_cell_table_naming_a_column_twice_or_image_id_is_left_out_as_damaged(tmp_path, renamed):
+    """Its rows are keyed by name: a column named 'image_id' overwrote the image's id in every row,
+    and a name given twice dropped one of the two, with `verify` calling the store whole."""
+    import json
+
+    store = blank_store(tmp_path)
+    columns = CELL_ROW_COLUMNS[1:]
+    for image_id in ("kept", "edited"):
+        store.write_result(image_id, np.ones((8, 8), bool), {**NO_CELLS, "cell_count": 3}, f"{image_id}.png", MODEL,
+                           cells=np.zeros((8, 8), np.int32), cell_table=(columns, np.ones((3, len(columns)))))
+    metadata = tmp_path / "results.zarr/edited/tables/cells/zarr.json"
+    document = json.loads(metadata.read_text())
+    document["attributes"]["columns"] = [renamed, *document["attributes"]["columns"][1:]]
+    metadata.write_text(json.dumps(document))
+    exported = cellseg("export", store.url, "--out", str(tmp_path / "cells.csv"), check=False)
+    assert exported.returncode == 3 and "its cell table 'edited/tables/cells' has column names" in exported.stdout
+    assert set(pd.read_csv(tmp_path / "cells.csv")["image_id"]) == {"kept"}
+    assert cellseg("verify", store.url, check=False).returncode == 1
