@@ -149,7 +149,8 @@ def _claim_plan(store: ResultStore, image_id: str, plan: dict[str, Any], url: st
     another run has meanwhile written the same plan, or writes it now, that plan is taken up once
     written: (None, (blocks, those still to predict)). A claim older than PLAN_WAIT, or without a
     token, was left by a run that stopped while planning and is replaced. Another run's plan with
-    other settings is left to it: StoreError."""
+    other settings is left to it: StoreError. An image another run finished while this one read it
+    for its plan is left as it is: (None, (0, []))."""
     path = f"{image_id}/blocks"
     waited_on: Any = None
     while True:
@@ -162,6 +163,10 @@ def _claim_plan(store: ResultStore, image_id: str, plan: dict[str, Any], url: st
             del store.root[path]
             continue
         if found == NONE:
+            # No scratch: none yet, or another run has finished the image meanwhile (its done mark is
+            # written before its scratch goes) while this one read it for its plan: left as it is.
+            if store.is_done(image_id):
+                return None, (0, [])
             claim = {"token": uuid.uuid4().hex, "since": time.time()}
             try:
                 store.root.create_group(path, overwrite=False, attributes={"claim": claim})

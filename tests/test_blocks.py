@@ -32,7 +32,7 @@ from cellseg.blocks import blockwise_shape, segment_blockwise
 from cellseg.blocks_finish import finish_image
 from cellseg.blocks_levels import image_levels
 from cellseg.blocks_measure import _cell_rows, measure_block
-from cellseg.blocks_plan import PLAN_WAIT, ImageInUse, prepare_image
+from cellseg.blocks_plan import PLAN_WAIT, ImageInUse, _claim_plan, prepare_image
 from cellseg.blocks_predict import _local_numbers, predict_block
 from cellseg.blocks_scratch import ACTIVE_WAIT, SUM_COLUMNS, Scratch
 from cellseg.blocks_stitch import stitch_image
@@ -557,6 +557,16 @@ def test_scratch_labels_past_the_stitched_ones_are_refused_when_measured(frozen_
     with pytest.raises(StoreError, match="block 0: its scratch labels reach past the stitched labels"):
         measure_block(store, "m", 0, image)
     assert measure_block(store, "m", 1, image) == "measured"  # the other blocks are measured as before
+
+
+def test_an_image_another_run_finished_while_this_one_planned_is_left_as_it_is(blockwise_run):
+    """A run reading a large image for its plan (minutes) found no scratch once another run had
+    finished the image and removed its own, claimed a plan and made blank arrays over the done ones."""
+    _, _, store, _ = blockwise_run
+    labels = store.read_cells("mosaic")
+    assert _claim_plan(store, "mosaic", {"shape": [SIDE, SIDE]}, "mosaic") == (None, (0, []))
+    assert "blocks" not in store.root["mosaic"] and store.is_done("mosaic")
+    np.testing.assert_array_equal(store.read_cells("mosaic"), labels)
 
 
 @pytest.mark.parametrize("race", ["stale attributes written back", "a second stitch"])
