@@ -122,9 +122,10 @@ class Scratch:
         """Add `values` to the attributes as they are in the store now, not as this step read them:
         another run taking steps on the same plan may have written since (its stitch record)."""
         group = self.store.root.get(f"{self.image_id}/blocks")
-        if not isinstance(group, zarr.Group):
-            raise StoreError(f"image '{self.image_id}': its block-wise scratch was removed meanwhile (another run "
-                             "finished the image, or started it over)")
+        if not isinstance(group, zarr.Group) or group.attrs.get("plan") != self.attrs["plan"]:
+            raise StoreError(f"image '{self.image_id}': its block-wise plan was removed or replaced meanwhile (another "
+                             "run finished the image, or planned it with other settings once this run's last step "
+                             "had aged out)")
         self.group, self.attrs = group, {**group.attrs, **finite_json(values)}
         group.attrs.put(self.attrs)
 

@@ -98,8 +98,7 @@ def export_model(
             else:
                 _export_onnx(ExportableUNet(unet, branch_free=True).eval(), Path(temporary), multiple)
     except OSError as error:  # a folder it may not write, a full disk
-        raise ValueError(f"cannot write '{out}': {f'[Errno {error.errno}] {error.strerror}' if error.strerror else error}"
-                         ) from error
+        raise _write_failure(out, error) from error
     normalization = checkpoint.model_config.normalization
     description = {
         "format": export_format,
@@ -128,8 +127,15 @@ def export_model(
         "metrics": checkpoint.metrics,
         "cellseg_version": __version__,
     }
-    write_file_atomic(f"{out}.json", (json.dumps(description, indent=1) + "\n").encode())
+    try:
+        write_file_atomic(f"{out}.json", (json.dumps(description, indent=1) + "\n").encode())
+    except OSError as error:
+        raise _write_failure(Path(f"{out}.json"), error) from error
     return description
+
+
+def _write_failure(path: Path, error: OSError) -> ValueError:
+    return ValueError(f"cannot write '{path}': {f'[Errno {error.errno}] {error.strerror}' if error.strerror else error}")
 
 
 def _export_onnx(model: ExportableUNet, out: Path, multiple: int) -> None:

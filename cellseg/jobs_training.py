@@ -246,8 +246,15 @@ def kept_line(run_dir: str | Path, own_folder: bool = False) -> str:
     `run_dir` for itself (a flow run's), so it may go when nothing was kept; a user's --out may
     hold other things."""
     last, best = Path(run_dir) / LAST_CHECKPOINT, Path(run_dir) / BEST_CHECKPOINT
-    if not last.is_file() and best.is_file():  # a fine-tune's starting weights, scored before its first epoch
+    if not last.is_file() and best.is_file():  # a fine-tune's starting weights, or stopped between the two writes
         again = f"{run_dir} can go" if own_folder else "the same command with --overwrite starts it again"
+        try:
+            held = load_checkpoint(str(best)).epoch
+        except (OSError, ValueError):
+            held = 0
+        if held:
+            return (f"it stopped as its first epoch was saved: {best} holds epoch {held}, but no {LAST_CHECKPOINT} to "
+                    f"resume from; {again}")
         return f"it stopped before its first epoch ended: {best} holds only its starting weights, nothing to resume; {again}"
     if not last.is_file():
         return f"it stopped before its first epoch ended, so nothing was kept{f' ({run_dir} can go)' if own_folder else ''}"

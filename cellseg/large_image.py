@@ -83,6 +83,8 @@ class LargeImage:
     def fail(self, error: BaseException, seconds: float = 0.0) -> SegmentReport:
         """Record the image as failed (its blocks done so far are kept for the next run), after
         `seconds` spent on it."""
+        if self._store().is_done(self.image_id):  # another run finished it meanwhile, and removed what this one used
+            return SegmentReport(skipped=[self.image_id], seconds=seconds)
         described = redact_text(f"{type(error).__name__}: {error}")
         logger.warning("failed to segment '%s' block by block: %s", redact_url(self.url), described)
         if not isinstance(error, ImageInUse):  # another run's: it goes on

@@ -524,8 +524,6 @@ def _record_failure(store: ResultStore, image_id: str, url: str, error: str, mod
         if cannot_write := unwritable(store.url, failed):
             raise cannot_write from failed
         raise
-    except StoreError as refused:  # an array where the image belongs: the run reports the failure, and goes on
-        logger.warning("the failure of '%s' is not recorded in the store: %s", redact_url(url), refused)
 
 
 def _describe(error: Exception) -> str:

@@ -52,8 +52,9 @@ def _declared_shape_problem(array: zarr.Array, path: str, record: dict[str, Any]
             return f"declares shape {list(shape)}, larger than its image's {image}"
     if chunks > MAX_CHUNKS:
         return f"declares {chunks} chunks, over the {MAX_CHUNKS} an image's array may have"
-    if (chunk_bytes := prod(array.chunks) * array.dtype.itemsize) > MAX_CHUNK_BYTES:
-        return (f"declares chunks of {list(array.chunks)} ({chunk_bytes} bytes), over the {MAX_CHUNK_BYTES} bytes "
+    chunk = array.shards or array.chunks  # a shard is read whole
+    if (chunk_bytes := prod(chunk) * array.dtype.itemsize) > MAX_CHUNK_BYTES:
+        return (f"declares chunks of {list(chunk)} ({chunk_bytes} bytes), over the {MAX_CHUNK_BYTES} bytes "
                 "cellseg writes at most")
     return None
 

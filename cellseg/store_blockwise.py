@@ -13,7 +13,16 @@ from cellseg.json_values import finite_json
 from cellseg.redact import redact
 from cellseg.stitch import BlockGrid, scratch_chunks
 from cellseg.store_checks import DONE, StoreError
-from cellseg.store_layout import CELLS_NAME, CELLS_PATH, CHUNK_SIDE, IMAGE_PATH, MASK_NAME, WRITE_CONFIG, now
+from cellseg.store_layout import (
+    CELLS_NAME,
+    CELLS_PATH,
+    CHUNK_SIDE,
+    IMAGE_PATH,
+    MASK_NAME,
+    METADATA_ERRORS,
+    WRITE_CONFIG,
+    now,
+)
 from cellseg.store_ngff import NGFF_VERSION, ngff_label, ngff_multiscales
 from cellseg.store_writes import StoreWrites, recorded_source
 from cellseg.zarr_writes import ARRAY_CODECS, CHUNK_KEY_ENCODING, missing_chunks, read_region
@@ -31,7 +40,10 @@ class BlockwiseWrites(StoreWrites):
         done image must have them (`array`). With `keep`, an array already there of the same shape,
         dtype and chunks is kept with what it holds."""
         if keep:
-            existing = self.root.get(path)
+            try:
+                existing = self.root.get(path)
+            except METADATA_ERRORS:  # unreadable: replaced below
+                existing = None
             if (isinstance(existing, zarr.Array) and existing.shape == tuple(shape) and existing.chunks == tuple(chunks)
                     and existing.dtype == np.dtype(dtype)):
                 return existing.with_config(WRITE_CONFIG) if every_chunk else existing

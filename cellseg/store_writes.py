@@ -65,6 +65,10 @@ def _put_group(store: Store, path: str, attributes: dict[str, Any]) -> None:
     put_objects(store, [(key, dumps(document).encode())])
 
 
+
+class NotAnImageGroup(StoreError):
+    """Something other than a group (an array) is where an image's group belongs."""
+
 class StoreWrites(StoreRecords):
     """Writing results into a zarr results store (`cellseg.store.ResultStore`)."""
 
@@ -215,9 +219,13 @@ class StoreWrites(StoreRecords):
         """Note that an image could not be segmented; a later run tries it again.
 
         A result that is already done (written by another run meanwhile) is kept, never replaced
-        by a failure.
+        by a failure. Where an array is in the image's place the failure is said, not recorded.
         """
-        group = self._require_group(validate_image_id(image_id, source_url))
+        try:
+            group = self._require_group(validate_image_id(image_id, source_url))
+        except NotAnImageGroup as refused:
+            logger.warning("the failure of '%s' is not recorded in the store: %s", redact_url(source_url), refused)
+            return
         if _cellseg_attrs(group).get("status") == DONE:
             return
         group.attrs["cellseg"] = {
@@ -263,7 +271,7 @@ class StoreWrites(StoreRecords):
             except METADATA_ERRORS:
                 return self._replace_metadata(path, error)
             if isinstance(node, zarr.Array):
-                raise StoreError(f"'{path}' in '{redact_url(self.url)}' is a zarr array, not an image's group: move "
+                raise NotAnImageGroup(f"'{path}' in '{redact_url(self.url)}' is a zarr array, not an image's group: move "
                                  "or remove it (cellseg leaves what it did not write), then run again") from error
             raise
 

@@ -569,6 +569,21 @@ def test_an_image_another_run_finished_while_this_one_planned_is_left_as_it_is(b
     np.testing.assert_array_equal(store.read_cells("mosaic"), labels)
 
 
+def test_a_step_whose_plan_was_replaced_meanwhile_writes_nothing_into_the_new_one(frozen_general, tmp_path):
+    """A run whose last step aged out (`ACTIVE_WAIT`) while it stitched: another run with other
+    settings replaced the plan, and the stale stitch record was merged into the new plan."""
+    image = mosaic((768, 768), seed=9)
+    predictor = load_predictor(ModelSource("", checkpoint_url=str(frozen_general)), BLOCKWISE)
+    store = ResultStore.open(str(tmp_path / "r.zarr"))
+    prepare_image(store, "m", "m", image, predictor)
+    stale = Scratch.open(store, "m")
+    replaced = {**stale.attrs, "plan": {**stale.attrs["plan"], "model": "another"}}
+    store.root["m/blocks"].attrs.put(replaced)
+    with pytest.raises(StoreError, match="its block-wise plan was removed or replaced meanwhile"):
+        stale.update(stitch={"cells": 1})
+    assert dict(store.root["m/blocks"].attrs) == replaced
+
+
 @pytest.mark.parametrize("race", ["stale attributes written back", "a second stitch"])
 def test_two_runs_on_one_plan_keep_every_measured_cell_row(frozen_general, tmp_path, race):
     """Two runs with the same settings take steps on one image. A run that had read the scratch's

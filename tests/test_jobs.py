@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _thread
+import dataclasses
 import json
 import os
 import threading
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from cellseg.checkpoint import CheckpointError, load_checkpoint
+from cellseg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cellseg.config import BlockConfig, ModelConfig, PredictConfig, TrainConfig
 from cellseg.jobs import SegmentJob, TrainJob, run_segmentation, run_training
 from cellseg.jobs_plan import even_shards, model_source, pin_model, plan_segmentation
@@ -229,7 +230,11 @@ def test_the_kept_line_names_the_epoch_last_pt_holds_whatever_history_json_says(
     # and the line said nothing was kept while the folder refused the same command again.
     started = tmp_path / "started"
     started.mkdir()
-    (started / "best.pt").write_bytes((run / "best.pt").read_bytes())
+    (started / "best.pt").write_bytes((run / "best.pt").read_bytes())  # stopped between best.pt and last.pt
+    assert kept_line(started) == (f"it stopped as its first epoch was saved: {started}/best.pt holds epoch "
+                                  f"{load_checkpoint(str(run / 'best.pt')).epoch}, but no last.pt to resume from; the "
+                                  "same command with --overwrite starts it again")
+    save_checkpoint(dataclasses.replace(load_checkpoint(str(run / "best.pt")), epoch=0), str(started / "best.pt"))
     assert kept_line(started) == (f"it stopped before its first epoch ended: {started}/best.pt holds only its starting "
                                   "weights, nothing to resume; the same command with --overwrite starts it again")
     with pytest.raises(RunFolderError, match="already holds a training run"):

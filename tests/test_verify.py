@@ -395,3 +395,13 @@ def test_an_array_where_an_image_belongs_is_left_and_named_while_the_others_are_
     assert not again.is_done("c") and again.is_done("b")
     np.testing.assert_array_equal(zarr.open_array(str(root / "a"), mode="r")[...], 7)  # left as it was
     _record_failure(ResultStore.open(store.url), "a", "a.png", "ValueError: its write failed", {})  # said, not raised
+
+
+def test_a_run_goes_on_past_an_array_where_a_block_wise_image_belongs(blockwise_job, tmp_path):
+    """Recording the large image's failure met the array again and ended the whole run."""
+    store_url = str(tmp_path / "r.zarr")
+    ResultStore.open(store_url)
+    zarr.create_array(f"{store_url}/big", shape=(4, 4), dtype="uint8")[...] = 7
+    report = run_segmentation(blockwise_job.model_copy(update={"store_url": store_url}))
+    assert report.done == ["small"] and [failure["image_id"] for failure in report.failed] == ["big"]
+    np.testing.assert_array_equal(zarr.open_array(f"{store_url}/big", mode="r")[...], 7)
