@@ -12,8 +12,10 @@ elsewhere (`storage_error`).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -284,6 +286,9 @@ def _timed_out(url: str | None, cause: BaseException, phase: str) -> StorageErro
 # timeouts of each host requests went to.
 _answering_hosts: set[str] = set()
 _read_timeouts: dict[str, int] = {}
+_waits_said: dict[str, float] = {}  # host: when a timed-out attempt to it was last said (monotonic)
+WAIT_SAID_EVERY = 10.0  # seconds between two lines about one host's timed-out attempts
+logger = logging.getLogger("cellseg.storage")
 
 
 def note_s3_attempt(endpoint_url: str, answered: bool, error: BaseException | None) -> None:
@@ -296,6 +301,12 @@ def note_s3_attempt(endpoint_url: str, answered: bool, error: BaseException | No
     elif isinstance(error, ReadTimeoutError):
         host = urlsplit(getattr(error, "kwargs", {}).get("endpoint_url") or endpoint_url).netloc
         _read_timeouts[host] = _read_timeouts.get(host, 0) + 1
+        # Each timed-out attempt costs storage_timeouts.read_seconds (30 s): said, or a run waiting on
+        # an endpoint that never answers looks hung for minutes before its error.
+        if time.monotonic() - _waits_said.get(host, -WAIT_SAID_EVERY) >= WAIT_SAID_EVERY:
+            _waits_said[host] = time.monotonic()
+            logger.info("'%s' did not answer in time (timed-out tries so far: %d); trying again while the storage "
+                        "settings' attempts allow", redact_url(endpoint_url), _read_timeouts[host])
 
 
 def _never_answered(cause: BaseException) -> bool:
