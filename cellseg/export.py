@@ -20,7 +20,7 @@ from torch import nn
 
 from cellseg import __version__
 from cellseg.checkpoint import Checkpoint
-from cellseg.io import file_replaced_atomically, write_file_atomic
+from cellseg.io import file_replaced_atomically, os_error_reason, write_file_atomic
 from cellseg.model import UNet
 
 ExportFormat = Literal["torchscript", "onnx"]
@@ -135,7 +135,7 @@ def export_model(
 
 
 def _write_failure(path: Path, error: OSError) -> ValueError:
-    return ValueError(f"cannot write '{path}': {f'[Errno {error.errno}] {error.strerror}' if error.strerror else error}")
+    return ValueError(f"cannot write '{path}': {os_error_reason(error)}")
 
 
 def _export_onnx(model: ExportableUNet, out: Path, multiple: int) -> None:

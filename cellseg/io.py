@@ -362,6 +362,11 @@ def write_bytes(url: str, data: bytes, storage_options: StorageOptions = None) -
     return url
 
 
+def os_error_reason(error: OSError) -> str:
+    """The system's reason an operation failed ('[Errno 13] Permission denied'), or the error's text."""
+    return f"[Errno {error.errno}] {error.strerror}" if error.errno and error.strerror else str(error)
+
+
 def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write a local file so that readers see the old or the new contents, never a partial file."""
     with file_replaced_atomically(path) as temporary, open(temporary, "wb") as file:

@@ -65,9 +65,9 @@ def _put_group(store: Store, path: str, attributes: dict[str, Any]) -> None:
     put_objects(store, [(key, dumps(document).encode())])
 
 
-
 class NotAnImageGroup(StoreError):
     """Something other than a group (an array) is where an image's group belongs."""
+
 
 class StoreWrites(StoreRecords):
     """Writing results into a zarr results store (`cellseg.store.ResultStore`)."""
@@ -261,7 +261,7 @@ class StoreWrites(StoreRecords):
 
     def _require_group(self, path: str) -> zarr.Group:
         """The group at `path`, created if missing; metadata there that cannot be read is replaced
-        by an empty group's. An array there is refused (StoreError naming it): cellseg does not
+        by an empty group's. An array there is refused (NotAnImageGroup naming it): cellseg does not
         remove what it did not write. Any other refusal is raised as it is."""
         try:
             return self.root.require_group(path)
@@ -271,8 +271,9 @@ class StoreWrites(StoreRecords):
             except METADATA_ERRORS:
                 return self._replace_metadata(path, error)
             if isinstance(node, zarr.Array):
-                raise NotAnImageGroup(f"'{path}' in '{redact_url(self.url)}' is a zarr array, not an image's group: move "
-                                 "or remove it (cellseg leaves what it did not write), then run again") from error
+                raise NotAnImageGroup(f"'{path}' in '{redact_url(self.url)}' is a zarr array, not an image's group: "
+                                      "move or remove it (cellseg leaves what it did not write), then run again"
+                                      ) from error
             raise
 
     def _replace_metadata(self, path: str, error: BaseException) -> zarr.Group:

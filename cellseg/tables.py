@@ -22,6 +22,7 @@ from cellseg.io import (
     file_replaced_atomically,
     filesystem,
     is_object_store,
+    os_error_reason,
     write_bytes,
 )
 from cellseg.plates import same_columns
@@ -84,7 +85,7 @@ def write_table(
 
 def _spill_failure(url: str, error: OSError) -> OutputError:
     return OutputError(f"cannot write '{url}': a table of more than {SPILL_ROWS} rows goes through temporary files in "
-                       f"'{tempfile.gettempdir()}' (TMPDIR), which failed: {_reason(error)}")
+                       f"'{tempfile.gettempdir()}' (TMPDIR), which failed: {os_error_reason(error)}")
 
 
 def _batches(rows: Iterable[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
@@ -283,8 +284,4 @@ def _upload(url: str, write: Callable[[BinaryIO], object], fs: AbstractFileSyste
 
 def write_failure(url: str, error: OSError) -> OutputError:
     """The OutputError of a file that could not be written, with the system's reason."""
-    return OutputError(f"cannot write '{url}': {_reason(error)}")
-
-
-def _reason(error: OSError) -> str:
-    return f"[Errno {error.errno}] {error.strerror}" if error.errno and error.strerror else str(error)
+    return OutputError(f"cannot write '{url}': {os_error_reason(error)}")

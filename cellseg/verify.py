@@ -101,7 +101,7 @@ def verify_store(
             if damage.image_id != STORE_METADATA:
                 try:
                     store.mark_damaged(damage.image_id, damage.problem)
-                except StoreError as refused:  # an array where the image belongs: the others are repaired
+                except StoreError as refused:  # an array where the image belongs, say: said, and the others repaired
                     report.unrepaired.append(Damage(damage.image_id, str(refused)))
                     continue
             if damage.scratch:  # the next run plans the image afresh instead of failing on the blocks left
