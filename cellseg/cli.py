@@ -34,7 +34,7 @@ from cellseg.cli_parser import build_parser
 from cellseg.cli_predict import run_predict
 from cellseg.cli_results import run_evaluate, run_export, run_results, run_verify
 from cellseg.cli_settings import run_config
-from cellseg.cli_signals import TERMINATED, Terminated, sigterm_as_interrupt
+from cellseg.cli_signals import TERMINATED, Terminated, ignore_further_interrupts, sigterm_as_interrupt
 from cellseg.redact import newlines_escaped, redact_url, shown, terminal_safe
 from cellseg.settings import describe_invalid
 
@@ -216,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a reader that has gone (`| head -1`) shows up here, not at interpreter exit
         return status
     except KeyboardInterrupt as error:
+        ignore_further_interrupts()
         hint = INTERRUPTED_HINTS.get(command)
         hint = hint(args) if callable(hint) else hint
         how = "stopped by SIGTERM" if isinstance(error, Terminated) else "interrupted"

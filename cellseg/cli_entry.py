@@ -10,6 +10,9 @@ def main() -> int:
     try:
         from cellseg.cli import main as run
     except KeyboardInterrupt:
+        from cellseg.cli_signals import ignore_further_interrupts
+
+        ignore_further_interrupts()
         print("cellseg: interrupted while starting", file=sys.stderr)
         return 130
     return run()

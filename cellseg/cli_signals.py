@@ -28,6 +28,17 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
+def ignore_further_interrupts() -> None:
+    """Once a stop has been reported, let a further Ctrl-C wait for the exit instead of breaking
+    into it. Pressed again while the exit handlers ran (Prefect stopping a flow command's temporary
+    server, the executors' threads joined), Ctrl-C ended a handler part way, left that server
+    running, and put "Exception ignored in atexit callback ... KeyboardInterrupt" after the line
+    saying what was kept. The handlers left are bounded (the server gets 5 s, then is killed), and
+    SIGTERM still ends the process at once."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM raises `Terminated` in the main thread. Left alone where the

@@ -639,34 +639,46 @@ def test_ctrl_c_stops_a_flow_on_its_temporary_server_in_seconds_with_status_130(
     assert verify_store(str(tmp_path / "r.zarr"), read_data=True).broken == []
 
 
-@pytest.mark.parametrize("presses", [1, 2])
-def test_ctrl_c_stops_predict_with_one_line_and_a_rerun_segments_the_rest(tmp_path, tiny_checkpoint, presses):
-    """Pressed twice, the second ended the wait for the shards, and the interpreter's exit with a
-    shard thread inside torch aborted the process: "terminate called without an active exception",
-    status 134."""
+INTERRUPTED_PREDICT = ("cellseg predict: interrupted; the images written so far are kept: "
+                       "run the same command again to segment the rest")
+INTERRUPTIBLE_IMAGES = 200  # seconds of work for the tiny model, a fast machine too: time to be interrupted
+
+
+def _predict_to_interrupt(tmp_path: Path, checkpoint: Path, *before_main: str) -> tuple[subprocess.Popen, list[str]]:
+    """`cellseg predict` of INTERRUPTIBLE_IMAGES images started as from a shell, with Ctrl-C raising
+    KeyboardInterrupt even where this test's own process ignores it (as a test runner's worker may,
+    and a child inherits), and running until its first image is written. Statements in
+    `before_main` run in its process before the command. Returns the process and the command."""
     from cellseg.synth import write_dataset
 
     write_dataset(str(tmp_path / "data"), count=4, size=256, seed=5)
     images = tmp_path / "images"
     images.mkdir()
     originals = sorted((tmp_path / "data/images").iterdir())
-    for index in range(1000):  # seconds of work for the tiny model, a loaded machine too: time to be interrupted
+    for index in range(INTERRUPTIBLE_IMAGES):
         os.link(originals[index % len(originals)], images / f"img_{index:04d}.png")
     store = tmp_path / "out.zarr"
-    command = [str(Path(sys.executable).parent / "cellseg"), "predict", "--model", str(tiny_checkpoint),
+    command = [str(Path(sys.executable).parent / "cellseg"), "predict", "--model", str(checkpoint),
                "--images", str(images), "--out", str(store)]
     env = {key: value for key, value in os.environ.items() if not key.startswith("CELLSEG_")}
-    # Started as from a shell, with Ctrl-C's signal handled by default even where this test's own
-    # process ignores it (as a test runner's worker may, and a child inherits).
-    as_from_a_shell = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-                       "os.execv(sys.argv[1], sys.argv[1:])")
-    run = subprocess.Popen([sys.executable, "-c", as_from_a_shell, *command], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env=env)
+    program = "\n".join(["import signal, sys", "signal.signal(signal.SIGINT, signal.default_int_handler)", *before_main,
+                         "from cellseg.cli_entry import main", "sys.argv = sys.argv[1:]", "sys.exit(main())"])
+    run = subprocess.Popen([sys.executable, "-c", program, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=env)
     deadline = time.monotonic() + 120
-    while run.poll() is None and time.monotonic() < deadline:  # interrupted once its first image is written
+    while run.poll() is None and time.monotonic() < deadline:
         if (store / "zarr.json").exists() and ResultStore.open(str(store), mode="r").done_among(["img_0000"]):
             break
         time.sleep(0.05)
+    return run, command
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_stops_predict_with_one_line_and_a_rerun_segments_the_rest(tmp_path, tiny_checkpoint, presses):
+    """Pressed twice, the second ended the wait for the shards, and the interpreter's exit with a
+    shard thread inside torch aborted the process: "terminate called without an active exception",
+    status 134."""
+    run, command = _predict_to_interrupt(tmp_path, tiny_checkpoint)
     run.send_signal(signal.SIGINT)
     if presses == 2:
         time.sleep(0.3)
@@ -676,16 +688,40 @@ def test_ctrl_c_stops_predict_with_one_line_and_a_rerun_segments_the_rest(tmp_pa
     # Or ended by the second press itself, where it came as the interpreter exited: 130 in a shell too.
     assert run.returncode in ((130, -signal.SIGINT) if presses == 2 else (130,)), stderr
     assert "terminate called" not in stderr
-    assert stderr.strip().splitlines()[-1] == ("cellseg predict: interrupted; the images written so far are kept: "
-                                               "run the same command again to segment the rest")
+    assert stderr.strip().splitlines()[-1] == INTERRUPTED_PREDICT, stderr
     assert "Traceback" not in stderr and "segmented" not in stdout
+    store = tmp_path / "out.zarr"
     written = len(ResultStore.open(str(store), mode="r").done_ids())
-    assert 0 < written < 1000
+    assert 0 < written < INTERRUPTIBLE_IMAGES
     assert cellseg("verify", str(store), "--read-data").returncode == 0
     if presses == 2:
         return  # the rerun as after one press
     rerun = cellseg(*command[1:])
-    assert f"segmented {1000 - written}, skipped {written} already done, failed 0" in rerun.stdout
+    assert f"segmented {INTERRUPTIBLE_IMAGES - written}, skipped {written} already done, failed 0" in rerun.stdout
+
+
+def test_ctrl_c_again_while_the_exit_handlers_run_lets_them_finish(tmp_path, tiny_checkpoint):
+    """Ctrl-C pressed again after the line saying what was kept, while the exit handlers ran (as
+    Prefect's stop of a flow command's temporary server runs), ended the handler part way and
+    printed "Exception ignored in atexit callback ... KeyboardInterrupt" after that line."""
+    finished = tmp_path / "exit-handler-finished"
+    exit_handler = ("import atexit, pathlib, time\n"
+                    "def stop_like_a_server():\n"
+                    f"    pathlib.Path({str(tmp_path / 'exit-handler-started')!r}).touch()\n"
+                    "    time.sleep(2)\n"
+                    f"    pathlib.Path({str(finished)!r}).touch()\n"
+                    "atexit.register(stop_like_a_server)")
+    run, _ = _predict_to_interrupt(tmp_path, tiny_checkpoint, exit_handler)
+    run.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "exit-handler-started").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == INTERRUPTED_PREDICT, stderr
+    assert "Exception ignored" not in stderr and "Traceback" not in stderr
+    assert finished.exists()
 
 
 def test_dry_run_lists_what_a_run_would_do_and_writes_nothing(tmp_path, tiny_checkpoint):
