@@ -34,7 +34,7 @@ from cellseg.cli_parser import build_parser
 from cellseg.cli_predict import run_predict
 from cellseg.cli_results import run_evaluate, run_export, run_results, run_verify
 from cellseg.cli_settings import run_config
-from cellseg.cli_signals import TERMINATED, Terminated, ignore_further_interrupts, sigterm_as_interrupt
+from cellseg.cli_signals import TERMINATED, Terminated, sigterm_as_interrupt, wait_out_a_second_interrupt
 from cellseg.redact import newlines_escaped, redact_url, shown, terminal_safe
 from cellseg.settings import describe_invalid
 
@@ -192,7 +192,10 @@ def _exit_now_while_shards_run(status: int) -> None:
         os._exit(status)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, exiting: bool = False) -> int:
+    """Run the command `argv` (the process's arguments when None) and return its exit status.
+    `exiting`: the process ends with this status (the `cellseg` command), so that a Ctrl-C after an
+    interrupt has been reported may wait out the exit (`cli_signals.wait_out_a_second_interrupt`)."""
     usage_errors = io.StringIO()
     try:
         with redirect_stderr(usage_errors):  # argparse echoes the arguments it refuses, URLs included
@@ -216,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a reader that has gone (`| head -1`) shows up here, not at interpreter exit
         return status
     except KeyboardInterrupt as error:
-        ignore_further_interrupts()
+        if exiting:
+            wait_out_a_second_interrupt()
         hint = INTERRUPTED_HINTS.get(command)
         hint = hint(args) if callable(hint) else hint
         how = "stopped by SIGTERM" if isinstance(error, Terminated) else "interrupted"
@@ -248,4 +252,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(exiting=True))

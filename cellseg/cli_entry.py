@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import sys
 
+from cellseg.cli_signals import TERMINATED, wait_out_a_second_interrupt
+
 
 def main() -> int:
     try:
         from cellseg.cli import main as run
+        from cellseg.cli_output import INTERRUPTED
     except KeyboardInterrupt:
-        from cellseg.cli_signals import ignore_further_interrupts
-
-        ignore_further_interrupts()
+        wait_out_a_second_interrupt()
         print("cellseg: interrupted while starting", file=sys.stderr)
         return 130
-    return run()
+    status = run(exiting=True)
+    if status in (INTERRUPTED, TERMINATED):  # commands that report their own stop (`tune`)
+        wait_out_a_second_interrupt()
+    return status

@@ -28,15 +28,18 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
-def ignore_further_interrupts() -> None:
-    """Once a stop has been reported, let a further Ctrl-C wait for the exit instead of breaking
-    into it. Pressed again while the exit handlers ran (Prefect stopping a flow command's temporary
-    server, the executors' threads joined), Ctrl-C ended a handler part way, left that server
-    running, and put "Exception ignored in atexit callback ... KeyboardInterrupt" after the line
-    saying what was kept. The handlers left are bounded (the server gets 5 s, then is killed), and
-    SIGTERM still ends the process at once."""
+def _third_press_ends_at_once(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def wait_out_a_second_interrupt() -> None:
+    """For a process about to exit once its stop has been reported: a second Ctrl-C waits for the
+    exit handlers instead of breaking into one, and a third ends the process at once. Pressed again
+    while they ran (Prefect stopping a flow command's temporary server, the executors' threads
+    joined), Ctrl-C ended a handler part way, before the server's kill where it lingered, and put
+    "Exception ignored in ... KeyboardInterrupt:" after the line saying what was kept."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, _third_press_ends_at_once)
 
 
 @contextmanager

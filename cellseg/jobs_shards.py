@@ -134,8 +134,10 @@ def segment_shards(job: SegmentJob, shards: Sequence[Shard], on_image: Callable[
         with ended:
             return ended.wait_for(lambda: running[0] == 0, timeout)
 
-    for index in range(workers):
-        threading.Thread(target=run_shards, name=f"cellseg-shard-{index}", daemon=True).start()
+    threads = [threading.Thread(target=run_shards, name=f"cellseg-shard-{index}", daemon=True)
+               for index in range(workers)]
+    for thread in threads:
+        thread.start()
     try:
         # A thread ends when no shard is left or the run stops. Waited for in short waits, as the
         # calling thread takes Ctrl-C only between them; not by Thread.join, which Python 3.11 marks
@@ -144,7 +146,9 @@ def segment_shards(job: SegmentJob, shards: Sequence[Shard], on_image: Callable[
             pass
     except BaseException:
         stop.set()
-        all_ended(STOP_GRACE)
+        if all_ended(STOP_GRACE):
+            for thread in threads:  # past their last line: so that the caller sees none of them alive
+                thread.join(1.0)
         raise
     errors = [error for future in futures if future.done() and (error := future.exception()) is not None]
     if failed := next((error for error in errors if not isinstance(error, StoppedWriting)), None):

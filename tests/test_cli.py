@@ -685,7 +685,7 @@ def test_ctrl_c_stops_predict_with_one_line_and_a_rerun_segments_the_rest(tmp_pa
         if run.poll() is None:
             run.send_signal(signal.SIGINT)
     stdout, stderr = run.communicate(timeout=60)
-    # Or ended by the second press itself, where it came as the interpreter exited: 130 in a shell too.
+    # Or ended by the second press itself, where it came after the interpreter's last clean-up: 130 in a shell too.
     assert run.returncode in ((130, -signal.SIGINT) if presses == 2 else (130,)), stderr
     assert "terminate called" not in stderr
     assert stderr.strip().splitlines()[-1] == INTERRUPTED_PREDICT, stderr
