@@ -17,6 +17,6 @@ def main() -> int:
         print("cellseg: interrupted while starting", file=sys.stderr)
         return 130
     status = run(exiting=True)
-    if status in (INTERRUPTED, TERMINATED):  # commands that report their own stop (`tune`)
+    if status in (INTERRUPTED, TERMINATED):  # as `main` did, for commands that report their own stop (`tune`)
         wait_out_a_second_interrupt()
     return status

@@ -37,8 +37,10 @@ def wait_out_a_second_interrupt() -> None:
     exit handlers instead of breaking into one, and a third ends the process at once. Pressed again
     while they ran (Prefect stopping a flow command's temporary server, the executors' threads
     joined), Ctrl-C ended a handler part way, before the server's kill where it lingered, and put
-    "Exception ignored in ... KeyboardInterrupt:" after the line saying what was kept."""
-    if threading.current_thread() is threading.main_thread():
+    "Exception ignored in ... KeyboardInterrupt:" after the line saying what was kept. Only where
+    Ctrl-C still raises KeyboardInterrupt: called again, it leaves a second press's effect as it is."""
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
         signal.signal(signal.SIGINT, _third_press_ends_at_once)
 
 

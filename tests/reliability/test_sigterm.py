@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from cellseg.checkpoint import load_checkpoint
-from cellseg.cli_signals import TERMINATED, Terminated, sigterm_as_interrupt
+from cellseg.cli_signals import TERMINATED, Terminated, sigterm_as_interrupt, wait_out_a_second_interrupt
 from cellseg.store import ResultStore
 from cellseg.verify import verify_store
 from tests.conftest import cellseg
@@ -173,3 +173,23 @@ def test_sigterm_is_an_interrupt_once_then_its_default_and_an_ignored_sigterm_st
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_after_a_reported_stop_a_second_ctrl_c_is_waited_out_and_a_third_ends_the_process():
+    """Called twice on one exit (by `cli.main`, then by the entry point after a command that
+    reports its own stop), the second call re-armed the wait after a press: a fourth was needed."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        wait_out_a_second_interrupt()
+        second_press = signal.getsignal(signal.SIGINT)
+        assert callable(second_press) and second_press is not signal.default_int_handler
+        second_press(signal.SIGINT, None)  # raises nothing
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # the third press ends the process
+        wait_out_a_second_interrupt()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a process started with Ctrl-C ignored keeps it so
+        wait_out_a_second_interrupt()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
