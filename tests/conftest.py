@@ -251,6 +251,20 @@ def narrow_nuclei_checkpoint(path: Path, width: int = 4) -> Path:
     return path
 
 
+def linked_images(tmp_path: Path, count: int) -> Path:
+    """`count` hard links (img_0000.png, ...) of four synthetic 256² images in `tmp_path`/images:
+    more work than a run finishes before the signal a test sends it, with little written to disk."""
+    from cellseg.synth import write_dataset
+
+    write_dataset(str(tmp_path / "data"), count=4, size=256, seed=5)
+    images = tmp_path / "images"
+    images.mkdir()
+    originals = sorted((tmp_path / "data/images").iterdir())
+    for index in range(count):
+        os.link(originals[index % len(originals)], images / f"img_{index:04d}.png")
+    return images
+
+
 def shared_dataset(name: str) -> Path:
     """A dataset under ../shared/data, or skip the test when it is absent."""
     path = SHARED_DATA / name

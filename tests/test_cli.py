@@ -22,7 +22,7 @@ from cellseg.checkpoint import checkpoint_digest, load_checkpoint
 from cellseg.evaluate import PROMINENCES
 from cellseg.runtime import pass_precision
 from cellseg.store import ResultStore
-from tests.conftest import cellseg
+from tests.conftest import cellseg, linked_images
 
 pytestmark = pytest.mark.integration
 
@@ -587,16 +587,9 @@ def test_ctrl_c_stops_a_flow_on_its_temporary_server_in_seconds_with_status_130(
     error. The server now runs in a session of its own, and is stopped when the command exits."""
     import psutil
 
-    from cellseg.synth import write_dataset
-
-    write_dataset(str(tmp_path / "data"), count=4, size=256, seed=5)
-    images = tmp_path / "images"
-    images.mkdir()
-    originals = sorted((tmp_path / "data/images").iterdir())
     # Two shards with more work than they can finish before the signal, on a loaded machine too: 400
     # images took 7 s here, and a test process starved for that long once saw the run end first.
-    for index in range(2000):
-        os.link(originals[index % len(originals)], images / f"img_{index:04d}.png")
+    images = linked_images(tmp_path, 2000)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("CELLSEG_", "PREFECT_API_URL"))}
     env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
     as_from_a_shell = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
@@ -649,14 +642,7 @@ def _predict_to_interrupt(tmp_path: Path, checkpoint: Path, *before_main: str) -
     KeyboardInterrupt even where this test's own process ignores it (as a test runner's worker may,
     and a child inherits), and running until its first image is written. Statements in
     `before_main` run in its process before the command. Returns the process and the command."""
-    from cellseg.synth import write_dataset
-
-    write_dataset(str(tmp_path / "data"), count=4, size=256, seed=5)
-    images = tmp_path / "images"
-    images.mkdir()
-    originals = sorted((tmp_path / "data/images").iterdir())
-    for index in range(INTERRUPTIBLE_IMAGES):
-        os.link(originals[index % len(originals)], images / f"img_{index:04d}.png")
+    images = linked_images(tmp_path, INTERRUPTIBLE_IMAGES)
     store = tmp_path / "out.zarr"
     command = [str(Path(sys.executable).parent / "cellseg"), "predict", "--model", str(checkpoint),
                "--images", str(images), "--out", str(store)]

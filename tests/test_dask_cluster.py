@@ -19,7 +19,7 @@ import pytest
 from benchmarks.servers import BIN, free_port, port_open, stop_process_group, wait_until_ready
 from cellseg.store import ResultStore
 from cellseg.synth import write_dataset
-from tests.conftest import cellseg
+from tests.conftest import cellseg, linked_images
 
 pytestmark = pytest.mark.integration
 
@@ -144,12 +144,7 @@ def test_ctrl_c_stops_the_shards_on_the_dask_workers_too(dask_cluster, prefect_s
 
     from cellseg.verify import verify_store
 
-    write_dataset(str(tmp_path / "data"), count=4, size=256, seed=5)
-    images = tmp_path / "images"
-    images.mkdir()
-    originals = sorted((tmp_path / "data/images").iterdir())
-    for index in range(3000):  # two shards of 1500: over a minute each on one worker thread
-        os.link(originals[index % len(originals)], images / f"img_{index:04d}.png")
+    images = linked_images(tmp_path, 3000)  # two shards of 1500: over a minute each on one worker thread
     store = tmp_path / "r.zarr"
     as_from_a_shell = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
                        "os.execv(sys.argv[1], sys.argv[1:])")

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import psutil
 import pytest
@@ -21,7 +20,7 @@ from cellseg.checkpoint import load_checkpoint
 from cellseg.cli_signals import TERMINATED, Terminated, sigterm_as_interrupt, wait_out_a_second_interrupt
 from cellseg.store import ResultStore
 from cellseg.verify import verify_store
-from tests.conftest import cellseg
+from tests.conftest import cellseg, linked_images
 from tests.reliability.runs import CELLSEG, clean_environment
 
 pytestmark = pytest.mark.integration
@@ -42,19 +41,6 @@ def wait_for(condition: Callable[[], bool], run: subprocess.Popen, seconds: floa
     while run.poll() is None and time.monotonic() < deadline and not condition():
         time.sleep(0.05)
     assert run.poll() is None, "the command ended before it could be stopped"
-
-
-def linked_images(tmp_path: Path, count: int) -> Path:
-    """`count` hard links of four small synthetic images: more work than a run finishes before the signal."""
-    from cellseg.synth import write_dataset
-
-    write_dataset(str(tmp_path / "data"), count=4, size=256, seed=5)
-    images = tmp_path / "images"
-    images.mkdir()
-    originals = sorted((tmp_path / "data/images").iterdir())
-    for index in range(count):
-        os.link(originals[index % len(originals)], images / f"img_{index:04d}.png")
-    return images
 
 
 def test_sigterm_to_predict_keeps_what_is_written_says_so_and_a_rerun_segments_the_rest(tmp_path, tiny_checkpoint):
