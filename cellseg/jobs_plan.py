@@ -59,6 +59,10 @@ def plan_segmentation(job: SegmentJob, on_record: Callable[[str], None] | None =
     # and, with --t all, time points are listed as images of their own (cellseg.formats).
     if images is None:
         images = list_sources(job.source_url, job.predict.selection)
+    if not images:  # nothing to segment (a misspelt folder, a day without images) makes no store
+        with storage_call(job.store_url):  # but a store that could not be written is refused all the same
+            check_store_target(job.store_url)
+        return SegmentPlan([], [], [], [])
     store = ResultStore.open(job.store_url)
     rejected: list[dict[str, str]] = []
 

@@ -332,6 +332,11 @@ def test_empty_image_directory_is_nothing_to_do(tmp_path, tiny_checkpoint):
                      "--out", str(tmp_path / "s.zarr"))
     assert "nothing to do" in result.stdout
     assert "loaded model" not in result.stderr  # no seconds spent loading a model that has nothing to segment
+    assert not (tmp_path / "s.zarr").exists()  # nor an empty store left behind
+    (tmp_path / "file.zarr").write_text("not a store")
+    refused = cellseg("predict", "--model", str(tiny_checkpoint), "--images", str(tmp_path / "empty"),
+                      "--out", str(tmp_path / "file.zarr"), check=False)
+    assert refused.returncode == 2 and "is a file, not a results store" in refused.stderr
 
 
 def _on_a_terminal(*args: str) -> str:

@@ -337,6 +337,7 @@ def test_empty_source_is_nothing_to_do(trained_registry, tmp_path):
                                   registry_url=registry_url))
     assert summary["done"] == 0 and summary["shards"] == 0 and summary["failed"] == []
     assert summary["cpu_ms_per_image"] == {}
+    assert not (tmp_path / "e.zarr").exists()  # a day without images makes no store
 
 
 def test_segment_images_on_a_dask_cluster_matches_the_thread_pool(trained_registry, new_images, tmp_path):
