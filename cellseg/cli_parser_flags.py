@@ -105,7 +105,8 @@ PREDICT_FLAGS: list[Flag] = [
     (("--split",), "predict.split_touching", {"action": "store_const", "const": True,
                                               "help": "always separate touching cells"}),
     (("--split-depth",), "predict.split_depth", {
-        "type": float, "help": "how much narrower (pixels of distance) a neck must be than both cells to split them"}),
+        "type": float, "help": "for a model without a distance map: how much narrower (pixels of distance) a neck must "
+                               "be than both cells to split them"}),
     (("--centre-prominence",), "predict.centre_prominence", {
         "type": float, "help": "for a model trained with --distance-map: how far (0-1) a cell's centre must rise above "
                                "the saddle to its neighbour on the distance map to make a cell of its own",

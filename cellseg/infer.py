@@ -6,6 +6,7 @@ becomes of the maps (threshold, cells apart) is `cellseg.postprocess`."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ from cellseg.config import NormalizationConfig, PredictConfig
 from cellseg.io import StorageOptions, float_pixel_problem
 from cellseg.model import UNet, padded_batches
 from cellseg.normalize import flat_level, normalize_image
-from cellseg.postprocess import CellMaps, maps_from_output, threshold_probabilities
+from cellseg.postprocess import CellMaps, maps_from_output, threshold_probabilities, unused_split_settings
 from cellseg.runtime import (
     CompiledByShape,
     autocast_context,
@@ -31,6 +32,14 @@ from cellseg.runtime import (
 from cellseg.scale import SizeEstimates, cell_maps_at_cell_size
 from cellseg.size_model import SizeModel, batched_network_features, size_estimates
 from cellseg.tiling import predict_tiled
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=16)
+def _warn_once(message: str) -> None:
+    """Once per process: a run builds a predictor per shard, or per thread count of a large image's blocks."""
+    logger.warning(message)
 
 
 def forward_outputs(
@@ -171,6 +180,8 @@ class Predictor:
         self.checkpoint = checkpoint
         if not isinstance(config, PredictConfig):
             config = PredictConfig.model_validate(config)
+        for unused in unused_split_settings(config, checkpoint.split_touching, checkpoint.model_config.distance_map):
+            _warn_once(unused)
         # Settings left to the model take what training decided for it.
         if config.split_touching is None:
             config = config.model_copy(update={"split_touching": checkpoint.split_touching})

@@ -73,6 +73,28 @@ def cell_labels(maps: CellMaps, config: PredictConfig) -> np.ndarray:
     return split_touching_cells(mask, config.min_cell_area, split_depth)
 
 
+def unused_split_settings(given: PredictConfig, model_splits: bool, distance_map: bool) -> list[str]:
+    """The settings of how touching cells are split that `given` sets and that would change nothing
+    for a model that splits them or not (`model_splits`, decided at its training) and does or does
+    not predict a distance map: each said with why, so that a value silently ignored is not taken
+    for one that made no difference."""
+    depth_set = given.split_depth != PredictConfig.model_fields["split_depth"].default
+    prominence_set = given.centre_prominence is not None
+    if not (model_splits if given.split_touching is None else given.split_touching):
+        why = ("split_touching is off (--no-split)" if given.split_touching is False else
+               "this model keeps touching cells whole, as decided at its training (--split splits them)")
+        return [f"{name} {value} is not used: {why}" for name, value, is_set in (
+            ("split_depth", given.split_depth, depth_set), ("centre_prominence", given.centre_prominence, prominence_set),
+        ) if is_set]
+    if distance_map and depth_set:
+        return [f"split_depth {given.split_depth} is not used: this model splits touching cells at the peaks of its "
+                "distance map, as high as centre_prominence says (--centre-prominence)"]
+    if not distance_map and prominence_set:
+        return [f"centre_prominence {given.centre_prominence} is not used: this model has no distance map and splits "
+                "touching cells where the mask narrows, as deep as split_depth says (--split-depth)"]
+    return []
+
+
 def split_touching_cells(mask: np.ndarray, min_cell_area: int = 0, split_depth: float = 0.5) -> np.ndarray:
     """Instance labels (int32, 0 = background, 1..N) for a boolean cell mask.
 

@@ -128,6 +128,35 @@ def test_predictor_thresholds_with_its_config():
     np.testing.assert_array_equal(predictor.masks(images)[0], predictor.probabilities(images)[0] > 0.3)
 
 
+@pytest.mark.parametrize(("distance_map", "model_splits", "given", "unused"), [
+    (False, True, {}, None),
+    (False, True, {"split_depth": 1.25}, None),
+    (True, True, {"centre_prominence": 0.15}, None),
+    (False, True, {"split_touching": False, "split_depth": 1.5, "centre_prominence": 0.25},
+     ["split_depth 1.5 is not used: split_touching is off (--no-split)",
+      "centre_prominence 0.25 is not used: split_touching is off (--no-split)"]),
+    (True, False, {"split_depth": 1.75},
+     ["split_depth 1.75 is not used: this model keeps touching cells whole, as decided at its training (--split "
+      "splits them)"]),
+    (True, False, {"split_touching": True, "split_depth": 2.0},
+     ["split_depth 2.0 is not used: this model splits touching cells at the peaks of its distance map, as high as "
+      "centre_prominence says (--centre-prominence)"]),
+    (False, True, {"centre_prominence": 0.35},
+     ["centre_prominence 0.35 is not used: this model has no distance map and splits touching cells where the mask "
+      "narrows, as deep as split_depth says (--split-depth)"]),
+])
+def test_a_splitting_setting_the_model_would_not_use_is_said(distance_map, model_splits, given, unused, caplog):
+    """Before, `--no-split --split-depth 3` or `--split-depth` with the shipped nuclei model (which
+    splits at its distance map's peaks) changed nothing without a word."""
+    config = ModelConfig(depth=2, base_width=4, distance_map=distance_map)
+    checkpoint = Checkpoint(config, UNet(config).state_dict(), TrainConfig(), {}, 1)
+    checkpoint.split_touching = model_splits
+    with caplog.at_level("WARNING", logger="cellseg.infer"):
+        Predictor(checkpoint, PredictConfig(device="cpu", **given))
+        Predictor(checkpoint, PredictConfig(device="cpu", **given))  # another shard's predictor: said once
+    assert [record.getMessage() for record in caplog.records if record.name == "cellseg.infer"] == (unused or [])
+
+
 def test_the_predictors_threads_hold_for_opencv_too():
     """The split's OpenCV calls run on the threads the run gives the model, not on a pool beside them."""
     import cv2
