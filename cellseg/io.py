@@ -635,6 +635,9 @@ def _decode_with_pillow(data: bytes, name: str, max_pixels: int, notes: list[str
             _check_pixel_limit(name, opened.width * opened.height, max_pixels)
             frames = int(getattr(opened, "n_frames", 1))
             opened.load()
+            if (transparent := _transparent_share(opened)) is not None:
+                notes.append(f"{transparent:.1%} of its pixels are transparent: segmented by their colour alone, "
+                             "the transparency ignored")
             if keep_colour and opened.mode in COLOUR_MODES:
                 decoded = np.asarray(opened.convert("RGB"))
             elif colours_apart and opened.mode in COLOUR_MODES:
@@ -656,6 +659,19 @@ def _decode_with_pillow(data: bytes, name: str, max_pixels: int, notes: list[str
     if array.dtype == np.int32 and array.size and array.min() >= 0 and array.max() <= 65535:
         array = array.astype(np.uint16)  # Pillow's 'I' mode for 16-bit PNGs
     return array
+
+
+def _transparent_share(opened: Image.Image) -> float | None:
+    """The share of an image's pixels that its alpha channel (or a palette's transparent entry) makes
+    less than opaque; None when every pixel is opaque."""
+    if opened.mode in ("RGBA", "LA", "PA"):
+        alpha = np.asarray(opened.getchannel("A"))
+    elif opened.mode in ("P", "L", "RGB") and "transparency" in opened.info:
+        alpha = np.asarray(opened.convert("RGBA").getchannel("A"))
+    else:
+        return None
+    transparent = int(np.count_nonzero(alpha < 255))
+    return transparent / alpha.size if transparent else None
 
 
 def _describe_content(data: bytes) -> str:

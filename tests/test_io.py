@@ -233,6 +233,25 @@ def test_palette_png_uses_the_palette_colours(tmp_path):
     np.testing.assert_array_equal(read_image(str(path)), EXPECTED_RED_GREEN)
 
 
+@pytest.mark.parametrize(("mode", "opaque", "see_through"), [
+    ("RGBA", (255, 0, 0, 255), (0, 255, 0, 0)),
+    ("LA", (200, 255), (77, 3)),
+])
+def test_transparent_pixels_are_said_and_their_colour_segmented(tmp_path, mode, opaque, see_through):
+    """Before, transparency was dropped without a word: an export with a transparent background
+    was segmented by whatever colour its transparent pixels held."""
+    image = Image.new(mode, (4, 2), opaque)
+    image.putpixel((3, 1), see_through)
+    path = save_png(tmp_path / "alpha.png", image)
+    warnings: list[str] = []
+    expected = np.asarray(image.convert("L"))
+    np.testing.assert_array_equal(read_image(str(path), warnings=warnings), expected)
+    assert warnings == ["12.5% of its pixels are transparent: segmented by their colour alone, the transparency ignored"]
+    warnings.clear()
+    read_image(str(save_png(tmp_path / "opaque.png", Image.new(mode, (4, 2), opaque))), warnings=warnings)
+    assert warnings == []
+
+
 def test_gray_alpha_png_drops_the_alpha(tmp_path):
     image = Image.new("LA", (3, 2), (77, 3))
     image.putpixel((0, 0), (200, 255))
