@@ -118,7 +118,7 @@ class Registry:
         meta = self.get(version)
         kept = ("checkpoint.pt", "model.json", *meta.files)
         if name not in kept:
-            raise RegistryError(f"registry '{self.url}', version {meta.version} keeps no '{name}' (it keeps "
+            raise RegistryError(f"registry '{redact_url(self.url)}', version {meta.version} keeps no '{name}' (it keeps "
                                 f"{', '.join(kept)})")
         return join_url(self.url, f"{meta.version}/{name}")
 
@@ -215,7 +215,7 @@ class Registry:
     def _read_meta(self, version: str) -> ModelVersion:
         meta = self._parse_meta(version)
         if not isinstance(meta, ModelVersion):
-            raise RegistryError(f"registry '{self.url}', version {version}: {meta}")
+            raise RegistryError(f"registry '{redact_url(self.url)}', version {version}: {meta}")
         return meta
 
     BUCKET_SCHEMES = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "abfss://")
@@ -301,10 +301,10 @@ class Registry:
         except (ValueError, TypeError, KeyError, AttributeError) as error:
             reason = (str(error) if isinstance(error, FileTooLarge) else f"invalid JSON: {error}"
                       if isinstance(error, ValueError) else 'not {"version": NAME}')
-            raise RegistryError(f"registry '{self.url}': current.json is unreadable ({reason}); "
+            raise RegistryError(f"registry '{redact_url(self.url)}': current.json is unreadable ({reason}); "
                                 f"promote a version to rewrite it") from error
         if not isinstance(version, str) or not VERSION_NAME.fullmatch(version):
-            raise RegistryError(f"registry '{self.url}': current.json names {version!r}, which is not a version "
+            raise RegistryError(f"registry '{redact_url(self.url)}': current.json names {version!r}, which is not a version "
                                 f"name; promote a version to rewrite it")
         earlier = [name for name in previous if isinstance(name, str) and VERSION_NAME.fullmatch(name)] \
             if isinstance(previous, list) else []
@@ -317,23 +317,25 @@ class Registry:
         if version == CURRENT:
             current = self.current()
             if current is None:
-                raise RegistryError(f"registry '{self.url}' has no current model: train one into it (cellseg flow "
+                self.check_exists()  # a misspelt --registry is not an empty registry
+                raise RegistryError(f"registry '{redact_url(self.url)}' has no current model: train one into it (cellseg flow "
                                     "train-unet --registry ..., or with deployments prefect deployment run "
                                     "'train-unet/train-unet' ...), mark a registered version current (cellseg models "
                                     "promote VERSION), or segment with the shipped model (--model-version bundled; "
                                     '"model_version": "bundled" in a job)')
             return current
         if not VERSION_NAME.fullmatch(version):
-            raise RegistryError(f"'{version}' is not a version name of registry '{self.url}': versions are names "
+            raise RegistryError(f"'{version}' is not a version name of registry '{redact_url(self.url)}': versions are names "
                                 f"such as 20250101-120000-0123abcd, never paths")
         if not self.fs.exists(self._path(version, "model.json")):
+            self.check_exists()
             known = [meta.version for meta in self.versions()]
             close = difflib.get_close_matches(version, known, n=1, cutoff=0.9)
             guess = f"; did you mean {close[0]}?" if close else ""
             listed = ", ".join(known[-KNOWN_SHOWN:]) or "none"
             if len(known) > KNOWN_SHOWN:
                 listed = f"the {KNOWN_SHOWN} newest of {len(known)}: {listed}; cellseg models list shows all"
-            raise RegistryError(f"registry '{self.url}' has no version '{version}'{guess} (known: {listed})")
+            raise RegistryError(f"registry '{redact_url(self.url)}' has no version '{version}'{guess} (known: {listed})")
         return version
 
     @_naming_the_registry
@@ -366,7 +368,7 @@ class Registry:
         current until now, the one current now). Earlier versions since deleted or damaged are passed over."""
         current, earlier = self._current_record()
         if current is None:
-            raise RegistryError(f"registry '{self.url}' has no current model, so nothing to roll back")
+            raise RegistryError(f"registry '{redact_url(self.url)}' has no current model, so nothing to roll back")
         skipped = []
         while earlier:
             candidate = earlier.pop()
@@ -382,7 +384,7 @@ class Registry:
                 logger.warning("passed over on rollback: %s", redact_text(problem))
             return current, candidate
         passed = f" (passed over: {'; '.join(skipped)})" if skipped else ""
-        raise RegistryError(f"registry '{self.url}': nothing to roll back to: no version was current before "
+        raise RegistryError(f"registry '{redact_url(self.url)}': nothing to roll back to: no version was current before "
                             f"{current}{passed}; make one current with `cellseg models promote VERSION`")
 
     def _write_current(self, version: str, earlier: list[str]) -> None:
@@ -404,7 +406,7 @@ class Registry:
             data = read_at_most(self.fs, self._path(meta.version, "checkpoint.pt"),
                                 min(max(meta.checkpoint_bytes, 0), MAX_CHECKPOINT_BYTES))
         except (FileNotFoundError, IsADirectoryError) as error:
-            raise RegistryError(f"registry '{self.url}', version {meta.version}: checkpoint.pt is missing") from error
+            raise RegistryError(f"registry '{redact_url(self.url)}', version {meta.version}: checkpoint.pt is missing") from error
         except FileTooLarge:
             data = None
         if data is None or hashlib.sha256(data).hexdigest() != meta.checkpoint_sha256:
@@ -412,7 +414,7 @@ class Registry:
                     else f" ({len(data)} bytes, {meta.checkpoint_bytes} registered)" if len(data) != meta.checkpoint_bytes
                     else "")
             raise RegistryError(
-                f"checkpoint of version '{meta.version}' in '{self.url}' does not match its recorded "
+                f"checkpoint of version '{meta.version}' in '{redact_url(self.url)}' does not match its recorded "
                 f"sha256 {meta.checkpoint_sha256[:12]}…{size}: it was modified or corrupted"
             )
         return data

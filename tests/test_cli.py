@@ -952,6 +952,10 @@ def test_train_fine_tunes_from_a_registered_version_or_the_current_one(tmp_path,
         assert load_checkpoint(str(out / "best.pt")).train_config.init_from == f"{registry}/{version}/checkpoint.pt"
     unknown = cellseg("train", *pairs, "--out", str(tmp_path / "x"), "--registry", str(tmp_path / "empty"),
                       "--init-from", "current", check=False)
+    assert unknown.returncode == 2 and f"registry '{tmp_path / 'empty'}' does not exist" in unknown.stderr
+    (tmp_path / "empty").mkdir()
+    unknown = cellseg("train", *pairs, "--out", str(tmp_path / "x"), "--registry", str(tmp_path / "empty"),
+                      "--init-from", "current", check=False)
     assert unknown.returncode == 2 and "has no current model" in unknown.stderr
 
 

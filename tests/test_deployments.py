@@ -268,4 +268,4 @@ def test_serve_says_at_once_what_the_nightly_run_will_lack(tmp_path, monkeypatch
                                                          registry_url=str(tmp_path / "registry")))
     assert [line.split(" (")[0] for line in said] == [
         "the nightly run's source cannot be read or found now", "the nightly run's model cannot be read or found now"]
-    assert "image folder 'gone' does not exist" in said[0] and "has no current model" in said[1]
+    assert "image folder 'gone' does not exist" in said[0] and f"registry '{tmp_path / 'registry'}' does not exist" in said[1]

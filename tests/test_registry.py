@@ -20,7 +20,7 @@ from cellseg.cli import main
 from cellseg.config import PredictConfig
 from cellseg.model_source import ModelSource, load_predictor, shared_predictor
 from cellseg.pictures import overlay_gallery, training_curves
-from cellseg.registry import RUN_FILES, Registry, RegistryError
+from cellseg.registry import RUN_FILES, Registry, RegistryError, RegistryMissing
 from cellseg.report import CURVES_FILE, GALLERY_FILE
 from cellseg.storage_errors import StorageError
 from cellseg.train import HISTORY_FILE
@@ -269,8 +269,20 @@ def test_resolving_an_unknown_version_lists_the_known_ones(checkpoint_file, tmp_
 
 
 def test_unknown_version_in_an_empty_registry_says_none(tmp_path):
+    (tmp_path / "registry").mkdir()
     with pytest.raises(RegistryError, match=r"\(known: none\)"):
         Registry(str(tmp_path / "registry")).resolve("v1")
+
+
+@pytest.mark.parametrize("version", ["20240101-000000-0123abcd", "current"])
+def test_a_version_of_a_registry_folder_that_does_not_exist_says_so(tmp_path, version):
+    """`predict --model-version V --registry MISSPELT` said "has no version … (known: none)" or "has
+    no current model: train one into it", as of an empty registry."""
+    missing = tmp_path / "no-such-registry"
+    with pytest.raises(RegistryMissing, match=f"^registry '{missing}' does not exist; give the folder a registry was "
+                                              r"made in \(--registry, or the settings' registry_url\)$"):
+        Registry(str(missing)).resolve(version)
+    assert not missing.exists()
 
 
 def test_current_with_nothing_promoted_is_refused(checkpoint_file, tmp_path):
