@@ -112,6 +112,11 @@ def export_labels(
                                           if record.get("status") != DONE))
 
 
+# Names that say a file: `export --labels --out cells.csv` is a table meant, not a folder of images.
+FILE_SUFFIXES = frozenset({".csv", ".tsv", ".parquet", ".pq", ".xlsx", ".json", ".txt", ".tif", ".tiff", ".png",
+                           ".jpg", ".jpeg", ".zip"})
+
+
 def check_output_folder(url: str, storage_options: StorageOptions = None) -> tuple[Any, str]:
     """(filesystem, path) of a folder to write files into; OutputError when it is no name, a file,
     below a file, inside a zarr store or in a bucket that does not exist."""
@@ -120,6 +125,11 @@ def check_output_folder(url: str, storage_options: StorageOptions = None) -> tup
     fs, path = output_place(url, storage_options, "write into")
     if fs.isfile(path):
         raise OutputError(f"'{url}' is a file: name a folder to write the label images into")
+    suffix = posixpath.splitext(path.rstrip("/"))[1].lower()
+    if suffix in FILE_SUFFIXES and not fs.isdir(path):
+        raise OutputError(f"'{url}' is named like a {suffix} file, but the label images go into a folder, one file per "
+                          f"image: name a folder ('{url.rstrip('/')[:-len(suffix)]}/'), or export a table without "
+                          "--labels")
     if store := enclosing_zarr_store(fs, posixpath.join(path, "labels")):
         raise OutputError(f"'{url}' is inside the zarr store '{store}', which it would damage: write it elsewhere")
     return fs, path

@@ -89,6 +89,8 @@ def test_files_already_in_the_folder_are_kept_unless_overwrite_is_given(tmp_path
     ("file.txt/labels", "cannot write into '{out}': '{tmp}/file.txt' is a file, not a folder"),
     ("r.zarr/labels", "'{out}' is inside the zarr store '{tmp}/r.zarr', which it would damage: write it elsewhere"),
     ("r.zarr", "'{out}' is inside the zarr store '{tmp}/r.zarr', which it would damage: write it elsewhere"),
+    ("cells.csv", "'{out}' is named like a .csv file, but the label images go into a folder, one file per image: name "
+                  "a folder ('{tmp}/cells/'), or export a table without --labels"),  # before: a folder cells.csv/
 ])
 def test_an_output_folder_that_cannot_hold_the_files_is_refused_in_one_line(tmp_path, out, error):
     store_with_images(tmp_path / "r.zarr", {"a": (32, 32)})
@@ -99,6 +101,7 @@ def test_an_output_folder_that_cannot_hold_the_files_is_refused_in_one_line(tmp_
     assert run.stderr.strip() == "cellseg export: error: " + error.format(out=target, tmp=tmp_path)
     assert (tmp_path / "file.txt").read_text() == "kept"
     assert ResultStore.open(str(tmp_path / "r.zarr"), mode="r").done_ids() == {"a"}
+    assert sorted(os.listdir(tmp_path)) == ["file.txt", "r.zarr"]
 
 
 @pytest.mark.parametrize(("args", "error"), [
