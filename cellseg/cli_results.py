@@ -108,7 +108,8 @@ def run_export(args: argparse.Namespace) -> int:
     from cellseg.plates import by_well
     from cellseg.store import ResultStore
     from cellseg.store_tables import CELL_ROW_COLUMNS, IMAGE_ROW_COLUMNS
-    from cellseg.tables import write_table
+    from cellseg.store_checks import damage_summary
+    from cellseg.tables import standard_stream, write_table
 
     command_settings(args)
     if args.labels:
@@ -147,8 +148,14 @@ def run_export(args: argparse.Namespace) -> int:
         header = CELL_ROW_COLUMNS if args.table == "cells" else ("well", "images", "fields") if args.group_by else IMAGE_ROW_COLUMNS
         count = write_table((bar.update() or row for row in rows()), args.out, args.format, overwrite=args.overwrite,
                             empty_columns=header)
-    print(f"wrote {count} {unit}{'s' if count != 1 else ''} to {redact_url(args.out)}")
-    print_damaged(store)  # left out of the table, which says so here
+    wrote = f"wrote {count} {unit}{'s' if count != 1 else ''} to {redact_url(args.out)}"
+    if standard_stream(args.out) == 1:  # the table is stdout: what is said of it goes to stderr, as the log does
+        logging.getLogger("cellseg").info(wrote)
+        if store.damaged:
+            logging.getLogger("cellseg").warning(damage_summary(store.url, store.damaged))
+    else:
+        print(wrote)
+        print_damaged(store)  # left out of the table, which says so here
     return PARTLY_FAILED if store.damaged else 0  # a script must not take a table without them for the whole
 
 

@@ -8,6 +8,7 @@ import itertools
 import os
 import posixpath
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -197,12 +198,28 @@ def _join_parquet(parts: Sequence[_Part], columns: list[str], file: BinaryIO) ->
             writer.write_table(table.select(columns).cast(schema))
 
 
+# The process's own output named as a file (`--out /dev/stdout`): written through its descriptor, so
+# that a shell's `> table.csv` or `>> log` does what the shell set up, never checked or replaced as
+# the file behind it.
+STANDARD_STREAMS = {"/dev/stdout": 1, "/dev/fd/1": 1, "/proc/self/fd/1": 1,
+                    "/dev/stderr": 2, "/dev/fd/2": 2, "/proc/self/fd/2": 2}
+
+
+def standard_stream(url: str) -> int | None:
+    """The descriptor of the process's stdout or stderr where `url` names it, else None."""
+    return STANDARD_STREAMS.get(url.removeprefix("file://"))
+
+
 def check_output_file(url: str, overwrite: bool = False, storage_options: StorageOptions = None) -> None:
-    """Refuse an output that is no file name, a folder, below a file, inside a zarr store, in a
-    bucket that does not exist, or an existing file (unless `overwrite`); OutputError names it and
-    what would be lost."""
+    """Refuse an output that is no file name, a folder (or a name ending in a separator), below a
+    file, inside a zarr store, in a bucket that does not exist, or an existing file (unless
+    `overwrite`); OutputError names it and what would be lost. stdout and stderr pass."""
+    if standard_stream(url) is not None:
+        return
     if not url.strip():
         raise OutputError("the output file name is empty: name a file to write")
+    if url.endswith(("/", os.sep)):
+        raise OutputError(f"'{url}' names a folder: name a file to write (a name ending in .csv or .parquet)")
     fs, path = output_place(url, storage_options, "write")
     if fs.isdir(path):
         raise OutputError(f"'{url}' is a folder: name a file to write")
@@ -253,7 +270,11 @@ def _write(url: str, write: Callable[[BinaryIO], object], storage_options: Stora
     `url` on failure."""
     fs, path = filesystem(url, storage_options)
     try:
-        if not isinstance(fs, LocalFileSystem):
+        if (descriptor := standard_stream(url)) is not None:
+            sys.stdout.flush()
+            with os.fdopen(os.dup(descriptor), "wb") as stream:
+                write(stream)
+        elif not isinstance(fs, LocalFileSystem):
             _upload(url, write, fs, path, storage_options, spill)
         elif os.path.exists(path) and not os.path.isfile(path):
             with open(path, "wb") as device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -83,6 +84,45 @@ def test_a_parquet_export_without_pyarrow_is_refused_before_reading_the_store(tm
 def test_an_unknown_table_format_is_refused_before_reading_the_store(tmp_path):
     with pytest.raises(ValueError, match="unknown table format 'xlsx'"):
         write_table(rows_never_read(), tmp_path / "cells.xlsx", "xlsx")
+
+
+@pytest.mark.parametrize(("out", "error"), [
+    ("folder", "'{out}' is a folder: name a file to write"),
+    ("new/", "'{out}' names a folder: name a file to write (a name ending in .csv or .parquet)"),  # before: a file 'new'
+])
+def test_a_folder_as_the_table_is_refused_before_reading_the_store(tmp_path, out, error):
+    (tmp_path / "folder").mkdir()
+    target = f"{tmp_path}/{out}"
+    with pytest.raises(OutputError, match=f"^{re.escape(error.format(out=target))}$"):
+        write_table(rows_never_read(), target)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["folder"]
+
+
+@pytest.mark.parametrize("table_format", ["csv", "parquet"])
+def test_an_export_to_stdout_is_the_table_alone_and_a_redirect_gets_what_the_shell_set_up(tmp_path, table_format):
+    """`export --out /dev/stdout` ended the table with 'wrote N cells to /dev/stdout' (a Parquet
+    file so made was unreadable), `> cells.csv` was refused as a file that exists, and with
+    --overwrite `>> log` replaced the log by the table."""
+    import subprocess
+
+    from tests.reliability.runs import CELLSEG, clean_environment
+
+    store = blank_store(tmp_path)
+    columns = CELL_ROW_COLUMNS[1:]
+    store.write_result("three", np.ones((8, 8), bool), {**NO_CELLS, "cell_count": 3}, "three.png", MODEL,
+                       cells=np.zeros((8, 8), np.int32), cell_table=(columns, np.ones((3, len(columns)))))
+    export = f"'{CELLSEG}' export '{store.url}' --format {table_format} --out /dev/stdout"
+    kept = tmp_path / "kept.log"
+    kept.write_bytes(b"a line of the user's\n")
+    for redirect, target in ((">", tmp_path / f"cells.{table_format}"), (">>", kept)):
+        run = subprocess.run(["bash", "-c", f"{export} {redirect} '{target}'"], capture_output=True, text=True,
+                             env=clean_environment(), timeout=300, check=False)
+        assert run.returncode == 0, run.stderr
+        assert run.stderr.splitlines()[-1] == "wrote 3 cells to /dev/stdout"
+    table = tmp_path / f"cells.{table_format}"
+    cells = pd.read_csv(table) if table_format == "csv" else pd.read_parquet(table)
+    assert list(cells["image_id"]) == ["three"] * 3
+    assert kept.read_bytes() == b"a line of the user's\n" + table.read_bytes()
 
 
 @pytest.mark.integration
