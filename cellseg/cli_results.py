@@ -107,8 +107,8 @@ def _shown(shown: Sequence[Any], rows: Sequence[Any]) -> str:
 def run_export(args: argparse.Namespace) -> int:
     from cellseg.plates import by_well
     from cellseg.store import ResultStore
-    from cellseg.store_tables import CELL_ROW_COLUMNS, IMAGE_ROW_COLUMNS
     from cellseg.store_checks import damage_summary
+    from cellseg.store_tables import CELL_ROW_COLUMNS, IMAGE_ROW_COLUMNS
     from cellseg.tables import standard_stream, write_table
 
     command_settings(args)
