@@ -145,6 +145,12 @@ def run_training(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise RunFolderError(f"cannot create the training folder '{out}' ({error.strerror or error})") from error
+    # The new run's data passed its checks: the run it replaces goes now, so that a stop before the
+    # new run's first epoch leaves no last.pt of the old run beside the new manifest.json.
+    if overwrite and not resume and (replaced := [name for name in RUN_FILES if (out / name).is_file()]):
+        for name in replaced:
+            (out / name).unlink()
+        logger.info("removed %s of the run being replaced", ", ".join(replaced))
     dataset_hash = _write_manifest(out, job, loaded_train, loaded_val)
     result = train(loaded_train, loaded_val, out, model_config, training, dataset_hash, resume=resume, on_epoch=on_epoch)
     checkpoint = finish_checkpoint(str(result.best_checkpoint), job, loaded_train, loaded_val, training.init_from)
@@ -158,6 +164,8 @@ def run_training(
 # Where a run trains, not what it learns: a resumed run takes these from the job, never from the run
 # (a run begun with --device cuda:1 goes on on a machine with one GPU, or none).
 MACHINE_FIELDS = ("device", "loader_workers", "compile", "amp")
+# Which images a run trains on and which it scores: a resumed run keeps its own, whatever is given.
+SPLIT_FIELDS = ("seed", "val_fraction")
 
 
 def resumed_job(job: TrainJob, last: Checkpoint) -> TrainJob:
@@ -169,8 +177,9 @@ def resumed_job(job: TrainJob, last: Checkpoint) -> TrainJob:
     (one read back from JSON) keeps its own. The run's start (`init_from`) is its own whatever is
     given. The log names the settings taken from the run and those given that differ from it."""
     recorded, given = last.train_config, job.training
-    training = given_over(recorded, given).model_copy(update={name: getattr(given, name) for name in MACHINE_FIELDS})
-    kept_apart = {"init_from", *MACHINE_FIELDS}
+    training = given_over(recorded, given).model_copy(update={
+        **{name: getattr(given, name) for name in MACHINE_FIELDS}, **{name: getattr(recorded, name) for name in SPLIT_FIELDS}})
+    kept_apart = {"init_from", *MACHINE_FIELDS, *SPLIT_FIELDS}
     differing = [name for name in _differing(recorded, given) if name not in kept_apart]
     if restored := [name for name in differing if name not in given.model_fields_set]:
         logger.info("resuming with the training settings the run began with: %s",
@@ -181,6 +190,12 @@ def resumed_job(job: TrainJob, last: Checkpoint) -> TrainJob:
                     ", ".join(f"{name} {_shown(getattr(recorded, name))}" for name in changed))
     if "init_from" in given.model_fields_set and given.init_from not in (recorded.init_from, "auto"):
         logger.info("init_from %s given, not used: a resumed run keeps the start it began from", given.init_from)
+    if split := [name for name in SPLIT_FIELDS if name in given.model_fields_set and getattr(given, name) != getattr(
+            recorded, name)]:
+        logger.warning("%s given, not used: a resumed run keeps the split of its images it began with (%s), so that "
+                       "no image it trained on is scored as a validation image; --overwrite starts afresh with them",
+                       ", ".join(f"{name} {getattr(given, name)}" for name in split),
+                       ", ".join(f"{name} {getattr(recorded, name)}" for name in SPLIT_FIELDS))
     return job.model_copy(update={"training": training})
 
 
@@ -276,7 +291,7 @@ RUN_FILES = (BEST_CHECKPOINT, LAST_CHECKPOINT, HISTORY_FILE)  # what makes a fol
 def check_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
     """`out_dir` as a Path if a training run may write there: not a file; with `resume`, a run to
     continue; without it, no run that the new one would replace unless `overwrite` says so. The
-    old run's files are then replaced as the new run writes its own, never deleted up front."""
+    old run's files then go once the new run's data has passed its checks (`run_training`)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"training folder '{out}' is an existing file, not a folder")

@@ -73,6 +73,53 @@ def test_overwrite_replaces_a_run_that_a_stop_file_ended(trained, tmp_path):
     assert not (run / "STOP").exists()
 
 
+def test_an_overwrite_stopped_before_its_first_epoch_leaves_nothing_of_the_old_run_to_resume(trained, tmp_path,
+                                                                                              monkeypatch):
+    """An --overwrite stopped (Ctrl-C) before its first epoch ended left the old run's last.pt,
+    best.pt and history.json beside the new run's manifest.json and split.json: the stop's line said
+    to resume the old run, and that resume then refused the data or went on with the old settings."""
+    import cellseg.jobs_training
+
+    job, _, _ = trained
+    run = tmp_path / "run"
+    run_training(job, run)
+    old_manifest = (run / "manifest.json").read_text()
+
+    def stopped_at_once(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cellseg.jobs_training, "train", stopped_at_once)
+    fewer = job.model_copy(update={"training": QUICK.model_copy(update={"val_fraction": 0.5})})
+    with pytest.raises(KeyboardInterrupt):
+        run_training(fewer, run, overwrite=True)
+    assert not [name for name in ("last.pt", "best.pt", "history.json") if (run / name).exists()]
+    assert (run / "manifest.json").read_text() != old_manifest  # the new run's
+    assert kept_line(run) == "it stopped before its first epoch ended, so nothing was kept"
+    with pytest.raises(RunFolderError, match=r"nothing to resume in .*: it holds no last\.pt"):
+        check_run_dir(run, resume=True, overwrite=False)
+
+
+def test_a_resumed_run_keeps_its_split_whatever_seed_or_validation_share_is_given(trained, tmp_path, caplog):
+    """`train --resume --seed 3 --val-fraction 0.5` split the images anew: images trained on were
+    then scored as validation images, and best.pt compared scores of two splits."""
+    from cellseg.cli import main
+
+    job, _, _ = trained
+    run = tmp_path / "run"
+    run_training(job.model_copy(update={"training": QUICK.model_copy(update={"epochs": 1})}), run)
+    split = (run / "split.json").read_text()
+    with caplog.at_level("WARNING", logger="cellseg.jobs"):
+        assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--seed", "3", "--val-fraction", "0.5",
+                     "--quiet"]) == 0
+    assert (run / "split.json").read_text() == split
+    kept = load_checkpoint(str(run / "last.pt"))
+    assert kept.epoch == 2 and (kept.train_config.seed, kept.train_config.val_fraction) == (QUICK.seed,
+                                                                                            QUICK.val_fraction)
+    assert (f"seed 3, val_fraction 0.5 given, not used: a resumed run keeps the split of its images it began with "
+            f"(seed {QUICK.seed}, val_fraction {QUICK.val_fraction}), so that no image it trained on is scored as a "
+            "validation image; --overwrite starts afresh with them") in caplog.messages
+
+
 def test_post_processing_is_logged_with_the_measure_it_was_chosen_by(trained, tmp_path, caplog):
     """Binary masks: the split and threshold are chosen by the adapted Rand error against the masks'
     regions (`choose_postprocessing`), and the log line gives that figure, not a cell F1."""
