@@ -9,12 +9,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cellseg.config import DEFAULT_CENTRE_PROMINENCE, PredictConfig
-from cellseg.io import StorageOptions, image_stem, list_images, mask_name_base, read_mask_file
+from cellseg.io import (
+    DecodedMask,
+    ImageReadError,
+    StorageOptions,
+    decode_mask,
+    image_stem,
+    list_images,
+    mask_name_base,
+    read_image_bytes,
+    stacked_planes,
+)
 from cellseg.loaded_pairs import LoadedPair
 from cellseg.mask_pixels import label_image, mask_and_labels
 from cellseg.metrics import MetricAccumulator, ThresholdSweep, confusion_counts
 from cellseg.pairs import masks_of_images
 from cellseg.postprocess import CellMaps, cell_labels
+from cellseg.redact import redact_url
 from cellseg.scoring import (
     instance_scores,
     region_scores,
@@ -89,7 +100,7 @@ def evaluate_store(
     accumulator, per_image = MetricAccumulator(), []
     sweep = ThresholdSweep() if all(with_probabilities) else None
     for image_id in scored:
-        decoded = read_mask_file(truths[image_id], storage_options)
+        decoded = _truth_file(truths[image_id], "mask", storage_options)
         truth, labels_in_mask = mask_and_labels(decoded, truths[image_id])
         if truth.shape != (predicted := shapes[image_id]):  # before the prediction is read: it may be a slide's
             raise StoreError(f"mask '{truths[image_id]}' is {truth.shape[1]}x{truth.shape[0]}, "
@@ -105,7 +116,7 @@ def evaluate_store(
         if labels_url:
             if image_id not in true_labels:
                 raise StoreError(f"no ground-truth label image for '{image_id}' under '{labels_url}'")
-            labels = read_mask_file(true_labels[image_id], storage_options).pixels
+            labels = _truth_file(true_labels[image_id], "label image", storage_options).pixels
             if labels.dtype.kind in "iu":
                 labels = label_image(labels, true_labels[image_id])
             if labels.shape != truth.shape:
@@ -133,6 +144,17 @@ def evaluate_store(
     if all(instance_rows):
         result["instances"] = summarise_instance_scores(instance_rows)
     return result
+
+
+def _truth_file(url: str, role: str, storage_options: StorageOptions) -> DecodedMask:
+    """A mask or label file decoded, refused naming it when it holds a stack of planes: which of
+    them is the truth of its image cannot be known (reading the first scored against an empty one)."""
+    data = read_image_bytes(url, storage_options)
+    if (planes := stacked_planes(data)) > 1:
+        raise ImageReadError(f"{role} '{redact_url(url)}' is a stack of {planes} planes (z, time points or channels); "
+                             "a mask or label image is one plane: save the plane that belongs to its image as a file "
+                             "of its own")
+    return decode_mask(data, url)
 
 
 def _some(names: Iterable[str], shown: int = 3) -> str:

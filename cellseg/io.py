@@ -467,7 +467,7 @@ def _decoded(data: bytes, name: str, max_pixels: int, warnings: list[str] | None
         raise ImageReadError(f"'{name}': file is empty (0 bytes)")
     notes: list[str] = []
     found: np.ndarray | _Colours
-    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+    if data[:4] in TIFF_SIGNATURES:
         found = _decode_tiff(data, name, max_pixels, notes, colours_apart)
     else:
         plain = _decode_plain_png(data, name, max_pixels)
@@ -769,6 +769,23 @@ def lossy_binary(mask: np.ndarray) -> bool:
         return False
     low, high = int(counts[: top // 8 + 1].sum()), int(counts[top - top // 8:].sum())
     return low + high >= LOSSY_NEAR_SHARE * mask.size and high >= LOSSY_HIGH_SHARE * (mask.size - low)
+
+
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def stacked_planes(data: bytes) -> int:
+    """How many planes of its first page's size a TIFF holds (a z-stack, time series or channels
+    saved as pages; thumbnails are not counted), or frames an animated PNG holds; 1 for any other file."""
+    if data.startswith(png.SIGNATURE):
+        # An animated PNG's frame count is in its header: Image.open decodes no pixels.
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as opened:
+            return int(getattr(opened, "n_frames", 1))
+    if data[:4] not in TIFF_SIGNATURES:
+        return 1
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        first = tif.pages[0].shape
+        return sum(page.shape == first for page in tif.pages)
 
 
 def read_mask_file(url: str, storage_options: StorageOptions = None, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -4,21 +4,17 @@ no image) and normalised, with their checksums; the content hash of a dataset.""
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import tifffile
-from PIL import Image
 
-from cellseg import png
 from cellseg.appearance import image_appearance
 from cellseg.config import NormalizationConfig
 from cellseg.dataset_errors import DatasetError
-from cellseg.io import StorageOptions, decode_image, decode_mask, read_image_bytes
+from cellseg.io import StorageOptions, decode_image, decode_mask, read_image_bytes, stacked_planes
 from cellseg.mask_pixels import mask_and_labels
 from cellseg.normalize import normalize_image
 from cellseg.pairs import ImagePair
@@ -107,23 +103,6 @@ def load_pair(pair: ImagePair, normalization: NormalizationConfig, storage_optio
         instances=instances,
         appearance=image_appearance(image, decoded_mask),
     )
-
-
-TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-
-
-def stacked_planes(data: bytes) -> int:
-    """How many planes of its first page's size a TIFF holds (a z-stack, time series or channels
-    saved as pages; thumbnails are not counted), or frames an animated PNG holds; 1 for any other file."""
-    if data.startswith(png.SIGNATURE):
-        # An animated PNG's frame count is in its header: Image.open decodes no pixels.
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as opened:
-            return int(getattr(opened, "n_frames", 1))
-    if data[:4] not in TIFF_SIGNATURES:
-        return 1
-    with tifffile.TiffFile(io.BytesIO(data)) as tif:
-        first = tif.pages[0].shape
-        return sum(page.shape == first for page in tif.pages)
 
 
 def check_one_plane(role: str, url: str, data: bytes) -> None:

@@ -155,6 +155,24 @@ def test_size_mismatch_raises_naming_both_sizes(store, tmp_path):
         evaluate_store(store, truth_url)
 
 
+def test_a_stack_of_masks_is_refused_naming_it(store, tmp_path):
+    """Page 0 of a multi-page mask TIFF was scored without a word: Dice 0 where it was empty."""
+    import tifffile
+
+    truth = tmp_path / "truth"
+    write_truths(truth, {"b": TRUTHS["b"]})
+    planes = np.stack([np.zeros((2, 3), np.uint8)] + [TRUTHS["a"].astype(np.uint8) * 255] * 4)
+    with tifffile.TiffWriter(truth / "a.tif") as writer:
+        for plane in planes:
+            writer.write(plane, metadata=None)
+    with pytest.raises(ValueError, match=rf"^mask '{truth}/a\.tif' is a stack of 5 planes \(z, time points or "
+                                         r"channels\); a mask or label image is one plane: save the plane that belongs "
+                                         r"to its image as a file of its own$"):
+        evaluate_store(store, str(truth))
+    tifffile.imwrite(truth / "a.tif", planes[1])
+    assert evaluate_store(store, str(truth))["images"] == 2
+
+
 def test_missing_truth_directory_raises(store, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"mask folder '.*absent' does not exist"):
         evaluate_store(store, str(tmp_path / "absent"))
