@@ -108,7 +108,7 @@ def run_export(args: argparse.Namespace) -> int:
     from cellseg.plates import by_well
     from cellseg.store import ResultStore
     from cellseg.store_checks import damage_summary
-    from cellseg.store_tables import CELL_ROW_COLUMNS, IMAGE_ROW_COLUMNS
+    from cellseg.store_tables import CELL_ROW_TYPES, IMAGE_ROW_TYPES, WELL_ROW_TYPES
     from cellseg.tables import standard_stream, write_table
 
     command_settings(args)
@@ -145,7 +145,7 @@ def run_export(args: argparse.Namespace) -> int:
             yield from store.cell_rows() if args.table == "cells" else store.statistics(read_cell_tables=True)
 
     with progress("exporting", unit) as bar:
-        header = CELL_ROW_COLUMNS if args.table == "cells" else ("well", "images", "fields") if args.group_by else IMAGE_ROW_COLUMNS
+        header = CELL_ROW_TYPES if args.table == "cells" else WELL_ROW_TYPES if args.group_by else IMAGE_ROW_TYPES
         count = write_table((bar.update() or row for row in rows()), args.out, args.format, overwrite=args.overwrite,
                             empty_columns=header)
     wrote = f"wrote {count} {unit}{'s' if count != 1 else ''} to {redact_url(args.out)}"

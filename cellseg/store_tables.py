@@ -22,6 +22,12 @@ from cellseg.store_records import mapped_ahead
 # more): the header of an exported table without rows.
 CELL_ROW_COLUMNS = ("image_id", *CELL_COLUMNS)
 IMAGE_ROW_COLUMNS = ("image_id", "source_url", "model_version", *STATISTIC_FIELDS, "status")
+# Each column's type in an exported table (a table without rows keeps them: `tables.write_table`).
+CELL_ROW_TYPES: dict[str, type] = {name: str if name == "image_id" else int if name in INTEGER_COLUMNS else float
+                                   for name in CELL_ROW_COLUMNS}
+IMAGE_ROW_TYPES: dict[str, type] = {name: int if name in ("cell_count", "total_cell_area") else float
+                                    if name in STATISTIC_FIELDS else str for name in IMAGE_ROW_COLUMNS}
+WELL_ROW_TYPES: dict[str, type] = {"well": str, "images": int, "fields": int}
 TABLE_READERS = 4  # cell tables read at once by `cell_rows`
 TABLES_AHEAD = 8  # and read ahead of the one whose rows go out: at most 8 x a 65,536-row chunk (10 MB each)
 

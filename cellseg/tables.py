@@ -10,7 +10,7 @@ import posixpath
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any, BinaryIO
@@ -43,14 +43,15 @@ def write_table(
     table_format: str = "csv",
     storage_options: StorageOptions = None,
     overwrite: bool = False,
-    empty_columns: Sequence[str] = ("image_id",),
+    empty_columns: Mapping[str, type] | Sequence[str] = ("image_id",),
 ) -> int:
     """Write `rows` to `url` as `table_format` ('csv' or 'parquet'); returns the number of rows.
 
     Columns are every key any row has, in the order they first appear; a row without one (the
     cells of an image without a pixel size beside others' `area_um2`) leaves it empty. A table
-    without rows has `empty_columns` (`store.CELL_ROW_COLUMNS` for cells), so that a script
-    reading it finds the columns it reads from a full one. Parquet needs pyarrow (the `tables` extra).
+    without rows has `empty_columns` (`store_tables.CELL_ROW_TYPES` for cells), so that a script
+    reading it finds the columns it reads from a full one; given as a mapping, in Parquet with the
+    types (str, int, float) a full one has, which a join or concatenation with it then keeps. Parquet needs pyarrow (the `tables` extra).
     The target and the format are checked before `rows` is read (`check_output_file`); a local
     file is written whole or not at all, a device or pipe (/dev/stdout) is written into. Rows past
     SPILL_ROWS go to temporary files (TMPDIR) part by part, joined into the table at the end:
@@ -64,7 +65,10 @@ def write_table(
     second = next(batches, None)
     if second is None:
         first = same_columns(first)
-        encoded = encoder.encode(first, list(first[0]) if first else list(empty_columns))
+        if not first and table_format == "parquet" and isinstance(empty_columns, Mapping):
+            encoded = _typed_empty_parquet(empty_columns)
+        else:
+            encoded = encoder.encode(first, list(first[0]) if first else list(empty_columns))
         _write(url, lambda file: file.write(encoded), storage_options)
         return len(first)
     try:
@@ -172,6 +176,16 @@ def _parquet_bytes(rows: list[dict[str, Any]], columns: list[str]) -> bytes:
 
     buffer = io.BytesIO()
     pq.write_table(_parquet_table(rows, columns), buffer)
+    return buffer.getvalue()
+
+
+def _typed_empty_parquet(columns: Mapping[str, type]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow_types = {str: pa.string(), int: pa.int64(), float: pa.float64()}
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({name: pa.array([], type=arrow_types[kind]) for name, kind in columns.items()}), buffer)
     return buffer.getvalue()
 
 

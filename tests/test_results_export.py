@@ -66,6 +66,28 @@ def test_cellseg_export_of_a_table_without_rows_writes_its_whole_header(tmp_path
     assert out.read_text().splitlines() == [",".join(header)]
 
 
+@pytest.mark.parametrize("table", ["cells", "images"])
+def test_a_parquet_table_without_rows_has_the_column_types_of_one_with_rows(tmp_path, table):
+    """Its columns were all of type null: concatenated with a full table in pandas, `area` and
+    `label` became objects, and pyarrow's datasets refused to read the two together."""
+    import pyarrow.parquet as pq
+
+    full = blank_store(tmp_path)
+    columns = CELL_ROW_COLUMNS[1:]
+    full.write_result("three", np.ones((8, 8), bool), {**NO_CELLS, "cell_count": 3, "total_cell_area": 64,
+                                                       "mean_cell_area": 21.3, "median_cell_area": 21.0,
+                                                       "foreground_fraction": 1.0, "mean_intensity_inside": 9.5},
+                      "three.png", MODEL, cells=np.zeros((8, 8), np.int32), cell_table=(columns, np.ones((3, len(columns)))))
+    empty = blank_store(tmp_path / "blank") if table == "cells" else ResultStore.open(str(tmp_path / "empty.zarr"))
+    for store, name in ((full, "full"), (empty, "empty")):
+        cellseg("export", store.url, "--table", table, "--out", str(tmp_path / f"{name}.parquet"))
+    with_rows, without = (pq.read_schema(tmp_path / f"{name}.parquet") for name in ("full", "empty"))
+    assert pq.read_metadata(tmp_path / "empty.parquet").num_rows == 0
+    assert [(field.name, str(field.type)) for field in without] == [(field.name, str(field.type)) for field in with_rows]
+    both = pd.concat([pd.read_parquet(tmp_path / "full.parquet"), pd.read_parquet(tmp_path / "empty.parquet")])
+    assert both.dtypes.to_dict() == pd.read_parquet(tmp_path / "full.parquet").dtypes.to_dict()
+
+
 def test_an_export_below_a_file_names_the_file_before_reading_the_store(tmp_path):
     image = tmp_path / "a.png"
     image.write_bytes(b"an image")
