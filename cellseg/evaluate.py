@@ -69,6 +69,9 @@ def evaluate_store(
     mask (`cellseg.scoring.region_scores`).
     """
     listed_masks = list_images(masks_url, storage_options, kind="mask")
+    # Images beside their masks (a.png and a_masks.png, as Cellpose keeps them) are no truth.
+    suffixed = {mask_name_base(image_stem(url)) for url in listed_masks} - {None}
+    listed_masks = [url for url in listed_masks if image_stem(url) not in suffixed]
     done = store.done_ids()
     # A mask is the image's name, or that and a mask suffix (img01_mask.png), as in training.
     truths, not_in_store, _ = masks_of_images(listed_masks, done | store.damaged.keys())

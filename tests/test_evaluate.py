@@ -118,6 +118,17 @@ def test_masks_named_with_a_mask_suffix_are_matched_as_training_pairs_them(store
     assert suffixed["missing_predictions"] == ["q"] and suffixed["missing_truths"] == ["z"]
 
 
+def test_masks_beside_their_images_in_one_folder_are_scored_as_cellpose_keeps_them(store, tmp_path):
+    """A folder of a.png and a_masks.png (as `train` takes it) was refused: 'the pairing is ambiguous'."""
+    both = tmp_path / "both"
+    both.mkdir()
+    for image_id, truth in TRUTHS.items():
+        (both / f"{image_id}.png").write_bytes(encode_png(np.full(truth.shape, 90, np.uint8)))  # the image
+        (both / f"{image_id}_masks.png").write_bytes(encode_png(truth))
+    apart = evaluate_store(store, write_truths(tmp_path / "truth", TRUTHS))
+    assert evaluate_store(store, str(both)) == apart
+
+
 def test_unfinished_prediction_is_not_scored(store, tmp_path):
     group = store.root.require_group("d")
     group.attrs["cellseg"] = {"status": "writing"}  # interrupted write
