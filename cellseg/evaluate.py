@@ -108,13 +108,20 @@ def evaluate_store(
         if truth.shape != (predicted := shapes[image_id]):  # before the prediction is read: it may be a slide's
             raise StoreError(f"mask '{truths[image_id]}' is {truth.shape[1]}x{truth.shape[0]}, "
                              f"prediction for '{image_id}' is {predicted[1]}x{predicted[0]}")
-        prediction = store.read_mask(image_id)  # DamagedImage (naming it) on a chunk that cannot be decoded
+        try:  # a chunk that cannot be decoded: every such image is named at the end, none scored
+            prediction = store.read_mask(image_id)
+            probabilities = store.read_probabilities(image_id) if sweep is not None else None
+            cells = store.read_cells(image_id)
+        except DamagedImage as error:
+            damaged[image_id] = error.problem
+            continue
+        if damaged:  # no score will be given: only the other images' damage is still looked for
+            continue
         counts = confusion_counts(prediction, truth)
         accumulator.add(counts)
-        if sweep is not None:
-            sweep.add(store.read_probabilities(image_id), truth)
+        if sweep is not None and probabilities is not None:
+            sweep.add(probabilities, truth)
         row = {"image_id": image_id, **counts.scores()}
-        cells = store.read_cells(image_id)
         labels: np.ndarray | None
         if labels_url:
             if image_id not in true_labels:
@@ -130,6 +137,8 @@ def evaluate_store(
             row.update({f"instance_{key}": value for key, value in instance_scores(cells, labels).items()})
         row.update(region_scores(cells, truth_regions(truth) if labels is None else labels))
         per_image.append(row)
+    if damaged:
+        raise StoreError(f"no score: {damage_summary(store.url, damaged)}")
     instance_rows = [{key[len("instance_"):]: value for key, value in row.items() if key.startswith("instance_")}
                      for row in per_image]
     result = {

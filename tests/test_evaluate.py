@@ -184,6 +184,20 @@ def test_a_stack_of_masks_is_refused_naming_it(store, tmp_path):
     assert evaluate_store(store, str(truth))["images"] == 2
 
 
+def test_every_image_with_a_chunk_that_cannot_be_decoded_is_named(store, tmp_path):
+    """Only the first was named: the run stopped at it, as docs/store.md said it would not."""
+    truth_url = write_truths(tmp_path / "truth", TRUTHS)
+    for image_id in ("a", "b"):
+        chunks = [path for path in (Path(store.url) / image_id / "labels" / "mask" / "0").rglob("*")
+                  if path.is_file() and path.name != "zarr.json"]
+        assert chunks
+        for chunk in chunks:
+            chunk.write_bytes(b"not zstd")
+    with pytest.raises(StoreError, match=r"^no score: 2 images") as raised:
+        evaluate_store(store, truth_url)
+    assert "'a'" in str(raised.value) and "'b'" in str(raised.value)
+
+
 def test_missing_truth_directory_raises(store, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"mask folder '.*absent' does not exist"):
         evaluate_store(store, str(tmp_path / "absent"))
