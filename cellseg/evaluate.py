@@ -130,7 +130,8 @@ def evaluate_store(
             if labels.dtype.kind in "iu":
                 labels = label_image(labels, true_labels[image_id])
             if labels.shape != truth.shape:
-                raise StoreError(f"label image '{true_labels[image_id]}' is {labels.shape}, its mask {truth.shape}")
+                raise StoreError(f"label image '{true_labels[image_id]}' is {labels.shape[1]}x{labels.shape[0]}, its "
+                                 f"mask '{truths[image_id]}' {truth.shape[1]}x{truth.shape[0]}")
         else:
             labels = labels_in_mask
         if labels is not None:

@@ -177,8 +177,8 @@ def list_image_entries(url: str, storage_options: StorageOptions = None, microsc
                        len(walk.ignored), redact_url(url), " ".join(suffixes), _some(walk.ignored))
     if walk.folders and not recursive:  # a nightly run that finds nothing must say where the images may be
         logger.log(logging.INFO if walk.entries else logging.WARNING,
-                   "not searching the %d subfolder(s) of '%s' (%s): name a folder to segment its images%s",
-                   len(walk.folders), redact_url(url), _some([name for name, _, _ in walk.folders]),
+                   "not searching the %d subfolder(s) of '%s' (%s): name the folder that holds the %ss%s",
+                   len(walk.folders), redact_url(url), _some([name for name, _, _ in walk.folders]), kind,
                    ", or list them all with --recursive (in a job: predict.selection.recursive)" if recursive is False
                    else "")
     return sorted(walk.entries, key=lambda entry: entry.url)

@@ -88,7 +88,7 @@ def open_root(url: str, mode: StoreMode, storage_options: StorageOptions) -> zar
         if translated := storage_error(url, error):  # botocore's: no credentials, unreachable, timed out
             raise translated from error
         raise
-    _check_store_attributes(url, root.attrs.get("cellseg"))
+    _check_store_attributes(url, root.attrs.get("cellseg"), writing=mode in WRITE_MODES)
     return root
 
 
@@ -129,12 +129,13 @@ def _zarr_storage_options(url: str, storage_options: StorageOptions) -> dict[str
     return options or None
 
 
-def _check_store_attributes(url: str, meta: Any) -> None:
+def _check_store_attributes(url: str, meta: Any, writing: bool) -> None:
     """Refuse a group whose cellseg attributes (`meta`) are not those of a store of this layout,
     naming what it is instead: no cellseg group, one image's group of a store, another layout."""
     shown_url = redact_url(url)
     if not isinstance(meta, dict):
-        raise StoreError(f"'{shown_url}' is a zarr group but not a cellseg results store; choose a new folder")
+        advice = "choose a new folder" if writing else "give a store that cellseg predict wrote"
+        raise StoreError(f"'{shown_url}' is a zarr group but not a cellseg results store; {advice}")
     if "layout" not in meta and "status" in meta:
         # `results.zarr/<image id>` is what napari and ome-zarr open, so it is an easy slip here.
         store_url = shown_url.rstrip("/").rsplit("/", 1)[0]

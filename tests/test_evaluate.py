@@ -198,6 +198,20 @@ def test_every_image_with_a_chunk_that_cannot_be_decoded_is_named(store, tmp_pat
     assert "'a'" in str(raised.value) and "'b'" in str(raised.value)
 
 
+def test_a_label_image_of_another_size_than_its_mask_names_both_as_width_x_height(store, tmp_path, caplog):
+    truth_url = write_truths(tmp_path / "truth", TRUTHS)
+    (tmp_path / "truth" / "extra").mkdir()  # a subfolder beside the masks: named, not searched
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for image_id in TRUTHS:
+        (labels / f"{image_id}.png").write_bytes(encode_png(np.zeros((4, 5), np.uint8)))
+    with caplog.at_level("INFO", logger="cellseg"), pytest.raises(
+            StoreError, match=rf"^label image '{labels}/a\.png' is 5x4, its mask '{tmp_path}/truth/a\.png' 3x2$"):
+        evaluate_store(store, truth_url, labels_url=str(labels))
+    assert f"not searching the 1 subfolder(s) of '{truth_url}' (extra): name the folder that holds the masks" in \
+        caplog.messages
+
+
 def test_missing_truth_directory_raises(store, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"mask folder '.*absent' does not exist"):
         evaluate_store(store, str(tmp_path / "absent"))

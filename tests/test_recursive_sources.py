@@ -72,8 +72,8 @@ def test_without_recursive_only_the_top_level_is_read_and_the_warning_names_the_
     preview = cellseg("predict", "--model-version", "general", "--images", str(source), "--out",
                       str(tmp_path / "out.zarr"), "--dry-run")
 
-    assert (f"not searching the 2 subfolder(s) of '{source}' (2026-12-05, 2026-12-06): name a folder to segment its "
-            "images, or list them all with --recursive (in a job: predict.selection.recursive)") in preview.stderr
+    assert (f"not searching the 2 subfolder(s) of '{source}' (2026-12-05, 2026-12-06): name the folder that holds "
+            "the images, or list them all with --recursive (in a job: predict.selection.recursive)") in preview.stderr
     assert list_sources(str(source), SelectionConfig()) == []
     recursive = cellseg("predict", "--model-version", "general", "--images", str(source), "--out",
                         str(tmp_path / "out.zarr"), "--dry-run", "--recursive")

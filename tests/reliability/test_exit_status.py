@@ -83,7 +83,7 @@ def test_links_to_missing_files_fail_and_subfolders_are_named_not_searched(quick
     nothing = cellseg("predict", "--model", str(quick_checkpoint), "--images", str(tmp_path / "wells"), "--out",
                       str(tmp_path / "w.zarr"))
     assert f"no images found under {tmp_path / 'wells'}; nothing to do" in nothing.stdout
-    assert f"not searching the 2 subfolder(s) of '{tmp_path / 'wells'}' (A01, B02): name a folder" in nothing.stderr
+    assert f"not searching the 2 subfolder(s) of '{tmp_path / 'wells'}' (A01, B02): name the folder that holds the images" in nothing.stderr
 
 
 def test_segment_images_flow_exits_3_and_its_final_state_and_summary_count_the_failures(
