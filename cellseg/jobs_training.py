@@ -139,6 +139,10 @@ def run_training(
         raise DatasetError(f"none of the {len(loaded_train)} training masks (under "
                            f"'{redact_url(job.masks_url)}') has a cell pixel: there is nothing to "
                            "learn; masks mark cells with any value above 0 on a 0 background")
+    if loaded_val and not any(pair.mask.any() for pair in loaded_val):
+        logger.warning("none of the %d validation masks (%s) has a cell pixel: any mask with a cell scores Dice 0 on "
+                       "them, so best.pt and early stopping follow nothing; --seed N holds out other images, "
+                       "--val-fraction sets how many", len(loaded_val), ", ".join(pair.source.id for pair in loaded_val[:5]))
     if last is not None:
         check_resumed_dataset(last, out, manifest_hash(loaded_train + loaded_val))
     try:

@@ -84,7 +84,12 @@ def choose_start(job: TrainJob, images: int, val_pairs: Sequence[ImagePair]) -> 
     checked = list(val_pairs[:FINE_TUNE_CHECK_IMAGES])
     logger.info("scoring the shipped '%s' model on %d validation images to decide whether to fine-tune it",
                 name, len(checked))
-    dice = shipped_dice(predictor, load_pairs(checked, predictor.normalization))
+    loaded = load_pairs(checked, predictor.normalization)
+    if not any(pair.mask.any() for pair in loaded):  # Dice 0 for any mask with a cell: nothing to judge by
+        logger.info("%d images: fine-tuning the shipped '%s' model (the validation masks hold no cell to check it "
+                    "on; --from-scratch to start from random weights)", images, name)
+        return Start(checkpoint, f"{images} images, no cell in the validation masks to check the shipped model on")
+    dice = shipped_dice(predictor, loaded)
     if dice < FINE_TUNE_MIN_DICE:
         logger.info("training from scratch: the shipped '%s' model's masks (as predict makes them) reach Dice %.3f "
                     "on these validation images, below %g, so they are unlike its own (--init-from %s fine-tunes it "

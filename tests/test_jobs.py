@@ -6,6 +6,7 @@ import _thread
 import dataclasses
 import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from cellseg.jobs_training import RunFolderError, check_run_dir, kept_line, reco
 from cellseg.registry import Registry, RegistryError
 from cellseg.store import ResultStore
 from cellseg.store_checks import StoreError
-from cellseg.synth import generate_sample, write_dataset
+from cellseg.synth import encode_png, generate_sample, write_dataset
 from cellseg.verify import verify_store
 
 SMALL = ModelConfig(depth=2, base_width=4)
@@ -118,6 +119,23 @@ def test_a_resumed_run_keeps_its_split_whatever_seed_or_validation_share_is_give
     assert (f"seed 3, val_fraction 0.5 given, not used: a resumed run keeps the split of its images it began with "
             f"(seed {QUICK.seed}, val_fraction {QUICK.val_fraction}), so that no image it trained on is scored as a "
             "validation image; --overwrite starts afresh with them") in caplog.messages
+
+
+def test_validation_masks_without_a_cell_are_warned_of(trained, tmp_path, caplog):
+    """Their Dice is 0 for any prediction with a cell: best.pt and early stopping followed nothing,
+    without a word."""
+    job, _, root = trained
+    data = tmp_path / "labels"
+    shutil.copytree(root / "data/labels", data)
+    held_out = json.loads((root / "run" / "split.json").read_text())["val"]
+    for image_id in held_out:
+        (data / f"{image_id}.png").write_bytes(encode_png(np.zeros((64, 64), np.uint8)))
+    with caplog.at_level("WARNING", logger="cellseg.jobs"):
+        run_training(job.model_copy(update={"masks_url": str(data), "training": QUICK.model_copy(update={"epochs": 1})}),
+                     tmp_path / "run")
+    assert (f"none of the {len(held_out)} validation masks ({', '.join(held_out)}) has a cell pixel: any mask with a "
+            "cell scores Dice 0 on them, so best.pt and early stopping follow nothing; --seed N holds out other "
+            "images, --val-fraction sets how many") in caplog.messages
 
 
 def test_post_processing_is_logged_with_the_measure_it_was_chosen_by(trained, tmp_path, caplog):
@@ -512,6 +530,15 @@ def test_small_datasets_fine_tune_the_shipped_model_when_it_already_knows_their_
     assert "below" in other.described()
 
     assert choose_start(job, 8, []).checkpoint == shipped_checkpoint()  # nothing to check it on: the count decides
+    # Validation masks without a cell: Dice 0 for any prediction with one, which rejected the shipped model
+    blank = tmp_path / "blank"
+    shutil.copytree(tmp_path / "labels", blank)
+    for pair in val:
+        (blank / Path(pair.mask_url).name).write_bytes(encode_png(np.zeros((128, 128), np.uint8)))
+    blank_val = split_train_val(pair_images_and_masks(job.images_url, str(blank)), 0.25, 0)[1]
+    unjudged = choose_start(job.model_copy(update={"masks_url": str(blank)}), 8, blank_val)
+    assert unjudged.checkpoint == shipped_checkpoint() and unjudged.shipped_dice is None
+    assert "no cell in the validation masks" in unjudged.described()
     assert choose_start(job, FINE_TUNE_MAX_IMAGES, val).shipped_dice is None  # enough data: no scoring
     assert choose_start(job, FINE_TUNE_MAX_IMAGES, val).checkpoint is None
     assert choose_start(job.model_copy(update={"model": SMALL}), 8, val).checkpoint is None  # an architecture of its own
