@@ -144,7 +144,7 @@ def run_training(
                        "them, so best.pt and early stopping follow nothing; --seed N holds out other images, "
                        "--val-fraction sets how many", len(loaded_val), ", ".join(pair.source.id for pair in loaded_val[:5]))
     if last is not None:
-        check_resumed_dataset(last, out, manifest_hash(loaded_train + loaded_val))
+        check_resumed_dataset(last, out, loaded_train + loaded_val)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -355,15 +355,47 @@ def check_can_go_on(last: Checkpoint, training: TrainConfig, out: Path) -> None:
                        "again unless --max-minutes is raised", spent / 60, budget)
 
 
-def check_resumed_dataset(last: Checkpoint, out: Path, dataset_hash: str) -> None:
+def check_resumed_dataset(last: Checkpoint, out: Path, pairs: Sequence[LoadedPair]) -> None:
     """Refuse to resume the run in `out` (its last checkpoint `last`) on other images or masks than
-    it began with: its epochs, split and best score would mix two datasets, and its manifest.json
-    would be replaced."""
-    recorded = last.dataset_manifest_hash
+    it began with (`pairs`, loaded), naming the files that differ from its manifest.json: its
+    epochs, split and best score would mix two datasets, and its manifest.json would be replaced."""
+    recorded, dataset_hash = last.dataset_manifest_hash, manifest_hash(pairs)
     if recorded is not None and recorded != dataset_hash:
+        differences = _differences_from_manifest(out / "manifest.json", recorded, pairs)
         raise RunFolderError(f"'{out / LAST_CHECKPOINT}' was trained on dataset {recorded[:12]} (its manifest.json), "
-                             f"but these images and masks are dataset {dataset_hash[:12]}: resume with the ones the "
-                             "run began with, or start afresh (--overwrite, or another folder)")
+                             f"but these images and masks are dataset {dataset_hash[:12]}{differences}: resume with "
+                             "the ones the run began with, or start afresh (--overwrite, or another folder)")
+
+
+MAX_MANIFEST_BYTES = 64 * 2**20  # read to name the files a resumed run's data changed: about 200,000 pairs
+
+
+def _differences_from_manifest(manifest: Path, recorded: str, pairs: Sequence[LoadedPair]) -> str:
+    """What differs between the run's manifest (when it is the one its checkpoint records) and
+    `pairs`: the files changed, the pairs added and those gone, a few of each named; '' when the
+    manifest cannot say."""
+    try:
+        if manifest.stat().st_size > MAX_MANIFEST_BYTES:
+            return ""
+        record = json.loads(manifest.read_text())
+        if record.get("hash") != recorded:
+            return ""
+        before = {entry["id"]: entry for entry in record["entries"]}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return ""
+    now = {pair.id: pair for pair in pairs}
+    changed = [f"{kind} '{redact_url(getattr(pair.source, f'{kind}_url'))}'" for pair_id, pair in sorted(now.items())
+               if pair_id in before for kind in ("image", "mask")
+               if before[pair_id].get(f"{kind}_sha256") != getattr(pair, f"{kind}_sha256")]
+    added, gone = sorted(now.keys() - before.keys()), sorted(before.keys() - now.keys())
+    said = [f"changed since: {_first(changed)}" if changed else "",
+            f"{len(added)} pair(s) added: {_first(added)}" if added else "",
+            f"{len(gone)} pair(s) gone: {_first(gone)}" if gone else ""]
+    return f" ({'; '.join(part for part in said if part)})" if any(said) else ""
+
+
+def _first(names: Sequence[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _recorded_folder(url: str) -> str:

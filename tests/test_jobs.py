@@ -158,8 +158,18 @@ def test_resume_on_other_images_or_masks_is_refused_before_anything_is_replaced(
     manifest, split = (run / "manifest.json").read_bytes(), (run / "split.json").read_bytes()
     other_masks = job.model_copy(update={"masks_url": str(root / "data/masks")})  # binary, not the labels
     with pytest.raises(ValueError, match=r"'.*last\.pt' was trained on dataset [0-9a-f]{12} \(its manifest\.json\), "
-                                         r"but these images and masks are dataset [0-9a-f]{12}"):
+                                         r"but these images and masks are dataset [0-9a-f]{12} \(changed since: mask "
+                                         rf"'{root}/data/masks/synth_0000\.png', mask '.*synth_0001\.png', mask "
+                                         r"'.*synth_0002\.png' and 5 more\): resume with the ones"):
         run_training(other_masks, run, resume=True)
+    # A pair gone and another added: named by their ids
+    other = tmp_path / "other"
+    shutil.copytree(root / "data", other)
+    for folder in ("images", "labels"):
+        (other / folder / "synth_0007.png").rename(other / folder / "synth_0099.png")
+    moved = job.model_copy(update={"images_url": str(other / "images"), "masks_url": str(other / "labels")})
+    with pytest.raises(ValueError, match=r"\(1 pair\(s\) added: synth_0099; 1 pair\(s\) gone: synth_0007\)"):
+        run_training(moved, run, resume=True)
     assert (run / "manifest.json").read_bytes() == manifest and (run / "split.json").read_bytes() == split
     assert len(run_training(job, run, resume=True).result.history) == QUICK.epochs  # the same data resumes
 
