@@ -80,7 +80,7 @@ def pair_by_stem(image_urls: Sequence[str], mask_urls: Sequence[str], images_url
     """Pair listed image and mask URLs: a mask has its image's stem, or that stem and a mask suffix
     (`img01_mask.png`, `img01_masks.tif`: `MASK_NAME_SUFFIX`); images and masks may share one folder.
     Raises DatasetError naming files left unpaired."""
-    if set(image_urls) & set(mask_urls):
+    if set(image_urls) == set(mask_urls):  # one folder of both (not one file of the images given as the masks)
         image_urls, mask_urls = split_one_folder(image_urls)
     images = index_by_stem(image_urls, "image")
     if not images:

@@ -7,9 +7,13 @@ import pytest
 from tests.conftest import cellseg
 
 
-@pytest.mark.parametrize("given", ["images", "masks"])
+@pytest.mark.parametrize("given", ["images", "masks", "masks from the images"])
 def test_train_given_one_file_names_the_folder_to_give(synthetic_dataset: Path, tmp_path: Path, given: str):
+    """`--masks images/a.png` (a file of the images folder) said "mask … holds the same pixels as its
+    image: are the masks the image folder?", as if the folder had been given."""
     folders = {"images": synthetic_dataset / "images", "masks": synthetic_dataset / "labels"}
+    if given == "masks from the images":
+        given, folders["masks"] = "masks", folders["images"]
     one_file = folders[given] / "synth_0000.png"
     urls = {**folders, given: one_file}
 
