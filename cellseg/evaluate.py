@@ -69,9 +69,13 @@ def evaluate_store(
     mask (`cellseg.scoring.region_scores`).
     """
     listed_masks = list_images(masks_url, storage_options, kind="mask")
-    # Images beside their masks (a.png and a_masks.png, as Cellpose keeps them) are no truth.
+    # A folder of images beside their masks (a.png and a_masks.png, as Cellpose keeps them): every
+    # file a mask by its suffix or an image with one. Elsewhere, a file named as its image and one
+    # with a suffix both name it, which is refused as ambiguous.
     suffixed = {mask_name_base(image_stem(url)) for url in listed_masks} - {None}
-    listed_masks = [url for url in listed_masks if image_stem(url) not in suffixed]
+    if suffixed and all(mask_name_base(image_stem(url)) is not None or image_stem(url) in suffixed
+                        for url in listed_masks):
+        listed_masks = [url for url in listed_masks if image_stem(url) not in suffixed]
     done = store.done_ids()
     # A mask is the image's name, or that and a mask suffix (img01_mask.png), as in training.
     truths, not_in_store, _ = masks_of_images(listed_masks, done | store.damaged.keys())
@@ -163,11 +167,12 @@ def _truth_file(url: str, role: str, storage_options: StorageOptions) -> Decoded
     """A mask or label file decoded, refused naming it when it holds a stack of planes: which of
     them is the truth of its image cannot be known (reading the first scored against an empty one)."""
     data = read_image_bytes(url, storage_options)
+    decoded = decode_mask(data, url)  # a damaged file is refused here, naming it
     if (planes := stacked_planes(data)) > 1:
         raise ImageReadError(f"{role} '{redact_url(url)}' is a stack of {planes} planes (z, time points or channels); "
                              "a mask or label image is one plane: save the plane that belongs to its image as a file "
                              "of its own")
-    return decode_mask(data, url)
+    return decoded
 
 
 def _some(names: Iterable[str], shown: int = 3) -> str:

@@ -530,6 +530,9 @@ def _decode_tiff(data: bytes, name: str, max_pixels: int, notes: list[str], colo
         notes.append(f"uses page 0 of {pages}: the other pages are not segmented{hint}")
     if array.ndim == 3 and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and array.shape[0] in (3, 4):
         array = np.moveaxis(array, 0, -1)  # planar RGB(A) is stored samples-first: (S, H, W)
+    if array.ndim == 3 and array.shape[-1] == 4 and not colours_apart and array.dtype.kind == "u" and (
+            transparent := _share(array[..., 3] < np.iinfo(array.dtype).max)) is not None:
+        notes.append(_transparency_note(transparent))
     if array.ndim == 3 and array.shape[-1] in (3, 4):
         return _colour_or_luma(array[..., :3], colours_apart)
     if array.ndim == 3 and array.shape[0] == 1:
@@ -636,8 +639,7 @@ def _decode_with_pillow(data: bytes, name: str, max_pixels: int, notes: list[str
             frames = int(getattr(opened, "n_frames", 1))
             opened.load()
             if (transparent := _transparent_share(opened)) is not None:
-                notes.append(f"{transparent:.1%} of its pixels are transparent: segmented by their colour alone, "
-                             "the transparency ignored")
+                notes.append(_transparency_note(transparent))
             if keep_colour and opened.mode in COLOUR_MODES:
                 decoded = np.asarray(opened.convert("RGB"))
             elif colours_apart and opened.mode in COLOUR_MODES:
@@ -664,14 +666,30 @@ def _decode_with_pillow(data: bytes, name: str, max_pixels: int, notes: list[str
 def _transparent_share(opened: Image.Image) -> float | None:
     """The share of an image's pixels that its alpha channel (or a palette's transparent entry) makes
     less than opaque; None when every pixel is opaque."""
-    if opened.mode in ("RGBA", "LA", "PA"):
-        alpha = np.asarray(opened.getchannel("A"))
-    elif opened.mode in ("P", "L", "RGB") and "transparency" in opened.info:
-        alpha = np.asarray(opened.convert("RGBA").getchannel("A"))
-    else:
+    key = opened.info.get("transparency")
+    try:
+        if opened.mode in ("RGBA", "LA", "PA"):
+            see_through = np.asarray(opened.getchannel("A")) < 255
+        elif opened.mode == "P" and key is not None:
+            see_through = np.asarray(opened.convert("RGBA").getchannel("A")) < 255
+        elif key is not None and not isinstance(key, bytes):  # a grey level or colour that is transparent (tRNS)
+            pixels = np.asarray(opened)
+            see_through = (pixels == np.asarray(key)).all(axis=-1) if pixels.ndim == 3 else pixels == key
+        else:
+            return None
+    except (ValueError, TypeError):  # a transparency entry that fits no pixel: nothing to say of it
         return None
-    transparent = int(np.count_nonzero(alpha < 255))
-    return transparent / alpha.size if transparent else None
+    return _share(see_through)
+
+
+def _transparency_note(share: float) -> str:
+    return f"{share:.1%} of its pixels are transparent: segmented by their colour alone, the transparency ignored"
+
+
+def _share(see_through: np.ndarray) -> float | None:
+    """The share of pixels `see_through` marks; None when none is."""
+    transparent = int(np.count_nonzero(see_through))
+    return transparent / see_through.size if transparent else None
 
 
 def _describe_content(data: bytes) -> str:

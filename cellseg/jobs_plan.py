@@ -16,7 +16,7 @@ from cellseg.model_source import ModelSource, shared_predictor
 from cellseg.segment import images_by_id, model_record, pending_images
 from cellseg.storage_errors import storage_call
 from cellseg.store import ResultStore
-from cellseg.store_checks import DONE, FAILED, NoStore, check_store_target, invalid_image_id
+from cellseg.store_checks import DONE, FAILED, NoStore, check_store_creatable, check_store_target, invalid_image_id
 
 Shard = list[tuple[str, str]]
 
@@ -59,9 +59,13 @@ def plan_segmentation(job: SegmentJob, on_record: Callable[[str], None] | None =
     # and, with --t all, time points are listed as images of their own (cellseg.formats).
     if images is None:
         images = list_sources(job.source_url, job.predict.selection)
-    if not images:  # nothing to segment (a misspelt folder, a day without images) makes no store
-        with storage_call(job.store_url):  # but a store that could not be written is refused all the same
+    if not images:  # nothing to segment (a misspelt folder, a day without images) makes no store,
+        with storage_call(job.store_url):  # but one that could not be written is refused all the same
             check_store_target(job.store_url)
+            try:
+                ResultStore.open(job.store_url, mode="r+")  # an existing one: checked as a run opens it
+            except NoStore:
+                check_store_creatable(job.store_url)
         return SegmentPlan([], [], [], [])
     store = ResultStore.open(job.store_url)
     rejected: list[dict[str, str]] = []

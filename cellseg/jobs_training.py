@@ -149,14 +149,20 @@ def run_training(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise RunFolderError(f"cannot create the training folder '{out}' ({error.strerror or error})") from error
-    # The new run's data passed its checks: the run it replaces goes now, so that a stop before the
-    # new run's first epoch leaves no last.pt of the old run beside the new manifest.json.
-    if overwrite and not resume and (replaced := [name for name in RUN_FILES if (out / name).is_file()]):
-        for name in replaced:
-            (out / name).unlink()
-        logger.info("removed %s of the run being replaced", ", ".join(replaced))
-    dataset_hash = _write_manifest(out, job, loaded_train, loaded_val)
-    result = train(loaded_train, loaded_val, out, model_config, training, dataset_hash, resume=resume, on_epoch=on_epoch)
+    dataset_hash = manifest_hash(loaded_train + loaded_val)
+
+    def start_writing() -> None:
+        # The new run has passed its checks: the run it replaces goes now, so that a stop before the
+        # new run's first epoch leaves no last.pt of the old run beside the new manifest.json (a
+        # refusal before this leaves the old run whole).
+        if overwrite and not resume and (replaced := [name for name in REPLACED_FILES if (out / name).is_file()]):
+            for name in replaced:
+                (out / name).unlink()
+            logger.info("removed %s of the run being replaced", ", ".join(replaced))
+        _write_manifest(out, job, loaded_train, loaded_val)
+
+    result = train(loaded_train, loaded_val, out, model_config, training, dataset_hash, resume=resume, on_epoch=on_epoch,
+                   on_start=start_writing)
     checkpoint = finish_checkpoint(str(result.best_checkpoint), job, loaded_train, loaded_val, training.init_from)
     predictor = Predictor(checkpoint, job.predict.model_copy(update={"device": training.device}))
     cells = validation_cell_scores(predictor, loaded_val)
@@ -290,12 +296,13 @@ class RunFolderError(ValueError):
 
 
 RUN_FILES = (BEST_CHECKPOINT, LAST_CHECKPOINT, HISTORY_FILE)  # what makes a folder hold a training run
+REPLACED_FILES = (*RUN_FILES, CURVES_FILE, GALLERY_FILE)  # what --overwrite removes of the run it replaces
 
 
 def check_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
     """`out_dir` as a Path if a training run may write there: not a file; with `resume`, a run to
     continue; without it, no run that the new one would replace unless `overwrite` says so. The
-    old run's files then go once the new run's data has passed its checks (`run_training`)."""
+    old run's files then go once the new run has passed its checks, before it writes (`run_training`)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"training folder '{out}' is an existing file, not a folder")

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import posixpath
 from collections.abc import Mapping
 from typing import Any
 
 from fsspec.core import split_protocol
+from fsspec.implementations.local import LocalFileSystem
 
 from cellseg.bounded_reads import FileTooLarge
-from cellseg.io import ZARR_GROUP_KEYS, StorageOptions, filesystem
+from cellseg.io import ZARR_GROUP_KEYS, StorageOptions, filesystem, is_object_store
 from cellseg.zarr_stores import read_metadata_document
 
 DONE = "done"  # an image's status once its arrays are all written
@@ -76,6 +78,33 @@ def check_store_target(url: str, storage_options: StorageOptions = None) -> None
     if (holder := enclosing_zarr_store(fs, path)) is not None:
         raise StoreError(f"'{url}' lies inside the zarr store '{holder}': a new results store there would show as one "
                          "of its groups (in a results store, as an image); choose a folder outside it")
+
+
+def check_store_creatable(url: str, storage_options: StorageOptions = None) -> None:
+    """Refuse, without leaving anything behind, a store that does not exist and could not be
+    created: on object storage a bucket that does not exist (or denies), on disk a folder that
+    cannot be made (read-only, no permission, a file above it), tried by making it and removing
+    what was made. A run with nothing to segment checks its store so, as one that writes would fail."""
+    fs, path = filesystem(url, storage_options)
+    if is_object_store(fs):
+        bucket = path.strip("/").split("/", 1)[0]
+        if bucket and not fs.exists(bucket):
+            raise StoreError(f"cannot create a results store at '{url}': its bucket '{bucket}' does not exist")
+        return
+    if not isinstance(fs, LocalFileSystem) or os.path.isdir(path):
+        return
+    made, folder = [], os.path.abspath(path)
+    while not os.path.exists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        os.makedirs(path)
+    except OSError as error:
+        raise unwritable(url, error) or StoreError(f"cannot create a results store at '{url}': {error}") from error
+    finally:
+        for created in made:  # the store's folder first, then those above it that were made for it
+            if os.path.isdir(created):
+                os.rmdir(created)
 
 
 # How far up `enclosing_zarr_store` looks.

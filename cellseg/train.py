@@ -152,6 +152,7 @@ def train(
     dataset_manifest_hash: str | None = None,
     resume: bool = False,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train a U-Net; writes best.pt, last.pt and history.json under `out_dir`.
 
@@ -163,7 +164,8 @@ def train(
     pairs resampled to that cell size (`cellseg.scale.rescale_pairs`). Fine-tuning (`init_from`)
     scores the starting weights on the validation images first, as epoch 0 of `best.pt`, which
     keeps them until an epoch beats them. `on_epoch` gets each epoch's record once the epoch's
-    checkpoints are written.
+    checkpoints are written; `on_start` is called once the run's checks (device, model, starting
+    point, resume state) have passed, before its first checkpoint is written.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -261,6 +263,8 @@ def train(
     budget = config.time_budget(fine_tuning=bool(init_from))
     started = time.monotonic() - spent_seconds
     stop_reason = "max epochs reached"
+    if on_start is not None:
+        on_start()
     logger.info(
         "training on %s%s%s: %d training and %d validation images, up to %d epoch%s",
         device, f" with {workers} loader processes" if workers else "",

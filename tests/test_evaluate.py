@@ -127,6 +127,10 @@ def test_masks_beside_their_images_in_one_folder_are_scored_as_cellpose_keeps_th
         (both / f"{image_id}_masks.png").write_bytes(encode_png(truth))
     apart = evaluate_store(store, write_truths(tmp_path / "truth", TRUTHS))
     assert evaluate_store(store, str(both)) == apart
+    # A masks folder with a mask named as its image and another with a suffix: ambiguous, not guessed
+    (tmp_path / "truth" / "a_mask.png").write_bytes(encode_png(np.zeros((2, 3), bool)))
+    with pytest.raises(ValueError, match=r"mask files name one image .*'a': a\.png, a_mask\.png"):
+        evaluate_store(store, str(tmp_path / "truth"))
 
 
 def test_unfinished_prediction_is_not_scored(store, tmp_path):
@@ -210,6 +214,14 @@ def test_a_label_image_of_another_size_than_its_mask_names_both_as_width_x_heigh
         evaluate_store(store, truth_url, labels_url=str(labels))
     assert f"not searching the 1 subfolder(s) of '{truth_url}' (extra): name the folder that holds the masks" in \
         caplog.messages
+
+
+def test_a_damaged_mask_file_is_refused_in_one_line_naming_it(store, tmp_path):
+    truth = tmp_path / "truth"
+    write_truths(truth, TRUTHS)
+    (truth / "a.png").write_bytes((truth / "a.png").read_bytes()[:16])
+    with pytest.raises(ValueError, match=rf"^'{truth}/a\.png': not a readable image"):
+        evaluate_store(store, str(truth))
 
 
 def test_missing_truth_directory_raises(store, tmp_path):

@@ -252,6 +252,22 @@ def test_transparent_pixels_are_said_and_their_colour_segmented(tmp_path, mode, 
     assert warnings == []
 
 
+def test_transparency_of_16_bit_pngs_and_rgba_tiffs_is_said_too():
+    grey = np.full((2, 4), 1000, np.uint16)
+    grey[1, 3] = 7
+    keyed = io.BytesIO()
+    Image.fromarray(grey).save(keyed, format="PNG", transparency=7)  # tRNS: grey level 7 is transparent
+    rgba = np.full((2, 4, 4), 255, np.uint8)
+    rgba[0, 0, 3] = 0
+    tiff = io.BytesIO()
+    tifffile.imwrite(tiff, rgba, photometric="rgb", extrasamples=["unassalpha"])
+    for data, name in ((keyed.getvalue(), "keyed.png"), (tiff.getvalue(), "rgba.tif")):
+        warnings: list[str] = []
+        decode_image(data, name, warnings=warnings)
+        assert warnings == ["12.5% of its pixels are transparent: segmented by their colour alone, the transparency "
+                            "ignored"], name
+
+
 def test_gray_alpha_png_drops_the_alpha(tmp_path):
     image = Image.new("LA", (3, 2), (77, 3))
     image.putpixel((0, 0), (200, 255))

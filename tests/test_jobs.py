@@ -86,14 +86,22 @@ def test_an_overwrite_stopped_before_its_first_epoch_leaves_nothing_of_the_old_r
     run_training(job, run)
     old_manifest = (run / "manifest.json").read_text()
 
-    def stopped_at_once(*args, **kwargs):
+    fewer = job.model_copy(update={"training": QUICK.model_copy(update={"val_fraction": 0.5})})
+    # Refused by a check of the new run (a device this machine lacks): the old run stays whole
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        run_training(fewer.model_copy(update={"training": fewer.training.model_copy(update={"device": "cuda"})}), run,
+                     overwrite=True)
+    assert (run / "manifest.json").read_text() == old_manifest and (run / "last.pt").is_file()
+
+    def stopped_as_it_starts(*args, on_start, **kwargs):  # Ctrl-C once the checks passed, before epoch 1 ends
+        on_start()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cellseg.jobs_training, "train", stopped_at_once)
-    fewer = job.model_copy(update={"training": QUICK.model_copy(update={"val_fraction": 0.5})})
+    monkeypatch.setattr(cellseg.jobs_training, "train", stopped_as_it_starts)
     with pytest.raises(KeyboardInterrupt):
         run_training(fewer, run, overwrite=True)
-    assert not [name for name in ("last.pt", "best.pt", "history.json") if (run / name).exists()]
+    assert not [name for name in ("last.pt", "best.pt", "history.json", "training_curves.png", "validation_gallery.png")
+                if (run / name).exists()]
     assert (run / "manifest.json").read_text() != old_manifest  # the new run's
     assert kept_line(run) == "it stopped before its first epoch ended, so nothing was kept"
     with pytest.raises(RunFolderError, match=r"nothing to resume in .*: it holds no last\.pt"):
@@ -136,6 +144,46 @@ def test_validation_masks_without_a_cell_are_warned_of(trained, tmp_path, caplog
     assert (f"none of the {len(held_out)} validation masks ({', '.join(held_out)}) has a cell pixel: any mask with a "
             "cell scores Dice 0 on them, so best.pt and early stopping follow nothing; --seed N holds out other "
             "images, --val-fraction sets how many") in caplog.messages
+
+
+def test_a_source_without_images_makes_no_store_but_refuses_one_that_could_not_be_written(tmp_path):
+    """An empty night made an empty store; then it made none, but passed a store that could never
+    be written (a misspelt bucket, a folder that cannot be made) with 'nothing to do'."""
+    import zarr
+
+    (tmp_path / "empty").mkdir()
+
+    def planned(store_url: str) -> object:
+        return plan_segmentation(SegmentJob(source_url=str(tmp_path / "empty"), store_url=store_url,
+                                            model_version="bundled"))
+
+    assert planned(str(tmp_path / "new" / "deeper" / "s.zarr")).pending == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["empty"]  # nothing made, nothing left
+    with pytest.raises(StoreError, match=r"^(cannot create a results store at|cannot write to results store) "
+                                         r"'/proc/cellseg\.zarr': "):
+        planned("/proc/cellseg.zarr")
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["owner"] = "another tool"
+    with pytest.raises(StoreError, match="is a zarr group but not a cellseg results store; choose a new folder"):
+        planned(str(tmp_path / "other.zarr"))
+    ResultStore.open(str(tmp_path / "kept.zarr"))
+    assert planned(str(tmp_path / "kept.zarr")).pending == 0
+
+
+@pytest.mark.integration
+def test_a_store_in_a_bucket_that_does_not_exist_cannot_be_created(moto_endpoint):
+    import s3fs
+
+    from cellseg.store_checks import check_store_creatable
+
+    options = {"endpoint_url": moto_endpoint}
+    with pytest.raises(StoreError, match=r"^cannot create a results store at 's3://no-such-bucket/s\.zarr': its "
+                                         r"bucket 'no-such-bucket' does not exist$"):
+        check_store_creatable("s3://no-such-bucket/s.zarr", options)
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    assert not fs.exists("no-such-bucket")
+    fs.mkdir("a-bucket")
+    check_store_creatable("s3://a-bucket/s.zarr", options)
+    assert not fs.exists("a-bucket/s.zarr")
 
 
 def test_post_processing_is_logged_with_the_measure_it_was_chosen_by(trained, tmp_path, caplog):
