@@ -56,7 +56,7 @@ Device = Annotated[str, AfterValidator(_check_device),
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # inf passed gt=0 checks
 
 
 class NormalizationConfig(_Config):

@@ -112,6 +112,7 @@ def preview_segmentation(job: SegmentJob) -> SegmentPreview:
     except NoStore:
         with storage_call(job.store_url):  # as the run checks it: unreachable, denied, timed out in one line
             check_store_target(job.store_url)
+            check_store_creatable(job.store_url)  # a folder that cannot be made, a bucket that does not exist
         store = None
     rejected: list[dict[str, str]] = []
     by_id = images_by_id(images, rejected, job.source_url)

@@ -756,6 +756,10 @@ def test_dry_run_lists_what_a_run_would_do_and_writes_nothing(tmp_path, tiny_che
     missing = cellseg("predict", "--model", str(tmp_path / "nope.pt"), "--images", str(images), "--out", str(new),
                       "--dry-run", check=False)
     assert missing.returncode == 2 and "nope.pt' does not exist" in missing.stderr
+    (tmp_path / "a-file").write_text("kept")  # a store below a file: the run refuses it, so must the dry run
+    below = cellseg("predict", *model, "--images", str(images), "--out", str(tmp_path / "a-file" / "s.zarr"),
+                    "--dry-run", check=False)
+    assert below.returncode == 2 and f"cannot create a results store at '{tmp_path / 'a-file' / 's.zarr'}'" in below.stderr
     (tmp_path / "empty").mkdir()
     nothing = cellseg("predict", *model, "--images", str(tmp_path / "empty"), "--out", str(new), "--dry-run")
     assert f"would segment nothing: no images found under {tmp_path / 'empty'}" in nothing.stdout

@@ -118,6 +118,18 @@ def test_dask_address_is_accepted(address):
     assert SegmentJob(**SEGMENT, dask_address=address).dask_address == address
 
 
+@pytest.mark.parametrize(("config", "field"), [
+    (PredictConfig, "cell_diameter"), (PredictConfig, "split_depth"), (ModelConfig, "cell_diameter"),
+    (TrainConfig, "learning_rate"), (TrainConfig, "max_minutes"),
+])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_infinite_or_nan_settings_are_refused(config, field, value):
+    """`--cell-diameter inf` passed its > 0 check and was silently dropped as null on the way to the
+    shards (JSON has no infinity); `--split-depth inf` failed there as 'got None'."""
+    with pytest.raises(ValidationError, match=rf"{field}(\.[a-z-]+)?\n  Input should be a finite number"):
+        config(**{field: value})
+
+
 def test_segment_settings_refuse_unknown_fields():
     locations, message = rejected(SegmentJob, **SEGMENT, shard_szie=8)
 
