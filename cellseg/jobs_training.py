@@ -152,9 +152,9 @@ def run_training(
     dataset_hash = manifest_hash(loaded_train + loaded_val)
 
     def start_writing() -> None:
-        # The new run has passed its checks: the run it replaces goes now, so that a stop before the
-        # new run's first epoch leaves no last.pt of the old run beside the new manifest.json (a
-        # refusal before this leaves the old run whole).
+        # The new run is about to write its first checkpoint: the run it replaces goes now, with its
+        # manifest. A run refused, stopped or diverging before that leaves the old run whole, never
+        # the old last.pt beside a new manifest.json.
         if overwrite and not resume and (replaced := [name for name in REPLACED_FILES if (out / name).is_file()]):
             for name in replaced:
                 (out / name).unlink()
@@ -302,7 +302,7 @@ REPLACED_FILES = (*RUN_FILES, CURVES_FILE, GALLERY_FILE)  # what --overwrite rem
 def check_run_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
     """`out_dir` as a Path if a training run may write there: not a file; with `resume`, a run to
     continue; without it, no run that the new one would replace unless `overwrite` says so. The
-    old run's files then go once the new run has passed its checks, before it writes (`run_training`)."""
+    old run's files then go just before the new run writes its first checkpoint (`run_training`)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"training folder '{out}' is an existing file, not a folder")

@@ -164,8 +164,8 @@ def train(
     pairs resampled to that cell size (`cellseg.scale.rescale_pairs`). Fine-tuning (`init_from`)
     scores the starting weights on the validation images first, as epoch 0 of `best.pt`, which
     keeps them until an epoch beats them. `on_epoch` gets each epoch's record once the epoch's
-    checkpoints are written; `on_start` is called once the run's checks (device, model, starting
-    point, resume state) have passed, before its first checkpoint is written.
+    checkpoints are written; `on_start` once, just before the run's first checkpoint is written (a
+    run refused by its checks, stopped or diverging before that writes nothing).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -263,8 +263,12 @@ def train(
     budget = config.time_budget(fine_tuning=bool(init_from))
     started = time.monotonic() - spent_seconds
     stop_reason = "max epochs reached"
-    if on_start is not None:
-        on_start()
+    def begin_writing() -> None:
+        nonlocal on_start
+        if on_start is not None:
+            start, on_start = on_start, None
+            start()
+
     logger.info(
         "training on %s%s%s: %d training and %d validation images, up to %d epoch%s",
         device, f" with {workers} loader processes" if workers else "",
@@ -287,6 +291,7 @@ def train(
         if math.isfinite(start[monitor_key]):
             start_metrics = best_metrics = start
             best_score = stop_reference = start[monitor_key]
+            begin_writing()
             save_checkpoint(snapshot(0, start), str(out / BEST_CHECKPOINT))
     for epoch in range(len(history) + 1, config.epochs + 1):
         if (out / STOP_FILE).exists():
@@ -355,6 +360,7 @@ def train(
             scheduler.step(score)
 
         checkpoint = snapshot(epoch, _metrics_of(record))
+        begin_writing()
         if improved:
             save_checkpoint(checkpoint, str(out / BEST_CHECKPOINT))
         checkpoint.resume_state = {

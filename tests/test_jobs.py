@@ -93,11 +93,20 @@ def test_an_overwrite_stopped_before_its_first_epoch_leaves_nothing_of_the_old_r
                      overwrite=True)
     assert (run / "manifest.json").read_text() == old_manifest and (run / "last.pt").is_file()
 
-    def stopped_as_it_starts(*args, on_start, **kwargs):  # Ctrl-C once the checks passed, before epoch 1 ends
+    def stopped_in_epoch_1(*args, on_start, **kwargs):  # Ctrl-C before the new run wrote anything
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cellseg.jobs_training, "train", stopped_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(fewer, run, overwrite=True)
+    assert (run / "manifest.json").read_text() == old_manifest  # the old run whole: its resume goes on from it
+    assert kept_line(run).startswith(f"{run / 'last.pt'} holds epoch {QUICK.epochs}: ")
+
+    def stopped_as_it_writes(*args, on_start, **kwargs):  # Ctrl-C as the new run writes its first checkpoint
         on_start()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cellseg.jobs_training, "train", stopped_as_it_starts)
+    monkeypatch.setattr(cellseg.jobs_training, "train", stopped_as_it_writes)
     with pytest.raises(KeyboardInterrupt):
         run_training(fewer, run, overwrite=True)
     assert not [name for name in ("last.pt", "best.pt", "history.json", "training_curves.png", "validation_gallery.png")
