@@ -74,8 +74,7 @@ def test_overwrite_replaces_a_run_that_a_stop_file_ended(trained, tmp_path):
     assert not (run / "STOP").exists()
 
 
-def test_an_overwrite_stopped_before_its_first_epoch_leaves_nothing_of_the_old_run_to_resume(trained, tmp_path,
-                                                                                              monkeypatch):
+def test_an_overwrite_stopped_early_leaves_one_whole_run_never_two_mixed(trained, tmp_path, monkeypatch):
     """An --overwrite stopped (Ctrl-C) before its first epoch ended left the old run's last.pt,
     best.pt and history.json beside the new run's manifest.json and split.json: the stop's line said
     to resume the old run, and that resume then refused the data or went on with the old settings."""
