@@ -263,11 +263,12 @@ def train(
     budget = config.time_budget(fine_tuning=bool(init_from))
     started = time.monotonic() - spent_seconds
     stop_reason = "max epochs reached"
-    def begin_writing() -> None:
+
+    def begin_writing() -> None:  # before the run's first checkpoint: on_start, once
         nonlocal on_start
         if on_start is not None:
-            start, on_start = on_start, None
-            start()
+            call, on_start = on_start, None
+            call()
 
     logger.info(
         "training on %s%s%s: %d training and %d validation images, up to %d epoch%s",
