@@ -14,6 +14,7 @@ from cellseg.stitch import (
     TODO,
     join_labels,
     numbered_across_blocks,
+    owners_of,
     seam_pairs,
     unpack_ring,
     written_labels,
@@ -39,13 +40,14 @@ def stitch_image(store: ResultStore, image_id: str) -> dict[str, Any]:
     joined = []
     for index in np.flatnonzero(state[:, 0] != EMPTY):
         edges.forget_rows_above(int(index) // grid.cols - 1)
-        views, written = [], []
+        views, written, owners = [], [], []
         for box, view in unpack_ring(grid, int(index), scratch.block_slot("ring", int(index))):
             local = written_labels(grid, box, edges)
             views.append(view.ravel())
             written.append(np.where(local > 0, numbered_across_blocks(grid, box, local, offsets), 0).ravel())
+            owners.append(owners_of(grid, box).ravel())
         if views:
-            pairs = seam_pairs(np.concatenate(views), np.concatenate(written))
+            pairs = seam_pairs(np.concatenate(views), np.concatenate(written), np.concatenate(owners))
             pairs = pairs[pairs[:, 0] <= core_labels[index]]  # labels only around the core have no pixels to join
             joined.append(np.stack([pairs[:, 0] + offsets[index], pairs[:, 1]], axis=1))
     pairs = np.concatenate(joined) if joined else np.zeros((0, 2), dtype=np.int64)

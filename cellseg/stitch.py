@@ -12,7 +12,7 @@ import numpy as np
 
 Box = tuple[int, int, int, int]  # (top, bottom, left, right): rows [top, bottom), columns [left, right)
 SIDES = 4  # the strips of a ring: top, bottom, left, right
-MIN_JOIN_IOU = 0.5  # labels of two blocks are one cell when they overlap at least this much in the ring
+MIN_JOIN_IOU = 0.5  # labels of two blocks are one cell when they overlap at least this much in their seam
 # The scratch's arrays, in the plan: a run left by a cellseg with other ones starts over (2: `edges`).
 SCRATCH_LAYOUT = 2
 TODO, PREDICTED, EMPTY, MEASURED = 0, 1, 2, 3  # a block's stage, column 0 of the scratch `state` (cellseg.blocks)
@@ -158,6 +158,14 @@ def written_labels(grid: BlockGrid, box: Box, edges_of: Callable[[int], np.ndarr
     return labels
 
 
+def owners_of(grid: BlockGrid, box: Box) -> np.ndarray:
+    """(h, w) int64: the block whose core holds each pixel of `box`."""
+    owners = np.empty((box[1] - box[0], box[3] - box[2]), dtype=np.int64)
+    for owner, (top, bottom, left, right) in grid.parts(box):
+        owners[top - box[0]: bottom - box[0], left - box[2]: right - box[2]] = owner
+    return owners
+
+
 def numbered_across_blocks(grid: BlockGrid, box: Box, labels: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """(h, w) int64: the block-local `labels` over `box` numbered across blocks, label k of the
     block owning a pixel becoming offsets[block] + k. Background (0) becomes its block's offset:
@@ -188,28 +196,35 @@ def _unpack(boxes: list[Box], slots: np.ndarray) -> Iterator[tuple[Box, np.ndarr
             yield box, slots[side, :height, :width] if side < 2 else slots[side, :width, :height].T
 
 
-def seam_pairs(view: np.ndarray, written: np.ndarray) -> np.ndarray:
+def seam_pairs(view: np.ndarray, written: np.ndarray, owners: np.ndarray) -> np.ndarray:
     """(K, 2) pairs (view label, written label) that are one cell, from two labellings of the same
     pixels (1-D, 0 = background): one block's `view` of the ring around its core, and the labels
-    its neighbours `written` there. A pair is joined when each is the other's largest overlap and
-    their intersection over union, counted in the ring, is at least MIN_JOIN_IOU."""
+    its neighbours `written` there, `owners` naming the neighbour whose core holds each pixel.
+    Each neighbour's part of the ring is a seam of its own: a pair is joined when each is the
+    other's largest overlap there and their intersection over union, counted in that part, is at
+    least MIN_JOIN_IOU. Counted over the whole ring instead, a cell at a corner of four blocks,
+    whose view reaches into three neighbours, would match none of its three parts."""
     both = (view > 0) & (written > 0)
     if not both.any():
         return np.zeros((0, 2), dtype=np.int64)
-    view_sizes = np.bincount(view.ravel())  # block-local labels: as many as the window holds
+    _, seam = np.unique(owners, return_inverse=True)
+    seams = int(seam.max()) + 1
+    view_in_seam = view.astype(np.int64) * seams + seam  # a view label in one neighbour's part
+    view_sizes = np.bincount(view_in_seam)
     present = written[written > 0]
     lowest = int(present.min())
     written_sizes = np.bincount(present - lowest)  # the labels of the (up to 8) neighbours around
     span = len(written_sizes)
-    # One sort of 1-D keys, in the order of (view, written) pairs.
-    keys, overlaps = np.unique(view[both].astype(np.int64) * span + (written[both] - lowest), return_counts=True)
+    # One sort of 1-D keys, in the order of (view label in a seam, written) pairs; a written label
+    # lies in one neighbour's core, so in one seam.
+    keys, overlaps = np.unique(view_in_seam[both] * span + (written[both] - lowest), return_counts=True)
     pairs = np.stack([keys // span, keys % span + lowest])
     best_for_view = _largest(pairs[0], overlaps)
     best_for_written = _largest(pairs[1], overlaps)
     mutual = best_for_view & best_for_written
     union = view_sizes[pairs[0]] + written_sizes[pairs[1] - lowest] - overlaps
     chosen = mutual & (overlaps >= MIN_JOIN_IOU * union)
-    return pairs[:, chosen].T
+    return np.stack([pairs[0, chosen] // seams, pairs[1, chosen]], axis=1)
 
 
 def _largest(keys: np.ndarray, overlaps: np.ndarray) -> np.ndarray:

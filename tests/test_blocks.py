@@ -134,8 +134,26 @@ def test_seam_pairs_join_mutual_best_overlaps_only():
     written = np.array([7, 7, 7, 8, 8, 8, 0, 9, 9, 9, 0, 0, 9, 9, 9])
     # 1-7: IoU 3/4, joined (1 also touches 8, but 8 overlaps 2 more); 2-8: IoU 2/4, joined;
     # 3-9: each the other's best, but IoU 2/8: two cells, not joined.
-    assert seam_pairs(view, written).tolist() == [[1, 7], [2, 8]]
-    assert seam_pairs(np.array([1, 1, 0]), np.array([0, 0, 4])).shape == (0, 2)
+    assert seam_pairs(view, written, np.zeros(15)).tolist() == [[1, 7], [2, 8]]
+    assert seam_pairs(np.array([1, 1, 0]), np.array([0, 0, 4]), np.zeros(3)).shape == (0, 2)
+
+
+def test_a_view_reaching_into_three_neighbours_is_matched_in_each_of_their_seams():
+    # A cell at a corner of four blocks: the block's view of it covers parts of three neighbours'
+    # cores (owners 1, 3, 4), each of which wrote its part under its own label. Counted over the
+    # whole ring, view 1 overlaps each part by a third (IoU 1/3): none would be joined.
+    view = np.array([1] * 12 + [0, 0])
+    written = np.array([11] * 4 + [31] * 4 + [41] * 4 + [0, 0])
+    owners = np.array([1] * 4 + [3] * 4 + [4] * 4 + [1, 3])
+    assert seam_pairs(view, written, owners).tolist() == [[1, 11], [1, 31], [1, 41]]
+    # Within one neighbour's part the rule is unchanged: view 1 spills into owner 3's background.
+    written[4:8] = 0
+    assert seam_pairs(view, written, owners).tolist() == [[1, 11], [1, 41]]
+    owners[4:8] = 1  # 8 pixels of view 1 in owner 1's part, 4 of them written 11: IoU 1/2
+    assert seam_pairs(view, written, owners).tolist() == [[1, 11], [1, 41]]
+    written[8:10] = 0  # 41 now half of view 1's part in owner 4: IoU 2/4, still joined
+    written[0] = 0  # 11 now 3 of view 1's 8 pixels in owner 1's part: IoU 3/8, not joined
+    assert seam_pairs(view, written, owners).tolist() == [[1, 41]]
 
 
 def test_seam_pairs_follow_the_rule_on_labels_of_many_cells():
@@ -143,17 +161,20 @@ def test_seam_pairs_follow_the_rule_on_labels_of_many_cells():
     for _ in range(40):
         view = rng.integers(0, rng.integers(2, 40), 3000)
         written = np.where(rng.random(3000) < 0.2, 0, view * 3 + 1000 + rng.integers(0, 3, 3000))
-        pairs = {(a, b) for a, b in seam_pairs(view, written).tolist()}
-        # The rule spelled out pair by pair: each the other's largest overlap (the smaller label on
-        # a tie), intersection over union at least 0.5.
+        # A written label lies in one neighbour's core; the background in any of them.
+        owners = np.where(written > 0, written % 3, rng.integers(0, 3, 3000)) * 5 + 2
+        pairs = {(a, b) for a, b in seam_pairs(view, written, owners).tolist()}
+        # The rule spelled out pair by pair, in each neighbour's part of the ring: each the other's
+        # largest overlap there (the smaller label on a tie), intersection over union at least 0.5.
         overlap = {}
-        for a, b in zip(view.tolist(), written.tolist(), strict=True):
+        for a, b, owner in zip(view.tolist(), written.tolist(), owners.tolist(), strict=True):
             if a and b:
-                overlap[a, b] = overlap.get((a, b), 0) + 1
-        best_view = {a: min((-n, b) for (x, b), n in overlap.items() if x == a)[1] for a, _ in overlap}
-        best_written = {b: min((-n, a) for (a, y), n in overlap.items() if y == b)[1] for _, b in overlap}
-        expected = {(a, b) for (a, b), n in overlap.items() if best_view[a] == b and best_written[b] == a
-                    and n >= 0.5 * (np.count_nonzero(view == a) + np.count_nonzero(written == b) - n)}
+                overlap[a, b, owner] = overlap.get((a, b, owner), 0) + 1
+        best_view = {(a, o): min((-n, b) for (x, b, y), n in overlap.items() if (x, y) == (a, o))[1]
+                     for a, _, o in overlap}
+        best_written = {b: min((-n, a) for (a, y, _), n in overlap.items() if y == b)[1] for _, b, _ in overlap}
+        expected = {(a, b) for (a, b, o), n in overlap.items() if best_view[a, o] == b and best_written[b] == a
+                    and n >= 0.5 * (np.count_nonzero((view == a) & (owners == o)) + np.count_nonzero(written == b) - n)}
         assert pairs == expected
 
 
@@ -246,6 +267,26 @@ def test_a_mosaic_in_blocks_has_the_cells_of_the_in_memory_tiled_path(blockwise_
         assert statistics[name] == pytest.approx(value, rel=1e-9), name
     np.testing.assert_array_equal(store.read_image("mosaic"), image)
     assert verify_store(store.url).broken == []
+
+
+def test_a_cell_on_a_corner_of_four_blocks_is_one_cell(frozen_general, tmp_path):
+    # Discs centred on the 4 inner corners of a 3x3 grid of blocks, each in four cores, and on
+    # seams; the mosaic above has no cell exactly on a corner.
+    side = 3 * BLOCK
+    rows, cols = np.mgrid[:side, :side]
+    image = np.full((side, side), 20, dtype=np.uint8)
+    corners = [(row, col) for row in (BLOCK, 2 * BLOCK) for col in (BLOCK, 2 * BLOCK)]
+    for row, col in [*corners, (BLOCK, BLOCK // 2), (BLOCK // 2, 2 * BLOCK), (side // 2, side // 2)]:
+        image[(rows - row) ** 2 + (cols - col) ** 2 < 14 ** 2] = 200
+    predictor = load_predictor(ModelSource("", checkpoint_url=str(frozen_general)), BLOCKWISE)
+    reference = cell_labels(predictor.cell_maps([image])[0], predictor.config)
+    store = ResultStore.open(str(tmp_path / "results.zarr"))
+    segment_blockwise(store, "corners", "corners", lambda: image, predictor, {"version": "x"})
+    cells = store.read_cells("corners")
+    found = compare(reference, cells)
+    assert found["cells"] == found["reference_cells"] == 7
+    assert found["below_iou_0.95"] == 0 and found["cut"] == 0
+    assert len({int(cells[row, col]) for row, col in corners} - {0}) == 4
 
 
 def test_statistics_without_the_cell_table_are_those_of_the_image_in_memory(frozen_general, tmp_path):
