@@ -29,8 +29,8 @@ import zarr
 
 from cellseg.config import SelectionConfig
 from cellseg.formats_bioio import BIOIO_PLUGINS, open_bioio
-from cellseg.formats_plane import Plane, array_plane
-from cellseg.formats_tiff import open_tiff_plane
+from cellseg.formats_plane import Plane, array_plane, pixel_sizes
+from cellseg.formats_tiff import imagej_pixel_size, open_tiff_plane
 from cellseg.formats_zarr import open_zarr, zarr_storage_options
 from cellseg.io import (
     DEFAULT_MAX_PIXELS,
@@ -139,12 +139,13 @@ def read_source(
     max_pixels: int = DEFAULT_MAX_PIXELS, warnings: list[str] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """One image to segment, (H, W), and what its record keeps about where it came from: the
-    selection made and the pixel size ({} for a PNG/TIFF/JPEG read as before). A PNG/TIFF/JPEG
-    with the default selection takes `cellseg.io.read_image`'s path unchanged (bioio is never
-    imported for it); any other choice is checked against the file's planes (a plain TIFF stack's
+    selection made and the pixel size. A PNG/TIFF/JPEG with the default selection takes
+    `cellseg.io.read_image`'s path (bioio is never imported for it) and records only the pixel
+    size of an ImageJ/Fiji TIFF ({} for any other); any other choice is checked against the file's planes (a plain TIFF stack's
     pages are its z planes)."""
     if not is_microscopy_url(url) and selection.model_copy(update={"recursive": False}) == SelectionConfig():
-        return widened_or_narrowed(_plain_image(url, storage_options, max_pixels, warnings)), {}
+        image, source = _plain_image(url, storage_options, max_pixels, warnings)
+        return widened_or_narrowed(image), source
     plane = read_plane(url, selection, storage_options, max_pixels)
     if warnings is not None:
         warnings.extend(plane.warnings)
@@ -175,30 +176,40 @@ def _wider_samples(dtype: np.dtype[Any]) -> np.dtype[Any] | None:
     return None
 
 
-def _plain_image(url: str, storage_options: StorageOptions, max_pixels: int, warnings: list[str] | None) -> np.ndarray:
-    """A PNG/TIFF/JPEG read by `cellseg.io.decode_image`, except a TIFF whose axes name several
-    channels or time points (an ImageJ hyperstack, tifffile's shaped metadata): its first page is
-    one channel of one time point, chosen by nobody, so it is refused with its choices as an
-    OME-TIFF is."""
+def _plain_image(url: str, storage_options: StorageOptions, max_pixels: int, warnings: list[str] | None
+                 ) -> tuple[np.ndarray, dict[str, Any]]:
+    """A PNG/TIFF/JPEG read by `cellseg.io.decode_image`, and what its record keeps: the pixel size
+    of a TIFF that ImageJ or Fiji calibrated ({} for any other). A TIFF whose axes name several
+    channels or time points (an ImageJ hyperstack, tifffile's shaped metadata) is refused with its
+    choices as an OME-TIFF is: its first page is one channel of one time point, chosen by nobody."""
     data = read_image_bytes(url, storage_options, max_pixels)
-    if data[:4] in _TIFF_MAGIC and _names_channels_or_time(data):
-        with open_tiff_plane(io.BytesIO(data), url, SelectionConfig(), None, (data, max_pixels)):
-            pass
-    return decode_image(data, url, max_pixels, warnings)
+    source: dict[str, Any] = {}
+    if data[:4] in _TIFF_MAGIC:
+        several_planes, physical = _tiff_header(data, url)
+        if several_planes:
+            with open_tiff_plane(io.BytesIO(data), url, SelectionConfig(), None, (data, max_pixels)):
+                pass
+        pixel_size, yx, notes = pixel_sizes(*physical)
+        if pixel_size is not None and yx is not None:
+            source = {"pixel_size_um": pixel_size, "pixel_size_yx_um": list(yx)}
+            if warnings is not None:
+                warnings.extend(notes)
+    return decode_image(data, url, max_pixels, warnings), source
 
 
-def _names_channels_or_time(data: bytes) -> bool:
-    """Whether a TIFF that is not an OME-TIFF (which says how to name it instead: cellseg.io) has a
-    channel (C) or time (T) axis of more than one plane in its first series."""
+def _tiff_header(data: bytes, url: str) -> tuple[bool, tuple[float | None, float | None]]:
+    """Of a TIFF that is not an OME-TIFF (which says how to name it instead: cellseg.io): whether
+    its first series has a channel (C) or time (T) axis of more than one plane, and its ImageJ
+    calibration's (y, x) pixel size in µm."""
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             if tif.is_ome:
-                return False
+                return False, (None, None)
             series = tif.series[0]
             shape = dict(zip(series.axes.upper(), series.shape, strict=True))
+            return shape.get("C", 1) > 1 or shape.get("T", 1) > 1, imagej_pixel_size(tif, url)
     except Exception:  # noqa: BLE001 - a malformed file: decode_image names its problem
-        return False
-    return shape.get("C", 1) > 1 or shape.get("T", 1) > 1
+        return False, (None, None)
 
 
 def list_sources(url: str, selection: SelectionConfig, storage_options: StorageOptions = None) -> list[str]:

@@ -61,7 +61,7 @@ def tiff_plane(tif: tifffile.TiffFile, url: str, selection: SelectionConfig, tim
     z_axis = "Z" if "Z" in shape else stack_axis if selection.z is not None else None
     sizes = {"T": shape.get("T", 1), "C": shape[channel_axis] if channel_axis else 1,
              "Z": shape[z_axis] if z_axis else 1}
-    names, physical = _ome_metadata(tif, url) if tif.is_ome else ([], _imagej_pixel_size(tif, url))
+    names, physical = _ome_metadata(tif, url) if tif.is_ome else ([], imagej_pixel_size(tif, url))
     samples_as_luma = channel_axis == "S" and selection.channel is None and sizes["C"] in (3, 4)
     if samples_as_luma:
         sizes["C"] = 1
@@ -199,7 +199,7 @@ def _ome_metadata(tif: tifffile.TiffFile, url: str) -> tuple[list[str], tuple[fl
     return names, (size("Y"), size("X"))
 
 
-def _imagej_pixel_size(tif: tifffile.TiffFile, url: str) -> tuple[float | None, float | None]:
+def imagej_pixel_size(tif: tifffile.TiffFile, url: str) -> tuple[float | None, float | None]:
     """(y, x) pixel size in µm of a TIFF written by ImageJ or Fiji: its calibration's `unit` (in its
     description, a µ written as the escape \\u00B5) and the first page's Y and X resolutions, in
     pixels per that unit; (None, None) for an uncalibrated file or any other TIFF."""

@@ -127,7 +127,7 @@ def list_image_entries(url: str, storage_options: StorageOptions = None, microsc
                        kind: str = "image", recursive: bool | None = None) -> list[FileEntry]:
     """Image files directly under the directory `url`, sorted by URL, or the one image file `url`
     names; with `microscopy`, also CZI/ND2/LIF files and `.zarr` folders (OME-Zarr images and
-    plates: `cellseg.formats`). Hidden files and folders (a leading dot) are skipped, those with an
+    plates: `cellseg.formats`), a `.zarr` folder named as `url` being one. Hidden files and folders (a leading dot) are skipped, those with an
     image suffix named in a warning.
 
     With `recursive`, the subfolders too, to MAX_LISTING_DEPTH levels below `url` (deeper ones are
@@ -162,6 +162,9 @@ def list_image_entries(url: str, storage_options: StorageOptions = None, microsc
             info = fs.info(root)
             return [_file_entry(url, _followed_link(info) if info.get("islink") else info)]
         listing = fs.ls(root, detail=True)
+        names = {posixpath.basename(item["name"].rstrip("/")) for item in listing}
+        if names & {*ZARR_GROUP_KEYS, ".zarray"}:
+            return [_zarr_folder_entry(fs, root, url, names, kind, microscopy)]
     walk = _Walk(suffixes, microscopy)
     walk.add(listing, url, "")
     if recursive:
@@ -290,6 +293,22 @@ def _is_results_store(fs: fsspec.AbstractFileSystem, path: str, names: set[str],
     except (OSError, ValueError, AttributeError):  # unreadable or not a JSON object: not one
         return False
     return isinstance(attributes, dict) and "cellseg" in attributes
+
+
+def _zarr_folder_entry(fs: fsspec.AbstractFileSystem, root: str, url: str, names: set[str], kind: str,
+                       microscopy: bool) -> FileEntry:
+    """The one image that the zarr folder `url` (at `root`, holding `names`) is, as a `.zarr`
+    folder in a listing is; a results store, or a zarr folder the readers would not open, is
+    refused, where listing its chunks would find nothing to do."""
+    if _is_results_store(fs, root, names, url):
+        raise ValueError(f"{kind} folder '{redact_url(url)}' is a cellseg results store, not {kind}s: name the folder "
+                         f"that holds the {kind}s")
+    if not microscopy:
+        raise ValueError(f"{kind} folder '{redact_url(url)}' is a zarr store, not a folder of {kind} files")
+    if not root.rstrip("/").lower().endswith(ZARR_FOLDER_SUFFIX):
+        raise ValueError(f"{kind} folder '{redact_url(url)}' is a zarr store whose name does not end in "
+                         f"{ZARR_FOLDER_SUFFIX}: name it so to read it as one image")
+    return FileEntry(url, 0, f"zarr:{fs.info(root).get('mtime') or ''}")
 
 
 def _prefix_in_a_bucket(fs: fsspec.AbstractFileSystem, root: str, url: str, kind: str) -> bool:

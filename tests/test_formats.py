@@ -19,7 +19,7 @@ from cellseg.config import PredictConfig, SelectionConfig
 from cellseg.formats import list_sources, open_plane, read_plane, read_source
 from cellseg.formats_bioio import FORMATS_EXTRA, bioio_reader
 from cellseg.infer import Predictor
-from cellseg.io import ImageReadError, read_image
+from cellseg.io import ImageReadError, list_image_entries, read_image
 from cellseg.jobs import SegmentJob, run_segmentation
 from cellseg.segment import model_record, segment_images
 from cellseg.store import ResultStore
@@ -331,6 +331,27 @@ def test_ome_zarr_images_are_read_with_their_names_and_pixel_size(tmp_path, synt
         assert np.array_equal(plane[10:30, 40:90], nuclei[10:30, 40:90])
 
 
+def test_a_zarr_folder_named_as_the_source_is_one_image_and_a_results_store_is_refused(tmp_path, synthetic_dataset,
+                                                                                      tiny_checkpoint):
+    nuclei = _nuclei(synthetic_dataset)
+    bare = zarr.create_array(str(tmp_path / "bare.zarr"), shape=nuclei.shape, chunks=(32, 32), dtype=nuclei.dtype,
+                             dimension_names=("y", "x"))
+    bare[...] = nuclei
+    assert list_sources(str(tmp_path / "bare.zarr"), SelectionConfig()) == [str(tmp_path / "bare.zarr")]
+    job = SegmentJob(source_url=str(tmp_path / "bare.zarr"), store_url=str(tmp_path / "out.zarr"),
+                     checkpoint_url=str(tiny_checkpoint), predict=PredictConfig(device="cpu"))
+    report = run_segmentation(job)  # it listed the array's chunks, found no image and did nothing
+    assert report.done == ["bare"] and not report.failed
+    assert ResultStore.open(job.store_url, mode="r").read_cells("bare").max() > 3
+    with pytest.raises(ValueError, match=r"out\.zarr' is a cellseg results store, not images: name the folder that"):
+        list_sources(job.store_url, SelectionConfig())
+    (tmp_path / "bare.zarr").rename(tmp_path / "bare")
+    with pytest.raises(ValueError, match=r"bare' is a zarr store whose name does not end in \.zarr: name it so"):
+        list_sources(str(tmp_path / "bare"), SelectionConfig())
+    with pytest.raises(ValueError, match=r"mask folder '.*bare' is a zarr store, not a folder of mask files"):
+        list_image_entries(str(tmp_path / "bare"), kind="mask")
+
+
 @pytest.mark.integration
 def test_ome_zarr_on_s3_is_one_image(s3_bucket, synthetic_dataset):
     pytest.importorskip("bioio_ome_zarr")
@@ -454,6 +475,31 @@ def test_an_imagej_hyperstack_without_a_choice_is_refused_not_read_as_its_first_
     assert source["selection"]["sizes"] == {"T": 1, "C": 2, "Z": 3}
     assert source["pixel_size_yx_um"] == pytest.approx([0.25, 0.2])
     assert source["pixel_size_um"] == pytest.approx(np.sqrt(0.25 * 0.2))
+
+
+def test_a_single_plane_fiji_tiff_read_without_a_choice_keeps_its_calibration(tmp_path, synthetic_dataset,
+                                                                              tiny_checkpoint, caplog):
+    nuclei = _nuclei(synthetic_dataset)
+    (tmp_path / "src").mkdir()
+    tifffile.imwrite(tmp_path / "src" / "fiji.tif", nuclei, imagej=True, resolution=(1 / 0.5, 1 / 0.4),
+                     metadata={"unit": "\\u00B5m"})
+    image, source = read_source(str(tmp_path / "src" / "fiji.tif"), SelectionConfig(), warnings=(warnings := []))
+    assert np.array_equal(image, nuclei)
+    assert source == {"pixel_size_um": pytest.approx(np.sqrt(0.5 * 0.4)), "pixel_size_yx_um": pytest.approx([0.4, 0.5])}
+    assert warnings == ["pixels are 0.4 x 0.5 µm (y x): areas in µm² use both, cell sizes their geometric mean"]
+    tifffile.imwrite(tmp_path / "src" / "plain.tif", nuclei)
+    assert read_source(str(tmp_path / "src" / "plain.tif"), SelectionConfig())[1] == {}
+    # A cell size in µm turns into pixels by it, where the image used to fail for want of one.
+    job = SegmentJob(source_url=str(tmp_path / "src" / "fiji.tif"), store_url=str(tmp_path / "out.zarr"),
+                     checkpoint_url=str(tiny_checkpoint), predict=PredictConfig(device="cpu", cell_diameter_um=4.0))
+    report = run_segmentation(job)
+    assert report.done == ["fiji"] and not report.failed
+    store = ResultStore.open(job.store_url, mode="r")
+    assert store.record("fiji")["source"]["pixel_size_yx_um"] == pytest.approx([0.4, 0.5])
+    (row,) = store.statistics()
+    assert row["pixel_size_um"] == pytest.approx(np.sqrt(0.5 * 0.4)) and row["cell_count"] > 0
+    columns, rows = store.read_cell_table("fiji")
+    assert np.allclose(rows[:, columns.index("area_um2")], rows[:, columns.index("area")] * 0.4 * 0.5)
 
 
 def test_an_imagej_time_series_without_a_choice_is_refused(tmp_path):
