@@ -101,6 +101,8 @@ def run_models(args: argparse.Namespace) -> int:
             current = None if absent else registry.current()
         except RegistryError as error:
             problems.append(str(error))
+        if current is not None and current not in {meta.version for meta in versions} | set(unreadable):
+            problems.append(registry.current_gone(current))
         if not versions and not problems and not absent:
             print(f"no models registered in {redact_url(registry_url)}")
         for meta in versions:

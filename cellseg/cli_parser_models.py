@@ -58,6 +58,6 @@ def add_models(commands: argparse._SubParsersAction) -> None:
             action.add_argument("--checkpoint", help="export this checkpoint file instead of a registered version "
                                                      "(e.g. runs/training/best.pt)")
             action.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript",
-                                help="TorchScript takes any image size; ONNX needs the onnx extra (default %(default)s)")
+                                help="TorchScript takes any image size; ONNX needs the export extra, pip install 'cellseg[export]' (default %(default)s)")
             action.add_argument("--out", required=True, help="file to write; its description goes to OUT.json")
             action.add_argument("--overwrite", action="store_true", help="replace OUT and OUT.json if they exist")

@@ -16,12 +16,14 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from fsspec.core import split_protocol
 from torch import nn
 
 from cellseg import __version__
 from cellseg.checkpoint import Checkpoint
 from cellseg.io import file_replaced_atomically, os_error_reason, write_file_atomic
 from cellseg.model import UNet
+from cellseg.redact import redact_url
 
 ExportFormat = Literal["torchscript", "onnx"]
 
@@ -73,8 +75,13 @@ def export_model(
 ) -> dict[str, Any]:
     """Write the model to `out` in `export_format` and its description to `<out>.json`; returns it.
     The threshold recorded is `threshold`, else the one `predict` uses with this checkpoint (decided
-    when it was trained). Files already there are refused (ValueError) unless `overwrite`."""
-    out = Path(out)
+    when it was trained). Files already there are refused (ValueError) unless `overwrite`. `out` is
+    a local file (a file:// URL names one): a URL of any other storage is refused."""
+    protocol, local = split_protocol(str(out))
+    if protocol not in (None, "file", "local"):
+        raise ValueError(f"cannot export to '{redact_url(str(out))}': models export writes a local file; export to a "
+                         "local path, then copy it and its .json to the storage")
+    out = Path(local)
     if out.is_dir():
         raise ValueError(f"'{out}' is a folder; name the file to write")
     if not overwrite and (existing := [str(path) for path in (out, Path(f"{out}.json")) if path.exists()]):

@@ -310,6 +310,11 @@ class Registry:
             if isinstance(previous, list) else []
         return version, earlier
 
+    def current_gone(self, current: str) -> str:
+        """What is wrong when current.json names `current`, a version that is not in the registry."""
+        return (f"registry '{redact_url(self.url)}': current.json names version {current}, which is not in it (removed?); "
+                "mark a registered version current: cellseg models promote VERSION, or cellseg models rollback")
+
     @_naming_the_registry
     def resolve(self, version: str) -> str:
         """A concrete version name for `version` ('current' or a name); only the names of registered
@@ -323,6 +328,8 @@ class Registry:
                                     "'train-unet/train-unet' ...), mark a registered version current (cellseg models "
                                     "promote VERSION), or segment with the shipped model (--model-version bundled; "
                                     '"model_version": "bundled" in a job)')
+            if not self.fs.exists(self._path(current, "model.json")):
+                raise RegistryError(self.current_gone(current))
             return current
         if not VERSION_NAME.fullmatch(version):
             raise RegistryError(f"'{version}' is not a version name of registry '{redact_url(self.url)}': versions are names "

@@ -29,6 +29,8 @@ ARRAYS: dict[str, tuple[str, str | None]] = {
     PROBABILITIES_PATH: ("probabilities", "float16"),
     CELL_TABLE: ("cell table", "float64"),
 }
+# The entries at the top of an image's group: its arrays' folders and the block-wise scratch.
+IMAGE_FOLDERS = frozenset({path.split("/")[0] for path in ARRAYS} | {"blocks"})
 
 StoreMode = Literal["r", "r+", "a", "w", "w-"]  # zarr's access modes
 # What zarr raises for a zarr.json it cannot parse or validate (JSONDecodeError is a ValueError;

@@ -66,6 +66,8 @@ def open_root(url: str, mode: StoreMode, storage_options: StorageOptions) -> zar
         if translated := storage_error(url, error):  # timed out, connection refused
             raise translated from error
         if mode not in WRITE_MODES:
+            if isinstance(error, (NotADirectoryError, FileExistsError)):  # r+ on a file: zarr tries to make it a folder
+                raise NoStore(f"no results store at '{redact_url(url)}': it is a file") from error
             raise
         if cannot_write := unwritable(url, error):
             raise cannot_write from error
@@ -81,20 +83,35 @@ def open_root(url: str, mode: StoreMode, storage_options: StorageOptions) -> zar
         if translated := storage_error(url, error):  # a storage option the filesystem refuses (a TypeError)
             raise translated from error
         if problem := store_metadata_problem(url, storage_options):
+            advice = (f"{repair_hint(url)} rewrites it" if _holds_a_cellseg_image(url, storage_options) else
+                      "no image group under it is a cellseg result, so there is nothing to repair it from")
             raise DamagedStore(f"the results store's own metadata '{redact_url(url)}/zarr.json' cannot be read ({problem}); "
-                               f"{repair_hint(url)} rewrites it") from error
+                               f"{advice}") from error
         raise
     except Exception as error:
         if translated := storage_error(url, error):  # botocore's: no credentials, unreachable, timed out
             raise translated from error
         raise
-    _check_store_attributes(url, root.attrs.get("cellseg"), writing=mode != "r")
+    _check_store_attributes(url, root.attrs.get("cellseg"), writing=mode in WRITE_MODES)
     return root
 
 
 def repair_store_metadata(url: str, storage_options: StorageOptions = None) -> None:
     """Write fresh cellseg root metadata over an unreadable root zarr.json, once an image group
     under it shows that it is a cellseg store; StoreError (nothing written) otherwise."""
+    if not _holds_a_cellseg_image(url, storage_options):
+        shown_url = redact_url(url)
+        raise StoreError(f"'{shown_url}/zarr.json' cannot be read and no image group under '{shown_url}' is a cellseg "
+                         "result: not a results store, left as it is")
+    meta = {"layout": LAYOUT_VERSION, "created": None, "cellseg_version": __version__, "repaired": now()}
+    document = {"zarr_format": 3, "node_type": "group", "attributes": {"cellseg": meta}}
+    fs, path = filesystem(url, storage_options)
+    fs.pipe_file(posixpath.join(path, "zarr.json"), json.dumps(document, indent=2).encode())
+
+
+def _holds_a_cellseg_image(url: str, storage_options: StorageOptions) -> bool:
+    """Whether a group directly under the store at `url` is a cellseg image: what shows that a
+    store whose own zarr.json cannot be read is a results store."""
     fs, path = filesystem(url, storage_options)
     for child in sorted(fs.ls(path, detail=False)):
         try:
@@ -103,14 +120,8 @@ def repair_store_metadata(url: str, storage_options: StorageOptions = None) -> N
             continue
         attributes = document.get("attributes") if isinstance(document, dict) else None
         if isinstance(attributes, dict) and isinstance(attributes.get("cellseg"), dict):
-            break
-    else:
-        shown_url = redact_url(url)
-        raise StoreError(f"'{shown_url}/zarr.json' cannot be read and no image group under '{shown_url}' is a cellseg "
-                         "result: not a results store, left as it is")
-    meta = {"layout": LAYOUT_VERSION, "created": None, "cellseg_version": __version__, "repaired": now()}
-    document = {"zarr_format": 3, "node_type": "group", "attributes": {"cellseg": meta}}
-    fs.pipe_file(posixpath.join(path, "zarr.json"), json.dumps(document, indent=2).encode())
+            return True
+    return False
 
 
 def _zarr_location(url: str) -> str:

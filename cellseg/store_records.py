@@ -15,7 +15,7 @@ from zarr.core.sync import sync
 
 from cellseg.redact import redact_url
 from cellseg.store_checks import DONE, RESERVED_IDS, DamagedImage, StoreError, describe, record_problem
-from cellseg.store_layout import METADATA_ERRORS
+from cellseg.store_layout import IMAGE_FOLDERS, METADATA_ERRORS
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -53,14 +53,13 @@ def _child_names(group: zarr.Group) -> list[str]:
     return sorted(name for name in sync(names()) if name not in RESERVED_IDS)
 
 
-def _has_entries(group: zarr.Group, name: str) -> bool:
-    """Whether anything is stored under `name` (a folder that lost its zarr.json, not a stray file)."""
-    async def first() -> bool:
-        async for _ in group.store.list_prefix(f"{group.path}/{name}/" if group.path else f"{name}/"):
-            return True
-        return False
+def _holds_image_arrays(group: zarr.Group, name: str) -> bool:
+    """Whether `name` holds what only an image of a results store holds (IMAGE_FOLDERS): a folder
+    that lost its zarr.json, not a stray file or someone's other folder (.ipynb_checkpoints, qc/)."""
+    async def children() -> list[str]:
+        return [child async for child in group.store.list_dir(f"{group.path}/{name}" if group.path else name)]
 
-    return sync(first())
+    return bool(IMAGE_FOLDERS & set(sync(children())))
 
 
 class StoreRecords:
@@ -171,10 +170,11 @@ class StoreRecords:
         return record
 
     def orphans(self) -> list[str]:
-        """Entries under the store that hold data but no zarr.json (a group whose metadata was lost)."""
+        """Entries under the store that hold an image's arrays but no zarr.json (an image group whose
+        metadata was lost). Other folders are left alone: they are no image."""
         def lost(name: str) -> bool:
             try:
-                return self.root.get(name) is None and _has_entries(self.root, name)
+                return self.root.get(name) is None and _holds_image_arrays(self.root, name)
             except METADATA_ERRORS:  # unreadable, not lost: `records` reports it
                 return False
 

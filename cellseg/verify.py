@@ -88,6 +88,8 @@ def verify_store(
         repair_store_metadata(url, storage_options)
         store = ResultStore.open(url, mode=mode, storage_options=storage_options)
     for image_id, record, problem in store.entries():
+        if record is None and problem is None:  # a stray object, no image
+            continue
         problems = [problem] if problem is not None else image_problems(store, image_id, record or {}, read_data)
         report.checked += 1
         if problems:

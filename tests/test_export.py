@@ -138,6 +138,21 @@ def test_cellseg_models_export_a_registered_version(tiny_checkpoint, images, tmp
     assert both.stderr == f"cellseg models: error: give a registered version ({version}) or --checkpoint, not both\n"
 
 
+def test_export_to_a_url_is_refused_and_a_file_url_is_a_local_file(tiny_checkpoint, tmp_path, monkeypatch):
+    """`--out s3://bucket/m.pt` wrote ./s3:/bucket/m.pt and said it had exported to the bucket."""
+    monkeypatch.chdir(tmp_path)
+    command = [str(Path(sys.executable).parent / "cellseg"), "models", "export", "--checkpoint", str(tiny_checkpoint)]
+    url = "s3://KEY:SECRET@lab-models/m.pt"
+    result = subprocess.run([*command, "--out", url], capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and "SECRET" not in result.stderr
+    assert result.stderr == ("cellseg models: error: cannot export to 's3://KEY:********@lab-models/m.pt': models export writes a "
+                             "local file; export to a local path, then copy it and its .json to the storage\n")
+    assert list(tmp_path.iterdir()) == []
+    result = subprocess.run([*command, "--out", f"file://{tmp_path}/m.pt"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.pt", "m.pt.json"]
+
+
 @pytest.mark.parametrize("under", ["", "sub"], ids=["in-a-file", "below-a-file"])
 def test_export_under_a_file_is_one_line_naming_the_file(tiny_checkpoint, tmp_path, under):
     """It was a FileExistsError or NotADirectoryError traceback, exit status 1."""

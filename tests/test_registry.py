@@ -242,6 +242,28 @@ def test_a_folder_named_model_json_is_an_unreadable_version_and_a_version_withou
     assert registry.current() is None
 
 
+def test_a_current_version_that_was_removed_is_named_so_and_listed_as_a_problem(checkpoint_file, tmp_path, capsys):
+    """It was "unreadable model.json (not a file: FileNotFoundError)", and `models list` said nothing."""
+    registry = Registry(str(tmp_path / "registry"))
+    first = registry.register(str(checkpoint_file))
+    second = registry.register(str(checkpoint_file))
+    registry.promote(first.version)
+    registry.promote(second.version)
+    shutil.rmtree(tmp_path / "registry" / second.version)
+    gone = (f"registry '{tmp_path / 'registry'}': current.json names version {second.version}, which is not in it "
+            "(removed?); mark a registered version current: cellseg models promote VERSION, or cellseg models rollback")
+    with pytest.raises(RegistryError) as raised:
+        registry.resolve("current")
+    assert str(raised.value) == gone
+    assert main(["models", "list", "--registry", str(tmp_path / "registry")]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert f"  {first.version}" in listed[0] and f"! {gone}" in listed
+    assert main(["models", "show", "--registry", str(tmp_path / "registry")]) == 2
+    assert capsys.readouterr().err == f"cellseg models: error: {gone}\n"
+    assert registry.rollback() == (second.version, first.version)  # the way back named in the message
+    assert registry.resolve("current") == first.version
+
+
 def test_register_with_promote_makes_the_new_version_current(checkpoint_file, tmp_path):
     registry = Registry(str(tmp_path / "registry"))
     old = registry.register(str(checkpoint_file), promote=True)

@@ -18,7 +18,7 @@ from cellseg.job_config import SegmentJob
 from cellseg.jobs import run_segmentation
 from cellseg.large_image import LargeImage
 from cellseg.store import ResultStore
-from cellseg.store_checks import DamagedImage, DamagedStore, StoreError
+from cellseg.store_checks import DamagedImage, DamagedStore, NoStore, StoreError
 from cellseg.store_layout import CELL_TABLE
 from cellseg.synth import encode_png, generate_sample
 from cellseg.verify import STORE_METADATA, verify_store
@@ -181,9 +181,41 @@ def test_an_unreadable_store_metadata_is_rewritten_only_for_a_cellseg_store(stor
     foreign = tmp_path / "foreign"
     (foreign / "x").mkdir(parents=True)
     (foreign / "zarr.json").write_text("{")
+    (damage,) = verify_store(str(foreign)).broken  # never advising a --repair that would refuse
+    assert "no image group under it is a cellseg result, so there is nothing to repair it from" in damage.problem
+    assert "--repair" not in damage.problem
     with pytest.raises(StoreError, match="not a results store, left as it is"):
         verify_store(str(foreign), repair=True)
     assert (foreign / "zarr.json").read_text() == "{"
+
+
+def test_folders_and_files_that_are_no_image_are_left_alone_and_not_counted(store):
+    root = Path(store.url)
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / ".ipynb_checkpoints" / "notes.txt").write_text("a notebook's own")
+    (root / "qc" / "plots").mkdir(parents=True)
+    (root / "qc" / "plots" / "a.png").write_bytes(b"png")
+    (root / ".DS_Store").write_bytes(b"finder")
+    (root / "lost" / "labels" / "cells" / "0").mkdir(parents=True)  # an image whose zarr.json was lost
+    (root / "lost" / "labels" / "cells" / "0" / "zarr.json").write_text("{}")
+    report = verify_store(store.url)
+    assert _problems(report) == {"lost": "'lost/zarr.json' is missing"} and report.checked == 4
+    verify_store(store.url, repair=True)
+    assert not (root / ".ipynb_checkpoints" / "zarr.json").exists() and not (root / "qc" / "zarr.json").exists()
+    reopened = ResultStore.open(store.url, mode="r")
+    assert reopened.done_ids() == {"a", "b", "c", "empty"} and reopened.record("lost")["status"] != "done"
+
+
+def test_repair_of_a_file_is_one_line_saying_there_is_no_store(tmp_path):
+    (tmp_path / "results.zarr").write_text("not a store")
+    for repair in (False, True):
+        with pytest.raises(NoStore, match=r"no results store at '.*results\.zarr'"):
+            verify_store(str(tmp_path / "results.zarr"), repair=repair)
+    assert (tmp_path / "results.zarr").read_text() == "not a store"
+    (tmp_path / "group.zarr").mkdir()
+    (tmp_path / "group.zarr" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    with pytest.raises(StoreError, match="not a cellseg results store; give a store that cellseg predict wrote"):
+        verify_store(str(tmp_path / "group.zarr"), repair=True)
 
 
 def test_arrays_left_by_an_earlier_result_are_not_read_as_this_ones(store):
