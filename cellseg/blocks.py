@@ -27,9 +27,10 @@ core, and writes only its core. The steps, each a task of the segment-images flo
 Stitching rule: a block keeps the cells of its core under its own numbers; its neighbours label
 the ring of pixels around that core (`overlap` wide) from their windows, and keep them in their
 cores. A label of the block's view of the ring and a label written there by a neighbour are one
-cell when each is the other's largest overlap in that neighbour's part of the ring and their
-intersection over union there is at least 0.5 (`stitch.seam_pairs`); joined by union-find, a
-cell crossing a seam or a corner of four blocks becomes one label. Cells are numbered 1..N in the order of the first block (raster order)
+cell when each is the other's largest overlap in that neighbour's part of the ring, their
+intersection over union there is at least 0.5, and that part holds at least a tenth of the
+view label's ring (`stitch.seam_pairs`); joined by union-find, a cell crossing a seam or a corner
+of four blocks becomes one label. Cells are numbered 1..N in the order of the first block (raster order)
 holding part of them, and that block measures them, on its window: whole when a cell is at most
 `overlap` pixels from its core (wider ones are counted in the record, `blocks.oversized`).
 

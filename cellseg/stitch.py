@@ -13,6 +13,9 @@ import numpy as np
 Box = tuple[int, int, int, int]  # (top, bottom, left, right): rows [top, bottom), columns [left, right)
 SIDES = 4  # the strips of a ring: top, bottom, left, right
 MIN_JOIN_IOU = 0.5  # labels of two blocks are one cell when they overlap at least this much in their seam
+# ... and when that seam holds at least this share of the view label's ring: a sliver where two blocks
+# disagree at a corner is no evidence (a cell on a corner of four blocks has about a third in each).
+MIN_SEAM_SHARE = 0.1
 # The scratch's arrays, in the plan: a run left by a cellseg with other ones starts over (2: `edges`).
 SCRATCH_LAYOUT = 2
 TODO, PREDICTED, EMPTY, MEASURED = 0, 1, 2, 3  # a block's stage, column 0 of the scratch `state` (cellseg.blocks)
@@ -201,9 +204,10 @@ def seam_pairs(view: np.ndarray, written: np.ndarray, owners: np.ndarray) -> np.
     pixels (1-D, 0 = background): one block's `view` of the ring around its core, and the labels
     its neighbours `written` there, `owners` naming the neighbour whose core holds each pixel.
     Each neighbour's part of the ring is a seam of its own: a pair is joined when each is the
-    other's largest overlap there and their intersection over union, counted in that part, is at
-    least MIN_JOIN_IOU. Counted over the whole ring instead, a cell at a corner of four blocks,
-    whose view reaches into three neighbours, would match none of its three parts."""
+    other's largest overlap there, their intersection over union, counted in that part, is at
+    least MIN_JOIN_IOU, and that part holds at least MIN_SEAM_SHARE of the view label's pixels in
+    the ring. Counted over the whole ring instead, a cell at a corner of four blocks, whose view
+    reaches into three neighbours, would match none of its three parts."""
     both = (view > 0) & (written > 0)
     if not both.any():
         return np.zeros((0, 2), dtype=np.int64)
@@ -211,6 +215,7 @@ def seam_pairs(view: np.ndarray, written: np.ndarray, owners: np.ndarray) -> np.
     seams = int(seam.max()) + 1
     view_in_seam = view.astype(np.int64) * seams + seam  # a view label in one neighbour's part
     view_sizes = np.bincount(view_in_seam)
+    ring_sizes = np.bincount(view)
     present = written[written > 0]
     lowest = int(present.min())
     written_sizes = np.bincount(present - lowest)  # the labels of the (up to 8) neighbours around
@@ -223,7 +228,8 @@ def seam_pairs(view: np.ndarray, written: np.ndarray, owners: np.ndarray) -> np.
     best_for_written = _largest(pairs[1], overlaps)
     mutual = best_for_view & best_for_written
     union = view_sizes[pairs[0]] + written_sizes[pairs[1] - lowest] - overlaps
-    chosen = mutual & (overlaps >= MIN_JOIN_IOU * union)
+    chosen = mutual & (overlaps >= MIN_JOIN_IOU * union) & (
+        view_sizes[pairs[0]] >= MIN_SEAM_SHARE * ring_sizes[pairs[0] // seams])
     return np.stack([pairs[0, chosen] // seams, pairs[1, chosen]], axis=1)
 
 

@@ -154,6 +154,13 @@ def test_a_view_reaching_into_three_neighbours_is_matched_in_each_of_their_seams
     written[8:10] = 0  # 41 now half of view 1's part in owner 4: IoU 2/4, still joined
     written[0] = 0  # 11 now 3 of view 1's 8 pixels in owner 1's part: IoU 3/8, not joined
     assert seam_pairs(view, written, owners).tolist() == [[1, 41]]
+    # A sliver: 2 of view 1's 42 ring pixels in owner 2's part, where owner 2 wrote a cell of its
+    # own. IoU 1 there, but under a tenth of the view's ring: no evidence that 10 and 20 are one.
+    view, written, owners = np.array([1] * 42), np.array([10] * 40 + [20] * 2), np.array([1] * 40 + [2] * 2)
+    assert seam_pairs(view, written, owners).tolist() == [[1, 10]]
+    owners[:36], written[:36] = 3, 30  # 6 of 42 (a seventh) in owner 2's part, all written 20: joined
+    owners[36:42], written[36:42] = 2, 20
+    assert seam_pairs(view, written, owners).tolist() == [[1, 20], [1, 30]]
 
 
 def test_seam_pairs_follow_the_rule_on_labels_of_many_cells():
@@ -165,7 +172,8 @@ def test_seam_pairs_follow_the_rule_on_labels_of_many_cells():
         owners = np.where(written > 0, written % 3, rng.integers(0, 3, 3000)) * 5 + 2
         pairs = {(a, b) for a, b in seam_pairs(view, written, owners).tolist()}
         # The rule spelled out pair by pair, in each neighbour's part of the ring: each the other's
-        # largest overlap there (the smaller label on a tie), intersection over union at least 0.5.
+        # largest overlap there (the smaller label on a tie), intersection over union at least 0.5,
+        # the part holding at least a tenth of the view label's ring.
         overlap = {}
         for a, b, owner in zip(view.tolist(), written.tolist(), owners.tolist(), strict=True):
             if a and b:
@@ -173,8 +181,10 @@ def test_seam_pairs_follow_the_rule_on_labels_of_many_cells():
         best_view = {(a, o): min((-n, b) for (x, b, y), n in overlap.items() if (x, y) == (a, o))[1]
                      for a, _, o in overlap}
         best_written = {b: min((-n, a) for (a, y, _), n in overlap.items() if y == b)[1] for _, b, _ in overlap}
+        in_part = {(a, o): np.count_nonzero((view == a) & (owners == o)) for a, _, o in overlap}
         expected = {(a, b) for (a, b, o), n in overlap.items() if best_view[a, o] == b and best_written[b] == a
-                    and n >= 0.5 * (np.count_nonzero((view == a) & (owners == o)) + np.count_nonzero(written == b) - n)}
+                    and n >= 0.5 * (in_part[a, o] + np.count_nonzero(written == b) - n)
+                    and in_part[a, o] >= 0.1 * np.count_nonzero(view == a)}
         assert pairs == expected
 
 
