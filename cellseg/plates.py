@@ -119,8 +119,8 @@ def relative_source(url: str, root: str | None) -> str:
 def _folders_below(url: str, root: str | None) -> list[str]:
     """The folders between `root` and the source `url` (a file, a `.zarr` folder or a field in one)."""
     prefix = (root or "").rstrip("/") + "/"
-    if root is None or not url.startswith(prefix):
-        return []
+    if root is None or not url.startswith(prefix) or root.rstrip("/").lower().endswith(".zarr"):
+        return []  # a plate named as the source: its fields' folders are its wells, named in the id already
     parts = url[len(prefix):].split("/")
     for index, part in enumerate(parts):
         if part.lower().endswith(".zarr"):

@@ -70,6 +70,11 @@ def test_an_hcs_plate_is_segmented_per_well_and_field(tmp_path, synthetic_datase
     assert int(wells[0]["cell_count"]) == rows[0]["cell_count"] + rows[1]["cell_count"] > 0
     assert float(wells[0]["mean_cell_area"]) == pytest.approx(
         (rows[0]["total_cell_area"] + rows[1]["total_cell_area"]) / int(wells[0]["cell_count"]))
+    # The plate named as the source is the same three fields under the same ids (they got its
+    # wells' folders in front: A_1_plate1_A01_f0), so a second run finds them done.
+    named = job.model_copy(update={"source_url": str(tmp_path / "src" / "plate1.ome.zarr")})
+    again = run_segmentation(named)
+    assert again.skipped == ["plate1_A01_f0", "plate1_A01_f1", "plate1_B03_f0"] and not again.done
 
 
 def test_a_folder_of_fields_named_per_well(tmp_path, synthetic_dataset, tiny_checkpoint):
