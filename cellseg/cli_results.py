@@ -195,7 +195,8 @@ def run_verify(args: argparse.Namespace) -> int:
         print(redact_text(f"broken: {where}: {damage.problem}"))
     if not report.images_checked:
         print(f"images not checked: the store's metadata must be repaired first "
-              f"(cellseg verify {redact_url(args.store)} --repair)")
+              f"(cellseg verify {redact_url(args.store)} --repair)" if report.repairable else
+              "images not checked: no image group under it is a cellseg result, so it is no results store to repair")
     print(f"{report.checked} images checked, {len(report.broken)} broken")
     images = [damage for damage in report.broken if damage.image_id != STORE_METADATA]
     if report.repaired and len(images) < len(report.broken):
@@ -207,7 +208,7 @@ def run_verify(args: argparse.Namespace) -> int:
     if report.repaired and images:
         print(f"repaired: {len(images)} images marked not done; the next `cellseg predict` (or `cellseg flow "
               f"segment-images`) into {redact_url(args.store)} segments them again")
-    elif report.broken and not report.repaired:
+    elif report.broken and not report.repaired and report.repairable:
         # A repair without --read-data would not see the chunks that only decoding found damaged.
         print(f"to repair: cellseg verify {redact_url(args.store)}{' --read-data' if args.read_data else ''} --repair")
     return 1 if (report.broken and not report.repaired) or report.unrepaired else 0

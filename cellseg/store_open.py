@@ -83,7 +83,7 @@ def open_root(url: str, mode: StoreMode, storage_options: StorageOptions) -> zar
         if translated := storage_error(url, error):  # a storage option the filesystem refuses (a TypeError)
             raise translated from error
         if problem := store_metadata_problem(url, storage_options):
-            advice = (f"{repair_hint(url)} rewrites it" if _holds_a_cellseg_image(url, storage_options) else
+            advice = (f"{repair_hint(url)} rewrites it" if repairable(url, storage_options) else
                       "no image group under it is a cellseg result, so there is nothing to repair it from")
             raise DamagedStore(f"the results store's own metadata '{redact_url(url)}/zarr.json' cannot be read ({problem}); "
                                f"{advice}") from error
@@ -107,6 +107,15 @@ def repair_store_metadata(url: str, storage_options: StorageOptions = None) -> N
     document = {"zarr_format": 3, "node_type": "group", "attributes": {"cellseg": meta}}
     fs, path = filesystem(url, storage_options)
     fs.pipe_file(posixpath.join(path, "zarr.json"), json.dumps(document, indent=2).encode())
+
+
+def repairable(url: str, storage_options: StorageOptions = None) -> bool:
+    """Whether `repair_store_metadata` could rewrite the unreadable root metadata of the store at
+    `url`; True where the store cannot be listed to tell (the advice stays the usual one)."""
+    try:
+        return _holds_a_cellseg_image(url, storage_options)
+    except Exception:  # noqa: BLE001 - a listing denied or timed out: the open's own error is the one to give
+        return True
 
 
 def _holds_a_cellseg_image(url: str, storage_options: StorageOptions) -> bool:

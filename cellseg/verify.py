@@ -39,7 +39,7 @@ from cellseg.store_layout import (
     METADATA_ERRORS,
     StoreMode,
 )
-from cellseg.store_open import repair_store_metadata
+from cellseg.store_open import repair_store_metadata, repairable
 
 STATUSES = (DONE, "failed", "writing")
 STORE_METADATA = "zarr.json"  # the `image_id` of damage to the store's own metadata
@@ -66,6 +66,7 @@ class Verification:
     repaired: bool = False
     unrepaired: list[Damage] = field(default_factory=list)  # broken images a repair could not mark, and why
     images_checked: bool = True  # False when the store's metadata is unreadable and was not repaired
+    repairable: bool = True  # False when --repair could not rewrite that metadata: no cellseg image under it
 
 
 def verify_store(
@@ -84,6 +85,7 @@ def verify_store(
         report.broken.append(Damage(STORE_METADATA, str(error)))
         if not repair:
             report.images_checked = False
+            report.repairable = repairable(url, storage_options)
             return report
         repair_store_metadata(url, storage_options)
         store = ResultStore.open(url, mode=mode, storage_options=storage_options)

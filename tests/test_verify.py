@@ -13,6 +13,7 @@ import pytest
 import tifffile
 import zarr
 
+from cellseg.cli import main
 from cellseg.config import BlockConfig, PredictConfig
 from cellseg.job_config import SegmentJob
 from cellseg.jobs import run_segmentation
@@ -170,12 +171,14 @@ def test_a_group_both_labels_sit_under_is_named_once(store):
     assert problem.count("the metadata 'a/labels/zarr.json' cannot be read") == 1, problem
 
 
-def test_an_unreadable_store_metadata_is_rewritten_only_for_a_cellseg_store(store, tmp_path):
+def test_an_unreadable_store_metadata_is_rewritten_only_for_a_cellseg_store(store, tmp_path, capsys):
     _truncate(Path(store.url) / "zarr.json")
     with pytest.raises(DamagedStore, match=r"s\.zarr/zarr\.json' cannot be read.*--repair"):
         ResultStore.open(store.url, mode="r")
     report = verify_store(store.url)
     assert [damage.image_id for damage in report.broken] == [STORE_METADATA] and not report.images_checked
+    assert main(["verify", store.url]) == 1
+    assert f"to repair: cellseg verify {store.url} --repair" in capsys.readouterr().out
     assert verify_store(store.url, repair=True).checked == 4
     assert ResultStore.open(store.url, mode="r").done_ids() == {"a", "b", "c", "empty"}
     foreign = tmp_path / "foreign"
@@ -184,6 +187,11 @@ def test_an_unreadable_store_metadata_is_rewritten_only_for_a_cellseg_store(stor
     (damage,) = verify_store(str(foreign)).broken  # never advising a --repair that would refuse
     assert "no image group under it is a cellseg result, so there is nothing to repair it from" in damage.problem
     assert "--repair" not in damage.problem
+    capsys.readouterr()
+    assert main(["verify", str(foreign)]) == 1
+    printed = capsys.readouterr().out
+    assert "--repair" not in printed
+    assert "images not checked: no image group under it is a cellseg result, so it is no results store to repair" in printed
     with pytest.raises(StoreError, match="not a results store, left as it is"):
         verify_store(str(foreign), repair=True)
     assert (foreign / "zarr.json").read_text() == "{"
