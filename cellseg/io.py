@@ -301,8 +301,8 @@ def _zarr_folder_entry(fs: fsspec.AbstractFileSystem, root: str, url: str, names
     folder in a listing is; a results store, or a zarr folder the readers would not open, is
     refused, where listing its chunks would find nothing to do."""
     if _is_results_store(fs, root, names, url):
-        raise ValueError(f"{kind} folder '{redact_url(url)}' is a cellseg results store, not {kind}s: name the folder "
-                         f"that holds the {kind}s")
+        raise ValueError(f"{kind} folder '{redact_url(url)}' is a cellseg results store (or one image of one), not "
+                         f"{kind}s: name the folder that holds the {kind}s")
     if not microscopy:
         raise ValueError(f"{kind} folder '{redact_url(url)}' is a zarr store, not a folder of {kind} files")
     if not root.rstrip("/").lower().endswith(ZARR_FOLDER_SUFFIX):

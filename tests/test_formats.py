@@ -343,8 +343,10 @@ def test_a_zarr_folder_named_as_the_source_is_one_image_and_a_results_store_is_r
     report = run_segmentation(job)  # it listed the array's chunks, found no image and did nothing
     assert report.done == ["bare"] and not report.failed
     assert ResultStore.open(job.store_url, mode="r").read_cells("bare").max() > 3
-    with pytest.raises(ValueError, match=r"out\.zarr' is a cellseg results store, not images: name the folder that"):
-        list_sources(job.store_url, SelectionConfig())
+    for store_or_image in (job.store_url, f"{job.store_url}/bare"):
+        with pytest.raises(ValueError, match=r"\.zarr(/bare)?' is a cellseg results store \(or one image of one\), "
+                                             "not images: name the folder that"):
+            list_sources(store_or_image, SelectionConfig())
     (tmp_path / "bare.zarr").rename(tmp_path / "bare")
     with pytest.raises(ValueError, match=r"bare' is a zarr store whose name does not end in \.zarr: name it so"):
         list_sources(str(tmp_path / "bare"), SelectionConfig())
