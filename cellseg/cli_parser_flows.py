@@ -30,7 +30,9 @@ def add_tune(commands: argparse._SubParsersAction) -> None:
     add_flags(tune, [REGISTRY_FLAG])
     add_flags(tune, TUNE_JOB_FLAGS, JOB, TuneJob)
     tune.add_argument("--training-json", default="{}",
-                      help='other TrainConfig fields for every trial as JSON, e.g. \'{"epochs": 20}\'')
+                      help='other TrainConfig fields for every trial as JSON, e.g. \'{"epochs": 20}\'; the search '
+                           'sets learning_rate, loss, augmentation and border_weight (given ones are said and not '
+                           'used), and every trial trains from scratch (init_from is refused)')
 
 
 def add_flow(commands: argparse._SubParsersAction) -> None:

@@ -246,7 +246,7 @@ class TrainConfig(_Config):
         "auto",
         description=(
             "wall-clock budget in minutes; 'auto': 15 when fine-tuning (a checkpoint or shipped model to start "
-            "from), 25 from scratch; None for no limit"
+            "from), 25 from scratch; None (or 0) for no limit"
         ),
     )
     device: Device = "auto"
@@ -261,6 +261,17 @@ class TrainConfig(_Config):
                            "the compilation. `python -m benchmarks.training_step` measures each on a device"
     )
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="probability threshold for metrics")
+
+    @field_validator("max_minutes", mode="before")
+    @classmethod
+    def _zero_is_no_limit(cls, minutes: Any) -> Any:
+        # As --max-minutes 0 means, in a settings file and a CELLSEG_* variable ("0") too.
+        if isinstance(minutes, bool) or not isinstance(minutes, (int, float, str)):
+            return minutes
+        try:
+            return None if float(minutes) == 0 else minutes
+        except ValueError:  # 'auto', or a word the field refuses naming itself
+            return minutes
 
     def time_budget(self, fine_tuning: bool) -> float | None:
         """The wall-clock budget in minutes ('auto' decided), None for none."""
@@ -492,6 +503,12 @@ class SearchSpace(_Config):
         ["flips", "strong"], min_length=1, description="'flips': flips and rotations; 'strong': plus warps and intensity"
     )
     border_weight: list[Annotated[float, Field(ge=0.0, le=100.0)]] = Field([0.0], min_length=1)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _distinct(cls, values: list[Any]) -> list[Any]:
+        # `--lr 1e-3 0.001` is one value: a repeat would be a grid point trained twice.
+        return list(dict.fromkeys(values))
 
     def size(self) -> int:
         """Number of points in the grid."""

@@ -4,15 +4,19 @@ build them (a deployment run passes one as its `job` parameter)."""
 
 from __future__ import annotations
 
+import itertools
+import logging
 import re
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cellseg.config import ModelConfig, PredictConfig, SearchSpace, TrainConfig, Url
 from cellseg.paths import DEFAULT_CACHE_DIR, DEFAULT_REGISTRY_URL, DEFAULT_TRAINING_DIR, DEFAULT_TUNING_DIR, LOCAL_ROOT
 from cellseg.settings import CellsegSettings, merged
 from cellseg.tune import Trial
+
+logger = logging.getLogger(__name__)
 
 
 def _check_dask_address(address: str | None) -> str | None:
@@ -77,7 +81,7 @@ class TuneJob(_Job):
     promote: bool = Field(False, description="mark the best trial's model current (off: register only)")
     trials: int = Field(8, ge=1, description="points of the search grid to train (the whole grid when it is smaller)")
     max_parallel_trials: int = Field(2, ge=1, description="trials trained at once, each in its own process")
-    seed: int = Field(0, description="which grid points are drawn")
+    seed: int = Field(0, ge=0, description="which grid points are drawn")
     dask_address: DaskAddress = Field(None, description="train trials on this Dask scheduler instead")
     space: SearchSpace = SearchSpace()
     model: ModelConfig = ModelConfig()
@@ -99,9 +103,21 @@ class TuneJob(_Job):
         return TrainConfig.model_construct(_fields_set=set(training), **dict(config))
 
     @model_validator(mode="after")
-    def _needs_validation(self) -> TuneJob:
+    def _searchable(self) -> TuneJob:
         if self.training.val_fraction <= 0:
             raise ValueError("tuning picks the best trial by validation Dice: training.val_fraction must be above 0")
+        if self.training.init_from not in (None, "auto"):
+            # Fine-tuning takes the starting model's architecture: every trial would train that one.
+            raise ValueError(f"training.init_from {self.training.init_from!r}: tuning compares architectures, each "
+                             "trained from scratch, and a trial starting from a model would take that model's "
+                             "architecture instead of the one searched; leave init_from unset (or 'auto'), or "
+                             "fine-tune with cellseg train --init-from")
+        for width, depth in itertools.product(self.space.base_width, self.space.depth):
+            try:
+                ModelConfig.model_validate(self.model.model_dump() | {"base_width": width, "depth": depth})
+            except ValidationError as error:  # found before any trial trains, whichever points are drawn
+                reason = "; ".join(str(problem["msg"]).removeprefix("Value error, ") for problem in error.errors())
+                raise ValueError(f"the search space's base_width {width} with depth {depth}: {reason}") from None
         return self
 
     def trial_job(self, trial: Trial) -> TrainJob:
@@ -123,6 +139,10 @@ def with_settings(job: Job, settings: CellsegSettings) -> Job:
     as a `cellseg` command's do. `local_root` moves the job's default cache and work folders."""
     fields = type(job).model_fields
     from_settings = settings.model_dump(exclude_unset=True, include={name for name in FROM_SETTINGS if name in fields})
+    if isinstance(job, TuneJob) and (training := from_settings.get("training", {})).get("init_from") not in (None, "auto"):
+        # A settings file's starting model is for training; a search trains every trial from scratch.
+        logger.warning("the settings' training.init_from %r is not used by tune: every trial trains from scratch",
+                       training.pop("init_from"))
     if "local_root" in settings.model_fields_set:
         for name in ("cache_dir", "work_dir"):
             if name in fields:

@@ -13,6 +13,11 @@ from pydantic import BaseModel, Field
 from cellseg.config import AugmentationConfig, ModelConfig, SearchSpace, TrainConfig
 
 SCORE = "val_dice"
+# The fields each point sets, with the flag that searches each.
+SEARCHED_TRAINING = {"learning_rate": "--lr", "loss": "--loss", "augmentation": "--augmentation",
+                     "border_weight": "--border-weight"}
+SEARCHED_MODEL = {"base_width": "--base-width", "depth": "--depth", "dropout": "--dropout"}
+MIN_TUNING_PAIRS = 2  # one to train on, one to score the trial by
 
 
 class Trial(BaseModel):
@@ -66,6 +71,7 @@ def plan_trials(
                         "learning_rate": params["learning_rate"],
                         "loss": params["loss"],
                         "augmentation": augmentation_preset(params["augmentation"]),
+                        "augment": True,  # the point names how to augment: augment=False would make its presets one
                         "border_weight": params["border_weight"],
                         # A search compares architectures trained alike: none fine-tunes the shipped
                         # model unless the search says so.
@@ -75,6 +81,22 @@ def plan_trials(
             )
         )
     return trials
+
+
+def unused_settings(model: ModelConfig, training: TrainConfig) -> dict[str, str]:
+    """The settings given (a settings file, CELLSEG_*, a job's model and training) that every trial
+    replaces with its point's values, each with the flag that searches it: said, never silently
+    dropped."""
+    unused = {f"model.{name}": flag for name, flag in SEARCHED_MODEL.items() if name in model.model_fields_set}
+    unused |= {f"training.{name}": flag for name, flag in SEARCHED_TRAINING.items() if name in training.model_fields_set}
+    return unused | ({"training.augment false": "--augmentation"} if not training.augment else {})
+
+
+def check_tuning_dataset(pairs: int) -> None:
+    """Refuse a dataset too small to score a trial: before any trains, not after all of them."""
+    if pairs < MIN_TUNING_PAIRS:
+        raise ValueError(f"tuning needs at least {MIN_TUNING_PAIRS} image/mask pairs, one to train on and one to "
+                         f"score the trials by (validation Dice); the dataset has {pairs}")
 
 
 def augmentation_preset(name: str) -> AugmentationConfig:

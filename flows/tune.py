@@ -37,7 +37,17 @@ from cellseg.jobs_tune import stop_trial_processes
 from cellseg.redact import redact_text, redact_url
 from cellseg.registry import Registry
 from cellseg.runtime import resolve_device
-from cellseg.tune import TABLE_COLUMNS, NoTrialFinished, Trial, TrialResult, best_trial, plan_trials, trial_rows
+from cellseg.tune import (
+    TABLE_COLUMNS,
+    NoTrialFinished,
+    Trial,
+    TrialResult,
+    best_trial,
+    check_tuning_dataset,
+    plan_trials,
+    trial_rows,
+    unused_settings,
+)
 from cellseg.waiting import as_completed_awake
 
 
@@ -110,12 +120,16 @@ def tune_unet(job: TuneJob) -> dict[str, Any]:
     planned = plan_trials(job.space, job.trials, job.seed, job.model, job.training)
     logger.info("%d trials of a %d-point search space, %d at a time", len(planned), job.space.size(),
                 job.max_parallel_trials)
+    if unused := unused_settings(job.model, job.training):
+        logger.warning("%s given but not used: the search space sets %s in every trial (%s; space.* in a job)",
+                       ", ".join(unused), "it" if len(unused) == 1 else "them", ", ".join(dict.fromkeys(unused.values())))
     if job.trials > len(planned):
         logger.warning("%d trials asked for, but the search space has %d points: each runs once", job.trials,
                        len(planned))
     Registry(job.registry_url).check_writable()  # before the trials, not after them
     with with_run_tags():
         dataset = ingest_dataset_flow(job.images_url, job.masks_url, job.cache_dir)
+    check_tuning_dataset(dataset["pairs"])
     run_dir = new_run_dir(job.work_dir, flow_run.get_name())
     logger.info("trials train into %s", run_dir)
     if job.dask_address:

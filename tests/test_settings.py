@@ -225,6 +225,17 @@ def test_null_in_the_environment_unsets_a_setting(tmp_path, monkeypatch):
     assert settings.predict.batch_size is None
 
 
+def test_no_time_budget_is_0_in_a_file_and_a_variable_as_on_the_command_line(tmp_path, monkeypatch):
+    """`--max-minutes 0` meant no limit; `max_minutes = 0` in a file or CELLSEG_TRAINING__MAX_MINUTES=0 was refused."""
+    path = tmp_path / "lab.toml"
+    path.write_text("[training]\nmax_minutes = 0\n")
+    assert load_settings(str(path)).training.max_minutes is None
+    monkeypatch.setenv("CELLSEG_TRAINING__MAX_MINUTES", "0")
+    assert load_settings().training.max_minutes is None
+    monkeypatch.setenv("CELLSEG_TRAINING__MAX_MINUTES", "2.5")
+    assert load_settings().training.max_minutes == 2.5
+
+
 def test_a_settings_file_in_the_folder_that_is_not_named_is_warned_of(tmp_path, monkeypatch, caplog):
     """The README's example is headed `# cellseg.toml`; saved as such, it was ignored without a word."""
     (tmp_path / "cellseg.toml").write_text("[training]\nepochs = 80\n")

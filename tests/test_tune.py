@@ -6,9 +6,17 @@ import pytest
 from pydantic import ValidationError
 
 from cellseg.config import ModelConfig, SearchSpace, TrainConfig
-from cellseg.jobs import TuneJob, run_trial
+from cellseg.jobs import TuneJob, run_trial, with_settings
 from cellseg.registry import Registry
-from cellseg.tune import TrialResult, best_trial, plan_trials, trial_rows
+from cellseg.settings import load_settings
+from cellseg.tune import (
+    TrialResult,
+    best_trial,
+    check_tuning_dataset,
+    plan_trials,
+    trial_rows,
+    unused_settings,
+)
 
 TINY_SPACE = SearchSpace(
     learning_rate=[1e-3, 3e-3], base_width=[8], depth=[2], dropout=[0.0], loss=["bce"], augmentation=["flips"],
@@ -48,6 +56,48 @@ def test_search_space_and_settings_are_validated():
     with pytest.raises(ValidationError, match="val_fraction"):
         TuneJob(images_url="a", masks_url="b", training=TrainConfig(val_fraction=0.0))
     assert SearchSpace().size() == 3 * 2 * 3 * 3 * 2 * 2 * 1
+
+
+def test_a_search_that_could_not_do_what_it_says_is_refused_before_any_trial_trains(tmp_path, caplog):
+    data = {"images_url": "a", "masks_url": "b"}
+    # A trial starting from a model takes that model's architecture, not the point's.
+    for init_from in ("nuclei", "s3://lab/models/best.pt"):
+        with pytest.raises(ValidationError, match=f"training.init_from '{init_from}': tuning compares architectures"):
+            TuneJob(**data, training=TrainConfig(init_from=init_from))
+    assert TuneJob(**data, training=TrainConfig(init_from=None)).training.init_from is None
+    # A settings file's starting model, there for training, is left out of a search with a warning.
+    (tmp_path / "lab.toml").write_text('[training]\ninit_from = "general"\nepochs = 3\n')
+    job = with_settings(TuneJob(**data), load_settings(str(tmp_path / "lab.toml")))
+    assert job.training.init_from == "auto" and job.training.epochs == 3
+    assert "the settings' training.init_from 'general' is not used by tune: every trial trains from scratch" in caplog.text
+    # A point the model cannot be built at fails the search whichever points are drawn, so the grid is checked whole.
+    with pytest.raises(ValidationError, match="the search space's base_width 512 with depth 3: base_width 512 at depth 3 "
+                                              "gives 4096 channels"):
+        TuneJob(**data, space=SearchSpace(base_width=[4, 512], depth=[2, 3]))
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        TuneJob(**data, seed=-1)
+    # A value given twice is one point, not two identical trials.
+    space = SearchSpace(learning_rate=[1e-3, 0.001, 3e-3], augmentation=["flips", "flips"], loss=["bce"], depth=[3],
+                        dropout=[0.0], base_width=[16])
+    assert space.learning_rate == [1e-3, 3e-3] and space.augmentation == ["flips"] and space.size() == 2
+    assert len(plan_trials(space, 4)) == 2
+
+
+def test_training_settings_the_search_sets_are_said_and_every_point_augments_as_it_names():
+    given = TrainConfig(learning_rate=0.5, border_weight=10.0, augment=False, epochs=3)
+    assert unused_settings(ModelConfig(depth=3, distance_map=True), given) == {
+        "model.depth": "--depth", "training.learning_rate": "--lr", "training.border_weight": "--border-weight",
+        "training.augment false": "--augmentation"}
+    assert unused_settings(ModelConfig(), TrainConfig(epochs=3)) == {}
+    flips, strong = plan_trials(SearchSpace(augmentation=["flips", "strong"], learning_rate=[1e-3], base_width=[8],
+                                            depth=[2], dropout=[0.0], loss=["bce"]), 2, training=given)
+    assert flips.training.augment and strong.training.augment  # augment=False made the two presets one
+    assert strong.training.augmentation.elastic_probability > 0 == flips.training.augmentation.elastic_probability
+    assert flips.training.learning_rate == 1e-3 and flips.training.epochs == 3
+    with pytest.raises(ValueError, match="tuning needs at least 2 image/mask pairs, one to train on and one to score "
+                                         "the trials by \\(validation Dice\\); the dataset has 1"):
+        check_tuning_dataset(1)
+    check_tuning_dataset(2)
 
 
 def test_best_trial_is_the_highest_validation_dice_and_failures_are_listed():

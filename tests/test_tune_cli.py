@@ -4,6 +4,7 @@ at the end."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from cellseg.registry import Registry
 from tests.conftest import cellseg
@@ -18,6 +20,9 @@ from tests.conftest import cellseg
 TWO_POINT_GRID = ("--lr", "1e-3", "3e-3", "--base-width", "8", "--depth", "2", "--dropout", "0", "--loss", "bce",
                   "--augmentation", "flips", "--border-weight", "0")
 TINY_TRAINING = '{"epochs": 1, "patch_size": 64, "patches_per_image": 1, "device": "cpu"}'
+# A setting every trial fails on, as it trains: a GPU this machine lacks.
+MISSING_GPU = "ValueError: device 'cuda:63' was requested but CUDA is not available on this machine"
+needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="every trial must fail for want of a GPU")
 
 
 def _tune(synthetic_dataset: Path, tmp_path: Path, *args: str) -> list[str]:
@@ -31,18 +36,37 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.mark.integration
+@needs_no_gpu
 def test_every_trial_failing_ends_in_one_line_after_the_table_and_registers_nothing(synthetic_dataset, tmp_path):
-    missing = tmp_path / "no.pt"
     run = cellseg(*_tune(synthetic_dataset, tmp_path, "--trials", "2", "--parallel", "2", "--training-json",
-                         TINY_TRAINING[:-1] + f', "init_from": "{missing}"}}'), env=_env(tmp_path), check=False)
+                         TINY_TRAINING.replace('"cpu"', '"cuda:63"')), env=_env(tmp_path), check=False)
     assert run.returncode == 2, run.stderr
-    error = f"CheckpointError: checkpoint '{missing}' does not exist"
+    error = MISSING_GPU
     assert run.stderr.strip().splitlines()[-2] == (
         f"cellseg tune: error: no trial finished, so there is no model to register (trials 1, 2: {error})")
     rows = [line for line in run.stdout.splitlines() if line.endswith(f"failed: {error}")]
     assert len(rows) == 2
     assert run.stdout.splitlines()[-1] == "2 trials ran of a 2-point search grid; 0 done, 2 failed"
     assert Registry(str(tmp_path / "registry")).versions() == []
+
+
+@pytest.mark.integration
+def test_one_pair_is_refused_before_any_trial_trains_and_settings_the_search_sets_are_said(synthetic_dataset, tmp_path):
+    """It trained every trial, then said "no validation Dice"; a learning rate given was dropped unsaid."""
+    one = tmp_path / "one"
+    for kind in ("images", "labels"):
+        (one / kind).mkdir(parents=True)
+        first = sorted((synthetic_dataset / kind).iterdir())[0]
+        shutil.copy(first, one / kind / first.name)
+    run = cellseg(*_tune(one, tmp_path, "--trials", "2", "--training-json",
+                         TINY_TRAINING[:-1] + ', "learning_rate": 0.5}'), env=_env(tmp_path), check=False)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-2] == (
+        "cellseg tune: error: tuning needs at least 2 image/mask pairs, one to train on and one to score the trials "
+        "by (validation Dice); the dataset has 1")
+    assert ("training.learning_rate given but not used: the search space sets it in every trial (--lr; space.* in "
+            "a job)") in run.stderr
+    assert not (tmp_path / "tuning").exists() and Registry(str(tmp_path / "registry")).versions() == []
 
 
 def test_trials_failing_alike_say_their_error_once():
@@ -58,6 +82,7 @@ def test_trials_failing_alike_say_their_error_once():
 
 
 @pytest.mark.integration
+@needs_no_gpu
 def test_the_table_and_summary_artifacts_are_published_when_every_trial_fails(prefect_harness, synthetic_dataset, tmp_path):
     from prefect.artifacts import Artifact
 
@@ -71,15 +96,15 @@ def test_the_table_and_summary_artifacts_are_published_when_every_trial_fails(pr
         registry_url=str(tmp_path / "registry"), cache_dir=str(tmp_path / "cache"), work_dir=str(tmp_path / "tuning"),
         trials=2, max_parallel_trials=1, space=SearchSpace(learning_rate=[1e-3, 3e-3], base_width=[8], depth=[2],
                                                             dropout=[0.0], loss=["bce"], augmentation=["flips"]),
-        training=TrainConfig(epochs=1, patch_size=64, device="cpu", init_from=str(tmp_path / "no.pt")),
+        training=TrainConfig(epochs=1, patch_size=64, device="cuda:63"),
     )
-    with pytest.raises(NoTrialFinished, match="trials 1, 2: CheckpointError"):
+    with pytest.raises(NoTrialFinished, match=f"trials 1, 2: {MISSING_GPU}"):
         tune_unet(job)
     table = Artifact.get("tune-unet-trials")
-    assert table is not None and table.data.count("CheckpointError") == 2
+    assert table is not None and table.data.count(MISSING_GPU) == 2
     summary = Artifact.get("tune-unet-summary")
     assert summary is not None and summary.data.startswith("## tune-unet: no trial finished, no model registered")
-    assert "trials 1, 2: CheckpointError" in summary.data and summary.data.count("CheckpointError") == 3
+    assert f"trials 1, 2: {MISSING_GPU}" in summary.data and summary.data.count(MISSING_GPU) == 3
     assert Registry(str(tmp_path / "registry")).versions() == []
 
 
