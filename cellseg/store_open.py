@@ -92,7 +92,7 @@ def open_root(url: str, mode: StoreMode, storage_options: StorageOptions) -> zar
         if translated := storage_error(url, error):  # botocore's: no credentials, unreachable, timed out
             raise translated from error
         raise
-    _check_store_attributes(url, root.attrs.get("cellseg"), writing=mode in WRITE_MODES)
+    _check_store_attributes(url, root.attrs.get("cellseg"), writing=mode != "r")
     return root
 
 

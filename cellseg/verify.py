@@ -80,7 +80,10 @@ def verify_store(
     report = Verification(url)
     mode: StoreMode = "r+" if repair else "r"
     try:
-        store = ResultStore.open(url, mode=mode, storage_options=storage_options)
+        # Read first, also to repair: a store that is none (another tool's group) is named as one read.
+        store = ResultStore.open(url, mode="r", storage_options=storage_options)
+        if repair:
+            store = ResultStore.open(url, mode=mode, storage_options=storage_options)
     except DamagedStore as error:
         report.broken.append(Damage(STORE_METADATA, str(error)))
         if not repair:
